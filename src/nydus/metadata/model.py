@@ -1,0 +1,189 @@
+"""The read-only metadata model shared by the RAFS v5 and v6 readers.
+
+A bootstrap opened with :func:`nydus.metadata.open_bootstrap` is a
+:class:`RafsMetadata`: a tree of inodes addressed by an opaque integer *node id*
+(the EROFS nid for v6, the inode-table index for v5). Node ids are stable for
+the life of the object; hardlinks share one node id in v6 and share ``ino`` in
+both versions.
+
+Readers are immutable after construction and safe to share between threads.
+Every method raises :class:`nydus.errors.FormatError` for malformed data and
+:class:`nydus.errors.NotFoundError` for names that do not exist; nothing else
+escapes.
+"""
+
+from __future__ import annotations
+
+import stat as _stat
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["BlobInfo", "ChunkInfo", "Inode", "DirEntry", "RafsMetadata"]
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One data blob referenced by a bootstrap (blob table entry)."""
+
+    index: int
+    blob_id: str
+    chunk_size: int
+    chunk_count: int
+    compressor: str
+    digester: str
+    features: int
+    compressed_size: int
+    uncompressed_size: int
+    ci_compressor: str = "none"
+    ci_offset: int = 0
+    ci_compressed_size: int = 0
+    ci_uncompressed_size: int = 0
+    toc_size: int = 0
+    toc_digest: bytes = b""
+    meta_features: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One chunk of a file: where it lives in its blob and how to verify it."""
+
+    digest: bytes
+    blob_index: int
+    index: int  # index into the blob's chunk-info array
+    file_offset: int
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed: bool
+    crc32: int = 0
+
+
+@dataclass(frozen=True)
+class Inode:
+    """stat(2)-like attributes of one node."""
+
+    nid: int
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    mtime: int
+    mtime_nsec: int
+    blocks: int = 0
+    xattr_count: int = 0
+    extra: dict[str, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_dir(self) -> bool:
+        return _stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return _stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return _stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: bytes
+    nid: int
+    file_type: int  # DT_* value (0 unknown, 1 reg, 2 dir, ...)
+
+
+class RafsMetadata(ABC):
+    """A bootstrap opened read-only."""
+
+    version: int  # 5 or 6
+    flags: int
+    chunk_size: int
+    compressor: str
+    digester: str
+    blobs: list[BlobInfo]
+    root_nid: int
+
+    @abstractmethod
+    def getattr(self, nid: int) -> Inode: ...
+
+    @abstractmethod
+    def readdir(self, nid: int) -> Iterator[DirEntry]:
+        """Entries of a directory, without '.' and '..', sorted by name."""
+
+    @abstractmethod
+    def lookup(self, parent: int, name: bytes) -> int:
+        """Node id of ``name`` in directory ``parent`` or NotFoundError."""
+
+    @abstractmethod
+    def readlink(self, nid: int) -> bytes: ...
+
+    @abstractmethod
+    def xattrs(self, nid: int) -> dict[bytes, bytes]:
+        """All extended attributes of a node, full names as keys."""
+
+    @abstractmethod
+    def chunks(self, nid: int) -> list[ChunkInfo]:
+        """Chunks of a regular file in file order; holes are simply absent."""
+
+    @abstractmethod
+    def prefetch_nids(self) -> list[int]:
+        """Node ids listed in the bootstrap's prefetch table."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (mmaps, file handles)."""
+
+    def __enter__(self) -> RafsMetadata:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Derived helpers shared by all versions -------------------------------
+
+    def getxattr(self, nid: int, name: bytes) -> bytes:
+        from ..errors import NotFoundError
+
+        try:
+            return self.xattrs(nid)[name]
+        except KeyError:
+            raise NotFoundError(f"no xattr {name!r}") from None
+
+    def resolve(self, path: str | bytes) -> int:
+        """Node id of an absolute path inside the image (symlinks not followed)."""
+        if isinstance(path, str):
+            path = path.encode()
+        nid = self.root_nid
+        for part in path.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            nid = self.lookup(nid, part)
+        return nid
+
+    def walk(self, max_depth: int = 4096) -> Iterator[tuple[bytes, int]]:
+        """Pre-order (path, nid) of every node, root first as b'/', sorted.
+
+        Guards against loops: a directory node id seen twice on one path, or a
+        depth above ``max_depth``, is a FormatError.
+        """
+        from ..errors import FormatError
+
+        stack: list[tuple[bytes, int, tuple[int, ...]]] = [(b"/", self.root_nid, ())]
+        while stack:
+            path, nid, ancestors = stack.pop()
+            yield path, nid
+            if not self.getattr(nid).is_dir:
+                continue
+            if nid in ancestors:
+                raise FormatError(f"directory loop at {path!r}")
+            if len(ancestors) >= max_depth:
+                raise FormatError(f"directory tree deeper than {max_depth} at {path!r}")
+            chain = ancestors + (nid,)
+            prefix = b"" if path == b"/" else path
+            for ent in reversed(list(self.readdir(nid))):
+                stack.append((prefix + b"/" + ent.name, ent.nid, chain))
