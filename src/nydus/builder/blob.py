@@ -1,0 +1,291 @@
+"""Write a native Nydus data blob as a stream, deduplicating chunks.
+
+:class:`BlobWriter` cuts regular files into ``chunk_size`` pieces, hashes each
+(blake3/sha256 over the uncompressed bytes), looks the digest up in a
+:class:`ChunkDict` (chunks of this build, of the parent image and of a chunk
+dictionary image), and appends only new chunks, each compressed on its own
+(or raw when that is not smaller), at 4 KiB-aligned uncompressed offsets. On
+:meth:`BlobWriter.finish` it appends the ci array and header, the chunk digest
+array and the ToC, each framed by a trailing tar header, exactly as upstream.
+
+The blob id is computed the upstream way: sha256 over every byte written
+except the chunk digest array's payload (its tar header is included).
+
+Hashing and compression run on a thread pool (both libraries release the
+GIL); chunk order, and so the output bytes, do not depend on scheduling. The
+writer itself is used from one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from .. import codec
+from ..errors import FormatError
+from ..format import blob_meta as bm
+from ..format import rafs_v6 as v6
+from .tree import ChunkRef, Node
+
+__all__ = ["BlobWriter", "ChunkDict", "BlobResult"]
+
+BLOCK = 4096
+
+
+class _Sink(Protocol):
+    def write(self, b: bytes, /) -> int: ...
+
+
+class ChunkDict:
+    """digest -> ChunkRef for every chunk a build may reference instead of storing."""
+
+    def __init__(self) -> None:
+        self._map: dict[bytes, ChunkRef] = {}
+
+    def get(self, digest: bytes) -> ChunkRef | None:
+        return self._map.get(digest)
+
+    def add(self, ref: ChunkRef) -> None:
+        self._map.setdefault(ref.digest, ref)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
+@dataclass
+class BlobResult:
+    entry: v6.BlobEntry
+    new_chunks: int
+    deduped_chunks: int
+    data_size: int
+
+
+def _data_extents(f: BinaryIO, size: int) -> list[tuple[int, int]] | None:
+    """Data ranges of a sparse regular file, or None when not sparse/unknown."""
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+    except (OSError, AttributeError, ValueError):
+        return None
+    if st.st_blocks * 512 >= size:
+        return None
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            if len(out) >= 100_000:
+                return None  # too fragmented to be worth it: read it all
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no more data
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return out
+
+
+def _in_hole(extents: list[tuple[int, int]] | None, off: int, end: int) -> bool:
+    if extents is None:
+        return False
+    return all(e <= off or s >= end for s, e in extents)
+
+
+class BlobWriter:
+    def __init__(
+        self,
+        out: _Sink,
+        *,
+        blob_index: int,
+        chunk_size: int,
+        compressor: codec.Compressor,
+        digester: codec.Digester,
+        chunk_dict: ChunkDict,
+        workers: int | None = None,
+    ) -> None:
+        self.out = out
+        self.blob_index = blob_index
+        self.chunk_size = chunk_size
+        self.compressor = compressor
+        self.digester = digester
+        self.dict = chunk_dict
+        self._hash = hashlib.sha256()
+        self._pos = 0  # compressed offset (bytes written so far)
+        self._upos = 0  # next uncompressed offset (4 KiB aligned)
+        self._ci: list[bm.CiEntry] = []
+        self._digests: list[bytes] = []
+        self.deduped = 0
+        self._workers = workers or min(4, os.cpu_count() or 1)
+        self._aligned = compressor.is_none
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, b: bytes, hashed: bool = True) -> None:
+        self.out.write(b)
+        if hashed:
+            self._hash.update(b)
+        self._pos += len(b)
+
+    def _process(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        digest = self.digester.digest(data)
+        payload, compressed = codec.compress(self.compressor, data)
+        return digest, payload, compressed
+
+    def _chunks_of(self, node: Node) -> Iterator[tuple[int, bytes | None]]:
+        """(file offset, data) per chunk; data None for a chunk that is a hole."""
+        if node.open_data is None:
+            raise FormatError(f"no data source for {node.path!r}")
+        f = node.open_data()
+        try:
+            extents = _data_extents(f, node.size)  # type: ignore[arg-type]
+            off = 0
+            while off < node.size:
+                n = min(self.chunk_size, node.size - off)
+                if _in_hole(extents, off, off + n):
+                    f.seek(off + n)  # type: ignore[attr-defined]
+                    yield off, None
+                else:
+                    data = _read_exact(f, n, node)
+                    yield off, data
+                off += n
+            if f.read(1):  # type: ignore[attr-defined]
+                raise FormatError(f"{node.path!r} grew while it was being read")
+        finally:
+            f.close()  # type: ignore[attr-defined]
+
+    def add_files(self, nodes: Iterable[Node]) -> int:
+        """Chunk every node's data, in order; sets ``node.chunks``. Returns bytes read."""
+        total = 0
+        window: deque[tuple[Node, int, int, Future[tuple[bytes, bytes, bool]]]] = deque()
+        limit = self._workers * 3
+        with ThreadPoolExecutor(self._workers, thread_name_prefix="chunk") as pool:
+            for node in nodes:
+                node.chunks = []
+                for off, data in self._chunks_of(node):
+                    if data is None:
+                        continue
+                    total += len(data)
+                    window.append((node, off, len(data), pool.submit(self._process, data)))
+                    while len(window) > limit:
+                        self._place(*window.popleft())
+            while window:
+                self._place(*window.popleft())
+        return total
+
+    def _place(
+        self, node: Node, foff: int, size: int, fut: Future[tuple[bytes, bytes, bool]]
+    ) -> None:
+        digest, payload, compressed = fut.result()
+        assert node.chunks is not None
+        hit = self.dict.get(digest)
+        if hit is not None and hit.uncompressed_size == size:
+            self.deduped += 1
+            node.chunks.append(_at(hit, foff))
+            return
+        if len(self._ci) >= v6.MAX_CHUNKS_PER_BLOB:
+            raise FormatError("blob would hold more than 2^24 chunks; raise --chunk-size")
+        ref = ChunkRef(
+            digest=digest, blob_index=self.blob_index, index=len(self._ci), file_offset=foff,
+            compressed_offset=self._pos, compressed_size=len(payload),
+            uncompressed_offset=self._upos, uncompressed_size=size, compressed=compressed,
+        )
+        self._write(payload)
+        if self._aligned:
+            # Uncompressed blobs keep chunks at their uncompressed offsets, so the
+            # blob file itself is a valid EROFS blob device.
+            self._write(b"\0" * (-len(payload) % BLOCK))
+        self._ci.append(
+            bm.CiEntry(ref.compressed_offset, ref.compressed_size, ref.uncompressed_offset,
+                       size, compressed)
+        )
+        self._digests.append(digest)
+        self._upos += size + (-size % BLOCK)
+        self.dict.add(ref)
+        node.chunks.append(ref)
+
+    # ------------------------------------------------------------------ trailer
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._ci)
+
+    def finish(self) -> BlobResult | None:
+        """Write the blob trailer; None (and nothing written) when no chunk is new."""
+        if not self._ci:
+            return None
+        toc: list[bm.TocEntry] = []
+        data_size = self._pos
+        self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_RAW, data_size))
+        toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BLOB_RAW,
+                               self._hash.copy().digest(), data_size, data_size, self._upos))
+
+        ci_raw = b"".join(bm.pack_ci_v1(e) for e in self._ci)
+        ci_data, ci_compressed = codec.compress(self.compressor, ci_raw)
+        ci_comp = self.compressor if ci_compressed else codec.compressor_by_name("none")
+        features = (
+            v6.BLOB_FEATURE_ALIGNED | v6.BLOB_FEATURE_INLINED_CHUNK_DIGEST
+            | v6.BLOB_FEATURE_HAS_TAR_HEADER | v6.BLOB_FEATURE_HAS_TOC
+            | v6.BLOB_FEATURE_CAP_TAR_TOC
+        )
+        ci_off = self._pos
+        header = bm.CiHeader(features, ci_comp.id, len(self._ci), ci_off, len(ci_data),
+                             len(ci_raw)).pack()
+        self._write(ci_data)
+        self._write(header)
+        self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_META, len(ci_data) + len(header)))
+        toc.append(bm.TocEntry(bm.TOC_COMPRESSION.get(ci_comp.name, 1), bm.TOC_ENTRY_BLOB_META,
+                               hashlib.sha256(ci_raw).digest(), ci_off, len(ci_data),
+                               len(ci_raw)))
+        toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BLOB_META_HEADER,
+                               hashlib.sha256(header).digest(), ci_off + len(ci_data),
+                               len(header), len(header)))
+
+        digests = b"".join(self._digests)
+        dig_off = self._pos
+        self._write(digests, hashed=False)  # upstream leaves it out of the blob id
+        self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_DIGEST, len(digests)))
+        toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BLOB_DIGEST,
+                               hashlib.sha256(digests).digest(), dig_off, len(digests),
+                               len(digests)))
+
+        toc_bytes = b"".join(e.pack() for e in toc)
+        toc_hdr = bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
+        self._write(toc_bytes)
+        self._write(toc_hdr)
+        entry = v6.BlobEntry(
+            blob_id=self._hash.hexdigest(), blob_index=self.blob_index,
+            chunk_size=self.chunk_size, chunk_count=len(self._ci),
+            compression_algo=self.compressor.id, digest_algo=self.digester.id,
+            features=features, compressed_size=self._pos, uncompressed_size=self._upos,
+            blob_toc_size=len(toc_bytes) + len(toc_hdr), ci_compressor=ci_comp.id,
+            ci_offset=ci_off, ci_compressed_size=len(ci_data),
+            ci_uncompressed_size=len(ci_raw),
+            blob_toc_digest=hashlib.sha256(toc_bytes + toc_hdr).digest(),
+        )
+        return BlobResult(entry, len(self._ci), self.deduped, data_size)
+
+
+def _read_exact(f: object, n: int, node: Node) -> bytes:
+    data = f.read(n)  # type: ignore[attr-defined]
+    if len(data) != n:
+        raise FormatError(
+            f"{node.path!r} shrank while it was being read ({len(data)} of {n} bytes)"
+        )
+    return bytes(data)
+
+
+def _at(ref: ChunkRef, foff: int) -> ChunkRef:
+    if ref.file_offset == foff:
+        return ref
+    return ChunkRef(
+        ref.digest, ref.blob_index, ref.index, foff, ref.compressed_offset,
+        ref.compressed_size, ref.uncompressed_offset, ref.uncompressed_size, ref.compressed,
+        ref.crc32,
+    )

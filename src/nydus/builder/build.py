@@ -1,0 +1,259 @@
+"""Build verb: tree in, bootstrap bytes and one data blob out.
+
+Ties the pieces together: optional parent image (its tree and blobs become the
+lower layer and its chunks the dedup dictionary), optional chunk dictionary
+image, overlay of the new tree with whiteouts, prefetch ordering, the blob
+writer and the bootstrap writer. Single-threaded apart from the blob writer's
+pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .. import codec
+from ..errors import ConfigError, FormatError, NotFoundError
+from ..format import rafs_v6 as v6
+from ..metadata import RafsMetadata, open_bootstrap
+from ..metadata.v6 import RafsV6Metadata
+from .blob import BlobResult, BlobWriter, ChunkDict, _Sink
+from .bootstrap import BootstrapOptions, write_bootstrap
+from .overlay import apply_layer
+from .tree import ChunkRef, Node, iter_tree
+
+__all__ = ["BuildOptions", "BuildResult", "build_image", "tree_from_metadata"]
+
+
+@dataclass
+class BuildOptions:
+    chunk_size: int = 0x100000
+    compressor: str = "zstd"
+    digester: str = "blake3"
+    parent_bootstrap: str | None = None
+    chunk_dict_bootstrap: str | None = None
+    whiteout_spec: str = "oci"
+    prefetch_paths: list[bytes] | None = None
+    workers: int | None = None
+
+    def validate(self) -> None:
+        cs = self.chunk_size
+        if cs < v6.MIN_CHUNK_SIZE or cs > v6.MAX_CHUNK_SIZE or cs & (cs - 1):
+            raise ConfigError(f"--chunk-size must be a power of two in 0x1000..0x1000000, got {cs:#x}")
+        codec.compressor_by_name(self.compressor)
+        codec.digester_by_name(self.digester)
+        if self.compressor == "gzip":
+            raise ConfigError("gzip chunk compression is only for zran images")
+        if self.whiteout_spec not in ("oci", "overlayfs", "none"):
+            raise ConfigError(f"unknown whiteout spec {self.whiteout_spec!r}")
+
+
+@dataclass
+class BuildResult:
+    bootstrap: bytes
+    blob: BlobResult | None
+    blobs: list[v6.BlobEntry]
+    bytes_read: int = 0
+    files: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _open_v6(path: str, what: str) -> RafsV6Metadata:
+    md = open_bootstrap(path)
+    if not isinstance(md, RafsV6Metadata):
+        raise ConfigError(f"{what} {path} is RAFS v{md.version}; only v6 can be extended")
+    return md
+
+
+def tree_from_metadata(md: RafsMetadata, blob_map: dict[int, int] | None = None) -> Node:
+    """Rebuild a Node tree (with chunk references, no data) from a bootstrap."""
+    nodes: dict[int, Node] = {}
+
+    def make(nid: int) -> Node:
+        hit = nodes.get(nid)
+        if hit is not None:
+            return hit
+        a = md.getattr(nid)
+        n = Node(mode=a.mode, uid=a.uid, gid=a.gid, mtime=a.mtime, mtime_nsec=a.mtime_nsec,
+                 size=a.size, rdev=a.rdev, xattrs=md.xattrs(nid))
+        if a.is_dir:
+            n.children = {}
+        elif a.is_symlink:
+            n.symlink = md.readlink(nid)
+        elif a.is_reg:
+            n.chunks = [
+                ChunkRef(c.digest, (blob_map or {}).get(c.blob_index, c.blob_index), c.index,
+                         c.file_offset, c.compressed_offset, c.compressed_size,
+                         c.uncompressed_offset, c.uncompressed_size, c.compressed, c.crc32)
+                for c in md.chunks(nid)
+            ]
+        nodes[nid] = n
+        return n
+
+    root = make(md.root_nid)
+    for path, nid in md.walk():
+        if path == b"/":
+            continue
+        parent_path, _, name = path.rpartition(b"/")
+        parent = make(md.resolve(parent_path or b"/"))
+        assert parent.children is not None
+        parent.children[name] = make(nid)
+        nodes[nid].path = path
+    return root
+
+
+def _prefetch_order(root: Node, paths: list[bytes]) -> tuple[list[Node], list[Node]]:
+    """(nodes for the prefetch table, regular files to write first)."""
+    table: list[Node] = []
+    first: list[Node] = []
+    seen: set[int] = set()
+    for p in paths:
+        node = root
+        for part in p.strip(b"/").split(b"/"):
+            if not part:
+                continue
+            if node.children is None or part not in node.children:
+                node = None  # type: ignore[assignment]
+                break
+            node = node.children[part]
+        if node is None:
+            continue  # upstream ignores missing prefetch entries
+        table.append(node)
+        for _sub, n in iter_tree(node):
+            if n.is_reg and id(n) not in seen:
+                seen.add(id(n))
+                first.append(n)
+    return table, first
+
+
+def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> BuildResult:
+    opts.validate()
+    blobs: list[v6.BlobEntry] = []
+    dict_blobs: set[int] = set()  # blobs that only the chunk dictionary brought in
+    cdict = ChunkDict()
+    root = source
+    if opts.parent_bootstrap:
+        parent = _open_v6(opts.parent_bootstrap, "parent bootstrap")
+        _check_compatible(parent, opts, "parent bootstrap")
+        blobs = [_entry_of(parent, i) for i in range(len(parent.blobs))]
+        lower = tree_from_metadata(parent)
+        for _p, n in iter_tree(lower):
+            for c in n.chunks or ():
+                cdict.add(c)
+        root = apply_layer(lower, source, opts.whiteout_spec)
+    else:
+        # A layer built on its own keeps its whiteout markers: `merge` applies them.
+        root = source
+    if opts.chunk_dict_bootstrap:
+        cd = _open_v6(opts.chunk_dict_bootstrap, "chunk dict")
+        _check_compatible(cd, opts, "chunk dict")
+        remap: dict[int, int] = {}
+        for i in range(len(cd.blobs)):
+            e = _entry_of(cd, i)
+            known = next((b for b in blobs if b.blob_id == e.blob_id), None)
+            if known is None:
+                e.blob_index = len(blobs)
+                dict_blobs.add(e.blob_index)
+                blobs.append(e)
+                known = e
+            remap[i] = known.blob_index
+        for _p, n in iter_tree(tree_from_metadata(cd, remap)):
+            for c in n.chunks or ():
+                cdict.add(c)
+    if len(blobs) >= v6.MAX_BLOBS:
+        raise FormatError(f"image would reference more than {v6.MAX_BLOBS} blobs")
+
+    table, first = _prefetch_order(root, opts.prefetch_paths or [])
+    order: list[Node] = list(first)
+    seen = {id(n) for n in order}
+    files = 0
+    for _p, n in iter_tree(root):
+        if n.is_reg:
+            files += 1
+            if n.chunks is None and id(n) not in seen:
+                seen.add(id(n))
+                order.append(n)
+    order = [n for n in order if n.chunks is None]
+
+    result: BlobResult | None = None
+    read = 0
+    if order:
+        if blob_out is None:
+            raise ConfigError("the image has file data: give --blob or --blob-dir")
+        writer = BlobWriter(
+            blob_out, blob_index=len(blobs), chunk_size=opts.chunk_size,
+            compressor=codec.compressor_by_name(opts.compressor),
+            digester=codec.digester_by_name(opts.digester), chunk_dict=cdict,
+            workers=opts.workers,
+        )
+        read = writer.add_files(order)
+        result = writer.finish()
+        if result is not None:
+            blobs.append(result.entry)
+    # Drop blobs nothing references any more (e.g. a chunk dict's unused blobs).
+    blobs, root = _prune_blobs(root, blobs, prunable=dict_blobs)
+    boot = write_bootstrap(root, BootstrapOptions(
+        chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
+        blobs=blobs, prefetch=table,
+    ))
+    stats = {
+        "new_chunks": result.new_chunks if result else 0,
+        "deduped_chunks": result.deduped_chunks if result else 0,
+    }
+    return BuildResult(boot, result, blobs, read, files, stats)
+
+
+def _entry_of(md: RafsV6Metadata, i: int) -> v6.BlobEntry:
+    return v6.BlobEntry.unpack(md._mv, md.ext.blob_table_offset + i * v6.BLOB_ENTRY_SIZE)
+
+
+def _check_compatible(md: RafsV6Metadata, opts: BuildOptions, what: str) -> None:
+    if md.chunk_size != opts.chunk_size:
+        raise ConfigError(
+            f"{what} uses chunk size {md.chunk_size:#x}, this build {opts.chunk_size:#x}"
+        )
+    if md.digester != opts.digester:
+        raise ConfigError(f"{what} uses digester {md.digester}, this build {opts.digester}")
+
+
+def _prune_blobs(
+    root: Node, blobs: list[v6.BlobEntry], prunable: set[int]
+) -> tuple[list[v6.BlobEntry], Node]:
+    """Drop chunk-dictionary blobs that no file ended up referencing."""
+    if not prunable:
+        return blobs, root
+    used: set[int] = set()
+    for _p, n in iter_tree(root):
+        for c in n.chunks or ():
+            used.add(c.blob_index)
+    if not prunable - used:
+        return blobs, root
+    remap: dict[int, int] = {}
+    kept: list[v6.BlobEntry] = []
+    for b in blobs:
+        if b.blob_index in used or b.blob_index not in prunable:
+            remap[b.blob_index] = len(kept)
+            b.blob_index = len(kept)
+            kept.append(b)
+    done: set[int] = set()
+    for _p, n in iter_tree(root):
+        if n.chunks and id(n) not in done:
+            done.add(id(n))
+            n.chunks = [
+                ChunkRef(c.digest, remap[c.blob_index], c.index, c.file_offset,
+                         c.compressed_offset, c.compressed_size, c.uncompressed_offset,
+                         c.uncompressed_size, c.compressed, c.crc32)
+                for c in n.chunks
+            ]
+    return kept, root
+
+
+def resolve_node(root: Node, path: bytes) -> Node:
+    node = root
+    for part in path.strip(b"/").split(b"/"):
+        if not part:
+            continue
+        if node.children is None or part not in node.children:
+            raise NotFoundError(f"{path!r} not in the image")
+        node = node.children[part]
+    return node
+

@@ -1,0 +1,95 @@
+"""The in-memory file tree a build works on.
+
+Sources (a directory walk, a tar stream, a parent bootstrap) produce a tree of
+:class:`Node` objects; the overlay code merges trees; the blob writer fills in
+each regular file's chunks; the bootstrap writer serialises the result. A
+hardlink group is one Node object referenced from several directories.
+
+Not thread-safe: a tree belongs to one build.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..errors import FormatError
+
+__all__ = ["ChunkRef", "Node", "new_dir", "iter_tree", "check_name"]
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of a file as placed in the image."""
+
+    digest: bytes
+    blob_index: int
+    index: int  # index in the blob's ci array
+    file_offset: int
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed: bool
+    crc32: int = 0
+
+
+@dataclass(eq=False)
+class Node:
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    size: int = 0
+    rdev: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    symlink: bytes = b""
+    children: dict[bytes, Node] | None = None
+    # A regular file's data: ``open_data()`` returns a binary file object; or
+    # chunks already placed (from a parent image).
+    open_data: Callable[[], object] | None = None
+    chunks: list[ChunkRef] | None = None
+    # source path, for error messages and the prefetch list
+    path: bytes = b""
+    # runtime fields used while writing
+    nlink: int = 0
+    nid: int = -1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def new_dir(mode: int = 0o40755, **kw: object) -> Node:
+    n = Node(mode=stat.S_IFDIR | (mode & 0o7777), **kw)  # type: ignore[arg-type]
+    n.children = {}
+    return n
+
+
+def check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FormatError(f"invalid file name {name!r}")
+    if len(name) > 255:
+        raise FormatError(f"file name longer than 255 bytes: {name[:40]!r}...")
+
+
+def iter_tree(root: Node) -> Iterator[tuple[bytes, Node]]:
+    """Pre-order (path, node) with children in bytewise name order; root is b'/'."""
+    stack: list[tuple[bytes, Node]] = [(b"/", root)]
+    while stack:
+        path, node = stack.pop()
+        yield path, node
+        if node.children:
+            prefix = b"" if path == b"/" else path
+            for name in sorted(node.children, reverse=True):
+                stack.append((prefix + b"/" + name, node.children[name]))

@@ -1,0 +1,274 @@
+"""``nydus-image``: thin command-line front end with upstream's flags.
+
+Parses arguments, calls the builder and the verbs, prints results and maps
+NydusError families to exit codes. No logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .. import __version__
+from ..builder.build import BuildOptions, build_image
+from ..builder.dirsource import load_directory
+from ..errors import ConfigError, NydusError
+from ..metadata import open_bootstrap
+from ..verbs.check import check_image
+from ..verbs.inspect import dedup_stats, image_stats, inspect_request
+from ..verbs.unpack import unpack_image
+
+log = logging.getLogger("nydus-image")
+
+
+def _int(v: str) -> int:
+    try:
+        return int(v, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydus-image", description="Build and inspect RAFS images")
+    p.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
+    p.add_argument("-l", "--log-level", default="info",
+                   choices=["trace", "debug", "info", "warn", "error"])
+    p.add_argument("-L", "--log-file")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("create", help="build a RAFS image from a directory")
+    c.add_argument("source")
+    c.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs")
+    c.add_argument("-B", "--bootstrap")
+    c.add_argument("-b", "--blob")
+    c.add_argument("-D", "--blob-dir")
+    c.add_argument("--blob-id")
+    c.add_argument("--compressor", default="zstd")
+    c.add_argument("--digester", default="blake3")
+    c.add_argument("--chunk-size", type=_int, default=0x100000)
+    c.add_argument("-v", "--fs-version", default="6")
+    c.add_argument("--parent-bootstrap")
+    c.add_argument("--chunk-dict")
+    c.add_argument("--whiteout-spec", default="oci")
+    c.add_argument("--prefetch-policy", default="none", choices=["fs", "blob", "none"])
+    c.add_argument("--blob-inline-meta", "--inline-bootstrap", action="store_true")
+    c.add_argument("--repeatable", action="store_true", help="always on")
+    c.add_argument("--aligned-chunk", action="store_true", help="always on for v6")
+    c.add_argument("--disable-check", action="store_true")
+    c.add_argument("--features", default="")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("-J", "--output-json")
+
+    k = sub.add_parser("check", help="validate a bootstrap and its blobs")
+    k.add_argument("bootstrap", nargs="?")
+    k.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
+    k.add_argument("-D", "--blob-dir")
+    k.add_argument("--blob")
+    k.add_argument("-v", "--verbose", action="store_true")
+    k.add_argument("-J", "--output-json")
+
+    i = sub.add_parser("inspect", help="query a bootstrap")
+    i.add_argument("bootstrap", nargs="?")
+    i.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
+    i.add_argument("-R", "--request", required=True)
+
+    s = sub.add_parser("stat", help="statistics of one or more bootstraps")
+    s.add_argument("-B", "--bootstrap")
+    s.add_argument("-D", "--blob-dir", help="a directory of bootstraps")
+    s.add_argument("-T", "--target")
+    s.add_argument("--digester", default="blake3")
+    s.add_argument("-J", "--output-json")
+
+    u = sub.add_parser("unpack", help="write the image's tree as a tar")
+    u.add_argument("bootstrap", nargs="?")
+    u.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
+    u.add_argument("-D", "--blob-dir")
+    u.add_argument("--blob")
+    u.add_argument("--output", required=True)
+    return p
+
+
+def _emit_json(path: str | None, data: Any) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+
+def _bootstrap_arg(a: argparse.Namespace) -> str:
+    boot = a.bootstrap or a.bootstrap_opt
+    if not boot:
+        raise ConfigError("a bootstrap path is required")
+    return str(boot)
+
+
+def cmd_create(a: argparse.Namespace) -> int:
+    if a.fs_version not in ("6",):
+        raise ConfigError(f"--fs-version {a.fs_version}: this builder writes RAFS v6 only")
+    if a.type not in ("dir-rafs", "directory"):
+        raise ConfigError(f"--type {a.type} is not supported yet (dir-rafs only)")
+    if a.blob_inline_meta:
+        raise ConfigError("--blob-inline-meta is not supported yet")
+    if not a.bootstrap:
+        raise ConfigError("--bootstrap is required")
+    prefetch = None
+    if a.prefetch_policy == "fs":
+        prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
+    opts = BuildOptions(
+        chunk_size=a.chunk_size, compressor=a.compressor, digester=a.digester,
+        parent_bootstrap=a.parent_bootstrap,
+        chunk_dict_bootstrap=_chunk_dict_path(a.chunk_dict), whiteout_spec=a.whiteout_spec,
+        prefetch_paths=prefetch, workers=a.threads,
+    )
+    opts.validate()
+    t0 = time.monotonic()
+    tree = load_directory(a.source)
+    blob_path, tmp = _blob_target(a)
+    out = open(blob_path, "wb") if blob_path else None  # noqa: SIM115
+    try:
+        res = build_image(tree, out, opts)
+    except BaseException:
+        if out:
+            out.close()
+        if tmp:
+            os.unlink(tmp)
+        raise
+    if out:
+        out.close()
+    blob_id = res.blob.entry.blob_id if res.blob else None
+    if tmp:
+        if blob_id:
+            os.replace(tmp, os.path.join(a.blob_dir, blob_id))
+        else:
+            os.unlink(tmp)
+    with open(a.bootstrap + ".tmp", "wb") as f:
+        f.write(res.bootstrap)
+    os.replace(a.bootstrap + ".tmp", a.bootstrap)
+    if not a.disable_check:
+        md = open_bootstrap(a.bootstrap)
+        for _p, _n in md.walk():
+            pass
+    dt = time.monotonic() - t0
+    log.info("built %s: %d files, %d bytes read in %.2fs", a.bootstrap, res.files,
+             res.bytes_read, dt)
+    data = {
+        "version": __version__, "bootstrap": a.bootstrap,
+        "blobs": [b.blob_id for b in res.blobs],
+        "blob": blob_id,
+        "blob_size": res.blob.entry.compressed_size if res.blob else 0,
+        "files": res.files, "bytes_read": res.bytes_read, "seconds": round(dt, 3),
+        **res.stats,
+    }
+    _emit_json(a.output_json, data)
+    if blob_id:
+        print(f"blob: {blob_id}")
+    print(f"bootstrap: {a.bootstrap}")
+    return 0
+
+
+def _chunk_dict_path(v: str | None) -> str | None:
+    if not v:
+        return None
+    kind, _, path = v.partition("=")
+    if not path:
+        return kind
+    if kind != "bootstrap":
+        raise ConfigError(f"--chunk-dict {v}: only bootstrap=PATH is supported")
+    return path
+
+
+def _blob_target(a: argparse.Namespace) -> tuple[str | None, str | None]:
+    if a.blob:
+        return a.blob, None
+    if a.blob_dir:
+        os.makedirs(a.blob_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=a.blob_dir)
+        os.close(fd)
+        return tmp, tmp
+    return None, None
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    rep = check_image(_bootstrap_arg(a), a.blob_dir, a.blob)
+    print(f"RAFS v{rep.version}: {rep.inodes} inodes ({rep.files} files, {rep.dirs} dirs)")
+    for b in rep.blobs:
+        print(f"  blob {b['blob_id']}: compressed {b['compressed_size']} uncompressed "
+              f"{b['uncompressed_size']} chunks {b['chunk_count']} {b['compressor']}/"
+              f"{b['digester']} features {b['features']}")
+    if rep.chunks_checked:
+        print(f"  verified {rep.chunks_checked} chunks, {rep.bytes_checked} bytes")
+    for e in rep.errors:
+        print(f"error: {e}", file=sys.stderr)
+    _emit_json(a.output_json, {
+        "version": rep.version, "inodes": rep.inodes, "files": rep.files, "dirs": rep.dirs,
+        "blobs": rep.blobs, "chunks_checked": rep.chunks_checked, "errors": rep.errors,
+    })
+    return 0 if rep.ok else 4
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    with open_bootstrap(_bootstrap_arg(a)) as md:
+        print(json.dumps(inspect_request(md, a.request), indent=2))
+    return 0
+
+
+def cmd_stat(a: argparse.Namespace) -> int:
+    if a.bootstrap:
+        with open_bootstrap(a.bootstrap) as md:
+            data: Any = image_stats(md)
+    elif a.blob_dir:
+        paths = sorted(os.path.join(a.blob_dir, n) for n in os.listdir(a.blob_dir))
+        if a.target:
+            paths.append(a.target)
+        images = [open_bootstrap(p) for p in paths if os.path.isfile(p)]
+        data = dedup_stats(images)
+        if a.target:
+            with open_bootstrap(a.target) as tmd:
+                alone = dedup_stats([tmd])
+            others = dedup_stats(images[:-1])
+            data["target_new_bytes"] = data["distinct_bytes"] - others["distinct_bytes"]
+            data["target_bytes"] = alone["distinct_bytes"]
+    else:
+        raise ConfigError("stat needs -B BOOTSTRAP or -D DIR")
+    print(json.dumps(data, indent=2))
+    _emit_json(a.output_json, data)
+    return 0
+
+
+def cmd_unpack(a: argparse.Namespace) -> int:
+    res = unpack_image(_bootstrap_arg(a), a.output, a.blob_dir, a.blob)
+    msg = f"unpacked {res.entries} entries, {res.bytes} bytes of file data to {a.output}"
+    if res.skipped_sockets:
+        msg += f" ({res.skipped_sockets} sockets skipped: tar cannot hold them)"
+    print(msg)
+    return 0
+
+
+COMMANDS = {"create": cmd_create, "check": cmd_check, "inspect": cmd_inspect,
+            "stat": cmd_stat, "unpack": cmd_unpack}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    level = {"trace": logging.DEBUG, "warn": logging.WARNING}.get(a.log_level,
+                                                                 a.log_level.upper())
+    logging.basicConfig(level=level, filename=a.log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[a.cmd](a)
+    except NydusError as e:
+        print(f"nydus-image {a.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"nydus-image {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Data-blob framing: chunk-info (ci) arrays v1/v2, the 4 KiB ci header, the
+ToC and the trailing ("reverse") tar headers (nydus-reference.md §2.2).
+
+A native blob is laid out as::
+
+    chunk data | tar hdr "image.blob"
+    ci array (maybe compressed) | ci header (4096 B) | tar hdr "blob.meta"
+    chunk digest array (32 B each) | tar hdr "blob.digest"
+    ToC (128 B entries) | tar hdr "rafs.blob.toc"
+
+Each tar header *follows* its section, so the blob can be written as a stream
+and parsed from the end. Pure bytes in and out; stateless and thread-safe.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import FormatError
+
+BLOB_META_MAGIC = 0xB10BB10B
+CI_HEADER_SIZE = 4096
+CI_V1_SIZE = 16
+CI_V2_SIZE = 24
+TOC_ENTRY_SIZE = 128
+TAR_BLOCK = 512
+
+TOC_ENTRY_BLOB_RAW = "image.blob"
+TOC_ENTRY_BLOB_META = "blob.meta"
+TOC_ENTRY_BLOB_META_HEADER = "blob.meta.header"
+TOC_ENTRY_BLOB_DIGEST = "blob.digest"
+TOC_ENTRY_BOOTSTRAP = "image.boot"
+TOC_ENTRY_BLOB_TOC = "rafs.blob.toc"
+
+TOC_FLAG_COMPRESSION_NONE = 0x1
+TOC_FLAG_COMPRESSION_ZSTD = 0x2
+TOC_FLAG_COMPRESSION_LZ4 = 0x4
+TOC_COMPRESSION = {
+    "none": TOC_FLAG_COMPRESSION_NONE,
+    "zstd": TOC_FLAG_COMPRESSION_ZSTD,
+    "lz4_block": TOC_FLAG_COMPRESSION_LZ4,
+}
+
+CI_V2_FLAG_COMPRESSED = 0x1
+CI_V2_FLAG_ZRAN = 0x2
+CI_V2_FLAG_BATCH = 0x4
+CI_V2_FLAG_ENCRYPTED = 0x8
+CI_V2_FLAG_HAS_CRC32 = 0x10
+
+MAX_CHUNK_FIELD = 1 << 24
+
+
+# --------------------------------------------------------------------------- ci header
+
+_HDR = struct.Struct("<IIIIQQQQQI")
+
+
+@dataclass
+class CiHeader:
+    features: int
+    ci_compressor: int
+    ci_entries: int
+    ci_offset: int
+    ci_compressed_size: int
+    ci_uncompressed_size: int
+    zran_offset: int = 0
+    zran_size: int = 0
+    zran_count: int = 0
+
+    def pack(self) -> bytes:
+        head = _HDR.pack(
+            BLOB_META_MAGIC, self.features, self.ci_compressor, self.ci_entries,
+            self.ci_offset, self.ci_compressed_size, self.ci_uncompressed_size,
+            self.zran_offset, self.zran_size, self.zran_count,
+        )
+        return head.ljust(CI_HEADER_SIZE - 4, b"\0") + struct.pack("<I", BLOB_META_MAGIC)
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview) -> CiHeader:
+        if len(buf) < CI_HEADER_SIZE:
+            raise FormatError("blob meta header truncated")
+        v = _HDR.unpack_from(buf, 0)
+        magic2 = struct.unpack_from("<I", buf, CI_HEADER_SIZE - 4)[0]
+        if v[0] != BLOB_META_MAGIC or magic2 != BLOB_META_MAGIC:
+            raise FormatError("bad blob meta header magic")
+        return cls(*v[1:])
+
+
+# --------------------------------------------------------------------------- chunk info
+
+
+@dataclass(frozen=True)
+class CiEntry:
+    """One chunk's place in a blob, as stored in the blob's ci array."""
+
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed: bool
+    flags: int = 0
+    data: int = 0  # v2: zran/batch context or crc32
+
+
+def pack_ci_v1(e: CiEntry) -> bytes:
+    if e.uncompressed_offset & 0xFFF:
+        raise FormatError("ci v1 needs 4 KiB aligned uncompressed offsets")
+    us = e.uncompressed_size - 1
+    cs = e.compressed_size - 1
+    if not (0 <= us < MAX_CHUNK_FIELD and 0 <= cs < MAX_CHUNK_FIELD):
+        raise FormatError("chunk too large for ci v1")
+    uncomp = (
+        (e.uncompressed_offset & 0xFFF_FFFF_F000)
+        | ((us >> 20) & 0xF) << 8
+        | (us & 0xFFFFF) << 44
+    )
+    comp = (
+        (e.compressed_offset & 0xFF_FFFF_FFFF)
+        | ((cs >> 20) & 0xF) << 40
+        | (cs & 0xFFFFF) << 44
+    )
+    return struct.pack("<QQ", uncomp, comp)
+
+
+def unpack_ci_v1(buf: bytes | memoryview, off: int) -> CiEntry:
+    uncomp, comp = struct.unpack_from("<QQ", buf, off)
+    uoff = uncomp & 0xFFF_FFFF_F000
+    usize = ((uncomp >> 44) | (((uncomp >> 8) & 0xF) << 20)) + 1
+    coff = comp & 0xFF_FFFF_FFFF
+    csize = ((comp >> 44) | (((comp >> 40) & 0xF) << 20)) + 1
+    return CiEntry(coff, csize, uoff, usize, csize != usize)
+
+
+def pack_ci_v2(e: CiEntry) -> bytes:
+    if e.uncompressed_offset & 0xFFF:
+        raise FormatError("ci v2 needs 4 KiB aligned uncompressed offsets")
+    if not (0 < e.uncompressed_size <= MAX_CHUNK_FIELD and e.compressed_size < MAX_CHUNK_FIELD):
+        raise FormatError("chunk too large for ci v2")
+    flags = e.flags | (CI_V2_FLAG_COMPRESSED if e.compressed else 0)
+    uncomp = (
+        ((e.uncompressed_offset >> 12) & 0xFFFFFFFF)
+        | ((e.uncompressed_size - 1) & 0xFFFFFF) << 32
+        | (flags & 0xFF) << 56
+    )
+    comp = (e.compressed_offset & 0xFF_FFFF_FFFF) | (e.compressed_size & 0xFFFFFF) << 40
+    return struct.pack("<QQQ", uncomp, comp, e.data)
+
+
+def unpack_ci_v2(buf: bytes | memoryview, off: int) -> CiEntry:
+    uncomp, comp, data = struct.unpack_from("<QQQ", buf, off)
+    flags = uncomp >> 56
+    return CiEntry(
+        compressed_offset=comp & 0xFF_FFFF_FFFF,
+        compressed_size=comp >> 40,
+        uncompressed_offset=(uncomp & 0xFFFFFFFF) << 12,
+        uncompressed_size=((uncomp >> 32) & 0xFFFFFF) + 1,
+        compressed=bool(flags & CI_V2_FLAG_COMPRESSED),
+        flags=flags,
+        data=data,
+    )
+
+
+def unpack_ci_array(buf: bytes | memoryview, count: int, v2: bool) -> list[CiEntry]:
+    size = CI_V2_SIZE if v2 else CI_V1_SIZE
+    if count * size > len(buf):
+        raise FormatError(f"ci array holds {len(buf) // size} entries, header says {count}")
+    fn = unpack_ci_v2 if v2 else unpack_ci_v1
+    return [fn(buf, i * size) for i in range(count)]
+
+
+# --------------------------------------------------------------------------- ToC
+
+_TOC = struct.Struct("<II16s32sQQQ48x")
+
+
+@dataclass
+class TocEntry:
+    flags: int
+    name: str
+    digest: bytes
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_size: int
+
+    def pack(self) -> bytes:
+        return _TOC.pack(
+            self.flags, 0, self.name.encode().ljust(16, b"\0"), self.digest,
+            self.compressed_offset, self.compressed_size, self.uncompressed_size,
+        )
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview, off: int) -> TocEntry:
+        flags, _r, name, digest, coff, csize, usize = _TOC.unpack_from(buf, off)
+        try:
+            sname = bytes(name).rstrip(b"\0").decode("ascii")
+        except UnicodeDecodeError:
+            raise FormatError("ToC entry name is not ASCII") from None
+        return cls(flags, sname, bytes(digest), coff, csize, usize)
+
+
+def unpack_toc(buf: bytes | memoryview) -> list[TocEntry]:
+    if len(buf) % TOC_ENTRY_SIZE:
+        raise FormatError(f"ToC size {len(buf)} is not a multiple of {TOC_ENTRY_SIZE}")
+    return [TocEntry.unpack(buf, i) for i in range(0, len(buf), TOC_ENTRY_SIZE)]
+
+
+# --------------------------------------------------------------------------- tar framing
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte GNU tar header upstream appends after each blob section."""
+    hdr = bytearray(TAR_BLOCK)
+    nb = name.encode()
+    hdr[0 : len(nb)] = nb
+    hdr[124:136] = b"%011o\0" % size
+    hdr[136:148] = b"%011o\0" % 0
+    hdr[156] = ord("0")
+    hdr[257:265] = b"ustar  \0"
+    hdr[148:156] = b" " * 8
+    chk = sum(hdr)
+    hdr[148:156] = b"%07o\0" % chk
+    return bytes(hdr)
+
+
+def parse_tar_header(buf: bytes | memoryview) -> tuple[str, int]:
+    """(name, size) of a trailing section header; validates the checksum."""
+    if len(buf) != TAR_BLOCK:
+        raise FormatError("tar header truncated")
+    b = bytes(buf)
+    if b[257:262] != b"ustar":
+        raise FormatError("blob section header has no ustar magic")
+    try:
+        chk = int(b[148:156].strip(b"\0 ") or b"0", 8)
+        size = int(b[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise FormatError("blob section tar header has bad octal fields") from None
+    if chk != sum(b[:148]) + 8 * 32 + sum(b[156:]):
+        raise FormatError("blob section tar header checksum mismatch")
+    name = b[:100].split(b"\0", 1)[0].decode("ascii", "replace")
+    return name, size

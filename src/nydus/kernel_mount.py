@@ -1,0 +1,185 @@
+"""Kernel EROFS mounts of a RAFS v6 bootstrap with its blobs as extra devices, via mount(2).
+
+This module owns the one system call sequence the kernel EROFS data path needs: mount a
+bootstrap file read-only as ``erofs`` with one ``device=`` option per blob, and unmount it.
+
+Why not mount(8): the bootstrap is a regular file and so are the blobs (or they are files on the
+daemon's small FUSE file system). util-linux ``mount -t erofs -o device=blob meta.img mnt``
+auto-attaches a loop device for ``meta.img``, and the kernel then refuses a regular-file
+``device=`` next to a block-device primary with EINVAL (erofs-format.md §0). The kernel *does*
+accept a file-backed primary with file-backed extra devices (CONFIG_EROFS_FS_BACKED_BY_FILE,
+Linux 6.12+), but only when asked directly, so we call ``mount(2)`` through ctypes with every
+path absolute (the kernel resolves ``device=`` paths itself, not relative to our cwd).
+
+Rules the kernel enforces (erofs-format.md §1): when ``device=`` options are given, their number
+must equal the bootstrap's ``extra_devices`` and they are matched to the device table in order.
+Without any ``device=`` the mount succeeds but reading chunked data fails lazily with EIO.
+
+Threading contract: stateless; every function may be called from any thread. The libc handle is
+loaded once, lazily, and errno is read through ctypes' thread-local copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "MNT_DETACH",
+    "MS_NODEV",
+    "MS_NOSUID",
+    "MS_RDONLY",
+    "build_mount_data",
+    "erofs_supported",
+    "mount_erofs",
+    "umount",
+]
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MNT_DETACH = 0x2
+
+_PROC_FILESYSTEMS = "/proc/filesystems"
+
+_MOUNT_HINTS: dict[int, str] = {
+    errno.EINVAL: (
+        "the kernel rejected the image or the options: check `dmesg | tail` for an erofs line. "
+        "Usual causes: the bootstrap is not a valid RAFS v6/EROFS image; the number of device= "
+        "paths differs from the bootstrap's extra_devices, or they are in the wrong order; a "
+        "device is a block device while the bootstrap is a regular file (or the reverse)"
+    ),
+    errno.ENODEV: (
+        "the kernel does not know the erofs file system: it needs CONFIG_EROFS_FS "
+        "(see /proc/filesystems; try `modprobe erofs`)"
+    ),
+    errno.ENOTBLK: (
+        "the kernel cannot mount a regular file as erofs: it needs "
+        "CONFIG_EROFS_FS_BACKED_BY_FILE (Linux 6.12+); otherwise attach loop devices"
+    ),
+    errno.EPERM: "mounting needs CAP_SYS_ADMIN: run as root",
+    errno.EACCES: "permission denied on the bootstrap, a device or the mount point",
+    errno.ENOENT: "the bootstrap, a device or the mount point does not exist",
+    errno.ENOTDIR: "the mount point is not a directory",
+    errno.EBUSY: "the mount point is busy (already mounted?)",
+    errno.EBADMSG: "the superblock checksum does not match: the bootstrap is corrupt",
+    errno.EIO: "an I/O error reading the bootstrap or a device",
+}
+
+_UMOUNT_HINTS: dict[int, str] = {
+    errno.EINVAL: "not a mount point",
+    errno.EBUSY: "still in use (open files or a process cwd inside); try lazy=True",
+    errno.EPERM: "unmounting needs CAP_SYS_ADMIN: run as root",
+    errno.ENOENT: "the mount point does not exist",
+}
+
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
+        lib.mount.restype = ctypes.c_int
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.umount2.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def _os_error(err: int, what: str, path: str, hints: dict[int, str]) -> OSError:
+    name = errno.errorcode.get(err, f"errno {err}")
+    message = f"{what} failed: {name} ({os.strerror(err)})"
+    hint = hints.get(err)
+    if hint:
+        message += f"; hint: {hint}"
+    return OSError(err, message, path)
+
+
+def _absolute(path: str | os.PathLike[str], role: str) -> bytes:
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        raise ValueError(f"{role} path must be absolute, got {text!r}")
+    return os.fsencode(text)
+
+
+def erofs_supported() -> bool:
+    """True if the running kernel lists ``erofs`` in /proc/filesystems."""
+    try:
+        text = Path(_PROC_FILESYSTEMS).read_text()
+    except OSError:
+        return False
+    return any(line.split()[-1:] == ["erofs"] for line in text.splitlines())
+
+
+def build_mount_data(devices: Sequence[str | os.PathLike[str]], options: str = "") -> bytes:
+    """The mount(2) data string: ``device=/abs/a,device=/abs/b[,options]``.
+
+    Raises ValueError for a relative path or a path containing a comma (the kernel splits the
+    options on commas and has no escape for them).
+    """
+    parts: list[bytes] = []
+    for dev in devices:
+        raw = _absolute(dev, "device")
+        if b"," in raw:
+            raise ValueError(f"device path must not contain a comma: {os.fspath(dev)!r}")
+        parts.append(b"device=" + raw)
+    if options:
+        parts.extend(os.fsencode(opt) for opt in options.split(",") if opt)
+    return b",".join(parts)
+
+
+def mount_erofs(
+    bootstrap: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    devices: Sequence[str | os.PathLike[str]],
+    options: str = "",
+    *,
+    flags: int = 0,
+) -> None:
+    """Mount ``bootstrap`` read-only as EROFS on ``mountpoint`` with ``devices`` as blob devices.
+
+    ``devices`` are the blob files in the order of the bootstrap's device table (blob table).
+    ``options`` is a comma-separated list of extra EROFS mount options (for example ``directio``
+    or ``user_xattr``). ``flags`` are extra MS_* flags; MS_RDONLY is always set.
+
+    Raises ValueError for relative paths, OSError (with the errno name and a hint) when the kernel
+    refuses the mount.
+    """
+    source = _absolute(bootstrap, "bootstrap")
+    target = _absolute(mountpoint, "mountpoint")
+    data = build_mount_data(devices, options)
+    libc = _load_libc()
+    rc = libc.mount(source, target, b"erofs", MS_RDONLY | flags, data or None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise _os_error(
+            err,
+            f"mount(2) erofs {os.fsdecode(source)} on {os.fsdecode(target)} "
+            + (f"with options {os.fsdecode(data)!r}" if data else "without options"),
+            os.fsdecode(target),
+            _MOUNT_HINTS,
+        )
+
+
+def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
+    """Unmount ``mountpoint`` with umount2(2); ``lazy`` detaches it now and frees it when unused.
+
+    Raises OSError with the errno name (EINVAL: not a mount point; EBUSY: still in use).
+    """
+    target = os.fsencode(os.path.abspath(os.fspath(mountpoint)))
+    libc = _load_libc()
+    rc = libc.umount2(target, MNT_DETACH if lazy else 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise _os_error(err, "umount2", os.fsdecode(target), _UMOUNT_HINTS)
