@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..errors import NotFoundError
+from ..errors import FormatError, NotFoundError
 from ..metadata import ChunkInfo, RafsMetadata, open_bootstrap
 from ..storage.blobfile import BlobReader, open_local_blob
 from .check import find_blob
@@ -68,6 +68,32 @@ class FileReader(io.RawIOBase):
         b[: len(piece)] = piece
         self.pos += len(piece)
         return len(piece)
+
+
+_ACL_KEYS = {
+    b"system.posix_acl_access": "SCHILY.acl.access",
+    b"system.posix_acl_default": "SCHILY.acl.default",
+}
+_ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask",
+             0x20: "other"}
+
+
+def acl_to_text(value: bytes) -> str:
+    """Binary POSIX ACL xattr (version 2) to the short text form tar uses."""
+    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
+        raise FormatError("malformed POSIX ACL xattr")
+    parts = []
+    for off in range(4, len(value), 8):
+        tag = int.from_bytes(value[off : off + 2], "little")
+        perm = int.from_bytes(value[off + 2 : off + 4], "little")
+        qid = int.from_bytes(value[off + 4 : off + 8], "little")
+        name = _ACL_TAGS.get(tag)
+        if name is None:
+            raise FormatError(f"unknown ACL tag {tag:#x}")
+        who = str(qid) if tag in (0x02, 0x08) else ""
+        rwx = "".join(c if perm & b else "-" for c, b in (("r", 4), ("w", 2), ("x", 1)))
+        parts.append(f"{name}:{who}:{rwx}")
+    return ",".join(parts)
 
 
 def _s(b: bytes) -> str:
@@ -122,7 +148,11 @@ def _write_entries(md: RafsMetadata, tf: tarfile.TarFile,
         ti.mtime = a.mtime
         pax = {"mtime": f"{a.mtime}.{a.mtime_nsec:09d}"}
         for k, v in sorted(md.xattrs(nid).items()):
-            pax["SCHILY.xattr." + _s(k)] = _s(v)
+            acl_key = _ACL_KEYS.get(k)
+            if acl_key:  # tar tools restore ACLs from their text form only
+                pax[acl_key] = acl_to_text(v)
+            else:
+                pax["SCHILY.xattr." + _s(k)] = _s(v)
         ti.pax_headers = pax
         fileobj = None
         if a.is_dir:

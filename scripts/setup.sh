@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine for this project (Debian 12, run as root; CI does the same).
+#
+#   1. Debian packages the tests and tools need (apt-get update only when one is missing).
+#   2. A virtualenv in <repo>/.venv made with the machine's python3 (>= 3.11).
+#   3. `pip install -e '.[test,dev]'`, skipped when pyproject.toml has not changed since the
+#      last successful install (a stamp in .venv records its hash).
+#
+# Quiet on success; on failure it prints the log of the step that failed and exits non-zero.
+# Environment: NYDUS_SETUP_FORCE=1 reinstalls the Python packages even if the stamp matches.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+log=$(mktemp -t nydus-setup.XXXXXX)
+trap 'rm -f "$log"' EXIT
+
+run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the log on failure
+    local what=$1
+    shift
+    if ! "$@" >"$log" 2>&1; then
+        echo "setup.sh: FAILED: $what" >&2
+        echo "setup.sh: command: $*" >&2
+        sed 's/^/    /' "$log" >&2
+        exit 1
+    fi
+}
+
+# --- 1. Debian packages -------------------------------------------------------------------
+# erofs-utils: mkfs.erofs/fsck.erofs (baseline builder, oracle); zstd: bench baseline;
+# attr + acl: getfattr/setfattr/setfacl for the test corpus; fuse3: fusermount3 for the daemon;
+# python3-venv: venv for Debian's python3; tar: unpack checks in the demo.
+apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar)
+missing=()
+for p in "${apt_packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup.sh: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    run_quiet "apt-get update" apt-get update -q
+    run_quiet "apt-get install ${missing[*]}" apt-get install -y -q --no-install-recommends \
+        "${missing[@]}"
+fi
+
+# --- 2. virtualenv ------------------------------------------------------------------------
+py_ok() {  # py_ok PYTHON: true if PYTHON runs and is >= 3.11
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1
+}
+python=""
+for cand in python3 /usr/bin/python3; do
+    if command -v "$cand" >/dev/null 2>&1 && py_ok "$cand"; then
+        python=$(command -v "$cand")
+        break
+    fi
+done
+if [[ -z $python ]]; then
+    echo "setup.sh: no python3 >= 3.11 found (tried python3 on PATH and /usr/bin/python3)" >&2
+    exit 1
+fi
+
+venv="$repo/.venv"
+if [[ -d $venv ]] && ! py_ok "$venv/bin/python"; then
+    # A venv whose interpreter vanished (e.g. made on another machine): start again.
+    rm -rf "$venv"
+fi
+if [[ ! -x $venv/bin/python ]]; then
+    run_quiet "create virtualenv with $python" "$python" -m venv "$venv"
+    # Keep the venv out of git without touching the project's .gitignore.
+    printf '*\n' >"$venv/.gitignore"
+fi
+
+# --- 3. Python packages -------------------------------------------------------------------
+stamp="$venv/.nydus-setup-stamp"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [[ $want != "$have" || ${NYDUS_SETUP_FORCE:-0} == 1 ]] \
+    || ! "$venv/bin/python" -c 'import nydus, pytest' >/dev/null 2>&1; then
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    run_quiet "pip install -e '.[test,dev]'" \
+        "$venv/bin/python" -m pip install -q -e ".[test,dev]"
+    echo "$want" >"$stamp"
+fi
