@@ -30,8 +30,8 @@ run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the
 # --- 1. Debian packages -------------------------------------------------------------------
 # erofs-utils: mkfs.erofs/fsck.erofs (baseline builder, oracle); zstd: bench baseline;
 # attr + acl: getfattr/setfattr/setfacl for the test corpus; fuse3: fusermount3 for the daemon;
-# python3-venv: venv for Debian's python3; tar: unpack checks in the demo.
-apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar)
+# python3-venv: venv for Debian's python3; tar: unpack checks in the demo; time: bench RSS.
+apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time)
 missing=()
 for p in "${apt_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -177,3 +177,27 @@ def test_prefetch_policy_fs(tmp_path: Path, nydus_image) -> None:  # type: ignor
     assert [e["path"] for e in got] == ["/c"]
     chunks = json.loads(nydus_image("inspect", out / "boot", "-R", "chunks /c").stdout)
     assert chunks[0]["compressed_offset"] == 0  # prefetched file's data comes first
+
+
+def test_blob_inline_meta(tmp_path: Path, nydus_image) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    (src / "g").write_text("g" * 10_000)
+    out = tmp_path / "o"
+    r = nydus_image("create", "--blob-inline-meta", "--bootstrap", out / "boot",
+                    "--blob-dir", out / "blobs", src)
+    blob_id = r.stdout.split("blob: ")[1].split()[0]
+    blob = out / "blobs" / blob_id
+    # the blob alone is a complete image: its bootstrap is read from the ToC
+    nydus_image("check", blob, "--blob", blob)
+    with open_bootstrap(blob) as inner, open_bootstrap(out / "boot") as outer:
+        assert inner.blobs == outer.blobs
+        assert inner.blobs[0].features & 0x2  # INLINED_FS_META
+    tar = tmp_path / "x.tar"
+    nydus_image("unpack", blob, "--blob", blob, "--output", tar)
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        got = tf.extractfile("f")
+        assert got is not None and got.read() == (src / "f").read_bytes()

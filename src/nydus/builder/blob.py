@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -216,8 +216,14 @@ class BlobWriter:
     def chunk_count(self) -> int:
         return len(self._ci)
 
-    def finish(self) -> BlobResult | None:
-        """Write the blob trailer; None (and nothing written) when no chunk is new."""
+    def finish(
+        self, inline_bootstrap: Callable[[v6.BlobEntry], bytes] | None = None
+    ) -> BlobResult | None:
+        """Write the blob trailer; None (and nothing written) when no chunk is new.
+
+        With ``inline_bootstrap`` the bootstrap (built by that function from this
+        blob's final table entry) is stored in the blob as ``image.boot``.
+        """
         if not self._ci:
             return None
         toc: list[bm.TocEntry] = []
@@ -233,6 +239,7 @@ class BlobWriter:
             v6.BLOB_FEATURE_ALIGNED | v6.BLOB_FEATURE_INLINED_CHUNK_DIGEST
             | v6.BLOB_FEATURE_HAS_TAR_HEADER | v6.BLOB_FEATURE_HAS_TOC
             | v6.BLOB_FEATURE_CAP_TAR_TOC
+            | (v6.BLOB_FEATURE_INLINED_FS_META if inline_bootstrap else 0)
         )
         ci_off = self._pos
         header = bm.CiHeader(features, ci_comp.id, len(self._ci), ci_off, len(ci_data),
@@ -255,20 +262,39 @@ class BlobWriter:
                                hashlib.sha256(digests).digest(), dig_off, len(digests),
                                len(digests)))
 
-        toc_bytes = b"".join(e.pack() for e in toc)
-        toc_hdr = bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
-        self._write(toc_bytes)
-        self._write(toc_hdr)
         entry = v6.BlobEntry(
             blob_id=self._hash.hexdigest(), blob_index=self.blob_index,
             chunk_size=self.chunk_size, chunk_count=len(self._ci),
             compression_algo=self.compressor.id, digest_algo=self.digester.id,
-            features=features, compressed_size=self._pos, uncompressed_size=self._upos,
-            blob_toc_size=len(toc_bytes) + len(toc_hdr), ci_compressor=ci_comp.id,
-            ci_offset=ci_off, ci_compressed_size=len(ci_data),
+            features=features, compressed_size=0, uncompressed_size=self._upos,
+            ci_compressor=ci_comp.id, ci_offset=ci_off, ci_compressed_size=len(ci_data),
             ci_uncompressed_size=len(ci_raw),
-            blob_toc_digest=hashlib.sha256(toc_bytes + toc_hdr).digest(),
         )
+        if inline_bootstrap is not None:
+            # The blob id covers everything before the bootstrap; the ToC digest stays
+            # zero because the bootstrap inside the blob cannot hold its own hash.
+            toc_len = (len(toc) + 1) * bm.TOC_ENTRY_SIZE + bm.TAR_BLOCK
+            entry.blob_toc_size = toc_len
+            boot_len = len(inline_bootstrap(entry))
+            entry.compressed_size = self._pos + boot_len + bm.TAR_BLOCK + toc_len
+            boot = inline_bootstrap(entry)
+            assert len(boot) == boot_len
+            boot_off = self._pos
+            self._write(boot)
+            self._write(bm.tar_header(bm.TOC_ENTRY_BOOTSTRAP, len(boot)))
+            toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BOOTSTRAP,
+                                   hashlib.sha256(boot).digest(), boot_off, len(boot),
+                                   len(boot)))
+        toc_bytes = b"".join(e.pack() for e in toc)
+        toc_hdr = bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
+        self._write(toc_bytes)
+        self._write(toc_hdr)
+        if inline_bootstrap is None:
+            entry.blob_id = self._hash.hexdigest()
+            entry.compressed_size = self._pos
+            entry.blob_toc_size = len(toc_bytes) + len(toc_hdr)
+            entry.blob_toc_digest = hashlib.sha256(toc_bytes + toc_hdr).digest()
+        assert entry.compressed_size == self._pos
         return BlobResult(entry, len(self._ci), self.deduped, data_size)
 
 

@@ -34,6 +34,7 @@ class BuildOptions:
     whiteout_spec: str = "oci"
     prefetch_paths: list[bytes] | None = None
     workers: int | None = None
+    inline_bootstrap: bool = False
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -186,20 +187,32 @@ def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> Bui
             workers=opts.workers,
         )
         read = writer.add_files(order)
-        result = writer.finish()
+
+        def make_boot(entry: v6.BlobEntry) -> bytes:
+            return _bootstrap(root, [*blobs, entry], opts, table)
+
+        result = writer.finish(make_boot if opts.inline_bootstrap else None)
         if result is not None:
             blobs.append(result.entry)
-    # Drop blobs nothing references any more (e.g. a chunk dict's unused blobs).
-    blobs, root = _prune_blobs(root, blobs, prunable=dict_blobs)
-    boot = write_bootstrap(root, BootstrapOptions(
-        chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
-        blobs=blobs, prefetch=table,
-    ))
+    elif opts.inline_bootstrap:
+        raise ConfigError("--blob-inline-meta needs file data to make a blob")
+    if not opts.inline_bootstrap:  # the inlined copy already fixed the blob table
+        blobs, root = _prune_blobs(root, blobs, prunable=dict_blobs)
+    boot = _bootstrap(root, blobs, opts, table)
     stats = {
         "new_chunks": result.new_chunks if result else 0,
         "deduped_chunks": result.deduped_chunks if result else 0,
     }
     return BuildResult(boot, result, blobs, read, files, stats)
+
+
+def _bootstrap(
+    root: Node, blobs: list[v6.BlobEntry], opts: BuildOptions, table: list[Node]
+) -> bytes:
+    return write_bootstrap(root, BootstrapOptions(
+        chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
+        blobs=blobs, prefetch=table,
+    ))
 
 
 def _entry_of(md: RafsV6Metadata, i: int) -> v6.BlobEntry:

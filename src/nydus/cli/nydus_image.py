@@ -113,10 +113,8 @@ def cmd_create(a: argparse.Namespace) -> int:
         raise ConfigError(f"--fs-version {a.fs_version}: this builder writes RAFS v6 only")
     if a.type not in ("dir-rafs", "directory"):
         raise ConfigError(f"--type {a.type} is not supported yet (dir-rafs only)")
-    if a.blob_inline_meta:
-        raise ConfigError("--blob-inline-meta is not supported yet")
-    if not a.bootstrap:
-        raise ConfigError("--bootstrap is required")
+    if not a.bootstrap and not a.blob_inline_meta:
+        raise ConfigError("--bootstrap is required (or --blob-inline-meta)")
     prefetch = None
     if a.prefetch_policy == "fs":
         prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
@@ -124,7 +122,7 @@ def cmd_create(a: argparse.Namespace) -> int:
         chunk_size=a.chunk_size, compressor=a.compressor, digester=a.digester,
         parent_bootstrap=a.parent_bootstrap,
         chunk_dict_bootstrap=_chunk_dict_path(a.chunk_dict), whiteout_spec=a.whiteout_spec,
-        prefetch_paths=prefetch, workers=a.threads,
+        prefetch_paths=prefetch, workers=a.threads, inline_bootstrap=a.blob_inline_meta,
     )
     opts.validate()
     t0 = time.monotonic()
@@ -147,15 +145,18 @@ def cmd_create(a: argparse.Namespace) -> int:
             os.replace(tmp, os.path.join(a.blob_dir, blob_id))
         else:
             os.unlink(tmp)
-    with open(a.bootstrap + ".tmp", "wb") as f:
-        f.write(res.bootstrap)
-    os.replace(a.bootstrap + ".tmp", a.bootstrap)
+    if blob_id and a.blob_id:
+        log.warning("--blob-id is ignored: blob ids are content digests here")
+    if a.bootstrap:
+        with open(a.bootstrap + ".tmp", "wb") as f:
+            f.write(res.bootstrap)
+        os.replace(a.bootstrap + ".tmp", a.bootstrap)
     if not a.disable_check:
-        md = open_bootstrap(a.bootstrap)
-        for _p, _n in md.walk():
-            pass
+        with open_bootstrap(res.bootstrap) as md:
+            for _p, _n in md.walk():
+                pass
     dt = time.monotonic() - t0
-    log.info("built %s: %d files, %d bytes read in %.2fs", a.bootstrap, res.files,
+    log.info("built %s: %d files, %d bytes read in %.2fs", a.bootstrap or blob_id, res.files,
              res.bytes_read, dt)
     data = {
         "version": __version__, "bootstrap": a.bootstrap,
@@ -168,7 +169,8 @@ def cmd_create(a: argparse.Namespace) -> int:
     _emit_json(a.output_json, data)
     if blob_id:
         print(f"blob: {blob_id}")
-    print(f"bootstrap: {a.bootstrap}")
+    if a.bootstrap:
+        print(f"bootstrap: {a.bootstrap}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from ..errors import FormatError
@@ -31,4 +32,28 @@ def open_bootstrap(path: str | os.PathLike[str] | bytes) -> RafsMetadata:
         from .v5 import RafsV5Metadata
 
         return RafsV5Metadata(data)
+    inner = _inlined_bootstrap(data)
+    if inner is not None:
+        return open_bootstrap(inner)
     raise FormatError("not a RAFS bootstrap: no EROFS magic at 1024 and no RAFS v5 magic at 0")
+
+
+def _inlined_bootstrap(data: bytes) -> bytes | None:
+    """The ``image.boot`` section of a data blob built with --blob-inline-meta."""
+    from ..format import blob_meta as bm
+
+    if len(data) < bm.TAR_BLOCK or data[-bm.TAR_BLOCK + 257 : -bm.TAR_BLOCK + 262] != b"ustar":
+        return None
+    name, size = bm.parse_tar_header(data[-bm.TAR_BLOCK :])
+    if name != bm.TOC_ENTRY_BLOB_TOC or size + bm.TAR_BLOCK > len(data):
+        return None
+    for e in bm.unpack_toc(data[-bm.TAR_BLOCK - size : -bm.TAR_BLOCK]):
+        if e.name == bm.TOC_ENTRY_BOOTSTRAP:
+            end = e.compressed_offset + e.compressed_size
+            if e.compressed_size != e.uncompressed_size or end > len(data):
+                raise FormatError("inlined bootstrap entry is compressed or out of range")
+            boot = data[e.compressed_offset : end]
+            if hashlib.sha256(boot).digest() != e.digest:
+                raise FormatError("inlined bootstrap digest mismatch")
+            return boot
+    return None
