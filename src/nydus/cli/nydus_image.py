@@ -191,6 +191,9 @@ def _blob_target(a: argparse.Namespace) -> tuple[str | None, str | None]:
     if a.blob_dir:
         os.makedirs(a.blob_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=a.blob_dir)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
         return tmp, tmp
     return None, None
