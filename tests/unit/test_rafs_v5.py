@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -9,6 +10,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +34,7 @@ def _expected() -> tuple[list[tuple[str, str, str]], dict[str, str], dict[str, i
     listing, end = json.JSONDecoder().raw_decode(text)
     nodes: list[tuple[str, str, str]] = []
 
-    def visit(node: dict[str, object], path: str) -> None:
+    def visit(node: dict[str, Any], path: str) -> None:
         nodes.append((path, str(node["type"]), str(node.get("target", ""))))
         prefix = "" if path == "/" else path
         for child in node.get("contents", []) if node["type"] == "directory" else []:
@@ -44,7 +46,7 @@ def _expected() -> tuple[list[tuple[str, str, str]], dict[str, str], dict[str, i
         if line.strip():
             digest, path = line.split(None, 1)
             md5s[path.strip()] = digest
-    report = next(n for n in listing if n["type"] == "report")
+    report: dict[str, int] = next(n for n in listing if n["type"] == "report")
     return nodes, md5s, report
 
 
@@ -166,6 +168,10 @@ class Node:
     flags: int = 0
 
 
+def pad(b: bytes) -> bytes:
+    return b + b"\0" * (fmt.align8(len(b)) - len(b))
+
+
 def build(
     nodes: list[Node],
     *,
@@ -174,7 +180,6 @@ def build(
     chunk_size: int = 0x1000,
 ) -> bytes:
     """A minimal v5 bootstrap: superblock, inode table, prefetch, blob tables, inodes."""
-    pad = lambda b: b + b"\0" * (fmt.align8(len(b)) - len(b))  # noqa: E731
     inode_tab = fmt.SUPERBLOCK_SIZE
     prefetch_off = inode_tab + fmt.align8(4 * len(nodes))
     blob_tab = pad(b"\0".join(struct.pack("<II", 0, 0) + b.encode() for b in blob_ids))
@@ -355,10 +360,8 @@ def _exercise(meta: RafsMetadata) -> int:
 
 
 def _only_format_errors(data: bytes) -> None:
-    try:
+    with contextlib.suppress(FormatError):
         _exercise(open_bootstrap(data))
-    except FormatError:
-        pass
 
 
 @needs_fixture

@@ -95,7 +95,7 @@ class Inode:
 class DirEntry:
     name: bytes
     nid: int
-    file_type: int  # DT_* value (0 unknown, 1 reg, 2 dir, ...)
+    file_type: int  # EROFS dirent type: 0 unknown, 1 reg, 2 dir, 3 chr, 4 blk, 5 fifo, 6 sock, 7 lnk
 
 
 class RafsMetadata(ABC):

@@ -250,6 +250,22 @@ class RafsV6Metadata(RafsMetadata):
             return ents[lo][1]
         raise NotFoundError(f"{name.decode(errors='replace')!r} not found")
 
+    def walk(self, max_depth: int = 4096) -> Iterator[tuple[bytes, int]]:
+        """As :meth:`RafsMetadata.walk`, and a directory reached twice is a FormatError.
+
+        EROFS has no hardlinked directories; without this check a directory listed by two
+        parents (a DAG, not a loop) makes the walk exponential in the tree depth.
+        """
+        seen: set[int] = set()
+        for path, nid in super().walk(max_depth):
+            if nid in seen and self.getattr(nid).is_dir:
+                raise FormatError(
+                    f"directory {nid} reached twice (at {path!r}): a directory loop or a "
+                    f"hardlinked directory"
+                )
+            seen.add(nid)
+            yield path, nid
+
     # ------------------------------------------------------------------ chunks
 
     def chunks(self, nid: int) -> list[ChunkInfo]:
@@ -273,6 +289,13 @@ class RafsV6Metadata(RafsMetadata):
         idx = self._range(base, count * erofs.CHUNK_INDEX_SIZE, f"chunk indexes of inode {nid}")
         real = self.chunk_size
         per_index = icsize // real if icsize > real else 1
+        if per_index > 1 and -(-di.size // real) > sum(b.chunk_count for b in self.blobs):
+            # One index then stands for a run of distinct chunks of one blob: they must all
+            # exist, or a few bytes of bootstrap could claim billions of chunks.
+            raise FormatError(
+                f"file {nid}: {di.size} bytes in 2^{bits}-byte chunk indexes need more "
+                f"chunks than the blobs hold"
+            )
         out: list[ChunkInfo] = []
         for i in range(count):
             dev, ci, blkaddr = v6.unpack_chunk_index(idx, i * erofs.CHUNK_INDEX_SIZE)
