@@ -31,7 +31,7 @@ run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the
 # erofs-utils: mkfs.erofs/fsck.erofs (baseline builder, oracle); zstd: bench baseline;
 # attr + acl: getfattr/setfattr/setfacl for the test corpus; fuse3: fusermount3 for the daemon;
 # python3-venv: venv for Debian's python3; tar: unpack checks in the demo; time: bench RSS.
-apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time)
+apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time docker-registry skopeo apache2-utils openssl)
 missing=()
 for p in "${apt_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
