@@ -72,7 +72,7 @@ print(f"    edge cases: {cats}")
 if info.skipped:
     print(f"    skipped (not root): {'; '.join(info.skipped)}")
 EOF
-socket_paths=$(cd "$src" && find . -type s -printf '%P\n')
+mapfile -t socket_paths < <(cd "$src" && find . -type s -printf '%P\n')
 
 step "3. Build the image: nydus-image create --compressor zstd"
 img="$work/zstd"
@@ -120,20 +120,8 @@ if ((built)); then
         run tar --extract --file "$work/image.tar" --directory "$out" --numeric-owner \
             --same-permissions --same-owner --xattrs --xattrs-include='*' --acls \
             --warning=no-timestamp --warning=no-unknown-keyword
-        # GNU tar leaves SCHILY.xattr.system.posix_acl_* (raw ACL xattrs, as OCI layers carry
-        # them) to --acls, which reads only its own text form: apply them like containerd does.
-        "$py" - "$work/image.tar" "$out" <<'EOF'
-import os, sys, tarfile
-with tarfile.open(sys.argv[1]) as tar:
-    for m in tar:
-        for key, value in m.pax_headers.items():
-            if key.startswith("SCHILY.xattr.system.posix_acl_"):
-                raw = value.encode("utf-8", "surrogateescape")
-                os.setxattr(os.path.join(sys.argv[2], m.name), key[13:], raw,
-                            follow_symlinks=False)
-EOF
-        say "comparing (sockets excluded: tar cannot hold them): $(echo "$socket_paths" | xargs)"
-        if PYTHONPATH="$repo/tests" "$py" - "$src" "$out" $socket_paths <<'EOF'; then
+        say "comparing (sockets excluded: tar cannot hold them): ${socket_paths[*]}"
+        if PYTHONPATH="$repo/tests" "$py" - "$src" "$out" "${socket_paths[@]}" <<'EOF'; then
 import sys
 from treecmp import compare_trees
 diffs = compare_trees(sys.argv[1], sys.argv[2], exclude=sys.argv[3:])

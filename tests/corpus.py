@@ -377,7 +377,8 @@ def _bigdir(b: _Builder, n: int) -> None:
 
 def _modes(b: _Builder) -> None:
     for mode in (0o000, 0o4755, 0o2755, 0o6755, 0o1755, 0o7777, 0o0600, 0o0444, 0o0111):
-        data = f"mode {mode:04o}\n".encode() if (mode or IS_ROOT) else b""
+        readable = IS_ROOT or mode & 0o400  # a non-root owner cannot read it back
+        data = f"mode {mode:04o}\n".encode() if readable else b""
         b.file(f"modes/file-{mode:04o}", data, mode)
     for mode in (0o1777, 0o2775, 0o0700, 0o0555, 0o7755):
         b.mkdir(f"modes/dir-{mode:04o}")
@@ -565,8 +566,9 @@ def make_large_tree(root: Path, total_bytes: int, nfiles: int, seed: int = 0) ->
     """Create a benchmark tree of about ``total_bytes`` in ``nfiles`` regular files.
 
     Data is cut from two pools made once (64 MiB random, 16 MiB text-like) at random offsets, so
-    it is fast to write yet not chunk-aligned repeats: about 60% incompressible, 30% compressible
-    (zstd ~3-4x), 10% whole-file duplicates of earlier files. Files sit 100 to a directory, two
+    it is fast to write yet not chunk-aligned repeats: each 1 MiB piece is compressible text
+    (zstd ~3-4x) with probability 1/3, else incompressible; about 10% of the small files are
+    whole-file duplicates of earlier ones. Files sit 100 to a directory, two
     directory levels deep. Deterministic for a given ``seed``. Returns counts for the report.
     """
     if nfiles < 1 or total_bytes < nfiles:
@@ -594,13 +596,15 @@ def make_large_tree(root: Path, total_bytes: int, nfiles: int, seed: int = 0) ->
             stats["bytes"] += src_size
             stats["files"] += 1
             continue
-        pool = text_pool if kind < 0.40 else rand_pool
-        if pool is text_pool:
-            stats["compressible_bytes"] += size
         with open(path, "wb") as f:
             left = size
-            while left:
+            while left:  # each 1 MiB piece is text (1/3) or random (2/3)
                 n = min(left, piece)
+                if rng.random() < 1 / 3:
+                    pool = text_pool
+                    stats["compressible_bytes"] += n
+                else:
+                    pool = rand_pool
                 off = rng.randrange(len(pool) - n + 1)
                 f.write(pool[off : off + n])
                 left -= n
