@@ -85,7 +85,7 @@ class Compressor:
 class Digester:
     name: str
     id: int
-    new: Callable[[], "hashlib._Hash"]
+    new: Callable[[], hashlib._Hash]
 
     def digest(self, data: bytes | memoryview) -> bytes:
         h = self.new()

@@ -95,7 +95,8 @@ class Inode:
 class DirEntry:
     name: bytes
     nid: int
-    file_type: int  # EROFS dirent type: 0 unknown, 1 reg, 2 dir, 3 chr, 4 blk, 5 fifo, 6 sock, 7 lnk
+    # EROFS dirent type: 0 unknown, 1 reg, 2 dir, 3 chr, 4 blk, 5 fifo, 6 sock, 7 lnk
+    file_type: int
 
 
 class RafsMetadata(ABC):
@@ -183,7 +184,7 @@ class RafsMetadata(ABC):
                 raise FormatError(f"directory loop at {path!r}")
             if len(ancestors) >= max_depth:
                 raise FormatError(f"directory tree deeper than {max_depth} at {path!r}")
-            chain = ancestors + (nid,)
+            chain = (*ancestors, nid)
             prefix = b"" if path == b"/" else path
             for ent in reversed(list(self.readdir(nid))):
                 stack.append((prefix + b"/" + ent.name, ent.nid, chain))

@@ -9,6 +9,7 @@ from small internal caches guarded by a lock; safe to share between threads.
 
 from __future__ import annotations
 
+import itertools
 import stat
 import struct
 import threading
@@ -218,7 +219,7 @@ class RafsV6Metadata(RafsMetadata):
             limit = min(bs, len(data) - boff)
             ents.extend(erofs.unpack_dir_block(memoryview(data)[boff : boff + bs], limit))
         names = [e[0] for e in ents]
-        if any(a >= b for a, b in zip(names, names[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(names)):
             raise FormatError(f"directory {nid} entries are not strictly sorted")
         out = []
         for name, cnid, ft in ents:

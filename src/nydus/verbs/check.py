@@ -80,11 +80,11 @@ def check_image(
         rep.blobs.append(entry)
         if blob_dir is None and blob_file is None:
             continue
-        path = find_blob(b.blob_id, blob_dir, blob_file if len(md.blobs) == 1 else None)
-        if path is None:
+        blob_path = find_blob(b.blob_id, blob_dir, blob_file if len(md.blobs) == 1 else None)
+        if blob_path is None:
             rep.errors.append(f"blob {b.blob_id} not found")
             continue
-        _check_blob(md, b.index, path, referenced.get(b.index, {}), rep)
+        _check_blob(md, b.index, blob_path, referenced.get(b.index, {}), rep)
     return rep
 
 

@@ -121,15 +121,15 @@ def unpack_image(
         return r
 
     res = UnpackResult()
-    tf = (tarfile.open(output, "w", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                       errors="surrogateescape")
-          if isinstance(output, str) else
-          tarfile.open(fileobj=output, mode="w|", format=tarfile.PAX_FORMAT,
-                       encoding="utf-8", errors="surrogateescape"))
+    kw = {"format": tarfile.PAX_FORMAT, "encoding": "utf-8", "errors": "surrogateescape"}
     try:
-        _write_entries(md, tf, reader, res)
+        if isinstance(output, str):
+            with tarfile.open(output, "w", **kw) as tf:  # type: ignore[call-overload]
+                _write_entries(md, tf, reader, res)
+        else:
+            with tarfile.open(fileobj=output, mode="w|", **kw) as tf:  # type: ignore[call-overload]
+                _write_entries(md, tf, reader, res)
     finally:
-        tf.close()
         for c in closers:
             c()
     return res
