@@ -11,6 +11,8 @@ it maps to at a CLI edge, so adapters translate without guessing::
     ├── NotFoundError               exit 2, ENOENT  a path, inode or blob is missing
     ├── ConfigError                 exit 2, EINVAL  bad flags or configuration
     └── BackendError                exit 5, EIO     a storage backend failed
+        ├── RegistryAuthError       exit 5, EIO     credentials missing, refused or token failed
+        └── RegistryNotFound        exit 5, EIO     the registry has no such repo/blob/manifest
 
 Lower-layer exceptions (OSError, zstd/lz4 errors, struct.error) are translated
 into these at the boundary where they occur; nothing above the format layer
@@ -29,6 +31,8 @@ __all__ = [
     "NotFoundError",
     "ConfigError",
     "BackendError",
+    "RegistryAuthError",
+    "RegistryNotFound",
 ]
 
 
@@ -75,3 +79,14 @@ class BackendError(NydusError):
     """A storage backend failed to deliver data."""
 
     exit_code = 5
+
+
+class RegistryAuthError(BackendError):
+    """A registry (or its token server) refused our credentials, or we had none to offer."""
+
+
+class RegistryNotFound(BackendError):
+    """The registry answered 404: no such repository, manifest, tag or blob.
+
+    Still EIO at a file-system edge: a file whose blob vanished is an I/O failure there.
+    """
