@@ -32,6 +32,7 @@ run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the
 # attr + acl: getfattr/setfattr/setfacl for the test corpus; fuse3: fusermount3 for the daemon;
 # python3-venv: venv for Debian's python3; tar: unpack checks in the demo; time: bench RSS.
 apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time docker-registry skopeo apache2-utils openssl)
+apt_packages+=(containerd runc busybox-static golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev)  # snapshotter: containerd e2e, .proto files
 missing=()
 for p in "${apt_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -87,3 +88,4 @@ if [[ $want != "$have" || ${NYDUS_SETUP_FORCE:-0} == 1 ]] \
         "$venv/bin/python" -m pip install -q -e ".[test,dev]"
     echo "$want" >"$stamp"
 fi
+run_quiet "generate containerd gRPC modules" "$venv/bin/python" -m nydus.snapshotter.protogen  # src/nydus/snapshotter/_api (git-ignored)
