@@ -1,0 +1,1094 @@
+"""OCI distribution client: manifests, blobs (ranges, streams, uploads), tags, auth, retries.
+
+Owns the policy above one HTTP exchange (the transport, see ``transport.py``): which URL, which
+``Authorization`` (``auth.py``), following and caching redirects, retrying, and checking that
+what came back is what was asked for (status, ``Content-Range``, digests). The storage
+backends and the converter are built on :class:`RegistryClient`.
+
+Policy in brief:
+
+- Auth: the first request to a host goes anonymous (or with ``registry_token``); a 401 teaches
+  the host's challenge, and the request is repeated once with Basic credentials or a bearer
+  token for the operation's scopes (``repository:<repo>:pull`` or ``pull,push``). Later
+  requests get the header up front; an expired token (401) is fetched again once.
+- Redirects (30x on GET/HEAD, for example to object storage) are followed up to 10 hops;
+  ``Authorization`` goes only to the registry's own scheme+host+port; loops are errors. The
+  final URL of a blob GET is cached per (repo, digest) for ``redirect_cache_ttl`` seconds and
+  forgotten when it fails.
+- Retries: GET/HEAD/PUT (and DELETE) are retried up to ``retry_limit`` times on connection
+  failures, timeouts, bad body framing (shorter/longer than ``Content-Length``) and on
+  408/500/502/503/504, with exponential backoff and jitter; 429 and 503 honour
+  ``Retry-After`` (capped at ``max_retry_after``). POST/PATCH are not repeated; an upload
+  whose source can be re-read is restarted from scratch instead.
+- Ranges: ``end`` is exclusive (``data[start:end]``). A 206 must carry exactly the requested
+  ``Content-Range``; a 200 (Range ignored) is sliced while streaming and never returned whole.
+
+Errors: everything raises :class:`~nydus.errors.BackendError` subclasses —
+:class:`~nydus.errors.RegistryNotFound` (404), :class:`~nydus.errors.RegistryAuthError`
+(401/403, token server refusals), :class:`RegistryHTTPError` (other statuses),
+:class:`~nydus.registry.transport.TransportError` (connection, TLS, framing) — except content
+that does not match its digest, which is an :class:`~nydus.errors.IntegrityError`.
+
+Threading: a client is shared by many threads. The transport pool, token cache and redirect
+cache are locked; :meth:`get_blob_ranges` runs ranges concurrently on a small thread pool.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import quote, urlencode, urljoin, urlsplit
+
+from nydus.errors import (
+    BackendError,
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    RegistryAuthError,
+    RegistryNotFound,
+)
+from nydus.format.oci import (
+    ALL_MANIFEST_MEDIA_TYPES,
+    Descriptor,
+    compute_digest,
+    manifest_media_type,
+    parse_digest,
+)
+from nydus.registry.auth import DEFAULT_DOCKER_CONFIG, Authenticator, Credentials
+from nydus.registry.auth import docker_config_credentials as _docker_creds
+from nydus.registry.reference import registry_api_host
+from nydus.registry.transport import (
+    FallbackProxyTransport,
+    HTTPTransport,
+    Request,
+    Response,
+    TLSError,
+    Transport,
+    TransportError,
+)
+from nydus.registry.upload import BlobData, UploadSource
+
+__all__ = ["RegistryClient", "RegistryHTTPError", "ProxySettings", "ClientStats"]
+
+log = logging.getLogger("nydus.registry")
+
+T = TypeVar("T")
+Scopes = tuple[str, ...]
+
+MAX_MANIFEST_SIZE = 8 << 20
+MAX_REDIRECTS = 10
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+_IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+class RegistryHTTPError(BackendError):
+    """The registry answered with an unexpected status (``status``, registry error ``code``)."""
+
+    def __init__(self, message: str, status: int, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Upstream's ``proxy`` backend keys: a forward HTTP proxy (e.g. Dragonfly dfdaemon)."""
+
+    url: str
+    ping_url: str = ""
+    fallback: bool = True
+    check_interval: float = 5.0
+    use_http: bool = False
+
+
+class ClientStats:
+    """Counters kept by a client (thread-safe): requests, retries, redirects, blob bytes."""
+
+    FIELDS = (
+        "requests",
+        "retries",
+        "auth_retries",
+        "redirects",
+        "redirect_cache_hits",
+        "range_ignored",
+        "blob_bytes",
+        "uploaded_bytes",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+    def __getattr__(self, name: str) -> int:
+        if name in ClientStats.FIELDS:
+            with self._lock:
+                return self._c[name]
+        raise AttributeError(name)
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    m = _CONTENT_RANGE_RE.match(value or "")
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        return float(v)
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_detail(resp: Response) -> tuple[str, str]:
+    """(" (CODE: message)", CODE) from a registry error body, read best-effort."""
+    try:
+        raw = resp.read(8192)
+    except TransportError:
+        return "", ""
+    try:
+        doc = json.loads(raw)
+        errs = doc.get("errors") if isinstance(doc, dict) else None
+        if isinstance(errs, list) and errs and isinstance(errs[0], dict):
+            code = str(errs[0].get("code", ""))
+            msg = str(errs[0].get("message", ""))
+            return f" ({code}: {msg})", code
+    except ValueError:
+        pass
+    text = raw.decode("utf-8", "replace").strip()
+    return (f" ({text[:200]})" if text else ""), ""
+
+
+class RegistryClient:
+    """A client for one registry host. See the module docstring for the policy.
+
+    ``host`` is ``host[:port]`` (``docker.io`` means ``registry-1.docker.io``); a
+    ``http://``/``https://`` prefix on it overrides ``scheme``. ``scheme=''`` auto-detects
+    (HTTPS first, then plain HTTP). With ``skip_verify``, a server that speaks plain HTTP
+    on an ``https`` host is used over HTTP, as upstream does. ``auth`` is base64
+    ``user:password``; ``registry_token`` is a bearer token sent as is. Without either,
+    ``docker_config`` (a path, default ``~/.docker/config.json``; None to disable) is consulted
+    lazily. ``transport`` replaces the HTTP stack (for tests); ``proxy`` wraps it with a
+    forward proxy and fallback.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        scheme: str = "https",
+        auth: str | None = None,
+        registry_token: str | None = None,
+        skip_verify: bool = False,
+        ca_cert_files: Sequence[str] = (),
+        timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        retry_limit: int = 3,
+        retry_backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        max_retry_after: float = 30.0,
+        proxy: ProxySettings | str | None = None,
+        docker_config: str | os.PathLike[str] | None = DEFAULT_DOCKER_CONFIG,
+        transport: Transport | None = None,
+        redirect_cache_ttl: float = 60.0,
+        max_workers: int = 8,
+        chunk_size: int = 8 << 20,
+        monolithic_max: int = 16 << 20,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if "://" in host:
+            parts = urlsplit(host)
+            scheme, host = parts.scheme, parts.netloc
+        host = host.strip().rstrip("/")
+        if not host or "/" in host:
+            raise ConfigError(f"registry host must be host[:port], not {host!r}")
+        if scheme not in ("https", "http", ""):
+            raise ConfigError(f"registry scheme must be https, http or empty, not {scheme!r}")
+        if retry_limit < 0 or chunk_size <= 0 or max_workers <= 0:
+            raise ConfigError("retry_limit, chunk_size and max_workers must be positive")
+        self.host = registry_api_host(host)
+        self._scheme: str | None = scheme or None
+        self._skip_verify = skip_verify
+        self._scheme_lock = threading.Lock()
+        self._retry_limit = retry_limit
+        self._backoff = retry_backoff
+        self._max_backoff = max_backoff
+        self._max_retry_after = max_retry_after
+        self._redirect_ttl = redirect_cache_ttl
+        self._max_workers = max_workers
+        self.chunk_size = chunk_size
+        self.monolithic_max = monolithic_max
+        self._clock = clock
+        self._sleep = sleep
+        self.stats = ClientStats()
+        self._transport = transport or self._make_transport(
+            skip_verify, ca_cert_files, timeout, connect_timeout, proxy
+        )
+        creds: Credentials | None = None
+        if auth:
+            creds = Credentials.from_auth(auth)
+        if registry_token:
+            base = creds or Credentials()
+            creds = Credentials(base.username, base.password, base.identity_token, registry_token)
+        cfg = docker_config
+
+        def load() -> Credentials | None:
+            return _docker_creds(self.host, cfg) if cfg is not None else None
+
+        self._auth = Authenticator(
+            self._send_plain, credentials=creds, load_credentials=load, clock=clock
+        )
+        self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
+        self._redirect_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @staticmethod
+    def _make_transport(
+        skip_verify: bool,
+        ca_cert_files: Sequence[str],
+        timeout: float,
+        connect_timeout: float,
+        proxy: ProxySettings | str | None,
+    ) -> Transport:
+        def make(proxy_url: str | None = None, use_http: bool = False) -> HTTPTransport:
+            return HTTPTransport(
+                skip_verify=skip_verify,
+                ca_cert_files=ca_cert_files,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                proxy=proxy_url,
+                proxy_use_http=use_http,
+            )
+
+        if proxy is None or (isinstance(proxy, ProxySettings) and not proxy.url):
+            return make()
+        ps = ProxySettings(proxy) if isinstance(proxy, str) else proxy
+        return FallbackProxyTransport(
+            make(ps.url, ps.use_http),
+            make(),
+            fallback=ps.fallback,
+            ping_url=ps.ping_url or None,
+            check_interval=ps.check_interval,
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._transport.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self._auth
+
+    # --- URLs and scheme ------------------------------------------------------------------
+
+    @property
+    def scheme(self) -> str:
+        """The scheme in use (resolving auto-detection on first use)."""
+        with self._scheme_lock:
+            if self._scheme is None:
+                self._scheme = self._detect_scheme()
+            return self._scheme
+
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    def _detect_scheme(self) -> str:
+        errors = []
+        for candidate in ("https", "http"):
+            try:
+                with self._transport.handle(Request("GET", f"{candidate}://{self.host}/v2/")):
+                    pass
+                log.info("registry %s: using %s", self.host, candidate)
+                return candidate
+            except TransportError as e:
+                errors.append(f"{candidate}: {e}")
+        raise TransportError(
+            f"registry {self.host} answers neither HTTPS nor HTTP: " + "; ".join(errors)
+        )
+
+    def _fallback_to_http(self) -> bool:
+        with self._scheme_lock:
+            if self._scheme == "https" and self._skip_verify:
+                log.warning("registry %s speaks plain HTTP; using http (skip_verify)", self.host)
+                self._scheme = "http"
+                return True
+        return False
+
+    def _is_registry_url(self, url: str) -> bool:
+        p = urlsplit(url)
+        return p.netloc.lower() == self.host.lower() and p.scheme == self.scheme
+
+    def _url(self, path: str) -> str:
+        return path if "://" in path else self.base_url() + path
+
+    @staticmethod
+    def _repo_path(repo: str, kind: str, ref: str = "") -> str:
+        if not repo or repo.startswith("/") or ".." in repo.split("/"):
+            raise ConfigError(f"bad repository name {repo!r}")
+        tail = f"/{quote(ref, safe=':@')}" if ref else "/"
+        return f"/v2/{repo}/{kind}{tail}"
+
+    @staticmethod
+    def pull_scope(repo: str) -> Scopes:
+        return (f"repository:{repo}:pull",)
+
+    @staticmethod
+    def push_scope(repo: str) -> Scopes:
+        return (f"repository:{repo}:pull,push",)
+
+    # --- the request engine ---------------------------------------------------------------
+
+    def _send_plain(self, request: Request) -> Response:
+        """One request with transient-failure retries and no auth (token server calls)."""
+        budget = _Budget(self._retry_limit)
+        while True:
+            try:
+                resp = self._transport.handle(request)
+            except TransportError as e:
+                if e.retryable and budget.take():
+                    self._wait(budget.used, None, str(e))
+                    continue
+                raise
+            if resp.status in _RETRY_STATUSES and budget.take():
+                ra = _retry_after(resp.headers.get("retry-after"))
+                resp.close()
+                self._wait(budget.used, ra, f"HTTP {resp.status} from {request.url}")
+                continue
+            return resp
+
+    def _wait(self, attempt: int, retry_after: float | None, why: str) -> None:
+        self.stats.add("retries")
+        if retry_after is not None:
+            delay = min(retry_after, self._max_retry_after)
+        else:
+            delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 1))
+            delay *= 0.5 + random.random() / 2
+        log.info("retry %d in %.2fs: %s", attempt, delay, why)
+        if delay > 0:
+            self._sleep(delay)
+
+    def _redirect_get(self, key: tuple[str, str]) -> str | None:
+        with self._redirect_lock:
+            hit = self._redirects.get(key)
+            if hit is None:
+                return None
+            if self._clock() >= hit[1]:
+                del self._redirects[key]
+                return None
+            return hit[0]
+
+    def _redirect_put(self, key: tuple[str, str], url: str | None) -> None:
+        with self._redirect_lock:
+            if url is None:
+                self._redirects.pop(key, None)
+            elif self._redirect_ttl > 0:
+                self._redirects[key] = (url, self._clock() + self._redirect_ttl)
+
+    def _send_following(
+        self,
+        method: str,
+        url: str,
+        scopes: Scopes,
+        headers: dict[str, str],
+        body: bytes | None,
+        redirect_key: tuple[str, str] | None,
+    ) -> tuple[Response, str | None]:
+        """Send, following redirects for GET/HEAD; returns (response, Authorization sent)."""
+        cache_key = redirect_key if method == "GET" else None
+        if cache_key is not None:
+            cached = self._redirect_get(cache_key)
+            if cached is not None:
+                self.stats.add("redirect_cache_hits")
+                try:
+                    resp = self._transport.handle(Request(method, cached, dict(headers), body))
+                except TransportError as e:
+                    log.info("cached redirect for %s failed (%s); asking the registry", url, e)
+                    self._redirect_put(cache_key, None)
+                else:
+                    if resp.status < 300:
+                        return resp, None
+                    resp.close()
+                    self._redirect_put(cache_key, None)
+        cur = url
+        seen: list[str] = []
+        for _ in range(MAX_REDIRECTS + 1):
+            h = dict(headers)
+            sent = None
+            if self._is_registry_url(cur):
+                sent = self._auth.authorization(self.host, scopes)
+                if sent:
+                    h["Authorization"] = sent
+            self.stats.add("requests")
+            resp = self._transport.handle(Request(method, cur, h, body))
+            if resp.status not in _REDIRECT_STATUSES or method not in ("GET", "HEAD"):
+                if cache_key is not None and cur != url and resp.status in (200, 206):
+                    self._redirect_put(cache_key, cur)
+                return resp, sent
+            loc = resp.headers.get("location")
+            resp.close()
+            if not loc:
+                raise RegistryHTTPError(
+                    f"{method} {cur}: HTTP {resp.status} redirect without Location", resp.status
+                )
+            nxt = urljoin(cur, loc)
+            seen.append(cur)
+            self.stats.add("redirects")
+            if nxt in seen:
+                chain = " -> ".join([*seen, nxt])
+                raise BackendError(f"{method} {url}: redirect loop: {chain}")
+            cur = nxt
+        raise BackendError(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+
+    def _open(
+        self,
+        method: str,
+        path: str,
+        scopes: Scopes,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        redirect_key: tuple[str, str] | None = None,
+        budget: _Budget,
+    ) -> Response:
+        """Send with auth, redirects and status-level retries; returns an open response."""
+        idempotent = method in _IDEMPOTENT
+        auth_tries = 0
+        while True:
+            url = self._url(path)
+            try:
+                resp, sent = self._send_following(
+                    method, url, scopes, headers or {}, body, redirect_key
+                )
+            except TLSError as e:
+                if e.plain_http and self._fallback_to_http():
+                    continue
+                raise
+            except TransportError as e:
+                if e.retryable and idempotent and budget.take():
+                    self._wait(budget.used, None, str(e))
+                    continue
+                raise self._gave_up(e, budget) from e
+            status = resp.status
+            if status == 401 and self._is_registry_url(resp.url or url):
+                www = resp.headers.get_all("www-authenticate")
+                detail, _ = _error_detail(resp)
+                resp.close()
+                if auth_tries < 2 and self._auth.handle_unauthorized(self.host, scopes, www, sent):
+                    auth_tries += 1
+                    self.stats.add("auth_retries")
+                    continue
+                how = "with the credentials given" if sent else "without credentials"
+                raise RegistryAuthError(f"{method} {url}: unauthorized {how}{detail}")
+            if status in _RETRY_STATUSES:
+                ra = _retry_after(resp.headers.get("retry-after"))
+                detail, code = _error_detail(resp)
+                resp.close()
+                if (idempotent or status == 429) and budget.take():
+                    self._wait(budget.used, ra, f"{method} {url}: HTTP {status}{detail}")
+                    continue
+                raise RegistryHTTPError(
+                    f"{method} {url}: HTTP {status}{detail}"
+                    + (f" (gave up after {budget.used + 1} attempts)" if budget.used else ""),
+                    status,
+                    code,
+                )
+            return resp
+
+    def _gave_up(self, e: TransportError, budget: _Budget) -> TransportError:
+        if not budget.used:
+            return e
+        return TransportError(
+            f"{e} (gave up after {budget.used + 1} attempts)", retryable=e.retryable
+        )
+
+    def _execute(
+        self,
+        method: str,
+        path: str,
+        scopes: Scopes,
+        handle: Callable[[Response], T],
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        redirect_key: tuple[str, str] | None = None,
+    ) -> T:
+        """:meth:`_open`, then ``handle(response)``; body-read failures are retried too."""
+        budget = _Budget(self._retry_limit)
+        while True:
+            resp = self._open(
+                method,
+                path,
+                scopes,
+                headers=headers,
+                body=body,
+                redirect_key=redirect_key,
+                budget=budget,
+            )
+            try:
+                return handle(resp)
+            except TransportError as e:
+                if e.retryable and method in _IDEMPOTENT and budget.take():
+                    if redirect_key is not None:
+                        self._redirect_put(redirect_key, None)
+                    self._wait(budget.used, None, str(e))
+                    continue
+                raise self._gave_up(e, budget) from e
+            finally:
+                resp.close()
+
+    def _status_error(self, resp: Response, what: str) -> BackendError:
+        detail, code = _error_detail(resp)
+        if resp.status == 404:
+            return RegistryNotFound(f"{what} not found on {self.host}{detail}")
+        if resp.status in (401, 403):
+            return RegistryAuthError(
+                f"{what}: access denied by {self.host} (HTTP {resp.status}){detail}"
+            )
+        return RegistryHTTPError(
+            f"{what}: unexpected HTTP {resp.status} from {self.host}{detail}", resp.status, code
+        )
+
+    # --- API: ping, tags ------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Check that ``/v2/`` answers 200 (authenticating if the registry asks)."""
+
+        def handle(resp: Response) -> None:
+            if resp.status != 200:
+                raise self._status_error(resp, "/v2/")
+
+        self._execute("GET", "/v2/", (), handle)
+
+    def list_tags(self, repo: str, *, page_size: int | None = None) -> list[str]:
+        """All tags of ``repo`` (following ``Link: rel="next"`` pages)."""
+        tags: list[str] = []
+        path = self._repo_path(repo, "tags", "list")
+        if page_size:
+            path += "?" + urlencode({"n": page_size})
+        for _ in range(10000):
+            nxt: list[str] = []
+
+            def handle(resp: Response, nxt: list[str] = nxt) -> list[str]:
+                if resp.status != 200:
+                    raise self._status_error(resp, f"tags of {repo}")
+                try:
+                    doc = json.loads(resp.read_all(limit=MAX_MANIFEST_SIZE))
+                except ValueError as e:
+                    raise BackendError(f"tag list of {repo} is not JSON: {e}") from None
+                link = resp.headers.get("link") or ""
+                m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link)
+                if m:
+                    nxt.append(m.group(1))
+                got = doc.get("tags") if isinstance(doc, dict) else None
+                return [t for t in (got or []) if isinstance(t, str)]
+
+            tags.extend(self._execute("GET", path, self.pull_scope(repo), handle))
+            if not nxt:
+                return tags
+            path = urljoin(self.base_url() + path, nxt[0])
+        raise BackendError(f"tag list of {repo} does not end")
+
+    # --- API: manifests -------------------------------------------------------------------
+
+    def get_manifest(
+        self, repo: str, ref: str, accept: Sequence[str] = ALL_MANIFEST_MEDIA_TYPES
+    ) -> tuple[bytes, str, str]:
+        """``(body, media_type, digest)`` of a manifest or index by tag or digest.
+
+        The digest is computed from the body; if ``ref`` is a digest the body must match it,
+        and a ``Docker-Content-Digest`` header must agree (else :class:`IntegrityError`).
+        """
+        algo = self._ref_algorithm(ref)
+
+        def handle(resp: Response) -> tuple[bytes, str, str]:
+            if resp.status != 200:
+                raise self._status_error(resp, f"manifest {repo}:{ref}")
+            body = resp.read_all(limit=MAX_MANIFEST_SIZE)
+            try:
+                mt = manifest_media_type(body, resp.headers.get("content-type"))
+            except FormatError as e:
+                raise BackendError(f"manifest {repo}:{ref} from {self.host}: {e}") from None
+            digest = compute_digest(body, algo)
+            self._check_digest(
+                f"manifest {repo}:{ref}", ref, digest, resp.headers.get("docker-content-digest")
+            )
+            return body, mt, digest
+
+        headers = {"Accept": ", ".join(accept)}
+        return self._execute(
+            "GET",
+            self._repo_path(repo, "manifests", ref),
+            self.pull_scope(repo),
+            handle,
+            headers=headers,
+        )
+
+    def head_manifest(
+        self, repo: str, ref: str, accept: Sequence[str] = ALL_MANIFEST_MEDIA_TYPES
+    ) -> Descriptor:
+        """Media type, digest and size of a manifest without its body (GET if the registry
+        gives no ``Docker-Content-Digest``)."""
+
+        def handle(resp: Response) -> Descriptor | None:
+            if resp.status != 200:
+                raise self._status_error(resp, f"manifest {repo}:{ref}")
+            dg = resp.headers.get("docker-content-digest")
+            size = resp.content_length
+            ct = (resp.headers.get("content-type") or "").split(";")[0].strip()
+            if not dg or size is None or not ct:
+                return None
+            self._check_digest(f"manifest {repo}:{ref}", ref, dg, None)
+            return Descriptor(ct, dg, size)
+
+        headers = {"Accept": ", ".join(accept)}
+        desc = self._execute(
+            "HEAD",
+            self._repo_path(repo, "manifests", ref),
+            self.pull_scope(repo),
+            handle,
+            headers=headers,
+        )
+        if desc is not None:
+            return desc
+        body, mt, dg = self.get_manifest(repo, ref, accept)
+        return Descriptor(mt, dg, len(body))
+
+    def put_manifest(self, repo: str, ref: str, data: bytes, media_type: str) -> str:
+        """Upload a manifest or index under a tag or digest; returns its sha256 digest."""
+        digest = compute_digest(data, self._ref_algorithm(ref))
+        if ref.count(":") and ref != digest:
+            raise IntegrityError(f"manifest body has digest {digest}, not {ref}")
+
+        def handle(resp: Response) -> str:
+            if resp.status not in (200, 201, 202):
+                raise self._status_error(resp, f"PUT manifest {repo}:{ref}")
+            self._check_digest(
+                f"manifest {repo}:{ref}", digest, digest, resp.headers.get("docker-content-digest")
+            )
+            return digest
+
+        headers = {"Content-Type": media_type, "Content-Length": str(len(data))}
+        return self._execute(
+            "PUT",
+            self._repo_path(repo, "manifests", ref),
+            self.push_scope(repo),
+            handle,
+            headers=headers,
+            body=bytes(data),
+        )
+
+    @staticmethod
+    def _ref_algorithm(ref: str) -> str:
+        if ":" not in ref:
+            return "sha256"
+        try:
+            return parse_digest(ref)[0]
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
+
+    @staticmethod
+    def _check_digest(what: str, ref: str, computed: str, header: str | None) -> None:
+        if ":" in ref and ref != computed:
+            raise IntegrityError(f"{what}: content has digest {computed}, not {ref}")
+        if header and header.split(":")[0] == computed.split(":")[0] and header != computed:
+            raise IntegrityError(
+                f"{what}: content has digest {computed} but the registry says {header}"
+            )
+
+    # --- API: blobs (read) ----------------------------------------------------------------
+
+    def _blob(self, repo: str, digest: str) -> tuple[str, tuple[str, str]]:
+        try:
+            parse_digest(digest)
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
+        return self._repo_path(repo, "blobs", digest), (repo, digest)
+
+    def blob_size(self, repo: str, digest: str) -> int:
+        """Size of a blob (HEAD, following redirects)."""
+        path, _ = self._blob(repo, digest)
+
+        def handle(resp: Response) -> int:
+            if resp.status != 200:
+                raise self._status_error(resp, f"blob {repo}@{digest}")
+            size = resp.content_length
+            if size is None:
+                raise BackendError(f"HEAD of blob {repo}@{digest} gave no Content-Length")
+            return size
+
+        return self._execute("HEAD", path, self.pull_scope(repo), handle)
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        """True if the registry has the blob in ``repo`` (HEAD; 404 is False)."""
+        path, _ = self._blob(repo, digest)
+
+        def handle(resp: Response) -> bool:
+            if resp.status == 200:
+                return True
+            if resp.status == 404:
+                return False
+            raise self._status_error(resp, f"blob {repo}@{digest}")
+
+        return self._execute("HEAD", path, self.pull_scope(repo), handle)
+
+    def get_blob_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a blob, with one ranged GET (retried as needed)."""
+        if start < 0 or end < start:
+            raise ConfigError(f"bad blob range {start}-{end}")
+        if start == end:
+            return b""
+        path, key = self._blob(repo, digest)
+        want = end - start
+        what = f"blob {repo}@{digest} range [{start}, {end})"
+
+        def handle(resp: Response) -> bytes:
+            if resp.status == 206:
+                cr = resp.headers.get("content-range")
+                got = _parse_content_range(cr)
+                if (
+                    got is not None
+                    and got[0] == start
+                    and got[2] is not None
+                    and got[2] < end
+                    and got[1] == got[2] - 1
+                ):
+                    raise BackendError(f"{what} is beyond the end of the blob ({got[2]} bytes)")
+                if got is None or got[0] != start or got[1] != end - 1:
+                    raise TransportError(f"{what}: server sent Content-Range {cr!r}")
+                cl = resp.content_length
+                if cl is not None and cl != want:
+                    raise TransportError(f"{what}: Content-Length {cl} for {want} bytes")
+                data = resp.read(want)
+                if len(data) != want or resp.read(1):
+                    raise TransportError(f"{what}: body has the wrong length")
+                self.stats.add("blob_bytes", want)
+                return data
+            if resp.status == 200:
+                return self._slice_whole(resp, start, end, what)
+            if resp.status == 416:
+                detail, _ = _error_detail(resp)
+                raise BackendError(f"{what}: not satisfiable (HTTP 416){detail}")
+            raise self._status_error(resp, f"blob {repo}@{digest}")
+
+        return self._execute(
+            "GET",
+            path,
+            self.pull_scope(repo),
+            handle,
+            headers={"Range": f"bytes={start}-{end - 1}"},
+            redirect_key=key,
+        )
+
+    def _slice_whole(self, resp: Response, start: int, end: int, what: str) -> bytes:
+        """The server ignored Range and sends the whole blob: skip, keep, drop the rest."""
+        self.stats.add("range_ignored")
+        total = resp.content_length
+        if total is not None and total < end:
+            raise BackendError(f"{what} is beyond the end of the blob ({total} bytes)")
+        skip = start
+        while skip:
+            n = len(resp.read(min(skip, 1 << 20)))
+            if not n:
+                raise TransportError(f"{what}: whole-blob answer ended at {start - skip}")
+            self.stats.add("blob_bytes", n)
+            skip -= n
+        data = resp.read(end - start)
+        self.stats.add("blob_bytes", len(data))
+        if len(data) != end - start:
+            raise TransportError(f"{what}: whole-blob answer ended early")
+        resp.close()  # drop the connection instead of reading the rest
+        return data
+
+    def get_blob_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]
+    ) -> list[bytes]:
+        """Several ``[start, end)`` ranges, fetched concurrently; results in input order."""
+        if len(ranges) <= 1:
+            return [self.get_blob_range(repo, digest, s, e) for s, e in ranges]
+        pool = self._executor()
+        futures = [pool.submit(self.get_blob_range, repo, digest, s, e) for s, e in ranges]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self._max_workers, thread_name_prefix="nydus-registry"
+                )
+            return self._pool
+
+    def get_blob(self, repo: str, digest: str, *, max_size: int = 64 << 20) -> bytes:
+        """A whole (small) blob, digest-checked: configs, bootstraps."""
+        out = bytearray()
+        for piece in self.get_blob_stream(repo, digest):
+            out += piece
+            if len(out) > max_size:
+                raise BackendError(f"blob {repo}@{digest} is larger than {max_size} bytes")
+        return bytes(out)
+
+    def get_blob_stream(
+        self, repo: str, digest: str, *, chunk_size: int = 1 << 20, verify: bool = True
+    ) -> Iterator[bytes]:
+        """The whole blob as an iterator of pieces. A connection lost mid-way resumes with a
+        Range request; with ``verify`` the digest is checked at the end
+        (:class:`IntegrityError` is raised after the last piece if it differs)."""
+        path, key = self._blob(repo, digest)
+        return self._stream(repo, digest, path, key, chunk_size, verify)
+
+    def _stream(
+        self,
+        repo: str,
+        digest: str,
+        path: str,
+        key: tuple[str, str],
+        chunk_size: int,
+        verify: bool,
+    ) -> Iterator[bytes]:
+        hasher = hashlib.new(parse_digest(digest)[0]) if verify else None
+        pos = 0
+        total: int | None = None
+        budget = _Budget(self._retry_limit)
+        what = f"blob {repo}@{digest}"
+        while True:
+            headers = {"Range": f"bytes={pos}-"} if pos else {}
+            resp = self._open(
+                "GET", path, self.pull_scope(repo), headers=headers, redirect_key=key, budget=budget
+            )
+            try:
+                if resp.status == 200:
+                    skip = pos
+                    total = resp.content_length if total is None else total
+                    while skip:  # the server ignored our resume Range
+                        n = len(resp.read(min(skip, chunk_size)))
+                        if not n:
+                            raise TransportError(f"{what}: answer ended early")
+                        skip -= n
+                elif resp.status == 206 and pos:
+                    got = _parse_content_range(resp.headers.get("content-range"))
+                    if got is None or got[0] != pos:
+                        raise TransportError(f"{what}: bad Content-Range on resume")
+                    total = got[2] if got[2] is not None else total
+                else:
+                    raise self._status_error(resp, what)
+                for piece in resp.iter_bytes(chunk_size):
+                    pos += len(piece)
+                    self.stats.add("blob_bytes", len(piece))
+                    if hasher is not None:
+                        hasher.update(piece)
+                    yield piece
+                break
+            except TransportError as e:
+                if e.retryable and budget.take():
+                    self._redirect_put(key, None)
+                    self._wait(budget.used, None, str(e))
+                    continue
+                raise self._gave_up(e, budget) from e
+            finally:
+                resp.close()
+        if total is not None and pos != total:
+            raise BackendError(f"{what}: got {pos} bytes of {total}")
+        if hasher is not None:
+            got_digest = f"{hasher.name}:{hasher.hexdigest()}"
+            if got_digest != digest:
+                raise IntegrityError(f"{what}: content has digest {got_digest}")
+
+    # --- API: blobs (write) ---------------------------------------------------------------
+
+    def push_blob(
+        self,
+        repo: str,
+        digest: str,
+        data: BlobData,
+        size: int | None = None,
+        *,
+        check_exists: bool = True,
+    ) -> bool:
+        """Upload a blob unless ``repo`` already has it; True if uploaded.
+
+        ``data``: bytes, a path, a binary file object, or an iterable of bytes. Up to
+        ``monolithic_max`` bytes of known size go as POST + one PUT; larger or unknown-size
+        data as POST + PATCH chunks of ``chunk_size`` + PUT. The digest and size of what was
+        sent are checked before the final PUT (:class:`IntegrityError`). An upload that fails
+        transiently is started again if the source can be re-read.
+        """
+        self._blob(repo, digest)
+        if check_exists and self.has_blob(repo, digest):
+            return False
+        src = UploadSource(data, size, digest, self.chunk_size)
+        self._upload_with_retries(repo, src, None)
+        return True
+
+    def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount; if the registry will not mount, copy the blob through us.
+        True if mounted, False if copied."""
+        self._blob(repo, digest)
+        path = (
+            self._repo_path(repo, "blobs", "uploads")
+            + "/?"
+            + urlencode({"mount": digest, "from": from_repo})
+        )
+        scopes = (*self.push_scope(repo), *self.pull_scope(from_repo))
+
+        def handle(resp: Response) -> str | None:
+            if resp.status == 201:
+                return None
+            if resp.status == 202:
+                return self._location(resp, f"mount of {digest} into {repo}")
+            raise self._status_error(resp, f"mount of {digest} from {from_repo} into {repo}")
+
+        location = self._execute(
+            "POST", path, scopes, handle, headers={"Content-Length": "0"}, body=b""
+        )
+        if location is None:
+            return True
+        size = self.blob_size(from_repo, digest)
+        src = UploadSource(
+            lambda: self.get_blob_stream(from_repo, digest, verify=False),
+            size,
+            digest,
+            self.chunk_size,
+        )
+        self._upload_with_retries(repo, src, location)
+        return False
+
+    def _location(self, resp: Response, what: str) -> str:
+        loc = resp.headers.get("location")
+        if not loc:
+            raise BackendError(f"{what}: registry gave no upload Location")
+        return urljoin(resp.url or self.base_url(), loc)
+
+    def _start_upload(self, repo: str) -> str:
+        def handle(resp: Response) -> str:
+            if resp.status != 202:
+                raise self._status_error(resp, f"upload to {repo}")
+            return self._location(resp, f"upload to {repo}")
+
+        return self._execute(
+            "POST",
+            self._repo_path(repo, "blobs", "uploads") + "/",
+            self.push_scope(repo),
+            handle,
+            headers={"Content-Length": "0"},
+            body=b"",
+        )
+
+    def _upload_with_retries(self, repo: str, src: UploadSource, location: str | None) -> None:
+        budget = _Budget(self._retry_limit)
+        while True:
+            try:
+                self._upload_once(repo, src, location or self._start_upload(repo))
+                return
+            except (TransportError, RegistryHTTPError) as e:
+                transient = (
+                    e.retryable if isinstance(e, TransportError) else e.status in _RETRY_STATUSES
+                )
+                if transient and src.replayable and budget.take():
+                    location = None
+                    self._wait(budget.used, None, f"upload of {src.digest} to {repo}: {e}")
+                    continue
+                raise
+
+    def _upload_once(self, repo: str, src: UploadSource, location: str) -> None:
+        scopes = self.push_scope(repo)
+        what = f"upload of {src.digest} to {repo}"
+        if src.size is not None and src.size <= self.monolithic_max:
+            data = src.read_all()
+            self._finish_upload(location, scopes, what, src.digest, data)
+            return
+        offset = 0
+        for piece in src.chunks():
+            end = offset + len(piece) - 1
+
+            def handle(resp: Response, end: int = end) -> str:
+                if resp.status != 202:
+                    raise self._status_error(resp, what)
+                rng = resp.headers.get("range")
+                if rng and not rng.endswith(f"-{end}"):
+                    raise RegistryHTTPError(
+                        f"{what}: registry has {rng}, expected 0-{end}", resp.status
+                    )
+                return self._location(resp, what)
+
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(len(piece)),
+                "Content-Range": f"{offset}-{end}",
+            }
+            location = self._execute("PATCH", location, scopes, handle, headers=headers, body=piece)
+            offset += len(piece)
+            self.stats.add("uploaded_bytes", len(piece))
+        src.check_complete()
+        self._finish_upload(location, scopes, what, src.digest, b"")
+
+    def _finish_upload(
+        self, location: str, scopes: Scopes, what: str, digest: str, data: bytes
+    ) -> None:
+        url = location + ("&" if "?" in location else "?") + urlencode({"digest": digest})
+
+        def handle(resp: Response) -> None:
+            if resp.status not in (201, 204):
+                raise self._status_error(resp, what)
+            got = resp.headers.get("docker-content-digest")
+            if got and got != digest:
+                raise IntegrityError(f"{what}: registry stored digest {got}")
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+        self._execute("PUT", url, scopes, handle, headers=headers, body=data)
+        self.stats.add("uploaded_bytes", len(data))

@@ -1,0 +1,152 @@
+"""Sources of blob uploads: bytes, paths, file objects, iterables, or iterable factories.
+
+Owns reading the data of one upload attempt in pieces while counting and hashing it, so the
+client can refuse to finish an upload whose size or digest is not the announced one, and
+knows whether the source can be read again (for restarting a failed upload).
+
+Threading: an :class:`UploadSource` belongs to one upload (one thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
+
+from nydus.errors import ConfigError, IntegrityError
+from nydus.format.oci import parse_digest
+
+__all__ = ["BlobData", "UploadSource"]
+
+BlobData = (
+    bytes
+    | bytearray
+    | memoryview
+    | str
+    | os.PathLike[str]
+    | BinaryIO
+    | Iterable[bytes]
+    | Callable[[], Iterable[bytes]]
+)
+
+
+class UploadSource:
+    """One blob's data for upload, read in ``chunk_size`` pieces, hashed on the way."""
+
+    def __init__(self, data: BlobData, size: int | None, digest: str, chunk_size: int) -> None:
+        self.digest = digest
+        self._algo = parse_digest(digest)[0]
+        self._chunk = chunk_size
+        self._bytes: memoryview | None = None
+        self._path: str | None = None
+        self._file: BinaryIO | None = None
+        self._file_start = 0
+        self._factory: Callable[[], Iterable[bytes]] | None = None
+        self._iterable: Iterable[bytes] | None = None
+        self._used = False
+        self._sent = 0
+        self._hasher: hashlib._Hash | None = None
+        if isinstance(data, bytes | bytearray | memoryview):
+            self._bytes = memoryview(data).cast("B")
+            self.size: int | None = len(self._bytes)
+            self.replayable = True
+        elif isinstance(data, str | os.PathLike):
+            self._path = os.fspath(data)
+            try:
+                self.size = os.stat(self._path).st_size
+            except OSError as e:
+                raise ConfigError(f"cannot upload {self._path}: {e}") from None
+            self.replayable = True
+        elif hasattr(data, "read"):
+            self._file = data  # type: ignore[assignment]
+            assert self._file is not None
+            seekable = False
+            try:
+                seekable = self._file.seekable()
+                if seekable:
+                    self._file_start = self._file.tell()
+            except (OSError, ValueError):
+                seekable = False
+            self.replayable = seekable
+            self.size = size
+            if self.size is None and seekable:
+                end = self._file.seek(0, os.SEEK_END)
+                self._file.seek(self._file_start)
+                self.size = end - self._file_start
+        elif callable(data):
+            self._factory = data
+            self.size = size
+            self.replayable = True
+        else:
+            self._iterable = data
+            self.size = size
+            self.replayable = False
+        if size is not None and self.size is not None and size != self.size:
+            raise IntegrityError(f"blob {digest}: size given as {size}, data has {self.size}")
+
+    def _raw_pieces(self) -> Iterator[bytes]:
+        if self._bytes is not None:
+            for off in range(0, len(self._bytes), self._chunk):
+                yield bytes(self._bytes[off : off + self._chunk])
+        elif self._path is not None:
+            with open(self._path, "rb") as f:
+                while piece := f.read(self._chunk):
+                    yield piece
+        elif self._file is not None:
+            if self.replayable:
+                self._file.seek(self._file_start)
+            elif self._used:
+                raise ConfigError(f"blob {self.digest}: the file object cannot be re-read")
+            self._used = True
+            while piece := self._file.read(self._chunk):
+                yield piece
+        elif self._factory is not None:
+            yield from self._factory()
+        else:
+            if self._used:
+                raise ConfigError(f"blob {self.digest}: the iterable cannot be re-read")
+            self._used = True
+            assert self._iterable is not None
+            yield from self._iterable
+
+    def chunks(self) -> Iterator[bytes]:
+        """Pieces of exactly ``chunk_size`` bytes (the last may be shorter), hashed."""
+        self._hasher = hashlib.new(self._algo)
+        self._sent = 0
+        buf = bytearray()
+        for piece in self._raw_pieces():
+            buf += piece
+            while len(buf) >= self._chunk:
+                out = bytes(buf[: self._chunk])
+                del buf[: self._chunk]
+                self._account(out)
+                yield out
+        if buf:
+            out = bytes(buf)
+            self._account(out)
+            yield out
+
+    def _account(self, piece: bytes) -> None:
+        assert self._hasher is not None
+        self._hasher.update(piece)
+        self._sent += len(piece)
+        if self.size is not None and self._sent > self.size:
+            raise IntegrityError(f"blob {self.digest}: data is longer than {self.size} bytes")
+
+    def read_all(self) -> bytes:
+        """All the data (for a monolithic upload), checked like :meth:`check_complete`."""
+        data = b"".join(self.chunks())
+        self.check_complete()
+        return data
+
+    def check_complete(self) -> None:
+        """After :meth:`chunks` is exhausted: size and digest must be the announced ones."""
+        assert self._hasher is not None
+        if self.size is not None and self._sent != self.size:
+            raise IntegrityError(
+                f"blob {self.digest}: data has {self._sent} bytes, not {self.size}"
+            )
+        got = f"{self._algo}:{self._hasher.hexdigest()}"
+        if got != self.digest:
+            raise IntegrityError(f"blob data has digest {got}, not {self.digest}")
