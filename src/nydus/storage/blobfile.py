@@ -88,9 +88,18 @@ class BlobReader:
         meta = by_name.get(bm.TOC_ENTRY_BLOB_META)
         if meta and hashlib.sha256(ci_data).digest() != meta.digest:
             raise IntegrityError(f"blob {info.blob_id}: chunk info array digest mismatch")
-        header = bm.CiHeader.unpack(self._read(ci_off + ci_csize, bm.CI_HEADER_SIZE, "ci header"))
-        if header.ci_entries != info.chunk_count or header.ci_offset != ci_off:
+        raw_header = self._read(ci_off + ci_csize, bm.CI_HEADER_SIZE, "ci header")
+        hent = by_name.get(bm.TOC_ENTRY_BLOB_META_HEADER)
+        if hent and hashlib.sha256(raw_header).digest() != hent.digest:
+            raise IntegrityError(f"blob {info.blob_id}: ci header digest mismatch")
+        header = bm.CiHeader.unpack(raw_header)
+        expect = (info.chunk_count, ci_off, ci_csize, ci_usize, ci_comp.id)
+        got = (header.ci_entries, header.ci_offset, header.ci_compressed_size,
+               header.ci_uncompressed_size, header.ci_compressor)
+        if got != expect:
             raise FormatError(f"blob {info.blob_id}: ci header disagrees with the blob table")
+        if (header.features ^ info.features) & v6.BLOB_FEATURE_CHUNK_INFO_V2 and info.features:
+            raise FormatError(f"blob {info.blob_id}: ci header and blob table disagree on ci v2")
         v2 = bool(header.features & v6.BLOB_FEATURE_CHUNK_INFO_V2)
         ci = bm.unpack_ci_array(ci_data, header.ci_entries, v2)
         digests: list[bytes] = []
