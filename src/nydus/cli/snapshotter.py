@@ -1,0 +1,184 @@
+"""``containerd-nydus-grpc``: the containerd remote snapshotter, with upstream's flags.
+
+Parses flags into a :class:`~nydus.snapshotter.config.SnapshotterConfig`, sets up logging
+(``<root>/logs/containerd-nydus-grpc.log``, or stdout with ``--log-to-stdout``), serves the
+Snapshots service on ``--address`` until SIGTERM/SIGINT, then stops cleanly (exit 0). Running
+Nydus daemons are left alone on exit: containers keep using them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from .. import __version__
+from ..errors import ConfigError, NydusError
+
+log = logging.getLogger("containerd-nydus-grpc")
+
+_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..snapshotter.config import (
+        DEFAULT_ADDRESS,
+        DEFAULT_CONTAINERD_ADDRESS,
+        DEFAULT_ROOT,
+    )
+
+    p = argparse.ArgumentParser(
+        prog="containerd-nydus-grpc",
+        description="containerd remote snapshotter for Nydus images (and plain OCI images)",
+    )
+    p.add_argument(
+        "--config-path",
+        "--nydusd-config",
+        dest="config_path",
+        type=Path,
+        help="nydusd JSON configuration used for the daemons the snapshotter starts",
+    )
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"state dir ({DEFAULT_ROOT})")
+    p.add_argument(
+        "--address",
+        type=Path,
+        default=DEFAULT_ADDRESS,
+        help=f"unix socket to serve the Snapshots gRPC service on ({DEFAULT_ADDRESS})",
+    )
+    p.add_argument("--cache-dir", type=Path, help="blob cache directory (<root>/cache)")
+    p.add_argument("--nydusd-path", "--nydusd", dest="nydusd_path", default="nydusd")
+    p.add_argument("--nydusimg-path", "--nydus-image", dest="nydusimg_path", default="nydus-image")
+    p.add_argument("--log-level", choices=sorted(_LEVELS), default="info")
+    p.add_argument(
+        "--log-to-stdout", action="store_true", help="log to stdout instead of <root>/logs"
+    )
+    p.add_argument(
+        "--shared-daemon",
+        action="store_true",
+        help="one nydusd for all images (same as --daemon-mode shared)",
+    )
+    p.add_argument(
+        "--daemon-mode",
+        choices=["dedicated", "multiple", "shared", "none"],
+        help="dedicated (default; alias multiple): one nydusd per image; shared: one for all",
+    )
+    p.add_argument(
+        "--containerd-address",
+        type=Path,
+        default=DEFAULT_CONTAINERD_ADDRESS,
+        help=f"containerd's socket, to find which image a layer belongs to "
+        f"({DEFAULT_CONTAINERD_ADDRESS})",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _daemon_mode(a: argparse.Namespace) -> str:
+    mode = "multiple" if a.daemon_mode is None else a.daemon_mode
+    mode = "dedicated" if mode == "multiple" else mode
+    if a.shared_daemon:
+        if a.daemon_mode is not None and mode != "shared":
+            raise ConfigError(f"--shared-daemon contradicts --daemon-mode {a.daemon_mode}")
+        mode = "shared"
+    return mode
+
+
+def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if to_stdout:
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_dir / "containerd-nydus-grpc.log")
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    if _LEVELS[level] > logging.DEBUG:
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return _run(a)
+    except NydusError as e:
+        log.error("%s", e)
+        print(f"containerd-nydus-grpc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        log.error("%s", e)
+        print(f"containerd-nydus-grpc: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(a: argparse.Namespace) -> int:
+    # Imported here so that --help and --version work without the generated gRPC modules.
+    from ..snapshotter.config import SnapshotterConfig, load_nydusd_config
+    from ..snapshotter.core import Snapshotter
+    from ..snapshotter.imageref import ContainerdImageResolver
+    from ..snapshotter.mounter import default_mounter
+    from ..snapshotter.service import SnapshotterServer
+
+    root = a.root.absolute()
+    cfg = SnapshotterConfig(
+        root=root,
+        address=a.address.absolute(),
+        containerd_address=a.containerd_address.absolute(),
+        config_path=a.config_path.absolute() if a.config_path else None,
+        nydusd_config=load_nydusd_config(a.config_path) if a.config_path else {},
+        cache_dir=a.cache_dir.absolute() if a.cache_dir else None,
+        nydusd_path=a.nydusd_path,
+        nydus_image_path=a.nydusimg_path,
+        daemon_mode=_daemon_mode(a),
+        log_level=a.log_level,
+        log_to_stdout=a.log_to_stdout,
+    )
+    _setup_logging(cfg.log_level, cfg.log_to_stdout, cfg.log_dir)
+    log.info(
+        "starting %s: root %s, address %s, daemon mode %s, containerd %s",
+        __version__,
+        cfg.root,
+        cfg.address,
+        cfg.daemon_mode,
+        cfg.containerd_address,
+    )
+    cfg.effective_cache_dir.mkdir(parents=True, exist_ok=True)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    snapshotter = Snapshotter(
+        cfg.root, default_mounter(cfg), ContainerdImageResolver(cfg.containerd_address)
+    )
+    server = SnapshotterServer(snapshotter, cfg.address)
+    try:
+        server.start()
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.stop()
+        snapshotter.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

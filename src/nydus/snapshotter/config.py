@@ -1,0 +1,87 @@
+"""Settings of one ``containerd-nydus-grpc`` instance (what its command-line flags say).
+
+Paths default as upstream nydus-snapshotter's do. ``nydusd_config`` is the nydusd JSON config
+named by ``--config-path`` (used for every daemon the snapshotter starts); it is loaded and
+checked to be a JSON object here, and interpreted by the daemon manager.
+
+Immutable once built; share freely between threads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "DAEMON_MODES",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_CONTAINERD_ADDRESS",
+    "DEFAULT_ROOT",
+    "SnapshotterConfig",
+    "load_nydusd_config",
+]
+
+DEFAULT_ROOT = Path("/var/lib/containerd-nydus")
+DEFAULT_ADDRESS = Path("/run/containerd-nydus/containerd-nydus-grpc.sock")
+DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")
+
+#: Daemon modes: upstream's names, with ``multiple`` an alias of ``dedicated``.
+DAEMON_MODES = ("dedicated", "shared", "none")
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    root: Path = DEFAULT_ROOT
+    address: Path = DEFAULT_ADDRESS
+    containerd_address: Path = DEFAULT_CONTAINERD_ADDRESS
+    config_path: Path | None = None
+    nydusd_config: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None  # default: <root>/cache
+    nydusd_path: str = "nydusd"
+    nydus_image_path: str = "nydus-image"
+    daemon_mode: str = "dedicated"
+    fs_driver: str = "fusedev"
+    log_level: str = "info"
+    log_to_stdout: bool = False
+
+    def __post_init__(self) -> None:
+        if self.daemon_mode not in DAEMON_MODES:
+            raise ConfigError(
+                f"--daemon-mode: {self.daemon_mode!r} is not one of {', '.join(DAEMON_MODES)}"
+            )
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.root / "metadata.db"
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.root / "cache"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+
+def load_nydusd_config(path: Path) -> dict[str, Any]:
+    """Read the nydusd JSON config at ``path``; it must be a JSON object."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config-path {path}: cannot read: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config-path {path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config-path {path}: expected a JSON object")
+    return data

@@ -1,0 +1,136 @@
+"""Typed gRPC plumbing built from service descriptors (instead of generated ``*_pb2_grpc``).
+
+The generated message modules (:mod:`.api`) carry full service descriptors: method names,
+request/response types and streaming flags. :func:`generic_handler` turns a descriptor plus a
+mapping of Python callables into a server-side handler, and :class:`ServiceClient` calls a
+service's methods with the descriptor checking each name and response type. Both use only
+grpcio's public generic API (``method_handlers_generic_handler``, ``Channel.unary_unary``), so
+the wire behaviour is exactly that of generated stubs, with types mypy can follow.
+
+Stateless apart from the channel a client holds; grpcio channels are thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+__all__ = [
+    "ServiceClient",
+    "generic_handler",
+    "method_path",
+    "rpc_error_text",
+    "unix_target",
+]
+
+M = TypeVar("M", bound=Message)
+
+
+def method_path(service: ServiceDescriptor, name: str) -> str:
+    """``/package.Service/Method``, the HTTP/2 path of a gRPC method."""
+    if name not in service.methods_by_name:
+        raise KeyError(f"{service.full_name} has no method {name!r}")
+    return f"/{service.full_name}/{name}"
+
+
+def rpc_error_text(e: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call (grpcio's errors are also ``grpc.Call`` objects)."""
+    code = getattr(e, "code", None)
+    details = getattr(e, "details", None)
+    if callable(code) and callable(details):
+        c = code()
+        return f"{getattr(c, 'name', c)}: {details()}"
+    return str(e)
+
+
+def unix_target(path: str) -> str:
+    """A grpcio target for a unix socket path (absolute or relative)."""
+    return f"unix:{path}"
+
+
+def generic_handler(
+    service: ServiceDescriptor, methods: Mapping[str, Callable[..., Any]]
+) -> grpc.GenericRpcHandler:
+    """A handler serving ``service`` with ``methods[name](request, context)``.
+
+    Unary methods return a response message; server-streaming ones return an iterator of them.
+    Methods missing from ``methods`` answer UNIMPLEMENTED (grpcio's default).
+    """
+    unknown = set(methods) - set(service.methods_by_name)
+    if unknown:
+        raise KeyError(f"{service.full_name} has no methods {sorted(unknown)}")
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for m in service.methods:
+        fn = methods.get(m.name)
+        if fn is None:
+            continue
+        if m.client_streaming:
+            raise NotImplementedError(f"client-streaming method {m.full_name} is not supported")
+        req_cls = message_factory.GetMessageClass(m.input_type)
+        resp_cls = message_factory.GetMessageClass(m.output_type)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if m.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[m.name] = make(
+            fn,
+            request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class ServiceClient:
+    """Calls the methods of one service over ``channel`` with fixed metadata (e.g. namespace)."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        service: ServiceDescriptor,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+    ) -> None:
+        self.channel = channel
+        self.service = service
+        self.metadata = tuple(metadata)
+        self.timeout = timeout
+
+    def _method(self, name: str, response_type: type[Message], streaming: bool) -> MethodDescriptor:
+        m = self.service.methods_by_name.get(name)
+        if m is None:
+            raise KeyError(f"{self.service.full_name} has no method {name!r}")
+        if response_type.DESCRIPTOR.full_name != m.output_type.full_name:
+            raise TypeError(f"{m.full_name} returns {m.output_type.full_name}")
+        if bool(m.server_streaming) != streaming:
+            raise TypeError(f"{m.full_name}: server_streaming is {m.server_streaming}")
+        return m
+
+    def unary(
+        self, name: str, request: Message, response_type: type[M], timeout: float | None = None
+    ) -> M:
+        """Call unary method ``name``; gRPC errors surface as ``grpc.RpcError``."""
+        self._method(name, response_type, streaming=False)
+        call: grpc.UnaryUnaryMultiCallable[Message, M] = self.channel.unary_unary(
+            method_path(self.service, name),
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        return call(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    def stream(
+        self, name: str, request: Message, response_type: type[M], timeout: float | None = None
+    ) -> Iterator[M]:
+        """Call server-streaming method ``name`` and iterate its responses."""
+        self._method(name, response_type, streaming=True)
+        call: grpc.UnaryStreamMultiCallable[Message, M] = self.channel.unary_stream(
+            method_path(self.service, name),
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        return iter(call(request, timeout=timeout or self.timeout, metadata=self.metadata))

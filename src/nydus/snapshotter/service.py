@@ -1,0 +1,274 @@
+"""containerd's ``containerd.services.snapshots.v1.Snapshots`` gRPC service on a unix socket.
+
+:class:`SnapshotsService` turns requests into :class:`~.core.Snapshotter` calls and errors into
+the status codes containerd expects (:func:`.errdefs.grpc_code_of`); it holds no logic of its
+own. :class:`SnapshotterServer` owns the listening socket: it refuses an address another live
+server answers on, replaces a stale socket file, and removes its socket when stopped.
+
+containerd calls us as a proxy plugin (``[proxy_plugins.NAME] type = "snapshot"``); the
+``snapshotter`` field of each request is the plugin name and is ignored. The namespace comes in
+the ``containerd-namespace`` metadata when containerd sends it, and is always the first part of
+the keys containerd's metadata layer gives us.
+
+Threading: grpcio runs each call on a worker thread of the server's pool; the snapshotter is
+thread-safe (see :mod:`.core`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..errors import ConfigError
+from .api import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
+from .core import Mount, Snapshotter
+from .errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
+from .rpc import generic_handler, unix_target
+from .store import Info
+
+__all__ = ["SnapshotsService", "SnapshotterServer", "info_to_pb"]
+
+log = logging.getLogger(__name__)
+
+_LIST_BATCH = 100
+R = TypeVar("R")
+
+
+def _timestamp(ns: int) -> Timestamp:
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def info_to_pb(info: Info) -> snapshots_pb2.Info:
+    return snapshots_pb2.Info(
+        name=info.name,
+        parent=info.parent,
+        kind=int(info.kind),  # type: ignore[arg-type]  # same numbering as the proto enum
+        created_at=_timestamp(info.created_ns),
+        updated_at=_timestamp(info.updated_ns),
+        labels=dict(info.labels),
+    )
+
+
+def _mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
+    return [
+        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+        for m in mounts
+    ]
+
+
+def _namespace(ctx: grpc.ServicerContext) -> str | None:
+    for k, v in ctx.invocation_metadata() or ():
+        if k == NAMESPACE_HEADER and isinstance(v, str):
+            return v
+    return None
+
+
+def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Log a call and turn exceptions into gRPC statuses (``context.abort``)."""
+
+    def wrap(fn: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(fn)
+        def call(self: SnapshotsService, req: Message, ctx: grpc.ServicerContext) -> R:
+            t0 = time.monotonic()
+            try:
+                out = fn(self, req, ctx)
+            except Exception as e:
+                code = grpc_code_of(e)
+                quiet = isinstance(e, SnapshotExists | SnapshotNotFound)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed unexpectedly", name)
+                else:
+                    log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s", name, e)
+                ctx.abort(code, str(e))
+            log.debug("%s done in %.3fs", name, time.monotonic() - t0)
+            return out
+
+        return call
+
+    return wrap
+
+
+class SnapshotsService:
+    """The Snapshots service methods (names as in snapshots.proto)."""
+
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.sn = snapshotter
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return generic_handler(
+            SNAPSHOTS_SERVICE,
+            {
+                "Prepare": self.Prepare,
+                "View": self.View,
+                "Mounts": self.Mounts,
+                "Commit": self.Commit,
+                "Remove": self.Remove,
+                "Stat": self.Stat,
+                "Update": self.Update,
+                "List": self.List,
+                "Usage": self.Usage,
+                "Cleanup": self.Cleanup,
+            },
+        )
+
+    @_rpc("Prepare")
+    def Prepare(
+        self, req: snapshots_pb2.PrepareSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> snapshots_pb2.PrepareSnapshotResponse:
+        log.debug("Prepare key=%s parent=%s labels=%s", req.key, req.parent, dict(req.labels))
+        mounts = self.sn.prepare(req.key, req.parent, dict(req.labels), _namespace(ctx))
+        return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts_to_pb(mounts))
+
+    @_rpc("View")
+    def View(
+        self, req: snapshots_pb2.ViewSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> snapshots_pb2.ViewSnapshotResponse:
+        log.debug("View key=%s parent=%s", req.key, req.parent)
+        mounts = self.sn.view(req.key, req.parent, dict(req.labels), _namespace(ctx))
+        return snapshots_pb2.ViewSnapshotResponse(mounts=_mounts_to_pb(mounts))
+
+    @_rpc("Mounts")
+    def Mounts(
+        self, req: snapshots_pb2.MountsRequest, ctx: grpc.ServicerContext
+    ) -> snapshots_pb2.MountsResponse:
+        return snapshots_pb2.MountsResponse(mounts=_mounts_to_pb(self.sn.mounts(req.key)))
+
+    @_rpc("Commit")
+    def Commit(
+        self, req: snapshots_pb2.CommitSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        log.debug("Commit name=%s key=%s", req.name, req.key)
+        self.sn.commit(req.name, req.key, dict(req.labels))
+        return empty_pb2.Empty()
+
+    @_rpc("Remove")
+    def Remove(
+        self, req: snapshots_pb2.RemoveSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        log.debug("Remove key=%s", req.key)
+        self.sn.remove(req.key)
+        return empty_pb2.Empty()
+
+    @_rpc("Stat")
+    def Stat(
+        self, req: snapshots_pb2.StatSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> snapshots_pb2.StatSnapshotResponse:
+        return snapshots_pb2.StatSnapshotResponse(info=info_to_pb(self.sn.stat(req.key)))
+
+    @_rpc("Update")
+    def Update(
+        self, req: snapshots_pb2.UpdateSnapshotRequest, ctx: grpc.ServicerContext
+    ) -> snapshots_pb2.UpdateSnapshotResponse:
+        paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
+        info = self.sn.update(req.info.name, dict(req.info.labels), paths)
+        return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
+
+    @_rpc("List")
+    def List(
+        self, req: snapshots_pb2.ListSnapshotsRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+        infos = self.sn.walk(list(req.filters))  # evaluated now, so errors become a status
+
+        def batches() -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+            for i in range(0, len(infos), _LIST_BATCH):
+                chunk = infos[i : i + _LIST_BATCH]
+                yield snapshots_pb2.ListSnapshotsResponse(info=[info_to_pb(x) for x in chunk])
+
+        return batches()
+
+    @_rpc("Usage")
+    def Usage(
+        self, req: snapshots_pb2.UsageRequest, ctx: grpc.ServicerContext
+    ) -> snapshots_pb2.UsageResponse:
+        u = self.sn.usage(req.key)
+        return snapshots_pb2.UsageResponse(size=u.size, inodes=u.inodes)
+
+    @_rpc("Cleanup")
+    def Cleanup(
+        self, req: snapshots_pb2.CleanupRequest, ctx: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        self.sn.cleanup()
+        return empty_pb2.Empty()
+
+
+def _socket_in_use(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+class SnapshotterServer:
+    """A gRPC server with the Snapshots service listening on a unix socket."""
+
+    def __init__(
+        self, snapshotter: Snapshotter, address: str | os.PathLike[str], max_workers: int = 16
+    ) -> None:
+        self.snapshotter = snapshotter
+        self.address = Path(address).absolute()
+        self.service = SnapshotsService(snapshotter)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="snapshots"),
+            handlers=[self.service.handler()],
+        )
+        self._started = False
+
+    def start(self) -> None:
+        addr = self.address
+        addr.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        try:
+            st = addr.lstat()
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ConfigError(f"--address {addr}: exists and is not a socket")
+            if _socket_in_use(addr):
+                raise ConfigError(f"--address {addr}: another server is listening there")
+            addr.unlink()
+        try:
+            self._server.add_insecure_port(unix_target(str(addr)))
+        except RuntimeError as e:
+            raise ConfigError(f"--address {addr}: cannot listen: {e}") from e
+        self._server.start()
+        self._started = True
+        try:
+            os.chmod(addr, 0o660)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        log.info("snapshots service listening on %s", addr)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout``); True if it stopped."""
+        return self._server.wait_for_termination(timeout)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        if self._started:
+            self._server.stop(grace).wait()
+            self._started = False
+            try:
+                if stat.S_ISSOCK(self.address.lstat().st_mode):
+                    self.address.unlink()
+            except FileNotFoundError:
+                pass
+            log.info("snapshots service stopped")
