@@ -100,7 +100,7 @@ class _Parser:
 
     def quoted(self, alt_ok: bool) -> str:
         q = self.s[self.i] if self.i < len(self.s) else ""
-        if not q or q not in "\"'" and not (alt_ok and q in "/|"):
+        if not q or (q not in "\"'" and not (alt_ok and q in "/|")):
             raise self.error("expected quoted string")
         self.i += 1
         out: list[str] = []
