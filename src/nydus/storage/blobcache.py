@@ -1,0 +1,170 @@
+"""One blob's local cache files in ``work_dir``, in upstream's layout (nydus-reference.md §3.1).
+
+* ``<blob_id>.blob.data``: sparse, sized to the blob's uncompressed size; each chunk is stored
+  decompressed at its uncompressed offset. With ``cache.compressed`` the file is
+  ``<blob_id>.blob.raw`` instead: the compressed bytes at their compressed offsets.
+* ``<blob_id>.blob.data.chunk_map`` (or ``.blob.raw.chunk_map``): the readiness bitmap
+  (:class:`~nydus.storage.chunkmap.ChunkMap`).
+
+Write ordering, the crash-safety contract: :meth:`write` ``pwrite``s a chunk's bytes, and only
+then may the caller :meth:`mark_ready` it. A process killed at any moment (SIGKILL included)
+leaves at most chunks that are written but not marked; the kernel keeps written pages, so a
+set bit always has its data behind it. This is not a power-loss guarantee: the bitmap page
+could reach the disk before the data pages. Pass ``sync_data=True`` to ``fdatasync`` the data
+file before each batch of bits is set (one sync per backend request, not per chunk) when that
+matters more than latency. Off by default, like upstream.
+
+A data file of the wrong size (truncated or replaced behind our back) is resized and its chunk
+map discarded, so every chunk is fetched again rather than trusted.
+
+Thread-safe: chunks occupy disjoint byte ranges, ``pread``/``pwrite`` need no lock, and the
+chunk map does its own locking. Safe to share between processes (see chunkmap.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from typing import Protocol
+
+from ..errors import NydusError
+from ..metadata import BlobInfo
+from .chunkmap import ChunkMap
+
+__all__ = ["BlobCacheFile", "CachedChunk"]
+
+log = logging.getLogger(__name__)
+
+
+class CachedChunk(Protocol):
+    """The placement of one chunk, as the cache file needs it."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def compressed_offset(self) -> int: ...
+    @property
+    def compressed_size(self) -> int: ...
+    @property
+    def uncompressed_offset(self) -> int: ...
+    @property
+    def uncompressed_size(self) -> int: ...
+
+
+class BlobCacheFile:
+    """The data file and chunk map of one blob."""
+
+    def __init__(
+        self, work_dir: str, info: BlobInfo, *, compressed: bool = False,
+        sync_data: bool = False,
+    ) -> None:
+        if info.chunk_count <= 0:
+            raise NydusError(f"blob {info.blob_id}: no chunks to cache")
+        self.info = info
+        self.compressed = compressed
+        self.sync_data = sync_data
+        suffix = "blob.raw" if compressed else "blob.data"
+        self.path = os.path.join(work_dir, f"{info.blob_id}.{suffix}")
+        self.map_path = self.path + ".chunk_map"
+        self.size = info.compressed_size if compressed else info.uncompressed_size
+        if self.size <= 0:
+            raise NydusError(f"blob {info.blob_id}: unknown size, cannot cache")
+        os.makedirs(work_dir, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._check_size()
+            self.map = ChunkMap(self.map_path, info.chunk_count)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _check_size(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            st = os.fstat(self._fd)
+            if st.st_size == self.size:
+                return
+            if st.st_size != 0:
+                log.warning(
+                    "cache file %s has size %d, expected %d: discarding its chunk map",
+                    self.path, st.st_size, self.size,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.map_path)
+                os.ftruncate(self._fd, 0)
+            os.ftruncate(self._fd, self.size)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ placement
+
+    def _where(self, c: CachedChunk) -> tuple[int, int]:
+        if self.compressed:
+            return c.compressed_offset, c.compressed_size
+        return c.uncompressed_offset, c.uncompressed_size
+
+    def fits(self, c: CachedChunk) -> bool:
+        off, size = self._where(c)
+        return off >= 0 and off + size <= self.size and 0 <= c.index < self.info.chunk_count
+
+    # ------------------------------------------------------------------ data
+
+    def read(self, c: CachedChunk) -> bytes:
+        """The stored bytes of a chunk (decompressed, or raw when ``compressed``)."""
+        off, size = self._where(c)
+        out = os.pread(self._fd, size, off)
+        if len(out) != size:
+            raise NydusError(f"cache file {self.path}: short read at {off}")
+        return out
+
+    def read_range(self, offset: int, size: int) -> bytes:
+        """Raw bytes of the data file (uncompressed address space when not ``compressed``)."""
+        out = os.pread(self._fd, size, offset)
+        return out + bytes(size - len(out))
+
+    def write(self, c: CachedChunk, payload: bytes) -> bool:
+        """Store a chunk's bytes; False (and a warning) if the file system refused them."""
+        off, size = self._where(c)
+        if len(payload) != size or not self.fits(c):
+            return False
+        try:
+            view = memoryview(payload)
+            pos = off
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view, pos = view[n:], pos + n
+        except OSError as e:
+            log.warning("cannot write chunk %d to %s: %s", c.index, self.path, e)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ readiness
+
+    def is_ready(self, index: int) -> bool:
+        return self.map.is_ready(index)
+
+    def mark_ready(self, indices: list[int]) -> None:
+        """Set readiness bits; the chunks' data must already be written."""
+        if not indices:
+            return
+        if self.sync_data:
+            os.fdatasync(self._fd)
+        self.map.set_ready(indices)
+
+    def clear(self, index: int) -> None:
+        self.map.clear(index)
+
+    @property
+    def all_ready(self) -> bool:
+        return self.map.all_ready
+
+    def ready_count(self) -> int:
+        return self.map.count_ready()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.map.close()
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,319 @@
+"""The blob device: the storage API the file system and the daemon use (see storage_api.md).
+
+:func:`open_device` builds, from a bootstrap's blob table and a :class:`DaemonConfig`, one
+backend, one blob cache per blob in ``work_dir`` (or none for ``dummycache``), one
+:class:`BlobFetcher` per blob and a :class:`Prefetcher`. Per-blob state is created lazily on
+first use, so opening a device does no I/O.
+
+Thread-safe: every public method may be called from many threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..config import BackendConfig, DaemonConfig
+from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
+from ..metadata import BlobInfo, ChunkInfo
+from .backend import BlobBackend
+from .blobcache import BlobCacheFile
+from .blobmeta import BlobMeta, has_ci, load_blob_meta, load_digests
+from .fetcher import BlobFetcher
+from .metrics import BlobcacheMetrics
+from .prefetch import Prefetcher, UserIoGate
+
+__all__ = ["BlobDevice", "open_device", "create_backend"]
+
+log = logging.getLogger(__name__)
+
+
+def create_backend(bcfg: BackendConfig, id: str = "") -> BlobBackend:
+    """The backend named by ``device.backend``."""
+    from ..config import (
+        HttpProxyConfig,
+        LocalFsConfig,
+        OssConfig,
+        RegistryConfig,
+        S3Config,
+    )
+
+    c = bcfg.config
+    if isinstance(c, LocalFsConfig):
+        from .localfs import LocalFsBackend
+
+        return LocalFsBackend(c, id)
+    if isinstance(c, RegistryConfig):
+        from .registry import RegistryBackend
+
+        return RegistryBackend(c, id)
+    if isinstance(c, S3Config):
+        from .objectstore import S3Backend
+
+        return S3Backend(c, id)
+    if isinstance(c, OssConfig):
+        from .objectstore import OssBackend
+
+        return OssBackend(c, id)
+    if isinstance(c, HttpProxyConfig):
+        from .httpproxy import HttpProxyBackend
+
+        return HttpProxyBackend(c, id)
+    raise UnsupportedError(f"backend type {bcfg.type!r} is not supported")
+
+
+class _Blob:
+    """Per-blob state: the fetcher and, with a blob cache, its files."""
+
+    def __init__(self, fetcher: BlobFetcher, cache: BlobCacheFile | None) -> None:
+        self.fetcher = fetcher
+        self.cache = cache
+
+
+class BlobDevice:
+    """Read verified, decompressed chunks of a set of blobs."""
+
+    def __init__(
+        self, blobs: Sequence[BlobInfo], cfg: DaemonConfig, backend: BlobBackend, id: str = ""
+    ) -> None:
+        self.blobs = list(blobs)
+        self.cfg = cfg
+        self.id = id
+        self.backend = backend
+        cache = cfg.device.cache
+        self.work_dir: str | None = None
+        if cache.type in ("blobcache", "filecache", "fscache"):
+            if cache.type == "fscache":
+                log.warning("fscache is not supported; using a blobcache in %s",
+                            cache.config.work_dir)
+            if cache.config.enable_encryption:
+                raise UnsupportedError("blob cache encryption is not supported")
+            self.work_dir = os.path.abspath(cache.config.work_dir)
+            try:
+                os.makedirs(self.work_dir, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"device.cache.config.work_dir: cannot create {self.work_dir}: {e.strerror}"
+                ) from e
+            if not os.path.isdir(self.work_dir):
+                raise ConfigError(f"device.cache.config.work_dir: {self.work_dir} is not a "
+                                  f"directory")
+        self.compressed_cache = cache.compressed
+        self.validate = cfg.validation_enabled
+        self.gate = UserIoGate()
+        self.cache_metrics = BlobcacheMetrics(id, self.work_dir or "")
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="nydus-fetch")
+        pf = cfg.fs_prefetch
+        bpf = cache.prefetch_config
+        self.prefetch_enabled = self.work_dir is not None and (pf.enable or bpf.enable)
+        threads = pf.threads_count if pf.enable else bpf.threads_count
+        merging = pf.merging_size if pf.enable else bpf.merging_size
+        rate = pf.bandwidth_rate if pf.enable else bpf.bandwidth_rate
+        max_chunk = max((b.chunk_size for b in self.blobs), default=0)
+        self.prefetcher = Prefetcher(threads, merging or (1 << 20), rate, self.cache_metrics,
+                                     self.gate, min_rate=max_chunk)
+        self._state: dict[int, _Blob] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ per blob
+
+    def _blob(self, blob_index: int) -> _Blob:
+        st = self._state.get(blob_index)
+        if st is not None:
+            return st
+        if not 0 <= blob_index < len(self.blobs):
+            raise NotFoundError(f"no blob with index {blob_index}")
+        with self._lock:
+            st = self._state.get(blob_index)
+            if st is None:
+                if self._closed:
+                    raise NydusError("blob device is closed")
+                st = self._state[blob_index] = self._open_blob(self.blobs[blob_index])
+        return st
+
+    def _open_blob(self, info: BlobInfo) -> _Blob:
+        backend, blob_id, work_dir = self.backend, info.blob_id, self.work_dir
+        fetch = backend.fetcher(blob_id)
+
+        def fetch_ranges(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+            return backend.read_ranges(blob_id, [(s, e - s) for s, e in ranges])
+
+        def blob_size() -> int:
+            return info.compressed_size or backend.blob_size(blob_id)
+
+        def meta() -> BlobMeta | None:
+            if not has_ci(info):
+                return None
+            return load_blob_meta(info, fetch, work_dir, verify_toc=self.validate,
+                                  blob_size=blob_size())
+
+        def digests() -> list[bytes] | None:
+            return load_digests(info, fetch, work_dir, blob_size())
+
+        cache = None
+        if work_dir is not None and info.chunk_count > 0:
+            cache = BlobCacheFile(work_dir, info, compressed=self.compressed_cache)
+            self.cache_metrics.add_file(cache.path)
+            self.cache_metrics.add("entries_count", cache.ready_count())
+        fetcher = BlobFetcher(
+            info, fetch, cache=cache, meta=meta, digests=digests, validate=self.validate,
+            amplify_io=self.cfg.amplify_io, metrics=self.cache_metrics,
+            executor=self._executor, fetch_ranges=fetch_ranges,
+        )
+        return _Blob(fetcher, cache)
+
+    # ------------------------------------------------------------------ the contract
+
+    def read_chunks(self, chunks: Sequence[ChunkInfo]) -> list[bytes]:
+        """Decompressed (and, when configured, verified) bytes of ``chunks``, in order."""
+        with self.gate:
+            out: list[bytes | None] = [None] * len(chunks)
+            by_blob: dict[int, list[int]] = {}
+            for pos, c in enumerate(chunks):
+                by_blob.setdefault(c.blob_index, []).append(pos)
+            for bi, positions in by_blob.items():
+                f = self._blob(bi).fetcher
+                resolved = [f.resolve(chunks[p]) for p in positions]
+                for p, data in zip(positions, f.read(resolved), strict=True):
+                    out[p] = data
+        return out  # type: ignore[return-value]
+
+    def read_range(self, blob_index: int, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the blob's uncompressed address space."""
+        if offset < 0 or size < 0:
+            raise NydusError(f"bad range [{offset}, +{size})")
+        if size == 0:
+            return b""
+        st = self._blob(blob_index)
+        f = st.fetcher
+        with self.gate:
+            meta = f.meta()
+            if meta is None:
+                raise UnsupportedError(
+                    f"blob {self.blobs[blob_index].blob_id} has no chunk info array; "
+                    f"read_range needs a RAFS v6 blob"
+                )
+            idxs = meta.chunks_in(offset, size)
+            cache = st.cache
+            if (
+                cache is not None
+                and not cache.compressed
+                and not self.validate
+                and all(cache.is_ready(i) for i in idxs)
+            ):
+                f._count_hits(1, 1)
+                return cache.read_range(offset, size)
+            chunks = [f.chunk_from_ci(i) for i in idxs]
+            datas = f.read(chunks)
+        buf = bytearray(size)
+        end = offset + size
+        for c, data in zip(chunks, datas, strict=True):
+            lo = max(c.uncompressed_offset, offset)
+            hi = min(c.uncompressed_offset + len(data), end)
+            if lo < hi:
+                src = lo - c.uncompressed_offset
+                buf[lo - offset : hi - offset] = data[src : src + hi - lo]
+        return bytes(buf)
+
+    def prefetch_files(self, chunk_lists: Sequence[Sequence[ChunkInfo]]) -> None:
+        """Queue the chunks of these files for background fetching (in the given order).
+
+        A no-op without a blob cache or when neither ``fs_prefetch.enable`` nor
+        ``device.cache.prefetch_config.enable`` is set.
+        """
+        if not self.prefetch_enabled:
+            return
+        by_blob: dict[int, list[ChunkInfo]] = {}
+        for chunks in chunk_lists:
+            for c in chunks:
+                by_blob.setdefault(c.blob_index, []).append(c)
+        for bi, cs in by_blob.items():
+            try:
+                f = self._blob(bi).fetcher
+                self.prefetcher.submit(f, [f.resolve(c) for c in cs])
+            except NydusError as e:
+                log.warning("prefetch of blob %d not started: %s", bi, e)
+
+    def prefetch_all(self) -> None:
+        """Queue every chunk of every blob (blobs with a ci array) for background fetching."""
+        if not self.prefetch_enabled:
+            return
+        for bi, info in enumerate(self.blobs):
+            if not has_ci(info):
+                continue
+            try:
+                f = self._blob(bi).fetcher
+                meta = f.meta()
+                if meta is None:
+                    continue
+                chunks = [f.chunk_from_ci(i) for i in range(len(meta.ci))]
+                self.prefetcher.submit(f, chunks)
+            except NydusError as e:
+                log.warning("prefetch of blob %s not started: %s", info.blob_id, e)
+
+    def wait_prefetch(self, timeout: float | None = None) -> bool:
+        """Block until queued prefetch work is done (False on timeout). An extension."""
+        return self.prefetcher.wait(timeout)
+
+    def is_blob_ready(self, blob_index: int) -> bool:
+        st = self._blob(blob_index)
+        return st.cache is not None and st.cache.all_ready
+
+    def cache_file(self, blob_index: int) -> str | None:
+        st = self._blob(blob_index)
+        if st.cache is None or st.cache.compressed:
+            return None
+        return st.cache.path
+
+    def blob_uncompressed_size(self, blob_index: int) -> int:
+        return self.blobs[blob_index].uncompressed_size
+
+    def metrics_backend(self) -> dict[str, Any]:
+        return self.backend.metrics.export()
+
+    def metrics_blobcache(self) -> dict[str, Any]:
+        with self._lock:
+            states = list(self._state.values())
+        m = self.cache_metrics
+        m.data_all_ready = bool(self.work_dir) and len(states) == len(self.blobs) and all(
+            st.cache is None or st.cache.all_ready for st in states
+        )
+        return m.export()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            states = list(self._state.values())
+        self.prefetcher.close()
+        self._executor.shutdown(wait=True)
+        for st in states:
+            if st.cache is not None:
+                st.cache.close()
+        self.backend.close()
+
+    def __enter__(self) -> BlobDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_device(
+    blobs: Sequence[BlobInfo],
+    cfg: DaemonConfig,
+    *,
+    id: str = "",
+    backend: BlobBackend | None = None,
+) -> BlobDevice:
+    """A :class:`BlobDevice` over ``blobs``; ``backend`` overrides the configured one."""
+    if backend is None:
+        backend = create_backend(cfg.device.backend, id)
+    return BlobDevice(blobs, cfg, backend, id)
+

@@ -1,0 +1,509 @@
+"""Chunk fetching for one blob: cache lookup, in-flight dedup, amplification, merging,
+decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
+
+:class:`BlobFetcher` turns "give me these chunks" into the fewest backend range requests:
+
+1. Chunks whose readiness bit is set are read from the cache file (and re-hashed when
+   validation is on; a bad cached chunk is cleared and fetched again).
+2. A chunk another thread is already fetching is waited for, not fetched twice: each missing
+   chunk is *claimed* in an in-flight table under one lock, and its claimant publishes the
+   bytes (or the error) to every waiter. The claim is dropped only after the readiness bit is
+   set, so a reader always finds a chunk either ready or in flight.
+3. A miss is widened to the following not-ready, unclaimed chunks of the blob (in blob order,
+   from the ci array) while the fetched span stays within ``amplify_io`` (at least 128 KiB,
+   as upstream v6). The extra chunks are cached but not returned.
+4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
+   between them is at most ``amplify_io >> 7``; several requests run in parallel.
+5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and,
+   with validation on, hashed and compared with its digest. A mismatch is an IntegrityError:
+   the chunk alone is fetched once more, and if it is still bad the read fails. Bad bytes are
+   never returned or written to the cache.
+
+Thread-safe; many readers and prefetch workers share one fetcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from .. import codec
+from ..errors import BackendError, FormatError, IntegrityError, NydusError, UnsupportedError
+from ..format import blob_meta as bm
+from ..metadata import BlobInfo, ChunkInfo
+from .backend import Fetch
+from .blobcache import BlobCacheFile
+from .blobmeta import BlobMeta
+from .metrics import BlobcacheMetrics
+
+__all__ = ["BlobFetcher", "Chunk", "MIN_AMPLIFY"]
+
+log = logging.getLogger(__name__)
+
+MIN_AMPLIFY = 0x20000
+_UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
+_ATTEMPTS = 3
+
+FetchRanges = Callable[[Sequence[tuple[int, int]]], list[bytes]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk resolved to its place in the blob (from the bootstrap or the ci array)."""
+
+    index: int
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed: bool
+    digest: bytes = b""
+    flags: int = 0
+    crc32: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.compressed_offset + self.compressed_size
+
+
+class _Pending:
+    __slots__ = ("data", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.data: bytes | None = None
+        self.error: NydusError | None = None
+
+
+@dataclass
+class _Group:
+    start: int
+    end: int
+    chunks: list[tuple[Chunk, _Pending]]
+
+
+class BlobFetcher:
+    """Fetches, verifies and caches the chunks of one blob."""
+
+    def __init__(
+        self,
+        info: BlobInfo,
+        fetch: Fetch,
+        *,
+        cache: BlobCacheFile | None = None,
+        meta: Callable[[], BlobMeta | None] | None = None,
+        digests: Callable[[], list[bytes] | None] | None = None,
+        validate: bool = False,
+        amplify_io: int = 1 << 20,
+        metrics: BlobcacheMetrics | None = None,
+        executor: Executor | None = None,
+        fetch_ranges: FetchRanges | None = None,
+    ) -> None:
+        self.info = info
+        self._fetch = fetch
+        self._fetch_ranges_fn = fetch_ranges
+        self.cache = cache
+        self._meta_fn = meta
+        self._digests_fn = digests
+        self.validate = validate
+        self.amplify = max(amplify_io, MIN_AMPLIFY) if amplify_io > 0 else 0
+        self.merge_gap = self.amplify >> 7
+        self.max_request = max(self.amplify, 1 << 20)
+        self.metrics = metrics or BlobcacheMetrics("", "")
+        self.executor = executor
+        self.compressor = codec.compressor_by_name(info.compressor)
+        self.digester = codec.digester_by_name(info.digester)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, _Pending] = {}
+        self._meta: BlobMeta | None = None
+        self._meta_loaded = False
+        self._order_pos: dict[int, int] = {}
+        self._order: list[int] = []
+        self._digests: list[bytes] | None = None
+        self._digests_loaded = False
+        self._warned_no_digest = False
+        self._load_lock = threading.Lock()
+        self.backend_requests = 0
+        self.backend_bytes = 0
+
+    # ------------------------------------------------------------------ lazy metadata
+
+    def meta(self) -> BlobMeta | None:
+        """The ci array (fetched on first use), or None for blobs without one (v5)."""
+        if self._meta_loaded:
+            return self._meta
+        with self._load_lock:
+            if not self._meta_loaded:
+                meta = self._meta_fn() if self._meta_fn else None
+                if meta is not None:
+                    order = sorted(range(len(meta.ci)), key=lambda i: meta.ci[i].compressed_offset)
+                    self._order = order
+                    self._order_pos = {idx: pos for pos, idx in enumerate(order)}
+                self._meta = meta
+                self._meta_loaded = True
+        return self._meta
+
+    def _digest_array(self) -> list[bytes] | None:
+        if self._digests_loaded:
+            return self._digests
+        with self._load_lock:
+            if not self._digests_loaded:
+                self._digests = self._digests_fn() if self._digests_fn else None
+                self._digests_loaded = True
+        return self._digests
+
+    def chunk_from_ci(self, index: int) -> Chunk:
+        meta = self.meta()
+        if meta is None or not 0 <= index < len(meta.ci):
+            raise FormatError(f"blob {self.info.blob_id}: no chunk info for chunk {index}")
+        e = meta.ci[index]
+        digest = b""
+        if self.validate:
+            digests = self._digest_array()
+            if digests is not None:
+                digest = digests[index]
+        return Chunk(index, e.compressed_offset, e.compressed_size, e.uncompressed_offset,
+                     e.uncompressed_size, e.compressed, digest, e.flags,
+                     e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0)
+
+    def resolve(self, c: ChunkInfo) -> Chunk:
+        """A bootstrap chunk as a fetchable :class:`Chunk`."""
+        if c.compressed_size < 0:
+            ch = self.chunk_from_ci(c.index)
+            if c.digest and c.digest != ch.digest:
+                ch = Chunk(**{**ch.__dict__, "digest": c.digest})
+            return ch
+        if c.index < 0 or (self.info.chunk_count and c.index >= self.info.chunk_count):
+            raise FormatError(f"blob {self.info.blob_id}: chunk index {c.index} out of range")
+        flags = crc = 0
+        meta = self._meta if self._meta_loaded else None
+        if meta is not None and c.index < len(meta.ci):
+            e = meta.ci[c.index]
+            if (e.compressed_offset, e.compressed_size) != (c.compressed_offset,
+                                                            c.compressed_size):
+                raise FormatError(
+                    f"blob {self.info.blob_id}: chunk {c.index} placement in the bootstrap "
+                    f"disagrees with the blob's chunk info array"
+                )
+            flags = e.flags
+            crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
+        return Chunk(c.index, c.compressed_offset, c.compressed_size, c.uncompressed_offset,
+                     c.uncompressed_size, c.compressed, c.digest, flags, crc)
+
+    # ------------------------------------------------------------------ reads
+
+    def read(self, chunks: Sequence[Chunk], *, amplify: bool = True) -> list[bytes]:
+        """Verified, decompressed bytes of ``chunks`` in order."""
+        want: dict[int, Chunk] = {}
+        for c in chunks:
+            want.setdefault(c.index, c)
+        got: dict[int, bytes] = {}
+        last_error: NydusError | None = None
+        hits_first = 0
+        for attempt in range(_ATTEMPTS):
+            need = [c for i, c in want.items() if i not in got]
+            if not need:
+                break
+            hits, waits, claims = self._plan(need, amplify and attempt == 0)
+            for c in hits:
+                data = self._read_cached(c)
+                if data is not None:
+                    got[c.index] = data
+            if attempt == 0:
+                hits_first = len(got)
+            if claims:
+                self._run(claims)
+            for c, p in claims:
+                if c.index not in want:
+                    continue
+                if p.data is not None:
+                    got[c.index] = p.data
+                else:
+                    assert p.error is not None
+                    raise p.error  # our own fetch already retried integrity errors once
+            for c, p in waits:
+                p.event.wait()
+                if p.data is not None:
+                    got[c.index] = p.data
+                elif p.error is not None:
+                    last_error = p.error  # another reader's fetch failed: try ourselves
+        self._count_hits(len(want), hits_first)
+        missing = [i for i in want if i not in got]
+        if missing:
+            raise last_error or BackendError(
+                f"blob {self.info.blob_id}: chunks {missing[:8]} could not be read"
+            )
+        return [got[c.index] for c in chunks]
+
+    def _count_hits(self, total: int, hits: int) -> None:
+        m = self.metrics
+        m.add("total")
+        if total and hits == total:
+            m.add("whole_hits")
+        elif hits:
+            m.add("partial_hits")
+
+    def _plan(
+        self, need: list[Chunk], amplify: bool
+    ) -> tuple[list[Chunk], list[tuple[Chunk, _Pending]], list[tuple[Chunk, _Pending]]]:
+        hits: list[Chunk] = []
+        waits: list[tuple[Chunk, _Pending]] = []
+        claims: list[tuple[Chunk, _Pending]] = []
+        cache = self.cache
+        if amplify and cache is not None and self.amplify:
+            self.meta()  # load outside the lock
+        with self._lock:
+            for c in need:
+                if cache is not None and cache.is_ready(c.index):
+                    hits.append(c)
+                elif (p := self._inflight.get(c.index)) is not None:
+                    waits.append((c, p))
+                else:
+                    p = self._inflight[c.index] = _Pending()
+                    claims.append((c, p))
+            if claims and amplify and cache is not None and self.amplify:
+                claims.extend(self._amplify_locked([c for c, _ in claims]))
+        return hits, waits, claims
+
+    def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, _Pending]]:
+        """Claim the not-ready chunks that follow the claimed ones, up to ``amplify_io``."""
+        meta = self._meta
+        cache = self.cache
+        if meta is None or cache is None or not self._order:
+            return []
+        taken = {c.index for c in claimed}
+        start = min(c.compressed_offset for c in claimed)
+        last = max(claimed, key=lambda c: c.end)
+        pos = self._order_pos.get(last.index)
+        if pos is None:
+            return []
+        end = last.end
+        out: list[tuple[Chunk, _Pending]] = []
+        for idx in self._order[pos + 1 :]:
+            if idx in taken:
+                continue
+            e = meta.ci[idx]
+            if e.flags & _UNSUPPORTED_FLAGS or cache.is_ready(idx) or idx in self._inflight:
+                break
+            new_end = e.compressed_offset + e.compressed_size
+            if new_end - start > self.amplify or e.compressed_offset - end > self.merge_gap:
+                break
+            ch = self._ci_chunk_unlocked(idx)
+            if not cache.fits(ch):
+                break
+            p = self._inflight[idx] = _Pending()
+            out.append((ch, p))
+            end = max(end, new_end)
+        return out
+
+    def _ci_chunk_unlocked(self, idx: int) -> Chunk:
+        assert self._meta is not None
+        e = self._meta.ci[idx]
+        digest = b""
+        if self.validate and self._digests_loaded and self._digests is not None:
+            digest = self._digests[idx]
+        crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
+        return Chunk(idx, e.compressed_offset, e.compressed_size, e.uncompressed_offset,
+                     e.uncompressed_size, e.compressed, digest, e.flags, crc)
+
+    # ------------------------------------------------------------------ cache side
+
+    def _read_cached(self, c: Chunk) -> bytes | None:
+        cache = self.cache
+        assert cache is not None
+        try:
+            stored = cache.read(c)
+            data = self._decode(c, stored) if cache.compressed else stored
+            if self.validate and not cache.compressed:
+                self._verify(c, data)
+            return data
+        except NydusError as e:
+            log.warning("blob %s chunk %d: cached copy is bad (%s); fetching it again",
+                        self.info.blob_id, c.index, e)
+            cache.clear(c.index)
+            return None
+
+    # ------------------------------------------------------------------ backend side
+
+    def _merge(
+        self, claims: list[tuple[Chunk, _Pending]], max_request: int | None = None
+    ) -> list[_Group]:
+        limit = max_request or self.max_request
+        groups: list[_Group] = []
+        for c, p in sorted(claims, key=lambda t: t[0].compressed_offset):
+            g = groups[-1] if groups else None
+            if (
+                g is not None
+                and c.compressed_offset - g.end <= self.merge_gap
+                and max(g.end, c.end) - g.start <= limit
+            ):
+                g.end = max(g.end, c.end)
+                g.chunks.append((c, p))
+            else:
+                groups.append(_Group(c.compressed_offset, c.end, [(c, p)]))
+        return groups
+
+    def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """``[start, end)`` ranges of the blob, in parallel when there are several."""
+        with self._lock:
+            self.backend_requests += len(ranges)
+            self.backend_bytes += sum(e - s for s, e in ranges)
+        if self._fetch_ranges_fn is not None:
+            return self._fetch_ranges_fn(ranges)
+        if len(ranges) == 1 or self.executor is None:
+            return [self._fetch(s, e) for s, e in ranges]
+        return list(self.executor.map(lambda r: self._fetch(r[0], r[1]), ranges))
+
+    def _run(
+        self, claims: list[tuple[Chunk, _Pending]], groups: list[_Group] | None = None
+    ) -> None:
+        """Fetch, verify and cache claimed chunks; always resolves every claim."""
+        try:
+            if groups is None:
+                groups = self._merge(claims)
+            try:
+                raws = self.fetch_ranges([(g.start, g.end) for g in groups])
+            except NydusError as e:
+                for _, p in claims:
+                    p.error = e
+                return
+            ready: list[int] = []
+            for g, raw in zip(groups, raws, strict=True):
+                for c, p in g.chunks:
+                    lo = c.compressed_offset - g.start
+                    payload = raw[lo : lo + c.compressed_size]
+                    try:
+                        data = self._checked(c, payload)
+                    except IntegrityError as e:
+                        log.warning("blob %s chunk %d: %s; fetching it again",
+                                    self.info.blob_id, c.index, e)
+                        try:
+                            payload = self.fetch_ranges([(c.compressed_offset, c.end)])[0]
+                            data = self._checked(c, payload)
+                        except NydusError as e2:
+                            p.error = e2
+                            continue
+                    except NydusError as e:
+                        p.error = e
+                        continue
+                    p.data = data
+                    if self.cache is not None and self.cache.write(
+                        c, payload if self.cache.compressed else data
+                    ):
+                        ready.append(c.index)
+            if self.cache is not None and ready:
+                try:
+                    self.cache.mark_ready(ready)
+                    self.metrics.add("entries_count", len(ready))
+                except (OSError, NydusError) as e:
+                    log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
+        except BaseException as e:
+            err = e if isinstance(e, NydusError) else BackendError(
+                f"blob {self.info.blob_id}: fetch failed: {e!r}")
+            for _, p in claims:
+                if p.data is None and p.error is None:
+                    p.error = err
+            raise
+        finally:
+            with self._lock:
+                for c, p in claims:
+                    if self._inflight.get(c.index) is p:
+                        del self._inflight[c.index]
+            for _, p in claims:
+                p.event.set()
+
+    def _checked(self, c: Chunk, payload: bytes) -> bytes:
+        data = self._decode(c, payload)
+        if self.validate:
+            self._verify(c, data)
+        return data
+
+    def _decode(self, c: Chunk, payload: bytes) -> bytes:
+        if c.flags & _UNSUPPORTED_FLAGS:
+            raise UnsupportedError(
+                f"blob {self.info.blob_id} chunk {c.index}: zran/batch/encrypted chunks are "
+                f"not supported"
+            )
+        if len(payload) != c.compressed_size:
+            raise IntegrityError(f"blob {self.info.blob_id} chunk {c.index}: short data")
+        if c.compressed:
+            data = codec.decompress(self.compressor, payload, c.uncompressed_size)
+        else:
+            if len(payload) != c.uncompressed_size:
+                raise IntegrityError(
+                    f"blob {self.info.blob_id} chunk {c.index}: stored size != uncompressed size"
+                )
+            data = payload
+        if c.flags & bm.CI_V2_FLAG_HAS_CRC32 and zlib.crc32(data) != c.crc32:
+            raise IntegrityError(f"blob {self.info.blob_id} chunk {c.index}: CRC32 mismatch")
+        return data
+
+    def _verify(self, c: Chunk, data: bytes) -> None:
+        digest = c.digest
+        if not digest:
+            digests = self._digest_array()
+            if digests is not None and c.index < len(digests):
+                digest = digests[c.index]
+        if not digest:
+            if not self._warned_no_digest:
+                self._warned_no_digest = True
+                log.warning("blob %s: no chunk digests known; chunks cannot be validated",
+                            self.info.blob_id)
+            return
+        if self.digester.digest(data) != digest:
+            raise IntegrityError(
+                f"blob {self.info.blob_id} chunk {c.index}: {self.digester.name} digest mismatch"
+            )
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(
+        self,
+        chunks: Sequence[Chunk],
+        *,
+        max_request: int = 1 << 20,
+        before_fetch: Callable[[int], object] | None = None,
+    ) -> tuple[int, int]:
+        """Fetch and cache those of ``chunks`` that are neither ready nor in flight.
+
+        Requests are merged up to ``max_request`` bytes; ``before_fetch(nbytes)`` runs first
+        (the bandwidth limiter). Returns (chunks cached, compressed bytes requested). Errors
+        are logged, never raised: prefetch is best effort.
+        """
+        cache = self.cache
+        if cache is None:
+            return 0, 0
+        claims: list[tuple[Chunk, _Pending]] = []
+        with self._lock:
+            for c in chunks:
+                if cache.is_ready(c.index) or c.index in self._inflight or not cache.fits(c):
+                    continue
+                p = self._inflight[c.index] = _Pending()
+                claims.append((c, p))
+        if not claims:
+            return 0, 0
+        groups = self._merge(claims, max_request)
+        nbytes = sum(g.end - g.start for g in groups)
+        try:
+            if before_fetch is not None:
+                before_fetch(nbytes)
+            self._run(claims, groups)
+        except Exception as e:  # never let a prefetch worker die
+            log.warning("prefetch of blob %s failed: %s", self.info.blob_id, e)
+        finally:
+            # before_fetch may raise before _run resolved the claims
+            with self._lock:
+                for c, p in claims:
+                    if self._inflight.get(c.index) is p and not p.event.is_set():
+                        del self._inflight[c.index]
+                        p.error = p.error or BackendError("prefetch cancelled")
+                        p.event.set()
+        failed = [p.error for _, p in claims if p.data is None]
+        if failed and failed[0] is not None:
+            log.warning("prefetch of blob %s: %d chunks failed: %s", self.info.blob_id,
+                        len(failed), failed[0])
+        return len(claims) - len(failed), nbytes
