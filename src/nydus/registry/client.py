@@ -969,9 +969,9 @@ class RegistryClient:
         transiently is started again if the source can be re-read.
         """
         self._blob(repo, digest)
+        src = UploadSource(data, size, digest, self.chunk_size)
         if check_exists and self.has_blob(repo, digest):
             return False
-        src = UploadSource(data, size, digest, self.chunk_size)
         self._upload_with_retries(repo, src, None)
         return True
 

@@ -585,7 +585,7 @@ class HTTPTransport:
             )
             headers_out = Headers(resp.getheaders())
             body = _HTTPBody(self._pool, key, conn, resp, url, no_body)
-            return Response(resp.status, resp.reason, headers_out, url, body)
+            return Response(resp.status, resp.reason, headers_out, request.url, body)
 
     def _connect(self, conn: _Conn, scheme: str, host: str, port: int) -> None:
         where = f"{scheme}://{host}:{port}"
