@@ -12,14 +12,16 @@ The blob id is computed the upstream way: sha256 over every byte written
 except the chunk digest array's payload (its tar header is included).
 
 Hashing and compression run on a thread pool (both libraries release the
-GIL); chunk order, and so the output bytes, do not depend on scheduling. The
-writer itself is used from one thread.
+GIL); a chunk whose digest is already known is not compressed at all. Chunk
+order, and so the output bytes, do not depend on scheduling. The writer itself
+is used from one thread; the pool only runs :meth:`BlobWriter._process`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,7 +100,32 @@ def _in_hole(extents: list[tuple[int, int]] | None, off: int, end: int) -> bool:
     return all(e <= off or s >= end for s, e in extents)
 
 
+_DEFERRED = -2  # blob index of a chunk reference in the deferred region until finish()
+_INLINE = 16 << 10  # chunks this small are digested here: a pool round trip costs more
+
+
+@dataclass(eq=False)
+class _Pending:
+    node: Node
+    offset: int
+    size: int
+    future: Future[tuple[bytes, bytes | None, bool]]
+    deferred: bool
+
+
 class BlobWriter:
+    """Streams chunks into one blob; use as a context manager (it owns a thread pool).
+
+    :meth:`add_file` takes a node and its data as ``(file offset, bytes)`` pieces, one per
+    non-hole chunk in file order; digesting and compression run on the pool while the caller
+    reads on, and chunks are placed strictly in submission order through a bounded window
+    shared by all files (so memory stays at a few chunks whatever the file sizes).
+
+    ``deferred=True`` puts a file's new chunks behind every non-deferred chunk of the blob
+    (``--prefetch-policy fs`` for a stream, whose prefetch files may come last): their payloads
+    wait in a temporary spool file, and their references are renumbered by :meth:`finish`.
+    """
+
     def __init__(
         self,
         out: _Sink,
@@ -109,6 +136,7 @@ class BlobWriter:
         digester: codec.Digester,
         chunk_dict: ChunkDict,
         workers: int | None = None,
+        spool_dir: str | None = None,
     ) -> None:
         self.out = out
         self.blob_index = blob_index
@@ -122,8 +150,55 @@ class BlobWriter:
         self._ci: list[bm.CiEntry] = []
         self._digests: list[bytes] = []
         self.deduped = 0
+        self.bytes_in = 0
         self._workers = workers or min(4, os.cpu_count() or 1)
         self._aligned = compressor.is_none
+        self._pool: ThreadPoolExecutor | None = None
+        self._window: deque[_Pending] = deque()
+        self._limit = self._workers * 3
+        # the deferred region (see the class docstring)
+        self._spool_dir = spool_dir
+        self._spool: BinaryIO | None = None
+        self._dpos = 0
+        self._dupos = 0
+        self._dci: list[bm.CiEntry] = []
+        self._ddigests: list[bytes] = []
+        self._dnodes: dict[int, Node] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            for p in self._window:
+                p.future.cancel()
+            self._window.clear()
+        self.close()
+
+    def close_pool(self) -> None:
+        """Place every chunk in flight, then stop the pool."""
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+    def close(self) -> None:
+        """Stop the pool (pending chunks are placed first) and drop the spool."""
+        try:
+            self.close_pool()
+        finally:
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
+
+    def flush(self) -> None:
+        """Place every chunk still in flight."""
+        while self._window:
+            self._place(self._window.popleft())
 
     # ------------------------------------------------------------------ writing
 
@@ -133,13 +208,15 @@ class BlobWriter:
             self._hash.update(b)
         self._pos += len(b)
 
-    def _process(self, data: bytes) -> tuple[bytes, bytes, bool]:
+    def _process(self, data: bytes) -> tuple[bytes, bytes | None, bool]:
         digest = self.digester.digest(data)
+        if self.dict.get(digest) is not None:
+            return digest, None, False  # a known chunk: no need to compress it
         payload, compressed = codec.compress(self.compressor, data)
         return digest, payload, compressed
 
-    def _chunks_of(self, node: Node) -> Iterator[tuple[int, bytes | None]]:
-        """(file offset, data) per chunk; data None for a chunk that is a hole."""
+    def _chunks_of(self, node: Node) -> Iterator[tuple[int, bytes]]:
+        """(file offset, data) per non-hole chunk of a file read through ``open_data``."""
         if node.open_data is None:
             raise FormatError(f"no data source for {node.path!r}")
         f = node.open_data()
@@ -150,10 +227,8 @@ class BlobWriter:
                 n = min(self.chunk_size, node.size - off)
                 if _in_hole(extents, off, off + n):
                     f.seek(off + n)  # type: ignore[attr-defined]
-                    yield off, None
                 else:
-                    data = _read_exact(f, n, node)
-                    yield off, data
+                    yield off, _read_exact(f, n, node)
                 off += n
             if f.read(1):  # type: ignore[attr-defined]
                 raise FormatError(f"{node.path!r} grew while it was being read")
@@ -161,60 +236,127 @@ class BlobWriter:
             f.close()  # type: ignore[attr-defined]
 
     def add_files(self, nodes: Iterable[Node]) -> int:
-        """Chunk every node's data, in order; sets ``node.chunks``. Returns bytes read."""
+        """Chunk every node's data (read through ``open_data``), in order; sets
+        ``node.chunks`` once placed. Returns the bytes read."""
         total = 0
-        window: deque[tuple[Node, int, int, Future[tuple[bytes, bytes, bool]]]] = deque()
-        limit = self._workers * 3
-        with ThreadPoolExecutor(self._workers, thread_name_prefix="chunk") as pool:
-            for node in nodes:
-                node.chunks = []
-                for off, data in self._chunks_of(node):
-                    if data is None:
-                        continue
-                    total += len(data)
-                    window.append((node, off, len(data), pool.submit(self._process, data)))
-                    while len(window) > limit:
-                        self._place(*window.popleft())
-            while window:
-                self._place(*window.popleft())
+        for node in nodes:
+            total += self.add_file(node, self._chunks_of(node))
+        self.flush()
         return total
 
-    def _place(
-        self, node: Node, foff: int, size: int, fut: Future[tuple[bytes, bytes, bool]]
-    ) -> None:
-        digest, payload, compressed = fut.result()
+    def add_file(
+        self, node: Node, pieces: Iterable[tuple[int, bytes]], *, deferred: bool = False
+    ) -> int:
+        """Queue a file's chunks; ``node.chunks`` is complete after :meth:`flush`.
+
+        ``pieces`` are (file offset, data) for every chunk that is not a hole, in file order,
+        each ``chunk_size`` bytes at a multiple of it (the last may be shorter). Returns the
+        bytes read.
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="chunk")
+        node.chunks = []
+        total = 0
+        for off, data in pieces:
+            total += len(data)
+            if len(data) <= _INLINE:
+                fut: Future[tuple[bytes, bytes | None, bool]] = Future()
+                fut.set_result(self._process(data))
+            else:
+                fut = self._pool.submit(self._process, data)
+            self._window.append(_Pending(node, off, len(data), fut, deferred))
+            while len(self._window) > self._limit:
+                self._place(self._window.popleft())
+        self.bytes_in += total
+        return total
+
+    def _place(self, p: _Pending) -> None:
+        digest, payload, compressed = p.future.result()
+        node, foff, size = p.node, p.offset, p.size
         assert node.chunks is not None
         hit = self.dict.get(digest)
         if hit is not None and hit.uncompressed_size == size:
             self.deduped += 1
             node.chunks.append(_at(hit, foff))
+            if hit.blob_index == _DEFERRED:
+                self._dnodes[id(node)] = node
             return
-        if len(self._ci) >= v6.MAX_CHUNKS_PER_BLOB:
+        if payload is None:  # only when a digest collides with a chunk of another size
+            raise FormatError(f"chunk digest {digest.hex()} names chunks of two sizes")
+        if len(self._ci) + len(self._dci) >= v6.MAX_CHUNKS_PER_BLOB:
             raise FormatError("blob would hold more than 2^24 chunks; raise --chunk-size")
-        ref = ChunkRef(
-            digest=digest, blob_index=self.blob_index, index=len(self._ci), file_offset=foff,
-            compressed_offset=self._pos, compressed_size=len(payload),
-            uncompressed_offset=self._upos, uncompressed_size=size, compressed=compressed,
-        )
-        self._write(payload)
-        if self._aligned:
-            # Uncompressed blobs keep chunks at their uncompressed offsets, so the
-            # blob file itself is a valid EROFS blob device.
-            self._write(b"\0" * (-len(payload) % BLOCK))
-        self._ci.append(
-            bm.CiEntry(ref.compressed_offset, ref.compressed_size, ref.uncompressed_offset,
-                       size, compressed)
-        )
-        self._digests.append(digest)
-        self._upos += size + (-size % BLOCK)
+        pad = b"\0" * (-len(payload) % BLOCK) if self._aligned else b""
+        # Uncompressed blobs keep chunks at their uncompressed offsets (the padding above),
+        # so the blob file itself is a valid EROFS blob device.
+        if p.deferred:
+            if self._spool is None:
+                self._spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed in close()
+                    prefix="nydus-spool-", dir=self._spool_dir
+                )
+            ref = ChunkRef(
+                digest=digest, blob_index=_DEFERRED, index=len(self._dci), file_offset=foff,
+                compressed_offset=self._dpos, compressed_size=len(payload),
+                uncompressed_offset=self._dupos, uncompressed_size=size, compressed=compressed,
+            )
+            self._spool.write(payload)
+            self._spool.write(pad)
+            self._dpos += len(payload) + len(pad)
+            self._dci.append(bm.CiEntry(ref.compressed_offset, ref.compressed_size,
+                                        ref.uncompressed_offset, size, compressed))
+            self._ddigests.append(digest)
+            self._dupos += size + (-size % BLOCK)
+            self._dnodes[id(node)] = node
+        else:
+            ref = ChunkRef(
+                digest=digest, blob_index=self.blob_index, index=len(self._ci),
+                file_offset=foff, compressed_offset=self._pos, compressed_size=len(payload),
+                uncompressed_offset=self._upos, uncompressed_size=size, compressed=compressed,
+            )
+            self._write(payload)
+            if pad:
+                self._write(pad)
+            self._ci.append(
+                bm.CiEntry(ref.compressed_offset, ref.compressed_size, ref.uncompressed_offset,
+                           size, compressed)
+            )
+            self._digests.append(digest)
+            self._upos += size + (-size % BLOCK)
         self.dict.add(ref)
         node.chunks.append(ref)
+
+    def _merge_deferred(self) -> None:
+        """Append the spooled region after the direct one and renumber its references."""
+        if self._spool is None:
+            return
+        base_i, base_c, base_u = len(self._ci), self._pos, self._upos
+        self._spool.seek(0)
+        while piece := self._spool.read(1 << 20):
+            self._write(piece)
+        self._spool.close()
+        self._spool = None
+        for e in self._dci:
+            self._ci.append(bm.CiEntry(e.compressed_offset + base_c, e.compressed_size,
+                                       e.uncompressed_offset + base_u, e.uncompressed_size,
+                                       e.compressed))
+        self._digests.extend(self._ddigests)
+        self._upos += self._dupos
+        bi = self.blob_index
+        for node in self._dnodes.values():
+            assert node.chunks is not None
+            node.chunks = [
+                ChunkRef(c.digest, bi, c.index + base_i, c.file_offset,
+                         c.compressed_offset + base_c, c.compressed_size,
+                         c.uncompressed_offset + base_u, c.uncompressed_size, c.compressed,
+                         c.crc32) if c.blob_index == _DEFERRED else c
+                for c in node.chunks
+            ]
+        self._dci, self._ddigests, self._dnodes = [], [], {}
 
     # ------------------------------------------------------------------ trailer
 
     @property
     def chunk_count(self) -> int:
-        return len(self._ci)
+        return len(self._ci) + len(self._dci)
 
     def finish(
         self, inline_bootstrap: Callable[[v6.BlobEntry], bytes] | None = None
@@ -222,8 +364,11 @@ class BlobWriter:
         """Write the blob trailer; None (and nothing written) when no chunk is new.
 
         With ``inline_bootstrap`` the bootstrap (built by that function from this
-        blob's final table entry) is stored in the blob as ``image.boot``.
+        blob's final table entry) is stored in the blob as ``image.boot``. Places pending
+        chunks first; stops the pool.
         """
+        self.close_pool()
+        self._merge_deferred()
         if not self._ci:
             return None
         toc: list[bm.TocEntry] = []

@@ -4,6 +4,7 @@ Sources (a directory walk, a tar stream, a parent bootstrap) produce a tree of
 :class:`Node` objects; the overlay code merges trees; the blob writer fills in
 each regular file's chunks; the bootstrap writer serialises the result. A
 hardlink group is one Node object referenced from several directories.
+Both classes use ``__slots__``: a layer may hold millions of entries.
 
 Not thread-safe: a tree belongs to one build.
 """
@@ -19,7 +20,7 @@ from ..errors import FormatError
 __all__ = ["ChunkRef", "Node", "new_dir", "iter_tree", "check_name"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     """One chunk of a file as placed in the image."""
 
@@ -35,7 +36,7 @@ class ChunkRef:
     crc32: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     mode: int
     uid: int = 0
@@ -56,6 +57,9 @@ class Node:
     # runtime fields used while writing
     nlink: int = 0
     nid: int = -1
+    # a directory a tar layer implied (a parent of an entry) without an entry of its own: on
+    # top of a lower layer it keeps the lower directory's attributes, as containerd does
+    implicit: bool = False
 
     @property
     def is_dir(self) -> bool:
