@@ -1,15 +1,19 @@
-"""Build verb: tree in, bootstrap bytes and one data blob out.
+"""Build verb: a directory tree or a layer tar in, bootstrap bytes and one data blob out.
 
 Ties the pieces together: optional parent image (its tree and blobs become the
 lower layer and its chunks the dedup dictionary), optional chunk dictionary
 image, overlay of the new tree with whiteouts, prefetch ordering, the blob
-writer and the bootstrap writer. Single-threaded apart from the blob writer's
-pool.
+writer and the bootstrap writer. :func:`build_image` takes a tree read from a
+directory (file data read after the walk); :func:`build_from_tar` reads a tar
+stream once, feeding the blob writer as it goes. Single-threaded apart from
+the blob writer's pool.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 from .. import codec
 from ..errors import ConfigError, FormatError, NotFoundError
@@ -19,9 +23,10 @@ from ..metadata.v6 import RafsV6Metadata
 from .blob import BlobResult, BlobWriter, ChunkDict, _Sink
 from .bootstrap import BootstrapOptions, write_bootstrap
 from .overlay import apply_layer
+from .tarsource import TarLimits, load_tar
 from .tree import ChunkRef, Node, iter_tree
 
-__all__ = ["BuildOptions", "BuildResult", "build_image", "tree_from_metadata"]
+__all__ = ["BuildOptions", "BuildResult", "build_image", "build_from_tar", "tree_from_metadata"]
 
 
 @dataclass
@@ -39,7 +44,9 @@ class BuildOptions:
     def validate(self) -> None:
         cs = self.chunk_size
         if cs < v6.MIN_CHUNK_SIZE or cs > v6.MAX_CHUNK_SIZE or cs & (cs - 1):
-            raise ConfigError(f"--chunk-size must be a power of two in 0x1000..0x1000000, got {cs:#x}")
+            raise ConfigError(
+                f"--chunk-size must be a power of two in 0x1000..0x1000000, got {cs:#x}"
+            )
         codec.compressor_by_name(self.compressor)
         codec.digester_by_name(self.digester)
         if self.compressor == "gzip":
@@ -55,7 +62,7 @@ class BuildResult:
     blobs: list[v6.BlobEntry]
     bytes_read: int = 0
     files: int = 0
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _open_v6(path: str, what: str) -> RafsV6Metadata:
@@ -108,14 +115,14 @@ def _prefetch_order(root: Node, paths: list[bytes]) -> tuple[list[Node], list[No
     first: list[Node] = []
     seen: set[int] = set()
     for p in paths:
-        node = root
+        node: Node | None = root
         for part in p.strip(b"/").split(b"/"):
-            if not part:
+            if not part or part == b".":
                 continue
-            if node.children is None or part not in node.children:
-                node = None  # type: ignore[assignment]
+            kids = node.children if node is not None else None
+            node = kids.get(part) if kids is not None else None
+            if node is None:
                 break
-            node = node.children[part]
         if node is None:
             continue  # upstream ignores missing prefetch entries
         table.append(node)
@@ -126,12 +133,21 @@ def _prefetch_order(root: Node, paths: list[bytes]) -> tuple[list[Node], list[No
     return table, first
 
 
-def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> BuildResult:
-    opts.validate()
+@dataclass
+class _Base:
+    """What a build starts from: the parent's blobs and tree, and the dedup dictionary."""
+
+    blobs: list[v6.BlobEntry]
+    dict_blobs: set[int]  # blobs that only the chunk dictionary brought in
+    cdict: ChunkDict
+    lower: Node | None
+
+
+def _prepare(opts: BuildOptions) -> _Base:
     blobs: list[v6.BlobEntry] = []
-    dict_blobs: set[int] = set()  # blobs that only the chunk dictionary brought in
+    dict_blobs: set[int] = set()
     cdict = ChunkDict()
-    root = source
+    lower = None
     if opts.parent_bootstrap:
         parent = _open_v6(opts.parent_bootstrap, "parent bootstrap")
         _check_compatible(parent, opts, "parent bootstrap")
@@ -140,10 +156,6 @@ def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> Bui
         for _p, n in iter_tree(lower):
             for c in n.chunks or ():
                 cdict.add(c)
-        root = apply_layer(lower, source, opts.whiteout_spec)
-    else:
-        # A layer built on its own keeps its whiteout markers: `merge` applies them.
-        root = source
     if opts.chunk_dict_bootstrap:
         cd = _open_v6(opts.chunk_dict_bootstrap, "chunk dict")
         _check_compatible(cd, opts, "chunk dict")
@@ -162,6 +174,25 @@ def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> Bui
                 cdict.add(c)
     if len(blobs) >= v6.MAX_BLOBS:
         raise FormatError(f"image would reference more than {v6.MAX_BLOBS} blobs")
+    return _Base(blobs, dict_blobs, cdict, lower)
+
+
+def _writer(base: _Base, blob_out: _Sink, opts: BuildOptions, spool_dir: str | None = None
+            ) -> BlobWriter:
+    return BlobWriter(
+        blob_out, blob_index=len(base.blobs), chunk_size=opts.chunk_size,
+        compressor=codec.compressor_by_name(opts.compressor),
+        digester=codec.digester_by_name(opts.digester), chunk_dict=base.cdict,
+        workers=opts.workers, spool_dir=spool_dir,
+    )
+
+
+def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> BuildResult:
+    """Build from a tree whose regular files have ``open_data`` (a directory walk)."""
+    opts.validate()
+    base = _prepare(opts)
+    # A layer built on its own keeps its whiteout markers: `merge` applies them.
+    root = apply_layer(base.lower, source, opts.whiteout_spec) if base.lower else source
 
     table, first = _prefetch_order(root, opts.prefetch_paths or [])
     order: list[Node] = list(first)
@@ -180,30 +211,87 @@ def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> Bui
     if order:
         if blob_out is None:
             raise ConfigError("the image has file data: give --blob or --blob-dir")
-        writer = BlobWriter(
-            blob_out, blob_index=len(blobs), chunk_size=opts.chunk_size,
-            compressor=codec.compressor_by_name(opts.compressor),
-            digester=codec.digester_by_name(opts.digester), chunk_dict=cdict,
-            workers=opts.workers,
-        )
-        read = writer.add_files(order)
-
-        def make_boot(entry: v6.BlobEntry) -> bytes:
-            return _bootstrap(root, [*blobs, entry], opts, table)
-
-        result = writer.finish(make_boot if opts.inline_bootstrap else None)
-        if result is not None:
-            blobs.append(result.entry)
+        with _writer(base, blob_out, opts) as writer:
+            read = writer.add_files(order)
+            result = writer.finish(_inline_maker(root, base, opts, table))
     elif opts.inline_bootstrap:
         raise ConfigError("--blob-inline-meta needs file data to make a blob")
+    return _complete(root, base, result, opts, table, read, files)
+
+
+def build_from_tar(
+    stream: BinaryIO, blob_out: _Sink | None, opts: BuildOptions,
+    limits: TarLimits | None = None, spool_dir: str | None = None,
+) -> BuildResult:
+    """Build from an OCI layer tar (plain, gzip or zstd) read once from ``stream``.
+
+    File data goes to the blob while the tar streams. With ``prefetch_paths`` the chunks of
+    the files under those paths go first in the blob (the others wait in a spool file in
+    ``spool_dir``). The result's ``stats`` hold the layer's ``diff_id``.
+    """
+    opts.validate()
+    base = _prepare(opts)
+    patterns = _prefetch_patterns(opts.prefetch_paths or [])
+    front = None
+    if patterns and b"/" not in patterns:
+        def front(path: bytes) -> bool:
+            return any(path == p or path.startswith(p + b"/") for p in patterns)
+    writer = _writer(base, blob_out, opts, spool_dir) if blob_out is not None else None
+    try:
+        layer = load_tar(stream, writer, chunk_size=opts.chunk_size, prefetch=front,
+                         limits=limits)
+        root = apply_layer(base.lower, layer.root, opts.whiteout_spec) if base.lower \
+            else layer.root
+        table, _first = _prefetch_order(root, opts.prefetch_paths or [])
+        result = None
+        if writer is not None:
+            result = writer.finish(_inline_maker(root, base, opts, table))
+        if result is None and opts.inline_bootstrap:
+            raise ConfigError("--blob-inline-meta needs file data to make a blob")
+    finally:
+        if writer is not None:
+            writer.close()
+    files = sum(1 for _p, n in iter_tree(root) if n.is_reg)
+    res = _complete(root, base, result, opts, table, layer.bytes_read, files)
+    res.stats.update(layer.stats())
+    return res
+
+
+def _inline_maker(
+    root: Node, base: _Base, opts: BuildOptions, table: list[Node]
+) -> Callable[[v6.BlobEntry], bytes] | None:
+    if not opts.inline_bootstrap:
+        return None
+
+    def make_boot(entry: v6.BlobEntry) -> bytes:
+        return _bootstrap(root, [*base.blobs, entry], opts, table)
+
+    return make_boot
+
+
+def _complete(
+    root: Node, base: _Base, result: BlobResult | None, opts: BuildOptions,
+    table: list[Node], read: int, files: int,
+) -> BuildResult:
+    blobs = list(base.blobs)
+    if result is not None:
+        blobs.append(result.entry)
     if not opts.inline_bootstrap:  # the inlined copy already fixed the blob table
-        blobs, root = _prune_blobs(root, blobs, prunable=dict_blobs)
+        blobs, root = _prune_blobs(root, blobs, prunable=base.dict_blobs)
     boot = _bootstrap(root, blobs, opts, table)
-    stats = {
+    stats: dict[str, Any] = {
         "new_chunks": result.new_chunks if result else 0,
         "deduped_chunks": result.deduped_chunks if result else 0,
     }
     return BuildResult(boot, result, blobs, read, files, stats)
+
+
+def _prefetch_patterns(paths: list[bytes]) -> set[bytes]:
+    out = set()
+    for p in paths:
+        parts = [x for x in p.split(b"/") if x and x != b"."]
+        out.add(b"/" + b"/".join(parts))
+    return out
 
 
 def _bootstrap(

@@ -9,7 +9,8 @@ Whiteout specs (as upstream ``--whiteout-spec``):
 - ``none``: whiteout-looking entries are ordinary files.
 
 Whiteout markers never appear in the result. The lower tree is modified in
-place and returned.
+place and returned. A directory of the upper layer that its tar only implied
+(:attr:`Node.implicit`) leaves the attributes of a lower directory alone.
 Single-threaded.
 """
 
@@ -31,11 +32,20 @@ def _is_overlay_whiteout(n: Node) -> bool:
 
 
 def apply_layer(lower: Node, upper: Node, spec: str) -> Node:
-    _merge_dir(lower, upper, spec)
+    """Put ``upper`` on top of ``lower`` (both directory trees); returns ``lower``, changed.
+
+    Iterative, so trees of any depth work. Non-directory nodes of ``upper`` are moved into
+    the result as they are (hardlink groups stay groups); directories are merged.
+    """
+    stack = [(lower, upper)]
+    while stack:
+        lo, up = stack.pop()
+        stack.extend(_merge_dir(lo, up, spec))
     return lower
 
 
-def _merge_dir(lower: Node, upper: Node, spec: str) -> None:
+def _merge_dir(lower: Node, upper: Node, spec: str) -> list[tuple[Node, Node]]:
+    """Merge one directory level; returns the child directory pairs still to merge."""
     assert lower.children is not None and upper.children is not None
     entries = upper.children
     opaque = False
@@ -43,11 +53,15 @@ def _merge_dir(lower: Node, upper: Node, spec: str) -> None:
         opaque = True
     if spec == "overlayfs" and upper.xattrs.get(OVERLAY_OPAQUE) == b"y":
         opaque = True
-    # The directory's own attributes come from the upper layer.
-    lower.mode, lower.uid, lower.gid = upper.mode, upper.uid, upper.gid
-    lower.mtime, lower.mtime_nsec = upper.mtime, upper.mtime_nsec
-    lower.xattrs = {k: v for k, v in upper.xattrs.items()
-                    if not (spec == "overlayfs" and k == OVERLAY_OPAQUE)}
+    # The directory's own attributes come from the upper layer, unless the upper layer only
+    # implied the directory (a tar with entries below it but none for it): then the lower
+    # directory stays as it was, as when containerd applies such a layer.
+    if not upper.implicit or lower.implicit:
+        lower.mode, lower.uid, lower.gid = upper.mode, upper.uid, upper.gid
+        lower.mtime, lower.mtime_nsec = upper.mtime, upper.mtime_nsec
+        lower.xattrs = {k: v for k, v in upper.xattrs.items()
+                        if not (spec == "overlayfs" and k == OVERLAY_OPAQUE)}
+        lower.implicit = upper.implicit
     if opaque:
         lower.children = {}
     kids = lower.children
@@ -59,7 +73,8 @@ def _merge_dir(lower: Node, upper: Node, spec: str) -> None:
                 kids.pop(name[len(OCI_WHITEOUT):], None)
         elif spec == "overlayfs" and _is_overlay_whiteout(node):
             kids.pop(name, None)
-    for name, node in sorted(entries.items()):
+    todo: list[tuple[Node, Node]] = []
+    for name, node in entries.items():
         if spec == "oci" and name.startswith(OCI_WHITEOUT):
             continue
         if spec == "overlayfs" and _is_overlay_whiteout(node):
@@ -67,11 +82,12 @@ def _merge_dir(lower: Node, upper: Node, spec: str) -> None:
         old = kids.get(name)
         if node.is_dir:
             if old is not None and old.is_dir:
-                _merge_dir(old, node, spec)
+                todo.append((old, node))
                 continue
-            fresh = Node(mode=node.mode)
+            fresh = Node(mode=node.mode, implicit=True)
             fresh.children = {}
-            _merge_dir(fresh, node, spec)
             kids[name] = fresh
+            todo.append((fresh, node))
         else:
             kids[name] = node
+    return todo

@@ -13,10 +13,10 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 from .. import __version__
-from ..builder.build import BuildOptions, build_image
+from ..builder.build import BuildOptions, BuildResult, build_from_tar, build_image
 from ..builder.dirsource import load_directory
 from ..errors import ConfigError, NydusError
 from ..metadata import open_bootstrap
@@ -25,6 +25,9 @@ from ..verbs.inspect import dedup_stats, image_stats, inspect_request
 from ..verbs.unpack import unpack_image
 
 log = logging.getLogger("nydus-image")
+
+DIR_TYPES = {"dir-rafs", "directory"}
+TAR_TYPES = {"tar-rafs", "targz-rafs", "tarzstd-rafs"}  # all three sniff the compression
 
 
 def _int(v: str) -> int:
@@ -42,9 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-L", "--log-file")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("create", help="build a RAFS image from a directory")
-    c.add_argument("source")
-    c.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs")
+    c = sub.add_parser("create", help="build a RAFS image from a directory or a layer tar")
+    c.add_argument("source", help="a directory, or a tar / tar.gz / tar.zst file or - (stdin)")
+    c.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs",
+                   choices=sorted(DIR_TYPES | TAR_TYPES))
     c.add_argument("-B", "--bootstrap")
     c.add_argument("-b", "--blob")
     c.add_argument("-D", "--blob-dir")
@@ -111,12 +115,18 @@ def _bootstrap_arg(a: argparse.Namespace) -> str:
 def cmd_create(a: argparse.Namespace) -> int:
     if a.fs_version not in ("6",):
         raise ConfigError(f"--fs-version {a.fs_version}: this builder writes RAFS v6 only")
-    if a.type not in ("dir-rafs", "directory"):
-        raise ConfigError(f"--type {a.type} is not supported yet (dir-rafs only)")
     if not a.bootstrap and not a.blob_inline_meta:
         raise ConfigError("--bootstrap is required (or --blob-inline-meta)")
+    from_tar = a.type in TAR_TYPES
+    if from_tar and not (a.blob or a.blob_dir):
+        raise ConfigError("both --blob and --blob-dir are missing")
     prefetch = None
     if a.prefetch_policy == "fs":
+        if from_tar and a.source == "-":
+            raise ConfigError(
+                "--prefetch-policy fs reads its file list from stdin: the tar cannot come "
+                "from stdin too"
+            )
         prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
     opts = BuildOptions(
         chunk_size=a.chunk_size, compressor=a.compressor, digester=a.digester,
@@ -126,17 +136,25 @@ def cmd_create(a: argparse.Namespace) -> int:
     )
     opts.validate()
     t0 = time.monotonic()
-    tree = load_directory(a.source)
+    tree = None if from_tar else load_directory(a.source)
+    src = _open_tar(a.source) if from_tar else None
     blob_path, tmp = _blob_target(a)
     out = open(blob_path, "wb") if blob_path else None  # noqa: SIM115
     try:
-        res = build_image(tree, out, opts)
+        if src is not None:
+            res = build_from_tar(src, out, opts, spool_dir=a.blob_dir)
+        else:
+            assert tree is not None
+            res = build_image(tree, out, opts)
     except BaseException:
         if out:
             out.close()
         if tmp:
             os.unlink(tmp)
         raise
+    finally:
+        if src is not None and src is not sys.stdin.buffer:
+            src.close()
     if out:
         out.close()
     blob_id = res.blob.entry.blob_id if res.blob else None
@@ -148,9 +166,7 @@ def cmd_create(a: argparse.Namespace) -> int:
     if blob_id and a.blob_id:
         log.warning("--blob-id is ignored: blob ids are content digests here")
     if a.bootstrap:
-        with open(a.bootstrap + ".tmp", "wb") as f:
-            f.write(res.bootstrap)
-        os.replace(a.bootstrap + ".tmp", a.bootstrap)
+        _write_file(a.bootstrap, res.bootstrap)
     if not a.disable_check:
         with open_bootstrap(res.bootstrap) as md:
             for _p, _n in md.walk():
@@ -158,7 +174,19 @@ def cmd_create(a: argparse.Namespace) -> int:
     dt = time.monotonic() - t0
     log.info("built %s: %d files, %d bytes read in %.2fs", a.bootstrap or blob_id, res.files,
              res.bytes_read, dt)
-    data = {
+    _emit_json(a.output_json, _create_json(a, res, blob_id, dt))
+    if blob_id:
+        print(f"blob: {blob_id}")
+    if a.bootstrap:
+        print(f"bootstrap: {a.bootstrap}")
+    if "diff_id" in res.stats:
+        print(f"diff_id: {res.stats['diff_id']}")
+    return 0
+
+
+def _create_json(a: argparse.Namespace, res: BuildResult, blob_id: str | None,
+                 dt: float) -> dict[str, Any]:
+    return {
         "version": __version__, "bootstrap": a.bootstrap,
         "blobs": [b.blob_id for b in res.blobs],
         "blob": blob_id,
@@ -166,12 +194,23 @@ def cmd_create(a: argparse.Namespace) -> int:
         "files": res.files, "bytes_read": res.bytes_read, "seconds": round(dt, 3),
         **res.stats,
     }
-    _emit_json(a.output_json, data)
-    if blob_id:
-        print(f"blob: {blob_id}")
-    if a.bootstrap:
-        print(f"bootstrap: {a.bootstrap}")
-    return 0
+
+
+def _open_tar(source: str) -> BinaryIO:
+    if source == "-":
+        return sys.stdin.buffer
+    if os.path.isdir(source):
+        raise ConfigError(f"{source} is a directory: --type dir-rafs builds from directories")
+    try:
+        return open(source, "rb")
+    except OSError as e:
+        raise ConfigError(f"cannot open the source tar {source}: {e.strerror}") from e
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
 
 
 def _chunk_dict_path(v: str | None) -> str | None:
