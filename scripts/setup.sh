@@ -31,7 +31,8 @@ run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the
 # erofs-utils: mkfs.erofs/fsck.erofs (baseline builder, oracle); zstd: bench baseline;
 # attr + acl: getfattr/setfattr/setfacl for the test corpus; fuse3: fusermount3 for the daemon;
 # python3-venv: venv for Debian's python3; tar: unpack checks in the demo; time: bench RSS.
-apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time docker-registry skopeo apache2-utils openssl)
+# iproute2: ip netns + tc for the bandwidth-limited link in bench/fetch.py.
+apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time docker-registry skopeo apache2-utils openssl iproute2)
 apt_packages+=(containerd runc busybox-static golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev)  # snapshotter: containerd e2e, .proto files
 missing=()
 for p in "${apt_packages[@]}"; do
