@@ -22,7 +22,8 @@ Pieces:
   an "object store" on another host name, delays) and it can serve TLS with any certificate.
 - Fixtures: ``registry_plain``, ``registry_basic``, ``registry_token``, ``registry_tls``
   (session-scoped), ``registry_any`` (parametrized over the four), ``fault_proxy``
-  (per test, in front of ``registry_plain``), ``test_ca``.
+  (per test, in front of ``registry_plain``), ``fault_proxy_factory`` (per test, in front of
+  any of them), ``test_ca``.
 - :func:`push_image`: push a small image (config + layers + manifest) with our client;
   :func:`write_oci_layout`: an OCI image layout directory (for ``skopeo copy oci:...``).
 
@@ -49,7 +50,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -615,12 +616,16 @@ class FaultProxy:
             )
 
     def blob_bytes(self, digest: str) -> int:
-        """Body bytes sent for ``digest`` (GETs of the blob and of its redirect target)."""
+        """Body bytes of blob data sent for ``digest`` (200/206 answers to GETs of the blob
+        and of its redirect target; error bodies do not count)."""
         with self._lock:
             return sum(
                 r.body_bytes
                 for r in self.records
-                if r.method == "GET" and (m := _BLOB_RE.search(r.path)) and m.group(1) == digest
+                if r.method == "GET"
+                and r.status in (200, 206)
+                and (m := _BLOB_RE.search(r.path))
+                and m.group(1) == digest
             )
 
     # --- request handling ---
@@ -728,8 +733,13 @@ class FaultProxy:
                 if k.lower()
                 not in ("connection", "keep-alive", "transfer-encoding", "content-length")
             ]
+            length = up.getheader("Content-Length")
+            if not action and method == "GET" and length is not None:
+                # No fault to apply: stream (blobs may be large), counting what goes out.
+                self._stream(h, up, out_headers, int(length))
+                return
             body = up.read() if method != "HEAD" else b""
-            declared = int(up.getheader("Content-Length") or len(body))
+            declared = int(length or len(body))
         finally:
             conn.close()
         status = up.status
@@ -768,6 +778,41 @@ class FaultProxy:
         if method == "HEAD":
             out_headers.append(("Content-Length", str(declared)))
         self._send(h, status, out_headers, body)
+
+    def _stream(
+        self,
+        h: http.server.BaseHTTPRequestHandler,
+        up: http.client.HTTPResponse,
+        headers: list[tuple[str, str]],
+        length: int,
+    ) -> None:
+        h.send_response(up.status)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
+        with self._lock:  # recorded up front (see _send), corrected to what was really sent
+            rec = ProxyRecord(
+                h.command,
+                h.path,
+                h.headers.get("Range"),
+                up.status,
+                length,
+                h.headers.get("Authorization"),
+            )
+            self.records.append(rec)
+        sent = 0
+        try:
+            while piece := up.read(1 << 20):
+                h.wfile.write(piece)
+                sent += len(piece)
+        except OSError:
+            h.close_connection = True
+        finally:
+            with self._lock:
+                rec.body_bytes = sent
+            if sent != length:
+                h.close_connection = True
 
     def _upstream_conn(self) -> http.client.HTTPConnection:
         up = self.upstream
@@ -907,6 +952,24 @@ def registry_any(request: pytest.FixtureRequest) -> RegistryServer:
 
 
 @pytest.fixture
+def fault_proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
+    """``make(server, tls=None) -> FaultProxy`` in front of any registry; all stopped after
+    the test. Use it to count bytes served per blob (:meth:`FaultProxy.blob_bytes`)."""
+    made: list[FaultProxy] = []
+
+    def make(server: RegistryServer, tls: CertPair | None = None) -> FaultProxy:
+        proxy = FaultProxy(server, tls=tls)
+        made.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.stop()
+
+
+@pytest.fixture
 def fault_proxy(registry_plain: RegistryServer) -> Iterator[FaultProxy]:
     """A fresh :class:`FaultProxy` in front of ``registry_plain`` (no faults until added)."""
     proxy = FaultProxy(registry_plain)
@@ -955,4 +1018,5 @@ __all__ = [
     "registry_tls",
     "registry_any",
     "fault_proxy",
+    "fault_proxy_factory",
 ]

@@ -283,6 +283,7 @@ def test_token_expired_401_refetch(registry_token: RegistryServer) -> None:
         with proxy.client() as c:
             digest = oci.sha256_digest(SMALL)
             assert c.get_blob_range("tok/exp", digest, 0, 100) == SMALL[:100]
+            assert proxy.blob_bytes(digest) == 100
             issued = ts.issued
             challenge = (
                 f'Bearer realm="{ts.realm}",service="{SERVICE}",'
