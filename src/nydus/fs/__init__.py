@@ -1,0 +1,28 @@
+"""The read-only RAFS file system over metadata + storage, independent of FUSE."""
+
+from .localblobs import LocalBlobChunks
+from .metrics import FsIoStats, StatsFop
+from .rafs import (
+    DEFAULT_TIMEOUT,
+    ROOT_INO,
+    Attr,
+    ChunkSource,
+    FsDirEntry,
+    FsOptions,
+    FsStat,
+    RafsFs,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ROOT_INO",
+    "Attr",
+    "ChunkSource",
+    "FsDirEntry",
+    "FsIoStats",
+    "FsOptions",
+    "FsStat",
+    "LocalBlobChunks",
+    "RafsFs",
+    "StatsFop",
+]
