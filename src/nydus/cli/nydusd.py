@@ -1,0 +1,192 @@
+"""``nydusd``: serve a RAFS image (or several, via the API) over FUSE, upstream's flags.
+
+    nydusd [fuse] --config FILE --mountpoint DIR --bootstrap FILE [--apisock SOCK] [--id ID]
+           [--log-level L] [--log-file F] [--prefetch-files P ...] [--fuse-threads N]
+           [--virtual-mountpoint /] [--failover-policy resend] [--supervisor S] [--upgrade]
+
+Without ``--bootstrap`` the daemon is a shared daemon: the mount point starts empty and images
+are attached with ``POST /api/v1/mount?mountpoint=/sub``. Runs in the foreground; SIGTERM or
+SIGINT unmount and exit 0. Exit codes follow nydus.errors (2 config, 3 format, ...).
+Parses, sets up logging, calls :class:`nydus.daemon.Nydusd`; no logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+from types import FrameType
+
+from .. import __version__
+from ..errors import ConfigError, NydusError
+
+log = logging.getLogger("nydusd")
+
+_SUBCOMMANDS = ("fuse", "virtiofs", "singleton", "nbd", "uffd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nydusd", description="Serve RAFS (Nydus) images over FUSE",
+        epilog="Subcommand 'fuse' is the default; virtiofs, singleton (fscache), nbd and uffd "
+               "are not supported by this implementation.")
+    p.add_argument("-V", "--version", action="version", version=f"nydusd {__version__} (python)")
+    p.add_argument("-C", "--config", help="nydusd configuration file (JSON v1, or v2)")
+    p.add_argument("-A", "--apisock", help="unix socket for the HTTP API")
+    p.add_argument("-M", "--mountpoint", help="where to mount the FUSE file system")
+    p.add_argument("-B", "--bootstrap", help="RAFS bootstrap (metadata) to serve")
+    p.add_argument("-D", "--localfs-dir",
+                   help="blob directory: shorthand for a localfs backend config")
+    p.add_argument("--shared-dir", help="passthroughfs directory (not supported)")
+    p.add_argument("-I", "--id", default="", help="daemon id")
+    p.add_argument("-S", "--supervisor", default="", help="supervisor socket (failover)")
+    p.add_argument("-U", "--upgrade", action="store_true",
+                   help="start in upgrade mode: wait for a takeover")
+    p.add_argument("-l", "--log-level", default="info",
+                   choices=["trace", "debug", "info", "warn", "error"])
+    p.add_argument("-L", "--log-file")
+    p.add_argument("-R", "--log-rotation-size", type=int, default=0, help="MiB (0 = never)")
+    p.add_argument("--rlimit-nofile", type=int, default=1_000_000)
+    p.add_argument("-P", "--prefetch-files", nargs="+", default=None, metavar="PATH")
+    p.add_argument("-m", "--virtual-mountpoint", default="/",
+                   help="where the --bootstrap image appears inside the mount (default /)")
+    p.add_argument("-F", "--failover-policy", default="resend",
+                   choices=["none", "resend", "flush"])
+    p.add_argument("-T", "--fuse-threads", type=int, default=4)
+    p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
+    p.add_argument("--dedup-db", help="(accepted, ignored)")
+    p.add_argument("--readahead-kb", type=int, default=0,
+                   help="raise the FUSE mount's readahead to this many KiB (0: kernel default)")
+    return p
+
+
+def _split_subcommand(argv: list[str]) -> tuple[str, list[str]]:
+    if argv and argv[0] in _SUBCOMMANDS:
+        return argv[0], argv[1:]
+    return "fuse", argv
+
+
+def _raise_nofile(limit: int) -> None:
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max(soft, limit)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    except (ValueError, OSError) as e:
+        log.debug("rlimit-nofile not changed: %s", e)
+
+
+def _load_config(a: argparse.Namespace) -> object | None:
+    from ..config import DaemonConfig
+
+    if a.config:
+        return DaemonConfig.from_file(a.config)
+    if a.localfs_dir:
+        return DaemonConfig.from_json(
+            {"device": {"backend": {"type": "localfs", "config": {"dir": a.localfs_dir}}}})
+    if a.bootstrap:
+        raise ConfigError("--bootstrap needs --config (or --localfs-dir)")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    sub, rest = _split_subcommand(args_in)
+    p = _parser()
+    a = p.parse_args(rest)
+    if sub != "fuse":
+        print(f"nydusd: error: subcommand {sub!r} is not supported (only 'fuse')",
+              file=sys.stderr)
+        return 2
+    from ..daemon.logsetup import setup_logging
+
+    try:
+        setup_logging(a.log_level, a.log_file, a.log_rotation_size)
+    except (ValueError, OSError) as e:
+        print(f"nydusd: error: logging: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(a)
+    except NydusError as e:
+        log.error("%s", e)
+        print(f"nydusd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        log.error("%s", e)
+        print(f"nydusd: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(a: argparse.Namespace) -> int:
+    from ..daemon.api import ApiServer
+    from ..daemon.service import DaemonOptions, Nydusd
+    from ..fuse import SessionOptions
+
+    if a.shared_dir:
+        raise ConfigError("--shared-dir (passthroughfs) is not supported")
+    if a.writable:
+        raise ConfigError("--writable (userspace overlay) is not supported")
+    if not a.mountpoint:
+        raise ConfigError("--mountpoint is required")
+    if not os.path.isdir(a.mountpoint):
+        raise ConfigError(f"--mountpoint {a.mountpoint}: not a directory")
+    if a.fuse_threads < 1 or a.fuse_threads > 1024:
+        raise ConfigError("--fuse-threads must be in 1..1024")
+    if a.upgrade and not a.supervisor:
+        raise ConfigError("--upgrade needs --supervisor")
+    cfg = _load_config(a)
+    _raise_nofile(a.rlimit_nofile)
+
+    opts = DaemonOptions(
+        mountpoint=os.path.abspath(a.mountpoint), id=a.id, supervisor=a.supervisor,
+        apisock=a.apisock or "", upgrade=a.upgrade, failover_policy=a.failover_policy,
+        session=SessionOptions(threads=a.fuse_threads, readahead_kb=a.readahead_kb),
+    )
+    daemon = Nydusd(opts)
+    logging.getLogger().addHandler(daemon.events)
+    api: ApiServer | None = None
+    if a.apisock:
+        from ..daemon.failover import Failover
+
+        fo = Failover(daemon) if a.supervisor else None
+        api = ApiServer(daemon, a.apisock,
+                        on_sendfd=fo.send if fo else None,
+                        on_takeover=fo.takeover if fo and a.upgrade else None)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        daemon.request_exit(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    log.info("nydusd %s (python) starting: mountpoint %s, %d FUSE threads", __version__,
+             opts.mountpoint, a.fuse_threads)
+    try:
+        if api is not None:
+            api.start()
+        if a.bootstrap:
+            daemon.mount(a.virtual_mountpoint, a.bootstrap, cfg,  # type: ignore[arg-type]
+                         a.prefetch_files)
+        if not a.upgrade:
+            daemon.mount_fuse()
+            daemon.start()
+        else:
+            log.info("upgrade mode: waiting for a takeover request")
+        daemon.wait()
+    finally:
+        daemon.shutdown()
+        if api is not None:
+            api.stop()
+        log.info("nydusd exits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

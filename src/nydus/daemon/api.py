@@ -1,0 +1,405 @@
+"""nydusd's HTTP API on a unix socket (``--apisock``), upstream's routes (nydus-reference.md §4).
+
+Responses are JSON; errors are ``{"code": ..., "message": ...}`` with a 4xx status for bad
+requests (malformed JSON, unknown keys, bad paths, wrong method: 400/404/405/409/413) and 5xx
+only for server-side failures. No request can take the daemon down: every handler runs inside
+one exception barrier. The socket file is created mode 0600 (owner only).
+
+Threading contract: one thread per connection (``ThreadingMixIn``); handlers call the daemon's
+verbs, which serialize themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import socketserver
+import stat
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import (
+    BackendError,
+    ConfigError,
+    FormatError,
+    NotFoundError,
+    NydusError,
+    UnsupportedError,
+)
+from .prometheus import render_prometheus
+from .service import Nydusd
+from .state import StateError
+
+__all__ = ["ApiServer", "ApiError", "set_log_level"]
+
+log = logging.getLogger("nydus.api")
+
+MAX_BODY = 1 << 20
+_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+           "warning": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 10}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def set_log_level(level: str) -> None:
+    lv = _LEVELS.get(str(level).lower())
+    if lv is None:
+        raise ApiError(400, "InvalidArgument",
+                       f"log_level: expected one of {', '.join(sorted(_LEVELS))}, got {level!r}")
+    logging.getLogger().setLevel(lv)
+    logging.getLogger("nydus").setLevel(lv)
+
+
+def _error_of(e: BaseException) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, StateError):
+        return ApiError(409, "InvalidState", str(e))
+    if isinstance(e, NotFoundError):
+        return ApiError(404, "NotFound", str(e))
+    if isinstance(e, UnsupportedError):
+        return ApiError(501, "Unsupported", str(e))
+    if isinstance(e, (ConfigError, FormatError)):
+        return ApiError(400, "InvalidArgument", str(e))
+    if isinstance(e, BackendError):
+        return ApiError(502, "BackendError", str(e))
+    if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.EBUSY):
+        return ApiError(409, "Conflict", e.strerror or str(e))
+    if isinstance(e, OSError) and e.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+        return ApiError(400, "InvalidArgument", e.strerror or str(e))
+    if isinstance(e, NydusError):
+        return ApiError(500, "InternalError", str(e))
+    log.error("API handler failed", exc_info=e)
+    return ApiError(500, "InternalError", f"{type(e).__name__}: {e}")
+
+
+class _Request:
+    def __init__(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> None:
+        self.method, self.path, self.query, self.body = method, path, query, body
+
+    def arg(self, name: str, required: bool = False) -> str | None:
+        v = self.query.get(name)
+        if not v or not v[0]:
+            if required:
+                raise ApiError(400, "InvalidArgument", f"query parameter {name!r} is required")
+            return None
+        return v[0]
+
+    def json(self) -> dict[str, Any]:
+        if not self.body:
+            raise ApiError(400, "InvalidArgument", "a JSON body is required")
+        try:
+            obj = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "InvalidArgument", f"malformed JSON body: {e}") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "InvalidArgument", "the JSON body must be an object")
+        return obj
+
+
+_Reply = tuple[int, Any]  # (status, JSON-able object | str for text/plain | None)
+
+
+class _Routes:
+    def __init__(self, daemon: Nydusd, on_sendfd: Callable[[], None] | None,
+                 on_takeover: Callable[[], None] | None) -> None:
+        self.d = daemon
+        self.on_sendfd, self.on_takeover = on_sendfd, on_takeover
+        self.table: dict[str, dict[str, Callable[[_Request], _Reply]]] = {
+            "/api/v1/daemon": {"GET": self.get_daemon, "PUT": self.put_daemon},
+            "/api/v2/daemon": {"GET": self.get_daemon, "PUT": self.put_daemon},
+            "/api/v1/daemon/backend": {"GET": self.get_backend},
+            "/api/v1/daemon/events": {"GET": self.get_events},
+            "/api/v1/daemon/start": {"PUT": self.put_start},
+            "/api/v1/daemon/exit": {"PUT": self.put_exit},
+            "/api/v1/daemon/fuse/sendfd": {"PUT": self.put_sendfd},
+            "/api/v1/daemon/fuse/takeover": {"PUT": self.put_takeover},
+            "/api/v1/mount": {"POST": self.post_mount, "PUT": self.put_mount,
+                              "DELETE": self.delete_mount},
+            "/api/v1/metrics": {"GET": self.get_metrics},
+            "/api/v1/metrics/files": {"GET": self.get_files},
+            "/api/v1/metrics/pattern": {"GET": self.get_pattern},
+            "/api/v1/metrics/backend": {"GET": self.get_backend_metrics},
+            "/api/v1/metrics/blobcache": {"GET": self.get_blobcache},
+            "/api/v1/metrics/inflight": {"GET": self.get_inflight},
+            "/api/v1/metrics/prometheus": {"GET": self.get_prometheus},
+            "/metrics": {"GET": self.get_prometheus},
+            "/api/v1/config": {"GET": self.get_config, "PUT": self.put_config},
+            "/api/v2/blobs": {"GET": self.unsupported_v2, "PUT": self.unsupported_v2,
+                              "DELETE": self.unsupported_v2},
+        }
+
+    def handle(self, req: _Request) -> _Reply:
+        methods = self.table.get(req.path.rstrip("/") or "/")
+        if methods is None:
+            raise ApiError(404, "NotFound", f"no such endpoint: {req.path}")
+        fn = methods.get(req.method)
+        if fn is None:
+            raise ApiError(405, "MethodNotAllowed",
+                           f"{req.method} not allowed on {req.path} (allowed: "
+                           f"{', '.join(sorted(methods))})")
+        return fn(req)
+
+    # -- daemon ---------------------------------------------------------------------------
+
+    def get_daemon(self, req: _Request) -> _Reply:
+        return 200, self.d.info()
+
+    def put_daemon(self, req: _Request) -> _Reply:
+        body = req.json()
+        unknown = set(body) - {"log_level"}
+        if unknown:
+            raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
+        if "log_level" in body:
+            set_log_level(body["log_level"])
+            log.info("log level set to %s", body["log_level"])
+        return 204, None
+
+    def get_backend(self, req: _Request) -> _Reply:
+        return 200, self.d.image(req.arg("mountpoint")).describe()
+
+    def get_events(self, req: _Request) -> _Reply:
+        return 200, self.d.events.export()
+
+    def put_start(self, req: _Request) -> _Reply:
+        self.d.start()
+        return 204, None
+
+    def put_exit(self, req: _Request) -> _Reply:
+        self.d.request_exit("API request")
+        return 204, None
+
+    def put_sendfd(self, req: _Request) -> _Reply:
+        if self.on_sendfd is None:
+            raise ApiError(501, "Unsupported", "no supervisor configured (--supervisor)")
+        self.on_sendfd()
+        return 204, None
+
+    def put_takeover(self, req: _Request) -> _Reply:
+        if self.on_takeover is None:
+            raise ApiError(501, "Unsupported", "takeover needs --upgrade and --supervisor")
+        self.on_takeover()
+        return 204, None
+
+    # -- mounts ---------------------------------------------------------------------------
+
+    def _mount_args(self, req: _Request) -> tuple[str, str, Any, list[str] | None]:
+        path = req.arg("mountpoint", required=True)
+        assert path is not None
+        body = req.json()
+        unknown = set(body) - {"source", "fs_type", "config", "prefetch_files"}
+        if unknown:
+            raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
+        fs_type = body.get("fs_type", "rafs")
+        if fs_type != "rafs":
+            raise ApiError(400 if fs_type != "passthrough_fs" else 501,
+                           "InvalidArgument" if fs_type != "passthrough_fs" else "Unsupported",
+                           f"fs_type {fs_type!r} is not supported (only 'rafs')")
+        source = body.get("source")
+        if not isinstance(source, str) or not source:
+            raise ApiError(400, "InvalidArgument", "'source' (bootstrap path) is required")
+        config = body.get("config")
+        if not isinstance(config, (str, dict)) or not config:
+            raise ApiError(400, "InvalidArgument",
+                           "'config' (nydusd config as a JSON string) is required")
+        pf = body.get("prefetch_files")
+        files: list[str] | None = None
+        if isinstance(pf, str):
+            files = [p for p in pf.split() if p]
+        elif isinstance(pf, list) and all(isinstance(p, str) for p in pf):
+            files = list(pf)
+        elif pf is not None:
+            raise ApiError(400, "InvalidArgument", "'prefetch_files' must be a list of paths")
+        return path, source, config, files
+
+    def post_mount(self, req: _Request) -> _Reply:
+        self.d.mount(*self._mount_args(req))
+        return 204, None
+
+    def put_mount(self, req: _Request) -> _Reply:
+        self.d.remount(*self._mount_args(req))
+        return 204, None
+
+    def delete_mount(self, req: _Request) -> _Reply:
+        path = req.arg("mountpoint", required=True)
+        assert path is not None
+        self.d.umount(path)
+        return 204, None
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def get_metrics(self, req: _Request) -> _Reply:
+        return 200, self.d.metrics_fs(req.arg("id"))
+
+    def get_files(self, req: _Request) -> _Reply:
+        latest = (req.arg("latest") or "").lower() in ("true", "1", "yes")
+        return 200, self.d.metrics_files(req.arg("id"), latest)
+
+    def get_pattern(self, req: _Request) -> _Reply:
+        return 200, self.d.metrics_pattern(req.arg("id"))
+
+    def get_backend_metrics(self, req: _Request) -> _Reply:
+        return 200, self.d.metrics_backend(req.arg("id"))
+
+    def get_blobcache(self, req: _Request) -> _Reply:
+        return 200, self.d.metrics_blobcache(req.arg("id"))
+
+    def get_inflight(self, req: _Request) -> _Reply:
+        return 200, {"values": self.d.metrics_inflight()}
+
+    def get_prometheus(self, req: _Request) -> _Reply:
+        return 200, render_prometheus(self.d)
+
+    def get_config(self, req: _Request) -> _Reply:
+        return 200, self.d.config_of(req.arg("id"))
+
+    def put_config(self, req: _Request) -> _Reply:
+        req.json()
+        raise ApiError(501, "Unsupported", "hot config update (registry_auth) is not supported")
+
+    def unsupported_v2(self, req: _Request) -> _Reply:
+        raise ApiError(501, "Unsupported",
+                       "fscache blob objects (/api/v2/blobs) are not supported on this kernel")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "nydusd-py"
+    routes: _Routes  # set on the subclass per server
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("api: " + format, *args)
+
+    def _serve(self) -> None:
+        try:
+            status, obj = self._run()
+        except BaseException as e:
+            err = _error_of(e)
+            status, obj = err.status, {"code": err.code, "message": err.message}
+            if status >= 500:
+                log.error("API %s %s: %s", self.command, self.path, err.message)
+            else:
+                log.info("API %s %s: %d %s", self.command, self.path, status, err.message)
+        self._send(status, obj)
+
+    def _run(self) -> _Reply:
+        length = self.headers.get("Content-Length")
+        body = b""
+        if length:
+            try:
+                n = int(length)
+            except ValueError:
+                raise ApiError(400, "InvalidArgument", "bad Content-Length") from None
+            if n < 0:
+                raise ApiError(400, "InvalidArgument", "bad Content-Length")
+            if n > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, "PayloadTooLarge", f"body larger than {MAX_BODY} bytes")
+            body = self.rfile.read(n)
+        elif self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise ApiError(411, "LengthRequired", "chunked bodies are not supported")
+        url = urlsplit(self.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        return self.routes.handle(_Request(self.command, url.path, query, body))
+
+    def _send(self, status: int, obj: Any) -> None:
+        if status == 204 or obj is None:
+            data, ctype = b"", "application/json"
+        elif isinstance(obj, str):
+            data, ctype = obj.encode(), "text/plain; version=0.0.4"
+        else:
+            data, ctype = json.dumps(obj).encode(), "application/json"
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if data and self.command != "HEAD":
+                self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
+
+    do_GET = _serve
+    do_PUT = _serve
+    do_POST = _serve
+    do_DELETE = _serve
+    do_PATCH = _serve
+    do_HEAD = _serve
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+    request_queue_size = 128
+
+    def server_bind(self) -> None:
+        # mode 0600 from the start: fchmod on an unbound unix socket sets the inode mode that
+        # bind(2) gives the socket file
+        os.fchmod(self.socket.fileno(), 0o600)
+        super().server_bind()
+        os.chmod(str(self.server_address), 0o600)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("API connection failed")
+
+
+class ApiServer:
+    """Serves the API of ``daemon`` on the unix socket ``path`` in a background thread."""
+
+    def __init__(self, daemon: Nydusd, path: str, *,
+                 on_sendfd: Callable[[], None] | None = None,
+                 on_takeover: Callable[[], None] | None = None) -> None:
+        self.path = os.path.abspath(path)
+        routes = _Routes(daemon, on_sendfd, on_takeover)
+        handler = type("Handler", (_Handler,), {"routes": routes})
+        if os.path.lexists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise ConfigError(f"API socket path {self.path} exists and is not a socket")
+            if not _stale_socket(self.path):
+                raise ConfigError(f"API socket {self.path} is in use by another process")
+            os.unlink(self.path)
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._server = _Server(self.path, handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="nydusd-api",
+                                        kwargs={"poll_interval": 0.2}, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("API server listening on %s", self.path)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _stale_socket(path: str) -> bool:
+    """True if ``path`` is a socket nobody listens on (left by a crashed daemon)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+

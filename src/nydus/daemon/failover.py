@@ -1,0 +1,120 @@
+"""Hand a live FUSE connection to a supervisor and take it back (upstream's sendfd/takeover).
+
+``PUT /api/v1/daemon/fuse/sendfd``: connect to the ``--supervisor`` unix socket and send one
+message (:mod:`nydus.fuse.fdpass`): a JSON state (session negotiation, images with their
+bootstrap, config and mount path, the VFS slot layout) plus the ``/dev/fuse`` fd. The kernel
+keeps the mount alive while the supervisor holds the fd.
+
+``PUT /api/v1/daemon/fuse/takeover`` (a new ``nydusd --upgrade --supervisor S``): connect to the
+supervisor, receive that message, reopen every image in the same VFS slots (so node ids the
+kernel holds stay valid), resume serving the fd, state READY; ``/start`` then makes it RUNNING.
+
+The state is our own JSON, opaque to the supervisor (which only stores and returns it).
+Threading contract: called from API threads; serialized by the daemon's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from ..errors import ConfigError, NydusError
+from ..fuse import FuseSession, SessionState
+from ..fuse.fdpass import recv_fds, send_fds
+from .service import Nydusd
+from .state import DaemonEvent
+
+__all__ = ["Failover", "STATE_VERSION"]
+
+log = logging.getLogger("nydus.daemon")
+
+STATE_VERSION = 1
+
+
+class Failover:
+    def __init__(self, daemon: Nydusd, timeout: float = 10.0) -> None:
+        self.d = daemon
+        self.timeout = timeout
+
+    def _connect(self) -> socket.socket:
+        path = self.d.opts.supervisor
+        if not path:
+            raise ConfigError("no supervisor socket (--supervisor)")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(path)
+        except OSError as e:
+            s.close()
+            raise NydusError(f"cannot connect to supervisor {path}: {e}") from e
+        return s
+
+    def state(self) -> dict[str, Any]:
+        d = self.d
+        with d._lock:
+            s = d.session
+            if s is None or s.device_fd < 0:
+                raise NydusError("no FUSE session to hand over")
+            return {
+                "version": STATE_VERSION,
+                "id": d.id,
+                "session": s.export_state().to_dict(),
+                "vfs": d.vfs.export_layout(),
+                "images": [
+                    {"path": im.path, "bootstrap": im.bootstrap,
+                     "config": im.config.to_dict(), "prefetch_files": im.prefetch_files}
+                    for im in d.images.values()
+                ],
+            }
+
+    def send(self) -> None:
+        st = self.state()
+        s = self.d.session
+        assert s is not None
+        with self._connect() as sock:
+            send_fds(sock, json.dumps(st).encode(), [s.device_fd])
+        log.info("sent the FUSE fd and state to supervisor %s", self.d.opts.supervisor)
+
+    def takeover(self) -> None:
+        d = self.d
+        with self._connect() as sock:
+            payload, fds = recv_fds(sock, self.timeout)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise NydusError(f"supervisor sent {len(fds)} fds, expected 1")
+        fd = fds[0]
+        try:
+            st = json.loads(payload)
+            if st.get("version") != STATE_VERSION:
+                raise NydusError(f"unknown failover state version {st.get('version')}")
+            with d._lock:
+                opened = []
+                try:
+                    for img in st["images"]:
+                        opened.append(d.open_image(img["path"], img["bootstrap"], img["config"],
+                                                   img.get("prefetch_files")))
+                    by_path = {im.path: im for im in opened}
+                    d.vfs.import_layout(st["vfs"],
+                                        {p: (im.fs, im.close) for p, im in by_path.items()})
+                except BaseException:
+                    for im in opened:
+                        im.close()
+                    raise
+                d.images.update(by_path)
+                state = SessionState.from_dict(st["session"])
+                state.mountpoint = d.opts.mountpoint
+                s = FuseSession.resume(d.vfs, fd, state, d.opts.session)
+                d.vfs.notify_entry = s.notify_inval_entry
+                d.session = s
+                s.start()
+                d.sm.fire(DaemonEvent.TAKEOVER)
+        except BaseException:
+            if d.session is None or d.session.device_fd != fd:
+                os.close(fd)
+            raise
+        log.info("took over the FUSE connection of %s (%d images)", d.opts.mountpoint,
+                 len(st["images"]))

@@ -1,0 +1,58 @@
+"""Logging for nydusd: upstream-like lines to stderr or ``--log-file`` (optionally rotated).
+
+``[2024-05-06 08:09:16.853513 +00:00] INFO [nydus.daemon] message``. Levels are upstream's
+(trace, debug, info, warn, error); trace maps to Python level 5.
+
+Threading contract: call :func:`setup_logging` once from the main thread before other threads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import logging.handlers
+import sys
+
+__all__ = ["setup_logging", "LEVELS", "TRACE"]
+
+TRACE = 5
+LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO,
+          "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _Formatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        t = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        return t.strftime("%Y-%m-%d %H:%M:%S.%f +00:00")
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = {"WARNING": "WARN", "Level 5": "TRACE"}.get(record.levelname, record.levelname)
+        text = f"[{self.formatTime(record)}] {level} [{record.name}] {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(level: str = "info", log_file: str | None = None,
+                  rotation_size_mb: int = 0) -> logging.Handler:
+    """Configure the root logger; returns the installed handler."""
+    logging.addLevelName(TRACE, "TRACE")
+    lv = LEVELS.get(level.lower())
+    if lv is None:
+        raise ValueError(f"unknown log level {level!r} (trace, debug, info, warn, error)")
+    handler: logging.Handler
+    if log_file:
+        if rotation_size_mb > 0:
+            handler = logging.handlers.RotatingFileHandler(
+                log_file, maxBytes=rotation_size_mb << 20, backupCount=5)
+        else:
+            handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(lv)
+    return handler

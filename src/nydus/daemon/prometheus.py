@@ -1,0 +1,105 @@
+"""Prometheus text exposition (format 0.0.4) of nydusd's metrics.
+
+Names: ``nydusd_`` + the upstream JSON field (nydus-reference.md §4), ``_total`` for counters;
+per-fop arrays become one series per fop (label ``fop``), distributions one series per bucket
+(label ``bucket``). Every image is labelled ``fs_id`` (its mount path). Only numbers are
+exported; a metric source that fails is skipped, never fatal.
+
+Threading contract: stateless; reads the daemon's thread-safe metric exports.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..fs.metrics import StatsFop
+
+if TYPE_CHECKING:
+    from .service import Nydusd
+
+__all__ = ["render_prometheus"]
+
+log = logging.getLogger("nydus.api")
+
+_SIZE_BUCKETS = ["lt1k", "1k", "4k", "16k", "64k", "128k", "512k", "1m_plus"]
+_LAT_BUCKETS = ["le1ms", "le20ms", "le50ms", "le100ms", "le500ms", "le1s", "le2s", "gt2s"]
+_FOPS = [f.name.lower() for f in StatsFop]
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.seen: set[str] = set()
+
+    def add(self, name: str, kind: str, help_: str, labels: dict[str, str], value: Any) -> None:
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            return
+        if name not in self.seen:
+            self.seen.add(name)
+            self.lines.append(f"# HELP {name} {help_}")
+            self.lines.append(f"# TYPE {name} {kind}")
+        lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+        self.lines.append(f"{name}{{{lab}}} {value}")
+
+
+def render_prometheus(d: Nydusd) -> str:
+    o = _Out()
+    o.add("nydusd_up", "gauge", "1 while the daemon serves", {"state": d.sm.state.value}, 1)
+    inflight = d.metrics_inflight()
+    o.add("nydusd_fuse_inflight_requests", "gauge", "FUSE requests being served", {},
+          len(inflight))
+    s = d.session
+    if s is not None:
+        o.add("nydusd_fuse_requests_total", "counter", "FUSE requests received", {},
+              s.stats.requests)
+        o.add("nydusd_fuse_errors_total", "counter", "FUSE requests answered with an error", {},
+              s.stats.errors)
+    for fs_id in sorted(d.images):
+        lab = {"fs_id": fs_id}
+        try:
+            g = d.metrics_fs(fs_id)
+            o.add("nydusd_data_read_bytes_total", "counter", "bytes read through the fs", lab,
+                  g["data_read"])
+            o.add("nydusd_nr_opens", "gauge", "files open now", lab, g["nr_opens"])
+            o.add("nydusd_nr_max_opens", "gauge", "most files open at once", lab,
+                  g["nr_max_opens"])
+            for i, fop in enumerate(_FOPS):
+                fl = {**lab, "fop": fop}
+                o.add("nydusd_fop_hits_total", "counter", "successful operations", fl,
+                      g["fop_hits"][i])
+                o.add("nydusd_fop_errors_total", "counter", "failed operations", fl,
+                      g["fop_errors"][i])
+                o.add("nydusd_fop_cumulative_latency_micros_total", "counter",
+                      "time spent per operation type", fl, g["fop_cumulative_latency_total"][i])
+            for i, b in enumerate(_SIZE_BUCKETS):
+                o.add("nydusd_block_count_read_total", "counter", "reads by request size",
+                      {**lab, "bucket": b}, g["block_count_read"][i])
+            for i, b in enumerate(_LAT_BUCKETS):
+                o.add("nydusd_read_latency_dist_total", "counter", "reads by latency",
+                      {**lab, "bucket": b}, g["read_latency_dist"][i])
+        except Exception as e:
+            log.debug("prometheus: fs metrics of %s: %s", fs_id, e)
+        try:
+            be = d.metrics_backend(fs_id)
+            bl = {**lab, "backend_type": str(be.get("backend_type", ""))}
+            for key in ("read_count", "read_errors", "read_amount_total",
+                        "read_cumulative_latency_millis_total"):
+                name = key if key.endswith("_total") else key + "_total"
+                o.add(f"nydusd_backend_{name}", "counter", f"backend {key}", bl, be.get(key))
+        except Exception as e:
+            log.debug("prometheus: backend metrics of %s: %s", fs_id, e)
+        try:
+            c = d.metrics_blobcache(fs_id)
+            for key, v in sorted(c.items()):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    o.add(f"nydusd_blobcache_{key}", "gauge", f"blobcache {key}", lab, v)
+        except Exception as e:
+            log.debug("prometheus: blobcache metrics of %s: %s", fs_id, e)
+    return "\n".join(o.lines) + "\n"

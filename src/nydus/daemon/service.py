@@ -1,0 +1,360 @@
+"""nydusd's core: images (bootstrap + storage device + RAFS fs) served over one FUSE session.
+
+:class:`Nydusd` owns the state machine, the :class:`~.vfs.RafsVfs`, the FUSE session and the
+images. The CLI builds one, calls :meth:`Nydusd.run`; the API server calls its verbs (mount,
+umount, start, exit, metrics). Image mounts are validated completely (config, bootstrap,
+storage) *before* anything is attached, so a bad request leaves the daemon as it was.
+
+Threading contract: verbs are serialized by one lock (API requests may come concurrently);
+FUSE requests run on the session's workers and never take that lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..config import DaemonConfig
+from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
+from ..fs.rafs import FsOptions, RafsFs
+from ..fuse import FuseSession, SessionOptions
+from ..metadata import open_bootstrap
+from ..storage import open_device
+from .state import DaemonEvent, DaemonState, StateError, StateMachine
+from .vfs import RafsVfs
+
+__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder", "redact_config"]
+
+log = logging.getLogger("nydus.daemon")
+
+_SECRET_KEYS = frozenset({
+    "auth", "registry_token", "access_key_id", "access_key_secret", "encryption_key",
+})
+
+
+def redact_config(obj: Any) -> Any:
+    """A copy of a config dict with credentials blanked (for info and logs)."""
+    if isinstance(obj, dict):
+        return {k: ("" if k in _SECRET_KEYS and v else redact_config(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_config(v) for v in obj]
+    return obj
+
+
+@dataclass
+class DaemonOptions:
+    mountpoint: str
+    id: str = ""
+    supervisor: str = ""
+    apisock: str = ""
+    upgrade: bool = False
+    failover_policy: str = "resend"
+    session: SessionOptions = field(default_factory=SessionOptions)
+
+
+@dataclass
+class ImageMount:
+    """One image attached to the daemon at ``path`` (a virtual mount point)."""
+
+    path: str
+    bootstrap: str
+    config: DaemonConfig
+    fs: RafsFs
+    device: Any
+    prefetch_files: list[str] | None
+    mounted_at: float = field(default_factory=time.time)
+
+    def close(self) -> None:
+        try:
+            self.fs.close()
+        finally:
+            self.device.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "fs_type": "rafs",
+            "mountpoint": self.path,
+            "bootstrap": self.bootstrap,
+            "rafs_version": self.fs.version,
+            "blobs": [b.blob_id for b in self.fs.meta.blobs],
+            "config": redact_config(self.config.to_dict()),
+            "mounted_at": int(self.mounted_at),
+        }
+
+
+class ErrorHolder(logging.Handler):
+    """Keeps the latest ERROR log records for ``GET /api/v1/daemon/events``."""
+
+    def __init__(self, max_errors: int = 500, max_size: int = 50 * 1024) -> None:
+        super().__init__(logging.ERROR)
+        self.max_errors, self.max_size = max_errors, max_size
+        self.total = 0
+        self._items: collections.deque[str] = collections.deque()
+        self._size = 0
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {record.name}: {record.getMessage()}"
+        except Exception:
+            return
+        with self._guard:
+            self.total += 1
+            self._items.append(text)
+            self._size += len(text)
+            while self._items and (len(self._items) > self.max_errors
+                                   or self._size > self.max_size):
+                self._size -= len(self._items.popleft())
+
+    def export(self) -> dict[str, Any]:
+        with self._guard:
+            return {"max_errors": self.max_errors, "total_errors": self.total,
+                    "max_size": self.max_size, "errors": list(self._items)}
+
+
+def parse_config(config: DaemonConfig | str | bytes | dict[str, Any]) -> DaemonConfig:
+    if isinstance(config, DaemonConfig):
+        return config
+    return DaemonConfig.from_json(config)
+
+
+class Nydusd:
+    """A running nydusd (see the module docstring)."""
+
+    def __init__(self, opts: DaemonOptions) -> None:
+        self.opts = opts
+        self.id = opts.id
+        self.sm = StateMachine()
+        self.vfs = RafsVfs()
+        self.session: FuseSession | None = None
+        self.images: dict[str, ImageMount] = {}
+        self.events = ErrorHolder()
+        self._lock = threading.RLock()
+        self._exit = threading.Event()
+        self.exit_reason = ""
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ images
+
+    def open_image(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
+                   dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
+        """Validate and open an image without attaching it."""
+        cfg = parse_config(config)
+        if cfg.overlay is not None and (cfg.overlay.upper_dir or cfg.overlay.work_dir):
+            raise UnsupportedError("writable overlay (config 'overlay') is not supported")
+        meta = open_bootstrap(bootstrap)
+        try:
+            fs_id = self.vfs.normalize(path)
+            device = open_device(meta.blobs, cfg, id=fs_id)
+        except BaseException:
+            meta.close()
+            raise
+        try:
+            fs = RafsFs(meta, device, FsOptions(
+                id=fs_id, enable_xattr=cfg.enable_xattr, iostats_files=cfg.iostats_files,
+                access_pattern=cfg.access_pattern, latest_read_files=cfg.latest_read_files,
+            ))
+        except BaseException:
+            device.close()
+            meta.close()
+            raise
+        return ImageMount(fs_id, os.path.abspath(bootstrap), cfg, fs, device,
+                          list(prefetch_files) if prefetch_files else None)
+
+    def _start_prefetch(self, im: ImageMount) -> None:
+        pf = im.config.fs_prefetch
+        if not pf.enable:
+            if im.prefetch_files:
+                log.info("%s: --prefetch-files given but fs_prefetch.enable is false; "
+                         "not prefetching", im.path)
+            return
+        try:
+            lists, everything = im.fs.prefetch_chunk_lists(im.prefetch_files)
+            if everything or (pf.prefetch_all and not lists):
+                log.info("%s: prefetching all blobs", im.path)
+                im.device.prefetch_all()
+            else:
+                log.info("%s: prefetching %d files", im.path, len(lists))
+                im.device.prefetch_files(lists)
+                if pf.prefetch_all:
+                    im.device.prefetch_all()
+        except NydusError as e:
+            log.warning("%s: prefetch not started: %s", im.path, e)
+
+    def mount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
+              dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
+        """Attach an image at ``path`` (``POST /api/v1/mount``)."""
+        with self._lock:
+            path = self.vfs.normalize(path)
+            if path in self.images:
+                raise StateError(f"{path} is already mounted")
+            im = self.open_image(path, bootstrap, config, prefetch_files)
+            try:
+                self.vfs.attach(path, im.fs, on_close=im.close)
+            except BaseException:
+                im.close()
+                raise
+            self.images[path] = im
+            if self.sm.state == DaemonState.INIT:
+                self.sm.fire(DaemonEvent.MOUNT)
+            self._start_prefetch(im)
+            log.info("mounted %s at %s (RAFS v%d, %d blobs)", bootstrap, path, im.fs.version,
+                     len(im.fs.meta.blobs))
+            return im
+
+    def remount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
+                dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
+        """Replace the image at ``path`` (``PUT /api/v1/mount``)."""
+        with self._lock:
+            path = self.vfs.normalize(path)
+            if path not in self.images:
+                raise NotFoundError(f"nothing is mounted at {path}")
+            im = self.open_image(path, bootstrap, config, prefetch_files)
+            try:
+                self.vfs.replace(path, im.fs, on_close=im.close)
+            except BaseException:
+                im.close()
+                raise
+            self.images[path] = im
+            self._start_prefetch(im)
+            log.info("remounted %s at %s", bootstrap, path)
+            return im
+
+    def umount(self, path: str) -> None:
+        """Detach the image at ``path`` (``DELETE /api/v1/mount``)."""
+        with self._lock:
+            path = self.vfs.normalize(path)
+            if path not in self.images:
+                raise NotFoundError(f"nothing is mounted at {path}")
+            self.vfs.detach(path)
+            del self.images[path]
+            log.info("unmounted %s", path)
+
+    def image(self, fs_id: str | None) -> ImageMount:
+        """The image with metrics id ``fs_id`` (its mount path); the default is ``/`` or the
+        only/first mounted image."""
+        with self._lock:
+            if fs_id:
+                im = self.images.get(self.vfs.normalize(fs_id))
+                if im is None:
+                    raise NotFoundError(f"no file system with id {fs_id}")
+                return im
+            if "/" in self.images:
+                return self.images["/"]
+            if not self.images:
+                raise NotFoundError("no file system is mounted")
+            return self.images[sorted(self.images)[0]]
+
+    # ------------------------------------------------------------------ FUSE
+
+    def mount_fuse(self) -> None:
+        """Mount the FUSE file system at the daemon's mount point and start serving."""
+        s = FuseSession(self.vfs, self.opts.mountpoint, self.opts.session)
+        s.mount()
+        self.vfs.notify_entry = s.notify_inval_entry
+        self.session = s
+        s.start()
+        if not s.wait_initialized(10):
+            log.warning("the kernel has not sent FUSE INIT within 10 s")
+
+    def start(self) -> None:
+        with self._lock:
+            if self.sm.state == DaemonState.INIT:
+                self.sm.fire(DaemonEvent.MOUNT)
+            self.sm.fire(DaemonEvent.START)
+            log.info("daemon state RUNNING")
+
+    # ------------------------------------------------------------------ run / exit
+
+    def request_exit(self, reason: str = "") -> None:
+        if not self._exit.is_set():
+            self.exit_reason = reason
+            log.info("exit requested%s", f" ({reason})" if reason else "")
+        self._exit.set()
+
+    def wait(self, poll: float = 0.5) -> None:
+        """Until an exit is requested or the FUSE session ends (unmounted from outside)."""
+        while not self._exit.wait(poll):
+            s = self.session
+            if s is not None and s.ended:
+                log.info("FUSE session ended (unmounted?)")
+                if self.sm.can(DaemonEvent.INTERRUPT):
+                    self.sm.fire(DaemonEvent.INTERRUPT)
+                self.request_exit("fuse session ended")
+
+    def shutdown(self) -> None:
+        """Unmount, close every image, state STOPPED. Idempotent."""
+        with self._lock:
+            if self.sm.can(DaemonEvent.EXIT):
+                self.sm.fire(DaemonEvent.EXIT)
+            s = self.session
+            self.session = None
+            self.vfs.notify_entry = None
+        if s is not None:
+            try:
+                s.unmount()
+            except OSError as e:
+                log.error("unmounting %s: %s", self.opts.mountpoint, e)
+                s.stop()
+        with self._lock:
+            self.images.clear()
+        self.vfs.close_all()
+
+    # ------------------------------------------------------------------ info and metrics
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            backends = {p: im.describe() for p, im in sorted(self.images.items())}
+        return {
+            "version": {
+                "package_ver": __version__, "git_commit": "", "build_time": "",
+                "profile": "release", "rustc": f"python {sys.version.split()[0]}",
+            },
+            "id": self.id,
+            "supervisor": self.opts.supervisor,
+            "state": self.sm.state.value,
+            "mountpoint": self.opts.mountpoint,
+            "backend_collection": backends,
+        }
+
+    def metrics_fs(self, fs_id: str | None) -> dict[str, Any]:
+        return self.image(fs_id).fs.stats.export_global()
+
+    def metrics_files(self, fs_id: str | None, latest: bool) -> Any:
+        st = self.image(fs_id).fs.stats
+        if latest:
+            return st.export_latest_read_files()
+        if not st.files_enabled:
+            raise ConfigError("per-file metrics are off (set iostats_files in the config)")
+        return st.export_files()
+
+    def metrics_pattern(self, fs_id: str | None) -> list[dict[str, Any]]:
+        st = self.image(fs_id).fs.stats
+        if not st.access_pattern_enabled:
+            raise ConfigError("access pattern is off (set access_pattern in the config)")
+        return st.export_patterns()
+
+    def metrics_backend(self, fs_id: str | None) -> dict[str, Any]:
+        return dict(self.image(fs_id).device.metrics_backend())
+
+    def metrics_blobcache(self, fs_id: str | None) -> dict[str, Any]:
+        return dict(self.image(fs_id).device.metrics_blobcache())
+
+    def metrics_inflight(self) -> list[dict[str, Any]]:
+        s = self.session
+        return s.inflight() if s is not None else []
+
+    def config_of(self, fs_id: str | None) -> dict[str, Any]:
+        return dict(redact_config(self.image(fs_id).config.to_dict()))
+
+    def dump(self) -> str:
+        return json.dumps(self.info(), indent=2)
