@@ -364,6 +364,8 @@ def test_bad_arguments() -> None:
         RegistryClient("h/path", docker_config=None)
     with pytest.raises(ConfigError):
         RegistryClient("h", auth="not base64!", docker_config=None)
+    with pytest.raises(ConfigError, match="CA certificate"):
+        RegistryClient("h", ca_cert_files=["/nonexistent/ca.pem"], docker_config=None)
     c = RegistryClient("http://127.0.0.1:1", docker_config=None)
     assert c.scheme == "http" and c.host == "127.0.0.1:1"
     assert RegistryClient("docker.io", docker_config=None).host == "registry-1.docker.io"

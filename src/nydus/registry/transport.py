@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from nydus.errors import BackendError
+from nydus.errors import BackendError, ConfigError
 
 __all__ = [
     "Headers",
@@ -249,15 +249,16 @@ class Transport(Protocol):
 def make_ssl_context(
     *, skip_verify: bool = False, ca_cert_files: Sequence[str] = ()
 ) -> ssl.SSLContext:
-    """A client context: system CAs plus ``ca_cert_files``; no checks at all with skip_verify."""
+    """A client context: system CAs plus ``ca_cert_files``; no checks at all with skip_verify.
+
+    An unreadable or malformed CA file is a :class:`~nydus.errors.ConfigError`.
+    """
     ctx = ssl.create_default_context()
     for path in ca_cert_files:
         try:
             ctx.load_verify_locations(cafile=path)
         except (OSError, ssl.SSLError) as e:
-            raise TransportError(
-                f"cannot load CA certificate {path}: {e}", retryable=False
-            ) from None
+            raise ConfigError(f"cannot load CA certificate {path}: {e}") from None
     if skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
