@@ -88,6 +88,7 @@ PROTOS: tuple[ProtoSource, ...] = (
             "services/snapshots/v1/snapshots.proto",
             "services/images/v1/images.proto",
             "services/content/v1/content.proto",
+            "services/leases/v1/leases.proto",
         )
     ),
 )

@@ -24,6 +24,7 @@ __all__ = [
     "ServiceClient",
     "generic_handler",
     "method_path",
+    "rpc_code",
     "rpc_error_text",
     "unix_target",
 ]
@@ -36,6 +37,13 @@ def method_path(service: ServiceDescriptor, name: str) -> str:
     if name not in service.methods_by_name:
         raise KeyError(f"{service.full_name} has no method {name!r}")
     return f"/{service.full_name}/{name}"
+
+
+def rpc_code(e: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status code of a failed call, if it has one."""
+    code = getattr(e, "code", None)
+    c = code() if callable(code) else None
+    return c if isinstance(c, grpc.StatusCode) else None
 
 
 def rpc_error_text(e: grpc.RpcError) -> str:
@@ -134,3 +142,22 @@ class ServiceClient:
             response_deserializer=response_type.FromString,
         )
         return iter(call(request, timeout=timeout or self.timeout, metadata=self.metadata))
+
+    def bidi(
+        self,
+        name: str,
+        requests: Iterator[Message] | Sequence[Message],
+        response_type: type[M],
+        timeout: float | None = None,
+    ) -> Iterator[M]:
+        """Call bidirectional-streaming method ``name`` with ``requests``; iterate responses."""
+        m = self._method(name, response_type, streaming=True)
+        if not m.client_streaming:
+            raise TypeError(f"{m.full_name} is not client-streaming")
+        req_cls = message_factory.GetMessageClass(m.input_type)
+        call: grpc.StreamStreamMultiCallable[Message, M] = self.channel.stream_stream(
+            method_path(self.service, name),
+            request_serializer=req_cls.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        return iter(call(iter(requests), timeout=timeout or self.timeout, metadata=self.metadata))
