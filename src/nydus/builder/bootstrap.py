@@ -40,7 +40,7 @@ class BootstrapOptions:
     prefetch: list[Node] | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Slot:
     node: Node
     parent: Node
