@@ -7,6 +7,7 @@ NydusError families to exit codes. No logic of its own.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any, BinaryIO
 from .. import __version__
 from ..builder.build import BuildOptions, BuildResult, build_from_tar, build_image
 from ..builder.dirsource import load_directory
+from ..builder.merge import MergeOptions, merge_bootstraps
 from ..errors import ConfigError, NydusError
 from ..metadata import open_bootstrap
 from ..verbs.check import check_image
@@ -68,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--features", default="")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("-J", "--output-json")
+
+    m = sub.add_parser("merge", help="merge per-layer bootstraps (lowest first) into one")
+    m.add_argument("sources", nargs="+", metavar="SOURCE")
+    m.add_argument("-B", "--bootstrap", help="output bootstrap")
+    m.add_argument("-D", "--blob-dir", help="write the bootstrap here, named by its sha256")
+    m.add_argument("--parent-bootstrap")
+    m.add_argument("--chunk-dict")
+    m.add_argument("--prefetch-policy", default="none", choices=["fs", "blob", "none"])
+    m.add_argument("--blob-digests", help="comma-separated sha256 hex, one per source")
+    m.add_argument("--original-blob-ids", help="comma-separated blob ids, one per source")
+    m.add_argument("--blob-sizes", help="comma-separated sizes, one per source")
+    m.add_argument("--blob-toc-digests", help="comma-separated sha256 hex, one per source")
+    m.add_argument("--blob-toc-sizes", help="comma-separated sizes, one per source")
+    m.add_argument("--whiteout-spec", default="oci", choices=["oci", "overlayfs", "none"],
+                   help="whiteouts of the layers (not an upstream flag; upstream uses oci)")
+    m.add_argument("-J", "--output-json")
 
     k = sub.add_parser("check", help="validate a bootstrap and its blobs")
     k.add_argument("bootstrap", nargs="?")
@@ -213,6 +231,51 @@ def _write_file(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _split_list(v: str | None) -> list[str] | None:
+    if v is None:
+        return None
+    return [x.strip() for x in v.split(",")]
+
+
+def _int_list(v: str | None, flag: str) -> list[int] | None:
+    items = _split_list(v)
+    if items is None:
+        return None
+    try:
+        return [int(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"{flag}: {v!r} is not a comma-separated list of numbers") from None
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    if not a.bootstrap and not a.blob_dir:
+        raise ConfigError("both --bootstrap and --blob-dir are missing")
+    prefetch = None
+    if a.prefetch_policy == "fs":
+        prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
+    opts = MergeOptions(
+        parent_bootstrap=a.parent_bootstrap,
+        chunk_dict_bootstrap=_chunk_dict_path(a.chunk_dict),
+        blob_digests=_split_list(a.blob_digests),
+        original_blob_ids=_split_list(a.original_blob_ids),
+        blob_sizes=_int_list(a.blob_sizes, "--blob-sizes"),
+        blob_toc_digests=_split_list(a.blob_toc_digests),
+        blob_toc_sizes=_int_list(a.blob_toc_sizes, "--blob-toc-sizes"),
+        prefetch_paths=prefetch, whiteout_spec=a.whiteout_spec,
+    )
+    res = merge_bootstraps(a.sources, opts)
+    target = a.bootstrap
+    if not target:
+        if not os.path.isdir(a.blob_dir):
+            raise ConfigError(f"--blob-dir {a.blob_dir} does not exist")
+        target = os.path.join(a.blob_dir, hashlib.sha256(res.bootstrap).hexdigest())
+    _write_file(target, res.bootstrap)
+    _emit_json(a.output_json, {"version": __version__, "bootstrap": target,
+                               "blobs": [b.blob_id for b in res.blobs], **res.stats})
+    print(f"bootstrap: {target}")
+    return 0
+
+
 def _chunk_dict_path(v: str | None) -> str | None:
     if not v:
         return None
@@ -294,8 +357,8 @@ def cmd_unpack(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"create": cmd_create, "check": cmd_check, "inspect": cmd_inspect,
-            "stat": cmd_stat, "unpack": cmd_unpack}
+COMMANDS = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check,
+            "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack}
 
 
 def main(argv: list[str] | None = None) -> int:
