@@ -110,3 +110,58 @@ def test_blob_file_and_alt_dirs(fixtures_dir: Path, tmp_path: Path) -> None:
     with open_device(md.blobs, cfg({"dir": str(empty)}, None)) as dev, \
             pytest.raises(NotFoundError, match="not found"):
         read_all(md, dev)
+
+
+# ------------------------------------------------------------------------ shared helpers
+
+
+class Built:
+    """A generated image: bootstrap, the blob's id and path, and the source files."""
+
+    def __init__(self, md: RafsMetadata, boot: bytes, blob_id: str, blob_path: Path,
+                 files: dict[str, bytes]) -> None:
+        self.md, self.boot, self.blob_id, self.blob_path, self.files = (
+            md, boot, blob_id, blob_path, files)
+
+    def chunks(self, path: str) -> list[Any]:
+        return self.md.chunks(self.md.resolve(path))
+
+    def read(self, dev: BlobDevice, path: str) -> bytes:
+        return b"".join(dev.read_chunks(self.chunks(path)))
+
+
+def build_image_dir(out: Path, files: dict[str, bytes], *, compressor: str = "zstd",
+                    chunk_size: int = 0x100000) -> Built:
+    """Write ``files`` under ``out/src`` and build them (in process) into ``out/blobs``."""
+    from nydus.builder.build import BuildOptions, build_image
+    from nydus.builder.dirsource import load_directory
+
+    src = out / "src"
+    for name, data in files.items():
+        p = src / name.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    blobs = out / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    tmp = blobs / "blob.tmp"
+    with open(tmp, "wb") as f:
+        res = build_image(load_directory(src), f,
+                          BuildOptions(chunk_size=chunk_size, compressor=compressor))
+    assert res.blob is not None
+    blob_id = res.blob.entry.blob_id
+    tmp.rename(blobs / blob_id)
+    (out / "boot").write_bytes(res.bootstrap)
+    return Built(open_bootstrap(res.bootstrap), res.bootstrap, blob_id, blobs / blob_id, files)
+
+
+def sample_files(seed: int = 0, scale: int = 1) -> dict[str, bytes]:
+    import random
+
+    rnd = random.Random(seed)
+    return {
+        "/bin/tool": rnd.randbytes(scale * 2_500_000),
+        "/etc/config.txt": b"".join(b"key%d = value %d\n" % (i, i * i) for i in range(20000)),
+        "/lib/libx.so": rnd.randbytes(scale * 700_000) + bytes(300_000),
+        "/small": b"hello\n",
+        "/empty": b"",
+    }
