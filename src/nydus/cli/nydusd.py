@@ -98,12 +98,11 @@ def _load_config(a: argparse.Namespace) -> object | None:
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     sub, rest = _split_subcommand(args_in)
-    p = _parser()
-    a = p.parse_args(rest)
     if sub != "fuse":
         print(f"nydusd: error: subcommand {sub!r} is not supported (only 'fuse')",
               file=sys.stderr)
         return 2
+    a = _parser().parse_args(rest)
     from ..daemon.logsetup import setup_logging
 
     try:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..errors import FormatError, NotFoundError
+from ..errors import BackendError, FormatError, NotFoundError, NydusError
 from ..metadata import ChunkInfo, Inode, RafsMetadata
 from .metrics import FsIoStats, StatsFop
 
@@ -420,7 +420,12 @@ class RafsFs:
                     missing.append(c)
                 found.append(d)
         if missing:
-            got = self.source.read_chunks(missing)
+            try:
+                got = self.source.read_chunks(missing)
+            except NydusError as e:
+                if e.errno != errno.EIO:  # e.g. a blob file that is gone: still an I/O error
+                    raise BackendError(f"reading chunks: {e}") from e
+                raise
             if len(got) != len(missing):
                 raise FormatError("storage returned the wrong number of chunks")
             fetched = {}
