@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -489,3 +490,42 @@ def test_nydus_image_without_daemon_manager_fails_clearly(
     assert "no nydusd daemon manager" in r.stderr and ref in r.stderr, r.stderr
     # nothing was left behind for the failed container: blob layer + bootstrap layer only
     assert len(snapshot_dirs(stack.sn_root)) == 2
+
+
+# -- fidelity with containerd's own overlayfs snapshotter ----------------------------------
+
+
+def _normalized_mounts(s: Stack, snapshotter: str, root: Path, chains: list[str]) -> list[str]:
+    """``ctr snapshots ... --mounts`` answers, with snapshot dirs renamed S0, S1, ... in order."""
+    sn = ["snapshots", "--snapshotter", snapshotter]
+    out = [
+        s.ctr(*sn, "prepare", "--mounts", f"{snapshotter}-a", chains[-1]).check().stdout,
+        s.ctr(*sn, "view", "--mounts", f"{snapshotter}-v2", chains[-1]).check().stdout,
+        s.ctr(*sn, "view", "--mounts", f"{snapshotter}-v1", chains[0]).check().stdout,
+        s.ctr(*sn, "prepare", "--mounts", f"{snapshotter}-root").check().stdout,
+        s.ctr(*sn, "mounts", "/target", f"{snapshotter}-a").check().stdout,
+    ]
+    names: dict[str, str] = {}
+
+    def rename(m: re.Match[str]) -> str:
+        return names.setdefault(m.group(0), f"S{len(names)}")
+
+    pattern = re.compile(re.escape(str(root)) + r"/snapshots/\d+")
+    return [pattern.sub(rename, o) for o in out]
+
+
+@pytest.mark.slow
+def test_mounts_match_containerd_overlayfs(stack: Stack, busybox_ref: str) -> None:
+    s = stack
+    for sn in ("overlayfs", "nydus"):
+        s.ctr("image", "pull", "--plain-http", "--snapshotter", sn, busybox_ref).check()
+    chains = s.ctr("image", "pull", "--plain-http", "--print-chainid", busybox_ref).check()
+    ids = re.findall(r"sha256:[0-9a-f]{64}", chains.stdout)
+    top = ids[-1]
+    ls = s.ctr("snapshots", "--snapshotter", "nydus", "ls").check().stdout
+    bottom = next(line.split()[0] for line in ls.splitlines()[1:] if len(line.split()) == 2)
+    overlay_root = s.ctd.root / "io.containerd.snapshotter.v1.overlayfs"
+    theirs = _normalized_mounts(s, "overlayfs", overlay_root, [bottom, top])
+    ours = _normalized_mounts(s, "nydus", s.sn_root, [bottom, top])
+    assert ours == theirs
+    assert "lowerdir=" in ours[0] and "upperdir=" in ours[0] and "bind" in ours[2]
