@@ -6,9 +6,10 @@ own. :class:`SnapshotterServer` owns the listening socket: it refuses an address
 server answers on, replaces a stale socket file, and removes its socket when stopped.
 
 containerd calls us as a proxy plugin (``[proxy_plugins.NAME] type = "snapshot"``); the
-``snapshotter`` field of each request is the plugin name and is ignored. The namespace comes in
-the ``containerd-namespace`` metadata when containerd sends it, and is always the first part of
-the keys containerd's metadata layer gives us.
+``snapshotter`` field of each request is the plugin name and is ignored. containerd 1.6 sends no
+``containerd-namespace`` metadata to proxy plugins (seen in the end-to-end tests); the namespace
+is the first part of the keys its metadata layer gives us (``<ns>/<n>/<key>``), and the header
+is only a fallback for other callers.
 
 Threading: grpcio runs each call on a worker thread of the server's pool; the snapshotter is
 thread-safe (see :mod:`.core`).
@@ -129,8 +130,15 @@ class SnapshotsService:
     def Prepare(
         self, req: snapshots_pb2.PrepareSnapshotRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.PrepareSnapshotResponse:
-        log.debug("Prepare key=%s parent=%s labels=%s", req.key, req.parent, dict(req.labels))
-        mounts = self.sn.prepare(req.key, req.parent, dict(req.labels), _namespace(ctx))
+        ns = _namespace(ctx)
+        log.debug(
+            "Prepare key=%s parent=%s labels=%s namespace=%s",
+            req.key,
+            req.parent,
+            dict(req.labels),
+            ns,
+        )
+        mounts = self.sn.prepare(req.key, req.parent, dict(req.labels), ns)
         return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts_to_pb(mounts))
 
     @_rpc("View")
