@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -59,6 +60,7 @@ from nydus.snapshotter.service import SnapshotterServer
 BUSYBOX = Path("/bin/busybox")
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SNAPSHOTTER_NAME = "nydus"
+RUNC_ROOT = Path("/run/containerd/runc")
 
 # The section-06 snippet of the article, as written (the address is replaced by the harness).
 ARTICLE_SNIPPET = """\
@@ -259,7 +261,9 @@ class Containerd:
 
     workdir: Path
     snapshotter_address: Path
-    namespace: str = "nydus-test"
+    # Unique per instance: runc keeps container state under /run/containerd/runc/<namespace>,
+    # shared by every containerd on the machine, so ids must not collide with a crashed run's.
+    namespace: str = field(default_factory=lambda: f"nydus-test-{secrets.token_hex(3)}")
     sockdir: Path = field(default_factory=short_tmpdir)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -393,6 +397,8 @@ class Containerd:
                 with contextlib.suppress(OSError):
                     umount(mp, lazy=True)
         shutil.rmtree(self.sockdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # runc's per-namespace root, empty once tasks are gone
+            (RUNC_ROOT / self.namespace).rmdir()
 
 
 # --- images -----------------------------------------------------------------------------
