@@ -9,6 +9,8 @@ Modules, dependencies pointing down:
 - :mod:`.mounter`  the :class:`~.mounter.NydusMounter` interface the nydusd daemon manager
   implements, and the stand-in used until it exists
 - :mod:`.imageref` which image a bootstrap layer belongs to (CRI label, or containerd's API)
+- :mod:`.unpack`   a client-side pull/unpack with snapshot labels, as containerd's unpacker does
+  (containerd 1.6's ``ctr image pull`` passes none, so it cannot pull Nydus images lazily)
 - :mod:`.store`    snapshot metadata in sqlite (transactional, schema versioned)
 - :mod:`.filters`  containerd's filter syntax for List; :mod:`.fsutil` du, mount table, removal
 - :mod:`.config`, :mod:`.labels`, :mod:`.errdefs`  settings, label keys, errors and their codes
