@@ -1,0 +1,325 @@
+"""``nydusify``: convert, check, mount and copy Nydus images in registries (upstream's flags).
+
+    nydusify convert --source REF --target REF [--work-dir ./tmp] [--chunk-dict REF] ...
+    nydusify check   --source REF --target REF
+    nydusify mount   --target REF --mount-path DIR
+    nydusify copy    --source REF --target REF|file://PATH
+
+Parses flags, builds options, calls :mod:`nydus.convert`, prints results and maps NydusError
+families to exit codes. Flags upstream has but that mean nothing here (``--nydus-image``: the
+builder runs in-process; ``--fs-align-chunk``: always aligned) are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigError, NydusError
+
+log = logging.getLogger("nydusify")
+
+
+def _int(v: str) -> int:
+    try:
+        return int(v, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+
+
+def _duration(v: str) -> float:
+    """Go-style durations: ``5s``, ``500ms``, ``1m``, ``1m30s``, or plain seconds."""
+    s = v.strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * units[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise argparse.ArgumentTypeError(f"not a duration: {v!r}")
+    return total
+
+
+def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
+    if source:
+        p.add_argument("--source-insecure", action="store_true",
+                       help="skip TLS verification of the source registry (HTTP fallback)")
+    p.add_argument("--target-insecure", action="store_true",
+                   help="skip TLS verification of the target registry (HTTP fallback)")
+    p.add_argument("--plain-http", action="store_true", help="use plain HTTP for registries")
+    p.add_argument("--work-dir", default="./tmp", help="working directory (default ./tmp)")
+    p.add_argument("--log-level", dest="sub_log_level", default=None,
+                   choices=["trace", "debug", "info", "warn", "error"])
+
+
+def _backend_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}backend-type", choices=["localfs", "s3", "oss", "registry"])
+    p.add_argument(f"--{prefix}backend-config", help="backend config JSON")
+    p.add_argument(f"--{prefix}backend-config-file", help="backend config JSON file")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydusify", description="Nydus image conversion tool")
+    p.add_argument("-v", "--version", action="version", version=f"nydusify {__version__}")
+    p.add_argument("--log-level", default="info",
+                   choices=["trace", "debug", "info", "warn", "error"])
+    p.add_argument("--debug", action="store_true", help="same as --log-level debug")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="convert an OCI image into a Nydus image")
+    c.add_argument("--source", required=True, help="source image reference")
+    c.add_argument("--target", help="target image reference")
+    c.add_argument("--target-suffix", help="target = source + this suffix (e.g. -nydus)")
+    _common(c)
+    c.add_argument("--nydus-image", help="accepted for compatibility: the builder is in-process")
+    c.add_argument("--fs-version", default="6")
+    c.add_argument("--compressor", default="zstd", choices=["none", "lz4_block", "zstd"])
+    c.add_argument("--fs-chunk-size", type=_int, default=0x100000)
+    c.add_argument("--fs-align-chunk", action="store_true", help="always on for v6")
+    c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
+    c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
+    c.add_argument("--prefetch-patterns", action="store_true",
+                   help="read prefetch paths from stdin, one per line")
+    c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
+    _backend_flags(c)
+    c.add_argument("--backend-force-push", action="store_true", help="accepted; see --help")
+    c.add_argument("--oci", action="store_true", help="OCI media types for the target")
+    c.add_argument("--docker-v2-format", action="store_true",
+                   help="Docker v2 schema 2 media types for the target")
+    c.add_argument("--with-referrer", action="store_true",
+                   help="set the Nydus manifest's subject to the source manifest")
+    c.add_argument("--merge-platform", action="store_true",
+                   help="push an index holding the OCI and the Nydus manifests")
+    c.add_argument("--all-platforms", action="store_true")
+    c.add_argument("--platform", help="OS/ARCH[/VARIANT][,...] (default: this machine's)")
+    c.add_argument("--output-json", help="write a JSON report here")
+    c.add_argument("--push-retry-count", type=int, default=3)
+    c.add_argument("--push-retry-delay", type=_duration, default=5.0)
+    c.add_argument("--parallel", type=int, default=0,
+                   help="layers converted at once (default min(4, layers))")
+
+    k = sub.add_parser("check", help="check a Nydus image against its source")
+    k.add_argument("--source", help="source (OCI) image reference")
+    k.add_argument("--target", required=True, help="Nydus image reference")
+    _common(k)
+    k.add_argument("--nydus-image", help="accepted for compatibility")
+    k.add_argument("--nydusd", help="accepted for compatibility: files are read in-process")
+    k.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
+    k.add_argument("--multi-platform", action="store_true", help="check every platform")
+    _backend_flags(k)
+    _backend_flags(k, "target-")
+    k.add_argument("--output-json", help="write a JSON report here")
+
+    m = sub.add_parser("mount", help="mount a Nydus image from a registry with nydusd")
+    m.add_argument("--target", required=True, help="Nydus image reference")
+    m.add_argument("--mount-path", required=True)
+    _common(m, source=False)
+    m.add_argument("--nydusd", default="nydusd", help="nydusd binary (default: from PATH)")
+    m.add_argument("--platform", help="OS/ARCH[/VARIANT]")
+    m.add_argument("--prefetch", action="store_true", help="prefetch the whole image")
+    _backend_flags(m)
+
+    y = sub.add_parser("copy", help="copy a Nydus image with all its blobs")
+    y.add_argument("--source", required=True)
+    y.add_argument("--target", required=True, help="REF, or file://PATH for an OCI tarball")
+    _common(y)
+    y.add_argument("--all-platforms", action="store_true")
+    y.add_argument("--platform", help="OS/ARCH[/VARIANT][,...]")
+    y.add_argument("--push-chunk-size", type=_int, default=0,
+                   help="upload in chunks of this many bytes (0: client default)")
+    return p
+
+
+def _docker_config() -> str:
+    base = os.environ.get("DOCKER_CONFIG")
+    return os.path.join(base, "config.json") if base else "~/.docker/config.json"
+
+
+def _remote_opts(insecure: bool, plain_http: bool, chunk: int = 0) -> Any:
+    from ..convert.remote import RemoteOptions
+
+    kw: dict[str, Any] = {"insecure": insecure, "plain_http": plain_http,
+                          "docker_config": _docker_config()}
+    if chunk:
+        kw["chunk_size"] = chunk
+    return RemoteOptions(**kw)
+
+
+def _backend(a: argparse.Namespace, prefix: str = "") -> Any:
+    from ..convert.store import parse_backend_config
+
+    t = getattr(a, f"{prefix}backend_type")
+    text = getattr(a, f"{prefix}backend_config")
+    path = getattr(a, f"{prefix}backend_config_file")
+    if not t or t == "registry":
+        if text or path:
+            raise ConfigError("--backend-config needs --backend-type localfs, s3 or oss")
+        return None
+    if text and path:
+        raise ConfigError("give --backend-config or --backend-config-file, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"--backend-config-file {path}: {e.strerror}") from None
+    if not text:
+        raise ConfigError(f"--backend-type {t} needs --backend-config or --backend-config-file")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"backend config is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("backend config must be a JSON object")
+    return parse_backend_config(t, doc)
+
+
+def _platforms(v: str | None) -> Any:
+    from ..convert.image import Platform
+
+    if not v:
+        return None
+    return [Platform.parse(x) for x in v.split(",") if x.strip()]
+
+
+def _emit_json(path: str | None, data: Any) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from ..convert.converter import ConvertOptions, convert
+    from ..convert.progress import Progress
+    from ..convert.remote import Remote
+
+    target = a.target
+    if not target:
+        if not a.target_suffix:
+            raise ConfigError("--target (or --target-suffix) is required")
+        target = a.source + a.target_suffix
+    if a.batch_size:
+        raise ConfigError("--batch-size: only 0 is supported")
+    if a.nydus_image:
+        log.debug("--nydus-image %s ignored: the builder runs in-process", a.nydus_image)
+    prefetch: list[bytes] | None = None
+    if a.prefetch_patterns:
+        prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
+    if a.prefetch_dir:
+        prefetch = [*(prefetch or []), a.prefetch_dir.encode()]
+    opts = ConvertOptions(
+        work_dir=a.work_dir, fs_version=str(a.fs_version), compressor=a.compressor,
+        chunk_size=a.fs_chunk_size, prefetch_patterns=prefetch, chunk_dict=a.chunk_dict,
+        platforms=_platforms(a.platform), all_platforms=a.all_platforms,
+        merge_platform=a.merge_platform, with_referrer=a.with_referrer, oci=a.oci,
+        docker_v2_format=a.docker_v2_format, backend=_backend(a),
+        push_retry_count=a.push_retry_count, push_retry_delay=a.push_retry_delay,
+        parallel=a.parallel,
+    )
+    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
+    dst = Remote(target, _remote_opts(a.target_insecure, a.plain_http))
+    try:
+        res = convert(src, dst, opts, Progress())
+    finally:
+        src.close()
+        dst.close()
+    print(res.summary())
+    _emit_json(a.output_json, res.to_json())
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from ..convert.check import CheckOptions, check
+    from ..convert.remote import Remote
+
+    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http)) if a.source else None
+    dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http))
+    backend = _backend(a) or _backend(a, "target_")
+    opts = CheckOptions(work_dir=a.work_dir, platforms=_platforms(a.platform),
+                        multi_platform=a.multi_platform, backend=backend)
+    try:
+        rep = check(src, dst, opts)
+    finally:
+        if src is not None:
+            src.close()
+        dst.close()
+    print(rep.text())
+    _emit_json(a.output_json, rep.to_json())
+    return 0 if rep.ok else 4
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    from ..convert.mount import MountOptions, mount
+    from ..convert.remote import Remote
+
+    dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http))
+    plats = _platforms(a.platform)
+    opts = MountOptions(mount_path=a.mount_path, work_dir=a.work_dir, nydusd=a.nydusd,
+                        backend=_backend(a), prefetch=a.prefetch,
+                        platform=plats[0] if plats else None,
+                        log_level=a.sub_log_level or a.log_level)
+    try:
+        return mount(dst, opts)
+    finally:
+        dst.close()
+
+
+def cmd_copy(a: argparse.Namespace) -> int:
+    from ..convert.copy import CopyOptions, copy_image
+    from ..convert.remote import Remote
+
+    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
+    dst: Remote | str
+    if a.target.startswith("file://"):
+        dst = a.target[len("file://"):]
+    else:
+        dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http, a.push_chunk_size))
+    opts = CopyOptions(platforms=_platforms(a.platform), all_platforms=a.all_platforms)
+    try:
+        res = copy_image(src, dst, opts)
+    finally:
+        src.close()
+        if isinstance(dst, Remote):
+            dst.close()
+    print(res.text())
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "check": cmd_check, "mount": cmd_mount, "copy": cmd_copy}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    name = "debug" if a.debug else (a.sub_log_level or a.log_level)
+    level = {"trace": logging.DEBUG, "warn": logging.WARNING}.get(name, name.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if name not in ("debug", "trace"):
+        logging.getLogger("nydus.registry").setLevel(logging.WARNING)
+    try:
+        return COMMANDS[a.cmd](a)
+    except NydusError as e:
+        print(f"nydusify {a.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"nydusify {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nydusify {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,604 @@
+"""``nydusify convert``: an OCI/Docker image in a registry to a Nydus image in a registry.
+
+For each selected platform manifest:
+
+1. the config is fetched; every layer's media type must be one the tar builder reads;
+2. layers are converted in parallel (``parallel`` at a time): each layer blob is streamed from
+   the source registry straight into :func:`nydus.builder.build.build_from_tar` (never
+   downloaded whole; memory per layer is the builder's few chunks plus its tree), which
+   writes one Nydus data blob to ``<work>/blobs`` and a layer bootstrap to ``<work>/layers``.
+   The layer's digest and size are checked when its stream ends, its ``diff_id`` against the
+   config. The blob is pushed at once (skipped when the target already has it), with
+   ``push_retry_count`` retries;
+3. the layer bootstraps are merged lowest first with :func:`nydus.builder.merge.merge_bootstraps`
+   (blob ids become the pushed blobs' sha256). Every prefix is kept as
+   ``<work>/bootstraps/<n>-<source layer digest>``, the image up to layer ``n`` (the last one is
+   the whole image, as in the article: ``nydusd --bootstrap ./tmp/bootstraps/4-sha256:...``);
+4. the bootstrap layer (tar.gz with ``image/image.boot``), the config (diff_ids rewritten, a
+   history entry appended) and the manifest are pushed, the manifest last, so a failure at
+   any step leaves nothing referenced that is not complete. The source is only read.
+
+With ``--chunk-dict REF`` the dictionary image's bootstrap is pulled and every layer is
+deduplicated against it; its blobs that the new image references are listed in the manifest
+and copied (or mounted) into the target repository if it lacks them. With a backend
+(``localfs``/``s3``/``oss``) data blobs go there and only the bootstrap layer is in the
+manifest.
+
+Threading: one thread per layer in flight (plus each builder's chunk pool); registry clients
+are shared; the first failure stops the other layers at their next read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, TypeVar, cast
+
+from ..builder.build import BuildOptions, build_from_tar
+from ..builder.merge import MergeOptions, merge_bootstraps
+from ..config import BackendConfig
+from ..errors import (
+    BackendError,
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    NydusError,
+    RegistryAuthError,
+    RegistryNotFound,
+    UnsupportedError,
+)
+from ..format import oci
+from ..metadata import open_bootstrap
+from ..registry import parse_reference
+from . import image as im
+from .progress import Progress, human
+from .remote import Remote
+from .store import BlobStore, RegistryStore, make_store
+
+__all__ = ["ConvertOptions", "ConvertResult", "ManifestResult", "LayerResult", "convert",
+           "ChunkDict", "load_chunk_dict", "retry", "Cancelled"]
+
+log = logging.getLogger("nydusify")
+
+T = TypeVar("T")
+
+
+class Cancelled(NydusError):
+    """Another layer failed; this one stopped early."""
+
+
+@dataclass
+class ConvertOptions:
+    work_dir: str = "./tmp"
+    fs_version: str = "6"
+    compressor: str = "zstd"
+    chunk_size: int = 0x100000
+    digester: str = "blake3"
+    prefetch_patterns: list[bytes] | None = None
+    chunk_dict: str | None = None
+    platforms: list[im.Platform] | None = None
+    all_platforms: bool = False
+    merge_platform: bool = False
+    with_referrer: bool = False
+    oci: bool = False
+    docker_v2_format: bool = False
+    backend: BackendConfig | None = None
+    push_retry_count: int = 3
+    push_retry_delay: float = 5.0
+    parallel: int = 0  # layers converted at once (0: min(4, layers))
+    builder_threads: int | None = None
+    keep_blobs: bool = False
+
+    def validate(self) -> None:
+        if self.fs_version != "6":
+            raise UnsupportedError(f"--fs-version {self.fs_version}: only RAFS v6 is built here")
+        if self.oci and self.docker_v2_format:
+            raise ConfigError("--oci and --docker-v2-format exclude each other")
+        if self.with_referrer and self.docker_v2_format:
+            raise ConfigError("--with-referrer needs OCI manifests (a subject field)")
+        if self.push_retry_count < 0 or self.push_retry_delay < 0:
+            raise ConfigError("--push-retry-count and --push-retry-delay must not be negative")
+        BuildOptions(chunk_size=self.chunk_size, compressor=self.compressor,
+                     digester=self.digester).validate()
+
+
+@dataclass
+class LayerResult:
+    index: int
+    source_digest: str
+    source_size: int
+    diff_id: str
+    blob_digest: str | None
+    blob_size: int
+    new_chunks: int
+    deduped_chunks: int
+    files: int
+    pushed: bool
+    seconds: float
+    bootstrap: str = ""
+
+
+@dataclass
+class ManifestResult:
+    platform: str
+    source_digest: str
+    digest: str
+    media_type: str
+    size: int
+    config_digest: str
+    bootstrap: str
+    bootstrap_digest: str
+    blobs: list[str]
+    layers: list[LayerResult]
+    source_size: int
+    target_size: int
+    pushed_bytes: int
+    body: bytes = field(default=b"", repr=False)
+    platform_doc: dict[str, Any] | None = field(default=None, repr=False)
+
+
+@dataclass
+class ConvertResult:
+    source: str
+    target: str
+    digest: str
+    media_type: str
+    manifests: list[ManifestResult]
+    seconds: float
+    backend: str
+
+    @property
+    def new_chunks(self) -> int:
+        return sum(lr.new_chunks for m in self.manifests for lr in m.layers)
+
+    @property
+    def deduped_chunks(self) -> int:
+        return sum(lr.deduped_chunks for m in self.manifests for lr in m.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source, "target": self.target, "digest": self.digest,
+            "media_type": self.media_type, "seconds": round(self.seconds, 3),
+            "backend": self.backend, "new_chunks": self.new_chunks,
+            "deduped_chunks": self.deduped_chunks, "manifests": [],
+        }
+        for m in self.manifests:
+            d = asdict(m)
+            d.pop("body")
+            d.pop("platform_doc")
+            out["manifests"].append(d)
+        return out
+
+    def summary(self) -> str:
+        src = sum(m.source_size for m in self.manifests)
+        dst = sum(m.target_size for m in self.manifests)
+        pushed = sum(m.pushed_bytes for m in self.manifests)
+        layers = sum(len(m.layers) for m in self.manifests)
+        lines = [
+            f"converted {self.source} -> {self.target}",
+            f"  target digest {self.digest} ({len(self.manifests)} platform(s), {layers} "
+            f"layers)",
+            f"  source {human(src)}, target {human(dst)}, pushed {human(pushed)} "
+            f"(blobs to {self.backend})",
+            f"  chunks {self.new_chunks + self.deduped_chunks}: {self.new_chunks} stored, "
+            f"{self.deduped_chunks} deduplicated",
+            f"  time {self.seconds:.1f}s",
+        ]
+        return "\n".join(lines)
+
+
+def retry(fn: Callable[[], T], what: str, count: int, delay: float) -> T:
+    """``fn()`` with up to ``count`` more tries after a backend failure (not after auth,
+    not-found, integrity or configuration errors, which a retry cannot fix)."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except (RegistryAuthError, RegistryNotFound):
+            raise
+        except BackendError as e:
+            if attempt >= count:
+                raise
+            attempt += 1
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, e, attempt, count, delay)
+            time.sleep(delay)
+
+
+@dataclass
+class ChunkDict:
+    """A chunk dictionary: a local bootstrap and, for an image, where its blobs live."""
+
+    path: str
+    remote: Remote | None
+    blob_ids: set[str]
+
+
+def load_chunk_dict(spec: str, work_dir: str, make_remote: Callable[[str], Remote],
+                    platform: im.Platform | None) -> ChunkDict:
+    """``--chunk-dict``: ``REF``, ``bootstrap:registry:REF`` or ``bootstrap:local:PATH``."""
+    if spec.startswith("bootstrap:local:"):
+        path = spec[len("bootstrap:local:"):]
+        with open_bootstrap(path) as md:
+            return ChunkDict(path, None, {b.blob_id for b in md.blobs})
+    ref = spec[len("bootstrap:registry:"):] if spec.startswith("bootstrap:registry:") else spec
+    remote = make_remote(ref)
+    try:
+        body, mt, digest = remote.manifest()
+    except RegistryNotFound as e:
+        raise ConfigError(f"--chunk-dict {ref}: image not found ({e})") from None
+    if oci.is_index(mt):
+        _doc, entries = im.parse_index(body, digest)
+        nydus = [e for e in entries if oci.is_manifest(e.descriptor.media_type)]
+        want = platform or im.host_platform()
+        hit = next((e for e in nydus if e.platform and want.matches(e.platform)
+                    and (e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
+                         or oci.PLATFORM_FEATURE_NYDUS in (e.raw.get("platform") or {}).get(
+                             "os.features", []))), None)
+        hit = hit or next((e for e in nydus if e.platform and want.matches(e.platform)), None)
+        if hit is None:
+            raise ConfigError(f"--chunk-dict {ref} has no {want} image")
+        body, mt, digest = remote.manifest(hit.descriptor.digest)
+    sm = im.parse_manifest(body, mt, digest, for_conversion=False)
+    if not sm.layers or sm.layers[-1].annotations.get(oci.ANNOTATION_NYDUS_BOOTSTRAP) != "true":
+        raise ConfigError(f"--chunk-dict {ref} is not a Nydus image (no bootstrap layer)")
+    data = remote.client.get_blob(remote.repo, sm.layers[-1].digest, max_size=1 << 30)
+    boot = im.read_bootstrap_layer(data, f"bootstrap layer of {ref}")
+    d = os.path.join(work_dir, "chunk-dict")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, oci.parse_digest(digest)[1] + ".boot")
+    _write(path, boot)
+    with open_bootstrap(path) as md:
+        ids = {b.blob_id for b in md.blobs}
+    return ChunkDict(path, remote, ids)
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class _HashingFile:
+    """The blob sink: writes to a file and hashes what passes (the blob's sha256)."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b: bytes, /) -> int:
+        self.f.write(b)
+        self.h.update(b)
+        self.size += len(b)
+        return len(b)
+
+    def close(self) -> None:
+        self.f.close()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+
+class _ManifestJob:
+    """Converts one platform manifest (see the module docstring)."""
+
+    def __init__(self, source: Remote, target: Remote, store: BlobStore, opts: ConvertOptions,
+                 progress: Progress, work: str, cdict: ChunkDict | None) -> None:
+        self.source, self.target, self.store = source, target, store
+        self.opts, self.progress, self.work, self.cdict = opts, progress, work, cdict
+        self.stop = threading.Event()
+        for sub in ("blobs", "layers", "bootstraps"):
+            os.makedirs(os.path.join(work, sub), exist_ok=True)
+
+    def _push(self, fn: Callable[[], T], what: str) -> T:
+        return retry(fn, what, self.opts.push_retry_count, self.opts.push_retry_delay)
+
+    def layer(self, i: int, n: int, desc: oci.Descriptor, want_diff_id: str) -> LayerResult:
+        t0 = time.monotonic()
+        short = desc.digest[7:19]
+        lp = self.progress.layer(f"layer {i + 1}/{n} {short}", desc.size)
+
+        def on_bytes(k: int) -> None:
+            if self.stop.is_set():
+                raise Cancelled("stopped: another layer failed")
+            self.progress.advance(lp, k)
+
+        opts = self.opts
+        bopts = BuildOptions(
+            chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
+            chunk_dict_bootstrap=self.cdict.path if self.cdict else None,
+            prefetch_paths=opts.prefetch_patterns, workers=opts.builder_threads,
+        )
+        blobs_dir = os.path.join(self.work, "blobs")
+        tmp = os.path.join(blobs_dir, f".layer-{i}-{os.getpid()}")
+        sink = _HashingFile(tmp)
+        try:
+            with self.source.open_blob(desc, on_bytes) as stream:
+                try:
+                    res = build_from_tar(cast(BinaryIO, stream), sink, bopts, spool_dir=blobs_dir)
+                except FormatError as e:
+                    # A corrupt stream can look like a bad tar before its digest is checked:
+                    # read on, so that a digest mismatch is reported as what it is.
+                    try:
+                        stream.drain()
+                    except IntegrityError as ie:
+                        raise ie from e
+                    raise FormatError(f"layer {desc.digest}: {e}") from None
+                stream.drain()
+        except BaseException:
+            sink.close()
+            os.unlink(tmp)
+            raise
+        sink.close()
+        diff_id = str(res.stats.get("diff_id", ""))
+        if diff_id != want_diff_id:
+            os.unlink(tmp)
+            raise IntegrityError(
+                f"layer {desc.digest}: uncompressed digest {diff_id}, the config's diff_id is "
+                f"{want_diff_id}")
+        blob_digest: str | None = None
+        pushed = False
+        if res.blob is not None:
+            blob_digest = sink.digest
+            final = os.path.join(blobs_dir, oci.parse_digest(blob_digest)[1])
+            os.replace(tmp, final)
+            boot_path = os.path.join(self.work, "layers", f"{blob_digest[7:]}.boot")
+            digest = blob_digest
+            pushed = self._push(lambda: self.store.push_file(digest, final),
+                                f"push of blob {blob_digest}")
+            if not opts.keep_blobs:
+                os.unlink(final)
+        else:
+            os.unlink(tmp)
+            boot_path = os.path.join(self.work, "layers", f"{desc.digest[7:]}-nodata.boot")
+        _write(boot_path, res.bootstrap)
+        lr = LayerResult(
+            index=i, source_digest=desc.digest, source_size=desc.size, diff_id=diff_id,
+            blob_digest=blob_digest, blob_size=sink.size if blob_digest else 0,
+            new_chunks=int(res.stats.get("new_chunks", 0)),
+            deduped_chunks=int(res.stats.get("deduped_chunks", 0)), files=res.files,
+            pushed=pushed, seconds=time.monotonic() - t0, bootstrap=boot_path,
+        )
+        blob_txt = (f"blob {blob_digest[:19]} {human(lr.blob_size)} "
+                    f"{'pushed' if pushed else 'already there'}") if blob_digest else "no new data"
+        self.progress.finish_layer(
+            lp, f"{lp.label}: {human(desc.size)} read, {lr.new_chunks + lr.deduped_chunks} "
+                f"chunks ({lr.deduped_chunks} deduplicated), {blob_txt}")
+        return lr
+
+    def layers(self, sm: im.SourceManifest, diff_ids: list[str]) -> list[LayerResult]:
+        n = len(sm.layers)
+        par = self.opts.parallel or min(4, max(1, n))
+        results: list[LayerResult | None] = [None] * n
+        with ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as pool:
+            futs: dict[Future[LayerResult], int] = {
+                pool.submit(self.layer, i, n, d, diff_ids[i]): i
+                for i, d in enumerate(sm.layers)
+            }
+            done, _pending = wait(futs, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                self.stop.set()
+                for f in futs:
+                    f.cancel()
+                wait(futs)
+                first = min(failed, key=lambda f: futs[f])
+                exc = first.exception()
+                assert exc is not None
+                raise exc
+            for f, i in futs.items():
+                results[i] = f.result()
+        return [r for r in results if r is not None]
+
+    def merge(self, layers: list[LayerResult]) -> str:
+        """Prefix merges into ``bootstraps/<n>-<digest>``; returns the last (whole image)."""
+        parent: str | None = None
+        cd = self.cdict.path if self.cdict else None
+        for lr in layers:
+            mo = MergeOptions(
+                parent_bootstrap=parent, chunk_dict_bootstrap=cd,
+                blob_digests=[lr.blob_digest[7:]] if lr.blob_digest else None,
+                blob_sizes=[lr.blob_size] if lr.blob_digest else None,
+                prefetch_paths=self.opts.prefetch_patterns,
+            )
+            res = merge_bootstraps([lr.bootstrap], mo)
+            path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
+            _write(path, res.bootstrap)
+            parent = path
+        if parent is None:
+            raise FormatError("the image has no layers")
+        return parent
+
+
+def _docker_format(opts: ConvertOptions, source_is_docker: bool) -> bool:
+    if opts.docker_v2_format:
+        return True
+    if opts.oci or opts.with_referrer or opts.merge_platform:
+        return False
+    return source_is_docker
+
+
+def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: dict[str, Any] |
+                      None) -> ManifestResult:
+    src, opts = job.source, job.opts
+    _raw, cfg = src.json_blob(sm.config, "config")
+    rootfs = cfg.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(sm.layers):
+        raise FormatError(
+            f"config {sm.config.digest}: rootfs.diff_ids does not list one entry per layer "
+            f"({len(diff_ids) if isinstance(diff_ids, list) else 'none'} for "
+            f"{len(sm.layers)} layers)")
+    if not sm.layers:
+        raise FormatError(f"manifest {sm.digest} has no layers")
+    if platform_doc is None:
+        platform_doc = {k: cfg[k] for k in ("architecture", "os", "variant")
+                        if isinstance(cfg.get(k), str) and cfg[k]} or None
+    layers = job.layers(sm, [str(d) for d in diff_ids])
+    final = job.merge(layers)
+    with open(final, "rb") as f:
+        boot = f.read()
+    own = {lr.blob_digest: lr.blob_size for lr in layers if lr.blob_digest}
+    pushed_bytes = sum(lr.blob_size for lr in layers if lr.pushed)
+    blob_descs: list[oci.Descriptor] = []
+    seen: set[str] = set()
+    with open_bootstrap(boot) as md:
+        table = list(md.blobs)
+    for b in table:
+        digest = "sha256:" + b.blob_id
+        if digest in seen:
+            continue
+        seen.add(digest)
+        size = own.get(digest)
+        if size is None:
+            cd = job.cdict
+            if cd is None or b.blob_id not in cd.blob_ids:
+                raise FormatError(f"merged bootstrap references unknown blob {b.blob_id}")
+            size = b.compressed_size
+            if cd.remote is not None:
+                def copy_in(d: str = digest, s: int = size, r: Remote = cd.remote) -> bool:
+                    return job.store.ensure_from(d, s, r)
+
+                copied = job._push(copy_in, f"copy of chunk-dict blob {digest}")
+                pushed_bytes += size if copied else 0
+            elif not job.store.has(digest):
+                raise ConfigError(f"chunk-dict blob {digest} is not in {job.store.describe()}")
+        blob_descs.append(im.blob_descriptor(digest, size))
+    docker = _docker_format(opts, sm.is_docker)
+    gz, boot_diff = im.bootstrap_layer(boot)
+    in_manifest = job.store.in_manifest
+    boot_desc = im.bootstrap_descriptor(
+        gz, boot_diff, docker=docker, fs_version=opts.fs_version,
+        reference_blob_ids=None if in_manifest else [d.digest[7:] for d in blob_descs])
+    listed = blob_descs if in_manifest else []
+    config = im.nydus_config(cfg, [d.digest for d in listed] + [boot_diff])
+    target = job.target
+    reg = RegistryStore(target)
+    if job._push(lambda: reg.push_bytes(boot_desc.digest, gz), "push of the bootstrap layer"):
+        pushed_bytes += len(gz)
+    cfg_digest = oci.sha256_digest(config)
+    if job._push(lambda: reg.push_bytes(cfg_digest, config), "push of the config"):
+        pushed_bytes += len(config)
+    subject = sm.descriptor if opts.with_referrer else None
+    body, mt = im.nydus_manifest(config, [*listed, boot_desc], docker=docker,
+                                 nydus_config_type=opts.merge_platform, subject=subject)
+    return ManifestResult(
+        platform=str(im.Platform.from_dict(platform_doc) or ""), source_digest=sm.digest,
+        digest=oci.sha256_digest(body), media_type=mt, size=len(body),
+        config_digest=cfg_digest, bootstrap=final, bootstrap_digest=boot_desc.digest,
+        blobs=[d.digest for d in blob_descs], layers=layers,
+        source_size=sum(ld.size for ld in sm.layers) + sm.config.size,
+        target_size=sum(d.size for d in blob_descs) + len(gz) + len(config),
+        pushed_bytes=pushed_bytes, body=body, platform_doc=platform_doc,
+    )
+
+
+def _copy_manifest_into(source: Remote, target: Remote, sm: im.SourceManifest,
+                        opts: ConvertOptions) -> None:
+    """Make the OCI manifest ``sm`` (and its blobs) exist in the target repository."""
+    if source.same_repo(target):
+        return
+    reg = RegistryStore(target)
+    for desc in [sm.config, *sm.layers]:
+        def copy_in(d: oci.Descriptor = desc) -> bool:
+            return reg.ensure_from(d.digest, d.size, source)
+
+        retry(copy_in, f"copy of {desc.digest}", opts.push_retry_count, opts.push_retry_delay)
+    retry(lambda: target.client.put_manifest(target.repo, sm.digest, sm.body, sm.media_type),
+          f"push of manifest {sm.digest}", opts.push_retry_count, opts.push_retry_delay)
+
+
+def convert(source: Remote, target: Remote, opts: ConvertOptions,
+            progress: Progress | None = None,
+            make_dict_remote: Callable[[str], Remote] | None = None) -> ConvertResult:
+    """Convert ``source`` into ``target`` (see the module docstring)."""
+    opts.validate()
+    t0 = time.monotonic()
+    progress = progress or Progress(enabled=False)
+    if target.ref.digest:
+        raise ConfigError(f"--target {target.ref}: give a tag, not a digest")
+    try:
+        body, mt, digest = source.manifest()
+    except RegistryNotFound as e:
+        raise RegistryNotFound(f"source image {source.ref} not found: {e}") from None
+    store = make_store(target, opts.backend)
+
+    def default_dict_remote(ref: str) -> Remote:
+        r = parse_reference(ref)
+        return target.at(r) if r.api_host == target.ref.api_host else Remote(r, target.opts)
+
+    dict_remote = make_dict_remote or default_dict_remote
+    os.makedirs(opts.work_dir, exist_ok=True)
+
+    jobs: list[tuple[im.SourceManifest, dict[str, Any] | None, str]] = []
+    index_doc: dict[str, Any] | None = None
+    if oci.is_index(mt):
+        index_doc, entries = im.parse_index(body, digest)
+        chosen = im.select_platforms(entries, opts.platforms, opts.all_platforms)
+        for ent in chosen:
+            b, m, d = source.manifest(ent.descriptor.digest)
+            sm = im.parse_manifest(b, m, d)
+            raw_plat = ent.raw.get("platform")
+            plat = raw_plat if isinstance(raw_plat, dict) else None
+            work = opts.work_dir if len(chosen) == 1 else os.path.join(
+                opts.work_dir, ent.platform.slug if ent.platform else d[7:19])
+            jobs.append((sm, plat, work))
+    elif oci.is_manifest(mt):
+        sm = im.parse_manifest(body, mt, digest)
+        jobs.append((sm, None, opts.work_dir))
+    else:
+        raise UnsupportedError(f"source {source.ref} has unsupported media type {mt!r}")
+
+    results: list[ManifestResult] = []
+    try:
+        for sm, plat, work in jobs:
+            platform = im.Platform.from_dict(plat)
+            cdict = None
+            if opts.chunk_dict:
+                cdict = load_chunk_dict(opts.chunk_dict, work, dict_remote, platform)
+            job = _ManifestJob(source, target, store, opts, progress, work, cdict)
+            results.append(_convert_manifest(job, sm, plat))
+    finally:
+        progress.close()
+
+    # Manifests last: children by digest, then the tagged manifest or index.
+    tag = target.ref.tag or "latest"
+    push = opts.push_retry_count, opts.push_retry_delay
+    if index_doc is None and not opts.merge_platform:
+        r = results[0]
+        retry(lambda: target.client.put_manifest(target.repo, tag, r.body, r.media_type),
+              "push of the manifest", *push)
+        top_digest, top_mt = r.digest, r.media_type
+    else:
+        docker = opts.docker_v2_format
+        entries_out: list[dict[str, Any]] = []
+        for (sm, _p, _w), r in zip(jobs, results, strict=True):
+            plat = r.platform_doc
+            if opts.merge_platform:
+                _copy_manifest_into(source, target, sm, opts)
+                entries_out.append(im.index_entry(sm.descriptor, plat, nydus_marker=False,
+                                                  docker=docker))
+            def put_child(r: ManifestResult = r) -> str:
+                return target.client.put_manifest(target.repo, r.digest, r.body, r.media_type)
+
+            retry(put_child, f"push of manifest {r.digest}", *push)
+            entries_out.append(im.index_entry(
+                oci.Descriptor(r.media_type, r.digest, r.size), plat,
+                nydus_marker=opts.merge_platform, docker=docker))
+        ibody, imt = im.nydus_index(entries_out, docker=docker)
+        retry(lambda: target.client.put_manifest(target.repo, tag, ibody, imt),
+              "push of the index", *push)
+        top_digest, top_mt = oci.sha256_digest(ibody), imt
+    return ConvertResult(
+        source=str(source.ref), target=str(target.ref.with_tag(tag)), digest=top_digest,
+        media_type=top_mt, manifests=results, seconds=time.monotonic() - t0,
+        backend=store.describe(),
+    )
