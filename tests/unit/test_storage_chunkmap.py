@@ -180,3 +180,27 @@ def test_clear_and_set_on_one_byte_lose_nothing(tmp_path: Path) -> None:
     assert m.ready_indices() == list(range(1, 8))
     m.close()
     assert os.path.getsize(path) == HEADER_SIZE + 1
+
+
+def test_complete_bitmap_is_marked_all_ready_on_open(tmp_path: Path) -> None:
+    p = tmp_path / "m"
+    p.write_bytes(struct.pack("<IIII", MAGIC, 1, MAGIC2, 0).ljust(HEADER_SIZE, b"\0")
+                  + b"\xff\xe0")  # 11 chunks, all set
+    m = ChunkMap(str(p), 11)
+    assert m.all_ready
+    assert struct.unpack_from("<I", p.read_bytes(), 12)[0] == MAGIC_ALL_READY
+    m.close()
+
+
+def test_bits_set_by_another_process_are_seen(tmp_path: Path) -> None:
+    path = str(tmp_path / "m")
+    mine = ChunkMap(path, 16)
+    mine.set_ready([0])
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=_proc_set, args=(path, 16, 1, 1))  # sets 1..15
+    p.start()
+    p.join(30)
+    assert mine.is_ready(15) and mine.count_ready() == 16
+    mine.refresh()
+    assert mine.all_ready
+    mine.close()

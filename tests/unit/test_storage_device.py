@@ -503,3 +503,35 @@ def test_metrics_use_upstream_names(img: Image, tmp_path: Path) -> None:
         assert key in c, key
     assert c["id"] == "mnt" and c["whole_hits"] >= 1
 
+
+
+def test_unexpected_backend_exceptions_become_backend_errors(img: Image,
+                                                             tmp_path: Path) -> None:
+    from nydus.errors import BackendError
+
+    be = MemoryBackend({img.blob_id: img.blob})
+    calls = []
+
+    def boom(blob_id: str, off: int, size: int) -> None:
+        calls.append(off)
+        if off < img.md.blobs[0].ci_offset:
+            raise ValueError("a bug below us")
+
+    be.hook = boom
+    dev, _ = device(img, tmp_path / "c", backend=be)
+    results: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            dev.read_chunks(chunks_of(img, "/big")[:1])
+        except BaseException as e:
+            results.append(e)
+
+    with dev:
+        ts = [threading.Thread(target=reader) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert not any(t.is_alive() for t in ts)  # nobody is left waiting
+    assert len(results) == 4 and all(isinstance(e, BackendError) for e in results)

@@ -134,3 +134,16 @@ def test_batches_sort_dedupe_and_cut() -> None:
     assert batches([], 100) == []
     big = [Chunk(0, 0, 1000, 0, 4096, True)]
     assert batches(big, 10) == [big]
+
+
+def test_prefetch_calls_return_at_once(img: Image, tmp_path: Path) -> None:
+    be = MemoryBackend({img.blob_id: img.blob})
+    be.hook = lambda *a: time.sleep(0.3)  # even the ci array fetch is slow
+    dev, _ = device(img, tmp_path / "c", backend=be, **pf(threads_count=2))
+    with dev:
+        t0 = time.monotonic()
+        dev.prefetch_all()
+        dev.prefetch_files([chunks_of(img, "/text")])
+        assert time.monotonic() - t0 < 0.2
+        assert dev.wait_prefetch(30)
+        assert dev.is_blob_ready(0)

@@ -28,6 +28,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 
 from ..errors import NydusError
 
@@ -71,6 +72,12 @@ class ChunkMap:
             os.close(self._fd)
             raise
         self._all_ready = self._header_all_ready()
+        # Bits known set (at open, plus those this object set): a cheap hint that tells
+        # set_ready when a full count might find the map complete.
+        self._known = self.count if self._all_ready else self.count_ready()
+        self._last_count = time.monotonic()
+        if not self._all_ready and self._known == self.count:
+            self._mark_all_ready()
 
     # ------------------------------------------------------------------ open / repair
 
@@ -160,11 +167,16 @@ class ChunkMap:
             self._check(i)
         lo = HEADER_SIZE + (min(indices) >> 3)
         hi = HEADER_SIZE + (max(indices) >> 3)
+        new = 0
         with self._locked(lo, hi - lo + 1):
             for i in indices:
                 pos = HEADER_SIZE + (i >> 3)
-                self._mm[pos] = self._mm[pos] | _mask(i)
-        if self.count_ready() == self.count:
+                old = self._mm[pos]
+                if not old & _mask(i):
+                    self._mm[pos] = old | _mask(i)
+                    new += 1
+        self._known += new
+        if new and self._known >= self.count and self.count_ready() == self.count:
             self._mark_all_ready()
 
     def clear(self, i: int) -> None:
@@ -176,6 +188,7 @@ class ChunkMap:
             if self._header_all_ready():
                 self._mm[12:16] = b"\0\0\0\0"
             self._all_ready = False
+            self._known = max(self._known - 1, 0)
 
     def count_ready(self) -> int:
         if self._all_ready:
@@ -200,13 +213,20 @@ class ChunkMap:
 
     @property
     def all_ready(self) -> bool:
+        """Every chunk ready; re-counts (at most once a second) to see other processes' bits."""
         if not self._all_ready and self._header_all_ready():
             self._all_ready = True
+        if not self._all_ready and time.monotonic() - self._last_count > 1.0:
+            self._last_count = time.monotonic()
+            self._known = self.count_ready()
+            if self._known == self.count:
+                self._mark_all_ready()
         return self._all_ready
 
     def refresh(self) -> None:
-        """Re-read the all-ready flag (another process may have completed the blob)."""
-        self._all_ready = self._header_all_ready() or self.count_ready() == self.count
+        """Re-count now (another process may have completed the blob)."""
+        self._last_count = 0.0
+        _ = self.all_ready
 
     def flush(self) -> None:
         self._mm.flush()

@@ -232,29 +232,37 @@ class BlobDevice:
         for chunks in chunk_lists:
             for c in chunks:
                 by_blob.setdefault(c.blob_index, []).append(c)
-        for bi, cs in by_blob.items():
-            try:
-                f = self._blob(bi).fetcher
-                self.prefetcher.submit(f, [f.resolve(c) for c in cs])
-            except NydusError as e:
-                log.warning("prefetch of blob %d not started: %s", bi, e)
+
+        def submit() -> None:
+            for bi, cs in by_blob.items():
+                try:
+                    f = self._blob(bi).fetcher
+                    self.prefetcher.submit(f, [f.resolve(c) for c in cs])
+                except NydusError as e:
+                    log.warning("prefetch of blob %d not started: %s", bi, e)
+
+        self.prefetcher.run_async(submit)
 
     def prefetch_all(self) -> None:
         """Queue every chunk of every blob (blobs with a ci array) for background fetching."""
         if not self.prefetch_enabled:
             return
-        for bi, info in enumerate(self.blobs):
-            if not has_ci(info):
-                continue
-            try:
-                f = self._blob(bi).fetcher
-                meta = f.meta()
-                if meta is None:
+
+        def submit() -> None:
+            for bi, info in enumerate(self.blobs):
+                if not has_ci(info):
                     continue
-                chunks = [f.chunk_from_ci(i) for i in range(len(meta.ci))]
-                self.prefetcher.submit(f, chunks)
-            except NydusError as e:
-                log.warning("prefetch of blob %s not started: %s", info.blob_id, e)
+                try:
+                    f = self._blob(bi).fetcher
+                    meta = f.meta()
+                    if meta is None:
+                        continue
+                    chunks = [f.chunk_from_ci(i) for i in range(len(meta.ci))]
+                    self.prefetcher.submit(f, chunks)
+                except NydusError as e:
+                    log.warning("prefetch of blob %s not started: %s", info.blob_id, e)
+
+        self.prefetcher.run_async(submit)
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Block until queued prefetch work is done (False on timeout). An extension."""

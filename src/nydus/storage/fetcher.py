@@ -371,6 +371,10 @@ class BlobFetcher:
                 for _, p in claims:
                     p.error = e
                 return
+            except OSError as e:
+                for _, p in claims:
+                    p.error = BackendError(f"blob {self.info.blob_id}: {e}")
+                return
             ready: list[int] = []
             for g, raw in zip(groups, raws, strict=True):
                 for c, p in g.chunks:
@@ -401,12 +405,17 @@ class BlobFetcher:
                     self.metrics.add("entries_count", len(ready))
                 except (OSError, NydusError) as e:
                     log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
-        except BaseException as e:
+        except Exception as e:  # a bug or an untranslated error below us: report, do not leak
+            log.exception("blob %s: fetch failed", self.info.blob_id)
             err = e if isinstance(e, NydusError) else BackendError(
                 f"blob {self.info.blob_id}: fetch failed: {e!r}")
             for _, p in claims:
                 if p.data is None and p.error is None:
                     p.error = err
+        except BaseException as e:
+            for _, p in claims:
+                if p.data is None and p.error is None:
+                    p.error = BackendError(f"blob {self.info.blob_id}: fetch interrupted: {e!r}")
             raise
         finally:
             with self._lock:

@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .fetcher import BlobFetcher, Chunk
 from .metrics import BlobcacheMetrics
@@ -164,6 +164,33 @@ class Prefetcher:
         self.metrics.add("prefetch_unmerged_chunks", sum(len(b) for b in work))
         return len(work)
 
+    def run_async(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` (which usually calls :meth:`submit`) on its own thread; :meth:`wait`
+        covers it. Used so that resolving what to prefetch (which may fetch a blob's ci array)
+        never blocks the caller."""
+        if self._stop.is_set():
+            return
+        with self._cond:
+            self._pending += 1
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:
+                log.warning("prefetch submission failed: %s", e)
+            finally:
+                self._done_one()
+
+        threading.Thread(target=run, name="nydus-prefetch-submit", daemon=True).start()
+
+    def _done_one(self) -> None:
+        with self._cond:
+            self._pending -= 1
+            if self._pending == 0:
+                if self._started:
+                    self.metrics.prefetch_end()
+                self._cond.notify_all()
+
     def _work(self) -> None:
         while not self._stop.is_set():
             item = self._q.get()
@@ -188,11 +215,7 @@ class Prefetcher:
             except Exception as e:  # pragma: no cover - prefetch() already catches
                 log.warning("prefetch worker: %s", e)
             finally:
-                with self._cond:
-                    self._pending -= 1
-                    if self._pending == 0:
-                        self.metrics.prefetch_end()
-                        self._cond.notify_all()
+                self._done_one()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued batch is done; False on timeout."""
