@@ -258,3 +258,45 @@ def test_layered_tar_build_with_whiteouts(tmp_path: Path, nydus_image) -> None: 
     for b in (o1 / "blobs").iterdir():
         shutil.copy(b, o2 / "blobs" / b.name)
     nydus_image("check", o2 / "boot", "-D", o2 / "blobs")
+
+
+def test_converter_style_invocation(tmp_path: Path, nydus_image) -> None:  # type: ignore[no-untyped-def]
+    """The arguments nydus-snapshotter's converter passes to pack a layer (tar2rafs): the tar
+    through a FIFO, "/" as prefetch pattern on stdin, the bootstrap inlined in the blob, the
+    log level after the subcommand; then its merge and unpack calls."""
+    import threading
+
+    from hostile_tars import end, entry
+
+    raw = entry(b"etc/os-release", b"ID=test\n") + entry(b"bin/x", os.urandom(2 << 20)) + end()
+    fifo = tmp_path / "source.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(gzip.compress(raw)))
+    writer.start()
+    blob = tmp_path / "layer.blob"
+    cmd = nydus_image.command(
+        "create", "--log-level", "warn", "--prefetch-policy", "fs", "--blob", blob,
+        "--whiteout-spec", "none", "--fs-version", "6", "--type", "tar-rafs",
+        "--blob-inline-meta", "--features", "blob-toc", "--compressor", "zstd",
+        "--chunk-size", "0x100000", "--batch-size", "0", "--aligned-chunk", fifo)
+    p = subprocess.run(cmd, input=b"/", capture_output=True, timeout=120)
+    writer.join()
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    boot = tmp_path / f"{hashlib.sha256(blob.read_bytes()).hexdigest()}"
+    shutil.copy(blob, boot)  # the converter names each layer's file by its digest
+    merged = tmp_path / "merged.boot"
+    js = tmp_path / "merge.json"
+    cmd = nydus_image.command("merge", "--log-level", "warn", "--prefetch-policy", "fs",
+                              "--output-json", js, "--bootstrap", merged, boot,
+                              "--blob-digests", boot.name, "--blob-sizes",
+                              str(blob.stat().st_size))
+    subprocess.run(cmd, input=b"/", check=True, capture_output=True, timeout=120)
+    assert json.loads(js.read_text())["blobs"] == [boot.name]
+    out = tmp_path / "back.tar"
+    nydus_image("unpack", "--log-level", "warn", "--bootstrap", merged, "--output", out,
+                "--blob", boot)
+    import tarfile
+
+    with tarfile.open(out) as tf:
+        x = tf.extractfile("bin/x")
+        assert x is not None and x.read() == raw[1536 : 1536 + (2 << 20)]

@@ -20,10 +20,10 @@ from .. import __version__
 from ..builder.build import BuildOptions, BuildResult, build_from_tar, build_image
 from ..builder.dirsource import load_directory
 from ..builder.merge import MergeOptions, merge_bootstraps
-from ..errors import ConfigError, NydusError
+from ..errors import ConfigError, NydusError, UnsupportedError
 from ..metadata import open_bootstrap
 from ..verbs.check import check_image
-from ..verbs.inspect import dedup_stats, image_stats, inspect_request
+from ..verbs.inspect import dedup_report, image_stats, inspect_request
 from ..verbs.unpack import unpack_image
 
 log = logging.getLogger("nydus-image")
@@ -42,12 +42,17 @@ def _int(v: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nydus-image", description="Build and inspect RAFS images")
     p.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
-    p.add_argument("-l", "--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"])
+    levels = ["trace", "debug", "info", "warn", "error"]
+    p.add_argument("-l", "--log-level", default="info", choices=levels)
     p.add_argument("-L", "--log-file")
+    # upstream's logging flags are global: they may also follow the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-l", "--log-level", choices=levels, default=argparse.SUPPRESS)
+    common.add_argument("-L", "--log-file", default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("create", help="build a RAFS image from a directory or a layer tar")
+    c = sub.add_parser("create", parents=[common],
+                       help="build a RAFS image from a directory or a layer tar")
     c.add_argument("source", help="a directory, or a tar / tar.gz / tar.zst file or - (stdin)")
     c.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs",
                    choices=sorted(DIR_TYPES | TAR_TYPES))
@@ -58,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--compressor", default="zstd")
     c.add_argument("--digester", default="blake3")
     c.add_argument("--chunk-size", type=_int, default=0x100000)
+    c.add_argument("--batch-size", type=_int, default=0, help="only 0 (no batches) here")
     c.add_argument("-v", "--fs-version", default="6")
     c.add_argument("--parent-bootstrap")
     c.add_argument("--chunk-dict")
@@ -71,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("-J", "--output-json")
 
-    m = sub.add_parser("merge", help="merge per-layer bootstraps (lowest first) into one")
+    m = sub.add_parser("merge", parents=[common],
+                       help="merge per-layer bootstraps (lowest first) into one")
     m.add_argument("sources", nargs="+", metavar="SOURCE")
     m.add_argument("-B", "--bootstrap", help="output bootstrap")
     m.add_argument("-D", "--blob-dir", help="write the bootstrap here, named by its sha256")
@@ -87,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="whiteouts of the layers (not an upstream flag; upstream uses oci)")
     m.add_argument("-J", "--output-json")
 
-    k = sub.add_parser("check", help="validate a bootstrap and its blobs")
+    k = sub.add_parser("check", parents=[common], help="validate a bootstrap and its blobs")
     k.add_argument("bootstrap", nargs="?")
     k.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
     k.add_argument("-D", "--blob-dir")
@@ -95,19 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("-v", "--verbose", action="store_true")
     k.add_argument("-J", "--output-json")
 
-    i = sub.add_parser("inspect", help="query a bootstrap")
+    i = sub.add_parser("inspect", parents=[common], help="query a bootstrap")
     i.add_argument("bootstrap", nargs="?")
     i.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
     i.add_argument("-R", "--request", required=True)
 
-    s = sub.add_parser("stat", help="statistics of one or more bootstraps")
+    s = sub.add_parser("stat", parents=[common], help="statistics of one or more bootstraps")
     s.add_argument("-B", "--bootstrap")
     s.add_argument("-D", "--blob-dir", help="a directory of bootstraps")
     s.add_argument("-T", "--target")
     s.add_argument("--digester", default="blake3")
     s.add_argument("-J", "--output-json")
 
-    u = sub.add_parser("unpack", help="write the image's tree as a tar")
+    u = sub.add_parser("unpack", parents=[common], help="write the image's tree as a tar")
     u.add_argument("bootstrap", nargs="?")
     u.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
     u.add_argument("-D", "--blob-dir")
@@ -135,6 +142,8 @@ def cmd_create(a: argparse.Namespace) -> int:
         raise ConfigError(f"--fs-version {a.fs_version}: this builder writes RAFS v6 only")
     if not a.bootstrap and not a.blob_inline_meta:
         raise ConfigError("--bootstrap is required (or --blob-inline-meta)")
+    if a.batch_size:
+        raise UnsupportedError("--batch-size: batched chunks are not supported (use 0)")
     from_tar = a.type in TAR_TYPES
     if from_tar and not (a.blob or a.blob_dir):
         raise ConfigError("both --blob and --blob-dir are missing")
@@ -330,17 +339,22 @@ def cmd_stat(a: argparse.Namespace) -> int:
         with open_bootstrap(a.bootstrap) as md:
             data: Any = image_stats(md)
     elif a.blob_dir:
-        paths = sorted(os.path.join(a.blob_dir, n) for n in os.listdir(a.blob_dir))
-        if a.target:
-            paths.append(a.target)
-        images = [open_bootstrap(p) for p in paths if os.path.isfile(p)]
-        data = dedup_stats(images)
-        if a.target:
-            with open_bootstrap(a.target) as tmd:
-                alone = dedup_stats([tmd])
-            others = dedup_stats(images[:-1])
-            data["target_new_bytes"] = data["distinct_bytes"] - others["distinct_bytes"]
-            data["target_bytes"] = alone["distinct_bytes"]
+        if not os.path.isdir(a.blob_dir):
+            raise ConfigError(f"--blob-dir {a.blob_dir} is not a directory")
+        target = os.path.realpath(a.target) if a.target else None
+        base = []
+        for name in sorted(os.listdir(a.blob_dir)):
+            path = os.path.join(a.blob_dir, name)
+            # as upstream: every file without an extension, except the target
+            if (os.path.splitext(name)[1] or not os.path.isfile(path)
+                    or os.path.realpath(path) == target):
+                continue
+            try:
+                base.append(open_bootstrap(path))
+            except NydusError as e:
+                log.debug("stat: skipping %s: %s", path, e)
+        tmd = open_bootstrap(a.target) if a.target else None
+        data = dedup_report(base, tmd)
     else:
         raise ConfigError("stat needs -B BOOTSTRAP or -D DIR")
     print(json.dumps(data, indent=2))

@@ -2,8 +2,9 @@
 
 Requests (``inspect BOOTSTRAP -R REQUEST``): ``stats``, ``blobs``,
 ``prefetch``, ``ls [PATH]``, ``stat PATH``, ``chunks PATH`` (alias
-``icheck``). :func:`image_stats` also backs ``nydus-image stat``, including the
-dedup ratio over several images. Pure reads; single-threaded.
+``icheck``). :func:`image_stats` backs ``nydus-image stat -B``;
+:func:`dedup_report` backs ``stat -D DIR [-T TARGET]``: chunk dedup over a set
+of images and what a target image adds to them. Pure reads; single-threaded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..metadata import RafsMetadata
 
-__all__ = ["inspect_request", "image_stats", "dedup_stats"]
+__all__ = ["inspect_request", "image_stats", "dedup_report"]
 
 
 def image_stats(md: RafsMetadata) -> dict[str, Any]:
@@ -60,25 +61,77 @@ def image_stats(md: RafsMetadata) -> dict[str, Any]:
     }
 
 
-def dedup_stats(images: list[RafsMetadata]) -> dict[str, Any]:
-    """Chunk dedup across a set of images: bytes referenced vs distinct digests."""
-    total = 0
-    distinct: dict[bytes, int] = {}
-    for md in images:
-        for _p, nid in md.walk():
-            a = md.getattr(nid)
-            if a.is_reg:
-                for c in md.chunks(nid):
-                    total += c.uncompressed_size
-                    distinct[c.digest] = c.uncompressed_size
-    stored = sum(distinct.values())
-    return {
-        "images": len(images),
-        "referenced_bytes": total,
-        "distinct_chunks": len(distinct),
-        "distinct_bytes": stored,
-        "dedup_ratio": round(total / stored, 4) if stored else 1.0,
-    }
+def _chunk_stats(md: RafsMetadata) -> tuple[dict[str, Any], dict[bytes, tuple[int, int]]]:
+    """Upstream ``stat``'s per-image numbers, and the image's distinct chunks by digest
+    (compressed size, uncompressed size)."""
+    info = {"dirs": 0, "files": 0, "symlinks": 0, "chunks": 0, "file_size": 0,
+            "padding_size": 0, "comp_size": 0, "uncomp_size": 0}
+    distinct: dict[bytes, tuple[int, int]] = {}
+    seen: set[int] = set()
+    for _p, nid in md.walk():
+        a = md.getattr(nid)
+        if a.is_reg:
+            info["files"] += 1
+            if nid in seen:
+                continue  # another name of a hardlinked file
+            seen.add(nid)
+            info["file_size"] += a.size
+            info["padding_size"] += -a.size % 4096
+            for c in md.chunks(nid):
+                info["chunks"] += 1
+                info["comp_size"] += c.compressed_size
+                info["uncomp_size"] += c.uncompressed_size
+                key = c.digest or f"{c.blob_index}:{c.index}".encode()
+                distinct.setdefault(key, (c.compressed_size, c.uncompressed_size))
+        elif a.is_dir:
+            info["dirs"] += 1
+        elif a.is_symlink:
+            info["symlinks"] += 1
+    info["uncomp_size"] += info["padding_size"]
+    return info, distinct
+
+
+def dedup_report(base: list[RafsMetadata], target: RafsMetadata | None = None) -> dict[str, Any]:
+    """``stat -D DIR [-T TARGET]`` as upstream computes it: the base images' chunks summed
+    per image (``own_*``) and deduplicated across images (``dedup_*``); with a target, its
+    distinct chunks found in the base (``ref_*``) and not (``own_*``: what a build with the
+    base as chunk dictionary has to store)."""
+    total: dict[str, Any] = {}
+    pool: dict[bytes, tuple[int, int]] = {}
+    own = [0, 0, 0]
+    for md in base:
+        info, distinct = _chunk_stats(md)
+        for k, v in info.items():
+            total[k] = total.get(k, 0) + v
+        for key, (comp, uncomp) in distinct.items():
+            own[0] += 1
+            own[1] += comp
+            own[2] += uncomp
+            pool.setdefault(key, (comp, uncomp))
+    total.update({"own_chunks": own[0], "own_comp_size": own[1], "own_uncomp_size": own[2],
+                  "dedup_chunks": len(pool),
+                  "dedup_comp_size": sum(c for c, _u in pool.values()),
+                  "dedup_uncomp_size": sum(u for _c, u in pool.values())})
+    total["dedup_ratio"] = round(own[2] / total["dedup_uncomp_size"], 4) \
+        if total["dedup_uncomp_size"] else 1.0
+    out: dict[str, Any] = {"images": len(base), "dedup_enabled": True,
+                           "target_enabled": target is not None, "base_image": total}
+    if target is not None:
+        info, distinct = _chunk_stats(target)
+        ref = [0, 0, 0]
+        mine = [0, 0, 0]
+        for key, (comp, uncomp) in distinct.items():
+            acc = ref if key in pool else mine
+            acc[0] += 1
+            acc[1] += comp
+            acc[2] += uncomp
+        info.update({"own_chunks": mine[0], "own_comp_size": mine[1],
+                     "own_uncomp_size": mine[2], "ref_chunks": ref[0], "ref_comp_size": ref[1],
+                     "ref_uncomp_size": ref[2]})
+        whole = mine[2] + ref[2]
+        info["reuse_ratio"] = round(ref[2] / whole, 4) if whole else 0.0  # found in the base
+        out["target_image"] = info
+    return out
 
 
 def _attr(md: RafsMetadata, nid: int) -> dict[str, Any]:
