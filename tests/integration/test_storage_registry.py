@@ -141,6 +141,15 @@ def test_generated_image_through_every_registry_variant(registry_any: RegistrySe
             small.read(dev, "/small")
 
 
+def test_blob_redirected_host(registry_plain: RegistryServer, small: Built) -> None:
+    """Blob requests go to ``blob_redirected_host``; ``host`` is never contacted for blobs."""
+    blobs = publish(small, registry_plain)
+    cfg = reg_config(registry_plain, None, registry={
+        "host": "127.0.0.1:9", "blob_redirected_host": registry_plain.host, "retry_limit": 1})
+    with open_device(blobs, cfg) as dev:
+        assert small.read(dev, "/etc/config.txt") == small.files["/etc/config.txt"]
+
+
 # ------------------------------------------------------------------------ amplification bound
 
 

@@ -535,3 +535,21 @@ def test_unexpected_backend_exceptions_become_backend_errors(img: Image,
             t.join(10)
         assert not any(t.is_alive() for t in ts)  # nobody is left waiting
     assert len(results) == 4 and all(isinstance(e, BackendError) for e in results)
+
+
+def test_compressed_cache_corruption_is_caught_by_validation(raw_img: Image,
+                                                              tmp_path: Path) -> None:
+    wd = tmp_path / "c"
+    dev, _ = device(raw_img, wd, compressed=True)
+    with dev:
+        read_file(dev, raw_img, "/big")
+        assert dev.cache_file(0) is None  # no plain data file to hand to the kernel
+    victim = chunks_of(raw_img, "/big")[2]
+    with open(wd / f"{raw_img.blob_id}.blob.raw", "r+b") as f:
+        f.seek(victim.compressed_offset + 10)
+        f.write(b"\x00\xff\x00\xff")
+    dev, be = device(raw_img, wd, compressed=True, digest_validate=True)
+    with dev:
+        assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
+        assert data_requests(be, raw_img) == [(victim.compressed_offset,
+                                               victim.compressed_size)]

@@ -97,7 +97,6 @@ class BlobBackend(ABC):
             if off < 0 or size < 0:
                 raise BackendError(f"{self.type}: bad range [{off}, +{size}) of {blob_id}")
         begin = self.metrics.begin()
-        total = sum(s for _, s in ranges)
         try:
             out = self._read_ranges(blob_id, ranges)
             for (off, size), data in zip(ranges, out, strict=True):
@@ -107,13 +106,22 @@ class BlobBackend(ABC):
                         f"{len(data)} bytes"
                     )
         except NydusError:
-            self.metrics.end(begin, total, True)
+            self._account(begin, ranges, True)
             raise
         except OSError as e:
-            self.metrics.end(begin, total, True)
+            self._account(begin, ranges, True)
             raise BackendError(f"{self.type}: read of blob {blob_id} failed: {e}") from e
-        self.metrics.end(begin, total, False)
+        self._account(begin, ranges, False)
         return out
+
+    def _account(self, begin: float, ranges: Sequence[tuple[int, int]], error: bool) -> None:
+        """One metrics record per range request (ranges of one call run concurrently and
+        share the call's latency); a failed call is one error record."""
+        if error:
+            self.metrics.end(begin, sum(s for _, s in ranges), True)
+            return
+        for _, size in ranges:
+            self.metrics.end(begin, size, False)
 
     def fetcher(self, blob_id: str) -> Fetch:
         """A ``fetch(start, end)`` callable for one blob."""

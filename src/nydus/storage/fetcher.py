@@ -318,7 +318,7 @@ class BlobFetcher:
         try:
             stored = cache.read(c)
             data = self._decode(c, stored) if cache.compressed else stored
-            if self.validate and not cache.compressed:
+            if self.validate:
                 self._verify(c, data)
             return data
         except NydusError as e:
