@@ -69,10 +69,12 @@ class Server:
                 daemon_threads = True
 
             self.srv: socketserver.BaseServer = US(unix, H)
+            self.srv.handle_error = lambda *a: None  # type: ignore[method-assign]
             self.url = ""
         else:
             srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
             srv.daemon_threads = True
+            srv.handle_error = lambda *a: None  # type: ignore[method-assign]
             if tls is not None:
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 ctx.load_cert_chain(str(tls.cert_pem), str(tls.key_pem))
@@ -418,6 +420,7 @@ class ForwardProxy:
 
         self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.srv.daemon_threads = True
+        self.srv.handle_error = lambda *a: None  # type: ignore[method-assign]
         self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
         threading.Thread(target=self.srv.serve_forever, args=(0.05,), daemon=True).start()
 
