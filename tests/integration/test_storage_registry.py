@@ -141,6 +141,17 @@ def test_generated_image_through_every_registry_variant(registry_any: RegistrySe
             small.read(dev, "/small")
 
 
+def test_registry_auth_hot_reload(registry_basic: RegistryServer, small: Built) -> None:
+    blobs = publish(small, registry_basic, "storage/reload")
+    cfg = reg_config(registry_basic, None, repo="storage/reload",
+                     registry={"auth": basic_auth(password="stale")})
+    with open_device(blobs, cfg) as dev:
+        with pytest.raises(Exception, match=r"(?i)auth|401|denied"):
+            small.read(dev, "/small")
+        dev.update_registry_auth(basic_auth())
+        assert small.read(dev, "/small") == small.files["/small"]
+
+
 def test_blob_redirected_host(registry_plain: RegistryServer, small: Built) -> None:
     """Blob requests go to ``blob_redirected_host``; ``host`` is never contacted for blobs."""
     blobs = publish(small, registry_plain)

@@ -278,6 +278,14 @@ class BlobDevice:
             return None
         return st.cache.path
 
+    def update_registry_auth(self, auth: str) -> None:
+        """Hot-reload registry credentials (base64 ``user:pass``). An extension."""
+        from .registry import RegistryBackend
+
+        if not isinstance(self.backend, RegistryBackend):
+            raise UnsupportedError(f"{self.backend.type} backend has no registry credentials")
+        self.backend.update_auth(auth)
+
     def blob_uncompressed_size(self, blob_index: int) -> int:
         return self.blobs[blob_index].uncompressed_size
 

@@ -20,6 +20,7 @@ Thread-safe (the client is).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,16 +59,30 @@ class RegistryBackend(BlobBackend):
 
     def __init__(self, cfg: RegistryConfig, id: str = "", **client_overrides: Any) -> None:
         super().__init__(id)
-        self.cfg = cfg
         self.repo = cfg.repo
-        kw = {**client_kwargs(cfg), **client_overrides}
-        self.client = RegistryClient(cfg.host, **kw)
-        self.blob_client = self.client
+        self._overrides = client_overrides
+        self._retired: list[RegistryClient] = []
+        self._make_clients(cfg)
+
+    def _make_clients(self, cfg: RegistryConfig) -> None:
+        self.cfg = cfg
+        kw = {**client_kwargs(cfg), **self._overrides}
+        client = RegistryClient(cfg.host, **kw)
+        blob_client = client
         if cfg.blob_redirected_host or cfg.blob_url_scheme:
             bkw = dict(kw)
             if cfg.blob_url_scheme:
                 bkw["scheme"] = cfg.blob_url_scheme
-            self.blob_client = RegistryClient(cfg.blob_redirected_host or cfg.host, **bkw)
+            blob_client = RegistryClient(cfg.blob_redirected_host or cfg.host, **bkw)
+        self.client, self.blob_client = client, blob_client
+
+    def update_auth(self, auth: str) -> None:
+        """Hot-reload credentials (nydusd's ``PUT /api/v1/config`` ``registry_auth``).
+
+        New clients take over; requests already running finish on the old ones, which are
+        closed with the backend."""
+        self._retired += [self.client, self.blob_client]
+        self._make_clients(dataclasses.replace(self.cfg, auth=auth or None))
 
     @staticmethod
     def digest(blob_id: str) -> str:
@@ -87,6 +102,5 @@ class RegistryBackend(BlobBackend):
 
     def close(self) -> None:
         super().close()
-        self.client.close()
-        if self.blob_client is not self.client:
-            self.blob_client.close()
+        for c in {id(c): c for c in (self.client, self.blob_client, *self._retired)}.values():
+            c.close()
