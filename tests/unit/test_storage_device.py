@@ -553,3 +553,14 @@ def test_compressed_cache_corruption_is_caught_by_validation(raw_img: Image,
         assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
         assert data_requests(be, raw_img) == [(victim.compressed_offset,
                                                victim.compressed_size)]
+
+
+def test_blob_without_sizes_is_read_without_cache(img: Image, tmp_path: Path) -> None:
+    import dataclasses
+
+    info = dataclasses.replace(img.md.blobs[0], uncompressed_size=0)
+    be = MemoryBackend({img.blob_id: img.blob})
+    cfg = config(tmp_path / "c")
+    with open_device([info], cfg, backend=be) as dev:
+        assert read_file(dev, img, "/text") == img.files["/text"]
+        assert dev.cache_file(0) is None and not dev.is_blob_ready(0)

@@ -156,8 +156,15 @@ class BlobDevice:
             return load_digests(info, fetch, work_dir, blob_size())
 
         cache = None
-        if work_dir is not None and info.chunk_count > 0:
-            cache = BlobCacheFile(work_dir, info, compressed=self.compressed_cache)
+        if work_dir is not None:
+            try:
+                cache = BlobCacheFile(work_dir, info, compressed=self.compressed_cache)
+            except NydusError as e:  # e.g. a blob table without sizes or chunk counts
+                log.warning("blob %s is read without a cache: %s", blob_id, e)
+            except OSError as e:
+                raise NydusError(f"cannot open the cache of blob {blob_id} in {work_dir}: "
+                                 f"{e.strerror}") from e
+        if cache is not None:
             self.cache_metrics.add_file(cache.path)
             self.cache_metrics.add("entries_count", cache.ready_count())
         fetcher = BlobFetcher(

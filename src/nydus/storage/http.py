@@ -320,7 +320,7 @@ class HttpClient:
                 raise
             try:
                 if method == "HEAD":
-                    data = b""
+                    data = resp.read()  # empty; marks the response complete for reuse
                 elif read_body is not None and 200 <= resp.status < 300:
                     data = read_body(resp)
                 else:
