@@ -297,3 +297,14 @@ def sample_layers(version: int = 1, big: int = 24 << 20) -> list[Layer]:
 
 def digest_of_file(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def push_with_client(client: Any, repo: str, tag: str, layers: list[Layer], *,
+                     docker: bool = False, scratch: Path) -> str:
+    """Push an image with our registry client (skopeo's ``oci:`` transport cannot hold
+    Docker media types); returns the manifest digest."""
+    config = config_for(layers)
+    body, mt = image_manifest(scratch / "blobs", layers, config, docker=docker)
+    for b in [config, *(ly.blob for ly in layers)]:
+        client.push_blob(repo, oci.sha256_digest(b), b)
+    return str(client.put_manifest(repo, tag, body, mt))

@@ -95,9 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
     _backend_flags(c)
     c.add_argument("--backend-force-push", action="store_true", help="accepted; see --help")
-    c.add_argument("--oci", action="store_true", help="OCI media types for the target")
+    c.add_argument("--oci", action="store_true",
+                   help="OCI media types for the target (the default)")
     c.add_argument("--docker-v2-format", action="store_true",
-                   help="Docker v2 schema 2 media types for the target")
+                   help="Docker v2 schema 2 manifest and config for the target")
     c.add_argument("--with-referrer", action="store_true",
                    help="set the Nydus manifest's subject to the source manifest")
     c.add_argument("--merge-platform", action="store_true",

@@ -168,8 +168,11 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
     if boot.media_type not in (oci.MEDIA_TYPE_OCI_LAYER_GZIP, oci.MEDIA_TYPE_DOCKER_LAYER_GZIP):
         problems.append(f"bootstrap layer has media type {boot.media_type!r}")
     blobs = sm.layers[:-1]
+    blob_types = {oci.MEDIA_TYPE_NYDUS_BLOB}
+    if sm.is_docker:
+        blob_types.add(oci.MEDIA_TYPE_DOCKER_LAYER_GZIP)
     for ld in blobs:
-        if ld.media_type != oci.MEDIA_TYPE_NYDUS_BLOB:
+        if ld.media_type not in blob_types:
             problems.append(f"layer {ld.digest} has media type {ld.media_type!r}")
         if ld.annotations.get(oci.ANNOTATION_NYDUS_BLOB) != "true":
             problems.append(f"layer {ld.digest} lacks the {oci.ANNOTATION_NYDUS_BLOB} "

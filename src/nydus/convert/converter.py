@@ -419,11 +419,9 @@ class _ManifestJob:
 
 
 def _docker_format(opts: ConvertOptions, source_is_docker: bool) -> bool:
-    if opts.docker_v2_format:
-        return True
-    if opts.oci or opts.with_referrer or opts.merge_platform:
-        return False
-    return source_is_docker
+    """Docker v2 schema 2 only when asked: OCI is upstream's default, and a Docker manifest
+    cannot carry the Nydus blob media type (skopeo and docker reject it)."""
+    return opts.docker_v2_format
 
 
 def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: dict[str, Any] |
@@ -473,6 +471,8 @@ def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: di
                 raise ConfigError(f"chunk-dict blob {digest} is not in {job.store.describe()}")
         blob_descs.append(im.blob_descriptor(digest, size))
     docker = _docker_format(opts, sm.is_docker)
+    if docker:
+        blob_descs = [im.blob_descriptor(d.digest, d.size, docker=True) for d in blob_descs]
     gz, boot_diff = im.bootstrap_layer(boot)
     in_manifest = job.store.in_manifest
     boot_desc = im.bootstrap_descriptor(

@@ -255,8 +255,12 @@ def read_bootstrap_layer(data: bytes, what: str = "bootstrap layer") -> bytes:
     raise FormatError(f"{what} holds no {oci.BOOTSTRAP_FILE_IN_LAYER}")
 
 
-def blob_descriptor(digest: str, size: int) -> oci.Descriptor:
-    return oci.Descriptor(oci.MEDIA_TYPE_NYDUS_BLOB, digest, size, {
+def blob_descriptor(digest: str, size: int, *, docker: bool = False) -> oci.Descriptor:
+    """A data blob layer. In a Docker v2 manifest the Nydus media type is not allowed (docker
+    and skopeo refuse the manifest), so the layer is typed as a Docker layer there; the
+    ``nydus-blob`` annotation is what the snapshotter goes by either way."""
+    mt = oci.MEDIA_TYPE_DOCKER_LAYER_GZIP if docker else oci.MEDIA_TYPE_NYDUS_BLOB
+    return oci.Descriptor(mt, digest, size, {
         oci.ANNOTATION_UNCOMPRESSED: digest,
         oci.ANNOTATION_NYDUS_BLOB: "true",
     })
