@@ -24,6 +24,7 @@ Thread-safe; many readers and prefetch workers share one fetcher.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import zlib
@@ -127,8 +128,6 @@ class BlobFetcher:
         self._digests_loaded = False
         self._warned_no_digest = False
         self._load_lock = threading.Lock()
-        self.backend_requests = 0
-        self.backend_bytes = 0
 
     # ------------------------------------------------------------------ lazy metadata
 
@@ -175,7 +174,7 @@ class BlobFetcher:
         if c.compressed_size < 0:
             ch = self.chunk_from_ci(c.index)
             if c.digest and c.digest != ch.digest:
-                ch = Chunk(**{**ch.__dict__, "digest": c.digest})
+                ch = dataclasses.replace(ch, digest=c.digest)  # the bootstrap is trusted
             return ch
         if c.index < 0 or (self.info.chunk_count and c.index >= self.info.chunk_count):
             raise FormatError(f"blob {self.info.blob_id}: chunk index {c.index} out of range")
@@ -349,9 +348,6 @@ class BlobFetcher:
 
     def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """``[start, end)`` ranges of the blob, in parallel when there are several."""
-        with self._lock:
-            self.backend_requests += len(ranges)
-            self.backend_bytes += sum(e - s for s, e in ranges)
         if self._fetch_ranges_fn is not None:
             return self._fetch_ranges_fn(ranges)
         if len(ranges) == 1 or self.executor is None:
