@@ -603,3 +603,36 @@ def test_concurrent_random_reads(tmp_path: Path, mnt: Path) -> None:
         g = d.client.metrics()
         assert sum(g["fop_errors"]) == 0, g["fop_errors"]
         assert d.stop() == 0
+
+
+def test_open_counting_and_access_pattern(three_images: dict[str, Any], tmp_path: Path,
+                                          mnt: Path) -> None:
+    """Default: zero-message opens (no OPEN/RELEASE round trips). With iostats_files the
+    daemon serves opens and counts them per file; access_pattern lists files in read order."""
+    boot, src = three_images["boot"]["b"], three_images["src"]["b"]
+    sock = tmp_path / "api.sock"
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(localfs_config(three_images["blobs"])))
+    with Nydusd(["--config", plain, "--mountpoint", mnt, "--bootstrap", boot, "--apisock", sock],
+                mnt, cwd=tmp_path, apisock=sock).start() as d:
+        for _ in range(3):
+            assert (mnt / "name").read_text() == "b"
+        g = d.client.metrics()
+        assert g["fop_hits"][2] == 0 and g["data_read"] == 1  # OPEN never reached us
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps(localfs_config(three_images["blobs"], iostats_files=True,
+                                               access_pattern=True, latest_read_files=True)))
+    with Nydusd(["--config", stats, "--mountpoint", mnt, "--bootstrap", boot, "--apisock", sock],
+                mnt, cwd=tmp_path, apisock=sock).start() as d:
+        assert (mnt / "dir" / "f3").read_bytes() == (src / "dir" / "f3").read_bytes()
+        assert (mnt / "name").read_text() == "b"
+        c = d.client
+        g = c.metrics()
+        assert g["fop_hits"][2] == 2 and g["nr_opens"] == 0
+        files = c.metrics("files")
+        f3 = str(os.stat(mnt / "dir" / "f3").st_ino)
+        assert files[f3]["nr_max_open"] == 1 and files[f3]["data_read"] == 8000
+        pattern = c.metrics("pattern")
+        assert [p["file_path"] for p in pattern] == ["/dir/f3", "/name"]
+        assert sorted(c.get("/api/v1/metrics/files", latest="true")) == sorted(
+            int(os.stat(mnt / n).st_ino) for n in ("dir/f3", "name"))

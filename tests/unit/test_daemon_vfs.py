@@ -192,3 +192,30 @@ def test_layout_export_and_import(image: tuple[Path, Path]) -> None:
     assert w.lookup(CTX, ids[b"p"], b"one").nodeid == one
     v.close_all()
     w.close_all()
+
+
+def test_zero_message_open(image: tuple[Path, Path]) -> None:
+    v = RafsVfs(zero_message_open=True)
+    v.attach("/", _fs(image))
+    f = v.lookup(CTX, v.lookup(CTX, 1, b"sizes").nodeid, b"size-1")
+    with pytest.raises(FuseError) as ei:
+        v.open(CTX, f.nodeid, os.O_RDONLY)
+    assert ei.value.errno == errno.ENOSYS  # the kernel then stops sending OPEN/RELEASE
+    assert len(b"".join(v.read(CTX, f.nodeid, 0, 0, 10))) == 1  # reads need no open
+    v.close_all()
+
+
+def test_getattr_and_entries_are_packed_once(image: tuple[Path, Path]) -> None:
+    v = RafsVfs()
+    fs = _fs(image)
+    v.attach("/", fs)
+    e1 = v.lookup(CTX, 1, b"sizes")
+    e2 = v.lookup(CTX, 1, b"sizes")
+    assert e1 is e2 and e1.raw is not None and len(e1.raw) == 128
+    a1 = v.getattr(CTX, e1.nodeid, None)
+    assert a1 is v.getattr(CTX, e1.nodeid, None) and a1.raw is not None and len(a1.raw) == 104
+    from nydus.fuse import protocol as p
+
+    assert p.ATTR.unpack_from(a1.raw, 16)[0] == e1.nodeid
+    assert a1.raw[16:] == e1.raw[40:]  # same fuse_attr in both replies
+    v.close_all()

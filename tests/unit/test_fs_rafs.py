@@ -315,3 +315,66 @@ def test_v6_fixture(fixtures_dir: Path) -> None:
     data = b"".join(fs.read(ino, 0, 1 << 20))
     assert len(data) == 16931 and data.startswith(b"// Copyright")
     assert [e.name for e in fs.readdir(ROOT_INO, 2)] == [b"lib.rs", b"sync_io.rs"]
+
+
+class _SlowSource:
+    """A chunk source that counts what it is asked for and takes its time."""
+
+    def __init__(self, inner: LocalBlobChunks, delay: float = 0.05) -> None:
+        import threading
+
+        self.inner, self.delay = inner, delay
+        self.asked: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def read_chunks(self, chunks: list[ChunkInfo]) -> list[bytes]:
+        import time
+
+        with self.lock:
+            self.asked += [(c.blob_index, c.index) for c in chunks]
+        time.sleep(self.delay)
+        return self.inner.read_chunks(chunks)
+
+
+def test_concurrent_reads_of_a_chunk_fetch_it_once(image: tuple[Path, Path]) -> None:
+    import threading
+
+    meta = open_bootstrap(image[0])
+    src = _SlowSource(LocalBlobChunks(str(image[1]), meta.blobs))
+    fs = RafsFs(meta, src, FsOptions(readahead_chunks=0))
+    ino = fs.resolve("/sizes/size-1048576")
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(b"".join(fs.read(ino, 0, 4096))))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 8
+    assert len(src.asked) == len(set(src.asked)) == 1
+
+
+def test_sequential_reads_fetch_ahead(image: tuple[Path, Path], sample_tree: TreeInfo) -> None:
+    import time
+
+    meta = open_bootstrap(image[0])
+    src = _SlowSource(LocalBlobChunks(str(image[1]), meta.blobs), delay=0.01)
+    fs = RafsFs(meta, src, FsOptions(readahead_chunks=4))
+    ino = fs.resolve("/data/random-2m.bin")
+    chunks = fs.chunks_of(ino)
+    assert len(chunks) > 5  # 64 KiB chunks in this image
+    step = chunks[1].file_offset
+    fs.read(ino, 0, step)
+    deadline = time.time() + 5
+    while len(src.asked) < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(src.asked) == 5  # the chunk asked for, then 4 ahead in the background
+    data = b"".join(fs.read(ino, step, 3 * step))
+    assert data == (sample_tree.root / "data" / "random-2m.bin").read_bytes()[step : 4 * step]
+    assert len(src.asked) == len(set(src.asked))  # nothing fetched twice
+    # a random reader (not sequential) gets no readahead
+    before = len(src.asked)
+    fs.read(ino, 28 * step, 10)  # a jump of more than 1 MiB
+    time.sleep(0.1)
+    assert len(src.asked) == before + 1
+    fs.close()

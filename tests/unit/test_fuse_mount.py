@@ -221,7 +221,9 @@ def test_another_process_serves_the_handed_over_fd(mnt: Path, tmp_path: Path) ->
         assert (mnt / "link").is_symlink()
         state = s.export_state()
         fd = s.device_fd
+        t0 = time.monotonic()
         s.stop(close=False)  # stop serving, keep the connection
+        assert time.monotonic() - t0 < 3  # blocked workers are woken (STATFS nudges)
         child = subprocess.Popen([sys.executable, "-c", _CHILD, sock_path,
                                   str(Path(__file__).parent)])
         conn, _ = srv.accept()

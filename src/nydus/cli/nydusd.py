@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--fuse-threads", type=int, default=4)
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
-    p.add_argument("--readahead-kb", type=int, default=0,
-                   help="raise the FUSE mount's readahead to this many KiB (0: kernel default)")
+    p.add_argument("--readahead-kb", type=int, default=1024,
+                   help="the FUSE mount's readahead in KiB (default 1024, one chunk; "
+                        "0: the kernel's default)")
     return p
 
 
@@ -80,6 +81,21 @@ def _raise_nofile(limit: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
     except (ValueError, OSError) as e:
         log.debug("rlimit-nofile not changed: %s", e)
+
+
+def _tune_malloc() -> None:
+    """Keep freed chunk buffers in glibc's heap: by default every 1 MiB+ ``bytes`` is an
+    mmap of its own, so each chunk read pays fresh page faults (measured: 3 GB/s instead
+    of 20 GB/s for 4 MiB batches). Fixed thresholds stop that; the heap then holds at most
+    the chunk cache's working set."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError) as e:
+        log.debug("mallopt not available: %s", e)
 
 
 def _load_config(a: argparse.Namespace) -> object | None:
@@ -141,11 +157,14 @@ def _run(a: argparse.Namespace) -> int:
         raise ConfigError("--upgrade needs --supervisor")
     cfg = _load_config(a)
     _raise_nofile(a.rlimit_nofile)
+    _tune_malloc()
 
     opts = DaemonOptions(
         mountpoint=os.path.abspath(a.mountpoint), id=a.id, supervisor=a.supervisor,
         apisock=a.apisock or "", upgrade=a.upgrade, failover_policy=a.failover_policy,
-        session=SessionOptions(threads=a.fuse_threads, readahead_kb=a.readahead_kb),
+        # Zero-message opens (no OPEN/RELEASE round trips) unless per-file stats are wanted.
+        session=SessionOptions(threads=a.fuse_threads, readahead_kb=a.readahead_kb,
+                               no_open=not getattr(cfg, "iostats_files", False)),
     )
     daemon = Nydusd(opts)
     logging.getLogger().addHandler(daemon.events)

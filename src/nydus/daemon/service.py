@@ -134,7 +134,7 @@ class Nydusd:
         self.opts = opts
         self.id = opts.id
         self.sm = StateMachine()
-        self.vfs = RafsVfs()
+        self.vfs = RafsVfs(zero_message_open=opts.session.no_open)
         self.session: FuseSession | None = None
         self.images: dict[str, ImageMount] = {}
         self.events = ErrorHolder()

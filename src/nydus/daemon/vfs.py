@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import NotFoundError
+from ..fs.metrics import StatsFop
 from ..fs.rafs import DEFAULT_TIMEOUT, ROOT_INO, Attr, RafsFs
 from ..fuse import (
     AttrFields,
@@ -42,6 +44,7 @@ from ..fuse import (
     RequestContext,
     StatFs,
 )
+from ..fuse.protocol import ATTR, ENTRY_OUT_HEAD, pack_attr, pack_attr_out
 
 __all__ = ["RafsVfs", "MountSlot", "SLOT_SHIFT", "PSEUDO_SLOT"]
 
@@ -52,6 +55,9 @@ LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 PSEUDO_SLOT = 255
 MAX_SLOTS = 254
 _DT_DIR = stat.S_IFDIR >> 12
+_CACHE_LIMIT = 1 << 18
+_U64 = (1 << 64) - 1
+_ENTRY_OUT = struct.Struct(ENTRY_OUT_HEAD.format + ATTR.format.lstrip("<"))  # 128 bytes
 
 
 @dataclass
@@ -65,6 +71,9 @@ class MountSlot:
     nlookup: int = 0
     detached: bool = False
     closed: bool = False
+    # packed replies per inode: the image is immutable, so they never go stale
+    entries: dict[int, Entry] = field(default_factory=dict, repr=False)
+    attrs: dict[int, AttrReply] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -78,6 +87,8 @@ class _PseudoDir:
 
 def _rdev32(dev: int) -> int:
     """The kernel's new_encode_dev (fuse_attr.rdev is 32 bits)."""
+    if not dev:
+        return 0
     ma, mi = os.major(dev), os.minor(dev)
     return ((mi & 0xFF) | ((ma & 0xFFF) << 8) | ((mi & ~0xFF) << 12)) & 0xFFFFFFFF
 
@@ -85,8 +96,12 @@ def _rdev32(dev: int) -> int:
 class RafsVfs(Operations):
     """See the module docstring."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT,
+                 zero_message_open: bool = False) -> None:
         self.timeout = timeout
+        self._tsec = int(timeout)
+        self._tnsec = min(int((timeout - int(timeout)) * 1e9), 999_999_999)
+        self.zero_message_open = zero_message_open
         self._lock = threading.RLock()
         self._root: MountSlot | None = None  # image at "/"
         self._slots: dict[int, MountSlot] = {}
@@ -311,8 +326,31 @@ class RafsVfs(Operations):
                 m.nlookup += n
 
     def _entry(self, m: MountSlot, a: Attr) -> Entry:
-        f = self._fields(m, a)
-        return Entry(f.ino, f, self.timeout, self.timeout)
+        e = m.entries.get(a.ino)
+        if e is None:
+            f = self._fields(m, a)
+            raw = _ENTRY_OUT.pack(
+                f.ino, 0, self._tsec, self._tsec, self._tnsec, self._tnsec,
+                f.ino, f.size, f.blocks, f.atime & _U64, f.mtime & _U64, f.ctime & _U64,
+                f.atime_ns, f.mtime_ns, f.ctime_ns, f.mode, f.nlink, f.uid, f.gid, f.rdev,
+                f.blksize, 0)
+            e = Entry(f.ino, f, self.timeout, self.timeout, raw=raw)
+            if len(m.entries) >= _CACHE_LIMIT:
+                m.entries.clear()
+            m.entries[a.ino] = e
+        return e
+
+    def _attr_reply(self, m: MountSlot, local: int) -> AttrReply:
+        r = m.attrs.get(local)
+        if r is None:
+            f = self._fields(m, m.fs.getattr(local))
+            r = AttrReply(f, self.timeout, raw=pack_attr_out(self.timeout, pack_attr(f)))
+            if len(m.attrs) >= _CACHE_LIMIT:
+                m.attrs.clear()
+            m.attrs[local] = r
+        else:
+            m.fs.stats.record(StatsFop.GETATTR, local, True)
+        return r
 
     # ------------------------------------------------------------------ Operations
 
@@ -359,7 +397,7 @@ class RafsVfs(Operations):
         if m is None:
             with self._lock:
                 return AttrReply(self._pseudo_fields(self._pseudo[local]), 1.0)
-        return AttrReply(self._fields(m, m.fs.getattr(local)), self.timeout)
+        return self._attr_reply(m, local)
 
     def readlink(self, ctx: RequestContext, nodeid: int) -> bytes:
         m, local = self._resolve(nodeid)
@@ -387,6 +425,11 @@ class RafsVfs(Operations):
         m, local = self._resolve(nodeid)
         if m is None:
             raise FuseError(errno.EISDIR)
+        if self.zero_message_open:
+            # With FUSE_NO_OPEN_SUPPORT negotiated, ENOSYS makes the kernel stop sending
+            # OPEN/RELEASE for good and treat every open as keep_cache: two round trips
+            # less per file. Per-file open counts are then not available.
+            raise FuseError(errno.ENOSYS)
         fh = m.fs.open(local, flags)
         return OpenReply(fh=fh, keep_cache=True, noflush=True)
 

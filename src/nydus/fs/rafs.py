@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -74,8 +75,9 @@ class FsOptions:
     iostats_files: bool = False
     access_pattern: bool = False
     latest_read_files: bool = False
-    chunk_cache_bytes: int = 32 << 20
+    chunk_cache_bytes: int = 64 << 20
     attr_cache_entries: int = 1 << 17
+    readahead_chunks: int = 4  # sequential readers: fetch this many chunks ahead (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,17 @@ class FsStat:
     namelen: int = 255
 
 
+class _Pending:
+    """A chunk fetch in flight; other readers of the chunk wait for it."""
+
+    __slots__ = ("data", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _File:
     size: int
@@ -138,11 +151,14 @@ class RafsFs:
         self._lock = threading.Lock()
         self._root_nid = meta.root_nid
         self._v5_nids: dict[int, int] = {ROOT_INO: meta.root_nid}
-        self._attrs: OrderedDict[int, Attr] = OrderedDict()
+        self._attrs: dict[int, Attr] = {}
         self._files: OrderedDict[int, _File] = OrderedDict()
         self._dirs: OrderedDict[int, list[tuple[bytes, int, int]]] = OrderedDict()
         self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._chunk_bytes = 0
+        self._pending: dict[tuple[int, int], _Pending] = {}
+        self._seq: dict[int, tuple[int, int]] = {}  # ino -> (end of last read, queued chunk)
+        self._ra_pool: ThreadPoolExecutor | None = None
         self._names: dict[int, tuple[int, bytes]] = {}  # ino -> (parent ino, name)
         self._track_names = self.opts.access_pattern
         self._next_fh = 1
@@ -198,18 +214,18 @@ class RafsFs:
     # ------------------------------------------------------------------ attributes
 
     def _attr_of(self, nid: int, ino: int) -> Attr:
-        with self._lock:
-            a = self._attrs.get(ino)
-            if a is not None:
-                return a
+        a = self._attrs.get(ino)  # dict reads are atomic; the image never changes
+        if a is not None:
+            return a
         i = self.meta.getattr(nid)
         uid, gid = (i.uid, i.gid) if self._explicit_ids else (self._euid, self._egid)
-        a = Attr(ino=ino, mode=i.mode, nlink=i.nlink, uid=uid, gid=gid, size=i.size,
-                 blocks=i.blocks, rdev=i.rdev, mtime=i.mtime, mtime_nsec=i.mtime_nsec)
-        with self._lock:
-            self._attrs[ino] = a
-            if len(self._attrs) > self.opts.attr_cache_entries:
-                self._attrs.popitem(last=False)
+        a = Attr(ino, i.mode, i.nlink, uid, gid, i.size, i.blocks, i.rdev, i.mtime,
+                 i.mtime_nsec)
+        attrs = self._attrs
+        if len(attrs) >= self.opts.attr_cache_entries:
+            with self._lock:
+                attrs.clear()
+        attrs[ino] = a
         return a
 
     def getattr(self, ino: int) -> Attr:
@@ -314,14 +330,17 @@ class RafsFs:
             yield FsDirEntry(b".", ino, stat.S_IFDIR >> 12, 1)
         if offset < 2:
             yield FsDirEntry(b"..", self.parent_of(ino), stat.S_IFDIR >> 12, 2)
+        v6, root_nid, names, track = self.version == 6, self._root_nid, self._names, \
+            plus and self._track_names
+        attr_of, ino_of = self._attr_of, self.ino_of
         for i in range(max(0, offset - 2), len(ents)):
             name, cnid, _ft = ents[i]
-            cino = self.ino_of(cnid)
-            ca = self._attr_of(cnid, cino)
-            if ca.is_dir or (plus and self._track_names):
-                self._names[cino] = (ino, name)
-            yield FsDirEntry(name, cino, stat.S_IFMT(ca.mode) >> 12, i + 3,
-                             ca if plus else None)
+            cino = cnid + 2 if v6 and cnid != root_nid else ino_of(cnid)
+            ca = attr_of(cnid, cino)
+            fmt = ca.mode & 0o170000
+            if fmt == 0o040000 or track:
+                names[cino] = (ino, name)
+            yield FsDirEntry(name, cino, fmt >> 12, i + 3, ca if plus else None)
 
     # ------------------------------------------------------------------ files
 
@@ -388,6 +407,8 @@ class RafsFs:
         last = bisect.bisect_left(f.offsets, end)
         wanted = [c for c in f.chunks[first:last]
                   if c.file_offset < end and c.file_offset + c.uncompressed_size > offset]
+        if self.opts.readahead_chunks > 0 and last < len(f.chunks):
+            self._maybe_readahead(ino, f, offset, end, last)
         datas = self._chunk_data(wanted)
         out: list[bytes | memoryview] = []
         pos = offset
@@ -406,39 +427,98 @@ class RafsFs:
             _zeros(out, end - pos)
         return out, end - offset
 
+    def _maybe_readahead(self, ino: int, f: _File, offset: int, end: int, nxt: int) -> None:
+        """For a sequential reader, fetch the next chunks in the background (into the LRU;
+        a foreground read of one of them waits for that fetch instead of repeating it)."""
+        with self._lock:
+            prev_end, queued = self._seq.get(ino, (-1, 0))
+            sequential = offset == 0 or abs(offset - prev_end) <= (1 << 20)
+            hi = min(len(f.chunks), nxt + self.opts.readahead_chunks)
+            lo = max(nxt, queued)
+            self._seq[ino] = (end, max(queued, hi) if sequential else queued)
+            if len(self._seq) > 4096:
+                self._seq.clear()
+            if not sequential or lo >= hi:
+                return
+            ahead = [c for c in f.chunks[lo:hi]
+                     if (c.blob_index, c.index) not in self._chunks
+                     and (c.blob_index, c.index) not in self._pending]
+            if not ahead:
+                return
+            if self._ra_pool is None:
+                self._ra_pool = ThreadPoolExecutor(max_workers=2,
+                                                   thread_name_prefix="rafs-readahead")
+            pool = self._ra_pool
+        pool.submit(self._readahead_job, ahead)
+
+    def _readahead_job(self, chunks: list[ChunkInfo]) -> None:
+        try:
+            self._chunk_data(chunks)
+        except Exception as e:  # the foreground read will fetch (and report) it again
+            log.debug("readahead failed: %s", e)
+
     def _chunk_data(self, chunks: list[ChunkInfo]) -> list[bytes]:
+        """Decompressed data of ``chunks``: from the LRU, from a fetch another thread has in
+        flight (waited for, never fetched twice), or from the chunk source."""
         if not chunks:
             return []
-        found: list[bytes | None] = []
-        missing: list[ChunkInfo] = []
+        out: list[bytes | None] = [None] * len(chunks)
+        mine: list[tuple[int, ChunkInfo, tuple[int, int], _Pending]] = []
+        waits: list[tuple[int, _Pending]] = []
         with self._lock:
-            for c in chunks:
-                d = self._chunks.get((c.blob_index, c.index))
+            for i, c in enumerate(chunks):
+                key = (c.blob_index, c.index)
+                d = self._chunks.get(key)
                 if d is not None:
-                    self._chunks.move_to_end((c.blob_index, c.index))
-                else:
-                    missing.append(c)
-                found.append(d)
-        if missing:
+                    self._chunks.move_to_end(key)
+                    out[i] = d
+                    continue
+                p = self._pending.get(key)
+                if p is not None:
+                    waits.append((i, p))
+                    continue
+                p = self._pending[key] = _Pending()
+                mine.append((i, c, key, p))
+        if mine:
+            self._fetch(mine, out)
+        for i, p in waits:
+            p.event.wait()
+            if p.error is not None:
+                raise BackendError(f"reading chunks: {p.error}")
+            out[i] = p.data
+        return [d for d in out if d is not None]
+
+    def _fetch(self, mine: list[tuple[int, ChunkInfo, tuple[int, int], _Pending]],
+               out: list[bytes | None]) -> None:
+        try:
+            want = [c for _i, c, _k, _p in mine]
             try:
-                got = self.source.read_chunks(missing)
+                got = self.source.read_chunks(want)
             except NydusError as e:
                 if e.errno != errno.EIO:  # e.g. a blob file that is gone: still an I/O error
                     raise BackendError(f"reading chunks: {e}") from e
                 raise
-            if len(got) != len(missing):
+            if len(got) != len(want):
                 raise FormatError("storage returned the wrong number of chunks")
-            fetched = {}
-            for c, d in zip(missing, got, strict=True):
+            for c, d in zip(want, got, strict=True):
                 if c.uncompressed_size >= 0 and len(d) != c.uncompressed_size:
                     raise FormatError(
                         f"chunk {c.index} of blob {c.blob_index}: {len(d)} bytes, "
                         f"expected {c.uncompressed_size}")
-                fetched[(c.blob_index, c.index)] = d
-            self._remember(fetched)
-            found = [d if d is not None else fetched[(c.blob_index, c.index)]
-                     for c, d in zip(chunks, found, strict=True)]
-        return [d for d in found if d is not None]
+        except BaseException as e:
+            with self._lock:
+                for _i, _c, key, p in mine:
+                    self._pending.pop(key, None)
+                    p.error = e
+                    p.event.set()
+            raise
+        self._remember({key: d for (_i, _c, key, _p), d in zip(mine, got, strict=True)})
+        with self._lock:
+            for (i, _c, key, p), d in zip(mine, got, strict=True):
+                self._pending.pop(key, None)
+                p.data = d
+                p.event.set()
+                out[i] = d
 
     def _remember(self, fetched: dict[tuple[int, int], bytes]) -> None:
         limit = self.opts.chunk_cache_bytes
@@ -597,6 +677,9 @@ class RafsFs:
         return lists, False
 
     def close(self) -> None:
+        pool, self._ra_pool = self._ra_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._chunks.clear()
             self._chunk_bytes = 0

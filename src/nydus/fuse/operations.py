@@ -88,12 +88,14 @@ class Entry:
     entry_timeout: float
     attr_timeout: float
     generation: int = 0
+    raw: bytes | None = None  # the packed fuse_entry_out, when the caller caches it
 
 
 @dataclass(frozen=True, slots=True)
 class AttrReply:
     attr: AttrFields
     timeout: float
+    raw: bytes | None = None  # the packed fuse_attr_out, when the caller caches it
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ serves it with ``FuseSession.resume(ops, fd, state)``.
 Each worker owns a device fd (a FUSE_DEV_IOC_CLONE of the session fd when ``clone_fd``), reads
 one request at a time into a preallocated buffer and writes the reply with one ``writev`` on
 the same fd (the kernel matches replies on the fd that read the request). The fds are
-non-blocking: a worker polls only when the queue is empty, and a wake-up pipe stops all of them.
+blocking (the kernel wakes one reader per request); :meth:`FuseSession.stop` wakes them with
+STATFS requests to our own mount.
 
 Errors never escape the loop: FuseError/OSError give their errno, NydusError its ``errno``,
 anything else EIO plus a logged traceback. INTERRUPT of a READ-like request replies EINTR at
@@ -33,7 +34,6 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import struct
 import threading
 import time
@@ -133,7 +133,7 @@ class SessionOptions:
     max_pages: int = 256  # 1 MiB requests
     max_write: int = 128 << 10
     max_background: int = 64
-    readdirplus: str = "auto"  # "auto", "always" or "never"
+    readdirplus: str = "always"  # "auto", "always" or "never"
     posix_acl: bool = False
     passthrough: bool = False
     no_open: bool = False  # reply ENOSYS to OPEN: zero-message opens (no per-open metrics)
@@ -194,10 +194,10 @@ class FuseSession:
         self._fds: list[int] = []
         self._owned: list[int] = []  # fds we close on stop (clones and, unless kept, the main)
         self._threads: list[threading.Thread] = []
-        self._wake_r, self._wake_w = -1, -1
         self._stopping = threading.Event()
         self._ended = threading.Event()
         self._mounted = False
+        self._root_fd = -1
         self._initialized = threading.Event()
         self._lock = threading.Lock()
         self._inflight: dict[int, _Ctx] = {}
@@ -318,8 +318,9 @@ class FuseSession:
             raise RuntimeError("mount() or resume() first")
         if self._threads:
             raise RuntimeError("session already started")
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(self._fd, False)
+        # Blocking reads: the kernel wakes exactly one reader per request (an exclusive
+        # wait), where poll(2) would wake every worker for every request.
+        os.set_blocking(self._fd, True)
         fds = [self._fd]
         for _ in range(self.opts.threads - 1):
             if not self.opts.clone_fd:
@@ -332,7 +333,7 @@ class FuseSession:
                 self.opts.clone_fd = False
                 fds.append(self._fd)
                 continue
-            os.set_blocking(c, False)
+            os.set_blocking(c, True)
             self._owned.append(c)
             fds.append(c)
         self._fds = fds
@@ -355,30 +356,51 @@ class FuseSession:
     def ended(self) -> bool:
         return self._ended.is_set()
 
-    def stop(self, close: bool = True) -> None:
+    def stop(self, close: bool = True, timeout: float = 5.0) -> None:
         """Stop the workers after their current request. ``close=False`` keeps the main
-        device fd open (the connection survives, for handing it to another process)."""
+        device fd open (the connection survives, for handing it to another process).
+
+        Workers blocked in read(2) are woken by STATFS requests sent to our own mount (one
+        per wake-up; the kernel gives each to one reader, which then sees the stop flag).
+        """
         self._stopping.set()
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join()
+        me = threading.current_thread()
+        others = [t for t in self._threads if t is not me]
+        deadline = time.monotonic() + timeout
+        while any(t.is_alive() for t in others) and time.monotonic() < deadline:
+            self._nudge()
+            for t in others:
+                t.join(0.02)
+        stuck = {fd for t, fd in zip(self._threads, self._fds, strict=False)
+                 if t is not me and t.is_alive()}
+        if stuck:
+            log.warning("%d FUSE workers did not stop; leaving their fds open", len(stuck))
         self._finish()
         for fd in self._owned:
-            if fd == self._fd and not close:
+            if (fd == self._fd and not close) or fd in stuck:
                 continue
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._owned = [self._fd] if not close and self._fd >= 0 else []
         if close:
             self._fd = -1
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
         self._ended.set()
+
+    def _nudge(self) -> None:
+        if not self._initialized.is_set():
+            return
+        root_fd, mp, mounted = self._root_fd, self.mountpoint, self._mounted
+        if root_fd < 0 and not mounted:
+            return
+
+        def statfs() -> None:
+            with contextlib.suppress(OSError):
+                if root_fd >= 0:
+                    os.fstatvfs(root_fd)
+                else:
+                    os.statvfs(mp)
+
+        threading.Thread(target=statfs, name="fuse-nudge", daemon=True).start()
 
     def unmount(self, timeout: float = 5.0) -> None:
         """Unmount (lazily if busy), let the workers drain and end, close the device."""
@@ -388,6 +410,10 @@ class FuseSession:
             except OSError as e:
                 if e.errno == errno.EBUSY:
                     log.warning("%s busy; detaching lazily", self.mountpoint)
+                    # keep a handle on the detached tree: the only way left to wake workers
+                    with contextlib.suppress(OSError):
+                        self._root_fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY
+                                                | os.O_CLOEXEC)
                     kernel.umount(self.mountpoint, lazy=True)
                 elif e.errno != errno.EINVAL:  # EINVAL: no longer mounted
                     raise
@@ -395,7 +421,12 @@ class FuseSession:
             log.info("unmounted %s", self.mountpoint)
         if self._threads:
             self._ended.wait(timeout)
-        self.stop(close=True)
+        try:
+            self.stop(close=True)
+        finally:
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
 
     def _finish(self) -> None:
         with self._lock:
@@ -448,18 +479,14 @@ class FuseSession:
     def _worker(self, fd: int) -> None:
         buf = bytearray(self._bufsize)
         mv = memoryview(buf)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if self._wake_r >= 0:
-            poller.register(self._wake_r, select.POLLIN)
         try:
             while not self._stopping.is_set():
                 try:
                     n = os.readv(fd, [buf])
-                except BlockingIOError:
-                    poller.poll()
-                    continue
                 except InterruptedError:
+                    continue
+                except BlockingIOError:  # someone made the fd non-blocking again
+                    os.set_blocking(fd, True)
                     continue
                 except OSError as e:
                     if e.errno == errno.ENOENT:  # the request was interrupted before we read it
@@ -478,9 +505,6 @@ class FuseSession:
                 self._running -= 1
                 last = self._running == 0
             self._stopping.set()
-            if self._wake_w >= 0:
-                with contextlib.suppress(OSError):
-                    os.write(self._wake_w, b"x")
             if last:
                 self._finish()
                 self._ended.set()
@@ -636,6 +660,8 @@ class FuseSession:
         return b""
 
     def _entry_bytes(self, e: Entry) -> bytes:
+        if e.raw is not None:
+            return e.raw
         attr = pack_attr(e.attr) if e.attr is not None else _NEG_ATTR
         return pack_entry_out(e.nodeid, e.generation, e.entry_timeout, e.attr_timeout, attr)
 
@@ -647,6 +673,8 @@ class FuseSession:
     def _do_getattr(self, ctx: _Ctx, body: memoryview) -> bytes:
         flags, _d, fh = GETATTR_IN.unpack_from(body, 0) if len(body) >= 16 else (0, 0, 0)
         r: AttrReply = self.ops.getattr(ctx, ctx.nodeid, fh if flags & FUSE_GETATTR_FH else None)
+        if r.raw is not None:
+            return r.raw
         return pack_attr_out(r.timeout, pack_attr(r.attr))
 
     def _do_readlink(self, ctx: _Ctx, body: memoryview) -> bytes:
