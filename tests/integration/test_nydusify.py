@@ -9,6 +9,7 @@ file by file).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -485,3 +486,54 @@ def test_mount(sample: dict[str, Any], tmp_path: Path,
         _unmount(mnt)
     assert rc == 0
     assert not _mounted(mnt)
+
+
+registry_basic = registry.registry_basic
+registry_tls = registry.registry_tls
+test_ca = registry.test_ca
+
+
+def test_docker_config_credentials_and_tls(sample: dict[str, Any],
+                                           registry_basic: registry.RegistryServer,
+                                           registry_tls: registry.RegistryServer,
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Credentials come from $DOCKER_CONFIG/config.json as docker and skopeo use it; an
+    HTTPS registry with a private CA is reached with --target-insecure."""
+    host = sample["host"]
+    cfgdir = tmp_path / "docker"
+    cfgdir.mkdir()
+    (cfgdir / "config.json").write_text(json.dumps(
+        {"auths": {registry_basic.host: {"auth": registry.basic_auth()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(cfgdir))
+    w = str(tmp_path / "w")
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                   f"{registry_basic.host}/authed:n", "--work-dir", w], capsys)
+    assert rc == 0, out
+    rc, out = run(["check", "--source", f"{host}/sample:v1", "--target",
+                   f"{registry_basic.host}/authed:n", "--work-dir", w], capsys)
+    assert rc == 0, out
+    (cfgdir / "config.json").write_text("{}")
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                   f"{registry_basic.host}/authed:m", "--work-dir", w], capsys)
+    assert rc == 5 and ("401" in out or "auth" in out.lower()), out
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                   f"{registry_tls.host}/secure:n", "--target-insecure", "--work-dir", w],
+                  capsys)
+    assert rc == 0, out
+    assert registry_tls.client().get_manifest("secure", "n")[1] == oci.MEDIA_TYPE_OCI_MANIFEST
+
+
+def test_prefetch_patterns_from_stdin(sample: dict[str, Any], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    host = sample["host"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/data/blob3.bin\n/etc\n"))
+    w = tmp_path / "w"
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                   f"{host}/prefetch:n", "--prefetch-patterns", "--work-dir", str(w)], capsys)
+    assert rc == 0, out
+    last = sorted(os.listdir(w / "bootstraps"))[-1]
+    with open_bootstrap(str(w / "bootstraps" / last)) as md:
+        got = sorted(md.resolve(p) for p in ("/data/blob3.bin", "/etc"))
+        assert sorted(md.prefetch_nids()) == got
