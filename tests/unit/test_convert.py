@@ -282,7 +282,8 @@ def test_oci_rootfs_whiteouts_opaque_and_links() -> None:
         [oi.T("dir", "a"), oi.T("file", "a/x", b"x"), oi.T("file", "a/y", b"y"),
          oi.T("dir", "d"), oi.T("file", "d/old", b"o"), oi.T("file", "f", b"1"),
          oi.T("link", "g", target="f")],
-        [oi.T("whiteout", "a/x"), oi.T("opaque", "d"), oi.T("file", "d/new", b"n"),
+        [oi.T("whiteout", "a/x"), oi.T("dir", "d"), oi.T("opaque", "d"),
+         oi.T("file", "d/new", b"n"),
          oi.T("file", "h", b"h", xattrs={"user.k": b"v", "com.apple.x": b"dropped"})],
     )
     assert _paths(t.root) == ["/a", "/a/y", "/d", "/d/new", "/f", "/g", "/h"]
