@@ -689,13 +689,24 @@ def test_trailer_flip_in_ci_header_is_detected(built: Built) -> None:
 @given(data=st.data())
 def test_corrupted_trailer_raises(built: Built, data: st.DataObject) -> None:
     blob, info = built.blob, built.info
-    spans = trailer_map(blob, info, reader_over(blob, info).trailer()).covered
+    pristine = reader_over(blob, info).trailer()
+    spans = trailer_map(blob, info, pristine).covered
     positions = st.sampled_from(spans).flatmap(lambda s: st.integers(s[0], s[1] - 1))
     buf = bytearray(blob)
-    for off in data.draw(st.lists(positions, min_size=1, max_size=4, unique=True)):
+    offs = data.draw(st.lists(positions, min_size=1, max_size=4, unique=True))
+    for off in offs:
         buf[off] ^= data.draw(st.integers(1, 255))
-    with pytest.raises(NydusError):
-        reader_over(bytes(buf), info).trailer()
+    try:
+        got = reader_over(bytes(buf), info).trailer()
+    except NydusError:
+        return
+    # The ci array is stored zstd-compressed and its digest covers the decompressed
+    # bytes: a flip in a frame field zstd ignores is harmless, as long as what the
+    # reader returns is exactly the original.
+    ci_end = info.ci_offset + info.ci_compressed_size
+    assert info.ci_compressor != "none"
+    assert all(info.ci_offset <= o < ci_end for o in offs), offs
+    assert got == pristine
 
 
 @settings(BASE, max_examples=300)
