@@ -604,3 +604,77 @@ def test_s3_backend(sample: dict[str, Any], moto_s3: dict[str, Any], tmp_path: P
                    "--backend-type", "s3", "--backend-config", bad, "--work-dir", w,
                    "--push-retry-count", "0"], capsys)
     assert rc == 5 and "403" in out, out
+
+
+def test_progress_on_a_terminal_and_quiet_otherwise(sample: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    import pty
+
+    host = sample["host"]
+    env = {**registry.os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    cmd = [str(VENV_BIN / "nydusify"), "convert", "--source", f"{host}/sample:v1",
+           "--target", f"{host}/progress:n", "--work-dir", str(tmp_path / "w")]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    stdout = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0
+    tty = b"".join(chunks).decode(errors="replace")
+    for i in range(1, 6):
+        assert f"layer {i}/5 " in tty
+    assert "chunks (0 deduplicated), blob sha256:" in tty
+    assert "pushed" in tty or "already there" in tty
+    assert "converted" in stdout and "time" in stdout  # the summary
+    quiet = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0
+    assert quiet.stderr == ""
+    assert "layer 1/5" not in quiet.stdout and "converted" in quiet.stdout
+
+
+def test_chunk_dict_from_another_repository(sample: dict[str, Any], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The dictionary's blobs that the new image uses are mounted into the target repo, so
+    the image is complete there (check reads every blob from the target repository)."""
+    host = sample["host"]
+    w = str(tmp_path / "w")
+    assert run(["convert", "--source", f"{host}/sample:v1", "--target",
+                f"{host}/dictsrc:v1", "--work-dir", w], capsys)[0] == 0
+    rc, out = run(["convert", "--source", f"{host}/sample:v2", "--target",
+                   f"{host}/dictuser:v2", "--chunk-dict", f"bootstrap:registry:{host}/dictsrc:v1",
+                   "--work-dir", w], capsys)
+    assert rc == 0, out
+    m = manifest(host, "dictuser:v2")
+    rc, out = run(["check", "--source", f"{host}/sample:v2", "--target",
+                   f"{host}/dictuser:v2", "--work-dir", w], capsys)
+    assert rc == 0, out
+    old = {x["digest"] for x in manifest(host, "dictsrc:v1")["layers"]}
+    assert len(old & {x["digest"] for x in m["layers"]}) >= 4
+
+
+def test_merge_platform_of_a_single_manifest(sample: dict[str, Any], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    host = sample["host"]
+    w = str(tmp_path / "w")
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                   f"{host}/single-merged:n", "--merge-platform", "--work-dir", w], capsys)
+    assert rc == 0, out
+    idx = manifest(host, "single-merged:n")
+    src = oi.skopeo_inspect(f"{host}/sample:v1")
+    assert idx["manifests"][0]["digest"] == src["Digest"]
+    assert idx["manifests"][1]["platform"] == {"architecture": "amd64", "os": "linux",
+                                              "os.features": [oci.PLATFORM_FEATURE_NYDUS]}
+    oi.skopeo_inspect(f"{host}/single-merged@{idx['manifests'][0]['digest']}")
+    rc, out = run(["check", "--source", f"{host}/sample:v1", "--target",
+                   f"{host}/single-merged:n", "--work-dir", w], capsys)
+    assert rc == 0, out
