@@ -8,8 +8,8 @@ one whole-blob GET, at loopback speed and through a bandwidth-limited link.
 The image is built (in process, zstd, 1 MiB chunks) from the same cached tree as
 ``bench/build.py`` (``tests/corpus.make_large_tree`` under ``--work``) and pushed to Debian's
 ``docker-registry`` under the blob file's digest. The working set is whole files picked at
-random (fixed seed) until they hold ``--working-set`` (default 5%) of the image's file bytes:
-scattered across the blob, as a container's first minutes are.
+random (fixed seed) until they hold ``--working-set`` (default 5%) of the image's file bytes,
+and read in that random order: scattered across the blob, as a container's first minutes are.
 
 For each link the benchmark times, with fresh caches:
 
@@ -134,7 +134,7 @@ def working_set(md: RafsMetadata, fraction: float, seed: int) -> tuple[list[str]
             break
         picked.append(p)
         size += s
-    return sorted(picked), size, total
+    return picked, size, total  # in random order: the order the files are read
 
 
 # ------------------------------------------------------------------------ registry
