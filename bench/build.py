@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/build.py                        # 1 GiB, 20,000 files (the real run)
     .venv/bin/python bench/build.py --size 64M --files 2000  # a quick check
+    .venv/bin/python bench/build.py --mode tar             # from a tar.gz layer through a pipe
+
+``--mode tar`` turns the tree into a layer once (``tar | gzip -6``, and ``| zstd`` for the zstd
+target; both cached beside the tree) and times ``nydus-image create -t targz-rafs -`` reading it
+from a pipe, against ``gzip -d`` alone and ``tar -xzf`` (unpacking it to disk) as baselines.
+The report's max RSS column is the acceptance number for streaming builds.
 
 The tree is made by ``tests/corpus.make_large_tree`` and cached under ``--work`` (default
 /var/tmp/nydus-bench), keyed by size, file count and seed. Every target runs twice: cold (after
@@ -174,12 +180,15 @@ def run_pipeline(argvs: list[list[str]], log: Path) -> tuple[float, float, float
     return wall, cpu, rss, worst
 
 
-def measure(target: Target, tree: Path, out_root: Path, mode: str) -> Run:
-    out = out_root / target.name.replace(" ", "_").replace("/", "_")
+def measure(
+    target: Target, tree: Path, out_root: Path, mode: str, layers: dict[str, Path] | None = None
+) -> Run:
+    out = out_root / target.name.replace(" ", "_").replace("/", "_").replace("|", "")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    argvs = [[a.format(tree=tree, out=out) for a in argv] for argv in target.pipeline]
+    keys = {"tree": tree, "out": out, **(layers or {})}
+    argvs = [[a.format(**keys) for a in argv] for argv in target.pipeline]
     if mode == "cold":
         drop_caches()
     else:
@@ -233,6 +242,48 @@ def targets(skip_nydus: bool) -> list[Target]:
     drain = ["dd", "of=/dev/null", "bs=1M", "status=none"]
     out.append(Target("tar (read only)", [["tar", "-C", "{tree}", "-cf", "-", "."], drain]))
     return out
+
+
+def tar_targets(skip_nydus: bool) -> list[Target]:
+    """Targets of ``--mode tar``: ``{tgz}`` and ``{tzst}`` are the cached layers."""
+    nyd = nydus_image_argv()
+    out: list[Target] = []
+    if not skip_nydus:
+        create = [*nyd, "create", "--bootstrap", "{out}/image.boot", "--blob-dir", "{out}/blobs"]
+        for comp in ("zstd", "none"):
+            out.append(Target(
+                f"cat tgz | nydus-image {comp}",
+                [["cat", "{tgz}"], [*create, "-t", "targz-rafs", "--compressor", comp, "-"]],
+            ))
+        out.append(Target(
+            "cat tzst | nydus-image zstd",
+            [["cat", "{tzst}"], [*create, "-t", "tarzstd-rafs", "-"]],
+        ))
+    drain = ["dd", "of=/dev/null", "bs=1M", "status=none"]
+    out.append(Target("gzip -d (read only)", [["gzip", "-dc", "{tgz}"], drain]))
+    out.append(Target("tar -xzf (unpack)", [["tar", "-C", "{out}", "-xzf", "{tgz}"]]))
+    return out
+
+
+def ensure_layers(tree: Path) -> dict[str, Path]:
+    """The tree as tar.gz and tar.zst layers, made once and cached beside the tree."""
+    layers = {"tgz": tree.with_suffix(".tar.gz"), "tzst": tree.with_suffix(".tar.zst")}
+    tar = ["tar", "-C", str(tree), "--sort=name", "-cf", "-", "."]
+    for key, comp in (("tgz", ["gzip", "-6"]), ("tzst", ["zstd", "-q", "-3", "-T0"])):
+        path = layers[key]
+        if path.is_file():
+            continue
+        print(f"making layer {path} ...", flush=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            t = subprocess.Popen(tar, stdout=subprocess.PIPE)
+            c = subprocess.run(comp, stdin=t.stdout, stdout=f, check=False)
+            assert t.stdout is not None
+            t.stdout.close()
+            if t.wait() != 0 or c.returncode != 0:
+                raise SystemExit(f"could not make {path}")
+        tmp.rename(path)
+    return layers
 
 
 def tool_versions() -> dict[str, str]:
@@ -301,6 +352,7 @@ def render(
         "",
         f"Input: {human(input_bytes)} ({input_bytes} bytes) in {nfiles} regular files, "
         f"tree `{meta['tree']}` ({describe_stats(stats)}).",
+        *([f"Layers: {meta['layers']}."] if meta.get("layers") else []),
         f"Cold runs: {meta['cold']}. Machine: {meta['machine']}.",
         "",
         "| " + " | ".join(header) + " |",
@@ -325,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--skip-nydus", action="store_true", help="run the baselines only")
     ap.add_argument("--keep-outputs", action="store_true", help="keep built images in --work")
+    ap.add_argument("--mode", choices=["dir", "tar"], default="dir",
+                    help="build from the tree (dir) or from its tar.gz layer through a pipe")
     args = ap.parse_args(argv)
 
     for tool in ("mkfs.erofs", "zstd", "tar"):
@@ -338,11 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     cold = "yes (root: drop_caches before each)" if is_root() else "no (not root: all warm)"
     print(f"input: {human(input_bytes)} in {nfiles} files; cold runs: {cold}")
 
-    results = targets(args.skip_nydus)
+    layers: dict[str, Path] = {}
+    if args.mode == "tar":
+        layers = ensure_layers(tree)
+        results = tar_targets(args.skip_nydus)
+    else:
+        results = targets(args.skip_nydus)
     for t in results:
         for mode in ("cold", "warm"):
             print(f"  {t.name:<22} {mode} ...", end=" ", flush=True)
-            r = measure(t, tree, out_root, mode)
+            r = measure(t, tree, out_root, mode, layers)
             t.runs.append(r)
             msg = f"{r.seconds:.2f} s, {r.mbps(input_bytes):.0f} MB/s" if r.ok else r.error
             print(msg, flush=True)
@@ -357,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "tree": str(tree),
         "tree_stats": stats,
         "cold": cold,
+        "mode": args.mode,
+        "layers": ", ".join(f"`{p.name}` {human(p.stat().st_size)}" for p in layers.values()),
     }
     versions = tool_versions()
     meta["versions"] = versions
@@ -367,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"build-{now:%Y-%m-%d}"
     if (args.size, args.files) != (DEFAULT_SIZE, DEFAULT_FILES):
         stem += f"-{human(args.size).replace(' ', '').replace('.0', '')}x{args.files}"
+    if args.mode == "tar":
+        stem += "-tar"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{stem}.md").write_text(md)
     payload = {

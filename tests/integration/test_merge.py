@@ -317,3 +317,28 @@ def test_merge_with_parent_chunk_dict_and_prefetch(tmp_path: Path, nydus_image) 
             b"/", b"/base", b"/d0", b"/d0/c", b"/d0/own", b"/d1", b"/d1/c", b"/d1/own"]
         assert md.prefetch_nids() == [md.resolve("/d1"), md.resolve("/base")]
     nydus_image("check", out, "-D", blobs)
+
+
+def test_upstream_bootstrap_as_parent_and_merge_source(fixtures_dir: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                      nydus_image) -> None:
+    """A bootstrap written by upstream nydus-image works as the lowest layer of both."""
+    up = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for b in (fixtures_dir / "v6" / "blobs").iterdir():
+        (blobs / b.name).write_bytes(b.read_bytes())
+    with open_bootstrap(up) as md:
+        up_id = md.blobs[0].blob_id
+        up_paths = {p for p, _n in md.walk()}
+    tar = make_tar(tmp_path / "l.tar", [E("added", data=_rand(3000, 7))])
+    chain = tmp_path / "chain.boot"
+    j = build(nydus_image, tar, chain, blobs, "--parent-bootstrap", up)
+    top = tmp_path / "top.boot"
+    build(nydus_image, tar, top, blobs)
+    merged = tmp_path / "m.boot"
+    nydus_image("merge", "-B", merged, "--original-blob-ids", f"{up_id},{j['blob']}", up, top)
+    for boot in (chain, merged):
+        nydus_image("check", boot, "-D", blobs)
+        with open_bootstrap(boot) as md:
+            assert {p for p, _n in md.walk()} == up_paths | {b"/added"}
+            assert [b.blob_id for b in md.blobs] == [up_id, j["blob"]]

@@ -22,14 +22,15 @@ from nydus.errors import FormatError
 
 def read_all(data: bytes, limits: TarLimits | None = None) -> list[tuple[TarEntry, bytes]]:
     """Every entry with its file data reassembled (holes as zeros)."""
-    r = TarReader(LayerStream(io.BytesIO(data)), limits)
-    out = []
-    for e in r:
-        buf = bytearray(e.size)
-        if e.kind == "reg":
-            for off, chunk in r.chunks(e, 4096):
-                buf[off : off + len(chunk)] = chunk
-        out.append((e, bytes(buf)))
+    with LayerStream(io.BytesIO(data)) as s:
+        r = TarReader(s, limits)
+        out = []
+        for e in r:
+            buf = bytearray(e.size)
+            if e.kind == "reg":
+                for off, chunk in r.chunks(e, 4096):
+                    buf[off : off + len(chunk)] = chunk
+            out.append((e, bytes(buf)))
     return out
 
 

@@ -135,7 +135,8 @@ class _TreeBuilder:
         out: dict[bytes, bytes] = {}
         total = 0
         for name, value in e.xattrs.items():
-            if split_xattr_name(name) is None or len(name) > 255 + 9:
+            split = split_xattr_name(name)
+            if split is None or len(split[1]) > 255:
                 if name not in self._warned:
                     self._warned.add(name)
                     log.warning("xattr %r cannot be stored in EROFS: dropped", name)
@@ -174,7 +175,14 @@ def load_tar(
     only for layers without file data.
     """
     limits = limits or TarLimits()
-    ls = LayerStream(stream)
+    with LayerStream(stream) as ls:
+        return _load(ls, writer, chunk_size, prefetch, limits)
+
+
+def _load(
+    ls: LayerStream, writer: BlobWriter | None, chunk_size: int,
+    prefetch: Callable[[bytes], bool] | None, limits: TarLimits,
+) -> TarLayer:
     reader = TarReader(ls, limits)
     tb = _TreeBuilder(limits)
     data_bytes = 0

@@ -11,12 +11,17 @@ headers are followed on the compressed side, see :class:`_ZstdFrames`); concaten
 members and zstd frames are read as one stream (as ``gzip -d`` and ``zstd -d`` do); zero
 padding after the last gzip member is accepted, anything else after it is an error.
 
-Single-threaded: one reader owns a stream.
+Threading: one consumer reads a stream. Reading the input, decompressing and hashing run on
+a producer thread of the stream's own (the C code releases the GIL, so this overlaps with the
+consumer's parsing and chunking), handing pieces over through a queue of :data:`QUEUE_DEPTH`
+pieces; :meth:`LayerStream.close` stops it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -33,6 +38,7 @@ READ_SIZE = 1 << 20  # compressed bytes read at a time
 PIECE = 1 << 20  # most uncompressed bytes produced at a time
 ZSTD_MAX_WINDOW = 1 << 27  # zstd's own default limit (128 MiB) made explicit
 MAX_GZIP_PADDING = 1 << 20  # zero bytes tolerated after the last gzip member
+QUEUE_DEPTH = 4  # pieces in flight between the producer thread and the reader
 
 
 class LayerStream:
@@ -52,12 +58,50 @@ class LayerStream:
         else:
             self.compression = "none"
             pieces = self._plain(first)
-        self._pieces: Iterator[bytes] = pieces
         self._hash = hashlib.sha256()
         self._buf = b""
         self._off = 0
         self.pos = 0  # uncompressed bytes handed out (or skipped)
         self._eof = False
+        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(pieces,),
+                                        name="layer-reader", daemon=True)
+        self._thread.start()
+
+    def _produce(self, pieces: Iterator[bytes]) -> None:
+        item: bytes | BaseException | None
+        try:
+            for piece in pieces:
+                if piece:
+                    self._hash.update(piece)
+                    if not self._put(piece):
+                        return
+            item = None
+        except BaseException as e:  # handed to the reader, raised there
+            item = e
+        self._put(item)
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """Stop the producer thread (the stream cannot be read afterwards)."""
+        self._stop.set()
+        self._thread.join()
+        self._eof = True
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ sources
 
@@ -130,13 +174,15 @@ class LayerStream:
     def _next_piece(self) -> bool:
         if self._eof:
             return False
-        for piece in self._pieces:
-            if piece:
-                self._hash.update(piece)
-                self._buf, self._off = piece, 0
-                return True
+        item = self._q.get()
+        if isinstance(item, bytes):
+            self._buf, self._off = item, 0
+            return True
         self._eof = True
         self._buf, self._off = b"", 0
+        self._thread.join()
+        if item is not None:
+            raise item
         return False
 
     def read(self, n: int) -> bytes:
@@ -197,7 +243,10 @@ class LayerStream:
 
     @property
     def diff_id(self) -> str:
-        """``sha256:<hex>`` of every uncompressed byte read so far (all of it after drain)."""
+        """``sha256:<hex>`` of the whole uncompressed stream; valid once it was read (or
+        drained) to its end."""
+        if not self._eof or self._thread.is_alive():
+            raise RuntimeError("diff_id asked before the end of the layer")
         return "sha256:" + self._hash.hexdigest()
 
     trailing_nonzero = False
