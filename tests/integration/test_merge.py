@@ -75,7 +75,24 @@ def _rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def three_layers(tmp: Path) -> list[Path]:
+def to_overlayfs(layer: list[E]) -> list[E]:
+    """The same layer with overlayfs whiteouts: a 0:0 character device removes a name, the
+    ``trusted.overlay.opaque=y`` xattr makes a directory opaque."""
+    out: list[E] = []
+    for e in layer:
+        base = os.path.basename(e.name)
+        parent = os.path.dirname(e.name)
+        if base == ".wh..wh..opq":
+            d = next(x for x in out if x.kind == "dir" and x.name.rstrip("/") == parent)
+            d.xattrs = {**d.xattrs, "trusted.overlay.opaque": "y"}
+        elif base.startswith(".wh."):
+            out.append(E(os.path.join(parent, base[4:]), "chr", dev=(0, 0)))
+        else:
+            out.append(e)
+    return out
+
+
+def three_layers(tmp: Path, spec: str = "oci") -> list[Path]:
     d = lambda n, **kw: E(n, "dir", **kw)  # noqa: E731
     tool1, tool2 = _rand(1_500_000, 1), _rand(1_200_000, 2)
     l1 = [
@@ -112,7 +129,8 @@ def three_layers(tmp: Path) -> list[Path]:
         d("var"), d("var/cache"), E("var/cache/y", data=tool1[:5000]),
         E(".wh.repl-dir"), E("added", data=tool2),  # data already in layer 2: deduplicated
     ]
-    return [make_tar(tmp / f"l{i + 1}.tar", layer) for i, layer in enumerate((l1, l2, l3))]
+    layers = (l1, l2, l3) if spec == "oci" else tuple(to_overlayfs(x) for x in (l1, l2, l3))
+    return [make_tar(tmp / f"l{i + 1}.tar", layer) for i, layer in enumerate(layers)]
 
 
 def build(nydus_image, tar: Path, boot: Path, blobs: Path, *extra: str | Path) -> dict:  # type: ignore[no-untyped-def]
@@ -146,26 +164,29 @@ def unpack_for_overlay(tar: Path, dest: Path) -> None:
 
 
 @pytest.mark.kernel
-def test_merged_and_layered_images_equal_kernel_overlayfs(tmp_path: Path, nydus_image) -> None:  # type: ignore[no-untyped-def]
-    tars = three_layers(tmp_path)
+@pytest.mark.parametrize("spec", ["oci", "overlayfs"])
+def test_merged_and_layered_images_equal_kernel_overlayfs(tmp_path: Path, nydus_image,  # type: ignore[no-untyped-def]
+                                                         spec: str) -> None:
+    tars = three_layers(tmp_path, spec)
     blobs = tmp_path / "blobs"
     blobs.mkdir()
+    ws = ("--whiteout-spec", spec)
     # per-layer bootstraps, merged
     boots, ids = [], []
     for i, tar in enumerate(tars):
-        j = build(nydus_image, tar, tmp_path / f"layer{i + 1}.boot", blobs)
+        j = build(nydus_image, tar, tmp_path / f"layer{i + 1}.boot", blobs, *ws)
         boots.append(tmp_path / f"layer{i + 1}.boot")
         ids.append(j["blob"])
     merged = tmp_path / "merged.boot"
     nydus_image("merge", "-B", merged, "--original-blob-ids", ",".join(ids), "-J",
-                tmp_path / "merge.json", *boots)
+                tmp_path / "merge.json", *ws, *boots)
     mj = json.loads((tmp_path / "merge.json").read_text())
     assert mj["blobs"] == ids
     # the --parent-bootstrap chain
     chain = boots[0]
     for i, tar in enumerate(tars[1:], start=2):
         nxt = tmp_path / f"chain{i}.boot"
-        j = build(nydus_image, tar, nxt, blobs, "--parent-bootstrap", chain)
+        j = build(nydus_image, tar, nxt, blobs, "--parent-bootstrap", chain, *ws)
         chain = nxt
     assert j["deduped_chunks"] == 2 and j["new_chunks"] == 3  # "added" reuses layer 2 data
     nydus_image("check", merged, "-D", blobs)
