@@ -274,10 +274,16 @@ class DaemonConfig:
     ) -> DaemonConfig:
         """Parse a v1 (or v2) config; ``environ`` defaults to ``os.environ``."""
         obj = _load(source)
-        if "version" in obj:
+        v2 = "version" in obj
+        if v2:
             obj = _v2_to_v1(obj)
-        cfg = _parse(cls, obj, "")
-        cfg._check()
+        try:
+            cfg = _parse(cls, obj, "")
+            cfg._check()
+        except ConfigError as e:
+            if not v2:
+                raise
+            raise ConfigError(_v2_path(str(e), obj)) from None
         env = os.environ if environ is None else environ
         pull_auth = env.get("IMAGE_PULL_AUTH", "")
         if pull_auth and isinstance(cfg.device.backend.config, RegistryConfig):
@@ -513,6 +519,39 @@ _V2_PREFETCH = {
     "prefetch_all": "prefetch_all",
     "stream_prefetch": "stream_prefetch",
 }
+
+
+def _v2_path(msg: str, v1: dict[str, Any]) -> str:
+    """Rewrite the v1 key path at the start of an error message into the v2 one."""
+    btype = v1.get("device", {}).get("backend", {}).get("type", "")
+    ctype = v1.get("device", {}).get("cache", {}).get("type", "")
+    section = "fscache" if ctype == "fscache" else "filecache"
+    rules = [
+        ("device.backend.config.", f"backend.{btype}."),
+        ("device.backend.type", "backend.type"),
+        ("device.cache.prefetch_config.", "cache.prefetch."),
+        ("device.cache.config.", f"cache.{section}."),
+        ("device.cache.", "cache."),
+        ("device.id", "id"),
+        ("fs_prefetch.", "rafs.prefetch."),
+        ("amplify_io", "rafs.batch_size"),
+        ("digest_validate", "rafs.validate"),
+    ]
+    renames = {"threads_count": "threads", "merging_size": "batch_size",
+               "bandwidth_rate": "bandwidth_limit"}
+    path, sep, rest = msg.partition(": ")
+    for old, new in rules:
+        if path.startswith(old):
+            path = new + path[len(old):]
+            break
+    else:
+        if path in ("mode", "enable_xattr", "iostats_files", "access_pattern",
+                    "latest_read_files"):
+            path = f"rafs.{path}"
+    if path.startswith(("rafs.prefetch.", "cache.prefetch.")):
+        head, _, key = path.rpartition(".")
+        path = f"{head}.{renames.get(key, key)}"
+    return path + sep + rest
 
 
 def _v2_to_v1(obj: dict[str, Any]) -> dict[str, Any]:

@@ -239,10 +239,18 @@ def test_v2_errors() -> None:
         DaemonConfig.from_json(
             {"version": 2, "backend": {"type": "localfs", "localfs": {"dir": "/d"}},
              "rafs": {"bogus": 1}}, environ={})
-    with pytest.raises(ConfigError, match=r"backend\.config\.timeout"):
+    with pytest.raises(ConfigError, match=r"^backend\.oss\.timeout: expected integer"):
         DaemonConfig.from_json(
             {"version": 2, "backend": {"type": "oss", "oss": {
                 "endpoint": "e", "bucket_name": "b", "timeout": "x"}}}, environ={})
+    with pytest.raises(ConfigError, match=r"^rafs\.prefetch\.threads: 0 is out of range"):
+        DaemonConfig.from_json(
+            {"version": 2, "backend": {"type": "localfs", "localfs": {"dir": "/d"}},
+             "rafs": {"prefetch": {"threads": 0}}}, environ={})
+    with pytest.raises(ConfigError, match=r"^cache\.filecache\.work_dir: must not be empty"):
+        DaemonConfig.from_json(
+            {"version": 2, "backend": {"type": "localfs", "localfs": {"dir": "/d"}},
+             "cache": {"type": "filecache", "filecache": {"work_dir": ""}}}, environ={})
 
 
 def test_from_file(tmp_path: Path) -> None:
