@@ -13,8 +13,8 @@ random files, hex text (compresses ~2:1) and many small files; it is cached as a
 under ``--work`` (default /var/tmp/nydus-bench/convert) and pushed to the source registry with
 ``skopeo copy --preserve-digests``.
 
-Measured per tool: wall time of the command and its peak RSS (``wait4`` rusage of the child;
-for nydusify that is the whole converter: streaming, building, pushing). Throughput is MB/s
+Measured per tool: wall time of the command and its peak RSS (its own ``VmHWM``, polled from
+/proc; for nydusify that is the whole converter: streaming, building, pushing). Throughput is MB/s
 (10^6 bytes) of the source image's compressed layer bytes.
 
 Writes ``bench/results/convert-<date>[-<size>].md`` and ``.json`` and prints the table.
@@ -180,17 +180,19 @@ class Result:
 
 
 def timed(name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> Result:
+    """Wall time and peak RSS (the child's own VmHWM, polled: rusage maxrss would include
+    this driver's memory at fork time)."""
+    from oci_images import run_measured  # type: ignore[import-not-found]
+
     t0 = time.monotonic()
     log = open(cwd / f"{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
-    _pid, status, ru = os.wait4(proc.pid, 0)
+    rc, peak = run_measured(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
     dt_s = time.monotonic() - t0
     log.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     note = ""
-    if proc.returncode != 0:
+    if rc != 0:
         note = (cwd / f"{name}.log").read_text(errors="replace")[-500:]
-    return Result(name, " ".join(cmd), dt_s, ru.ru_maxrss / 1024, proc.returncode == 0, note)
+    return Result(name, " ".join(cmd), dt_s, peak / (1 << 20), rc == 0, note)
 
 
 def main() -> int:
@@ -214,6 +216,7 @@ def main() -> int:
     dst = RegistryServer("plain", run_dir / "dst-registry").start()
     env = {**os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     results: list[Result] = []
+    load_before = os.getloadavg()[0]
     try:
         subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests",
                         "--dest-tls-verify=false", f"oci:{layout}:v1",
@@ -242,6 +245,7 @@ def main() -> int:
     finally:
         src.stop()
         dst.stop()
+    a.load = (load_before, os.getloadavg()[0])
     report(results, total, compressed, a, conv)
     shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if all(r.ok for r in results) else 1
@@ -262,7 +266,9 @@ def report(results: list[Result], total: int, compressed: int, a: argparse.Names
         f"{platform.python_version()}. Image: {total / 1e6:.0f} MB uncompressed in "
         f"{a.layers} layers, {compressed / 1e6:.0f} MB as tar.gz (gzip -1); Nydus target "
         f"{target / 1e6:.0f} MB (zstd chunks). Two docker-registry processes on 127.0.0.1, "
-        "source and target, so no cross-repository mounts. One run each.",
+        "source and target, so no cross-repository mounts. One run each. Load average "
+        f"(1 min) {a.load[0]:.1f} before, {a.load[1]:.1f} after: other work on the machine "
+        "shares its 2 CPUs.",
         "",
         "| tool | wall time (s) | MB/s of compressed layers | peak RSS (MB) | ok |",
         "|---|---:|---:|---:|---|",
@@ -282,7 +288,8 @@ def report(results: list[Result], total: int, compressed: int, a: argparse.Names
     (out / f"convert-{date}{suffix}.md").write_text(text)
     (out / f"convert-{date}{suffix}.json").write_text(json.dumps({
         "date": date, "size": total, "layers": a.layers, "compressed": compressed,
-        "target_size": target, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        "target_size": target, "load": list(a.load),
+        "results": [asdict(r) for r in results]}, indent=2) + "\n")
     print(text)
 
 

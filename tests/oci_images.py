@@ -308,3 +308,36 @@ def push_with_client(client: Any, repo: str, tag: str, layers: list[Layer], *,
     for b in [config, *(ly.blob for ly in layers)]:
         client.push_blob(repo, oci.sha256_digest(b), b)
     return str(client.put_manifest(repo, tag, body, mt))
+
+
+def run_measured(cmd: list[str], **kw: Any) -> tuple[int, int]:
+    """Run ``cmd``; returns (exit status, peak RSS in bytes of that process).
+
+    The peak is the child's own ``VmHWM``, polled from /proc while it runs: the rusage
+    ``ru_maxrss`` of a child counts the parent's memory at fork time (Linux carries the
+    high-water mark across exec), which is useless from a big test process.
+    """
+    import threading
+
+    proc = subprocess.Popen(cmd, **kw)
+    peak = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        path = f"/proc/{proc.pid}/status"
+        while not done.is_set():
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            done.wait(0.02)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    rc = proc.wait()
+    done.set()
+    t.join()
+    return rc, peak[0]

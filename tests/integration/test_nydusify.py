@@ -678,3 +678,24 @@ def test_merge_platform_of_a_single_manifest(sample: dict[str, Any], tmp_path: P
     rc, out = run(["check", "--source", f"{host}/sample:v1", "--target",
                    f"{host}/single-merged:n", "--work-dir", w], capsys)
     assert rc == 0, out
+
+
+@pytest.mark.slow
+def test_large_layer_in_bounded_memory(registry_plain: registry.RegistryServer,
+                                       tmp_path: Path) -> None:
+    """A 384 MiB layer streams through the converter: peak RSS stays far below its size."""
+    host = registry_plain.host
+    files = [oi.T("file", f"big/{k}.bin", oi.rand(96 << 20, 500 + k)) for k in range(4)]
+    ly = oi.layer(files, "gzip")
+    del files
+    oi.write_layout(tmp_path / "l", "big", [ly])
+    del ly
+    oi.skopeo_push(tmp_path / "l", "big", f"{host}/large:v1")
+    shutil.rmtree(tmp_path / "l")
+    env = {**registry.os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    rc, peak = oi.run_measured([str(VENV_BIN / "nydusify"), "convert", "--source",
+                                f"{host}/large:v1", "--target", f"{host}/large:n",
+                                "--work-dir", str(tmp_path / "w")], env=env,
+                               stdout=subprocess.DEVNULL)
+    assert rc == 0
+    assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
