@@ -331,10 +331,18 @@ def test_localfs_backend(sample: dict[str, Any], tmp_path: Path,
     assert len(m["layers"]) == 1
     ids = json.loads(m["layers"][0]["annotations"][oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS])
     assert sorted(ids) == sorted(os.listdir(blobs))
-    rc, out = run(["check", "--source", f"{host}/sample:v1", "--target",
-                   f"{host}/sample:localfs", "--backend-type", "localfs", "--backend-config",
-                   json.dumps({"dir": str(blobs)}), "--work-dir", str(tmp_path / "w")], capsys)
+    check = ["check", "--source", f"{host}/sample:v1", "--target", f"{host}/sample:localfs",
+             "--backend-type", "localfs", "--backend-config", json.dumps({"dir": str(blobs)}),
+             "--work-dir", str(tmp_path / "w")]
+    rc, out = run(check, capsys)
     assert rc == 0, out
+    # a damaged chunk in the backend: found by the chunk digests while reading the files
+    big = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(big.read_bytes())
+    raw[4096] ^= 0x01
+    big.write_bytes(bytes(raw))
+    rc, out = run(check, capsys)
+    assert rc == 4 and "reading the image failed" in out, out
 
 
 def test_copy(sample: dict[str, Any], tmp_path: Path,
@@ -699,3 +707,26 @@ def test_large_layer_in_bounded_memory(registry_plain: registry.RegistryServer,
                                stdout=subprocess.DEVNULL)
     assert rc == 0
     assert peak < 200 << 20, f"peak RSS {peak >> 20} MiB"
+
+
+def test_check_finds_a_damaged_blob(sample: dict[str, Any],
+                                    registry_plain: registry.RegistryServer, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    host = sample["host"]
+    w = str(tmp_path / "w")
+    layers = [oi.layer([oi.T("file", "f", oi.rand(400_000, 4242))])]
+    oi.write_layout(tmp_path / "l", "t", layers)
+    oi.skopeo_push(tmp_path / "l", "t", f"{host}/tamper:src")
+    assert run(["convert", "--source", f"{host}/tamper:src", "--target", f"{host}/tamper:n",
+                "--work-dir", w], capsys)[0] == 0
+    rc, out = run(["check", "--target", f"{host}/tamper:n", "--work-dir", w], capsys)
+    assert rc == 0, out  # without a source: manifest, bootstrap and every chunk verified
+    blob = manifest(host, "tamper:n")["layers"][0]["digest"]
+    path = registry_plain.blob_path(blob)
+    raw = bytearray(path.read_bytes())
+    raw[1000] ^= 0x55
+    path.write_bytes(bytes(raw))
+    rc, out = run(["check", "--source", f"{host}/tamper:src", "--target", f"{host}/tamper:n",
+                   "--work-dir", w], capsys)
+    assert rc == 4, out
+    assert "damaged" in out and "check FAILED" in out

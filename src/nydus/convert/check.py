@@ -313,7 +313,12 @@ def check(source: Remote | None, target: Remote, opts: CheckOptions) -> CheckRep
                 continue
             rep.rafs_version, rep.blobs = md.version, len(md.blobs)
             rep.problems += _validate(sm, cfg, gz, md, opts.backend is not None)
-            blobs = _Blobs(target, md.blobs, opts.backend, scratch)
+            try:
+                blobs = _Blobs(target, md.blobs, opts.backend, scratch)
+            except (IntegrityError, FormatError) as e:
+                rep.problems.append(f"a data blob is damaged: {e}")
+                md.close()
+                continue
             try:
                 rep.problems += blobs.verify_trailers()
                 if source is None:
