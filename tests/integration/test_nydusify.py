@@ -336,6 +336,14 @@ def test_localfs_backend(sample: dict[str, Any], tmp_path: Path,
              "--work-dir", str(tmp_path / "w")]
     rc, out = run(check, capsys)
     assert rc == 0, out
+    inodes = {p.name: p.stat().st_ino for p in blobs.iterdir()}
+    again = ["convert", "--source", f"{host}/sample:v1", "--target", f"{host}/sample:localfs",
+             "--backend-type", "localfs", "--backend-config-file", str(cfgfile),
+             "--work-dir", str(tmp_path / "w")]
+    assert run(again, capsys)[0] == 0
+    assert {p.name: p.stat().st_ino for p in blobs.iterdir()} == inodes  # skipped
+    assert run([*again, "--backend-force-push"], capsys)[0] == 0
+    assert all(p.stat().st_ino != inodes[p.name] for p in blobs.iterdir())  # rewritten
     # a damaged chunk in the backend: found by the chunk digests while reading the files
     big = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
     raw = bytearray(big.read_bytes())

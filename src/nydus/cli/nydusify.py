@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="read prefetch paths from stdin, one per line")
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
     _backend_flags(c)
-    c.add_argument("--backend-force-push", action="store_true", help="accepted; see --help")
+    c.add_argument("--backend-force-push", action="store_true",
+                   help="push blobs to the backend even if it has them")
     c.add_argument("--oci", action="store_true",
                    help="OCI media types for the target (the default)")
     c.add_argument("--docker-v2-format", action="store_true",
@@ -228,7 +229,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         merge_platform=a.merge_platform, with_referrer=a.with_referrer, oci=a.oci,
         docker_v2_format=a.docker_v2_format, backend=_backend(a),
         push_retry_count=a.push_retry_count, push_retry_delay=a.push_retry_delay,
-        parallel=a.parallel,
+        parallel=a.parallel, backend_force_push=a.backend_force_push,
     )
     src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
     dst = Remote(target, _remote_opts(a.target_insecure, a.plain_http))

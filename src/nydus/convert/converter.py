@@ -94,6 +94,7 @@ class ConvertOptions:
     parallel: int = 0  # layers converted at once (0: min(4, layers))
     builder_threads: int | None = None
     keep_blobs: bool = False
+    backend_force_push: bool = False
 
     def validate(self) -> None:
         if self.fs_version != "6":
@@ -352,7 +353,8 @@ class _ManifestJob:
             os.replace(tmp, final)
             boot_path = os.path.join(self.work, "layers", f"{blob_digest[7:]}.boot")
             digest = blob_digest
-            pushed = self._push(lambda: self.store.push_file(digest, final),
+            force = opts.backend_force_push and opts.backend is not None
+            pushed = self._push(lambda: self.store.push_file(digest, final, force),
                                 f"push of blob {blob_digest}")
             if not opts.keep_blobs:
                 os.unlink(final)

@@ -64,8 +64,9 @@ class BlobStore(ABC):
     def has(self, digest: str) -> bool: ...
 
     @abstractmethod
-    def push_file(self, digest: str, path: str) -> bool:
-        """Store the file as ``digest``; False when it was already there."""
+    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
+        """Store the file as ``digest``; False when it was already there (``force``: store
+        it anyway, upstream's ``--backend-force-push``)."""
 
     def ensure_from(self, digest: str, size: int, source: Remote) -> bool:
         """Make sure ``digest`` is here, copying it from ``source``'s repository if it is
@@ -98,8 +99,9 @@ class RegistryStore(BlobStore):
     def has(self, digest: str) -> bool:
         return self.target.client.has_blob(self.target.repo, digest)
 
-    def push_file(self, digest: str, path: str) -> bool:
-        return self.target.client.push_blob(self.target.repo, digest, path)
+    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
+        return self.target.client.push_blob(self.target.repo, digest, path,
+                                            check_exists=not force)
 
     def push_bytes(self, digest: str, data: bytes) -> bool:
         return self.target.client.push_blob(self.target.repo, digest, data)
@@ -141,9 +143,9 @@ class LocalFsStore(BlobStore):
     def has(self, digest: str) -> bool:
         return os.path.isfile(self.path(digest))
 
-    def push_file(self, digest: str, path: str) -> bool:
+    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
         dst = self.path(digest)
-        if os.path.isfile(dst) and os.path.getsize(dst) == os.path.getsize(path):
+        if not force and os.path.isfile(dst) and os.path.getsize(dst) == os.path.getsize(path):
             return False
         fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=self.dir)
         try:
@@ -300,11 +302,11 @@ class ObjectStore(BlobStore):
             return False
         raise BackendError(f"{self.kind}: HEAD {self.key(digest)}: HTTP {status}")
 
-    def push_file(self, digest: str, path: str) -> bool:
+    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
         size = os.path.getsize(path)
         if size > MAX_SINGLE_PUT:
             raise BackendError(f"{self.kind}: blob {digest} is larger than 5 GiB")
-        if self.has(digest):
+        if not force and self.has(digest):
             return False
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
         status, body = self._request("PUT", digest, headers, path)
