@@ -354,10 +354,12 @@ class _ManifestJob:
             boot_path = os.path.join(self.work, "layers", f"{blob_digest[7:]}.boot")
             digest = blob_digest
             force = opts.backend_force_push and opts.backend is not None
-            pushed = self._push(lambda: self.store.push_file(digest, final, force),
-                                f"push of blob {blob_digest}")
-            if not opts.keep_blobs:
-                os.unlink(final)
+            try:
+                pushed = self._push(lambda: self.store.push_file(digest, final, force),
+                                    f"push of blob {blob_digest}")
+            finally:
+                if not opts.keep_blobs:
+                    os.unlink(final)
         else:
             os.unlink(tmp)
             boot_path = os.path.join(self.work, "layers", f"{desc.digest[7:]}-nodata.boot")
