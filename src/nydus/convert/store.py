@@ -218,9 +218,11 @@ class ObjectStore(BlobStore):
 
     in_manifest = False
 
-    def __init__(self, kind: str, cfg: OssConfig) -> None:
+    def __init__(self, kind: str, cfg: OssConfig,
+                 resolve: Mapping[str, str] | None = None) -> None:
         self.kind = kind
         self.cfg = cfg
+        self.resolve = dict(resolve or {})  # host name -> address to connect to (tests)
         endpoint = cfg.endpoint or ("s3.amazonaws.com" if kind == "s3" else "")
         scheme = cfg.scheme or "https"
         if "://" in endpoint:
@@ -254,6 +256,9 @@ class ObjectStore(BlobStore):
     def _conn(self) -> http.client.HTTPConnection:
         u = urllib.parse.urlsplit(self.url("sha256:" + "0" * 64))
         timeout = max(float(self.cfg.timeout), 60.0)
+        host = u.hostname or ""
+        if host in self.resolve:
+            return http.client.HTTPConnection(self.resolve[host], u.port, timeout=timeout)
         if u.scheme == "https":
             ctx = ssl.create_default_context()
             for ca in self.cfg.ca_cert_files:
@@ -270,8 +275,8 @@ class ObjectStore(BlobStore):
         for attempt in range(self.retries + 1):
             conn = self._conn()
             try:
-                hdrs = self._sign(method, digest, headers)
                 target = urllib.parse.urlsplit(self.url(digest))
+                hdrs = {"Host": target.netloc, **self._sign(method, digest, headers)}
                 if path is None:
                     conn.request(method, target.path, headers=hdrs)
                 else:
