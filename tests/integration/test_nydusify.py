@@ -738,3 +738,27 @@ def test_check_finds_a_damaged_blob(sample: dict[str, Any],
                    "--work-dir", w], capsys)
     assert rc == 4, out
     assert "damaged" in out and "check FAILED" in out
+
+
+def test_compressor_and_chunk_size(sample: dict[str, Any], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    host = sample["host"]
+    for comp, cs in (("lz4_block", "0x40000"), ("none", "0x100000")):
+        w = tmp_path / comp
+        rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                       f"{host}/fmt:{comp}", "--compressor", comp, "--fs-chunk-size", cs,
+                       "--work-dir", str(w)], capsys)
+        assert rc == 0, out
+        last = sorted(os.listdir(w / "bootstraps"))[-1]
+        with open_bootstrap(str(w / "bootstraps" / last)) as md:
+            assert md.chunk_size == int(cs, 16)
+            assert {b.compressor for b in md.blobs} == {comp}
+        rc, out = run(["check", "--source", f"{host}/sample:v1", "--target",
+                       f"{host}/fmt:{comp}", "--work-dir", str(w)], capsys)
+        assert rc == 0, out
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target", f"{host}/fmt:v5",
+                   "--fs-version", "5", "--work-dir", str(tmp_path)], capsys)
+    assert rc == 3 and "only RAFS v6" in out
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target", f"{host}/fmt:bad",
+                   "--fs-chunk-size", "0x1001", "--work-dir", str(tmp_path)], capsys)
+    assert rc == 2 and "chunk-size" in out
