@@ -366,6 +366,16 @@ def test_copy(sample: dict[str, Any], tmp_path: Path,
     rc, out = run(["check", "--source", f"{host}/sample:v1", "--target",
                    f"{host}/elsewhere/copied:n", "--work-dir", w], capsys)
     assert rc == 0, out
+    # an index, all platforms: pushed unchanged (same digest)
+    assert run(["convert", "--source", f"{host}/multi:m", "--target", f"{host}/copyidx:n",
+                "--all-platforms", "--work-dir", w], capsys)[0] == 0
+    rc, out = run(["copy", "--source", f"{host}/copyidx:n", "--target", f"{host}/copyidx2:n",
+                   "--all-platforms"], capsys)
+    assert rc == 0, out
+    assert manifest(host, "copyidx2:n") == manifest(host, "copyidx:n")
+    rc, out = run(["check", "--source", f"{host}/multi:m", "--target", f"{host}/copyidx2:n",
+                   "--multi-platform", "--work-dir", w], capsys)
+    assert rc == 0, out
     tarball = tmp_path / "img.tar"
     rc, out = run(["copy", "--source", f"{host}/copysrc:n", "--target", f"file://{tarball}"],
                   capsys)
