@@ -772,3 +772,24 @@ def test_compressor_and_chunk_size(sample: dict[str, Any], tmp_path: Path,
     rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target", f"{host}/fmt:bad",
                    "--fs-chunk-size", "0x1001", "--work-dir", str(tmp_path)], capsys)
     assert rc == 2 and "chunk-size" in out
+
+
+def test_identical_and_empty_layers(sample: dict[str, Any], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Two identical layers give one blob (converted at the same time, pushed once, listed
+    once); empty layers give no blob."""
+    host = sample["host"]
+    a = oi.layer([oi.T("file", "same", oi.rand(150_000, 31337))])
+    empty = oi.layer([])
+    oi.write_layout(tmp_path / "l", "t", [a, empty, a, empty])
+    oi.skopeo_push(tmp_path / "l", "t", f"{host}/dup:t")
+    w = str(tmp_path / "w")
+    rc, out = run(["convert", "--source", f"{host}/dup:t", "--target", f"{host}/dup:n",
+                   "--work-dir", w], capsys)
+    assert rc == 0, out
+    m = manifest(host, "dup:n")
+    assert len(m["layers"]) == 2  # one blob + the bootstrap
+    assert os.listdir(tmp_path / "w" / "blobs") == []
+    rc, out = run(["check", "--source", f"{host}/dup:t", "--target", f"{host}/dup:n",
+                   "--work-dir", w], capsys)
+    assert rc == 0, out

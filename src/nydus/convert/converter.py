@@ -348,18 +348,20 @@ class _ManifestJob:
         blob_digest: str | None = None
         pushed = False
         if res.blob is not None:
+            # pushed from the layer's own file: identical layers give identical blobs, and
+            # their conversions may run at the same time
             blob_digest = sink.digest
-            final = os.path.join(blobs_dir, oci.parse_digest(blob_digest)[1])
-            os.replace(tmp, final)
             boot_path = os.path.join(self.work, "layers", f"{blob_digest[7:]}.boot")
             digest = blob_digest
             force = opts.backend_force_push and opts.backend is not None
             try:
-                pushed = self._push(lambda: self.store.push_file(digest, final, force),
+                pushed = self._push(lambda: self.store.push_file(digest, tmp, force),
                                     f"push of blob {blob_digest}")
             finally:
-                if not opts.keep_blobs:
-                    os.unlink(final)
+                if opts.keep_blobs:
+                    os.replace(tmp, os.path.join(blobs_dir, blob_digest[7:]))
+                else:
+                    os.unlink(tmp)
         else:
             os.unlink(tmp)
             boot_path = os.path.join(self.work, "layers", f"{desc.digest[7:]}-nodata.boot")
