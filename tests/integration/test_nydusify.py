@@ -238,6 +238,18 @@ def test_chunk_dict_pushes_only_the_change(sample: dict[str, Any], tmp_path: Pat
     rc, out = run(["check", "--source", f"{host}/sample:v2", "--target",
                    f"{host}/dict:v2", "--work-dir", w], capsys)
     assert rc == 0, out
+    # the same with the dictionary given as a local bootstrap (its blobs are in the repo)
+    boot = tmp_path / "v1.boot"
+    boot.write_bytes(next((tmp_path / "w" / "chunk-dict").iterdir()).read_bytes())
+    rc, out = run(["convert", "--source", f"{host}/sample:v2", "--target",
+                   f"{host}/dict:v2-local", "--work-dir", str(tmp_path / "w2"),
+                   "--chunk-dict", f"bootstrap:local:{boot}"], capsys)
+    assert rc == 0, out
+    assert manifest(host, "dict:v2-local") == m2
+    rc, out = run(["convert", "--source", f"{host}/sample:v2", "--target",
+                   f"{host}/elsewhere:v2", "--work-dir", str(tmp_path / "w2"),
+                   "--chunk-dict", f"bootstrap:local:{boot}"], capsys)
+    assert rc == 2 and "chunk-dict blob" in out, out
 
 
 def test_platforms(sample: dict[str, Any], tmp_path: Path,
