@@ -791,9 +791,11 @@ def test_identical_and_empty_layers(sample: dict[str, Any], tmp_path: Path,
     """Two identical layers give one blob (converted at the same time, pushed once, listed
     once); empty layers give no blob."""
     host = sample["host"]
-    a = oi.layer([oi.T("file", "same", oi.rand(150_000, 31337))])
+    data = oi.rand(150_000, 31337)
+    a = oi.layer([oi.T("file", "same", data)])
+    b = oi.layer([oi.T("file", "other-name", data, mode=0o600)])  # same blob, other tree
     empty = oi.layer([])
-    oi.write_layout(tmp_path / "l", "t", [a, empty, a, empty])
+    oi.write_layout(tmp_path / "l", "t", [a, empty, a, b, empty])
     oi.skopeo_push(tmp_path / "l", "t", f"{host}/dup:t")
     w = str(tmp_path / "w")
     rc, out = run(["convert", "--source", f"{host}/dup:t", "--target", f"{host}/dup:n",

@@ -351,7 +351,6 @@ class _ManifestJob:
             # pushed from the layer's own file: identical layers give identical blobs, and
             # their conversions may run at the same time
             blob_digest = sink.digest
-            boot_path = os.path.join(self.work, "layers", f"{blob_digest[7:]}.boot")
             digest = blob_digest
             force = opts.backend_force_push and opts.backend is not None
             try:
@@ -364,7 +363,8 @@ class _ManifestJob:
                     os.unlink(tmp)
         else:
             os.unlink(tmp)
-            boot_path = os.path.join(self.work, "layers", f"{desc.digest[7:]}-nodata.boot")
+        # one name per layer: two layers may share a blob (same data) but not their trees
+        boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
         _write(boot_path, res.bootstrap)
         lr = LayerResult(
             index=i, source_digest=desc.digest, source_size=desc.size, diff_id=diff_id,
@@ -396,7 +396,9 @@ class _ManifestJob:
                 for f in futs:
                     f.cancel()
                 wait(futs)
-                first = min(failed, key=lambda f: futs[f])
+                failed = [f for f in futs if not f.cancelled() and f.exception() is not None]
+                real = [f for f in failed if not isinstance(f.exception(), Cancelled)]
+                first = min(real or failed, key=lambda f: futs[f])
                 exc = first.exception()
                 assert exc is not None
                 raise exc
