@@ -95,6 +95,15 @@ def test_convert_check_and_skopeo(sample: dict[str, Any], tmp_path: Path,
     assert boot["mediaType"] == oci.MEDIA_TYPE_OCI_LAYER_GZIP
     assert boot["annotations"][oci.ANNOTATION_NYDUS_BOOTSTRAP] == "true"
     assert boot["annotations"][oci.ANNOTATION_NYDUS_FS_VERSION] == "6"
+    # what containerd hands the snapshotter: the layer annotations under containerd.io/snapshot/
+    from nydus.snapshotter.labels import is_nydus_blob, is_nydus_bootstrap
+
+    def labels(d: dict[str, Any]) -> dict[str, str]:
+        return {k: v for k, v in d.get("annotations", {}).items()
+                if k.startswith("containerd.io/snapshot/")}
+
+    assert all(is_nydus_blob(labels(b)) and not is_nydus_bootstrap(labels(b)) for b in blobs)
+    assert is_nydus_bootstrap(labels(boot)) and not is_nydus_blob(labels(boot))
     info = oi.skopeo_inspect(f"{host}/sample:v1-nydus")
     assert info["Layers"] == [x["digest"] for x in layers]
     cfg = json.loads(subprocess.run(
