@@ -816,3 +816,19 @@ def test_identical_and_empty_layers(sample: dict[str, Any], tmp_path: Path,
     rc, out = run(["check", "--source", f"{host}/dup:t", "--target", f"{host}/dup:n",
                    "--work-dir", w], capsys)
     assert rc == 0, out
+
+
+def test_mount_and_check_refuse_non_nydus_images(sample: dict[str, Any], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    host = sample["host"]
+    rc, out = run(["mount", "--target", f"{host}/sample:v1", "--mount-path",
+                   str(tmp_path / "m"), "--work-dir", str(tmp_path), "--nydusd",
+                   str(VENV_BIN / "nydusd")], capsys)
+    assert rc == 3 and "not a Nydus image" in out
+    rc, out = run(["mount", "--target", f"{host}/sample:v1", "--mount-path",
+                   str(tmp_path / "m"), "--nydusd", "/nonexistent/nydusd"], capsys)
+    assert rc == 2 and "not found" in out
+    rc, out = run(["check", "--target", f"{host}/sample:v1", "--work-dir", str(tmp_path)],
+                  capsys)
+    assert rc != 0
+    assert "nydus-bootstrap" in out or "bootstrap" in out
