@@ -269,15 +269,18 @@ def _write(path: str, data: bytes) -> None:
 class _HashingFile:
     """The blob sink: writes to a file and hashes what passes (the blob's sha256)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_write: Callable[[int], None] | None = None) -> None:
         self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.h = hashlib.sha256()
         self.size = 0
+        self.on_write = on_write
 
     def write(self, b: bytes, /) -> int:
         self.f.write(b)
         self.h.update(b)
         self.size += len(b)
+        if self.on_write is not None:
+            self.on_write(len(b))
         return len(b)
 
     def close(self) -> None:
@@ -320,7 +323,7 @@ class _ManifestJob:
         )
         blobs_dir = os.path.join(self.work, "blobs")
         tmp = os.path.join(blobs_dir, f".layer-{i}-{os.getpid()}")
-        sink = _HashingFile(tmp)
+        sink = _HashingFile(tmp, lambda k: self.progress.advance(lp, written=k))
         try:
             with self.source.open_blob(desc, on_bytes) as stream:
                 try:
@@ -353,6 +356,7 @@ class _ManifestJob:
             blob_digest = sink.digest
             digest = blob_digest
             force = opts.backend_force_push and opts.backend is not None
+            self.progress.set_state(lp, "pushing")
             try:
                 pushed = self._push(lambda: self.store.push_file(digest, tmp, force),
                                     f"push of blob {blob_digest}")

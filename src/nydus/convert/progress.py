@@ -1,7 +1,8 @@
 """Progress and summary output of nydusify.
 
-On a terminal, one status line is redrawn at most ten times a second (layers done, bytes read
-of the layers in flight) and each finished layer gets a permanent line: bytes read, chunks,
+On a terminal, one status line is redrawn at most ten times a second (layers done; for the
+layers in flight the source bytes read, the Nydus blob bytes written, or the push) and each
+finished layer gets a permanent line: bytes read, chunks,
 chunks deduplicated, the blob and whether it was pushed or already there. Off a terminal
 nothing is printed while working. :func:`format_summary` renders the end-of-run summary.
 
@@ -32,6 +33,8 @@ class LayerProgress:
     label: str
     total: int
     read: int = 0
+    written: int = 0  # bytes of Nydus blob written so far
+    state: str = "converting"  # converting, pushing
     done: bool = False
 
 
@@ -52,12 +55,20 @@ class Progress:
             self._layers.append(lp)
         return lp
 
-    def advance(self, lp: LayerProgress, n: int) -> None:
+    def advance(self, lp: LayerProgress, n: int = 0, written: int = 0) -> None:
         lp.read += n
+        lp.written += written
+        self._tick()
+
+    def set_state(self, lp: LayerProgress, state: str) -> None:
+        lp.state = state
+        self._tick(force=True)
+
+    def _tick(self, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last < 0.1:
+        if not force and now - self._last < 0.1:
             return
         with self._lock:
             self._last = now
@@ -68,8 +79,12 @@ class Progress:
         done = sum(1 for lp in self._layers if lp.done)
         parts = [f"layers {done}/{len(self._layers)} done"]
         for lp in active[:3]:
+            if lp.state == "pushing":
+                parts.append(f"{lp.label} pushing {human(lp.written)}")
+                continue
             pct = 100 * lp.read / lp.total if lp.total else 100
-            parts.append(f"{lp.label} {human(lp.read)}/{human(lp.total)} ({pct:.0f}%)")
+            parts.append(f"{lp.label} {human(lp.read)}/{human(lp.total)} ({pct:.0f}%) "
+                         f"-> {human(lp.written)}")
         line = " | ".join(parts)
         width = 150
         self.stream.write("\r\x1b[K" + line[:width])
