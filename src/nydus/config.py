@@ -225,6 +225,9 @@ class DeviceConfig:
     backend: BackendConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     id: str = ""
+    # Not an upstream field, but the seed article's registry.json puts it here and
+    # upstream silently ignores it; we honour it as an alias of the top-level key.
+    digest_validate: bool = False
 
 
 # --------------------------------------------------------------------------- top level
@@ -271,15 +274,20 @@ class DaemonConfig:
         source: str | bytes | Mapping[str, Any],
         *,
         environ: Mapping[str, str] | None = None,
+        template: bool = False,
     ) -> DaemonConfig:
-        """Parse a v1 (or v2) config; ``environ`` defaults to ``os.environ``."""
+        """Parse a v1 (or v2) config; ``environ`` defaults to ``os.environ``.
+
+        ``template`` accepts a config whose per-image keys (registry host and repo,
+        bucket names) are still missing: the snapshotter's config is such a template.
+        """
         obj = _load(source)
         v2 = "version" in obj
         if v2:
             obj = _v2_to_v1(obj)
         try:
             cfg = _parse(cls, obj, "")
-            cfg._check()
+            cfg._check(template)
         except ConfigError as e:
             if not v2:
                 raise
@@ -313,11 +321,11 @@ class DaemonConfig:
     @property
     def validation_enabled(self) -> bool:
         """Whether chunks must be hashed (``digest_validate`` or ``cache.validate``)."""
-        return self.digest_validate or self.device.cache.validate
+        return self.digest_validate or self.device.digest_validate or self.device.cache.validate
 
     # ------------------------------------------------------------------ checks
 
-    def _check(self) -> None:
+    def _check(self, template: bool = False) -> None:
         if self.mode not in ("direct", "cached"):
             raise ConfigError(f'mode: expected "direct" or "cached", got {self.mode!r}')
         cache = self.device.cache
@@ -329,7 +337,7 @@ class DaemonConfig:
         if cache.is_filecache and not cache.config.work_dir:
             raise ConfigError("device.cache.config.work_dir: must not be empty")
         b = self.device.backend.config
-        for key in getattr(b, "_required", ()):
+        for key in () if template else getattr(b, "_required", ()):
             if not getattr(b, key):
                 raise ConfigError(f"device.backend.config.{key}: required")
         if isinstance(b, LocalFsConfig) and not (b.blob_file or b.dir):

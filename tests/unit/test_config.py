@@ -259,3 +259,39 @@ def test_from_file(tmp_path: Path) -> None:
     assert DaemonConfig.from_file(p, environ={}).device.backend.type == "registry"
     with pytest.raises(ConfigError, match="cannot read"):
         DaemonConfig.from_file(tmp_path / "missing.json")
+
+
+def test_seed_article_configs_parse_unchanged() -> None:
+    """registry.json and localfs.json exactly as the seed walkthrough writes them."""
+    from nydus.config import DaemonConfig
+
+    registry = {
+        "device": {
+            "backend": {"type": "registry",
+                        "config": {"scheme": "http", "host": "localhost:5000", "repo": "ubuntu"}},
+            "digest_validate": False,
+        },
+        "mode": "direct",
+    }
+    cfg = DaemonConfig.from_json(registry)
+    assert cfg.device.backend.type == "registry" and not cfg.validation_enabled
+    registry["device"]["digest_validate"] = True  # type: ignore[index]
+    assert DaemonConfig.from_json(registry).validation_enabled
+    localfs = {"device": {"backend": {"type": "localfs",
+                                      "config": {"dir": "/x/nydus-image/blobs"}}},
+               "mode": "direct"}
+    assert DaemonConfig.from_json(localfs).device.backend.type == "localfs"
+    snapshotter = {
+        "device": {
+            "backend": {"type": "registry", "config": {
+                "scheme": "http", "skip_verify": False, "timeout": 5, "connect_timeout": 5,
+                "retry_limit": 2, "auth": ""}},
+            "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
+        },
+        "mode": "direct", "digest_validate": False, "iostats_files": False,
+        "enable_xattr": True, "fs_prefetch": {"enable": True, "threads_count": 4},
+    }
+    tmpl = DaemonConfig.from_json(snapshotter, template=True)
+    assert tmpl.fs_prefetch.threads_count == 4
+    with pytest.raises(ConfigError, match="host: required"):
+        DaemonConfig.from_json(snapshotter)
