@@ -57,7 +57,8 @@ class Nydusd:
         self.args = [os.fspath(a) for a in args]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0, expect_mount: bool = True) -> Nydusd:
+    def start(self, timeout: float = 30.0, expect_mount: bool = True,
+              expect_state: str = "RUNNING") -> Nydusd:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([*cli("nydusd"), *self.args], cwd=self.cwd,
                                          stdout=log, stderr=subprocess.STDOUT,
@@ -66,7 +67,7 @@ class Nydusd:
         while time.monotonic() < deadline:
             self.check_alive()
             mounted = os.path.ismount(self.mountpoint) or not expect_mount
-            ready = self.apisock is None or self._state() == "RUNNING"
+            ready = self.apisock is None or self._state() == expect_state
             if mounted and ready:
                 return self
             time.sleep(0.05)

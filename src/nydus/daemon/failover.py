@@ -8,6 +8,10 @@ keeps the mount alive while the supervisor holds the fd.
 ``PUT /api/v1/daemon/fuse/takeover`` (a new ``nydusd --upgrade --supervisor S``): connect to the
 supervisor, receive that message, reopen every image in the same VFS slots (so node ids the
 kernel holds stay valid), resume serving the fd, state READY; ``/start`` then makes it RUNNING.
+With ``--failover-policy resend`` (the default) the kernel is then asked to resend requests the
+old daemon had read but not answered (FUSE_NOTIFY_RESEND, kernel 7.40+); with ``flush`` or
+``none`` those fail as the kernel decides (requests read through a dead process's cloned fd
+are aborted with ECONNABORTED either way).
 
 The state is our own JSON, opaque to the supervisor (which only stores and returns it).
 Threading contract: called from API threads; serialized by the daemon's lock.
@@ -111,6 +115,8 @@ class Failover:
                 d.vfs.notify_entry = s.notify_inval_entry
                 d.session = s
                 s.start()
+                if d.opts.failover_policy == "resend" and s.notify_resend():
+                    log.info("asked the kernel to resend requests the old daemon left")
                 d.sm.fire(DaemonEvent.TAKEOVER)
         except BaseException:
             if d.session is None or d.session.device_fd != fd:

@@ -53,6 +53,7 @@ __all__ = [
     "NOTIFY_INVAL_INODE_OUT",
     "NOTIFY_INVAL_ENTRY",
     "NOTIFY_INVAL_INODE",
+    "NOTIFY_RESEND",
     "BACKING_MAP",
     "FUSE_DEV_IOC_CLONE",
     "FUSE_DEV_IOC_BACKING_OPEN",
@@ -220,6 +221,7 @@ FOPEN_PASSTHROUGH = 1 << 7
 # notify codes (fuse_out_header.error of an unsolicited message, unique == 0)
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_RESEND = 7  # 7.40+: requeue requests read but never answered (after a takeover)
 
 # ---------------------------------------------------------------------------- structs
 

@@ -81,6 +81,7 @@ from .protocol import (
     NOTIFY_INVAL_ENTRY_OUT,
     NOTIFY_INVAL_INODE,
     NOTIFY_INVAL_INODE_OUT,
+    NOTIFY_RESEND,
     OPEN_IN,
     OUT_HEADER,
     READ_IN,
@@ -461,6 +462,13 @@ class FuseSession:
         """Drop cached attributes and (``length`` 0: all) cached data of ``nodeid``."""
         return self._notify(NOTIFY_INVAL_INODE,
                             NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length))
+
+    def notify_resend(self) -> bool:
+        """Ask the kernel (7.40+) to queue again every request a previous server read but
+        never answered: after a takeover, nothing the old daemon dropped is lost."""
+        if self.proto_minor < 40:
+            return False
+        return self._notify(NOTIFY_RESEND, b"")
 
     def _notify(self, code: int, body: bytes) -> bool:
         if self._fd < 0 or not self._initialized.is_set():
