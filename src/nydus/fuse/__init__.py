@@ -1,7 +1,8 @@
 """Our own FUSE layer over ``/dev/fuse`` (no libfuse): protocol codec, session, fd handoff.
 
 ``Operations`` is what a file system implements; ``FuseSession`` mounts and serves it with a pool
-of worker threads; ``fdpass`` moves the device fd between processes.
+of worker threads (``handlers`` decodes and encodes each request, ``protocol`` holds the wire
+structs, ``kernel`` the system calls); ``fdpass`` moves the device fd between processes.
 """
 
 from .operations import (
