@@ -637,3 +637,25 @@ def test_open_counting_and_access_pattern(three_images: dict[str, Any], tmp_path
         assert [p["file_path"] for p in pattern] == ["/dir/f3", "/name"]
         assert sorted(c.get("/api/v1/metrics/files", latest="true")) == sorted(
             int(os.stat(mnt / n).st_ino) for n in ("dir/f3", "name"))
+
+
+def test_virtual_mountpoint_and_log_file(three_images: dict[str, Any], tmp_path: Path,
+                                         mnt: Path) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(localfs_config(three_images["blobs"])))
+    log = tmp_path / "nydusd.log"
+    sock = tmp_path / "api.sock"
+    with Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", three_images["boot"]["a"],
+                 "--virtual-mountpoint", "/img", "--log-file", log, "--log-level", "debug",
+                 "--apisock", sock], mnt, cwd=tmp_path, apisock=sock).start() as d:
+        assert os.listdir(mnt) == ["img"]
+        assert (mnt / "img" / "name").read_text() == "a"
+        d.client.mount("/other", str(three_images["boot"]["c"]), cfg.read_text())
+        assert sorted(os.listdir(mnt)) == ["img", "other"]
+        assert (mnt / "other" / "name").read_text() == "c"
+        assert d.client.metrics(fs_id="/img")["data_read"] == 1
+        assert d.stop() == 0
+    text = log.read_text()
+    assert "mounted" in text and "DEBUG" in text and "nydusd exits" in text
+    assert "] INFO [" in text  # upstream-like line format
+    assert d.log_text().strip() == ""  # nothing on stderr when logging to a file

@@ -118,3 +118,53 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
         assert (mnt / "big5").read_bytes() == data
         assert fault_proxy.blob_bytes(digest) == served
         assert (mnt / "small").read_text() == "hello registry\n"
+
+
+def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
+                                            fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(9)
+    for i in range(4):
+        (src / f"big{i}").write_bytes(rng.randbytes(3 * MiB))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs,
+                "--compressor", "zstd", src)
+    with open_bootstrap(tmp_path / "boot") as md:
+        [blob] = md.blobs
+        want = sum(c.compressed_size for c in md.chunks(md.resolve("/big2")))
+    digest = _publish_under_blob_id(registry_plain, blobs / blob.blob_id, blob.blob_id)
+    fault_proxy.clear()
+    cfg = {
+        "device": {
+            "backend": {"type": "registry",
+                        "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO}},
+            "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}},
+        },
+        "mode": "direct",
+        "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 2},
+    }
+    cfg_path = tmp_path / "registry.json"
+    cfg_path.write_text(json.dumps(cfg))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = tmp_path / "api.sock"
+    with Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
+                 "--apisock", sock, "--prefetch-files", "/big2"], mnt, cwd=tmp_path,
+                apisock=sock) as d:
+        d.start()
+        import time
+
+        deadline = time.time() + 30
+        while fault_proxy.blob_bytes(digest) < want and time.time() < deadline:
+            time.sleep(0.1)
+        fetched = fault_proxy.blob_bytes(digest)
+        assert want <= fetched < 2 * want  # big2 (and not the whole blob) without any read
+        cache = d.client.metrics("blobcache")
+        assert cache["prefetch_data_amount"] >= want
+        assert (mnt / "big2").read_bytes() == (src / "big2").read_bytes()
+        # served from the blob cache: at most the blob's chunk-info table is fetched now
+        # (the storage reads it for its amplification plan on the first foreground miss)
+        meta = blob.ci_compressed_size + blob.toc_size + 4096 + 512
+        assert fault_proxy.blob_bytes(digest) - fetched <= meta
