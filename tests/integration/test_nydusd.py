@@ -478,6 +478,7 @@ def test_bad_startup_input_fails_clearly(three_images: dict[str, Any], tmp_path:
     _fails(["--config", good, "--mountpoint", tmp_path / "nope", "--bootstrap", boot],
            tmp_path, 2, "mountpoint")
     _fails(["virtiofs", "--sock", "/x"], tmp_path, 2, "not supported")
+    _fails(["--mountpoint", mnt], tmp_path, 2, "--apisock")  # nothing could ever be served
     assert not os.path.ismount(mnt)
     # a mount point in use
     with Nydusd(["--config", good, "--mountpoint", mnt, "--bootstrap", boot], mnt,

@@ -225,6 +225,10 @@ def test_set_log_level_and_exit(api: tuple[Nydusd, NydusdClient, str]) -> None:
         logging.getLogger().setLevel(old)
     c.exit()
     assert d._exit.is_set()
+    d.shutdown()
+    assert c.state() == "STOPPED"
+    e = _err(c.start)
+    assert e.status == 409 and e.code == "InvalidState"
 
 
 def test_nydusctl(api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path],

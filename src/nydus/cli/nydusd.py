@@ -155,6 +155,9 @@ def _run(a: argparse.Namespace) -> int:
         raise ConfigError("--fuse-threads must be in 1..1024")
     if a.upgrade and not a.supervisor:
         raise ConfigError("--upgrade needs --supervisor")
+    if not a.bootstrap and not a.apisock:
+        raise ConfigError("without --bootstrap, images can only come through the API: "
+                          "give --bootstrap or --apisock")
     cfg = _load_config(a)
     _raise_nofile(a.rlimit_nofile)
     _tune_malloc()
