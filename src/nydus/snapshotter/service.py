@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -86,7 +87,8 @@ def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
         def call(self: SnapshotsService, req: Message, ctx: grpc.ServicerContext) -> R:
             t0 = time.monotonic()
             try:
-                out = fn(self, req, ctx)
+                with self.inflight:
+                    out = fn(self, req, ctx)
             except Exception as e:
                 code = grpc_code_of(e)
                 quiet = isinstance(e, SnapshotExists | SnapshotNotFound)
@@ -103,11 +105,33 @@ def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
     return wrap
 
 
+class _InFlight:
+    """Counts calls being handled, so that a stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._n += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._n -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._n == 0, timeout)
+
+
 class SnapshotsService:
     """The Snapshots service methods (names as in snapshots.proto)."""
 
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.sn = snapshotter
+        self.inflight = _InFlight()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return generic_handler(
@@ -271,8 +295,11 @@ class SnapshotterServer:
         return self._server.wait_for_termination(timeout)
 
     def stop(self, grace: float | None = 5.0) -> None:
+        """Stop listening; wait (up to ``grace`` + 30 s) for calls still being handled."""
         if self._started:
             self._server.stop(grace).wait()
+            if not self.service.inflight.wait_idle(30.0 + (grace or 0.0)):
+                log.warning("stopping with calls still in progress")
             self._started = False
             try:
                 if stat.S_ISSOCK(self.address.lstat().st_mode):
