@@ -14,7 +14,9 @@ snapshots, ``upperdir=``/``workdir=``; ``index=off`` when the kernel has that pa
 directories are made under ``snapshots/new-*`` and renamed into place inside the metadata
 transaction; ``Remove`` deletes the record and then every directory the metadata does not know
 (as containerd's synchronous remove does); ``Cleanup`` does the same and releases Nydus mounts
-whose snapshots are gone.
+whose snapshots are gone. After ``Cleanup``, and after ``Remove`` of a Nydus bootstrap layer,
+the mounter's ``collect_garbage`` gets the bootstraps of every Nydus image left, and deletes the
+cache files of blobs none of them uses.
 
 Remote-snapshot rules (nydus-reference.md §1.5):
 
@@ -50,7 +52,7 @@ from .errdefs import SnapshotExists, SnapshotNotFound
 from .filters import parse_all
 from .fsutil import disk_usage, remove_tree
 from .imageref import ImageRefResolver, image_ref_from_labels, namespace_of_key
-from .labels import SNAPSHOT_REF, is_nydus_blob, is_nydus_bootstrap
+from .labels import NYDUS_BOOTSTRAP, SNAPSHOT_REF, is_nydus_blob, is_nydus_bootstrap
 from .mounter import NydusMounter, RecoveredMount
 from .store import Info, Kind, MetaStore, NydusMount, Snapshot, Transaction, Usage
 
@@ -361,7 +363,7 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         """containerd ``Remove``: release its Nydus mount, drop it, delete orphan dirs."""
         with self.store.transaction() as tx:
-            sid, _, _ = tx.get_info(key)
+            sid, info, _ = tx.get_info(key)
             nm = tx.get_nydus_mount(sid)
         if nm is not None:
             self.mounter.umount(str(sid))
@@ -371,6 +373,31 @@ class Snapshotter:
             tx.remove(key)
             orphans = self._orphan_dirs(tx)
         self._remove_dirs(orphans)
+        if is_nydus_bootstrap(info.labels):
+            self.collect_garbage()
+
+    def live_bootstraps(self) -> list[Path]:
+        """The bootstrap files of every Nydus image still here (committed bootstrap layers)."""
+        with self.store.transaction() as tx:
+            ids = [
+                sid
+                for sid, value in tx.labelled(NYDUS_BOOTSTRAP)
+                if is_nydus_bootstrap({NYDUS_BOOTSTRAP: value})
+            ]
+        out = []
+        for sid in ids:
+            try:
+                out.append(self.bootstrap_file(sid))
+            except FormatError:
+                continue  # being unpacked, or damaged: it references nothing we can know
+        return out
+
+    def collect_garbage(self) -> None:
+        """Let the mounter delete cached blobs no remaining Nydus image uses."""
+        try:
+            self.mounter.collect_garbage(self.live_bootstraps())
+        except (NydusError, OSError) as e:
+            log.warning("cache GC failed: %s", e)
 
     def _discard(self, key: str) -> None:
         """Undo a snapshot whose Nydus mount failed (containerd never learns of it)."""
@@ -395,3 +422,4 @@ class Snapshotter:
         with self.store.transaction(writable=True) as tx:
             orphans = self._orphan_dirs(tx)
         self._remove_dirs(orphans)
+        self.collect_garbage()

@@ -223,6 +223,13 @@ class Transaction:
     def ids(self) -> set[int]:
         return {r[0] for r in self._c.execute("SELECT id FROM snapshots")}
 
+    def labelled(self, key: str) -> list[tuple[int, str]]:
+        """``(id, label value)`` of every snapshot that has label ``key``, in id order."""
+        rows = self._c.execute(
+            "SELECT snapshot_id, value FROM labels WHERE key = ? ORDER BY snapshot_id", (key,)
+        )
+        return [(r[0], r[1]) for r in rows]
+
     # -- changes ------------------------------------------------------------------------------
 
     def _need_write(self) -> None:
