@@ -1,8 +1,12 @@
 """Settings of one ``containerd-nydus-grpc`` instance (what its command-line flags say).
 
 Paths default as upstream nydus-snapshotter's do. ``nydusd_config`` is the nydusd JSON config
-named by ``--config-path`` (used for every daemon the snapshotter starts); it is loaded and
-checked to be a JSON object here, and interpreted by the daemon manager.
+named by ``--config-path`` (the template of every daemon the snapshotter starts); it is loaded and
+checked to be a JSON object here, and interpreted by the daemon manager (:mod:`.imageconfig`).
+``recover_policy`` says what happens when a nydusd dies: ``restart`` (a new daemon on the same
+mount point; containers that were reading through the dead one get errors), ``failover`` (the
+snapshotter holds each daemon's FUSE connection, and a new daemon takes it over: running
+containers carry on) or ``none``.
 
 Immutable once built; share freely between threads.
 """
@@ -19,6 +23,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "DAEMON_MODES",
+    "RECOVER_POLICIES",
     "DEFAULT_ADDRESS",
     "DEFAULT_CONTAINERD_ADDRESS",
     "DEFAULT_ROOT",
@@ -32,6 +37,7 @@ DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")
 
 #: Daemon modes: upstream's names, with ``multiple`` an alias of ``dedicated``.
 DAEMON_MODES = ("dedicated", "shared", "none")
+RECOVER_POLICIES = ("restart", "failover", "none")
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,21 @@ class SnapshotterConfig:
     fs_driver: str = "fusedev"
     log_level: str = "info"
     log_to_stdout: bool = False
+    recover_policy: str = "restart"
+    metrics_address: str | None = None  # "HOST:PORT" for the Prometheus endpoint
+    docker_config: Path | None = None  # docker config.json read for registry credentials
+    daemon_start_timeout: float = 30.0  # seconds for a nydusd to reach RUNNING
+    daemon_check_interval: float = 1.0  # seconds between liveness checks of the daemons
 
     def __post_init__(self) -> None:
         if self.daemon_mode not in DAEMON_MODES:
             raise ConfigError(
                 f"--daemon-mode: {self.daemon_mode!r} is not one of {', '.join(DAEMON_MODES)}"
+            )
+        if self.recover_policy not in RECOVER_POLICIES:
+            raise ConfigError(
+                f"--recover-policy: {self.recover_policy!r} is not one of "
+                f"{', '.join(RECOVER_POLICIES)}"
             )
 
     @property

@@ -10,7 +10,8 @@ carries the code containerd expects, and :func:`grpc_code_of` maps everything el
     ├── SnapshotExists                         ALREADY_EXISTS
     ├── SnapshotPreconditionFailed             FAILED_PRECONDITION
     ├── SnapshotInvalidArgument                INVALID_ARGUMENT
-    └── NydusUnavailable (UnsupportedError)    UNIMPLEMENTED   (no daemon manager yet, ...)
+    ├── NydusUnavailable (UnsupportedError)    UNIMPLEMENTED   (daemon mode none, ...)
+    └── DaemonError                            UNAVAILABLE     (nydusd died or never ran)
 
 Other families: ``NotFoundError`` -> NOT_FOUND, ``ConfigError`` -> INVALID_ARGUMENT,
 ``BackendError`` -> UNAVAILABLE, any other ``NydusError`` -> UNKNOWN, anything else -> INTERNAL.
@@ -25,6 +26,7 @@ import grpc
 from ..errors import BackendError, ConfigError, NotFoundError, NydusError, UnsupportedError
 
 __all__ = [
+    "DaemonError",
     "NydusUnavailable",
     "SnapshotExists",
     "SnapshotInvalidArgument",
@@ -61,6 +63,12 @@ class NydusUnavailable(UnsupportedError):
     """A Nydus image needs something this snapshotter cannot do (yet), e.g. start nydusd."""
 
 
+class DaemonError(NydusError):
+    """A nydusd could not be started, did not reach RUNNING, or refused a mount request."""
+
+    errno = _errno.EIO
+
+
 def grpc_code_of(exc: BaseException) -> grpc.StatusCode:
     """The status code containerd must see for ``exc``."""
     table: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -68,6 +76,7 @@ def grpc_code_of(exc: BaseException) -> grpc.StatusCode:
         (SnapshotPreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
         (SnapshotInvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
         (NydusUnavailable, grpc.StatusCode.UNIMPLEMENTED),
+        (DaemonError, grpc.StatusCode.UNAVAILABLE),
         (NotFoundError, grpc.StatusCode.NOT_FOUND),
         (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
         (BackendError, grpc.StatusCode.UNAVAILABLE),

@@ -2,7 +2,8 @@
 
 - :func:`disk_usage` counts like containerd's ``fs.DiskUsage`` (and ``du``): 512-byte blocks
   allocated, each inode once (hard links), the root included, without leaving the file system.
-- :func:`mounts_under` reads ``/proc/self/mountinfo`` (octal escapes decoded).
+- :func:`mount_table` and :func:`mounts_under` read ``/proc/self/mountinfo`` (octal escapes
+  decoded).
 - :func:`remove_tree` deletes a snapshot directory after detaching anything still mounted under
   it (a leftover container rootfs or Nydus mount), so ``rmtree`` never walks into a mount.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..kernel_mount import umount
 from .store import Usage
 
-__all__ = ["disk_usage", "is_mountpoint", "mounts_under", "remove_tree"]
+__all__ = ["disk_usage", "is_mountpoint", "mount_table", "mounts_under", "remove_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +67,24 @@ def _unescape(field: str) -> str:
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mounts_under(path: str | os.PathLike[str]) -> list[str]:
-    """Mount points at or below ``path`` (absolute), deepest first."""
-    base = os.path.realpath(path).rstrip("/") or "/"
+def mount_table() -> list[str]:
+    """Every mount point of this mount namespace, from ``/proc/self/mountinfo``."""
     found: list[str] = []
     try:
         with open(_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 parts = line.split(" ")
-                if len(parts) < 5:
-                    continue
-                mp = _unescape(parts[4])
-                if mp == base or mp.startswith(base + "/"):
-                    found.append(mp)
+                if len(parts) >= 5:
+                    found.append(_unescape(parts[4]))
     except FileNotFoundError:
         return []
+    return found
+
+
+def mounts_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below ``path`` (absolute), deepest first."""
+    base = os.path.realpath(path).rstrip("/") or "/"
+    found = [mp for mp in mount_table() if mp == base or mp.startswith(base + "/")]
     found.sort(key=lambda m: m.count("/"), reverse=True)
     return found
 

@@ -6,11 +6,15 @@ layers include the ``nydus-bootstrap`` layer), the snapshotter calls
 whose ``lowerdir`` is the directory that call returns. When the snapshot is removed (or
 ``Cleanup`` finds a mount whose snapshot is gone) it calls ``mounter.umount(snapshot_id)``.
 
-The implementation that starts ``nydusd`` (dedicated mode: one daemon per snapshot/image) or
-asks a shared daemon to mount (``POST /api/v1/mount?mountpoint=/<id>``), waits for ``RUNNING``
-and supervises it is the daemon manager. Until it exists, :class:`DaemonManagerMissing` stands
-in: it refuses to mount with an error that says so (containerd reports it to the user), and it
-never pretends that an image is mounted.
+The implementation that starts ``nydusd`` (dedicated mode: one daemon per image) or asks a
+shared daemon to mount (``POST /api/v1/mount?mountpoint=/<id>``), waits for ``RUNNING`` and
+supervises it is the daemon manager, :class:`~.manager.DaemonManager`; :func:`default_mounter`
+returns it. With ``--daemon-mode none`` there is no daemon: :class:`DaemonManagerMissing`
+refuses to mount with an error that says so (containerd reports it to the user), and never
+pretends that an image is mounted.
+
+After ``Remove`` and ``Cleanup`` the snapshotter calls ``collect_garbage`` with the bootstraps
+of every Nydus image it still has; the daemon manager deletes the cache files of other blobs.
 
 Contract for implementations:
 
@@ -76,12 +80,15 @@ class NydusMounter(abc.ABC):
         recover policy) so that the recorded lower dirs stay valid. The default does nothing.
         """
 
+    def collect_garbage(self, live_bootstraps: Sequence[Path]) -> None:  # noqa: B027
+        """Delete cached data no image in ``live_bootstraps`` uses (optional; default none)."""
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Called at snapshotter shutdown. Daemons must keep running (containers use them)."""
 
 
 class DaemonManagerMissing(NydusMounter):
-    """Stand-in until the nydusd daemon manager exists: refuses to mount, honestly."""
+    """No daemon manager (``--daemon-mode none``): refuses to mount, honestly."""
 
     def __init__(self, config: SnapshotterConfig | None = None) -> None:
         self.config = config
@@ -93,12 +100,12 @@ class DaemonManagerMissing(NydusMounter):
         image_ref: str | None,
         labels: Mapping[str, str],
     ) -> Path:
-        mode = self.config.daemon_mode if self.config else "dedicated"
+        mode = self.config.daemon_mode if self.config else "none"
         raise NydusUnavailable(
             f"cannot mount Nydus image {image_ref or '(image reference unknown)'} for snapshot "
-            f"{snapshot_id} (bootstrap {bootstrap_path}): this snapshotter has no nydusd daemon "
-            f"manager yet (the NydusMounter implementation that starts or asks nydusd in "
-            f"{mode} mode), so Nydus images cannot run; plain OCI images work"
+            f"{snapshot_id} (bootstrap {bootstrap_path}): this snapshotter runs no nydusd "
+            f"daemon manager (daemon mode {mode}), so Nydus images cannot run; plain OCI "
+            f"images work"
         )
 
     def umount(self, snapshot_id: str) -> None:
@@ -107,5 +114,9 @@ class DaemonManagerMissing(NydusMounter):
 
 
 def default_mounter(config: SnapshotterConfig) -> NydusMounter:
-    """The mounter ``containerd-nydus-grpc`` uses: the daemon manager, once it exists."""
-    return DaemonManagerMissing(config)
+    """The mounter ``containerd-nydus-grpc`` uses: the daemon manager (none in mode ``none``)."""
+    if config.daemon_mode == "none":
+        return DaemonManagerMissing(config)
+    from .manager import DaemonManager
+
+    return DaemonManager(config)
