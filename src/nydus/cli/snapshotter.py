@@ -1,15 +1,25 @@
-"""``containerd-nydus-grpc``: the containerd remote snapshotter, with upstream's flags.
+"""``containerd-nydus-grpc``: the containerd remote snapshotter, with upstream's flags; and
+``nydus-pull``, the labelled pull that containerd 1.6's ``ctr image pull`` cannot do.
 
-Parses flags into a :class:`~nydus.snapshotter.config.SnapshotterConfig`, sets up logging
+``containerd-nydus-grpc`` parses flags into a
+:class:`~nydus.snapshotter.config.SnapshotterConfig`, sets up logging
 (``<root>/logs/containerd-nydus-grpc.log``, or stdout with ``--log-to-stdout``), serves the
 Snapshots service on ``--address`` until SIGTERM/SIGINT, then stops cleanly (exit 0). Running
-Nydus daemons are left alone on exit: containers keep using them.
+Nydus daemons are left alone on exit: containers keep using them, and the next start adopts
+them. Registry credentials for the daemons also come from ``$DOCKER_CONFIG/config.json``
+(default ``~/.docker/config.json``).
+
+``nydus-pull [-a SOCK] [-n NS] [--plain-http] REF`` stores REF's manifest and config in
+containerd and unpacks it into the ``nydus`` snapshotter with the layer labels containerd's own
+unpacker would pass (:mod:`nydus.snapshotter.unpack`): Nydus data blobs are never downloaded.
+Then stock ``ctr run --snapshotter nydus REF ID ...`` starts the container.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -74,6 +84,25 @@ def _parser() -> argparse.ArgumentParser:
         help="dedicated (default; alias multiple): one nydusd per image; shared: one for all",
     )
     p.add_argument(
+        "--recover-policy",
+        choices=["restart", "failover", "none"],
+        default="restart",
+        help="when a nydusd dies: restart it (default); failover: hand its FUSE connection to "
+        "a new one, so running containers keep reading; none",
+    )
+    p.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default)",
+    )
+    p.add_argument(
+        "--daemon-start-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a nydusd may take to reach RUNNING (30)",
+    )
+    p.add_argument(
         "--containerd-address",
         type=Path,
         default=DEFAULT_CONTAINERD_ADDRESS,
@@ -92,6 +121,11 @@ def _daemon_mode(a: argparse.Namespace) -> str:
             raise ConfigError(f"--shared-daemon contradicts --daemon-mode {a.daemon_mode}")
         mode = "shared"
     return mode
+
+
+def _docker_config() -> Path:
+    base = os.environ.get("DOCKER_CONFIG")
+    return (Path(base) if base else Path.home() / ".docker") / "config.json"
 
 
 def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
@@ -144,6 +178,10 @@ def _run(a: argparse.Namespace) -> int:
         daemon_mode=_daemon_mode(a),
         log_level=a.log_level,
         log_to_stdout=a.log_to_stdout,
+        recover_policy=a.recover_policy,
+        metrics_address=a.metrics_address,
+        docker_config=_docker_config(),
+        daemon_start_timeout=a.daemon_start_timeout,
     )
     _setup_logging(cfg.log_level, cfg.log_to_stdout, cfg.log_dir)
     log.info(
@@ -165,9 +203,14 @@ def _run(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    snapshotter = Snapshotter(
-        cfg.root, default_mounter(cfg), ContainerdImageResolver(cfg.containerd_address)
-    )
+    mounter = default_mounter(cfg)
+    try:
+        snapshotter = Snapshotter(
+            cfg.root, mounter, ContainerdImageResolver(cfg.containerd_address)
+        )
+    except BaseException:
+        mounter.close()
+        raise
     server = SnapshotterServer(snapshotter, cfg.address)
     try:
         server.start()
@@ -178,6 +221,13 @@ def _run(a: argparse.Namespace) -> int:
         snapshotter.close()
     log.info("stopped")
     return 0
+
+
+def pull_main(argv: list[str] | None = None) -> int:
+    """``nydus-pull``: see the module docstring and :func:`nydus.snapshotter.unpack.main`."""
+    from ..snapshotter.unpack import main as unpack_main
+
+    return unpack_main(argv, prog="nydus-pull")
 
 
 if __name__ == "__main__":

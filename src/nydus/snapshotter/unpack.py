@@ -30,7 +30,8 @@ updates the image record, then unpacks. (Stock ``ctr content fetch --metadata-on
 substitute: for an image that is a plain manifest, not an index, it fetches every layer too.)
 
 After that, stock ``ctr run --snapshotter nydus REF ...`` finds the image unpacked and prepares
-the container's snapshot directly. ``python -m nydus.snapshotter.unpack`` is the command line.
+the container's snapshot directly. The command line is ``nydus-pull`` (console script; also
+``python -m nydus.snapshotter.unpack``).
 
 The extractor handles what Nydus bootstrap layers and simple layers contain (directories,
 regular files, symlinks, hard links); a layer with whiteouts or device nodes is refused with a
@@ -561,8 +562,9 @@ def extract_layer(data: bytes, root: Path, diff_id: str) -> None:
                 os.lchown(dst, ti.uid, ti.gid)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m nydus.snapshotter.unpack``: unpack a fetched image for a remote snapshotter."""
+def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter.unpack") -> int:
+    """``nydus-pull`` (also ``python -m nydus.snapshotter.unpack``): pull for a remote
+    snapshotter with the layer labels containerd's unpacker passes."""
     import argparse
     import sys
 
@@ -570,29 +572,44 @@ def main(argv: list[str] | None = None) -> int:
     from ..registry import RegistryClient, parse_reference
 
     p = argparse.ArgumentParser(
-        prog="python -m nydus.snapshotter.unpack",
+        prog=prog,
         description="Pull REF into containerd for a remote snapshotter the way containerd's "
-        "unpacker does: Nydus blob layers are never downloaded. Then `ctr run --snapshotter "
-        "nydus REF ...` works.",
+        "unpacker does (containerd 1.6's `ctr image pull` cannot): Nydus blob layers are never "
+        "downloaded, only the small bootstrap layer. Then `ctr run --snapshotter nydus REF ID "
+        "CMD` works. Registry credentials come from $DOCKER_CONFIG/config.json or "
+        "~/.docker/config.json.",
     )
-    p.add_argument("-a", "--address", default="/run/containerd/containerd.sock")
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--snapshotter", default="nydus")
-    p.add_argument("--plain-http", action="store_true", help="fetch layers over plain HTTP")
+    p.add_argument(
+        "-a",
+        "--address",
+        default="/run/containerd/containerd.sock",
+        help="containerd's socket (/run/containerd/containerd.sock)",
+    )
+    p.add_argument("-n", "--namespace", default="default", help="containerd namespace (default)")
+    p.add_argument("--snapshotter", default="nydus", help="the proxy snapshotter's name (nydus)")
+    p.add_argument("--plain-http", action="store_true", help="fetch over plain HTTP")
     p.add_argument("--no-cri-labels", action="store_true", help="do not add cri.* labels")
-    p.add_argument("ref")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.add_argument("ref", help="image reference, e.g. localhost:5000/ubuntu-nydus:latest")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if a.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    base = os.environ.get("DOCKER_CONFIG")
+    docker_config = os.path.join(base, "config.json") if base else "~/.docker/config.json"
     try:
         ref = parse_reference(a.ref)
-        client = RegistryClient(ref.registry, scheme="http" if a.plain_http else "https")
+        client = RegistryClient(
+            ref.api_host, scheme="http" if a.plain_http else "https", docker_config=docker_config
+        )
         source = RegistrySource(client, ref.repository)
         unpacker = RemoteUnpacker(
             a.address, a.namespace, a.snapshotter, cri_labels=not a.no_cri_labels
         )
         r = unpacker.pull(a.ref, ref.ref, source)
     except NydusError as e:
-        print(f"unpack: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     print(json.dumps({"chain_id": r.chain_id, "skipped": r.skipped, "applied": r.applied,
                       "existing": r.existing}))  # fmt: skip
