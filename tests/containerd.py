@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -545,3 +546,244 @@ def free_unix_path(directory: Path, name: str) -> Path:
         s.bind(str(p))
     p.unlink()
     return p
+
+
+# --- the daemon manager's processes and the whole Nydus flow ----------------------------------
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def venv_tool(name: str) -> str:
+    """A console script of this venv (``nydusify``, ``nydus-pull``, ``nydusd``, ...)."""
+    p = VENV_BIN / name
+    if not p.exists():
+        raise RuntimeError(f"{p} missing: run scripts/setup.sh (pip install -e .)")
+    return str(p)
+
+
+def nydusify_convert(source: str, target: str, work_dir: Path, *extra: str) -> None:
+    """``nydusify convert --plain-http --source SOURCE --target TARGET`` (our nydusify)."""
+    p = subprocess.run(
+        [venv_tool("nydusify"), "convert", "--plain-http", "--source", source, "--target", target,
+         "--work-dir", str(work_dir), *extra],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"nydusify convert failed ({p.returncode}): {p.stderr[-3000:]}")
+
+
+def nydus_pull(
+    ctd: Containerd, ref: str, *, snapshotter: str = SNAPSHOTTER_NAME
+) -> dict[str, list]:
+    """``nydus-pull -a SOCK -n NS --plain-http REF``: the labelled pull; returns its JSON."""
+    p = subprocess.run(
+        [venv_tool("nydus-pull"), "-q", "-a", str(ctd.address), "-n", ctd.namespace,
+         "--snapshotter", snapshotter, "--plain-http", ref],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"nydus-pull {ref} failed ({p.returncode}): {p.stderr[-3000:]}")
+    out: dict[str, list] = json.loads(p.stdout)
+    return out
+
+
+def daemon_state(sn_root: Path) -> dict:
+    """The daemon manager's ``<root>/daemons/state.json`` ({} if none)."""
+    try:
+        return dict(json.loads((sn_root / "daemons" / "state.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_is(pid: int, apisock: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            zombie = f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except OSError:
+        return False
+    return not zombie and apisock.encode() in args
+
+
+def daemon_pids(sn_root: Path) -> dict[str, int]:
+    """``{daemon id: pid}`` of the recorded daemons that are alive."""
+    out = {}
+    for d in daemon_state(sn_root).get("daemons", []):
+        if _pid_is(int(d["pid"]), d["apisock"]):
+            out[d["id"]] = int(d["pid"])
+    return out
+
+
+def stop_recorded_daemons(sn_root: Path) -> list[str]:
+    """Stop the nydusd processes a snapshotter root records (by their pids, checked against
+    their API socket), then detach mounts left under ``<root>/mnt``. Returns what it did."""
+    from nydus.kernel_mount import umount
+
+    done = []
+    for d in daemon_state(sn_root).get("daemons", []):
+        pid, sock = int(d["pid"]), str(d["apisock"])
+        if not _pid_is(pid, sock):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _pid_is(pid, sock):
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        done.append(f"stopped nydusd {d['id']} (pid {pid})")
+    for mp in mounts_under(sn_root):
+        with contextlib.suppress(OSError):
+            umount(mp, lazy=True)
+        done.append(f"detached {mp}")
+    return done
+
+
+def data_layer(
+    files: int = 16, size: int = 512 << 10, seed: int = 7
+) -> tuple[tuple[bytes, str], dict[str, bytes]]:
+    """A layer of ``files`` incompressible files ``data/fNN`` (what a lazy pull must not fetch)."""
+    rng = random.Random(seed)
+    contents = {f"data/f{i:02d}": rng.randbytes(size) for i in range(files)}
+    entries = [_dir("data")] + [_file(name, len(body)) for name, body in contents.items()]
+    return _tar_gz(entries, contents), contents
+
+
+def busybox_data_layout(directory: Path, tag: str = "1", **kw: int) -> dict[str, bytes]:
+    """The busybox image plus :func:`data_layer` as an OCI layout; returns the data files."""
+    layer, contents = data_layer(**kw)
+    write_oci_layout(directory, tag, [*busybox_layers(), layer])
+    return contents
+
+
+# --- a Debian-based image (debootstrap minbase, cached) -------------------------------------
+
+DEBIAN_CACHE = Path("/var/tmp/nydus-e2e")
+DEBIAN_SUITE = "bookworm"
+DEBIAN_INCLUDE = "python3"  # minbase + python3: about 250 MB, a realistic interpreter start
+
+
+def debian_rootfs_tar(cache: Path = DEBIAN_CACHE) -> Path:
+    """A tarball of ``debootstrap --variant=minbase --include=python3 bookworm`` from Debian's
+    mirror, built once and kept in ``cache`` (several test runs and the bench share it)."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"debian-{DEBIAN_SUITE}-minbase-{DEBIAN_INCLUDE}.tar"
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file():
+            return out
+        if shutil.which("debootstrap", path=PATH_ENV) is None:
+            raise RuntimeError("debootstrap is not installed (scripts/setup.sh installs it)")
+        root = cache / "rootfs.tmp"
+        shutil.rmtree(root, ignore_errors=True)
+        p = subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--include={DEBIAN_INCLUDE}", DEBIAN_SUITE,
+             str(root), "http://deb.debian.org/debian"],
+            capture_output=True, text=True, timeout=1800, env={"PATH": PATH_ENV},
+        )  # fmt: skip
+        if p.returncode != 0:
+            raise RuntimeError(f"debootstrap failed: {p.stdout[-2000:]}{p.stderr[-2000:]}")
+        # No apt caches or logs: they change every build and nothing reads them.
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "var/log"):
+            for child in (root / junk).glob("*"):
+                if child.is_file():
+                    child.unlink()
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(tmp), "."],
+            check=True, timeout=600,
+        )  # fmt: skip
+        tmp.rename(out)
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def debian_layout(directory: Path, tag: str = "1", cache: Path = DEBIAN_CACHE) -> int:
+    """The Debian image (one gzip layer of :func:`debian_rootfs_tar`) as an OCI layout;
+    returns the uncompressed size. The gzip layer is cached beside the tarball."""
+    tar = debian_rootfs_tar(cache)
+    gz = tar.with_suffix(".tar.gz")
+    if not gz.is_file() or gz.stat().st_mtime < tar.stat().st_mtime:
+        tmp = gz.with_suffix(".tmp")
+        with open(tar, "rb") as src, open(tmp, "wb") as dst:
+            zp = subprocess.run(["gzip", "-6", "-n", "-c"], stdin=src, stdout=dst, check=True)
+            assert zp.returncode == 0
+        tmp.rename(gz)
+    h = hashlib.sha256()
+    with open(tar, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    diff_id = "sha256:" + h.hexdigest()
+    blob = gz.read_bytes()
+    write_oci_layout(directory, tag, [(blob, diff_id)])
+    return tar.stat().st_size
+
+
+class NydusStack:
+    """containerd + ``containerd-nydus-grpc`` (a subprocess with the real daemon manager).
+
+    ``sn_args`` are extra snapshotter flags (``--shared-daemon``, ``--recover-policy ...``).
+    :meth:`stop` removes workloads, stops containerd and the snapshotter, then stops every
+    nydusd the snapshotter's root still records (the snapshotter leaves daemons running on
+    exit, by design) and detaches what is left mounted.
+    """
+
+    def __init__(self, tmp: Path, sn_args: Sequence[str] = ()) -> None:
+        self.tmp = tmp
+        self.sock_dir = short_tmpdir("nydus-sn-")
+        self.sn_address = self.sock_dir / "containerd-nydus-grpc.sock"
+        self.ctd = Containerd(tmp / "containerd", self.sn_address)
+        self.sn_root = tmp / "snapshotter"
+        self.cache_dir = tmp / "cache"
+        args = ["--cache-dir", str(self.cache_dir), *sn_args]
+        self.sn = SnapshotterProcess(
+            self.sn_root, self.sn_address, containerd_address=self.ctd.address, extra_args=args
+        )
+        self.leftovers: list[str] = []
+
+    def start(self) -> NydusStack:
+        self.sn.start()
+        self.ctd.start()
+        return self
+
+    def stop(self) -> int | None:
+        try:
+            self.ctd.stop()
+        finally:
+            rc = self.sn.stop()
+            self.leftovers = stop_recorded_daemons(self.sn_root)
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+        return rc
+
+    def restart_snapshotter(self) -> float:
+        """Restart the snapshotter; seconds until containerd reaches the new one."""
+        rc = self.sn.stop()
+        assert rc == 0, f"snapshotter exit status {rc}\n{self.diagnostics()}"
+        self.sn.start()
+        t0 = time.monotonic()
+        self.ctd.wait_snapshotter(30)
+        return time.monotonic() - t0
+
+    def ctr(self, *args: str, timeout: float = 300.0) -> CtrResult:
+        return self.ctd.ctr(*args, timeout=timeout)
+
+    def run(self, ref: str, cid: str, *cmd: str, timeout: float = 300.0) -> CtrResult:
+        """``ctr run --rm --snapshotter nydus REF ID CMD...`` (stock ctr)."""
+        return self.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER_NAME, ref, cid, *cmd,
+                        timeout=timeout)  # fmt: skip
+
+    def daemon_pids(self) -> dict[str, int]:
+        return daemon_pids(self.sn_root)
+
+    def diagnostics(self) -> str:
+        parts = [
+            f"--- snapshotter log ---\n{self.sn.log_text()[-8000:]}",
+            f"--- containerd log ---\n{self.ctd.log_text()[-4000:]}",
+        ]
+        for log in sorted((self.sn_root / "daemons").glob("*.log")):
+            parts.append(f"--- {log.name} ---\n{_tail(log, 3000)}")
+        return "\n".join(parts)

@@ -8,10 +8,11 @@ snapshot directories behind.
 Nydus images are built here with our ``nydus-image`` (uncompressed, so the kernel can mount the
 bootstrap with the blob as its device) and pushed as upstream lays them out: one
 ``nydus-blob`` layer, then the ``nydus-bootstrap`` tar.gz. The pull goes through a counting
-proxy, which shows that containerd never fetches the blob. Until the daemon manager exists, the
-container is started with a test mounter that kernel-mounts the bootstrap over the local blob
-(a real EROFS mount, though neither lazy nor through nydusd); with the shipped stand-in,
-``ctr run`` fails with an error that names what is missing.
+proxy, which shows that containerd never fetches the blob. The container is started with a test
+mounter that kernel-mounts the bootstrap over the local blob (a real EROFS mount, though neither
+lazy nor through nydusd), and with the shipped daemon manager serving the blob from a
+``localfs`` template; with ``--daemon-mode none``, ``ctr run`` fails with an error that names
+what is missing. The lazy registry path, end to end, is in test_e2e_snapshotter.py.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from containerd import (
     short_tmpdir,
     skopeo_push,
     snapshots_answer,
+    stop_recorded_daemons,
     write_oci_layout,
 )
 from nydus.kernel_mount import mount_erofs, umount
@@ -84,7 +86,9 @@ def busybox_ref(registry_plain: RegistryServer, tmp_path_factory: pytest.TempPat
 class Stack:
     """containerd + snapshotter for one test."""
 
-    def __init__(self, tmp: Path, mounter: NydusMounter | None = None) -> None:
+    def __init__(
+        self, tmp: Path, mounter: NydusMounter | None = None, sn_args: Sequence[str] = ()
+    ) -> None:
         """A snapshotter subprocess, or an in-process one when a test mounter is given."""
         self.tmp = tmp
         self.sock_dir = short_tmpdir("nydus-sn-")
@@ -94,7 +98,10 @@ class Stack:
         self.sn: SnapshotterProcess | InProcessSnapshotter
         if mounter is None:
             self.sn = SnapshotterProcess(
-                self.sn_root, self.sn_address, containerd_address=self.ctd.address
+                self.sn_root,
+                self.sn_address,
+                containerd_address=self.ctd.address,
+                extra_args=sn_args,
             )
         else:
             self.sn = InProcessSnapshotter(self.sn_root, self.sn_address, mounter, self.ctd.address)
@@ -109,6 +116,7 @@ class Stack:
             self.ctd.stop()
         finally:
             rc = self.sn.stop()
+            stop_recorded_daemons(self.sn_root)  # the snapshotter leaves them running
             for p in self.sock_dir.iterdir():
                 p.unlink()
             self.sock_dir.rmdir()
@@ -362,8 +370,8 @@ def nydus_image(tmp_path_factory: pytest.TempPathFactory) -> NydusImage:
 class KernelErofsMounter(NydusMounter):
     """Test mounter: kernel EROFS mount of the bootstrap over the local blob dir.
 
-    A real mount, but neither lazy nor served by nydusd: it stands in for the daemon manager
-    so the snapshotter's whole Nydus path can run a container today.
+    A real mount, but neither lazy nor served by nydusd: it checks the snapshotter's Nydus path
+    (labels, image lookup, lower dir, release) independently of the daemon manager.
     """
 
     def __init__(self, blob_dir: Path, mnt_base: Path) -> None:
@@ -469,27 +477,67 @@ def test_nydus_image_blob_skipped_and_container_runs_through_mounter(
 
 
 @pytest.mark.slow
-def test_nydus_image_without_daemon_manager_fails_clearly(
-    stack: Stack,
+def test_nydus_image_runs_through_the_daemon_manager_with_a_localfs_template(
+    tmp_path: Path,
     nydus_image: NydusImage,
     registry_plain: RegistryServer,  # noqa: F811
 ) -> None:
+    """The same image with the shipped mounter, blobs from a ``localfs`` template.
+
+    (``nydus-image create --compressor none`` names its blob by an id that is not the sha256
+    of the blob file, so a registry cannot serve it under that id: the registry path is the
+    business of nydusify-converted images, in test_e2e_snapshotter.py.)
+    """
     _push_nydus(nydus_image, registry_plain, "nydus-busybox-2")
     ref = f"{registry_plain.host}/nydus-busybox-2:1"
-    # the command line of the same pull
-    p = subprocess.run(
-        [sys.executable, "-m", "nydus.snapshotter.unpack", "-a", str(stack.ctd.address),
-         "-n", stack.ctd.namespace, "--plain-http", ref],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
-    assert len(res["skipped"]) == 1 and len(res["applied"]) == 1, res
-    r = stack.ctr("run", "--rm", "--snapshotter", "nydus", ref, "n2", "/bin/busybox", "true")
-    assert r.returncode != 0
-    assert "no nydusd daemon manager" in r.stderr and ref in r.stderr, r.stderr
-    # nothing was left behind for the failed container: blob layer + bootstrap layer only
-    assert len(snapshot_dirs(stack.sn_root)) == 2
+    cfg = tmp_path / "nydusd-localfs.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "device": {
+                    "backend": {"type": "localfs", "config": {"dir": str(nydus_image.blob_dir)}},
+                    "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
+                },
+                "enable_xattr": True,
+            }
+        )
+    )
+    s = Stack(tmp_path, sn_args=["--config-path", str(cfg)]).start()
+    try:
+        # the module's command line (the console script nydus-pull runs the same code)
+        p = subprocess.run(
+            [sys.executable, "-m", "nydus.snapshotter.unpack", "-a", str(s.ctd.address),
+             "-n", s.ctd.namespace, "--plain-http", ref],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)
+        assert len(res["skipped"]) == 1 and len(res["applied"]) == 1, res
+        r = s.ctr("run", "--rm", "--snapshotter", "nydus", ref, "n2", "/bin/cat", "/etc/hello.txt")
+        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+        assert r.stdout == "hello from a nydus image\n"
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.slow
+def test_daemon_mode_none_fails_clearly(
+    tmp_path: Path,
+    nydus_image: NydusImage,
+    registry_plain: RegistryServer,  # noqa: F811
+) -> None:
+    _push_nydus(nydus_image, registry_plain, "nydus-busybox-3")
+    ref = f"{registry_plain.host}/nydus-busybox-3:1"
+    s = Stack(tmp_path, sn_args=["--daemon-mode", "none"]).start()
+    try:
+        _pull(s, ref, registry_plain.host, cri_labels=False)
+        r = s.ctr("run", "--rm", "--snapshotter", "nydus", ref, "n3", "/bin/busybox", "true")
+        assert r.returncode != 0
+        assert "runs no nydusd daemon manager" in r.stderr and ref in r.stderr, r.stderr
+        # nothing was left behind for the failed container: blob layer + bootstrap layer only
+        assert len(snapshot_dirs(s.sn_root)) == 2
+    finally:
+        assert s.stop() == 0
 
 
 # -- fidelity with containerd's own overlayfs snapshotter ----------------------------------
