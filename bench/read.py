@@ -126,6 +126,7 @@ class Result:
     small_cold_mbps: float = 0.0
     small_warm_files_per_s: float = 0.0
     daemon_cpu_s: float = 0.0
+    warm_requests: dict[str, int] = field(default_factory=dict)  # FUSE requests, warm runs
     notes: list[str] = field(default_factory=list)
 
 
@@ -139,27 +140,36 @@ def prime(paths: list[Path]) -> None:
 
 
 def measure(target: str, root: Path, info: dict[str, int], cold: bool,
-            cpu: Callable[[], float] | None = None) -> Result:
+            cpu: Callable[[], float] | None = None,
+            requests: Callable[[], int] | None = None) -> Result:
     r = Result(target)
     cpu0 = cpu() if cpu else 0.0
+
+    def warm(name: str, cmd: str, cwd: Path | None = None) -> float:
+        n0 = requests() if requests else 0
+        t = timed(cmd, cwd)
+        if requests:
+            r.warm_requests[name] = requests() - n0
+        return t
+
     big = info["big_bytes"]
     dd = f"dd if={root}/big.bin of=/dev/null bs=1M status=none"
     if cold:
         drop_caches()
     r.seq_cold_mbps = big / 1e6 / timed(dd)
-    r.seq_warm_mbps = big / 1e6 / timed(dd)
+    r.seq_warm_mbps = big / 1e6 / warm("seq", dd)
     walk = f"find {root} -printf '%i %s %m %u %T@\\n' > /dev/null"
     if cold:
         drop_caches()
     r.walk_cold_files_per_s = info["files"] / timed(walk)
-    r.walk_warm_files_per_s = info["files"] / timed(walk)
+    r.walk_warm_files_per_s = info["files"] / warm("find+stat", walk)
     tar = "tar cf - small | cat > /dev/null"
     if cold:
         drop_caches()
     t = timed(tar, cwd=root)
     r.small_cold_files_per_s = info["small_files"] / t
     r.small_cold_mbps = info["small_bytes"] / 1e6 / t
-    r.small_warm_files_per_s = info["small_files"] / timed(tar, cwd=root)
+    r.small_warm_files_per_s = info["small_files"] / warm("small", tar, root)
     if cpu:
         r.daemon_cpu_s = cpu() - cpu0
     return r
@@ -168,6 +178,17 @@ def measure(target: str, root: Path, info: dict[str, int], cold: bool,
 def _proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fuse_requests(sock: Path) -> int:
+    """Requests the daemon has received (its Prometheus counter)."""
+    from nydus.daemon.client import NydusdClient
+
+    text = NydusdClient(str(sock)).get("/api/v1/metrics/prometheus")
+    for line in str(text).splitlines():
+        if line.startswith("nydusd_fuse_requests_total"):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def _wait_mount(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -223,6 +244,7 @@ def main() -> int:
     blobs = [str(img / "blobs" / b) for b in blob_ids]
     targets = a.targets.split(",")
     results: list[Result] = []
+    load_before = os.getloadavg()
     mnt = base / "mnt"
     mnt.mkdir(exist_ok=True)
     for t in targets:
@@ -248,11 +270,13 @@ def main() -> int:
                     [sys.executable, "-c",
                      "import sys; from nydus.cli.nydusd import main; sys.exit(main())",
                      "--config", str(cfg), "--mountpoint", str(mnt), "--bootstrap", str(boot),
+                     "--apisock", str(base / "api.sock"),
                      "--fuse-threads", str(a.fuse_threads), *a.nydusd_args.split()],
                     stdout=lf, stderr=subprocess.STDOUT)
             try:
                 _wait_mount(mnt, proc, log)
-                r = measure("fuse", mnt, info, cold, functools.partial(_proc_cpu, proc.pid))
+                r = measure("fuse", mnt, info, cold, functools.partial(_proc_cpu, proc.pid),
+                            functools.partial(_fuse_requests, base / "api.sock"))
                 r.notes.append(
                     f"nydusd --fuse-threads {a.fuse_threads} {a.nydusd_args}".strip())
                 results.append(r)
@@ -264,7 +288,7 @@ def main() -> int:
                     proc.kill()
                 if os.path.ismount(mnt):
                     umount(str(mnt), lazy=True)
-    report(a, shape, info, results)
+    report(a, shape, info, results, (load_before, os.getloadavg()))
     return 0
 
 
@@ -278,7 +302,8 @@ def _fmt(v: float, base: float | None) -> str:
 
 
 def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
-           results: list[Result]) -> None:
+           results: list[Result],
+           load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     now = dt.datetime.now()
     native = next((r for r in results if r.target == "native"), None)
     cols = [
@@ -309,7 +334,8 @@ def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
         f"{os.cpu_count()}, git {git}. Cold = `sync; echo 3 > drop_caches` before the "
         f"command; warm = the same command again. One run each. Before each target its "
         f"backing files are read once (tree, or bootstrap + blob), so all targets start "
-        f"guest-cold and host-warm (this is a VM).",
+        f"guest-cold and host-warm (this is a VM). Load average before/after: "
+        f"{load[0][0]:.1f}/{load[1][0]:.1f} (other work on the machine adds noise).",
         "",
         *lines,
         "",
@@ -320,6 +346,10 @@ def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
     for r in results:
         for n in r.notes:
             md.append(f"- {r.target}: {n}")
+        if r.warm_requests:
+            md.append(f"- {r.target}: FUSE requests that reached the daemon during the warm "
+                      f"runs: " + ", ".join(f"{k} {v}" for k, v in r.warm_requests.items())
+                      + " (0 = served entirely by the kernel's caches)")
     text = "\n".join(md) + "\n"
     print(text)
     if a.no_report:
@@ -330,7 +360,8 @@ def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({
         "date": now.isoformat(timespec="seconds"), "shape": asdict(shape), "tree": info,
-        "git": git, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+        "git": git, "loadavg": [list(load[0]), list(load[1])],
+        "results": [asdict(r) for r in results]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class Failover:
                 state.mountpoint = d.opts.mountpoint
                 s = FuseSession.resume(d.vfs, fd, state, d.opts.session)
                 d.vfs.notify_entry = s.notify_inval_entry
+                d.vfs.notify_inode = s.notify_inval_inode
                 d.session = s
                 s.start()
                 if d.opts.failover_policy == "resend" and s.notify_resend():

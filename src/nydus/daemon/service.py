@@ -261,6 +261,7 @@ class Nydusd:
         s = FuseSession(self.vfs, self.opts.mountpoint, self.opts.session)
         s.mount()
         self.vfs.notify_entry = s.notify_inval_entry
+        self.vfs.notify_inode = s.notify_inval_inode
         self.session = s
         s.start()
         if not s.wait_initialized(10):
@@ -299,6 +300,7 @@ class Nydusd:
             s = self.session
             self.session = None
             self.vfs.notify_entry = None
+            self.vfs.notify_inode = None
         if s is not None:
             try:
                 s.unmount()

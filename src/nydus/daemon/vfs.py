@@ -108,6 +108,7 @@ class RafsVfs(Operations):
         self._pseudo: dict[int, _PseudoDir] = {ROOT_INO: _PseudoDir(ROOT_INO, ROOT_INO, b"")}
         self._next_pseudo = 2
         self.notify_entry: Callable[[int, bytes], object] | None = None
+        self.notify_inode: Callable[[int], object] | None = None
         self.started = time.time_ns()
 
     # ------------------------------------------------------------------ mounts
@@ -278,11 +279,15 @@ class RafsVfs(Operations):
             log.exception("closing %s", m.path)
 
     def _notify(self, parent: int, name: bytes) -> None:
-        if self.notify_entry is not None:
-            try:
+        """A pseudo directory changed: drop the kernel's dentry for ``name`` (if it has one)
+        and the directory's cached attributes and listing (readdir cache)."""
+        try:
+            if self.notify_entry is not None:
                 self.notify_entry(parent, name)
-            except Exception:
-                log.exception("notify failed")
+            if self.notify_inode is not None:
+                self.notify_inode(parent)
+        except Exception:
+            log.exception("notify failed")
 
     # ------------------------------------------------------------------ node ids
 
@@ -453,6 +458,11 @@ class RafsVfs(Operations):
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
         m, local = self._resolve(nodeid)
+        if self.zero_message_open:
+            # FUSE_NO_OPENDIR_SUPPORT: from now on the kernel opens directories itself with
+            # keep_cache + cache_dir. Pseudo directories stay correct: every mount/umount
+            # sends an entry invalidation, which also drops the parent's readdir cache.
+            raise FuseError(errno.ENOSYS)
         if m is None:
             return OpenReply()
         m.fs.opendir(local)
