@@ -24,7 +24,7 @@ from ..errors import NydusError
 
 _FOPS = ["getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
          "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget"]
-_SIZES = ["<1K", "1K", "4K", "16K", "64K", "128K", "512K", "1M+"]
+_SIZES = ["<1K", "<4K", "<16K", "<64K", "<128K", "<512K", "<1M", ">=1M"]
 _LAT = ["<=1ms", "<=20ms", "<=50ms", "<=100ms", "<=500ms", "<=1s", "<=2s", ">2s"]
 
 
@@ -89,7 +89,7 @@ def _fmt_info(d: dict[str, Any]) -> str:
             lines.append(f"{path:<20} {b.get('fs_type', ''):<6} "
                          f"{'v' + str(b.get('rafs_version', '')):<4} "
                          f"{len(b.get('blobs', [])):<6} {b.get('bootstrap', '')}")
-        out += "\n".join(lines)
+        out += "\n" + "\n".join(lines)
     return out
 
 

@@ -22,7 +22,7 @@ __all__ = ["render_prometheus"]
 
 log = logging.getLogger("nydus.api")
 
-_SIZE_BUCKETS = ["lt1k", "1k", "4k", "16k", "64k", "128k", "512k", "1m_plus"]
+_SIZE_BUCKETS = ["lt1k", "lt4k", "lt16k", "lt64k", "lt128k", "lt512k", "lt1m", "ge1m"]
 _LAT_BUCKETS = ["le1ms", "le20ms", "le50ms", "le100ms", "le500ms", "le1s", "le2s", "gt2s"]
 _FOPS = [f.name.lower() for f in StatsFop]
 
@@ -46,7 +46,7 @@ class _Out:
             self.lines.append(f"# HELP {name} {help_}")
             self.lines.append(f"# TYPE {name} {kind}")
         lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-        self.lines.append(f"{name}{{{lab}}} {value}")
+        self.lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
 
 def render_prometheus(d: Nydusd) -> str:
