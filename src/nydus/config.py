@@ -265,6 +265,9 @@ class DaemonConfig:
     amplify_io: int = _num((0, 0x1000_0000), 1 << 20)
     fs_prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     overlay: OverlayConfig | None = None
+    # extension: "fusedev" (FUSE RAFS) or "erofs" (kernel EROFS over blob files); None: the
+    # daemon's default (see nydus.daemon.erofs_mode)
+    fs_driver: str | None = None
 
     # ------------------------------------------------------------------ api
 
@@ -328,6 +331,8 @@ class DaemonConfig:
     def _check(self, template: bool = False) -> None:
         if self.mode not in ("direct", "cached"):
             raise ConfigError(f'mode: expected "direct" or "cached", got {self.mode!r}')
+        if self.fs_driver not in (None, "fusedev", "erofs"):
+            raise ConfigError(f'fs_driver: expected "fusedev" or "erofs", got {self.fs_driver!r}')
         cache = self.device.cache
         if cache.type not in CACHE_TYPES:
             raise ConfigError(
