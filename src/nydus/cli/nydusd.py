@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--fuse-threads", type=int, default=4)
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
+    p.add_argument("--fs-driver", choices=("fusedev", "erofs"), default="fusedev",
+                   help="default data path of images whose config has no fs_driver: fusedev "
+                        "(FUSE RAFS, default) or erofs (kernel EROFS over the daemon's blob "
+                        "files; v5 images and kernels without file-backed EROFS use fusedev)")
     p.add_argument("--readahead-kb", type=int, default=1024,
                    help="the FUSE mount's readahead in KiB (default 1024, one chunk; "
                         "0: the kernel's default)")
@@ -165,6 +169,7 @@ def _run(a: argparse.Namespace) -> int:
     opts = DaemonOptions(
         mountpoint=os.path.abspath(a.mountpoint), id=a.id, supervisor=a.supervisor,
         apisock=a.apisock or "", upgrade=a.upgrade, failover_policy=a.failover_policy,
+        fs_driver=a.fs_driver,
         # Zero-message opens (no OPEN/RELEASE round trips) unless per-file stats are wanted.
         session=SessionOptions(threads=a.fuse_threads, readahead_kb=a.readahead_kb,
                                no_open=not getattr(cfg, "iostats_files", False)),

@@ -198,7 +198,7 @@ class _Routes:
         path = req.arg("mountpoint", required=True)
         assert path is not None
         body = req.json()
-        unknown = set(body) - {"source", "fs_type", "config", "prefetch_files"}
+        unknown = set(body) - {"source", "fs_type", "config", "prefetch_files", "fs_driver"}
         if unknown:
             raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
         fs_type = body.get("fs_type", "rafs")
@@ -224,7 +224,11 @@ class _Routes:
         return path, source, config, files
 
     def post_mount(self, req: _Request) -> _Reply:
-        self.d.mount(*self._mount_args(req))
+        driver = req.json().get("fs_driver")  # extension: "fusedev" | "erofs"
+        if driver not in (None, "fusedev", "erofs"):
+            raise ApiError(400, "InvalidArgument",
+                           f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'")
+        self.d.mount(*self._mount_args(req), fs_driver=driver)
         return 204, None
 
     def put_mount(self, req: _Request) -> _Reply:

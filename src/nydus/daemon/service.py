@@ -29,6 +29,7 @@ from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
 from ..metadata import open_bootstrap
 from ..storage import open_device
+from .erofs_mode import EROFS, FUSEDEV, ErofsManager, resolve_driver
 from .state import DaemonEvent, DaemonState, StateError, StateMachine
 from .vfs import RafsVfs
 
@@ -59,6 +60,8 @@ class DaemonOptions:
     upgrade: bool = False
     failover_policy: str = "resend"
     session: SessionOptions = field(default_factory=SessionOptions)
+    fs_driver: str = FUSEDEV  # per-mount default when the config has no fs_driver
+    blobfs_dir: str = ""  # kernel EROFS mode: where the blob fs and staging mounts live
 
 
 @dataclass
@@ -72,6 +75,8 @@ class ImageMount:
     device: Any
     prefetch_files: list[str] | None
     mounted_at: float = field(default_factory=time.time)
+    fs_driver: str = FUSEDEV
+    erofs: Any = None  # the daemon's ErofsManager when fs_driver is "erofs"
 
     def close(self) -> None:
         try:
@@ -88,6 +93,8 @@ class ImageMount:
             "blobs": [b.blob_id for b in self.fs.meta.blobs],
             "config": redact_config(self.config.to_dict()),
             "mounted_at": int(self.mounted_at),
+            "fs_driver": self.fs_driver,
+            **({"erofs": self.erofs.describe(self.path)} if self.erofs is not None else {}),
         }
 
 
@@ -142,6 +149,7 @@ class Nydusd:
         self._exit = threading.Event()
         self.exit_reason = ""
         self.started = time.time()
+        self.erofs = ErofsManager(opts.mountpoint, opts.blobfs_dir)
 
     # ------------------------------------------------------------------ images
 
@@ -191,7 +199,8 @@ class Nydusd:
             log.warning("%s: prefetch not started: %s", im.path, e)
 
     def mount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-              dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
+              dict[str, Any], prefetch_files: Sequence[str] | None = None,
+              fs_driver: str | None = None) -> ImageMount:
         """Attach an image at ``path`` (``POST /api/v1/mount``)."""
         with self._lock:
             path = self.vfs.normalize(path)
@@ -199,7 +208,16 @@ class Nydusd:
                 raise StateError(f"{path} is already mounted")
             im = self.open_image(path, bootstrap, config, prefetch_files)
             try:
-                self.vfs.attach(path, im.fs, on_close=im.close)
+                driver, why = resolve_driver(fs_driver or im.config.fs_driver,
+                                             self.opts.fs_driver, im.fs.version,
+                                             self.opts.upgrade)
+                if driver == EROFS:
+                    from .erofs_hooks import mount_erofs_image
+                    driver = mount_erofs_image(self, im)
+                else:
+                    log.info("%s: fs_driver fusedev (%s)", path, why)
+                if driver != EROFS:
+                    self.vfs.attach(path, im.fs, on_close=im.close)
             except BaseException:
                 im.close()
                 raise
@@ -218,6 +236,8 @@ class Nydusd:
             path = self.vfs.normalize(path)
             if path not in self.images:
                 raise NotFoundError(f"nothing is mounted at {path}")
+            if self.images[path].fs_driver == EROFS:
+                raise UnsupportedError("remount of a kernel EROFS mount: umount and mount")
             im = self.open_image(path, bootstrap, config, prefetch_files)
             try:
                 self.vfs.replace(path, im.fs, on_close=im.close)
@@ -235,7 +255,11 @@ class Nydusd:
             path = self.vfs.normalize(path)
             if path not in self.images:
                 raise NotFoundError(f"nothing is mounted at {path}")
-            self.vfs.detach(path)
+            if self.images[path].fs_driver == EROFS:
+                from .erofs_hooks import umount_erofs_image
+                umount_erofs_image(self, self.images[path])
+            else:
+                self.vfs.detach(path)
             del self.images[path]
             log.info("unmounted %s", path)
 
@@ -266,6 +290,8 @@ class Nydusd:
         s.start()
         if not s.wait_initialized(10):
             log.warning("the kernel has not sent FUSE INIT within 10 s")
+        from .erofs_hooks import activate_pending
+        activate_pending(self)
 
     def start(self) -> None:
         with self._lock:
@@ -301,6 +327,8 @@ class Nydusd:
             self.session = None
             self.vfs.notify_entry = None
             self.vfs.notify_inode = None
+        from .erofs_hooks import shutdown_erofs
+        shutdown_erofs(self)
         if s is not None:
             try:
                 s.unmount()
@@ -326,6 +354,8 @@ class Nydusd:
             "state": self.sm.state.value,
             "mountpoint": self.opts.mountpoint,
             "backend_collection": backends,
+            "fs_driver_default": self.opts.fs_driver,
+            **self.erofs.info(),
         }
 
     def metrics_fs(self, fs_id: str | None) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""The daemon's side of kernel EROFS mode (called from :class:`.service.Nydusd`).
+
+Kept apart from service.py so the daemon core only carries call sites: choosing what happens to
+an image whose driver resolved to ``erofs`` (kernel mount now, or once the daemon's FUSE mount
+exists), the fallback to fusedev when the kernel cannot mount file-backed EROFS, unmounting, and
+shutdown order (EROFS mounts, then the blob fs, then the FUSE mount underneath).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+from .erofs_mode import EROFS, FUSEDEV
+
+if TYPE_CHECKING:
+    from .service import ImageMount, Nydusd
+
+__all__ = ["mount_erofs_image", "umount_erofs_image", "activate_pending", "shutdown_erofs"]
+
+log = logging.getLogger("nydus.daemon.erofs")
+
+_KERNEL_CANNOT = (errno.ENODEV, errno.ENOTBLK)
+
+
+def _fallback(d: Nydusd, im: ImageMount, e: OSError) -> str:
+    log.warning("%s: kernel EROFS mount not possible (%s); falling back to fs_driver fusedev "
+                "(FUSE RAFS mode)", im.path, e)
+    im.fs_driver, im.erofs = FUSEDEV, None
+    return FUSEDEV
+
+
+def _kernel_mount(d: Nydusd, im: ImageMount) -> str:
+    try:
+        d.erofs.mount(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs])
+    except OSError as e:
+        d.vfs.detach_placeholder(im.path)
+        if e.errno in _KERNEL_CANNOT:
+            return _fallback(d, im, e)
+        raise
+    return EROFS
+
+
+def mount_erofs_image(d: Nydusd, im: ImageMount) -> str:
+    """Returns the driver the image ends up with (``fusedev`` after a fallback, in which case
+    the caller attaches it to the FUSE VFS)."""
+    im.fs_driver, im.erofs = EROFS, d.erofs
+    d.vfs.attach_placeholder(im.path)
+    s = d.session
+    if s is None or not s.mounted:
+        log.info("%s: fs_driver erofs; the kernel mount follows the daemon's FUSE mount",
+                 im.path)
+        return EROFS
+    return _kernel_mount(d, im)
+
+
+def activate_pending(d: Nydusd) -> None:
+    """After the daemon's FUSE mount: kernel-mount the EROFS images opened before it."""
+    with d._lock:
+        for im in list(d.images.values()):
+            if im.fs_driver != EROFS or im.path in d.erofs.images:
+                continue
+            if _kernel_mount(d, im) == FUSEDEV:
+                d.vfs.attach(im.path, im.fs, on_close=im.close)
+
+
+def umount_erofs_image(d: Nydusd, im: ImageMount) -> None:
+    d.erofs.umount(im.path)
+    d.vfs.detach_placeholder(im.path)
+    im.close()
+
+
+def shutdown_erofs(d: Nydusd) -> None:
+    d.erofs.shutdown()
+    with d._lock:
+        images = [im for im in d.images.values() if im.fs_driver == EROFS]
+    for im in images:
+        try:
+            im.close()
+        except Exception:
+            log.exception("closing %s", im.path)

@@ -1,0 +1,349 @@
+"""Kernel EROFS mode: the kernel mounts the v6 bootstrap, the daemon only fills blob data.
+
+Per image mount the driver is ``fusedev`` (FUSE RAFS: the daemon answers every request) or
+``erofs``. In ``erofs`` mode the image is mounted with mount(2) as file-backed EROFS at
+``<daemon mountpoint><path>`` (the daemon's FUSE mount shows an empty directory there, or for
+``/`` the EROFS mount stacks on the FUSE root), with one ``device=`` per blob in device-table
+order. Each device is either the blob's file on the daemon's blob fs (:mod:`.blobdev`, lazy:
+reads are fetched, verified and decompressed by the daemon) or, when the blob is complete in the
+blob cache, its local ``<blob_id>.blob.data`` file (native: no daemon in the path).
+
+Choosing the driver (:func:`resolve_driver`): the config's ``fs_driver`` (or the API mount body's
+``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``fusedev``: plain
+``nydusd --bootstrap`` and API mounts without the key keep upstream's fusedev behaviour, which the
+snapshotter's fd-handoff failover and per-file metrics rely on). RAFS v5 bootstraps are not EROFS
+images and always use fusedev; so does a daemon in upgrade (takeover) mode. A kernel without EROFS
+(ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to fusedev with a log line.
+
+Switch to native: a watcher polls ``BlobDevice.is_blob_ready``; once every blob is complete in
+the cache, a second EROFS instance with the local files is mounted on a private staging
+directory and moved *beneath* the lazy one at the mount point (move_mount(2) with
+MOVE_MOUNT_BENEATH, Linux 6.5+), and the lazy one is then detached (MNT_DETACH): path lookups see
+one instance or the other, never an empty directory. New opens and path lookups go to the native
+mount at once; file descriptors already open on the old instance keep working on it (same
+bytes; their uncached pages are read through the blob fs, now served from the complete local
+cache) until they are closed, when the kernel frees the old instance.
+
+Daemon death: when nydusd dies its /dev/fuse fds close, the kernel aborts both FUSE connections,
+and every later read that misses the page cache (EROFS metadata never does; blob data may) fails:
+the blob file read returns ENOTCONN and EROFS returns EIO to the reader. Nothing hangs. Pages
+already cached stay readable. Native-switched mounts do not depend on the daemon at all. To
+restore service the snapshotter must, for each EROFS-mode mount of the dead daemon, lazily
+unmount the stale EROFS mount (``umount -l <mountpoint>/<path>``) and the dead blob fs (its path
+is in ``GET /api/v1/daemon``: ``blobfs``), then start a new nydusd and re-issue the mounts;
+containers must be restarted to see the new mount (their old mount namespace keeps the old one).
+
+Threading contract: :class:`ErofsManager` methods are called under the daemon's lock; the
+native-switch watcher thread takes the manager's own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import kernel_mount
+from .blobdev import BlobFsServer
+
+__all__ = ["FUSEDEV", "EROFS", "ErofsImage", "ErofsManager", "resolve_driver"]
+
+log = logging.getLogger("nydus.daemon.erofs")
+
+FUSEDEV = "fusedev"
+EROFS = "erofs"
+DRIVERS = (FUSEDEV, EROFS)
+
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+
+_UNSUPPORTED = (errno.ENODEV, errno.ENOTBLK)
+
+_libc: ctypes.CDLL | None = None
+
+
+def _mount(src: str | None, target: str, fstype: str | None, flags: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_ulong, ctypes.c_char_p]
+    rc = _libc.mount(os.fsencode(src) if src else None, os.fsencode(target),
+                     os.fsencode(fstype) if fstype else None, flags, None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount({src!r}, {target!r}, flags {flags:#x}): "
+                           f"{os.strerror(err)}", target)
+
+
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_AT_FDCWD = -100
+_OPEN_TREE_CLOEXEC = 0o2000000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_BENEATH = 0x200
+
+
+def _move_beneath(source: str, target: str) -> None:
+    """move_mount(2) the mount at ``source`` beneath the top mount at ``target`` (Linux 6.5+,
+    MOVE_MOUNT_BENEATH): after it, unmounting ``target`` reveals the moved mount."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree({source!r}): {os.strerror(err)}", source)
+    try:
+        rc = libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
+                          _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH)
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"move_mount({source!r} beneath {target!r}): "
+                               f"{os.strerror(err)}", target)
+    finally:
+        os.close(fd)
+
+
+def resolve_driver(requested: str | None, default: str, rafs_version: int,
+                   upgrade: bool = False) -> tuple[str, str]:
+    """(driver, reason) for one image mount."""
+    want = requested or default
+    if want not in DRIVERS:
+        raise ValueError(f"fs_driver must be one of {DRIVERS}, got {want!r}")
+    if want == EROFS and rafs_version != 6:
+        return FUSEDEV, f"RAFS v{rafs_version} is not an EROFS image"
+    if want == EROFS and upgrade:
+        return FUSEDEV, "upgrade (takeover) mode serves FUSE only"
+    if want == EROFS and not kernel_mount.erofs_supported():
+        return FUSEDEV, "the kernel has no erofs file system (/proc/filesystems)"
+    return want, "requested" if requested else "daemon default"
+
+
+@dataclass
+class ErofsImage:
+    """One image mounted by the kernel at ``target``."""
+
+    path: str
+    target: str
+    bootstrap: str
+    device: Any  # BlobDevice
+    blob_ids: list[str]
+    devices: list[str] = field(default_factory=list)
+    native: list[bool] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)
+    mounted: bool = False
+    switched_at: float = 0.0
+    old_detached: int = 0
+
+    @property
+    def mode(self) -> str:
+        if self.native and all(self.native):
+            return "native"
+        return "lazy" if not any(self.native) else "mixed"
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.target, "mode": self.mode, "devices": list(self.devices),
+                "native_since": self.switched_at or None}
+
+
+class ErofsManager:
+    """Kernel EROFS mounts of a daemon, the blob fs they read through, and the native switch."""
+
+    def __init__(self, mountpoint: str, blobfs_dir: str = "", *,
+                 poll: float = 0.5) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        d = blobfs_dir or f"/run/nydusd-blobfs/{os.getpid()}"
+        self.blobfs = BlobFsServer(os.path.join(d, "blobs"))
+        self.stage = os.path.join(d, "stage")
+        self._stage_ready = False
+        self.images: dict[str, ErofsImage] = {}
+        self.poll = poll
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._seq = 0
+
+    def target_of(self, path: str) -> str:
+        return self.mountpoint if path == "/" else self.mountpoint + path
+
+    # ------------------------------------------------------------------ mounts
+
+    def mount(self, path: str, bootstrap: str, device: Any, blob_ids: list[str]) -> ErofsImage:
+        """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
+        (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back)."""
+        with self._lock:
+            im = ErofsImage(path, self.target_of(path), os.path.abspath(bootstrap), device,
+                            list(blob_ids))
+            self._devices(im)
+            try:
+                kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices)
+            except BaseException:
+                self._unregister(im)
+                raise
+            im.mounted = True
+            self.images[path] = im
+            log.info("%s: kernel EROFS mount at %s (%s; devices %s)", path, im.target, im.mode,
+                     ", ".join(im.devices))
+            self._ensure_watcher()
+            return im
+
+    def _devices(self, im: ErofsImage) -> None:
+        im.devices, im.native = [], []
+        for i, bid in enumerate(im.blob_ids):
+            local = self._local(im.device, i)
+            if local is not None:
+                im.devices.append(local)
+                im.native.append(True)
+                continue
+            self.blobfs.start()
+            im.registered.append(self.blobfs.fs.register(bid, im.device, i))
+            im.devices.append(self.blobfs.path(bid))
+            im.native.append(False)
+
+    @staticmethod
+    def _local(device: Any, i: int) -> str | None:
+        try:
+            if device.is_blob_ready(i):
+                p = device.cache_file(i)
+                if p and os.path.isfile(p):
+                    return str(p)
+        except Exception as e:  # a blob that cannot be opened: stay lazy, reads report it
+            log.debug("blob %d not local: %s", i, e)
+        return None
+
+    def _unregister(self, im: ErofsImage) -> None:
+        for bid in im.registered:
+            self.blobfs.fs.unregister(bid)
+        im.registered = []
+
+    def umount(self, path: str) -> None:
+        with self._lock:
+            im = self.images.pop(path, None)
+        if im is None:
+            return
+        self._umount(im)
+
+    def _umount(self, im: ErofsImage) -> None:
+        if im.mounted:
+            try:
+                kernel_mount.umount(im.target)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    log.warning("%s busy; detaching lazily", im.target)
+                    kernel_mount.umount(im.target, lazy=True)
+                elif e.errno != errno.EINVAL:
+                    raise
+            im.mounted = False
+            log.info("%s: kernel EROFS mount at %s removed", im.path, im.target)
+        self._unregister(im)
+
+    def shutdown(self) -> None:
+        """Unmount every EROFS mount, then the blob fs. Idempotent."""
+        self._stop.set()
+        w = self._watcher
+        if w is not None and w is not threading.current_thread():
+            w.join(5)
+        with self._lock:
+            images = list(self.images.values())
+            self.images.clear()
+        for im in images:
+            try:
+                self._umount(im)
+            except OSError as e:
+                log.error("unmounting %s: %s", im.target, e)
+        self.blobfs.stop()
+        if self._stage_ready:
+            with contextlib.suppress(OSError):
+                kernel_mount.umount(self.stage, lazy=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.stage)
+            self._stage_ready = False
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.stage))
+
+    def describe(self, path: str) -> dict[str, Any] | None:
+        with self._lock:
+            im = self.images.get(path)
+            return im.describe() if im is not None else None
+
+    def info(self) -> dict[str, Any]:
+        return {"blobfs": self.blobfs.directory if self.blobfs.running else None,
+                "blob_files": self.blobfs.fs.stats()}
+
+    # ------------------------------------------------------------------ native switch
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or not self._watcher.is_alive():
+            self._stop.clear()
+            self._watcher = threading.Thread(target=self._watch, name="erofs-native",
+                                             daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            with self._lock:
+                todo = [im for im in self.images.values() if im.mounted and not all(im.native)]
+            for im in todo:
+                try:
+                    self.switch_native(im.path)
+                except Exception:
+                    log.exception("%s: switch to native failed; staying on the blob fs",
+                                  im.path)
+
+    def _ensure_stage(self) -> None:
+        if self._stage_ready:
+            return
+        os.makedirs(self.stage, mode=0o700, exist_ok=True)
+        # a private bind mount of its own: moving refuses to move a mount whose parent is
+        # shared, and nothing mounted here should propagate anywhere
+        _mount(self.stage, self.stage, None, MS_BIND)
+        _mount(None, self.stage, None, MS_PRIVATE)
+        self._stage_ready = True
+
+    def switch_native(self, path: str, wait: Callable[[], None] | None = None) -> bool:
+        """Move the image at ``path`` to local blob files if every blob is complete.
+
+        Returns True if the mount is (now) native. See the module docstring.
+        """
+        with self._lock:
+            im = self.images.get(path)
+            if im is None or not im.mounted:
+                return False
+            if all(im.native):
+                return True
+            locals_ = [self._local(im.device, i) for i in range(len(im.blob_ids))]
+            if any(p is None for p in locals_):
+                return False
+            self._ensure_stage()
+            self._seq += 1
+            staging = os.path.join(self.stage, str(self._seq))
+            os.makedirs(staging, exist_ok=True)
+            devices = [str(p) for p in locals_]
+            kernel_mount.mount_erofs(im.bootstrap, staging, devices)
+            try:
+                # new instance *beneath* the lazy one, then detach the lazy one: lookups see
+                # one instance or the other, never an empty directory
+                _move_beneath(staging, im.target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    kernel_mount.umount(staging, lazy=True)
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    os.rmdir(staging)
+            kernel_mount.umount(im.target, lazy=True)
+            im.old_detached += 1
+            # the blob files stay registered until umount: the old instance may still
+            # read through them for files opened before the switch
+            im.devices, im.native = devices, [True] * len(devices)
+            im.switched_at = time.time()
+            log.info("%s: switched to native (local blob files %s); no reads go through "
+                     "the daemon any more", path, ", ".join(devices))
+            return True
