@@ -14,7 +14,13 @@ Cold means ``sync; echo 3 > /proc/sys/vm/drop_caches`` right before (root only);
 same command again at once. Targets: ``native`` (the source directory), ``erofs`` (kernel
 EROFS, file-backed bootstrap with the blob as ``device=``) and ``fuse`` (nydusd serving the
 same bootstrap through FUSE from the local blob, i.e. a fully cached image: no backend
-fetches). The image is built with ``--compressor none`` so the kernel can mount it too.
+fetches) and ``erofs-mode`` (nydusd with ``fs_driver: erofs``: the kernel mounts the bootstrap,
+the blob device is a file on the daemon's blob fs, localfs backend with an empty blob cache).
+``erofs-mode`` gives two rows: ``erofs-mode-lazy`` (cold reads go through the daemon, which
+fills the blob cache) and ``erofs-mode-native`` (after the rest of the tree has been read, the
+blob is complete, the daemon switches the mount to the local ``.blob.data`` file and the same
+workloads run again with no daemon in the path). The image is built with ``--compressor none``
+so the kernel can mount it too.
 
 The tree is cached under ``--work`` (default /var/tmp/nydus-bench-read), keyed by its shape.
 Writes ``bench/results/read-<date>.md`` and ``.json`` and prints the table. Single-threaded
@@ -38,6 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
@@ -209,7 +216,7 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=20_000)
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/nydus-bench-read"))
     ap.add_argument("--fuse-threads", type=int, default=4)
-    ap.add_argument("--targets", default="native,erofs,fuse")
+    ap.add_argument("--targets", default="native,erofs,fuse,erofs-mode")
     ap.add_argument("--nydusd-args", default="", help="extra nydusd flags")
     ap.add_argument("--tag", default="", help="suffix for the report file names")
     ap.add_argument("--no-report", action="store_true")
@@ -288,8 +295,80 @@ def main() -> int:
                     proc.kill()
                 if os.path.ismount(mnt):
                     umount(str(mnt), lazy=True)
+        elif t == "erofs-mode" and cold:
+            prime([boot, *map(Path, blobs)])
+            results.extend(_erofs_mode(a, base, img, boot, mnt, info))
     report(a, shape, info, results, (load_before, os.getloadavg()))
     return 0
+
+
+def _daemon_info(sock: Path) -> Any:
+    from nydus.daemon.client import NydusdClient
+
+    return dict(NydusdClient(str(sock)).get("/api/v1/daemon"))
+
+
+def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: Path,
+                info: dict[str, int]) -> list[Result]:
+    """nydusd in kernel EROFS mode: cold reads through the daemon, then after the switch."""
+    cache = base / "erofs-mode-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    cfg = base / "erofs-mode.json"
+    cfg.write_text(json.dumps({"device": {
+        "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
+        "mode": "direct", "fs_driver": "erofs"}))
+    sock = base / "api-erofs.sock"
+    log = base / "nydusd-erofs.log"
+    with open(log, "wb") as lf:
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from nydus.cli.nydusd import main; sys.exit(main())",
+             "--config", str(cfg), "--mountpoint", str(mnt), "--bootstrap", str(boot),
+             "--apisock", str(sock), "--fuse-threads", str(a.fuse_threads)],
+            stdout=lf, stderr=subprocess.STDOUT)
+    out: list[Result] = []
+    try:
+        _wait_mount(mnt, proc, log)
+        deadline = time.monotonic() + 30
+        while _daemon_info(sock)["backend_collection"].get("/", {}).get("erofs") is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no EROFS mount:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        cpu = functools.partial(_proc_cpu, proc.pid)
+        r = measure("erofs-mode-lazy", mnt, info, True, cpu)
+        files = _daemon_info(sock)["blob_files"]
+        r.notes.append("blob fs reads during the run: " + ", ".join(
+            f"{v['reads']} reads / {v['bytes_read'] / 1e6:.0f} MB" for v in files.values())
+            + "; the seq and small *cold* columns are the daemon's lazy path (localfs "
+            "backend, cache filled on the way), warm columns are the page cache")
+        out.append(r)
+        t0 = time.perf_counter()
+        timed("tar cf - . | cat > /dev/null", cwd=mnt)  # completes the blob in the cache
+        while True:
+            be = _daemon_info(sock)["backend_collection"]["/"]
+            if be["erofs"]["mode"] == "native":
+                break
+            if time.perf_counter() - t0 > 120:
+                raise RuntimeError("no switch to native within 120 s")
+            time.sleep(0.1)
+        prime([Path(p) for p in be["erofs"]["devices"]])  # host-warm like the others
+        reads0 = sum(v["reads"] for v in _daemon_info(sock)["blob_files"].values())
+        r2 = measure("erofs-mode-native", mnt, info, True, cpu)
+        reads1 = sum(v["reads"] for v in _daemon_info(sock)["blob_files"].values())
+        r2.notes.append(f"switched to native {time.perf_counter() - t0:.1f} s after starting "
+                        f"to read the rest; blob fs reads during this run: {reads1 - reads0} "
+                        f"(devices {be['erofs']['devices']})")
+        out.append(r2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if os.path.ismount(mnt):
+            umount(str(mnt), lazy=True)
+    return out
 
 
 def _fmt(v: float, base: float | None) -> str:
