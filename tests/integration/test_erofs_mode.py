@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from test_nydusd import Nydusd, localfs_config, md5_tree, nydus_image
 from test_nydusd_registry import REPO, _publish_under_blob_id
-from treecmp import compare_trees
 
 import registry as harness
 from corpus import TreeInfo
 from nydus.metadata import open_bootstrap
 from registry import FaultProxy, RegistryServer
+from treecmp import compare_trees
 
 pytestmark = [
     pytest.mark.kernel,
