@@ -662,16 +662,19 @@ def busybox_data_layout(directory: Path, tag: str = "1", **kw: int) -> dict[str,
 
 DEBIAN_CACHE = Path("/var/tmp/nydus-e2e")
 DEBIAN_SUITE = "bookworm"
-DEBIAN_INCLUDE = "python3"  # minbase + python3: about 250 MB, a realistic interpreter start
+# minbase (about 200 MB) plus an interpreter and common tools: about 330 MB unpacked
+DEBIAN_INCLUDE = "python3,perl,git,curl,less,procps,vim-tiny"
 
 
 def debian_rootfs_tar(cache: Path = DEBIAN_CACHE) -> Path:
-    """A tarball of ``debootstrap --variant=minbase --include=python3 bookworm`` from Debian's
-    mirror, built once and kept in ``cache`` (several test runs and the bench share it)."""
+    """A tarball of ``debootstrap --variant=minbase --include=DEBIAN_INCLUDE bookworm`` from
+    Debian's mirror, built once and kept in ``cache`` (test runs, the bench and the demo share
+    it)."""
     import fcntl
 
     cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"debian-{DEBIAN_SUITE}-minbase-{DEBIAN_INCLUDE}.tar"
+    tag = hashlib.sha256(DEBIAN_INCLUDE.encode()).hexdigest()[:8]
+    out = cache / f"debian-{DEBIAN_SUITE}-minbase-{tag}.tar"
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.is_file():

@@ -1,0 +1,296 @@
+"""The daemon manager with real nydusd processes, without containerd.
+
+Images are built with our ``nydus-image`` and served from a ``localfs`` template, so these
+tests look at the manager alone: one dedicated daemon per image shared by its snapshots and
+stopped with the last one, the shared daemon's sub-mounts, SIGKILL restored by restart and by
+failover (an open file keeps reading), adoption by a new manager after a restart, a daemon that
+cannot start, and cache GC with real bootstraps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from containerd import stop_recorded_daemons
+from nydus.snapshotter.config import SnapshotterConfig
+from nydus.snapshotter.errdefs import DaemonError
+from nydus.snapshotter.manager import DaemonManager
+from nydus.snapshotter.mounter import RecoveredMount
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+]
+
+
+def nydus_image(*args: str | os.PathLike[str]) -> None:
+    boot = (
+        "import sys; from nydus.cli.nydus_image import main; "
+        "sys.argv[0] = 'nydus-image'; sys.exit(main())"
+    )
+    subprocess.run([sys.executable, "-c", boot, *map(str, args)], check=True, capture_output=True)
+
+
+def build(tmp: Path, snap: int, files: dict[str, bytes]) -> Path:
+    """A bootstrap at ``tmp/snapshots/<snap>/fs/image/image.boot``, blobs in ``tmp/blobs``."""
+    src = tmp / f"src{snap}"
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    boot = tmp / "snapshots" / str(snap) / "fs" / "image" / "image.boot"
+    boot.parent.mkdir(parents=True)
+    nydus_image("create", "--bootstrap", boot, "--blob-dir", tmp / "blobs", src)
+    return boot
+
+
+FILES_A = {"etc/hello": b"image a\n", "data/big": os.urandom(3 << 20)}
+FILES_B = {"etc/hello": b"image b\n", "lib/x": b"x" * 10000}
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> tuple[Path, Path]:
+    return build(tmp_path, 4, FILES_A), build(tmp_path, 9, FILES_B)
+
+
+def make(tmp: Path, mode: str = "dedicated", policy: str = "restart") -> DaemonManager:
+    tpl = {
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": str(tmp / "blobs")}},
+            "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
+        },
+        "enable_xattr": True,
+    }
+    cfg = SnapshotterConfig(
+        root=tmp / "root",
+        nydusd_config=tpl,
+        cache_dir=tmp / "cache",
+        daemon_mode=mode,
+        recover_policy=policy,
+        daemon_check_interval=0,  # the tests call check_now()
+    )
+    return DaemonManager(cfg)
+
+
+@pytest.fixture
+def managers(tmp_path: Path) -> Iterator[list[DaemonManager]]:
+    made: list[DaemonManager] = []
+    yield made
+    for m in made:
+        m.shutdown_all()
+        m.close()
+    stop_recorded_daemons(tmp_path / "root")
+
+
+def pids(m: DaemonManager) -> dict[str, int]:
+    return {d.id: d.pid for d in m.daemons.values() if d.alive()}
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_mount_share_release(
+    mode: str, images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, b = images
+    m = make(tmp_path, mode)
+    managers.append(m)
+    la1 = m.mount("10", a, None, {})
+    la2 = m.mount("11", a, None, {})
+    lb = m.mount("12", b, None, {})
+    assert la1 == la2 and (la1 / "etc/hello").read_bytes() == b"image a\n"
+    assert (lb / "etc/hello").read_bytes() == b"image b\n"
+    assert (la1 / "data/big").read_bytes() == FILES_A["data/big"]
+    expected = {"4", "9"} if mode == "dedicated" else {"shared"}
+    assert set(pids(m)) == expected
+    assert json.loads(m.state_path.read_text())["images"][0]["snapshots"] == ["10", "11"]
+    assert (os.stat(m.images["4"].config_path).st_mode & 0o777) == 0o600
+    m.umount("10")
+    assert (la1 / "etc/hello").read_bytes() == b"image a\n"  # "11" still uses it
+    m.umount("11")
+    m.umount("11")  # not mounted any more: no-op
+    assert set(m.images) == {"9"}
+    assert set(pids(m)) == ({"9"} if mode == "dedicated" else {"shared"})
+    if mode == "shared":
+        assert not la1.exists()
+        assert sorted(os.listdir(tmp_path / "root" / "mnt" / "shared")) == ["9"]
+    else:
+        assert not os.path.ismount(la1)
+    m.umount("12")
+    assert m.images == {}
+
+
+def test_cache_gc_with_real_bootstraps(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, b = images
+    m = make(tmp_path)
+    managers.append(m)
+    for sid, boot in (("1", a), ("2", b)):
+        lower = m.mount(sid, boot, None, {})
+        for f in lower.rglob("*"):
+            if f.is_file():
+                f.read_bytes()
+    cached = {p.name.split(".")[0] for p in (tmp_path / "cache").glob("*.blob.data")}
+    assert len(cached) == 2
+    m.umount("2")
+    m.collect_garbage([a])  # image b is gone
+    left = {p.name.split(".")[0] for p in (tmp_path / "cache").glob("*.blob.*")}
+    assert len(left) == 1 and left < cached
+    assert m.gc_deleted_blobs == 1 and m.gc_freed_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "mode,policy",
+    [("dedicated", "restart"), ("shared", "restart"), ("dedicated", "failover"),
+     ("shared", "failover")],
+)  # fmt: skip
+def test_sigkill_restored(
+    mode: str,
+    policy: str,
+    images: tuple[Path, Path],
+    tmp_path: Path,
+    managers: list[DaemonManager],
+) -> None:
+    a, b = images
+    m = make(tmp_path, mode, policy)
+    managers.append(m)
+    la = m.mount("1", a, None, {})
+    lb = m.mount("2", b, None, {})
+    # A reader in another process, like a container's: this process must not hold files on
+    # the mount while it spawns the new daemon (a fork closing such a file sends FUSE FLUSH,
+    # which waits for a daemon that the fork itself was to become).
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(la / "data" / "big")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert reader.stdout is not None and reader.stdin is not None
+        assert reader.stdout.readline() == "ready\n"
+        (did, pid), *_ = pids(m).items()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while m.daemons[did].alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m.check_now()
+        assert pids(m)[did] != pid and m.restarts == 1
+        # new readers work in both policies, every image of a shared daemon included
+        assert (la / "etc" / "hello").read_bytes() == b"image a\n"
+        assert (lb / "etc" / "hello").read_bytes() == b"image b\n"
+        out, _ = reader.communicate("go\n", timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    if policy == "failover":
+        # the open file survived: same FUSE connection, now served by the new daemon
+        assert out == hashlib.sha256(FILES_A["data/big"]).hexdigest() + "\n"
+    else:
+        assert out.startswith("error")
+
+
+READER = """
+import hashlib, sys
+with open(sys.argv[1], "rb") as f:
+    head = f.read(4096)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        print(hashlib.sha256(head + f.read()).hexdigest())
+    except OSError as e:
+        print("error", e)
+"""
+
+
+def test_adopted_after_restart_and_released_when_unused(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, b = images
+    m1 = make(tmp_path)
+    la = m1.mount("1", a, "reg/a:1", {})
+    lb = m1.mount("2", b, "reg/b:1", {})
+    before = pids(m1)
+    m1.close()  # the snapshotter exits; daemons keep running
+    assert pids(m1) == before
+    m2 = make(tmp_path)
+    managers.append(m2)
+    # only image a is still used by a snapshot the snapshotter knows
+    m2.recover([RecoveredMount("1", a, "reg/a:1", la)])
+    assert pids(m2) == {"4": before["4"]}  # adopted, same process; b's daemon was stopped
+    assert (la / "etc" / "hello").read_bytes() == b"image a\n"
+    assert not os.path.ismount(lb)
+    assert m2.images["4"].snapshots == ["1"] and "9" not in m2.images
+
+
+def test_recover_restores_dead_daemons_and_lost_records(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, b = images
+    m1 = make(tmp_path)
+    la = m1.mount("1", a, None, {})
+    lb = m1.mount("2", b, None, {})
+    dead, orphan = pids(m1)["4"], pids(m1)["9"]
+    m1.close()
+    os.kill(dead, signal.SIGKILL)
+    time.sleep(0.3)
+    (tmp_path / "root" / "daemons" / "state.json").unlink()  # and the records are lost
+    stop_recorded_daemons(tmp_path / "root")  # nothing recorded any more: a no-op
+    m2 = make(tmp_path)
+    managers.append(m2)
+    m2.recover([RecoveredMount("1", a, None, la), RecoveredMount("2", b, None, lb)])
+    assert set(pids(m2)) == {"4", "9"}
+    assert (la / "etc" / "hello").read_bytes() == b"image a\n"
+    assert (lb / "etc" / "hello").read_bytes() == b"image b\n"
+    assert pids(m2)["9"] != orphan
+    # b's old daemon, which no record names any more, lost its mount to the new one: its FUSE
+    # session ends and it exits by itself
+    deadline = time.monotonic() + 10
+    while running(orphan) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(orphan):
+        os.kill(orphan, signal.SIGKILL)
+        pytest.fail("the orphaned daemon kept running")
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (this test process is the parent of the daemons it started)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_daemon_that_cannot_start_is_a_clear_error(
+    tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    bad = tmp_path / "snapshots" / "5" / "fs" / "image" / "image.boot"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage" * 1000)
+    (tmp_path / "blobs").mkdir()
+    m = make(tmp_path)
+    managers.append(m)
+    with pytest.raises(DaemonError) as ei:
+        m.mount("1", bad, None, {})
+    msg = str(ei.value)
+    assert "exited before reaching RUNNING" in msg and "not a RAFS bootstrap" in msg
+    assert m.images == {} and pids(m) == {}
+    assert not os.path.ismount(tmp_path / "root" / "mnt" / "5")
+    assert not list((tmp_path / "root" / "daemons").glob("*.config.json"))
+
+
+def test_checksums_through_the_mount(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, _ = images
+    m = make(tmp_path, "shared")
+    managers.append(m)
+    lower = m.mount("1", a, None, {})
+    got = hashlib.sha256((lower / "data" / "big").read_bytes()).hexdigest()
+    assert got == hashlib.sha256(FILES_A["data/big"]).hexdigest()
