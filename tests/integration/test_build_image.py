@@ -30,7 +30,9 @@ def _blob_paths(out: Path) -> list[str]:
 
 
 @pytest.mark.kernel
-def test_kernel_mounts_uncompressed_image(sample_tree: TreeInfo, nydus_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_kernel_mounts_uncompressed_image(
+    sample_tree: TreeInfo, nydus_image, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
     out = tmp_path / "img"
     _build(nydus_image, sample_tree.root, out, compressor="none")
     devices = _blob_paths(out)
@@ -201,3 +203,28 @@ def test_blob_inline_meta(tmp_path: Path, nydus_image) -> None:  # type: ignore[
     with tarfile.open(tar) as tf:
         got = tf.extractfile("f")
         assert got is not None and got.read() == (src / "f").read_bytes()
+
+
+@pytest.mark.kernel
+def test_file_over_4gib_with_holes(tmp_path: Path, nydus_image) -> None:  # type: ignore[no-untyped-def]
+    """A > 4 GiB sparse file: 64-bit size, hole chunks, data near the end; kernel reads it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "big"
+    with open(big, "wb") as f:
+        f.write(b"head" * 1000)
+        f.seek((4 << 30) + 4096)
+        f.write(os.urandom(8192))
+    out = tmp_path / "img"
+    _build(nydus_image, src, out, compressor="none")
+    with open_bootstrap(out / "boot") as md:
+        nid = md.resolve("/big")
+        assert md.getattr(nid).size == (4 << 30) + 4096 + 8192
+        assert len(md.chunks(nid)) == 2  # the two data chunks; the rest are holes
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_erofs(out / "boot", mnt, _blob_paths(out))
+    try:
+        assert compare_trees(src, mnt) == []
+    finally:
+        umount(mnt)
