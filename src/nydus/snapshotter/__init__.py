@@ -6,11 +6,15 @@ Modules, dependencies pointing down:
   :class:`~.core.Snapshotter` calls, status codes out
 - :mod:`.core`     snapshot semantics: overlayfs exactly like containerd's overlay snapshotter,
   plus the Nydus remote-snapshot rules (skip ``nydus-blob`` layers, mount the bootstrap's image)
-- :mod:`.mounter`  the :class:`~.mounter.NydusMounter` interface the nydusd daemon manager
-  implements, and the stand-in used until it exists
+- :mod:`.mounter`  the :class:`~.mounter.NydusMounter` interface, :func:`~.mounter.default_mounter`
+- :mod:`.manager`  the nydusd daemon manager (dedicated/shared daemons, supervision, recovery,
+  release, GC); :mod:`.daemon` one nydusd process; :mod:`.supervisor` the failover fd keeper;
+  :mod:`.imageconfig` per-image nydusd configs and credentials; :mod:`.cachegc` the blob cache
+  directory; :mod:`.metrics` the Prometheus endpoint
 - :mod:`.imageref` which image a bootstrap layer belongs to (CRI label, or containerd's API)
 - :mod:`.unpack`   a client-side pull/unpack with snapshot labels, as containerd's unpacker does
-  (containerd 1.6's ``ctr image pull`` passes none, so it cannot pull Nydus images lazily)
+  (containerd 1.6's ``ctr image pull`` passes none, so it cannot pull Nydus images lazily); the
+  ``nydus-pull`` command
 - :mod:`.store`    snapshot metadata in sqlite (transactional, schema versioned)
 - :mod:`.filters`  containerd's filter syntax for List; :mod:`.fsutil` du, mount table, removal
 - :mod:`.config`, :mod:`.labels`, :mod:`.errdefs`  settings, label keys, errors and their codes
