@@ -48,6 +48,7 @@ class RecordingMounter(NydusMounter):
         self.mounted: dict[str, tuple[Path, str | None, dict[str, str]]] = {}
         self.umounted: list[str] = []
         self.recovered: list[RecoveredMount] = []
+        self.gc_calls: list[list[Path]] = []
 
     def mount(
         self,
@@ -69,6 +70,9 @@ class RecordingMounter(NydusMounter):
 
     def recover(self, mounts: Sequence[RecoveredMount]) -> None:
         self.recovered = list(mounts)
+
+    def collect_garbage(self, live_bootstraps: Sequence[Path]) -> None:
+        self.gc_calls.append(list(live_bootstraps))
 
 
 class FakeResolver:
@@ -457,6 +461,19 @@ def test_cleanup_releases_mounts_of_vanished_snapshots(env: Env) -> None:
     with env.sn.store.transaction() as tx:
         assert tx.nydus_mounts() == []
     assert str(sid) not in snapshot_dirs(env)
+
+
+def test_gc_gets_the_bootstraps_left_after_cleanup_and_bootstrap_removal(env: Env) -> None:
+    assert isinstance(env.mounter, RecordingMounter)
+    boot = pull_nydus_image(env)
+    boot_file = env.fs(boot) / "image" / "image.boot"
+    env.prepare("default/5/ctr", boot)
+    env.remove("default/5/ctr")
+    assert env.mounter.gc_calls == []  # a container's snapshot: no image went away
+    env.cleanup()
+    assert env.mounter.gc_calls == [[boot_file]]
+    env.remove(boot)  # the image's bootstrap layer: its blobs may be unused now
+    assert env.mounter.gc_calls[-1] == []
 
 
 # -- image reference lookup through containerd's API (a fake containerd) ----------------------

@@ -139,7 +139,11 @@ class DaemonProcess:
 
     def spawn(self, nydusd: str, log_level: str, *, upgrade: bool = False) -> None:
         """Start the process (returns at once; see :meth:`wait_state`)."""
-        Path(self.mountpoint).mkdir(parents=True, exist_ok=True)
+        Path(self.mountpoint).parent.mkdir(parents=True, exist_ok=True)
+        # Not Path.mkdir(exist_ok=True): on EEXIST it stats the path, and a mount point whose
+        # FUSE connection a supervisor holds for a takeover would not answer until after it.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.mountpoint)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.apisock)
         cmd = self.command(nydusd, log_level, upgrade=upgrade)

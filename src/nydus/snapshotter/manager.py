@@ -529,11 +529,15 @@ class DaemonManager(NydusMounter):
                         self._collect(d)
                     if d.mode == "shared":
                         self._reattach_missing(d)
-                elif self._images_of(d.id) or d.mode == "shared":
+                elif self._images_of(d.id):
                     try:
                         self._restore(d, "is gone after the snapshotter restarted")
                     except NydusError as e:
                         log.error("cannot restore nydusd %s: %s", d.id, e)
+                else:  # a shared daemon that served nothing: started again when needed
+                    d.release_mount()
+                    with self._lock:
+                        self.daemons.pop(d.id, None)
         # mounts we have no record of (state file lost): serve them again
         for image_id, ms in wanted.items():
             with self._lock:
@@ -574,6 +578,7 @@ class DaemonManager(NydusMounter):
 
     def _watch(self) -> None:
         warned: set[tuple[str, int]] = set()
+        backoff: dict[str, tuple[int, float]] = {}  # daemon id -> (failures, next attempt)
         while not self._stop.wait(self.cfg.daemon_check_interval):
             if not self._recovered.is_set():
                 continue
@@ -583,18 +588,25 @@ class DaemonManager(NydusMounter):
                 if self._stop.is_set():
                     return
                 if d.alive():
+                    backoff.pop(d.id, None)
                     continue
                 if self.policy == "none":
                     if (d.id, d.pid) not in warned:
                         warned.add((d.id, d.pid))
                         log.warning("nydusd %s (pid %d) died (recover policy none)", d.id, d.pid)
                     continue
+                failures, when = backoff.get(d.id, (0, 0.0))
+                if time.monotonic() < when:
+                    continue
                 try:
                     with self._locked(f"daemon:{d.id}"):
                         if self.daemons.get(d.id) is d and not d.alive():
                             self._restore(d, "died")
+                    backoff.pop(d.id, None)
                 except Exception:
-                    log.exception("restoring nydusd %s failed", d.id)
+                    delay = min(60.0, 2.0**failures)
+                    backoff[d.id] = (failures + 1, time.monotonic() + delay)
+                    log.exception("restoring nydusd %s failed; next attempt in %.0fs", d.id, delay)
 
     def check_now(self) -> None:
         """Restore dead daemons now (tests; the watcher does it periodically)."""
