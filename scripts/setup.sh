@@ -34,7 +34,7 @@ run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the
 # iproute2: ip netns + tc for the bandwidth-limited link in bench/fetch.py.
 apt_packages=(erofs-utils zstd attr acl fuse3 python3-venv tar time docker-registry skopeo apache2-utils openssl iproute2)
 apt_packages+=(containerd runc busybox-static golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev)  # snapshotter: containerd e2e, .proto files
-apt_packages+=(debootstrap)  # snapshotter: the Debian-based image of the slow e2e test, bench/coldstart.py and the demo
+apt_packages+=(debootstrap curl)  # snapshotter: the Debian-based image of the slow e2e test, bench/coldstart.py and the demo; curl for the demo
 missing=()
 for p in "${apt_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
