@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -208,17 +209,23 @@ with open(sys.argv[1], "rb") as f:
 """
 
 
+@pytest.mark.parametrize("policy", ["restart", "failover"])
 def test_adopted_after_restart_and_released_when_unused(
-    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+    policy: str,
+    images: tuple[Path, Path],
+    tmp_path: Path,
+    managers: list[DaemonManager],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
     a, b = images
-    m1 = make(tmp_path)
+    m1 = make(tmp_path, policy=policy)
     la = m1.mount("1", a, "reg/a:1", {})
     lb = m1.mount("2", b, "reg/b:1", {})
     before = pids(m1)
     m1.close()  # the snapshotter exits; daemons keep running
     assert pids(m1) == before
-    m2 = make(tmp_path)
+    m2 = make(tmp_path, policy=policy)
     managers.append(m2)
     # only image a is still used by a snapshot the snapshotter knows
     m2.recover([RecoveredMount("1", a, "reg/a:1", la)])
@@ -226,6 +233,17 @@ def test_adopted_after_restart_and_released_when_unused(
     assert (la / "etc" / "hello").read_bytes() == b"image a\n"
     assert not os.path.ismount(lb)
     assert m2.images["4"].snapshots == ["1"] and "9" not in m2.images
+    if policy == "failover":
+        # the new snapshotter holds the adopted daemon's FUSE connection again
+        assert m2.supervisor.has_state("4")
+        os.kill(before["4"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while m2.daemons["4"].alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m2.check_now()
+        assert os.path.ismount(la) and (la / "data" / "big").read_bytes() == FILES_A["data/big"]
+        assert m2.restarts == 1 and pids(m2)["4"] != before["4"]
+        assert "nydusd 4 restored by failover" in caplog.text
 
 
 def test_recover_restores_dead_daemons_and_lost_records(
