@@ -237,6 +237,54 @@ def daemon_free(s: NydusStack) -> bool:
     return not list((s.sn_root / "mnt").glob("*/*"))
 
 
+ARTICLE_CONFIG = {  # the seed article's /etc/nydus/config.json, verbatim
+    "device": {
+        "backend": {
+            "type": "registry",
+            "config": {
+                "scheme": "http",
+                "skip_verify": False,
+                "timeout": 5,
+                "connect_timeout": 5,
+                "retry_limit": 2,
+                "auth": "",
+            },
+        },
+        "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
+    },
+    "mode": "direct",
+    "digest_validate": False,
+    "iostats_files": False,
+    "enable_xattr": True,
+    "fs_prefetch": {"enable": True, "threads_count": 4},
+}
+
+
+def test_article_config_and_flags(bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:
+    """Section 06 as written: its config.json and its flags (paths moved under tmp_path)."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(ARTICLE_CONFIG, indent=2))
+    s = NydusStack(tmp_path, [
+        "--config-path", str(cfg), "--shared-daemon", "--log-level", "info",
+        "--nydusd-path", "/usr/local/bin/nydusd", "--nydusimg-path", "/usr/local/bin/nydus-image",
+    ]).start()  # fmt: skip
+    try:
+        ref = f"{proxy.host}/{bb.nydus}"
+        nydus_pull(s.ctd, ref)
+        r = s.run(ref, "a1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f11")
+        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f11'])}  /data/f11\n"
+        assert list(s.daemon_pids()) == ["shared"]
+        # fs_prefetch is on in the article's config: the daemon fetches the rest in the
+        # background, so (all but the blobs' trailers) the whole image ends up fetched
+        wait_for(lambda: _fetched(proxy, bb) > 0.9 * bb.blob_total, 60, "background prefetch")
+    except BaseException:
+        print(s.diagnostics())
+        raise
+    finally:
+        _stop(s)
+
+
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
