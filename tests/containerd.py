@@ -638,6 +638,13 @@ def stop_recorded_daemons(sn_root: Path) -> list[str]:
         with contextlib.suppress(OSError):
             umount(mp, lazy=True)
         done.append(f"detached {mp}")
+    for d in daemon_state(sn_root).get("daemons", []):  # sockets, and their dir if now empty
+        sock = Path(d["apisock"])
+        for p in (sock, Path(d.get("supervisor") or sock)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            sock.parent.rmdir()
     return done
 
 

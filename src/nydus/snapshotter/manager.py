@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 SHARED_ID = "shared"
 _SOCK_MAX = 100  # bytes; sun_path holds 108 with the NUL
+_RUN_SOCK_DIR = Path("/run/nydus-snapshotter")
 _BOOT_IN_SNAPSHOT = re.compile(r"/snapshots/(\d+)/fs/")
 
 
@@ -176,7 +177,7 @@ class DaemonManager(NydusMounter):
         d = self.root / "sockets"
         if len(os.fsencode(str(d))) + 24 > _SOCK_MAX:
             h = hashlib.sha256(os.fsencode(str(self.root))).hexdigest()[:12]
-            d = Path("/run/nydus-snapshotter") / h
+            d = _RUN_SOCK_DIR / h
             log.info("socket dir %s (the root's path is too long for unix sockets)", d)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         return d
@@ -663,6 +664,9 @@ class DaemonManager(NydusMounter):
             self.metrics_server.stop()
         self._save()
         self.supervisor.close()
+        if self.sock_dir.parent == _RUN_SOCK_DIR:  # ours alone: remove it when nothing is left
+            with contextlib.suppress(OSError):
+                self.sock_dir.rmdir()
 
     def shutdown_all(self) -> None:
         """Stop every daemon (tests and tools; the snapshotter itself never does this)."""

@@ -174,15 +174,9 @@ class FdSupervisor:
                 os.unlink(path)
 
     def close(self) -> None:
-        """Close everything (at snapshotter exit: the daemons keep their own fds)."""
+        """Close and remove everything (at snapshotter exit the daemons keep their own fds; the
+        next snapshotter listens again and asks them to send)."""
         with self._lock:
             ids = list(self._slots)
         for i in ids:
-            with self._lock:
-                slot = self._slots.pop(i, None)
-            if slot is None:
-                continue
-            for fd in slot.fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            slot.sock.close()
+            self.forget(i)
