@@ -797,3 +797,27 @@ class NydusStack:
         for log in sorted((self.sn_root / "daemons").glob("*.log")):
             parts.append(f"--- {log.name} ---\n{_tail(log, 3000)}")
         return "\n".join(parts)
+
+
+# The seed article's /etc/nydus/config.json, verbatim: the snapshotter's nydusd config template.
+ARTICLE_NYDUSD_CONFIG: dict[str, object] = {
+    "device": {
+        "backend": {
+            "type": "registry",
+            "config": {
+                "scheme": "http",
+                "skip_verify": False,
+                "timeout": 5,
+                "connect_timeout": 5,
+                "retry_limit": 2,
+                "auth": "",
+            },
+        },
+        "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
+    },
+    "mode": "direct",
+    "digest_validate": False,
+    "iostats_files": False,
+    "enable_xattr": True,
+    "fs_prefetch": {"enable": True, "threads_count": 4},
+}

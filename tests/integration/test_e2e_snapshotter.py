@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from containerd import ARTICLE_NYDUSD_CONFIG as ARTICLE_CONFIG
 from containerd import (
     NydusStack,
     busybox_data_layout,
@@ -237,27 +238,6 @@ def daemon_free(s: NydusStack) -> bool:
     return not list((s.sn_root / "mnt").glob("*/*"))
 
 
-ARTICLE_CONFIG = {  # the seed article's /etc/nydus/config.json, verbatim
-    "device": {
-        "backend": {
-            "type": "registry",
-            "config": {
-                "scheme": "http",
-                "skip_verify": False,
-                "timeout": 5,
-                "connect_timeout": 5,
-                "retry_limit": 2,
-                "auth": "",
-            },
-        },
-        "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
-    },
-    "mode": "direct",
-    "digest_validate": False,
-    "iostats_files": False,
-    "enable_xattr": True,
-    "fs_prefetch": {"enable": True, "threads_count": 4},
-}
 
 
 def test_article_config_and_flags(bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:

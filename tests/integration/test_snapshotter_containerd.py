@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from containerd import (
+    ARTICLE_NYDUSD_CONFIG,
     BUSYBOX,
     Containerd,
     InProcessSnapshotter,
@@ -214,27 +215,6 @@ def test_snapshotter_restart_under_running_container(stack: Stack, busybox_ref: 
 
 # -- the article's command line ----------------------------------------------------------
 
-ARTICLE_NYDUSD_CONFIG = {
-    "device": {
-        "backend": {
-            "type": "registry",
-            "config": {
-                "scheme": "http",
-                "skip_verify": False,
-                "timeout": 5,
-                "connect_timeout": 5,
-                "retry_limit": 2,
-                "auth": "",
-            },
-        },
-        "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
-    },
-    "mode": "direct",
-    "digest_validate": False,
-    "iostats_files": False,
-    "enable_xattr": True,
-    "fs_prefetch": {"enable": True, "threads_count": 4},
-}
 
 
 def _cli(*args: str) -> list[str]:

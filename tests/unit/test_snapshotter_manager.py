@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from containerd import ARTICLE_NYDUSD_CONFIG as ARTICLE
 from nydus.errors import ConfigError
 from nydus.fuse.fdpass import recv_fds, send_fds
 from nydus.snapshotter import cachegc
@@ -31,28 +32,6 @@ from nydus.snapshotter.imageconfig import (
 from nydus.snapshotter.manager import DaemonManager, ImageMetrics, resolve_nydusd
 from nydus.snapshotter.metrics import parse_address, render
 from nydus.snapshotter.supervisor import FdSupervisor
-
-ARTICLE = {
-    "device": {
-        "backend": {
-            "type": "registry",
-            "config": {
-                "scheme": "http",
-                "skip_verify": False,
-                "timeout": 5,
-                "connect_timeout": 5,
-                "retry_limit": 2,
-                "auth": "",
-            },
-        },
-        "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
-    },
-    "mode": "direct",
-    "digest_validate": False,
-    "iostats_files": False,
-    "enable_xattr": True,
-    "fs_prefetch": {"enable": True, "threads_count": 4},
-}
 
 
 def b64(s: str) -> str:
