@@ -23,6 +23,7 @@ import pytest
 
 import oci_images as oi
 import registry
+from moto_s3 import moto_server
 from nydus.cli.nydusify import main
 from nydus.format import oci
 from nydus.metadata import open_bootstrap
@@ -588,46 +589,14 @@ def test_prefetch_patterns_from_stdin(sample: dict[str, Any], tmp_path: Path,
 
 @pytest.fixture(scope="module")
 def moto_s3() -> Any:
-    """moto's S3 server with request signing enforced (after the IAM set-up calls)."""
-    exe = shutil.which("moto_server", path=str(VENV_BIN))
-    boto3 = pytest.importorskip("boto3")
-    if exe is None:
-        pytest.skip("moto[server] is not installed in the venv")
-    port = registry.free_port()
-    env = {**registry.os_env_without_proxy(), "INITIAL_NO_AUTH_ACTION_COUNT": "4",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                import socket
-
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.1)
-        kw = {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1",
-              "aws_access_key_id": "x", "aws_secret_access_key": "x"}
-        iam = boto3.client("iam", **kw)
-        iam.create_user(UserName="nydusify")
-        key = iam.create_access_key(UserName="nydusify")["AccessKey"]
-        iam.put_user_policy(UserName="nydusify", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        s3 = boto3.client("s3", **{**kw, "aws_access_key_id": key["AccessKeyId"],
-                                   "aws_secret_access_key": key["SecretAccessKey"]})
+    """moto's S3 server with request signing enforced, and a bucket."""
+    with moto_server("nydusify") as m:
+        s3 = m.s3()
         s3.create_bucket(Bucket="nydus")
         yield {"s3": s3, "config": {
-            "scheme": "http", "endpoint": f"127.0.0.1:{port}", "region": "us-east-1",
+            "scheme": "http", "endpoint": m.endpoint, "region": "us-east-1",
             "bucket_name": "nydus", "object_prefix": "blobs/",
-            "access_key_id": key["AccessKeyId"], "access_key_secret": key["SecretAccessKey"]}}
-    finally:
-        proc.terminate()
-        proc.wait(10)
+            "access_key_id": m.key_id, "access_key_secret": m.secret}}
 
 
 def test_s3_backend(sample: dict[str, Any], moto_s3: dict[str, Any], tmp_path: Path,

@@ -3,13 +3,7 @@ checked by the server; a generated image reads back byte for byte through the bl
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +11,7 @@ from typing import Any
 import pytest
 from test_storage_localfs import build_image_dir, sample_files  # type: ignore[import-not-found]
 
+from moto_s3 import Moto, moto_server
 from nydus.config import DaemonConfig, S3Config
 from nydus.errors import BackendError
 from nydus.storage import open_device
@@ -26,63 +21,11 @@ BUCKET = "nydus-blobs"
 PREFIX = "nydus/v6/"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Moto:
-    def __init__(self, key_id: str, secret: str, port: int, proc: subprocess.Popen[bytes]):
-        self.key_id, self.secret, self.port, self.proc = key_id, secret, port, proc
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def s3(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=f"http://{self.endpoint}", region_name="us-east-1",
-                            aws_access_key_id=self.key_id, aws_secret_access_key=self.secret)
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable))
-    if exe is None:
-        pytest.skip("moto[server] is not installed in the venv")
-    boto3 = pytest.importorskip("boto3")
-    port = _free_port()
-    # Auth is enforced after the first 4 requests, which create the IAM user we then use.
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4", "AWS_DEFAULT_REGION": "us-east-1"}
-    env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.1)
-        kw = {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1",
-              "aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
-        iam = boto3.client("iam", **kw)
-        iam.create_user(UserName="nydus")
-        key = iam.create_access_key(UserName="nydus")["AccessKey"]
-        iam.put_user_policy(UserName="nydus", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        m = Moto(key["AccessKeyId"], key["SecretAccessKey"], port, proc)
+    with moto_server("nydus") as m:
         m.s3().create_bucket(Bucket=BUCKET)
         yield m
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def s3cfg(m: Moto, **kw: Any) -> dict[str, Any]:
