@@ -381,6 +381,8 @@ class ApiServer:
         if parent:
             os.makedirs(parent, exist_ok=True)
         self._server = _Server(self.path, handler)
+        st = os.lstat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._thread = threading.Thread(target=self._server.serve_forever, name="nydusd-api",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
 
@@ -391,8 +393,12 @@ class ApiServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        # Only remove the socket file if it is still ours: a successor daemon may already
+        # have bound the same path (restart or recovery) while this one was shutting down.
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
 
 
 def _stale_socket(path: str) -> bool:
