@@ -264,6 +264,19 @@ def test_sigkill_leaves_reads_failing_not_hanging(tmp_path: Path, mnt: Path) -> 
         d.stop()
 
 
+def test_sendfd_refused_with_erofs_mounts(fixtures_dir: Path, tmp_path: Path,
+                                         mnt: Path) -> None:
+    """Failover cannot keep kernel EROFS mounts (their blob fs dies with the daemon): the FUSE
+    fd hand-over is refused at once, not attempted."""
+    boot = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
+    cfg = localfs_config(fixtures_dir / "v6" / "blobs", fs_driver="erofs")
+    with _start(tmp_path, mnt, cfg, boot, "--supervisor", str(tmp_path / "sup.sock")) as d:
+        status, out = _request(d, "PUT", "/api/v1/daemon/fuse/sendfd", None)
+        assert status == 501, out
+        assert b"failover of kernel EROFS mounts (/) is not supported" in out
+        assert (mnt / "lib.rs").read_bytes().startswith(b"// Copyright")
+
+
 def test_shared_daemon_api_mount_with_fs_driver(fixtures_dir: Path, tmp_path: Path,
                                                 mnt: Path) -> None:
     sock = tmp_path / "api.sock"

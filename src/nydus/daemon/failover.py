@@ -13,6 +13,9 @@ old daemon had read but not answered (FUSE_NOTIFY_RESEND, kernel 7.40+); with ``
 ``none`` those fail as the kernel decides (requests read through a dead process's cloned fd
 are aborted with ECONNABORTED either way).
 
+A daemon serving kernel EROFS mounts refuses ``sendfd`` (those mounts depend on its blob fs,
+which is not handed over), so no takeover of it can be attempted.
+
 The state is our own JSON, opaque to the supervisor (which only stores and returns it).
 Threading contract: called from API threads; serialized by the daemon's lock.
 """
@@ -25,9 +28,10 @@ import os
 import socket
 from typing import Any
 
-from ..errors import ConfigError, NydusError
+from ..errors import ConfigError, NydusError, UnsupportedError
 from ..fuse import FuseSession, SessionState
 from ..fuse.fdpass import recv_fds, send_fds
+from .erofs_mode import EROFS
 from .service import Nydusd
 from .state import DaemonEvent
 
@@ -62,6 +66,13 @@ class Failover:
             s = d.session
             if s is None or s.device_fd < 0:
                 raise NydusError("no FUSE session to hand over")
+            erofs = sorted(im.path for im in d.images.values() if im.fs_driver == EROFS)
+            if erofs:
+                # The kernel EROFS mounts hang on this process's blob fs, which no FUSE fd
+                # hand-over can keep alive: a successor must unmount and mount them again.
+                raise UnsupportedError(
+                    f"failover of kernel EROFS mounts ({', '.join(erofs)}) is not supported: "
+                    "restart the daemon and mount them again (or use fs_driver fusedev)")
             return {
                 "version": STATE_VERSION,
                 "id": d.id,
