@@ -63,14 +63,17 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
     return build(tmp_path, 4, FILES_A), build(tmp_path, 9, FILES_B)
 
 
-def make(tmp: Path, mode: str = "dedicated", policy: str = "restart") -> DaemonManager:
-    tpl = {
+def make(tmp: Path, mode: str = "dedicated", policy: str = "restart",
+         fs_driver: str | None = None) -> DaemonManager:
+    tpl: dict[str, object] = {
         "device": {
             "backend": {"type": "localfs", "config": {"dir": str(tmp / "blobs")}},
             "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
         },
         "enable_xattr": True,
     }
+    if fs_driver is not None:
+        tpl["fs_driver"] = fs_driver
     cfg = SnapshotterConfig(
         root=tmp / "root",
         nydusd_config=tpl,
@@ -207,6 +210,80 @@ with open(sys.argv[1], "rb") as f:
     except OSError as e:
         print("error", e)
 """
+
+
+def _mount_types(path: Path) -> list[str]:
+    """File system types mounted at ``path`` (bottom to top), from mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if pre.split(" ")[4] == str(path):
+                found.append(post.split(" ")[0])
+    return found
+
+
+def _erofs_supported() -> bool:
+    from nydus import kernel_mount
+
+    return kernel_mount.erofs_supported()
+
+
+@pytest.mark.skipif(not _erofs_supported(), reason="needs kernel EROFS")
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+@pytest.mark.parametrize("policy", ["restart", "failover"])
+def test_sigkill_restored_erofs_mode(
+    mode: str,
+    policy: str,
+    images: tuple[Path, Path],
+    tmp_path: Path,
+    managers: list[DaemonManager],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A nydusd serving kernel EROFS mounts dies: its stale EROFS mounts and its blob fs are
+    detached, a new daemon mounts the images again (failover: restart semantics, said why)."""
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    a, b = images
+    m = make(tmp_path, mode, policy, fs_driver="erofs")
+    managers.append(m)
+    la = m.mount("1", a, None, {})
+    lb = m.mount("2", b, None, {})
+    did = next(iter(pids(m)))
+    d = m.daemons[did]
+    old_blobfs = d.blobfs
+    assert d.erofs and old_blobfs and os.path.ismount(old_blobfs)
+    assert _mount_types(la)[-1] == "erofs" and _mount_types(lb)[-1] == "erofs"
+    assert not m.supervisor.has_state(did)  # nothing held that a takeover could misuse
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(la / "data" / "big")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert reader.stdout is not None and reader.stdin is not None
+        assert reader.stdout.readline() == "ready\n"
+        pid = d.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while d.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m.check_now()
+        assert pids(m)[did] != pid and m.restarts == 1
+        assert "restored by restart" in caplog.text
+        if policy == "failover":
+            assert "failover cannot keep them; restarting it instead" in caplog.text
+        # the dead daemon's blob fs is gone; the new one serves fresh EROFS mounts
+        assert old_blobfs not in Path("/proc/self/mountinfo").read_text()
+        assert d.blobfs and d.blobfs != old_blobfs and os.path.ismount(d.blobfs)
+        assert _mount_types(la)[-1] == "erofs" and _mount_types(lb)[-1] == "erofs"
+        assert (la / "etc" / "hello").read_bytes() == b"image a\n"
+        assert (lb / "etc" / "hello").read_bytes() == b"image b\n"
+        assert (la / "data" / "big").read_bytes() == FILES_A["data/big"]
+        # the old open file: an error or the right bytes, never a hang or wrong bytes
+        out, _ = reader.communicate("go\n", timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert out.startswith("error") or out == hashlib.sha256(FILES_A["data/big"]).hexdigest() + "\n"
 
 
 @pytest.mark.parametrize("policy", ["restart", "failover"])

@@ -32,6 +32,8 @@ restore service the snapshotter must, for each EROFS-mode mount of the dead daem
 unmount the stale EROFS mount (``umount -l <mountpoint>/<path>``) and the dead blob fs (its path
 is in ``GET /api/v1/daemon``: ``blobfs``), then start a new nydusd and re-issue the mounts;
 containers must be restarted to see the new mount (their old mount namespace keeps the old one).
+The snapshotter's daemon manager does this (restart semantics, also under ``recover_policy
+failover``); ``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS mounts exist.
 
 Threading contract: :class:`ErofsManager` methods are called under the daemon's lock; the
 native-switch watcher thread takes the manager's own lock.

@@ -96,6 +96,8 @@ class DaemonProcess:
     supervisor: str = ""
     bootstrap: str = ""  # dedicated: the image served at /
     config_path: str = ""  # dedicated: its config file
+    blobfs: str = ""  # kernel EROFS mode: the daemon's blob fs (``GET /api/v1/daemon``)
+    erofs: bool = False  # whether it serves any kernel EROFS mount
     pid: int = 0
     starts: int = 0
     started_at: float = 0.0
@@ -258,16 +260,46 @@ class DaemonProcess:
             os.unlink(self.apisock)
         log.info("nydusd %s stopped", self.id)
 
+    def note_mounts(self) -> None:
+        """Record whether the daemon serves kernel EROFS mounts and where its blob fs is, so a
+        dead daemon's blob fs can be detached before a new one starts."""
+        try:
+            info = self.client.info()
+        except (OSError, NydusError) as e:
+            log.warning("nydusd %s: cannot read its mounts: %s", self.id, e)
+            return
+        backends = info.get("backend_collection") or {}
+        self.erofs = any(b.get("fs_driver") == "erofs" for b in backends.values())
+        self.blobfs = info.get("blobfs") or self.blobfs
+
     def release_mount(self) -> None:
-        """Detach the FUSE mount if one is left (a dead daemon's mount answers ENOTCONN)."""
+        """Detach what a dead daemon leaves: kernel EROFS mounts at or below its mount point
+        (their blob files answer EIO) and its FUSE mount (ENOTCONN), then its blob fs."""
         if self.proc is not None:
             self.proc.poll()
+        base = os.path.join(os.path.realpath(os.path.dirname(self.mountpoint)),
+                            os.path.basename(self.mountpoint))
+        # lazily, deepest first, never stat'ing a path below a possibly held FUSE mount
+        for mp in sorted({m for m in mount_table() if m.startswith(base + "/")},
+                         key=lambda m: m.count("/"), reverse=True):
+            with contextlib.suppress(OSError):
+                umount(mp, lazy=True)
+                log.info("detached %s", mp)
+        self._release(self.mountpoint)
+        if self.blobfs:
+            self._release(self.blobfs)
+            with contextlib.suppress(OSError):  # the daemon's /run/nydusd-blobfs/<pid>/blobs
+                os.rmdir(self.blobfs)
+                os.rmdir(os.path.dirname(self.blobfs))
+            self.blobfs = ""
+
+    def _release(self, mountpoint: str) -> None:
         for _ in range(3):
-            if not _is_mounted(self.mountpoint):
+            if not _is_mounted(mountpoint):
                 return
             try:
-                umount(self.mountpoint, lazy=True)
-                log.info("detached %s", self.mountpoint)
+                umount(mountpoint, lazy=True)
+                log.info("detached %s", mountpoint)
             except OSError as e:
-                log.warning("cannot detach %s: %s", self.mountpoint, e)
+                log.warning("cannot detach %s: %s", mountpoint, e)
                 return

@@ -30,7 +30,10 @@ mode: every image is attached again), so new containers work and the lower dirs 
 containerd's mounts stay valid; ``failover`` first tries to hand the FUSE connection the
 snapshotter holds (:mod:`.supervisor`) to a new ``nydusd --upgrade``, so running containers
 keep reading, and falls back to ``restart``; ``none`` leaves it dead (until a new container
-needs it).
+needs it). A daemon serving kernel EROFS mounts (``fs_driver`` erofs) is always restored by
+restart: the manager records its blob fs (``GET /api/v1/daemon``) at mount time, and before the
+new daemon starts, the stale EROFS mounts, the dead FUSE mount and the dead blob fs are detached
+lazily; its FUSE fd is not held, since a takeover could not bring its EROFS mounts back.
 
 Release: :meth:`umount` drops a snapshot's reference; the last one stops a dedicated daemon (or
 detaches the image from the shared daemon, which keeps running). :meth:`collect_garbage`
@@ -265,11 +268,20 @@ class DaemonManager(NydusMounter):
         except DaemonError:
             d.kill()
             raise
+        d.note_mounts()
         self._collect(d)
 
     def _collect(self, d: DaemonProcess) -> None:
         """failover: have ``d`` hand us its FUSE fd and state (failure is not fatal)."""
         if self.policy != "failover" or not d.supervisor:
+            return
+        if d.erofs:
+            # Its kernel EROFS mounts read through its own blob fs, which no FUSE takeover
+            # keeps: a held (older) state would restore a daemon without them.
+            if self.supervisor.has_state(d.id):
+                self.supervisor.forget(d.id)
+            log.info("nydusd %s serves kernel EROFS mounts: it will be restored by restart, "
+                     "not failover", d.id)
             return
         try:
             self.supervisor.listen(d.id, d.supervisor)
@@ -303,7 +315,11 @@ class DaemonManager(NydusMounter):
         if d.proc is not None:
             d.proc.poll()
         d.proc = None
-        if self.policy == "failover" and self.supervisor.has_state(d.id):
+        if self.policy == "failover" and d.erofs:
+            log.warning("nydusd %s serves kernel EROFS mounts, whose blob fs died with it: "
+                        "failover cannot keep them; restarting it instead", d.id)
+            self.supervisor.forget(d.id)
+        elif self.policy == "failover" and self.supervisor.has_state(d.id):
             try:
                 self._takeover(d)
                 self.restarts += 1
@@ -321,6 +337,7 @@ class DaemonManager(NydusMounter):
                     self._attach(d, rec)
                 except (OSError, NydusError) as e:
                     log.error("nydusd %s: cannot attach image %s again: %s", d.id, rec.id, e)
+            d.note_mounts()
             self._collect(d)
         self._save()
         log.info("nydusd %s restored by restart (pid %d)", d.id, d.pid)
@@ -431,6 +448,7 @@ class DaemonManager(NydusMounter):
                 else:
                     d = self._shared_daemon()
                     self._attach(d, rec)
+                    d.note_mounts()
                     self._collect(d)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
