@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import FormatError
+from ..metadata.model import FileKind
 
 __all__ = ["ChunkRef", "Node", "new_dir", "iter_tree", "check_name"]
 
@@ -37,7 +38,7 @@ class ChunkRef:
 
 
 @dataclass(eq=False, slots=True)
-class Node:
+class Node(FileKind):
     mode: int
     uid: int = 0
     gid: int = 0
@@ -60,18 +61,6 @@ class Node:
     # a directory a tar layer implied (a parent of an entry) without an entry of its own: on
     # top of a lower layer it keeps the lower directory's attributes, as containerd does
     implicit: bool = False
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
 
 def new_dir(mode: int = 0o40755, **kw: object) -> Node:

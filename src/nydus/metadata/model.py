@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["BlobInfo", "ChunkInfo", "Inode", "DirEntry", "RafsMetadata"]
+__all__ = ["BlobInfo", "ChunkInfo", "FileKind", "Inode", "DirEntry", "RafsMetadata"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,27 @@ class ChunkInfo:
     crc32: int = 0
 
 
+class FileKind:
+    """File-type tests for anything with an st_mode-style ``mode``."""
+
+    __slots__ = ()
+    mode: int
+
+    @property
+    def is_dir(self) -> bool:
+        return _stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return _stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return _stat.S_ISLNK(self.mode)
+
+
 @dataclass(frozen=True)
-class Inode:
+class Inode(FileKind):
     """stat(2)-like attributes of one node."""
 
     nid: int
@@ -78,17 +97,6 @@ class Inode:
     xattr_count: int = 0
     extra: dict[str, int] = field(default_factory=dict, compare=False)
 
-    @property
-    def is_dir(self) -> bool:
-        return _stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return _stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return _stat.S_ISLNK(self.mode)
 
 
 @dataclass(frozen=True)
