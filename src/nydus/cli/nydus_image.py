@@ -25,6 +25,7 @@ from ..metadata import open_bootstrap
 from ..verbs.check import check_image
 from ..verbs.inspect import dedup_report, image_stats, inspect_request
 from ..verbs.unpack import unpack_image
+from . import run_guarded
 
 log = logging.getLogger("nydus-image")
 
@@ -381,14 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                  a.log_level.upper())
     logging.basicConfig(level=level, filename=a.log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return COMMANDS[a.cmd](a)
-    except NydusError as e:
-        print(f"nydus-image {a.cmd}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        print(f"nydus-image {a.cmd}: error: {e}", file=sys.stderr)
-        return 1
+    return run_guarded(f"nydus-image {a.cmd}", lambda: COMMANDS[a.cmd](a))
 
 
 if __name__ == "__main__":

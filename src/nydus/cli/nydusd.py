@@ -22,7 +22,8 @@ import threading
 from types import FrameType
 
 from .. import __version__
-from ..errors import ConfigError, NydusError
+from ..errors import ConfigError
+from . import run_guarded
 
 log = logging.getLogger("nydusd")
 
@@ -130,16 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"nydusd: error: logging: {e}", file=sys.stderr)
         return 2
-    try:
-        return _run(a)
-    except NydusError as e:
-        log.error("%s", e)
-        print(f"nydusd: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        log.error("%s", e)
-        print(f"nydusd: error: {e}", file=sys.stderr)
-        return 1
+    return run_guarded("nydusd", lambda: _run(a), log)
 
 
 def _run(a: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ import sys
 from typing import Any
 
 from .. import __version__
-from ..errors import ConfigError, NydusError
+from ..errors import ConfigError
+from . import run_guarded
 
 log = logging.getLogger("nydusify")
 
@@ -310,17 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if name not in ("debug", "trace"):
         logging.getLogger("nydus.registry").setLevel(logging.WARNING)
-    try:
-        return COMMANDS[a.cmd](a)
-    except NydusError as e:
-        print(f"nydusify {a.cmd}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        print(f"nydusify {a.cmd}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"nydusify {a.cmd}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(f"nydusify {a.cmd}", lambda: COMMANDS[a.cmd](a))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from pathlib import Path
 from types import FrameType
 
 from .. import __version__
-from ..errors import ConfigError, NydusError
+from ..errors import ConfigError
+from . import run_guarded
 
 log = logging.getLogger("containerd-nydus-grpc")
 
@@ -145,16 +146,7 @@ def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    try:
-        return _run(a)
-    except NydusError as e:
-        log.error("%s", e)
-        print(f"containerd-nydus-grpc: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        log.error("%s", e)
-        print(f"containerd-nydus-grpc: error: {e}", file=sys.stderr)
-        return 1
+    return run_guarded("containerd-nydus-grpc", lambda: _run(a), log)
 
 
 def _run(a: argparse.Namespace) -> int:
