@@ -18,6 +18,7 @@ ensure_generated()
 from ._api.containerd.services.content.v1 import content_pb2
 from ._api.containerd.services.images.v1 import images_pb2
 from ._api.containerd.services.leases.v1 import leases_pb2
+from ._api.containerd.services.namespaces.v1 import namespace_pb2
 from ._api.containerd.services.snapshots.v1 import snapshots_pb2
 from ._api.containerd.types import descriptor_pb2, mount_pb2
 
@@ -27,12 +28,14 @@ __all__ = [
     "IMAGES_SERVICE",
     "LEASE_HEADER",
     "LEASES_SERVICE",
+    "NAMESPACES_SERVICE",
     "SNAPSHOTS_SERVICE",
     "content_pb2",
     "descriptor_pb2",
     "images_pb2",
     "leases_pb2",
     "mount_pb2",
+    "namespace_pb2",
     "snapshots_pb2",
 ]
 
@@ -40,6 +43,7 @@ SNAPSHOTS_SERVICE: ServiceDescriptor = snapshots_pb2.DESCRIPTOR.services_by_name
 IMAGES_SERVICE: ServiceDescriptor = images_pb2.DESCRIPTOR.services_by_name["Images"]
 CONTENT_SERVICE: ServiceDescriptor = content_pb2.DESCRIPTOR.services_by_name["Content"]
 LEASES_SERVICE: ServiceDescriptor = leases_pb2.DESCRIPTOR.services_by_name["Leases"]
+NAMESPACES_SERVICE: ServiceDescriptor = namespace_pb2.DESCRIPTOR.services_by_name["Namespaces"]
 
 #: gRPC metadata key containerd reads the namespace from.
 NAMESPACE_HEADER = "containerd-namespace"

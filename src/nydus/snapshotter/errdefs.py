@@ -11,7 +11,12 @@ carries the code containerd expects, and :func:`grpc_code_of` maps everything el
     ├── SnapshotPreconditionFailed             FAILED_PRECONDITION
     ├── SnapshotInvalidArgument                INVALID_ARGUMENT
     ├── NydusUnavailable (UnsupportedError)    UNIMPLEMENTED   (daemon mode none, ...)
-    └── DaemonError                            UNAVAILABLE     (nydusd died or never ran)
+    ├── DaemonError                            UNAVAILABLE     (nydusd died or never ran)
+    ├── ContentLocked                          UNAVAILABLE     (another writer holds the ref)
+    └── ContentOutOfRange                      OUT_OF_RANGE    (read or write past the data)
+
+The content store (:mod:`.contentstore`) reuses the snapshot classes for its own "not found",
+"exists", "precondition" and "invalid argument" cases, so both services speak the same codes.
 
 Other families: ``NotFoundError`` -> NOT_FOUND, ``ConfigError`` -> INVALID_ARGUMENT,
 ``BackendError`` -> UNAVAILABLE, any other ``NydusError`` -> UNKNOWN, anything else -> INTERNAL.
@@ -26,6 +31,8 @@ import grpc
 from ..errors import BackendError, ConfigError, NotFoundError, NydusError, UnsupportedError
 
 __all__ = [
+    "ContentLocked",
+    "ContentOutOfRange",
     "DaemonError",
     "NydusUnavailable",
     "SnapshotExists",
@@ -69,6 +76,18 @@ class DaemonError(NydusError):
     errno = _errno.EIO
 
 
+class ContentLocked(NydusError):
+    """Another writer holds the ingest ``ref`` (containerd retries on UNAVAILABLE)."""
+
+    errno = _errno.EBUSY
+
+
+class ContentOutOfRange(NydusError):
+    """A read past the end of a blob, or a write not at the ingest's current offset."""
+
+    errno = _errno.ERANGE
+
+
 def grpc_code_of(exc: BaseException) -> grpc.StatusCode:
     """The status code containerd must see for ``exc``."""
     table: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -77,6 +96,8 @@ def grpc_code_of(exc: BaseException) -> grpc.StatusCode:
         (SnapshotInvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
         (NydusUnavailable, grpc.StatusCode.UNIMPLEMENTED),
         (DaemonError, grpc.StatusCode.UNAVAILABLE),
+        (ContentLocked, grpc.StatusCode.UNAVAILABLE),
+        (ContentOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
         (NotFoundError, grpc.StatusCode.NOT_FOUND),
         (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
         (BackendError, grpc.StatusCode.UNAVAILABLE),

@@ -89,6 +89,7 @@ PROTOS: tuple[ProtoSource, ...] = (
             "services/images/v1/images.proto",
             "services/content/v1/content.proto",
             "services/leases/v1/leases.proto",
+            "services/namespaces/v1/namespace.proto",
         )
     ),
 )

@@ -12,6 +12,7 @@ Stateless apart from the channel a client holds; grpcio channels are thread-safe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
 __all__ = [
+    "InFlight",
     "ServiceClient",
     "generic_handler",
     "method_path",
@@ -30,6 +32,27 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=Message)
+
+
+class InFlight:
+    """Counts calls being handled, so that a stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._n += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._n -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._n == 0, timeout)
 
 
 def method_path(service: ServiceDescriptor, name: str) -> str:
@@ -67,7 +90,9 @@ def generic_handler(
     """A handler serving ``service`` with ``methods[name](request, context)``.
 
     Unary methods return a response message; server-streaming ones return an iterator of them.
-    Methods missing from ``methods`` answer UNIMPLEMENTED (grpcio's default).
+    Client-streaming methods get an iterator of requests instead of one request (bidirectional
+    ones return an iterator of responses, as grpcio's ``stream_stream`` handlers do). Methods
+    missing from ``methods`` answer UNIMPLEMENTED (grpcio's default).
     """
     unknown = set(methods) - set(service.methods_by_name)
     if unknown:
@@ -77,15 +102,14 @@ def generic_handler(
         fn = methods.get(m.name)
         if fn is None:
             continue
-        if m.client_streaming:
-            raise NotImplementedError(f"client-streaming method {m.full_name} is not supported")
         req_cls = message_factory.GetMessageClass(m.input_type)
         resp_cls = message_factory.GetMessageClass(m.output_type)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if m.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(bool(m.client_streaming), bool(m.server_streaming))]
         handlers[m.name] = make(
             fn,
             request_deserializer=req_cls.FromString,

@@ -6,10 +6,15 @@ own. :class:`SnapshotterServer` owns the listening socket: it refuses an address
 server answers on, replaces a stale socket file, and removes its socket when stopped.
 
 containerd calls us as a proxy plugin (``[proxy_plugins.NAME] type = "snapshot"``); the
-``snapshotter`` field of each request is the plugin name and is ignored. containerd 1.6 sends no
+``snapshotter`` field of each request is that plugin name: it is remembered
+(:attr:`SnapshotsService.plugin_name`, default ``nydus``) for the calls the snapshotter makes to
+containerd's own Snapshots service (:mod:`.remotelayers`). containerd 1.6 sends no
 ``containerd-namespace`` metadata to proxy plugins (seen in the end-to-end tests); the namespace
 is the first part of the keys its metadata layer gives us (``<ns>/<n>/<key>``), and the header
 is only a fallback for other callers.
+
+With ``--content-store``, :class:`SnapshotterServer` also serves containerd's Content service
+(:mod:`.contentservice`) on the same socket.
 
 Threading: grpcio runs each call on a worker thread of the server's pool; the snapshotter is
 thread-safe (see :mod:`.core`).
@@ -23,7 +28,6 @@ import logging
 import os
 import socket
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -37,9 +41,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..errors import ConfigError
 from .api import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
+from .contentservice import ContentService
 from .core import Mount, Snapshotter
 from .errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
-from .rpc import generic_handler, unix_target
+from .rpc import InFlight, generic_handler, unix_target
 from .store import Info
 
 __all__ = ["SnapshotsService", "SnapshotterServer", "info_to_pb"]
@@ -88,6 +93,7 @@ def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
             t0 = time.monotonic()
             try:
                 with self.inflight:
+                    self._seen(req)
                     out = fn(self, req, ctx)
             except Exception as e:
                 code = grpc_code_of(e)
@@ -105,33 +111,22 @@ def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
     return wrap
 
 
-class _InFlight:
-    """Counts calls being handled, so that a stop can wait for them to finish."""
-
-    def __init__(self) -> None:
-        self._n = 0
-        self._cond = threading.Condition()
-
-    def __enter__(self) -> None:
-        with self._cond:
-            self._n += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._n -= 1
-            self._cond.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._n == 0, timeout)
-
-
 class SnapshotsService:
     """The Snapshots service methods (names as in snapshots.proto)."""
 
+    #: The proxy plugin name containerd uses for us until a request says otherwise.
+    DEFAULT_PLUGIN_NAME = "nydus"
+
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.sn = snapshotter
-        self.inflight = _InFlight()
+        self.inflight = InFlight()
+        self.plugin_name = self.DEFAULT_PLUGIN_NAME
+
+    def _seen(self, req: Message) -> None:
+        name = getattr(req, "snapshotter", "")
+        if name and name != self.plugin_name:
+            log.info("containerd calls this snapshotter %r", name)
+            self.plugin_name = name
 
     def handler(self) -> grpc.GenericRpcHandler:
         return generic_handler(
@@ -253,14 +248,28 @@ class SnapshotterServer:
     """A gRPC server with the Snapshots service listening on a unix socket."""
 
     def __init__(
-        self, snapshotter: Snapshotter, address: str | os.PathLike[str], max_workers: int = 16
+        self,
+        snapshotter: Snapshotter,
+        address: str | os.PathLike[str],
+        max_workers: int = 16,
+        *,
+        content: ContentService | None = None,
     ) -> None:
         self.snapshotter = snapshotter
         self.address = Path(address).absolute()
         self.service = SnapshotsService(snapshotter)
+        self.content = content
+        handlers = [self.service.handler()]
+        if content is not None:
+            handlers.append(content.handler())
+            max_workers += 16  # content calls may wait on snapshot calls they cause
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="snapshots"),
-            handlers=[self.service.handler()],
+            handlers=handlers,
+            options=[
+                ("grpc.max_receive_message_length", 16 << 20),
+                ("grpc.max_send_message_length", 16 << 20),
+            ],
         )
         self._started = False
 
@@ -288,7 +297,11 @@ class SnapshotterServer:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
-        log.info("snapshots service listening on %s", addr)
+        log.info(
+            "snapshots%s service listening on %s",
+            " and content" if self.content is not None else "",
+            addr,
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True if it stopped."""
@@ -298,7 +311,10 @@ class SnapshotterServer:
         """Stop listening; wait (up to ``grace`` + 30 s) for calls still being handled."""
         if self._started:
             self._server.stop(grace).wait()
-            if not self.service.inflight.wait_idle(30.0 + (grace or 0.0)):
+            counters = [self.service.inflight]
+            if self.content is not None:
+                counters.append(self.content.inflight)
+            if not all(c.wait_idle(30.0 + (grace or 0.0)) for c in counters):
                 log.warning("stopping with calls still in progress")
             self._started = False
             try:

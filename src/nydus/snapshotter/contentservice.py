@@ -1,0 +1,340 @@
+"""containerd's ``containerd.services.content.v1.Content`` gRPC service over a content store.
+
+Served on the snapshotter's socket next to the Snapshots service when ``--content-store`` is on.
+containerd then uses it as its content store when its config says::
+
+    version = 2
+    disabled_plugins = ["io.containerd.content.v1.content"]
+    [proxy_plugins.nydus-content]
+      type = "content"
+      address = "/run/containerd-nydus/containerd-nydus-grpc.sock"
+
+(containerd's metadata layer takes the first content plugin it finds, and always registers its
+local one; disabling it makes ours the only one. Version 2 matters: a version-1 config disables
+plugins by ID, and ``content`` is also the ID of containerd's content gRPC service.)
+
+containerd's metadata layer keeps namespaces, labels and leases itself and calls us as its
+backend: ``Info`` (also to ask whether a blob it is about to download is already here: then it
+is not downloaded), ``Write`` sessions under refs ``<namespace>/<n>/<ref>``, ``Read``, and
+``List``/``Delete``/``ListStatuses``/``Abort`` from its garbage collector. The semantics follow
+containerd's own content server (``services/content/contentserver``) over its local store; what
+the store does is in :mod:`.contentstore`.
+
+:class:`ContentHooks` lets the Nydus side (:mod:`.nydusblobs`) see commits (to record lazy
+entries for the data blobs a manifest lists), act before a blob is read (to register remote
+snapshots before containerd's unpack looks for them) and provide the bytes of a lazy entry.
+Hooks never fail a request: their errors are logged.
+
+Threading: grpcio runs each call on a worker thread; the store is thread-safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from .api import CONTENT_SERVICE, content_pb2
+from .contentstore import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
+from .errdefs import (
+    SnapshotExists,
+    SnapshotInvalidArgument,
+    SnapshotNotFound,
+    SnapshotPreconditionFailed,
+    grpc_code_of,
+)
+from .filters import Filter, parse_all
+from .rpc import InFlight, generic_handler
+
+__all__ = ["ContentHooks", "ContentService"]
+
+log = logging.getLogger(__name__)
+
+_LIST_BATCH = 100
+R = TypeVar("R")
+
+
+class ContentHooks(Protocol):
+    def committed(self, digest: str, ref: str) -> None:
+        """A blob was committed through ``Write`` under ``ref``."""
+        ...
+
+    def deleted(self, digest: str) -> None:
+        """A blob (or lazy entry) was deleted."""
+        ...
+
+    def before_read(self, digest: str) -> None:
+        """``Read`` of blob ``digest`` is about to be served (may block briefly)."""
+        ...
+
+    def lazy_source(self, entry: LazyEntry) -> Iterable[bytes]:
+        """The bytes of a lazy entry (checked by the store), or raise a clear error."""
+        ...
+
+
+def _timestamp(ns: int) -> Timestamp:
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def info_to_pb(info: ContentInfo) -> content_pb2.Info:
+    return content_pb2.Info(
+        digest=info.digest,
+        size=info.size,
+        created_at=_timestamp(info.created_ns),
+        updated_at=_timestamp(info.updated_ns),
+        labels=dict(info.labels),
+    )
+
+
+def status_to_pb(st: IngestStatus) -> content_pb2.Status:
+    return content_pb2.Status(
+        ref=st.ref,
+        offset=st.offset,
+        total=st.total,
+        expected=st.expected,
+        started_at=_timestamp(st.started_ns),
+        updated_at=_timestamp(st.updated_ns),
+    )
+
+
+def _content_field(info: ContentInfo, path: Sequence[str]) -> tuple[str, bool]:
+    if not path:
+        return "", False
+    if path[0] == "digest":
+        return info.digest, True
+    if path[0] == "size":
+        return str(info.size), True
+    if path[0] == "labels":
+        key = ".".join(path[1:])
+        if key in info.labels:
+            return info.labels[key], True
+    return "", False
+
+
+def _status_field(st: IngestStatus, path: Sequence[str]) -> tuple[str, bool]:
+    if path and path[0] == "ref":
+        return st.ref, True
+    return "", False
+
+
+def _abort(ctx: grpc.ServicerContext, name: str, e: BaseException) -> None:
+    code = grpc_code_of(e)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("content %s failed unexpectedly", name)
+    else:
+        quiet = isinstance(e, SnapshotNotFound | SnapshotExists)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "content %s: %s", name, e)
+    ctx.abort(code, str(e))
+
+
+def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Errors of a unary call (or of the eager part of a streaming one) become statuses."""
+
+    def wrap(fn: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(fn)
+        def call(self: ContentService, req: object, ctx: grpc.ServicerContext) -> R:
+            t0 = time.monotonic()
+            try:
+                with self.inflight:
+                    out = fn(self, req, ctx)
+            except Exception as e:
+                _abort(ctx, name, e)
+                raise  # not reached: abort raises
+            log.debug("content %s done in %.3fs", name, time.monotonic() - t0)
+            return out
+
+        return call
+
+    return wrap
+
+
+class ContentService:
+    """The Content service methods (names as in content.proto)."""
+
+    def __init__(self, store: ContentStore, hooks: ContentHooks | None = None) -> None:
+        self.store = store
+        self.hooks = hooks
+        self.inflight = InFlight()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return generic_handler(
+            CONTENT_SERVICE,
+            {
+                "Info": self.Info,
+                "Update": self.Update,
+                "List": self.List,
+                "Delete": self.Delete,
+                "Read": self.Read,
+                "Status": self.Status,
+                "ListStatuses": self.ListStatuses,
+                "Write": self.Write,
+                "Abort": self.Abort,
+            },
+        )
+
+    def _hook(self, fn: Callable[..., None], *args: str) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("content hook %s%r failed (ignored)", fn.__name__, args)
+
+    # -- unary ----------------------------------------------------------------------------
+
+    @_rpc("Info")
+    def Info(
+        self, req: content_pb2.InfoRequest, ctx: grpc.ServicerContext
+    ) -> content_pb2.InfoResponse:
+        return content_pb2.InfoResponse(info=info_to_pb(self.store.info(req.digest)))
+
+    @_rpc("Update")
+    def Update(
+        self, req: content_pb2.UpdateRequest, ctx: grpc.ServicerContext
+    ) -> content_pb2.UpdateResponse:
+        paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
+        info = self.store.update(req.info.digest, dict(req.info.labels), paths)
+        return content_pb2.UpdateResponse(info=info_to_pb(info))
+
+    @_rpc("Delete")
+    def Delete(
+        self, req: content_pb2.DeleteContentRequest, ctx: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
+        self.store.delete(req.digest)
+        log.debug("deleted content %s", req.digest)
+        if self.hooks is not None:
+            self._hook(self.hooks.deleted, req.digest)
+        return empty_pb2.Empty()
+
+    @_rpc("Status")
+    def Status(
+        self, req: content_pb2.StatusRequest, ctx: grpc.ServicerContext
+    ) -> content_pb2.StatusResponse:
+        return content_pb2.StatusResponse(status=status_to_pb(self.store.status(req.ref)))
+
+    @_rpc("ListStatuses")
+    def ListStatuses(
+        self, req: content_pb2.ListStatusesRequest, ctx: grpc.ServicerContext
+    ) -> content_pb2.ListStatusesResponse:
+        f = parse_all(list(req.filters))
+        sts = self.store.list_statuses()
+        sts = [s for s in sts if f.match(functools.partial(_status_field, s))]
+        return content_pb2.ListStatusesResponse(statuses=[status_to_pb(s) for s in sts])
+
+    @_rpc("Abort")
+    def Abort(self, req: content_pb2.AbortRequest, ctx: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.store.abort(req.ref)
+        return empty_pb2.Empty()
+
+    # -- server streaming -----------------------------------------------------------------
+
+    @_rpc("List")
+    def List(
+        self, req: content_pb2.ListContentRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[content_pb2.ListContentResponse]:
+        f: Filter = parse_all(list(req.filters))
+        infos = [i for i in self.store.walk() if f.match(functools.partial(_content_field, i))]
+
+        def batches() -> Iterator[content_pb2.ListContentResponse]:
+            for i in range(0, len(infos), _LIST_BATCH):
+                chunk = infos[i : i + _LIST_BATCH]
+                yield content_pb2.ListContentResponse(info=[info_to_pb(x) for x in chunk])
+
+        return batches()
+
+    def _materialize(self, entry: LazyEntry) -> None:
+        if self.hooks is None:
+            raise SnapshotPreconditionFailed(
+                f"content {entry.digest} is a lazy entry (its bytes stay in the registry) and "
+                "this content store has no way to fetch it"
+            )
+        log.info("fetching lazy blob %s (%d bytes) for a read", entry.digest, entry.size)
+        self.store.materialize(entry.digest, self.hooks.lazy_source(entry))
+
+    @_rpc("Read")
+    def Read(
+        self, req: content_pb2.ReadContentRequest, ctx: grpc.ServicerContext
+    ) -> Iterator[content_pb2.ReadContentResponse]:
+        if self.hooks is not None:
+            self._hook(self.hooks.before_read, req.digest)
+        if not self.store.has_blob(req.digest):
+            entry = self.store.lazy(req.digest)
+            if entry is not None:
+                self._materialize(entry)
+        chunks = self.store.read(req.digest, req.offset, req.size)
+        start = max(req.offset, 0)
+
+        def responses() -> Iterator[content_pb2.ReadContentResponse]:
+            offset = start
+            try:
+                for piece in chunks:
+                    yield content_pb2.ReadContentResponse(offset=offset, data=piece)
+                    offset += len(piece)
+            except Exception as e:
+                _abort(ctx, "Read", e)
+
+        return responses()
+
+    # -- bidirectional --------------------------------------------------------------------
+
+    def Write(
+        self, requests: Iterator[content_pb2.WriteContentRequest], ctx: grpc.ServicerContext
+    ) -> Iterator[content_pb2.WriteContentResponse]:
+        """A write session: the first message names the ref; STAT, WRITE and COMMIT follow
+        (containerd's content server semantics: see the module docstring)."""
+        with self.inflight:
+            try:
+                yield from self._write(requests)
+            except Exception as e:
+                _abort(ctx, "Write", e)
+
+    def _write(
+        self, requests: Iterator[content_pb2.WriteContentRequest]
+    ) -> Iterator[content_pb2.WriteContentResponse]:
+        req = next(requests, None)
+        if req is None:
+            return
+        if not req.ref:
+            raise SnapshotInvalidArgument("first message must have a reference")
+        ref, total, expected = req.ref, req.total, req.expected
+        w: IngestWriter = self.store.writer(ref, total, expected)
+        try:
+            while True:
+                resp = content_pb2.WriteContentResponse(action=req.action)
+                resp.offset = w.offset
+                if req.expected:
+                    expected = req.expected
+                    if self.store.has_blob(expected):
+                        w.close()
+                        self.store.abort_quiet(ref)
+                        raise SnapshotExists(f"blob with expected digest {expected} exists")
+                if req.total > 0:
+                    total = req.total
+                    w.set_total(total)
+                if req.action == content_pb2.STAT:
+                    st = w.status()
+                    resp.digest = w.digest()
+                    resp.started_at.CopyFrom(_timestamp(st.started_ns))
+                    resp.updated_at.CopyFrom(_timestamp(st.updated_ns))
+                    resp.total = total
+                elif req.action in (content_pb2.WRITE, content_pb2.COMMIT):
+                    resp.offset = w.write_at(req.offset, req.data)
+                    if req.action == content_pb2.COMMIT:
+                        digest = w.commit(total, expected, dict(req.labels))
+                        resp.digest = digest
+                        log.debug("committed %s (%d bytes) from ref %s", digest, resp.offset, ref)
+                        if self.hooks is not None:
+                            self._hook(self.hooks.committed, digest, ref)
+                        yield resp
+                        return
+                    resp.digest = w.digest()
+                yield resp
+                req = next(requests, None)
+                if req is None:
+                    return
+        finally:
+            w.close()
