@@ -16,7 +16,11 @@ Pieces:
   ``root``, ``state`` and gRPC socket, the CRI plugin disabled, and the article's section-06
   ``config.toml`` snippet verbatim (``[proxy_plugins.nydus] type = "snapshot"``, plus the
   ``[plugins.cri]`` lines that only matter with CRI) with ``address`` pointing at our
-  snapshotter. :meth:`~Containerd.ctr` runs ``ctr -a SOCK -n NS ...``. :meth:`~Containerd.stop`
+  snapshotter. With ``content_proxy``, the config is a version-2 one whose content store is our
+  snapshotter too (:data:`CONTENT_PROXY_SNIPPET`: containerd's local content plugin disabled,
+  ``[proxy_plugins.nydus-content] type = "content"``; the snapshotter runs with
+  ``--content-store``). :meth:`~Containerd.ctr` runs ``ctr -a SOCK -n NS ...``.
+  :meth:`~Containerd.stop`
   kills leftover tasks, removes containers, stops containerd and detaches any mount left under
   its directories.
 - :func:`build_busybox_layout`: an OCI image layout with two gzip layers made from Debian's
@@ -76,6 +80,21 @@ ARTICLE_SNIPPET = """\
     disable_snapshot_annotations = false
 """
 ARTICLE_ADDRESS = "/run/containerd-nydus/containerd-nydus-grpc.sock"
+
+# The README's snippet for stock `ctr image pull` of Nydus images: containerd's content store is
+# served by the snapshotter (--content-store). Version 2: disabled_plugins names plugin URIs.
+CONTENT_PROXY_SNIPPET = """\
+version = 2
+disabled_plugins = ["io.containerd.content.v1.content"]
+
+[proxy_plugins]
+  [proxy_plugins.nydus]
+    type = "snapshot"
+    address = "/run/containerd-nydus/containerd-nydus-grpc.sock"
+  [proxy_plugins.nydus-content]
+    type = "content"
+    address = "/run/containerd-nydus/containerd-nydus-grpc.sock"
+"""
 
 
 def containerd_skip_reason() -> str | None:
@@ -202,20 +221,40 @@ class InProcessSnapshotter:
     """The same service served from this process, with a mounter chosen by the test."""
 
     def __init__(
-        self, root: Path, address: Path, mounter: NydusMounter, containerd_address: Path
+        self,
+        root: Path,
+        address: Path,
+        mounter: NydusMounter,
+        containerd_address: Path,
+        *,
+        content_store: bool = False,
     ) -> None:
-        from nydus.snapshotter.imageref import ContainerdImageResolver
-
         self.root = root
         self.address = address
         self.mounter = mounter
-        self.resolver = ContainerdImageResolver(containerd_address)
+        self.containerd_address = containerd_address
+        self.content_store = content_store
         self.snapshotter: Snapshotter | None = None
         self.server: SnapshotterServer | None = None
 
     def start(self) -> InProcessSnapshotter:
-        self.snapshotter = Snapshotter(self.root, self.mounter, self.resolver)
-        self.server = SnapshotterServer(self.snapshotter, self.address)
+        from nydus.snapshotter.imageref import ContainerdImageResolver
+        from nydus.snapshotter.nydusblobs import nydus_content_service
+
+        content = None
+        local_blob = None
+        if self.content_store:
+            content = nydus_content_service(
+                self.root / "content",
+                self.containerd_address,
+                lambda: self.server.service.plugin_name if self.server else SNAPSHOTTER_NAME,
+                docker_config=None,
+            )
+            store = content.store
+            local_blob = lambda d: store.read_small(d, 8 << 20)  # noqa: E731
+        resolver = ContainerdImageResolver(self.containerd_address, local_blob=local_blob)
+        self.snapshotter = Snapshotter(self.root, self.mounter, resolver, layers=resolver)
+        self.server = SnapshotterServer(self.snapshotter, self.address, content=content)
         self.server.start()
         return self
 
@@ -267,6 +306,7 @@ class Containerd:
     namespace: str = field(default_factory=lambda: f"nydus-test-{secrets.token_hex(3)}")
     sockdir: Path = field(default_factory=short_tmpdir)
     proc: subprocess.Popen[bytes] | None = None
+    content_proxy: bool = False  # containerd's content store served by the snapshotter
 
     @property
     def address(self) -> Path:
@@ -285,6 +325,8 @@ class Containerd:
         return self.workdir / "containerd.log"
 
     def config_text(self) -> str:
+        if self.content_proxy:
+            return self._config_v2()
         snippet = ARTICLE_SNIPPET.replace(ARTICLE_ADDRESS, str(self.snapshotter_address))
         # containerd 1.6 reads a config without "version" as version 1, the article's format.
         return (
@@ -299,6 +341,21 @@ class Containerd:
             '  level = "debug"\n'
             "\n" + snippet
         )
+
+    def _config_v2(self) -> str:
+        snippet = CONTENT_PROXY_SNIPPET.replace(ARTICLE_ADDRESS, str(self.snapshotter_address))
+        head, rest = snippet.split("\n", 1)  # "version = 2" first
+        rest = rest.replace(
+            'disabled_plugins = ["io.containerd.content.v1.content"]',
+            'disabled_plugins = ["io.containerd.content.v1.content", "io.containerd.grpc.v1.cri"]',
+        )
+        dirs = f'{head}\nroot = "{self.root}"\nstate = "{self.state}"\n'
+        sockets = (
+            f'\n[grpc]\n  address = "{self.address}"\n'
+            f'\n[ttrpc]\n  address = "{self.address}.ttrpc"\n'
+            '\n[debug]\n  level = "debug"\n'
+        )
+        return dirs + rest + sockets
 
     def start(self, timeout: float = 30.0) -> Containerd:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -736,20 +793,25 @@ def debian_layout(directory: Path, tag: str = "1", cache: Path = DEBIAN_CACHE) -
 class NydusStack:
     """containerd + ``containerd-nydus-grpc`` (a subprocess with the real daemon manager).
 
-    ``sn_args`` are extra snapshotter flags (``--shared-daemon``, ``--recover-policy ...``).
+    ``sn_args`` are extra snapshotter flags (``--shared-daemon``, ``--recover-policy ...``);
+    ``content_store`` adds ``--content-store`` and proxies containerd's content store to it.
     :meth:`stop` removes workloads, stops containerd and the snapshotter, then stops every
     nydusd the snapshotter's root still records (the snapshotter leaves daemons running on
     exit, by design) and detaches what is left mounted.
     """
 
-    def __init__(self, tmp: Path, sn_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tmp: Path, sn_args: Sequence[str] = (), *, content_store: bool = False
+    ) -> None:
         self.tmp = tmp
         self.sock_dir = short_tmpdir("nydus-sn-")
         self.sn_address = self.sock_dir / "containerd-nydus-grpc.sock"
-        self.ctd = Containerd(tmp / "containerd", self.sn_address)
+        self.ctd = Containerd(tmp / "containerd", self.sn_address, content_proxy=content_store)
         self.sn_root = tmp / "snapshotter"
         self.cache_dir = tmp / "cache"
         args = ["--cache-dir", str(self.cache_dir), *sn_args]
+        if content_store:
+            args.append("--content-store")
         self.sn = SnapshotterProcess(
             self.sn_root, self.sn_address, containerd_address=self.ctd.address, extra_args=args
         )

@@ -21,16 +21,19 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from containerd import ARTICLE_NYDUSD_CONFIG as ARTICLE_CONFIG
 from containerd import (
+    PATH_ENV,
     NydusStack,
     busybox_data_layout,
     containerd_skip_reason,
@@ -39,6 +42,8 @@ from containerd import (
     nydusify_convert,
     skopeo_push,
 )
+from nydus.snapshotter.api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
+from nydus.snapshotter.rpc import ServiceClient
 from registry import FaultProxy, RegistryServer, free_port, registry_plain  # noqa: F401
 
 pytestmark = [
@@ -238,8 +243,6 @@ def daemon_free(s: NydusStack) -> bool:
     return not list((s.sn_root / "mnt").glob("*/*"))
 
 
-
-
 def test_article_config_and_flags(bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:
     """Section 06 as written: its config.json and its flags (paths moved under tmp_path)."""
     cfg = tmp_path / "config.json"
@@ -393,6 +396,163 @@ def test_debian_image_lazy(
         fetched = sum(proxy.blob_bytes(d) for d in blobs)
         print(f"Debian image: {size} bytes uncompressed, Nydus blobs {total}, fetched {fetched}")
         assert fetched < 0.25 * total, (fetched, total)
+    except BaseException:
+        print(s.diagnostics())
+        raise
+    finally:
+        _stop(s)
+
+
+# -- stock `ctr image pull` through the content store ------------------------------------------
+
+
+def _content_stack(tmp_path: Path, *args: str) -> NydusStack:
+    return NydusStack(tmp_path, ["--log-level", "debug", *args], content_store=True).start()
+
+
+def _stored(s: NydusStack, kind: str) -> set[str]:
+    """Digests under the snapshotter's content store: kind "blobs" or "lazy"."""
+    base = s.sn_root / "content" / kind
+    return {f"{p.parent.name}:{p.name}" for p in base.glob("sha256/*") if p.name[0] != "."}
+
+
+def _content_size(s: NydusStack, digest: str) -> int:
+    """The size containerd's content store (its metadata) records for ``digest``."""
+    with grpc.insecure_channel(f"unix:{s.ctd.address}") as ch:
+        c = ServiceClient(ch, CONTENT_SERVICE, [(NAMESPACE_HEADER, s.ctd.namespace)], 10)
+        return int(
+            c.unary(
+                "Info", content_pb2.InfoRequest(digest=digest), content_pb2.InfoResponse
+            ).info.size
+        )
+
+
+def _ctr_pull(s: NydusStack, ref: str) -> None:
+    s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref).check()
+
+
+def test_stock_ctr_pull_and_run_through_the_content_store(
+    bb: Image, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Stock ``ctr image pull`` + ``ctr run``: the pull downloads no data blob, the run a part."""
+    s = _content_stack(tmp_path)
+    try:
+        ref = f"{proxy.host}/{bb.nydus}"
+        _ctr_pull(s, ref)
+        assert _fetched(proxy, bb) == 0, "the pull downloaded data blobs"
+        assert proxy.blob_bytes(bb.bootstrap[0]) == bb.bootstrap[1]
+        assert _stored(s, "lazy") == set(bb.blobs), "the blobs are lazy entries, not files"
+        assert not _stored(s, "blobs") & set(bb.blobs)
+        # containerd counts them as present, with their sizes (from the lazy entries)
+        assert {d: _content_size(s, d) for d in bb.blobs} == bb.blobs
+
+        r = s.run(ref, "c1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f03")
+        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
+        fetched = _fetched(proxy, bb)
+        # busybox (about 1 MiB) and one 512 KiB file of a 9.5 MiB image
+        assert 0 < fetched < 0.3 * bb.blob_total, (fetched, bb.blob_total)
+        # pulling again changes nothing and downloads nothing
+        _ctr_pull(s, ref)
+        assert _fetched(proxy, bb) == fetched
+
+        # removing the image: containerd's GC removes the snapshots, the lazy entries and the
+        # real blobs; the cache of unused blobs goes too
+        s.ctr("image", "rm", "--sync", ref).check()
+        wait_for(lambda: s.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout.count("\n") <= 1,
+                 what="snapshots removed")  # fmt: skip
+        wait_for(lambda: not _stored(s, "lazy") and not _stored(s, "blobs"), what="content GC")
+        assert s.ctr("content", "ls", "-q").check().stdout.strip() == ""
+        wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
+    except BaseException:
+        print(s.diagnostics())
+        raise
+    finally:
+        _stop(s)
+
+
+def test_plain_oci_image_through_the_content_store(
+    bb: Image, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    s = _content_stack(tmp_path)
+    try:
+        ref = f"{proxy.host}/{bb.oci}"
+        _ctr_pull(s, ref)
+        assert not _stored(s, "lazy")
+        repo, tag = bb.oci.split(":")
+        body, _, _ = proxy.client().get_manifest(repo, tag)
+        layers = {ly["digest"] for ly in json.loads(body)["layers"]}
+        assert layers <= _stored(s, "blobs"), "the layers are stored for real"
+        for d in layers:
+            assert proxy.blob_bytes(d) > 0
+        r = s.run(ref, "p1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f01")
+        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f01'])}  /data/f01\n"
+        # containerd reads its content back through us (ctr content get)
+        blob = s.ctr("content", "get", sorted(layers)[0]).stdout
+        assert blob  # text mode; the digest is checked below on the store's file
+        d = sorted(layers)[0]
+        stored = (s.sn_root / "content" / "blobs" / "sha256" / d.split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(stored).hexdigest() == d
+    except BaseException:
+        print(s.diagnostics())
+        raise
+    finally:
+        _stop(s)
+
+
+def test_content_store_survives_a_snapshotter_restart(
+    bb: Image, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    s = _content_stack(tmp_path)
+    try:
+        ref = f"{proxy.host}/{bb.nydus}"
+        _ctr_pull(s, ref)
+        before = s.ctr("content", "ls", "-q").check().stdout.split()
+        stored = _stored(s, "blobs"), _stored(s, "lazy")
+        s.restart_snapshotter()
+        assert (_stored(s, "blobs"), _stored(s, "lazy")) == stored
+        assert s.ctr("content", "ls", "-q").check().stdout.split() == before
+        # what containerd reads through us is still there: a container starts
+        r = s.run(ref, "r1", "/bin/cat", "/etc/hello.txt")
+        assert r.returncode == 0 and r.stdout == HELLO, f"{r.stderr}\n{s.diagnostics()}"
+        _ctr_pull(s, ref)  # and the image needs nothing new
+        assert _fetched(proxy, bb) < 0.3 * bb.blob_total
+        # reading a lazy blob through containerd fetches its real bytes (checked) from the
+        # registry recorded in containerd's distribution-source label, then serves them
+        digest = max(bb.blobs, key=lambda d: bb.blobs[d])
+        p = subprocess.run(
+            ["ctr", "-a", str(s.ctd.address), "-n", s.ctd.namespace, "content", "get", digest],
+            capture_output=True, timeout=120, env={"PATH": PATH_ENV},
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert "sha256:" + hashlib.sha256(p.stdout).hexdigest() == digest
+        assert digest in _stored(s, "blobs") and digest not in _stored(s, "lazy")
+    except BaseException:
+        print(s.diagnostics())
+        raise
+    finally:
+        _stop(s)
+
+
+def test_stock_ctr_pull_without_the_content_store_fails_clearly(
+    bb: Image, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Without the content proxy, containerd 1.6's unpack looks for the blob layers in its own
+    metadata (they are not there: nothing told it) and then tries to apply them: the pull
+    fails, after downloading everything. The snapshotter's error says what to do."""
+    s = _stack(tmp_path)
+    try:
+        ref = f"{proxy.host}/{bb.nydus}"
+        r = s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref)
+        assert r.returncode != 0
+        assert "is a Nydus data blob" in r.stderr and "--content-store" in r.stderr, r.stderr
+        assert _fetched(proxy, bb) == bb.blob_total  # containerd's fetch took them all
+        # nydus-pull still works on the same stack, and so does ctr run after it
+        res = nydus_pull(s.ctd, ref)
+        assert len(res["skipped"]) == 3 and len(res["applied"]) == 1, res
+        r = s.run(ref, "n1", "/bin/cat", "/etc/hello.txt")
+        assert r.returncode == 0 and r.stdout == HELLO, f"{r.stderr}\n{s.diagnostics()}"
     except BaseException:
         print(s.diagnostics())
         raise

@@ -8,11 +8,14 @@ snapshot directories behind.
 Nydus images are built here with our ``nydus-image`` (uncompressed, so the kernel can mount the
 bootstrap with the blob as its device) and pushed as upstream lays them out: one
 ``nydus-blob`` layer, then the ``nydus-bootstrap`` tar.gz. The pull goes through a counting
-proxy, which shows that containerd never fetches the blob. The container is started with a test
-mounter that kernel-mounts the bootstrap over the local blob (a real EROFS mount, though neither
-lazy nor through nydusd), and with the shipped daemon manager serving the blob from a
-``localfs`` template; with ``--daemon-mode none``, ``ctr run`` fails with an error that names
-what is missing. The lazy registry path, end to end, is in test_e2e_snapshotter.py.
+proxy, which shows that containerd never fetches the blob: with ``nydus-pull``, or with stock
+``ctr image pull`` when containerd's content store is the snapshotter's (``--content-store``);
+without it, stock ``ctr image pull`` fails with the snapshotter's explanation. The container
+is started with a test mounter that kernel-mounts the bootstrap over the local blob (a real
+EROFS mount, though neither lazy nor through nydusd), and with the shipped daemon manager
+serving the blob from a ``localfs`` template; with ``--daemon-mode none``, ``ctr run`` fails
+with an error that names what is missing. The lazy registry path, end to end, is in
+test_e2e_snapshotter.py.
 """
 
 from __future__ import annotations
@@ -88,24 +91,37 @@ class Stack:
     """containerd + snapshotter for one test."""
 
     def __init__(
-        self, tmp: Path, mounter: NydusMounter | None = None, sn_args: Sequence[str] = ()
+        self,
+        tmp: Path,
+        mounter: NydusMounter | None = None,
+        sn_args: Sequence[str] = (),
+        *,
+        content_store: bool = False,
     ) -> None:
-        """A snapshotter subprocess, or an in-process one when a test mounter is given."""
+        """A snapshotter subprocess, or an in-process one when a test mounter is given;
+        ``content_store``: it serves containerd's content store too."""
         self.tmp = tmp
         self.sock_dir = short_tmpdir("nydus-sn-")
         self.sn_address = self.sock_dir / "containerd-nydus-grpc.sock"
-        self.ctd = Containerd(tmp / "containerd", self.sn_address)
+        self.ctd = Containerd(tmp / "containerd", self.sn_address, content_proxy=content_store)
         self.sn_root = tmp / "snapshotter"
         self.sn: SnapshotterProcess | InProcessSnapshotter
         if mounter is None:
+            extra = [*sn_args, "--content-store"] if content_store else list(sn_args)
             self.sn = SnapshotterProcess(
                 self.sn_root,
                 self.sn_address,
                 containerd_address=self.ctd.address,
-                extra_args=sn_args,
+                extra_args=extra,
             )
         else:
-            self.sn = InProcessSnapshotter(self.sn_root, self.sn_address, mounter, self.ctd.address)
+            self.sn = InProcessSnapshotter(
+                self.sn_root,
+                self.sn_address,
+                mounter,
+                self.ctd.address,
+                content_store=content_store,
+            )
 
     def start(self) -> Stack:
         self.sn.start()
@@ -214,7 +230,6 @@ def test_snapshotter_restart_under_running_container(stack: Stack, busybox_ref: 
 
 
 # -- the article's command line ----------------------------------------------------------
-
 
 
 def _cli(*args: str) -> list[str]:
@@ -398,30 +413,67 @@ def _pull(s: Stack, ref: str, host: str, *, cri_labels: bool) -> UnpackResult:
 
 
 @pytest.mark.slow
-def test_stock_ctr_pull_cannot_unpack_nydus_images(
+def test_stock_ctr_pull_of_a_nydus_image_needs_the_content_store(
     stack: Stack,
     nydus_image: NydusImage,
     registry_plain: RegistryServer,  # noqa: F811
 ) -> None:
-    """containerd 1.6's ``ctr image pull`` passes no labels and has no blob stream processor.
-
-    This pins the reason :mod:`nydus.snapshotter.unpack` exists; if containerd grows the
-    unpacker in ``ctr image pull``, this test fails and the workaround can go.
-    """
+    """Without the content store, containerd 1.6's ``ctr image pull`` downloads every layer,
+    then its unpack asks its own metadata for the blob layer (a proxy snapshotter never sees
+    that ``Stat``) and prepares it for extraction: the snapshotter refuses, saying what to do
+    (rather than containerd's "no processor for media-type" once it tried to apply it)."""
     _push_nydus(nydus_image, registry_plain, "nydus-stock")
     proxy = FaultProxy(registry_plain)
     try:
         ref = f"{proxy.host}/nydus-stock:1"
         r = stack.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref)
-        # it downloads every layer, the data blob included, before unpacking anything ...
-        assert proxy.blob_bytes(nydus_image.blob_digest) == len(nydus_image.blob)
-        # ... then applies the blob layer itself (no labels: the snapshotter cannot skip it)
         assert r.returncode != 0
-        assert (
-            "failed to get stream processor for application/vnd.oci.image.layer.nydus.blob.v1: "
-            "no processor for media-type" in r.stderr
-        ), r.stderr
+        assert proxy.blob_bytes(nydus_image.blob_digest) == len(nydus_image.blob)
+        assert "is a Nydus data blob" in r.stderr and "--content-store" in r.stderr, r.stderr
+        assert "no processor for media-type" not in r.stderr
+        # nothing is left half-made
+        ls = stack.ctr("snapshots", "--snapshotter", "nydus", "ls").check().stdout
+        assert ls.count("\n") <= 1, ls
     finally:
+        proxy.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.kernel
+def test_stock_ctr_pull_through_the_content_store_skips_the_blob(
+    tmp_path: Path,
+    nydus_image: NydusImage,
+    registry_plain: RegistryServer,  # noqa: F811
+) -> None:
+    """Stock ``ctr image pull`` + ``ctr run`` with containerd's content store proxied to the
+    snapshotter: the blob layer is neither downloaded nor applied, the bootstrap layer is
+    unpacked by containerd and found by the container's ``Prepare``."""
+    _push_nydus(nydus_image, registry_plain, "nydus-stock-2")
+    proxy = FaultProxy(registry_plain)
+    ref = f"{proxy.host}/nydus-stock-2:1"
+    mounter = KernelErofsMounter(nydus_image.blob_dir, tmp_path / "rafs")
+    s = Stack(tmp_path, mounter, content_store=True).start()
+    lazy = s.sn_root / "content" / "lazy" / "sha256" / nydus_image.blob_digest.split(":")[1]
+    try:
+        s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref).check()
+        assert proxy.blob_bytes(nydus_image.blob_digest) == 0, "the blob was downloaded"
+        assert proxy.blob_bytes(nydus_image.boot_digest) == len(nydus_image.boot_layer)
+        assert json.loads(lazy.read_text())["size"] == len(nydus_image.blob)
+        r = s.ctr(
+            "run", "--rm", "--snapshotter", "nydus", ref, "s1", "/bin/busybox", "cat",
+            "/etc/hello.txt",
+        )  # fmt: skip
+        assert r.check().stdout == "hello from a nydus image\n", s.diagnostics()
+        ((sid, _, image_ref, labels),) = mounter.calls
+        assert image_ref == ref
+        assert labels.get("containerd.io/snapshot/nydus-bootstrap") == "true"
+        wait_for(lambda: mounter.umounts == [sid], what="Nydus mount released on removal")
+        gc_image(s, ref)
+        wait_for(lambda: snapshot_dirs(s.sn_root) == [], what="all snapshot dirs removed")
+        wait_for(lambda: not lazy.exists(), what="lazy entry collected")
+        assert proxy.blob_bytes(nydus_image.blob_digest) == 0
+    finally:
+        s.stop()
         proxy.stop()
 
 

@@ -589,3 +589,50 @@ def test_service_lazy_entries(tmp_path: Path) -> None:
         assert {i.digest for i in srv.list()} == {sha(manifest), sha(blobs[0])}
     finally:
         srv.close()
+
+
+# -- what the registrar registers --------------------------------------------------------------
+
+
+def test_registrar_plans_the_bottom_run_of_blob_layers() -> None:
+    from nydus.snapshotter.api import descriptor_pb2
+    from nydus.snapshotter.imageref import chain_ids
+    from nydus.snapshotter.remotelayers import RemoteLayerRegistrar, image_uses
+
+    blobs: dict[str, bytes] = {}
+
+    def add(doc: dict) -> str:  # type: ignore[type-arg]
+        data = json.dumps(doc).encode()
+        blobs[sha(data)] = data
+        return sha(data)
+
+    manifest_bytes = nydus_manifest([b"one", b"two"])
+    doc = json.loads(manifest_bytes)
+    diff_ids = [sha(b"one"), sha(b"two"), sha(b"boot-tar")]
+    doc["config"]["digest"] = add({"rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    manifest = add(doc)
+    index = add({"manifests": [{"digest": sha(b"other")}, {"digest": manifest}]})
+    r = RemoteLayerRegistrar("/nonexistent.sock", blobs.get, lambda: "nydus")
+    plan = r.plan(manifest)
+    assert plan is not None and plan.config == doc["config"]["digest"]
+    chains = chain_ids(diff_ids)
+    assert [(ly.chain_id, ly.parent) for ly in plan.layers] == [
+        (chains[0], ""),
+        (chains[1], chains[0]),
+    ]
+    assert dict(plan.layers[1].labels) == {
+        "containerd.io/snapshot/nydus-blob": "true",
+        "containerd.io/snapshot.ref": chains[1],
+    }
+    # no config yet: no plan (asked again later); not a manifest: none either
+    doc["config"]["digest"] = sha(b"not fetched")
+    assert r.plan(add(doc)) is None and r.plan(sha(b"absent")) is None
+    # images that use the manifest: directly, or through an index
+    D = descriptor_pb2.Descriptor
+    assert image_uses(blobs.get, D(digest=manifest), manifest)
+    assert image_uses(
+        blobs.get, D(media_type="application/vnd.oci.image.index.v1+json", digest=index), manifest
+    )
+    assert not image_uses(blobs.get, D(digest=sha(b"other")), manifest)
+    # without a containerd, ensure() logs and registers nothing (never raises into a Read)
+    assert r.ensure(manifest) == []

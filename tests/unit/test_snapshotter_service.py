@@ -19,6 +19,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from nydus.errors import BackendError
 from nydus.snapshotter.api import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
@@ -29,9 +30,15 @@ from nydus.snapshotter.api import (
     snapshots_pb2,
 )
 from nydus.snapshotter.core import Snapshotter
-from nydus.snapshotter.errdefs import SnapshotPreconditionFailed
-from nydus.snapshotter.imageref import ContainerdImageResolver, chain_ids
-from nydus.snapshotter.labels import CRI_IMAGE_REF, NYDUS_BLOB, NYDUS_BOOTSTRAP, SNAPSHOT_REF
+from nydus.snapshotter.errdefs import SnapshotExists, SnapshotPreconditionFailed
+from nydus.snapshotter.imageref import ContainerdImageResolver, LayerMatch, chain_ids
+from nydus.snapshotter.labels import (
+    CRI_IMAGE_REF,
+    NYDUS_BLOB,
+    NYDUS_BOOTSTRAP,
+    NYDUS_FS_VERSION,
+    SNAPSHOT_REF,
+)
 from nydus.snapshotter.mounter import DaemonManagerMissing, NydusMounter, RecoveredMount
 from nydus.snapshotter.rpc import ServiceClient, generic_handler
 from nydus.snapshotter.service import SnapshotterServer
@@ -572,3 +579,82 @@ def test_chain_ids() -> None:
     a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
     assert chain_ids([a]) == [a]
     assert chain_ids([a, b])[1] == "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()
+
+
+# -- stock `ctr image pull`: label-less unpacks ------------------------------------------------
+
+
+class FakeLayers:
+    """A LayerResolver answering from a table (an exception value is raised)."""
+
+    def __init__(self, table: dict[str, LayerMatch | Exception]) -> None:
+        self.table = table
+        self.asked: list[tuple[str, str]] = []
+
+    def layer(self, namespace: str, chain_id: str) -> LayerMatch | None:
+        self.asked.append((namespace, chain_id))
+        hit = self.table.get(chain_id)
+        if isinstance(hit, Exception):
+            raise hit
+        return hit
+
+
+def test_label_less_unpack_gets_the_labels_containerds_unpacker_would_pass(
+    tmp_path: Path,
+) -> None:
+    chains = (CHAIN1, CHAIN2, CHAIN3)
+    img = "reg:5000/img:1"
+    blob = {NYDUS_BLOB: "true"}
+    boot_ann = {NYDUS_BOOTSTRAP: "true", NYDUS_FS_VERSION: "6", "org.other": "x"}
+    plain = "sha256:" + "4" * 64
+    broken = "sha256:" + "5" * 64
+    layers = FakeLayers(
+        {
+            CHAIN1: LayerMatch(img, "sha256:" + "m" * 64, 0, chains, blob),
+            CHAIN2: LayerMatch(img, "sha256:" + "m" * 64, 1, chains, blob),
+            CHAIN3: LayerMatch(img, "sha256:" + "m" * 64, 2, chains, boot_ann),
+            plain: LayerMatch("reg:5000/plain:1", "sha256:" + "p" * 64, 0, (plain,), {}),
+            broken: BackendError("containerd is down"),
+        }
+    )
+    mounter = RecordingMounter(tmp_path / "mnt")
+    sn = Snapshotter(tmp_path / "root", mounter, FakeResolver(img), index_off=True, layers=layers)
+    try:
+        # a blob layer cannot be unpacked: a clear refusal, nothing created
+        with pytest.raises(SnapshotPreconditionFailed, match=r"is a Nydus data blob.*--content"):
+            sn.prepare(f"default/1/extract-1 {CHAIN1}", "", {})
+        assert sn.walk() == []
+        # what the content store's registrar does first: labelled prepares (remote layers)
+        for chain, parent in ((CHAIN1, ""), (CHAIN2, CHAIN1)):
+            with pytest.raises(SnapshotExists):
+                sn.prepare(
+                    f"default/2/nydus-register {chain}", parent, {SNAPSHOT_REF: chain, **blob}
+                )
+        # the bootstrap layer: labelled as by containerd's unpacker, through the commit too
+        key = f"default/3/extract-3 {CHAIN3}"
+        sn.prepare(key, CHAIN2, {})
+        want = {SNAPSHOT_REF: CHAIN3, NYDUS_BOOTSTRAP: "true", NYDUS_FS_VERSION: "6"}
+        assert dict(sn.stat(key).labels) == want
+        with sn.store.transaction() as tx:
+            fs = sn.upper_path(tx.get_info(key)[0])
+        (fs / "image").mkdir()
+        (fs / "image" / "image.boot").write_bytes(b"bootstrap")
+        sn.commit(f"default/4/{CHAIN3}", key, {})
+        assert dict(sn.stat(f"default/4/{CHAIN3}").labels) == want
+        # so the container's Prepare finds the bootstrap among its parents
+        sn.prepare("default/5/ctr", f"default/4/{CHAIN3}", {})
+        ((boot, ref, labels),) = mounter.mounted.values()
+        assert boot == fs / "image" / "image.boot" and ref == img
+        assert labels[NYDUS_BOOTSTRAP] == "true"
+        # plain layers, unknown layers and a failing lookup change nothing
+        for i, chain in enumerate((plain, broken, "sha256:" + "6" * 64)):
+            k = f"default/{10 + i}/extract-{i} {chain}"
+            sn.prepare(k, "", {})
+            assert dict(sn.stat(k).labels) == {}
+        # only unpack keys without labels are looked up
+        asked = len(layers.asked)
+        sn.prepare("default/20/ctr-2", "", {})
+        sn.prepare(f"default/21/extract-x {CHAIN1}x", "", {})
+        assert len(layers.asked) == asked
+    finally:
+        sn.close()

@@ -1,5 +1,5 @@
 """``containerd-nydus-grpc``: the containerd remote snapshotter, with upstream's flags; and
-``nydus-pull``, the labelled pull that containerd 1.6's ``ctr image pull`` cannot do.
+``nydus-pull``, a labelled pull for containerd 1.6 (the alternative to ``--content-store``).
 
 ``containerd-nydus-grpc`` parses flags into a
 :class:`~nydus.snapshotter.config.SnapshotterConfig`, sets up logging
@@ -7,7 +7,9 @@
 Snapshots service on ``--address`` until SIGTERM/SIGINT, then stops cleanly (exit 0). Running
 Nydus daemons are left alone on exit: containers keep using them, and the next start adopts
 them. Registry credentials for the daemons also come from ``$DOCKER_CONFIG/config.json``
-(default ``~/.docker/config.json``).
+(default ``~/.docker/config.json``). ``--content-store`` also serves containerd's Content
+service from ``<root>/content``: with containerd's content store proxied to it, stock
+``ctr image pull`` pulls Nydus images without downloading their data blobs.
 
 ``nydus-pull [-a SOCK] [-n NS] [--plain-http] REF`` stores REF's manifest and config in
 containerd and unpacks it into the ``nydus`` snapshotter with the layer labels containerd's own
@@ -23,12 +25,18 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import ConfigError
 from . import run_guarded
+
+if TYPE_CHECKING:
+    from ..snapshotter.config import SnapshotterConfig
+    from ..snapshotter.contentservice import ContentService
 
 log = logging.getLogger("containerd-nydus-grpc")
 
@@ -110,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"containerd's socket, to find which image a layer belongs to "
         f"({DEFAULT_CONTAINERD_ADDRESS})",
     )
+    p.add_argument(
+        "--content-store",
+        action="store_true",
+        help="also serve containerd's Content service on --address, from <root>/content: with "
+        "containerd's content store proxied to it (README), stock `ctr image pull` pulls Nydus "
+        "images without downloading their data blobs",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -174,6 +189,7 @@ def _run(a: argparse.Namespace) -> int:
         metrics_address=a.metrics_address,
         docker_config=_docker_config(),
         daemon_start_timeout=a.daemon_start_timeout,
+        content_store=a.content_store,
     )
     _setup_logging(cfg.log_level, cfg.log_to_stdout, cfg.log_dir)
     log.info(
@@ -195,15 +211,19 @@ def _run(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    content = _content_service(cfg, lambda: server.service.plugin_name)
+    local_blob = None
+    if content is not None:
+        store = content.store
+        local_blob = lambda digest: store.read_small(digest, 8 << 20)  # noqa: E731
+    resolver = ContainerdImageResolver(cfg.containerd_address, local_blob=local_blob)
     mounter = default_mounter(cfg)
     try:
-        snapshotter = Snapshotter(
-            cfg.root, mounter, ContainerdImageResolver(cfg.containerd_address)
-        )
+        snapshotter = Snapshotter(cfg.root, mounter, resolver, layers=resolver)
     except BaseException:
         mounter.close()
         raise
-    server = SnapshotterServer(snapshotter, cfg.address)
+    server = SnapshotterServer(snapshotter, cfg.address, content=content)
     try:
         server.start()
         while not stop.wait(1.0):
@@ -213,6 +233,24 @@ def _run(a: argparse.Namespace) -> int:
         snapshotter.close()
     log.info("stopped")
     return 0
+
+
+def _content_service(
+    cfg: SnapshotterConfig, plugin_name: Callable[[], str]
+) -> ContentService | None:
+    """The Content service over ``<root>/content`` with the Nydus hooks (``--content-store``)."""
+    if not cfg.content_store:
+        return None
+    from ..snapshotter.nydusblobs import nydus_content_service
+
+    log.info("content store at %s (containerd's content proxy)", cfg.content_dir)
+    return nydus_content_service(
+        cfg.content_dir,
+        cfg.containerd_address,
+        plugin_name,
+        scheme=cfg.registry_scheme,
+        docker_config=cfg.docker_config,
+    )
 
 
 def pull_main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ checked to be a JSON object here, and interpreted by the daemon manager (:mod:`.
 ``recover_policy`` says what happens when a nydusd dies: ``restart`` (a new daemon on the same
 mount point; containers that were reading through the dead one get errors), ``failover`` (the
 snapshotter holds each daemon's FUSE connection, and a new daemon takes it over: running
-containers carry on) or ``none``.
+containers carry on) or ``none``. ``content_store`` serves containerd's Content service from
+``<root>/content`` too (:mod:`.contentservice`), which lets stock ``ctr image pull`` pull Nydus
+images lazily.
 
 Immutable once built; share freely between threads.
 """
@@ -59,6 +61,7 @@ class SnapshotterConfig:
     docker_config: Path | None = None  # docker config.json read for registry credentials
     daemon_start_timeout: float = 30.0  # seconds for a nydusd to reach RUNNING
     daemon_check_interval: float = 1.0  # seconds between liveness checks of the daemons
+    content_store: bool = False  # serve containerd's Content service too (<root>/content)
 
     def __post_init__(self) -> None:
         if self.daemon_mode not in DAEMON_MODES:
@@ -86,6 +89,17 @@ class SnapshotterConfig:
     @property
     def log_dir(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def content_dir(self) -> Path:
+        return self.root / "content"
+
+    @property
+    def registry_scheme(self) -> str:
+        """The nydusd template's registry scheme ("" when it names none: auto-detect)."""
+        backend = (self.nydusd_config.get("device") or {}).get("backend") or {}
+        scheme = (backend.get("config") or {}).get("scheme") if isinstance(backend, dict) else ""
+        return scheme if scheme in ("http", "https") else ""
 
 
 def load_nydusd_config(path: Path) -> dict[str, Any]:

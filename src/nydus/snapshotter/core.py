@@ -25,6 +25,17 @@ Remote-snapshot rules (nydus-reference.md §1.5):
   on the requested parent and answers ALREADY_EXISTS: containerd then finds it by its labels,
   counts the layer as unpacked and never downloads the blob.
 - The ``nydus-bootstrap`` layer is unpacked by containerd like any layer.
+- Stock ``ctr image pull`` (containerd 1.6) unpacks with ``rootfs.ApplyLayerWithOpts`` and
+  passes **no labels**: ``Prepare("<ns>/<n>/extract-<unique> <chainID>", parent)``. For such
+  keys the snapshotter asks the ``layers`` resolver (containerd's images, :mod:`.imageref`)
+  which layer ``chainID`` is and takes the labels containerd's unpacker would have passed. A
+  bootstrap layer gets its ``nydus-bootstrap`` labels that way (and keeps them through the
+  label-less ``Commit``), so the container's ``Prepare`` finds it. A Nydus data-blob layer
+  cannot be unpacked at all (containerd has no stream processor for its media type, and
+  containerd's metadata layer turns ALREADY_EXISTS without a target into an unknown error):
+  it must already be known to containerd before its unpack looks for it, which the content
+  store does (:mod:`.remotelayers`); if it is not, ``Prepare`` fails with FAILED_PRECONDITION
+  and a message that says so, instead of containerd's "no processor for media-type".
 - ``Prepare`` of an active snapshot (no ``snapshot.ref``: a container's rootfs) or ``View``
   whose parents include a bootstrap snapshot asks the :class:`~.mounter.NydusMounter` to serve
   ``<bootstrap fs>/image/image.boot`` and returns an overlay whose lowest ``lowerdir`` is that
@@ -41,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,11 +60,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import FormatError, NydusError
-from .errdefs import SnapshotExists, SnapshotNotFound
+from .errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
 from .filters import parse_all
 from .fsutil import disk_usage, remove_tree
-from .imageref import ImageRefResolver, image_ref_from_labels, namespace_of_key
-from .labels import NYDUS_BOOTSTRAP, SNAPSHOT_REF, is_nydus_blob, is_nydus_bootstrap
+from .imageref import ImageRefResolver, LayerResolver, image_ref_from_labels, namespace_of_key
+from .labels import (
+    NYDUS_BOOTSTRAP,
+    NYDUS_FS_VERSION,
+    SNAPSHOT_REF,
+    is_nydus_blob,
+    is_nydus_bootstrap,
+)
 from .mounter import NydusMounter, RecoveredMount
 from .store import Info, Kind, MetaStore, NydusMount, Snapshot, Transaction, Usage
 
@@ -61,6 +79,11 @@ __all__ = ["Mount", "Snapshotter", "overlay_index_supported"]
 log = logging.getLogger(__name__)
 
 _BOOTSTRAP_PATHS = ("image/image.boot", "image.boot")  # upstream layout, then legacy
+# containerd's rootfs.applyLayers key (snapshots.UnpackKeyFormat), as its metadata layer
+# passes it on: "<namespace>/<n>/extract-<unique> <chainID>"
+_UNPACK_KEY = re.compile(r"^([^/]+)/\d+/extract-\S+ (sha256:[0-9a-f]{64})$")
+# labels of a bootstrap layer that a label-less Commit must not drop
+_KEPT_AT_COMMIT = (NYDUS_BOOTSTRAP, NYDUS_FS_VERSION, SNAPSHOT_REF)
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,7 @@ class Snapshotter:
         resolver: ImageRefResolver | None = None,
         *,
         index_off: bool | None = None,
+        layers: LayerResolver | None = None,
     ) -> None:
         self.root = Path(root).absolute()
         self.snapshots_dir = self.root / "snapshots"
@@ -95,6 +119,7 @@ class Snapshotter:
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.mounter = mounter
         self.resolver = resolver
+        self.layers = layers
         self.index_off = overlay_index_supported() if index_off is None else index_off
         self.store = MetaStore(self.root / "metadata.db")
         for leftover in self.snapshots_dir.glob("new-*"):  # creations cut short by a crash
@@ -174,9 +199,43 @@ class Snapshotter:
         """containerd ``Prepare``: a new active snapshot (see module docstring for Nydus)."""
         labels = dict(labels or {})
         target = labels.get(SNAPSHOT_REF, "")
+        if not target:
+            derived = self._unpack_labels(key)
+            if derived:
+                labels.update(derived)
+                target = labels.get(SNAPSHOT_REF, "")
         if target and is_nydus_blob(labels):
             self._commit_remote(target, parent, labels)
         return self._create_and_mount(Kind.ACTIVE, key, parent, labels, namespace, target)
+
+    def _unpack_labels(self, key: str) -> dict[str, str] | None:
+        """For a label-less unpack of a Nydus layer (stock ``ctr image pull``), the labels
+        containerd's unpacker would have passed (see the module docstring); else None."""
+        m = _UNPACK_KEY.match(key)
+        if m is None or self.layers is None:
+            return None
+        namespace, chain_id = m.groups()
+        try:
+            layer = self.layers.layer(namespace, chain_id)
+        except NydusError as e:
+            log.warning("cannot tell which layer %s is: %s", key, e)
+            return None
+        if layer is None:
+            return None
+        labels = layer.snapshot_labels()
+        if is_nydus_blob(labels):
+            raise SnapshotPreconditionFailed(
+                f"layer {chain_id} of image {layer.image} is a Nydus data blob: it needs no "
+                "unpacking, and containerd cannot unpack it (it has no stream processor for "
+                "its media type). containerd asked to unpack it because nothing told it the "
+                "layer was there: with containerd 1.6's `ctr image pull`, run "
+                "containerd-nydus-grpc with --content-store and proxy containerd's content "
+                "store to it (README: Pulling), or pull with nydus-pull"
+            )
+        if not is_nydus_bootstrap(labels):
+            return None  # a plain layer: unpacked as containerd's overlayfs would
+        log.info("%s: Nydus bootstrap layer of image %s (labels from containerd)", key, layer.image)
+        return labels
 
     def view(
         self,
@@ -344,7 +403,13 @@ class Snapshotter:
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """containerd ``Commit``: active ``key`` becomes committed ``name``."""
         with self.store.transaction() as tx:
-            sid, _, _ = tx.get_info(key)
+            sid, info, _ = tx.get_info(key)
+        labels = dict(labels or {})
+        if is_nydus_bootstrap(info.labels) and not is_nydus_bootstrap(labels):
+            # a label-less commit (stock ctr) of a bootstrap layer we labelled at Prepare
+            for k in _KEPT_AT_COMMIT:
+                if k in info.labels:
+                    labels.setdefault(k, info.labels[k])
         usage = disk_usage(self.upper_path(sid))
         with self.store.transaction(writable=True) as tx:
             tx.commit_active(key, name, usage, labels)

@@ -1,0 +1,332 @@
+"""Tell containerd about an image's Nydus data-blob layers before its unpack looks for them.
+
+Why: containerd 1.6's ``ctr image pull`` unpacks each layer with ``rootfs.ApplyLayerWithOpts``:
+``Stat(chainID)``, and only if that says NOT_FOUND, ``Prepare`` + apply + ``Commit``. The
+``Stat`` is answered by containerd's metadata layer from its own database; it never reaches a
+proxy snapshotter. A Nydus data blob cannot be applied (containerd has no stream processor for
+its media type), so its chain ID must already be in containerd's database when the unpack gets
+there. Nothing in stock ``ctr`` puts it there; this module does, on containerd's own API, the
+way containerd's unpacker does for remote snapshotters:
+
+``Snapshots.Prepare(key, parent chainID, labels = layer annotations + snapshot.ref)`` reaches
+this snapshotter, which records the remote snapshot and answers ALREADY_EXISTS
+(:meth:`.core.Snapshotter.prepare`); containerd then finds it by its labels and records the
+chain ID as committed. The calls run under a short lease; afterwards the image's config gets
+the label ``containerd.io/gc.ref.snapshot.<snapshotter>/nydus-blobs = <top blob chainID>``, so
+containerd's garbage collector keeps the snapshots exactly as long as the image.
+
+When: the content store (:mod:`.nydusblobs`) calls :meth:`RemoteLayerRegistrar.ensure` before
+it serves a ``Read`` of a manifest that lists Nydus blobs. ``ctr image pull`` reads the image's
+manifest at the start of its unpack, after it created the image record, and waits for the
+answer: so the registration is done, synchronously, just before the unpack's first ``Stat``.
+The request carries no namespace, so every namespace is checked for images whose target is this
+manifest (or an index listing it); for the layers already known there, one ``Stat`` each.
+
+Manifests, indexes and configs are read with ``read_blob`` (the snapshotter's content store:
+containerd uses it as its own, so no call goes back into containerd for them). Only the bottom
+run of ``nydus-blob`` layers is registered (their parents are blob layers too); Nydus images put
+their bootstrap layer last.
+
+Threading: :meth:`ensure` may be called from any number of threads; calls for the same manifest
+are serialized, and results are remembered per (namespace, image, update time, manifest).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, field_mask_pb2
+
+from ..errors import BackendError, NydusError
+from .api import (
+    CONTENT_SERVICE,
+    IMAGES_SERVICE,
+    LEASE_HEADER,
+    LEASES_SERVICE,
+    NAMESPACE_HEADER,
+    NAMESPACES_SERVICE,
+    SNAPSHOTS_SERVICE,
+    content_pb2,
+    descriptor_pb2,
+    images_pb2,
+    leases_pb2,
+    namespace_pb2,
+    snapshots_pb2,
+)
+from .imageref import chain_ids
+from .labels import SNAPSHOT_REF, is_nydus_blob
+from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+
+__all__ = ["RemoteLayerRegistrar", "image_uses", "parse_json_object"]
+
+log = logging.getLogger(__name__)
+
+_INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+_INHERITED_PREFIX = "containerd.io/snapshot/"
+_MAX_JSON = 4 << 20
+_LEASE_HOURS = 1
+_CACHE_SIZE = 1024
+
+
+def parse_json_object(data: bytes | None) -> dict[str, Any] | None:
+    """A small JSON object, or None (absent, too big, not JSON, not an object)."""
+    if data is None or len(data) > _MAX_JSON:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def image_uses(
+    read_blob: Callable[[str], bytes | None], target: descriptor_pb2.Descriptor, manifest: str
+) -> bool:
+    """Whether an image whose target is ``target`` uses ``manifest`` (itself, or an index
+    listing it; the index is read with ``read_blob``)."""
+    if target.digest == manifest:
+        return True
+    doc = parse_json_object(read_blob(target.digest))
+    if doc is None:
+        return False
+    if target.media_type not in _INDEX_TYPES and "manifests" not in doc:
+        return False
+    entries = doc.get("manifests")
+    return isinstance(entries, list) and any(
+        isinstance(m, dict) and m.get("digest") == manifest for m in entries
+    )
+
+
+@dataclass(frozen=True)
+class _Layer:
+    chain_id: str
+    parent: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config: str
+    layers: tuple[_Layer, ...]  # the bottom run of Nydus blob layers
+
+
+class RemoteLayerRegistrar:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        containerd_address: str,
+        read_blob: Callable[[str], bytes | None],
+        plugin_name: Callable[[], str],
+        timeout: float = 30.0,
+    ) -> None:
+        self.address = containerd_address
+        self.read_blob = read_blob
+        self.plugin_name = plugin_name
+        self.timeout = timeout
+        self._plans: OrderedDict[str, _Plan] = OrderedDict()
+        self._done: OrderedDict[tuple[str, str, int, str], None] = OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    # -- what to register -------------------------------------------------------------------
+
+    def plan(self, manifest: str) -> _Plan | None:
+        """The Nydus blob layers of ``manifest`` (None if it has none, or its config is absent)."""
+        with self._lock:
+            hit = self._plans.get(manifest)
+        if hit is not None:
+            return hit
+        doc = parse_json_object(self.read_blob(manifest))
+        if doc is None:
+            return None
+        layers = doc.get("layers")
+        cfg_digest = (doc.get("config") or {}).get("digest")
+        if not isinstance(layers, list) or not isinstance(cfg_digest, str):
+            return None
+        cfg = parse_json_object(self.read_blob(cfg_digest))
+        if cfg is None:
+            return None  # not fetched yet: ask again later
+        diff_ids = (cfg.get("rootfs") or {}).get("diff_ids")
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+            return None
+        chains = chain_ids([str(d) for d in diff_ids])
+        out: list[_Layer] = []
+        for i, layer in enumerate(layers):
+            ann = layer.get("annotations") if isinstance(layer, dict) else None
+            ann = ann if isinstance(ann, dict) else {}
+            labels = {
+                str(k): str(v) for k, v in ann.items() if str(k).startswith(_INHERITED_PREFIX)
+            }
+            if not is_nydus_blob(labels):
+                break
+            labels[SNAPSHOT_REF] = chains[i]
+            out.append(_Layer(chains[i], chains[i - 1] if i else "", labels))
+        plan = _Plan(cfg_digest, tuple(out))
+        with self._lock:
+            self._plans[manifest] = plan
+            while len(self._plans) > _CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
+
+    # -- registering ------------------------------------------------------------------------
+
+    def _manifest_lock(self, manifest: str) -> threading.Lock:
+        with self._lock:
+            if len(self._locks) > _CACHE_SIZE:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            return self._locks.setdefault(manifest, threading.Lock())
+
+    def ensure(self, manifest: str) -> list[tuple[str, str]]:
+        """Register ``manifest``'s Nydus blob layers in every namespace with an image that uses
+        it; returns the (namespace, chain ID) pairs registered now."""
+        plan = self.plan(manifest)
+        if plan is None or not plan.layers:
+            return []
+        with self._manifest_lock(manifest):
+            try:
+                return self._ensure(manifest, plan)
+            except (grpc.RpcError, NydusError) as e:
+                text = rpc_error_text(e) if isinstance(e, grpc.RpcError) else str(e)
+                log.warning(
+                    "cannot register the Nydus layers of %s with containerd at %s: %s",
+                    manifest,
+                    self.address,
+                    text,
+                )
+                return []
+
+    def _ensure(self, manifest: str, plan: _Plan) -> list[tuple[str, str]]:
+        done: list[tuple[str, str]] = []
+        with grpc.insecure_channel(unix_target(self.address)) as ch:
+            nss = ServiceClient(ch, NAMESPACES_SERVICE, (), self.timeout).unary(
+                "List",
+                namespace_pb2.ListNamespacesRequest(),
+                namespace_pb2.ListNamespacesResponse,
+            )
+            for ns in nss.namespaces:
+                md = [(NAMESPACE_HEADER, ns.name)]
+                images = ServiceClient(ch, IMAGES_SERVICE, md, self.timeout).unary(
+                    "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
+                )
+                users = []
+                for img in images.images:
+                    key = (ns.name, img.name, img.updated_at.ToNanoseconds(), manifest)
+                    with self._lock:
+                        if key in self._done:
+                            continue
+                    if image_uses(self.read_blob, img.target, manifest):
+                        users.append((key, img.name))
+                if users:
+                    done += self._register(ch, ns.name, manifest, plan, [n for _, n in users])
+                    with self._lock:
+                        for key, _ in users:
+                            self._done[key] = None
+                        while len(self._done) > _CACHE_SIZE:
+                            self._done.popitem(last=False)
+        return done
+
+    def _exists(self, snaps: ServiceClient, sn: str, name: str) -> bool:
+        try:
+            snaps.unary(
+                "Stat",
+                snapshots_pb2.StatSnapshotRequest(snapshotter=sn, key=name),
+                snapshots_pb2.StatSnapshotResponse,
+            )
+            return True
+        except grpc.RpcError as e:
+            if rpc_code(e) == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+
+    def _register(
+        self, ch: grpc.Channel, ns: str, manifest: str, plan: _Plan, image_names: list[str]
+    ) -> list[tuple[str, str]]:
+        sn = self.plugin_name()
+        md = [(NAMESPACE_HEADER, ns)]
+        snaps = ServiceClient(ch, SNAPSHOTS_SERVICE, md, self.timeout)
+        missing = [ly for ly in plan.layers if not self._exists(snaps, sn, ly.chain_id)]
+        if not missing:
+            return []
+        leases = ServiceClient(ch, LEASES_SERVICE, md, self.timeout)
+        lease_id = f"nydus-register-{secrets.token_hex(8)}"
+        expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=_LEASE_HOURS)
+        leases.unary(
+            "Create",
+            leases_pb2.CreateRequest(
+                id=lease_id,
+                labels={"containerd.io/gc.expire": expire.strftime("%Y-%m-%dT%H:%M:%SZ")},
+            ),
+            leases_pb2.CreateResponse,
+        )
+        keep_lease = True  # until the image's config references the snapshots
+        done: list[tuple[str, str]] = []
+        try:
+            leased = ServiceClient(ch, SNAPSHOTS_SERVICE, [*md, (LEASE_HEADER, lease_id)])
+            for ly in plan.layers:
+                if ly not in missing:
+                    continue
+                self._prepare_remote(leased, sn, ly)
+                done.append((ns, ly.chain_id))
+            content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
+            label = f"containerd.io/gc.ref.snapshot.{sn}/nydus-blobs"
+            content.unary(
+                "Update",
+                content_pb2.UpdateRequest(
+                    info=content_pb2.Info(
+                        digest=plan.config, labels={label: plan.layers[-1].chain_id}
+                    ),
+                    update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{label}"]),
+                ),
+                content_pb2.UpdateResponse,
+            )
+            keep_lease = False
+        finally:
+            if not keep_lease:
+                leases.unary("Delete", leases_pb2.DeleteRequest(id=lease_id), empty_pb2.Empty)
+        log.info(
+            "registered %d Nydus blob layer(s) of %s (%s) with containerd's %r snapshotter in "
+            "namespace %s",
+            len(done),
+            ", ".join(image_names),
+            manifest,
+            sn,
+            ns,
+        )
+        return done
+
+    def _prepare_remote(self, snaps: ServiceClient, sn: str, layer: _Layer) -> None:
+        key = f"nydus-register-{secrets.token_hex(6)} {layer.chain_id}"
+        try:
+            snaps.unary(
+                "Prepare",
+                snapshots_pb2.PrepareSnapshotRequest(
+                    snapshotter=sn, key=key, parent=layer.parent, labels=dict(layer.labels)
+                ),
+                snapshots_pb2.PrepareSnapshotResponse,
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as e:
+            if rpc_code(e) == grpc.StatusCode.ALREADY_EXISTS:
+                return  # the snapshotter took it: containerd recorded the chain ID
+            raise
+        # An active snapshot was made: the snapshotter did not take the layer as remote.
+        snaps.unary(
+            "Remove",
+            snapshots_pb2.RemoveSnapshotRequest(snapshotter=sn, key=key),
+            empty_pb2.Empty,
+            timeout=self.timeout,
+        )
+        raise BackendError(f"snapshotter {sn!r} did not take {layer.chain_id} as a remote layer")
