@@ -14,8 +14,11 @@ Each round starts from nothing: a fresh containerd (its own root, content store 
 and, for Nydus, a fresh ``containerd-nydus-grpc`` with an empty blob cache; dirty pages of
 earlier rounds are written back first (``sync``). Then, timed from the start of the pull:
 
-* ``nydus``: ``nydus-pull REF-nydus`` (the labelled pull: only the bootstrap layer is
-  downloaded), then stock ``ctr run --snapshotter nydus REF-nydus ID sh -c WORKLOAD``;
+* ``nydus``: stock ``ctr image pull --snapshotter nydus REF-nydus`` with containerd's content
+  store proxied to the snapshotter (``--content-store``: the data blobs are not downloaded, only
+  the manifest, config and bootstrap layer), then stock
+  ``ctr run --snapshotter nydus REF-nydus ID sh -c WORKLOAD``; ``--pull nydus-pull`` uses
+  ``nydus-pull REF-nydus`` (the labelled pull) instead, without the content store;
 * ``oci``: stock ``ctr image pull REF`` (containerd's default overlayfs snapshotter: every
   layer downloaded and unpacked), then stock ``ctr run REF ID sh -c WORKLOAD``.
 
@@ -217,7 +220,14 @@ def metrics(port: int) -> dict[str, float]:
 
 
 def one_round(
-    method: str, link: str, host: str, img: Image, work: Path, limited: bool, idx: int
+    method: str,
+    link: str,
+    host: str,
+    img: Image,
+    work: Path,
+    limited: bool,
+    idx: int,
+    pull: str = "ctr",
 ) -> Round:
     tmp = work / "rounds" / f"{link}-{method}-{idx}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -229,8 +239,10 @@ def one_round(
     cfg = tmp / "nydusd.json"
     cfg.write_text(json.dumps(NYDUSD_TEMPLATE))
     port = fetch_free_port()
+    stock = method == "nydus" and pull == "ctr"
     stack = NydusStack(tmp, ["--config-path", str(cfg), "--metrics-address",
-                             f"127.0.0.1:{port}", "--log-level", "info"])  # fmt: skip
+                             f"127.0.0.1:{port}", "--log-level", "info"],
+                       content_store=stock)  # fmt: skip
     stack.start()
     try:
         wire0 = veth_bytes() if limited else 0
@@ -238,11 +250,15 @@ def one_round(
         if method == "nydus":
             ref = f"{host}/{img.nydus}"
             t0 = time.monotonic()
-            p = subprocess.run([venv_tool("nydus-pull"), "-q", "-a", str(stack.ctd.address),
-                                "-n", stack.ctd.namespace, "--plain-http", ref],
-                               capture_output=True, text=True)  # fmt: skip
-            if p.returncode != 0:
-                raise RuntimeError(f"nydus-pull failed: {p.stderr[-2000:]}")
+            if stock:
+                stack.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref,
+                          timeout=1800).check()  # fmt: skip
+            else:
+                p = subprocess.run([venv_tool("nydus-pull"), "-q", "-a", str(stack.ctd.address),
+                                    "-n", stack.ctd.namespace, "--plain-http", ref],
+                                   capture_output=True, text=True)  # fmt: skip
+                if p.returncode != 0:
+                    raise RuntimeError(f"nydus-pull failed: {p.stderr[-2000:]}")
             argv = ["run", "--snapshotter", "nydus", ref, cid, "/bin/sh", "-c", WORKLOAD]
             first, done, out = run_workload(stack, argv, t0)
             m = metrics(port)
@@ -261,6 +277,12 @@ def one_round(
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+NYDUS_PULLS = {
+    "ctr": "stock `ctr image pull --snapshotter nydus` (content store proxied to the snapshotter)",
+    "nydus-pull": "`nydus-pull`",
+}
 
 
 def fetch_free_port() -> int:
@@ -297,7 +319,7 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
         f"Workload: `sh -c '{WORKLOAD}'`.",
         f"Rounds: {args.rounds} per method and link, each from a fresh containerd and "
         f"snapshotter (empty content store, snapshots and blob cache); medians.",
-        "Nydus: `nydus-pull` + stock `ctr run --snapshotter nydus` (dedicated nydusd, "
+        f"Nydus: {NYDUS_PULLS[args.pull]} + stock `ctr run --snapshotter nydus` (dedicated nydusd, "
         "fs_prefetch off, amplify_io 1 MiB). OCI: stock `ctr image pull` + `ctr run` "
         "(containerd 1.6.20's default overlayfs snapshotter).",
         f"Machine: python {platform.python_version()}, kernel {platform.release()}, "
@@ -372,6 +394,13 @@ def main() -> int:
     ap.add_argument("--rates", default="1000,100", help="limited links in Mbit/s (comma list)")
     ap.add_argument("--no-loopback", action="store_true")
     ap.add_argument("--methods", default="nydus,oci")
+    ap.add_argument(
+        "--pull",
+        choices=["ctr", "nydus-pull"],
+        default="ctr",
+        help="how the Nydus image is pulled: stock ctr image pull through the snapshotter's "
+        "content store (default), or nydus-pull",
+    )
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/nydus-bench-coldstart"))
     args = ap.parse_args()
     why = containerd_skip_reason()
@@ -385,7 +414,7 @@ def main() -> int:
     def run_link(link: str, host: str, limited: bool) -> None:
         for i in range(args.rounds):
             for method in methods:  # interleaved, so that load changes hit both alike
-                r = one_round(method, link, host, img, args.work, limited, i)
+                r = one_round(method, link, host, img, args.work, limited, i, args.pull)
                 rounds.append(r)
                 print(f"  {link:10} {method:6} round {i}: first output {r.first_output_s:6.2f}s, "
                       f"done {r.done_s:6.2f}s, fetched {mib(r.fetched)}"

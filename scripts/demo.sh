@@ -8,13 +8,15 @@
 #   NYDUS_DEMO_KEEP=1 bash scripts/demo.sh     # keep the work dir to look around
 #   NYDUS_DEMO_IMAGE=busybox bash scripts/demo.sh  # a small image (no debootstrap, no network)
 #   NYDUS_DEMO_CACHE=DIR bash scripts/demo.sh  # where the Debian rootfs tarball is cached
+#   NYDUS_DEMO_PULL=nydus-pull bash scripts/demo.sh  # pull with nydus-pull, not stock ctr
 #
 # Everything runs on this machine, on its own sockets and ports: Debian's docker-registry on
-# 127.0.0.1, Debian's containerd with the seed article's [proxy_plugins.nydus] snippet, and our
-# containerd-nydus-grpc started with the article's command line. The sample image is Debian 12
-# (debootstrap minbase + python3, perl, git, ...; the rootfs tarball is cached in
-# /var/tmp/nydus-e2e), or busybox-static plus data files when debootstrap cannot run. It is
-# pushed as an OCI image, converted by our nydusify, pulled lazily with nydus-pull, and run with
+# 127.0.0.1, Debian's containerd with the seed article's [proxy_plugins.nydus] snippet plus the
+# README's content-store proxy, and our containerd-nydus-grpc started with the article's command
+# line plus --content-store. The sample image is Debian 12 (debootstrap minbase + python3, perl,
+# git, ...; the rootfs tarball is cached in /var/tmp/nydus-e2e), or busybox-static plus data
+# files when debootstrap cannot run. It is pushed as an OCI image, converted by our nydusify,
+# pulled lazily with stock `ctr image pull --snapshotter nydus` (or nydus-pull), and run with
 # stock `ctr run --snapshotter nydus`; then the bytes nydusd fetched are compared with the image.
 # Everything it started is stopped and unmounted on exit, also on errors and Ctrl-C.
 set -uo pipefail
@@ -25,6 +27,8 @@ py="$repo/.venv/bin/python"
 bin="$repo/.venv/bin"
 format_too=0
 [[ ${1:-} == --format ]] && format_too=1
+pull_with=${NYDUS_DEMO_PULL:-ctr}
+[[ $pull_with == ctr || $pull_with == nydus-pull ]] || { echo "NYDUS_DEMO_PULL: ctr or nydus-pull" >&2; exit 2; }
 
 if [[ -t 1 ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
 step() { printf '\n%s==> %s%s  (%ss)\n' "$bold" "$*" "$plain" "$SECONDS"; }
@@ -147,7 +151,7 @@ EOF
 )
 say "OCI image $(mib "$oci_bytes"); Nydus image: data blobs $(mib "$nydus_blob_bytes"), manifest + config + bootstrap $(mib "$nydus_meta_bytes")"
 
-step "5. Start the snapshotter (the seed article's command line) and containerd"
+step "5. Start the snapshotter (the seed article's command line + --content-store) and containerd"
 cat >"$work/config.json" <<'EOF'
 {
   "device": {
@@ -169,18 +173,22 @@ say "/etc/nydus/config.json of the article, with fs_prefetch off (on, nydusd wou
 say "whole image in the background, and the bytes below would say nothing about lazy loading)"
 printf '    $ containerd-nydus-grpc --config-path %s --shared-daemon --log-level info \\\n' "$work/config.json"
 printf '        --root %s --cache-dir %s --address %s \\\n' "$work/root" "$work/cache" "$work/nydus.sock"
-printf '        --nydusd-path %s --nydusimg-path %s --log-to-stdout --metrics-address 127.0.0.1:%s\n' \
+printf '        --nydusd-path %s --nydusimg-path %s --log-to-stdout --metrics-address 127.0.0.1:%s \\\n' \
     "$bin/nydusd" "$bin/nydus-image" "$metrics_port"
+printf '        --content-store\n'
 "$bin/containerd-nydus-grpc" --config-path "$work/config.json" --shared-daemon --log-level info \
     --root "$work/root" --cache-dir "$work/cache" --address "$work/nydus.sock" \
     --nydusd-path "$bin/nydusd" --nydusimg-path "$bin/nydus-image" --log-to-stdout \
     --containerd-address "$work/containerd.sock" --metrics-address "127.0.0.1:$metrics_port" \
-    >"$work/snapshotter.log" 2>&1 &
+    --content-store >"$work/snapshotter.log" 2>&1 &
 pids+=($!)
+say "containerd: the article's [proxy_plugins.nydus] and the README's content-store proxy"
+say "(version 2 config; containerd's own content plugin disabled, so its content store is ours)"
 cat >"$work/containerd.toml" <<EOF
+version = 2
 root = "$work/containerd"
 state = "$work/containerd-state"
-disabled_plugins = ["cri"]
+disabled_plugins = ["io.containerd.content.v1.content", "io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$work/containerd.sock"
 [ttrpc]
@@ -189,6 +197,9 @@ disabled_plugins = ["cri"]
 [proxy_plugins]
   [proxy_plugins.nydus]
     type = "snapshot"
+    address = "$work/nydus.sock"
+  [proxy_plugins.nydus-content]
+    type = "content"
     address = "$work/nydus.sock"
 EOF
 containerd --config "$work/containerd.toml" >"$work/containerd.log" 2>&1 &
@@ -200,11 +211,20 @@ ctr_ snapshots --snapshotter nydus ls >/dev/null 2>&1 \
 run ctr -a "$work/containerd.sock" plugins ls | grep -E 'nydus|PLATFORMS'
 
 ref="$registry/demo:1-nydus"
-step "6. Pull it lazily: nydus-pull (containerd 1.6's ctr image pull passes no layer labels)"
 t0=$(date +%s.%N)
-run "$bin/nydus-pull" -q -a "$work/containerd.sock" -n "$ns" --plain-http "$ref" || die "nydus-pull"
+if [[ $pull_with == ctr ]]; then
+    step "6. Pull it lazily: stock ctr image pull --snapshotter nydus"
+    printf '    $ ctr image pull --plain-http --snapshotter nydus %s\n' "$ref"
+    ctr_ image pull --plain-http --snapshotter nydus "$ref" 2>&1 | tail -n 3 | sed 's/^/      /'
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || die "ctr image pull: $(tail -20 "$work/snapshotter.log")"
+else
+    step "6. Pull it lazily: nydus-pull (a labelled pull over containerd's API)"
+    run "$bin/nydus-pull" -q -a "$work/containerd.sock" -n "$ns" --plain-http "$ref" || die "nydus-pull"
+fi
 t1=$(date +%s.%N)
+lazy=$(find "$work/root/content/lazy" -type f 2>/dev/null | wc -l)
 say "pulled in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s: only the bootstrap layer was downloaded"
+[[ $pull_with == ctr ]] && say "($lazy Nydus data blob(s) recorded by the content store as lazy entries, not downloaded)"
 
 step "7. Run a container from it: stock ctr run --snapshotter nydus"
 printf '    $ ctr run --snapshotter nydus %s demo sh -c "%s"\n' "$ref" "$workload"
