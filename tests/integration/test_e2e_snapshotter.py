@@ -501,6 +501,24 @@ def test_plain_oci_image_through_the_content_store(
         _stop(s)
 
 
+def test_nydus_pull_through_the_content_store(bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:
+    """nydus-pull keeps working when containerd's content store is the snapshotter's."""
+    s = _content_stack(tmp_path)
+    try:
+        ref = f"{proxy.host}/{bb.nydus}"
+        res = nydus_pull(s.ctd, ref)
+        assert len(res["applied"]) == 1 and len(res["skipped"]) + len(res["existing"]) == 3, res
+        assert _fetched(proxy, bb) == 0
+        r = s.run(ref, "np1", "/bin/sh", "-c", "md5sum /data/f02")
+        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+        assert r.stdout == f"{md5(bb.data['data/f02'])}  /data/f02\n"
+    except BaseException:
+        print(s.diagnostics())
+        raise
+    finally:
+        _stop(s)
+
+
 def test_content_store_survives_a_snapshotter_restart(
     bb: Image, proxy: FaultProxy, tmp_path: Path
 ) -> None:
