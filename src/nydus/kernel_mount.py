@@ -35,6 +35,7 @@ __all__ = [
     "build_mount_data",
     "erofs_supported",
     "mount_erofs",
+    "mounted_fstypes",
     "umount",
 ]
 
@@ -44,6 +45,7 @@ MS_NODEV = 0x4
 MNT_DETACH = 0x2
 
 _PROC_FILESYSTEMS = "/proc/filesystems"
+PROC_MOUNTINFO = "/proc/self/mountinfo"
 
 _MOUNT_HINTS: dict[int, str] = {
     errno.EINVAL: (
@@ -183,3 +185,36 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise _os_error(err, "umount2", os.fsdecode(target), _UMOUNT_HINTS)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo (octal)
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        c = field[i]
+        code = field[i + 1 : i + 4]
+        if c == "\\" and len(code) == 3 and all(d in "01234567" for d in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def mounted_fstypes(text: str | None = None) -> dict[str, list[str]]:
+    """Mount point -> file system types mounted there, bottom first, from
+    /proc/self/mountinfo (or ``text``). Mount points are absolute, unescaped."""
+    if text is None:
+        with open(PROC_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        out.setdefault(_unescape(fields[4]), []).append(right.split()[0])
+    return out

@@ -54,6 +54,8 @@ __all__ = [
     "NOTIFY_INVAL_ENTRY",
     "NOTIFY_INVAL_INODE",
     "NOTIFY_RESEND",
+    "NOTIFY_STORE",
+    "NOTIFY_STORE_OUT",
     "BACKING_MAP",
     "FUSE_DEV_IOC_CLONE",
     "FUSE_DEV_IOC_BACKING_OPEN",
@@ -221,6 +223,7 @@ FOPEN_PASSTHROUGH = 1 << 7
 # notify codes (fuse_out_header.error of an unsolicited message, unique == 0)
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_STORE = 4  # push data into a file's page cache
 NOTIFY_RESEND = 7  # 7.40+: requeue requests read but never answered (after a takeover)
 
 # ---------------------------------------------------------------------------- structs
@@ -252,6 +255,7 @@ LSEEK_OUT = struct.Struct("<Q")
 KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags
+NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid offset size padding
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 

@@ -63,6 +63,8 @@ from .protocol import (
     NOTIFY_INVAL_INODE,
     NOTIFY_INVAL_INODE_OUT,
     NOTIFY_RESEND,
+    NOTIFY_STORE,
+    NOTIFY_STORE_OUT,
     OUT_HEADER,
     InitFlags,
     InitIn,
@@ -419,6 +421,16 @@ class FuseSession(RequestHandlers):
         return self._notify(NOTIFY_INVAL_INODE,
                             NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length))
 
+    def notify_store(self, nodeid: int, offset: int, data: bytes) -> bool:
+        """Put ``data`` into the page cache of ``nodeid`` at ``offset`` (whole pages are marked
+        up to date; the file grows if the data ends past its size).
+
+        The kernel locks each page while copying, so a call blocks while a READ of one of those
+        pages is in flight: never call it from a worker that may be needed to answer that READ.
+        """
+        return self._notify(NOTIFY_STORE, NOTIFY_STORE_OUT.pack(nodeid, offset, len(data), 0),
+                            data)
+
     def notify_resend(self) -> bool:
         """Ask the kernel (7.40+) to queue again every request a previous server read but
         never answered: after a takeover, nothing the old daemon dropped is lost."""
@@ -426,12 +438,12 @@ class FuseSession(RequestHandlers):
             return False
         return self._notify(NOTIFY_RESEND, b"")
 
-    def _notify(self, code: int, body: bytes) -> bool:
+    def _notify(self, code: int, body: bytes, data: bytes = b"") -> bool:
         if self._fd < 0 or not self._initialized.is_set():
             return False
-        hdr = OUT_HEADER.pack(OUT_HEADER.size + len(body), code, 0)
+        hdr = OUT_HEADER.pack(OUT_HEADER.size + len(body) + len(data), code, 0)
         try:
-            os.writev(self._fd, [hdr, body])
+            os.writev(self._fd, [hdr, body, data] if data else [hdr, body])
             return True
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):

@@ -227,6 +227,22 @@ class BlobDevice:
                 buf[lo - offset : hi - offset] = data[src : src + hi - lo]
         return bytes(buf)
 
+    def chunk_span(self, blob_index: int, offset: int, size: int) -> tuple[int, int]:
+        """The uncompressed extent ``[start, end)`` of the chunks overlapping ``[offset, offset
+        + size)`` of the blob: what one fetch of that range decompresses anyway. The range itself
+        when no chunk overlaps it."""
+        end = offset + size
+        f = self._blob(blob_index).fetcher
+        meta = f.meta()
+        if meta is None or size <= 0:
+            return offset, end
+        lo, hi = offset, end
+        for i in meta.chunks_in(offset, size):
+            e = meta.ci[i]
+            lo = min(lo, e.uncompressed_offset)
+            hi = max(hi, e.uncompressed_offset + e.uncompressed_size)
+        return lo, hi
+
     def prefetch_files(self, chunk_lists: Sequence[Sequence[ChunkInfo]]) -> None:
         """Queue the chunks of these files for background fetching (in the given order).
 
