@@ -1,23 +1,36 @@
-"""BlobDevFs without a kernel: names, sizes, reads through read_range, errors, refcounts."""
+"""BlobDevFs without a kernel: names, sizes, reads through read_range, errors, refcounts,
+chunk-wide reads and pushes, metrics; the driver choice; the mount table and stale dirs."""
 
 from __future__ import annotations
 
 import errno
+import os
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from nydus.daemon.blobdev import BLOCK, BlobDevFs
-from nydus.daemon.erofs_mode import EROFS, FUSEDEV, resolve_driver
+from nydus.daemon.erofs_mode import EROFS, FUSEDEV, resolve_driver, sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
+from nydus.fs.metrics import FsIoStats, StatsFop
+from nydus.kernel_mount import mounted_fstypes
 from nydus.fuse import ROOT_ID, FuseError, RequestContext
 
 CTX = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
 
 
 class FakeDevice:
-    def __init__(self, data: bytes, bad: bool = False) -> None:
+    def __init__(self, data: bytes, bad: bool = False, chunk: int = 0) -> None:
         self.data, self.bad, self.calls = data, bad, []  # type: ignore[var-annotated]
+        self.chunk = chunk  # >0: chunks of this many bytes, back to back
+
+    def chunk_span(self, i: int, offset: int, size: int) -> tuple[int, int]:
+        if not self.chunk:
+            return offset, offset + size
+        c = self.chunk
+        return offset // c * c, min(len(self.data), -(-(offset + size) // c) * c)
 
     def blob_uncompressed_size(self, i: int) -> int:
         return len(self.data)
@@ -79,3 +92,70 @@ def test_resolve_driver() -> None:
     assert resolve_driver("erofs", FUSEDEV, 6, upgrade=True)[0] == FUSEDEV
     with pytest.raises(ValueError):
         resolve_driver("nope", FUSEDEV, 6)
+
+
+def test_reads_widen_to_whole_chunks_and_push_the_rest() -> None:
+    data = bytes(range(256)) * (3 * 65536 // 256)  # three 64 KiB chunks
+    fs = BlobDevFs()
+    pushed: list[tuple[int, int, bytes]] = []
+    fs.push = lambda node, off, b: pushed.append((node, off, b))
+    dev = FakeDevice(data, chunk=65536)
+    stats = FsIoStats("/")
+    fs.register("c", dev, 0, stats)
+    node = fs.lookup(CTX, ROOT_ID, b"c").nodeid
+    # a page in the middle of chunk 1: one read of the whole chunk, the rest pushed
+    assert fs.read(CTX, node, 0, 65536 + 8192, 4096) == data[65536 + 8192 : 65536 + 12288]
+    assert dev.calls == [(0, 65536, 65536)]
+    assert pushed == [(node, 65536, data[65536 : 65536 + 8192]),
+                      (node, 65536 + 12288, data[65536 + 12288 : 131072])]
+    # the same chunk again at once: the push may not have landed yet; just the request
+    dev.calls.clear()
+    pushed.clear()
+    assert fs.read(CTX, node, 0, 65536, 4096) == data[65536 : 65536 + 4096]
+    assert dev.calls == [(0, 65536, 4096)] and pushed == []
+    # not page aligned (a direct reader of the blob file): never widened
+    assert fs.read(CTX, node, 0, 100, 50) == data[100:150]
+    assert dev.calls[-1] == (0, 100, 50) and pushed == []
+    # a request covering whole chunks: nothing to push
+    assert fs.read(CTX, node, 0, 131072, 65536) == data[131072:]
+    assert dev.calls[-1] == (0, 131072, 65536) and pushed == []
+    g = stats.export_global()
+    assert g["fop_hits"][StatsFop.READ] == 4 and g["data_read"] == 4096 + 4096 + 50 + 65536
+
+
+def test_read_errors_counted_in_the_image_stats() -> None:
+    fs = BlobDevFs()
+    stats = FsIoStats("/")
+    fs.register("bad", FakeDevice(b"y" * 8192, bad=True), 0, stats)
+    node = fs.lookup(CTX, ROOT_ID, b"bad").nodeid
+    with pytest.raises(IntegrityError):
+        fs.read(CTX, node, 0, 0, 4096)
+    assert stats.export_global()["fop_errors"][StatsFop.READ] == 1
+
+
+def test_driver_default_gives_way_to_fuse_only_features() -> None:
+    why = "per-file metrics need fusedev"
+    assert resolve_driver(None, EROFS, 6, needs_fuse=why) == (FUSEDEV, why)
+    assert resolve_driver("erofs", EROFS, 6, needs_fuse=why)[0] == EROFS  # asked for: kept
+    assert resolve_driver(None, FUSEDEV, 6, needs_fuse=why)[0] == FUSEDEV
+
+
+def test_mount_table_parsing() -> None:
+    text = (
+        "36 25 0:32 / /run/a\\040b rw,relatime shared:1 - tmpfs tmpfs rw\n"
+        "37 36 0:33 / /run/a\\040b rw - erofs /boot ro\n"
+        "38 25 0:34 / /x rw - fuse.rafs rafs rw\n"
+        "garbage line\n"
+    )
+    assert mounted_fstypes(text) == {"/run/a b": ["tmpfs", "erofs"], "/x": ["fuse.rafs"]}
+    assert "/" in mounted_fstypes()  # this machine's own table parses
+
+
+def test_sweep_removes_dirs_of_dead_daemons_only(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        (tmp_path / str(pid) / "blobs").mkdir(parents=True)
+    (tmp_path / "notapid").mkdir()
+    assert sweep_stale_blobfs_dirs(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted([str(os.getpid()), "notapid"])

@@ -15,7 +15,20 @@ once stays in the page cache of the blob file.
 
 Files are registered per image (:meth:`BlobDevFs.register`) and reference counted by name: two
 images with the same blob share the file (same id, same bytes), served by the first device that
-registered it until that image goes away.
+registered it until that image goes away. Each READ is also accounted (bytes served, latency,
+errors) in the file-system statistics of the image that registered the file first, so an image's
+``GET /api/v1/metrics`` counts ``data_read`` and READ ``fop_errors`` in this mode too (bytes the
+kernel read from the blob device: page granular, not per file).
+
+Readahead and pushes: kernel readahead on a blob file would read past the end of the file being
+read, into chunks of other files, and the daemon would have to fetch those whole chunks: an
+over-fetch FUSE RAFS mode does not have. So the blob fs has no readahead (the kernel asks for
+exactly what EROFS reads), and instead a page-aligned READ is widened to the whole chunks it
+touches (:meth:`StorageDevice.chunk_span`, at most ``PUSH_SPAN_MAX``), which the fetch
+decompresses anyway; the rest of those chunks is pushed into the blob file's page cache
+(FUSE_NOTIFY_STORE) by a thread of its own, so the next reads of that chunk never reach the
+daemon. Fetching is thus exactly what FUSE RAFS mode does for the same reads (chunks read, plus
+``amplify_io`` amplification into the blob cache), at readahead speed.
 
 Threading contract: Operations methods run on the session's workers; ``register`` and
 ``unregister`` may run concurrently from the API thread (one lock guards the tables).
@@ -30,11 +43,13 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NydusError
+from ..fs.metrics import StatsFop
 from ..fuse import (
     ROOT_ID,
     AttrFields,
@@ -48,6 +63,7 @@ from ..fuse import (
     RequestContext,
     SessionOptions,
     StatFs,
+    kernel,
 )
 
 __all__ = ["BlobDevFs", "BlobFsServer", "BLOCK"]
@@ -55,6 +71,9 @@ __all__ = ["BlobDevFs", "BlobFsServer", "BLOCK"]
 log = logging.getLogger("nydus.daemon.blobdev")
 
 BLOCK = 4096
+PUSH_SPAN_MAX = 4 << 20  # a read is widened to whole chunks up to this span
+_PUSH_AGAIN_AFTER = 1.0  # s: a span pushed this recently is not read whole again
+_PUSH_QUEUE_BYTES = 64 << 20  # pushes waiting beyond this are dropped (they are only a hint)
 _TIMEOUT = 86400.0 * 365
 _DT_REG = stat.S_IFREG >> 12
 _DT_DIR = stat.S_IFDIR >> 12
@@ -72,7 +91,7 @@ class _BlobFile:
     reads: int = 0
     bytes_read: int = 0
     errors: int = 0
-    owners: list[Any] = field(default_factory=list)
+    stats: Any = None  # the first registrant's FsIoStats (or None)
 
 
 class BlobDevFs(Operations):
@@ -84,11 +103,15 @@ class BlobDevFs(Operations):
         self._by_node: dict[int, _BlobFile] = {}
         self._next = 2
         self._ns = time.time_ns()
+        # pushes pages into a blob file's page cache: (nodeid, offset, data); set by the server
+        self.push: Callable[[int, int, bytes], None] | None = None
+        self._pushed: dict[tuple[int, int], float] = {}  # (nodeid, span start) -> when
 
     # ------------------------------------------------------------------ registry
 
-    def register(self, blob_id: str, device: Any, index: int) -> str:
-        """Publish blob ``index`` of ``device`` as the file ``blob_id``; returns the name."""
+    def register(self, blob_id: str, device: Any, index: int, stats: Any = None) -> str:
+        """Publish blob ``index`` of ``device`` as the file ``blob_id``; returns the name.
+        ``stats`` (an :class:`~nydus.fs.metrics.FsIoStats`) accounts the file's READs."""
         name = blob_id.encode()
         if not name or b"/" in name or name in (b".", b".."):
             raise FuseError(errno.EINVAL, f"bad blob id {blob_id!r}")
@@ -99,7 +122,7 @@ class BlobDevFs(Operations):
                 f.refs += 1
                 return blob_id
             f = _BlobFile(self._next, name, device, index, size,
-                          (size + BLOCK - 1) // BLOCK * BLOCK)
+                          (size + BLOCK - 1) // BLOCK * BLOCK, stats=stats)
             self._next += 1
             self._by_name[name] = f
             self._by_node[f.nodeid] = f
@@ -116,6 +139,7 @@ class BlobDevFs(Operations):
                 # the node stays resolvable for files the kernel still has open (EROFS
                 # mounts detached lazily); it is dropped on FORGET
                 f.device = None
+                f.stats = None
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -124,6 +148,34 @@ class BlobDevFs(Operations):
                     for f in self._by_name.values()}
 
     # ------------------------------------------------------------------ helpers
+
+    def _widen(self, f: _BlobFile, dev: Any, offset: int, end: int) -> tuple[int, int]:
+        """The whole chunks around a page-aligned request whose other pages can be pushed into
+        the page cache (see the module docstring); the request itself otherwise."""
+        if self.push is None or offset % BLOCK or end % BLOCK:
+            return offset, end
+        real_end = min(end, f.blob_size)
+        if real_end <= offset:
+            return offset, end
+        try:
+            lo, hi = dev.chunk_span(f.index, offset, real_end - offset)
+        except NydusError:
+            return offset, end
+        lo = min(offset, max(0, lo // BLOCK * BLOCK))
+        hi = max(end, min(f.size, -(-hi // BLOCK) * BLOCK))
+        if (lo, hi) == (offset, end) or hi - lo > PUSH_SPAN_MAX:
+            return offset, end
+        key = (f.nodeid, lo)
+        now = time.monotonic()
+        with self._lock:
+            last = self._pushed.get(key)
+            if last is not None and now - last < _PUSH_AGAIN_AFTER:
+                return offset, end  # pushed a moment ago (maybe not landed yet): just this
+            self._pushed[key] = now
+            if len(self._pushed) > 8192:
+                self._pushed = {k: t for k, t in self._pushed.items()
+                                if now - t < _PUSH_AGAIN_AFTER}
+        return lo, hi
 
     def _attr(self, nodeid: int) -> AttrFields:
         s, ns = divmod(self._ns, 1_000_000_000)
@@ -194,17 +246,33 @@ class BlobDevFs(Operations):
         if offset >= f.size or size <= 0:
             return b""
         size = min(size, f.size - offset)
-        real = max(0, min(size, f.blob_size - offset))
+        end = offset + size
+        lo, hi = self._widen(f, dev, offset, end)
+        stats = f.stats
+        t0 = time.monotonic_ns()
         try:
-            data = dev.read_range(f.index, offset, real) if real else b""
+            real = max(0, min(hi, f.blob_size) - lo)
+            data = dev.read_range(f.index, lo, real) if real else b""
         except NydusError as e:
             f.errors += 1
-            log.error("blob %s: read [%d, +%d): %s", f.name.decode(), offset, real, e)
+            if stats is not None:
+                stats.record(StatsFop.READ, 0, False)
+            log.error("blob %s: read [%d, +%d): %s", f.name.decode(), lo, real, e)
             raise
-        if len(data) < size:
-            data = bytes(data) + bytes(size - len(data))
+        if len(data) < hi - lo:
+            data = bytes(data) + bytes(hi - lo - len(data))
+        if (lo, hi) != (offset, end):
+            push = self.push
+            if push is not None:
+                if lo < offset:
+                    push(f.nodeid, lo, data[: offset - lo])
+                if hi > end:
+                    push(f.nodeid, end, data[end - lo :])
+            data = data[offset - lo : end - lo]
         f.reads += 1
         f.bytes_read += size
+        if stats is not None:
+            stats.record(StatsFop.READ, 0, True, size, (time.monotonic_ns() - t0) // 1000)
         return data
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
@@ -243,6 +311,13 @@ class BlobFsServer:
         self.fs = BlobDevFs()
         self.threads = threads
         self.session: FuseSession | None = None
+        self.readahead = -1  # KiB, as last set; -1: the kernel's default
+        self._pq: deque[tuple[int, int, bytes]] = deque()
+        self._pq_bytes = 0
+        self._pq_cond = threading.Condition()
+        self._pusher: threading.Thread | None = None
+        self.pushed = 0  # pages pushed
+        self.push_dropped = 0
 
     @property
     def running(self) -> bool:
@@ -254,20 +329,68 @@ class BlobFsServer:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         s = FuseSession(self.fs, self.directory, SessionOptions(
             threads=self.threads, fsname="nydus-blobfs", subtype="nydus-blobfs",
-            readdirplus="never", readahead_kb=1024))
+            readdirplus="never"))
         s.mount()
         s.start()
         if not s.wait_initialized(10):
             s.stop()
             raise FuseError(errno.ETIMEDOUT, "blob fs: no FUSE INIT within 10 s")
         self.session = s
+        self.readahead = -1
+        # the kernel reads exactly what EROFS asks (no readahead on the blob files: it would
+        # fetch chunks of other files); the rest of each chunk fetched is pushed instead
+        self.set_readahead(0)
+        self._pusher = threading.Thread(target=self._push_loop, args=(s,), daemon=True,
+                                        name="blobfs-push")
+        self._pusher.start()
+        self.fs.push = self._queue_push
         log.info("blob device fs mounted at %s", self.directory)
+
+    def _queue_push(self, nodeid: int, offset: int, data: bytes) -> None:
+        with self._pq_cond:
+            if self._pq_bytes + len(data) > _PUSH_QUEUE_BYTES:
+                self.push_dropped += 1
+                return
+            self._pq.append((nodeid, offset, data))
+            self._pq_bytes += len(data)
+            self._pq_cond.notify()
+
+    def _push_loop(self, s: FuseSession) -> None:
+        # its own thread: a push waits for pages locked by READs in flight, which the
+        # session's workers must stay free to answer
+        while True:
+            with self._pq_cond:
+                while not self._pq and self.session is s:
+                    self._pq_cond.wait()
+                if self.session is not s:
+                    self._pq.clear()
+                    self._pq_bytes = 0
+                    return
+                nodeid, offset, data = self._pq.popleft()
+                self._pq_bytes -= len(data)
+            if s.notify_store(nodeid, offset, data):
+                self.pushed += len(data) // BLOCK
+
+    def set_readahead(self, nbytes: int) -> None:
+        """The kernel's readahead on every blob file, in bytes (rounded up to 4 KiB; 0: none).
+        Needs root (the mount's bdi knob in sysfs); logged, not raised, when it cannot."""
+        kb = (max(0, nbytes) + BLOCK - 1) // BLOCK * (BLOCK // 1024)
+        if self.session is None or kb == self.readahead:
+            return
+        if kernel.set_readahead_kb(self.directory, kb):
+            self.readahead = kb
+            log.info("blob fs readahead %d KiB", kb)
+        else:
+            log.warning("could not set the blob fs readahead to %d KiB", kb)
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
     def stop(self) -> None:
-        s, self.session = self.session, None
+        self.fs.push = None
+        with self._pq_cond:
+            s, self.session = self.session, None
+            self._pq_cond.notify_all()
         if s is None:
             return
         try:
