@@ -219,6 +219,8 @@ def main() -> int:
     ap.add_argument("--targets", default="native,erofs,fuse,erofs-mode")
     ap.add_argument("--nydusd-args", default="", help="extra nydusd flags")
     ap.add_argument("--tag", default="", help="suffix for the report file names")
+    ap.add_argument("--amplify-io", type=_size, default=None,
+                    help="amplify_io of the erofs-mode config (also its blob fs readahead)")
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args()
     cold = os.geteuid() == 0
@@ -317,7 +319,8 @@ def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: P
     cfg.write_text(json.dumps({"device": {
         "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}},
         "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
-        "mode": "direct", "fs_driver": "erofs"}))
+        "mode": "direct", "fs_driver": "erofs",
+        **({"amplify_io": a.amplify_io} if a.amplify_io is not None else {})}))
     sock = base / "api-erofs.sock"
     log = base / "nydusd-erofs.log"
     with open(log, "wb") as lf:

@@ -109,7 +109,8 @@ def test_upstream_v6_fixture_erofs_localfs(fixtures_dir: Path, tmp_path: Path,
     assert _mounts(mnt) == []
     assert not os.path.ismount(blobfs)
     # the same tree as FUSE RAFS mode gives
-    cfg2 = localfs_config(fixtures_dir / "v6" / "blobs", digest_validate=True)
+    cfg2 = localfs_config(fixtures_dir / "v6" / "blobs", digest_validate=True,
+                          fs_driver="fusedev")
     with _start(tmp_path, mnt, cfg2, boot):
         assert _mounts(mnt) == ["fuse.rafs"]
         assert md5_tree(mnt) == got
@@ -286,16 +287,18 @@ def test_shared_daemon_api_mount_with_fs_driver(fixtures_dir: Path, tmp_path: Pa
         cfg5 = json.dumps(localfs_config(fixtures_dir / "v5" / "blobs"))
         _post_mount(d, "/v6", fixtures_dir / "v6" / "rafs-v6-2.2.boot", cfg6, "erofs")
         _post_mount(d, "/v5", fixtures_dir / "v5" / "blake3-nocompress.boot", cfg5, "erofs")
-        _post_mount(d, "/f6", fixtures_dir / "v6" / "rafs-v6-2.2.boot", cfg6, None)
-        assert _mounts(mnt / "v6") == ["erofs"]
+        _post_mount(d, "/f6", fixtures_dir / "v6" / "rafs-v6-2.2.boot", cfg6, "fusedev")
+        _post_mount(d, "/d6", fixtures_dir / "v6" / "rafs-v6-2.2.boot", cfg6, None)
+        assert _mounts(mnt / "v6") == ["erofs"] and _mounts(mnt / "d6") == ["erofs"]
         assert _mounts(mnt / "v5") == [] and _mounts(mnt / "f6") == []
-        assert md5_tree(mnt / "v6") == md5_tree(mnt / "f6")
+        assert md5_tree(mnt / "v6") == md5_tree(mnt / "f6") == md5_tree(mnt / "d6")
         bc = _daemon_info(d)["backend_collection"]
+        # no fs_driver in the request or the config: the daemon default, erofs
         assert {p: b["fs_driver"] for p, b in bc.items()} == \
-            {"/v6": "erofs", "/v5": "fusedev", "/f6": "fusedev"}
+            {"/v6": "erofs", "/v5": "fusedev", "/f6": "fusedev", "/d6": "erofs"}
         _request(d, "DELETE", "/api/v1/mount?mountpoint=/v6", None)
         assert _mounts(mnt / "v6") == [] and not (mnt / "v6").exists()
-        assert sorted(os.listdir(mnt)) == ["f6", "v5"]
+        assert sorted(os.listdir(mnt)) == ["d6", "f6", "v5"]
 
 
 def _request(d: Nydusd, method: str, path: str, body: Any) -> tuple[int, bytes]:

@@ -57,8 +57,10 @@ def _publish_under_blob_id(reg: RegistryServer, blob_file: Path, blob_id: str) -
     return want
 
 
+@pytest.mark.parametrize("driver", ["fusedev", "erofs"])
 def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
-                                            fault_proxy: FaultProxy, tmp_path: Path) -> None:
+                                            fault_proxy: FaultProxy, tmp_path: Path,
+                                            driver: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(3)
@@ -93,7 +95,9 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
     mnt.mkdir()
     sock = tmp_path / "api.sock"
     with Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                 "--apisock", sock], mnt, cwd=tmp_path, apisock=sock).start() as d:
+                 "--apisock", sock, "--fs-driver", driver], mnt, cwd=tmp_path,
+                apisock=sock).start() as d:
+        assert d.client.info()["backend_collection"]["/"]["fs_driver"] == driver
         assert sorted(os.listdir(mnt)) == [*(f"big{i}" for i in range(8)), "small"]
         assert fault_proxy.blob_bytes(digest) == 0  # mounted and listed: no data fetched
         data = (mnt / "big5").read_bytes()
@@ -120,8 +124,10 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
         assert (mnt / "small").read_text() == "hello registry\n"
 
 
+@pytest.mark.parametrize("driver", ["fusedev", "erofs"])
 def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
-                                            fault_proxy: FaultProxy, tmp_path: Path) -> None:
+                                            fault_proxy: FaultProxy, tmp_path: Path,
+                                            driver: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(9)
@@ -151,8 +157,8 @@ def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
     mnt.mkdir()
     sock = tmp_path / "api.sock"
     with Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                 "--apisock", sock, "--prefetch-files", "/big2"], mnt, cwd=tmp_path,
-                apisock=sock) as d:
+                 "--apisock", sock, "--prefetch-files", "/big2", "--fs-driver", driver], mnt,
+                cwd=tmp_path, apisock=sock) as d:
         d.start()
         import time
 

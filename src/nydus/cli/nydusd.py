@@ -60,10 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--fuse-threads", type=int, default=4)
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
-    p.add_argument("--fs-driver", choices=("fusedev", "erofs"), default="fusedev",
-                   help="default data path of images whose config has no fs_driver: fusedev "
-                        "(FUSE RAFS, default) or erofs (kernel EROFS over the daemon's blob "
-                        "files; v5 images and kernels without file-backed EROFS use fusedev)")
+    p.add_argument("--fs-driver", choices=("fusedev", "erofs"), default="erofs",
+                   help="default data path of images whose config has no fs_driver: erofs "
+                        "(default: the kernel mounts the bootstrap, the daemon serves blob "
+                        "data) or fusedev (FUSE RAFS). v5 images, kernels without file-backed "
+                        "EROFS, per-file metrics and --supervisor use fusedev")
     p.add_argument("--readahead-kb", type=int, default=1024,
                    help="the FUSE mount's readahead in KiB (default 1024, one chunk; "
                         "0: the kernel's default)")

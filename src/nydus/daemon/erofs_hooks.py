@@ -17,7 +17,8 @@ from .erofs_mode import EROFS, FUSEDEV
 if TYPE_CHECKING:
     from .service import ImageMount, Nydusd
 
-__all__ = ["mount_erofs_image", "umount_erofs_image", "activate_pending", "shutdown_erofs"]
+__all__ = ["mount_erofs_image", "remount_erofs_image", "umount_erofs_image", "activate_pending",
+           "shutdown_erofs"]
 
 log = logging.getLogger("nydus.daemon.erofs")
 
@@ -32,8 +33,11 @@ def _fallback(d: Nydusd, im: ImageMount, e: OSError) -> str:
 
 
 def _kernel_mount(d: Nydusd, im: ImageMount) -> str:
+    if d.erofs.on_lost is None:
+        d.erofs.on_lost = lambda path: _lost(d, path)
     try:
-        d.erofs.mount(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs])
+        d.erofs.mount(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs],
+                      stats=im.fs.stats)
     except OSError as e:
         d.vfs.detach_placeholder(im.path)
         if e.errno in _KERNEL_CANNOT:
@@ -65,10 +69,35 @@ def activate_pending(d: Nydusd) -> None:
                 d.vfs.attach(im.path, im.fs, on_close=im.close)
 
 
+def remount_erofs_image(d: Nydusd, old: ImageMount, im: ImageMount) -> None:
+    """``PUT /api/v1/mount`` of a kernel EROFS image: the new bootstrap replaces the old one in
+    place; the old image stays open for files opened before, and is closed with the new one."""
+    im.fs_driver, im.erofs = EROFS, d.erofs
+    if im.path not in d.erofs.images:  # not kernel-mounted yet (no FUSE mount so far)
+        old.close()
+        return
+    d.erofs.replace(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs],
+                    stats=im.fs.stats)
+    im.retired = [*old.retired, old]
+    old.retired = []
+
+
 def umount_erofs_image(d: Nydusd, im: ImageMount) -> None:
     d.erofs.umount(im.path)
     d.vfs.detach_placeholder(im.path)
     im.close()
+
+
+def _lost(d: Nydusd, path: str) -> None:
+    """The kernel mount of ``path`` was removed from outside (see erofs_mode)."""
+    if path == "/":
+        log.info("the kernel EROFS mount of / was removed from outside: session ended")
+        d.end_session("erofs mount removed")
+        return
+    try:
+        d.umount(path)
+    except Exception as e:  # already gone (a concurrent DELETE): nothing left to do
+        log.info("%s: detaching after the external unmount: %s", path, e)
 
 
 def shutdown_erofs(d: Nydusd) -> None:

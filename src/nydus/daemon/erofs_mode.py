@@ -9,11 +9,27 @@ reads are fetched, verified and decompressed by the daemon) or, when the blob is
 blob cache, its local ``<blob_id>.blob.data`` file (native: no daemon in the path).
 
 Choosing the driver (:func:`resolve_driver`): the config's ``fs_driver`` (or the API mount body's
-``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``fusedev``: plain
-``nydusd --bootstrap`` and API mounts without the key keep upstream's fusedev behaviour, which the
-snapshotter's fd-handoff failover and per-file metrics rely on). RAFS v5 bootstraps are not EROFS
-images and always use fusedev; so does a daemon in upgrade (takeover) mode. A kernel without EROFS
-(ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to fusedev with a log line.
+``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``erofs``). The default
+gives way to fusedev, said in the log, where only FUSE RAFS mode can do what was asked: per-file
+metrics or the access pattern (``iostats_files``, ``access_pattern``, ``latest_read_files``: the
+kernel serves files without telling the daemon) and a daemon under a supervisor (fd-handoff
+failover hands over a /dev/fuse connection; kernel EROFS mounts cannot be handed over). RAFS v5
+bootstraps are not EROFS images and always use fusedev; so does a daemon in upgrade (takeover)
+mode. A kernel without EROFS (ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to
+fusedev with a log line.
+
+What differs for readers (kernel behaviour, not ours): ``open(O_DIRECT)`` fails with EINVAL on a
+file-backed EROFS mount; use fusedev for applications that need O_DIRECT on image files. Each
+image is its own file system (its own ``st_dev``; inode numbers are the EROFS nids), where FUSE
+RAFS mode shows all images of a daemon in one inode space.
+
+External unmount: the watcher also follows /proc/self/mountinfo (POLLPRI). When an image's EROFS
+mount disappears without the daemon unmounting it (``umount <mountpoint>``), the daemon is told
+(``on_lost``): the image at ``/`` ends the daemon, as an external unmount of a FUSE mount ends the
+session; any other image is detached as by ``DELETE /api/v1/mount``.
+
+Remount (``PUT /api/v1/mount``): the new bootstrap is mounted on a staging directory and moved
+beneath the current mount, which is then detached lazily, as for the switch to native below.
 
 Switch to native: a watcher polls ``BlobDevice.is_blob_ready``; once every blob is complete in
 the cache, a second EROFS instance with the local files is mounted on a private staging
@@ -46,6 +62,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -113,12 +130,78 @@ def _move_beneath(source: str, target: str) -> None:
         os.close(fd)
 
 
+BLOBFS_BASE = "/run/nydusd-blobfs"
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie (a killed daemon its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: leave it alone
+
+
+def sweep_stale_blobfs_dirs(base: str = BLOBFS_BASE) -> int:
+    """Clean up after daemons that are gone (a killed daemon cannot clean up after itself):
+    detach their dead blob fs and staging mounts lazily (EROFS mounts still holding blob files
+    keep them; their uncached reads fail as they already did) and remove the ``<base>/<pid>``
+    directories. Directories of live processes are left alone. Returns how many went."""
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    table: dict[str, list[str]] | None = None
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid() or _alive(int(name)):
+            continue
+        d = os.path.join(base, name)
+        if table is None:
+            try:
+                table = kernel_mount.mounted_fstypes()
+            except OSError:
+                table = {}
+        for sub, fstype in (("blobs", "fuse.nydus-blobfs"), ("stage", None)):
+            path = os.path.realpath(os.path.join(d, sub))
+            kinds = table.get(path, [])
+            if kinds and (fstype is None or kinds[-1] == fstype):
+                with contextlib.suppress(OSError):
+                    kernel_mount.umount(path, lazy=True)
+                    log.info("detached %s, left by a daemon that is gone (pid %s)", path, name)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # fails if still mounted or not empty: kept
+        try:
+            os.rmdir(d)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _read_all(fd: int) -> str | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        parts = []
+        while chunk := os.read(fd, 1 << 16):
+            parts.append(chunk)
+    except OSError as e:
+        log.debug("reading the mount table: %s", e)
+        return None
+    return b"".join(parts).decode("utf-8", "surrogateescape")
+
+
 def resolve_driver(requested: str | None, default: str, rafs_version: int,
-                   upgrade: bool = False) -> tuple[str, str]:
-    """(driver, reason) for one image mount."""
+                   upgrade: bool = False, needs_fuse: str = "") -> tuple[str, str]:
+    """(driver, reason) for one image mount. ``needs_fuse``: why this mount wants FUSE RAFS
+    mode (empty if it does not); it overrides the daemon default, not an explicit request."""
     want = requested or default
     if want not in DRIVERS:
         raise ValueError(f"fs_driver must be one of {DRIVERS}, got {want!r}")
+    if want == EROFS and needs_fuse and not requested:
+        return FUSEDEV, needs_fuse
     if want == EROFS and rafs_version != 6:
         return FUSEDEV, f"RAFS v{rafs_version} is not an EROFS image"
     if want == EROFS and upgrade:
@@ -140,6 +223,8 @@ class ErofsImage:
     devices: list[str] = field(default_factory=list)
     native: list[bool] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
+    stats: Any = None  # the image's FsIoStats, for blob fs READs
+    retired: list[ErofsImage] = field(default_factory=list)  # replaced by remount
     mounted: bool = False
     switched_at: float = 0.0
     old_detached: int = 0
@@ -160,8 +245,10 @@ class ErofsManager:
 
     def __init__(self, mountpoint: str, blobfs_dir: str = "", *,
                  poll: float = 0.5) -> None:
-        self.mountpoint = os.path.abspath(mountpoint)
-        d = blobfs_dir or f"/run/nydusd-blobfs/{os.getpid()}"
+        # resolved: the kernel's mount table shows real paths (see _check_lost)
+        self.mountpoint = os.path.realpath(mountpoint)
+        d = blobfs_dir or os.path.join(BLOBFS_BASE, str(os.getpid()))
+        self._sweep = not blobfs_dir
         self.blobfs = BlobFsServer(os.path.join(d, "blobs"))
         self.stage = os.path.join(d, "stage")
         self._stage_ready = False
@@ -171,18 +258,23 @@ class ErofsManager:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._seq = 0
+        # told the path of an image whose mount vanished from outside; called by the watcher
+        # thread without the manager's lock held
+        self.on_lost: Callable[[str], None] | None = None
 
     def target_of(self, path: str) -> str:
         return self.mountpoint if path == "/" else self.mountpoint + path
 
     # ------------------------------------------------------------------ mounts
 
-    def mount(self, path: str, bootstrap: str, device: Any, blob_ids: list[str]) -> ErofsImage:
+    def mount(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
+              stats: Any = None) -> ErofsImage:
         """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
-        (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back)."""
+        (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back).
+        ``stats``: the image's FsIoStats (blob fs READs are accounted there)."""
         with self._lock:
             im = ErofsImage(path, self.target_of(path), os.path.abspath(bootstrap), device,
-                            list(blob_ids))
+                            list(blob_ids), stats=stats)
             self._devices(im)
             try:
                 kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices)
@@ -196,6 +288,32 @@ class ErofsManager:
             self._ensure_watcher()
             return im
 
+    def replace(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
+                stats: Any = None) -> ErofsImage:
+        """Remount: the new bootstrap takes the place of the image at ``path`` without a moment
+        of an empty directory; files open on the old instance keep reading it (its blob files
+        stay registered until the new image is unmounted)."""
+        with self._lock:
+            old = self.images.get(path)
+            if old is None or not old.mounted:
+                raise OSError(errno.EINVAL, f"no kernel EROFS mount at {path}")
+            im = ErofsImage(path, old.target, os.path.abspath(bootstrap), device,
+                            list(blob_ids), stats=stats)
+            self._devices(im)
+            try:
+                self._mount_beneath(im.bootstrap, im.devices, old.target)
+            except BaseException:
+                self._unregister(im)
+                raise
+            kernel_mount.umount(old.target, lazy=True)
+            old.mounted = False
+            im.mounted = True
+            im.retired = [*old.retired, old]
+            old.retired = []
+            self.images[path] = im
+            log.info("%s: remounted %s at %s (%s)", path, im.bootstrap, im.target, im.mode)
+            return im
+
     def _devices(self, im: ErofsImage) -> None:
         im.devices, im.native = [], []
         for i, bid in enumerate(im.blob_ids):
@@ -204,8 +322,11 @@ class ErofsManager:
                 im.devices.append(local)
                 im.native.append(True)
                 continue
+            if self._sweep:
+                self._sweep = False
+                sweep_stale_blobfs_dirs()
             self.blobfs.start()
-            im.registered.append(self.blobfs.fs.register(bid, im.device, i))
+            im.registered.append(self.blobfs.fs.register(bid, im.device, i, im.stats))
             im.devices.append(self.blobfs.path(bid))
             im.native.append(False)
 
@@ -221,6 +342,9 @@ class ErofsManager:
         return None
 
     def _unregister(self, im: ErofsImage) -> None:
+        for old in im.retired:
+            self._unregister(old)
+        im.retired = []
         for bid in im.registered:
             self.blobfs.fs.unregister(bid)
         im.registered = []
@@ -289,15 +413,58 @@ class ErofsManager:
             self._watcher.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll):
-            with self._lock:
-                todo = [im for im in self.images.values() if im.mounted and not all(im.native)]
-            for im in todo:
+        try:
+            fd = os.open(kernel_mount.PROC_MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot follow the mount table (%s): external unmounts go unnoticed", e)
+            fd = -1
+        poller = select.poll()
+        if fd >= 0:
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+        try:
+            # a first look at once: a change before the fd was opened raises no POLLPRI
+            changed = fd >= 0
+            while not self._stop.is_set():
+                if changed:
+                    self._check_lost(fd)
+                with self._lock:
+                    todo = [im for im in self.images.values()
+                            if im.mounted and not all(im.native)]
+                for im in todo:
+                    try:
+                        self.switch_native(im.path)
+                    except Exception:
+                        log.exception("%s: switch to native failed; staying on the blob fs",
+                                      im.path)
+                # POLLPRI: the mount table changed; otherwise wake every `poll` seconds
+                changed = bool(poller.poll(int(self.poll * 1000))) if fd >= 0 else False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _check_lost(self, fd: int) -> None:
+        """Images whose EROFS mount is gone though we did not unmount it: tell ``on_lost``."""
+        lost: list[str] = []
+        with self._lock:
+            # read under the lock (mounts are made under it), so the table is not older than
+            # the image list; reading through the polled fd is what re-arms POLLPRI
+            text = _read_all(fd)
+            if text is None:
+                return
+            table = kernel_mount.mounted_fstypes(text)
+            for im in self.images.values():
+                if im.mounted and "erofs" not in table.get(im.target, ()):
+                    log.warning("%s: the kernel EROFS mount at %s was removed from outside",
+                                im.path, im.target)
+                    im.mounted = False
+                    lost.append(im.path)
+        cb = self.on_lost
+        for path in lost:
+            if cb is not None:
                 try:
-                    self.switch_native(im.path)
+                    cb(path)
                 except Exception:
-                    log.exception("%s: switch to native failed; staying on the blob fs",
-                                  im.path)
+                    log.exception("%s: handling the lost mount", path)
 
     def _ensure_stage(self) -> None:
         if self._stage_ready:
@@ -308,6 +475,24 @@ class ErofsManager:
         _mount(self.stage, self.stage, None, MS_BIND)
         _mount(None, self.stage, None, MS_PRIVATE)
         self._stage_ready = True
+
+    def _mount_beneath(self, bootstrap: str, devices: list[str], target: str) -> None:
+        """A new EROFS instance *beneath* the one at ``target`` (the caller then detaches the
+        top one): lookups see one instance or the other, never an empty directory."""
+        self._ensure_stage()
+        self._seq += 1
+        staging = os.path.join(self.stage, str(self._seq))
+        os.makedirs(staging, exist_ok=True)
+        kernel_mount.mount_erofs(bootstrap, staging, devices)
+        try:
+            _move_beneath(staging, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                kernel_mount.umount(staging, lazy=True)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
 
     def switch_native(self, path: str, wait: Callable[[], None] | None = None) -> bool:
         """Move the image at ``path`` to local blob files if every blob is complete.
@@ -324,22 +509,8 @@ class ErofsManager:
             if any(p is None for p in locals_):
                 return False
             self._ensure_stage()
-            self._seq += 1
-            staging = os.path.join(self.stage, str(self._seq))
-            os.makedirs(staging, exist_ok=True)
             devices = [str(p) for p in locals_]
-            kernel_mount.mount_erofs(im.bootstrap, staging, devices)
-            try:
-                # new instance *beneath* the lazy one, then detach the lazy one: lookups see
-                # one instance or the other, never an empty directory
-                _move_beneath(staging, im.target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    kernel_mount.umount(staging, lazy=True)
-                raise
-            finally:
-                with contextlib.suppress(OSError):
-                    os.rmdir(staging)
+            self._mount_beneath(im.bootstrap, devices, im.target)
             kernel_mount.umount(im.target, lazy=True)
             im.old_detached += 1
             # the blob files stay registered until umount: the old instance may still

@@ -60,7 +60,7 @@ class DaemonOptions:
     upgrade: bool = False
     failover_policy: str = "resend"
     session: SessionOptions = field(default_factory=SessionOptions)
-    fs_driver: str = FUSEDEV  # per-mount default when the config has no fs_driver
+    fs_driver: str = EROFS  # per-mount default when the config has no fs_driver
     blobfs_dir: str = ""  # kernel EROFS mode: where the blob fs and staging mounts live
 
 
@@ -77,12 +77,17 @@ class ImageMount:
     mounted_at: float = field(default_factory=time.time)
     fs_driver: str = FUSEDEV
     erofs: Any = None  # the daemon's ErofsManager when fs_driver is "erofs"
+    # images this one replaced by a kernel EROFS remount: files opened before may still read them
+    retired: list[ImageMount] = field(default_factory=list)
 
     def close(self) -> None:
         try:
             self.fs.close()
         finally:
             self.device.close()
+            for old in self.retired:
+                old.close()
+            self.retired = []
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -210,7 +215,7 @@ class Nydusd:
             try:
                 driver, why = resolve_driver(fs_driver or im.config.fs_driver,
                                              self.opts.fs_driver, im.fs.version,
-                                             self.opts.upgrade)
+                                             self.opts.upgrade, self._needs_fuse(im))
                 if driver == EROFS:
                     from .erofs_hooks import mount_erofs_image
                     driver = mount_erofs_image(self, im)
@@ -236,11 +241,18 @@ class Nydusd:
             path = self.vfs.normalize(path)
             if path not in self.images:
                 raise NotFoundError(f"nothing is mounted at {path}")
-            if self.images[path].fs_driver == EROFS:
-                raise UnsupportedError("remount of a kernel EROFS mount: umount and mount")
+            old = self.images[path]
             im = self.open_image(path, bootstrap, config, prefetch_files)
             try:
-                self.vfs.replace(path, im.fs, on_close=im.close)
+                if old.fs_driver == EROFS:
+                    if im.fs.version != 6:
+                        raise UnsupportedError(
+                            f"{path} is a kernel EROFS mount; a RAFS v{im.fs.version} "
+                            "bootstrap cannot replace it (umount and mount)")
+                    from .erofs_hooks import remount_erofs_image
+                    remount_erofs_image(self, old, im)
+                else:
+                    self.vfs.replace(path, im.fs, on_close=im.close)
             except BaseException:
                 im.close()
                 raise
@@ -248,6 +260,16 @@ class Nydusd:
             self._start_prefetch(im)
             log.info("remounted %s at %s", bootstrap, path)
             return im
+
+    def _needs_fuse(self, im: ImageMount) -> str:
+        """Why this image wants FUSE RAFS mode when the daemon default is erofs ('' if not)."""
+        cfg = im.config
+        if cfg.iostats_files or cfg.access_pattern or cfg.latest_read_files:
+            return ("per-file metrics/access pattern (iostats_files, access_pattern, "
+                    "latest_read_files) need fusedev")
+        if self.opts.supervisor:
+            return "a supervised daemon (fd failover) serves fusedev"
+        return ""
 
     def umount(self, path: str) -> None:
         """Detach the image at ``path`` (``DELETE /api/v1/mount``)."""
@@ -314,9 +336,14 @@ class Nydusd:
             s = self.session
             if s is not None and s.ended:
                 log.info("FUSE session ended (unmounted?)")
-                if self.sm.can(DaemonEvent.INTERRUPT):
-                    self.sm.fire(DaemonEvent.INTERRUPT)
-                self.request_exit("fuse session ended")
+                self.end_session("fuse session ended")
+
+    def end_session(self, reason: str) -> None:
+        """The mount went away from outside: INTERRUPT, then exit."""
+        with self._lock:
+            if self.sm.can(DaemonEvent.INTERRUPT):
+                self.sm.fire(DaemonEvent.INTERRUPT)
+        self.request_exit(reason)
 
     def shutdown(self) -> None:
         """Unmount, close every image, state STOPPED. Idempotent."""
