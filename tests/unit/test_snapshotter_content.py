@@ -301,9 +301,15 @@ def test_temporaries_of_a_crash_are_removed(tmp_path: Path, store: ContentStore)
     junk.parent.mkdir(parents=True)
     junk.write_text("{")
     (store.root / "blobs" / "sha256" / ".tmp-0").write_text("partial")
+    # a lazy blob's download cut short: the store's own ingest, which containerd never sees
+    w = store.writer("nydus-materialize-" + sha(b"big"))
+    w.write(b"partial")
+    w.close()
+    assert store.list_statuses() == []
     again = ContentStore(tmp_path / "content")
     assert not junk.exists() and not (store.root / "blobs" / "sha256" / ".tmp-0").exists()
     assert [i.digest for i in again.walk()] == [d]
+    assert list(again.ingest_dir.iterdir()) == []
 
 
 # -- Nydus manifests -------------------------------------------------------------------------

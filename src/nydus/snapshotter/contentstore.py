@@ -77,6 +77,7 @@ _MAX_REF = 4096
 _MAX_JSON = 1 << 20
 _COPY_CHUNK = 1 << 20
 _LOCK_WAIT = 1.0  # seconds a second writer of the same ref waits before UNAVAILABLE
+_INTERNAL_REF = "nydus-materialize-"  # ingests of materialize(): never listed, gone at start
 
 
 def parse_digest(digest: str) -> tuple[str, str]:
@@ -343,6 +344,11 @@ class ContentStore:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
         for ingest in self.ingest_dir.iterdir():
+            if ingest.name.startswith(_TMP_PREFIX) or (
+                _read_small(ingest / "ref") or b""
+            ).startswith(_INTERNAL_REF.encode()):
+                shutil.rmtree(ingest, ignore_errors=True)
+                continue
             for tmp in ingest.glob(f"{_TMP_PREFIX}*"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -549,7 +555,7 @@ class ContentStore:
         lazy = self.lazy(digest)
         if lazy is None:
             return self.info(digest)
-        ref = f"nydus-materialize-{digest}"
+        ref = f"{_INTERNAL_REF}{digest}"
         try:  # one download per digest: a second caller waits, then finds the blob
             w = self.writer(ref, lazy.size, digest, wait=600.0)
         except SnapshotExists:
@@ -678,12 +684,13 @@ class ContentStore:
         return st
 
     def list_statuses(self) -> list[IngestStatus]:
+        """The ingests containerd made (not the store's own, which its GC must not abort)."""
         out = []
         for p in sorted(self.ingest_dir.iterdir()):
             if p.name.startswith(_TMP_PREFIX):
                 continue
             st = self._status_of(p)
-            if st is not None:
+            if st is not None and not st.ref.startswith(_INTERNAL_REF):
                 out.append(st)
         return out
 
