@@ -163,9 +163,13 @@ def _run(a: argparse.Namespace) -> int:
         mountpoint=os.path.abspath(a.mountpoint), id=a.id, supervisor=a.supervisor,
         apisock=a.apisock or "", upgrade=a.upgrade, failover_policy=a.failover_policy,
         fs_driver=a.fs_driver,
-        # Zero-message opens (no OPEN/RELEASE round trips) unless per-file stats are wanted.
+        # Zero-message opens (no OPEN/RELEASE round trips) unless per-file stats are wanted,
+        # or a supervisor may hold the connection while no daemon serves it: OPEN replies
+        # carry FOPEN_NOFLUSH, so a close() never waits on a FLUSH nobody answers (with
+        # zero-message opens the kernel sends FLUSH until its first ENOSYS reply).
         session=SessionOptions(threads=a.fuse_threads, readahead_kb=a.readahead_kb,
-                               no_open=not getattr(cfg, "iostats_files", False)),
+                               no_open=not (getattr(cfg, "iostats_files", False)
+                                            or a.supervisor)),
     )
     daemon = Nydusd(opts)
     logging.getLogger().addHandler(daemon.events)
