@@ -278,3 +278,21 @@ def test_supervisor_collect_times_out_when_nobody_sends(tmp_path: Path) -> None:
 
 def test_threads_left_behind_are_daemons() -> None:
     assert all(t.daemon for t in threading.enumerate() if t.name == "nydus-supervisor")
+
+
+def test_fs_driver_flag_fills_the_template_unless_it_says(tmp_path: Path) -> None:
+    from nydus.snapshotter.config import SnapshotterConfig
+
+    def template(fs_driver: str | None, tpl: dict[str, object] | None = None) -> object:
+        cfg = SnapshotterConfig(root=tmp_path / "root", cache_dir=tmp_path / "cache",
+                                nydusd_config=tpl or {}, fs_driver=fs_driver)
+        m = DaemonManager(cfg, start_watcher=False)
+        try:
+            return m.template.get("fs_driver")
+        finally:
+            m.close()
+
+    assert template(None) is None  # nydusd decides: erofs, or fusedev when supervised
+    assert template("fusedev") == "fusedev"
+    tpl = {**DEFAULT_TEMPLATE, "fs_driver": "erofs"}
+    assert template("fusedev", tpl) == "erofs"  # the template's own choice wins

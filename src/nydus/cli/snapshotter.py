@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
         "a new one, so running containers keep reading; none",
     )
     p.add_argument(
+        "--fs-driver",
+        choices=["erofs", "fusedev"],
+        help="data path of the images' nydusd mounts: erofs (kernel EROFS over the daemon's "
+        "blob files) or fusedev (FUSE RAFS). Default: nydusd's default (erofs, where the kernel "
+        "can; fusedev under --recover-policy failover); an fs_driver in the nydusd config "
+        "template wins",
+    )
+    p.add_argument(
         "--metrics-address",
         metavar="HOST:PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default)",
@@ -186,6 +194,7 @@ def _run(a: argparse.Namespace) -> int:
         log_level=a.log_level,
         log_to_stdout=a.log_to_stdout,
         recover_policy=a.recover_policy,
+        fs_driver=a.fs_driver,
         metrics_address=a.metrics_address,
         docker_config=_docker_config(),
         daemon_start_timeout=a.daemon_start_timeout,

@@ -53,7 +53,7 @@ class SnapshotterConfig:
     nydusd_path: str = "nydusd"
     nydus_image_path: str = "nydus-image"
     daemon_mode: str = "dedicated"
-    fs_driver: str = "fusedev"
+    fs_driver: str | None = None  # None: nydusd's default (erofs; fusedev when supervised)
     log_level: str = "info"
     log_to_stdout: bool = False
     recover_policy: str = "restart"

@@ -140,6 +140,8 @@ class DaemonManager(NydusMounter):
         self.mode = config.daemon_mode
         self.policy = config.recover_policy
         self.template: dict[str, Any] = dict(config.nydusd_config) or dict(DEFAULT_TEMPLATE)
+        if config.fs_driver and "fs_driver" not in self.template:
+            self.template["fs_driver"] = config.fs_driver
         check_template(self.template)
         self.root = config.root
         self.cache_dir = config.effective_cache_dir
