@@ -20,6 +20,9 @@ there costs one image listing each.
 
 Threading: a resolver may be shared; each lookup opens its own short-lived channel, and the
 caches are guarded by a lock.
+
+The few containerd calls other modules make the same way live here too: :func:`list_namespaces`,
+:func:`list_images` and :func:`snapshot_exists` (stateless; any thread).
 """
 
 from __future__ import annotations
@@ -38,10 +41,19 @@ from typing import Any, Protocol
 import grpc
 
 from ..errors import BackendError, FormatError
-from .api import CONTENT_SERVICE, IMAGES_SERVICE, NAMESPACE_HEADER, content_pb2, images_pb2
+from .api import (
+    CONTENT_SERVICE,
+    IMAGES_SERVICE,
+    NAMESPACE_HEADER,
+    NAMESPACES_SERVICE,
+    content_pb2,
+    images_pb2,
+    namespace_pb2,
+    snapshots_pb2,
+)
 from .api import descriptor_pb2 as types_pb2
 from .labels import CRI_IMAGE_REF, SNAPSHOT_REF
-from .rpc import ServiceClient, rpc_error_text, unix_target
+from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 
 __all__ = [
     "ContainerdImageResolver",
@@ -50,7 +62,10 @@ __all__ = [
     "LayerResolver",
     "chain_ids",
     "image_ref_from_labels",
+    "list_images",
+    "list_namespaces",
     "namespace_of_key",
+    "snapshot_exists",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +157,41 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     return out
 
 
+def list_namespaces(channel: grpc.Channel, timeout: float | None = None) -> list[str]:
+    """The names of containerd's namespaces (Namespaces service)."""
+    resp = ServiceClient(channel, NAMESPACES_SERVICE, (), timeout).unary(
+        "List", namespace_pb2.ListNamespacesRequest(), namespace_pb2.ListNamespacesResponse
+    )
+    return [ns.name for ns in resp.namespaces]
+
+
+def list_images(
+    channel: grpc.Channel, namespace: str, timeout: float | None = None
+) -> Sequence[images_pb2.Image]:
+    """containerd's images in ``namespace`` (Images service)."""
+    md = [(NAMESPACE_HEADER, namespace)]
+    resp = ServiceClient(channel, IMAGES_SERVICE, md, timeout).unary(
+        "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
+    )
+    return resp.images
+
+
+def snapshot_exists(snaps: ServiceClient, snapshotter: str, key: str) -> bool:
+    """Whether containerd's ``snapshotter`` has a snapshot ``key`` (``Stat``; NOT_FOUND is
+    False, any other error is raised). ``snaps`` is a Snapshots service client."""
+    try:
+        snaps.unary(
+            "Stat",
+            snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=key),
+            snapshots_pb2.StatSnapshotResponse,
+        )
+        return True
+    except grpc.RpcError as e:
+        if rpc_code(e) == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+
+
 class ContainerdImageResolver:
     """Finds images and layers through containerd's Images and Content services."""
 
@@ -193,13 +243,11 @@ class ContainerdImageResolver:
     def _lookup(self, namespace: str, chain_id: str) -> LayerMatch | None:
         md = [(NAMESPACE_HEADER, namespace)]
         with grpc.insecure_channel(unix_target(self.address)) as ch:
-            images = ServiceClient(ch, IMAGES_SERVICE, md, self.timeout)
             content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
-            resp = images.unary(
-                "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
-            )
             ordered = sorted(
-                resp.images, key=lambda i: (i.updated_at.seconds, i.updated_at.nanos), reverse=True
+                list_images(ch, namespace, self.timeout),
+                key=lambda i: (i.updated_at.seconds, i.updated_at.nanos),
+                reverse=True,
             )
             for img in ordered:
                 try:

@@ -36,18 +36,11 @@ import grpc
 from ..errors import NydusError
 from ..registry import RegistryClient
 from ..registry.reference import parse_reference
-from .api import (
-    CONTENT_SERVICE,
-    IMAGES_SERVICE,
-    NAMESPACE_HEADER,
-    NAMESPACES_SERVICE,
-    content_pb2,
-    images_pb2,
-    namespace_pb2,
-)
+from .api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
 from .contentservice import ContentService
 from .contentstore import ContentStore, LazyEntry, parse_digest
 from .errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
+from .imageref import list_images, list_namespaces
 from .labels import is_nydus_blob
 from .remotelayers import RemoteLayerRegistrar, image_uses, parse_json_object
 from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
@@ -114,18 +107,10 @@ class LazyBlobFetcher:
         named: list[tuple[str, str]] = []
         labelled: list[tuple[str, str]] = []
         with grpc.insecure_channel(unix_target(self.address)) as ch:
-            nss = ServiceClient(ch, NAMESPACES_SERVICE, (), self.timeout).unary(
-                "List",
-                namespace_pb2.ListNamespacesRequest(),
-                namespace_pb2.ListNamespacesResponse,
-            )
-            for ns in nss.namespaces:
-                md = [(NAMESPACE_HEADER, ns.name)]
+            for ns in list_namespaces(ch, self.timeout):
+                md = [(NAMESPACE_HEADER, ns)]
                 if manifest:
-                    images = ServiceClient(ch, IMAGES_SERVICE, md, self.timeout).unary(
-                        "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
-                    )
-                    for img in images.images:
+                    for img in list_images(ch, ns, self.timeout):
                         if image_uses(self.read_blob, img.target, manifest):
                             with contextlib.suppress(NydusError):
                                 ref = parse_reference(img.name)

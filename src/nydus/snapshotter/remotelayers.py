@@ -49,20 +49,16 @@ from google.protobuf import empty_pb2, field_mask_pb2
 from ..errors import BackendError, NydusError
 from .api import (
     CONTENT_SERVICE,
-    IMAGES_SERVICE,
     LEASE_HEADER,
     LEASES_SERVICE,
     NAMESPACE_HEADER,
-    NAMESPACES_SERVICE,
     SNAPSHOTS_SERVICE,
     content_pb2,
     descriptor_pb2,
-    images_pb2,
     leases_pb2,
-    namespace_pb2,
     snapshots_pb2,
 )
-from .imageref import chain_ids
+from .imageref import chain_ids, list_images, list_namespaces, snapshot_exists
 from .labels import SNAPSHOT_REF, is_nydus_blob
 from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 
@@ -211,26 +207,17 @@ class RemoteLayerRegistrar:
     def _ensure(self, manifest: str, plan: _Plan) -> list[tuple[str, str]]:
         done: list[tuple[str, str]] = []
         with grpc.insecure_channel(unix_target(self.address)) as ch:
-            nss = ServiceClient(ch, NAMESPACES_SERVICE, (), self.timeout).unary(
-                "List",
-                namespace_pb2.ListNamespacesRequest(),
-                namespace_pb2.ListNamespacesResponse,
-            )
-            for ns in nss.namespaces:
-                md = [(NAMESPACE_HEADER, ns.name)]
-                images = ServiceClient(ch, IMAGES_SERVICE, md, self.timeout).unary(
-                    "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
-                )
+            for ns in list_namespaces(ch, self.timeout):
                 users = []
-                for img in images.images:
-                    key = (ns.name, img.name, img.updated_at.ToNanoseconds(), manifest)
+                for img in list_images(ch, ns, self.timeout):
+                    key = (ns, img.name, img.updated_at.ToNanoseconds(), manifest)
                     with self._lock:
                         if key in self._done:
                             continue
                     if image_uses(self.read_blob, img.target, manifest):
                         users.append((key, img.name))
                 if users:
-                    done += self._register(ch, ns.name, manifest, plan, [n for _, n in users])
+                    done += self._register(ch, ns, manifest, plan, [n for _, n in users])
                     with self._lock:
                         for key, _ in users:
                             self._done[key] = None
@@ -238,26 +225,13 @@ class RemoteLayerRegistrar:
                             self._done.popitem(last=False)
         return done
 
-    def _exists(self, snaps: ServiceClient, sn: str, name: str) -> bool:
-        try:
-            snaps.unary(
-                "Stat",
-                snapshots_pb2.StatSnapshotRequest(snapshotter=sn, key=name),
-                snapshots_pb2.StatSnapshotResponse,
-            )
-            return True
-        except grpc.RpcError as e:
-            if rpc_code(e) == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
-
     def _register(
         self, ch: grpc.Channel, ns: str, manifest: str, plan: _Plan, image_names: list[str]
     ) -> list[tuple[str, str]]:
         sn = self.plugin_name()
         md = [(NAMESPACE_HEADER, ns)]
         snaps = ServiceClient(ch, SNAPSHOTS_SERVICE, md, self.timeout)
-        missing = [ly for ly in plan.layers if not self._exists(snaps, sn, ly.chain_id)]
+        missing = [ly for ly in plan.layers if not snapshot_exists(snaps, sn, ly.chain_id)]
         if not missing:
             return []
         leases = ServiceClient(ch, LEASES_SERVICE, md, self.timeout)

@@ -80,7 +80,7 @@ from .api import (
     mount_pb2,
     snapshots_pb2,
 )
-from .imageref import chain_ids
+from .imageref import chain_ids, snapshot_exists
 from .labels import (
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
@@ -408,19 +408,6 @@ class RemoteUnpacker:
     def _gc_label(self) -> str:
         return f"containerd.io/gc.ref.snapshot.{self.snapshotter}"
 
-    def _exists(self, snaps: ServiceClient, name: str) -> bool:
-        try:
-            snaps.unary(
-                "Stat",
-                snapshots_pb2.StatSnapshotRequest(snapshotter=self.snapshotter, key=name),
-                snapshots_pb2.StatSnapshotResponse,
-            )
-            return True
-        except grpc.RpcError as e:
-            if rpc_code(e) == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
-
     def _layer(
         self,
         snaps: ServiceClient,
@@ -432,7 +419,7 @@ class RemoteUnpacker:
         fetch_layer: LayerFetcher,
         result: UnpackResult,
     ) -> None:
-        if self._exists(snaps, chain):
+        if snapshot_exists(snaps, self.snapshotter, chain):
             result.existing.append(chain)
             return
         key = f"extract-{secrets.token_hex(6)} {chain}"
@@ -445,7 +432,9 @@ class RemoteUnpacker:
                 snapshots_pb2.PrepareSnapshotResponse,
             )
         except grpc.RpcError as e:
-            if rpc_code(e) == grpc.StatusCode.ALREADY_EXISTS and (self._exists(snaps, chain)):
+            if rpc_code(e) == grpc.StatusCode.ALREADY_EXISTS and snapshot_exists(
+                snaps, self.snapshotter, chain
+            ):
                 result.skipped.append(chain)
                 return
             raise
