@@ -1,15 +1,16 @@
-"""RAFS v5 on-disk structures, parsed from bytes (read only).
+"""RAFS v5 on-disk structures, parsed from bytes (read only, but for the chunk info).
 
 Owns the byte layout of a RAFS v5 bootstrap (upstream ``rafs/src/metadata/layout/v5.rs``):
 the 8192-byte superblock, the inode table (u32 per child index, ``offset >> 3``), the
 prefetch table, the blob table and the extended blob table, the 128-byte inode with its
-name, symlink target and xattr area, and the 80-byte chunk info. Every parser takes the
-whole bootstrap and an offset, checks each offset, size and count against the buffer
-before use, and raises :class:`nydus.errors.FormatError` naming what is wrong. Policy
-(tree shape, chunk ranges against blobs) lives in :mod:`nydus.metadata.v5`.
+name, symlink target and xattr area, and the 80-byte chunk info, which v6 bootstraps reuse
+for their chunk table (so it also packs; :mod:`nydus.format.rafs_v6` imports it from here).
+Every parser takes the whole bootstrap and an offset, checks each offset, size and count
+against the buffer before use, and raises :class:`nydus.errors.FormatError` naming what is
+wrong. Policy (tree shape, chunk ranges against blobs) lives in :mod:`nydus.metadata.v5`.
 
-All functions are pure and all results are frozen, so everything here is safe to call
-from any thread.
+All functions are pure and all results but :class:`RafsV5ChunkInfo` are frozen (that one is
+never changed after it is made), so everything here is safe to call from any thread.
 """
 
 from __future__ import annotations
@@ -410,9 +411,18 @@ def parse_xattrs(data: bytes, offset: int) -> dict[bytes, bytes]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RafsV5ChunkInfo:
-    """The 80-byte chunk info (the last u32 is reserved in v5)."""
+    """The 80-byte chunk record (upstream ``RafsV5ChunkInfo``).
+
+    One struct for both formats: v5 bootstraps keep a file's records after its inode
+    (:meth:`parse`), v6 bootstraps keep them in the chunk table
+    (:class:`nydus.format.rafs_v6.ChunkRecord` is this class; :meth:`unpack`, :meth:`pack`).
+    The last u32 is reserved in v5 and holds the chunk's CRC32 in v6.
+
+    Unlike the other results here it is not frozen (treat it as read-only): a chunk table
+    can hold millions of records, and a frozen dataclass costs several times as much to build.
+    """
 
     digest: bytes
     blob_index: int
@@ -423,10 +433,32 @@ class RafsV5ChunkInfo:
     uncompressed_offset: int
     file_offset: int
     index: int
-    reserved: int
+    crc32: int = 0
+
+    def pack(self) -> bytes:
+        return _CHUNK.pack(
+            self.digest,
+            self.blob_index,
+            self.flags,
+            self.compressed_size,
+            self.uncompressed_size,
+            self.compressed_offset,
+            self.uncompressed_offset,
+            self.file_offset,
+            self.index,
+            self.crc32,
+        )
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview, off: int) -> RafsV5ChunkInfo:
+        """The record at ``off`` of ``buf`` (a v6 chunk table), checking only that it fits."""
+        if off + CHUNK_INFO_SIZE > len(buf):
+            raise FormatError("chunk info record truncated")
+        return cls(*_CHUNK.unpack_from(buf, off))
 
     @classmethod
     def parse(cls, data: bytes, offset: int) -> RafsV5ChunkInfo:
+        """The record at ``offset`` of a v5 bootstrap: after the superblock, v5 flags only."""
         if offset < SUPERBLOCK_SIZE or offset + CHUNK_INFO_SIZE > len(data):
             raise FormatError(f"RAFS v5 chunk info at {offset:#x} is outside the bootstrap")
         ci = cls(*_CHUNK.unpack_from(data, offset))

@@ -12,13 +12,14 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .rafs_v5 import CHUNK_INFO_SIZE as CHUNK_INFO_SIZE  # re-exported: the chunk record size
+from .rafs_v5 import RafsV5ChunkInfo
 
 EXT_SB_OFFSET = 1152
 EXT_SB_SIZE = 256
 DEVTABLE_OFFSET = 1408
 DEVT_SLOTOFF = DEVTABLE_OFFSET // 128
 BLOB_ENTRY_SIZE = 256
-CHUNK_INFO_SIZE = 80
 MAX_BLOBS = 255
 MAX_CHUNKS_PER_BLOB = 1 << 24
 MIN_CHUNK_SIZE = 0x1000
@@ -175,39 +176,11 @@ def unpack_chunk_index(buf: bytes | memoryview, off: int) -> tuple[int, int, int
 
 # --------------------------------------------------------------------------- chunk table
 
-_CHUNK = struct.Struct("<32sIIIIQQQII")
 CHUNK_FLAG_COMPRESSED = 0x1
 CHUNK_FLAG_HOLECHUNK = 0x2
 CHUNK_FLAG_ENCRYPTED = 0x4
 CHUNK_FLAG_BATCH = 0x8
 
-
-@dataclass
-class ChunkRecord:
-    """``RafsV5ChunkInfo``: the legacy 80-byte chunk record kept in v6 bootstraps."""
-
-    digest: bytes
-    blob_index: int
-    flags: int
-    compressed_size: int
-    uncompressed_size: int
-    compressed_offset: int
-    uncompressed_offset: int
-    file_offset: int
-    index: int
-    crc32: int = 0
-
-    def pack(self) -> bytes:
-        return _CHUNK.pack(
-            self.digest, self.blob_index, self.flags, self.compressed_size,
-            self.uncompressed_size, self.compressed_offset, self.uncompressed_offset,
-            self.file_offset, self.index, self.crc32,
-        )
-
-    @classmethod
-    def unpack(cls, buf: bytes | memoryview, off: int) -> ChunkRecord:
-        if off + CHUNK_INFO_SIZE > len(buf):
-            raise FormatError("chunk info record truncated")
-        v = list(_CHUNK.unpack_from(buf, off))
-        v[0] = bytes(v[0])
-        return cls(*v)
+#: The 80-byte chunk record of the chunk table: upstream's ``RafsV5ChunkInfo``, the same
+#: struct as in v5 bootstraps (its last u32, reserved in v5, holds the chunk's CRC32 here).
+ChunkRecord = RafsV5ChunkInfo
