@@ -57,8 +57,14 @@ def latency_bucket(micros: int) -> int:
     return 7
 
 
-@dataclass
-class _FileStats:
+@dataclass(slots=True)
+class _Counters:
+    """What is counted for the whole file system and, with ``iostats_files``, for each file.
+
+    Upstream's per-file names; :meth:`FsIoStats.export_global` renames the open counts
+    (``nr_opens``, ``nr_max_opens``) and leaves ``total_fops`` out, as upstream does.
+    """
+
     nr_open: int = 0
     nr_max_open: int = 0
     total_fops: int = 0
@@ -66,6 +72,22 @@ class _FileStats:
     block_count_read: list[int] = field(default_factory=lambda: [0] * BLOCK_BUCKETS)
     fop_hits: list[int] = field(default_factory=lambda: [0] * FOP_COUNT)
     fop_errors: list[int] = field(default_factory=lambda: [0] * FOP_COUNT)
+
+    def account(self, fop: StatsFop, ok: bool, size: int) -> None:
+        """One operation; the caller holds the owner's lock."""
+        self.total_fops += 1
+        if ok:
+            self.fop_hits[fop] += 1
+            if fop == StatsFop.READ:
+                self.data_read += size
+                self.block_count_read[size_bucket(size)] += 1
+            elif fop == StatsFop.OPEN:
+                self.nr_open += 1
+                self.nr_max_open = max(self.nr_max_open, self.nr_open)
+            elif fop == StatsFop.RELEASE:
+                self.nr_open = max(0, self.nr_open - 1)
+        else:
+            self.fop_errors[fop] += 1
 
 
 @dataclass
@@ -96,16 +118,11 @@ class FsIoStats:
         self.measure_latency = True
         self._path_of = path_of or (lambda ino: "")
         self._lock = threading.Lock()
-        self.data_read = 0
-        self.block_count_read = [0] * BLOCK_BUCKETS
-        self.fop_hits = [0] * FOP_COUNT
-        self.fop_errors = [0] * FOP_COUNT
+        self._global = _Counters()
         self.fop_cumulative_latency_total = [0] * FOP_COUNT
         self.read_latency_dist = [0] * LATENCY_BUCKETS
-        self.nr_opens = 0
-        self.nr_max_opens = 0
         self.last_fop_tp = 0
-        self._files: dict[int, _FileStats] = {}
+        self._files: dict[int, _Counters] = {}
         self._patterns: dict[int, _Pattern] = {}
         self._latest: set[int] = set()
 
@@ -114,18 +131,7 @@ class FsIoStats:
         now = time.time_ns()
         with self._lock:
             self.last_fop_tp = now // 1_000_000_000
-            if ok:
-                self.fop_hits[fop] += 1
-                if fop == StatsFop.READ:
-                    self.data_read += size
-                    self.block_count_read[size_bucket(size)] += 1
-                elif fop == StatsFop.OPEN:
-                    self.nr_opens += 1
-                    self.nr_max_opens = max(self.nr_max_opens, self.nr_opens)
-                elif fop == StatsFop.RELEASE:
-                    self.nr_opens = max(0, self.nr_opens - 1)
-            else:
-                self.fop_errors[fop] += 1
+            self._global.account(fop, ok, size)
             if self.measure_latency and micros:
                 self.fop_cumulative_latency_total[fop] += micros
                 if fop == StatsFop.READ:
@@ -133,20 +139,8 @@ class FsIoStats:
             if self.files_enabled and ino:
                 fs = self._files.get(ino)
                 if fs is None:
-                    fs = self._files[ino] = _FileStats()
-                fs.total_fops += 1
-                if ok:
-                    fs.fop_hits[fop] += 1
-                    if fop == StatsFop.READ:
-                        fs.data_read += size
-                        fs.block_count_read[size_bucket(size)] += 1
-                    elif fop == StatsFop.OPEN:
-                        fs.nr_open += 1
-                        fs.nr_max_open = max(fs.nr_max_open, fs.nr_open)
-                    elif fop == StatsFop.RELEASE:
-                        fs.nr_open = max(0, fs.nr_open - 1)
-                else:
-                    fs.fop_errors[fop] += 1
+                    fs = self._files[ino] = _Counters()
+                fs.account(fop, ok, size)
             if fop == StatsFop.READ and ok:
                 if self.access_pattern_enabled and ino:
                     p = self._patterns.get(ino)
@@ -162,20 +156,21 @@ class FsIoStats:
 
     def export_global(self) -> dict[str, Any]:
         with self._lock:
+            g = self._global
             return {
                 "files_account_enabled": self.files_enabled,
                 "access_pattern_enabled": self.access_pattern_enabled,
                 "record_latest_read_files_enabled": self.latest_read_files_enabled,
                 "measure_latency": self.measure_latency,
                 "id": self.id,
-                "data_read": self.data_read,
-                "block_count_read": list(self.block_count_read),
-                "fop_hits": list(self.fop_hits),
-                "fop_errors": list(self.fop_errors),
+                "data_read": g.data_read,
+                "block_count_read": list(g.block_count_read),
+                "fop_hits": list(g.fop_hits),
+                "fop_errors": list(g.fop_errors),
                 "fop_cumulative_latency_total": list(self.fop_cumulative_latency_total),
                 "read_latency_dist": list(self.read_latency_dist),
-                "nr_opens": self.nr_opens,
-                "nr_max_opens": self.nr_max_opens,
+                "nr_opens": g.nr_open,
+                "nr_max_opens": g.nr_max_open,
                 "last_fop_tp": self.last_fop_tp,
             }
 
