@@ -1,5 +1,5 @@
 """S3 and OSS request signing and addressing: SigV4 checked against botocore, the OSS header
-signature checked by a fake OSS server, URLs as upstream builds them."""
+signature checked by a fake OSS server (tests/fake_oss.py), URLs as upstream builds them."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import http.server
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
+from fake_oss import FakeOss
 from nydus.config import OssConfig, S3Config
 from nydus.errors import BackendError
 from nydus.storage.objectstore import OssBackend, S3Backend, oss_authorization, sigv4_headers
@@ -76,66 +74,10 @@ def test_sigv4_aws_documentation_example() -> None:
         "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
 
 
-class FakeOss:
-    """Serves one object and checks the OSS signature, Date and virtual host."""
-
-    def __init__(self, bucket: str, key: str, data: bytes) -> None:
-        self.bad: list[str] = []
-        owner = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                host = self.headers.get("Host", "")
-                date = self.headers.get("Date", "")
-                string = "\n".join([self.command, "", "", date, f"/{bucket}/{key}"])
-                mac = hmac.new(SK.encode(), string.encode(), hashlib.sha1).digest()
-                want = f"OSS {AK}:{base64.b64encode(mac).decode()}"
-                if self.headers.get("Authorization") != want or not host.startswith(
-                        f"{bucket}.") or self.path != f"/{key}":
-                    owner.bad.append(f"{self.command} {host} {self.path}")
-                    body = b"<Error><Code>SignatureDoesNotMatch</Code></Error>"
-                    self.send_response(403)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                rng = self.headers.get("Range")
-                status, body, extra = 200, data, {}
-                if rng and self.command == "GET":
-                    a, b = rng.removeprefix("bytes=").split("-")
-                    body = data[int(a) : int(b) + 1]
-                    status = 206
-                    extra["Content-Range"] = f"bytes {a}-{b}/{len(data)}"
-                self.send_response(status)
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
-
-            do_HEAD = do_GET
-
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.srv.daemon_threads = True
-        self.port = self.srv.server_address[1]
-        threading.Thread(target=self.srv.serve_forever, args=(0.05,), daemon=True).start()
-
-    def stop(self) -> None:
-        self.srv.shutdown()
-        self.srv.server_close()
-
-
 @pytest.fixture
 def oss() -> Iterator[FakeOss]:
-    s = FakeOss("bkt", "prefix/" + "ef" * 32, bytes(range(256)) * 1000)
-    yield s
-    s.stop()
+    with FakeOss("bkt", AK, SK, {"prefix/" + "ef" * 32: bytes(range(256)) * 1000}) as s:
+        yield s
 
 
 def test_oss_backend_signs_requests(oss: FakeOss) -> None:
