@@ -31,8 +31,9 @@ container's first output line and to the workload's end (medians over ``--rounds
   blobs' chunk-info arrays), read from the snapshotter's Prometheus endpoint; OCI: manifest,
   config and layer sizes (containerd downloads every layer once). On the limited links the veth
   counters of the namespace side are reported too (``wire``: TCP/HTTP included).
-* ``read``: bytes the workload read from the image through FUSE (nydusd's ``data_read``,
-  kernel readahead included): what lazy loading had to serve.
+* ``read``: bytes nydusd served to the kernel for the workload (its ``data_read``: FUSE reads
+  with kernel readahead in FUSE RAFS mode; blob-device reads plus the rest of each chunk pushed
+  into the page cache in kernel EROFS mode): what lazy loading had to serve.
 
 Links: ``loopback`` (registry on 127.0.0.1) and ``N mbit``: the registry runs in a network
 namespace behind a veth pair shaped with ``tc tbf`` at N Mbit/s on both ends (only the namespace
@@ -326,7 +327,7 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
         f"cpus {os.cpu_count()}, shared with other sessions' test runs.",
         "",
         "| link | method | first output s | workload done s | fetched | of OCI image | "
-        "read (FUSE) | fetched / read | wire | speed-up (first output) | load |",
+        "read | fetched / read | wire | speed-up (first output) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary: dict[str, Any] = {}
@@ -366,8 +367,9 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
         "",
         "`fetched`: bytes the registry served for the image (Nydus: pull metadata + the "
         "daemon's backend bytes, from the snapshotter's metrics; OCI: the image's blobs). "
-        "`read (FUSE)`: bytes the workload read from the Nydus image through FUSE, kernel "
-        "readahead included. `wire`: bytes the namespace side of the veth sent (limited links "
+        "`read`: bytes nydusd served to the kernel for the workload (FUSE reads with kernel "
+        "readahead, or in kernel EROFS mode blob-device reads plus the pushed rest of each "
+        "chunk). `wire`: bytes the namespace side of the veth sent (limited links "
         "only; TCP/HTTP overhead included). `load`: median 1-minute load average when the "
         "rounds started (2 CPUs; other sessions' test runs share them: the OCI unpack and "
         "nydusd are both CPU-bound, so both slow down under load).",

@@ -15,10 +15,11 @@ once stays in the page cache of the blob file.
 
 Files are registered per image (:meth:`BlobDevFs.register`) and reference counted by name: two
 images with the same blob share the file (same id, same bytes), served by the first device that
-registered it until that image goes away. Each READ is also accounted (bytes served, latency,
-errors) in the file-system statistics of the image that registered the file first, so an image's
-``GET /api/v1/metrics`` counts ``data_read`` and READ ``fop_errors`` in this mode too (bytes the
-kernel read from the blob device: page granular, not per file).
+registered it until that image goes away. Each READ is also accounted (bytes served, pushed
+pages included; latency; errors) in the file-system statistics of the image that registered the
+file first, so an image's ``GET /api/v1/metrics`` counts ``data_read`` and READ ``fop_errors`` in
+this mode too (bytes the daemon gave the kernel for the blob device: page and chunk granular, not
+per file).
 
 Readahead and pushes: kernel readahead on a blob file would read past the end of the file being
 read, into chunks of other files, and the daemon would have to fetch those whole chunks: an
@@ -269,10 +270,12 @@ class BlobDevFs(Operations):
                 if hi > end:
                     push(f.nodeid, end, data[end - lo :])
             data = data[offset - lo : end - lo]
+        # served: the request and the pages pushed with it (what FUSE RAFS mode counts is
+        # what the kernel got from the daemon, readahead included: the same here)
         f.reads += 1
-        f.bytes_read += size
+        f.bytes_read += hi - lo
         if stats is not None:
-            stats.record(StatsFop.READ, 0, True, size, (time.monotonic_ns() - t0) // 1000)
+            stats.record(StatsFop.READ, 0, True, hi - lo, (time.monotonic_ns() - t0) // 1000)
         return data
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
