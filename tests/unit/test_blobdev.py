@@ -26,6 +26,12 @@ class FakeDevice:
         self.data, self.bad, self.calls = data, bad, []  # type: ignore[var-annotated]
         self.chunk = chunk  # >0: chunks of this many bytes, back to back
 
+    amplify_io = 0
+    ready_upto = 0  # bytes of the blob "in the cache", for ready_extent
+
+    def ready_extent(self, i: int, offset: int, limit: int) -> int:
+        return max(offset, min(self.ready_upto, offset + limit))
+
     def chunk_span(self, i: int, offset: int, size: int) -> tuple[int, int]:
         if not self.chunk:
             return offset, offset + size
@@ -160,3 +166,32 @@ def test_sweep_removes_dirs_of_dead_daemons_only(tmp_path: Path) -> None:
     (tmp_path / "notapid").mkdir()
     assert sweep_stale_blobfs_dirs(str(tmp_path)) == 1
     assert sorted(os.listdir(tmp_path)) == sorted([str(os.getpid()), "notapid"])
+
+
+def test_chunks_already_cached_after_a_read_are_pushed_up_to_amplify_io() -> None:
+    data = os.urandom(16 * 8192)  # sixteen 8 KiB chunks (small files), all in the cache
+    fs = BlobDevFs()
+    pushed: list[tuple[int, int, bytes]] = []
+    fs.push = lambda node, off, b: pushed.append((node, off, b))
+    dev = FakeDevice(data, chunk=8192)
+    dev.amplify_io, dev.ready_upto = 32768, len(data)
+    stats = FsIoStats("/")
+    fs.register("s", dev, 0, stats)
+    node = fs.lookup(CTX, ROOT_ID, b"s").nodeid
+    assert fs.read(CTX, node, 0, 0, 8192) == data[:8192]
+    assert pushed == [(node, 8192, data[8192 : 8192 + 32768])]  # no more than amplify_io
+    assert stats.export_global()["data_read"] == 8192 + 32768
+    # the next file was pushed a moment ago; if its READ still comes, no second push
+    pushed.clear()
+    assert fs.read(CTX, node, 0, 8192, 8192) == data[8192:16384]
+    assert pushed == []
+    # nothing cached past a point: nothing pushed past it (never a fetch for a push)
+    pushed.clear()
+    dev.ready_upto = 11 * 8192
+    assert fs.read(CTX, node, 0, 9 * 8192, 8192) == data[9 * 8192 : 10 * 8192]
+    assert pushed == [(node, 10 * 8192, data[10 * 8192 : 11 * 8192])]
+    # amplify_io 0: exact reads, nothing pushed after
+    pushed.clear()
+    dev.amplify_io = 0
+    assert fs.read(CTX, node, 0, 12 * 8192, 8192) == data[12 * 8192 : 13 * 8192]
+    assert pushed == []

@@ -461,6 +461,27 @@ def test_read_range_is_the_uncompressed_address_space(img: Image, tmp_path: Path
             assert dev.metrics_blobcache()["data_all_ready"]
 
 
+def test_chunk_span_and_ready_extent(img: Image, tmp_path: Path) -> None:
+    """What the EROFS blob fs widens reads to, and how far it may push with no fetch."""
+    dev, be = device(img, tmp_path / "c", amplify_io=0)
+    big = chunks_of(img, "/big")
+    c1, c2 = big[1], big[2]
+    with dev:
+        mid = c1.uncompressed_offset + 100
+        assert dev.chunk_span(0, mid, 10) == (c1.uncompressed_offset,
+                                              c1.uncompressed_offset + c1.uncompressed_size)
+        start = c1.uncompressed_offset
+        assert dev.ready_extent(0, start, 1 << 30) == start  # nothing cached yet
+        dev.read_range(0, start, c1.uncompressed_size)  # amplify_io 0: exactly chunk 1
+        assert dev.ready_extent(0, start, 1 << 30) == start + c1.uncompressed_size
+        assert dev.ready_extent(0, start, 10) == start + 10  # bounded by the limit
+        requests = len(be.requests)
+        after = c2.uncompressed_offset
+        assert dev.ready_extent(0, after, 1 << 30) == after  # chunk 2 was never fetched
+        assert len(be.requests) == requests  # asking fetched nothing
+        assert dev.amplify_io == 0
+
+
 def test_chunks_without_placement_resolve_through_the_ci_array(img: Image,
                                                                tmp_path: Path) -> None:
     """A v6 bootstrap without the chunk table gives only chunk indexes: the device uses the

@@ -150,33 +150,68 @@ class BlobDevFs(Operations):
 
     # ------------------------------------------------------------------ helpers
 
-    def _widen(self, f: _BlobFile, dev: Any, offset: int, end: int) -> tuple[int, int]:
-        """The whole chunks around a page-aligned request whose other pages can be pushed into
-        the page cache (see the module docstring); the request itself otherwise."""
+    def _push_ready_after(self, f: _BlobFile, dev: Any, start: int) -> int:
+        """Push the chunks after ``start`` that are already in the blob cache (fetched by this
+        read's amplification, or before), up to ``amplify_io``: the next small files of the
+        blob then need no READ, and nothing is fetched for them. Returns the bytes pushed."""
+        key = (f.nodeid, start)
+        now = time.monotonic()
+        with self._lock:
+            last = self._pushed.get(key)
+            if last is not None and now - last < _PUSH_AGAIN_AFTER:
+                return 0
+        try:
+            limit = min(PUSH_SPAN_MAX, int(dev.amplify_io), f.size - start)
+            stop = dev.ready_extent(f.index, start, limit) if limit > 0 else start
+        except (NydusError, AttributeError):
+            return 0
+        stop = min(f.size, -(-stop // BLOCK) * BLOCK)
+        if stop <= start:
+            return 0
+        try:
+            real = max(0, min(stop, f.blob_size) - start)
+            extra = dev.read_range(f.index, start, real) if real else b""
+        except NydusError as e:
+            log.debug("blob %s: no push after %d: %s", f.name.decode(), start, e)
+            return 0
+        if len(extra) < stop - start:
+            extra = bytes(extra) + bytes(stop - start - len(extra))
+        with self._lock:
+            self._pushed[key] = now
+        push = self.push
+        if push is None:
+            return 0
+        push(f.nodeid, start, extra)
+        return len(extra)
+
+    def _widen(self, f: _BlobFile, dev: Any, offset: int, end: int) -> tuple[int, int, bool]:
+        """``(lo, hi, whole)``: the whole chunks around a page-aligned request, whose other
+        pages can be pushed into the page cache (see the module docstring), and True; or the
+        request itself and False (not aligned, no pushes, too wide, or pushed a moment ago)."""
         if self.push is None or offset % BLOCK or end % BLOCK:
-            return offset, end
+            return offset, end, False
         real_end = min(end, f.blob_size)
         if real_end <= offset:
-            return offset, end
+            return offset, end, False
         try:
             lo, hi = dev.chunk_span(f.index, offset, real_end - offset)
         except NydusError:
-            return offset, end
+            return offset, end, False
         lo = min(offset, max(0, lo // BLOCK * BLOCK))
         hi = max(end, min(f.size, -(-hi // BLOCK) * BLOCK))
-        if (lo, hi) == (offset, end) or hi - lo > PUSH_SPAN_MAX:
-            return offset, end
+        if hi - lo > PUSH_SPAN_MAX:
+            return offset, end, False
         key = (f.nodeid, lo)
         now = time.monotonic()
         with self._lock:
             last = self._pushed.get(key)
             if last is not None and now - last < _PUSH_AGAIN_AFTER:
-                return offset, end  # pushed a moment ago (maybe not landed yet): just this
+                return offset, end, False  # pushed a moment ago (maybe not landed yet)
             self._pushed[key] = now
             if len(self._pushed) > 8192:
                 self._pushed = {k: t for k, t in self._pushed.items()
                                 if now - t < _PUSH_AGAIN_AFTER}
-        return lo, hi
+        return lo, hi, True
 
     def _attr(self, nodeid: int) -> AttrFields:
         s, ns = divmod(self._ns, 1_000_000_000)
@@ -248,7 +283,7 @@ class BlobDevFs(Operations):
             return b""
         size = min(size, f.size - offset)
         end = offset + size
-        lo, hi = self._widen(f, dev, offset, end)
+        lo, hi, whole = self._widen(f, dev, offset, end)
         stats = f.stats
         t0 = time.monotonic_ns()
         try:
@@ -262,20 +297,22 @@ class BlobDevFs(Operations):
             raise
         if len(data) < hi - lo:
             data = bytes(data) + bytes(hi - lo - len(data))
-        if (lo, hi) != (offset, end):
-            push = self.push
-            if push is not None:
-                if lo < offset:
-                    push(f.nodeid, lo, data[: offset - lo])
-                if hi > end:
-                    push(f.nodeid, end, data[end - lo :])
-            data = data[offset - lo : end - lo]
+        served = hi - lo
+        push = self.push
+        if push is not None:
+            if lo < offset:
+                push(f.nodeid, lo, data[: offset - lo])
+            if hi > end:
+                push(f.nodeid, end, data[end - lo :])
+            if whole:  # hi is where a chunk ends: what follows may already be here
+                served += self._push_ready_after(f, dev, hi)
+        data = data[offset - lo : end - lo]
         # served: the request and the pages pushed with it (what FUSE RAFS mode counts is
         # what the kernel got from the daemon, readahead included: the same here)
         f.reads += 1
-        f.bytes_read += hi - lo
+        f.bytes_read += served
         if stats is not None:
-            stats.record(StatsFop.READ, 0, True, hi - lo, (time.monotonic_ns() - t0) // 1000)
+            stats.record(StatsFop.READ, 0, True, served, (time.monotonic_ns() - t0) // 1000)
         return data
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:

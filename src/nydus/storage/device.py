@@ -243,6 +243,27 @@ class BlobDevice:
             hi = max(hi, e.uncompressed_offset + e.uncompressed_size)
         return lo, hi
 
+    def ready_extent(self, blob_index: int, offset: int, limit: int) -> int:
+        """How far from ``offset`` (at most ``limit`` bytes) the blob's uncompressed space is
+        made of chunks already complete in the cache, back to back in blob order: what can be
+        read with no fetch. ``offset`` itself when there is no cache or nothing ready."""
+        st = self._blob(blob_index)
+        cache = st.cache
+        meta = st.fetcher.meta() if cache is not None and limit > 0 else None
+        if meta is None or cache is None:
+            return offset
+        end = offset
+        for i in meta.chunks_in(offset, limit):
+            e = meta.ci[i]
+            if e.uncompressed_offset > end + 4095 or not cache.is_ready(i):
+                break  # a gap that is not just alignment padding, or a chunk not here yet
+            end = e.uncompressed_offset + e.uncompressed_size
+        return min(end, offset + limit)
+
+    @property
+    def amplify_io(self) -> int:
+        return int(self.cfg.amplify_io)
+
     def prefetch_files(self, chunk_lists: Sequence[Sequence[ChunkInfo]]) -> None:
         """Queue the chunks of these files for background fetching (in the given order).
 
