@@ -12,7 +12,7 @@ Workloads (each on every target):
 
 Cold means ``sync; echo 3 > /proc/sys/vm/drop_caches`` right before (root only); warm is the
 same command again at once. Targets: ``native`` (the source directory), ``erofs`` (kernel
-EROFS, file-backed bootstrap with the blob as ``device=``) and ``fuse`` (nydusd serving the
+EROFS, file-backed bootstrap with the blob as ``device=``) and ``fuse`` (nydusd in FUSE RAFS mode, ``fs_driver: fusedev``, serving the
 same bootstrap through FUSE from the local blob, i.e. a fully cached image: no backend
 fetches) and ``erofs-mode`` (nydusd with ``fs_driver: erofs``: the kernel mounts the bootstrap,
 the blob device is a file on the daemon's blob fs, localfs backend with an empty blob cache).
@@ -272,7 +272,8 @@ def main() -> int:
             prime([boot, *map(Path, blobs)])
             cfg = base / "localfs.json"
             cfg.write_text(json.dumps({"device": {"backend": {
-                "type": "localfs", "config": {"dir": str(img / "blobs")}}}, "mode": "direct"}))
+                "type": "localfs", "config": {"dir": str(img / "blobs")}}}, "mode": "direct",
+                "fs_driver": "fusedev"}))  # FUSE RAFS mode (nydusd's default is erofs)
             log = base / "nydusd.log"
             with open(log, "wb") as lf:
                 proc = subprocess.Popen(
@@ -287,7 +288,8 @@ def main() -> int:
                 r = measure("fuse", mnt, info, cold, functools.partial(_proc_cpu, proc.pid),
                             functools.partial(_fuse_requests, base / "api.sock"))
                 r.notes.append(
-                    f"nydusd --fuse-threads {a.fuse_threads} {a.nydusd_args}".strip())
+                    f"nydusd (fs_driver fusedev) --fuse-threads {a.fuse_threads} "
+                    f"{a.nydusd_args}".strip())
                 results.append(r)
             finally:
                 proc.send_signal(signal.SIGTERM)
