@@ -4,6 +4,12 @@ Kept apart from service.py so the daemon core only carries call sites: choosing 
 an image whose driver resolved to ``erofs`` (kernel mount now, or once the daemon's FUSE mount
 exists), the fallback to fusedev when the kernel cannot mount file-backed EROFS, unmounting, and
 shutdown order (EROFS mounts, then the blob fs, then the FUSE mount underneath).
+
+Underneath each kernel EROFS mount, the daemon's FUSE mount serves the same image (FUSE RAFS
+mode, same RafsFs): the FUSE mount appears a moment before the EROFS mount is stacked on it, and
+whoever looks in between (a script that waits for the mount point) sees the image, never an
+empty directory; what it opened there keeps being served through FUSE. The FUSE side does not
+own the image: it is closed with the EROFS side (:func:`umount_erofs_image`).
 """
 
 from __future__ import annotations
@@ -39,18 +45,22 @@ def _kernel_mount(d: Nydusd, im: ImageMount) -> str:
         d.erofs.mount(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs],
                       stats=im.fs.stats)
     except OSError as e:
-        d.vfs.detach_placeholder(im.path)
+        d.vfs.detach(im.path)  # the caller attaches it again (fallback) or closes it
         if e.errno in _KERNEL_CANNOT:
             return _fallback(d, im, e)
         raise
     return EROFS
 
 
+def _not_owned() -> None:
+    """The FUSE view of a kernel EROFS image does not close it (module docstring)."""
+
+
 def mount_erofs_image(d: Nydusd, im: ImageMount) -> str:
     """Returns the driver the image ends up with (``fusedev`` after a fallback, in which case
     the caller attaches it to the FUSE VFS)."""
     im.fs_driver, im.erofs = EROFS, d.erofs
-    d.vfs.attach_placeholder(im.path)
+    d.vfs.attach(im.path, im.fs, on_close=_not_owned)
     s = d.session
     if s is None or not s.mounted:
         log.info("%s: fs_driver erofs; the kernel mount follows the daemon's FUSE mount",
@@ -74,17 +84,21 @@ def remount_erofs_image(d: Nydusd, old: ImageMount, im: ImageMount) -> None:
     place; the old image stays open for files opened before, and is closed with the new one."""
     im.fs_driver, im.erofs = EROFS, d.erofs
     if im.path not in d.erofs.images:  # not kernel-mounted yet (no FUSE mount so far)
+        d.vfs.replace(im.path, im.fs, on_close=_not_owned)
         old.close()
         return
     d.erofs.replace(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs],
                     stats=im.fs.stats)
+    # the FUSE view underneath keeps the old image (kept open below): replacing it would
+    # invalidate the dentry the new kernel mount sits on, and the kernel detaches mounts on
+    # an invalidated dentry
     im.retired = [*old.retired, old]
     old.retired = []
 
 
 def umount_erofs_image(d: Nydusd, im: ImageMount) -> None:
     d.erofs.umount(im.path)
-    d.vfs.detach_placeholder(im.path)
+    d.vfs.detach(im.path)
     im.close()
 
 

@@ -211,48 +211,6 @@ class RafsVfs(Operations):
             self._notify(parent_id, name)
         return m
 
-    def attach_placeholder(self, path: str) -> None:
-        """An empty pseudo directory at ``path`` for a kernel EROFS mount on top (erofs_mode)."""
-        path = self.normalize(path)
-        if path == "/":
-            return
-        with self._lock:
-            if path in self.mounts() or self._root is not None:
-                raise FuseError(errno.EEXIST, f"{path} is already mounted")
-            parent = ROOT_INO
-            parts = path.strip("/").encode().split(b"/")
-            for i, part in enumerate(parts):
-                d = self._pseudo[parent]
-                child = d.children.get(part)
-                if child is not None and (i == len(parts) - 1 or child not in self._pseudo):
-                    raise FuseError(errno.EEXIST, f"{path} overlaps another mount")
-                if child is None:
-                    child = (PSEUDO_SLOT << SLOT_SHIFT) | self._next_pseudo
-                    self._next_pseudo += 1
-                    self._pseudo[child] = _PseudoDir(child, parent, part)
-                    d.children[part] = child
-                    d.mtime = time.time_ns()
-                parent = child
-        self._notify(self._pseudo[parent].parent, parts[-1])
-
-    def detach_placeholder(self, path: str) -> None:
-        """Remove :meth:`attach_placeholder`'s directory and parents left empty."""
-        path = self.normalize(path)
-        removed: list[tuple[int, bytes]] = []
-        with self._lock:
-            node = ROOT_INO
-            for part in path.strip("/").encode().split(b"/"):
-                node = self._pseudo.get(node, _PseudoDir(0, 0, b"")).children.get(part, 0)
-            while node != ROOT_INO and node in self._pseudo and not self._pseudo[node].children:
-                d = self._pseudo.pop(node)
-                up = self._pseudo[d.parent]
-                up.children.pop(d.name, None)
-                up.mtime = time.time_ns()
-                removed.append((d.parent, d.name))
-                node = d.parent
-        for parent_id, name in removed:
-            self._notify(parent_id, name)
-
     def replace(self, path: str, fs: RafsFs, on_close: Callable[[], None] | None = None) -> None:
         """Swap the image at ``path`` (remount): new lookups see the new image."""
         self.detach(path)  # no lock across both: notifications must not run under our lock
