@@ -237,6 +237,15 @@ def _remove_container(s: NydusStack, cid: str) -> None:
 
     wait_for(deleted, what=f"task {cid} deleted")
     s.ctr("containers", "delete", cid).check()
+    collect_garbage(s)
+
+
+def collect_garbage(s: NydusStack) -> None:
+    """Make containerd remove the deleted snapshot from the snapshotter now. Its GC runs on
+    its own schedule and skips a deletion it thinks a collection in progress covered; a lease
+    deleted with --sync runs one collection synchronously."""
+    lease = s.ctr("leases", "create").check().stdout.strip()
+    s.ctr("leases", "delete", "--sync", lease).check()
 
 
 def daemon_free(s: NydusStack) -> bool:
