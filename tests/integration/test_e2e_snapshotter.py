@@ -162,12 +162,7 @@ def test_lazy_pull_and_run(mode: str, bb: Image, proxy: FaultProxy, tmp_path: Pa
         assert _fetched(proxy, bb) == 0, "the pull downloaded data blobs"
         assert proxy.blob_bytes(bb.bootstrap[0]) == bb.bootstrap[1]
 
-        r = s.run(ref, "c1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f03")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
-        fetched = _fetched(proxy, bb)
-        # busybox (about 1 MiB) and one 512 KiB file of a 9.5 MiB image
-        assert 0 < fetched < 0.3 * bb.blob_total, (fetched, bb.blob_total)
+        fetched = _run_lazily(s, ref, bb, proxy)
 
         # c1 is gone (--rm; containerd's GC then removes its snapshot): the image is released,
         # a dedicated daemon stops with it, the shared one stays
@@ -202,9 +197,7 @@ def test_lazy_pull_and_run(mode: str, bb: Image, proxy: FaultProxy, tmp_path: Pa
             assert list(s.daemon_pids()) == ["shared"]
         assert _cache_files(s), "nothing in the cache"
         # removing the image lets containerd remove its snapshots: the cache is collected
-        s.ctr("image", "rm", "--sync", ref).check()
-        wait_for(lambda: s.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout.count("\n") <= 1,
-                 what="snapshots removed")  # fmt: skip
+        _remove_image(s, ref)
         wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
     except BaseException:
         print(s.diagnostics())
@@ -226,6 +219,25 @@ def test_plain_oci_image_through_same_snapshotter(
         assert s.daemon_pids() == {} and daemon_free(s)
     finally:
         _stop(s)
+
+
+def _run_lazily(s: NydusStack, ref: str, bb: Image, proxy: FaultProxy) -> int:
+    """A container reading one data file; returns the blob bytes fetched so far, checked to be
+    a small part of the image."""
+    r = s.run(ref, "c1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f03")
+    assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+    assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
+    fetched = _fetched(proxy, bb)
+    # busybox (about 1 MiB) and one 512 KiB file of a 9.5 MiB image
+    assert 0 < fetched < 0.3 * bb.blob_total, (fetched, bb.blob_total)
+    return fetched
+
+
+def _remove_image(s: NydusStack, ref: str) -> None:
+    """``ctr image rm --sync``: containerd's GC then removes the image's snapshots."""
+    s.ctr("image", "rm", "--sync", ref).check()
+    wait_for(lambda: s.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout.count("\n") <= 1,
+             what="snapshots removed")
 
 
 def _remove_container(s: NydusStack, cid: str) -> None:
@@ -455,21 +467,14 @@ def test_stock_ctr_pull_and_run_through_the_content_store(
         # containerd counts them as present, with their sizes (from the lazy entries)
         assert {d: _content_size(s, d) for d in bb.blobs} == bb.blobs
 
-        r = s.run(ref, "c1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f03")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
-        fetched = _fetched(proxy, bb)
-        # busybox (about 1 MiB) and one 512 KiB file of a 9.5 MiB image
-        assert 0 < fetched < 0.3 * bb.blob_total, (fetched, bb.blob_total)
+        fetched = _run_lazily(s, ref, bb, proxy)
         # pulling again changes nothing and downloads nothing
         _ctr_pull(s, ref)
         assert _fetched(proxy, bb) == fetched
 
         # removing the image: containerd's GC removes the snapshots, the lazy entries and the
         # real blobs; the cache of unused blobs goes too
-        s.ctr("image", "rm", "--sync", ref).check()
-        wait_for(lambda: s.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout.count("\n") <= 1,
-                 what="snapshots removed")  # fmt: skip
+        _remove_image(s, ref)
         wait_for(lambda: not _stored(s, "lazy") and not _stored(s, "blobs"), what="content GC")
         assert s.ctr("content", "ls", "-q").check().stdout.strip() == ""
         wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
