@@ -12,10 +12,11 @@ Workloads (each on every target):
 
 Cold means ``sync; echo 3 > /proc/sys/vm/drop_caches`` right before (root only); warm is the
 same command again at once. Targets: ``native`` (the source directory), ``erofs`` (kernel
-EROFS, file-backed bootstrap with the blob as ``device=``) and ``fuse`` (nydusd in FUSE RAFS mode, ``fs_driver: fusedev``, serving the
-same bootstrap through FUSE from the local blob, i.e. a fully cached image: no backend
-fetches) and ``erofs-mode`` (nydusd with ``fs_driver: erofs``: the kernel mounts the bootstrap,
-the blob device is a file on the daemon's blob fs, localfs backend with an empty blob cache).
+EROFS, file-backed bootstrap with the blob as ``device=``) and ``fuse`` (nydusd in FUSE RAFS
+mode, ``fs_driver: fusedev``, serving the same bootstrap through FUSE from the local blob, i.e.
+a fully cached image: no backend fetches) and ``erofs-mode`` (nydusd with ``fs_driver:
+erofs``: the kernel mounts the bootstrap, the blob device is a file on the daemon's blob fs,
+localfs backend with an empty blob cache).
 ``erofs-mode`` gives two rows: ``erofs-mode-lazy`` (cold reads go through the daemon, which
 fills the blob cache) and ``erofs-mode-native`` (after the rest of the tree has been read, the
 blob is complete, the daemon switches the mount to the local ``.blob.data`` file and the same
@@ -292,13 +293,7 @@ def main() -> int:
                     f"{a.nydusd_args}".strip())
                 results.append(r)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                if os.path.ismount(mnt):
-                    umount(str(mnt), lazy=True)
+                _stop_nydusd(proc, mnt)
         elif t == "erofs-mode" and cold:
             prime([boot, *map(Path, blobs)])
             results.extend(_erofs_mode(a, base, img, boot, mnt, info))
@@ -369,14 +364,18 @@ def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: P
                         f"(devices {be['erofs']['devices']})")
         out.append(r2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if os.path.ismount(mnt):
-            umount(str(mnt), lazy=True)
+        _stop_nydusd(proc, mnt)
     return out
+
+
+def _stop_nydusd(proc: subprocess.Popen[bytes], mnt: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if os.path.ismount(mnt):
+        umount(str(mnt), lazy=True)
 
 
 def _fmt(v: float, base: float | None) -> str:

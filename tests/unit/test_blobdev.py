@@ -15,8 +15,8 @@ from nydus.daemon.blobdev import BLOCK, BlobDevFs
 from nydus.daemon.erofs_mode import EROFS, FUSEDEV, resolve_driver, sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
 from nydus.fs.metrics import FsIoStats, StatsFop
-from nydus.kernel_mount import mounted_fstypes
 from nydus.fuse import ROOT_ID, FuseError, RequestContext
+from nydus.kernel_mount import mounted_fstypes
 
 CTX = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
 

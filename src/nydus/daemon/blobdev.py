@@ -156,10 +156,8 @@ class BlobDevFs(Operations):
         blob then need no READ, and nothing is fetched for them. Returns the bytes pushed."""
         key = (f.nodeid, start)
         now = time.monotonic()
-        with self._lock:
-            last = self._pushed.get(key)
-            if last is not None and now - last < _PUSH_AGAIN_AFTER:
-                return 0
+        if not self._push_due(key, now, claim=False):
+            return 0
         try:
             limit = min(PUSH_SPAN_MAX, int(dev.amplify_io), f.size - start)
             stop = dev.ready_extent(f.index, start, limit) if limit > 0 else start
@@ -176,8 +174,7 @@ class BlobDevFs(Operations):
             return 0
         if len(extra) < stop - start:
             extra = bytes(extra) + bytes(stop - start - len(extra))
-        with self._lock:
-            self._pushed[key] = now
+        self._push_due(key, now, claim=True)
         push = self.push
         if push is None:
             return 0
@@ -201,17 +198,23 @@ class BlobDevFs(Operations):
         hi = max(end, min(f.size, -(-hi // BLOCK) * BLOCK))
         if hi - lo > PUSH_SPAN_MAX:
             return offset, end, False
-        key = (f.nodeid, lo)
-        now = time.monotonic()
+        if not self._push_due((f.nodeid, lo), time.monotonic(), claim=True):
+            return offset, end, False  # pushed a moment ago (maybe not landed yet)
+        return lo, hi, True
+
+    def _push_due(self, key: tuple[int, int], now: float, *, claim: bool) -> bool:
+        """Whether a push starting at ``key`` (nodeid, offset) is due: not made in the last
+        ``_PUSH_AGAIN_AFTER`` seconds. With ``claim``, a due push is recorded as made now."""
         with self._lock:
             last = self._pushed.get(key)
             if last is not None and now - last < _PUSH_AGAIN_AFTER:
-                return offset, end, False  # pushed a moment ago (maybe not landed yet)
-            self._pushed[key] = now
-            if len(self._pushed) > 8192:
-                self._pushed = {k: t for k, t in self._pushed.items()
-                                if now - t < _PUSH_AGAIN_AFTER}
-        return lo, hi, True
+                return False
+            if claim:
+                self._pushed[key] = now
+                if len(self._pushed) > 8192:
+                    self._pushed = {k: t for k, t in self._pushed.items()
+                                    if now - t < _PUSH_AGAIN_AFTER}
+        return True
 
     def _attr(self, nodeid: int) -> AttrFields:
         s, ns = divmod(self._ns, 1_000_000_000)
