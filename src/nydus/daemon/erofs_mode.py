@@ -31,8 +31,11 @@ session; any other image is detached as by ``DELETE /api/v1/mount``.
 Remount (``PUT /api/v1/mount``): the new bootstrap is mounted on a staging directory and moved
 beneath the current mount, which is then detached lazily, as for the switch to native below.
 
-Switch to native: a watcher polls ``BlobDevice.is_blob_ready``; once every blob is complete in
-the cache, a second EROFS instance with the local files is mounted on a private staging
+Switch to native: a watcher polls the images still read through the blob fs; once every blob is
+complete in the cache *and verified* (``BlobDevice.verify_blob``: every chunk of the cache file
+hashed by this process, on the watcher thread, outside the manager's lock, whatever a record of
+an earlier run says; a bad chunk is cleared and fetched again, and the switch waits), a second
+EROFS instance with the local files is mounted on a private staging
 directory and moved *beneath* the lazy one at the mount point (move_mount(2) with
 MOVE_MOUNT_BENEATH, Linux 6.5+), and the lazy one is then detached (MNT_DETACH): path lookups see
 one instance or the other, never an empty directory. New opens and path lookups go to the native
@@ -332,14 +335,25 @@ class ErofsManager:
 
     @staticmethod
     def _local(device: Any, i: int) -> str | None:
+        """The blob's cache file if the kernel may read it: complete and verified by this
+        process (``native_file`` does no hashing; ``_verify_local`` does)."""
         try:
-            if device.is_blob_ready(i):
-                p = device.cache_file(i)
-                if p and os.path.isfile(p):
-                    return str(p)
+            p = device.native_file(i)
+            if p and os.path.isfile(p):
+                return str(p)
         except Exception as e:  # a blob that cannot be opened: stay lazy, reads report it
             log.debug("blob %d not local: %s", i, e)
         return None
+
+    @staticmethod
+    def _verify_local(device: Any, i: int) -> bool:
+        """Hash a complete cached blob (may take a while: never under the manager's lock)."""
+        try:
+            return bool(device.verify_blob(i))
+        except Exception as e:
+            log.warning("blob %d: cannot verify its cache file (%s); staying on the blob fs",
+                        i, e)
+            return False
 
     def _unregister(self, im: ErofsImage) -> None:
         for old in im.retired:
@@ -504,6 +518,15 @@ class ErofsManager:
         with self._lock:
             im = self.images.get(path)
             if im is None or not im.mounted:
+                return False
+            if all(im.native):
+                return True
+            device, count = im.device, len(im.blob_ids)
+        # nothing unverified goes to the kernel: hash first, outside the lock
+        if not all(self._verify_local(device, i) for i in range(count)):
+            return False
+        with self._lock:
+            if self.images.get(path) is not im or not im.mounted:
                 return False
             if all(im.native):
                 return True

@@ -167,7 +167,7 @@ class Nydusd:
         meta = open_bootstrap(bootstrap)
         try:
             fs_id = self.vfs.normalize(path)
-            device = open_device(meta.blobs, cfg, id=fs_id)
+            device = open_device(meta.blobs, cfg, id=fs_id, chunk_lookup=meta.chunk_record)
         except BaseException:
             meta.close()
             raise

@@ -4,7 +4,8 @@ Used by tests (an in-process chunk source without the storage stack) and as the 
 fallback when ``nydus.storage.open_device`` is not available. It reads chunks with
 :class:`nydus.storage.blobfile.BlobReader`: decompressed, and verified against their digest when
 ``verify``. A chunk without compression info in the bootstrap (v6 images without the legacy
-chunk table) is located through the blob's chunk-info array, read once per blob.
+chunk table) is located through the blob's chunk-info array, read once per blob, and verified
+against the blob's digest array.
 
 A blob file that is missing or unreadable fails only the reads that need it, with
 :class:`nydus.errors.BackendError`.
@@ -38,7 +39,7 @@ class LocalBlobChunks:
         self.paths = paths or {}
         self._lock = threading.Lock()
         self._readers: dict[int, tuple[BlobReader, Callable[[], None]]] = {}
-        self._ci: dict[int, list[bm.CiEntry]] = {}
+        self._ci: dict[int, tuple[list[bm.CiEntry], list[bytes]]] = {}
         self.read_count = 0
         self.read_amount = 0
 
@@ -66,17 +67,22 @@ class LocalBlobChunks:
         if c.compressed_size >= 0:
             return c
         with self._lock:
-            ci = self._ci.get(c.blob_index)
-        if ci is None:
-            ci = reader.trailer().ci
+            hit = self._ci.get(c.blob_index)
+        if hit is None:
+            tr = reader.trailer()
+            # the digest array counts only if the bootstrap vouches for the ToC listing it
+            hit = (tr.ci, tr.digests if any(reader.info.toc_digest) else [])
             with self._lock:
-                self._ci[c.blob_index] = ci
+                self._ci[c.blob_index] = hit
+        ci, digests = hit
         if not 0 <= c.index < len(ci):
             raise BackendError(f"chunk index {c.index} outside the blob's chunk-info array")
         e = ci[c.index]
+        digest = c.digest or (digests[c.index] if c.index < len(digests) else b"")
         return replace(c, compressed_offset=e.compressed_offset,
                        compressed_size=e.compressed_size,
-                       uncompressed_size=e.uncompressed_size, compressed=e.compressed)
+                       uncompressed_size=e.uncompressed_size, compressed=e.compressed,
+                       digest=digest)
 
     def read_chunks(self, chunks: list[ChunkInfo]) -> list[bytes]:
         out = []

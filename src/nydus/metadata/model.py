@@ -144,6 +144,13 @@ class RafsMetadata(ABC):
     def prefetch_nids(self) -> list[int]:
         """Node ids listed in the bootstrap's prefetch table."""
 
+    def chunk_record(self, blob_index: int, index: int) -> ChunkInfo | None:
+        """The bootstrap's own record of chunk ``index`` of blob ``blob_index`` (placement and
+        digest, ``file_offset`` 0), or None when the bootstrap keeps no table of chunks by
+        blob position (v5, or v6 without the chunk table). The storage layer uses it to verify
+        chunks it locates through a blob's chunk-info array."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (mmaps, file handles)."""
 

@@ -312,6 +312,18 @@ class RafsV6Metadata(RafsMetadata):
                 out.append(self._chunk(nid, blob, ci + j, foff, blkaddr * self.blksize + j * real))
         return out
 
+    def chunk_record(self, blob_index: int, index: int) -> ChunkInfo | None:
+        rec = self._chunk_records.get((blob_index, index))
+        if rec is None:
+            return None
+        return ChunkInfo(
+            digest=rec.digest, blob_index=blob_index, index=index, file_offset=0,
+            compressed_offset=rec.compressed_offset, compressed_size=rec.compressed_size,
+            uncompressed_offset=rec.uncompressed_offset,
+            uncompressed_size=rec.uncompressed_size,
+            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED), crc32=rec.crc32,
+        )
+
     def _chunk(self, nid: int, blob: int, ci: int, foff: int, uoff: int) -> ChunkInfo:
         binfo = self.blobs[blob]
         if ci >= binfo.chunk_count and binfo.chunk_count:

@@ -17,6 +17,11 @@ matters more than latency. Off by default, like upstream.
 A data file of the wrong size (truncated or replaced behind our back) is resized and its chunk
 map discarded, so every chunk is fetched again rather than trusted.
 
+Trust (see :mod:`.verified`): a ready bit says "this chunk's bytes were verified when they came
+in", but the bytes may have changed since. ``<file>.verified`` and an in-memory bitmap say which
+ready chunks *this process* may serve without hashing them again (:meth:`trusted`); a chunk that
+is ready but not trusted is hashed by the fetcher on its first read (:meth:`mark_verified`).
+
 Thread-safe: chunks occupy disjoint byte ranges, ``pread``/``pwrite`` need no lock, and the
 chunk map does its own locking. Safe to share between processes (see chunkmap.py).
 """
@@ -32,6 +37,7 @@ from typing import Protocol
 from ..errors import NydusError
 from ..metadata import BlobInfo
 from .chunkmap import ChunkMap
+from .verified import RECORD_SUFFIX, CacheTrust
 
 __all__ = ["BlobCacheFile", "CachedChunk"]
 
@@ -73,12 +79,22 @@ class BlobCacheFile:
             raise NydusError(f"blob {info.blob_id}: unknown size, cannot cache")
         os.makedirs(work_dir, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.record_path = self.path + RECORD_SUFFIX
         try:
             self._check_size()
             self.map = ChunkMap(self.map_path, info.chunk_count)
+            self.trust = CacheTrust(self._fd, self.record_path, info.blob_id, info.chunk_count)
+            if self.map.rebuilt:
+                self.trust.discard_record()
+            vouched = self.trust.adopt_record(self.map.bitmap())
         except BaseException:
             os.close(self._fd)
             raise
+        ready = self.map.count_ready()
+        if ready and vouched < ready:
+            log.info("cache of blob %s: %d of %d ready chunks are hashed again on first read "
+                     "(no record of their verification matches the file)", info.blob_id,
+                     ready - vouched, ready)
 
     def _check_size(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -91,8 +107,9 @@ class BlobCacheFile:
                     "cache file %s has size %d, expected %d: discarding its chunk map",
                     self.path, st.st_size, self.size,
                 )
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.map_path)
+                for stale in (self.map_path, self.path + RECORD_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)
                 os.ftruncate(self._fd, 0)
             os.ftruncate(self._fd, self.size)
         finally:
@@ -125,20 +142,25 @@ class BlobCacheFile:
         return out + bytes(size - len(out))
 
     def write(self, c: CachedChunk, payload: bytes) -> bool:
-        """Store a chunk's bytes; False (and a warning) if the file system refused them."""
+        """Store a chunk's (verified) bytes; False (and a warning) if the file system refused
+        them."""
         off, size = self._where(c)
         if len(payload) != size or not self.fits(c):
             return False
-        try:
-            view = memoryview(payload)
-            pos = off
-            while view:
-                n = os.pwrite(self._fd, view, pos)
-                view, pos = view[n:], pos + n
-        except OSError as e:
-            log.warning("cannot write chunk %d to %s: %s", c.index, self.path, e)
-            return False
-        return True
+
+        def pwrite_all() -> bool:
+            try:
+                view = memoryview(payload)
+                pos = off
+                while view:
+                    n = os.pwrite(self._fd, view, pos)
+                    view, pos = view[n:], pos + n
+            except OSError as e:
+                log.warning("cannot write chunk %d to %s: %s", c.index, self.path, e)
+                return False
+            return True
+
+        return self.trust.write(pwrite_all)
 
     # ------------------------------------------------------------------ readiness
 
@@ -146,15 +168,53 @@ class BlobCacheFile:
         return self.map.is_ready(index)
 
     def mark_ready(self, indices: list[int]) -> None:
-        """Set readiness bits; the chunks' data must already be written."""
+        """Set readiness bits of chunks whose data was verified and is already written."""
         if not indices:
             return
         if self.sync_data:
             os.fdatasync(self._fd)
+        self.trust.mark(indices)
         self.map.set_ready(indices)
 
     def clear(self, index: int) -> None:
+        self.trust.unmark(index)
         self.map.clear(index)
+
+    def trusted(self, index: int) -> bool:
+        """Ready, verified by this process (or by a matching record), and the file unchanged
+        since: servable without hashing it again."""
+        return (self.trust.check_unchanged() and self.trust.is_verified(index)
+                and self.map.is_ready(index))
+
+    def all_trusted(self, indices: list[int]) -> bool:
+        """:meth:`trusted` for many chunks with one look at the file."""
+        if not self.trust.check_unchanged():
+            return False
+        t, m = self.trust, self.map
+        return all(t.is_verified(i) and m.is_ready(i) for i in indices)
+
+    def mark_verified(self, indices: list[int]) -> None:
+        """Chunks read back from the file and found good."""
+        self.trust.mark(indices)
+
+    def hashed(self, index: int) -> bool:
+        """Ready and hashed by this process (a record's word is not enough), file unchanged."""
+        return (self.trust.check_unchanged() and self.trust.is_hashed(index)
+                and self.map.is_ready(index))
+
+    def fully_verified(self) -> bool:
+        """Every chunk ready and hashed by this process, the file unchanged since: the file may
+        be handed to the kernel."""
+        return (self.map.all_ready and self.trust.check_unchanged()
+                and self.trust.hashed_count() == self.info.chunk_count)
+
+    def save_record(self) -> bool:
+        """Persist which ready chunks are verified (see :mod:`.verified`)."""
+        try:
+            return self.trust.save(self.map.bitmap())
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.record_path, e)
+            return False
 
     @property
     def all_ready(self) -> bool:
@@ -165,6 +225,7 @@ class BlobCacheFile:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self.save_record()
             self.map.close()
             os.close(self._fd)
             self._fd = -1

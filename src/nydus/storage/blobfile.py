@@ -3,8 +3,9 @@
 A :class:`BlobReader` takes a ``read_at(offset, size) -> bytes`` callable (a
 local file, a backend range request, a cache) and the blob's
 :class:`BlobInfo`; it knows nothing about inodes. Chunks are decompressed and,
-unless told otherwise, verified against their digest: a mismatch raises
-IntegrityError and no bytes are returned. Thread-safe if ``read_at`` is.
+unless told otherwise, verified against their digest: a mismatch (or a chunk
+without a digest to check) raises IntegrityError and no bytes are returned.
+Thread-safe if ``read_at`` is.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ class BlobReader:
             if len(raw) != c.uncompressed_size:
                 raise IntegrityError(f"chunk {c.index}: stored size != uncompressed size")
             data = raw
-        if verify and c.digest and self.digester.digest(data) != c.digest:
+        if verify and not c.digest:
+            raise IntegrityError(
+                f"blob {self.info.blob_id} chunk {c.index}: no digest to verify it against"
+            )
+        if verify and self.digester.digest(data) != c.digest:
             raise IntegrityError(
                 f"blob {self.info.blob_id} chunk {c.index}: {self.info.digester} digest mismatch"
             )

@@ -202,6 +202,14 @@ class ChunkMap:
         bm = self._mm[HEADER_SIZE : self.size]
         return [i for i in range(self.count) if bm[i >> 3] & _mask(i)]
 
+    def bitmap(self) -> bytes:
+        """A copy of the readiness bitmap (every bit of a chunk set once all are ready)."""
+        n = self.size - HEADER_SIZE
+        if self._all_ready:
+            full = (1 << self.count) - 1
+            return (full << (8 * n - self.count)).to_bytes(n, "big")
+        return bytes(self._mm[HEADER_SIZE : self.size])
+
     def _header_all_ready(self) -> bool:
         return bool(_HEAD.unpack_from(self._mm, 0)[3] == MAGIC_ALL_READY)
 

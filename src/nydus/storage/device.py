@@ -5,6 +5,12 @@ backend, one blob cache per blob in ``work_dir`` (or none for ``dummycache``), o
 :class:`BlobFetcher` per blob and a :class:`Prefetcher`. Per-blob state is created lazily on
 first use, so opening a device does no I/O.
 
+Every chunk that comes from the backend is verified against its digest before it is returned
+or cached (see :mod:`.verified` for what is verified when); ``chunk_lookup`` (the bootstrap's
+chunk records, :meth:`RafsMetadata.chunk_record`) supplies the digests of chunks located through
+a blob's ci array. :meth:`BlobDevice.verify_blob` hashes a complete cached blob before
+:meth:`BlobDevice.native_file` hands its cache file to the kernel.
+
 Thread-safe: every public method may be called from many threads at once.
 """
 
@@ -13,12 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import BackendConfig, DaemonConfig
-from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
+from ..errors import ConfigError, IntegrityError, NotFoundError, NydusError, UnsupportedError
 from ..metadata import BlobInfo, ChunkInfo
 from .backend import BlobBackend
 from .blobcache import BlobCacheFile
@@ -30,6 +36,8 @@ from .prefetch import Prefetcher, UserIoGate
 __all__ = ["BlobDevice", "open_device", "create_backend"]
 
 log = logging.getLogger(__name__)
+
+ChunkLookup = Callable[[int, int], ChunkInfo | None]
 
 
 def create_backend(bcfg: BackendConfig, id: str = "") -> BlobBackend:
@@ -78,9 +86,11 @@ class BlobDevice:
     """Read verified, decompressed chunks of a set of blobs."""
 
     def __init__(
-        self, blobs: Sequence[BlobInfo], cfg: DaemonConfig, backend: BlobBackend, id: str = ""
+        self, blobs: Sequence[BlobInfo], cfg: DaemonConfig, backend: BlobBackend, id: str = "",
+        chunk_lookup: ChunkLookup | None = None,
     ) -> None:
         self.blobs = list(blobs)
+        self.chunk_lookup = chunk_lookup
         self.cfg = cfg
         self.id = id
         self.backend = backend
@@ -133,10 +143,11 @@ class BlobDevice:
             if st is None:
                 if self._closed:
                     raise NydusError("blob device is closed")
-                st = self._state[blob_index] = self._open_blob(self.blobs[blob_index])
+                st = self._state[blob_index] = self._open_blob(blob_index,
+                                                               self.blobs[blob_index])
         return st
 
-    def _open_blob(self, info: BlobInfo) -> _Blob:
+    def _open_blob(self, blob_index: int, info: BlobInfo) -> _Blob:
         backend, blob_id, work_dir = self.backend, info.blob_id, self.work_dir
         fetch = backend.fetcher(blob_id)
 
@@ -149,11 +160,18 @@ class BlobDevice:
         def meta() -> BlobMeta | None:
             if not has_ci(info):
                 return None
-            return load_blob_meta(info, fetch, work_dir, verify_toc=self.validate,
+            return load_blob_meta(info, fetch, work_dir, verify_toc=True,
                                   blob_size=blob_size())
 
         def digests() -> list[bytes] | None:
+            if not any(info.toc_digest):
+                return None  # a ToC the bootstrap does not vouch for cannot vouch for digests
             return load_digests(info, fetch, work_dir, blob_size())
+
+        lookup = self.chunk_lookup
+
+        def chunk_record(index: int) -> ChunkInfo | None:
+            return lookup(blob_index, index) if lookup is not None else None
 
         cache = None
         if work_dir is not None:
@@ -171,13 +189,14 @@ class BlobDevice:
             info, fetch, cache=cache, meta=meta, digests=digests, validate=self.validate,
             amplify_io=self.cfg.amplify_io, metrics=self.cache_metrics,
             executor=self._executor, fetch_ranges=fetch_ranges,
+            chunk_lookup=chunk_record if lookup is not None else None,
         )
         return _Blob(fetcher, cache)
 
     # ------------------------------------------------------------------ the contract
 
     def read_chunks(self, chunks: Sequence[ChunkInfo]) -> list[bytes]:
-        """Decompressed (and, when configured, verified) bytes of ``chunks``, in order."""
+        """Decompressed, verified bytes of ``chunks``, in order."""
         with self.gate:
             out: list[bytes | None] = [None] * len(chunks)
             by_blob: dict[int, list[int]] = {}
@@ -211,7 +230,7 @@ class BlobDevice:
                 cache is not None
                 and not cache.compressed
                 and not self.validate
-                and all(cache.is_ready(i) for i in idxs)
+                and cache.all_trusted(idxs)
             ):
                 f._count_hits(1, 1)
                 return cache.read_range(offset, size)
@@ -316,6 +335,51 @@ class BlobDevice:
         st = self._blob(blob_index)
         return st.cache is not None and st.cache.all_ready
 
+    def verify_blob(self, blob_index: int) -> bool:
+        """Hash every chunk of a blob complete in the cache that this process has not hashed
+        yet (a record of an earlier run is not enough: :mod:`.verified`); bad chunks are
+        cleared (fetched again when read). True when the whole blob is complete and verified,
+        so :meth:`native_file` may hand it out.
+        Reads and hashes up to the whole blob: call it off the user's read path."""
+        st = self._blob(blob_index)
+        cache, f = st.cache, st.fetcher
+        if cache is None or cache.compressed or not cache.all_ready:
+            return False
+        if cache.fully_verified():
+            return True
+        meta = f.meta()
+        if meta is None:
+            return False
+        bad = 0
+        for i in range(len(meta.ci)):
+            if cache.hashed(i):
+                continue
+            try:
+                c = f.chunk_from_ci(i)
+                f.verify(c, cache.read(c))
+            except IntegrityError as e:
+                log.warning("blob %s: cached chunk %d is bad (%s); it is fetched again when "
+                            "read", self.blobs[blob_index].blob_id, i, e)
+                cache.clear(i)
+                bad += 1
+                continue
+            cache.mark_verified([i])
+        if bad or not cache.fully_verified():
+            return False
+        cache.save_record()
+        log.info("blob %s: every cached chunk verified", self.blobs[blob_index].blob_id)
+        return True
+
+    def native_file(self, blob_index: int) -> str | None:
+        """The blob's cache file if it may be read directly (by the kernel, in EROFS mode):
+        complete, every chunk verified by :meth:`verify_blob` or on its way in, and unchanged
+        since. None otherwise (no verification is done here)."""
+        st = self._blob(blob_index)
+        cache = st.cache
+        if cache is None or cache.compressed or not cache.fully_verified():
+            return None
+        return cache.path
+
     def cache_file(self, blob_index: int) -> str | None:
         st = self._blob(blob_index)
         if st.cache is None or st.cache.compressed:
@@ -371,9 +435,12 @@ def open_device(
     *,
     id: str = "",
     backend: BlobBackend | None = None,
+    chunk_lookup: ChunkLookup | None = None,
 ) -> BlobDevice:
-    """A :class:`BlobDevice` over ``blobs``; ``backend`` overrides the configured one."""
+    """A :class:`BlobDevice` over ``blobs``; ``backend`` overrides the configured one.
+    ``chunk_lookup(blob_index, chunk_index)``: the bootstrap's record of a chunk (its digest),
+    usually ``RafsMetadata.chunk_record``."""
     if backend is None:
         backend = create_backend(cfg.device.backend, id)
-    return BlobDevice(blobs, cfg, backend, id)
+    return BlobDevice(blobs, cfg, backend, id, chunk_lookup)
 

@@ -3,8 +3,10 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
 
 :class:`BlobFetcher` turns "give me these chunks" into the fewest backend range requests:
 
-1. Chunks whose readiness bit is set are read from the cache file (and re-hashed when
-   validation is on; a bad cached chunk is cleared and fetched again).
+1. Chunks whose readiness bit is set are read from the cache file. They are hashed again when
+   validation is on (``digest_validate``: every cache read) or when this process cannot vouch
+   for them (:meth:`BlobCacheFile.trusted`, see :mod:`.verified`); a bad cached chunk is
+   cleared and fetched again.
 2. A chunk another thread is already fetching is waited for, not fetched twice: each missing
    chunk is *claimed* in an in-flight table under one lock, and its claimant publishes the
    bytes (or the error) to every waiter. The claim is dropped only after the readiness bit is
@@ -14,10 +16,13 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    as upstream v6). The extra chunks are cached but not returned.
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
    between them is at most ``amplify_io >> 7``; several requests run in parallel.
-5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and,
-   with validation on, hashed and compared with its digest. A mismatch is an IntegrityError:
-   the chunk alone is fetched once more, and if it is still bad the read fails. Bad bytes are
-   never returned or written to the cache.
+5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and
+   hashed and compared with its digest, always, whatever ``validate`` says (a zstd frame has no
+   checksum: a corrupted one can decode to wrong bytes). The digest is the bootstrap's (the
+   chunk's own, or ``chunk_lookup`` for chunks located through the ci array, whose placement
+   must agree with it), else the blob's digest array; a chunk with no digest anywhere is not
+   served. A mismatch is an IntegrityError: the chunk alone is fetched once more, and if it is
+   still bad the read fails. Bad bytes are never returned or written to the cache.
 
 Thread-safe; many readers and prefetch workers share one fetcher.
 """
@@ -71,6 +76,12 @@ class Chunk:
         return self.compressed_offset + self.compressed_size
 
 
+def _same_place(rec: ChunkInfo, e: bm.CiEntry) -> bool:
+    return (rec.compressed_offset, rec.compressed_size, rec.uncompressed_offset,
+            rec.uncompressed_size) == (e.compressed_offset, e.compressed_size,
+                                       e.uncompressed_offset, e.uncompressed_size)
+
+
 class _Pending:
     __slots__ = ("data", "error", "event")
 
@@ -103,8 +114,10 @@ class BlobFetcher:
         metrics: BlobcacheMetrics | None = None,
         executor: Executor | None = None,
         fetch_ranges: FetchRanges | None = None,
+        chunk_lookup: Callable[[int], ChunkInfo | None] | None = None,
     ) -> None:
         self.info = info
+        self._lookup = chunk_lookup
         self._fetch = fetch
         self._fetch_ranges_fn = fetch_ranges
         self.cache = cache
@@ -126,7 +139,6 @@ class BlobFetcher:
         self._order: list[int] = []
         self._digests: list[bytes] | None = None
         self._digests_loaded = False
-        self._warned_no_digest = False
         self._load_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lazy metadata
@@ -161,10 +173,14 @@ class BlobFetcher:
             raise FormatError(f"blob {self.info.blob_id}: no chunk info for chunk {index}")
         e = meta.ci[index]
         digest = b""
-        if self.validate:
-            digests = self._digest_array()
-            if digests is not None:
-                digest = digests[index]
+        rec = self._lookup(index) if self._lookup is not None else None
+        if rec is not None:
+            if not _same_place(rec, e):
+                raise FormatError(
+                    f"blob {self.info.blob_id}: chunk {index} placement in the blob's chunk "
+                    f"info array disagrees with the bootstrap"
+                )
+            digest = rec.digest
         return Chunk(index, e.compressed_offset, e.compressed_size, e.uncompressed_offset,
                      e.uncompressed_size, e.compressed, digest, e.flags,
                      e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0)
@@ -303,7 +319,10 @@ class BlobFetcher:
         assert self._meta is not None
         e = self._meta.ci[idx]
         digest = b""
-        if self.validate and self._digests_loaded and self._digests is not None:
+        rec = self._lookup(idx) if self._lookup is not None else None
+        if rec is not None and _same_place(rec, e):
+            digest = rec.digest  # otherwise the digest array, or the chunk is not cached
+        elif self._digests_loaded and self._digests is not None:
             digest = self._digests[idx]
         crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
         return Chunk(idx, e.compressed_offset, e.compressed_size, e.uncompressed_offset,
@@ -317,8 +336,9 @@ class BlobFetcher:
         try:
             stored = cache.read(c)
             data = self._decode(c, stored) if cache.compressed else stored
-            if self.validate:
-                self._verify(c, data)
+            if self.validate or not cache.trusted(c.index):
+                self.verify(c, data)
+                cache.mark_verified([c.index])
             return data
         except NydusError as e:
             log.warning("blob %s chunk %d: cached copy is bad (%s); fetching it again",
@@ -422,9 +442,9 @@ class BlobFetcher:
                 p.event.set()
 
     def _checked(self, c: Chunk, payload: bytes) -> bytes:
+        """Decoded and verified bytes of a chunk from the backend (always verified)."""
         data = self._decode(c, payload)
-        if self.validate:
-            self._verify(c, data)
+        self.verify(c, data)
         return data
 
     def _decode(self, c: Chunk, payload: bytes) -> bytes:
@@ -447,18 +467,18 @@ class BlobFetcher:
             raise IntegrityError(f"blob {self.info.blob_id} chunk {c.index}: CRC32 mismatch")
         return data
 
-    def _verify(self, c: Chunk, data: bytes) -> None:
+    def verify(self, c: Chunk, data: bytes) -> None:
+        """IntegrityError unless ``data`` hashes to the chunk's digest (module docstring)."""
         digest = c.digest
         if not digest:
             digests = self._digest_array()
             if digests is not None and c.index < len(digests):
                 digest = digests[c.index]
         if not digest:
-            if not self._warned_no_digest:
-                self._warned_no_digest = True
-                log.warning("blob %s: no chunk digests known; chunks cannot be validated",
-                            self.info.blob_id)
-            return
+            raise IntegrityError(
+                f"blob {self.info.blob_id} chunk {c.index}: no digest in the bootstrap or the "
+                f"blob, so it cannot be verified and is not served"
+            )
         if self.digester.digest(data) != digest:
             raise IntegrityError(
                 f"blob {self.info.blob_id} chunk {c.index}: {self.digester.name} digest mismatch"
