@@ -274,3 +274,18 @@ def test_native_file_only_after_every_chunk_is_hashed_here(raw_img: Image,
         assert dev.native_file(0) is None
         assert dev.verify_blob(0) and dev.native_file(0) is not None
         assert be.requests == []
+
+
+def test_the_record_goes_with_its_blob_in_cache_gc(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from nydus.snapshotter import cachegc
+
+    a, b = "a" * 64, "b" * 64
+    for blob in (a, b):
+        for suffix in (".blob.data", ".blob.data.chunk_map", ".blob.data.verified"):
+            (tmp_path / (blob + suffix)).write_bytes(b"x")
+    monkeypatch.setattr(cachegc, "blob_ids_of", lambda p: frozenset({a}))
+    res = cachegc.collect_garbage(tmp_path, [Path("/img")])
+    assert res.deleted_blobs == {b} and res.deleted_files == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        a + s for s in (".blob.data", ".blob.data.chunk_map", ".blob.data.verified"))

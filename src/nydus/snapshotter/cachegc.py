@@ -7,6 +7,7 @@ cache manager does. A blob's files are named after its blob id (64 hex digits)::
 
     <blob_id>.blob.data  <blob_id>.blob.data.chunk_map      (or .blob.raw / .blob.raw.chunk_map)
     <blob_id>.blob.meta  <blob_id>.blob.toc  <blob_id>.blob.digest
+    <blob_id>.blob.data.verified (or .blob.raw.verified: ours, see nydus.storage.verified)
 
 Files that do not follow this pattern are never touched.
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 _CACHE_FILE = re.compile(
     r"^(?P<blob>[0-9a-f]{64})\.(?P<kind>blob\.data|blob\.raw|blob\.data\.chunk_map|"
-    r"blob\.raw\.chunk_map|blob\.meta|blob\.toc|blob\.digest)$"
+    r"blob\.raw\.chunk_map|blob\.data\.verified|blob\.raw\.verified|blob\.meta|blob\.toc|"
+    r"blob\.digest)$"
 )
 
 
