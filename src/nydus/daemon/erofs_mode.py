@@ -542,6 +542,7 @@ class ErofsManager:
             # read through them for files opened before the switch
             im.devices, im.native = devices, [True] * len(devices)
             im.switched_at = time.time()
-            log.info("%s: switched to native (local blob files %s); no reads go through "
-                     "the daemon any more", path, ", ".join(devices))
+            log.info("%s: switched to native (local blob files %s, every chunk hashed by "
+                     "this daemon); no reads go through the daemon any more", path,
+                     ", ".join(devices))
             return True
