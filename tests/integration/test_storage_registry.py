@@ -216,18 +216,20 @@ def test_one_4k_read_of_a_1gib_image_fetches_at_most_amplify_plus_one_chunk(
     c = chunks[0]
     # the FUSE path: read_chunks
     cfg = reg_config(fault_proxy, tmp_path / "a", amplify_io=amplify)
-    with open_device(blobs, cfg) as dev:
+    # the digests of amplified chunks come from the bootstrap, as in the daemon
+    with open_device(blobs, cfg, chunk_lookup=gib.md.chunk_record) as dev:
         data = dev.read_chunks([c])[0]
         lo = off - c.file_offset
         assert data[lo : lo + 4096] == gib.files[path][off : off + 4096]
     n, data_bytes, total = _data_bytes(fault_proxy, info)
     assert n == 1
     assert c.compressed_size < data_bytes <= amplify + info.chunk_size  # and it did amplify
-    assert total - data_bytes == info.ci_compressed_size + 4096  # the ci array, once
+    # the ci array (and its header) once, and the ToC that vouches for it
+    assert total - data_bytes == info.ci_compressed_size + 4096 + info.toc_size
     # the EROFS blob-device path: read_range in the uncompressed address space
     fault_proxy.clear()
     cfg = reg_config(fault_proxy, tmp_path / "b", amplify_io=amplify)
-    with open_device(blobs, cfg) as dev:
+    with open_device(blobs, cfg, chunk_lookup=gib.md.chunk_record) as dev:
         uoff = c.uncompressed_offset + lo
         assert dev.read_range(0, uoff, 4096) == gib.files[path][off : off + 4096]
     n, data_bytes, _ = _data_bytes(fault_proxy, info)
@@ -260,9 +262,10 @@ def test_chunk_corrupted_in_registry_storage_is_detected(registry_plain: Registr
     m = ChunkMap(str(wd / f"{blobs[0].blob_id}.blob.data.chunk_map"), blobs[0].chunk_count)
     assert not m.is_ready(victim.index)
     m.close()
-    # without validation the registry's bad bytes would be served: validation is what saves us
-    with open_device(blobs, reg_config(registry_plain, None, repo=repo)) as dev:
-        assert small_raw.read(dev, "/bin/tool") != small_raw.files["/bin/tool"]
+    # without digest_validate too: chunks from the backend are always verified
+    with open_device(blobs, reg_config(registry_plain, None, repo=repo)) as dev, \
+            pytest.raises(IntegrityError, match="digest mismatch"):
+        small_raw.read(dev, "/bin/tool")
 
 
 FAULTS = {
