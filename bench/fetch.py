@@ -251,7 +251,7 @@ def measure_lazy(link: str, host: str, md: RafsMetadata, blobs: list[BlobInfo],
                 "scheme": "http", "host": host, "repo": REPO_NAME, "timeout": 60}},
                 "cache": {"type": "blobcache", "config": {"work_dir": wd}}},
             "amplify_io": amplify}, environ={})
-        dev = open_device(blobs, cfg, id=f"bench-{link}")
+        dev = open_device(blobs, cfg, id=f"bench-{link}", chunk_lookup=md.chunk_record)
         chunk_lists = [md.chunks(md.resolve(p)) for p in paths]
         got: dict[str, str] = {}
         lock = threading.Lock()

@@ -24,7 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import BackendConfig, DaemonConfig
-from ..errors import ConfigError, IntegrityError, NotFoundError, NydusError, UnsupportedError
+from ..errors import (
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    NydusError,
+    UnsupportedError,
+)
 from ..metadata import BlobInfo, ChunkInfo
 from .backend import BlobBackend
 from .blobcache import BlobCacheFile
@@ -357,7 +364,7 @@ class BlobDevice:
             try:
                 c = f.chunk_from_ci(i)
                 f.verify(c, cache.read(c))
-            except IntegrityError as e:
+            except (IntegrityError, FormatError) as e:
                 log.warning("blob %s: cached chunk %d is bad (%s); it is fetched again when "
                             "read", self.blobs[blob_index].blob_id, i, e)
                 cache.clear(i)
