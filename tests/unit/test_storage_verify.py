@@ -289,3 +289,49 @@ def test_the_record_goes_with_its_blob_in_cache_gc(tmp_path: Path,
     assert res.deleted_blobs == {b} and res.deleted_files == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         a + s for s in (".blob.data", ".blob.data.chunk_map", ".blob.data.verified"))
+
+
+def test_a_damaged_or_foreign_record_is_not_believed(raw_img: Image, tmp_path: Path) -> None:
+    wd = tmp_path / "c"
+    dev, _ = device(raw_img, wd)
+    with dev:
+        read_file(dev, raw_img, "/big")
+    record = Path(f"{cache_path(raw_img, wd)}{RECORD_SUFFIX}")
+    good = record.read_bytes()
+    dev, _ = device(raw_img, wd)
+    with dev:
+        cache = dev._blob(0).cache
+        assert cache is not None and cache.trust.trusted_count() == len(chunks_of(raw_img, "/big"))
+    other = wd / f"{'e' * 64}.blob.data{RECORD_SUFFIX}"
+    for bad in (good[:-1] + bytes([good[-1] ^ 1]), good[:40], b""):
+        record.write_bytes(bad)
+        dev, _ = device(raw_img, wd)
+        with dev:
+            cache = dev._blob(0).cache
+            assert cache is not None and cache.trust.trusted_count() == 0
+    # another blob's record (renamed into place) names the wrong blob
+    other.write_bytes(good)
+    os.replace(other, record)
+    info = dataclasses.replace(raw_img.md.blobs[0], blob_id="e" * 64)
+    from nydus.storage.verified import load_record
+
+    assert load_record(str(record), info.blob_id, info.chunk_count) is None
+    assert load_record(str(record), raw_img.blob_id, info.chunk_count) is not None
+
+
+def test_compressed_cache_flip_is_refetched_with_the_default_config(img: Image,
+                                                                    tmp_path: Path) -> None:
+    wd = tmp_path / "c"
+    dev, _ = device(img, wd, compressed=True)
+    with dev:
+        read_file(dev, img, "/text")
+    victim = chunks_of(img, "/text")[1]
+    with open(wd / f"{img.blob_id}.blob.raw", "r+b") as f:
+        f.seek(victim.compressed_offset + victim.compressed_size // 2)
+        b = f.read(1)
+        f.seek(victim.compressed_offset + victim.compressed_size // 2)
+        f.write(bytes([b[0] ^ 0x01]))
+    dev, be = device(img, wd, compressed=True)
+    with dev:
+        assert read_file(dev, img, "/text") == img.files["/text"]
+        assert data_requests(be, img) == [(victim.compressed_offset, victim.compressed_size)]

@@ -234,6 +234,10 @@ class CacheTrust:
             self._bits[i >> 3] &= m
             self._hashed[i >> 3] &= m
 
+    def trusted_count(self) -> int:
+        bits = int.from_bytes(self._bits, "big")
+        return (bits >> (8 * len(self._bits) - self.count)).bit_count()
+
     def hashed_count(self) -> int:
         bits = int.from_bytes(self._hashed, "big")
         return (bits >> (8 * len(self._hashed) - self.count)).bit_count()
