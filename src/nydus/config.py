@@ -323,7 +323,8 @@ class DaemonConfig:
 
     @property
     def validation_enabled(self) -> bool:
-        """Whether chunks must be hashed (``digest_validate`` or ``cache.validate``)."""
+        """Whether every read from the blob cache is hashed again (``digest_validate`` or
+        ``cache.validate``). Chunks from a backend are always hashed (nydus.storage.verified)."""
         return self.digest_validate or self.device.digest_validate or self.device.cache.validate
 
     # ------------------------------------------------------------------ checks
