@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias, TypeVar, Union
 
 from .errors import ConfigError
+from .format.safejson import parse_json
 
 __all__ = [
     "DaemonConfig",
@@ -370,15 +371,13 @@ def _load(source: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
         return dict(source)
     text = source.decode("utf-8", "replace") if isinstance(source, bytes) else source
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as je:
+        obj = parse_json(text, "config", error=ConfigError)
+    except ConfigError as je:
         try:
             obj = tomllib.loads(text)
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(
-                f"config is neither JSON nor TOML: {je.msg} at line {je.lineno} "
-                f"column {je.colno}"
-            ) from None
+        except (tomllib.TOMLDecodeError, RecursionError, ValueError):
+            reason = str(je).removeprefix("config is not valid JSON: ")
+            raise ConfigError(f"config is neither JSON nor TOML: {reason}") from None
         if "version" not in obj:
             raise ConfigError("a TOML config must be v2 (version = 2)") from None
     if not isinstance(obj, dict):
