@@ -376,7 +376,7 @@ def _load(source: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
         try:
             obj = tomllib.loads(text)
         except (tomllib.TOMLDecodeError, RecursionError, ValueError):
-            reason = str(je).removeprefix("config is not valid JSON: ")
+            reason = str(je).removeprefix("config is not JSON: ")
             raise ConfigError(f"config is neither JSON nor TOML: {reason}") from None
         if "version" not in obj:
             raise ConfigError("a TOML config must be v2 (version = 2)") from None

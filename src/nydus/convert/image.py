@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import ConfigError, FormatError, UnsupportedError
 from ..format import oci
+from ..format.safejson import parse_json_object
 
 __all__ = [
     "Platform", "SourceManifest", "parse_manifest", "parse_index", "select_platforms",
@@ -120,13 +121,7 @@ class SourceManifest:
 
 
 def _load(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except ValueError as e:
-        raise FormatError(f"{what} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return doc
+    return parse_json_object(body, what)
 
 
 def is_nydus_manifest(m: SourceManifest) -> bool:

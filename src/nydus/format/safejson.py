@@ -88,19 +88,19 @@ def parse_json(
     if (raw.count(b"[") + raw.count(b"{")) > MAX_JSON_DEPTH and (
         _nesting_depth(raw) > MAX_JSON_DEPTH
     ):
-        raise error(f"{what} is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        raise error(f"{what} is not JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         text = raw.decode("utf-8")
         return json.loads(text, parse_float=_finite_float, parse_constant=_reject_constant)
     except RecursionError:
-        raise error(f"{what} is not valid JSON: nested too deeply") from None
+        raise error(f"{what} is not JSON: nested too deeply") from None
     except UnicodeDecodeError as e:
-        raise error(f"{what} is not valid UTF-8 JSON: byte {e.start}") from None
+        raise error(f"{what} is not JSON: bad UTF-8 at byte {e.start}") from None
     except ValueError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if len(reason) > 160:
             reason = reason[:157] + "..."
-        raise error(f"{what} is not valid JSON: {reason}") from None
+        raise error(f"{what} is not JSON: {reason}") from None
 
 
 def parse_json_object(

@@ -63,6 +63,7 @@ from typing import Any
 
 from ..daemon.client import ApiClientError
 from ..errors import ConfigError, NydusError
+from ..format.safejson import parse_json_object
 from . import cachegc
 from .config import SnapshotterConfig
 from .daemon import DaemonProcess, log_tail
@@ -220,10 +221,10 @@ class DaemonManager(NydusMounter):
 
     def _load_state(self) -> None:
         try:
-            doc = json.loads(self.state_path.read_text())
+            doc = parse_json_object(self.state_path.read_bytes(), "daemon state")
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as e:
+        except (OSError, NydusError) as e:
             log.error("daemon state %s unreadable (%s); starting without it", self.state_path, e)
             return
         if doc.get("version") != STATE_VERSION:
