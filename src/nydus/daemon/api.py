@@ -493,8 +493,8 @@ class ApiServer:
                 raise ConfigError(f"API socket {self.path} is in use by another process")
             os.unlink(self.path)
         parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)  # a directory of our own: owner only
         self._server = _Server(self.path, handler)
         st = os.lstat(self.path)
         self._identity = (st.st_dev, st.st_ino)

@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import DaemonConfig
+from ..credentials import redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
@@ -38,20 +39,6 @@ from .vfs import RafsVfs
 __all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder", "redact_config"]
 
 log = logging.getLogger("nydus.daemon")
-
-_SECRET_KEYS = frozenset({
-    "auth", "registry_token", "access_key_id", "access_key_secret", "encryption_key",
-})
-
-
-def redact_config(obj: Any) -> Any:
-    """A copy of a config dict with credentials blanked (for info and logs)."""
-    if isinstance(obj, dict):
-        return {k: ("" if k in _SECRET_KEYS and v else redact_config(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact_config(v) for v in obj]
-    return obj
-
 
 @dataclass
 class DaemonOptions:
