@@ -38,6 +38,7 @@ from ..errors import FormatError, IntegrityError, NydusError
 from ..format import oci
 from ..format.safejson import parse_json
 from ..metadata import BlobInfo, ChunkInfo, RafsMetadata, open_bootstrap
+from ..metadata.model import check_blob_id
 from ..storage import create_backend
 from ..storage.blobfile import BlobReader, open_local_blob
 from . import image as im
@@ -234,7 +235,7 @@ class _Blobs:
 
                     self.readers[b.index] = BlobReader(read_at, b, be.blob_size(b.blob_id))
                     continue
-                path = os.path.join(scratch, b.blob_id)
+                path = os.path.join(scratch, check_blob_id(b.blob_id))
                 if not os.path.exists(path):
                     tmp = path + ".part"
                     with open(tmp, "wb") as f:

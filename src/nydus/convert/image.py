@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import platform as _platform
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +89,10 @@ class Platform:
 
     @property
     def slug(self) -> str:
-        return str(self).replace("/", "-")
+        """A safe directory name for this platform (it comes from a registry: ``..``, ``/``
+        or control characters never reach a path)."""
+        text = re.sub(r"[^A-Za-z0-9._-]", "_", str(self).replace("/", "-"))
+        return text if text and text[0].isalnum() else "p" + text
 
 
 def host_platform() -> Platform:

@@ -52,6 +52,7 @@ from nydus.registry.transport import (
 
 __all__ = ["RegistrySession", "RegistryHTTPError", "ProxySettings", "ClientStats"]
 
+from ..credentials import redact_url
 from ..format.safejson import parse_json
 
 log = logging.getLogger("nydus.registry")
@@ -428,7 +429,8 @@ class RegistrySession:
                 try:
                     resp = self._transport.handle(Request(method, cached, dict(headers), body))
                 except TransportError as e:
-                    log.info("cached redirect for %s failed (%s); asking the registry", url, e)
+                    log.info("cached redirect for %s failed (%s); asking the registry",
+                             redact_url(url), e)
                     self._redirect_put(cache_key, None)
                 else:
                     if resp.status < 300:
