@@ -117,10 +117,9 @@ class NydusdClient:
 
     def _action(self, method: str, path: str, body: Any = None,
                 query: dict[str, str] | None = None) -> None:
-        """A call whose successful reply is ``204 No Content`` (or 200 with JSON)."""
+        """A call whose successful reply is ``204 No Content`` (or an empty 200)."""
         status, decoded = self.request(method, path, body, query)
-        if status == 204 or (status == 200 and (decoded is None
-                                                or isinstance(decoded, (dict, list)))):
+        if status == 204 or (status == 200 and decoded is None):
             return
         raise ApiReplyError(f"nydusd at {self.sock} answered {method} {path} with HTTP "
                             f"{status} and a body that is not an API reply")
