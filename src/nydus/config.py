@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -305,7 +306,11 @@ class DaemonConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kw: Any) -> DaemonConfig:
         try:
-            with open(path, "rb") as f:
+            # O_NONBLOCK: a FIFO must not block the open; only a regular file is read
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError(f"config {os.fspath(path)} is not a regular file")
                 data = f.read(0x100001)
         except OSError as e:
             raise ConfigError(f"cannot read config {os.fspath(path)}: {e.strerror}") from e

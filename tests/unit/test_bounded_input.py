@@ -406,3 +406,20 @@ def test_nydusctl_with_a_dead_socket(tmp_path: Path, capsys: pytest.CaptureFixtu
         s.close()
     assert nydusctl.main(["--sock", str(tmp_path / "none.sock"), "info"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_fifo_or_device_config_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom nydus.config import DaemonConfig\nfrom nydus.errors import "
+            "ConfigError\ntry:\n    DaemonConfig.from_file(sys.argv[1])\n"
+            "except ConfigError as e:\n    print('ERROR', e)\n")
+    try:
+        for path in (fifo, "/dev/zero"):
+            proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                  text=True, timeout=10, preexec_fn=_limit_memory)
+            assert f"ERROR config {path} is not a regular file" in proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO config blocked")
+    finally:
+        _unblock_fifo(fifo)

@@ -122,9 +122,9 @@ def test_nydusd_log_file_is_private_and_redacted(tmp_path: Path) -> None:
         handler = setup_logging("debug", str(log_file))
         config = {"device": {"backend": {"type": "registry", "config": {
             "host": "r.example", "auth": "dXNlcjpwYXNz", "registry_token": SECRET}}}}
-        logging.getLogger("nydus.test").debug("config %s", config)
-        logging.getLogger("nydus.test").debug("labels %s", LABELS)
-        logging.getLogger("nydus.test").debug("headers Authorization: Bearer %s", SECRET)
+        logging.getLogger("secrets.test").debug("config %s", config)
+        logging.getLogger("secrets.test").debug("labels %s", LABELS)
+        logging.getLogger("secrets.test").debug("headers Authorization: Bearer %s", SECRET)
         handler.flush()
         handler.close()
     finally:
@@ -145,7 +145,7 @@ def test_rotated_nydusd_logs_are_private(tmp_path: Path) -> None:
     try:
         handler = setup_logging("info", str(log_file), rotation_size_mb=1)
         for _ in range(3000):
-            logging.getLogger("nydus.test").info("x" * 600)
+            logging.getLogger("secrets.test").info("x" * 600)
         handler.close()
     finally:
         root.handlers[:] = saved[0]

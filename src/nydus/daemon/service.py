@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import DaemonConfig
-from ..credentials import redact_config
+from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
@@ -97,6 +97,7 @@ class ErrorHolder(logging.Handler):
 
     def __init__(self, max_errors: int = 500, max_size: int = 50 * 1024) -> None:
         super().__init__(logging.ERROR)
+        self.addFilter(RedactingFilter())  # the API shows these: no credentials in them
         self.max_errors, self.max_size = max_errors, max_size
         self.total = 0
         self._items: collections.deque[str] = collections.deque()
