@@ -423,3 +423,21 @@ def test_fifo_or_device_config_is_refused(tmp_path: Path) -> None:
         pytest.fail("reading a FIFO config blocked")
     finally:
         _unblock_fifo(fifo)
+
+
+@pytest.mark.parametrize("digest", ["sha256:../../escaped", "sha256:" + "a" * 63 + "/",
+                                    "../" + "a" * 64, "sha256:" + "A" * 64, "md5:" + "a" * 32,
+                                    "sha256:" + "a" * 64 + "/../../x", ""])
+def test_hostile_digests_never_become_paths(digest: str, tmp_path: Path) -> None:
+    """Digests from a registry or a content client name files only once checked (these held
+    on the old code too: kept as guards)."""
+    from nydus.errors import NydusError
+    from nydus.format import oci
+    from nydus.snapshotter.contentstore import ContentStore
+
+    with pytest.raises(NydusError):
+        oci.parse_digest(digest)
+    store = ContentStore(tmp_path / "content")
+    with pytest.raises(NydusError):
+        store.blob_path(digest)
+    assert not list(tmp_path.glob("escaped*"))
