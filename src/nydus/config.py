@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias, TypeVar, Union
 
 from .errors import ConfigError
+from .format.safejson import parse_json
 
 __all__ = [
     "DaemonConfig",
@@ -304,7 +306,11 @@ class DaemonConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kw: Any) -> DaemonConfig:
         try:
-            with open(path, "rb") as f:
+            # O_NONBLOCK: a FIFO must not block the open; only a regular file is read
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError(f"config {os.fspath(path)} is not a regular file")
                 data = f.read(0x100001)
         except OSError as e:
             raise ConfigError(f"cannot read config {os.fspath(path)}: {e.strerror}") from e
@@ -371,15 +377,13 @@ def _load(source: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
         return dict(source)
     text = source.decode("utf-8", "replace") if isinstance(source, bytes) else source
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as je:
+        obj = parse_json(text, "config", error=ConfigError)
+    except ConfigError as je:
         try:
             obj = tomllib.loads(text)
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(
-                f"config is neither JSON nor TOML: {je.msg} at line {je.lineno} "
-                f"column {je.colno}"
-            ) from None
+        except (tomllib.TOMLDecodeError, RecursionError, ValueError):
+            reason = str(je).removeprefix("config is not JSON: ")
+            raise ConfigError(f"config is neither JSON nor TOML: {reason}") from None
         if "version" not in obj:
             raise ConfigError("a TOML config must be v2 (version = 2)") from None
     if not isinstance(obj, dict):

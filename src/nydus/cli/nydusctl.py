@@ -8,7 +8,8 @@
     nydusctl --sock SOCK set log-level LEVEL
 
 Readable tables by default, the daemon's JSON with ``--raw``. Exit 0 on success, 1 when the
-daemon answers with an error, 2 for bad usage or an unreachable socket.
+daemon answers with an error or with a reply that is not a valid API answer (never reported as
+success), 2 for bad usage or an unreachable socket; always one line on stderr.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from ..daemon.client import ApiClientError, NydusdClient
+from ..daemon.client import ApiClientError, ApiReplyError, NydusdClient
 from ..errors import NydusError
 
 _FOPS = ["getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
@@ -200,8 +201,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
-    except (NydusError, OSError) as e:
+    except ApiReplyError as e:
         print(f"nydusctl: error: {e}", file=sys.stderr)
+        return 1
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+        # a JSON reply of the wrong shape (the daemon is not a nydusd we understand)
+        print(f"nydusctl: error: unexpected reply from nydusd at {a.sock} "
+              f"({type(e).__name__})", file=sys.stderr)
+        return 1
+    except NydusError as e:
+        print(f"nydusctl: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"nydusctl: error: cannot talk to nydusd at {a.sock}: "
+              f"{e.strerror or type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 

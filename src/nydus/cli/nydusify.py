@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
+from ..format.safejson import parse_json_object
 from . import run_guarded
 
 log = logging.getLogger("nydusify")
@@ -180,12 +181,7 @@ def _backend(a: argparse.Namespace, prefix: str = "") -> Any:
             raise ConfigError(f"--backend-config-file {path}: {e.strerror}") from None
     if not text:
         raise ConfigError(f"--backend-type {t} needs --backend-config or --backend-config-file")
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"backend config is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError("backend config must be a JSON object")
+    doc = parse_json_object(text, "backend config", error=ConfigError)
     return parse_backend_config(t, doc)
 
 

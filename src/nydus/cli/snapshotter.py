@@ -153,13 +153,17 @@ def _docker_config() -> Path:
 
 
 def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
+    """Log to stdout or ``<root>/logs`` (0700, file 0600); credentials are always redacted."""
+    from ..credentials import PrivateFileHandler, RedactingFilter, private_dir
+
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if to_stdout:
         handler: logging.Handler = logging.StreamHandler(sys.stdout)
     else:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_dir / "containerd-nydus-grpc.log")
+        private_dir(log_dir)
+        handler = PrivateFileHandler(log_dir / "containerd-nydus-grpc.log")
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
@@ -200,6 +204,9 @@ def _run(a: argparse.Namespace) -> int:
         daemon_start_timeout=a.daemon_start_timeout,
         content_store=a.content_store,
     )
+    from ..credentials import private_dir
+
+    private_dir(cfg.root)  # metadata.db and daemon configs hold registry credentials
     _setup_logging(cfg.log_level, cfg.log_to_stdout, cfg.log_dir)
     log.info(
         "starting %s: root %s, address %s, daemon mode %s, containerd %s",

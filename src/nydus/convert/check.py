@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -37,7 +36,9 @@ from typing import Any
 from ..config import BackendConfig
 from ..errors import FormatError, IntegrityError, NydusError
 from ..format import oci
+from ..format.safejson import parse_json
 from ..metadata import BlobInfo, ChunkInfo, RafsMetadata, open_bootstrap
+from ..metadata.model import check_blob_id
 from ..storage import create_backend
 from ..storage.blobfile import BlobReader, open_local_blob
 from . import image as im
@@ -195,8 +196,8 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
             problems.append("blobs are listed in the manifest of a backend image")
         elif ids is not None:
             try:
-                refs = json.loads(ids)
-            except ValueError:
+                refs = parse_json(ids, f"annotation {oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS}")
+            except FormatError:
                 refs = None
             if not isinstance(refs, list) or sorted(refs) != sorted(b.blob_id for b in md.blobs):
                 problems.append(f"{oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS} does not match "
@@ -234,7 +235,7 @@ class _Blobs:
 
                     self.readers[b.index] = BlobReader(read_at, b, be.blob_size(b.blob_id))
                     continue
-                path = os.path.join(scratch, b.blob_id)
+                path = os.path.join(scratch, check_blob_id(b.blob_id))
                 if not os.path.exists(path):
                     tmp = path + ".part"
                     with open(tmp, "wb") as f:

@@ -560,8 +560,11 @@ def convert(source: Remote, target: Remote, opts: ConvertOptions,
             sm = im.parse_manifest(b, m, d)
             raw_plat = ent.raw.get("platform")
             plat = raw_plat if isinstance(raw_plat, dict) else None
-            work = opts.work_dir if len(chosen) == 1 else os.path.join(
-                opts.work_dir, ent.platform.slug if ent.platform else d[7:19])
+            # one safe directory per platform (names from the registry: Platform.slug)
+            sub = ent.platform.slug if ent.platform else d[7:19]
+            if any(os.path.basename(w) == sub for _s, _p, w in jobs):
+                sub += "-" + d[7:19]
+            work = opts.work_dir if len(chosen) == 1 else os.path.join(opts.work_dir, sub)
             jobs.append((sm, plat, work))
     elif oci.is_manifest(mt):
         sm = im.parse_manifest(body, mt, digest)

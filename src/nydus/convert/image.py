@@ -23,12 +23,15 @@ import hashlib
 import io
 import json
 import platform as _platform
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, FormatError, UnsupportedError
 from ..format import oci
+from ..format.safejson import parse_json_object
+from ..metadata import MAX_BOOTSTRAP_SIZE
 
 __all__ = [
     "Platform", "SourceManifest", "parse_manifest", "parse_index", "select_platforms",
@@ -87,7 +90,10 @@ class Platform:
 
     @property
     def slug(self) -> str:
-        return str(self).replace("/", "-")
+        """A safe directory name for this platform (it comes from a registry: ``..``, ``/``
+        or control characters never reach a path)."""
+        text = re.sub(r"[^A-Za-z0-9._-]", "_", str(self).replace("/", "-"))
+        return text if text and text[0].isalnum() else "p" + text
 
 
 def host_platform() -> Platform:
@@ -120,13 +126,7 @@ class SourceManifest:
 
 
 def _load(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except ValueError as e:
-        raise FormatError(f"{what} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return doc
+    return parse_json_object(body, what)
 
 
 def is_nydus_manifest(m: SourceManifest) -> bool:
@@ -240,16 +240,26 @@ def bootstrap_layer(bootstrap: bytes) -> tuple[bytes, str]:
     return gzip.compress(tar, compresslevel=6, mtime=0), diff_id
 
 
+#: A bootstrap layer holds one file (and maybe its directory); stop looking after this many.
+_MAX_BOOTSTRAP_LAYER_ENTRIES = 64
+
+
 def read_bootstrap_layer(data: bytes, what: str = "bootstrap layer") -> bytes:
     """``image/image.boot`` (or upstream's older ``image.boot``) from a bootstrap layer."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-            for m in tf:
+            for count, m in enumerate(tf):
+                if count >= _MAX_BOOTSTRAP_LAYER_ENTRIES:
+                    break
                 name = m.name.lstrip("./")
                 if name in (oci.BOOTSTRAP_FILE_IN_LAYER, "image.boot") and m.isreg():
+                    if m.size > MAX_BOOTSTRAP_SIZE:
+                        raise FormatError(
+                            f"{what}: {name} is {m.size} bytes, over the "
+                            f"{MAX_BOOTSTRAP_SIZE >> 20} MiB bootstrap limit")
                     f = tf.extractfile(m)
                     assert f is not None
-                    return f.read()
+                    return f.read(MAX_BOOTSTRAP_SIZE)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise FormatError(f"{what} is not a valid tar.gz: {e}") from None
     raise FormatError(f"{what} holds no {oci.BOOTSTRAP_FILE_IN_LAYER}")

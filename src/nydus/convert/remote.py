@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import io
 import ipaddress
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FormatError, IntegrityError
 from ..format import oci
+from ..format.safejson import parse_json_object
 from ..registry import RegistryClient, parse_reference
 from ..registry.auth import DEFAULT_DOCKER_CONFIG
 from ..registry.reference import Reference
@@ -115,13 +115,7 @@ class Remote:
         if len(raw) != desc.size:
             raise IntegrityError(f"{what} {desc.digest}: {len(raw)} bytes, manifest says "
                                  f"{desc.size}")
-        try:
-            doc = json.loads(raw)
-        except ValueError as e:
-            raise FormatError(f"{what} {desc.digest} is not JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise FormatError(f"{what} {desc.digest} is not a JSON object")
-        return raw, doc
+        return raw, parse_json_object(raw, f"{what} {desc.digest}")
 
     def open_blob(self, desc: oci.Descriptor,
                   on_bytes: Callable[[int], None] | None = None) -> BlobStream:

@@ -1,12 +1,20 @@
 """nydusd's HTTP API on a unix socket (``--apisock``), upstream's routes (nydus-reference.md §4).
 
 Responses are JSON; errors are ``{"code": ..., "message": ...}`` with a 4xx status for bad
-requests (malformed JSON, unknown keys, bad paths, wrong method: 400/404/405/409/413) and 5xx
-only for server-side failures. No request can take the daemon down: every handler runs inside
-one exception barrier. The socket file is created mode 0600 (owner only).
+requests (malformed or too deeply nested JSON, unknown keys, bad paths, wrong method:
+400/404/405/409/411/413/431) and 5xx only for server-side failures. No request can take the
+daemon down: every handler runs inside one exception barrier. The socket file is created mode
+0600 (owner only).
+
+Input is bounded: the request line and headers together at most :data:`MAX_HEADER` bytes, a
+body at most :data:`MAX_BODY` bytes with a valid ``Content-Length`` (required for a JSON
+body), the whole request read within :data:`REQUEST_DEADLINE` seconds (a client that stalls or
+trickles is disconnected), one request per connection, and at most :data:`MAX_CONNECTIONS`
+connections at once (more get ``503`` at once).
 
 Threading contract: one thread per connection (``ThreadingMixIn``); handlers call the daemon's
-verbs, which serialize themselves.
+verbs, which serialize themselves (mounts load their image outside the daemon's lock, so a slow
+mount never stalls other requests).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import stat
@@ -33,6 +42,7 @@ from ..errors import (
     NydusError,
     UnsupportedError,
 )
+from ..format.safejson import parse_json_object
 from .prometheus import render_prometheus
 from .service import Nydusd
 from .state import StateError
@@ -42,6 +52,14 @@ __all__ = ["ApiServer", "ApiError", "set_log_level"]
 log = logging.getLogger("nydus.api")
 
 MAX_BODY = 1 << 20
+#: Request line plus headers.
+MAX_HEADER = 64 << 10
+#: Seconds a client has to send its whole request (line, headers, body).
+REQUEST_DEADLINE = 30.0
+#: Seconds a read may wait for the next bytes from a client.
+IDLE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
 _LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
            "warning": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 10}
 
@@ -85,8 +103,10 @@ def _error_of(e: BaseException) -> ApiError:
 
 
 class _Request:
-    def __init__(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> None:
+    def __init__(self, method: str, path: str, query: dict[str, list[str]], body: bytes,
+                 has_length: bool = True) -> None:
         self.method, self.path, self.query, self.body = method, path, query, body
+        self.has_length = has_length
 
     def arg(self, name: str, required: bool = False) -> str | None:
         v = self.query.get(name)
@@ -98,14 +118,14 @@ class _Request:
 
     def json(self) -> dict[str, Any]:
         if not self.body:
+            if not self.has_length:
+                raise ApiError(411, "LengthRequired",
+                               "a JSON body with a Content-Length header is required")
             raise ApiError(400, "InvalidArgument", "a JSON body is required")
         try:
-            obj = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, "InvalidArgument", f"malformed JSON body: {e}") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, "InvalidArgument", "the JSON body must be an object")
-        return obj
+            return parse_json_object(self.body, "the request body")
+        except FormatError as e:
+            raise ApiError(400, "InvalidArgument", str(e)) from None
 
 
 _Reply = tuple[int, Any]  # (status, JSON-able object | str for text/plain | None)
@@ -300,26 +320,53 @@ class _Handler(BaseHTTPRequestHandler):
                 log.info("API %s %s: %d %s", self.command, self.path, status, err.message)
         self._send(status, obj)
 
-    def _run(self) -> _Reply:
-        length = self.headers.get("Content-Length")
-        body = b""
-        if length:
-            try:
-                n = int(length)
-            except ValueError:
-                raise ApiError(400, "InvalidArgument", "bad Content-Length") from None
-            if n < 0:
-                raise ApiError(400, "InvalidArgument", "bad Content-Length")
-            if n > MAX_BODY:
-                self.close_connection = True
-                raise ApiError(413, "PayloadTooLarge", f"body larger than {MAX_BODY} bytes")
-            body = self.rfile.read(n)
-        elif self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+    def _content_length(self) -> int | None:
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return None
+        if len(set(values)) != 1 or not _CONTENT_LENGTH_RE.fullmatch(values[0].strip()):
             self.close_connection = True
+            raise ApiError(400, "InvalidArgument", "bad Content-Length")
+        n = int(values[0])
+        if n > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, "PayloadTooLarge", f"body larger than {MAX_BODY} bytes")
+        return n
+
+    def _run(self) -> _Reply:
+        self.close_connection = True  # one request per connection: nothing left to misparse
+        length = self._content_length()
+        body = b""
+        if length is None and "Transfer-Encoding" in self.headers:
             raise ApiError(411, "LengthRequired", "chunked bodies are not supported")
+        if length:
+            body = self.rfile.read(length)
+            if len(body) != length:
+                raise ApiError(400, "InvalidArgument",
+                               f"body ended after {len(body)} of {length} bytes")
+        self.server.request_read(self.connection)  # type: ignore[attr-defined]
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
-        return self.routes.handle(_Request(self.command, url.path, query, body))
+        return self.routes.handle(_Request(self.command, url.path, query, body,
+                                           has_length=length is not None))
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(IDLE_TIMEOUT)
+
+    def parse_request(self) -> bool:
+        # the request line was read by the stock code (at most 64 KiB); cap the headers too
+        real = self.rfile
+        line = getattr(self, "raw_requestline", b"")
+        self.rfile = _HeaderBudget(real, MAX_HEADER - len(line))  # type: ignore[assignment]
+        try:
+            return super().parse_request()
+        except _HeadersTooLarge:
+            self.close_connection = True
+            self.send_error(431, f"request headers larger than {MAX_HEADER} bytes")
+            return False
+        finally:
+            self.rfile = real
 
     def _send(self, status: int, obj: Any) -> None:
         if status == 204 or obj is None:
@@ -346,10 +393,78 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = _serve
 
 
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class _HeaderBudget:
+    """Wraps the request's input while headers are parsed: at most ``budget`` bytes."""
+
+    def __init__(self, raw: Any, budget: int) -> None:
+        self._raw, self._left = raw, budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._left <= 0:
+            raise _HeadersTooLarge
+        want = self._left + 1 if limit is None or limit < 0 else min(limit, self._left + 1)
+        line: bytes = self._raw.readline(want)
+        if len(line) > self._left:
+            raise _HeadersTooLarge
+        self._left -= len(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
     request_queue_size = 128
+
+    def __init__(self, path: str, handler: type[_Handler]) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._watchdogs: dict[int, threading.Timer] = {}
+        self._watch_guard = threading.Lock()
+        super().__init__(path, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                body = b'{"code": "Busy", "message": "too many API connections"}'
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nConnection: close\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.shutdown_request(request)
+            return
+        # a client gets REQUEST_DEADLINE seconds to send its request, however it trickles
+        timer = threading.Timer(REQUEST_DEADLINE, _cut, args=(request,))
+        timer.daemon = True
+        with self._watch_guard:
+            self._watchdogs[id(request)] = timer
+        timer.start()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done(request)
+            raise
+
+    def request_read(self, request: Any) -> None:
+        """The handler has the whole request: no deadline for the verb itself."""
+        with self._watch_guard:
+            timer = self._watchdogs.pop(id(request), None)
+        if timer is not None:
+            timer.cancel()
+
+    def _done(self, request: Any) -> None:
+        self.request_read(request)
+        self._slots.release()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
 
     def server_bind(self) -> None:
         # mode 0600 from the start: fchmod on an unbound unix socket sets the inode mode that
@@ -378,8 +493,8 @@ class ApiServer:
                 raise ConfigError(f"API socket {self.path} is in use by another process")
             os.unlink(self.path)
         parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)  # a directory of our own: owner only
         self._server = _Server(self.path, handler)
         st = os.lstat(self.path)
         self._identity = (st.st_dev, st.st_ino)
@@ -399,6 +514,13 @@ class ApiServer:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._identity:
                 os.unlink(self.path)
+
+
+def _cut(request: socket.socket) -> None:
+    """Disconnect a client that did not send its request in time."""
+    log.info("API client too slow: disconnected after %.0fs", REQUEST_DEADLINE)
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 def _stale_socket(path: str) -> bool:

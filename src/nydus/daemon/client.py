@@ -3,7 +3,9 @@
 ``NydusdClient(sock).get("/api/v1/daemon")`` returns the decoded JSON; a 4xx/5xx reply raises
 :class:`ApiClientError` carrying the status and upstream's ``{code, message}``; a socket that
 is missing or refuses connections raises :class:`nydus.errors.NotFoundError` /
-:class:`ConnectionError`.
+:class:`ConnectionError`; a reply that is not an HTTP answer nydusd would give (not HTTP, cut
+short, an unexpected status, a body that is not the JSON the call expects) raises
+:class:`ApiReplyError`. No call ever reports success on a reply it could not understand.
 
 Threading contract: one connection per call; safe to share between threads.
 """
@@ -18,14 +20,22 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..errors import NotFoundError, NydusError
+from ..format.safejson import parse_json
 
-__all__ = ["NydusdClient", "ApiClientError", "UnixHTTPConnection"]
+__all__ = ["NydusdClient", "ApiClientError", "ApiReplyError", "UnixHTTPConnection"]
+
+#: Largest reply read from nydusd (metrics of many files stay far below).
+MAX_REPLY = 64 << 20
 
 
 class ApiClientError(NydusError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"HTTP {status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+class ApiReplyError(NydusError):
+    """nydusd's socket answered with something that is not a valid API reply."""
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -55,37 +65,67 @@ class NydusdClient:
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, str] | None = None) -> tuple[int, Any]:
-        """``(status, decoded body)``; raises ApiClientError for 4xx/5xx."""
+        """``(status, decoded body)``; raises ApiClientError for 4xx/5xx, ApiReplyError for
+        replies that are not valid API answers (see the module docstring)."""
         if query:
             path = f"{path}?{urlencode(query)}"
         data = None if body is None else (body if isinstance(body, bytes)
                                          else json.dumps(body).encode())
         conn = UnixHTTPConnection(self.sock, self.timeout)
+        where = f"nydusd at {self.sock}"
         try:
             headers = {"Content-Type": "application/json"} if data is not None else {}
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
-            raw = resp.read()
+            raw = resp.read(MAX_REPLY + 1)
             ctype = resp.getheader("Content-Type", "")
+        except http.client.HTTPException as e:
+            raise ApiReplyError(f"{where} sent no valid HTTP reply to {method} {path} "
+                                f"({type(e).__name__})") from None
+        except TimeoutError:
+            raise ApiReplyError(f"{where} did not answer {method} {path} within "
+                                f"{self.timeout:g}s") from None
         finally:
             conn.close()
+        if len(raw) > MAX_REPLY:
+            raise ApiReplyError(f"{where}: reply to {method} {path} is over {MAX_REPLY} bytes")
         decoded: Any = None
         if raw:
             if "json" in ctype:
-                try:
-                    decoded = json.loads(raw)
-                except ValueError:
-                    decoded = raw.decode(errors="replace")
+                decoded = parse_json(raw, f"reply of {where} to {method} {path}",
+                                     error=ApiReplyError)
             else:
                 decoded = raw.decode(errors="replace")
         if resp.status >= 400:
             if isinstance(decoded, dict):
                 raise ApiClientError(resp.status, str(decoded.get("code", "")),
                                      str(decoded.get("message", "")))
-            raise ApiClientError(resp.status, "", str(decoded or resp.reason))
+            text = " ".join(str(decoded or resp.reason).split())[:200]
+            raise ApiClientError(resp.status, "", text)
+        if not 200 <= resp.status < 300:
+            raise ApiReplyError(f"{where} answered {method} {path} with HTTP {resp.status}")
         return resp.status, decoded
 
+    def _json(self, method: str, path: str, body: Any = None,
+              query: dict[str, str] | None = None) -> Any:
+        """A call whose successful reply must be a JSON document."""
+        status, decoded = self.request(method, path, body, query)
+        if not isinstance(decoded, (dict, list)):
+            raise ApiReplyError(f"nydusd at {self.sock} answered {method} {path} with "
+                                f"HTTP {status} but no JSON document")
+        return decoded
+
+    def _action(self, method: str, path: str, body: Any = None,
+                query: dict[str, str] | None = None) -> None:
+        """A call whose successful reply is ``204 No Content`` (or an empty 200)."""
+        status, decoded = self.request(method, path, body, query)
+        if status == 204 or (status == 200 and decoded is None):
+            return
+        raise ApiReplyError(f"nydusd at {self.sock} answered {method} {path} with HTTP "
+                            f"{status} and a body that is not an API reply")
+
     def get(self, path: str, **query: str) -> Any:
+        """GET a document: decoded JSON, or text for the Prometheus endpoints."""
         return self.request("GET", path, query=query or None)[1]
 
     def put(self, path: str, body: Any = None, **query: str) -> Any:
@@ -94,8 +134,9 @@ class NydusdClient:
     # -- verbs ----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        out = self.get("/api/v1/daemon")
-        assert isinstance(out, dict)
+        out = self._json("GET", "/api/v1/daemon")
+        if not isinstance(out, dict):
+            raise ApiReplyError(f"nydusd at {self.sock}: daemon info is not a JSON object")
         return out
 
     def state(self) -> str:
@@ -121,25 +162,25 @@ class NydusdClient:
                                 else json.dumps(config)}
         if prefetch_files:
             body["prefetch_files"] = prefetch_files
-        self.request("POST", "/api/v1/mount", body, {"mountpoint": mountpoint})
+        self._action("POST", "/api/v1/mount", body, {"mountpoint": mountpoint})
 
     def remount(self, mountpoint: str, source: str, config: str | dict[str, Any]) -> None:
         body = {"source": source, "fs_type": "rafs",
                 "config": config if isinstance(config, str) else json.dumps(config)}
-        self.request("PUT", "/api/v1/mount", body, {"mountpoint": mountpoint})
+        self._action("PUT", "/api/v1/mount", body, {"mountpoint": mountpoint})
 
     def umount(self, mountpoint: str) -> None:
-        self.request("DELETE", "/api/v1/mount", query={"mountpoint": mountpoint})
+        self._action("DELETE", "/api/v1/mount", query={"mountpoint": mountpoint})
 
     def metrics(self, kind: str = "", fs_id: str | None = None) -> Any:
         path = "/api/v1/metrics" + (f"/{kind}" if kind else "")
-        return self.get(path, **({"id": fs_id} if fs_id else {}))
+        return self._json("GET", path, query={"id": fs_id} if fs_id else None)
 
     def set_log_level(self, level: str) -> None:
-        self.request("PUT", "/api/v1/daemon", {"log_level": level})
+        self._action("PUT", "/api/v1/daemon", {"log_level": level})
 
     def start(self) -> None:
-        self.request("PUT", "/api/v1/daemon/start")
+        self._action("PUT", "/api/v1/daemon/start")
 
     def exit(self) -> None:
-        self.request("PUT", "/api/v1/daemon/exit")
+        self._action("PUT", "/api/v1/daemon/exit")

@@ -29,6 +29,7 @@ import socket
 from typing import Any
 
 from ..errors import ConfigError, NydusError, UnsupportedError
+from ..format.safejson import parse_json_object
 from ..fuse import FuseSession, SessionState
 from ..fuse.fdpass import recv_fds, send_fds
 from .erofs_mode import EROFS
@@ -103,7 +104,7 @@ class Failover:
             raise NydusError(f"supervisor sent {len(fds)} fds, expected 1")
         fd = fds[0]
         try:
-            st = json.loads(payload)
+            st = parse_json_object(payload, "failover state", error=NydusError)
             if st.get("version") != STATE_VERSION:
                 raise NydusError(f"unknown failover state version {st.get('version')}")
             with d._lock:

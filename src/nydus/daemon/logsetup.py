@@ -3,15 +3,18 @@
 ``[2024-05-06 08:09:16.853513 +00:00] INFO [nydus.daemon] message``. Levels are upstream's
 (trace, debug, info, warn, error); trace maps to Python level 5.
 
-Threading contract: call :func:`setup_logging` once from the main thread before other threads.
+The log file is mode 0600 (it may name images and hosts; credentials are redacted by a filter
+on the handler, whatever the level). Threading contract: call :func:`setup_logging` once from
+the main thread before other threads.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import logging.handlers
 import sys
+
+from ..credentials import PrivateFileHandler, PrivateRotatingFileHandler, RedactingFilter
 
 __all__ = ["setup_logging", "LEVELS", "TRACE"]
 
@@ -43,13 +46,14 @@ def setup_logging(level: str = "info", log_file: str | None = None,
     handler: logging.Handler
     if log_file:
         if rotation_size_mb > 0:
-            handler = logging.handlers.RotatingFileHandler(
+            handler = PrivateRotatingFileHandler(
                 log_file, maxBytes=rotation_size_mb << 20, backupCount=5)
         else:
-            handler = logging.FileHandler(log_file)
+            handler = PrivateFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -5,8 +5,10 @@ images. The CLI builds one, calls :meth:`Nydusd.run`; the API server calls its v
 umount, start, exit, metrics). Image mounts are validated completely (config, bootstrap,
 storage) *before* anything is attached, so a bad request leaves the daemon as it was.
 
-Threading contract: verbs are serialized by one lock (API requests may come concurrently);
-FUSE requests run on the session's workers and never take that lock.
+Threading contract: verbs are serialized by one lock (API requests may come concurrently),
+except that mount/remount read the bootstrap and open storage outside it (the mount path is
+reserved meanwhile), so one slow image never blocks other requests. FUSE requests run on the
+session's workers and never take that lock.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import DaemonConfig
+from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
@@ -36,20 +39,6 @@ from .vfs import RafsVfs
 __all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder", "redact_config"]
 
 log = logging.getLogger("nydus.daemon")
-
-_SECRET_KEYS = frozenset({
-    "auth", "registry_token", "access_key_id", "access_key_secret", "encryption_key",
-})
-
-
-def redact_config(obj: Any) -> Any:
-    """A copy of a config dict with credentials blanked (for info and logs)."""
-    if isinstance(obj, dict):
-        return {k: ("" if k in _SECRET_KEYS and v else redact_config(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact_config(v) for v in obj]
-    return obj
-
 
 @dataclass
 class DaemonOptions:
@@ -108,6 +97,7 @@ class ErrorHolder(logging.Handler):
 
     def __init__(self, max_errors: int = 500, max_size: int = 50 * 1024) -> None:
         super().__init__(logging.ERROR)
+        self.addFilter(RedactingFilter())  # the API shows these: no credentials in them
         self.max_errors, self.max_size = max_errors, max_size
         self.total = 0
         self._items: collections.deque[str] = collections.deque()
@@ -151,6 +141,7 @@ class Nydusd:
         self.images: dict[str, ImageMount] = {}
         self.events = ErrorHolder()
         self._lock = threading.RLock()
+        self._loading: set[str] = set()  # paths whose image loads outside the lock
         self._exit = threading.Event()
         self.exit_reason = ""
         self.started = time.time()
@@ -203,63 +194,90 @@ class Nydusd:
         except NydusError as e:
             log.warning("%s: prefetch not started: %s", im.path, e)
 
+    def _reserve(self, path: str, want_mounted: bool) -> str:
+        """Claim ``path`` for one mount/remount while its image loads outside the lock."""
+        with self._lock:
+            path = self.vfs.normalize(path)
+            if path in self._loading:
+                raise StateError(f"{path} is being mounted by another request")
+            if want_mounted and path not in self.images:
+                raise NotFoundError(f"nothing is mounted at {path}")
+            if not want_mounted and path in self.images:
+                raise StateError(f"{path} is already mounted")
+            self._loading.add(path)
+            return path
+
     def mount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
               dict[str, Any], prefetch_files: Sequence[str] | None = None,
               fs_driver: str | None = None) -> ImageMount:
-        """Attach an image at ``path`` (``POST /api/v1/mount``)."""
-        with self._lock:
-            path = self.vfs.normalize(path)
-            if path in self.images:
-                raise StateError(f"{path} is already mounted")
+        """Attach an image at ``path`` (``POST /api/v1/mount``).
+
+        The bootstrap is read and the storage opened without the daemon lock (``path`` is
+        reserved meanwhile), so a slow or large image never stalls other API requests.
+        """
+        path = self._reserve(path, want_mounted=False)
+        try:
             im = self.open_image(path, bootstrap, config, prefetch_files)
-            try:
-                driver, why = resolve_driver(fs_driver or im.config.fs_driver,
-                                             self.opts.fs_driver, im.fs.version,
-                                             self.opts.upgrade, self._needs_fuse(im))
-                if driver == EROFS:
-                    from .erofs_hooks import mount_erofs_image
-                    driver = mount_erofs_image(self, im)
-                else:
-                    log.info("%s: fs_driver fusedev (%s)", path, why)
-                if driver != EROFS:
-                    self.vfs.attach(path, im.fs, on_close=im.close)
-            except BaseException:
-                im.close()
-                raise
-            self.images[path] = im
-            if self.sm.state == DaemonState.INIT:
-                self.sm.fire(DaemonEvent.MOUNT)
-            self._start_prefetch(im)
-            log.info("mounted %s at %s (RAFS v%d, %d blobs)", bootstrap, path, im.fs.version,
-                     len(im.fs.meta.blobs))
-            return im
+            with self._lock:
+                try:
+                    if self._exit.is_set():
+                        raise StateError("the daemon is exiting")
+                    driver, why = resolve_driver(fs_driver or im.config.fs_driver,
+                                                 self.opts.fs_driver, im.fs.version,
+                                                 self.opts.upgrade, self._needs_fuse(im))
+                    if driver == EROFS:
+                        from .erofs_hooks import mount_erofs_image
+                        driver = mount_erofs_image(self, im)
+                    else:
+                        log.info("%s: fs_driver fusedev (%s)", path, why)
+                    if driver != EROFS:
+                        self.vfs.attach(path, im.fs, on_close=im.close)
+                except BaseException:
+                    im.close()
+                    raise
+                self.images[path] = im
+                if self.sm.state == DaemonState.INIT:
+                    self.sm.fire(DaemonEvent.MOUNT)
+                self._start_prefetch(im)
+                log.info("mounted %s at %s (RAFS v%d, %d blobs)", bootstrap, path,
+                         im.fs.version, len(im.fs.meta.blobs))
+                return im
+        finally:
+            with self._lock:
+                self._loading.discard(path)
 
     def remount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
                 dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
-        """Replace the image at ``path`` (``PUT /api/v1/mount``)."""
-        with self._lock:
-            path = self.vfs.normalize(path)
-            if path not in self.images:
-                raise NotFoundError(f"nothing is mounted at {path}")
-            old = self.images[path]
+        """Replace the image at ``path`` (``PUT /api/v1/mount``); loads outside the lock."""
+        path = self._reserve(path, want_mounted=True)
+        try:
             im = self.open_image(path, bootstrap, config, prefetch_files)
-            try:
-                if old.fs_driver == EROFS:
-                    if im.fs.version != 6:
-                        raise UnsupportedError(
-                            f"{path} is a kernel EROFS mount; a RAFS v{im.fs.version} "
-                            "bootstrap cannot replace it (umount and mount)")
-                    from .erofs_hooks import remount_erofs_image
-                    remount_erofs_image(self, old, im)
-                else:
-                    self.vfs.replace(path, im.fs, on_close=im.close)
-            except BaseException:
-                im.close()
-                raise
-            self.images[path] = im
-            self._start_prefetch(im)
-            log.info("remounted %s at %s", bootstrap, path)
-            return im
+            with self._lock:
+                try:
+                    if self._exit.is_set():
+                        raise StateError("the daemon is exiting")
+                    old = self.images.get(path)
+                    if old is None:
+                        raise NotFoundError(f"nothing is mounted at {path}")
+                    if old.fs_driver == EROFS:
+                        if im.fs.version != 6:
+                            raise UnsupportedError(
+                                f"{path} is a kernel EROFS mount; a RAFS v{im.fs.version} "
+                                "bootstrap cannot replace it (umount and mount)")
+                        from .erofs_hooks import remount_erofs_image
+                        remount_erofs_image(self, old, im)
+                    else:
+                        self.vfs.replace(path, im.fs, on_close=im.close)
+                except BaseException:
+                    im.close()
+                    raise
+                self.images[path] = im
+                self._start_prefetch(im)
+                log.info("remounted %s at %s", bootstrap, path)
+                return im
+        finally:
+            with self._lock:
+                self._loading.discard(path)
 
     def _needs_fuse(self, im: ImageMount) -> str:
         """Why this image wants FUSE RAFS mode when the daemon default is erofs ('' if not)."""
@@ -275,6 +293,8 @@ class Nydusd:
         """Detach the image at ``path`` (``DELETE /api/v1/mount``)."""
         with self._lock:
             path = self.vfs.normalize(path)
+            if path in self._loading:
+                raise StateError(f"{path} is being mounted by another request")
             if path not in self.images:
                 raise NotFoundError(f"nothing is mounted at {path}")
             if self.images[path].fs_driver == EROFS:

@@ -9,7 +9,6 @@ body. No I/O; pure functions and constants, safe from any thread.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +59,8 @@ __all__ = [
 ]
 
 # --- OCI image-spec -----------------------------------------------------------------------
+from .safejson import parse_json_object
+
 MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -165,12 +166,7 @@ def manifest_media_type(body: bytes, header: str | None = None) -> str:
         mt = header.split(";", 1)[0].strip().lower()
         if mt and mt not in ("application/json", "text/plain", "application/octet-stream"):
             return mt
-    try:
-        doc: Any = json.loads(body)
-    except ValueError as e:
-        raise FormatError(f"manifest is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise FormatError("manifest is not a JSON object")
+    doc = parse_json_object(body, "manifest")
     field_mt = doc.get("mediaType")
     if isinstance(field_mt, str) and field_mt:
         return field_mt

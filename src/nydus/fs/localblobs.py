@@ -23,6 +23,7 @@ from dataclasses import replace
 from ..errors import BackendError, NydusError
 from ..format import blob_meta as bm
 from ..metadata import BlobInfo, ChunkInfo
+from ..metadata.model import check_blob_id
 from ..storage.blobfile import BlobReader, open_local_blob
 
 __all__ = ["LocalBlobChunks"]
@@ -44,7 +45,8 @@ class LocalBlobChunks:
         self.read_amount = 0
 
     def _path(self, blob: BlobInfo) -> str:
-        return self.paths.get(blob.blob_id) or os.path.join(self.blob_dir, blob.blob_id)
+        return self.paths.get(blob.blob_id) or os.path.join(self.blob_dir,
+                                                            check_blob_id(blob.blob_id))
 
     def _reader(self, index: int) -> BlobReader:
         with self._lock:

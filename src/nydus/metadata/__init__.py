@@ -1,29 +1,130 @@
-"""Open a RAFS bootstrap (v5 or v6) as a read-only :class:`RafsMetadata`."""
+"""Open a RAFS bootstrap (v5 or v6) as a read-only :class:`RafsMetadata`.
+
+Owns reading a bootstrap from a path safely: the path must name a regular file (a FIFO, a
+device, a socket or a directory is refused at once, never read or waited on) of at most
+:data:`MAX_BOOTSTRAP_SIZE` bytes, so a hostile path (``/dev/zero``, a FIFO, a huge file) cannot
+make a reader hang or fill memory. A data blob built with ``--blob-inline-meta`` is accepted
+too: only its trailing ToC and its ``image.boot`` section are read, never the whole blob.
+
+Pure functions; safe from any thread (each call uses its own file descriptor).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
+from collections.abc import Callable
 
 from ..errors import FormatError
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
 
-__all__ = ["open_bootstrap", "BlobInfo", "ChunkInfo", "DirEntry", "Inode", "RafsMetadata"]
+__all__ = [
+    "MAX_BOOTSTRAP_SIZE",
+    "open_bootstrap",
+    "read_bootstrap_file",
+    "BlobInfo",
+    "ChunkInfo",
+    "DirEntry",
+    "Inode",
+    "RafsMetadata",
+]
 
 EROFS_MAGIC = 0xE0F5E1E2
 RAFS_V5_MAGIC = 0x52414653
+
+#: Largest bootstrap read into memory. Bootstraps of images with a million files stay well
+#: below this; anything bigger is refused with this limit named in the message.
+MAX_BOOTSTRAP_SIZE = 512 << 20
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _pread_exact(fd: int, size: int, offset: int, name: str) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        part = os.pread(fd, min(size - got, 8 << 20), offset + got)
+        if not part:
+            raise FormatError(f"bootstrap {name} is shorter than its header says")
+        chunks.append(part)
+        got += len(part)
+    return b"".join(chunks)
+
+
+def read_bootstrap_file(path: str | os.PathLike[str], max_size: int = MAX_BOOTSTRAP_SIZE) -> bytes:
+    """The bytes of the bootstrap at ``path`` (or of the bootstrap inlined in a data blob).
+
+    Opened with ``O_NONBLOCK`` so a FIFO cannot block the open, then checked with ``fstat``:
+    only a regular file of at most ``max_size`` bytes is read. Symlinks are followed (the
+    snapshotter and users point at bootstraps through them); what they lead to is checked.
+    """
+    name = os.fsdecode(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise FormatError(f"cannot read bootstrap {name}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"bootstrap {name} is {_kind(st.st_mode)}, not a regular file")
+        try:
+            head = _pread_exact(fd, min(st.st_size, 1028), 0, name)
+            if _has_magic(head):
+                if st.st_size > max_size:
+                    raise FormatError(
+                        f"bootstrap {name} is {_human(st.st_size)}, over the "
+                        f"{_human(max_size)} limit")
+                return _pread_exact(fd, st.st_size, 0, name)
+            inner = _inlined_bootstrap_file(fd, st.st_size, name, max_size)
+        except OSError as e:
+            raise FormatError(f"cannot read bootstrap {name}: {e.strerror}") from e
+        if inner is None:
+            if st.st_size > max_size:
+                raise FormatError(f"bootstrap {name} is {_human(st.st_size)}, over the "
+                                  f"{_human(max_size)} limit")
+            raise FormatError(f"{name} is not a RAFS bootstrap: no EROFS magic at 1024 "
+                              "and no RAFS v5 magic at 0")
+        return inner
+    finally:
+        os.close(fd)
+
+
+def _has_magic(data: bytes) -> bool:
+    if len(data) >= 1028 and int.from_bytes(data[1024:1028], "little") == EROFS_MAGIC:
+        return True
+    return len(data) >= 4 and int.from_bytes(data[0:4], "little") == RAFS_V5_MAGIC
 
 
 def open_bootstrap(path: str | os.PathLike[str] | bytes) -> RafsMetadata:
     """Open a bootstrap file or bytes, detecting its version from the magic."""
     if isinstance(path, (bytes, bytearray, memoryview)):
         data = bytes(path)
+        if not _has_magic(data):
+            inner = _inlined_bootstrap_bytes(data)
+            if inner is None:
+                raise FormatError(
+                    "not a RAFS bootstrap: no EROFS magic at 1024 and no RAFS v5 magic at 0")
+            data = inner
     else:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise FormatError(f"cannot read bootstrap {os.fsdecode(path)}: {e.strerror}") from e
+        data = read_bootstrap_file(path)
     if len(data) >= 1028 and int.from_bytes(data[1024:1028], "little") == EROFS_MAGIC:
         from .v6 import RafsV6Metadata
 
@@ -32,27 +133,55 @@ def open_bootstrap(path: str | os.PathLike[str] | bytes) -> RafsMetadata:
         from .v5 import RafsV5Metadata
 
         return RafsV5Metadata(data)
-    inner = _inlined_bootstrap(data)
-    if inner is not None:
-        return open_bootstrap(inner)
     raise FormatError("not a RAFS bootstrap: no EROFS magic at 1024 and no RAFS v5 magic at 0")
 
 
-def _inlined_bootstrap(data: bytes) -> bytes | None:
-    """The ``image.boot`` section of a data blob built with --blob-inline-meta."""
+def _inlined_bootstrap_bytes(data: bytes) -> bytes | None:
+    """:func:`_inlined_bootstrap` over bytes already in memory."""
+
+    def read_at(size: int, offset: int) -> bytes:
+        if offset < 0 or offset + size > len(data):
+            raise FormatError("inlined bootstrap section is out of range")
+        return data[offset : offset + size]
+
+    return _inlined_bootstrap(read_at, len(data), "<bytes>", max(len(data), 1))
+
+
+def _inlined_bootstrap_file(fd: int, size: int, name: str, max_size: int) -> bytes | None:
+    """:func:`_inlined_bootstrap` over an open file."""
+    return _inlined_bootstrap(lambda n, off: _pread_exact(fd, n, off, name), size, name,
+                              max_size)
+
+
+def _inlined_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: str,
+                       max_size: int) -> bytes | None:
+    """The ``image.boot`` section of a data blob built with --blob-inline-meta, or None.
+
+    Reads only the trailing tar header, the ToC it frames and the bootstrap section, through
+    ``read_at(size, offset)``.
+    """
     from ..format import blob_meta as bm
 
-    if len(data) < bm.TAR_BLOCK or data[-bm.TAR_BLOCK + 257 : -bm.TAR_BLOCK + 262] != b"ustar":
+    if size < bm.TAR_BLOCK:
         return None
-    name, size = bm.parse_tar_header(data[-bm.TAR_BLOCK :])
-    if name != bm.TOC_ENTRY_BLOB_TOC or size + bm.TAR_BLOCK > len(data):
+    trailer = read_at(bm.TAR_BLOCK, size - bm.TAR_BLOCK)
+    if trailer[257:262] != b"ustar":
         return None
-    for e in bm.unpack_toc(data[-bm.TAR_BLOCK - size : -bm.TAR_BLOCK]):
+    toc_name, toc_size = bm.parse_tar_header(trailer)
+    if toc_name != bm.TOC_ENTRY_BLOB_TOC or toc_size + bm.TAR_BLOCK > size:
+        return None
+    if toc_size > 1 << 20:
+        raise FormatError(f"blob ToC of {name} is {_human(toc_size)}, over the 1 MiB limit")
+    toc = read_at(toc_size, size - bm.TAR_BLOCK - toc_size)
+    for e in bm.unpack_toc(toc):
         if e.name == bm.TOC_ENTRY_BOOTSTRAP:
             end = e.compressed_offset + e.compressed_size
-            if e.compressed_size != e.uncompressed_size or end > len(data):
+            if e.compressed_size != e.uncompressed_size or end > size:
                 raise FormatError("inlined bootstrap entry is compressed or out of range")
-            boot = data[e.compressed_offset : end]
+            if e.compressed_size > max_size:
+                raise FormatError(f"bootstrap inlined in {name} is {_human(e.compressed_size)},"
+                                  f" over the {_human(max_size)} limit")
+            boot = read_at(e.compressed_size, e.compressed_offset)
             if hashlib.sha256(boot).digest() != e.digest:
                 raise FormatError("inlined bootstrap digest mismatch")
             return boot

@@ -14,12 +14,32 @@ escapes.
 
 from __future__ import annotations
 
+import re
 import stat as _stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["BlobInfo", "ChunkInfo", "FileKind", "Inode", "DirEntry", "RafsMetadata"]
+from ..errors import FormatError
+
+__all__ = ["BlobInfo", "ChunkInfo", "FileKind", "Inode", "DirEntry", "RafsMetadata",
+           "check_blob_id"]
+
+# a blob id names files (<work_dir>/<blob_id>.blob.data, <blob_dir>/<blob_id>): one safe name
+_BLOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def check_blob_id(blob_id: str) -> str:
+    """``blob_id`` if it is safe as a file name (letters, digits, ``.``, ``_``, ``-``, not
+    starting with a dot or dash, at most 255 characters); else :class:`FormatError`.
+
+    Blob ids come from bootstraps, which may be hostile: ``../../x`` must never become a path.
+    """
+    if not isinstance(blob_id, str) or not _BLOB_ID_RE.fullmatch(blob_id):
+        shown = blob_id[:80] if isinstance(blob_id, str) else blob_id
+        raise FormatError(f"blob id {shown!r} is not a safe file name (letters, digits, "
+                          "'.', '_', '-' only)")
+    return blob_id
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,9 @@ class BlobInfo:
     toc_size: int = 0
     toc_digest: bytes = b""
     meta_features: int = 0
+
+    def __post_init__(self) -> None:
+        check_blob_id(self.blob_id)
 
 
 @dataclass(frozen=True)

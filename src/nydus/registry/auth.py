@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from nydus.errors import ConfigError, RegistryAuthError
+from nydus.errors import ConfigError, NydusError, RegistryAuthError
 from nydus.registry.reference import normalize_registry
 from nydus.registry.transport import Request, Response, TransportError
 
@@ -50,6 +49,8 @@ __all__ = [
     "REFRESH_MARGIN",
     "DEFAULT_TOKEN_TTL",
 ]
+
+from ..format.safejson import parse_json, parse_json_object
 
 log = logging.getLogger("nydus.registry")
 
@@ -261,12 +262,7 @@ def docker_config_credentials(
         return None
     except OSError as e:
         raise ConfigError(f"cannot read docker config {p}: {e}") from None
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"docker config {p} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"docker config {p} is not a JSON object")
+    doc = parse_json_object(text, f"docker config {p}", error=ConfigError)
     want = normalize_registry(host)
     server_url = _DOCKER_HUB_CONFIG_KEY if want == "docker.io" else want
     runner = run_helper or _run_credential_helper
@@ -341,11 +337,12 @@ def _run_credential_helper(helper: str, server_url: str) -> dict[str, Any] | Non
         log.warning("credential helper %s failed: %s", exe, e)
         return None
     if proc.returncode != 0:
-        log.debug("credential helper %s: %s", exe, proc.stdout.strip() or proc.stderr.strip())
+        # its output is not logged: a helper may print the secret it was asked about
+        log.debug("credential helper %s exited with status %d", exe, proc.returncode)
         return None
     try:
-        answer = json.loads(proc.stdout)
-    except ValueError:
+        answer = parse_json(proc.stdout, f"answer of credential helper {exe}")
+    except NydusError:
         log.warning("credential helper %s printed no JSON", exe)
         return None
     return answer if isinstance(answer, dict) else None
@@ -492,11 +489,9 @@ class Authenticator:
     def _parse_token(self, resp: Response, realm: str) -> Token:
         try:
             raw = resp.read_all(limit=1 << 20)
-            doc = json.loads(raw)
-        except (ValueError, TransportError) as e:
+        except TransportError as e:
             raise RegistryAuthError(f"token server {realm} sent a bad answer: {e}") from None
-        if not isinstance(doc, dict):
-            raise RegistryAuthError(f"token server {realm} sent a bad answer (not an object)")
+        doc = parse_json_object(raw, f"answer of token server {realm}", error=RegistryAuthError)
         value = doc.get("token") or doc.get("access_token")
         if not isinstance(value, str) or not value:
             raise RegistryAuthError(f"token server {realm} sent no token")

@@ -37,7 +37,6 @@ cache are locked; :meth:`get_blob_ranges` runs ranges concurrently on a small th
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +73,9 @@ from nydus.registry.upload import BlobData, UploadSource
 __all__ = ["RegistryClient", "RegistryHTTPError", "ProxySettings", "ClientStats"]
 
 
+from ..format.safejson import parse_json
+
+
 class RegistryClient(RegistrySession):
     """A client for one registry host. Construction arguments: see
     :class:`~nydus.registry.session.RegistrySession`; policy: the module docstrings.
@@ -104,10 +106,8 @@ class RegistryClient(RegistrySession):
             def handle(resp: Response, nxt: list[str] = nxt) -> list[str]:
                 if resp.status != 200:
                     raise self._status_error(resp, f"tags of {repo}")
-                try:
-                    doc = json.loads(resp.read_all(limit=MAX_MANIFEST_SIZE))
-                except ValueError as e:
-                    raise BackendError(f"tag list of {repo} is not JSON: {e}") from None
+                doc = parse_json(resp.read_all(limit=MAX_MANIFEST_SIZE), f"tag list of {repo}",
+                                 error=BackendError)
                 link = resp.headers.get("link") or ""
                 m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link)
                 if m:

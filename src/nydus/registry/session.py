@@ -24,7 +24,6 @@ are locked.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import os
 import random
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
-from nydus.errors import BackendError, ConfigError, RegistryAuthError, RegistryNotFound
+from nydus.errors import BackendError, ConfigError, NydusError, RegistryAuthError, RegistryNotFound
 from nydus.registry.auth import DEFAULT_DOCKER_CONFIG, Authenticator, Credentials
 from nydus.registry.auth import docker_config_credentials as _docker_creds
 from nydus.registry.reference import registry_api_host
@@ -52,6 +51,9 @@ from nydus.registry.transport import (
 )
 
 __all__ = ["RegistrySession", "RegistryHTTPError", "ProxySettings", "ClientStats"]
+
+from ..credentials import redact_url
+from ..format.safejson import parse_json
 
 log = logging.getLogger("nydus.registry")
 
@@ -159,13 +161,13 @@ def _error_detail(resp: Response) -> tuple[str, str]:
     except TransportError:
         return "", ""
     try:
-        doc = json.loads(raw)
+        doc = parse_json(raw, "registry error body")
         errs = doc.get("errors") if isinstance(doc, dict) else None
         if isinstance(errs, list) and errs and isinstance(errs[0], dict):
-            code = str(errs[0].get("code", ""))
-            msg = str(errs[0].get("message", ""))
+            code = " ".join(str(errs[0].get("code", "")).split())[:100]
+            msg = " ".join(str(errs[0].get("message", "")).split())[:200]
             return f" ({code}: {msg})", code
-    except ValueError:
+    except NydusError:
         pass
     text = raw.decode("utf-8", "replace").strip()
     return (f" ({text[:200]})" if text else ""), ""
@@ -427,7 +429,8 @@ class RegistrySession:
                 try:
                     resp = self._transport.handle(Request(method, cached, dict(headers), body))
                 except TransportError as e:
-                    log.info("cached redirect for %s failed (%s); asking the registry", url, e)
+                    log.info("cached redirect for %s failed (%s); asking the registry",
+                             redact_url(url), e)
                     self._redirect_put(cache_key, None)
                 else:
                     if resp.status < 300:

@@ -15,13 +15,13 @@ Immutable once built; share freely between threads.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..format.safejson import parse_json_object
 
 __all__ = [
     "DAEMON_MODES",
@@ -108,10 +108,4 @@ def load_nydusd_config(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"--config-path {path}: cannot read: {e.strerror or e}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config-path {path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config-path {path}: expected a JSON object")
-    return data
+    return parse_json_object(text, f"--config-path {path}", error=ConfigError)

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..errors import FormatError
+from ..format.safejson import parse_json_object
 from .errdefs import (
     ContentLocked,
     ContentOutOfRange,
@@ -381,10 +383,10 @@ class ContentStore:
         if not raw:
             return {}
         try:
-            doc = json.loads(raw)
-        except ValueError:
+            doc = parse_json_object(raw, f"labels of {digest}")
+        except FormatError:
             return {}
-        return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+        return {str(k): str(v) for k, v in doc.items()}
 
     def lazy(self, digest: str) -> LazyEntry | None:
         """The lazy entry of ``digest``, if there is one (and no real blob)."""
@@ -393,14 +395,15 @@ class ContentStore:
         if raw is None:
             return None
         try:
-            doc = json.loads(raw)
+            doc = parse_json_object(raw, f"lazy entry of {digest}")
             size = int(doc["size"])
             st = path.stat()
-        except (ValueError, KeyError, TypeError, OSError):
+        except (FormatError, ValueError, KeyError, TypeError, OSError):
             return None  # damaged or just removed: as if absent
         if size < 0:
             return None
-        meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+        raw_meta = doc.get("meta")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
         return LazyEntry(digest, size, st.st_mtime_ns, meta)
 
     def has_blob(self, digest: str) -> bool:

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from ..credentials import private_dir
 from ..errors import FormatError, NydusError
 from .errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
 from .filters import parse_all
@@ -115,8 +116,10 @@ class Snapshotter:
     ) -> None:
         self.root = Path(root).absolute()
         self.snapshots_dir = self.root / "snapshots"
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        # 0700, tightened if it exists: metadata.db holds snapshot labels, which may carry
+        # registry credentials (containerd.io/snapshot/pullsecret), as upstream's does
+        private_dir(self.root)
+        private_dir(self.snapshots_dir)
         self.mounter = mounter
         self.resolver = resolver
         self.layers = layers

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..credentials import private_file
 from ..daemon.client import NydusdClient
 from ..errors import NydusError
 from ..kernel_mount import umount
@@ -149,6 +150,7 @@ class DaemonProcess:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.apisock)
         cmd = self.command(nydusd, log_level, upgrade=upgrade)
+        private_file(self.log_file)  # 0600: nydusd logs name hosts and images
         with open(self.log_file, "ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {cmd}\n".encode())
             out.flush()

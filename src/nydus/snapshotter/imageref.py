@@ -28,7 +28,6 @@ The few containerd calls other modules make the same way live here too: :func:`l
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import Any, Protocol
 import grpc
 
 from ..errors import BackendError, FormatError
+from ..format.safejson import parse_json_object
 from .api import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
@@ -329,10 +329,4 @@ class ContainerdImageResolver:
                     raise FormatError(f"content {digest} is larger than {_MAX_JSON} bytes")
                 chunks.append(part.data)
             data = b"".join(chunks)
-        try:
-            doc = json.loads(data)
-        except ValueError as e:
-            raise FormatError(f"content {digest} is not JSON: {e}") from e
-        if not isinstance(doc, dict):
-            raise FormatError(f"content {digest} is not a JSON object")
-        return doc
+        return parse_json_object(data, f"content {digest}")

@@ -61,8 +61,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..credentials import private_dir
 from ..daemon.client import ApiClientError
 from ..errors import ConfigError, NydusError
+from ..format.safejson import parse_json_object
 from . import cachegc
 from .config import SnapshotterConfig
 from .daemon import DaemonProcess, log_tail
@@ -147,9 +149,10 @@ class DaemonManager(NydusMounter):
         self.cache_dir = config.effective_cache_dir
         self.state_dir = self.root / "daemons"
         self.mnt_dir = self.root / "mnt"
-        for d in (self.root, self.state_dir, self.mnt_dir, self.cache_dir):
+        private_dir(self.root)  # configs and state name registries and may carry credentials
+        private_dir(self.state_dir)
+        for d in (self.mnt_dir, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
         self.sock_dir = self._socket_dir()
         self.nydusd = resolve_nydusd(config.nydusd_path)
         self.log_level = "debug" if config.log_level in ("trace", "debug") else "info"
@@ -184,7 +187,7 @@ class DaemonManager(NydusMounter):
             h = hashlib.sha256(os.fsencode(str(self.root))).hexdigest()[:12]
             d = _RUN_SOCK_DIR / h
             log.info("socket dir %s (the root's path is too long for unix sockets)", d)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(d)
         return d
 
     @staticmethod
@@ -220,10 +223,10 @@ class DaemonManager(NydusMounter):
 
     def _load_state(self) -> None:
         try:
-            doc = json.loads(self.state_path.read_text())
+            doc = parse_json_object(self.state_path.read_bytes(), "daemon state")
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as e:
+        except (OSError, NydusError) as e:
             log.error("daemon state %s unreadable (%s); starting without it", self.state_path, e)
             return
         if doc.get("version") != STATE_VERSION:
@@ -248,7 +251,9 @@ class DaemonManager(NydusMounter):
                 "restarts": self.restarts,
             }
             tmp = self.state_path.with_suffix(".tmp")
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
                 json.dump(doc, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
@@ -422,7 +427,8 @@ class DaemonManager(NydusMounter):
             self.template, image_ref, labels, self.cache_dir, self.cfg.docker_config
         )
         config_path = self.state_dir / f"{image_id}.config.json"
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file may have had a looser mode
         with os.fdopen(fd, "w") as f:
             json.dump(cfg, f, indent=1)
         log.info(

@@ -34,7 +34,6 @@ are serialized, and results are remembered per (namespace, image, update time, m
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import secrets
 import threading
@@ -46,7 +45,8 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..errors import BackendError, NydusError
+from ..errors import BackendError, FormatError, NydusError
+from ..format.safejson import parse_json_object as safe_json_object
 from .api import (
     CONTENT_SERVICE,
     LEASE_HEADER,
@@ -81,10 +81,9 @@ def parse_json_object(data: bytes | None) -> dict[str, Any] | None:
     if data is None or len(data) > _MAX_JSON:
         return None
     try:
-        doc = json.loads(data)
-    except ValueError:
+        return safe_json_object(data, "content")
+    except FormatError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 def image_uses(

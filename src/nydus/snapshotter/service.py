@@ -39,6 +39,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ..credentials import redact_labels
 from ..errors import ConfigError
 from .api import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
 from .contentservice import ContentService
@@ -154,7 +155,7 @@ class SnapshotsService:
             "Prepare key=%s parent=%s labels=%s namespace=%s",
             req.key,
             req.parent,
-            dict(req.labels),
+            redact_labels(req.labels),
             ns,
         )
         mounts = self.sn.prepare(req.key, req.parent, dict(req.labels), ns)

@@ -15,6 +15,9 @@ commits, an exception rolls back. Write transactions start with ``BEGIN IMMEDIAT
 is in WAL mode with ``synchronous=FULL``. Schema changes go through ``PRAGMA user_version``
 migrations; a database newer than this code is refused rather than misread.
 
+The database file (and sqlite's -wal/-shm files) are mode 0600: labels may carry registry
+credentials (``containerd.io/snapshot/pullsecret``).
+
 Threading contract: one connection, shared by all threads, serialised by a re-entrant lock held
 for the whole transaction. Callers keep file-system work that must be atomic with the metadata
 (creating, renaming directories) inside the transaction, as containerd's overlay snapshotter
@@ -32,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..credentials import private_file
 from ..errors import NydusError
 from .errdefs import (
     SnapshotExists,
@@ -404,6 +408,15 @@ class MetaStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        try:
+            # 0600: labels may carry registry credentials (sqlite gives its -wal/-shm files
+            # the database file's mode)
+            for p in (self.path, *(self.path.with_name(self.path.name + x)
+                                   for x in ("-wal", "-shm", "-journal"))):
+                if p == self.path or p.exists():
+                    private_file(p)
+        except OSError as e:
+            raise NydusError(f"cannot open snapshot metadata {self.path}: {e.strerror}") from e
         try:
             self._conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30

@@ -65,6 +65,7 @@ import zstandard
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from ..errors import BackendError, FormatError, IntegrityError, NotFoundError, UnsupportedError
+from ..format.safejson import parse_json_object
 from ..kernel_mount import umount
 from .api import (
     CONTENT_SERVICE,
@@ -464,13 +465,7 @@ class RemoteUnpacker:
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise FormatError(f"{what} is not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return doc
+    return parse_json_object(data, what)
 
 
 @contextlib.contextmanager

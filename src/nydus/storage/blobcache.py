@@ -36,6 +36,7 @@ from typing import Protocol
 
 from ..errors import NydusError
 from ..metadata import BlobInfo
+from ..metadata.model import check_blob_id
 from .chunkmap import ChunkMap
 from .verified import RECORD_SUFFIX, CacheTrust
 
@@ -72,7 +73,7 @@ class BlobCacheFile:
         self.compressed = compressed
         self.sync_data = sync_data
         suffix = "blob.raw" if compressed else "blob.data"
-        self.path = os.path.join(work_dir, f"{info.blob_id}.{suffix}")
+        self.path = os.path.join(work_dir, f"{check_blob_id(info.blob_id)}.{suffix}")
         self.map_path = self.path + ".chunk_map"
         self.size = info.compressed_size if compressed else info.uncompressed_size
         if self.size <= 0:

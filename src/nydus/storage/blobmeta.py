@@ -30,6 +30,7 @@ from ..errors import FormatError, IntegrityError, NydusError, UnsupportedError
 from ..format import blob_meta as bm
 from ..format import rafs_v6 as v6
 from ..metadata import BlobInfo
+from ..metadata.model import check_blob_id
 from .backend import Fetch
 
 __all__ = ["BlobMeta", "load_blob_meta", "load_toc", "load_digests", "meta_path", "has_ci"]
@@ -44,7 +45,7 @@ def _align(n: int) -> int:
 
 
 def meta_path(work_dir: str, blob_id: str) -> str:
-    return os.path.join(work_dir, f"{blob_id}.blob.meta")
+    return os.path.join(work_dir, f"{check_blob_id(blob_id)}.blob.meta")
 
 
 def has_ci(info: BlobInfo) -> bool:

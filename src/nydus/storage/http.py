@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..config import ProxyConfig
+from ..credentials import redact_url
 from ..errors import BackendError
 
 __all__ = ["HttpClient", "HttpError", "HttpResponse", "TransportConfig", "parse_content_range",
@@ -362,8 +363,8 @@ class HttpClient:
                 if attempt + 1 >= attempts or not self._retryable(e):
                     break
                 wait = e.retry_after if e.retry_after is not None else delay
-                log.info("%s %s: %s; retry %d/%d in %.2fs", method, url, e, attempt + 1,
-                         attempts - 1, wait)
+                log.info("%s %s: %s; retry %d/%d in %.2fs", method, redact_url(url), e,
+                         attempt + 1, attempts - 1, wait)
                 time.sleep(min(wait, _RETRY_AFTER_MAX))
                 delay = min(delay * 2, _BACKOFF_MAX) * (0.75 + random.random() / 2)
                 continue
@@ -374,8 +375,8 @@ class HttpClient:
             if attempt + 1 >= attempts or not self._retryable(err):
                 break
             wait = err.retry_after if err.retry_after is not None else delay
-            log.info("%s %s: HTTP %d; retry %d/%d in %.2fs", method, url, resp.status,
-                     attempt + 1, attempts - 1, wait)
+            log.info("%s %s: HTTP %d; retry %d/%d in %.2fs", method, redact_url(url),
+                     resp.status, attempt + 1, attempts - 1, wait)
             time.sleep(min(wait, _RETRY_AFTER_MAX))
             delay = min(delay * 2, _BACKOFF_MAX) * (0.75 + random.random() / 2)
         assert last is not None

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import NydusError
 from ..metadata import RafsMetadata, open_bootstrap
+from ..metadata.model import check_blob_id
 from ..storage.blobfile import open_local_blob
 
 __all__ = ["CheckReport", "check_image", "find_blob"]
@@ -40,7 +41,7 @@ def find_blob(blob_id: str, blob_dir: str | None, blob_file: str | None) -> str 
     if blob_file:
         return blob_file
     if blob_dir:
-        p = os.path.join(blob_dir, blob_id)
+        p = os.path.join(blob_dir, check_blob_id(blob_id))
         if os.path.exists(p):
             return p
     return None
