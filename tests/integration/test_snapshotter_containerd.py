@@ -280,7 +280,7 @@ def test_bad_config_path_is_a_clear_error(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 2
-    assert "--config-path" in p.stderr and "not valid JSON" in p.stderr
+    assert "--config-path" in p.stderr and "is not JSON" in p.stderr
     p = subprocess.run(
         _cli("--shared-daemon", "--daemon-mode", "dedicated", "--root", str(tmp_path / "r")),
         capture_output=True, text=True, timeout=60,
