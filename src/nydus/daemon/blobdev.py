@@ -316,6 +316,7 @@ class BlobDevFs(Operations):
         f.bytes_read += served
         if stats is not None:
             stats.record(StatsFop.READ, 0, True, served, (time.monotonic_ns() - t0) // 1000)
+            stats.record_blob_read(f.index, offset, size)  # access pattern (fs/chunkmap.py)
         return data
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
