@@ -251,7 +251,7 @@ def _optimize(boot: Path, blobs: Path, paths: list[bytes], out: Path) -> tuple[A
 def test_optimize_places_listed_files_first_in_a_prefetch_blob(image: Any,
                                                                tmp_path: Path) -> None:
     boot, blobs, files = image
-    paths = [b"/dir/sub", b"/a", b"/nope", b"/dir/b"]
+    paths = [b"/dir/sub", b"/a", b"/nope", b"/dir/b", b"/a"]
     res, new_boot = _optimize(boot, blobs, paths, tmp_path)
     assert res.files == 3 and res.missing == ["/nope"] and res.table == 3
     assert res.bytes == len(files["dir/sub/d"]) + len(files["a"]) + len(files["dir/b"])

@@ -171,6 +171,8 @@ def _optimize_parsers(sub: Any) -> None:
     r.add_argument("--id", help="with --apisock: the image's mount path in the daemon")
     r.add_argument("--output", required=True, help="the prefetch list (one path a line)")
     r.add_argument("--output-json", help="also the pattern entries (with ranges) as JSON")
+    r.add_argument("--log-level", dest="sub_log_level", default=None,
+                   choices=["trace", "debug", "info", "warn", "error"])
 
 
 def _docker_config() -> str:
