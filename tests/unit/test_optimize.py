@@ -6,6 +6,7 @@ listed files' chunks first and in order, prefetch table, every file's bytes unch
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -307,3 +308,29 @@ def test_nydusify_optimize_bad_list_is_one_line(tmp_path: Path,
                         "--policy", "other"])
     err = capsys.readouterr().err
     assert rc != 0 and "policy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_nydus_image_optimize(image: Any, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    from nydus.cli.nydus_image import main as nydus_image_main
+
+    boot, blobs, files = image
+    lst = tmp_path / "list"
+    lst.write_text("/e\n/dir/c\n")
+    out, js = tmp_path / "opt.boot", tmp_path / "out.json"
+    rc = nydus_image_main(["optimize", "-p", str(lst), "-B", str(boot), "-D", str(blobs),
+                           "-O", str(out), "-J", str(js)])
+    assert rc == 0, capsys.readouterr().err
+    ids = json.loads(js.read_text())["blobs"]
+    md = open_bootstrap(out)
+    assert [b.blob_id for b in md.blobs] == ids and len(ids) == 2
+    assert hashlib.sha256((blobs / ids[1]).read_bytes()).hexdigest() == ids[1]
+    assert md.prefetch_nids() == [md.resolve("/e"), md.resolve("/dir/c")]
+    fs = _fs(out, blobs)
+    for name in ("e", "e-link", "dir/c", "a"):
+        got = b"".join(bytes(b) for b in fs.read(fs.resolve("/" + name), 0, 1 << 20))
+        assert got == files[name]
+    rc = nydus_image_main(["optimize", "-p", str(tmp_path / "nope"), "-B", str(boot), "-D",
+                           str(blobs), "-O", str(out)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--prefetch-files" in err and "Traceback" not in err
