@@ -334,3 +334,45 @@ def test_nydus_image_optimize(image: Any, tmp_path: Path,
                            str(blobs), "-O", str(out)])
     err = capsys.readouterr().err
     assert rc != 0 and "--prefetch-files" in err and "Traceback" not in err
+
+
+def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -> None:
+    """``nydusify access-pattern --snapshotter-root``: every image of the snapshotter's state
+    file, asked through its daemon's API (an in-process daemon here), merged by first access."""
+    from nydus.convert.pattern import snapshotter_patterns
+    from nydus.daemon import ApiServer, DaemonOptions, Nydusd
+    from nydus.errors import NotFoundError
+
+    boot, blobs, _files = image
+    cfg = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
+                      "mode": "direct", "access_pattern": True})
+    d = Nydusd(DaemonOptions(mountpoint=str(tmp_path), id="shared"))
+    sock = str(tmp_path / "api.sock")
+    server = ApiServer(d, sock)
+    server.start()
+    try:
+        d.mount("/img1", str(boot), cfg)
+        d.mount("/img2", str(boot), cfg)
+        f1, f2 = d.images["/img1"].fs, d.images["/img2"].fs
+        f2.read(f2.resolve("/e"), 0, 10)
+        f1.read(f1.resolve("/a"), 0, 10)
+        f1.read(f1.resolve("/e"), 5, 10)
+        root = tmp_path / "sn"
+        (root / "daemons").mkdir(parents=True)
+        (root / "daemons" / "state.json").write_text(json.dumps({
+            "daemons": [{"id": "shared", "apisock": sock}],
+            "images": [{"id": "img1", "daemon_id": "shared", "image_ref": "r/x:1"},
+                       {"id": "img2", "daemon_id": "shared", "image_ref": "r/y:1"}]}))
+        both = snapshotter_patterns(str(root))
+        assert [e["file_path"] for e in both] == ["/e", "/a"]
+        assert both[0]["ranges"] == [[0, 10]]  # img2's entry: the earlier access
+        one = snapshotter_patterns(str(root), "r/x:1")
+        assert [(e["file_path"], e["ranges"]) for e in one] == [("/a", [[0, 10]]),
+                                                                ("/e", [[5, 10]])]
+        with pytest.raises(NotFoundError):
+            snapshotter_patterns(str(root), "r/z:1")
+        with pytest.raises(NotFoundError):
+            snapshotter_patterns(str(tmp_path / "none"))
+    finally:
+        server.stop()
+        d.shutdown()
