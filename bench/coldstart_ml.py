@@ -57,8 +57,9 @@ BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
 
 
 def nydusd_config(scenario: str) -> dict[str, Any]:
-    """The snapshotter's nydusd config template for a scenario (the Debian bench's, plus the
-    access pattern, which costs a dict update per blob read)."""
+    """The snapshotter's nydusd config template for a scenario (the Debian bench's);
+    ``record``: lazy, with the access pattern recorded (the blob fs then pushes no chunks
+    ahead, so it is not a timed scenario)."""
     cfg: dict[str, Any] = {
         "device": {
             "backend": {"type": "registry", "config": {
@@ -66,7 +67,7 @@ def nydusd_config(scenario: str) -> dict[str, Any]:
             "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
         },
         "mode": "direct", "digest_validate": False, "enable_xattr": True,
-        "access_pattern": True, "fs_prefetch": {"enable": False},
+        "access_pattern": scenario == "record", "fs_prefetch": {"enable": False},
     }
     if scenario == "prefetch_all":
         cfg["fs_prefetch"] = {**PREFETCH, "prefetch_all": True}
@@ -223,7 +224,8 @@ def _run(argv: list[str], what: str, timeout: float = 3600) -> str:
 
 def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
     """Registry storage with ml:1, ml:1-nydus and ml:1-opt (built once, cached in ``work``).
-    ``record(host, work) -> Path`` runs W1 lazily and returns the recorded prefetch list."""
+    ``record(host, work, workload) -> Path`` runs a workload lazily, recording, and returns
+    the prefetch list; W1's makes ml:1-opt, every workload's gives its needed bytes."""
     storage = work / "registry" / "storage"
     info_path = work / "ml-image.json"
     if info_path.is_file():
@@ -241,8 +243,7 @@ def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
             _run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:1",
                   f"docker://{reg.addr}/{img.oci}"], "skopeo copy")
             shutil.rmtree(layout, ignore_errors=True)
-        meta, _blobs = _sizes(reg.addr, img.oci)
-        img.oci_bytes = meta + sum(p.stat().st_size for p, _ in layers)
+        img.oci_bytes = _sizes(reg.addr, img.oci)[0]  # the gzip layers are not Nydus blobs
         print("ml: nydusify convert ...", flush=True)
         t0 = time.monotonic()
         _run([venv_tool("nydusify"), "convert", "--plain-http", "--source",
@@ -252,7 +253,8 @@ def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
         shutil.rmtree(work / "convert", ignore_errors=True)
         print(f"  converted in {img.convert_s:.0f}s; recording W1's access pattern ...",
               flush=True)
-        plist = record(reg.addr, work)
+        plists = {wl: record(reg.addr, work, wl) for wl in WORKLOADS}
+        plist = plists["W1"]
         img.prefetch_files = len(plist.read_text().splitlines())
         print(f"  {img.prefetch_files} files; nydusify optimize ...", flush=True)
         t0 = time.monotonic()
@@ -365,23 +367,24 @@ def start_stack(tmp: Path, scenario: str, port: int) -> NydusStack:
     return stack.start()
 
 
-def record_w1(host: str, work: Path) -> Path:
-    """W1 on the Nydus image (lazy), its access pattern exported from the snapshotter."""
+def record(host: str, work: Path, workload: str) -> Path:
+    """``workload`` on the Nydus image (lazy, recording), its access pattern exported from
+    the snapshotter: ``work/<workload>.list`` and ``.json``."""
     tmp = work / "rounds" / "record"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    stack = start_stack(tmp, "lazy", port)
+    stack = start_stack(tmp, "record", port)
     try:
         ref = f"{host}/ml:1-nydus"
         stack.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref,
                   timeout=1800).check()
-        cmd, expect = WORKLOADS["W1"]
+        cmd, expect = WORKLOADS[workload]
         _ctr_run(stack, ["run", "--snapshotter", "nydus", ref, "rec", "/bin/sh", "-c", cmd],
                  expect)  # no --rm: the image's daemon must outlive the run for the export
-        return export_pattern(stack, work / "w1.list")
+        return export_pattern(stack, work / f"{workload}.list")
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -424,12 +427,6 @@ def ml_round(scenario: str, workload: str, link: str, host: str, img: MlImage, w
         r = MlRound(link, scenario, workload, t1 - t0, t2 - t1, t2 - t0,
                     img.meta[tag] + ctr["backend_bytes"], wire, ctr["reads"],
                     ctr["backend_requests"], ctr["backend_bytes"], load=load)
-        if scenario == "lazy":
-            plist = export_pattern(stack, tmp / "pattern.list")
-            pattern = json.loads(plist.with_suffix(".json").read_text())
-            r.needed = needed_bytes(work / "nydus.boot", pattern)[0]
-            keep = work / f"pattern-{workload}.json"
-            shutil.copyfile(plist.with_suffix(".json"), keep)
         return r
     finally:
         stack.stop()
@@ -548,8 +545,8 @@ def report(args: Any, img: MlImage, rounds: list[MlRound],
         "`fs_prefetch` on: the prefetch table's files, fetched from the front of the prefetch "
         "blob), `oci` (stock `ctr image pull`: containerd's overlayfs, every layer downloaded "
         "and unpacked). Nydus pulls are stock `ctr image pull --snapshotter nydus` with the "
-        "content store proxied to the snapshotter. Every scenario's daemon records the access "
-        "pattern (`access_pattern`).",
+        "content store proxied to the snapshotter. The optimized image is made from W1's pattern; "
+        "W2 runs on it too (a workload it was not made for).",
         "",
         f"Links: Debian's docker-registry in a network namespace behind `tc tbf` at the rate "
         f"given (both veth ends), plus a {args.rtt_ms:g} ms RTT added by a userspace TCP proxy "
@@ -564,7 +561,9 @@ def report(args: Any, img: MlImage, rounds: list[MlRound],
         "",
         "**Physical limit** (per link and workload, computed in the same run): (the Nydus "
         "pull metadata + the compressed bytes of every chunk holding a byte the workload read, "
-        "from the access pattern the lazy round recorded, each chunk once) * 8 / link rate + "
+        "from the workload's access pattern recorded by a separate lazy run with "
+        "`access_pattern` on (blob-device reads mapped to files and file ranges), each chunk "
+        "once) * 8 / link rate + "
         "the warm run time (the workload run again in a container on the already unpacked "
         "OCI image, files in the page cache). It ignores the RTT, request overheads and "
         "decompression: no lazy scheme can start the workload faster over that link.",
@@ -615,7 +614,9 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     loads0 = os.getloadavg()[0]
-    storage, img = prepare(work, record_w1)
+    storage, img = prepare(work, record)
+    needed = {wl: needed_bytes(work / "nydus.boot", json.loads(
+        (work / f"{wl}.json").read_text()))[0] for wl in WORKLOADS}
     scenarios = [s for s in args.scenarios.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     rates = {f"{int(x)} mbit": int(x) for x in args.rates.split(",") if x}
@@ -630,6 +631,8 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
                     for sc in scenarios:
                         r = ml_round(sc, wl, link, proxy.addr, img, work, True, i, veth_bytes,
                                      free_port)
+                        if sc == "lazy":
+                            r.needed = needed[wl]
                         rounds.append(r)
                         print(f"  {link} {wl} {sc:12} round {i}: pull {r.pull_s:6.2f}s run "
                               f"{r.run_s:6.2f}s registry {_mib(r.registry_bytes)} reads "

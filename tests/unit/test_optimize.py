@@ -376,3 +376,44 @@ def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -
     finally:
         server.stop()
         d.shutdown()
+
+
+def test_blobdev_does_not_push_ahead_while_recording() -> None:
+    """Chunks already in the cache after a read are pushed into the blob file's page cache
+    (other files' data), so their first reads never reach the daemon: while the access pattern
+    is recorded that push is off, and each file's read is seen."""
+    from nydus.daemon.blobdev import BlobDevFs
+    from nydus.fs.metrics import FsIoStats
+    from nydus.fuse import ROOT_ID, RequestContext
+
+    class Device:
+        amplify_io = 32768
+
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def blob_uncompressed_size(self, i: int) -> int:
+            return len(self.data)
+
+        def chunk_span(self, i: int, offset: int, size: int) -> tuple[int, int]:
+            return offset // 8192 * 8192, min(len(self.data), -(-(offset + size) // 8192) * 8192)
+
+        def ready_extent(self, i: int, offset: int, limit: int) -> int:
+            return min(len(self.data), offset + limit)  # everything is in the cache
+
+        def read_range(self, i: int, offset: int, size: int) -> bytes:
+            return self.data[offset : offset + size]
+
+    ctx = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
+    data = os.urandom(8 * 8192)
+    for recording in (False, True):
+        fs = BlobDevFs()
+        pushed: list[tuple[int, int]] = []
+        fs.push = lambda node, off, b, pushed=pushed: pushed.append((off, len(b)))
+        stats = FsIoStats("/", access_pattern=recording)
+        fs.register("s", Device(data), 0, stats)
+        node = fs.lookup(ctx, ROOT_ID, b"s").nodeid
+        assert fs.read(ctx, node, 0, 0, 8192) == data[:8192]
+        assert pushed == ([] if recording else [(8192, 32768)])
+        if recording:
+            assert stats._blob_reads[0][:3] == (0, 0, 8192)

@@ -307,7 +307,8 @@ class BlobDevFs(Operations):
                 push(f.nodeid, lo, data[: offset - lo])
             if hi > end:
                 push(f.nodeid, end, data[end - lo :])
-            if whole:  # hi is where a chunk ends: what follows may already be here
+            recording = stats is not None and stats.access_pattern_enabled  # every file's
+            if whole and not recording:  # reads must reach the pattern: no push-ahead then
                 served += self._push_ready_after(f, dev, hi)
         data = data[offset - lo : end - lo]
         # served: the request and the pages pushed with it (what FUSE RAFS mode counts is
