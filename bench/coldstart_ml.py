@@ -332,6 +332,38 @@ def env_path() -> dict[str, str]:
 # --------------------------------------------------------------------------- rounds
 
 
+class LinkSampler:
+    """Bytes the registry side sent, sampled every ``period`` s from the host end of the veth
+    pair (its rx counter: no subprocess per sample), as ``[(s since start, bytes)]``."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.path = Path(f"/sys/class/net/{fetch.VETH_HOST}/statistics/rx_bytes")
+        self.period = period
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._b0 = self._read()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="link-sampler")
+        self._thread.start()
+
+    def _read(self) -> int:
+        try:
+            return int(self.path.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - self._t0, self._read() - self._b0))
+            self._stop.wait(self.period)
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.monotonic() - self._t0, self._read() - self._b0))
+        return [(round(t, 3), b) for t, b in self.samples]
+
+
 @dataclass
 class MlRound:
     link: str
@@ -348,6 +380,7 @@ class MlRound:
     needed: int | None = None  # lazy: compressed bytes of the chunks the workload read
     warm_run_s: float | None = None  # oci: a second run on the unpacked image
     load: float = 0.0
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s, registry bytes)
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -401,6 +434,7 @@ def ml_round(scenario: str, workload: str, link: str, host: str, img: MlImage, w
     cmd, expect = WORKLOADS[workload]
     try:
         wire0 = veth_bytes() if limited else 0
+        sampler = LinkSampler() if limited else None
         if scenario == "oci":
             ref = f"{host}/{img.oci}"
             t0 = time.monotonic()
@@ -409,10 +443,11 @@ def ml_round(scenario: str, workload: str, link: str, host: str, img: MlImage, w
             _ctr_run(stack, ["run", "--rm", ref, "c1", "/bin/sh", "-c", cmd], expect)
             t2 = time.monotonic()
             wire = veth_bytes() - wire0 if limited else None
+            tl = sampler.stop() if sampler else []
             _ctr_run(stack, ["run", "--rm", ref, "c2", "/bin/sh", "-c", cmd], expect)
             warm = time.monotonic() - t2
             return MlRound(link, scenario, workload, t1 - t0, t2 - t1, t2 - t0, img.oci_bytes,
-                           wire, warm_run_s=warm, load=load)
+                           wire, warm_run_s=warm, load=load, timeline=tl)
         tag = img.opt if scenario == "optimized" else img.nydus
         ref = f"{host}/{tag}"
         t0 = time.monotonic()
@@ -423,10 +458,11 @@ def ml_round(scenario: str, workload: str, link: str, host: str, img: MlImage, w
                  expect)  # no --rm: the daemon's counters and pattern are read after
         t2 = time.monotonic()
         wire = veth_bytes() - wire0 if limited else None
+        tl = sampler.stop() if sampler else []
         ctr = daemon_counters(stack)
         r = MlRound(link, scenario, workload, t1 - t0, t2 - t1, t2 - t0,
                     img.meta[tag] + ctr["backend_bytes"], wire, ctr["reads"],
-                    ctr["backend_requests"], ctr["backend_bytes"], load=load)
+                    ctr["backend_requests"], ctr["backend_bytes"], load=load, timeline=tl)
         return r
     finally:
         stack.stop()
@@ -474,7 +510,14 @@ def summarize(rounds: list[MlRound], img: MlImage, rates: dict[str, int]
     return out
 
 
-def plot(summary: dict[str, dict[str, dict[str, Any]]], stem: Path) -> list[Path]:
+COLORS = {"lazy": "#1b9e77", "prefetch_all": "#d95f02", "optimized": "#7570b3",
+          "oci": "#666666"}
+
+
+def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
+         stem: Path) -> list[Path]:
+    """Per link: for each workload, the pull/run bars of every scenario (medians) and the
+    physical limit; beside them the timeline of bytes the registry sent (first round)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,10 +526,13 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], stem: Path) -> list[Path
     paths = []
     for link, per_wl in summary.items():
         wls = list(per_wl)
-        fig, axes = plt.subplots(len(wls), 1, figsize=(9, 1.2 + 1.6 * len(wls)), squeeze=False)
-        for ax, wl in zip(axes[:, 0], wls, strict=True):
+        fig, axes = plt.subplots(len(wls), 2, figsize=(13, 0.6 + 2.6 * len(wls)),
+                                 squeeze=False, gridspec_kw={"width_ratios": [1, 1]})
+        for row, wl in enumerate(wls):
+            ax, tax = axes[row, 0], axes[row, 1]
             per = per_wl[wl]
             scs = [s for s in SCENARIOS if s in per]
+            top = max(per[s]["total_s"] for s in scs)
             for y, sc in enumerate(scs):
                 v = per[sc]
                 ax.barh(y, v["pull_s"], color="#8da0cb", label="pull" if y == 0 else None)
@@ -496,15 +542,35 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], stem: Path) -> list[Path
             lim = per.get("limit")
             if lim:
                 ax.axvline(lim["total_s"], color="k", ls="--", lw=1,
-                           label=f"physical limit {lim['total_s']:.1f}s")
+                           label=f"physical limit {lim['total_s']:.2f}s")
+            ax.set_xlim(0, top * 1.15)
             ax.set_yticks(range(len(scs)), scs)
             ax.invert_yaxis()
-            ax.set_title(f"{wl}: {WORKLOADS[wl][0]}  ({link})", fontsize=9)
-            ax.set_xlabel("seconds from pull start")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.set_title(f"{wl} ({link}): {WORKLOADS[wl][0]}", fontsize=9)
+            ax.set_xlabel("seconds from pull start (median)")
+            ax.legend(fontsize=7, loc="upper right")
+            for sc in scs:
+                r = next((r for r in rounds if (r.link, r.workload, r.scenario) ==
+                          (link, wl, sc) and r.timeline), None)
+                if r is None:
+                    continue
+                ts = [t for t, _b in r.timeline]
+                bs = [b / 2**20 for _t, b in r.timeline]
+                tax.plot(ts, bs, color=COLORS[sc], label=sc, lw=1.4)
+                tax.axvline(r.pull_s, color=COLORS[sc], ls=":", lw=0.8)
+            nyd = [per[s]["total_s"] for s in scs if s != "oci"]
+            right = min(top * 1.05, 2.5 * max(nyd)) if nyd else top * 1.05
+            tax.set_xlim(0, right)
+            if right < top:
+                tax.text(0.99, 0.02, f"(oci goes on to {per['oci']['total_s']:.0f}s)",
+                         transform=tax.transAxes, ha="right", fontsize=7)
+            tax.set_ylabel("MiB sent by the registry")
+            tax.set_xlabel("seconds from pull start (round 0; dotted: pull done)")
+            tax.set_title(f"{wl} ({link}): registry bytes over time", fontsize=9)
+            tax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         p = stem.parent / f"{stem.name}-{link.replace(' ', '')}.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)
     return paths
@@ -646,7 +712,7 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"coldstart-{dt.date.today():%Y-%m-%d}-ml"
-    pngs = plot(summary, stem)
+    pngs = plot(summary, rounds, stem)
     text = report(args, img, rounds, summary, pngs, (loads0, os.getloadavg()[0]))
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({
