@@ -165,3 +165,39 @@ def test_nydusify_optimize(registry_plain: registry.RegistryServer, tmp_path: Pa
                    f"{host}/opt:x", "--prefetch-files", str(lst), "--work-dir", work])
     err = capsys.readouterr().err
     assert rc != 0 and "not a Nydus image" in err and "Traceback" not in err
+
+
+def test_convert_prefetch_patterns_places_listed_files_first(
+        registry_plain: registry.RegistryServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``nydusify convert --prefetch-patterns`` (the list on stdin): the prefetch table lists
+    the files, and in each layer's blob their chunks come before every other chunk."""
+    import sys
+
+    rng = random.Random(3)
+    base = {f"lib/l{i}": rng.randbytes(rng.randrange(1, 600_000)) for i in range(10)}
+    app = {f"app/m{i}": rng.randbytes(rng.randrange(1, 300_000)) for i in range(10)}
+    oi.write_layout(tmp_path / "oci", "1", [_layer(base), _layer(app)])
+    host = registry_plain.host
+    oi.skopeo_push(tmp_path / "oci", "1", f"{host}/pp:1")
+    listed = ["/app/m8", "/lib/l9", "/lib/l4"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(listed) + "\n"))
+    work = tmp_path / "w"
+    rc = nydusify(["convert", "--source", f"{host}/pp:1", "--target", f"{host}/pp:1-nydus",
+                   "--prefetch-patterns", "--work-dir", str(work), "--fs-chunk-size",
+                   "0x10000"])
+    assert rc == 0, capsys.readouterr().err
+    last = sorted(os.listdir(work / "bootstraps"))[-1]
+    with open_bootstrap(str(work / "bootstraps" / last)) as md:
+        assert sorted(md.prefetch_nids()) == sorted(md.resolve(p) for p in listed)
+        hot: dict[int, list[int]] = {}
+        cold: dict[int, list[int]] = {}
+        for path, nid in md.walk():
+            if not md.getattr(nid).is_reg:
+                continue
+            side = hot if path.decode() in listed else cold
+            for c in md.chunks(nid):
+                side.setdefault(c.blob_index, []).append(c.compressed_offset)
+        assert sorted(hot) == [0, 1]  # both layers have listed files
+        for blob, offs in hot.items():
+            assert max(offs) < min(cold[blob]), f"blob {blob}: a listed chunk comes late"
