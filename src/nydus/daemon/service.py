@@ -265,7 +265,7 @@ class Nydusd:
         """Why this image wants FUSE RAFS mode when the daemon default is erofs ('' if not)."""
         cfg = im.config
         if cfg.iostats_files or cfg.latest_read_files:  # access_pattern: blob reads, mapped
-            return ("per-file metrics (iostats_files, latest_read_files) need fusedev")
+            return "per-file metrics (iostats_files, latest_read_files) need fusedev"
         if self.opts.supervisor:
             return "a supervised daemon (fd failover) serves fusedev"
         return ""
