@@ -88,6 +88,8 @@ def _overlay(lowers: list[Path], upper: Path, work: Path, merged: Path) -> Itera
             subprocess.run(["umount", "-l", str(d)], check=False)
         subprocess.run(["umount", str(merged)], check=False)
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            merged.rmdir()  # only once unmounted and empty
 
 
 def _strip(root: Path) -> None:
