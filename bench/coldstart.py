@@ -4,6 +4,7 @@ bandwidth-limited links.
 
     .venv/bin/python bench/coldstart.py                    # loopback, 1000 and 100 Mbit/s, 3 rounds
     .venv/bin/python bench/coldstart.py --rates 1000 --rounds 5 --no-loopback
+    .venv/bin/python bench/coldstart.py --image ml --rounds 1     # issue 17: bench/coldstart_ml.py
 
 The image is the Debian-based test image (``debootstrap --variant=minbase`` of bookworm plus
 python3, perl, git, curl, ...; the rootfs tarball is cached in /var/tmp/nydus-e2e and shared
@@ -393,7 +394,15 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rates", default="1000,100", help="limited links in Mbit/s (comma list)")
+    ap.add_argument("--rates", default=None,
+                    help="limited links in Mbit/s (comma list; default 1000,100, ml 1000,200)")
+    ap.add_argument("--image", choices=["debian", "ml"], default="debian",
+                    help="ml: the 1.3 GB ML image of issue 17 (bench/coldstart_ml.py)")
+    ap.add_argument("--scenarios", default="lazy,prefetch_all,optimized,oci",
+                    help="ml: scenarios to run (comma list)")
+    ap.add_argument("--workloads", default="W1,W2", help="ml: workloads (comma list)")
+    ap.add_argument("--rtt-ms", type=float, default=2.0,
+                    help="ml: round-trip time the delay proxy adds on the limited links")
     ap.add_argument("--no-loopback", action="store_true")
     ap.add_argument("--methods", default="nydus,oci")
     ap.add_argument(
@@ -403,11 +412,25 @@ def main() -> int:
         help="how the Nydus image is pulled: stock ctr image pull through the snapshotter's "
         "content store (default), or nydus-pull",
     )
-    ap.add_argument("--work", type=Path, default=Path("/var/tmp/nydus-bench-coldstart"))
+    ap.add_argument("--work", type=Path, default=None,
+                    help="default /var/tmp/nydus-bench-coldstart[-ml]")
     args = ap.parse_args()
+    ml = args.image == "ml"
+    args.rates = args.rates if args.rates is not None else ("1000,200" if ml else "1000,100")
+    args.work = args.work or Path("/var/tmp/nydus-bench-coldstart" + ("-ml" if ml else ""))
     why = containerd_skip_reason()
     if why:
         sys.exit(f"coldstart: {why}")
+    if ml:
+        import coldstart_ml
+
+        handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+        try:
+            return coldstart_ml.main_ml(args, veth_bytes, fetch_free_port)
+        finally:
+            fetch.teardown_link()
+            signal.signal(signal.SIGTERM, handler)
     args.work.mkdir(parents=True, exist_ok=True)
     storage, img = prepare_image(args.work)
     methods = [m for m in args.methods.split(",") if m]

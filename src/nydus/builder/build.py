@@ -114,6 +114,7 @@ def _prefetch_order(root: Node, paths: list[bytes]) -> tuple[list[Node], list[No
     table: list[Node] = []
     first: list[Node] = []
     seen: set[int] = set()
+    listed: set[int] = set()
     for p in paths:
         node: Node | None = root
         for part in p.strip(b"/").split(b"/"):
@@ -125,6 +126,9 @@ def _prefetch_order(root: Node, paths: list[bytes]) -> tuple[list[Node], list[No
                 break
         if node is None:
             continue  # upstream ignores missing prefetch entries
+        if id(node) in listed:
+            continue  # listed twice: the first place counts
+        listed.add(id(node))
         table.append(node)
         for _sub, n in iter_tree(node):
             if n.is_reg and id(n) not in seen:

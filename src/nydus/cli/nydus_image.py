@@ -121,7 +121,20 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("-D", "--blob-dir")
     u.add_argument("--blob")
     u.add_argument("--output", required=True)
+    _optimize_parser(sub, common)
     return p
+
+
+def _optimize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    o = sub.add_parser("optimize", parents=[common], help="a prefetch blob with the listed "
+                       "files' chunks and a bootstrap whose prefetch table lists them")
+    o.add_argument("-p", "--prefetch-files", required=True, metavar="LIST",
+                   help="file list, one path a line (or an access-pattern JSON)")
+    o.add_argument("-B", "--bootstrap", required=True)
+    o.add_argument("-D", "--blob-dir", required=True, help="the image's blobs (by blob id)")
+    o.add_argument("-O", "--output-bootstrap", required=True)
+    o.add_argument("--output-blob-dir", help="where the prefetch blob goes (default -D)")
+    o.add_argument("-J", "--output-json", help='{"blobs": [...]}: the last is the new blob')
 
 
 def _emit_json(path: str | None, data: Any) -> None:
@@ -372,8 +385,51 @@ def cmd_unpack(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from ..builder.optimize import chunk_info_of, optimize_image, read_prefetch_list
+    from ..fs.localblobs import LocalBlobChunks
+
+    try:
+        with open(a.prefetch_files, encoding="utf-8", errors="surrogateescape") as f:
+            paths = read_prefetch_list(f.read())
+    except OSError as e:
+        raise ConfigError(f"--prefetch-files {a.prefetch_files}: {e.strerror}") from None
+    out_dir = a.output_blob_dir or a.blob_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open_bootstrap(a.bootstrap) as md:
+        chunks = LocalBlobChunks(a.blob_dir, md.blobs)
+        h = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=".optimize-", dir=out_dir)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                class _Sink:
+                    def write(self, b: bytes, /) -> int:
+                        h.update(b)
+                        return raw.write(b)
+
+                res = optimize_image(
+                    md, paths, lambda c: chunks.read_chunks([chunk_info_of(c)])[0], _Sink(),
+                    blob_id=lambda: h.hexdigest())
+            if res.blob is not None:
+                os.replace(tmp, os.path.join(out_dir, h.hexdigest()))
+        finally:
+            chunks.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        ids = [b.blob_id for b in md.blobs] + ([h.hexdigest()] if res.blob else [])
+    with open(a.output_bootstrap, "wb") as out:
+        out.write(res.bootstrap)
+    _emit_json(a.output_json, {"blobs": ids, "prefetch_files": res.files,
+                               "missing": res.missing})
+    print(f"prefetch blob {h.hexdigest() if res.blob else '(none)'}: {res.files} files, "
+          f"{res.bytes} bytes; prefetch table {res.table} entries; {len(res.missing)} listed "
+          f"paths not in the image")
+    return 0
+
+
 COMMANDS = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check,
-            "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack}
+            "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack,
+            "optimize": cmd_optimize}
 
 
 def main(argv: list[str] | None = None) -> int:

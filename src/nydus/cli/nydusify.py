@@ -4,6 +4,8 @@
     nydusify check   --source REF --target REF
     nydusify mount   --target REF --mount-path DIR
     nydusify copy    --source REF --target REF|file://PATH
+    nydusify optimize --source REF --target REF --prefetch-files LIST
+    nydusify access-pattern --snapshotter-root DIR|--apisock SOCK --output LIST
 
 Parses flags, builds options, calls :mod:`nydus.convert`, prints results and maps NydusError
 families to exit codes. Flags upstream has but that mean nothing here (``--nydus-image``: the
@@ -143,7 +145,35 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--platform", help="OS/ARCH[/VARIANT][,...]")
     y.add_argument("--push-chunk-size", type=_int, default=0,
                    help="upload in chunks of this many bytes (0: client default)")
+    _optimize_parsers(sub)
     return p
+
+
+def _optimize_parsers(sub: Any) -> None:
+    """``optimize`` (upstream's flags) and ``access-pattern`` (ours: exports a recording)."""
+    o = sub.add_parser("optimize", help="rebuild a Nydus image for an access pattern: a "
+                       "prefetch blob with the listed files' chunks, and a prefetch table")
+    o.add_argument("--source", required=True, help="source Nydus image reference")
+    o.add_argument("--target", required=True, help="target image reference")
+    _common(o)
+    o.add_argument("--policy", default="separated-blob-with-prefetch-files",
+                   help="optimization policy (only separated-blob-with-prefetch-files)")
+    o.add_argument("--prefetch-files", required=True, metavar="LIST",
+                   help="file list, one path a line (or an access-pattern JSON; - for stdin)")
+    o.add_argument("--nydus-image", help="accepted for compatibility: the builder is in-process")
+    o.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
+    o.add_argument("--output-json", help="write a JSON report here")
+    r = sub.add_parser("access-pattern", help="export a recorded access pattern (daemons "
+                       "configured with access_pattern) as a prefetch list file")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--snapshotter-root", help="the snapshotter's --root: every daemon of it")
+    src.add_argument("--apisock", help="one nydusd's API socket")
+    r.add_argument("--image", help="with --snapshotter-root: only this image reference")
+    r.add_argument("--id", help="with --apisock: the image's mount path in the daemon")
+    r.add_argument("--output", required=True, help="the prefetch list (one path a line)")
+    r.add_argument("--output-json", help="also the pattern entries (with ranges) as JSON")
+    r.add_argument("--log-level", dest="sub_log_level", default=None,
+                   choices=["trace", "debug", "info", "warn", "error"])
 
 
 def _docker_config() -> str:
@@ -297,7 +327,50 @@ def cmd_copy(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "check": cmd_check, "mount": cmd_mount, "copy": cmd_copy}
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from ..builder.optimize import read_prefetch_list
+    from ..convert.optimize import OptimizeOptions, optimize
+    from ..convert.remote import Remote
+
+    if a.nydus_image:
+        log.debug("--nydus-image %s ignored: the builder runs in-process", a.nydus_image)
+    try:
+        if a.prefetch_files == "-":
+            text = sys.stdin.read()
+        else:
+            with open(a.prefetch_files, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+    except OSError as e:
+        raise ConfigError(f"--prefetch-files {a.prefetch_files}: {e.strerror}") from None
+    plats = _platforms(a.platform)
+    opts = OptimizeOptions(prefetch_files=read_prefetch_list(text), work_dir=a.work_dir,
+                           policy=a.policy, platform=plats[0] if plats else None)
+    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
+    dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http))
+    try:
+        rep = optimize(src, dst, opts, log.info)
+    finally:
+        src.close()
+        dst.close()
+    print(rep.summary())
+    _emit_json(a.output_json, rep.to_json())
+    return 0
+
+
+def cmd_access_pattern(a: argparse.Namespace) -> int:
+    from ..convert.pattern import daemon_pattern, snapshotter_patterns, write_pattern
+
+    if a.apisock:
+        entries = daemon_pattern(a.apisock, a.id)
+    else:
+        entries = snapshotter_patterns(a.snapshotter_root, a.image)
+    n = write_pattern(entries, a.output, a.output_json)
+    print(f"{n} files in first-access order written to {a.output}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "check": cmd_check, "mount": cmd_mount, "copy": cmd_copy,
+            "optimize": cmd_optimize, "access-pattern": cmd_access_pattern}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,7 +307,8 @@ class BlobDevFs(Operations):
                 push(f.nodeid, lo, data[: offset - lo])
             if hi > end:
                 push(f.nodeid, end, data[end - lo :])
-            if whole:  # hi is where a chunk ends: what follows may already be here
+            recording = stats is not None and stats.access_pattern_enabled  # every file's
+            if whole and not recording:  # reads must reach the pattern: no push-ahead then
                 served += self._push_ready_after(f, dev, hi)
         data = data[offset - lo : end - lo]
         # served: the request and the pages pushed with it (what FUSE RAFS mode counts is
@@ -316,6 +317,7 @@ class BlobDevFs(Operations):
         f.bytes_read += served
         if stats is not None:
             stats.record(StatsFop.READ, 0, True, served, (time.monotonic_ns() - t0) // 1000)
+            stats.record_blob_read(f.index, offset, size)  # access pattern (fs/chunkmap.py)
         return data
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:

@@ -282,9 +282,8 @@ class Nydusd:
     def _needs_fuse(self, im: ImageMount) -> str:
         """Why this image wants FUSE RAFS mode when the daemon default is erofs ('' if not)."""
         cfg = im.config
-        if cfg.iostats_files or cfg.access_pattern or cfg.latest_read_files:
-            return ("per-file metrics/access pattern (iostats_files, access_pattern, "
-                    "latest_read_files) need fusedev")
+        if cfg.iostats_files or cfg.latest_read_files:  # access_pattern: blob reads, mapped
+            return "per-file metrics (iostats_files, latest_read_files) need fusedev"
         if self.opts.supervisor:
             return "a supervised daemon (fd failover) serves fusedev"
         return ""

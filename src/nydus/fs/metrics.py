@@ -5,6 +5,13 @@ when ``iostats_files``; or the inodes read since the last query with ``latest=tr
 ``/metrics/pattern`` (access pattern, when ``access_pattern``) return. Counters are indexed by
 :class:`StatsFop` in upstream's order, so ``fop_hits[4]`` is READ in both implementations.
 
+Access pattern: upstream's entries (``ino``, ``file_path``, ``nr_read``, first access time) in
+first-access order, plus ``ranges`` (``[[offset, length], ...]``, merged) and ``bytes_read``: what
+of each file was read. FUSE RAFS mode records file reads directly (:meth:`FsIoStats.record` with
+``offset``); kernel EROFS mode records blob-device reads (:meth:`FsIoStats.record_blob_read`),
+which the export maps back to files through ``blob_resolver`` (the chunk → file reverse mapping,
+:mod:`nydus.fs.chunkmap`).
+
 Threading contract: every method is thread-safe (one lock; updates are a few integer adds).
 """
 
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-__all__ = ["StatsFop", "FsIoStats", "size_bucket", "latency_bucket"]
+__all__ = ["StatsFop", "FsIoStats", "size_bucket", "latency_bucket", "merge_ranges"]
 
 
 class StatsFop(IntEnum):
@@ -97,6 +104,39 @@ class _Pattern:
     nr_read: int = 0
     first_access_time_secs: int = 0
     first_access_time_nanos: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) file ranges
+
+    def add_range(self, lo: int, hi: int) -> None:
+        r = self.ranges
+        if r and r[-1][0] <= hi and lo <= r[-1][1]:
+            r[-1] = (min(lo, r[-1][0]), max(hi, r[-1][1]))
+            return
+        r.append((lo, hi))
+        if len(r) > _MAX_RANGES:
+            self.ranges = merge_ranges(r)
+
+    def merged(self) -> list[tuple[int, int]]:
+        self.ranges = merge_ranges(self.ranges)
+        return self.ranges
+
+
+_MAX_RANGES = 256  # per file, before an in-place merge
+_MAX_BLOB_READS = 1 << 20  # blob-device reads waiting for the export (beyond: coalesced)
+
+# (blob index, offset, size) -> [(ino, path, file offset, length)]
+BlobResolver = Callable[[int, int, int], list[tuple[int, str, int, int]]]
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges with overlapping and touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 class FsIoStats:
@@ -110,6 +150,7 @@ class FsIoStats:
         access_pattern: bool = False,
         latest_read_files: bool = False,
         path_of: Callable[[int], str] | None = None,
+        blob_resolver: BlobResolver | None = None,
     ) -> None:
         self.id = fs_id
         self.files_enabled = files_enabled
@@ -125,9 +166,14 @@ class FsIoStats:
         self._files: dict[int, _Counters] = {}
         self._patterns: dict[int, _Pattern] = {}
         self._latest: set[int] = set()
+        self.blob_resolver = blob_resolver
+        # blob-device reads not yet mapped to files: (blob, offset, size, time ns)
+        self._blob_reads: list[tuple[int, int, int, int]] = []
 
-    def record(self, fop: StatsFop, ino: int, ok: bool, size: int = 0, micros: int = 0) -> None:
-        """Account one operation on ``ino``; ``size`` is bytes read (READ only)."""
+    def record(self, fop: StatsFop, ino: int, ok: bool, size: int = 0, micros: int = 0,
+               offset: int = -1) -> None:
+        """Account one operation on ``ino``; ``size`` is bytes read (READ only), ``offset``
+        where the read started (READ; for the access pattern's ranges)."""
         now = time.time_ns()
         with self._lock:
             self.last_fop_tp = now // 1_000_000_000
@@ -149,8 +195,52 @@ class FsIoStats:
                         p.first_access_time_secs, p.first_access_time_nanos = divmod(
                             now, 1_000_000_000)
                     p.nr_read += 1
+                    if offset >= 0 and size > 0:
+                        p.add_range(offset, offset + size)
                 if self.latest_read_files_enabled and ino:
                     self._latest.add(ino)
+
+    def record_blob_read(self, blob_index: int, offset: int, size: int) -> None:
+        """A blob-device read (kernel EROFS mode), for the access pattern: mapped to files
+        when the pattern is exported."""
+        if not self.access_pattern_enabled or size <= 0:
+            return
+        now = time.time_ns()
+        with self._lock:
+            reads = self._blob_reads
+            if reads:
+                b, o, n, t = reads[-1]
+                if b == blob_index and o + n == offset:  # sequential: one entry
+                    reads[-1] = (b, o, n + size, t)
+                    return
+            if len(reads) >= _MAX_BLOB_READS:
+                return  # the pattern is a hint; a runaway workload does not grow it further
+            reads.append((blob_index, offset, size, now))
+
+    def _resolve_blob_reads(self) -> None:
+        """Map the pending blob-device reads to files (outside the lock: building the reverse
+        mapping walks the image) and merge them into the per-file patterns."""
+        resolver = self.blob_resolver
+        if resolver is None:
+            return
+        with self._lock:
+            pending, self._blob_reads = self._blob_reads, []
+        if not pending:
+            return
+        mapped = [(t, resolver(b, o, n)) for b, o, n, t in pending]
+        with self._lock:
+            for t, franges in mapped:
+                touched: set[int] = set()
+                for ino, path, foff, length in franges:
+                    p = self._patterns.get(ino)
+                    if p is None:
+                        p = self._patterns[ino] = _Pattern(ino, path)
+                        p.first_access_time_secs, p.first_access_time_nanos = divmod(
+                            t, 1_000_000_000)
+                    if ino not in touched:
+                        touched.add(ino)
+                        p.nr_read += 1
+                    p.add_range(foff, foff + length)
 
     # ------------------------------------------------------------------ export
 
@@ -196,6 +286,7 @@ class FsIoStats:
 
     def export_patterns(self) -> list[dict[str, Any]]:
         """Read files in first-access order: the input for a prefetch list."""
+        self._resolve_blob_reads()
         with self._lock:
             items = sorted(
                 self._patterns.values(),
@@ -203,11 +294,11 @@ class FsIoStats:
             )
             snapshot = [
                 (p.ino, p.file_path, p.nr_read, p.first_access_time_secs,
-                 p.first_access_time_nanos)
+                 p.first_access_time_nanos, list(p.merged()))
                 for p in items
             ]
         out = []
-        for ino, path, nr, secs, nanos in snapshot:
+        for ino, path, nr, secs, nanos, ranges in snapshot:
             if not path:
                 path = self._path_of(ino)
                 with self._lock:
@@ -216,5 +307,7 @@ class FsIoStats:
             out.append({
                 "ino": ino, "file_path": path, "nr_read": nr,
                 "first_access_time_secs": secs, "first_access_time_nanos": nanos,
+                "ranges": [[lo, hi - lo] for lo, hi in ranges],
+                "bytes_read": sum(hi - lo for lo, hi in ranges),
             })
         return out

@@ -35,6 +35,7 @@ from typing import Protocol, TypeVar
 
 from ..errors import BackendError, FormatError, NotFoundError, NydusError
 from ..metadata import ChunkInfo, Inode, RafsMetadata
+from .chunkmap import ChunkFileMap
 from .metrics import FsIoStats, StatsFop
 
 __all__ = [
@@ -167,7 +168,9 @@ class RafsFs:
             self.opts.id, files_enabled=self.opts.iostats_files,
             access_pattern=self.opts.access_pattern,
             latest_read_files=self.opts.latest_read_files, path_of=self.path_of,
+            blob_resolver=self.blob_range_files,
         )
+        self._chunk_map: ChunkFileMap | None = None
         self._max_ino = self._compute_max_ino()
         self.getattr(ROOT_INO)  # validates the root
 
@@ -382,6 +385,19 @@ class RafsFs:
                 self._files.popitem(last=False)
         return f
 
+    def blob_range_files(self, blob_index: int, offset: int,
+                         size: int) -> list[tuple[int, str, int, int]]:
+        """``(ino, path, file offset, length)`` of the file ranges a blob range holds (the
+        access pattern of kernel EROFS mode; the reverse mapping is built on first use)."""
+        with self._lock:
+            cmap = self._chunk_map
+        if cmap is None:
+            cmap = ChunkFileMap(self.meta)
+            with self._lock:
+                self._chunk_map = self._chunk_map or cmap
+        return [(self.ino_of(r.nid), r.path, r.offset, r.length)
+                for r in cmap.files_in(blob_index, offset, size)]
+
     def chunks_of(self, ino: int) -> list[ChunkInfo]:
         return list(self._file(ino).chunks)
 
@@ -393,7 +409,8 @@ class RafsFs:
         except BaseException:
             self.stats.record(StatsFop.READ, ino, False)
             raise
-        self.stats.record(StatsFop.READ, ino, True, n, (time.perf_counter_ns() - t0) // 1000)
+        self.stats.record(StatsFop.READ, ino, True, n, (time.perf_counter_ns() - t0) // 1000,
+                          offset)
         return bufs
 
     def _read(self, ino: int, offset: int, size: int) -> tuple[list[bytes | memoryview], int]:
