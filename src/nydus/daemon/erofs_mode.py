@@ -11,8 +11,9 @@ blob cache, its local ``<blob_id>.blob.data`` file (native: no daemon in the pat
 Choosing the driver (:func:`resolve_driver`): the config's ``fs_driver`` (or the API mount body's
 ``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``erofs``). The default
 gives way to fusedev, said in the log, where only FUSE RAFS mode can do what was asked: per-file
-metrics or the access pattern (``iostats_files``, ``access_pattern``, ``latest_read_files``: the
-kernel serves files without telling the daemon) and a daemon under a supervisor (fd-handoff
+metrics (``iostats_files``, ``latest_read_files``: the kernel serves files without telling the
+daemon; the access pattern works in both modes, from blob-device reads mapped back to files in
+this one) and a daemon under a supervisor (fd-handoff
 failover hands over a /dev/fuse connection; kernel EROFS mounts cannot be handed over). RAFS v5
 bootstraps are not EROFS images and always use fusedev; so does a daemon in upgrade (takeover)
 mode. A kernel without EROFS (ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to
