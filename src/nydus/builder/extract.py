@@ -74,10 +74,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPAQUE = b".wh..wh..opq"
 _NEVER_SET_XATTRS = (b"trusted.overlay.", b"user.overlay.")
 _MAX_NS = (1 << 63) - 1
+MAX_SYMLINK = 4095  # bytes of a symlink target (PATH_MAX - 1)
+MAX_MAJOR, MAX_MINOR = 0xFFF, 0xFFFFF  # what Linux's dev_t encoding keeps
 # errno values an entry of the tar causes (anything else is the host's trouble: ENOSPC, EIO)
 _CONTENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP,
                    errno.ENAMETOOLONG, errno.EPERM, errno.EINVAL, errno.EMLINK,
-                   errno.ENOTEMPTY, errno.EXDEV, errno.E2BIG, errno.ERANGE}
+                   errno.ENOTEMPTY, errno.EXDEV, errno.E2BIG, errno.ERANGE, errno.EFBIG}
 _IGNORED_XATTR_ERRNOS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES}
 
 
@@ -212,6 +214,9 @@ class _Applier:
         try:
             fd = self.rd.open_dir(key, create=True, on_create=self._created)
         except OSError as err:
+            if err.errno == errno.ENOTDIR:
+                raise FormatError(f"tar entry at {e.offset}: {e.name[:200]!r} lies below an "
+                                  f"entry that is not a directory") from None
             raise self._error(e, err, "cannot make its parent directory") from None
         dkey = self._dir_key(fd)
         self._cache = (key, fd, dkey)
@@ -287,6 +292,9 @@ class _Applier:
         if not e.linkname:
             raise FormatError(f"tar entry at {e.offset}: symlink {e.name[:200]!r} has an "
                               f"empty target")
+        if len(e.linkname) > MAX_SYMLINK:
+            raise FormatError(f"tar entry at {e.offset}: symlink {e.name[:200]!r} target "
+                              f"longer than {MAX_SYMLINK} bytes")
         os.symlink(e.linkname, name, dir_fd=pfd)
         self._attrs_at(pfd, name, e, chmod=False)
 
@@ -306,7 +314,7 @@ class _Applier:
             raise FormatError(f"tar entry at {e.offset}: {what}: target missing") from None
         except PermissionError:
             if (st := lstat_at(tfd, tparts[-1])) is not None and stat.S_ISDIR(st.st_mode):
-                raise FormatError(f"tar entry at {e.offset}: {what}: target is a "
+                raise FormatError(f"tar entry at {e.offset}: {what}: the target names a "
                                   f"directory") from None
             raise
         finally:
@@ -320,11 +328,10 @@ class _Applier:
             self.skipped += 1
             return False
         kind = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}[e.kind]
-        try:
-            dev = os.makedev(e.devmajor, e.devminor) if e.kind != FIFO else 0
-        except (OverflowError, ValueError):
+        if e.kind != FIFO and (e.devmajor > MAX_MAJOR or e.devminor > MAX_MINOR):
             raise FormatError(f"tar entry at {e.offset}: device {e.devmajor}:{e.devminor} "
-                              f"does not fit") from None
+                              f"does not fit Linux's device numbers")
+        dev = os.makedev(e.devmajor, e.devminor) if e.kind != FIFO else 0
         os.mknod(name, kind | 0o600, dev, dir_fd=pfd)
         self._attrs_at(pfd, name, e, chmod=True)
         return True
@@ -332,6 +339,10 @@ class _Applier:
     # ------------------------------------------------------------------ attributes
 
     def _xattrs(self, e: TarEntry, set_one: Callable[[bytes, bytes], None]) -> None:
+        total = sum(len(k) + len(v) + 4 for k, v in e.xattrs.items())
+        if total > self.limits.max_xattr_bytes:
+            raise FormatError(f"tar entry at {e.offset}: xattrs larger than "
+                              f"{self.limits.max_xattr_bytes} bytes")
         for key, value in e.xattrs.items():
             if key.startswith(_NEVER_SET_XATTRS):
                 self._warn_once("ovl", "overlay xattrs in a layer are not set: %r", key)
