@@ -24,8 +24,9 @@ container sees when the layer is unpacked onto its parents:
   times of the shared inode, which is inside the root by construction.
 - ``.wh.NAME`` removes ``NAME`` (of the lower layers: an entry this layer created is kept, as
   the OCI spec says); ``.wh..wh..opq`` empties its directory of everything this layer did not
-  create (in any order: markers after the children work); other ``.wh..wh.*`` names (AUFS
-  metadata) are skipped with a warning. A whiteout naming ``.``, ``..`` or nothing is a
+  create (in any order: markers after the children work); other ``.wh..wh.*`` names and
+  whatever lies below a top-level one (AUFS metadata, e.g. ``.wh..wh.plnk/``) are skipped
+  with a warning. A whiteout naming ``.``, ``..`` or nothing is a
   FormatError.
 - ownership (``lchown``), xattrs (after the chown, so ``security.capability`` survives;
   ``ENOTSUP``/``EPERM`` are warnings as in containerd; the overlay's own
@@ -237,6 +238,10 @@ class _Applier:
                 raise FormatError(f"tar entry at {e.offset}: the root must be a directory")
             return  # containerd ignores the root's own entry
         name = parts[-1]
+        if parts[0].startswith(b".wh..wh.") and name != _OPAQUE:
+            self._warn_once("aufs", "AUFS metadata entries skipped: %r", e.name)
+            self.skipped += 1
+            return  # /.wh..wh.plnk and the like, as containerd
         pfd, pkey = self._parent(parts, e)
         if name.startswith(b".wh."):
             self._whiteout(pfd, pkey, name, e)
