@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import oci_images as oi
+from hostile_tars import end, entry, pax
 from nydus.builder.extract import extract_layer
 from nydus.builder.inroot import RootDir, openat2_available
 from nydus.errors import FormatError, IntegrityError, NotFoundError
@@ -163,7 +164,6 @@ def test_opaque_directories(tmp_path: Path, walk: bool) -> None:
 def test_bad_whiteouts(tmp_path: Path) -> None:
     for name in (b"d/.wh.", b"d/.wh..", b"d/.wh..."):
         with pytest.raises(FormatError, match="names no file"):
-            from hostile_tars import end, entry
             extract_layer(io.BytesIO(entry(name) + end()), tmp_path)
 
 
@@ -236,7 +236,6 @@ def test_devices_fifos_owners_xattrs(tmp_path: Path) -> None:
         T("symlink", "s", target="ping", uid=3, gid=4),
     ])
     # security.capability as a binary PAX record, after the file's chown
-    from hostile_tars import end, entry, pax
     tar = tar[: tar.rfind(b"\0" * 1024)].rstrip(b"\0")
     tar += bytes(-len(tar) % 512)
     tar += pax([(b"SCHILY.xattr.security.capability", cap)]) + entry(
@@ -293,3 +292,15 @@ def test_missing_root_and_corrupt_stream(tmp_path: Path) -> None:
     blob = oi.layer([T("file", "f", b"x" * 5000)], "gzip").blob
     with pytest.raises(FormatError, match="gzip"):
         extract_layer(io.BytesIO(blob[: len(blob) // 2]), tmp_path)
+
+
+def test_not_root_leaves_owners_and_skips_devices(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like tar without --same-owner (and containerd in a user namespace)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    layer = oi.layer([T("chr", "null", dev=(1, 3)), T("fifo", "p"),
+                      T("file", "f", b"x", uid=4242, gid=4242)])
+    res = extract_layer(io.BytesIO(layer.blob), tmp_path)
+    assert res.skipped == 1 and _names(tmp_path) == ["f", "p"]
+    st = os.lstat(tmp_path / "f")
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())

@@ -508,15 +508,17 @@ def _spooled(data: bytes | Iterable[bytes], digest: str) -> Iterator[BinaryIO]:
     anonymous temporary file as they come (a layer is never held whole in memory)."""
     h = hashlib.sha256()
     if isinstance(data, bytes | bytearray):
-        h.update(data)
         f: BinaryIO = io.BytesIO(data)
     else:
         f = tempfile.TemporaryFile(prefix="nydus-layer-")  # noqa: SIM115 - closed below
-        for piece in data:
-            h.update(piece)
-            f.write(piece)
-        f.seek(0)
     try:
+        if isinstance(data, bytes | bytearray):
+            h.update(data)
+        else:
+            for piece in data:
+                h.update(piece)
+                f.write(piece)
+            f.seek(0)
         got = "sha256:" + h.hexdigest()
         if got != digest:
             raise IntegrityError(f"layer {digest}: fetched data has {got}")
