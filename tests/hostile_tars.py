@@ -8,18 +8,32 @@ computes a valid checksum unless told otherwise.
 a fraction of a second). Each case says what the builder must do: ``"ok"`` (a correct image;
 ``paths`` are then checked to exist in it, ``absent`` not to), or ``"error"`` with a substring
 of the FormatError message. The suite runs every case through ``nydus-image create`` and
-checks time, memory and that nothing is written outside the output paths.
+checks time, memory and that nothing is written outside the output paths; nydusify's layer
+reader (``convert/rootfs.py``) and the layer extractor (``builder/extract.py``, which writes
+to disk: the snapshotter's unpacker uses it) run the corpus too.
+
+The ``slip-*`` cases try to write outside an extraction root (tar-slip): through symlinks and
+hard links the same tar made, absolute and relative (``..``) symlink chains, whiteouts and
+opaque markers through a symlinked directory. They aim at ``outside`` (an absolute directory,
+by default one that should not exist) and, relatively, at ``../<basename of outside>``: the
+extractor's test puts its root next to a sentinel tree there and checks the sentinel is left
+byte, mode and owner identical. The extractor resolves every path inside its root, as
+containerd does, so most of them apply *inside* the root: ``apply`` (with ``apply_match``)
+gives its outcome where it differs from the builder's and ``apply_paths`` what must exist
+under the root then.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zstandard
 
-__all__ = ["Case", "end", "entry", "gnu_long", "header", "hostile_cases", "pax", "BLOCK"]
+__all__ = ["BLOCK", "DEFAULT_OUTSIDE", "Case", "end", "entry", "gnu_long", "header",
+           "hostile_cases", "pax"]
 
 BLOCK = 512
 
@@ -129,6 +143,13 @@ class Case:
     match: str = ""  # substring of the error message
     paths: list[str] = field(default_factory=list)  # must exist in the built image
     absent: list[str] = field(default_factory=list)  # must not exist in it
+    apply: str = ""  # the extractor's outcome where it differs from ``expect`` (or "either")
+    apply_match: str = ""  # substring of its FormatError message
+    apply_paths: list[str] | None = None  # must exist under the extraction root (default paths)
+
+    @property
+    def apply_expect(self) -> str:
+        return self.apply or self.expect
 
 
 def _dir(name: bytes, **kw: object) -> bytes:
@@ -162,7 +183,75 @@ def _many_entries(n: int) -> bytes:
     return b"".join(parts)
 
 
-def hostile_cases() -> list[Case]:
+DEFAULT_OUTSIDE = b"/tmp/nydus-hostile-outside"
+
+
+def _slip_cases(outside: bytes) -> list[Case]:
+    """Tar-slip attempts at ``outside`` (see the module docstring). The sentinel there holds
+    ``passwd`` (a file) and ``dir/`` (with ``dir/file``)."""
+    o = outside.rstrip(b"/")
+    rel = b"../" + os.path.basename(o)  # the sentinel seen from an extraction root beside it
+    so = o.decode()
+    evil = {"mode": 0o4777, "uid": 4242, "gid": 4242}
+
+    def sym(name: bytes, target: bytes) -> bytes:
+        return entry(name, typeflag=b"2", linkname=target)
+
+    def hard(name: bytes, target: bytes, **kw: object) -> bytes:
+        return entry(name, typeflag=b"1", linkname=target, **kw)
+
+    return [
+        Case("slip-symlink-dir-abs", lambda: sym(b"a", o) + entry(b"a/slip", b"pwned")
+             + end(), "error", "not a directory", apply="ok", apply_paths=[f"{so}/slip"]),
+        Case("slip-symlink-root", lambda: sym(b"a", b"/") + entry(b"a" + o + b"/slip", b"pwned")
+             + end(), "error", "not a directory", apply="ok", apply_paths=[f"{so}/slip"]),
+        Case("slip-symlink-relative-chain",
+             lambda: _dir(b"d/") + sym(b"d/up", b"../..") + sym(b"l", b"d/up/" + rel[3:])
+             + entry(b"l/slip", b"pwned") + end(), "error", "not a directory", apply="ok",
+             apply_paths=["/" + rel[3:].decode() + "/slip"]),
+        Case("slip-symlink-relative", lambda: sym(b"a", rel) + entry(b"a/slip", b"pwned")
+             + end(), "error", "not a directory", apply="ok",
+             apply_paths=["/" + rel[3:].decode() + "/slip"]),
+        Case("slip-symlink-abs-chain", lambda: sym(b"s1", o) + sym(b"s2", b"/s1")
+             + entry(b"s2/slip", b"pwned") + end(), "error", "not a directory", apply="ok",
+             apply_paths=[f"{so}/slip"]),
+        Case("slip-write-through-symlink", lambda: sym(b"f", o + b"/passwd")
+             + entry(b"f", b"pwned", **evil) + end(), "ok", paths=["/f"]),
+        Case("slip-dir-over-symlink", lambda: sym(b"a", o) + _dir(b"a/", **evil) + end(), "ok",
+             paths=["/a"]),
+        Case("slip-hardlink-to-outside-symlink", lambda: sym(b"s", o + b"/passwd")
+             + hard(b"h", b"s", **evil) + end(), "ok", paths=["/s", "/h"]),
+        Case("slip-hardlink-through-symlink-chmod", lambda: sym(b"s", o)
+             + hard(b"h", b"s/passwd", **evil) + end(), "error", "not an earlier entry",
+             apply_match="target missing"),
+        Case("slip-hardlink-abs-outside-then-rewrite", lambda: hard(b"p", o + b"/passwd")
+             + entry(b"p", b"pwned", **evil) + end(), "error", "not an earlier entry",
+             apply_match="target missing"),
+        Case("slip-hardlink-then-rewrite", lambda: sym(b"s", o) + hard(b"p", b"s/passwd")
+             + entry(b"p", b"pwned", **evil) + end(), "error", "not an earlier entry",
+             apply_match="target missing"),
+        Case("slip-hardlink-dir-then-file", lambda: sym(b"s", o) + hard(b"p", b"s/dir/file")
+             + end(), "error", "not an earlier entry", apply_match="target missing"),
+        Case("slip-setuid-via-hardlink-inside", lambda: entry(b"f", b"x", mode=0o644)
+             + hard(b"h", b"f", **evil) + end(), "ok", paths=["/f", "/h"]),
+        Case("slip-whiteout-dotdot", lambda: entry(b"d/.wh...") + end(), "ok", paths=["/d"],
+             apply="error", apply_match="names no file"),
+        Case("slip-whiteout-through-symlink", lambda: sym(b"a", o) + entry(b"a/.wh.passwd")
+             + end(), "error", "not a directory", apply="ok", apply_paths=[so]),
+        Case("slip-whiteout-relative", lambda: sym(b"a", rel) + entry(b"a/.wh.passwd")
+             + end(), "error", "not a directory", apply="ok"),
+        Case("slip-opaque-through-symlink", lambda: sym(b"a", o) + entry(b"a/.wh..wh..opq")
+             + end(), "error", "not a directory", apply="ok", apply_paths=[so]),
+        Case("slip-opaque-relative", lambda: sym(b"a", rel) + entry(b"a/.wh..wh..opq")
+             + end(), "error", "not a directory", apply="ok"),
+        Case("slip-dotdot-deep", lambda: entry(b"d/../../" + rel[3:] + b"/slip", b"pwned")
+             + end(), "error", "contains '..'"),
+        Case("slip-dotdot-hardlink", lambda: entry(b"f", b"x") + hard(b"h", rel + b"/passwd")
+             + end(), "error", "contains '..'"),
+    ]
+
+
+def hostile_cases(outside: bytes = DEFAULT_OUTSIDE) -> list[Case]:
     f = entry(b"file", b"hello")
     cases = [
         Case("dotdot", lambda: entry(b"../evil", b"x") + end(), "error", "contains '..'"),
@@ -178,13 +267,13 @@ def hostile_cases() -> list[Case]:
         Case("dot-is-file", lambda: entry(b"./", b"x") + end(), "error",
              "root must be a directory"),
         Case("hardlink-missing", lambda: entry(b"l", typeflag=b"1", linkname=b"nope") + end(),
-             "error", "not an earlier entry"),
+             "error", "not an earlier entry", apply_match="target missing"),
         Case("hardlink-escape",
              lambda: entry(b"l", typeflag=b"1", linkname=b"../../etc/passwd") + end(),
              "error", "contains '..'"),
         Case("hardlink-absolute-outside",
              lambda: entry(b"l", typeflag=b"1", linkname=b"/etc/passwd") + end(), "error",
-             "not an earlier entry"),
+             "not an earlier entry", apply_match="target missing"),
         Case("hardlink-absolute-inside",
              lambda: f + entry(b"l", typeflag=b"1", linkname=b"/file") + end(), "ok",
              paths=["/file", "/l"]),
@@ -194,11 +283,11 @@ def hostile_cases() -> list[Case]:
         Case("hardlink-through-symlink",
              lambda: entry(b"s", typeflag=b"2", linkname=b"/etc")
              + entry(b"l", typeflag=b"1", linkname=b"s/passwd") + end(), "error",
-             "not an earlier entry"),
+             "not an earlier entry", apply_match="target missing"),
         Case("file-through-symlink",
              lambda: entry(b"s", typeflag=b"2", linkname=b"/tmp")
              + entry(b"s/nydus-hostile-through", b"pwned") + end(), "error",
-             "not a directory"),
+             "not a directory", apply="ok", apply_paths=["/tmp/nydus-hostile-through"]),
         Case("file-below-file", lambda: f + entry(b"file/x", b"x") + end(), "error",
              "not a directory"),
         Case("symlink-absolute", lambda: entry(b"s", typeflag=b"2", linkname=b"/etc/shadow")
@@ -261,7 +350,8 @@ def hostile_cases() -> list[Case]:
              + entry(b"sp", b"x" * 30) + end(), "error", "sparse segments hold"),
         Case("sparse-huge", lambda: pax([(b"GNU.sparse.size", b"%d" % (1 << 50)),
                                          (b"GNU.sparse.map", b"0,1")])
-             + entry(b"sp", b"x") + end(), "error", "chunk slots"),
+             + entry(b"sp", b"x") + end(), "error", "chunk slots", apply="either",
+             apply_match="File too large"),  # a 1 PiB hole: ext4 refuses it, xfs does not
         Case("xattr-huge", lambda: pax([(b"SCHILY.xattr.user.big", b"v" * 70000)]) + f + end(),
              "error", "xattrs larger"),
         Case("xattr-foreign-namespace", lambda: pax([(b"SCHILY.xattr.com.apple.x", b"v")]) + f
@@ -274,4 +364,49 @@ def hostile_cases() -> list[Case]:
         Case("many-entries", lambda: _many_entries(200_000), "ok",
              paths=["/d1999/f0199999"]),
     ]
-    return cases
+    return cases + _slip_cases(outside)
+
+
+# --------------------------------------------------------------------------- the sentinel
+
+SENTINEL_FILES = {  # path below the sentinel: (mode, uid, gid, content); None: a directory
+    "passwd": (0o644, 0, 0, b"root:x:0:0:root:/root:/bin/bash\n"),
+    "dir": (0o755, 0, 0, None),
+    "dir/file": (0o600, 1234, 1234, b"secret\n"),
+    "tool": (0o755, 0, 0, b"#!/bin/sh\n"),
+}
+
+
+def make_sentinel(top: str) -> None:
+    """The tree the ``slip-*`` cases aim at, at ``top`` (owners need root)."""
+    os.mkdir(top, 0o755)
+    for rel, (mode, uid, gid, data) in SENTINEL_FILES.items():
+        path = os.path.join(top, rel)
+        if data is None:
+            os.mkdir(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        if os.geteuid() == 0:
+            os.chown(path, uid, gid)
+        os.chmod(path, mode)
+
+
+def tree_state(top: str) -> dict[str, tuple[object, ...]]:
+    """Everything a slip could change below (and of) ``top``: type and mode, owner, size,
+    mtime, inode and link count, content or symlink target."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [".", *dirnames, *filenames]:
+            path = os.path.normpath(os.path.join(dirpath, name))
+            st = os.lstat(path)
+            if os.path.islink(path):
+                body: object = os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    body = f.read()
+            else:
+                body = None
+            out[os.path.relpath(path, top)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                               st.st_mtime_ns, st.st_ino, st.st_nlink, body)
+    return out

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from hostile_tars import Case, hostile_cases
+from hostile_tars import DEFAULT_OUTSIDE, Case, hostile_cases
 from nydus.metadata import open_bootstrap
 
 TIME_BUDGET = 60.0  # seconds per case (the slowest, a 1 GiB gzip bomb, takes a few)
 RSS_BUDGET_MIB = 300
 GNU_TIME = "/usr/bin/time"  # scripts/setup.sh installs it (Debian package "time")
-HOST_CANARIES = ["/tmp/nydus-hostile-abs", "/tmp/nydus-hostile-through", "/evil", "/tmp/evil"]
+HOST_CANARIES = ["/tmp/nydus-hostile-abs", "/tmp/nydus-hostile-through", "/evil", "/tmp/evil",
+                 DEFAULT_OUTSIDE.decode()]
 
 
 @pytest.mark.skipif(not os.access(GNU_TIME, os.X_OK), reason="GNU time (/usr/bin/time) needed")

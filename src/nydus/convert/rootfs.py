@@ -1,7 +1,8 @@
 """File trees for ``nydusify check``: the OCI rootfs (layers applied) and a Nydus image's.
 
 :class:`OciRootfs` applies layer tars in order with the OCI rules, independently of the
-builder (Python's :mod:`tarfile` reads the tars): within a layer a later entry replaces an
+builder (Python's :mod:`tarfile` reads the tars, decompressed by the builder's strict
+:class:`~nydus.builder.tarstream.LayerStream`): within a layer a later entry replaces an
 earlier one (a directory entry for an existing directory only updates its attributes);
 parents without entries are 0755 root-owned directories with mtime 0, keeping the lower
 directory's attributes when there is one; ``.wh.NAME`` removes ``NAME`` of the lower layers
@@ -28,10 +29,11 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, cast
+from typing import IO, BinaryIO, cast
 
 import zstandard
 
+from ..builder.tarstream import LayerStream
 from ..errors import FormatError
 from ..format.erofs import split_xattr_name
 from ..metadata import ChunkInfo, RafsMetadata
@@ -41,7 +43,7 @@ __all__ = ["FileNode", "OciRootfs", "nydus_rootfs", "compare", "Difference"]
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
          stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo",
          stat.S_IFSOCK: "socket"}
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_SPARSE_SIZE = 1 << 36  # a sparse file's apparent size: hashing more takes too long
 
 
 @dataclass(eq=False)
@@ -98,32 +100,16 @@ def _norm(name: str) -> list[bytes]:
     return parts
 
 
-def open_layer_tar(stream: IO[bytes]) -> tarfile.TarFile:
-    """A streaming TarFile over a plain, gzip or zstd layer stream."""
-    head = stream.read(4) if hasattr(stream, "read") else b""
-    rest = _Prepend(head, stream)
-    if head.startswith(_ZSTD_MAGIC):
-        reader = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], rest),
-                                                            read_across_frames=True)
-        return tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|")
-    return tarfile.open(fileobj=cast(IO[bytes], rest), mode="r|*")
-
-
-class _Prepend:
-    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
-        self.head, self.stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            if n < 0:
-                out = self.head + self.stream.read()
-                self.head = b""
-                return out
-            out, self.head = self.head[:n], self.head[n:]
-            if len(out) < n:
-                out += self.stream.read(n - len(out))
-            return out
-        return self.stream.read(n)
+def open_layer_tar(stream: IO[bytes]) -> tuple[tarfile.TarFile, LayerStream]:
+    """A streaming TarFile over a plain, gzip or zstd layer stream, and the decompressing
+    :class:`~nydus.builder.tarstream.LayerStream` under it (strict about truncation,
+    concatenated gzip members and zstd frames like the builder; close it when done)."""
+    ls = LayerStream(cast(BinaryIO, stream))
+    try:
+        return tarfile.open(fileobj=cast(IO[bytes], ls), mode="r|"), ls
+    except BaseException:
+        ls.close()
+        raise
 
 
 class OciRootfs:
@@ -139,8 +125,9 @@ class OciRootfs:
 
     def _read_layer(self, stream: IO[bytes]) -> FileNode:
         root = FileNode.new_dir(implicit=True)
+        ls: LayerStream | None = None
         try:
-            tf = open_layer_tar(stream)
+            tf, ls = open_layer_tar(stream)
             for m in tf:
                 parts = _norm(m.name)
                 if not parts:
@@ -201,6 +188,9 @@ class OciRootfs:
                 elif kind in ("chr", "blk"):
                     node.rdev = (m.devmajor, m.devminor)
                 elif kind == "file":
+                    if m.sparse is not None and m.size > MAX_SPARSE_SIZE:
+                        raise FormatError(f"sparse file {m.name!r} of {m.size} bytes: more "
+                                          f"than {MAX_SPARSE_SIZE} cannot be compared")
                     node.size = m.size
                     h = hashlib.sha256()
                     f = tf.extractfile(m)
@@ -212,6 +202,9 @@ class OciRootfs:
             tf.close()
         except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
             raise FormatError(f"layer is not a readable tar: {e}") from None
+        finally:
+            if ls is not None:
+                ls.close()
         return root
 
 
@@ -224,7 +217,29 @@ def _set(node: FileNode, m: tarfile.TarInfo, xattrs: dict[bytes, bytes]) -> None
 
 
 def _overlay(lower: FileNode, upper: FileNode) -> FileNode:
-    """``upper`` (one layer, with whiteout marks) applied onto ``lower``; returns the dir."""
+    """``upper`` (one layer, with whiteout marks) applied onto ``lower``; returns the dir.
+    Iterative: a layer may be thousands of directories deep."""
+    top = _merge_dir(lower, upper)
+    todo = [(top, upper)]
+    while todo:
+        merged, up = todo.pop()
+        kids = merged.children
+        assert kids is not None and up.children is not None
+        for name, node in up.children.items():
+            below = kids.get(name)
+            if node.children is None:
+                kids[name] = node
+                continue
+            if below is None or below.children is None:
+                below = FileNode.new_dir(implicit=True)
+            kids[name] = _merge_dir(below, node)
+            todo.append((kids[name], node))
+    return top
+
+
+def _merge_dir(lower: FileNode, upper: FileNode) -> FileNode:
+    """The directory ``upper`` over ``lower``: attributes and the lower children that stay
+    (``upper``'s own children are added by :func:`_overlay`)."""
     assert lower.children is not None and upper.children is not None
     if upper.opaque:
         kids: dict[bytes, FileNode] = {}
@@ -240,14 +255,6 @@ def _overlay(lower: FileNode, upper: FileNode) -> FileNode:
         # (single build) or the implicit ones (merge). Neither is wrong, so not compared.
         merged.uncertain = True
     merged.children = kids
-    for name, node in upper.children.items():
-        below = kids.get(name)
-        if node.children is not None and below is not None and below.children is not None:
-            kids[name] = _overlay(below, node)
-        elif node.children is not None:
-            kids[name] = _overlay(FileNode.new_dir(implicit=True), node)
-        else:
-            kids[name] = node
     merged.opaque, merged.whiteouts = False, set()
     return merged
 
@@ -327,11 +334,15 @@ class Difference:
 
 
 def _walk(node: FileNode, path: bytes = b"/") -> Iterator[tuple[bytes, FileNode]]:
-    yield path, node
-    if node.children:
-        prefix = b"" if path == b"/" else path
-        for name in sorted(node.children):
-            yield from _walk(node.children[name], prefix + b"/" + name)
+    """Pre-order, children by name; iterative (deep trees)."""
+    stack = [(path, node)]
+    while stack:
+        path, node = stack.pop()
+        yield path, node
+        if node.children:
+            prefix = b"" if path == b"/" else path
+            for name in sorted(node.children, reverse=True):
+                stack.append((prefix + b"/" + name, node.children[name]))
 
 
 def compare(oci: FileNode, nydus: FileNode, limit: int = 1000

@@ -300,8 +300,15 @@ class Snapshotter:
     def bootstrap_file(self, bootstrap_id: int) -> Path:
         fs = self.upper_path(bootstrap_id)
         for rel in _BOOTSTRAP_PATHS:
-            if (fs / rel).is_file():
-                return fs / rel
+            path = fs / rel
+            # the layer made these names: a symlink could name any file of the host
+            if any(p.is_symlink() for p in (path, *list(path.parents)[: rel.count("/")])):
+                raise FormatError(
+                    f"Nydus bootstrap layer (snapshot {bootstrap_id}): {rel} is or lies below "
+                    f"a symlink (refused: it could name a file outside the snapshot)"
+                )
+            if path.is_file():
+                return path
         raise FormatError(
             f"Nydus bootstrap layer (snapshot {bootstrap_id}) has no {_BOOTSTRAP_PATHS[0]} "
             f"under {fs}"

@@ -33,9 +33,11 @@ After that, stock ``ctr run --snapshotter nydus REF ...`` finds the image unpack
 the container's snapshot directly. The command line is ``nydus-pull`` (console script; also
 ``python -m nydus.snapshotter.unpack``).
 
-The extractor handles what Nydus bootstrap layers and simple layers contain (directories,
-regular files, symlinks, hard links); a layer with whiteouts or device nodes is refused with a
-clear error (containerd's own applier is the tool for those). Extraction mounts overlayfs, so
+Layers are applied by the one safe extractor, :func:`nydus.builder.extract.extract_layer`
+(containerd's applier semantics: whiteouts, opaque directories, hard links, devices; every path
+resolved inside the snapshot, nothing followed out of it). A layer is spooled to a temporary
+file while its digest is checked, never held whole in memory; its diff ID is checked while it
+is applied, and a failed apply removes the active snapshot. Extraction mounts overlayfs, so
 unpacking needs root, as containerd's does.
 
 Threading: one unpacker per call site; it opens one channel per :meth:`RemoteUnpacker.unpack`.
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import gzip
 import hashlib
 import io
 import json
@@ -53,17 +54,16 @@ import logging
 import os
 import secrets
 import subprocess
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import grpc
-import zstandard
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from ..builder.extract import extract_layer as apply_layer
 from ..errors import BackendError, FormatError, IntegrityError, NotFoundError, UnsupportedError
 from ..format.safejson import parse_json_object
 from ..kernel_mount import umount
@@ -105,8 +105,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LayerFetcher = Callable[[Mapping[str, Any]], bytes]
-"""Returns the bytes of a layer blob given its OCI descriptor (``digest``, ``size``, ...)."""
+LayerFetcher = Callable[[Mapping[str, Any]], bytes | Iterable[bytes]]
+"""A layer blob given its OCI descriptor (``digest``, ``size``, ...): its bytes, or its
+bytes piece by piece (the unpacker spools them to a temporary file and checks the digest)."""
 
 
 class ImageSource(Protocol):
@@ -135,6 +136,10 @@ class RegistrySource:
     def blob(self, digest: str) -> bytes:
         return self.client.get_blob(self.repository, digest, max_size=4 << 30)
 
+    def blob_stream(self, digest: str) -> Iterator[bytes]:
+        """A (layer) blob piece by piece; the caller checks the digest."""
+        return self.client.get_blob_stream(self.repository, digest)
+
 
 _INHERITED_PREFIX = "containerd.io/snapshot/"
 _INDEX_TYPES = {
@@ -142,8 +147,6 @@ _INDEX_TYPES = {
     "application/vnd.docker.distribution.manifest.list.v2+json",
 }
 _MAX_JSON = 8 << 20
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass
@@ -194,6 +197,9 @@ class RemoteUnpacker:
             raise BackendError(
                 f"storing {image_name} in containerd at {self.address}: {rpc_error_text(e)}"
             ) from e
+        stream = getattr(source, "blob_stream", None)
+        if callable(stream):
+            return self.unpack(image_name, lambda desc: stream(str(desc["digest"])))
         return self.unpack(image_name, lambda desc: source.blob(str(desc["digest"])))
 
     def _write_content(self, content: ServiceClient, data: bytes, labels: Mapping[str, str]) -> str:
@@ -440,11 +446,8 @@ class RemoteUnpacker:
                 return
             raise
         try:
-            data = fetch_layer(desc)
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            if digest != desc.get("digest"):
-                raise IntegrityError(f"layer {desc.get('digest')}: fetched data has {digest}")
-            with mounted(list(resp.mounts)) as root:
+            with _spooled(fetch_layer(desc), str(desc.get("digest"))) as data, \
+                    mounted(list(resp.mounts)) as root:
                 extract_layer(data, root, diff_id)
             snaps.unary(
                 "Commit",
@@ -494,56 +497,37 @@ def mounted(mounts: Sequence[mount_pb2.Mount]) -> Iterator[Path]:
             umount(target)
 
 
-def _decompress(data: bytes) -> bytes:
-    if data.startswith(_GZIP_MAGIC):
-        return gzip.decompress(data)
-    if data.startswith(_ZSTD_MAGIC):
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    return data
+@contextlib.contextmanager
+def _spooled(data: bytes | Iterable[bytes], digest: str) -> Iterator[BinaryIO]:
+    """The layer as a file, its digest checked: bytes as they are, pieces written to an
+    anonymous temporary file as they come (a layer is never held whole in memory)."""
+    h = hashlib.sha256()
+    if isinstance(data, bytes | bytearray):
+        f: BinaryIO = io.BytesIO(data)
+    else:
+        f = tempfile.TemporaryFile(prefix="nydus-layer-")  # noqa: SIM115 - closed below
+    try:
+        if isinstance(data, bytes | bytearray):
+            h.update(data)
+        else:
+            for piece in data:
+                h.update(piece)
+                f.write(piece)
+            f.seek(0)
+        got = "sha256:" + h.hexdigest()
+        if got != digest:
+            raise IntegrityError(f"layer {digest}: fetched data has {got}")
+        yield f
+    finally:
+        f.close()
 
 
-def _safe_name(name: str) -> PurePosixPath:
-    p = PurePosixPath(name.lstrip("/"))
-    if any(part == ".." for part in p.parts):
-        raise FormatError(f"layer entry {name!r} escapes the root")
-    return p
-
-
-def extract_layer(data: bytes, root: Path, diff_id: str) -> None:
-    """Extract a (gzip/zstd/plain) layer tar into ``root`` after checking its diff ID."""
-    raw = _decompress(data)
-    got = "sha256:" + hashlib.sha256(raw).hexdigest()
-    if got != diff_id:
-        raise IntegrityError(f"layer diff ID is {got}, config says {diff_id}")
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
-        for ti in tf:
-            rel = _safe_name(ti.name)
-            if rel.name.startswith(".wh."):
-                raise UnsupportedError(
-                    f"layer entry {ti.name!r} is a whiteout: use containerd's applier"
-                )
-            dst = root / rel
-            if not str(rel) or str(rel) == ".":
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if ti.isdir():
-                dst.mkdir(exist_ok=True)
-            elif ti.isreg():
-                src = tf.extractfile(ti)
-                assert src is not None
-                with open(dst, "wb") as f:
-                    f.write(src.read())
-            elif ti.issym():
-                dst.symlink_to(ti.linkname)
-            elif ti.islnk():
-                os.link(root / _safe_name(ti.linkname), dst)
-            else:
-                raise UnsupportedError(f"layer entry {ti.name!r}: type {ti.type!r} not supported")
-            if not ti.issym():
-                os.chown(dst, ti.uid, ti.gid)
-                os.chmod(dst, ti.mode & 0o7777)
-            else:
-                os.lchown(dst, ti.uid, ti.gid)
+def extract_layer(data: bytes | BinaryIO, root: str | os.PathLike[str], diff_id: str) -> None:
+    """Apply a (gzip/zstd/plain) layer onto a snapshot's ``root`` with the one safe
+    extractor, :func:`nydus.builder.extract.extract_layer`, checking its diff ID as it is
+    read (an IntegrityError after the apply: the caller removes the snapshot)."""
+    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    apply_layer(stream, root, diff_id=diff_id)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter.unpack") -> int:
