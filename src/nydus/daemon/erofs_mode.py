@@ -402,8 +402,8 @@ class ErofsManager:
     def info(self) -> dict[str, Any]:
         return {"blobfs": self.blobfs.directory if self.blobfs.running else None,
                 "blob_files": self.blobfs.fs.stats(),
-                "blobfs_pushed_pages": self.blobfs.pushed,
-                "blobfs_push_dropped": self.blobfs.push_dropped}
+                "blobfs_prefilled_pages": self.blobfs.prefilled,
+                "blobfs_prefill_dropped": self.blobfs.prefill_dropped}
 
     # ------------------------------------------------------------------ native switch
 
