@@ -43,7 +43,7 @@ def _check(report: DeathReport) -> None:
     for r in report.rounds:
         assert r.exit_s is not None and r.exit_s < 3.0, r
         assert r.readers_s is not None and r.readers_s < 10.0, r
-        assert set(r.errnos) <= {"EIO", "ENOTCONN"}, r.errnos
+        assert set(r.errnos) <= {"EIO", "ENOTCONN", "ECONNABORTED"}, r.errnos
     # the kills did land while reads went on: some readers saw the daemon go
     assert any(r.errnos for r in report.rounds), "no reader ever met the dead daemon"
 
@@ -51,9 +51,9 @@ def _check(report: DeathReport) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_erofs_sigkill_during_reads_never_hangs_without_help(tmp_path: Path) -> None:
-    """The regression test: on the old blob fs (NOTIFY_STORE pushes) about one round in six
-    left an unkillable nydusd and hung readers."""
-    _check(kill_during_reads(tmp_path, "erofs", rounds=16, threads=8, seed=12,
+    """The regression test: on the old blob fs (NOTIFY_STORE pushes) one round in six to
+    sixteen left an unkillable nydusd and hung readers (3 of 20, 2 of 12, 1 of 16 measured)."""
+    _check(kill_during_reads(tmp_path, "erofs", rounds=24, threads=8, seed=12,
                              death_watch=False))
 
 
