@@ -351,8 +351,8 @@ def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: P
         r = measure("erofs-mode-lazy", mnt, info, True, cpu)
         di = _daemon_info(sock)
         files = di["blob_files"]
-        r.notes.append(f"pages pushed {di.get('blobfs_pushed_pages')}, pushes dropped "
-                       f"{di.get('blobfs_push_dropped')}")
+        r.notes.append(f"pages prefilled {di.get('blobfs_prefilled_pages')}, prefills dropped "
+                       f"{di.get('blobfs_prefill_dropped')}")
         r.notes.append("blob fs reads during the run: " + ", ".join(
             f"{v['reads']} reads / {v['bytes_read'] / 1e6:.0f} MB" for v in files.values())
             + "; the seq and small *cold* columns are the daemon's lazy path (localfs "

@@ -53,8 +53,10 @@ def _mounts(path: Path) -> list[str]:
 
 
 def _cleanup(mnt: Path) -> None:
+    # by the mount table, not os.path.ismount: a dead daemon's FUSE root whose cached
+    # attributes expired answers stat with ENOTCONN, and ismount then says "not a mount"
     for _ in range(4):
-        if os.path.ismount(mnt):
+        if _mounts(mnt):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 

@@ -1,5 +1,6 @@
 """BlobDevFs without a kernel: names, sizes, reads through read_range, errors, refcounts,
-chunk-wide reads and pushes, metrics; the driver choice; the mount table and stale dirs."""
+chunk-wide reads and prefills (the span memo), metrics; the driver choice; the mount table and
+stale dirs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus.daemon.blobdev import BLOCK, BlobDevFs
+from nydus.daemon.blobdev import BLOCK, BlobDevFs, _SpanMemo
 from nydus.daemon.erofs_mode import EROFS, FUSEDEV, resolve_driver, sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
 from nydus.fs.metrics import FsIoStats, StatsFop
@@ -100,34 +101,59 @@ def test_resolve_driver() -> None:
         resolve_driver("nope", FUSEDEV, 6)
 
 
-def test_reads_widen_to_whole_chunks_and_push_the_rest() -> None:
+def test_reads_widen_to_whole_chunks_and_prefill_the_rest() -> None:
     data = bytes(range(256)) * (3 * 65536 // 256)  # three 64 KiB chunks
     fs = BlobDevFs()
-    pushed: list[tuple[int, int, bytes]] = []
-    fs.push = lambda node, off, b: pushed.append((node, off, b))
+    asked: list[tuple[int, list[tuple[int, int]], int]] = []
+    fs.prefill = lambda node, ranges, after: asked.append((node, ranges, after))
     dev = FakeDevice(data, chunk=65536)
     stats = FsIoStats("/")
     fs.register("c", dev, 0, stats)
     node = fs.lookup(CTX, ROOT_ID, b"c").nodeid
-    # a page in the middle of chunk 1: one read of the whole chunk, the rest pushed
+    # a page in the middle of chunk 1: one read of the whole chunk, the rest prefilled
     assert fs.read(CTX, node, 0, 65536 + 8192, 4096) == data[65536 + 8192 : 65536 + 12288]
     assert dev.calls == [(0, 65536, 65536)]
-    assert pushed == [(node, 65536, data[65536 : 65536 + 8192]),
-                      (node, 65536 + 12288, data[65536 + 12288 : 131072])]
-    # the same chunk again at once: the push may not have landed yet; just the request
+    assert asked == [(node, [(65536, 65536 + 8192), (65536 + 12288, 131072)], 131072)]
+    # the prefill's READs (the kernel splits them as it likes) come from the memo: no read
     dev.calls.clear()
-    pushed.clear()
-    assert fs.read(CTX, node, 0, 65536, 4096) == data[65536 : 65536 + 4096]
-    assert dev.calls == [(0, 65536, 4096)] and pushed == []
+    asked.clear()
+    assert fs.read(CTX, node, 0, 65536, 8192) == data[65536 : 65536 + 8192]
+    assert fs.read(CTX, node, 0, 65536 + 12288, 53248) == data[65536 + 12288 : 131072]
+    assert dev.calls == [] and asked == []
     # not page aligned (a direct reader of the blob file): never widened
     assert fs.read(CTX, node, 0, 100, 50) == data[100:150]
-    assert dev.calls[-1] == (0, 100, 50) and pushed == []
-    # a request covering whole chunks: nothing to push
+    assert dev.calls[-1] == (0, 100, 50) and asked == []
+    # a request covering whole chunks: nothing to prefill but what may follow it
     assert fs.read(CTX, node, 0, 131072, 65536) == data[131072:]
-    assert dev.calls[-1] == (0, 131072, 65536) and pushed == []
+    assert dev.calls[-1] == (0, 131072, 65536) and asked == [(node, [], 196608)]
     g = stats.export_global()
-    # served bytes: the widened chunk (request + pushes), then the others as asked
-    assert g["fop_hits"][StatsFop.READ] == 4 and g["data_read"] == 65536 + 4096 + 50 + 65536
+    # served bytes: what each READ returned (the prefill's READs count when they come)
+    assert g["fop_hits"][StatsFop.READ] == 5
+    assert g["data_read"] == 4096 + 8192 + 53248 + 50 + 65536
+
+
+def test_the_memo_is_bounded_and_forgets_released_files() -> None:
+    data = os.urandom(8 * 65536)
+    fs = BlobDevFs()
+    fs.memo = _SpanMemo(max_bytes=2 * 65536)
+    fs.prefill = lambda node, ranges, after: None
+    released: list[int] = []
+    fs.on_release = released.append
+    dev = FakeDevice(data, chunk=65536)
+    fs.register("m", dev, 0)
+    node = fs.lookup(CTX, ROOT_ID, b"m").nodeid
+    for c in range(3):  # three widened chunks; the memo keeps the last two
+        fs.read(CTX, node, 0, c * 65536 + 4096, 4096)
+    assert fs.memo.nbytes == 2 * 65536
+    assert fs.memo.get(node, 0, 4096) is None
+    assert fs.memo.get(node, 65536, 65536 + 4096) == data[65536 : 65536 + 4096]
+    # a read across two spans is not in the memo: read from the device, not widened again
+    dev.calls.clear()
+    assert fs.read(CTX, node, 0, 2 * 65536 - 4096, 8192) == data[2 * 65536 - 4096 : 2 * 65536
+                                                                 + 4096]
+    assert dev.calls == [(0, 2 * 65536 - 4096, 8192)]
+    fs.unregister("m")
+    assert released == [node] and fs.memo.nbytes == 0
 
 
 def test_read_errors_counted_in_the_image_stats() -> None:
@@ -168,30 +194,31 @@ def test_sweep_removes_dirs_of_dead_daemons_only(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted([str(os.getpid()), "notapid"])
 
 
-def test_chunks_already_cached_after_a_read_are_pushed_up_to_amplify_io() -> None:
+def test_chunks_already_cached_after_a_read_are_prefilled_up_to_amplify_io() -> None:
     data = os.urandom(16 * 8192)  # sixteen 8 KiB chunks (small files), all in the cache
     fs = BlobDevFs()
-    pushed: list[tuple[int, int, bytes]] = []
-    fs.push = lambda node, off, b: pushed.append((node, off, b))
+    asked: list[tuple[int, list[tuple[int, int]], int]] = []
+    fs.prefill = lambda node, ranges, after: asked.append((node, ranges, after))
     dev = FakeDevice(data, chunk=8192)
     dev.amplify_io, dev.ready_upto = 32768, len(data)
     stats = FsIoStats("/")
     fs.register("s", dev, 0, stats)
     node = fs.lookup(CTX, ROOT_ID, b"s").nodeid
     assert fs.read(CTX, node, 0, 0, 8192) == data[:8192]
-    assert pushed == [(node, 8192, data[8192 : 8192 + 32768])]  # no more than amplify_io
-    assert stats.export_global()["data_read"] == 8192 + 32768
-    # the next file was pushed a moment ago; if its READ still comes, no second push
-    pushed.clear()
-    assert fs.read(CTX, node, 0, 8192, 8192) == data[8192:16384]
-    assert pushed == []
-    # nothing cached past a point: nothing pushed past it (never a fetch for a push)
-    pushed.clear()
+    assert asked == [(node, [], 8192)]  # the chunk is the request: only what follows
+    # the prefill thread: the cached chunks after it, no more than amplify_io, into the memo
+    assert fs.fill_ready_after(node, 8192) == (8192, 8192 + 32768)
+    assert dev.calls[-1] == (0, 8192, 32768)
+    dev.calls.clear()
+    assert fs.read(CTX, node, 0, 8192, 8192) == data[8192:16384]  # its READ: from the memo
+    assert dev.calls == []
+    # asked again a moment later: nothing (prefilled already)
+    assert fs.fill_ready_after(node, 8192) is None
+    # nothing cached past a point: nothing prefilled past it (never a fetch for a prefill)
     dev.ready_upto = 11 * 8192
-    assert fs.read(CTX, node, 0, 9 * 8192, 8192) == data[9 * 8192 : 10 * 8192]
-    assert pushed == [(node, 10 * 8192, data[10 * 8192 : 11 * 8192])]
-    # amplify_io 0: exact reads, nothing pushed after
-    pushed.clear()
+    assert fs.fill_ready_after(node, 10 * 8192) == (10 * 8192, 11 * 8192)
+    assert fs.fill_ready_after(node, 11 * 8192) is None
+    # amplify_io 0: exact reads, nothing prefilled after
     dev.amplify_io = 0
-    assert fs.read(CTX, node, 0, 12 * 8192, 8192) == data[12 * 8192 : 13 * 8192]
-    assert pushed == []
+    assert fs.fill_ready_after(node, 12 * 8192) is None
+    assert stats.export_global()["data_read"] == 8192 + 8192

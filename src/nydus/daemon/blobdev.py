@@ -15,21 +15,42 @@ once stays in the page cache of the blob file.
 
 Files are registered per image (:meth:`BlobDevFs.register`) and reference counted by name: two
 images with the same blob share the file (same id, same bytes), served by the first device that
-registered it until that image goes away. Each READ is also accounted (bytes served, pushed
-pages included; latency; errors) in the file-system statistics of the image that registered the
+registered it until that image goes away. Each READ is also accounted (bytes served, prefill
+READs included; latency; errors) in the file-system statistics of the image that registered the
 file first, so an image's ``GET /api/v1/metrics`` counts ``data_read`` and READ ``fop_errors`` in
 this mode too (bytes the daemon gave the kernel for the blob device: page and chunk granular, not
 per file).
 
-Readahead and pushes: kernel readahead on a blob file would read past the end of the file being
-read, into chunks of other files, and the daemon would have to fetch those whole chunks: an
-over-fetch FUSE RAFS mode does not have. So the blob fs has no readahead (the kernel asks for
+Readahead and prefill: kernel readahead on a blob file would read past the end of the file
+being read, into chunks of other files, and the daemon would have to fetch those whole chunks:
+an over-fetch FUSE RAFS mode does not have. So the blob fs has no readahead (the kernel asks for
 exactly what EROFS reads), and instead a page-aligned READ is widened to the whole chunks it
 touches (:meth:`StorageDevice.chunk_span`, at most ``PUSH_SPAN_MAX``), which the fetch
-decompresses anyway; the rest of those chunks is pushed into the blob file's page cache
-(FUSE_NOTIFY_STORE) by a thread of its own, so the next reads of that chunk never reach the
-daemon. Fetching is thus exactly what FUSE RAFS mode does for the same reads (chunks read, plus
-``amplify_io`` amplification into the blob cache), at readahead speed.
+decompresses anyway; the widened bytes are kept for a moment in a small memo, and the daemon
+asks the kernel to read the rest of those chunks into the blob file's page cache
+(``posix_fadvise(POSIX_FADV_WILLNEED)`` on its own fd of the blob file, from a thread of its
+own): the kernel sends READs for just the pages not cached yet, which the memo answers at once,
+and the next reads of that chunk never reach the daemon. After a read ending at a chunk
+boundary, the chunks after it that are already in the blob cache (up to ``amplify_io``) are
+read into the memo and prefilled the same way. Fetching is thus exactly what FUSE RAFS mode
+does for the same reads (chunks read, plus ``amplify_io`` amplification into the blob cache).
+
+Why not FUSE_NOTIFY_STORE (what this module used to push those pages with): the kernel's
+``fuse_notify_store`` takes the lock of every page (folio) it fills, in an uninterruptible wait
+(``filemap_grab_folio``), and a page the kernel is reading from us stays locked from the moment
+its READ is queued until our reply. So a push overlapping any READ not answered yet -- one a
+worker is serving, or one still queued in the kernel that no worker has read (the daemon cannot
+even see those) -- waits for that READ. While the daemon lives that is just a delay; when it is
+killed, the workers die without answering, the pushing thread waits forever in the kernel, so
+the process never finishes exiting, its /dev/fuse fds never close, the kernel never aborts the
+connection, and every reader and ``umount -l`` of the blob fs hangs (7 of 30 SIGKILLs in a test
+with 8 readers). Readahead asked with ``WILLNEED`` never waits for a page: pages present (cached,
+or locked by a READ in flight) are skipped, missing ones are inserted and their READs queued
+asynchronously; at worst it waits, killably, for a free background-request slot. So no thread
+of the daemon ever waits for a READ of its own blob fs on the data path, and a killed daemon
+exits at once (its connections aborted by the kernel; :mod:`nydus.deathwatch` covers what can
+still pin a dying process: a system call into its own mount while a worker is killed serving
+it, e.g. the first open of a blob file).
 
 Threading contract: Operations methods run on the session's workers; ``register`` and
 ``unregister`` may run concurrently from the API thread (one lock guards the tables).
@@ -44,11 +65,12 @@ import os
 import stat
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .. import deathwatch
 from ..errors import NydusError
 from ..fs.metrics import StatsFop
 from ..fuse import (
@@ -73,11 +95,60 @@ log = logging.getLogger("nydus.daemon.blobdev")
 
 BLOCK = 4096
 PUSH_SPAN_MAX = 4 << 20  # a read is widened to whole chunks up to this span
-_PUSH_AGAIN_AFTER = 1.0  # s: a span pushed this recently is not read whole again
-_PUSH_QUEUE_BYTES = 64 << 20  # pushes waiting beyond this are dropped (they are only a hint)
+_SPAN_AGAIN_AFTER = 1.0  # s: a span prefilled this recently is not read whole again
+_MEMO_BYTES = 64 << 20  # widened spans kept for the prefill READs, at most this much
+_MEMO_AGE = 5.0  # s: a span older than this is dropped (its READs came, or never will)
+_PREFILL_JOBS = 4096  # prefill requests waiting beyond this are dropped (they are only a hint)
+# one WILLNEED asks the kernel for at most max(bdi io_pages, file ra_pages) pages: 128 KiB
+# by default (and the blob fs readahead is 0); a larger range is asked in steps of this
+_PREFILL_STEP = 128 << 10
 _TIMEOUT = 86400.0 * 365
 _DT_REG = stat.S_IFREG >> 12
 _DT_DIR = stat.S_IFDIR >> 12
+
+
+class _SpanMemo:
+    """Bytes of recently widened spans, by blob file: what the READs of a prefill (and any
+    other READ inside a span) are answered from. Bounded in bytes and age; thread-safe."""
+
+    def __init__(self, max_bytes: int = _MEMO_BYTES, max_age: float = _MEMO_AGE) -> None:
+        self._lock = threading.Lock()
+        self._spans: OrderedDict[tuple[int, int], tuple[int, bytes, float]] = OrderedDict()
+        self._bytes = 0
+        self.max_bytes, self.max_age = max_bytes, max_age
+
+    def put(self, nodeid: int, start: int, data: bytes) -> None:
+        now = time.monotonic()
+        with self._lock:
+            old = self._spans.pop((nodeid, start), None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._spans[(nodeid, start)] = (start + len(data), data, now)
+            self._bytes += len(data)
+            while self._spans and (self._bytes > self.max_bytes or
+                                   now - next(iter(self._spans.values()))[2] > self.max_age):
+                _, (_, gone, _) = self._spans.popitem(last=False)
+                self._bytes -= len(gone)
+
+    def get(self, nodeid: int, offset: int, end: int) -> bytes | None:
+        """``[offset, end)`` of the file if one span holds all of it, else None."""
+        now = time.monotonic()
+        with self._lock:
+            for (node, start), (stop, data, when) in reversed(self._spans.items()):
+                if node == nodeid and start <= offset and end <= stop:
+                    if now - when > self.max_age:
+                        return None
+                    return data[offset - start : end - start]
+        return None
+
+    def drop(self, nodeid: int) -> None:
+        with self._lock:
+            for key in [k for k in self._spans if k[0] == nodeid]:
+                self._bytes -= len(self._spans.pop(key)[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
 
 @dataclass
@@ -104,9 +175,14 @@ class BlobDevFs(Operations):
         self._by_node: dict[int, _BlobFile] = {}
         self._next = 2
         self._ns = time.time_ns()
-        # pushes pages into a blob file's page cache: (nodeid, offset, data); set by the server
-        self.push: Callable[[int, int, bytes], None] | None = None
-        self._pushed: dict[tuple[int, int], float] = {}  # (nodeid, span start) -> when
+        # asks for pages of a blob file to be read into its page cache: (nodeid, ranges,
+        # ready_from): the ranges, and (ready_from >= 0) the chunks from there already in the
+        # blob cache (see fill_ready_after); set by the server, called by READ handlers
+        self.prefill: Callable[[int, list[tuple[int, int]], int], None] | None = None
+        self.memo = _SpanMemo()
+        self._spans: dict[tuple[int, int], float] = {}  # (nodeid, span start) -> when
+        # told the node id of a file no image serves any more (the server closes its fd)
+        self.on_release: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ registry
 
@@ -135,12 +211,23 @@ class BlobDevFs(Operations):
             if f is None:
                 return
             f.refs -= 1
-            if f.refs <= 0:
-                del self._by_name[f.name]
-                # the node stays resolvable for files the kernel still has open (EROFS
-                # mounts detached lazily); it is dropped on FORGET
-                f.device = None
-                f.stats = None
+            if f.refs > 0:
+                return
+            del self._by_name[f.name]
+            # the node stays resolvable for files the kernel still has open (EROFS
+            # mounts detached lazily); it is dropped on FORGET
+            f.device = None
+            f.stats = None
+        self.memo.drop(f.nodeid)
+        cb = self.on_release
+        if cb is not None:
+            cb(f.nodeid)
+
+    def name_of(self, nodeid: int) -> str | None:
+        """The name of a file some image serves (None if none does)."""
+        with self._lock:
+            f = self._by_node.get(nodeid)
+            return f.name.decode() if f is not None and f.device is not None else None
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -150,42 +237,44 @@ class BlobDevFs(Operations):
 
     # ------------------------------------------------------------------ helpers
 
-    def _push_ready_after(self, f: _BlobFile, dev: Any, start: int) -> int:
-        """Push the chunks after ``start`` that are already in the blob cache (fetched by this
-        read's amplification, or before), up to ``amplify_io``: the next small files of the
-        blob then need no READ, and nothing is fetched for them. Returns the bytes pushed."""
-        key = (f.nodeid, start)
-        now = time.monotonic()
-        if not self._push_due(key, now, claim=False):
-            return 0
+    def fill_ready_after(self, nodeid: int, start: int) -> tuple[int, int] | None:
+        """The chunks after ``start`` that are already in the blob cache (fetched by the
+        amplification of the read that ended there, or before), up to ``amplify_io``: read
+        into the memo, and returned as the range to prefill (None: nothing). The next small
+        files of the blob then need no READ, and nothing is fetched for them. Called by the
+        server's prefill thread (never by a READ handler: it reads the cache)."""
+        try:
+            f = self._file(nodeid)
+        except FuseError:
+            return None
+        dev = f.device
+        if dev is None or not self._span_due((nodeid, start), time.monotonic(), claim=False):
+            return None
         try:
             limit = min(PUSH_SPAN_MAX, int(dev.amplify_io), f.size - start)
             stop = dev.ready_extent(f.index, start, limit) if limit > 0 else start
         except (NydusError, AttributeError):
-            return 0
+            return None
         stop = min(f.size, -(-stop // BLOCK) * BLOCK)
         if stop <= start:
-            return 0
+            return None
         try:
             real = max(0, min(stop, f.blob_size) - start)
             extra = dev.read_range(f.index, start, real) if real else b""
         except NydusError as e:
-            log.debug("blob %s: no push after %d: %s", f.name.decode(), start, e)
-            return 0
+            log.debug("blob %s: nothing prefilled after %d: %s", f.name.decode(), start, e)
+            return None
         if len(extra) < stop - start:
             extra = bytes(extra) + bytes(stop - start - len(extra))
-        self._push_due(key, now, claim=True)
-        push = self.push
-        if push is None:
-            return 0
-        push(f.nodeid, start, extra)
-        return len(extra)
+        self._span_due((nodeid, start), time.monotonic(), claim=True)
+        self.memo.put(nodeid, start, extra)
+        return start, stop
 
     def _widen(self, f: _BlobFile, dev: Any, offset: int, end: int) -> tuple[int, int, bool]:
         """``(lo, hi, whole)``: the whole chunks around a page-aligned request, whose other
-        pages can be pushed into the page cache (see the module docstring), and True; or the
-        request itself and False (not aligned, no pushes, too wide, or pushed a moment ago)."""
-        if self.push is None or offset % BLOCK or end % BLOCK:
+        pages can be prefilled (see the module docstring), and True; or the request itself
+        and False (not aligned, no prefill, too wide, or prefilled a moment ago)."""
+        if self.prefill is None or offset % BLOCK or end % BLOCK:
             return offset, end, False
         real_end = min(end, f.blob_size)
         if real_end <= offset:
@@ -198,22 +287,23 @@ class BlobDevFs(Operations):
         hi = max(end, min(f.size, -(-hi // BLOCK) * BLOCK))
         if hi - lo > PUSH_SPAN_MAX:
             return offset, end, False
-        if not self._push_due((f.nodeid, lo), time.monotonic(), claim=True):
-            return offset, end, False  # pushed a moment ago (maybe not landed yet)
+        if not self._span_due((f.nodeid, lo), time.monotonic(), claim=True):
+            return offset, end, False  # prefilled a moment ago (its READs may be on the way)
         return lo, hi, True
 
-    def _push_due(self, key: tuple[int, int], now: float, *, claim: bool) -> bool:
-        """Whether a push starting at ``key`` (nodeid, offset) is due: not made in the last
-        ``_PUSH_AGAIN_AFTER`` seconds. With ``claim``, a due push is recorded as made now."""
+    def _span_due(self, key: tuple[int, int], now: float, *, claim: bool) -> bool:
+        """Whether a span starting at ``key`` (nodeid, offset) is due: not widened or
+        prefilled in the last ``_SPAN_AGAIN_AFTER`` seconds. With ``claim``, a due span is
+        recorded as done now."""
         with self._lock:
-            last = self._pushed.get(key)
-            if last is not None and now - last < _PUSH_AGAIN_AFTER:
+            last = self._spans.get(key)
+            if last is not None and now - last < _SPAN_AGAIN_AFTER:
                 return False
             if claim:
-                self._pushed[key] = now
-                if len(self._pushed) > 8192:
-                    self._pushed = {k: t for k, t in self._pushed.items()
-                                    if now - t < _PUSH_AGAIN_AFTER}
+                self._spans[key] = now
+                if len(self._spans) > 8192:
+                    self._spans = {k: t for k, t in self._spans.items()
+                                   if now - t < _SPAN_AGAIN_AFTER}
         return True
 
     def _attr(self, nodeid: int) -> AttrFields:
@@ -286,39 +376,49 @@ class BlobDevFs(Operations):
             return b""
         size = min(size, f.size - offset)
         end = offset + size
-        lo, hi, whole = self._widen(f, dev, offset, end)
         stats = f.stats
         t0 = time.monotonic_ns()
+        data = self.memo.get(nodeid, offset, end)  # a prefill READ, or one just as lucky
+        if data is None:
+            data = self._read_widened(f, dev, offset, end)
+        # served: what the kernel got from the daemon (FUSE RAFS mode counts the same, its
+        # readahead included; here the prefill READs count when they come)
+        f.reads += 1
+        f.bytes_read += size
+        if stats is not None:
+            stats.record(StatsFop.READ, 0, True, size, (time.monotonic_ns() - t0) // 1000)
+            stats.record_blob_read(f.index, offset, size)  # access pattern (fs/chunkmap.py)
+        return data
+
+    def _read_widened(self, f: _BlobFile, dev: Any, offset: int, end: int) -> bytes:
+        """Bytes ``[offset, end)`` read as the whole chunks around them; the rest of those
+        chunks kept in the memo and handed to ``prefill`` (and, if the span ends at a chunk
+        boundary, the cached chunks after it)."""
+        lo, hi, whole = self._widen(f, dev, offset, end)
         try:
             real = max(0, min(hi, f.blob_size) - lo)
             data = dev.read_range(f.index, lo, real) if real else b""
         except NydusError as e:
             f.errors += 1
+            stats = f.stats
             if stats is not None:
                 stats.record(StatsFop.READ, 0, False)
             log.error("blob %s: read [%d, +%d): %s", f.name.decode(), lo, real, e)
             raise
         if len(data) < hi - lo:
             data = bytes(data) + bytes(hi - lo - len(data))
-        served = hi - lo
-        push = self.push
-        if push is not None:
-            if lo < offset:
-                push(f.nodeid, lo, data[: offset - lo])
-            if hi > end:
-                push(f.nodeid, end, data[end - lo :])
-            recording = stats is not None and stats.access_pattern_enabled  # every file's
-            if whole and not recording:  # reads must reach the pattern: no push-ahead then
-                served += self._push_ready_after(f, dev, hi)
-        data = data[offset - lo : end - lo]
-        # served: the request and the pages pushed with it (what FUSE RAFS mode counts is
-        # what the kernel got from the daemon, readahead included: the same here)
-        f.reads += 1
-        f.bytes_read += served
-        if stats is not None:
-            stats.record(StatsFop.READ, 0, True, served, (time.monotonic_ns() - t0) // 1000)
-            stats.record_blob_read(f.index, offset, size)  # access pattern (fs/chunkmap.py)
-        return data
+        prefill = self.prefill
+        if prefill is not None and (lo < offset or hi > end or whole):
+            ranges = [r for r in ((lo, offset), (end, hi)) if r[0] < r[1]]
+            if ranges:
+                self.memo.put(f.nodeid, lo, bytes(data))
+            # after the reply or not, it does not matter: the kernel skips pages a READ
+            # holds (these are outside this one anyway) and never waits for one
+            # while the access pattern is recorded, nothing is filled ahead past this file's
+            # chunks: each file's first read must reach the pattern (fs/chunkmap.py)
+            recording = f.stats is not None and f.stats.access_pattern_enabled
+            prefill(f.nodeid, ranges, hi if whole and not recording else -1)
+        return bytes(data[offset - lo : end - lo])
 
     def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
         if nodeid != ROOT_ID:
@@ -349,7 +449,9 @@ class BlobDevFs(Operations):
 
 class BlobFsServer:
     """A :class:`BlobDevFs` mounted on ``directory`` by its own FUSE session (created on
-    first use by :meth:`start`)."""
+    first use by :meth:`start`), with the thread that prefills blob files' page caches and
+    the daemon's own read-only fds of the blob files it uses for that (see the module
+    docstring). The mount is guarded by the death watcher (:mod:`nydus.deathwatch`)."""
 
     def __init__(self, directory: str, threads: int = 4) -> None:
         self.directory = os.path.abspath(directory)
@@ -357,12 +459,13 @@ class BlobFsServer:
         self.threads = threads
         self.session: FuseSession | None = None
         self.readahead = -1  # KiB, as last set; -1: the kernel's default
-        self._pq: deque[tuple[int, int, bytes]] = deque()
-        self._pq_bytes = 0
-        self._pq_cond = threading.Condition()
-        self._pusher: threading.Thread | None = None
-        self.pushed = 0  # pages pushed
-        self.push_dropped = 0
+        self._jobs: deque[tuple[int, list[tuple[int, int]], int]] = deque()
+        self._jobs_cond = threading.Condition()
+        self._prefiller: threading.Thread | None = None
+        self._fds: dict[int, int] = {}  # nodeid -> our fd of the blob file
+        self._fd_lock = threading.Lock()
+        self.prefilled = 0  # pages asked for (WILLNEED); those already cached send no READ
+        self.prefill_dropped = 0
 
     @property
     def running(self) -> bool:
@@ -381,40 +484,82 @@ class BlobFsServer:
             s.stop()
             raise FuseError(errno.ETIMEDOUT, "blob fs: no FUSE INIT within 10 s")
         self.session = s
+        deathwatch.guard(self.directory)
         self.readahead = -1
         # the kernel reads exactly what EROFS asks (no readahead on the blob files: it would
-        # fetch chunks of other files); the rest of each chunk fetched is pushed instead
+        # fetch chunks of other files); the rest of each chunk fetched is prefilled instead
         self.set_readahead(0)
-        self._pusher = threading.Thread(target=self._push_loop, args=(s,), daemon=True,
-                                        name="blobfs-push")
-        self._pusher.start()
-        self.fs.push = self._queue_push
+        self._prefiller = threading.Thread(target=self._prefill_loop, args=(s,), daemon=True,
+                                           name="blobfs-prefill")
+        self._prefiller.start()
+        self.fs.on_release = self._close_fd
+        self.fs.prefill = self._queue_prefill
         log.info("blob device fs mounted at %s", self.directory)
 
-    def _queue_push(self, nodeid: int, offset: int, data: bytes) -> None:
-        with self._pq_cond:
-            if self._pq_bytes + len(data) > _PUSH_QUEUE_BYTES:
-                self.push_dropped += 1
+    def _queue_prefill(self, nodeid: int, ranges: list[tuple[int, int]],
+                       ready_from: int) -> None:
+        with self._jobs_cond:
+            if len(self._jobs) >= _PREFILL_JOBS:
+                self.prefill_dropped += 1
                 return
-            self._pq.append((nodeid, offset, data))
-            self._pq_bytes += len(data)
-            self._pq_cond.notify()
+            self._jobs.append((nodeid, ranges, ready_from))
+            self._jobs_cond.notify()
 
-    def _push_loop(self, s: FuseSession) -> None:
-        # its own thread: a push waits for pages locked by READs in flight, which the
-        # session's workers must stay free to answer
+    def _prefill_loop(self, s: FuseSession) -> None:
+        # its own thread: reading the blob cache for the chunks after a read (fill_ready_after)
+        # would delay the READ's reply; WILLNEED itself never waits for a READ
         while True:
-            with self._pq_cond:
-                while not self._pq and self.session is s:
-                    self._pq_cond.wait()
+            with self._jobs_cond:
+                while not self._jobs and self.session is s:
+                    self._jobs_cond.wait()
                 if self.session is not s:
-                    self._pq.clear()
-                    self._pq_bytes = 0
+                    self._jobs.clear()
                     return
-                nodeid, offset, data = self._pq.popleft()
-                self._pq_bytes -= len(data)
-            if s.notify_store(nodeid, offset, data):
-                self.pushed += len(data) // BLOCK
+                nodeid, ranges, ready_from = self._jobs.popleft()
+            try:
+                if ready_from >= 0:
+                    more = self.fs.fill_ready_after(nodeid, ready_from)
+                    if more is not None:
+                        ranges = [*ranges, more]
+                if ranges:
+                    self._advise(s, nodeid, ranges)
+            except Exception:  # a hint: never let it end the thread
+                log.exception("blob fs: prefill of node %d failed", nodeid)
+
+    def _advise(self, s: FuseSession, nodeid: int, ranges: list[tuple[int, int]]) -> None:
+        """WILLNEED ``ranges`` of the blob file: the kernel queues READs for the pages not
+        cached (answered from the memo) and skips the others, without waiting for any."""
+        with self._fd_lock:
+            if self.session is not s:
+                return
+            fd = self._fds.get(nodeid)
+            if fd is None:
+                name = self.fs.name_of(nodeid)
+                if name is None:
+                    return
+                try:
+                    # a LOOKUP (usually cached) and an OPEN answered by our own workers
+                    fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    log.debug("blob fs: cannot open %s to prefill it: %s", name, e)
+                    return
+                self._fds[nodeid] = fd
+            for lo, hi in ranges:
+                for off in range(lo, hi, _PREFILL_STEP):
+                    try:
+                        os.posix_fadvise(fd, off, min(_PREFILL_STEP, hi - off),
+                                         os.POSIX_FADV_WILLNEED)
+                    except OSError as e:  # ENOTCONN: the connection is going away
+                        log.debug("blob fs: WILLNEED on node %d: %s", nodeid, e)
+                        return
+                self.prefilled += (hi - lo) // BLOCK
+
+    def _close_fd(self, nodeid: int) -> None:
+        with self._fd_lock:
+            fd = self._fds.pop(nodeid, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def set_readahead(self, nbytes: int) -> None:
         """The kernel's readahead on every blob file, in bytes (rounded up to 4 KiB; 0: none).
@@ -432,12 +577,22 @@ class BlobFsServer:
         return os.path.join(self.directory, name)
 
     def stop(self) -> None:
-        self.fs.push = None
-        with self._pq_cond:
+        self.fs.prefill = None
+        self.fs.on_release = None
+        with self._jobs_cond:
             s, self.session = self.session, None
-            self._pq_cond.notify_all()
+            self._jobs_cond.notify_all()
         if s is None:
             return
+        t = self._prefiller
+        if t is not None and t is not threading.current_thread():
+            t.join(5)
+        with self._fd_lock:  # our own opens would keep the mount busy
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        deathwatch.release(self.directory)
         try:
             s.unmount()
         except OSError as e:

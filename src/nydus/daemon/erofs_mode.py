@@ -46,14 +46,20 @@ cache) until they are closed, when the kernel frees the old instance.
 
 Daemon death: when nydusd dies its /dev/fuse fds close, the kernel aborts both FUSE connections,
 and every later read that misses the page cache (EROFS metadata never does; blob data may) fails:
-the blob file read returns ENOTCONN and EROFS returns EIO to the reader. Nothing hangs. Pages
-already cached stay readable. Native-switched mounts do not depend on the daemon at all. To
-restore service the snapshotter must, for each EROFS-mode mount of the dead daemon, lazily
-unmount the stale EROFS mount (``umount -l <mountpoint>/<path>``) and the dead blob fs (its path
-is in ``GET /api/v1/daemon``: ``blobfs``), then start a new nydusd and re-issue the mounts;
-containers must be restarted to see the new mount (their old mount namespace keeps the old one).
-The snapshotter's daemon manager does this (restart semantics, also under ``recover_policy
-failover``); ``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS mounts exist.
+the blob file read returns ENOTCONN and EROFS returns EIO to the reader. Nothing hangs: no
+thread of the daemon waits in the kernel for a READ of its own blob fs (:mod:`.blobdev`, why
+the rest of a chunk is prefilled with WILLNEED and not pushed with FUSE_NOTIFY_STORE), and what
+could still pin a dying process (a system call into its own mount whose worker was killed) is
+undone from outside: the death watcher (:mod:`nydus.deathwatch`) aborts the connections of a
+daemon that dies without closing them, and so do the snapshotter before it restarts a daemon and
+the next daemon's sweep below (:mod:`nydus.fusectl`). Pages already cached stay readable.
+Native-switched mounts do not depend on the daemon at all. To restore service the snapshotter
+must, for each EROFS-mode mount of the dead daemon, lazily unmount the stale EROFS mount
+(``umount -l <mountpoint>/<path>``) and the dead blob fs (its path is in ``GET /api/v1/daemon``:
+``blobfs``), then start a new nydusd and re-issue the mounts; containers must be restarted to
+see the new mount (their old mount namespace keeps the old one). The snapshotter's daemon
+manager does this (restart semantics, also under ``recover_policy failover``);
+``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS mounts exist.
 
 Threading contract: :class:`ErofsManager` methods are called under the daemon's lock; the
 native-switch watcher thread takes the manager's own lock.
@@ -73,7 +79,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import kernel_mount
+from .. import fusectl, kernel_mount
 from .blobdev import BlobFsServer
 
 __all__ = ["FUSEDEV", "EROFS", "ErofsImage", "ErofsManager", "resolve_driver"]
@@ -150,9 +156,11 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale_blobfs_dirs(base: str = BLOBFS_BASE) -> int:
     """Clean up after daemons that are gone (a killed daemon cannot clean up after itself):
-    detach their dead blob fs and staging mounts lazily (EROFS mounts still holding blob files
-    keep them; their uncached reads fail as they already did) and remove the ``<base>/<pid>``
-    directories. Directories of live processes are left alone. Returns how many went."""
+    abort their blob fs connection if it is still up (a daemon that died stuck in the kernel:
+    its readers wait until then), detach their dead blob fs and staging mounts lazily (EROFS
+    mounts still holding blob files keep them; their uncached reads fail as they already did)
+    and remove the ``<base>/<pid>`` directories. Directories of live processes (not zombies)
+    are left alone. Returns how many went."""
     removed = 0
     try:
         names = os.listdir(base)
@@ -171,6 +179,10 @@ def sweep_stale_blobfs_dirs(base: str = BLOBFS_BASE) -> int:
         for sub, fstype in (("blobs", "fuse.nydus-blobfs"), ("stage", None)):
             path = os.path.realpath(os.path.join(d, sub))
             kinds = table.get(path, [])
+            if fstype is not None and fstype in kinds:
+                for m in fusectl.abort_mounts([path], fstypes=[fstype]):
+                    log.warning("aborted FUSE connection %d of %s, left up by a daemon that "
+                                "is gone (pid %s)", m.conn, path, name)
             if kinds and (fstype is None or kinds[-1] == fstype):
                 with contextlib.suppress(OSError):
                     kernel_mount.umount(path, lazy=True)
@@ -417,8 +429,8 @@ class ErofsManager:
     def info(self) -> dict[str, Any]:
         return {"blobfs": self.blobfs.directory if self.blobfs.running else None,
                 "blob_files": self.blobfs.fs.stats(),
-                "blobfs_pushed_pages": self.blobfs.pushed,
-                "blobfs_push_dropped": self.blobfs.push_dropped}
+                "blobfs_prefilled_pages": self.blobfs.prefilled,
+                "blobfs_prefill_dropped": self.blobfs.prefill_dropped}
 
     # ------------------------------------------------------------------ native switch
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import __version__
+from .. import __version__, deathwatch
 from ..config import DaemonConfig
 from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
@@ -325,6 +325,8 @@ class Nydusd:
         """Mount the FUSE file system at the daemon's mount point and start serving."""
         s = FuseSession(self.vfs, self.opts.mountpoint, self.opts.session)
         s.mount()
+        if not self.opts.supervisor:  # a supervisor keeps the connection alive on purpose
+            deathwatch.guard(self.opts.mountpoint)
         self.vfs.notify_entry = s.notify_inval_entry
         self.vfs.notify_inode = s.notify_inval_inode
         self.session = s
@@ -376,6 +378,7 @@ class Nydusd:
         from .erofs_hooks import shutdown_erofs
         shutdown_erofs(self)
         if s is not None:
+            deathwatch.release(self.opts.mountpoint)
             try:
                 s.unmount()
             except OSError as e:

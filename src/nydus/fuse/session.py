@@ -425,8 +425,11 @@ class FuseSession(RequestHandlers):
         """Put ``data`` into the page cache of ``nodeid`` at ``offset`` (whole pages are marked
         up to date; the file grows if the data ends past its size).
 
-        The kernel locks each page while copying, so a call blocks while a READ of one of those
-        pages is in flight: never call it from a worker that may be needed to answer that READ.
+        The kernel locks each page while copying, in an uninterruptible wait, so a call blocks
+        while a READ of one of those pages is not answered yet (being served, or still queued
+        in the kernel): never call it from a worker that may be needed to answer that READ, and
+        know that a daemon killed during such a wait cannot exit (nobody answers the READ; see
+        :mod:`nydus.daemon.blobdev`, which no longer pushes pages this way).
         """
         return self._notify(NOTIFY_STORE, NOTIFY_STORE_OUT.pack(nodeid, offset, len(data), 0),
                             data)

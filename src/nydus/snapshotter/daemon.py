@@ -12,7 +12,10 @@ snapshotter process started it, the :class:`subprocess.Popen` handle:
   snapshotter restart the daemons are adopted from their recorded pid): the pid must exist, not
   be a zombie, and its command line must name this daemon's API socket (pid reuse);
 - :meth:`stop` asks the daemon to exit (``PUT /api/v1/daemon/exit``), then SIGTERM, then
-  SIGKILL, and detaches a mount left behind.
+  SIGKILL, and detaches a mount left behind;
+- :meth:`release_mount` (before a dead daemon is restarted, and after a stop) aborts the dead
+  daemon's FUSE connections still up (:mod:`nydus.fusectl`: one stuck in the kernel cannot
+  close them), then detaches its mounts.
 
 Threading: a record is owned by the daemon manager, which serializes operations on one daemon;
 :meth:`alive` may be called from any thread.
@@ -30,8 +33,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .. import fusectl
 from ..credentials import private_file
 from ..daemon.client import NydusdClient
+from ..daemon.erofs_mode import BLOBFS_BASE
 from ..errors import NydusError
 from ..kernel_mount import umount
 from .errdefs import DaemonError
@@ -204,7 +209,10 @@ class DaemonProcess:
 
     def alive(self) -> bool:
         if self.proc is not None:
-            return self.proc.poll() is None
+            # not reaped yet, yet dead: a process whose main thread exited while another
+            # thread is stuck in the kernel (killed, it cannot finish exiting until its FUSE
+            # connections are aborted: release_mount does that)
+            return self.proc.poll() is None and _proc_state(self.pid) not in ("Z", "X", "x")
         if self.pid <= 0:
             return False
         state = _proc_state(self.pid)
@@ -276,7 +284,21 @@ class DaemonProcess:
 
     def release_mount(self) -> None:
         """Detach what a dead daemon leaves: kernel EROFS mounts at or below its mount point
-        (their blob files answer EIO) and its FUSE mount (ENOTCONN), then its blob fs."""
+        (their blob files answer EIO) and its FUSE mount (ENOTCONN), then its blob fs.
+
+        First its FUSE connections (the mount point's, any FUSE mount below it, the blob fs)
+        are aborted through fusectl if still up: a daemon that died with a thread stuck in
+        the kernel keeps them open, its readers wait, and so would ``umount -l`` and the
+        process itself, until then. (Never called while a supervisor holds the connection
+        for a takeover.)"""
+        if self.proc is not None:
+            self.proc.poll()
+        blobfs = self.blobfs or (os.path.join(BLOBFS_BASE, str(self.pid), "blobs")
+                                 if self.pid > 0 else "")
+        for m in fusectl.abort_mounts([self.mountpoint] + ([blobfs] if blobfs else []),
+                                      below=True):
+            log.warning("nydusd %s (pid %d): aborted FUSE connection %d of %s, still up after "
+                        "the daemon died", self.id, self.pid, m.conn, m.mountpoint)
         if self.proc is not None:
             self.proc.poll()
         base = os.path.join(os.path.realpath(os.path.dirname(self.mountpoint)),
