@@ -371,9 +371,13 @@ def _load(source: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
     text = source.decode("utf-8", "replace") if isinstance(source, bytes) else source
     try:
         obj = json.loads(text)
+    except RecursionError:  # nested too deeply for the decoder
+        raise ConfigError("config is not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as je:
         try:
             obj = tomllib.loads(text)
+        except RecursionError:
+            raise ConfigError("config is not valid TOML: nested too deeply") from None
         except tomllib.TOMLDecodeError:
             raise ConfigError(
                 f"config is neither JSON nor TOML: {je.msg} at line {je.lineno} "

@@ -122,6 +122,8 @@ class SourceManifest:
 def _load(body: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
+    except RecursionError:  # nested too deeply for the decoder
+        raise FormatError(f"{what} is not JSON: nested too deeply") from None
     except ValueError as e:
         raise FormatError(f"{what} is not JSON: {e}") from None
     if not isinstance(doc, dict):

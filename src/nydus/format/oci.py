@@ -167,6 +167,8 @@ def manifest_media_type(body: bytes, header: str | None = None) -> str:
             return mt
     try:
         doc: Any = json.loads(body)
+    except RecursionError:  # nested too deeply for the decoder: not a manifest
+        raise FormatError("manifest is not JSON: nested too deeply") from None
     except ValueError as e:
         raise FormatError(f"manifest is not JSON: {e}") from None
     if not isinstance(doc, dict):
