@@ -75,7 +75,11 @@ def replay(
 def fuzz_main(check: Callable[[bytes], object], allowed: type[BaseException]) -> None:
     """atheris.Setup + Fuzz with ``check``; ``allowed`` exceptions are the documented way to
     reject an input."""
+    import logging
+
     import atheris
+
+    logging.disable(logging.CRITICAL)  # warnings on stderr for every input cost most of the time
 
     def test_one_input(data: bytes) -> None:
         with contextlib.suppress(allowed):
