@@ -78,12 +78,12 @@ from fault_rig import (
 DRIVERS = ("erofs", "fusedev")
 REPO_NAME = "fault/image"
 DEFAULTS = {  # full run; --quick uses QUICK
-    "registry": 500, "cache": 200, "bootstrap": 200, "proxy": 24, "sigkill": 100,
+    "registry": 500, "cache": 200, "bootstrap": 200, "proxy": 20, "sigkill": 100,
     "batch": 10, "bootstrap_mount_every": 5,
 }
 QUICK = {
-    "registry": 6, "cache": 4, "bootstrap": 12, "proxy": 2, "sigkill": 3,
-    "batch": 3, "bootstrap_mount_every": 6,
+    "registry": 6, "cache": 4, "bootstrap": 8, "proxy": 1, "sigkill": 2,
+    "batch": 3, "bootstrap_mount_every": 4,
 }
 ALL = ("registry", "cache", "bootstrap", "proxy", "sigkill", "tar", "secrets")
 
@@ -263,10 +263,17 @@ def _proxy_faults(kind: str, rng: random.Random) -> list[object]:
         "ignore-range": [Fault("ignore_range", blob, "GET", None, probability=p)],
         "long-body": [Fault("long", blob, "GET", None, probability=p)],
     }
+    if kind == "mixed":  # every kind at once, each on a small share of the requests
+        mixed = []
+        for k, faults in table.items():
+            for f in faults:
+                f.probability = 0.02 if k == "stall" else 0.05
+                mixed.append(f)
+        return list(mixed)
     return list(table[kind])
 
 
-PROXY_KINDS = ("reset", "5xx", "429", "truncation", "stall", "bad-content-range",
+PROXY_KINDS = ("mixed", "reset", "5xx", "429", "truncation", "stall", "bad-content-range",
                "shifted-body", "ignore-range", "long-body")
 
 
@@ -298,8 +305,8 @@ def trial_proxy(a: argparse.Namespace, work: Path, img: Image, reg: object) -> l
             t.trials += 1
         t.seconds = time.monotonic() - t0
         t.note(f"{requests} blob requests through the proxy; kinds in turn: "
-               + ", ".join(PROXY_KINDS) + " (about 30 % of blob GETs faulted, stalls 15 % "
-               "for 6 s)")
+               + ", ".join(PROXY_KINDS) + " (one kind: about 30 % of blob GETs faulted, stalls "
+               "15 % for 6 s; mixed: each kind on 5 %, stalls 2 %)")
         if by_kind:
             t.note("wrong files by fault kind: " + ", ".join(f"{k} {v}"
                                                             for k, v in by_kind.items()))

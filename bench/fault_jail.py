@@ -46,6 +46,11 @@ import zstandard
 from fault_rig import REPO, Image, Tally, child_env, cleanup_mounts, py_cli
 
 HOST_CANARIES = ["/tmp/nydus-hostile-abs", "/tmp/nydus-hostile-through", "/evil", "/tmp/evil"]
+QUICK_CASES = {  # --quick: the escapes, and a few that broke consumers before
+    "dotdot", "dotdot-inner", "absolute-path", "hardlink-escape", "hardlink-absolute-outside",
+    "hardlink-through-symlink", "file-through-symlink", "symlink-absolute", "bad-checksum",
+    "truncated-gzip", "deep-path-ok", "duplicate-types",
+}
 SLOW_CASES = {"gzip-bomb-tar", "zstd-bomb-tar", "gzip-bomb-zeros", "many-entries"}
 
 
@@ -81,7 +86,7 @@ def _cases(a: argparse.Namespace) -> list[Any]:
 
     cases = hostile_cases()
     if a.quick:
-        cases = [c for c in cases if c.name not in SLOW_CASES]
+        cases = [c for c in cases if c.name in QUICK_CASES]
     return cases
 
 
@@ -312,10 +317,12 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
     user = "fault-user"
     needles = [secret.encode(), base64.b64encode(f"{user}:{secret}".encode())]
     sock_dir = Path(tempfile.mkdtemp(prefix="nydus-fault-", dir="/tmp"))
-    base = work / "secrets"
+    # like /var/lib/containerd-nydus: the root lies below world-searchable directories, so the
+    # work directory (0700 when made by mkdtemp or pytest) must not hide what is under it
+    base = Path(tempfile.mkdtemp(prefix="nydus-fault-secrets-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
     root = base / "root"
     tpl = base / "nydusd.json"
-    base.mkdir()
     tpl.write_text(json.dumps(ARTICLE_NYDUSD_CONFIG))
     sn = SnapshotterProcess(root, sock_dir / "sn.sock", extra_args=[
         "--nydusd-config", str(tpl), "--daemon-start-timeout", "20",
@@ -346,8 +353,9 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
             if isinstance(r, grpc.RpcError):
                 t.note(f"bootstrap Prepare failed: {r.details()}")
             else:
-                fs = Path(r.mounts[0].options[-1].split("=", 1)[1]) if r.mounts[0].type == \
-                    "overlay" else Path(r.mounts[0].source)
+                m = r.mounts[0]
+                upper = [o.split("=", 1)[1] for o in m.options if o.startswith("upperdir=")]
+                fs = Path(upper[0]) if upper else Path(m.source)
                 (fs / "image").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(img.bootstrap, fs / "image" / "image.boot")
                 call("Commit", S.CommitSnapshotRequest(name=chain[1], key=key, labels=labels),
@@ -382,5 +390,7 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
     t.traceback_in(sn.log_text(), "the snapshotter log")
     t.note(f"{len(holders)} files hold the secret, {t.secrets} readable by others")
     shutil.rmtree(sock_dir, ignore_errors=True)
+    if not a.keep:
+        shutil.rmtree(base, ignore_errors=True)
     t.seconds = time.monotonic() - t0
     return [t]
