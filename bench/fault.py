@@ -197,9 +197,10 @@ def _corrupt_bootstrap(data: bytes, rng: random.Random) -> tuple[bytes, str]:
         return data[:n], f"truncated to {n}"
     buf = bytearray(data)
     flips = 1 if kind < 0.7 else rng.randrange(2, 9)
+    used = [i for i, b in enumerate(data) if b]  # most of a small bootstrap is zero padding
     for _ in range(flips):
-        # half of the flips in the first 4 KiB + superblock area, where most structure lives
-        off = rng.randrange(min(len(buf), 8192)) if rng.random() < 0.5 else rng.randrange(len(buf))
+        # mostly bytes in use (superblock, inodes, dirents, chunk and blob tables)
+        off = rng.choice(used) if used and rng.random() < 0.8 else rng.randrange(len(buf))
         buf[off] ^= rng.randrange(1, 256)
     return bytes(buf), f"{flips} byte(s) flipped"
 

@@ -3,7 +3,8 @@
 The input is a layer: gzip/zstd (by its magic) are read through the real ``LayerStream``, a
 plain tar through :class:`PlainStream`, a thread-free stand-in with the same reading contract
 (``LayerStream`` starts a decompression thread per layer, which made the target three times
-slower); then ``TarReader`` reads it: every entry is listed and every regular file's data is read in 4 KiB chunks.
+slower); then ``TarReader`` reads it: every entry is listed and every regular file's data is
+read in 4 KiB chunks.
 Contract: a malformed layer raises a NydusError (FormatError, UnsupportedError) with a
 message, nothing else, within the time limit. Beyond that it checks the reader's own promises:
 chunks of a plain file cover exactly ``size`` bytes in order; those of a sparse file lie

@@ -32,11 +32,15 @@ from typing import IO, cast
 
 import zstandard
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedError
 from ..format.erofs import split_xattr_name
 from ..metadata import ChunkInfo, RafsMetadata
 
 __all__ = ["FileNode", "OciRootfs", "nydus_rootfs", "compare", "Difference"]
+
+#: Largest apparent size of a sparse file whose holes are hashed (16 GiB of zeros take ~10 s):
+#: a hostile layer's 2**50-byte sparse file would otherwise keep ``check`` busy for days.
+MAX_SPARSE_HASHED = 16 << 30
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
          stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo",
@@ -201,6 +205,10 @@ class OciRootfs:
                 elif kind in ("chr", "blk"):
                     node.rdev = (m.devmajor, m.devminor)
                 elif kind == "file":
+                    if m.issparse() and m.size > MAX_SPARSE_HASHED:
+                        raise UnsupportedError(
+                            f"tar entry {m.name!r}: sparse file of {m.size} bytes is too large "
+                            f"to compare (at most {MAX_SPARSE_HASHED})")
                     node.size = m.size
                     h = hashlib.sha256()
                     f = tf.extractfile(m)
@@ -224,7 +232,35 @@ def _set(node: FileNode, m: tarfile.TarInfo, xattrs: dict[bytes, bytes]) -> None
 
 
 def _overlay(lower: FileNode, upper: FileNode) -> FileNode:
-    """``upper`` (one layer, with whiteout marks) applied onto ``lower``; returns the dir."""
+    """``upper`` (one layer, with whiteout marks) applied onto ``lower``; returns the dir.
+
+    Iterative (a path may be 2048 directories deep: recursion would hit Python's limit)."""
+    top: list[FileNode] = []
+    stack: list[tuple[FileNode, FileNode, dict[bytes, FileNode] | None, bytes]] = [
+        (lower, upper, None, b"")]
+    while stack:
+        low, up, into, name = stack.pop()
+        merged = _overlay_dir(low, up)
+        if into is None:
+            top.append(merged)
+        else:
+            into[name] = merged
+        kids = merged.children
+        assert kids is not None and up.children is not None
+        for child_name, node in up.children.items():
+            below = kids.get(child_name)
+            if node.children is not None:
+                base = below if below is not None and below.children is not None else \
+                    FileNode.new_dir(implicit=True)
+                stack.append((base, node, kids, child_name))
+            else:
+                kids[child_name] = node
+    return top[0]
+
+
+def _overlay_dir(lower: FileNode, upper: FileNode) -> FileNode:
+    """One directory of :func:`_overlay`: the merged node with the lower entries kept (the
+    caller then applies the upper entries)."""
     assert lower.children is not None and upper.children is not None
     if upper.opaque:
         kids: dict[bytes, FileNode] = {}
@@ -240,14 +276,6 @@ def _overlay(lower: FileNode, upper: FileNode) -> FileNode:
         # (single build) or the implicit ones (merge). Neither is wrong, so not compared.
         merged.uncertain = True
     merged.children = kids
-    for name, node in upper.children.items():
-        below = kids.get(name)
-        if node.children is not None and below is not None and below.children is not None:
-            kids[name] = _overlay(below, node)
-        elif node.children is not None:
-            kids[name] = _overlay(FileNode.new_dir(implicit=True), node)
-        else:
-            kids[name] = node
     merged.opaque, merged.whiteouts = False, set()
     return merged
 
@@ -327,11 +355,15 @@ class Difference:
 
 
 def _walk(node: FileNode, path: bytes = b"/") -> Iterator[tuple[bytes, FileNode]]:
-    yield path, node
-    if node.children:
-        prefix = b"" if path == b"/" else path
-        for name in sorted(node.children):
-            yield from _walk(node.children[name], prefix + b"/" + name)
+    """Pre-order, children sorted by name; iterative (deep trees)."""
+    stack = [(path, node)]
+    while stack:
+        p, n = stack.pop()
+        yield p, n
+        if n.children:
+            prefix = b"" if p == b"/" else p
+            for name in sorted(n.children, reverse=True):
+                stack.append((prefix + b"/" + name, n.children[name]))
 
 
 def compare(oci: FileNode, nydus: FileNode, limit: int = 1000
