@@ -29,6 +29,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +91,7 @@ def check(data: bytes) -> None:
     mode %= 4
     if mode == 0:  # each parser on its own: one rejecting the input does not hide the rest
         with_ci = blob[: count * 24 % (len(blob) + 1)]
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: bm.unpack_ci_array(with_ci, min(count, len(with_ci) // 16), False),
             lambda: bm.unpack_ci_array(with_ci, min(count, len(with_ci) // 24), True),
             lambda: bm.CiHeader.unpack(blob[-bm.CI_HEADER_SIZE :]),

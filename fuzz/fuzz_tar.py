@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fuzzlib
@@ -93,8 +94,9 @@ class PlainStream:
 def check(data: bytes) -> int:
     """Read every entry and all file data; returns the number of entries."""
     compressed = data.startswith((GZIP_MAGIC, ZSTD_MAGIC))
-    with LayerStream(io.BytesIO(data)) if compressed else PlainStream(data) as ls:
-        reader = TarReader(ls, LIMITS)  # type: ignore[arg-type]
+    stream: Any = LayerStream(io.BytesIO(data)) if compressed else PlainStream(data)
+    with stream as ls:
+        reader = TarReader(ls, LIMITS)
         n = 0
         for e in reader:
             n += 1
