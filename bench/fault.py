@@ -18,9 +18,10 @@ Trials (``--only`` names, each count a flag; defaults in :data:`DEFAULTS`):
 * ``cache``: a complete blob cache (``.blob.data``) with flipped bytes, daemon restarted.
 * ``bootstrap``: flipped bytes and truncations of the bootstrap through ``nydus-image check``
   and, every Nth, a nydusd mount and full read.
-* ``proxy``: a fault proxy in front of the registry (resets, 5xx, 429, truncations, stalls,
-  wrong Content-Range, right headers over wrong bytes, ignored Range) on a share of blob
-  requests; 0 wrong bytes, no hang.
+* ``proxy``: a fault proxy in front of the registry. Transport faults (resets, 5xx, 429,
+  truncations, stalls, a wrong Content-Range, an ignored Range, a body longer than declared,
+  and all of them mixed) on a share of the blob requests: 0 wrong bytes, no hang. And wrong
+  bytes behind right headers (a shifted or flipped body): only verification catches those.
 * ``sigkill``: nydusd SIGKILLed during 8-thread reads: readers back within 10 s, daemon gone,
   no mount left.
 * ``tar``: the hostile tar corpus (tests/hostile_tars.py) through ``nydus-image create``,
@@ -78,11 +79,12 @@ from fault_rig import (
 DRIVERS = ("erofs", "fusedev")
 REPO_NAME = "fault/image"
 DEFAULTS = {  # full run; --quick uses QUICK
-    "registry": 500, "cache": 200, "bootstrap": 200, "proxy": 20, "sigkill": 100,
+    "registry": 500, "cache": 200, "bootstrap": 200, "proxy": 18, "proxy_content": 6,
+    "sigkill": 100,
     "batch": 10, "bootstrap_mount_every": 5,
 }
 QUICK = {
-    "registry": 6, "cache": 4, "bootstrap": 8, "proxy": 1, "sigkill": 2,
+    "registry": 6, "cache": 4, "bootstrap": 8, "proxy": 1, "proxy_content": 1, "sigkill": 2,
     "batch": 3, "bootstrap_mount_every": 4,
 }
 ALL = ("registry", "cache", "bootstrap", "proxy", "sigkill", "tar", "secrets")
@@ -260,58 +262,73 @@ def _proxy_faults(kind: str, rng: random.Random) -> list[object]:
         "stall": [Fault("stall", blob, "GET", None, after=rng.randrange(0, 4096),
                         seconds=6.0, probability=0.15)],
         "bad-content-range": [Fault("bad_range", blob, "GET", None, probability=p)],
-        "shifted-body": [Fault("shift_body", blob, "GET", None, probability=p)],
         "ignore-range": [Fault("ignore_range", blob, "GET", None, probability=p)],
         "long-body": [Fault("long", blob, "GET", None, probability=p)],
+        "shifted-body": [Fault("shift_body", blob, "GET", None, probability=p)],
+        "flipped-body": [Fault("flip", blob, "GET", None, after=rng.randrange(1 << 20),
+                               probability=p)],
     }
-    if kind == "mixed":  # every kind at once, each on a small share of the requests
+    if kind == "mixed":  # every transport kind at once, each on a small share of requests
         mixed = []
-        for k, faults in table.items():
-            for f in faults:
+        for k in TRANSPORT_KINDS[1:]:
+            for f in table[k]:
                 f.probability = 0.02 if k == "stall" else 0.05
                 mixed.append(f)
         return list(mixed)
     return list(table[kind])
 
 
-PROXY_KINDS = ("mixed", "reset", "5xx", "429", "truncation", "stall", "bad-content-range",
-               "shifted-body", "ignore-range", "long-body")
+TRANSPORT_KINDS = ("mixed", "reset", "5xx", "429", "truncation", "stall", "bad-content-range",
+                   "ignore-range", "long-body")
+CONTENT_KINDS = ("shifted-body", "flipped-body")
+
+
+def _proxy_row(title: str, kinds: tuple[str, ...], trials: int, rng: random.Random,
+               work: Path, img: Image, reg: object, driver: str) -> Tally:
+    from registry import FaultProxy
+
+    t = Tally(f"{title}, {driver}")
+    t0 = time.monotonic()
+    requests = 0
+    by_kind: dict[str, int] = {}
+    for i in range(trials):
+        kind = kinds[i % len(kinds)]
+        proxy = FaultProxy(reg, seed=rng.randrange(1 << 30))  # type: ignore[arg-type]
+        try:
+            proxy.add(*_proxy_faults(kind, rng))  # type: ignore[arg-type]
+            cache = work / "cache-proxy"
+            shutil.rmtree(cache, ignore_errors=True)
+            cfg = registry_config(proxy.host, REPO_NAME, cache)
+            r = _daemon_trial(t, Daemon(work, cfg, img.bootstrap, driver), img.files,
+                              f"proxy {kind} {driver}")
+            requests += sum(1 for rec in proxy.records if "/blobs/" in rec.path)
+            if r is not None and r.wrong_bytes:
+                by_kind[kind] = by_kind.get(kind, 0) + r.wrong_bytes
+        finally:
+            proxy.stop()
+        t.trials += 1
+    t.seconds = time.monotonic() - t0
+    t.note(f"{requests} blob requests through the proxy; one kind per mount, in turn: "
+           + ", ".join(kinds))
+    if by_kind:
+        t.note("wrong bytes by kind: " + ", ".join(f"{k} {v}" for k, v in by_kind.items()))
+    return t
 
 
 def trial_proxy(a: argparse.Namespace, work: Path, img: Image, reg: object) -> list[Tally]:
-    from registry import FaultProxy
-
+    """Transport faults (must cost retries or EIO only) and wrong bytes behind right headers
+    (a broken cache or CDN: only verification can catch them)."""
     out = []
     rng = random.Random(a.seed + 3)
     for driver in DRIVERS:
-        t = Tally(f"fault proxy in front of the registry, {driver}")
-        t0 = time.monotonic()
-        requests = 0
-        by_kind: dict[str, int] = {}
-        for i in range(a.proxy):
-            kind = PROXY_KINDS[i % len(PROXY_KINDS)]
-            proxy = FaultProxy(reg, seed=rng.randrange(1 << 30))  # type: ignore[arg-type]
-            try:
-                proxy.add(*_proxy_faults(kind, rng))  # type: ignore[arg-type]
-                cache = work / "cache-proxy"
-                shutil.rmtree(cache, ignore_errors=True)
-                cfg = registry_config(proxy.host, REPO_NAME, cache)
-                r = _daemon_trial(t, Daemon(work, cfg, img.bootstrap, driver), img.files,
-                                  f"proxy {kind} {driver}")
-                requests += sum(1 for rec in proxy.records if "/blobs/" in rec.path)
-                if r is not None and r.wrong_files:
-                    by_kind[kind] = by_kind.get(kind, 0) + r.wrong_files
-            finally:
-                proxy.stop()
-            t.trials += 1
-        t.seconds = time.monotonic() - t0
-        t.note(f"{requests} blob requests through the proxy; kinds in turn: "
-               + ", ".join(PROXY_KINDS) + " (one kind: about 30 % of blob GETs faulted, stalls "
-               "15 % for 6 s; mixed: each kind on 5 %, stalls 2 %)")
-        if by_kind:
-            t.note("wrong files by fault kind: " + ", ".join(f"{k} {v}"
-                                                            for k, v in by_kind.items()))
-        out.append(t)
+        out.append(_proxy_row("fault proxy, transport faults", TRANSPORT_KINDS, a.proxy, rng,
+                              work, img, reg, driver))
+        out[-1].note("a kind faults about 30 % of blob GETs (stalls: 15 %, 6 s); mixed: "
+                     "each kind on 5 % (stalls 2 %)")
+        out.append(_proxy_row("fault proxy, wrong bytes behind right headers", CONTENT_KINDS,
+                              a.proxy_content, rng, work, img, reg, driver))
+        out[-1].note("shifted-body: a 206 with the asked Content-Range over the bytes one "
+                     "further; flipped-body: one byte of a body inverted; on 30 % of blob GETs")
     return out
 
 

@@ -37,6 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 for _p in (REPO / "src", REPO / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+# Every child (the snapshotter, nydusd, nydus-image) must run this checkout's code, not the
+# package the virtualenv happens to point at.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 from nydus.daemon.client import NydusdClient  # noqa: E402
 from nydus.metadata import open_bootstrap  # noqa: E402
