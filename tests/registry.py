@@ -507,8 +507,16 @@ class Fault:
     206 with a Content-Range shifted by one), ``loop`` (redirect in a circle), ``redirect``
     (blob GETs 307 to ``/objects/...`` on ``localhost``: a different host name),
     ``delay`` (sleep ``seconds`` before forwarding), ``strip_query`` (forward without the
-    query string: a mount request becomes a plain upload start). It also works as a forward
-    proxy (absolute-URI requests), for ``ProxySettings``.
+    query string: a mount request becomes a plain upload start), ``stall`` (send ``after``
+    body bytes, stop for ``seconds``, then send the rest), ``shift_body`` (a ranged GET is
+    answered 206 with the headers of the range asked for, Content-Range included, but with
+    the bytes one further into the blob: wrong data behind right headers), ``flip`` (one byte
+    of the body, at ``after`` modulo its length, is inverted; headers unchanged). It also
+    works as a forward proxy (absolute-URI requests), for ``ProxySettings``.
+
+    ``probability`` below 1 makes a matching request take the rule only that often (a
+    ``random.Random(seed)`` of the proxy decides), so ``times=None, probability=0.3`` fails
+    about 30 % of the requests.
     """
 
     action: str
@@ -521,6 +529,7 @@ class Fault:
     after: int = 0
     extra: bytes = b"EXTRA-BYTES"
     seconds: float = 0.0
+    probability: float = 1.0
 
     def matches(self, method: str, path: str) -> bool:
         if self.times is not None and self.times <= 0:
@@ -551,9 +560,11 @@ class FaultProxy:
     one digest (through ``/v2/.../blobs/`` and the ``/objects/`` redirect target).
     """
 
-    def __init__(self, upstream: RegistryServer, *, tls: CertPair | None = None) -> None:
+    def __init__(self, upstream: RegistryServer, *, tls: CertPair | None = None,
+                 seed: int = 0) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
+        self._rng = random.Random(seed)
         self.records: list[ProxyRecord] = []
         self._lock = threading.Lock()
         owner = self
@@ -634,6 +645,8 @@ class FaultProxy:
         with self._lock:
             for f in self.faults:
                 if f.matches(method, path):
+                    if f.probability < 1.0 and self._rng.random() >= f.probability:
+                        continue
                     if f.times is not None:
                         f.times -= 1
                     return f
@@ -723,6 +736,14 @@ class FaultProxy:
             headers.pop("Authorization", None)
         if action == "ignore_range":
             headers.pop("Range", None)
+        asked_range = ""
+        if action == "shift_body" and method == "GET":
+            rng_key = next((k for k in headers if k.lower() == "range"), None)
+            mm = re.match(r"bytes=(\d+)-(\d+)$", headers.get(rng_key, "")) if rng_key else None
+            if rng_key and mm:
+                a, b = int(mm.group(1)), int(mm.group(2))
+                asked_range = f"{a}-{b}"
+                headers[rng_key] = f"bytes={a + 1}-{b + 1}"
         conn = self._upstream_conn()
         try:
             conn.request(method, upstream_path, body=req_body, headers=headers)
@@ -743,6 +764,30 @@ class FaultProxy:
         finally:
             conn.close()
         status = up.status
+        if asked_range and status == 206:
+            a, b = (int(x) for x in asked_range.split("-"))
+            total = re.sub(r"^.*/", "", up.getheader("Content-Range") or "*/*")
+            body = body[: b - a + 1]
+            out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-range"]
+            out_headers.append(("Content-Range", f"bytes {a}-{a + len(body) - 1}/{total}"))
+        if action == "flip" and method == "GET" and body and fault is not None:
+            at = fault.after % len(body)
+            body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :]
+        if action == "stall" and method == "GET" and fault is not None:
+            h.send_response(status)
+            for k, v in out_headers:
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            self._record(h, status, len(body))
+            try:
+                h.wfile.write(body[: fault.after])
+                h.wfile.flush()
+                time.sleep(fault.seconds)
+                h.wfile.write(body[fault.after :])
+            except OSError:  # the client gave up during the stall
+                h.close_connection = True
+            return
         if action == "bad_range" and status == 206:
             cr = up.getheader("Content-Range") or ""
             mm = re.match(r"bytes (\d+)-(\d+)/(\d+)", cr)

@@ -318,3 +318,23 @@ def test_compare_reports_each_kind_of_difference() -> None:
     assert "/x, /y: hardlinked only in the OCI image" in text
     diffs, _n, _u = compare(_tree(other).root, a)
     assert any("missing in the Nydus image" in str(d) for d in diffs)
+
+
+def test_oci_rootfs_survives_hostile_layers() -> None:
+    """Regressions from bench/fault.py's tar trials: a 2000-directory-deep path raised
+    RecursionError in the overlay and walk of OciRootfs, and a sparse file claiming 2**50
+    bytes kept it hashing zeros for days; now the first is read, the second refused."""
+    import io
+
+    from hostile_tars import hostile_cases
+    from nydus.convert.rootfs import OciRootfs, _walk
+    from nydus.errors import UnsupportedError
+
+    cases = {c.name: c for c in hostile_cases()}
+    rootfs = OciRootfs()
+    rootfs.apply(io.BytesIO(cases["deep-path-ok"].make()))
+    paths = [p for p, _ in _walk(rootfs.root)]
+    assert ("/" + "a/" * 2000 + "f").encode() in paths
+    rootfs.apply(io.BytesIO(cases["deep-path-ok"].make()))  # overlay onto a deep lower tree
+    with pytest.raises(UnsupportedError, match="sparse file"):
+        OciRootfs().apply(io.BytesIO(cases["sparse-huge"].make()))
