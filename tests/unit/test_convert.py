@@ -328,7 +328,7 @@ def test_oci_rootfs_survives_hostile_layers() -> None:
 
     from hostile_tars import hostile_cases
     from nydus.convert.rootfs import OciRootfs, _walk
-    from nydus.errors import UnsupportedError
+    from nydus.errors import FormatError
 
     cases = {c.name: c for c in hostile_cases()}
     rootfs = OciRootfs()
@@ -336,5 +336,5 @@ def test_oci_rootfs_survives_hostile_layers() -> None:
     paths = [p for p, _ in _walk(rootfs.root)]
     assert ("/" + "a/" * 2000 + "f").encode() in paths
     rootfs.apply(io.BytesIO(cases["deep-path-ok"].make()))  # overlay onto a deep lower tree
-    with pytest.raises(UnsupportedError, match="sparse file"):
+    with pytest.raises(FormatError, match="sparse file"):
         OciRootfs().apply(io.BytesIO(cases["sparse-huge"].make()))
