@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from .. import __version__
 from ..daemon.client import ApiClientError, NydusdClient
 from ..errors import NydusError
 
@@ -30,6 +31,7 @@ _LAT = ["<=1ms", "<=20ms", "<=50ms", "<=100ms", "<=500ms", "<=1s", "<=2s", ">2s"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nydusctl", description="Query and control nydusd")
+    p.add_argument("-V", "--version", action="version", version=f"nydusctl {__version__}")
     p.add_argument("-S", "--sock", required=True, help="nydusd API socket")
     p.add_argument("-r", "--raw", action="store_true", help="print the daemon's JSON")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -110,11 +110,37 @@ def _load_config(a: argparse.Namespace) -> object | None:
     if a.config:
         return DaemonConfig.from_file(a.config)
     if a.localfs_dir:
+        if not os.path.isdir(a.localfs_dir):
+            raise ConfigError(f"--localfs-dir {a.localfs_dir}: no such directory")
         return DaemonConfig.from_json(
             {"device": {"backend": {"type": "localfs", "config": {"dir": a.localfs_dir}}}})
     if a.bootstrap:
         raise ConfigError("--bootstrap needs --config (or --localfs-dir)")
     return None
+
+
+def _refuse_busy_mountpoint(mountpoint: str) -> None:
+    """Refuse a mount point that is in use, saying by whom, or how to clear what a killed
+    nydusd left there (its FUSE and EROFS mounts stay until unmounted)."""
+    from ..kernel_mount import mounts_at, nydusd_serving
+
+    left = mounts_at(mountpoint)
+    if not left:
+        return
+    kinds = ", ".join(left)
+    pids = nydusd_serving(mountpoint)
+    if pids:
+        raise StateBusyError(f"--mountpoint {mountpoint} is in use ({kinds}) by nydusd "
+                             f"pid {', '.join(map(str, pids))}")
+    n = len(left)
+    raise StateBusyError(
+        f"--mountpoint {mountpoint} still holds {n} mount{'s' if n > 1 else ''} ({kinds}) and "
+        f"no nydusd serves it: one was killed; clear {'them' if n > 1 else 'it'} with "
+        f"'umount -l {mountpoint}'" + (f" ({n} times)" if n > 1 else "") + " and start again")
+
+
+class StateBusyError(ConfigError):
+    """The mount point is taken (exit 2, like other unusable arguments)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"nydusd: error: logging: {e}", file=sys.stderr)
         return 2
-    return run_guarded("nydusd", lambda: _run(a), log)
+    rc = run_guarded("nydusd", lambda: _run(a), log)
+    log.info("nydusd exits" if rc == 0 else f"nydusd exits ({rc})")
+    return rc
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -148,6 +176,8 @@ def _run(a: argparse.Namespace) -> int:
         raise ConfigError("--mountpoint is required")
     if not os.path.isdir(a.mountpoint):
         raise ConfigError(f"--mountpoint {a.mountpoint}: not a directory")
+    if not a.upgrade:
+        _refuse_busy_mountpoint(os.path.abspath(a.mountpoint))
     if a.fuse_threads < 1 or a.fuse_threads > 1024:
         raise ConfigError("--fuse-threads must be in 1..1024")
     if a.upgrade and not a.supervisor:
@@ -207,7 +237,6 @@ def _run(a: argparse.Namespace) -> int:
         daemon.shutdown()
         if api is not None:
             api.stop()
-        log.info("nydusd exits")
     return 0
 
 

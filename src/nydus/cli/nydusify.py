@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from .. import __version__
+from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from . import run_guarded
 
@@ -307,8 +308,7 @@ COMMANDS = {"convert": cmd_convert, "check": cmd_check, "mount": cmd_mount, "cop
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     name = "debug" if a.debug else (a.sub_log_level or a.log_level)
-    level = {"trace": logging.DEBUG, "warn": logging.WARNING}.get(name, name.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(name)
     if name not in ("debug", "trace"):
         logging.getLogger("nydus.registry").setLevel(logging.WARNING)
     return run_guarded(f"nydusify {a.cmd}", lambda: COMMANDS[a.cmd](a))

@@ -153,13 +153,14 @@ def _docker_config() -> Path:
 
 
 def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    from ..daemon.logsetup import UpstreamFormatter
+
     if to_stdout:
         handler: logging.Handler = logging.StreamHandler(sys.stdout)
     else:
         log_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_dir / "containerd-nydus-grpc.log")
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(UpstreamFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])

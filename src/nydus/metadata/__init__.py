@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
+
+if TYPE_CHECKING:
+    from ..format.blob_meta import TocEntry
 
 __all__ = ["open_bootstrap", "BlobInfo", "ChunkInfo", "DirEntry", "Inode", "RafsMetadata"]
 
@@ -39,21 +43,50 @@ def open_bootstrap(path: str | os.PathLike[str] | bytes) -> RafsMetadata:
 
 
 def _inlined_bootstrap(data: bytes) -> bytes | None:
-    """The ``image.boot`` section of a data blob built with --blob-inline-meta."""
+    """The ``image.boot`` section of a data blob built with --blob-inline-meta.
+
+    As upstream reads it: with a ToC (``rafs.blob.toc`` the last section), its ``image.boot``
+    entry, which upstream's builder stores zstd-compressed (the entry's flags name the
+    compression; its digest is the sha256 of the uncompressed bootstrap); without a ToC
+    (older upstream builds), the last section itself when it is ``image.boot``: the bootstrap,
+    uncompressed, right before its trailing tar header.
+    """
     from ..format import blob_meta as bm
 
     if len(data) < bm.TAR_BLOCK or data[-bm.TAR_BLOCK + 257 : -bm.TAR_BLOCK + 262] != b"ustar":
         return None
     name, size = bm.parse_tar_header(data[-bm.TAR_BLOCK :])
-    if name != bm.TOC_ENTRY_BLOB_TOC or size + bm.TAR_BLOCK > len(data):
+    if size + bm.TAR_BLOCK > len(data):
         return None
-    for e in bm.unpack_toc(data[-bm.TAR_BLOCK - size : -bm.TAR_BLOCK]):
+    section = data[-bm.TAR_BLOCK - size : -bm.TAR_BLOCK]
+    if name == bm.TOC_ENTRY_BOOTSTRAP:
+        return section
+    if name != bm.TOC_ENTRY_BLOB_TOC:
+        return None
+    for e in bm.unpack_toc(section):
         if e.name == bm.TOC_ENTRY_BOOTSTRAP:
-            end = e.compressed_offset + e.compressed_size
-            if e.compressed_size != e.uncompressed_size or end > len(data):
-                raise FormatError("inlined bootstrap entry is compressed or out of range")
-            boot = data[e.compressed_offset : end]
-            if hashlib.sha256(boot).digest() != e.digest:
-                raise FormatError("inlined bootstrap digest mismatch")
-            return boot
+            return _toc_bootstrap(data, e)
     return None
+
+
+def _toc_bootstrap(data: bytes, e: TocEntry) -> bytes:
+    from .. import codec
+    from ..format import blob_meta as bm
+
+    end = e.compressed_offset + e.compressed_size
+    if end > len(data) or e.uncompressed_size > 1 << 32:
+        raise FormatError("inlined bootstrap entry is out of range")
+    raw = data[e.compressed_offset : end]
+    names = {f: n for n, f in bm.TOC_COMPRESSION.items()}
+    kind = names.get(e.flags & 0x7)
+    if kind is None:
+        raise FormatError(f"inlined bootstrap: unknown compression flags {e.flags:#x}")
+    if kind == "none":
+        if e.compressed_size != e.uncompressed_size:
+            raise FormatError("inlined bootstrap: stored sizes differ without compression")
+        boot = raw
+    else:
+        boot = codec.decompress(codec.compressor_by_name(kind), raw, e.uncompressed_size)
+    if hashlib.sha256(boot).digest() != e.digest:
+        raise FormatError("inlined bootstrap digest mismatch")
+    return boot
