@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -9,7 +10,17 @@ from collections.abc import Callable
 
 from ..errors import NydusError
 
-__all__ = ["run_guarded"]
+__all__ = ["run_guarded", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines with the default appended (skipped for flags without a real default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        h = action.help or ""
+        if action.default in (None, False, "", 0, argparse.SUPPRESS) or "default" in h:
+            return h
+        return super()._get_help_string(action)
 
 
 def run_guarded(prog: str, fn: Callable[[], int], log: logging.Logger | None = None) -> int:

@@ -12,22 +12,26 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .. import __version__
 from ..builder.build import BuildOptions, BuildResult, build_from_tar, build_image
 from ..builder.dirsource import load_directory
 from ..builder.merge import MergeOptions, merge_bootstraps
+from ..builder.tree import iter_tree
+from ..convert.progress import Progress, human
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..metadata import open_bootstrap
 from ..verbs.check import check_image
 from ..verbs.inspect import dedup_report, image_stats, inspect_request
 from ..verbs.unpack import unpack_image
-from . import run_guarded
+from . import HelpFormatter, run_guarded
 
 log = logging.getLogger("nydus-image")
 
@@ -52,14 +56,7 @@ def _int(v: str) -> int:
         ) from None
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in every help line (skipped for flags without one)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        h = action.help or ""
-        if action.default in (None, False, "", argparse.SUPPRESS) or "%(default)" in h:
-            return h
-        return super()._get_help_string(action)
+_Help = HelpFormatter
 
 
 COMPRESSORS = ["zstd", "lz4_block", "none"]
@@ -224,15 +221,26 @@ def cmd_create(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     tree = None if from_tar else load_directory(a.source)
     src = _open_tar(a.source) if from_tar else None
+    progress = Progress()
+    lp = progress.layer(f"create {os.path.basename(a.source.rstrip('/')) or a.source}",
+                        _source_size(src) if src is not None else _tree_bytes(tree))
+    if progress.enabled:  # bytes read: the tar stream's, or the directory's by chunk
+        opts.on_chunk = lambda size, dedup: progress.chunk(lp, dedup,
+                                                           read=0 if from_tar else size)
     blob_path, tmp = _blob_target(a)
     out = open(blob_path, "wb") if blob_path else None  # noqa: SIM115
     try:
+        sink = _CountingSink(out, lambda n: progress.advance(lp, written=n)) \
+            if out is not None and progress.enabled else out
         if src is not None:
-            res = build_from_tar(src, out, opts, spool_dir=a.blob_dir)
+            stream = _CountingReader(src, lambda n: progress.advance(lp, n)) \
+                if progress.enabled else src
+            res = build_from_tar(stream, sink, opts, spool_dir=a.blob_dir)  # type: ignore[arg-type]
         else:
             assert tree is not None
-            res = build_image(tree, out, opts)
+            res = build_image(tree, sink, opts)
     except BaseException:
+        progress.close()
         if out:
             out.close()
         if tmp:
@@ -241,6 +249,9 @@ def cmd_create(a: argparse.Namespace) -> int:
     finally:
         if src is not None and src is not sys.stdin.buffer:
             src.close()
+    progress.finish_layer(lp, f"{lp.label}: {human(res.bytes_read)} read, {lp.chunks} chunks "
+                              f"({lp.deduped} deduplicated), blob {human(lp.written)}")
+    progress.close()
     if out:
         out.close()
     blob_id = res.blob.entry.blob_id if res.blob else None
@@ -268,6 +279,57 @@ def cmd_create(a: argparse.Namespace) -> int:
     if "diff_id" in res.stats:
         print(f"diff_id: {res.stats['diff_id']}")
     return 0
+
+
+class _CountingReader:
+    """A binary stream that reports the bytes read through it."""
+
+    def __init__(self, f: BinaryIO, on_read: Callable[[int], None]) -> None:
+        self._f, self._on_read = f, on_read
+
+    def read(self, n: int = -1, /) -> bytes:
+        b = self._f.read(n)
+        self._on_read(len(b))
+        return b
+
+    def readinto(self, buf: Any, /) -> int:
+        k = self._f.readinto(buf)  # type: ignore[attr-defined]
+        self._on_read(k or 0)
+        return int(k or 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class _CountingSink:
+    """A blob sink that reports the bytes written through it."""
+
+    def __init__(self, f: BinaryIO, on_write: Callable[[int], None]) -> None:
+        self._f, self._on_write = f, on_write
+
+    def write(self, b: bytes, /) -> int:
+        n = self._f.write(b)
+        self._on_write(len(b))
+        return n
+
+
+def _source_size(f: BinaryIO) -> int:
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _tree_bytes(tree: Any) -> int:
+    """Bytes of file data in a directory tree (a hardlinked file once)."""
+    seen: set[int] = set()
+    total = 0
+    for _p, n in iter_tree(tree):
+        if n.is_reg and id(n) not in seen:
+            seen.add(id(n))
+            total += n.size
+    return total
 
 
 def _create_json(a: argparse.Namespace, res: BuildResult, blob_id: str | None,

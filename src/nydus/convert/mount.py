@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
@@ -107,14 +108,30 @@ def prepare_mount(target: Remote, opts: MountOptions) -> tuple[str, str]:
     return boot_path, cfg_path
 
 
+def find_tool(name: str) -> str:
+    """The executable for ``name``: a path as given; a bare name next to the running program
+    first (the tools of one virtualenv find each other when called by path), then on PATH."""
+    if os.sep in name:
+        if os.access(name, os.X_OK) and os.path.isfile(name):
+            return name
+        raise ConfigError(f"--nydusd {name}: not an executable file")
+    for d in dict.fromkeys((os.path.dirname(os.path.abspath(sys.argv[0])),
+                            os.path.dirname(sys.executable))):
+        cand = os.path.join(d, name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"--nydusd {name}: not found next to {sys.argv[0]} nor on PATH")
+    return found
+
+
 def mount(target: Remote, opts: MountOptions) -> int:
     """Run nydusd for the image until it exits; returns its exit status."""
-    exe = shutil.which(opts.nydusd) or (opts.nydusd if os.access(opts.nydusd, os.X_OK)
-                                         else None)
-    if exe is None:
-        raise ConfigError(f"--nydusd {opts.nydusd}: not found")
+    exe = find_tool(opts.nydusd)
+    if not os.path.isdir(opts.mount_path):
+        raise ConfigError(f"--mount-path {opts.mount_path}: no such directory (create it first)")
     boot, cfg = prepare_mount(target, opts)
-    os.makedirs(opts.mount_path, exist_ok=True)
     level = {"warn": "warn", "trace": "trace"}.get(opts.log_level, opts.log_level)
     cmd = [exe, "--config", cfg, "--mountpoint", os.path.abspath(opts.mount_path),
            "--bootstrap", boot, "--log-level", level]
