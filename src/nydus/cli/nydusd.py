@@ -23,7 +23,7 @@ from types import FrameType
 
 from .. import __version__
 from ..errors import ConfigError
-from . import run_guarded
+from . import HelpFormatter, run_guarded
 
 log = logging.getLogger("nydusd")
 
@@ -33,6 +33,7 @@ _SUBCOMMANDS = ("fuse", "virtiofs", "singleton", "nbd", "uffd")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nydusd", description="Serve RAFS (Nydus) images over FUSE",
+        formatter_class=HelpFormatter,
         epilog="Subcommand 'fuse' is the default; virtiofs, singleton (fscache), nbd and uffd "
                "are not supported by this implementation.")
     p.add_argument("-V", "--version", action="version", version=f"nydusd {__version__} (python)")
@@ -48,16 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-U", "--upgrade", action="store_true",
                    help="start in upgrade mode: wait for a takeover")
     p.add_argument("-l", "--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"])
-    p.add_argument("-L", "--log-file")
+                   choices=["trace", "debug", "info", "warn", "error"], help="log level")
+    p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
     p.add_argument("-R", "--log-rotation-size", type=int, default=0, help="MiB (0 = never)")
-    p.add_argument("--rlimit-nofile", type=int, default=1_000_000)
-    p.add_argument("-P", "--prefetch-files", nargs="+", default=None, metavar="PATH")
+    p.add_argument("--rlimit-nofile", type=int, default=1_000_000,
+                   help="raise the open-files limit to this")
+    p.add_argument("-P", "--prefetch-files", nargs="+", default=None, metavar="PATH",
+                   help="files to prefetch (when the config enables fs_prefetch)")
     p.add_argument("-m", "--virtual-mountpoint", default="/",
                    help="where the --bootstrap image appears inside the mount (default /)")
     p.add_argument("-F", "--failover-policy", default="resend",
-                   choices=["none", "resend", "flush"])
-    p.add_argument("-T", "--fuse-threads", type=int, default=4)
+                   choices=["none", "resend", "flush"],
+                   help="what a new daemon does with requests in flight at a takeover")
+    p.add_argument("-T", "--fuse-threads", type=int, default=4,
+                   help="threads serving FUSE requests (1..1024)")
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
     p.add_argument("--fs-driver", choices=("fusedev", "erofs"), default="erofs",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import signal
@@ -32,6 +33,8 @@ from ..format import oci
 from ..registry.auth import docker_config_credentials
 from . import image as im
 from .remote import Remote
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MountOptions", "prepare_mount", "mount", "nydusd_config"]
 
@@ -129,9 +132,14 @@ def find_tool(name: str) -> str:
 def mount(target: Remote, opts: MountOptions) -> int:
     """Run nydusd for the image until it exits; returns its exit status."""
     exe = find_tool(opts.nydusd)
-    if not os.path.isdir(opts.mount_path):
-        raise ConfigError(f"--mount-path {opts.mount_path}: no such directory (create it first)")
+    parent = os.path.dirname(os.path.abspath(opts.mount_path))
+    if not os.path.isdir(opts.mount_path) and not os.path.isdir(parent):
+        raise ConfigError(f"--mount-path {opts.mount_path}: neither it nor its parent {parent} "
+                          "exists (only the last component is created)")
     boot, cfg = prepare_mount(target, opts)
+    if not os.path.isdir(opts.mount_path):
+        os.mkdir(opts.mount_path)
+        log.info("created the mount point %s", opts.mount_path)
     level = {"warn": "warn", "trace": "trace"}.get(opts.log_level, opts.log_level)
     cmd = [exe, "--config", cfg, "--mountpoint", os.path.abspath(opts.mount_path),
            "--bootstrap", boot, "--log-level", level]
