@@ -243,8 +243,10 @@ def nydusd_serving(mountpoint: str, proc: str = "/proc") -> list[int]:
                 argv = [os.fsdecode(x) for x in f.read().split(b"\0") if x]
         except OSError:
             continue
-        if not any(os.path.basename(x) == "nydusd" for x in argv[:2]):
-            continue
+        if not any(os.path.basename(x) == "nydusd" or "nydus.cli.nydusd" in x
+                   for x in argv[:3]):
+            continue  # nydusd, python .../nydusd, or python -c '...nydus.cli.nydusd...'
+
         for i, arg in enumerate(argv):
             val = None
             if arg in ("--mountpoint", "-M") and i + 1 < len(argv):

@@ -308,5 +308,5 @@ def test_nydusd_found_next_to_the_running_program(tmp_path: Path,
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "nydusify")])
     monkeypatch.setenv("PATH", "/nonexistent")
     assert find_tool("nydusd") == str(exe)
-    with pytest.raises(ConfigError, match="not an executable file"):
+    with pytest.raises(ConfigError, match="not found"):
         find_tool("/nonexistent/nydusd")

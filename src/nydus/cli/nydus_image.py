@@ -168,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="accepted (chunks are compared by their recorded digests)")
     s.add_argument("-J", "--output-json", metavar="FILE", help="write the numbers here too")
 
+    mt = cmd("mount", "mount an image built with --compressor none with the kernel's EROFS "
+                      "(no daemon; not an upstream subcommand); umount MOUNTPOINT undoes it")
+    mt.add_argument("mountpoint", help="an existing directory")
+    mt.add_argument("-B", "--bootstrap", required=True, help="the bootstrap")
+    mt.add_argument("-D", "--blob-dir", required=True,
+                    help="directory of the blobs, named by blob id")
+
     u = cmd("unpack", "write the image's tree as a tar")
     u.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
     u.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
@@ -526,8 +533,39 @@ def cmd_unpack(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(a: argparse.Namespace) -> int:
+    """mount(2) the bootstrap as EROFS with its blob files as devices (util-linux ``mount -o
+    device=`` cannot: it puts the bootstrap on a loop device and the kernel then refuses
+    file devices)."""
+    from .. import kernel_mount
+
+    if not os.path.isdir(a.mountpoint):
+        raise ConfigError(f"mount point {a.mountpoint} is not a directory")
+    with open_bootstrap(a.bootstrap) as md:
+        if md.version != 6:
+            raise UnsupportedError(f"{a.bootstrap} is RAFS v{md.version}: only v6 is EROFS")
+        devices = []
+        for b in md.blobs:
+            if b.compressor != "none":
+                raise UnsupportedError(
+                    f"blob {b.blob_id} is {b.compressor}-compressed: the kernel reads only "
+                    "images built with --compressor none (serve others with nydusd)")
+            path = os.path.join(a.blob_dir, b.blob_id)
+            if not os.path.isfile(path):
+                raise NotFoundError(f"blob {b.blob_id} not found in {a.blob_dir}")
+            devices.append(os.path.abspath(path))
+    try:
+        kernel_mount.mount_erofs(os.path.abspath(a.bootstrap), os.path.abspath(a.mountpoint),
+                                 devices)
+    except OSError as e:
+        raise ConfigError(str(e)) from None
+    print(f"mounted {a.bootstrap} at {a.mountpoint} (kernel EROFS, {len(devices)} blobs); "
+          f"umount {a.mountpoint} to undo")
+    return 0
+
+
 COMMANDS = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check,
-            "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack}
+            "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack, "mount": cmd_mount}
 
 
 def main(argv: list[str] | None = None) -> int:

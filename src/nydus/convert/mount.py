@@ -117,7 +117,7 @@ def find_tool(name: str) -> str:
     if os.sep in name:
         if os.access(name, os.X_OK) and os.path.isfile(name):
             return name
-        raise ConfigError(f"--nydusd {name}: not an executable file")
+        raise ConfigError(f"--nydusd {name}: not found (no executable file there)")
     for d in dict.fromkeys((os.path.dirname(os.path.abspath(sys.argv[0])),
                             os.path.dirname(sys.executable))):
         cand = os.path.join(d, name)

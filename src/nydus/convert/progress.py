@@ -117,10 +117,11 @@ class Progress:
             pos = next(i for i in range(len(used) + 1) if i not in used)
             bar = tqdm(total=lp.total or None, desc=lp.label, unit="B", unit_scale=True,
                        unit_divisor=1024, file=self.stream, position=pos, leave=False,
-                       dynamic_ncols=True, mininterval=0.1)
+                       dynamic_ncols=True, mininterval=0.1, initial=lp.read,
+                       postfix=self._postfix(lp))
             self._bars[id(lp)] = bar
             self._positions[id(lp)] = pos
-            n = lp.read
+            return
         bar.set_postfix_str(self._postfix(lp), refresh=False)
         bar.update(n)
         if force:
