@@ -135,7 +135,7 @@ def _refuse_busy_mountpoint(mountpoint: str) -> None:
     kinds = ", ".join(left)
     pids = nydusd_serving(mountpoint)
     if pids:
-        raise StateBusyError(f"--mountpoint {mountpoint} is in use ({kinds}) by nydusd "
+        raise StateBusyError(f"--mountpoint {mountpoint} is already in use ({kinds}) by nydusd "
                              f"pid {', '.join(map(str, pids))}")
     n = len(left)
     raise StateBusyError(
