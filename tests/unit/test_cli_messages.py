@@ -310,3 +310,13 @@ def test_nydusd_found_next_to_the_running_program(tmp_path: Path,
     assert find_tool("nydusd") == str(exe)
     with pytest.raises(ConfigError, match="not found"):
         find_tool("/nonexistent/nydusd")
+
+
+def test_snapshotter_prints_a_fatal_error_once(tmp_path: Path) -> None:
+    code = "import sys; from nydus.cli.snapshotter import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, "--shared-daemon", "--daemon-mode",
+                        "dedicated", "--root", str(tmp_path / "root")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count("--shared-daemon contradicts --daemon-mode dedicated") == 1
+    assert r.stderr.startswith("containerd-nydus-grpc: error: ")

@@ -33,9 +33,10 @@ def run_guarded(prog: str, fn: Callable[[], int], log: logging.Logger | None = N
     try:
         return fn()
     except (NydusError, OSError) as e:
-        if log is not None:
+        configured = bool(logging.getLogger().handlers)  # not yet: logging's last resort
+        if log is not None and configured:
             log.error("%s", e)
-        if log is None or not _logs_to_stderr():
+        if log is None or not configured or not _logs_to_stderr():
             print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code if isinstance(e, NydusError) else 1
     except KeyboardInterrupt:
@@ -45,10 +46,7 @@ def run_guarded(prog: str, fn: Callable[[], int], log: logging.Logger | None = N
 
 def _logs_to_stderr() -> bool:
     """True if the root logger writes to this process's stderr (or to a stdout that is the
-    same file, e.g. the terminal both go to). Without handlers, logging's last resort
-    prints errors to stderr."""
-    if not logging.getLogger().handlers:
-        return logging.lastResort is not None
+    same file, e.g. the terminal both go to)."""
     for h in logging.getLogger().handlers:
         if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler):
             continue
