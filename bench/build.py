@@ -38,6 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+
+from plot import plot_after_run  # noqa: E402  # bench/plot.py: PNG beside the report
+
 from corpus import make_large_tree  # noqa: E402
 
 DEFAULT_SIZE = 1 << 30
@@ -443,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.results / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nreport: {args.results / (stem + '.md')}")
+    plot_after_run(args.results / f"{stem}.md")
     return 0
 
 

@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "src"))
 
 import fetch  # noqa: E402
+from plot import plot_after_run  # noqa: E402  # bench/plot.py: PNG beside the report
 
 from containerd import (  # type: ignore[import-not-found]  # noqa: E402
     NydusStack,
@@ -480,6 +481,7 @@ def main() -> int:
         "rounds": [{k: v for k, v in asdict(r).items() if k != "output"} for r in rounds],
     }, indent=2) + "\n")  # fmt: skip
     print(f"wrote {stem}.md and .json")
+    plot_after_run(stem.with_suffix(".md"))
     return 0
 
 

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from plot import plot_after_run  # bench/plot.py: PNG beside the report
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 VENV_BIN = Path(sys.executable).parent
@@ -291,6 +293,7 @@ def report(results: list[Result], total: int, compressed: int, a: argparse.Names
         "target_size": target, "load": list(a.load),
         "results": [asdict(r) for r in results]}, indent=2) + "\n")
     print(text)
+    plot_after_run(out / f"convert-{date}{suffix}.md")
 
 
 if __name__ == "__main__":

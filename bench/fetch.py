@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "src"))
 
 from build import ensure_tree, human, parse_size  # type: ignore[import-not-found]  # noqa: E402
+from plot import plot_after_run  # noqa: E402  # bench/plot.py: PNG beside the report
 
 from nydus.builder.build import BuildOptions, build_image  # noqa: E402
 from nydus.builder.dirsource import load_directory  # noqa: E402
@@ -405,6 +406,7 @@ def main() -> int:
         "results": [{**asdict(r), "mbps": round(r.mbps, 1)} for r in results],
     }, indent=2) + "\n")
     print(f"wrote {stem}.md and .json")
+    plot_after_run(stem.with_suffix(".md"))
     return 0
 
 

@@ -58,6 +58,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+
+from plot import plot_after_run  # noqa: E402  # bench/plot.py: PNG beside the report
+
 from nydus.kernel_mount import mount_erofs, umount  # noqa: E402
 from nydus.metadata import open_bootstrap  # noqa: E402
 
@@ -558,6 +561,7 @@ def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
         "date": now.isoformat(timespec="seconds"), "shape": asdict(shape), "tree": info,
         "git": git, "loadavg": [list(load[0]), list(load[1])],
         "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    plot_after_run(out / f"{stem}.md")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The demo: a container starts from a Nydus image before the image is downloaded.
 #
-#   sudo bash scripts/demo.sh                  # the lazy-loading demo (about 1-3 minutes)
+#   sudo bash scripts/demo.sh                  # the lazy-loading demo: about 30 s when set up
+#                                              # and the Debian rootfs is cached; about 8.5 min
+#                                              # on a fresh machine (setup ~3 min, debootstrap
+#                                              # ~5 min), with a line every 20 s meanwhile
 #   sudo bash scripts/demo.sh --format         # then the image-format round trip as well
 #                                              # (build, check, unpack and compare a tree of
 #                                              # edge cases: what this demo used to be)
@@ -42,12 +45,22 @@ die() {
     echo "demo: FAILED: $*" >&2
     exit 1
 }
+ticking() {  # ticking WHAT CMD...: run CMD, printing "still WHAT" every 20 s until it ends
+    local what=$1 start=$SECONDS ticker rc=0
+    shift
+    (while sleep 20; do printf '    ... still %s (%s s)\n' "$what" "$((SECONDS - start))"; done) &
+    ticker=$!
+    "$@" || rc=$?
+    kill "$ticker" 2>/dev/null
+    wait "$ticker" 2>/dev/null
+    return "$rc"
+}
 mib() { awk -v b="$1" 'BEGIN { if (b < 1048576) printf "%.1f KiB", b / 1024; else printf "%.1f MiB", b / 1048576 }'; }
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root: containerd, runc, FUSE and overlay mounts need it"
 
-step "1. Set up the machine (scripts/setup.sh: Debian packages, .venv, pip install -e)"
+step "1. Set up the machine (scripts/setup.sh: Debian packages, .venv, pip install -e; ~3 min the first time)"
 bash scripts/setup.sh || die "setup"
 say "ok: $("$py" --version)"
 
@@ -108,8 +121,9 @@ step "3. Build a sample OCI image and push it"
 image=${NYDUS_DEMO_IMAGE:-debian}
 if [[ $image == debian ]]; then
     say "Debian 12: debootstrap --variant=minbase bookworm + python3, perl, git, curl, ..."
-    say "(the rootfs tarball is cached in ${NYDUS_DEMO_CACHE:-/var/tmp/nydus-e2e}; the first run downloads ~100 MB of .debs)"
-    if ! PYTHONPATH="$repo/tests" "$py" -c 'import sys; from pathlib import Path
+    say "(the rootfs tarball is cached in ${NYDUS_DEMO_CACHE:-/var/tmp/nydus-e2e}; the first run downloads ~100 MB of .debs"
+    say " and runs debootstrap: about 5 minutes; cached, a few seconds)"
+    if ! PYTHONPATH="$repo/tests" ticking "building the Debian rootfs" "$py" -c 'import sys; from pathlib import Path
 from containerd import debian_layout
 print("    rootfs:", debian_layout(Path(sys.argv[1]), "1", Path(sys.argv[2])), "bytes")' \
         "$work/layout" "${NYDUS_DEMO_CACHE:-/var/tmp/nydus-e2e}"; then

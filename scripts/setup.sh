@@ -3,10 +3,13 @@
 #
 #   1. Debian packages the tests and tools need (apt-get update only when one is missing).
 #   2. A virtualenv in <repo>/.venv made with the machine's python3 (>= 3.11).
-#   3. `pip install -e '.[test,dev]'`, skipped when pyproject.toml has not changed since the
+#   3. `pip install -e '.[test,dev,bench]'`, skipped when pyproject.toml has not changed since the
 #      last successful install (a stamp in .venv records its hash).
 #
-# Quiet on success; on failure it prints the log of the step that failed and exits non-zero.
+# Quiet when there is nothing to do; a step that has work to do says so on stderr with what it
+# usually costs, and prints a line every 20 s while it runs (the first run on a fresh machine
+# takes about 3 minutes: apt-get ~2 min, pip ~1 min). On failure it prints the log of the step
+# that failed and exits non-zero.
 # Environment: NYDUS_SETUP_FORCE=1 reinstalls the Python packages even if the stamp matches.
 set -euo pipefail
 
@@ -25,6 +28,19 @@ run_quiet() {  # run_quiet WHAT CMD...: run CMD with output to the log, show the
         sed 's/^/    /' "$log" >&2
         exit 1
     fi
+}
+
+run_long() {  # run_long WHAT COST CMD...: run_quiet, saying what runs and that it still runs
+    local what=$1 cost=$2 start=$SECONDS ticker rc=0
+    shift 2
+    echo "setup.sh: $what (usually $cost) ..." >&2
+    (while sleep 20; do echo "setup.sh:   ... $what: $((SECONDS - start)) s" >&2; done) &
+    ticker=$!
+    (run_quiet "$what" "$@") || rc=$?
+    kill "$ticker" 2>/dev/null
+    wait "$ticker" 2>/dev/null
+    ((rc == 0)) || exit "$rc"
+    echo "setup.sh: $what: done in $((SECONDS - start)) s" >&2
 }
 
 # --- 1. Debian packages -------------------------------------------------------------------
@@ -47,9 +63,9 @@ if ((${#missing[@]})); then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
-    run_quiet "apt-get update" apt-get update -q
-    run_quiet "apt-get install ${missing[*]}" apt-get install -y -q --no-install-recommends \
-        "${missing[@]}"
+    run_long "apt-get update" "10-30 s" apt-get update -q
+    run_long "apt-get install of ${#missing[@]} Debian packages" "1-3 min" \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 # --- 2. virtualenv ------------------------------------------------------------------------
@@ -86,8 +102,8 @@ have=$(cat "$stamp" 2>/dev/null || true)
 if [[ $want != "$have" || ${NYDUS_SETUP_FORCE:-0} == 1 ]] \
     || ! "$venv/bin/python" -c 'import nydus, pytest' >/dev/null 2>&1; then
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-    run_quiet "pip install -e '.[test,dev]'" \
-        "$venv/bin/python" -m pip install -q -e ".[test,dev]"
+    run_long "pip install -e '.[test,dev,bench]' into .venv" "about 1 min" \
+        "$venv/bin/python" -m pip install -q -e ".[test,dev,bench]"
     echo "$want" >"$stamp"
 fi
 run_quiet "generate containerd gRPC modules" "$venv/bin/python" -m nydus.snapshotter.protogen  # src/nydus/snapshotter/_api (git-ignored)

@@ -36,6 +36,8 @@ __all__ = [
     "erofs_supported",
     "mount_erofs",
     "mounted_fstypes",
+    "mounts_at",
+    "nydusd_serving",
     "umount",
 ]
 
@@ -218,3 +220,40 @@ def mounted_fstypes(text: str | None = None) -> dict[str, list[str]]:
             continue
         out.setdefault(_unescape(fields[4]), []).append(right.split()[0])
     return out
+
+
+def mounts_at(path: str | os.PathLike[str]) -> list[str]:
+    """The file system types mounted at ``path`` (bottom first; empty if none)."""
+    try:
+        return mounted_fstypes().get(os.path.realpath(os.fspath(path)), [])
+    except OSError:
+        return []
+
+
+def nydusd_serving(mountpoint: str, proc: str = "/proc") -> list[int]:
+    """Pids of running nydusd processes whose command line names ``mountpoint``
+    (``--mountpoint``/``-M``), to tell a live daemon's mount from one a killed daemon left."""
+    want = {os.path.realpath(mountpoint), mountpoint}
+    pids = []
+    for name in os.listdir(proc):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(os.path.join(proc, name, "cmdline"), "rb") as f:
+                argv = [os.fsdecode(x) for x in f.read().split(b"\0") if x]
+        except OSError:
+            continue
+        if not any(os.path.basename(x) == "nydusd" or "nydus.cli.nydusd" in x
+                   for x in argv[:3]):
+            continue  # nydusd, python .../nydusd, or python -c '...nydus.cli.nydusd...'
+
+        for i, arg in enumerate(argv):
+            val = None
+            if arg in ("--mountpoint", "-M") and i + 1 < len(argv):
+                val = argv[i + 1]
+            elif arg.startswith("--mountpoint="):
+                val = arg.split("=", 1)[1]
+            if val is not None and (val in want or os.path.realpath(val) in want):
+                pids.append(int(name))
+                break
+    return pids

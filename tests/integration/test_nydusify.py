@@ -801,3 +801,24 @@ def test_mount_and_check_refuse_non_nydus_images(sample: dict[str, Any], tmp_pat
                   capsys)
     assert rc != 0
     assert "nydus-bootstrap" in out or "bootstrap" in out
+
+
+def test_newcomer_errors_name_the_cause(sample: dict[str, Any], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16: a plain OCI image given to check, an explicit platform a single-manifest
+    source is not built for, a mount path whose parent is missing."""
+    host = sample["host"]
+    rc, out = run(["check", "--target", f"{host}/sample:v1", "--work-dir", str(tmp_path)],
+                  capsys)
+    assert rc == 3 and "is not a Nydus image" in out and "holds no" not in out
+    rc, out = run(["convert", "--source", f"{host}/sample:v1", "--target",
+                   f"{host}/sample:s390x", "--platform", "linux/s390x", "--work-dir",
+                   str(tmp_path / "w")], capsys)
+    assert rc == 2 and "single-platform linux/amd64 image" in out
+    with pytest.raises(RuntimeError, match="skopeo inspect failed"):
+        manifest(host, "sample:s390x")  # nothing was pushed
+    missing = tmp_path / "no" / "mnt"
+    rc, out = run(["mount", "--target", f"{host}/sample:v1", "--mount-path", str(missing),
+                   "--nydusd", str(VENV_BIN / "nydusd")], capsys)
+    assert rc == 2 and "neither it nor its parent" in out
+    assert not (tmp_path / "no").exists()

@@ -225,11 +225,16 @@ def test_progress_only_on_a_terminal() -> None:
     loud = io.StringIO()
     p = Progress(loud, enabled=True)
     lp = p.layer("layer 1/2 abc", 2 << 20)
-    p.advance(lp, 1 << 20)
+    p.chunk(lp, False)
+    p.chunk(lp, True)
+    p.advance(lp, 1 << 20, written=4096)
     p.finish_layer(lp, "layer 1/2 abc: 2.0 MiB read, 3 chunks (1 deduplicated)")
     p.close()
-    assert "layer 1/2 abc: 2.0 MiB read, 3 chunks (1 deduplicated)\n" in loud.getvalue()
-    assert "layers 0/1 done" in loud.getvalue() or "layers 1/1 done" in loud.getvalue()
+    out = loud.getvalue()
+    assert "layer 1/2 abc: 2.0 MiB read, 3 chunks (1 deduplicated)\n" in out
+    # the bar while it ran: bytes read of the total, chunks, dedup and blob bytes
+    assert "layer 1/2 abc:  50%" in out and "1.00M/2.00M" in out
+    assert "2 chunks, 1 dedup, blob 4.0 KiB" in out
     assert human(1536) == "1.5 KiB"
 
 

@@ -232,8 +232,10 @@ class BlobWriter:
         chunk_dict: ChunkDict,
         workers: int | None = None,
         spool_dir: str | None = None,
+        on_chunk: Callable[[int, bool], None] | None = None,
     ) -> None:
         self.out = out
+        self._on_chunk = on_chunk  # (uncompressed size, deduplicated) per chunk placed
         self.blob_index = blob_index
         self.chunk_size = chunk_size
         self.compressor = compressor
@@ -388,6 +390,8 @@ class BlobWriter:
         node, foff, size = p.node, p.offset, p.size
         assert node.chunks is not None
         hit = self.dict.get(digest)
+        if self._on_chunk is not None:
+            self._on_chunk(size, hit is not None and hit.uncompressed_size == size)
         if hit is not None and hit.uncompressed_size == size:
             self.deduped += 1
             node.chunks.append(_at(hit, foff))

@@ -40,6 +40,8 @@ class BuildOptions:
     prefetch_paths: list[bytes] | None = None
     workers: int | None = None
     inline_bootstrap: bool = False
+    # progress: called for every chunk placed with (uncompressed size, deduplicated)
+    on_chunk: Callable[[int, bool], None] | None = field(default=None, compare=False)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -187,7 +189,7 @@ def _writer(base: _Base, blob_out: _Sink, opts: BuildOptions, spool_dir: str | N
         blob_out, blob_index=len(base.blobs), chunk_size=opts.chunk_size,
         compressor=codec.compressor_by_name(opts.compressor),
         digester=codec.digester_by_name(opts.digester), chunk_dict=base.cdict,
-        workers=opts.workers, spool_dir=spool_dir,
+        workers=opts.workers, spool_dir=spool_dir, on_chunk=opts.on_chunk,
     )
 
 

@@ -7,25 +7,31 @@ NydusError families to exit codes. No logic of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .. import __version__
 from ..builder.build import BuildOptions, BuildResult, build_from_tar, build_image
 from ..builder.dirsource import load_directory
 from ..builder.merge import MergeOptions, merge_bootstraps
-from ..errors import ConfigError, NydusError, UnsupportedError
+from ..builder.tree import iter_tree
+from ..convert.progress import Progress, human
+from ..daemon.logsetup import setup_logging
+from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..metadata import open_bootstrap
 from ..verbs.check import check_image
 from ..verbs.inspect import dedup_report, image_stats, inspect_request
 from ..verbs.unpack import unpack_image
-from . import run_guarded
+from . import HelpFormatter, run_guarded
 
 log = logging.getLogger("nydus-image")
 
@@ -33,94 +39,148 @@ DIR_TYPES = {"dir-rafs", "directory"}
 TAR_TYPES = {"tar-rafs", "targz-rafs", "tarzstd-rafs"}  # all three sniff the compression
 
 
+_SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
 def _int(v: str) -> int:
+    """A number: decimal, 0x hex, or with a K/M/G suffix (binary: 1M = 0x100000)."""
+    text = v.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = _SIZE_SUFFIX.get(text[-1:], 1) if text else 1
+    if mult > 1:
+        text = text[:-1]
     try:
-        return int(v, 0)
+        return int(text, 0) * mult
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"{v!r} is not a size: give decimal (1048576), hex (0x100000) or 1M/512K"
+        ) from None
+
+
+_Help = HelpFormatter
+
+
+COMPRESSORS = ["zstd", "lz4_block", "none"]
+DIGESTERS = ["blake3", "sha256"]
+WHITEOUTS = ["oci", "overlayfs", "none"]
+PREFETCH = ["fs", "blob", "none"]
+REQUESTS = "stats, blobs, prefetch, ls [PATH], stat PATH, chunks PATH (alias icheck)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nydus-image", description="Build and inspect RAFS images")
+    p = argparse.ArgumentParser(prog="nydus-image", description="Build and inspect RAFS images",
+                                formatter_class=_Help)
     p.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
     levels = ["trace", "debug", "info", "warn", "error"]
-    p.add_argument("-l", "--log-level", default="info", choices=levels)
-    p.add_argument("-L", "--log-file")
+    p.add_argument("-l", "--log-level", default="info", choices=levels, help="log level")
+    p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
     # upstream's logging flags are global: they may also follow the subcommand
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-l", "--log-level", choices=levels, default=argparse.SUPPRESS)
-    common.add_argument("-L", "--log-file", default=argparse.SUPPRESS)
+    common.add_argument("-l", "--log-level", choices=levels, default=argparse.SUPPRESS,
+                        help="log level (default info)")
+    common.add_argument("-L", "--log-file", default=argparse.SUPPRESS,
+                        help="log to this file instead of stderr")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("create", parents=[common],
-                       help="build a RAFS image from a directory or a layer tar")
+    def cmd(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=text, description=text,
+                              formatter_class=_Help)
+
+    c = cmd("create", "build a RAFS image from a directory or a layer tar")
     c.add_argument("source", help="a directory, or a tar / tar.gz / tar.zst file or - (stdin)")
     c.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs",
-                   choices=sorted(DIR_TYPES | TAR_TYPES))
-    c.add_argument("-B", "--bootstrap")
-    c.add_argument("-b", "--blob")
-    c.add_argument("-D", "--blob-dir")
-    c.add_argument("--blob-id")
-    c.add_argument("--compressor", default="zstd")
-    c.add_argument("--digester", default="blake3")
-    c.add_argument("--chunk-size", type=_int, default=0x100000)
-    c.add_argument("--batch-size", type=_int, default=0, help="only 0 (no batches) here")
-    c.add_argument("-v", "--fs-version", default="6")
-    c.add_argument("--parent-bootstrap")
-    c.add_argument("--chunk-dict")
-    c.add_argument("--whiteout-spec", default="oci")
-    c.add_argument("--prefetch-policy", default="none", choices=["fs", "blob", "none"])
-    c.add_argument("--blob-inline-meta", "--inline-bootstrap", action="store_true")
-    c.add_argument("--repeatable", action="store_true", help="always on")
-    c.add_argument("--aligned-chunk", action="store_true", help="always on for v6")
-    c.add_argument("--disable-check", action="store_true")
-    c.add_argument("--features", default="")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("-J", "--output-json")
+                   choices=sorted(DIR_TYPES | TAR_TYPES),
+                   help="what SOURCE is: a directory, or an OCI layer tar (any compression)")
+    c.add_argument("-B", "--bootstrap", help="write the bootstrap (metadata) to this file")
+    c.add_argument("-b", "--blob", help="write the data blob to this file (may be a FIFO)")
+    c.add_argument("-D", "--blob-dir",
+                   help="write the data blob into this directory, named by its sha256")
+    c.add_argument("--blob-id", help="ignored: blob ids are the blob's sha256 here")
+    c.add_argument("--compressor", default="zstd", choices=COMPRESSORS,
+                   help="chunk compression (none: the kernel's EROFS can mount the image as "
+                        "it is)")
+    c.add_argument("--digester", default="blake3", choices=DIGESTERS, help="chunk digest")
+    c.add_argument("--chunk-size", type=_int, default=0x100000, metavar="SIZE",
+                   help="a power of two in 0x1000..0x1000000 (4K..16M); 0x100000, 1048576 "
+                        "and 1M are the same")
+    c.add_argument("--batch-size", type=_int, default=0, metavar="SIZE",
+                   help="only 0 (no batched chunks) is supported")
+    c.add_argument("-v", "--fs-version", default="6", choices=["5", "6"],
+                   help="RAFS version (this builder writes v6 only)")
+    c.add_argument("--parent-bootstrap", metavar="FILE",
+                   help="the lower layers' bootstrap: build a layer on top of it")
+    c.add_argument("--chunk-dict", metavar="bootstrap=FILE",
+                   help="deduplicate against the chunks of this image")
+    c.add_argument("--whiteout-spec", default="oci", choices=WHITEOUTS,
+                   help="how deleted files of a layer are marked in SOURCE")
+    c.add_argument("--prefetch-policy", default="none", choices=PREFETCH,
+                   help="fs: read the paths to prefetch from stdin, one a line")
+    c.add_argument("--blob-inline-meta", "--inline-bootstrap", action="store_true",
+                   help="append the bootstrap and a ToC to the blob (one file)")
+    c.add_argument("--repeatable", action="store_true",
+                   help="accepted: builds are always reproducible here")
+    c.add_argument("--aligned-chunk", action="store_true",
+                   help="accepted: chunks are always 4K-aligned in v6")
+    c.add_argument("--disable-check", action="store_true",
+                   help="skip reading the new bootstrap back")
+    c.add_argument("--features", default="",
+                   help="accepted for upstream compatibility (blob-toc is always on)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="compression threads (default: the number of CPUs)")
+    c.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
-    m = sub.add_parser("merge", parents=[common],
-                       help="merge per-layer bootstraps (lowest first) into one")
-    m.add_argument("sources", nargs="+", metavar="SOURCE")
+    m = cmd("merge", "merge per-layer bootstraps (lowest first) into one")
+    m.add_argument("sources", nargs="+", metavar="SOURCE", help="per-layer bootstraps")
     m.add_argument("-B", "--bootstrap", help="output bootstrap")
     m.add_argument("-D", "--blob-dir", help="write the bootstrap here, named by its sha256")
-    m.add_argument("--parent-bootstrap")
-    m.add_argument("--chunk-dict")
-    m.add_argument("--prefetch-policy", default="none", choices=["fs", "blob", "none"])
+    m.add_argument("--parent-bootstrap", metavar="FILE", help="merge on top of this bootstrap")
+    m.add_argument("--chunk-dict", metavar="bootstrap=FILE",
+                   help="a chunk dictionary image whose blobs join the table")
+    m.add_argument("--prefetch-policy", default="none", choices=PREFETCH,
+                   help="fs: read the paths to prefetch from stdin, one a line")
     m.add_argument("--blob-digests", help="comma-separated sha256 hex, one per source")
     m.add_argument("--original-blob-ids", help="comma-separated blob ids, one per source")
     m.add_argument("--blob-sizes", help="comma-separated sizes, one per source")
     m.add_argument("--blob-toc-digests", help="comma-separated sha256 hex, one per source")
     m.add_argument("--blob-toc-sizes", help="comma-separated sizes, one per source")
-    m.add_argument("--whiteout-spec", default="oci", choices=["oci", "overlayfs", "none"],
+    m.add_argument("--whiteout-spec", default="oci", choices=WHITEOUTS,
                    help="whiteouts of the layers (not an upstream flag; upstream uses oci)")
-    m.add_argument("-J", "--output-json")
+    m.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
-    k = sub.add_parser("check", parents=[common], help="validate a bootstrap and its blobs")
-    k.add_argument("bootstrap", nargs="?")
-    k.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
-    k.add_argument("-D", "--blob-dir")
-    k.add_argument("--blob")
-    k.add_argument("-v", "--verbose", action="store_true")
-    k.add_argument("-J", "--output-json")
+    k = cmd("check", "validate a bootstrap and, with -D or --blob, every chunk of its blobs")
+    k.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
+    k.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    k.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
+    k.add_argument("--blob", help="the data blob (images with one blob)")
+    k.add_argument("-v", "--verbose", action="store_true", help="accepted (upstream's)")
+    k.add_argument("-J", "--output-json", metavar="FILE", help="write the report here")
 
-    i = sub.add_parser("inspect", parents=[common], help="query a bootstrap")
-    i.add_argument("bootstrap", nargs="?")
-    i.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
-    i.add_argument("-R", "--request", required=True)
+    i = cmd("inspect", "query a bootstrap (one request, JSON out)")
+    i.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
+    i.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    i.add_argument("-R", "--request", required=True, help=f"one of: {REQUESTS}")
 
-    s = sub.add_parser("stat", parents=[common], help="statistics of one or more bootstraps")
-    s.add_argument("-B", "--bootstrap")
-    s.add_argument("-D", "--blob-dir", help="a directory of bootstraps")
-    s.add_argument("-T", "--target")
-    s.add_argument("--digester", default="blake3")
-    s.add_argument("-J", "--output-json")
+    s = cmd("stat", "statistics of one or more bootstraps")
+    s.add_argument("-B", "--bootstrap", help="one bootstrap")
+    s.add_argument("-D", "--blob-dir",
+                   help="a directory of bootstraps (files without an extension, as upstream)")
+    s.add_argument("-T", "--target", help="with -D: what this image adds to the others")
+    s.add_argument("--digester", default="blake3", choices=DIGESTERS,
+                   help="accepted (chunks are compared by their recorded digests)")
+    s.add_argument("-J", "--output-json", metavar="FILE", help="write the numbers here too")
 
-    u = sub.add_parser("unpack", parents=[common], help="write the image's tree as a tar")
-    u.add_argument("bootstrap", nargs="?")
-    u.add_argument("-B", "--bootstrap", dest="bootstrap_opt")
-    u.add_argument("-D", "--blob-dir")
-    u.add_argument("--blob")
-    u.add_argument("--output", required=True)
+    mt = cmd("mount", "mount an image built with --compressor none with the kernel's EROFS "
+                      "(no daemon; not an upstream subcommand); umount MOUNTPOINT undoes it")
+    mt.add_argument("mountpoint", help="an existing directory")
+    mt.add_argument("-B", "--bootstrap", required=True, help="the bootstrap")
+    mt.add_argument("-D", "--blob-dir", required=True,
+                    help="directory of the blobs, named by blob id")
+
+    u = cmd("unpack", "write the image's tree as a tar")
+    u.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
+    u.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    u.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
+    u.add_argument("--blob", help="the data blob (images with one blob)")
+    u.add_argument("--output", required=True, help="the tar file to write")
     _optimize_parser(sub, common)
     return p
 
@@ -130,18 +190,16 @@ def _optimize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                        "files' chunks and a bootstrap whose prefetch table lists them")
     o.add_argument("-p", "--prefetch-files", required=True, metavar="LIST",
                    help="file list, one path a line (or an access-pattern JSON)")
-    o.add_argument("-B", "--bootstrap", required=True)
+    o.add_argument("-B", "--bootstrap", required=True, help="the image's bootstrap")
     o.add_argument("-D", "--blob-dir", required=True, help="the image's blobs (by blob id)")
-    o.add_argument("-O", "--output-bootstrap", required=True)
+    o.add_argument("-O", "--output-bootstrap", required=True, help="the bootstrap to write")
     o.add_argument("--output-blob-dir", help="where the prefetch blob goes (default -D)")
     o.add_argument("-J", "--output-json", help='{"blobs": [...]}: the last is the new blob')
 
 
 def _emit_json(path: str | None, data: Any) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        _write_file(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _bootstrap_arg(a: argparse.Namespace) -> str:
@@ -176,18 +234,33 @@ def cmd_create(a: argparse.Namespace) -> int:
         prefetch_paths=prefetch, workers=a.threads, inline_bootstrap=a.blob_inline_meta,
     )
     opts.validate()
+    _check_output_dirs(("-B/--bootstrap", a.bootstrap), ("-b/--blob", a.blob),
+                       ("-J/--output-json", a.output_json), made=a.blob_dir)
+    if a.blob_dir and os.path.exists(a.blob_dir) and not os.path.isdir(a.blob_dir):
+        raise ConfigError(f"-D/--blob-dir {a.blob_dir} is not a directory")
     t0 = time.monotonic()
     tree = None if from_tar else load_directory(a.source)
     src = _open_tar(a.source) if from_tar else None
+    progress = Progress()
+    lp = progress.layer(f"create {os.path.basename(a.source.rstrip('/')) or a.source}",
+                        _source_size(src) if src is not None else _tree_bytes(tree))
+    if progress.enabled:  # bytes read: the tar stream's, or the directory's by chunk
+        opts.on_chunk = lambda size, dedup: progress.chunk(lp, dedup,
+                                                           read=0 if from_tar else size)
     blob_path, tmp = _blob_target(a)
     out = open(blob_path, "wb") if blob_path else None  # noqa: SIM115
     try:
+        sink = _CountingSink(out, lambda n: progress.advance(lp, written=n)) \
+            if out is not None and progress.enabled else out
         if src is not None:
-            res = build_from_tar(src, out, opts, spool_dir=a.blob_dir)
+            stream = _CountingReader(src, lambda n: progress.advance(lp, n)) \
+                if progress.enabled else src
+            res = build_from_tar(stream, sink, opts, spool_dir=a.blob_dir)  # type: ignore[arg-type]
         else:
             assert tree is not None
-            res = build_image(tree, out, opts)
+            res = build_image(tree, sink, opts)
     except BaseException:
+        progress.close()
         if out:
             out.close()
         if tmp:
@@ -196,6 +269,9 @@ def cmd_create(a: argparse.Namespace) -> int:
     finally:
         if src is not None and src is not sys.stdin.buffer:
             src.close()
+    progress.finish_layer(lp, f"{lp.label}: {human(res.bytes_read)} read, {lp.chunks} chunks "
+                              f"({lp.deduped} deduplicated), blob {human(lp.written)}")
+    progress.close()
     if out:
         out.close()
     blob_id = res.blob.entry.blob_id if res.blob else None
@@ -225,6 +301,57 @@ def cmd_create(a: argparse.Namespace) -> int:
     return 0
 
 
+class _CountingReader:
+    """A binary stream that reports the bytes read through it."""
+
+    def __init__(self, f: BinaryIO, on_read: Callable[[int], None]) -> None:
+        self._f, self._on_read = f, on_read
+
+    def read(self, n: int = -1, /) -> bytes:
+        b = self._f.read(n)
+        self._on_read(len(b))
+        return b
+
+    def readinto(self, buf: Any, /) -> int:
+        k = self._f.readinto(buf)  # type: ignore[attr-defined]
+        self._on_read(k or 0)
+        return int(k or 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class _CountingSink:
+    """A blob sink that reports the bytes written through it."""
+
+    def __init__(self, f: BinaryIO, on_write: Callable[[int], None]) -> None:
+        self._f, self._on_write = f, on_write
+
+    def write(self, b: bytes, /) -> int:
+        n = self._f.write(b)
+        self._on_write(len(b))
+        return n
+
+
+def _source_size(f: BinaryIO) -> int:
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _tree_bytes(tree: Any) -> int:
+    """Bytes of file data in a directory tree (a hardlinked file once)."""
+    seen: set[int] = set()
+    total = 0
+    for _p, n in iter_tree(tree):
+        if n.is_reg and id(n) not in seen:
+            seen.add(id(n))
+            total += n.size
+    return total
+
+
 def _create_json(a: argparse.Namespace, res: BuildResult, blob_id: str | None,
                  dt: float) -> dict[str, Any]:
     return {
@@ -248,10 +375,33 @@ def _open_tar(source: str) -> BinaryIO:
         raise ConfigError(f"cannot open the source tar {source}: {e.strerror}") from e
 
 
+def _check_output_dirs(*outputs: tuple[str, str | None], made: str | None = None) -> None:
+    """Refuse, before any work, an output file whose directory is missing (and will not be
+    made as a parent of ``made``, the -D directory create makes)."""
+    made_abs = os.path.abspath(made) if made else None
+    for flag, path in outputs:
+        if not path or path == "-":
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if made_abs and (made_abs + "/").startswith(parent.rstrip("/") + "/"):
+            continue
+        if not os.path.isdir(parent):
+            raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+        if os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a directory")
+
+
 def _write_file(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+    """Write ``path`` atomically (through ``path.tmp``); a failure names ``path``."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from e
 
 
 def _split_list(v: str | None) -> list[str] | None:
@@ -273,6 +423,7 @@ def _int_list(v: str | None, flag: str) -> list[int] | None:
 def cmd_merge(a: argparse.Namespace) -> int:
     if not a.bootstrap and not a.blob_dir:
         raise ConfigError("both --bootstrap and --blob-dir are missing")
+    _check_output_dirs(("-B/--bootstrap", a.bootstrap), ("-J/--output-json", a.output_json))
     prefetch = None
     if a.prefetch_policy == "fs":
         prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
@@ -325,18 +476,21 @@ def _blob_target(a: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
+    _check_output_dirs(("-J/--output-json", a.output_json))
     rep = check_image(_bootstrap_arg(a), a.blob_dir, a.blob)
-    print(f"RAFS v{rep.version}: {rep.inodes} inodes ({rep.files} files, {rep.dirs} dirs)")
+    print(f"RAFS v{rep.version}: {rep.inodes} inodes ({rep.files} files, {rep.dirs} dirs, "
+          f"{rep.symlinks} symlinks, {rep.others} others; {rep.paths} paths)")
     for b in rep.blobs:
         print(f"  blob {b['blob_id']}: compressed {b['compressed_size']} uncompressed "
               f"{b['uncompressed_size']} chunks {b['chunk_count']} {b['compressor']}/"
-              f"{b['digester']} features {b['features']}")
+              f"{b['digester']} features {' '.join(b['feature_names']) or 'none'}")
     if rep.chunks_checked:
         print(f"  verified {rep.chunks_checked} chunks, {rep.bytes_checked} bytes")
     for e in rep.errors:
         print(f"error: {e}", file=sys.stderr)
     _emit_json(a.output_json, {
         "version": rep.version, "inodes": rep.inodes, "files": rep.files, "dirs": rep.dirs,
+        "symlinks": rep.symlinks, "others": rep.others, "paths": rep.paths,
         "blobs": rep.blobs, "chunks_checked": rep.chunks_checked, "errors": rep.errors,
     })
     return 0 if rep.ok else 4
@@ -360,13 +514,19 @@ def cmd_stat(a: argparse.Namespace) -> int:
         for name in sorted(os.listdir(a.blob_dir)):
             path = os.path.join(a.blob_dir, name)
             # as upstream: every file without an extension, except the target
-            if (os.path.splitext(name)[1] or not os.path.isfile(path)
-                    or os.path.realpath(path) == target):
+            if not os.path.isfile(path) or os.path.realpath(path) == target:
+                continue
+            if os.path.splitext(name)[1]:
+                log.warning("stat: skipping %s: only files without an extension are read as "
+                            "bootstraps (as upstream)", path)
                 continue
             try:
                 base.append(open_bootstrap(path))
             except NydusError as e:
-                log.debug("stat: skipping %s: %s", path, e)
+                log.warning("stat: skipping %s: not a bootstrap (%s)", path, e)
+        if not base:
+            raise NotFoundError(f"-D/--blob-dir {a.blob_dir}: no bootstrap found (files "
+                                "without an extension)")
         tmd = open_bootstrap(a.target) if a.target else None
         data = dedup_report(base, tmd)
     else:
@@ -377,6 +537,7 @@ def cmd_stat(a: argparse.Namespace) -> int:
 
 
 def cmd_unpack(a: argparse.Namespace) -> int:
+    _check_output_dirs(("--output", a.output))
     res = unpack_image(_bootstrap_arg(a), a.output, a.blob_dir, a.blob)
     msg = f"unpacked {res.entries} entries, {res.bytes} bytes of file data to {a.output}"
     if res.skipped_sockets:
@@ -427,17 +588,49 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(a: argparse.Namespace) -> int:
+    """mount(2) the bootstrap as EROFS with its blob files as devices (util-linux ``mount -o
+    device=`` cannot: it puts the bootstrap on a loop device and the kernel then refuses
+    file devices)."""
+    from .. import kernel_mount
+
+    if not os.path.isdir(a.mountpoint):
+        raise ConfigError(f"mount point {a.mountpoint} is not a directory")
+    with open_bootstrap(a.bootstrap) as md:
+        if md.version != 6:
+            raise UnsupportedError(f"{a.bootstrap} is RAFS v{md.version}: only v6 is EROFS")
+        devices = []
+        for b in md.blobs:
+            if b.compressor != "none":
+                raise UnsupportedError(
+                    f"blob {b.blob_id} is {b.compressor}-compressed: the kernel reads only "
+                    "images built with --compressor none (serve others with nydusd)")
+            path = os.path.join(a.blob_dir, b.blob_id)
+            if not os.path.isfile(path):
+                raise NotFoundError(f"blob {b.blob_id} not found in {a.blob_dir}")
+            devices.append(os.path.abspath(path))
+    try:
+        kernel_mount.mount_erofs(os.path.abspath(a.bootstrap), os.path.abspath(a.mountpoint),
+                                 devices)
+    except OSError as e:
+        raise ConfigError(str(e)) from None
+    print(f"mounted {a.bootstrap} at {a.mountpoint} (kernel EROFS, {len(devices)} blobs); "
+          f"umount {a.mountpoint} to undo")
+    return 0
+
+
 COMMANDS = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check,
             "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack,
-            "optimize": cmd_optimize}
+            "optimize": cmd_optimize, "mount": cmd_mount}
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    level = {"trace": logging.DEBUG, "warn": logging.WARNING}.get(a.log_level,
-                                                                 a.log_level.upper())
-    logging.basicConfig(level=level, filename=a.log_file,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(a.log_level, a.log_file)
+    except OSError as e:
+        print(f"nydus-image: error: --log-file {a.log_file}: {e.strerror}", file=sys.stderr)
+        return 2
     return run_guarded(f"nydus-image {a.cmd}", lambda: COMMANDS[a.cmd](a))
 
 

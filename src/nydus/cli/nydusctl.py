@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from .. import __version__
 from ..daemon.client import ApiClientError, ApiReplyError, NydusdClient
 from ..errors import NydusError
 
@@ -31,6 +32,7 @@ _LAT = ["<=1ms", "<=20ms", "<=50ms", "<=100ms", "<=500ms", "<=1s", "<=2s", ">2s"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nydusctl", description="Query and control nydusd")
+    p.add_argument("-V", "--version", action="version", version=f"nydusctl {__version__}")
     p.add_argument("-S", "--sock", required=True, help="nydusd API socket")
     p.add_argument("-r", "--raw", action="store_true", help="print the daemon's JSON")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -38,23 +40,27 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("metrics", help="metrics")
     m.add_argument("kind", nargs="?", default="fsstats",
                    choices=["fsstats", "backend", "cache", "blobcache", "files", "pattern",
-                            "inflight"])
+                            "inflight"], help="which metrics (default fsstats)")
     m.add_argument("-I", "--id", help="file system id (its mount path; default: the only one)")
     m.add_argument("-i", "--interval", type=float, default=0,
                    help="repeat every N seconds (Ctrl-C to stop)")
-    mo = sub.add_parser("mount", help="attach an image to a shared daemon")
+    mo = sub.add_parser("mount", help="attach an image to a shared daemon (one started "
+                                      "without --bootstrap)")
     mo.add_argument("-s", "--source", required=True, help="bootstrap path")
     mo.add_argument("-c", "--config", required=True, help="nydusd config file")
     mo.add_argument("-m", "--mountpoint", required=True, help="virtual mount path, e.g. /sub")
-    mo.add_argument("-t", "--type", default="rafs", choices=["rafs", "passthrough_fs"])
-    mo.add_argument("-P", "--prefetch-files", nargs="+")
+    mo.add_argument("-t", "--type", default="rafs", choices=["rafs", "passthrough_fs"],
+                    help="file system type (only rafs here)")
+    mo.add_argument("-P", "--prefetch-files", nargs="+", metavar="PATH",
+                    help="files to prefetch")
     mo.add_argument("--remount", action="store_true", help="replace an existing mount")
     um = sub.add_parser("umount", help="detach an image")
-    um.add_argument("mountpoint_pos", nargs="?", metavar="MOUNTPOINT")
-    um.add_argument("-m", "--mountpoint")
+    um.add_argument("mountpoint_pos", nargs="?", metavar="MOUNTPOINT",
+                    help="the virtual mount path, e.g. /sub")
+    um.add_argument("-m", "--mountpoint", help="the same, as a flag")
     st = sub.add_parser("set", help="change a daemon setting")
-    st.add_argument("item", choices=["log-level"])
-    st.add_argument("value")
+    st.add_argument("item", choices=["log-level"], help="the setting")
+    st.add_argument("value", help="its new value (trace, debug, info, warn, error)")
     return p
 
 

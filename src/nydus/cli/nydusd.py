@@ -23,7 +23,7 @@ from types import FrameType
 
 from .. import __version__
 from ..errors import ConfigError
-from . import run_guarded
+from . import HelpFormatter, run_guarded
 
 log = logging.getLogger("nydusd")
 
@@ -33,6 +33,7 @@ _SUBCOMMANDS = ("fuse", "virtiofs", "singleton", "nbd", "uffd")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nydusd", description="Serve RAFS (Nydus) images over FUSE",
+        formatter_class=HelpFormatter,
         epilog="Subcommand 'fuse' is the default; virtiofs, singleton (fscache), nbd and uffd "
                "are not supported by this implementation.")
     p.add_argument("-V", "--version", action="version", version=f"nydusd {__version__} (python)")
@@ -48,16 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-U", "--upgrade", action="store_true",
                    help="start in upgrade mode: wait for a takeover")
     p.add_argument("-l", "--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"])
-    p.add_argument("-L", "--log-file")
+                   choices=["trace", "debug", "info", "warn", "error"], help="log level")
+    p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
     p.add_argument("-R", "--log-rotation-size", type=int, default=0, help="MiB (0 = never)")
-    p.add_argument("--rlimit-nofile", type=int, default=1_000_000)
-    p.add_argument("-P", "--prefetch-files", nargs="+", default=None, metavar="PATH")
+    p.add_argument("--rlimit-nofile", type=int, default=1_000_000,
+                   help="raise the open-files limit to this")
+    p.add_argument("-P", "--prefetch-files", nargs="+", default=None, metavar="PATH",
+                   help="files to prefetch (when the config enables fs_prefetch)")
     p.add_argument("-m", "--virtual-mountpoint", default="/",
                    help="where the --bootstrap image appears inside the mount (default /)")
     p.add_argument("-F", "--failover-policy", default="resend",
-                   choices=["none", "resend", "flush"])
-    p.add_argument("-T", "--fuse-threads", type=int, default=4)
+                   choices=["none", "resend", "flush"],
+                   help="what a new daemon does with requests in flight at a takeover")
+    p.add_argument("-T", "--fuse-threads", type=int, default=4,
+                   help="threads serving FUSE requests (1..1024)")
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
     p.add_argument("--fs-driver", choices=("fusedev", "erofs"), default="erofs",
@@ -110,11 +115,37 @@ def _load_config(a: argparse.Namespace) -> object | None:
     if a.config:
         return DaemonConfig.from_file(a.config)
     if a.localfs_dir:
+        if not os.path.isdir(a.localfs_dir):
+            raise ConfigError(f"--localfs-dir {a.localfs_dir}: no such directory")
         return DaemonConfig.from_json(
             {"device": {"backend": {"type": "localfs", "config": {"dir": a.localfs_dir}}}})
     if a.bootstrap:
         raise ConfigError("--bootstrap needs --config (or --localfs-dir)")
     return None
+
+
+def _refuse_busy_mountpoint(mountpoint: str) -> None:
+    """Refuse a mount point that is in use, saying by whom, or how to clear what a killed
+    nydusd left there (its FUSE and EROFS mounts stay until unmounted)."""
+    from ..kernel_mount import mounts_at, nydusd_serving
+
+    left = mounts_at(mountpoint)
+    if not left:
+        return
+    kinds = ", ".join(left)
+    pids = nydusd_serving(mountpoint)
+    if pids:
+        raise StateBusyError(f"--mountpoint {mountpoint} is already in use ({kinds}) by nydusd "
+                             f"pid {', '.join(map(str, pids))}")
+    n = len(left)
+    raise StateBusyError(
+        f"--mountpoint {mountpoint} still holds {n} mount{'s' if n > 1 else ''} ({kinds}) and "
+        f"no nydusd serves it: one was killed; clear {'them' if n > 1 else 'it'} with "
+        f"'umount -l {mountpoint}'" + (f" ({n} times)" if n > 1 else "") + " and start again")
+
+
+class StateBusyError(ConfigError):
+    """The mount point is taken (exit 2, like other unusable arguments)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"nydusd: error: logging: {e}", file=sys.stderr)
         return 2
-    return run_guarded("nydusd", lambda: _run(a), log)
+    rc = run_guarded("nydusd", lambda: _run(a), log)
+    log.info("nydusd exits" if rc == 0 else f"nydusd exits ({rc})")
+    return rc
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -148,6 +181,8 @@ def _run(a: argparse.Namespace) -> int:
         raise ConfigError("--mountpoint is required")
     if not os.path.isdir(a.mountpoint):
         raise ConfigError(f"--mountpoint {a.mountpoint}: not a directory")
+    if not a.upgrade:
+        _refuse_busy_mountpoint(os.path.abspath(a.mountpoint))
     if a.fuse_threads < 1 or a.fuse_threads > 1024:
         raise ConfigError("--fuse-threads must be in 1..1024")
     if a.upgrade and not a.supervisor:
@@ -207,7 +242,6 @@ def _run(a: argparse.Namespace) -> int:
         daemon.shutdown()
         if api is not None:
             api.stop()
-        log.info("nydusd exits")
     return 0
 
 

@@ -23,9 +23,10 @@ import sys
 from typing import Any
 
 from .. import __version__
+from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
-from . import run_guarded
+from . import HelpFormatter, run_guarded
 
 log = logging.getLogger("nydusify")
 
@@ -65,32 +66,44 @@ def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
     p.add_argument("--plain-http", action="store_true", help="use plain HTTP for registries")
     p.add_argument("--work-dir", default="./tmp", help="working directory (default ./tmp)")
     p.add_argument("--log-level", dest="sub_log_level", default=None,
-                   choices=["trace", "debug", "info", "warn", "error"])
+                   choices=["trace", "debug", "info", "warn", "error"],
+                   help="log level (overrides the global one)")
 
 
-def _backend_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}backend-type", choices=["localfs", "s3", "oss", "registry"])
-    p.add_argument(f"--{prefix}backend-config", help="backend config JSON")
-    p.add_argument(f"--{prefix}backend-config-file", help="backend config JSON file")
+def _backend_flags(p: argparse.ArgumentParser, prefix: str = "", what: str = "") -> None:
+    where = what or "the Nydus image's data blobs"
+    p.add_argument(f"--{prefix}backend-type", choices=["localfs", "s3", "oss", "registry"],
+                   help=f"where {where} are stored (default registry: beside the manifest)")
+    p.add_argument(f"--{prefix}backend-config", metavar="JSON",
+                   help="that backend's config as JSON")
+    p.add_argument(f"--{prefix}backend-config-file", metavar="FILE",
+                   help="that backend's config JSON file")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nydusify", description="Nydus image conversion tool")
+    p = argparse.ArgumentParser(prog="nydusify", description="Nydus image conversion tool",
+                                formatter_class=HelpFormatter)
     p.add_argument("-v", "--version", action="version", version=f"nydusify {__version__}")
     p.add_argument("--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"])
+                   choices=["trace", "debug", "info", "warn", "error"], help="log level")
     p.add_argument("--debug", action="store_true", help="same as --log-level debug")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="convert an OCI image into a Nydus image")
+    def cmd(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    c = cmd("convert", "convert an OCI image into a Nydus image")
     c.add_argument("--source", required=True, help="source image reference")
     c.add_argument("--target", help="target image reference")
     c.add_argument("--target-suffix", help="target = source + this suffix (e.g. -nydus)")
     _common(c)
     c.add_argument("--nydus-image", help="accepted for compatibility: the builder is in-process")
-    c.add_argument("--fs-version", default="6")
-    c.add_argument("--compressor", default="zstd", choices=["none", "lz4_block", "zstd"])
-    c.add_argument("--fs-chunk-size", type=_int, default=0x100000)
+    c.add_argument("--fs-version", default="6", choices=["5", "6"],
+                   help="RAFS version (only 6 is written here)")
+    c.add_argument("--compressor", default="zstd", choices=["none", "lz4_block", "zstd"],
+                   help="chunk compression")
+    c.add_argument("--fs-chunk-size", type=_int, default=0x100000, metavar="SIZE",
+                   help="chunk size, a power of two in 0x1000..0x1000000 (decimal or 0x hex)")
     c.add_argument("--fs-align-chunk", action="store_true", help="always on for v6")
     c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
     c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
@@ -108,15 +121,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="set the Nydus manifest's subject to the source manifest")
     c.add_argument("--merge-platform", action="store_true",
                    help="push an index holding the OCI and the Nydus manifests")
-    c.add_argument("--all-platforms", action="store_true")
+    c.add_argument("--all-platforms", action="store_true",
+                   help="convert every platform of the source index")
     c.add_argument("--platform", help="OS/ARCH[/VARIANT][,...] (default: this machine's)")
-    c.add_argument("--output-json", help="write a JSON report here")
-    c.add_argument("--push-retry-count", type=int, default=3)
-    c.add_argument("--push-retry-delay", type=_duration, default=5.0)
+    c.add_argument("--output-json", metavar="FILE", help="write a JSON report here")
+    c.add_argument("--push-retry-count", type=int, default=3, help="retries of a failed push")
+    c.add_argument("--push-retry-delay", type=_duration, default=5.0, metavar="DURATION",
+                   help="wait between push retries: seconds or Go-style (5s, 500ms, 1m)")
     c.add_argument("--parallel", type=int, default=0,
                    help="layers converted at once (default min(4, layers))")
 
-    k = sub.add_parser("check", help="check a Nydus image against its source")
+    k = cmd("check", "check a Nydus image against its source")
     k.add_argument("--source", help="source (OCI) image reference")
     k.add_argument("--target", required=True, help="Nydus image reference")
     _common(k)
@@ -124,24 +139,27 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--nydusd", help="accepted for compatibility: files are read in-process")
     k.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
     k.add_argument("--multi-platform", action="store_true", help="check every platform")
-    _backend_flags(k)
-    _backend_flags(k, "target-")
+    _backend_flags(k, what="the target's data blobs (not the source's)")
+    _backend_flags(k, "target-", what="the target's data blobs (same as --backend-*)")
     k.add_argument("--output-json", help="write a JSON report here")
 
-    m = sub.add_parser("mount", help="mount a Nydus image from a registry with nydusd")
+    m = cmd("mount", "mount a Nydus image from a registry with nydusd")
     m.add_argument("--target", required=True, help="Nydus image reference")
-    m.add_argument("--mount-path", required=True)
+    m.add_argument("--mount-path", required=True, help="an existing directory to mount on")
     _common(m, source=False)
-    m.add_argument("--nydusd", default="nydusd", help="nydusd binary (default: from PATH)")
+    m.add_argument("--nydusd", default="nydusd",
+                   help="nydusd to run: a path, or a name looked up next to nydusify first, "
+                        "then on PATH")
     m.add_argument("--platform", help="OS/ARCH[/VARIANT]")
     m.add_argument("--prefetch", action="store_true", help="prefetch the whole image")
     _backend_flags(m)
 
-    y = sub.add_parser("copy", help="copy a Nydus image with all its blobs")
-    y.add_argument("--source", required=True)
+    y = cmd("copy", "copy a Nydus image with all its blobs")
+    y.add_argument("--source", required=True, help="source image reference")
     y.add_argument("--target", required=True, help="REF, or file://PATH for an OCI tarball")
     _common(y)
-    y.add_argument("--all-platforms", action="store_true")
+    y.add_argument("--all-platforms", action="store_true",
+                   help="copy every platform of the source index")
     y.add_argument("--platform", help="OS/ARCH[/VARIANT][,...]")
     y.add_argument("--push-chunk-size", type=_int, default=0,
                    help="upload in chunks of this many bytes (0: client default)")
@@ -373,11 +391,30 @@ COMMANDS = {"convert": cmd_convert, "check": cmd_check, "mount": cmd_mount, "cop
             "optimize": cmd_optimize, "access-pattern": cmd_access_pattern}
 
 
+# flags whose value may start with "-" (upstream's Go flag parser takes "--target-suffix -nydus")
+_DASH_VALUE_FLAGS = ("--target-suffix",)
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """``--flag -value`` as ``--flag=-value`` for the flags above (argparse would read
+    ``-value`` as an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _DASH_VALUE_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = _parser().parse_args(_join_dash_values(list(sys.argv[1:] if argv is None else argv)))
     name = "debug" if a.debug else (a.sub_log_level or a.log_level)
-    level = {"trace": logging.DEBUG, "warn": logging.WARNING}.get(name, name.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(name)
     if name not in ("debug", "trace"):
         logging.getLogger("nydus.registry").setLevel(logging.WARNING)
     return run_guarded(f"nydusify {a.cmd}", lambda: COMMANDS[a.cmd](a))

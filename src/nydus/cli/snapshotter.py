@@ -155,14 +155,14 @@ def _docker_config() -> Path:
 def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
     """Log to stdout or ``<root>/logs`` (0700, file 0600); credentials are always redacted."""
     from ..credentials import PrivateFileHandler, RedactingFilter, private_dir
+    from ..daemon.logsetup import UpstreamFormatter
 
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if to_stdout:
         handler: logging.Handler = logging.StreamHandler(sys.stdout)
     else:
         private_dir(log_dir)
         handler = PrivateFileHandler(log_dir / "containerd-nydus-grpc.log")
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(UpstreamFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -281,6 +281,13 @@ def _source_manifest(source: Remote, platform: str) -> im.SourceManifest:
     return im.parse_manifest(body, mt, digest)
 
 
+def _looks_nydus(sm: im.SourceManifest) -> bool:
+    """True if the manifest marks any layer as a Nydus blob or bootstrap."""
+    marks = (oci.ANNOTATION_NYDUS_BLOB, oci.ANNOTATION_NYDUS_BOOTSTRAP)
+    return any(ld.media_type == oci.MEDIA_TYPE_NYDUS_BLOB
+               or any(ld.annotations.get(k) == "true" for k in marks) for ld in sm.layers)
+
+
 def _oci_tree(source: Remote, sm: im.SourceManifest) -> OciRootfs:
     tree = OciRootfs()
     for ld in sm.layers:
@@ -306,7 +313,15 @@ def check(source: Remote | None, target: Remote, opts: CheckOptions) -> CheckRep
                 rep.problems.append("manifest has no layers")
                 continue
             gz = target.client.get_blob(target.repo, sm.layers[-1].digest, max_size=1 << 30)
-            boot = im.read_bootstrap_layer(gz)
+            try:
+                boot = im.read_bootstrap_layer(gz)
+            except FormatError:
+                if not _looks_nydus(sm):
+                    raise FormatError(
+                        f"{target.ref} is not a Nydus image: no layer is a Nydus blob or "
+                        "bootstrap (a plain OCI image? --target takes the converted image)"
+                    ) from None
+                raise
             try:
                 md = open_bootstrap(boot)
             except NydusError as e:

@@ -320,6 +320,7 @@ class _ManifestJob:
             chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
             chunk_dict_bootstrap=self.cdict.path if self.cdict else None,
             prefetch_paths=opts.prefetch_patterns, workers=opts.builder_threads,
+            on_chunk=lambda _size, dedup: self.progress.chunk(lp, dedup),
         )
         blobs_dir = os.path.join(self.work, "blobs")
         tmp = os.path.join(blobs_dir, f".layer-{i}-{os.getpid()}")
@@ -528,6 +529,20 @@ def _copy_manifest_into(source: Remote, target: Remote, sm: im.SourceManifest,
           f"push of manifest {sm.digest}", opts.push_retry_count, opts.push_retry_delay)
 
 
+def _check_single_platform(source: Remote, sm: im.SourceManifest,
+                           wanted: list[im.Platform]) -> None:
+    """Refuse an explicit ``--platform`` a single-manifest source is not built for (its
+    config names the platform)."""
+    _raw, cfg = source.json_blob(sm.config, "config")
+    have = im.Platform.from_dict(cfg)
+    if have is None:
+        return  # the config names no platform: nothing to compare with
+    for t in wanted:
+        if not t.matches(have):
+            raise ConfigError(f"--platform {t}: the source is a single-platform {have} image "
+                              "(no index); omit --platform or pick its platform")
+
+
 def convert(source: Remote, target: Remote, opts: ConvertOptions,
             progress: Progress | None = None,
             make_dict_remote: Callable[[str], Remote] | None = None) -> ConvertResult:
@@ -568,6 +583,8 @@ def convert(source: Remote, target: Remote, opts: ConvertOptions,
             jobs.append((sm, plat, work))
     elif oci.is_manifest(mt):
         sm = im.parse_manifest(body, mt, digest)
+        if opts.platforms:
+            _check_single_platform(source, sm, opts.platforms)
         jobs.append((sm, None, opts.work_dir))
     else:
         raise UnsupportedError(f"source {source.ref} has unsupported media type {mt!r}")

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
@@ -31,6 +33,8 @@ from ..format import oci
 from ..registry.auth import docker_config_credentials
 from . import image as im
 from .remote import Remote
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MountOptions", "prepare_mount", "mount", "nydusd_config"]
 
@@ -107,14 +111,35 @@ def prepare_mount(target: Remote, opts: MountOptions) -> tuple[str, str]:
     return boot_path, cfg_path
 
 
+def find_tool(name: str) -> str:
+    """The executable for ``name``: a path as given; a bare name next to the running program
+    first (the tools of one virtualenv find each other when called by path), then on PATH."""
+    if os.sep in name:
+        if os.access(name, os.X_OK) and os.path.isfile(name):
+            return name
+        raise ConfigError(f"--nydusd {name}: not found (no executable file there)")
+    for d in dict.fromkeys((os.path.dirname(os.path.abspath(sys.argv[0])),
+                            os.path.dirname(sys.executable))):
+        cand = os.path.join(d, name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"--nydusd {name}: not found next to {sys.argv[0]} nor on PATH")
+    return found
+
+
 def mount(target: Remote, opts: MountOptions) -> int:
     """Run nydusd for the image until it exits; returns its exit status."""
-    exe = shutil.which(opts.nydusd) or (opts.nydusd if os.access(opts.nydusd, os.X_OK)
-                                         else None)
-    if exe is None:
-        raise ConfigError(f"--nydusd {opts.nydusd}: not found")
+    exe = find_tool(opts.nydusd)
+    parent = os.path.dirname(os.path.abspath(opts.mount_path))
+    if not os.path.isdir(opts.mount_path) and not os.path.isdir(parent):
+        raise ConfigError(f"--mount-path {opts.mount_path}: neither it nor its parent {parent} "
+                          "exists (only the last component is created)")
     boot, cfg = prepare_mount(target, opts)
-    os.makedirs(opts.mount_path, exist_ok=True)
+    if not os.path.isdir(opts.mount_path):
+        os.mkdir(opts.mount_path)
+        log.info("created the mount point %s", opts.mount_path)
     level = {"warn": "warn", "trace": "trace"}.get(opts.log_level, opts.log_level)
     cmd = [exe, "--config", cfg, "--mountpoint", os.path.abspath(opts.mount_path),
            "--bootstrap", boot, "--log-level", level]

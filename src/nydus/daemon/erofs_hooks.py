@@ -52,6 +52,16 @@ def _kernel_mount(d: Nydusd, im: ImageMount) -> str:
     return EROFS
 
 
+def _is_erofs_file(path: str) -> bool:
+    """True if ``path`` has the EROFS magic at 1024 (a bootstrap, not an inline-meta blob)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(1024)
+            return f.read(4) == b"\xe2\xe1\xf5\xe0"
+    except OSError:
+        return True  # let the mount report it
+
+
 def _not_owned() -> None:
     """The FUSE view of a kernel EROFS image does not close it (module docstring)."""
 
@@ -59,6 +69,11 @@ def _not_owned() -> None:
 def mount_erofs_image(d: Nydusd, im: ImageMount) -> str:
     """Returns the driver the image ends up with (``fusedev`` after a fallback, in which case
     the caller attaches it to the FUSE VFS)."""
+    if not _is_erofs_file(im.bootstrap):
+        log.info("%s: fs_driver fusedev (%s is a data blob with the bootstrap inlined: the "
+                 "kernel mounts only a bootstrap file of its own)", im.path, im.bootstrap)
+        im.fs_driver, im.erofs = FUSEDEV, None
+        return FUSEDEV
     im.fs_driver, im.erofs = EROFS, d.erofs
     d.vfs.attach(im.path, im.fs, on_close=_not_owned)
     s = d.session

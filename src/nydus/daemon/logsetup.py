@@ -1,4 +1,5 @@
-"""Logging for nydusd: upstream-like lines to stderr or ``--log-file`` (optionally rotated).
+"""Logging for every tool (nydusd, nydus-image, nydusify, the snapshotter): upstream-like
+lines to stderr or ``--log-file`` (optionally rotated).
 
 ``[2024-05-06 08:09:16.853513 +00:00] INFO [nydus.daemon] message``. Levels are upstream's
 (trace, debug, info, warn, error); trace maps to Python level 5.
@@ -16,14 +17,16 @@ import sys
 
 from ..credentials import PrivateFileHandler, PrivateRotatingFileHandler, RedactingFilter
 
-__all__ = ["setup_logging", "LEVELS", "TRACE"]
+__all__ = ["setup_logging", "LEVELS", "TRACE", "UpstreamFormatter"]
 
 TRACE = 5
 LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO,
           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-class _Formatter(logging.Formatter):
+class UpstreamFormatter(logging.Formatter):
+    """``[time] LEVEL [module] message``, as upstream's Rust tools log."""
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         t = dt.datetime.fromtimestamp(record.created, dt.UTC)
         return t.strftime("%Y-%m-%d %H:%M:%S.%f +00:00")
@@ -52,7 +55,7 @@ def setup_logging(level: str = "info", log_file: str | None = None,
             handler = PrivateFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(UpstreamFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -148,7 +148,8 @@ class RafsVfs(Operations):
                 return 0
             if self._root is not None:
                 raise FuseError(errno.EBUSY,
-                                "an image is mounted at /; sub-mounts need a shared daemon")
+                                "an image is mounted at /; sub-mounts need a shared daemon "
+                                "(start nydusd without --bootstrap)")
             slot = next((s for s in range(1, MAX_SLOTS + 1) if s not in self._slots), None)
             if slot is None:
                 raise FuseError(errno.ENOSPC, f"at most {MAX_SLOTS} images per daemon")

@@ -75,6 +75,23 @@ BLOB_FEATURE_ENCRYPTED = 0x100
 BLOB_FEATURE_HAS_TAR_HEADER = 0x1000_0000
 BLOB_FEATURE_HAS_TOC = 0x2000_0000
 BLOB_FEATURE_CAP_TAR_TOC = 0x4000_0000
+BLOB_FEATURE_NAMES = {  # upstream's BlobFeatures names, lower case
+    BLOB_FEATURE_ALIGNED: "aligned", BLOB_FEATURE_INLINED_FS_META: "inlined_fs_meta",
+    BLOB_FEATURE_CHUNK_INFO_V2: "chunk_info_v2", BLOB_FEATURE_ZRAN: "zran",
+    BLOB_FEATURE_SEPARATE: "separate", BLOB_FEATURE_INLINED_CHUNK_DIGEST: "inlined_chunk_digest",
+    BLOB_FEATURE_TARFS: "tarfs", BLOB_FEATURE_BATCH: "batch",
+    BLOB_FEATURE_ENCRYPTED: "encrypted", BLOB_FEATURE_HAS_TAR_HEADER: "has_tar_header",
+    BLOB_FEATURE_HAS_TOC: "has_toc", BLOB_FEATURE_CAP_TAR_TOC: "cap_tar_toc",
+}
+
+
+def feature_names(features: int) -> list[str]:
+    """The names of the blob feature bits set in ``features`` (unknown bits in hex)."""
+    names = [n for bit, n in BLOB_FEATURE_NAMES.items() if features & bit]
+    rest = features & ~sum(BLOB_FEATURE_NAMES)
+    if rest:
+        names.append(hex(rest))
+    return names
 
 _EXT = struct.Struct("<QQIIQQQII200x")
 

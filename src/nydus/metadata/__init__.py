@@ -15,9 +15,13 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
+
+if TYPE_CHECKING:
+    from ..format.blob_meta import TocEntry
 
 __all__ = [
     "MAX_BOOTSTRAP_SIZE",
@@ -157,8 +161,13 @@ def _inlined_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: st
                        max_size: int) -> bytes | None:
     """The ``image.boot`` section of a data blob built with --blob-inline-meta, or None.
 
-    Reads only the trailing tar header, the ToC it frames and the bootstrap section, through
-    ``read_at(size, offset)``.
+    As upstream reads it: with a ToC (``rafs.blob.toc`` the last section), its ``image.boot``
+    entry, which upstream's builder stores zstd-compressed (the entry's flags name the
+    compression; its digest is the sha256 of the uncompressed bootstrap); without a ToC
+    (older upstream builds), the last section itself when it is ``image.boot``: the bootstrap,
+    uncompressed, right before its trailing tar header. Reads only the trailing tar header,
+    the section it frames and the bootstrap, through ``read_at(size, offset)``; every size is
+    bounded (``max_size`` for the bootstrap, 1 MiB for the ToC).
     """
     from ..format import blob_meta as bm
 
@@ -167,22 +176,48 @@ def _inlined_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: st
     trailer = read_at(bm.TAR_BLOCK, size - bm.TAR_BLOCK)
     if trailer[257:262] != b"ustar":
         return None
-    toc_name, toc_size = bm.parse_tar_header(trailer)
-    if toc_name != bm.TOC_ENTRY_BLOB_TOC or toc_size + bm.TAR_BLOCK > size:
+    sect_name, sect_size = bm.parse_tar_header(trailer)
+    if sect_size + bm.TAR_BLOCK > size:
         return None
-    if toc_size > 1 << 20:
-        raise FormatError(f"blob ToC of {name} is {_human(toc_size)}, over the 1 MiB limit")
-    toc = read_at(toc_size, size - bm.TAR_BLOCK - toc_size)
+    if sect_name == bm.TOC_ENTRY_BOOTSTRAP:
+        if sect_size > max_size:
+            raise FormatError(f"bootstrap inlined in {name} is {_human(sect_size)}, over the "
+                              f"{_human(max_size)} limit")
+        return read_at(sect_size, size - bm.TAR_BLOCK - sect_size)
+    if sect_name != bm.TOC_ENTRY_BLOB_TOC:
+        return None
+    if sect_size > 1 << 20:
+        raise FormatError(f"blob ToC of {name} is {_human(sect_size)}, over the 1 MiB limit")
+    toc = read_at(sect_size, size - bm.TAR_BLOCK - sect_size)
     for e in bm.unpack_toc(toc):
         if e.name == bm.TOC_ENTRY_BOOTSTRAP:
-            end = e.compressed_offset + e.compressed_size
-            if e.compressed_size != e.uncompressed_size or end > size:
-                raise FormatError("inlined bootstrap entry is compressed or out of range")
-            if e.compressed_size > max_size:
-                raise FormatError(f"bootstrap inlined in {name} is {_human(e.compressed_size)},"
-                                  f" over the {_human(max_size)} limit")
-            boot = read_at(e.compressed_size, e.compressed_offset)
-            if hashlib.sha256(boot).digest() != e.digest:
-                raise FormatError("inlined bootstrap digest mismatch")
-            return boot
+            return _toc_bootstrap(read_at, size, name, max_size, e)
     return None
+
+
+def _toc_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: str, max_size: int,
+                   e: TocEntry) -> bytes:
+    """The bootstrap a ToC entry names: read, decompressed as its flags say, checked."""
+    from .. import codec
+    from ..format import blob_meta as bm
+
+    end = e.compressed_offset + e.compressed_size
+    if end > size:
+        raise FormatError("inlined bootstrap entry is out of range")
+    if e.uncompressed_size > max_size or e.compressed_size > max_size:
+        raise FormatError(f"bootstrap inlined in {name} is {_human(e.uncompressed_size)}, "
+                          f"over the {_human(max_size)} limit")
+    raw = read_at(e.compressed_size, e.compressed_offset)
+    names = {f: n for n, f in bm.TOC_COMPRESSION.items()}
+    kind = names.get(e.flags & 0x7)
+    if kind is None:
+        raise FormatError(f"inlined bootstrap: unknown compression flags {e.flags:#x}")
+    if kind == "none":
+        if e.compressed_size != e.uncompressed_size:
+            raise FormatError("inlined bootstrap: stored sizes differ without compression")
+        boot = raw
+    else:
+        boot = codec.decompress(codec.compressor_by_name(kind), raw, e.uncompressed_size)
+    if hashlib.sha256(boot).digest() != e.digest:
+        raise FormatError("inlined bootstrap digest mismatch")
+    return boot

@@ -693,6 +693,7 @@ class DaemonManager(NydusMounter):
         if self.sock_dir.parent == _RUN_SOCK_DIR:  # ours alone: remove it when nothing is left
             with contextlib.suppress(OSError):
                 self.sock_dir.rmdir()
+                _RUN_SOCK_DIR.rmdir()  # and the shared parent, when no other root uses it
 
     def shutdown_all(self) -> None:
         """Stop every daemon (tests and tools; the snapshotter itself never does this)."""

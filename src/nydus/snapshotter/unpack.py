@@ -560,10 +560,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.add_argument("ref", help="image reference, e.g. localhost:5000/ubuntu-nydus:latest")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if a.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from ..daemon.logsetup import setup_logging
+
+    setup_logging("warn" if a.quiet else "info")
     base = os.environ.get("DOCKER_CONFIG")
     docker_config = os.path.join(base, "config.json") if base else "~/.docker/config.json"
     try:

@@ -14,6 +14,7 @@ import stat as st
 from typing import Any
 
 from ..errors import ConfigError
+from ..format import rafs_v6 as v6
 from ..metadata import RafsMetadata
 
 __all__ = ["inspect_request", "image_stats", "dedup_report"]
@@ -172,7 +173,7 @@ def inspect_request(md: RafsMetadata, request: str) -> Any:
             {"index": b.index, "blob_id": b.blob_id, "compressor": b.compressor,
              "digester": b.digester, "chunk_size": b.chunk_size, "chunk_count": b.chunk_count,
              "compressed_size": b.compressed_size, "uncompressed_size": b.uncompressed_size,
-             "features": hex(b.features)}
+             "features": hex(b.features), "feature_names": v6.feature_names(b.features)}
             for b in md.blobs
         ]
     if cmd == "prefetch":

@@ -10,12 +10,15 @@ zeros. Single-threaded.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import FormatError, NotFoundError
 from ..metadata import ChunkInfo, RafsMetadata, open_bootstrap
@@ -114,7 +117,13 @@ def unpack_image(
             info = md.blobs[idx]
             path = find_blob(info.blob_id, blob_dir, blob_file if len(md.blobs) == 1 else None)
             if path is None:
-                raise NotFoundError(f"blob {info.blob_id} not found (give -D or --blob)")
+                if blob_dir is not None:
+                    where = f"no file {info.blob_id} in {blob_dir}"
+                elif blob_file is not None:
+                    where = "--blob is only for images with one blob; give -D"
+                else:
+                    where = "give -D DIR or --blob FILE"
+                raise NotFoundError(f"blob {info.blob_id} not found: {where}")
             r, close = open_local_blob(path, info)
             readers[idx] = r
             closers.append(close)
@@ -124,8 +133,7 @@ def unpack_image(
     kw = {"format": tarfile.PAX_FORMAT, "encoding": "utf-8", "errors": "surrogateescape"}
     try:
         if isinstance(output, str):
-            with tarfile.open(output, "w", **kw) as tf:  # type: ignore[call-overload]
-                _write_entries(md, tf, reader, res)
+            _unpack_to_file(output, lambda f: _write_tar(md, f, kw, reader, res))
         else:
             with tarfile.open(fileobj=output, mode="w|", **kw) as tf:  # type: ignore[call-overload]
                 _write_entries(md, tf, reader, res)
@@ -133,6 +141,29 @@ def unpack_image(
         for c in closers:
             c()
     return res
+
+
+def _write_tar(md: RafsMetadata, f: BinaryIO, kw: dict[str, Any],
+               reader: Callable[[int], BlobReader], res: UnpackResult) -> None:
+    with tarfile.open(fileobj=f, mode="w", **kw) as tf:
+        _write_entries(md, tf, reader, res)
+
+
+def _unpack_to_file(output: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write the tar through a temporary file beside ``output``: a failure leaves nothing."""
+    d = os.path.dirname(os.path.abspath(output))
+    fd, tmp = tempfile.mkstemp(prefix=".unpack-", suffix=".tar", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _write_entries(md: RafsMetadata, tf: tarfile.TarFile,
@@ -177,8 +208,6 @@ def _write_entries(md: RafsMetadata, tf: tarfile.TarFile,
         elif stat.S_ISCHR(a.mode) or stat.S_ISBLK(a.mode):
             first_path[nid] = name
             ti.type = tarfile.CHRTYPE if stat.S_ISCHR(a.mode) else tarfile.BLKTYPE
-            import os
-
             ti.devmajor, ti.devminor = os.major(a.rdev), os.minor(a.rdev)
         elif stat.S_ISFIFO(a.mode):
             first_path[nid] = name

@@ -1,0 +1,223 @@
+"""PNG plots of the benchmark reports, drawn from the table each report already holds.
+
+    .venv/bin/python bench/plot.py                    # every bench/results/*.md without a plot
+    .venv/bin/python bench/plot.py --force            # redraw them all
+    .venv/bin/python bench/plot.py REPORT.md ...      # these reports
+
+Each ``bench/*.py`` calls :func:`plot_report` on the report it has just written, so a new run
+gets its pictures beside its Markdown (``<stem>.png``); this script draws them for reports
+written before that. The numbers come from the report's first Markdown table (the one each
+bench prints), so a plot shows exactly what its report says. The kind of plot follows the
+report's name: ``coldstart-*``, ``read-*``, ``build-*``, ``fetch-*``, ``convert-*``.
+
+Needs matplotlib (``pip install -e '.[bench]'``; scripts/setup.sh installs it). Single-threaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+Table = list[dict[str, str]]
+
+
+def parse_table(md: str) -> Table:
+    """The first Markdown table of ``md`` as rows of header -> cell text."""
+    lines = [ln.strip() for ln in md.splitlines()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$",
+                                                                  lines[i + 1]):
+            header = _cells(ln)
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                cells = _cells(row)
+                rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)),
+                                     strict=True)))
+            return rows
+    raise ValueError("no Markdown table found")
+
+
+def _cells(line: str) -> list[str]:
+    # a literal pipe inside a cell is written \| (e.g. "tar \| zstd")
+    parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+    return [p.strip().replace("\\|", "|") for p in parts]
+
+
+def number(cell: str) -> float | None:
+    """The leading number of a cell: ``3,133 (0.97x)`` -> 3133, ``25.9 MiB`` -> 25.9 (MiB),
+    ``1.0 GiB`` -> 1024 (MiB); None for ``-`` or text."""
+    m = re.match(r"^\s*([-+]?[\d,]*\.?\d+)\s*(B|KiB|MiB|GiB)?", cell)
+    if not m:
+        return None
+    v = float(m.group(1).replace(",", ""))
+    scale = {"B": 1 / (1 << 20), "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}
+    return v * scale.get(m.group(2) or "", 1.0)
+
+
+def _pyplot() -> object:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(ax: object, groups: list[str], series: dict[str, list[float | None]],
+          ylabel: str, title: str, log: bool = False) -> None:
+    """Grouped bars: one group per x label, one bar per series, values written on top."""
+    n = len(series)
+    width = 0.8 / max(n, 1)
+    for k, (name, vals) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
+        ys = [v if v is not None else 0.0 for v in vals]
+        bars = ax.bar(xs, ys, width, label=name)  # type: ignore[attr-defined]
+        for b, v in zip(bars, vals, strict=True):
+            if v is not None:
+                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),  # type: ignore[attr-defined]
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)  # type: ignore[attr-defined]
+    ax.set_ylabel(ylabel)  # type: ignore[attr-defined]
+    ax.set_title(title, fontsize=10)  # type: ignore[attr-defined]
+    if log:
+        ax.set_yscale("log")  # type: ignore[attr-defined]
+    if n > 1:
+        ax.legend(fontsize=8)  # type: ignore[attr-defined]
+
+
+def _coldstart(rows: Table, plt: object, title: str) -> object:
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+
+    def col(name: str) -> dict[str, list[float | None]]:
+        return {m: [next((number(r[name]) for r in rows
+                          if r["link"] == ln and r["method"] == m), None) for ln in links]
+                for m in methods}
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))  # type: ignore[attr-defined]
+    _bars(a, links, col("first output s"), "seconds", "pull start to the container's first "
+          "output (lower is better)")
+    _bars(b, links, col("fetched"), "MiB", "bytes fetched from the registry")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _read(rows: Table, plt: object, title: str) -> object:
+    metrics = [h for h in rows[0] if h not in ("target", "daemon cpu s")]
+    native = next(r for r in rows if r["target"] == "native")
+    fig, ax = plt.subplots(figsize=(12, 4.5))  # type: ignore[attr-defined]
+    series = {}
+    for r in rows:
+        if r["target"] == "native":
+            continue
+        series[r["target"]] = [
+            (number(r[m]) or 0.0) / (number(native[m]) or 1.0) for m in metrics]
+    _bars(ax, [m.replace(" files/s", "\nfiles/s").replace(" MB/s", "\nMB/s") for m in metrics],
+          series, "x native (1.0 = the plain directory)", "reads against the native "
+          "directory (higher is better)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _build(rows: Table, plt: object, title: str) -> object:
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))  # type: ignore[attr-defined]
+    for ax, col, label in ((a, "MB/s in", "MB/s of input (higher is better)"),
+                           (b, "max RSS MiB", "peak RSS MiB")):
+        series = {m: [next((number(r[col]) for r in rows
+                            if r["target"] == t and r["mode"] == m), None) for t in targets]
+                  for m in modes}
+        _bars(ax, [t.replace(" ", "\n", 1) for t in targets], series, col, label)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _fetch(rows: Table, plt: object, title: str) -> object:
+    rows = [r for r in rows if "ranged GETs" not in r["method"]]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))  # type: ignore[attr-defined]
+    for ax, col, label in ((a, "time s", "seconds to read the working set (lower is better)"),
+                           (b, "bytes", "MiB fetched")):
+        series = {ln: [next((number(r[col]) for r in rows
+                             if r["link"] == ln and r["method"] == m), None) for m in methods]
+                  for ln in links}
+        _bars(ax, [m.replace(", ", "\n") for m in methods], series,
+              "MiB" if col == "bytes" else col, label)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _convert(rows: Table, plt: object, title: str) -> object:
+    tools = [r["tool"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))  # type: ignore[attr-defined]
+    _bars(a, tools, {"wall time": [number(r["wall time (s)"]) for r in rows]}, "seconds",
+          "wall time (lower is better)")
+    _bars(b, tools, {"peak RSS": [number(r["peak RSS (MB)"]) for r in rows]}, "MB",
+          "peak RSS")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
+    "coldstart": _coldstart, "read": _read, "build": _build, "fetch": _fetch,
+    "convert": _convert,
+}
+
+
+def plot_report(md_path: Path) -> Path | None:
+    """Draw ``<stem>.png`` beside the report ``md_path``; returns its path (None when the
+    report's kind has no plot). Raises ValueError for a report without a table."""
+    kind = md_path.name.split("-", 1)[0]
+    draw = PLOTTERS.get(kind)
+    if draw is None:
+        return None
+    text = md_path.read_text()
+    rows = parse_table(text)
+    heading = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")),
+                   md_path.stem)
+    plt = _pyplot()
+    fig = draw(rows, plt, f"{heading} ({md_path.name})")
+    fig.tight_layout()  # type: ignore[attr-defined]
+    out = md_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[attr-defined]
+    return out
+
+
+def plot_after_run(md_path: Path) -> None:
+    """What each bench calls after writing its report: a plot, or a note why not."""
+    try:
+        out = plot_report(md_path)
+    except ImportError:
+        print("no plot: matplotlib is missing (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    if out is not None:
+        print(f"plot: {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="*", type=Path, help="reports (default: bench/results)")
+    p.add_argument("--force", action="store_true", help="redraw plots that exist")
+    a = p.parse_args(argv)
+    reports = a.reports or sorted(RESULTS.glob("*.md"))
+    for md in reports:
+        if not a.force and md.with_suffix(".png").exists() and not a.reports:
+            continue
+        out = plot_report(md)
+        print(f"{md.name}: {out.name if out else 'no plot for this kind'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
