@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def _bars(ax: object, groups: list[str], series: dict[str, list[float | None]],
 
 
 def _coldstart(rows: Table, plt: object, title: str) -> object:
+    if "scenario" in rows[0]:  # the ml image's report: one table per workload and link
+        return _coldstart_scenarios(rows, plt, title)
     links = list(dict.fromkeys(r["link"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
@@ -105,6 +108,37 @@ def _coldstart(rows: Table, plt: object, title: str) -> object:
     _bars(a, links, col("first output s"), "seconds", "pull start to the container's first "
           "output (lower is better)")
     _bars(b, links, col("fetched"), "MiB", "bytes fetched from the registry")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _coldstart_scenarios(rows: Table, plt: object, title: str) -> object:
+    """The first table of ``coldstart.py --image ml``: one row per scenario."""
+    names = [r["scenario"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))  # type: ignore[attr-defined]
+    _bars(a, names, {"pull s": [number(r["pull s"]) for r in rows],
+                     "run s": [number(r["run s"]) for r in rows],
+                     "total s": [number(r["total s"]) for r in rows]},
+          "seconds", "pull start to the workload's exit (lower is better)")
+    _bars(b, names, {"registry": [number(r["registry"]) for r in rows]}, "MiB",
+          "bytes fetched from the registry")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _fault(rows: Table, plt: object, title: str) -> object:
+    """bench/fault.py: per finding, its trials and every kind of failure (all should be 0)."""
+    names = [textwrap.fill(r["finding"], 17) for r in rows]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(13, 7))  # type: ignore[attr-defined]
+    _bars(a, names, {"trials": [number(r["trials"]) for r in rows]}, "trials",
+          "trials per finding")
+    kinds = ["wrong bytes", "hangs > 10 s", "escapes", "tracebacks",
+             "secrets readable by others"]
+    _bars(b, names, {k: [number(r[k]) for r in rows] for k in kinds if k in rows[0]},
+          "count (symlog)", "failures (every bar should be 0)")
+    b.set_yscale("symlog")  # type: ignore[attr-defined]
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=6)  # type: ignore[attr-defined]
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -170,7 +204,7 @@ def _convert(rows: Table, plt: object, title: str) -> object:
 
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
     "coldstart": _coldstart, "read": _read, "build": _build, "fetch": _fetch,
-    "convert": _convert,
+    "convert": _convert, "fault": _fault,
 }
 
 
