@@ -379,9 +379,9 @@ def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -
 
 
 def test_blobdev_does_not_push_ahead_while_recording() -> None:
-    """Chunks already in the cache after a read are pushed into the blob file's page cache
+    """Chunks already in the cache after a read are prefilled into the blob file's page cache
     (other files' data), so their first reads never reach the daemon: while the access pattern
-    is recorded that push is off, and each file's read is seen."""
+    is recorded that fill-ahead is off, and each file's read is seen."""
     from nydus.daemon.blobdev import BlobDevFs
     from nydus.fs.metrics import FsIoStats
     from nydus.fuse import ROOT_ID, RequestContext
@@ -408,12 +408,12 @@ def test_blobdev_does_not_push_ahead_while_recording() -> None:
     data = os.urandom(8 * 8192)
     for recording in (False, True):
         fs = BlobDevFs()
-        pushed: list[tuple[int, int]] = []
-        fs.push = lambda node, off, b, pushed=pushed: pushed.append((off, len(b)))
+        ahead: list[int] = []  # prefill(nodeid, ranges, fill_ahead_from or -1)
+        fs.prefill = lambda node, ranges, start, ahead=ahead: ahead.append(start)
         stats = FsIoStats("/", access_pattern=recording)
         fs.register("s", Device(data), 0, stats)
         node = fs.lookup(ctx, ROOT_ID, b"s").nodeid
         assert fs.read(ctx, node, 0, 0, 8192) == data[:8192]
-        assert pushed == ([] if recording else [(8192, 32768)])
+        assert ahead == ([-1] if recording else [8192])
         if recording:
             assert stats._blob_reads[0][:3] == (0, 0, 8192)

@@ -169,8 +169,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _optimize_parsers(sub: Any) -> None:
     """``optimize`` (upstream's flags) and ``access-pattern`` (ours: exports a recording)."""
-    o = sub.add_parser("optimize", help="rebuild a Nydus image for an access pattern: a "
-                       "prefetch blob with the listed files' chunks, and a prefetch table")
+    o = sub.add_parser("optimize", formatter_class=HelpFormatter,
+                       help="rebuild a Nydus image for an access pattern: a prefetch blob "
+                       "with the listed files' chunks, and a prefetch table")
     o.add_argument("--source", required=True, help="source Nydus image reference")
     o.add_argument("--target", required=True, help="target image reference")
     _common(o)
@@ -181,8 +182,9 @@ def _optimize_parsers(sub: Any) -> None:
     o.add_argument("--nydus-image", help="accepted for compatibility: the builder is in-process")
     o.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
     o.add_argument("--output-json", help="write a JSON report here")
-    r = sub.add_parser("access-pattern", help="export a recorded access pattern (daemons "
-                       "configured with access_pattern) as a prefetch list file")
+    r = sub.add_parser("access-pattern", formatter_class=HelpFormatter,
+                       help="export a recorded access pattern (daemons configured with "
+                       "access_pattern) as a prefetch list file")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshotter-root", help="the snapshotter's --root: every daemon of it")
     src.add_argument("--apisock", help="one nydusd's API socket")
@@ -191,7 +193,8 @@ def _optimize_parsers(sub: Any) -> None:
     r.add_argument("--output", required=True, help="the prefetch list (one path a line)")
     r.add_argument("--output-json", help="also the pattern entries (with ranges) as JSON")
     r.add_argument("--log-level", dest="sub_log_level", default=None,
-                   choices=["trace", "debug", "info", "warn", "error"])
+                   choices=["trace", "debug", "info", "warn", "error"],
+                   help="log level of this command (default: the global --log-level)")
 
 
 def _docker_config() -> str:
