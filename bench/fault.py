@@ -338,9 +338,10 @@ _READER = r"""
 import os, sys, threading, time
 mnt, n = sys.argv[1], int(sys.argv[2])
 names = [os.path.join(dp, f) for dp, _, fs in os.walk(mnt) for f in fs]
+stop = threading.Event()  # set when the bench closes our stdin (after the kill)
 def loop(i):
     k = i
-    while True:
+    while not stop.is_set():
         try:
             with open(names[k % len(names)], "rb") as f:
                 while f.read(1 << 16):
@@ -351,6 +352,8 @@ def loop(i):
 ts = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
 [t.start() for t in ts]
 print("started", flush=True)
+sys.stdin.read()
+stop.set()
 [t.join() for t in ts]
 """
 
@@ -373,14 +376,19 @@ def trial_sigkill(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
                 t.note("nydusd did not come up")
                 t.traceback_in(d.log_text(), "nydusd (sigkill)")
                 continue
+            # readers loop until told to stop (stdin closed) or a read fails; in EROFS mode
+            # pages already in the page cache stay readable after the daemon died, so a
+            # reader is hung only if a read in progress does not return
             readers = subprocess.Popen([sys.executable, "-c", _READER, str(d.mnt), "8"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
             assert readers.stdout is not None
             readers.stdout.readline()
             time.sleep(rng.uniform(0.1, 1.5))
             d.kill()
             k0 = time.monotonic()
+            assert readers.stdin is not None
+            readers.stdin.close()  # finish the reads in progress, then exit
             try:
                 readers.wait(10)
                 slow.append(time.monotonic() - k0)

@@ -137,6 +137,7 @@ import fault_jail
 from nydus.errors import NydusError
 from nydus.convert.rootfs import OciRootfs
 cases_dir, jail = Path(sys.argv[1]), Path(sys.argv[2])
+sys.setrecursionlimit(20000)  # shutil.rmtree recurses once a level: deep-path cases are 2000
 cases = [(p.name, p.read_bytes()) for p in sorted(cases_dir.iterdir())]
 subprocess.run(["mount", "--make-rprivate", "/"], check=True)
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g,mode=0755", "fault-jail", str(jail)],

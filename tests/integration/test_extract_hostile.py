@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,9 +64,18 @@ def _cases() -> list[pytest.param]:  # type: ignore[valid-type]
     return out
 
 
+@pytest.fixture
+def clean_tmp(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, emptied after the test with rm(1): deep-path cases leave 2000-level trees
+    that pytest's own (recursive) clean-up cannot remove."""
+    yield tmp_path
+    subprocess.run(["rm", "-rf", "--one-file-system", str(tmp_path / "root")], check=False)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners and modes need root")
 @pytest.mark.parametrize(("name", "walk"), _cases())
-def test_hostile_layer_extract(name: str, walk: bool, tmp_path: Path) -> None:
+def test_hostile_layer_extract(name: str, walk: bool, clean_tmp: Path) -> None:
+    tmp_path = clean_tmp
     if not walk and not openat2_available():
         pytest.skip("no openat2 here")
     for canary in HOST_CANARIES:

@@ -200,6 +200,10 @@ class DaemonProcess:
             time.sleep(0.02)
 
     def _exit_text(self) -> str:
+        if self.proc is not None and self.proc.returncode is None:
+            # a zombie is reaped at once; one with a thread stuck in the kernel is not
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.5)
         if self.proc is not None and self.proc.returncode is not None:
             rc = self.proc.returncode
             return f" with status {rc}" if rc >= 0 else f" killed by signal {-rc}"
