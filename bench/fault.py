@@ -67,7 +67,6 @@ from fault_rig import (
     flip,
     localfs_config,
     make_image,
-    mounts_under,
     pick_offsets,
     publish,
     py_cli,
@@ -334,91 +333,31 @@ def trial_proxy(a: argparse.Namespace, work: Path, img: Image, reg: object) -> l
 
 # --------------------------------------------------------------------------- SIGKILL
 
-_READER = r"""
-import os, sys, threading, time
-mnt, n = sys.argv[1], int(sys.argv[2])
-names = [os.path.join(dp, f) for dp, _, fs in os.walk(mnt) for f in fs]
-stop = threading.Event()  # set when the bench closes our stdin (after the kill)
-def loop(i):
-    k = i
-    while not stop.is_set():
-        try:
-            with open(names[k % len(names)], "rb") as f:
-                while f.read(1 << 16):
-                    pass
-        except OSError:
-            return
-        k += 1
-ts = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
-[t.start() for t in ts]
-print("started", flush=True)
-sys.stdin.read()
-stop.set()
-[t.join() for t in ts]
-"""
-
-
 def trial_sigkill(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
+    """SIGKILLs during 8-thread reads, through the loop the kernel tests run
+    (tests/daemon_death.py: readers check every byte and keep dropping cached pages so reads
+    reach the daemon; hung = the daemon not gone, a reader not back within 10 s, umount
+    failing or a connection the clean-up had to abort). nydusd runs as users run it (its
+    death watch on)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from daemon_death import kill_during_reads
+
     out = []
-    rng = random.Random(a.seed + 4)
-    for driver in DRIVERS:
+    for k, driver in enumerate(DRIVERS):
         t = Tally(f"SIGKILL of nydusd during 8-thread reads, {driver}")
         t0 = time.monotonic()
-        slow: list[float] = []
-        left_mounts = 0
-        for _ in range(a.sigkill):
-            cache = work / "cache-kill"
-            shutil.rmtree(cache, ignore_errors=True)
-            d = Daemon(work, localfs_config(img.blob_dir, cache), img.bootstrap, driver,
-                       name="kill")
-            t.trials += 1
-            if not d.start():
-                t.note("nydusd did not come up")
-                t.traceback_in(d.log_text(), "nydusd (sigkill)")
-                continue
-            # readers loop until told to stop (stdin closed) or a read fails; in EROFS mode
-            # pages already in the page cache stay readable after the daemon died, so a
-            # reader is hung only if a read in progress does not return
-            readers = subprocess.Popen([sys.executable, "-c", _READER, str(d.mnt), "8"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
-            assert readers.stdout is not None
-            readers.stdout.readline()
-            time.sleep(rng.uniform(0.1, 1.5))
-            d.kill()
-            k0 = time.monotonic()
-            assert readers.stdin is not None
-            readers.stdin.close()  # finish the reads in progress, then exit
-            try:
-                readers.wait(10)
-                slow.append(time.monotonic() - k0)
-            except subprocess.TimeoutExpired:
-                t.hangs += 1
-                cleanup_mounts(d.prefixes())
-                try:
-                    readers.wait(20)
-                except subprocess.TimeoutExpired:
-                    readers.kill()
-                    t.note("readers still blocked 20 s after fusectl abort + umount -l")
-            assert d.proc is not None
-            try:
-                d.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                t.note("nydusd still alive 10 s after SIGKILL")
-            stderr = readers.stderr.read() if readers.stderr else ""
-            t.traceback_in(stderr, "reader")
-            # umount must work (a plain umount of the dead mount; lazily if busy)
-            left = mounts_under(d.prefixes())
-            for mp, _fs, _dev in sorted(left, key=lambda m: -len(m[0])):
-                if subprocess.run(["umount", mp], capture_output=True).returncode:
-                    subprocess.run(["umount", "-l", mp], capture_output=True)
-                    t.note(f"plain umount of {Path(mp).name} failed, lazy umount used")
-            d.stop()
-            left_mounts += len(mounts_under(d.prefixes()))
+        rep = kill_during_reads(work / f"death-{driver}", driver, a.sigkill, threads=8,
+                                seed=a.seed + 4 + k, reader_timeout=10.0)
+        t.trials = len(rep.rounds)
+        t.hangs = len(rep.hangs)
+        t.wrong_bytes = rep.mismatches  # reads with wrong bytes (each checked in full)
+        t.wrong_files = rep.mismatches
+        for r in rep.hangs[:5]:
+            t.note(f"round {r.round} hung: exit {r.exit_s}, readers {r.readers_s}, umount ok "
+                   f"{r.umount_ok}, left {r.left_mounts}, aborted {r.aborted} {r.note}")
+        t.note(rep.summary())
+        t.note(f"mounts left after clean-up: {sum(len(r.left_mounts) for r in rep.rounds)}")
         t.seconds = time.monotonic() - t0
-        if slow:
-            t.note(f"readers returned {max(slow):.1f} s after the kill at most")
-        t.note(f"mounts left after clean-up: {left_mounts}")
         out.append(t)
     return out
 
