@@ -305,18 +305,7 @@ class DaemonConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kw: Any) -> DaemonConfig:
-        try:
-            # O_NONBLOCK: a FIFO must not block the open; only a regular file is read
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise ConfigError(f"config {os.fspath(path)} is not a regular file")
-                data = f.read(0x100001)
-        except OSError as e:
-            raise ConfigError(f"cannot read config {os.fspath(path)}: {e.strerror}") from e
-        if len(data) > 0x100000:
-            raise ConfigError(f"config {os.fspath(path)} is larger than 1 MiB")
-        return cls.from_json(data, **kw)
+        return cls.from_json(read_input_file(path, "config"), **kw)
 
     def to_dict(self) -> dict[str, Any]:
         """The v1 JSON object (secrets included); ``from_json(to_dict())`` is equal."""
@@ -370,6 +359,29 @@ class DaemonConfig:
 # --------------------------------------------------------------------------- machinery
 
 T = TypeVar("T")
+
+
+def read_input_file(path: str | os.PathLike[str], what: str,
+                    max_size: int = 1 << 20) -> bytes:
+    """The bytes of a small input file a user named (a config, a file list): opened with
+    ``O_NONBLOCK`` so a FIFO cannot block the open, then only a regular file of at most
+    ``max_size`` bytes is read (a FIFO, device or directory is refused at once). Errors are
+    one-line :class:`ConfigError`s that start with ``what`` and the path."""
+    name = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {name}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{what} {name} is not a regular file")
+        try:
+            data = f.read(max_size + 1)
+        except OSError as e:
+            raise ConfigError(f"cannot read {what} {name}: {e.strerror}") from None
+    if len(data) > max_size:
+        raise ConfigError(f"{what} {name} is larger than {max_size >> 20} MiB")
+    return data
 
 
 def _load(source: str | bytes | Mapping[str, Any]) -> dict[str, Any]:

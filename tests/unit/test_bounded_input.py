@@ -441,3 +441,37 @@ def test_hostile_digests_never_become_paths(digest: str, tmp_path: Path) -> None
     with pytest.raises(NydusError):
         store.blob_path(digest)
     assert not list(tmp_path.glob("escaped*"))
+
+
+def test_every_named_config_file_refuses_a_fifo(tmp_path: Path) -> None:
+    """nydusctl mount --config, nydusify --backend-config-file and --prefetch-files, the
+    snapshotter's --config-path and nydus-image optimize -p read through one reader: a FIFO
+    is refused at once with one line, never waited on."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    f = str(fifo)
+    runs = [
+        ("nydusctl", ["--sock", str(tmp_path / "none.sock"), "mount", "--config", f,
+                      "--source", "/x.boot", "--mountpoint", "/m"]),
+        ("nydusify", ["check", "--target", "localhost:1/x:y", "--backend-type", "localfs",
+                      "--backend-config-file", f]),
+        ("nydus_image", ["optimize", "-p", f, "-B", "/x.boot", "-D", str(tmp_path),
+                         "-O", str(tmp_path / "o.boot")]),
+    ]
+    try:
+        for mod, argv in runs:
+            code = f"import sys; from nydus.cli.{mod} import main; sys.exit(main(sys.argv[1:]))"
+            proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                                  text=True, timeout=20)
+            assert proc.returncode != 0, (mod, proc.stdout)
+            assert f"{f} is not a regular file" in proc.stderr, (mod, proc.stderr)
+            assert "Traceback" not in proc.stderr
+        from nydus.errors import ConfigError
+        from nydus.snapshotter.config import load_nydusd_config
+
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_nydusd_config(fifo)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO named on a command line blocked")
+    finally:
+        _unblock_fifo(fifo)

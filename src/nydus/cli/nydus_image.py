@@ -548,13 +548,11 @@ def cmd_unpack(a: argparse.Namespace) -> int:
 
 def cmd_optimize(a: argparse.Namespace) -> int:
     from ..builder.optimize import chunk_info_of, optimize_image, read_prefetch_list
+    from ..config import read_input_file
     from ..fs.localblobs import LocalBlobChunks
 
-    try:
-        with open(a.prefetch_files, encoding="utf-8", errors="surrogateescape") as f:
-            paths = read_prefetch_list(f.read())
-    except OSError as e:
-        raise ConfigError(f"--prefetch-files {a.prefetch_files}: {e.strerror}") from None
+    paths = read_prefetch_list(read_input_file(a.prefetch_files, "--prefetch-files",
+                                               64 << 20).decode("utf-8", "surrogateescape"))
     out_dir = a.output_blob_dir or a.blob_dir
     os.makedirs(out_dir, exist_ok=True)
     with open_bootstrap(a.bootstrap) as md:

@@ -21,8 +21,9 @@ import time
 from typing import Any
 
 from .. import __version__
+from ..config import read_input_file
 from ..daemon.client import ApiClientError, ApiReplyError, NydusdClient
-from ..errors import NydusError
+from ..errors import ConfigError, NydusError
 
 _FOPS = ["getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
          "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget"]
@@ -178,11 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                 print()
         elif a.cmd == "mount":
             try:
-                with open(a.config) as f:
-                    config = f.read()
-            except OSError as e:
-                print(f"nydusctl: error: cannot read config {a.config}: {e.strerror}",
-                      file=sys.stderr)
+                config = read_input_file(a.config, "config").decode("utf-8", "replace")
+            except ConfigError as e:
+                print(f"nydusctl: error: {e}", file=sys.stderr)
                 return 2
             if a.remount:
                 client.remount(a.mountpoint, a.source, config)

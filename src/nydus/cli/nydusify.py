@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from .. import __version__
+from ..config import read_input_file
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
@@ -225,11 +226,7 @@ def _backend(a: argparse.Namespace, prefix: str = "") -> Any:
     if text and path:
         raise ConfigError("give --backend-config or --backend-config-file, not both")
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"--backend-config-file {path}: {e.strerror}") from None
+        text = read_input_file(path, "--backend-config-file").decode("utf-8", "replace")
     if not text:
         raise ConfigError(f"--backend-type {t} needs --backend-config or --backend-config-file")
     doc = parse_json_object(text, "backend config", error=ConfigError)
@@ -355,14 +352,11 @@ def cmd_optimize(a: argparse.Namespace) -> int:
 
     if a.nydus_image:
         log.debug("--nydus-image %s ignored: the builder runs in-process", a.nydus_image)
-    try:
-        if a.prefetch_files == "-":
-            text = sys.stdin.read()
-        else:
-            with open(a.prefetch_files, encoding="utf-8", errors="surrogateescape") as f:
-                text = f.read()
-    except OSError as e:
-        raise ConfigError(f"--prefetch-files {a.prefetch_files}: {e.strerror}") from None
+    if a.prefetch_files == "-":
+        text = sys.stdin.read()
+    else:
+        text = read_input_file(a.prefetch_files, "--prefetch-files", 64 << 20).decode(
+            "utf-8", "surrogateescape")
     plats = _platforms(a.platform)
     opts = OptimizeOptions(prefetch_files=read_prefetch_list(text), work_dir=a.work_dir,
                            policy=a.policy, platform=plats[0] if plats else None)

@@ -23,8 +23,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import read_input_file
 from ..daemon.client import NydusdClient
 from ..errors import ConfigError, NotFoundError, NydusError
+from ..format.safejson import parse_json_object
 
 __all__ = ["daemon_pattern", "snapshotter_patterns", "prefetch_paths", "write_pattern"]
 
@@ -42,12 +44,10 @@ def snapshotter_patterns(root: str, image_ref: str | None = None) -> list[dict[s
     """Patterns of the images a snapshotter's daemons serve, merged in first-access order
     (a file read by several images keeps its earliest access)."""
     state = Path(root) / "daemons" / "state.json"
-    try:
-        doc = json.loads(state.read_text())
-    except OSError as e:
-        raise NotFoundError(f"{state}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"{state} is not JSON: {e}") from None
+    if not state.exists():
+        raise NotFoundError(f"{state}: no such file (is {root} a snapshotter's --root?)")
+    doc = parse_json_object(read_input_file(state, "daemon state", 64 << 20), str(state),
+                            error=ConfigError)
     daemons = {d.get("id"): d for d in doc.get("daemons", []) if isinstance(d, dict)}
     images = [i for i in doc.get("images", []) if isinstance(i, dict)]
     if image_ref is not None:

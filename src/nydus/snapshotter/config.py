@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import read_input_file
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
 
@@ -104,8 +105,5 @@ class SnapshotterConfig:
 
 def load_nydusd_config(path: Path) -> dict[str, Any]:
     """Read the nydusd JSON config at ``path``; it must be a JSON object."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"--config-path {path}: cannot read: {e.strerror or e}") from e
+    text = read_input_file(path, "--config-path").decode("utf-8", "replace")
     return parse_json_object(text, f"--config-path {path}", error=ConfigError)
