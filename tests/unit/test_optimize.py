@@ -417,3 +417,15 @@ def test_blobdev_does_not_push_ahead_while_recording() -> None:
         assert ahead == ([-1] if recording else [8192])
         if recording:
             assert stats._blob_reads[0][:3] == (0, 0, 8192)
+
+
+def test_prefetch_list_json_is_parsed_safely() -> None:
+    """A prefetch list in JSON goes through the shared parser: deep nesting or a huge number
+    is a one-line ConfigError, never a RecursionError."""
+    from nydus.builder.optimize import read_prefetch_list
+    from nydus.errors import ConfigError
+
+    assert read_prefetch_list('[{"file_path": "/a"}]') == [b"/a"]
+    for bad in ("[" * 100_000 + "]" * 100_000, "[1e999]"):
+        with pytest.raises(ConfigError, match="prefetch list is not JSON"):
+            read_prefetch_list(bad)

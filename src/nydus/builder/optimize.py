@@ -58,12 +58,11 @@ def read_prefetch_list(text: str) -> list[bytes]:
     order)."""
     s = text.strip()
     if s.startswith("["):
-        import json
+        from ..format.safejson import parse_json
 
-        try:
-            doc = json.loads(s)
-        except ValueError as e:
-            raise ConfigError(f"prefetch list is not valid JSON: {e}") from None
+        doc = parse_json(s, "prefetch list", error=ConfigError)
+        if not isinstance(doc, list):
+            raise ConfigError("prefetch list JSON must be a list of entries")
         out: list[bytes] = []
         for item in doc:
             p = item.get("file_path") if isinstance(item, dict) else item
