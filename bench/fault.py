@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         stem = f"fault-{dt.date.today():%Y-%m-%d}" + (f"-{a.tag}" if a.tag else "")
         (out / f"{stem}.md").write_text(text)
         (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        from plot import plot_after_run  # bench/plot.py: PNG beside the report
+
+        plot_after_run(out / f"{stem}.md")
     return 0
 
 
