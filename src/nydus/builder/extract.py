@@ -64,6 +64,7 @@ from typing import BinaryIO
 from ..errors import FormatError, IntegrityError, NotFoundError, NydusError
 from .inroot import RootDir, chmod_at, dir_names, lsetxattr_at, lstat_at, remove_all
 from .tarreader import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, TarLimits, TarReader
+from .tarsource import split_entry_path
 from .tarstream import LayerStream
 
 __all__ = ["ExtractResult", "extract_layer"]
@@ -128,24 +129,6 @@ def extract_layer(
             f"{os.fspath(root)}: discard it)"
         )
     return result
-
-
-def _split(raw: bytes, what: str, e: TarEntry, limits: TarLimits) -> list[bytes]:
-    if len(raw) > limits.max_path:
-        raise FormatError(f"tar entry at {e.offset}: {what} longer than {limits.max_path} bytes")
-    if b"\0" in raw:
-        raise FormatError(f"tar entry at {e.offset}: {what} {raw[:60]!r} contains a NUL byte")
-    parts: list[bytes] = []
-    for p in raw.split(b"/"):
-        if p in (b"", b"."):
-            continue
-        if p == b"..":
-            raise FormatError(f"tar entry at {e.offset}: {what} {raw[:200]!r} contains '..'")
-        if len(p) > 255:
-            raise FormatError(f"tar entry at {e.offset}: {what} has a component longer than "
-                              f"255 bytes: {p[:40]!r}...")
-        parts.append(p)
-    return parts
 
 
 def _mtime_ns(e: TarEntry) -> int:
@@ -232,7 +215,7 @@ class _Applier:
     # ------------------------------------------------------------------ entries
 
     def apply(self, e: TarEntry) -> None:
-        parts = _split(e.name, "path", e, self.limits)
+        parts = split_entry_path(e.name, "path", self.limits, e.offset)
         if not parts:
             if e.kind != DIR:
                 raise FormatError(f"tar entry at {e.offset}: the root must be a directory")
@@ -304,7 +287,7 @@ class _Applier:
         self._attrs_at(pfd, name, e, chmod=False)
 
     def _hardlink(self, pfd: int, name: bytes, e: TarEntry) -> None:
-        tparts = _split(e.linkname, "hardlink target", e, self.limits)
+        tparts = split_entry_path(e.linkname, "hardlink target", self.limits, e.offset)
         if not tparts:
             raise FormatError(f"tar entry at {e.offset}: hardlink {e.name[:200]!r} names the "
                               f"root")

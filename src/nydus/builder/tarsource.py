@@ -45,7 +45,7 @@ from .tarreader import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, Ta
 from .tarstream import LayerStream
 from .tree import Node, check_name, new_dir
 
-__all__ = ["TarLayer", "TarLimits", "load_tar"]
+__all__ = ["TarLayer", "TarLimits", "load_tar", "split_entry_path"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ class TarLayer:
                 "entries": self.entries}
 
 
-def _split(raw: bytes, what: str, limits: TarLimits, at: int) -> list[bytes]:
+def split_entry_path(raw: bytes, what: str, limits: TarLimits, at: int) -> list[bytes]:
+    """The components of a tar entry's path (or hardlink target) ``raw``: empty and ``.``
+    components dropped; ``..``, NUL, over-long paths or names are a FormatError naming the
+    entry's offset ``at``. Shared by the image builder and the layer extractor."""
     if len(raw) > limits.max_path:
         raise FormatError(f"tar entry at {at}: {what} longer than {limits.max_path} bytes")
     if b"\0" in raw:
@@ -187,7 +190,7 @@ def _load(
     tb = _TreeBuilder(limits)
     data_bytes = 0
     for e in reader:
-        parts = _split(e.name, "path", limits, e.offset)
+        parts = split_entry_path(e.name, "path", limits, e.offset)
         if not parts:
             if e.kind != DIR:
                 raise FormatError(f"tar entry at {e.offset}: the root must be a directory")
@@ -199,7 +202,7 @@ def _load(
         name = parts[-1]
         path = b"/" + b"/".join(parts)
         if e.kind == HARDLINK:
-            target_parts = _split(e.linkname, "hardlink target", limits, e.offset)
+            target_parts = split_entry_path(e.linkname, "hardlink target", limits, e.offset)
             target = tb.lookup(target_parts) if target_parts else None
             if target is None:
                 raise FormatError(

@@ -12,8 +12,9 @@ Not thread-safe: a tree belongs to one build.
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from ..errors import FormatError
 from ..metadata.model import FileKind
@@ -76,13 +77,26 @@ def check_name(name: bytes) -> None:
         raise FormatError(f"file name longer than 255 bytes: {name[:40]!r}...")
 
 
-def iter_tree(root: Node) -> Iterator[tuple[bytes, Node]]:
-    """Pre-order (path, node) with children in bytewise name order; root is b'/'."""
-    stack: list[tuple[bytes, Node]] = [(b"/", root)]
+class _Tree(Protocol):
+    """Any tree node with named children (``None`` for a leaf)."""
+
+    @property
+    def children(self) -> Mapping[bytes, Any] | None: ...
+
+
+_N = TypeVar("_N", bound=_Tree)
+
+
+def iter_tree(root: _N) -> Iterator[tuple[bytes, _N]]:
+    """Pre-order (path, node) with children in bytewise name order; root is b'/'.
+    Iterative: trees thousands of directories deep are fine. Any node type with a
+    ``children`` mapping (the builder's :class:`Node`, nydusify's layer tree)."""
+    stack: list[tuple[bytes, _N]] = [(b"/", root)]
     while stack:
         path, node = stack.pop()
         yield path, node
-        if node.children:
+        kids = node.children
+        if kids:
             prefix = b"" if path == b"/" else path
-            for name in sorted(node.children, reverse=True):
-                stack.append((prefix + b"/" + name, node.children[name]))
+            for name in sorted(kids, reverse=True):
+                stack.append((prefix + b"/" + name, kids[name]))

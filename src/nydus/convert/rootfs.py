@@ -34,6 +34,7 @@ from typing import IO, BinaryIO, cast
 import zstandard
 
 from ..builder.tarstream import LayerStream
+from ..builder.tree import iter_tree
 from ..errors import FormatError
 from ..format.erofs import split_xattr_name
 from ..metadata import ChunkInfo, RafsMetadata
@@ -333,16 +334,9 @@ class Difference:
         return f"{self.path}: {self.what}"
 
 
-def _walk(node: FileNode, path: bytes = b"/") -> Iterator[tuple[bytes, FileNode]]:
+def _walk(node: FileNode) -> Iterator[tuple[bytes, FileNode]]:
     """Pre-order, children by name; iterative (deep trees)."""
-    stack = [(path, node)]
-    while stack:
-        path, node = stack.pop()
-        yield path, node
-        if node.children:
-            prefix = b"" if path == b"/" else path
-            for name in sorted(node.children, reverse=True):
-                stack.append((prefix + b"/" + name, node.children[name]))
+    return iter_tree(node)
 
 
 def compare(oci: FileNode, nydus: FileNode, limit: int = 1000
