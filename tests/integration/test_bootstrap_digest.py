@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 from test_erofs_mode import _cleanup, _mounts, _request
 from test_nydusd import Nydusd, cli, localfs_config, md5_tree, nydus_image
+
+from nydus.daemon.client import ApiClientError
 
 pytestmark = [
     pytest.mark.kernel,
@@ -170,3 +173,63 @@ def test_api_mount_with_bootstrap_digest(tmp_path: Path, mnt: Path, driver: str,
                               timeout=60)
         assert proc.returncode != 0 and "refusing to mount" in proc.stderr, proc.stderr
         assert sorted(os.listdir(mnt)) == ["good", "viaclient"]
+
+
+def test_failover_carries_the_digest_and_checks_again(
+        tmp_path: Path, mnt: Path, image: tuple[Path, Path, Path, Path]) -> None:
+    """A takeover re-opens the bootstrap from its path: the digest travels in the failover
+    state, and a bootstrap changed while no daemon served it is refused by the new daemon."""
+    from test_nydusd_failover import Supervisor
+
+    src, boot, bad, blobs = image
+    good = _sha(boot)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(localfs_config(blobs)))
+    sup = Supervisor(tmp_path / "supervisor.sock")
+    daemons: list[Nydusd] = []
+
+    def spawn(name: str, *args: Any, **kw: Any) -> Nydusd:
+        sock = tmp_path / f"{name}.sock"
+        d = Nydusd(["--mountpoint", mnt, "--apisock", sock, "--supervisor", sup.path,
+                    "--id", name, *args], mnt, cwd=tmp_path, apisock=sock)
+        daemons.append(d)
+        return d.start(**kw)
+
+    def crash(d: Nydusd) -> dict[str, Any]:
+        for fd in sup.fds:  # the previous hand-over's copy (the daemon has its own)
+            os.close(fd)
+        sup.fds = []
+        t = sup.receive()
+        d.client.put("/api/v1/daemon/fuse/sendfd")
+        t.join(30)
+        assert not sup.errors and sup.payload
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(20)
+        state: dict[str, Any] = json.loads(sup.payload)
+        return state
+
+    try:
+        a = spawn("a", "--config", cfg, "--bootstrap", boot, "--bootstrap-digest", good)
+        state = crash(a)
+        assert state["images"][0]["bootstrap_digest"] == good
+        b = spawn("b", "--upgrade", expect_state="INIT")
+        t = sup.give_back()
+        b.client.put("/api/v1/daemon/fuse/takeover")
+        t.join(30)
+        b.client.put("/api/v1/daemon/start")
+        assert md5_tree(mnt) == _md5_src(src)
+        assert b.client.info()["backend_collection"]["/"]["bootstrap_digest"] == good
+        crash(b)
+        boot.write_bytes(bad.read_bytes())  # changed while no daemon serves it
+        c = spawn("c", "--upgrade", expect_state="INIT")
+        t = sup.give_back()
+        with pytest.raises(ApiClientError) as ei:
+            c.client.put("/api/v1/daemon/fuse/takeover")
+        t.join(30)
+        assert f"is {_sha(bad)}, expected {good}: refusing to mount" in str(ei.value)
+        assert c.client.state() == "INIT"
+    finally:
+        for d in daemons:
+            d.stop()
+        sup.close()
