@@ -29,6 +29,12 @@ mount disappears without the daemon unmounting it (``umount <mountpoint>``), the
 (``on_lost``): the image at ``/`` ends the daemon, as an external unmount of a FUSE mount ends the
 session; any other image is detached as by ``DELETE /api/v1/mount``.
 
+A bootstrap mounted with an expected digest (``--bootstrap-digest``, ``bootstrap_digest``) is
+not mounted from its path: the checked bytes are written to a 0600 file in the daemon's own
+``<blobfs dir>/boot/`` and the kernel mounts that, now and at every later mount of the image
+(native switch, remount), so what the kernel reads is what was verified
+(:meth:`ErofsManager._private_copy`); the copy is removed at unmount.
+
 Remount (``PUT /api/v1/mount``): the new bootstrap is mounted on a staging directory and moved
 beneath the current mount, which is then detached lazily, as for the switch to native below.
 
