@@ -228,7 +228,7 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
     good = img.bootstrap.read_bytes()
     digest = "sha256:" + hashlib.sha256(good).hexdigest()
     bad = work / "bad.boot"
-    rejected = refused = 0
+    rejected = refused = refused_format = 0
     seconds_digest = 0.0
     for i in range(a.bootstrap):
         data, how = _corrupt_bootstrap(good, rng)
@@ -250,8 +250,12 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
                     DRIVERS[i % 2], name="bootd", extra=("--bootstrap-digest", digest))
         if not dd.start():
             td.traceback_in(dd.log_text(), f"nydusd --bootstrap-digest ({how})")
-            if "refusing to mount" in dd.log_text():
+            text = dd.log_text()
+            if "refusing to mount" in text:
                 refused += 1
+                td.errors_clean += 1
+            elif "Traceback" not in text and "bootstrap" in text:
+                refused_format += 1  # not a bootstrap at all: refused before any hashing
                 td.errors_clean += 1
             else:
                 td.note(f"{how}: nydusd did not come up, without the digest message")
@@ -271,7 +275,8 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
             if r is not None and r.wrong_files:
                 t.note(f"{how}: {r.wrong_files} files read wrong from the mount")
     td.note(f"refused {refused} of {td.trials} ('bootstrap ... is sha256:..., expected "
-            f"sha256:...: refusing to mount'), both drivers in turn")
+            f"sha256:...: refusing to mount') and {refused_format} before hashing (too short "
+            f"to be a bootstrap: no magic), both drivers in turn")
     t.note(f"nydus-image check rejected {rejected} of {t.trials}; a mount was tried for every "
            f"{a.bootstrap_mount_every}th (both drivers in turn); wrong bytes = file content "
            f"differing from the source tree without an error. Without a digest a consistent "
