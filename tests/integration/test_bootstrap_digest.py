@@ -230,6 +230,12 @@ def test_failover_carries_the_digest_and_checks_again(
         assert f"is {_sha(bad)}, expected {good}: refusing to mount" in str(ei.value)
         assert c.client.state() == "INIT"
     finally:
+        # every holder of the FUSE fd goes first: a connection still held but unserved would
+        # block the clean-up's stat and umount of the mount point
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(10)
+        sup.close()
         for d in daemons:
             d.stop()
-        sup.close()
