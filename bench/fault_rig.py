@@ -290,8 +290,9 @@ class Daemon:
     """One nydusd process serving ``bootstrap`` at ``mnt``."""
 
     def __init__(self, work: Path, config: dict[str, Any], bootstrap: Path, driver: str,
-                 name: str = "nydusd") -> None:
+                 name: str = "nydusd", extra: tuple[str, ...] = ()) -> None:
         self.work = work
+        self.extra = extra  # more nydusd flags (e.g. --bootstrap-digest)
         self.mnt = work / f"{name}-mnt"
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.cfg = work / f"{name}.json"
@@ -310,7 +311,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [*py_cli("nydusd", "nydusd"), "--config", str(self.cfg), "--mountpoint",
                  str(self.mnt), "--bootstrap", str(self.bootstrap), "--apisock", str(self.sock),
-                 "--fs-driver", self.driver, "--log-level", "info"],
+                 "--fs-driver", self.driver, "--log-level", "info", *self.extra],
                 stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
                 cwd=self.work)
         deadline = time.monotonic() + timeout

@@ -381,6 +381,7 @@ class KernelErofsMounter(NydusMounter):
         bootstrap_path: Path,
         image_ref: str | None,
         labels: Mapping[str, str],
+        bootstrap_digest: str | None = None,
     ) -> Path:
         self.calls.append((snapshot_id, str(bootstrap_path), image_ref, dict(labels)))
         mnt = self.base / snapshot_id

@@ -389,3 +389,72 @@ def test_checksums_through_the_mount(
     lower = m.mount("1", a, None, {})
     got = hashlib.sha256((lower / "data" / "big").read_bytes()).hexdigest()
     assert got == hashlib.sha256(FILES_A["data/big"]).hexdigest()
+
+
+def _sha256(p: Path) -> str:
+    return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_recorded_bootstrap_digest_is_passed_and_enforced(
+    mode: str, images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The digest the snapshotter recorded reaches nydusd at the first mount, after a restart
+    of the daemon and after a restart of the snapshotter; a bootstrap whose bytes changed at
+    rest is refused; a snapshot without a record is mounted unchecked, said once at info."""
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    a, b = images
+    good_a = _sha256(a)
+    m1 = make(tmp_path, mode)
+    la = m1.mount("1", a, None, {}, bootstrap_digest=good_a)
+    assert (la / "etc" / "hello").read_bytes() == b"image a\n"
+    pid = pids(m1)["4" if mode == "dedicated" else "shared"]
+    if mode == "dedicated":
+        cmd = _cmdline(pid)
+        assert cmd[cmd.index("--bootstrap-digest") + 1] == good_a
+    else:
+        info = m1.daemons["shared"].client.info()
+        assert info["backend_collection"]["/4"]["bootstrap_digest"] == good_a
+    state = json.loads(m1.state_path.read_text())
+    assert state["bootstrap_digests"] == {"4": good_a}
+    assert "bootstrap_digest" not in state["images"][0]  # older snapshotters read these
+    # b: a snapshot from before digests were recorded
+    lb = m1.mount("2", b, None, {})
+    assert (lb / "etc" / "hello").read_bytes() == b"image b\n"
+    assert caplog.text.count("image 9: no recorded bootstrap digest") == 1
+    # the daemon dies: the restarted one gets the digest again
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    m1.check_now()
+    pid2 = pids(m1)["4" if mode == "dedicated" else "shared"]
+    assert pid2 != pid and (la / "etc" / "hello").read_bytes() == b"image a\n"
+    if mode == "dedicated":
+        cmd = _cmdline(pid2)
+        assert cmd[cmd.index("--bootstrap-digest") + 1] == good_a
+    else:
+        info = m1.daemons["shared"].client.info()
+        assert info["backend_collection"]["/4"]["bootstrap_digest"] == good_a
+    m1.close()
+    # a new snapshotter adopts it (the digest comes back from the snapshot's record)
+    m2 = make(tmp_path, mode)
+    managers.append(m2)
+    m2.recover([RecoveredMount("1", a, None, la, good_a), RecoveredMount("2", b, None, lb)])
+    assert m2.images["4"].bootstrap_digest == good_a and m2.images["9"].bootstrap_digest == ""
+    m2.umount("1")
+    assert "4" not in m2.images
+    # the bootstrap changed at rest (one flipped byte): nydusd refuses it, nothing is served
+    data = bytearray(a.read_bytes())
+    data[-1] ^= 1
+    a.write_bytes(bytes(data))
+    with pytest.raises(DaemonError) as ei:
+        m2.mount("3", a, None, {}, bootstrap_digest=good_a)
+    assert f"is {_sha256(a)}, expected {good_a}: refusing to mount" in str(ei.value)
+    assert "4" not in m2.images

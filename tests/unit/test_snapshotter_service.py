@@ -56,6 +56,7 @@ class RecordingMounter(NydusMounter):
         self.umounted: list[str] = []
         self.recovered: list[RecoveredMount] = []
         self.gc_calls: list[list[Path]] = []
+        self.digests: dict[str, str | None] = {}
 
     def mount(
         self,
@@ -63,11 +64,13 @@ class RecordingMounter(NydusMounter):
         bootstrap_path: Path,
         image_ref: str | None,
         labels: Mapping[str, str],
+        bootstrap_digest: str | None = None,
     ) -> Path:
         if self.fail:
             raise SnapshotPreconditionFailed("mounter told to fail")
         assert bootstrap_path.is_file()
         self.mounted[snapshot_id] = (bootstrap_path, image_ref, dict(labels))
+        self.digests[snapshot_id] = bootstrap_digest
         d = self.base / f"rafs-{snapshot_id}"
         d.mkdir(parents=True, exist_ok=True)
         return d

@@ -4,6 +4,7 @@
     nydusctl --sock SOCK [--raw] metrics [fsstats|backend|cache|files|pattern|inflight]
                                          [--id MOUNTPOINT] [--interval SECS]
     nydusctl --sock SOCK mount --source BOOTSTRAP --config FILE --mountpoint /sub [--type rafs]
+             [--bootstrap-digest sha256:HEX]
     nydusctl --sock SOCK umount --mountpoint /sub
     nydusctl --sock SOCK set log-level LEVEL
 
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     mo.add_argument("-P", "--prefetch-files", nargs="+", metavar="PATH",
                     help="files to prefetch")
     mo.add_argument("--remount", action="store_true", help="replace an existing mount")
+    mo.add_argument("--bootstrap-digest", metavar="sha256:HEX",
+                    help="nydusd refuses the bootstrap unless its sha256 is this (an extension "
+                         "of this implementation, not upstream)")
     um = sub.add_parser("umount", help="detach an image")
     um.add_argument("mountpoint_pos", nargs="?", metavar="MOUNTPOINT",
                     help="the virtual mount path, e.g. /sub")
@@ -184,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nydusctl: error: {e}", file=sys.stderr)
                 return 2
             if a.remount:
-                client.remount(a.mountpoint, a.source, config)
+                client.remount(a.mountpoint, a.source, config, a.bootstrap_digest)
             else:
-                client.mount(a.mountpoint, a.source, config, a.prefetch_files, a.type)
+                client.mount(a.mountpoint, a.source, config, a.prefetch_files, a.type,
+                             a.bootstrap_digest)
             print(f"mounted {a.source} at {a.mountpoint}")
         elif a.cmd == "umount":
             mp = a.mountpoint or a.mountpoint_pos

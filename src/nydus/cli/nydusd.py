@@ -3,6 +3,7 @@
     nydusd [fuse] --config FILE --mountpoint DIR --bootstrap FILE [--apisock SOCK] [--id ID]
            [--log-level L] [--log-file F] [--prefetch-files P ...] [--fuse-threads N]
            [--virtual-mountpoint /] [--failover-policy resend] [--supervisor S] [--upgrade]
+           [--bootstrap-digest sha256:HEX]
 
 Without ``--bootstrap`` the daemon is a shared daemon: the mount point starts empty and images
 are attached with ``POST /api/v1/mount?mountpoint=/sub``. Runs in the foreground; SIGTERM or
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-A", "--apisock", help="unix socket for the HTTP API")
     p.add_argument("-M", "--mountpoint", help="where to mount the FUSE file system")
     p.add_argument("-B", "--bootstrap", help="RAFS bootstrap (metadata) to serve")
+    p.add_argument("--bootstrap-digest", metavar="sha256:HEX",
+                   help="refuse to mount --bootstrap unless its sha256 is this (an extension "
+                        "of this implementation, not an upstream flag; the containerd "
+                        "snapshotter passes the digest it recorded)")
     p.add_argument("-D", "--localfs-dir",
                    help="blob directory: shorthand for a localfs backend config")
     p.add_argument("--shared-dir", help="passthroughfs directory (not supported)")
@@ -187,6 +192,12 @@ def _run(a: argparse.Namespace) -> int:
         raise ConfigError("--fuse-threads must be in 1..1024")
     if a.upgrade and not a.supervisor:
         raise ConfigError("--upgrade needs --supervisor")
+    if a.bootstrap_digest is not None:
+        from ..metadata import parse_bootstrap_digest
+
+        if not a.bootstrap:
+            raise ConfigError("--bootstrap-digest needs --bootstrap")
+        a.bootstrap_digest = parse_bootstrap_digest(a.bootstrap_digest)
     if not a.bootstrap and not a.apisock:
         raise ConfigError("without --bootstrap, images can only come through the API: "
                           "give --bootstrap or --apisock")
@@ -231,7 +242,7 @@ def _run(a: argparse.Namespace) -> int:
             api.start()
         if a.bootstrap:
             daemon.mount(a.virtual_mountpoint, a.bootstrap, cfg,  # type: ignore[arg-type]
-                         a.prefetch_files)
+                         a.prefetch_files, bootstrap_digest=a.bootstrap_digest)
         if not a.upgrade:
             daemon.mount_fuse()
             daemon.start()

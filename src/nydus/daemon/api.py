@@ -38,11 +38,13 @@ from ..errors import (
     BackendError,
     ConfigError,
     FormatError,
+    IntegrityError,
     NotFoundError,
     NydusError,
     UnsupportedError,
 )
 from ..format.safejson import parse_json_object
+from ..metadata import parse_bootstrap_digest
 from .prometheus import render_prometheus
 from .service import Nydusd
 from .state import StateError
@@ -90,6 +92,8 @@ def _error_of(e: BaseException) -> ApiError:
         return ApiError(501, "Unsupported", str(e))
     if isinstance(e, (ConfigError, FormatError)):
         return ApiError(400, "InvalidArgument", str(e))
+    if isinstance(e, IntegrityError):  # the request's input does not match its digest
+        return ApiError(422, "IntegrityError", str(e))
     if isinstance(e, BackendError):
         return ApiError(502, "BackendError", str(e))
     if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.EBUSY):
@@ -218,7 +222,8 @@ class _Routes:
         path = req.arg("mountpoint", required=True)
         assert path is not None
         body = req.json()
-        unknown = set(body) - {"source", "fs_type", "config", "prefetch_files", "fs_driver"}
+        unknown = set(body) - {"source", "fs_type", "config", "prefetch_files", "fs_driver",
+                               "bootstrap_digest"}
         if unknown:
             raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
         fs_type = body.get("fs_type", "rafs")
@@ -243,16 +248,28 @@ class _Routes:
             raise ApiError(400, "InvalidArgument", "'prefetch_files' must be a list of paths")
         return path, source, config, files
 
+    @staticmethod
+    def _bootstrap_digest(req: _Request) -> str | None:
+        """Extension (not upstream): ``bootstrap_digest`` "sha256:HEX", the digest the
+        bootstrap must have; a mismatch refuses the mount (IntegrityError)."""
+        digest = req.json().get("bootstrap_digest")
+        if digest is None:
+            return None
+        if not isinstance(digest, str):
+            raise ApiError(400, "InvalidArgument", "'bootstrap_digest' must be a string")
+        return parse_bootstrap_digest(digest)
+
     def post_mount(self, req: _Request) -> _Reply:
         driver = req.json().get("fs_driver")  # extension: "fusedev" | "erofs"
         if driver not in (None, "fusedev", "erofs"):
             raise ApiError(400, "InvalidArgument",
                            f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'")
-        self.d.mount(*self._mount_args(req), fs_driver=driver)
+        self.d.mount(*self._mount_args(req), fs_driver=driver,
+                     bootstrap_digest=self._bootstrap_digest(req))
         return 204, None
 
     def put_mount(self, req: _Request) -> _Reply:
-        self.d.remount(*self._mount_args(req))
+        self.d.remount(*self._mount_args(req), bootstrap_digest=self._bootstrap_digest(req))
         return 204, None
 
     def delete_mount(self, req: _Request) -> _Reply:

@@ -156,17 +156,25 @@ class NydusdClient:
         raise TimeoutError(f"nydusd did not reach {state} in {timeout}s (last: {last or '-'})")
 
     def mount(self, mountpoint: str, source: str, config: str | dict[str, Any],
-              prefetch_files: list[str] | None = None, fs_type: str = "rafs") -> None:
+              prefetch_files: list[str] | None = None, fs_type: str = "rafs",
+              bootstrap_digest: str | None = None) -> None:
+        """``bootstrap_digest`` ("sha256:HEX", our extension): nydusd refuses a bootstrap
+        with another digest (HTTP 422 IntegrityError)."""
         body: dict[str, Any] = {"source": source, "fs_type": fs_type,
                                 "config": config if isinstance(config, str)
                                 else json.dumps(config)}
         if prefetch_files:
             body["prefetch_files"] = prefetch_files
+        if bootstrap_digest:
+            body["bootstrap_digest"] = bootstrap_digest
         self._action("POST", "/api/v1/mount", body, {"mountpoint": mountpoint})
 
-    def remount(self, mountpoint: str, source: str, config: str | dict[str, Any]) -> None:
+    def remount(self, mountpoint: str, source: str, config: str | dict[str, Any],
+                bootstrap_digest: str | None = None) -> None:
         body = {"source": source, "fs_type": "rafs",
                 "config": config if isinstance(config, str) else json.dumps(config)}
+        if bootstrap_digest:
+            body["bootstrap_digest"] = bootstrap_digest
         self._action("PUT", "/api/v1/mount", body, {"mountpoint": mountpoint})
 
     def umount(self, mountpoint: str) -> None:

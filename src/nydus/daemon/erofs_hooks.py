@@ -43,7 +43,7 @@ def _kernel_mount(d: Nydusd, im: ImageMount) -> str:
         d.erofs.on_lost = lambda path: _lost(d, path)
     try:
         d.erofs.mount(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs],
-                      stats=im.fs.stats)
+                      stats=im.fs.stats, verified=im.verified)
     except OSError as e:
         d.vfs.detach(im.path)  # the caller attaches it again (fallback) or closes it
         if e.errno in _KERNEL_CANNOT:
@@ -69,7 +69,9 @@ def _not_owned() -> None:
 def mount_erofs_image(d: Nydusd, im: ImageMount) -> str:
     """Returns the driver the image ends up with (``fusedev`` after a fallback, in which case
     the caller attaches it to the FUSE VFS)."""
-    if not _is_erofs_file(im.bootstrap):
+    is_erofs = (im.verified[1024:1028] == b"\xe2\xe1\xf5\xe0" if im.verified is not None
+                else _is_erofs_file(im.bootstrap))
+    if not is_erofs:
         log.info("%s: fs_driver fusedev (%s is a data blob with the bootstrap inlined: the "
                  "kernel mounts only a bootstrap file of its own)", im.path, im.bootstrap)
         im.fs_driver, im.erofs = FUSEDEV, None
@@ -103,7 +105,7 @@ def remount_erofs_image(d: Nydusd, old: ImageMount, im: ImageMount) -> None:
         old.close()
         return
     d.erofs.replace(im.path, im.bootstrap, im.device, [b.blob_id for b in im.fs.meta.blobs],
-                    stats=im.fs.stats)
+                    stats=im.fs.stats, verified=im.verified)
     # the FUSE view underneath keeps the old image (kept open below): replacing it would
     # invalidate the dentry the new kernel mount sits on, and the kernel detaches mounts on
     # an invalidated dentry

@@ -29,6 +29,12 @@ mount disappears without the daemon unmounting it (``umount <mountpoint>``), the
 (``on_lost``): the image at ``/`` ends the daemon, as an external unmount of a FUSE mount ends the
 session; any other image is detached as by ``DELETE /api/v1/mount``.
 
+A bootstrap mounted with an expected digest (``--bootstrap-digest``, ``bootstrap_digest``) is
+not mounted from its path: the checked bytes are written to a 0600 file in the daemon's own
+``<blobfs dir>/boot/`` and the kernel mounts that, now and at every later mount of the image
+(native switch, remount), so what the kernel reads is what was verified
+(:meth:`ErofsManager._private_copy`); the copy is removed at unmount.
+
 Remount (``PUT /api/v1/mount``): the new bootstrap is mounted on a staging directory and moved
 beneath the current mount, which is then detached lazily, as for the switch to native below.
 
@@ -143,6 +149,11 @@ def _move_beneath(source: str, target: str) -> None:
 BLOBFS_BASE = "/run/nydusd-blobfs"
 
 
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _alive(pid: int) -> bool:
     """Running, and not a zombie (a killed daemon its parent has not reaped yet)."""
     try:
@@ -189,6 +200,11 @@ def sweep_stale_blobfs_dirs(base: str = BLOBFS_BASE) -> int:
                     log.info("detached %s, left by a daemon that is gone (pid %s)", path, name)
             with contextlib.suppress(OSError):
                 os.rmdir(path)  # fails if still mounted or not empty: kept
+        boot = os.path.join(d, "boot")  # its private bootstrap copies (mounts keep theirs open)
+        with contextlib.suppress(OSError):
+            for f in os.listdir(boot):
+                _unlink_quiet(os.path.join(boot, f))
+            os.rmdir(boot)
         try:
             os.rmdir(d)
             removed += 1
@@ -244,6 +260,7 @@ class ErofsImage:
     mounted: bool = False
     switched_at: float = 0.0
     old_detached: int = 0
+    private_bootstrap: bool = False  # ``bootstrap`` is the daemon's own verified copy
 
     @property
     def mode(self) -> str:
@@ -283,18 +300,57 @@ class ErofsManager:
 
     # ------------------------------------------------------------------ mounts
 
+    def _private_copy(self, data: bytes) -> str:
+        """Write ``data`` (a bootstrap whose digest was checked) to a new 0600 file in the
+        daemon's own 0700 directory and return its path.
+
+        Why a copy: the kernel mounts a bootstrap by *path* and reads it itself, now and again
+        at every later mount of the same image (the native switch, a remount). Mounting the
+        caller's path would let a file swapped or rewritten after the check be what the kernel
+        serves; /proc/self/fd/N of the checked fd would pin the inode but not its contents (a
+        writer can still modify it in place). A file only this daemon writes, holding exactly
+        the checked bytes, is what was verified for as long as the image is mounted."""
+        d = os.path.join(os.path.dirname(self.stage), "boot")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        self._seq += 1
+        name = os.path.join(d, f"{self._seq}.boot")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(name)
+            raise
+        os.close(fd)
+        return name
+
+    def _new_image(self, path: str, target: str, bootstrap: str, device: Any,
+                   blob_ids: list[str], stats: Any, verified: bytes | None) -> ErofsImage:
+        if verified is None:
+            return ErofsImage(path, target, os.path.abspath(bootstrap), device, list(blob_ids),
+                              stats=stats)
+        return ErofsImage(path, target, self._private_copy(verified), device, list(blob_ids),
+                          stats=stats, private_bootstrap=True)
+
     def mount(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
-              stats: Any = None) -> ErofsImage:
+              stats: Any = None, verified: bytes | None = None) -> ErofsImage:
         """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
         (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back).
-        ``stats``: the image's FsIoStats (blob fs READs are accounted there)."""
+        ``stats``: the image's FsIoStats (blob fs READs are accounted there). ``verified``:
+        the bootstrap's digest-checked bytes; the kernel then mounts a private copy of them
+        (:meth:`_private_copy`), not ``bootstrap``."""
         with self._lock:
-            im = ErofsImage(path, self.target_of(path), os.path.abspath(bootstrap), device,
-                            list(blob_ids), stats=stats)
-            self._devices(im)
+            im = self._new_image(path, self.target_of(path), bootstrap, device, blob_ids, stats,
+                                 verified)
             try:
+                self._devices(im)
                 kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices)
             except BaseException:
+                self._drop_private(im)
                 self._unregister(im)
                 raise
             im.mounted = True
@@ -305,7 +361,7 @@ class ErofsManager:
             return im
 
     def replace(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
-                stats: Any = None) -> ErofsImage:
+                stats: Any = None, verified: bytes | None = None) -> ErofsImage:
         """Remount: the new bootstrap takes the place of the image at ``path`` without a moment
         of an empty directory; files open on the old instance keep reading it (its blob files
         stay registered until the new image is unmounted)."""
@@ -313,12 +369,12 @@ class ErofsManager:
             old = self.images.get(path)
             if old is None or not old.mounted:
                 raise OSError(errno.EINVAL, f"no kernel EROFS mount at {path}")
-            im = ErofsImage(path, old.target, os.path.abspath(bootstrap), device,
-                            list(blob_ids), stats=stats)
-            self._devices(im)
+            im = self._new_image(path, old.target, bootstrap, device, blob_ids, stats, verified)
             try:
+                self._devices(im)
                 self._mount_beneath(im.bootstrap, im.devices, old.target)
             except BaseException:
+                self._drop_private(im)
                 self._unregister(im)
                 raise
             kernel_mount.umount(old.target, lazy=True)
@@ -395,7 +451,18 @@ class ErofsManager:
                     raise
             im.mounted = False
             log.info("%s: kernel EROFS mount at %s removed", im.path, im.target)
+        self._drop_private(im)  # before _unregister, which empties ``retired``
         self._unregister(im)
+
+    @staticmethod
+    def _drop_private(im: ErofsImage) -> None:
+        """Remove the private bootstrap copies of ``im`` and the images it replaced (a mount
+        still using one keeps the open file; the name is no longer needed)."""
+        for old in im.retired:
+            ErofsManager._drop_private(old)
+        if im.private_bootstrap:
+            _unlink_quiet(im.bootstrap)
+            im.private_bootstrap = False
 
     def shutdown(self) -> None:
         """Unmount every EROFS mount, then the blob fs. Idempotent."""
@@ -418,6 +485,8 @@ class ErofsManager:
             with contextlib.suppress(OSError):
                 os.rmdir(self.stage)
             self._stage_ready = False
+        with contextlib.suppress(OSError):  # private bootstrap copies: all removed by now
+            os.rmdir(os.path.join(os.path.dirname(self.stage), "boot"))
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(self.stage))
 

@@ -81,7 +81,10 @@ class Failover:
                 "vfs": d.vfs.export_layout(),
                 "images": [
                     {"path": im.path, "bootstrap": im.bootstrap,
-                     "config": im.config.to_dict(), "prefetch_files": im.prefetch_files}
+                     "config": im.config.to_dict(), "prefetch_files": im.prefetch_files,
+                     # the new daemon checks the bootstrap again before serving it
+                     **({"bootstrap_digest": im.bootstrap_digest}
+                        if im.bootstrap_digest else {})}
                     for im in d.images.values()
                 ],
             }
@@ -112,7 +115,8 @@ class Failover:
                 try:
                     for img in st["images"]:
                         opened.append(d.open_image(img["path"], img["bootstrap"], img["config"],
-                                                   img.get("prefetch_files")))
+                                                   img.get("prefetch_files"),
+                                                   img.get("bootstrap_digest") or None))
                     by_path = {im.path: im for im in opened}
                     d.vfs.import_layout(st["vfs"],
                                         {p: (im.fs, im.close) for p, im in by_path.items()})

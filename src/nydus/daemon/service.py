@@ -30,7 +30,7 @@ from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
-from ..metadata import open_bootstrap
+from ..metadata import open_bootstrap, read_verified_bootstrap
 from ..storage import open_device
 from .erofs_mode import EROFS, FUSEDEV, ErofsManager, resolve_driver
 from .state import DaemonEvent, DaemonState, StateError, StateMachine
@@ -68,6 +68,10 @@ class ImageMount:
     erofs: Any = None  # the daemon's ErofsManager when fs_driver is "erofs"
     # images this one replaced by a kernel EROFS remount: files opened before may still read them
     retired: list[ImageMount] = field(default_factory=list)
+    # set when the mount gave an expected digest: the checked bytes (the metadata parses this
+    # same object) and the digest; a kernel EROFS mount then mounts a private copy of them
+    bootstrap_digest: str = ""
+    verified: bytes | None = None
 
     def close(self) -> None:
         try:
@@ -88,6 +92,7 @@ class ImageMount:
             "config": redact_config(self.config.to_dict()),
             "mounted_at": int(self.mounted_at),
             "fs_driver": self.fs_driver,
+            **({"bootstrap_digest": self.bootstrap_digest} if self.bootstrap_digest else {}),
             **({"erofs": self.erofs.describe(self.path)} if self.erofs is not None else {}),
         }
 
@@ -150,12 +155,20 @@ class Nydusd:
     # ------------------------------------------------------------------ images
 
     def open_image(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-                   dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
-        """Validate and open an image without attaching it."""
+                   dict[str, Any], prefetch_files: Sequence[str] | None = None,
+                   bootstrap_digest: str | None = None) -> ImageMount:
+        """Validate and open an image without attaching it. With ``bootstrap_digest``
+        (``sha256:HEX``) the bootstrap's bytes are read once, checked, and parsed from memory:
+        a mismatch is an IntegrityError and nothing is mounted."""
         cfg = parse_config(config)
         if cfg.overlay is not None and (cfg.overlay.upper_dir or cfg.overlay.work_dir):
             raise UnsupportedError("writable overlay (config 'overlay') is not supported")
-        meta = open_bootstrap(bootstrap)
+        verified: bytes | None = None
+        if bootstrap_digest:
+            verified = read_verified_bootstrap(bootstrap, bootstrap_digest)
+            meta = open_bootstrap(verified)
+        else:
+            meta = open_bootstrap(bootstrap)
         try:
             fs_id = self.vfs.normalize(path)
             device = open_device(meta.blobs, cfg, id=fs_id, chunk_lookup=meta.chunk_record)
@@ -172,7 +185,9 @@ class Nydusd:
             meta.close()
             raise
         return ImageMount(fs_id, os.path.abspath(bootstrap), cfg, fs, device,
-                          list(prefetch_files) if prefetch_files else None)
+                          list(prefetch_files) if prefetch_files else None,
+                          bootstrap_digest=bootstrap_digest.strip().lower()
+                          if bootstrap_digest else "", verified=verified)
 
     def _start_prefetch(self, im: ImageMount) -> None:
         pf = im.config.fs_prefetch
@@ -209,15 +224,16 @@ class Nydusd:
 
     def mount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
               dict[str, Any], prefetch_files: Sequence[str] | None = None,
-              fs_driver: str | None = None) -> ImageMount:
-        """Attach an image at ``path`` (``POST /api/v1/mount``).
+              fs_driver: str | None = None, bootstrap_digest: str | None = None) -> ImageMount:
+        """Attach an image at ``path`` (``POST /api/v1/mount``); ``bootstrap_digest``: see
+        :meth:`open_image`.
 
         The bootstrap is read and the storage opened without the daemon lock (``path`` is
         reserved meanwhile), so a slow or large image never stalls other API requests.
         """
         path = self._reserve(path, want_mounted=False)
         try:
-            im = self.open_image(path, bootstrap, config, prefetch_files)
+            im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
             with self._lock:
                 try:
                     if self._exit.is_set():
@@ -247,11 +263,12 @@ class Nydusd:
                 self._loading.discard(path)
 
     def remount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-                dict[str, Any], prefetch_files: Sequence[str] | None = None) -> ImageMount:
+                dict[str, Any], prefetch_files: Sequence[str] | None = None,
+                bootstrap_digest: str | None = None) -> ImageMount:
         """Replace the image at ``path`` (``PUT /api/v1/mount``); loads outside the lock."""
         path = self._reserve(path, want_mounted=True)
         try:
-            im = self.open_image(path, bootstrap, config, prefetch_files)
+            im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
             with self._lock:
                 try:
                     if self._exit.is_set():

@@ -6,6 +6,10 @@ device, a socket or a directory is refused at once, never read or waited on) of 
 make a reader hang or fill memory. A data blob built with ``--blob-inline-meta`` is accepted
 too: only its trailing ToC and its ``image.boot`` section are read, never the whole blob.
 
+Also owns checking a bootstrap against an expected ``sha256:HEX`` digest
+(:func:`read_verified_bootstrap`): the bytes hashed are the bytes returned, read once, so what
+is served is what was checked (no second read of the path between check and use).
+
 Pure functions; safe from any thread (each call uses its own file descriptor).
 """
 
@@ -17,7 +21,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError, IntegrityError
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
 
 if TYPE_CHECKING:
@@ -26,7 +30,10 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_BOOTSTRAP_SIZE",
     "open_bootstrap",
+    "parse_bootstrap_digest",
     "read_bootstrap_file",
+    "read_verified_bootstrap",
+    "verify_bootstrap_digest",
     "BlobInfo",
     "ChunkInfo",
     "DirEntry",
@@ -109,6 +116,35 @@ def read_bootstrap_file(path: str | os.PathLike[str], max_size: int = MAX_BOOTST
         return inner
     finally:
         os.close(fd)
+
+
+def parse_bootstrap_digest(digest: str) -> str:
+    """``digest`` normalised to ``sha256:`` + 64 lowercase hex digits; anything else is a
+    :class:`ConfigError` (a usage mistake, not a bad image)."""
+    algo, sep, hexpart = digest.strip().partition(":")
+    if (not sep or algo != "sha256" or len(hexpart) != 64
+            or any(c not in "0123456789abcdefABCDEF" for c in hexpart)):
+        raise ConfigError(f"bootstrap digest {digest[:80]!r} is not of the form sha256:<64 hex "
+                          "digits>")
+    return "sha256:" + hexpart.lower()
+
+
+def verify_bootstrap_digest(data: bytes, expected: str, name: str) -> None:
+    """Raise :class:`IntegrityError` unless ``sha256(data)`` is ``expected``."""
+    want = parse_bootstrap_digest(expected)
+    got = "sha256:" + hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise IntegrityError(f"bootstrap {name} is {got}, expected {want}: refusing to mount")
+
+
+def read_verified_bootstrap(path: str | os.PathLike[str], expected: str) -> bytes:
+    """The bootstrap at ``path`` (see :func:`read_bootstrap_file`), checked against
+    ``expected`` (``sha256:HEX``): the digest is of exactly the bytes returned, which for a
+    data blob with an inlined bootstrap are the inlined bootstrap's."""
+    parse_bootstrap_digest(expected)  # a malformed digest is refused before any read
+    data = read_bootstrap_file(path)
+    verify_bootstrap_digest(data, expected, os.fsdecode(path))
+    return data
 
 
 def _has_magic(data: bytes) -> bool:

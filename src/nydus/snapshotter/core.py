@@ -41,6 +41,13 @@ Remote-snapshot rules (nydus-reference.md §1.5):
   ``<bootstrap fs>/image/image.boot`` and returns an overlay whose lowest ``lowerdir`` is that
   mount (parents above the bootstrap, if any, stay on top of it). The image reference comes from
   the CRI label or from containerd (:mod:`.imageref`).
+- ``Commit`` of a bootstrap layer records the sha256 of its ``image.boot`` (containerd has just
+  checked the layer against its diff_id while applying it) in ``snapshots/<id>/bootstrap.sha256``
+  (0600, beside the layer's ``fs``, not in it). Every Nydus mount of the image, also after a
+  restart (:meth:`Snapshotter._recover`), passes that digest to the mounter, and nydusd refuses
+  a bootstrap with other bytes: the bootstrap is the root of trust of everything nydusd serves,
+  and at rest nothing else re-checks it. Bootstrap layers committed by an older snapshotter have
+  no such file and are mounted without the check (the daemon manager logs it once per image).
 
 Threading contract: all methods may be called concurrently (the gRPC server's worker threads).
 Metadata and directory changes happen inside store transactions (one lock); mounter calls,
@@ -50,6 +57,7 @@ image lookups and disk-usage walks happen outside it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -61,6 +69,7 @@ from typing import NoReturn
 
 from ..credentials import private_dir
 from ..errors import FormatError, NydusError
+from ..metadata import parse_bootstrap_digest, read_bootstrap_file
 from .errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
 from .filters import parse_all
 from .fsutil import disk_usage, remove_tree
@@ -80,6 +89,7 @@ __all__ = ["Mount", "Snapshotter", "overlay_index_supported"]
 log = logging.getLogger(__name__)
 
 _BOOTSTRAP_PATHS = ("image/image.boot", "image.boot")  # upstream layout, then legacy
+_BOOTSTRAP_DIGEST_FILE = "bootstrap.sha256"  # in snapshots/<id>/, beside fs/
 # containerd's rootfs.applyLayers key (snapshots.UnpackKeyFormat), as its metadata layer
 # passes it on: "<namespace>/<n>/extract-<unique> <chainID>"
 _UNPACK_KEY = re.compile(r"^([^/]+)/\d+/extract-\S+ (sha256:[0-9a-f]{64})$")
@@ -314,6 +324,47 @@ class Snapshotter:
             f"under {fs}"
         )
 
+    def _digest_path(self, bootstrap_id: int) -> Path:
+        return self.snapshots_dir / str(bootstrap_id) / _BOOTSTRAP_DIGEST_FILE
+
+    def _record_bootstrap_digest(self, bootstrap_id: int) -> None:
+        """Hash the committed layer's bootstrap (the bytes nydusd will read: for a blob with
+        an inlined bootstrap, that bootstrap) and write ``sha256:HEX`` beside its ``fs``."""
+        try:
+            boot = self.bootstrap_file(bootstrap_id)
+            data = read_bootstrap_file(boot)
+        except FormatError as e:  # the mount will report it; the commit itself is fine
+            log.warning("snapshot %d: no bootstrap digest recorded: %s", bootstrap_id, e)
+            return
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        path = self._digest_path(bootstrap_id)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, digest.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        log.info("snapshot %d: bootstrap %s is %s (recorded)", bootstrap_id, boot, digest)
+
+    def recorded_bootstrap_digest(self, bootstrap_id: int) -> str | None:
+        """The digest recorded at the bootstrap layer's commit; ``None`` for a layer committed
+        by an older snapshotter. A damaged record is a FormatError, never "no digest"."""
+        path = self._digest_path(bootstrap_id)
+        try:
+            text = path.read_text(errors="replace")[:200]
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise FormatError(f"bootstrap digest record {path}: {e.strerror}") from e
+        try:
+            return parse_bootstrap_digest(text)
+        except NydusError as e:
+            raise FormatError(f"bootstrap digest record {path} is damaged: {e}") from e
+
     def _image_ref(
         self, key: str, boot: Info, labels: Mapping[str, str], namespace: str | None
     ) -> str | None:
@@ -342,12 +393,14 @@ class Snapshotter:
         with self.store.transaction() as tx:
             boot_id, _, _ = tx.get_info(boot.name)
         bootstrap = self.bootstrap_file(boot_id)
+        digest = self.recorded_bootstrap_digest(boot_id)
         image_ref = self._image_ref(key, boot, labels, namespace)
         merged = {**boot.labels, **labels}
         log.info(
             "snapshot %d (%s): Nydus image %s, bootstrap %s", snap.id, key, image_ref, bootstrap
         )
-        lower = self.mounter.mount(str(snap.id), bootstrap, image_ref, merged)
+        lower = self.mounter.mount(str(snap.id), bootstrap, image_ref, merged,
+                                   bootstrap_digest=digest)
         nm = NydusMount(snap.id, boot_id, str(lower), image_ref)
         try:
             with self.store.transaction(writable=True) as tx:
@@ -368,8 +421,14 @@ class Snapshotter:
                     boot = self.bootstrap_file(nm.bootstrap_id)
                 except FormatError:
                     boot = self.upper_path(nm.bootstrap_id) / _BOOTSTRAP_PATHS[0]
+                try:
+                    digest = self.recorded_bootstrap_digest(nm.bootstrap_id)
+                except FormatError as e:
+                    log.error("snapshot %d: not recovered: %s", nm.snapshot_id, e)
+                    continue
                 found.append(
-                    RecoveredMount(str(nm.snapshot_id), boot, nm.image_ref, Path(nm.lower_dir))
+                    RecoveredMount(str(nm.snapshot_id), boot, nm.image_ref, Path(nm.lower_dir),
+                                   digest)
                 )
         if found:
             log.info("recovering %d Nydus mount(s)", len(found))
@@ -420,6 +479,8 @@ class Snapshotter:
             for k in _KEPT_AT_COMMIT:
                 if k in info.labels:
                     labels.setdefault(k, info.labels[k])
+        if is_nydus_bootstrap(labels) or is_nydus_bootstrap(info.labels):
+            self._record_bootstrap_digest(sid)
         usage = disk_usage(self.upper_path(sid))
         with self.store.transaction(writable=True) as tx:
             tx.commit_active(key, name, usage, labels)

@@ -101,6 +101,7 @@ class DaemonProcess:
     log_file: str
     supervisor: str = ""
     bootstrap: str = ""  # dedicated: the image served at /
+    bootstrap_digest: str = ""  # dedicated: its recorded sha256 ("" for older snapshots)
     config_path: str = ""  # dedicated: its config file
     blobfs: str = ""  # kernel EROFS mode: the daemon's blob fs (``GET /api/v1/daemon``)
     erofs: bool = False  # whether it serves any kernel EROFS mount
@@ -143,6 +144,8 @@ class DaemonProcess:
                 cmd += ["--config", self.config_path]
             if self.bootstrap:
                 cmd += ["--bootstrap", self.bootstrap]
+                if self.bootstrap_digest:
+                    cmd += ["--bootstrap-digest", self.bootstrap_digest]
         return cmd
 
     def spawn(self, nydusd: str, log_level: str, *, upgrade: bool = False) -> None:

@@ -116,6 +116,10 @@ class ImageRecord:
     lower_dir: str
     config_path: str
     snapshots: list[str] = field(default_factory=list)
+    # the bootstrap's recorded sha256, passed to nydusd at every mount ("" when unknown). Kept
+    # in state.json under "bootstrap_digests", not in the image entries, which an older
+    # snapshotter would refuse (it builds records from every key of an entry)
+    bootstrap_digest: str = field(default="", compare=False)
 
     @property
     def fs_id(self) -> str:
@@ -237,8 +241,12 @@ class DaemonManager(NydusMounter):
         for d in doc.get("daemons", []):
             dp = DaemonProcess.from_json(d)
             self.daemons[dp.id] = dp
+        names = set(ImageRecord.__dataclass_fields__)
+        digests = doc.get("bootstrap_digests") or {}
         for i in doc.get("images", []):
-            rec = ImageRecord(**i)
+            rec = ImageRecord(**{k: v for k, v in i.items() if k in names})
+            digest = digests.get(rec.id) if isinstance(digests, dict) else None
+            rec.bootstrap_digest = digest if isinstance(digest, str) else ""
             self.images[rec.id] = rec
         self.restarts = int(doc.get("restarts", 0))
 
@@ -247,7 +255,13 @@ class DaemonManager(NydusMounter):
             doc = {
                 "version": STATE_VERSION,
                 "daemons": [d.to_json() for d in self.daemons.values()],
-                "images": [asdict(r) for r in self.images.values()],
+                "images": [
+                    {k: v for k, v in asdict(r).items() if k != "bootstrap_digest"}
+                    for r in self.images.values()
+                ],
+                "bootstrap_digests": {
+                    r.id: r.bootstrap_digest for r in self.images.values() if r.bootstrap_digest
+                },
                 "restarts": self.restarts,
             }
             tmp = self.state_path.with_suffix(".tmp")
@@ -362,7 +376,8 @@ class DaemonManager(NydusMounter):
         """shared: mount image ``rec`` in daemon ``d`` (``POST /api/v1/mount``)."""
         config = Path(rec.config_path).read_text()
         try:
-            d.client.mount(rec.fs_id, rec.bootstrap, config)
+            d.client.mount(rec.fs_id, rec.bootstrap, config,
+                           bootstrap_digest=rec.bootstrap_digest or None)
         except ApiClientError as e:
             raise DaemonError(f"nydusd {d.id} refused to mount image {rec.id}: {e}") from e
         deadline = time.monotonic() + 5
@@ -392,6 +407,7 @@ class DaemonManager(NydusMounter):
         bootstrap_path: Path,
         image_ref: str | None,
         labels: Mapping[str, str],
+        bootstrap_digest: str | None = None,
     ) -> Path:
         image_id = self.image_id(bootstrap_path)
         with self._locked(f"image:{image_id}"):
@@ -406,7 +422,8 @@ class DaemonManager(NydusMounter):
                     else:
                         self._ensure_running(d)
             if rec is None:
-                rec = self._serve(image_id, bootstrap_path, image_ref, labels)
+                rec = self._serve(image_id, bootstrap_path, image_ref, labels,
+                                  bootstrap_digest=bootstrap_digest)
             with self._lock:
                 if snapshot_id not in rec.snapshots:
                     rec.snapshots.append(snapshot_id)
@@ -420,8 +437,10 @@ class DaemonManager(NydusMounter):
         image_ref: str | None,
         labels: Mapping[str, str],
         mode: str | None = None,
+        bootstrap_digest: str | None = None,
     ) -> ImageRecord:
-        """Start serving a new image (caller holds its image lock)."""
+        """Start serving a new image (caller holds its image lock); nydusd checks the bootstrap
+        against ``bootstrap_digest`` when there is one."""
         mode = mode or self.mode
         cfg, creds = image_config(
             self.template, image_ref, labels, self.cache_dir, self.cfg.docker_config
@@ -443,13 +462,18 @@ class DaemonManager(NydusMounter):
             self.mnt_dir / image_id if mode == "dedicated" else self.mnt_dir / SHARED_ID / image_id
         )
         rec = ImageRecord(
-            image_id, str(bootstrap), image_ref, daemon_id, str(lower), str(config_path)
+            image_id, str(bootstrap), image_ref, daemon_id, str(lower), str(config_path),
+            bootstrap_digest=bootstrap_digest or "",
         )
+        if not bootstrap_digest:
+            log.info("image %s: no recorded bootstrap digest (a snapshot made by an older "
+                     "snapshotter); nydusd mounts %s unchecked", image_id, bootstrap)
         try:
             with self._locked(f"daemon:{daemon_id}"):
                 if mode == "dedicated":
                     d = self._new_daemon(image_id, "dedicated")
                     d.bootstrap, d.config_path = str(bootstrap), str(config_path)
+                    d.bootstrap_digest = bootstrap_digest or ""
                     self._start(d)
                     with self._lock:
                         self.daemons[d.id] = d
@@ -531,9 +555,16 @@ class DaemonManager(NydusMounter):
         wanted: dict[str, list[RecoveredMount]] = {}
         for m in mounts:
             wanted.setdefault(self.image_id(m.bootstrap_path), []).append(m)
-        # images nobody uses any more
+        # images nobody uses any more; the others take the digest the snapshots recorded
         for rec in list(self.images.values()):
             refs = [m.snapshot_id for m in wanted.get(rec.id, [])]
+            recorded = next((m.bootstrap_digest for m in wanted.get(rec.id, [])
+                             if m.bootstrap_digest), None)
+            if recorded:
+                rec.bootstrap_digest = recorded
+                d0 = self.daemons.get(rec.daemon_id)
+                if d0 is not None and d0.mode == "dedicated":
+                    d0.bootstrap_digest = recorded
             with self._locked(f"image:{rec.id}"):
                 rec.snapshots = refs
                 if not refs:
@@ -575,7 +606,8 @@ class DaemonManager(NydusMounter):
             mode = "shared" if Path(m.lower_dir).parent.name == SHARED_ID else "dedicated"
             with self._locked(f"image:{image_id}"):
                 try:
-                    rec = self._serve(image_id, m.bootstrap_path, m.image_ref, {}, mode)
+                    rec = self._serve(image_id, m.bootstrap_path, m.image_ref, {}, mode,
+                                      bootstrap_digest=m.bootstrap_digest)
                 except NydusError as e:
                     log.error("cannot serve recovered image %s again: %s", image_id, e)
                     continue

@@ -26,6 +26,10 @@ Contract for implementations:
   that needs no registry, such as ``localfs``, can do without it).
 - ``labels`` are the bootstrap snapshot's labels updated with the request's (CRI labels,
   ``containerd.io/snapshot/pullsecret``, ...).
+- ``bootstrap_digest`` (``sha256:HEX``) is the digest the snapshotter recorded for the
+  bootstrap when its layer was committed, or ``None`` for snapshots made before digests were
+  recorded; a mounter passes it on to nydusd (``--bootstrap-digest`` / the API's
+  ``bootstrap_digest``), which refuses a bootstrap with other bytes.
 - ``umount`` of an id that is not mounted is not an error.
 - Methods may be called concurrently from several threads for different snapshot ids.
 """
@@ -54,6 +58,7 @@ class RecoveredMount:
     bootstrap_path: Path
     image_ref: str | None
     lower_dir: Path
+    bootstrap_digest: str | None = None
 
 
 class NydusMounter(abc.ABC):
@@ -66,6 +71,7 @@ class NydusMounter(abc.ABC):
         bootstrap_path: Path,
         image_ref: str | None,
         labels: Mapping[str, str],
+        bootstrap_digest: str | None = None,
     ) -> Path:
         """Serve the image of ``bootstrap_path`` for ``snapshot_id``; return its root dir."""
 
@@ -99,6 +105,7 @@ class DaemonManagerMissing(NydusMounter):
         bootstrap_path: Path,
         image_ref: str | None,
         labels: Mapping[str, str],
+        bootstrap_digest: str | None = None,
     ) -> Path:
         mode = self.config.daemon_mode if self.config else "none"
         raise NydusUnavailable(
