@@ -167,7 +167,11 @@ def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
             time.sleep(0.1)
         fetched = fault_proxy.blob_bytes(digest)
         assert want <= fetched < 2 * want  # big2 (and not the whole blob) without any read
+        # the bytes are on the wire before the chunks are verified and counted: wait for both
         cache = d.client.metrics("blobcache")
+        while cache["prefetch_data_amount"] < want and time.time() < deadline:
+            time.sleep(0.1)
+            cache = d.client.metrics("blobcache")
         assert cache["prefetch_data_amount"] >= want
         assert (mnt / "big2").read_bytes() == (src / "big2").read_bytes()
         # served from the blob cache: at most the blob's chunk-info table is fetched now
