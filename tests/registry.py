@@ -952,12 +952,14 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertPair:
 def _registry(
     kind: str, tmp_path_factory: pytest.TempPathFactory, ca: CertPair | None = None
 ) -> Iterator[RegistryServer]:
-    server = RegistryServer(kind, tmp_path_factory.mktemp(f"registry-{kind}"), ca=ca)
+    root = tmp_path_factory.mktemp(f"registry-{kind}")
+    server = RegistryServer(kind, root, ca=ca)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)  # pushed images: up to GBs per session
 
 
 @pytest.fixture(scope="session")

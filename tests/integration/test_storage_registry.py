@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +183,10 @@ def big_files(total: int = 1 << 30, n: int = 8) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def gib(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_image_dir(tmp_path_factory.mktemp("gib"), big_files(), compressor="none",
-                           chunk_size=0x40000)
+def gib(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    root = tmp_path_factory.mktemp("gib")
+    yield build_image_dir(root, big_files(), compressor="none", chunk_size=0x40000)
+    shutil.rmtree(root, ignore_errors=True)  # a 1 GiB image: not kept past the module
 
 
 def _data_bytes(proxy: FaultProxy, info: BlobInfo) -> tuple[int, int, int]:
