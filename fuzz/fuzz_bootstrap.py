@@ -19,19 +19,16 @@ file needs no atheris. Single-threaded (``time_limit`` uses signals: main thread
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fuzzlib
+
+fuzzlib.add_src_to_path()  # run from a checkout without install
 
 if __name__ == "__main__":
     import atheris
-
-    _SRC = Path(__file__).resolve().parents[1] / "src"  # run from a checkout without install
-    if _SRC.is_dir() and str(_SRC) not in sys.path:
-        sys.path.insert(0, str(_SRC))
 
     # Instrument every nydus module the traversal can reach, including the ones
     # open_bootstrap imports lazily (v5/v6 readers), so coverage guides the fuzzer.
@@ -60,34 +57,9 @@ __all__ = [
 REPLAY_SECONDS = 2.0  # a small bootstrap is traversed in milliseconds
 
 
-class TraversalTimeout(BaseException):
-    """Raised by SIGALRM when a replayed input runs too long: a hang or unbounded work.
-
-    A BaseException, so that product code catching ``Exception`` cannot turn it into a
-    NydusError and hide the hang."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TraversalTimeout after ``seconds`` (main thread only).
-
-    An outer ITIMER_REAL (pytest-timeout's) is suspended and re-armed with what was left.
-    """
-
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise TraversalTimeout(f"no result after {seconds} s: a hang or unbounded work")
-
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay:
-            left = max(old_delay - (time.monotonic() - start), 0.001)
-            signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+# the shared SIGALRM limit (fuzz/fuzzlib.py); the names this module always exported
+TraversalTimeout = fuzzlib.FuzzTimeout
+time_limit = fuzzlib.time_limit
 
 
 def traverse_metadata(md: RafsMetadata) -> int:
