@@ -51,8 +51,8 @@ ticking() {  # ticking WHAT CMD...: run CMD, printing "still WHAT" every 20 s un
     (while sleep 20; do printf '    ... still %s (%s s)\n' "$what" "$((SECONDS - start))"; done) &
     ticker=$!
     "$@" || rc=$?
-    kill "$ticker" 2>/dev/null
-    wait "$ticker" 2>/dev/null
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
     return "$rc"
 }
 mib() { awk -v b="$1" 'BEGIN { if (b < 1048576) printf "%.1f KiB", b / 1024; else printf "%.1f MiB", b / 1048576 }'; }

@@ -34,11 +34,11 @@ run_long() {  # run_long WHAT COST CMD...: run_quiet, saying what runs and that 
     local what=$1 cost=$2 start=$SECONDS ticker rc=0
     shift 2
     echo "setup.sh: $what (usually $cost) ..." >&2
-    (while sleep 20; do echo "setup.sh:   ... $what: $((SECONDS - start)) s" >&2; done) &
+    (while sleep "${NYDUS_SETUP_TICK:-20}"; do echo "setup.sh:   ... $what: $((SECONDS - start)) s" >&2; done) &
     ticker=$!
     (run_quiet "$what" "$@") || rc=$?
-    kill "$ticker" 2>/dev/null
-    wait "$ticker" 2>/dev/null
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true  # the killed ticker's 143 must not trip set -e
     ((rc == 0)) || exit "$rc"
     echo "setup.sh: $what: done in $((SECONDS - start)) s" >&2
 }
