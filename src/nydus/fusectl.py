@@ -29,6 +29,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .libc import libc
+
 __all__ = [
     "FUSECTL_DIR",
     "FuseMount",
@@ -106,23 +108,14 @@ def host_path(path: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.realpath(parent), name) if name else parent
 
 
-_libc: ctypes.CDLL | None = None
-
-
 def ensure_fusectl() -> bool:
     """Mount fusectl on ``/sys/fs/fuse/connections`` unless it is there; whether it is now.
     Needs root (CAP_SYS_ADMIN); False, not an error, when it cannot be mounted."""
-    global _libc
     if _fusectl_mounted():
         return True
     if not os.path.isdir(FUSECTL_DIR):
         return False
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        lib.mount.restype = ctypes.c_int
-        _libc = lib
-    rc = _libc.mount(b"fusectl", FUSECTL_DIR.encode(), b"fusectl", 0, None)
+    rc = libc().mount(b"fusectl", FUSECTL_DIR.encode(), b"fusectl", 0, None)
     return rc == 0 or ctypes.get_errno() == errno.EBUSY or _fusectl_mounted()
 
 

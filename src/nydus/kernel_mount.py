@@ -27,6 +27,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .libc import libc
+
 __all__ = [
     "MNT_DETACH",
     "MS_NODEV",
@@ -79,26 +81,6 @@ _UMOUNT_HINTS: dict[int, str] = {
     errno.EPERM: "unmounting needs CAP_SYS_ADMIN: run as root",
     errno.ENOENT: "the mount point does not exist",
 }
-
-_libc: ctypes.CDLL | None = None
-
-
-def _load_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_char_p,
-        ]
-        lib.mount.restype = ctypes.c_int
-        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.umount2.restype = ctypes.c_int
-        _libc = lib
-    return _libc
 
 
 def _os_error(err: int, what: str, path: str, hints: dict[int, str]) -> OSError:
@@ -163,8 +145,7 @@ def mount_erofs(
     source = _absolute(bootstrap, "bootstrap")
     target = _absolute(mountpoint, "mountpoint")
     data = build_mount_data(devices, options)
-    libc = _load_libc()
-    rc = libc.mount(source, target, b"erofs", MS_RDONLY | flags, data or None)
+    rc = libc().mount(source, target, b"erofs", MS_RDONLY | flags, data or None)
     if rc != 0:
         err = ctypes.get_errno()
         raise _os_error(
@@ -182,8 +163,7 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     Raises OSError with the errno name (EINVAL: not a mount point; EBUSY: still in use).
     """
     target = os.fsencode(os.path.abspath(os.fspath(mountpoint)))
-    libc = _load_libc()
-    rc = libc.umount2(target, MNT_DETACH if lazy else 0)
+    rc = libc().umount2(target, MNT_DETACH if lazy else 0)
     if rc != 0:
         err = ctypes.get_errno()
         raise _os_error(err, "umount2", os.fsdecode(target), _UMOUNT_HINTS)

@@ -32,6 +32,8 @@ import platform
 import stat
 from collections.abc import Callable, Sequence
 
+from ..libc import libc
+
 __all__ = ["RootDir", "chmod_at", "dir_names", "lstat_at", "lsetxattr_at", "openat2_available",
            "remove_all"]
 
@@ -52,8 +54,6 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 _openat2_ok: bool | None = None  # probed on first use
 
 
@@ -61,7 +61,7 @@ def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     assert _SYS_OPENAT2 is not None
     how = _OpenHow(flags, 0, resolve)
     for _ in range(64):
-        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
+        fd = libc().syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
                            ctypes.c_char_p(path), ctypes.byref(how),
                            ctypes.c_size_t(ctypes.sizeof(how)))
         if fd >= 0:

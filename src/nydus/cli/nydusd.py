@@ -105,11 +105,10 @@ def _tune_malloc() -> None:
     of 20 GB/s for 4 MiB batches). Fixed thresholds stop that; the heap then holds at most
     the chunk cache's working set."""
     try:
-        import ctypes
+        from ..libc import libc
 
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+        libc().mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc().mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError) as e:
         log.debug("mallopt not available: %s", e)
 

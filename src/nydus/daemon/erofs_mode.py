@@ -86,6 +86,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import fusectl, kernel_mount
+from ..libc import libc
 from .blobdev import BlobFsServer
 
 __all__ = ["FUSEDEV", "EROFS", "ErofsImage", "ErofsManager", "resolve_driver"]
@@ -102,17 +103,9 @@ MS_PRIVATE = 1 << 18
 
 _UNSUPPORTED = (errno.ENODEV, errno.ENOTBLK)
 
-_libc: ctypes.CDLL | None = None
-
-
 def _mount(src: str | None, target: str, fstype: str | None, flags: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                ctypes.c_ulong, ctypes.c_char_p]
-    rc = _libc.mount(os.fsencode(src) if src else None, os.fsencode(target),
-                     os.fsencode(fstype) if fstype else None, flags, None)
+    rc = libc().mount(os.fsencode(src) if src else None, os.fsencode(target),
+                      os.fsencode(fstype) if fstype else None, flags, None)
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount({src!r}, {target!r}, flags {flags:#x}): "
@@ -130,13 +123,12 @@ _MOVE_MOUNT_BENEATH = 0x200
 def _move_beneath(source: str, target: str) -> None:
     """move_mount(2) the mount at ``source`` beneath the top mount at ``target`` (Linux 6.5+,
     MOVE_MOUNT_BENEATH): after it, unmounting ``target`` reveals the moved mount."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLOEXEC)
+    fd = libc().syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"open_tree({source!r}): {os.strerror(err)}", source)
     try:
-        rc = libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
+        rc = libc().syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
                           _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH)
         if rc != 0:
             err = ctypes.get_errno()

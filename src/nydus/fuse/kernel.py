@@ -17,6 +17,7 @@ import os
 import stat
 import struct
 
+from ..libc import libc
 from .protocol import (
     BACKING_MAP,
     FUSE_DEV_IOC_BACKING_CLOSE,
@@ -46,21 +47,6 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MNT_DETACH = 0x2
-
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        lib.mount.restype = ctypes.c_int
-        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.umount2.restype = ctypes.c_int
-        _libc = lib
-    return _libc
-
 
 def open_device() -> int:
     """A new ``/dev/fuse`` fd (close-on-exec; pass it on explicitly)."""
@@ -130,7 +116,7 @@ def mount_fuse(
     fstype = f"fuse.{subtype}" if subtype else "fuse"
     flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     data = options or mount_options(fd)
-    rc = _lib().mount(
+    rc = libc().mount(
         fsname.encode(), os.fsencode(os.path.abspath(mountpoint)), fstype.encode(), flags,
         data.encode(),
     )
@@ -146,7 +132,7 @@ def mount_fuse(
 
 def umount(mountpoint: str, lazy: bool = False) -> None:
     """umount2(2); ``lazy`` detaches now (MNT_DETACH)."""
-    rc = _lib().umount2(os.fsencode(os.path.abspath(mountpoint)), MNT_DETACH if lazy else 0)
+    rc = libc().umount2(os.fsencode(os.path.abspath(mountpoint)), MNT_DETACH if lazy else 0)
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}")

@@ -1,0 +1,25 @@
+"""The process's C library, loaded once, with the prototypes of the calls nydus makes.
+
+mount(2), umount2(2) and syscall(2) are called through :func:`libc` (errno is kept, so read it
+with ``ctypes.get_errno()`` right after a failed call). Loading is idempotent and the returned
+handle is shared; calling through it is safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+__all__ = ["libc"]
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library of this process (``use_errno=True``), prototypes set."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    lib.mount.restype = ctypes.c_int
+    lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.umount2.restype = ctypes.c_int
+    lib.syscall.restype = ctypes.c_long
+    return lib
