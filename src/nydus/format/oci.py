@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nydus.errors import FormatError
+from nydus.errors import FormatError, NydusError
 
 __all__ = [
     "MEDIA_TYPE_OCI_MANIFEST",
@@ -53,6 +53,7 @@ __all__ = [
     "is_manifest",
     "sha256_digest",
     "parse_digest",
+    "DIGEST_HEX_LENGTHS",
     "compute_digest",
     "manifest_media_type",
     "Descriptor",
@@ -125,20 +126,22 @@ def is_manifest(media_type: str) -> bool:
 
 
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
-_HEX_LEN = {"sha256": 64, "sha384": 96, "sha512": 128}
+#: Supported digest algorithms and the length of their hex part.
+DIGEST_HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
 
 
-def parse_digest(digest: str) -> tuple[str, str]:
-    """Split ``algo:hex`` and check it; raises :class:`FormatError` if malformed."""
+def parse_digest(digest: str, *, error: type[NydusError] = FormatError) -> tuple[str, str]:
+    """Split ``algo:hex`` and check it (sha256/sha384/sha512, lower-case hex of the right
+    length); raises ``error`` if malformed."""
     m = _DIGEST_RE.match(digest)
     if not m:
-        raise FormatError(f"malformed digest {digest!r}")
+        raise error(f"malformed digest {digest[:200]!r}")
     algo, hexpart = m.group(1), m.group(2)
-    want = _HEX_LEN.get(algo)
+    want = DIGEST_HEX_LENGTHS.get(algo)
     if want is None:
-        raise FormatError(f"unsupported digest algorithm {algo!r} in {digest!r}")
+        raise error(f"unsupported digest algorithm {algo[:80]!r} in {digest[:200]!r}")
     if len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
-        raise FormatError(f"malformed {algo} digest {digest!r}")
+        raise error(f"malformed {algo} digest {digest[:200]!r}")
     return algo, hexpart
 
 
@@ -149,7 +152,7 @@ def sha256_digest(data: bytes | bytearray | memoryview) -> str:
 
 def compute_digest(data: bytes | bytearray | memoryview, algorithm: str = "sha256") -> str:
     """``<algorithm>:<hex>`` of ``data`` for sha256/sha384/sha512."""
-    if algorithm not in _HEX_LEN:
+    if algorithm not in DIGEST_HEX_LENGTHS:
         raise FormatError(f"unsupported digest algorithm {algorithm!r}")
     return f"{algorithm}:" + hashlib.new(algorithm, data).hexdigest()
 

@@ -15,6 +15,7 @@ Pure functions; safe from any thread (each call uses its own file descriptor).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, FormatError, IntegrityError
+from ..format.oci import parse_digest
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
 
 if TYPE_CHECKING:
@@ -121,12 +123,11 @@ def read_bootstrap_file(path: str | os.PathLike[str], max_size: int = MAX_BOOTST
 def parse_bootstrap_digest(digest: str) -> str:
     """``digest`` normalised to ``sha256:`` + 64 lowercase hex digits; anything else is a
     :class:`ConfigError` (a usage mistake, not a bad image)."""
-    algo, sep, hexpart = digest.strip().partition(":")
-    if (not sep or algo != "sha256" or len(hexpart) != 64
-            or any(c not in "0123456789abcdefABCDEF" for c in hexpart)):
-        raise ConfigError(f"bootstrap digest {digest[:80]!r} is not of the form sha256:<64 hex "
-                          "digits>")
-    return "sha256:" + hexpart.lower()
+    algo, _, hexpart = digest.strip().partition(":")
+    if algo == "sha256":
+        with contextlib.suppress(FormatError):
+            return "sha256:" + parse_digest(f"sha256:{hexpart.lower()}")[1]
+    raise ConfigError(f"bootstrap digest {digest[:80]!r} is not of the form sha256:<64 hex digits>")
 
 
 def verify_bootstrap_digest(data: bytes, expected: str, name: str) -> None:

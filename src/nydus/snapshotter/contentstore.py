@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import FormatError
+from ..format import oci
 from ..format.safejson import parse_json_object
 from .errdefs import (
     ContentLocked,
@@ -72,8 +73,6 @@ __all__ = [
     "parse_digest",
 ]
 
-_ALGORITHMS = {"sha256": 64, "sha384": 96, "sha512": 128}
-_HEX = frozenset("0123456789abcdef")
 _TMP_PREFIX = ".tmp-"
 _MAX_REF = 4096
 _MAX_JSON = 1 << 20
@@ -84,11 +83,7 @@ _INTERNAL_REF = "nydus-materialize-"  # ingests of materialize(): never listed, 
 
 def parse_digest(digest: str) -> tuple[str, str]:
     """``(algorithm, hex)`` of a valid digest, else :class:`SnapshotInvalidArgument`."""
-    alg, sep, hexpart = digest.partition(":")
-    want = _ALGORITHMS.get(alg)
-    if not sep or want is None or len(hexpart) != want or not set(hexpart) <= _HEX:
-        raise SnapshotInvalidArgument(f"invalid digest {digest[:200]!r}")
-    return alg, hexpart
+    return oci.parse_digest(digest, error=SnapshotInvalidArgument)
 
 
 def _now_ns() -> int:
@@ -431,7 +426,7 @@ class ContentStore:
             return 0
 
     def _digests_in(self, base: Path) -> Iterator[str]:
-        for alg in sorted(_ALGORITHMS):
+        for alg in sorted(oci.DIGEST_HEX_LENGTHS):
             d = base / alg
             if not d.is_dir():
                 continue
