@@ -52,10 +52,9 @@ def test_manifests_indexes_and_media_types(doc: bytes) -> None:
 @pytest.mark.parametrize("doc", HOSTILE)
 def test_files_and_answers_read_by_the_snapshotter_and_the_registry_client(
         doc: bytes, tmp_path: Path) -> None:
+    from nydus.format.safejson import parse_json_object, parse_json_object_or_none
     from nydus.registry.auth import docker_config_credentials
     from nydus.snapshotter.config import load_nydusd_config
-    from nydus.snapshotter.remotelayers import parse_json_object
-    from nydus.snapshotter.unpack import _json_object
 
     f = tmp_path / "doc.json"
     f.write_bytes(doc)
@@ -64,9 +63,9 @@ def test_files_and_answers_read_by_the_snapshotter_and_the_registry_client(
     with pytest.raises(ConfigError):
         load_nydusd_config(f)
     with pytest.raises(FormatError):
-        _json_object(doc, "manifest")
+        parse_json_object(doc, "manifest")
     if doc.startswith(b"{"):
-        assert parse_json_object(doc) is None
+        assert parse_json_object_or_none(doc, 4 << 20) is None
 
 
 def test_daemon_manager_state_file(tmp_path: Path) -> None:

@@ -125,10 +125,6 @@ class SourceManifest:
         return self.media_type == oci.MEDIA_TYPE_DOCKER_MANIFEST
 
 
-def _load(body: bytes, what: str) -> dict[str, Any]:
-    return parse_json_object(body, what)
-
-
 def is_nydus_manifest(m: SourceManifest) -> bool:
     return bool(m.layers) and (
         m.layers[-1].annotations.get(oci.ANNOTATION_NYDUS_BOOTSTRAP) == "true"
@@ -145,7 +141,7 @@ def parse_manifest(body: bytes, media_type: str, digest: str, *, for_conversion:
         raise UnsupportedError(f"manifest {digest}: Docker schema 1 images are not supported")
     if not oci.is_manifest(media_type):
         raise UnsupportedError(f"manifest {digest} has unsupported media type {media_type!r}")
-    doc = _load(body, f"manifest {digest}")
+    doc = parse_json_object(body, f"manifest {digest}")
     if doc.get("schemaVersion") != 2:
         raise UnsupportedError(f"manifest {digest}: schemaVersion {doc.get('schemaVersion')!r}")
     try:
@@ -182,7 +178,7 @@ class IndexEntry:
 
 
 def parse_index(body: bytes, digest: str) -> tuple[dict[str, Any], list[IndexEntry]]:
-    doc = _load(body, f"index {digest}")
+    doc = parse_json_object(body, f"index {digest}")
     items = doc.get("manifests")
     if not isinstance(items, list):
         raise FormatError(f"index {digest} has no manifests list")

@@ -19,7 +19,7 @@ from typing import Any
 
 from nydus.errors import FormatError, NydusError
 
-__all__ = ["MAX_JSON_DEPTH", "parse_json", "parse_json_object"]
+__all__ = ["MAX_JSON_DEPTH", "parse_json", "parse_json_object", "parse_json_object_or_none"]
 
 #: Deepest nesting of arrays/objects accepted. Real manifests, configs and API bodies stay
 #: under ten levels; the limit keeps parsing far from Python's recursion limit in any thread.
@@ -115,3 +115,14 @@ def parse_json_object(
     if not isinstance(doc, dict):
         raise error(f"{what} is not a JSON object")
     return doc
+
+
+def parse_json_object_or_none(data: bytes | None, max_size: int) -> dict[str, Any] | None:
+    """:func:`parse_json_object` for content that merely may be JSON: None when ``data`` is
+    None, over ``max_size`` bytes, not JSON or not an object."""
+    if data is None or len(data) > max_size:
+        return None
+    try:
+        return parse_json_object(data, "content")
+    except FormatError:
+        return None

@@ -34,6 +34,7 @@ from pathlib import Path
 import grpc
 
 from ..errors import NydusError
+from ..format.safejson import parse_json_object_or_none
 from ..registry import RegistryClient
 from ..registry.reference import parse_reference
 from .api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
@@ -42,7 +43,7 @@ from .contentstore import ContentStore, LazyEntry, parse_digest
 from .errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
 from .imageref import list_images, list_namespaces
 from .labels import is_nydus_blob
-from .remotelayers import RemoteLayerRegistrar, image_uses, parse_json_object
+from .remotelayers import RemoteLayerRegistrar, image_uses
 from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 
 __all__ = ["LazyBlobFetcher", "NydusContentHooks", "nydus_blob_layers", "nydus_content_service"]
@@ -57,7 +58,7 @@ def nydus_blob_layers(manifest: bytes) -> list[tuple[str, int, str]]:
     """``(digest, size, media type)`` of the Nydus blob layers a manifest lists."""
     if b"nydus-blob" not in manifest:  # most content: no JSON parsing at all
         return []
-    doc = parse_json_object(manifest)
+    doc = parse_json_object_or_none(manifest, _MAX_MANIFEST)
     if doc is None or not isinstance(doc.get("layers"), list) or "config" not in doc:
         return []
     out = []

@@ -40,13 +40,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..errors import BackendError, FormatError, NydusError
-from ..format.safejson import parse_json_object as safe_json_object
+from ..errors import BackendError, NydusError
+from ..format.safejson import parse_json_object_or_none
 from .api import (
     CONTENT_SERVICE,
     LEASE_HEADER,
@@ -62,7 +61,7 @@ from .imageref import chain_ids, list_images, list_namespaces, snapshot_exists
 from .labels import SNAPSHOT_REF, is_nydus_blob
 from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 
-__all__ = ["RemoteLayerRegistrar", "image_uses", "parse_json_object"]
+__all__ = ["RemoteLayerRegistrar", "image_uses"]
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +75,6 @@ _LEASE_HOURS = 1
 _CACHE_SIZE = 1024
 
 
-def parse_json_object(data: bytes | None) -> dict[str, Any] | None:
-    """A small JSON object, or None (absent, too big, not JSON, not an object)."""
-    if data is None or len(data) > _MAX_JSON:
-        return None
-    try:
-        return safe_json_object(data, "content")
-    except FormatError:
-        return None
-
-
 def image_uses(
     read_blob: Callable[[str], bytes | None], target: descriptor_pb2.Descriptor, manifest: str
 ) -> bool:
@@ -93,7 +82,7 @@ def image_uses(
     listing it; the index is read with ``read_blob``)."""
     if target.digest == manifest:
         return True
-    doc = parse_json_object(read_blob(target.digest))
+    doc = parse_json_object_or_none(read_blob(target.digest), _MAX_JSON)
     if doc is None:
         return False
     if target.media_type not in _INDEX_TYPES and "manifests" not in doc:
@@ -144,14 +133,14 @@ class RemoteLayerRegistrar:
             hit = self._plans.get(manifest)
         if hit is not None:
             return hit
-        doc = parse_json_object(self.read_blob(manifest))
+        doc = parse_json_object_or_none(self.read_blob(manifest), _MAX_JSON)
         if doc is None:
             return None
         layers = doc.get("layers")
         cfg_digest = (doc.get("config") or {}).get("digest")
         if not isinstance(layers, list) or not isinstance(cfg_digest, str):
             return None
-        cfg = parse_json_object(self.read_blob(cfg_digest))
+        cfg = parse_json_object_or_none(self.read_blob(cfg_digest), _MAX_JSON)
         if cfg is None:
             return None  # not fetched yet: ask again later
         diff_ids = (cfg.get("rootfs") or {}).get("diff_ids")

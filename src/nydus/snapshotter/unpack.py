@@ -234,17 +234,17 @@ class RemoteUnpacker:
         body, media_type = source.manifest(reference)
         top_digest = "sha256:" + hashlib.sha256(body).hexdigest()
         docs: list[tuple[bytes, dict[str, str]]] = []  # written children first
-        manifest_body, manifest_doc = body, _json_object(body, reference)
+        manifest_body, manifest_doc = body, parse_json_object(body, reference)
         index_labels: dict[str, str] = {}
         if media_type in _INDEX_TYPES or "manifests" in manifest_doc:
             m = self._pick(manifest_doc, top_digest)
             manifest_body, _ = source.manifest(str(m["digest"]))
             if "sha256:" + hashlib.sha256(manifest_body).hexdigest() != m["digest"]:
                 raise IntegrityError(f"manifest {m['digest']} does not match its digest")
-            manifest_doc = _json_object(manifest_body, str(m["digest"]))
+            manifest_doc = parse_json_object(manifest_body, str(m["digest"]))
             index_labels = {
                 f"containerd.io/gc.ref.content.m.{i}": str(d["digest"])
-                for i, d in enumerate(_json_object(body, reference).get("manifests", []))
+                for i, d in enumerate(parse_json_object(body, reference).get("manifests", []))
             }
         config_digest = str((manifest_doc.get("config") or {}).get("digest"))
         config = source.blob(config_digest)
@@ -325,7 +325,7 @@ class RemoteUnpacker:
                 raise FormatError(f"content {digest} is larger than {_MAX_JSON} bytes")
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise IntegrityError(f"content {digest} does not match its digest")
-        return _json_object(data, digest)
+        return parse_json_object(data, digest)
 
     def _manifest(
         self, content: ServiceClient, media_type: str, digest: str
@@ -465,10 +465,6 @@ class RemoteUnpacker:
                 )
             raise
         result.applied.append(chain)
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    return parse_json_object(data, what)
 
 
 @contextlib.contextmanager
