@@ -44,12 +44,12 @@ if __name__ == "__main__":
         from nydus.errors import BackendError, NydusError
         from nydus.format import blob_meta as bm
         from nydus.metadata import BlobInfo
-        from nydus.storage import blobmeta
+        from nydus.storage import metacache as blobmeta
 else:
     from nydus.errors import BackendError, NydusError
     from nydus.format import blob_meta as bm
     from nydus.metadata import BlobInfo
-    from nydus.storage import blobmeta
+    from nydus.storage import metacache as blobmeta
 
 __all__ = ["NydusError", "check", "make_input"]
 

@@ -109,7 +109,7 @@ def fetched_chunk_indexes(be: MemoryBackend, image: Image) -> list[int]:
 
 
 def _ci(image: Image) -> list[tuple[int, int]]:
-    from nydus.storage.blobmeta import load_blob_meta
+    from nydus.storage.metacache import load_blob_meta
 
     info = image.md.blobs[0]
     meta = load_blob_meta(info, lambda s, e: image.blob[s:e], None)

@@ -1,7 +1,7 @@
 """``nydus-image``: thin command-line front end with upstream's flags.
 
-Parses arguments, calls the builder and the verbs, prints results and maps
-NydusError families to exit codes. No logic of its own.
+Parses arguments, calls the builder and the image tools (check, inspect, unpack), prints
+results and maps NydusError families to exit codes. No logic of its own.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from ..builder.tree import iter_tree
 from ..convert.progress import Progress, human
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
+from ..imagetool.check import check_image
+from ..imagetool.inspect import dedup_report, image_stats, inspect_request
+from ..imagetool.unpack import unpack_image
 from ..metadata import open_bootstrap
-from ..verbs.check import check_image
-from ..verbs.inspect import dedup_report, image_stats, inspect_request
-from ..verbs.unpack import unpack_image
 from . import HelpFormatter, run_guarded
 
 log = logging.getLogger("nydus-image")

@@ -62,7 +62,7 @@ from .remote import Remote
 from .store import BlobStore, RegistryStore, make_store
 
 __all__ = ["ConvertOptions", "ConvertResult", "ManifestResult", "LayerResult", "convert",
-           "ChunkDict", "load_chunk_dict", "retry", "Cancelled"]
+           "ChunkDictImage", "load_chunk_dict", "retry", "Cancelled"]
 
 log = logging.getLogger("nydusify")
 
@@ -212,8 +212,8 @@ def retry(fn: Callable[[], T], what: str, count: int, delay: float) -> T:
 
 
 @dataclass
-class ChunkDict:
-    """A chunk dictionary: a local bootstrap and, for an image, where its blobs live."""
+class ChunkDictImage:
+    """The image given as ``--chunk-dict``: its bootstrap (local copy) and where its blobs live."""
 
     path: str
     remote: Remote | None
@@ -221,12 +221,12 @@ class ChunkDict:
 
 
 def load_chunk_dict(spec: str, work_dir: str, make_remote: Callable[[str], Remote],
-                    platform: im.Platform | None) -> ChunkDict:
+                    platform: im.Platform | None) -> ChunkDictImage:
     """``--chunk-dict``: ``REF``, ``bootstrap:registry:REF`` or ``bootstrap:local:PATH``."""
     if spec.startswith("bootstrap:local:"):
         path = spec[len("bootstrap:local:"):]
         with open_bootstrap(path) as md:
-            return ChunkDict(path, None, {b.blob_id for b in md.blobs})
+            return ChunkDictImage(path, None, {b.blob_id for b in md.blobs})
     ref = spec[len("bootstrap:registry:"):] if spec.startswith("bootstrap:registry:") else spec
     remote = make_remote(ref)
     try:
@@ -256,7 +256,7 @@ def load_chunk_dict(spec: str, work_dir: str, make_remote: Callable[[str], Remot
     _write(path, boot)
     with open_bootstrap(path) as md:
         ids = {b.blob_id for b in md.blobs}
-    return ChunkDict(path, remote, ids)
+    return ChunkDictImage(path, remote, ids)
 
 
 def _write(path: str, data: bytes) -> None:
@@ -295,7 +295,7 @@ class _ManifestJob:
     """Converts one platform manifest (see the module docstring)."""
 
     def __init__(self, source: Remote, target: Remote, store: BlobStore, opts: ConvertOptions,
-                 progress: Progress, work: str, cdict: ChunkDict | None) -> None:
+                 progress: Progress, work: str, cdict: ChunkDictImage | None) -> None:
         self.source, self.target, self.store = source, target, store
         self.opts, self.progress, self.work, self.cdict = opts, progress, work, cdict
         self.stop = threading.Event()

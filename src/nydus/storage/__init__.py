@@ -7,7 +7,7 @@ The file system and the daemon import only this package's top level::
 ``storage`` knows blobs, chunk ids and byte ranges, never inodes. Module map:
 ``backend`` (the interface, an in-memory fake), ``localfs``/``registry``/``objectstore``
 (s3, oss)/``httpproxy`` (backends), ``http`` (the HTTP transport: pooling, TLS, unix sockets,
-retries, the Dragonfly proxy), ``chunkmap``/``blobcache``/``blobmeta`` (cache files in
+retries, the Dragonfly proxy), ``chunkmap``/``blobcache``/``metacache`` (cache files in
 upstream's layout), ``fetcher`` (dedup, amplification, merging, validation), ``prefetch``,
 ``device`` (``open_device``), ``metrics``, and ``blobfile`` (reading a whole local blob, used
 by ``nydus-image check``/``unpack``).

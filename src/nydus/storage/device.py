@@ -35,8 +35,8 @@ from ..errors import (
 from ..metadata import BlobInfo, ChunkInfo
 from .backend import BlobBackend
 from .blobcache import BlobCacheFile
-from .blobmeta import BlobMeta, has_ci, load_blob_meta, load_digests
 from .fetcher import BlobFetcher
+from .metacache import BlobMeta, has_ci, load_blob_meta, load_digests
 from .metrics import BlobcacheMetrics
 from .prefetch import Prefetcher, UserIoGate
 

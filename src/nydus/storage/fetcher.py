@@ -43,7 +43,7 @@ from ..format import blob_meta as bm
 from ..metadata import BlobInfo, ChunkInfo
 from .backend import Fetch
 from .blobcache import BlobCacheFile
-from .blobmeta import BlobMeta
+from .metacache import BlobMeta
 from .metrics import BlobcacheMetrics
 
 __all__ = ["BlobFetcher", "Chunk", "MIN_AMPLIFY"]

@@ -1,4 +1,4 @@
-"""A blob's chunk-info (ci) array, ToC and chunk digest array, fetched once and cached.
+"""A blob's chunk-info (ci) array, ToC and chunk digest array, fetched once and cached on disk.
 
 Upstream keeps these beside the cache data as ``<blob_id>.blob.meta`` (the decompressed ci
 array padded to 4 KiB, then the 4096-byte ci header), ``<blob_id>.blob.toc`` and
