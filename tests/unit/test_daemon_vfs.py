@@ -13,9 +13,10 @@ import pytest
 
 from corpus import TreeInfo
 from nydus.daemon.vfs import PSEUDO_SLOT, SLOT_SHIFT, RafsVfs
-from nydus.fs import FsOptions, LocalBlobChunks, RafsFs
+from nydus.fs import FsOptions, RafsFs
 from nydus.fuse import FuseError, RequestContext
 from nydus.metadata import open_bootstrap
+from nydus.storage.blobfile import LocalBlobChunks
 
 CTX = RequestContext(1, 0, 0, 0, 0, 0)
 

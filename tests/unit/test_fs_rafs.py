@@ -1,5 +1,5 @@
 """RafsFs without a mount: the fs core against built images, the upstream fixtures and a
-storage stand-in (LocalBlobChunks over nydus.storage.blobfile), plus the real storage device."""
+storage stand-in (nydus.storage.blobfile.LocalBlobChunks), plus the real storage device."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 
 from corpus import TreeInfo
 from nydus.errors import BackendError, NotFoundError
-from nydus.fs import ROOT_INO, FsOptions, LocalBlobChunks, RafsFs, StatsFop
+from nydus.fs import ROOT_INO, FsOptions, RafsFs, StatsFop
 from nydus.metadata import ChunkInfo, open_bootstrap
+from nydus.storage.blobfile import LocalBlobChunks
 
 
 def _build(nydus_image: Any, src: Path, out: Path, *extra: str) -> tuple[Path, Path]:

@@ -20,11 +20,11 @@ from nydus.builder.optimize import chunk_info_of, optimize_image, read_prefetch_
 from nydus.cli.nydusify import main as nydusify_main
 from nydus.convert.pattern import prefetch_paths, write_pattern
 from nydus.errors import ConfigError
-from nydus.fs import FsOptions, LocalBlobChunks, RafsFs
+from nydus.fs import FsOptions, RafsFs
 from nydus.fs.chunkmap import ChunkFileMap, FileRange
 from nydus.fs.metrics import merge_ranges
 from nydus.metadata import open_bootstrap
-from nydus.storage.blobfile import open_local_blob
+from nydus.storage.blobfile import LocalBlobChunks, open_local_blob
 
 CHUNK = 0x1000
 

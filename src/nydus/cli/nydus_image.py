@@ -549,7 +549,7 @@ def cmd_unpack(a: argparse.Namespace) -> int:
 def cmd_optimize(a: argparse.Namespace) -> int:
     from ..builder.optimize import chunk_info_of, optimize_image, read_prefetch_list
     from ..config import read_input_file
-    from ..fs.localblobs import LocalBlobChunks
+    from ..storage.blobfile import LocalBlobChunks
 
     paths = read_prefetch_list(read_input_file(a.prefetch_files, "--prefetch-files",
                                                64 << 20).decode("utf-8", "surrogateescape"))

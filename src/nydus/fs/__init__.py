@@ -1,6 +1,5 @@
 """The read-only RAFS file system over metadata + storage, independent of FUSE."""
 
-from .localblobs import LocalBlobChunks
 from .metrics import FsIoStats, StatsFop
 from .rafs import (
     DEFAULT_TIMEOUT,
@@ -22,7 +21,6 @@ __all__ = [
     "FsIoStats",
     "FsOptions",
     "FsStat",
-    "LocalBlobChunks",
     "RafsFs",
     "StatsFop",
 ]

@@ -10,7 +10,7 @@ The file system and the daemon import only this package's top level::
 retries, the Dragonfly proxy), ``chunkmap``/``blobcache``/``metacache`` (cache files in
 upstream's layout), ``fetcher`` (dedup, amplification, merging, validation), ``prefetch``,
 ``device`` (``open_device``), ``metrics``, and ``blobfile`` (reading a whole local blob, used
-by ``nydus-image check``/``unpack``).
+by ``nydus-image check``/``unpack``/``optimize``).
 """
 
 from .backend import BlobBackend, MemoryBackend
