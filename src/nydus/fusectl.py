@@ -37,7 +37,6 @@ __all__ = [
     "abort_connection",
     "abort_mounts",
     "conn_id",
-    "connection_alive",
     "ensure_fusectl",
     "fuse_mounts",
     "host_path",
@@ -130,11 +129,6 @@ def _fusectl_mounted() -> bool:
     except OSError:
         pass
     return False
-
-
-def connection_alive(conn: int) -> bool:
-    """Whether fusectl lists connection ``conn`` (False also when fusectl cannot be mounted)."""
-    return ensure_fusectl() and os.path.isdir(os.path.join(FUSECTL_DIR, str(conn)))
 
 
 def abort_connection(conn: int) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from .. import codec
-from ..errors import ConfigError, FormatError, NotFoundError
+from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
 from ..metadata import RafsMetadata, open_bootstrap
 from ..metadata.v6 import RafsV6Metadata
@@ -352,15 +352,3 @@ def _prune_blobs(
                 for c in n.chunks
             ]
     return kept, root
-
-
-def resolve_node(root: Node, path: bytes) -> Node:
-    node = root
-    for part in path.strip(b"/").split(b"/"):
-        if not part:
-            continue
-        if node.children is None or part not in node.children:
-            raise NotFoundError(f"{path!r} not in the image")
-        node = node.children[part]
-    return node
-

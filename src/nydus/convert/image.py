@@ -19,7 +19,6 @@ Pure functions, no I/O; safe from any thread.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import platform as _platform
@@ -347,13 +346,3 @@ def index_entry(desc: oci.Descriptor, platform: dict[str, Any] | None, *, nydus_
     if plat is not None:
         d["platform"] = plat
     return d
-
-
-def sha256_file(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 20):
-            h.update(piece)
-            n += len(piece)
-    return "sha256:" + h.hexdigest(), n

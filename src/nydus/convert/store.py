@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import BackendConfig, DaemonConfig, LocalFsConfig, OssConfig, S3Config
-from ..errors import BackendError, ConfigError, IntegrityError
+from ..errors import BackendError, ConfigError
 from ..format import oci
 from .remote import Remote
 
@@ -333,8 +333,3 @@ def make_store(target: Remote, backend: BackendConfig | None) -> BlobStore:
     if isinstance(c, OssConfig):  # S3Config is an OssConfig
         return ObjectStore(backend.type, c)
     raise ConfigError(f"--backend-type {backend.type}: cannot push blobs there")
-
-
-def check_pushed(store: BlobStore, digest: str) -> None:
-    if not store.has(digest):
-        raise IntegrityError(f"blob {digest} is missing from {store.describe()} after push")

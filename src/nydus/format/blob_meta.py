@@ -132,21 +132,6 @@ def unpack_ci_v1(buf: bytes | memoryview, off: int) -> CiEntry:
     return CiEntry(coff, csize, uoff, usize, csize != usize)
 
 
-def pack_ci_v2(e: CiEntry) -> bytes:
-    if e.uncompressed_offset & 0xFFF:
-        raise FormatError("ci v2 needs 4 KiB aligned uncompressed offsets")
-    if not (0 < e.uncompressed_size <= MAX_CHUNK_FIELD and e.compressed_size < MAX_CHUNK_FIELD):
-        raise FormatError("chunk too large for ci v2")
-    flags = e.flags | (CI_V2_FLAG_COMPRESSED if e.compressed else 0)
-    uncomp = (
-        ((e.uncompressed_offset >> 12) & 0xFFFFFFFF)
-        | ((e.uncompressed_size - 1) & 0xFFFFFF) << 32
-        | (flags & 0xFF) << 56
-    )
-    comp = (e.compressed_offset & 0xFF_FFFF_FFFF) | (e.compressed_size & 0xFFFFFF) << 40
-    return struct.pack("<QQQ", uncomp, comp, e.data)
-
-
 def unpack_ci_v2(buf: bytes | memoryview, off: int) -> CiEntry:
     uncomp, comp, data = struct.unpack_from("<QQQ", buf, off)
     flags = uncomp >> 56

@@ -209,10 +209,6 @@ class RafsV5SuperBlock:
                 if _overlaps(a, b):
                     raise FormatError(f"RAFS v5 {name_a} overlaps the {name_b}")
 
-    @property
-    def explicit_uid_gid(self) -> bool:
-        return bool(self.flags & FLAG_EXPLICIT_UID_GID)
-
 
 def inode_table_offset(data: bytes, sb: RafsV5SuperBlock, index: int) -> int:
     """Byte offset of the inode for child ``index`` (1-based) from the inode table."""

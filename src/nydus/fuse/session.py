@@ -63,8 +63,6 @@ from .protocol import (
     NOTIFY_INVAL_INODE,
     NOTIFY_INVAL_INODE_OUT,
     NOTIFY_RESEND,
-    NOTIFY_STORE,
-    NOTIFY_STORE_OUT,
     OUT_HEADER,
     InitFlags,
     InitIn,
@@ -421,19 +419,6 @@ class FuseSession(RequestHandlers):
         return self._notify(NOTIFY_INVAL_INODE,
                             NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length))
 
-    def notify_store(self, nodeid: int, offset: int, data: bytes) -> bool:
-        """Put ``data`` into the page cache of ``nodeid`` at ``offset`` (whole pages are marked
-        up to date; the file grows if the data ends past its size).
-
-        The kernel locks each page while copying, in an uninterruptible wait, so a call blocks
-        while a READ of one of those pages is not answered yet (being served, or still queued
-        in the kernel): never call it from a worker that may be needed to answer that READ, and
-        know that a daemon killed during such a wait cannot exit (nobody answers the READ; see
-        :mod:`nydus.daemon.blobdev`, which no longer pushes pages this way).
-        """
-        return self._notify(NOTIFY_STORE, NOTIFY_STORE_OUT.pack(nodeid, offset, len(data), 0),
-                            data)
-
     def notify_resend(self) -> bool:
         """Ask the kernel (7.40+) to queue again every request a previous server read but
         never answered: after a takeover, nothing the old daemon dropped is lost."""
@@ -441,12 +426,12 @@ class FuseSession(RequestHandlers):
             return False
         return self._notify(NOTIFY_RESEND, b"")
 
-    def _notify(self, code: int, body: bytes, data: bytes = b"") -> bool:
+    def _notify(self, code: int, body: bytes) -> bool:
         if self._fd < 0 or not self._initialized.is_set():
             return False
-        hdr = OUT_HEADER.pack(OUT_HEADER.size + len(body) + len(data), code, 0)
+        hdr = OUT_HEADER.pack(OUT_HEADER.size + len(body), code, 0)
         try:
-            os.writev(self._fd, [hdr, body, data] if data else [hdr, body])
+            os.writev(self._fd, [hdr, body])
             return True
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):

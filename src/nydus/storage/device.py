@@ -1,4 +1,4 @@
-"""The blob device: the storage API the file system and the daemon use (see storage_api.md).
+"""The blob device: the storage API the file system and the daemon use.
 
 :func:`open_device` builds, from a bootstrap's blob table and a :class:`DaemonConfig`, one
 backend, one blob cache per blob in ``work_dir`` (or none for ``dummycache``), one
