@@ -16,7 +16,7 @@ import pytest
 
 from nydus.builder.build import BuildOptions, build_image
 from nydus.builder.dirsource import load_directory
-from nydus.builder.optimize import chunk_info_of, optimize_image, read_prefetch_list
+from nydus.builder.optimize import optimize_image, read_prefetch_list
 from nydus.cli.nydusify import main as nydusify_main
 from nydus.convert.pattern import prefetch_paths, write_pattern
 from nydus.errors import ConfigError
@@ -237,7 +237,7 @@ def _optimize(boot: Path, blobs: Path, paths: list[bytes], out: Path) -> tuple[A
             return self.f.write(b)
 
     sink = Sink()
-    res = optimize_image(md, paths, lambda c: readers[c.blob_index].read_chunk(chunk_info_of(c)),
+    res = optimize_image(md, paths, lambda c: readers[c.blob_index].read_chunk(c),
                          sink, plan=planned.extend, blob_id=lambda: h.hexdigest())
     sink.f.close()
     assert res.blob is not None

@@ -34,7 +34,8 @@ from .. import codec
 from ..errors import FormatError
 from ..format import blob_meta as bm
 from ..format import rafs_v6 as v6
-from .tree import ChunkRef, Node
+from ..metadata.model import ChunkInfo
+from .tree import Node
 
 __all__ = ["BlobWriter", "ChunkDict", "BlobResult"]
 
@@ -46,15 +47,15 @@ class _Sink(Protocol):
 
 
 class ChunkDict:
-    """digest -> ChunkRef for every chunk a build may reference instead of storing."""
+    """digest -> ChunkInfo for every chunk a build may reference instead of storing."""
 
     def __init__(self) -> None:
-        self._map: dict[bytes, ChunkRef] = {}
+        self._map: dict[bytes, ChunkInfo] = {}
 
-    def get(self, digest: bytes) -> ChunkRef | None:
+    def get(self, digest: bytes) -> ChunkInfo | None:
         return self._map.get(digest)
 
-    def add(self, ref: ChunkRef) -> None:
+    def add(self, ref: ChunkInfo) -> None:
         self._map.setdefault(ref.digest, ref)
 
     def __len__(self) -> int:
@@ -410,7 +411,7 @@ class BlobWriter:
                 self._spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed in close()
                     prefix="nydus-spool-", dir=self._spool_dir
                 )
-            ref = ChunkRef(
+            ref = ChunkInfo(
                 digest=digest, blob_index=_DEFERRED, index=len(self._dci), file_offset=foff,
                 compressed_offset=self._dpos, compressed_size=len(payload),
                 uncompressed_offset=self._dupos, uncompressed_size=size, compressed=compressed,
@@ -424,7 +425,7 @@ class BlobWriter:
             self._dupos += size + (-size % BLOCK)
             self._dnodes[id(node)] = node
         else:
-            ref = ChunkRef(
+            ref = ChunkInfo(
                 digest=digest, blob_index=self.blob_index, index=len(self._ci),
                 file_offset=foff, compressed_offset=self._pos, compressed_size=len(payload),
                 uncompressed_offset=self._upos, uncompressed_size=size, compressed=compressed,
@@ -461,7 +462,7 @@ class BlobWriter:
         for node in self._dnodes.values():
             assert node.chunks is not None
             node.chunks = [
-                ChunkRef(c.digest, bi, c.index + base_i, c.file_offset,
+                ChunkInfo(c.digest, bi, c.index + base_i, c.file_offset,
                          c.compressed_offset + base_c, c.compressed_size,
                          c.uncompressed_offset + base_u, c.uncompressed_size, c.compressed,
                          c.crc32) if c.blob_index == _DEFERRED else c
@@ -571,10 +572,10 @@ def _read_exact(f: object, n: int, node: Node) -> bytes:
     return bytes(data)
 
 
-def _at(ref: ChunkRef, foff: int) -> ChunkRef:
+def _at(ref: ChunkInfo, foff: int) -> ChunkInfo:
     if ref.file_offset == foff:
         return ref
-    return ChunkRef(
+    return ChunkInfo(
         ref.digest, ref.blob_index, ref.index, foff, ref.compressed_offset,
         ref.compressed_size, ref.uncompressed_offset, ref.uncompressed_size, ref.compressed,
         ref.crc32,

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from ..errors import FormatError
 from ..format import erofs
 from ..format import rafs_v6 as v6
-from .tree import ChunkRef, Node
+from ..metadata.model import ChunkInfo
+from .tree import Node
 
 __all__ = ["BootstrapOptions", "write_bootstrap"]
 
@@ -208,7 +209,7 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
     data_end = blk * BS
 
     # Legacy chunk table: one record per distinct chunk referenced.
-    records: dict[tuple[int, int], ChunkRef] = {}
+    records: dict[tuple[int, int], ChunkInfo] = {}
     for s in slots:
         for c in s.node.chunks or ():
             records.setdefault((c.blob_index, c.index), c)

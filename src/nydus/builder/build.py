@@ -18,13 +18,13 @@ from typing import Any, BinaryIO
 from .. import codec
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
-from ..metadata import RafsMetadata, open_bootstrap
+from ..metadata import ChunkInfo, RafsMetadata, open_bootstrap
 from ..metadata.v6 import RafsV6Metadata
 from .blob import BlobResult, BlobWriter, ChunkDict, _Sink
 from .bootstrap import BootstrapOptions, write_bootstrap
 from .overlay import apply_layer
 from .tarsource import TarLimits, load_tar
-from .tree import ChunkRef, Node, iter_tree
+from .tree import Node, iter_tree
 
 __all__ = ["BuildOptions", "BuildResult", "build_image", "build_from_tar", "tree_from_metadata"]
 
@@ -91,7 +91,7 @@ def tree_from_metadata(md: RafsMetadata, blob_map: dict[int, int] | None = None)
             n.symlink = md.readlink(nid)
         elif a.is_reg:
             n.chunks = [
-                ChunkRef(c.digest, (blob_map or {}).get(c.blob_index, c.blob_index), c.index,
+                ChunkInfo(c.digest, (blob_map or {}).get(c.blob_index, c.blob_index), c.index,
                          c.file_offset, c.compressed_offset, c.compressed_size,
                          c.uncompressed_offset, c.uncompressed_size, c.compressed, c.crc32)
                 for c in md.chunks(nid)
@@ -346,7 +346,7 @@ def _prune_blobs(
         if n.chunks and id(n) not in done:
             done.add(id(n))
             n.chunks = [
-                ChunkRef(c.digest, remap[c.blob_index], c.index, c.file_offset,
+                ChunkInfo(c.digest, remap[c.blob_index], c.index, c.file_offset,
                          c.compressed_offset, c.compressed_size, c.uncompressed_offset,
                          c.uncompressed_size, c.compressed, c.crc32)
                 for c in n.chunks

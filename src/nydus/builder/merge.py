@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
-from ..metadata import open_bootstrap
+from ..metadata import ChunkInfo, open_bootstrap
 from ..metadata.v6 import RafsV6Metadata
 from .bootstrap import BootstrapOptions, write_bootstrap
 from .build import _entry_of, _prefetch_order, tree_from_metadata
 from .overlay import apply_layer
-from .tree import ChunkRef, Node, iter_tree, new_dir
+from .tree import Node, iter_tree, new_dir
 
 __all__ = ["MergeOptions", "MergeResult", "merge_bootstraps", "blob_id_from_meta_path"]
 
@@ -162,7 +162,7 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
     return MergeResult(boot, blobs, {"layers": len(sources), "chunks": len(refs)})
 
 
-def _chunks(n: Node) -> list[ChunkRef]:
+def _chunks(n: Node) -> list[ChunkInfo]:
     return n.chunks or []
 
 

@@ -31,14 +31,14 @@ from ..metadata import ChunkInfo, RafsMetadata
 from ..metadata.v6 import RafsV6Metadata
 from .blob import BlobResult, ChunkDict, _Sink
 from .build import BuildOptions, _bootstrap, _entry_of, _prefetch_order, tree_from_metadata
-from .tree import ChunkRef, Node
+from .tree import Node
 
-__all__ = ["OptimizeResult", "optimize_image", "read_prefetch_list", "chunk_info_of",
+__all__ = ["OptimizeResult", "optimize_image", "read_prefetch_list",
            "POLICY_SEPARATED"]
 
 POLICY_SEPARATED = "separated-blob-with-prefetch-files"
 
-ReadChunk = Callable[[ChunkRef], bytes]
+ReadChunk = Callable[[ChunkInfo], bytes]
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _listed_files(root: Node, paths: list[bytes]) -> tuple[list[Node], list[Node
     return table, first, missing
 
 
-def _pieces(node: Node, chunks: list[ChunkRef], read_chunk: ReadChunk
+def _pieces(node: Node, chunks: list[ChunkInfo], read_chunk: ReadChunk
             ) -> Iterator[tuple[int, bytes]]:
     for c in chunks:
         data = read_chunk(c)
@@ -103,7 +103,7 @@ def _pieces(node: Node, chunks: list[ChunkRef], read_chunk: ReadChunk
 def optimize_image(
     md: RafsMetadata, paths: list[bytes], read_chunk: ReadChunk, blob_out: _Sink,
     workers: int | None = None, *,
-    plan: Callable[[list[ChunkRef]], None] | None = None,
+    plan: Callable[[list[ChunkInfo]], None] | None = None,
     blob_id: Callable[[], str] | None = None,
 ) -> OptimizeResult:
     """The optimized bootstrap, with the prefetch blob written to ``blob_out`` (module
@@ -153,11 +153,3 @@ def optimize_image(
         for node, _c in hot:
             assert all(c.blob_index == new for c in node.chunks or ())
     return OptimizeResult(boot, result, len(hot), nbytes, len(table), missing)
-
-
-def chunk_info_of(c: ChunkRef) -> ChunkInfo:
-    """The metadata model's view of a tree chunk reference (for blob readers)."""
-    return ChunkInfo(c.digest, c.blob_index, c.index, c.file_offset, c.compressed_offset,
-                     c.compressed_size, c.uncompressed_offset, c.uncompressed_size,
-                     c.compressed, c.crc32)
-

@@ -17,25 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ..errors import FormatError
-from ..metadata.model import FileKind
+from ..metadata.model import ChunkInfo, FileKind
 
-__all__ = ["ChunkRef", "Node", "new_dir", "iter_tree", "check_name"]
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """One chunk of a file as placed in the image."""
-
-    digest: bytes
-    blob_index: int
-    index: int  # index in the blob's ci array
-    file_offset: int
-    compressed_offset: int
-    compressed_size: int
-    uncompressed_offset: int
-    uncompressed_size: int
-    compressed: bool
-    crc32: int = 0
+__all__ = ["Node", "new_dir", "iter_tree", "check_name"]
 
 
 @dataclass(eq=False, slots=True)
@@ -53,7 +37,7 @@ class Node(FileKind):
     # A regular file's data: ``open_data()`` returns a binary file object; or
     # chunks already placed (from a parent image).
     open_data: Callable[[], object] | None = None
-    chunks: list[ChunkRef] | None = None
+    chunks: list[ChunkInfo] | None = None
     # source path, for error messages and the prefetch list
     path: bytes = b""
     # runtime fields used while writing

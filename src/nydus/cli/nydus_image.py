@@ -547,7 +547,7 @@ def cmd_unpack(a: argparse.Namespace) -> int:
 
 
 def cmd_optimize(a: argparse.Namespace) -> int:
-    from ..builder.optimize import chunk_info_of, optimize_image, read_prefetch_list
+    from ..builder.optimize import optimize_image, read_prefetch_list
     from ..config import read_input_file
     from ..storage.blobfile import LocalBlobChunks
 
@@ -567,7 +567,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
                         return raw.write(b)
 
                 res = optimize_image(
-                    md, paths, lambda c: chunks.read_chunks([chunk_info_of(c)])[0], _Sink(),
+                    md, paths, lambda c: chunks.read_chunks([c])[0], _Sink(),
                     blob_id=lambda: h.hexdigest())
             if res.blob is not None:
                 os.replace(tmp, os.path.join(out_dir, h.hexdigest()))

@@ -32,11 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..builder.optimize import POLICY_SEPARATED, chunk_info_of, optimize_image
-from ..builder.tree import ChunkRef
+from ..builder.optimize import POLICY_SEPARATED, optimize_image
 from ..errors import ConfigError, FormatError, UnsupportedError
 from ..format import oci
-from ..metadata import BlobInfo, open_bootstrap
+from ..metadata import BlobInfo, ChunkInfo, open_bootstrap
 from ..storage.blobfile import BlobReader
 from . import image as im
 from .remote import Remote
@@ -105,7 +104,7 @@ class _RangeReader:
         self.fetched = self.requests = 0
         self.reader = BlobReader(self.read_at, info)
 
-    def load(self, chunks: list[ChunkRef]) -> None:
+    def load(self, chunks: list[ChunkInfo]) -> None:
         spans: list[tuple[int, int]] = []
         for c in sorted(chunks, key=lambda c: c.compressed_offset):
             lo, hi = c.compressed_offset, c.compressed_offset + c.compressed_size
@@ -177,15 +176,15 @@ def optimize(source: Remote, target: Remote, opts: OptimizeOptions,
         try:
             readers = {b.index: _RangeReader(source, b) for b in md.blobs}
 
-            def plan(chunks: list[ChunkRef]) -> None:
-                by_blob: dict[int, list[ChunkRef]] = {}
+            def plan(chunks: list[ChunkInfo]) -> None:
+                by_blob: dict[int, list[ChunkInfo]] = {}
                 for c in chunks:
                     by_blob.setdefault(c.blob_index, []).append(c)
                 for i, cs in by_blob.items():
                     readers[i].load(cs)
 
-            def read_chunk(c: ChunkRef) -> bytes:
-                return readers[c.blob_index].reader.read_chunk(chunk_info_of(c), verify=True)
+            def read_chunk(c: ChunkInfo) -> bytes:
+                return readers[c.blob_index].reader.read_chunk(c, verify=True)
 
             blob_path = os.path.join(work, "prefetch.blob")
             h = hashlib.sha256()

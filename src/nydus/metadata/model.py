@@ -67,7 +67,7 @@ class BlobInfo:
         check_blob_id(self.blob_id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkInfo:
     """One chunk of a file: where it lives in its blob and how to verify it."""
 
