@@ -35,6 +35,7 @@ from typing import Protocol, TypeVar
 
 from ..errors import BackendError, FormatError, NotFoundError, NydusError
 from ..metadata import ChunkInfo, Inode, RafsMetadata
+from ..singleflight import Flight, FlightTable
 from .chunkmap import ChunkFileMap
 from .metrics import FsIoStats, StatsFop
 
@@ -119,17 +120,6 @@ class FsStat:
     namelen: int = 255
 
 
-class _Pending:
-    """A chunk fetch in flight; other readers of the chunk wait for it."""
-
-    __slots__ = ("data", "error", "event")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.data: bytes | None = None
-        self.error: BaseException | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class _File:
     size: int
@@ -157,7 +147,7 @@ class RafsFs:
         self._dirs: OrderedDict[int, list[tuple[bytes, int, int]]] = OrderedDict()
         self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._chunk_bytes = 0
-        self._pending: dict[tuple[int, int], _Pending] = {}
+        self._pending: FlightTable[tuple[int, int], bytes] = FlightTable()
         self._seq: dict[int, tuple[int, int]] = {}  # ino -> (end of last read, queued chunk)
         self._ra_pool: ThreadPoolExecutor | None = None
         self._names: dict[int, tuple[int, bytes]] = {}  # ino -> (parent ino, name)
@@ -480,8 +470,8 @@ class RafsFs:
         if not chunks:
             return []
         out: list[bytes | None] = [None] * len(chunks)
-        mine: list[tuple[int, ChunkInfo, tuple[int, int], _Pending]] = []
-        waits: list[tuple[int, _Pending]] = []
+        mine: list[tuple[int, ChunkInfo, tuple[int, int], Flight[bytes]]] = []
+        waits: list[tuple[int, Flight[bytes]]] = []
         with self._lock:
             for i, c in enumerate(chunks):
                 key = (c.blob_index, c.index)
@@ -494,18 +484,18 @@ class RafsFs:
                 if p is not None:
                     waits.append((i, p))
                     continue
-                p = self._pending[key] = _Pending()
+                p = self._pending.claim(key)
                 mine.append((i, c, key, p))
         if mine:
             self._fetch(mine, out)
         for i, p in waits:
-            p.event.wait()
+            p.wait()
             if p.error is not None:
                 raise BackendError(f"reading chunks: {p.error}")
-            out[i] = p.data
+            out[i] = p.value
         return [d for d in out if d is not None]
 
-    def _fetch(self, mine: list[tuple[int, ChunkInfo, tuple[int, int], _Pending]],
+    def _fetch(self, mine: list[tuple[int, ChunkInfo, tuple[int, int], Flight[bytes]]],
                out: list[bytes | None]) -> None:
         try:
             want = [c for _i, c, _k, _p in mine]
@@ -525,16 +515,16 @@ class RafsFs:
         except BaseException as e:
             with self._lock:
                 for _i, _c, key, p in mine:
-                    self._pending.pop(key, None)
+                    self._pending.release(key, p)
                     p.error = e
-                    p.event.set()
+                    p.settle()
             raise
         self._remember({key: d for (_i, _c, key, _p), d in zip(mine, got, strict=True)})
         with self._lock:
             for (i, _c, key, p), d in zip(mine, got, strict=True):
-                self._pending.pop(key, None)
-                p.data = d
-                p.event.set()
+                self._pending.release(key, p)
+                p.value = d
+                p.settle()
                 out[i] = d
 
     def _remember(self, fetched: dict[tuple[int, int], bytes]) -> None:

@@ -41,6 +41,7 @@ from .. import codec
 from ..errors import BackendError, FormatError, IntegrityError, NydusError, UnsupportedError
 from ..format import blob_meta as bm
 from ..metadata import BlobInfo, ChunkInfo
+from ..singleflight import Flight, FlightTable
 from .backend import Fetch
 from .blobcache import BlobCacheFile
 from .metacache import BlobMeta
@@ -82,20 +83,11 @@ def _same_place(rec: ChunkInfo, e: bm.CiEntry) -> bool:
                                        e.uncompressed_offset, e.uncompressed_size)
 
 
-class _Pending:
-    __slots__ = ("data", "error", "event")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.data: bytes | None = None
-        self.error: NydusError | None = None
-
-
 @dataclass
 class _Group:
     start: int
     end: int
-    chunks: list[tuple[Chunk, _Pending]]
+    chunks: list[tuple[Chunk, Flight[bytes]]]
 
 
 class BlobFetcher:
@@ -132,7 +124,7 @@ class BlobFetcher:
         self.compressor = codec.compressor_by_name(info.compressor)
         self.digester = codec.digester_by_name(info.digester)
         self._lock = threading.Lock()
-        self._inflight: dict[int, _Pending] = {}
+        self._inflight: FlightTable[int, bytes] = FlightTable()
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
         self._order_pos: dict[int, int] = {}
@@ -217,7 +209,7 @@ class BlobFetcher:
         for c in chunks:
             want.setdefault(c.index, c)
         got: dict[int, bytes] = {}
-        last_error: NydusError | None = None
+        last_error: BaseException | None = None
         hits_first = 0
         for attempt in range(_ATTEMPTS):
             need = [c for i, c in want.items() if i not in got]
@@ -235,15 +227,15 @@ class BlobFetcher:
             for c, p in claims:
                 if c.index not in want:
                     continue
-                if p.data is not None:
-                    got[c.index] = p.data
+                if p.value is not None:
+                    got[c.index] = p.value
                 else:
                     assert p.error is not None
                     raise p.error  # our own fetch already retried integrity errors once
             for c, p in waits:
-                p.event.wait()
-                if p.data is not None:
-                    got[c.index] = p.data
+                p.wait()
+                if p.value is not None:
+                    got[c.index] = p.value
                 elif p.error is not None:
                     last_error = p.error  # another reader's fetch failed: try ourselves
         self._count_hits(len(want), hits_first)
@@ -264,10 +256,10 @@ class BlobFetcher:
 
     def _plan(
         self, need: list[Chunk], amplify: bool
-    ) -> tuple[list[Chunk], list[tuple[Chunk, _Pending]], list[tuple[Chunk, _Pending]]]:
+    ) -> tuple[list[Chunk], list[tuple[Chunk, Flight[bytes]]], list[tuple[Chunk, Flight[bytes]]]]:
         hits: list[Chunk] = []
-        waits: list[tuple[Chunk, _Pending]] = []
-        claims: list[tuple[Chunk, _Pending]] = []
+        waits: list[tuple[Chunk, Flight[bytes]]] = []
+        claims: list[tuple[Chunk, Flight[bytes]]] = []
         cache = self.cache
         if amplify and cache is not None and self.amplify:
             self.meta()  # load outside the lock
@@ -278,13 +270,13 @@ class BlobFetcher:
                 elif (p := self._inflight.get(c.index)) is not None:
                     waits.append((c, p))
                 else:
-                    p = self._inflight[c.index] = _Pending()
+                    p = self._inflight.claim(c.index)
                     claims.append((c, p))
             if claims and amplify and cache is not None and self.amplify:
                 claims.extend(self._amplify_locked([c for c, _ in claims]))
         return hits, waits, claims
 
-    def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, _Pending]]:
+    def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Claim the not-ready chunks that follow the claimed ones, up to ``amplify_io``."""
         meta = self._meta
         cache = self.cache
@@ -297,7 +289,7 @@ class BlobFetcher:
         if pos is None:
             return []
         end = last.end
-        out: list[tuple[Chunk, _Pending]] = []
+        out: list[tuple[Chunk, Flight[bytes]]] = []
         for idx in self._order[pos + 1 :]:
             if idx in taken:
                 continue
@@ -310,7 +302,7 @@ class BlobFetcher:
             ch = self._ci_chunk_unlocked(idx)
             if not cache.fits(ch):
                 break
-            p = self._inflight[idx] = _Pending()
+            p = self._inflight.claim(idx)
             out.append((ch, p))
             end = max(end, new_end)
         return out
@@ -349,7 +341,7 @@ class BlobFetcher:
     # ------------------------------------------------------------------ backend side
 
     def _merge(
-        self, claims: list[tuple[Chunk, _Pending]], max_request: int | None = None
+        self, claims: list[tuple[Chunk, Flight[bytes]]], max_request: int | None = None
     ) -> list[_Group]:
         limit = max_request or self.max_request
         groups: list[_Group] = []
@@ -375,7 +367,7 @@ class BlobFetcher:
         return list(self.executor.map(lambda r: self._fetch(r[0], r[1]), ranges))
 
     def _run(
-        self, claims: list[tuple[Chunk, _Pending]], groups: list[_Group] | None = None
+        self, claims: list[tuple[Chunk, Flight[bytes]]], groups: list[_Group] | None = None
     ) -> None:
         """Fetch, verify and cache claimed chunks; always resolves every claim."""
         try:
@@ -410,7 +402,7 @@ class BlobFetcher:
                     except NydusError as e:
                         p.error = e
                         continue
-                    p.data = data
+                    p.value = data
                     if self.cache is not None and self.cache.write(
                         c, payload if self.cache.compressed else data
                     ):
@@ -426,20 +418,19 @@ class BlobFetcher:
             err = e if isinstance(e, NydusError) else BackendError(
                 f"blob {self.info.blob_id}: fetch failed: {e!r}")
             for _, p in claims:
-                if p.data is None and p.error is None:
+                if p.value is None and p.error is None:
                     p.error = err
         except BaseException as e:
             for _, p in claims:
-                if p.data is None and p.error is None:
+                if p.value is None and p.error is None:
                     p.error = BackendError(f"blob {self.info.blob_id}: fetch interrupted: {e!r}")
             raise
         finally:
             with self._lock:
                 for c, p in claims:
-                    if self._inflight.get(c.index) is p:
-                        del self._inflight[c.index]
+                    self._inflight.release(c.index, p)
             for _, p in claims:
-                p.event.set()
+                p.settle()
 
     def _checked(self, c: Chunk, payload: bytes) -> bytes:
         """Decoded and verified bytes of a chunk from the backend (always verified)."""
@@ -502,12 +493,12 @@ class BlobFetcher:
         cache = self.cache
         if cache is None:
             return 0, 0
-        claims: list[tuple[Chunk, _Pending]] = []
+        claims: list[tuple[Chunk, Flight[bytes]]] = []
         with self._lock:
             for c in chunks:
                 if cache.is_ready(c.index) or c.index in self._inflight or not cache.fits(c):
                     continue
-                p = self._inflight[c.index] = _Pending()
+                p = self._inflight.claim(c.index)
                 claims.append((c, p))
         if not claims:
             return 0, 0
@@ -523,11 +514,11 @@ class BlobFetcher:
             # before_fetch may raise before _run resolved the claims
             with self._lock:
                 for c, p in claims:
-                    if self._inflight.get(c.index) is p and not p.event.is_set():
-                        del self._inflight[c.index]
+                    if self._inflight.get(c.index) is p and not p.settled:
+                        self._inflight.release(c.index, p)
                         p.error = p.error or BackendError("prefetch cancelled")
-                        p.event.set()
-        failed = [p.error for _, p in claims if p.data is None]
+                        p.settle()
+        failed = [p.error for _, p in claims if p.value is None]
         if failed and failed[0] is not None:
             log.warning("prefetch of blob %s: %d chunks failed: %s", self.info.blob_id,
                         len(failed), failed[0])
