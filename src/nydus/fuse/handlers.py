@@ -173,22 +173,12 @@ class RequestHandlers:
                            s.frsize)
 
     def _do_getxattr(self, ctx: _Ctx, body: memoryview) -> bytes:
-        size, _ = GETXATTR_IN.unpack_from(body, 0)
         value = self.ops.getxattr(ctx, ctx.nodeid, split_cstring(body[GETXATTR_IN.size :]))
-        if size == 0:
-            return GETXATTR_OUT.pack(len(value), 0)
-        if len(value) > size:
-            raise FuseError(errno.ERANGE)
-        return value
+        return _xattr_reply(body, value)
 
     def _do_listxattr(self, ctx: _Ctx, body: memoryview) -> bytes:
-        size, _ = GETXATTR_IN.unpack_from(body, 0)
         names = b"".join(n + b"\0" for n in self.ops.listxattr(ctx, ctx.nodeid))
-        if size == 0:
-            return GETXATTR_OUT.pack(len(names), 0)
-        if len(names) > size:
-            raise FuseError(errno.ERANGE)
-        return names
+        return _xattr_reply(body, names)
 
     def _do_opendir(self, ctx: _Ctx, body: memoryview) -> bytes:
         flags, _ = OPEN_IN.unpack_from(body, 0)
@@ -285,3 +275,14 @@ def _close(it: Iterable[DirEntry]) -> None:
     close = getattr(it, "close", None)
     if close is not None:
         close()
+
+
+def _xattr_reply(body: memoryview, value: bytes) -> bytes:
+    """GETXATTR/LISTXATTR answer: the size alone when asked with size 0, else the bytes
+    (ERANGE if they do not fit)."""
+    size, _ = GETXATTR_IN.unpack_from(body, 0)
+    if size == 0:
+        return GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise FuseError(errno.ERANGE)
+    return value
