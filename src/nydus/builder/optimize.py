@@ -33,7 +33,7 @@ from .blob import BlobResult, ChunkDict, _Sink
 from .build import BuildOptions, _bootstrap, _entry_of, _prefetch_order, tree_from_metadata
 from .tree import Node
 
-__all__ = ["OptimizeResult", "optimize_image", "read_prefetch_list",
+__all__ = ["OptimizeResult", "optimize_image", "read_prefetch_list", "load_prefetch_list",
            "POLICY_SEPARATED"]
 
 POLICY_SEPARATED = "separated-blob-with-prefetch-files"
@@ -49,6 +49,14 @@ class OptimizeResult:
     bytes: int  # their uncompressed bytes
     table: int  # entries of the prefetch table
     missing: list[str] = field(default_factory=list)
+
+
+def load_prefetch_list(path: str) -> list[bytes]:
+    """:func:`read_prefetch_list` of the file a user named with ``--prefetch-files``."""
+    from ..config import read_input_file
+
+    data = read_input_file(path, "--prefetch-files", 64 << 20)
+    return read_prefetch_list(data.decode("utf-8", "surrogateescape"))
 
 
 def read_prefetch_list(text: str) -> list[bytes]:

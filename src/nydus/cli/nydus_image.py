@@ -547,12 +547,10 @@ def cmd_unpack(a: argparse.Namespace) -> int:
 
 
 def cmd_optimize(a: argparse.Namespace) -> int:
-    from ..builder.optimize import optimize_image, read_prefetch_list
-    from ..config import read_input_file
+    from ..builder.optimize import load_prefetch_list, optimize_image
     from ..storage.blobfile import LocalBlobChunks
 
-    paths = read_prefetch_list(read_input_file(a.prefetch_files, "--prefetch-files",
-                                               64 << 20).decode("utf-8", "surrogateescape"))
+    paths = load_prefetch_list(a.prefetch_files)
     out_dir = a.output_blob_dir or a.blob_dir
     os.makedirs(out_dir, exist_ok=True)
     with open_bootstrap(a.bootstrap) as md:

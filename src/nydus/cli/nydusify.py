@@ -20,7 +20,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
 from ..config import read_input_file
@@ -28,6 +29,9 @@ from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
 from . import HelpFormatter, run_guarded
+
+if TYPE_CHECKING:
+    from ..convert.remote import Remote
 
 log = logging.getLogger("nydusify")
 
@@ -248,10 +252,32 @@ def _emit_json(path: str | None, data: Any) -> None:
             f.write("\n")
 
 
+class _Report(Protocol):
+    def summary(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def _source_to_target(a: argparse.Namespace, target: str,
+                      run: Callable[[Remote, Remote], _Report]) -> int:
+    """Run a command from ``--source`` to ``target``; print and ``--output-json`` its report."""
+    from ..convert.remote import Remote
+
+    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
+    dst = Remote(target, _remote_opts(a.target_insecure, a.plain_http))
+    try:
+        rep = run(src, dst)
+    finally:
+        src.close()
+        dst.close()
+    print(rep.summary())
+    _emit_json(a.output_json, rep.to_json())
+    return 0
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from ..convert.converter import ConvertOptions, convert
     from ..convert.progress import Progress
-    from ..convert.remote import Remote
 
     target = a.target
     if not target:
@@ -276,16 +302,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         push_retry_count=a.push_retry_count, push_retry_delay=a.push_retry_delay,
         parallel=a.parallel, backend_force_push=a.backend_force_push,
     )
-    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
-    dst = Remote(target, _remote_opts(a.target_insecure, a.plain_http))
-    try:
-        res = convert(src, dst, opts, Progress())
-    finally:
-        src.close()
-        dst.close()
-    print(res.summary())
-    _emit_json(a.output_json, res.to_json())
-    return 0
+    return _source_to_target(a, target, lambda src, dst: convert(src, dst, opts, Progress()))
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -346,30 +363,17 @@ def cmd_copy(a: argparse.Namespace) -> int:
 
 
 def cmd_optimize(a: argparse.Namespace) -> int:
-    from ..builder.optimize import read_prefetch_list
+    from ..builder.optimize import load_prefetch_list, read_prefetch_list
     from ..convert.optimize import OptimizeOptions, optimize
-    from ..convert.remote import Remote
 
     if a.nydus_image:
         log.debug("--nydus-image %s ignored: the builder runs in-process", a.nydus_image)
-    if a.prefetch_files == "-":
-        text = sys.stdin.read()
-    else:
-        text = read_input_file(a.prefetch_files, "--prefetch-files", 64 << 20).decode(
-            "utf-8", "surrogateescape")
+    paths = (read_prefetch_list(sys.stdin.read()) if a.prefetch_files == "-"
+             else load_prefetch_list(a.prefetch_files))
     plats = _platforms(a.platform)
-    opts = OptimizeOptions(prefetch_files=read_prefetch_list(text), work_dir=a.work_dir,
+    opts = OptimizeOptions(prefetch_files=paths, work_dir=a.work_dir,
                            policy=a.policy, platform=plats[0] if plats else None)
-    src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
-    dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http))
-    try:
-        rep = optimize(src, dst, opts, log.info)
-    finally:
-        src.close()
-        dst.close()
-    print(rep.summary())
-    _emit_json(a.output_json, rep.to_json())
-    return 0
+    return _source_to_target(a, a.target, lambda src, dst: optimize(src, dst, opts, log.info))
 
 
 def cmd_access_pattern(a: argparse.Namespace) -> int:
