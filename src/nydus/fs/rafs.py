@@ -35,6 +35,7 @@ from typing import Protocol, TypeVar
 
 from ..errors import BackendError, FormatError, NotFoundError, NydusError
 from ..metadata import ChunkInfo, Inode, RafsMetadata
+from ..metadata.model import FileKind
 from ..singleflight import Flight, FlightTable
 from .chunkmap import ChunkFileMap
 from .metrics import FsIoStats, StatsFop
@@ -83,7 +84,7 @@ class FsOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class Attr:
+class Attr(FileKind):
     """stat(2) attributes of one inode as the file system reports them."""
 
     ino: int
@@ -97,10 +98,6 @@ class Attr:
     mtime: int
     mtime_nsec: int
     blksize: int = 4096
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
 
 
 @dataclass(frozen=True, slots=True)
