@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from .. import codec
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
-from ..metadata import ChunkInfo, RafsMetadata, open_bootstrap
+from ..metadata import ChunkInfo, Nid, RafsMetadata, open_bootstrap
 from ..metadata.v6 import RafsV6Metadata
 from .blob import BlobResult, BlobWriter, ChunkDict, _Sink
 from .bootstrap import BootstrapOptions, write_bootstrap
@@ -76,9 +76,9 @@ def _open_v6(path: str, what: str) -> RafsV6Metadata:
 
 def tree_from_metadata(md: RafsMetadata, blob_map: dict[int, int] | None = None) -> Node:
     """Rebuild a Node tree (with chunk references, no data) from a bootstrap."""
-    nodes: dict[int, Node] = {}
+    nodes: dict[Nid, Node] = {}
 
-    def make(nid: int) -> Node:
+    def make(nid: Nid) -> Node:
         hit = nodes.get(nid)
         if hit is not None:
             return hit

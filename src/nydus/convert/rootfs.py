@@ -37,7 +37,7 @@ from ..builder.tarstream import LayerStream
 from ..builder.tree import iter_tree
 from ..errors import FormatError
 from ..format.erofs import split_xattr_name
-from ..metadata import ChunkInfo, RafsMetadata
+from ..metadata import ChunkInfo, Nid, RafsMetadata
 
 __all__ = ["FileNode", "OciRootfs", "nydus_rootfs", "compare", "Difference"]
 
@@ -263,8 +263,8 @@ def _merge_dir(lower: FileNode, upper: FileNode) -> FileNode:
 def nydus_rootfs(md: RafsMetadata, read_chunk: Callable[[ChunkInfo], bytes],
                  on_file: Callable[[bytes], None] | None = None) -> FileNode:
     """The tree of a bootstrap, file contents hashed through ``read_chunk``."""
-    nodes: dict[int, FileNode] = {}
-    counts: dict[int, int] = {}
+    nodes: dict[Nid, FileNode] = {}
+    counts: dict[Nid, int] = {}
     root: FileNode | None = None
     for path, nid in md.walk():
         a = md.getattr(nid)

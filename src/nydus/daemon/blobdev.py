@@ -430,7 +430,8 @@ class BlobDevFs(Operations):
         if nodeid != ROOT_ID:
             raise FuseError(errno.ENOTDIR)
         with self._lock:
-            rows = [(b".", ROOT_ID, _DT_DIR), (b"..", ROOT_ID, _DT_DIR)]
+            rows: list[tuple[bytes, int, int]] = [(b".", ROOT_ID, _DT_DIR),
+                                                  (b"..", ROOT_ID, _DT_DIR)]
             rows += [(f.name, f.nodeid, _DT_REG) for f in
                      sorted(self._by_name.values(), key=lambda x: x.name)]
         for i in range(offset, len(rows)):

@@ -32,13 +32,15 @@ from typing import Any
 
 from ..errors import NotFoundError
 from ..fs.metrics import StatsFop
-from ..fs.rafs import DEFAULT_TIMEOUT, ROOT_INO, Attr, RafsFs
+from ..fs.rafs import DEFAULT_TIMEOUT, ROOT_INO, Attr, Ino, RafsFs
 from ..fuse import (
+    ROOT_ID,
     AttrFields,
     AttrReply,
     DirEntry,
     Entry,
     FuseError,
+    NodeId,
     OpenReply,
     Operations,
     RequestContext,
@@ -153,7 +155,7 @@ class RafsVfs(Operations):
             slot = next((s for s in range(1, MAX_SLOTS + 1) if s not in self._slots), None)
             if slot is None:
                 raise FuseError(errno.ENOSPC, f"at most {MAX_SLOTS} images per daemon")
-            parent = ROOT_INO
+            parent: int = ROOT_ID  # node ids of the pseudo tree
             parts = path.strip("/").encode().split(b"/")
             for part in parts[:-1]:
                 d = self._pseudo[parent]
@@ -189,7 +191,7 @@ class RafsVfs(Operations):
                 self._close_slot(m)  # the kernel never forgets the root: close now
                 return m
             parts = path.strip("/").encode().split(b"/")
-            parent = ROOT_INO
+            parent: int = ROOT_ID
             chain = [parent]
             for part in parts[:-1]:
                 parent = self._pseudo[parent].children[part]
@@ -292,24 +294,25 @@ class RafsVfs(Operations):
 
     # ------------------------------------------------------------------ node ids
 
-    def _resolve(self, nodeid: int) -> tuple[MountSlot | None, int]:
-        """(slot, local inode) or (None, pseudo node id)."""
+    def _resolve(self, nodeid: NodeId) -> tuple[MountSlot | None, Ino]:
+        """(slot, its inode number) or (None, the pseudo directory's node id, which is the
+        pseudo tree's inode number)."""
         slot = nodeid >> SLOT_SHIFT
         if slot == 0:
             root = self._root
             if root is not None:
-                return root, nodeid
-            if nodeid == ROOT_INO:
-                return None, nodeid
+                return root, Ino(nodeid)
+            if nodeid == ROOT_ID:
+                return None, Ino(nodeid)
             raise FuseError(errno.ESTALE, f"stale node {nodeid}")
         if slot == PSEUDO_SLOT:
             if nodeid in self._pseudo:
-                return None, nodeid
+                return None, Ino(nodeid)
             raise FuseError(errno.ESTALE, f"stale node {nodeid:#x}")
         m = self._slots.get(slot)
         if m is None or m.closed:
             raise FuseError(errno.ESTALE, f"stale node {nodeid:#x}")
-        return m, nodeid & LOCAL_MASK
+        return m, Ino(nodeid & LOCAL_MASK)
 
     def _fields(self, m: MountSlot, a: Attr) -> AttrFields:
         nodeid = (m.slot << SLOT_SHIFT) | a.ino
@@ -346,7 +349,7 @@ class RafsVfs(Operations):
             m.entries[a.ino] = e
         return e
 
-    def _attr_reply(self, m: MountSlot, local: int) -> AttrReply:
+    def _attr_reply(self, m: MountSlot, local: Ino) -> AttrReply:
         r = m.attrs.get(local)
         if r is None:
             f = self._fields(m, m.fs.getattr(local))
@@ -360,7 +363,7 @@ class RafsVfs(Operations):
 
     # ------------------------------------------------------------------ Operations
 
-    def lookup(self, ctx: RequestContext, parent: int, name: bytes) -> Entry:
+    def lookup(self, ctx: RequestContext, parent: NodeId, name: bytes) -> Entry:
         m, local = self._resolve(parent)
         if m is None:
             with self._lock:
@@ -398,20 +401,20 @@ class RafsVfs(Operations):
         for m in to_close:
             self._close_slot(m)
 
-    def getattr(self, ctx: RequestContext, nodeid: int, fh: int | None) -> AttrReply:
+    def getattr(self, ctx: RequestContext, nodeid: NodeId, fh: int | None) -> AttrReply:
         m, local = self._resolve(nodeid)
         if m is None:
             with self._lock:
                 return AttrReply(self._pseudo_fields(self._pseudo[local]), 1.0)
         return self._attr_reply(m, local)
 
-    def readlink(self, ctx: RequestContext, nodeid: int) -> bytes:
+    def readlink(self, ctx: RequestContext, nodeid: NodeId) -> bytes:
         m, local = self._resolve(nodeid)
         if m is None:
             raise FuseError(errno.EINVAL)
         return m.fs.readlink(local)
 
-    def access(self, ctx: RequestContext, nodeid: int, mask: int) -> None:
+    def access(self, ctx: RequestContext, nodeid: NodeId, mask: int) -> None:
         m, local = self._resolve(nodeid)
         if m is None:
             if mask & os.W_OK:
@@ -419,7 +422,7 @@ class RafsVfs(Operations):
             return
         m.fs.access(local, mask, ctx.uid, ctx.gid)
 
-    def statfs(self, ctx: RequestContext, nodeid: int) -> StatFs:
+    def statfs(self, ctx: RequestContext, nodeid: NodeId) -> StatFs:
         m, _local = self._resolve(nodeid)
         if m is None:
             return StatFs(files=len(self._pseudo))
@@ -427,7 +430,7 @@ class RafsVfs(Operations):
         return StatFs(blocks=s.blocks, files=s.files, bsize=s.bsize, namelen=s.namelen,
                       frsize=s.bsize)
 
-    def open(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
+    def open(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
         m, local = self._resolve(nodeid)
         if m is None:
             raise FuseError(errno.EISDIR)
@@ -439,25 +442,25 @@ class RafsVfs(Operations):
         fh = m.fs.open(local, flags)
         return OpenReply(fh=fh, keep_cache=True, noflush=True)
 
-    def read(self, ctx: RequestContext, nodeid: int, fh: int, offset: int,
+    def read(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int,
              size: int) -> list[bytes | memoryview]:
         m, local = self._resolve(nodeid)
         if m is None:
             raise FuseError(errno.EISDIR)
         return m.fs.read(local, offset, size)
 
-    def release(self, ctx: RequestContext, nodeid: int, fh: int) -> None:
+    def release(self, ctx: RequestContext, nodeid: NodeId, fh: int) -> None:
         m, local = self._resolve(nodeid)
         if m is not None:
             m.fs.release(local, fh)
 
-    def lseek(self, ctx: RequestContext, nodeid: int, fh: int, offset: int, whence: int) -> int:
+    def lseek(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, whence: int) -> int:
         m, local = self._resolve(nodeid)
         if m is None:
             raise FuseError(errno.EINVAL)
         return m.fs.lseek(local, offset, whence)
 
-    def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
+    def opendir(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
         m, local = self._resolve(nodeid)
         if self.zero_message_open:
             # FUSE_NO_OPENDIR_SUPPORT: from now on the kernel opens directories itself with
@@ -469,14 +472,14 @@ class RafsVfs(Operations):
         m.fs.opendir(local)
         return OpenReply(keep_cache=True, cache_dir=True)
 
-    def readdir(self, ctx: RequestContext, nodeid: int, fh: int, offset: int,
+    def readdir(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int,
                 plus: bool) -> Iterator[DirEntry]:
         m, local = self._resolve(nodeid)
         if m is None:
             return self._pseudo_readdir(local, offset, plus)
         return self._fs_readdir(m, local, offset, plus)
 
-    def _fs_readdir(self, m: MountSlot, ino: int, offset: int, plus: bool) -> Iterator[DirEntry]:
+    def _fs_readdir(self, m: MountSlot, ino: Ino, offset: int, plus: bool) -> Iterator[DirEntry]:
         base = m.slot << SLOT_SHIFT
         parent_override: int | None = None
         if ino == ROOT_INO and m.slot:
@@ -524,7 +527,7 @@ class RafsVfs(Operations):
             self._count(cm)
         return self._entry(cm, a)
 
-    def getxattr(self, ctx: RequestContext, nodeid: int, name: bytes) -> bytes:
+    def getxattr(self, ctx: RequestContext, nodeid: NodeId, name: bytes) -> bytes:
         m, local = self._resolve(nodeid)
         if m is None:
             raise FuseError(errno.ENODATA)
@@ -533,7 +536,7 @@ class RafsVfs(Operations):
         except OSError as e:
             raise self._xattr_error(e) from None
 
-    def listxattr(self, ctx: RequestContext, nodeid: int) -> list[bytes]:
+    def listxattr(self, ctx: RequestContext, nodeid: NodeId) -> list[bytes]:
         m, local = self._resolve(nodeid)
         if m is None:
             return []

@@ -9,6 +9,7 @@ from .rafs import (
     FsDirEntry,
     FsOptions,
     FsStat,
+    Ino,
     RafsFs,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "FsIoStats",
     "FsOptions",
     "FsStat",
+    "Ino",
     "RafsFs",
     "StatsFop",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from ..metadata import RafsMetadata
+from ..metadata import Nid, RafsMetadata
 
 __all__ = ["ChunkFileMap", "FileRange"]
 
@@ -27,7 +27,7 @@ __all__ = ["ChunkFileMap", "FileRange"]
 class FileRange:
     """``length`` bytes at ``offset`` of the regular file ``nid`` (first path ``path``)."""
 
-    nid: int
+    nid: Nid
     path: str
     offset: int
     length: int
@@ -37,8 +37,8 @@ class ChunkFileMap:
     """See the module docstring."""
 
     def __init__(self, meta: RafsMetadata) -> None:
-        self.paths: dict[int, str] = {}
-        rows: dict[int, list[tuple[int, int, int, int]]] = {}
+        self.paths: dict[Nid, str] = {}
+        rows: dict[int, list[tuple[int, int, Nid, int]]] = {}
         for path, nid in meta.walk():
             if nid in self.paths:
                 continue  # a hardlink: the first path names it
@@ -48,7 +48,7 @@ class ChunkFileMap:
             for c in meta.chunks(nid):
                 rows.setdefault(c.blob_index, []).append(
                     (c.uncompressed_offset, c.uncompressed_size, nid, c.file_offset))
-        self._rows: dict[int, list[tuple[int, int, int, int]]] = {}
+        self._rows: dict[int, list[tuple[int, int, Nid, int]]] = {}
         self._starts: dict[int, list[int]] = {}
         self._longest: dict[int, int] = {}
         for blob, rs in rows.items():

@@ -31,11 +31,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NewType, Protocol, TypeVar
 
 from ..errors import BackendError, FormatError, NotFoundError, NydusError
 from ..metadata import ChunkInfo, Inode, RafsMetadata
-from ..metadata.model import FileKind
+from ..metadata.model import FileKind, Nid
 from ..singleflight import Flight, FlightTable
 from .chunkmap import ChunkFileMap
 from .metrics import FsIoStats, StatsFop
@@ -53,7 +53,12 @@ __all__ = [
 
 log = logging.getLogger("nydus.fs")
 
-ROOT_INO = 1
+#: The inode number the file system reports (root :data:`ROOT_INO`), derived from a bootstrap
+#: :data:`~nydus.metadata.model.Nid` (see the module docstring); a FUSE node id is a third
+#: space (:data:`nydus.fuse.NodeId`).
+Ino = NewType("Ino", int)
+
+ROOT_INO = Ino(1)
 DEFAULT_TIMEOUT = float(1 << 32)  # upstream's RAFS entry/attr timeout (seconds): "forever"
 FLAG_EXPLICIT_UID_GID = 0x10  # same bit in v5 and v6 superblock flags
 FLAG_HAS_XATTR = 0x20
@@ -87,7 +92,7 @@ class FsOptions:
 class Attr(FileKind):
     """stat(2) attributes of one inode as the file system reports them."""
 
-    ino: int
+    ino: Ino
     mode: int
     nlink: int
     uid: int
@@ -103,7 +108,7 @@ class Attr(FileKind):
 @dataclass(frozen=True, slots=True)
 class FsDirEntry:
     name: bytes
-    ino: int
+    ino: Ino
     dtype: int  # S_IFMT >> 12
     offset: int  # cookie of the next entry
     attr: Attr | None = None  # with plus=True (None for "." and "..")
@@ -138,16 +143,16 @@ class RafsFs:
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._lock = threading.Lock()
         self._root_nid = meta.root_nid
-        self._v5_nids: dict[int, int] = {ROOT_INO: meta.root_nid}
+        self._v5_nids: dict[Ino, Nid] = {ROOT_INO: meta.root_nid}
         self._attrs: dict[int, Attr] = {}
         self._files: OrderedDict[int, _File] = OrderedDict()
-        self._dirs: OrderedDict[int, list[tuple[bytes, int, int]]] = OrderedDict()
+        self._dirs: OrderedDict[int, list[tuple[bytes, Nid, int]]] = OrderedDict()
         self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._chunk_bytes = 0
         self._pending: FlightTable[tuple[int, int], bytes] = FlightTable()
         self._seq: dict[int, tuple[int, int]] = {}  # ino -> (end of last read, queued chunk)
         self._ra_pool: ThreadPoolExecutor | None = None
-        self._names: dict[int, tuple[int, bytes]] = {}  # ino -> (parent ino, name)
+        self._names: dict[Ino, tuple[Ino, bytes]] = {}  # ino -> (parent ino, name)
         self._track_names = self.opts.access_pattern
         self._next_fh = 1
         self._open: dict[int, int] = {}  # fh -> ino
@@ -168,7 +173,7 @@ class RafsFs:
         count = int(getattr(sb, "inos", 0) or getattr(sb, "inodes_count", 0) or 0)
         return count
 
-    def ino_of(self, nid: int, inode: Inode | None = None) -> int:
+    def ino_of(self, nid: Nid, inode: Inode | None = None) -> Ino:
         """Inode number the file system reports for metadata node ``nid``."""
         if nid == self._root_nid:
             return ROOT_INO
@@ -177,11 +182,11 @@ class RafsFs:
             if ino <= 0:
                 raise FormatError(f"v5 node {nid} has inode number {ino}")
             if ino not in self._v5_nids:
-                self._v5_nids[ino] = nid
-            return ino
-        return nid + 2
+                self._v5_nids[Ino(ino)] = nid
+            return Ino(ino)
+        return Ino(nid + 2)
 
-    def nid_of(self, ino: int) -> int:
+    def nid_of(self, ino: Ino) -> Nid:
         if ino == ROOT_INO:
             return self._root_nid
         if self.version == 5:
@@ -194,7 +199,7 @@ class RafsFs:
             return nid
         if ino < 2:
             raise OSError(errno.ESTALE, f"unknown inode {ino}")
-        return ino - 2
+        return Nid(ino - 2)
 
     def _index_v5(self) -> None:
         """Learn every v5 inode number (only needed if asked for one never looked up)."""
@@ -203,7 +208,7 @@ class RafsFs:
 
     # ------------------------------------------------------------------ attributes
 
-    def _attr_of(self, nid: int, ino: int) -> Attr:
+    def _attr_of(self, nid: Nid, ino: Ino) -> Attr:
         a = self._attrs.get(ino)  # dict reads are atomic; the image never changes
         if a is not None:
             return a
@@ -218,10 +223,10 @@ class RafsFs:
         attrs[ino] = a
         return a
 
-    def getattr(self, ino: int) -> Attr:
+    def getattr(self, ino: Ino) -> Attr:
         return self._timed(StatsFop.GETATTR, ino, lambda: self._attr_of(self.nid_of(ino), ino))
 
-    def lookup(self, parent: int, name: bytes) -> Attr:
+    def lookup(self, parent: Ino, name: bytes) -> Attr:
         """Attributes of ``name`` in directory ``parent``; NotFoundError if absent."""
         def go() -> Attr:
             pnid = self.nid_of(parent)
@@ -251,14 +256,14 @@ class RafsFs:
                           micros=(time.perf_counter_ns() - t0) // 1000)
         return a
 
-    def _find(self, pnid: int, pino: int, name: bytes) -> int:
+    def _find(self, pnid: Nid, pino: Ino, name: bytes) -> Nid:
         ents = self._dir_list(pnid, pino)
         i = bisect.bisect_left(ents, (name,))
         if i < len(ents) and ents[i][0] == name:
             return ents[i][1]
         raise NotFoundError(f"{name.decode(errors='replace')!r} not found")
 
-    def parent_of(self, ino: int) -> int:
+    def parent_of(self, ino: Ino) -> Ino:
         if ino == ROOT_INO:
             return ROOT_INO
         rec = self._names.get(ino)
@@ -266,6 +271,7 @@ class RafsFs:
 
     def path_of(self, ino: int) -> str:
         """Best-effort path of an inode seen through lookup (``""`` if unknown)."""
+        ino = Ino(ino)
         parts: list[bytes] = []
         seen = 0
         while ino != ROOT_INO and seen < 4096:
@@ -279,7 +285,7 @@ class RafsFs:
 
     # ------------------------------------------------------------------ directories
 
-    def _dir_list(self, nid: int, ino: int) -> list[tuple[bytes, int, int]]:
+    def _dir_list(self, nid: Nid, ino: Ino) -> list[tuple[bytes, Nid, int]]:
         with self._lock:
             hit = self._dirs.get(ino)
             if hit is not None:
@@ -292,13 +298,13 @@ class RafsFs:
                 self._dirs.popitem(last=False)
         return ents
 
-    def opendir(self, ino: int) -> None:
+    def opendir(self, ino: Ino) -> None:
         def go() -> None:
             if not self._attr_of(self.nid_of(ino), ino).is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
         self._timed(StatsFop.OPENDIR, ino, go)
 
-    def readdir(self, ino: int, offset: int, plus: bool = False) -> Iterator[FsDirEntry]:
+    def readdir(self, ino: Ino, offset: int, plus: bool = False) -> Iterator[FsDirEntry]:
         """Entries after cookie ``offset``: ``.`` (cookie 1), ``..`` (2), then children."""
         t0 = time.perf_counter_ns()
         fop = StatsFop.READDIRPLUS if plus else StatsFop.READDIR
@@ -314,7 +320,7 @@ class RafsFs:
         self.stats.record(fop, ino, True, micros=(time.perf_counter_ns() - t0) // 1000)
         return self._iter_dir(ino, a, ents, offset, plus)
 
-    def _iter_dir(self, ino: int, a: Attr, ents: list[tuple[bytes, int, int]], offset: int,
+    def _iter_dir(self, ino: Ino, a: Attr, ents: list[tuple[bytes, Nid, int]], offset: int,
                   plus: bool) -> Iterator[FsDirEntry]:
         if offset < 1:
             yield FsDirEntry(b".", ino, stat.S_IFDIR >> 12, 1)
@@ -325,7 +331,7 @@ class RafsFs:
         attr_of, ino_of = self._attr_of, self.ino_of
         for i in range(max(0, offset - 2), len(ents)):
             name, cnid, _ft = ents[i]
-            cino = cnid + 2 if v6 and cnid != root_nid else ino_of(cnid)
+            cino = Ino(cnid + 2) if v6 and cnid != root_nid else ino_of(cnid)
             ca = attr_of(cnid, cino)
             fmt = ca.mode & 0o170000
             if fmt == 0o040000 or track:
@@ -334,7 +340,7 @@ class RafsFs:
 
     # ------------------------------------------------------------------ files
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: Ino, flags: int) -> int:
         """A handle for reading ``ino``; EROFS for any write intent."""
         def go() -> int:
             if flags & _O_WRITE:
@@ -349,12 +355,12 @@ class RafsFs:
             return fh
         return self._timed(StatsFop.OPEN, ino, go)
 
-    def release(self, ino: int, fh: int) -> None:
+    def release(self, ino: Ino, fh: int) -> None:
         with self._lock:
             self._open.pop(fh, None)
         self.stats.record(StatsFop.RELEASE, ino, True)
 
-    def _file(self, ino: int) -> _File:
+    def _file(self, ino: Ino) -> _File:
         with self._lock:
             f = self._files.get(ino)
             if f is not None:
@@ -385,10 +391,10 @@ class RafsFs:
         return [(self.ino_of(r.nid), r.path, r.offset, r.length)
                 for r in cmap.files_in(blob_index, offset, size)]
 
-    def chunks_of(self, ino: int) -> list[ChunkInfo]:
+    def chunks_of(self, ino: Ino) -> list[ChunkInfo]:
         return list(self._file(ino).chunks)
 
-    def read(self, ino: int, offset: int, size: int) -> list[bytes | memoryview]:
+    def read(self, ino: Ino, offset: int, size: int) -> list[bytes | memoryview]:
         """Up to ``size`` bytes at ``offset`` as a list of buffers (short only at EOF)."""
         t0 = time.perf_counter_ns()
         try:
@@ -400,7 +406,7 @@ class RafsFs:
                           offset)
         return bufs
 
-    def _read(self, ino: int, offset: int, size: int) -> tuple[list[bytes | memoryview], int]:
+    def _read(self, ino: Ino, offset: int, size: int) -> tuple[list[bytes | memoryview], int]:
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative offset or size")
         f = self._file(ino)
@@ -431,7 +437,7 @@ class RafsFs:
             _zeros(out, end - pos)
         return out, end - offset
 
-    def _maybe_readahead(self, ino: int, f: _File, offset: int, end: int, nxt: int) -> None:
+    def _maybe_readahead(self, ino: Ino, f: _File, offset: int, end: int, nxt: int) -> None:
         """For a sequential reader, fetch the next chunks in the background (into the LRU;
         a foreground read of one of them waits for that fetch instead of repeating it)."""
         with self._lock:
@@ -538,7 +544,7 @@ class RafsFs:
                 _k, old = self._chunks.popitem(last=False)
                 self._chunk_bytes -= len(old)
 
-    def lseek(self, ino: int, offset: int, whence: int) -> int:
+    def lseek(self, ino: Ino, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE over the file's chunk map (holes are absent chunks)."""
         f = self._file(ino)
         if offset < 0 or offset >= f.size:
@@ -562,7 +568,7 @@ class RafsFs:
 
     # ------------------------------------------------------------------ the rest
 
-    def readlink(self, ino: int) -> bytes:
+    def readlink(self, ino: Ino) -> bytes:
         def go() -> bytes:
             nid = self.nid_of(ino)
             if not stat.S_ISLNK(self._attr_of(nid, ino).mode):
@@ -570,7 +576,7 @@ class RafsFs:
             return self.meta.readlink(nid)
         return self._timed(StatsFop.READLINK, ino, go)
 
-    def getxattr(self, ino: int, name: bytes) -> bytes:
+    def getxattr(self, ino: Ino, name: bytes) -> bytes:
         def go() -> bytes:
             if not self.xattr_enabled:
                 raise OSError(errno.ENOSYS, "xattrs disabled (enable_xattr)")
@@ -581,7 +587,7 @@ class RafsFs:
             return v
         return self._timed(StatsFop.GETXATTR, ino, go)
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: Ino) -> list[bytes]:
         def go() -> list[bytes]:
             if not self.xattr_enabled:
                 raise OSError(errno.ENOSYS, "xattrs disabled (enable_xattr)")
@@ -594,7 +600,7 @@ class RafsFs:
             return FsStat(blocks=(total + 4095) // 4096, files=self._max_ino)
         return self._timed(StatsFop.STATFS, ROOT_INO, go)
 
-    def access(self, ino: int, mask: int, uid: int, gid: int) -> None:
+    def access(self, ino: Ino, mask: int, uid: int, gid: int) -> None:
         """access(2) semantics; any write intent is EROFS."""
         def go() -> None:
             a = self._attr_of(self.nid_of(ino), ino)
@@ -616,7 +622,7 @@ class RafsFs:
                 raise OSError(errno.EACCES, "permission denied")
         self._timed(StatsFop.ACCESS, ino, go)
 
-    def resolve(self, path: str | bytes) -> int:
+    def resolve(self, path: str | bytes) -> Ino:
         """Inode number of an absolute path in the image (symlinks not followed)."""
         raw = path.encode() if isinstance(path, str) else path
         ino = ROOT_INO
@@ -626,11 +632,11 @@ class RafsFs:
             ino = self.lookup(ino, part).ino
         return ino
 
-    def files_under(self, ino: int, limit: int = 1 << 22) -> list[int]:
+    def files_under(self, ino: Ino, limit: int = 1 << 22) -> list[Ino]:
         """Regular files at or below ``ino`` (pre-order), for prefetch lists."""
-        out: list[int] = []
+        out: list[Ino] = []
         stack = [ino]
-        seen: set[int] = set()
+        seen: set[Ino] = set()
         while stack and len(out) < limit:
             cur = stack.pop()
             a = self.getattr(cur)
@@ -650,7 +656,7 @@ class RafsFs:
         ``paths``: explicit list (``--prefetch-files``; ``/`` means all); ``None`` uses the
         bootstrap's prefetch table. Paths that do not exist are skipped with a log line.
         """
-        inos: list[int] = []
+        inos: list[Ino] = []
         if paths is not None:
             for p in paths:
                 if p.strip() in ("/", ""):
@@ -692,7 +698,7 @@ class RafsFs:
 
     # ------------------------------------------------------------------ helpers
 
-    def _timed(self, fop: StatsFop, ino: int, fn: Callable[[], _T]) -> _T:
+    def _timed(self, fop: StatsFop, ino: Ino, fn: Callable[[], _T]) -> _T:
         t0 = time.perf_counter_ns()
         try:
             r = fn()

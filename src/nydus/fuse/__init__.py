@@ -12,6 +12,7 @@ from .operations import (
     DirEntry,
     Entry,
     FuseError,
+    NodeId,
     OpenReply,
     Operations,
     RequestContext,
@@ -22,6 +23,7 @@ from .session import FuseSession, SessionOptions, SessionState
 
 __all__ = [
     "ROOT_ID",
+    "NodeId",
     "AttrFields",
     "AttrReply",
     "ConnInfo",

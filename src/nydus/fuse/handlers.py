@@ -25,6 +25,7 @@ from .operations import (
     DirEntry,
     Entry,
     FuseError,
+    NodeId,
     OpenReply,
     Operations,
     RequestContext,
@@ -71,7 +72,7 @@ _DOTS = (b".", b"..")
 class _Ctx(RequestContext):
     __slots__ = ("fd", "lock")
 
-    def __init__(self, fd: int, unique: int, opcode: int, nodeid: int, uid: int, gid: int,
+    def __init__(self, fd: int, unique: int, opcode: int, nodeid: NodeId, uid: int, gid: int,
                  pid: int) -> None:
         super().__init__(unique, opcode, nodeid, uid, gid, pid, started=time.time())
         self.fd = fd

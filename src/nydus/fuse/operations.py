@@ -22,11 +22,13 @@ import errno
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NewType
 
 from .protocol import AttrFields
 
 __all__ = [
     "ROOT_ID",
+    "NodeId",
     "FuseError",
     "RequestContext",
     "ConnInfo",
@@ -39,7 +41,11 @@ __all__ = [
     "Buffers",
 ]
 
-ROOT_ID = 1
+#: A FUSE node id: what the kernel names an inode by (root :data:`ROOT_ID`). The file system
+#: maps it to its own inode number (:data:`nydus.fs.Ino`); several images may share one space.
+NodeId = NewType("NodeId", int)
+
+ROOT_ID = NodeId(1)
 
 Buffers = Sequence[bytes | bytearray | memoryview]
 
@@ -57,7 +63,7 @@ class RequestContext:
 
     unique: int
     opcode: int
-    nodeid: int
+    nodeid: NodeId
     uid: int
     gid: int
     pid: int
@@ -158,55 +164,55 @@ class Operations:
 
     # -- names and attributes ---------------------------------------------------------------
 
-    def lookup(self, ctx: RequestContext, parent: int, name: bytes) -> Entry:
+    def lookup(self, ctx: RequestContext, parent: NodeId, name: bytes) -> Entry:
         """Resolve ``name`` in ``parent``; each non-negative reply adds one lookup."""
         raise FuseError(errno.ENOENT)
 
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         """Drop ``nlookup`` lookups from each ``(nodeid, nlookup)``. Never replied."""
 
-    def getattr(self, ctx: RequestContext, nodeid: int, fh: int | None) -> AttrReply:
+    def getattr(self, ctx: RequestContext, nodeid: NodeId, fh: int | None) -> AttrReply:
         raise _enosys()
 
-    def readlink(self, ctx: RequestContext, nodeid: int) -> bytes:
+    def readlink(self, ctx: RequestContext, nodeid: NodeId) -> bytes:
         raise FuseError(errno.EINVAL)
 
-    def access(self, ctx: RequestContext, nodeid: int, mask: int) -> None:
+    def access(self, ctx: RequestContext, nodeid: NodeId, mask: int) -> None:
         raise _enosys()
 
-    def statfs(self, ctx: RequestContext, nodeid: int) -> StatFs:
+    def statfs(self, ctx: RequestContext, nodeid: NodeId) -> StatFs:
         return StatFs()
 
     # -- files ------------------------------------------------------------------------------
 
-    def open(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
+    def open(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
         raise _enosys()
 
     def read(
-        self, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int
+        self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, size: int
     ) -> bytes | Buffers:
         """At most ``size`` bytes at ``offset``; fewer only at end of file."""
         raise _enosys()
 
-    def release(self, ctx: RequestContext, nodeid: int, fh: int) -> None:
+    def release(self, ctx: RequestContext, nodeid: NodeId, fh: int) -> None:
         """The last close of an open file. Errors are ignored by the kernel."""
 
-    def flush(self, ctx: RequestContext, nodeid: int, fh: int) -> None:
+    def flush(self, ctx: RequestContext, nodeid: NodeId, fh: int) -> None:
         raise _enosys()
 
-    def fsync(self, ctx: RequestContext, nodeid: int, fh: int, datasync: bool) -> None:
+    def fsync(self, ctx: RequestContext, nodeid: NodeId, fh: int, datasync: bool) -> None:
         raise _enosys()
 
-    def lseek(self, ctx: RequestContext, nodeid: int, fh: int, offset: int, whence: int) -> int:
+    def lseek(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, whence: int) -> int:
         raise _enosys()
 
     # -- directories ------------------------------------------------------------------------
 
-    def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
+    def opendir(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
         raise _enosys()
 
     def readdir(
-        self, ctx: RequestContext, nodeid: int, fh: int, offset: int, plus: bool
+        self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, plus: bool
     ) -> Iterable[DirEntry]:
         """Entries after cookie ``offset`` (0 = from the start), ``.`` and ``..`` included.
 
@@ -216,32 +222,32 @@ class Operations:
         """
         raise _enosys()
 
-    def releasedir(self, ctx: RequestContext, nodeid: int, fh: int) -> None:
+    def releasedir(self, ctx: RequestContext, nodeid: NodeId, fh: int) -> None:
         """The last close of an open directory."""
 
     # -- extended attributes ----------------------------------------------------------------
 
-    def getxattr(self, ctx: RequestContext, nodeid: int, name: bytes) -> bytes:
+    def getxattr(self, ctx: RequestContext, nodeid: NodeId, name: bytes) -> bytes:
         raise _enosys()
 
-    def listxattr(self, ctx: RequestContext, nodeid: int) -> Sequence[bytes]:
+    def listxattr(self, ctx: RequestContext, nodeid: NodeId) -> Sequence[bytes]:
         raise _enosys()
 
     # -- modifications: read-only by default ------------------------------------------------
 
-    def setattr(self, ctx: RequestContext, nodeid: int) -> AttrReply:
+    def setattr(self, ctx: RequestContext, nodeid: NodeId) -> AttrReply:
         raise _erofs()
 
-    def setxattr(self, ctx: RequestContext, nodeid: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ctx: RequestContext, nodeid: NodeId, name: bytes, value: bytes) -> None:
         raise _erofs()
 
-    def removexattr(self, ctx: RequestContext, nodeid: int, name: bytes) -> None:
+    def removexattr(self, ctx: RequestContext, nodeid: NodeId, name: bytes) -> None:
         raise _erofs()
 
-    def write(self, ctx: RequestContext, nodeid: int, fh: int, offset: int, data: bytes) -> int:
+    def write(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, data: bytes) -> int:
         raise _erofs()
 
-    def modify(self, ctx: RequestContext, opcode: int, nodeid: int) -> None:
+    def modify(self, ctx: RequestContext, opcode: int, nodeid: NodeId) -> None:
         """MKNOD, MKDIR, SYMLINK, LINK, UNLINK, RMDIR, RENAME(2), CREATE, TMPFILE, FALLOCATE,
         COPY_FILE_RANGE: never succeed on this read-only interface."""
         raise _erofs()

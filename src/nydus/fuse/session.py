@@ -46,6 +46,7 @@ from .handlers import RequestHandlers, _Ctx
 from .operations import (
     ConnInfo,
     FuseError,
+    NodeId,
     Operations,
 )
 from .protocol import (
@@ -487,7 +488,7 @@ class FuseSession(RequestHandlers):
         if op == Opcode.INTERRUPT:
             self._interrupt(INTERRUPT_IN.unpack_from(body, 0)[0])
             return
-        ctx = _Ctx(fd, unique, op, nodeid, uid, gid, pid)
+        ctx = _Ctx(fd, unique, op, NodeId(nodeid), uid, gid, pid)
         with self._lock:
             self._inflight[unique] = ctx
             if self._early_interrupts.pop(unique, None) is not None:

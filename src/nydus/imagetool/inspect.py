@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..format import rafs_v6 as v6
-from ..metadata import RafsMetadata
+from ..metadata import Nid, RafsMetadata
 
 __all__ = ["inspect_request", "image_stats", "dedup_report"]
 
@@ -135,7 +135,7 @@ def dedup_report(base: list[RafsMetadata], target: RafsMetadata | None = None) -
     return out
 
 
-def _attr(md: RafsMetadata, nid: int) -> dict[str, Any]:
+def _attr(md: RafsMetadata, nid: Nid) -> dict[str, Any]:
     a = md.getattr(nid)
     out: dict[str, Any] = {
         "nid": nid, "ino": a.ino, "mode": oct(a.mode), "type": _type(a.mode), "nlink": a.nlink,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, FormatError, IntegrityError
 from ..format.oci import parse_digest
-from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
+from .model import BlobInfo, ChunkInfo, DirEntry, Inode, Nid, RafsMetadata
 
 if TYPE_CHECKING:
     from ..format.blob_meta import TocEntry
@@ -38,6 +38,7 @@ __all__ = [
     "verify_bootstrap_digest",
     "BlobInfo",
     "ChunkInfo",
+    "Nid",
     "DirEntry",
     "Inode",
     "RafsMetadata",

@@ -19,11 +19,16 @@ import stat as _stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NewType
 
 from ..errors import FormatError
 
-__all__ = ["BlobInfo", "ChunkInfo", "FileKind", "Inode", "DirEntry", "RafsMetadata",
+__all__ = ["BlobInfo", "ChunkInfo", "FileKind", "Inode", "DirEntry", "Nid", "RafsMetadata",
            "check_blob_id"]
+
+#: A node of a bootstrap: the EROFS nid (v6) or the inode-table index (v5). Not the inode
+#: number the file system reports (:data:`nydus.fs.Ino`) nor a FUSE node id.
+Nid = NewType("Nid", int)
 
 # a blob id names files (<work_dir>/<blob_id>.blob.data, <blob_dir>/<blob_id>): one safe name
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -106,7 +111,7 @@ class FileKind:
 class Inode(FileKind):
     """stat(2)-like attributes of one node."""
 
-    nid: int
+    nid: Nid
     ino: int
     mode: int
     nlink: int
@@ -125,7 +130,7 @@ class Inode(FileKind):
 @dataclass(frozen=True)
 class DirEntry:
     name: bytes
-    nid: int
+    nid: Nid
     # EROFS dirent type: 0 unknown, 1 reg, 2 dir, 3 chr, 4 blk, 5 fifo, 6 sock, 7 lnk
     file_type: int
 
@@ -139,32 +144,32 @@ class RafsMetadata(ABC):
     compressor: str
     digester: str
     blobs: list[BlobInfo]
-    root_nid: int
+    root_nid: Nid
 
     @abstractmethod
-    def getattr(self, nid: int) -> Inode: ...
+    def getattr(self, nid: Nid) -> Inode: ...
 
     @abstractmethod
-    def readdir(self, nid: int) -> Iterator[DirEntry]:
+    def readdir(self, nid: Nid) -> Iterator[DirEntry]:
         """Entries of a directory, without '.' and '..', sorted by name."""
 
     @abstractmethod
-    def lookup(self, parent: int, name: bytes) -> int:
+    def lookup(self, parent: Nid, name: bytes) -> Nid:
         """Node id of ``name`` in directory ``parent`` or NotFoundError."""
 
     @abstractmethod
-    def readlink(self, nid: int) -> bytes: ...
+    def readlink(self, nid: Nid) -> bytes: ...
 
     @abstractmethod
-    def xattrs(self, nid: int) -> dict[bytes, bytes]:
+    def xattrs(self, nid: Nid) -> dict[bytes, bytes]:
         """All extended attributes of a node, full names as keys."""
 
     @abstractmethod
-    def chunks(self, nid: int) -> list[ChunkInfo]:
+    def chunks(self, nid: Nid) -> list[ChunkInfo]:
         """Chunks of a regular file in file order; holes are simply absent."""
 
     @abstractmethod
-    def prefetch_nids(self) -> list[int]:
+    def prefetch_nids(self) -> list[Nid]:
         """Node ids listed in the bootstrap's prefetch table."""
 
     def chunk_record(self, blob_index: int, index: int) -> ChunkInfo | None:
@@ -185,7 +190,7 @@ class RafsMetadata(ABC):
 
     # Derived helpers shared by all versions -------------------------------
 
-    def getxattr(self, nid: int, name: bytes) -> bytes:
+    def getxattr(self, nid: Nid, name: bytes) -> bytes:
         from ..errors import NotFoundError
 
         try:
@@ -193,7 +198,7 @@ class RafsMetadata(ABC):
         except KeyError:
             raise NotFoundError(f"no xattr {name!r}") from None
 
-    def resolve(self, path: str | bytes) -> int:
+    def resolve(self, path: str | bytes) -> Nid:
         """Node id of an absolute path inside the image (symlinks not followed)."""
         if isinstance(path, str):
             path = path.encode()
@@ -204,7 +209,7 @@ class RafsMetadata(ABC):
             nid = self.lookup(nid, part)
         return nid
 
-    def walk(self, max_depth: int = 4096) -> Iterator[tuple[bytes, int]]:
+    def walk(self, max_depth: int = 4096) -> Iterator[tuple[bytes, Nid]]:
         """Pre-order (path, nid) of every node, root first as b'/', sorted.
 
         Guards against loops: a directory node id seen twice on one path, or a
@@ -212,7 +217,7 @@ class RafsMetadata(ABC):
         """
         from ..errors import FormatError
 
-        stack: list[tuple[bytes, int, tuple[int, ...]]] = [(b"/", self.root_nid, ())]
+        stack: list[tuple[bytes, Nid, tuple[Nid, ...]]] = [(b"/", self.root_nid, ())]
         while stack:
             path, nid, ancestors = stack.pop()
             yield path, nid

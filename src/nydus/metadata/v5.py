@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from ..errors import FormatError, NotFoundError
 from ..format import rafs_v5 as fmt
-from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
+from .model import BlobInfo, ChunkInfo, DirEntry, Inode, Nid, RafsMetadata
 
 __all__ = ["RafsV5Metadata"]
 
@@ -51,7 +51,7 @@ class RafsV5Metadata(RafsMetadata):
         self.chunk_size = sb.block_size
         self.compressor = sb.compressor
         self.digester = sb.digester
-        self.root_nid = fmt.ROOT_INDEX
+        self.root_nid = Nid(fmt.ROOT_INDEX)
         self.blobs = self._load_blobs()
         self._prefetch = self._load_prefetch()
         root = self._inode(fmt.ROOT_INDEX)
@@ -86,7 +86,7 @@ class RafsV5Metadata(RafsMetadata):
             )
         return blobs
 
-    def _load_prefetch(self) -> tuple[int, ...]:
+    def _load_prefetch(self) -> tuple[Nid, ...]:
         sb = self._sb
         inos = fmt.parse_prefetch_table(
             self._data, sb.prefetch_table_offset, sb.prefetch_table_entries
@@ -96,7 +96,7 @@ class RafsV5Metadata(RafsMetadata):
             # ino, so every valid entry is also a node id.
             if not 1 <= ino <= sb.inode_table_entries:
                 raise FormatError(f"RAFS v5 prefetch table names unknown inode {ino}")
-        return tuple(inos)
+        return tuple(map(Nid, inos))
 
     # Inode access ---------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class RafsV5Metadata(RafsMetadata):
 
     # RafsMetadata API -----------------------------------------------------------------
 
-    def getattr(self, nid: int) -> Inode:
+    def getattr(self, nid: Nid) -> Inode:
         i = self._inode(nid)
         xattr_count = len(fmt.parse_xattrs(self._data, i.xattr_offset)) if self._has_xattr(i) else 0
         return Inode(
@@ -152,7 +152,7 @@ class RafsV5Metadata(RafsMetadata):
             extra={"projid": i.projid, "flags": i.flags, "parent": i.parent},
         )
 
-    def readdir(self, nid: int) -> Iterator[DirEntry]:
+    def readdir(self, nid: Nid) -> Iterator[DirEntry]:
         d = self._dir(nid)
         entries: list[DirEntry] = []
         prev = b""
@@ -165,34 +165,34 @@ class RafsV5Metadata(RafsMetadata):
             if stat.S_ISDIR(c.mode) and c.ino != cnid:
                 raise FormatError(f"RAFS v5 directory at child index {cnid} has ino {c.ino}")
             prev = name
-            entries.append(DirEntry(name, cnid, _FILE_TYPE[stat.S_IFMT(c.mode)]))
+            entries.append(DirEntry(name, Nid(cnid), _FILE_TYPE[stat.S_IFMT(c.mode)]))
         return iter(entries)
 
-    def lookup(self, parent: int, name: bytes) -> int:
+    def lookup(self, parent: Nid, name: bytes) -> Nid:
         d = self._dir(parent)
         lo, hi = d.child_index, d.child_index + d.child_count - 1
         while lo <= hi:
             mid = (lo + hi) // 2
             _, mid_name = self._child(d, mid)
             if mid_name == name:
-                return mid
+                return Nid(mid)
             if mid_name < name:
                 lo = mid + 1
             else:
                 hi = mid - 1
         raise NotFoundError(f"no entry {name!r} in RAFS v5 directory {parent}")
 
-    def readlink(self, nid: int) -> bytes:
+    def readlink(self, nid: Nid) -> bytes:
         i = self._inode(nid)
         if not stat.S_ISLNK(i.mode):
             raise FormatError(f"RAFS v5 node {nid} is not a symlink")
         return i.symlink(self._data)
 
-    def xattrs(self, nid: int) -> dict[bytes, bytes]:
+    def xattrs(self, nid: Nid) -> dict[bytes, bytes]:
         i = self._inode(nid)
         return fmt.parse_xattrs(self._data, i.xattr_offset) if self._has_xattr(i) else {}
 
-    def chunks(self, nid: int) -> list[ChunkInfo]:
+    def chunks(self, nid: Nid) -> list[ChunkInfo]:
         i = self._inode(nid)
         if not stat.S_ISREG(i.mode):
             return []
@@ -225,7 +225,7 @@ class RafsV5Metadata(RafsMetadata):
             )
         return out
 
-    def prefetch_nids(self) -> list[int]:
+    def prefetch_nids(self) -> list[Nid]:
         return list(self._prefetch)
 
     # Helpers ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .. import codec
 from ..errors import FormatError, NotFoundError, NydusError
 from ..format import erofs
 from ..format import rafs_v6 as v6
-from .model import BlobInfo, ChunkInfo, DirEntry, Inode, RafsMetadata
+from .model import BlobInfo, ChunkInfo, DirEntry, Inode, Nid, RafsMetadata
 
 __all__ = ["RafsV6Metadata"]
 
@@ -48,7 +48,7 @@ class RafsV6Metadata(RafsMetadata):
         self.meta_base = sb.meta_blkaddr * self.blksize
         if self.meta_base >= len(data) or self.meta_base < erofs.EROFS_SUPER_OFFSET:
             raise FormatError(f"meta_blkaddr {sb.meta_blkaddr} outside the bootstrap")
-        self.root_nid = sb.root_nid
+        self.root_nid = Nid(sb.root_nid)
         self.ext = v6.ExtSuperBlock.unpack(self._mv)
         self.flags = self.ext.flags
         self.compressor = v6.compressor_from_flags(self.flags)
@@ -60,7 +60,7 @@ class RafsV6Metadata(RafsMetadata):
         self.blobs = self._read_blob_table()
         self._chunk_records = self._read_chunk_table()
         self._lock = threading.Lock()
-        self._dirs: OrderedDict[int, list[tuple[bytes, int, int]]] = OrderedDict()
+        self._dirs: OrderedDict[int, list[tuple[bytes, Nid, int]]] = OrderedDict()
         root = self._inode(self.root_nid)
         if not stat.S_ISDIR(root.mode):
             raise FormatError("root inode is not a directory")
@@ -127,7 +127,7 @@ class RafsV6Metadata(RafsMetadata):
             out[(r.blob_index, r.index)] = r
         return out
 
-    def prefetch_nids(self) -> list[int]:
+    def prefetch_nids(self) -> list[Nid]:
         size = self.ext.prefetch_table_size
         if size == 0:
             return []
@@ -146,7 +146,7 @@ class RafsV6Metadata(RafsMetadata):
     def _inode(self, nid: int) -> erofs.DiskInode:
         return erofs.DiskInode.unpack(self._mv, self._inode_off(nid))
 
-    def getattr(self, nid: int) -> Inode:
+    def getattr(self, nid: Nid) -> Inode:
         di = self._inode(nid)
         if stat.S_IFMT(di.mode) == 0:
             raise FormatError(f"inode {nid} has no file type")
@@ -166,7 +166,7 @@ class RafsV6Metadata(RafsMetadata):
             blocks=(di.size + 511) // 512, xattr_count=di.xattr_icount,
         )
 
-    def xattrs(self, nid: int) -> dict[bytes, bytes]:
+    def xattrs(self, nid: Nid) -> dict[bytes, bytes]:
         di = self._inode(nid)
         return erofs.decode_xattrs(
             self._mv, self._inode_off(nid) + di.size_on_disk, di.xattr_icount
@@ -193,7 +193,7 @@ class RafsV6Metadata(RafsMetadata):
             return head + bytes(self._range(tail_off, tail_len, f"inline data of inode {nid}"))
         raise FormatError(f"inode {nid} has unsupported data layout {di.layout}")
 
-    def readlink(self, nid: int) -> bytes:
+    def readlink(self, nid: Nid) -> bytes:
         di = self._inode(nid)
         if not stat.S_ISLNK(di.mode):
             raise FormatError(f"inode {nid} is not a symlink")
@@ -203,7 +203,7 @@ class RafsV6Metadata(RafsMetadata):
 
     # ------------------------------------------------------------------ directories
 
-    def _dir_entries(self, nid: int) -> list[tuple[bytes, int, int]]:
+    def _dir_entries(self, nid: int) -> list[tuple[bytes, Nid, int]]:
         with self._lock:
             hit = self._dirs.get(nid)
             if hit is not None:
@@ -227,18 +227,18 @@ class RafsV6Metadata(RafsMetadata):
                 continue
             if not name or b"/" in name or b"\0" in name:
                 raise FormatError(f"directory {nid} has invalid entry name {name!r}")
-            out.append((name, cnid, ft))
+            out.append((name, Nid(cnid), ft))
         with self._lock:
             self._dirs[nid] = out
             if len(self._dirs) > _DIR_CACHE:
                 self._dirs.popitem(last=False)
         return out
 
-    def readdir(self, nid: int) -> Iterator[DirEntry]:
+    def readdir(self, nid: Nid) -> Iterator[DirEntry]:
         for name, cnid, ft in self._dir_entries(nid):
             yield DirEntry(name, cnid, ft)
 
-    def lookup(self, parent: int, name: bytes) -> int:
+    def lookup(self, parent: Nid, name: bytes) -> Nid:
         ents = self._dir_entries(parent)
         lo, hi = 0, len(ents)
         while lo < hi:
@@ -251,7 +251,7 @@ class RafsV6Metadata(RafsMetadata):
             return ents[lo][1]
         raise NotFoundError(f"{name.decode(errors='replace')!r} not found")
 
-    def walk(self, max_depth: int = 4096) -> Iterator[tuple[bytes, int]]:
+    def walk(self, max_depth: int = 4096) -> Iterator[tuple[bytes, Nid]]:
         """As :meth:`RafsMetadata.walk`, and a directory reached twice is a FormatError.
 
         EROFS has no hardlinked directories; without this check a directory listed by two
@@ -269,7 +269,7 @@ class RafsV6Metadata(RafsMetadata):
 
     # ------------------------------------------------------------------ chunks
 
-    def chunks(self, nid: int) -> list[ChunkInfo]:
+    def chunks(self, nid: Nid) -> list[ChunkInfo]:
         di = self._inode(nid)
         if not stat.S_ISREG(di.mode):
             raise FormatError(f"inode {nid} is not a regular file")
