@@ -1,6 +1,6 @@
 """Atheris fuzz target: bytes -> the blob meta parsers (ci header and chunk-info arrays, ToC,
 section tar headers, chunk digest array) of ``nydus.format.blob_meta`` and
-``nydus.storage.blobmeta``.
+``nydus.storage.metacache``.
 
 Input layout: byte 0 picks the mode, the next 48 bytes are a blob table entry (``BlobInfo``:
 chunk count, ci offset and sizes, ci compressor, features, blob sizes, ToC size; the ToC digest
