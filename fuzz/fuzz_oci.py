@@ -5,7 +5,7 @@ absent, so the body decides), then, by that media type or both when unknown, thr
 ``convert.image.parse_manifest`` (with and without ``for_conversion``) and
 ``convert.image.parse_index`` and ``oci.Descriptor.from_dict`` on every descriptor. Parsed
 descriptors must round-trip through ``to_dict``. (The snapshotter's own manifest reading,
-``nydus_blob_layers``, is not covered here: it goes through ``remotelayers.parse_json_object``.)
+``nydus_blob_layers``, is not covered here: it goes through ``safejson.parse_json_object_or_none``.)
 
 Contract: NydusError (FormatError, UnsupportedError) with a message or success; nothing else
 (RecursionError from deeply nested JSON is a crash), within the time limit.
