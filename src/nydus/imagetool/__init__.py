@@ -1,0 +1,1 @@
+"""nydus-image's commands that read an image (bootstrap and blobs): check, inspect, unpack."""
