@@ -27,7 +27,7 @@ Policy in brief:
 Errors: everything raises :class:`~nydus.errors.BackendError` subclasses —
 :class:`~nydus.errors.RegistryNotFound` (404), :class:`~nydus.errors.RegistryAuthError`
 (401/403, token server refusals), :class:`RegistryHTTPError` (other statuses),
-:class:`~nydus.registry.transport.TransportError` (connection, TLS, framing) — except content
+:class:`~nydus.http.TransportError` (connection, TLS, framing) — except content
 that does not match its digest, which is an :class:`~nydus.errors.IntegrityError`.
 
 Threading: a client is shared by many threads. The transport pool, token cache and redirect
@@ -55,25 +55,22 @@ from nydus.format.oci import (
     manifest_media_type,
     parse_digest,
 )
+from nydus.http import Response, TransportError, parse_content_range, range_header, read_range
 from nydus.registry.session import (
     _RETRY_STATUSES,
     MAX_MANIFEST_SIZE,
     ClientStats,
-    ProxySettings,
     RegistryHTTPError,
+    RegistryOptions,
     RegistrySession,
     Scopes,
-    _Budget,
     _error_detail,
-    _parse_content_range,
 )
-from nydus.registry.transport import Response, TransportError
 from nydus.registry.upload import BlobData, UploadSource
 
-__all__ = ["RegistryClient", "RegistryHTTPError", "ProxySettings", "ClientStats"]
-
-
 from ..format.safejson import parse_json
+
+__all__ = ["RegistryClient", "RegistryHTTPError", "RegistryOptions", "ClientStats"]
 
 
 class RegistryClient(RegistrySession):
@@ -275,29 +272,12 @@ class RegistryClient(RegistrySession):
         what = f"blob {repo}@{digest} range [{start}, {end})"
 
         def handle(resp: Response) -> bytes:
-            if resp.status == 206:
-                cr = resp.headers.get("content-range")
-                got = _parse_content_range(cr)
-                if (
-                    got is not None
-                    and got[0] == start
-                    and got[2] is not None
-                    and got[2] < end
-                    and got[1] == got[2] - 1
-                ):
-                    raise BackendError(f"{what} is beyond the end of the blob ({got[2]} bytes)")
-                if got is None or got[0] != start or got[1] != end - 1:
-                    raise TransportError(f"{what}: server sent Content-Range {cr!r}")
-                cl = resp.content_length
-                if cl is not None and cl != want:
-                    raise TransportError(f"{what}: Content-Length {cl} for {want} bytes")
-                data = resp.read(want)
-                if len(data) != want or resp.read(1):
-                    raise TransportError(f"{what}: body has the wrong length")
-                self.stats.add("blob_bytes", want)
+            if resp.status in (200, 206):
+                data, ignored = read_range(resp, start, end, what)
+                if ignored:
+                    self.stats.add("range_ignored")
+                self.stats.add("blob_bytes", end if ignored else want)
                 return data
-            if resp.status == 200:
-                return self._slice_whole(resp, start, end, what)
             if resp.status == 416:
                 detail, _ = _error_detail(resp)
                 raise BackendError(f"{what}: not satisfiable (HTTP 416){detail}")
@@ -308,29 +288,9 @@ class RegistryClient(RegistrySession):
             path,
             self.pull_scope(repo),
             handle,
-            headers={"Range": f"bytes={start}-{end - 1}"},
+            headers=range_header(start, end),
             redirect_key=key,
         )
-
-    def _slice_whole(self, resp: Response, start: int, end: int, what: str) -> bytes:
-        """The server ignored Range and sends the whole blob: skip, keep, drop the rest."""
-        self.stats.add("range_ignored")
-        total = resp.content_length
-        if total is not None and total < end:
-            raise BackendError(f"{what} is beyond the end of the blob ({total} bytes)")
-        skip = start
-        while skip:
-            n = len(resp.read(min(skip, 1 << 20)))
-            if not n:
-                raise TransportError(f"{what}: whole-blob answer ended at {start - skip}")
-            self.stats.add("blob_bytes", n)
-            skip -= n
-        data = resp.read(end - start)
-        self.stats.add("blob_bytes", len(data))
-        if len(data) != end - start:
-            raise TransportError(f"{what}: whole-blob answer ended early")
-        resp.close()  # drop the connection instead of reading the rest
-        return data
 
     def get_blob_ranges(
         self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]
@@ -384,7 +344,7 @@ class RegistryClient(RegistrySession):
         hasher = hashlib.new(parse_digest(digest)[0]) if verify else None
         pos = 0
         total: int | None = None
-        budget = _Budget(self._retry_limit)
+        budget = self._budget()
         what = f"blob {repo}@{digest}"
         while True:
             headers = {"Range": f"bytes={pos}-"} if pos else {}
@@ -401,7 +361,7 @@ class RegistryClient(RegistrySession):
                             raise TransportError(f"{what}: answer ended early")
                         skip -= n
                 elif resp.status == 206 and pos:
-                    got = _parse_content_range(resp.headers.get("content-range"))
+                    got = parse_content_range(resp.headers.get("content-range"))
                     if got is None or got[0] != pos:
                         raise TransportError(f"{what}: bad Content-Range on resume")
                     total = got[2] if got[2] is not None else total
@@ -417,7 +377,7 @@ class RegistryClient(RegistrySession):
             except TransportError as e:
                 if e.retryable and budget.take():
                     self._redirect_put(key, None)
-                    self._wait(budget.used, None, str(e))
+                    self._wait(budget, None, str(e))
                     continue
                 raise self._gave_up(e, budget) from e
             finally:
@@ -510,7 +470,7 @@ class RegistryClient(RegistrySession):
         )
 
     def _upload_with_retries(self, repo: str, src: UploadSource, location: str | None) -> None:
-        budget = _Budget(self._retry_limit)
+        budget = self._budget()
         while True:
             try:
                 self._upload_once(repo, src, location or self._start_upload(repo))
@@ -521,7 +481,7 @@ class RegistryClient(RegistrySession):
                 )
                 if transient and src.replayable and budget.take():
                     location = None
-                    self._wait(budget.used, None, f"upload of {src.digest} to {repo}: {e}")
+                    self._wait(budget, None, f"upload of {src.digest} to {repo}: {e}")
                     continue
                 raise
 

@@ -23,8 +23,8 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 
 from ..config import OssConfig, S3Config
+from ..http import HttpClient, HttpConfig, effective_retries
 from .backend import BlobBackend
-from .http import HttpClient, TransportConfig, effective_retries
 
 __all__ = ["S3Backend", "OssBackend", "sigv4_headers", "oss_authorization"]
 
@@ -40,8 +40,8 @@ def _split_endpoint(endpoint: str, scheme: str) -> tuple[str, str]:
     return scheme or "https", endpoint.rstrip("/")
 
 
-def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> TransportConfig:
-    return TransportConfig(
+def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> HttpConfig:
+    return HttpConfig(
         timeout=cfg.timeout, connect_timeout=cfg.connect_timeout, skip_verify=cfg.skip_verify,
         ca_cert_files=list(cfg.ca_cert_files), retry_limit=effective_retries(cfg.retry_limit),
         proxy=cfg.proxy if cfg.proxy.url else None, resolve=dict(resolve or {}),

@@ -1,15 +1,14 @@
-"""HTTP transports for the registry client: the injectable seam between policy and sockets.
+"""HTTP transports: the injectable seam between request policy and sockets.
 
 Owns one request/response exchange and nothing above it: no auth, no redirects, no retries
-(those are the client's policy). A transport takes a :class:`Request` (absolute URL) and
+(those are the clients' policy). A transport takes a :class:`Request` (absolute URL) and
 returns a :class:`Response` whose body is read incrementally and whose length is checked:
 
 - :class:`HTTPTransport` speaks HTTP/1.1 over ``http.client`` with a keep-alive pool per
   ``(scheme, host, port)``, separate connect and read timeouts, TLS from the system CAs plus
-  ``ca_cert_files`` (or no verification with ``skip_verify``), and an optional forward proxy
-  (absolute-URI requests for ``http``, ``CONNECT`` tunnels for ``https``).
-- :class:`FallbackProxyTransport` sends through a proxy transport while it is healthy and
-  falls back to a direct one (upstream's ``proxy{url, fallback, ping_url, check_interval}``).
+  ``ca_cert_files`` (or no verification with ``skip_verify``), an optional forward proxy
+  (absolute-URI requests for ``http``, ``CONNECT`` tunnels for ``https``), or a unix socket
+  that carries every request (``unix_socket``).
 - :class:`MockTransport` calls a function: for unit tests, in the spirit of httpx.
 
 Body checks: a body that ends before its ``Content-Length`` raises :class:`TransportError`;
@@ -30,7 +29,6 @@ import select
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -47,12 +45,11 @@ __all__ = [
     "TransportError",
     "TLSError",
     "HTTPTransport",
-    "FallbackProxyTransport",
     "MockTransport",
     "make_ssl_context",
 ]
 
-log = logging.getLogger("nydus.registry")
+log = logging.getLogger("nydus.http")
 
 RequestBody = bytes | Iterable[bytes] | None
 
@@ -269,19 +266,48 @@ def make_ssl_context(
 
 
 class _HTTPConnection(http.client.HTTPConnection):
-    """Connect with ``connect_timeout``, then use ``read_timeout`` for every socket read."""
+    """Connect with ``connect_timeout`` (to ``address``, or over the ``unix`` socket), then use
+    ``read_timeout`` for every socket read."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        connect_timeout: float,
+        read_timeout: float,
+        *,
+        address: str | None = None,
+        unix: str | None = None,
+    ) -> None:
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        self._address = address or host
+        self._unix = unix
+
+    def _open_socket(self) -> socket.socket:
+        if self._unix is not None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self._unix)
+            except BaseException:
+                s.close()
+                raise
+            return s
+        s = socket.create_connection((self._address, self.port), self.timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
 
     def connect(self) -> None:
-        super().connect()
-        assert self.sock is not None
+        self.sock = self._open_socket()
+        if getattr(self, "_tunnel_host", None):
+            self._tunnel()  # type: ignore[attr-defined]
         self.sock.settimeout(self.read_timeout)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
+class _HTTPSConnection(_HTTPConnection):
+    default_port = 443
+
     def __init__(
         self,
         host: str,
@@ -289,18 +315,21 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         connect_timeout: float,
         read_timeout: float,
         context: ssl.SSLContext,
-    ):
-        super().__init__(host, port, timeout=connect_timeout, context=context)
-        self.read_timeout = read_timeout
+        *,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(host, port, connect_timeout, read_timeout, address=address)
+        self._context = context
 
     def connect(self) -> None:
         super().connect()
         assert self.sock is not None
-        self.sock.settimeout(self.read_timeout)
+        name = getattr(self, "_tunnel_host", None) or self.host
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=name)
 
 
 _PoolKey = tuple[str, str, int]
-_Conn = _HTTPConnection | _HTTPSConnection
+_Conn = _HTTPConnection
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:
@@ -486,11 +515,13 @@ class _HTTPBody:
 
 
 class HTTPTransport:
-    """HTTP/1.1 with keep-alive pooling, TLS and an optional forward proxy.
+    """HTTP/1.1 with keep-alive pooling, TLS and an optional forward proxy or unix socket.
 
     ``proxy`` is ``http://host:port`` of a forward proxy (for example Dragonfly's dfdaemon);
     with ``proxy_use_http`` https URLs are sent to it as plain http (upstream ``use_http``).
-    ``opened`` counts the TCP connections made (tests check pooling with it).
+    ``unix_socket`` sends every request over that socket (the URL's host is ignored).
+    ``resolve`` maps host names to the addresses to connect to (a test seam).
+    ``opened`` counts the connections made (tests check pooling with it).
     """
 
     def __init__(
@@ -503,6 +534,8 @@ class HTTPTransport:
         connect_timeout: float = 5.0,
         proxy: str | None = None,
         proxy_use_http: bool = False,
+        unix_socket: str | None = None,
+        resolve: Mapping[str, str] | None = None,
         max_idle_per_host: int = 16,
     ) -> None:
         self._ctx = ssl_context or make_ssl_context(
@@ -519,6 +552,8 @@ class HTTPTransport:
                 )
             self._proxy = (phost, pport)
         self._proxy_use_http = proxy_use_http
+        self._unix = unix_socket
+        self._resolve = dict(resolve or {})
         self._pool = _Pool(max_idle_per_host)
 
     @property
@@ -530,16 +565,20 @@ class HTTPTransport:
 
     def _new_conn(self, scheme: str, host: str, port: int) -> _Conn:
         self._pool.count_open()
+        t, c = self._timeout, self._connect_timeout
+        if self._unix is not None:
+            return _HTTPConnection("localhost", 80, c, t, unix=self._unix)
         if self._proxy is not None:
             phost, pport = self._proxy
             if scheme == "https":
-                c = _HTTPSConnection(phost, pport, self._connect_timeout, self._timeout, self._ctx)
-                c.set_tunnel(host, port)
-                return c
-            return _HTTPConnection(phost, pport, self._connect_timeout, self._timeout)
+                conn: _Conn = _HTTPSConnection(phost, pport, c, t, self._ctx)
+                conn.set_tunnel(host, port)
+                return conn
+            return _HTTPConnection(phost, pport, c, t)
+        addr = self._resolve.get(host)
         if scheme == "https":
-            return _HTTPSConnection(host, port, self._connect_timeout, self._timeout, self._ctx)
-        return _HTTPConnection(host, port, self._connect_timeout, self._timeout)
+            return _HTTPSConnection(host, port, c, t, self._ctx, address=addr)
+        return _HTTPConnection(host, port, c, t, address=addr)
 
     def handle(self, request: Request) -> Response:
         url = request.url
@@ -549,6 +588,8 @@ class HTTPTransport:
         if self._proxy is not None and scheme == "http":
             target = url  # absolute-URI form for a forward proxy
         key: _PoolKey = (scheme, host, port)
+        if self._unix is not None:
+            key = ("unix", self._unix, 0)
         replayable = request.body is None or isinstance(request.body, bytes | bytearray)
         while True:
             conn = self._pool.get(key)
@@ -558,6 +599,8 @@ class HTTPTransport:
                 self._connect(conn, scheme, host, port)
             try:
                 headers = dict(request.headers)
+                if self._unix is not None:
+                    headers.setdefault("Host", "localhost")
                 conn.request(request.method, target, body=request.body, headers=headers)
                 resp = conn.getresponse()
             except (
@@ -589,7 +632,7 @@ class HTTPTransport:
             return Response(resp.status, resp.reason, headers_out, request.url, body)
 
     def _connect(self, conn: _Conn, scheme: str, host: str, port: int) -> None:
-        where = f"{scheme}://{host}:{port}"
+        where = f"unix:{self._unix}" if self._unix is not None else f"{scheme}://{host}:{port}"
         try:
             conn.connect()
         except ssl.SSLCertVerificationError as e:
@@ -622,88 +665,7 @@ class HTTPTransport:
             conn.close()
             if self._proxy is not None and "Tunnel connection failed" in str(e):
                 raise TransportError(f"proxy refused CONNECT to {where}: {e}") from None
-            raise TransportError(f"cannot connect to {where}: {e}") from None
-
-
-# --- proxy with fallback ------------------------------------------------------------------
-
-
-class FallbackProxyTransport:
-    """Send through ``proxied`` while it works; on failure fall back to ``direct``.
-
-    A transport error from the proxy (or a 5xx from it, when ``fallback`` is on) marks the
-    proxy unhealthy; it is tried again after ``check_interval`` seconds, once a GET of
-    ``ping_url`` (if given) answers 2xx. With ``fallback=False`` proxy errors are raised.
-    Only requests with replayable bodies fall back.
-    """
-
-    def __init__(
-        self,
-        proxied: Transport,
-        direct: Transport,
-        *,
-        fallback: bool = True,
-        ping_url: str | None = None,
-        check_interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._proxied = proxied
-        self._direct = direct
-        self._fallback = fallback
-        self._ping_url = ping_url
-        self._interval = check_interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self.fallbacks = 0
-
-    def _proxy_usable(self) -> bool:
-        with self._lock:
-            if self._down_since is None:
-                return True
-            if self._clock() - self._down_since < self._interval:
-                return False
-            self._down_since = self._clock()  # one thread probes; others keep going direct
-        if self._ping_url:
-            try:
-                with self._direct.handle(Request("GET", self._ping_url)) as r:
-                    ok = 200 <= r.status < 300
-            except TransportError:
-                ok = False
-            if not ok:
-                return False
-        with self._lock:
-            self._down_since = None
-        return True
-
-    def _mark_down(self, why: str) -> None:
-        with self._lock:
-            if self._down_since is None:
-                log.warning("proxy unhealthy (%s); falling back to direct requests", why)
-            self._down_since = self._clock()
-
-    def handle(self, request: Request) -> Response:
-        replayable = request.body is None or isinstance(request.body, bytes | bytearray)
-        if not self._fallback:
-            return self._proxied.handle(request)
-        if self._proxy_usable():
-            try:
-                resp = self._proxied.handle(request)
-            except TransportError as e:
-                if not replayable:
-                    raise
-                self._mark_down(str(e))
-            else:
-                if resp.status < 500 or not replayable:
-                    return resp
-                resp.close()
-                self._mark_down(f"proxy answered {resp.status}")
-            self.fallbacks += 1
-        return self._direct.handle(request)
-
-    def close(self) -> None:
-        self._proxied.close()
-        self._direct.close()
+            raise TransportError(f"cannot connect to {where}: {e}") from e
 
 
 # --- mock ---------------------------------------------------------------------------------
