@@ -18,7 +18,7 @@ Thread-safe: the transport's pool hands each connection to one thread at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urljoin
@@ -34,6 +34,7 @@ __all__ = ["HttpClient", "HttpConfig", "HttpError", "make_transport"]
 
 T = TypeVar("T")
 HeadersFn = Callable[[str, str], Mapping[str, str]]
+Body = bytes | Callable[[], Iterable[bytes]] | None
 
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504, 507, 509})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
@@ -134,16 +135,18 @@ class HttpClient:
         handle: Callable[[Response], T],
         *,
         headers: HeadersFn | Mapping[str, str] | None = None,
+        body: Body = None,
         ok: tuple[int, ...] = (200,),
         what: str = "",
     ) -> T:
         """Send ``method url`` with retries and redirects and return ``handle(response)``; an
-        answer outside ``ok`` raises :class:`HttpError`."""
+        answer outside ``ok`` raises :class:`HttpError`. A streamed ``body`` is a function
+        that returns a fresh iterable of chunks for every attempt."""
         attempts = self.retry.attempts()
         while True:
             retry_after = None
             try:
-                with self._follow(method, url, headers) as resp:
+                with self._follow(method, url, headers, body) as resp:
                     if resp.status in ok:
                         return handle(resp)
                     err = self._status_error(method, resp, what)
@@ -169,14 +172,16 @@ class HttpClient:
         return HttpError(f"{label}: HTTP {resp.status}" + (f": {detail}" if detail else ""),
                          resp.status, ra)
 
-    def _follow(self, method: str, url: str, headers: HeadersFn | Mapping[str, str] | None
-                ) -> Response:
+    def _follow(
+        self, method: str, url: str, headers: HeadersFn | Mapping[str, str] | None, body: Body
+    ) -> Response:
         seen: list[str] = []
         cur = url
         for _ in range(_MAX_REDIRECTS + 1):
             hdrs = dict(headers(method, cur) if callable(headers) else headers or {})
             hdrs.setdefault("User-Agent", self.cfg.user_agent)
-            resp = self.transport.handle(Request(method, cur, hdrs))
+            data = body() if callable(body) else body
+            resp = self.transport.handle(Request(method, cur, hdrs, data))
             loc = resp.headers.get("location")
             if resp.status not in _REDIRECT_STATUS or self.unix_socket or not loc:
                 return resp
