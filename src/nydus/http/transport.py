@@ -454,17 +454,17 @@ class _HTTPBody:
             raise
         except http.client.IncompleteRead as e:
             self._abort()
-            raise TransportError(f"body of {self._url} cut short: {e}") from None
-        except TimeoutError:
+            raise TransportError(f"body of {self._url} cut short: {e}") from e
+        except TimeoutError as e:
             self._abort()
             raise TransportError(
                 f"timed out reading the body of {self._url} after {self._got} bytes"
-            ) from None
+            ) from e
         except (OSError, http.client.HTTPException, ValueError) as e:
             self._abort()
             raise TransportError(
                 f"connection lost reading the body of {self._url} after {self._got} bytes: {e!r}"
-            ) from None
+            ) from e
 
     def _finish(self) -> None:
         self._done = True
@@ -612,18 +612,18 @@ class HTTPTransport:
                 conn.close()
                 if reused and replayable:
                     continue  # the server dropped an idle keep-alive connection: try a fresh one
-                raise TransportError(f"{request.method} {url}: connection lost: {e!r}") from None
-            except TimeoutError:
+                raise TransportError(f"{request.method} {url}: connection lost: {e!r}") from e
+            except TimeoutError as e:
                 conn.close()
                 raise TransportError(
                     f"{request.method} {url}: timed out waiting for the answer ({self._timeout}s)"
-                ) from None
+                ) from e
             except ssl.SSLError as e:
                 conn.close()
                 raise TransportError(f"{request.method} {url}: TLS error: {e}") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
-                raise TransportError(f"{request.method} {url}: {e!r}") from None
+                raise TransportError(f"{request.method} {url}: {e!r}") from e
             no_body = (
                 request.method == "HEAD" or resp.status in (204, 304) or (100 <= resp.status < 200)
             )
@@ -656,11 +656,11 @@ class HTTPTransport:
         except socket.gaierror as e:
             conn.close()
             raise TransportError(f"cannot resolve {host}: {e}", retryable=False) from None
-        except TimeoutError:
+        except TimeoutError as e:
             conn.close()
             raise TransportError(
                 f"timed out connecting to {where} ({self._connect_timeout}s)"
-            ) from None
+            ) from e
         except OSError as e:
             conn.close()
             if self._proxy is not None and "Tunnel connection failed" in str(e):
