@@ -266,8 +266,8 @@ def make_ssl_context(
 
 
 class _HTTPConnection(http.client.HTTPConnection):
-    """Connect with ``connect_timeout`` (to ``address``, or over the ``unix`` socket), then use
-    ``read_timeout`` for every socket read."""
+    """Connect with ``connect_timeout`` (to ``address``, or over the ``unix`` socket; TLS with
+    ``context``), then use ``read_timeout`` for every socket read."""
 
     def __init__(
         self,
@@ -276,11 +276,13 @@ class _HTTPConnection(http.client.HTTPConnection):
         connect_timeout: float,
         read_timeout: float,
         *,
+        context: ssl.SSLContext | None = None,
         address: str | None = None,
         unix: str | None = None,
     ) -> None:
         super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        self._context = context
         self._address = address or host
         self._unix = unix
 
@@ -300,36 +302,16 @@ class _HTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         self.sock = self._open_socket()
-        if getattr(self, "_tunnel_host", None):
+        tunnel_host = getattr(self, "_tunnel_host", None)
+        if tunnel_host:
             self._tunnel()  # type: ignore[attr-defined]
+        if self._context is not None:
+            name = tunnel_host or self.host
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=name)
         self.sock.settimeout(self.read_timeout)
 
 
-class _HTTPSConnection(_HTTPConnection):
-    default_port = 443
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        connect_timeout: float,
-        read_timeout: float,
-        context: ssl.SSLContext,
-        *,
-        address: str | None = None,
-    ) -> None:
-        super().__init__(host, port, connect_timeout, read_timeout, address=address)
-        self._context = context
-
-    def connect(self) -> None:
-        super().connect()
-        assert self.sock is not None
-        name = getattr(self, "_tunnel_host", None) or self.host
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=name)
-
-
 _PoolKey = tuple[str, str, int]
-_Conn = _HTTPConnection
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:
@@ -366,7 +348,7 @@ def _socket_readable(sock: socket.socket | None) -> bool:
 class _Pool:
     def __init__(self, max_idle: int) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[_PoolKey, list[_Conn]] = {}
+        self._idle: dict[_PoolKey, list[_HTTPConnection]] = {}
         self._max_idle = max_idle
         self.opened = 0
 
@@ -374,7 +356,7 @@ class _Pool:
         with self._lock:
             self.opened += 1
 
-    def get(self, key: _PoolKey) -> _Conn | None:
+    def get(self, key: _PoolKey) -> _HTTPConnection | None:
         while True:
             with self._lock:
                 conns = self._idle.get(key)
@@ -386,7 +368,7 @@ class _Pool:
                 continue
             return conn
 
-    def put(self, key: _PoolKey, conn: _Conn) -> None:
+    def put(self, key: _PoolKey, conn: _HTTPConnection) -> None:
         with self._lock:
             conns = self._idle.setdefault(key, [])
             if len(conns) < self._max_idle:
@@ -409,14 +391,14 @@ class _HTTPBody:
         self,
         pool: _Pool,
         key: _PoolKey,
-        conn: _Conn,
+        conn: _HTTPConnection,
         resp: http.client.HTTPResponse,
         url: str,
         no_body: bool,
     ) -> None:
         self._pool = pool
         self._key = key
-        self._conn: _Conn | None = conn
+        self._conn: _HTTPConnection | None = conn
         self._resp = resp
         self._url = url
         self._total = None if resp.chunked else resp.length
@@ -484,7 +466,7 @@ class _HTTPBody:
         else:
             self._pool.put(self._key, conn)
 
-    def _extra_bytes_pending(self, conn: _Conn) -> bool:
+    def _extra_bytes_pending(self, conn: _HTTPConnection) -> bool:
         fp, sock = self._resp.fp, conn.sock
         if fp is None or sock is None:
             return False
@@ -563,22 +545,19 @@ class HTTPTransport:
     def close(self) -> None:
         self._pool.close()
 
-    def _new_conn(self, scheme: str, host: str, port: int) -> _Conn:
+    def _new_conn(self, scheme: str, host: str, port: int) -> _HTTPConnection:
         self._pool.count_open()
         t, c = self._timeout, self._connect_timeout
+        ctx = self._ctx if scheme == "https" else None
         if self._unix is not None:
             return _HTTPConnection("localhost", 80, c, t, unix=self._unix)
         if self._proxy is not None:
             phost, pport = self._proxy
+            conn = _HTTPConnection(phost, pport, c, t, context=ctx)
             if scheme == "https":
-                conn: _Conn = _HTTPSConnection(phost, pport, c, t, self._ctx)
                 conn.set_tunnel(host, port)
-                return conn
-            return _HTTPConnection(phost, pport, c, t)
-        addr = self._resolve.get(host)
-        if scheme == "https":
-            return _HTTPSConnection(host, port, c, t, self._ctx, address=addr)
-        return _HTTPConnection(host, port, c, t, address=addr)
+            return conn
+        return _HTTPConnection(host, port, c, t, context=ctx, address=self._resolve.get(host))
 
     def handle(self, request: Request) -> Response:
         url = request.url
@@ -631,7 +610,7 @@ class HTTPTransport:
             body = _HTTPBody(self._pool, key, conn, resp, url, no_body)
             return Response(resp.status, resp.reason, headers_out, request.url, body)
 
-    def _connect(self, conn: _Conn, scheme: str, host: str, port: int) -> None:
+    def _connect(self, conn: _HTTPConnection, scheme: str, host: str, port: int) -> None:
         where = f"unix:{self._unix}" if self._unix is not None else f"{scheme}://{host}:{port}"
         try:
             conn.connect()

@@ -4,25 +4,9 @@ Owns the registry API (ping, tags, manifests, blob ranges/streams/uploads/mounts
 that what came back is what was asked for (status, ``Content-Range``, lengths, digests). Auth,
 redirects, retries and the scheme are the request engine's (``session.py``,
 :class:`~nydus.registry.session.RegistrySession`, the base class). The storage backends and
-the converter are built on :class:`RegistryClient`.
-
-Policy in brief:
-
-- Auth: the first request to a host goes anonymous (or with ``registry_token``); a 401 teaches
-  the host's challenge, and the request is repeated once with Basic credentials or a bearer
-  token for the operation's scopes (``repository:<repo>:pull`` or ``pull,push``). Later
-  requests get the header up front; an expired token (401) is fetched again once.
-- Redirects (30x on GET/HEAD, for example to object storage) are followed up to 10 hops;
-  ``Authorization`` goes only to the registry's own scheme+host+port; loops are errors. The
-  final URL of a blob GET is cached per (repo, digest) for ``redirect_cache_ttl`` seconds and
-  forgotten when it fails.
-- Retries: GET/HEAD/PUT (and DELETE) are retried up to ``retry_limit`` times on connection
-  failures, timeouts, bad body framing (shorter/longer than ``Content-Length``) and on
-  408/500/502/503/504, with exponential backoff and jitter; 429 and 503 honour
-  ``Retry-After`` (capped at ``max_retry_after``). POST/PATCH are not repeated; an upload
-  whose source can be re-read is restarted from scratch instead.
-- Ranges: ``end`` is exclusive (``data[start:end]``). A 206 must carry exactly the requested
-  ``Content-Range``; a 200 (Range ignored) is sliced while streaming and never returned whole.
+the converter are built on :class:`RegistryClient`. Ranges: ``end``
+is exclusive (``data[start:end]``), checked by :func:`nydus.http.read_range` (a 206 must carry
+exactly the requested ``Content-Range``; a 200 is sliced while streaming, never returned whole).
 
 Errors: everything raises :class:`~nydus.errors.BackendError` subclasses —
 :class:`~nydus.errors.RegistryNotFound` (404), :class:`~nydus.errors.RegistryAuthError`
