@@ -499,7 +499,7 @@ class _HTTPBody:
 class HTTPTransport:
     """HTTP/1.1 with keep-alive pooling, TLS and an optional forward proxy or unix socket.
 
-    ``proxy`` is ``http://host:port`` of a forward proxy (for example Dragonfly's dfdaemon);
+    ``proxy`` is ``http(s)://host:port`` of a forward proxy (for example Dragonfly's dfdaemon);
     with ``proxy_use_http`` https URLs are sent to it as plain http (upstream ``use_http``).
     ``unix_socket`` sends every request over that socket (the URL's host is ignored).
     ``resolve`` maps host names to the addresses to connect to (a test seam).
@@ -525,14 +525,13 @@ class HTTPTransport:
         )
         self._timeout = timeout
         self._connect_timeout = connect_timeout
-        self._proxy: tuple[str, int] | None = None
+        self._proxy: tuple[str, int, bool] | None = None
         if proxy:
-            pscheme, phost, pport, _ = _split_url(proxy if "://" in proxy else "http://" + proxy)
-            if pscheme != "http":
-                raise TransportError(
-                    f"only http:// proxies are supported, not {proxy!r}", retryable=False
-                )
-            self._proxy = (phost, pport)
+            try:
+                pscheme, phost, pport, _ = _split_url(proxy if "://" in proxy else f"http://{proxy}")
+            except TransportError:
+                raise ConfigError(f"proxy.url: invalid URL {proxy!r}") from None
+            self._proxy = (phost, pport, pscheme == "https")
         self._proxy_use_http = proxy_use_http
         self._unix = unix_socket
         self._resolve = dict(resolve or {})
@@ -552,11 +551,12 @@ class HTTPTransport:
         if self._unix is not None:
             return _HTTPConnection("localhost", 80, c, t, unix=self._unix)
         if self._proxy is not None:
-            phost, pport = self._proxy
-            conn = _HTTPConnection(phost, pport, c, t, context=ctx)
-            if scheme == "https":
+            phost, pport, tls_proxy = self._proxy
+            if scheme == "https":  # a CONNECT tunnel, then TLS with the origin
+                conn = _HTTPConnection(phost, pport, c, t, context=ctx)
                 conn.set_tunnel(host, port)
-            return conn
+                return conn
+            return _HTTPConnection(phost, pport, c, t, context=self._ctx if tls_proxy else None)
         return _HTTPConnection(host, port, c, t, context=ctx, address=self._resolve.get(host))
 
     def handle(self, request: Request) -> Response:
