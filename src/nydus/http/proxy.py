@@ -50,7 +50,6 @@ class ProxyTransport:
         self._lock = threading.Lock()
         self._checked = clock()
         self._ok = True
-        self.fallbacks = 0
 
     def healthy(self) -> bool:
         """Whether requests go through the proxy now (pinging it when a check is due)."""
@@ -100,7 +99,6 @@ class ProxyTransport:
                     return resp
                 resp.close()
                 self._mark_down(f"proxy answered {resp.status}")
-            self.fallbacks += 1
         return self._direct.handle(request)
 
     def close(self) -> None:

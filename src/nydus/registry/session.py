@@ -1,6 +1,6 @@
 """The request engine under :class:`~nydus.registry.client.RegistryClient`.
 
-Owns the policy above one HTTP exchange (the transport, see ``transport.py``): the scheme
+Owns the policy above one HTTP exchange (the transport, :mod:`nydus.http`): the scheme
 (fixed, auto-detected, or HTTPS falling back to HTTP with ``skip_verify``), which
 ``Authorization`` to send (``auth.py``), following and caching redirects, and retrying:
 
