@@ -24,6 +24,7 @@ from typing import TypeVar
 from urllib.parse import urljoin
 
 from ..config import ProxyConfig
+from ..credentials import redact_url
 from ..errors import BackendError
 from .proxy import ProxyTransport
 from .ranges import range_header, read_range
@@ -158,7 +159,7 @@ class HttpClient:
                 if not e.retryable or not attempts.take():
                     raise TransportError(f"{self.name}: {e}", retryable=e.retryable) from e
                 why = str(e)
-            attempts.wait(retry_after, f"{method} {url}: {why}")
+            attempts.wait(retry_after, f"{method} {redact_url(url)}: {why}")
 
     def _status_error(self, method: str, resp: Response, what: str) -> HttpError:
         try:
