@@ -512,7 +512,7 @@ class Fault:
     answered 206 with the headers of the range asked for, Content-Range included, but with
     the bytes one further into the blob: wrong data behind right headers), ``flip`` (one byte
     of the body, at ``after`` modulo its length, is inverted; headers unchanged). It also
-    works as a forward proxy (absolute-URI requests), for ``ProxySettings``.
+    works as a forward proxy (absolute-URI requests), for the ``proxy`` setting.
 
     ``probability`` below 1 makes a matching request take the rule only that often (a
     ``random.Random(seed)`` of the proxy decides), so ``times=None, probability=0.3`` fails

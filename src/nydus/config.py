@@ -1,7 +1,8 @@
 """nydusd configuration: the upstream JSON v1 format (and v2, TOML or JSON), parsed strictly.
 
 Owns the daemon/storage configuration model and is the only module that reads ``os.environ``
-(``IMAGE_PULL_AUTH`` overrides the registry backend's ``auth``, as upstream nydusd does).
+(``IMAGE_PULL_AUTH`` overrides the registry backend's ``auth``, as upstream nydusd does;
+``DOCKER_CONFIG`` locates the docker ``config.json``, :func:`docker_config_path`).
 
 :meth:`DaemonConfig.from_json` accepts a JSON text, a ``bytes`` object or an already decoded
 ``dict``. Field names and defaults follow upstream ``api/src/config.rs`` (nydus-reference.md
@@ -359,6 +360,13 @@ class DaemonConfig:
 # --------------------------------------------------------------------------- machinery
 
 T = TypeVar("T")
+
+
+def docker_config_path(environ: Mapping[str, str] | None = None) -> str:
+    """The docker ``config.json`` read for registry credentials: ``$DOCKER_CONFIG/config.json``,
+    else ``~/.docker/config.json`` (``~`` unexpanded; the reader expands it)."""
+    base = (os.environ if environ is None else environ).get("DOCKER_CONFIG")
+    return os.path.join(base, "config.json") if base else "~/.docker/config.json"
 
 
 def read_input_file(path: str | os.PathLike[str], what: str,

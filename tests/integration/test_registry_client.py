@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import registry as harness
+from nydus.config import ProxyConfig
 from nydus.errors import BackendError, IntegrityError, RegistryAuthError, RegistryNotFound
 from nydus.format import oci
-from nydus.registry import ProxySettings, RegistryClient, RegistryHTTPError, TransportError
-from nydus.registry.transport import TLSError
+from nydus.registry import RegistryClient, RegistryHTTPError, TLSError, TransportError
 from registry import (
     SERVICE,
     USER,
@@ -498,13 +498,13 @@ def test_redirect_loop(seeded: RegistryServer, fault_proxy: FaultProxy) -> None:
 
 def test_proxy_settings_and_fallback(seeded: RegistryServer, fault_proxy: FaultProxy) -> None:
     with RegistryClient(
-        seeded.host, scheme="http", docker_config=None, proxy=ProxySettings(fault_proxy.url)
+        seeded.host, scheme="http", docker_config=None, proxy=ProxyConfig(fault_proxy.url)
     ) as c:
         assert c.get_blob_range("fault/img", BLOB_DIGEST, 0, 10) == BLOB[:10]
     assert fault_proxy.count("GET", "/blobs/") == 1  # went through the proxy
     dead = f"http://127.0.0.1:{free_port()}"
     with RegistryClient(
-        seeded.host, scheme="http", docker_config=None, proxy=ProxySettings(dead)
+        seeded.host, scheme="http", docker_config=None, proxy=ProxyConfig(dead)
     ) as c:
         assert c.get_blob_range("fault/img", BLOB_DIGEST, 0, 10) == BLOB[:10]
     with (
@@ -513,7 +513,7 @@ def test_proxy_settings_and_fallback(seeded: RegistryServer, fault_proxy: FaultP
             scheme="http",
             docker_config=None,
             retry_limit=0,
-            proxy=ProxySettings(dead, fallback=False),
+            proxy=ProxyConfig(dead, fallback=False),
         ) as c,
         pytest.raises(TransportError, match="cannot connect"),
     ):

@@ -10,13 +10,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from nydus.errors import ConfigError, RegistryAuthError
+from nydus.http import Request, Response
 from nydus.registry.auth import (
     Authenticator,
     Credentials,
     docker_config_credentials,
     parse_www_authenticate,
 )
-from nydus.registry.transport import Request, Response
 from registry import basic_auth
 
 REALM = "https://auth.example/token"

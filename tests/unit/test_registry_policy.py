@@ -17,6 +17,7 @@ from nydus.errors import (
     RegistryNotFound,
 )
 from nydus.format import oci
+from nydus.http import ProxyTransport
 from nydus.registry import (
     MockTransport,
     RegistryClient,
@@ -25,7 +26,6 @@ from nydus.registry import (
     Response,
     TransportError,
 )
-from nydus.registry.transport import FallbackProxyTransport
 
 BLOB = bytes(range(256)) * 40
 DIGEST = oci.sha256_digest(BLOB)
@@ -335,7 +335,7 @@ def test_fallback_proxy_transport() -> None:
         hits.append("ping" if r.url == "http://proxy/ping" else "direct")
         return Response.from_bytes(200 if proxy_ok["v"] else 503, b"d")
 
-    ft = FallbackProxyTransport(
+    ft = ProxyTransport(
         MockTransport(proxied),
         MockTransport(direct),
         ping_url="http://proxy/ping",
@@ -350,7 +350,7 @@ def test_fallback_proxy_transport() -> None:
     hits.clear()
     assert ft.handle(Request("GET", "http://x/")).read() == b"p"
     assert hits == ["ping", "proxy"]
-    nofb = FallbackProxyTransport(MockTransport(proxied), MockTransport(direct), fallback=False)
+    nofb = ProxyTransport(MockTransport(proxied), MockTransport(direct), fallback=False)
     proxy_ok["v"] = False
     with pytest.raises(TransportError):
         nofb.handle(Request("GET", "http://x/"))

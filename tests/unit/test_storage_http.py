@@ -24,7 +24,7 @@ import pytest
 
 from nydus.config import HttpProxyConfig, ProxyConfig
 from nydus.errors import BackendError
-from nydus.storage.http import HttpClient, TransportConfig, parse_content_range
+from nydus.http import HttpClient, HttpConfig, parse_content_range
 from nydus.storage.httpproxy import HttpProxyBackend
 
 BLOB_ID = "ab" * 32
@@ -490,7 +490,7 @@ def test_use_http_rewrites_https_for_the_proxy() -> None:
     origin = Server()
     try:
         port = origin.url.rsplit(":", 1)[1]
-        client = HttpClient(TransportConfig(proxy=ProxyConfig(url=px.url, use_http=True)))
+        client = HttpClient(HttpConfig(proxy=ProxyConfig(url=px.url, use_http=True)))
         data = client.get_range(f"https://127.0.0.1:{port}/blobs/{BLOB_ID}", 0, 10)
         assert data == BLOB[:10]
         assert px.seen == [f"http://127.0.0.1:{port}/blobs/{BLOB_ID}"]

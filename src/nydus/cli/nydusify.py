@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
-from ..config import read_input_file
+from ..config import docker_config_path, read_input_file
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
@@ -202,16 +201,11 @@ def _optimize_parsers(sub: Any) -> None:
                    help="log level of this command (default: the global --log-level)")
 
 
-def _docker_config() -> str:
-    base = os.environ.get("DOCKER_CONFIG")
-    return os.path.join(base, "config.json") if base else "~/.docker/config.json"
-
-
 def _remote_opts(insecure: bool, plain_http: bool, chunk: int = 0) -> Any:
     from ..convert.remote import RemoteOptions
 
     kw: dict[str, Any] = {"insecure": insecure, "plain_http": plain_http,
-                          "docker_config": _docker_config()}
+                          "docker_config": docker_config_path()}
     if chunk:
         kw["chunk_size"] = chunk
     return RemoteOptions(**kw)

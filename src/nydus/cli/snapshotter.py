@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -31,6 +30,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..config import docker_config_path
 from ..errors import ConfigError
 from . import run_guarded
 
@@ -147,11 +147,6 @@ def _daemon_mode(a: argparse.Namespace) -> str:
     return mode
 
 
-def _docker_config() -> Path:
-    base = os.environ.get("DOCKER_CONFIG")
-    return (Path(base) if base else Path.home() / ".docker") / "config.json"
-
-
 def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
     """Log to stdout or ``<root>/logs`` (0700, file 0600); credentials are always redacted."""
     from ..credentials import PrivateFileHandler, RedactingFilter, private_dir
@@ -200,7 +195,7 @@ def _run(a: argparse.Namespace) -> int:
         recover_policy=a.recover_policy,
         fs_driver=a.fs_driver,
         metrics_address=a.metrics_address,
-        docker_config=_docker_config(),
+        docker_config=Path(docker_config_path()).expanduser(),
         daemon_start_timeout=a.daemon_start_timeout,
         content_store=a.content_store,
     )

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import FormatError, IntegrityError
 from ..format import oci
 from ..format.safejson import parse_json_object
-from ..registry import RegistryClient, parse_reference
+from ..registry import RegistryClient, RegistryOptions, parse_reference
 from ..registry.auth import DEFAULT_DOCKER_CONFIG
 from ..registry.reference import Reference
 
@@ -74,11 +74,11 @@ class Remote:
             scheme = ""  # HTTPS first, then plain HTTP
         else:
             scheme = "https"
-        return RegistryClient(
-            self.ref.api_host, scheme=scheme, skip_verify=o.insecure,
-            docker_config=o.docker_config, retry_limit=o.retry_limit, timeout=o.timeout,
-            connect_timeout=min(o.timeout, 30.0), chunk_size=o.chunk_size,
-        )
+        return RegistryClient(self.ref.api_host, RegistryOptions(
+            scheme=scheme, skip_verify=o.insecure, docker_config=o.docker_config,
+            retry_limit=o.retry_limit, timeout=o.timeout, connect_timeout=min(o.timeout, 30.0),
+            chunk_size=o.chunk_size,
+        ))
 
     @property
     def repo(self) -> str:

@@ -7,6 +7,8 @@ is missing or refuses connections raises :class:`nydus.errors.NotFoundError` /
 short, an unexpected status, a body that is not the JSON the call expects) raises
 :class:`ApiReplyError`. No call ever reports success on a reply it could not understand.
 
+Built on :class:`nydus.http.HTTPTransport` over the unix socket, without keep-alive.
+
 Threading contract: one connection per call; safe to share between threads.
 """
 
@@ -14,15 +16,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import time
 from typing import Any
 from urllib.parse import urlencode
 
 from ..errors import NotFoundError, NydusError
 from ..format.safejson import parse_json
+from ..http import HTTPTransport, Request, TransportError
 
-__all__ = ["NydusdClient", "ApiClientError", "ApiReplyError", "UnixHTTPConnection"]
+__all__ = ["NydusdClient", "ApiClientError", "ApiReplyError"]
 
 #: Largest reply read from nydusd (metrics of many files stay far below).
 MAX_REPLY = 64 << 20
@@ -38,30 +40,13 @@ class ApiReplyError(NydusError):
     """nydusd's socket answered with something that is not a valid API reply."""
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except FileNotFoundError:
-            s.close()
-            raise NotFoundError(f"no API socket at {self.unix_path} (is nydusd running?)") \
-                from None
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
 class NydusdClient:
     def __init__(self, sock: str, timeout: float = 30.0) -> None:
         self.sock = sock
         self.timeout = timeout
+        self._transport = HTTPTransport(
+            unix_socket=sock, timeout=timeout, connect_timeout=timeout, max_idle_per_host=0
+        )
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -71,22 +56,30 @@ class NydusdClient:
             path = f"{path}?{urlencode(query)}"
         data = None if body is None else (body if isinstance(body, bytes)
                                          else json.dumps(body).encode())
-        conn = UnixHTTPConnection(self.sock, self.timeout)
         where = f"nydusd at {self.sock}"
+        headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read(MAX_REPLY + 1)
-            ctype = resp.getheader("Content-Type", "")
-        except http.client.HTTPException as e:
-            raise ApiReplyError(f"{where} sent no valid HTTP reply to {method} {path} "
-                                f"({type(e).__name__})") from None
-        except TimeoutError:
-            raise ApiReplyError(f"{where} did not answer {method} {path} within "
-                                f"{self.timeout:g}s") from None
-        finally:
-            conn.close()
+            with self._transport.handle(
+                Request(method, f"http://localhost{path}", headers, data)
+            ) as resp:
+                raw = resp.read(MAX_REPLY + 1)
+                ctype = resp.headers.get("content-type") or ""
+        except TransportError as e:
+            cause = e.__cause__
+            if isinstance(cause, FileNotFoundError):
+                raise NotFoundError(
+                    f"no API socket at {self.sock} (is nydusd running?)"
+                ) from None
+            if isinstance(cause, TimeoutError):
+                raise ApiReplyError(
+                    f"{where} did not answer {method} {path} within {self.timeout:g}s"
+                ) from None
+            if isinstance(cause, OSError) and not isinstance(cause, http.client.HTTPException):
+                raise cause from None
+            kind = type(cause).__name__ if cause is not None else "TransportError"
+            raise ApiReplyError(
+                f"{where} sent no valid HTTP reply to {method} {path} ({kind})"
+            ) from None
         if len(raw) > MAX_REPLY:
             raise ApiReplyError(f"{where}: reply to {method} {path} is over {MAX_REPLY} bytes")
         decoded: Any = None

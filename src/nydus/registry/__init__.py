@@ -3,35 +3,25 @@
 Public surface, re-exported here:
 
 - :class:`RegistryClient` (``client.py``): one registry host; ping, manifests, blob ranges
-  and streams, uploads, cross-repo mounts, tags. Thread-safe.
-- :class:`ProxySettings`, :class:`RegistryHTTPError`, :class:`ClientStats`.
+  and streams, uploads, cross-repo mounts, tags. Thread-safe. :class:`RegistryOptions` says
+  how it connects.
+- :class:`RegistryHTTPError`, :class:`ClientStats`.
 - :func:`parse_reference`, :class:`Reference` (``reference.py``).
 - :class:`Credentials`, :func:`docker_config_credentials` (``auth.py``).
-- The transport seam (``transport.py``): :class:`Transport`, :class:`HTTPTransport`,
-  :class:`MockTransport`, :class:`Request`, :class:`Response`, :class:`TransportError`,
-  :class:`TLSError`.
+- From :mod:`nydus.http`, the transport seam: :class:`MockTransport`, :class:`Request`,
+  :class:`Response`, :class:`TransportError`, :class:`TLSError`.
 
-Dependencies point down: client → auth, upload, transport → errors, format.oci.
+Dependencies point down: client → session → auth, upload → nydus.http → errors, format.oci.
 """
 
+from nydus.http import MockTransport, Request, Response, TLSError, Transport, TransportError
 from nydus.registry.auth import Credentials, docker_config_credentials
-from nydus.registry.client import ClientStats, ProxySettings, RegistryClient, RegistryHTTPError
+from nydus.registry.client import ClientStats, RegistryClient, RegistryHTTPError, RegistryOptions
 from nydus.registry.reference import Reference, parse_reference
-from nydus.registry.transport import (
-    FallbackProxyTransport,
-    Headers,
-    HTTPTransport,
-    MockTransport,
-    Request,
-    Response,
-    TLSError,
-    Transport,
-    TransportError,
-)
 
 __all__ = [
     "RegistryClient",
-    "ProxySettings",
+    "RegistryOptions",
     "RegistryHTTPError",
     "ClientStats",
     "Reference",
@@ -39,12 +29,9 @@ __all__ = [
     "Credentials",
     "docker_config_credentials",
     "Transport",
-    "HTTPTransport",
-    "FallbackProxyTransport",
     "MockTransport",
     "Request",
     "Response",
-    "Headers",
     "TransportError",
     "TLSError",
 ]

@@ -34,8 +34,8 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from nydus.errors import ConfigError, NydusError, RegistryAuthError
+from nydus.http import Request, Response, TransportError
 from nydus.registry.reference import normalize_registry
-from nydus.registry.transport import Request, Response, TransportError
 
 __all__ = [
     "Credentials",

@@ -4,30 +4,14 @@ Owns the registry API (ping, tags, manifests, blob ranges/streams/uploads/mounts
 that what came back is what was asked for (status, ``Content-Range``, lengths, digests). Auth,
 redirects, retries and the scheme are the request engine's (``session.py``,
 :class:`~nydus.registry.session.RegistrySession`, the base class). The storage backends and
-the converter are built on :class:`RegistryClient`.
-
-Policy in brief:
-
-- Auth: the first request to a host goes anonymous (or with ``registry_token``); a 401 teaches
-  the host's challenge, and the request is repeated once with Basic credentials or a bearer
-  token for the operation's scopes (``repository:<repo>:pull`` or ``pull,push``). Later
-  requests get the header up front; an expired token (401) is fetched again once.
-- Redirects (30x on GET/HEAD, for example to object storage) are followed up to 10 hops;
-  ``Authorization`` goes only to the registry's own scheme+host+port; loops are errors. The
-  final URL of a blob GET is cached per (repo, digest) for ``redirect_cache_ttl`` seconds and
-  forgotten when it fails.
-- Retries: GET/HEAD/PUT (and DELETE) are retried up to ``retry_limit`` times on connection
-  failures, timeouts, bad body framing (shorter/longer than ``Content-Length``) and on
-  408/500/502/503/504, with exponential backoff and jitter; 429 and 503 honour
-  ``Retry-After`` (capped at ``max_retry_after``). POST/PATCH are not repeated; an upload
-  whose source can be re-read is restarted from scratch instead.
-- Ranges: ``end`` is exclusive (``data[start:end]``). A 206 must carry exactly the requested
-  ``Content-Range``; a 200 (Range ignored) is sliced while streaming and never returned whole.
+the converter are built on :class:`RegistryClient`. Ranges: ``end``
+is exclusive (``data[start:end]``), checked by :func:`nydus.http.read_range` (a 206 must carry
+exactly the requested ``Content-Range``; a 200 is sliced while streaming, never returned whole).
 
 Errors: everything raises :class:`~nydus.errors.BackendError` subclasses —
 :class:`~nydus.errors.RegistryNotFound` (404), :class:`~nydus.errors.RegistryAuthError`
 (401/403, token server refusals), :class:`RegistryHTTPError` (other statuses),
-:class:`~nydus.registry.transport.TransportError` (connection, TLS, framing) — except content
+:class:`~nydus.http.TransportError` (connection, TLS, framing) — except content
 that does not match its digest, which is an :class:`~nydus.errors.IntegrityError`.
 
 Threading: a client is shared by many threads. The transport pool, token cache and redirect
@@ -55,25 +39,22 @@ from nydus.format.oci import (
     manifest_media_type,
     parse_digest,
 )
+from nydus.http import Response, TransportError, parse_content_range, range_header, read_range
 from nydus.registry.session import (
     _RETRY_STATUSES,
     MAX_MANIFEST_SIZE,
     ClientStats,
-    ProxySettings,
     RegistryHTTPError,
+    RegistryOptions,
     RegistrySession,
     Scopes,
-    _Budget,
     _error_detail,
-    _parse_content_range,
 )
-from nydus.registry.transport import Response, TransportError
 from nydus.registry.upload import BlobData, UploadSource
 
-__all__ = ["RegistryClient", "RegistryHTTPError", "ProxySettings", "ClientStats"]
-
-
 from ..format.safejson import parse_json
+
+__all__ = ["RegistryClient", "RegistryHTTPError", "RegistryOptions", "ClientStats"]
 
 
 class RegistryClient(RegistrySession):
@@ -275,29 +256,12 @@ class RegistryClient(RegistrySession):
         what = f"blob {repo}@{digest} range [{start}, {end})"
 
         def handle(resp: Response) -> bytes:
-            if resp.status == 206:
-                cr = resp.headers.get("content-range")
-                got = _parse_content_range(cr)
-                if (
-                    got is not None
-                    and got[0] == start
-                    and got[2] is not None
-                    and got[2] < end
-                    and got[1] == got[2] - 1
-                ):
-                    raise BackendError(f"{what} is beyond the end of the blob ({got[2]} bytes)")
-                if got is None or got[0] != start or got[1] != end - 1:
-                    raise TransportError(f"{what}: server sent Content-Range {cr!r}")
-                cl = resp.content_length
-                if cl is not None and cl != want:
-                    raise TransportError(f"{what}: Content-Length {cl} for {want} bytes")
-                data = resp.read(want)
-                if len(data) != want or resp.read(1):
-                    raise TransportError(f"{what}: body has the wrong length")
-                self.stats.add("blob_bytes", want)
+            if resp.status in (200, 206):
+                data, ignored = read_range(resp, start, end, what)
+                if ignored:
+                    self.stats.add("range_ignored")
+                self.stats.add("blob_bytes", end if ignored else want)
                 return data
-            if resp.status == 200:
-                return self._slice_whole(resp, start, end, what)
             if resp.status == 416:
                 detail, _ = _error_detail(resp)
                 raise BackendError(f"{what}: not satisfiable (HTTP 416){detail}")
@@ -308,29 +272,9 @@ class RegistryClient(RegistrySession):
             path,
             self.pull_scope(repo),
             handle,
-            headers={"Range": f"bytes={start}-{end - 1}"},
+            headers=range_header(start, end),
             redirect_key=key,
         )
-
-    def _slice_whole(self, resp: Response, start: int, end: int, what: str) -> bytes:
-        """The server ignored Range and sends the whole blob: skip, keep, drop the rest."""
-        self.stats.add("range_ignored")
-        total = resp.content_length
-        if total is not None and total < end:
-            raise BackendError(f"{what} is beyond the end of the blob ({total} bytes)")
-        skip = start
-        while skip:
-            n = len(resp.read(min(skip, 1 << 20)))
-            if not n:
-                raise TransportError(f"{what}: whole-blob answer ended at {start - skip}")
-            self.stats.add("blob_bytes", n)
-            skip -= n
-        data = resp.read(end - start)
-        self.stats.add("blob_bytes", len(data))
-        if len(data) != end - start:
-            raise TransportError(f"{what}: whole-blob answer ended early")
-        resp.close()  # drop the connection instead of reading the rest
-        return data
 
     def get_blob_ranges(
         self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]
@@ -384,7 +328,7 @@ class RegistryClient(RegistrySession):
         hasher = hashlib.new(parse_digest(digest)[0]) if verify else None
         pos = 0
         total: int | None = None
-        budget = _Budget(self._retry_limit)
+        budget = self._budget()
         what = f"blob {repo}@{digest}"
         while True:
             headers = {"Range": f"bytes={pos}-"} if pos else {}
@@ -401,7 +345,7 @@ class RegistryClient(RegistrySession):
                             raise TransportError(f"{what}: answer ended early")
                         skip -= n
                 elif resp.status == 206 and pos:
-                    got = _parse_content_range(resp.headers.get("content-range"))
+                    got = parse_content_range(resp.headers.get("content-range"))
                     if got is None or got[0] != pos:
                         raise TransportError(f"{what}: bad Content-Range on resume")
                     total = got[2] if got[2] is not None else total
@@ -417,7 +361,7 @@ class RegistryClient(RegistrySession):
             except TransportError as e:
                 if e.retryable and budget.take():
                     self._redirect_put(key, None)
-                    self._wait(budget.used, None, str(e))
+                    self._wait(budget, None, str(e))
                     continue
                 raise self._gave_up(e, budget) from e
             finally:
@@ -510,7 +454,7 @@ class RegistryClient(RegistrySession):
         )
 
     def _upload_with_retries(self, repo: str, src: UploadSource, location: str | None) -> None:
-        budget = _Budget(self._retry_limit)
+        budget = self._budget()
         while True:
             try:
                 self._upload_once(repo, src, location or self._start_upload(repo))
@@ -521,7 +465,7 @@ class RegistryClient(RegistrySession):
                 )
                 if transient and src.replayable and budget.take():
                     location = None
-                    self._wait(budget.used, None, f"upload of {src.digest} to {repo}: {e}")
+                    self._wait(budget, None, f"upload of {src.digest} to {repo}: {e}")
                     continue
                 raise
 

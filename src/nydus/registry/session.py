@@ -1,6 +1,6 @@
 """The request engine under :class:`~nydus.registry.client.RegistryClient`.
 
-Owns the policy above one HTTP exchange (the transport, see ``transport.py``): the scheme
+Owns the policy above one HTTP exchange (the transport, :mod:`nydus.http`): the scheme
 (fixed, auto-detected, or HTTPS falling back to HTTP with ``skip_verify``), which
 ``Authorization`` to send (``auth.py``), following and caching redirects, and retrying:
 
@@ -23,37 +23,38 @@ are locked.
 
 from __future__ import annotations
 
-import email.utils
+import dataclasses
 import logging
 import os
-import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
+from nydus.config import ProxyConfig
 from nydus.errors import BackendError, ConfigError, NydusError, RegistryAuthError, RegistryNotFound
-from nydus.registry.auth import DEFAULT_DOCKER_CONFIG, Authenticator, Credentials
-from nydus.registry.auth import docker_config_credentials as _docker_creds
-from nydus.registry.reference import registry_api_host
-from nydus.registry.transport import (
-    FallbackProxyTransport,
-    HTTPTransport,
+from nydus.http import (
+    Attempts,
     Request,
     Response,
+    RetryPolicy,
     TLSError,
     Transport,
     TransportError,
+    make_transport,
+    parse_retry_after,
 )
-
-__all__ = ["RegistrySession", "RegistryHTTPError", "ProxySettings", "ClientStats"]
+from nydus.registry.auth import DEFAULT_DOCKER_CONFIG, Authenticator, Credentials
+from nydus.registry.auth import docker_config_credentials as _docker_creds
+from nydus.registry.reference import registry_api_host
 
 from ..credentials import redact_url
 from ..format.safejson import parse_json
+
+__all__ = ["RegistrySession", "RegistryOptions", "RegistryHTTPError", "ClientStats"]
 
 log = logging.getLogger("nydus.registry")
 
@@ -63,9 +64,8 @@ Scopes = tuple[str, ...]
 MAX_MANIFEST_SIZE = 8 << 20
 MAX_REDIRECTS = 10
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-_RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
-_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
 class RegistryHTTPError(BackendError):
@@ -78,14 +78,67 @@ class RegistryHTTPError(BackendError):
 
 
 @dataclass(frozen=True)
-class ProxySettings:
-    """Upstream's ``proxy`` backend keys: a forward HTTP proxy (e.g. Dragonfly dfdaemon)."""
+class RegistryOptions:
+    """How a :class:`RegistrySession` talks to its registry (one place for every knob).
 
-    url: str
-    ping_url: str = ""
-    fallback: bool = True
-    check_interval: float = 5.0
-    use_http: bool = False
+    ``scheme=''`` auto-detects (HTTPS first, then plain HTTP). With ``skip_verify``, a server
+    that speaks plain HTTP on an ``https`` host is used over HTTP, as upstream does. ``auth`` is
+    base64 ``user:password``; ``registry_token`` is a bearer token sent as is. Without either,
+    ``docker_config`` (a path; None to disable) is consulted lazily. ``transport`` replaces the
+    HTTP stack (for tests); ``proxy`` (a :class:`~nydus.config.ProxyConfig` or its URL) routes
+    through a forward proxy with fallback.
+    """
+
+    scheme: str = "https"
+    auth: str | None = None
+    registry_token: str | None = None
+    skip_verify: bool = False
+    ca_cert_files: Sequence[str] = ()
+    timeout: float = 5.0
+    connect_timeout: float = 5.0
+    retry_limit: int = 3
+    retry_backoff: float = 0.2
+    max_backoff: float = 5.0
+    max_retry_after: float = 30.0
+    proxy: ProxyConfig | str | None = None
+    docker_config: str | os.PathLike[str] | None = DEFAULT_DOCKER_CONFIG
+    transport: Transport | None = None
+    redirect_cache_ttl: float = 60.0
+    max_workers: int = 8
+    chunk_size: int = 8 << 20
+    monolithic_max: int = 16 << 20
+    clock: Callable[[], float] = field(default=time.monotonic)
+    sleep: Callable[[float], None] = field(default=time.sleep)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("https", "http", ""):
+            raise ConfigError(
+                f"registry scheme must be https, http or empty, not {self.scheme!r}"
+            )
+        if self.retry_limit < 0 or self.chunk_size <= 0 or self.max_workers <= 0:
+            raise ConfigError("retry_limit, chunk_size and max_workers must be positive")
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            limit=self.retry_limit,
+            statuses=_RETRY_STATUSES,
+            backoff=self.retry_backoff,
+            max_backoff=self.max_backoff,
+            max_retry_after=self.max_retry_after,
+            sleep=self.sleep,
+        )
+
+    def make_transport(self) -> Transport:
+        if self.transport is not None:
+            return self.transport
+        proxy = ProxyConfig(self.proxy) if isinstance(self.proxy, str) else self.proxy
+        return make_transport(
+            skip_verify=self.skip_verify,
+            ca_cert_files=self.ca_cert_files,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            proxy=proxy,
+        )
 
 
 class ClientStats:
@@ -121,39 +174,6 @@ class ClientStats:
         raise AttributeError(name)
 
 
-class _Budget:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self) -> bool:
-        if self.used >= self.limit:
-            return False
-        self.used += 1
-        return True
-
-
-def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    m = _CONTENT_RANGE_RE.match(value or "")
-    if not m:
-        return None
-    total = None if m.group(3) == "*" else int(m.group(3))
-    return int(m.group(1)), int(m.group(2)), total
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    v = value.strip()
-    if v.isdigit():
-        return float(v)
-    try:
-        when = email.utils.parsedate_to_datetime(v)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _error_detail(resp: Response) -> tuple[str, str]:
     """(" (CODE: message)", CODE) from a registry error body, read best-effort."""
     try:
@@ -177,115 +197,53 @@ class RegistrySession:
     """Configuration and request engine for one registry host (see the module docstring).
 
     ``host`` is ``host[:port]`` (``docker.io`` means ``registry-1.docker.io``); a
-    ``http://``/``https://`` prefix on it overrides ``scheme``. ``scheme=''`` auto-detects
-    (HTTPS first, then plain HTTP). With ``skip_verify``, a server that speaks plain HTTP
-    on an ``https`` host is used over HTTP, as upstream does. ``auth`` is base64
-    ``user:password``; ``registry_token`` is a bearer token sent as is. Without either,
-    ``docker_config`` (a path, default ``~/.docker/config.json``; None to disable) is consulted
-    lazily. ``transport`` replaces the HTTP stack (for tests); ``proxy`` wraps it with a
-    forward proxy and fallback.
+    ``http://``/``https://`` prefix on it overrides the scheme. ``options`` (or keyword
+    overrides of its fields) say how to talk to it: :class:`RegistryOptions`.
     """
 
     def __init__(
-        self,
-        host: str,
-        *,
-        scheme: str = "https",
-        auth: str | None = None,
-        registry_token: str | None = None,
-        skip_verify: bool = False,
-        ca_cert_files: Sequence[str] = (),
-        timeout: float = 5.0,
-        connect_timeout: float = 5.0,
-        retry_limit: int = 3,
-        retry_backoff: float = 0.2,
-        max_backoff: float = 5.0,
-        max_retry_after: float = 30.0,
-        proxy: ProxySettings | str | None = None,
-        docker_config: str | os.PathLike[str] | None = DEFAULT_DOCKER_CONFIG,
-        transport: Transport | None = None,
-        redirect_cache_ttl: float = 60.0,
-        max_workers: int = 8,
-        chunk_size: int = 8 << 20,
-        monolithic_max: int = 16 << 20,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        self, host: str, options: RegistryOptions | None = None, /, **overrides: Any
     ) -> None:
         if "://" in host:
             parts = urlsplit(host)
-            scheme, host = parts.scheme, parts.netloc
+            overrides["scheme"], host = parts.scheme, parts.netloc
+        opts = dataclasses.replace(options or RegistryOptions(), **overrides)
         host = host.strip().rstrip("/")
         if not host or "/" in host:
             raise ConfigError(f"registry host must be host[:port], not {host!r}")
-        if scheme not in ("https", "http", ""):
-            raise ConfigError(f"registry scheme must be https, http or empty, not {scheme!r}")
-        if retry_limit < 0 or chunk_size <= 0 or max_workers <= 0:
-            raise ConfigError("retry_limit, chunk_size and max_workers must be positive")
+        self.options = opts
         self.host = registry_api_host(host)
-        self._scheme: str | None = scheme or None
-        self._skip_verify = skip_verify
+        self._scheme: str | None = opts.scheme or None
+        self._skip_verify = opts.skip_verify
         self._scheme_lock = threading.Lock()
-        self._retry_limit = retry_limit
-        self._backoff = retry_backoff
-        self._max_backoff = max_backoff
-        self._max_retry_after = max_retry_after
-        self._redirect_ttl = redirect_cache_ttl
-        self._max_workers = max_workers
-        self.chunk_size = chunk_size
-        self.monolithic_max = monolithic_max
-        self._clock = clock
-        self._sleep = sleep
+        self._retry = opts.retry_policy()
+        self._redirect_ttl = opts.redirect_cache_ttl
+        self._max_workers = opts.max_workers
+        self.chunk_size = opts.chunk_size
+        self.monolithic_max = opts.monolithic_max
+        self._clock = opts.clock
         self.stats = ClientStats()
-        self._transport = transport or self._make_transport(
-            skip_verify, ca_cert_files, timeout, connect_timeout, proxy
-        )
+        self._transport = opts.make_transport()
         creds: Credentials | None = None
-        if auth:
-            creds = Credentials.from_auth(auth)
-        if registry_token:
+        if opts.auth:
+            creds = Credentials.from_auth(opts.auth)
+        if opts.registry_token:
             base = creds or Credentials()
-            creds = Credentials(base.username, base.password, base.identity_token, registry_token)
-        cfg = docker_config
+            creds = Credentials(
+                base.username, base.password, base.identity_token, opts.registry_token
+            )
+        cfg = opts.docker_config
 
         def load() -> Credentials | None:
             return _docker_creds(self.host, cfg) if cfg is not None else None
 
         self._auth = Authenticator(
-            self._send_plain, credentials=creds, load_credentials=load, clock=clock
+            self._send_plain, credentials=creds, load_credentials=load, clock=opts.clock
         )
         self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
         self._redirect_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-
-    @staticmethod
-    def _make_transport(
-        skip_verify: bool,
-        ca_cert_files: Sequence[str],
-        timeout: float,
-        connect_timeout: float,
-        proxy: ProxySettings | str | None,
-    ) -> Transport:
-        def make(proxy_url: str | None = None, use_http: bool = False) -> HTTPTransport:
-            return HTTPTransport(
-                skip_verify=skip_verify,
-                ca_cert_files=ca_cert_files,
-                timeout=timeout,
-                connect_timeout=connect_timeout,
-                proxy=proxy_url,
-                proxy_use_http=use_http,
-            )
-
-        if proxy is None or (isinstance(proxy, ProxySettings) and not proxy.url):
-            return make()
-        ps = ProxySettings(proxy) if isinstance(proxy, str) else proxy
-        return FallbackProxyTransport(
-            make(ps.url, ps.use_http),
-            make(),
-            fallback=ps.fallback,
-            ping_url=ps.ping_url or None,
-            check_interval=ps.check_interval,
-        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -367,32 +325,28 @@ class RegistrySession:
 
     def _send_plain(self, request: Request) -> Response:
         """One request with transient-failure retries and no auth (token server calls)."""
-        budget = _Budget(self._retry_limit)
+        budget = self._budget()
         while True:
             try:
                 resp = self._transport.handle(request)
             except TransportError as e:
                 if e.retryable and budget.take():
-                    self._wait(budget.used, None, str(e))
+                    self._wait(budget, None, str(e))
                     continue
                 raise
             if resp.status in _RETRY_STATUSES and budget.take():
-                ra = _retry_after(resp.headers.get("retry-after"))
+                ra = parse_retry_after(resp.headers.get("retry-after"))
                 resp.close()
-                self._wait(budget.used, ra, f"HTTP {resp.status} from {request.url}")
+                self._wait(budget, ra, f"HTTP {resp.status} from {request.url}")
                 continue
             return resp
 
-    def _wait(self, attempt: int, retry_after: float | None, why: str) -> None:
+    def _budget(self) -> Attempts:
+        return self._retry.attempts()
+
+    def _wait(self, budget: Attempts, retry_after: float | None, why: str) -> None:
         self.stats.add("retries")
-        if retry_after is not None:
-            delay = min(retry_after, self._max_retry_after)
-        else:
-            delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 1))
-            delay *= 0.5 + random.random() / 2
-        log.info("retry %d in %.2fs: %s", attempt, delay, why)
-        if delay > 0:
-            self._sleep(delay)
+        budget.wait(retry_after, why)
 
     def _redirect_get(self, key: tuple[str, str]) -> str | None:
         with self._redirect_lock:
@@ -476,7 +430,7 @@ class RegistrySession:
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
         redirect_key: tuple[str, str] | None = None,
-        budget: _Budget,
+        budget: Attempts,
     ) -> Response:
         """Send with auth, redirects and status-level retries; returns an open response."""
         idempotent = method in _IDEMPOTENT
@@ -493,7 +447,7 @@ class RegistrySession:
                 raise
             except TransportError as e:
                 if e.retryable and idempotent and budget.take():
-                    self._wait(budget.used, None, str(e))
+                    self._wait(budget, None, str(e))
                     continue
                 raise self._gave_up(e, budget) from e
             status = resp.status
@@ -508,11 +462,11 @@ class RegistrySession:
                 how = "with the credentials given" if sent else "without credentials"
                 raise RegistryAuthError(f"{method} {url}: unauthorized {how}{detail}")
             if status in _RETRY_STATUSES:
-                ra = _retry_after(resp.headers.get("retry-after"))
+                ra = parse_retry_after(resp.headers.get("retry-after"))
                 detail, code = _error_detail(resp)
                 resp.close()
                 if (idempotent or status == 429) and budget.take():
-                    self._wait(budget.used, ra, f"{method} {url}: HTTP {status}{detail}")
+                    self._wait(budget, ra, f"{method} {url}: HTTP {status}{detail}")
                     continue
                 raise RegistryHTTPError(
                     f"{method} {url}: HTTP {status}{detail}"
@@ -522,7 +476,7 @@ class RegistrySession:
                 )
             return resp
 
-    def _gave_up(self, e: TransportError, budget: _Budget) -> TransportError:
+    def _gave_up(self, e: TransportError, budget: Attempts) -> TransportError:
         if not budget.used:
             return e
         return TransportError(
@@ -541,7 +495,7 @@ class RegistrySession:
         redirect_key: tuple[str, str] | None = None,
     ) -> T:
         """:meth:`_open`, then ``handle(response)``; body-read failures are retried too."""
-        budget = _Budget(self._retry_limit)
+        budget = self._budget()
         while True:
             resp = self._open(
                 method,
@@ -558,7 +512,7 @@ class RegistrySession:
                 if e.retryable and method in _IDEMPOTENT and budget.take():
                     if redirect_key is not None:
                         self._redirect_put(redirect_key, None)
-                    self._wait(budget.used, None, str(e))
+                    self._wait(budget, None, str(e))
                     continue
                 raise self._gave_up(e, budget) from e
             finally:

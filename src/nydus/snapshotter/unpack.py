@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter
     import argparse
     import sys
 
+    from ..config import docker_config_path
     from ..errors import NydusError
     from ..registry import RegistryClient, parse_reference
 
@@ -559,8 +560,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter
     from ..daemon.logsetup import setup_logging
 
     setup_logging("warn" if a.quiet else "info")
-    base = os.environ.get("DOCKER_CONFIG")
-    docker_config = os.path.join(base, "config.json") if base else "~/.docker/config.json"
+    docker_config = docker_config_path()
     try:
         ref = parse_reference(a.ref)
         client = RegistryClient(

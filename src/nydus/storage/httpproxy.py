@@ -15,8 +15,8 @@ import urllib.parse
 from collections.abc import Sequence
 
 from ..config import HttpProxyConfig
+from ..http import HttpClient, HttpConfig, effective_retries
 from .backend import BlobBackend
-from .http import HttpClient, TransportConfig, effective_retries
 
 __all__ = ["HttpProxyBackend"]
 
@@ -28,7 +28,7 @@ class HttpProxyBackend(BlobBackend):
         super().__init__(id)
         self.cfg = cfg
         unix = cfg.addr if cfg.addr.startswith("/") else None
-        tcfg = TransportConfig(
+        tcfg = HttpConfig(
             timeout=cfg.timeout, connect_timeout=cfg.connect_timeout,
             skip_verify=cfg.skip_verify, ca_cert_files=list(cfg.ca_cert_files),
             retry_limit=effective_retries(cfg.retry_limit),

@@ -19,16 +19,19 @@ import datetime as _dt
 import email.utils
 import hashlib
 import hmac
+import os
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..config import OssConfig, S3Config
+from ..http import HttpClient, HttpConfig, effective_retries
+from ..http.client import HeadersFn
 from .backend import BlobBackend
-from .http import HttpClient, TransportConfig, effective_retries
 
-__all__ = ["S3Backend", "OssBackend", "sigv4_headers", "oss_authorization"]
+__all__ = ["S3Backend", "OssBackend", "sigv4_headers", "oss_authorization", "make_object_backend"]
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"  # the payload hash of a streamed upload
 S3_DEFAULT_ENDPOINT = "s3.amazonaws.com"
 
 
@@ -40,8 +43,8 @@ def _split_endpoint(endpoint: str, scheme: str) -> tuple[str, str]:
     return scheme or "https", endpoint.rstrip("/")
 
 
-def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> TransportConfig:
-    return TransportConfig(
+def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> HttpConfig:
+    return HttpConfig(
         timeout=cfg.timeout, connect_timeout=cfg.connect_timeout, skip_verify=cfg.skip_verify,
         ca_cert_files=list(cfg.ca_cert_files), retry_limit=effective_retries(cfg.retry_limit),
         proxy=cfg.proxy if cfg.proxy.url else None, resolve=dict(resolve or {}),
@@ -55,6 +58,7 @@ def _hmac(key: bytes, msg: str) -> bytes:
 def sigv4_headers(
     method: str, url: str, headers: Mapping[str, str], *, access_key_id: str,
     secret: str, region: str, service: str = "s3", now: _dt.datetime | None = None,
+    payload_hash: str = EMPTY_SHA256,
 ) -> dict[str, str]:
     """``headers`` plus ``x-amz-date``, ``x-amz-content-sha256`` and ``Authorization``."""
     now = now or _dt.datetime.now(_dt.UTC)
@@ -62,11 +66,11 @@ def sigv4_headers(
     day = now.strftime("%Y%m%d")
     u = urllib.parse.urlsplit(url)
     host = u.netloc
-    out = {**headers, "x-amz-date": amz_date, "x-amz-content-sha256": EMPTY_SHA256}
+    out = {**headers, "x-amz-date": amz_date, "x-amz-content-sha256": payload_hash}
     canon = {"host": host}
     for k, v in out.items():
         lk = k.lower()
-        if lk in ("authorization", "user-agent"):
+        if lk in ("authorization", "user-agent", "content-length"):
             continue
         canon[lk] = " ".join(v.strip().split())
     signed = ";".join(sorted(canon))
@@ -76,7 +80,7 @@ def sigv4_headers(
         f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
         for k, v in sorted(urllib.parse.parse_qsl(u.query, keep_blank_values=True))
     )
-    creq = "\n".join([method, path, query, canon_headers, signed, EMPTY_SHA256])
+    creq = "\n".join([method, path, query, canon_headers, signed, payload_hash])
     scope = f"{day}/{region}/{service}/aws4_request"
     sts = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
                      hashlib.sha256(creq.encode()).hexdigest()])
@@ -94,8 +98,10 @@ def oss_authorization(
     method: str, resource: str, date: str, *, access_key_id: str, secret: str,
     oss_headers: Mapping[str, str] | None = None,
 ) -> str:
-    """The OSS ``Authorization`` header value for a request without body."""
-    parts = [method, "", "", date]
+    """The OSS ``Authorization`` header value; ``oss_headers`` are the request's headers
+    (``Content-MD5``, ``Content-Type`` and the ``x-oss-`` ones are signed)."""
+    lower = {k.lower(): v for k, v in (oss_headers or {}).items()}
+    parts = [method, lower.get("content-md5", ""), lower.get("content-type", ""), date]
     canon = sorted(
         (k.lower(), v.strip()) for k, v in (oss_headers or {}).items()
         if k.lower().startswith("x-oss-")
@@ -104,6 +110,12 @@ def oss_authorization(
     parts.append(resource)
     mac = hmac.new(secret.encode(), "\n".join(parts).encode(), hashlib.sha1).digest()
     return f"OSS {access_key_id}:{base64.b64encode(mac).decode()}"
+
+
+def _file_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            yield piece
 
 
 class _ObjectBackend(BlobBackend):
@@ -121,11 +133,25 @@ class _ObjectBackend(BlobBackend):
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
         raise NotImplementedError
 
-    def _signer(self, extra: Mapping[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def _signer(self, extra: Mapping[str, str] | None = None) -> HeadersFn:
         def headers(method: str, url: str) -> Mapping[str, str]:
             return self.sign(method, url, dict(extra or {}))
 
         return headers
+
+    def has_blob(self, blob_id: str) -> bool:
+        """True if the object exists (HEAD; 404 is False)."""
+        return self.http.call("HEAD", self.url(blob_id), lambda r: r.status == 200,
+                              headers=self._signer(), ok=(200, 404),
+                              what=f"HEAD {self.key(blob_id)}")
+
+    def put_file(self, blob_id: str, path: str) -> None:
+        """Upload the file as the object, in one streamed PUT (retried from the start)."""
+        extra = {"Content-Length": str(os.path.getsize(path)),
+                 "Content-Type": "application/octet-stream"}
+        self.http.call("PUT", self.url(blob_id), lambda r: None, headers=self._signer(extra),
+                       body=lambda: _file_chunks(path), ok=(200, 201, 204),
+                       what=f"PUT {self.key(blob_id)}")
 
     def _blob_size(self, blob_id: str) -> int:
         return self.http.head_size(self.url(blob_id), headers=self._signer(),
@@ -161,7 +187,8 @@ class S3Backend(_ObjectBackend):
         if not self.cfg.access_key_id:
             return dict(headers)
         return sigv4_headers(method, url, headers, access_key_id=self.cfg.access_key_id,
-                             secret=self.cfg.access_key_secret, region=self.region)
+                             secret=self.cfg.access_key_secret, region=self.region,
+                             payload_hash=UNSIGNED_PAYLOAD if method == "PUT" else EMPTY_SHA256)
 
 
 class OssBackend(_ObjectBackend):
@@ -188,3 +215,12 @@ class OssBackend(_ObjectBackend):
     @staticmethod
     def key_of_url(url: str) -> str:
         return urllib.parse.unquote(urllib.parse.urlsplit(url).path.lstrip("/"))
+
+
+def make_object_backend(kind: str, cfg: OssConfig, id: str = "",
+                        resolve: Mapping[str, str] | None = None) -> S3Backend | OssBackend:
+    """The ``s3`` or ``oss`` backend for ``cfg`` (an :class:`S3Config` for ``s3``)."""
+    if kind == "s3":
+        assert isinstance(cfg, S3Config)
+        return S3Backend(cfg, id, resolve)
+    return OssBackend(cfg, id, resolve)

@@ -12,8 +12,8 @@ keys onto it (nydus-reference.md §1.2):
 ``blob_url_scheme`` (blob requests go to that host/scheme, with the same credentials).
 
 ``retry_limit``: upstream's default 0 means "no retries"; here 0 means
-:data:`~nydus.storage.http.DEFAULT_RETRIES`, as for every network backend
-(:func:`~nydus.storage.http.effective_retries`). A positive value is used as is.
+:data:`~nydus.http.DEFAULT_RETRIES`, as for every network backend
+(:func:`~nydus.http.effective_retries`). A positive value is used as is.
 
 Thread-safe (the client is).
 """
@@ -25,33 +25,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import RegistryConfig
-from ..registry import RegistryClient
-from ..registry.client import ProxySettings
+from ..http import effective_retries
+from ..registry import RegistryClient, RegistryOptions
 from .backend import BlobBackend
-from .http import effective_retries
 
-__all__ = ["RegistryBackend", "client_kwargs"]
+__all__ = ["RegistryBackend", "registry_options"]
 
 
-def client_kwargs(cfg: RegistryConfig) -> dict[str, Any]:
-    """:class:`RegistryClient` keyword arguments for a ``registry`` backend config."""
-    proxy = None
-    if cfg.proxy.url:
-        proxy = ProxySettings(
-            url=cfg.proxy.url, ping_url=cfg.proxy.ping_url, fallback=cfg.proxy.fallback,
-            check_interval=float(cfg.proxy.check_interval), use_http=cfg.proxy.use_http,
-        )
-    return {
-        "scheme": cfg.scheme,
-        "auth": cfg.auth or None,
-        "registry_token": cfg.registry_token or None,
-        "skip_verify": cfg.skip_verify,
-        "ca_cert_files": list(cfg.ca_cert_files),
-        "timeout": float(cfg.timeout),
-        "connect_timeout": float(cfg.connect_timeout),
-        "retry_limit": effective_retries(cfg.retry_limit),
-        "proxy": proxy,
-    }
+def registry_options(cfg: RegistryConfig) -> RegistryOptions:
+    """:class:`RegistryOptions` for a ``registry`` backend config."""
+    return RegistryOptions(
+        scheme=cfg.scheme,
+        auth=cfg.auth or None,
+        registry_token=cfg.registry_token or None,
+        skip_verify=cfg.skip_verify,
+        ca_cert_files=tuple(cfg.ca_cert_files),
+        timeout=float(cfg.timeout),
+        connect_timeout=float(cfg.connect_timeout),
+        retry_limit=effective_retries(cfg.retry_limit),
+        proxy=cfg.proxy if cfg.proxy.url else None,
+    )
 
 
 class RegistryBackend(BlobBackend):
@@ -66,14 +59,12 @@ class RegistryBackend(BlobBackend):
 
     def _make_clients(self, cfg: RegistryConfig) -> None:
         self.cfg = cfg
-        kw = {**client_kwargs(cfg), **self._overrides}
-        client = RegistryClient(cfg.host, **kw)
+        opts = dataclasses.replace(registry_options(cfg), **self._overrides)
+        client = RegistryClient(cfg.host, opts)
         blob_client = client
         if cfg.blob_redirected_host or cfg.blob_url_scheme:
-            bkw = dict(kw)
-            if cfg.blob_url_scheme:
-                bkw["scheme"] = cfg.blob_url_scheme
-            blob_client = RegistryClient(cfg.blob_redirected_host or cfg.host, **bkw)
+            bopts = dataclasses.replace(opts, scheme=cfg.blob_url_scheme or opts.scheme)
+            blob_client = RegistryClient(cfg.blob_redirected_host or cfg.host, bopts)
         self.client, self.blob_client = client, blob_client
 
     def update_auth(self, auth: str) -> None:

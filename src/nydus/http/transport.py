@@ -1,15 +1,14 @@
-"""HTTP transports for the registry client: the injectable seam between policy and sockets.
+"""HTTP transports: the injectable seam between request policy and sockets.
 
 Owns one request/response exchange and nothing above it: no auth, no redirects, no retries
-(those are the client's policy). A transport takes a :class:`Request` (absolute URL) and
+(those are the clients' policy). A transport takes a :class:`Request` (absolute URL) and
 returns a :class:`Response` whose body is read incrementally and whose length is checked:
 
 - :class:`HTTPTransport` speaks HTTP/1.1 over ``http.client`` with a keep-alive pool per
   ``(scheme, host, port)``, separate connect and read timeouts, TLS from the system CAs plus
-  ``ca_cert_files`` (or no verification with ``skip_verify``), and an optional forward proxy
-  (absolute-URI requests for ``http``, ``CONNECT`` tunnels for ``https``).
-- :class:`FallbackProxyTransport` sends through a proxy transport while it is healthy and
-  falls back to a direct one (upstream's ``proxy{url, fallback, ping_url, check_interval}``).
+  ``ca_cert_files`` (or no verification with ``skip_verify``), an optional forward proxy
+  (absolute-URI requests for ``http``, ``CONNECT`` tunnels for ``https``), or a unix socket
+  that carries every request (``unix_socket``).
 - :class:`MockTransport` calls a function: for unit tests, in the spirit of httpx.
 
 Body checks: a body that ends before its ``Content-Length`` raises :class:`TransportError`;
@@ -30,7 +29,6 @@ import select
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -47,12 +45,11 @@ __all__ = [
     "TransportError",
     "TLSError",
     "HTTPTransport",
-    "FallbackProxyTransport",
     "MockTransport",
     "make_ssl_context",
 ]
 
-log = logging.getLogger("nydus.registry")
+log = logging.getLogger("nydus.http")
 
 RequestBody = bytes | Iterable[bytes] | None
 
@@ -269,38 +266,52 @@ def make_ssl_context(
 
 
 class _HTTPConnection(http.client.HTTPConnection):
-    """Connect with ``connect_timeout``, then use ``read_timeout`` for every socket read."""
+    """Connect with ``connect_timeout`` (to ``address``, or over the ``unix`` socket; TLS with
+    ``context``), then use ``read_timeout`` for every socket read."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float):
-        super().__init__(host, port, timeout=connect_timeout)
-        self.read_timeout = read_timeout
-
-    def connect(self) -> None:
-        super().connect()
-        assert self.sock is not None
-        self.sock.settimeout(self.read_timeout)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
     def __init__(
         self,
         host: str,
         port: int,
         connect_timeout: float,
         read_timeout: float,
-        context: ssl.SSLContext,
-    ):
-        super().__init__(host, port, timeout=connect_timeout, context=context)
+        *,
+        context: ssl.SSLContext | None = None,
+        address: str | None = None,
+        unix: str | None = None,
+    ) -> None:
+        super().__init__(host, port, timeout=connect_timeout)
         self.read_timeout = read_timeout
+        self._context = context
+        self._address = address or host
+        self._unix = unix
+
+    def _open_socket(self) -> socket.socket:
+        if self._unix is not None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self._unix)
+            except BaseException:
+                s.close()
+                raise
+            return s
+        s = socket.create_connection((self._address, self.port), self.timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
 
     def connect(self) -> None:
-        super().connect()
-        assert self.sock is not None
+        self.sock = self._open_socket()
+        tunnel_host = getattr(self, "_tunnel_host", None)
+        if tunnel_host:
+            self._tunnel()  # type: ignore[attr-defined]
+        if self._context is not None:
+            name = tunnel_host or self.host
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=name)
         self.sock.settimeout(self.read_timeout)
 
 
 _PoolKey = tuple[str, str, int]
-_Conn = _HTTPConnection | _HTTPSConnection
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:
@@ -337,7 +348,7 @@ def _socket_readable(sock: socket.socket | None) -> bool:
 class _Pool:
     def __init__(self, max_idle: int) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[_PoolKey, list[_Conn]] = {}
+        self._idle: dict[_PoolKey, list[_HTTPConnection]] = {}
         self._max_idle = max_idle
         self.opened = 0
 
@@ -345,7 +356,7 @@ class _Pool:
         with self._lock:
             self.opened += 1
 
-    def get(self, key: _PoolKey) -> _Conn | None:
+    def get(self, key: _PoolKey) -> _HTTPConnection | None:
         while True:
             with self._lock:
                 conns = self._idle.get(key)
@@ -357,7 +368,7 @@ class _Pool:
                 continue
             return conn
 
-    def put(self, key: _PoolKey, conn: _Conn) -> None:
+    def put(self, key: _PoolKey, conn: _HTTPConnection) -> None:
         with self._lock:
             conns = self._idle.setdefault(key, [])
             if len(conns) < self._max_idle:
@@ -380,14 +391,14 @@ class _HTTPBody:
         self,
         pool: _Pool,
         key: _PoolKey,
-        conn: _Conn,
+        conn: _HTTPConnection,
         resp: http.client.HTTPResponse,
         url: str,
         no_body: bool,
     ) -> None:
         self._pool = pool
         self._key = key
-        self._conn: _Conn | None = conn
+        self._conn: _HTTPConnection | None = conn
         self._resp = resp
         self._url = url
         self._total = None if resp.chunked else resp.length
@@ -425,17 +436,17 @@ class _HTTPBody:
             raise
         except http.client.IncompleteRead as e:
             self._abort()
-            raise TransportError(f"body of {self._url} cut short: {e}") from None
-        except TimeoutError:
+            raise TransportError(f"body of {self._url} cut short: {e}") from e
+        except TimeoutError as e:
             self._abort()
             raise TransportError(
                 f"timed out reading the body of {self._url} after {self._got} bytes"
-            ) from None
+            ) from e
         except (OSError, http.client.HTTPException, ValueError) as e:
             self._abort()
             raise TransportError(
                 f"connection lost reading the body of {self._url} after {self._got} bytes: {e!r}"
-            ) from None
+            ) from e
 
     def _finish(self) -> None:
         self._done = True
@@ -455,7 +466,7 @@ class _HTTPBody:
         else:
             self._pool.put(self._key, conn)
 
-    def _extra_bytes_pending(self, conn: _Conn) -> bool:
+    def _extra_bytes_pending(self, conn: _HTTPConnection) -> bool:
         fp, sock = self._resp.fp, conn.sock
         if fp is None or sock is None:
             return False
@@ -486,11 +497,13 @@ class _HTTPBody:
 
 
 class HTTPTransport:
-    """HTTP/1.1 with keep-alive pooling, TLS and an optional forward proxy.
+    """HTTP/1.1 with keep-alive pooling, TLS and an optional forward proxy or unix socket.
 
-    ``proxy`` is ``http://host:port`` of a forward proxy (for example Dragonfly's dfdaemon);
+    ``proxy`` is ``http(s)://host:port`` of a forward proxy (for example Dragonfly's dfdaemon);
     with ``proxy_use_http`` https URLs are sent to it as plain http (upstream ``use_http``).
-    ``opened`` counts the TCP connections made (tests check pooling with it).
+    ``unix_socket`` sends every request over that socket (the URL's host is ignored).
+    ``resolve`` maps host names to the addresses to connect to (a test seam).
+    ``opened`` counts the connections made (tests check pooling with it).
     """
 
     def __init__(
@@ -503,6 +516,8 @@ class HTTPTransport:
         connect_timeout: float = 5.0,
         proxy: str | None = None,
         proxy_use_http: bool = False,
+        unix_socket: str | None = None,
+        resolve: Mapping[str, str] | None = None,
         max_idle_per_host: int = 16,
     ) -> None:
         self._ctx = ssl_context or make_ssl_context(
@@ -510,15 +525,16 @@ class HTTPTransport:
         )
         self._timeout = timeout
         self._connect_timeout = connect_timeout
-        self._proxy: tuple[str, int] | None = None
+        self._proxy: tuple[str, int, bool] | None = None
         if proxy:
-            pscheme, phost, pport, _ = _split_url(proxy if "://" in proxy else "http://" + proxy)
-            if pscheme != "http":
-                raise TransportError(
-                    f"only http:// proxies are supported, not {proxy!r}", retryable=False
-                )
-            self._proxy = (phost, pport)
+            try:
+                pscheme, phost, pport, _ = _split_url(proxy if "://" in proxy else f"http://{proxy}")
+            except TransportError:
+                raise ConfigError(f"proxy.url: invalid URL {proxy!r}") from None
+            self._proxy = (phost, pport, pscheme == "https")
         self._proxy_use_http = proxy_use_http
+        self._unix = unix_socket
+        self._resolve = dict(resolve or {})
         self._pool = _Pool(max_idle_per_host)
 
     @property
@@ -528,18 +544,20 @@ class HTTPTransport:
     def close(self) -> None:
         self._pool.close()
 
-    def _new_conn(self, scheme: str, host: str, port: int) -> _Conn:
+    def _new_conn(self, scheme: str, host: str, port: int) -> _HTTPConnection:
         self._pool.count_open()
+        t, c = self._timeout, self._connect_timeout
+        ctx = self._ctx if scheme == "https" else None
+        if self._unix is not None:
+            return _HTTPConnection("localhost", 80, c, t, unix=self._unix)
         if self._proxy is not None:
-            phost, pport = self._proxy
-            if scheme == "https":
-                c = _HTTPSConnection(phost, pport, self._connect_timeout, self._timeout, self._ctx)
-                c.set_tunnel(host, port)
-                return c
-            return _HTTPConnection(phost, pport, self._connect_timeout, self._timeout)
-        if scheme == "https":
-            return _HTTPSConnection(host, port, self._connect_timeout, self._timeout, self._ctx)
-        return _HTTPConnection(host, port, self._connect_timeout, self._timeout)
+            phost, pport, tls_proxy = self._proxy
+            if scheme == "https":  # a CONNECT tunnel, then TLS with the origin
+                conn = _HTTPConnection(phost, pport, c, t, context=ctx)
+                conn.set_tunnel(host, port)
+                return conn
+            return _HTTPConnection(phost, pport, c, t, context=self._ctx if tls_proxy else None)
+        return _HTTPConnection(host, port, c, t, context=ctx, address=self._resolve.get(host))
 
     def handle(self, request: Request) -> Response:
         url = request.url
@@ -549,6 +567,8 @@ class HTTPTransport:
         if self._proxy is not None and scheme == "http":
             target = url  # absolute-URI form for a forward proxy
         key: _PoolKey = (scheme, host, port)
+        if self._unix is not None:
+            key = ("unix", self._unix, 0)
         replayable = request.body is None or isinstance(request.body, bytes | bytearray)
         while True:
             conn = self._pool.get(key)
@@ -558,6 +578,8 @@ class HTTPTransport:
                 self._connect(conn, scheme, host, port)
             try:
                 headers = dict(request.headers)
+                if self._unix is not None:
+                    headers.setdefault("Host", "localhost")
                 conn.request(request.method, target, body=request.body, headers=headers)
                 resp = conn.getresponse()
             except (
@@ -569,18 +591,18 @@ class HTTPTransport:
                 conn.close()
                 if reused and replayable:
                     continue  # the server dropped an idle keep-alive connection: try a fresh one
-                raise TransportError(f"{request.method} {url}: connection lost: {e!r}") from None
-            except TimeoutError:
+                raise TransportError(f"{request.method} {url}: connection lost: {e!r}") from e
+            except TimeoutError as e:
                 conn.close()
                 raise TransportError(
                     f"{request.method} {url}: timed out waiting for the answer ({self._timeout}s)"
-                ) from None
+                ) from e
             except ssl.SSLError as e:
                 conn.close()
                 raise TransportError(f"{request.method} {url}: TLS error: {e}") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
-                raise TransportError(f"{request.method} {url}: {e!r}") from None
+                raise TransportError(f"{request.method} {url}: {e!r}") from e
             no_body = (
                 request.method == "HEAD" or resp.status in (204, 304) or (100 <= resp.status < 200)
             )
@@ -588,8 +610,8 @@ class HTTPTransport:
             body = _HTTPBody(self._pool, key, conn, resp, url, no_body)
             return Response(resp.status, resp.reason, headers_out, request.url, body)
 
-    def _connect(self, conn: _Conn, scheme: str, host: str, port: int) -> None:
-        where = f"{scheme}://{host}:{port}"
+    def _connect(self, conn: _HTTPConnection, scheme: str, host: str, port: int) -> None:
+        where = f"unix:{self._unix}" if self._unix is not None else f"{scheme}://{host}:{port}"
         try:
             conn.connect()
         except ssl.SSLCertVerificationError as e:
@@ -613,97 +635,16 @@ class HTTPTransport:
         except socket.gaierror as e:
             conn.close()
             raise TransportError(f"cannot resolve {host}: {e}", retryable=False) from None
-        except TimeoutError:
+        except TimeoutError as e:
             conn.close()
             raise TransportError(
                 f"timed out connecting to {where} ({self._connect_timeout}s)"
-            ) from None
+            ) from e
         except OSError as e:
             conn.close()
             if self._proxy is not None and "Tunnel connection failed" in str(e):
                 raise TransportError(f"proxy refused CONNECT to {where}: {e}") from None
-            raise TransportError(f"cannot connect to {where}: {e}") from None
-
-
-# --- proxy with fallback ------------------------------------------------------------------
-
-
-class FallbackProxyTransport:
-    """Send through ``proxied`` while it works; on failure fall back to ``direct``.
-
-    A transport error from the proxy (or a 5xx from it, when ``fallback`` is on) marks the
-    proxy unhealthy; it is tried again after ``check_interval`` seconds, once a GET of
-    ``ping_url`` (if given) answers 2xx. With ``fallback=False`` proxy errors are raised.
-    Only requests with replayable bodies fall back.
-    """
-
-    def __init__(
-        self,
-        proxied: Transport,
-        direct: Transport,
-        *,
-        fallback: bool = True,
-        ping_url: str | None = None,
-        check_interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._proxied = proxied
-        self._direct = direct
-        self._fallback = fallback
-        self._ping_url = ping_url
-        self._interval = check_interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self.fallbacks = 0
-
-    def _proxy_usable(self) -> bool:
-        with self._lock:
-            if self._down_since is None:
-                return True
-            if self._clock() - self._down_since < self._interval:
-                return False
-            self._down_since = self._clock()  # one thread probes; others keep going direct
-        if self._ping_url:
-            try:
-                with self._direct.handle(Request("GET", self._ping_url)) as r:
-                    ok = 200 <= r.status < 300
-            except TransportError:
-                ok = False
-            if not ok:
-                return False
-        with self._lock:
-            self._down_since = None
-        return True
-
-    def _mark_down(self, why: str) -> None:
-        with self._lock:
-            if self._down_since is None:
-                log.warning("proxy unhealthy (%s); falling back to direct requests", why)
-            self._down_since = self._clock()
-
-    def handle(self, request: Request) -> Response:
-        replayable = request.body is None or isinstance(request.body, bytes | bytearray)
-        if not self._fallback:
-            return self._proxied.handle(request)
-        if self._proxy_usable():
-            try:
-                resp = self._proxied.handle(request)
-            except TransportError as e:
-                if not replayable:
-                    raise
-                self._mark_down(str(e))
-            else:
-                if resp.status < 500 or not replayable:
-                    return resp
-                resp.close()
-                self._mark_down(f"proxy answered {resp.status}")
-            self.fallbacks += 1
-        return self._direct.handle(request)
-
-    def close(self) -> None:
-        self._proxied.close()
-        self._direct.close()
+            raise TransportError(f"cannot connect to {where}: {e}") from e
 
 
 # --- mock ---------------------------------------------------------------------------------
