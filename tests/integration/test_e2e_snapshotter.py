@@ -42,8 +42,8 @@ from containerd import (
     nydusify_convert,
     skopeo_push,
 )
-from nydus.snapshotter.api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
-from nydus.snapshotter.rpc import ServiceClient
+from nydus.snapshotter.containerd.proto import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
+from nydus.snapshotter.containerd.rpc import ServiceClient
 from registry import FaultProxy, RegistryServer, free_port, registry_plain  # noqa: F401
 
 pytestmark = [

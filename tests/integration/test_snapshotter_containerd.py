@@ -52,8 +52,8 @@ from containerd import (
 from nydus.kernel_mount import mount_erofs, umount
 from nydus.metadata import open_bootstrap
 from nydus.registry import RegistryClient
-from nydus.snapshotter.mounter import NydusMounter
-from nydus.snapshotter.unpack import RegistrySource, RemoteUnpacker, UnpackResult
+from nydus.snapshotter.content.pull import RegistrySource, RemoteUnpacker, UnpackResult
+from nydus.snapshotter.snapshots.mounter import NydusMounter
 from registry import FaultProxy, RegistryServer, registry_plain  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(
@@ -549,7 +549,7 @@ def test_nydus_image_runs_through_the_daemon_manager_with_a_localfs_template(
     try:
         # the module's command line (the console script nydus-pull runs the same code)
         p = subprocess.run(
-            [sys.executable, "-m", "nydus.snapshotter.unpack", "-a", str(s.ctd.address),
+            [sys.executable, "-m", "nydus.cli.pull", "-a", str(s.ctd.address),
              "-n", s.ctd.namespace, "--plain-http", ref],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip

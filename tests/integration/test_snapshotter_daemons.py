@@ -24,9 +24,9 @@ import pytest
 
 from containerd import stop_recorded_daemons
 from nydus.snapshotter.config import SnapshotterConfig
-from nydus.snapshotter.errdefs import DaemonError
-from nydus.snapshotter.manager import DaemonManager
-from nydus.snapshotter.mounter import RecoveredMount
+from nydus.snapshotter.containerd.errdefs import DaemonError
+from nydus.snapshotter.daemons.manager import DaemonManager
+from nydus.snapshotter.snapshots.mounter import RecoveredMount
 
 pytestmark = [
     pytest.mark.kernel,
@@ -242,7 +242,7 @@ def test_sigkill_restored_erofs_mode(
 ) -> None:
     """A nydusd serving kernel EROFS mounts dies: its stale EROFS mounts and its blob fs are
     detached, a new daemon mounts the images again (failover: restart semantics, said why)."""
-    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.daemons.manager")
     a, b = images
     m = make(tmp_path, mode, policy, fs_driver="erofs")
     managers.append(m)
@@ -294,7 +294,7 @@ def test_adopted_after_restart_and_released_when_unused(
     managers: list[DaemonManager],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.daemons.manager")
     a, b = images
     m1 = make(tmp_path, policy=policy)
     la = m1.mount("1", a, "reg/a:1", {})
@@ -408,7 +408,7 @@ def test_recorded_bootstrap_digest_is_passed_and_enforced(
     """The digest the snapshotter recorded reaches nydusd at the first mount, after a restart
     of the daemon and after a restart of the snapshotter; a bootstrap whose bytes changed at
     rest is refused; a snapshot without a record is mounted unchecked, said once at info."""
-    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.daemons.manager")
     a, b = images
     good_a = _sha256(a)
     m1 = make(tmp_path, mode)

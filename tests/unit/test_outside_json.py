@@ -54,8 +54,8 @@ def test_files_and_answers_read_by_the_snapshotter_and_the_registry_client(
         doc: bytes, tmp_path: Path) -> None:
     from nydus.registry.auth import docker_config_credentials
     from nydus.snapshotter.config import load_nydusd_config
-    from nydus.snapshotter.remotelayers import parse_json_object
-    from nydus.snapshotter.unpack import _json_object
+    from nydus.snapshotter.content.pull import _json_object
+    from nydus.snapshotter.content.remotelayers import parse_json_object
 
     f = tmp_path / "doc.json"
     f.write_bytes(doc)
@@ -71,7 +71,7 @@ def test_files_and_answers_read_by_the_snapshotter_and_the_registry_client(
 
 def test_daemon_manager_state_file(tmp_path: Path) -> None:
     from nydus.snapshotter.config import SnapshotterConfig
-    from nydus.snapshotter.manager import DaemonManager
+    from nydus.snapshotter.daemons.manager import DaemonManager
 
     root = tmp_path / "root"
     (root / "daemons").mkdir(parents=True)

@@ -20,7 +20,8 @@ import pytest
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from nydus.errors import BackendError
-from nydus.snapshotter.api import (
+from nydus.snapshotter.containerd.errdefs import SnapshotExists, SnapshotPreconditionFailed
+from nydus.snapshotter.containerd.proto import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
     SNAPSHOTS_SERVICE,
@@ -29,19 +30,18 @@ from nydus.snapshotter.api import (
     images_pb2,
     snapshots_pb2,
 )
-from nydus.snapshotter.core import Snapshotter
-from nydus.snapshotter.errdefs import SnapshotExists, SnapshotPreconditionFailed
-from nydus.snapshotter.imageref import ContainerdImageResolver, LayerMatch, chain_ids
-from nydus.snapshotter.labels import (
+from nydus.snapshotter.containerd.rpc import ServiceClient, generic_handler
+from nydus.snapshotter.server import SnapshotterServer
+from nydus.snapshotter.snapshots.core import Snapshotter
+from nydus.snapshotter.snapshots.imageref import ContainerdImageResolver, LayerMatch, chain_ids
+from nydus.snapshotter.snapshots.labels import (
     CRI_IMAGE_REF,
     NYDUS_BLOB,
     NYDUS_BOOTSTRAP,
     NYDUS_FS_VERSION,
     SNAPSHOT_REF,
 )
-from nydus.snapshotter.mounter import DaemonManagerMissing, NydusMounter, RecoveredMount
-from nydus.snapshotter.rpc import ServiceClient, generic_handler
-from nydus.snapshotter.service import SnapshotterServer
+from nydus.snapshotter.snapshots.mounter import DaemonManagerMissing, NydusMounter, RecoveredMount
 
 S = snapshots_pb2
 

@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import FormatError
-from ..format.safejson import parse_json_object
-from .errdefs import (
+from ...errors import FormatError
+from ...format.safejson import parse_json_object
+from ..containerd.errdefs import (
     ContentLocked,
     ContentOutOfRange,
     SnapshotExists,

@@ -61,16 +61,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..credentials import private_dir
-from ..daemon.client import ApiClientError
-from ..errors import ConfigError, NydusError
-from ..format.safejson import parse_json_object
+from ...credentials import private_dir
+from ...daemon.client import ApiClientError
+from ...errors import ConfigError, NydusError
+from ...format.safejson import parse_json_object
+from ..config import SnapshotterConfig
+from ..containerd.errdefs import DaemonError
+from ..snapshots.mounter import NydusMounter, RecoveredMount
 from . import cachegc
-from .config import SnapshotterConfig
-from .daemon import DaemonProcess, log_tail
-from .errdefs import DaemonError
 from .imageconfig import DEFAULT_TEMPLATE, check_template, image_config
-from .mounter import NydusMounter, RecoveredMount
+from .process import DaemonProcess, log_tail
 from .supervisor import FdSupervisor
 
 __all__ = ["DaemonManager", "ImageMetrics", "ImageRecord", "resolve_nydusd"]
@@ -176,12 +176,6 @@ class DaemonManager(NydusMounter):
         if start_watcher and config.daemon_check_interval > 0:
             self._watcher = threading.Thread(target=self._watch, name="nydusd-watcher", daemon=True)
             self._watcher.start()
-        self.metrics_server: Any = None
-        if config.metrics_address:
-            from .metrics import MetricsServer
-
-            self.metrics_server = MetricsServer(self, config.metrics_address)
-            self.metrics_server.start()
 
     # -- paths and ids ---------------------------------------------------------------------------
 
@@ -718,8 +712,6 @@ class DaemonManager(NydusMounter):
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(10)
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
         self._save()
         self.supervisor.close()
         if self.sock_dir.parent == _RUN_SOCK_DIR:  # ours alone: remove it when nothing is left

@@ -28,7 +28,7 @@ import errno as _errno
 
 import grpc
 
-from ..errors import BackendError, ConfigError, NotFoundError, NydusError, UnsupportedError
+from ...errors import BackendError, ConfigError, NotFoundError, NydusError, UnsupportedError
 
 __all__ = [
     "ContentLocked",

@@ -67,10 +67,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from ..credentials import private_dir
-from ..errors import FormatError, NydusError
-from ..metadata import parse_bootstrap_digest, read_bootstrap_file
-from .errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
+from ...credentials import private_dir
+from ...errors import FormatError, NydusError
+from ...metadata import parse_bootstrap_digest, read_bootstrap_file
+from ..containerd.errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
 from .filters import parse_all
 from .fsutil import disk_usage, remove_tree
 from .imageref import ImageRefResolver, LayerResolver, image_ref_from_labels, namespace_of_key

@@ -1,20 +1,16 @@
-"""containerd's ``containerd.services.snapshots.v1.Snapshots`` gRPC service on a unix socket.
+"""containerd's ``containerd.services.snapshots.v1.Snapshots`` gRPC service.
 
 :class:`SnapshotsService` turns requests into :class:`~.core.Snapshotter` calls and errors into
-the status codes containerd expects (:func:`.errdefs.grpc_code_of`); it holds no logic of its
-own. :class:`SnapshotterServer` owns the listening socket: it refuses an address another live
-server answers on, replaces a stale socket file, and removes its socket when stopped.
+the status codes containerd expects (:func:`~..containerd.errdefs.grpc_code_of`); it holds no
+logic of its own. :class:`~nydus.snapshotter.server.SnapshotterServer` serves it.
 
 containerd calls us as a proxy plugin (``[proxy_plugins.NAME] type = "snapshot"``); the
 ``snapshotter`` field of each request is that plugin name: it is remembered
 (:attr:`SnapshotsService.plugin_name`, default ``nydus``) for the calls the snapshotter makes to
-containerd's own Snapshots service (:mod:`.remotelayers`). containerd 1.6 sends no
+containerd's own Snapshots service (:mod:`~..content.remotelayers`). containerd 1.6 sends no
 ``containerd-namespace`` metadata to proxy plugins (seen in the end-to-end tests); the namespace
 is the first part of the keys its metadata layer gives us (``<ns>/<n>/<key>``), and the header
 is only a fallback for other callers.
-
-With ``--content-store``, :class:`SnapshotterServer` also serves containerd's Content service
-(:mod:`.contentservice`) on the same socket.
 
 Threading: grpcio runs each call on a worker thread of the server's pool; the snapshotter is
 thread-safe (see :mod:`.core`).
@@ -22,16 +18,10 @@ thread-safe (see :mod:`.core`).
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
-import os
-import socket
-import stat
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -39,16 +29,14 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..credentials import redact_labels
-from ..errors import ConfigError
-from .api import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
-from .contentservice import ContentService
+from ...credentials import redact_labels
+from ..containerd.errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
+from ..containerd.proto import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
+from ..containerd.rpc import InFlight, generic_handler
 from .core import Mount, Snapshotter
-from .errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
-from .rpc import InFlight, generic_handler, unix_target
 from .store import Info
 
-__all__ = ["SnapshotsService", "SnapshotterServer", "info_to_pb"]
+__all__ = ["SnapshotsService", "info_to_pb"]
 
 log = logging.getLogger(__name__)
 
@@ -231,96 +219,3 @@ class SnapshotsService:
     ) -> empty_pb2.Empty:
         self.sn.cleanup()
         return empty_pb2.Empty()
-
-
-def _socket_in_use(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
-class SnapshotterServer:
-    """A gRPC server with the Snapshots service listening on a unix socket."""
-
-    def __init__(
-        self,
-        snapshotter: Snapshotter,
-        address: str | os.PathLike[str],
-        max_workers: int = 16,
-        *,
-        content: ContentService | None = None,
-    ) -> None:
-        self.snapshotter = snapshotter
-        self.address = Path(address).absolute()
-        self.service = SnapshotsService(snapshotter)
-        self.content = content
-        handlers = [self.service.handler()]
-        if content is not None:
-            handlers.append(content.handler())
-            max_workers += 16  # content calls may wait on snapshot calls they cause
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="snapshots"),
-            handlers=handlers,
-            options=[
-                ("grpc.max_receive_message_length", 16 << 20),
-                ("grpc.max_send_message_length", 16 << 20),
-            ],
-        )
-        self._started = False
-
-    def start(self) -> None:
-        addr = self.address
-        addr.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-        try:
-            st = addr.lstat()
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise ConfigError(f"--address {addr}: exists and is not a socket")
-            if _socket_in_use(addr):
-                raise ConfigError(f"--address {addr}: another server is listening there")
-            addr.unlink()
-        try:
-            self._server.add_insecure_port(unix_target(str(addr)))
-        except RuntimeError as e:
-            raise ConfigError(f"--address {addr}: cannot listen: {e}") from e
-        self._server.start()
-        self._started = True
-        try:
-            os.chmod(addr, 0o660)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-        log.info(
-            "snapshots%s service listening on %s",
-            " and content" if self.content is not None else "",
-            addr,
-        )
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server stops (or ``timeout``); True if it stopped."""
-        return self._server.wait_for_termination(timeout)
-
-    def stop(self, grace: float | None = 5.0) -> None:
-        """Stop listening; wait (up to ``grace`` + 30 s) for calls still being handled."""
-        if self._started:
-            self._server.stop(grace).wait()
-            counters = [self.service.inflight]
-            if self.content is not None:
-                counters.append(self.content.inflight)
-            if not all(c.wait_idle(30.0 + (grace or 0.0)) for c in counters):
-                log.warning("stopping with calls still in progress")
-            self._started = False
-            try:
-                if stat.S_ISSOCK(self.address.lstat().st_mode):
-                    self.address.unlink()
-            except FileNotFoundError:
-                pass
-            log.info("snapshots service stopped")

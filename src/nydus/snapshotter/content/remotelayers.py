@@ -45,9 +45,9 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..errors import BackendError, FormatError, NydusError
-from ..format.safejson import parse_json_object as safe_json_object
-from .api import (
+from ...errors import BackendError, FormatError, NydusError
+from ...format.safejson import parse_json_object as safe_json_object
+from ..containerd.proto import (
     CONTENT_SERVICE,
     LEASE_HEADER,
     LEASES_SERVICE,
@@ -58,9 +58,9 @@ from .api import (
     leases_pb2,
     snapshots_pb2,
 )
-from .imageref import chain_ids, list_images, list_namespaces, snapshot_exists
-from .labels import SNAPSHOT_REF, is_nydus_blob
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ..snapshots.imageref import chain_ids, list_images, list_namespaces, snapshot_exists
+from ..snapshots.labels import SNAPSHOT_REF, is_nydus_blob
 
 __all__ = ["RemoteLayerRegistrar", "image_uses", "parse_json_object"]
 

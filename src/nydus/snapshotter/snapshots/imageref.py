@@ -39,9 +39,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from ..errors import BackendError, FormatError
-from ..format.safejson import parse_json_object
-from .api import (
+from ...errors import BackendError, FormatError
+from ...format.safejson import parse_json_object
+from ..containerd.proto import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
     NAMESPACE_HEADER,
@@ -51,9 +51,9 @@ from .api import (
     namespace_pb2,
     snapshots_pb2,
 )
-from .api import descriptor_pb2 as types_pb2
+from ..containerd.proto import descriptor_pb2 as types_pb2
+from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 from .labels import CRI_IMAGE_REF, SNAPSHOT_REF
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 
 __all__ = [
     "ContainerdImageResolver",

@@ -31,7 +31,7 @@ substitute: for an image that is a plain manifest, not an index, it fetches ever
 
 After that, stock ``ctr run --snapshotter nydus REF ...`` finds the image unpacked and prepares
 the container's snapshot directly. The command line is ``nydus-pull`` (console script; also
-``python -m nydus.snapshotter.unpack``).
+``python -m nydus.snapshotter.content.pull``).
 
 Layers are applied by the one safe extractor, :func:`nydus.builder.extract.extract_layer`
 (containerd's applier semantics: whiteouts, opaque directories, hard links, devices; every path
@@ -49,7 +49,6 @@ import contextlib
 import datetime
 import hashlib
 import io
-import json
 import logging
 import os
 import secrets
@@ -63,11 +62,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..builder.extract import extract_layer as apply_layer
-from ..errors import BackendError, FormatError, IntegrityError, NotFoundError, UnsupportedError
-from ..format.safejson import parse_json_object
-from ..kernel_mount import umount
-from .api import (
+from ...builder.extract import extract_layer as apply_layer
+from ...errors import BackendError, FormatError, IntegrityError, NotFoundError, UnsupportedError
+from ...format.safejson import parse_json_object
+from ...kernel_mount import umount
+from ..containerd.proto import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
     LEASE_HEADER,
@@ -81,17 +80,17 @@ from .api import (
     mount_pb2,
     snapshots_pb2,
 )
-from .imageref import chain_ids, snapshot_exists
-from .labels import (
+from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ..snapshots.imageref import chain_ids, snapshot_exists
+from ..snapshots.labels import (
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
     SNAPSHOT_REF,
 )
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
 
 if TYPE_CHECKING:
-    from ..registry import RegistryClient
+    from ...registry import RegistryClient
 
 __all__ = [
     "ImageSource",
@@ -100,7 +99,6 @@ __all__ = [
     "RemoteUnpacker",
     "UnpackResult",
     "extract_layer",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -528,60 +526,3 @@ def extract_layer(data: bytes | BinaryIO, root: str | os.PathLike[str], diff_id:
     read (an IntegrityError after the apply: the caller removes the snapshot)."""
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     apply_layer(stream, root, diff_id=diff_id)
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter.unpack") -> int:
-    """``nydus-pull`` (also ``python -m nydus.snapshotter.unpack``): pull for a remote
-    snapshotter with the layer labels containerd's unpacker passes."""
-    import argparse
-    import sys
-
-    from ..errors import NydusError
-    from ..registry import RegistryClient, parse_reference
-
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Pull REF into containerd for a remote snapshotter the way containerd's "
-        "unpacker does (containerd 1.6's `ctr image pull` cannot): Nydus blob layers are never "
-        "downloaded, only the small bootstrap layer. Then `ctr run --snapshotter nydus REF ID "
-        "CMD` works. Registry credentials come from $DOCKER_CONFIG/config.json or "
-        "~/.docker/config.json.",
-    )
-    p.add_argument(
-        "-a",
-        "--address",
-        default="/run/containerd/containerd.sock",
-        help="containerd's socket (/run/containerd/containerd.sock)",
-    )
-    p.add_argument("-n", "--namespace", default="default", help="containerd namespace (default)")
-    p.add_argument("--snapshotter", default="nydus", help="the proxy snapshotter's name (nydus)")
-    p.add_argument("--plain-http", action="store_true", help="fetch over plain HTTP")
-    p.add_argument("--no-cri-labels", action="store_true", help="do not add cri.* labels")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    p.add_argument("ref", help="image reference, e.g. localhost:5000/ubuntu-nydus:latest")
-    a = p.parse_args(argv)
-    from ..daemon.logsetup import setup_logging
-
-    setup_logging("warn" if a.quiet else "info")
-    base = os.environ.get("DOCKER_CONFIG")
-    docker_config = os.path.join(base, "config.json") if base else "~/.docker/config.json"
-    try:
-        ref = parse_reference(a.ref)
-        client = RegistryClient(
-            ref.api_host, scheme="http" if a.plain_http else "https", docker_config=docker_config
-        )
-        source = RegistrySource(client, ref.repository)
-        unpacker = RemoteUnpacker(
-            a.address, a.namespace, a.snapshotter, cri_labels=not a.no_cri_labels
-        )
-        r = unpacker.pull(a.ref, ref.ref, source)
-    except NydusError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps({"chain_id": r.chain_id, "skipped": r.skipped, "applied": r.applied,
-                      "existing": r.existing}))  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,8 +8,8 @@ whose ``lowerdir`` is the directory that call returns. When the snapshot is remo
 
 The implementation that starts ``nydusd`` (dedicated mode: one daemon per image) or asks a
 shared daemon to mount (``POST /api/v1/mount?mountpoint=/<id>``), waits for ``RUNNING`` and
-supervises it is the daemon manager, :class:`~.manager.DaemonManager`; :func:`default_mounter`
-returns it. With ``--daemon-mode none`` there is no daemon: :class:`DaemonManagerMissing`
+supervises it is the daemon manager, :class:`~..daemons.manager.DaemonManager`. With
+``--daemon-mode none`` there is no daemon: :class:`DaemonManagerMissing`
 refuses to mount with an error that says so (containerd reports it to the user), and never
 pretends that an image is mounted.
 
@@ -42,10 +42,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SnapshotterConfig
-from .errdefs import NydusUnavailable
+from ..config import SnapshotterConfig
+from ..containerd.errdefs import NydusUnavailable
 
-__all__ = ["DaemonManagerMissing", "NydusMounter", "RecoveredMount", "default_mounter"]
+__all__ = ["DaemonManagerMissing", "NydusMounter", "RecoveredMount"]
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,3 @@ class DaemonManagerMissing(NydusMounter):
     def umount(self, snapshot_id: str) -> None:
         # Nothing was ever mounted by this stand-in, so there is nothing to release.
         log.debug("umount %s: nothing mounted (no daemon manager)", snapshot_id)
-
-
-def default_mounter(config: SnapshotterConfig) -> NydusMounter:
-    """The mounter ``containerd-nydus-grpc`` uses: the daemon manager (none in mode ``none``)."""
-    if config.daemon_mode == "none":
-        return DaemonManagerMissing(config)
-    from .manager import DaemonManager
-
-    return DaemonManager(config)

@@ -40,17 +40,17 @@ import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from .api import CONTENT_SERVICE, content_pb2
-from .contentstore import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
-from .errdefs import (
+from ..containerd.errdefs import (
     SnapshotExists,
     SnapshotInvalidArgument,
     SnapshotNotFound,
     SnapshotPreconditionFailed,
     grpc_code_of,
 )
-from .filters import Filter, parse_all
-from .rpc import InFlight, generic_handler
+from ..containerd.proto import CONTENT_SERVICE, content_pb2
+from ..containerd.rpc import InFlight, generic_handler
+from ..snapshots.filters import Filter, parse_all
+from .store import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
 
 __all__ = ["ContentHooks", "ContentService"]
 

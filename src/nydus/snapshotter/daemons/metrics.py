@@ -24,7 +24,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .cachegc import cache_usage
 
 if TYPE_CHECKING:

@@ -33,17 +33,17 @@ from pathlib import Path
 
 import grpc
 
-from ..errors import NydusError
-from ..registry import RegistryClient
-from ..registry.reference import parse_reference
-from .api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
-from .contentservice import ContentService
-from .contentstore import ContentStore, LazyEntry, parse_digest
-from .errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
-from .imageref import list_images, list_namespaces
-from .labels import is_nydus_blob
+from ...errors import NydusError
+from ...registry import RegistryClient
+from ...registry.reference import parse_reference
+from ..containerd.errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
+from ..containerd.proto import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
+from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ..snapshots.imageref import list_images, list_namespaces
+from ..snapshots.labels import is_nydus_blob
 from .remotelayers import RemoteLayerRegistrar, image_uses, parse_json_object
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from .service import ContentService
+from .store import ContentStore, LazyEntry, parse_digest
 
 __all__ = ["LazyBlobFetcher", "NydusContentHooks", "nydus_blob_layers", "nydus_content_service"]
 
