@@ -36,10 +36,10 @@ import grpc
 from ...errors import NydusError
 from ...registry import RegistryClient
 from ...registry.reference import parse_reference
+from ..containerd.client import ContainerdClient
 from ..containerd.errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
-from ..containerd.proto import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
-from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
-from ..snapshots.imageref import list_images, list_namespaces
+from ..containerd.proto import CONTENT_SERVICE, content_pb2
+from ..containerd.rpc import rpc_code, rpc_error_text
 from ..snapshots.labels import is_nydus_blob
 from .remotelayers import RemoteLayerRegistrar, image_uses, parse_json_object
 from .service import ContentService
@@ -106,18 +106,16 @@ class LazyBlobFetcher:
         manifest = str(entry.meta.get("manifest", ""))
         named: list[tuple[str, str]] = []
         labelled: list[tuple[str, str]] = []
-        with grpc.insecure_channel(unix_target(self.address)) as ch:
-            for ns in list_namespaces(ch, self.timeout):
-                md = [(NAMESPACE_HEADER, ns)]
+        with ContainerdClient(self.address, self.timeout) as ctd:
+            for ns in ctd.namespaces():
                 if manifest:
-                    for img in list_images(ch, ns, self.timeout):
+                    for img in ctd.images(ns):
                         if image_uses(self.read_blob, img.target, manifest):
                             with contextlib.suppress(NydusError):
                                 ref = parse_reference(img.name)
                                 named.append((ref.api_host, ref.repository))
-                content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
                 try:
-                    info = content.unary(
+                    info = ctd.service(CONTENT_SERVICE, ns).unary(
                         "Info",
                         content_pb2.InfoRequest(digest=entry.digest),
                         content_pb2.InfoResponse,
