@@ -18,21 +18,16 @@ thread-safe (see :mod:`.core`).
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from ...credentials import redact_labels
-from ..containerd.errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
 from ..containerd.proto import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
-from ..containerd.rpc import InFlight, generic_handler
+from ..containerd.rpc import Servicer, batches, generic_handler, handled, timestamp
 from .core import Mount, Snapshotter
 from .store import Info
 
@@ -40,21 +35,14 @@ __all__ = ["SnapshotsService", "info_to_pb"]
 
 log = logging.getLogger(__name__)
 
-_LIST_BATCH = 100
-R = TypeVar("R")
-
-
-def _timestamp(ns: int) -> Timestamp:
-    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
 
 def info_to_pb(info: Info) -> snapshots_pb2.Info:
     return snapshots_pb2.Info(
         name=info.name,
         parent=info.parent,
         kind=int(info.kind),  # type: ignore[arg-type]  # same numbering as the proto enum
-        created_at=_timestamp(info.created_ns),
-        updated_at=_timestamp(info.updated_ns),
+        created_at=timestamp(info.created_ns),
+        updated_at=timestamp(info.updated_ns),
         labels=dict(info.labels),
     )
 
@@ -73,45 +61,18 @@ def _namespace(ctx: grpc.ServicerContext) -> str | None:
     return None
 
 
-def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Log a call and turn exceptions into gRPC statuses (``context.abort``)."""
-
-    def wrap(fn: Callable[..., R]) -> Callable[..., R]:
-        @functools.wraps(fn)
-        def call(self: SnapshotsService, req: Message, ctx: grpc.ServicerContext) -> R:
-            t0 = time.monotonic()
-            try:
-                with self.inflight:
-                    self._seen(req)
-                    out = fn(self, req, ctx)
-            except Exception as e:
-                code = grpc_code_of(e)
-                quiet = isinstance(e, SnapshotExists | SnapshotNotFound)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed unexpectedly", name)
-                else:
-                    log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s", name, e)
-                ctx.abort(code, str(e))
-            log.debug("%s done in %.3fs", name, time.monotonic() - t0)
-            return out
-
-        return call
-
-    return wrap
-
-
-class SnapshotsService:
+class SnapshotsService(Servicer):
     """The Snapshots service methods (names as in snapshots.proto)."""
 
     #: The proxy plugin name containerd uses for us until a request says otherwise.
     DEFAULT_PLUGIN_NAME = "nydus"
 
     def __init__(self, snapshotter: Snapshotter) -> None:
+        super().__init__()
         self.sn = snapshotter
-        self.inflight = InFlight()
         self.plugin_name = self.DEFAULT_PLUGIN_NAME
 
-    def _seen(self, req: Message) -> None:
+    def seen(self, req: Message) -> None:
         name = getattr(req, "snapshotter", "")
         if name and name != self.plugin_name:
             log.info("containerd calls this snapshotter %r", name)
@@ -134,7 +95,7 @@ class SnapshotsService:
             },
         )
 
-    @_rpc("Prepare")
+    @handled("Prepare")
     def Prepare(
         self, req: snapshots_pb2.PrepareSnapshotRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.PrepareSnapshotResponse:
@@ -149,7 +110,7 @@ class SnapshotsService:
         mounts = self.sn.prepare(req.key, req.parent, dict(req.labels), ns)
         return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts_to_pb(mounts))
 
-    @_rpc("View")
+    @handled("View")
     def View(
         self, req: snapshots_pb2.ViewSnapshotRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.ViewSnapshotResponse:
@@ -157,13 +118,13 @@ class SnapshotsService:
         mounts = self.sn.view(req.key, req.parent, dict(req.labels), _namespace(ctx))
         return snapshots_pb2.ViewSnapshotResponse(mounts=_mounts_to_pb(mounts))
 
-    @_rpc("Mounts")
+    @handled("Mounts")
     def Mounts(
         self, req: snapshots_pb2.MountsRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.MountsResponse:
         return snapshots_pb2.MountsResponse(mounts=_mounts_to_pb(self.sn.mounts(req.key)))
 
-    @_rpc("Commit")
+    @handled("Commit")
     def Commit(
         self, req: snapshots_pb2.CommitSnapshotRequest, ctx: grpc.ServicerContext
     ) -> empty_pb2.Empty:
@@ -171,7 +132,7 @@ class SnapshotsService:
         self.sn.commit(req.name, req.key, dict(req.labels))
         return empty_pb2.Empty()
 
-    @_rpc("Remove")
+    @handled("Remove")
     def Remove(
         self, req: snapshots_pb2.RemoveSnapshotRequest, ctx: grpc.ServicerContext
     ) -> empty_pb2.Empty:
@@ -179,13 +140,13 @@ class SnapshotsService:
         self.sn.remove(req.key)
         return empty_pb2.Empty()
 
-    @_rpc("Stat")
+    @handled("Stat")
     def Stat(
         self, req: snapshots_pb2.StatSnapshotRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.StatSnapshotResponse:
         return snapshots_pb2.StatSnapshotResponse(info=info_to_pb(self.sn.stat(req.key)))
 
-    @_rpc("Update")
+    @handled("Update")
     def Update(
         self, req: snapshots_pb2.UpdateSnapshotRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.UpdateSnapshotResponse:
@@ -193,27 +154,24 @@ class SnapshotsService:
         info = self.sn.update(req.info.name, dict(req.info.labels), paths)
         return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    @_rpc("List")
+    @handled("List")
     def List(
         self, req: snapshots_pb2.ListSnapshotsRequest, ctx: grpc.ServicerContext
     ) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
         infos = self.sn.walk(list(req.filters))  # evaluated now, so errors become a status
+        return (
+            snapshots_pb2.ListSnapshotsResponse(info=[info_to_pb(x) for x in chunk])
+            for chunk in batches(infos)
+        )
 
-        def batches() -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
-            for i in range(0, len(infos), _LIST_BATCH):
-                chunk = infos[i : i + _LIST_BATCH]
-                yield snapshots_pb2.ListSnapshotsResponse(info=[info_to_pb(x) for x in chunk])
-
-        return batches()
-
-    @_rpc("Usage")
+    @handled("Usage")
     def Usage(
         self, req: snapshots_pb2.UsageRequest, ctx: grpc.ServicerContext
     ) -> snapshots_pb2.UsageResponse:
         u = self.sn.usage(req.key)
         return snapshots_pb2.UsageResponse(size=u.size, inodes=u.inodes)
 
-    @_rpc("Cleanup")
+    @handled("Cleanup")
     def Cleanup(
         self, req: snapshots_pb2.CleanupRequest, ctx: grpc.ServicerContext
     ) -> empty_pb2.Empty:
