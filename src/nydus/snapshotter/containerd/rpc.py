@@ -1,6 +1,6 @@
 """Typed gRPC plumbing built from service descriptors (instead of generated ``*_pb2_grpc``).
 
-The generated message modules (:mod:`.api`) carry full service descriptors: method names,
+The generated message modules (:mod:`.proto`) carry full service descriptors: method names,
 request/response types and streaming flags. :func:`generic_handler` turns a descriptor plus a
 mapping of Python callables into a server-side handler, and :class:`ServiceClient` calls a
 service's methods with the descriptor checking each name and response type. Both use only

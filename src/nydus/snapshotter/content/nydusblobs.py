@@ -1,11 +1,11 @@
 """The Nydus side of the content store: lazy data blobs and the hooks that make them work.
 
 With ``--content-store``, containerd keeps its content in this snapshotter
-(:mod:`.contentservice`), and :class:`NydusContentHooks` does three things there:
+(:mod:`.service`), and :class:`NydusContentHooks` does three things there:
 
 1. **Commit of a manifest** (OCI or Docker media type; only small JSON is parsed): each layer
    annotated ``containerd.io/snapshot/nydus-blob: "true"`` is recorded as a lazy entry of the
-   store (digest and size; :mod:`.contentstore`), and the manifest is marked as a Nydus
+   store (digest and size; :mod:`.store`), and the manifest is marked as a Nydus
    manifest (``<content>/nydus-manifests/<alg>/<hex>``, an empty file). containerd's fetch then
    asks ``Info`` of each layer before downloading it; the lazy entry answers with its size, so
    containerd's metadata layer commits the layer as shared content and **downloads nothing**.
@@ -150,7 +150,7 @@ class LazyBlobFetcher:
 
 
 class NydusContentHooks:
-    """:class:`~.contentservice.ContentHooks` for Nydus images (see the module docstring)."""
+    """:class:`~.service.ContentHooks` for Nydus images (see the module docstring)."""
 
     def __init__(
         self,

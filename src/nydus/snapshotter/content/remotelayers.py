@@ -10,10 +10,10 @@ way containerd's unpacker does for remote snapshotters:
 
 ``Snapshots.Prepare(key, parent chainID, labels = layer annotations + snapshot.ref)`` reaches
 this snapshotter, which records the remote snapshot and answers ALREADY_EXISTS
-(:meth:`.core.Snapshotter.prepare`); containerd then finds it by its labels and records the
-chain ID as committed. The calls run under a short lease; afterwards the image's config gets
-the label ``containerd.io/gc.ref.snapshot.<snapshotter>/nydus-blobs = <top blob chainID>``, so
-containerd's garbage collector keeps the snapshots exactly as long as the image.
+(:meth:`~..snapshots.core.Snapshotter.prepare`); containerd then finds it by its labels and
+records the chain ID as committed. The calls run under a short lease; afterwards the image's
+config gets the label ``containerd.io/gc.ref.snapshot.<snapshotter>/nydus-blobs = <top blob
+chainID>``, so containerd's garbage collector keeps the snapshots exactly as long as the image.
 
 When: the content store (:mod:`.nydusblobs`) calls :meth:`RemoteLayerRegistrar.ensure` before
 it serves a ``Read`` of a manifest that lists Nydus blobs. ``ctr image pull`` reads the image's

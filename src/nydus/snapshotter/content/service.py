@@ -18,7 +18,7 @@ backend: ``Info`` (also to ask whether a blob it is about to download is already
 is not downloaded), ``Write`` sessions under refs ``<namespace>/<n>/<ref>``, ``Read``, and
 ``List``/``Delete``/``ListStatuses``/``Abort`` from its garbage collector. The semantics follow
 containerd's own content server (``services/content/contentserver``) over its local store; what
-the store does is in :mod:`.contentstore`.
+the store does is in :mod:`.store`.
 
 :class:`ContentHooks` lets the Nydus side (:mod:`.nydusblobs`) see commits (to record lazy
 entries for the data blobs a manifest lists), act before a blob is read (to register remote

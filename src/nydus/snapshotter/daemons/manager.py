@@ -1,4 +1,5 @@
-"""The nydusd daemon manager: the :class:`~.mounter.NydusMounter` ``containerd-nydus-grpc`` uses.
+"""The nydusd daemon manager: the :class:`~..snapshots.mounter.NydusMounter` of
+``containerd-nydus-grpc``.
 
 An *image* (RAFS instance) is one bootstrap file, shared by every container snapshot made from
 it; it is identified by its bootstrap snapshot's id (``<root>/snapshots/<N>/fs/image/image.boot``

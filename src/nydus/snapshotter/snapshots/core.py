@@ -34,8 +34,9 @@ Remote-snapshot rules (nydus-reference.md §1.5):
   cannot be unpacked at all (containerd has no stream processor for its media type, and
   containerd's metadata layer turns ALREADY_EXISTS without a target into an unknown error):
   it must already be known to containerd before its unpack looks for it, which the content
-  store does (:mod:`.remotelayers`); if it is not, ``Prepare`` fails with FAILED_PRECONDITION
-  and a message that says so, instead of containerd's "no processor for media-type".
+  store does (:mod:`~..content.remotelayers`); if it is not, ``Prepare`` fails with
+  FAILED_PRECONDITION and a message that says so, instead of containerd's "no processor for
+  media-type".
 - ``Prepare`` of an active snapshot (no ``snapshot.ref``: a container's rootfs) or ``View``
   whose parents include a bootstrap snapshot asks the :class:`~.mounter.NydusMounter` to serve
   ``<bootstrap fs>/image/image.boot`` and returns an overlay whose lowest ``lowerdir`` is that
