@@ -1,11 +1,5 @@
-"""``nydus-pull [-a SOCK] [-n NS] [--plain-http] REF``: a labelled pull for containerd 1.6 (the
-alternative to ``containerd-nydus-grpc --content-store``).
-
-Stores REF's manifest and config in containerd and unpacks it into the ``nydus`` snapshotter with
-the layer labels containerd's own unpacker would pass
-(:class:`~nydus.snapshotter.content.pull.RemoteUnpacker`): Nydus data blobs are never
-downloaded. Then stock ``ctr run --snapshotter nydus REF ID ...`` starts the container. Prints
-the chain IDs as JSON.
+"""``nydus-pull [-a SOCK] [-n NS] [--plain-http] REF``: a labelled pull for containerd 1.6
+(:class:`~nydus.snapshotter.content.pull.RemoteUnpacker`); prints the chain IDs as JSON.
 """
 
 from __future__ import annotations

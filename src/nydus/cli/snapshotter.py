@@ -262,7 +262,7 @@ def _mounter(cfg: SnapshotterConfig) -> NydusMounter:
     from ..snapshotter.snapshots.mounter import DaemonManagerMissing
 
     if cfg.daemon_mode == "none":
-        return DaemonManagerMissing(cfg)
+        return DaemonManagerMissing()
     return DaemonManager(cfg)
 
 

@@ -1,11 +1,6 @@
-"""The ``containerd-nydus-grpc`` gRPC server: containerd's Snapshots service (and, with
-``--content-store``, its Content service) on one unix socket.
-
-:class:`SnapshotterServer` owns the listening socket: it refuses an address another live server
-answers on, replaces a stale socket file, and removes its socket when stopped; a stop waits for
-the calls still being handled.
-
-Threading: grpcio runs each call on a worker thread of the server's pool.
+"""The gRPC server: the Snapshots (and Content) service on one unix socket it owns: it refuses
+an address another live server answers on, replaces a stale socket file, removes its socket when
+stopped. Threading: grpcio runs each call on a worker thread of the server's pool.
 """
 
 from __future__ import annotations

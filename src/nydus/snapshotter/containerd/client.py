@@ -1,13 +1,7 @@
-"""The one client of containerd's own gRPC services, over containerd's unix socket.
-
-What the snapshotter and ``nydus-pull`` ask containerd: its namespaces and images, content reads
-(bounded) and labels, leases that keep what a call creates from its garbage collector, and
-whether a snapshot exists. Each call goes to one namespace (``containerd-namespace`` metadata),
-under a lease when one is given (``containerd-lease``). gRPC errors surface as
-``grpc.RpcError``; callers translate them at their edge.
-
-Threading: a client holds one channel (grpcio channels are thread-safe); open one per task with
-``with ContainerdClient(address) as c:`` -- leaving the block closes the channel.
+"""The one client of containerd's own gRPC services: namespaces, images, bounded content reads,
+labels, leases, snapshot existence; each call in one namespace, under a lease if given. gRPC
+errors surface as ``grpc.RpcError``. Threading: one channel per client (thread-safe); leaving
+``with ContainerdClient(address) as c:`` closes it.
 """
 
 from __future__ import annotations
@@ -75,11 +69,9 @@ class ContainerdClient:
 
     def images(self, namespace: str) -> Sequence[images_pb2.Image]:
         """containerd's images in ``namespace``."""
-        resp = self.service(IMAGES_SERVICE, namespace).unary(
+        return self.service(IMAGES_SERVICE, namespace).unary(
             "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
-        )
-        images: Sequence[images_pb2.Image] = resp.images
-        return images
+        ).images
 
     def read_content(self, namespace: str, digest: str, limit: int) -> bytes:
         """The bytes of blob ``digest``; a FormatError when it is larger than ``limit``."""

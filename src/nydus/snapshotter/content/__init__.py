@@ -1,3 +1,1 @@
-"""Image content: containerd's Content service over our own store (:mod:`.store`,
-:mod:`.service`) with the Nydus hooks (:mod:`.nydusblobs`, :mod:`.remotelayers`), and the
-client-side labelled pull of ``nydus-pull`` (:mod:`.pull`)."""
+"""containerd's Content service over our store, the Nydus hooks, the labelled pull."""

@@ -98,6 +98,9 @@ _UNPACK_KEY = re.compile(r"^([^/]+)/\d+/extract-\S+ (sha256:[0-9a-f]{64})$")
 _KEPT_AT_COMMIT = (NYDUS_BOOTSTRAP, NYDUS_FS_VERSION, SNAPSHOT_REF)
 
 
+Labels = Mapping[str, str]
+
+
 @dataclass(frozen=True)
 class Mount:
     """One entry of the mount list containerd gets back (``containerd.types.Mount``)."""
@@ -204,11 +207,7 @@ class Snapshotter:
         return snap
 
     def prepare(
-        self,
-        key: str,
-        parent: str = "",
-        labels: Mapping[str, str] | None = None,
-        namespace: str | None = None,
+        self, key: str, parent: str = "", labels: Labels | None = None, namespace: str | None = None
     ) -> list[Mount]:
         """containerd ``Prepare``: a new active snapshot (see module docstring for Nydus)."""
         labels = dict(labels or {})
@@ -252,11 +251,7 @@ class Snapshotter:
         return labels
 
     def view(
-        self,
-        key: str,
-        parent: str = "",
-        labels: Mapping[str, str] | None = None,
-        namespace: str | None = None,
+        self, key: str, parent: str = "", labels: Labels | None = None, namespace: str | None = None
     ) -> list[Mount]:
         """containerd ``View``: a new read-only snapshot of ``parent``."""
         labels = dict(labels or {})

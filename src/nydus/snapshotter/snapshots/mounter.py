@@ -42,7 +42,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import SnapshotterConfig
 from ..containerd.errdefs import NydusUnavailable
 
 __all__ = ["DaemonManagerMissing", "NydusMounter", "RecoveredMount"]
@@ -96,9 +95,6 @@ class NydusMounter(abc.ABC):
 class DaemonManagerMissing(NydusMounter):
     """No daemon manager (``--daemon-mode none``): refuses to mount, honestly."""
 
-    def __init__(self, config: SnapshotterConfig | None = None) -> None:
-        self.config = config
-
     def mount(
         self,
         snapshot_id: str,
@@ -107,11 +103,10 @@ class DaemonManagerMissing(NydusMounter):
         labels: Mapping[str, str],
         bootstrap_digest: str | None = None,
     ) -> Path:
-        mode = self.config.daemon_mode if self.config else "none"
         raise NydusUnavailable(
             f"cannot mount Nydus image {image_ref or '(image reference unknown)'} for snapshot "
             f"{snapshot_id} (bootstrap {bootstrap_path}): this snapshotter runs no nydusd "
-            f"daemon manager (daemon mode {mode}), so Nydus images cannot run; plain OCI "
+            f"daemon manager (daemon mode none), so Nydus images cannot run; plain OCI "
             f"images work"
         )
 
