@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -41,7 +41,12 @@ from nydus.snapshotter.snapshots.labels import (
     NYDUS_FS_VERSION,
     SNAPSHOT_REF,
 )
-from nydus.snapshotter.snapshots.mounter import DaemonManagerMissing, NydusMounter, RecoveredMount
+from nydus.snapshotter.snapshots.mounter import (
+    DaemonManagerMissing,
+    MountRequest,
+    NydusMounter,
+    RecoveredMount,
+)
 
 S = snapshots_pb2
 
@@ -58,14 +63,10 @@ class RecordingMounter(NydusMounter):
         self.gc_calls: list[list[Path]] = []
         self.digests: dict[str, str | None] = {}
 
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
+    def mount(self, request: MountRequest) -> Path:
+        snapshot_id, bootstrap_path = request.snapshot_id, request.bootstrap_path
+        labels = request.labels
+        image_ref, bootstrap_digest = request.image_ref, request.bootstrap_digest
         if self.fail:
             raise SnapshotPreconditionFailed("mounter told to fail")
         assert bootstrap_path.is_file()

@@ -68,7 +68,7 @@ from ...errors import ConfigError, NydusError
 from ...format.safejson import parse_json_object
 from ..config import SnapshotterConfig
 from ..containerd.errdefs import DaemonError
-from ..snapshots.mounter import NydusMounter, RecoveredMount
+from ..snapshots.mounter import MountRequest, NydusMounter, RecoveredMount
 from . import cachegc
 from .imageconfig import DEFAULT_TEMPLATE, check_template, image_config
 from .process import DaemonProcess, log_tail
@@ -396,15 +396,8 @@ class DaemonManager(NydusMounter):
 
     # -- NydusMounter ----------------------------------------------------------------------------
 
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
-        image_id = self.image_id(bootstrap_path)
+    def mount(self, request: MountRequest) -> Path:
+        image_id = self.image_id(request.bootstrap_path)
         with self._locked(f"image:{image_id}"):
             with self._lock:
                 rec = self.images.get(image_id)
@@ -417,11 +410,11 @@ class DaemonManager(NydusMounter):
                     else:
                         self._ensure_running(d)
             if rec is None:
-                rec = self._serve(image_id, bootstrap_path, image_ref, labels,
-                                  bootstrap_digest=bootstrap_digest)
+                rec = self._serve(image_id, request.bootstrap_path, request.image_ref,
+                                  request.labels, bootstrap_digest=request.bootstrap_digest)
             with self._lock:
-                if snapshot_id not in rec.snapshots:
-                    rec.snapshots.append(snapshot_id)
+                if request.snapshot_id not in rec.snapshots:
+                    rec.snapshots.append(request.snapshot_id)
             self._save()
             return Path(rec.lower_dir)
 

@@ -82,7 +82,7 @@ from .labels import (
     is_nydus_blob,
     is_nydus_bootstrap,
 )
-from .mounter import NydusMounter, RecoveredMount
+from .mounter import MountRequest, NydusMounter, RecoveredMount
 from .store import Info, Kind, MetaStore, NydusMount, Snapshot, Transaction, Usage
 
 __all__ = ["Mount", "Snapshotter", "overlay_index_supported"]
@@ -395,8 +395,7 @@ class Snapshotter:
         log.info(
             "snapshot %d (%s): Nydus image %s, bootstrap %s", snap.id, key, image_ref, bootstrap
         )
-        lower = self.mounter.mount(str(snap.id), bootstrap, image_ref, merged,
-                                   bootstrap_digest=digest)
+        lower = self.mounter.mount(MountRequest(str(snap.id), bootstrap, image_ref, merged, digest))
         nm = NydusMount(snap.id, boot_id, str(lower), image_ref)
         try:
             with self.store.transaction(writable=True) as tx:
