@@ -69,7 +69,7 @@ def extract_into(data: bytes, root: Path) -> None:
     """The snapshotter's layer extractor: unpack layer ``data`` into ``root``.
 
     The adapter of this bench: switch the import when the extractor moves."""
-    from nydus.snapshotter.unpack import extract_layer
+    from nydus.snapshotter.content.pull import extract_layer
 
     try:
         diff_id = layer_diff_id(data)
@@ -302,15 +302,15 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
     from google.protobuf import empty_pb2
 
     from containerd import ARTICLE_NYDUSD_CONFIG, SnapshotterProcess
-    from nydus.snapshotter.api import SNAPSHOTS_SERVICE, snapshots_pb2
-    from nydus.snapshotter.imageconfig import PULL_SECRET, PULL_USERNAME
-    from nydus.snapshotter.labels import (
+    from nydus.snapshotter.containerd.proto import SNAPSHOTS_SERVICE, snapshots_pb2
+    from nydus.snapshotter.containerd.rpc import ServiceClient
+    from nydus.snapshotter.daemons.imageconfig import PULL_SECRET, PULL_USERNAME
+    from nydus.snapshotter.snapshots.labels import (
         CRI_IMAGE_REF,
         NYDUS_BLOB,
         NYDUS_BOOTSTRAP,
         SNAPSHOT_REF,
     )
-    from nydus.snapshotter.rpc import ServiceClient
 
     t = Tally("secrets: snapshotter root, log and daemon files")
     t0 = time.monotonic()

@@ -106,4 +106,4 @@ if [[ $want != "$have" || ${NYDUS_SETUP_FORCE:-0} == 1 ]] \
         "$venv/bin/python" -m pip install -q -e ".[test,dev,bench]"
     echo "$want" >"$stamp"
 fi
-run_quiet "generate containerd gRPC modules" "$venv/bin/python" -m nydus.snapshotter.protogen  # src/nydus/snapshotter/_api (git-ignored)
+run_quiet "generate containerd gRPC modules" "$venv/bin/python" -m nydus.snapshotter.containerd.protogen  # src/nydus/snapshotter/containerd/_api (git-ignored)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = root_kernel_skip_reason()
         if reason:
             pytest.skip(f"kernel test: {reason}")
+
+
+_DIAGNOSTICS = pytest.StashKey[list[Callable[[], str]]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> object:
+    """A failed phase's report gets the text of what :func:`report_on_failure` registered."""
+    report = yield
+    if report.failed:
+        for diagnose in item.stash.get(_DIAGNOSTICS, []):
+            report.sections.append(("diagnostics", diagnose()))
+    return report
+
+
+@pytest.fixture
+def report_on_failure(request: pytest.FixtureRequest) -> Callable[[Callable[[], str]], None]:
+    """Register a callable whose text goes into the test's report if the test fails."""
+    return request.node.stash.setdefault(_DIAGNOSTICS, []).append
 
 
 @pytest.fixture(scope="session")

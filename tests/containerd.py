@@ -11,7 +11,7 @@ Pieces:
   venv) with its own root and socket, waited for until its Snapshots service answers;
   :meth:`~SnapshotterProcess.restart`, and :meth:`~SnapshotterProcess.stop` (SIGTERM, expects
   exit 0). :class:`InProcessSnapshotter` serves the same socket from this process, for tests
-  that inject a test :class:`~nydus.snapshotter.mounter.NydusMounter`.
+  that inject a test :class:`~nydus.snapshotter.snapshots.mounter.NydusMounter`.
 - :class:`Containerd`: ``containerd --config FILE`` with a config the harness writes: its own
   ``root``, ``state`` and gRPC socket, the CRI plugin disabled, and the article's section-06
   ``config.toml`` snippet verbatim (``[proxy_plugins.nydus] type = "snapshot"``, plus the
@@ -55,12 +55,12 @@ from pathlib import Path
 
 import grpc
 
-from nydus.snapshotter.api import SNAPSHOTS_SERVICE, snapshots_pb2
-from nydus.snapshotter.core import Snapshotter
-from nydus.snapshotter.fsutil import mounts_under
-from nydus.snapshotter.mounter import NydusMounter
-from nydus.snapshotter.rpc import ServiceClient
-from nydus.snapshotter.service import SnapshotterServer
+from nydus.snapshotter.containerd.proto import SNAPSHOTS_SERVICE, snapshots_pb2
+from nydus.snapshotter.containerd.rpc import ServiceClient
+from nydus.snapshotter.server import SnapshotterServer
+from nydus.snapshotter.snapshots.core import Snapshotter
+from nydus.snapshotter.snapshots.fsutil import mounts_under
+from nydus.snapshotter.snapshots.mounter import NydusMounter
 
 BUSYBOX = Path("/bin/busybox")
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -238,8 +238,8 @@ class InProcessSnapshotter:
         self.server: SnapshotterServer | None = None
 
     def start(self) -> InProcessSnapshotter:
-        from nydus.snapshotter.imageref import ContainerdImageResolver
-        from nydus.snapshotter.nydusblobs import nydus_content_service
+        from nydus.snapshotter.content.nydusblobs import nydus_content_service
+        from nydus.snapshotter.snapshots.imageref import ContainerdImageResolver
 
         content = None
         local_blob = None

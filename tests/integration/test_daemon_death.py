@@ -25,7 +25,7 @@ import pytest
 
 from daemon_death import DeathReport, kill_during_reads
 from nydus import fusectl
-from nydus.snapshotter.daemon import DaemonProcess
+from nydus.snapshotter.daemons.process import DaemonProcess
 
 pytestmark = [
     pytest.mark.kernel,

@@ -42,8 +42,8 @@ from containerd import (
     nydusify_convert,
     skopeo_push,
 )
-from nydus.snapshotter.api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
-from nydus.snapshotter.rpc import ServiceClient
+from nydus.snapshotter.containerd.proto import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
+from nydus.snapshotter.containerd.rpc import ServiceClient
 from registry import FaultProxy, RegistryServer, free_port, registry_plain  # noqa: F401
 
 pytestmark = [
@@ -120,13 +120,28 @@ def proxy(registry_plain: RegistryServer) -> Iterator[FaultProxy]:  # noqa: F811
 MODES = {"dedicated": [], "shared": ["--shared-daemon"]}
 
 
-def _stack(tmp_path: Path, *args: str) -> NydusStack:
-    return NydusStack(tmp_path, ["--log-level", "debug", *args]).start()
+StartStack = Callable[..., NydusStack]
 
 
-def _stop(s: NydusStack) -> None:
-    rc = s.stop()
-    assert rc == 0, f"snapshotter exit status {rc}\n{s.diagnostics()}"
+@pytest.fixture
+def stack(
+    tmp_path: Path, report_on_failure: Callable[[Callable[[], str]], None]
+) -> Iterator[StartStack]:
+    """``stack(*snapshotter_args, content_store=False, log_level="debug")`` starts a
+    :class:`NydusStack` in ``tmp_path``; a failed test's report gets its diagnostics, and at
+    teardown it is stopped: the snapshotter must exit 0."""
+    started: list[NydusStack] = []
+
+    def start(*args: str, content_store: bool = False, log_level: str = "debug") -> NydusStack:
+        s = NydusStack(tmp_path, ["--log-level", log_level, *args], content_store=content_store)
+        started.append(s)
+        report_on_failure(s.diagnostics)
+        return s.start()
+
+    yield start
+    for s in started:
+        rc = s.stop()
+        assert rc == 0, f"snapshotter exit status {rc}\n{s.diagnostics()}"
 
 
 def _fetched(proxy: FaultProxy, img: Image) -> int:
@@ -152,80 +167,71 @@ def _cache_files(s: NydusStack) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_lazy_pull_and_run(mode: str, bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_lazy_pull_and_run(mode: str, bb: Image, proxy: FaultProxy, stack: StartStack) -> None:
     port = free_port()
-    s = _stack(tmp_path, *MODES[mode], "--metrics-address", f"127.0.0.1:{port}")
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        res = nydus_pull(s.ctd, ref)
-        assert len(res["skipped"]) == 3 and len(res["applied"]) == 1, res
-        assert _fetched(proxy, bb) == 0, "the pull downloaded data blobs"
-        assert proxy.blob_bytes(bb.bootstrap[0]) == bb.bootstrap[1]
+    s = stack(*MODES[mode], "--metrics-address", f"127.0.0.1:{port}")
+    ref = f"{proxy.host}/{bb.nydus}"
+    res = nydus_pull(s.ctd, ref)
+    assert len(res["skipped"]) == 3 and len(res["applied"]) == 1, res
+    assert _fetched(proxy, bb) == 0, "the pull downloaded data blobs"
+    assert proxy.blob_bytes(bb.bootstrap[0]) == bb.bootstrap[1]
 
-        fetched = _run_lazily(s, ref, bb, proxy)
+    fetched = _run_lazily(s, ref, bb, proxy)
 
-        # c1 is gone (--rm; containerd's GC then removes its snapshot): the image is released,
-        # a dedicated daemon stops with it, the shared one stays
-        wait_for(lambda: _scrape(port)["nydus_snapshotter_images"] == 0, what="image released")
-        if mode == "shared":
-            assert list(s.daemon_pids()) == ["shared"]
-        else:
-            wait_for(lambda: s.daemon_pids() == {}, what="dedicated daemon stopped")
-        m = _scrape(port)
-        assert m[f'nydus_snapshotter_daemons{{mode="{mode}"}}'] == (1 if mode == "shared" else 0)
-        assert m["nydus_snapshotter_images"] == 0
+    # c1 is gone (--rm; containerd's GC then removes its snapshot): the image is released,
+    # a dedicated daemon stops with it, the shared one stays
+    wait_for(lambda: _scrape(port)["nydus_snapshotter_images"] == 0, what="image released")
+    if mode == "shared":
+        assert list(s.daemon_pids()) == ["shared"]
+    else:
+        wait_for(lambda: s.daemon_pids() == {}, what="dedicated daemon stopped")
+    m = _scrape(port)
+    assert m[f'nydus_snapshotter_daemons{{mode="{mode}"}}'] == (1 if mode == "shared" else 0)
+    assert m["nydus_snapshotter_images"] == 0
 
-        # a running container: the daemon serves it, metrics show the image's fetch bytes
-        s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
-        r = s.ctr("tasks", "exec", "--exec-id", "e1", "long", "/bin/sh", "-c", "md5sum /data/f03")
-        assert r.check().stdout == f"{md5(bb.data['data/f03'])}  /data/f03\n"
-        assert _fetched(proxy, bb) == fetched, "cached data was fetched again"
-        m = _scrape(port)
-        ((key, value),) = [
-            (k, v) for k, v in m.items() if k.startswith("nydus_snapshotter_image_fetch_bytes")
-        ]
-        assert f'image_ref="{ref}"' in key and value == 0  # a new daemon, all from the cache
-        assert m[f'nydus_snapshotter_daemons{{mode="{mode}"}}'] == 1
-        assert m["nydus_snapshotter_cache_bytes"] >= fetched // 2
-        assert m["nydus_snapshotter_images"] == 1
+    # a running container: the daemon serves it, metrics show the image's fetch bytes
+    s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
+    r = s.ctr("tasks", "exec", "--exec-id", "e1", "long", "/bin/sh", "-c", "md5sum /data/f03")
+    assert r.check().stdout == f"{md5(bb.data['data/f03'])}  /data/f03\n"
+    assert _fetched(proxy, bb) == fetched, "cached data was fetched again"
+    m = _scrape(port)
+    ((key, value),) = [
+        (k, v) for k, v in m.items() if k.startswith("nydus_snapshotter_image_fetch_bytes")
+    ]
+    assert f'image_ref="{ref}"' in key and value == 0  # a new daemon, all from the cache
+    assert m[f'nydus_snapshotter_daemons{{mode="{mode}"}}'] == 1
+    assert m["nydus_snapshotter_cache_bytes"] >= fetched // 2
+    assert m["nydus_snapshotter_images"] == 1
 
-        _remove_container(s, "long")
-        # the last container is gone: the dedicated daemon stops; the shared one stays, empty
-        if mode == "dedicated":
-            wait_for(lambda: s.daemon_pids() == {}, what="dedicated daemon stopped")
-        else:
-            assert list(s.daemon_pids()) == ["shared"]
-        assert _cache_files(s), "nothing in the cache"
-        # removing the image lets containerd remove its snapshots: the cache is collected
-        _remove_image(s, ref)
-        wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    _remove_container(s, "long")
+    # the last container is gone: the dedicated daemon stops; the shared one stays, empty
+    if mode == "dedicated":
+        wait_for(lambda: s.daemon_pids() == {}, what="dedicated daemon stopped")
+    else:
+        assert list(s.daemon_pids()) == ["shared"]
+    assert _cache_files(s), "nothing in the cache"
+    # removing the image lets containerd remove its snapshots: the cache is collected
+    _remove_image(s, ref)
+    wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
 
 
 def test_plain_oci_image_through_same_snapshotter(
-    bb: Image, proxy: FaultProxy, tmp_path: Path
+    bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
-    s = _stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.oci}"
-        s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref).check()
-        r = s.run(ref, "p1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f01")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f01'])}  /data/f01\n"
-        assert s.daemon_pids() == {} and daemon_free(s)
-    finally:
-        _stop(s)
+    s = stack()
+    ref = f"{proxy.host}/{bb.oci}"
+    s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref).check()
+    r = s.run(ref, "p1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f01")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f01'])}  /data/f01\n"
+    assert s.daemon_pids() == {} and daemon_free(s)
 
 
 def _run_lazily(s: NydusStack, ref: str, bb: Image, proxy: FaultProxy) -> int:
     """A container reading one data file; returns the blob bytes fetched so far, checked to be
     a small part of the image."""
     r = s.run(ref, "c1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f03")
-    assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
+    assert r.returncode == 0, r.stderr
     assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
     fetched = _fetched(proxy, bb)
     # busybox (about 1 MiB) and one 512 KiB file of a 9.5 MiB image
@@ -264,29 +270,26 @@ def daemon_free(s: NydusStack) -> bool:
     return not list((s.sn_root / "mnt").glob("*/*"))
 
 
-def test_article_config_and_flags(bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_article_config_and_flags(
+    bb: Image, proxy: FaultProxy, tmp_path: Path, stack: StartStack
+) -> None:
     """Section 06 as written: its config.json and its flags (paths moved under tmp_path)."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(ARTICLE_CONFIG, indent=2))
-    s = NydusStack(tmp_path, [
-        "--config-path", str(cfg), "--shared-daemon", "--log-level", "info",
+    s = stack(
+        "--config-path", str(cfg), "--shared-daemon",
         "--nydusd-path", "/usr/local/bin/nydusd", "--nydusimg-path", "/usr/local/bin/nydus-image",
-    ]).start()  # fmt: skip
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        nydus_pull(s.ctd, ref)
-        r = s.run(ref, "a1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f11")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f11'])}  /data/f11\n"
-        assert list(s.daemon_pids()) == ["shared"]
-        # fs_prefetch is on in the article's config: the daemon fetches the rest in the
-        # background, so (all but the blobs' trailers) the whole image ends up fetched
-        wait_for(lambda: _fetched(proxy, bb) > 0.9 * bb.blob_total, 60, "background prefetch")
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+        log_level="info",
+    )  # fmt: skip
+    ref = f"{proxy.host}/{bb.nydus}"
+    nydus_pull(s.ctd, ref)
+    r = s.run(ref, "a1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f11")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f11'])}  /data/f11\n"
+    assert list(s.daemon_pids()) == ["shared"]
+    # fs_prefetch is on in the article's config: the daemon fetches the rest in the
+    # background, so (all but the blobs' trailers) the whole image ends up fetched
+    wait_for(lambda: _fetched(proxy, bb) > 0.9 * bb.blob_total, 60, "background prefetch")
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
@@ -294,32 +297,26 @@ def test_article_config_and_flags(bb: Image, proxy: FaultProxy, tmp_path: Path) 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_snapshotter_restart_while_container_runs(
-    mode: str, bb: Image, proxy: FaultProxy, tmp_path: Path
+    mode: str, bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
-    s = _stack(tmp_path, *MODES[mode])
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        nydus_pull(s.ctd, ref)
-        s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
-        before = s.daemon_pids()
-        assert len(before) == 1
-        s.restart_snapshotter()
-        # the running container reads files it never read before: the daemon still serves it
-        r = s.ctr("tasks", "exec", "--exec-id", "e1", "long", "/bin/sh", "-c", "md5sum /data/f05")
-        assert r.check().stdout == f"{md5(bb.data['data/f05'])}  /data/f05\n"
-        assert s.daemon_pids() == before, "daemons were not adopted"
-        assert "adopted running nydusd" in s.sn.log_text()
-        # a new container from the same image starts after the restart
-        r = s.run(ref, "after", "/bin/cat", "/etc/hello.txt")
-        assert r.returncode == 0 and r.stdout == HELLO, f"{r.stderr}\n{s.diagnostics()}"
-        _remove_container(s, "long")
-        if mode == "dedicated":
-            wait_for(lambda: s.daemon_pids() == {}, what="daemon stopped after the restart")
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack(*MODES[mode])
+    ref = f"{proxy.host}/{bb.nydus}"
+    nydus_pull(s.ctd, ref)
+    s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
+    before = s.daemon_pids()
+    assert len(before) == 1
+    s.restart_snapshotter()
+    # the running container reads files it never read before: the daemon still serves it
+    r = s.ctr("tasks", "exec", "--exec-id", "e1", "long", "/bin/sh", "-c", "md5sum /data/f05")
+    assert r.check().stdout == f"{md5(bb.data['data/f05'])}  /data/f05\n"
+    assert s.daemon_pids() == before, "daemons were not adopted"
+    assert "adopted running nydusd" in s.sn.log_text()
+    # a new container from the same image starts after the restart
+    r = s.run(ref, "after", "/bin/cat", "/etc/hello.txt")
+    assert r.returncode == 0 and r.stdout == HELLO, r.stderr
+    _remove_container(s, "long")
+    if mode == "dedicated":
+        wait_for(lambda: s.daemon_pids() == {}, what="daemon stopped after the restart")
 
 
 @pytest.mark.parametrize(
@@ -327,61 +324,49 @@ def test_snapshotter_restart_while_container_runs(
     [("dedicated", "restart"), ("dedicated", "failover"), ("shared", "restart")],
 )
 def test_sigkill_of_nydusd_is_restored(
-    mode: str, policy: str, bb: Image, proxy: FaultProxy, tmp_path: Path
+    mode: str, policy: str, bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
-    s = _stack(tmp_path, *MODES[mode], "--recover-policy", policy)
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        nydus_pull(s.ctd, ref)
-        s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
-        ((did, pid),) = s.daemon_pids().items()
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: s.daemon_pids().get(did, pid) != pid, what="nydusd restored")
-        # new containers start
-        r = s.run(ref, "n1", "/bin/sh", "-c", "md5sum /data/f07")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == f"{md5(bb.data['data/f07'])}  /data/f07\n"
-        # the running container: with failover its FUSE connection survived the crash
-        r = s.ctr("tasks", "exec", "--exec-id", "e2", "long", "/bin/sh", "-c", "md5sum /data/f09")
-        if policy == "failover":
-            assert r.check().stdout == f"{md5(bb.data['data/f09'])}  /data/f09\n"
-            assert "restored by failover" in s.sn.log_text()
-        else:
-            # restart: a new daemon, a new FUSE connection; the old one is gone for good, and
-            # with it the running container (its /bin/sleep was paged in through it: SIGBUS)
-            assert r.returncode != 0
-            assert "restored by restart" in s.sn.log_text()
-        _remove_container(s, "long")
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack(*MODES[mode], "--recover-policy", policy)
+    ref = f"{proxy.host}/{bb.nydus}"
+    nydus_pull(s.ctd, ref)
+    s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
+    ((did, pid),) = s.daemon_pids().items()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: s.daemon_pids().get(did, pid) != pid, what="nydusd restored")
+    # new containers start
+    r = s.run(ref, "n1", "/bin/sh", "-c", "md5sum /data/f07")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{md5(bb.data['data/f07'])}  /data/f07\n"
+    # the running container: with failover its FUSE connection survived the crash
+    r = s.ctr("tasks", "exec", "--exec-id", "e2", "long", "/bin/sh", "-c", "md5sum /data/f09")
+    if policy == "failover":
+        assert r.check().stdout == f"{md5(bb.data['data/f09'])}  /data/f09\n"
+        assert "restored by failover" in s.sn.log_text()
+    else:
+        # restart: a new daemon, a new FUSE connection; the old one is gone for good, and
+        # with it the running container (its /bin/sleep was paged in through it: SIGBUS)
+        assert r.returncode != 0
+        assert "restored by restart" in s.sn.log_text()
+    _remove_container(s, "long")
 
 
 def test_dead_daemon_restored_when_the_snapshotter_starts(
-    bb: Image, proxy: FaultProxy, tmp_path: Path
+    bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
     """Snapshotter down, its daemon killed meanwhile: the next start restores it."""
-    s = _stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        nydus_pull(s.ctd, ref)
-        s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
-        ((did, pid),) = s.daemon_pids().items()
-        assert s.sn.stop() == 0
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: did not in s.daemon_pids(), what="nydusd gone")
-        s.sn.start()
-        s.ctd.wait_snapshotter(30)
-        assert s.daemon_pids()[did] != pid
-        r = s.run(ref, "n2", "/bin/cat", "/etc/hello.txt")
-        assert r.returncode == 0 and r.stdout == HELLO, f"{r.stderr}\n{s.diagnostics()}"
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack()
+    ref = f"{proxy.host}/{bb.nydus}"
+    nydus_pull(s.ctd, ref)
+    s.ctr("run", "-d", "--snapshotter", "nydus", ref, "long", "/bin/sleep", "600").check()
+    ((did, pid),) = s.daemon_pids().items()
+    assert s.sn.stop() == 0
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: did not in s.daemon_pids(), what="nydusd gone")
+    s.sn.start()
+    s.ctd.wait_snapshotter(30)
+    assert s.daemon_pids()[did] != pid
+    r = s.run(ref, "n2", "/bin/cat", "/etc/hello.txt")
+    assert r.returncode == 0 and r.stdout == HELLO, r.stderr
 
 
 # -- the Debian-based image --------------------------------------------------------------------
@@ -392,6 +377,7 @@ def test_debian_image_lazy(
     registry_plain: RegistryServer,  # noqa: F811
     proxy: FaultProxy,
     tmp_path: Path,
+    stack: StartStack,
 ) -> None:
     size = debian_layout(tmp_path / "layout", "1")
     skopeo_push(tmp_path / "layout", "1", f"{registry_plain.host}/debian:12")
@@ -401,34 +387,24 @@ def test_debian_image_lazy(
     )  # fmt: skip
     blobs, _ = _nydus_layers(registry_plain, "debian:12-nydus")
     total = sum(blobs.values())
-    s = _stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/debian:12-nydus"
-        nydus_pull(s.ctd, ref)
-        script = (
-            "cat /etc/os-release; "
-            "python3 -c 'import json, sys; print(json.dumps({\"py\": sys.version_info[:2]}))'; "
-            "ls /usr/bin | wc -l"
-        )
-        r = s.run(ref, "deb1", "/bin/sh", "-c", script)
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"' in r.stdout
-        assert '{"py": [3, 11]}' in r.stdout
-        fetched = sum(proxy.blob_bytes(d) for d in blobs)
-        print(f"Debian image: {size} bytes uncompressed, Nydus blobs {total}, fetched {fetched}")
-        assert fetched < 0.25 * total, (fetched, total)
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack()
+    ref = f"{proxy.host}/debian:12-nydus"
+    nydus_pull(s.ctd, ref)
+    script = (
+        "cat /etc/os-release; "
+        "python3 -c 'import json, sys; print(json.dumps({\"py\": sys.version_info[:2]}))'; "
+        "ls /usr/bin | wc -l"
+    )
+    r = s.run(ref, "deb1", "/bin/sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"' in r.stdout
+    assert '{"py": [3, 11]}' in r.stdout
+    fetched = sum(proxy.blob_bytes(d) for d in blobs)
+    print(f"Debian image: {size} bytes uncompressed, Nydus blobs {total}, fetched {fetched}")
+    assert fetched < 0.25 * total, (fetched, total)
 
 
 # -- stock `ctr image pull` through the content store ------------------------------------------
-
-
-def _content_stack(tmp_path: Path, *args: str) -> NydusStack:
-    return NydusStack(tmp_path, ["--log-level", "debug", *args], content_store=True).start()
 
 
 def _stored(s: NydusStack, kind: str) -> set[str]:
@@ -453,140 +429,112 @@ def _ctr_pull(s: NydusStack, ref: str) -> None:
 
 
 def test_stock_ctr_pull_and_run_through_the_content_store(
-    bb: Image, proxy: FaultProxy, tmp_path: Path
+    bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
     """Stock ``ctr image pull`` + ``ctr run``: the pull downloads no data blob, the run a part."""
-    s = _content_stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        _ctr_pull(s, ref)
-        assert _fetched(proxy, bb) == 0, "the pull downloaded data blobs"
-        assert proxy.blob_bytes(bb.bootstrap[0]) == bb.bootstrap[1]
-        assert _stored(s, "lazy") == set(bb.blobs), "the blobs are lazy entries, not files"
-        assert not _stored(s, "blobs") & set(bb.blobs)
-        # containerd counts them as present, with their sizes (from the lazy entries)
-        assert {d: _content_size(s, d) for d in bb.blobs} == bb.blobs
+    s = stack(content_store=True)
+    ref = f"{proxy.host}/{bb.nydus}"
+    _ctr_pull(s, ref)
+    assert _fetched(proxy, bb) == 0, "the pull downloaded data blobs"
+    assert proxy.blob_bytes(bb.bootstrap[0]) == bb.bootstrap[1]
+    assert _stored(s, "lazy") == set(bb.blobs), "the blobs are lazy entries, not files"
+    assert not _stored(s, "blobs") & set(bb.blobs)
+    # containerd counts them as present, with their sizes (from the lazy entries)
+    assert {d: _content_size(s, d) for d in bb.blobs} == bb.blobs
 
-        fetched = _run_lazily(s, ref, bb, proxy)
-        # pulling again changes nothing and downloads nothing
-        _ctr_pull(s, ref)
-        assert _fetched(proxy, bb) == fetched
+    fetched = _run_lazily(s, ref, bb, proxy)
+    # pulling again changes nothing and downloads nothing
+    _ctr_pull(s, ref)
+    assert _fetched(proxy, bb) == fetched
 
-        # removing the image: containerd's GC removes the snapshots, the lazy entries and the
-        # real blobs; the cache of unused blobs goes too
-        _remove_image(s, ref)
-        wait_for(lambda: not _stored(s, "lazy") and not _stored(s, "blobs"), what="content GC")
-        assert s.ctr("content", "ls", "-q").check().stdout.strip() == ""
-        wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    # removing the image: containerd's GC removes the snapshots, the lazy entries and the
+    # real blobs; the cache of unused blobs goes too
+    _remove_image(s, ref)
+    wait_for(lambda: not _stored(s, "lazy") and not _stored(s, "blobs"), what="content GC")
+    assert s.ctr("content", "ls", "-q").check().stdout.strip() == ""
+    wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
 
 
 def test_plain_oci_image_through_the_content_store(
-    bb: Image, proxy: FaultProxy, tmp_path: Path
+    bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
-    s = _content_stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.oci}"
-        _ctr_pull(s, ref)
-        assert not _stored(s, "lazy")
-        repo, tag = bb.oci.split(":")
-        body, _, _ = proxy.client().get_manifest(repo, tag)
-        layers = {ly["digest"] for ly in json.loads(body)["layers"]}
-        assert layers <= _stored(s, "blobs"), "the layers are stored for real"
-        for d in layers:
-            assert proxy.blob_bytes(d) > 0
-        r = s.run(ref, "p1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f01")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f01'])}  /data/f01\n"
-        # containerd reads its content back through us (ctr content get)
-        blob = s.ctr("content", "get", sorted(layers)[0]).stdout
-        assert blob  # text mode; the digest is checked below on the store's file
-        d = sorted(layers)[0]
-        stored = (s.sn_root / "content" / "blobs" / "sha256" / d.split(":")[1]).read_bytes()
-        assert "sha256:" + hashlib.sha256(stored).hexdigest() == d
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack(content_store=True)
+    ref = f"{proxy.host}/{bb.oci}"
+    _ctr_pull(s, ref)
+    assert not _stored(s, "lazy")
+    repo, tag = bb.oci.split(":")
+    body, _, _ = proxy.client().get_manifest(repo, tag)
+    layers = {ly["digest"] for ly in json.loads(body)["layers"]}
+    assert layers <= _stored(s, "blobs"), "the layers are stored for real"
+    for d in layers:
+        assert proxy.blob_bytes(d) > 0
+    r = s.run(ref, "p1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f01")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f01'])}  /data/f01\n"
+    # containerd reads its content back through us (ctr content get)
+    blob = s.ctr("content", "get", sorted(layers)[0]).stdout
+    assert blob  # text mode; the digest is checked below on the store's file
+    d = sorted(layers)[0]
+    stored = (s.sn_root / "content" / "blobs" / "sha256" / d.split(":")[1]).read_bytes()
+    assert "sha256:" + hashlib.sha256(stored).hexdigest() == d
 
 
-def test_nydus_pull_through_the_content_store(bb: Image, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_nydus_pull_through_the_content_store(
+    bb: Image, proxy: FaultProxy, stack: StartStack
+) -> None:
     """nydus-pull keeps working when containerd's content store is the snapshotter's."""
-    s = _content_stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        res = nydus_pull(s.ctd, ref)
-        assert len(res["applied"]) == 1 and len(res["skipped"]) + len(res["existing"]) == 3, res
-        assert _fetched(proxy, bb) == 0
-        r = s.run(ref, "np1", "/bin/sh", "-c", "md5sum /data/f02")
-        assert r.returncode == 0, f"{r.stderr}\n{s.diagnostics()}"
-        assert r.stdout == f"{md5(bb.data['data/f02'])}  /data/f02\n"
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack(content_store=True)
+    ref = f"{proxy.host}/{bb.nydus}"
+    res = nydus_pull(s.ctd, ref)
+    assert len(res["applied"]) == 1 and len(res["skipped"]) + len(res["existing"]) == 3, res
+    assert _fetched(proxy, bb) == 0
+    r = s.run(ref, "np1", "/bin/sh", "-c", "md5sum /data/f02")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{md5(bb.data['data/f02'])}  /data/f02\n"
 
 
 def test_content_store_survives_a_snapshotter_restart(
-    bb: Image, proxy: FaultProxy, tmp_path: Path
+    bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
-    s = _content_stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        _ctr_pull(s, ref)
-        before = s.ctr("content", "ls", "-q").check().stdout.split()
-        stored = _stored(s, "blobs"), _stored(s, "lazy")
-        s.restart_snapshotter()
-        assert (_stored(s, "blobs"), _stored(s, "lazy")) == stored
-        assert s.ctr("content", "ls", "-q").check().stdout.split() == before
-        # what containerd reads through us is still there: a container starts
-        r = s.run(ref, "r1", "/bin/cat", "/etc/hello.txt")
-        assert r.returncode == 0 and r.stdout == HELLO, f"{r.stderr}\n{s.diagnostics()}"
-        _ctr_pull(s, ref)  # and the image needs nothing new
-        assert _fetched(proxy, bb) < 0.3 * bb.blob_total
-        # reading a lazy blob through containerd fetches its real bytes (checked) from the
-        # registry recorded in containerd's distribution-source label, then serves them
-        digest = max(bb.blobs, key=lambda d: bb.blobs[d])
-        p = subprocess.run(
-            ["ctr", "-a", str(s.ctd.address), "-n", s.ctd.namespace, "content", "get", digest],
-            capture_output=True, timeout=120, env={"PATH": PATH_ENV},
-        )  # fmt: skip
-        assert p.returncode == 0, p.stderr
-        assert "sha256:" + hashlib.sha256(p.stdout).hexdigest() == digest
-        assert digest in _stored(s, "blobs") and digest not in _stored(s, "lazy")
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack(content_store=True)
+    ref = f"{proxy.host}/{bb.nydus}"
+    _ctr_pull(s, ref)
+    before = s.ctr("content", "ls", "-q").check().stdout.split()
+    stored = _stored(s, "blobs"), _stored(s, "lazy")
+    s.restart_snapshotter()
+    assert (_stored(s, "blobs"), _stored(s, "lazy")) == stored
+    assert s.ctr("content", "ls", "-q").check().stdout.split() == before
+    # what containerd reads through us is still there: a container starts
+    r = s.run(ref, "r1", "/bin/cat", "/etc/hello.txt")
+    assert r.returncode == 0 and r.stdout == HELLO, r.stderr
+    _ctr_pull(s, ref)  # and the image needs nothing new
+    assert _fetched(proxy, bb) < 0.3 * bb.blob_total
+    # reading a lazy blob through containerd fetches its real bytes (checked) from the
+    # registry recorded in containerd's distribution-source label, then serves them
+    digest = max(bb.blobs, key=lambda d: bb.blobs[d])
+    p = subprocess.run(
+        ["ctr", "-a", str(s.ctd.address), "-n", s.ctd.namespace, "content", "get", digest],
+        capture_output=True, timeout=120, env={"PATH": PATH_ENV},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "sha256:" + hashlib.sha256(p.stdout).hexdigest() == digest
+    assert digest in _stored(s, "blobs") and digest not in _stored(s, "lazy")
 
 
 def test_stock_ctr_pull_without_the_content_store_fails_clearly(
-    bb: Image, proxy: FaultProxy, tmp_path: Path
+    bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:
     """Without the content proxy, containerd 1.6's unpack looks for the blob layers in its own
     metadata (they are not there: nothing told it) and then tries to apply them: the pull
     fails, after downloading everything. The snapshotter's error says what to do."""
-    s = _stack(tmp_path)
-    try:
-        ref = f"{proxy.host}/{bb.nydus}"
-        r = s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref)
-        assert r.returncode != 0
-        assert "is a Nydus data blob" in r.stderr and "--content-store" in r.stderr, r.stderr
-        assert _fetched(proxy, bb) == bb.blob_total  # containerd's fetch took them all
-        # nydus-pull still works on the same stack, and so does ctr run after it
-        res = nydus_pull(s.ctd, ref)
-        assert len(res["skipped"]) == 3 and len(res["applied"]) == 1, res
-        r = s.run(ref, "n1", "/bin/cat", "/etc/hello.txt")
-        assert r.returncode == 0 and r.stdout == HELLO, f"{r.stderr}\n{s.diagnostics()}"
-    except BaseException:
-        print(s.diagnostics())
-        raise
-    finally:
-        _stop(s)
+    s = stack()
+    ref = f"{proxy.host}/{bb.nydus}"
+    r = s.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref)
+    assert r.returncode != 0
+    assert "is a Nydus data blob" in r.stderr and "--content-store" in r.stderr, r.stderr
+    assert _fetched(proxy, bb) == bb.blob_total  # containerd's fetch took them all
+    # nydus-pull still works on the same stack, and so does ctr run after it
+    res = nydus_pull(s.ctd, ref)
+    assert len(res["skipped"]) == 3 and len(res["applied"]) == 1, res
+    r = s.run(ref, "n1", "/bin/cat", "/etc/hello.txt")
+    assert r.returncode == 0 and r.stdout == HELLO, r.stderr

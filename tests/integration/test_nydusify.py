@@ -97,7 +97,7 @@ def test_convert_check_and_skopeo(sample: dict[str, Any], tmp_path: Path,
     assert boot["annotations"][oci.ANNOTATION_NYDUS_BOOTSTRAP] == "true"
     assert boot["annotations"][oci.ANNOTATION_NYDUS_FS_VERSION] == "6"
     # what containerd hands the snapshotter: the layer annotations under containerd.io/snapshot/
-    from nydus.snapshotter.labels import is_nydus_blob, is_nydus_bootstrap
+    from nydus.snapshotter.snapshots.labels import is_nydus_blob, is_nydus_bootstrap
 
     def labels(d: dict[str, Any]) -> dict[str, str]:
         return {k: v for k, v in d.get("annotations", {}).items()

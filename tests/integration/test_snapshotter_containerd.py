@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -52,8 +52,8 @@ from containerd import (
 from nydus.kernel_mount import mount_erofs, umount
 from nydus.metadata import open_bootstrap
 from nydus.registry import RegistryClient
-from nydus.snapshotter.mounter import NydusMounter
-from nydus.snapshotter.unpack import RegistrySource, RemoteUnpacker, UnpackResult
+from nydus.snapshotter.content.pull import RegistrySource, RemoteUnpacker, UnpackResult
+from nydus.snapshotter.snapshots.mounter import MountRequest, NydusMounter
 from registry import FaultProxy, RegistryServer, registry_plain  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(
@@ -375,14 +375,10 @@ class KernelErofsMounter(NydusMounter):
         self.calls: list[tuple[str, str, str | None, dict[str, str]]] = []
         self.umounts: list[str] = []
 
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
+    def mount(self, request: MountRequest) -> Path:
+        snapshot_id, bootstrap_path = request.snapshot_id, request.bootstrap_path
+        labels = request.labels
+        image_ref = request.image_ref
         self.calls.append((snapshot_id, str(bootstrap_path), image_ref, dict(labels)))
         mnt = self.base / snapshot_id
         mnt.mkdir(parents=True, exist_ok=True)
@@ -549,7 +545,7 @@ def test_nydus_image_runs_through_the_daemon_manager_with_a_localfs_template(
     try:
         # the module's command line (the console script nydus-pull runs the same code)
         p = subprocess.run(
-            [sys.executable, "-m", "nydus.snapshotter.unpack", "-a", str(s.ctd.address),
+            [sys.executable, "-m", "nydus.cli.pull", "-a", str(s.ctd.address),
              "-n", s.ctd.namespace, "--plain-http", ref],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip

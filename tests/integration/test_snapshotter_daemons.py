@@ -24,9 +24,9 @@ import pytest
 
 from containerd import stop_recorded_daemons
 from nydus.snapshotter.config import SnapshotterConfig
-from nydus.snapshotter.errdefs import DaemonError
-from nydus.snapshotter.manager import DaemonManager
-from nydus.snapshotter.mounter import RecoveredMount
+from nydus.snapshotter.containerd.errdefs import DaemonError
+from nydus.snapshotter.daemons.manager import DaemonManager
+from nydus.snapshotter.snapshots.mounter import MountRequest, RecoveredMount
 
 pytestmark = [
     pytest.mark.kernel,
@@ -106,9 +106,9 @@ def test_mount_share_release(
     a, b = images
     m = make(tmp_path, mode)
     managers.append(m)
-    la1 = m.mount("10", a, None, {})
-    la2 = m.mount("11", a, None, {})
-    lb = m.mount("12", b, None, {})
+    la1 = m.mount(MountRequest("10", a, None, {}))
+    la2 = m.mount(MountRequest("11", a, None, {}))
+    lb = m.mount(MountRequest("12", b, None, {}))
     assert la1 == la2 and (la1 / "etc/hello").read_bytes() == b"image a\n"
     assert (lb / "etc/hello").read_bytes() == b"image b\n"
     assert (la1 / "data/big").read_bytes() == FILES_A["data/big"]
@@ -138,7 +138,7 @@ def test_cache_gc_with_real_bootstraps(
     m = make(tmp_path)
     managers.append(m)
     for sid, boot in (("1", a), ("2", b)):
-        lower = m.mount(sid, boot, None, {})
+        lower = m.mount(MountRequest(sid, boot, None, {}))
         for f in lower.rglob("*"):
             if f.is_file():
                 f.read_bytes()
@@ -166,8 +166,8 @@ def test_sigkill_restored(
     a, b = images
     m = make(tmp_path, mode, policy)
     managers.append(m)
-    la = m.mount("1", a, None, {})
-    lb = m.mount("2", b, None, {})
+    la = m.mount(MountRequest("1", a, None, {}))
+    lb = m.mount(MountRequest("2", b, None, {}))
     # A reader in another process, like a container's: this process must not hold files on
     # the mount while it spawns the new daemon (a fork closing such a file sends FUSE FLUSH,
     # which waits for a daemon that the fork itself was to become).
@@ -242,12 +242,12 @@ def test_sigkill_restored_erofs_mode(
 ) -> None:
     """A nydusd serving kernel EROFS mounts dies: its stale EROFS mounts and its blob fs are
     detached, a new daemon mounts the images again (failover: restart semantics, said why)."""
-    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.daemons.manager")
     a, b = images
     m = make(tmp_path, mode, policy, fs_driver="erofs")
     managers.append(m)
-    la = m.mount("1", a, None, {})
-    lb = m.mount("2", b, None, {})
+    la = m.mount(MountRequest("1", a, None, {}))
+    lb = m.mount(MountRequest("2", b, None, {}))
     did = next(iter(pids(m)))
     d = m.daemons[did]
     old_blobfs = d.blobfs
@@ -294,11 +294,11 @@ def test_adopted_after_restart_and_released_when_unused(
     managers: list[DaemonManager],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.daemons.manager")
     a, b = images
     m1 = make(tmp_path, policy=policy)
-    la = m1.mount("1", a, "reg/a:1", {})
-    lb = m1.mount("2", b, "reg/b:1", {})
+    la = m1.mount(MountRequest("1", a, "reg/a:1", {}))
+    lb = m1.mount(MountRequest("2", b, "reg/b:1", {}))
     before = pids(m1)
     m1.close()  # the snapshotter exits; daemons keep running
     assert pids(m1) == before
@@ -328,8 +328,8 @@ def test_recover_restores_dead_daemons_and_lost_records(
 ) -> None:
     a, b = images
     m1 = make(tmp_path)
-    la = m1.mount("1", a, None, {})
-    lb = m1.mount("2", b, None, {})
+    la = m1.mount(MountRequest("1", a, None, {}))
+    lb = m1.mount(MountRequest("2", b, None, {}))
     dead, orphan = pids(m1)["4"], pids(m1)["9"]
     m1.close()
     os.kill(dead, signal.SIGKILL)
@@ -372,7 +372,7 @@ def test_daemon_that_cannot_start_is_a_clear_error(
     m = make(tmp_path)
     managers.append(m)
     with pytest.raises(DaemonError) as ei:
-        m.mount("1", bad, None, {})
+        m.mount(MountRequest("1", bad, None, {}))
     msg = str(ei.value)
     assert "exited before reaching RUNNING" in msg and "not a RAFS bootstrap" in msg
     assert m.images == {} and pids(m) == {}
@@ -386,7 +386,7 @@ def test_checksums_through_the_mount(
     a, _ = images
     m = make(tmp_path, "shared")
     managers.append(m)
-    lower = m.mount("1", a, None, {})
+    lower = m.mount(MountRequest("1", a, None, {}))
     got = hashlib.sha256((lower / "data" / "big").read_bytes()).hexdigest()
     assert got == hashlib.sha256(FILES_A["data/big"]).hexdigest()
 
@@ -408,11 +408,11 @@ def test_recorded_bootstrap_digest_is_passed_and_enforced(
     """The digest the snapshotter recorded reaches nydusd at the first mount, after a restart
     of the daemon and after a restart of the snapshotter; a bootstrap whose bytes changed at
     rest is refused; a snapshot without a record is mounted unchecked, said once at info."""
-    caplog.set_level(logging.INFO, logger="nydus.snapshotter.manager")
+    caplog.set_level(logging.INFO, logger="nydus.snapshotter.daemons.manager")
     a, b = images
     good_a = _sha256(a)
     m1 = make(tmp_path, mode)
-    la = m1.mount("1", a, None, {}, bootstrap_digest=good_a)
+    la = m1.mount(MountRequest("1", a, None, {}, bootstrap_digest=good_a))
     assert (la / "etc" / "hello").read_bytes() == b"image a\n"
     pid = pids(m1)["4" if mode == "dedicated" else "shared"]
     if mode == "dedicated":
@@ -425,7 +425,7 @@ def test_recorded_bootstrap_digest_is_passed_and_enforced(
     assert state["bootstrap_digests"] == {"4": good_a}
     assert "bootstrap_digest" not in state["images"][0]  # older snapshotters read these
     # b: a snapshot from before digests were recorded
-    lb = m1.mount("2", b, None, {})
+    lb = m1.mount(MountRequest("2", b, None, {}))
     assert (lb / "etc" / "hello").read_bytes() == b"image b\n"
     assert caplog.text.count("image 9: no recorded bootstrap digest") == 1
     # the daemon dies: the restarted one gets the digest again
@@ -455,6 +455,6 @@ def test_recorded_bootstrap_digest_is_passed_and_enforced(
     data[-1] ^= 1
     a.write_bytes(bytes(data))
     with pytest.raises(DaemonError) as ei:
-        m2.mount("3", a, None, {}, bootstrap_digest=good_a)
+        m2.mount(MountRequest("3", a, None, {}, bootstrap_digest=good_a))
     assert f"is {_sha256(a)}, expected {good_a}: refusing to mount" in str(ei.value)
     assert "4" not in m2.images

@@ -20,9 +20,9 @@ from nydus.metadata import (
     read_verified_bootstrap,
     verify_bootstrap_digest,
 )
-from nydus.snapshotter.core import Snapshotter
-from nydus.snapshotter.daemon import DaemonProcess
-from nydus.snapshotter.labels import NYDUS_BOOTSTRAP, SNAPSHOT_REF
+from nydus.snapshotter.daemons.process import DaemonProcess
+from nydus.snapshotter.snapshots.core import Snapshotter
+from nydus.snapshotter.snapshots.labels import NYDUS_BOOTSTRAP, SNAPSHOT_REF
 
 
 def _sha(data: bytes) -> str:

@@ -433,7 +433,7 @@ def test_hostile_digests_never_become_paths(digest: str, tmp_path: Path) -> None
     on the old code too: kept as guards)."""
     from nydus.errors import NydusError
     from nydus.format import oci
-    from nydus.snapshotter.contentstore import ContentStore
+    from nydus.snapshotter.content.store import ContentStore
 
     with pytest.raises(NydusError):
         oci.parse_digest(digest)

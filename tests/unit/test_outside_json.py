@@ -70,7 +70,7 @@ def test_files_and_answers_read_by_the_snapshotter_and_the_registry_client(
 
 def test_daemon_manager_state_file(tmp_path: Path) -> None:
     from nydus.snapshotter.config import SnapshotterConfig
-    from nydus.snapshotter.manager import DaemonManager
+    from nydus.snapshotter.daemons.manager import DaemonManager
 
     root = tmp_path / "root"
     (root / "daemons").mkdir(parents=True)

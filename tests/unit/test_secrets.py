@@ -78,8 +78,8 @@ def snapshotter(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
 
 
 def test_snapshotter_keeps_credentials_private(snapshotter: tuple[Path, Path, Path]) -> None:
-    from nydus.snapshotter.api import SNAPSHOTS_SERVICE, snapshots_pb2
-    from nydus.snapshotter.rpc import ServiceClient
+    from nydus.snapshotter.containerd.proto import SNAPSHOTS_SERVICE, snapshots_pb2
+    from nydus.snapshotter.containerd.rpc import ServiceClient
 
     root, sock, log_file = snapshotter
     with grpc.insecure_channel(f"unix:{sock}") as channel:
@@ -157,7 +157,7 @@ def test_rotated_nydusd_logs_are_private(tmp_path: Path) -> None:
 
 def test_daemon_manager_state_is_private(tmp_path: Path) -> None:
     from nydus.snapshotter.config import SnapshotterConfig
-    from nydus.snapshotter.manager import DaemonManager
+    from nydus.snapshotter.daemons.manager import DaemonManager
 
     root = tmp_path / "root"
     (root / "daemons").mkdir(parents=True)

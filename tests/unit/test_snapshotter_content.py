@@ -1,4 +1,4 @@
-"""The content store (:mod:`nydus.snapshotter.contentstore`) and its gRPC service.
+"""The content store (:mod:`nydus.snapshotter.content.store`) and its gRPC service.
 
 Store tests call the library; service tests talk to a real grpcio server on a unix socket with
 the request sequences containerd's content proxy sends (``content/proxy``): a ``Write`` session
@@ -23,11 +23,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from nydus.snapshotter.api import CONTENT_SERVICE, content_pb2
-from nydus.snapshotter.contentservice import ContentService
-from nydus.snapshotter.contentstore import ContentStore, LazyEntry
-from nydus.snapshotter.core import Snapshotter
-from nydus.snapshotter.errdefs import (
+from nydus.snapshotter.containerd.errdefs import (
     ContentLocked,
     ContentOutOfRange,
     SnapshotExists,
@@ -35,10 +31,14 @@ from nydus.snapshotter.errdefs import (
     SnapshotNotFound,
     SnapshotPreconditionFailed,
 )
-from nydus.snapshotter.mounter import DaemonManagerMissing
-from nydus.snapshotter.nydusblobs import NydusContentHooks, nydus_blob_layers
-from nydus.snapshotter.rpc import ServiceClient
-from nydus.snapshotter.service import SnapshotterServer
+from nydus.snapshotter.containerd.proto import CONTENT_SERVICE, content_pb2
+from nydus.snapshotter.containerd.rpc import ServiceClient
+from nydus.snapshotter.content.nydusblobs import NydusContentHooks, nydus_blob_layers
+from nydus.snapshotter.content.service import ContentService
+from nydus.snapshotter.content.store import ContentStore, LazyEntry
+from nydus.snapshotter.server import SnapshotterServer
+from nydus.snapshotter.snapshots.core import Snapshotter
+from nydus.snapshotter.snapshots.mounter import DaemonManagerMissing
 
 C = content_pb2
 NYDUS_BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
@@ -601,9 +601,9 @@ def test_service_lazy_entries(tmp_path: Path) -> None:
 
 
 def test_registrar_plans_the_bottom_run_of_blob_layers() -> None:
-    from nydus.snapshotter.api import descriptor_pb2
-    from nydus.snapshotter.imageref import chain_ids
-    from nydus.snapshotter.remotelayers import RemoteLayerRegistrar, image_uses
+    from nydus.snapshotter.containerd.proto import descriptor_pb2
+    from nydus.snapshotter.content.remotelayers import RemoteLayerRegistrar, image_uses
+    from nydus.snapshotter.snapshots.imageref import chain_ids
 
     blobs: dict[str, bytes] = {}
 

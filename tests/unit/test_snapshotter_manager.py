@@ -19,19 +19,19 @@ import pytest
 from containerd import ARTICLE_NYDUSD_CONFIG as ARTICLE
 from nydus.errors import ConfigError
 from nydus.fuse.fdpass import recv_fds, send_fds
-from nydus.snapshotter import cachegc
-from nydus.snapshotter.daemon import DaemonProcess, log_tail
-from nydus.snapshotter.errdefs import DaemonError
-from nydus.snapshotter.imageconfig import (
+from nydus.snapshotter.containerd.errdefs import DaemonError
+from nydus.snapshotter.daemons import cachegc
+from nydus.snapshotter.daemons.imageconfig import (
     DEFAULT_TEMPLATE,
     PULL_SECRET,
     PULL_USERNAME,
     check_template,
     image_config,
 )
-from nydus.snapshotter.manager import DaemonManager, ImageMetrics, resolve_nydusd
-from nydus.snapshotter.metrics import parse_address, render
-from nydus.snapshotter.supervisor import FdSupervisor
+from nydus.snapshotter.daemons.manager import DaemonManager, ImageMetrics, resolve_nydusd
+from nydus.snapshotter.daemons.metrics import parse_address, render
+from nydus.snapshotter.daemons.process import DaemonProcess, log_tail
+from nydus.snapshotter.daemons.supervisor import FdSupervisor
 
 
 def b64(s: str) -> str:

@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import pytest
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from nydus.errors import BackendError
-from nydus.snapshotter.api import (
+from nydus.snapshotter.containerd.errdefs import SnapshotExists, SnapshotPreconditionFailed
+from nydus.snapshotter.containerd.proto import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
     SNAPSHOTS_SERVICE,
@@ -29,19 +30,23 @@ from nydus.snapshotter.api import (
     images_pb2,
     snapshots_pb2,
 )
-from nydus.snapshotter.core import Snapshotter
-from nydus.snapshotter.errdefs import SnapshotExists, SnapshotPreconditionFailed
-from nydus.snapshotter.imageref import ContainerdImageResolver, LayerMatch, chain_ids
-from nydus.snapshotter.labels import (
+from nydus.snapshotter.containerd.rpc import ServiceClient, generic_handler
+from nydus.snapshotter.server import SnapshotterServer
+from nydus.snapshotter.snapshots.core import Snapshotter
+from nydus.snapshotter.snapshots.imageref import ContainerdImageResolver, LayerMatch, chain_ids
+from nydus.snapshotter.snapshots.labels import (
     CRI_IMAGE_REF,
     NYDUS_BLOB,
     NYDUS_BOOTSTRAP,
     NYDUS_FS_VERSION,
     SNAPSHOT_REF,
 )
-from nydus.snapshotter.mounter import DaemonManagerMissing, NydusMounter, RecoveredMount
-from nydus.snapshotter.rpc import ServiceClient, generic_handler
-from nydus.snapshotter.service import SnapshotterServer
+from nydus.snapshotter.snapshots.mounter import (
+    DaemonManagerMissing,
+    MountRequest,
+    NydusMounter,
+    RecoveredMount,
+)
 
 S = snapshots_pb2
 
@@ -58,14 +63,10 @@ class RecordingMounter(NydusMounter):
         self.gc_calls: list[list[Path]] = []
         self.digests: dict[str, str | None] = {}
 
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
+    def mount(self, request: MountRequest) -> Path:
+        snapshot_id, bootstrap_path = request.snapshot_id, request.bootstrap_path
+        labels = request.labels
+        image_ref, bootstrap_digest = request.image_ref, request.bootstrap_digest
         if self.fail:
             raise SnapshotPreconditionFailed("mounter told to fail")
         assert bootstrap_path.is_file()

@@ -10,15 +10,22 @@ from pathlib import Path
 import pytest
 
 from nydus.errors import NydusError
-from nydus.snapshotter.errdefs import (
+from nydus.snapshotter.containerd.errdefs import (
     SnapshotExists,
     SnapshotInvalidArgument,
     SnapshotNotFound,
     SnapshotPreconditionFailed,
 )
-from nydus.snapshotter.filters import parse, parse_all
-from nydus.snapshotter.fsutil import disk_usage, mounts_under
-from nydus.snapshotter.store import SCHEMA_VERSION, Info, Kind, MetaStore, NydusMount, Usage
+from nydus.snapshotter.snapshots.filters import parse, parse_all
+from nydus.snapshotter.snapshots.fsutil import disk_usage, mounts_under
+from nydus.snapshotter.snapshots.store import (
+    SCHEMA_VERSION,
+    Info,
+    Kind,
+    MetaStore,
+    NydusMount,
+    Usage,
+)
 
 
 @pytest.fixture

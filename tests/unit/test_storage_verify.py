@@ -278,7 +278,7 @@ def test_native_file_only_after_every_chunk_is_hashed_here(raw_img: Image,
 
 def test_the_record_goes_with_its_blob_in_cache_gc(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from nydus.snapshotter import cachegc
+    from nydus.snapshotter.daemons import cachegc
 
     a, b = "a" * 64, "b" * 64
     for blob in (a, b):

@@ -1,5 +1,4 @@
-"""``containerd-nydus-grpc``: the containerd remote snapshotter, with upstream's flags; and
-``nydus-pull``, a labelled pull for containerd 1.6 (the alternative to ``--content-store``).
+"""``containerd-nydus-grpc``: the containerd remote snapshotter, with upstream's flags.
 
 ``containerd-nydus-grpc`` parses flags into a
 :class:`~nydus.snapshotter.config.SnapshotterConfig`, sets up logging
@@ -9,12 +8,8 @@ Nydus daemons are left alone on exit: containers keep using them, and the next s
 them. Registry credentials for the daemons also come from ``$DOCKER_CONFIG/config.json``
 (default ``~/.docker/config.json``). ``--content-store`` also serves containerd's Content
 service from ``<root>/content``: with containerd's content store proxied to it, stock
-``ctr image pull`` pulls Nydus images without downloading their data blobs.
-
-``nydus-pull [-a SOCK] [-n NS] [--plain-http] REF`` stores REF's manifest and config in
-containerd and unpacks it into the ``nydus`` snapshotter with the layer labels containerd's own
-unpacker would pass (:mod:`nydus.snapshotter.unpack`): Nydus data blobs are never downloaded.
-Then stock ``ctr run --snapshotter nydus REF ID ...`` starts the container.
+``ctr image pull`` pulls Nydus images without downloading their data blobs. The CLI wires the
+service: the daemon manager, the metrics endpoint it serves, the snapshotter and the server.
 """
 
 from __future__ import annotations
@@ -36,7 +31,8 @@ from . import run_guarded
 
 if TYPE_CHECKING:
     from ..snapshotter.config import SnapshotterConfig
-    from ..snapshotter.contentservice import ContentService
+    from ..snapshotter.content.service import ContentService
+    from ..snapshotter.snapshots.mounter import NydusMounter
 
 log = logging.getLogger("containerd-nydus-grpc")
 
@@ -174,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(a: argparse.Namespace) -> int:
     # Imported here so that --help and --version work without the generated gRPC modules.
     from ..snapshotter.config import SnapshotterConfig, load_nydusd_config
-    from ..snapshotter.core import Snapshotter
-    from ..snapshotter.imageref import ContainerdImageResolver
-    from ..snapshotter.mounter import default_mounter
-    from ..snapshotter.service import SnapshotterServer
+    from ..snapshotter.daemons.manager import DaemonManager
+    from ..snapshotter.daemons.metrics import MetricsServer
+    from ..snapshotter.server import SnapshotterServer
+    from ..snapshotter.snapshots.core import Snapshotter
+    from ..snapshotter.snapshots.imageref import ContainerdImageResolver
 
     root = a.root.absolute()
     cfg = SnapshotterConfig(
@@ -228,10 +225,16 @@ def _run(a: argparse.Namespace) -> int:
         store = content.store
         local_blob = lambda digest: store.read_small(digest, 8 << 20)  # noqa: E731
     resolver = ContainerdImageResolver(cfg.containerd_address, local_blob=local_blob)
-    mounter = default_mounter(cfg)
+    mounter = _mounter(cfg)
+    metrics: MetricsServer | None = None
     try:
+        if cfg.metrics_address and isinstance(mounter, DaemonManager):
+            metrics = MetricsServer(mounter, cfg.metrics_address)
+            metrics.start()
         snapshotter = Snapshotter(cfg.root, mounter, resolver, layers=resolver)
     except BaseException:
+        if metrics is not None:
+            metrics.stop()
         mounter.close()
         raise
     server = SnapshotterServer(snapshotter, cfg.address, content=content)
@@ -241,9 +244,21 @@ def _run(a: argparse.Namespace) -> int:
             pass
     finally:
         server.stop()
+        if metrics is not None:
+            metrics.stop()
         snapshotter.close()
     log.info("stopped")
     return 0
+
+
+def _mounter(cfg: SnapshotterConfig) -> NydusMounter:
+    """The daemon manager (none in daemon mode ``none``)."""
+    from ..snapshotter.daemons.manager import DaemonManager
+    from ..snapshotter.snapshots.mounter import DaemonManagerMissing
+
+    if cfg.daemon_mode == "none":
+        return DaemonManagerMissing()
+    return DaemonManager(cfg)
 
 
 def _content_service(
@@ -252,7 +267,7 @@ def _content_service(
     """The Content service over ``<root>/content`` with the Nydus hooks (``--content-store``)."""
     if not cfg.content_store:
         return None
-    from ..snapshotter.nydusblobs import nydus_content_service
+    from ..snapshotter.content.nydusblobs import nydus_content_service
 
     log.info("content store at %s (containerd's content proxy)", cfg.content_dir)
     return nydus_content_service(
@@ -262,13 +277,6 @@ def _content_service(
         scheme=cfg.registry_scheme,
         docker_config=cfg.docker_config,
     )
-
-
-def pull_main(argv: list[str] | None = None) -> int:
-    """``nydus-pull``: see the module docstring and :func:`nydus.snapshotter.unpack.main`."""
-    from ..snapshotter.unpack import main as unpack_main
-
-    return unpack_main(argv, prog="nydus-pull")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,19 @@
 """containerd remote snapshotter (``containerd-nydus-grpc``).
 
-Modules, dependencies pointing down:
+Sub-packages, dependencies pointing down (the CLI, :mod:`nydus.cli.snapshotter`, wires them):
 
-- :mod:`.service`  the containerd Snapshots gRPC service and its unix-socket server: requests in,
-  :class:`~.core.Snapshotter` calls, status codes out; with ``--content-store`` also
-  :mod:`.contentservice`, containerd's Content service over :mod:`.contentstore` (blobs,
-  ingests, lazy entries), with the Nydus hooks of :mod:`.nydusblobs` (data blobs recorded as
-  lazy entries, never downloaded) and :mod:`.remotelayers` (blob layers registered with
-  containerd before stock ``ctr image pull`` unpacks)
-- :mod:`.core`     snapshot semantics: overlayfs exactly like containerd's overlay snapshotter,
-  plus the Nydus remote-snapshot rules (skip ``nydus-blob`` layers, mount the bootstrap's image)
-- :mod:`.mounter`  the :class:`~.mounter.NydusMounter` interface, :func:`~.mounter.default_mounter`
-- :mod:`.manager`  the nydusd daemon manager (dedicated/shared daemons, supervision, recovery,
-  release, GC); :mod:`.daemon` one nydusd process; :mod:`.supervisor` the failover fd keeper;
-  :mod:`.imageconfig` per-image nydusd configs and credentials; :mod:`.cachegc` the blob cache
-  directory; :mod:`.metrics` the Prometheus endpoint
-- :mod:`.imageref` which image and layer a chain ID belongs to (CRI label, or containerd's API)
-- :mod:`.unpack`   a client-side pull/unpack with snapshot labels, as containerd's unpacker does
-  (containerd 1.6's ``ctr image pull`` passes none); the ``nydus-pull`` command, the way to pull
-  Nydus images lazily without the content store
-- :mod:`.store`    snapshot metadata in sqlite (transactional, schema versioned)
-- :mod:`.filters`  containerd's filter syntax for List; :mod:`.fsutil` du, mount table, removal
-- :mod:`.config`, :mod:`.labels`, :mod:`.errdefs`  settings, label keys, errors and their codes
-- :mod:`.rpc`, :mod:`.api`, :mod:`.protogen`  gRPC plumbing over message modules generated at
-  set-up time from Debian's containerd ``.proto`` files
+- :mod:`.server`      the gRPC server: the Snapshots (and, with ``--content-store``, Content)
+  service on one unix socket; :mod:`.config` the settings of one instance
+- :mod:`.daemons`     nydusd for the images: the daemon manager (the mounter the snapshots use),
+  one nydusd process, the failover fd keeper, per-image configs, the blob cache and its GC, the
+  Prometheus endpoint
+- :mod:`.content`     containerd's Content service over our own store, the Nydus hooks (lazy data
+  blobs, blob layers registered before an unpack), and the labelled pull of ``nydus-pull``
+- :mod:`.snapshots`   the Snapshots service: overlayfs snapshots plus the Nydus remote-snapshot
+  rules, sqlite metadata, filters, labels, the image a layer belongs to, the mounter seam
+- :mod:`.containerd`  talking to containerd: generated API messages, typed gRPC plumbing, one
+  client of containerd's services, errors and their status codes
 
-This package's ``__init__`` imports nothing, so ``python -m nydus.snapshotter.protogen`` runs
-before any generated code exists.
+This package's ``__init__`` (like those below it) imports nothing, so
+``python -m nydus.snapshotter.containerd.protogen`` runs before any generated code exists.
 """

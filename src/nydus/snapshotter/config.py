@@ -2,12 +2,13 @@
 
 Paths default as upstream nydus-snapshotter's do. ``nydusd_config`` is the nydusd JSON config
 named by ``--config-path`` (the template of every daemon the snapshotter starts); it is loaded and
-checked to be a JSON object here, and interpreted by the daemon manager (:mod:`.imageconfig`).
+checked to be a JSON object here, and interpreted by the daemon manager
+(:mod:`.daemons.imageconfig`).
 ``recover_policy`` says what happens when a nydusd dies: ``restart`` (a new daemon on the same
 mount point; containers that were reading through the dead one get errors), ``failover`` (the
 snapshotter holds each daemon's FUSE connection, and a new daemon takes it over: running
 containers carry on) or ``none``. ``content_store`` serves containerd's Content service from
-``<root>/content`` too (:mod:`.contentservice`), which lets stock ``ctr image pull`` pull Nydus
+``<root>/content`` too (:mod:`.content.service`), which lets stock ``ctr image pull`` pull Nydus
 images lazily.
 
 Immutable once built; share freely between threads.

@@ -10,10 +10,10 @@ way containerd's unpacker does for remote snapshotters:
 
 ``Snapshots.Prepare(key, parent chainID, labels = layer annotations + snapshot.ref)`` reaches
 this snapshotter, which records the remote snapshot and answers ALREADY_EXISTS
-(:meth:`.core.Snapshotter.prepare`); containerd then finds it by its labels and records the
-chain ID as committed. The calls run under a short lease; afterwards the image's config gets
-the label ``containerd.io/gc.ref.snapshot.<snapshotter>/nydus-blobs = <top blob chainID>``, so
-containerd's garbage collector keeps the snapshots exactly as long as the image.
+(:meth:`~..snapshots.core.Snapshotter.prepare`); containerd then finds it by its labels and
+records the chain ID as committed. The calls run under a short lease; afterwards the image's
+config gets the label ``containerd.io/gc.ref.snapshot.<snapshotter>/nydus-blobs = <top blob
+chainID>``, so containerd's garbage collector keeps the snapshots exactly as long as the image.
 
 When: the content store (:mod:`.nydusblobs`) calls :meth:`RemoteLayerRegistrar.ensure` before
 it serves a ``Read`` of a manifest that lists Nydus blobs. ``ctr image pull`` reads the image's
@@ -33,7 +33,6 @@ are serialized, and results are remembered per (namespace, image, update time, m
 
 from __future__ import annotations
 
-import datetime
 import logging
 import secrets
 import threading
@@ -42,36 +41,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import empty_pb2
 
-from ..errors import BackendError, NydusError
-from ..format.safejson import parse_json_object_or_none
-from .api import (
-    CONTENT_SERVICE,
-    LEASE_HEADER,
-    LEASES_SERVICE,
-    NAMESPACE_HEADER,
-    SNAPSHOTS_SERVICE,
-    content_pb2,
-    descriptor_pb2,
-    leases_pb2,
-    snapshots_pb2,
-)
-from .imageref import chain_ids, list_images, list_namespaces, snapshot_exists
-from .labels import SNAPSHOT_REF, is_nydus_blob
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ...errors import BackendError, FormatError, NydusError
+from ...format.oci import is_index
+from ...format.safejson import parse_json_object_or_none
+from ..containerd.client import ContainerdClient, snapshot_exists
+from ..containerd.proto import SNAPSHOTS_SERVICE, descriptor_pb2, snapshots_pb2
+from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text
+from ..snapshots.imageref import chain_ids
+from ..snapshots.labels import is_nydus_blob, unpack_labels
 
 __all__ = ["RemoteLayerRegistrar", "image_uses"]
 
 log = logging.getLogger(__name__)
 
-_INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-_INHERITED_PREFIX = "containerd.io/snapshot/"
 _MAX_JSON = 4 << 20
-_LEASE_HOURS = 1
 _CACHE_SIZE = 1024
 
 
@@ -85,7 +70,7 @@ def image_uses(
     doc = parse_json_object_or_none(read_blob(target.digest), _MAX_JSON)
     if doc is None:
         return False
-    if target.media_type not in _INDEX_TYPES and "manifests" not in doc:
+    if not is_index(target.media_type) and "manifests" not in doc:
         return False
     entries = doc.get("manifests")
     return isinstance(entries, list) and any(
@@ -150,13 +135,9 @@ class RemoteLayerRegistrar:
         out: list[_Layer] = []
         for i, layer in enumerate(layers):
             ann = layer.get("annotations") if isinstance(layer, dict) else None
-            ann = ann if isinstance(ann, dict) else {}
-            labels = {
-                str(k): str(v) for k, v in ann.items() if str(k).startswith(_INHERITED_PREFIX)
-            }
+            labels = unpack_labels(ann if isinstance(ann, dict) else {}, chains[i])
             if not is_nydus_blob(labels):
                 break
-            labels[SNAPSHOT_REF] = chains[i]
             out.append(_Layer(chains[i], chains[i - 1] if i else "", labels))
         plan = _Plan(cfg_digest, tuple(out))
         with self._lock:
@@ -194,10 +175,10 @@ class RemoteLayerRegistrar:
 
     def _ensure(self, manifest: str, plan: _Plan) -> list[tuple[str, str]]:
         done: list[tuple[str, str]] = []
-        with grpc.insecure_channel(unix_target(self.address)) as ch:
-            for ns in list_namespaces(ch, self.timeout):
+        with ContainerdClient(self.address, self.timeout) as ctd:
+            for ns in ctd.namespaces():
                 users = []
-                for img in list_images(ch, ns, self.timeout):
+                for img in ctd.images(ns):
                     key = (ns, img.name, img.updated_at.ToNanoseconds(), manifest)
                     with self._lock:
                         if key in self._done:
@@ -205,7 +186,7 @@ class RemoteLayerRegistrar:
                     if image_uses(self.read_blob, img.target, manifest):
                         users.append((key, img.name))
                 if users:
-                    done += self._register(ch, ns, manifest, plan, [n for _, n in users])
+                    done += self._register(ctd, ns, manifest, plan, [n for _, n in users])
                     with self._lock:
                         for key, _ in users:
                             self._done[key] = None
@@ -214,50 +195,25 @@ class RemoteLayerRegistrar:
         return done
 
     def _register(
-        self, ch: grpc.Channel, ns: str, manifest: str, plan: _Plan, image_names: list[str]
+        self, ctd: ContainerdClient, ns: str, manifest: str, plan: _Plan, image_names: list[str]
     ) -> list[tuple[str, str]]:
         sn = self.plugin_name()
-        md = [(NAMESPACE_HEADER, ns)]
-        snaps = ServiceClient(ch, SNAPSHOTS_SERVICE, md, self.timeout)
+        snaps = ctd.service(SNAPSHOTS_SERVICE, ns)
         missing = [ly for ly in plan.layers if not snapshot_exists(snaps, sn, ly.chain_id)]
         if not missing:
             return []
-        leases = ServiceClient(ch, LEASES_SERVICE, md, self.timeout)
-        lease_id = f"nydus-register-{secrets.token_hex(8)}"
-        expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=_LEASE_HOURS)
-        leases.unary(
-            "Create",
-            leases_pb2.CreateRequest(
-                id=lease_id,
-                labels={"containerd.io/gc.expire": expire.strftime("%Y-%m-%dT%H:%M:%SZ")},
-            ),
-            leases_pb2.CreateResponse,
-        )
-        keep_lease = True  # until the image's config references the snapshots
         done: list[tuple[str, str]] = []
-        try:
-            leased = ServiceClient(ch, SNAPSHOTS_SERVICE, [*md, (LEASE_HEADER, lease_id)])
+        # on failure the lease stays (it expires): until the image's config references the
+        # snapshots, it is what keeps them
+        with ctd.lease(ns, "nydus-register-", keep_on_error=True) as lease_id:
+            leased = ctd.service(SNAPSHOTS_SERVICE, ns, lease_id)
             for ly in plan.layers:
                 if ly not in missing:
                     continue
                 self._prepare_remote(leased, sn, ly)
                 done.append((ns, ly.chain_id))
-            content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
             label = f"containerd.io/gc.ref.snapshot.{sn}/nydus-blobs"
-            content.unary(
-                "Update",
-                content_pb2.UpdateRequest(
-                    info=content_pb2.Info(
-                        digest=plan.config, labels={label: plan.layers[-1].chain_id}
-                    ),
-                    update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{label}"]),
-                ),
-                content_pb2.UpdateResponse,
-            )
-            keep_lease = False
-        finally:
-            if not keep_lease:
-                leases.unary("Delete", leases_pb2.DeleteRequest(id=lease_id), empty_pb2.Empty)
+            ctd.set_labels(ns, plan.config, {label: plan.layers[-1].chain_id})
         log.info(
             "registered %d Nydus blob layer(s) of %s (%s) with containerd's %r snapshotter in "
             "namespace %s",

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errdefs import SnapshotInvalidArgument
+from ..containerd.errdefs import SnapshotInvalidArgument
 from .store import Info
 
 __all__ = ["Filter", "parse", "parse_all", "snapshot_field"]

@@ -20,7 +20,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from ..kernel_mount import umount
+from ...kernel_mount import umount
 from .store import Usage
 
 __all__ = ["disk_usage", "is_mountpoint", "mount_table", "mounts_under", "remove_tree"]

@@ -1,4 +1,5 @@
-"""The nydusd daemon manager: the :class:`~.mounter.NydusMounter` ``containerd-nydus-grpc`` uses.
+"""The nydusd daemon manager: the :class:`~..snapshots.mounter.NydusMounter` of
+``containerd-nydus-grpc``.
 
 An *image* (RAFS instance) is one bootstrap file, shared by every container snapshot made from
 it; it is identified by its bootstrap snapshot's id (``<root>/snapshots/<N>/fs/image/image.boot``
@@ -61,16 +62,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..credentials import private_dir
-from ..daemon.client import ApiClientError
-from ..errors import ConfigError, NydusError
-from ..format.safejson import parse_json_object
+from ...credentials import private_dir
+from ...daemon.client import ApiClientError
+from ...errors import ConfigError, NydusError
+from ...format.safejson import parse_json_object
+from ..config import SnapshotterConfig
+from ..containerd.errdefs import DaemonError
+from ..snapshots.mounter import MountRequest, NydusMounter, RecoveredMount
 from . import cachegc
-from .config import SnapshotterConfig
-from .daemon import DaemonProcess, log_tail
-from .errdefs import DaemonError
 from .imageconfig import DEFAULT_TEMPLATE, check_template, image_config
-from .mounter import NydusMounter, RecoveredMount
+from .process import DaemonProcess, log_tail
 from .supervisor import FdSupervisor
 
 __all__ = ["DaemonManager", "ImageMetrics", "ImageRecord", "resolve_nydusd"]
@@ -176,12 +177,6 @@ class DaemonManager(NydusMounter):
         if start_watcher and config.daemon_check_interval > 0:
             self._watcher = threading.Thread(target=self._watch, name="nydusd-watcher", daemon=True)
             self._watcher.start()
-        self.metrics_server: Any = None
-        if config.metrics_address:
-            from .metrics import MetricsServer
-
-            self.metrics_server = MetricsServer(self, config.metrics_address)
-            self.metrics_server.start()
 
     # -- paths and ids ---------------------------------------------------------------------------
 
@@ -401,15 +396,8 @@ class DaemonManager(NydusMounter):
 
     # -- NydusMounter ----------------------------------------------------------------------------
 
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
-        image_id = self.image_id(bootstrap_path)
+    def mount(self, request: MountRequest) -> Path:
+        image_id = self.image_id(request.bootstrap_path)
         with self._locked(f"image:{image_id}"):
             with self._lock:
                 rec = self.images.get(image_id)
@@ -422,11 +410,11 @@ class DaemonManager(NydusMounter):
                     else:
                         self._ensure_running(d)
             if rec is None:
-                rec = self._serve(image_id, bootstrap_path, image_ref, labels,
-                                  bootstrap_digest=bootstrap_digest)
+                rec = self._serve(image_id, request.bootstrap_path, request.image_ref,
+                                  request.labels, bootstrap_digest=request.bootstrap_digest)
             with self._lock:
-                if snapshot_id not in rec.snapshots:
-                    rec.snapshots.append(snapshot_id)
+                if request.snapshot_id not in rec.snapshots:
+                    rec.snapshots.append(request.snapshot_id)
             self._save()
             return Path(rec.lower_dir)
 
@@ -718,8 +706,6 @@ class DaemonManager(NydusMounter):
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(10)
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
         self._save()
         self.supervisor.close()
         if self.sock_dir.parent == _RUN_SOCK_DIR:  # ours alone: remove it when nothing is left

@@ -18,7 +18,7 @@ backend: ``Info`` (also to ask whether a blob it is about to download is already
 is not downloaded), ``Write`` sessions under refs ``<namespace>/<n>/<ref>``, ``Read``, and
 ``List``/``Delete``/``ListStatuses``/``Abort`` from its garbage collector. The semantics follow
 containerd's own content server (``services/content/contentserver``) over its local store; what
-the store does is in :mod:`.contentstore`.
+the store does is in :mod:`.store`.
 
 :class:`ContentHooks` lets the Nydus side (:mod:`.nydusblobs`) see commits (to record lazy
 entries for the data blobs a manifest lists), act before a blob is read (to register remote
@@ -32,32 +32,33 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import grpc
 from google.protobuf import empty_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from .api import CONTENT_SERVICE, content_pb2
-from .contentstore import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
-from .errdefs import (
+from ..containerd.errdefs import (
     SnapshotExists,
     SnapshotInvalidArgument,
-    SnapshotNotFound,
     SnapshotPreconditionFailed,
-    grpc_code_of,
 )
-from .filters import Filter, parse_all
-from .rpc import InFlight, generic_handler
+from ..containerd.proto import CONTENT_SERVICE, content_pb2
+from ..containerd.rpc import (
+    Servicer,
+    abort_with_status,
+    batches,
+    generic_handler,
+    handled,
+    timestamp,
+)
+from ..snapshots.filters import Filter, parse_all
+from .store import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
 
 __all__ = ["ContentHooks", "ContentService"]
 
 log = logging.getLogger(__name__)
 
-_LIST_BATCH = 100
-R = TypeVar("R")
 
 
 class ContentHooks(Protocol):
@@ -78,16 +79,12 @@ class ContentHooks(Protocol):
         ...
 
 
-def _timestamp(ns: int) -> Timestamp:
-    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
 def info_to_pb(info: ContentInfo) -> content_pb2.Info:
     return content_pb2.Info(
         digest=info.digest,
         size=info.size,
-        created_at=_timestamp(info.created_ns),
-        updated_at=_timestamp(info.updated_ns),
+        created_at=timestamp(info.created_ns),
+        updated_at=timestamp(info.updated_ns),
         labels=dict(info.labels),
     )
 
@@ -98,8 +95,8 @@ def status_to_pb(st: IngestStatus) -> content_pb2.Status:
         offset=st.offset,
         total=st.total,
         expected=st.expected,
-        started_at=_timestamp(st.started_ns),
-        updated_at=_timestamp(st.updated_ns),
+        started_at=timestamp(st.started_ns),
+        updated_at=timestamp(st.updated_ns),
     )
 
 
@@ -123,44 +120,15 @@ def _status_field(st: IngestStatus, path: Sequence[str]) -> tuple[str, bool]:
     return "", False
 
 
-def _abort(ctx: grpc.ServicerContext, name: str, e: BaseException) -> None:
-    code = grpc_code_of(e)
-    if code == grpc.StatusCode.INTERNAL:
-        log.exception("content %s failed unexpectedly", name)
-    else:
-        quiet = isinstance(e, SnapshotNotFound | SnapshotExists)
-        log.log(logging.DEBUG if quiet else logging.WARNING, "content %s: %s", name, e)
-    ctx.abort(code, str(e))
-
-
-def _rpc(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Errors of a unary call (or of the eager part of a streaming one) become statuses."""
-
-    def wrap(fn: Callable[..., R]) -> Callable[..., R]:
-        @functools.wraps(fn)
-        def call(self: ContentService, req: object, ctx: grpc.ServicerContext) -> R:
-            t0 = time.monotonic()
-            try:
-                with self.inflight:
-                    out = fn(self, req, ctx)
-            except Exception as e:
-                _abort(ctx, name, e)
-                raise  # not reached: abort raises
-            log.debug("content %s done in %.3fs", name, time.monotonic() - t0)
-            return out
-
-        return call
-
-    return wrap
-
-
-class ContentService:
+class ContentService(Servicer):
     """The Content service methods (names as in content.proto)."""
 
+    log_prefix = "content "
+
     def __init__(self, store: ContentStore, hooks: ContentHooks | None = None) -> None:
+        super().__init__()
         self.store = store
         self.hooks = hooks
-        self.inflight = InFlight()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return generic_handler(
@@ -186,13 +154,13 @@ class ContentService:
 
     # -- unary ----------------------------------------------------------------------------
 
-    @_rpc("Info")
+    @handled("Info")
     def Info(
         self, req: content_pb2.InfoRequest, ctx: grpc.ServicerContext
     ) -> content_pb2.InfoResponse:
         return content_pb2.InfoResponse(info=info_to_pb(self.store.info(req.digest)))
 
-    @_rpc("Update")
+    @handled("Update")
     def Update(
         self, req: content_pb2.UpdateRequest, ctx: grpc.ServicerContext
     ) -> content_pb2.UpdateResponse:
@@ -200,7 +168,7 @@ class ContentService:
         info = self.store.update(req.info.digest, dict(req.info.labels), paths)
         return content_pb2.UpdateResponse(info=info_to_pb(info))
 
-    @_rpc("Delete")
+    @handled("Delete")
     def Delete(
         self, req: content_pb2.DeleteContentRequest, ctx: grpc.ServicerContext
     ) -> empty_pb2.Empty:
@@ -210,13 +178,13 @@ class ContentService:
             self._hook(self.hooks.deleted, req.digest)
         return empty_pb2.Empty()
 
-    @_rpc("Status")
+    @handled("Status")
     def Status(
         self, req: content_pb2.StatusRequest, ctx: grpc.ServicerContext
     ) -> content_pb2.StatusResponse:
         return content_pb2.StatusResponse(status=status_to_pb(self.store.status(req.ref)))
 
-    @_rpc("ListStatuses")
+    @handled("ListStatuses")
     def ListStatuses(
         self, req: content_pb2.ListStatusesRequest, ctx: grpc.ServicerContext
     ) -> content_pb2.ListStatusesResponse:
@@ -225,26 +193,23 @@ class ContentService:
         sts = [s for s in sts if f.match(functools.partial(_status_field, s))]
         return content_pb2.ListStatusesResponse(statuses=[status_to_pb(s) for s in sts])
 
-    @_rpc("Abort")
+    @handled("Abort")
     def Abort(self, req: content_pb2.AbortRequest, ctx: grpc.ServicerContext) -> empty_pb2.Empty:
         self.store.abort(req.ref)
         return empty_pb2.Empty()
 
     # -- server streaming -----------------------------------------------------------------
 
-    @_rpc("List")
+    @handled("List")
     def List(
         self, req: content_pb2.ListContentRequest, ctx: grpc.ServicerContext
     ) -> Iterator[content_pb2.ListContentResponse]:
         f: Filter = parse_all(list(req.filters))
         infos = [i for i in self.store.walk() if f.match(functools.partial(_content_field, i))]
-
-        def batches() -> Iterator[content_pb2.ListContentResponse]:
-            for i in range(0, len(infos), _LIST_BATCH):
-                chunk = infos[i : i + _LIST_BATCH]
-                yield content_pb2.ListContentResponse(info=[info_to_pb(x) for x in chunk])
-
-        return batches()
+        return (
+            content_pb2.ListContentResponse(info=[info_to_pb(x) for x in chunk])
+            for chunk in batches(infos)
+        )
 
     def _materialize(self, entry: LazyEntry) -> None:
         if self.hooks is None:
@@ -255,7 +220,7 @@ class ContentService:
         log.info("fetching lazy blob %s (%d bytes) for a read", entry.digest, entry.size)
         self.store.materialize(entry.digest, self.hooks.lazy_source(entry))
 
-    @_rpc("Read")
+    @handled("Read")
     def Read(
         self, req: content_pb2.ReadContentRequest, ctx: grpc.ServicerContext
     ) -> Iterator[content_pb2.ReadContentResponse]:
@@ -275,7 +240,7 @@ class ContentService:
                     yield content_pb2.ReadContentResponse(offset=offset, data=piece)
                     offset += len(piece)
             except Exception as e:
-                _abort(ctx, "Read", e)
+                abort_with_status(ctx, "content Read", e)
 
         return responses()
 
@@ -290,7 +255,7 @@ class ContentService:
             try:
                 yield from self._write(requests)
             except Exception as e:
-                _abort(ctx, "Write", e)
+                abort_with_status(ctx, "content Write", e)
 
     def _write(
         self, requests: Iterator[content_pb2.WriteContentRequest]
@@ -318,8 +283,8 @@ class ContentService:
                 if req.action == content_pb2.STAT:
                     st = w.status()
                     resp.digest = w.digest()
-                    resp.started_at.CopyFrom(_timestamp(st.started_ns))
-                    resp.updated_at.CopyFrom(_timestamp(st.updated_ns))
+                    resp.started_at.CopyFrom(timestamp(st.started_ns))
+                    resp.updated_at.CopyFrom(timestamp(st.updated_ns))
                     resp.total = total
                 elif req.action in (content_pb2.WRITE, content_pb2.COMMIT):
                     resp.offset = w.write_at(req.offset, req.data)

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import NotFoundError, NydusError
-from ..metadata import open_bootstrap
+from ...errors import NotFoundError, NydusError
+from ...metadata import open_bootstrap
 
 __all__ = ["CacheUsage", "GcResult", "blob_ids_of", "cache_usage", "collect_garbage"]
 

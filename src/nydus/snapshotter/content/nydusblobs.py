@@ -1,11 +1,11 @@
 """The Nydus side of the content store: lazy data blobs and the hooks that make them work.
 
 With ``--content-store``, containerd keeps its content in this snapshotter
-(:mod:`.contentservice`), and :class:`NydusContentHooks` does three things there:
+(:mod:`.service`), and :class:`NydusContentHooks` does three things there:
 
 1. **Commit of a manifest** (OCI or Docker media type; only small JSON is parsed): each layer
    annotated ``containerd.io/snapshot/nydus-blob: "true"`` is recorded as a lazy entry of the
-   store (digest and size; :mod:`.contentstore`), and the manifest is marked as a Nydus
+   store (digest and size; :mod:`.store`), and the manifest is marked as a Nydus
    manifest (``<content>/nydus-manifests/<alg>/<hex>``, an empty file). containerd's fetch then
    asks ``Info`` of each layer before downloading it; the lazy entry answers with its size, so
    containerd's metadata layer commits the layer as shared content and **downloads nothing**.
@@ -33,18 +33,18 @@ from pathlib import Path
 
 import grpc
 
-from ..errors import NydusError
-from ..format.safejson import parse_json_object_or_none
-from ..registry import RegistryClient
-from ..registry.reference import parse_reference
-from .api import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
-from .contentservice import ContentService
-from .contentstore import ContentStore, LazyEntry, parse_digest
-from .errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
-from .imageref import list_images, list_namespaces
-from .labels import is_nydus_blob
+from ...errors import NydusError
+from ...format.safejson import parse_json_object_or_none
+from ...registry import RegistryClient
+from ...registry.reference import parse_reference
+from ..containerd.client import ContainerdClient
+from ..containerd.errdefs import SnapshotInvalidArgument, SnapshotPreconditionFailed
+from ..containerd.proto import CONTENT_SERVICE, content_pb2
+from ..containerd.rpc import rpc_code, rpc_error_text
+from ..snapshots.labels import is_nydus_blob
 from .remotelayers import RemoteLayerRegistrar, image_uses
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from .service import ContentService
+from .store import ContentStore, LazyEntry, parse_digest
 
 __all__ = ["LazyBlobFetcher", "NydusContentHooks", "nydus_blob_layers", "nydus_content_service"]
 
@@ -107,18 +107,16 @@ class LazyBlobFetcher:
         manifest = str(entry.meta.get("manifest", ""))
         named: list[tuple[str, str]] = []
         labelled: list[tuple[str, str]] = []
-        with grpc.insecure_channel(unix_target(self.address)) as ch:
-            for ns in list_namespaces(ch, self.timeout):
-                md = [(NAMESPACE_HEADER, ns)]
+        with ContainerdClient(self.address, self.timeout) as ctd:
+            for ns in ctd.namespaces():
                 if manifest:
-                    for img in list_images(ch, ns, self.timeout):
+                    for img in ctd.images(ns):
                         if image_uses(self.read_blob, img.target, manifest):
                             with contextlib.suppress(NydusError):
                                 ref = parse_reference(img.name)
                                 named.append((ref.api_host, ref.repository))
-                content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
                 try:
-                    info = content.unary(
+                    info = ctd.service(CONTENT_SERVICE, ns).unary(
                         "Info",
                         content_pb2.InfoRequest(digest=entry.digest),
                         content_pb2.InfoResponse,
@@ -153,7 +151,7 @@ class LazyBlobFetcher:
 
 
 class NydusContentHooks:
-    """:class:`~.contentservice.ContentHooks` for Nydus images (see the module docstring)."""
+    """:class:`~.service.ContentHooks` for Nydus images (see the module docstring)."""
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .cachegc import cache_usage
 
 if TYPE_CHECKING:
@@ -60,17 +60,12 @@ def render(manager: DaemonManager) -> str:
         out.append(f"# TYPE {name} {kind}")
         out.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-    images = manager.image_metrics()
-    fetch = [
-        (_labels(image=m.image_id, image_ref=m.image_ref, daemon=m.daemon_id), m.fetched_bytes)
-        for m in images
-        if m.fetched_bytes is not None
+    images = [
+        (_labels(image=m.image_id, image_ref=m.image_ref, daemon=m.daemon_id), m)
+        for m in manager.image_metrics()
     ]
-    read = [
-        (_labels(image=m.image_id, image_ref=m.image_ref, daemon=m.daemon_id), m.read_bytes)
-        for m in images
-        if m.read_bytes is not None
-    ]
+    fetch = [(k, m.fetched_bytes) for k, m in images if m.fetched_bytes is not None]
+    read = [(k, m.read_bytes) for k, m in images if m.read_bytes is not None]
     metric(
         "nydus_snapshotter_image_fetch_bytes",
         "gauge",

@@ -32,10 +32,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import DaemonConfig
-from ..errors import ConfigError, NydusError
-from ..registry.auth import docker_config_credentials
-from ..registry.reference import parse_reference
+from ...config import DaemonConfig
+from ...errors import ConfigError, NydusError
+from ...registry.auth import docker_config_credentials
+from ...registry.reference import parse_reference
 
 __all__ = [
     "DEFAULT_TEMPLATE",

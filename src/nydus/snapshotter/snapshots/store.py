@@ -35,9 +35,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..credentials import private_file
-from ..errors import NydusError
-from .errdefs import (
+from ...credentials import private_file
+from ...errors import NydusError
+from ..containerd.errdefs import (
     SnapshotExists,
     SnapshotInvalidArgument,
     SnapshotNotFound,

@@ -16,8 +16,8 @@ import zstandard
 
 from hostile_tars import hostile_cases, make_sentinel, tree_state
 from nydus.errors import FormatError, IntegrityError, UnsupportedError
-from nydus.snapshotter.api import mount_pb2
-from nydus.snapshotter.unpack import _spooled, extract_layer, mounted
+from nydus.snapshotter.containerd.proto import mount_pb2
+from nydus.snapshotter.content.pull import _spooled, extract_layer, mounted
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> tuple[bytes, str]:

@@ -15,7 +15,7 @@ carries the code containerd expects, and :func:`grpc_code_of` maps everything el
     ├── ContentLocked                          UNAVAILABLE     (another writer holds the ref)
     └── ContentOutOfRange                      OUT_OF_RANGE    (read or write past the data)
 
-The content store (:mod:`.contentstore`) reuses the snapshot classes for its own "not found",
+The content store (:mod:`~..content.store`) reuses the snapshot classes for its own "not found",
 "exists", "precondition" and "invalid argument" cases, so both services speak the same codes.
 
 Other families: ``NotFoundError`` -> NOT_FOUND, ``ConfigError`` -> INVALID_ARGUMENT,
@@ -28,7 +28,7 @@ import errno as _errno
 
 import grpc
 
-from ..errors import BackendError, ConfigError, NotFoundError, NydusError, UnsupportedError
+from ...errors import BackendError, ConfigError, NotFoundError, NydusError, UnsupportedError
 
 __all__ = [
     "ContentLocked",

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..fuse.fdpass import recv_fds, send_fds
-from .errdefs import DaemonError
+from ...fuse.fdpass import recv_fds, send_fds
+from ..containerd.errdefs import DaemonError
 
 __all__ = ["FdSupervisor"]
 

@@ -33,14 +33,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import fusectl
-from ..credentials import private_file
-from ..daemon.client import NydusdClient
-from ..daemon.erofs_mode import BLOBFS_BASE
-from ..errors import NydusError
-from ..kernel_mount import umount
-from .errdefs import DaemonError
-from .fsutil import mount_table
+from ... import fusectl
+from ...credentials import private_file
+from ...daemon.client import NydusdClient
+from ...daemon.erofs_mode import BLOBFS_BASE
+from ...errors import NydusError
+from ...kernel_mount import umount
+from ..containerd.errdefs import DaemonError
+from ..snapshots.fsutil import mount_table
 
 __all__ = ["DaemonProcess", "log_tail"]
 

@@ -1,6 +1,6 @@
 """The containerd API messages and service descriptors the snapshotter speaks.
 
-Importing this module makes sure the generated package ``nydus.snapshotter._api`` exists and
+Importing this module makes sure the generated package ``._api`` exists and
 is current (:func:`.protogen.ensure_generated`), then re-exports what the rest of the package
 uses under short names. Nothing here is hand-written protocol: the messages and descriptors all
 come from containerd's own ``.proto`` files.

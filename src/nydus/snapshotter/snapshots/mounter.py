@@ -2,14 +2,15 @@
 
 When containerd prepares a container's writable snapshot on top of a Nydus image (one whose
 layers include the ``nydus-bootstrap`` layer), the snapshotter calls
-``mounter.mount(snapshot_id, bootstrap_path, image_ref, labels)`` and returns an overlay mount
-whose ``lowerdir`` is the directory that call returns. When the snapshot is removed (or
-``Cleanup`` finds a mount whose snapshot is gone) it calls ``mounter.umount(snapshot_id)``.
+``mounter.mount(MountRequest(snapshot_id, bootstrap_path, image_ref, labels))`` and returns an
+overlay mount whose ``lowerdir`` is the directory that call returns. When the snapshot is
+removed (or ``Cleanup`` finds a mount whose snapshot is gone) it calls
+``mounter.umount(snapshot_id)``.
 
 The implementation that starts ``nydusd`` (dedicated mode: one daemon per image) or asks a
 shared daemon to mount (``POST /api/v1/mount?mountpoint=/<id>``), waits for ``RUNNING`` and
-supervises it is the daemon manager, :class:`~.manager.DaemonManager`; :func:`default_mounter`
-returns it. With ``--daemon-mode none`` there is no daemon: :class:`DaemonManagerMissing`
+supervises it is the daemon manager, :class:`~..daemons.manager.DaemonManager`. With
+``--daemon-mode none`` there is no daemon: :class:`DaemonManagerMissing`
 refuses to mount with an error that says so (containerd reports it to the user), and never
 pretends that an image is mounted.
 
@@ -39,15 +40,25 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import SnapshotterConfig
-from .errdefs import NydusUnavailable
+from ..containerd.errdefs import NydusUnavailable
 
-__all__ = ["DaemonManagerMissing", "NydusMounter", "RecoveredMount", "default_mounter"]
+__all__ = ["DaemonManagerMissing", "MountRequest", "NydusMounter", "RecoveredMount"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    """The image of ``bootstrap_path`` for snapshot ``snapshot_id`` (see the module docstring)."""
+
+    snapshot_id: str
+    bootstrap_path: Path
+    image_ref: str | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    bootstrap_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,15 +76,8 @@ class NydusMounter(abc.ABC):
     """Serves a Nydus image for a snapshot (see the module docstring for the contract)."""
 
     @abc.abstractmethod
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
-        """Serve the image of ``bootstrap_path`` for ``snapshot_id``; return its root dir."""
+    def mount(self, request: MountRequest) -> Path:
+        """Serve the image of ``request.bootstrap_path`` for its snapshot; return its root dir."""
 
     @abc.abstractmethod
     def umount(self, snapshot_id: str) -> None:
@@ -96,34 +100,15 @@ class NydusMounter(abc.ABC):
 class DaemonManagerMissing(NydusMounter):
     """No daemon manager (``--daemon-mode none``): refuses to mount, honestly."""
 
-    def __init__(self, config: SnapshotterConfig | None = None) -> None:
-        self.config = config
-
-    def mount(
-        self,
-        snapshot_id: str,
-        bootstrap_path: Path,
-        image_ref: str | None,
-        labels: Mapping[str, str],
-        bootstrap_digest: str | None = None,
-    ) -> Path:
-        mode = self.config.daemon_mode if self.config else "none"
+    def mount(self, request: MountRequest) -> Path:
+        image_ref = request.image_ref or "(image reference unknown)"
         raise NydusUnavailable(
-            f"cannot mount Nydus image {image_ref or '(image reference unknown)'} for snapshot "
-            f"{snapshot_id} (bootstrap {bootstrap_path}): this snapshotter runs no nydusd "
-            f"daemon manager (daemon mode {mode}), so Nydus images cannot run; plain OCI "
+            f"cannot mount Nydus image {image_ref} for snapshot {request.snapshot_id} "
+            f"(bootstrap {request.bootstrap_path}): this snapshotter runs no nydusd "
+            f"daemon manager (daemon mode none), so Nydus images cannot run; plain OCI "
             f"images work"
         )
 
     def umount(self, snapshot_id: str) -> None:
         # Nothing was ever mounted by this stand-in, so there is nothing to release.
         log.debug("umount %s: nothing mounted (no daemon manager)", snapshot_id)
-
-
-def default_mounter(config: SnapshotterConfig) -> NydusMounter:
-    """The mounter ``containerd-nydus-grpc`` uses: the daemon manager (none in mode ``none``)."""
-    if config.daemon_mode == "none":
-        return DaemonManagerMissing(config)
-    from .manager import DaemonManager
-
-    return DaemonManager(config)

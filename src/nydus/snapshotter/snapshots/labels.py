@@ -20,6 +20,7 @@ __all__ = [
     "SNAPSHOT_REF",
     "is_nydus_blob",
     "is_nydus_bootstrap",
+    "unpack_labels",
 ]
 
 #: The chain ID a read-only layer snapshot is being prepared for (containerd's unpacker).
@@ -34,6 +35,9 @@ CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 
+#: Layer annotations with this prefix are passed on as snapshot labels.
+_INHERITED_PREFIX = "containerd.io/snapshot/"
+
 
 def _true(labels: Mapping[str, str], key: str) -> bool:
     return key in labels and labels[key].strip().lower() not in ("false", "0")
@@ -47,3 +51,11 @@ def is_nydus_blob(labels: Mapping[str, str]) -> bool:
 def is_nydus_bootstrap(labels: Mapping[str, str]) -> bool:
     """The Nydus bootstrap (meta) layer: unpacked normally, holds ``image/image.boot``."""
     return _true(labels, NYDUS_BOOTSTRAP)
+
+
+def unpack_labels(annotations: Mapping[str, object], chain_id: str) -> dict[str, str]:
+    """The labels containerd's unpacker passes to ``Prepare`` for a layer: its annotations under
+    ``containerd.io/snapshot/`` and ``containerd.io/snapshot.ref = chain_id``."""
+    out = {str(k): str(v) for k, v in annotations.items() if str(k).startswith(_INHERITED_PREFIX)}
+    out[SNAPSHOT_REF] = chain_id
+    return out

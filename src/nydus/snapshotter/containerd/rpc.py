@@ -1,18 +1,26 @@
 """Typed gRPC plumbing built from service descriptors (instead of generated ``*_pb2_grpc``).
 
-The generated message modules (:mod:`.api`) carry full service descriptors: method names,
+The generated message modules (:mod:`.proto`) carry full service descriptors: method names,
 request/response types and streaming flags. :func:`generic_handler` turns a descriptor plus a
 mapping of Python callables into a server-side handler, and :class:`ServiceClient` calls a
 service's methods with the descriptor checking each name and response type. Both use only
 grpcio's public generic API (``method_handlers_generic_handler``, ``Channel.unary_unary``), so
 the wire behaviour is exactly that of generated stubs, with types mypy can follow.
 
-Stateless apart from the channel a client holds; grpcio channels are thread-safe.
+:class:`Servicer` is the base of the services we serve, and :func:`handled` wraps their
+methods: the call is counted in flight (so a stop can wait for it), logged, and any exception
+becomes the status code containerd expects (:func:`~.errdefs.grpc_code_of`).
+
+Stateless apart from the channel a client holds and the in-flight counts; grpcio channels are
+thread-safe.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -20,18 +28,32 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from .errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
 
 __all__ = [
     "InFlight",
     "ServiceClient",
+    "Servicer",
+    "abort_with_status",
+    "batches",
     "generic_handler",
+    "handled",
     "method_path",
     "rpc_code",
     "rpc_error_text",
+    "timestamp",
     "unix_target",
 ]
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R")
+T = TypeVar("T")
+
+_LIST_BATCH = 100  # entries per message of a streamed List answer
+
+log = logging.getLogger(__name__)
 
 
 class InFlight:
@@ -53,6 +75,65 @@ class InFlight:
     def wait_idle(self, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._n == 0, timeout)
+
+
+class Servicer:
+    """Base of a gRPC service we serve: its calls in flight, a hook for each request."""
+
+    #: How its calls are named in the log ("content " for the Content service).
+    log_prefix = ""
+
+    def __init__(self) -> None:
+        self.inflight = InFlight()
+
+    def seen(self, request: Message) -> None:
+        """Called with each request before it is handled (default: nothing)."""
+
+
+def abort_with_status(ctx: grpc.ServicerContext, name: str, e: BaseException) -> None:
+    """Log ``e`` (quietly for "not found" and "exists") and abort the call with its status."""
+    code = grpc_code_of(e)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed unexpectedly", name)
+    else:
+        quiet = isinstance(e, SnapshotExists | SnapshotNotFound)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s", name, e)
+    ctx.abort(code, str(e))
+
+
+def handled(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Wrap a :class:`Servicer` method: count, log and time the call; errors of a unary call
+    (or of the eager part of a streaming one) become statuses (:func:`abort_with_status`)."""
+
+    def wrap(fn: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(fn)
+        def call(self: Servicer, req: Message, ctx: grpc.ServicerContext) -> R:
+            what = self.log_prefix + name
+            t0 = time.monotonic()
+            try:
+                with self.inflight:
+                    self.seen(req)
+                    out = fn(self, req, ctx)
+            except Exception as e:
+                abort_with_status(ctx, what, e)
+                raise  # not reached: abort raises
+            log.debug("%s done in %.3fs", what, time.monotonic() - t0)
+            return out
+
+        return call
+
+    return wrap
+
+
+def timestamp(ns: int) -> Timestamp:
+    """A protobuf timestamp of nanoseconds since the epoch."""
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``items`` in slices of the size a streamed List answer sends per message."""
+    for i in range(0, len(items), _LIST_BATCH):
+        yield items[i : i + _LIST_BATCH]
 
 
 def method_path(service: ServiceDescriptor, name: str) -> str:

@@ -34,8 +34,9 @@ Remote-snapshot rules (nydus-reference.md §1.5):
   cannot be unpacked at all (containerd has no stream processor for its media type, and
   containerd's metadata layer turns ALREADY_EXISTS without a target into an unknown error):
   it must already be known to containerd before its unpack looks for it, which the content
-  store does (:mod:`.remotelayers`); if it is not, ``Prepare`` fails with FAILED_PRECONDITION
-  and a message that says so, instead of containerd's "no processor for media-type".
+  store does (:mod:`~..content.remotelayers`); if it is not, ``Prepare`` fails with
+  FAILED_PRECONDITION and a message that says so, instead of containerd's "no processor for
+  media-type".
 - ``Prepare`` of an active snapshot (no ``snapshot.ref``: a container's rootfs) or ``View``
   whose parents include a bootstrap snapshot asks the :class:`~.mounter.NydusMounter` to serve
   ``<bootstrap fs>/image/image.boot`` and returns an overlay whose lowest ``lowerdir`` is that
@@ -67,10 +68,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from ..credentials import private_dir
-from ..errors import FormatError, NydusError
-from ..metadata import parse_bootstrap_digest, read_bootstrap_file
-from .errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
+from ...credentials import private_dir
+from ...errors import FormatError, NydusError
+from ...metadata import parse_bootstrap_digest, read_bootstrap_file
+from ..containerd.errdefs import SnapshotExists, SnapshotNotFound, SnapshotPreconditionFailed
 from .filters import parse_all
 from .fsutil import disk_usage, remove_tree
 from .imageref import ImageRefResolver, LayerResolver, image_ref_from_labels, namespace_of_key
@@ -81,7 +82,7 @@ from .labels import (
     is_nydus_blob,
     is_nydus_bootstrap,
 )
-from .mounter import NydusMounter, RecoveredMount
+from .mounter import MountRequest, NydusMounter, RecoveredMount
 from .store import Info, Kind, MetaStore, NydusMount, Snapshot, Transaction, Usage
 
 __all__ = ["Mount", "Snapshotter", "overlay_index_supported"]
@@ -95,6 +96,9 @@ _BOOTSTRAP_DIGEST_FILE = "bootstrap.sha256"  # in snapshots/<id>/, beside fs/
 _UNPACK_KEY = re.compile(r"^([^/]+)/\d+/extract-\S+ (sha256:[0-9a-f]{64})$")
 # labels of a bootstrap layer that a label-less Commit must not drop
 _KEPT_AT_COMMIT = (NYDUS_BOOTSTRAP, NYDUS_FS_VERSION, SNAPSHOT_REF)
+
+
+Labels = Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -203,11 +207,7 @@ class Snapshotter:
         return snap
 
     def prepare(
-        self,
-        key: str,
-        parent: str = "",
-        labels: Mapping[str, str] | None = None,
-        namespace: str | None = None,
+        self, key: str, parent: str = "", labels: Labels | None = None, namespace: str | None = None
     ) -> list[Mount]:
         """containerd ``Prepare``: a new active snapshot (see module docstring for Nydus)."""
         labels = dict(labels or {})
@@ -251,11 +251,7 @@ class Snapshotter:
         return labels
 
     def view(
-        self,
-        key: str,
-        parent: str = "",
-        labels: Mapping[str, str] | None = None,
-        namespace: str | None = None,
+        self, key: str, parent: str = "", labels: Labels | None = None, namespace: str | None = None
     ) -> list[Mount]:
         """containerd ``View``: a new read-only snapshot of ``parent``."""
         labels = dict(labels or {})
@@ -399,8 +395,7 @@ class Snapshotter:
         log.info(
             "snapshot %d (%s): Nydus image %s, bootstrap %s", snap.id, key, image_ref, bootstrap
         )
-        lower = self.mounter.mount(str(snap.id), bootstrap, image_ref, merged,
-                                   bootstrap_digest=digest)
+        lower = self.mounter.mount(MountRequest(str(snap.id), bootstrap, image_ref, merged, digest))
         nm = NydusMount(snap.id, boot_id, str(lower), image_ref)
         try:
             with self.store.transaction(writable=True) as tx:

@@ -30,8 +30,8 @@ updates the image record, then unpacks. (Stock ``ctr content fetch --metadata-on
 substitute: for an image that is a plain manifest, not an index, it fetches every layer too.)
 
 After that, stock ``ctr run --snapshotter nydus REF ...`` finds the image unpacked and prepares
-the container's snapshot directly. The command line is ``nydus-pull`` (console script; also
-``python -m nydus.snapshotter.unpack``).
+the container's snapshot directly. The command line is ``nydus-pull``
+(:mod:`nydus.cli.pull`).
 
 Layers are applied by the one safe extractor, :func:`nydus.builder.extract.extract_layer`
 (containerd's applier semantics: whiteouts, opaque directories, hard links, devices; every path
@@ -40,16 +40,14 @@ file while its digest is checked, never held whole in memory; its diff ID is che
 is applied, and a failed apply removes the active snapshot. Extraction mounts overlayfs, so
 unpacking needs root, as containerd's does.
 
-Threading: one unpacker per call site; it opens one channel per :meth:`RemoteUnpacker.unpack`.
+Threading: one unpacker per call site; it opens one containerd client per call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import io
-import json
 import logging
 import os
 import secrets
@@ -63,35 +61,28 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from ..builder.extract import extract_layer as apply_layer
-from ..errors import BackendError, FormatError, IntegrityError, NotFoundError, UnsupportedError
-from ..format.safejson import parse_json_object
-from ..kernel_mount import umount
-from .api import (
+from ...builder.extract import extract_layer as apply_layer
+from ...errors import BackendError, FormatError, IntegrityError, NotFoundError, UnsupportedError
+from ...format.oci import is_index
+from ...format.safejson import parse_json_object
+from ...kernel_mount import umount
+from ..containerd.client import ContainerdClient, snapshot_exists
+from ..containerd.proto import (
     CONTENT_SERVICE,
     IMAGES_SERVICE,
-    LEASE_HEADER,
-    LEASES_SERVICE,
-    NAMESPACE_HEADER,
     SNAPSHOTS_SERVICE,
     content_pb2,
     descriptor_pb2,
     images_pb2,
-    leases_pb2,
     mount_pb2,
     snapshots_pb2,
 )
-from .imageref import chain_ids, snapshot_exists
-from .labels import (
-    CRI_IMAGE_REF,
-    CRI_LAYER_DIGEST,
-    CRI_MANIFEST_DIGEST,
-    SNAPSHOT_REF,
-)
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text
+from ..snapshots.imageref import chain_ids
+from ..snapshots.labels import CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, unpack_labels
 
 if TYPE_CHECKING:
-    from ..registry import RegistryClient
+    from ...registry import RegistryClient
 
 __all__ = [
     "ImageSource",
@@ -100,7 +91,6 @@ __all__ = [
     "RemoteUnpacker",
     "UnpackResult",
     "extract_layer",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,11 +131,6 @@ class RegistrySource:
         return self.client.get_blob_stream(self.repository, digest)
 
 
-_INHERITED_PREFIX = "containerd.io/snapshot/"
-_INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
 _MAX_JSON = 8 << 20
 
 
@@ -202,7 +187,9 @@ class RemoteUnpacker:
             return self.unpack(image_name, lambda desc: stream(str(desc["digest"])))
         return self.unpack(image_name, lambda desc: source.blob(str(desc["digest"])))
 
-    def _write_content(self, content: ServiceClient, data: bytes, labels: Mapping[str, str]) -> str:
+    def _write_content(
+        self, ctd: ContainerdClient, lease: str, data: bytes, labels: Mapping[str, str]
+    ) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         req = content_pb2.WriteContentRequest(
             action=content_pb2.COMMIT,
@@ -213,6 +200,7 @@ class RemoteUnpacker:
             data=data,
             labels=dict(labels),
         )
+        content = ctd.service(CONTENT_SERVICE, self.namespace, lease)
         try:
             for _ in content.bidi("Write", [req], content_pb2.WriteContentResponse):
                 pass
@@ -220,14 +208,7 @@ class RemoteUnpacker:
             if rpc_code(e) != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             if labels:
-                content.unary(
-                    "Update",
-                    content_pb2.UpdateRequest(
-                        info=content_pb2.Info(digest=digest, labels=dict(labels)),
-                        update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels]),
-                    ),
-                    content_pb2.UpdateResponse,
-                )
+                ctd.set_labels(self.namespace, digest, labels, lease)
         return digest
 
     def _store_metadata(self, image_name: str, reference: str, source: ImageSource) -> None:
@@ -236,7 +217,7 @@ class RemoteUnpacker:
         docs: list[tuple[bytes, dict[str, str]]] = []  # written children first
         manifest_body, manifest_doc = body, parse_json_object(body, reference)
         index_labels: dict[str, str] = {}
-        if media_type in _INDEX_TYPES or "manifests" in manifest_doc:
+        if is_index(media_type) or "manifests" in manifest_doc:
             m = self._pick(manifest_doc, top_digest)
             manifest_body, _ = source.manifest(str(m["digest"]))
             if "sha256:" + hashlib.sha256(manifest_body).hexdigest() != m["digest"]:
@@ -258,40 +239,35 @@ class RemoteUnpacker:
         if manifest_body is not body:
             docs.append((body, index_labels))
 
-        ns = [(NAMESPACE_HEADER, self.namespace)]
-        with grpc.insecure_channel(unix_target(self.address)) as ch:
-            leases = ServiceClient(ch, LEASES_SERVICE, ns, self.timeout)
-            lease_id = self._lease(leases)
-            md = [*ns, (LEASE_HEADER, lease_id)]
+        with (
+            ContainerdClient(self.address, self.timeout) as ctd,
+            ctd.lease(self.namespace, "nydus-unpack-") as lease_id,
+        ):
+            for data, labels in docs:
+                self._write_content(ctd, lease_id, data, labels)
+            images = ctd.service(IMAGES_SERVICE, self.namespace, lease_id)
+            image = images_pb2.Image(
+                name=image_name,
+                target=descriptor_pb2.Descriptor(
+                    media_type=media_type, digest=top_digest, size=len(body)
+                ),
+            )
             try:
-                content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
-                for data, labels in docs:
-                    self._write_content(content, data, labels)
-                images = ServiceClient(ch, IMAGES_SERVICE, md, self.timeout)
-                image = images_pb2.Image(
-                    name=image_name,
-                    target=descriptor_pb2.Descriptor(
-                        media_type=media_type, digest=top_digest, size=len(body)
-                    ),
+                images.unary(
+                    "Create",
+                    images_pb2.CreateImageRequest(image=image),
+                    images_pb2.CreateImageResponse,
                 )
-                try:
-                    images.unary(
-                        "Create",
-                        images_pb2.CreateImageRequest(image=image),
-                        images_pb2.CreateImageResponse,
-                    )
-                except grpc.RpcError as e:
-                    if rpc_code(e) != grpc.StatusCode.ALREADY_EXISTS:
-                        raise
-                    images.unary(
-                        "Update",
-                        images_pb2.UpdateImageRequest(
-                            image=image, update_mask=field_mask_pb2.FieldMask(paths=["target"])
-                        ),
-                        images_pb2.UpdateImageResponse,
-                    )
-            finally:
-                leases.unary("Delete", leases_pb2.DeleteRequest(id=lease_id), empty_pb2.Empty)
+            except grpc.RpcError as e:
+                if rpc_code(e) != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                images.unary(
+                    "Update",
+                    images_pb2.UpdateImageRequest(
+                        image=image, update_mask=field_mask_pb2.FieldMask(paths=["target"])
+                    ),
+                    images_pb2.UpdateImageResponse,
+                )
 
     def _pick(self, index: Mapping[str, Any], digest: str) -> Mapping[str, Any]:
         want_os, want_arch = self.platform
@@ -301,49 +277,28 @@ class RemoteUnpacker:
                 return dict(m)
         raise NotFoundError(f"index {digest} has no manifest for {want_os}/{want_arch}")
 
-    def _lease(self, leases: ServiceClient) -> str:
-        lease_id = f"nydus-unpack-{secrets.token_hex(8)}"
-        expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
-        leases.unary(
-            "Create",
-            leases_pb2.CreateRequest(
-                id=lease_id,
-                labels={"containerd.io/gc.expire": expire.strftime("%Y-%m-%dT%H:%M:%SZ")},
-            ),
-            leases_pb2.CreateResponse,
-        )
-        return lease_id
-
     # -- containerd reads ---------------------------------------------------------------------
 
-    def _read_json(self, content: ServiceClient, digest: str) -> dict[str, Any]:
-        data = b""
-        req = content_pb2.ReadContentRequest(digest=digest)
-        for part in content.stream("Read", req, content_pb2.ReadContentResponse):
-            data += part.data
-            if len(data) > _MAX_JSON:
-                raise FormatError(f"content {digest} is larger than {_MAX_JSON} bytes")
+    def _read_json(self, ctd: ContainerdClient, digest: str) -> dict[str, Any]:
+        data = ctd.read_content(self.namespace, digest, _MAX_JSON)
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise IntegrityError(f"content {digest} does not match its digest")
         return parse_json_object(data, digest)
 
     def _manifest(
-        self, content: ServiceClient, media_type: str, digest: str
+        self, ctd: ContainerdClient, media_type: str, digest: str
     ) -> tuple[str, dict[str, Any]]:
-        doc = self._read_json(content, digest)
-        if media_type in _INDEX_TYPES or "manifests" in doc:
+        doc = self._read_json(ctd, digest)
+        if is_index(media_type) or "manifests" in doc:
             m = self._pick(doc, digest)
-            return self._manifest(content, str(m.get("mediaType", "")), str(m["digest"]))
+            return self._manifest(ctd, str(m.get("mediaType", "")), str(m["digest"]))
         return digest, doc
 
     # -- the unpack ---------------------------------------------------------------------------
 
     def _unpack(self, image_name: str, fetch_layer: LayerFetcher) -> UnpackResult:
-        ns = [(NAMESPACE_HEADER, self.namespace)]
-        with grpc.insecure_channel(unix_target(self.address)) as ch:
-            images = ServiceClient(ch, IMAGES_SERVICE, ns, self.timeout)
-            content = ServiceClient(ch, CONTENT_SERVICE, ns, self.timeout)
-            leases = ServiceClient(ch, LEASES_SERVICE, ns, self.timeout)
+        with ContainerdClient(self.address, self.timeout) as ctd:
+            images = ctd.service(IMAGES_SERVICE, self.namespace)
             try:
                 img = images.unary(
                     "Get", images_pb2.GetImageRequest(name=image_name), images_pb2.GetImageResponse
@@ -356,10 +311,10 @@ class RemoteUnpacker:
                     ) from e
                 raise
             manifest_digest, manifest = self._manifest(
-                content, img.target.media_type, img.target.digest
+                ctd, img.target.media_type, img.target.digest
             )
             config_desc = manifest.get("config") or {}
-            config = self._read_json(content, str(config_desc.get("digest")))
+            config = self._read_json(ctd, str(config_desc.get("digest")))
             layers = manifest.get("layers") or []
             diff_ids = [str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
             if len(layers) != len(diff_ids) or not layers:
@@ -367,19 +322,11 @@ class RemoteUnpacker:
                     f"{image_name}: {len(layers)} layers but {len(diff_ids)} diff IDs in config"
                 )
             chains = chain_ids(diff_ids)
-            lease_id = self._lease(leases)
-            try:
-                snaps = ServiceClient(
-                    ch, SNAPSHOTS_SERVICE, [*ns, (LEASE_HEADER, lease_id)], self.timeout
-                )
+            with ctd.lease(self.namespace, "nydus-unpack-") as lease_id:
+                snaps = ctd.service(SNAPSHOTS_SERVICE, self.namespace, lease_id)
                 result = UnpackResult(image_name, chains[-1])
                 for i, desc in enumerate(layers):
-                    labels = {
-                        k: str(v)
-                        for k, v in (desc.get("annotations") or {}).items()
-                        if k.startswith(_INHERITED_PREFIX)
-                    }
-                    labels[SNAPSHOT_REF] = chains[i]
+                    labels = unpack_labels(desc.get("annotations") or {}, chains[i])
                     if self.cri_labels:
                         labels[CRI_IMAGE_REF] = image_name
                         labels[CRI_LAYER_DIGEST] = str(desc.get("digest"))
@@ -388,19 +335,9 @@ class RemoteUnpacker:
                     self._layer(
                         snaps, desc, diff_ids[i], chains[i], parent, labels, fetch_layer, result
                     )
-                content.unary(
-                    "Update",
-                    content_pb2.UpdateRequest(
-                        info=content_pb2.Info(
-                            digest=str(config_desc.get("digest")),
-                            labels={self._gc_label: chains[-1]},
-                        ),
-                        update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{self._gc_label}"]),
-                    ),
-                    content_pb2.UpdateResponse,
+                ctd.set_labels(
+                    self.namespace, str(config_desc.get("digest")), {self._gc_label: chains[-1]}
                 )
-            finally:
-                leases.unary("Delete", leases_pb2.DeleteRequest(id=lease_id), empty_pb2.Empty)
         log.info(
             "unpacked %s: %d layer(s) taken by %s, %d applied, %d already there",
             image_name,
@@ -524,60 +461,3 @@ def extract_layer(data: bytes | BinaryIO, root: str | os.PathLike[str], diff_id:
     read (an IntegrityError after the apply: the caller removes the snapshot)."""
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     apply_layer(stream, root, diff_id=diff_id)
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m nydus.snapshotter.unpack") -> int:
-    """``nydus-pull`` (also ``python -m nydus.snapshotter.unpack``): pull for a remote
-    snapshotter with the layer labels containerd's unpacker passes."""
-    import argparse
-    import sys
-
-    from ..config import docker_config_path
-    from ..errors import NydusError
-    from ..registry import RegistryClient, parse_reference
-
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Pull REF into containerd for a remote snapshotter the way containerd's "
-        "unpacker does (containerd 1.6's `ctr image pull` cannot): Nydus blob layers are never "
-        "downloaded, only the small bootstrap layer. Then `ctr run --snapshotter nydus REF ID "
-        "CMD` works. Registry credentials come from $DOCKER_CONFIG/config.json or "
-        "~/.docker/config.json.",
-    )
-    p.add_argument(
-        "-a",
-        "--address",
-        default="/run/containerd/containerd.sock",
-        help="containerd's socket (/run/containerd/containerd.sock)",
-    )
-    p.add_argument("-n", "--namespace", default="default", help="containerd namespace (default)")
-    p.add_argument("--snapshotter", default="nydus", help="the proxy snapshotter's name (nydus)")
-    p.add_argument("--plain-http", action="store_true", help="fetch over plain HTTP")
-    p.add_argument("--no-cri-labels", action="store_true", help="do not add cri.* labels")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    p.add_argument("ref", help="image reference, e.g. localhost:5000/ubuntu-nydus:latest")
-    a = p.parse_args(argv)
-    from ..daemon.logsetup import setup_logging
-
-    setup_logging("warn" if a.quiet else "info")
-    docker_config = docker_config_path()
-    try:
-        ref = parse_reference(a.ref)
-        client = RegistryClient(
-            ref.api_host, scheme="http" if a.plain_http else "https", docker_config=docker_config
-        )
-        source = RegistrySource(client, ref.repository)
-        unpacker = RemoteUnpacker(
-            a.address, a.namespace, a.snapshotter, cri_labels=not a.no_cri_labels
-        )
-        r = unpacker.pull(a.ref, ref.ref, source)
-    except NydusError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps({"chain_id": r.chain_id, "skipped": r.skipped, "applied": r.applied,
-                      "existing": r.existing}))  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -52,10 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import FormatError
-from ..format import oci
-from ..format.safejson import parse_json_object
-from .errdefs import (
+from ...errors import FormatError
+from ...format import oci
+from ...format.safejson import parse_json_object
+from ..containerd.errdefs import (
     ContentLocked,
     ContentOutOfRange,
     SnapshotExists,

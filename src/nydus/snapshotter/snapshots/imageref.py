@@ -18,11 +18,9 @@ service otherwise. What a manifest says is cached by its digest (immutable); loo
 nothing are remembered for a couple of seconds, so a burst of layers of an image that is not
 there costs one image listing each.
 
-Threading: a resolver may be shared; each lookup opens its own short-lived channel, and the
-caches are guarded by a lock.
+Threading: a resolver may be shared; each lookup opens its own short-lived client of containerd
+(:class:`~..containerd.client.ContainerdClient`), and the caches are guarded by a lock.
 
-The few containerd calls other modules make the same way live here too: :func:`list_namespaces`,
-:func:`list_images` and :func:`snapshot_exists` (stateless; any thread).
 """
 
 from __future__ import annotations
@@ -39,21 +37,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from ..errors import BackendError, FormatError
-from ..format.safejson import parse_json_object
-from .api import (
-    CONTENT_SERVICE,
-    IMAGES_SERVICE,
-    NAMESPACE_HEADER,
-    NAMESPACES_SERVICE,
-    content_pb2,
-    images_pb2,
-    namespace_pb2,
-    snapshots_pb2,
-)
-from .api import descriptor_pb2 as types_pb2
-from .labels import CRI_IMAGE_REF, SNAPSHOT_REF
-from .rpc import ServiceClient, rpc_code, rpc_error_text, unix_target
+from ...errors import BackendError, FormatError
+from ...format.oci import is_index, is_manifest
+from ...format.safejson import parse_json_object
+from ..containerd.client import ContainerdClient
+from ..containerd.proto import descriptor_pb2
+from ..containerd.rpc import rpc_error_text
+from .labels import CRI_IMAGE_REF, unpack_labels
 
 __all__ = [
     "ContainerdImageResolver",
@@ -62,25 +52,13 @@ __all__ = [
     "LayerResolver",
     "chain_ids",
     "image_ref_from_labels",
-    "list_images",
-    "list_namespaces",
     "namespace_of_key",
-    "snapshot_exists",
 ]
 
 log = logging.getLogger(__name__)
 
-_INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-_MANIFEST_TYPES = {
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-}
 _MAX_JSON = 8 << 20
 _MAX_MANIFESTS = 64
-_INHERITED_PREFIX = "containerd.io/snapshot/"
 _NEGATIVE_TTL = 2.0  # seconds a "no image has this layer" answer is reused
 _CACHE_SIZE = 4096
 
@@ -111,9 +89,7 @@ class LayerMatch:
 
     def snapshot_labels(self) -> dict[str, str]:
         """The labels containerd's unpacker passes to ``Prepare`` for this layer."""
-        out = {k: v for k, v in self.annotations.items() if k.startswith(_INHERITED_PREFIX)}
-        out[SNAPSHOT_REF] = self.chain_id
-        return out
+        return unpack_labels(self.annotations, self.chain_id)
 
 
 class LayerResolver(Protocol):
@@ -155,41 +131,6 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
         else:
             out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
-
-
-def list_namespaces(channel: grpc.Channel, timeout: float | None = None) -> list[str]:
-    """The names of containerd's namespaces (Namespaces service)."""
-    resp = ServiceClient(channel, NAMESPACES_SERVICE, (), timeout).unary(
-        "List", namespace_pb2.ListNamespacesRequest(), namespace_pb2.ListNamespacesResponse
-    )
-    return [ns.name for ns in resp.namespaces]
-
-
-def list_images(
-    channel: grpc.Channel, namespace: str, timeout: float | None = None
-) -> Sequence[images_pb2.Image]:
-    """containerd's images in ``namespace`` (Images service)."""
-    md = [(NAMESPACE_HEADER, namespace)]
-    resp = ServiceClient(channel, IMAGES_SERVICE, md, timeout).unary(
-        "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
-    )
-    return resp.images
-
-
-def snapshot_exists(snaps: ServiceClient, snapshotter: str, key: str) -> bool:
-    """Whether containerd's ``snapshotter`` has a snapshot ``key`` (``Stat``; NOT_FOUND is
-    False, any other error is raised). ``snaps`` is a Snapshots service client."""
-    try:
-        snaps.unary(
-            "Stat",
-            snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=key),
-            snapshots_pb2.StatSnapshotResponse,
-        )
-        return True
-    except grpc.RpcError as e:
-        if rpc_code(e) == grpc.StatusCode.NOT_FOUND:
-            return False
-        raise
 
 
 class ContainerdImageResolver:
@@ -241,18 +182,16 @@ class ContainerdImageResolver:
         return match
 
     def _lookup(self, namespace: str, chain_id: str) -> LayerMatch | None:
-        md = [(NAMESPACE_HEADER, namespace)]
-        with grpc.insecure_channel(unix_target(self.address)) as ch:
-            content = ServiceClient(ch, CONTENT_SERVICE, md, self.timeout)
+        with ContainerdClient(self.address, self.timeout) as ctd:
             ordered = sorted(
-                list_images(ch, namespace, self.timeout),
+                ctd.images(namespace),
                 key=lambda i: (i.updated_at.seconds, i.updated_at.nanos),
                 reverse=True,
             )
             for img in ordered:
                 try:
-                    for digest in self._manifests_of(content, img.target):
-                        m = self._describe(content, digest)
+                    for digest in self._manifests_of(ctd, namespace, img.target):
+                        m = self._describe(ctd, namespace, digest)
                         if m is not None and chain_id in m.chain_ids:
                             log.debug("layer %s belongs to image %s", chain_id, img.name)
                             return LayerMatch(
@@ -268,7 +207,9 @@ class ContainerdImageResolver:
                     log.debug("skipping image %s: %s", img.name, e)
         return None
 
-    def _manifests_of(self, content: ServiceClient, target: types_pb2.Descriptor) -> Iterator[str]:
+    def _manifests_of(
+        self, ctd: ContainerdClient, namespace: str, target: descriptor_pb2.Descriptor
+    ) -> Iterator[str]:
         """Digests of the image manifests under ``target`` (itself, or an index's entries)."""
         todo = [(target.media_type, target.digest)]
         seen = 0
@@ -280,25 +221,25 @@ class ContainerdImageResolver:
             if known:
                 yield digest
                 continue
-            doc = self._read_json(content, digest)
+            doc = self._read_json(ctd, namespace, digest)
             mt = media_type or str(doc.get("mediaType", ""))
-            if mt in _INDEX_TYPES or (not mt and "manifests" in doc):
+            if is_index(mt) or (not mt and "manifests" in doc):
                 for m in doc.get("manifests", []):
                     if isinstance(m, dict) and isinstance(m.get("digest"), str):
                         todo.append((str(m.get("mediaType", "")), m["digest"]))
-            elif mt in _MANIFEST_TYPES or "layers" in doc:
+            elif is_manifest(mt) or "layers" in doc:
                 yield digest
 
-    def _describe(self, content: ServiceClient, digest: str) -> _Manifest | None:
+    def _describe(self, ctd: ContainerdClient, namespace: str, digest: str) -> _Manifest | None:
         with self._lock:
             hit = self._manifests.get(digest)
         if hit is not None:
             return hit
-        manifest = self._read_json(content, digest)
+        manifest = self._read_json(ctd, namespace, digest)
         cfg_digest = (manifest.get("config") or {}).get("digest")
         if not isinstance(cfg_digest, str):
             return None
-        cfg = self._read_json(content, cfg_digest)
+        cfg = self._read_json(ctd, namespace, cfg_digest)
         diff_ids = (cfg.get("rootfs") or {}).get("diff_ids")
         layers = manifest.get("layers")
         if not isinstance(diff_ids, list) or not isinstance(layers, list):
@@ -317,16 +258,8 @@ class ContainerdImageResolver:
                 self._manifests.popitem(last=False)
         return m
 
-    def _read_json(self, content: ServiceClient, digest: str) -> dict[str, Any]:
+    def _read_json(self, ctd: ContainerdClient, namespace: str, digest: str) -> dict[str, Any]:
         data = self.local_blob(digest) if self.local_blob is not None else None
         if data is None:
-            chunks: list[bytes] = []
-            total = 0
-            req = content_pb2.ReadContentRequest(digest=digest)
-            for part in content.stream("Read", req, content_pb2.ReadContentResponse):
-                total += len(part.data)
-                if total > _MAX_JSON:
-                    raise FormatError(f"content {digest} is larger than {_MAX_JSON} bytes")
-                chunks.append(part.data)
-            data = b"".join(chunks)
+            data = ctd.read_content(namespace, digest, _MAX_JSON)
         return parse_json_object(data, f"content {digest}")

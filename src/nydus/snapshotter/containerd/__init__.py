@@ -1,0 +1,1 @@
+"""Talking to containerd: generated API messages, gRPC plumbing, one client, errdefs."""

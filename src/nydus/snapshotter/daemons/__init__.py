@@ -1,0 +1,1 @@
+"""The nydusd daemons the snapshotter runs: manager, process, supervisor, cache, metrics."""

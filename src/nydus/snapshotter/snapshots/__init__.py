@@ -1,0 +1,1 @@
+"""containerd's Snapshots service: snapshot semantics, metadata, the mounter seam."""
