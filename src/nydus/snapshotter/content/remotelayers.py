@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import empty_pb2
 
-from ...errors import BackendError, FormatError, NydusError
+from ...errors import BackendError, NydusError
 from ...format.oci import is_index
 from ...format.safejson import parse_json_object_or_none
 from ..containerd.client import ContainerdClient, snapshot_exists
