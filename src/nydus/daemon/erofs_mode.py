@@ -1,23 +1,12 @@
 """Kernel EROFS mode: the kernel mounts the v6 bootstrap, the daemon only fills blob data.
 
-Per image mount the driver is ``fusedev`` (FUSE RAFS: the daemon answers every request) or
-``erofs``. In ``erofs`` mode the image is mounted with mount(2) as file-backed EROFS at
+Per image mount the driver (:mod:`.driver`) is ``fusedev`` (FUSE RAFS: the daemon answers every
+request) or ``erofs``. In ``erofs`` mode the image is mounted with mount(2) as file-backed EROFS at
 ``<daemon mountpoint><path>`` (the daemon's FUSE mount shows an empty directory there, or for
 ``/`` the EROFS mount stacks on the FUSE root), with one ``device=`` per blob in device-table
 order. Each device is either the blob's file on the daemon's blob fs (:mod:`.blobdev`, lazy:
 reads are fetched, verified and decompressed by the daemon) or, when the blob is complete in the
 blob cache, its local ``<blob_id>.blob.data`` file (native: no daemon in the path).
-
-Choosing the driver (:func:`resolve_driver`): the config's ``fs_driver`` (or the API mount body's
-``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``erofs``). The default
-gives way to fusedev, said in the log, where only FUSE RAFS mode can do what was asked: per-file
-metrics (``iostats_files``, ``latest_read_files``: the kernel serves files without telling the
-daemon; the access pattern works in both modes, from blob-device reads mapped back to files in
-this one) and a daemon under a supervisor (fd-handoff
-failover hands over a /dev/fuse connection; kernel EROFS mounts cannot be handed over). RAFS v5
-bootstraps are not EROFS images and always use fusedev; so does a daemon in upgrade (takeover)
-mode. A kernel without EROFS (ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to
-fusedev with a log line.
 
 What differs for readers (kernel behaviour, not ours): ``open(O_DIRECT)`` fails with EINVAL on a
 file-backed EROFS mount; use fusedev for applications that need O_DIRECT on image files. Each
@@ -86,21 +75,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import fusectl, kernel_mount
+from ..fs.metrics import FsIoStats
+from ..storage import BlobDevice
 from .blobdev import BlobFsServer
 
-__all__ = ["FUSEDEV", "EROFS", "ErofsImage", "ErofsManager", "resolve_driver"]
+__all__ = ["ErofsImage", "ErofsManager"]
 
 log = logging.getLogger("nydus.daemon.erofs")
 
-FUSEDEV = "fusedev"
-EROFS = "erofs"
-DRIVERS = (FUSEDEV, EROFS)
-
 MS_BIND = 0x1000
-MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
-
-_UNSUPPORTED = (errno.ENODEV, errno.ENOTBLK)
 
 _libc: ctypes.CDLL | None = None
 
@@ -225,24 +209,6 @@ def _read_all(fd: int) -> str | None:
     return b"".join(parts).decode("utf-8", "surrogateescape")
 
 
-def resolve_driver(requested: str | None, default: str, rafs_version: int,
-                   upgrade: bool = False, needs_fuse: str = "") -> tuple[str, str]:
-    """(driver, reason) for one image mount. ``needs_fuse``: why this mount wants FUSE RAFS
-    mode (empty if it does not); it overrides the daemon default, not an explicit request."""
-    want = requested or default
-    if want not in DRIVERS:
-        raise ValueError(f"fs_driver must be one of {DRIVERS}, got {want!r}")
-    if want == EROFS and needs_fuse and not requested:
-        return FUSEDEV, needs_fuse
-    if want == EROFS and rafs_version != 6:
-        return FUSEDEV, f"RAFS v{rafs_version} is not an EROFS image"
-    if want == EROFS and upgrade:
-        return FUSEDEV, "upgrade (takeover) mode serves FUSE only"
-    if want == EROFS and not kernel_mount.erofs_supported():
-        return FUSEDEV, "the kernel has no erofs file system (/proc/filesystems)"
-    return want, "requested" if requested else "daemon default"
-
-
 @dataclass
 class ErofsImage:
     """One image mounted by the kernel at ``target``."""
@@ -250,12 +216,12 @@ class ErofsImage:
     path: str
     target: str
     bootstrap: str
-    device: Any  # BlobDevice
+    device: BlobDevice
     blob_ids: list[str]
     devices: list[str] = field(default_factory=list)
     native: list[bool] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
-    stats: Any = None  # the image's FsIoStats, for blob fs READs
+    stats: FsIoStats | None = None  # the image's, for blob fs READs
     retired: list[ErofsImage] = field(default_factory=list)  # replaced by remount
     mounted: bool = False
     switched_at: float = 0.0
@@ -328,31 +294,36 @@ class ErofsManager:
         os.close(fd)
         return name
 
-    def _new_image(self, path: str, target: str, bootstrap: str, device: Any,
-                   blob_ids: list[str], stats: Any, verified: bytes | None) -> ErofsImage:
+    def _new_image(self, path: str, target: str, bootstrap: str, device: BlobDevice,
+                   blob_ids: list[str], stats: FsIoStats | None, verified: bytes | None,
+                   mount: Callable[[ErofsImage], None]) -> ErofsImage:
+        """An image with its devices registered, mounted by ``mount`` (undone if it fails)."""
         if verified is None:
-            return ErofsImage(path, target, os.path.abspath(bootstrap), device, list(blob_ids),
-                              stats=stats)
-        return ErofsImage(path, target, self._private_copy(verified), device, list(blob_ids),
-                          stats=stats, private_bootstrap=True)
+            im = ErofsImage(path, target, os.path.abspath(bootstrap), device, list(blob_ids),
+                            stats=stats)
+        else:
+            im = ErofsImage(path, target, self._private_copy(verified), device, list(blob_ids),
+                            stats=stats, private_bootstrap=True)
+        try:
+            self._devices(im)
+            mount(im)
+        except BaseException:
+            self._drop_private(im)
+            self._unregister(im)
+            raise
+        return im
 
-    def mount(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
-              stats: Any = None, verified: bytes | None = None) -> ErofsImage:
+    def mount(self, path: str, bootstrap: str, device: BlobDevice, blob_ids: list[str], *,
+              stats: FsIoStats | None = None, verified: bytes | None = None) -> ErofsImage:
         """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
         (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back).
         ``stats``: the image's FsIoStats (blob fs READs are accounted there). ``verified``:
         the bootstrap's digest-checked bytes; the kernel then mounts a private copy of them
         (:meth:`_private_copy`), not ``bootstrap``."""
         with self._lock:
-            im = self._new_image(path, self.target_of(path), bootstrap, device, blob_ids, stats,
-                                 verified)
-            try:
-                self._devices(im)
-                kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices)
-            except BaseException:
-                self._drop_private(im)
-                self._unregister(im)
-                raise
+            im = self._new_image(
+                path, self.target_of(path), bootstrap, device, blob_ids, stats, verified,
+                lambda im: kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices))
             im.mounted = True
             self.images[path] = im
             log.info("%s: kernel EROFS mount at %s (%s; devices %s)", path, im.target, im.mode,
@@ -360,8 +331,8 @@ class ErofsManager:
             self._ensure_watcher()
             return im
 
-    def replace(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
-                stats: Any = None, verified: bytes | None = None) -> ErofsImage:
+    def replace(self, path: str, bootstrap: str, device: BlobDevice, blob_ids: list[str], *,
+                stats: FsIoStats | None = None, verified: bytes | None = None) -> ErofsImage:
         """Remount: the new bootstrap takes the place of the image at ``path`` without a moment
         of an empty directory; files open on the old instance keep reading it (its blob files
         stay registered until the new image is unmounted)."""
@@ -369,14 +340,9 @@ class ErofsManager:
             old = self.images.get(path)
             if old is None or not old.mounted:
                 raise OSError(errno.EINVAL, f"no kernel EROFS mount at {path}")
-            im = self._new_image(path, old.target, bootstrap, device, blob_ids, stats, verified)
-            try:
-                self._devices(im)
-                self._mount_beneath(im.bootstrap, im.devices, old.target)
-            except BaseException:
-                self._drop_private(im)
-                self._unregister(im)
-                raise
+            im = self._new_image(
+                path, old.target, bootstrap, device, blob_ids, stats, verified,
+                lambda im: self._mount_beneath(im.bootstrap, im.devices, old.target))
             kernel_mount.umount(old.target, lazy=True)
             old.mounted = False
             im.mounted = True
@@ -403,7 +369,7 @@ class ErofsManager:
             im.native.append(False)
 
     @staticmethod
-    def _local(device: Any, i: int) -> str | None:
+    def _local(device: BlobDevice, i: int) -> str | None:
         """The blob's cache file if the kernel may read it: complete and verified by this
         process (``native_file`` does no hashing; ``_verify_local`` does)."""
         try:
@@ -415,7 +381,7 @@ class ErofsManager:
         return None
 
     @staticmethod
-    def _verify_local(device: Any, i: int) -> bool:
+    def _verify_local(device: BlobDevice, i: int) -> bool:
         """Hash a complete cached blob (may take a while: never under the manager's lock)."""
         try:
             return bool(device.verify_blob(i))
