@@ -63,7 +63,6 @@ native-switch watcher thread takes the manager's own lock.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -82,53 +81,6 @@ from .blobdev import BlobFsServer
 __all__ = ["ErofsImage", "ErofsManager"]
 
 log = logging.getLogger("nydus.daemon.erofs")
-
-MS_BIND = 0x1000
-MS_PRIVATE = 1 << 18
-
-_libc: ctypes.CDLL | None = None
-
-
-def _mount(src: str | None, target: str, fstype: str | None, flags: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                ctypes.c_ulong, ctypes.c_char_p]
-    rc = _libc.mount(os.fsencode(src) if src else None, os.fsencode(target),
-                     os.fsencode(fstype) if fstype else None, flags, None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount({src!r}, {target!r}, flags {flags:#x}): "
-                           f"{os.strerror(err)}", target)
-
-
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
-_AT_FDCWD = -100
-_OPEN_TREE_CLOEXEC = 0o2000000
-_MOVE_MOUNT_F_EMPTY_PATH = 0x4
-_MOVE_MOUNT_BENEATH = 0x200
-
-
-def _move_beneath(source: str, target: str) -> None:
-    """move_mount(2) the mount at ``source`` beneath the top mount at ``target`` (Linux 6.5+,
-    MOVE_MOUNT_BENEATH): after it, unmounting ``target`` reveals the moved mount."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"open_tree({source!r}): {os.strerror(err)}", source)
-    try:
-        rc = libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
-                          _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH)
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"move_mount({source!r} beneath {target!r}): "
-                               f"{os.strerror(err)}", target)
-    finally:
-        os.close(fd)
-
 
 BLOBFS_BASE = "/run/nydusd-blobfs"
 
@@ -536,8 +488,7 @@ class ErofsManager:
         os.makedirs(self.stage, mode=0o700, exist_ok=True)
         # a private bind mount of its own: moving refuses to move a mount whose parent is
         # shared, and nothing mounted here should propagate anywhere
-        _mount(self.stage, self.stage, None, MS_BIND)
-        _mount(None, self.stage, None, MS_PRIVATE)
+        kernel_mount.bind_private(self.stage)
         self._stage_ready = True
 
     def _mount_beneath(self, bootstrap: str, devices: list[str], target: str) -> None:
@@ -549,7 +500,7 @@ class ErofsManager:
         os.makedirs(staging, exist_ok=True)
         kernel_mount.mount_erofs(bootstrap, staging, devices)
         try:
-            _move_beneath(staging, target)
+            kernel_mount.move_beneath(staging, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 kernel_mount.umount(staging, lazy=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from .. import __version__, deathwatch
 from ..config import DaemonConfig, FsDriver
@@ -38,7 +37,9 @@ from .erofs_mode import ErofsManager
 from .state import DaemonEvent, DaemonState, StateError, StateMachine
 from .vfs import RafsVfs
 
-__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder", "redact_config"]
+__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder"]
+
+ConfigSource: TypeAlias = DaemonConfig | str | bytes | dict[str, Any]
 
 log = logging.getLogger("nydus.daemon")
 
@@ -86,12 +87,6 @@ class ErrorHolder(logging.Handler):
                     "max_size": self.max_size, "errors": list(self._items)}
 
 
-def parse_config(config: DaemonConfig | str | bytes | dict[str, Any]) -> DaemonConfig:
-    if isinstance(config, DaemonConfig):
-        return config
-    return DaemonConfig.from_json(config)
-
-
 class Nydusd:
     """A running nydusd (see the module docstring)."""
 
@@ -115,13 +110,13 @@ class Nydusd:
 
     # ------------------------------------------------------------------ images
 
-    def open_image(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-                   dict[str, Any], prefetch_files: Sequence[str] | None = None,
+    def open_image(self, path: str, bootstrap: str, config: ConfigSource,
+                   prefetch_files: Sequence[str] | None = None,
                    bootstrap_digest: str | None = None) -> ImageMount:
         """Validate and open an image without attaching it. With ``bootstrap_digest``
         (``sha256:HEX``) the bootstrap's bytes are read once, checked, and parsed from memory:
         a mismatch is an IntegrityError and nothing is mounted."""
-        cfg = parse_config(config)
+        cfg = config if isinstance(config, DaemonConfig) else DaemonConfig.from_json(config)
         if cfg.overlay is not None and (cfg.overlay.upper_dir or cfg.overlay.work_dir):
             raise UnsupportedError("writable overlay (config 'overlay') is not supported")
         verified: bytes | None = None
@@ -170,27 +165,26 @@ class Nydusd:
         except NydusError as e:
             log.warning("%s: prefetch not started: %s", im.path, e)
 
-    def _reserve(self, path: str, want_mounted: bool) -> str:
-        """Claim ``path`` for one mount/remount while its image loads outside the lock."""
-        with self._lock:
-            path = self.vfs.normalize(path)
-            if path in self._loading:
-                raise StateError(f"{path} is being mounted by another request")
-            if want_mounted and path not in self.images:
-                raise NotFoundError(f"nothing is mounted at {path}")
-            if not want_mounted and path in self.images:
-                raise StateError(f"{path} is already mounted")
-            self._loading.add(path)
-            return path
+    def _settled(self, path: str, mounted: bool) -> str:
+        """``path`` normalized, if no request is loading it and it is ``mounted`` or not."""
+        path = self.vfs.normalize(path)
+        if path in self._loading:
+            raise StateError(f"{path} is being mounted by another request")
+        if mounted and path not in self.images:
+            raise NotFoundError(f"nothing is mounted at {path}")
+        if not mounted and path in self.images:
+            raise StateError(f"{path} is already mounted")
+        return path
 
     @contextlib.contextmanager
-    def _loaded(self, path: str, want_mounted: bool, bootstrap: str,
-                config: DaemonConfig | str | bytes | dict[str, Any],
+    def _loaded(self, path: str, want_mounted: bool, bootstrap: str, config: ConfigSource,
                 prefetch_files: Sequence[str] | None,
                 bootstrap_digest: str | None) -> Iterator[ImageMount]:
-        """Reserve ``path``, open the image without the lock, then hold the lock while the
+        """Claim ``path`` and open the image without the lock, then hold the lock while the
         caller attaches it (an error closes it); then the image is recorded and prefetches."""
-        path = self._reserve(path, want_mounted)
+        with self._lock:
+            path = self._settled(path, want_mounted)
+            self._loading.add(path)
         try:
             im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
             with self._lock:
@@ -209,9 +203,8 @@ class Nydusd:
             with self._lock:
                 self._loading.discard(path)
 
-    def mount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-              dict[str, Any], prefetch_files: Sequence[str] | None = None,
-              fs_driver: FsDriver | None = None,
+    def mount(self, path: str, bootstrap: str, config: ConfigSource,
+              prefetch_files: Sequence[str] | None = None, fs_driver: FsDriver | None = None,
               bootstrap_digest: str | None = None) -> ImageMount:
         """Attach an image at ``path`` (``POST /api/v1/mount``); ``bootstrap_digest``: see
         :meth:`open_image`.
@@ -230,8 +223,8 @@ class Nydusd:
                  im.fs.version, len(im.fs.meta.blobs))
         return im
 
-    def remount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-                dict[str, Any], prefetch_files: Sequence[str] | None = None,
+    def remount(self, path: str, bootstrap: str, config: ConfigSource,
+                prefetch_files: Sequence[str] | None = None,
                 bootstrap_digest: str | None = None) -> ImageMount:
         """Replace the image at ``path`` (``PUT /api/v1/mount``); loads outside the lock."""
         with self._loaded(path, True, bootstrap, config, prefetch_files,
@@ -256,11 +249,7 @@ class Nydusd:
     def umount(self, path: str) -> None:
         """Detach the image at ``path`` (``DELETE /api/v1/mount``)."""
         with self._lock:
-            path = self.vfs.normalize(path)
-            if path in self._loading:
-                raise StateError(f"{path} is being mounted by another request")
-            if path not in self.images:
-                raise NotFoundError(f"nothing is mounted at {path}")
+            path = self._settled(path, True)
             self.images[path].driver.detach(self.images[path])
             del self.images[path]
             log.info("unmounted %s", path)
@@ -448,6 +437,3 @@ class Nydusd:
 
     def config_of(self, fs_id: str | None) -> dict[str, Any]:
         return dict(redact_config(self.image(fs_id).config.to_dict()))
-
-    def dump(self) -> str:
-        return json.dumps(self.info(), indent=2)
