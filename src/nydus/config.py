@@ -57,21 +57,11 @@ __all__ = [
 ]
 
 class FsDriver(StrEnum):
-    """An image's data path (extension): FUSE RAFS, or kernel EROFS over blob files.
-
-    The values are the wire strings (config, API, CLI); :meth:`parse` is where they are checked."""
+    """An image's data path (extension): FUSE RAFS or kernel EROFS. The values are the wire
+    strings (config, API, CLI); ``FsDriver(s)`` is the one check (ValueError otherwise)."""
 
     FUSEDEV = "fusedev"
     EROFS = "erofs"
-
-    @classmethod
-    def parse(cls, value: object) -> FsDriver | None:
-        """None stays None; ValueError for anything but a driver's name."""
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"not a driver name: {value!r}")
-        return cls(value)
 
 
 U8 = (0, 0xFF)
@@ -512,7 +502,7 @@ def _value(tp: Any, v: object, path: str, f: dataclasses.Field[Any] | None = Non
             raise ConfigError(f"{path}: expected string, got {_show(v)}")
         if tp is FsDriver:
             try:
-                return FsDriver.parse(v)
+                return FsDriver(v)
             except ValueError:
                 raise ConfigError(f'{path}: expected "fusedev" or "erofs", got {v!r}') from None
         return v

@@ -46,6 +46,7 @@ from ..errors import (
 )
 from ..format.safejson import parse_json_object
 from ..metadata import parse_bootstrap_digest
+from .logsetup import LEVELS
 from .nydusd import Nydusd
 from .prometheus import render_prometheus
 from .state import StateError
@@ -63,8 +64,7 @@ REQUEST_DEADLINE = 30.0
 IDLE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
-_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-           "warning": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 10}
+_LEVELS = {**LEVELS, "off": logging.CRITICAL + 10}
 
 
 class ApiError(Exception):
@@ -263,7 +263,7 @@ class _Routes:
     def post_mount(self, req: _Request) -> _Reply:
         driver = req.json().get("fs_driver")  # extension
         try:
-            fs_driver = FsDriver.parse(driver)
+            fs_driver = None if driver is None else FsDriver(driver)
         except ValueError:
             raise ApiError(400, "InvalidArgument",
                            f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'") from None

@@ -1,29 +1,26 @@
 """An image's data path: FUSE RAFS (:class:`FuseDriver`) or kernel EROFS (:class:`ErofsDriver`).
 
-Each :class:`ImageMount` holds the driver that serves it; the daemon calls the driver to attach,
-replace and detach the image and never looks at which one it is. Drivers get what they work
-with (the VFS, the kernel mount manager, callbacks), never the daemon.
+Each :class:`ImageMount` holds the driver that serves it; the daemon attaches, replaces and
+detaches images through it. Drivers get what they work with (the VFS, the kernel mount manager,
+callbacks), never the daemon.
 
-Choosing the driver (:func:`resolve_driver`): the config's ``fs_driver`` (or the API mount body's
-``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``erofs``). The default
-gives way to fusedev, said in the log, where only FUSE RAFS mode can do what was asked: per-file
-metrics (``iostats_files``, ``latest_read_files``: the kernel serves files without telling the
-daemon; the access pattern works in both modes, from blob-device reads mapped back to files in
-kernel EROFS mode) and a daemon under a supervisor (fd-handoff failover hands over a /dev/fuse
-connection; kernel EROFS mounts cannot be handed over). RAFS v5 bootstraps are not EROFS images
-and always use fusedev; so does a daemon in upgrade (takeover) mode. A kernel without EROFS
-(ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to fusedev with a log line;
-so does a data blob with the bootstrap inlined (the kernel mounts only a bootstrap file).
+Choosing the driver (:func:`resolve_driver`): the mount request's or the config's ``fs_driver``,
+else the daemon default (``nydusd --fs-driver``, default ``erofs``), which gives way to fusedev
+(said in the log) where only FUSE RAFS mode can do what was asked: per-file metrics
+(``iostats_files``, ``latest_read_files``: the kernel serves files without telling the daemon;
+the access pattern works in both modes) and a daemon under a supervisor (fd-handoff failover
+cannot hand over kernel EROFS mounts). RAFS v5 bootstraps, a daemon in upgrade (takeover) mode,
+a data blob with the bootstrap inlined and a kernel without (file-backed) EROFS (ENODEV,
+ENOTBLK) use fusedev too.
 
-Underneath each kernel EROFS mount, the daemon's FUSE mount serves the same image (FUSE RAFS
-mode, same RafsFs): the FUSE mount appears a moment before the EROFS mount is stacked on it, and
-whoever looks in between (a script that waits for the mount point) sees the image, never an
-empty directory; what it opened there keeps being served through FUSE. The FUSE side does not
-own the image: it is closed with the EROFS side (:meth:`ErofsDriver.detach`). Images mounted
-before the daemon's FUSE mount exists are kernel-mounted by :meth:`ErofsDriver.activate`.
+Underneath each kernel EROFS mount the daemon's FUSE mount serves the same image (same RafsFs):
+whoever looks before the EROFS mount is stacked on it sees the image, never an empty directory,
+and what it opened there keeps being served through FUSE. The FUSE side does not own the image
+(:meth:`ErofsDriver.detach` closes it). Images mounted before the daemon's FUSE mount exists
+are kernel-mounted by :meth:`ErofsDriver.activate`.
 
-Threading contract: drivers are called under the daemon's lock, which serializes its verbs;
-``on_lost`` comes from the EROFS manager's watcher thread without any lock held.
+Threading contract: drivers are called under the daemon's lock; ``on_lost`` comes from the
+EROFS manager's watcher thread without any lock held.
 """
 
 from __future__ import annotations
@@ -70,17 +67,14 @@ def resolve_driver(requested: FsDriver | None, default: FsDriver, rafs_version: 
 
 
 class Driver(Protocol):
-    """How an image's files reach readers; see the module docstring."""
+    """How an image's files reach readers. ``attach`` returns the driver that ends up serving
+    the image (a fallback may); ``replace``: a remount, ``im`` takes the place of ``old``."""
 
     kind: ClassVar[FsDriver]
 
-    def attach(self, im: ImageMount) -> Driver:
-        """Serve ``im``; returns the driver that ends up serving it (a fallback may)."""
-        ...
+    def attach(self, im: ImageMount) -> Driver: ...
 
-    def replace(self, old: ImageMount, im: ImageMount) -> None:
-        """``im`` takes the place of ``old`` at the same path (remount)."""
-        ...
+    def replace(self, old: ImageMount, im: ImageMount) -> None: ...
 
     def detach(self, im: ImageMount) -> None: ...
 
@@ -170,7 +164,6 @@ def _is_bootstrap(im: ImageMount) -> bool:
 
 class ErofsDriver:
     """Kernel EROFS mode (:mod:`.erofs_mode`), with ``fuse`` underneath and as the fallback.
-
     ``fuse_mounted``: whether the daemon's FUSE mount exists (the kernel mount stacks on it);
     ``on_lost``: told the path of an image whose kernel mount was removed from outside."""
 
@@ -178,8 +171,7 @@ class ErofsDriver:
 
     def __init__(self, manager: ErofsManager, fuse: FuseDriver,
                  fuse_mounted: Callable[[], bool], on_lost: Callable[[str], None]) -> None:
-        self.manager, self.fuse, self.vfs = manager, fuse, fuse.vfs
-        self.fuse_mounted = fuse_mounted
+        self.manager, self.fuse, self.vfs, self.fuse_mounted = manager, fuse, fuse.vfs, fuse_mounted
         manager.on_lost = on_lost
 
     def attach(self, im: ImageMount) -> Driver:

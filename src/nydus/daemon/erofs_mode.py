@@ -18,43 +18,30 @@ mount disappears without the daemon unmounting it (``umount <mountpoint>``), the
 (``on_lost``): the image at ``/`` ends the daemon, as an external unmount of a FUSE mount ends the
 session; any other image is detached as by ``DELETE /api/v1/mount``.
 
-A bootstrap mounted with an expected digest (``--bootstrap-digest``, ``bootstrap_digest``) is
-not mounted from its path: the checked bytes are written to a 0600 file in the daemon's own
-``<blobfs dir>/boot/`` and the kernel mounts that, now and at every later mount of the image
-(native switch, remount), so what the kernel reads is what was verified
-(:meth:`ErofsManager._private_copy`); the copy is removed at unmount.
+A bootstrap mounted with an expected digest (``bootstrap_digest``) is mounted from the daemon's
+private copy of the checked bytes (:meth:`ErofsManager._private_copy`), removed at unmount.
 
 Remount (``PUT /api/v1/mount``): the new bootstrap is mounted on a staging directory and moved
 beneath the current mount, which is then detached lazily, as for the switch to native below.
 
 Switch to native: a watcher polls the images still read through the blob fs; once every blob is
 complete in the cache *and verified* (``BlobDevice.verify_blob``: every chunk of the cache file
-hashed by this process, on the watcher thread, outside the manager's lock, whatever a record of
-an earlier run says; a bad chunk is cleared and fetched again, and the switch waits), a second
-EROFS instance with the local files is mounted on a private staging
-directory and moved *beneath* the lazy one at the mount point (move_mount(2) with
-MOVE_MOUNT_BENEATH, Linux 6.5+), and the lazy one is then detached (MNT_DETACH): path lookups see
-one instance or the other, never an empty directory. New opens and path lookups go to the native
-mount at once; file descriptors already open on the old instance keep working on it (same
-bytes; their uncached pages are read through the blob fs, now served from the complete local
-cache) until they are closed, when the kernel frees the old instance.
+hashed by this process, on the watcher thread, outside the manager's lock; a bad chunk is
+cleared and fetched again, and the switch waits), a second EROFS instance with the local files
+is mounted on a private staging directory and moved *beneath* the lazy one at the mount point
+(move_mount(2) with MOVE_MOUNT_BENEATH, Linux 6.5+), and the lazy one is then detached
+(MNT_DETACH): path lookups see one instance or the other, never an empty directory. New opens
+go to the native mount at once; files already open on the old instance keep reading it (their
+uncached pages through the blob fs, served from the complete cache) until they are closed.
 
-Daemon death: when nydusd dies its /dev/fuse fds close, the kernel aborts both FUSE connections,
-and every later read that misses the page cache (EROFS metadata never does; blob data may) fails:
-the blob file read returns ENOTCONN and EROFS returns EIO to the reader. Nothing hangs: no
-thread of the daemon waits in the kernel for a READ of its own blob fs (:mod:`.blobdev`, why
-the rest of a chunk is prefilled with WILLNEED and not pushed with FUSE_NOTIFY_STORE), and what
-could still pin a dying process (a system call into its own mount whose worker was killed) is
-undone from outside: the death watcher (:mod:`nydus.deathwatch`) aborts the connections of a
-daemon that dies without closing them, and so do the snapshotter before it restarts a daemon and
-the next daemon's sweep below (:mod:`nydus.fusectl`). Pages already cached stay readable.
-Native-switched mounts do not depend on the daemon at all. To restore service the snapshotter
-must, for each EROFS-mode mount of the dead daemon, lazily unmount the stale EROFS mount
-(``umount -l <mountpoint>/<path>``) and the dead blob fs (its path is in ``GET /api/v1/daemon``:
-``blobfs``), then start a new nydusd and re-issue the mounts; containers must be restarted to
-see the new mount (their old mount namespace keeps the old one). The snapshotter's daemon
-manager does this (restart semantics, also under ``recover_policy failover``);
-``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS mounts exist.
+Daemon death: its /dev/fuse fds close, the kernel aborts both FUSE connections, and a later read
+that misses the page cache fails (ENOTCONN on the blob file, EIO from EROFS); nothing hangs
+(:mod:`.blobdev`; :mod:`nydus.deathwatch`, :mod:`nydus.fusectl` and the sweep below abort what
+a dying process leaves). Native-switched mounts do not depend on the daemon. The snapshotter's
+daemon manager restores service: it lazily unmounts the stale EROFS mounts and the dead blob fs
+(``blobfs`` in ``GET /api/v1/daemon``), starts a new nydusd and mounts again; containers must be
+restarted to see the new mounts. ``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS
+mounts exist.
 
 Threading contract: :class:`ErofsManager` methods are called under the daemon's lock; the
 native-switch watcher thread takes the manager's own lock.
@@ -353,9 +340,8 @@ class ErofsManager:
     def umount(self, path: str) -> None:
         with self._lock:
             im = self.images.pop(path, None)
-        if im is None:
-            return
-        self._umount(im)
+        if im is not None:
+            self._umount(im)
 
     def _umount(self, im: ErofsImage) -> None:
         if im.mounted:

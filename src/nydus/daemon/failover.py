@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import socket
-from typing import Any
 
 from ..config import FsDriver
 from ..errors import ConfigError, NydusError, UnsupportedError
@@ -61,17 +60,15 @@ class Failover:
             raise NydusError(f"cannot connect to supervisor {path}: {e}") from e
         return s
 
-    def state(self) -> dict[str, Any]:
+    def send(self) -> None:
         d = self.d
         s, layout, images = d.handover()
         erofs = sorted(im.path for im in images if im.driver.kind == FsDriver.EROFS)
-        if erofs:
-            # The kernel EROFS mounts hang on this process's blob fs, which no FUSE fd
-            # hand-over can keep alive: a successor must unmount and mount them again.
+        if erofs:  # they hang on this process's blob fs, which no fd hand-over keeps alive
             raise UnsupportedError(
                 f"failover of kernel EROFS mounts ({', '.join(erofs)}) is not supported: "
                 "restart the daemon and mount them again (or use fs_driver fusedev)")
-        return {
+        st = {
             "version": STATE_VERSION,
             "id": d.id,
             "session": s.export_state().to_dict(),
@@ -84,14 +81,9 @@ class Failover:
                 for im in images
             ],
         }
-
-    def send(self) -> None:
-        st = self.state()
-        s = self.d.session
-        assert s is not None
         with self._connect() as sock:
             send_fds(sock, json.dumps(st).encode(), [s.device_fd])
-        log.info("sent the FUSE fd and state to supervisor %s", self.d.opts.supervisor)
+        log.info("sent the FUSE fd and state to supervisor %s", d.opts.supervisor)
 
     def takeover(self) -> None:
         d = self.d

@@ -125,21 +125,16 @@ class Nydusd:
             meta = open_bootstrap(verified)
         else:
             meta = open_bootstrap(bootstrap)
-        try:
+        with contextlib.ExitStack() as undo:  # closes what was opened if a step fails
+            undo.callback(meta.close)
             fs_id = self.vfs.normalize(path)
             device = open_device(meta.blobs, cfg, id=fs_id, chunk_lookup=meta.chunk_record)
-        except BaseException:
-            meta.close()
-            raise
-        try:
+            undo.callback(device.close)
             fs = RafsFs(meta, device, FsOptions(
                 id=fs_id, enable_xattr=cfg.enable_xattr, iostats_files=cfg.iostats_files,
                 access_pattern=cfg.access_pattern, latest_read_files=cfg.latest_read_files,
             ))
-        except BaseException:
-            device.close()
-            meta.close()
-            raise
+            undo.pop_all()
         return ImageMount(fs_id, os.path.abspath(bootstrap), cfg, fs, device,
                           list(prefetch_files) if prefetch_files else None, self.fuse,
                           bootstrap_digest=bootstrap_digest.strip().lower()
