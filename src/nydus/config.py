@@ -29,6 +29,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar, TypeAlias, TypeVar, Union
 
 from .errors import ConfigError
@@ -36,6 +37,7 @@ from .format.safejson import parse_json
 
 __all__ = [
     "DaemonConfig",
+    "FsDriver",
     "DeviceConfig",
     "BackendConfig",
     "CacheConfig",
@@ -54,6 +56,14 @@ __all__ = [
     "BACKEND_TYPES",
     "CACHE_TYPES",
 ]
+
+class FsDriver(StrEnum):
+    """An image's data path (extension): FUSE RAFS or kernel EROFS. The values are the wire
+    strings (config, API, CLI); ``FsDriver(s)`` is the one check (ValueError otherwise)."""
+
+    FUSEDEV = "fusedev"
+    EROFS = "erofs"
+
 
 U8 = (0, 0xFF)
 U32 = (0, 0xFFFF_FFFF)
@@ -268,9 +278,7 @@ class DaemonConfig:
     amplify_io: int = _num((0, 0x1000_0000), 1 << 20)
     fs_prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     overlay: OverlayConfig | None = None
-    # extension: "fusedev" (FUSE RAFS) or "erofs" (kernel EROFS over blob files); None: the
-    # daemon's default (see nydus.daemon.erofs_mode)
-    fs_driver: str | None = None
+    fs_driver: FsDriver | None = None  # None: the daemon's default (nydus.daemon.driver)
 
     # ------------------------------------------------------------------ api
 
@@ -328,8 +336,6 @@ class DaemonConfig:
     def _check(self, template: bool = False) -> None:
         if self.mode not in ("direct", "cached"):
             raise ConfigError(f'mode: expected "direct" or "cached", got {self.mode!r}')
-        if self.fs_driver not in (None, "fusedev", "erofs"):
-            raise ConfigError(f'fs_driver: expected "fusedev" or "erofs", got {self.fs_driver!r}')
         cache = self.device.cache
         if cache.type not in CACHE_TYPES:
             raise ConfigError(
@@ -499,9 +505,14 @@ def _value(tp: Any, v: object, path: str, f: dataclasses.Field[Any] | None = Non
         if not lo <= v <= hi:
             raise ConfigError(f"{path}: {v} is out of range {lo}..{hi}")
         return v
-    if tp is str:
+    if tp is str or tp is FsDriver:
         if not isinstance(v, str):
             raise ConfigError(f"{path}: expected string, got {_show(v)}")
+        if tp is FsDriver:
+            try:
+                return FsDriver(v)
+            except ValueError:
+                raise ConfigError(f'{path}: expected "fusedev" or "erofs", got {v!r}') from None
         return v
     if origin is list:
         (item,) = typing.get_args(tp)

@@ -1,7 +1,8 @@
 """Kernel EROFS mounts of a RAFS v6 bootstrap with its blobs as extra devices, via mount(2).
 
-This module owns the one system call sequence the kernel EROFS data path needs: mount a
-bootstrap file read-only as ``erofs`` with one ``device=`` option per blob, and unmount it.
+This module owns the system calls the kernel EROFS data path needs: mount a bootstrap file
+read-only as ``erofs`` with one ``device=`` option per blob, unmount it, and the private bind
+mount and move_mount(2) beneath that let a new instance replace a mounted one.
 
 Why not mount(8): the bootstrap is a regular file and so are the blobs (or they are files on the
 daemon's small FUSE file system). util-linux ``mount -t erofs -o device=blob meta.img mnt``
@@ -34,11 +35,13 @@ __all__ = [
     "MS_NODEV",
     "MS_NOSUID",
     "MS_RDONLY",
+    "bind_private",
     "build_mount_data",
     "erofs_supported",
     "mount_erofs",
     "mounted_fstypes",
     "mounts_at",
+    "move_beneath",
     "nydusd_serving",
     "umount",
 ]
@@ -47,6 +50,10 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MNT_DETACH = 0x2
+MS_BIND, MS_PRIVATE = 0x1000, 1 << 18
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
+_AT_FDCWD, _OPEN_TREE_CLOEXEC = -100, 0o2000000
+_MOVE_MOUNT_F_EMPTY_PATH, _MOVE_MOUNT_BENEATH = 0x4, 0x200
 
 _PROC_FILESYSTEMS = "/proc/filesystems"
 PROC_MOUNTINFO = "/proc/self/mountinfo"
@@ -167,6 +174,35 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise _os_error(err, "umount2", os.fsdecode(target), _UMOUNT_HINTS)
+
+
+def _errno_error(what: str, path: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+def bind_private(path: str) -> None:
+    """Bind-mount ``path`` on itself, private: a mount below it can be moved (not when its
+    parent is shared), and nothing mounted there propagates anywhere."""
+    lc, target = libc(), os.fsencode(path)
+    for src, flags in ((path, MS_BIND), (None, MS_PRIVATE)):
+        if lc.mount(src and target, target, None, flags, None) != 0:
+            raise _errno_error(f"mount({src!r}, {path!r}, flags {flags:#x})", path)
+
+
+def move_beneath(source: str, target: str) -> None:
+    """move_mount(2) the mount at ``source`` beneath the top mount at ``target`` (Linux 6.5+,
+    MOVE_MOUNT_BENEATH): after it, unmounting ``target`` reveals the moved mount."""
+    lc = libc()
+    fd = lc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        raise _errno_error(f"open_tree({source!r})", source)
+    try:
+        if lc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
+                        _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH) != 0:
+            raise _errno_error(f"move_mount({source!r} beneath {target!r})", target)
+    finally:
+        os.close(fd)
 
 
 def _unescape(field: str) -> str:

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from nydus.config import FsDriver
 from nydus.daemon.blobdev import BLOCK, BlobDevFs, _SpanMemo
-from nydus.daemon.erofs_mode import EROFS, FUSEDEV, resolve_driver, sweep_stale_blobfs_dirs
+from nydus.daemon.driver import resolve_driver
+from nydus.daemon.erofs_mode import sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
 from nydus.fs.metrics import FsIoStats, StatsFop
 from nydus.fuse import ROOT_ID, FuseError, RequestContext
 from nydus.kernel_mount import mounted_fstypes
 
+EROFS, FUSEDEV = FsDriver.EROFS, FsDriver.FUSEDEV
 CTX = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
 
 

@@ -13,7 +13,7 @@ import pytest
 from test_snapshotter_service import CHAIN3, FakeResolver, RecordingMounter
 
 from nydus.cli import nydusd as nydusd_cli
-from nydus.daemon.service import DaemonOptions, Nydusd
+from nydus.daemon.nydusd import DaemonOptions, Nydusd
 from nydus.errors import ConfigError, FormatError, IntegrityError
 from nydus.metadata import (
     parse_bootstrap_digest,

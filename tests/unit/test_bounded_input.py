@@ -274,7 +274,7 @@ def test_api_answers_while_a_mount_loads(api: tuple[Nydusd, NydusdClient, str],
                                          image: tuple[Path, Path],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow bootstrap read (a big image, a slow disk) must not stall other requests."""
-    from nydus.daemon import service
+    from nydus.daemon import nydusd as service
 
     _d, c, _sock = api
     boot, blobs = image

@@ -23,6 +23,7 @@ import threading
 from types import FrameType
 
 from .. import __version__
+from ..config import FsDriver
 from ..errors import ConfigError
 from . import HelpFormatter, run_guarded
 
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="threads serving FUSE requests (1..1024)")
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
-    p.add_argument("--fs-driver", choices=("fusedev", "erofs"), default="erofs",
+    p.add_argument("--fs-driver", choices=[d.value for d in FsDriver], default="erofs",
                    help="default data path of images whose config has no fs_driver: erofs "
                         "(default: the kernel mounts the bootstrap, the daemon serves blob "
                         "data) or fusedev (FUSE RAFS). v5 images, kernels without file-backed "
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     from ..daemon.api import ApiServer
-    from ..daemon.service import DaemonOptions, Nydusd
+    from ..daemon.nydusd import DaemonOptions, Nydusd
     from ..fuse import SessionOptions
 
     if a.shared_dir:
@@ -207,7 +208,7 @@ def _run(a: argparse.Namespace) -> int:
     opts = DaemonOptions(
         mountpoint=os.path.abspath(a.mountpoint), id=a.id, supervisor=a.supervisor,
         apisock=a.apisock or "", upgrade=a.upgrade, failover_policy=a.failover_policy,
-        fs_driver=a.fs_driver,
+        fs_driver=FsDriver(a.fs_driver),
         # Zero-message opens (no OPEN/RELEASE round trips) unless per-file stats are wanted,
         # or a supervisor may hold the connection while no daemon serves it: OPEN replies
         # carry FOPEN_NOFLUSH, so a close() never waits on a FLUSH nobody answers (with

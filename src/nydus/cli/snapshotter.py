@@ -25,7 +25,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..config import docker_config_path
+from ..config import FsDriver, docker_config_path
 from ..errors import ConfigError
 from . import run_guarded
 
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fs-driver",
-        choices=["erofs", "fusedev"],
+        choices=sorted(d.value for d in FsDriver),
         help="data path of the images' nydusd mounts: erofs (kernel EROFS over the daemon's "
         "blob files) or fusedev (FUSE RAFS). Default: nydusd's default (erofs, where the kernel "
         "can; fusedev under --recover-policy failover); an fs_driver in the nydusd config "

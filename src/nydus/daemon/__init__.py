@@ -1,12 +1,12 @@
 """nydusd: serve RAFS images over FUSE, with upstream's HTTP API on a unix socket.
 
-``Nydusd`` (service) owns images, the state machine and the FUSE session; ``RafsVfs`` adapts one
+``Nydusd`` (nydusd) owns images, the state machine and the FUSE session; ``RafsVfs`` adapts one
 or more ``nydus.fs.RafsFs`` to ``nydus.fuse.Operations`` (shared-daemon sub-mounts);
 ``ApiServer`` serves the API.
 """
 
 from .api import ApiServer
-from .service import DaemonOptions, ImageMount, Nydusd
+from .nydusd import DaemonOptions, ImageMount, Nydusd
 from .state import DaemonEvent, DaemonState, StateError
 from .vfs import RafsVfs
 

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..config import FsDriver
 from ..errors import (
     BackendError,
     ConfigError,
@@ -45,8 +46,9 @@ from ..errors import (
 )
 from ..format.safejson import parse_json_object
 from ..metadata import parse_bootstrap_digest
+from .logsetup import LEVELS
+from .nydusd import Nydusd
 from .prometheus import render_prometheus
-from .service import Nydusd
 from .state import StateError
 
 __all__ = ["ApiServer", "ApiError", "set_log_level"]
@@ -62,8 +64,7 @@ REQUEST_DEADLINE = 30.0
 IDLE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
-_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-           "warning": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 10}
+_LEVELS = {**LEVELS, "off": logging.CRITICAL + 10}
 
 
 class ApiError(Exception):
@@ -260,11 +261,13 @@ class _Routes:
         return parse_bootstrap_digest(digest)
 
     def post_mount(self, req: _Request) -> _Reply:
-        driver = req.json().get("fs_driver")  # extension: "fusedev" | "erofs"
-        if driver not in (None, "fusedev", "erofs"):
+        driver = req.json().get("fs_driver")  # extension
+        try:
+            fs_driver = None if driver is None else FsDriver(driver)
+        except ValueError:
             raise ApiError(400, "InvalidArgument",
-                           f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'")
-        self.d.mount(*self._mount_args(req), fs_driver=driver,
+                           f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'") from None
+        self.d.mount(*self._mount_args(req), fs_driver=fs_driver,
                      bootstrap_digest=self._bootstrap_digest(req))
         return 204, None
 

@@ -1,23 +1,12 @@
 """Kernel EROFS mode: the kernel mounts the v6 bootstrap, the daemon only fills blob data.
 
-Per image mount the driver is ``fusedev`` (FUSE RAFS: the daemon answers every request) or
-``erofs``. In ``erofs`` mode the image is mounted with mount(2) as file-backed EROFS at
+Per image mount the driver (:mod:`.driver`) is ``fusedev`` (FUSE RAFS: the daemon answers every
+request) or ``erofs``. In ``erofs`` mode the image is mounted with mount(2) as file-backed EROFS at
 ``<daemon mountpoint><path>`` (the daemon's FUSE mount shows an empty directory there, or for
 ``/`` the EROFS mount stacks on the FUSE root), with one ``device=`` per blob in device-table
 order. Each device is either the blob's file on the daemon's blob fs (:mod:`.blobdev`, lazy:
 reads are fetched, verified and decompressed by the daemon) or, when the blob is complete in the
 blob cache, its local ``<blob_id>.blob.data`` file (native: no daemon in the path).
-
-Choosing the driver (:func:`resolve_driver`): the config's ``fs_driver`` (or the API mount body's
-``fs_driver``), else the daemon default (``nydusd --fs-driver``, default ``erofs``). The default
-gives way to fusedev, said in the log, where only FUSE RAFS mode can do what was asked: per-file
-metrics (``iostats_files``, ``latest_read_files``: the kernel serves files without telling the
-daemon; the access pattern works in both modes, from blob-device reads mapped back to files in
-this one) and a daemon under a supervisor (fd-handoff
-failover hands over a /dev/fuse connection; kernel EROFS mounts cannot be handed over). RAFS v5
-bootstraps are not EROFS images and always use fusedev; so does a daemon in upgrade (takeover)
-mode. A kernel without EROFS (ENODEV) or without file-backed EROFS mounts (ENOTBLK) falls back to
-fusedev with a log line.
 
 What differs for readers (kernel behaviour, not ours): ``open(O_DIRECT)`` fails with EINVAL on a
 file-backed EROFS mount; use fusedev for applications that need O_DIRECT on image files. Each
@@ -29,43 +18,30 @@ mount disappears without the daemon unmounting it (``umount <mountpoint>``), the
 (``on_lost``): the image at ``/`` ends the daemon, as an external unmount of a FUSE mount ends the
 session; any other image is detached as by ``DELETE /api/v1/mount``.
 
-A bootstrap mounted with an expected digest (``--bootstrap-digest``, ``bootstrap_digest``) is
-not mounted from its path: the checked bytes are written to a 0600 file in the daemon's own
-``<blobfs dir>/boot/`` and the kernel mounts that, now and at every later mount of the image
-(native switch, remount), so what the kernel reads is what was verified
-(:meth:`ErofsManager._private_copy`); the copy is removed at unmount.
+A bootstrap mounted with an expected digest (``bootstrap_digest``) is mounted from the daemon's
+private copy of the checked bytes (:meth:`ErofsManager._private_copy`), removed at unmount.
 
 Remount (``PUT /api/v1/mount``): the new bootstrap is mounted on a staging directory and moved
 beneath the current mount, which is then detached lazily, as for the switch to native below.
 
 Switch to native: a watcher polls the images still read through the blob fs; once every blob is
 complete in the cache *and verified* (``BlobDevice.verify_blob``: every chunk of the cache file
-hashed by this process, on the watcher thread, outside the manager's lock, whatever a record of
-an earlier run says; a bad chunk is cleared and fetched again, and the switch waits), a second
-EROFS instance with the local files is mounted on a private staging
-directory and moved *beneath* the lazy one at the mount point (move_mount(2) with
-MOVE_MOUNT_BENEATH, Linux 6.5+), and the lazy one is then detached (MNT_DETACH): path lookups see
-one instance or the other, never an empty directory. New opens and path lookups go to the native
-mount at once; file descriptors already open on the old instance keep working on it (same
-bytes; their uncached pages are read through the blob fs, now served from the complete local
-cache) until they are closed, when the kernel frees the old instance.
+hashed by this process, on the watcher thread, outside the manager's lock; a bad chunk is
+cleared and fetched again, and the switch waits), a second EROFS instance with the local files
+is mounted on a private staging directory and moved *beneath* the lazy one at the mount point
+(move_mount(2) with MOVE_MOUNT_BENEATH, Linux 6.5+), and the lazy one is then detached
+(MNT_DETACH): path lookups see one instance or the other, never an empty directory. New opens
+go to the native mount at once; files already open on the old instance keep reading it (their
+uncached pages through the blob fs, served from the complete cache) until they are closed.
 
-Daemon death: when nydusd dies its /dev/fuse fds close, the kernel aborts both FUSE connections,
-and every later read that misses the page cache (EROFS metadata never does; blob data may) fails:
-the blob file read returns ENOTCONN and EROFS returns EIO to the reader. Nothing hangs: no
-thread of the daemon waits in the kernel for a READ of its own blob fs (:mod:`.blobdev`, why
-the rest of a chunk is prefilled with WILLNEED and not pushed with FUSE_NOTIFY_STORE), and what
-could still pin a dying process (a system call into its own mount whose worker was killed) is
-undone from outside: the death watcher (:mod:`nydus.deathwatch`) aborts the connections of a
-daemon that dies without closing them, and so do the snapshotter before it restarts a daemon and
-the next daemon's sweep below (:mod:`nydus.fusectl`). Pages already cached stay readable.
-Native-switched mounts do not depend on the daemon at all. To restore service the snapshotter
-must, for each EROFS-mode mount of the dead daemon, lazily unmount the stale EROFS mount
-(``umount -l <mountpoint>/<path>``) and the dead blob fs (its path is in ``GET /api/v1/daemon``:
-``blobfs``), then start a new nydusd and re-issue the mounts; containers must be restarted to
-see the new mount (their old mount namespace keeps the old one). The snapshotter's daemon
-manager does this (restart semantics, also under ``recover_policy failover``);
-``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS mounts exist.
+Daemon death: its /dev/fuse fds close, the kernel aborts both FUSE connections, and a later read
+that misses the page cache fails (ENOTCONN on the blob file, EIO from EROFS); nothing hangs
+(:mod:`.blobdev`; :mod:`nydus.deathwatch`, :mod:`nydus.fusectl` and the sweep below abort what
+a dying process leaves). Native-switched mounts do not depend on the daemon. The snapshotter's
+daemon manager restores service: it lazily unmounts the stale EROFS mounts and the dead blob fs
+(``blobfs`` in ``GET /api/v1/daemon``), starts a new nydusd and mounts again; containers must be
+restarted to see the new mounts. ``PUT /api/v1/daemon/fuse/sendfd`` refuses (501) while EROFS
+mounts exist.
 
 Threading contract: :class:`ErofsManager` methods are called under the daemon's lock; the
 native-switch watcher thread takes the manager's own lock.
@@ -74,7 +50,6 @@ native-switch watcher thread takes the manager's own lock.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -86,57 +61,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import fusectl, kernel_mount
-from ..libc import libc
+from ..fs.metrics import FsIoStats
+from ..storage import BlobDevice
 from .blobdev import BlobFsServer
 
-__all__ = ["FUSEDEV", "EROFS", "ErofsImage", "ErofsManager", "resolve_driver"]
+__all__ = ["ErofsImage", "ErofsManager"]
 
 log = logging.getLogger("nydus.daemon.erofs")
-
-FUSEDEV = "fusedev"
-EROFS = "erofs"
-DRIVERS = (FUSEDEV, EROFS)
-
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-
-_UNSUPPORTED = (errno.ENODEV, errno.ENOTBLK)
-
-def _mount(src: str | None, target: str, fstype: str | None, flags: int) -> None:
-    rc = libc().mount(os.fsencode(src) if src else None, os.fsencode(target),
-                      os.fsencode(fstype) if fstype else None, flags, None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount({src!r}, {target!r}, flags {flags:#x}): "
-                           f"{os.strerror(err)}", target)
-
-
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
-_AT_FDCWD = -100
-_OPEN_TREE_CLOEXEC = 0o2000000
-_MOVE_MOUNT_F_EMPTY_PATH = 0x4
-_MOVE_MOUNT_BENEATH = 0x200
-
-
-def _move_beneath(source: str, target: str) -> None:
-    """move_mount(2) the mount at ``source`` beneath the top mount at ``target`` (Linux 6.5+,
-    MOVE_MOUNT_BENEATH): after it, unmounting ``target`` reveals the moved mount."""
-    fd = libc().syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"open_tree({source!r}): {os.strerror(err)}", source)
-    try:
-        rc = libc().syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
-                          _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH)
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"move_mount({source!r} beneath {target!r}): "
-                               f"{os.strerror(err)}", target)
-    finally:
-        os.close(fd)
-
 
 BLOBFS_BASE = "/run/nydusd-blobfs"
 
@@ -217,24 +148,6 @@ def _read_all(fd: int) -> str | None:
     return b"".join(parts).decode("utf-8", "surrogateescape")
 
 
-def resolve_driver(requested: str | None, default: str, rafs_version: int,
-                   upgrade: bool = False, needs_fuse: str = "") -> tuple[str, str]:
-    """(driver, reason) for one image mount. ``needs_fuse``: why this mount wants FUSE RAFS
-    mode (empty if it does not); it overrides the daemon default, not an explicit request."""
-    want = requested or default
-    if want not in DRIVERS:
-        raise ValueError(f"fs_driver must be one of {DRIVERS}, got {want!r}")
-    if want == EROFS and needs_fuse and not requested:
-        return FUSEDEV, needs_fuse
-    if want == EROFS and rafs_version != 6:
-        return FUSEDEV, f"RAFS v{rafs_version} is not an EROFS image"
-    if want == EROFS and upgrade:
-        return FUSEDEV, "upgrade (takeover) mode serves FUSE only"
-    if want == EROFS and not kernel_mount.erofs_supported():
-        return FUSEDEV, "the kernel has no erofs file system (/proc/filesystems)"
-    return want, "requested" if requested else "daemon default"
-
-
 @dataclass
 class ErofsImage:
     """One image mounted by the kernel at ``target``."""
@@ -242,12 +155,12 @@ class ErofsImage:
     path: str
     target: str
     bootstrap: str
-    device: Any  # BlobDevice
+    device: BlobDevice
     blob_ids: list[str]
     devices: list[str] = field(default_factory=list)
     native: list[bool] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
-    stats: Any = None  # the image's FsIoStats, for blob fs READs
+    stats: FsIoStats | None = None  # the image's, for blob fs READs
     retired: list[ErofsImage] = field(default_factory=list)  # replaced by remount
     mounted: bool = False
     switched_at: float = 0.0
@@ -320,31 +233,36 @@ class ErofsManager:
         os.close(fd)
         return name
 
-    def _new_image(self, path: str, target: str, bootstrap: str, device: Any,
-                   blob_ids: list[str], stats: Any, verified: bytes | None) -> ErofsImage:
+    def _new_image(self, path: str, target: str, bootstrap: str, device: BlobDevice,
+                   blob_ids: list[str], stats: FsIoStats | None, verified: bytes | None,
+                   mount: Callable[[ErofsImage], None]) -> ErofsImage:
+        """An image with its devices registered, mounted by ``mount`` (undone if it fails)."""
         if verified is None:
-            return ErofsImage(path, target, os.path.abspath(bootstrap), device, list(blob_ids),
-                              stats=stats)
-        return ErofsImage(path, target, self._private_copy(verified), device, list(blob_ids),
-                          stats=stats, private_bootstrap=True)
+            im = ErofsImage(path, target, os.path.abspath(bootstrap), device, list(blob_ids),
+                            stats=stats)
+        else:
+            im = ErofsImage(path, target, self._private_copy(verified), device, list(blob_ids),
+                            stats=stats, private_bootstrap=True)
+        try:
+            self._devices(im)
+            mount(im)
+        except BaseException:
+            self._drop_private(im)
+            self._unregister(im)
+            raise
+        return im
 
-    def mount(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
-              stats: Any = None, verified: bytes | None = None) -> ErofsImage:
+    def mount(self, path: str, bootstrap: str, device: BlobDevice, blob_ids: list[str], *,
+              stats: FsIoStats | None = None, verified: bytes | None = None) -> ErofsImage:
         """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
         (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back).
         ``stats``: the image's FsIoStats (blob fs READs are accounted there). ``verified``:
         the bootstrap's digest-checked bytes; the kernel then mounts a private copy of them
         (:meth:`_private_copy`), not ``bootstrap``."""
         with self._lock:
-            im = self._new_image(path, self.target_of(path), bootstrap, device, blob_ids, stats,
-                                 verified)
-            try:
-                self._devices(im)
-                kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices)
-            except BaseException:
-                self._drop_private(im)
-                self._unregister(im)
-                raise
+            im = self._new_image(
+                path, self.target_of(path), bootstrap, device, blob_ids, stats, verified,
+                lambda im: kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices))
             im.mounted = True
             self.images[path] = im
             log.info("%s: kernel EROFS mount at %s (%s; devices %s)", path, im.target, im.mode,
@@ -352,8 +270,8 @@ class ErofsManager:
             self._ensure_watcher()
             return im
 
-    def replace(self, path: str, bootstrap: str, device: Any, blob_ids: list[str], *,
-                stats: Any = None, verified: bytes | None = None) -> ErofsImage:
+    def replace(self, path: str, bootstrap: str, device: BlobDevice, blob_ids: list[str], *,
+                stats: FsIoStats | None = None, verified: bytes | None = None) -> ErofsImage:
         """Remount: the new bootstrap takes the place of the image at ``path`` without a moment
         of an empty directory; files open on the old instance keep reading it (its blob files
         stay registered until the new image is unmounted)."""
@@ -361,14 +279,9 @@ class ErofsManager:
             old = self.images.get(path)
             if old is None or not old.mounted:
                 raise OSError(errno.EINVAL, f"no kernel EROFS mount at {path}")
-            im = self._new_image(path, old.target, bootstrap, device, blob_ids, stats, verified)
-            try:
-                self._devices(im)
-                self._mount_beneath(im.bootstrap, im.devices, old.target)
-            except BaseException:
-                self._drop_private(im)
-                self._unregister(im)
-                raise
+            im = self._new_image(
+                path, old.target, bootstrap, device, blob_ids, stats, verified,
+                lambda im: self._mount_beneath(im.bootstrap, im.devices, old.target))
             kernel_mount.umount(old.target, lazy=True)
             old.mounted = False
             im.mounted = True
@@ -395,7 +308,7 @@ class ErofsManager:
             im.native.append(False)
 
     @staticmethod
-    def _local(device: Any, i: int) -> str | None:
+    def _local(device: BlobDevice, i: int) -> str | None:
         """The blob's cache file if the kernel may read it: complete and verified by this
         process (``native_file`` does no hashing; ``_verify_local`` does)."""
         try:
@@ -407,7 +320,7 @@ class ErofsManager:
         return None
 
     @staticmethod
-    def _verify_local(device: Any, i: int) -> bool:
+    def _verify_local(device: BlobDevice, i: int) -> bool:
         """Hash a complete cached blob (may take a while: never under the manager's lock)."""
         try:
             return bool(device.verify_blob(i))
@@ -427,9 +340,8 @@ class ErofsManager:
     def umount(self, path: str) -> None:
         with self._lock:
             im = self.images.pop(path, None)
-        if im is None:
-            return
-        self._umount(im)
+        if im is not None:
+            self._umount(im)
 
     def _umount(self, im: ErofsImage) -> None:
         if im.mounted:
@@ -562,8 +474,7 @@ class ErofsManager:
         os.makedirs(self.stage, mode=0o700, exist_ok=True)
         # a private bind mount of its own: moving refuses to move a mount whose parent is
         # shared, and nothing mounted here should propagate anywhere
-        _mount(self.stage, self.stage, None, MS_BIND)
-        _mount(None, self.stage, None, MS_PRIVATE)
+        kernel_mount.bind_private(self.stage)
         self._stage_ready = True
 
     def _mount_beneath(self, bootstrap: str, devices: list[str], target: str) -> None:
@@ -575,7 +486,7 @@ class ErofsManager:
         os.makedirs(staging, exist_ok=True)
         kernel_mount.mount_erofs(bootstrap, staging, devices)
         try:
-            _move_beneath(staging, target)
+            kernel_mount.move_beneath(staging, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 kernel_mount.umount(staging, lazy=True)

@@ -17,7 +17,7 @@ A daemon serving kernel EROFS mounts refuses ``sendfd`` (those mounts depend on 
 which is not handed over), so no takeover of it can be attempted.
 
 The state is our own JSON, opaque to the supervisor (which only stores and returns it).
-Threading contract: called from API threads; serialized by the daemon's lock.
+Threading contract: called from API threads; the daemon's ``handover``/``adopt`` take its lock.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ import json
 import logging
 import os
 import socket
-from typing import Any
 
+from ..config import FsDriver
 from ..errors import ConfigError, NydusError, UnsupportedError
 from ..format.safejson import parse_json_object
 from ..fuse import FuseSession, SessionState
 from ..fuse.fdpass import recv_fds, send_fds
-from .erofs_mode import EROFS
-from .service import Nydusd
+from .nydusd import Nydusd
 from .state import DaemonEvent
 
 __all__ = ["Failover", "STATE_VERSION"]
@@ -61,41 +60,30 @@ class Failover:
             raise NydusError(f"cannot connect to supervisor {path}: {e}") from e
         return s
 
-    def state(self) -> dict[str, Any]:
-        d = self.d
-        with d._lock:
-            s = d.session
-            if s is None or s.device_fd < 0:
-                raise NydusError("no FUSE session to hand over")
-            erofs = sorted(im.path for im in d.images.values() if im.fs_driver == EROFS)
-            if erofs:
-                # The kernel EROFS mounts hang on this process's blob fs, which no FUSE fd
-                # hand-over can keep alive: a successor must unmount and mount them again.
-                raise UnsupportedError(
-                    f"failover of kernel EROFS mounts ({', '.join(erofs)}) is not supported: "
-                    "restart the daemon and mount them again (or use fs_driver fusedev)")
-            return {
-                "version": STATE_VERSION,
-                "id": d.id,
-                "session": s.export_state().to_dict(),
-                "vfs": d.vfs.export_layout(),
-                "images": [
-                    {"path": im.path, "bootstrap": im.bootstrap,
-                     "config": im.config.to_dict(), "prefetch_files": im.prefetch_files,
-                     # the new daemon checks the bootstrap again before serving it
-                     **({"bootstrap_digest": im.bootstrap_digest}
-                        if im.bootstrap_digest else {})}
-                    for im in d.images.values()
-                ],
-            }
-
     def send(self) -> None:
-        st = self.state()
-        s = self.d.session
-        assert s is not None
+        d = self.d
+        s, layout, images = d.handover()
+        erofs = sorted(im.path for im in images if im.driver.kind == FsDriver.EROFS)
+        if erofs:  # they hang on this process's blob fs, which no fd hand-over keeps alive
+            raise UnsupportedError(
+                f"failover of kernel EROFS mounts ({', '.join(erofs)}) is not supported: "
+                "restart the daemon and mount them again (or use fs_driver fusedev)")
+        st = {
+            "version": STATE_VERSION,
+            "id": d.id,
+            "session": s.export_state().to_dict(),
+            "vfs": layout,
+            "images": [
+                {"path": im.path, "bootstrap": im.bootstrap,
+                 "config": im.config.to_dict(), "prefetch_files": im.prefetch_files,
+                 # the new daemon checks the bootstrap again before serving it
+                 **({"bootstrap_digest": im.bootstrap_digest} if im.bootstrap_digest else {})}
+                for im in images
+            ],
+        }
         with self._connect() as sock:
             send_fds(sock, json.dumps(st).encode(), [s.device_fd])
-        log.info("sent the FUSE fd and state to supervisor %s", self.d.opts.supervisor)
+        log.info("sent the FUSE fd and state to supervisor %s", d.opts.supervisor)
 
     def takeover(self) -> None:
         d = self.d
@@ -110,31 +98,13 @@ class Failover:
             st = parse_json_object(payload, "failover state", error=NydusError)
             if st.get("version") != STATE_VERSION:
                 raise NydusError(f"unknown failover state version {st.get('version')}")
-            with d._lock:
-                opened = []
-                try:
-                    for img in st["images"]:
-                        opened.append(d.open_image(img["path"], img["bootstrap"], img["config"],
-                                                   img.get("prefetch_files"),
-                                                   img.get("bootstrap_digest") or None))
-                    by_path = {im.path: im for im in opened}
-                    d.vfs.import_layout(st["vfs"],
-                                        {p: (im.fs, im.close) for p, im in by_path.items()})
-                except BaseException:
-                    for im in opened:
-                        im.close()
-                    raise
-                d.images.update(by_path)
-                state = SessionState.from_dict(st["session"])
-                state.mountpoint = d.opts.mountpoint
-                s = FuseSession.resume(d.vfs, fd, state, d.opts.session)
-                d.vfs.notify_entry = s.notify_inval_entry
-                d.vfs.notify_inode = s.notify_inval_inode
-                d.session = s
-                s.start()
-                if d.opts.failover_policy == "resend" and s.notify_resend():
-                    log.info("asked the kernel to resend requests the old daemon left")
-                d.sm.fire(DaemonEvent.TAKEOVER)
+            state = SessionState.from_dict(st["session"])
+            state.mountpoint = d.opts.mountpoint
+            s = d.adopt(st["images"], st["vfs"],
+                        lambda vfs: FuseSession.resume(vfs, fd, state, d.opts.session))
+            if d.opts.failover_policy == "resend" and s.notify_resend():
+                log.info("asked the kernel to resend requests the old daemon left")
+            d.sm.fire(DaemonEvent.TAKEOVER)
         except BaseException:
             if d.session is None or d.session.device_fd != fd:
                 os.close(fd)

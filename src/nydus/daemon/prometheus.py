@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..fs.metrics import StatsFop
 
 if TYPE_CHECKING:
-    from .service import Nydusd
+    from .nydusd import Nydusd
 
 __all__ = ["render_prometheus"]
 

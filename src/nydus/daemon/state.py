@@ -3,7 +3,7 @@
 ``INIT``: started, nothing served yet (also while waiting for a takeover with ``--upgrade``).
 ``READY``: file systems mounted, the FUSE session not yet serving. ``RUNNING``: serving.
 ``INTERRUPTED``: the FUSE connection ended underneath us (unmounted from outside).
-``STOPPED``: exiting. Events not allowed in a state raise ConfigError (HTTP 409 at the API).
+``STOPPED``: exiting. Events not allowed in a state raise StateError (HTTP 409 at the API).
 
 Threading contract: thread-safe; ``wait_for`` blocks until a state is reached.
 """

@@ -314,6 +314,13 @@ class RafsVfs(Operations):
             raise FuseError(errno.ESTALE, f"stale node {nodeid:#x}")
         return m, Ino(nodeid & LOCAL_MASK)
 
+    def _file(self, nodeid: NodeId, pseudo_error: int) -> tuple[RafsFs, Ino]:
+        """(fs, local inode) of an image's node; FuseError(``pseudo_error``) for a pseudo one."""
+        m, local = self._resolve(nodeid)
+        if m is None:
+            raise FuseError(pseudo_error)
+        return m.fs, local
+
     def _fields(self, m: MountSlot, a: Attr) -> AttrFields:
         nodeid = (m.slot << SLOT_SHIFT) | a.ino
         return AttrFields(
@@ -409,10 +416,8 @@ class RafsVfs(Operations):
         return self._attr_reply(m, local)
 
     def readlink(self, ctx: RequestContext, nodeid: NodeId) -> bytes:
-        m, local = self._resolve(nodeid)
-        if m is None:
-            raise FuseError(errno.EINVAL)
-        return m.fs.readlink(local)
+        fs, local = self._file(nodeid, errno.EINVAL)
+        return fs.readlink(local)
 
     def access(self, ctx: RequestContext, nodeid: NodeId, mask: int) -> None:
         m, local = self._resolve(nodeid)
@@ -431,23 +436,19 @@ class RafsVfs(Operations):
                       frsize=s.bsize)
 
     def open(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
-        m, local = self._resolve(nodeid)
-        if m is None:
-            raise FuseError(errno.EISDIR)
+        fs, local = self._file(nodeid, errno.EISDIR)
         if self.zero_message_open:
             # With FUSE_NO_OPEN_SUPPORT negotiated, ENOSYS makes the kernel stop sending
             # OPEN/RELEASE for good and treat every open as keep_cache: two round trips
             # less per file. Per-file open counts are then not available.
             raise FuseError(errno.ENOSYS)
-        fh = m.fs.open(local, flags)
+        fh = fs.open(local, flags)
         return OpenReply(fh=fh, keep_cache=True, noflush=True)
 
     def read(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int,
              size: int) -> list[bytes | memoryview]:
-        m, local = self._resolve(nodeid)
-        if m is None:
-            raise FuseError(errno.EISDIR)
-        return m.fs.read(local, offset, size)
+        fs, local = self._file(nodeid, errno.EISDIR)
+        return fs.read(local, offset, size)
 
     def release(self, ctx: RequestContext, nodeid: NodeId, fh: int) -> None:
         m, local = self._resolve(nodeid)
@@ -455,10 +456,8 @@ class RafsVfs(Operations):
             m.fs.release(local, fh)
 
     def lseek(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, whence: int) -> int:
-        m, local = self._resolve(nodeid)
-        if m is None:
-            raise FuseError(errno.EINVAL)
-        return m.fs.lseek(local, offset, whence)
+        fs, local = self._file(nodeid, errno.EINVAL)
+        return fs.lseek(local, offset, whence)
 
     def opendir(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
         m, local = self._resolve(nodeid)
@@ -528,11 +527,9 @@ class RafsVfs(Operations):
         return self._entry(cm, a)
 
     def getxattr(self, ctx: RequestContext, nodeid: NodeId, name: bytes) -> bytes:
-        m, local = self._resolve(nodeid)
-        if m is None:
-            raise FuseError(errno.ENODATA)
+        fs, local = self._file(nodeid, errno.ENODATA)
         try:
-            return m.fs.getxattr(local, name)
+            return fs.getxattr(local, name)
         except OSError as e:
             raise self._xattr_error(e) from None
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import fusectl
+from ...config import FsDriver
 from ...credentials import private_file
 from ...daemon.client import NydusdClient
 from ...daemon.erofs_mode import BLOBFS_BASE
@@ -286,7 +287,7 @@ class DaemonProcess:
             log.warning("nydusd %s: cannot read its mounts: %s", self.id, e)
             return
         backends = info.get("backend_collection") or {}
-        self.erofs = any(b.get("fs_driver") == "erofs" for b in backends.values())
+        self.erofs = any(b.get("fs_driver") == FsDriver.EROFS for b in backends.values())
         self.blobfs = info.get("blobfs") or self.blobfs
 
     def release_mount(self) -> None:

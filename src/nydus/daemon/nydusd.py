@@ -1,9 +1,9 @@
 """nydusd's core: images (bootstrap + storage device + RAFS fs) served over one FUSE session.
 
-:class:`Nydusd` owns the state machine, the :class:`~.vfs.RafsVfs`, the FUSE session and the
-images. The CLI builds one, calls :meth:`Nydusd.run`; the API server calls its verbs (mount,
-umount, start, exit, metrics). Image mounts are validated completely (config, bootstrap,
-storage) *before* anything is attached, so a bad request leaves the daemon as it was.
+:class:`Nydusd` owns the state machine, the :class:`~.vfs.RafsVfs`, the FUSE session, the
+images and their data-path drivers (:mod:`.driver`). The CLI builds one; the API server calls
+its verbs (mount, umount, start, exit, metrics). Image mounts are validated completely (config,
+bootstrap, storage) *before* anything is attached, so a bad request leaves the daemon as it was.
 
 Threading contract: verbs are serialized by one lock (API requests may come concurrently),
 except that mount/remount read the bootstrap and open storage outside it (the mount path is
@@ -14,29 +14,32 @@ session's workers and never take that lock.
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from .. import __version__, deathwatch
-from ..config import DaemonConfig
+from ..config import DaemonConfig, FsDriver
 from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
 from ..metadata import open_bootstrap, read_verified_bootstrap
 from ..storage import open_device
-from .erofs_mode import EROFS, FUSEDEV, ErofsManager, resolve_driver
+from .driver import ErofsDriver, FuseDriver, ImageMount, resolve_driver
+from .erofs_mode import ErofsManager
 from .state import DaemonEvent, DaemonState, StateError, StateMachine
 from .vfs import RafsVfs
 
-__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder", "redact_config"]
+__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder"]
+
+ConfigSource: TypeAlias = DaemonConfig | str | bytes | dict[str, Any]
 
 log = logging.getLogger("nydus.daemon")
 
@@ -49,52 +52,8 @@ class DaemonOptions:
     upgrade: bool = False
     failover_policy: str = "resend"
     session: SessionOptions = field(default_factory=SessionOptions)
-    fs_driver: str = EROFS  # per-mount default when the config has no fs_driver
+    fs_driver: FsDriver = FsDriver.EROFS  # per-mount default when the config has no fs_driver
     blobfs_dir: str = ""  # kernel EROFS mode: where the blob fs and staging mounts live
-
-
-@dataclass
-class ImageMount:
-    """One image attached to the daemon at ``path`` (a virtual mount point)."""
-
-    path: str
-    bootstrap: str
-    config: DaemonConfig
-    fs: RafsFs
-    device: Any
-    prefetch_files: list[str] | None
-    mounted_at: float = field(default_factory=time.time)
-    fs_driver: str = FUSEDEV
-    erofs: Any = None  # the daemon's ErofsManager when fs_driver is "erofs"
-    # images this one replaced by a kernel EROFS remount: files opened before may still read them
-    retired: list[ImageMount] = field(default_factory=list)
-    # set when the mount gave an expected digest: the checked bytes (the metadata parses this
-    # same object) and the digest; a kernel EROFS mount then mounts a private copy of them
-    bootstrap_digest: str = ""
-    verified: bytes | None = None
-
-    def close(self) -> None:
-        try:
-            self.fs.close()
-        finally:
-            self.device.close()
-            for old in self.retired:
-                old.close()
-            self.retired = []
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "fs_type": "rafs",
-            "mountpoint": self.path,
-            "bootstrap": self.bootstrap,
-            "rafs_version": self.fs.version,
-            "blobs": [b.blob_id for b in self.fs.meta.blobs],
-            "config": redact_config(self.config.to_dict()),
-            "mounted_at": int(self.mounted_at),
-            "fs_driver": self.fs_driver,
-            **({"bootstrap_digest": self.bootstrap_digest} if self.bootstrap_digest else {}),
-            **({"erofs": self.erofs.describe(self.path)} if self.erofs is not None else {}),
-        }
 
 
 class ErrorHolder(logging.Handler):
@@ -128,12 +87,6 @@ class ErrorHolder(logging.Handler):
                     "max_size": self.max_size, "errors": list(self._items)}
 
 
-def parse_config(config: DaemonConfig | str | bytes | dict[str, Any]) -> DaemonConfig:
-    if isinstance(config, DaemonConfig):
-        return config
-    return DaemonConfig.from_json(config)
-
-
 class Nydusd:
     """A running nydusd (see the module docstring)."""
 
@@ -150,17 +103,20 @@ class Nydusd:
         self._exit = threading.Event()
         self.exit_reason = ""
         self.started = time.time()
-        self.erofs = ErofsManager(opts.mountpoint, opts.blobfs_dir)
+        self.fuse = FuseDriver(self.vfs)
+        self.erofs = ErofsDriver(ErofsManager(opts.mountpoint, opts.blobfs_dir), self.fuse,
+                                 lambda: self.session is not None and self.session.mounted,
+                                 self._lost)
 
     # ------------------------------------------------------------------ images
 
-    def open_image(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-                   dict[str, Any], prefetch_files: Sequence[str] | None = None,
+    def open_image(self, path: str, bootstrap: str, config: ConfigSource,
+                   prefetch_files: Sequence[str] | None = None,
                    bootstrap_digest: str | None = None) -> ImageMount:
         """Validate and open an image without attaching it. With ``bootstrap_digest``
         (``sha256:HEX``) the bootstrap's bytes are read once, checked, and parsed from memory:
         a mismatch is an IntegrityError and nothing is mounted."""
-        cfg = parse_config(config)
+        cfg = config if isinstance(config, DaemonConfig) else DaemonConfig.from_json(config)
         if cfg.overlay is not None and (cfg.overlay.upper_dir or cfg.overlay.work_dir):
             raise UnsupportedError("writable overlay (config 'overlay') is not supported")
         verified: bytes | None = None
@@ -169,23 +125,18 @@ class Nydusd:
             meta = open_bootstrap(verified)
         else:
             meta = open_bootstrap(bootstrap)
-        try:
+        with contextlib.ExitStack() as undo:  # closes what was opened if a step fails
+            undo.callback(meta.close)
             fs_id = self.vfs.normalize(path)
             device = open_device(meta.blobs, cfg, id=fs_id, chunk_lookup=meta.chunk_record)
-        except BaseException:
-            meta.close()
-            raise
-        try:
+            undo.callback(device.close)
             fs = RafsFs(meta, device, FsOptions(
                 id=fs_id, enable_xattr=cfg.enable_xattr, iostats_files=cfg.iostats_files,
                 access_pattern=cfg.access_pattern, latest_read_files=cfg.latest_read_files,
             ))
-        except BaseException:
-            device.close()
-            meta.close()
-            raise
+            undo.pop_all()
         return ImageMount(fs_id, os.path.abspath(bootstrap), cfg, fs, device,
-                          list(prefetch_files) if prefetch_files else None,
+                          list(prefetch_files) if prefetch_files else None, self.fuse,
                           bootstrap_digest=bootstrap_digest.strip().lower()
                           if bootstrap_digest else "", verified=verified)
 
@@ -209,92 +160,77 @@ class Nydusd:
         except NydusError as e:
             log.warning("%s: prefetch not started: %s", im.path, e)
 
-    def _reserve(self, path: str, want_mounted: bool) -> str:
-        """Claim ``path`` for one mount/remount while its image loads outside the lock."""
-        with self._lock:
-            path = self.vfs.normalize(path)
-            if path in self._loading:
-                raise StateError(f"{path} is being mounted by another request")
-            if want_mounted and path not in self.images:
-                raise NotFoundError(f"nothing is mounted at {path}")
-            if not want_mounted and path in self.images:
-                raise StateError(f"{path} is already mounted")
-            self._loading.add(path)
-            return path
+    def _settled(self, path: str, mounted: bool) -> str:
+        """``path`` normalized, if no request is loading it and it is ``mounted`` or not."""
+        path = self.vfs.normalize(path)
+        if path in self._loading:
+            raise StateError(f"{path} is being mounted by another request")
+        if mounted and path not in self.images:
+            raise NotFoundError(f"nothing is mounted at {path}")
+        if not mounted and path in self.images:
+            raise StateError(f"{path} is already mounted")
+        return path
 
-    def mount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-              dict[str, Any], prefetch_files: Sequence[str] | None = None,
-              fs_driver: str | None = None, bootstrap_digest: str | None = None) -> ImageMount:
+    @contextlib.contextmanager
+    def _loaded(self, path: str, want_mounted: bool, bootstrap: str, config: ConfigSource,
+                prefetch_files: Sequence[str] | None,
+                bootstrap_digest: str | None) -> Iterator[ImageMount]:
+        """Claim ``path`` and open the image without the lock, then hold the lock while the
+        caller attaches it (an error closes it); then the image is recorded and prefetches."""
+        with self._lock:
+            path = self._settled(path, want_mounted)
+            self._loading.add(path)
+        try:
+            im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
+            with self._lock:
+                try:
+                    if self._exit.is_set():
+                        raise StateError("the daemon is exiting")
+                    yield im
+                except BaseException:
+                    im.close()
+                    raise
+                self.images[path] = im
+                if not want_mounted and self.sm.state == DaemonState.INIT:
+                    self.sm.fire(DaemonEvent.MOUNT)
+                self._start_prefetch(im)
+        finally:
+            with self._lock:
+                self._loading.discard(path)
+
+    def mount(self, path: str, bootstrap: str, config: ConfigSource,
+              prefetch_files: Sequence[str] | None = None, fs_driver: FsDriver | None = None,
+              bootstrap_digest: str | None = None) -> ImageMount:
         """Attach an image at ``path`` (``POST /api/v1/mount``); ``bootstrap_digest``: see
         :meth:`open_image`.
 
         The bootstrap is read and the storage opened without the daemon lock (``path`` is
         reserved meanwhile), so a slow or large image never stalls other API requests.
         """
-        path = self._reserve(path, want_mounted=False)
-        try:
-            im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
-            with self._lock:
-                try:
-                    if self._exit.is_set():
-                        raise StateError("the daemon is exiting")
-                    driver, why = resolve_driver(fs_driver or im.config.fs_driver,
-                                                 self.opts.fs_driver, im.fs.version,
-                                                 self.opts.upgrade, self._needs_fuse(im))
-                    if driver == EROFS:
-                        from .erofs_hooks import mount_erofs_image
-                        driver = mount_erofs_image(self, im)
-                    else:
-                        log.info("%s: fs_driver fusedev (%s)", path, why)
-                    if driver != EROFS:
-                        self.vfs.attach(path, im.fs, on_close=im.close)
-                except BaseException:
-                    im.close()
-                    raise
-                self.images[path] = im
-                if self.sm.state == DaemonState.INIT:
-                    self.sm.fire(DaemonEvent.MOUNT)
-                self._start_prefetch(im)
-                log.info("mounted %s at %s (RAFS v%d, %d blobs)", bootstrap, path,
-                         im.fs.version, len(im.fs.meta.blobs))
-                return im
-        finally:
-            with self._lock:
-                self._loading.discard(path)
+        with self._loaded(path, False, bootstrap, config, prefetch_files,
+                          bootstrap_digest) as im:
+            kind, why = resolve_driver(fs_driver or im.config.fs_driver, self.opts.fs_driver,
+                                       im.fs.version, self.opts.upgrade, self._needs_fuse(im))
+            if kind == FsDriver.FUSEDEV:
+                log.info("%s: fs_driver fusedev (%s)", im.path, why)
+            im.driver = (self.erofs if kind == FsDriver.EROFS else self.fuse).attach(im)
+        log.info("mounted %s at %s (RAFS v%d, %d blobs)", bootstrap, im.path,
+                 im.fs.version, len(im.fs.meta.blobs))
+        return im
 
-    def remount(self, path: str, bootstrap: str, config: DaemonConfig | str | bytes |
-                dict[str, Any], prefetch_files: Sequence[str] | None = None,
+    def remount(self, path: str, bootstrap: str, config: ConfigSource,
+                prefetch_files: Sequence[str] | None = None,
                 bootstrap_digest: str | None = None) -> ImageMount:
         """Replace the image at ``path`` (``PUT /api/v1/mount``); loads outside the lock."""
-        path = self._reserve(path, want_mounted=True)
-        try:
-            im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
-            with self._lock:
-                try:
-                    if self._exit.is_set():
-                        raise StateError("the daemon is exiting")
-                    old = self.images.get(path)
-                    if old is None:
-                        raise NotFoundError(f"nothing is mounted at {path}")
-                    if old.fs_driver == EROFS:
-                        if im.fs.version != 6:
-                            raise UnsupportedError(
-                                f"{path} is a kernel EROFS mount; a RAFS v{im.fs.version} "
-                                "bootstrap cannot replace it (umount and mount)")
-                        from .erofs_hooks import remount_erofs_image
-                        remount_erofs_image(self, old, im)
-                    else:
-                        self.vfs.replace(path, im.fs, on_close=im.close)
-                except BaseException:
-                    im.close()
-                    raise
-                self.images[path] = im
-                self._start_prefetch(im)
-                log.info("remounted %s at %s", bootstrap, path)
-                return im
-        finally:
-            with self._lock:
-                self._loading.discard(path)
+        with self._loaded(path, True, bootstrap, config, prefetch_files,
+                          bootstrap_digest) as im:
+            old = self.images.get(im.path)
+            if old is None:
+                raise NotFoundError(f"nothing is mounted at {im.path}")
+            im.driver = old.driver
+            old.driver.replace(old, im)
+        log.info("remounted %s at %s", bootstrap, im.path)
+        return im
 
     def _needs_fuse(self, im: ImageMount) -> str:
         """Why this image wants FUSE RAFS mode when the daemon default is erofs ('' if not)."""
@@ -308,16 +244,8 @@ class Nydusd:
     def umount(self, path: str) -> None:
         """Detach the image at ``path`` (``DELETE /api/v1/mount``)."""
         with self._lock:
-            path = self.vfs.normalize(path)
-            if path in self._loading:
-                raise StateError(f"{path} is being mounted by another request")
-            if path not in self.images:
-                raise NotFoundError(f"nothing is mounted at {path}")
-            if self.images[path].fs_driver == EROFS:
-                from .erofs_hooks import umount_erofs_image
-                umount_erofs_image(self, self.images[path])
-            else:
-                self.vfs.detach(path)
+            path = self._settled(path, True)
+            self.images[path].driver.detach(self.images[path])
             del self.images[path]
             log.info("unmounted %s", path)
 
@@ -344,14 +272,48 @@ class Nydusd:
         s.mount()
         if not self.opts.supervisor:  # a supervisor keeps the connection alive on purpose
             deathwatch.guard(self.opts.mountpoint)
+        self._serve(s)
+        if not s.wait_initialized(10):
+            log.warning("the kernel has not sent FUSE INIT within 10 s")
+        with self._lock:
+            self.erofs.activate(list(self.images.values()))
+
+    def _serve(self, s: FuseSession) -> None:
         self.vfs.notify_entry = s.notify_inval_entry
         self.vfs.notify_inode = s.notify_inval_inode
         self.session = s
         s.start()
-        if not s.wait_initialized(10):
-            log.warning("the kernel has not sent FUSE INIT within 10 s")
-        from .erofs_hooks import activate_pending
-        activate_pending(self)
+
+    def handover(self) -> tuple[FuseSession, dict[str, Any], list[ImageMount]]:
+        """For a fd hand-over (:mod:`.failover`): the live FUSE session, the VFS slot layout
+        and the images, taken together under the lock."""
+        with self._lock:
+            s = self.session
+            if s is None or s.device_fd < 0:
+                raise NydusError("no FUSE session to hand over")
+            return s, self.vfs.export_layout(), list(self.images.values())
+
+    def adopt(self, images: list[dict[str, Any]], layout: dict[str, Any],
+              resume: Callable[[RafsVfs], FuseSession]) -> FuseSession:
+        """Takeover (:mod:`.failover`): reopen ``images`` (path, bootstrap, config, ...) in the
+        VFS slots of ``layout``, then serve the session ``resume`` makes for the VFS."""
+        with self._lock:
+            opened: list[ImageMount] = []
+            try:
+                for img in images:
+                    opened.append(self.open_image(img["path"], img["bootstrap"], img["config"],
+                                                  img.get("prefetch_files"),
+                                                  img.get("bootstrap_digest") or None))
+                by_path = {im.path: im for im in opened}
+                self.vfs.import_layout(layout, {p: (im.fs, im.close) for p, im in by_path.items()})
+            except BaseException:
+                for im in opened:
+                    im.close()
+                raise
+            self.images.update(by_path)
+            s = resume(self.vfs)
+            self._serve(s)
+            return s
 
     def start(self) -> None:
         with self._lock:
@@ -361,6 +323,17 @@ class Nydusd:
             log.info("daemon state RUNNING")
 
     # ------------------------------------------------------------------ run / exit
+
+    def _lost(self, path: str) -> None:
+        """The kernel EROFS mount of ``path`` was removed from outside (see erofs_mode)."""
+        if path == "/":
+            log.info("the kernel EROFS mount of / was removed from outside: session ended")
+            self.end_session("erofs mount removed")
+            return
+        try:
+            self.umount(path)
+        except Exception as e:  # already gone (a concurrent DELETE): nothing left to do
+            log.info("%s: detaching after the external unmount: %s", path, e)
 
     def request_exit(self, reason: str = "") -> None:
         if not self._exit.is_set():
@@ -392,8 +365,14 @@ class Nydusd:
             self.session = None
             self.vfs.notify_entry = None
             self.vfs.notify_inode = None
-        from .erofs_hooks import shutdown_erofs
-        shutdown_erofs(self)
+        self.erofs.stop()
+        with self._lock:  # the VFS does not own kernel EROFS images: close them here
+            unowned = [im for im in self.images.values() if im.driver is self.erofs]
+        for im in unowned:
+            try:
+                im.close()
+            except Exception:
+                log.exception("closing %s", im.path)
         if s is not None:
             deathwatch.release(self.opts.mountpoint)
             try:
@@ -421,7 +400,7 @@ class Nydusd:
             "mountpoint": self.opts.mountpoint,
             "backend_collection": backends,
             "fs_driver_default": self.opts.fs_driver,
-            **self.erofs.info(),
+            **self.erofs.manager.info(),
         }
 
     def metrics_fs(self, fs_id: str | None) -> dict[str, Any]:
@@ -453,6 +432,3 @@ class Nydusd:
 
     def config_of(self, fs_id: str | None) -> dict[str, Any]:
         return dict(redact_config(self.image(fs_id).config.to_dict()))
-
-    def dump(self) -> str:
-        return json.dumps(self.info(), indent=2)
