@@ -254,14 +254,18 @@ def tar_targets(skip_nydus: bool) -> list[Target]:
     if not skip_nydus:
         create = [*nyd, "create", "--bootstrap", "{out}/image.boot", "--blob-dir", "{out}/blobs"]
         for comp in ("zstd", "none"):
-            out.append(Target(
-                f"cat tgz | nydus-image {comp}",
-                [["cat", "{tgz}"], [*create, "-t", "targz-rafs", "--compressor", comp, "-"]],
-            ))
-        out.append(Target(
-            "cat tzst | nydus-image zstd",
-            [["cat", "{tzst}"], [*create, "-t", "tarzstd-rafs", "-"]],
-        ))
+            out.append(
+                Target(
+                    f"cat tgz | nydus-image {comp}",
+                    [["cat", "{tgz}"], [*create, "-t", "targz-rafs", "--compressor", comp, "-"]],
+                )
+            )
+        out.append(
+            Target(
+                "cat tzst | nydus-image zstd",
+                [["cat", "{tzst}"], [*create, "-t", "tarzstd-rafs", "-"]],
+            )
+        )
     drain = ["dd", "of=/dev/null", "bs=1M", "status=none"]
     out.append(Target("gzip -d (read only)", [["gzip", "-dc", "{tgz}"], drain]))
     out.append(Target("tar -xzf (unpack)", [["tar", "-C", "{out}", "-xzf", "{tgz}"]]))
@@ -380,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--skip-nydus", action="store_true", help="run the baselines only")
     ap.add_argument("--keep-outputs", action="store_true", help="keep built images in --work")
-    ap.add_argument("--mode", choices=["dir", "tar"], default="dir",
-                    help="build from the tree (dir) or from its tar.gz layer through a pipe")
+    ap.add_argument(
+        "--mode",
+        choices=["dir", "tar"],
+        default="dir",
+        help="build from the tree (dir) or from its tar.gz layer through a pipe",
+    )
     args = ap.parse_args(argv)
 
     for tool in ("mkfs.erofs", "zstd", "tar"):

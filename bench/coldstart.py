@@ -395,15 +395,29 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--rates", default=None,
-                    help="limited links in Mbit/s (comma list; default 1000,100, ml 1000,200)")
-    ap.add_argument("--image", choices=["debian", "ml"], default="debian",
-                    help="ml: the 1.3 GB ML image of issue 17 (bench/coldstart_ml.py)")
-    ap.add_argument("--scenarios", default="lazy,prefetch_all,optimized,oci",
-                    help="ml: scenarios to run (comma list)")
+    ap.add_argument(
+        "--rates",
+        default=None,
+        help="limited links in Mbit/s (comma list; default 1000,100, ml 1000,200)",
+    )
+    ap.add_argument(
+        "--image",
+        choices=["debian", "ml"],
+        default="debian",
+        help="ml: the 1.3 GB ML image of issue 17 (bench/coldstart_ml.py)",
+    )
+    ap.add_argument(
+        "--scenarios",
+        default="lazy,prefetch_all,optimized,oci",
+        help="ml: scenarios to run (comma list)",
+    )
     ap.add_argument("--workloads", default="W1,W2", help="ml: workloads (comma list)")
-    ap.add_argument("--rtt-ms", type=float, default=2.0,
-                    help="ml: round-trip time the delay proxy adds on the limited links")
+    ap.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=2.0,
+        help="ml: round-trip time the delay proxy adds on the limited links",
+    )
     ap.add_argument("--no-loopback", action="store_true")
     ap.add_argument("--methods", default="nydus,oci")
     ap.add_argument(
@@ -413,8 +427,9 @@ def main() -> int:
         help="how the Nydus image is pulled: stock ctr image pull through the snapshotter's "
         "content store (default), or nydus-pull",
     )
-    ap.add_argument("--work", type=Path, default=None,
-                    help="default /var/tmp/nydus-bench-coldstart[-ml]")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="default /var/tmp/nydus-bench-coldstart[-ml]"
+    )
     args = ap.parse_args()
     ml = args.image == "ml"
     args.rates = args.rates if args.rates is not None else ("1000,200" if ml else "1000,100")

@@ -62,12 +62,17 @@ def nydusd_config(scenario: str) -> dict[str, Any]:
     ahead, so it is not a timed scenario)."""
     cfg: dict[str, Any] = {
         "device": {
-            "backend": {"type": "registry", "config": {
-                "scheme": "http", "timeout": 60, "connect_timeout": 5, "retry_limit": 2}},
+            "backend": {
+                "type": "registry",
+                "config": {"scheme": "http", "timeout": 60, "connect_timeout": 5, "retry_limit": 2},
+            },
             "cache": {"type": "blobcache", "config": {"work_dir": "cache"}},
         },
-        "mode": "direct", "digest_validate": False, "enable_xattr": True,
-        "access_pattern": scenario == "record", "fs_prefetch": {"enable": False},
+        "mode": "direct",
+        "digest_validate": False,
+        "enable_xattr": True,
+        "access_pattern": scenario == "record",
+        "fs_prefetch": {"enable": False},
     }
     if scenario == "prefetch_all":
         cfg["fs_prefetch"] = {**PREFETCH, "prefetch_all": True}
@@ -182,8 +187,11 @@ def _sizes(host: str, repo_tag: str) -> tuple[int, int]:
     finally:
         c.close()
     m = json.loads(body)
-    meta = len(body) + m["config"]["size"] + sum(
-        ly["size"] for ly in m["layers"] if ly["mediaType"] != BLOB_TYPE)
+    meta = (
+        len(body)
+        + m["config"]["size"]
+        + sum(ly["size"] for ly in m["layers"] if ly["mediaType"] != BLOB_TYPE)
+    )
     return meta, sum(ly["size"] for ly in m["layers"] if ly["mediaType"] == BLOB_TYPE)
 
 
@@ -240,29 +248,61 @@ def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
             shutil.rmtree(layout, ignore_errors=True)
             print("ml: OCI layout and skopeo push ...", flush=True)
             write_oci_layout(layout, "1", [(p.read_bytes(), d) for p, d in layers])
-            _run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:1",
-                  f"docker://{reg.addr}/{img.oci}"], "skopeo copy")
+            _run(
+                [
+                    "skopeo",
+                    "copy",
+                    "--dest-tls-verify=false",
+                    f"oci:{layout}:1",
+                    f"docker://{reg.addr}/{img.oci}",
+                ],
+                "skopeo copy",
+            )
             shutil.rmtree(layout, ignore_errors=True)
         img.oci_bytes = _sizes(reg.addr, img.oci)[0]  # the gzip layers are not Nydus blobs
         print("ml: nydusify convert ...", flush=True)
         t0 = time.monotonic()
-        _run([venv_tool("nydusify"), "convert", "--plain-http", "--source",
-              f"{reg.addr}/{img.oci}", "--target", f"{reg.addr}/{img.nydus}", "--work-dir",
-              str(work / "convert")], "nydusify convert")  # ~1 min: redone, to time it
+        _run(
+            [
+                venv_tool("nydusify"),
+                "convert",
+                "--plain-http",
+                "--source",
+                f"{reg.addr}/{img.oci}",
+                "--target",
+                f"{reg.addr}/{img.nydus}",
+                "--work-dir",
+                str(work / "convert"),
+            ],
+            "nydusify convert",
+        )  # ~1 min: redone, to time it
         img.convert_s = time.monotonic() - t0
         shutil.rmtree(work / "convert", ignore_errors=True)
-        print(f"  converted in {img.convert_s:.0f}s; recording W1's access pattern ...",
-              flush=True)
+        print(f"  converted in {img.convert_s:.0f}s; recording W1's access pattern ...", flush=True)
         plists = {wl: record(reg.addr, work, wl) for wl in WORKLOADS}
         plist = plists["W1"]
         img.prefetch_files = len(plist.read_text().splitlines())
         print(f"  {img.prefetch_files} files; nydusify optimize ...", flush=True)
         t0 = time.monotonic()
         rep = work / "optimize.json"
-        _run([venv_tool("nydusify"), "optimize", "--plain-http", "--source",
-              f"{reg.addr}/{img.nydus}", "--target", f"{reg.addr}/{img.opt}",
-              "--prefetch-files", str(plist), "--work-dir", str(work / "convert"),
-              "--output-json", str(rep)], "nydusify optimize")
+        _run(
+            [
+                venv_tool("nydusify"),
+                "optimize",
+                "--plain-http",
+                "--source",
+                f"{reg.addr}/{img.nydus}",
+                "--target",
+                f"{reg.addr}/{img.opt}",
+                "--prefetch-files",
+                str(plist),
+                "--work-dir",
+                str(work / "convert"),
+                "--output-json",
+                str(rep),
+            ],
+            "nydusify optimize",
+        )
         img.optimize_s = time.monotonic() - t0
         img.optimize_report = json.loads(rep.read_text())
         for tag in (img.nydus, img.opt):
@@ -319,9 +359,19 @@ def daemon_counters(stack: NydusStack) -> dict[str, int]:
 
 def export_pattern(stack: NydusStack, out: Path) -> Path:
     """``nydusify access-pattern --snapshotter-root``: the list, and its JSON beside it."""
-    _run([venv_tool("nydusify"), "access-pattern", "--snapshotter-root", str(stack.sn_root),
-          "--output", str(out), "--output-json", str(out.with_suffix(".json"))],
-         "nydusify access-pattern")
+    _run(
+        [
+            venv_tool("nydusify"),
+            "access-pattern",
+            "--snapshotter-root",
+            str(stack.sn_root),
+            "--output",
+            str(out),
+            "--output-json",
+            str(out.with_suffix(".json")),
+        ],
+        "nydusify access-pattern",
+    )
     return out
 
 
@@ -385,18 +435,30 @@ class MlRound:
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
     cmd = ["ctr", "-a", str(stack.ctd.address), "-n", stack.ctd.namespace, *argv]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env_path(),
-                       stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1800, env=env_path(), stdin=subprocess.DEVNULL
+    )
     if p.returncode != 0 or expect not in p.stdout:
-        raise RuntimeError(f"workload failed ({p.returncode}): {p.stdout[-500:]!r} "
-                           f"{p.stderr[-2000:]}")
+        raise RuntimeError(
+            f"workload failed ({p.returncode}): {p.stdout[-500:]!r} {p.stderr[-2000:]}"
+        )
 
 
 def start_stack(tmp: Path, scenario: str, port: int) -> NydusStack:
     cfg = tmp / "nydusd.json"
     cfg.write_text(json.dumps(nydusd_config(scenario)))
-    stack = NydusStack(tmp, ["--config-path", str(cfg), "--metrics-address",
-                             f"127.0.0.1:{port}", "--log-level", "info"], content_store=True)
+    stack = NydusStack(
+        tmp,
+        [
+            "--config-path",
+            str(cfg),
+            "--metrics-address",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "info",
+        ],
+        content_store=True,
+    )
     return stack.start()
 
 
@@ -412,19 +474,31 @@ def record(host: str, work: Path, workload: str) -> Path:
     stack = start_stack(tmp, "record", port)
     try:
         ref = f"{host}/ml:1-nydus"
-        stack.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref,
-                  timeout=1800).check()
+        stack.ctr(
+            "image", "pull", "--plain-http", "--snapshotter", "nydus", ref, timeout=1800
+        ).check()
         cmd, expect = WORKLOADS[workload]
-        _ctr_run(stack, ["run", "--snapshotter", "nydus", ref, "rec", "/bin/sh", "-c", cmd],
-                 expect)  # no --rm: the image's daemon must outlive the run for the export
+        _ctr_run(
+            stack, ["run", "--snapshotter", "nydus", ref, "rec", "/bin/sh", "-c", cmd], expect
+        )  # no --rm: the image's daemon must outlive the run for the export
         return export_pattern(stack, work / f"{workload}.list")
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ml_round(scenario: str, workload: str, link: str, host: str, img: MlImage, work: Path,
-             limited: bool, idx: int, veth_bytes: Any, free_port: Any) -> MlRound:
+def ml_round(
+    scenario: str,
+    workload: str,
+    link: str,
+    host: str,
+    img: MlImage,
+    work: Path,
+    limited: bool,
+    idx: int,
+    veth_bytes: Any,
+    free_port: Any,
+) -> MlRound:
     tmp = work / "rounds" / f"{link.replace(' ', '')}-{scenario}-{workload}-{idx}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -446,23 +520,48 @@ def ml_round(scenario: str, workload: str, link: str, host: str, img: MlImage, w
             tl = sampler.stop() if sampler else []
             _ctr_run(stack, ["run", "--rm", ref, "c2", "/bin/sh", "-c", cmd], expect)
             warm = time.monotonic() - t2
-            return MlRound(link, scenario, workload, t1 - t0, t2 - t1, t2 - t0, img.oci_bytes,
-                           wire, warm_run_s=warm, load=load, timeline=tl)
+            return MlRound(
+                link,
+                scenario,
+                workload,
+                t1 - t0,
+                t2 - t1,
+                t2 - t0,
+                img.oci_bytes,
+                wire,
+                warm_run_s=warm,
+                load=load,
+                timeline=tl,
+            )
         tag = img.opt if scenario == "optimized" else img.nydus
         ref = f"{host}/{tag}"
         t0 = time.monotonic()
-        stack.ctr("image", "pull", "--plain-http", "--snapshotter", "nydus", ref,
-                  timeout=1800).check()
+        stack.ctr(
+            "image", "pull", "--plain-http", "--snapshotter", "nydus", ref, timeout=1800
+        ).check()
         t1 = time.monotonic()
-        _ctr_run(stack, ["run", "--snapshotter", "nydus", ref, "c1", "/bin/sh", "-c", cmd],
-                 expect)  # no --rm: the daemon's counters and pattern are read after
+        _ctr_run(
+            stack, ["run", "--snapshotter", "nydus", ref, "c1", "/bin/sh", "-c", cmd], expect
+        )  # no --rm: the daemon's counters and pattern are read after
         t2 = time.monotonic()
         wire = veth_bytes() - wire0 if limited else None
         tl = sampler.stop() if sampler else []
         ctr = daemon_counters(stack)
-        r = MlRound(link, scenario, workload, t1 - t0, t2 - t1, t2 - t0,
-                    img.meta[tag] + ctr["backend_bytes"], wire, ctr["reads"],
-                    ctr["backend_requests"], ctr["backend_bytes"], load=load, timeline=tl)
+        r = MlRound(
+            link,
+            scenario,
+            workload,
+            t1 - t0,
+            t2 - t1,
+            t2 - t0,
+            img.meta[tag] + ctr["backend_bytes"],
+            wire,
+            ctr["reads"],
+            ctr["backend_requests"],
+            ctr["backend_bytes"],
+            load=load,
+            timeline=tl,
+        )
         return r
     finally:
         stack.stop()
@@ -482,8 +581,9 @@ def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-def summarize(rounds: list[MlRound], img: MlImage, rates: dict[str, int]
-              ) -> dict[str, dict[str, dict[str, Any]]]:
+def summarize(
+    rounds: list[MlRound], img: MlImage, rates: dict[str, int]
+) -> dict[str, dict[str, dict[str, Any]]]:
     """link -> workload -> scenario (and ``limit``) -> medians."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for link in dict.fromkeys(r.link for r in rounds):
@@ -494,8 +594,18 @@ def summarize(rounds: list[MlRound], img: MlImage, rates: dict[str, int]
                 if not rs:
                     continue
                 v: dict[str, Any] = {"n": len(rs)}
-                for k in ("pull_s", "run_s", "total_s", "registry_bytes", "wire", "reads",
-                          "backend_requests", "needed", "warm_run_s", "load"):
+                for k in (
+                    "pull_s",
+                    "run_s",
+                    "total_s",
+                    "registry_bytes",
+                    "wire",
+                    "reads",
+                    "backend_requests",
+                    "needed",
+                    "warm_run_s",
+                    "load",
+                ):
                     xs = [getattr(r, k) for r in rs if getattr(r, k) is not None]
                     v[k] = _med(xs) if xs else None
                 per[sc] = v
@@ -503,19 +613,22 @@ def summarize(rounds: list[MlRound], img: MlImage, rates: dict[str, int]
             needed = (per.get("lazy") or {}).get("needed")
             if warm is not None and needed is not None:
                 bytes_ = needed + img.meta[img.nydus]
-                per["limit"] = {"bytes": bytes_, "transfer_s": bytes_ * 8 / (rates[link] * 1e6),
-                                "warm_run_s": warm}
+                per["limit"] = {
+                    "bytes": bytes_,
+                    "transfer_s": bytes_ * 8 / (rates[link] * 1e6),
+                    "warm_run_s": warm,
+                }
                 per["limit"]["total_s"] = per["limit"]["transfer_s"] + warm
             out.setdefault(link, {})[wl] = per
     return out
 
 
-COLORS = {"lazy": "#1b9e77", "prefetch_all": "#d95f02", "optimized": "#7570b3",
-          "oci": "#666666"}
+COLORS = {"lazy": "#1b9e77", "prefetch_all": "#d95f02", "optimized": "#7570b3", "oci": "#666666"}
 
 
-def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
-         stem: Path) -> list[Path]:
+def plot(
+    summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound], stem: Path
+) -> list[Path]:
     """Per link: for each workload, the pull/run bars of every scenario (medians) and the
     physical limit; beside them the timeline of bytes the registry sent (first round)."""
     import matplotlib
@@ -526,8 +639,13 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
     paths = []
     for link, per_wl in summary.items():
         wls = list(per_wl)
-        fig, axes = plt.subplots(len(wls), 2, figsize=(13, 0.6 + 2.6 * len(wls)),
-                                 squeeze=False, gridspec_kw={"width_ratios": [1, 1]})
+        fig, axes = plt.subplots(
+            len(wls),
+            2,
+            figsize=(13, 0.6 + 2.6 * len(wls)),
+            squeeze=False,
+            gridspec_kw={"width_ratios": [1, 1]},
+        )
         for row, wl in enumerate(wls):
             ax, tax = axes[row, 0], axes[row, 1]
             per = per_wl[wl]
@@ -536,13 +654,23 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
             for y, sc in enumerate(scs):
                 v = per[sc]
                 ax.barh(y, v["pull_s"], color="#8da0cb", label="pull" if y == 0 else None)
-                ax.barh(y, v["run_s"], left=v["pull_s"], color="#fc8d62",
-                        label="run" if y == 0 else None)
+                ax.barh(
+                    y,
+                    v["run_s"],
+                    left=v["pull_s"],
+                    color="#fc8d62",
+                    label="run" if y == 0 else None,
+                )
                 ax.text(v["total_s"], y, f" {v['total_s']:.1f}s", va="center", fontsize=8)
             lim = per.get("limit")
             if lim:
-                ax.axvline(lim["total_s"], color="k", ls="--", lw=1,
-                           label=f"physical limit {lim['total_s']:.2f}s")
+                ax.axvline(
+                    lim["total_s"],
+                    color="k",
+                    ls="--",
+                    lw=1,
+                    label=f"physical limit {lim['total_s']:.2f}s",
+                )
             ax.set_xlim(0, top * 1.15)
             ax.set_yticks(range(len(scs)), scs)
             ax.invert_yaxis()
@@ -550,8 +678,14 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
             ax.set_xlabel("seconds from pull start (median)")
             ax.legend(fontsize=7, loc="upper right")
             for sc in scs:
-                r = next((r for r in rounds if (r.link, r.workload, r.scenario) ==
-                          (link, wl, sc) and r.timeline), None)
+                r = next(
+                    (
+                        r
+                        for r in rounds
+                        if (r.link, r.workload, r.scenario) == (link, wl, sc) and r.timeline
+                    ),
+                    None,
+                )
                 if r is None:
                     continue
                 ts = [t for t, _b in r.timeline]
@@ -562,8 +696,14 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
             right = min(top * 1.05, 2.5 * max(nyd)) if nyd else top * 1.05
             tax.set_xlim(0, right)
             if right < top:
-                tax.text(0.99, 0.02, f"(oci goes on to {per['oci']['total_s']:.0f}s)",
-                         transform=tax.transAxes, ha="right", fontsize=7)
+                tax.text(
+                    0.99,
+                    0.02,
+                    f"(oci goes on to {per['oci']['total_s']:.0f}s)",
+                    transform=tax.transAxes,
+                    ha="right",
+                    fontsize=7,
+                )
             tax.set_ylabel("MiB sent by the registry")
             tax.set_xlabel("seconds from pull start (round 0; dotted: pull done)")
             tax.set_title(f"{wl} ({link}): registry bytes over time", fontsize=9)
@@ -576,9 +716,14 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound],
     return paths
 
 
-def report(args: Any, img: MlImage, rounds: list[MlRound],
-           summary: dict[str, dict[str, dict[str, Any]]], pngs: list[Path],
-           loads: tuple[float, float]) -> str:
+def report(
+    args: Any,
+    img: MlImage,
+    rounds: list[MlRound],
+    summary: dict[str, dict[str, dict[str, Any]]],
+    pngs: list[Path],
+    loads: tuple[float, float],
+) -> str:
     import datetime as dt
     import platform
 
@@ -637,10 +782,13 @@ def report(args: Any, img: MlImage, rounds: list[MlRound],
     ]
     for link, per_wl in summary.items():
         for wl, per in per_wl.items():
-            lines += [f"## {link}, {wl}", "",
-                      "| scenario | pull s | run s | total s | registry | wire | reads | "
-                      "backend req | vs OCI | vs limit | load |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## {link}, {wl}",
+                "",
+                "| scenario | pull s | run s | total s | registry | wire | reads | "
+                "backend req | vs OCI | vs limit | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             oci_total = (per.get("oci") or {}).get("total_s")
             lim = per.get("limit")
             for sc in SCENARIOS:
@@ -654,23 +802,33 @@ def report(args: Any, img: MlImage, rounds: list[MlRound],
                 lines.append(
                     f"| {sc} | {v['pull_s']:.2f} | {v['run_s']:.2f} | {v['total_s']:.2f} | "
                     f"{_mib(v['registry_bytes'])} | {_mib(v['wire'])} | {reads} | {breq} | "
-                    f"{vs_oci} | {vs_lim} | {v['load']:.1f} |")
+                    f"{vs_oci} | {vs_lim} | {v['load']:.1f} |"
+                )
             if lim:
                 lines.append(
                     f"| physical limit | | | {lim['total_s']:.2f} | {_mib(lim['bytes'])} | | | | "
-                    f"| 1.0x | |")
-                lines += ["", f"Limit: {_mib(lim['bytes'])} at the link rate = "
-                          f"{lim['transfer_s']:.2f}s + warm run {lim['warm_run_s']:.2f}s."]
+                    f"| 1.0x | |"
+                )
+                lines += [
+                    "",
+                    f"Limit: {_mib(lim['bytes'])} at the link rate = "
+                    f"{lim['transfer_s']:.2f}s + warm run {lim['warm_run_s']:.2f}s.",
+                ]
             lines.append("")
     for p in pngs:
         lines += [f"![timeline {p.stem}]({p.name})", ""]
     lines += ["Per round:", ""]
     for r in rounds:
-        lines.append(f"- {r.link} {r.workload} {r.scenario}: pull {r.pull_s:.2f}s, run "
-                     f"{r.run_s:.2f}s, registry {_mib(r.registry_bytes)}, reads {r.reads}, "
-                     f"backend requests {r.backend_requests}, load {r.load:.1f}")
-    lines += ["", f"Machine: python {platform.python_version()}, kernel {platform.release()}, "
-              f"{os.cpu_count()} cpus."]
+        lines.append(
+            f"- {r.link} {r.workload} {r.scenario}: pull {r.pull_s:.2f}s, run "
+            f"{r.run_s:.2f}s, registry {_mib(r.registry_bytes)}, reads {r.reads}, "
+            f"backend requests {r.backend_requests}, load {r.load:.1f}"
+        )
+    lines += [
+        "",
+        f"Machine: python {platform.python_version()}, kernel {platform.release()}, "
+        f"{os.cpu_count()} cpus.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -681,8 +839,10 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     work.mkdir(parents=True, exist_ok=True)
     loads0 = os.getloadavg()[0]
     storage, img = prepare(work, record)
-    needed = {wl: needed_bytes(work / "nydus.boot", json.loads(
-        (work / f"{wl}.json").read_text()))[0] for wl in WORKLOADS}
+    needed = {
+        wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
+        for wl in WORKLOADS
+    }
     scenarios = [s for s in args.scenarios.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     rates = {f"{int(x)} mbit": int(x) for x in args.rates.split(",") if x}
@@ -695,15 +855,18 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
             for i in range(args.rounds):
                 for wl in workloads:
                     for sc in scenarios:
-                        r = ml_round(sc, wl, link, proxy.addr, img, work, True, i, veth_bytes,
-                                     free_port)
+                        r = ml_round(
+                            sc, wl, link, proxy.addr, img, work, True, i, veth_bytes, free_port
+                        )
                         if sc == "lazy":
                             r.needed = needed[wl]
                         rounds.append(r)
-                        print(f"  {link} {wl} {sc:12} round {i}: pull {r.pull_s:6.2f}s run "
-                              f"{r.run_s:6.2f}s registry {_mib(r.registry_bytes)} reads "
-                              f"{r.reads} backend req {r.backend_requests} load {r.load:.1f}",
-                              flush=True)
+                        print(
+                            f"  {link} {wl} {sc:12} round {i}: pull {r.pull_s:6.2f}s run "
+                            f"{r.run_s:6.2f}s registry {_mib(r.registry_bytes)} reads "
+                            f"{r.reads} backend req {r.backend_requests} load {r.load:.1f}",
+                            flush=True,
+                        )
         finally:
             proxy.stop()
             reg.stop()
@@ -715,9 +878,18 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     pngs = plot(summary, rounds, stem)
     text = report(args, img, rounds, summary, pngs, (loads0, os.getloadavg()[0]))
     stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(args).items()}, "image": asdict(img),
-        "rounds": [asdict(r) for r in rounds], "summary": summary}, indent=1) + "\n")
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "image": asdict(img),
+                "rounds": [asdict(r) for r in rounds],
+                "summary": summary,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(text)
     print(f"wrote {stem}.md, .json and {len(pngs)} PNG(s)")
     return 0

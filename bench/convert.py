@@ -80,9 +80,12 @@ class _Data(io.RawIOBase):
 def make_layer(path: Path, size: int, seed: int) -> None:
     """One layer of about ``size`` bytes: 45% random, 45% hex text, 10% small files."""
     rng = random.Random(seed)
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1,
-                                                mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tf,
+    ):
+
         def add(name: str, n: int, kind: str) -> None:
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = n, 0o644, 1_700_000_000
@@ -135,24 +138,56 @@ def make_image(work: Path, total: int, layers: int) -> Path:
         with gzip.open(p, "rb") as f:
             diff_ids.append(_sha256_stream(f))
         os.replace(p, blobs / data_digest[7:])
-        descs.append({"mediaType": oci.MEDIA_TYPE_OCI_LAYER_GZIP, "digest": data_digest,
-                      "size": (blobs / data_digest[7:]).stat().st_size})
-        print(f"  layer {i}: {sz / 1e6:.0f} MB -> {descs[-1]['size'] / 1e6:.0f} MB gz "
-              f"in {time.monotonic() - t0:.0f}s", flush=True)
-    cfg = json.dumps({"architecture": "amd64", "os": "linux",
-                      "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                      "history": [{"created_by": f"layer {i}"} for i in range(layers)]}).encode()
+        descs.append(
+            {
+                "mediaType": oci.MEDIA_TYPE_OCI_LAYER_GZIP,
+                "digest": data_digest,
+                "size": (blobs / data_digest[7:]).stat().st_size,
+            }
+        )
+        print(
+            f"  layer {i}: {sz / 1e6:.0f} MB -> {descs[-1]['size'] / 1e6:.0f} MB gz "
+            f"in {time.monotonic() - t0:.0f}s",
+            flush=True,
+        )
+    cfg = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created_by": f"layer {i}"} for i in range(layers)],
+        }
+    ).encode()
     (blobs / oci.sha256_digest(cfg)[7:]).write_bytes(cfg)
-    man = json.dumps({"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
-                      "config": {"mediaType": oci.MEDIA_TYPE_OCI_CONFIG,
-                                 "digest": oci.sha256_digest(cfg), "size": len(cfg)},
-                      "layers": descs}).encode()
+    man = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+            "config": {
+                "mediaType": oci.MEDIA_TYPE_OCI_CONFIG,
+                "digest": oci.sha256_digest(cfg),
+                "size": len(cfg),
+            },
+            "layers": descs,
+        }
+    ).encode()
     (blobs / oci.sha256_digest(man)[7:]).write_bytes(man)
     (tmp / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (tmp / "index.json").write_text(json.dumps({
-        "schemaVersion": 2, "manifests": [{
-            "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST, "digest": oci.sha256_digest(man),
-            "size": len(man), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+    (tmp / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+                        "digest": oci.sha256_digest(man),
+                        "size": len(man),
+                        "annotations": {"org.opencontainers.image.ref.name": "v1"},
+                    }
+                ],
+            }
+        )
+    )
     os.replace(tmp, layout)
     return layout
 
@@ -220,30 +255,92 @@ def main() -> int:
     results: list[Result] = []
     load_before = os.getloadavg()[0]
     try:
-        subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests",
-                        "--dest-tls-verify=false", f"oci:{layout}:v1",
-                        f"docker://{src.host}/bench:v1"], check=True, env=env)
-        man = json.loads(subprocess.run(
-            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{src.host}/bench:v1"],
-            check=True, capture_output=True, env=env).stdout)
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:v1",
+                f"docker://{src.host}/bench:v1",
+            ],
+            check=True,
+            env=env,
+        )
+        man = json.loads(
+            subprocess.run(
+                [
+                    "skopeo",
+                    "inspect",
+                    "--raw",
+                    "--tls-verify=false",
+                    f"docker://{src.host}/bench:v1",
+                ],
+                check=True,
+                capture_output=True,
+                env=env,
+            ).stdout
+        )
         compressed = sum(x["size"] for x in man["layers"])
         subprocess.run(["sync"], check=False)
-        results.append(timed("skopeo copy", [
-            "skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
-            f"docker://{src.host}/bench:v1", f"docker://{dst.host}/skopeo:v1"], run_dir, env))
+        results.append(
+            timed(
+                "skopeo copy",
+                [
+                    "skopeo",
+                    "copy",
+                    "--quiet",
+                    "--src-tls-verify=false",
+                    "--dest-tls-verify=false",
+                    f"docker://{src.host}/bench:v1",
+                    f"docker://{dst.host}/skopeo:v1",
+                ],
+                run_dir,
+                env,
+            )
+        )
         subprocess.run(["sync"], check=False)
-        results.append(timed("nydusify convert", [
-            str(VENV_BIN / "nydusify"), "convert", "--source", f"{src.host}/bench:v1",
-            "--target", f"{dst.host}/bench:v1-nydus", "--work-dir", str(run_dir / "tmp"),
-            "--output-json", str(run_dir / "convert.json")], run_dir, env))
+        results.append(
+            timed(
+                "nydusify convert",
+                [
+                    str(VENV_BIN / "nydusify"),
+                    "convert",
+                    "--source",
+                    f"{src.host}/bench:v1",
+                    "--target",
+                    f"{dst.host}/bench:v1-nydus",
+                    "--work-dir",
+                    str(run_dir / "tmp"),
+                    "--output-json",
+                    str(run_dir / "convert.json"),
+                ],
+                run_dir,
+                env,
+            )
+        )
         conv: dict[str, Any] = {}
         if (run_dir / "convert.json").exists():
             conv = json.loads((run_dir / "convert.json").read_text())
         if a.check:
-            results.append(timed("nydusify check", [
-                str(VENV_BIN / "nydusify"), "check", "--source", f"{src.host}/bench:v1",
-                "--target", f"{dst.host}/bench:v1-nydus", "--work-dir",
-                str(run_dir / "tmp")], run_dir, env))
+            results.append(
+                timed(
+                    "nydusify check",
+                    [
+                        str(VENV_BIN / "nydusify"),
+                        "check",
+                        "--source",
+                        f"{src.host}/bench:v1",
+                        "--target",
+                        f"{dst.host}/bench:v1-nydus",
+                        "--work-dir",
+                        str(run_dir / "tmp"),
+                    ],
+                    run_dir,
+                    env,
+                )
+            )
     finally:
         src.stop()
         dst.stop()
@@ -253,8 +350,9 @@ def main() -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def report(results: list[Result], total: int, compressed: int, a: argparse.Namespace,
-           conv: dict[str, Any]) -> None:
+def report(
+    results: list[Result], total: int, compressed: int, a: argparse.Namespace, conv: dict[str, Any]
+) -> None:
     date = dt.date.today().isoformat()
     suffix = "" if a.size == "1200M" else f"-{a.size}"
     out = REPO / "bench" / "results"
@@ -277,21 +375,37 @@ def report(results: list[Result], total: int, compressed: int, a: argparse.Names
     ]
     for r in results:
         mbps = compressed / 1e6 / r.seconds if r.seconds else 0
-        lines.append(f"| {r.name} | {r.seconds:.1f} | {mbps:.1f} | {r.max_rss_mb:.0f} | "
-                     f"{'yes' if r.ok else 'NO'} |")
+        lines.append(
+            f"| {r.name} | {r.seconds:.1f} | {mbps:.1f} | {r.max_rss_mb:.0f} | "
+            f"{'yes' if r.ok else 'NO'} |"
+        )
     if conv:
-        lines += ["", f"nydusify: {conv.get('new_chunks')} chunks stored, "
-                      f"{conv.get('deduped_chunks')} deduplicated; its own timer "
-                      f"{conv.get('seconds')} s."]
+        lines += [
+            "",
+            f"nydusify: {conv.get('new_chunks')} chunks stored, "
+            f"{conv.get('deduped_chunks')} deduplicated; its own timer "
+            f"{conv.get('seconds')} s.",
+        ]
     for r in results:
         if not r.ok:
             lines += ["", f"{r.name} failed: ```{r.note}```"]
     text = "\n".join(lines) + "\n"
     (out / f"convert-{date}{suffix}.md").write_text(text)
-    (out / f"convert-{date}{suffix}.json").write_text(json.dumps({
-        "date": date, "size": total, "layers": a.layers, "compressed": compressed,
-        "target_size": target, "load": list(a.load),
-        "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    (out / f"convert-{date}{suffix}.json").write_text(
+        json.dumps(
+            {
+                "date": date,
+                "size": total,
+                "layers": a.layers,
+                "compressed": compressed,
+                "target_size": target,
+                "load": list(a.load),
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(text)
     plot_after_run(out / f"convert-{date}{suffix}.md")
 

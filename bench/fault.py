@@ -84,13 +84,24 @@ from fault_rig import (
 DRIVERS = ("erofs", "fusedev")
 REPO_NAME = "fault/image"
 DEFAULTS = {  # full run; --quick uses QUICK
-    "registry": 500, "cache": 200, "bootstrap": 200, "proxy": 18, "proxy_content": 6,
+    "registry": 500,
+    "cache": 200,
+    "bootstrap": 200,
+    "proxy": 18,
+    "proxy_content": 6,
     "sigkill": 100,
-    "batch": 10, "bootstrap_mount_every": 5,
+    "batch": 10,
+    "bootstrap_mount_every": 5,
 }
 QUICK = {
-    "registry": 6, "cache": 4, "bootstrap": 8, "proxy": 1, "proxy_content": 1, "sigkill": 2,
-    "batch": 3, "bootstrap_mount_every": 4,
+    "registry": 6,
+    "cache": 4,
+    "bootstrap": 8,
+    "proxy": 1,
+    "proxy_content": 1,
+    "sigkill": 2,
+    "batch": 3,
+    "bootstrap_mount_every": 4,
 }
 ALL = ("registry", "cache", "bootstrap", "proxy", "sigkill", "tar", "secrets")
 
@@ -126,8 +137,9 @@ def _daemon_trial(t: Tally, d: Daemon, files: dict[str, bytes], what: str) -> Re
 # --------------------------------------------------------------------------- registry-side
 
 
-def trial_registry(a: argparse.Namespace, work: Path, img: Image, reg: object,
-                   stored: Path) -> list[Tally]:
+def trial_registry(
+    a: argparse.Namespace, work: Path, img: Image, reg: object, stored: Path
+) -> list[Tally]:
     out = []
     rng = random.Random(a.seed)
     size = stored.stat().st_size
@@ -140,11 +152,14 @@ def trial_registry(a: argparse.Namespace, work: Path, img: Image, reg: object,
                 cache = work / "cache-reg"
                 shutil.rmtree(cache, ignore_errors=True)
                 cfg = registry_config(reg.host, REPO_NAME, cache)  # type: ignore[attr-defined]
-                r = _daemon_trial(t, Daemon(work, cfg, img.bootstrap, driver), img.files,
-                                  f"registry {driver}")
+                r = _daemon_trial(
+                    t, Daemon(work, cfg, img.bootstrap, driver), img.files, f"registry {driver}"
+                )
                 if r is not None and r.wrong_files:
-                    t.note(f"{r.wrong_files} files served wrong in one mount of "
-                           f"{len(batch)} corrupted offsets")
+                    t.note(
+                        f"{r.wrong_files} files served wrong in one mount of "
+                        f"{len(batch)} corrupted offsets"
+                    )
             finally:
                 restore(stored, old)
             t.trials += len(batch)
@@ -182,8 +197,12 @@ def trial_cache(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
             shutil.rmtree(cache, ignore_errors=True)
             shutil.copytree(golden, cache)
             flip(cache / data.name, offs, rng)
-            rr = _daemon_trial(t, Daemon(work, localfs_config(img.blob_dir, cache),
-                                         img.bootstrap, driver), img.files, f"cache {driver}")
+            rr = _daemon_trial(
+                t,
+                Daemon(work, localfs_config(img.blob_dir, cache), img.bootstrap, driver),
+                img.files,
+                f"cache {driver}",
+            )
             if rr is not None and rr.wrong_files:
                 t.note(f"{rr.wrong_files} files served wrong after one restart with {n} flips")
             t.trials += n
@@ -220,8 +239,10 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
     image whose every chunk verifies serve another file's bytes under a name; only a digest of
     the whole bootstrap, the root of trust, can see that."""
     t = Tally("bootstrap flips/truncations, no digest (check + plain nydusd --bootstrap)")
-    td = Tally("bootstrap flips/truncations, mounted with the recorded digest "
-               "(--bootstrap-digest, as the snapshotter does)")
+    td = Tally(
+        "bootstrap flips/truncations, mounted with the recorded digest "
+        "(--bootstrap-digest, as the snapshotter does)"
+    )
     t0 = time.monotonic()
     rng = random.Random(a.seed + 2)
     good = img.bootstrap.read_bytes()
@@ -234,9 +255,13 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
         bad.write_bytes(data)
         t.trials += 1
         try:
-            p = subprocess.run([*py_cli("nydus_image", "nydus-image"), "check", "--bootstrap",
-                                str(bad)], capture_output=True, text=True, timeout=30,
-                               env=child_env())
+            p = subprocess.run(
+                [*py_cli("nydus_image", "nydus-image"), "check", "--bootstrap", str(bad)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=child_env(),
+            )
             t.traceback_in(p.stderr, f"nydus-image check ({how})")
             if p.returncode:
                 rejected += 1
@@ -245,8 +270,14 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
             t.note(f"nydus-image check hung > 30 s ({how})")
         td0 = time.monotonic()
         td.trials += 1
-        dd = Daemon(work, localfs_config(img.blob_dir, work / "cache-bootd"), bad,
-                    DRIVERS[i % 2], name="bootd", extra=("--bootstrap-digest", digest))
+        dd = Daemon(
+            work,
+            localfs_config(img.blob_dir, work / "cache-bootd"),
+            bad,
+            DRIVERS[i % 2],
+            name="bootd",
+            extra=("--bootstrap-digest", digest),
+        )
         if not dd.start():
             td.traceback_in(dd.log_text(), f"nydusd --bootstrap-digest ({how})")
             text = dd.log_text()
@@ -259,28 +290,38 @@ def trial_bootstrap(a: argparse.Namespace, work: Path, img: Image) -> list[Tally
             else:
                 td.note(f"{how}: nydusd did not come up, without the digest message")
         else:  # served although its digest differs: count what it serves
-            r = read_tree(dd.mnt, img.files,
-                          on_hang=functools.partial(cleanup_mounts, dd.prefixes()))
+            r = read_tree(
+                dd.mnt, img.files, on_hang=functools.partial(cleanup_mounts, dd.prefixes())
+            )
             _account(td, r)
             td.note(f"{how}: MOUNTED despite --bootstrap-digest; {r.wrong_files} files wrong")
             dd.stop()
         shutil.rmtree(work / "cache-bootd", ignore_errors=True)
         seconds_digest += time.monotonic() - td0
         if i % a.bootstrap_mount_every == 0:
-            d = Daemon(work, localfs_config(img.blob_dir, work / f"cache-boot-{i}"), bad,
-                       DRIVERS[i // a.bootstrap_mount_every % 2], name="boot")
+            d = Daemon(
+                work,
+                localfs_config(img.blob_dir, work / f"cache-boot-{i}"),
+                bad,
+                DRIVERS[i // a.bootstrap_mount_every % 2],
+                name="boot",
+            )
             r = _daemon_trial(t, d, img.files, f"mount of a bad bootstrap ({how})")
             shutil.rmtree(work / f"cache-boot-{i}", ignore_errors=True)
             if r is not None and r.wrong_files:
                 t.note(f"{how}: {r.wrong_files} files read wrong from the mount")
-    td.note(f"refused {refused} of {td.trials} ('bootstrap ... is sha256:..., expected "
-            f"sha256:...: refusing to mount') and {refused_format} before hashing (too short "
-            f"to be a bootstrap: no magic), both drivers in turn")
-    t.note(f"nydus-image check rejected {rejected} of {t.trials}; a mount was tried for every "
-           f"{a.bootstrap_mount_every}th (both drivers in turn); wrong bytes = file content "
-           f"differing from the source tree without an error. Without a digest a consistent "
-           f"but different image can be served: the bootstrap is the root of trust (the "
-           f"snapshotter passes the digest it recorded; see the row above)")
+    td.note(
+        f"refused {refused} of {td.trials} ('bootstrap ... is sha256:..., expected "
+        f"sha256:...: refusing to mount') and {refused_format} before hashing (too short "
+        f"to be a bootstrap: no magic), both drivers in turn"
+    )
+    t.note(
+        f"nydus-image check rejected {rejected} of {t.trials}; a mount was tried for every "
+        f"{a.bootstrap_mount_every}th (both drivers in turn); wrong bytes = file content "
+        f"differing from the source tree without an error. Without a digest a consistent "
+        f"but different image can be served: the bootstrap is the root of trust (the "
+        f"snapshotter passes the digest it recorded; see the row above)"
+    )
     td.seconds = seconds_digest
     t.seconds = time.monotonic() - t0 - seconds_digest
     return [td, t]
@@ -295,22 +336,36 @@ def _proxy_faults(kind: str, rng: random.Random) -> list[object]:
     blob = r"/blobs/sha256:"
     p = 0.3
     table: dict[str, list[Fault]] = {
-        "reset": [Fault("reset", blob, "GET", None, after=rng.randrange(0, 4096),
-                        probability=p)],
-        "5xx": [Fault("status", blob, "GET", None, status=rng.choice((500, 502, 503)),
-                      probability=p)],
-        "429": [Fault("status", blob, "GET", None, status=429,
-                      headers={"Retry-After": "1"}, probability=p)],
-        "truncation": [Fault("short", blob, "GET", None, after=rng.randrange(0, 4096),
-                             probability=p)],
-        "stall": [Fault("stall", blob, "GET", None, after=rng.randrange(0, 4096),
-                        seconds=6.0, probability=0.15)],
+        "reset": [Fault("reset", blob, "GET", None, after=rng.randrange(0, 4096), probability=p)],
+        "5xx": [
+            Fault("status", blob, "GET", None, status=rng.choice((500, 502, 503)), probability=p)
+        ],
+        "429": [
+            Fault(
+                "status", blob, "GET", None, status=429, headers={"Retry-After": "1"}, probability=p
+            )
+        ],
+        "truncation": [
+            Fault("short", blob, "GET", None, after=rng.randrange(0, 4096), probability=p)
+        ],
+        "stall": [
+            Fault(
+                "stall",
+                blob,
+                "GET",
+                None,
+                after=rng.randrange(0, 4096),
+                seconds=6.0,
+                probability=0.15,
+            )
+        ],
         "bad-content-range": [Fault("bad_range", blob, "GET", None, probability=p)],
         "ignore-range": [Fault("ignore_range", blob, "GET", None, probability=p)],
         "long-body": [Fault("long", blob, "GET", None, probability=p)],
         "shifted-body": [Fault("shift_body", blob, "GET", None, probability=p)],
-        "flipped-body": [Fault("flip", blob, "GET", None, after=rng.randrange(1 << 20),
-                               probability=p)],
+        "flipped-body": [
+            Fault("flip", blob, "GET", None, after=rng.randrange(1 << 20), probability=p)
+        ],
     }
     if kind == "mixed":  # every transport kind at once, each on a small share of requests
         mixed = []
@@ -322,13 +377,30 @@ def _proxy_faults(kind: str, rng: random.Random) -> list[object]:
     return list(table[kind])
 
 
-TRANSPORT_KINDS = ("mixed", "reset", "5xx", "429", "truncation", "stall", "bad-content-range",
-                   "ignore-range", "long-body")
+TRANSPORT_KINDS = (
+    "mixed",
+    "reset",
+    "5xx",
+    "429",
+    "truncation",
+    "stall",
+    "bad-content-range",
+    "ignore-range",
+    "long-body",
+)
 CONTENT_KINDS = ("shifted-body", "flipped-body")
 
 
-def _proxy_row(title: str, kinds: tuple[str, ...], trials: int, rng: random.Random,
-               work: Path, img: Image, reg: object, driver: str) -> Tally:
+def _proxy_row(
+    title: str,
+    kinds: tuple[str, ...],
+    trials: int,
+    rng: random.Random,
+    work: Path,
+    img: Image,
+    reg: object,
+    driver: str,
+) -> Tally:
     from registry import FaultProxy
 
     t = Tally(f"{title}, {driver}")
@@ -343,8 +415,9 @@ def _proxy_row(title: str, kinds: tuple[str, ...], trials: int, rng: random.Rand
             cache = work / "cache-proxy"
             shutil.rmtree(cache, ignore_errors=True)
             cfg = registry_config(proxy.host, REPO_NAME, cache)
-            r = _daemon_trial(t, Daemon(work, cfg, img.bootstrap, driver), img.files,
-                              f"proxy {kind} {driver}")
+            r = _daemon_trial(
+                t, Daemon(work, cfg, img.bootstrap, driver), img.files, f"proxy {kind} {driver}"
+            )
             requests += sum(1 for rec in proxy.records if "/blobs/" in rec.path)
             if r is not None and r.wrong_bytes:
                 by_kind[kind] = by_kind.get(kind, 0) + r.wrong_bytes
@@ -352,8 +425,10 @@ def _proxy_row(title: str, kinds: tuple[str, ...], trials: int, rng: random.Rand
             proxy.stop()
         t.trials += 1
     t.seconds = time.monotonic() - t0
-    t.note(f"{requests} blob requests through the proxy; one kind per mount, in turn: "
-           + ", ".join(kinds))
+    t.note(
+        f"{requests} blob requests through the proxy; one kind per mount, in turn: "
+        + ", ".join(kinds)
+    )
     if by_kind:
         t.note("wrong bytes by kind: " + ", ".join(f"{k} {v}" for k, v in by_kind.items()))
     return t
@@ -365,18 +440,43 @@ def trial_proxy(a: argparse.Namespace, work: Path, img: Image, reg: object) -> l
     out = []
     rng = random.Random(a.seed + 3)
     for driver in DRIVERS:
-        out.append(_proxy_row("fault proxy, transport faults", TRANSPORT_KINDS, a.proxy, rng,
-                              work, img, reg, driver))
-        out[-1].note("a kind faults about 30 % of blob GETs (stalls: 15 %, 6 s); mixed: "
-                     "each kind on 5 % (stalls 2 %)")
-        out.append(_proxy_row("fault proxy, wrong bytes behind right headers", CONTENT_KINDS,
-                              a.proxy_content, rng, work, img, reg, driver))
-        out[-1].note("shifted-body: a 206 with the asked Content-Range over the bytes one "
-                     "further; flipped-body: one byte of a body inverted; on 30 % of blob GETs")
+        out.append(
+            _proxy_row(
+                "fault proxy, transport faults",
+                TRANSPORT_KINDS,
+                a.proxy,
+                rng,
+                work,
+                img,
+                reg,
+                driver,
+            )
+        )
+        out[-1].note(
+            "a kind faults about 30 % of blob GETs (stalls: 15 %, 6 s); mixed: "
+            "each kind on 5 % (stalls 2 %)"
+        )
+        out.append(
+            _proxy_row(
+                "fault proxy, wrong bytes behind right headers",
+                CONTENT_KINDS,
+                a.proxy_content,
+                rng,
+                work,
+                img,
+                reg,
+                driver,
+            )
+        )
+        out[-1].note(
+            "shifted-body: a 206 with the asked Content-Range over the bytes one "
+            "further; flipped-body: one byte of a body inverted; on 30 % of blob GETs"
+        )
     return out
 
 
 # --------------------------------------------------------------------------- SIGKILL
+
 
 def trial_sigkill(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
     """SIGKILLs during 8-thread reads, through the loop the kernel tests run
@@ -391,15 +491,23 @@ def trial_sigkill(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
     for k, driver in enumerate(DRIVERS):
         t = Tally(f"SIGKILL of nydusd during 8-thread reads, {driver}")
         t0 = time.monotonic()
-        rep = kill_during_reads(work / f"death-{driver}", driver, a.sigkill, threads=8,
-                                seed=a.seed + 4 + k, reader_timeout=10.0)
+        rep = kill_during_reads(
+            work / f"death-{driver}",
+            driver,
+            a.sigkill,
+            threads=8,
+            seed=a.seed + 4 + k,
+            reader_timeout=10.0,
+        )
         t.trials = len(rep.rounds)
         t.hangs = len(rep.hangs)
         t.wrong_bytes = rep.mismatches  # reads with wrong bytes (each checked in full)
         t.wrong_files = rep.mismatches
         for r in rep.hangs[:5]:
-            t.note(f"round {r.round} hung: exit {r.exit_s}, readers {r.readers_s}, umount ok "
-                   f"{r.umount_ok}, left {r.left_mounts}, aborted {r.aborted} {r.note}")
+            t.note(
+                f"round {r.round} hung: exit {r.exit_s}, readers {r.readers_s}, umount ok "
+                f"{r.umount_ok}, left {r.left_mounts}, aborted {r.aborted} {r.note}"
+            )
         t.note(rep.summary())
         t.note(f"mounts left after clean-up: {sum(len(r.left_mounts) for r in rep.rounds)}")
         t.seconds = time.monotonic() - t0
@@ -446,10 +554,13 @@ def run(a: argparse.Namespace) -> list[Tally]:
                 print(f"fault: {name} ...", file=sys.stderr, flush=True)
                 rows = step()
                 for r in rows:
-                    print(f"  {r.finding}: {r.trials} trials, {r.wrong_bytes} wrong bytes, "
-                          f"{r.hangs} hangs, {r.escapes} escapes, {r.tracebacks} tracebacks, "
-                          f"{r.secrets} secrets ({r.seconds:.0f} s)", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"  {r.finding}: {r.trials} trials, {r.wrong_bytes} wrong bytes, "
+                        f"{r.hangs} hangs, {r.escapes} escapes, {r.tracebacks} tracebacks, "
+                        f"{r.secrets} secrets ({r.seconds:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 results.extend(rows)
         finally:
             if reg is not None:
@@ -463,8 +574,9 @@ def run(a: argparse.Namespace) -> list[Tally]:
 
 def report(a: argparse.Namespace, results: list[Tally], seconds: float) -> str:
     now = dt.datetime.now()
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         f"# Fault suite, {now:%Y-%m-%d %H:%M}{' (quick)' if a.quick else ''}",
         "",
@@ -478,8 +590,10 @@ def report(a: argparse.Namespace, results: list[Tally], seconds: float) -> str:
     ]
     for r in results:
         notes = "; ".join(r.notes).replace("|", "/")
-        lines.append(f"| {r.finding} | {r.trials} | {r.wrong_bytes} | {r.hangs} | {r.escapes} "
-                     f"| {r.tracebacks} | {r.secrets} | {notes} |")
+        lines.append(
+            f"| {r.finding} | {r.trials} | {r.wrong_bytes} | {r.hangs} | {r.escapes} "
+            f"| {r.tracebacks} | {r.secrets} | {notes} |"
+        )
     lines += [
         "",
         "Trials: registry and cache rows count corrupted byte offsets (several per mount, in "
@@ -501,8 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     for k in DEFAULTS:
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
     ap.add_argument("--files", type=int, default=48, help="files in the test image")
-    ap.add_argument("--tar-bombs", action="store_true",
-                    help="also feed the decompression bombs to the extractor and OciRootfs")
+    ap.add_argument(
+        "--tar-bombs",
+        action="store_true",
+        help="also feed the decompression bombs to the extractor and OciRootfs",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", default="/var/tmp", help="parent of the work directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -47,9 +47,18 @@ from fault_rig import REPO, Image, Tally, child_env, cleanup_mounts, py_cli
 
 HOST_CANARIES = ["/tmp/nydus-hostile-abs", "/tmp/nydus-hostile-through", "/evil", "/tmp/evil"]
 QUICK_CASES = {  # --quick: the escapes, and a few that broke consumers before
-    "dotdot", "dotdot-inner", "absolute-path", "hardlink-escape", "hardlink-absolute-outside",
-    "hardlink-through-symlink", "file-through-symlink", "symlink-absolute", "bad-checksum",
-    "truncated-gzip", "deep-path-ok", "duplicate-types",
+    "dotdot",
+    "dotdot-inner",
+    "absolute-path",
+    "hardlink-escape",
+    "hardlink-absolute-outside",
+    "hardlink-through-symlink",
+    "file-through-symlink",
+    "symlink-absolute",
+    "bad-checksum",
+    "truncated-gzip",
+    "deep-path-ok",
+    "duplicate-types",
 }
 SLOW_CASES = {"gzip-bomb-tar", "zstd-bomb-tar", "gzip-bomb-zeros", "many-entries"}
 
@@ -104,10 +113,27 @@ def _builder_trials(a: argparse.Namespace, work: Path, cases: list[Any]) -> Tall
         t.trials += 1
         try:
             p = subprocess.run(
-                [*py_cli("nydus_image", "nydus-image"), "create", "-t", "tar-rafs", "-B", "boot",
-                 "-D", "blobs", "-J", "out.json", "--compressor", "zstd", str(layer)],
-                cwd=out, env={**child_env(), "TMPDIR": str(tmp)}, capture_output=True,
-                text=True, timeout=120)
+                [
+                    *py_cli("nydus_image", "nydus-image"),
+                    "create",
+                    "-t",
+                    "tar-rafs",
+                    "-B",
+                    "boot",
+                    "-D",
+                    "blobs",
+                    "-J",
+                    "out.json",
+                    "--compressor",
+                    "zstd",
+                    str(layer),
+                ],
+                cwd=out,
+                env={**child_env(), "TMPDIR": str(tmp)},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             t.traceback_in(p.stderr, f"nydus-image create ({case.name})")
             refused += p.returncode != 0
             extra = set(os.listdir(out)) - {"boot", "blobs", "out.json"}
@@ -221,8 +247,10 @@ print(json.dumps(results))
 
 
 def _jail_trials(a: argparse.Namespace, work: Path, cases: list[Any]) -> list[Tally]:
-    rows = {"rootfs": Tally("hostile tars: nydusify layer reader (OciRootfs)"),
-            "extract": Tally("hostile tars: snapshotter layer extractor")}
+    rows = {
+        "rootfs": Tally("hostile tars: nydusify layer reader (OciRootfs)"),
+        "extract": Tally("hostile tars: snapshotter layer extractor"),
+    }
     t0 = time.monotonic()
     cases_dir = work / "tar-cases"
     cases_dir.mkdir()
@@ -237,9 +265,24 @@ def _jail_trials(a: argparse.Namespace, work: Path, cases: list[Any]) -> list[Ta
     bench = Path(__file__).resolve().parent
     try:
         p = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-             _JAIL_CHILD, str(cases_dir), str(jail), str(bench), str(REPO / "src")],
-            capture_output=True, text=True, timeout=1800, env=child_env())
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                sys.executable,
+                "-c",
+                _JAIL_CHILD,
+                str(cases_dir),
+                str(jail),
+                str(bench),
+                str(REPO / "src"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=child_env(),
+        )
     except subprocess.TimeoutExpired:
         for t in rows.values():
             t.hangs += 1
@@ -271,8 +314,10 @@ def _jail_trials(a: argparse.Namespace, work: Path, cases: list[Any]) -> list[Ta
         t.seconds = time.monotonic() - t0
         t.note(f"{t.errors_clean} of {t.trials} layers refused with a NydusError")
         if skipped:
-            t.note(f"not fed (decompression bombs / 200k entries, see --tar-bombs): "
-                   f"{', '.join(skipped)}")
+            t.note(
+                f"not fed (decompression bombs / 200k entries, see --tar-bombs): "
+                f"{', '.join(skipped)}"
+            )
     return list(rows.values())
 
 
@@ -325,9 +370,18 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
     root = base / "root"
     tpl = base / "nydusd.json"
     tpl.write_text(json.dumps(ARTICLE_NYDUSD_CONFIG))
-    sn = SnapshotterProcess(root, sock_dir / "sn.sock", extra_args=[
-        "--nydusd-config", str(tpl), "--daemon-start-timeout", "20",
-        "--containerd-address", str(sock_dir / "no-containerd.sock")])
+    sn = SnapshotterProcess(
+        root,
+        sock_dir / "sn.sock",
+        extra_args=[
+            "--nydusd-config",
+            str(tpl),
+            "--daemon-start-timeout",
+            "20",
+            "--containerd-address",
+            str(sock_dir / "no-containerd.sock"),
+        ],
+    )
     S = snapshots_pb2
     creds = {PULL_USERNAME: user, PULL_SECRET: secret}
     chain = ["sha256:" + hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
@@ -344,13 +398,18 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
                     return e
 
             labels = {SNAPSHOT_REF: chain[0], NYDUS_BLOB: "true", **creds, **ref}
-            call("Prepare", S.PrepareSnapshotRequest(key=f"default/1/extract {chain[0]}",
-                                                     labels=labels), S.PrepareSnapshotResponse)
+            call(
+                "Prepare",
+                S.PrepareSnapshotRequest(key=f"default/1/extract {chain[0]}", labels=labels),
+                S.PrepareSnapshotResponse,
+            )
             labels = {SNAPSHOT_REF: chain[1], NYDUS_BOOTSTRAP: "true", **creds, **ref}
             key = f"default/2/extract {chain[1]}"
-            r = call("Prepare", S.PrepareSnapshotRequest(key=key, parent=chain[0],
-                                                         labels=labels),
-                     S.PrepareSnapshotResponse)
+            r = call(
+                "Prepare",
+                S.PrepareSnapshotRequest(key=key, parent=chain[0], labels=labels),
+                S.PrepareSnapshotResponse,
+            )
             if isinstance(r, grpc.RpcError):
                 t.note(f"bootstrap Prepare failed: {r.details()}")
             else:
@@ -359,14 +418,21 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
                 fs = Path(upper[0]) if upper else Path(m.source)
                 (fs / "image").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(img.bootstrap, fs / "image" / "image.boot")
-                call("Commit", S.CommitSnapshotRequest(name=chain[1], key=key, labels=labels),
-                     empty_pb2.Empty)
-                r2 = call("Prepare", S.PrepareSnapshotRequest(key="default/3/ctr",
-                                                              parent=chain[1], labels=creds),
-                          S.PrepareSnapshotResponse)
+                call(
+                    "Commit",
+                    S.CommitSnapshotRequest(name=chain[1], key=key, labels=labels),
+                    empty_pb2.Empty,
+                )
+                r2 = call(
+                    "Prepare",
+                    S.PrepareSnapshotRequest(key="default/3/ctr", parent=chain[1], labels=creds),
+                    S.PrepareSnapshotResponse,
+                )
                 if isinstance(r2, grpc.RpcError):
-                    t.note(f"container Prepare: {r2.code().name} (nydusd with the "
-                           f"credentials was still started)")
+                    t.note(
+                        f"container Prepare: {r2.code().name} (nydusd with the "
+                        f"credentials was still started)"
+                    )
                 call("Remove", S.RemoveSnapshotRequest(key="default/3/ctr"), empty_pb2.Empty)
     except Exception as e:  # the trial measures what was written even if the flow broke
         t.note(f"snapshotter flow: {type(e).__name__}: {str(e)[:200]}")
@@ -386,8 +452,10 @@ def trial_secrets(a: argparse.Namespace, work: Path, img: Image) -> list[Tally]:
             holders.append(p)
             if readable_by_others(p):
                 t.secrets += 1
-                t.note(f"{p.relative_to(base) if base in p.parents else p} "
-                       f"({oct(p.stat().st_mode & 0o777)}) holds the secret")
+                t.note(
+                    f"{p.relative_to(base) if base in p.parents else p} "
+                    f"({oct(p.stat().st_mode & 0o777)}) holds the secret"
+                )
     t.traceback_in(sn.log_text(), "the snapshotter log")
     t.note(f"{len(holders)} files hold the secret, {t.secrets} readable by others")
     shutil.rmtree(sock_dir, ignore_errors=True)

@@ -40,7 +40,8 @@ for _p in (REPO / "src", REPO / "tests"):
 # Every child (the snapshotter, nydusd, nydus-image) must run this checkout's code, not the
 # package the virtualenv happens to point at.
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    [str(REPO / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 
 from nydus.daemon.client import NydusdClient  # noqa: E402
 from nydus.metadata import open_bootstrap  # noqa: E402
@@ -52,9 +53,12 @@ BLOBFS_BASE = "/run/nydusd-blobfs"
 
 def py_cli(module: str, prog: str) -> list[str]:
     """argv running one of our console scripts with this interpreter."""
-    return [sys.executable, "-c",
-            f"import sys; from nydus.cli.{module} import main; sys.argv[0] = {prog!r}; "
-            "sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; from nydus.cli.{module} import main; sys.argv[0] = {prog!r}; "
+        "sys.exit(main())",
+    ]
 
 
 def child_env() -> dict[str, str]:
@@ -153,9 +157,24 @@ def make_image(work: Path, files: int = 48, seed: int = 7) -> Image:
     blob_dir = work / "blobs"
     blob_dir.mkdir()
     boot = work / "image.boot"
-    subprocess.run([*py_cli("nydus_image", "nydus-image"), "create", "--bootstrap", str(boot),
-                    "--blob-dir", str(blob_dir), "--compressor", "zstd", "--chunk-size",
-                    "0x10000", str(src)], check=True, capture_output=True, env=child_env())
+    subprocess.run(
+        [
+            *py_cli("nydus_image", "nydus-image"),
+            "create",
+            "--bootstrap",
+            str(boot),
+            "--blob-dir",
+            str(blob_dir),
+            "--compressor",
+            "zstd",
+            "--chunk-size",
+            "0x10000",
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        env=child_env(),
+    )
     seen: set[tuple[int, int]] = set()
     with open_bootstrap(boot) as md:
         [info] = md.blobs
@@ -167,8 +186,9 @@ def make_image(work: Path, files: int = 48, seed: int = 7) -> Image:
     return Image(src, boot, blob_dir, info.blob_id, content, chunks)
 
 
-def pick_offsets(img: Image, rng: random.Random, n: int, batch: int,
-                 blob_size: int) -> list[list[int]]:
+def pick_offsets(
+    img: Image, rng: random.Random, n: int, batch: int, blob_size: int
+) -> list[list[int]]:
     """``n`` byte offsets of the blob in batches of up to ``batch``, each offset of a batch
     in a different chunk (offsets outside every chunk, the blob's metadata, one per batch)."""
     batches: list[list[int]] = []
@@ -232,8 +252,15 @@ def publish(reg: Any, img: Image, repo: str) -> Path:
     dst: Path = reg.blob_path(want)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(reg.blob_path(real), dst)
-    link = (reg.storage / "docker/registry/v2/repositories" / repo / "_layers" / "sha256"
-            / img.blob_id / "link")
+    link = (
+        reg.storage
+        / "docker/registry/v2/repositories"
+        / repo
+        / "_layers"
+        / "sha256"
+        / img.blob_id
+        / "link"
+    )
     link.parent.mkdir(parents=True, exist_ok=True)
     link.write_text(want)
     return dst
@@ -241,16 +268,27 @@ def publish(reg: Any, img: Image, repo: str) -> Path:
 
 def registry_config(host: str, repo: str, work_dir: Path, **extra: Any) -> dict[str, Any]:
     """The default nydusd config for a registry image (blob cache, digest_validate off)."""
-    return {"device": {"backend": {"type": "registry",
-                                   "config": {"scheme": "http", "host": host, "repo": repo}},
-                       "cache": {"type": "blobcache", "config": {"work_dir": str(work_dir)}}},
-            "mode": "direct", **extra}
+    return {
+        "device": {
+            "backend": {
+                "type": "registry",
+                "config": {"scheme": "http", "host": host, "repo": repo},
+            },
+            "cache": {"type": "blobcache", "config": {"work_dir": str(work_dir)}},
+        },
+        "mode": "direct",
+        **extra,
+    }
 
 
 def localfs_config(blob_dir: Path, work_dir: Path) -> dict[str, Any]:
-    return {"device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}},
-                       "cache": {"type": "blobcache", "config": {"work_dir": str(work_dir)}}},
-            "mode": "direct"}
+    return {
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": str(blob_dir)}},
+            "cache": {"type": "blobcache", "config": {"work_dir": str(work_dir)}},
+        },
+        "mode": "direct",
+    }
 
 
 # --------------------------------------------------------------------------- mounts
@@ -268,8 +306,11 @@ def _mountinfo() -> list[tuple[str, str, str]]:
 
 
 def mounts_under(prefixes: list[str]) -> list[tuple[str, str, str]]:
-    return [m for m in _mountinfo()
-            if any(m[0] == p or m[0].startswith(p.rstrip("/") + "/") for p in prefixes)]
+    return [
+        m
+        for m in _mountinfo()
+        if any(m[0] == p or m[0].startswith(p.rstrip("/") + "/") for p in prefixes)
+    ]
 
 
 def cleanup_mounts(prefixes: list[str]) -> int:
@@ -289,8 +330,15 @@ def cleanup_mounts(prefixes: list[str]) -> int:
 class Daemon:
     """One nydusd process serving ``bootstrap`` at ``mnt``."""
 
-    def __init__(self, work: Path, config: dict[str, Any], bootstrap: Path, driver: str,
-                 name: str = "nydusd", extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        work: Path,
+        config: dict[str, Any],
+        bootstrap: Path,
+        driver: str,
+        name: str = "nydusd",
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.work = work
         self.extra = extra  # more nydusd flags (e.g. --bootstrap-digest)
         self.mnt = work / f"{name}-mnt"
@@ -309,18 +357,38 @@ class Daemon:
         self.sock.unlink(missing_ok=True)
         with open(self.log, "wb") as lf:
             self.proc = subprocess.Popen(
-                [*py_cli("nydusd", "nydusd"), "--config", str(self.cfg), "--mountpoint",
-                 str(self.mnt), "--bootstrap", str(self.bootstrap), "--apisock", str(self.sock),
-                 "--fs-driver", self.driver, "--log-level", "info", *self.extra],
-                stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
-                cwd=self.work)
+                [
+                    *py_cli("nydusd", "nydusd"),
+                    "--config",
+                    str(self.cfg),
+                    "--mountpoint",
+                    str(self.mnt),
+                    "--bootstrap",
+                    str(self.bootstrap),
+                    "--apisock",
+                    str(self.sock),
+                    "--fs-driver",
+                    self.driver,
+                    "--log-level",
+                    "info",
+                    *self.extra,
+                ],
+                stdout=lf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=child_env(),
+                cwd=self.work,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
                 return False
-            if (os.path.ismount(self.mnt) and self.state() == "RUNNING"
-                    and (self.driver != "erofs" or self._erofs_ready())):
+            if (
+                os.path.ismount(self.mnt)
+                and self.state() == "RUNNING"
+                and (self.driver != "erofs" or self._erofs_ready())
+            ):
                 return True
             time.sleep(0.05)
         self.stop()
@@ -396,8 +464,14 @@ def diff_bytes(got: bytes, want: bytes) -> int:
     return differing + abs(len(got) - len(want))
 
 
-def read_tree(mnt: Path, files: dict[str, bytes], *, timeout: float = 60.0,
-              on_hang: Callable[[], object] | None = None, threads: int = 1) -> ReadResult:
+def read_tree(
+    mnt: Path,
+    files: dict[str, bytes],
+    *,
+    timeout: float = 60.0,
+    on_hang: Callable[[], object] | None = None,
+    threads: int = 1,
+) -> ReadResult:
     """Read every file (``threads`` workers); wrong bytes against ``files``. If the reads
     are not done within ``timeout`` (at least :data:`HANG_SECONDS` with no progress), it is a
     hang: ``on_hang`` is called (it should abort the mounts) and the workers are given 20 s
@@ -427,8 +501,10 @@ def read_tree(mnt: Path, files: dict[str, bytes], *, timeout: float = 60.0,
                     res.wrong_files += 1
 
     t0 = time.monotonic()
-    workers = [threading.Thread(target=work, args=(names[i::threads],), daemon=True)
-               for i in range(threads)]
+    workers = [
+        threading.Thread(target=work, args=(names[i::threads],), daemon=True)
+        for i in range(threads)
+    ]
     for w in workers:
         w.start()
     while any(w.is_alive() for w in workers):

@@ -151,18 +151,29 @@ class Registry:
         self.addr = addr
         storage.mkdir(parents=True, exist_ok=True)
         self.cfg = storage.parent / f"registry-{addr.replace(':', '_')}.yml"
-        self.cfg.write_text(json.dumps({
-            "version": "0.1",
-            "log": {"level": "error", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(storage)},
-                        "maintenance": {"uploadpurging": {"enabled": False}}},
-            "http": {"addr": addr, "secret": "bench"},
-        }))
+        self.cfg.write_text(
+            json.dumps(
+                {
+                    "version": "0.1",
+                    "log": {"level": "error", "accesslog": {"disabled": True}},
+                    "storage": {
+                        "filesystem": {"rootdirectory": str(storage)},
+                        "maintenance": {"uploadpurging": {"enabled": False}},
+                    },
+                    "http": {"addr": addr, "secret": "bench"},
+                }
+            )
+        )
         argv = [exe, "serve", str(self.cfg)]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 20
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while True:
@@ -186,8 +197,7 @@ class Registry:
 
 
 def client(host: str) -> RegistryClient:
-    return RegistryClient(host, scheme="http", docker_config=None, timeout=60,
-                          connect_timeout=5)
+    return RegistryClient(host, scheme="http", docker_config=None, timeout=60, connect_timeout=5)
 
 
 # ------------------------------------------------------------------------ the link
@@ -240,18 +250,45 @@ def measure_small_gets(link: str, host: str, digest: str, n: int = 100) -> Resul
         c.get_blob_range(REPO_NAME, f"sha256:{digest}", i * step, i * step + 10)
     secs = time.monotonic() - t0
     c.close()
-    return Result(link, f"{n} ranged GETs of 10 B", secs, 10 * n, n,
-                  note=f"{secs / n * 1000:.1f} ms per request")
+    return Result(
+        link,
+        f"{n} ranged GETs of 10 B",
+        secs,
+        10 * n,
+        n,
+        note=f"{secs / n * 1000:.1f} ms per request",
+    )
 
 
-def measure_lazy(link: str, host: str, md: RafsMetadata, blobs: list[BlobInfo],
-                 paths: list[str], tree: Path, threads: int, amplify: int) -> Result:
+def measure_lazy(
+    link: str,
+    host: str,
+    md: RafsMetadata,
+    blobs: list[BlobInfo],
+    paths: list[str],
+    tree: Path,
+    threads: int,
+    amplify: int,
+) -> Result:
     with tempfile.TemporaryDirectory(prefix="nydus-fetch-") as wd:
-        cfg = DaemonConfig.from_json({
-            "device": {"backend": {"type": "registry", "config": {
-                "scheme": "http", "host": host, "repo": REPO_NAME, "timeout": 60}},
-                "cache": {"type": "blobcache", "config": {"work_dir": wd}}},
-            "amplify_io": amplify}, environ={})
+        cfg = DaemonConfig.from_json(
+            {
+                "device": {
+                    "backend": {
+                        "type": "registry",
+                        "config": {
+                            "scheme": "http",
+                            "host": host,
+                            "repo": REPO_NAME,
+                            "timeout": 60,
+                        },
+                    },
+                    "cache": {"type": "blobcache", "config": {"work_dir": wd}},
+                },
+                "amplify_io": amplify,
+            },
+            environ={},
+        )
         dev = open_device(blobs, cfg, id=f"bench-{link}", chunk_lookup=md.chunk_record)
         chunk_lists = [md.chunks(md.resolve(p)) for p in paths]
         got: dict[str, str] = {}
@@ -268,21 +305,33 @@ def measure_lazy(link: str, host: str, md: RafsMetadata, blobs: list[BlobInfo],
         secs = time.monotonic() - t0
         m = dev.metrics_backend()
         dev.close()
-    bad = [p for p in paths
-           if hashlib.md5((tree / p.lstrip("/")).read_bytes()).hexdigest() != got[p]]
+    bad = [
+        p for p in paths if hashlib.md5((tree / p.lstrip("/")).read_bytes()).hexdigest() != got[p]
+    ]
     if bad:
         sys.exit(f"lazy read returned wrong bytes for {len(bad)} files, e.g. {bad[0]}")
     name = f"lazy, {threads} thread{'s' if threads > 1 else ''}, amplify {human(amplify)}"
     return Result(link, name, secs, m["read_amount_total"], m["read_count"])
 
 
-def run_link(link: str, host: str, md: RafsMetadata, blobs: list[BlobInfo], paths: list[str],
-             tree: Path, digest: str, runs: list[tuple[int, int]]) -> list[Result]:
+def run_link(
+    link: str,
+    host: str,
+    md: RafsMetadata,
+    blobs: list[BlobInfo],
+    paths: list[str],
+    tree: Path,
+    digest: str,
+    runs: list[tuple[int, int]],
+) -> list[Result]:
     out = []
     for threads, amplify in runs:
         r = measure_lazy(link, host, md, blobs, paths, tree, threads, amplify)
-        print(f"  {link:9} {r.method:34} {r.seconds:8.2f}s {human(r.bytes):>10} "
-              f"{r.requests:6d} requests", flush=True)
+        print(
+            f"  {link:9} {r.method:34} {r.seconds:8.2f}s {human(r.bytes):>10} "
+            f"{r.requests:6d} requests",
+            flush=True,
+        )
         out.append(r)
     r = measure_whole(link, host, digest)
     print(f"  {link:9} {r.method:34} {r.seconds:8.2f}s {human(r.bytes):>10}", flush=True)
@@ -316,16 +365,21 @@ def report(args: argparse.Namespace, results: list[Result], info: dict[str, Any]
     ]
     for r in results:
         if r.note:
-            lines.append(f"| {r.link} | {r.method} | {r.seconds:.2f} | {r.note} | | {r.requests} "
-                         f"| |")
+            lines.append(
+                f"| {r.link} | {r.method} | {r.seconds:.2f} | {r.note} | | {r.requests} | |"
+            )
             continue
         lines.append(
             f"| {r.link} | {r.method} | {r.seconds:.2f} | {human(r.bytes)} | "
-            f"{r.bytes / info['blob_bytes']:.1%} | {r.requests} | {r.mbps:.0f} |")
-    lines += ["", "MB/s is 10^6 bytes transferred per second of wall-clock time. The ranged "
-              "GETs of 10 B show docker-registry's fixed cost per request: on loopback the "
-              "lazy runs are bound by their number of requests, not by bytes.",
-              *([f"Note: {n}" for n in info.get("notes", [])])]
+            f"{r.bytes / info['blob_bytes']:.1%} | {r.requests} | {r.mbps:.0f} |"
+        )
+    lines += [
+        "",
+        "MB/s is 10^6 bytes transferred per second of wall-clock time. The ranged "
+        "GETs of 10 B show docker-registry's fixed cost per request: on loopback the "
+        "lazy runs are bound by their number of requests, not by bytes.",
+        *([f"Note: {n}" for n in info.get("notes", [])]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -336,8 +390,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--working-set", type=float, default=0.05)
     ap.add_argument("--rate-mbit", type=int, default=100)
-    ap.add_argument("--lazy", default="1:1M,8:1M,8:128K",
-                    help="lazy runs as THREADS:AMPLIFY_IO, comma separated")
+    ap.add_argument(
+        "--lazy",
+        default="1:1M,8:1M,8:128K",
+        help="lazy runs as THREADS:AMPLIFY_IO, comma separated",
+    )
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/nydus-bench"))
     ap.add_argument("--no-loopback", action="store_true")
     ap.add_argument("--no-limited", action="store_true")
@@ -352,8 +409,11 @@ def main() -> int:
     paths, ws_bytes, file_bytes = working_set(md, args.working_set, args.seed)
     info: dict[str, Any] = {
         "files": sum(1 for _p, n in md.walk() if md.getattr(n).is_reg),
-        "file_bytes": file_bytes, "blob_bytes": blob.stat().st_size,
-        "chunks": md.blobs[0].chunk_count, "working_set": paths, "ws_bytes": ws_bytes,
+        "file_bytes": file_bytes,
+        "blob_bytes": blob.stat().st_size,
+        "chunks": md.blobs[0].chunk_count,
+        "working_set": paths,
+        "ws_bytes": ws_bytes,
         "notes": [],
     }
     storage = args.work / f"fetch-registry-{key}" / "storage"
@@ -382,8 +442,7 @@ def main() -> int:
                 setup_link(args.rate_mbit)
                 reg = Registry(storage, f"{NS_ADDR}:5000", netns=NETNS)
                 try:
-                    results += run_link("limited", reg.addr, md, blobs, paths, tree, digest,
-                                        runs)
+                    results += run_link("limited", reg.addr, md, blobs, paths, tree, digest, runs)
                 finally:
                     reg.stop()
             finally:
@@ -395,16 +454,25 @@ def main() -> int:
     print(text)
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if (args.size, args.files) == (1 << 30, 20_000) else \
-        f"-{human(args.size).replace(' ', '').replace('.0', '')}x{args.files}"
+    suffix = (
+        ""
+        if (args.size, args.files) == (1 << 30, 20_000)
+        else f"-{human(args.size).replace(' ', '').replace('.0', '')}x{args.files}"
+    )
     stem = out / f"fetch-{dt.date.today():%Y-%m-%d}{suffix}"
     stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "image": {k: v for k, v in info.items() if k != "working_set"},
-        "working_set_files": len(paths),
-        "results": [{**asdict(r), "mbps": round(r.mbps, 1)} for r in results],
-    }, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "image": {k: v for k, v in info.items() if k != "working_set"},
+                "working_set_files": len(paths),
+                "results": [{**asdict(r), "mbps": round(r.mbps, 1)} for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {stem}.md and .json")
     plot_after_run(stem.with_suffix(".md"))
     return 0

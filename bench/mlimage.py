@@ -44,12 +44,23 @@ JUNK = ("var/cache/apt/archives", "var/lib/apt/lists", "var/log", "root/.cache",
 
 
 def _run(argv: list[str], timeout: float = 3600, **kw: object) -> None:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                       env={"PATH": PATH_ENV, "LANG": "C.UTF-8", "DEBIAN_FRONTEND":
-                            "noninteractive", "HOME": "/root"}, **kw)  # type: ignore[call-overload]
+    p = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "PATH": PATH_ENV,
+            "LANG": "C.UTF-8",
+            "DEBIAN_FRONTEND": "noninteractive",
+            "HOME": "/root",
+        },
+        **kw,
+    )  # type: ignore[call-overload]
     if p.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} failed ({p.returncode}): "
-                           f"{p.stdout[-2000:]}{p.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{argv[:4]} failed ({p.returncode}): {p.stdout[-2000:]}{p.stderr[-3000:]}"
+        )
 
 
 def _wheels() -> list[Path]:
@@ -66,12 +77,18 @@ def _overlay(lowers: list[Path], upper: Path, work: Path, merged: Path) -> Itera
     _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)])
     inner: list[Path] = []
     try:
-        for src, dst, kind in (("proc", merged / "proc", "proc"), ("/dev", merged / "dev", "bind"),
-                               (str(WHEELS), merged / "mnt", "bind")):
+        for src, dst, kind in (
+            ("proc", merged / "proc", "proc"),
+            ("/dev", merged / "dev", "bind"),
+            (str(WHEELS), merged / "mnt", "bind"),
+        ):
             if kind == "bind" and not Path(src).is_dir():
                 continue
-            args = ["mount", "--bind", src, str(dst)] if kind == "bind" else \
-                ["mount", "-t", "proc", "proc", str(dst)]
+            args = (
+                ["mount", "--bind", src, str(dst)]
+                if kind == "bind"
+                else ["mount", "-t", "proc", "proc", str(dst)]
+            )
             _run(args)
             inner.append(dst)
         resolv = merged / "etc" / "resolv.conf"
@@ -172,24 +189,48 @@ def ml_layers(cache: Path = CACHE) -> list[tuple[Path, str]]:
             print("ml image: apt-get install python3 ...", flush=True)
             with _overlay([base], up2, cache / "w2", cache / "m2") as m:
                 _run(["chroot", str(m), "apt-get", "update"])
-                _run(["chroot", str(m), "apt-get", "install", "-y",
-                      "--no-install-recommends", *APT_PACKAGES])
+                _run(
+                    [
+                        "chroot",
+                        str(m),
+                        "apt-get",
+                        "install",
+                        "-y",
+                        "--no-install-recommends",
+                        *APT_PACKAGES,
+                    ]
+                )
                 _strip(m)
             upper_to_tar(up2, tars[1])
             tars[2].unlink(missing_ok=True)
         up3 = cache / "l3"
         if not tars[2].is_file():
             wheels = [f"/mnt/{w.name}" for w in _wheels()]
-            print(f"ml image: pip install {' '.join(PIP_PACKAGES)} {' '.join(wheels)} ...",
-                  flush=True)
+            print(
+                f"ml image: pip install {' '.join(PIP_PACKAGES)} {' '.join(wheels)} ...", flush=True
+            )
             with _overlay([up2, base], up3, cache / "w3", cache / "m3") as m:
                 # this machine's CA bundle (a TLS-intercepting egress may sign PyPI's
                 # certificate); /tmp is emptied before the layer is taken
                 shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", m / "tmp" / "ca.crt")
-                _run(["chroot", str(m), "python3", "-m", "pip", "install", "--no-cache-dir",
-                      "--cert", "/tmp/ca.crt",
-                      "--break-system-packages", "--root-user-action=ignore",
-                      "--disable-pip-version-check", *PIP_PACKAGES, *wheels])
+                _run(
+                    [
+                        "chroot",
+                        str(m),
+                        "python3",
+                        "-m",
+                        "pip",
+                        "install",
+                        "--no-cache-dir",
+                        "--cert",
+                        "/tmp/ca.crt",
+                        "--break-system-packages",
+                        "--root-user-action=ignore",
+                        "--disable-pip-version-check",
+                        *PIP_PACKAGES,
+                        *wheels,
+                    ]
+                )
                 _strip(m)
             upper_to_tar(up3, tars[2])
             shutil.rmtree(up3, ignore_errors=True)

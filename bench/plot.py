@@ -31,16 +31,16 @@ def parse_table(md: str) -> Table:
     """The first Markdown table of ``md`` as rows of header -> cell text."""
     lines = [ln.strip() for ln in md.splitlines()]
     for i, ln in enumerate(lines):
-        if ln.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$",
-                                                                  lines[i + 1]):
+        if ln.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$", lines[i + 1]):
             header = _cells(ln)
             rows = []
-            for row in lines[i + 2:]:
+            for row in lines[i + 2 :]:
                 if not row.startswith("|"):
                     break
                 cells = _cells(row)
-                rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)),
-                                     strict=True)))
+                rows.append(
+                    dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
+                )
             return rows
     raise ValueError("no Markdown table found")
 
@@ -71,8 +71,14 @@ def _pyplot() -> object:
     return plt
 
 
-def _bars(ax: object, groups: list[str], series: dict[str, list[float | None]],
-          ylabel: str, title: str, log: bool = False) -> None:
+def _bars(
+    ax: object,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    ylabel: str,
+    title: str,
+    log: bool = False,
+) -> None:
     """Grouped bars: one group per x label, one bar per series, values written on top."""
     n = len(series)
     width = 0.8 / max(n, 1)
@@ -82,8 +88,13 @@ def _bars(ax: object, groups: list[str], series: dict[str, list[float | None]],
         bars = ax.bar(xs, ys, width, label=name)  # type: ignore[attr-defined]
         for b, v in zip(bars, vals, strict=True):
             if v is not None:
-                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),  # type: ignore[attr-defined]
-                            ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"{v:.3g}",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),  # type: ignore[attr-defined]
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
     ax.set_xticks(range(len(groups)), groups, fontsize=8)  # type: ignore[attr-defined]
     ax.set_ylabel(ylabel)  # type: ignore[attr-defined]
     ax.set_title(title, fontsize=10)  # type: ignore[attr-defined]
@@ -100,13 +111,22 @@ def _coldstart(rows: Table, plt: object, title: str) -> object:
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
     def col(name: str) -> dict[str, list[float | None]]:
-        return {m: [next((number(r[name]) for r in rows
-                          if r["link"] == ln and r["method"] == m), None) for ln in links]
-                for m in methods}
+        return {
+            m: [
+                next((number(r[name]) for r in rows if r["link"] == ln and r["method"] == m), None)
+                for ln in links
+            ]
+            for m in methods
+        }
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))  # type: ignore[attr-defined]
-    _bars(a, links, col("first output s"), "seconds", "pull start to the container's first "
-          "output (lower is better)")
+    _bars(
+        a,
+        links,
+        col("first output s"),
+        "seconds",
+        "pull start to the container's first output (lower is better)",
+    )
     _bars(b, links, col("fetched"), "MiB", "bytes fetched from the registry")
     fig.suptitle(title, fontsize=10)
     return fig
@@ -116,12 +136,24 @@ def _coldstart_scenarios(rows: Table, plt: object, title: str) -> object:
     """The first table of ``coldstart.py --image ml``: one row per scenario."""
     names = [r["scenario"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))  # type: ignore[attr-defined]
-    _bars(a, names, {"pull s": [number(r["pull s"]) for r in rows],
-                     "run s": [number(r["run s"]) for r in rows],
-                     "total s": [number(r["total s"]) for r in rows]},
-          "seconds", "pull start to the workload's exit (lower is better)")
-    _bars(b, names, {"registry": [number(r["registry"]) for r in rows]}, "MiB",
-          "bytes fetched from the registry")
+    _bars(
+        a,
+        names,
+        {
+            "pull s": [number(r["pull s"]) for r in rows],
+            "run s": [number(r["run s"]) for r in rows],
+            "total s": [number(r["total s"]) for r in rows],
+        },
+        "seconds",
+        "pull start to the workload's exit (lower is better)",
+    )
+    _bars(
+        b,
+        names,
+        {"registry": [number(r["registry"]) for r in rows]},
+        "MiB",
+        "bytes fetched from the registry",
+    )
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -130,12 +162,15 @@ def _fault(rows: Table, plt: object, title: str) -> object:
     """bench/fault.py: per finding, its trials and every kind of failure (all should be 0)."""
     names = [textwrap.fill(r["finding"], 17) for r in rows]
     fig, (a, b) = plt.subplots(2, 1, figsize=(13, 7))  # type: ignore[attr-defined]
-    _bars(a, names, {"trials": [number(r["trials"]) for r in rows]}, "trials",
-          "trials per finding")
-    kinds = ["wrong bytes", "hangs > 10 s", "escapes", "tracebacks",
-             "secrets readable by others"]
-    _bars(b, names, {k: [number(r[k]) for r in rows] for k in kinds if k in rows[0]},
-          "count (symlog)", "failures (every bar should be 0)")
+    _bars(a, names, {"trials": [number(r["trials"]) for r in rows]}, "trials", "trials per finding")
+    kinds = ["wrong bytes", "hangs > 10 s", "escapes", "tracebacks", "secrets readable by others"]
+    _bars(
+        b,
+        names,
+        {k: [number(r[k]) for r in rows] for k in kinds if k in rows[0]},
+        "count (symlog)",
+        "failures (every bar should be 0)",
+    )
     b.set_yscale("symlog")  # type: ignore[attr-defined]
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=6)  # type: ignore[attr-defined]
@@ -151,11 +186,14 @@ def _read(rows: Table, plt: object, title: str) -> object:
     for r in rows:
         if r["target"] == "native":
             continue
-        series[r["target"]] = [
-            (number(r[m]) or 0.0) / (number(native[m]) or 1.0) for m in metrics]
-    _bars(ax, [m.replace(" files/s", "\nfiles/s").replace(" MB/s", "\nMB/s") for m in metrics],
-          series, "x native (1.0 = the plain directory)", "reads against the native "
-          "directory (higher is better)")
+        series[r["target"]] = [(number(r[m]) or 0.0) / (number(native[m]) or 1.0) for m in metrics]
+    _bars(
+        ax,
+        [m.replace(" files/s", "\nfiles/s").replace(" MB/s", "\nMB/s") for m in metrics],
+        series,
+        "x native (1.0 = the plain directory)",
+        "reads against the native directory (higher is better)",
+    )
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     fig.suptitle(title, fontsize=10)
     return fig
@@ -165,11 +203,17 @@ def _build(rows: Table, plt: object, title: str) -> object:
     targets = list(dict.fromkeys(r["target"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))  # type: ignore[attr-defined]
-    for ax, col, label in ((a, "MB/s in", "MB/s of input (higher is better)"),
-                           (b, "max RSS MiB", "peak RSS MiB")):
-        series = {m: [next((number(r[col]) for r in rows
-                            if r["target"] == t and r["mode"] == m), None) for t in targets]
-                  for m in modes}
+    for ax, col, label in (
+        (a, "MB/s in", "MB/s of input (higher is better)"),
+        (b, "max RSS MiB", "peak RSS MiB"),
+    ):
+        series = {
+            m: [
+                next((number(r[col]) for r in rows if r["target"] == t and r["mode"] == m), None)
+                for t in targets
+            ]
+            for m in modes
+        }
         _bars(ax, [t.replace(" ", "\n", 1) for t in targets], series, col, label)
     fig.suptitle(title, fontsize=10)
     return fig
@@ -180,13 +224,24 @@ def _fetch(rows: Table, plt: object, title: str) -> object:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     links = list(dict.fromkeys(r["link"] for r in rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))  # type: ignore[attr-defined]
-    for ax, col, label in ((a, "time s", "seconds to read the working set (lower is better)"),
-                           (b, "bytes", "MiB fetched")):
-        series = {ln: [next((number(r[col]) for r in rows
-                             if r["link"] == ln and r["method"] == m), None) for m in methods]
-                  for ln in links}
-        _bars(ax, [m.replace(", ", "\n") for m in methods], series,
-              "MiB" if col == "bytes" else col, label)
+    for ax, col, label in (
+        (a, "time s", "seconds to read the working set (lower is better)"),
+        (b, "bytes", "MiB fetched"),
+    ):
+        series = {
+            ln: [
+                next((number(r[col]) for r in rows if r["link"] == ln and r["method"] == m), None)
+                for m in methods
+            ]
+            for ln in links
+        }
+        _bars(
+            ax,
+            [m.replace(", ", "\n") for m in methods],
+            series,
+            "MiB" if col == "bytes" else col,
+            label,
+        )
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -194,17 +249,25 @@ def _fetch(rows: Table, plt: object, title: str) -> object:
 def _convert(rows: Table, plt: object, title: str) -> object:
     tools = [r["tool"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))  # type: ignore[attr-defined]
-    _bars(a, tools, {"wall time": [number(r["wall time (s)"]) for r in rows]}, "seconds",
-          "wall time (lower is better)")
-    _bars(b, tools, {"peak RSS": [number(r["peak RSS (MB)"]) for r in rows]}, "MB",
-          "peak RSS")
+    _bars(
+        a,
+        tools,
+        {"wall time": [number(r["wall time (s)"]) for r in rows]},
+        "seconds",
+        "wall time (lower is better)",
+    )
+    _bars(b, tools, {"peak RSS": [number(r["peak RSS (MB)"]) for r in rows]}, "MB", "peak RSS")
     fig.suptitle(title, fontsize=10)
     return fig
 
 
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
-    "coldstart": _coldstart, "read": _read, "build": _build, "fetch": _fetch,
-    "convert": _convert, "fault": _fault,
+    "coldstart": _coldstart,
+    "read": _read,
+    "build": _build,
+    "fetch": _fetch,
+    "convert": _convert,
+    "fault": _fault,
 }
 
 
@@ -217,8 +280,9 @@ def plot_report(md_path: Path) -> Path | None:
         return None
     text = md_path.read_text()
     rows = parse_table(text)
-    heading = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")),
-                   md_path.stem)
+    heading = next(
+        (ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), md_path.stem
+    )
     plt = _pyplot()
     fig = draw(rows, plt, f"{heading} ({md_path.name})")
     fig.tight_layout()  # type: ignore[attr-defined]

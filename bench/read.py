@@ -116,8 +116,12 @@ def make_tree(root: Path, shape: Shape) -> dict[str, int]:
             d.mkdir(parents=True)
         n = rng.randrange(0, 2048)
         (d / f"m{i:06d}").write_bytes(pool[i : i + n])
-    return {"files": shape.small + rest + 1, "small_files": shape.small,
-            "small_bytes": small_bytes, "big_bytes": shape.big}
+    return {
+        "files": shape.small + rest + 1,
+        "small_files": shape.small,
+        "small_bytes": small_bytes,
+        "big_bytes": shape.big,
+    }
 
 
 def drop_caches() -> None:
@@ -154,13 +158,19 @@ def prime(paths: list[Path]) -> None:
     host-warm" (the VM's disk is cached by the host; without this the first target read
     pays for the host's misses and the comparison measures the host cache, not us)."""
     for p in paths:
-        subprocess.run(["bash", "-c", f"tar cf - -C {p.parent} {p.name} | cat > /dev/null"],
-                       check=True)
+        subprocess.run(
+            ["bash", "-c", f"tar cf - -C {p.parent} {p.name} | cat > /dev/null"], check=True
+        )
 
 
-def measure(target: str, root: Path, info: dict[str, int], cold: bool,
-            cpu: Callable[[], float] | None = None,
-            requests: Callable[[], int] | None = None) -> Result:
+def measure(
+    target: str,
+    root: Path,
+    info: dict[str, int],
+    cold: bool,
+    cpu: Callable[[], float] | None = None,
+    requests: Callable[[], int] | None = None,
+) -> Result:
     r = Result(target)
     cpu0 = cpu() if cpu else 0.0
 
@@ -231,14 +241,20 @@ def main() -> int:
     ap.add_argument("--targets", default="native,erofs,fuse,erofs-mode,verify")
     ap.add_argument("--nydusd-args", default="", help="extra nydusd flags")
     ap.add_argument("--tag", default="", help="suffix for the report file names")
-    ap.add_argument("--amplify-io", type=_size, default=None,
-                    help="amplify_io of the erofs-mode config (also its blob fs readahead)")
+    ap.add_argument(
+        "--amplify-io",
+        type=_size,
+        default=None,
+        help="amplify_io of the erofs-mode config (also its blob fs readahead)",
+    )
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args()
     cold = os.geteuid() == 0
     if not cold:
-        print("warning: not root: no drop_caches, no mounts; only 'native' warm numbers",
-              file=sys.stderr)
+        print(
+            "warning: not root: no drop_caches, no mounts; only 'native' warm numbers",
+            file=sys.stderr,
+        )
     shape = Shape(a.big, a.files, a.small)
     base = a.work / shape.key
     tree = base / "tree"
@@ -255,11 +271,23 @@ def main() -> int:
         shutil.rmtree(img, ignore_errors=True)
         (img / "blobs").mkdir(parents=True)
         print("building image ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-c",
-                        "import sys; from nydus.cli.nydus_image import main; sys.exit(main())",
-                        "create", "--bootstrap", str(boot), "--blob-dir", str(img / "blobs"),
-                        "--compressor", "none", str(tree)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from nydus.cli.nydus_image import main; sys.exit(main())",
+                "create",
+                "--bootstrap",
+                str(boot),
+                "--blob-dir",
+                str(img / "blobs"),
+                "--compressor",
+                "none",
+                str(tree),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     with open_bootstrap(boot) as md:
         blob_ids = [b.blob_id for b in md.blobs]
     blobs = [str(img / "blobs" / b) for b in blob_ids]
@@ -284,25 +312,53 @@ def main() -> int:
         elif t == "fuse" and cold:
             prime([boot, *map(Path, blobs)])
             cfg = base / "localfs.json"
-            cfg.write_text(json.dumps({"device": {"backend": {
-                "type": "localfs", "config": {"dir": str(img / "blobs")}}}, "mode": "direct",
-                "fs_driver": "fusedev"}))  # FUSE RAFS mode (nydusd's default is erofs)
+            cfg.write_text(
+                json.dumps(
+                    {
+                        "device": {
+                            "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}}
+                        },
+                        "mode": "direct",
+                        "fs_driver": "fusedev",
+                    }
+                )
+            )  # FUSE RAFS mode (nydusd's default is erofs)
             log = base / "nydusd.log"
             with open(log, "wb") as lf:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c",
-                     "import sys; from nydus.cli.nydusd import main; sys.exit(main())",
-                     "--config", str(cfg), "--mountpoint", str(mnt), "--bootstrap", str(boot),
-                     "--apisock", str(base / "api.sock"),
-                     "--fuse-threads", str(a.fuse_threads), *a.nydusd_args.split()],
-                    stdout=lf, stderr=subprocess.STDOUT)
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys; from nydus.cli.nydusd import main; sys.exit(main())",
+                        "--config",
+                        str(cfg),
+                        "--mountpoint",
+                        str(mnt),
+                        "--bootstrap",
+                        str(boot),
+                        "--apisock",
+                        str(base / "api.sock"),
+                        "--fuse-threads",
+                        str(a.fuse_threads),
+                        *a.nydusd_args.split(),
+                    ],
+                    stdout=lf,
+                    stderr=subprocess.STDOUT,
+                )
             try:
                 _wait_mount(mnt, proc, log)
-                r = measure("fuse", mnt, info, cold, functools.partial(_proc_cpu, proc.pid),
-                            functools.partial(_fuse_requests, base / "api.sock"))
+                r = measure(
+                    "fuse",
+                    mnt,
+                    info,
+                    cold,
+                    functools.partial(_proc_cpu, proc.pid),
+                    functools.partial(_fuse_requests, base / "api.sock"),
+                )
                 r.notes.append(
                     f"nydusd (fs_driver fusedev) --fuse-threads {a.fuse_threads} "
-                    f"{a.nydusd_args}".strip())
+                    f"{a.nydusd_args}".strip()
+                )
                 results.append(r)
             finally:
                 _stop_nydusd(proc, mnt)
@@ -322,26 +378,48 @@ def _daemon_info(sock: Path) -> Any:
     return dict(NydusdClient(str(sock)).get("/api/v1/daemon"))
 
 
-def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: Path,
-                info: dict[str, int]) -> list[Result]:
+def _erofs_mode(
+    a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: Path, info: dict[str, int]
+) -> list[Result]:
     """nydusd in kernel EROFS mode: cold reads through the daemon, then after the switch."""
     cache = base / "erofs-mode-cache"
     shutil.rmtree(cache, ignore_errors=True)
     cfg = base / "erofs-mode.json"
-    cfg.write_text(json.dumps({"device": {
-        "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}},
-        "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
-        "mode": "direct", "fs_driver": "erofs",
-        **({"amplify_io": a.amplify_io} if a.amplify_io is not None else {})}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "device": {
+                    "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}},
+                    "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}},
+                },
+                "mode": "direct",
+                "fs_driver": "erofs",
+                **({"amplify_io": a.amplify_io} if a.amplify_io is not None else {}),
+            }
+        )
+    )
     sock = base / "api-erofs.sock"
     log = base / "nydusd-erofs.log"
     with open(log, "wb") as lf:
         proc = subprocess.Popen(
-            [sys.executable, "-c",
-             "import sys; from nydus.cli.nydusd import main; sys.exit(main())",
-             "--config", str(cfg), "--mountpoint", str(mnt), "--bootstrap", str(boot),
-             "--apisock", str(sock), "--fuse-threads", str(a.fuse_threads)],
-            stdout=lf, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from nydus.cli.nydusd import main; sys.exit(main())",
+                "--config",
+                str(cfg),
+                "--mountpoint",
+                str(mnt),
+                "--bootstrap",
+                str(boot),
+                "--apisock",
+                str(sock),
+                "--fuse-threads",
+                str(a.fuse_threads),
+            ],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+        )
     out: list[Result] = []
     try:
         _wait_mount(mnt, proc, log)
@@ -354,12 +432,18 @@ def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: P
         r = measure("erofs-mode-lazy", mnt, info, True, cpu)
         di = _daemon_info(sock)
         files = di["blob_files"]
-        r.notes.append(f"pages prefilled {di.get('blobfs_prefilled_pages')}, prefills dropped "
-                       f"{di.get('blobfs_prefill_dropped')}")
-        r.notes.append("blob fs reads during the run: " + ", ".join(
-            f"{v['reads']} reads / {v['bytes_read'] / 1e6:.0f} MB" for v in files.values())
+        r.notes.append(
+            f"pages prefilled {di.get('blobfs_prefilled_pages')}, prefills dropped "
+            f"{di.get('blobfs_prefill_dropped')}"
+        )
+        r.notes.append(
+            "blob fs reads during the run: "
+            + ", ".join(
+                f"{v['reads']} reads / {v['bytes_read'] / 1e6:.0f} MB" for v in files.values()
+            )
             + "; the seq and small *cold* columns are the daemon's lazy path (localfs "
-            "backend, cache filled on the way), warm columns are the page cache")
+            "backend, cache filled on the way), warm columns are the page cache"
+        )
         out.append(r)
         t0 = time.perf_counter()
         timed("tar cf - . | cat > /dev/null", cwd=mnt)  # completes the blob in the cache
@@ -374,9 +458,11 @@ def _erofs_mode(a: argparse.Namespace, base: Path, img: Path, boot: Path, mnt: P
         reads0 = sum(v["reads"] for v in _daemon_info(sock)["blob_files"].values())
         r2 = measure("erofs-mode-native", mnt, info, True, cpu)
         reads1 = sum(v["reads"] for v in _daemon_info(sock)["blob_files"].values())
-        r2.notes.append(f"switched to native {time.perf_counter() - t0:.1f} s after starting "
-                        f"to read the rest; blob fs reads during this run: {reads1 - reads0} "
-                        f"(devices {be['erofs']['devices']})")
+        r2.notes.append(
+            f"switched to native {time.perf_counter() - t0:.1f} s after starting "
+            f"to read the rest; blob fs reads during this run: {reads1 - reads0} "
+            f"(devices {be['erofs']['devices']})"
+        )
         out.append(r2)
     finally:
         _stop_nydusd(proc, mnt)
@@ -396,9 +482,15 @@ def verify_cost(base: Path, img: Path, boot: Path) -> list[str]:
     cache = base / "verify-cache"
 
     def cfg() -> DaemonConfig:
-        return DaemonConfig.from_json({"device": {
-            "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}},
-            "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}}}, environ={})
+        return DaemonConfig.from_json(
+            {
+                "device": {
+                    "backend": {"type": "localfs", "config": {"dir": str(img / "blobs")}},
+                    "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}},
+                }
+            },
+            environ={},
+        )
 
     def read_all(fresh: bool) -> float:
         if fresh:
@@ -421,8 +513,9 @@ def verify_cost(base: Path, img: Path, boot: Path) -> list[str]:
     real = BlobFetcher.verify
     BlobFetcher.verify = lambda self, c, data: None
     try:
-        rows.append(("cold read, digest check skipped (for comparison only)",
-                     best(lambda: read_all(True))))
+        rows.append(
+            ("cold read, digest check skipped (for comparison only)", best(lambda: read_all(True)))
+        )
     finally:
         BlobFetcher.verify = real
     data = (cache / f"{info.blob_id}.blob.data").read_bytes()
@@ -435,8 +528,7 @@ def verify_cost(base: Path, img: Path, boot: Path) -> list[str]:
             dig.digest(data[off : off + step])
         return time.perf_counter() - t0
 
-    rows.append((f"{info.digester} over every chunk, in memory (the check alone)",
-                 best(hash_all)))
+    rows.append((f"{info.digester} over every chunk, in memory (the check alone)", best(hash_all)))
 
     def verify_blob() -> float:
         record = cache / f"{info.blob_id}.blob.data.verified"
@@ -451,28 +543,38 @@ def verify_cost(base: Path, img: Path, boot: Path) -> list[str]:
         finally:
             dev.close()
 
-    rows.append(("verify_blob after a restart (before an EROFS native switch)",
-                 best(verify_blob)))
+    rows.append(("verify_blob after a restart (before an EROFS native switch)", best(verify_blob)))
 
     def cached(record: bool) -> Callable[[], float]:
         def run() -> float:
             if not record:
                 os.utime(cache / f"{info.blob_id}.blob.data")  # the record no longer matches
             return read_all(False)
+
         return run
 
     read_all(False)  # leaves a record behind
-    rows.append(("restart, read the complete cache with a matching record (trusted)",
-                 best(cached(True))))
-    rows.append(("restart, read the complete cache without one (each chunk hashed once)",
-                 best(cached(False))))
+    rows.append(
+        ("restart, read the complete cache with a matching record (trusted)", best(cached(True)))
+    )
+    rows.append(
+        (
+            "restart, read the complete cache without one (each chunk hashed once)",
+            best(cached(False)),
+        )
+    )
     md.close()
     shutil.rmtree(cache, ignore_errors=True)
-    out = ["## Verification cost", "",
-           f"Blob: {size / MiB:.0f} MiB uncompressed, {info.chunk_count} chunks of "
-           f"{info.chunk_size // 1024} KiB, digester {info.digester}; in process, localfs "
-           f"backend (page-cache warm), `read_range` in 4 MiB reads; best of three.", "",
-           "| what | s | MB/s | ms per GiB |", "|---|---|---|---|"]
+    out = [
+        "## Verification cost",
+        "",
+        f"Blob: {size / MiB:.0f} MiB uncompressed, {info.chunk_count} chunks of "
+        f"{info.chunk_size // 1024} KiB, digester {info.digester}; in process, localfs "
+        f"backend (page-cache warm), `read_range` in 4 MiB reads; best of three.",
+        "",
+        "| what | s | MB/s | ms per GiB |",
+        "|---|---|---|---|",
+    ]
     for name, t in rows:
         per_gib = t * 1000 * (1 << 30) / size
         out.append(f"| {name} | {t:.3f} | {size / 1e6 / t:,.0f} | {per_gib:,.0f} |")
@@ -499,28 +601,40 @@ def _fmt(v: float, base: float | None) -> str:
     return s
 
 
-def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
-           results: list[Result],
-           load: tuple[tuple[float, ...], tuple[float, ...]], extra: list[str]) -> None:
+def report(
+    a: argparse.Namespace,
+    shape: Shape,
+    info: dict[str, int],
+    results: list[Result],
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+    extra: list[str],
+) -> None:
     now = dt.datetime.now()
     native = next((r for r in results if r.target == "native"), None)
     cols = [
-        ("seq cold MB/s", "seq_cold_mbps"), ("seq warm MB/s", "seq_warm_mbps"),
+        ("seq cold MB/s", "seq_cold_mbps"),
+        ("seq warm MB/s", "seq_warm_mbps"),
         ("find+stat cold files/s", "walk_cold_files_per_s"),
         ("find+stat warm files/s", "walk_warm_files_per_s"),
-        ("small cold files/s", "small_cold_files_per_s"), ("small cold MB/s", "small_cold_mbps"),
+        ("small cold files/s", "small_cold_files_per_s"),
+        ("small cold MB/s", "small_cold_mbps"),
         ("small warm files/s", "small_warm_files_per_s"),
     ]
     head = "| target | " + " | ".join(c for c, _ in cols) + " | daemon cpu s |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for r in results:
-        cells = [_fmt(getattr(r, k), getattr(native, k) if native and r is not native else None)
-                 for _c, k in cols]
-        lines.append(f"| {r.target} | " + " | ".join(cells)
-                     + f" | {r.daemon_cpu_s:.1f} |" if r.daemon_cpu_s else
-                     f"| {r.target} | " + " | ".join(cells) + " | - |")
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True).stdout.strip()
+        cells = [
+            _fmt(getattr(r, k), getattr(native, k) if native and r is not native else None)
+            for _c, k in cols
+        ]
+        lines.append(
+            f"| {r.target} | " + " | ".join(cells) + f" | {r.daemon_cpu_s:.1f} |"
+            if r.daemon_cpu_s
+            else f"| {r.target} | " + " | ".join(cells) + " | - |"
+        )
+    git = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
     md = [
         f"# Read benchmark, {now:%Y-%m-%d %H:%M}",
         "",
@@ -545,9 +659,12 @@ def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
         for n in r.notes:
             md.append(f"- {r.target}: {n}")
         if r.warm_requests:
-            md.append(f"- {r.target}: FUSE requests that reached the daemon during the warm "
-                      f"runs: " + ", ".join(f"{k} {v}" for k, v in r.warm_requests.items())
-                      + " (0 = served entirely by the kernel's caches)")
+            md.append(
+                f"- {r.target}: FUSE requests that reached the daemon during the warm "
+                f"runs: "
+                + ", ".join(f"{k} {v}" for k, v in r.warm_requests.items())
+                + " (0 = served entirely by the kernel's caches)"
+            )
     md.extend(["", *extra])
     text = "\n".join(md) + "\n"
     print(text)
@@ -557,10 +674,20 @@ def report(a: argparse.Namespace, shape: Shape, info: dict[str, int],
     out.mkdir(parents=True, exist_ok=True)
     stem = f"read-{now:%Y-%m-%d}" + (f"-{a.tag}" if a.tag else "")
     (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({
-        "date": now.isoformat(timespec="seconds"), "shape": asdict(shape), "tree": info,
-        "git": git, "loadavg": [list(load[0]), list(load[1])],
-        "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "date": now.isoformat(timespec="seconds"),
+                "shape": asdict(shape),
+                "tree": info,
+                "git": git,
+                "loadavg": [list(load[0]), list(load[1])],
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     plot_after_run(out / f"{stem}.md")
 
 

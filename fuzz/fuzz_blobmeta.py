@@ -63,13 +63,36 @@ _WORK = tempfile.mkdtemp(prefix="fuzz-blobmeta-")
 atexit.register(shutil.rmtree, _WORK, True)
 
 
-def make_input(mode: int, blob: bytes, *, chunk_count: int, ci_offset: int, ci_csize: int,
-               ci_usize: int, features: int, toc_size: int = 0, ci_compressor: int = 0,
-               compressed_size: int | None = None, uncompressed_size: int = 0) -> bytes:
+def make_input(
+    mode: int,
+    blob: bytes,
+    *,
+    chunk_count: int,
+    ci_offset: int,
+    ci_csize: int,
+    ci_usize: int,
+    features: int,
+    toc_size: int = 0,
+    ci_compressor: int = 0,
+    compressed_size: int | None = None,
+    uncompressed_size: int = 0,
+) -> bytes:
     """An input for :func:`check` (used by ``make_corpus.py`` for seeds)."""
-    return _ENTRY.pack(mode, chunk_count, ci_offset, ci_csize, ci_usize,
-                       len(blob) if compressed_size is None else compressed_size,
-                       uncompressed_size, features, toc_size, ci_compressor) + blob
+    return (
+        _ENTRY.pack(
+            mode,
+            chunk_count,
+            ci_offset,
+            ci_csize,
+            ci_usize,
+            len(blob) if compressed_size is None else compressed_size,
+            uncompressed_size,
+            features,
+            toc_size,
+            ci_compressor,
+        )
+        + blob
+    )
 
 
 def _check_meta(meta: blobmeta.BlobMeta) -> None:
@@ -85,9 +108,10 @@ def _check_meta(meta: blobmeta.BlobMeta) -> None:
 def check(data: bytes) -> None:
     if len(data) < _ENTRY.size:
         return
-    (mode, count, ci_off, ci_csize, ci_usize, csize, usize, features, toc_size,
-     comp) = _ENTRY.unpack_from(data)
-    blob = data[_ENTRY.size:]
+    (mode, count, ci_off, ci_csize, ci_usize, csize, usize, features, toc_size, comp) = (
+        _ENTRY.unpack_from(data)
+    )
+    blob = data[_ENTRY.size :]
     mode %= 4
     if mode == 0:  # each parser on its own: one rejecting the input does not hide the rest
         with_ci = blob[: count * 24 % (len(blob) + 1)]
@@ -108,8 +132,24 @@ def check(data: bytes) -> None:
                     if isinstance(e, bm.CiEntry):
                         assert e.compressed_size >= 0 and e.uncompressed_size > 0, e
         return
-    info = BlobInfo(0, BLOB_ID, 0x100000, count, "zstd", "sha256", features, csize, usize,
-                    CI_COMPRESSORS[comp % 4], ci_off, ci_csize, ci_usize, toc_size, b"", 0)
+    info = BlobInfo(
+        0,
+        BLOB_ID,
+        0x100000,
+        count,
+        "zstd",
+        "sha256",
+        features,
+        csize,
+        usize,
+        CI_COMPRESSORS[comp % 4],
+        ci_off,
+        ci_csize,
+        ci_usize,
+        toc_size,
+        b"",
+        0,
+    )
 
     def fetch(start: int, end: int) -> bytes:
         if mode == 2 or not 0 <= start <= end <= len(blob):
@@ -117,8 +157,9 @@ def check(data: bytes) -> None:
         return blob[start:end]
 
     if mode == 1:
-        _check_meta(blobmeta.load_blob_meta(info, fetch, None, verify_toc=True,
-                                            blob_size=len(blob)))
+        _check_meta(
+            blobmeta.load_blob_meta(info, fetch, None, verify_toc=True, blob_size=len(blob))
+        )
     elif mode == 2:
         Path(blobmeta.meta_path(_WORK, BLOB_ID)).write_bytes(blob)
         _check_meta(blobmeta.load_blob_meta(info, fetch, _WORK))

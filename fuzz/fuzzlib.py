@@ -57,7 +57,9 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def replay(
-    check: Callable[[bytes], object], data: bytes, allowed: type[BaseException],
+    check: Callable[[bytes], object],
+    data: bytes,
+    allowed: type[BaseException],
     seconds: float = REPLAY_SECONDS,
 ) -> BaseException | None:
     """The fuzz contract without libFuzzer: None if ``check(data)`` passes, else the

@@ -29,9 +29,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-FIXTURES = next((p for p in (REPO.parent / "shared" / "fixtures" / "nydus",
-                             REPO.parents[1] / "shared" / "fixtures" / "nydus") if p.is_dir()),
-                REPO.parent / "shared" / "fixtures" / "nydus")  # checkout, or a worktree
+FIXTURES = next(
+    (
+        p
+        for p in (
+            REPO.parent / "shared" / "fixtures" / "nydus",
+            REPO.parents[1] / "shared" / "fixtures" / "nydus",
+        )
+        if p.is_dir()
+    ),
+    REPO.parent / "shared" / "fixtures" / "nydus",
+)  # checkout, or a worktree
 UPSTREAM = {
     "upstream-rafs-v6-2.2.boot": FIXTURES / "v6" / "rafs-v6-2.2.boot",
     "upstream-v5-blake3-nocompress.boot": FIXTURES / "v5" / "blake3-nocompress.boot",
@@ -118,31 +126,42 @@ def _blobmeta_seeds(tree: Path) -> dict[str, bytes]:
     from nydus.metadata import open_bootstrap
 
     seeds: dict[str, bytes] = {}
-    for name, opts in (("zstd-v1", BuildOptions(compressor="zstd", chunk_size=0x1000)),
-                       ("none-v1", BuildOptions(compressor="none", chunk_size=0x1000))):
+    for name, opts in (
+        ("zstd-v1", BuildOptions(compressor="zstd", chunk_size=0x1000)),
+        ("none-v1", BuildOptions(compressor="none", chunk_size=0x1000)),
+    ):
         blob = io.BytesIO()
         res = build_image(load_directory(tree), blob, opts)
         data = blob.getvalue()
         with open_bootstrap(res.bootstrap) as md:
             [b] = md.blobs
         comp = fuzz_blobmeta.CI_COMPRESSORS.index(b.ci_compressor)
-        kw = {"chunk_count": b.chunk_count, "ci_offset": b.ci_offset,
-              "ci_csize": b.ci_compressed_size, "ci_usize": b.ci_uncompressed_size,
-              "features": b.features, "toc_size": b.toc_size, "ci_compressor": comp,
-              "uncompressed_size": b.uncompressed_size}
+        kw = {
+            "chunk_count": b.chunk_count,
+            "ci_offset": b.ci_offset,
+            "ci_csize": b.ci_compressed_size,
+            "ci_usize": b.ci_uncompressed_size,
+            "features": b.features,
+            "toc_size": b.toc_size,
+            "ci_compressor": comp,
+            "uncompressed_size": b.uncompressed_size,
+        }
         seeds[f"{name}-fetch.bin"] = fuzz_blobmeta.make_input(1, data, **kw)
         seeds[f"{name}-toc.bin"] = fuzz_blobmeta.make_input(3, data, **kw)
         start = b.ci_offset
         ci = data[start : start + b.ci_compressed_size]
         from nydus import codec
 
-        raw = codec.decompress(codec.compressor_by_name(b.ci_compressor), ci,
-                               b.ci_uncompressed_size) if comp else ci
-        hdr = data[start + b.ci_compressed_size : start + b.ci_compressed_size
-                   + bm.CI_HEADER_SIZE]
+        raw = (
+            codec.decompress(codec.compressor_by_name(b.ci_compressor), ci, b.ci_uncompressed_size)
+            if comp
+            else ci
+        )
+        hdr = data[start + b.ci_compressed_size : start + b.ci_compressed_size + bm.CI_HEADER_SIZE]
         cached = raw.ljust(-(-len(raw) // 4096) * 4096, b"\0") + hdr
         seeds[f"{name}-cached.bin"] = fuzz_blobmeta.make_input(
-            2, cached, compressed_size=len(data), **kw)
+            2, cached, compressed_size=len(data), **kw
+        )
         seeds[f"{name}-raw.bin"] = fuzz_blobmeta.make_input(0, raw + hdr, **kw)
     return seeds
 
@@ -155,52 +174,118 @@ def _oci_seeds() -> dict[str, bytes]:
     d = "sha256:" + "a" * 64
     layer = {"mediaType": oci.MEDIA_TYPE_OCI_LAYER_GZIP, "digest": d, "size": 10}
     cfg = {"mediaType": oci.MEDIA_TYPE_OCI_CONFIG, "digest": d, "size": 2}
-    man = {"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST, "config": cfg,
-           "layers": [layer, {**layer, "annotations": {"a": "b"}}]}
-    docker = {"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_DOCKER_MANIFEST,
-              "config": {**cfg, "mediaType": oci.MEDIA_TYPE_DOCKER_CONFIG},
-              "layers": [{**layer, "mediaType": oci.MEDIA_TYPE_DOCKER_LAYER_GZIP}]}
-    nydus = {"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST, "config": cfg,
-             "layers": [{"mediaType": oci.MEDIA_TYPE_NYDUS_BLOB, "digest": d, "size": 5,
-                         "annotations": {oci.ANNOTATION_NYDUS_BLOB: "true"}},
-                        {**layer, "annotations": {oci.ANNOTATION_NYDUS_BOOTSTRAP: "true"}}]}
-    index = {"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_INDEX, "manifests": [
-        {"mediaType": oci.MEDIA_TYPE_OCI_MANIFEST, "digest": d, "size": 100,
-         "platform": {"os": "linux", "architecture": "amd64"}},
-        {"mediaType": oci.MEDIA_TYPE_OCI_MANIFEST, "digest": d, "size": 100,
-         "platform": {"os": "linux", "architecture": "arm64", "variant": "v8",
-                      "os.features": [oci.PLATFORM_FEATURE_NYDUS]}}]}
-    return {f"{k}.json": json.dumps(v, indent=1).encode() for k, v in
-            (("oci-manifest", man), ("docker-manifest", docker), ("nydus-manifest", nydus),
-             ("oci-index", index))}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+        "config": cfg,
+        "layers": [layer, {**layer, "annotations": {"a": "b"}}],
+    }
+    docker = {
+        "schemaVersion": 2,
+        "mediaType": oci.MEDIA_TYPE_DOCKER_MANIFEST,
+        "config": {**cfg, "mediaType": oci.MEDIA_TYPE_DOCKER_CONFIG},
+        "layers": [{**layer, "mediaType": oci.MEDIA_TYPE_DOCKER_LAYER_GZIP}],
+    }
+    nydus = {
+        "schemaVersion": 2,
+        "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+        "config": cfg,
+        "layers": [
+            {
+                "mediaType": oci.MEDIA_TYPE_NYDUS_BLOB,
+                "digest": d,
+                "size": 5,
+                "annotations": {oci.ANNOTATION_NYDUS_BLOB: "true"},
+            },
+            {**layer, "annotations": {oci.ANNOTATION_NYDUS_BOOTSTRAP: "true"}},
+        ],
+    }
+    index = {
+        "schemaVersion": 2,
+        "mediaType": oci.MEDIA_TYPE_OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+                "digest": d,
+                "size": 100,
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+            {
+                "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+                "digest": d,
+                "size": 100,
+                "platform": {
+                    "os": "linux",
+                    "architecture": "arm64",
+                    "variant": "v8",
+                    "os.features": [oci.PLATFORM_FEATURE_NYDUS],
+                },
+            },
+        ],
+    }
+    return {
+        f"{k}.json": json.dumps(v, indent=1).encode()
+        for k, v in (
+            ("oci-manifest", man),
+            ("docker-manifest", docker),
+            ("nydus-manifest", nydus),
+            ("oci-index", index),
+        )
+    }
 
 
 def _config_seeds() -> dict[str, bytes]:
     import json
 
     backends = {
-        "registry": {"scheme": "https", "host": "r.example", "repo": "a/b", "auth": "dTpw",
-                     "timeout": 5, "proxy": {"url": "http://p", "fallback": True}},
+        "registry": {
+            "scheme": "https",
+            "host": "r.example",
+            "repo": "a/b",
+            "auth": "dTpw",
+            "timeout": 5,
+            "proxy": {"url": "http://p", "fallback": True},
+        },
         "localfs": {"dir": "/var/lib/blobs"},
-        "oss": {"endpoint": "oss.example", "bucket_name": "b", "access_key_id": "k",
-                "access_key_secret": "s"},
+        "oss": {
+            "endpoint": "oss.example",
+            "bucket_name": "b",
+            "access_key_id": "k",
+            "access_key_secret": "s",
+        },
         "s3": {"endpoint": "s3.example", "bucket_name": "b", "region": "r"},
     }
     seeds = {}
     for name, conf in backends.items():
-        v1 = {"device": {"backend": {"type": name, "config": conf},
-                         "cache": {"type": "blobcache", "compressed": False,
-                                   "config": {"work_dir": "/cache"}}},
-              "mode": "direct", "digest_validate": False, "iostats_files": False,
-              "enable_xattr": True, "fs_prefetch": {"enable": True, "threads_count": 4}}
+        v1 = {
+            "device": {
+                "backend": {"type": name, "config": conf},
+                "cache": {
+                    "type": "blobcache",
+                    "compressed": False,
+                    "config": {"work_dir": "/cache"},
+                },
+            },
+            "mode": "direct",
+            "digest_validate": False,
+            "iostats_files": False,
+            "enable_xattr": True,
+            "fs_prefetch": {"enable": True, "threads_count": 4},
+        }
         seeds[f"v1-{name}.json"] = json.dumps(v1, indent=1).encode()
-    v2 = {"version": 2, "id": "x", "backend": {"type": "localfs", "localfs": {"dir": "/b"}},
-          "cache": {"type": "filecache", "filecache": {"work_dir": "/c"}},
-          "rafs": {"mode": "direct", "validate": True}}
+    v2 = {
+        "version": 2,
+        "id": "x",
+        "backend": {"type": "localfs", "localfs": {"dir": "/b"}},
+        "cache": {"type": "filecache", "filecache": {"work_dir": "/c"}},
+        "rafs": {"mode": "direct", "validate": True},
+    }
     seeds["v2.json"] = json.dumps(v2, indent=1).encode()
-    seeds["v2.toml"] = (b'version = 2\nid = "x"\n[backend]\ntype = "localfs"\n'
-                        b'[backend.localfs]\ndir = "/b"\n[cache]\ntype = "filecache"\n'
-                        b'[cache.filecache]\nwork_dir = "/c"\n[rafs]\nmode = "direct"\n')
+    seeds["v2.toml"] = (
+        b'version = 2\nid = "x"\n[backend]\ntype = "localfs"\n'
+        b'[backend.localfs]\ndir = "/b"\n[cache]\ntype = "filecache"\n'
+        b'[cache.filecache]\nwork_dir = "/c"\n[rafs]\nmode = "direct"\n'
+    )
     return seeds
 
 

@@ -37,8 +37,7 @@ from nydus.daemon.client import NydusdClient
 
 __all__ = ["DeathReport", "RoundResult", "build_image", "kill_during_reads"]
 
-_BOOT = ("import sys; from nydus.cli.{mod} import main; sys.argv[0] = '{prog}'; "
-         "sys.exit(main())")
+_BOOT = "import sys; from nydus.cli.{mod} import main; sys.argv[0] = '{prog}'; sys.exit(main())"
 
 # The reader process: argv = image root, source root, threads, seed, directories whose files'
 # cached pages a thread keeps dropping (comma-separated). Threads read until their first error
@@ -128,8 +127,13 @@ class RoundResult:
 
     @property
     def hung(self) -> bool:
-        return (self.exit_s is None or self.readers_s is None or not self.umount_ok
-                or bool(self.left_mounts) or bool(self.aborted))
+        return (
+            self.exit_s is None
+            or self.readers_s is None
+            or not self.umount_ok
+            or bool(self.left_mounts)
+            or bool(self.aborted)
+        )
 
 
 @dataclass
@@ -150,14 +154,20 @@ class DeathReport:
         n = len(self.rounds)
         exits = [r.exit_s for r in self.rounds if r.exit_s is not None]
         readers = [r.readers_s for r in self.rounds if r.readers_s is not None]
-        return (f"{self.driver} (death watch {'on' if self.death_watch else 'off'}): {n} SIGKILLs,"
-                f" {len(self.hangs)} hung, {self.mismatches} wrong reads, exit max "
-                f"{max(exits, default=0):.2f}s, readers max {max(readers, default=0):.2f}s, "
-                f"{sum(r.reads for r in self.rounds)} reads")
+        return (
+            f"{self.driver} (death watch {'on' if self.death_watch else 'off'}): {n} SIGKILLs,"
+            f" {len(self.hangs)} hung, {self.mismatches} wrong reads, exit max "
+            f"{max(exits, default=0):.2f}s, readers max {max(readers, default=0):.2f}s, "
+            f"{sum(r.reads for r in self.rounds)} reads"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"driver": self.driver, "death_watch": self.death_watch,
-                "rounds": [asdict(r) for r in self.rounds], "summary": self.summary()}
+        return {
+            "driver": self.driver,
+            "death_watch": self.death_watch,
+            "rounds": [asdict(r) for r in self.rounds],
+            "summary": self.summary(),
+        }
 
 
 def build_image(work: Path, files: int = 12, size: int = 3 << 20) -> tuple[Path, Path, Path]:
@@ -173,9 +183,22 @@ def build_image(work: Path, files: int = 12, size: int = 3 << 20) -> tuple[Path,
     rnd = random.Random(1)
     for i in range(files):
         (src / f"f{i:02d}").write_bytes(rnd.randbytes(size))
-    r = subprocess.run([*_cli("nydus-image"), "create", "--bootstrap", str(boot), "--blob-dir",
-                        str(blobs), "--compressor", "zstd", str(src)], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [
+            *_cli("nydus-image"),
+            "create",
+            "--bootstrap",
+            str(boot),
+            "--blob-dir",
+            str(blobs),
+            "--compressor",
+            "zstd",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"nydus-image create failed: {r.stderr[-2000:]}")
     return src, boot, blobs
@@ -201,27 +224,36 @@ def _umount_lazy(path: str, timeout: float) -> bool:
             break
         for m in left:
             try:
-                subprocess.run(["umount", "-l", m], capture_output=True, timeout=timeout,
-                               check=False)
+                subprocess.run(
+                    ["umount", "-l", m], capture_output=True, timeout=timeout, check=False
+                )
             except subprocess.TimeoutExpired:
                 ok = False
     return ok
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], sock: Path, mnt: str, driver: str,
-                log: Path, timeout: float = 30.0) -> dict[str, Any]:
+def _wait_ready(
+    proc: subprocess.Popen[bytes],
+    sock: Path,
+    mnt: str,
+    driver: str,
+    log: Path,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
     client = NydusdClient(str(sock), timeout=2)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nydusd exited with {proc.returncode}: "
-                               f"{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"nydusd exited with {proc.returncode}: {log.read_text(errors='replace')[-3000:]}"
+            )
         try:
             if client.state() == "RUNNING":
                 info = client.info()
                 kinds = [m.rsplit(" (", 1)[1] for m in _mounted(mnt) if m.startswith(mnt + " (")]
                 if (driver == "erofs" and "erofs)" in kinds) or (
-                        driver == "fusedev" and any(k.startswith("fuse") for k in kinds)):
+                    driver == "fusedev" and any(k.startswith("fuse") for k in kinds)
+                ):
                     return dict(info)
         except Exception:  # not up yet
             pass
@@ -229,28 +261,61 @@ def _wait_ready(proc: subprocess.Popen[bytes], sock: Path, mnt: str, driver: str
     raise RuntimeError(f"nydusd not ready in {timeout}s: {log.read_text(errors='replace')[-3000:]}")
 
 
-def _one_round(n: int, work: Path, src: Path, boot: Path, blobs: Path, driver: str,
-               rnd: random.Random, threads: int, death_watch: bool, exit_timeout: float,
-               reader_timeout: float) -> RoundResult:
+def _one_round(
+    n: int,
+    work: Path,
+    src: Path,
+    boot: Path,
+    blobs: Path,
+    driver: str,
+    rnd: random.Random,
+    threads: int,
+    death_watch: bool,
+    exit_timeout: float,
+    reader_timeout: float,
+) -> RoundResult:
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
     mp = fusectl.host_path(mnt)
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     cfg = work / "nydusd.json"
-    cfg.write_text(json.dumps({
-        "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
-        "mode": "direct", "fs_driver": driver}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "device": {
+                    "backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                    "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}},
+                },
+                "mode": "direct",
+                "fs_driver": driver,
+            }
+        )
+    )
     sock = work / "api.sock"
     log = work / f"nydusd-{n}.log"
     env = dict(os.environ)
     env["NYDUSD_DEATH_WATCH"] = "1" if death_watch else "0"
     with open(log.with_suffix(".err"), "wb") as err:  # the death watcher's line lands here
-        proc = subprocess.Popen([*_cli("nydusd"), "--config", str(cfg), "--mountpoint", mp,
-                                 "--bootstrap", str(boot), "--apisock", str(sock),
-                                 "--log-file", str(log)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc = subprocess.Popen(
+            [
+                *_cli("nydusd"),
+                "--config",
+                str(cfg),
+                "--mountpoint",
+                mp,
+                "--bootstrap",
+                str(boot),
+                "--apisock",
+                str(sock),
+                "--log-file",
+                str(log),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+        )
     readers: subprocess.Popen[bytes] | None = None
     res = RoundResult(n, 0.0, None, None)
     blobfs = ""
@@ -258,9 +323,21 @@ def _one_round(n: int, work: Path, src: Path, boot: Path, blobs: Path, driver: s
         info = _wait_ready(proc, sock, mp, driver, log)
         blobfs = str(info.get("blobfs") or "")
         drops = ",".join([mp] + ([blobfs] if blobfs else []))
-        readers = subprocess.Popen([sys.executable, "-c", _READER, mp, str(src), str(threads),
-                                    str(rnd.randrange(1 << 30)), drops], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        readers = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _READER,
+                mp,
+                str(src),
+                str(threads),
+                str(rnd.randrange(1 << 30)),
+                drops,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         res.delay = rnd.uniform(0.05, 0.8)
         time.sleep(res.delay)
         t0 = time.monotonic()
@@ -292,8 +369,7 @@ def _one_round(n: int, work: Path, src: Path, boot: Path, blobs: Path, driver: s
                 res.note += f" reader output unreadable: {readers.stderr.read()[-500:]!r}"
         if res.exit_s is not None and res.readers_s is not None:
             # the daemon is gone: unmounting its dead mounts must work, without help
-            res.umount_ok = _umount_lazy(mp, 10.0) and (not blobfs
-                                                          or _umount_lazy(blobfs, 10.0))
+            res.umount_ok = _umount_lazy(mp, 10.0) and (not blobfs or _umount_lazy(blobfs, 10.0))
             res.left_mounts = _mounted(mp) + (_mounted(blobfs) if blobfs else [])
     except Exception as e:  # not a hang: a failure to set up the round
         res.note += f" {type(e).__name__}: {e}"
@@ -320,8 +396,13 @@ def _stuck_threads(pid: int) -> str:
     return "; ".join(lines)
 
 
-def _clean_up(res: RoundResult, proc: subprocess.Popen[bytes],
-              readers: subprocess.Popen[bytes] | None, mp: str, blobfs: str) -> None:
+def _clean_up(
+    res: RoundResult,
+    proc: subprocess.Popen[bytes],
+    readers: subprocess.Popen[bytes] | None,
+    mp: str,
+    blobfs: str,
+) -> None:
     if proc.poll() is None:
         proc.kill()
     hung = res.exit_s is None or res.readers_s is None
@@ -330,14 +411,16 @@ def _clean_up(res: RoundResult, proc: subprocess.Popen[bytes],
             proc.wait(3)
             break
         except subprocess.TimeoutExpired:  # stuck in the kernel: abort its connections
-            res.aborted += [f"{m.mountpoint}:{m.conn}" for m in
-                            fusectl.abort_mounts([mp] + ([blobfs] if blobfs else []),
-                                                 below=True)]
+            res.aborted += [
+                f"{m.mountpoint}:{m.conn}"
+                for m in fusectl.abort_mounts([mp] + ([blobfs] if blobfs else []), below=True)
+            ]
     if readers is not None and readers.poll() is None:
         if hung:
-            res.aborted += [f"{m.mountpoint}:{m.conn}" for m in
-                            fusectl.abort_mounts([mp] + ([blobfs] if blobfs else []),
-                                                 below=True)]
+            res.aborted += [
+                f"{m.mountpoint}:{m.conn}"
+                for m in fusectl.abort_mounts([mp] + ([blobfs] if blobfs else []), below=True)
+            ]
         readers.kill()
         try:
             readers.wait(10)
@@ -355,10 +438,18 @@ def _clean_up(res: RoundResult, proc: subprocess.Popen[bytes],
                 os.rmdir(d)
 
 
-def kill_during_reads(work: Path, driver: str = "erofs", rounds: int = 10, *,
-                      threads: int = 8, seed: int = 0, death_watch: bool = True,
-                      exit_timeout: float = 5.0, reader_timeout: float = 10.0,
-                      progress: Callable[[RoundResult], None] | None = None) -> DeathReport:
+def kill_during_reads(
+    work: Path,
+    driver: str = "erofs",
+    rounds: int = 10,
+    *,
+    threads: int = 8,
+    seed: int = 0,
+    death_watch: bool = True,
+    exit_timeout: float = 5.0,
+    reader_timeout: float = 10.0,
+    progress: Callable[[RoundResult], None] | None = None,
+) -> DeathReport:
     """SIGKILL nydusd ``rounds`` times while ``threads`` threads read its mount (see the
     module docstring). ``work`` holds the image (built once), the cache and logs.
     ``death_watch`` False runs the daemons with ``NYDUSD_DEATH_WATCH=0``: whether the daemon
@@ -371,8 +462,19 @@ def kill_during_reads(work: Path, driver: str = "erofs", rounds: int = 10, *,
     report = DeathReport(driver, death_watch)
     for n in range(rounds):
         t0 = time.monotonic()
-        r = _one_round(n, work, src, boot, blobs, driver, rnd, threads, death_watch,
-                       exit_timeout, reader_timeout)
+        r = _one_round(
+            n,
+            work,
+            src,
+            boot,
+            blobs,
+            driver,
+            rnd,
+            threads,
+            death_watch,
+            exit_timeout,
+            reader_timeout,
+        )
         r.seconds = time.monotonic() - t0
         report.rounds.append(r)
         if progress is not None:
@@ -382,9 +484,12 @@ def kill_during_reads(work: Path, driver: str = "erofs", rounds: int = 10, *,
 
 if __name__ == "__main__":  # python tests/daemon_death.py WORK [DRIVER] [ROUNDS] [watch|nowatch]
     a = sys.argv[1:]
-    rep = kill_during_reads(Path(a[0]), a[1] if len(a) > 1 else "erofs",
-                            int(a[2]) if len(a) > 2 else 10,
-                            death_watch=(a[3] != "nowatch") if len(a) > 3 else True,
-                            progress=lambda r: print(json.dumps(asdict(r)), flush=True))
+    rep = kill_during_reads(
+        Path(a[0]),
+        a[1] if len(a) > 1 else "erofs",
+        int(a[2]) if len(a) > 2 else 10,
+        death_watch=(a[3] != "nowatch") if len(a) > 3 else True,
+        progress=lambda r: print(json.dumps(asdict(r)), flush=True),
+    )
     print(rep.summary())
     sys.exit(1 if rep.hangs or rep.mismatches else 0)

@@ -32,8 +32,17 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-__all__ = ["BLOCK", "DEFAULT_OUTSIDE", "Case", "end", "entry", "gnu_long", "header",
-           "hostile_cases", "pax"]
+__all__ = [
+    "BLOCK",
+    "DEFAULT_OUTSIDE",
+    "Case",
+    "end",
+    "entry",
+    "gnu_long",
+    "header",
+    "hostile_cases",
+    "pax",
+]
 
 BLOCK = 512
 
@@ -164,8 +173,11 @@ def _gzip_members_of_zeros(mib: int) -> bytes:
 
 def _gzip_tar_bomb(mib: int) -> bytes:
     """A tar.gz (one member per MiB) holding one file of ``mib`` MiB of zeros."""
-    return (gzip.compress(header(b"zeros", size=mib << 20)) + _gzip_members_of_zeros(mib)
-            + gzip.compress(end()))
+    return (
+        gzip.compress(header(b"zeros", size=mib << 20))
+        + _gzip_members_of_zeros(mib)
+        + gzip.compress(end())
+    )
 
 
 def _zstd_tar_bomb(mib: int) -> bytes:
@@ -201,53 +213,154 @@ def _slip_cases(outside: bytes) -> list[Case]:
         return entry(name, typeflag=b"1", linkname=target, **kw)
 
     return [
-        Case("slip-symlink-dir-abs", lambda: sym(b"a", o) + entry(b"a/slip", b"pwned")
-             + end(), "error", "not a directory", apply="ok", apply_paths=[f"{so}/slip"]),
-        Case("slip-symlink-root", lambda: sym(b"a", b"/") + entry(b"a" + o + b"/slip", b"pwned")
-             + end(), "error", "not a directory", apply="ok", apply_paths=[f"{so}/slip"]),
-        Case("slip-symlink-relative-chain",
-             lambda: _dir(b"d/") + sym(b"d/up", b"../..") + sym(b"l", b"d/up/" + rel[3:])
-             + entry(b"l/slip", b"pwned") + end(), "error", "not a directory", apply="ok",
-             apply_paths=["/" + rel[3:].decode() + "/slip"]),
-        Case("slip-symlink-relative", lambda: sym(b"a", rel) + entry(b"a/slip", b"pwned")
-             + end(), "error", "not a directory", apply="ok",
-             apply_paths=["/" + rel[3:].decode() + "/slip"]),
-        Case("slip-symlink-abs-chain", lambda: sym(b"s1", o) + sym(b"s2", b"/s1")
-             + entry(b"s2/slip", b"pwned") + end(), "error", "not a directory", apply="ok",
-             apply_paths=[f"{so}/slip"]),
-        Case("slip-write-through-symlink", lambda: sym(b"f", o + b"/passwd")
-             + entry(b"f", b"pwned", **evil) + end(), "ok", paths=["/f"]),
-        Case("slip-dir-over-symlink", lambda: sym(b"a", o) + _dir(b"a/", **evil) + end(), "ok",
-             paths=["/a"]),
-        Case("slip-hardlink-to-outside-symlink", lambda: sym(b"s", o + b"/passwd")
-             + hard(b"h", b"s", **evil) + end(), "ok", paths=["/s", "/h"]),
-        Case("slip-hardlink-through-symlink-chmod", lambda: sym(b"s", o)
-             + hard(b"h", b"s/passwd", **evil) + end(), "error", "not an earlier entry",
-             apply_match="target missing"),
-        Case("slip-hardlink-abs-outside-then-rewrite", lambda: hard(b"p", o + b"/passwd")
-             + entry(b"p", b"pwned", **evil) + end(), "error", "not an earlier entry",
-             apply_match="target missing"),
-        Case("slip-hardlink-then-rewrite", lambda: sym(b"s", o) + hard(b"p", b"s/passwd")
-             + entry(b"p", b"pwned", **evil) + end(), "error", "not an earlier entry",
-             apply_match="target missing"),
-        Case("slip-hardlink-dir-then-file", lambda: sym(b"s", o) + hard(b"p", b"s/dir/file")
-             + end(), "error", "not an earlier entry", apply_match="target missing"),
-        Case("slip-setuid-via-hardlink-inside", lambda: entry(b"f", b"x", mode=0o644)
-             + hard(b"h", b"f", **evil) + end(), "ok", paths=["/f", "/h"]),
-        Case("slip-whiteout-dotdot", lambda: entry(b"d/.wh...") + end(), "ok", paths=["/d"],
-             apply="error", apply_match="names no file"),
-        Case("slip-whiteout-through-symlink", lambda: sym(b"a", o) + entry(b"a/.wh.passwd")
-             + end(), "error", "not a directory", apply="ok", apply_paths=[so]),
-        Case("slip-whiteout-relative", lambda: sym(b"a", rel) + entry(b"a/.wh.passwd")
-             + end(), "error", "not a directory", apply="ok"),
-        Case("slip-opaque-through-symlink", lambda: sym(b"a", o) + entry(b"a/.wh..wh..opq")
-             + end(), "error", "not a directory", apply="ok", apply_paths=[so]),
-        Case("slip-opaque-relative", lambda: sym(b"a", rel) + entry(b"a/.wh..wh..opq")
-             + end(), "error", "not a directory", apply="ok"),
-        Case("slip-dotdot-deep", lambda: entry(b"d/../../" + rel[3:] + b"/slip", b"pwned")
-             + end(), "error", "contains '..'"),
-        Case("slip-dotdot-hardlink", lambda: entry(b"f", b"x") + hard(b"h", rel + b"/passwd")
-             + end(), "error", "contains '..'"),
+        Case(
+            "slip-symlink-dir-abs",
+            lambda: sym(b"a", o) + entry(b"a/slip", b"pwned") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=[f"{so}/slip"],
+        ),
+        Case(
+            "slip-symlink-root",
+            lambda: sym(b"a", b"/") + entry(b"a" + o + b"/slip", b"pwned") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=[f"{so}/slip"],
+        ),
+        Case(
+            "slip-symlink-relative-chain",
+            lambda: (
+                _dir(b"d/")
+                + sym(b"d/up", b"../..")
+                + sym(b"l", b"d/up/" + rel[3:])
+                + entry(b"l/slip", b"pwned")
+                + end()
+            ),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=["/" + rel[3:].decode() + "/slip"],
+        ),
+        Case(
+            "slip-symlink-relative",
+            lambda: sym(b"a", rel) + entry(b"a/slip", b"pwned") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=["/" + rel[3:].decode() + "/slip"],
+        ),
+        Case(
+            "slip-symlink-abs-chain",
+            lambda: sym(b"s1", o) + sym(b"s2", b"/s1") + entry(b"s2/slip", b"pwned") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=[f"{so}/slip"],
+        ),
+        Case(
+            "slip-write-through-symlink",
+            lambda: sym(b"f", o + b"/passwd") + entry(b"f", b"pwned", **evil) + end(),
+            "ok",
+            paths=["/f"],
+        ),
+        Case(
+            "slip-dir-over-symlink",
+            lambda: sym(b"a", o) + _dir(b"a/", **evil) + end(),
+            "ok",
+            paths=["/a"],
+        ),
+        Case(
+            "slip-hardlink-to-outside-symlink",
+            lambda: sym(b"s", o + b"/passwd") + hard(b"h", b"s", **evil) + end(),
+            "ok",
+            paths=["/s", "/h"],
+        ),
+        Case(
+            "slip-hardlink-through-symlink-chmod",
+            lambda: sym(b"s", o) + hard(b"h", b"s/passwd", **evil) + end(),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "slip-hardlink-abs-outside-then-rewrite",
+            lambda: hard(b"p", o + b"/passwd") + entry(b"p", b"pwned", **evil) + end(),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "slip-hardlink-then-rewrite",
+            lambda: sym(b"s", o) + hard(b"p", b"s/passwd") + entry(b"p", b"pwned", **evil) + end(),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "slip-hardlink-dir-then-file",
+            lambda: sym(b"s", o) + hard(b"p", b"s/dir/file") + end(),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "slip-setuid-via-hardlink-inside",
+            lambda: entry(b"f", b"x", mode=0o644) + hard(b"h", b"f", **evil) + end(),
+            "ok",
+            paths=["/f", "/h"],
+        ),
+        Case(
+            "slip-whiteout-dotdot",
+            lambda: entry(b"d/.wh...") + end(),
+            "ok",
+            paths=["/d"],
+            apply="error",
+            apply_match="names no file",
+        ),
+        Case(
+            "slip-whiteout-through-symlink",
+            lambda: sym(b"a", o) + entry(b"a/.wh.passwd") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=[so],
+        ),
+        Case(
+            "slip-whiteout-relative",
+            lambda: sym(b"a", rel) + entry(b"a/.wh.passwd") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+        ),
+        Case(
+            "slip-opaque-through-symlink",
+            lambda: sym(b"a", o) + entry(b"a/.wh..wh..opq") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=[so],
+        ),
+        Case(
+            "slip-opaque-relative",
+            lambda: sym(b"a", rel) + entry(b"a/.wh..wh..opq") + end(),
+            "error",
+            "not a directory",
+            apply="ok",
+        ),
+        Case(
+            "slip-dotdot-deep",
+            lambda: entry(b"d/../../" + rel[3:] + b"/slip", b"pwned") + end(),
+            "error",
+            "contains '..'",
+        ),
+        Case(
+            "slip-dotdot-hardlink",
+            lambda: entry(b"f", b"x") + hard(b"h", rel + b"/passwd") + end(),
+            "error",
+            "contains '..'",
+        ),
     ]
 
 
@@ -255,114 +368,274 @@ def hostile_cases(outside: bytes = DEFAULT_OUTSIDE) -> list[Case]:
     f = entry(b"file", b"hello")
     cases = [
         Case("dotdot", lambda: entry(b"../evil", b"x") + end(), "error", "contains '..'"),
-        Case("dotdot-inner", lambda: entry(b"a/../../evil", b"x") + end(), "error",
-             "contains '..'"),
-        Case("absolute-path", lambda: entry(b"/tmp/nydus-hostile-abs", b"x") + end(), "ok",
-             paths=["/tmp/nydus-hostile-abs"]),
-        Case("nul-in-pax-path",
-             lambda: pax([(b"path", b"a\0b")]) + entry(b"a", b"x") + end(), "error",
-             "NUL"),
-        Case("empty-name", lambda: entry(b"", b"x") + end(), "error",
-             "root must be a directory"),
-        Case("dot-is-file", lambda: entry(b"./", b"x") + end(), "error",
-             "root must be a directory"),
-        Case("hardlink-missing", lambda: entry(b"l", typeflag=b"1", linkname=b"nope") + end(),
-             "error", "not an earlier entry", apply_match="target missing"),
-        Case("hardlink-escape",
-             lambda: entry(b"l", typeflag=b"1", linkname=b"../../etc/passwd") + end(),
-             "error", "contains '..'"),
-        Case("hardlink-absolute-outside",
-             lambda: entry(b"l", typeflag=b"1", linkname=b"/etc/passwd") + end(), "error",
-             "not an earlier entry", apply_match="target missing"),
-        Case("hardlink-absolute-inside",
-             lambda: f + entry(b"l", typeflag=b"1", linkname=b"/file") + end(), "ok",
-             paths=["/file", "/l"]),
-        Case("hardlink-to-dir",
-             lambda: _dir(b"d/") + entry(b"l", typeflag=b"1", linkname=b"d") + end(),
-             "error", "names a directory"),
-        Case("hardlink-through-symlink",
-             lambda: entry(b"s", typeflag=b"2", linkname=b"/etc")
-             + entry(b"l", typeflag=b"1", linkname=b"s/passwd") + end(), "error",
-             "not an earlier entry", apply_match="target missing"),
-        Case("file-through-symlink",
-             lambda: entry(b"s", typeflag=b"2", linkname=b"/tmp")
-             + entry(b"s/nydus-hostile-through", b"pwned") + end(), "error",
-             "not a directory", apply="ok", apply_paths=["/tmp/nydus-hostile-through"]),
-        Case("file-below-file", lambda: f + entry(b"file/x", b"x") + end(), "error",
-             "not a directory"),
-        Case("symlink-absolute", lambda: entry(b"s", typeflag=b"2", linkname=b"/etc/shadow")
-             + end(), "ok", paths=["/s"]),
+        Case(
+            "dotdot-inner", lambda: entry(b"a/../../evil", b"x") + end(), "error", "contains '..'"
+        ),
+        Case(
+            "absolute-path",
+            lambda: entry(b"/tmp/nydus-hostile-abs", b"x") + end(),
+            "ok",
+            paths=["/tmp/nydus-hostile-abs"],
+        ),
+        Case(
+            "nul-in-pax-path",
+            lambda: pax([(b"path", b"a\0b")]) + entry(b"a", b"x") + end(),
+            "error",
+            "NUL",
+        ),
+        Case("empty-name", lambda: entry(b"", b"x") + end(), "error", "root must be a directory"),
+        Case(
+            "dot-is-file", lambda: entry(b"./", b"x") + end(), "error", "root must be a directory"
+        ),
+        Case(
+            "hardlink-missing",
+            lambda: entry(b"l", typeflag=b"1", linkname=b"nope") + end(),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "hardlink-escape",
+            lambda: entry(b"l", typeflag=b"1", linkname=b"../../etc/passwd") + end(),
+            "error",
+            "contains '..'",
+        ),
+        Case(
+            "hardlink-absolute-outside",
+            lambda: entry(b"l", typeflag=b"1", linkname=b"/etc/passwd") + end(),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "hardlink-absolute-inside",
+            lambda: f + entry(b"l", typeflag=b"1", linkname=b"/file") + end(),
+            "ok",
+            paths=["/file", "/l"],
+        ),
+        Case(
+            "hardlink-to-dir",
+            lambda: _dir(b"d/") + entry(b"l", typeflag=b"1", linkname=b"d") + end(),
+            "error",
+            "names a directory",
+        ),
+        Case(
+            "hardlink-through-symlink",
+            lambda: (
+                entry(b"s", typeflag=b"2", linkname=b"/etc")
+                + entry(b"l", typeflag=b"1", linkname=b"s/passwd")
+                + end()
+            ),
+            "error",
+            "not an earlier entry",
+            apply_match="target missing",
+        ),
+        Case(
+            "file-through-symlink",
+            lambda: (
+                entry(b"s", typeflag=b"2", linkname=b"/tmp")
+                + entry(b"s/nydus-hostile-through", b"pwned")
+                + end()
+            ),
+            "error",
+            "not a directory",
+            apply="ok",
+            apply_paths=["/tmp/nydus-hostile-through"],
+        ),
+        Case(
+            "file-below-file",
+            lambda: f + entry(b"file/x", b"x") + end(),
+            "error",
+            "not a directory",
+        ),
+        Case(
+            "symlink-absolute",
+            lambda: entry(b"s", typeflag=b"2", linkname=b"/etc/shadow") + end(),
+            "ok",
+            paths=["/s"],
+        ),
         Case("symlink-empty", lambda: entry(b"s", typeflag=b"2") + end(), "error", "empty"),
-        Case("symlink-too-long",
-             lambda: pax([(b"linkpath", b"x" * 5000)]) + entry(b"s", typeflag=b"2") + end(),
-             "error", "longer than 4095"),
+        Case(
+            "symlink-too-long",
+            lambda: pax([(b"linkpath", b"x" * 5000)]) + entry(b"s", typeflag=b"2") + end(),
+            "error",
+            "longer than 4095",
+        ),
         Case("truncated-header", lambda: (f + end())[: 512 + 512 + 100], "error", "truncated"),
-        Case("truncated-data", lambda: header(b"big", size=10000) + b"x" * 3000, "error",
-             "truncated"),
-        Case("size-lies-bigger",
-             lambda: header(b"a", size=5000) + _padded(b"x" * 100) + f + end(), "error",
-             "truncated"),
-        Case("size-lies-smaller",
-             lambda: header(b"a", size=10) + _padded(b"y" * 2000) + end(), "error",
-             "checksum"),
-        Case("bad-checksum", lambda: header(b"a", checksum=1234) + end(), "error",
-             "checksum"),
+        Case(
+            "truncated-data", lambda: header(b"big", size=10000) + b"x" * 3000, "error", "truncated"
+        ),
+        Case(
+            "size-lies-bigger",
+            lambda: header(b"a", size=5000) + _padded(b"x" * 100) + f + end(),
+            "error",
+            "truncated",
+        ),
+        Case(
+            "size-lies-smaller",
+            lambda: header(b"a", size=10) + _padded(b"y" * 2000) + end(),
+            "error",
+            "checksum",
+        ),
+        Case("bad-checksum", lambda: header(b"a", checksum=1234) + end(), "error", "checksum"),
         Case("not-a-tar", lambda: b"\x7fELF" + bytes(range(256)) * 8, "error", "checksum"),
-        Case("bad-octal", lambda: header(b"a", patch={124: b"0000000009x\0"}) + end(),
-             "error", "not octal"),
-        Case("unknown-magic", lambda: header(b"a", patch={257: b"xxxxxx"}) + end(), "error",
-             "magic"),
-        Case("truncated-gzip", lambda: gzip.compress(f + end())[:40], "error",
-             "gzip stream truncated"),
-        Case("corrupt-gzip", lambda: (lambda g: g[:20] + b"\xff" * 8 + g[28:])(
-            gzip.compress(f * 20 + end())), "error", "gzip"),
-        Case("truncated-zstd", lambda: zstandard.ZstdCompressor().compress(f + end())[:-4],
-             "error", "zstd stream truncated"),
+        Case(
+            "bad-octal",
+            lambda: header(b"a", patch={124: b"0000000009x\0"}) + end(),
+            "error",
+            "not octal",
+        ),
+        Case(
+            "unknown-magic", lambda: header(b"a", patch={257: b"xxxxxx"}) + end(), "error", "magic"
+        ),
+        Case(
+            "truncated-gzip",
+            lambda: gzip.compress(f + end())[:40],
+            "error",
+            "gzip stream truncated",
+        ),
+        Case(
+            "corrupt-gzip",
+            lambda: (lambda g: g[:20] + b"\xff" * 8 + g[28:])(gzip.compress(f * 20 + end())),
+            "error",
+            "gzip",
+        ),
+        Case(
+            "truncated-zstd",
+            lambda: zstandard.ZstdCompressor().compress(f + end())[:-4],
+            "error",
+            "zstd stream truncated",
+        ),
         Case("gzip-bomb-tar", lambda: _gzip_tar_bomb(1024), "ok", paths=["/zeros"]),
         Case("zstd-bomb-tar", lambda: _zstd_tar_bomb(1024), "ok", paths=["/zeros"]),
-        Case("gzip-bomb-zeros", lambda: _gzip_members_of_zeros(4096), "error",
-             "after the tar end-of-archive marker"),
+        Case(
+            "gzip-bomb-zeros",
+            lambda: _gzip_members_of_zeros(4096),
+            "error",
+            "after the tar end-of-archive marker",
+        ),
         Case("trailing-garbage", lambda: f + end() + b"garbage" * 10, "ok", paths=["/file"]),
         Case("no-end-marker", lambda: f, "ok", paths=["/file"]),
-        Case("long-component", lambda: pax([(b"path", b"a" * 256)]) + entry(b"x", b"x")
-             + end(), "error", "longer than 255"),
-        Case("path-too-long", lambda: pax([(b"path", b"a/" * 2100 + b"f")]) + entry(b"x")
-             + end(), "error", "longer than 4096"),
-        Case("deep-path-ok", lambda: pax([(b"path", b"a/" * 2000 + b"f")]) + entry(b"x", b"1")
-             + end(), "ok", paths=["/" + "a/" * 2000 + "f"]),
-        Case("pax-huge", lambda: pax([(b"comment", b"x" * (2 << 20))]) + f + end(), "error",
-             "exceeds"),
-        Case("pax-bad-length", lambda: header(b"p", typeflag=b"x", size=20)
-             + _padded(b"99 path=abc\n") + f + end(), "error", "PAX record length"),
-        Case("pax-ends-archive", lambda: pax([(b"path", b"x")]), "error",
-             "ends after an extended header"),
-        Case("uid-too-big", lambda: pax([(b"uid", b"%d" % (1 << 40))]) + f + end(), "error",
-             "32 bits"),
-        Case("negative-mtime", lambda: entry(b"old", b"x", mtime=-86400) + end(), "ok",
-             paths=["/old"]),
-        Case("device-too-big", lambda: entry(b"dev", typeflag=b"3", devmajor=5000) + end(),
-             "error", "does not fit"),
-        Case("sparse-overlap", lambda: pax([(b"GNU.sparse.size", b"100"),
-                                            (b"GNU.sparse.map", b"0,10,5,10")])
-             + entry(b"sp", b"x" * 20) + end(), "error", "overlap"),
-        Case("sparse-sum-lies", lambda: pax([(b"GNU.sparse.size", b"100"),
-                                             (b"GNU.sparse.map", b"0,10,50,10")])
-             + entry(b"sp", b"x" * 30) + end(), "error", "sparse segments hold"),
-        Case("sparse-huge", lambda: pax([(b"GNU.sparse.size", b"%d" % (1 << 50)),
-                                         (b"GNU.sparse.map", b"0,1")])
-             + entry(b"sp", b"x") + end(), "error", "chunk slots", apply="either",
-             apply_match="File too large"),  # a 1 PiB hole: ext4 refuses it, xfs does not
-        Case("xattr-huge", lambda: pax([(b"SCHILY.xattr.user.big", b"v" * 70000)]) + f + end(),
-             "error", "xattrs larger"),
-        Case("xattr-foreign-namespace", lambda: pax([(b"SCHILY.xattr.com.apple.x", b"v")]) + f
-             + end(), "ok", paths=["/file"]),
-        Case("multivolume", lambda: entry(b"mv", b"x", typeflag=b"M") + end(), "error",
-             "not supported"),
-        Case("duplicate-types", lambda: _dir(b"x/") + entry(b"x/in", b"1") + entry(b"x", b"f")
-             + _dir(b"x/") + entry(b"y", b"1") + _dir(b"y/") + end(), "ok",
-             paths=["/x", "/y"], absent=["/x/in"]),
-        Case("many-entries", lambda: _many_entries(200_000), "ok",
-             paths=["/d1999/f0199999"]),
+        Case(
+            "long-component",
+            lambda: pax([(b"path", b"a" * 256)]) + entry(b"x", b"x") + end(),
+            "error",
+            "longer than 255",
+        ),
+        Case(
+            "path-too-long",
+            lambda: pax([(b"path", b"a/" * 2100 + b"f")]) + entry(b"x") + end(),
+            "error",
+            "longer than 4096",
+        ),
+        Case(
+            "deep-path-ok",
+            lambda: pax([(b"path", b"a/" * 2000 + b"f")]) + entry(b"x", b"1") + end(),
+            "ok",
+            paths=["/" + "a/" * 2000 + "f"],
+        ),
+        Case(
+            "pax-huge",
+            lambda: pax([(b"comment", b"x" * (2 << 20))]) + f + end(),
+            "error",
+            "exceeds",
+        ),
+        Case(
+            "pax-bad-length",
+            lambda: header(b"p", typeflag=b"x", size=20) + _padded(b"99 path=abc\n") + f + end(),
+            "error",
+            "PAX record length",
+        ),
+        Case(
+            "pax-ends-archive",
+            lambda: pax([(b"path", b"x")]),
+            "error",
+            "ends after an extended header",
+        ),
+        Case(
+            "uid-too-big",
+            lambda: pax([(b"uid", b"%d" % (1 << 40))]) + f + end(),
+            "error",
+            "32 bits",
+        ),
+        Case(
+            "negative-mtime",
+            lambda: entry(b"old", b"x", mtime=-86400) + end(),
+            "ok",
+            paths=["/old"],
+        ),
+        Case(
+            "device-too-big",
+            lambda: entry(b"dev", typeflag=b"3", devmajor=5000) + end(),
+            "error",
+            "does not fit",
+        ),
+        Case(
+            "sparse-overlap",
+            lambda: (
+                pax([(b"GNU.sparse.size", b"100"), (b"GNU.sparse.map", b"0,10,5,10")])
+                + entry(b"sp", b"x" * 20)
+                + end()
+            ),
+            "error",
+            "overlap",
+        ),
+        Case(
+            "sparse-sum-lies",
+            lambda: (
+                pax([(b"GNU.sparse.size", b"100"), (b"GNU.sparse.map", b"0,10,50,10")])
+                + entry(b"sp", b"x" * 30)
+                + end()
+            ),
+            "error",
+            "sparse segments hold",
+        ),
+        Case(
+            "sparse-huge",
+            lambda: (
+                pax([(b"GNU.sparse.size", b"%d" % (1 << 50)), (b"GNU.sparse.map", b"0,1")])
+                + entry(b"sp", b"x")
+                + end()
+            ),
+            "error",
+            "chunk slots",
+            apply="either",
+            apply_match="File too large",
+        ),  # a 1 PiB hole: ext4 refuses it, xfs does not
+        Case(
+            "xattr-huge",
+            lambda: pax([(b"SCHILY.xattr.user.big", b"v" * 70000)]) + f + end(),
+            "error",
+            "xattrs larger",
+        ),
+        Case(
+            "xattr-foreign-namespace",
+            lambda: pax([(b"SCHILY.xattr.com.apple.x", b"v")]) + f + end(),
+            "ok",
+            paths=["/file"],
+        ),
+        Case(
+            "multivolume",
+            lambda: entry(b"mv", b"x", typeflag=b"M") + end(),
+            "error",
+            "not supported",
+        ),
+        Case(
+            "duplicate-types",
+            lambda: (
+                _dir(b"x/")
+                + entry(b"x/in", b"1")
+                + entry(b"x", b"f")
+                + _dir(b"x/")
+                + entry(b"y", b"1")
+                + _dir(b"y/")
+                + end()
+            ),
+            "ok",
+            paths=["/x", "/y"],
+            absent=["/x/in"],
+        ),
+        Case("many-entries", lambda: _many_entries(200_000), "ok", paths=["/d1999/f0199999"]),
     ]
     return cases + _slip_cases(outside)
 
@@ -407,6 +680,14 @@ def tree_state(top: str) -> dict[str, tuple[object, ...]]:
                     body = f.read()
             else:
                 body = None
-            out[os.path.relpath(path, top)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
-                                               st.st_mtime_ns, st.st_ino, st.st_nlink, body)
+            out[os.path.relpath(path, top)] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ino,
+                st.st_nlink,
+                body,
+            )
     return out

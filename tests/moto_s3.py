@@ -35,8 +35,13 @@ class Moto:
     def s3(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=f"http://{self.endpoint}", region_name="us-east-1",
-                            aws_access_key_id=self.key_id, aws_secret_access_key=self.secret)
+        return boto3.client(
+            "s3",
+            endpoint_url=f"http://{self.endpoint}",
+            region_name="us-east-1",
+            aws_access_key_id=self.key_id,
+            aws_secret_access_key=self.secret,
+        )
 
 
 def _free_port() -> int:
@@ -55,8 +60,12 @@ def moto_server(user: str = "nydus") -> Iterator[Moto]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(INITIAL_NO_AUTH_ACTION_COUNT="4", AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -67,14 +76,25 @@ def moto_server(user: str = "nydus") -> Iterator[Moto]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     pytest.fail("moto_server did not start")
                 time.sleep(0.1)
-        iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{port}",
-                           region_name="us-east-1", aws_access_key_id="bootstrap",
-                           aws_secret_access_key="bootstrap")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
         iam.create_user(UserName=user)
         key = iam.create_access_key(UserName=user)["AccessKey"]
-        iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName=user,
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
         yield Moto(key["AccessKeyId"], key["SecretAccessKey"], port)
     finally:
         proc.terminate()

@@ -560,8 +560,9 @@ class FaultProxy:
     one digest (through ``/v2/.../blobs/`` and the ``/objects/`` redirect target).
     """
 
-    def __init__(self, upstream: RegistryServer, *, tls: CertPair | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, upstream: RegistryServer, *, tls: CertPair | None = None, seed: int = 0
+    ) -> None:
         self.upstream = upstream
         self.faults: list[Fault] = []
         self._rng = random.Random(seed)

@@ -23,7 +23,7 @@ __all__ = ["split_inline_blob", "upstream_inline_blob"]
 
 def split_inline_blob(blob: bytes) -> tuple[bytes, bytes, list[bm.TocEntry]]:
     """(everything before the bootstrap, the bootstrap, the ToC entries) of our inline blob."""
-    name, toc_size = bm.parse_tar_header(blob[-bm.TAR_BLOCK:])
+    name, toc_size = bm.parse_tar_header(blob[-bm.TAR_BLOCK :])
     assert name == bm.TOC_ENTRY_BLOB_TOC
     toc_end = len(blob) - bm.TAR_BLOCK
     toc = bm.unpack_toc(blob[toc_end - toc_size : toc_end])
@@ -53,8 +53,21 @@ def upstream_inline_blob(blob: bytes, *, toc: bool = True) -> bytes:
     if not toc:
         return head + boot + bm.tar_header(bm.TOC_ENTRY_BOOTSTRAP, len(boot))
     packed = zstandard.ZstdCompressor().compress(boot)
-    entries.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_ZSTD, bm.TOC_ENTRY_BOOTSTRAP,
-                               hashlib.sha256(boot).digest(), len(head), len(packed), len(boot)))
+    entries.append(
+        bm.TocEntry(
+            bm.TOC_FLAG_COMPRESSION_ZSTD,
+            bm.TOC_ENTRY_BOOTSTRAP,
+            hashlib.sha256(boot).digest(),
+            len(head),
+            len(packed),
+            len(boot),
+        )
+    )
     toc_bytes = b"".join(e.pack() for e in entries)
-    return (head + packed + bm.tar_header(bm.TOC_ENTRY_BOOTSTRAP, len(packed)) + toc_bytes
-            + bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes)))
+    return (
+        head
+        + packed
+        + bm.tar_header(bm.TOC_ENTRY_BOOTSTRAP, len(packed))
+        + toc_bytes
+        + bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
+    )

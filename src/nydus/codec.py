@@ -163,7 +163,5 @@ def decompress(c: Compressor, data: bytes, size: int) -> bytes:
         except Exception as e:  # zstd.ZstdError, LZ4BlockError, zlib.error
             raise IntegrityError(f"{c.name} decompression failed: {e}") from e
     if len(out) != size:
-        raise IntegrityError(
-            f"{c.name} chunk decompressed to {len(out)} bytes, expected {size}"
-        )
+        raise IntegrityError(f"{c.name} chunk decompressed to {len(out)} bytes, expected {size}")
     return out

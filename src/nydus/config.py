@@ -57,6 +57,7 @@ __all__ = [
     "CACHE_TYPES",
 ]
 
+
 class FsDriver(StrEnum):
     """An image's data path (extension): FUSE RAFS or kernel EROFS. The values are the wire
     strings (config, API, CLI); ``FsDriver(s)`` is the one check (ValueError otherwise)."""
@@ -375,8 +376,7 @@ def docker_config_path(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(base, "config.json") if base else "~/.docker/config.json"
 
 
-def read_input_file(path: str | os.PathLike[str], what: str,
-                    max_size: int = 1 << 20) -> bytes:
+def read_input_file(path: str | os.PathLike[str], what: str, max_size: int = 1 << 20) -> bytes:
     """The bytes of a small input file a user named (a config, a file list): opened with
     ``O_NONBLOCK`` so a FIFO cannot block the open, then only a regular file of at most
     ``max_size`` bytes is read (a FIFO, device or directory is refused at once). Errors are
@@ -586,16 +586,18 @@ def _v2_path(msg: str, v1: dict[str, Any]) -> str:
         ("amplify_io", "rafs.batch_size"),
         ("digest_validate", "rafs.validate"),
     ]
-    renames = {"threads_count": "threads", "merging_size": "batch_size",
-               "bandwidth_rate": "bandwidth_limit"}
+    renames = {
+        "threads_count": "threads",
+        "merging_size": "batch_size",
+        "bandwidth_rate": "bandwidth_limit",
+    }
     path, sep, rest = msg.partition(": ")
     for old, new in rules:
         if path.startswith(old):
-            path = new + path[len(old):]
+            path = new + path[len(old) :]
             break
     else:
-        if path in ("mode", "enable_xattr", "iostats_files", "access_pattern",
-                    "latest_read_files"):
+        if path in ("mode", "enable_xattr", "iostats_files", "access_pattern", "latest_read_files"):
             path = f"rafs.{path}"
     if path.startswith(("rafs.prefetch.", "cache.prefetch.")):
         head, _, key = path.rpartition(".")
@@ -607,8 +609,16 @@ def _v2_to_v1(obj: dict[str, Any]) -> dict[str, Any]:
     if obj.get("version") != 2:
         raise ConfigError(f"version: expected 2, got {_show(obj.get('version'))}")
     top = _take(
-        obj, "", {"version": "version", "id": "id", "backend": "backend", "cache": "cache",
-                  "rafs": "rafs", "overlay": "overlay"}
+        obj,
+        "",
+        {
+            "version": "version",
+            "id": "id",
+            "backend": "backend",
+            "cache": "cache",
+            "rafs": "rafs",
+            "overlay": "overlay",
+        },
     )
     out: dict[str, Any] = {}
     backend = top.get("backend")
@@ -630,9 +640,18 @@ def _v2_to_v1(obj: dict[str, Any]) -> dict[str, Any]:
         device["id"] = top["id"]
     cache = top.get("cache")
     if cache is not None:
-        c = _take(cache, "cache", {"type": "type", "compressed": "compressed",
-                                   "validate": "validate", "prefetch": "prefetch",
-                                   "filecache": "filecache", "fscache": "fscache"})
+        c = _take(
+            cache,
+            "cache",
+            {
+                "type": "type",
+                "compressed": "compressed",
+                "validate": "validate",
+                "prefetch": "prefetch",
+                "filecache": "filecache",
+                "fscache": "fscache",
+            },
+        )
         v1c: dict[str, Any] = {k: c[k] for k in ("type", "compressed", "validate") if k in c}
         ctype = c.get("type", "")
         section = c.get("fscache") if ctype == "fscache" else c.get("filecache")
@@ -647,12 +666,20 @@ def _v2_to_v1(obj: dict[str, Any]) -> dict[str, Any]:
     out["device"] = device
     rafs = top.get("rafs")
     if rafs is not None:
-        r = _take(rafs, "rafs", {"mode": "mode", "batch_size": "amplify_io",
-                                 "validate": "digest_validate", "enable_xattr": "enable_xattr",
-                                 "iostats_files": "iostats_files",
-                                 "access_pattern": "access_pattern",
-                                 "latest_read_files": "latest_read_files",
-                                 "prefetch": "fs_prefetch"})
+        r = _take(
+            rafs,
+            "rafs",
+            {
+                "mode": "mode",
+                "batch_size": "amplify_io",
+                "validate": "digest_validate",
+                "enable_xattr": "enable_xattr",
+                "iostats_files": "iostats_files",
+                "access_pattern": "access_pattern",
+                "latest_read_files": "latest_read_files",
+                "prefetch": "fs_prefetch",
+            },
+        )
         if "fs_prefetch" in r:
             r["fs_prefetch"] = _take(r["fs_prefetch"], "rafs.prefetch", _V2_PREFETCH)
         out.update(r)

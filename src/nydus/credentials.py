@@ -44,18 +44,57 @@ __all__ = [
 REDACTED = "<redacted>"
 
 #: nydusd config keys (v1 and v2) whose values are credentials.
-SECRET_CONFIG_KEYS = frozenset({
-    "auth", "registry_token", "access_key_id", "access_key_secret", "encryption_key",
-    "password", "token", "secret", "session_token", "identitytoken", "identity_token",
-})
+SECRET_CONFIG_KEYS = frozenset(
+    {
+        "auth",
+        "registry_token",
+        "access_key_id",
+        "access_key_secret",
+        "encryption_key",
+        "password",
+        "token",
+        "secret",
+        "session_token",
+        "identitytoken",
+        "identity_token",
+    }
+)
 
 # a key is secret when its last path component names one of these
-_SECRET_WORDS = ("secret", "password", "passwd", "token", "auth", "credential", "apikey",
-                 "api_key", "access_key", "private_key", "encryption_key")
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie",
-                             "x-amz-security-token", "x-registry-auth"})
-_SECRET_QUERY = ("signature", "sig", "token", "credential", "security-token", "secret",
-                 "access_key", "accesskey", "password")
+_SECRET_WORDS = (
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "auth",
+    "credential",
+    "apikey",
+    "api_key",
+    "access_key",
+    "private_key",
+    "encryption_key",
+)
+_SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-amz-security-token",
+        "x-registry-auth",
+    }
+)
+_SECRET_QUERY = (
+    "signature",
+    "sig",
+    "token",
+    "credential",
+    "security-token",
+    "secret",
+    "access_key",
+    "accesskey",
+    "password",
+)
 
 
 def is_secret_key(key: str) -> bool:
@@ -82,8 +121,14 @@ def redact_labels(labels: Mapping[str, str]) -> dict[str, str]:
 def redact_config(obj: Any) -> Any:
     """A copy of a config dict with credentials blanked (for info answers and logs)."""
     if isinstance(obj, Mapping):
-        return {k: ("" if isinstance(k, str) and k.lower() in SECRET_CONFIG_KEYS and v
-                    else redact_config(v)) for k, v in obj.items()}
+        return {
+            k: (
+                ""
+                if isinstance(k, str) and k.lower() in SECRET_CONFIG_KEYS and v
+                else redact_config(v)
+            )
+            for k, v in obj.items()
+        }
     if isinstance(obj, list):
         return [redact_config(v) for v in obj]
     return obj
@@ -104,8 +149,10 @@ def redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, REDACTED if any(w in k.lower() for w in _SECRET_QUERY) else v)
-                           for k, v in pairs], safe="<>")
+        query = urlencode(
+            [(k, REDACTED if any(w in k.lower() for w in _SECRET_QUERY) else v) for k, v in pairs],
+            safe="<>",
+        )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -116,13 +163,13 @@ _QUOTED_PAIR = re.compile(
     r"""(?P<vq>['"])(?P<v>(?:\\.|(?!(?P=vq)).)*)(?P=vq)""",
     re.IGNORECASE,
 )
-_AUTH_HEADER = re.compile(r"(?P<k>\b(?:proxy-)?authorization\s*[:=]\s*['\"]?)(?P<v>[^'\"\r\n,}]+)",
-                          re.IGNORECASE)
+_AUTH_HEADER = re.compile(
+    r"(?P<k>\b(?:proxy-)?authorization\s*[:=]\s*['\"]?)(?P<v>[^'\"\r\n,}]+)", re.IGNORECASE
+)
 
 
 def _scrub(text: str) -> str:
-    text = _QUOTED_PAIR.sub(lambda m: m.group("k") + m.group("vq") + REDACTED + m.group("vq"),
-                            text)
+    text = _QUOTED_PAIR.sub(lambda m: m.group("k") + m.group("vq") + REDACTED + m.group("vq"), text)
     return _AUTH_HEADER.sub(lambda m: m.group("k") + REDACTED, text)
 
 
@@ -151,18 +198,15 @@ def private_dir(path: str | os.PathLike[str]) -> None:
 
 def private_file(path: str | os.PathLike[str]) -> None:
     """Create ``path`` if missing and make it mode 0600 (an existing file is tightened)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
 
 
-def _open_private(filename: str, mode: str, encoding: str | None,
-                  errors: str | None) -> IO[str]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if "a" in mode else
-                                                       os.O_TRUNC)
+def _open_private(filename: str, mode: str, encoding: str | None, errors: str | None) -> IO[str]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     fd = os.open(filename, flags, 0o600)
     try:
         os.fchmod(fd, 0o600)

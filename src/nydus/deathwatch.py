@@ -144,16 +144,23 @@ class DeathWatch:
 
         src = os.path.dirname(os.path.dirname(os.path.abspath(nydus.__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            x for x in (src, env.get("PYTHONPATH", "")) if x)
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (src, env.get("PYTHONPATH", "")) if x)
         try:
             p = subprocess.Popen(
                 [sys.executable, "-m", "nydus.deathwatch", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd="/", env=env,
-                close_fds=True, start_new_session=True)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                cwd="/",
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
         except OSError as e:
-            log.error("cannot start the death watcher: %s (a daemon killed while stuck in "
-                      "the kernel would leave its FUSE mounts hanging)", e)
+            log.error(
+                "cannot start the death watcher: %s (a daemon killed while stuck in "
+                "the kernel would leave its FUSE mounts hanging)",
+                e,
+            )
             return None
         self._proc = p
         log.info("death watcher started (pid %d)", p.pid)
@@ -243,8 +250,12 @@ def watch(pid: int) -> int:
         if _dying(pid):
             done = _abort_guarded(pid, guarded) if guarded else []
             if done:
-                print(f"nydus death watch: nydusd {pid} died with FUSE connections still up; "
-                      f"aborted {', '.join(done)}", file=sys.stderr, flush=True)
+                print(
+                    f"nydus death watch: nydusd {pid} died with FUSE connections still up; "
+                    f"aborted {', '.join(done)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             deadline = time.monotonic() + _GONE_WAIT
             while os.getppid() == pid and time.monotonic() < deadline:
                 time.sleep(_POLL)

@@ -147,8 +147,12 @@ def abort_connection(conn: int) -> bool:
     return True
 
 
-def abort_mounts(paths: Iterable[str | os.PathLike[str]], *, below: bool = False,
-                 fstypes: Iterable[str] | None = None) -> list[FuseMount]:
+def abort_mounts(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    below: bool = False,
+    fstypes: Iterable[str] | None = None,
+) -> list[FuseMount]:
     """Abort the connection of every FUSE mount at one of ``paths`` (and, with ``below``, at
     any mount point beneath one of them); ``fstypes`` limits it to those types. Returns the
     mounts whose connection was aborted. Reads only the mount table: never touches the paths.
@@ -161,7 +165,8 @@ def abort_mounts(paths: Iterable[str | os.PathLike[str]], *, below: bool = False
         if kinds is not None and m.fstype not in kinds:
             continue
         hit = m.mountpoint in bases or (
-            below and any(m.mountpoint.startswith(b.rstrip("/") + "/") for b in bases))
+            below and any(m.mountpoint.startswith(b.rstrip("/") + "/") for b in bases)
+        )
         if hit and m.conn not in seen and abort_connection(m.conn):
             seen.add(m.conn)
             done.append(m)

@@ -198,8 +198,17 @@ def move_beneath(source: str, target: str) -> None:
     if fd < 0:
         raise _errno_error(f"open_tree({source!r})", source)
     try:
-        if lc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target),
-                        _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH) != 0:
+        if (
+            lc.syscall(
+                _SYS_MOVE_MOUNT,
+                fd,
+                b"",
+                _AT_FDCWD,
+                os.fsencode(target),
+                _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH,
+            )
+            != 0
+        ):
             raise _errno_error(f"move_mount({source!r} beneath {target!r})", target)
     finally:
         os.close(fd)
@@ -259,8 +268,7 @@ def nydusd_serving(mountpoint: str, proc: str = "/proc") -> list[int]:
                 argv = [os.fsdecode(x) for x in f.read().split(b"\0") if x]
         except OSError:
             continue
-        if not any(os.path.basename(x) == "nydusd" or "nydus.cli.nydusd" in x
-                   for x in argv[:3]):
+        if not any(os.path.basename(x) == "nydusd" or "nydus.cli.nydusd" in x for x in argv[:3]):
             continue  # nydusd, python .../nydusd, or python -c '...nydus.cli.nydusd...'
 
         for i, arg in enumerate(argv):

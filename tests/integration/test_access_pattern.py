@@ -48,8 +48,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
-def test_pattern_recorded_and_exported(driver: str, tmp_path: Path, mnt: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_pattern_recorded_and_exported(
+    driver: str, tmp_path: Path, mnt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     files = _files(src)
@@ -66,8 +67,17 @@ def test_pattern_recorded_and_exported(driver: str, tmp_path: Path, mnt: Path,
         assert (mnt / "b").read_bytes()[:10] == files["b"][:10]
         out = tmp_path / "list"
         js = tmp_path / "pattern.json"
-        rc = nydusify(["access-pattern", "--apisock", str(d.apisock), "--output", str(out),
-                       "--output-json", str(js)])
+        rc = nydusify(
+            [
+                "access-pattern",
+                "--apisock",
+                str(d.apisock),
+                "--output",
+                str(out),
+                "--output-json",
+                str(js),
+            ]
+        )
         assert rc == 0, capsys.readouterr().err
     assert out.read_text() == "/d\n/b\n"
     entries = json.loads(js.read_text())
@@ -96,8 +106,9 @@ def _layer(files: dict[str, bytes]) -> oi.Layer:
     return oi.Layer(tar, *oi.compress(tar, "gzip"))
 
 
-def test_nydusify_optimize(registry_plain: registry.RegistryServer, tmp_path: Path,
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_nydusify_optimize(
+    registry_plain: registry.RegistryServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = random.Random(9)
     base = {f"usr/lib/l{i}.so": rng.randbytes(rng.randrange(1, 3 * MiB)) for i in range(8)}
     app = {f"app/m{i}.py": rng.randbytes(rng.randrange(100, 300_000)) for i in range(20)}
@@ -105,16 +116,40 @@ def test_nydusify_optimize(registry_plain: registry.RegistryServer, tmp_path: Pa
     host = registry_plain.host
     oi.skopeo_push(tmp_path / "oci", "1", f"{host}/opt:1")
     work = str(tmp_path / "work")
-    rc = nydusify(["convert", "--source", f"{host}/opt:1", "--target", f"{host}/opt:1-nydus",
-                   "--work-dir", work, "--fs-chunk-size", "0x40000"])
+    rc = nydusify(
+        [
+            "convert",
+            "--source",
+            f"{host}/opt:1",
+            "--target",
+            f"{host}/opt:1-nydus",
+            "--work-dir",
+            work,
+            "--fs-chunk-size",
+            "0x40000",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     listed = ["/app/m7.py", "/usr/lib/l3.so", "/app/m2.py", "/not/there", "/app/m7.py"]
     lst = tmp_path / "prefetch.list"
     lst.write_text("\n".join(listed) + "\n")
     report = tmp_path / "report.json"
-    rc = nydusify(["optimize", "--plain-http", "--source", f"{host}/opt:1-nydus", "--target",
-                   f"{host}/opt:1-opt", "--prefetch-files", str(lst), "--work-dir", work,
-                   "--output-json", str(report)])
+    rc = nydusify(
+        [
+            "optimize",
+            "--plain-http",
+            "--source",
+            f"{host}/opt:1-nydus",
+            "--target",
+            f"{host}/opt:1-opt",
+            "--prefetch-files",
+            str(lst),
+            "--work-dir",
+            work,
+            "--output-json",
+            str(report),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "prefetch blob" in out.out
@@ -135,8 +170,9 @@ def test_nydusify_optimize(registry_plain: registry.RegistryServer, tmp_path: Pa
     assert new["mediaType"] == oci.MEDIA_TYPE_NYDUS_BLOB
     assert new["annotations"][oci.ANNOTATION_NYDUS_BLOB] == "true"
     ann = boot_desc["annotations"]
-    assert ann["containerd.io/snapshot/nydus-separated-blob-with-prefetch-files"] == \
-        new["digest"][7:]
+    assert (
+        ann["containerd.io/snapshot/nydus-separated-blob-with-prefetch-files"] == new["digest"][7:]
+    )
     assert ann[oci.ANNOTATION_NYDUS_BOOTSTRAP] == "true"
     cfg = json.loads(client.get_blob("opt", m["config"]["digest"]))
     assert cfg["rootfs"]["diff_ids"][:-1] == [b["digest"] for b in blobs]
@@ -150,26 +186,49 @@ def test_nydusify_optimize(registry_plain: registry.RegistryServer, tmp_path: Pa
         assert md.prefetch_nids() == [md.resolve(p) for p in listed[:3]]
         order = [c for p in listed[:3] for c in md.chunks(md.resolve(p))]
         assert {c.blob_index for c in order} == {len(md.blobs) - 1}
-        assert [c.compressed_offset for c in order] == \
-            sorted(c.compressed_offset for c in order)
+        assert [c.compressed_offset for c in order] == sorted(c.compressed_offset for c in order)
         assert order[0].compressed_offset == 0
-        assert {c.blob_index for c in md.chunks(md.resolve("/app/m1.py"))} != \
-            {len(md.blobs) - 1}
+        assert {c.blob_index for c in md.chunks(md.resolve("/app/m1.py"))} != {len(md.blobs) - 1}
     # the optimized image has the source's files, byte for byte
-    rc = nydusify(["check", "--plain-http", "--source", f"{host}/opt:1", "--target",
-                   f"{host}/opt:1-opt", "--work-dir", work])
+    rc = nydusify(
+        [
+            "check",
+            "--plain-http",
+            "--source",
+            f"{host}/opt:1",
+            "--target",
+            f"{host}/opt:1-opt",
+            "--work-dir",
+            work,
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
     # an OCI (non-Nydus) source is refused in one line
-    rc = nydusify(["optimize", "--plain-http", "--source", f"{host}/opt:1", "--target",
-                   f"{host}/opt:x", "--prefetch-files", str(lst), "--work-dir", work])
+    rc = nydusify(
+        [
+            "optimize",
+            "--plain-http",
+            "--source",
+            f"{host}/opt:1",
+            "--target",
+            f"{host}/opt:x",
+            "--prefetch-files",
+            str(lst),
+            "--work-dir",
+            work,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "not a Nydus image" in err and "Traceback" not in err
 
 
 def test_convert_prefetch_patterns_places_listed_files_first(
-        registry_plain: registry.RegistryServer, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    registry_plain: registry.RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """``nydusify convert --prefetch-patterns`` (the list on stdin): the prefetch table lists
     the files, and in each layer's blob their chunks come before every other chunk."""
     import sys
@@ -183,9 +242,20 @@ def test_convert_prefetch_patterns_places_listed_files_first(
     listed = ["/app/m8", "/lib/l9", "/lib/l4"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(listed) + "\n"))
     work = tmp_path / "w"
-    rc = nydusify(["convert", "--source", f"{host}/pp:1", "--target", f"{host}/pp:1-nydus",
-                   "--prefetch-patterns", "--work-dir", str(work), "--fs-chunk-size",
-                   "0x10000"])
+    rc = nydusify(
+        [
+            "convert",
+            "--source",
+            f"{host}/pp:1",
+            "--target",
+            f"{host}/pp:1-nydus",
+            "--prefetch-patterns",
+            "--work-dir",
+            str(work),
+            "--fs-chunk-size",
+            "0x10000",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     last = sorted(os.listdir(work / "bootstraps"))[-1]
     with open_bootstrap(str(work / "bootstraps" / last)) as md:

@@ -94,22 +94,39 @@ def _open(kind: str, tmp: Path, request: pytest.FixtureRequest) -> Iterator[Blob
     elif kind == "registry":
         server = request.getfixturevalue("registry_plain")
         server.client().push_blob("contract/blobs", f"sha256:{BLOB_ID}", DATA)
-        yield RegistryBackend(RegistryConfig(scheme=server.scheme, host=server.host,
-                                             repo="contract/blobs", **conn), id="contract")
+        yield RegistryBackend(
+            RegistryConfig(scheme=server.scheme, host=server.host, repo="contract/blobs", **conn),
+            id="contract",
+        )
     elif kind == "s3":
         with moto_server("contract") as m:
             m.s3().create_bucket(Bucket="contract")
             m.s3().put_object(Bucket="contract", Key=PREFIX + BLOB_ID, Body=DATA)
-            yield S3Backend(S3Config(scheme="http", endpoint=m.endpoint, region="us-east-1",
-                                     bucket_name="contract", object_prefix=PREFIX,
-                                     access_key_id=m.key_id, access_key_secret=m.secret, **conn),
-                            id="contract")
+            yield S3Backend(
+                S3Config(
+                    scheme="http",
+                    endpoint=m.endpoint,
+                    region="us-east-1",
+                    bucket_name="contract",
+                    object_prefix=PREFIX,
+                    access_key_id=m.key_id,
+                    access_key_secret=m.secret,
+                    **conn,
+                ),
+                id="contract",
+            )
     elif kind == "oss":
         with FakeOss("contract", "ak", "sk") as oss:
             oss.objects[PREFIX + BLOB_ID] = DATA
-            cfg = OssConfig(scheme="http", endpoint=f"oss.test:{oss.port}",
-                            bucket_name="contract", object_prefix=PREFIX, access_key_id="ak",
-                            access_key_secret="sk", **conn)
+            cfg = OssConfig(
+                scheme="http",
+                endpoint=f"oss.test:{oss.port}",
+                bucket_name="contract",
+                object_prefix=PREFIX,
+                access_key_id="ak",
+                access_key_secret="sk",
+                **conn,
+            )
             yield OssBackend(cfg, id="contract", resolve={"contract.oss.test": "127.0.0.1"})
     else:
         srv = RangeServer({BLOB_ID: DATA})
@@ -156,7 +173,8 @@ def _is_missing(e: NydusError) -> bool:
 @pytest.mark.parametrize("op", ["size", "read"])
 def test_missing_blob(backend: BlobBackend, op: str) -> None:
     call: Callable[[], object] = (
-        (lambda: backend.blob_size(MISSING)) if op == "size"
+        (lambda: backend.blob_size(MISSING))
+        if op == "size"
         else (lambda: backend.read(MISSING, 0, 10))
     )
     with pytest.raises(NydusError) as ei:

@@ -60,17 +60,34 @@ def image(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def _md5_src(src: Path) -> dict[str, str]:
-    return {"/" + str(p.relative_to(src)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in src.rglob("*") if p.is_file()}
+    return {
+        "/" + str(p.relative_to(src)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in src.rglob("*")
+        if p.is_file()
+    }
 
 
-def _run_nydusd(tmp_path: Path, mnt: Path, cfg: dict[str, Any], boot: Path,
-                *extra: str) -> subprocess.CompletedProcess[str]:
+def _run_nydusd(
+    tmp_path: Path, mnt: Path, cfg: dict[str, Any], boot: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
-    return subprocess.run([*cli("nydusd"), "--config", str(cfg_path), "--mountpoint", str(mnt),
-                           "--bootstrap", str(boot), *extra], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            *cli("nydusd"),
+            "--config",
+            str(cfg_path),
+            "--mountpoint",
+            str(mnt),
+            "--bootstrap",
+            str(boot),
+            *extra,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _erofs_source(mnt: Path) -> str:
@@ -83,14 +100,27 @@ def _erofs_source(mnt: Path) -> str:
 
 
 @pytest.mark.parametrize("driver", ["erofs", "fusedev"])
-def test_cli_digest_good_mounts_flipped_refused(tmp_path: Path, mnt: Path, driver: str,
-                                                image: tuple[Path, Path, Path, Path]) -> None:
+def test_cli_digest_good_mounts_flipped_refused(
+    tmp_path: Path, mnt: Path, driver: str, image: tuple[Path, Path, Path, Path]
+) -> None:
     src, boot, bad, blobs = image
     cfg = localfs_config(blobs, digest_validate=True, fs_driver=driver)
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     good = _sha(boot)
-    with Nydusd(["--config", tmp_path / "c.json", "--mountpoint", mnt, "--bootstrap", boot,
-                 "--bootstrap-digest", good], mnt, cwd=tmp_path).start() as d:
+    with Nydusd(
+        [
+            "--config",
+            tmp_path / "c.json",
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            boot,
+            "--bootstrap-digest",
+            good,
+        ],
+        mnt,
+        cwd=tmp_path,
+    ).start() as d:
         assert md5_tree(mnt) == _md5_src(src)
         if driver == "erofs":
             assert _mounts(mnt) == ["fuse.rafs", "erofs"]
@@ -118,35 +148,50 @@ def test_cli_digest_good_mounts_flipped_refused(tmp_path: Path, mnt: Path, drive
     assert "Traceback" not in proc.stderr
     assert _mounts(mnt) == []
     # without the digest the same flipped copy mounts: only the digest can tell
-    with Nydusd(["--config", tmp_path / "c.json", "--mountpoint", mnt, "--bootstrap", bad],
-                mnt, cwd=tmp_path).start():
+    with Nydusd(
+        ["--config", tmp_path / "c.json", "--mountpoint", mnt, "--bootstrap", bad],
+        mnt,
+        cwd=tmp_path,
+    ).start():
         assert md5_tree(mnt) == _md5_src(src)
 
 
-def test_cli_malformed_digest_is_a_usage_error(tmp_path: Path, mnt: Path,
-                                               image: tuple[Path, Path, Path, Path]) -> None:
+def test_cli_malformed_digest_is_a_usage_error(
+    tmp_path: Path, mnt: Path, image: tuple[Path, Path, Path, Path]
+) -> None:
     _src, boot, _bad, blobs = image
     for digest in ("sha256:abc", "md5:" + "0" * 64, "0" * 64, "sha256:" + "g" * 64):
-        proc = _run_nydusd(tmp_path, mnt, localfs_config(blobs), boot,
-                           "--bootstrap-digest", digest)
+        proc = _run_nydusd(tmp_path, mnt, localfs_config(blobs), boot, "--bootstrap-digest", digest)
         assert proc.returncode == 2, proc.stderr
         assert "is not of the form sha256:<64 hex digits>" in proc.stderr
     assert _mounts(mnt) == []
 
 
 @pytest.mark.parametrize("driver", ["erofs", "fusedev"])
-def test_api_mount_with_bootstrap_digest(tmp_path: Path, mnt: Path, driver: str,
-                                         image: tuple[Path, Path, Path, Path]) -> None:
+def test_api_mount_with_bootstrap_digest(
+    tmp_path: Path, mnt: Path, driver: str, image: tuple[Path, Path, Path, Path]
+) -> None:
     src, boot, bad, blobs = image
     cfg = json.dumps(localfs_config(blobs, digest_validate=True))
     good = _sha(boot)
     sock = tmp_path / "api.sock"
-    with Nydusd(["--mountpoint", mnt, "--apisock", sock], mnt, cwd=tmp_path,
-                apisock=sock).start() as d:
+    with Nydusd(
+        ["--mountpoint", mnt, "--apisock", sock], mnt, cwd=tmp_path, apisock=sock
+    ).start() as d:
+
         def post(path: str, source: Path, digest: Any) -> tuple[int, bytes]:
-            return _request(d, "POST", f"/api/v1/mount?mountpoint={path}",
-                            {"source": str(source), "fs_type": "rafs", "config": cfg,
-                             "fs_driver": driver, "bootstrap_digest": digest})
+            return _request(
+                d,
+                "POST",
+                f"/api/v1/mount?mountpoint={path}",
+                {
+                    "source": str(source),
+                    "fs_type": "rafs",
+                    "config": cfg,
+                    "fs_driver": driver,
+                    "bootstrap_digest": digest,
+                },
+            )
 
         status, out = post("/good", boot, good)
         assert status == 204, out
@@ -158,8 +203,9 @@ def test_api_mount_with_bootstrap_digest(tmp_path: Path, mnt: Path, driver: str,
         assert status == 422, out
         body = json.loads(out)
         assert body["code"] == "IntegrityError"
-        assert body["message"] == (f"bootstrap {bad} is {_sha(bad)}, expected {good}: "
-                                   "refusing to mount")
+        assert body["message"] == (
+            f"bootstrap {bad} is {_sha(bad)}, expected {good}: refusing to mount"
+        )
         status, out = post("/bad", bad, "sha256:1234")
         assert status == 400 and b"not of the form sha256" in out, out
         assert sorted(os.listdir(mnt)) == ["good"]
@@ -167,16 +213,32 @@ def test_api_mount_with_bootstrap_digest(tmp_path: Path, mnt: Path, driver: str,
         d.client.mount("/viaclient", str(boot), cfg, bootstrap_digest=good)
         cfg_file = tmp_path / "ctl.json"
         cfg_file.write_text(cfg)
-        proc = subprocess.run([*cli("nydusctl"), "--sock", str(sock), "mount", "--source",
-                               str(bad), "--config", str(cfg_file), "--mountpoint", "/ctl",
-                               "--bootstrap-digest", good], capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [
+                *cli("nydusctl"),
+                "--sock",
+                str(sock),
+                "mount",
+                "--source",
+                str(bad),
+                "--config",
+                str(cfg_file),
+                "--mountpoint",
+                "/ctl",
+                "--bootstrap-digest",
+                good,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode != 0 and "refusing to mount" in proc.stderr, proc.stderr
         assert sorted(os.listdir(mnt)) == ["good", "viaclient"]
 
 
 def test_failover_carries_the_digest_and_checks_again(
-        tmp_path: Path, mnt: Path, image: tuple[Path, Path, Path, Path]) -> None:
+    tmp_path: Path, mnt: Path, image: tuple[Path, Path, Path, Path]
+) -> None:
     """A takeover re-opens the bootstrap from its path: the digest travels in the failover
     state, and a bootstrap changed while no daemon served it is refused by the new daemon."""
     from test_nydusd_failover import Supervisor
@@ -190,8 +252,12 @@ def test_failover_carries_the_digest_and_checks_again(
 
     def spawn(name: str, *args: Any, **kw: Any) -> Nydusd:
         sock = tmp_path / f"{name}.sock"
-        d = Nydusd(["--mountpoint", mnt, "--apisock", sock, "--supervisor", sup.path,
-                    "--id", name, *args], mnt, cwd=tmp_path, apisock=sock)
+        d = Nydusd(
+            ["--mountpoint", mnt, "--apisock", sock, "--supervisor", sup.path, "--id", name, *args],
+            mnt,
+            cwd=tmp_path,
+            apisock=sock,
+        )
         daemons.append(d)
         return d.start(**kw)
 

@@ -19,8 +19,19 @@ from treecmp import compare_trees
 
 def _build(nydus_image, src: Path, out: Path, *extra: str, compressor: str = "zstd") -> dict:  # type: ignore[no-untyped-def]
     out.mkdir(parents=True, exist_ok=True)
-    nydus_image("create", "--bootstrap", out / "boot", "--blob-dir", out / "blobs",
-                "--compressor", compressor, "-J", out / "out.json", *extra, src)
+    nydus_image(
+        "create",
+        "--bootstrap",
+        out / "boot",
+        "--blob-dir",
+        out / "blobs",
+        "--compressor",
+        compressor,
+        "-J",
+        out / "out.json",
+        *extra,
+        src,
+    )
     return json.loads((out / "out.json").read_text())
 
 
@@ -31,7 +42,9 @@ def _blob_paths(out: Path) -> list[str]:
 
 @pytest.mark.kernel
 def test_kernel_mounts_uncompressed_image(
-    sample_tree: TreeInfo, nydus_image, tmp_path: Path  # type: ignore[no-untyped-def]
+    sample_tree: TreeInfo,
+    nydus_image,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     out = tmp_path / "img"
     _build(nydus_image, sample_tree.root, out, compressor="none")
@@ -53,15 +66,29 @@ def test_kernel_mounts_uncompressed_image(
 def _extract(tar: Path, dest: Path) -> None:
     dest.mkdir()
     subprocess.run(
-        ["tar", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
-         "--same-owner", "-xpf", str(tar), "-C", str(dest)],
-        check=True, capture_output=True,
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--numeric-owner",
+            "--same-owner",
+            "-xpf",
+            str(tar),
+            "-C",
+            str(dest),
+        ],
+        check=True,
+        capture_output=True,
     )
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "lz4_block"])
 def test_unpack_gives_back_the_source(
-    sample_tree: TreeInfo, nydus_image, tmp_path: Path, compressor: str  # type: ignore[no-untyped-def]
+    sample_tree: TreeInfo,
+    nydus_image,
+    tmp_path: Path,
+    compressor: str,  # type: ignore[no-untyped-def]
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("restoring owners and devices from the tar needs root")
@@ -92,8 +119,9 @@ def test_check_detects_corrupt_chunk(tmp_path: Path, nydus_image) -> None:  # ty
     r = nydus_image("check", out / "boot", "-D", out / "blobs", check=False)
     assert r.returncode == 4
     assert "digest mismatch" in r.stderr
-    r = nydus_image("unpack", out / "boot", "-D", out / "blobs", "--output",
-                    tmp_path / "x.tar", check=False)
+    r = nydus_image(
+        "unpack", out / "boot", "-D", out / "blobs", "--output", tmp_path / "x.tar", check=False
+    )
     assert r.returncode == 4 and "digest mismatch" in r.stderr
 
 
@@ -154,8 +182,18 @@ def test_layered_build_with_whiteouts(tmp_path: Path, nydus_image) -> None:  # t
     out1, out2 = tmp_path / "o1", tmp_path / "o2"
     _build(nydus_image, l1, out1)
     out2.mkdir()
-    nydus_image("create", "--parent-bootstrap", out1 / "boot", "--bootstrap", out2 / "boot",
-                "--blob-dir", out1 / "blobs", "-J", out2 / "j.json", l2)
+    nydus_image(
+        "create",
+        "--parent-bootstrap",
+        out1 / "boot",
+        "--bootstrap",
+        out2 / "boot",
+        "--blob-dir",
+        out1 / "blobs",
+        "-J",
+        out2 / "j.json",
+        l2,
+    )
     j = json.loads((out2 / "j.json").read_text())
     assert j["deduped_chunks"] == 1
     with open_bootstrap(out2 / "boot") as md:
@@ -172,8 +210,16 @@ def test_prefetch_policy_fs(tmp_path: Path, nydus_image) -> None:  # type: ignor
         (src / n).write_bytes(os.urandom(10_000))
     out = tmp_path / "o"
     out.mkdir()
-    cmd = nydus_image.command("create", "--bootstrap", out / "boot", "--blob-dir",
-                              out / "blobs", "--prefetch-policy", "fs", src)
+    cmd = nydus_image.command(
+        "create",
+        "--bootstrap",
+        out / "boot",
+        "--blob-dir",
+        out / "blobs",
+        "--prefetch-policy",
+        "fs",
+        src,
+    )
     subprocess.run(cmd, input="/c\n/missing\n", text=True, check=True, capture_output=True)
     got = json.loads(nydus_image("inspect", out / "boot", "-R", "prefetch").stdout)
     assert [e["path"] for e in got] == ["/c"]
@@ -187,8 +233,15 @@ def test_blob_inline_meta(tmp_path: Path, nydus_image) -> None:  # type: ignore[
     (src / "f").write_bytes(os.urandom(50_000))
     (src / "g").write_text("g" * 10_000)
     out = tmp_path / "o"
-    r = nydus_image("create", "--blob-inline-meta", "--bootstrap", out / "boot",
-                    "--blob-dir", out / "blobs", src)
+    r = nydus_image(
+        "create",
+        "--blob-inline-meta",
+        "--bootstrap",
+        out / "boot",
+        "--blob-dir",
+        out / "blobs",
+        src,
+    )
     blob_id = r.stdout.split("blob: ")[1].split()[0]
     blob = out / "blobs" / blob_id
     # the blob alone is a complete image: its bootstrap is read from the ToC

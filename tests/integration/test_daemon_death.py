@@ -36,9 +36,11 @@ pytestmark = [
 def _check(report: DeathReport) -> None:
     print(report.summary())
     bad = [r for r in report.rounds if r.hung]
-    assert not bad, [f"round {r.round}: exit {r.exit_s}, readers {r.readers_s}, umount "
-                     f"{r.umount_ok}, left {r.left_mounts}, aborted {r.aborted}: {r.note}"
-                     for r in bad]
+    assert not bad, [
+        f"round {r.round}: exit {r.exit_s}, readers {r.readers_s}, umount "
+        f"{r.umount_ok}, left {r.left_mounts}, aborted {r.aborted}: {r.note}"
+        for r in bad
+    ]
     assert report.mismatches == 0, [w for r in report.rounds for w in r.wrong]
     for r in report.rounds:
         assert r.exit_s is not None and r.exit_s < 3.0, r
@@ -53,8 +55,7 @@ def _check(report: DeathReport) -> None:
 def test_erofs_sigkill_during_reads_never_hangs_without_help(tmp_path: Path) -> None:
     """The regression test: on the old blob fs (NOTIFY_STORE pushes) one round in six to
     sixteen left an unkillable nydusd and hung readers (3 of 20, 2 of 12, 1 of 16 measured)."""
-    _check(kill_during_reads(tmp_path, "erofs", rounds=24, threads=8, seed=12,
-                             death_watch=False))
+    _check(kill_during_reads(tmp_path, "erofs", rounds=24, threads=8, seed=12, death_watch=False))
 
 
 @pytest.mark.timeout(180)
@@ -102,8 +103,12 @@ time.sleep(3600)
 def _stuck_process(mnt: Path, watch: bool) -> subprocess.Popen[str]:
     mnt.mkdir(exist_ok=True)
     env = dict(os.environ, NYDUSD_DEATH_WATCH="1" if watch else "0")
-    p = subprocess.Popen([sys.executable, "-c", _STUCK, str(mnt), "watch" if watch else "no"],
-                         stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _STUCK, str(mnt), "watch" if watch else "no"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "serving"
     time.sleep(0.2)
@@ -158,8 +163,14 @@ def test_the_snapshotter_sees_a_stuck_daemon_dead_and_frees_it(tmp_path: Path) -
     mnt = tmp_path / "mnt"
     p = _stuck_process(mnt, watch=False)
     try:
-        d = DaemonProcess("stuck", "dedicated", str(mnt), str(tmp_path / "api.sock"),
-                          str(tmp_path / "log"), pid=p.pid)
+        d = DaemonProcess(
+            "stuck",
+            "dedicated",
+            str(mnt),
+            str(tmp_path / "api.sock"),
+            str(tmp_path / "log"),
+            pid=p.pid,
+        )
         d.proc = p  # type: ignore[assignment]  # text mode does not matter here
         assert d.alive()
         p.send_signal(signal.SIGKILL)

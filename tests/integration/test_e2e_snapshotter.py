@@ -242,8 +242,10 @@ def _run_lazily(s: NydusStack, ref: str, bb: Image, proxy: FaultProxy) -> int:
 def _remove_image(s: NydusStack, ref: str) -> None:
     """``ctr image rm --sync``: containerd's GC then removes the image's snapshots."""
     s.ctr("image", "rm", "--sync", ref).check()
-    wait_for(lambda: s.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout.count("\n") <= 1,
-             what="snapshots removed")
+    wait_for(
+        lambda: s.ctr("snapshots", "--snapshotter", "nydus", "ls").stdout.count("\n") <= 1,
+        what="snapshots removed",
+    )
 
 
 def _remove_container(s: NydusStack, cid: str) -> None:

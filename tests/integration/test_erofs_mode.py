@@ -60,13 +60,16 @@ def _cleanup(mnt: Path) -> None:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-def _start(tmp_path: Path, mnt: Path, cfg: dict[str, Any], boot: Path,
-           *extra: str) -> Nydusd:
+def _start(tmp_path: Path, mnt: Path, cfg: dict[str, Any], boot: Path, *extra: str) -> Nydusd:
     cfg_path = tmp_path / f"cfg-{time.monotonic_ns()}.json"
     cfg_path.write_text(json.dumps(cfg))
     sock = tmp_path / "api.sock"
-    d = Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", boot,
-                "--apisock", sock, *extra], mnt, cwd=tmp_path, apisock=sock)
+    d = Nydusd(
+        ["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", boot, "--apisock", sock, *extra],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    )
     return d.start()
 
 
@@ -82,15 +85,23 @@ def _image(tmp_path: Path, src: Path, compressor: str = "zstd") -> tuple[Path, P
     blobs = tmp_path / "blobs"
     blobs.mkdir(exist_ok=True)
     boot = tmp_path / "boot"
-    nydus_image(tmp_path, "create", "--bootstrap", boot, "--blob-dir", blobs,
-                "--compressor", compressor, src)
+    nydus_image(
+        tmp_path,
+        "create",
+        "--bootstrap",
+        boot,
+        "--blob-dir",
+        blobs,
+        "--compressor",
+        compressor,
+        src,
+    )
     with open_bootstrap(boot) as md:
         [blob] = md.blobs
     return boot, blobs, blob.blob_id
 
 
-def test_upstream_v6_fixture_erofs_localfs(fixtures_dir: Path, tmp_path: Path,
-                                           mnt: Path) -> None:
+def test_upstream_v6_fixture_erofs_localfs(fixtures_dir: Path, tmp_path: Path, mnt: Path) -> None:
     boot = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
     cfg = localfs_config(fixtures_dir / "v6" / "blobs", digest_validate=True, fs_driver="erofs")
     with _start(tmp_path, mnt, cfg, boot) as d:
@@ -111,8 +122,7 @@ def test_upstream_v6_fixture_erofs_localfs(fixtures_dir: Path, tmp_path: Path,
     assert _mounts(mnt) == []
     assert not os.path.ismount(blobfs)
     # the same tree as FUSE RAFS mode gives
-    cfg2 = localfs_config(fixtures_dir / "v6" / "blobs", digest_validate=True,
-                          fs_driver="fusedev")
+    cfg2 = localfs_config(fixtures_dir / "v6" / "blobs", digest_validate=True, fs_driver="fusedev")
     with _start(tmp_path, mnt, cfg2, boot):
         assert _mounts(mnt) == ["fuse.rafs"]
         assert md5_tree(mnt) == got
@@ -133,9 +143,13 @@ def test_v5_falls_back_to_fusedev(fixtures_dir: Path, tmp_path: Path, mnt: Path)
         assert "fs_driver fusedev (RAFS v5 is not an EROFS image)" in d.log_text()
 
 
-def test_corpus_lazily_from_registry(sample_tree: TreeInfo, registry_plain: RegistryServer,
-                                     fault_proxy: FaultProxy, tmp_path: Path,
-                                     mnt: Path) -> None:
+def test_corpus_lazily_from_registry(
+    sample_tree: TreeInfo,
+    registry_plain: RegistryServer,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+    mnt: Path,
+) -> None:
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry not installed")
     boot, blobs, blob_id = _image(tmp_path, sample_tree.root)
@@ -143,11 +157,16 @@ def test_corpus_lazily_from_registry(sample_tree: TreeInfo, registry_plain: Regi
     fault_proxy.clear()
     cfg = {
         "device": {
-            "backend": {"type": "registry",
-                        "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO}},
+            "backend": {
+                "type": "registry",
+                "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO},
+            },
             "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}},
         },
-        "mode": "direct", "digest_validate": True, "enable_xattr": True, "fs_driver": "erofs",
+        "mode": "direct",
+        "digest_validate": True,
+        "enable_xattr": True,
+        "fs_driver": "erofs",
     }
     with _start(tmp_path, mnt, cfg, boot) as d:
         assert _mounts(mnt) == ["fuse.rafs", "erofs"]
@@ -224,8 +243,9 @@ def test_switch_to_native(tmp_path: Path, mnt: Path) -> None:
             assert (mnt / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
         after = _daemon_info(d)["blob_files"]
         # no reads went through the daemon's blob fs after the switch
-        assert {k: v["reads"] for k, v in after.items()} == \
-            {k: v["reads"] for k, v in before.items()}
+        assert {k: v["reads"] for k, v in after.items()} == {
+            k: v["reads"] for k, v in before.items()
+        }
     assert _mounts(mnt) == []
     # a new daemon with the blob complete goes native as soon as it has hashed the cache file
     # (in the background; reads meanwhile go through the blob fs, from the cache)
@@ -257,10 +277,13 @@ def test_sigkill_leaves_reads_failing_not_hanging(tmp_path: Path, mnt: Path) -> 
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(10)
         # a read of data nobody fetched: must fail, quickly
-        code = ("import sys\ntry:\n open(sys.argv[1],'rb').read()\nexcept OSError as e:\n"
-                " print(e.errno); sys.exit(3)\nprint('ok')")
-        r = subprocess.run([sys.executable, "-c", code, str(mnt / "b")], capture_output=True,
-                           text=True, timeout=30)
+        code = (
+            "import sys\ntry:\n open(sys.argv[1],'rb').read()\nexcept OSError as e:\n"
+            " print(e.errno); sys.exit(3)\nprint('ok')"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(mnt / "b")], capture_output=True, text=True, timeout=30
+        )
         assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
         assert int(r.stdout.strip()) in (errno.EIO, errno.ENOTCONN)
         # data already in the page cache stays readable
@@ -275,8 +298,7 @@ def test_sigkill_leaves_reads_failing_not_hanging(tmp_path: Path, mnt: Path) -> 
         d.stop()
 
 
-def test_sendfd_refused_with_erofs_mounts(fixtures_dir: Path, tmp_path: Path,
-                                         mnt: Path) -> None:
+def test_sendfd_refused_with_erofs_mounts(fixtures_dir: Path, tmp_path: Path, mnt: Path) -> None:
     """Failover cannot keep kernel EROFS mounts (their blob fs dies with the daemon): the FUSE
     fd hand-over is refused at once, not attempted."""
     boot = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
@@ -288,11 +310,13 @@ def test_sendfd_refused_with_erofs_mounts(fixtures_dir: Path, tmp_path: Path,
         assert (mnt / "lib.rs").read_bytes().startswith(b"// Copyright")
 
 
-def test_shared_daemon_api_mount_with_fs_driver(fixtures_dir: Path, tmp_path: Path,
-                                                mnt: Path) -> None:
+def test_shared_daemon_api_mount_with_fs_driver(
+    fixtures_dir: Path, tmp_path: Path, mnt: Path
+) -> None:
     sock = tmp_path / "api.sock"
-    with Nydusd(["--mountpoint", mnt, "--apisock", sock], mnt, cwd=tmp_path,
-                apisock=sock).start() as d:
+    with Nydusd(
+        ["--mountpoint", mnt, "--apisock", sock], mnt, cwd=tmp_path, apisock=sock
+    ).start() as d:
         cfg6 = json.dumps(localfs_config(fixtures_dir / "v6" / "blobs"))
         cfg5 = json.dumps(localfs_config(fixtures_dir / "v5" / "blobs"))
         _post_mount(d, "/v6", fixtures_dir / "v6" / "rafs-v6-2.2.boot", cfg6, "erofs")
@@ -304,8 +328,12 @@ def test_shared_daemon_api_mount_with_fs_driver(fixtures_dir: Path, tmp_path: Pa
         assert md5_tree(mnt / "v6") == md5_tree(mnt / "f6") == md5_tree(mnt / "d6")
         bc = _daemon_info(d)["backend_collection"]
         # no fs_driver in the request or the config: the daemon default, erofs
-        assert {p: b["fs_driver"] for p, b in bc.items()} == \
-            {"/v6": "erofs", "/v5": "fusedev", "/f6": "fusedev", "/d6": "erofs"}
+        assert {p: b["fs_driver"] for p, b in bc.items()} == {
+            "/v6": "erofs",
+            "/v5": "fusedev",
+            "/f6": "fusedev",
+            "/d6": "erofs",
+        }
         _request(d, "DELETE", "/api/v1/mount?mountpoint=/v6", None)
         assert _mounts(mnt / "v6") == [] and not (mnt / "v6").exists()
         assert sorted(os.listdir(mnt)) == ["d6", "f6", "v5"]

@@ -24,8 +24,15 @@ from nydus.builder.extract import extract_layer
 from nydus.builder.inroot import openat2_available
 from nydus.errors import FormatError
 
-HOST_CANARIES = ["/tmp/nydus-hostile-abs", "/tmp/nydus-hostile-through", "/evil", "/tmp/evil",
-                 DEFAULT_OUTSIDE.decode(), "/slip", "/tmp/slip"]
+HOST_CANARIES = [
+    "/tmp/nydus-hostile-abs",
+    "/tmp/nydus-hostile-through",
+    "/evil",
+    "/tmp/evil",
+    DEFAULT_OUTSIDE.decode(),
+    "/slip",
+    "/tmp/slip",
+]
 SLOW = {"many-entries"}  # 200k files: the openat2 run only
 
 

@@ -28,16 +28,21 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
 ]
 
-NEEDS_REGISTRY = pytest.mark.skipif(shutil.which("docker-registry") is None,
-                                    reason="docker-registry not installed")
+NEEDS_REGISTRY = pytest.mark.skipif(
+    shutil.which("docker-registry") is None, reason="docker-registry not installed"
+)
 KINDS = [
     pytest.param("registry", marks=NEEDS_REGISTRY),
     pytest.param("proxy", marks=NEEDS_REGISTRY),
     "cache",
     "bootstrap",
     "sigkill",
-    pytest.param("tar", marks=pytest.mark.skipif(shutil.which("unshare") is None,
-                                                 reason="needs unshare (util-linux)")),
+    pytest.param(
+        "tar",
+        marks=pytest.mark.skipif(
+            shutil.which("unshare") is None, reason="needs unshare (util-linux)"
+        ),
+    ),
     "secrets",
 ]
 
@@ -47,13 +52,31 @@ def test_fault_quick(kind: str, tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     p = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "fault.py"), "--quick", "--only", kind,
-         "--no-report", "--json", str(out), "--work", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            str(REPO / "bench" / "fault.py"),
+            "--quick",
+            "--only",
+            kind,
+            "--no-report",
+            "--json",
+            str(out),
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert rows and all(r["trials"] > 0 for r in rows), rows
     bad = [r for r in rows if any(r[c] for c in COLUMNS)]
     assert not bad, "\n".join(
-        f"{r['finding']}: " + ", ".join(f"{c} {r[c]}" for c in COLUMNS if r[c])
-        + f" ({r['trials']} trials) -- " + "; ".join(r["notes"]) for r in bad)
+        f"{r['finding']}: "
+        + ", ".join(f"{c} {r[c]}" for c in COLUMNS if r[c])
+        + f" ({r['trials']} trials) -- "
+        + "; ".join(r["notes"])
+        for r in bad
+    )

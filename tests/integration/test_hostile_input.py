@@ -53,8 +53,9 @@ def _config(tmp_path: Path) -> Path:
     blobs = tmp_path / "blobs"
     blobs.mkdir(exist_ok=True)
     cfg = tmp_path / "nydusd.json"
-    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs",
-                                                      "config": {"dir": str(blobs)}}}}))
+    cfg.write_text(
+        json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}}})
+    )
     return cfg
 
 
@@ -64,9 +65,21 @@ def test_nydusd_refuses_a_fifo_bootstrap_at_once(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _BOOT, "--config", str(_config(tmp_path)), "--mountpoint",
-         str(mnt), "--bootstrap", str(fifo)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-c",
+            _BOOT,
+            "--config",
+            str(_config(tmp_path)),
+            "--mountpoint",
+            str(mnt),
+            "--bootstrap",
+            str(fifo),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         try:
             proc.wait(15)
@@ -101,9 +114,21 @@ def test_nydusd_api_survives_a_fifo_mount_and_sigterm_works(tmp_path: Path) -> N
     cfg = _config(tmp_path)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, "--mountpoint", str(mnt), "--apisock", str(sock),
-             "--fs-driver", "fusedev"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                _BOOT,
+                "--mountpoint",
+                str(mnt),
+                "--apisock",
+                str(sock),
+                "--fs-driver",
+                "fusedev",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         client = NydusdClient(str(sock), timeout=5)
         deadline = time.monotonic() + 30
@@ -134,16 +159,17 @@ def test_nydusd_api_survives_a_fifo_mount_and_sigterm_works(tmp_path: Path) -> N
 
 
 def test_nydusify_platform_names_never_escape_the_work_dir(
-        registry_plain: registry.RegistryServer, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    registry_plain: registry.RegistryServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An index entry with platform ``os: ".."`` made the per-platform work dir the parent of
     ``--work-dir``; platform names from a registry are now sanitized."""
     from nydus.cli.nydusify import main
 
     client = registry_plain.client()
     entries = []
-    for i, plat in enumerate(({"os": "..", "architecture": ""},
-                              {"os": "linux", "architecture": "../../x"})):
+    for i, plat in enumerate(
+        ({"os": "..", "architecture": ""}, {"os": "linux", "architecture": "../../x"})
+    ):
         layers = [oi.layer([oi.T("file", f"f{i}", b"data %d\n" % i)])]
         config = oi.config_for(layers)
         body, mt = oi.image_manifest(tmp_path / "blobs", layers, config)
@@ -151,16 +177,27 @@ def test_nydusify_platform_names_never_escape_the_work_dir(
             client.push_blob("hostile", oci.sha256_digest(b), b)
         digest = client.put_manifest("hostile", oci.sha256_digest(body), body, mt)
         entries.append({"mediaType": mt, "digest": digest, "size": len(body), "platform": plat})
-    index = json.dumps({"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_INDEX,
-                        "manifests": entries}).encode()
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_INDEX, "manifests": entries}
+    ).encode()
     client.put_manifest("hostile", "multi", index, oci.MEDIA_TYPE_OCI_INDEX)
 
     outer = tmp_path / "outer"
     work = outer / "work"
     work.mkdir(parents=True)
     host = registry_plain.host
-    rc = main(["convert", "--source", f"{host}/hostile:multi", "--target",
-               f"{host}/hostile:nydus", "--all-platforms", "--work-dir", str(work)])
+    rc = main(
+        [
+            "convert",
+            "--source",
+            f"{host}/hostile:multi",
+            "--target",
+            f"{host}/hostile:nydus",
+            "--all-platforms",
+            "--work-dir",
+            str(work),
+        ]
+    )
     out = capsys.readouterr()
     assert sorted(os.listdir(outer)) == ["work"], (os.listdir(outer), out.err[-2000:])
     assert rc == 0, out.err[-2000:]

@@ -44,8 +44,14 @@ class E:
     dev: tuple[int, int] = (0, 0)
 
 
-_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "link": tarfile.LNKTYPE,
-          "sym": tarfile.SYMTYPE, "chr": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}
+_TYPES = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "link": tarfile.LNKTYPE,
+    "sym": tarfile.SYMTYPE,
+    "chr": tarfile.CHRTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
 
 
 def make_tar(path: Path, entries: list[E]) -> Path:
@@ -96,38 +102,72 @@ def three_layers(tmp: Path, spec: str = "oci") -> list[Path]:
     d = lambda n, **kw: E(n, "dir", **kw)  # noqa: E731
     tool1, tool2 = _rand(1_500_000, 1), _rand(1_200_000, 2)
     l1 = [
-        d("./", mtime_ns=T0 * 10**9), d("etc"), E("etc/passwd", data=b"root:x:0:0\n"),
-        E("etc/gone", data=b"bye"), d("etc/conf.d"), E("etc/conf.d/a.conf", data=b"a=1"),
-        d("usr"), d("usr/bin"), E("usr/bin/tool", data=tool1, mode=0o755),
+        d("./", mtime_ns=T0 * 10**9),
+        d("etc"),
+        E("etc/passwd", data=b"root:x:0:0\n"),
+        E("etc/gone", data=b"bye"),
+        d("etc/conf.d"),
+        E("etc/conf.d/a.conf", data=b"a=1"),
+        d("usr"),
+        d("usr/bin"),
+        E("usr/bin/tool", data=tool1, mode=0o755),
         E("usr/bin/a", data=b"shared inode", xattrs={"user.x": "1", "trusted.t": "t"}),
         E("usr/bin/a-link", "link", target="usr/bin/a"),
         E("usr/bin/sh", "sym", target="tool"),
-        d("var"), d("var/lib"), d("var/lib/app"), E("var/lib/app/db", data=_rand(300_000, 3)),
-        d("var/cache"), E("var/cache/x", data=b"cached"),
-        d("opq"), E("opq/old1", data=b"o1"), d("opq/sub"), E("opq/sub/old2", data=b"o2"),
-        d("dev"), E("dev/null", "chr", dev=(1, 3), mode=0o666), E("dev/fifo", "fifo"),
-        E("repl-file", data=b"will be a dir"), d("repl-dir"), E("repl-dir/inner", data=b"i"),
+        d("var"),
+        d("var/lib"),
+        d("var/lib/app"),
+        E("var/lib/app/db", data=_rand(300_000, 3)),
+        d("var/cache"),
+        E("var/cache/x", data=b"cached"),
+        d("opq"),
+        E("opq/old1", data=b"o1"),
+        d("opq/sub"),
+        E("opq/sub/old2", data=b"o2"),
+        d("dev"),
+        E("dev/null", "chr", dev=(1, 3), mode=0o666),
+        E("dev/fifo", "fifo"),
+        E("repl-file", data=b"will be a dir"),
+        d("repl-dir"),
+        E("repl-dir/inner", data=b"i"),
         d("xdir", mode=0o700, uid=1000, gid=1000, xattrs={"user.dir": "1"}),
         E("xdir/f", data=b"x", uid=3_000_000_000, gid=2_500_000),
     ]
     l2 = [
-        d("./", mtime_ns=(T0 + 10) * 10**9), d("etc", mode=0o750), E("etc/.wh.gone"),
+        d("./", mtime_ns=(T0 + 10) * 10**9),
+        d("etc", mode=0o750),
+        E("etc/.wh.gone"),
         E("etc/new", data=b"new"),
-        d("opq"), E("opq/.wh..wh..opq"), E("opq/fresh", data=b"fresh"),
-        d("usr"), d("usr/bin"), E("usr/bin/tool", data=tool2, mode=0o755),
+        d("opq"),
+        E("opq/.wh..wh..opq"),
+        E("opq/fresh", data=b"fresh"),
+        d("usr"),
+        d("usr/bin"),
+        E("usr/bin/tool", data=tool2, mode=0o755),
         E("usr/bin/a", data=b"shared inode", xattrs={"user.x": "2"}),
         E("usr/bin/a2", "link", target="usr/bin/a"),
-        d("repl-file"), E("repl-file/in", data=b"now inside"),
+        d("repl-file"),
+        E("repl-file/in", data=b"now inside"),
         E("repl-dir", data=b"a file now"),
-        d("var"), E("var/.wh.cache"),
+        d("var"),
+        E("var/.wh.cache"),
         d("xdir", mode=0o750, uid=1000, gid=1000, xattrs={"user.dir": "2"}),
     ]
     l3 = [
-        d("./", mtime_ns=(T0 + 20) * 10**9), d("usr"), d("usr/bin"), E("usr/bin/.wh.a"),
-        d("opq"), d("opq/sub"), E("opq/sub/again", data=b"again"),
-        d("etc", mode=0o750), E("etc/gone", data=b"back again", mode=0o600),
-        d("var"), d("var/cache"), E("var/cache/y", data=tool1[:5000]),
-        E(".wh.repl-dir"), E("added", data=tool2),  # data already in layer 2: deduplicated
+        d("./", mtime_ns=(T0 + 20) * 10**9),
+        d("usr"),
+        d("usr/bin"),
+        E("usr/bin/.wh.a"),
+        d("opq"),
+        d("opq/sub"),
+        E("opq/sub/again", data=b"again"),
+        d("etc", mode=0o750),
+        E("etc/gone", data=b"back again", mode=0o600),
+        d("var"),
+        d("var/cache"),
+        E("var/cache/y", data=tool1[:5000]),
+        E(".wh.repl-dir"),
+        E("added", data=tool2),  # data already in layer 2: deduplicated
     ]
     layers = (l1, l2, l3) if spec == "oci" else tuple(to_overlayfs(x) for x in (l1, l2, l3))
     return [make_tar(tmp / f"l{i + 1}.tar", layer) for i, layer in enumerate(layers)]
@@ -135,8 +175,21 @@ def three_layers(tmp: Path, spec: str = "oci") -> list[Path]:
 
 def build(nydus_image, tar: Path, boot: Path, blobs: Path, *extra: str | Path) -> dict:  # type: ignore[no-untyped-def]
     j = boot.with_suffix(".json")
-    nydus_image("create", "-t", "tar-rafs", "--compressor", "none", "-B", boot, "-D", blobs,
-                "-J", j, *extra, tar)
+    nydus_image(
+        "create",
+        "-t",
+        "tar-rafs",
+        "--compressor",
+        "none",
+        "-B",
+        boot,
+        "-D",
+        blobs,
+        "-J",
+        j,
+        *extra,
+        tar,
+    )
     return json.loads(j.read_text())
 
 
@@ -148,8 +201,20 @@ def blob_devices(boot: Path, blobs: Path) -> list[str]:
 def unpack_for_overlay(tar: Path, dest: Path) -> None:
     """GNU tar extraction, then OCI whiteouts -> overlayfs whiteouts (as containerd does)."""
     dest.mkdir()
-    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
-                    str(tar), "-C", str(dest)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-xpf",
+            str(tar),
+            "-C",
+            str(dest),
+        ],
+        check=True,
+        capture_output=True,
+    )
     for dirpath, _dirs, files in os.walk(dest):
         for name in files:
             if not name.startswith(".wh."):
@@ -165,8 +230,11 @@ def unpack_for_overlay(tar: Path, dest: Path) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("spec", ["oci", "overlayfs"])
-def test_merged_and_layered_images_equal_kernel_overlayfs(tmp_path: Path, nydus_image,  # type: ignore[no-untyped-def]
-                                                         spec: str) -> None:
+def test_merged_and_layered_images_equal_kernel_overlayfs(
+    tmp_path: Path,
+    nydus_image,  # type: ignore[no-untyped-def]
+    spec: str,
+) -> None:
     tars = three_layers(tmp_path, spec)
     blobs = tmp_path / "blobs"
     blobs.mkdir()
@@ -178,8 +246,17 @@ def test_merged_and_layered_images_equal_kernel_overlayfs(tmp_path: Path, nydus_
         boots.append(tmp_path / f"layer{i + 1}.boot")
         ids.append(j["blob"])
     merged = tmp_path / "merged.boot"
-    nydus_image("merge", "-B", merged, "--original-blob-ids", ",".join(ids), "-J",
-                tmp_path / "merge.json", *ws, *boots)
+    nydus_image(
+        "merge",
+        "-B",
+        merged,
+        "--original-blob-ids",
+        ",".join(ids),
+        "-J",
+        tmp_path / "merge.json",
+        *ws,
+        *boots,
+    )
     mj = json.loads((tmp_path / "merge.json").read_text())
     assert mj["blobs"] == ids
     # the --parent-bootstrap chain
@@ -200,8 +277,11 @@ def test_merged_and_layered_images_equal_kernel_overlayfs(tmp_path: Path, nydus_
     for m in (ovl, m1, m2):
         m.mkdir()
     lowerdir = ":".join(str(p) for p in reversed(lowers))  # uppermost first
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdir}",
-                    str(ovl)], check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdir}", str(ovl)],
+        check=True,
+        capture_output=True,
+    )
     try:
         mount_erofs(merged, m1, blob_devices(merged, blobs))
         try:
@@ -212,8 +292,7 @@ def test_merged_and_layered_images_equal_kernel_overlayfs(tmp_path: Path, nydus_
                 # spot checks that the layers did what they say
                 assert sorted(os.listdir(ovl / "opq")) == ["fresh", "sub"]
                 assert not (ovl / "usr/bin/a").exists() and (ovl / "usr/bin/a2").exists()
-                assert os.stat(ovl / "usr/bin/a-link").st_ino != os.stat(
-                    ovl / "usr/bin/a2").st_ino
+                assert os.stat(ovl / "usr/bin/a-link").st_ino != os.stat(ovl / "usr/bin/a2").st_ino
             finally:
                 umount(m2)
         finally:
@@ -227,8 +306,10 @@ def _layers_with_blobs(tmp_path: Path, nydus_image) -> tuple[list[Path], list[di
     blobs.mkdir()
     boots, js = [], []
     for i in range(3):
-        tar = make_tar(tmp_path / f"t{i}.tar", [E(f"f{i}", data=_rand(50_000, 10 + i))]
-                       + ([E(".wh.f0")] if i == 2 else []))
+        tar = make_tar(
+            tmp_path / f"t{i}.tar",
+            [E(f"f{i}", data=_rand(50_000, 10 + i))] + ([E(".wh.f0")] if i == 2 else []),
+        )
         boot = tmp_path / f"b{i}.boot"
         js.append(build(nydus_image, tar, boot, blobs))
         boots.append(boot)
@@ -263,9 +344,22 @@ def test_blob_table_rewrites(tmp_path: Path, nydus_image) -> None:  # type: igno
     sizes = [str(f.stat().st_size) for f in files]
     fake_tocs = [hashlib.sha256(f"toc{i}".encode()).hexdigest() for i in range(3)]
     out = tmp_path / "m.boot"
-    r = nydus_image("merge", "-B", out, "--blob-digests", ",".join(digests), "--blob-sizes",
-                    ",".join(sizes), "--blob-toc-digests", ",".join(fake_tocs),
-                    "--blob-toc-sizes", "1,2,3", "-J", tmp_path / "m.json", *boots)
+    r = nydus_image(
+        "merge",
+        "-B",
+        out,
+        "--blob-digests",
+        ",".join(digests),
+        "--blob-sizes",
+        ",".join(sizes),
+        "--blob-toc-digests",
+        ",".join(fake_tocs),
+        "--blob-toc-sizes",
+        "1,2,3",
+        "-J",
+        tmp_path / "m.json",
+        *boots,
+    )
     assert "bootstrap:" in r.stdout
     j = json.loads((tmp_path / "m.json").read_text())
     assert j["blobs"] == digests
@@ -280,20 +374,34 @@ def test_blob_table_rewrites(tmp_path: Path, nydus_image) -> None:  # type: igno
         with open_bootstrap(b) as md:
             tocs.append(md.blobs[0].toc_digest.hex())
             toc_sizes.append(str(md.blobs[0].toc_size))
-    nydus_image("merge", "-B", out, "--blob-digests", ",".join(digests), "--blob-sizes",
-                ",".join(sizes), "--blob-toc-digests", ",".join(tocs), "--blob-toc-sizes",
-                ",".join(toc_sizes), *boots)
+    nydus_image(
+        "merge",
+        "-B",
+        out,
+        "--blob-digests",
+        ",".join(digests),
+        "--blob-sizes",
+        ",".join(sizes),
+        "--blob-toc-digests",
+        ",".join(tocs),
+        "--blob-toc-sizes",
+        ",".join(toc_sizes),
+        *boots,
+    )
     for f, dgst in zip(files, digests, strict=True):
         os.link(f, blobs / dgst)
     nydus_image("check", out, "-D", blobs)
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--blob-digests", "aa,bb"], "has 2 entries for 3"),
-    (["--blob-digests", "zz,zz,zz"], "not a sha256 hex digest"),
-    (["--blob-sizes", "1,x,3"], "not a comma-separated list"),
-    (["--original-blob-ids", "a,b"], "has 2 entries"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--blob-digests", "aa,bb"], "has 2 entries for 3"),
+        (["--blob-digests", "zz,zz,zz"], "not a sha256 hex digest"),
+        (["--blob-sizes", "1,x,3"], "not a comma-separated list"),
+        (["--original-blob-ids", "a,b"], "has 2 entries"),
+    ],
+)
 def test_merge_flag_errors(tmp_path: Path, nydus_image, args: list[str], match: str) -> None:  # type: ignore[no-untyped-def]
     boots, _js, _blobs = _layers_with_blobs(tmp_path, nydus_image)
     r = nydus_image("merge", "-B", tmp_path / "m", *args, *boots, check=False)
@@ -304,8 +412,7 @@ def test_merge_rejects_layered_bootstraps(tmp_path: Path, nydus_image) -> None: 
     boots, _js, blobs = _layers_with_blobs(tmp_path, nydus_image)
     tar = make_tar(tmp_path / "x.tar", [E("x", data=_rand(10_000, 99))])
     build(nydus_image, tar, tmp_path / "layered.boot", blobs, "--parent-bootstrap", boots[0])
-    r = nydus_image("merge", "-B", tmp_path / "m", boots[0], tmp_path / "layered.boot",
-                    check=False)
+    r = nydus_image("merge", "-B", tmp_path / "m", boots[0], tmp_path / "layered.boot", check=False)
     assert r.returncode == 3 and "more than one data blob" in r.stderr
 
 
@@ -320,28 +427,56 @@ def test_merge_with_parent_chunk_dict_and_prefetch(tmp_path: Path, nydus_image) 
     bj = build(nydus_image, base, tmp_path / "parent.boot", blobs)
     layers, ids = [], []
     for i in range(2):
-        tar = make_tar(tmp_path / f"l{i}.tar", [E(f"d{i}", "dir"), E(f"d{i}/c", data=common),
-                                                E(f"d{i}/own", data=_rand(5000, 20 + i))])
+        tar = make_tar(
+            tmp_path / f"l{i}.tar",
+            [
+                E(f"d{i}", "dir"),
+                E(f"d{i}/c", data=common),
+                E(f"d{i}/own", data=_rand(5000, 20 + i)),
+            ],
+        )
         j = build(nydus_image, tar, tmp_path / f"l{i}.boot", blobs, "--chunk-dict", cd)
         assert j["deduped_chunks"] == 1 and j["blobs"][0] == dj["blob"]
         layers.append(tmp_path / f"l{i}.boot")
         ids.append(j["blob"])
     out = tmp_path / "m.boot"
-    cmd = nydus_image.command("merge", "-B", out, "--parent-bootstrap", tmp_path / "parent.boot",
-                              "--chunk-dict", cd, "--original-blob-ids", ",".join(ids),
-                              "--prefetch-policy", "fs", *layers)
+    cmd = nydus_image.command(
+        "merge",
+        "-B",
+        out,
+        "--parent-bootstrap",
+        tmp_path / "parent.boot",
+        "--chunk-dict",
+        cd,
+        "--original-blob-ids",
+        ",".join(ids),
+        "--prefetch-policy",
+        "fs",
+        *layers,
+    )
     subprocess.run(cmd, input="/d1\n/base\n", text=True, check=True, capture_output=True)
     with open_bootstrap(out) as md:
         # parent's blob first, then the dictionary blob once, then each layer's own
         assert [b.blob_id for b in md.blobs] == [bj["blob"], dj["blob"], *ids]
         assert sorted(p for p, _n in md.walk()) == [
-            b"/", b"/base", b"/d0", b"/d0/c", b"/d0/own", b"/d1", b"/d1/c", b"/d1/own"]
+            b"/",
+            b"/base",
+            b"/d0",
+            b"/d0/c",
+            b"/d0/own",
+            b"/d1",
+            b"/d1/c",
+            b"/d1/own",
+        ]
         assert md.prefetch_nids() == [md.resolve("/d1"), md.resolve("/base")]
     nydus_image("check", out, "-D", blobs)
 
 
-def test_upstream_bootstrap_as_parent_and_merge_source(fixtures_dir: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                      nydus_image) -> None:
+def test_upstream_bootstrap_as_parent_and_merge_source(
+    fixtures_dir: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    nydus_image,
+) -> None:
     """A bootstrap written by upstream nydus-image works as the lowest layer of both."""
     up = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
     blobs = tmp_path / "blobs"

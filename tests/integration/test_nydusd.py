@@ -36,8 +36,7 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
 ]
 
-_BOOT = ("import sys; from nydus.cli.{mod} import main; sys.argv[0] = '{prog}'; "
-         "sys.exit(main())")
+_BOOT = "import sys; from nydus.cli.{mod} import main; sys.argv[0] = '{prog}'; sys.exit(main())"
 
 
 def cli(prog: str) -> list[str]:
@@ -48,8 +47,14 @@ def cli(prog: str) -> list[str]:
 class Nydusd:
     """A ``nydusd`` subprocess; ``start()`` waits for its mount (or fails with its log)."""
 
-    def __init__(self, args: list[str | os.PathLike[str]], mountpoint: Path, *,
-                 cwd: Path, apisock: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str | os.PathLike[str]],
+        mountpoint: Path,
+        *,
+        cwd: Path,
+        apisock: Path | None = None,
+    ) -> None:
         self.mountpoint = mountpoint
         self.cwd = cwd
         stamp = time.monotonic_ns()
@@ -63,12 +68,17 @@ class Nydusd:
         self.apisock = apisock
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0, expect_mount: bool = True,
-              expect_state: str = "RUNNING") -> Nydusd:
+    def start(
+        self, timeout: float = 30.0, expect_mount: bool = True, expect_state: str = "RUNNING"
+    ) -> Nydusd:
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([*cli("nydusd"), *self.args], cwd=self.cwd,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [*cli("nydusd"), *self.args],
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
@@ -123,8 +133,7 @@ class Nydusd:
         if os.path.ismount(self.mountpoint):
             subprocess.run(["umount", str(self.mountpoint)], capture_output=True, check=False)
         if os.path.ismount(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True,
-                           check=False)
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
 
     def __enter__(self) -> Nydusd:
         return self
@@ -134,13 +143,17 @@ class Nydusd:
 
 
 def localfs_config(blob_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {"device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}}},
-            "mode": "direct", **extra}
+    return {
+        "device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}}},
+        "mode": "direct",
+        **extra,
+    }
 
 
 def run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="replace",
-                          timeout=timeout)
+    return subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout
+    )
 
 
 def nydus_image(cwd: Path, *args: str | os.PathLike[str]) -> None:
@@ -274,22 +287,59 @@ def test_seed_walkthrough_layers_overlaid(tmp_path: Path, mnt: Path) -> None:
     for i in range(1, 5):
         (work / "nydus-image" / f"layer{i}").mkdir(parents=True)
     (work / "nydus-image" / "blobs").mkdir()
-    nydus_image(work, "create", "--bootstrap", "./nydus-image/layer1/bootstrap", "--blob-dir",
-                "./nydus-image/blobs", "--compressor", "none", layers[0])
+    nydus_image(
+        work,
+        "create",
+        "--bootstrap",
+        "./nydus-image/layer1/bootstrap",
+        "--blob-dir",
+        "./nydus-image/blobs",
+        "--compressor",
+        "none",
+        layers[0],
+    )
     for i in range(2, 5):
-        nydus_image(work, "create", "--parent-bootstrap", f"./nydus-image/layer{i - 1}/bootstrap",
-                    "--bootstrap", f"./nydus-image/layer{i}/bootstrap", "--blob-dir",
-                    "./nydus-image/blobs", "--compressor", "none", layers[i - 1])
-    (work / "localfs.json").write_text(json.dumps(
-        {"device": {"backend": {"type": "localfs",
-                                "config": {"dir": str(work / "nydus-image" / "blobs")}}},
-         "mode": "direct"}, indent=2))
+        nydus_image(
+            work,
+            "create",
+            "--parent-bootstrap",
+            f"./nydus-image/layer{i - 1}/bootstrap",
+            "--bootstrap",
+            f"./nydus-image/layer{i}/bootstrap",
+            "--blob-dir",
+            "./nydus-image/blobs",
+            "--compressor",
+            "none",
+            layers[i - 1],
+        )
+    (work / "localfs.json").write_text(
+        json.dumps(
+            {
+                "device": {
+                    "backend": {
+                        "type": "localfs",
+                        "config": {"dir": str(work / "nydus-image" / "blobs")},
+                    }
+                },
+                "mode": "direct",
+            },
+            indent=2,
+        )
+    )
     expected = tmp_path / "expected"
     make_tree(expected, scale="small")  # deterministic: the same as layer 1
     for d in layers[1:]:
         overlay_into(expected, d)
-    args = ["--config", "./localfs.json", "--mountpoint", mnt, "--bootstrap",
-            "./nydus-image/layer4/bootstrap", "--log-level", "info"]
+    args = [
+        "--config",
+        "./localfs.json",
+        "--mountpoint",
+        mnt,
+        "--bootstrap",
+        "./nydus-image/layer4/bootstrap",
+        "--log-level",
+        "info",
+    ]
     with Nydusd(args, mnt, cwd=work).start() as d:
         diffs = compare_trees(expected, mnt)
         assert diffs == [], "\n".join(diffs[:50])
@@ -309,15 +359,23 @@ def test_seed_walkthrough_layers_overlaid(tmp_path: Path, mnt: Path) -> None:
 def _v5_expected(fixtures_dir: Path) -> dict[str, str]:
     text = (fixtures_dir / "v5" / "blake3-nocompress.result").read_text()
     _listing, end = json.JSONDecoder().raw_decode(text)
-    return {path.strip(): digest for digest, path in
-            (ln.split(None, 1) for ln in text[end:].splitlines() if ln.strip())}
+    return {
+        path.strip(): digest
+        for digest, path in (ln.split(None, 1) for ln in text[end:].splitlines() if ln.strip())
+    }
 
 
 def test_upstream_v5_fixture_md5(fixtures_dir: Path, tmp_path: Path, mnt: Path) -> None:
     cfg = tmp_path / "localfs.json"
     cfg.write_text(json.dumps(localfs_config(fixtures_dir / "v5" / "blobs")))
-    args = ["--config", cfg, "--mountpoint", mnt, "--bootstrap",
-            fixtures_dir / "v5" / "blake3-nocompress.boot"]
+    args = [
+        "--config",
+        cfg,
+        "--mountpoint",
+        mnt,
+        "--bootstrap",
+        fixtures_dir / "v5" / "blake3-nocompress.boot",
+    ]
     with Nydusd(args, mnt, cwd=tmp_path).start():
         want = _v5_expected(fixtures_dir)
         got = md5_tree(mnt)
@@ -332,7 +390,8 @@ def test_upstream_v6_fixture_md5(fixtures_dir: Path, tmp_path: Path, mnt: Path) 
     want = {}
     with open_bootstrap(boot) as md:  # decoded by the format layer, digests verified
         reader, close = open_local_blob(
-            str(fixtures_dir / "v6" / "blobs" / md.blobs[0].blob_id), md.blobs[0])
+            str(fixtures_dir / "v6" / "blobs" / md.blobs[0].blob_id), md.blobs[0]
+        )
         try:
             for path, nid in md.walk():
                 if md.getattr(nid).is_reg:
@@ -341,10 +400,10 @@ def test_upstream_v6_fixture_md5(fixtures_dir: Path, tmp_path: Path, mnt: Path) 
         finally:
             close()
     cfg = tmp_path / "localfs.json"
-    cfg.write_text(json.dumps(localfs_config(fixtures_dir / "v6" / "blobs",
-                                             digest_validate=True)))
-    with Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", boot], mnt,
-                cwd=tmp_path).start():
+    cfg.write_text(json.dumps(localfs_config(fixtures_dir / "v6" / "blobs", digest_validate=True)))
+    with Nydusd(
+        ["--config", cfg, "--mountpoint", mnt, "--bootstrap", boot], mnt, cwd=tmp_path
+    ).start():
         assert md5_tree(mnt) == want
         assert (mnt / "lib.rs").read_bytes().startswith(b"// Copyright")
 
@@ -366,21 +425,25 @@ def three_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             (src / "dir" / f"f{i}").write_bytes(f"{name}{i}".encode() * (1000 * (i + 1)))
         (src / "name").write_text(name)
         (src / "big").write_bytes(hashlib.sha256(name.encode()).digest() * 70000)
-        nydus_image(base, "create", "--bootstrap", base / f"{name}.boot", "--blob-dir", blobs,
-                    src)
+        nydus_image(base, "create", "--bootstrap", base / f"{name}.boot", "--blob-dir", blobs, src)
         out["src"][name] = src
         out["boot"][name] = base / f"{name}.boot"
     return out
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
-def test_shared_daemon_mounts_several_images(three_images: dict[str, Any], tmp_path: Path,
-                                             mnt: Path, driver: str) -> None:
+def test_shared_daemon_mounts_several_images(
+    three_images: dict[str, Any], tmp_path: Path, mnt: Path, driver: str
+) -> None:
     sock = tmp_path / "api.sock"
     cfg = json.dumps(localfs_config(three_images["blobs"]))
     boot, src = three_images["boot"], three_images["src"]
-    with Nydusd(["--mountpoint", mnt, "--apisock", sock, "--id", "shared",
-                 "--fs-driver", driver], mnt, cwd=tmp_path, apisock=sock).start() as d:
+    with Nydusd(
+        ["--mountpoint", mnt, "--apisock", sock, "--id", "shared", "--fs-driver", driver],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         c = d.client
         assert os.listdir(mnt) == []
         c.mount("/a", str(boot["a"]), cfg)
@@ -436,8 +499,9 @@ def test_shared_daemon_mounts_several_images(three_images: dict[str, Any], tmp_p
         assert d.stop() == 0
 
 
-def test_sigint_and_external_umount_end_the_daemon(three_images: dict[str, Any],
-                                                   tmp_path: Path, mnt: Path) -> None:
+def test_sigint_and_external_umount_end_the_daemon(
+    three_images: dict[str, Any], tmp_path: Path, mnt: Path
+) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(localfs_config(three_images["blobs"])))
     args = ["--config", cfg, "--mountpoint", mnt, "--bootstrap", three_images["boot"]["a"]]
@@ -463,19 +527,28 @@ def _fails(args: list[Any], cwd: Path, rc: int | None = None, *words: str) -> st
     return proc.stderr
 
 
-def test_bad_startup_input_fails_clearly(three_images: dict[str, Any], tmp_path: Path,
-                                         mnt: Path) -> None:
+def test_bad_startup_input_fails_clearly(
+    three_images: dict[str, Any], tmp_path: Path, mnt: Path
+) -> None:
     good = tmp_path / "good.json"
     good.write_text(json.dumps(localfs_config(three_images["blobs"])))
     boot = three_images["boot"]["a"]
-    _fails(["--config", good, "--mountpoint", mnt, "--bootstrap", tmp_path / "missing"],
-           tmp_path, 3, "cannot read bootstrap")
+    _fails(
+        ["--config", good, "--mountpoint", mnt, "--bootstrap", tmp_path / "missing"],
+        tmp_path,
+        3,
+        "cannot read bootstrap",
+    )
     corrupt = tmp_path / "corrupt.boot"
     raw = bytearray(boot.read_bytes())
     raw[1024:1028] = b"\0\0\0\0"  # no EROFS magic
     corrupt.write_bytes(bytes(raw))
-    _fails(["--config", good, "--mountpoint", mnt, "--bootstrap", corrupt], tmp_path, 3,
-           "not a RAFS bootstrap")
+    _fails(
+        ["--config", good, "--mountpoint", mnt, "--bootstrap", corrupt],
+        tmp_path,
+        3,
+        "not a RAFS bootstrap",
+    )
     truncated = tmp_path / "truncated.boot"
     truncated.write_bytes(boot.read_bytes()[:3000])
     _fails(["--config", good, "--mountpoint", mnt, "--bootstrap", truncated], tmp_path, 3)
@@ -483,25 +556,43 @@ def test_bad_startup_input_fails_clearly(three_images: dict[str, Any], tmp_path:
     cfg = localfs_config(three_images["blobs"])
     cfg["device"]["backend"]["config"]["dirr"] = "/x"
     bad_key.write_text(json.dumps(cfg))
-    _fails(["--config", bad_key, "--mountpoint", mnt, "--bootstrap", boot], tmp_path, 2,
-           "device.backend.config", "dirr")
+    _fails(
+        ["--config", bad_key, "--mountpoint", mnt, "--bootstrap", boot],
+        tmp_path,
+        2,
+        "device.backend.config",
+        "dirr",
+    )
     bad_type = tmp_path / "badtype.json"
     bad_type.write_text(json.dumps(localfs_config(three_images["blobs"], digest_validate="yes")))
-    _fails(["--config", bad_type, "--mountpoint", mnt, "--bootstrap", boot], tmp_path, 2,
-           "digest_validate")
+    _fails(
+        ["--config", bad_type, "--mountpoint", mnt, "--bootstrap", boot],
+        tmp_path,
+        2,
+        "digest_validate",
+    )
     not_json = tmp_path / "notjson.json"
     not_json.write_text("{ this is not json")
     _fails(["--config", not_json, "--mountpoint", mnt, "--bootstrap", boot], tmp_path, 2)
-    _fails(["--config", good, "--mountpoint", tmp_path / "nope", "--bootstrap", boot],
-           tmp_path, 2, "mountpoint")
+    _fails(
+        ["--config", good, "--mountpoint", tmp_path / "nope", "--bootstrap", boot],
+        tmp_path,
+        2,
+        "mountpoint",
+    )
     _fails(["virtiofs", "--sock", "/x"], tmp_path, 2, "not supported")
     _fails(["--mountpoint", mnt], tmp_path, 2, "--apisock")  # nothing could ever be served
     assert not os.path.ismount(mnt)
     # a mount point in use
-    with Nydusd(["--config", good, "--mountpoint", mnt, "--bootstrap", boot], mnt,
-                cwd=tmp_path).start():
-        _fails(["--config", good, "--mountpoint", mnt, "--bootstrap", boot], tmp_path, None,
-               "already in use")
+    with Nydusd(
+        ["--config", good, "--mountpoint", mnt, "--bootstrap", boot], mnt, cwd=tmp_path
+    ).start():
+        _fails(
+            ["--config", good, "--mountpoint", mnt, "--bootstrap", boot],
+            tmp_path,
+            None,
+            "already in use",
+        )
         assert (mnt / "name").read_text() == "a"
 
 
@@ -514,8 +605,17 @@ def test_missing_blob_fails_only_affected_reads(tmp_path: Path, mnt: Path) -> No
     blobs = tmp_path / "blobs"
     blobs.mkdir()
     nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "l1", "--blob-dir", blobs, lower)
-    nydus_image(tmp_path, "create", "--parent-bootstrap", tmp_path / "l1", "--bootstrap",
-                tmp_path / "l2", "--blob-dir", blobs, upper)
+    nydus_image(
+        tmp_path,
+        "create",
+        "--parent-bootstrap",
+        tmp_path / "l1",
+        "--bootstrap",
+        tmp_path / "l2",
+        "--blob-dir",
+        blobs,
+        upper,
+    )
     from nydus.metadata import open_bootstrap
 
     with open_bootstrap(tmp_path / "l2") as md:
@@ -524,8 +624,12 @@ def test_missing_blob_fails_only_affected_reads(tmp_path: Path, mnt: Path) -> No
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(localfs_config(blobs)))
     sock = tmp_path / "api.sock"
-    with Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", tmp_path / "l2",
-                 "--apisock", sock], mnt, cwd=tmp_path, apisock=sock).start() as d:
+    with Nydusd(
+        ["--config", cfg, "--mountpoint", mnt, "--bootstrap", tmp_path / "l2", "--apisock", sock],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         assert (mnt / "d" / "old").stat().st_size == 500000
         with pytest.raises(OSError) as ei:
             (mnt / "d" / "old").read_bytes()
@@ -559,21 +663,39 @@ def test_concurrent_random_reads(tmp_path: Path, mnt: Path, driver: str) -> None
     for i in range(40):
         d = src / f"d{i % 4}"
         d.mkdir(parents=True, exist_ok=True)
-        size = rng.choice([0, 1, 4095, 4097, 70_000, 1 << 20, 3 * (1 << 20) + 11,
-                           rng.randrange(1, 2 << 20)])
+        size = rng.choice(
+            [0, 1, 4095, 4097, 70_000, 1 << 20, 3 * (1 << 20) + 11, rng.randrange(1, 2 << 20)]
+        )
         p = d / f"f{i}"
         p.write_bytes(rng.randbytes(size) if i % 3 else (b"compressible %d " % i) * (size // 16))
         files.append(p)
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs,
-                "--compressor", "zstd", "--chunk-size", "0x40000", src)
+    nydus_image(
+        tmp_path,
+        "create",
+        "--bootstrap",
+        tmp_path / "boot",
+        "--blob-dir",
+        blobs,
+        "--compressor",
+        "zstd",
+        "--chunk-size",
+        "0x40000",
+        src,
+    )
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({
-        **localfs_config(blobs, digest_validate=True),
-        "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}}},
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                **localfs_config(blobs, digest_validate=True),
+                "device": {
+                    "backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                    "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}},
+                },
+            }
+        )
+    )
     sock = tmp_path / "api.sock"
     data = {str(p.relative_to(src)): p.read_bytes() for p in files}
     duration = float(os.environ.get("NYDUSD_STRESS_SECONDS", "20"))
@@ -628,16 +750,31 @@ def test_concurrent_random_reads(tmp_path: Path, mnt: Path, driver: str) -> None
                 finally:
                     os.close(fd)
 
-    with Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                 "--apisock", sock, "--fuse-threads", "8", "--fs-driver", driver], mnt,
-                cwd=tmp_path, apisock=sock).start() as d:
+    with Nydusd(
+        [
+            "--config",
+            cfg,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            tmp_path / "boot",
+            "--apisock",
+            sock,
+            "--fuse-threads",
+            "8",
+            "--fs-driver",
+            driver,
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         info = d.client.info()
         assert info["backend_collection"]["/"]["fs_driver"] == driver
         threads = [threading.Thread(target=reader, args=(t,)) for t in range(32)]
         stop = threading.Event()
         if driver == "erofs":
-            threads.append(threading.Thread(target=drop_blob_pages,
-                                            args=(info["blobfs"], stop)))
+            threads.append(threading.Thread(target=drop_blob_pages, args=(info["blobfs"], stop)))
         for th in threads:
             th.start()
         for th in threads[:32]:
@@ -654,25 +791,53 @@ def test_concurrent_random_reads(tmp_path: Path, mnt: Path, driver: str) -> None
         assert d.stop() == 0
 
 
-def test_open_counting_and_access_pattern(three_images: dict[str, Any], tmp_path: Path,
-                                          mnt: Path) -> None:
+def test_open_counting_and_access_pattern(
+    three_images: dict[str, Any], tmp_path: Path, mnt: Path
+) -> None:
     """Default: zero-message opens (no OPEN/RELEASE round trips). With iostats_files the
     daemon serves opens and counts them per file; access_pattern lists files in read order."""
     boot, src = three_images["boot"]["b"], three_images["src"]["b"]
     sock = tmp_path / "api.sock"
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps(localfs_config(three_images["blobs"])))
-    with Nydusd(["--config", plain, "--mountpoint", mnt, "--bootstrap", boot, "--apisock", sock,
-                 "--fs-driver", "fusedev"], mnt, cwd=tmp_path, apisock=sock).start() as d:
+    with Nydusd(
+        [
+            "--config",
+            plain,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            boot,
+            "--apisock",
+            sock,
+            "--fs-driver",
+            "fusedev",
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         for _ in range(3):
             assert (mnt / "name").read_text() == "b"
         g = d.client.metrics()
         assert g["fop_hits"][2] == 0 and g["data_read"] == 1  # OPEN never reached us
     stats = tmp_path / "stats.json"
-    stats.write_text(json.dumps(localfs_config(three_images["blobs"], iostats_files=True,
-                                               access_pattern=True, latest_read_files=True)))
-    with Nydusd(["--config", stats, "--mountpoint", mnt, "--bootstrap", boot, "--apisock", sock],
-                mnt, cwd=tmp_path, apisock=sock).start() as d:
+    stats.write_text(
+        json.dumps(
+            localfs_config(
+                three_images["blobs"],
+                iostats_files=True,
+                access_pattern=True,
+                latest_read_files=True,
+            )
+        )
+    )
+    with Nydusd(
+        ["--config", stats, "--mountpoint", mnt, "--bootstrap", boot, "--apisock", sock],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         assert (mnt / "dir" / "f3").read_bytes() == (src / "dir" / "f3").read_bytes()
         assert (mnt / "name").read_text() == "b"
         c = d.client
@@ -687,18 +852,38 @@ def test_open_counting_and_access_pattern(three_images: dict[str, Any], tmp_path
         pattern = c.metrics("pattern")
         assert [p["file_path"] for p in pattern] == ["/dir/f3", "/name"]
         assert sorted(c.get("/api/v1/metrics/files", latest="true")) == sorted(
-            int(os.stat(mnt / n).st_ino) for n in ("dir/f3", "name"))
+            int(os.stat(mnt / n).st_ino) for n in ("dir/f3", "name")
+        )
 
 
-def test_virtual_mountpoint_and_log_file(three_images: dict[str, Any], tmp_path: Path,
-                                         mnt: Path) -> None:
+def test_virtual_mountpoint_and_log_file(
+    three_images: dict[str, Any], tmp_path: Path, mnt: Path
+) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(localfs_config(three_images["blobs"])))
     log = tmp_path / "nydusd.log"
     sock = tmp_path / "api.sock"
-    with Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", three_images["boot"]["a"],
-                 "--virtual-mountpoint", "/img", "--log-file", log, "--log-level", "debug",
-                 "--apisock", sock], mnt, cwd=tmp_path, apisock=sock).start() as d:
+    with Nydusd(
+        [
+            "--config",
+            cfg,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            three_images["boot"]["a"],
+            "--virtual-mountpoint",
+            "/img",
+            "--log-file",
+            log,
+            "--log-level",
+            "debug",
+            "--apisock",
+            sock,
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         assert os.listdir(mnt) == ["img"]
         assert (mnt / "img" / "name").read_text() == "a"
         d.client.mount("/other", str(three_images["boot"]["c"]), cfg.read_text())

@@ -53,6 +53,7 @@ class Supervisor:
                     self.payload, self.fds = recv_fds(conn, 30)
             except BaseException as e:
                 self.errors.append(e)
+
         t = threading.Thread(target=run)
         t.start()
         return t
@@ -66,6 +67,7 @@ class Supervisor:
                     send_fds(conn, self.payload, self.fds)
             except BaseException as e:
                 self.errors.append(e)
+
         t = threading.Thread(target=run)
         t.start()
         return t
@@ -91,9 +93,25 @@ def test_sendfd_crash_takeover(tmp_path: Path) -> None:
     mnt.mkdir()
     sup = Supervisor(tmp_path / "supervisor.sock")
     a_sock, b_sock = tmp_path / "a.sock", tmp_path / "b.sock"
-    a = Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                "--apisock", a_sock, "--supervisor", sup.path, "--id", "first"], mnt,
-               cwd=tmp_path, apisock=a_sock)
+    a = Nydusd(
+        [
+            "--config",
+            cfg,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            tmp_path / "boot",
+            "--apisock",
+            a_sock,
+            "--supervisor",
+            sup.path,
+            "--id",
+            "first",
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=a_sock,
+    )
     b: Nydusd | None = None
     try:
         a.start()
@@ -104,8 +122,9 @@ def test_sendfd_crash_takeover(tmp_path: Path) -> None:
         assert os.pread(held, 10000, 0) == (src / "d" / "f3").read_bytes()
         want = md5_tree(src)
         # lookups and attributes cached before the crash (no file is closed before it)
-        assert {p.name: p.stat().st_size for p in (mnt / "d").iterdir()} == \
-            {p.name: p.stat().st_size for p in (src / "d").iterdir()}
+        assert {p.name: p.stat().st_size for p in (mnt / "d").iterdir()} == {
+            p.name: p.stat().st_size for p in (src / "d").iterdir()
+        }
         t = sup.receive()
         a.client.put("/api/v1/daemon/fuse/sendfd")
         t.join(30)
@@ -125,8 +144,22 @@ def test_sendfd_crash_takeover(tmp_path: Path) -> None:
             minor = os.minor(os.stat(mnt).st_dev)
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
             pytest.fail("close() blocked on a FLUSH nobody answers")
-        b = Nydusd(["--mountpoint", mnt, "--apisock", b_sock, "--supervisor", sup.path,
-                    "--upgrade", "--id", "second"], mnt, cwd=tmp_path, apisock=b_sock)
+        b = Nydusd(
+            [
+                "--mountpoint",
+                mnt,
+                "--apisock",
+                b_sock,
+                "--supervisor",
+                sup.path,
+                "--upgrade",
+                "--id",
+                "second",
+            ],
+            mnt,
+            cwd=tmp_path,
+            apisock=b_sock,
+        )
         b.start(expect_state="INIT")
         t = sup.give_back()
         b.client.put("/api/v1/daemon/fuse/takeover")
@@ -150,8 +183,9 @@ def test_sendfd_crash_takeover(tmp_path: Path) -> None:
     assert not os.path.ismount(mnt)
 
 
-def test_a_read_in_flight_at_the_crash_is_resent(tmp_path: Path, registry_plain: Any,
-                                                 fault_proxy: Any) -> None:
+def test_a_read_in_flight_at_the_crash_is_resent(
+    tmp_path: Path, registry_plain: Any, fault_proxy: Any
+) -> None:
     """One FUSE thread (so the request sits on the fd the supervisor holds), a backend that
     stalls, a crash in the middle of the read: the new daemon gets the request again
     (--failover-policy resend) and the reader receives the right bytes."""
@@ -175,17 +209,42 @@ def test_a_read_in_flight_at_the_crash_is_resent(tmp_path: Path, registry_plain:
         blob_id = md.blobs[0].blob_id
     _publish_under_blob_id(registry_plain, blobs / blob_id, blob_id)
     cfg = tmp_path / "r.json"
-    cfg.write_text(json.dumps({
-        "device": {"backend": {"type": "registry", "config": {
-            "scheme": "http", "host": fault_proxy.host, "repo": REPO}}},
-        "mode": "direct"}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "device": {
+                    "backend": {
+                        "type": "registry",
+                        "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO},
+                    }
+                },
+                "mode": "direct",
+            }
+        )
+    )
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sup = Supervisor(tmp_path / "supervisor.sock")
     a_sock, b_sock = tmp_path / "a.sock", tmp_path / "b.sock"
-    a = Nydusd(["--config", cfg, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                "--apisock", a_sock, "--supervisor", sup.path, "--fuse-threads", "1"], mnt,
-               cwd=tmp_path, apisock=a_sock)
+    a = Nydusd(
+        [
+            "--config",
+            cfg,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            tmp_path / "boot",
+            "--apisock",
+            a_sock,
+            "--supervisor",
+            sup.path,
+            "--fuse-threads",
+            "1",
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=a_sock,
+    )
     b: Nydusd | None = None
     reader: subprocess.Popen[bytes] | None = None
     try:
@@ -199,9 +258,15 @@ def test_a_read_in_flight_at_the_crash_is_resent(tmp_path: Path, registry_plain:
         # mount while the daemon is down, or the fork+exec that starts the new daemon would
         # close (FLUSH) it and wait for an answer from a daemon that is not there yet.
         reader = subprocess.Popen(
-            [sys.executable, "-c", "import hashlib, sys; "
-             "print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
-             str(mnt / "big")], stdout=subprocess.PIPE)
+            [
+                sys.executable,
+                "-c",
+                "import hashlib, sys; "
+                "print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
+                str(mnt / "big"),
+            ],
+            stdout=subprocess.PIPE,
+        )
         deadline = time.time() + 10
         while fault_proxy.count("GET", "/blobs/") == 0 and time.time() < deadline:
             time.sleep(0.05)
@@ -210,9 +275,22 @@ def test_a_read_in_flight_at_the_crash_is_resent(tmp_path: Path, registry_plain:
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(20)
         fault_proxy.clear()
-        b = Nydusd(["--mountpoint", mnt, "--apisock", b_sock, "--supervisor", sup.path,
-                    "--upgrade", "--failover-policy", "resend"], mnt, cwd=tmp_path,
-                   apisock=b_sock)
+        b = Nydusd(
+            [
+                "--mountpoint",
+                mnt,
+                "--apisock",
+                b_sock,
+                "--supervisor",
+                sup.path,
+                "--upgrade",
+                "--failover-policy",
+                "resend",
+            ],
+            mnt,
+            cwd=tmp_path,
+            apisock=b_sock,
+        )
         b.start(expect_state="INIT")
         t = sup.give_back()
         b.client.put("/api/v1/daemon/fuse/takeover")

@@ -54,8 +54,11 @@ def test_nydusd_serves_an_upstream_inline_blob(tmp_path: Path, mnt: Path, toc: b
     with open_bootstrap(str(tmp_path / "up")) as md:
         blob_id = md.blobs[0].blob_id
     (blobs / blob_id).write_bytes(data)
-    with Nydusd(["--bootstrap", blobs / blob_id, "--localfs-dir", blobs, "--mountpoint", mnt],
-                mnt, cwd=tmp_path).start() as d:
+    with Nydusd(
+        ["--bootstrap", blobs / blob_id, "--localfs-dir", blobs, "--mountpoint", mnt],
+        mnt,
+        cwd=tmp_path,
+    ).start() as d:
         assert (mnt / "a.txt").read_bytes() == b"hello\n" * 100_000
         assert (mnt / "d" / "b").read_bytes() == b"other\n"
         assert "is a data blob with the bootstrap inlined" in d.log_text()
@@ -64,8 +67,14 @@ def test_nydusd_serves_an_upstream_inline_blob(tmp_path: Path, mnt: Path, toc: b
 def test_restart_after_kill_explains_the_left_mounts(tmp_path: Path, mnt: Path) -> None:
     src = _tree(tmp_path)
     nydus_image(tmp_path, "create", "-B", tmp_path / "x.boot", "-D", tmp_path / "blobs", src)
-    args: list[str | os.PathLike[str]] = ["--bootstrap", tmp_path / "x.boot", "--localfs-dir",
-                                          tmp_path / "blobs", "--mountpoint", mnt]
+    args: list[str | os.PathLike[str]] = [
+        "--bootstrap",
+        tmp_path / "x.boot",
+        "--localfs-dir",
+        tmp_path / "blobs",
+        "--mountpoint",
+        mnt,
+    ]
     d = Nydusd(args, mnt, cwd=tmp_path).start()
     try:
         live = run([*cli("nydusd"), *map(os.fspath, args)], tmp_path, timeout=60)
@@ -92,14 +101,41 @@ def test_nydusctl_mount_needs_a_shared_daemon_and_says_so(tmp_path: Path, mnt: P
     src = _tree(tmp_path)
     nydus_image(tmp_path, "create", "-B", tmp_path / "x.boot", "-D", tmp_path / "blobs", src)
     cfg = tmp_path / "cfg.json"
-    cfg.write_text('{"device": {"backend": {"type": "localfs", "config": {"dir": "%s"}}}}'
-                   % (tmp_path / "blobs"))
+    cfg.write_text(
+        '{"device": {"backend": {"type": "localfs", "config": {"dir": "%s"}}}}'
+        % (tmp_path / "blobs")
+    )
     sock = tmp_path / "api.sock"
-    with Nydusd(["--bootstrap", tmp_path / "x.boot", "--config", cfg, "--mountpoint", mnt,
-                 "--apisock", sock], mnt, cwd=tmp_path, apisock=sock).start():
-        r = run([*cli("nydusctl"), "--sock", str(sock), "mount", "--source",
-                 str(tmp_path / "x.boot"), "--config", str(cfg), "--mountpoint", "/sub"],
-                tmp_path)
+    with Nydusd(
+        [
+            "--bootstrap",
+            tmp_path / "x.boot",
+            "--config",
+            cfg,
+            "--mountpoint",
+            mnt,
+            "--apisock",
+            sock,
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start():
+        r = run(
+            [
+                *cli("nydusctl"),
+                "--sock",
+                str(sock),
+                "mount",
+                "--source",
+                str(tmp_path / "x.boot"),
+                "--config",
+                str(cfg),
+                "--mountpoint",
+                "/sub",
+            ],
+            tmp_path,
+        )
         assert r.returncode != 0
         assert "start nydusd without --bootstrap" in r.stdout + r.stderr
 
@@ -110,10 +146,29 @@ def test_nydus_image_mount_of_an_uncompressed_image(tmp_path: Path, mnt: Path) -
     if not erofs_supported():
         pytest.skip("no erofs in /proc/filesystems")
     src = _tree(tmp_path)
-    nydus_image(tmp_path, "create", "--compressor", "none", "-B", tmp_path / "x.boot", "-D",
-                tmp_path / "blobs", src)
-    r = run([*cli("nydus-image"), "mount", "-B", str(tmp_path / "x.boot"), "-D",
-             str(tmp_path / "blobs"), str(mnt)], tmp_path)
+    nydus_image(
+        tmp_path,
+        "create",
+        "--compressor",
+        "none",
+        "-B",
+        tmp_path / "x.boot",
+        "-D",
+        tmp_path / "blobs",
+        src,
+    )
+    r = run(
+        [
+            *cli("nydus-image"),
+            "mount",
+            "-B",
+            str(tmp_path / "x.boot"),
+            "-D",
+            str(tmp_path / "blobs"),
+            str(mnt),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     try:
         assert (mnt / "a.txt").read_bytes() == b"hello\n" * 100_000
@@ -123,7 +178,17 @@ def test_nydus_image_mount_of_an_uncompressed_image(tmp_path: Path, mnt: Path) -
             subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
     # a compressed image is refused with the reason
     nydus_image(tmp_path, "create", "-B", tmp_path / "z.boot", "-D", tmp_path / "zb", src)
-    r = run([*cli("nydus-image"), "mount", "-B", str(tmp_path / "z.boot"), "-D",
-             str(tmp_path / "zb"), str(mnt)], tmp_path)
+    r = run(
+        [
+            *cli("nydus-image"),
+            "mount",
+            "-B",
+            str(tmp_path / "z.boot"),
+            "-D",
+            str(tmp_path / "zb"),
+            str(mnt),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 3 and "--compressor none" in r.stderr
     assert not os.path.ismount(mnt)

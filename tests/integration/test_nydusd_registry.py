@@ -30,8 +30,9 @@ from registry import FaultProxy, RegistryServer
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
-    pytest.mark.skipif(shutil.which("docker-registry") is None,
-                       reason="docker-registry not installed"),
+    pytest.mark.skipif(
+        shutil.which("docker-registry") is None, reason="docker-registry not installed"
+    ),
 ]
 
 registry_plain = harness.registry_plain
@@ -50,17 +51,24 @@ def _publish_under_blob_id(reg: RegistryServer, blob_file: Path, blob_id: str) -
     dst = reg.blob_path(want)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(reg.blob_path(real), dst)
-    link = (reg.storage / "docker/registry/v2/repositories" / REPO / "_layers" / "sha256"
-            / blob_id / "link")
+    link = (
+        reg.storage
+        / "docker/registry/v2/repositories"
+        / REPO
+        / "_layers"
+        / "sha256"
+        / blob_id
+        / "link"
+    )
     link.parent.mkdir(parents=True, exist_ok=True)
     link.write_text(want)
     return want
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
-def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
-                                            fault_proxy: FaultProxy, tmp_path: Path,
-                                            driver: str) -> None:
+def test_cat_fetches_only_that_files_chunks(
+    registry_plain: RegistryServer, fault_proxy: FaultProxy, tmp_path: Path, driver: str
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(3)
@@ -69,8 +77,17 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
     (src / "small").write_bytes(b"hello registry\n")
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs,
-                "--compressor", "zstd", src)
+    nydus_image(
+        tmp_path,
+        "create",
+        "--bootstrap",
+        tmp_path / "boot",
+        "--blob-dir",
+        blobs,
+        "--compressor",
+        "zstd",
+        src,
+    )
     with open_bootstrap(tmp_path / "boot") as md:
         [blob] = md.blobs
         target = md.resolve("/big5")
@@ -81,8 +98,10 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
     work = tmp_path / "cache"
     cfg: dict[str, Any] = {
         "device": {
-            "backend": {"type": "registry",
-                        "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO}},
+            "backend": {
+                "type": "registry",
+                "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO},
+            },
             "cache": {"type": "blobcache", "config": {"work_dir": str(work)}},
         },
         "mode": "direct",
@@ -94,9 +113,23 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = tmp_path / "api.sock"
-    with Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                 "--apisock", sock, "--fs-driver", driver], mnt, cwd=tmp_path,
-                apisock=sock).start() as d:
+    with Nydusd(
+        [
+            "--config",
+            cfg_path,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            tmp_path / "boot",
+            "--apisock",
+            sock,
+            "--fs-driver",
+            driver,
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ).start() as d:
         assert d.client.info()["backend_collection"]["/"]["fs_driver"] == driver
         assert sorted(os.listdir(mnt)) == [*(f"big{i}" for i in range(8)), "small"]
         assert fault_proxy.blob_bytes(digest) == 0  # mounted and listed: no data fetched
@@ -106,8 +139,10 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
         backend = d.client.metrics("backend")
         d.check_alive()
         blob_size = (blobs / blob.blob_id).stat().st_size
-        print(f"blob {blob_size} B, file chunks {file_bytes} B, proxy served {served} B, "
-              f"backend read {backend['read_amount_total']} B in {backend['read_count']} reads")
+        print(
+            f"blob {blob_size} B, file chunks {file_bytes} B, proxy served {served} B, "
+            f"backend read {backend['read_amount_total']} B in {backend['read_count']} reads"
+        )
         meta_allowance = blob.ci_compressed_size + blob.toc_size + 64 * 1024
         # the file's chunks were fetched, and hardly anything else
         assert served >= file_bytes
@@ -125,9 +160,9 @@ def test_cat_fetches_only_that_files_chunks(registry_plain: RegistryServer,
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
-def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
-                                            fault_proxy: FaultProxy, tmp_path: Path,
-                                            driver: str) -> None:
+def test_prefetch_files_fetch_in_background(
+    registry_plain: RegistryServer, fault_proxy: FaultProxy, tmp_path: Path, driver: str
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(9)
@@ -135,8 +170,17 @@ def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
         (src / f"big{i}").write_bytes(rng.randbytes(3 * MiB))
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs,
-                "--compressor", "zstd", src)
+    nydus_image(
+        tmp_path,
+        "create",
+        "--bootstrap",
+        tmp_path / "boot",
+        "--blob-dir",
+        blobs,
+        "--compressor",
+        "zstd",
+        src,
+    )
     with open_bootstrap(tmp_path / "boot") as md:
         [blob] = md.blobs
         want = sum(c.compressed_size for c in md.chunks(md.resolve("/big2")))
@@ -144,8 +188,10 @@ def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
     fault_proxy.clear()
     cfg = {
         "device": {
-            "backend": {"type": "registry",
-                        "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO}},
+            "backend": {
+                "type": "registry",
+                "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO},
+            },
             "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}},
         },
         "mode": "direct",
@@ -156,9 +202,25 @@ def test_prefetch_files_fetch_in_background(registry_plain: RegistryServer,
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = tmp_path / "api.sock"
-    with Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", tmp_path / "boot",
-                 "--apisock", sock, "--prefetch-files", "/big2", "--fs-driver", driver], mnt,
-                cwd=tmp_path, apisock=sock) as d:
+    with Nydusd(
+        [
+            "--config",
+            cfg_path,
+            "--mountpoint",
+            mnt,
+            "--bootstrap",
+            tmp_path / "boot",
+            "--apisock",
+            sock,
+            "--prefetch-files",
+            "/big2",
+            "--fs-driver",
+            driver,
+        ],
+        mnt,
+        cwd=tmp_path,
+        apisock=sock,
+    ) as d:
         d.start()
         import time
 

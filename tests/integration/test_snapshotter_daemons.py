@@ -63,8 +63,9 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
     return build(tmp_path, 4, FILES_A), build(tmp_path, 9, FILES_B)
 
 
-def make(tmp: Path, mode: str = "dedicated", policy: str = "restart",
-         fs_driver: str | None = None) -> DaemonManager:
+def make(
+    tmp: Path, mode: str = "dedicated", policy: str = "restart", fs_driver: str | None = None
+) -> DaemonManager:
     tpl: dict[str, object] = {
         "device": {
             "backend": {"type": "localfs", "config": {"dir": str(tmp / "blobs")}},
@@ -402,7 +403,10 @@ def _cmdline(pid: int) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
 def test_recorded_bootstrap_digest_is_passed_and_enforced(
-    mode: str, images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager],
+    mode: str,
+    images: tuple[Path, Path],
+    tmp_path: Path,
+    managers: list[DaemonManager],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The digest the snapshotter recorded reaches nydusd at the first mount, after a restart

@@ -31,19 +31,35 @@ def test_nydus_pull_applies_whiteouts_and_keeps_slips_inside(
 ) -> None:
     outside = tmp_path / "host-sentinel"
     make_sentinel(str(outside))
-    lower = oi.layer([T("dir", "data"), T("file", "data/old", b"old"), T("dir", "data/sub"),
-                      T("file", "data/sub/x", b"x"), T("file", "gone", b"g"),
-                      T("file", "orig", b"original\n")])
-    upper = oi.layer([
-        T("whiteout", "gone"), T("dir", "data"), T("opaque", "data"),
-        T("file", "data/new", b"new\n"), T("link", "hard", target="orig"),
-        T("symlink", "esc", target=str(outside)), T("file", "esc/slip", b"pwned\n"),
-        T("symlink", "pw", target=str(outside / "passwd")),
-        T("file", "pw", b"pwned\n", mode=0o4777, uid=4242),
-    ])
+    lower = oi.layer(
+        [
+            T("dir", "data"),
+            T("file", "data/old", b"old"),
+            T("dir", "data/sub"),
+            T("file", "data/sub/x", b"x"),
+            T("file", "gone", b"g"),
+            T("file", "orig", b"original\n"),
+        ]
+    )
+    upper = oi.layer(
+        [
+            T("whiteout", "gone"),
+            T("dir", "data"),
+            T("opaque", "data"),
+            T("file", "data/new", b"new\n"),
+            T("link", "hard", target="orig"),
+            T("symlink", "esc", target=str(outside)),
+            T("file", "esc/slip", b"pwned\n"),
+            T("symlink", "pw", target=str(outside / "passwd")),
+            T("file", "pw", b"pwned\n", mode=0o4777, uid=4242),
+        ]
+    )
     layout = tmp_path / "layout"
-    write_oci_layout(layout, "1", [*busybox_layers(HELLO), (lower.blob, lower.diff_id),
-                                   (upper.blob, upper.diff_id)])
+    write_oci_layout(
+        layout,
+        "1",
+        [*busybox_layers(HELLO), (lower.blob, lower.diff_id), (upper.blob, upper.diff_id)],
+    )
     ref = f"{registry_plain.host}/plain-whiteouts:1"
     skopeo_push(layout, "1", ref)
     before = tree_state(str(outside))
@@ -52,10 +68,13 @@ def test_nydus_pull_applies_whiteouts_and_keeps_slips_inside(
     try:
         res = _pull(s, ref, registry_plain.host, cri_labels=False)
         assert len(res.applied) == 4 and not res.skipped, res
-        script = ("ls -A /data; cat /data/new /hard; test ! -e /gone && echo gone; "
-                  f"cat {outside}/slip; ls -l /pw; cat /pw")
-        r = s.ctr("run", "--rm", "--snapshotter", "nydus", ref, "pl1", "/bin/busybox", "sh",
-                  "-c", script)
+        script = (
+            "ls -A /data; cat /data/new /hard; test ! -e /gone && echo gone; "
+            f"cat {outside}/slip; ls -l /pw; cat /pw"
+        )
+        r = s.ctr(
+            "run", "--rm", "--snapshotter", "nydus", ref, "pl1", "/bin/busybox", "sh", "-c", script
+        )
         out = r.check().stdout.splitlines()
         assert out[:5] == ["new", "new", "original", "gone", "pwned"], (out, s.diagnostics())
         assert out[5].startswith("-rwsrwxrwx") and " 4242 " in out[5], out

@@ -36,8 +36,10 @@ def cfg(backend: dict[str, Any], work_dir: Path | None, **top: Any) -> DaemonCon
     cache: dict[str, Any] = {"type": "dummycache"}
     if work_dir is not None:
         cache = {"type": "blobcache", "config": {"work_dir": str(work_dir)}}
-    return DaemonConfig.from_json({"device": {"backend": {"type": "localfs", "config": backend},
-                                              "cache": cache}, **top}, environ={})
+    return DaemonConfig.from_json(
+        {"device": {"backend": {"type": "localfs", "config": backend}, "cache": cache}, **top},
+        environ={},
+    )
 
 
 def read_all(md: RafsMetadata, dev: BlobDevice) -> dict[str, bytes]:
@@ -60,8 +62,11 @@ def read_all(md: RafsMetadata, dev: BlobDevice) -> dict[str, bytes]:
 def test_upstream_v5_fixture_md5(fixtures_dir: Path, tmp_path: Path, cached: bool) -> None:
     md = open_bootstrap(fixtures_dir / "v5" / "blake3-nocompress.boot")
     want = v5_md5s(fixtures_dir)
-    conf = cfg({"dir": str(fixtures_dir / "v5" / "blobs")},
-               tmp_path / "cache" if cached else None, digest_validate=True)
+    conf = cfg(
+        {"dir": str(fixtures_dir / "v5" / "blobs")},
+        tmp_path / "cache" if cached else None,
+        digest_validate=True,
+    )
     with open_device(md.blobs, conf) as dev:
         got = read_all(md, dev)
         assert sorted(got) == sorted(want)
@@ -79,15 +84,18 @@ def test_upstream_v5_fixture_md5(fixtures_dir: Path, tmp_path: Path, cached: boo
 @pytest.mark.parametrize("cached", [False, True])
 def test_upstream_v6_fixture(fixtures_dir: Path, tmp_path: Path, cached: bool) -> None:
     md = open_bootstrap(fixtures_dir / "v6" / "rafs-v6-2.2.boot")
-    conf = cfg({"dir": str(fixtures_dir / "v6" / "blobs")},
-               tmp_path / "cache" if cached else None, digest_validate=True)
+    conf = cfg(
+        {"dir": str(fixtures_dir / "v6" / "blobs")},
+        tmp_path / "cache" if cached else None,
+        digest_validate=True,
+    )
     with open_device(md.blobs, conf) as dev:
         got = read_all(md, dev)
         assert sorted(got) == ["/lib.rs", "/sync_io.rs"]
         assert len(got["/lib.rs"]) == 16931 and len(got["/sync_io.rs"]) == 13400
         assert all(v.startswith(b"// Copyright") for v in got.values())
         space = dev.read_range(0, 0, md.blobs[0].uncompressed_size)
-        assert space[: 16931] == got["/lib.rs"]
+        assert space[:16931] == got["/lib.rs"]
         assert space[20480 : 20480 + 13400] == got["/sync_io.rs"]
         assert space[16931:20480] == bytes(20480 - 16931)
         if cached:
@@ -107,8 +115,10 @@ def test_blob_file_and_alt_dirs(fixtures_dir: Path, tmp_path: Path) -> None:
     empty.mkdir()
     with open_device(md.blobs, cfg({"dir": str(empty), "alt_dirs": [str(alt)]}, None)) as dev:
         assert len(read_all(md, dev)) == 2
-    with open_device(md.blobs, cfg({"dir": str(empty)}, None)) as dev, \
-            pytest.raises(NotFoundError, match="not found"):
+    with (
+        open_device(md.blobs, cfg({"dir": str(empty)}, None)) as dev,
+        pytest.raises(NotFoundError, match="not found"),
+    ):
         read_all(md, dev)
 
 
@@ -118,10 +128,16 @@ def test_blob_file_and_alt_dirs(fixtures_dir: Path, tmp_path: Path) -> None:
 class Built:
     """A generated image: bootstrap, the blob's id and path, and the source files."""
 
-    def __init__(self, md: RafsMetadata, boot: bytes, blob_id: str, blob_path: Path,
-                 files: dict[str, bytes]) -> None:
+    def __init__(
+        self, md: RafsMetadata, boot: bytes, blob_id: str, blob_path: Path, files: dict[str, bytes]
+    ) -> None:
         self.md, self.boot, self.blob_id, self.blob_path, self.files = (
-            md, boot, blob_id, blob_path, files)
+            md,
+            boot,
+            blob_id,
+            blob_path,
+            files,
+        )
 
     def chunks(self, path: str) -> list[Any]:
         return self.md.chunks(self.md.resolve(path))
@@ -130,8 +146,9 @@ class Built:
         return b"".join(dev.read_chunks(self.chunks(path)))
 
 
-def build_image_dir(out: Path, files: dict[str, bytes], *, compressor: str = "zstd",
-                    chunk_size: int = 0x100000) -> Built:
+def build_image_dir(
+    out: Path, files: dict[str, bytes], *, compressor: str = "zstd", chunk_size: int = 0x100000
+) -> Built:
     """Write ``files`` under ``out/src`` and build them (in process) into ``out/blobs``."""
     from nydus.builder.build import BuildOptions, build_image
     from nydus.builder.dirsource import load_directory
@@ -145,8 +162,9 @@ def build_image_dir(out: Path, files: dict[str, bytes], *, compressor: str = "zs
     blobs.mkdir(parents=True, exist_ok=True)
     tmp = blobs / "blob.tmp"
     with open(tmp, "wb") as f:
-        res = build_image(load_directory(src), f,
-                          BuildOptions(chunk_size=chunk_size, compressor=compressor))
+        res = build_image(
+            load_directory(src), f, BuildOptions(chunk_size=chunk_size, compressor=compressor)
+        )
     assert res.blob is not None
     blob_id = res.blob.entry.blob_id
     tmp.rename(blobs / blob_id)

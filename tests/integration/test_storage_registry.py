@@ -62,11 +62,11 @@ def publish(img: Built, server: RegistryServer, repo: str = REPO) -> list[BlobIn
     return [dataclasses.replace(b, blob_id=digest) for b in img.md.blobs]
 
 
-def reg_config(server: RegistryServer | FaultProxy, work_dir: Path | None, *,
-               repo: str = REPO, **top: Any) -> DaemonConfig:
+def reg_config(
+    server: RegistryServer | FaultProxy, work_dir: Path | None, *, repo: str = REPO, **top: Any
+) -> DaemonConfig:
     kind = server.upstream.kind if isinstance(server, FaultProxy) else server.kind
-    rc: dict[str, Any] = {"scheme": server.scheme, "host": server.host, "repo": repo,
-                          "timeout": 10}
+    rc: dict[str, Any] = {"scheme": server.scheme, "host": server.host, "repo": repo, "timeout": 10}
     if kind in ("basic", "token"):
         rc["auth"] = basic_auth()
     if kind == "tls":
@@ -77,8 +77,10 @@ def reg_config(server: RegistryServer | FaultProxy, work_dir: Path | None, *,
     cache: dict[str, Any] = {"type": "dummycache"}
     if work_dir is not None:
         cache = {"type": "blobcache", "config": {"work_dir": str(work_dir)}}
-    return DaemonConfig.from_json({"device": {"backend": {"type": "registry", "config": rc},
-                                              "cache": cache}, **top}, environ={})
+    return DaemonConfig.from_json(
+        {"device": {"backend": {"type": "registry", "config": rc}, "cache": cache}, **top},
+        environ={},
+    )
 
 
 def expected_space(img: Built) -> bytes:
@@ -87,7 +89,8 @@ def expected_space(img: Built) -> bytes:
     for path, data in img.files.items():
         for c in img.chunks(path):
             buf[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] = data[
-                c.file_offset : c.file_offset + c.uncompressed_size]
+                c.file_offset : c.file_offset + c.uncompressed_size
+            ]
     return bytes(buf)
 
 
@@ -111,21 +114,25 @@ def assert_cache_consistent(img: Built, blob_id: str, work_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_image_dir(tmp_path_factory.mktemp("small"), sample_files(11),
-                           chunk_size=0x40000)
+    return build_image_dir(tmp_path_factory.mktemp("small"), sample_files(11), chunk_size=0x40000)
 
 
 @pytest.fixture(scope="module")
 def small_raw(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return build_image_dir(tmp_path_factory.mktemp("small-raw"), sample_files(12),
-                           compressor="none", chunk_size=0x40000)
+    return build_image_dir(
+        tmp_path_factory.mktemp("small-raw"),
+        sample_files(12),
+        compressor="none",
+        chunk_size=0x40000,
+    )
 
 
 # ------------------------------------------------------------------------ variants
 
 
-def test_generated_image_through_every_registry_variant(registry_any: RegistryServer,
-                                                        small: Built, tmp_path: Path) -> None:
+def test_generated_image_through_every_registry_variant(
+    registry_any: RegistryServer, small: Built, tmp_path: Path
+) -> None:
     repo = f"storage/{registry_any.kind}"
     blobs = publish(small, registry_any, repo)
     for wd in (tmp_path / "cache", None):
@@ -137,16 +144,18 @@ def test_generated_image_through_every_registry_variant(registry_any: RegistrySe
             assert dev.metrics_backend()["backend_type"] == "registry"
     # a wrong password is refused, not retried forever
     if registry_any.kind in ("basic", "token"):
-        cfg = reg_config(registry_any, None, repo=repo,
-                         registry={"auth": basic_auth(password="wrong")})
+        cfg = reg_config(
+            registry_any, None, repo=repo, registry={"auth": basic_auth(password="wrong")}
+        )
         with open_device(blobs, cfg) as dev, pytest.raises(Exception, match=r"(?i)auth|401|denied"):
             small.read(dev, "/small")
 
 
 def test_registry_auth_hot_reload(registry_basic: RegistryServer, small: Built) -> None:
     blobs = publish(small, registry_basic, "storage/reload")
-    cfg = reg_config(registry_basic, None, repo="storage/reload",
-                     registry={"auth": basic_auth(password="stale")})
+    cfg = reg_config(
+        registry_basic, None, repo="storage/reload", registry={"auth": basic_auth(password="stale")}
+    )
     with open_device(blobs, cfg) as dev:
         with pytest.raises(Exception, match=r"(?i)auth|401|denied"):
             small.read(dev, "/small")
@@ -157,8 +166,15 @@ def test_registry_auth_hot_reload(registry_basic: RegistryServer, small: Built) 
 def test_blob_redirected_host(registry_plain: RegistryServer, small: Built) -> None:
     """Blob requests go to ``blob_redirected_host``; ``host`` is never contacted for blobs."""
     blobs = publish(small, registry_plain)
-    cfg = reg_config(registry_plain, None, registry={
-        "host": "127.0.0.1:9", "blob_redirected_host": registry_plain.host, "retry_limit": 1})
+    cfg = reg_config(
+        registry_plain,
+        None,
+        registry={
+            "host": "127.0.0.1:9",
+            "blob_redirected_host": registry_plain.host,
+            "retry_limit": 1,
+        },
+    )
     with open_device(blobs, cfg) as dev:
         assert small.read(dev, "/etc/config.txt") == small.files["/etc/config.txt"]
 
@@ -176,8 +192,9 @@ def big_files(total: int = 1 << 30, n: int = 8) -> dict[str, bytes]:
     for f in range(n):
         parts = []
         for i in range(0, per, 4096):
-            parts.append((f * per + i).to_bytes(8, "little") + base[i % (1 << 20) + 8 :
-                                                                    i % (1 << 20) + 4096])
+            parts.append(
+                (f * per + i).to_bytes(8, "little") + base[i % (1 << 20) + 8 : i % (1 << 20) + 4096]
+            )
         out[f"/data/file{f}"] = b"".join(parts)
     return out
 
@@ -206,15 +223,20 @@ def _data_bytes(proxy: FaultProxy, info: BlobInfo) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("amplify", [1 << 20, 0x80000])
 def test_one_4k_read_of_a_1gib_image_fetches_at_most_amplify_plus_one_chunk(
-        gib: Built, registry_plain: RegistryServer, fault_proxy: FaultProxy, tmp_path: Path,
-        amplify: int) -> None:
+    gib: Built,
+    registry_plain: RegistryServer,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+    amplify: int,
+) -> None:
     blobs = publish(gib, registry_plain)
     info = blobs[0]
     assert info.uncompressed_size >= 1 << 30
     path = "/data/file3"
     off = 77 * 1000 * 1000 + 123  # somewhere in the middle of the image
-    chunks = [c for c in gib.chunks(path) if c.file_offset <= off < c.file_offset
-              + c.uncompressed_size]
+    chunks = [
+        c for c in gib.chunks(path) if c.file_offset <= off < c.file_offset + c.uncompressed_size
+    ]
     assert len(chunks) == 1 and off + 4096 <= chunks[0].file_offset + 0x40000
     c = chunks[0]
     # the FUSE path: read_chunks
@@ -242,9 +264,9 @@ def test_one_4k_read_of_a_1gib_image_fetches_at_most_amplify_plus_one_chunk(
 # ------------------------------------------------------------------------ corruption
 
 
-def test_chunk_corrupted_in_registry_storage_is_detected(registry_plain: RegistryServer,
-                                                         small_raw: Built,
-                                                         tmp_path: Path) -> None:
+def test_chunk_corrupted_in_registry_storage_is_detected(
+    registry_plain: RegistryServer, small_raw: Built, tmp_path: Path
+) -> None:
     repo = "storage/corrupt"
     blobs = publish(small_raw, registry_plain, repo)
     victim = small_raw.chunks("/bin/tool")[3]
@@ -253,8 +275,7 @@ def test_chunk_corrupted_in_registry_storage_is_detected(registry_plain: Registr
     raw[victim.compressed_offset + 1000] ^= 0x5A
     stored.write_bytes(bytes(raw))
     wd = tmp_path / "c"
-    with open_device(blobs, reg_config(registry_plain, wd, repo=repo,
-                                       digest_validate=True)) as dev:
+    with open_device(blobs, reg_config(registry_plain, wd, repo=repo, digest_validate=True)) as dev:
         with pytest.raises(IntegrityError, match="digest mismatch"):
             small_raw.read(dev, "/bin/tool")
         for path in ("/etc/config.txt", "/lib/libx.so", "/small"):
@@ -266,15 +287,25 @@ def test_chunk_corrupted_in_registry_storage_is_detected(registry_plain: Registr
     assert not m.is_ready(victim.index)
     m.close()
     # without digest_validate too: chunks from the backend are always verified
-    with open_device(blobs, reg_config(registry_plain, None, repo=repo)) as dev, \
-            pytest.raises(IntegrityError, match="digest mismatch"):
+    with (
+        open_device(blobs, reg_config(registry_plain, None, repo=repo)) as dev,
+        pytest.raises(IntegrityError, match="digest mismatch"),
+    ):
         small_raw.read(dev, "/bin/tool")
 
 
 FAULTS = {
     "5xx-burst": [Fault("status", path="/blobs/sha256:", method="GET", status=503, times=2)],
-    "429": [Fault("status", path="/blobs/sha256:", method="GET", status=429, times=1,
-                  headers={"Retry-After": "1"})],
+    "429": [
+        Fault(
+            "status",
+            path="/blobs/sha256:",
+            method="GET",
+            status=429,
+            times=1,
+            headers={"Retry-After": "1"},
+        )
+    ],
     "reset": [Fault("reset", path="/blobs/sha256:", method="GET", after=5000, times=2)],
     "short": [Fault("short", path="/blobs/sha256:", method="GET", after=5000, times=2)],
     "long": [Fault("long", path="/blobs/sha256:", method="GET", times=2)],
@@ -285,10 +316,13 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_registry_faults_never_corrupt_the_cache(fault: str, small: Built,
-                                                 registry_plain: RegistryServer,
-                                                 fault_proxy: FaultProxy,
-                                                 tmp_path: Path) -> None:
+def test_registry_faults_never_corrupt_the_cache(
+    fault: str,
+    small: Built,
+    registry_plain: RegistryServer,
+    fault_proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
     blobs = publish(small, registry_plain)
     fault_proxy.add(*[dataclasses.replace(f) for f in FAULTS[fault]])
     wd = tmp_path / "c"
@@ -329,20 +363,27 @@ else:
 
 
 def test_sigkill_mid_download_leaves_a_consistent_shared_cache(
-        registry_plain: RegistryServer, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    registry_plain: RegistryServer, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
     img = build_image_dir(tmp_path / "img", sample_files(21, scale=6), chunk_size=0x40000)
     blobs = publish(img, registry_plain)
     info = blobs[0]
     wd = tmp_path / "shared-cache"
     boot = tmp_path / "img" / "boot"
     # A slow prefetcher: 3 MB/s, so SIGKILL lands while chunks are being written.
-    slow = reg_config(fault_proxy, wd, fs_prefetch={"enable": True, "threads_count": 3,
-                                                    "merging_size": 0x40000,
-                                                    "bandwidth_rate": 3_000_000})
+    slow = reg_config(
+        fault_proxy,
+        wd,
+        fs_prefetch={
+            "enable": True,
+            "threads_count": 3,
+            "merging_size": 0x40000,
+            "bandwidth_rate": 3_000_000,
+        },
+    )
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     py = [sys.executable, "-c", FILLER, str(boot), info.blob_id]
-    filler = subprocess.Popen([*py, slow.to_json(), "prefetch"], stdout=subprocess.PIPE,
-                              env=env)
+    filler = subprocess.Popen([*py, slow.to_json(), "prefetch"], stdout=subprocess.PIPE, env=env)
     cmap_path = wd / f"{info.blob_id}.blob.data.chunk_map"
     try:
         deadline = time.monotonic() + 60
@@ -366,14 +407,21 @@ def test_sigkill_mid_download_leaves_a_consistent_shared_cache(
     m = ChunkMap(str(cmap_path), info.chunk_count)
     ready_set = set(m.ready_indices())
     m.close()
-    not_ready_bytes = sum({c.index: c.compressed_size for p in img.files for c in img.chunks(p)
-                           if c.index not in ready_set}.values())
+    not_ready_bytes = sum(
+        {
+            c.index: c.compressed_size
+            for p in img.files
+            for c in img.chunks(p)
+            if c.index not in ready_set
+        }.values()
+    )
     # Restart: only what was not ready is fetched, and all bytes come out right.
     fault_proxy.clear()
     want = {p: hashlib.md5(d).hexdigest() for p, d in img.files.items()}
     fast = reg_config(fault_proxy, wd, digest_validate=True)
-    r = subprocess.run([*py, fast.to_json(), "read", json.dumps(want)], capture_output=True,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        [*py, fast.to_json(), "read", json.dumps(want)], capture_output=True, env=env, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == b"ok", r.stdout + r.stderr
     _, data_bytes, _ = _data_bytes(fault_proxy, info)
     assert data_bytes <= not_ready_bytes
@@ -384,16 +432,21 @@ def test_sigkill_mid_download_leaves_a_consistent_shared_cache(
     # Several processes filling one fresh cache at once: all correct, cache complete.
     wd2 = tmp_path / "shared-2"
     both = reg_config(fault_proxy, wd2, digest_validate=True)
-    readers = [subprocess.Popen([*py, both.to_json(), "read", json.dumps(want)],
-                                stdout=subprocess.PIPE, env=env) for _ in range(3)]
+    readers = [
+        subprocess.Popen(
+            [*py, both.to_json(), "read", json.dumps(want)], stdout=subprocess.PIPE, env=env
+        )
+        for _ in range(3)
+    ]
     for p in readers:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0 and out.strip() == b"ok", out
     assert assert_cache_consistent(img, info.blob_id, wd2) == info.chunk_count
 
 
-def test_device_close_is_clean(small: Built, registry_plain: RegistryServer,
-                               tmp_path: Path) -> None:
+def test_device_close_is_clean(
+    small: Built, registry_plain: RegistryServer, tmp_path: Path
+) -> None:
     blobs = publish(small, registry_plain)
     dev: BlobDevice = open_device(blobs, reg_config(registry_plain, tmp_path / "c"))
     small.read(dev, "/small")

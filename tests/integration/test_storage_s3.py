@@ -29,9 +29,16 @@ def moto() -> Iterator[Moto]:
 
 
 def s3cfg(m: Moto, **kw: Any) -> dict[str, Any]:
-    return {"scheme": "http", "endpoint": m.endpoint, "region": "us-east-1",
-            "bucket_name": BUCKET, "object_prefix": PREFIX, "access_key_id": m.key_id,
-            "access_key_secret": m.secret, **kw}
+    return {
+        "scheme": "http",
+        "endpoint": m.endpoint,
+        "region": "us-east-1",
+        "bucket_name": BUCKET,
+        "object_prefix": PREFIX,
+        "access_key_id": m.key_id,
+        "access_key_secret": m.secret,
+        **kw,
+    }
 
 
 def test_signed_ranges_and_size(moto: Moto) -> None:
@@ -59,10 +66,16 @@ def test_signed_ranges_and_size(moto: Moto) -> None:
 def test_generated_image_through_s3_and_blobcache(moto: Moto, tmp_path: Path) -> None:
     img = build_image_dir(tmp_path / "img", sample_files(5))
     moto.s3().upload_file(str(img.blob_path), BUCKET, PREFIX + img.blob_id)
-    cfg = DaemonConfig.from_json({
-        "device": {"backend": {"type": "s3", "config": s3cfg(moto)},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}}},
-        "digest_validate": True}, environ={})
+    cfg = DaemonConfig.from_json(
+        {
+            "device": {
+                "backend": {"type": "s3", "config": s3cfg(moto)},
+                "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}},
+            },
+            "digest_validate": True,
+        },
+        environ={},
+    )
     with open_device(img.md.blobs, cfg, id="s3") as dev:
         for path, data in img.files.items():
             assert img.read(dev, path) == data, path

@@ -49,8 +49,10 @@ def write_tree_tar(path: Path, changed: bool) -> None:
 
 
 @pytest.mark.slow
-def test_v2_with_v1_as_chunk_dict_stores_only_the_changed_file(tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                nydus_image) -> None:
+def test_v2_with_v1_as_chunk_dict_stores_only_the_changed_file(
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    nydus_image,
+) -> None:
     v1_tar, v2_tar = tmp_path / "v1.tar", tmp_path / "v2.tar"
     write_tree_tar(v1_tar, changed=False)
     write_tree_tar(v2_tar, changed=True)
@@ -58,14 +60,37 @@ def test_v2_with_v1_as_chunk_dict_stores_only_the_changed_file(tmp_path: Path,  
     blobs = tmp_path / "blobs"
     images.mkdir()
     blobs.mkdir()
-    nydus_image("create", "-t", "tar-rafs", "-B", images / "v1", "-D", blobs, "-J",
-                tmp_path / "v1.json", v1_tar, timeout=900)
+    nydus_image(
+        "create",
+        "-t",
+        "tar-rafs",
+        "-B",
+        images / "v1",
+        "-D",
+        blobs,
+        "-J",
+        tmp_path / "v1.json",
+        v1_tar,
+        timeout=900,
+    )
     v1 = json.loads((tmp_path / "v1.json").read_text())
     assert v1["new_chunks"] == NFILES * FILE_SIZE // MiB
     v1_tar.unlink()
-    nydus_image("create", "-t", "tar-rafs", "-B", tmp_path / "v2", "-D", blobs, "-J",
-                tmp_path / "v2.json", "--chunk-dict", f"bootstrap={images / 'v1'}", v2_tar,
-                timeout=900)
+    nydus_image(
+        "create",
+        "-t",
+        "tar-rafs",
+        "-B",
+        tmp_path / "v2",
+        "-D",
+        blobs,
+        "-J",
+        tmp_path / "v2.json",
+        "--chunk-dict",
+        f"bootstrap={images / 'v1'}",
+        v2_tar,
+        timeout=900,
+    )
     v2 = json.loads((tmp_path / "v2.json").read_text())
     changed_chunks = -(-CHANGED_SIZE // MiB)
     assert v2["new_chunks"] == changed_chunks
@@ -97,10 +122,10 @@ def test_stat_dir_dedup_over_images(tmp_path: Path, nydus_image) -> None:  # typ
     d.mkdir()
     for i in range(3):
         tar = tmp_path / f"{i}.tar"
-        tar.write_bytes(entry(b"shared", shared) + entry(b"own", random.Random(9 + i).randbytes(
-            MiB)) + end())
-        nydus_image("create", "-t", "tar-rafs", "-B", d / f"img{i}", "-D", tmp_path / "blobs",
-                    tar)
+        tar.write_bytes(
+            entry(b"shared", shared) + entry(b"own", random.Random(9 + i).randbytes(MiB)) + end()
+        )
+        nydus_image("create", "-t", "tar-rafs", "-B", d / f"img{i}", "-D", tmp_path / "blobs", tar)
     (d / "notes.txt").write_text("not an image, has an extension")
     (d / "junk").write_bytes(b"not a bootstrap")  # skipped, as upstream
     st = json.loads(nydus_image("stat", "-D", d, "-T", d / "img2").stdout)

@@ -23,8 +23,13 @@ from nydus.metadata import open_bootstrap
 TIME_BUDGET = 60.0  # seconds per case (the slowest, a 1 GiB gzip bomb, takes a few)
 RSS_BUDGET_MIB = 300
 GNU_TIME = "/usr/bin/time"  # scripts/setup.sh installs it (Debian package "time")
-HOST_CANARIES = ["/tmp/nydus-hostile-abs", "/tmp/nydus-hostile-through", "/evil", "/tmp/evil",
-                 DEFAULT_OUTSIDE.decode()]
+HOST_CANARIES = [
+    "/tmp/nydus-hostile-abs",
+    "/tmp/nydus-hostile-through",
+    "/evil",
+    "/tmp/evil",
+    DEFAULT_OUTSIDE.decode(),
+]
 
 
 @pytest.mark.skipif(not os.access(GNU_TIME, os.X_OK), reason="GNU time (/usr/bin/time) needed")
@@ -39,8 +44,20 @@ def test_hostile_layer(case: Case, tmp_path: Path, nydus_image) -> None:  # type
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
-    cmd = nydus_image.command("create", "-t", "tar-rafs", "-B", "boot", "-D", "blobs",
-                              "-J", "out.json", "--compressor", "zstd", layer)
+    cmd = nydus_image.command(
+        "create",
+        "-t",
+        "tar-rafs",
+        "-B",
+        "boot",
+        "-D",
+        "blobs",
+        "-J",
+        "out.json",
+        "--compressor",
+        "zstd",
+        layer,
+    )
     # Peak RSS from GNU time: the ru_maxrss wait4 gives a direct child includes this pytest
     # process's own high-water mark, inherited through fork and kept across exec.
     rss_file = tmp_path / "rss"
@@ -52,8 +69,9 @@ def test_hostile_layer(case: Case, tmp_path: Path, nydus_image) -> None:  # type
         resource.setrlimit(resource.RLIMIT_CPU, (signal_limit, signal_limit))
 
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, preexec_fn=limits)
+    p = subprocess.Popen(
+        cmd, cwd=out, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limits
+    )
     _pid, status, _usage = os.wait4(p.pid, 0)
     seconds = time.monotonic() - t0
     assert p.stderr is not None
@@ -95,8 +113,18 @@ def test_bombs_store_one_chunk(tmp_path: Path, nydus_image) -> None:  # type: ig
     layer.write_bytes(case.make())
     out = tmp_path / "o"
     out.mkdir()
-    nydus_image("create", "-t", "targz-rafs", "-B", out / "boot", "-D", out / "blobs", "-J",
-                out / "j.json", layer)
+    nydus_image(
+        "create",
+        "-t",
+        "targz-rafs",
+        "-B",
+        out / "boot",
+        "-D",
+        out / "blobs",
+        "-J",
+        out / "j.json",
+        layer,
+    )
     j = json.loads((out / "j.json").read_text())
     assert j["new_chunks"] == 1 and j["deduped_chunks"] == 1023
     assert j["tar_size"] == 512 + (1 << 30) + 1024  # header, data, end marker

@@ -43,8 +43,9 @@ def mnt(tmp_path: Path) -> Any:
 def _source(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
-    (src / "text").write_bytes(b"".join(b"line %07d of a compressible file\n" % i
-                                        for i in range(60000)))
+    (src / "text").write_bytes(
+        b"".join(b"line %07d of a compressible file\n" % i for i in range(60000))
+    )
     (src / "random").write_bytes(os.urandom(3 * MiB))
     (src / "other").write_bytes(os.urandom(MiB + 17))
     return src
@@ -54,8 +55,9 @@ def _image(tmp_path: Path, src: Path) -> tuple[Path, Path, str]:
     blobs = tmp_path / "blobs"
     blobs.mkdir()
     boot = tmp_path / "boot"
-    nydus_image(tmp_path, "create", "--bootstrap", boot, "--blob-dir", blobs,
-                "--compressor", "zstd", src)
+    nydus_image(
+        tmp_path, "create", "--bootstrap", boot, "--blob-dir", blobs, "--compressor", "zstd", src
+    )
     with open_bootstrap(boot) as md:
         [blob] = md.blobs
     return boot, blobs, blob.blob_id
@@ -97,8 +99,11 @@ def _flip(path: Path, off: int) -> None:
 def _start(tmp_path: Path, mnt: Path, cfg: dict[str, Any], boot: Path) -> Nydusd:
     cfg_path = tmp_path / f"cfg-{time.monotonic_ns()}.json"
     cfg_path.write_text(json.dumps(cfg))
-    return Nydusd(["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", boot,
-                   "--log-level", "info"], mnt, cwd=tmp_path).start()
+    return Nydusd(
+        ["--config", cfg_path, "--mountpoint", mnt, "--bootstrap", boot, "--log-level", "info"],
+        mnt,
+        cwd=tmp_path,
+    ).start()
 
 
 def _config(blobs: Path, cache: Path, driver: str) -> dict[str, Any]:
@@ -126,8 +131,9 @@ def _drop_caches() -> None:
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_backend_corruption_is_eio_with_the_default_config(tmp_path: Path, mnt: Path,
-                                                           driver: str) -> None:
+def test_backend_corruption_is_eio_with_the_default_config(
+    tmp_path: Path, mnt: Path, driver: str
+) -> None:
     src = _source(tmp_path)
     boot, blobs, blob_id = _image(tmp_path, src)
     text, rnd = _chunks(boot, "/text"), _chunks(boot, "/random")
@@ -155,8 +161,9 @@ def _wait_native(d: Nydusd, timeout: float = 30) -> None:
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_a_flipped_byte_in_a_complete_cache_is_never_served(tmp_path: Path, mnt: Path,
-                                                            driver: str) -> None:
+def test_a_flipped_byte_in_a_complete_cache_is_never_served(
+    tmp_path: Path, mnt: Path, driver: str
+) -> None:
     src = _source(tmp_path)
     boot, blobs, blob_id = _image(tmp_path, src)
     cache = tmp_path / "cache"

@@ -15,8 +15,10 @@ import plot  # noqa: E402
 
 
 def test_table_and_numbers() -> None:
-    rows = plot.parse_table("# t\n\n| target | time s | out |\n|---|---:|---|\n"
-                            "| tar \\| zstd | 3,133 (0.97x) | 1.0 GiB |\n| x | - | 512 KiB |\n")
+    rows = plot.parse_table(
+        "# t\n\n| target | time s | out |\n|---|---:|---|\n"
+        "| tar \\| zstd | 3,133 (0.97x) | 1.0 GiB |\n| x | - | 512 KiB |\n"
+    )
     assert rows[0]["target"] == "tar | zstd"
     assert plot.number(rows[0]["time s"]) == 3133
     assert plot.number(rows[0]["out"]) == 1024

@@ -152,8 +152,9 @@ def test_the_memo_is_bounded_and_forgets_released_files() -> None:
     assert fs.memo.get(node, 65536, 65536 + 4096) == data[65536 : 65536 + 4096]
     # a read across two spans is not in the memo: read from the device, not widened again
     dev.calls.clear()
-    assert fs.read(CTX, node, 0, 2 * 65536 - 4096, 8192) == data[2 * 65536 - 4096 : 2 * 65536
-                                                                 + 4096]
+    assert (
+        fs.read(CTX, node, 0, 2 * 65536 - 4096, 8192) == data[2 * 65536 - 4096 : 2 * 65536 + 4096]
+    )
     assert dev.calls == [(0, 2 * 65536 - 4096, 8192)]
     fs.unregister("m")
     assert released == [node] and fs.memo.nbytes == 0

@@ -47,23 +47,35 @@ def test_digest_match_mismatch_and_malformed(boot: Path) -> None:
     bad.write_bytes(bytes(flipped))
     with pytest.raises(IntegrityError) as ei:
         read_verified_bootstrap(bad, good)
-    assert str(ei.value) == (f"bootstrap {bad} is {_sha(bytes(flipped))}, expected {good}: "
-                             "refusing to mount")
+    assert str(ei.value) == (
+        f"bootstrap {bad} is {_sha(bytes(flipped))}, expected {good}: refusing to mount"
+    )
     with pytest.raises(IntegrityError):
         verify_bootstrap_digest(bytes(flipped), good, "x")
-    for wrong in ("", "sha256:", "sha256:abc", "sha512:" + "0" * 64, "0" * 64,
-                  "sha256:" + "z" * 64, "sha256:" + "0" * 65):
+    for wrong in (
+        "",
+        "sha256:",
+        "sha256:abc",
+        "sha512:" + "0" * 64,
+        "0" * 64,
+        "sha256:" + "z" * 64,
+        "sha256:" + "0" * 65,
+    ):
         with pytest.raises(ConfigError, match="is not of the form sha256:<64 hex digits>"):
             parse_bootstrap_digest(wrong)
         with pytest.raises(ConfigError):
             read_verified_bootstrap(boot, wrong)
 
 
-def test_daemon_open_image_checks_the_bytes_it_parses(boot: Path, fixtures_dir: Path,
-                                                      tmp_path: Path) -> None:
+def test_daemon_open_image_checks_the_bytes_it_parses(
+    boot: Path, fixtures_dir: Path, tmp_path: Path
+) -> None:
     d = Nydusd(DaemonOptions(mountpoint=str(tmp_path), blobfs_dir=str(tmp_path / "bfs")))
-    cfg = {"device": {"backend": {"type": "localfs",
-                                  "config": {"dir": str(fixtures_dir / "v6" / "blobs")}}}}
+    cfg = {
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": str(fixtures_dir / "v6" / "blobs")}}
+        }
+    }
     good = _sha(boot.read_bytes())
     im = d.open_image("/", str(boot), cfg, bootstrap_digest=good)
     try:
@@ -77,32 +89,63 @@ def test_daemon_open_image_checks_the_bytes_it_parses(boot: Path, fixtures_dir: 
         d.open_image("/", str(boot), cfg, bootstrap_digest="sha256:nothex")
 
 
-def test_nydusd_cli_refuses_malformed_digest(boot: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_nydusd_cli_refuses_malformed_digest(
+    boot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    rc = nydusd_cli.main(["--mountpoint", str(mnt), "--bootstrap", str(boot), "--localfs-dir",
-                          str(tmp_path), "--bootstrap-digest", "sha256:12"])
+    rc = nydusd_cli.main(
+        [
+            "--mountpoint",
+            str(mnt),
+            "--bootstrap",
+            str(boot),
+            "--localfs-dir",
+            str(tmp_path),
+            "--bootstrap-digest",
+            "sha256:12",
+        ]
+    )
     assert rc == ConfigError.exit_code
     assert "is not of the form sha256:<64 hex digits>" in capsys.readouterr().err
-    rc = nydusd_cli.main(["--mountpoint", str(mnt), "--apisock", str(tmp_path / "s"),
-                          "--bootstrap-digest", _sha(b"")])
+    rc = nydusd_cli.main(
+        [
+            "--mountpoint",
+            str(mnt),
+            "--apisock",
+            str(tmp_path / "s"),
+            "--bootstrap-digest",
+            _sha(b""),
+        ]
+    )
     assert rc == ConfigError.exit_code
     assert "--bootstrap-digest needs --bootstrap" in capsys.readouterr().err
     assert "not an upstream flag" in " ".join(nydusd_cli._parser().format_help().split())
 
 
 def test_dedicated_daemon_command_passes_the_digest() -> None:
-    d = DaemonProcess("4", "dedicated", "/m", "/s", "/l", bootstrap="/b/image.boot",
-                      config_path="/c", bootstrap_digest="sha256:" + "a" * 64)
+    d = DaemonProcess(
+        "4",
+        "dedicated",
+        "/m",
+        "/s",
+        "/l",
+        bootstrap="/b/image.boot",
+        config_path="/c",
+        bootstrap_digest="sha256:" + "a" * 64,
+    )
     cmd = d.command("nydusd", "info")
     i = cmd.index("--bootstrap-digest")
     assert cmd[i + 1] == "sha256:" + "a" * 64 and "--bootstrap" in cmd
     d.bootstrap_digest = ""
     assert "--bootstrap-digest" not in d.command("nydusd", "info")
     # an older state file (no such key) loads; the key round-trips
-    assert DaemonProcess.from_json({"id": "4", "mode": "dedicated", "mountpoint": "/m",
-                                    "apisock": "/s", "log_file": "/l"}).bootstrap_digest == ""
+    assert (
+        DaemonProcess.from_json(
+            {"id": "4", "mode": "dedicated", "mountpoint": "/m", "apisock": "/s", "log_file": "/l"}
+        ).bootstrap_digest
+        == ""
+    )
 
 
 def _pull(sn: Snapshotter, data: bytes) -> tuple[str, int]:

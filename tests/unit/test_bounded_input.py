@@ -38,14 +38,19 @@ def image(sample_tree: TreeInfo, tmp_path_factory: pytest.TempPathFactory) -> tu
     out = tmp_path_factory.mktemp("boundimg")
     blobs = out / "blobs"
     blobs.mkdir()
-    NydusImage(cwd=out)("create", "--bootstrap", out / "boot", "--blob-dir", blobs,
-                        sample_tree.root)
+    NydusImage(cwd=out)(
+        "create", "--bootstrap", out / "boot", "--blob-dir", blobs, sample_tree.root
+    )
     return out / "boot", blobs
 
 
 def _config(blobs: Path) -> str:
-    return json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
-                       "mode": "direct"})
+    return json.dumps(
+        {
+            "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
+            "mode": "direct",
+        }
+    )
 
 
 def _limit_memory() -> None:  # in the child: the old code read /dev/zero until OOM
@@ -54,12 +59,19 @@ def _limit_memory() -> None:  # in the child: the old code read /dev/zero until 
 
 def _open_in_child(path: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     """``open_bootstrap(path)`` in a child with bounded memory; prints the error line."""
-    code = ("import sys\nfrom nydus.errors import NydusError\n"
-            "from nydus.metadata import open_bootstrap\n"
-            "try:\n    open_bootstrap(sys.argv[1])\nexcept NydusError as e:\n"
-            "    print('ERROR', e)\n    sys.exit(3)\nprint('OPENED')\n")
-    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=_limit_memory)
+    code = (
+        "import sys\nfrom nydus.errors import NydusError\n"
+        "from nydus.metadata import open_bootstrap\n"
+        "try:\n    open_bootstrap(sys.argv[1])\nexcept NydusError as e:\n"
+        "    print('ERROR', e)\n    sys.exit(3)\nprint('OPENED')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limit_memory,
+    )
 
 
 def _unblock_fifo(fifo: Path) -> None:
@@ -172,15 +184,20 @@ def test_api_socket_dir_is_private(api: tuple[Nydusd, NydusdClient, str]) -> Non
 
 
 def test_nested_json_body_gets_400_and_nydusd_survives(
-        api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path]) -> None:
+    api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path]
+) -> None:
     _d, c, _sock = api
     boot, blobs = image
     deep = b'{"log_level": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     for method, path, body, query in [
         ("PUT", "/api/v1/daemon", deep, None),
         ("POST", "/api/v1/mount", deep, {"mountpoint": "/x"}),
-        ("POST", "/api/v1/mount", {"source": str(boot), "config": '{"a":' * 50_000 + "1"
-                                   + "}" * 50_000}, {"mountpoint": "/x"}),
+        (
+            "POST",
+            "/api/v1/mount",
+            {"source": str(boot), "config": '{"a":' * 50_000 + "1" + "}" * 50_000},
+            {"mountpoint": "/x"},
+        ),
         ("PUT", "/api/v1/daemon", b'{"log_level": ' + b"9" * 5000 + b"}", None),
     ]:
         with pytest.raises(ApiClientError) as ei:
@@ -194,7 +211,8 @@ def test_nested_json_body_gets_400_and_nydusd_survives(
 
 
 def test_api_limits_headers_length_and_slow_clients(
-        api: tuple[Nydusd, NydusdClient, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    api: tuple[Nydusd, NydusdClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _d, c, sock = api
     # headers: 100 KiB of them is refused (431), not read into memory
     many = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(100))
@@ -202,8 +220,7 @@ def test_api_limits_headers_length_and_slow_clients(
     # a JSON body needs a Content-Length; a malformed one is refused
     assert b" 411 " in _raw(sock, b"PUT /api/v1/daemon HTTP/1.1\r\n\r\n")[:40]
     for bad in (b"+5", b"5_0", b" -1", b"1e3", b"\xd9\xa5"):
-        reply = _raw(sock, b"PUT /api/v1/daemon HTTP/1.1\r\nContent-Length: " + bad +
-                     b"\r\n\r\n{}")
+        reply = _raw(sock, b"PUT /api/v1/daemon HTTP/1.1\r\nContent-Length: " + bad + b"\r\n\r\n{}")
         assert b" 400 " in reply[:40], (bad, reply[:200])
     # a client that stalls in its request is cut off (and meanwhile others are served)
     monkeypatch.setattr(api_mod, "REQUEST_DEADLINE", 1.0)
@@ -252,7 +269,8 @@ def test_api_connection_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_fifo_bootstrap_through_the_api_is_refused_and_the_api_stays_up(
-        api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path], tmp_path: Path) -> None:
+    api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path], tmp_path: Path
+) -> None:
     _d, _c, sock = api
     _boot, blobs = image
     fifo = tmp_path / "api.fifo"
@@ -270,9 +288,9 @@ def test_fifo_bootstrap_through_the_api_is_refused_and_the_api_stays_up(
         _unblock_fifo(fifo)  # the old code is stuck reading it, holding the daemon lock
 
 
-def test_api_answers_while_a_mount_loads(api: tuple[Nydusd, NydusdClient, str],
-                                         image: tuple[Path, Path],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_answers_while_a_mount_loads(
+    api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A slow bootstrap read (a big image, a slow disk) must not stall other requests."""
     from nydus.daemon import nydusd as service
 
@@ -365,20 +383,26 @@ class _FakeDaemon:
         self.sock.close()
 
 
-@pytest.mark.parametrize("reply", [
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\nnot json",
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n<html></html>",
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n[1, 2, 3]",
-    b"SSH-2.0-OpenSSH_9.2\r\n",
-    b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
-    b"",
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200004\r\n\r\n"
-    + b"[" * 100_000 + b"]" * 100_002,
-])
-@pytest.mark.parametrize("argv", [["info"], ["umount", "/x"], ["metrics"],
-                                  ["set", "log-level", "info"]])
-def test_nydusctl_never_believes_a_bad_reply(tmp_path: Path, reply: bytes, argv: list[str],
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\nnot json",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n<html></html>",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n[1, 2, 3]",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+        b"",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200004\r\n\r\n"
+        + b"[" * 100_000
+        + b"]" * 100_002,
+    ],
+)
+@pytest.mark.parametrize(
+    "argv", [["info"], ["umount", "/x"], ["metrics"], ["set", "log-level", "info"]]
+)
+def test_nydusctl_never_believes_a_bad_reply(
+    tmp_path: Path, reply: bytes, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = tmp_path / "fake.sock"
     fake = _FakeDaemon(sock, reply)
     try:
@@ -411,13 +435,20 @@ def test_nydusctl_with_a_dead_socket(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_fifo_or_device_config_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "config.fifo"
     os.mkfifo(fifo)
-    code = ("import sys\nfrom nydus.config import DaemonConfig\nfrom nydus.errors import "
-            "ConfigError\ntry:\n    DaemonConfig.from_file(sys.argv[1])\n"
-            "except ConfigError as e:\n    print('ERROR', e)\n")
+    code = (
+        "import sys\nfrom nydus.config import DaemonConfig\nfrom nydus.errors import "
+        "ConfigError\ntry:\n    DaemonConfig.from_file(sys.argv[1])\n"
+        "except ConfigError as e:\n    print('ERROR', e)\n"
+    )
     try:
         for path in (fifo, "/dev/zero"):
-            proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                                  text=True, timeout=10, preexec_fn=_limit_memory)
+            proc = subprocess.run(
+                [sys.executable, "-c", code, str(path)],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                preexec_fn=_limit_memory,
+            )
             assert f"ERROR config {path} is not a regular file" in proc.stdout, proc.stderr
     except subprocess.TimeoutExpired:
         pytest.fail("reading a FIFO config blocked")
@@ -425,9 +456,18 @@ def test_fifo_or_device_config_is_refused(tmp_path: Path) -> None:
         _unblock_fifo(fifo)
 
 
-@pytest.mark.parametrize("digest", ["sha256:../../escaped", "sha256:" + "a" * 63 + "/",
-                                    "../" + "a" * 64, "sha256:" + "A" * 64, "md5:" + "a" * 32,
-                                    "sha256:" + "a" * 64 + "/../../x", ""])
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha256:../../escaped",
+        "sha256:" + "a" * 63 + "/",
+        "../" + "a" * 64,
+        "sha256:" + "A" * 64,
+        "md5:" + "a" * 32,
+        "sha256:" + "a" * 64 + "/../../x",
+        "",
+    ],
+)
 def test_hostile_digests_never_become_paths(digest: str, tmp_path: Path) -> None:
     """Digests from a registry or a content client name files only once checked (these held
     on the old code too: kept as guards)."""
@@ -451,18 +491,53 @@ def test_every_named_config_file_refuses_a_fifo(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     f = str(fifo)
     runs = [
-        ("nydusctl", ["--sock", str(tmp_path / "none.sock"), "mount", "--config", f,
-                      "--source", "/x.boot", "--mountpoint", "/m"]),
-        ("nydusify", ["check", "--target", "localhost:1/x:y", "--backend-type", "localfs",
-                      "--backend-config-file", f]),
-        ("nydus_image", ["optimize", "-p", f, "-B", "/x.boot", "-D", str(tmp_path),
-                         "-O", str(tmp_path / "o.boot")]),
+        (
+            "nydusctl",
+            [
+                "--sock",
+                str(tmp_path / "none.sock"),
+                "mount",
+                "--config",
+                f,
+                "--source",
+                "/x.boot",
+                "--mountpoint",
+                "/m",
+            ],
+        ),
+        (
+            "nydusify",
+            [
+                "check",
+                "--target",
+                "localhost:1/x:y",
+                "--backend-type",
+                "localfs",
+                "--backend-config-file",
+                f,
+            ],
+        ),
+        (
+            "nydus_image",
+            [
+                "optimize",
+                "-p",
+                f,
+                "-B",
+                "/x.boot",
+                "-D",
+                str(tmp_path),
+                "-O",
+                str(tmp_path / "o.boot"),
+            ],
+        ),
     ]
     try:
         for mod, argv in runs:
             code = f"import sys; from nydus.cli.{mod} import main; sys.exit(main(sys.argv[1:]))"
-            proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                                  text=True, timeout=20)
+            proc = subprocess.run(
+                [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=20
+            )
             assert proc.returncode != 0, (mod, proc.stdout)
             assert f"{f} is not a regular file" in proc.stderr, (mod, proc.stderr)
             assert "Traceback" not in proc.stderr

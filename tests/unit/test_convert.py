@@ -54,19 +54,28 @@ def test_bootstrap_layer_is_reproducible_and_readable() -> None:
 
 
 def test_nydus_config_rewrites_diff_ids_and_appends_history() -> None:
-    src = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
-           "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]},
-           "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "x"}]}
+    src = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]},
+        "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "x"}],
+    }
     out = json.loads(im.nydus_config(src, ["sha256:" + "a" * 64, "sha256:" + "b" * 64]))
-    assert out["rootfs"] == {"type": "layers",
-                             "diff_ids": ["sha256:" + "a" * 64, "sha256:" + "b" * 64]}
+    assert out["rootfs"] == {
+        "type": "layers",
+        "diff_ids": ["sha256:" + "a" * 64, "sha256:" + "b" * 64],
+    }
     assert out["history"][0] == src["history"][0]
-    assert out["history"][-1] == {"created_by": "Nydus Converter",
-                                  "comment": "Nydus Bootstrap Layer"}
+    assert out["history"][-1] == {
+        "created_by": "Nydus Converter",
+        "comment": "Nydus Bootstrap Layer",
+    }
     assert list(out) == list(src)  # key order kept
     assert src["rootfs"]["diff_ids"] == ["sha256:" + "1" * 64]  # input untouched
     assert im.nydus_config(src, ["sha256:" + "a" * 64]) == im.nydus_config(
-        src, ["sha256:" + "a" * 64])
+        src, ["sha256:" + "a" * 64]
+    )
 
 
 def test_manifest_and_index_documents() -> None:
@@ -74,47 +83,75 @@ def test_manifest_and_index_documents() -> None:
     blob = im.blob_descriptor("sha256:" + "c" * 64, 10)
     gz, diff = im.bootstrap_layer(b"x" * 2048)
     boot = im.bootstrap_descriptor(gz, diff, docker=False, fs_version="6")
-    body, mt = im.nydus_manifest(cfg, [blob, boot], docker=False,
-                                 subject=oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST,
-                                                        "sha256:" + "d" * 64, 5))
+    body, mt = im.nydus_manifest(
+        cfg,
+        [blob, boot],
+        docker=False,
+        subject=oci.Descriptor(oci.MEDIA_TYPE_OCI_MANIFEST, "sha256:" + "d" * 64, 5),
+    )
     doc = json.loads(body)
     assert mt == oci.MEDIA_TYPE_OCI_MANIFEST == doc["mediaType"]
-    assert doc["layers"][0]["annotations"] == {oci.ANNOTATION_UNCOMPRESSED: blob.digest,
-                                               oci.ANNOTATION_NYDUS_BLOB: "true"}
+    assert doc["layers"][0]["annotations"] == {
+        oci.ANNOTATION_UNCOMPRESSED: blob.digest,
+        oci.ANNOTATION_NYDUS_BLOB: "true",
+    }
     assert doc["layers"][1]["annotations"][oci.ANNOTATION_NYDUS_BOOTSTRAP] == "true"
-    assert doc["subject"] == {"mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
-                              "digest": "sha256:" + "d" * 64, "size": 5}
+    assert doc["subject"] == {
+        "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+        "digest": "sha256:" + "d" * 64,
+        "size": 5,
+    }
     body, mt = im.nydus_manifest(cfg, [boot], docker=True)
     assert mt == oci.MEDIA_TYPE_DOCKER_MANIFEST
     assert json.loads(body)["config"]["mediaType"] == oci.MEDIA_TYPE_DOCKER_CONFIG
     body, _ = im.nydus_manifest(cfg, [boot], docker=False, nydus_config_type=True)
     assert json.loads(body)["config"]["mediaType"] == oci.MEDIA_TYPE_NYDUS_CONFIG
-    assert im.blob_descriptor(blob.digest, 1, docker=True).media_type == \
-        oci.MEDIA_TYPE_DOCKER_LAYER_GZIP
-    ent = im.index_entry(oci.Descriptor(mt, "sha256:" + "e" * 64, 3),
-                         {"os": "linux", "architecture": "amd64"}, nydus_marker=True,
-                         docker=False)
+    assert (
+        im.blob_descriptor(blob.digest, 1, docker=True).media_type
+        == oci.MEDIA_TYPE_DOCKER_LAYER_GZIP
+    )
+    ent = im.index_entry(
+        oci.Descriptor(mt, "sha256:" + "e" * 64, 3),
+        {"os": "linux", "architecture": "amd64"},
+        nydus_marker=True,
+        docker=False,
+    )
     assert ent["artifactType"] == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
     assert ent["platform"]["os.features"] == [oci.PLATFORM_FEATURE_NYDUS]
-    refs = im.bootstrap_descriptor(gz, diff, docker=False, fs_version="6",
-                                   reference_blob_ids=["ab", "cd"])
+    refs = im.bootstrap_descriptor(
+        gz, diff, docker=False, fs_version="6", reference_blob_ids=["ab", "cd"]
+    )
     assert json.loads(refs.annotations[oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS]) == ["ab", "cd"]
 
 
-def _manifest(layer_types: list[str], config_type: str = oci.MEDIA_TYPE_OCI_CONFIG,
-              annotations: dict[str, str] | None = None) -> bytes:
-    return json.dumps({
-        "schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
-        "config": {"mediaType": config_type, "digest": "sha256:" + "0" * 64, "size": 2},
-        "layers": [{"mediaType": t, "digest": "sha256:" + f"{i:x}" * 64, "size": 1,
-                    **({"annotations": annotations} if annotations else {})}
-                   for i, t in enumerate(layer_types)]}).encode()
+def _manifest(
+    layer_types: list[str],
+    config_type: str = oci.MEDIA_TYPE_OCI_CONFIG,
+    annotations: dict[str, str] | None = None,
+) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+            "config": {"mediaType": config_type, "digest": "sha256:" + "0" * 64, "size": 2},
+            "layers": [
+                {
+                    "mediaType": t,
+                    "digest": "sha256:" + f"{i:x}" * 64,
+                    "size": 1,
+                    **({"annotations": annotations} if annotations else {}),
+                }
+                for i, t in enumerate(layer_types)
+            ],
+        }
+    ).encode()
 
 
 def test_parse_manifest_rejects_what_cannot_be_converted() -> None:
     mt = oci.MEDIA_TYPE_OCI_MANIFEST
-    ok = im.parse_manifest(_manifest([oci.MEDIA_TYPE_OCI_LAYER_GZIP,
-                                      oci.MEDIA_TYPE_OCI_LAYER_ZSTD]), mt, "sha256:x")
+    ok = im.parse_manifest(
+        _manifest([oci.MEDIA_TYPE_OCI_LAYER_GZIP, oci.MEDIA_TYPE_OCI_LAYER_ZSTD]), mt, "sha256:x"
+    )
     assert len(ok.layers) == 2
     with pytest.raises(UnsupportedError, match="unsupported media type"):
         im.parse_manifest(_manifest(["application/x-squashfs"]), mt, "d")
@@ -123,16 +160,16 @@ def test_parse_manifest_rejects_what_cannot_be_converted() -> None:
     with pytest.raises(UnsupportedError, match="already a Nydus image"):
         im.parse_manifest(_manifest([oci.MEDIA_TYPE_NYDUS_BLOB]), mt, "d")
     with pytest.raises(UnsupportedError, match="schema 1"):
-        im.parse_manifest(b"{}", "application/vnd.docker.distribution.manifest.v1+prettyjws",
-                          "d")
+        im.parse_manifest(b"{}", "application/vnd.docker.distribution.manifest.v1+prettyjws", "d")
     with pytest.raises(FormatError):
         im.parse_manifest(b"[]", mt, "d")
     # for check/copy any layer type is fine
     im.parse_manifest(_manifest([oci.MEDIA_TYPE_NYDUS_BLOB]), mt, "d", for_conversion=False)
 
 
-def _entry(plat: dict[str, str] | None, n: int,
-           mt: str = oci.MEDIA_TYPE_OCI_MANIFEST) -> im.IndexEntry:
+def _entry(
+    plat: dict[str, str] | None, n: int, mt: str = oci.MEDIA_TYPE_OCI_MANIFEST
+) -> im.IndexEntry:
     raw = {"mediaType": mt, "digest": "sha256:" + f"{n:x}" * 64, "size": 1}
     if plat:
         raw["platform"] = plat  # type: ignore[assignment]
@@ -140,11 +177,12 @@ def _entry(plat: dict[str, str] | None, n: int,
 
 
 def test_select_platforms() -> None:
-    entries = [_entry({"os": "linux", "architecture": "amd64"}, 1),
-               _entry({"os": "linux", "architecture": "arm64", "variant": "v8"}, 2),
-               _entry({"os": "unknown", "architecture": "unknown"}, 3)]
-    assert im.select_platforms(entries, [im.Platform.parse("linux/arm64")], False) == \
-        [entries[1]]
+    entries = [
+        _entry({"os": "linux", "architecture": "amd64"}, 1),
+        _entry({"os": "linux", "architecture": "arm64", "variant": "v8"}, 2),
+        _entry({"os": "unknown", "architecture": "unknown"}, 3),
+    ]
+    assert im.select_platforms(entries, [im.Platform.parse("linux/arm64")], False) == [entries[1]]
     assert im.select_platforms(entries, None, True) == entries[:2]  # attestation skipped
     both = [im.Platform.parse("linux/arm64/v8"), im.Platform.parse("linux/amd64")]
     assert im.select_platforms(entries, both, False) == [entries[1], entries[0]]
@@ -248,21 +286,39 @@ def test_backend_config_and_signing() -> None:
         parse_backend_config("s3", {"region": "us-east-1"})
     # AWS SigV4 documentation, 'GET Object' example (empty payload)
     when = dt.datetime(2013, 5, 24, tzinfo=dt.UTC)
-    h = sigv4_headers("GET", "https://examplebucket.s3.amazonaws.com/test.txt",
-                      {"Range": "bytes=0-9"},
-                      access_key_id="AKIAIOSFODNN7EXAMPLE",
-                      secret="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", region="us-east-1",
-                      now=when, payload_hash=hashlib.sha256(b"").hexdigest())
+    h = sigv4_headers(
+        "GET",
+        "https://examplebucket.s3.amazonaws.com/test.txt",
+        {"Range": "bytes=0-9"},
+        access_key_id="AKIAIOSFODNN7EXAMPLE",
+        secret="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        region="us-east-1",
+        now=when,
+        payload_hash=hashlib.sha256(b"").hexdigest(),
+    )
     assert h["Authorization"].endswith(
-        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
-    put = sigv4_headers("PUT", "http://127.0.0.1:9000/b/k", {"Content-Length": "3"},
-                        access_key_id="a", secret="s", region="r", now=when,
-                        payload_hash=UNSIGNED_PAYLOAD)
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    put = sigv4_headers(
+        "PUT",
+        "http://127.0.0.1:9000/b/k",
+        {"Content-Length": "3"},
+        access_key_id="a",
+        secret="s",
+        region="r",
+        now=when,
+        payload_hash=UNSIGNED_PAYLOAD,
+    )
     assert put["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
     assert "content-length" not in put["Authorization"]
-    o = oss_authorization("PUT", "/bkt/p/k", "Thu, 17 Nov 2005 18:49:58 GMT",
-                          oss_headers={"Content-Type": "application/octet-stream"},
-                          access_key_id="id", secret="sec")
+    o = oss_authorization(
+        "PUT",
+        "/bkt/p/k",
+        "Thu, 17 Nov 2005 18:49:58 GMT",
+        oss_headers={"Content-Type": "application/octet-stream"},
+        access_key_id="id",
+        secret="sec",
+    )
     assert o.startswith("OSS id:")
 
 
@@ -287,12 +343,22 @@ def _paths(n: FileNode, prefix: str = "") -> list[str]:
 
 def test_oci_rootfs_whiteouts_opaque_and_links() -> None:
     t = _tree(
-        [oi.T("dir", "a"), oi.T("file", "a/x", b"x"), oi.T("file", "a/y", b"y"),
-         oi.T("dir", "d"), oi.T("file", "d/old", b"o"), oi.T("file", "f", b"1"),
-         oi.T("link", "g", target="f")],
-        [oi.T("whiteout", "a/x"), oi.T("dir", "d"), oi.T("opaque", "d"),
-         oi.T("file", "d/new", b"n"),
-         oi.T("file", "h", b"h", xattrs={"user.k": b"v", "com.apple.x": b"dropped"})],
+        [
+            oi.T("dir", "a"),
+            oi.T("file", "a/x", b"x"),
+            oi.T("file", "a/y", b"y"),
+            oi.T("dir", "d"),
+            oi.T("file", "d/old", b"o"),
+            oi.T("file", "f", b"1"),
+            oi.T("link", "g", target="f"),
+        ],
+        [
+            oi.T("whiteout", "a/x"),
+            oi.T("dir", "d"),
+            oi.T("opaque", "d"),
+            oi.T("file", "d/new", b"n"),
+            oi.T("file", "h", b"h", xattrs={"user.k": b"v", "com.apple.x": b"dropped"}),
+        ],
     )
     assert _paths(t.root) == ["/a", "/a/y", "/d", "/d/new", "/f", "/g", "/h"]
     kids = t.root.children
@@ -308,14 +374,24 @@ def test_oci_rootfs_whiteouts_opaque_and_links() -> None:
 
 
 def test_compare_reports_each_kind_of_difference() -> None:
-    base = [oi.T("dir", "d"), oi.T("file", "d/f", b"data"), oi.T("symlink", "s", target="d"),
-            oi.T("file", "x", b"x", xattrs={"user.a": b"1"}), oi.T("link", "y", target="x")]
+    base = [
+        oi.T("dir", "d"),
+        oi.T("file", "d/f", b"data"),
+        oi.T("symlink", "s", target="d"),
+        oi.T("file", "x", b"x", xattrs={"user.a": b"1"}),
+        oi.T("link", "y", target="x"),
+    ]
     a = _tree(base).root
     same, n, _u = compare(a, _tree(base).root)
     assert same == [] and n == 6
-    other = [oi.T("dir", "d", mode=0o700), oi.T("file", "d/f", b"DATA"),
-             oi.T("symlink", "s", target="e"), oi.T("file", "x", b"x", xattrs={"user.a": b"2"}),
-             oi.T("file", "y", b"x"), oi.T("file", "extra", b"")]
+    other = [
+        oi.T("dir", "d", mode=0o700),
+        oi.T("file", "d/f", b"DATA"),
+        oi.T("symlink", "s", target="e"),
+        oi.T("file", "x", b"x", xattrs={"user.a": b"2"}),
+        oi.T("file", "y", b"x"),
+        oi.T("file", "extra", b""),
+    ]
     diffs, _n, _u = compare(a, _tree(other).root)
     text = "\n".join(str(d) for d in diffs)
     assert "/d: mode differs (oci 0o755, nydus 0o700)" in text

@@ -33,8 +33,14 @@ def test_oss_store_put_skip_and_read_back(oss: FakeOss, tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(data)
     endpoint = f"oss.test:{oss.port}"
-    cfg = OssConfig(scheme="http", endpoint=endpoint, bucket_name=BUCKET, object_prefix=PREFIX,
-                    access_key_id=AK, access_key_secret=SK)
+    cfg = OssConfig(
+        scheme="http",
+        endpoint=endpoint,
+        bucket_name=BUCKET,
+        object_prefix=PREFIX,
+        access_key_id=AK,
+        access_key_secret=SK,
+    )
     resolve = {f"{BUCKET}.oss.test": "127.0.0.1"}
     store = ObjectStore("oss", cfg, resolve)
     assert not store.has(digest)
@@ -49,8 +55,7 @@ def test_oss_store_put_skip_and_read_back(oss: FakeOss, tmp_path: Path) -> None:
         assert be.read(digest[7:], 1000, 5000) == data[1000:6000]
     finally:
         be.close()
-    wrong = ObjectStore("oss", OssConfig(**{**cfg.__dict__, "access_key_secret": "nope"}),
-                        resolve)
+    wrong = ObjectStore("oss", OssConfig(**{**cfg.__dict__, "access_key_secret": "nope"}), resolve)
     with pytest.raises(BackendError, match="403"):
         wrong.push_file(digest, str(blob))
 

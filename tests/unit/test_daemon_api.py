@@ -28,14 +28,20 @@ def image(sample_tree: TreeInfo, tmp_path_factory: pytest.TempPathFactory) -> tu
     out = tmp_path_factory.mktemp("apiimg")
     blobs = out / "blobs"
     blobs.mkdir()
-    NydusImage(cwd=out)("create", "--bootstrap", out / "boot", "--blob-dir", blobs,
-                        sample_tree.root)
+    NydusImage(cwd=out)(
+        "create", "--bootstrap", out / "boot", "--blob-dir", blobs, sample_tree.root
+    )
     return out / "boot", blobs
 
 
 def _config(blobs: Path, **extra: Any) -> str:
-    return json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
-                       "mode": "direct", **extra})
+    return json.dumps(
+        {
+            "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
+            "mode": "direct",
+            **extra,
+        }
+    )
 
 
 @pytest.fixture
@@ -72,8 +78,7 @@ def test_socket_is_private(api: tuple[Nydusd, NydusdClient, str]) -> None:
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
 
 
-def test_a_live_socket_is_not_stolen(api: tuple[Nydusd, NydusdClient, str],
-                                     tmp_path: Path) -> None:
+def test_a_live_socket_is_not_stolen(api: tuple[Nydusd, NydusdClient, str], tmp_path: Path) -> None:
     d, _c, sock = api
     from nydus.errors import ConfigError
 
@@ -85,15 +90,19 @@ def test_a_live_socket_is_not_stolen(api: tuple[Nydusd, NydusdClient, str],
         ApiServer(d, str(regular))
 
 
-def test_mount_start_metrics_umount(api: tuple[Nydusd, NydusdClient, str],
-                                    image: tuple[Path, Path]) -> None:
+def test_mount_start_metrics_umount(
+    api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path]
+) -> None:
     d, c, _ = api
     boot, blobs = image
     info = c.info()
     assert info["state"] == "INIT" and info["id"] == "test-daemon"
     assert info["version"]["package_ver"]
-    c.mount("/one", str(boot), _config(blobs, iostats_files=True, access_pattern=True,
-                                           latest_read_files=True))
+    c.mount(
+        "/one",
+        str(boot),
+        _config(blobs, iostats_files=True, access_pattern=True, latest_read_files=True),
+    )
     assert c.state() == "READY"
     c.start()
     assert c.state() == "RUNNING"
@@ -125,8 +134,9 @@ def test_mount_start_metrics_umount(api: tuple[Nydusd, NydusdClient, str],
     assert c.get("/api/v1/daemon/events")["total_errors"] >= 0
 
 
-def test_bad_requests_get_4xx_and_the_daemon_survives(api: tuple[Nydusd, NydusdClient, str],
-                                                      image: tuple[Path, Path]) -> None:
+def test_bad_requests_get_4xx_and_the_daemon_survives(
+    api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path]
+) -> None:
     _d, c, sock = api
     boot, blobs = image
     cases = [
@@ -134,23 +144,79 @@ def test_bad_requests_get_4xx_and_the_daemon_survives(api: tuple[Nydusd, NydusdC
         (("POST", "/api/v1/mount", b"[1, 2]", {"mountpoint": "/x"}), 400),
         (("POST", "/api/v1/mount", {"source": str(boot)}, None), 400),  # no mountpoint
         (("POST", "/api/v1/mount", {"source": str(boot)}, {"mountpoint": "/x"}), 400),
-        (("POST", "/api/v1/mount", {"source": str(boot), "config": _config(blobs),
-                                    "bogus": 1}, {"mountpoint": "/x"}), 400),
-        (("POST", "/api/v1/mount", {"source": str(boot), "config": _config(blobs),
-                                    "fs_type": "ext4"}, {"mountpoint": "/x"}), 400),
-        (("POST", "/api/v1/mount", {"source": str(boot), "config": '{"device": 1}'},
-          {"mountpoint": "/x"}), 400),
-        (("POST", "/api/v1/mount", {"source": "/no/such/bootstrap", "config": _config(blobs)},
-          {"mountpoint": "/x"}), 400),
-        (("POST", "/api/v1/mount", {"source": str(blobs), "config": _config(blobs)},
-          {"mountpoint": "/x"}), 400),
-        (("POST", "/api/v1/mount", {"source": str(boot), "config": _config(blobs)},
-          {"mountpoint": "relative"}), 400),
-        (("POST", "/api/v1/mount", {"source": str(boot), "config": _config(blobs)},
-          {"mountpoint": "/../x"}), 400),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": str(boot), "config": _config(blobs), "bogus": 1},
+                {"mountpoint": "/x"},
+            ),
+            400,
+        ),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": str(boot), "config": _config(blobs), "fs_type": "ext4"},
+                {"mountpoint": "/x"},
+            ),
+            400,
+        ),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": str(boot), "config": '{"device": 1}'},
+                {"mountpoint": "/x"},
+            ),
+            400,
+        ),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": "/no/such/bootstrap", "config": _config(blobs)},
+                {"mountpoint": "/x"},
+            ),
+            400,
+        ),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": str(blobs), "config": _config(blobs)},
+                {"mountpoint": "/x"},
+            ),
+            400,
+        ),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": str(boot), "config": _config(blobs)},
+                {"mountpoint": "relative"},
+            ),
+            400,
+        ),
+        (
+            (
+                "POST",
+                "/api/v1/mount",
+                {"source": str(boot), "config": _config(blobs)},
+                {"mountpoint": "/../x"},
+            ),
+            400,
+        ),
         (("DELETE", "/api/v1/mount", None, {"mountpoint": "/nothing"}), 404),
-        (("PUT", "/api/v1/mount", {"source": str(boot), "config": _config(blobs)},
-          {"mountpoint": "/nothing"}), 404),
+        (
+            (
+                "PUT",
+                "/api/v1/mount",
+                {"source": str(boot), "config": _config(blobs)},
+                {"mountpoint": "/nothing"},
+            ),
+            404,
+        ),
         (("GET", "/api/v1/nothing", None, None), 404),
         (("DELETE", "/api/v1/daemon", None, None), 405),
         (("PUT", "/api/v1/daemon", {"log_level": "loud"}, None), 400),
@@ -165,10 +231,17 @@ def test_bad_requests_get_4xx_and_the_daemon_survives(api: tuple[Nydusd, NydusdC
         e = ei.value
         assert e.status == status, (method, path, body, e)
         assert e.code and e.message
-    e = _err(c.request, "POST", "/api/v1/mount",
-             {"source": str(boot), "config": '{"device": {"backend": {"type": "localfs", '
-                                             '"config": {"dir": "/x", "nope": 1}}}}'},
-             {"mountpoint": "/x"})
+    e = _err(
+        c.request,
+        "POST",
+        "/api/v1/mount",
+        {
+            "source": str(boot),
+            "config": '{"device": {"backend": {"type": "localfs", '
+            '"config": {"dir": "/x", "nope": 1}}}}',
+        },
+        {"mountpoint": "/x"},
+    )
     assert "device.backend.config" in e.message and "nope" in e.message
     c.mount("/x", str(boot), _config(blobs))
     assert _err(c.mount, "/x", str(boot), _config(blobs)).status == 409
@@ -186,8 +259,9 @@ def test_bad_requests_get_4xx_and_the_daemon_survives(api: tuple[Nydusd, NydusdC
     assert c.state() == "READY"
 
 
-def test_concurrent_requests(api: tuple[Nydusd, NydusdClient, str],
-                             image: tuple[Path, Path]) -> None:
+def test_concurrent_requests(
+    api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path]
+) -> None:
     _d, c, _ = api
     boot, blobs = image
     errors: list[BaseException] = []
@@ -231,14 +305,19 @@ def test_set_log_level_and_exit(api: tuple[Nydusd, NydusdClient, str]) -> None:
     assert e.status == 409 and e.code == "InvalidState"
 
 
-def test_nydusctl(api: tuple[Nydusd, NydusdClient, str], image: tuple[Path, Path],
-                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nydusctl(
+    api: tuple[Nydusd, NydusdClient, str],
+    image: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     _d, _c, sock = api
     boot, blobs = image
     cfg = tmp_path / "cfg.json"
     cfg.write_text(_config(blobs))
-    assert nydusctl.main(["--sock", sock, "mount", "-s", str(boot), "-c", str(cfg),
-                          "-m", "/sub"]) == 0
+    assert (
+        nydusctl.main(["--sock", sock, "mount", "-s", str(boot), "-c", str(cfg), "-m", "/sub"]) == 0
+    )
     assert nydusctl.main(["--sock", sock, "info"]) == 0
     out = capsys.readouterr().out
     assert "State" in out and "/sub" in out and "INIT" not in out.split("State")[1][:20]

@@ -18,8 +18,11 @@ from nydus.errors import ConfigError
 
 
 def _cfg(fixtures_dir: Path) -> dict[str, Any]:
-    return {"device": {"backend": {"type": "localfs",
-                                   "config": {"dir": str(fixtures_dir / "v6" / "blobs")}}}}
+    return {
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": str(fixtures_dir / "v6" / "blobs")}}
+        }
+    }
 
 
 def test_fs_driver_config_values_and_messages(fixtures_dir: Path) -> None:
@@ -28,7 +31,7 @@ def test_fs_driver_config_values_and_messages(fixtures_dir: Path) -> None:
     assert DaemonConfig.from_json(cfg).fs_driver is None
     with pytest.raises(ConfigError) as ei:
         DaemonConfig.from_json({**cfg, "fs_driver": "nope"})
-    assert str(ei.value) == "fs_driver: expected \"fusedev\" or \"erofs\", got 'nope'"
+    assert str(ei.value) == 'fs_driver: expected "fusedev" or "erofs", got \'nope\''
     with pytest.raises(ConfigError, match="fs_driver: expected string, got 5"):
         DaemonConfig.from_json({**cfg, "fs_driver": 5})
     out = DaemonConfig.from_json({**cfg, "fs_driver": "fusedev"}).to_json()

@@ -28,8 +28,9 @@ def image(sample_tree: TreeInfo, tmp_path_factory: pytest.TempPathFactory) -> tu
     out = tmp_path_factory.mktemp("vfsimg")
     blobs = out / "blobs"
     blobs.mkdir()
-    NydusImage(cwd=out)("create", "--bootstrap", out / "boot", "--blob-dir", blobs,
-                        sample_tree.root)
+    NydusImage(cwd=out)(
+        "create", "--bootstrap", out / "boot", "--blob-dir", blobs, sample_tree.root
+    )
     return out / "boot", blobs
 
 

@@ -32,8 +32,9 @@ RESOLVERS = [pytest.param(True, id="openat2"), pytest.param(False, id="walk")]
 
 def _apply(root: Path, entries: list[T], how: str = "none", walk: bool = False) -> None:
     layer = oi.layer(entries, how)
-    r = extract_layer(io.BytesIO(layer.blob), root, diff_id=layer.diff_id,
-                      use_openat2=False if walk else None)
+    r = extract_layer(
+        io.BytesIO(layer.blob), root, diff_id=layer.diff_id, use_openat2=False if walk else None
+    )
     assert r.diff_id == layer.diff_id
 
 
@@ -54,7 +55,8 @@ NORMAL = [
     T("dir", "etc", mode=0o755),
     T("file", "etc/passwd", b"root:x:0:0\n", mode=0o644),
     T("file", "etc/shadow", b"root:*:1\n", mode=0o640, gid=42),
-    T("dir", "usr", mode=0o755), T("dir", "usr/bin", mode=0o755),
+    T("dir", "usr", mode=0o755),
+    T("dir", "usr/bin", mode=0o755),
     T("file", "usr/bin/su", b"\x7fELF su", mode=0o4755),
     T("file", "usr/bin/wall", b"\x7fELF wall", mode=0o2755, gid=5),
     T("link", "usr/bin/su2", target="usr/bin/su", mode=0o4755),
@@ -62,9 +64,17 @@ NORMAL = [
     # at the top: GNU tar makes absolute symlinks last, after restoring directory mtimes
     T("symlink", "abs", target="/etc/passwd"),
     T("dir", "tmp", mode=0o1777),
-    T("dir", "home", mode=0o755), T("dir", "home/user", mode=0o700, uid=1000, gid=1000),
-    T("file", "home/user/notes", b"n" * 100_000, mode=0o600, uid=1000, gid=1000,
-      xattrs={"user.tag": b"v1"}),
+    T("dir", "home", mode=0o755),
+    T("dir", "home/user", mode=0o700, uid=1000, gid=1000),
+    T(
+        "file",
+        "home/user/notes",
+        b"n" * 100_000,
+        mode=0o600,
+        uid=1000,
+        gid=1000,
+        xattrs={"user.tag": b"v1"},
+    ),
     T("fifo", "run-fifo", mode=0o600),
     T("chr", "null", mode=0o666, dev=(1, 3)),
     T("blk", "loop9", mode=0o660, dev=(7, 9), gid=6),
@@ -81,8 +91,20 @@ def test_normal_layer_matches_gnu_tar(tmp_path: Path) -> None:
     ours.mkdir()
     theirs.mkdir()
     extract_layer(io.BytesIO(oi.compress(tar, "gzip")[0]), ours)
-    subprocess.run(["tar", "-xpf", tmp_path / "layer.tar", "-C", theirs, "--same-owner",
-                    "--numeric-owner", "--xattrs", "--xattrs-include=*"], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "-xpf",
+            tmp_path / "layer.tar",
+            "-C",
+            theirs,
+            "--same-owner",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+        ],
+        check=True,
+    )
     assert _tree_diffs(ours, theirs) == []
     assert len(_names(ours)) == len(NORMAL)
     assert stat.S_IMODE(os.lstat(ours / "usr/bin/su").st_mode) == 0o4755
@@ -96,8 +118,16 @@ def test_resolvers_agree(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for d, walk in ((a, False), (b, True)):
         d.mkdir()
-        _apply(d, [*NORMAL, T("file", "bin/through", b"x"), T("symlink", "up", target="../.."),
-                   T("file", "up/etc/at-root", b"y")], walk=walk)
+        _apply(
+            d,
+            [
+                *NORMAL,
+                T("file", "bin/through", b"x"),
+                T("symlink", "up", target="../.."),
+                T("file", "up/etc/at-root", b"y"),
+            ],
+            walk=walk,
+        )
     assert _tree_diffs(a, b) == []
     assert (a / "usr/bin/through").read_bytes() == b"x"
     assert (a / "etc/at-root").read_bytes() == b"y"
@@ -133,32 +163,75 @@ def test_rootdir_resolves_inside(tmp_path: Path, walk: bool) -> None:
 
 @pytest.mark.parametrize("walk", RESOLVERS)
 def test_whiteouts(tmp_path: Path, walk: bool) -> None:
-    _apply(tmp_path, [T("dir", "a"), T("file", "a/x", b"1"), T("dir", "a/sub"),
-                      T("file", "a/sub/y", b"2"), T("file", "keep", b"k")], walk=walk)
-    _apply(tmp_path, [T("whiteout", "a/sub"), T("whiteout", "a/missing"),
-                      T("file", "new", b"n"), T("whiteout", "new"),  # own entries stay
-                      T("file", ".wh..wh.plnk/1", b"aufs")], walk=walk)
+    _apply(
+        tmp_path,
+        [
+            T("dir", "a"),
+            T("file", "a/x", b"1"),
+            T("dir", "a/sub"),
+            T("file", "a/sub/y", b"2"),
+            T("file", "keep", b"k"),
+        ],
+        walk=walk,
+    )
+    _apply(
+        tmp_path,
+        [
+            T("whiteout", "a/sub"),
+            T("whiteout", "a/missing"),
+            T("file", "new", b"n"),
+            T("whiteout", "new"),  # own entries stay
+            T("file", ".wh..wh.plnk/1", b"aufs"),
+        ],
+        walk=walk,
+    )
     assert _names(tmp_path) == ["a", "a/x", "keep", "new"]
 
 
 @pytest.mark.parametrize("walk", RESOLVERS)
 def test_opaque_directories(tmp_path: Path, walk: bool) -> None:
-    lower = [T("dir", "d"), T("file", "d/old", b"o"), T("dir", "d/sub"),
-             T("file", "d/sub/old", b"o"), T("dir", "d/gone"), T("file", "d/gone/x", b"x"),
-             T("dir", "e"), T("file", "e/old", b"o")]
+    lower = [
+        T("dir", "d"),
+        T("file", "d/old", b"o"),
+        T("dir", "d/sub"),
+        T("file", "d/sub/old", b"o"),
+        T("dir", "d/gone"),
+        T("file", "d/gone/x", b"x"),
+        T("dir", "e"),
+        T("file", "e/old", b"o"),
+    ]
     _apply(tmp_path, lower, walk=walk)
-    _apply(tmp_path, [
-        T("dir", "d"), T("opaque", "d"), T("file", "d/new", b"n"),
-        # the marker after the children (any order works)
-        T("dir", "e/sub"), T("file", "e/sub/f", b"f"), T("file", "e/new", b"n"),
-        T("opaque", "e"),
-    ], walk=walk)
+    _apply(
+        tmp_path,
+        [
+            T("dir", "d"),
+            T("opaque", "d"),
+            T("file", "d/new", b"n"),
+            # the marker after the children (any order works)
+            T("dir", "e/sub"),
+            T("file", "e/sub/f", b"f"),
+            T("file", "e/new", b"n"),
+            T("opaque", "e"),
+        ],
+        walk=walk,
+    )
     assert _names(tmp_path) == ["d", "d/new", "e", "e/new", "e/sub", "e/sub/f"]
     # a kept lower directory loses its lower children too; an implied one survives
-    _apply(tmp_path, [T("file", "e/sub/g", b"g"), T("file", "e/deep/er/f", b"f"),
-                      T("opaque", "e")], walk=walk)
-    assert _names(tmp_path) == ["d", "d/new", "e", "e/deep", "e/deep/er", "e/deep/er/f",
-                                "e/sub", "e/sub/g"]
+    _apply(
+        tmp_path,
+        [T("file", "e/sub/g", b"g"), T("file", "e/deep/er/f", b"f"), T("opaque", "e")],
+        walk=walk,
+    )
+    assert _names(tmp_path) == [
+        "d",
+        "d/new",
+        "e",
+        "e/deep",
+        "e/deep/er",
+        "e/deep/er/f",
+        "e/sub",
+        "e/sub/g",
+    ]
 
 
 def test_bad_whiteouts(tmp_path: Path) -> None:
@@ -168,14 +241,27 @@ def test_bad_whiteouts(tmp_path: Path) -> None:
 
 
 def test_replacement(tmp_path: Path) -> None:
-    _apply(tmp_path, [T("dir", "d", mode=0o700), T("file", "d/keep", b"k"),
-                      T("dir", "x"), T("file", "x/in", b"i"), T("file", "f", b"file"),
-                      T("symlink", "s", target="f"), T("file", "tgt", b"t")])
-    _apply(tmp_path, [T("dir", "d", mode=0o751),  # merged: attributes only
-                      T("file", "x", b"now a file"),  # a tree replaced
-                      T("dir", "f"),  # a file replaced by a directory
-                      T("file", "s", b"not through"),  # a symlink replaced, not followed
-                      ])
+    _apply(
+        tmp_path,
+        [
+            T("dir", "d", mode=0o700),
+            T("file", "d/keep", b"k"),
+            T("dir", "x"),
+            T("file", "x/in", b"i"),
+            T("file", "f", b"file"),
+            T("symlink", "s", target="f"),
+            T("file", "tgt", b"t"),
+        ],
+    )
+    _apply(
+        tmp_path,
+        [
+            T("dir", "d", mode=0o751),  # merged: attributes only
+            T("file", "x", b"now a file"),  # a tree replaced
+            T("dir", "f"),  # a file replaced by a directory
+            T("file", "s", b"not through"),  # a symlink replaced, not followed
+        ],
+    )
     assert _names(tmp_path) == ["d", "d/keep", "f", "s", "tgt", "x"]
     assert stat.S_IMODE(os.lstat(tmp_path / "d").st_mode) == 0o751
     assert (tmp_path / "x").read_bytes() == b"now a file"
@@ -185,11 +271,23 @@ def test_replacement(tmp_path: Path) -> None:
 
 def test_symlinked_parents_resolve_inside(tmp_path: Path) -> None:
     """merged /usr: a later layer's ``lib/x`` lands in ``usr/lib``, as with containerd."""
-    _apply(tmp_path, [T("dir", "usr/lib"), T("symlink", "lib", target="usr/lib"),
-                      T("symlink", "abs", target="/usr/lib")])
-    _apply(tmp_path, [T("file", "lib/x", b"x"), T("file", "abs/y", b"y"),
-                      T("symlink", "dangling", target="/made/here"),
-                      T("file", "dangling/z", b"z")])
+    _apply(
+        tmp_path,
+        [
+            T("dir", "usr/lib"),
+            T("symlink", "lib", target="usr/lib"),
+            T("symlink", "abs", target="/usr/lib"),
+        ],
+    )
+    _apply(
+        tmp_path,
+        [
+            T("file", "lib/x", b"x"),
+            T("file", "abs/y", b"y"),
+            T("symlink", "dangling", target="/made/here"),
+            T("file", "dangling/z", b"z"),
+        ],
+    )
     assert (tmp_path / "usr/lib/x").read_bytes() == b"x"
     assert (tmp_path / "usr/lib/y").read_bytes() == b"y"
     assert (tmp_path / "made/here/z").read_bytes() == b"z"  # mkdir -p through the link
@@ -201,15 +299,18 @@ def test_symlinked_parents_resolve_inside(tmp_path: Path) -> None:
 @root_only
 def test_hardlinks(tmp_path: Path) -> None:
     _apply(tmp_path, [T("dir", "d"), T("file", "d/lower", b"L", mode=0o644)])
-    _apply(tmp_path, [
-        T("file", "f", b"data", mode=0o644),
-        T("link", "h", target="f", mode=0o4755, uid=7),  # containerd: the header's attributes
-        T("symlink", "s", target="/etc/passwd"),
-        T("link", "hs", target="s", mode=0o4777, uid=4242),  # links the symlink itself
-        T("link", "hl", target="/d/lower"),  # a lower layer's file
-        T("symlink", "sd", target="d"),
-        T("link", "via", target="sd/lower"),  # a symlinked parent resolves inside
-    ])
+    _apply(
+        tmp_path,
+        [
+            T("file", "f", b"data", mode=0o644),
+            T("link", "h", target="f", mode=0o4755, uid=7),  # containerd: the header's attributes
+            T("symlink", "s", target="/etc/passwd"),
+            T("link", "hs", target="s", mode=0o4777, uid=4242),  # links the symlink itself
+            T("link", "hl", target="/d/lower"),  # a lower layer's file
+            T("symlink", "sd", target="d"),
+            T("link", "via", target="sd/lower"),  # a symlinked parent resolves inside
+        ],
+    )
     st_f, st_h = os.lstat(tmp_path / "f"), os.lstat(tmp_path / "h")
     assert st_f.st_ino == st_h.st_ino and stat.S_IMODE(st_f.st_mode) == 0o4755
     assert st_f.st_uid == 7
@@ -227,19 +328,30 @@ def test_hardlinks(tmp_path: Path) -> None:
 @root_only
 def test_devices_fifos_owners_xattrs(tmp_path: Path) -> None:
     cap = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)  # cap_net_bind_service, v2
-    tar = oi.tar_layer([
-        T("chr", "null", mode=0o666, dev=(1, 3), uid=0, gid=5),
-        T("blk", "sda", mode=0o640, dev=(8, 0), gid=6),
-        T("fifo", "p", mode=0o620, uid=11, gid=12),
-        T("file", "ping", b"elf", mode=0o755, uid=0,
-          xattrs={"user.k": b"v", "trusted.overlay.opaque": b"y"}),
-        T("symlink", "s", target="ping", uid=3, gid=4),
-    ])
+    tar = oi.tar_layer(
+        [
+            T("chr", "null", mode=0o666, dev=(1, 3), uid=0, gid=5),
+            T("blk", "sda", mode=0o640, dev=(8, 0), gid=6),
+            T("fifo", "p", mode=0o620, uid=11, gid=12),
+            T(
+                "file",
+                "ping",
+                b"elf",
+                mode=0o755,
+                uid=0,
+                xattrs={"user.k": b"v", "trusted.overlay.opaque": b"y"},
+            ),
+            T("symlink", "s", target="ping", uid=3, gid=4),
+        ]
+    )
     # security.capability as a binary PAX record, after the file's chown
     tar = tar[: tar.rfind(b"\0" * 1024)].rstrip(b"\0")
     tar += bytes(-len(tar) % 512)
-    tar += pax([(b"SCHILY.xattr.security.capability", cap)]) + entry(
-        b"capped", b"x", mode=0o755, uid=1234) + end()
+    tar += (
+        pax([(b"SCHILY.xattr.security.capability", cap)])
+        + entry(b"capped", b"x", mode=0o755, uid=1234)
+        + end()
+    )
     extract_layer(io.BytesIO(tar), tmp_path)
     st = os.lstat(tmp_path / "null")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
@@ -294,12 +406,14 @@ def test_missing_root_and_corrupt_stream(tmp_path: Path) -> None:
         extract_layer(io.BytesIO(blob[: len(blob) // 2]), tmp_path)
 
 
-def test_not_root_leaves_owners_and_skips_devices(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_root_leaves_owners_and_skips_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Like tar without --same-owner (and containerd in a user namespace)."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    layer = oi.layer([T("chr", "null", dev=(1, 3)), T("fifo", "p"),
-                      T("file", "f", b"x", uid=4242, gid=4242)])
+    layer = oi.layer(
+        [T("chr", "null", dev=(1, 3)), T("fifo", "p"), T("file", "f", b"x", uid=4242, gid=4242)]
+    )
     res = extract_layer(io.BytesIO(layer.blob), tmp_path)
     assert res.skipped == 1 and _names(tmp_path) == ["f", "p"]
     st = os.lstat(tmp_path / "f")

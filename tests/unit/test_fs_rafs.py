@@ -39,12 +39,20 @@ def image(sample_tree: TreeInfo, tmp_path_factory: pytest.TempPathFactory) -> tu
     from conftest import NydusImage
 
     out = tmp_path_factory.mktemp("fsimg")
-    return _build(NydusImage(cwd=out), sample_tree.root, out, "--compressor", "zstd",
-                  "--chunk-size", "0x10000")
+    return _build(
+        NydusImage(cwd=out),
+        sample_tree.root,
+        out,
+        "--compressor",
+        "zstd",
+        "--chunk-size",
+        "0x10000",
+    )
 
 
-def _walk(fs: RafsFs, ino: int = ROOT_INO, prefix: str = "",
-          parents: dict[str, int] | None = None) -> dict[str, int]:
+def _walk(
+    fs: RafsFs, ino: int = ROOT_INO, prefix: str = "", parents: dict[str, int] | None = None
+) -> dict[str, int]:
     out = {}
     for e in fs.readdir(ino, 0):
         if e.name in (b".", b".."):
@@ -58,8 +66,9 @@ def _walk(fs: RafsFs, ino: int = ROOT_INO, prefix: str = "",
     return out
 
 
-def test_tree_attributes_and_data_match_the_source(sample_tree: TreeInfo,
-                                                   image: tuple[Path, Path]) -> None:
+def test_tree_attributes_and_data_match_the_source(
+    sample_tree: TreeInfo, image: tuple[Path, Path]
+) -> None:
     src = sample_tree.root
     fs = _open(*image, enable_xattr=True)
     parents: dict[str, int] = {}
@@ -187,8 +196,7 @@ def test_chunk_cache_serves_repeated_reads(image: tuple[Path, Path]) -> None:
 
 
 def test_metrics_files_pattern_and_latest(image: tuple[Path, Path]) -> None:
-    fs = _open(*image, iostats_files=True, access_pattern=True, latest_read_files=True,
-               id="/img")
+    fs = _open(*image, iostats_files=True, access_pattern=True, latest_read_files=True, id="/img")
     a = fs.lookup(fs.lookup(ROOT_INO, b"sizes").ino, b"size-4097")
     b = fs.lookup(fs.lookup(ROOT_INO, b"sizes").ino, b"size-1")
     fh = fs.open(a.ino, os.O_RDONLY)
@@ -230,8 +238,16 @@ def test_a_missing_blob_fails_only_its_reads(tmp_path: Path, nydus_image: Any) -
     blobs = tmp_path / "blobs"
     blobs.mkdir()
     nydus_image("create", "--bootstrap", tmp_path / "l1", "--blob-dir", blobs, lower)
-    nydus_image("create", "--parent-bootstrap", tmp_path / "l1", "--bootstrap", tmp_path / "l2",
-                "--blob-dir", blobs, upper)
+    nydus_image(
+        "create",
+        "--parent-bootstrap",
+        tmp_path / "l1",
+        "--bootstrap",
+        tmp_path / "l2",
+        "--blob-dir",
+        blobs,
+        upper,
+    )
     meta = open_bootstrap(tmp_path / "l2")
     assert len(meta.blobs) == 2
     os.unlink(blobs / meta.blobs[0].blob_id)
@@ -262,18 +278,23 @@ def test_corrupt_chunk_is_an_error_not_wrong_data(tmp_path: Path, nydus_image: A
     assert getattr(ei.value, "errno", None) == errno.EIO
 
 
-def test_with_the_storage_device(sample_tree: TreeInfo, image: tuple[Path, Path],
-                                 tmp_path: Path) -> None:
+def test_with_the_storage_device(
+    sample_tree: TreeInfo, image: tuple[Path, Path], tmp_path: Path
+) -> None:
     from nydus.config import DaemonConfig
     from nydus.storage import open_device
 
     boot, blobs = image
     meta = open_bootstrap(boot)
-    cfg = DaemonConfig.from_json({
-        "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path)}}},
-        "digest_validate": True,
-    })
+    cfg = DaemonConfig.from_json(
+        {
+            "device": {
+                "backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path)}},
+            },
+            "digest_validate": True,
+        }
+    )
     with open_device(meta.blobs, cfg) as dev:
         fs = RafsFs(meta, dev)
         for rel in ("sizes/size-1048577", "data/random-2m.bin", "sizes/size-0", "data/text-3m.txt"):
@@ -345,8 +366,10 @@ def test_concurrent_reads_of_a_chunk_fetch_it_once(image: tuple[Path, Path]) -> 
     fs = RafsFs(meta, src, FsOptions(readahead_chunks=0))
     ino = fs.resolve("/sizes/size-1048576")
     results: list[bytes] = []
-    threads = [threading.Thread(target=lambda: results.append(b"".join(fs.read(ino, 0, 4096))))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: results.append(b"".join(fs.read(ino, 0, 4096))))
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -53,13 +53,20 @@ def test_fd_crosses_a_process_boundary() -> None:
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         srv.bind(path)
         srv.listen(1)
-        child = subprocess.Popen([sys.executable, "-c", (
-            "import os, socket, sys\n"
-            "from nydus.fuse.fdpass import recv_fds\n"
-            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-            "payload, fds = recv_fds(s, 10)\n"
-            "os.write(fds[0], payload.upper())\n"
-        ), path])
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import os, socket, sys\n"
+                    "from nydus.fuse.fdpass import recv_fds\n"
+                    "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+                    "payload, fds = recv_fds(s, 10)\n"
+                    "os.write(fds[0], payload.upper())\n"
+                ),
+                path,
+            ]
+        )
         conn, _ = srv.accept()
         r, w = os.pipe()
         with conn:

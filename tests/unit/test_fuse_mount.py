@@ -35,14 +35,16 @@ from nydus.fuse import (
 from nydus.fuse.fdpass import send_fds
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"
+)
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
 
 def _attr(ino: int, mode: int, size: int) -> AttrFields:
-    return AttrFields(ino, size, (size + 511) // 512, 0, 1_700_000_000, 0, 0, 7, 0, mode, 1,
-                      0, 0, 0)
+    return AttrFields(
+        ino, size, (size + 511) // 512, 0, 1_700_000_000, 0, 0, 7, 0, mode, 1, 0, 0, 0
+    )
 
 
 class Files(Operations):
@@ -224,8 +226,9 @@ def test_another_process_serves_the_handed_over_fd(mnt: Path, tmp_path: Path) ->
         t0 = time.monotonic()
         s.stop(close=False)  # stop serving, keep the connection
         assert time.monotonic() - t0 < 3  # blocked workers are woken (STATFS nudges)
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, sock_path,
-                                  str(Path(__file__).parent)])
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, sock_path, str(Path(__file__).parent)]
+        )
         conn, _ = srv.accept()
         import json
 

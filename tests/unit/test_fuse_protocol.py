@@ -9,9 +9,20 @@ from nydus.fuse import protocol as p
 
 def test_struct_sizes_match_the_kernel() -> None:
     sizes = {
-        "IN_HEADER": 40, "OUT_HEADER": 16, "INIT_IN": 64, "INIT_OUT": 64, "ATTR": 88,
-        "OPEN_OUT": 16, "READ_IN": 40, "RELEASE_IN": 24, "KSTATFS": 80, "DIRENT_HEAD": 24,
-        "BATCH_FORGET_IN": 8, "FORGET_ONE": 16, "GETXATTR_IN": 8, "LSEEK_IN": 24,
+        "IN_HEADER": 40,
+        "OUT_HEADER": 16,
+        "INIT_IN": 64,
+        "INIT_OUT": 64,
+        "ATTR": 88,
+        "OPEN_OUT": 16,
+        "READ_IN": 40,
+        "RELEASE_IN": 24,
+        "KSTATFS": 80,
+        "DIRENT_HEAD": 24,
+        "BATCH_FORGET_IN": 8,
+        "FORGET_ONE": 16,
+        "GETXATTR_IN": 8,
+        "LSEEK_IN": 24,
     }
     for name, size in sizes.items():
         assert getattr(p, name).size == size, name

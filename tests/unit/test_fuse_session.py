@@ -114,8 +114,9 @@ class FakeKernel:
     def __init__(self, ops: Operations, threads: int = 2) -> None:
         self.k, u = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.k.settimeout(10)
-        self.session = FuseSession.from_fd(ops, u.detach(), "/fake",
-                                           SessionOptions(threads=threads))
+        self.session = FuseSession.from_fd(
+            ops, u.detach(), "/fake", SessionOptions(threads=threads)
+        )
         self.session.start()
         self.unique = 0
         self.lock = threading.Lock()
@@ -142,8 +143,11 @@ class FakeKernel:
         return err, payload
 
     def init(self, flags: int = 0xFFFFFFFF, flags2: int = 0xFFFFFFFF) -> bytes:
-        err, out = self.call(OP.INIT, 0, struct.pack("<IIIII44x", 7, 45, 131072,
-                                                    flags | p.InitFlags.INIT_EXT, flags2))
+        err, out = self.call(
+            OP.INIT,
+            0,
+            struct.pack("<IIIII44x", 7, 45, 131072, flags | p.InitFlags.INIT_EXT, flags2),
+        )
         assert err == 0
         return out
 
@@ -171,12 +175,19 @@ def test_init_negotiates_what_both_sides_want() -> None:
     k = FakeKernel(ops)
     try:
         out = k.init()
-        major, minor, ra, flags, _maxbg, _ct, _mw, tg, max_pages, _ma, flags2, depth, _rt = \
+        major, minor, ra, flags, _maxbg, _ct, _mw, tg, max_pages, _ma, flags2, depth, _rt = (
             p.INIT_OUT.unpack(out)
+        )
         assert (major, minor, ra, max_pages, tg) == (7, 45, 131072, 256, 1)
         full = flags | flags2 << 32
-        for f in ("ASYNC_READ", "PARALLEL_DIROPS", "MAX_PAGES", "DO_READDIRPLUS",
-                  "CACHE_SYMLINKS", "INIT_EXT"):
+        for f in (
+            "ASYNC_READ",
+            "PARALLEL_DIROPS",
+            "MAX_PAGES",
+            "DO_READDIRPLUS",
+            "CACHE_SYMLINKS",
+            "INIT_EXT",
+        ):
             assert full & getattr(p.InitFlags, f), f
         # always READDIRPLUS: "auto" falls back to READDIR + one LOOKUP per entry after the
         # first buffer of a directory, which halves the speed of a cold find+stat

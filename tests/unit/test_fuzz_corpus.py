@@ -99,8 +99,9 @@ def _target_of(path: Path) -> str | None:
     return head if head in TARGETS else None
 
 
-@pytest.mark.parametrize("path", [p for p in _files("regressions") if _target_of(p) is None],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in _files("regressions") if _target_of(p) is None], ids=lambda p: p.name
+)
 def test_regression_input(path: Path) -> None:
     err = FUZZ.replay(path.read_bytes())
     if path.name.startswith(("hang-", "crash-", "timeout-", "oom-")):
@@ -114,8 +115,10 @@ def test_target_has_seeds(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [p for t in TARGETS for p in _files(f"corpus-{t}")],
-    ids=lambda p: f"{p.parent.name}/{p.name}")
+    "path",
+    [p for t in TARGETS for p in _files(f"corpus-{t}")],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_target_seed(path: Path) -> None:
     mod = MODULES[path.parent.name.removeprefix("corpus-")]
     err = mod.replay(path.read_bytes())
@@ -125,8 +128,9 @@ def test_target_seed(path: Path) -> None:
         assert err is None, f"seed {path.name} is rejected: {err}"
 
 
-@pytest.mark.parametrize("path", [p for p in _files("regressions") if _target_of(p)],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in _files("regressions") if _target_of(p)], ids=lambda p: p.name
+)
 def test_target_regression(path: Path) -> None:
     target = _target_of(path)
     assert target is not None

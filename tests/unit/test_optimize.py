@@ -91,8 +91,10 @@ def test_reverse_mapping_finds_every_chunk_and_partial_ranges(image: Any) -> Non
     a, b = cs[1], cs[2]
     assert b.uncompressed_offset == a.uncompressed_offset + a.uncompressed_size
     hits = cmap.files_in(a.blob_index, b.uncompressed_offset - 10, 30)
-    assert hits == [FileRange(nid_c, "/dir/c", a.file_offset + a.uncompressed_size - 10, 10),
-                    FileRange(nid_c, "/dir/c", b.file_offset, 20)]
+    assert hits == [
+        FileRange(nid_c, "/dir/c", a.file_offset + a.uncompressed_size - 10, 10),
+        FileRange(nid_c, "/dir/c", b.file_offset, 20),
+    ]
     # a deduplicated chunk names both files; a hardlink is reported under its first path
     c_b = md.chunks(md.resolve("/dir/b"))[0]
     paths = {r.path for r in cmap.files_in(c_b.blob_index, c_b.uncompressed_offset, 1)}
@@ -104,14 +106,18 @@ def test_reverse_mapping_finds_every_chunk_and_partial_ranges(image: Any) -> Non
     assert cmap.files_in(0, end + CHUNK, CHUNK) == []
     assert cmap.files_in(7, 0, CHUNK) == []
     assert cmap.files_in(0, 0, 0) == []
-    total = sum(len(md.chunks(n)) for p, n in md.walk() if md.getattr(n).is_reg and
-                p not in (b"/e-link",))
+    total = sum(
+        len(md.chunks(n)) for p, n in md.walk() if md.getattr(n).is_reg and p not in (b"/e-link",)
+    )
     assert cmap.chunk_count() == total
 
 
 def test_merge_ranges() -> None:
-    assert merge_ranges([(10, 20), (0, 5), (5, 8), (15, 30), (40, 41)]) == \
-        [(0, 8), (10, 30), (40, 41)]
+    assert merge_ranges([(10, 20), (0, 5), (5, 8), (15, 30), (40, 41)]) == [
+        (0, 8),
+        (10, 30),
+        (40, 41),
+    ]
     assert merge_ranges([]) == []
 
 
@@ -237,20 +243,26 @@ def _optimize(boot: Path, blobs: Path, paths: list[bytes], out: Path) -> tuple[A
             return self.f.write(b)
 
     sink = Sink()
-    res = optimize_image(md, paths, lambda c: readers[c.blob_index].read_chunk(c),
-                         sink, plan=planned.extend, blob_id=lambda: h.hexdigest())
+    res = optimize_image(
+        md,
+        paths,
+        lambda c: readers[c.blob_index].read_chunk(c),
+        sink,
+        plan=planned.extend,
+        blob_id=lambda: h.hexdigest(),
+    )
     sink.f.close()
     assert res.blob is not None
     (out / "prefetch.tmp").rename(blobs / h.hexdigest())
     new_boot = out / "optimized.boot"
     new_boot.write_bytes(res.bootstrap)
-    assert len(planned) == sum(len(md.chunks(md.resolve(p))) for p in
-                               (b"/dir/sub/d", b"/a", b"/dir/b"))
+    assert len(planned) == sum(
+        len(md.chunks(md.resolve(p))) for p in (b"/dir/sub/d", b"/a", b"/dir/b")
+    )
     return res, new_boot
 
 
-def test_optimize_places_listed_files_first_in_a_prefetch_blob(image: Any,
-                                                               tmp_path: Path) -> None:
+def test_optimize_places_listed_files_first_in_a_prefetch_blob(image: Any, tmp_path: Path) -> None:
     boot, blobs, files = image
     paths = [b"/dir/sub", b"/a", b"/nope", b"/dir/b", b"/a"]
     res, new_boot = _optimize(boot, blobs, paths, tmp_path)
@@ -282,8 +294,7 @@ def test_optimize_places_listed_files_first_in_a_prefetch_blob(image: Any,
         assert got == data, name
     # and the prefetch lists nydusd uses come from the table
     lists, everything = fs.prefetch_chunk_lists(None)
-    assert not everything and [c.blob_index for cs in lists for c in cs] == [new.index] * \
-        len(order)
+    assert not everything and [c.blob_index for cs in lists for c in cs] == [new.index] * len(order)
 
 
 def test_optimize_refuses_what_it_cannot_do(image: Any, tmp_path: Path) -> None:
@@ -296,30 +307,64 @@ def test_optimize_refuses_what_it_cannot_do(image: Any, tmp_path: Path) -> None:
             optimize_image(md, [b"/a"], lambda c: b"short", null)
 
 
-def test_nydusify_optimize_bad_list_is_one_line(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    rc = nydusify_main(["optimize", "--source", "localhost:1/x:1", "--target",
-                        "localhost:1/x:2", "--prefetch-files", str(tmp_path / "missing")])
+def test_nydusify_optimize_bad_list_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = nydusify_main(
+        [
+            "optimize",
+            "--source",
+            "localhost:1/x:1",
+            "--target",
+            "localhost:1/x:2",
+            "--prefetch-files",
+            str(tmp_path / "missing"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "--prefetch-files" in err and "Traceback" not in err
     (tmp_path / "empty").write_text("\n")
-    rc = nydusify_main(["optimize", "--source", "localhost:1/x:1", "--target",
-                        "localhost:1/x:2", "--prefetch-files", str(tmp_path / "empty"),
-                        "--policy", "other"])
+    rc = nydusify_main(
+        [
+            "optimize",
+            "--source",
+            "localhost:1/x:1",
+            "--target",
+            "localhost:1/x:2",
+            "--prefetch-files",
+            str(tmp_path / "empty"),
+            "--policy",
+            "other",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "policy" in err and len(err.strip().splitlines()) == 1
 
 
-def test_nydus_image_optimize(image: Any, tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_nydus_image_optimize(
+    image: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from nydus.cli.nydus_image import main as nydus_image_main
 
     boot, blobs, files = image
     lst = tmp_path / "list"
     lst.write_text("/e\n/dir/c\n")
     out, js = tmp_path / "opt.boot", tmp_path / "out.json"
-    rc = nydus_image_main(["optimize", "-p", str(lst), "-B", str(boot), "-D", str(blobs),
-                           "-O", str(out), "-J", str(js)])
+    rc = nydus_image_main(
+        [
+            "optimize",
+            "-p",
+            str(lst),
+            "-B",
+            str(boot),
+            "-D",
+            str(blobs),
+            "-O",
+            str(out),
+            "-J",
+            str(js),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     ids = json.loads(js.read_text())["blobs"]
     md = open_bootstrap(out)
@@ -330,8 +375,19 @@ def test_nydus_image_optimize(image: Any, tmp_path: Path,
     for name in ("e", "e-link", "dir/c", "a"):
         got = b"".join(bytes(b) for b in fs.read(fs.resolve("/" + name), 0, 1 << 20))
         assert got == files[name]
-    rc = nydus_image_main(["optimize", "-p", str(tmp_path / "nope"), "-B", str(boot), "-D",
-                           str(blobs), "-O", str(out)])
+    rc = nydus_image_main(
+        [
+            "optimize",
+            "-p",
+            str(tmp_path / "nope"),
+            "-B",
+            str(boot),
+            "-D",
+            str(blobs),
+            "-O",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "--prefetch-files" in err and "Traceback" not in err
 
@@ -344,8 +400,13 @@ def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -
     from nydus.errors import NotFoundError
 
     boot, blobs, _files = image
-    cfg = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
-                      "mode": "direct", "access_pattern": True})
+    cfg = json.dumps(
+        {
+            "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
+            "mode": "direct",
+            "access_pattern": True,
+        }
+    )
     d = Nydusd(DaemonOptions(mountpoint=str(tmp_path), id="shared"))
     sock = str(tmp_path / "api.sock")
     server = ApiServer(d, sock)
@@ -359,16 +420,25 @@ def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -
         f1.read(f1.resolve("/e"), 5, 10)
         root = tmp_path / "sn"
         (root / "daemons").mkdir(parents=True)
-        (root / "daemons" / "state.json").write_text(json.dumps({
-            "daemons": [{"id": "shared", "apisock": sock}],
-            "images": [{"id": "img1", "daemon_id": "shared", "image_ref": "r/x:1"},
-                       {"id": "img2", "daemon_id": "shared", "image_ref": "r/y:1"}]}))
+        (root / "daemons" / "state.json").write_text(
+            json.dumps(
+                {
+                    "daemons": [{"id": "shared", "apisock": sock}],
+                    "images": [
+                        {"id": "img1", "daemon_id": "shared", "image_ref": "r/x:1"},
+                        {"id": "img2", "daemon_id": "shared", "image_ref": "r/y:1"},
+                    ],
+                }
+            )
+        )
         both = snapshotter_patterns(str(root))
         assert [e["file_path"] for e in both] == ["/e", "/a"]
         assert both[0]["ranges"] == [[0, 10]]  # img2's entry: the earlier access
         one = snapshotter_patterns(str(root), "r/x:1")
-        assert [(e["file_path"], e["ranges"]) for e in one] == [("/a", [[0, 10]]),
-                                                                ("/e", [[5, 10]])]
+        assert [(e["file_path"], e["ranges"]) for e in one] == [
+            ("/a", [[0, 10]]),
+            ("/e", [[5, 10]]),
+        ]
         with pytest.raises(NotFoundError):
             snapshotter_patterns(str(root), "r/z:1")
         with pytest.raises(NotFoundError):

@@ -22,8 +22,13 @@ from nydus.errors import ConfigError, FormatError, NydusError
 
 DEEP = b"[" * 200_000 + b"]" * 200_000
 DEEP_OBJECT = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
-HOSTILE = [DEEP, DEEP_OBJECT, b'{"size": ' + b"9" * 10_000 + b"}", b'{"size": 1e99999}',
-           b'{"x": NaN}']
+HOSTILE = [
+    DEEP,
+    DEEP_OBJECT,
+    b'{"size": ' + b"9" * 10_000 + b"}",
+    b'{"size": 1e99999}',
+    b'{"x": NaN}',
+]
 
 
 @pytest.mark.parametrize("doc", HOSTILE)
@@ -41,9 +46,11 @@ def test_manifests_indexes_and_media_types(doc: bytes) -> None:
     from nydus.format import oci
 
     digest = "sha256:" + hashlib.sha256(doc).hexdigest()
-    for call in (lambda: oci.manifest_media_type(doc),
-                 lambda: im.parse_manifest(doc, oci.MEDIA_TYPE_OCI_MANIFEST, digest),
-                 lambda: im.parse_index(doc, digest)):
+    for call in (
+        lambda: oci.manifest_media_type(doc),
+        lambda: im.parse_manifest(doc, oci.MEDIA_TYPE_OCI_MANIFEST, digest),
+        lambda: im.parse_index(doc, digest),
+    ):
         with pytest.raises(FormatError) as ei:
             call()
         assert "\n" not in str(ei.value)
@@ -51,7 +58,8 @@ def test_manifests_indexes_and_media_types(doc: bytes) -> None:
 
 @pytest.mark.parametrize("doc", HOSTILE)
 def test_files_and_answers_read_by_the_snapshotter_and_the_registry_client(
-        doc: bytes, tmp_path: Path) -> None:
+    doc: bytes, tmp_path: Path
+) -> None:
     from nydus.format.safejson import parse_json_object, parse_json_object_or_none
     from nydus.registry.auth import docker_config_credentials
     from nydus.snapshotter.config import load_nydusd_config
@@ -150,15 +158,17 @@ def _nydusify(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
     return rc, cap.err
 
 
-def test_nydusify_with_a_nested_manifest(hostile_registry: _Registry, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_nydusify_with_a_nested_manifest(
+    hostile_registry: _Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from nydus.format import oci
 
     hostile_registry.manifests["latest"] = (DEEP, oci.MEDIA_TYPE_OCI_MANIFEST)
     host = hostile_registry.host
-    for verb in (["convert", "--source", f"{host}/evil:latest", "--target",
-                  f"{host}/evil:nydus"],
-                 ["check", "--target", f"{host}/evil:latest"]):
+    for verb in (
+        ["convert", "--source", f"{host}/evil:latest", "--target", f"{host}/evil:nydus"],
+        ["check", "--target", f"{host}/evil:latest"],
+    ):
         rc, err = _nydusify([*verb, "--plain-http", "--work-dir", str(tmp_path / "w")], capsys)
         assert rc != 0
         assert "Traceback" not in err and "RecursionError" not in err
@@ -167,27 +177,49 @@ def test_nydusify_with_a_nested_manifest(hostile_registry: _Registry, tmp_path: 
         assert "nested" in lines[-1]
 
 
-def test_nydusify_with_a_nested_image_config(hostile_registry: _Registry, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_nydusify_with_a_nested_image_config(
+    hostile_registry: _Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from nydus.format import oci
 
     config = DEEP_OBJECT
     layer = b"not really a layer"
     digest = oci.sha256_digest
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
-        "config": {"mediaType": oci.MEDIA_TYPE_OCI_CONFIG, "digest": digest(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": oci.MEDIA_TYPE_OCI_LAYER_GZIP, "digest": digest(layer),
-                    "size": len(layer)}],
-    }).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+            "config": {
+                "mediaType": oci.MEDIA_TYPE_OCI_CONFIG,
+                "digest": digest(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": oci.MEDIA_TYPE_OCI_LAYER_GZIP,
+                    "digest": digest(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
     hostile_registry.manifests["latest"] = (manifest, oci.MEDIA_TYPE_OCI_MANIFEST)
     hostile_registry.blobs[digest(config)] = config
     hostile_registry.blobs[digest(layer)] = layer
     host = hostile_registry.host
-    rc, err = _nydusify(["convert", "--source", f"{host}/evil:latest", "--target",
-                         f"{host}/evil:nydus", "--plain-http", "--work-dir",
-                         str(tmp_path / "w")], capsys)
+    rc, err = _nydusify(
+        [
+            "convert",
+            "--source",
+            f"{host}/evil:latest",
+            "--target",
+            f"{host}/evil:nydus",
+            "--plain-http",
+            "--work-dir",
+            str(tmp_path / "w"),
+        ],
+        capsys,
+    )
     assert rc == FormatError.exit_code, err
     assert "Traceback" not in err and "RecursionError" not in err
     last = err.strip().splitlines()[-1]

@@ -39,7 +39,11 @@ def test_every_chunk_decompresses_and_verifies(v6, fixtures_dir: Path) -> None: 
         tr = reader.trailer()
         assert len(tr.ci) == 2 and len(tr.digests) == 2
         assert [e.name for e in tr.toc] == [
-            "image.blob", "blob.meta", "blob.meta.header", "blob.digest"]
+            "image.blob",
+            "blob.meta",
+            "blob.meta.header",
+            "blob.digest",
+        ]
         digester = digester_by_name("blake3")
         for path, nid in v6.walk():
             a = v6.getattr(nid)

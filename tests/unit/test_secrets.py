@@ -54,10 +54,24 @@ def snapshotter(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     sock = tmp_path / "snap.sock"
     code = "import sys\nfrom nydus.cli.snapshotter import main\nsys.exit(main())"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "--root", str(root), "--address", str(sock),
-         "--log-level", "debug", "--daemon-mode", "none",
-         "--containerd-address", str(tmp_path / "no-containerd.sock")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--root",
+            str(root),
+            "--address",
+            str(sock),
+            "--log-level",
+            "debug",
+            "--daemon-mode",
+            "none",
+            "--containerd-address",
+            str(tmp_path / "no-containerd.sock"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -84,10 +98,16 @@ def test_snapshotter_keeps_credentials_private(snapshotter: tuple[Path, Path, Pa
     root, sock, log_file = snapshotter
     with grpc.insecure_channel(f"unix:{sock}") as channel:
         client = ServiceClient(channel, SNAPSHOTS_SERVICE, [("containerd-namespace", "t")], 10)
-        client.unary("Prepare", snapshots_pb2.PrepareSnapshotRequest(
-            key="t/1/active", parent="", labels=LABELS), snapshots_pb2.PrepareSnapshotResponse)
-        info = client.unary("Stat", snapshots_pb2.StatSnapshotRequest(key="t/1/active"),
-                            snapshots_pb2.StatSnapshotResponse)
+        client.unary(
+            "Prepare",
+            snapshots_pb2.PrepareSnapshotRequest(key="t/1/active", parent="", labels=LABELS),
+            snapshots_pb2.PrepareSnapshotResponse,
+        )
+        info = client.unary(
+            "Stat",
+            snapshots_pb2.StatSnapshotRequest(key="t/1/active"),
+            snapshots_pb2.StatSnapshotResponse,
+        )
     assert info.info.labels["containerd.io/snapshot/pullsecret"] == SECRET  # kept for later
     # modes: the root tightened, its db and log private
     assert _mode(root) == 0o700
@@ -120,8 +140,18 @@ def test_nydusd_log_file_is_private_and_redacted(tmp_path: Path) -> None:
     saved = (list(root.handlers), root.level)
     try:
         handler = setup_logging("debug", str(log_file))
-        config = {"device": {"backend": {"type": "registry", "config": {
-            "host": "r.example", "auth": "dXNlcjpwYXNz", "registry_token": SECRET}}}}
+        config = {
+            "device": {
+                "backend": {
+                    "type": "registry",
+                    "config": {
+                        "host": "r.example",
+                        "auth": "dXNlcjpwYXNz",
+                        "registry_token": SECRET,
+                    },
+                }
+            }
+        }
         logging.getLogger("secrets.test").debug("config %s", config)
         logging.getLogger("secrets.test").debug("labels %s", LABELS)
         logging.getLogger("secrets.test").debug("headers Authorization: Bearer %s", SECRET)
@@ -175,13 +205,13 @@ def test_daemon_manager_state_is_private(tmp_path: Path) -> None:
     assert _mode(m.sock_dir) == 0o700
 
 
-def test_credential_helper_output_is_not_logged(tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credential_helper_output_is_not_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nydus.registry import auth
 
     helper = tmp_path / "docker-credential-leaky"
-    helper.write_text(f"#!/bin/sh\necho '{{\"Secret\": \"{SECRET}\"}}'\nexit 1\n")
+    helper.write_text(f'#!/bin/sh\necho \'{{"Secret": "{SECRET}"}}\'\nexit 1\n')
     helper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with caplog.at_level(logging.DEBUG, logger="nydus"):
@@ -201,17 +231,27 @@ def test_redaction_helpers() -> None:
 
     assert redact_labels(LABELS) == {**LABELS, "containerd.io/snapshot/pullsecret": REDACTED}
     assert redact_labels({"org.opencontainers.image.authors": "me"}) == {
-        "org.opencontainers.image.authors": "me"}
-    cfg = redact_config({"device": {"backend": {"config": {"auth": "x", "host": "h",
-                                                           "password": "p"}}}})
+        "org.opencontainers.image.authors": "me"
+    }
+    cfg = redact_config(
+        {"device": {"backend": {"config": {"auth": "x", "host": "h", "password": "p"}}}}
+    )
     assert cfg == {"device": {"backend": {"config": {"auth": "", "host": "h", "password": ""}}}}
     assert redact_headers({"Authorization": "Bearer t", "Accept": "a"}) == {
-        "Authorization": REDACTED, "Accept": "a"}
+        "Authorization": REDACTED,
+        "Accept": "a",
+    }
     url = redact_url("https://u:p@s3.example/b/o?X-Amz-Signature=abc&partNumber=1")
     assert "abc" not in url and "u:p" not in url and "partNumber=1" in url
-    record = logging.LogRecord("n", logging.INFO, __file__, 1, "got %s and %s",
-                               ({"containerd.io/snapshot/pullsecret": SECRET},
-                                '{"registry_token": "' + SECRET + '"}'), None)
+    record = logging.LogRecord(
+        "n",
+        logging.INFO,
+        __file__,
+        1,
+        "got %s and %s",
+        ({"containerd.io/snapshot/pullsecret": SECRET}, '{"registry_token": "' + SECRET + '"}'),
+        None,
+    )
     assert RedactingFilter().filter(record)
     assert SECRET not in record.getMessage() and "pullsecret" in record.getMessage()
 

@@ -284,8 +284,12 @@ def test_fs_driver_flag_fills_the_template_unless_it_says(tmp_path: Path) -> Non
     from nydus.snapshotter.config import SnapshotterConfig
 
     def template(fs_driver: str | None, tpl: dict[str, object] | None = None) -> object:
-        cfg = SnapshotterConfig(root=tmp_path / "root", cache_dir=tmp_path / "cache",
-                                nydusd_config=tpl or {}, fs_driver=fs_driver)
+        cfg = SnapshotterConfig(
+            root=tmp_path / "root",
+            cache_dir=tmp_path / "cache",
+            nydusd_config=tpl or {},
+            fs_driver=fs_driver,
+        )
         m = DaemonManager(cfg, start_watcher=False)
         try:
             return m.template.get("fs_driver")

@@ -113,8 +113,10 @@ def test_spooled_layers_are_digest_checked() -> None:
     for source in (data, iter([data[:4], data[4:]])):
         with _spooled(source, digest) as f:
             assert f.read() == data
-    with pytest.raises(IntegrityError, match="fetched data has"), \
-            _spooled(iter([b"other"]), digest):
+    with (
+        pytest.raises(IntegrityError, match="fetched data has"),
+        _spooled(iter([b"other"]), digest),
+    ):
         pass
 
 

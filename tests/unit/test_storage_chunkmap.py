@@ -184,8 +184,9 @@ def test_clear_and_set_on_one_byte_lose_nothing(tmp_path: Path) -> None:
 
 def test_complete_bitmap_is_marked_all_ready_on_open(tmp_path: Path) -> None:
     p = tmp_path / "m"
-    p.write_bytes(struct.pack("<IIII", MAGIC, 1, MAGIC2, 0).ljust(HEADER_SIZE, b"\0")
-                  + b"\xff\xe0")  # 11 chunks, all set
+    p.write_bytes(
+        struct.pack("<IIII", MAGIC, 1, MAGIC2, 0).ljust(HEADER_SIZE, b"\0") + b"\xff\xe0"
+    )  # 11 chunks, all set
     m = ChunkMap(str(p), 11)
     assert m.all_ready
     assert struct.unpack_from("<I", p.read_bytes(), 12)[0] == MAGIC_ALL_READY

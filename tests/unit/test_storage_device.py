@@ -50,8 +50,9 @@ def build(tmp: Path, compressor: str, chunk_size: int = 0x10000) -> Image:
         p.write_bytes(data)
     tmp_blob = tmp / "blob.tmp"
     with open(tmp_blob, "wb") as out:
-        res = build_image(load_directory(src), out,
-                          BuildOptions(chunk_size=chunk_size, compressor=compressor))
+        res = build_image(
+            load_directory(src), out, BuildOptions(chunk_size=chunk_size, compressor=compressor)
+        )
     assert res.blob is not None
     blob_id = res.blob.entry.blob_id
     blob = tmp_blob.read_bytes()
@@ -74,13 +75,23 @@ def config(work_dir: Path | None, **top: Any) -> DaemonConfig:
         cache = {"type": "blobcache", "config": {"work_dir": str(work_dir)}}
         cache["compressed"] = top.pop("compressed", False)
         cache["validate"] = top.pop("cache_validate", False)
-    doc = {"device": {"backend": {"type": "localfs", "config": {"dir": "/nonexistent"}},
-                      "cache": cache}, **top}
+    doc = {
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": "/nonexistent"}},
+            "cache": cache,
+        },
+        **top,
+    }
     return DaemonConfig.from_json(doc, environ={})
 
 
-def device(image: Image, work_dir: Path | None, backend: MemoryBackend | None = None,
-           id: str = "", **top: Any) -> tuple[BlobDevice, MemoryBackend]:
+def device(
+    image: Image,
+    work_dir: Path | None,
+    backend: MemoryBackend | None = None,
+    id: str = "",
+    **top: Any,
+) -> tuple[BlobDevice, MemoryBackend]:
     be = backend or MemoryBackend({image.blob_id: image.blob})
     return open_device(image.md.blobs, config(work_dir, **top), backend=be, id=id), be
 
@@ -188,7 +199,7 @@ def test_amplify_io_minimum_is_128k(img: Image, tmp_path: Path) -> None:
     dev, be = device(img, tmp_path / "c", amplify_io=4096)
     with dev:
         dev.read_chunks(chunks_of(img, "/big")[:1])
-        (_, size), = data_requests(be, img)
+        ((_, size),) = data_requests(be, img)
         assert 0x10000 < size <= 0x20000 + 0x10000
 
 
@@ -209,8 +220,10 @@ def test_adjacent_chunks_merge_into_one_request(img: Image, tmp_path: Path) -> N
         assert b"".join(out[:3]) == img.files["/big"][: 3 * 0x10000]
         reqs = sorted(data_requests(be, img))
         assert reqs == [
-            (big[0].compressed_offset, big[2].compressed_offset + big[2].compressed_size
-             - big[0].compressed_offset),
+            (
+                big[0].compressed_offset,
+                big[2].compressed_offset + big[2].compressed_size - big[0].compressed_offset,
+            ),
             (big[10].compressed_offset, big[10].compressed_size),
         ]
 
@@ -223,7 +236,7 @@ def test_concurrent_readers_of_one_chunk_cause_one_fetch(img: Image, tmp_path: P
     be.hook = lambda *a: time.sleep(0.05)  # a slow backend widens the race window
     dev, _ = device(img, tmp_path / "c", backend=be, amplify_io=0)
     big = chunks_of(img, "/big")
-    want = img.files["/big"][: 0x10000]
+    want = img.files["/big"][:0x10000]
     results: list[bytes] = []
     barrier = threading.Barrier(16)
 
@@ -242,8 +255,9 @@ def test_concurrent_readers_of_one_chunk_cause_one_fetch(img: Image, tmp_path: P
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_many_threads_many_chunks_each_fetched_once(img: Image, tmp_path: Path,
-                                                    cached: bool) -> None:
+def test_many_threads_many_chunks_each_fetched_once(
+    img: Image, tmp_path: Path, cached: bool
+) -> None:
     be = MemoryBackend({img.blob_id: img.blob})
     be.hook = lambda *a: time.sleep(0.002)
     wd = tmp_path / "c" if cached else None
@@ -289,7 +303,8 @@ def _corrupt(image: Image, chunk: ChunkInfo) -> bytes:
 
 @pytest.mark.parametrize("which", ["raw", "zstd"])
 def test_backend_corruption_is_detected_refetched_once_and_never_cached(
-        img: Image, raw_img: Image, tmp_path: Path, which: str) -> None:
+    img: Image, raw_img: Image, tmp_path: Path, which: str
+) -> None:
     image = raw_img if which == "raw" else img
     big = chunks_of(image, "/big")
     bad = big[3]
@@ -299,8 +314,7 @@ def test_backend_corruption_is_detected_refetched_once_and_never_cached(
     with dev:
         with pytest.raises(IntegrityError):
             dev.read_chunks([bad])
-        tries = [r for r in data_requests(be, image) if r[0] <= bad.compressed_offset
-                 < r[0] + r[1]]
+        tries = [r for r in data_requests(be, image) if r[0] <= bad.compressed_offset < r[0] + r[1]]
         assert len(tries) == 2  # the read, then one refetch of that chunk alone
         assert tries[1] == (bad.compressed_offset, bad.compressed_size)
         # good neighbours still read fine, the bad chunk is not marked ready nor written
@@ -314,14 +328,14 @@ def test_backend_corruption_is_detected_refetched_once_and_never_cached(
             read_file(dev, image, "/big")
 
 
-def test_amplified_neighbour_corruption_does_not_fail_the_read(raw_img: Image,
-                                                               tmp_path: Path) -> None:
+def test_amplified_neighbour_corruption_does_not_fail_the_read(
+    raw_img: Image, tmp_path: Path
+) -> None:
     big = chunks_of(raw_img, "/big")
     be = MemoryBackend({raw_img.blob_id: _corrupt(raw_img, big[1])})
-    dev, _ = device(raw_img, tmp_path / "c", backend=be, digest_validate=True,
-                    amplify_io=0x40000)
+    dev, _ = device(raw_img, tmp_path / "c", backend=be, digest_validate=True, amplify_io=0x40000)
     with dev:
-        assert dev.read_chunks([big[0]])[0] == raw_img.files["/big"][: 0x10000]
+        assert dev.read_chunks([big[0]])[0] == raw_img.files["/big"][:0x10000]
         assert not dev._blob(0).cache.is_ready(big[1].index)  # type: ignore[union-attr]
         with pytest.raises(IntegrityError):
             dev.read_chunks([big[1]])
@@ -354,8 +368,7 @@ def test_without_validation_undecodable_data_still_fails(img: Image, tmp_path: P
         dev.read_chunks(text[:1])
 
 
-def test_corrupted_cache_chunk_is_detected_and_refetched(raw_img: Image,
-                                                         tmp_path: Path) -> None:
+def test_corrupted_cache_chunk_is_detected_and_refetched(raw_img: Image, tmp_path: Path) -> None:
     wd = tmp_path / "c"
     dev, _ = device(raw_img, wd)
     with dev:
@@ -372,8 +385,7 @@ def test_corrupted_cache_chunk_is_detected_and_refetched(raw_img: Image,
     dev, be = device(raw_img, wd)
     with dev:
         assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
-        assert data_requests(be, raw_img) == [(victim.compressed_offset,
-                                               victim.compressed_size)]
+        assert data_requests(be, raw_img) == [(victim.compressed_offset, victim.compressed_size)]
     with open(path, "r+b") as f:
         f.seek(victim.uncompressed_offset + 100)
         f.write(b"\xde\xad\xbe\xef")
@@ -381,8 +393,7 @@ def test_corrupted_cache_chunk_is_detected_and_refetched(raw_img: Image,
     dev, be = device(raw_img, wd, digest_validate=True)
     with dev:
         assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
-        assert data_requests(be, raw_img) == [(victim.compressed_offset,
-                                               victim.compressed_size)]
+        assert data_requests(be, raw_img) == [(victim.compressed_offset, victim.compressed_size)]
     dev, be = device(raw_img, wd, cache_validate=True)
     with dev:
         assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
@@ -412,8 +423,11 @@ def test_damaged_cache_files_are_rebuilt(img: Image, tmp_path: Path, victim: str
         for p in img.files:
             read_file(dev, img, p)
     base = wd / f"{img.blob_id}"
-    target = {"chunk_map": f"{base}.blob.data.chunk_map", "data": f"{base}.blob.data",
-              "meta": f"{base}.blob.meta"}[victim]
+    target = {
+        "chunk_map": f"{base}.blob.data.chunk_map",
+        "data": f"{base}.blob.data",
+        "meta": f"{base}.blob.meta",
+    }[victim]
     if victim == "meta":
         raw = bytearray(Path(target).read_bytes())
         raw[-4096 + 12] ^= 1  # ci_entries no longer matches the blob table
@@ -441,13 +455,15 @@ def uncompressed_space(image: Image) -> bytes:
     for path, data in image.files.items():
         for c in chunks_of(image, path):
             buf[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] = data[
-                c.file_offset : c.file_offset + c.uncompressed_size]
+                c.file_offset : c.file_offset + c.uncompressed_size
+            ]
     return bytes(buf)
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_read_range_is_the_uncompressed_address_space(img: Image, tmp_path: Path,
-                                                      cached: bool) -> None:
+def test_read_range_is_the_uncompressed_address_space(
+    img: Image, tmp_path: Path, cached: bool
+) -> None:
     space = uncompressed_space(img)
     dev, _ = device(img, tmp_path / "c" if cached else None, digest_validate=True)
     rnd = random.Random(3)
@@ -474,8 +490,10 @@ def test_chunk_span_and_ready_extent(img: Image, tmp_path: Path) -> None:
     c1, c2 = big[1], big[2]
     with dev:
         mid = c1.uncompressed_offset + 100
-        assert dev.chunk_span(0, mid, 10) == (c1.uncompressed_offset,
-                                              c1.uncompressed_offset + c1.uncompressed_size)
+        assert dev.chunk_span(0, mid, 10) == (
+            c1.uncompressed_offset,
+            c1.uncompressed_offset + c1.uncompressed_size,
+        )
         start = c1.uncompressed_offset
         assert dev.ready_extent(0, start, 1 << 30) == start  # nothing cached yet
         dev.read_range(0, start, c1.uncompressed_size)  # amplify_io 0: exactly chunk 1
@@ -488,13 +506,16 @@ def test_chunk_span_and_ready_extent(img: Image, tmp_path: Path) -> None:
         assert dev.amplify_io == 0
 
 
-def test_chunks_without_placement_resolve_through_the_ci_array(img: Image,
-                                                               tmp_path: Path) -> None:
+def test_chunks_without_placement_resolve_through_the_ci_array(img: Image, tmp_path: Path) -> None:
     """A v6 bootstrap without the chunk table gives only chunk indexes: the device uses the
     blob's ci array and, to validate, its digest array."""
     dev, _ = device(img, tmp_path / "c", digest_validate=True)
-    bare = [ChunkInfo(b"", c.blob_index, c.index, c.file_offset, -1, -1, c.uncompressed_offset,
-                      -1, False) for c in chunks_of(img, "/text")]
+    bare = [
+        ChunkInfo(
+            b"", c.blob_index, c.index, c.file_offset, -1, -1, c.uncompressed_offset, -1, False
+        )
+        for c in chunks_of(img, "/text")
+    ]
     with dev:
         assert b"".join(dev.read_chunks(bare)) == img.files["/text"]
     assert (Path(tmp_path / "c") / f"{img.blob_id}.blob.digest").exists()
@@ -503,8 +524,9 @@ def test_chunks_without_placement_resolve_through_the_ci_array(img: Image,
     big = chunks_of(img, "/big")[4]
     dev, _ = device(img, tmp_path / "c2", backend=be2, digest_validate=True)
     with dev, pytest.raises(IntegrityError):
-        dev.read_chunks([ChunkInfo(b"", 0, big.index, 0, -1, -1, big.uncompressed_offset, -1,
-                                   False)])
+        dev.read_chunks(
+            [ChunkInfo(b"", 0, big.index, 0, -1, -1, big.uncompressed_offset, -1, False)]
+        )
 
 
 # ------------------------------------------------------------------------ metrics
@@ -522,18 +544,28 @@ def test_metrics_use_upstream_names(img: Image, tmp_path: Path) -> None:
     assert len(b["read_latency_sizes_dist"]) == 8 and len(b["read_count_block_size_dist"]) == 8
     for key in ("read_cumulative_latency_millis_total", "read_cumulative_latency_millis_dist"):
         assert key in b
-    for key in ("underlying_files", "store_path", "partial_hits", "whole_hits", "total",
-                "entries_count", "prefetch_data_amount", "prefetch_requests_count",
-                "prefetch_workers", "prefetch_unmerged_chunks", "prefetch_begin_time_secs",
-                "prefetch_end_time_secs", "prefetch_cumulative_time_millis",
-                "buffered_backend_size", "data_all_ready"):
+    for key in (
+        "underlying_files",
+        "store_path",
+        "partial_hits",
+        "whole_hits",
+        "total",
+        "entries_count",
+        "prefetch_data_amount",
+        "prefetch_requests_count",
+        "prefetch_workers",
+        "prefetch_unmerged_chunks",
+        "prefetch_begin_time_secs",
+        "prefetch_end_time_secs",
+        "prefetch_cumulative_time_millis",
+        "buffered_backend_size",
+        "data_all_ready",
+    ):
         assert key in c, key
     assert c["id"] == "mnt" and c["whole_hits"] >= 1
 
 
-
-def test_unexpected_backend_exceptions_become_backend_errors(img: Image,
-                                                             tmp_path: Path) -> None:
+def test_unexpected_backend_exceptions_become_backend_errors(img: Image, tmp_path: Path) -> None:
     from nydus.errors import BackendError
 
     be = MemoryBackend({img.blob_id: img.blob})
@@ -564,8 +596,9 @@ def test_unexpected_backend_exceptions_become_backend_errors(img: Image,
     assert len(results) == 4 and all(isinstance(e, BackendError) for e in results)
 
 
-def test_compressed_cache_corruption_is_caught_by_validation(raw_img: Image,
-                                                              tmp_path: Path) -> None:
+def test_compressed_cache_corruption_is_caught_by_validation(
+    raw_img: Image, tmp_path: Path
+) -> None:
     wd = tmp_path / "c"
     dev, _ = device(raw_img, wd, compressed=True)
     with dev:
@@ -578,8 +611,7 @@ def test_compressed_cache_corruption_is_caught_by_validation(raw_img: Image,
     dev, be = device(raw_img, wd, compressed=True, digest_validate=True)
     with dev:
         assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
-        assert data_requests(be, raw_img) == [(victim.compressed_offset,
-                                               victim.compressed_size)]
+        assert data_requests(be, raw_img) == [(victim.compressed_offset, victim.compressed_size)]
 
 
 def test_blob_without_sizes_is_read_without_cache(img: Image, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ class Server:
             do_HEAD = do_GET
 
         if unix:
+
             class US(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 daemon_threads = True
 
@@ -135,8 +136,9 @@ class Server:
             h.end_headers()
             h.wfile.write(body[: rule.after])
             h.wfile.flush()
-            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            h.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             h.close_connection = True
             h.connection.close()
             return None
@@ -154,8 +156,13 @@ class Server:
         return self.reply(h, status, body, hdrs)
 
     @staticmethod
-    def reply(h: http.server.BaseHTTPRequestHandler, status: int, body: bytes,
-              headers: dict[str, str] | None = None, extra: bytes = b"") -> None:
+    def reply(
+        h: http.server.BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        extra: bytes = b"",
+    ) -> None:
         h.send_response(status)
         for k, v in (headers or {}).items():
             h.send_header(k, v)
@@ -464,8 +471,10 @@ def test_unhealthy_proxy_is_skipped_until_its_ping_recovers(server: Server) -> N
     px = ForwardProxy()
     px.ping_status = 503
     try:
-        be = backend(server.url, proxy=ProxyConfig(url=px.url, ping_url=px.url + "/server/ping",
-                                                   check_interval=1))
+        be = backend(
+            server.url,
+            proxy=ProxyConfig(url=px.url, ping_url=px.url + "/server/ping", check_interval=1),
+        )
         proxy = be.http.proxy
         assert proxy is not None
         deadline = time.monotonic() + 5

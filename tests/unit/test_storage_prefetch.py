@@ -51,7 +51,8 @@ def test_prefetch_files_fills_the_cache_in_merged_requests(img: Image, tmp_path:
         assert m["prefetch_requests_count"] == len(reqs)
         assert m["prefetch_workers"] == 2
         assert m["prefetch_unmerged_chunks"] == len(chunks_of(img, "/big")) + len(
-            chunks_of(img, "/text"))
+            chunks_of(img, "/text")
+        )
         assert m["prefetch_end_time_secs"] >= m["prefetch_begin_time_secs"] > 0
         n = len(data_requests(be, img))
         assert b"".join(dev.read_chunks(chunks_of(img, "/big"))) == img.files["/big"]
@@ -78,10 +79,19 @@ def test_cache_prefetch_config_also_enables_prefetch(img: Image, tmp_path: Path)
     from nydus.config import DaemonConfig
     from nydus.storage import open_device
 
-    cfg = DaemonConfig.from_json({"device": {
-        "backend": {"type": "localfs", "config": {"dir": "/x"}},
-        "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c2")},
-                  "prefetch_config": {"enable": True, "threads_count": 1}}}}, environ={})
+    cfg = DaemonConfig.from_json(
+        {
+            "device": {
+                "backend": {"type": "localfs", "config": {"dir": "/x"}},
+                "cache": {
+                    "type": "blobcache",
+                    "config": {"work_dir": str(tmp_path / "c2")},
+                    "prefetch_config": {"enable": True, "threads_count": 1},
+                },
+            }
+        },
+        environ={},
+    )
     with open_device(img.md.blobs, cfg, backend=MemoryBackend({img.blob_id: img.blob})) as d:
         d.prefetch_all()
         assert d.wait_prefetch(20) and d.is_blob_ready(0)
@@ -90,8 +100,9 @@ def test_cache_prefetch_config_also_enables_prefetch(img: Image, tmp_path: Path)
 def test_user_reads_jump_the_queue(img: Image, tmp_path: Path) -> None:
     be = MemoryBackend({img.blob_id: img.blob})
     be.hook = lambda *a: time.sleep(0.1)
-    dev, _ = device(img, tmp_path / "c", backend=be, amplify_io=0,
-                    **pf(threads_count=1, merging_size=0x10000))
+    dev, _ = device(
+        img, tmp_path / "c", backend=be, amplify_io=0, **pf(threads_count=1, merging_size=0x10000)
+    )
     big = chunks_of(img, "/big")
     with dev:
         dev.prefetch_files([big])  # ~40 requests of 0.1 s each, one worker
@@ -115,8 +126,9 @@ def test_token_bucket_limits_rate() -> None:
 
 
 def test_bandwidth_rate_is_applied_to_prefetch(img: Image, tmp_path: Path) -> None:
-    dev, be = device(img, tmp_path / "c", **pf(threads_count=2, merging_size=0x40000,
-                                               bandwidth_rate=1_500_000))
+    dev, be = device(
+        img, tmp_path / "c", **pf(threads_count=2, merging_size=0x40000, bandwidth_rate=1_500_000)
+    )
     t0 = time.monotonic()
     with dev:
         dev.prefetch_files([chunks_of(img, "/big")])  # ~2.6 MB

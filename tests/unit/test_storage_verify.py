@@ -82,7 +82,8 @@ def flip_cache(image: Image, wd: Path, c: ChunkInfo) -> None:
 
 @pytest.mark.parametrize("which", ["raw", "zstd-decodable"])
 def test_backend_corruption_is_caught_with_the_default_config(
-        img: Image, raw_img: Image, tmp_path: Path, which: str) -> None:
+    img: Image, raw_img: Image, tmp_path: Path, which: str
+) -> None:
     image = raw_img if which == "raw" else img
     path = "/big" if which == "raw" else "/text"
     victim = chunks_of(image, path)[1]
@@ -101,8 +102,7 @@ def test_backend_corruption_is_caught_with_the_default_config(
                 assert not dev._blob(0).cache.is_ready(victim.index)  # type: ignore[union-attr]
 
 
-def test_prefetch_and_amplification_never_cache_bad_chunks(raw_img: Image,
-                                                           tmp_path: Path) -> None:
+def test_prefetch_and_amplification_never_cache_bad_chunks(raw_img: Image, tmp_path: Path) -> None:
     big = chunks_of(raw_img, "/big")
     be = MemoryBackend({raw_img.blob_id: flipped(raw_img, big[3])})
     wd = tmp_path / "c"
@@ -126,13 +126,15 @@ def test_prefetch_and_amplification_never_cache_bad_chunks(raw_img: Image,
 
 
 def test_chunks_located_through_the_ci_array_use_the_bootstraps_digest(
-        img: Image, tmp_path: Path) -> None:
+    img: Image, tmp_path: Path
+) -> None:
     """Blob-device reads (EROFS mode) know chunks only by their ci entry: the digest comes from
     the bootstrap's chunk record, without fetching the blob's digest array."""
     victim = chunks_of(img, "/text")[2]
     be = MemoryBackend({img.blob_id: flipped(img, victim, decodable=True)})
-    dev = open_device(img.md.blobs, device(img, None)[0].cfg, backend=be,
-                      chunk_lookup=img.md.chunk_record)
+    dev = open_device(
+        img.md.blobs, device(img, None)[0].cfg, backend=be, chunk_lookup=img.md.chunk_record
+    )
     with dev:
         assert dev.read_range(0, 0, 4096)
         with pytest.raises(IntegrityError):
@@ -140,8 +142,9 @@ def test_chunks_located_through_the_ci_array_use_the_bootstraps_digest(
     # without a record in the bootstrap and without a digest array the bootstrap vouches for,
     # a chunk cannot be verified: it is not served
     info = dataclasses.replace(img.md.blobs[0], toc_digest=bytes(32))
-    dev = open_device([info], device(img, None)[0].cfg,
-                      backend=MemoryBackend({img.blob_id: img.blob}))
+    dev = open_device(
+        [info], device(img, None)[0].cfg, backend=MemoryBackend({img.blob_id: img.blob})
+    )
     with dev, pytest.raises(IntegrityError, match="cannot be verified"):
         dev.read_range(0, 0, 4096)
 
@@ -155,8 +158,12 @@ def test_ci_placement_must_agree_with_the_bootstrap(img: Image) -> None:
             return dataclasses.replace(rec, compressed_offset=rec.compressed_offset + 1)
         return rec
 
-    dev = open_device(img.md.blobs, device(img, None)[0].cfg,
-                      backend=MemoryBackend({img.blob_id: img.blob}), chunk_lookup=lying)
+    dev = open_device(
+        img.md.blobs,
+        device(img, None)[0].cfg,
+        backend=MemoryBackend({img.blob_id: img.blob}),
+        chunk_lookup=lying,
+    )
     with dev, pytest.raises(FormatError, match="disagrees with the bootstrap"):
         dev.read_range(0, c.uncompressed_offset, 4096)
 
@@ -166,7 +173,8 @@ def test_ci_placement_must_agree_with_the_bootstrap(img: Image) -> None:
 
 @pytest.mark.parametrize("where", ["restart", "running"])
 def test_a_flipped_cache_byte_is_refetched_with_the_default_config(
-        raw_img: Image, tmp_path: Path, where: str) -> None:
+    raw_img: Image, tmp_path: Path, where: str
+) -> None:
     wd = tmp_path / "c"
     space = uncompressed_space(raw_img)
     big = chunks_of(raw_img, "/big")
@@ -183,8 +191,9 @@ def test_a_flipped_cache_byte_is_refetched_with_the_default_config(
             be.requests.clear()
             assert read_file(dev, raw_img, "/big") == raw_img.files["/big"]
             assert dev.read_range(0, 0, len(space)) == space
-            assert data_requests(be, raw_img) == [(victim.compressed_offset,
-                                                   victim.compressed_size)]
+            assert data_requests(be, raw_img) == [
+                (victim.compressed_offset, victim.compressed_size)
+            ]
     if where == "restart":
         flip_cache(raw_img, wd, victim)
     dev, be = device(raw_img, wd)
@@ -197,7 +206,8 @@ def test_a_flipped_cache_byte_is_refetched_with_the_default_config(
 
 
 def test_an_unchanged_cache_is_trusted_across_restarts_by_its_record(
-        raw_img: Image, tmp_path: Path) -> None:
+    raw_img: Image, tmp_path: Path
+) -> None:
     wd = tmp_path / "c"
     dev, _ = device(raw_img, wd)
     with dev:
@@ -237,15 +247,18 @@ def test_ready_bits_set_by_someone_else_are_not_trusted(raw_img: Image, tmp_path
             f.seek(victim.uncompressed_offset)
             f.write(b"X" * victim.uncompressed_size)
         cache.map.set_ready([victim.index])  # as the other writer would
-        assert dev.read_chunks([victim])[0] == raw_img.files["/big"][
-            victim.file_offset : victim.file_offset + victim.uncompressed_size]
+        assert (
+            dev.read_chunks([victim])[0]
+            == raw_img.files["/big"][
+                victim.file_offset : victim.file_offset + victim.uncompressed_size
+            ]
+        )
 
 
 # ------------------------------------------------------------------------ native reads
 
 
-def test_native_file_only_after_every_chunk_is_hashed_here(raw_img: Image,
-                                                           tmp_path: Path) -> None:
+def test_native_file_only_after_every_chunk_is_hashed_here(raw_img: Image, tmp_path: Path) -> None:
     wd = tmp_path / "c"
     space = uncompressed_space(raw_img)
     dev, _ = device(raw_img, wd)
@@ -276,8 +289,9 @@ def test_native_file_only_after_every_chunk_is_hashed_here(raw_img: Image,
         assert be.requests == []
 
 
-def test_the_record_goes_with_its_blob_in_cache_gc(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_record_goes_with_its_blob_in_cache_gc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nydus.snapshotter.daemons import cachegc
 
     a, b = "a" * 64, "b" * 64
@@ -288,7 +302,8 @@ def test_the_record_goes_with_its_blob_in_cache_gc(tmp_path: Path,
     res = cachegc.collect_garbage(tmp_path, [Path("/img")])
     assert res.deleted_blobs == {b} and res.deleted_files == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        a + s for s in (".blob.data", ".blob.data.chunk_map", ".blob.data.verified"))
+        a + s for s in (".blob.data", ".blob.data.chunk_map", ".blob.data.verified")
+    )
 
 
 def test_a_damaged_or_foreign_record_is_not_believed(raw_img: Image, tmp_path: Path) -> None:
@@ -319,8 +334,9 @@ def test_a_damaged_or_foreign_record_is_not_believed(raw_img: Image, tmp_path: P
     assert load_record(str(record), raw_img.blob_id, info.chunk_count) is not None
 
 
-def test_compressed_cache_flip_is_refetched_with_the_default_config(img: Image,
-                                                                    tmp_path: Path) -> None:
+def test_compressed_cache_flip_is_refetched_with_the_default_config(
+    img: Image, tmp_path: Path
+) -> None:
     wd = tmp_path / "c"
     dev, _ = device(img, wd, compressed=True)
     with dev:

@@ -412,30 +412,54 @@ class BlobWriter:
                     prefix="nydus-spool-", dir=self._spool_dir
                 )
             ref = ChunkInfo(
-                digest=digest, blob_index=_DEFERRED, index=len(self._dci), file_offset=foff,
-                compressed_offset=self._dpos, compressed_size=len(payload),
-                uncompressed_offset=self._dupos, uncompressed_size=size, compressed=compressed,
+                digest=digest,
+                blob_index=_DEFERRED,
+                index=len(self._dci),
+                file_offset=foff,
+                compressed_offset=self._dpos,
+                compressed_size=len(payload),
+                uncompressed_offset=self._dupos,
+                uncompressed_size=size,
+                compressed=compressed,
             )
             self._spool.write(payload)
             self._spool.write(pad)
             self._dpos += len(payload) + len(pad)
-            self._dci.append(bm.CiEntry(ref.compressed_offset, ref.compressed_size,
-                                        ref.uncompressed_offset, size, compressed))
+            self._dci.append(
+                bm.CiEntry(
+                    ref.compressed_offset,
+                    ref.compressed_size,
+                    ref.uncompressed_offset,
+                    size,
+                    compressed,
+                )
+            )
             self._ddigests.append(digest)
             self._dupos += size + (-size % BLOCK)
             self._dnodes[id(node)] = node
         else:
             ref = ChunkInfo(
-                digest=digest, blob_index=self.blob_index, index=len(self._ci),
-                file_offset=foff, compressed_offset=self._pos, compressed_size=len(payload),
-                uncompressed_offset=self._upos, uncompressed_size=size, compressed=compressed,
+                digest=digest,
+                blob_index=self.blob_index,
+                index=len(self._ci),
+                file_offset=foff,
+                compressed_offset=self._pos,
+                compressed_size=len(payload),
+                uncompressed_offset=self._upos,
+                uncompressed_size=size,
+                compressed=compressed,
             )
             self._write(payload)
             if pad:
                 self._write(pad)
             self._ci.append(
-                bm.CiEntry(ref.compressed_offset, ref.compressed_size, ref.uncompressed_offset,
-                           size, compressed)
+                bm.CiEntry(
+                    ref.compressed_offset,
+                    ref.compressed_size,
+                    ref.uncompressed_offset,
+                    size,
+                    compressed,
+                )
             )
             self._digests.append(digest)
             self._upos += size + (-size % BLOCK)
@@ -453,19 +477,35 @@ class BlobWriter:
         self._spool.close()
         self._spool = None
         for e in self._dci:
-            self._ci.append(bm.CiEntry(e.compressed_offset + base_c, e.compressed_size,
-                                       e.uncompressed_offset + base_u, e.uncompressed_size,
-                                       e.compressed))
+            self._ci.append(
+                bm.CiEntry(
+                    e.compressed_offset + base_c,
+                    e.compressed_size,
+                    e.uncompressed_offset + base_u,
+                    e.uncompressed_size,
+                    e.compressed,
+                )
+            )
         self._digests.extend(self._ddigests)
         self._upos += self._dupos
         bi = self.blob_index
         for node in self._dnodes.values():
             assert node.chunks is not None
             node.chunks = [
-                ChunkInfo(c.digest, bi, c.index + base_i, c.file_offset,
-                         c.compressed_offset + base_c, c.compressed_size,
-                         c.uncompressed_offset + base_u, c.uncompressed_size, c.compressed,
-                         c.crc32) if c.blob_index == _DEFERRED else c
+                ChunkInfo(
+                    c.digest,
+                    bi,
+                    c.index + base_i,
+                    c.file_offset,
+                    c.compressed_offset + base_c,
+                    c.compressed_size,
+                    c.uncompressed_offset + base_u,
+                    c.uncompressed_size,
+                    c.compressed,
+                    c.crc32,
+                )
+                if c.blob_index == _DEFERRED
+                else c
                 for c in node.chunks
             ]
         self._dci, self._ddigests, self._dnodes = [], [], {}
@@ -492,45 +532,84 @@ class BlobWriter:
         toc: list[bm.TocEntry] = []
         data_size = self._pos
         self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_RAW, data_size))
-        toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BLOB_RAW,
-                               self._blob_hash().copy().digest(), data_size, data_size, self._upos))
+        toc.append(
+            bm.TocEntry(
+                bm.TOC_FLAG_COMPRESSION_NONE,
+                bm.TOC_ENTRY_BLOB_RAW,
+                self._blob_hash().copy().digest(),
+                data_size,
+                data_size,
+                self._upos,
+            )
+        )
 
         ci_raw = b"".join(bm.pack_ci_v1(e) for e in self._ci)
         ci_data, ci_compressed = codec.compress(self.compressor, ci_raw)
         ci_comp = self.compressor if ci_compressed else codec.compressor_by_name("none")
         features = (
-            v6.BLOB_FEATURE_ALIGNED | v6.BLOB_FEATURE_INLINED_CHUNK_DIGEST
-            | v6.BLOB_FEATURE_HAS_TAR_HEADER | v6.BLOB_FEATURE_HAS_TOC
+            v6.BLOB_FEATURE_ALIGNED
+            | v6.BLOB_FEATURE_INLINED_CHUNK_DIGEST
+            | v6.BLOB_FEATURE_HAS_TAR_HEADER
+            | v6.BLOB_FEATURE_HAS_TOC
             | v6.BLOB_FEATURE_CAP_TAR_TOC
             | (v6.BLOB_FEATURE_INLINED_FS_META if inline_bootstrap else 0)
         )
         ci_off = self._pos
-        header = bm.CiHeader(features, ci_comp.id, len(self._ci), ci_off, len(ci_data),
-                             len(ci_raw)).pack()
+        header = bm.CiHeader(
+            features, ci_comp.id, len(self._ci), ci_off, len(ci_data), len(ci_raw)
+        ).pack()
         self._write(ci_data)
         self._write(header)
         self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_META, len(ci_data) + len(header)))
-        toc.append(bm.TocEntry(bm.TOC_COMPRESSION.get(ci_comp.name, 1), bm.TOC_ENTRY_BLOB_META,
-                               hashlib.sha256(ci_raw).digest(), ci_off, len(ci_data),
-                               len(ci_raw)))
-        toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BLOB_META_HEADER,
-                               hashlib.sha256(header).digest(), ci_off + len(ci_data),
-                               len(header), len(header)))
+        toc.append(
+            bm.TocEntry(
+                bm.TOC_COMPRESSION.get(ci_comp.name, 1),
+                bm.TOC_ENTRY_BLOB_META,
+                hashlib.sha256(ci_raw).digest(),
+                ci_off,
+                len(ci_data),
+                len(ci_raw),
+            )
+        )
+        toc.append(
+            bm.TocEntry(
+                bm.TOC_FLAG_COMPRESSION_NONE,
+                bm.TOC_ENTRY_BLOB_META_HEADER,
+                hashlib.sha256(header).digest(),
+                ci_off + len(ci_data),
+                len(header),
+                len(header),
+            )
+        )
 
         digests = b"".join(self._digests)
         dig_off = self._pos
         self._write(digests, hashed=False)  # upstream leaves it out of the blob id
         self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_DIGEST, len(digests)))
-        toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BLOB_DIGEST,
-                               hashlib.sha256(digests).digest(), dig_off, len(digests),
-                               len(digests)))
+        toc.append(
+            bm.TocEntry(
+                bm.TOC_FLAG_COMPRESSION_NONE,
+                bm.TOC_ENTRY_BLOB_DIGEST,
+                hashlib.sha256(digests).digest(),
+                dig_off,
+                len(digests),
+                len(digests),
+            )
+        )
 
         entry = v6.BlobEntry(
-            blob_id=self._blob_hash().hexdigest(), blob_index=self.blob_index,
-            chunk_size=self.chunk_size, chunk_count=len(self._ci),
-            compression_algo=self.compressor.id, digest_algo=self.digester.id,
-            features=features, compressed_size=0, uncompressed_size=self._upos,
-            ci_compressor=ci_comp.id, ci_offset=ci_off, ci_compressed_size=len(ci_data),
+            blob_id=self._blob_hash().hexdigest(),
+            blob_index=self.blob_index,
+            chunk_size=self.chunk_size,
+            chunk_count=len(self._ci),
+            compression_algo=self.compressor.id,
+            digest_algo=self.digester.id,
+            features=features,
+            compressed_size=0,
+            uncompressed_size=self._upos,
+            ci_compressor=ci_comp.id,
+            ci_offset=ci_off,
+            ci_compressed_size=len(ci_data),
             ci_uncompressed_size=len(ci_raw),
         )
         if inline_bootstrap is not None:
@@ -545,9 +624,16 @@ class BlobWriter:
             boot_off = self._pos
             self._write(boot)
             self._write(bm.tar_header(bm.TOC_ENTRY_BOOTSTRAP, len(boot)))
-            toc.append(bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BOOTSTRAP,
-                                   hashlib.sha256(boot).digest(), boot_off, len(boot),
-                                   len(boot)))
+            toc.append(
+                bm.TocEntry(
+                    bm.TOC_FLAG_COMPRESSION_NONE,
+                    bm.TOC_ENTRY_BOOTSTRAP,
+                    hashlib.sha256(boot).digest(),
+                    boot_off,
+                    len(boot),
+                    len(boot),
+                )
+            )
         toc_bytes = b"".join(e.pack() for e in toc)
         toc_hdr = bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
         self._write(toc_bytes)
@@ -576,7 +662,14 @@ def _at(ref: ChunkInfo, foff: int) -> ChunkInfo:
     if ref.file_offset == foff:
         return ref
     return ChunkInfo(
-        ref.digest, ref.blob_index, ref.index, foff, ref.compressed_offset,
-        ref.compressed_size, ref.uncompressed_offset, ref.uncompressed_size, ref.compressed,
+        ref.digest,
+        ref.blob_index,
+        ref.index,
+        foff,
+        ref.compressed_offset,
+        ref.compressed_size,
+        ref.uncompressed_offset,
+        ref.uncompressed_size,
+        ref.compressed,
         ref.crc32,
     )

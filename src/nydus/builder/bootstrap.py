@@ -110,8 +110,9 @@ def _chunk_index(node: Node, chunk_size: int) -> tuple[int, bytes]:
             bits = max(cbits, (size - 1).bit_length())
             if bits - BLKBITS <= erofs.CHUNK_FORMAT_BLKBITS_MASK:
                 fmt = erofs.CHUNK_FORMAT_INDEXES | (bits - BLKBITS)
-                return fmt, v6.pack_chunk_index(c0.blob_index, c0.index,
-                                                c0.uncompressed_offset // BS)
+                return fmt, v6.pack_chunk_index(
+                    c0.blob_index, c0.index, c0.uncompressed_offset // BS
+                )
     hole = b"\0\0\0\0" + erofs.NULL_ADDR.to_bytes(4, "little")
     entries = [hole] * count
     for c in chunks:
@@ -186,7 +187,7 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
                         s.layout = erofs.LAYOUT_FLAT_PLAIN
                         s.head_len = len(s.data)
             if s.layout == erofs.LAYOUT_FLAT_INLINE:
-                s.tail = s.data[s.head_len:]
+                s.tail = s.data[s.head_len :]
             s.pos = pos
             pos += fixed + len(s.tail)
         elif s.index:
@@ -216,11 +217,16 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
     chunk_table_off = data_end
     chunk_table = b"".join(
         v6.ChunkRecord(
-            digest=c.digest, blob_index=c.blob_index,
+            digest=c.digest,
+            blob_index=c.blob_index,
             flags=v6.CHUNK_FLAG_COMPRESSED if c.compressed else 0,
-            compressed_size=c.compressed_size, uncompressed_size=c.uncompressed_size,
-            compressed_offset=c.compressed_offset, uncompressed_offset=c.uncompressed_offset,
-            file_offset=c.file_offset, index=c.index, crc32=c.crc32,
+            compressed_size=c.compressed_size,
+            uncompressed_size=c.uncompressed_size,
+            compressed_offset=c.compressed_offset,
+            uncompressed_offset=c.uncompressed_offset,
+            file_offset=c.file_offset,
+            index=c.index,
+            crc32=c.crc32,
         ).pack()
         for _k, c in sorted(records.items())
     )
@@ -231,9 +237,18 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
     for s in slots:
         n = s.node
         di = erofs.DiskInode(
-            extended=True, layout=s.layout, xattr_icount=s.icount, mode=n.mode,
-            nlink=n.nlink, size=s.size, i_u=s.i_u, ino=s.ino, uid=n.uid, gid=n.gid,
-            mtime=n.mtime, mtime_nsec=n.mtime_nsec,
+            extended=True,
+            layout=s.layout,
+            xattr_icount=s.icount,
+            mode=n.mode,
+            nlink=n.nlink,
+            size=s.size,
+            i_u=s.i_u,
+            ino=s.ino,
+            uid=n.uid,
+            gid=n.gid,
+            mtime=n.mtime,
+            mtime_nsec=n.mtime_nsec,
         )
         p = s.pos
         img[p : p + erofs.INODE_EXTENDED_SIZE] = di.pack()
@@ -278,13 +293,18 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
         img[prefetch_off + 4 * i : prefetch_off + 4 * i + 4] = nid.to_bytes(4, "little")
 
     flags = (
-        v6.COMPRESSION_FLAGS[opts.compressor] | v6.DIGEST_FLAGS[opts.digester]
-        | v6.FLAG_EXPLICIT_UID_GID | v6.FLAG_INLINED_CHUNK_DIGEST
+        v6.COMPRESSION_FLAGS[opts.compressor]
+        | v6.DIGEST_FLAGS[opts.digester]
+        | v6.FLAG_EXPLICIT_UID_GID
+        | v6.FLAG_INLINED_CHUNK_DIGEST
         | (v6.FLAG_HAS_XATTR if has_xattr else 0)
     )
     ext = v6.ExtSuperBlock(
-        flags=flags, blob_table_offset=blob_table_off, blob_table_size=blob_table_size,
-        chunk_size=opts.chunk_size, chunk_table_offset=chunk_table_off,
+        flags=flags,
+        blob_table_offset=blob_table_off,
+        blob_table_size=blob_table_size,
+        chunk_size=opts.chunk_size,
+        chunk_table_offset=chunk_table_off,
         chunk_table_size=len(chunk_table),
         prefetch_table_offset=prefetch_off if prefetch else 0,
         prefetch_table_size=4 * len(prefetch),
@@ -294,12 +314,20 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
     if root_nid > 0xFFFF:
         raise FormatError("root nid does not fit in 16 bits")
     sb = erofs.SuperBlock(
-        feature_compat=erofs.FEATURE_COMPAT_RAFS_V6, blkszbits=BLKBITS, root_nid=root_nid,
-        inos=len(slots), build_time=0, build_time_nsec=0, blocks=blob_blocks,
-        meta_blkaddr=meta_base // BS, xattr_blkaddr=0, uuid=b"", volume_name=b"",
-        feature_incompat=erofs.FEATURE_INCOMPAT_CHUNKED_FILE
-        | erofs.FEATURE_INCOMPAT_DEVICE_TABLE,
-        extra_devices=nblobs, devt_slotoff=v6.DEVT_SLOTOFF,
+        feature_compat=erofs.FEATURE_COMPAT_RAFS_V6,
+        blkszbits=BLKBITS,
+        root_nid=root_nid,
+        inos=len(slots),
+        build_time=0,
+        build_time_nsec=0,
+        blocks=blob_blocks,
+        meta_blkaddr=meta_base // BS,
+        xattr_blkaddr=0,
+        uuid=b"",
+        volume_name=b"",
+        feature_incompat=erofs.FEATURE_INCOMPAT_CHUNKED_FILE | erofs.FEATURE_INCOMPAT_DEVICE_TABLE,
+        extra_devices=nblobs,
+        devt_slotoff=v6.DEVT_SLOTOFF,
     )
     img[erofs.EROFS_SUPER_OFFSET : erofs.EROFS_SUPER_OFFSET + erofs.EROFS_SB_SIZE] = sb.pack()
     return bytes(img)

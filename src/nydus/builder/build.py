@@ -83,17 +83,34 @@ def tree_from_metadata(md: RafsMetadata, blob_map: dict[int, int] | None = None)
         if hit is not None:
             return hit
         a = md.getattr(nid)
-        n = Node(mode=a.mode, uid=a.uid, gid=a.gid, mtime=a.mtime, mtime_nsec=a.mtime_nsec,
-                 size=a.size, rdev=a.rdev, xattrs=md.xattrs(nid))
+        n = Node(
+            mode=a.mode,
+            uid=a.uid,
+            gid=a.gid,
+            mtime=a.mtime,
+            mtime_nsec=a.mtime_nsec,
+            size=a.size,
+            rdev=a.rdev,
+            xattrs=md.xattrs(nid),
+        )
         if a.is_dir:
             n.children = {}
         elif a.is_symlink:
             n.symlink = md.readlink(nid)
         elif a.is_reg:
             n.chunks = [
-                ChunkInfo(c.digest, (blob_map or {}).get(c.blob_index, c.blob_index), c.index,
-                         c.file_offset, c.compressed_offset, c.compressed_size,
-                         c.uncompressed_offset, c.uncompressed_size, c.compressed, c.crc32)
+                ChunkInfo(
+                    c.digest,
+                    (blob_map or {}).get(c.blob_index, c.blob_index),
+                    c.index,
+                    c.file_offset,
+                    c.compressed_offset,
+                    c.compressed_size,
+                    c.uncompressed_offset,
+                    c.uncompressed_size,
+                    c.compressed,
+                    c.crc32,
+                )
                 for c in md.chunks(nid)
             ]
         nodes[nid] = n
@@ -183,13 +200,19 @@ def _prepare(opts: BuildOptions) -> _Base:
     return _Base(blobs, dict_blobs, cdict, lower)
 
 
-def _writer(base: _Base, blob_out: _Sink, opts: BuildOptions, spool_dir: str | None = None
-            ) -> BlobWriter:
+def _writer(
+    base: _Base, blob_out: _Sink, opts: BuildOptions, spool_dir: str | None = None
+) -> BlobWriter:
     return BlobWriter(
-        blob_out, blob_index=len(base.blobs), chunk_size=opts.chunk_size,
+        blob_out,
+        blob_index=len(base.blobs),
+        chunk_size=opts.chunk_size,
         compressor=codec.compressor_by_name(opts.compressor),
-        digester=codec.digester_by_name(opts.digester), chunk_dict=base.cdict,
-        workers=opts.workers, spool_dir=spool_dir, on_chunk=opts.on_chunk,
+        digester=codec.digester_by_name(opts.digester),
+        chunk_dict=base.cdict,
+        workers=opts.workers,
+        spool_dir=spool_dir,
+        on_chunk=opts.on_chunk,
     )
 
 
@@ -226,8 +249,11 @@ def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> Bui
 
 
 def build_from_tar(
-    stream: BinaryIO, blob_out: _Sink | None, opts: BuildOptions,
-    limits: TarLimits | None = None, spool_dir: str | None = None,
+    stream: BinaryIO,
+    blob_out: _Sink | None,
+    opts: BuildOptions,
+    limits: TarLimits | None = None,
+    spool_dir: str | None = None,
 ) -> BuildResult:
     """Build from an OCI layer tar (plain, gzip or zstd) read once from ``stream``.
 
@@ -240,14 +266,14 @@ def build_from_tar(
     patterns = _prefetch_patterns(opts.prefetch_paths or [])
     front = None
     if patterns and b"/" not in patterns:
+
         def front(path: bytes) -> bool:
             return any(path == p or path.startswith(p + b"/") for p in patterns)
+
     writer = _writer(base, blob_out, opts, spool_dir) if blob_out is not None else None
     try:
-        layer = load_tar(stream, writer, chunk_size=opts.chunk_size, prefetch=front,
-                         limits=limits)
-        root = apply_layer(base.lower, layer.root, opts.whiteout_spec) if base.lower \
-            else layer.root
+        layer = load_tar(stream, writer, chunk_size=opts.chunk_size, prefetch=front, limits=limits)
+        root = apply_layer(base.lower, layer.root, opts.whiteout_spec) if base.lower else layer.root
         table, _first = _prefetch_order(root, opts.prefetch_paths or [])
         result = None
         if writer is not None:
@@ -276,8 +302,13 @@ def _inline_maker(
 
 
 def _complete(
-    root: Node, base: _Base, result: BlobResult | None, opts: BuildOptions,
-    table: list[Node], read: int, files: int,
+    root: Node,
+    base: _Base,
+    result: BlobResult | None,
+    opts: BuildOptions,
+    table: list[Node],
+    read: int,
+    files: int,
 ) -> BuildResult:
     blobs = list(base.blobs)
     if result is not None:
@@ -303,10 +334,16 @@ def _prefetch_patterns(paths: list[bytes]) -> set[bytes]:
 def _bootstrap(
     root: Node, blobs: list[v6.BlobEntry], opts: BuildOptions, table: list[Node]
 ) -> bytes:
-    return write_bootstrap(root, BootstrapOptions(
-        chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
-        blobs=blobs, prefetch=table,
-    ))
+    return write_bootstrap(
+        root,
+        BootstrapOptions(
+            chunk_size=opts.chunk_size,
+            compressor=opts.compressor,
+            digester=opts.digester,
+            blobs=blobs,
+            prefetch=table,
+        ),
+    )
 
 
 def _entry_of(md: RafsV6Metadata, i: int) -> v6.BlobEntry:
@@ -346,9 +383,18 @@ def _prune_blobs(
         if n.chunks and id(n) not in done:
             done.add(id(n))
             n.chunks = [
-                ChunkInfo(c.digest, remap[c.blob_index], c.index, c.file_offset,
-                         c.compressed_offset, c.compressed_size, c.uncompressed_offset,
-                         c.uncompressed_size, c.compressed, c.crc32)
+                ChunkInfo(
+                    c.digest,
+                    remap[c.blob_index],
+                    c.index,
+                    c.file_offset,
+                    c.compressed_offset,
+                    c.compressed_size,
+                    c.uncompressed_offset,
+                    c.uncompressed_size,
+                    c.compressed,
+                    c.crc32,
+                )
                 for c in n.chunks
             ]
     return kept, root

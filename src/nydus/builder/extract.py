@@ -79,9 +79,22 @@ _MAX_NS = (1 << 63) - 1
 MAX_SYMLINK = 4095  # bytes of a symlink target (PATH_MAX - 1)
 MAX_MAJOR, MAX_MINOR = 0xFFF, 0xFFFFF  # what Linux's dev_t encoding keeps
 # errno values an entry of the tar causes (anything else is the host's trouble: ENOSPC, EIO)
-_CONTENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP,
-                   errno.ENAMETOOLONG, errno.EPERM, errno.EINVAL, errno.EMLINK,
-                   errno.ENOTEMPTY, errno.EXDEV, errno.E2BIG, errno.ERANGE, errno.EFBIG}
+_CONTENT_ERRNOS = {
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+    errno.EPERM,
+    errno.EINVAL,
+    errno.EMLINK,
+    errno.ENOTEMPTY,
+    errno.EXDEV,
+    errno.E2BIG,
+    errno.ERANGE,
+    errno.EFBIG,
+}
 _IGNORED_XATTR_ERRNOS = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES}
 
 
@@ -110,8 +123,9 @@ def extract_layer(
     try:
         rd = RootDir(root, use_openat2=use_openat2)
     except OSError as err:
-        raise NotFoundError(f"cannot open the extraction root {os.fspath(root)}: "
-                            f"{err.strerror}") from None
+        raise NotFoundError(
+            f"cannot open the extraction root {os.fspath(root)}: {err.strerror}"
+        ) from None
     with rd, LayerStream(stream) as ls:
         reader = TarReader(ls, limits)
         ap = _Applier(rd, reader)
@@ -199,8 +213,10 @@ class _Applier:
             fd = self.rd.open_dir(key, create=True, on_create=self._created)
         except OSError as err:
             if err.errno == errno.ENOTDIR:
-                raise FormatError(f"tar entry at {e.offset}: {e.name[:200]!r} lies below an "
-                                  f"entry that is not a directory") from None
+                raise FormatError(
+                    f"tar entry at {e.offset}: {e.name[:200]!r} lies below an "
+                    f"entry that is not a directory"
+                ) from None
             raise self._error(e, err, "cannot make its parent directory") from None
         dkey = self._dir_key(fd)
         self._cache = (key, fd, dkey)
@@ -251,8 +267,12 @@ class _Applier:
         self.kept.add((pkey, name))
 
     def _file(self, pfd: int, name: bytes, e: TarEntry) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=pfd)
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
         try:
             for off, data in self.reader.chunks(e, WRITE_PIECE):
                 if data.count(0) == len(data):
@@ -278,19 +298,21 @@ class _Applier:
 
     def _symlink(self, pfd: int, name: bytes, e: TarEntry) -> None:
         if not e.linkname:
-            raise FormatError(f"tar entry at {e.offset}: symlink {e.name[:200]!r} has an "
-                              f"empty target")
+            raise FormatError(
+                f"tar entry at {e.offset}: symlink {e.name[:200]!r} has an empty target"
+            )
         if len(e.linkname) > MAX_SYMLINK:
-            raise FormatError(f"tar entry at {e.offset}: symlink {e.name[:200]!r} target "
-                              f"longer than {MAX_SYMLINK} bytes")
+            raise FormatError(
+                f"tar entry at {e.offset}: symlink {e.name[:200]!r} target "
+                f"longer than {MAX_SYMLINK} bytes"
+            )
         os.symlink(e.linkname, name, dir_fd=pfd)
         self._attrs_at(pfd, name, e, chmod=False)
 
     def _hardlink(self, pfd: int, name: bytes, e: TarEntry) -> None:
         tparts = split_entry_path(e.linkname, "hardlink target", self.limits, e.offset)
         if not tparts:
-            raise FormatError(f"tar entry at {e.offset}: hardlink {e.name[:200]!r} names the "
-                              f"root")
+            raise FormatError(f"tar entry at {e.offset}: hardlink {e.name[:200]!r} names the root")
         what = f"hardlink {e.name[:200]!r} to {e.linkname[:200]!r}"
         try:
             tfd = self.rd.open_dir(tparts[:-1])
@@ -302,8 +324,9 @@ class _Applier:
             raise FormatError(f"tar entry at {e.offset}: {what}: target missing") from None
         except PermissionError:
             if (st := lstat_at(tfd, tparts[-1])) is not None and stat.S_ISDIR(st.st_mode):
-                raise FormatError(f"tar entry at {e.offset}: {what}: the target names a "
-                                  f"directory") from None
+                raise FormatError(
+                    f"tar entry at {e.offset}: {what}: the target names a directory"
+                ) from None
             raise
         finally:
             os.close(tfd)
@@ -317,8 +340,10 @@ class _Applier:
             return False
         kind = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}[e.kind]
         if e.kind != FIFO and (e.devmajor > MAX_MAJOR or e.devminor > MAX_MINOR):
-            raise FormatError(f"tar entry at {e.offset}: device {e.devmajor}:{e.devminor} "
-                              f"does not fit Linux's device numbers")
+            raise FormatError(
+                f"tar entry at {e.offset}: device {e.devmajor}:{e.devminor} "
+                f"does not fit Linux's device numbers"
+            )
         dev = os.makedev(e.devmajor, e.devminor) if e.kind != FIFO else 0
         os.mknod(name, kind | 0o600, dev, dir_fd=pfd)
         self._attrs_at(pfd, name, e, chmod=True)
@@ -329,8 +354,9 @@ class _Applier:
     def _xattrs(self, e: TarEntry, set_one: Callable[[bytes, bytes], None]) -> None:
         total = sum(len(k) + len(v) + 4 for k, v in e.xattrs.items())
         if total > self.limits.max_xattr_bytes:
-            raise FormatError(f"tar entry at {e.offset}: xattrs larger than "
-                              f"{self.limits.max_xattr_bytes} bytes")
+            raise FormatError(
+                f"tar entry at {e.offset}: xattrs larger than {self.limits.max_xattr_bytes} bytes"
+            )
         for key, value in e.xattrs.items():
             if key.startswith(_NEVER_SET_XATTRS):
                 self._warn_once("ovl", "overlay xattrs in a layer are not set: %r", key)
@@ -342,8 +368,9 @@ class _Applier:
             except OSError as err:
                 if err.errno not in _IGNORED_XATTR_ERRNOS:
                     raise
-                self._warn_once(f"x{key!r}", "xattr %r of %r not set: %s", key, e.name,
-                                err.strerror)
+                self._warn_once(
+                    f"x{key!r}", "xattr %r of %r not set: %s", key, e.name, err.strerror
+                )
 
     def _attrs_fd(self, fd: int, e: TarEntry, *, times: bool = True) -> None:
         if self.as_root:
@@ -379,8 +406,9 @@ class _Applier:
             return
         victim = name[4:]
         if victim in (b"", b".", b".."):
-            raise FormatError(f"tar entry at {e.offset}: whiteout {e.name[:200]!r} names no "
-                              f"file of its directory")
+            raise FormatError(
+                f"tar entry at {e.offset}: whiteout {e.name[:200]!r} names no file of its directory"
+            )
         self.whiteouts += 1
         if (pkey, victim) in self.kept:
             return  # a whiteout hides lower layers only (OCI image spec)
@@ -406,8 +434,9 @@ class _Applier:
                     kept = (f.key, child) in self.kept
                     if stat.S_ISDIR(cst.st_mode):
                         cfd = os.open(child, _DIR_FLAGS, dir_fd=f.fd)
-                        frames.append(_Frame(cfd, self._dir_key(cfd), dir_names(cfd), kept,
-                                             f.fd, child))
+                        frames.append(
+                            _Frame(cfd, self._dir_key(cfd), dir_names(cfd), kept, f.fd, child)
+                        )
                         descended = True
                         break
                     if kept:

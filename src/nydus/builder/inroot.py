@@ -34,15 +34,23 @@ from collections.abc import Callable, Sequence
 
 from ..libc import libc
 
-__all__ = ["RootDir", "chmod_at", "dir_names", "lstat_at", "lsetxattr_at", "openat2_available",
-           "remove_all"]
+__all__ = [
+    "RootDir",
+    "chmod_at",
+    "dir_names",
+    "lstat_at",
+    "lsetxattr_at",
+    "openat2_available",
+    "remove_all",
+]
 
 log = logging.getLogger(__name__)
 
 # openat2(2): the syscall has number 437 on every architecture using the generic table
 # (x86_64, aarch64, riscv64, ...), which is where this is expected to run.
-_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "riscv64": 437, "ppc64le": 437,
-                "s390x": 437}.get(platform.machine())
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "riscv64": 437, "ppc64le": 437, "s390x": 437}.get(
+    platform.machine()
+)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 _MAX_SYMLINKS = 40  # the kernel's limit (MAXSYMLINKS)
@@ -50,8 +58,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 _openat2_ok: bool | None = None  # probed on first use
@@ -61,9 +68,13 @@ def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     assert _SYS_OPENAT2 is not None
     how = _OpenHow(flags, 0, resolve)
     for _ in range(64):
-        fd = libc().syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
-                           ctypes.c_char_p(path), ctypes.byref(how),
-                           ctypes.c_size_t(ctypes.sizeof(how)))
+        fd = libc().syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
@@ -85,8 +96,10 @@ def openat2_available() -> bool:
             except OSError as e:
                 if e.errno not in (errno.ENOSYS, errno.EPERM):
                     raise
-                log.info("openat2 unavailable (%s): resolving paths component by component",
-                         os.strerror(e.errno or 0))
+                log.info(
+                    "openat2 unavailable (%s): resolving paths component by component",
+                    os.strerror(e.errno or 0),
+                )
                 _openat2_ok = False
     return _openat2_ok
 
@@ -112,8 +125,13 @@ class RootDir:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def open_dir(self, parts: Sequence[bytes], *, create: bool = False,
-                 on_create: Callable[[int, bytes], None] | None = None) -> int:
+    def open_dir(
+        self,
+        parts: Sequence[bytes],
+        *,
+        create: bool = False,
+        on_create: Callable[[int, bytes], None] | None = None,
+    ) -> int:
         """An ``O_RDONLY | O_DIRECTORY`` fd of the directory ``parts`` names inside the root.
 
         Symlinks on the way are followed inside the root. With ``create``, missing
@@ -124,15 +142,17 @@ class RootDir:
             return os.open(b".", _DIR_FLAGS, dir_fd=self.fd)
         if self._openat2:
             try:
-                return _openat2(self.fd, b"/".join(parts), _DIR_FLAGS,
-                                RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                return _openat2(
+                    self.fd, b"/".join(parts), _DIR_FLAGS, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+                )
             except FileNotFoundError:
                 if not create:
                     raise
         return self._walk(parts, create, on_create)
 
-    def _walk(self, parts: Sequence[bytes], create: bool,
-              on_create: Callable[[int, bytes], None] | None) -> int:
+    def _walk(
+        self, parts: Sequence[bytes], create: bool, on_create: Callable[[int, bytes], None] | None
+    ) -> int:
         """The component walk: ``O_PATH | O_NOFOLLOW`` one name at a time, symlinks read
         and their targets walked in turn; ``..`` never goes above the root."""
         stack = [os.dup(self.fd)]  # fds from the root down to the current directory

@@ -87,11 +87,13 @@ def _open(path: str, what: str) -> RafsV6Metadata:
 
 
 def _check_lists(n: int, opts: MergeOptions) -> None:
-    for name, lst in (("--blob-digests", opts.blob_digests),
-                      ("--original-blob-ids", opts.original_blob_ids),
-                      ("--blob-sizes", opts.blob_sizes),
-                      ("--blob-toc-digests", opts.blob_toc_digests),
-                      ("--blob-toc-sizes", opts.blob_toc_sizes)):
+    for name, lst in (
+        ("--blob-digests", opts.blob_digests),
+        ("--original-blob-ids", opts.original_blob_ids),
+        ("--blob-sizes", opts.blob_sizes),
+        ("--blob-toc-digests", opts.blob_toc_digests),
+        ("--blob-toc-sizes", opts.blob_toc_sizes),
+    ):
         if lst is not None and len(lst) != n:
             raise ConfigError(f"{name} has {len(lst)} entries for {n} source bootstraps")
 
@@ -154,10 +156,16 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
     if len(blobs) > v6.MAX_BLOBS:
         raise FormatError(f"merged image would reference {len(blobs)} blobs (max {v6.MAX_BLOBS})")
     table, _first = _prefetch_order(tree, opts.prefetch_paths or [])
-    boot = write_bootstrap(tree, BootstrapOptions(
-        chunk_size=chunk_size, compressor=compressor, digester=digester, blobs=blobs,
-        prefetch=table,
-    ))
+    boot = write_bootstrap(
+        tree,
+        BootstrapOptions(
+            chunk_size=chunk_size,
+            compressor=compressor,
+            digester=digester,
+            blobs=blobs,
+            prefetch=table,
+        ),
+    )
     refs = {(c.blob_index, c.index) for _p, n in iter_tree(tree) for c in _chunks(n)}
     return MergeResult(boot, blobs, {"layers": len(sources), "chunks": len(refs)})
 

@@ -33,8 +33,13 @@ from .blob import BlobResult, ChunkDict, _Sink
 from .build import BuildOptions, _bootstrap, _entry_of, _prefetch_order, tree_from_metadata
 from .tree import Node
 
-__all__ = ["OptimizeResult", "optimize_image", "read_prefetch_list", "load_prefetch_list",
-           "POLICY_SEPARATED"]
+__all__ = [
+    "OptimizeResult",
+    "optimize_image",
+    "read_prefetch_list",
+    "load_prefetch_list",
+    "POLICY_SEPARATED",
+]
 
 POLICY_SEPARATED = "separated-blob-with-prefetch-files"
 
@@ -79,8 +84,11 @@ def read_prefetch_list(text: str) -> list[bytes]:
             if p:
                 out.append(p.encode(errors="surrogateescape"))
         return out
-    return [ln.strip().encode(errors="surrogateescape") for ln in text.splitlines()
-            if ln.strip() and not ln.lstrip().startswith("#")]
+    return [
+        ln.strip().encode(errors="surrogateescape")
+        for ln in text.splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
 
 
 def _listed_files(root: Node, paths: list[bytes]) -> tuple[list[Node], list[Node], list[str]]:
@@ -98,19 +106,26 @@ def _listed_files(root: Node, paths: list[bytes]) -> tuple[list[Node], list[Node
     return table, first, missing
 
 
-def _pieces(node: Node, chunks: list[ChunkInfo], read_chunk: ReadChunk
-            ) -> Iterator[tuple[int, bytes]]:
+def _pieces(
+    node: Node, chunks: list[ChunkInfo], read_chunk: ReadChunk
+) -> Iterator[tuple[int, bytes]]:
     for c in chunks:
         data = read_chunk(c)
         if len(data) != c.uncompressed_size:
-            raise ConfigError(f"{node.path!r}: chunk {c.index} read {len(data)} bytes, "
-                              f"expected {c.uncompressed_size}")
+            raise ConfigError(
+                f"{node.path!r}: chunk {c.index} read {len(data)} bytes, "
+                f"expected {c.uncompressed_size}"
+            )
         yield c.file_offset, data
 
 
 def optimize_image(
-    md: RafsMetadata, paths: list[bytes], read_chunk: ReadChunk, blob_out: _Sink,
-    workers: int | None = None, *,
+    md: RafsMetadata,
+    paths: list[bytes],
+    read_chunk: ReadChunk,
+    blob_out: _Sink,
+    workers: int | None = None,
+    *,
     plan: Callable[[list[ChunkInfo]], None] | None = None,
     blob_id: Callable[[], str] | None = None,
 ) -> OptimizeResult:
@@ -128,8 +143,9 @@ def optimize_image(
         raise ConfigError("the image already references the most blobs a bootstrap can hold")
     if any(b.compressor == "gzip" for b in md.blobs):
         raise ConfigError("optimize does not support zran (gzip chunk) images")
-    opts = BuildOptions(chunk_size=md.chunk_size, compressor=md.compressor,
-                        digester=md.digester, workers=workers)
+    opts = BuildOptions(
+        chunk_size=md.chunk_size, compressor=md.compressor, digester=md.digester, workers=workers
+    )
     blobs = [_entry_of(md, i) for i in range(len(md.blobs))]
     root = tree_from_metadata(md)
     table, files, missing = _listed_files(root, paths)
@@ -140,9 +156,12 @@ def optimize_image(
         plan([c for _n, cs in hot for c in cs])
     if hot:
         writer = BlobWriter(
-            blob_out, blob_index=len(blobs), chunk_size=md.chunk_size,
+            blob_out,
+            blob_index=len(blobs),
+            chunk_size=md.chunk_size,
             compressor=codec.compressor_by_name(md.compressor),
-            digester=codec.digester_by_name(md.digester), chunk_dict=ChunkDict(),
+            digester=codec.digester_by_name(md.digester),
+            chunk_dict=ChunkDict(),
             workers=workers,
         )
         with writer:

@@ -59,8 +59,11 @@ def _merge_dir(lower: Node, upper: Node, spec: str) -> list[tuple[Node, Node]]:
     if not upper.implicit or lower.implicit:
         lower.mode, lower.uid, lower.gid = upper.mode, upper.uid, upper.gid
         lower.mtime, lower.mtime_nsec = upper.mtime, upper.mtime_nsec
-        lower.xattrs = {k: v for k, v in upper.xattrs.items()
-                        if not (spec == "overlayfs" and k == OVERLAY_OPAQUE)}
+        lower.xattrs = {
+            k: v
+            for k, v in upper.xattrs.items()
+            if not (spec == "overlayfs" and k == OVERLAY_OPAQUE)
+        }
         lower.implicit = upper.implicit
     if opaque:
         lower.children = {}
@@ -70,7 +73,7 @@ def _merge_dir(lower: Node, upper: Node, spec: str) -> list[tuple[Node, Node]]:
     for name, node in entries.items():
         if spec == "oci" and name.startswith(OCI_WHITEOUT):
             if name != OCI_OPAQUE:
-                kids.pop(name[len(OCI_WHITEOUT):], None)
+                kids.pop(name[len(OCI_WHITEOUT) :], None)
         elif spec == "overlayfs" and _is_overlay_whiteout(node):
             kids.pop(name, None)
     todo: list[tuple[Node, Node]] = []

@@ -40,10 +40,28 @@ BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
 # entry kinds
-REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO = "reg", "hardlink", "symlink", "chr", "blk", \
-    "dir", "fifo"
-_KINDS = {b"0": REG, b"\0": REG, b"7": REG, b"S": REG, b"1": HARDLINK, b"2": SYMLINK,
-          b"3": CHR, b"4": BLK, b"5": DIR, b"D": DIR, b"6": FIFO}
+REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO = (
+    "reg",
+    "hardlink",
+    "symlink",
+    "chr",
+    "blk",
+    "dir",
+    "fifo",
+)
+_KINDS = {
+    b"0": REG,
+    b"\0": REG,
+    b"7": REG,
+    b"S": REG,
+    b"1": HARDLINK,
+    b"2": SYMLINK,
+    b"3": CHR,
+    b"4": BLK,
+    b"5": DIR,
+    b"D": DIR,
+    b"6": FIFO,
+}
 
 
 @dataclass
@@ -168,8 +186,16 @@ def _url_unquote(name: bytes, at: int) -> bytes:
 
 # --------------------------------------------------------------------------- ACLs
 
-_ACL_TAGS = {b"user": 0x01, b"u": 0x01, b"group": 0x04, b"g": 0x04, b"mask": 0x10,
-             b"m": 0x10, b"other": 0x20, b"o": 0x20}
+_ACL_TAGS = {
+    b"user": 0x01,
+    b"u": 0x01,
+    b"group": 0x04,
+    b"g": 0x04,
+    b"mask": 0x10,
+    b"m": 0x10,
+    b"other": 0x20,
+    b"o": 0x20,
+}
 _ACL_UNDEFINED = 0xFFFFFFFF
 
 
@@ -268,8 +294,9 @@ class TarReader:
         stored = _num(block[148:156], "checksum", at)
         unsigned = sum(block[:148]) + 256 + sum(block[156:])
         if stored != unsigned:
-            signed = unsigned - 256 * (sum(1 for b in block[:148] if b & 0x80)
-                                       + sum(1 for b in block[156:] if b & 0x80))
+            signed = unsigned - 256 * (
+                sum(1 for b in block[:148] if b & 0x80) + sum(1 for b in block[156:] if b & 0x80)
+            )
             if stored != signed:
                 raise FormatError(f"tar header at {at}: checksum mismatch (corrupt or not a tar)")
         magic = block[257:263]
@@ -282,13 +309,19 @@ class TarReader:
             name = block[345:500].split(b"\0", 1)[0] + b"/" + name
         size = _num(block[124:136], "size", at)
         return _Header(
-            at=at, name=name, mode=_num(block[100:108], "mode", at) & 0o7777,
-            uid=_num(block[108:116], "uid", at), gid=_num(block[116:124], "gid", at),
-            size=size, mtime=_num(block[136:148], "mtime", at, signed=True),
-            typeflag=block[156:157], linkname=block[157:257].split(b"\0", 1)[0],
+            at=at,
+            name=name,
+            mode=_num(block[100:108], "mode", at) & 0o7777,
+            uid=_num(block[108:116], "uid", at),
+            gid=_num(block[116:124], "gid", at),
+            size=size,
+            mtime=_num(block[136:148], "mtime", at, signed=True),
+            typeflag=block[156:157],
+            linkname=block[157:257].split(b"\0", 1)[0],
             devmajor=_num(block[329:337], "devmajor", at) if (gnu or posix) else 0,
             devminor=_num(block[337:345], "devminor", at) if (gnu or posix) else 0,
-            gnu=gnu, block=block,
+            gnu=gnu,
+            block=block,
         )
 
     def _meta(self, h: _Header, what: str) -> bytes:
@@ -341,9 +374,7 @@ class TarReader:
                 )
             self.entries += 1
             if self.entries > self.limits.max_entries:
-                raise FormatError(
-                    f"tar layer has more than {self.limits.max_entries} entries"
-                )
+                raise FormatError(f"tar layer has more than {self.limits.max_entries} entries")
             entry = self._entry(h, self._global + local, longname, longlink)
             local, longname, longlink = [], None, None
             yield entry
@@ -355,15 +386,20 @@ class TarReader:
     # ------------------------------------------------------------------ entries
 
     def _entry(
-        self, h: _Header, pax: list[tuple[bytes, bytes]], longname: bytes | None,
+        self,
+        h: _Header,
+        pax: list[tuple[bytes, bytes]],
+        longname: bytes | None,
         longlink: bytes | None,
     ) -> TarEntry:
         at = h.at
         kind = _KINDS.get(h.typeflag)
         if kind is None:
-            self._warn_once(f"type{h.typeflag!r}",
-                            f"tar entry type {h.typeflag!r} is unknown: read as a regular file "
-                            f"(as GNU tar does)")
+            self._warn_once(
+                f"type{h.typeflag!r}",
+                f"tar entry type {h.typeflag!r} is unknown: read as a regular file "
+                f"(as GNU tar does)",
+            )
             kind = REG
         name = longname if longname is not None else h.name
         linkname = longlink if longlink is not None else h.linkname
@@ -410,8 +446,7 @@ class TarReader:
             elif key == b"GNU.sparse.name":
                 sp_name = value
             elif key == b"GNU.sparse.map":
-                sp_map = [_decimal(v, "sparse map", at) for v in value.split(b",")] \
-                    if value else []
+                sp_map = [_decimal(v, "sparse map", at) for v in value.split(b",")] if value else []
                 self._sparse_cap(len(sp_map) // 2, at)
             elif key in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
                 sp_map.append(_decimal(value, "sparse map", at))
@@ -451,9 +486,20 @@ class TarReader:
         if sparse is not None:
             self._check_sparse(sparse, size, at)
         return TarEntry(
-            name=name, kind=kind, mode=h.mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec,
-            size=size, linkname=linkname, devmajor=devmajor, devminor=devminor,
-            xattrs=xattrs, sparse=sparse, offset=at,
+            name=name,
+            kind=kind,
+            mode=h.mode,
+            uid=uid,
+            gid=gid,
+            mtime=mtime,
+            mtime_nsec=nsec,
+            size=size,
+            linkname=linkname,
+            devmajor=devmajor,
+            devminor=devminor,
+            xattrs=xattrs,
+            sparse=sparse,
+            offset=at,
         )
 
     # ------------------------------------------------------------------ sparse files
@@ -476,8 +522,12 @@ class TarReader:
                 o = start + 24 * i
                 if buf[o] == 0:
                     return
-                segs.append((_num(buf[o : o + 12], "sparse offset", at),
-                             _num(buf[o + 12 : o + 24], "sparse length", at)))
+                segs.append(
+                    (
+                        _num(buf[o : o + 12], "sparse offset", at),
+                        _num(buf[o + 12 : o + 24], "sparse length", at),
+                    )
+                )
             self._sparse_cap(len(segs), at)
 
         take(blk, 386, 4)

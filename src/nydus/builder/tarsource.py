@@ -49,8 +49,14 @@ __all__ = ["TarLayer", "TarLimits", "load_tar", "split_entry_path"]
 
 log = logging.getLogger(__name__)
 
-_IFMT = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHR: stat.S_IFCHR,
-         BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+_IFMT = {
+    REG: stat.S_IFREG,
+    DIR: stat.S_IFDIR,
+    SYMLINK: stat.S_IFLNK,
+    CHR: stat.S_IFCHR,
+    BLK: stat.S_IFBLK,
+    FIFO: stat.S_IFIFO,
+}
 MAX_SYMLINK = 4095
 MAX_MAJOR = 0xFFF  # EROFS stores device numbers in the kernel's 32-bit "new" encoding
 MAX_MINOR = 0xFFFFF
@@ -69,9 +75,13 @@ class TarLayer:
     bytes_read: int  # file data bytes
 
     def stats(self) -> dict[str, Any]:
-        return {"diff_id": self.diff_id, "compression": self.compression,
-                "tar_size": self.tar_bytes, "compressed_size": self.compressed_bytes,
-                "entries": self.entries}
+        return {
+            "diff_id": self.diff_id,
+            "compression": self.compression,
+            "tar_size": self.tar_bytes,
+            "compressed_size": self.compressed_bytes,
+            "entries": self.entries,
+        }
 
 
 def split_entry_path(raw: bytes, what: str, limits: TarLimits, at: int) -> list[bytes]:
@@ -183,8 +193,11 @@ def load_tar(
 
 
 def _load(
-    ls: LayerStream, writer: BlobWriter | None, chunk_size: int,
-    prefetch: Callable[[bytes], bool] | None, limits: TarLimits,
+    ls: LayerStream,
+    writer: BlobWriter | None,
+    chunk_size: int,
+    prefetch: Callable[[bytes], bool] | None,
+    limits: TarLimits,
 ) -> TarLayer:
     reader = TarReader(ls, limits)
     tb = _TreeBuilder(limits)
@@ -255,16 +268,20 @@ def _load(
                 if writer is None:
                     raise ConfigError("the layer has file data: give --blob or --blob-dir")
                 deferred = prefetch is not None and not prefetch(path)
-                data_bytes += writer.add_file(node, reader.chunks(e, chunk_size),
-                                              deferred=deferred)
+                data_bytes += writer.add_file(node, reader.chunks(e, chunk_size), deferred=deferred)
             else:
                 node.chunks = []
         tb.replace(parent, name, node)
     if writer is not None:
         writer.flush()
     return TarLayer(
-        root=tb.root, diff_id=ls.diff_id, compression=ls.compression, tar_bytes=ls.pos,
-        compressed_bytes=ls.compressed_bytes, entries=reader.entries, bytes_read=data_bytes,
+        root=tb.root,
+        diff_id=ls.diff_id,
+        compression=ls.compression,
+        tar_bytes=ls.pos,
+        compressed_bytes=ls.compressed_bytes,
+        entries=reader.entries,
+        bytes_read=data_bytes,
     )
 
 

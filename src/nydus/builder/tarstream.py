@@ -65,8 +65,9 @@ class LayerStream:
         self._eof = False
         self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(pieces,),
-                                        name="layer-reader", daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce, args=(pieces,), name="layer-reader", daemon=True
+        )
         self._thread.start()
 
     def _produce(self, pieces: Iterator[bytes]) -> None:
@@ -157,7 +158,9 @@ class LayerStream:
         frames = _ZstdFrames(first, self._more)
         dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         reader = dctx.stream_reader(
-            frames, read_size=self._read_size, read_across_frames=True  # type: ignore[arg-type]
+            frames,  # type: ignore[arg-type]
+            read_size=self._read_size,
+            read_across_frames=True,
         )
         while True:
             try:
@@ -234,9 +237,7 @@ class LayerStream:
             nonzero |= self._buf.count(0) != len(self._buf)
             self._buf = b""
         if total > limit:
-            raise FormatError(
-                f"more than {limit} bytes after the tar end-of-archive marker"
-            )
+            raise FormatError(f"more than {limit} bytes after the tar end-of-archive marker")
         self.pos += total
         self.trailing_nonzero = nonzero
         return total

@@ -67,65 +67,123 @@ REQUESTS = "stats, blobs, prefetch, ls [PATH], stat PATH, chunks PATH (alias ich
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nydus-image", description="Build and inspect RAFS images",
-                                formatter_class=_Help)
+    p = argparse.ArgumentParser(
+        prog="nydus-image", description="Build and inspect RAFS images", formatter_class=_Help
+    )
     p.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
     levels = ["trace", "debug", "info", "warn", "error"]
     p.add_argument("-l", "--log-level", default="info", choices=levels, help="log level")
     p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
     # upstream's logging flags are global: they may also follow the subcommand
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-l", "--log-level", choices=levels, default=argparse.SUPPRESS,
-                        help="log level (default info)")
-    common.add_argument("-L", "--log-file", default=argparse.SUPPRESS,
-                        help="log to this file instead of stderr")
+    common.add_argument(
+        "-l",
+        "--log-level",
+        choices=levels,
+        default=argparse.SUPPRESS,
+        help="log level (default info)",
+    )
+    common.add_argument(
+        "-L", "--log-file", default=argparse.SUPPRESS, help="log to this file instead of stderr"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def cmd(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=text, description=text,
-                              formatter_class=_Help)
+        return sub.add_parser(
+            name, parents=[common], help=text, description=text, formatter_class=_Help
+        )
 
     c = cmd("create", "build a RAFS image from a directory or a layer tar")
     c.add_argument("source", help="a directory, or a tar / tar.gz / tar.zst file or - (stdin)")
-    c.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs",
-                   choices=sorted(DIR_TYPES | TAR_TYPES),
-                   help="what SOURCE is: a directory, or an OCI layer tar (any compression)")
+    c.add_argument(
+        "-t",
+        "--type",
+        "--source-type",
+        dest="type",
+        default="dir-rafs",
+        choices=sorted(DIR_TYPES | TAR_TYPES),
+        help="what SOURCE is: a directory, or an OCI layer tar (any compression)",
+    )
     c.add_argument("-B", "--bootstrap", help="write the bootstrap (metadata) to this file")
     c.add_argument("-b", "--blob", help="write the data blob to this file (may be a FIFO)")
-    c.add_argument("-D", "--blob-dir",
-                   help="write the data blob into this directory, named by its sha256")
+    c.add_argument(
+        "-D", "--blob-dir", help="write the data blob into this directory, named by its sha256"
+    )
     c.add_argument("--blob-id", help="ignored: blob ids are the blob's sha256 here")
-    c.add_argument("--compressor", default="zstd", choices=COMPRESSORS,
-                   help="chunk compression (none: the kernel's EROFS can mount the image as "
-                        "it is)")
+    c.add_argument(
+        "--compressor",
+        default="zstd",
+        choices=COMPRESSORS,
+        help="chunk compression (none: the kernel's EROFS can mount the image as it is)",
+    )
     c.add_argument("--digester", default="blake3", choices=DIGESTERS, help="chunk digest")
-    c.add_argument("--chunk-size", type=_int, default=0x100000, metavar="SIZE",
-                   help="a power of two in 0x1000..0x1000000 (4K..16M); 0x100000, 1048576 "
-                        "and 1M are the same")
-    c.add_argument("--batch-size", type=_int, default=0, metavar="SIZE",
-                   help="only 0 (no batched chunks) is supported")
-    c.add_argument("-v", "--fs-version", default="6", choices=["5", "6"],
-                   help="RAFS version (this builder writes v6 only)")
-    c.add_argument("--parent-bootstrap", metavar="FILE",
-                   help="the lower layers' bootstrap: build a layer on top of it")
-    c.add_argument("--chunk-dict", metavar="bootstrap=FILE",
-                   help="deduplicate against the chunks of this image")
-    c.add_argument("--whiteout-spec", default="oci", choices=WHITEOUTS,
-                   help="how deleted files of a layer are marked in SOURCE")
-    c.add_argument("--prefetch-policy", default="none", choices=PREFETCH,
-                   help="fs: read the paths to prefetch from stdin, one a line")
-    c.add_argument("--blob-inline-meta", "--inline-bootstrap", action="store_true",
-                   help="append the bootstrap and a ToC to the blob (one file)")
-    c.add_argument("--repeatable", action="store_true",
-                   help="accepted: builds are always reproducible here")
-    c.add_argument("--aligned-chunk", action="store_true",
-                   help="accepted: chunks are always 4K-aligned in v6")
-    c.add_argument("--disable-check", action="store_true",
-                   help="skip reading the new bootstrap back")
-    c.add_argument("--features", default="",
-                   help="accepted for upstream compatibility (blob-toc is always on)")
-    c.add_argument("--threads", type=int, default=None,
-                   help="compression threads (default: the number of CPUs)")
+    c.add_argument(
+        "--chunk-size",
+        type=_int,
+        default=0x100000,
+        metavar="SIZE",
+        help="a power of two in 0x1000..0x1000000 (4K..16M); 0x100000, 1048576 and 1M are the same",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=_int,
+        default=0,
+        metavar="SIZE",
+        help="only 0 (no batched chunks) is supported",
+    )
+    c.add_argument(
+        "-v",
+        "--fs-version",
+        default="6",
+        choices=["5", "6"],
+        help="RAFS version (this builder writes v6 only)",
+    )
+    c.add_argument(
+        "--parent-bootstrap",
+        metavar="FILE",
+        help="the lower layers' bootstrap: build a layer on top of it",
+    )
+    c.add_argument(
+        "--chunk-dict",
+        metavar="bootstrap=FILE",
+        help="deduplicate against the chunks of this image",
+    )
+    c.add_argument(
+        "--whiteout-spec",
+        default="oci",
+        choices=WHITEOUTS,
+        help="how deleted files of a layer are marked in SOURCE",
+    )
+    c.add_argument(
+        "--prefetch-policy",
+        default="none",
+        choices=PREFETCH,
+        help="fs: read the paths to prefetch from stdin, one a line",
+    )
+    c.add_argument(
+        "--blob-inline-meta",
+        "--inline-bootstrap",
+        action="store_true",
+        help="append the bootstrap and a ToC to the blob (one file)",
+    )
+    c.add_argument(
+        "--repeatable", action="store_true", help="accepted: builds are always reproducible here"
+    )
+    c.add_argument(
+        "--aligned-chunk", action="store_true", help="accepted: chunks are always 4K-aligned in v6"
+    )
+    c.add_argument(
+        "--disable-check", action="store_true", help="skip reading the new bootstrap back"
+    )
+    c.add_argument(
+        "--features", default="", help="accepted for upstream compatibility (blob-toc is always on)"
+    )
+    c.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compression threads (default: the number of CPUs)",
+    )
     c.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
     m = cmd("merge", "merge per-layer bootstraps (lowest first) into one")
@@ -133,17 +191,28 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-B", "--bootstrap", help="output bootstrap")
     m.add_argument("-D", "--blob-dir", help="write the bootstrap here, named by its sha256")
     m.add_argument("--parent-bootstrap", metavar="FILE", help="merge on top of this bootstrap")
-    m.add_argument("--chunk-dict", metavar="bootstrap=FILE",
-                   help="a chunk dictionary image whose blobs join the table")
-    m.add_argument("--prefetch-policy", default="none", choices=PREFETCH,
-                   help="fs: read the paths to prefetch from stdin, one a line")
+    m.add_argument(
+        "--chunk-dict",
+        metavar="bootstrap=FILE",
+        help="a chunk dictionary image whose blobs join the table",
+    )
+    m.add_argument(
+        "--prefetch-policy",
+        default="none",
+        choices=PREFETCH,
+        help="fs: read the paths to prefetch from stdin, one a line",
+    )
     m.add_argument("--blob-digests", help="comma-separated sha256 hex, one per source")
     m.add_argument("--original-blob-ids", help="comma-separated blob ids, one per source")
     m.add_argument("--blob-sizes", help="comma-separated sizes, one per source")
     m.add_argument("--blob-toc-digests", help="comma-separated sha256 hex, one per source")
     m.add_argument("--blob-toc-sizes", help="comma-separated sizes, one per source")
-    m.add_argument("--whiteout-spec", default="oci", choices=WHITEOUTS,
-                   help="whiteouts of the layers (not an upstream flag; upstream uses oci)")
+    m.add_argument(
+        "--whiteout-spec",
+        default="oci",
+        choices=WHITEOUTS,
+        help="whiteouts of the layers (not an upstream flag; upstream uses oci)",
+    )
     m.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
     k = cmd("check", "validate a bootstrap and, with -D or --blob, every chunk of its blobs")
@@ -161,19 +230,30 @@ def _parser() -> argparse.ArgumentParser:
 
     s = cmd("stat", "statistics of one or more bootstraps")
     s.add_argument("-B", "--bootstrap", help="one bootstrap")
-    s.add_argument("-D", "--blob-dir",
-                   help="a directory of bootstraps (files without an extension, as upstream)")
+    s.add_argument(
+        "-D",
+        "--blob-dir",
+        help="a directory of bootstraps (files without an extension, as upstream)",
+    )
     s.add_argument("-T", "--target", help="with -D: what this image adds to the others")
-    s.add_argument("--digester", default="blake3", choices=DIGESTERS,
-                   help="accepted (chunks are compared by their recorded digests)")
+    s.add_argument(
+        "--digester",
+        default="blake3",
+        choices=DIGESTERS,
+        help="accepted (chunks are compared by their recorded digests)",
+    )
     s.add_argument("-J", "--output-json", metavar="FILE", help="write the numbers here too")
 
-    mt = cmd("mount", "mount an image built with --compressor none with the kernel's EROFS "
-                      "(no daemon; not an upstream subcommand); umount MOUNTPOINT undoes it")
+    mt = cmd(
+        "mount",
+        "mount an image built with --compressor none with the kernel's EROFS "
+        "(no daemon; not an upstream subcommand); umount MOUNTPOINT undoes it",
+    )
     mt.add_argument("mountpoint", help="an existing directory")
     mt.add_argument("-B", "--bootstrap", required=True, help="the bootstrap")
-    mt.add_argument("-D", "--blob-dir", required=True,
-                    help="directory of the blobs, named by blob id")
+    mt.add_argument(
+        "-D", "--blob-dir", required=True, help="directory of the blobs, named by blob id"
+    )
 
     u = cmd("unpack", "write the image's tree as a tar")
     u.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
@@ -186,10 +266,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _optimize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    o = sub.add_parser("optimize", parents=[common], help="a prefetch blob with the listed "
-                       "files' chunks and a bootstrap whose prefetch table lists them")
-    o.add_argument("-p", "--prefetch-files", required=True, metavar="LIST",
-                   help="file list, one path a line (or an access-pattern JSON)")
+    o = sub.add_parser(
+        "optimize",
+        parents=[common],
+        help="a prefetch blob with the listed "
+        "files' chunks and a bootstrap whose prefetch table lists them",
+    )
+    o.add_argument(
+        "-p",
+        "--prefetch-files",
+        required=True,
+        metavar="LIST",
+        help="file list, one path a line (or an access-pattern JSON)",
+    )
     o.add_argument("-B", "--bootstrap", required=True, help="the image's bootstrap")
     o.add_argument("-D", "--blob-dir", required=True, help="the image's blobs (by blob id)")
     o.add_argument("-O", "--output-bootstrap", required=True, help="the bootstrap to write")
@@ -228,33 +317,47 @@ def cmd_create(a: argparse.Namespace) -> int:
             )
         prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
     opts = BuildOptions(
-        chunk_size=a.chunk_size, compressor=a.compressor, digester=a.digester,
+        chunk_size=a.chunk_size,
+        compressor=a.compressor,
+        digester=a.digester,
         parent_bootstrap=a.parent_bootstrap,
-        chunk_dict_bootstrap=_chunk_dict_path(a.chunk_dict), whiteout_spec=a.whiteout_spec,
-        prefetch_paths=prefetch, workers=a.threads, inline_bootstrap=a.blob_inline_meta,
+        chunk_dict_bootstrap=_chunk_dict_path(a.chunk_dict),
+        whiteout_spec=a.whiteout_spec,
+        prefetch_paths=prefetch,
+        workers=a.threads,
+        inline_bootstrap=a.blob_inline_meta,
     )
     opts.validate()
-    _check_output_dirs(("-B/--bootstrap", a.bootstrap), ("-b/--blob", a.blob),
-                       ("-J/--output-json", a.output_json), made=a.blob_dir)
+    _check_output_dirs(
+        ("-B/--bootstrap", a.bootstrap),
+        ("-b/--blob", a.blob),
+        ("-J/--output-json", a.output_json),
+        made=a.blob_dir,
+    )
     if a.blob_dir and os.path.exists(a.blob_dir) and not os.path.isdir(a.blob_dir):
         raise ConfigError(f"-D/--blob-dir {a.blob_dir} is not a directory")
     t0 = time.monotonic()
     tree = None if from_tar else load_directory(a.source)
     src = _open_tar(a.source) if from_tar else None
     progress = Progress()
-    lp = progress.layer(f"create {os.path.basename(a.source.rstrip('/')) or a.source}",
-                        _source_size(src) if src is not None else _tree_bytes(tree))
+    lp = progress.layer(
+        f"create {os.path.basename(a.source.rstrip('/')) or a.source}",
+        _source_size(src) if src is not None else _tree_bytes(tree),
+    )
     if progress.enabled:  # bytes read: the tar stream's, or the directory's by chunk
-        opts.on_chunk = lambda size, dedup: progress.chunk(lp, dedup,
-                                                           read=0 if from_tar else size)
+        opts.on_chunk = lambda size, dedup: progress.chunk(lp, dedup, read=0 if from_tar else size)
     blob_path, tmp = _blob_target(a)
     out = open(blob_path, "wb") if blob_path else None  # noqa: SIM115
     try:
-        sink = _CountingSink(out, lambda n: progress.advance(lp, written=n)) \
-            if out is not None and progress.enabled else out
+        sink = (
+            _CountingSink(out, lambda n: progress.advance(lp, written=n))
+            if out is not None and progress.enabled
+            else out
+        )
         if src is not None:
-            stream = _CountingReader(src, lambda n: progress.advance(lp, n)) \
-                if progress.enabled else src
+            stream = (
+                _CountingReader(src, lambda n: progress.advance(lp, n)) if progress.enabled else src
+            )
             res = build_from_tar(stream, sink, opts, spool_dir=a.blob_dir)  # type: ignore[arg-type]
         else:
             assert tree is not None
@@ -269,8 +372,11 @@ def cmd_create(a: argparse.Namespace) -> int:
     finally:
         if src is not None and src is not sys.stdin.buffer:
             src.close()
-    progress.finish_layer(lp, f"{lp.label}: {human(res.bytes_read)} read, {lp.chunks} chunks "
-                              f"({lp.deduped} deduplicated), blob {human(lp.written)}")
+    progress.finish_layer(
+        lp,
+        f"{lp.label}: {human(res.bytes_read)} read, {lp.chunks} chunks "
+        f"({lp.deduped} deduplicated), blob {human(lp.written)}",
+    )
     progress.close()
     if out:
         out.close()
@@ -289,8 +395,13 @@ def cmd_create(a: argparse.Namespace) -> int:
             for _p, _n in md.walk():
                 pass
     dt = time.monotonic() - t0
-    log.info("built %s: %d files, %d bytes read in %.2fs", a.bootstrap or blob_id, res.files,
-             res.bytes_read, dt)
+    log.info(
+        "built %s: %d files, %d bytes read in %.2fs",
+        a.bootstrap or blob_id,
+        res.files,
+        res.bytes_read,
+        dt,
+    )
     _emit_json(a.output_json, _create_json(a, res, blob_id, dt))
     if blob_id:
         print(f"blob: {blob_id}")
@@ -352,14 +463,18 @@ def _tree_bytes(tree: Any) -> int:
     return total
 
 
-def _create_json(a: argparse.Namespace, res: BuildResult, blob_id: str | None,
-                 dt: float) -> dict[str, Any]:
+def _create_json(
+    a: argparse.Namespace, res: BuildResult, blob_id: str | None, dt: float
+) -> dict[str, Any]:
     return {
-        "version": __version__, "bootstrap": a.bootstrap,
+        "version": __version__,
+        "bootstrap": a.bootstrap,
         "blobs": [b.blob_id for b in res.blobs],
         "blob": blob_id,
         "blob_size": res.blob.entry.compressed_size if res.blob else 0,
-        "files": res.files, "bytes_read": res.bytes_read, "seconds": round(dt, 3),
+        "files": res.files,
+        "bytes_read": res.bytes_read,
+        "seconds": round(dt, 3),
         **res.stats,
     }
 
@@ -435,7 +550,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
         blob_sizes=_int_list(a.blob_sizes, "--blob-sizes"),
         blob_toc_digests=_split_list(a.blob_toc_digests),
         blob_toc_sizes=_int_list(a.blob_toc_sizes, "--blob-toc-sizes"),
-        prefetch_paths=prefetch, whiteout_spec=a.whiteout_spec,
+        prefetch_paths=prefetch,
+        whiteout_spec=a.whiteout_spec,
     )
     res = merge_bootstraps(a.sources, opts)
     target = a.bootstrap
@@ -444,8 +560,15 @@ def cmd_merge(a: argparse.Namespace) -> int:
             raise ConfigError(f"--blob-dir {a.blob_dir} does not exist")
         target = os.path.join(a.blob_dir, hashlib.sha256(res.bootstrap).hexdigest())
     _write_file(target, res.bootstrap)
-    _emit_json(a.output_json, {"version": __version__, "bootstrap": target,
-                               "blobs": [b.blob_id for b in res.blobs], **res.stats})
+    _emit_json(
+        a.output_json,
+        {
+            "version": __version__,
+            "bootstrap": target,
+            "blobs": [b.blob_id for b in res.blobs],
+            **res.stats,
+        },
+    )
     print(f"bootstrap: {target}")
     return 0
 
@@ -478,21 +601,35 @@ def _blob_target(a: argparse.Namespace) -> tuple[str | None, str | None]:
 def cmd_check(a: argparse.Namespace) -> int:
     _check_output_dirs(("-J/--output-json", a.output_json))
     rep = check_image(_bootstrap_arg(a), a.blob_dir, a.blob)
-    print(f"RAFS v{rep.version}: {rep.inodes} inodes ({rep.files} files, {rep.dirs} dirs, "
-          f"{rep.symlinks} symlinks, {rep.others} others; {rep.paths} paths)")
+    print(
+        f"RAFS v{rep.version}: {rep.inodes} inodes ({rep.files} files, {rep.dirs} dirs, "
+        f"{rep.symlinks} symlinks, {rep.others} others; {rep.paths} paths)"
+    )
     for b in rep.blobs:
-        print(f"  blob {b['blob_id']}: compressed {b['compressed_size']} uncompressed "
-              f"{b['uncompressed_size']} chunks {b['chunk_count']} {b['compressor']}/"
-              f"{b['digester']} features {' '.join(b['feature_names']) or 'none'}")
+        print(
+            f"  blob {b['blob_id']}: compressed {b['compressed_size']} uncompressed "
+            f"{b['uncompressed_size']} chunks {b['chunk_count']} {b['compressor']}/"
+            f"{b['digester']} features {' '.join(b['feature_names']) or 'none'}"
+        )
     if rep.chunks_checked:
         print(f"  verified {rep.chunks_checked} chunks, {rep.bytes_checked} bytes")
     for e in rep.errors:
         print(f"error: {e}", file=sys.stderr)
-    _emit_json(a.output_json, {
-        "version": rep.version, "inodes": rep.inodes, "files": rep.files, "dirs": rep.dirs,
-        "symlinks": rep.symlinks, "others": rep.others, "paths": rep.paths,
-        "blobs": rep.blobs, "chunks_checked": rep.chunks_checked, "errors": rep.errors,
-    })
+    _emit_json(
+        a.output_json,
+        {
+            "version": rep.version,
+            "inodes": rep.inodes,
+            "files": rep.files,
+            "dirs": rep.dirs,
+            "symlinks": rep.symlinks,
+            "others": rep.others,
+            "paths": rep.paths,
+            "blobs": rep.blobs,
+            "chunks_checked": rep.chunks_checked,
+            "errors": rep.errors,
+        },
+    )
     return 0 if rep.ok else 4
 
 
@@ -517,16 +654,20 @@ def cmd_stat(a: argparse.Namespace) -> int:
             if not os.path.isfile(path) or os.path.realpath(path) == target:
                 continue
             if os.path.splitext(name)[1]:
-                log.warning("stat: skipping %s: only files without an extension are read as "
-                            "bootstraps (as upstream)", path)
+                log.warning(
+                    "stat: skipping %s: only files without an extension are read as "
+                    "bootstraps (as upstream)",
+                    path,
+                )
                 continue
             try:
                 base.append(open_bootstrap(path))
             except NydusError as e:
                 log.warning("stat: skipping %s: not a bootstrap (%s)", path, e)
         if not base:
-            raise NotFoundError(f"-D/--blob-dir {a.blob_dir}: no bootstrap found (files "
-                                "without an extension)")
+            raise NotFoundError(
+                f"-D/--blob-dir {a.blob_dir}: no bootstrap found (files without an extension)"
+            )
         tmd = open_bootstrap(a.target) if a.target else None
         data = dedup_report(base, tmd)
     else:
@@ -559,14 +700,19 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         fd, tmp = tempfile.mkstemp(prefix=".optimize-", dir=out_dir)
         try:
             with os.fdopen(fd, "wb") as raw:
+
                 class _Sink:
                     def write(self, b: bytes, /) -> int:
                         h.update(b)
                         return raw.write(b)
 
                 res = optimize_image(
-                    md, paths, lambda c: chunks.read_chunks([c])[0], _Sink(),
-                    blob_id=lambda: h.hexdigest())
+                    md,
+                    paths,
+                    lambda c: chunks.read_chunks([c])[0],
+                    _Sink(),
+                    blob_id=lambda: h.hexdigest(),
+                )
             if res.blob is not None:
                 os.replace(tmp, os.path.join(out_dir, h.hexdigest()))
         finally:
@@ -576,11 +722,12 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         ids = [b.blob_id for b in md.blobs] + ([h.hexdigest()] if res.blob else [])
     with open(a.output_bootstrap, "wb") as out:
         out.write(res.bootstrap)
-    _emit_json(a.output_json, {"blobs": ids, "prefetch_files": res.files,
-                               "missing": res.missing})
-    print(f"prefetch blob {h.hexdigest() if res.blob else '(none)'}: {res.files} files, "
-          f"{res.bytes} bytes; prefetch table {res.table} entries; {len(res.missing)} listed "
-          f"paths not in the image")
+    _emit_json(a.output_json, {"blobs": ids, "prefetch_files": res.files, "missing": res.missing})
+    print(
+        f"prefetch blob {h.hexdigest() if res.blob else '(none)'}: {res.files} files, "
+        f"{res.bytes} bytes; prefetch table {res.table} entries; {len(res.missing)} listed "
+        f"paths not in the image"
+    )
     return 0
 
 
@@ -600,24 +747,35 @@ def cmd_mount(a: argparse.Namespace) -> int:
             if b.compressor != "none":
                 raise UnsupportedError(
                     f"blob {b.blob_id} is {b.compressor}-compressed: the kernel reads only "
-                    "images built with --compressor none (serve others with nydusd)")
+                    "images built with --compressor none (serve others with nydusd)"
+                )
             path = os.path.join(a.blob_dir, b.blob_id)
             if not os.path.isfile(path):
                 raise NotFoundError(f"blob {b.blob_id} not found in {a.blob_dir}")
             devices.append(os.path.abspath(path))
     try:
-        kernel_mount.mount_erofs(os.path.abspath(a.bootstrap), os.path.abspath(a.mountpoint),
-                                 devices)
+        kernel_mount.mount_erofs(
+            os.path.abspath(a.bootstrap), os.path.abspath(a.mountpoint), devices
+        )
     except OSError as e:
         raise ConfigError(str(e)) from None
-    print(f"mounted {a.bootstrap} at {a.mountpoint} (kernel EROFS, {len(devices)} blobs); "
-          f"umount {a.mountpoint} to undo")
+    print(
+        f"mounted {a.bootstrap} at {a.mountpoint} (kernel EROFS, {len(devices)} blobs); "
+        f"umount {a.mountpoint} to undo"
+    )
     return 0
 
 
-COMMANDS = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check,
-            "inspect": cmd_inspect, "stat": cmd_stat, "unpack": cmd_unpack,
-            "optimize": cmd_optimize, "mount": cmd_mount}
+COMMANDS = {
+    "create": cmd_create,
+    "merge": cmd_merge,
+    "check": cmd_check,
+    "inspect": cmd_inspect,
+    "stat": cmd_stat,
+    "unpack": cmd_unpack,
+    "optimize": cmd_optimize,
+    "mount": cmd_mount,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

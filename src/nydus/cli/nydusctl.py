@@ -26,8 +26,23 @@ from ..config import read_input_file
 from ..daemon.client import ApiClientError, ApiReplyError, NydusdClient
 from ..errors import ConfigError, NydusError
 
-_FOPS = ["getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
-         "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget"]
+_FOPS = [
+    "getattr",
+    "readlink",
+    "open",
+    "release",
+    "read",
+    "statfs",
+    "getxattr",
+    "listxattr",
+    "opendir",
+    "lookup",
+    "readdir",
+    "readdirplus",
+    "access",
+    "forget",
+    "batch_forget",
+]
 _SIZES = ["<1K", "<4K", "<16K", "<64K", "<128K", "<512K", "<1M", ">=1M"]
 _LAT = ["<=1ms", "<=20ms", "<=50ms", "<=100ms", "<=500ms", "<=1s", "<=2s", ">2s"]
 
@@ -40,28 +55,42 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="daemon information")
     m = sub.add_parser("metrics", help="metrics")
-    m.add_argument("kind", nargs="?", default="fsstats",
-                   choices=["fsstats", "backend", "cache", "blobcache", "files", "pattern",
-                            "inflight"], help="which metrics (default fsstats)")
+    m.add_argument(
+        "kind",
+        nargs="?",
+        default="fsstats",
+        choices=["fsstats", "backend", "cache", "blobcache", "files", "pattern", "inflight"],
+        help="which metrics (default fsstats)",
+    )
     m.add_argument("-I", "--id", help="file system id (its mount path; default: the only one)")
-    m.add_argument("-i", "--interval", type=float, default=0,
-                   help="repeat every N seconds (Ctrl-C to stop)")
-    mo = sub.add_parser("mount", help="attach an image to a shared daemon (one started "
-                                      "without --bootstrap)")
+    m.add_argument(
+        "-i", "--interval", type=float, default=0, help="repeat every N seconds (Ctrl-C to stop)"
+    )
+    mo = sub.add_parser(
+        "mount", help="attach an image to a shared daemon (one started without --bootstrap)"
+    )
     mo.add_argument("-s", "--source", required=True, help="bootstrap path")
     mo.add_argument("-c", "--config", required=True, help="nydusd config file")
     mo.add_argument("-m", "--mountpoint", required=True, help="virtual mount path, e.g. /sub")
-    mo.add_argument("-t", "--type", default="rafs", choices=["rafs", "passthrough_fs"],
-                    help="file system type (only rafs here)")
-    mo.add_argument("-P", "--prefetch-files", nargs="+", metavar="PATH",
-                    help="files to prefetch")
+    mo.add_argument(
+        "-t",
+        "--type",
+        default="rafs",
+        choices=["rafs", "passthrough_fs"],
+        help="file system type (only rafs here)",
+    )
+    mo.add_argument("-P", "--prefetch-files", nargs="+", metavar="PATH", help="files to prefetch")
     mo.add_argument("--remount", action="store_true", help="replace an existing mount")
-    mo.add_argument("--bootstrap-digest", metavar="sha256:HEX",
-                    help="nydusd refuses the bootstrap unless its sha256 is this (an extension "
-                         "of this implementation, not upstream)")
+    mo.add_argument(
+        "--bootstrap-digest",
+        metavar="sha256:HEX",
+        help="nydusd refuses the bootstrap unless its sha256 is this (an extension "
+        "of this implementation, not upstream)",
+    )
     um = sub.add_parser("umount", help="detach an image")
-    um.add_argument("mountpoint_pos", nargs="?", metavar="MOUNTPOINT",
-                    help="the virtual mount path, e.g. /sub")
+    um.add_argument(
+        "mountpoint_pos", nargs="?", metavar="MOUNTPOINT", help="the virtual mount path, e.g. /sub"
+    )
     um.add_argument("-m", "--mountpoint", help="the same, as a flag")
     st = sub.add_parser("set", help="change a daemon setting")
     st.add_argument("item", choices=["log-level"], help="the setting")
@@ -87,20 +116,24 @@ def _human(n: int) -> str:
 
 def _fmt_info(d: dict[str, Any]) -> str:
     v = d.get("version", {})
-    out = _table([
-        ("Version", f"{v.get('package_ver', '')} ({v.get('rustc', '')})"),
-        ("ID", d.get("id") or "-"),
-        ("State", d.get("state", "")),
-        ("Mountpoint", d.get("mountpoint", "")),
-        ("Supervisor", d.get("supervisor") or "-"),
-    ])
+    out = _table(
+        [
+            ("Version", f"{v.get('package_ver', '')} ({v.get('rustc', '')})"),
+            ("ID", d.get("id") or "-"),
+            ("State", d.get("state", "")),
+            ("Mountpoint", d.get("mountpoint", "")),
+            ("Supervisor", d.get("supervisor") or "-"),
+        ]
+    )
     mounts = d.get("backend_collection") or {}
     if mounts:
         lines = ["", f"{'MOUNT':<20} {'TYPE':<6} {'VER':<4} {'BLOBS':<6} BOOTSTRAP"]
         for path, b in sorted(mounts.items()):
-            lines.append(f"{path:<20} {b.get('fs_type', ''):<6} "
-                         f"{'v' + str(b.get('rafs_version', '')):<4} "
-                         f"{len(b.get('blobs', [])):<6} {b.get('bootstrap', '')}")
+            lines.append(
+                f"{path:<20} {b.get('fs_type', ''):<6} "
+                f"{'v' + str(b.get('rafs_version', '')):<4} "
+                f"{len(b.get('blobs', [])):<6} {b.get('bootstrap', '')}"
+            )
         out += "\n" + "\n".join(lines)
     return out
 
@@ -118,16 +151,20 @@ def _fmt_fsstats(g: dict[str, Any]) -> str:
     lat = g.get("fop_cumulative_latency_total", [])
     for i, name in enumerate(_FOPS):
         if i < len(hits) and (hits[i] or (i < len(errs) and errs[i])):
-            out += f"\n{name:<14} {hits[i]:>10} {errs[i] if i < len(errs) else 0:>8} " \
-                   f"{lat[i] if i < len(lat) else 0:>12}"
+            out += (
+                f"\n{name:<14} {hits[i]:>10} {errs[i] if i < len(errs) else 0:>8} "
+                f"{lat[i] if i < len(lat) else 0:>12}"
+            )
     bc = g.get("block_count_read", [])
     if any(bc):
         out += "\n\nReads by size: " + ", ".join(
-            f"{s} {n}" for s, n in zip(_SIZES, bc, strict=False) if n)
+            f"{s} {n}" for s, n in zip(_SIZES, bc, strict=False) if n
+        )
     ld = g.get("read_latency_dist", [])
     if any(ld):
         out += "\nReads by latency: " + ", ".join(
-            f"{s} {n}" for s, n in zip(_LAT, ld, strict=False) if n)
+            f"{s} {n}" for s, n in zip(_LAT, ld, strict=False) if n
+        )
     return out
 
 
@@ -159,8 +196,10 @@ def _metrics(client: NydusdClient, a: argparse.Namespace) -> str:
     if a.kind == "pattern":
         return _fmt_rows(data, ["ino", "nr_read", "first_access_time_secs", "file_path"])
     if a.kind == "inflight":
-        return _fmt_rows(data.get("values", []), ["unique", "opcode", "inode",
-                                                  "timestamp_secs"]) or "no requests in flight"
+        return (
+            _fmt_rows(data.get("values", []), ["unique", "opcode", "inode", "timestamp_secs"])
+            or "no requests in flight"
+        )
     if a.kind == "files" and isinstance(data, dict):
         rows = [{"ino": k, **v} for k, v in data.items()]
         return _fmt_rows(rows, ["ino", "nr_open", "total_fops", "data_read"])
@@ -190,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             if a.remount:
                 client.remount(a.mountpoint, a.source, config, a.bootstrap_digest)
             else:
-                client.mount(a.mountpoint, a.source, config, a.prefetch_files, a.type,
-                             a.bootstrap_digest)
+                client.mount(
+                    a.mountpoint, a.source, config, a.prefetch_files, a.type, a.bootstrap_digest
+                )
             print(f"mounted {a.source} at {a.mountpoint}")
         elif a.cmd == "umount":
             mp = a.mountpoint or a.mountpoint_pos
@@ -216,15 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
         # a JSON reply of the wrong shape (the daemon is not a nydusd we understand)
-        print(f"nydusctl: error: unexpected reply from nydusd at {a.sock} "
-              f"({type(e).__name__})", file=sys.stderr)
+        print(
+            f"nydusctl: error: unexpected reply from nydusd at {a.sock} ({type(e).__name__})",
+            file=sys.stderr,
+        )
         return 1
     except NydusError as e:
         print(f"nydusctl: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"nydusctl: error: cannot talk to nydusd at {a.sock}: "
-              f"{e.strerror or type(e).__name__}", file=sys.stderr)
+        print(
+            f"nydusctl: error: cannot talk to nydusd at {a.sock}: {e.strerror or type(e).__name__}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -34,51 +34,86 @@ _SUBCOMMANDS = ("fuse", "virtiofs", "singleton", "nbd", "uffd")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nydusd", description="Serve RAFS (Nydus) images over FUSE",
+        prog="nydusd",
+        description="Serve RAFS (Nydus) images over FUSE",
         formatter_class=HelpFormatter,
         epilog="Subcommand 'fuse' is the default; virtiofs, singleton (fscache), nbd and uffd "
-               "are not supported by this implementation.")
+        "are not supported by this implementation.",
+    )
     p.add_argument("-V", "--version", action="version", version=f"nydusd {__version__} (python)")
     p.add_argument("-C", "--config", help="nydusd configuration file (JSON v1, or v2)")
     p.add_argument("-A", "--apisock", help="unix socket for the HTTP API")
     p.add_argument("-M", "--mountpoint", help="where to mount the FUSE file system")
     p.add_argument("-B", "--bootstrap", help="RAFS bootstrap (metadata) to serve")
-    p.add_argument("--bootstrap-digest", metavar="sha256:HEX",
-                   help="refuse to mount --bootstrap unless its sha256 is this (an extension "
-                        "of this implementation, not an upstream flag; the containerd "
-                        "snapshotter passes the digest it recorded)")
-    p.add_argument("-D", "--localfs-dir",
-                   help="blob directory: shorthand for a localfs backend config")
+    p.add_argument(
+        "--bootstrap-digest",
+        metavar="sha256:HEX",
+        help="refuse to mount --bootstrap unless its sha256 is this (an extension "
+        "of this implementation, not an upstream flag; the containerd "
+        "snapshotter passes the digest it recorded)",
+    )
+    p.add_argument(
+        "-D", "--localfs-dir", help="blob directory: shorthand for a localfs backend config"
+    )
     p.add_argument("--shared-dir", help="passthroughfs directory (not supported)")
     p.add_argument("-I", "--id", default="", help="daemon id")
     p.add_argument("-S", "--supervisor", default="", help="supervisor socket (failover)")
-    p.add_argument("-U", "--upgrade", action="store_true",
-                   help="start in upgrade mode: wait for a takeover")
-    p.add_argument("-l", "--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"], help="log level")
+    p.add_argument(
+        "-U", "--upgrade", action="store_true", help="start in upgrade mode: wait for a takeover"
+    )
+    p.add_argument(
+        "-l",
+        "--log-level",
+        default="info",
+        choices=["trace", "debug", "info", "warn", "error"],
+        help="log level",
+    )
     p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
     p.add_argument("-R", "--log-rotation-size", type=int, default=0, help="MiB (0 = never)")
-    p.add_argument("--rlimit-nofile", type=int, default=1_000_000,
-                   help="raise the open-files limit to this")
-    p.add_argument("-P", "--prefetch-files", nargs="+", default=None, metavar="PATH",
-                   help="files to prefetch (when the config enables fs_prefetch)")
-    p.add_argument("-m", "--virtual-mountpoint", default="/",
-                   help="where the --bootstrap image appears inside the mount (default /)")
-    p.add_argument("-F", "--failover-policy", default="resend",
-                   choices=["none", "resend", "flush"],
-                   help="what a new daemon does with requests in flight at a takeover")
-    p.add_argument("-T", "--fuse-threads", type=int, default=4,
-                   help="threads serving FUSE requests (1..1024)")
+    p.add_argument(
+        "--rlimit-nofile", type=int, default=1_000_000, help="raise the open-files limit to this"
+    )
+    p.add_argument(
+        "-P",
+        "--prefetch-files",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="files to prefetch (when the config enables fs_prefetch)",
+    )
+    p.add_argument(
+        "-m",
+        "--virtual-mountpoint",
+        default="/",
+        help="where the --bootstrap image appears inside the mount (default /)",
+    )
+    p.add_argument(
+        "-F",
+        "--failover-policy",
+        default="resend",
+        choices=["none", "resend", "flush"],
+        help="what a new daemon does with requests in flight at a takeover",
+    )
+    p.add_argument(
+        "-T", "--fuse-threads", type=int, default=4, help="threads serving FUSE requests (1..1024)"
+    )
     p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
-    p.add_argument("--fs-driver", choices=[d.value for d in FsDriver], default="erofs",
-                   help="default data path of images whose config has no fs_driver: erofs "
-                        "(default: the kernel mounts the bootstrap, the daemon serves blob "
-                        "data) or fusedev (FUSE RAFS). v5 images, kernels without file-backed "
-                        "EROFS, per-file metrics and --supervisor use fusedev")
-    p.add_argument("--readahead-kb", type=int, default=1024,
-                   help="the FUSE mount's readahead in KiB (default 1024, one chunk; "
-                        "0: the kernel's default)")
+    p.add_argument(
+        "--fs-driver",
+        choices=[d.value for d in FsDriver],
+        default="erofs",
+        help="default data path of images whose config has no fs_driver: erofs "
+        "(default: the kernel mounts the bootstrap, the daemon serves blob "
+        "data) or fusedev (FUSE RAFS). v5 images, kernels without file-backed "
+        "EROFS, per-file metrics and --supervisor use fusedev",
+    )
+    p.add_argument(
+        "--readahead-kb",
+        type=int,
+        default=1024,
+        help="the FUSE mount's readahead in KiB (default 1024, one chunk; 0: the kernel's default)",
+    )
     return p
 
 
@@ -123,7 +158,8 @@ def _load_config(a: argparse.Namespace) -> object | None:
         if not os.path.isdir(a.localfs_dir):
             raise ConfigError(f"--localfs-dir {a.localfs_dir}: no such directory")
         return DaemonConfig.from_json(
-            {"device": {"backend": {"type": "localfs", "config": {"dir": a.localfs_dir}}}})
+            {"device": {"backend": {"type": "localfs", "config": {"dir": a.localfs_dir}}}}
+        )
     if a.bootstrap:
         raise ConfigError("--bootstrap needs --config (or --localfs-dir)")
     return None
@@ -140,13 +176,16 @@ def _refuse_busy_mountpoint(mountpoint: str) -> None:
     kinds = ", ".join(left)
     pids = nydusd_serving(mountpoint)
     if pids:
-        raise StateBusyError(f"--mountpoint {mountpoint} is already in use ({kinds}) by nydusd "
-                             f"pid {', '.join(map(str, pids))}")
+        raise StateBusyError(
+            f"--mountpoint {mountpoint} is already in use ({kinds}) by nydusd "
+            f"pid {', '.join(map(str, pids))}"
+        )
     n = len(left)
     raise StateBusyError(
         f"--mountpoint {mountpoint} still holds {n} mount{'s' if n > 1 else ''} ({kinds}) and "
         f"no nydusd serves it: one was killed; clear {'them' if n > 1 else 'it'} with "
-        f"'umount -l {mountpoint}'" + (f" ({n} times)" if n > 1 else "") + " and start again")
+        f"'umount -l {mountpoint}'" + (f" ({n} times)" if n > 1 else "") + " and start again"
+    )
 
 
 class StateBusyError(ConfigError):
@@ -157,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     sub, rest = _split_subcommand(args_in)
     if sub != "fuse":
-        print(f"nydusd: error: subcommand {sub!r} is not supported (only 'fuse')",
-              file=sys.stderr)
+        print(f"nydusd: error: subcommand {sub!r} is not supported (only 'fuse')", file=sys.stderr)
         return 2
     a = _parser().parse_args(rest)
     from ..daemon.logsetup import setup_logging
@@ -199,23 +237,31 @@ def _run(a: argparse.Namespace) -> int:
             raise ConfigError("--bootstrap-digest needs --bootstrap")
         a.bootstrap_digest = parse_bootstrap_digest(a.bootstrap_digest)
     if not a.bootstrap and not a.apisock:
-        raise ConfigError("without --bootstrap, images can only come through the API: "
-                          "give --bootstrap or --apisock")
+        raise ConfigError(
+            "without --bootstrap, images can only come through the API: "
+            "give --bootstrap or --apisock"
+        )
     cfg = _load_config(a)
     _raise_nofile(a.rlimit_nofile)
     _tune_malloc()
 
     opts = DaemonOptions(
-        mountpoint=os.path.abspath(a.mountpoint), id=a.id, supervisor=a.supervisor,
-        apisock=a.apisock or "", upgrade=a.upgrade, failover_policy=a.failover_policy,
+        mountpoint=os.path.abspath(a.mountpoint),
+        id=a.id,
+        supervisor=a.supervisor,
+        apisock=a.apisock or "",
+        upgrade=a.upgrade,
+        failover_policy=a.failover_policy,
         fs_driver=FsDriver(a.fs_driver),
         # Zero-message opens (no OPEN/RELEASE round trips) unless per-file stats are wanted,
         # or a supervisor may hold the connection while no daemon serves it: OPEN replies
         # carry FOPEN_NOFLUSH, so a close() never waits on a FLUSH nobody answers (with
         # zero-message opens the kernel sends FLUSH until its first ENOSYS reply).
-        session=SessionOptions(threads=a.fuse_threads, readahead_kb=a.readahead_kb,
-                               no_open=not (getattr(cfg, "iostats_files", False)
-                                            or a.supervisor)),
+        session=SessionOptions(
+            threads=a.fuse_threads,
+            readahead_kb=a.readahead_kb,
+            no_open=not (getattr(cfg, "iostats_files", False) or a.supervisor),
+        ),
     )
     daemon = Nydusd(opts)
     logging.getLogger().addHandler(daemon.events)
@@ -224,9 +270,12 @@ def _run(a: argparse.Namespace) -> int:
         from ..daemon.failover import Failover
 
         fo = Failover(daemon) if a.supervisor else None
-        api = ApiServer(daemon, a.apisock,
-                        on_sendfd=fo.send if fo else None,
-                        on_takeover=fo.takeover if fo and a.upgrade else None)
+        api = ApiServer(
+            daemon,
+            a.apisock,
+            on_sendfd=fo.send if fo else None,
+            on_takeover=fo.takeover if fo and a.upgrade else None,
+        )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.request_exit(signal.Signals(signum).name)
@@ -235,14 +284,23 @@ def _run(a: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    log.info("nydusd %s (python) starting: mountpoint %s, %d FUSE threads", __version__,
-             opts.mountpoint, a.fuse_threads)
+    log.info(
+        "nydusd %s (python) starting: mountpoint %s, %d FUSE threads",
+        __version__,
+        opts.mountpoint,
+        a.fuse_threads,
+    )
     try:
         if api is not None:
             api.start()
         if a.bootstrap:
-            daemon.mount(a.virtual_mountpoint, a.bootstrap, cfg,  # type: ignore[arg-type]
-                         a.prefetch_files, bootstrap_digest=a.bootstrap_digest)
+            daemon.mount(
+                a.virtual_mountpoint,
+                a.bootstrap,
+                cfg,  # type: ignore[arg-type]
+                a.prefetch_files,
+                bootstrap_digest=a.bootstrap_digest,
+            )
         if not a.upgrade:
             daemon.mount_fuse()
             daemon.start()

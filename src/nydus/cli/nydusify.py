@@ -63,33 +63,53 @@ def _duration(v: str) -> float:
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
     if source:
-        p.add_argument("--source-insecure", action="store_true",
-                       help="skip TLS verification of the source registry (HTTP fallback)")
-    p.add_argument("--target-insecure", action="store_true",
-                   help="skip TLS verification of the target registry (HTTP fallback)")
+        p.add_argument(
+            "--source-insecure",
+            action="store_true",
+            help="skip TLS verification of the source registry (HTTP fallback)",
+        )
+    p.add_argument(
+        "--target-insecure",
+        action="store_true",
+        help="skip TLS verification of the target registry (HTTP fallback)",
+    )
     p.add_argument("--plain-http", action="store_true", help="use plain HTTP for registries")
     p.add_argument("--work-dir", default="./tmp", help="working directory (default ./tmp)")
-    p.add_argument("--log-level", dest="sub_log_level", default=None,
-                   choices=["trace", "debug", "info", "warn", "error"],
-                   help="log level (overrides the global one)")
+    p.add_argument(
+        "--log-level",
+        dest="sub_log_level",
+        default=None,
+        choices=["trace", "debug", "info", "warn", "error"],
+        help="log level (overrides the global one)",
+    )
 
 
 def _backend_flags(p: argparse.ArgumentParser, prefix: str = "", what: str = "") -> None:
     where = what or "the Nydus image's data blobs"
-    p.add_argument(f"--{prefix}backend-type", choices=["localfs", "s3", "oss", "registry"],
-                   help=f"where {where} are stored (default registry: beside the manifest)")
-    p.add_argument(f"--{prefix}backend-config", metavar="JSON",
-                   help="that backend's config as JSON")
-    p.add_argument(f"--{prefix}backend-config-file", metavar="FILE",
-                   help="that backend's config JSON file")
+    p.add_argument(
+        f"--{prefix}backend-type",
+        choices=["localfs", "s3", "oss", "registry"],
+        help=f"where {where} are stored (default registry: beside the manifest)",
+    )
+    p.add_argument(
+        f"--{prefix}backend-config", metavar="JSON", help="that backend's config as JSON"
+    )
+    p.add_argument(
+        f"--{prefix}backend-config-file", metavar="FILE", help="that backend's config JSON file"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nydusify", description="Nydus image conversion tool",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="nydusify", description="Nydus image conversion tool", formatter_class=HelpFormatter
+    )
     p.add_argument("-v", "--version", action="version", version=f"nydusify {__version__}")
-    p.add_argument("--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"], help="log level")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["trace", "debug", "info", "warn", "error"],
+        help="log level",
+    )
     p.add_argument("--debug", action="store_true", help="same as --log-level debug")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -102,38 +122,74 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target-suffix", help="target = source + this suffix (e.g. -nydus)")
     _common(c)
     c.add_argument("--nydus-image", help="accepted for compatibility: the builder is in-process")
-    c.add_argument("--fs-version", default="6", choices=["5", "6"],
-                   help="RAFS version (only 6 is written here)")
-    c.add_argument("--compressor", default="zstd", choices=["none", "lz4_block", "zstd"],
-                   help="chunk compression")
-    c.add_argument("--fs-chunk-size", type=_int, default=0x100000, metavar="SIZE",
-                   help="chunk size, a power of two in 0x1000..0x1000000 (decimal or 0x hex)")
+    c.add_argument(
+        "--fs-version",
+        default="6",
+        choices=["5", "6"],
+        help="RAFS version (only 6 is written here)",
+    )
+    c.add_argument(
+        "--compressor",
+        default="zstd",
+        choices=["none", "lz4_block", "zstd"],
+        help="chunk compression",
+    )
+    c.add_argument(
+        "--fs-chunk-size",
+        type=_int,
+        default=0x100000,
+        metavar="SIZE",
+        help="chunk size, a power of two in 0x1000..0x1000000 (decimal or 0x hex)",
+    )
     c.add_argument("--fs-align-chunk", action="store_true", help="always on for v6")
     c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
     c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
-    c.add_argument("--prefetch-patterns", action="store_true",
-                   help="read prefetch paths from stdin, one per line")
+    c.add_argument(
+        "--prefetch-patterns",
+        action="store_true",
+        help="read prefetch paths from stdin, one per line",
+    )
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
     _backend_flags(c)
-    c.add_argument("--backend-force-push", action="store_true",
-                   help="push blobs to the backend even if it has them")
-    c.add_argument("--oci", action="store_true",
-                   help="OCI media types for the target (the default)")
-    c.add_argument("--docker-v2-format", action="store_true",
-                   help="Docker v2 schema 2 manifest and config for the target")
-    c.add_argument("--with-referrer", action="store_true",
-                   help="set the Nydus manifest's subject to the source manifest")
-    c.add_argument("--merge-platform", action="store_true",
-                   help="push an index holding the OCI and the Nydus manifests")
-    c.add_argument("--all-platforms", action="store_true",
-                   help="convert every platform of the source index")
+    c.add_argument(
+        "--backend-force-push",
+        action="store_true",
+        help="push blobs to the backend even if it has them",
+    )
+    c.add_argument(
+        "--oci", action="store_true", help="OCI media types for the target (the default)"
+    )
+    c.add_argument(
+        "--docker-v2-format",
+        action="store_true",
+        help="Docker v2 schema 2 manifest and config for the target",
+    )
+    c.add_argument(
+        "--with-referrer",
+        action="store_true",
+        help="set the Nydus manifest's subject to the source manifest",
+    )
+    c.add_argument(
+        "--merge-platform",
+        action="store_true",
+        help="push an index holding the OCI and the Nydus manifests",
+    )
+    c.add_argument(
+        "--all-platforms", action="store_true", help="convert every platform of the source index"
+    )
     c.add_argument("--platform", help="OS/ARCH[/VARIANT][,...] (default: this machine's)")
     c.add_argument("--output-json", metavar="FILE", help="write a JSON report here")
     c.add_argument("--push-retry-count", type=int, default=3, help="retries of a failed push")
-    c.add_argument("--push-retry-delay", type=_duration, default=5.0, metavar="DURATION",
-                   help="wait between push retries: seconds or Go-style (5s, 500ms, 1m)")
-    c.add_argument("--parallel", type=int, default=0,
-                   help="layers converted at once (default min(4, layers))")
+    c.add_argument(
+        "--push-retry-delay",
+        type=_duration,
+        default=5.0,
+        metavar="DURATION",
+        help="wait between push retries: seconds or Go-style (5s, 500ms, 1m)",
+    )
+    c.add_argument(
+        "--parallel", type=int, default=0, help="layers converted at once (default min(4, layers))"
+    )
 
     k = cmd("check", "check a Nydus image against its source")
     k.add_argument("--source", help="source (OCI) image reference")
@@ -151,9 +207,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--target", required=True, help="Nydus image reference")
     m.add_argument("--mount-path", required=True, help="an existing directory to mount on")
     _common(m, source=False)
-    m.add_argument("--nydusd", default="nydusd",
-                   help="nydusd to run: a path, or a name looked up next to nydusify first, "
-                        "then on PATH")
+    m.add_argument(
+        "--nydusd",
+        default="nydusd",
+        help="nydusd to run: a path, or a name looked up next to nydusify first, then on PATH",
+    )
     m.add_argument("--platform", help="OS/ARCH[/VARIANT]")
     m.add_argument("--prefetch", action="store_true", help="prefetch the whole image")
     _backend_flags(m)
@@ -162,33 +220,51 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--source", required=True, help="source image reference")
     y.add_argument("--target", required=True, help="REF, or file://PATH for an OCI tarball")
     _common(y)
-    y.add_argument("--all-platforms", action="store_true",
-                   help="copy every platform of the source index")
+    y.add_argument(
+        "--all-platforms", action="store_true", help="copy every platform of the source index"
+    )
     y.add_argument("--platform", help="OS/ARCH[/VARIANT][,...]")
-    y.add_argument("--push-chunk-size", type=_int, default=0,
-                   help="upload in chunks of this many bytes (0: client default)")
+    y.add_argument(
+        "--push-chunk-size",
+        type=_int,
+        default=0,
+        help="upload in chunks of this many bytes (0: client default)",
+    )
     _optimize_parsers(sub)
     return p
 
 
 def _optimize_parsers(sub: Any) -> None:
     """``optimize`` (upstream's flags) and ``access-pattern`` (ours: exports a recording)."""
-    o = sub.add_parser("optimize", formatter_class=HelpFormatter,
-                       help="rebuild a Nydus image for an access pattern: a prefetch blob "
-                       "with the listed files' chunks, and a prefetch table")
+    o = sub.add_parser(
+        "optimize",
+        formatter_class=HelpFormatter,
+        help="rebuild a Nydus image for an access pattern: a prefetch blob "
+        "with the listed files' chunks, and a prefetch table",
+    )
     o.add_argument("--source", required=True, help="source Nydus image reference")
     o.add_argument("--target", required=True, help="target image reference")
     _common(o)
-    o.add_argument("--policy", default="separated-blob-with-prefetch-files",
-                   help="optimization policy (only separated-blob-with-prefetch-files)")
-    o.add_argument("--prefetch-files", required=True, metavar="LIST",
-                   help="file list, one path a line (or an access-pattern JSON; - for stdin)")
+    o.add_argument(
+        "--policy",
+        default="separated-blob-with-prefetch-files",
+        help="optimization policy (only separated-blob-with-prefetch-files)",
+    )
+    o.add_argument(
+        "--prefetch-files",
+        required=True,
+        metavar="LIST",
+        help="file list, one path a line (or an access-pattern JSON; - for stdin)",
+    )
     o.add_argument("--nydus-image", help="accepted for compatibility: the builder is in-process")
     o.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
     o.add_argument("--output-json", help="write a JSON report here")
-    r = sub.add_parser("access-pattern", formatter_class=HelpFormatter,
-                       help="export a recorded access pattern (daemons configured with "
-                       "access_pattern) as a prefetch list file")
+    r = sub.add_parser(
+        "access-pattern",
+        formatter_class=HelpFormatter,
+        help="export a recorded access pattern (daemons configured with "
+        "access_pattern) as a prefetch list file",
+    )
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshotter-root", help="the snapshotter's --root: every daemon of it")
     src.add_argument("--apisock", help="one nydusd's API socket")
@@ -196,16 +272,23 @@ def _optimize_parsers(sub: Any) -> None:
     r.add_argument("--id", help="with --apisock: the image's mount path in the daemon")
     r.add_argument("--output", required=True, help="the prefetch list (one path a line)")
     r.add_argument("--output-json", help="also the pattern entries (with ranges) as JSON")
-    r.add_argument("--log-level", dest="sub_log_level", default=None,
-                   choices=["trace", "debug", "info", "warn", "error"],
-                   help="log level of this command (default: the global --log-level)")
+    r.add_argument(
+        "--log-level",
+        dest="sub_log_level",
+        default=None,
+        choices=["trace", "debug", "info", "warn", "error"],
+        help="log level of this command (default: the global --log-level)",
+    )
 
 
 def _remote_opts(insecure: bool, plain_http: bool, chunk: int = 0) -> Any:
     from ..convert.remote import RemoteOptions
 
-    kw: dict[str, Any] = {"insecure": insecure, "plain_http": plain_http,
-                          "docker_config": docker_config_path()}
+    kw: dict[str, Any] = {
+        "insecure": insecure,
+        "plain_http": plain_http,
+        "docker_config": docker_config_path(),
+    }
     if chunk:
         kw["chunk_size"] = chunk
     return RemoteOptions(**kw)
@@ -252,8 +335,9 @@ class _Report(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
-def _source_to_target(a: argparse.Namespace, target: str,
-                      run: Callable[[Remote, Remote], _Report]) -> int:
+def _source_to_target(
+    a: argparse.Namespace, target: str, run: Callable[[Remote, Remote], _Report]
+) -> int:
     """Run a command from ``--source`` to ``target``; print and ``--output-json`` its report."""
     from ..convert.remote import Remote
 
@@ -288,13 +372,23 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.prefetch_dir:
         prefetch = [*(prefetch or []), a.prefetch_dir.encode()]
     opts = ConvertOptions(
-        work_dir=a.work_dir, fs_version=str(a.fs_version), compressor=a.compressor,
-        chunk_size=a.fs_chunk_size, prefetch_patterns=prefetch, chunk_dict=a.chunk_dict,
-        platforms=_platforms(a.platform), all_platforms=a.all_platforms,
-        merge_platform=a.merge_platform, with_referrer=a.with_referrer, oci=a.oci,
-        docker_v2_format=a.docker_v2_format, backend=_backend(a),
-        push_retry_count=a.push_retry_count, push_retry_delay=a.push_retry_delay,
-        parallel=a.parallel, backend_force_push=a.backend_force_push,
+        work_dir=a.work_dir,
+        fs_version=str(a.fs_version),
+        compressor=a.compressor,
+        chunk_size=a.fs_chunk_size,
+        prefetch_patterns=prefetch,
+        chunk_dict=a.chunk_dict,
+        platforms=_platforms(a.platform),
+        all_platforms=a.all_platforms,
+        merge_platform=a.merge_platform,
+        with_referrer=a.with_referrer,
+        oci=a.oci,
+        docker_v2_format=a.docker_v2_format,
+        backend=_backend(a),
+        push_retry_count=a.push_retry_count,
+        push_retry_delay=a.push_retry_delay,
+        parallel=a.parallel,
+        backend_force_push=a.backend_force_push,
     )
     return _source_to_target(a, target, lambda src, dst: convert(src, dst, opts, Progress()))
 
@@ -306,8 +400,12 @@ def cmd_check(a: argparse.Namespace) -> int:
     src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http)) if a.source else None
     dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http))
     backend = _backend(a) or _backend(a, "target_")
-    opts = CheckOptions(work_dir=a.work_dir, platforms=_platforms(a.platform),
-                        multi_platform=a.multi_platform, backend=backend)
+    opts = CheckOptions(
+        work_dir=a.work_dir,
+        platforms=_platforms(a.platform),
+        multi_platform=a.multi_platform,
+        backend=backend,
+    )
     try:
         rep = check(src, dst, opts)
     finally:
@@ -325,10 +423,15 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
     dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http))
     plats = _platforms(a.platform)
-    opts = MountOptions(mount_path=a.mount_path, work_dir=a.work_dir, nydusd=a.nydusd,
-                        backend=_backend(a), prefetch=a.prefetch,
-                        platform=plats[0] if plats else None,
-                        log_level=a.sub_log_level or a.log_level)
+    opts = MountOptions(
+        mount_path=a.mount_path,
+        work_dir=a.work_dir,
+        nydusd=a.nydusd,
+        backend=_backend(a),
+        prefetch=a.prefetch,
+        platform=plats[0] if plats else None,
+        log_level=a.sub_log_level or a.log_level,
+    )
     try:
         return mount(dst, opts)
     finally:
@@ -342,7 +445,7 @@ def cmd_copy(a: argparse.Namespace) -> int:
     src = Remote(a.source, _remote_opts(a.source_insecure, a.plain_http))
     dst: Remote | str
     if a.target.startswith("file://"):
-        dst = a.target[len("file://"):]
+        dst = a.target[len("file://") :]
     else:
         dst = Remote(a.target, _remote_opts(a.target_insecure, a.plain_http, a.push_chunk_size))
     opts = CopyOptions(platforms=_platforms(a.platform), all_platforms=a.all_platforms)
@@ -362,11 +465,18 @@ def cmd_optimize(a: argparse.Namespace) -> int:
 
     if a.nydus_image:
         log.debug("--nydus-image %s ignored: the builder runs in-process", a.nydus_image)
-    paths = (read_prefetch_list(sys.stdin.read()) if a.prefetch_files == "-"
-             else load_prefetch_list(a.prefetch_files))
+    paths = (
+        read_prefetch_list(sys.stdin.read())
+        if a.prefetch_files == "-"
+        else load_prefetch_list(a.prefetch_files)
+    )
     plats = _platforms(a.platform)
-    opts = OptimizeOptions(prefetch_files=paths, work_dir=a.work_dir,
-                           policy=a.policy, platform=plats[0] if plats else None)
+    opts = OptimizeOptions(
+        prefetch_files=paths,
+        work_dir=a.work_dir,
+        policy=a.policy,
+        platform=plats[0] if plats else None,
+    )
     return _source_to_target(a, a.target, lambda src, dst: optimize(src, dst, opts, log.info))
 
 
@@ -382,8 +492,14 @@ def cmd_access_pattern(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "check": cmd_check, "mount": cmd_mount, "copy": cmd_copy,
-            "optimize": cmd_optimize, "access-pattern": cmd_access_pattern}
+COMMANDS = {
+    "convert": cmd_convert,
+    "check": cmd_check,
+    "mount": cmd_mount,
+    "copy": cmd_copy,
+    "optimize": cmd_optimize,
+    "access-pattern": cmd_access_pattern,
+}
 
 
 # flags whose value may start with "-" (upstream's Go flag parser takes "--target-suffix -nydus")
@@ -396,8 +512,12 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(argv):
-        if argv[i] in _DASH_VALUE_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
-                and not argv[i + 1].startswith("--"):
+        if (
+            argv[i] in _DASH_VALUE_FLAGS
+            and i + 1 < len(argv)
+            and argv[i + 1].startswith("-")
+            and not argv[i + 1].startswith("--")
+        ):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
             continue

@@ -94,36 +94,54 @@ class CheckReport:
         for p in self.platforms:
             head = f"{self.target} [{p.platform or 'single'}] {p.target_digest}"
             lines.append(f"{'OK' if p.ok else 'FAILED'}: {head}")
-            lines.append(f"  RAFS v{p.rafs_version}, {p.blobs} blob(s); manifest and bootstrap "
-                         f"{'valid' if not p.problems else 'INVALID'}")
+            lines.append(
+                f"  RAFS v{p.rafs_version}, {p.blobs} blob(s); manifest and bootstrap "
+                f"{'valid' if not p.problems else 'INVALID'}"
+            )
             lines += [f"  problem: {x}" for x in p.problems]
             if self.source:
-                lines.append(f"  rootfs vs {self.source} ({p.source_digest}): {p.paths_compared} "
-                             f"paths, {p.files_read} files read, {len(p.differences)} "
-                             f"difference(s)" + (f"; {p.implied_dirs} implied directories' "
-                                                 f"attributes not compared"
-                                                 if p.implied_dirs else ""))
+                lines.append(
+                    f"  rootfs vs {self.source} ({p.source_digest}): {p.paths_compared} "
+                    f"paths, {p.files_read} files read, {len(p.differences)} "
+                    f"difference(s)"
+                    + (
+                        f"; {p.implied_dirs} implied directories' attributes not compared"
+                        if p.implied_dirs
+                        else ""
+                    )
+                )
                 lines += [f"  diff: {d}" for d in p.differences]
         lines.append(f"check {'passed' if self.ok else 'FAILED'} in {self.seconds:.1f}s")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "target": self.target, "source": self.source, "ok": self.ok,
+            "target": self.target,
+            "source": self.source,
+            "ok": self.ok,
             "seconds": round(self.seconds, 3),
-            "platforms": [{
-                "platform": p.platform, "target_digest": p.target_digest,
-                "source_digest": p.source_digest, "ok": p.ok, "problems": p.problems,
-                "differences": [str(d) for d in p.differences],
-                "paths_compared": p.paths_compared, "files_read": p.files_read,
-            } for p in self.platforms],
+            "platforms": [
+                {
+                    "platform": p.platform,
+                    "target_digest": p.target_digest,
+                    "source_digest": p.source_digest,
+                    "ok": p.ok,
+                    "problems": p.problems,
+                    "differences": [str(d) for d in p.differences],
+                    "paths_compared": p.paths_compared,
+                    "files_read": p.files_read,
+                }
+                for p in self.platforms
+            ],
         }
 
 
 def _nydus_entry(e: im.IndexEntry) -> bool:
     feats = (e.raw.get("platform") or {}).get("os.features") or []
-    return (e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
-            or oci.PLATFORM_FEATURE_NYDUS in feats)
+    return (
+        e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
+        or oci.PLATFORM_FEATURE_NYDUS in feats
+    )
 
 
 def _targets(target: Remote, opts: CheckOptions) -> list[tuple[im.SourceManifest, str]]:
@@ -153,8 +171,9 @@ def _targets(target: Remote, opts: CheckOptions) -> list[tuple[im.SourceManifest
     return out
 
 
-def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: RafsMetadata,
-              backend: bool) -> list[str]:
+def _validate(
+    sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: RafsMetadata, backend: bool
+) -> list[str]:
     problems: list[str] = []
     if not sm.layers:
         return ["manifest has no layers"]
@@ -163,9 +182,11 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
     if ann.get(oci.ANNOTATION_NYDUS_BOOTSTRAP) != "true":
         problems.append(f"last layer lacks the {oci.ANNOTATION_NYDUS_BOOTSTRAP} annotation")
     if ann.get(oci.ANNOTATION_NYDUS_FS_VERSION) != str(md.version):
-        problems.append(f"{oci.ANNOTATION_NYDUS_FS_VERSION} is "
-                        f"{ann.get(oci.ANNOTATION_NYDUS_FS_VERSION)!r}, the bootstrap is "
-                        f"RAFS v{md.version}")
+        problems.append(
+            f"{oci.ANNOTATION_NYDUS_FS_VERSION} is "
+            f"{ann.get(oci.ANNOTATION_NYDUS_FS_VERSION)!r}, the bootstrap is "
+            f"RAFS v{md.version}"
+        )
     if boot.media_type not in (oci.MEDIA_TYPE_OCI_LAYER_GZIP, oci.MEDIA_TYPE_DOCKER_LAYER_GZIP):
         problems.append(f"bootstrap layer has media type {boot.media_type!r}")
     blobs = sm.layers[:-1]
@@ -176,8 +197,7 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
         if ld.media_type not in blob_types:
             problems.append(f"layer {ld.digest} has media type {ld.media_type!r}")
         if ld.annotations.get(oci.ANNOTATION_NYDUS_BLOB) != "true":
-            problems.append(f"layer {ld.digest} lacks the {oci.ANNOTATION_NYDUS_BLOB} "
-                            f"annotation")
+            problems.append(f"layer {ld.digest} lacks the {oci.ANNOTATION_NYDUS_BLOB} annotation")
     rootfs = cfg.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     try:
@@ -200,8 +220,10 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
             except FormatError:
                 refs = None
             if not isinstance(refs, list) or sorted(refs) != sorted(b.blob_id for b in md.blobs):
-                problems.append(f"{oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS} does not match "
-                                f"the bootstrap's blob table")
+                problems.append(
+                    f"{oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS} does not match "
+                    f"the bootstrap's blob table"
+                )
         elif md.blobs and not backend:
             problems.append("the bootstrap references blobs that the manifest does not list")
     else:
@@ -209,8 +231,10 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
             if d not in listed:
                 problems.append(f"bootstrap blob {b.blob_id} is not a manifest layer")
             elif listed[d].size != b.compressed_size:
-                problems.append(f"blob {b.blob_id}: manifest size {listed[d].size}, bootstrap "
-                                f"{b.compressed_size}")
+                problems.append(
+                    f"blob {b.blob_id}: manifest size {listed[d].size}, bootstrap "
+                    f"{b.compressed_size}"
+                )
         for d in listed:
             if d not in table:
                 problems.append(f"manifest layer {d} is not in the bootstrap's blob table")
@@ -220,8 +244,9 @@ def _validate(sm: im.SourceManifest, cfg: dict[str, Any], boot_gz: bytes, md: Ra
 class _Blobs:
     """Chunk readers for a bootstrap's blobs: downloaded from the registry, or a backend."""
 
-    def __init__(self, target: Remote, blobs: list[BlobInfo], backend: BackendConfig | None,
-                 scratch: str) -> None:
+    def __init__(
+        self, target: Remote, blobs: list[BlobInfo], backend: BackendConfig | None, scratch: str
+    ) -> None:
         self.readers: dict[int, BlobReader] = {}
         self._closers: list[Callable[[], None]] = []
         be = create_backend(backend) if backend is not None else None
@@ -230,6 +255,7 @@ class _Blobs:
         try:
             for b in blobs:
                 if be is not None:
+
                     def read_at(off: int, n: int, bid: str = b.blob_id) -> bytes:
                         return be.read(bid, off, n)
 
@@ -239,8 +265,9 @@ class _Blobs:
                 if not os.path.exists(path):
                     tmp = path + ".part"
                     with open(tmp, "wb") as f:
-                        for piece in target.client.get_blob_stream(target.repo,
-                                                                    f"sha256:{b.blob_id}"):
+                        for piece in target.client.get_blob_stream(
+                            target.repo, f"sha256:{b.blob_id}"
+                        ):
                             f.write(piece)
                     os.replace(tmp, path)
                 reader, close = open_local_blob(path, b)
@@ -256,8 +283,10 @@ class _Blobs:
             try:
                 t = r.trailer()
                 if len(t.ci) != r.info.chunk_count:
-                    problems.append(f"blob {r.info.blob_id}: {len(t.ci)} chunk infos, table "
-                                    f"says {r.info.chunk_count}")
+                    problems.append(
+                        f"blob {r.info.blob_id}: {len(t.ci)} chunk infos, table "
+                        f"says {r.info.chunk_count}"
+                    )
             except NydusError as e:
                 problems.append(f"blob {i} {r.info.blob_id}: {e}")
         return problems
@@ -284,8 +313,11 @@ def _source_manifest(source: Remote, platform: str) -> im.SourceManifest:
 def _looks_nydus(sm: im.SourceManifest) -> bool:
     """True if the manifest marks any layer as a Nydus blob or bootstrap."""
     marks = (oci.ANNOTATION_NYDUS_BLOB, oci.ANNOTATION_NYDUS_BOOTSTRAP)
-    return any(ld.media_type == oci.MEDIA_TYPE_NYDUS_BLOB
-               or any(ld.annotations.get(k) == "true" for k in marks) for ld in sm.layers)
+    return any(
+        ld.media_type == oci.MEDIA_TYPE_NYDUS_BLOB
+        or any(ld.annotations.get(k) == "true" for k in marks)
+        for ld in sm.layers
+    )
 
 
 def _oci_tree(source: Remote, sm: im.SourceManifest) -> OciRootfs:
@@ -344,9 +376,20 @@ def check(source: Remote | None, target: Remote, opts: CheckOptions) -> CheckRep
                     except (IntegrityError, FormatError) as e:
                         rep.problems.append(f"reading the image failed: {e}")
                     continue
-                src = _source_manifest(source, plat or str(im.Platform.from_dict(
-                    {"os": cfg.get("os"), "architecture": cfg.get("architecture"),
-                     "variant": cfg.get("variant", "")}) or ""))
+                src = _source_manifest(
+                    source,
+                    plat
+                    or str(
+                        im.Platform.from_dict(
+                            {
+                                "os": cfg.get("os"),
+                                "architecture": cfg.get("architecture"),
+                                "variant": cfg.get("variant", ""),
+                            }
+                        )
+                        or ""
+                    ),
+                )
                 rep.source_digest = src.digest
                 oci_tree = _oci_tree(source, src)
                 try:
@@ -355,11 +398,13 @@ def check(source: Remote | None, target: Remote, opts: CheckOptions) -> CheckRep
                     rep.problems.append(f"reading the image failed: {e}")
                     continue
                 rep.differences, rep.paths_compared, rep.implied_dirs = compare(
-                    oci_tree.root, ny, opts.max_differences)
+                    oci_tree.root, ny, opts.max_differences
+                )
             finally:
                 blobs.close()
                 md.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return CheckReport(str(target.ref), str(source.ref) if source else "", reports,
-                       time.monotonic() - t0)
+    return CheckReport(
+        str(target.ref), str(source.ref) if source else "", reports, time.monotonic() - t0
+    )

@@ -61,8 +61,17 @@ from .progress import Progress, human
 from .remote import Remote
 from .store import BlobStore, RegistryStore, make_store
 
-__all__ = ["ConvertOptions", "ConvertResult", "ManifestResult", "LayerResult", "convert",
-           "ChunkDictImage", "load_chunk_dict", "retry", "Cancelled"]
+__all__ = [
+    "ConvertOptions",
+    "ConvertResult",
+    "ManifestResult",
+    "LayerResult",
+    "convert",
+    "ChunkDictImage",
+    "load_chunk_dict",
+    "retry",
+    "Cancelled",
+]
 
 log = logging.getLogger("nydusify")
 
@@ -105,8 +114,9 @@ class ConvertOptions:
             raise ConfigError("--with-referrer needs OCI manifests (a subject field)")
         if self.push_retry_count < 0 or self.push_retry_delay < 0:
             raise ConfigError("--push-retry-count and --push-retry-delay must not be negative")
-        BuildOptions(chunk_size=self.chunk_size, compressor=self.compressor,
-                     digester=self.digester).validate()
+        BuildOptions(
+            chunk_size=self.chunk_size, compressor=self.compressor, digester=self.digester
+        ).validate()
 
 
 @dataclass
@@ -164,10 +174,15 @@ class ConvertResult:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "source": self.source, "target": self.target, "digest": self.digest,
-            "media_type": self.media_type, "seconds": round(self.seconds, 3),
-            "backend": self.backend, "new_chunks": self.new_chunks,
-            "deduped_chunks": self.deduped_chunks, "manifests": [],
+            "source": self.source,
+            "target": self.target,
+            "digest": self.digest,
+            "media_type": self.media_type,
+            "seconds": round(self.seconds, 3),
+            "backend": self.backend,
+            "new_chunks": self.new_chunks,
+            "deduped_chunks": self.deduped_chunks,
+            "manifests": [],
         }
         for m in self.manifests:
             d = asdict(m)
@@ -183,8 +198,7 @@ class ConvertResult:
         layers = sum(len(m.layers) for m in self.manifests)
         lines = [
             f"converted {self.source} -> {self.target}",
-            f"  target digest {self.digest} ({len(self.manifests)} platform(s), {layers} "
-            f"layers)",
+            f"  target digest {self.digest} ({len(self.manifests)} platform(s), {layers} layers)",
             f"  source {human(src)}, target {human(dst)}, pushed {human(pushed)} "
             f"(blobs to {self.backend})",
             f"  chunks {self.new_chunks + self.deduped_chunks}: {self.new_chunks} stored, "
@@ -220,14 +234,15 @@ class ChunkDictImage:
     blob_ids: set[str]
 
 
-def load_chunk_dict(spec: str, work_dir: str, make_remote: Callable[[str], Remote],
-                    platform: im.Platform | None) -> ChunkDictImage:
+def load_chunk_dict(
+    spec: str, work_dir: str, make_remote: Callable[[str], Remote], platform: im.Platform | None
+) -> ChunkDictImage:
     """``--chunk-dict``: ``REF``, ``bootstrap:registry:REF`` or ``bootstrap:local:PATH``."""
     if spec.startswith("bootstrap:local:"):
-        path = spec[len("bootstrap:local:"):]
+        path = spec[len("bootstrap:local:") :]
         with open_bootstrap(path) as md:
             return ChunkDictImage(path, None, {b.blob_id for b in md.blobs})
-    ref = spec[len("bootstrap:registry:"):] if spec.startswith("bootstrap:registry:") else spec
+    ref = spec[len("bootstrap:registry:") :] if spec.startswith("bootstrap:registry:") else spec
     remote = make_remote(ref)
     try:
         body, mt, digest = remote.manifest()
@@ -237,10 +252,20 @@ def load_chunk_dict(spec: str, work_dir: str, make_remote: Callable[[str], Remot
         _doc, entries = im.parse_index(body, digest)
         nydus = [e for e in entries if oci.is_manifest(e.descriptor.media_type)]
         want = platform or im.host_platform()
-        hit = next((e for e in nydus if e.platform and want.matches(e.platform)
-                    and (e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
-                         or oci.PLATFORM_FEATURE_NYDUS in (e.raw.get("platform") or {}).get(
-                             "os.features", []))), None)
+        hit = next(
+            (
+                e
+                for e in nydus
+                if e.platform
+                and want.matches(e.platform)
+                and (
+                    e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
+                    or oci.PLATFORM_FEATURE_NYDUS
+                    in (e.raw.get("platform") or {}).get("os.features", [])
+                )
+            ),
+            None,
+        )
         hit = hit or next((e for e in nydus if e.platform and want.matches(e.platform)), None)
         if hit is None:
             raise ConfigError(f"--chunk-dict {ref} has no {want} image")
@@ -294,8 +319,16 @@ class _HashingFile:
 class _ManifestJob:
     """Converts one platform manifest (see the module docstring)."""
 
-    def __init__(self, source: Remote, target: Remote, store: BlobStore, opts: ConvertOptions,
-                 progress: Progress, work: str, cdict: ChunkDictImage | None) -> None:
+    def __init__(
+        self,
+        source: Remote,
+        target: Remote,
+        store: BlobStore,
+        opts: ConvertOptions,
+        progress: Progress,
+        work: str,
+        cdict: ChunkDictImage | None,
+    ) -> None:
         self.source, self.target, self.store = source, target, store
         self.opts, self.progress, self.work, self.cdict = opts, progress, work, cdict
         self.stop = threading.Event()
@@ -317,9 +350,12 @@ class _ManifestJob:
 
         opts = self.opts
         bopts = BuildOptions(
-            chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
+            chunk_size=opts.chunk_size,
+            compressor=opts.compressor,
+            digester=opts.digester,
             chunk_dict_bootstrap=self.cdict.path if self.cdict else None,
-            prefetch_paths=opts.prefetch_patterns, workers=opts.builder_threads,
+            prefetch_paths=opts.prefetch_patterns,
+            workers=opts.builder_threads,
             on_chunk=lambda _size, dedup: self.progress.chunk(lp, dedup),
         )
         blobs_dir = os.path.join(self.work, "blobs")
@@ -348,7 +384,8 @@ class _ManifestJob:
             os.unlink(tmp)
             raise IntegrityError(
                 f"layer {desc.digest}: uncompressed digest {diff_id}, the config's diff_id is "
-                f"{want_diff_id}")
+                f"{want_diff_id}"
+            )
         blob_digest: str | None = None
         pushed = False
         if res.blob is not None:
@@ -359,8 +396,9 @@ class _ManifestJob:
             force = opts.backend_force_push and opts.backend is not None
             self.progress.set_state(lp, "pushing")
             try:
-                pushed = self._push(lambda: self.store.push_file(digest, tmp, force),
-                                    f"push of blob {blob_digest}")
+                pushed = self._push(
+                    lambda: self.store.push_file(digest, tmp, force), f"push of blob {blob_digest}"
+                )
             finally:
                 if opts.keep_blobs:
                     os.replace(tmp, os.path.join(blobs_dir, blob_digest[7:]))
@@ -372,17 +410,32 @@ class _ManifestJob:
         boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
         _write(boot_path, res.bootstrap)
         lr = LayerResult(
-            index=i, source_digest=desc.digest, source_size=desc.size, diff_id=diff_id,
-            blob_digest=blob_digest, blob_size=sink.size if blob_digest else 0,
+            index=i,
+            source_digest=desc.digest,
+            source_size=desc.size,
+            diff_id=diff_id,
+            blob_digest=blob_digest,
+            blob_size=sink.size if blob_digest else 0,
             new_chunks=int(res.stats.get("new_chunks", 0)),
-            deduped_chunks=int(res.stats.get("deduped_chunks", 0)), files=res.files,
-            pushed=pushed, seconds=time.monotonic() - t0, bootstrap=boot_path,
+            deduped_chunks=int(res.stats.get("deduped_chunks", 0)),
+            files=res.files,
+            pushed=pushed,
+            seconds=time.monotonic() - t0,
+            bootstrap=boot_path,
         )
-        blob_txt = (f"blob {blob_digest[:19]} {human(lr.blob_size)} "
-                    f"{'pushed' if pushed else 'already there'}") if blob_digest else "no new data"
+        blob_txt = (
+            (
+                f"blob {blob_digest[:19]} {human(lr.blob_size)} "
+                f"{'pushed' if pushed else 'already there'}"
+            )
+            if blob_digest
+            else "no new data"
+        )
         self.progress.finish_layer(
-            lp, f"{lp.label}: {human(desc.size)} read, {lr.new_chunks + lr.deduped_chunks} "
-                f"chunks ({lr.deduped_chunks} deduplicated), {blob_txt}")
+            lp,
+            f"{lp.label}: {human(desc.size)} read, {lr.new_chunks + lr.deduped_chunks} "
+            f"chunks ({lr.deduped_chunks} deduplicated), {blob_txt}",
+        )
         return lr
 
     def layers(self, sm: im.SourceManifest, diff_ids: list[str]) -> list[LayerResult]:
@@ -391,8 +444,7 @@ class _ManifestJob:
         results: list[LayerResult | None] = [None] * n
         with ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as pool:
             futs: dict[Future[LayerResult], int] = {
-                pool.submit(self.layer, i, n, d, diff_ids[i]): i
-                for i, d in enumerate(sm.layers)
+                pool.submit(self.layer, i, n, d, diff_ids[i]): i for i, d in enumerate(sm.layers)
             }
             done, _pending = wait(futs, return_when=FIRST_EXCEPTION)
             failed = [f for f in done if f.exception() is not None]
@@ -417,7 +469,8 @@ class _ManifestJob:
         cd = self.cdict.path if self.cdict else None
         for lr in layers:
             mo = MergeOptions(
-                parent_bootstrap=parent, chunk_dict_bootstrap=cd,
+                parent_bootstrap=parent,
+                chunk_dict_bootstrap=cd,
                 blob_digests=[lr.blob_digest[7:]] if lr.blob_digest else None,
                 blob_sizes=[lr.blob_size] if lr.blob_digest else None,
                 prefetch_paths=self.opts.prefetch_patterns,
@@ -437,8 +490,9 @@ def _docker_format(opts: ConvertOptions, source_is_docker: bool) -> bool:
     return opts.docker_v2_format
 
 
-def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: dict[str, Any] |
-                      None) -> ManifestResult:
+def _convert_manifest(
+    job: _ManifestJob, sm: im.SourceManifest, platform_doc: dict[str, Any] | None
+) -> ManifestResult:
     src, opts = job.source, job.opts
     _raw, cfg = src.json_blob(sm.config, "config")
     rootfs = cfg.get("rootfs")
@@ -447,12 +501,16 @@ def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: di
         raise FormatError(
             f"config {sm.config.digest}: rootfs.diff_ids does not list one entry per layer "
             f"({len(diff_ids) if isinstance(diff_ids, list) else 'none'} for "
-            f"{len(sm.layers)} layers)")
+            f"{len(sm.layers)} layers)"
+        )
     if not sm.layers:
         raise FormatError(f"manifest {sm.digest} has no layers")
     if platform_doc is None:
-        platform_doc = {k: cfg[k] for k in ("architecture", "os", "variant")
-                        if isinstance(cfg.get(k), str) and cfg[k]} or None
+        platform_doc = {
+            k: cfg[k]
+            for k in ("architecture", "os", "variant")
+            if isinstance(cfg.get(k), str) and cfg[k]
+        } or None
     layers = job.layers(sm, [str(d) for d in diff_ids])
     final = job.merge(layers)
     with open(final, "rb") as f:
@@ -475,6 +533,7 @@ def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: di
                 raise FormatError(f"merged bootstrap references unknown blob {b.blob_id}")
             size = b.compressed_size
             if cd.remote is not None:
+
                 def copy_in(d: str = digest, s: int = size, r: Remote = cd.remote) -> bool:
                     return job.store.ensure_from(d, s, r)
 
@@ -489,8 +548,12 @@ def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: di
     gz, boot_diff = im.bootstrap_layer(boot)
     in_manifest = job.store.in_manifest
     boot_desc = im.bootstrap_descriptor(
-        gz, boot_diff, docker=docker, fs_version=opts.fs_version,
-        reference_blob_ids=None if in_manifest else [d.digest[7:] for d in blob_descs])
+        gz,
+        boot_diff,
+        docker=docker,
+        fs_version=opts.fs_version,
+        reference_blob_ids=None if in_manifest else [d.digest[7:] for d in blob_descs],
+    )
     listed = blob_descs if in_manifest else []
     config = im.nydus_config(cfg, [d.digest for d in listed] + [boot_diff])
     target = job.target
@@ -501,36 +564,56 @@ def _convert_manifest(job: _ManifestJob, sm: im.SourceManifest, platform_doc: di
     if job._push(lambda: reg.push_bytes(cfg_digest, config), "push of the config"):
         pushed_bytes += len(config)
     subject = sm.descriptor if opts.with_referrer else None
-    body, mt = im.nydus_manifest(config, [*listed, boot_desc], docker=docker,
-                                 nydus_config_type=opts.merge_platform, subject=subject)
+    body, mt = im.nydus_manifest(
+        config,
+        [*listed, boot_desc],
+        docker=docker,
+        nydus_config_type=opts.merge_platform,
+        subject=subject,
+    )
     return ManifestResult(
-        platform=str(im.Platform.from_dict(platform_doc) or ""), source_digest=sm.digest,
-        digest=oci.sha256_digest(body), media_type=mt, size=len(body),
-        config_digest=cfg_digest, bootstrap=final, bootstrap_digest=boot_desc.digest,
-        blobs=[d.digest for d in blob_descs], layers=layers,
+        platform=str(im.Platform.from_dict(platform_doc) or ""),
+        source_digest=sm.digest,
+        digest=oci.sha256_digest(body),
+        media_type=mt,
+        size=len(body),
+        config_digest=cfg_digest,
+        bootstrap=final,
+        bootstrap_digest=boot_desc.digest,
+        blobs=[d.digest for d in blob_descs],
+        layers=layers,
         source_size=sum(ld.size for ld in sm.layers) + sm.config.size,
         target_size=sum(d.size for d in blob_descs) + len(gz) + len(config),
-        pushed_bytes=pushed_bytes, body=body, platform_doc=platform_doc,
+        pushed_bytes=pushed_bytes,
+        body=body,
+        platform_doc=platform_doc,
     )
 
 
-def _copy_manifest_into(source: Remote, target: Remote, sm: im.SourceManifest,
-                        opts: ConvertOptions) -> None:
+def _copy_manifest_into(
+    source: Remote, target: Remote, sm: im.SourceManifest, opts: ConvertOptions
+) -> None:
     """Make the OCI manifest ``sm`` (and its blobs) exist in the target repository."""
     if source.same_repo(target):
         return
     reg = RegistryStore(target)
     for desc in [sm.config, *sm.layers]:
+
         def copy_in(d: oci.Descriptor = desc) -> bool:
             return reg.ensure_from(d.digest, d.size, source)
 
         retry(copy_in, f"copy of {desc.digest}", opts.push_retry_count, opts.push_retry_delay)
-    retry(lambda: target.client.put_manifest(target.repo, sm.digest, sm.body, sm.media_type),
-          f"push of manifest {sm.digest}", opts.push_retry_count, opts.push_retry_delay)
+    retry(
+        lambda: target.client.put_manifest(target.repo, sm.digest, sm.body, sm.media_type),
+        f"push of manifest {sm.digest}",
+        opts.push_retry_count,
+        opts.push_retry_delay,
+    )
 
 
-def _check_single_platform(source: Remote, sm: im.SourceManifest,
-                           wanted: list[im.Platform]) -> None:
+def _check_single_platform(
+    source: Remote, sm: im.SourceManifest, wanted: list[im.Platform]
+) -> None:
     """Refuse an explicit ``--platform`` a single-manifest source is not built for (its
     config names the platform)."""
     _raw, cfg = source.json_blob(sm.config, "config")
@@ -539,13 +622,19 @@ def _check_single_platform(source: Remote, sm: im.SourceManifest,
         return  # the config names no platform: nothing to compare with
     for t in wanted:
         if not t.matches(have):
-            raise ConfigError(f"--platform {t}: the source is a single-platform {have} image "
-                              "(no index); omit --platform or pick its platform")
+            raise ConfigError(
+                f"--platform {t}: the source is a single-platform {have} image "
+                "(no index); omit --platform or pick its platform"
+            )
 
 
-def convert(source: Remote, target: Remote, opts: ConvertOptions,
-            progress: Progress | None = None,
-            make_dict_remote: Callable[[str], Remote] | None = None) -> ConvertResult:
+def convert(
+    source: Remote,
+    target: Remote,
+    opts: ConvertOptions,
+    progress: Progress | None = None,
+    make_dict_remote: Callable[[str], Remote] | None = None,
+) -> ConvertResult:
     """Convert ``source`` into ``target`` (see the module docstring)."""
     opts.validate()
     t0 = time.monotonic()
@@ -606,8 +695,11 @@ def convert(source: Remote, target: Remote, opts: ConvertOptions,
     push = opts.push_retry_count, opts.push_retry_delay
     if index_doc is None and not opts.merge_platform:
         r = results[0]
-        retry(lambda: target.client.put_manifest(target.repo, tag, r.body, r.media_type),
-              "push of the manifest", *push)
+        retry(
+            lambda: target.client.put_manifest(target.repo, tag, r.body, r.media_type),
+            "push of the manifest",
+            *push,
+        )
         top_digest, top_mt = r.digest, r.media_type
     else:
         docker = opts.docker_v2_format
@@ -616,21 +708,35 @@ def convert(source: Remote, target: Remote, opts: ConvertOptions,
             plat = r.platform_doc
             if opts.merge_platform:
                 _copy_manifest_into(source, target, sm, opts)
-                entries_out.append(im.index_entry(sm.descriptor, plat, nydus_marker=False,
-                                                  docker=docker))
+                entries_out.append(
+                    im.index_entry(sm.descriptor, plat, nydus_marker=False, docker=docker)
+                )
+
             def put_child(r: ManifestResult = r) -> str:
                 return target.client.put_manifest(target.repo, r.digest, r.body, r.media_type)
 
             retry(put_child, f"push of manifest {r.digest}", *push)
-            entries_out.append(im.index_entry(
-                oci.Descriptor(r.media_type, r.digest, r.size), plat,
-                nydus_marker=opts.merge_platform, docker=docker))
+            entries_out.append(
+                im.index_entry(
+                    oci.Descriptor(r.media_type, r.digest, r.size),
+                    plat,
+                    nydus_marker=opts.merge_platform,
+                    docker=docker,
+                )
+            )
         ibody, imt = im.nydus_index(entries_out, docker=docker)
-        retry(lambda: target.client.put_manifest(target.repo, tag, ibody, imt),
-              "push of the index", *push)
+        retry(
+            lambda: target.client.put_manifest(target.repo, tag, ibody, imt),
+            "push of the index",
+            *push,
+        )
         top_digest, top_mt = oci.sha256_digest(ibody), imt
     return ConvertResult(
-        source=str(source.ref), target=str(target.ref.with_tag(tag)), digest=top_digest,
-        media_type=top_mt, manifests=results, seconds=time.monotonic() - t0,
+        source=str(source.ref),
+        target=str(target.ref.with_tag(tag)),
+        digest=top_digest,
+        media_type=top_mt,
+        manifests=results,
+        seconds=time.monotonic() - t0,
         backend=store.describe(),
     )

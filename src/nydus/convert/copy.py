@@ -53,11 +53,13 @@ class CopyResult:
     seconds: float = 0.0
 
     def text(self) -> str:
-        out = [f"copied {self.source} -> {self.target}",
-               f"  digest {self.digest}: {self.manifests} manifest(s), {self.blobs} blob(s), "
-               f"{self.blobs_copied} copied ({human(self.bytes_copied)}), "
-               f"{self.blobs - self.blobs_copied} already there or mounted",
-               f"  time {self.seconds:.1f}s"]
+        out = [
+            f"copied {self.source} -> {self.target}",
+            f"  digest {self.digest}: {self.manifests} manifest(s), {self.blobs} blob(s), "
+            f"{self.blobs_copied} copied ({human(self.bytes_copied)}), "
+            f"{self.blobs - self.blobs_copied} already there or mounted",
+            f"  time {self.seconds:.1f}s",
+        ]
         out += [f"  note: {s}" for s in self.skipped]
         return "\n".join(out)
 
@@ -86,8 +88,10 @@ def _blobs_of(source: Remote, sm: im.SourceManifest, plan: _Plan) -> None:
             if source.client.has_blob(source.repo, d):
                 plan.blobs[d] = b.compressed_size
             else:
-                plan.skipped.append(f"blob {b.blob_id} is not in {source.ref.repository} "
-                                    f"(a storage backend blob?): not copied")
+                plan.skipped.append(
+                    f"blob {b.blob_id} is not in {source.ref.repository} "
+                    f"(a storage backend blob?): not copied"
+                )
 
 
 def _plan(source: Remote, opts: CopyOptions) -> _Plan:
@@ -101,11 +105,19 @@ def _plan(source: Remote, opts: CopyOptions) -> _Plan:
         raise FormatError(f"{source.ref}: unsupported media type {mt!r}")
     doc, entries = im.parse_index(body, digest)
     if opts.all_platforms or not opts.platforms:
-        chosen = entries if opts.all_platforms else [
-            e for e in entries if e.platform is None or im.host_platform().matches(e.platform)]
+        chosen = (
+            entries
+            if opts.all_platforms
+            else [
+                e for e in entries if e.platform is None or im.host_platform().matches(e.platform)
+            ]
+        )
     else:
-        chosen = [e for e in entries if e.platform is not None
-                  and any(p.matches(e.platform) for p in opts.platforms)]
+        chosen = [
+            e
+            for e in entries
+            if e.platform is not None and any(p.matches(e.platform) for p in opts.platforms)
+        ]
     if not chosen:
         raise ConfigError(f"{source.ref}: no manifest for the selected platform(s)")
     for e in chosen:
@@ -189,9 +201,18 @@ def _to_tarball(source: Remote, path: str, plan: _Plan) -> CopyResult:
                     _add_bytes(tf, f"blobs/sha256/{digest[7:]}", body)
                     res.manifests += 1
             body, mt, digest = plan.top
-            index = {"schemaVersion": 2, "mediaType": oci.MEDIA_TYPE_OCI_INDEX, "manifests": [
-                {"mediaType": mt, "digest": digest, "size": len(body),
-                 "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+            index = {
+                "schemaVersion": 2,
+                "mediaType": oci.MEDIA_TYPE_OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": mt,
+                        "digest": digest,
+                        "size": len(body),
+                        "annotations": {"org.opencontainers.image.ref.name": tag},
+                    }
+                ],
+            }
             _add_bytes(tf, "index.json", json.dumps(index, indent=2).encode())
         os.replace(tmp, path)
     except (NydusError, OSError, tarfile.TarError):

@@ -33,25 +33,39 @@ from ..format.safejson import parse_json_object
 from ..metadata import MAX_BOOTSTRAP_SIZE
 
 __all__ = [
-    "Platform", "SourceManifest", "parse_manifest", "parse_index", "select_platforms",
-    "host_platform", "bootstrap_layer", "read_bootstrap_layer", "nydus_config",
-    "nydus_manifest", "nydus_index", "blob_descriptor", "bootstrap_descriptor",
-    "LAYER_MEDIA_TYPES", "is_nydus_manifest",
+    "Platform",
+    "SourceManifest",
+    "parse_manifest",
+    "parse_index",
+    "select_platforms",
+    "host_platform",
+    "bootstrap_layer",
+    "read_bootstrap_layer",
+    "nydus_config",
+    "nydus_manifest",
+    "nydus_index",
+    "blob_descriptor",
+    "bootstrap_descriptor",
+    "LAYER_MEDIA_TYPES",
+    "is_nydus_manifest",
 ]
 
 #: Source layer media types the converter reads (the builder sniffs the compression).
-LAYER_MEDIA_TYPES = frozenset({
-    oci.MEDIA_TYPE_OCI_LAYER,
-    oci.MEDIA_TYPE_OCI_LAYER_GZIP,
-    oci.MEDIA_TYPE_OCI_LAYER_ZSTD,
-    oci.MEDIA_TYPE_DOCKER_LAYER_GZIP,
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    oci.MEDIA_TYPE_DOCKER_FOREIGN_LAYER_GZIP,
-})
-CONFIG_MEDIA_TYPES = frozenset({oci.MEDIA_TYPE_OCI_CONFIG, oci.MEDIA_TYPE_DOCKER_CONFIG,
-                                oci.MEDIA_TYPE_NYDUS_CONFIG})
+LAYER_MEDIA_TYPES = frozenset(
+    {
+        oci.MEDIA_TYPE_OCI_LAYER,
+        oci.MEDIA_TYPE_OCI_LAYER_GZIP,
+        oci.MEDIA_TYPE_OCI_LAYER_ZSTD,
+        oci.MEDIA_TYPE_DOCKER_LAYER_GZIP,
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        oci.MEDIA_TYPE_DOCKER_FOREIGN_LAYER_GZIP,
+    }
+)
+CONFIG_MEDIA_TYPES = frozenset(
+    {oci.MEDIA_TYPE_OCI_CONFIG, oci.MEDIA_TYPE_DOCKER_CONFIG, oci.MEDIA_TYPE_NYDUS_CONFIG}
+)
 HISTORY_CREATED_BY = "Nydus Converter"
 HISTORY_COMMENT = "Nydus Bootstrap Layer"
 
@@ -97,9 +111,16 @@ class Platform:
 
 def host_platform() -> Platform:
     machine = _platform.machine().lower()
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-            "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
-            "riscv64": "riscv64"}.get(machine, machine)
+    arch = {
+        "x86_64": "amd64",
+        "amd64": "amd64",
+        "aarch64": "arm64",
+        "arm64": "arm64",
+        "armv7l": "arm",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
+    }.get(machine, machine)
     variant = "v7" if machine == "armv7l" else ""
     return Platform("linux", arch, variant)
 
@@ -131,12 +152,15 @@ def is_nydus_manifest(m: SourceManifest) -> bool:
     )
 
 
-def parse_manifest(body: bytes, media_type: str, digest: str, *, for_conversion: bool = True
-                   ) -> SourceManifest:
+def parse_manifest(
+    body: bytes, media_type: str, digest: str, *, for_conversion: bool = True
+) -> SourceManifest:
     """A Docker v2 schema 2 or OCI image manifest. With ``for_conversion`` every layer must
     have a media type the converter reads (else :class:`UnsupportedError`)."""
-    if media_type in ("application/vnd.docker.distribution.manifest.v1+json",
-                      "application/vnd.docker.distribution.manifest.v1+prettyjws"):
+    if media_type in (
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    ):
         raise UnsupportedError(f"manifest {digest}: Docker schema 1 images are not supported")
     if not oci.is_manifest(media_type):
         raise UnsupportedError(f"manifest {digest} has unsupported media type {media_type!r}")
@@ -155,15 +179,16 @@ def parse_manifest(body: bytes, media_type: str, digest: str, *, for_conversion:
     if for_conversion:
         if config.media_type not in CONFIG_MEDIA_TYPES:
             raise UnsupportedError(
-                f"manifest {digest}: config media type {config.media_type!r} is not an image "
-                f"config")
+                f"manifest {digest}: config media type {config.media_type!r} is not an image config"
+            )
         if is_nydus_manifest(m):
             raise UnsupportedError(f"manifest {digest} is already a Nydus image")
         for ld in layers:
             if ld.media_type not in LAYER_MEDIA_TYPES:
                 raise UnsupportedError(
                     f"manifest {digest}: layer {ld.digest} has unsupported media type "
-                    f"{ld.media_type!r}")
+                    f"{ld.media_type!r}"
+                )
             if ld.digest.split(":", 1)[0] != "sha256":
                 raise UnsupportedError(f"layer {ld.digest}: only sha256 digests are supported")
     return m
@@ -191,15 +216,19 @@ def parse_index(body: bytes, digest: str) -> tuple[dict[str, Any], list[IndexEnt
     return doc, out
 
 
-def select_platforms(entries: list[IndexEntry], wanted: list[Platform] | None,
-                     all_platforms: bool) -> list[IndexEntry]:
+def select_platforms(
+    entries: list[IndexEntry], wanted: list[Platform] | None, all_platforms: bool
+) -> list[IndexEntry]:
     """The image manifests to convert, in index order. Attestations (``unknown/unknown``)
     and entries that are not image manifests are never selected."""
-    images = [e for e in entries if oci.is_manifest(e.descriptor.media_type)
-              and not (e.platform and e.platform.os == "unknown")
-              and e.descriptor.artifact_type != oci.ARTIFACT_TYPE_NYDUS_MANIFEST
-              and oci.PLATFORM_FEATURE_NYDUS not in (e.raw.get("platform") or {}).get(
-                  "os.features", [])]
+    images = [
+        e
+        for e in entries
+        if oci.is_manifest(e.descriptor.media_type)
+        and not (e.platform and e.platform.os == "unknown")
+        and e.descriptor.artifact_type != oci.ARTIFACT_TYPE_NYDUS_MANIFEST
+        and oci.PLATFORM_FEATURE_NYDUS not in (e.raw.get("platform") or {}).get("os.features", [])
+    ]
     if all_platforms:
         if not images:
             raise UnsupportedError("the index lists no image manifest")
@@ -207,8 +236,7 @@ def select_platforms(entries: list[IndexEntry], wanted: list[Platform] | None,
     targets = wanted or [host_platform()]
     out: list[IndexEntry] = []
     for t in targets:
-        hit = next((e for e in images if e.platform is not None and t.matches(e.platform)),
-                   None)
+        hit = next((e for e in images if e.platform is not None and t.matches(e.platform)), None)
         if hit is None:
             have = ", ".join(str(e.platform) for e in images if e.platform) or "none"
             raise ConfigError(f"the source has no {t} image (it has: {have})")
@@ -251,7 +279,8 @@ def read_bootstrap_layer(data: bytes, what: str = "bootstrap layer") -> bytes:
                     if m.size > MAX_BOOTSTRAP_SIZE:
                         raise FormatError(
                             f"{what}: {name} is {m.size} bytes, over the "
-                            f"{MAX_BOOTSTRAP_SIZE >> 20} MiB bootstrap limit")
+                            f"{MAX_BOOTSTRAP_SIZE >> 20} MiB bootstrap limit"
+                        )
                     f = tf.extractfile(m)
                     assert f is not None
                     return f.read(MAX_BOOTSTRAP_SIZE)
@@ -265,22 +294,34 @@ def blob_descriptor(digest: str, size: int, *, docker: bool = False) -> oci.Desc
     and skopeo refuse the manifest), so the layer is typed as a Docker layer there; the
     ``nydus-blob`` annotation is what the snapshotter goes by either way."""
     mt = oci.MEDIA_TYPE_DOCKER_LAYER_GZIP if docker else oci.MEDIA_TYPE_NYDUS_BLOB
-    return oci.Descriptor(mt, digest, size, {
-        oci.ANNOTATION_UNCOMPRESSED: digest,
-        oci.ANNOTATION_NYDUS_BLOB: "true",
-    })
+    return oci.Descriptor(
+        mt,
+        digest,
+        size,
+        {
+            oci.ANNOTATION_UNCOMPRESSED: digest,
+            oci.ANNOTATION_NYDUS_BLOB: "true",
+        },
+    )
 
 
-def bootstrap_descriptor(data: bytes, diff_id: str, *, docker: bool, fs_version: str,
-                         reference_blob_ids: list[str] | None = None) -> oci.Descriptor:
+def bootstrap_descriptor(
+    data: bytes,
+    diff_id: str,
+    *,
+    docker: bool,
+    fs_version: str,
+    reference_blob_ids: list[str] | None = None,
+) -> oci.Descriptor:
     ann = {
         oci.ANNOTATION_UNCOMPRESSED: diff_id,
         oci.ANNOTATION_NYDUS_FS_VERSION: fs_version,
         oci.ANNOTATION_NYDUS_BOOTSTRAP: "true",
     }
     if reference_blob_ids is not None:
-        ann[oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS] = json.dumps(reference_blob_ids,
-                                                                  separators=(",", ":"))
+        ann[oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS] = json.dumps(
+            reference_blob_ids, separators=(",", ":")
+        )
     mt = oci.MEDIA_TYPE_DOCKER_LAYER_GZIP if docker else oci.MEDIA_TYPE_OCI_LAYER_GZIP
     return oci.Descriptor(mt, oci.sha256_digest(data), len(data), ann)
 
@@ -300,9 +341,15 @@ def nydus_config(source: dict[str, Any], diff_ids: list[str]) -> bytes:
     return json.dumps(cfg, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def nydus_manifest(config: bytes, layers: list[oci.Descriptor], *, docker: bool,
-                   nydus_config_type: bool = False, subject: oci.Descriptor | None = None,
-                   annotations: dict[str, str] | None = None) -> tuple[bytes, str]:
+def nydus_manifest(
+    config: bytes,
+    layers: list[oci.Descriptor],
+    *,
+    docker: bool,
+    nydus_config_type: bool = False,
+    subject: oci.Descriptor | None = None,
+    annotations: dict[str, str] | None = None,
+) -> tuple[bytes, str]:
     """``(manifest bytes, media type)``."""
     if docker:
         mt, cmt = oci.MEDIA_TYPE_DOCKER_MANIFEST, oci.MEDIA_TYPE_DOCKER_CONFIG
@@ -317,15 +364,15 @@ def nydus_manifest(config: bytes, layers: list[oci.Descriptor], *, docker: bool,
         "layers": [d.to_dict() for d in layers],
     }
     if subject is not None:
-        doc["subject"] = oci.Descriptor(subject.media_type, subject.digest,
-                                        subject.size).to_dict()
+        doc["subject"] = oci.Descriptor(subject.media_type, subject.digest, subject.size).to_dict()
     if annotations:
         doc["annotations"] = dict(annotations)
     return json.dumps(doc, indent=2).encode(), mt
 
 
-def nydus_index(entries: list[dict[str, Any]], *, docker: bool,
-                annotations: dict[str, str] | None = None) -> tuple[bytes, str]:
+def nydus_index(
+    entries: list[dict[str, Any]], *, docker: bool, annotations: dict[str, str] | None = None
+) -> tuple[bytes, str]:
     mt = oci.MEDIA_TYPE_DOCKER_MANIFEST_LIST if docker else oci.MEDIA_TYPE_OCI_INDEX
     doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": mt, "manifests": entries}
     if annotations:
@@ -333,8 +380,9 @@ def nydus_index(entries: list[dict[str, Any]], *, docker: bool,
     return json.dumps(doc, indent=2).encode(), mt
 
 
-def index_entry(desc: oci.Descriptor, platform: dict[str, Any] | None, *, nydus_marker: bool,
-                docker: bool) -> dict[str, Any]:
+def index_entry(
+    desc: oci.Descriptor, platform: dict[str, Any] | None, *, nydus_marker: bool, docker: bool
+) -> dict[str, Any]:
     d = oci.Descriptor(desc.media_type, desc.digest, desc.size).to_dict()
     plat = dict(platform) if platform else None
     if nydus_marker:

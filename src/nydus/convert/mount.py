@@ -55,9 +55,14 @@ def nydusd_config(target: Remote, opts: MountOptions, cache_dir: str) -> dict[st
     if opts.backend is not None:
         backend = {"type": opts.backend.type, "config": asdict(opts.backend.config)}
     else:
-        cfg: dict[str, Any] = {"scheme": target.client.scheme, "host": target.ref.api_host,
-                               "repo": target.repo, "timeout": 30, "connect_timeout": 10,
-                               "retry_limit": 2}
+        cfg: dict[str, Any] = {
+            "scheme": target.client.scheme,
+            "host": target.ref.api_host,
+            "repo": target.repo,
+            "timeout": 30,
+            "connect_timeout": 10,
+            "retry_limit": 2,
+        }
         if target.opts.insecure:
             cfg["skip_verify"] = True
         creds = None
@@ -69,9 +74,13 @@ def nydusd_config(target: Remote, opts: MountOptions, cache_dir: str) -> dict[st
             cfg["registry_token"] = creds.registry_token
         backend = {"type": "registry", "config": cfg}
     doc: dict[str, Any] = {
-        "device": {"backend": backend,
-                   "cache": {"type": "blobcache", "config": {"work_dir": cache_dir}}},
-        "mode": "direct", "digest_validate": False, "enable_xattr": True,
+        "device": {
+            "backend": backend,
+            "cache": {"type": "blobcache", "config": {"work_dir": cache_dir}},
+        },
+        "mode": "direct",
+        "digest_validate": False,
+        "enable_xattr": True,
         "fs_prefetch": {"enable": opts.prefetch, "threads_count": 4, "prefetch_all": True},
     }
     DaemonConfig.from_json(doc, environ={})  # fail here, not in nydusd, on a bad config
@@ -84,12 +93,18 @@ def prepare_mount(target: Remote, opts: MountOptions) -> tuple[str, str]:
     if oci.is_index(mt):
         _doc, entries = im.parse_index(body, digest)
         want = opts.platform or im.host_platform()
-        cands = [e for e in entries if e.platform and want.matches(e.platform)
-                 and oci.is_manifest(e.descriptor.media_type)]
-        nydus = [e for e in cands if e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
-                 or oci.PLATFORM_FEATURE_NYDUS in (e.raw.get("platform") or {}).get(
-                     "os.features", [])]
-        pick = (nydus or cands)
+        cands = [
+            e
+            for e in entries
+            if e.platform and want.matches(e.platform) and oci.is_manifest(e.descriptor.media_type)
+        ]
+        nydus = [
+            e
+            for e in cands
+            if e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
+            or oci.PLATFORM_FEATURE_NYDUS in (e.raw.get("platform") or {}).get("os.features", [])
+        ]
+        pick = nydus or cands
         if not pick:
             raise ConfigError(f"{target.ref} has no {want} image")
         body, mt, digest = target.manifest(pick[0].descriptor.digest)
@@ -118,8 +133,9 @@ def find_tool(name: str) -> str:
         if os.access(name, os.X_OK) and os.path.isfile(name):
             return name
         raise ConfigError(f"--nydusd {name}: not found (no executable file there)")
-    for d in dict.fromkeys((os.path.dirname(os.path.abspath(sys.argv[0])),
-                            os.path.dirname(sys.executable))):
+    for d in dict.fromkeys(
+        (os.path.dirname(os.path.abspath(sys.argv[0])), os.path.dirname(sys.executable))
+    ):
         cand = os.path.join(d, name)
         if os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
@@ -134,15 +150,26 @@ def mount(target: Remote, opts: MountOptions) -> int:
     exe = find_tool(opts.nydusd)
     parent = os.path.dirname(os.path.abspath(opts.mount_path))
     if not os.path.isdir(opts.mount_path) and not os.path.isdir(parent):
-        raise ConfigError(f"--mount-path {opts.mount_path}: neither it nor its parent {parent} "
-                          "exists (only the last component is created)")
+        raise ConfigError(
+            f"--mount-path {opts.mount_path}: neither it nor its parent {parent} "
+            "exists (only the last component is created)"
+        )
     boot, cfg = prepare_mount(target, opts)
     if not os.path.isdir(opts.mount_path):
         os.mkdir(opts.mount_path)
         log.info("created the mount point %s", opts.mount_path)
     level = {"warn": "warn", "trace": "trace"}.get(opts.log_level, opts.log_level)
-    cmd = [exe, "--config", cfg, "--mountpoint", os.path.abspath(opts.mount_path),
-           "--bootstrap", boot, "--log-level", level]
+    cmd = [
+        exe,
+        "--config",
+        cfg,
+        "--mountpoint",
+        os.path.abspath(opts.mount_path),
+        "--bootstrap",
+        boot,
+        "--log-level",
+        level,
+    ]
     proc = subprocess.Popen(cmd)
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -59,8 +59,7 @@ class OptimizeOptions:
 
     def validate(self) -> None:
         if self.policy != POLICY_SEPARATED:
-            raise ConfigError(f"--policy {self.policy!r}: only {POLICY_SEPARATED!r} is "
-                              "supported")
+            raise ConfigError(f"--policy {self.policy!r}: only {POLICY_SEPARATED!r} is supported")
         if not self.prefetch_files:
             raise ConfigError("the prefetch file list is empty")
 
@@ -81,13 +80,20 @@ class OptimizeReport:
     missing: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        blob = (f"prefetch blob {self.prefetch_blob[:19]} ({self.prefetch_blob_size} bytes, "
-                f"{self.files} files, {self.bytes} bytes of data)") if self.prefetch_blob \
+        blob = (
+            (
+                f"prefetch blob {self.prefetch_blob[:19]} ({self.prefetch_blob_size} bytes, "
+                f"{self.files} files, {self.bytes} bytes of data)"
+            )
+            if self.prefetch_blob
             else "no prefetch blob (no listed file has data)"
+        )
         miss = f"; {len(self.missing)} listed paths not in the image" if self.missing else ""
-        return (f"optimized {self.source} -> {self.target} ({self.manifest_digest}): {blob}, "
-                f"prefetch table {self.table} entries; read {self.fetched} bytes of the source "
-                f"in {self.requests} requests{miss}; {self.seconds:.1f}s")
+        return (
+            f"optimized {self.source} -> {self.target} ({self.manifest_digest}): {blob}, "
+            f"prefetch table {self.table} entries; read {self.fetched} bytes of the source "
+            f"in {self.requests} requests{miss}; {self.seconds:.1f}s"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -135,9 +141,12 @@ def _nydus_manifest(source: Remote, platform: im.Platform | None) -> im.SourceMa
     if oci.is_index(mt):
         _doc, entries = im.parse_index(body, digest)
         images = [e for e in entries if oci.is_manifest(e.descriptor.media_type)]
-        nydus = [e for e in images if e.descriptor.artifact_type ==
-                 oci.ARTIFACT_TYPE_NYDUS_MANIFEST or oci.PLATFORM_FEATURE_NYDUS in
-                 (e.raw.get("platform") or {}).get("os.features", [])] or images
+        nydus = [
+            e
+            for e in images
+            if e.descriptor.artifact_type == oci.ARTIFACT_TYPE_NYDUS_MANIFEST
+            or oci.PLATFORM_FEATURE_NYDUS in (e.raw.get("platform") or {}).get("os.features", [])
+        ] or images
         want = platform or im.host_platform()
         hit = next((e for e in nydus if e.platform and want.matches(e.platform)), None)
         if hit is None:
@@ -149,8 +158,9 @@ def _nydus_manifest(source: Remote, platform: im.Platform | None) -> im.SourceMa
     return sm
 
 
-def optimize(source: Remote, target: Remote, opts: OptimizeOptions,
-             log: Callable[[str], None] | None = None) -> OptimizeReport:
+def optimize(
+    source: Remote, target: Remote, opts: OptimizeOptions, log: Callable[[str], None] | None = None
+) -> OptimizeReport:
     """See the module docstring."""
     opts.validate()
     say = log or (lambda _m: None)
@@ -160,9 +170,12 @@ def optimize(source: Remote, target: Remote, opts: OptimizeOptions,
     boot_desc = sm.layers[-1]
     if boot_desc.annotations.get(oci.ANNOTATION_NYDUS_BOOTSTRAP) != "true":
         raise FormatError(f"{source.ref}: the last layer is not a Nydus bootstrap layer")
-    blob_layers = [ld for ld in sm.layers[:-1]
-                   if ld.annotations.get(oci.ANNOTATION_NYDUS_BLOB) == "true"
-                   or ld.media_type == oci.MEDIA_TYPE_NYDUS_BLOB]
+    blob_layers = [
+        ld
+        for ld in sm.layers[:-1]
+        if ld.annotations.get(oci.ANNOTATION_NYDUS_BLOB) == "true"
+        or ld.media_type == oci.MEDIA_TYPE_NYDUS_BLOB
+    ]
     _raw, cfg = source.json_blob(sm.config, "config")
     gz = source.client.get_blob(source.repo, boot_desc.digest, max_size=MAX_BOOTSTRAP_LAYER)
     boot = im.read_bootstrap_layer(gz, f"bootstrap layer of {source.ref}")
@@ -190,6 +203,7 @@ def optimize(source: Remote, target: Remote, opts: OptimizeOptions,
             h = hashlib.sha256()
             size = 0
             with open(blob_path, "wb") as out:
+
                 class _Sink:
                     def write(self, b: bytes, /) -> int:
                         nonlocal size
@@ -199,12 +213,18 @@ def optimize(source: Remote, target: Remote, opts: OptimizeOptions,
                         return len(b)
 
                 say(f"building the prefetch blob for {len(opts.prefetch_files)} listed paths")
-                res = optimize_image(md, opts.prefetch_files, read_chunk, _Sink(),
-                                     opts.workers, plan=plan, blob_id=lambda: h.hexdigest())
+                res = optimize_image(
+                    md,
+                    opts.prefetch_files,
+                    read_chunk,
+                    _Sink(),
+                    opts.workers,
+                    plan=plan,
+                    blob_id=lambda: h.hexdigest(),
+                )
         finally:
             md.close()
-        rep.files, rep.bytes, rep.table, rep.missing = res.files, res.bytes, res.table, \
-            res.missing
+        rep.files, rep.bytes, rep.table, rep.missing = res.files, res.bytes, res.table, res.missing
         rep.fetched = sum(r.fetched for r in readers.values())
         rep.requests = sum(r.requests for r in readers.values())
         store = RegistryStore(target)
@@ -232,11 +252,13 @@ def optimize(source: Remote, target: Remote, opts: OptimizeOptions,
         config["rootfs"] = rootfs
         config_bytes = json.dumps(config, separators=(",", ":"), ensure_ascii=False).encode()
         store.push_bytes(oci.sha256_digest(config_bytes), config_bytes)
-        body, mtype = im.nydus_manifest(config_bytes, layers, docker=sm.is_docker,
-                                        nydus_config_type=sm.config.media_type ==
-                                        oci.MEDIA_TYPE_NYDUS_CONFIG)
-        rep.manifest_digest = target.client.put_manifest(target.repo, target.ref.ref, body,
-                                                         mtype)
+        body, mtype = im.nydus_manifest(
+            config_bytes,
+            layers,
+            docker=sm.is_docker,
+            nydus_config_type=sm.config.media_type == oci.MEDIA_TYPE_NYDUS_CONFIG,
+        )
+        rep.manifest_digest = target.client.put_manifest(target.repo, target.ref.ref, body, mtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rep.seconds = time.monotonic() - t0

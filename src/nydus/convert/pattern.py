@@ -46,8 +46,9 @@ def snapshotter_patterns(root: str, image_ref: str | None = None) -> list[dict[s
     state = Path(root) / "daemons" / "state.json"
     if not state.exists():
         raise NotFoundError(f"{state}: no such file (is {root} a snapshotter's --root?)")
-    doc = parse_json_object(read_input_file(state, "daemon state", 64 << 20), str(state),
-                            error=ConfigError)
+    doc = parse_json_object(
+        read_input_file(state, "daemon state", 64 << 20), str(state), error=ConfigError
+    )
     daemons = {d.get("id"): d for d in doc.get("daemons", []) if isinstance(d, dict)}
     images = [i for i in doc.get("images", []) if isinstance(i, dict)]
     if image_ref is not None:
@@ -87,8 +88,9 @@ def prefetch_paths(entries: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_pattern(entries: list[dict[str, Any]], list_path: str,
-                  json_path: str | None = None) -> int:
+def write_pattern(
+    entries: list[dict[str, Any]], list_path: str, json_path: str | None = None
+) -> int:
     """Write the prefetch list (and the entries as JSON); returns the number of paths."""
     paths = prefetch_paths(entries)
     for bad in (p for p in paths if "\n" in p):

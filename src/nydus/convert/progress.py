@@ -115,10 +115,20 @@ class Progress:
                 return  # not started: no bar yet (queued layers stay off the screen)
             used = set(self._positions.values())
             pos = next(i for i in range(len(used) + 1) if i not in used)
-            bar = tqdm(total=lp.total or None, desc=lp.label, unit="B", unit_scale=True,
-                       unit_divisor=1024, file=self.stream, position=pos, leave=False,
-                       dynamic_ncols=True, mininterval=0.1, initial=lp.read,
-                       postfix=self._postfix(lp))
+            bar = tqdm(
+                total=lp.total or None,
+                desc=lp.label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                position=pos,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.1,
+                initial=lp.read,
+                postfix=self._postfix(lp),
+            )
             self._bars[id(lp)] = bar
             self._positions[id(lp)] = pos
             return

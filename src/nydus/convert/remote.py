@@ -60,8 +60,12 @@ def is_loopback_host(host: str) -> bool:
 class Remote:
     """A parsed reference plus a :class:`RegistryClient` for its registry."""
 
-    def __init__(self, ref: Reference | str, opts: RemoteOptions | None = None,
-                 client: RegistryClient | None = None) -> None:
+    def __init__(
+        self,
+        ref: Reference | str,
+        opts: RemoteOptions | None = None,
+        client: RegistryClient | None = None,
+    ) -> None:
         self.ref = parse_reference(ref) if isinstance(ref, str) else ref
         self.opts = opts or RemoteOptions()
         self.client = client or self._make_client()
@@ -74,11 +78,18 @@ class Remote:
             scheme = ""  # HTTPS first, then plain HTTP
         else:
             scheme = "https"
-        return RegistryClient(self.ref.api_host, RegistryOptions(
-            scheme=scheme, skip_verify=o.insecure, docker_config=o.docker_config,
-            retry_limit=o.retry_limit, timeout=o.timeout, connect_timeout=min(o.timeout, 30.0),
-            chunk_size=o.chunk_size,
-        ))
+        return RegistryClient(
+            self.ref.api_host,
+            RegistryOptions(
+                scheme=scheme,
+                skip_verify=o.insecure,
+                docker_config=o.docker_config,
+                retry_limit=o.retry_limit,
+                timeout=o.timeout,
+                connect_timeout=min(o.timeout, 30.0),
+                chunk_size=o.chunk_size,
+            ),
+        )
 
     @property
     def repo(self) -> str:
@@ -113,16 +124,19 @@ class Remote:
             raise FormatError(f"{what} {desc.digest} is {desc.size} bytes: too large")
         raw = self.client.get_blob(self.repo, desc.digest, max_size=MAX_CONFIG_SIZE)
         if len(raw) != desc.size:
-            raise IntegrityError(f"{what} {desc.digest}: {len(raw)} bytes, manifest says "
-                                 f"{desc.size}")
+            raise IntegrityError(
+                f"{what} {desc.digest}: {len(raw)} bytes, manifest says {desc.size}"
+            )
         return raw, parse_json_object(raw, f"{what} {desc.digest}")
 
-    def open_blob(self, desc: oci.Descriptor,
-                  on_bytes: Callable[[int], None] | None = None) -> BlobStream:
+    def open_blob(
+        self, desc: oci.Descriptor, on_bytes: Callable[[int], None] | None = None
+    ) -> BlobStream:
         """A file-like stream of a blob, checked against the descriptor at its end (by the
         stream itself: the client's own digest check would hash the bytes a second time)."""
-        pieces = self.client.get_blob_stream(self.repo, desc.digest, chunk_size=1 << 20,
-                                             verify=False)
+        pieces = self.client.get_blob_stream(
+            self.repo, desc.digest, chunk_size=1 << 20, verify=False
+        )
         return BlobStream(pieces, desc.digest, desc.size, on_bytes)
 
 
@@ -134,8 +148,13 @@ class BlobStream(io.RawIOBase):
     manifest promised and works for any piece source.
     """
 
-    def __init__(self, pieces: Iterator[bytes], digest: str, size: int | None,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        pieces: Iterator[bytes],
+        digest: str,
+        size: int | None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__()
         self._pieces = pieces
         self._digest = digest

@@ -41,9 +41,15 @@ from ..metadata import ChunkInfo, Nid, RafsMetadata
 
 __all__ = ["FileNode", "OciRootfs", "nydus_rootfs", "compare", "Difference"]
 
-KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
-         stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo",
-         stat.S_IFSOCK: "socket"}
+KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
 MAX_SPARSE_SIZE = 1 << 36  # a sparse file's apparent size: hashing more takes too long
 
 
@@ -75,10 +81,10 @@ def _xattrs(pax: Mapping[str, str], kind: str) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for k, v in pax.items():
         if k.startswith("SCHILY.xattr."):
-            name = k[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")
+            name = k[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
             value = v.encode("utf-8", "surrogateescape")
         elif k.startswith("LIBARCHIVE.xattr."):
-            name = k[len("LIBARCHIVE.xattr."):].encode("utf-8", "surrogateescape")
+            name = k[len("LIBARCHIVE.xattr.") :].encode("utf-8", "surrogateescape")
             value = base64.b64decode(v + "=" * (-len(v) % 4))
         else:
             continue
@@ -165,9 +171,21 @@ class OciRootfs:
                         self._next_link += 1
                     parent.children[name] = tgt
                     continue
-                kind = ("dir" if m.isdir() else "file" if m.isreg() else "symlink" if m.issym()
-                        else "chr" if m.ischr() else "blk" if m.isblk() else "fifo"
-                        if m.isfifo() else "")
+                kind = (
+                    "dir"
+                    if m.isdir()
+                    else "file"
+                    if m.isreg()
+                    else "symlink"
+                    if m.issym()
+                    else "chr"
+                    if m.ischr()
+                    else "blk"
+                    if m.isblk()
+                    else "fifo"
+                    if m.isfifo()
+                    else ""
+                )
                 if not kind:
                     raise FormatError(f"tar entry {m.name!r} has unsupported type {m.type!r}")
                 xattrs = _xattrs(m.pax_headers, kind)
@@ -190,8 +208,10 @@ class OciRootfs:
                     node.rdev = (m.devmajor, m.devminor)
                 elif kind == "file":
                     if m.sparse is not None and m.size > MAX_SPARSE_SIZE:
-                        raise FormatError(f"sparse file {m.name!r} of {m.size} bytes: more "
-                                          f"than {MAX_SPARSE_SIZE} cannot be compared")
+                        raise FormatError(
+                            f"sparse file {m.name!r} of {m.size} bytes: more "
+                            f"than {MAX_SPARSE_SIZE} cannot be compared"
+                        )
                     node.size = m.size
                     h = hashlib.sha256()
                     f = tf.extractfile(m)
@@ -248,8 +268,9 @@ def _merge_dir(lower: FileNode, upper: FileNode) -> FileNode:
         kids = {k: v for k, v in lower.children.items() if k not in upper.whiteouts}
     merged = lower
     if not upper.implicit:
-        merged = FileNode("dir", upper.mode, upper.uid, upper.gid, upper.mtime,
-                          xattrs=upper.xattrs, children={})
+        merged = FileNode(
+            "dir", upper.mode, upper.uid, upper.gid, upper.mtime, xattrs=upper.xattrs, children={}
+        )
     else:
         # A parent without an entry of its own: containerd creates it 0755 (mtime "now")
         # and overlayfs then shows those attributes; a bootstrap keeps the lower directory's
@@ -260,8 +281,11 @@ def _merge_dir(lower: FileNode, upper: FileNode) -> FileNode:
     return merged
 
 
-def nydus_rootfs(md: RafsMetadata, read_chunk: Callable[[ChunkInfo], bytes],
-                 on_file: Callable[[bytes], None] | None = None) -> FileNode:
+def nydus_rootfs(
+    md: RafsMetadata,
+    read_chunk: Callable[[ChunkInfo], bytes],
+    on_file: Callable[[bytes], None] | None = None,
+) -> FileNode:
     """The tree of a bootstrap, file contents hashed through ``read_chunk``."""
     nodes: dict[Nid, FileNode] = {}
     counts: dict[Nid, int] = {}
@@ -271,8 +295,7 @@ def nydus_rootfs(md: RafsMetadata, read_chunk: Callable[[ChunkInfo], bytes],
         node = nodes.get(nid)
         if node is None:
             kind = KINDS.get(stat.S_IFMT(a.mode), "?")
-            node = FileNode(kind, a.mode & 0o7777, a.uid, a.gid, a.mtime,
-                            xattrs=md.xattrs(nid))
+            node = FileNode(kind, a.mode & 0o7777, a.uid, a.gid, a.mtime, xattrs=md.xattrs(nid))
             if kind == "dir":
                 node.children = {}
             elif kind == "symlink":
@@ -302,8 +325,7 @@ def nydus_rootfs(md: RafsMetadata, read_chunk: Callable[[ChunkInfo], bytes],
     return root
 
 
-def _hash_file(size: int, chunks: list[ChunkInfo], read_chunk: Callable[[ChunkInfo], bytes]
-               ) -> str:
+def _hash_file(size: int, chunks: list[ChunkInfo], read_chunk: Callable[[ChunkInfo], bytes]) -> str:
     h = hashlib.sha256()
     pos = 0
     for c in chunks:
@@ -339,8 +361,7 @@ def _walk(node: FileNode) -> Iterator[tuple[bytes, FileNode]]:
     return iter_tree(node)
 
 
-def compare(oci: FileNode, nydus: FileNode, limit: int = 1000
-            ) -> tuple[list[Difference], int, int]:
+def compare(oci: FileNode, nydus: FileNode, limit: int = 1000) -> tuple[list[Difference], int, int]:
     """Differences between two trees (at most ``limit`` listed), the paths compared and
     the implied directories whose attributes were not compared."""
     a = dict(_walk(oci))
@@ -400,5 +421,8 @@ def compare(oci: FileNode, nydus: FileNode, limit: int = 1000
 
 
 def _xs(x: dict[bytes, bytes]) -> str:
-    return "{" + ", ".join(f"{k.decode('utf-8', 'replace')}={v[:16]!r}"
-                           for k, v in sorted(x.items())) + "}"
+    return (
+        "{"
+        + ", ".join(f"{k.decode('utf-8', 'replace')}={v[:16]!r}" for k, v in sorted(x.items()))
+        + "}"
+    )

@@ -32,8 +32,14 @@ from ..format import oci
 from ..storage.objectstore import make_object_backend
 from .remote import Remote
 
-__all__ = ["BlobStore", "RegistryStore", "LocalFsStore", "ObjectStore", "make_store",
-           "parse_backend_config"]
+__all__ = [
+    "BlobStore",
+    "RegistryStore",
+    "LocalFsStore",
+    "ObjectStore",
+    "make_store",
+    "parse_backend_config",
+]
 
 MAX_SINGLE_PUT = 5 << 30
 
@@ -43,7 +49,8 @@ def parse_backend_config(backend_type: str, config: Mapping[str, Any]) -> Backen
     if backend_type not in ("localfs", "s3", "oss"):
         raise ConfigError(f"--backend-type {backend_type!r}: expected localfs, s3 or oss")
     cfg = DaemonConfig.from_json(
-        {"device": {"backend": {"type": backend_type, "config": dict(config)}}}, environ={})
+        {"device": {"backend": {"type": backend_type, "config": dict(config)}}}, environ={}
+    )
     return cfg.device.backend
 
 
@@ -93,8 +100,7 @@ class RegistryStore(BlobStore):
         return self.target.client.has_blob(self.target.repo, digest)
 
     def push_file(self, digest: str, path: str, force: bool = False) -> bool:
-        return self.target.client.push_blob(self.target.repo, digest, path,
-                                            check_exists=not force)
+        return self.target.client.push_blob(self.target.repo, digest, path, check_exists=not force)
 
     def push_bytes(self, digest: str, data: bytes) -> bool:
         return self.target.client.push_blob(self.target.repo, digest, data)
@@ -108,9 +114,12 @@ class RegistryStore(BlobStore):
             return False
         client = source.client
         self.target.client.push_blob(
-            self.target.repo, digest,
-            lambda: client.get_blob_stream(source.repo, digest, verify=False), size,
-            check_exists=False)
+            self.target.repo,
+            digest,
+            lambda: client.get_blob_stream(source.repo, digest, verify=False),
+            size,
+            check_exists=False,
+        )
         return True
 
     def describe(self) -> str:
@@ -164,13 +173,13 @@ class ObjectStore(BlobStore):
 
     in_manifest = False
 
-    def __init__(self, kind: str, cfg: OssConfig,
-                 resolve: Mapping[str, str] | None = None) -> None:
+    def __init__(self, kind: str, cfg: OssConfig, resolve: Mapping[str, str] | None = None) -> None:
         self.kind = kind
         self.cfg = cfg
         # uploads take longer than chunk reads, and a converter can afford patience
-        cfg = dataclasses.replace(cfg, timeout=max(cfg.timeout, 60),
-                                  retry_limit=max(cfg.retry_limit, 2))
+        cfg = dataclasses.replace(
+            cfg, timeout=max(cfg.timeout, 60), retry_limit=max(cfg.retry_limit, 2)
+        )
         self.backend = make_object_backend(kind, cfg, resolve=resolve)
 
     def key(self, digest: str) -> str:

@@ -76,8 +76,11 @@ class ApiError(Exception):
 def set_log_level(level: str) -> None:
     lv = _LEVELS.get(str(level).lower())
     if lv is None:
-        raise ApiError(400, "InvalidArgument",
-                       f"log_level: expected one of {', '.join(sorted(_LEVELS))}, got {level!r}")
+        raise ApiError(
+            400,
+            "InvalidArgument",
+            f"log_level: expected one of {', '.join(sorted(_LEVELS))}, got {level!r}",
+        )
     logging.getLogger().setLevel(lv)
     logging.getLogger("nydus").setLevel(lv)
 
@@ -108,8 +111,14 @@ def _error_of(e: BaseException) -> ApiError:
 
 
 class _Request:
-    def __init__(self, method: str, path: str, query: dict[str, list[str]], body: bytes,
-                 has_length: bool = True) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        body: bytes,
+        has_length: bool = True,
+    ) -> None:
         self.method, self.path, self.query, self.body = method, path, query, body
         self.has_length = has_length
 
@@ -124,8 +133,9 @@ class _Request:
     def json(self) -> dict[str, Any]:
         if not self.body:
             if not self.has_length:
-                raise ApiError(411, "LengthRequired",
-                               "a JSON body with a Content-Length header is required")
+                raise ApiError(
+                    411, "LengthRequired", "a JSON body with a Content-Length header is required"
+                )
             raise ApiError(400, "InvalidArgument", "a JSON body is required")
         try:
             return parse_json_object(self.body, "the request body")
@@ -137,8 +147,12 @@ _Reply = tuple[int, Any]  # (status, JSON-able object | str for text/plain | Non
 
 
 class _Routes:
-    def __init__(self, daemon: Nydusd, on_sendfd: Callable[[], None] | None,
-                 on_takeover: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        daemon: Nydusd,
+        on_sendfd: Callable[[], None] | None,
+        on_takeover: Callable[[], None] | None,
+    ) -> None:
         self.d = daemon
         self.on_sendfd, self.on_takeover = on_sendfd, on_takeover
         self.table: dict[str, dict[str, Callable[[_Request], _Reply]]] = {
@@ -150,8 +164,11 @@ class _Routes:
             "/api/v1/daemon/exit": {"PUT": self.put_exit},
             "/api/v1/daemon/fuse/sendfd": {"PUT": self.put_sendfd},
             "/api/v1/daemon/fuse/takeover": {"PUT": self.put_takeover},
-            "/api/v1/mount": {"POST": self.post_mount, "PUT": self.put_mount,
-                              "DELETE": self.delete_mount},
+            "/api/v1/mount": {
+                "POST": self.post_mount,
+                "PUT": self.put_mount,
+                "DELETE": self.delete_mount,
+            },
             "/api/v1/metrics": {"GET": self.get_metrics},
             "/api/v1/metrics/files": {"GET": self.get_files},
             "/api/v1/metrics/pattern": {"GET": self.get_pattern},
@@ -161,8 +178,11 @@ class _Routes:
             "/api/v1/metrics/prometheus": {"GET": self.get_prometheus},
             "/metrics": {"GET": self.get_prometheus},
             "/api/v1/config": {"GET": self.get_config, "PUT": self.put_config},
-            "/api/v2/blobs": {"GET": self.unsupported_v2, "PUT": self.unsupported_v2,
-                              "DELETE": self.unsupported_v2},
+            "/api/v2/blobs": {
+                "GET": self.unsupported_v2,
+                "PUT": self.unsupported_v2,
+                "DELETE": self.unsupported_v2,
+            },
         }
 
     def handle(self, req: _Request) -> _Reply:
@@ -171,9 +191,11 @@ class _Routes:
             raise ApiError(404, "NotFound", f"no such endpoint: {req.path}")
         fn = methods.get(req.method)
         if fn is None:
-            raise ApiError(405, "MethodNotAllowed",
-                           f"{req.method} not allowed on {req.path} (allowed: "
-                           f"{', '.join(sorted(methods))})")
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                f"{req.method} not allowed on {req.path} (allowed: {', '.join(sorted(methods))})",
+            )
         return fn(req)
 
     # -- daemon ---------------------------------------------------------------------------
@@ -223,22 +245,31 @@ class _Routes:
         path = req.arg("mountpoint", required=True)
         assert path is not None
         body = req.json()
-        unknown = set(body) - {"source", "fs_type", "config", "prefetch_files", "fs_driver",
-                               "bootstrap_digest"}
+        unknown = set(body) - {
+            "source",
+            "fs_type",
+            "config",
+            "prefetch_files",
+            "fs_driver",
+            "bootstrap_digest",
+        }
         if unknown:
             raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
         fs_type = body.get("fs_type", "rafs")
         if fs_type != "rafs":
-            raise ApiError(400 if fs_type != "passthrough_fs" else 501,
-                           "InvalidArgument" if fs_type != "passthrough_fs" else "Unsupported",
-                           f"fs_type {fs_type!r} is not supported (only 'rafs')")
+            raise ApiError(
+                400 if fs_type != "passthrough_fs" else 501,
+                "InvalidArgument" if fs_type != "passthrough_fs" else "Unsupported",
+                f"fs_type {fs_type!r} is not supported (only 'rafs')",
+            )
         source = body.get("source")
         if not isinstance(source, str) or not source:
             raise ApiError(400, "InvalidArgument", "'source' (bootstrap path) is required")
         config = body.get("config")
         if not isinstance(config, (str, dict)) or not config:
-            raise ApiError(400, "InvalidArgument",
-                           "'config' (nydusd config as a JSON string) is required")
+            raise ApiError(
+                400, "InvalidArgument", "'config' (nydusd config as a JSON string) is required"
+            )
         pf = body.get("prefetch_files")
         files: list[str] | None = None
         if isinstance(pf, str):
@@ -265,10 +296,14 @@ class _Routes:
         try:
             fs_driver = None if driver is None else FsDriver(driver)
         except ValueError:
-            raise ApiError(400, "InvalidArgument",
-                           f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'") from None
-        self.d.mount(*self._mount_args(req), fs_driver=fs_driver,
-                     bootstrap_digest=self._bootstrap_digest(req))
+            raise ApiError(
+                400, "InvalidArgument", f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'"
+            ) from None
+        self.d.mount(
+            *self._mount_args(req),
+            fs_driver=fs_driver,
+            bootstrap_digest=self._bootstrap_digest(req),
+        )
         return 204, None
 
     def put_mount(self, req: _Request) -> _Reply:
@@ -313,8 +348,11 @@ class _Routes:
         raise ApiError(501, "Unsupported", "hot config update (registry_auth) is not supported")
 
     def unsupported_v2(self, req: _Request) -> _Reply:
-        raise ApiError(501, "Unsupported",
-                       "fscache blob objects (/api/v2/blobs) are not supported on this kernel")
+        raise ApiError(
+            501,
+            "Unsupported",
+            "fscache blob objects (/api/v2/blobs) are not supported on this kernel",
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -362,13 +400,15 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             body = self.rfile.read(length)
             if len(body) != length:
-                raise ApiError(400, "InvalidArgument",
-                               f"body ended after {len(body)} of {length} bytes")
+                raise ApiError(
+                    400, "InvalidArgument", f"body ended after {len(body)} of {length} bytes"
+                )
         self.server.request_read(self.connection)  # type: ignore[attr-defined]
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
-        return self.routes.handle(_Request(self.command, url.path, query, body,
-                                           has_length=length is not None))
+        return self.routes.handle(
+            _Request(self.command, url.path, query, body, has_length=length is not None)
+        )
 
     def setup(self) -> None:
         super().setup()
@@ -452,9 +492,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if not self._slots.acquire(blocking=False):
             with contextlib.suppress(OSError):
                 body = b'{"code": "Busy", "message": "too many API connections"}'
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                                b"application/json\r\nConnection: close\r\nContent-Length: "
-                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                    b"application/json\r\nConnection: close\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
             self.shutdown_request(request)
             return
         # a client gets REQUEST_DEADLINE seconds to send its request, however it trickles
@@ -500,9 +544,14 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class ApiServer:
     """Serves the API of ``daemon`` on the unix socket ``path`` in a background thread."""
 
-    def __init__(self, daemon: Nydusd, path: str, *,
-                 on_sendfd: Callable[[], None] | None = None,
-                 on_takeover: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        daemon: Nydusd,
+        path: str,
+        *,
+        on_sendfd: Callable[[], None] | None = None,
+        on_takeover: Callable[[], None] | None = None,
+    ) -> None:
         self.path = os.path.abspath(path)
         routes = _Routes(daemon, on_sendfd, on_takeover)
         handler = type("Handler", (_Handler,), {"routes": routes})
@@ -518,8 +567,12 @@ class ApiServer:
         self._server = _Server(self.path, handler)
         st = os.lstat(self.path)
         self._identity = (st.st_dev, st.st_ino)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="nydusd-api",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            name="nydusd-api",
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -554,4 +607,3 @@ def _stale_socket(path: str) -> bool:
         return True
     finally:
         s.close()
-

@@ -125,8 +125,10 @@ class _SpanMemo:
                 self._bytes -= len(old[1])
             self._spans[(nodeid, start)] = (start + len(data), data, now)
             self._bytes += len(data)
-            while self._spans and (self._bytes > self.max_bytes or
-                                   now - next(iter(self._spans.values()))[2] > self.max_age):
+            while self._spans and (
+                self._bytes > self.max_bytes
+                or now - next(iter(self._spans.values()))[2] > self.max_age
+            ):
                 _, (_, gone, _) = self._spans.popitem(last=False)
                 self._bytes -= len(gone)
 
@@ -198,8 +200,15 @@ class BlobDevFs(Operations):
             if f is not None:
                 f.refs += 1
                 return blob_id
-            f = _BlobFile(self._next, name, device, index, size,
-                          (size + BLOCK - 1) // BLOCK * BLOCK, stats=stats)
+            f = _BlobFile(
+                self._next,
+                name,
+                device,
+                index,
+                size,
+                (size + BLOCK - 1) // BLOCK * BLOCK,
+                stats=stats,
+            )
             self._next += 1
             self._by_name[name] = f
             self._by_node[f.nodeid] = f
@@ -231,9 +240,15 @@ class BlobDevFs(Operations):
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
-            return {f.name.decode(): {"reads": f.reads, "bytes_read": f.bytes_read,
-                                      "errors": f.errors, "size": f.size}
-                    for f in self._by_name.values()}
+            return {
+                f.name.decode(): {
+                    "reads": f.reads,
+                    "bytes_read": f.bytes_read,
+                    "errors": f.errors,
+                    "size": f.size,
+                }
+                for f in self._by_name.values()
+            }
 
     # ------------------------------------------------------------------ helpers
 
@@ -302,8 +317,9 @@ class BlobDevFs(Operations):
             if claim:
                 self._spans[key] = now
                 if len(self._spans) > 8192:
-                    self._spans = {k: t for k, t in self._spans.items()
-                                   if now - t < _SPAN_AGAIN_AFTER}
+                    self._spans = {
+                        k: t for k, t in self._spans.items() if now - t < _SPAN_AGAIN_AFTER
+                    }
         return True
 
     def _attr(self, nodeid: int) -> AttrFields:
@@ -311,14 +327,40 @@ class BlobDevFs(Operations):
         if nodeid == ROOT_ID:
             with self._lock:
                 n = len(self._by_name)
-            return AttrFields(ino=ROOT_ID, size=4096, blocks=8, atime=s, mtime=s, ctime=s,
-                              atime_ns=ns, mtime_ns=ns, ctime_ns=ns,
-                              mode=stat.S_IFDIR | 0o555, nlink=2 + n, uid=0, gid=0, rdev=0)
+            return AttrFields(
+                ino=ROOT_ID,
+                size=4096,
+                blocks=8,
+                atime=s,
+                mtime=s,
+                ctime=s,
+                atime_ns=ns,
+                mtime_ns=ns,
+                ctime_ns=ns,
+                mode=stat.S_IFDIR | 0o555,
+                nlink=2 + n,
+                uid=0,
+                gid=0,
+                rdev=0,
+            )
         f = self._file(nodeid)
-        return AttrFields(ino=nodeid, size=f.size, blocks=f.size // 512, atime=s, mtime=s,
-                          ctime=s, atime_ns=ns, mtime_ns=ns, ctime_ns=ns,
-                          mode=stat.S_IFREG | 0o444, nlink=1, uid=0, gid=0, rdev=0,
-                          blksize=BLOCK)
+        return AttrFields(
+            ino=nodeid,
+            size=f.size,
+            blocks=f.size // 512,
+            atime=s,
+            mtime=s,
+            ctime=s,
+            atime_ns=ns,
+            mtime_ns=ns,
+            ctime_ns=ns,
+            mode=stat.S_IFREG | 0o444,
+            nlink=1,
+            uid=0,
+            gid=0,
+            rdev=0,
+            blksize=BLOCK,
+        )
 
     def _file(self, nodeid: int) -> _BlobFile:
         with self._lock:
@@ -366,8 +408,7 @@ class BlobDevFs(Operations):
         self._file(nodeid)
         return OpenReply(keep_cache=True, noflush=True)
 
-    def read(self, ctx: RequestContext, nodeid: int, fh: int, offset: int,
-             size: int) -> bytes:
+    def read(self, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         f = self._file(nodeid)
         dev = f.device
         if dev is None:
@@ -425,15 +466,20 @@ class BlobDevFs(Operations):
             raise FuseError(errno.ENOTDIR)
         return OpenReply()
 
-    def readdir(self, ctx: RequestContext, nodeid: int, fh: int, offset: int,
-                plus: bool) -> Iterator[DirEntry]:
+    def readdir(
+        self, ctx: RequestContext, nodeid: int, fh: int, offset: int, plus: bool
+    ) -> Iterator[DirEntry]:
         if nodeid != ROOT_ID:
             raise FuseError(errno.ENOTDIR)
         with self._lock:
-            rows: list[tuple[bytes, int, int]] = [(b".", ROOT_ID, _DT_DIR),
-                                                  (b"..", ROOT_ID, _DT_DIR)]
-            rows += [(f.name, f.nodeid, _DT_REG) for f in
-                     sorted(self._by_name.values(), key=lambda x: x.name)]
+            rows: list[tuple[bytes, int, int]] = [
+                (b".", ROOT_ID, _DT_DIR),
+                (b"..", ROOT_ID, _DT_DIR),
+            ]
+            rows += [
+                (f.name, f.nodeid, _DT_REG)
+                for f in sorted(self._by_name.values(), key=lambda x: x.name)
+            ]
         for i in range(offset, len(rows)):
             name, node, dtype = rows[i]
             entry = None
@@ -476,9 +522,16 @@ class BlobFsServer:
         if self.session is not None:
             return
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        s = FuseSession(self.fs, self.directory, SessionOptions(
-            threads=self.threads, fsname="nydus-blobfs", subtype="nydus-blobfs",
-            readdirplus="never"))
+        s = FuseSession(
+            self.fs,
+            self.directory,
+            SessionOptions(
+                threads=self.threads,
+                fsname="nydus-blobfs",
+                subtype="nydus-blobfs",
+                readdirplus="never",
+            ),
+        )
         s.mount()
         s.start()
         if not s.wait_initialized(10):
@@ -490,15 +543,15 @@ class BlobFsServer:
         # the kernel reads exactly what EROFS asks (no readahead on the blob files: it would
         # fetch chunks of other files); the rest of each chunk fetched is prefilled instead
         self.set_readahead(0)
-        self._prefiller = threading.Thread(target=self._prefill_loop, args=(s,), daemon=True,
-                                           name="blobfs-prefill")
+        self._prefiller = threading.Thread(
+            target=self._prefill_loop, args=(s,), daemon=True, name="blobfs-prefill"
+        )
         self._prefiller.start()
         self.fs.on_release = self._close_fd
         self.fs.prefill = self._queue_prefill
         log.info("blob device fs mounted at %s", self.directory)
 
-    def _queue_prefill(self, nodeid: int, ranges: list[tuple[int, int]],
-                       ready_from: int) -> None:
+    def _queue_prefill(self, nodeid: int, ranges: list[tuple[int, int]], ready_from: int) -> None:
         with self._jobs_cond:
             if len(self._jobs) >= _PREFILL_JOBS:
                 self.prefill_dropped += 1
@@ -548,8 +601,9 @@ class BlobFsServer:
             for lo, hi in ranges:
                 for off in range(lo, hi, _PREFILL_STEP):
                     try:
-                        os.posix_fadvise(fd, off, min(_PREFILL_STEP, hi - off),
-                                         os.POSIX_FADV_WILLNEED)
+                        os.posix_fadvise(
+                            fd, off, min(_PREFILL_STEP, hi - off), os.POSIX_FADV_WILLNEED
+                        )
                     except OSError as e:  # ENOTCONN: the connection is going away
                         log.debug("blob fs: WILLNEED on node %d: %s", nodeid, e)
                         return

@@ -48,14 +48,18 @@ class NydusdClient:
             unix_socket=sock, timeout=timeout, connect_timeout=timeout, max_idle_per_host=0
         )
 
-    def request(self, method: str, path: str, body: Any = None,
-                query: dict[str, str] | None = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         """``(status, decoded body)``; raises ApiClientError for 4xx/5xx, ApiReplyError for
         replies that are not valid API answers (see the module docstring)."""
         if query:
             path = f"{path}?{urlencode(query)}"
-        data = None if body is None else (body if isinstance(body, bytes)
-                                         else json.dumps(body).encode())
+        data = (
+            None
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
         where = f"nydusd at {self.sock}"
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
@@ -67,9 +71,7 @@ class NydusdClient:
         except TransportError as e:
             cause = e.__cause__
             if isinstance(cause, FileNotFoundError):
-                raise NotFoundError(
-                    f"no API socket at {self.sock} (is nydusd running?)"
-                ) from None
+                raise NotFoundError(f"no API socket at {self.sock} (is nydusd running?)") from None
             if isinstance(cause, TimeoutError):
                 raise ApiReplyError(
                     f"{where} did not answer {method} {path} within {self.timeout:g}s"
@@ -85,37 +87,45 @@ class NydusdClient:
         decoded: Any = None
         if raw:
             if "json" in ctype:
-                decoded = parse_json(raw, f"reply of {where} to {method} {path}",
-                                     error=ApiReplyError)
+                decoded = parse_json(
+                    raw, f"reply of {where} to {method} {path}", error=ApiReplyError
+                )
             else:
                 decoded = raw.decode(errors="replace")
         if resp.status >= 400:
             if isinstance(decoded, dict):
-                raise ApiClientError(resp.status, str(decoded.get("code", "")),
-                                     str(decoded.get("message", "")))
+                raise ApiClientError(
+                    resp.status, str(decoded.get("code", "")), str(decoded.get("message", ""))
+                )
             text = " ".join(str(decoded or resp.reason).split())[:200]
             raise ApiClientError(resp.status, "", text)
         if not 200 <= resp.status < 300:
             raise ApiReplyError(f"{where} answered {method} {path} with HTTP {resp.status}")
         return resp.status, decoded
 
-    def _json(self, method: str, path: str, body: Any = None,
-              query: dict[str, str] | None = None) -> Any:
+    def _json(
+        self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None
+    ) -> Any:
         """A call whose successful reply must be a JSON document."""
         status, decoded = self.request(method, path, body, query)
         if not isinstance(decoded, (dict, list)):
-            raise ApiReplyError(f"nydusd at {self.sock} answered {method} {path} with "
-                                f"HTTP {status} but no JSON document")
+            raise ApiReplyError(
+                f"nydusd at {self.sock} answered {method} {path} with "
+                f"HTTP {status} but no JSON document"
+            )
         return decoded
 
-    def _action(self, method: str, path: str, body: Any = None,
-                query: dict[str, str] | None = None) -> None:
+    def _action(
+        self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None
+    ) -> None:
         """A call whose successful reply is ``204 No Content`` (or an empty 200)."""
         status, decoded = self.request(method, path, body, query)
         if status == 204 or (status == 200 and decoded is None):
             return
-        raise ApiReplyError(f"nydusd at {self.sock} answered {method} {path} with HTTP "
-                            f"{status} and a body that is not an API reply")
+        raise ApiReplyError(
+            f"nydusd at {self.sock} answered {method} {path} with HTTP "
+            f"{status} and a body that is not an API reply"
+        )
 
     def get(self, path: str, **query: str) -> Any:
         """GET a document: decoded JSON, or text for the Prometheus endpoints."""
@@ -148,24 +158,40 @@ class NydusdClient:
             time.sleep(0.05)
         raise TimeoutError(f"nydusd did not reach {state} in {timeout}s (last: {last or '-'})")
 
-    def mount(self, mountpoint: str, source: str, config: str | dict[str, Any],
-              prefetch_files: list[str] | None = None, fs_type: str = "rafs",
-              bootstrap_digest: str | None = None) -> None:
+    def mount(
+        self,
+        mountpoint: str,
+        source: str,
+        config: str | dict[str, Any],
+        prefetch_files: list[str] | None = None,
+        fs_type: str = "rafs",
+        bootstrap_digest: str | None = None,
+    ) -> None:
         """``bootstrap_digest`` ("sha256:HEX", our extension): nydusd refuses a bootstrap
         with another digest (HTTP 422 IntegrityError)."""
-        body: dict[str, Any] = {"source": source, "fs_type": fs_type,
-                                "config": config if isinstance(config, str)
-                                else json.dumps(config)}
+        body: dict[str, Any] = {
+            "source": source,
+            "fs_type": fs_type,
+            "config": config if isinstance(config, str) else json.dumps(config),
+        }
         if prefetch_files:
             body["prefetch_files"] = prefetch_files
         if bootstrap_digest:
             body["bootstrap_digest"] = bootstrap_digest
         self._action("POST", "/api/v1/mount", body, {"mountpoint": mountpoint})
 
-    def remount(self, mountpoint: str, source: str, config: str | dict[str, Any],
-                bootstrap_digest: str | None = None) -> None:
-        body = {"source": source, "fs_type": "rafs",
-                "config": config if isinstance(config, str) else json.dumps(config)}
+    def remount(
+        self,
+        mountpoint: str,
+        source: str,
+        config: str | dict[str, Any],
+        bootstrap_digest: str | None = None,
+    ) -> None:
+        body = {
+            "source": source,
+            "fs_type": "rafs",
+            "config": config if isinstance(config, str) else json.dumps(config),
+        }
         if bootstrap_digest:
             body["bootstrap_digest"] = bootstrap_digest
         self._action("PUT", "/api/v1/mount", body, {"mountpoint": mountpoint})

@@ -49,8 +49,13 @@ _KERNEL_CANNOT = (errno.ENODEV, errno.ENOTBLK)
 _EROFS_MAGIC = b"\xe2\xe1\xf5\xe0"  # at offset 1024 of a bootstrap
 
 
-def resolve_driver(requested: FsDriver | None, default: FsDriver, rafs_version: int,
-                   upgrade: bool = False, needs_fuse: str = "") -> tuple[FsDriver, str]:
+def resolve_driver(
+    requested: FsDriver | None,
+    default: FsDriver,
+    rafs_version: int,
+    upgrade: bool = False,
+    needs_fuse: str = "",
+) -> tuple[FsDriver, str]:
     """(driver, reason) for one image mount. ``needs_fuse``: why this mount wants FUSE RAFS
     mode (empty if it does not); it overrides the daemon default, not an explicit request."""
     want = FsDriver(requested or default)
@@ -169,34 +174,53 @@ class ErofsDriver:
 
     kind: ClassVar[FsDriver] = FsDriver.EROFS
 
-    def __init__(self, manager: ErofsManager, fuse: FuseDriver,
-                 fuse_mounted: Callable[[], bool], on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        manager: ErofsManager,
+        fuse: FuseDriver,
+        fuse_mounted: Callable[[], bool],
+        on_lost: Callable[[str], None],
+    ) -> None:
         self.manager, self.fuse, self.vfs, self.fuse_mounted = manager, fuse, fuse.vfs, fuse_mounted
         manager.on_lost = on_lost
 
     def attach(self, im: ImageMount) -> Driver:
         if not _is_bootstrap(im):
-            log.info("%s: fs_driver fusedev (%s is a data blob with the bootstrap inlined: the "
-                     "kernel mounts only a bootstrap file of its own)", im.path, im.bootstrap)
+            log.info(
+                "%s: fs_driver fusedev (%s is a data blob with the bootstrap inlined: the "
+                "kernel mounts only a bootstrap file of its own)",
+                im.path,
+                im.bootstrap,
+            )
             return self.fuse.attach(im)
         self.vfs.attach(im.path, im.fs, on_close=_not_owned)
         if not self.fuse_mounted():
-            log.info("%s: fs_driver erofs; the kernel mount follows the daemon's FUSE mount",
-                     im.path)
+            log.info(
+                "%s: fs_driver erofs; the kernel mount follows the daemon's FUSE mount", im.path
+            )
             return self
         return self._kernel_mount(im)
 
     def _kernel_mount(self, im: ImageMount) -> Driver:
         try:
-            self.manager.mount(im.path, im.bootstrap, im.device,
-                               [b.blob_id for b in im.fs.meta.blobs], stats=im.fs.stats,
-                               verified=im.verified)
+            self.manager.mount(
+                im.path,
+                im.bootstrap,
+                im.device,
+                [b.blob_id for b in im.fs.meta.blobs],
+                stats=im.fs.stats,
+                verified=im.verified,
+            )
         except OSError as e:
             self.vfs.detach(im.path)  # attached again by the fallback, or closed by the caller
             if e.errno not in _KERNEL_CANNOT:
                 raise
-            log.warning("%s: kernel EROFS mount not possible (%s); falling back to fs_driver "
-                        "fusedev (FUSE RAFS mode)", im.path, e)
+            log.warning(
+                "%s: kernel EROFS mount not possible (%s); falling back to fs_driver "
+                "fusedev (FUSE RAFS mode)",
+                im.path,
+                e,
+            )
             return self.fuse.attach(im)
         return self
 
@@ -210,15 +234,22 @@ class ErofsDriver:
         """The new bootstrap replaces the old one in place; the old image stays open for files
         opened before, and is closed with the new one."""
         if im.fs.version != 6:
-            raise UnsupportedError(f"{im.path} is a kernel EROFS mount; a RAFS v{im.fs.version} "
-                                   "bootstrap cannot replace it (umount and mount)")
+            raise UnsupportedError(
+                f"{im.path} is a kernel EROFS mount; a RAFS v{im.fs.version} "
+                "bootstrap cannot replace it (umount and mount)"
+            )
         if im.path not in self.manager.images:  # not kernel-mounted yet (no FUSE mount so far)
             self.vfs.replace(im.path, im.fs, on_close=_not_owned)
             old.close()
             return
-        self.manager.replace(im.path, im.bootstrap, im.device,
-                             [b.blob_id for b in im.fs.meta.blobs], stats=im.fs.stats,
-                             verified=im.verified)
+        self.manager.replace(
+            im.path,
+            im.bootstrap,
+            im.device,
+            [b.blob_id for b in im.fs.meta.blobs],
+            stats=im.fs.stats,
+            verified=im.verified,
+        )
         # the FUSE view underneath keeps the old image (kept open below): replacing it would
         # invalidate the dentry the new kernel mount sits on, and the kernel detaches mounts on
         # an invalidated dentry

@@ -115,8 +115,13 @@ def sweep_stale_blobfs_dirs(base: str = BLOBFS_BASE) -> int:
             kinds = table.get(path, [])
             if fstype is not None and fstype in kinds:
                 for m in fusectl.abort_mounts([path], fstypes=[fstype]):
-                    log.warning("aborted FUSE connection %d of %s, left up by a daemon that "
-                                "is gone (pid %s)", m.conn, path, name)
+                    log.warning(
+                        "aborted FUSE connection %d of %s, left up by a daemon that "
+                        "is gone (pid %s)",
+                        m.conn,
+                        path,
+                        name,
+                    )
             if kinds and (fstype is None or kinds[-1] == fstype):
                 with contextlib.suppress(OSError):
                     kernel_mount.umount(path, lazy=True)
@@ -174,15 +179,18 @@ class ErofsImage:
         return "lazy" if not any(self.native) else "mixed"
 
     def describe(self) -> dict[str, Any]:
-        return {"target": self.target, "mode": self.mode, "devices": list(self.devices),
-                "native_since": self.switched_at or None}
+        return {
+            "target": self.target,
+            "mode": self.mode,
+            "devices": list(self.devices),
+            "native_since": self.switched_at or None,
+        }
 
 
 class ErofsManager:
     """Kernel EROFS mounts of a daemon, the blob fs they read through, and the native switch."""
 
-    def __init__(self, mountpoint: str, blobfs_dir: str = "", *,
-                 poll: float = 0.5) -> None:
+    def __init__(self, mountpoint: str, blobfs_dir: str = "", *, poll: float = 0.5) -> None:
         # resolved: the kernel's mount table shows real paths (see _check_lost)
         self.mountpoint = os.path.realpath(mountpoint)
         d = blobfs_dir or os.path.join(BLOBFS_BASE, str(os.getpid()))
@@ -220,12 +228,13 @@ class ErofsManager:
         os.chmod(d, 0o700)
         self._seq += 1
         name = os.path.join(d, f"{self._seq}.boot")
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        fd = os.open(
+            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
             _unlink_quiet(name)
@@ -233,16 +242,32 @@ class ErofsManager:
         os.close(fd)
         return name
 
-    def _new_image(self, path: str, target: str, bootstrap: str, device: BlobDevice,
-                   blob_ids: list[str], stats: FsIoStats | None, verified: bytes | None,
-                   mount: Callable[[ErofsImage], None]) -> ErofsImage:
+    def _new_image(
+        self,
+        path: str,
+        target: str,
+        bootstrap: str,
+        device: BlobDevice,
+        blob_ids: list[str],
+        stats: FsIoStats | None,
+        verified: bytes | None,
+        mount: Callable[[ErofsImage], None],
+    ) -> ErofsImage:
         """An image with its devices registered, mounted by ``mount`` (undone if it fails)."""
         if verified is None:
-            im = ErofsImage(path, target, os.path.abspath(bootstrap), device, list(blob_ids),
-                            stats=stats)
+            im = ErofsImage(
+                path, target, os.path.abspath(bootstrap), device, list(blob_ids), stats=stats
+            )
         else:
-            im = ErofsImage(path, target, self._private_copy(verified), device, list(blob_ids),
-                            stats=stats, private_bootstrap=True)
+            im = ErofsImage(
+                path,
+                target,
+                self._private_copy(verified),
+                device,
+                list(blob_ids),
+                stats=stats,
+                private_bootstrap=True,
+            )
         try:
             self._devices(im)
             mount(im)
@@ -252,8 +277,16 @@ class ErofsManager:
             raise
         return im
 
-    def mount(self, path: str, bootstrap: str, device: BlobDevice, blob_ids: list[str], *,
-              stats: FsIoStats | None = None, verified: bytes | None = None) -> ErofsImage:
+    def mount(
+        self,
+        path: str,
+        bootstrap: str,
+        device: BlobDevice,
+        blob_ids: list[str],
+        *,
+        stats: FsIoStats | None = None,
+        verified: bytes | None = None,
+    ) -> ErofsImage:
         """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
         (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back).
         ``stats``: the image's FsIoStats (blob fs READs are accounted there). ``verified``:
@@ -261,17 +294,37 @@ class ErofsManager:
         (:meth:`_private_copy`), not ``bootstrap``."""
         with self._lock:
             im = self._new_image(
-                path, self.target_of(path), bootstrap, device, blob_ids, stats, verified,
-                lambda im: kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices))
+                path,
+                self.target_of(path),
+                bootstrap,
+                device,
+                blob_ids,
+                stats,
+                verified,
+                lambda im: kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices),
+            )
             im.mounted = True
             self.images[path] = im
-            log.info("%s: kernel EROFS mount at %s (%s; devices %s)", path, im.target, im.mode,
-                     ", ".join(im.devices))
+            log.info(
+                "%s: kernel EROFS mount at %s (%s; devices %s)",
+                path,
+                im.target,
+                im.mode,
+                ", ".join(im.devices),
+            )
             self._ensure_watcher()
             return im
 
-    def replace(self, path: str, bootstrap: str, device: BlobDevice, blob_ids: list[str], *,
-                stats: FsIoStats | None = None, verified: bytes | None = None) -> ErofsImage:
+    def replace(
+        self,
+        path: str,
+        bootstrap: str,
+        device: BlobDevice,
+        blob_ids: list[str],
+        *,
+        stats: FsIoStats | None = None,
+        verified: bytes | None = None,
+    ) -> ErofsImage:
         """Remount: the new bootstrap takes the place of the image at ``path`` without a moment
         of an empty directory; files open on the old instance keep reading it (its blob files
         stay registered until the new image is unmounted)."""
@@ -280,8 +333,15 @@ class ErofsManager:
             if old is None or not old.mounted:
                 raise OSError(errno.EINVAL, f"no kernel EROFS mount at {path}")
             im = self._new_image(
-                path, old.target, bootstrap, device, blob_ids, stats, verified,
-                lambda im: self._mount_beneath(im.bootstrap, im.devices, old.target))
+                path,
+                old.target,
+                bootstrap,
+                device,
+                blob_ids,
+                stats,
+                verified,
+                lambda im: self._mount_beneath(im.bootstrap, im.devices, old.target),
+            )
             kernel_mount.umount(old.target, lazy=True)
             old.mounted = False
             im.mounted = True
@@ -325,8 +385,7 @@ class ErofsManager:
         try:
             return bool(device.verify_blob(i))
         except Exception as e:
-            log.warning("blob %d: cannot verify its cache file (%s); staying on the blob fs",
-                        i, e)
+            log.warning("blob %d: cannot verify its cache file (%s); staying on the blob fs", i, e)
             return False
 
     def _unregister(self, im: ErofsImage) -> None:
@@ -400,18 +459,19 @@ class ErofsManager:
             return im.describe() if im is not None else None
 
     def info(self) -> dict[str, Any]:
-        return {"blobfs": self.blobfs.directory if self.blobfs.running else None,
-                "blob_files": self.blobfs.fs.stats(),
-                "blobfs_prefilled_pages": self.blobfs.prefilled,
-                "blobfs_prefill_dropped": self.blobfs.prefill_dropped}
+        return {
+            "blobfs": self.blobfs.directory if self.blobfs.running else None,
+            "blob_files": self.blobfs.fs.stats(),
+            "blobfs_prefilled_pages": self.blobfs.prefilled,
+            "blobfs_prefill_dropped": self.blobfs.prefill_dropped,
+        }
 
     # ------------------------------------------------------------------ native switch
 
     def _ensure_watcher(self) -> None:
         if self._watcher is None or not self._watcher.is_alive():
             self._stop.clear()
-            self._watcher = threading.Thread(target=self._watch, name="erofs-native",
-                                             daemon=True)
+            self._watcher = threading.Thread(target=self._watch, name="erofs-native", daemon=True)
             self._watcher.start()
 
     def _watch(self) -> None:
@@ -430,14 +490,14 @@ class ErofsManager:
                 if changed:
                     self._check_lost(fd)
                 with self._lock:
-                    todo = [im for im in self.images.values()
-                            if im.mounted and not all(im.native)]
+                    todo = [im for im in self.images.values() if im.mounted and not all(im.native)]
                 for im in todo:
                     try:
                         self.switch_native(im.path)
                     except Exception:
-                        log.exception("%s: switch to native failed; staying on the blob fs",
-                                      im.path)
+                        log.exception(
+                            "%s: switch to native failed; staying on the blob fs", im.path
+                        )
                 # POLLPRI: the mount table changed; otherwise wake every `poll` seconds
                 changed = bool(poller.poll(int(self.poll * 1000))) if fd >= 0 else False
         finally:
@@ -456,8 +516,11 @@ class ErofsManager:
             table = kernel_mount.mounted_fstypes(text)
             for im in self.images.values():
                 if im.mounted and "erofs" not in table.get(im.target, ()):
-                    log.warning("%s: the kernel EROFS mount at %s was removed from outside",
-                                im.path, im.target)
+                    log.warning(
+                        "%s: the kernel EROFS mount at %s was removed from outside",
+                        im.path,
+                        im.target,
+                    )
                     im.mounted = False
                     lost.append(im.path)
         cb = self.on_lost
@@ -527,7 +590,10 @@ class ErofsManager:
             # read through them for files opened before the switch
             im.devices, im.native = devices, [True] * len(devices)
             im.switched_at = time.time()
-            log.info("%s: switched to native (local blob files %s, every chunk hashed by "
-                     "this daemon); no reads go through the daemon any more", path,
-                     ", ".join(devices))
+            log.info(
+                "%s: switched to native (local blob files %s, every chunk hashed by "
+                "this daemon); no reads go through the daemon any more",
+                path,
+                ", ".join(devices),
+            )
             return True

@@ -67,17 +67,22 @@ class Failover:
         if erofs:  # they hang on this process's blob fs, which no fd hand-over keeps alive
             raise UnsupportedError(
                 f"failover of kernel EROFS mounts ({', '.join(erofs)}) is not supported: "
-                "restart the daemon and mount them again (or use fs_driver fusedev)")
+                "restart the daemon and mount them again (or use fs_driver fusedev)"
+            )
         st = {
             "version": STATE_VERSION,
             "id": d.id,
             "session": s.export_state().to_dict(),
             "vfs": layout,
             "images": [
-                {"path": im.path, "bootstrap": im.bootstrap,
-                 "config": im.config.to_dict(), "prefetch_files": im.prefetch_files,
-                 # the new daemon checks the bootstrap again before serving it
-                 **({"bootstrap_digest": im.bootstrap_digest} if im.bootstrap_digest else {})}
+                {
+                    "path": im.path,
+                    "bootstrap": im.bootstrap,
+                    "config": im.config.to_dict(),
+                    "prefetch_files": im.prefetch_files,
+                    # the new daemon checks the bootstrap again before serving it
+                    **({"bootstrap_digest": im.bootstrap_digest} if im.bootstrap_digest else {}),
+                }
                 for im in images
             ],
         }
@@ -100,8 +105,11 @@ class Failover:
                 raise NydusError(f"unknown failover state version {st.get('version')}")
             state = SessionState.from_dict(st["session"])
             state.mountpoint = d.opts.mountpoint
-            s = d.adopt(st["images"], st["vfs"],
-                        lambda vfs: FuseSession.resume(vfs, fd, state, d.opts.session))
+            s = d.adopt(
+                st["images"],
+                st["vfs"],
+                lambda vfs: FuseSession.resume(vfs, fd, state, d.opts.session),
+            )
             if d.opts.failover_policy == "resend" and s.notify_resend():
                 log.info("asked the kernel to resend requests the old daemon left")
             d.sm.fire(DaemonEvent.TAKEOVER)
@@ -109,5 +117,6 @@ class Failover:
             if d.session is None or d.session.device_fd != fd:
                 os.close(fd)
             raise
-        log.info("took over the FUSE connection of %s (%d images)", d.opts.mountpoint,
-                 len(st["images"]))
+        log.info(
+            "took over the FUSE connection of %s (%d images)", d.opts.mountpoint, len(st["images"])
+        )

@@ -20,8 +20,14 @@ from ..credentials import PrivateFileHandler, PrivateRotatingFileHandler, Redact
 __all__ = ["setup_logging", "LEVELS", "TRACE", "UpstreamFormatter"]
 
 TRACE = 5
-LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO,
-          "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class UpstreamFormatter(logging.Formatter):
@@ -39,8 +45,9 @@ class UpstreamFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(level: str = "info", log_file: str | None = None,
-                  rotation_size_mb: int = 0) -> logging.Handler:
+def setup_logging(
+    level: str = "info", log_file: str | None = None, rotation_size_mb: int = 0
+) -> logging.Handler:
     """Configure the root logger; returns the installed handler."""
     logging.addLevelName(TRACE, "TRACE")
     lv = LEVELS.get(level.lower())
@@ -50,7 +57,8 @@ def setup_logging(level: str = "info", log_file: str | None = None,
     if log_file:
         if rotation_size_mb > 0:
             handler = PrivateRotatingFileHandler(
-                log_file, maxBytes=rotation_size_mb << 20, backupCount=5)
+                log_file, maxBytes=rotation_size_mb << 20, backupCount=5
+            )
         else:
             handler = PrivateFileHandler(log_file)
     else:

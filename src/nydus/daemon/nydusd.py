@@ -43,6 +43,7 @@ ConfigSource: TypeAlias = DaemonConfig | str | bytes | dict[str, Any]
 
 log = logging.getLogger("nydus.daemon")
 
+
 @dataclass
 class DaemonOptions:
     mountpoint: str
@@ -77,14 +78,19 @@ class ErrorHolder(logging.Handler):
             self.total += 1
             self._items.append(text)
             self._size += len(text)
-            while self._items and (len(self._items) > self.max_errors
-                                   or self._size > self.max_size):
+            while self._items and (
+                len(self._items) > self.max_errors or self._size > self.max_size
+            ):
                 self._size -= len(self._items.popleft())
 
     def export(self) -> dict[str, Any]:
         with self._guard:
-            return {"max_errors": self.max_errors, "total_errors": self.total,
-                    "max_size": self.max_size, "errors": list(self._items)}
+            return {
+                "max_errors": self.max_errors,
+                "total_errors": self.total,
+                "max_size": self.max_size,
+                "errors": list(self._items),
+            }
 
 
 class Nydusd:
@@ -104,15 +110,23 @@ class Nydusd:
         self.exit_reason = ""
         self.started = time.time()
         self.fuse = FuseDriver(self.vfs)
-        self.erofs = ErofsDriver(ErofsManager(opts.mountpoint, opts.blobfs_dir), self.fuse,
-                                 lambda: self.session is not None and self.session.mounted,
-                                 self._lost)
+        self.erofs = ErofsDriver(
+            ErofsManager(opts.mountpoint, opts.blobfs_dir),
+            self.fuse,
+            lambda: self.session is not None and self.session.mounted,
+            self._lost,
+        )
 
     # ------------------------------------------------------------------ images
 
-    def open_image(self, path: str, bootstrap: str, config: ConfigSource,
-                   prefetch_files: Sequence[str] | None = None,
-                   bootstrap_digest: str | None = None) -> ImageMount:
+    def open_image(
+        self,
+        path: str,
+        bootstrap: str,
+        config: ConfigSource,
+        prefetch_files: Sequence[str] | None = None,
+        bootstrap_digest: str | None = None,
+    ) -> ImageMount:
         """Validate and open an image without attaching it. With ``bootstrap_digest``
         (``sha256:HEX``) the bootstrap's bytes are read once, checked, and parsed from memory:
         a mismatch is an IntegrityError and nothing is mounted."""
@@ -130,22 +144,38 @@ class Nydusd:
             fs_id = self.vfs.normalize(path)
             device = open_device(meta.blobs, cfg, id=fs_id, chunk_lookup=meta.chunk_record)
             undo.callback(device.close)
-            fs = RafsFs(meta, device, FsOptions(
-                id=fs_id, enable_xattr=cfg.enable_xattr, iostats_files=cfg.iostats_files,
-                access_pattern=cfg.access_pattern, latest_read_files=cfg.latest_read_files,
-            ))
+            fs = RafsFs(
+                meta,
+                device,
+                FsOptions(
+                    id=fs_id,
+                    enable_xattr=cfg.enable_xattr,
+                    iostats_files=cfg.iostats_files,
+                    access_pattern=cfg.access_pattern,
+                    latest_read_files=cfg.latest_read_files,
+                ),
+            )
             undo.pop_all()
-        return ImageMount(fs_id, os.path.abspath(bootstrap), cfg, fs, device,
-                          list(prefetch_files) if prefetch_files else None, self.fuse,
-                          bootstrap_digest=bootstrap_digest.strip().lower()
-                          if bootstrap_digest else "", verified=verified)
+        return ImageMount(
+            fs_id,
+            os.path.abspath(bootstrap),
+            cfg,
+            fs,
+            device,
+            list(prefetch_files) if prefetch_files else None,
+            self.fuse,
+            bootstrap_digest=bootstrap_digest.strip().lower() if bootstrap_digest else "",
+            verified=verified,
+        )
 
     def _start_prefetch(self, im: ImageMount) -> None:
         pf = im.config.fs_prefetch
         if not pf.enable:
             if im.prefetch_files:
-                log.info("%s: --prefetch-files given but fs_prefetch.enable is false; "
-                         "not prefetching", im.path)
+                log.info(
+                    "%s: --prefetch-files given but fs_prefetch.enable is false; not prefetching",
+                    im.path,
+                )
             return
         try:
             lists, everything = im.fs.prefetch_chunk_lists(im.prefetch_files)
@@ -172,9 +202,15 @@ class Nydusd:
         return path
 
     @contextlib.contextmanager
-    def _loaded(self, path: str, want_mounted: bool, bootstrap: str, config: ConfigSource,
-                prefetch_files: Sequence[str] | None,
-                bootstrap_digest: str | None) -> Iterator[ImageMount]:
+    def _loaded(
+        self,
+        path: str,
+        want_mounted: bool,
+        bootstrap: str,
+        config: ConfigSource,
+        prefetch_files: Sequence[str] | None,
+        bootstrap_digest: str | None,
+    ) -> Iterator[ImageMount]:
         """Claim ``path`` and open the image without the lock, then hold the lock while the
         caller attaches it (an error closes it); then the image is recorded and prefetches."""
         with self._lock:
@@ -198,32 +234,51 @@ class Nydusd:
             with self._lock:
                 self._loading.discard(path)
 
-    def mount(self, path: str, bootstrap: str, config: ConfigSource,
-              prefetch_files: Sequence[str] | None = None, fs_driver: FsDriver | None = None,
-              bootstrap_digest: str | None = None) -> ImageMount:
+    def mount(
+        self,
+        path: str,
+        bootstrap: str,
+        config: ConfigSource,
+        prefetch_files: Sequence[str] | None = None,
+        fs_driver: FsDriver | None = None,
+        bootstrap_digest: str | None = None,
+    ) -> ImageMount:
         """Attach an image at ``path`` (``POST /api/v1/mount``); ``bootstrap_digest``: see
         :meth:`open_image`.
 
         The bootstrap is read and the storage opened without the daemon lock (``path`` is
         reserved meanwhile), so a slow or large image never stalls other API requests.
         """
-        with self._loaded(path, False, bootstrap, config, prefetch_files,
-                          bootstrap_digest) as im:
-            kind, why = resolve_driver(fs_driver or im.config.fs_driver, self.opts.fs_driver,
-                                       im.fs.version, self.opts.upgrade, self._needs_fuse(im))
+        with self._loaded(path, False, bootstrap, config, prefetch_files, bootstrap_digest) as im:
+            kind, why = resolve_driver(
+                fs_driver or im.config.fs_driver,
+                self.opts.fs_driver,
+                im.fs.version,
+                self.opts.upgrade,
+                self._needs_fuse(im),
+            )
             if kind == FsDriver.FUSEDEV:
                 log.info("%s: fs_driver fusedev (%s)", im.path, why)
             im.driver = (self.erofs if kind == FsDriver.EROFS else self.fuse).attach(im)
-        log.info("mounted %s at %s (RAFS v%d, %d blobs)", bootstrap, im.path,
-                 im.fs.version, len(im.fs.meta.blobs))
+        log.info(
+            "mounted %s at %s (RAFS v%d, %d blobs)",
+            bootstrap,
+            im.path,
+            im.fs.version,
+            len(im.fs.meta.blobs),
+        )
         return im
 
-    def remount(self, path: str, bootstrap: str, config: ConfigSource,
-                prefetch_files: Sequence[str] | None = None,
-                bootstrap_digest: str | None = None) -> ImageMount:
+    def remount(
+        self,
+        path: str,
+        bootstrap: str,
+        config: ConfigSource,
+        prefetch_files: Sequence[str] | None = None,
+        bootstrap_digest: str | None = None,
+    ) -> ImageMount:
         """Replace the image at ``path`` (``PUT /api/v1/mount``); loads outside the lock."""
-        with self._loaded(path, True, bootstrap, config, prefetch_files,
-                          bootstrap_digest) as im:
+        with self._loaded(path, True, bootstrap, config, prefetch_files, bootstrap_digest) as im:
             old = self.images.get(im.path)
             if old is None:
                 raise NotFoundError(f"nothing is mounted at {im.path}")
@@ -293,17 +348,27 @@ class Nydusd:
                 raise NydusError("no FUSE session to hand over")
             return s, self.vfs.export_layout(), list(self.images.values())
 
-    def adopt(self, images: list[dict[str, Any]], layout: dict[str, Any],
-              resume: Callable[[RafsVfs], FuseSession]) -> FuseSession:
+    def adopt(
+        self,
+        images: list[dict[str, Any]],
+        layout: dict[str, Any],
+        resume: Callable[[RafsVfs], FuseSession],
+    ) -> FuseSession:
         """Takeover (:mod:`.failover`): reopen ``images`` (path, bootstrap, config, ...) in the
         VFS slots of ``layout``, then serve the session ``resume`` makes for the VFS."""
         with self._lock:
             opened: list[ImageMount] = []
             try:
                 for img in images:
-                    opened.append(self.open_image(img["path"], img["bootstrap"], img["config"],
-                                                  img.get("prefetch_files"),
-                                                  img.get("bootstrap_digest") or None))
+                    opened.append(
+                        self.open_image(
+                            img["path"],
+                            img["bootstrap"],
+                            img["config"],
+                            img.get("prefetch_files"),
+                            img.get("bootstrap_digest") or None,
+                        )
+                    )
                 by_path = {im.path: im for im in opened}
                 self.vfs.import_layout(layout, {p: (im.fs, im.close) for p, im in by_path.items()})
             except BaseException:
@@ -391,8 +456,11 @@ class Nydusd:
             backends = {p: im.describe() for p, im in sorted(self.images.items())}
         return {
             "version": {
-                "package_ver": __version__, "git_commit": "", "build_time": "",
-                "profile": "release", "rustc": f"python {sys.version.split()[0]}",
+                "package_ver": __version__,
+                "git_commit": "",
+                "build_time": "",
+                "profile": "release",
+                "rustc": f"python {sys.version.split()[0]}",
             },
             "id": self.id,
             "supervisor": self.opts.supervisor,

@@ -53,44 +53,82 @@ def render_prometheus(d: Nydusd) -> str:
     o = _Out()
     o.add("nydusd_up", "gauge", "1 while the daemon serves", {"state": d.sm.state.value}, 1)
     inflight = d.metrics_inflight()
-    o.add("nydusd_fuse_inflight_requests", "gauge", "FUSE requests being served", {},
-          len(inflight))
+    o.add("nydusd_fuse_inflight_requests", "gauge", "FUSE requests being served", {}, len(inflight))
     s = d.session
     if s is not None:
-        o.add("nydusd_fuse_requests_total", "counter", "FUSE requests received", {},
-              s.stats.requests)
-        o.add("nydusd_fuse_errors_total", "counter", "FUSE requests answered with an error", {},
-              s.stats.errors)
+        o.add(
+            "nydusd_fuse_requests_total", "counter", "FUSE requests received", {}, s.stats.requests
+        )
+        o.add(
+            "nydusd_fuse_errors_total",
+            "counter",
+            "FUSE requests answered with an error",
+            {},
+            s.stats.errors,
+        )
     for fs_id in sorted(d.images):
         lab = {"fs_id": fs_id}
         try:
             g = d.metrics_fs(fs_id)
-            o.add("nydusd_data_read_bytes_total", "counter", "bytes read through the fs", lab,
-                  g["data_read"])
+            o.add(
+                "nydusd_data_read_bytes_total",
+                "counter",
+                "bytes read through the fs",
+                lab,
+                g["data_read"],
+            )
             o.add("nydusd_nr_opens", "gauge", "files open now", lab, g["nr_opens"])
-            o.add("nydusd_nr_max_opens", "gauge", "most files open at once", lab,
-                  g["nr_max_opens"])
+            o.add("nydusd_nr_max_opens", "gauge", "most files open at once", lab, g["nr_max_opens"])
             for i, fop in enumerate(_FOPS):
                 fl = {**lab, "fop": fop}
-                o.add("nydusd_fop_hits_total", "counter", "successful operations", fl,
-                      g["fop_hits"][i])
-                o.add("nydusd_fop_errors_total", "counter", "failed operations", fl,
-                      g["fop_errors"][i])
-                o.add("nydusd_fop_cumulative_latency_micros_total", "counter",
-                      "time spent per operation type", fl, g["fop_cumulative_latency_total"][i])
+                o.add(
+                    "nydusd_fop_hits_total",
+                    "counter",
+                    "successful operations",
+                    fl,
+                    g["fop_hits"][i],
+                )
+                o.add(
+                    "nydusd_fop_errors_total",
+                    "counter",
+                    "failed operations",
+                    fl,
+                    g["fop_errors"][i],
+                )
+                o.add(
+                    "nydusd_fop_cumulative_latency_micros_total",
+                    "counter",
+                    "time spent per operation type",
+                    fl,
+                    g["fop_cumulative_latency_total"][i],
+                )
             for i, b in enumerate(_SIZE_BUCKETS):
-                o.add("nydusd_block_count_read_total", "counter", "reads by request size",
-                      {**lab, "bucket": b}, g["block_count_read"][i])
+                o.add(
+                    "nydusd_block_count_read_total",
+                    "counter",
+                    "reads by request size",
+                    {**lab, "bucket": b},
+                    g["block_count_read"][i],
+                )
             for i, b in enumerate(_LAT_BUCKETS):
-                o.add("nydusd_read_latency_dist_total", "counter", "reads by latency",
-                      {**lab, "bucket": b}, g["read_latency_dist"][i])
+                o.add(
+                    "nydusd_read_latency_dist_total",
+                    "counter",
+                    "reads by latency",
+                    {**lab, "bucket": b},
+                    g["read_latency_dist"][i],
+                )
         except Exception as e:
             log.debug("prometheus: fs metrics of %s: %s", fs_id, e)
         try:
             be = d.metrics_backend(fs_id)
             bl = {**lab, "backend_type": str(be.get("backend_type", ""))}
-            for key in ("read_count", "read_errors", "read_amount_total",
-                        "read_cumulative_latency_millis_total"):
+            for key in (
+                "read_count",
+                "read_errors",
+                "read_amount_total",
+                "read_cumulative_latency_millis_total",
+            ):
                 name = key if key.endswith("_total") else key + "_total"
                 o.add(f"nydusd_backend_{name}", "counter", f"backend {key}", bl, be.get(key))
         except Exception as e:

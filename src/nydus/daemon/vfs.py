@@ -98,8 +98,9 @@ def _rdev32(dev: int) -> int:
 class RafsVfs(Operations):
     """See the module docstring."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT,
-                 zero_message_open: bool = False) -> None:
+    def __init__(
+        self, *, timeout: float = DEFAULT_TIMEOUT, zero_message_open: bool = False
+    ) -> None:
         self.timeout = timeout
         self._tsec = int(timeout)
         self._tnsec = min(int((timeout - int(timeout)) * 1e9), 999_999_999)
@@ -149,9 +150,11 @@ class RafsVfs(Operations):
                 self._root = MountSlot(0, "/", fs, on_close)
                 return 0
             if self._root is not None:
-                raise FuseError(errno.EBUSY,
-                                "an image is mounted at /; sub-mounts need a shared daemon "
-                                "(start nydusd without --bootstrap)")
+                raise FuseError(
+                    errno.EBUSY,
+                    "an image is mounted at /; sub-mounts need a shared daemon "
+                    "(start nydusd without --bootstrap)",
+                )
             slot = next((s for s in range(1, MAX_SLOTS + 1) if s not in self._slots), None)
             if slot is None:
                 raise FuseError(errno.ENOSPC, f"at most {MAX_SLOTS} images per daemon")
@@ -233,13 +236,17 @@ class RafsVfs(Operations):
             return {
                 "root": self._root.path if self._root is not None else None,
                 "slots": {str(m.slot): m.path for m in self._slots.values() if not m.detached},
-                "pseudo": [[d.nodeid, d.parent, d.name.decode("utf-8", "surrogateescape")]
-                           for d in self._pseudo.values() if d.nodeid != ROOT_INO],
+                "pseudo": [
+                    [d.nodeid, d.parent, d.name.decode("utf-8", "surrogateescape")]
+                    for d in self._pseudo.values()
+                    if d.nodeid != ROOT_INO
+                ],
                 "next_pseudo": self._next_pseudo,
             }
 
-    def import_layout(self, layout: dict[str, Any],
-                      images: dict[str, tuple[RafsFs, Callable[[], None] | None]]) -> None:
+    def import_layout(
+        self, layout: dict[str, Any], images: dict[str, tuple[RafsFs, Callable[[], None] | None]]
+    ) -> None:
         """Rebuild :meth:`export_layout`'s tree with freshly opened images (by path)."""
         with self._lock:
             if self._slots or self._root is not None or self._pseudo[ROOT_INO].children:
@@ -250,7 +257,8 @@ class RafsVfs(Operations):
                 return
             for nodeid, parent, name in sorted(layout.get("pseudo", [])):
                 self._pseudo[int(nodeid)] = _PseudoDir(
-                    int(nodeid), int(parent), str(name).encode("utf-8", "surrogateescape"))
+                    int(nodeid), int(parent), str(name).encode("utf-8", "surrogateescape")
+                )
             for d in list(self._pseudo.values()):
                 if d.nodeid != ROOT_INO:
                     self._pseudo[d.parent].children[d.name] = d.nodeid
@@ -324,17 +332,41 @@ class RafsVfs(Operations):
     def _fields(self, m: MountSlot, a: Attr) -> AttrFields:
         nodeid = (m.slot << SLOT_SHIFT) | a.ino
         return AttrFields(
-            ino=nodeid, size=a.size, blocks=a.blocks, atime=a.mtime, mtime=a.mtime,
-            ctime=a.mtime, atime_ns=a.mtime_nsec, mtime_ns=a.mtime_nsec, ctime_ns=a.mtime_nsec,
-            mode=a.mode, nlink=a.nlink, uid=a.uid, gid=a.gid, rdev=_rdev32(a.rdev),
+            ino=nodeid,
+            size=a.size,
+            blocks=a.blocks,
+            atime=a.mtime,
+            mtime=a.mtime,
+            ctime=a.mtime,
+            atime_ns=a.mtime_nsec,
+            mtime_ns=a.mtime_nsec,
+            ctime_ns=a.mtime_nsec,
+            mode=a.mode,
+            nlink=a.nlink,
+            uid=a.uid,
+            gid=a.gid,
+            rdev=_rdev32(a.rdev),
             blksize=a.blksize,
         )
 
     def _pseudo_fields(self, d: _PseudoDir) -> AttrFields:
         s, ns = divmod(d.mtime, 1_000_000_000)
-        return AttrFields(ino=d.nodeid, size=4096, blocks=8, atime=s, mtime=s, ctime=s,
-                          atime_ns=ns, mtime_ns=ns, ctime_ns=ns, mode=stat.S_IFDIR | 0o755,
-                          nlink=2 + len(d.children), uid=0, gid=0, rdev=0)
+        return AttrFields(
+            ino=d.nodeid,
+            size=4096,
+            blocks=8,
+            atime=s,
+            mtime=s,
+            ctime=s,
+            atime_ns=ns,
+            mtime_ns=ns,
+            ctime_ns=ns,
+            mode=stat.S_IFDIR | 0o755,
+            nlink=2 + len(d.children),
+            uid=0,
+            gid=0,
+            rdev=0,
+        )
 
     def _count(self, m: MountSlot | None, n: int = 1) -> None:
         if m is not None and m.slot:
@@ -346,10 +378,29 @@ class RafsVfs(Operations):
         if e is None:
             f = self._fields(m, a)
             raw = _ENTRY_OUT.pack(
-                f.ino, 0, self._tsec, self._tsec, self._tnsec, self._tnsec,
-                f.ino, f.size, f.blocks, f.atime & _U64, f.mtime & _U64, f.ctime & _U64,
-                f.atime_ns, f.mtime_ns, f.ctime_ns, f.mode, f.nlink, f.uid, f.gid, f.rdev,
-                f.blksize, 0)
+                f.ino,
+                0,
+                self._tsec,
+                self._tsec,
+                self._tnsec,
+                self._tnsec,
+                f.ino,
+                f.size,
+                f.blocks,
+                f.atime & _U64,
+                f.mtime & _U64,
+                f.ctime & _U64,
+                f.atime_ns,
+                f.mtime_ns,
+                f.ctime_ns,
+                f.mode,
+                f.nlink,
+                f.uid,
+                f.gid,
+                f.rdev,
+                f.blksize,
+                0,
+            )
             e = Entry(f.ino, f, self.timeout, self.timeout, raw=raw)
             if len(m.entries) >= _CACHE_LIMIT:
                 m.entries.clear()
@@ -432,8 +483,9 @@ class RafsVfs(Operations):
         if m is None:
             return StatFs(files=len(self._pseudo))
         s = m.fs.statfs()
-        return StatFs(blocks=s.blocks, files=s.files, bsize=s.bsize, namelen=s.namelen,
-                      frsize=s.bsize)
+        return StatFs(
+            blocks=s.blocks, files=s.files, bsize=s.bsize, namelen=s.namelen, frsize=s.bsize
+        )
 
     def open(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
         fs, local = self._file(nodeid, errno.EISDIR)
@@ -445,8 +497,9 @@ class RafsVfs(Operations):
         fh = fs.open(local, flags)
         return OpenReply(fh=fh, keep_cache=True, noflush=True)
 
-    def read(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int,
-             size: int) -> list[bytes | memoryview]:
+    def read(
+        self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, size: int
+    ) -> list[bytes | memoryview]:
         fs, local = self._file(nodeid, errno.EISDIR)
         return fs.read(local, offset, size)
 
@@ -471,8 +524,9 @@ class RafsVfs(Operations):
         m.fs.opendir(local)
         return OpenReply(keep_cache=True, cache_dir=True)
 
-    def readdir(self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int,
-                plus: bool) -> Iterator[DirEntry]:
+    def readdir(
+        self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, plus: bool
+    ) -> Iterator[DirEntry]:
         m, local = self._resolve(nodeid)
         if m is None:
             return self._pseudo_readdir(local, offset, plus)

@@ -70,9 +70,16 @@ class CiHeader:
 
     def pack(self) -> bytes:
         head = _HDR.pack(
-            BLOB_META_MAGIC, self.features, self.ci_compressor, self.ci_entries,
-            self.ci_offset, self.ci_compressed_size, self.ci_uncompressed_size,
-            self.zran_offset, self.zran_size, self.zran_count,
+            BLOB_META_MAGIC,
+            self.features,
+            self.ci_compressor,
+            self.ci_entries,
+            self.ci_offset,
+            self.ci_compressed_size,
+            self.ci_uncompressed_size,
+            self.zran_offset,
+            self.zran_size,
+            self.zran_count,
         )
         return head.ljust(CI_HEADER_SIZE - 4, b"\0") + struct.pack("<I", BLOB_META_MAGIC)
 
@@ -111,15 +118,9 @@ def pack_ci_v1(e: CiEntry) -> bytes:
     if not (0 <= us < MAX_CHUNK_FIELD and 0 <= cs < MAX_CHUNK_FIELD):
         raise FormatError("chunk too large for ci v1")
     uncomp = (
-        (e.uncompressed_offset & 0xFFF_FFFF_F000)
-        | ((us >> 20) & 0xF) << 8
-        | (us & 0xFFFFF) << 44
+        (e.uncompressed_offset & 0xFFF_FFFF_F000) | ((us >> 20) & 0xF) << 8 | (us & 0xFFFFF) << 44
     )
-    comp = (
-        (e.compressed_offset & 0xFF_FFFF_FFFF)
-        | ((cs >> 20) & 0xF) << 40
-        | (cs & 0xFFFFF) << 44
-    )
+    comp = (e.compressed_offset & 0xFF_FFFF_FFFF) | ((cs >> 20) & 0xF) << 40 | (cs & 0xFFFFF) << 44
     return struct.pack("<QQ", uncomp, comp)
 
 
@@ -170,8 +171,13 @@ class TocEntry:
 
     def pack(self) -> bytes:
         return _TOC.pack(
-            self.flags, 0, self.name.encode().ljust(16, b"\0"), self.digest,
-            self.compressed_offset, self.compressed_size, self.uncompressed_size,
+            self.flags,
+            0,
+            self.name.encode().ljust(16, b"\0"),
+            self.digest,
+            self.compressed_offset,
+            self.compressed_size,
+            self.uncompressed_size,
         )
 
     @classmethod

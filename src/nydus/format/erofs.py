@@ -68,6 +68,7 @@ def file_type_of(mode: int) -> int:
 
 # --------------------------------------------------------------------------- superblock
 
+
 @dataclass
 class SuperBlock:
     feature_compat: int
@@ -121,9 +122,26 @@ class SuperBlock:
     def unpack(cls, buf: bytes | memoryview) -> SuperBlock:
         if len(buf) < EROFS_SB_SIZE:
             raise FormatError("EROFS superblock truncated")
-        (magic, checksum, compat, blkszbits, extslots, root_nid, inos, btime, bnsec, blocks,
-         meta_blkaddr, xattr_blkaddr, uuid, vname, incompat, _u1, extra_devices,
-         devt_slotoff) = struct.unpack_from("<IIIBBHQQIIII16s16sIHHH", buf, 0)
+        (
+            magic,
+            checksum,
+            compat,
+            blkszbits,
+            extslots,
+            root_nid,
+            inos,
+            btime,
+            bnsec,
+            blocks,
+            meta_blkaddr,
+            xattr_blkaddr,
+            uuid,
+            vname,
+            incompat,
+            _u1,
+            extra_devices,
+            devt_slotoff,
+        ) = struct.unpack_from("<IIIBBHQQIIII16s16sIHHH", buf, 0)
         if magic != EROFS_MAGIC:
             raise FormatError(f"bad EROFS magic {magic:#x}")
         dirblkbits = buf[90]
@@ -201,13 +219,31 @@ class DiskInode:
         fmt = (1 if self.extended else 0) | (self.layout << 1)
         if self.extended:
             return _EXTENDED.pack(
-                fmt, self.xattr_icount, self.mode & 0xFFFF, 0, self.size, self.i_u,
-                self.ino & 0xFFFFFFFF, self.uid, self.gid, self.mtime, self.mtime_nsec,
+                fmt,
+                self.xattr_icount,
+                self.mode & 0xFFFF,
+                0,
+                self.size,
+                self.i_u,
+                self.ino & 0xFFFFFFFF,
+                self.uid,
+                self.gid,
+                self.mtime,
+                self.mtime_nsec,
                 self.nlink,
             )
         return _COMPACT.pack(
-            fmt, self.xattr_icount, self.mode & 0xFFFF, self.nlink, self.size, self.mtime,
-            self.i_u, self.ino & 0xFFFFFFFF, self.uid, self.gid, 0,
+            fmt,
+            self.xattr_icount,
+            self.mode & 0xFFFF,
+            self.nlink,
+            self.size,
+            self.mtime,
+            self.i_u,
+            self.ino & 0xFFFFFFFF,
+            self.uid,
+            self.gid,
+            0,
         )
 
     @classmethod
@@ -222,11 +258,13 @@ class DiskInode:
         if extended:
             if off + INODE_EXTENDED_SIZE > len(buf):
                 raise FormatError(f"extended inode at byte {off} truncated")
-            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec,
-             nlink) = _EXTENDED.unpack_from(buf, off)
+            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec, nlink) = (
+                _EXTENDED.unpack_from(buf, off)
+            )
         else:
-            (_f, icount, mode, nlink, size, mtime, i_u, ino, uid, gid,
-             _r2) = _COMPACT.unpack_from(buf, off)
+            (_f, icount, mode, nlink, size, mtime, i_u, ino, uid, gid, _r2) = _COMPACT.unpack_from(
+                buf, off
+            )
             nsec = 0
         return cls(extended, layout, icount, mode, nlink, size, i_u, ino, uid, gid, mtime, nsec)
 
@@ -262,7 +300,7 @@ def split_xattr_name(name: bytes) -> tuple[int, bytes] | None:
         return 3, b""
     for idx, prefix in ((1, b"user."), (4, b"trusted."), (6, b"security."), (5, b"lustre.")):
         if name.startswith(prefix) and len(name) > len(prefix):
-            return idx, name[len(prefix):]
+            return idx, name[len(prefix) :]
     return None
 
 
@@ -307,8 +345,8 @@ def decode_xattrs(buf: bytes | memoryview, off: int, icount: int) -> dict[bytes,
         prefix = XATTR_PREFIXES.get(idx)
         if prefix is None:
             raise FormatError(f"unknown xattr name index {idx}")
-        suffix = bytes(buf[pos + 4: pos + 4 + nlen])
-        out[prefix + suffix] = bytes(buf[pos + 4 + nlen: ent_end])
+        suffix = bytes(buf[pos + 4 : pos + 4 + nlen])
+        out[prefix + suffix] = bytes(buf[pos + 4 + nlen : ent_end])
         pos = ent_end + (-(4 + nlen + vlen) % 4)
     return out
 

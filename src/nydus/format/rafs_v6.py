@@ -76,12 +76,18 @@ BLOB_FEATURE_HAS_TAR_HEADER = 0x1000_0000
 BLOB_FEATURE_HAS_TOC = 0x2000_0000
 BLOB_FEATURE_CAP_TAR_TOC = 0x4000_0000
 BLOB_FEATURE_NAMES = {  # upstream's BlobFeatures names, lower case
-    BLOB_FEATURE_ALIGNED: "aligned", BLOB_FEATURE_INLINED_FS_META: "inlined_fs_meta",
-    BLOB_FEATURE_CHUNK_INFO_V2: "chunk_info_v2", BLOB_FEATURE_ZRAN: "zran",
-    BLOB_FEATURE_SEPARATE: "separate", BLOB_FEATURE_INLINED_CHUNK_DIGEST: "inlined_chunk_digest",
-    BLOB_FEATURE_TARFS: "tarfs", BLOB_FEATURE_BATCH: "batch",
-    BLOB_FEATURE_ENCRYPTED: "encrypted", BLOB_FEATURE_HAS_TAR_HEADER: "has_tar_header",
-    BLOB_FEATURE_HAS_TOC: "has_toc", BLOB_FEATURE_CAP_TAR_TOC: "cap_tar_toc",
+    BLOB_FEATURE_ALIGNED: "aligned",
+    BLOB_FEATURE_INLINED_FS_META: "inlined_fs_meta",
+    BLOB_FEATURE_CHUNK_INFO_V2: "chunk_info_v2",
+    BLOB_FEATURE_ZRAN: "zran",
+    BLOB_FEATURE_SEPARATE: "separate",
+    BLOB_FEATURE_INLINED_CHUNK_DIGEST: "inlined_chunk_digest",
+    BLOB_FEATURE_TARFS: "tarfs",
+    BLOB_FEATURE_BATCH: "batch",
+    BLOB_FEATURE_ENCRYPTED: "encrypted",
+    BLOB_FEATURE_HAS_TAR_HEADER: "has_tar_header",
+    BLOB_FEATURE_HAS_TOC: "has_toc",
+    BLOB_FEATURE_CAP_TAR_TOC: "cap_tar_toc",
 }
 
 
@@ -92,6 +98,7 @@ def feature_names(features: int) -> list[str]:
     if rest:
         names.append(hex(rest))
     return names
+
 
 _EXT = struct.Struct("<QQIIQQQII200x")
 
@@ -109,9 +116,15 @@ class ExtSuperBlock:
 
     def pack(self) -> bytes:
         return _EXT.pack(
-            self.flags, self.blob_table_offset, self.blob_table_size, self.chunk_size,
-            self.chunk_table_offset, self.chunk_table_size, self.prefetch_table_offset,
-            self.prefetch_table_size, 0,
+            self.flags,
+            self.blob_table_offset,
+            self.blob_table_size,
+            self.chunk_size,
+            self.chunk_table_offset,
+            self.chunk_table_size,
+            self.prefetch_table_offset,
+            self.prefetch_table_size,
+            0,
         )
 
     @classmethod
@@ -149,12 +162,25 @@ class BlobEntry:
 
     def pack(self) -> bytes:
         return _BLOB.pack(
-            self.blob_id.encode().ljust(64, b"\0"), self.blob_index, self.chunk_size,
-            self.chunk_count, self.compression_algo, self.digest_algo, self.features,
-            self.compressed_size, self.uncompressed_size, self.blob_toc_size,
-            self.ci_compressor, self.ci_offset, self.ci_compressed_size,
-            self.ci_uncompressed_size, self.blob_toc_digest, self.blob_meta_digest,
-            self.blob_meta_size, self.cipher_iv, self.cipher_algo,
+            self.blob_id.encode().ljust(64, b"\0"),
+            self.blob_index,
+            self.chunk_size,
+            self.chunk_count,
+            self.compression_algo,
+            self.digest_algo,
+            self.features,
+            self.compressed_size,
+            self.uncompressed_size,
+            self.blob_toc_size,
+            self.ci_compressor,
+            self.ci_offset,
+            self.ci_compressed_size,
+            self.ci_uncompressed_size,
+            self.blob_toc_digest,
+            self.blob_meta_digest,
+            self.blob_meta_size,
+            self.cipher_iv,
+            self.cipher_algo,
         )
 
     @classmethod

@@ -47,7 +47,8 @@ class ChunkFileMap:
             self.paths[nid] = path.decode(errors="surrogateescape")
             for c in meta.chunks(nid):
                 rows.setdefault(c.blob_index, []).append(
-                    (c.uncompressed_offset, c.uncompressed_size, nid, c.file_offset))
+                    (c.uncompressed_offset, c.uncompressed_size, nid, c.file_offset)
+                )
         self._rows: dict[int, list[tuple[int, int, Nid, int]]] = {}
         self._starts: dict[int, list[int]] = {}
         self._longest: dict[int, int] = {}

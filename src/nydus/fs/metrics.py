@@ -170,8 +170,9 @@ class FsIoStats:
         # blob-device reads not yet mapped to files: (blob, offset, size, time ns)
         self._blob_reads: list[tuple[int, int, int, int]] = []
 
-    def record(self, fop: StatsFop, ino: int, ok: bool, size: int = 0, micros: int = 0,
-               offset: int = -1) -> None:
+    def record(
+        self, fop: StatsFop, ino: int, ok: bool, size: int = 0, micros: int = 0, offset: int = -1
+    ) -> None:
         """Account one operation on ``ino``; ``size`` is bytes read (READ only), ``offset``
         where the read started (READ; for the access pattern's ranges)."""
         now = time.time_ns()
@@ -193,7 +194,8 @@ class FsIoStats:
                     if p is None:
                         p = self._patterns[ino] = _Pattern(ino, "")
                         p.first_access_time_secs, p.first_access_time_nanos = divmod(
-                            now, 1_000_000_000)
+                            now, 1_000_000_000
+                        )
                     p.nr_read += 1
                     if offset >= 0 and size > 0:
                         p.add_range(offset, offset + size)
@@ -236,7 +238,8 @@ class FsIoStats:
                     if p is None:
                         p = self._patterns[ino] = _Pattern(ino, path)
                         p.first_access_time_secs, p.first_access_time_nanos = divmod(
-                            t, 1_000_000_000)
+                            t, 1_000_000_000
+                        )
                     if ino not in touched:
                         touched.add(ino)
                         p.nr_read += 1
@@ -269,10 +272,13 @@ class FsIoStats:
         with self._lock:
             return {
                 str(ino): {
-                    "nr_open": s.nr_open, "nr_max_open": s.nr_max_open,
-                    "total_fops": s.total_fops, "data_read": s.data_read,
+                    "nr_open": s.nr_open,
+                    "nr_max_open": s.nr_max_open,
+                    "total_fops": s.total_fops,
+                    "data_read": s.data_read,
                     "block_count_read": list(s.block_count_read),
-                    "fop_hits": list(s.fop_hits), "fop_errors": list(s.fop_errors),
+                    "fop_hits": list(s.fop_hits),
+                    "fop_errors": list(s.fop_errors),
                 }
                 for ino, s in sorted(self._files.items())
             }
@@ -293,8 +299,14 @@ class FsIoStats:
                 key=lambda p: (p.first_access_time_secs, p.first_access_time_nanos, p.ino),
             )
             snapshot = [
-                (p.ino, p.file_path, p.nr_read, p.first_access_time_secs,
-                 p.first_access_time_nanos, list(p.merged()))
+                (
+                    p.ino,
+                    p.file_path,
+                    p.nr_read,
+                    p.first_access_time_secs,
+                    p.first_access_time_nanos,
+                    list(p.merged()),
+                )
                 for p in items
             ]
         out = []
@@ -304,10 +316,15 @@ class FsIoStats:
                 with self._lock:
                     if ino in self._patterns:
                         self._patterns[ino].file_path = path
-            out.append({
-                "ino": ino, "file_path": path, "nr_read": nr,
-                "first_access_time_secs": secs, "first_access_time_nanos": nanos,
-                "ranges": [[lo, hi - lo] for lo, hi in ranges],
-                "bytes_read": sum(hi - lo for lo, hi in ranges),
-            })
+            out.append(
+                {
+                    "ino": ino,
+                    "file_path": path,
+                    "nr_read": nr,
+                    "first_access_time_secs": secs,
+                    "first_access_time_nanos": nanos,
+                    "ranges": [[lo, hi - lo] for lo, hi in ranges],
+                    "bytes_read": sum(hi - lo for lo, hi in ranges),
+                }
+            )
         return out

@@ -132,8 +132,9 @@ class _File:
 class RafsFs:
     """One mounted RAFS image (see the module docstring)."""
 
-    def __init__(self, meta: RafsMetadata, source: ChunkSource,
-                 options: FsOptions | None = None) -> None:
+    def __init__(
+        self, meta: RafsMetadata, source: ChunkSource, options: FsOptions | None = None
+    ) -> None:
         self.meta = meta
         self.source = source
         self.opts = options or FsOptions()
@@ -157,9 +158,11 @@ class RafsFs:
         self._next_fh = 1
         self._open: dict[int, int] = {}  # fh -> ino
         self.stats = FsIoStats(
-            self.opts.id, files_enabled=self.opts.iostats_files,
+            self.opts.id,
+            files_enabled=self.opts.iostats_files,
             access_pattern=self.opts.access_pattern,
-            latest_read_files=self.opts.latest_read_files, path_of=self.path_of,
+            latest_read_files=self.opts.latest_read_files,
+            path_of=self.path_of,
             blob_resolver=self.blob_range_files,
         )
         self._chunk_map: ChunkFileMap | None = None
@@ -214,8 +217,7 @@ class RafsFs:
             return a
         i = self.meta.getattr(nid)
         uid, gid = (i.uid, i.gid) if self._explicit_ids else (self._euid, self._egid)
-        a = Attr(ino, i.mode, i.nlink, uid, gid, i.size, i.blocks, i.rdev, i.mtime,
-                 i.mtime_nsec)
+        a = Attr(ino, i.mode, i.nlink, uid, gid, i.size, i.blocks, i.rdev, i.mtime, i.mtime_nsec)
         attrs = self._attrs
         if len(attrs) >= self.opts.attr_cache_entries:
             with self._lock:
@@ -228,6 +230,7 @@ class RafsFs:
 
     def lookup(self, parent: Ino, name: bytes) -> Attr:
         """Attributes of ``name`` in directory ``parent``; NotFoundError if absent."""
+
         def go() -> Attr:
             pnid = self.nid_of(parent)
             if not self._attr_of(pnid, parent).is_dir:
@@ -243,6 +246,7 @@ class RafsFs:
             if a.is_dir or self._track_names:
                 self._names[ino] = (parent, name)
             return a
+
         t0 = time.perf_counter_ns()
         try:
             a = go()
@@ -252,8 +256,9 @@ class RafsFs:
         except BaseException:
             self.stats.record(StatsFop.LOOKUP, parent, False)
             raise
-        self.stats.record(StatsFop.LOOKUP, parent, True,
-                          micros=(time.perf_counter_ns() - t0) // 1000)
+        self.stats.record(
+            StatsFop.LOOKUP, parent, True, micros=(time.perf_counter_ns() - t0) // 1000
+        )
         return a
 
     def _find(self, pnid: Nid, pino: Ino, name: bytes) -> Nid:
@@ -302,6 +307,7 @@ class RafsFs:
         def go() -> None:
             if not self._attr_of(self.nid_of(ino), ino).is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
+
         self._timed(StatsFop.OPENDIR, ino, go)
 
     def readdir(self, ino: Ino, offset: int, plus: bool = False) -> Iterator[FsDirEntry]:
@@ -320,14 +326,19 @@ class RafsFs:
         self.stats.record(fop, ino, True, micros=(time.perf_counter_ns() - t0) // 1000)
         return self._iter_dir(ino, a, ents, offset, plus)
 
-    def _iter_dir(self, ino: Ino, a: Attr, ents: list[tuple[bytes, Nid, int]], offset: int,
-                  plus: bool) -> Iterator[FsDirEntry]:
+    def _iter_dir(
+        self, ino: Ino, a: Attr, ents: list[tuple[bytes, Nid, int]], offset: int, plus: bool
+    ) -> Iterator[FsDirEntry]:
         if offset < 1:
             yield FsDirEntry(b".", ino, stat.S_IFDIR >> 12, 1)
         if offset < 2:
             yield FsDirEntry(b"..", self.parent_of(ino), stat.S_IFDIR >> 12, 2)
-        v6, root_nid, names, track = self.version == 6, self._root_nid, self._names, \
-            plus and self._track_names
+        v6, root_nid, names, track = (
+            self.version == 6,
+            self._root_nid,
+            self._names,
+            plus and self._track_names,
+        )
         attr_of, ino_of = self._attr_of, self.ino_of
         for i in range(max(0, offset - 2), len(ents)):
             name, cnid, _ft = ents[i]
@@ -342,6 +353,7 @@ class RafsFs:
 
     def open(self, ino: Ino, flags: int) -> int:
         """A handle for reading ``ino``; EROFS for any write intent."""
+
         def go() -> int:
             if flags & _O_WRITE:
                 raise OSError(errno.EROFS, "read-only file system")
@@ -353,6 +365,7 @@ class RafsFs:
                 self._next_fh += 1
                 self._open[fh] = ino
             return fh
+
         return self._timed(StatsFop.OPEN, ino, go)
 
     def release(self, ino: Ino, fh: int) -> None:
@@ -378,8 +391,9 @@ class RafsFs:
                 self._files.popitem(last=False)
         return f
 
-    def blob_range_files(self, blob_index: int, offset: int,
-                         size: int) -> list[tuple[int, str, int, int]]:
+    def blob_range_files(
+        self, blob_index: int, offset: int, size: int
+    ) -> list[tuple[int, str, int, int]]:
         """``(ino, path, file offset, length)`` of the file ranges a blob range holds (the
         access pattern of kernel EROFS mode; the reverse mapping is built on first use)."""
         with self._lock:
@@ -388,8 +402,10 @@ class RafsFs:
             cmap = ChunkFileMap(self.meta)
             with self._lock:
                 self._chunk_map = self._chunk_map or cmap
-        return [(self.ino_of(r.nid), r.path, r.offset, r.length)
-                for r in cmap.files_in(blob_index, offset, size)]
+        return [
+            (self.ino_of(r.nid), r.path, r.offset, r.length)
+            for r in cmap.files_in(blob_index, offset, size)
+        ]
 
     def chunks_of(self, ino: Ino) -> list[ChunkInfo]:
         return list(self._file(ino).chunks)
@@ -402,8 +418,9 @@ class RafsFs:
         except BaseException:
             self.stats.record(StatsFop.READ, ino, False)
             raise
-        self.stats.record(StatsFop.READ, ino, True, n, (time.perf_counter_ns() - t0) // 1000,
-                          offset)
+        self.stats.record(
+            StatsFop.READ, ino, True, n, (time.perf_counter_ns() - t0) // 1000, offset
+        )
         return bufs
 
     def _read(self, ino: Ino, offset: int, size: int) -> tuple[list[bytes | memoryview], int]:
@@ -415,8 +432,11 @@ class RafsFs:
             return [], 0
         first = max(0, bisect.bisect_right(f.offsets, offset) - 1)
         last = bisect.bisect_left(f.offsets, end)
-        wanted = [c for c in f.chunks[first:last]
-                  if c.file_offset < end and c.file_offset + c.uncompressed_size > offset]
+        wanted = [
+            c
+            for c in f.chunks[first:last]
+            if c.file_offset < end and c.file_offset + c.uncompressed_size > offset
+        ]
         if self.opts.readahead_chunks > 0 and last < len(f.chunks):
             self._maybe_readahead(ino, f, offset, end, last)
         datas = self._chunk_data(wanted)
@@ -450,14 +470,18 @@ class RafsFs:
                 self._seq.clear()
             if not sequential or lo >= hi:
                 return
-            ahead = [c for c in f.chunks[lo:hi]
-                     if (c.blob_index, c.index) not in self._chunks
-                     and (c.blob_index, c.index) not in self._pending]
+            ahead = [
+                c
+                for c in f.chunks[lo:hi]
+                if (c.blob_index, c.index) not in self._chunks
+                and (c.blob_index, c.index) not in self._pending
+            ]
             if not ahead:
                 return
             if self._ra_pool is None:
-                self._ra_pool = ThreadPoolExecutor(max_workers=2,
-                                                   thread_name_prefix="rafs-readahead")
+                self._ra_pool = ThreadPoolExecutor(
+                    max_workers=2, thread_name_prefix="rafs-readahead"
+                )
             pool = self._ra_pool
         pool.submit(self._readahead_job, ahead)
 
@@ -498,8 +522,11 @@ class RafsFs:
             out[i] = p.value
         return [d for d in out if d is not None]
 
-    def _fetch(self, mine: list[tuple[int, ChunkInfo, tuple[int, int], Flight[bytes]]],
-               out: list[bytes | None]) -> None:
+    def _fetch(
+        self,
+        mine: list[tuple[int, ChunkInfo, tuple[int, int], Flight[bytes]]],
+        out: list[bytes | None],
+    ) -> None:
         try:
             want = [c for _i, c, _k, _p in mine]
             try:
@@ -514,7 +541,8 @@ class RafsFs:
                 if c.uncompressed_size >= 0 and len(d) != c.uncompressed_size:
                     raise FormatError(
                         f"chunk {c.index} of blob {c.blob_index}: {len(d)} bytes, "
-                        f"expected {c.uncompressed_size}")
+                        f"expected {c.uncompressed_size}"
+                    )
         except BaseException as e:
             with self._lock:
                 for _i, _c, key, p in mine:
@@ -574,6 +602,7 @@ class RafsFs:
             if not stat.S_ISLNK(self._attr_of(nid, ino).mode):
                 raise OSError(errno.EINVAL, "not a symlink")
             return self.meta.readlink(nid)
+
         return self._timed(StatsFop.READLINK, ino, go)
 
     def getxattr(self, ino: Ino, name: bytes) -> bytes:
@@ -585,6 +614,7 @@ class RafsFs:
             if v is None:
                 raise OSError(errno.ENODATA, "no such attribute")
             return v
+
         return self._timed(StatsFop.GETXATTR, ino, go)
 
     def listxattr(self, ino: Ino) -> list[bytes]:
@@ -592,16 +622,19 @@ class RafsFs:
             if not self.xattr_enabled:
                 raise OSError(errno.ENOSYS, "xattrs disabled (enable_xattr)")
             return sorted(self.meta.xattrs(self.nid_of(ino)))
+
         return self._timed(StatsFop.LISTXATTR, ino, go)
 
     def statfs(self) -> FsStat:
         def go() -> FsStat:
             total = sum(b.uncompressed_size for b in self.meta.blobs)
             return FsStat(blocks=(total + 4095) // 4096, files=self._max_ino)
+
         return self._timed(StatsFop.STATFS, ROOT_INO, go)
 
     def access(self, ino: Ino, mask: int, uid: int, gid: int) -> None:
         """access(2) semantics; any write intent is EROFS."""
+
         def go() -> None:
             a = self._attr_of(self.nid_of(ino), ino)
             if mask & os.W_OK:
@@ -620,6 +653,7 @@ class RafsFs:
                 bits = a.mode & 7
             if mask & ~bits & 7:
                 raise OSError(errno.EACCES, "permission denied")
+
         self._timed(StatsFop.ACCESS, ino, go)
 
     def resolve(self, path: str | bytes) -> Ino:

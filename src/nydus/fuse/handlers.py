@@ -72,8 +72,9 @@ _DOTS = (b".", b"..")
 class _Ctx(RequestContext):
     __slots__ = ("fd", "lock")
 
-    def __init__(self, fd: int, unique: int, opcode: int, nodeid: NodeId, uid: int, gid: int,
-                 pid: int) -> None:
+    def __init__(
+        self, fd: int, unique: int, opcode: int, nodeid: NodeId, uid: int, gid: int, pid: int
+    ) -> None:
         super().__init__(unique, opcode, nodeid, uid, gid, pid, started=time.time())
         self.fd = fd
         self.lock = threading.Lock()
@@ -170,8 +171,9 @@ class RequestHandlers:
 
     def _do_statfs(self, ctx: _Ctx, body: memoryview) -> bytes:
         s = self.ops.statfs(ctx, ctx.nodeid)
-        return pack_statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen,
-                           s.frsize)
+        return pack_statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize
+        )
 
     def _do_getxattr(self, ctx: _Ctx, body: memoryview) -> bytes:
         value = self.ops.getxattr(ctx, ctx.nodeid, split_cstring(body[GETXATTR_IN.size :]))
@@ -218,8 +220,7 @@ class RequestHandlers:
                     break
                 if e is None:
                     e = Entry(0, None, 0.0, 0.0)
-                out.append(pack_direntplus(self._entry_bytes(e), d.ino, d.offset, d.dtype,
-                                           d.name))
+                out.append(pack_direntplus(self._entry_bytes(e), d.ino, d.offset, d.dtype, d.name))
                 if counted:
                     sent.append((e.nodeid, 1))
                 used += n

@@ -48,6 +48,7 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MNT_DETACH = 0x2
 
+
 def open_device() -> int:
     """A new ``/dev/fuse`` fd (close-on-exec; pass it on explicitly)."""
     try:
@@ -117,7 +118,10 @@ def mount_fuse(
     flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
     data = options or mount_options(fd)
     rc = libc().mount(
-        fsname.encode(), os.fsencode(os.path.abspath(mountpoint)), fstype.encode(), flags,
+        fsname.encode(),
+        os.fsencode(os.path.abspath(mountpoint)),
+        fstype.encode(),
+        flags,
         data.encode(),
     )
     if rc != 0:

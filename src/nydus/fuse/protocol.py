@@ -260,11 +260,30 @@ NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 
 for _s, _n in (
-    (IN_HEADER, 40), (OUT_HEADER, 16), (INIT_IN, 64), (INIT_OUT, 64), (ATTR, 88),
-    (ENTRY_OUT_HEAD, 40), (ATTR_OUT_HEAD, 16), (GETATTR_IN, 16), (OPEN_IN, 8), (OPEN_OUT, 16),
-    (READ_IN, 40), (RELEASE_IN, 24), (FLUSH_IN, 24), (FORGET_IN, 8), (BATCH_FORGET_IN, 8),
-    (FORGET_ONE, 16), (GETXATTR_IN, 8), (ACCESS_IN, 8), (INTERRUPT_IN, 8), (LSEEK_IN, 24),
-    (KSTATFS, 80), (DIRENT_HEAD, 24), (NOTIFY_INVAL_ENTRY_OUT, 16), (BACKING_MAP, 16),
+    (IN_HEADER, 40),
+    (OUT_HEADER, 16),
+    (INIT_IN, 64),
+    (INIT_OUT, 64),
+    (ATTR, 88),
+    (ENTRY_OUT_HEAD, 40),
+    (ATTR_OUT_HEAD, 16),
+    (GETATTR_IN, 16),
+    (OPEN_IN, 8),
+    (OPEN_OUT, 16),
+    (READ_IN, 40),
+    (RELEASE_IN, 24),
+    (FLUSH_IN, 24),
+    (FORGET_IN, 8),
+    (BATCH_FORGET_IN, 8),
+    (FORGET_ONE, 16),
+    (GETXATTR_IN, 8),
+    (ACCESS_IN, 8),
+    (INTERRUPT_IN, 8),
+    (LSEEK_IN, 24),
+    (KSTATFS, 80),
+    (DIRENT_HEAD, 24),
+    (NOTIFY_INVAL_ENTRY_OUT, 16),
+    (BACKING_MAP, 16),
 ):
     assert _s.size == _n, (_s.format, _s.size, _n)
 
@@ -332,9 +351,22 @@ class AttrFields:
 
 def pack_attr(a: AttrFields) -> bytes:
     return ATTR.pack(
-        a.ino, a.size, a.blocks, a.atime & _U64, a.mtime & _U64, a.ctime & _U64,
-        a.atime_ns, a.mtime_ns, a.ctime_ns, a.mode, a.nlink, a.uid, a.gid, a.rdev,
-        a.blksize, a.flags,
+        a.ino,
+        a.size,
+        a.blocks,
+        a.atime & _U64,
+        a.mtime & _U64,
+        a.ctime & _U64,
+        a.atime_ns,
+        a.mtime_ns,
+        a.ctime_ns,
+        a.mode,
+        a.nlink,
+        a.uid,
+        a.gid,
+        a.rdev,
+        a.blksize,
+        a.flags,
     )
 
 
@@ -368,7 +400,13 @@ def pack_open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
 
 
 def pack_statfs(
-    blocks: int, bfree: int, bavail: int, files: int, ffree: int, bsize: int, namelen: int,
+    blocks: int,
+    bfree: int,
+    bavail: int,
+    files: int,
+    ffree: int,
+    bsize: int,
+    namelen: int,
     frsize: int,
 ) -> bytes:
     return KSTATFS.pack(blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, 0)

@@ -76,15 +76,36 @@ __all__ = ["FuseSession", "SessionOptions", "SessionState"]
 log = logging.getLogger("nydus.fuse")
 
 # Requests whose late reply is harmless to drop: replied EINTR as soon as they are interrupted.
-_EARLY_EINTR = frozenset({
-    Opcode.READ, Opcode.READDIR, Opcode.GETXATTR, Opcode.LISTXATTR, Opcode.READLINK,
-    Opcode.GETATTR, Opcode.STATFS, Opcode.ACCESS, Opcode.LSEEK,
-})
-_MODIFY = frozenset({
-    Opcode.MKNOD, Opcode.MKDIR, Opcode.SYMLINK, Opcode.LINK, Opcode.UNLINK, Opcode.RMDIR,
-    Opcode.RENAME, Opcode.RENAME2, Opcode.CREATE, Opcode.TMPFILE, Opcode.FALLOCATE,
-    Opcode.COPY_FILE_RANGE, Opcode.COPY_FILE_RANGE_64,
-})
+_EARLY_EINTR = frozenset(
+    {
+        Opcode.READ,
+        Opcode.READDIR,
+        Opcode.GETXATTR,
+        Opcode.LISTXATTR,
+        Opcode.READLINK,
+        Opcode.GETATTR,
+        Opcode.STATFS,
+        Opcode.ACCESS,
+        Opcode.LSEEK,
+    }
+)
+_MODIFY = frozenset(
+    {
+        Opcode.MKNOD,
+        Opcode.MKDIR,
+        Opcode.SYMLINK,
+        Opcode.LINK,
+        Opcode.UNLINK,
+        Opcode.RMDIR,
+        Opcode.RENAME,
+        Opcode.RENAME2,
+        Opcode.CREATE,
+        Opcode.TMPFILE,
+        Opcode.FALLOCATE,
+        Opcode.COPY_FILE_RANGE,
+        Opcode.COPY_FILE_RANGE_64,
+    }
+)
 
 
 @dataclass
@@ -125,7 +146,10 @@ class SessionState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SessionState:
         return cls(
-            str(d["mountpoint"]), int(d["proto_minor"]), int(d["flags"]), int(d["max_pages"]),
+            str(d["mountpoint"]),
+            int(d["proto_minor"]),
+            int(d["flags"]),
+            int(d["max_pages"]),
             int(d["max_write"]),
         )
 
@@ -141,8 +165,9 @@ class _Stats:
 class FuseSession(RequestHandlers):
     """One FUSE connection served by ``ops`` (see the module docstring)."""
 
-    def __init__(self, ops: Operations, mountpoint: str,
-                 options: SessionOptions | None = None) -> None:
+    def __init__(
+        self, ops: Operations, mountpoint: str, options: SessionOptions | None = None
+    ) -> None:
         self.ops = ops
         self.mountpoint = os.path.abspath(mountpoint)
         self.opts = options or SessionOptions()
@@ -219,13 +244,20 @@ class FuseSession(RequestHandlers):
         fd = kernel.open_device()
         try:
             opts = kernel.mount_options(
-                fd, allow_other=self.opts.allow_other,
+                fd,
+                allow_other=self.opts.allow_other,
                 default_permissions=self.opts.default_permissions,
-                max_read=self.opts.max_pages * 4096, extra=self.opts.extra_options,
+                max_read=self.opts.max_pages * 4096,
+                extra=self.opts.extra_options,
             )
-            kernel.mount_fuse(self.mountpoint, fd, fsname=self.opts.fsname,
-                              subtype=self.opts.subtype, readonly=self.opts.readonly,
-                              options=opts)
+            kernel.mount_fuse(
+                self.mountpoint,
+                fd,
+                fsname=self.opts.fsname,
+                subtype=self.opts.subtype,
+                readonly=self.opts.readonly,
+                options=opts,
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -235,8 +267,9 @@ class FuseSession(RequestHandlers):
         log.info("mounted %s (fuse fd %d)", self.mountpoint, fd)
 
     @classmethod
-    def resume(cls, ops: Operations, fd: int, state: SessionState,
-               options: SessionOptions | None = None) -> FuseSession:
+    def resume(
+        cls, ops: Operations, fd: int, state: SessionState, options: SessionOptions | None = None
+    ) -> FuseSession:
         """Serve an already mounted and initialized connection received from another process.
 
         ``ops.init`` is called with the saved negotiation; no INIT is expected. The caller
@@ -247,14 +280,24 @@ class FuseSession(RequestHandlers):
         s._owned.append(fd)
         s._mounted = True
         s.proto_minor, s.flags, s.max_pages = state.proto_minor, state.flags, state.max_pages
-        ops.init(ConnInfo(KERNEL_VERSION, state.proto_minor, state.flags, 0, state.flags,
-                          state.max_write, state.max_pages))
+        ops.init(
+            ConnInfo(
+                KERNEL_VERSION,
+                state.proto_minor,
+                state.flags,
+                0,
+                state.flags,
+                state.max_write,
+                state.max_pages,
+            )
+        )
         s._initialized.set()
         return s
 
     @classmethod
-    def from_fd(cls, ops: Operations, fd: int, mountpoint: str = "/",
-                options: SessionOptions | None = None) -> FuseSession:
+    def from_fd(
+        cls, ops: Operations, fd: int, mountpoint: str = "/", options: SessionOptions | None = None
+    ) -> FuseSession:
         """Serve ``fd`` from its first request (INIT included) without mounting anything.
 
         For a device fd mounted by someone else, or a SOCK_SEQPACKET socket in tests (one
@@ -267,8 +310,9 @@ class FuseSession(RequestHandlers):
         return s
 
     def export_state(self) -> SessionState:
-        return SessionState(self.mountpoint, self.proto_minor, self.flags, self.max_pages,
-                            self.opts.max_write)
+        return SessionState(
+            self.mountpoint, self.proto_minor, self.flags, self.max_pages, self.opts.max_write
+        )
 
     def start(self) -> None:
         """Start the worker threads (INIT is served by whichever reads it first)."""
@@ -329,8 +373,11 @@ class FuseSession(RequestHandlers):
             self._nudge()
             for t in others:
                 t.join(0.02)
-        stuck = {fd for t, fd in zip(self._threads, self._fds, strict=False)
-                 if t is not me and t.is_alive()}
+        stuck = {
+            fd
+            for t, fd in zip(self._threads, self._fds, strict=False)
+            if t is not me and t.is_alive()
+        }
         if stuck:
             log.warning("%d FUSE workers did not stop; leaving their fds open", len(stuck))
         self._finish()
@@ -370,8 +417,9 @@ class FuseSession(RequestHandlers):
                     log.warning("%s busy; detaching lazily", self.mountpoint)
                     # keep a handle on the detached tree: the only way left to wake workers
                     with contextlib.suppress(OSError):
-                        self._root_fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY
-                                                | os.O_CLOEXEC)
+                        self._root_fd = os.open(
+                            self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                        )
                     kernel.umount(self.mountpoint, lazy=True)
                 elif e.errno != errno.EINVAL:  # EINVAL: no longer mounted
                     raise
@@ -403,8 +451,12 @@ class FuseSession(RequestHandlers):
         with self._lock:
             items = list(self._inflight.values())
         return [
-            {"inode": c.nodeid, "opcode": c.opcode, "unique": c.unique,
-             "timestamp_secs": int(c.started)}
+            {
+                "inode": c.nodeid,
+                "opcode": c.opcode,
+                "unique": c.unique,
+                "timestamp_secs": int(c.started),
+            }
             for c in items
         ]
 
@@ -417,8 +469,7 @@ class FuseSession(RequestHandlers):
 
     def notify_inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> bool:
         """Drop cached attributes and (``length`` 0: all) cached data of ``nodeid``."""
-        return self._notify(NOTIFY_INVAL_INODE,
-                            NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length))
+        return self._notify(NOTIFY_INVAL_INODE, NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length))
 
     def notify_resend(self) -> bool:
         """Ask the kernel (7.40+) to queue again every request a previous server read but
@@ -511,8 +562,9 @@ class FuseSession(RequestHandlers):
                 self._inflight.pop(unique, None)
 
     def _reply(self, ctx: _Ctx, payload: bytes | list[Any]) -> bool:
-        bufs: list[Any] = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) \
-            else payload
+        bufs: list[Any] = (
+            [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+        )
         total = OUT_HEADER.size + sum(len(b) for b in bufs)
         with ctx.lock:
             if ctx.replied:
@@ -576,15 +628,23 @@ class FuseSession(RequestHandlers):
             raise FuseError(errno.EPROTO, f"kernel FUSE {ii.major}.{ii.minor} is too old")
         if ii.major > KERNEL_VERSION:
             # Reply with our major only; the kernel sends INIT again with it.
-            return INIT_OUT.pack(KERNEL_VERSION, KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                 0, 0)
+            return INIT_OUT.pack(
+                KERNEL_VERSION, KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            )
         minor = min(ii.minor, KERNEL_MINOR_VERSION)
         if minor < MIN_MINOR_VERSION:
             raise FuseError(errno.EPROTO, f"kernel FUSE 7.{ii.minor} is older than 7.31")
         o = self.opts
-        want = (InitFlags.ASYNC_READ | InitFlags.PARALLEL_DIROPS | InitFlags.MAX_PAGES
-                | InitFlags.CACHE_SYMLINKS | InitFlags.INIT_EXT | InitFlags.ASYNC_DIO
-                | InitFlags.NO_OPENDIR_SUPPORT | InitFlags.HAS_EXPIRE_ONLY)
+        want = (
+            InitFlags.ASYNC_READ
+            | InitFlags.PARALLEL_DIROPS
+            | InitFlags.MAX_PAGES
+            | InitFlags.CACHE_SYMLINKS
+            | InitFlags.INIT_EXT
+            | InitFlags.ASYNC_DIO
+            | InitFlags.NO_OPENDIR_SUPPORT
+            | InitFlags.HAS_EXPIRE_ONLY
+        )
         if o.readdirplus != "never":
             want |= InitFlags.DO_READDIRPLUS
             if o.readdirplus == "auto":
@@ -596,19 +656,36 @@ class FuseSession(RequestHandlers):
         if o.no_open:
             want |= InitFlags.NO_OPEN_SUPPORT
         want &= ii.flags
-        conn = ConnInfo(ii.major, minor, ii.flags, ii.max_readahead, want, o.max_write,
-                        o.max_pages)
+        conn = ConnInfo(ii.major, minor, ii.flags, ii.max_readahead, want, o.max_write, o.max_pages)
         self.ops.init(conn)
         want = conn.want & ii.flags
         self.proto_minor, self.flags = minor, want
         self.max_pages = max(1, min(conn.max_pages, 65535))
         stack = 1 if want & InitFlags.PASSTHROUGH else 0
         reply = INIT_OUT.pack(
-            KERNEL_VERSION, minor, ii.max_readahead, want & 0xFFFFFFFF, o.max_background,
-            o.max_background * 3 // 4, conn.max_write, 1, self.max_pages, 0, want >> 32, stack, 0,
+            KERNEL_VERSION,
+            minor,
+            ii.max_readahead,
+            want & 0xFFFFFFFF,
+            o.max_background,
+            o.max_background * 3 // 4,
+            conn.max_write,
+            1,
+            self.max_pages,
+            0,
+            want >> 32,
+            stack,
+            0,
         )
-        log.info("FUSE %d.%d negotiated (kernel 7.%d), flags %#x, max_pages %d, readahead %d",
-                 KERNEL_VERSION, minor, ii.minor, want, self.max_pages, ii.max_readahead)
+        log.info(
+            "FUSE %d.%d negotiated (kernel 7.%d), flags %#x, max_pages %d, readahead %d",
+            KERNEL_VERSION,
+            minor,
+            ii.minor,
+            want,
+            self.max_pages,
+            ii.max_readahead,
+        )
         self._reply(ctx, reply)
         self._initialized.set()
         if o.readahead_kb > 0 and self._mounted:
@@ -623,6 +700,7 @@ class FuseSession(RequestHandlers):
         self._finish()
         self._stopping.set()
         return b""
+
 
 def _errno_of(e: BaseException, op: int) -> int:
     if isinstance(e, OSError) and e.errno:

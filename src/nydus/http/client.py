@@ -170,8 +170,9 @@ class HttpClient:
         if resp.status in (429, 503):
             ra = parse_retry_after(resp.headers.get("retry-after"))
         label = f"{self.name}: {what or method + ' ' + resp.url}"
-        return HttpError(f"{label}: HTTP {resp.status}" + (f": {detail}" if detail else ""),
-                         resp.status, ra)
+        return HttpError(
+            f"{label}: HTTP {resp.status}" + (f": {detail}" if detail else ""), resp.status, ra
+        )
 
     def _follow(
         self, method: str, url: str, headers: HeadersFn | Mapping[str, str] | None, body: Body
@@ -194,8 +195,13 @@ class HttpClient:
         raise BackendError(f"{self.name}: more than {_MAX_REDIRECTS} redirects from {url}")
 
     def get_range(
-        self, url: str, start: int, end: int, *,
-        headers: HeadersFn | Mapping[str, str] | None = None, what: str = "",
+        self,
+        url: str,
+        start: int,
+        end: int,
+        *,
+        headers: HeadersFn | Mapping[str, str] | None = None,
+        what: str = "",
     ) -> bytes:
         """Bytes ``[start, end)`` of the resource, exactly, or an error."""
         if end <= start:
@@ -206,12 +212,17 @@ class HttpClient:
             return {**base, **range_header(start, end)}
 
         return self.call(
-            "GET", url, lambda r: read_range(r, start, end, what or url, bare_200=True)[0],
-            headers=hdrs, ok=(200, 206), what=what,
+            "GET",
+            url,
+            lambda r: read_range(r, start, end, what or url, bare_200=True)[0],
+            headers=hdrs,
+            ok=(200, 206),
+            what=what,
         )
 
-    def head_size(self, url: str, *, headers: HeadersFn | Mapping[str, str] | None = None,
-                  what: str = "") -> int:
+    def head_size(
+        self, url: str, *, headers: HeadersFn | Mapping[str, str] | None = None, what: str = ""
+    ) -> int:
         def size(resp: Response) -> int:
             if resp.content_length is None:
                 raise BackendError(f"{self.name}: {what or url}: no valid Content-Length in HEAD")

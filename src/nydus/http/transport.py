@@ -528,7 +528,9 @@ class HTTPTransport:
         self._proxy: tuple[str, int, bool] | None = None
         if proxy:
             try:
-                pscheme, phost, pport, _ = _split_url(proxy if "://" in proxy else f"http://{proxy}")
+                pscheme, phost, pport, _ = _split_url(
+                    proxy if "://" in proxy else f"http://{proxy}"
+                )
             except TransportError:
                 raise ConfigError(f"proxy.url: invalid URL {proxy!r}") from None
             self._proxy = (phost, pport, pscheme == "https")

@@ -55,8 +55,11 @@ def check_image(
     bootstrap: str, blob_dir: str | None = None, blob_file: str | None = None
 ) -> CheckReport:
     if blob_dir is not None and not os.path.isdir(blob_dir):
-        raise NotFoundError(f"blob directory {blob_dir} does not exist" if not
-                            os.path.exists(blob_dir) else f"{blob_dir} is not a directory")
+        raise NotFoundError(
+            f"blob directory {blob_dir} does not exist"
+            if not os.path.exists(blob_dir)
+            else f"{blob_dir} is not a directory"
+        )
     if blob_file is not None and not os.path.isfile(blob_file):
         raise NotFoundError(f"blob file {blob_file} does not exist")
     md = open_bootstrap(bootstrap)
@@ -91,9 +94,13 @@ def check_image(
             rep.errors.append(f"{path.decode(errors='replace')}: {e}")
     for b in md.blobs:
         entry: dict[str, Any] = {
-            "blob_id": b.blob_id, "compressed_size": b.compressed_size,
-            "uncompressed_size": b.uncompressed_size, "chunk_count": b.chunk_count,
-            "compressor": b.compressor, "digester": b.digester, "features": hex(b.features),
+            "blob_id": b.blob_id,
+            "compressed_size": b.compressed_size,
+            "uncompressed_size": b.uncompressed_size,
+            "chunk_count": b.chunk_count,
+            "compressor": b.compressor,
+            "digester": b.digester,
+            "features": hex(b.features),
             "feature_names": v6.feature_names(b.features),
         }
         rep.blobs.append(entry)
@@ -108,7 +115,10 @@ def check_image(
 
 
 def _check_blob(
-    md: RafsMetadata, index: int, path: str, chunks: dict[tuple[int, int], Any],
+    md: RafsMetadata,
+    index: int,
+    path: str,
+    chunks: dict[tuple[int, int], Any],
     rep: CheckReport,
 ) -> None:
     info = md.blobs[index]
@@ -128,14 +138,24 @@ def _check_blob(
                         rep.errors.append(f"blob {info.blob_id}: chunk {c.index} not in ci array")
                         continue
                     ce = tr.ci[c.index]
-                    if (ce.compressed_offset, ce.compressed_size, ce.uncompressed_offset,
-                            ce.uncompressed_size) != (c.compressed_offset, c.compressed_size,
-                                                      c.uncompressed_offset, c.uncompressed_size):
+                    if (
+                        ce.compressed_offset,
+                        ce.compressed_size,
+                        ce.uncompressed_offset,
+                        ce.uncompressed_size,
+                    ) != (
+                        c.compressed_offset,
+                        c.compressed_size,
+                        c.uncompressed_offset,
+                        c.uncompressed_size,
+                    ):
                         rep.errors.append(
-                            f"blob {info.blob_id}: chunk {c.index} differs from its ci entry")
+                            f"blob {info.blob_id}: chunk {c.index} differs from its ci entry"
+                        )
                     if tr.digests and tr.digests[c.index] != c.digest:
                         rep.errors.append(
-                            f"blob {info.blob_id}: chunk {c.index} digest differs from blob")
+                            f"blob {info.blob_id}: chunk {c.index} digest differs from blob"
+                        )
             except NydusError as e:
                 rep.errors.append(f"blob {info.blob_id}: {e}")
         for c in sorted(chunks.values(), key=lambda c: c.compressed_offset):
@@ -153,5 +173,6 @@ def _inline_tail(info: Any, file_size: int) -> bool:
     """A blob with the bootstrap inlined may be longer than its table says: upstream's
     builder writes the table (inside the bootstrap) before it appends the bootstrap and the
     ToC, so the table records the size up to there; upstream reads such blobs."""
-    return bool(info.features & v6.BLOB_FEATURE_INLINED_FS_META) and \
-        file_size > info.compressed_size
+    return (
+        bool(info.features & v6.BLOB_FEATURE_INLINED_FS_META) and file_size > info.compressed_size
+    )

@@ -65,8 +65,16 @@ def image_stats(md: RafsMetadata) -> dict[str, Any]:
 def _chunk_stats(md: RafsMetadata) -> tuple[dict[str, Any], dict[bytes, tuple[int, int]]]:
     """Upstream ``stat``'s per-image numbers, and the image's distinct chunks by digest
     (compressed size, uncompressed size)."""
-    info = {"dirs": 0, "files": 0, "symlinks": 0, "chunks": 0, "file_size": 0,
-            "padding_size": 0, "comp_size": 0, "uncomp_size": 0}
+    info = {
+        "dirs": 0,
+        "files": 0,
+        "symlinks": 0,
+        "chunks": 0,
+        "file_size": 0,
+        "padding_size": 0,
+        "comp_size": 0,
+        "uncomp_size": 0,
+    }
     distinct: dict[bytes, tuple[int, int]] = {}
     seen: set[int] = set()
     for _p, nid in md.walk():
@@ -109,14 +117,25 @@ def dedup_report(base: list[RafsMetadata], target: RafsMetadata | None = None) -
             own[1] += comp
             own[2] += uncomp
             pool.setdefault(key, (comp, uncomp))
-    total.update({"own_chunks": own[0], "own_comp_size": own[1], "own_uncomp_size": own[2],
-                  "dedup_chunks": len(pool),
-                  "dedup_comp_size": sum(c for c, _u in pool.values()),
-                  "dedup_uncomp_size": sum(u for _c, u in pool.values())})
-    total["dedup_ratio"] = round(own[2] / total["dedup_uncomp_size"], 4) \
-        if total["dedup_uncomp_size"] else 1.0
-    out: dict[str, Any] = {"images": len(base), "dedup_enabled": True,
-                           "target_enabled": target is not None, "base_image": total}
+    total.update(
+        {
+            "own_chunks": own[0],
+            "own_comp_size": own[1],
+            "own_uncomp_size": own[2],
+            "dedup_chunks": len(pool),
+            "dedup_comp_size": sum(c for c, _u in pool.values()),
+            "dedup_uncomp_size": sum(u for _c, u in pool.values()),
+        }
+    )
+    total["dedup_ratio"] = (
+        round(own[2] / total["dedup_uncomp_size"], 4) if total["dedup_uncomp_size"] else 1.0
+    )
+    out: dict[str, Any] = {
+        "images": len(base),
+        "dedup_enabled": True,
+        "target_enabled": target is not None,
+        "base_image": total,
+    }
     if target is not None:
         info, distinct = _chunk_stats(target)
         ref = [0, 0, 0]
@@ -126,9 +145,16 @@ def dedup_report(base: list[RafsMetadata], target: RafsMetadata | None = None) -
             acc[0] += 1
             acc[1] += comp
             acc[2] += uncomp
-        info.update({"own_chunks": mine[0], "own_comp_size": mine[1],
-                     "own_uncomp_size": mine[2], "ref_chunks": ref[0], "ref_comp_size": ref[1],
-                     "ref_uncomp_size": ref[2]})
+        info.update(
+            {
+                "own_chunks": mine[0],
+                "own_comp_size": mine[1],
+                "own_uncomp_size": mine[2],
+                "ref_chunks": ref[0],
+                "ref_comp_size": ref[1],
+                "ref_uncomp_size": ref[2],
+            }
+        )
         whole = mine[2] + ref[2]
         info["reuse_ratio"] = round(ref[2] / whole, 4) if whole else 0.0  # found in the base
         out["target_image"] = info
@@ -138,8 +164,15 @@ def dedup_report(base: list[RafsMetadata], target: RafsMetadata | None = None) -
 def _attr(md: RafsMetadata, nid: Nid) -> dict[str, Any]:
     a = md.getattr(nid)
     out: dict[str, Any] = {
-        "nid": nid, "ino": a.ino, "mode": oct(a.mode), "type": _type(a.mode), "nlink": a.nlink,
-        "uid": a.uid, "gid": a.gid, "size": a.size, "mtime": a.mtime,
+        "nid": nid,
+        "ino": a.ino,
+        "mode": oct(a.mode),
+        "type": _type(a.mode),
+        "nlink": a.nlink,
+        "uid": a.uid,
+        "gid": a.gid,
+        "size": a.size,
+        "mtime": a.mtime,
         "mtime_nsec": a.mtime_nsec,
     }
     if a.rdev:
@@ -153,9 +186,15 @@ def _attr(md: RafsMetadata, nid: Nid) -> dict[str, Any]:
 
 
 def _type(mode: int) -> str:
-    for test, name in ((st.S_ISDIR, "dir"), (st.S_ISREG, "file"), (st.S_ISLNK, "symlink"),
-                       (st.S_ISCHR, "char"), (st.S_ISBLK, "block"), (st.S_ISFIFO, "fifo"),
-                       (st.S_ISSOCK, "socket")):
+    for test, name in (
+        (st.S_ISDIR, "dir"),
+        (st.S_ISREG, "file"),
+        (st.S_ISLNK, "symlink"),
+        (st.S_ISCHR, "char"),
+        (st.S_ISBLK, "block"),
+        (st.S_ISFIFO, "fifo"),
+        (st.S_ISSOCK, "socket"),
+    ):
         if test(mode):
             return name
     return "unknown"
@@ -170,33 +209,48 @@ def inspect_request(md: RafsMetadata, request: str) -> Any:
         return image_stats(md)
     if cmd == "blobs":
         return [
-            {"index": b.index, "blob_id": b.blob_id, "compressor": b.compressor,
-             "digester": b.digester, "chunk_size": b.chunk_size, "chunk_count": b.chunk_count,
-             "compressed_size": b.compressed_size, "uncompressed_size": b.uncompressed_size,
-             "features": hex(b.features), "feature_names": v6.feature_names(b.features)}
+            {
+                "index": b.index,
+                "blob_id": b.blob_id,
+                "compressor": b.compressor,
+                "digester": b.digester,
+                "chunk_size": b.chunk_size,
+                "chunk_count": b.chunk_count,
+                "compressed_size": b.compressed_size,
+                "uncompressed_size": b.uncompressed_size,
+                "features": hex(b.features),
+                "feature_names": v6.feature_names(b.features),
+            }
             for b in md.blobs
         ]
     if cmd == "prefetch":
         paths = {nid: p for p, nid in md.walk()}
-        return [{"nid": n, "path": paths.get(n, b"?").decode(errors="replace")}
-                for n in md.prefetch_nids()]
+        return [
+            {"nid": n, "path": paths.get(n, b"?").decode(errors="replace")}
+            for n in md.prefetch_nids()
+        ]
     path = args[0] if args else "/"
     nid = md.resolve(path)
     if cmd == "ls":
-        return [{"name": e.name.decode(errors="replace"), **_attr(md, e.nid)}
-                for e in md.readdir(nid)]
+        return [
+            {"name": e.name.decode(errors="replace"), **_attr(md, e.nid)} for e in md.readdir(nid)
+        ]
     if cmd == "stat":
         return _attr(md, nid)
     if cmd in ("chunks", "icheck"):
         return [
-            {"file_offset": c.file_offset, "blob_index": c.blob_index,
-             "blob_id": md.blobs[c.blob_index].blob_id, "index": c.index,
-             "compressed_offset": c.compressed_offset, "compressed_size": c.compressed_size,
-             "uncompressed_offset": c.uncompressed_offset,
-             "uncompressed_size": c.uncompressed_size, "compressed": c.compressed,
-             "digest": c.digest.hex()}
+            {
+                "file_offset": c.file_offset,
+                "blob_index": c.blob_index,
+                "blob_id": md.blobs[c.blob_index].blob_id,
+                "index": c.index,
+                "compressed_offset": c.compressed_offset,
+                "compressed_size": c.compressed_size,
+                "uncompressed_offset": c.uncompressed_offset,
+                "uncompressed_size": c.uncompressed_size,
+                "compressed": c.compressed,
+                "digest": c.digest.hex(),
+            }
             for c in md.chunks(nid)
         ]
-    raise ConfigError(
-        f"unknown inspect request {cmd!r} (stats, blobs, prefetch, ls, stat, chunks)"
-    )
+    raise ConfigError(f"unknown inspect request {cmd!r} (stats, blobs, prefetch, ls, stat, chunks)")

@@ -38,8 +38,9 @@ class UnpackResult:
 class FileReader(io.RawIOBase):
     """A file's bytes, assembled from its chunks on demand (holes read as zeros)."""
 
-    def __init__(self, size: int, chunks: list[ChunkInfo],
-                 read_chunk: Callable[[ChunkInfo], bytes]) -> None:
+    def __init__(
+        self, size: int, chunks: list[ChunkInfo], read_chunk: Callable[[ChunkInfo], bytes]
+    ) -> None:
         self.size = size
         self.chunks = chunks
         self.read_chunk = read_chunk
@@ -55,8 +56,7 @@ class FileReader(io.RawIOBase):
             return 0
         n = min(len(b), self.size - self.pos)
         while self._ci < len(self.chunks) and (
-            self.chunks[self._ci].file_offset + self.chunks[self._ci].uncompressed_size
-            <= self.pos
+            self.chunks[self._ci].file_offset + self.chunks[self._ci].uncompressed_size <= self.pos
         ):
             self._ci += 1
         if self._ci < len(self.chunks) and self.chunks[self._ci].file_offset <= self.pos:
@@ -77,8 +77,7 @@ _ACL_KEYS = {
     b"system.posix_acl_access": "SCHILY.acl.access",
     b"system.posix_acl_default": "SCHILY.acl.default",
 }
-_ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask",
-             0x20: "other"}
+_ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask", 0x20: "other"}
 
 
 def acl_to_text(value: bytes) -> str:
@@ -104,7 +103,9 @@ def _s(b: bytes) -> str:
 
 
 def unpack_image(
-    bootstrap: str, output: str | BinaryIO, blob_dir: str | None = None,
+    bootstrap: str,
+    output: str | BinaryIO,
+    blob_dir: str | None = None,
     blob_file: str | None = None,
 ) -> UnpackResult:
     md = open_bootstrap(bootstrap)
@@ -143,8 +144,13 @@ def unpack_image(
     return res
 
 
-def _write_tar(md: RafsMetadata, f: BinaryIO, kw: dict[str, Any],
-               reader: Callable[[int], BlobReader], res: UnpackResult) -> None:
+def _write_tar(
+    md: RafsMetadata,
+    f: BinaryIO,
+    kw: dict[str, Any],
+    reader: Callable[[int], BlobReader],
+    res: UnpackResult,
+) -> None:
     with tarfile.open(fileobj=f, mode="w", **kw) as tf:
         _write_entries(md, tf, reader, res)
 
@@ -166,8 +172,9 @@ def _unpack_to_file(output: str, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def _write_entries(md: RafsMetadata, tf: tarfile.TarFile,
-                   reader: Callable[[int], BlobReader], res: UnpackResult) -> None:
+def _write_entries(
+    md: RafsMetadata, tf: tarfile.TarFile, reader: Callable[[int], BlobReader], res: UnpackResult
+) -> None:
     first_path: dict[int, str] = {}
     for path, nid in md.walk():
         a = md.getattr(nid)

@@ -105,17 +105,20 @@ def read_bootstrap_file(path: str | os.PathLike[str], max_size: int = MAX_BOOTST
                 if st.st_size > max_size:
                     raise FormatError(
                         f"bootstrap {name} is {_human(st.st_size)}, over the "
-                        f"{_human(max_size)} limit")
+                        f"{_human(max_size)} limit"
+                    )
                 return _pread_exact(fd, st.st_size, 0, name)
             inner = _inlined_bootstrap_file(fd, st.st_size, name, max_size)
         except OSError as e:
             raise FormatError(f"cannot read bootstrap {name}: {e.strerror}") from e
         if inner is None:
             if st.st_size > max_size:
-                raise FormatError(f"bootstrap {name} is {_human(st.st_size)}, over the "
-                                  f"{_human(max_size)} limit")
-            raise FormatError(f"{name} is not a RAFS bootstrap: no EROFS magic at 1024 "
-                              "and no RAFS v5 magic at 0")
+                raise FormatError(
+                    f"bootstrap {name} is {_human(st.st_size)}, over the {_human(max_size)} limit"
+                )
+            raise FormatError(
+                f"{name} is not a RAFS bootstrap: no EROFS magic at 1024 and no RAFS v5 magic at 0"
+            )
         return inner
     finally:
         os.close(fd)
@@ -163,7 +166,8 @@ def open_bootstrap(path: str | os.PathLike[str] | bytes) -> RafsMetadata:
             inner = _inlined_bootstrap_bytes(data)
             if inner is None:
                 raise FormatError(
-                    "not a RAFS bootstrap: no EROFS magic at 1024 and no RAFS v5 magic at 0")
+                    "not a RAFS bootstrap: no EROFS magic at 1024 and no RAFS v5 magic at 0"
+                )
             data = inner
     else:
         data = read_bootstrap_file(path)
@@ -191,12 +195,12 @@ def _inlined_bootstrap_bytes(data: bytes) -> bytes | None:
 
 def _inlined_bootstrap_file(fd: int, size: int, name: str, max_size: int) -> bytes | None:
     """:func:`_inlined_bootstrap` over an open file."""
-    return _inlined_bootstrap(lambda n, off: _pread_exact(fd, n, off, name), size, name,
-                              max_size)
+    return _inlined_bootstrap(lambda n, off: _pread_exact(fd, n, off, name), size, name, max_size)
 
 
-def _inlined_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: str,
-                       max_size: int) -> bytes | None:
+def _inlined_bootstrap(
+    read_at: Callable[[int, int], bytes], size: int, name: str, max_size: int
+) -> bytes | None:
     """The ``image.boot`` section of a data blob built with --blob-inline-meta, or None.
 
     As upstream reads it: with a ToC (``rafs.blob.toc`` the last section), its ``image.boot``
@@ -219,8 +223,10 @@ def _inlined_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: st
         return None
     if sect_name == bm.TOC_ENTRY_BOOTSTRAP:
         if sect_size > max_size:
-            raise FormatError(f"bootstrap inlined in {name} is {_human(sect_size)}, over the "
-                              f"{_human(max_size)} limit")
+            raise FormatError(
+                f"bootstrap inlined in {name} is {_human(sect_size)}, over the "
+                f"{_human(max_size)} limit"
+            )
         return read_at(sect_size, size - bm.TAR_BLOCK - sect_size)
     if sect_name != bm.TOC_ENTRY_BLOB_TOC:
         return None
@@ -233,8 +239,9 @@ def _inlined_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: st
     return None
 
 
-def _toc_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: str, max_size: int,
-                   e: TocEntry) -> bytes:
+def _toc_bootstrap(
+    read_at: Callable[[int, int], bytes], size: int, name: str, max_size: int, e: TocEntry
+) -> bytes:
     """The bootstrap a ToC entry names: read, decompressed as its flags say, checked."""
     from .. import codec
     from ..format import blob_meta as bm
@@ -243,8 +250,10 @@ def _toc_bootstrap(read_at: Callable[[int, int], bytes], size: int, name: str, m
     if end > size:
         raise FormatError("inlined bootstrap entry is out of range")
     if e.uncompressed_size > max_size or e.compressed_size > max_size:
-        raise FormatError(f"bootstrap inlined in {name} is {_human(e.uncompressed_size)}, "
-                          f"over the {_human(max_size)} limit")
+        raise FormatError(
+            f"bootstrap inlined in {name} is {_human(e.uncompressed_size)}, "
+            f"over the {_human(max_size)} limit"
+        )
     raw = read_at(e.compressed_size, e.compressed_offset)
     names = {f: n for n, f in bm.TOC_COMPRESSION.items()}
     kind = names.get(e.flags & 0x7)

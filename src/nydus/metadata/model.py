@@ -23,8 +23,16 @@ from typing import NewType
 
 from ..errors import FormatError
 
-__all__ = ["BlobInfo", "ChunkInfo", "FileKind", "Inode", "DirEntry", "Nid", "RafsMetadata",
-           "check_blob_id"]
+__all__ = [
+    "BlobInfo",
+    "ChunkInfo",
+    "FileKind",
+    "Inode",
+    "DirEntry",
+    "Nid",
+    "RafsMetadata",
+    "check_blob_id",
+]
 
 #: A node of a bootstrap: the EROFS nid (v6) or the inode-table index (v5). Not the inode
 #: number the file system reports (:data:`nydus.fs.Ino`) nor a FUSE node id.
@@ -42,8 +50,9 @@ def check_blob_id(blob_id: str) -> str:
     """
     if not isinstance(blob_id, str) or not _BLOB_ID_RE.fullmatch(blob_id):
         shown = blob_id[:80] if isinstance(blob_id, str) else blob_id
-        raise FormatError(f"blob id {shown!r} is not a safe file name (letters, digits, "
-                          "'.', '_', '-' only)")
+        raise FormatError(
+            f"blob id {shown!r} is not a safe file name (letters, digits, '.', '_', '-' only)"
+        )
     return blob_id
 
 
@@ -124,7 +133,6 @@ class Inode(FileKind):
     blocks: int = 0
     xattr_count: int = 0
     extra: dict[str, int] = field(default_factory=dict, compare=False)
-
 
 
 @dataclass(frozen=True)

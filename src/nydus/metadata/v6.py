@@ -33,7 +33,7 @@ class RafsV6Metadata(RafsMetadata):
     def __init__(self, data: bytes) -> None:
         self.data = data
         self._mv = memoryview(data)
-        self.sb = erofs.SuperBlock.unpack(self._mv[erofs.EROFS_SUPER_OFFSET:])
+        self.sb = erofs.SuperBlock.unpack(self._mv[erofs.EROFS_SUPER_OFFSET :])
         sb = self.sb
         if not sb.feature_compat & erofs.FEATURE_COMPAT_RAFS_V6:
             raise FormatError("EROFS image without the RAFS v6 compat bit")
@@ -101,13 +101,22 @@ class RafsV6Metadata(RafsMetadata):
                 raise FormatError(f"blob {e.blob_id}: {ex}") from None
             out.append(
                 BlobInfo(
-                    index=i, blob_id=e.blob_id, chunk_size=e.chunk_size,
-                    chunk_count=e.chunk_count, compressor=comp, digester=dig,
-                    features=e.features, compressed_size=e.compressed_size,
-                    uncompressed_size=e.uncompressed_size, ci_compressor=ci_comp,
-                    ci_offset=e.ci_offset, ci_compressed_size=e.ci_compressed_size,
-                    ci_uncompressed_size=e.ci_uncompressed_size, toc_size=e.blob_toc_size,
-                    toc_digest=e.blob_toc_digest, meta_features=e.features,
+                    index=i,
+                    blob_id=e.blob_id,
+                    chunk_size=e.chunk_size,
+                    chunk_count=e.chunk_count,
+                    compressor=comp,
+                    digester=dig,
+                    features=e.features,
+                    compressed_size=e.compressed_size,
+                    uncompressed_size=e.uncompressed_size,
+                    ci_compressor=ci_comp,
+                    ci_offset=e.ci_offset,
+                    ci_compressed_size=e.ci_compressed_size,
+                    ci_uncompressed_size=e.ci_uncompressed_size,
+                    toc_size=e.blob_toc_size,
+                    toc_digest=e.blob_toc_digest,
+                    meta_features=e.features,
                 )
             )
         return out
@@ -161,9 +170,18 @@ class RafsV6Metadata(RafsMetadata):
                 mtime += di.mtime
             nsec = self.sb.build_time_nsec
         return Inode(
-            nid=nid, ino=di.ino or nid, mode=di.mode, nlink=di.nlink, uid=di.uid, gid=di.gid,
-            size=di.size, rdev=rdev, mtime=mtime, mtime_nsec=nsec,
-            blocks=(di.size + 511) // 512, xattr_count=di.xattr_icount,
+            nid=nid,
+            ino=di.ino or nid,
+            mode=di.mode,
+            nlink=di.nlink,
+            uid=di.uid,
+            gid=di.gid,
+            size=di.size,
+            rdev=rdev,
+            mtime=mtime,
+            mtime_nsec=nsec,
+            blocks=(di.size + 511) // 512,
+            xattr_count=di.xattr_icount,
         )
 
     def xattrs(self, nid: Nid) -> dict[bytes, bytes]:
@@ -317,11 +335,16 @@ class RafsV6Metadata(RafsMetadata):
         if rec is None:
             return None
         return ChunkInfo(
-            digest=rec.digest, blob_index=blob_index, index=index, file_offset=0,
-            compressed_offset=rec.compressed_offset, compressed_size=rec.compressed_size,
+            digest=rec.digest,
+            blob_index=blob_index,
+            index=index,
+            file_offset=0,
+            compressed_offset=rec.compressed_offset,
+            compressed_size=rec.compressed_size,
             uncompressed_offset=rec.uncompressed_offset,
             uncompressed_size=rec.uncompressed_size,
-            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED), crc32=rec.crc32,
+            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED),
+            crc32=rec.crc32,
         )
 
     def _chunk(self, nid: int, blob: int, ci: int, foff: int, uoff: int) -> ChunkInfo:
@@ -342,9 +365,14 @@ class RafsV6Metadata(RafsMetadata):
         if not 0 < rec.uncompressed_size <= v6.MAX_CHUNK_SIZE:
             raise FormatError(f"file {nid}: chunk {ci} has size {rec.uncompressed_size}")
         return ChunkInfo(
-            digest=rec.digest, blob_index=blob, index=ci, file_offset=foff,
-            compressed_offset=rec.compressed_offset, compressed_size=rec.compressed_size,
+            digest=rec.digest,
+            blob_index=blob,
+            index=ci,
+            file_offset=foff,
+            compressed_offset=rec.compressed_offset,
+            compressed_size=rec.compressed_size,
             uncompressed_offset=rec.uncompressed_offset,
             uncompressed_size=rec.uncompressed_size,
-            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED), crc32=rec.crc32,
+            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED),
+            crc32=rec.crc32,
         )

@@ -87,8 +87,11 @@ class RegistryClient(RegistrySession):
             def handle(resp: Response, nxt: list[str] = nxt) -> list[str]:
                 if resp.status != 200:
                     raise self._status_error(resp, f"tags of {repo}")
-                doc = parse_json(resp.read_all(limit=MAX_MANIFEST_SIZE), f"tag list of {repo}",
-                                 error=BackendError)
+                doc = parse_json(
+                    resp.read_all(limit=MAX_MANIFEST_SIZE),
+                    f"tag list of {repo}",
+                    error=BackendError,
+                )
                 link = resp.headers.get("link") or ""
                 m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link)
                 if m:

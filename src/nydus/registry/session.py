@@ -112,9 +112,7 @@ class RegistryOptions:
 
     def __post_init__(self) -> None:
         if self.scheme not in ("https", "http", ""):
-            raise ConfigError(
-                f"registry scheme must be https, http or empty, not {self.scheme!r}"
-            )
+            raise ConfigError(f"registry scheme must be https, http or empty, not {self.scheme!r}")
         if self.retry_limit < 0 or self.chunk_size <= 0 or self.max_workers <= 0:
             raise ConfigError("retry_limit, chunk_size and max_workers must be positive")
 
@@ -383,8 +381,11 @@ class RegistrySession:
                 try:
                     resp = self._transport.handle(Request(method, cached, dict(headers), body))
                 except TransportError as e:
-                    log.info("cached redirect for %s failed (%s); asking the registry",
-                             redact_url(url), e)
+                    log.info(
+                        "cached redirect for %s failed (%s); asking the registry",
+                        redact_url(url),
+                        e,
+                    )
                     self._redirect_put(cache_key, None)
                 else:
                     if resp.status < 300:

@@ -58,8 +58,9 @@ class BlobBackend(ABC):
             return [self._read(blob_id, off, size) for off, size in ranges]
         with self._sizes_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_parallel,
-                                                thread_name_prefix=f"nydus-{self.type}")
+                self._pool = ThreadPoolExecutor(
+                    self.max_parallel, thread_name_prefix=f"nydus-{self.type}"
+                )
             pool = self._pool
         return list(pool.map(lambda r: self._read(blob_id, r[0], r[1]), ranges))
 

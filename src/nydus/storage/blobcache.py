@@ -64,7 +64,11 @@ class BlobCacheFile:
     """The data file and chunk map of one blob."""
 
     def __init__(
-        self, work_dir: str, info: BlobInfo, *, compressed: bool = False,
+        self,
+        work_dir: str,
+        info: BlobInfo,
+        *,
+        compressed: bool = False,
         sync_data: bool = False,
     ) -> None:
         if info.chunk_count <= 0:
@@ -93,9 +97,13 @@ class BlobCacheFile:
             raise
         ready = self.map.count_ready()
         if ready and vouched < ready:
-            log.info("cache of blob %s: %d of %d ready chunks are hashed again on first read "
-                     "(no record of their verification matches the file)", info.blob_id,
-                     ready - vouched, ready)
+            log.info(
+                "cache of blob %s: %d of %d ready chunks are hashed again on first read "
+                "(no record of their verification matches the file)",
+                info.blob_id,
+                ready - vouched,
+                ready,
+            )
 
     def _check_size(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -106,7 +114,9 @@ class BlobCacheFile:
             if st.st_size != 0:
                 log.warning(
                     "cache file %s has size %d, expected %d: discarding its chunk map",
-                    self.path, st.st_size, self.size,
+                    self.path,
+                    st.st_size,
+                    self.size,
                 )
                 for stale in (self.map_path, self.path + RECORD_SUFFIX):
                     with contextlib.suppress(FileNotFoundError):
@@ -184,8 +194,11 @@ class BlobCacheFile:
     def trusted(self, index: int) -> bool:
         """Ready, verified by this process (or by a matching record), and the file unchanged
         since: servable without hashing it again."""
-        return (self.trust.check_unchanged() and self.trust.is_verified(index)
-                and self.map.is_ready(index))
+        return (
+            self.trust.check_unchanged()
+            and self.trust.is_verified(index)
+            and self.map.is_ready(index)
+        )
 
     def all_trusted(self, indices: list[int]) -> bool:
         """:meth:`trusted` for many chunks with one look at the file."""
@@ -200,14 +213,20 @@ class BlobCacheFile:
 
     def hashed(self, index: int) -> bool:
         """Ready and hashed by this process (a record's word is not enough), file unchanged."""
-        return (self.trust.check_unchanged() and self.trust.is_hashed(index)
-                and self.map.is_ready(index))
+        return (
+            self.trust.check_unchanged()
+            and self.trust.is_hashed(index)
+            and self.map.is_ready(index)
+        )
 
     def fully_verified(self) -> bool:
         """Every chunk ready and hashed by this process, the file unchanged since: the file may
         be handed to the kernel."""
-        return (self.map.all_ready and self.trust.check_unchanged()
-                and self.trust.hashed_count() == self.info.chunk_count)
+        return (
+            self.map.all_ready
+            and self.trust.check_unchanged()
+            and self.trust.hashed_count() == self.info.chunk_count
+        )
 
     def save_record(self) -> bool:
         """Persist which ready chunks are verified (see :mod:`.verified`)."""

@@ -89,13 +89,16 @@ class BlobReader:
             tail = self._read(self.size - info.toc_size, info.toc_size, "ToC")
             if any(info.toc_digest) and hashlib.sha256(tail).digest() != info.toc_digest:
                 raise IntegrityError(f"blob {info.blob_id}: ToC digest mismatch")
-            name, size = bm.parse_tar_header(tail[-bm.TAR_BLOCK:])
+            name, size = bm.parse_tar_header(tail[-bm.TAR_BLOCK :])
             if name != bm.TOC_ENTRY_BLOB_TOC or size != len(tail) - bm.TAR_BLOCK:
                 raise FormatError(f"blob {info.blob_id}: ToC tar header is wrong")
-            toc = bm.unpack_toc(tail[:-bm.TAR_BLOCK])
+            toc = bm.unpack_toc(tail[: -bm.TAR_BLOCK])
         by_name = {e.name: e for e in toc}
-        ci_off, ci_csize, ci_usize = info.ci_offset, info.ci_compressed_size, \
-            info.ci_uncompressed_size
+        ci_off, ci_csize, ci_usize = (
+            info.ci_offset,
+            info.ci_compressed_size,
+            info.ci_uncompressed_size,
+        )
         ci_comp = codec.compressor_by_name(info.ci_compressor)
         ci_raw = self._read(ci_off, ci_csize, "chunk info array")
         ci_data = codec.decompress(ci_comp, ci_raw, ci_usize) if ci_comp.id else ci_raw
@@ -108,8 +111,13 @@ class BlobReader:
             raise IntegrityError(f"blob {info.blob_id}: ci header digest mismatch")
         header = bm.CiHeader.unpack(raw_header)
         expect = (info.chunk_count, ci_off, ci_csize, ci_usize, ci_comp.id)
-        got = (header.ci_entries, header.ci_offset, header.ci_compressed_size,
-               header.ci_uncompressed_size, header.ci_compressor)
+        got = (
+            header.ci_entries,
+            header.ci_offset,
+            header.ci_compressed_size,
+            header.ci_uncompressed_size,
+            header.ci_compressor,
+        )
         if got != expect:
             raise FormatError(f"blob {info.blob_id}: ci header disagrees with the blob table")
         if (header.features ^ info.features) & v6.BLOB_FEATURE_CHUNK_INFO_V2 and info.features:
@@ -142,8 +150,14 @@ def open_local_blob(path: str, info: BlobInfo) -> tuple[BlobReader, Callable[[],
 class LocalBlobChunks:
     """Chunks of ``blobs`` read from ``<blob_dir>/<blob_id>`` (or explicit ``paths``)."""
 
-    def __init__(self, blob_dir: str, blobs: list[BlobInfo], *, verify: bool = True,
-                 paths: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        blob_dir: str,
+        blobs: list[BlobInfo],
+        *,
+        verify: bool = True,
+        paths: dict[str, str] | None = None,
+    ) -> None:
         self.blob_dir = blob_dir
         self.blobs = blobs
         self.verify = verify
@@ -155,8 +169,9 @@ class LocalBlobChunks:
         self.read_amount = 0
 
     def _path(self, blob: BlobInfo) -> str:
-        return self.paths.get(blob.blob_id) or os.path.join(self.blob_dir,
-                                                            check_blob_id(blob.blob_id))
+        return self.paths.get(blob.blob_id) or os.path.join(
+            self.blob_dir, check_blob_id(blob.blob_id)
+        )
 
     def _reader(self, index: int) -> BlobReader:
         with self._lock:
@@ -170,8 +185,7 @@ class LocalBlobChunks:
             try:
                 pair = open_local_blob(path, blob)
             except OSError as e:
-                raise BackendError(f"blob {blob.blob_id}: cannot open {path}: {e.strerror}") \
-                    from e
+                raise BackendError(f"blob {blob.blob_id}: cannot open {path}: {e.strerror}") from e
             self._readers[index] = pair
             return pair[0]
 
@@ -191,10 +205,14 @@ class LocalBlobChunks:
             raise BackendError(f"chunk index {c.index} outside the blob's chunk-info array")
         e = ci[c.index]
         digest = c.digest or (digests[c.index] if c.index < len(digests) else b"")
-        return replace(c, compressed_offset=e.compressed_offset,
-                       compressed_size=e.compressed_size,
-                       uncompressed_size=e.uncompressed_size, compressed=e.compressed,
-                       digest=digest)
+        return replace(
+            c,
+            compressed_offset=e.compressed_offset,
+            compressed_size=e.compressed_size,
+            uncompressed_size=e.uncompressed_size,
+            compressed=e.compressed,
+            digest=digest,
+        )
 
     def read_chunks(self, chunks: list[ChunkInfo]) -> list[bytes]:
         out = []

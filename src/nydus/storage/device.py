@@ -93,7 +93,11 @@ class BlobDevice:
     """Read verified, decompressed chunks of a set of blobs."""
 
     def __init__(
-        self, blobs: Sequence[BlobInfo], cfg: DaemonConfig, backend: BlobBackend, id: str = "",
+        self,
+        blobs: Sequence[BlobInfo],
+        cfg: DaemonConfig,
+        backend: BlobBackend,
+        id: str = "",
         chunk_lookup: ChunkLookup | None = None,
     ) -> None:
         self.blobs = list(blobs)
@@ -105,8 +109,9 @@ class BlobDevice:
         self.work_dir: str | None = None
         if cache.type in ("blobcache", "filecache", "fscache"):
             if cache.type == "fscache":
-                log.warning("fscache is not supported; using a blobcache in %s",
-                            cache.config.work_dir)
+                log.warning(
+                    "fscache is not supported; using a blobcache in %s", cache.config.work_dir
+                )
             if cache.config.enable_encryption:
                 raise UnsupportedError("blob cache encryption is not supported")
             self.work_dir = os.path.abspath(cache.config.work_dir)
@@ -117,8 +122,9 @@ class BlobDevice:
                     f"device.cache.config.work_dir: cannot create {self.work_dir}: {e.strerror}"
                 ) from e
             if not os.path.isdir(self.work_dir):
-                raise ConfigError(f"device.cache.config.work_dir: {self.work_dir} is not a "
-                                  f"directory")
+                raise ConfigError(
+                    f"device.cache.config.work_dir: {self.work_dir} is not a directory"
+                )
         self.compressed_cache = cache.compressed
         self.validate = cfg.validation_enabled
         self.gate = UserIoGate()
@@ -131,8 +137,9 @@ class BlobDevice:
         merging = pf.merging_size if pf.enable else bpf.merging_size
         rate = pf.bandwidth_rate if pf.enable else bpf.bandwidth_rate
         max_chunk = max((b.chunk_size for b in self.blobs), default=0)
-        self.prefetcher = Prefetcher(threads, merging or (1 << 20), rate, self.cache_metrics,
-                                     self.gate, min_rate=max_chunk)
+        self.prefetcher = Prefetcher(
+            threads, merging or (1 << 20), rate, self.cache_metrics, self.gate, min_rate=max_chunk
+        )
         self._state: dict[int, _Blob] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -150,8 +157,7 @@ class BlobDevice:
             if st is None:
                 if self._closed:
                     raise NydusError("blob device is closed")
-                st = self._state[blob_index] = self._open_blob(blob_index,
-                                                               self.blobs[blob_index])
+                st = self._state[blob_index] = self._open_blob(blob_index, self.blobs[blob_index])
         return st
 
     def _open_blob(self, blob_index: int, info: BlobInfo) -> _Blob:
@@ -167,8 +173,7 @@ class BlobDevice:
         def meta() -> BlobMeta | None:
             if not has_ci(info):
                 return None
-            return load_blob_meta(info, fetch, work_dir, verify_toc=True,
-                                  blob_size=blob_size())
+            return load_blob_meta(info, fetch, work_dir, verify_toc=True, blob_size=blob_size())
 
         def digests() -> list[bytes] | None:
             if not any(info.toc_digest):
@@ -187,15 +192,23 @@ class BlobDevice:
             except NydusError as e:  # e.g. a blob table without sizes or chunk counts
                 log.warning("blob %s is read without a cache: %s", blob_id, e)
             except OSError as e:
-                raise NydusError(f"cannot open the cache of blob {blob_id} in {work_dir}: "
-                                 f"{e.strerror}") from e
+                raise NydusError(
+                    f"cannot open the cache of blob {blob_id} in {work_dir}: {e.strerror}"
+                ) from e
         if cache is not None:
             self.cache_metrics.add_file(cache.path)
             self.cache_metrics.add("entries_count", cache.ready_count())
         fetcher = BlobFetcher(
-            info, fetch, cache=cache, meta=meta, digests=digests, validate=self.validate,
-            amplify_io=self.cfg.amplify_io, metrics=self.cache_metrics,
-            executor=self._executor, fetch_ranges=fetch_ranges,
+            info,
+            fetch,
+            cache=cache,
+            meta=meta,
+            digests=digests,
+            validate=self.validate,
+            amplify_io=self.cfg.amplify_io,
+            metrics=self.cache_metrics,
+            executor=self._executor,
+            fetch_ranges=fetch_ranges,
             chunk_lookup=chunk_record if lookup is not None else None,
         )
         return _Blob(fetcher, cache)
@@ -365,8 +378,12 @@ class BlobDevice:
                 c = f.chunk_from_ci(i)
                 f.verify(c, cache.read(c))
             except (IntegrityError, FormatError) as e:
-                log.warning("blob %s: cached chunk %d is bad (%s); it is fetched again when "
-                            "read", self.blobs[blob_index].blob_id, i, e)
+                log.warning(
+                    "blob %s: cached chunk %d is bad (%s); it is fetched again when read",
+                    self.blobs[blob_index].blob_id,
+                    i,
+                    e,
+                )
                 cache.clear(i)
                 bad += 1
                 continue
@@ -411,8 +428,10 @@ class BlobDevice:
         with self._lock:
             states = list(self._state.values())
         m = self.cache_metrics
-        m.data_all_ready = bool(self.work_dir) and len(states) == len(self.blobs) and all(
-            st.cache is None or st.cache.all_ready for st in states
+        m.data_all_ready = (
+            bool(self.work_dir)
+            and len(states) == len(self.blobs)
+            and all(st.cache is None or st.cache.all_ready for st in states)
         )
         return m.export()
 
@@ -450,4 +469,3 @@ def open_device(
     if backend is None:
         backend = create_backend(cfg.device.backend, id)
     return BlobDevice(blobs, cfg, backend, id, chunk_lookup)
-

@@ -78,9 +78,12 @@ class Chunk:
 
 
 def _same_place(rec: ChunkInfo, e: bm.CiEntry) -> bool:
-    return (rec.compressed_offset, rec.compressed_size, rec.uncompressed_offset,
-            rec.uncompressed_size) == (e.compressed_offset, e.compressed_size,
-                                       e.uncompressed_offset, e.uncompressed_size)
+    return (
+        rec.compressed_offset,
+        rec.compressed_size,
+        rec.uncompressed_offset,
+        rec.uncompressed_size,
+    ) == (e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size)
 
 
 @dataclass
@@ -173,9 +176,17 @@ class BlobFetcher:
                     f"info array disagrees with the bootstrap"
                 )
             digest = rec.digest
-        return Chunk(index, e.compressed_offset, e.compressed_size, e.uncompressed_offset,
-                     e.uncompressed_size, e.compressed, digest, e.flags,
-                     e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0)
+        return Chunk(
+            index,
+            e.compressed_offset,
+            e.compressed_size,
+            e.uncompressed_offset,
+            e.uncompressed_size,
+            e.compressed,
+            digest,
+            e.flags,
+            e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0,
+        )
 
     def resolve(self, c: ChunkInfo) -> Chunk:
         """A bootstrap chunk as a fetchable :class:`Chunk`."""
@@ -190,16 +201,24 @@ class BlobFetcher:
         meta = self._meta if self._meta_loaded else None
         if meta is not None and c.index < len(meta.ci):
             e = meta.ci[c.index]
-            if (e.compressed_offset, e.compressed_size) != (c.compressed_offset,
-                                                            c.compressed_size):
+            if (e.compressed_offset, e.compressed_size) != (c.compressed_offset, c.compressed_size):
                 raise FormatError(
                     f"blob {self.info.blob_id}: chunk {c.index} placement in the bootstrap "
                     f"disagrees with the blob's chunk info array"
                 )
             flags = e.flags
             crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
-        return Chunk(c.index, c.compressed_offset, c.compressed_size, c.uncompressed_offset,
-                     c.uncompressed_size, c.compressed, c.digest, flags, crc)
+        return Chunk(
+            c.index,
+            c.compressed_offset,
+            c.compressed_size,
+            c.uncompressed_offset,
+            c.uncompressed_size,
+            c.compressed,
+            c.digest,
+            flags,
+            crc,
+        )
 
     # ------------------------------------------------------------------ reads
 
@@ -317,8 +336,17 @@ class BlobFetcher:
         elif self._digests_loaded and self._digests is not None:
             digest = self._digests[idx]
         crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
-        return Chunk(idx, e.compressed_offset, e.compressed_size, e.uncompressed_offset,
-                     e.uncompressed_size, e.compressed, digest, e.flags, crc)
+        return Chunk(
+            idx,
+            e.compressed_offset,
+            e.compressed_size,
+            e.uncompressed_offset,
+            e.uncompressed_size,
+            e.compressed,
+            digest,
+            e.flags,
+            crc,
+        )
 
     # ------------------------------------------------------------------ cache side
 
@@ -333,8 +361,12 @@ class BlobFetcher:
                 cache.mark_verified([c.index])
             return data
         except NydusError as e:
-            log.warning("blob %s chunk %d: cached copy is bad (%s); fetching it again",
-                        self.info.blob_id, c.index, e)
+            log.warning(
+                "blob %s chunk %d: cached copy is bad (%s); fetching it again",
+                self.info.blob_id,
+                c.index,
+                e,
+            )
             cache.clear(c.index)
             return None
 
@@ -391,8 +423,9 @@ class BlobFetcher:
                     try:
                         data = self._checked(c, payload)
                     except IntegrityError as e:
-                        log.warning("blob %s chunk %d: %s; fetching it again",
-                                    self.info.blob_id, c.index, e)
+                        log.warning(
+                            "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
+                        )
                         try:
                             payload = self.fetch_ranges([(c.compressed_offset, c.end)])[0]
                             data = self._checked(c, payload)
@@ -415,8 +448,11 @@ class BlobFetcher:
                     log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
         except Exception as e:  # a bug or an untranslated error below us: report, do not leak
             log.exception("blob %s: fetch failed", self.info.blob_id)
-            err = e if isinstance(e, NydusError) else BackendError(
-                f"blob {self.info.blob_id}: fetch failed: {e!r}")
+            err = (
+                e
+                if isinstance(e, NydusError)
+                else BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
+            )
             for _, p in claims:
                 if p.value is None and p.error is None:
                     p.error = err
@@ -520,6 +556,10 @@ class BlobFetcher:
                         p.settle()
         failed = [p.error for _, p in claims if p.value is None]
         if failed and failed[0] is not None:
-            log.warning("prefetch of blob %s: %d chunks failed: %s", self.info.blob_id,
-                        len(failed), failed[0])
+            log.warning(
+                "prefetch of blob %s: %d chunks failed: %s",
+                self.info.blob_id,
+                len(failed),
+                failed[0],
+            )
         return len(claims) - len(failed), nbytes

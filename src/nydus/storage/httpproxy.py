@@ -29,8 +29,10 @@ class HttpProxyBackend(BlobBackend):
         self.cfg = cfg
         unix = cfg.addr if cfg.addr.startswith("/") else None
         tcfg = HttpConfig(
-            timeout=cfg.timeout, connect_timeout=cfg.connect_timeout,
-            skip_verify=cfg.skip_verify, ca_cert_files=list(cfg.ca_cert_files),
+            timeout=cfg.timeout,
+            connect_timeout=cfg.connect_timeout,
+            skip_verify=cfg.skip_verify,
+            ca_cert_files=list(cfg.ca_cert_files),
             retry_limit=effective_retries(cfg.retry_limit),
             proxy=cfg.proxy if cfg.proxy.url else None,
         )
@@ -45,8 +47,9 @@ class HttpProxyBackend(BlobBackend):
         return self.http.head_size(self.url(blob_id), what=f"size of blob {blob_id}")
 
     def _read(self, blob_id: str, offset: int, size: int) -> bytes:
-        return self.http.get_range(self.url(blob_id), offset, offset + size,
-                                   what=f"read blob {blob_id}")
+        return self.http.get_range(
+            self.url(blob_id), offset, offset + size, what=f"read blob {blob_id}"
+        )
 
     def _read_ranges(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return self._parallel(blob_id, ranges)

@@ -127,15 +127,21 @@ def _parse_ci(info: BlobInfo, h: bm.CiHeader, data: bytes) -> BlobMeta:
     for i, e in enumerate(ci):
         if usize and e.uncompressed_offset + e.uncompressed_size > _align(usize):
             raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the uncompressed size")
-        if csize and not e.flags & (bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH) and (
-            e.compressed_offset + e.compressed_size > csize
+        if (
+            csize
+            and not e.flags & (bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH)
+            and (e.compressed_offset + e.compressed_size > csize)
         ):
             raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the blob end")
     return BlobMeta.build(h, ci)
 
 
 def load_blob_meta(
-    info: BlobInfo, fetch: Fetch, work_dir: str | None, *, verify_toc: bool = False,
+    info: BlobInfo,
+    fetch: Fetch,
+    work_dir: str | None,
+    *,
+    verify_toc: bool = False,
     blob_size: int | None = None,
 ) -> BlobMeta:
     """The blob's ci array: from ``<work_dir>/<blob_id>.blob.meta`` or fetched and cached."""
@@ -215,7 +221,8 @@ def load_digests(
     if ent is None:
         return None
     if ent.compressed_size != 32 * info.chunk_count or ent.uncompressed_size not in (
-        0, ent.compressed_size
+        0,
+        ent.compressed_size,
     ):
         raise FormatError(f"blob {info.blob_id}: digest array has the wrong size")
     path = os.path.join(work_dir, f"{info.blob_id}.blob.digest") if work_dir else None

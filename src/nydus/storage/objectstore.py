@@ -45,9 +45,13 @@ def _split_endpoint(endpoint: str, scheme: str) -> tuple[str, str]:
 
 def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> HttpConfig:
     return HttpConfig(
-        timeout=cfg.timeout, connect_timeout=cfg.connect_timeout, skip_verify=cfg.skip_verify,
-        ca_cert_files=list(cfg.ca_cert_files), retry_limit=effective_retries(cfg.retry_limit),
-        proxy=cfg.proxy if cfg.proxy.url else None, resolve=dict(resolve or {}),
+        timeout=cfg.timeout,
+        connect_timeout=cfg.connect_timeout,
+        skip_verify=cfg.skip_verify,
+        ca_cert_files=list(cfg.ca_cert_files),
+        retry_limit=effective_retries(cfg.retry_limit),
+        proxy=cfg.proxy if cfg.proxy.url else None,
+        resolve=dict(resolve or {}),
     )
 
 
@@ -56,8 +60,15 @@ def _hmac(key: bytes, msg: str) -> bytes:
 
 
 def sigv4_headers(
-    method: str, url: str, headers: Mapping[str, str], *, access_key_id: str,
-    secret: str, region: str, service: str = "s3", now: _dt.datetime | None = None,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    access_key_id: str,
+    secret: str,
+    region: str,
+    service: str = "s3",
+    now: _dt.datetime | None = None,
     payload_hash: str = EMPTY_SHA256,
 ) -> dict[str, str]:
     """``headers`` plus ``x-amz-date``, ``x-amz-content-sha256`` and ``Authorization``."""
@@ -82,10 +93,12 @@ def sigv4_headers(
     )
     creq = "\n".join([method, path, query, canon_headers, signed, payload_hash])
     scope = f"{day}/{region}/{service}/aws4_request"
-    sts = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                     hashlib.sha256(creq.encode()).hexdigest()])
-    key = _hmac(_hmac(_hmac(_hmac(("AWS4" + secret).encode(), day), region), service),
-                "aws4_request")
+    sts = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(creq.encode()).hexdigest()]
+    )
+    key = _hmac(
+        _hmac(_hmac(_hmac(("AWS4" + secret).encode(), day), region), service), "aws4_request"
+    )
     sig = hmac.new(key, sts.encode(), hashlib.sha256).hexdigest()
     out["Authorization"] = (
         f"AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, "
@@ -95,7 +108,12 @@ def sigv4_headers(
 
 
 def oss_authorization(
-    method: str, resource: str, date: str, *, access_key_id: str, secret: str,
+    method: str,
+    resource: str,
+    date: str,
+    *,
+    access_key_id: str,
+    secret: str,
     oss_headers: Mapping[str, str] | None = None,
 ) -> str:
     """The OSS ``Authorization`` header value; ``oss_headers`` are the request's headers
@@ -103,7 +121,8 @@ def oss_authorization(
     lower = {k.lower(): v for k, v in (oss_headers or {}).items()}
     parts = [method, lower.get("content-md5", ""), lower.get("content-type", ""), date]
     canon = sorted(
-        (k.lower(), v.strip()) for k, v in (oss_headers or {}).items()
+        (k.lower(), v.strip())
+        for k, v in (oss_headers or {}).items()
         if k.lower().startswith("x-oss-")
     )
     parts.extend(f"{k}:{v}" for k, v in canon)
@@ -141,25 +160,44 @@ class _ObjectBackend(BlobBackend):
 
     def has_blob(self, blob_id: str) -> bool:
         """True if the object exists (HEAD; 404 is False)."""
-        return self.http.call("HEAD", self.url(blob_id), lambda r: r.status == 200,
-                              headers=self._signer(), ok=(200, 404),
-                              what=f"HEAD {self.key(blob_id)}")
+        return self.http.call(
+            "HEAD",
+            self.url(blob_id),
+            lambda r: r.status == 200,
+            headers=self._signer(),
+            ok=(200, 404),
+            what=f"HEAD {self.key(blob_id)}",
+        )
 
     def put_file(self, blob_id: str, path: str) -> None:
         """Upload the file as the object, in one streamed PUT (retried from the start)."""
-        extra = {"Content-Length": str(os.path.getsize(path)),
-                 "Content-Type": "application/octet-stream"}
-        self.http.call("PUT", self.url(blob_id), lambda r: None, headers=self._signer(extra),
-                       body=lambda: _file_chunks(path), ok=(200, 201, 204),
-                       what=f"PUT {self.key(blob_id)}")
+        extra = {
+            "Content-Length": str(os.path.getsize(path)),
+            "Content-Type": "application/octet-stream",
+        }
+        self.http.call(
+            "PUT",
+            self.url(blob_id),
+            lambda r: None,
+            headers=self._signer(extra),
+            body=lambda: _file_chunks(path),
+            ok=(200, 201, 204),
+            what=f"PUT {self.key(blob_id)}",
+        )
 
     def _blob_size(self, blob_id: str) -> int:
-        return self.http.head_size(self.url(blob_id), headers=self._signer(),
-                                   what=f"size of {self.key(blob_id)}")
+        return self.http.head_size(
+            self.url(blob_id), headers=self._signer(), what=f"size of {self.key(blob_id)}"
+        )
 
     def _read(self, blob_id: str, offset: int, size: int) -> bytes:
-        return self.http.get_range(self.url(blob_id), offset, offset + size,
-                                   headers=self._signer(), what=f"read {self.key(blob_id)}")
+        return self.http.get_range(
+            self.url(blob_id),
+            offset,
+            offset + size,
+            headers=self._signer(),
+            what=f"read {self.key(blob_id)}",
+        )
 
     def _read_ranges(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return self._parallel(blob_id, ranges)
@@ -172,12 +210,14 @@ class _ObjectBackend(BlobBackend):
 class S3Backend(_ObjectBackend):
     type = "s3"
 
-    def __init__(self, cfg: S3Config, id: str = "",
-                 resolve: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, cfg: S3Config, id: str = "", resolve: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(cfg, id, resolve)
         self.region = cfg.region
-        self.scheme, self.endpoint = _split_endpoint(cfg.endpoint or S3_DEFAULT_ENDPOINT,
-                                                     cfg.scheme)
+        self.scheme, self.endpoint = _split_endpoint(
+            cfg.endpoint or S3_DEFAULT_ENDPOINT, cfg.scheme
+        )
 
     def url(self, blob_id: str) -> str:
         path = urllib.parse.quote(f"/{self.cfg.bucket_name}/{self.key(blob_id)}", safe="/-_.~")
@@ -186,16 +226,23 @@ class S3Backend(_ObjectBackend):
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
         if not self.cfg.access_key_id:
             return dict(headers)
-        return sigv4_headers(method, url, headers, access_key_id=self.cfg.access_key_id,
-                             secret=self.cfg.access_key_secret, region=self.region,
-                             payload_hash=UNSIGNED_PAYLOAD if method == "PUT" else EMPTY_SHA256)
+        return sigv4_headers(
+            method,
+            url,
+            headers,
+            access_key_id=self.cfg.access_key_id,
+            secret=self.cfg.access_key_secret,
+            region=self.region,
+            payload_hash=UNSIGNED_PAYLOAD if method == "PUT" else EMPTY_SHA256,
+        )
 
 
 class OssBackend(_ObjectBackend):
     type = "oss"
 
-    def __init__(self, cfg: OssConfig, id: str = "",
-                 resolve: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, cfg: OssConfig, id: str = "", resolve: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(cfg, id, resolve)
         self.scheme, self.endpoint = _split_endpoint(cfg.endpoint, cfg.scheme)
 
@@ -208,8 +255,14 @@ class OssBackend(_ObjectBackend):
             return dict(headers)
         date = email.utils.formatdate(usegmt=True)
         resource = f"/{self.cfg.bucket_name}/{self.key_of_url(url)}"
-        auth = oss_authorization(method, resource, date, access_key_id=self.cfg.access_key_id,
-                                 secret=self.cfg.access_key_secret, oss_headers=headers)
+        auth = oss_authorization(
+            method,
+            resource,
+            date,
+            access_key_id=self.cfg.access_key_id,
+            secret=self.cfg.access_key_secret,
+            oss_headers=headers,
+        )
         return {**headers, "Date": date, "Authorization": auth}
 
     @staticmethod
@@ -217,8 +270,9 @@ class OssBackend(_ObjectBackend):
         return urllib.parse.unquote(urllib.parse.urlsplit(url).path.lstrip("/"))
 
 
-def make_object_backend(kind: str, cfg: OssConfig, id: str = "",
-                        resolve: Mapping[str, str] | None = None) -> S3Backend | OssBackend:
+def make_object_backend(
+    kind: str, cfg: OssConfig, id: str = "", resolve: Mapping[str, str] | None = None
+) -> S3Backend | OssBackend:
     """The ``s3`` or ``oss`` backend for ``cfg`` (an :class:`S3Config` for ``s3``)."""
     if kind == "s3":
         assert isinstance(cfg, S3Config)

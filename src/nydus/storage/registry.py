@@ -83,8 +83,9 @@ class RegistryBackend(BlobBackend):
         return self.blob_client.blob_size(self.repo, self.digest(blob_id))
 
     def _read(self, blob_id: str, offset: int, size: int) -> bytes:
-        return self.blob_client.get_blob_range(self.repo, self.digest(blob_id), offset,
-                                               offset + size)
+        return self.blob_client.get_blob_range(
+            self.repo, self.digest(blob_id), offset, offset + size
+        )
 
     def _read_ranges(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return self.blob_client.get_blob_ranges(

@@ -84,8 +84,21 @@ def _bits_size(count: int) -> int:
 def save_record(path: str, blob_id: str, ident: FileIdentity, bitmap: bytes) -> None:
     """Write the record atomically (temporary name, fsync, rename)."""
     name = blob_id.encode()
-    body = _HEAD.pack(_MAGIC, len(bitmap) * 8, 1, ident.dev, ident.ino, ident.size,
-                      ident.mtime_ns, ident.ctime_ns, len(name)) + name + bitmap
+    body = (
+        _HEAD.pack(
+            _MAGIC,
+            len(bitmap) * 8,
+            1,
+            ident.dev,
+            ident.ino,
+            ident.size,
+            ident.mtime_ns,
+            ident.ctime_ns,
+            len(name),
+        )
+        + name
+        + bitmap
+    )
     body += hashlib.sha256(body).digest()
     tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     try:
@@ -114,8 +127,12 @@ def load_record(path: str, blob_id: str, count: int) -> tuple[FileIdentity, byte
     magic, nbits, _version, dev, ino, size, mtime, ctime, nlen = _HEAD.unpack_from(raw)
     name = raw[_HEAD.size : _HEAD.size + nlen]
     bitmap = raw[_HEAD.size + nlen : -32]
-    if (magic != _MAGIC or name != blob_id.encode() or nbits != _bits_size(count) * 8
-            or len(bitmap) != _bits_size(count)):
+    if (
+        magic != _MAGIC
+        or name != blob_id.encode()
+        or nbits != _bits_size(count) * 8
+        or len(bitmap) != _bits_size(count)
+    ):
         return None
     return FileIdentity(dev, ino, size, mtime, ctime), bitmap
 
@@ -148,8 +165,11 @@ class CacheTrust:
         ident, bitmap = rec
         with self._lock:
             if ident != self._baseline:
-                log.info("cache file of blob %s changed since it was last verified: its chunks "
-                         "are hashed again on first read", self.blob_id)
+                log.info(
+                    "cache file of blob %s changed since it was last verified: its chunks "
+                    "are hashed again on first read",
+                    self.blob_id,
+                )
                 return 0
             self._bits = bytearray(a & b for a, b in zip(bitmap, ready_bitmap, strict=True))
             return int.from_bytes(self._bits, "big").bit_count()
@@ -179,8 +199,11 @@ class CacheTrust:
     def _drop_locked(self, ident: FileIdentity) -> None:
         self.foreign_changes += 1
         if any(self._bits):
-            log.warning("cache file of blob %s changed behind this process's back: every "
-                        "cached chunk is hashed again before it is served", self.blob_id)
+            log.warning(
+                "cache file of blob %s changed behind this process's back: every "
+                "cached chunk is hashed again before it is served",
+                self.blob_id,
+            )
         self._bits = bytearray(len(self._bits))
         self._hashed = bytearray(len(self._bits))
         self._baseline = ident

@@ -69,9 +69,11 @@ class ContainerdClient:
 
     def images(self, namespace: str) -> Sequence[images_pb2.Image]:
         """containerd's images in ``namespace``."""
-        return self.service(IMAGES_SERVICE, namespace).unary(
-            "List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse
-        ).images
+        return (
+            self.service(IMAGES_SERVICE, namespace)
+            .unary("List", images_pb2.ListImagesRequest(), images_pb2.ListImagesResponse)
+            .images
+        )
 
     def read_content(self, namespace: str, digest: str, limit: int) -> bytes:
         """The bytes of blob ``digest``; a FormatError when it is larger than ``limit``."""

@@ -116,11 +116,15 @@ class LazyBlobFetcher:
                                 ref = parse_reference(img.name)
                                 named.append((ref.api_host, ref.repository))
                 try:
-                    info = ctd.service(CONTENT_SERVICE, ns).unary(
-                        "Info",
-                        content_pb2.InfoRequest(digest=entry.digest),
-                        content_pb2.InfoResponse,
-                    ).info
+                    info = (
+                        ctd.service(CONTENT_SERVICE, ns)
+                        .unary(
+                            "Info",
+                            content_pb2.InfoRequest(digest=entry.digest),
+                            content_pb2.InfoResponse,
+                        )
+                        .info
+                    )
                 except grpc.RpcError as e:
                     if rpc_code(e) == grpc.StatusCode.NOT_FOUND:
                         continue

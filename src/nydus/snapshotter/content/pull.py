@@ -383,8 +383,10 @@ class RemoteUnpacker:
                 return
             raise
         try:
-            with _spooled(fetch_layer(desc), str(desc.get("digest"))) as data, \
-                    mounted(list(resp.mounts)) as root:
+            with (
+                _spooled(fetch_layer(desc), str(desc.get("digest"))) as data,
+                mounted(list(resp.mounts)) as root,
+            ):
                 extract_layer(data, root, diff_id)
             snaps.unary(
                 "Commit",

@@ -60,7 +60,6 @@ __all__ = ["ContentHooks", "ContentService"]
 log = logging.getLogger(__name__)
 
 
-
 class ContentHooks(Protocol):
     def committed(self, digest: str, ref: str) -> None:
         """A blob was committed through ``Write`` under ``ref``."""

@@ -296,8 +296,11 @@ class DaemonManager(NydusMounter):
             # keeps: a held (older) state would restore a daemon without them.
             if self.supervisor.has_state(d.id):
                 self.supervisor.forget(d.id)
-            log.info("nydusd %s serves kernel EROFS mounts: it will be restored by restart, "
-                     "not failover", d.id)
+            log.info(
+                "nydusd %s serves kernel EROFS mounts: it will be restored by restart, "
+                "not failover",
+                d.id,
+            )
             return
         try:
             self.supervisor.listen(d.id, d.supervisor)
@@ -332,8 +335,11 @@ class DaemonManager(NydusMounter):
             d.proc.poll()
         d.proc = None
         if self.policy == "failover" and d.erofs:
-            log.warning("nydusd %s serves kernel EROFS mounts, whose blob fs died with it: "
-                        "failover cannot keep them; restarting it instead", d.id)
+            log.warning(
+                "nydusd %s serves kernel EROFS mounts, whose blob fs died with it: "
+                "failover cannot keep them; restarting it instead",
+                d.id,
+            )
             self.supervisor.forget(d.id)
         elif self.policy == "failover" and self.supervisor.has_state(d.id):
             try:
@@ -371,8 +377,9 @@ class DaemonManager(NydusMounter):
         """shared: mount image ``rec`` in daemon ``d`` (``POST /api/v1/mount``)."""
         config = Path(rec.config_path).read_text()
         try:
-            d.client.mount(rec.fs_id, rec.bootstrap, config,
-                           bootstrap_digest=rec.bootstrap_digest or None)
+            d.client.mount(
+                rec.fs_id, rec.bootstrap, config, bootstrap_digest=rec.bootstrap_digest or None
+            )
         except ApiClientError as e:
             raise DaemonError(f"nydusd {d.id} refused to mount image {rec.id}: {e}") from e
         deadline = time.monotonic() + 5
@@ -410,8 +417,13 @@ class DaemonManager(NydusMounter):
                     else:
                         self._ensure_running(d)
             if rec is None:
-                rec = self._serve(image_id, request.bootstrap_path, request.image_ref,
-                                  request.labels, bootstrap_digest=request.bootstrap_digest)
+                rec = self._serve(
+                    image_id,
+                    request.bootstrap_path,
+                    request.image_ref,
+                    request.labels,
+                    bootstrap_digest=request.bootstrap_digest,
+                )
             with self._lock:
                 if request.snapshot_id not in rec.snapshots:
                     rec.snapshots.append(request.snapshot_id)
@@ -450,12 +462,21 @@ class DaemonManager(NydusMounter):
             self.mnt_dir / image_id if mode == "dedicated" else self.mnt_dir / SHARED_ID / image_id
         )
         rec = ImageRecord(
-            image_id, str(bootstrap), image_ref, daemon_id, str(lower), str(config_path),
+            image_id,
+            str(bootstrap),
+            image_ref,
+            daemon_id,
+            str(lower),
+            str(config_path),
             bootstrap_digest=bootstrap_digest or "",
         )
         if not bootstrap_digest:
-            log.info("image %s: no recorded bootstrap digest (a snapshot made by an older "
-                     "snapshotter); nydusd mounts %s unchecked", image_id, bootstrap)
+            log.info(
+                "image %s: no recorded bootstrap digest (a snapshot made by an older "
+                "snapshotter); nydusd mounts %s unchecked",
+                image_id,
+                bootstrap,
+            )
         try:
             with self._locked(f"daemon:{daemon_id}"):
                 if mode == "dedicated":
@@ -546,8 +567,9 @@ class DaemonManager(NydusMounter):
         # images nobody uses any more; the others take the digest the snapshots recorded
         for rec in list(self.images.values()):
             refs = [m.snapshot_id for m in wanted.get(rec.id, [])]
-            recorded = next((m.bootstrap_digest for m in wanted.get(rec.id, [])
-                             if m.bootstrap_digest), None)
+            recorded = next(
+                (m.bootstrap_digest for m in wanted.get(rec.id, []) if m.bootstrap_digest), None
+            )
             if recorded:
                 rec.bootstrap_digest = recorded
                 d0 = self.daemons.get(rec.daemon_id)
@@ -594,8 +616,14 @@ class DaemonManager(NydusMounter):
             mode = "shared" if Path(m.lower_dir).parent.name == SHARED_ID else "dedicated"
             with self._locked(f"image:{image_id}"):
                 try:
-                    rec = self._serve(image_id, m.bootstrap_path, m.image_ref, {}, mode,
-                                      bootstrap_digest=m.bootstrap_digest)
+                    rec = self._serve(
+                        image_id,
+                        m.bootstrap_path,
+                        m.image_ref,
+                        {},
+                        mode,
+                        bootstrap_digest=m.bootstrap_digest,
+                    )
                 except NydusError as e:
                     log.error("cannot serve recovered image %s again: %s", image_id, e)
                     continue

@@ -301,19 +301,29 @@ class DaemonProcess:
         for a takeover.)"""
         if self.proc is not None:
             self.proc.poll()
-        blobfs = self.blobfs or (os.path.join(BLOBFS_BASE, str(self.pid), "blobs")
-                                 if self.pid > 0 else "")
-        for m in fusectl.abort_mounts([self.mountpoint] + ([blobfs] if blobfs else []),
-                                      below=True):
-            log.warning("nydusd %s (pid %d): aborted FUSE connection %d of %s, still up after "
-                        "the daemon died", self.id, self.pid, m.conn, m.mountpoint)
+        blobfs = self.blobfs or (
+            os.path.join(BLOBFS_BASE, str(self.pid), "blobs") if self.pid > 0 else ""
+        )
+        for m in fusectl.abort_mounts([self.mountpoint] + ([blobfs] if blobfs else []), below=True):
+            log.warning(
+                "nydusd %s (pid %d): aborted FUSE connection %d of %s, still up after "
+                "the daemon died",
+                self.id,
+                self.pid,
+                m.conn,
+                m.mountpoint,
+            )
         if self.proc is not None:
             self.proc.poll()
-        base = os.path.join(os.path.realpath(os.path.dirname(self.mountpoint)),
-                            os.path.basename(self.mountpoint))
+        base = os.path.join(
+            os.path.realpath(os.path.dirname(self.mountpoint)), os.path.basename(self.mountpoint)
+        )
         # lazily, deepest first, never stat'ing a path below a possibly held FUSE mount
-        for mp in sorted({m for m in mount_table() if m.startswith(base + "/")},
-                         key=lambda m: m.count("/"), reverse=True):
+        for mp in sorted(
+            {m for m in mount_table() if m.startswith(base + "/")},
+            key=lambda m: m.count("/"),
+            reverse=True,
+        ):
             with contextlib.suppress(OSError):
                 umount(mp, lazy=True)
                 log.info("detached %s", mp)

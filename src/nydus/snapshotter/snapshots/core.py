@@ -335,8 +335,9 @@ class Snapshotter:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         path = self._digest_path(bootstrap_id)
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         try:
             os.fchmod(fd, 0o600)
             os.write(fd, digest.encode() + b"\n")
@@ -422,8 +423,9 @@ class Snapshotter:
                     log.error("snapshot %d: not recovered: %s", nm.snapshot_id, e)
                     continue
                 found.append(
-                    RecoveredMount(str(nm.snapshot_id), boot, nm.image_ref, Path(nm.lower_dir),
-                                   digest)
+                    RecoveredMount(
+                        str(nm.snapshot_id), boot, nm.image_ref, Path(nm.lower_dir), digest
+                    )
                 )
         if found:
             log.info("recovering %d Nydus mount(s)", len(found))

@@ -411,8 +411,10 @@ class MetaStore:
         try:
             # 0600: labels may carry registry credentials (sqlite gives its -wal/-shm files
             # the database file's mode)
-            for p in (self.path, *(self.path.with_name(self.path.name + x)
-                                   for x in ("-wal", "-shm", "-journal"))):
+            for p in (
+                self.path,
+                *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm", "-journal")),
+            ):
                 if p == self.path or p.exists():
                     private_file(p)
         except OSError as e:
