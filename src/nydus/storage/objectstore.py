@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 
 from ..config import OssConfig, S3Config
-from ..http import HttpClient, HttpConfig, effective_retries
+from ..http import HttpClient, HttpConfig
 from ..http.client import HeadersFn
 from .backend import BlobBackend
 
@@ -41,18 +41,6 @@ def _split_endpoint(endpoint: str, scheme: str) -> tuple[str, str]:
         s, rest = endpoint.split("://", 1)
         return s, rest.rstrip("/")
     return scheme or "https", endpoint.rstrip("/")
-
-
-def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> HttpConfig:
-    return HttpConfig(
-        timeout=cfg.timeout,
-        connect_timeout=cfg.connect_timeout,
-        skip_verify=cfg.skip_verify,
-        ca_cert_files=list(cfg.ca_cert_files),
-        retry_limit=effective_retries(cfg.retry_limit),
-        proxy=cfg.proxy if cfg.proxy.url else None,
-        resolve=dict(resolve or {}),
-    )
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
@@ -141,7 +129,7 @@ class _ObjectBackend(BlobBackend):
     def __init__(self, cfg: OssConfig, id: str, resolve: Mapping[str, str] | None) -> None:
         super().__init__(id)
         self.cfg = cfg
-        self.http = HttpClient(_transport(cfg, resolve), name=self.type)
+        self.http = HttpClient(HttpConfig.of(cfg, resolve), name=self.type)
 
     def key(self, blob_id: str) -> str:
         return f"{self.cfg.object_prefix}{blob_id}"
