@@ -126,9 +126,17 @@ def _file_chunks(path: str) -> Iterator[bytes]:
 
 
 class _ObjectBackend(BlobBackend):
-    def __init__(self, cfg: OssConfig, id: str, resolve: Mapping[str, str] | None) -> None:
+    #: The endpoint when the config names none.
+    default_endpoint = ""
+
+    def __init__(
+        self, cfg: OssConfig, id: str = "", resolve: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(id)
         self.cfg = cfg
+        self.scheme, self.endpoint = _split_endpoint(
+            cfg.endpoint or self.default_endpoint, cfg.scheme
+        )
         self.http = HttpClient(HttpConfig.of(cfg, resolve), name=self.type)
 
     def key(self, blob_id: str) -> str:
@@ -138,11 +146,13 @@ class _ObjectBackend(BlobBackend):
         raise NotImplementedError
 
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
+        """``headers`` and the signature's (called only with an access key id)."""
         raise NotImplementedError
 
     def _signer(self, extra: Mapping[str, str] | None = None) -> HeadersFn:
         def headers(method: str, url: str) -> Mapping[str, str]:
-            return self.sign(method, url, dict(extra or {}))
+            plain = dict(extra or {})
+            return self.sign(method, url, plain) if self.cfg.access_key_id else plain
 
         return headers
 
@@ -197,23 +207,19 @@ class _ObjectBackend(BlobBackend):
 
 class S3Backend(_ObjectBackend):
     type = "s3"
+    default_endpoint = S3_DEFAULT_ENDPOINT
 
     def __init__(
         self, cfg: S3Config, id: str = "", resolve: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(cfg, id, resolve)
         self.region = cfg.region
-        self.scheme, self.endpoint = _split_endpoint(
-            cfg.endpoint or S3_DEFAULT_ENDPOINT, cfg.scheme
-        )
 
     def url(self, blob_id: str) -> str:
         path = urllib.parse.quote(f"/{self.cfg.bucket_name}/{self.key(blob_id)}", safe="/-_.~")
         return f"{self.scheme}://{self.endpoint}{path}"
 
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
-        if not self.cfg.access_key_id:
-            return dict(headers)
         return sigv4_headers(
             method,
             url,
@@ -228,19 +234,11 @@ class S3Backend(_ObjectBackend):
 class OssBackend(_ObjectBackend):
     type = "oss"
 
-    def __init__(
-        self, cfg: OssConfig, id: str = "", resolve: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(cfg, id, resolve)
-        self.scheme, self.endpoint = _split_endpoint(cfg.endpoint, cfg.scheme)
-
     def url(self, blob_id: str) -> str:
         key = urllib.parse.quote(self.key(blob_id), safe="/-_.~:")
         return f"{self.scheme}://{self.cfg.bucket_name}.{self.endpoint}/{key}"
 
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
-        if not self.cfg.access_key_id:
-            return dict(headers)
         date = email.utils.formatdate(usegmt=True)
         resource = f"/{self.cfg.bucket_name}/{self.key_of_url(url)}"
         auth = oss_authorization(
