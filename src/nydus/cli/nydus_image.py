@@ -88,10 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def cmd(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
+    def cmd(name: str, text: str, bootstrap: bool = False) -> argparse.ArgumentParser:
+        c = sub.add_parser(
             name, parents=[common], help=text, description=text, formatter_class=_Help
         )
+        if bootstrap:  # as an argument or as -B: see _bootstrap_arg
+            c.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
+            c.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+        return c
 
     c = cmd("create", "build a RAFS image from a directory or a layer tar")
     c.add_argument("source", help="a directory, or a tar / tar.gz / tar.zst file or - (stdin)")
@@ -209,17 +213,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
-    k = cmd("check", "validate a bootstrap and, with -D or --blob, every chunk of its blobs")
-    k.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
-    k.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    k = cmd(
+        "check",
+        "validate a bootstrap and, with -D or --blob, every chunk of its blobs",
+        bootstrap=True,
+    )
     k.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
     k.add_argument("--blob", help="the data blob (images with one blob)")
     flag(k, "-v", "--verbose", help="accepted (upstream's)")
     k.add_argument("-J", "--output-json", metavar="FILE", help="write the report here")
 
-    i = cmd("inspect", "query a bootstrap (one request, JSON out)")
-    i.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
-    i.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    i = cmd("inspect", "query a bootstrap (one request, JSON out)", bootstrap=True)
     i.add_argument("-R", "--request", required=True, help=f"one of: {REQUESTS}")
 
     s = cmd("stat", "statistics of one or more bootstraps")
@@ -249,9 +253,7 @@ def _parser() -> argparse.ArgumentParser:
         "-D", "--blob-dir", required=True, help="directory of the blobs, named by blob id"
     )
 
-    u = cmd("unpack", "write the image's tree as a tar")
-    u.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
-    u.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    u = cmd("unpack", "write the image's tree as a tar", bootstrap=True)
     u.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
     u.add_argument("--blob", help="the data blob (images with one blob)")
     u.add_argument("--output", required=True, help="the tar file to write")
