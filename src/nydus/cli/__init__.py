@@ -1,4 +1,4 @@
-"""Thin command-line entry points; the one shared piece is the error edge below."""
+"""Thin command-line entry points; shared here: the error edge, the help format, flags."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from collections.abc import Callable
 
 from ..errors import NydusError
 
-__all__ = ["run_guarded", "HelpFormatter"]
+__all__ = ["run_guarded", "HelpFormatter", "flag", "LOG_LEVELS"]
+
+#: Upstream's log level names, as every CLI accepts them.
+LOG_LEVELS = ["trace", "debug", "info", "warn", "error"]
+
+
+def flag(p: argparse._ActionsContainer, *names: str, help: str) -> None:
+    """Add an on/off option (``store_true``)."""
+    p.add_argument(*names, action="store_true", help=help)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

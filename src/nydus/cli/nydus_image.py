@@ -31,7 +31,7 @@ from ..imagetool.check import check_image
 from ..imagetool.inspect import dedup_report, image_stats, inspect_request
 from ..imagetool.unpack import unpack_image
 from ..metadata import open_bootstrap
-from . import HelpFormatter, run_guarded
+from . import LOG_LEVELS, HelpFormatter, flag, run_guarded
 
 log = logging.getLogger("nydus-image")
 
@@ -71,15 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="nydus-image", description="Build and inspect RAFS images", formatter_class=_Help
     )
     p.add_argument("-V", "--version", action="version", version=f"nydus-image {__version__}")
-    levels = ["trace", "debug", "info", "warn", "error"]
-    p.add_argument("-l", "--log-level", default="info", choices=levels, help="log level")
+
+    p.add_argument("-l", "--log-level", default="info", choices=LOG_LEVELS, help="log level")
     p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
     # upstream's logging flags are global: they may also follow the subcommand
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-l",
         "--log-level",
-        choices=levels,
+        choices=LOG_LEVELS,
         default=argparse.SUPPRESS,
         help="log level (default info)",
     )
@@ -88,10 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def cmd(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
+    def cmd(name: str, text: str, bootstrap: bool = False) -> argparse.ArgumentParser:
+        c = sub.add_parser(
             name, parents=[common], help=text, description=text, formatter_class=_Help
         )
+        if bootstrap:  # as an argument or as -B: see _bootstrap_arg
+            c.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
+            c.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+        return c
 
     c = cmd("create", "build a RAFS image from a directory or a layer tar")
     c.add_argument("source", help="a directory, or a tar / tar.gz / tar.zst file or - (stdin)")
@@ -160,21 +164,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=PREFETCH,
         help="fs: read the paths to prefetch from stdin, one a line",
     )
-    c.add_argument(
+    flag(
+        c,
         "--blob-inline-meta",
         "--inline-bootstrap",
-        action="store_true",
         help="append the bootstrap and a ToC to the blob (one file)",
     )
-    c.add_argument(
-        "--repeatable", action="store_true", help="accepted: builds are always reproducible here"
-    )
-    c.add_argument(
-        "--aligned-chunk", action="store_true", help="accepted: chunks are always 4K-aligned in v6"
-    )
-    c.add_argument(
-        "--disable-check", action="store_true", help="skip reading the new bootstrap back"
-    )
+    flag(c, "--repeatable", help="accepted: builds are always reproducible here")
+    flag(c, "--aligned-chunk", help="accepted: chunks are always 4K-aligned in v6")
+    flag(c, "--disable-check", help="skip reading the new bootstrap back")
     c.add_argument(
         "--features", default="", help="accepted for upstream compatibility (blob-toc is always on)"
     )
@@ -215,17 +213,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
-    k = cmd("check", "validate a bootstrap and, with -D or --blob, every chunk of its blobs")
-    k.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
-    k.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    k = cmd(
+        "check",
+        "validate a bootstrap and, with -D or --blob, every chunk of its blobs",
+        bootstrap=True,
+    )
     k.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
     k.add_argument("--blob", help="the data blob (images with one blob)")
-    k.add_argument("-v", "--verbose", action="store_true", help="accepted (upstream's)")
+    flag(k, "-v", "--verbose", help="accepted (upstream's)")
     k.add_argument("-J", "--output-json", metavar="FILE", help="write the report here")
 
-    i = cmd("inspect", "query a bootstrap (one request, JSON out)")
-    i.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
-    i.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    i = cmd("inspect", "query a bootstrap (one request, JSON out)", bootstrap=True)
     i.add_argument("-R", "--request", required=True, help=f"one of: {REQUESTS}")
 
     s = cmd("stat", "statistics of one or more bootstraps")
@@ -255,9 +253,7 @@ def _parser() -> argparse.ArgumentParser:
         "-D", "--blob-dir", required=True, help="directory of the blobs, named by blob id"
     )
 
-    u = cmd("unpack", "write the image's tree as a tar")
-    u.add_argument("bootstrap", nargs="?", help="the bootstrap (or -B)")
-    u.add_argument("-B", "--bootstrap", dest="bootstrap_opt", help="the bootstrap")
+    u = cmd("unpack", "write the image's tree as a tar", bootstrap=True)
     u.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
     u.add_argument("--blob", help="the data blob (images with one blob)")
     u.add_argument("--output", required=True, help="the tar file to write")
@@ -494,16 +490,16 @@ def _check_output_dirs(*outputs: tuple[str, str | None], made: str | None = None
     """Refuse, before any work, an output file whose directory is missing (and will not be
     made as a parent of ``made``, the -D directory create makes)."""
     made_abs = os.path.abspath(made) if made else None
-    for flag, path in outputs:
+    for opt, path in outputs:
         if not path or path == "-":
             continue
         parent = os.path.dirname(os.path.abspath(path))
         if made_abs and (made_abs + "/").startswith(parent.rstrip("/") + "/"):
             continue
         if not os.path.isdir(parent):
-            raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+            raise ConfigError(f"{opt} {path}: directory {parent} does not exist")
         if os.path.isdir(path):
-            raise ConfigError(f"{flag} {path} is a directory")
+            raise ConfigError(f"{opt} {path} is a directory")
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -525,14 +521,14 @@ def _split_list(v: str | None) -> list[str] | None:
     return [x.strip() for x in v.split(",")]
 
 
-def _int_list(v: str | None, flag: str) -> list[int] | None:
+def _int_list(v: str | None, opt: str) -> list[int] | None:
     items = _split_list(v)
     if items is None:
         return None
     try:
         return [int(x) for x in items]
     except ValueError:
-        raise ConfigError(f"{flag}: {v!r} is not a comma-separated list of numbers") from None
+        raise ConfigError(f"{opt}: {v!r} is not a comma-separated list of numbers") from None
 
 
 def cmd_merge(a: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from .. import __version__
 from ..config import read_input_file
 from ..daemon.client import ApiClientError, ApiReplyError, NydusdClient
 from ..errors import ConfigError, NydusError
+from . import flag
 
 _FOPS = [
     "getattr",
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nydusctl", description="Query and control nydusd")
     p.add_argument("-V", "--version", action="version", version=f"nydusctl {__version__}")
     p.add_argument("-S", "--sock", required=True, help="nydusd API socket")
-    p.add_argument("-r", "--raw", action="store_true", help="print the daemon's JSON")
+    flag(p, "-r", "--raw", help="print the daemon's JSON")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="daemon information")
     m = sub.add_parser("metrics", help="metrics")
@@ -80,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         help="file system type (only rafs here)",
     )
     mo.add_argument("-P", "--prefetch-files", nargs="+", metavar="PATH", help="files to prefetch")
-    mo.add_argument("--remount", action="store_true", help="replace an existing mount")
+    flag(mo, "--remount", help="replace an existing mount")
     mo.add_argument(
         "--bootstrap-digest",
         metavar="sha256:HEX",

@@ -25,7 +25,7 @@ from types import FrameType
 from .. import __version__
 from ..config import FsDriver
 from ..errors import ConfigError
-from . import HelpFormatter, run_guarded
+from . import LOG_LEVELS, HelpFormatter, flag, run_guarded
 
 log = logging.getLogger("nydusd")
 
@@ -58,14 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", help="passthroughfs directory (not supported)")
     p.add_argument("-I", "--id", default="", help="daemon id")
     p.add_argument("-S", "--supervisor", default="", help="supervisor socket (failover)")
-    p.add_argument(
-        "-U", "--upgrade", action="store_true", help="start in upgrade mode: wait for a takeover"
-    )
+    flag(p, "-U", "--upgrade", help="start in upgrade mode: wait for a takeover")
     p.add_argument(
         "-l",
         "--log-level",
         default="info",
-        choices=["trace", "debug", "info", "warn", "error"],
+        choices=LOG_LEVELS,
         help="log level",
     )
     p.add_argument("-L", "--log-file", help="log to this file instead of stderr")
@@ -97,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-T", "--fuse-threads", type=int, default=4, help="threads serving FUSE requests (1..1024)"
     )
-    p.add_argument("-W", "--writable", action="store_true", help="(not supported)")
+    flag(p, "-W", "--writable", help="(not supported)")
     p.add_argument("--dedup-db", help="(accepted, ignored)")
     p.add_argument(
         "--fs-driver",

@@ -27,7 +27,7 @@ from ..config import docker_config_path, read_input_file
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
-from . import HelpFormatter, run_guarded
+from . import LOG_LEVELS, HelpFormatter, flag, run_guarded
 
 if TYPE_CHECKING:
     from ..convert.remote import Remote
@@ -63,23 +63,21 @@ def _duration(v: str) -> float:
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
     if source:
-        p.add_argument(
+        flag(
+            p,
             "--source-insecure",
-            action="store_true",
             help="skip TLS verification of the source registry (HTTP fallback)",
         )
-    p.add_argument(
-        "--target-insecure",
-        action="store_true",
-        help="skip TLS verification of the target registry (HTTP fallback)",
+    flag(
+        p, "--target-insecure", help="skip TLS verification of the target registry (HTTP fallback)"
     )
-    p.add_argument("--plain-http", action="store_true", help="use plain HTTP for registries")
+    flag(p, "--plain-http", help="use plain HTTP for registries")
     p.add_argument("--work-dir", default="./tmp", help="working directory (default ./tmp)")
     p.add_argument(
         "--log-level",
         dest="sub_log_level",
         default=None,
-        choices=["trace", "debug", "info", "warn", "error"],
+        choices=LOG_LEVELS,
         help="log level (overrides the global one)",
     )
 
@@ -107,10 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level",
         default="info",
-        choices=["trace", "debug", "info", "warn", "error"],
+        choices=LOG_LEVELS,
         help="log level",
     )
-    p.add_argument("--debug", action="store_true", help="same as --log-level debug")
+    flag(p, "--debug", help="same as --log-level debug")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def cmd(name: str, text: str) -> argparse.ArgumentParser:
@@ -141,42 +139,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="chunk size, a power of two in 0x1000..0x1000000 (decimal or 0x hex)",
     )
-    c.add_argument("--fs-align-chunk", action="store_true", help="always on for v6")
+    flag(c, "--fs-align-chunk", help="always on for v6")
     c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
     c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
-    c.add_argument(
-        "--prefetch-patterns",
-        action="store_true",
-        help="read prefetch paths from stdin, one per line",
-    )
+    flag(c, "--prefetch-patterns", help="read prefetch paths from stdin, one per line")
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
     _backend_flags(c)
-    c.add_argument(
-        "--backend-force-push",
-        action="store_true",
-        help="push blobs to the backend even if it has them",
-    )
-    c.add_argument(
-        "--oci", action="store_true", help="OCI media types for the target (the default)"
-    )
-    c.add_argument(
-        "--docker-v2-format",
-        action="store_true",
-        help="Docker v2 schema 2 manifest and config for the target",
-    )
-    c.add_argument(
-        "--with-referrer",
-        action="store_true",
-        help="set the Nydus manifest's subject to the source manifest",
-    )
-    c.add_argument(
-        "--merge-platform",
-        action="store_true",
-        help="push an index holding the OCI and the Nydus manifests",
-    )
-    c.add_argument(
-        "--all-platforms", action="store_true", help="convert every platform of the source index"
-    )
+    flag(c, "--backend-force-push", help="push blobs to the backend even if it has them")
+    flag(c, "--oci", help="OCI media types for the target (the default)")
+    flag(c, "--docker-v2-format", help="Docker v2 schema 2 manifest and config for the target")
+    flag(c, "--with-referrer", help="set the Nydus manifest's subject to the source manifest")
+    flag(c, "--merge-platform", help="push an index holding the OCI and the Nydus manifests")
+    flag(c, "--all-platforms", help="convert every platform of the source index")
     c.add_argument("--platform", help="OS/ARCH[/VARIANT][,...] (default: this machine's)")
     c.add_argument("--output-json", metavar="FILE", help="write a JSON report here")
     c.add_argument("--push-retry-count", type=int, default=3, help="retries of a failed push")
@@ -198,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--nydus-image", help="accepted for compatibility")
     k.add_argument("--nydusd", help="accepted for compatibility: files are read in-process")
     k.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
-    k.add_argument("--multi-platform", action="store_true", help="check every platform")
+    flag(k, "--multi-platform", help="check every platform")
     _backend_flags(k, what="the target's data blobs (not the source's)")
     _backend_flags(k, "target-", what="the target's data blobs (same as --backend-*)")
     k.add_argument("--output-json", help="write a JSON report here")
@@ -213,16 +187,14 @@ def _parser() -> argparse.ArgumentParser:
         help="nydusd to run: a path, or a name looked up next to nydusify first, then on PATH",
     )
     m.add_argument("--platform", help="OS/ARCH[/VARIANT]")
-    m.add_argument("--prefetch", action="store_true", help="prefetch the whole image")
+    flag(m, "--prefetch", help="prefetch the whole image")
     _backend_flags(m)
 
     y = cmd("copy", "copy a Nydus image with all its blobs")
     y.add_argument("--source", required=True, help="source image reference")
     y.add_argument("--target", required=True, help="REF, or file://PATH for an OCI tarball")
     _common(y)
-    y.add_argument(
-        "--all-platforms", action="store_true", help="copy every platform of the source index"
-    )
+    flag(y, "--all-platforms", help="copy every platform of the source index")
     y.add_argument("--platform", help="OS/ARCH[/VARIANT][,...]")
     y.add_argument(
         "--push-chunk-size",
@@ -276,7 +248,7 @@ def _optimize_parsers(sub: Any) -> None:
         "--log-level",
         dest="sub_log_level",
         default=None,
-        choices=["trace", "debug", "info", "warn", "error"],
+        choices=LOG_LEVELS,
         help="log level of this command (default: the global --log-level)",
     )
 

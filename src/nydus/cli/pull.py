@@ -13,6 +13,7 @@ from ..daemon.logsetup import setup_logging
 from ..errors import NydusError
 from ..registry import RegistryClient, parse_reference
 from ..snapshotter.content.pull import RegistrySource, RemoteUnpacker
+from . import flag
 
 __all__ = ["main"]
 
@@ -35,9 +36,9 @@ def main(argv: list[str] | None = None, prog: str = "nydus-pull") -> int:
     )
     p.add_argument("-n", "--namespace", default="default", help="containerd namespace (default)")
     p.add_argument("--snapshotter", default="nydus", help="the proxy snapshotter's name (nydus)")
-    p.add_argument("--plain-http", action="store_true", help="fetch over plain HTTP")
-    p.add_argument("--no-cri-labels", action="store_true", help="do not add cri.* labels")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    flag(p, "--plain-http", help="fetch over plain HTTP")
+    flag(p, "--no-cri-labels", help="do not add cri.* labels")
+    flag(p, "-q", "--quiet", help="log warnings only")
     p.add_argument("ref", help="image reference, e.g. localhost:5000/ubuntu-nydus:latest")
     a = p.parse_args(argv)
     setup_logging("warn" if a.quiet else "info")

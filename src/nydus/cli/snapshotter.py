@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..config import FsDriver, docker_config_path
 from ..errors import ConfigError
-from . import run_guarded
+from . import flag, run_guarded
 
 if TYPE_CHECKING:
     from ..snapshotter.config import SnapshotterConfig
@@ -75,14 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nydusd-path", "--nydusd", dest="nydusd_path", default="nydusd")
     p.add_argument("--nydusimg-path", "--nydus-image", dest="nydusimg_path", default="nydus-image")
     p.add_argument("--log-level", choices=sorted(_LEVELS), default="info")
-    p.add_argument(
-        "--log-to-stdout", action="store_true", help="log to stdout instead of <root>/logs"
-    )
-    p.add_argument(
-        "--shared-daemon",
-        action="store_true",
-        help="one nydusd for all images (same as --daemon-mode shared)",
-    )
+    flag(p, "--log-to-stdout", help="log to stdout instead of <root>/logs")
+    flag(p, "--shared-daemon", help="one nydusd for all images (same as --daemon-mode shared)")
     p.add_argument(
         "--daemon-mode",
         choices=["dedicated", "multiple", "shared", "none"],
@@ -122,9 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"containerd's socket, to find which image a layer belongs to "
         f"({DEFAULT_CONTAINERD_ADDRESS})",
     )
-    p.add_argument(
+    flag(
+        p,
         "--content-store",
-        action="store_true",
         help="also serve containerd's Content service on --address, from <root>/content: with "
         "containerd's content store proxied to it (README), stock `ctr image pull` pulls Nydus "
         "images without downloading their data blobs",

@@ -50,6 +50,14 @@ KINDS = {
     stat.S_IFIFO: "fifo",
     stat.S_IFSOCK: "socket",
 }
+_TAR_KINDS: tuple[tuple[str, Callable[[tarfile.TarInfo], bool]], ...] = (
+    ("dir", tarfile.TarInfo.isdir),
+    ("file", tarfile.TarInfo.isreg),
+    ("symlink", tarfile.TarInfo.issym),
+    ("chr", tarfile.TarInfo.ischr),
+    ("blk", tarfile.TarInfo.isblk),
+    ("fifo", tarfile.TarInfo.isfifo),
+)
 MAX_SPARSE_SIZE = 1 << 36  # a sparse file's apparent size: hashing more takes too long
 
 
@@ -171,21 +179,7 @@ class OciRootfs:
                         self._next_link += 1
                     parent.children[name] = tgt
                     continue
-                kind = (
-                    "dir"
-                    if m.isdir()
-                    else "file"
-                    if m.isreg()
-                    else "symlink"
-                    if m.issym()
-                    else "chr"
-                    if m.ischr()
-                    else "blk"
-                    if m.isblk()
-                    else "fifo"
-                    if m.isfifo()
-                    else ""
-                )
+                kind = next((k for k, test in _TAR_KINDS if test(m)), "")
                 if not kind:
                     raise FormatError(f"tar entry {m.name!r} has unsupported type {m.type!r}")
                 xattrs = _xattrs(m.pax_headers, kind)

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urljoin
 
-from ..config import ProxyConfig
+from ..config import ProxyConfig, _ConnectionConfig
 from ..credentials import redact_url
 from ..errors import BackendError
 from .proxy import ProxyTransport
 from .ranges import range_header, read_range
-from .retry import RetryPolicy, parse_retry_after
+from .retry import RetryPolicy, effective_retries, parse_retry_after
 from .transport import HTTPTransport, Request, Response, Transport, TransportError
 
 __all__ = ["HttpClient", "HttpConfig", "HttpError", "make_transport"]
@@ -63,6 +63,19 @@ class HttpConfig:
     proxy: ProxyConfig | None = None
     user_agent: str = "nydus-py"
     resolve: dict[str, str] = field(default_factory=dict)  # host -> address (a test seam)
+
+    @classmethod
+    def of(cls, cfg: _ConnectionConfig, resolve: Mapping[str, str] | None = None) -> HttpConfig:
+        """The settings of a backend config's connection keys (0 retries: the default)."""
+        return cls(
+            timeout=cfg.timeout,
+            connect_timeout=cfg.connect_timeout,
+            skip_verify=cfg.skip_verify,
+            ca_cert_files=list(cfg.ca_cert_files),
+            retry_limit=effective_retries(cfg.retry_limit),
+            proxy=cfg.proxy if cfg.proxy.url else None,
+            resolve=dict(resolve or {}),
+        )
 
 
 def make_transport(

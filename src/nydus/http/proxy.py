@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 from .transport import Request, Response, Transport, TransportError
 
@@ -28,37 +29,32 @@ __all__ = ["ProxyTransport"]
 log = logging.getLogger("nydus.http")
 
 
+@dataclass(eq=False)
 class ProxyTransport:
     """Send through ``proxied`` while it works; on failure fall back to ``direct``."""
 
-    def __init__(
-        self,
-        proxied: Transport,
-        direct: Transport,
-        *,
-        fallback: bool = True,
-        ping_url: str | None = None,
-        check_interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._proxied = proxied
-        self._direct = direct
-        self._fallback = fallback
-        self._ping_url = ping_url
-        self._interval = check_interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._checked = clock()
-        self._ok = True
+    proxied: Transport
+    direct: Transport
+    _: KW_ONLY
+    fallback: bool = True
+    ping_url: str | None = None
+    check_interval: float = 5.0
+    clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _checked: float = field(init=False)
+    _ok: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        self._checked = self.clock()
 
     def healthy(self) -> bool:
         """Whether requests go through the proxy now (pinging it when a check is due)."""
         with self._lock:
-            due = self._clock() - self._checked >= self._interval
-            if not due or (self._ok and not self._ping_url):
+            due = self.clock() - self._checked >= self.check_interval
+            if not due or (self._ok and not self.ping_url):
                 return self._ok
-            self._checked = self._clock()  # one thread probes; others keep the old answer
-            if not self._ping_url:
+            self._checked = self.clock()  # one thread probes; others keep the old answer
+            if not self.ping_url:
                 self._ok = True
                 return True
         ok = self._ping()
@@ -69,9 +65,9 @@ class ProxyTransport:
         return ok
 
     def _ping(self) -> bool:
-        assert self._ping_url is not None
+        assert self.ping_url is not None
         try:
-            with self._direct.handle(Request("GET", self._ping_url)) as r:
+            with self.direct.handle(Request("GET", self.ping_url)) as r:
                 return r.status < 500
         except TransportError:
             return False
@@ -81,15 +77,15 @@ class ProxyTransport:
             if self._ok:
                 log.warning("proxy unhealthy (%s); falling back to direct requests", why)
             self._ok = False
-            self._checked = self._clock()
+            self._checked = self.clock()
 
     def handle(self, request: Request) -> Response:
         replayable = request.body is None or isinstance(request.body, bytes | bytearray)
-        if not self._fallback:
-            return self._proxied.handle(request)
+        if not self.fallback:
+            return self.proxied.handle(request)
         if self.healthy():
             try:
-                resp = self._proxied.handle(request)
+                resp = self.proxied.handle(request)
             except TransportError as e:
                 if not replayable:
                     raise
@@ -99,8 +95,8 @@ class ProxyTransport:
                     return resp
                 resp.close()
                 self._mark_down(f"proxy answered {resp.status}")
-        return self._direct.handle(request)
+        return self.direct.handle(request)
 
     def close(self) -> None:
-        self._proxied.close()
-        self._direct.close()
+        self.proxied.close()
+        self.direct.close()

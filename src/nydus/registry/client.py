@@ -362,11 +362,8 @@ class RegistryClient(RegistrySession):
                     yield piece
                 break
             except TransportError as e:
-                if e.retryable and budget.take():
-                    self._redirect_put(key, None)
-                    self._wait(budget, None, str(e))
-                    continue
-                raise self._gave_up(e, budget) from e
+                self._retry_or_raise(e, budget, forget=key)
+                continue
             finally:
                 resp.close()
         if total is not None and pos != total:

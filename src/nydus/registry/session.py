@@ -447,10 +447,8 @@ class RegistrySession:
                     continue
                 raise
             except TransportError as e:
-                if e.retryable and idempotent and budget.take():
-                    self._wait(budget, None, str(e))
-                    continue
-                raise self._gave_up(e, budget) from e
+                self._retry_or_raise(e, budget, retry=idempotent)
+                continue
             status = resp.status
             if status == 401 and self._is_registry_url(resp.url or url):
                 www = resp.headers.get_all("www-authenticate")
@@ -477,12 +475,25 @@ class RegistrySession:
                 )
             return resp
 
-    def _gave_up(self, e: TransportError, budget: Attempts) -> TransportError:
-        if not budget.used:
-            return e
-        return TransportError(
-            f"{e} (gave up after {budget.used + 1} attempts)", retryable=e.retryable
-        )
+    def _retry_or_raise(
+        self,
+        e: TransportError,
+        budget: Attempts,
+        *,
+        retry: bool = True,
+        forget: tuple[str, str] | None = None,
+    ) -> None:
+        """After ``e``: wait for another attempt when ``retry``, ``e`` and the budget allow one
+        (dropping the cached redirect ``forget``); otherwise raise it, saying how many tries."""
+        if not (retry and e.retryable and budget.take()):
+            if not budget.used:
+                raise e
+            raise TransportError(
+                f"{e} (gave up after {budget.used + 1} attempts)", retryable=e.retryable
+            ) from e
+        if forget is not None:
+            self._redirect_put(forget, None)
+        self._wait(budget, None, str(e))
 
     def _execute(
         self,
@@ -510,12 +521,8 @@ class RegistrySession:
             try:
                 return handle(resp)
             except TransportError as e:
-                if e.retryable and method in _IDEMPOTENT and budget.take():
-                    if redirect_key is not None:
-                        self._redirect_put(redirect_key, None)
-                    self._wait(budget, None, str(e))
-                    continue
-                raise self._gave_up(e, budget) from e
+                self._retry_or_raise(e, budget, retry=method in _IDEMPOTENT, forget=redirect_key)
+                continue
             finally:
                 resp.close()
 

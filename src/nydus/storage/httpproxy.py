@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Sequence
 
 from ..config import HttpProxyConfig
-from ..http import HttpClient, HttpConfig, effective_retries
+from ..http import HttpClient, HttpConfig
 from .backend import BlobBackend
 
 __all__ = ["HttpProxyBackend"]
@@ -28,15 +28,7 @@ class HttpProxyBackend(BlobBackend):
         super().__init__(id)
         self.cfg = cfg
         unix = cfg.addr if cfg.addr.startswith("/") else None
-        tcfg = HttpConfig(
-            timeout=cfg.timeout,
-            connect_timeout=cfg.connect_timeout,
-            skip_verify=cfg.skip_verify,
-            ca_cert_files=list(cfg.ca_cert_files),
-            retry_limit=effective_retries(cfg.retry_limit),
-            proxy=cfg.proxy if cfg.proxy.url else None,
-        )
-        self.http = HttpClient(tcfg, unix_socket=unix, name="http-proxy")
+        self.http = HttpClient(HttpConfig.of(cfg), unix_socket=unix, name="http-proxy")
         self.base = "http://localhost" if unix else cfg.addr.rstrip("/")
 
     def url(self, blob_id: str) -> str:

@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 
 from ..config import OssConfig, S3Config
-from ..http import HttpClient, HttpConfig, effective_retries
+from ..http import HttpClient, HttpConfig
 from ..http.client import HeadersFn
 from .backend import BlobBackend
 
@@ -41,18 +41,6 @@ def _split_endpoint(endpoint: str, scheme: str) -> tuple[str, str]:
         s, rest = endpoint.split("://", 1)
         return s, rest.rstrip("/")
     return scheme or "https", endpoint.rstrip("/")
-
-
-def _transport(cfg: OssConfig, resolve: Mapping[str, str] | None) -> HttpConfig:
-    return HttpConfig(
-        timeout=cfg.timeout,
-        connect_timeout=cfg.connect_timeout,
-        skip_verify=cfg.skip_verify,
-        ca_cert_files=list(cfg.ca_cert_files),
-        retry_limit=effective_retries(cfg.retry_limit),
-        proxy=cfg.proxy if cfg.proxy.url else None,
-        resolve=dict(resolve or {}),
-    )
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
@@ -138,10 +126,18 @@ def _file_chunks(path: str) -> Iterator[bytes]:
 
 
 class _ObjectBackend(BlobBackend):
-    def __init__(self, cfg: OssConfig, id: str, resolve: Mapping[str, str] | None) -> None:
+    #: The endpoint when the config names none.
+    default_endpoint = ""
+
+    def __init__(
+        self, cfg: OssConfig, id: str = "", resolve: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(id)
         self.cfg = cfg
-        self.http = HttpClient(_transport(cfg, resolve), name=self.type)
+        self.scheme, self.endpoint = _split_endpoint(
+            cfg.endpoint or self.default_endpoint, cfg.scheme
+        )
+        self.http = HttpClient(HttpConfig.of(cfg, resolve), name=self.type)
 
     def key(self, blob_id: str) -> str:
         return f"{self.cfg.object_prefix}{blob_id}"
@@ -150,11 +146,13 @@ class _ObjectBackend(BlobBackend):
         raise NotImplementedError
 
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
+        """``headers`` and the signature's (called only with an access key id)."""
         raise NotImplementedError
 
     def _signer(self, extra: Mapping[str, str] | None = None) -> HeadersFn:
         def headers(method: str, url: str) -> Mapping[str, str]:
-            return self.sign(method, url, dict(extra or {}))
+            plain = dict(extra or {})
+            return self.sign(method, url, plain) if self.cfg.access_key_id else plain
 
         return headers
 
@@ -209,23 +207,19 @@ class _ObjectBackend(BlobBackend):
 
 class S3Backend(_ObjectBackend):
     type = "s3"
+    default_endpoint = S3_DEFAULT_ENDPOINT
 
     def __init__(
         self, cfg: S3Config, id: str = "", resolve: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(cfg, id, resolve)
         self.region = cfg.region
-        self.scheme, self.endpoint = _split_endpoint(
-            cfg.endpoint or S3_DEFAULT_ENDPOINT, cfg.scheme
-        )
 
     def url(self, blob_id: str) -> str:
         path = urllib.parse.quote(f"/{self.cfg.bucket_name}/{self.key(blob_id)}", safe="/-_.~")
         return f"{self.scheme}://{self.endpoint}{path}"
 
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
-        if not self.cfg.access_key_id:
-            return dict(headers)
         return sigv4_headers(
             method,
             url,
@@ -240,19 +234,11 @@ class S3Backend(_ObjectBackend):
 class OssBackend(_ObjectBackend):
     type = "oss"
 
-    def __init__(
-        self, cfg: OssConfig, id: str = "", resolve: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(cfg, id, resolve)
-        self.scheme, self.endpoint = _split_endpoint(cfg.endpoint, cfg.scheme)
-
     def url(self, blob_id: str) -> str:
         key = urllib.parse.quote(self.key(blob_id), safe="/-_.~:")
         return f"{self.scheme}://{self.cfg.bucket_name}.{self.endpoint}/{key}"
 
     def sign(self, method: str, url: str, headers: Mapping[str, str]) -> dict[str, str]:
-        if not self.cfg.access_key_id:
-            return dict(headers)
         date = email.utils.formatdate(usegmt=True)
         resource = f"/{self.cfg.bucket_name}/{self.key_of_url(url)}"
         auth = oss_authorization(

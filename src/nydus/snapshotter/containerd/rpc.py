@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 from google.protobuf import message_factory
@@ -78,8 +78,10 @@ class InFlight:
 
 
 class Servicer:
-    """Base of a gRPC service we serve: its calls in flight, a hook for each request."""
+    """Base of a gRPC service we serve: its calls in flight, a hook for each request. Each
+    method of ``service`` is the servicer's method of the same name."""
 
+    service: ClassVar[ServiceDescriptor]
     #: How its calls are named in the log ("content " for the Content service).
     log_prefix = ""
 
@@ -88,6 +90,11 @@ class Servicer:
 
     def seen(self, request: Message) -> None:
         """Called with each request before it is handled (default: nothing)."""
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return generic_handler(
+            self.service, {m.name: getattr(self, m.name) for m in self.service.methods}
+        )
 
 
 def abort_with_status(ctx: grpc.ServicerContext, name: str, e: BaseException) -> None:
@@ -101,28 +108,26 @@ def abort_with_status(ctx: grpc.ServicerContext, name: str, e: BaseException) ->
     ctx.abort(code, str(e))
 
 
-def handled(name: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """Wrap a :class:`Servicer` method: count, log and time the call; errors of a unary call
-    (or of the eager part of a streaming one) become statuses (:func:`abort_with_status`)."""
+def handled(fn: Callable[..., R]) -> Callable[..., R]:
+    """Wrap a :class:`Servicer` method named as the RPC: count, log and time the call; errors
+    of a unary call (or of the eager part of a streaming one) become statuses
+    (:func:`abort_with_status`)."""
 
-    def wrap(fn: Callable[..., R]) -> Callable[..., R]:
-        @functools.wraps(fn)
-        def call(self: Servicer, req: Message, ctx: grpc.ServicerContext) -> R:
-            what = self.log_prefix + name
-            t0 = time.monotonic()
-            try:
-                with self.inflight:
-                    self.seen(req)
-                    out = fn(self, req, ctx)
-            except Exception as e:
-                abort_with_status(ctx, what, e)
-                raise  # not reached: abort raises
-            log.debug("%s done in %.3fs", what, time.monotonic() - t0)
-            return out
+    @functools.wraps(fn)
+    def call(self: Servicer, req: Message, ctx: grpc.ServicerContext) -> R:
+        what = self.log_prefix + fn.__name__
+        t0 = time.monotonic()
+        try:
+            with self.inflight:
+                self.seen(req)
+                out = fn(self, req, ctx)
+        except Exception as e:
+            abort_with_status(ctx, what, e)
+            raise  # not reached: abort raises
+        log.debug("%s done in %.3fs", what, time.monotonic() - t0)
+        return out
 
-        return call
-
-    return wrap
+    return call
 
 
 def timestamp(ns: int) -> Timestamp:

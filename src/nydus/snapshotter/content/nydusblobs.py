@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -79,6 +80,7 @@ def nydus_blob_layers(manifest: bytes) -> list[tuple[str, int, str]]:
     return out
 
 
+@dataclass
 class LazyBlobFetcher:
     """The bytes of a lazy entry from the registry of an image that lists it.
 
@@ -88,19 +90,11 @@ class LazyBlobFetcher:
     port from that host, so they only help for registries on the default port).
     """
 
-    def __init__(
-        self,
-        containerd_address: str,
-        read_blob: Callable[[str], bytes | None],
-        scheme: str = "",
-        docker_config: Path | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self.address = containerd_address
-        self.read_blob = read_blob
-        self.scheme = scheme
-        self.docker_config = docker_config
-        self.timeout = timeout
+    address: str  # containerd's socket
+    read_blob: Callable[[str], bytes | None]
+    scheme: str = ""
+    docker_config: Path | None = None
+    timeout: float = 10.0
 
     def sources(self, entry: LazyEntry) -> list[tuple[str, str]]:
         """``(registry host, repository)`` pairs to fetch ``entry`` from, best first."""

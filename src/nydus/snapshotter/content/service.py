@@ -35,20 +35,20 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
-import grpc
 from google.protobuf import empty_pb2
+from grpc import ServicerContext as Ctx
 
 from ..containerd.errdefs import (
     SnapshotExists,
     SnapshotInvalidArgument,
     SnapshotPreconditionFailed,
 )
-from ..containerd.proto import CONTENT_SERVICE, content_pb2
+from ..containerd.proto import CONTENT_SERVICE
+from ..containerd.proto import content_pb2 as pb
 from ..containerd.rpc import (
     Servicer,
     abort_with_status,
     batches,
-    generic_handler,
     handled,
     timestamp,
 )
@@ -78,8 +78,8 @@ class ContentHooks(Protocol):
         ...
 
 
-def info_to_pb(info: ContentInfo) -> content_pb2.Info:
-    return content_pb2.Info(
+def info_to_pb(info: ContentInfo) -> pb.Info:
+    return pb.Info(
         digest=info.digest,
         size=info.size,
         created_at=timestamp(info.created_ns),
@@ -88,8 +88,8 @@ def info_to_pb(info: ContentInfo) -> content_pb2.Info:
     )
 
 
-def status_to_pb(st: IngestStatus) -> content_pb2.Status:
-    return content_pb2.Status(
+def status_to_pb(st: IngestStatus) -> pb.Status:
+    return pb.Status(
         ref=st.ref,
         offset=st.offset,
         total=st.total,
@@ -122,28 +122,13 @@ def _status_field(st: IngestStatus, path: Sequence[str]) -> tuple[str, bool]:
 class ContentService(Servicer):
     """The Content service methods (names as in content.proto)."""
 
+    service = CONTENT_SERVICE
     log_prefix = "content "
 
     def __init__(self, store: ContentStore, hooks: ContentHooks | None = None) -> None:
         super().__init__()
         self.store = store
         self.hooks = hooks
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        return generic_handler(
-            CONTENT_SERVICE,
-            {
-                "Info": self.Info,
-                "Update": self.Update,
-                "List": self.List,
-                "Delete": self.Delete,
-                "Read": self.Read,
-                "Status": self.Status,
-                "ListStatuses": self.ListStatuses,
-                "Write": self.Write,
-                "Abort": self.Abort,
-            },
-        )
 
     def _hook(self, fn: Callable[..., None], *args: str) -> None:
         try:
@@ -153,61 +138,48 @@ class ContentService(Servicer):
 
     # -- unary ----------------------------------------------------------------------------
 
-    @handled("Info")
-    def Info(
-        self, req: content_pb2.InfoRequest, ctx: grpc.ServicerContext
-    ) -> content_pb2.InfoResponse:
-        return content_pb2.InfoResponse(info=info_to_pb(self.store.info(req.digest)))
+    @handled
+    def Info(self, req: pb.InfoRequest, ctx: Ctx) -> pb.InfoResponse:
+        return pb.InfoResponse(info=info_to_pb(self.store.info(req.digest)))
 
-    @handled("Update")
-    def Update(
-        self, req: content_pb2.UpdateRequest, ctx: grpc.ServicerContext
-    ) -> content_pb2.UpdateResponse:
+    @handled
+    def Update(self, req: pb.UpdateRequest, ctx: Ctx) -> pb.UpdateResponse:
         paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
         info = self.store.update(req.info.digest, dict(req.info.labels), paths)
-        return content_pb2.UpdateResponse(info=info_to_pb(info))
+        return pb.UpdateResponse(info=info_to_pb(info))
 
-    @handled("Delete")
-    def Delete(
-        self, req: content_pb2.DeleteContentRequest, ctx: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    @handled
+    def Delete(self, req: pb.DeleteContentRequest, ctx: Ctx) -> empty_pb2.Empty:
         self.store.delete(req.digest)
         log.debug("deleted content %s", req.digest)
         if self.hooks is not None:
             self._hook(self.hooks.deleted, req.digest)
         return empty_pb2.Empty()
 
-    @handled("Status")
-    def Status(
-        self, req: content_pb2.StatusRequest, ctx: grpc.ServicerContext
-    ) -> content_pb2.StatusResponse:
-        return content_pb2.StatusResponse(status=status_to_pb(self.store.status(req.ref)))
+    @handled
+    def Status(self, req: pb.StatusRequest, ctx: Ctx) -> pb.StatusResponse:
+        return pb.StatusResponse(status=status_to_pb(self.store.status(req.ref)))
 
-    @handled("ListStatuses")
-    def ListStatuses(
-        self, req: content_pb2.ListStatusesRequest, ctx: grpc.ServicerContext
-    ) -> content_pb2.ListStatusesResponse:
+    @handled
+    def ListStatuses(self, req: pb.ListStatusesRequest, ctx: Ctx) -> pb.ListStatusesResponse:
         f = parse_all(list(req.filters))
         sts = self.store.list_statuses()
         sts = [s for s in sts if f.match(functools.partial(_status_field, s))]
-        return content_pb2.ListStatusesResponse(statuses=[status_to_pb(s) for s in sts])
+        return pb.ListStatusesResponse(statuses=[status_to_pb(s) for s in sts])
 
-    @handled("Abort")
-    def Abort(self, req: content_pb2.AbortRequest, ctx: grpc.ServicerContext) -> empty_pb2.Empty:
+    @handled
+    def Abort(self, req: pb.AbortRequest, ctx: Ctx) -> empty_pb2.Empty:
         self.store.abort(req.ref)
         return empty_pb2.Empty()
 
     # -- server streaming -----------------------------------------------------------------
 
-    @handled("List")
-    def List(
-        self, req: content_pb2.ListContentRequest, ctx: grpc.ServicerContext
-    ) -> Iterator[content_pb2.ListContentResponse]:
+    @handled
+    def List(self, req: pb.ListContentRequest, ctx: Ctx) -> Iterator[pb.ListContentResponse]:
         f: Filter = parse_all(list(req.filters))
         infos = [i for i in self.store.walk() if f.match(functools.partial(_content_field, i))]
         return (
-            content_pb2.ListContentResponse(info=[info_to_pb(x) for x in chunk])
-            for chunk in batches(infos)
+            pb.ListContentResponse(info=[info_to_pb(x) for x in chunk]) for chunk in batches(infos)
         )
 
     def _materialize(self, entry: LazyEntry) -> None:
@@ -219,10 +191,8 @@ class ContentService(Servicer):
         log.info("fetching lazy blob %s (%d bytes) for a read", entry.digest, entry.size)
         self.store.materialize(entry.digest, self.hooks.lazy_source(entry))
 
-    @handled("Read")
-    def Read(
-        self, req: content_pb2.ReadContentRequest, ctx: grpc.ServicerContext
-    ) -> Iterator[content_pb2.ReadContentResponse]:
+    @handled
+    def Read(self, req: pb.ReadContentRequest, ctx: Ctx) -> Iterator[pb.ReadContentResponse]:
         if self.hooks is not None:
             self._hook(self.hooks.before_read, req.digest)
         if not self.store.has_blob(req.digest):
@@ -232,11 +202,11 @@ class ContentService(Servicer):
         chunks = self.store.read(req.digest, req.offset, req.size)
         start = max(req.offset, 0)
 
-        def responses() -> Iterator[content_pb2.ReadContentResponse]:
+        def responses() -> Iterator[pb.ReadContentResponse]:
             offset = start
             try:
                 for piece in chunks:
-                    yield content_pb2.ReadContentResponse(offset=offset, data=piece)
+                    yield pb.ReadContentResponse(offset=offset, data=piece)
                     offset += len(piece)
             except Exception as e:
                 abort_with_status(ctx, "content Read", e)
@@ -246,8 +216,8 @@ class ContentService(Servicer):
     # -- bidirectional --------------------------------------------------------------------
 
     def Write(
-        self, requests: Iterator[content_pb2.WriteContentRequest], ctx: grpc.ServicerContext
-    ) -> Iterator[content_pb2.WriteContentResponse]:
+        self, requests: Iterator[pb.WriteContentRequest], ctx: Ctx
+    ) -> Iterator[pb.WriteContentResponse]:
         """A write session: the first message names the ref; STAT, WRITE and COMMIT follow
         (containerd's content server semantics: see the module docstring)."""
         with self.inflight:
@@ -257,8 +227,8 @@ class ContentService(Servicer):
                 abort_with_status(ctx, "content Write", e)
 
     def _write(
-        self, requests: Iterator[content_pb2.WriteContentRequest]
-    ) -> Iterator[content_pb2.WriteContentResponse]:
+        self, requests: Iterator[pb.WriteContentRequest]
+    ) -> Iterator[pb.WriteContentResponse]:
         req = next(requests, None)
         if req is None:
             return
@@ -268,7 +238,7 @@ class ContentService(Servicer):
         w: IngestWriter = self.store.writer(ref, total, expected)
         try:
             while True:
-                resp = content_pb2.WriteContentResponse(action=req.action)
+                resp = pb.WriteContentResponse(action=req.action)
                 resp.offset = w.offset
                 if req.expected:
                     expected = req.expected
@@ -279,15 +249,15 @@ class ContentService(Servicer):
                 if req.total > 0:
                     total = req.total
                     w.set_total(total)
-                if req.action == content_pb2.STAT:
+                if req.action == pb.STAT:
                     st = w.status()
                     resp.digest = w.digest()
                     resp.started_at.CopyFrom(timestamp(st.started_ns))
                     resp.updated_at.CopyFrom(timestamp(st.updated_ns))
                     resp.total = total
-                elif req.action in (content_pb2.WRITE, content_pb2.COMMIT):
+                elif req.action in (pb.WRITE, pb.COMMIT):
                     resp.offset = w.write_at(req.offset, req.data)
-                    if req.action == content_pb2.COMMIT:
+                    if req.action == pb.COMMIT:
                         digest = w.commit(total, expected, dict(req.labels))
                         resp.digest = digest
                         log.debug("committed %s (%d bytes) from ref %s", digest, resp.offset, ref)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
+from grpc import ServicerContext as Ctx
 
 from ...credentials import redact_labels
-from ..containerd.proto import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2, snapshots_pb2
-from ..containerd.rpc import Servicer, batches, generic_handler, handled, timestamp
+from ..containerd.proto import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2
+from ..containerd.proto import snapshots_pb2 as pb
+from ..containerd.rpc import Servicer, batches, handled, timestamp
 from .core import Mount, Snapshotter
 from .store import Info
 
@@ -36,8 +37,8 @@ __all__ = ["SnapshotsService", "info_to_pb"]
 log = logging.getLogger(__name__)
 
 
-def info_to_pb(info: Info) -> snapshots_pb2.Info:
-    return snapshots_pb2.Info(
+def info_to_pb(info: Info) -> pb.Info:
+    return pb.Info(
         name=info.name,
         parent=info.parent,
         kind=int(info.kind),  # type: ignore[arg-type]  # same numbering as the proto enum
@@ -54,7 +55,7 @@ def _mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
     ]
 
 
-def _namespace(ctx: grpc.ServicerContext) -> str | None:
+def _namespace(ctx: Ctx) -> str | None:
     for k, v in ctx.invocation_metadata() or ():
         if k == NAMESPACE_HEADER and isinstance(v, str):
             return v
@@ -63,6 +64,8 @@ def _namespace(ctx: grpc.ServicerContext) -> str | None:
 
 class SnapshotsService(Servicer):
     """The Snapshots service methods (names as in snapshots.proto)."""
+
+    service = SNAPSHOTS_SERVICE
 
     #: The proxy plugin name containerd uses for us until a request says otherwise.
     DEFAULT_PLUGIN_NAME = "nydus"
@@ -78,27 +81,8 @@ class SnapshotsService(Servicer):
             log.info("containerd calls this snapshotter %r", name)
             self.plugin_name = name
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return generic_handler(
-            SNAPSHOTS_SERVICE,
-            {
-                "Prepare": self.Prepare,
-                "View": self.View,
-                "Mounts": self.Mounts,
-                "Commit": self.Commit,
-                "Remove": self.Remove,
-                "Stat": self.Stat,
-                "Update": self.Update,
-                "List": self.List,
-                "Usage": self.Usage,
-                "Cleanup": self.Cleanup,
-            },
-        )
-
-    @handled("Prepare")
-    def Prepare(
-        self, req: snapshots_pb2.PrepareSnapshotRequest, ctx: grpc.ServicerContext
-    ) -> snapshots_pb2.PrepareSnapshotResponse:
+    @handled
+    def Prepare(self, req: pb.PrepareSnapshotRequest, ctx: Ctx) -> pb.PrepareSnapshotResponse:
         ns = _namespace(ctx)
         log.debug(
             "Prepare key=%s parent=%s labels=%s namespace=%s",
@@ -108,72 +92,54 @@ class SnapshotsService(Servicer):
             ns,
         )
         mounts = self.sn.prepare(req.key, req.parent, dict(req.labels), ns)
-        return snapshots_pb2.PrepareSnapshotResponse(mounts=_mounts_to_pb(mounts))
+        return pb.PrepareSnapshotResponse(mounts=_mounts_to_pb(mounts))
 
-    @handled("View")
-    def View(
-        self, req: snapshots_pb2.ViewSnapshotRequest, ctx: grpc.ServicerContext
-    ) -> snapshots_pb2.ViewSnapshotResponse:
+    @handled
+    def View(self, req: pb.ViewSnapshotRequest, ctx: Ctx) -> pb.ViewSnapshotResponse:
         log.debug("View key=%s parent=%s", req.key, req.parent)
         mounts = self.sn.view(req.key, req.parent, dict(req.labels), _namespace(ctx))
-        return snapshots_pb2.ViewSnapshotResponse(mounts=_mounts_to_pb(mounts))
+        return pb.ViewSnapshotResponse(mounts=_mounts_to_pb(mounts))
 
-    @handled("Mounts")
-    def Mounts(
-        self, req: snapshots_pb2.MountsRequest, ctx: grpc.ServicerContext
-    ) -> snapshots_pb2.MountsResponse:
-        return snapshots_pb2.MountsResponse(mounts=_mounts_to_pb(self.sn.mounts(req.key)))
+    @handled
+    def Mounts(self, req: pb.MountsRequest, ctx: Ctx) -> pb.MountsResponse:
+        return pb.MountsResponse(mounts=_mounts_to_pb(self.sn.mounts(req.key)))
 
-    @handled("Commit")
-    def Commit(
-        self, req: snapshots_pb2.CommitSnapshotRequest, ctx: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    @handled
+    def Commit(self, req: pb.CommitSnapshotRequest, ctx: Ctx) -> empty_pb2.Empty:
         log.debug("Commit name=%s key=%s", req.name, req.key)
         self.sn.commit(req.name, req.key, dict(req.labels))
         return empty_pb2.Empty()
 
-    @handled("Remove")
-    def Remove(
-        self, req: snapshots_pb2.RemoveSnapshotRequest, ctx: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    @handled
+    def Remove(self, req: pb.RemoveSnapshotRequest, ctx: Ctx) -> empty_pb2.Empty:
         log.debug("Remove key=%s", req.key)
         self.sn.remove(req.key)
         return empty_pb2.Empty()
 
-    @handled("Stat")
-    def Stat(
-        self, req: snapshots_pb2.StatSnapshotRequest, ctx: grpc.ServicerContext
-    ) -> snapshots_pb2.StatSnapshotResponse:
-        return snapshots_pb2.StatSnapshotResponse(info=info_to_pb(self.sn.stat(req.key)))
+    @handled
+    def Stat(self, req: pb.StatSnapshotRequest, ctx: Ctx) -> pb.StatSnapshotResponse:
+        return pb.StatSnapshotResponse(info=info_to_pb(self.sn.stat(req.key)))
 
-    @handled("Update")
-    def Update(
-        self, req: snapshots_pb2.UpdateSnapshotRequest, ctx: grpc.ServicerContext
-    ) -> snapshots_pb2.UpdateSnapshotResponse:
+    @handled
+    def Update(self, req: pb.UpdateSnapshotRequest, ctx: Ctx) -> pb.UpdateSnapshotResponse:
         paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
         info = self.sn.update(req.info.name, dict(req.info.labels), paths)
-        return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
+        return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    @handled("List")
-    def List(
-        self, req: snapshots_pb2.ListSnapshotsRequest, ctx: grpc.ServicerContext
-    ) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+    @handled
+    def List(self, req: pb.ListSnapshotsRequest, ctx: Ctx) -> Iterator[pb.ListSnapshotsResponse]:
         infos = self.sn.walk(list(req.filters))  # evaluated now, so errors become a status
         return (
-            snapshots_pb2.ListSnapshotsResponse(info=[info_to_pb(x) for x in chunk])
+            pb.ListSnapshotsResponse(info=[info_to_pb(x) for x in chunk])
             for chunk in batches(infos)
         )
 
-    @handled("Usage")
-    def Usage(
-        self, req: snapshots_pb2.UsageRequest, ctx: grpc.ServicerContext
-    ) -> snapshots_pb2.UsageResponse:
+    @handled
+    def Usage(self, req: pb.UsageRequest, ctx: Ctx) -> pb.UsageResponse:
         u = self.sn.usage(req.key)
-        return snapshots_pb2.UsageResponse(size=u.size, inodes=u.inodes)
+        return pb.UsageResponse(size=u.size, inodes=u.inodes)
 
-    @handled("Cleanup")
-    def Cleanup(
-        self, req: snapshots_pb2.CleanupRequest, ctx: grpc.ServicerContext
-    ) -> empty_pb2.Empty:
+    @handled
+    def Cleanup(self, req: pb.CleanupRequest, ctx: Ctx) -> empty_pb2.Empty:
         self.sn.cleanup()
         return empty_pb2.Empty()

@@ -269,18 +269,7 @@ class Transaction:
             )
         if not key:
             raise SnapshotInvalidArgument("snapshot key must not be empty")
-        parent_id = self._parent_id(parent)
-        if self._row(key) is not None:
-            raise SnapshotExists(f"snapshot {key!r} already exists")
-        now = _now_ns()
-        cur = self._c.execute(
-            "INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (key, parent_id, int(kind), now, now),
-        )
-        sid = cur.lastrowid
-        assert sid is not None
-        self._put_labels(sid, labels or {})
+        sid = self._insert(key, parent, kind, labels or {}, Usage())
         return Snapshot(sid, kind, self.parent_ids(sid))
 
     def create_committed(
@@ -288,6 +277,11 @@ class Transaction:
     ) -> int:
         """Record a committed snapshot directly (a remote layer that needs no unpacking)."""
         self._need_write()
+        return self._insert(name, parent, Kind.COMMITTED, labels, usage)
+
+    def _insert(
+        self, name: str, parent: str, kind: Kind, labels: Mapping[str, str], usage: Usage
+    ) -> int:
         parent_id = self._parent_id(parent)
         if self._row(name) is not None:
             raise SnapshotExists(f"snapshot {name!r} already exists")
@@ -295,7 +289,7 @@ class Transaction:
         cur = self._c.execute(
             "INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns, usage_size, "
             "usage_inodes) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, parent_id, int(Kind.COMMITTED), now, now, usage.size, usage.inodes),
+            (name, parent_id, int(kind), now, now, usage.size, usage.inodes),
         )
         sid = cur.lastrowid
         assert sid is not None
