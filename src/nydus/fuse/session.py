@@ -43,12 +43,7 @@ from typing import Any
 from ..errors import NydusError
 from . import kernel
 from .handlers import RequestHandlers, _Ctx
-from .operations import (
-    ConnInfo,
-    FuseError,
-    NodeId,
-    Operations,
-)
+from .operations import ConnInfo, FuseError, NodeId, Operations
 from .protocol import (
     BATCH_FORGET_IN,
     FORGET_IN,
