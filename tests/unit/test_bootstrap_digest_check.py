@@ -13,7 +13,7 @@ import pytest
 from test_snapshotter_service import CHAIN3, FakeResolver, RecordingMounter
 
 from nydus.cli import nydusd as nydusd_cli
-from nydus.daemon.nydusd import DaemonOptions, Nydusd
+from nydus.daemon.nydusd import DaemonOptions, ImageSource, Nydusd
 from nydus.errors import ConfigError, FormatError, IntegrityError
 from nydus.metadata import (
     parse_bootstrap_digest,
@@ -77,16 +77,16 @@ def test_daemon_open_image_checks_the_bytes_it_parses(
         }
     }
     good = _sha(boot.read_bytes())
-    im = d.open_image("/", str(boot), cfg, bootstrap_digest=good)
+    im = d.open_image("/", ImageSource(str(boot), cfg, bootstrap_digest=good))
     try:
         assert im.verified == boot.read_bytes() and im.bootstrap_digest == good
         assert im.describe()["bootstrap_digest"] == good
     finally:
         im.close()
     with pytest.raises(IntegrityError, match="refusing to mount"):
-        d.open_image("/", str(boot), cfg, bootstrap_digest="sha256:" + "0" * 64)
+        d.open_image("/", ImageSource(str(boot), cfg, bootstrap_digest="sha256:" + "0" * 64))
     with pytest.raises(ConfigError):
-        d.open_image("/", str(boot), cfg, bootstrap_digest="sha256:nothex")
+        d.open_image("/", ImageSource(str(boot), cfg, bootstrap_digest="sha256:nothex"))
 
 
 def test_nydusd_cli_refuses_malformed_digest(

@@ -12,7 +12,7 @@ import pytest
 
 from nydus import kernel_mount
 from nydus.config import DaemonConfig, FsDriver
-from nydus.daemon import DaemonOptions, Nydusd
+from nydus.daemon import DaemonOptions, ImageSource, Nydusd
 from nydus.daemon.driver import ErofsDriver, FuseDriver
 from nydus.errors import ConfigError
 
@@ -54,7 +54,7 @@ class _NoKernelErofs:
 def test_erofs_driver_falls_back_to_fuse(fixtures_dir: Path, tmp_path: Path) -> None:
     d = Nydusd(DaemonOptions(mountpoint=str(tmp_path), blobfs_dir=str(tmp_path / "bfs")))
     boot = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
-    im = d.open_image("/img", str(boot), _cfg(fixtures_dir))
+    im = d.open_image("/img", ImageSource(str(boot), _cfg(fixtures_dir)))
     manager = _NoKernelErofs()
     lost: list[str] = []
     drv = ErofsDriver(manager, d.fuse, lambda: True, lost.append)  # type: ignore[arg-type]
@@ -73,12 +73,12 @@ def test_erofs_driver_falls_back_to_fuse(fixtures_dir: Path, tmp_path: Path) -> 
 def test_erofs_image_waits_for_the_fuse_mount(fixtures_dir: Path, tmp_path: Path) -> None:
     d = Nydusd(DaemonOptions(mountpoint=str(tmp_path), blobfs_dir=str(tmp_path / "bfs")))
     boot = fixtures_dir / "v6" / "rafs-v6-2.2.boot"
-    im = d.mount("/img", str(boot), _cfg(fixtures_dir), fs_driver=FsDriver.EROFS)
+    im = d.mount("/img", ImageSource(str(boot), _cfg(fixtures_dir)), fs_driver=FsDriver.EROFS)
     try:
         assert im.driver is d.erofs
         info = d.info()["backend_collection"]["/img"]
         assert info["fs_driver"] == "erofs" and info["erofs"] is None  # no kernel mount yet
-        fuse = d.mount("/f", str(boot), _cfg(fixtures_dir), fs_driver=FsDriver.FUSEDEV)
+        fuse = d.mount("/f", ImageSource(str(boot), _cfg(fixtures_dir)), fs_driver=FsDriver.FUSEDEV)
         assert fuse.driver is d.fuse and "erofs" not in fuse.describe()
     finally:
         d.shutdown()

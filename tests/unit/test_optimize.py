@@ -396,7 +396,7 @@ def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -
     """``nydusify access-pattern --snapshotter-root``: every image of the snapshotter's state
     file, asked through its daemon's API (an in-process daemon here), merged by first access."""
     from nydus.convert.pattern import snapshotter_patterns
-    from nydus.daemon import ApiServer, DaemonOptions, Nydusd
+    from nydus.daemon import ApiServer, DaemonOptions, ImageSource, Nydusd
     from nydus.errors import NotFoundError
 
     boot, blobs, _files = image
@@ -412,8 +412,8 @@ def test_snapshotter_patterns_from_the_daemons_api(image: Any, tmp_path: Path) -
     server = ApiServer(d, sock)
     server.start()
     try:
-        d.mount("/img1", str(boot), cfg)
-        d.mount("/img2", str(boot), cfg)
+        d.mount("/img1", ImageSource(str(boot), cfg))
+        d.mount("/img2", ImageSource(str(boot), cfg))
         f1, f2 = d.images["/img1"].fs, d.images["/img2"].fs
         f2.read(f2.resolve("/e"), 0, 10)
         f1.read(f1.resolve("/a"), 0, 10)

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     from ..daemon.api import ApiServer
-    from ..daemon.nydusd import DaemonOptions, Nydusd
+    from ..daemon.nydusd import DaemonOptions, ImageSource, Nydusd
     from ..fuse import SessionOptions
 
     if a.shared_dir:
@@ -292,13 +292,13 @@ def _run(a: argparse.Namespace) -> int:
         if api is not None:
             api.start()
         if a.bootstrap:
-            daemon.mount(
-                a.virtual_mountpoint,
+            source = ImageSource(
                 a.bootstrap,
                 cfg,  # type: ignore[arg-type]
                 a.prefetch_files,
-                bootstrap_digest=a.bootstrap_digest,
+                a.bootstrap_digest,
             )
+            daemon.mount(a.virtual_mountpoint, source)
         if not a.upgrade:
             daemon.mount_fuse()
             daemon.start()

@@ -6,7 +6,7 @@ or more ``nydus.fs.RafsFs`` to ``nydus.fuse.Operations`` (shared-daemon sub-moun
 """
 
 from .api import ApiServer
-from .nydusd import DaemonOptions, ImageMount, Nydusd
+from .nydusd import DaemonOptions, ImageMount, ImageSource, Nydusd
 from .state import DaemonEvent, DaemonState, StateError
 from .vfs import RafsVfs
 
@@ -16,6 +16,7 @@ __all__ = [
     "DaemonOptions",
     "DaemonState",
     "ImageMount",
+    "ImageSource",
     "Nydusd",
     "RafsVfs",
     "StateError",

@@ -34,20 +34,12 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .. import errors
 from ..config import FsDriver
-from ..errors import (
-    BackendError,
-    ConfigError,
-    FormatError,
-    IntegrityError,
-    NotFoundError,
-    NydusError,
-    UnsupportedError,
-)
 from ..format.safejson import parse_json_object
 from ..metadata import parse_bootstrap_digest
 from .logsetup import LEVELS
-from .nydusd import Nydusd
+from .nydusd import ImageSource, Nydusd
 from .prometheus import render_prometheus
 from .state import StateError
 
@@ -85,26 +77,28 @@ def set_log_level(level: str) -> None:
     logging.getLogger("nydus").setLevel(lv)
 
 
+#: (error class, status, code): the first class an error is an instance of answers it
+_STATUS_OF: list[tuple[type[Exception] | tuple[type[Exception], ...], int, str]] = [
+    (StateError, 409, "InvalidState"),
+    (errors.NotFoundError, 404, "NotFound"),
+    (errors.UnsupportedError, 501, "Unsupported"),
+    ((errors.ConfigError, errors.FormatError), 400, "InvalidArgument"),
+    (errors.IntegrityError, 422, "IntegrityError"),  # the input does not match its digest
+    (errors.BackendError, 502, "BackendError"),
+]
+
+
 def _error_of(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, StateError):
-        return ApiError(409, "InvalidState", str(e))
-    if isinstance(e, NotFoundError):
-        return ApiError(404, "NotFound", str(e))
-    if isinstance(e, UnsupportedError):
-        return ApiError(501, "Unsupported", str(e))
-    if isinstance(e, (ConfigError, FormatError)):
-        return ApiError(400, "InvalidArgument", str(e))
-    if isinstance(e, IntegrityError):  # the request's input does not match its digest
-        return ApiError(422, "IntegrityError", str(e))
-    if isinstance(e, BackendError):
-        return ApiError(502, "BackendError", str(e))
+    for cls, status, code in _STATUS_OF:
+        if isinstance(e, cls):
+            return ApiError(status, code, str(e))
     if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.EBUSY):
         return ApiError(409, "Conflict", e.strerror or str(e))
     if isinstance(e, OSError) and e.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
         return ApiError(400, "InvalidArgument", e.strerror or str(e))
-    if isinstance(e, NydusError):
+    if isinstance(e, errors.NydusError):
         return ApiError(500, "InternalError", str(e))
     log.error("API handler failed", exc_info=e)
     return ApiError(500, "InternalError", f"{type(e).__name__}: {e}")
@@ -139,7 +133,7 @@ class _Request:
             raise ApiError(400, "InvalidArgument", "a JSON body is required")
         try:
             return parse_json_object(self.body, "the request body")
-        except FormatError as e:
+        except errors.FormatError as e:
             raise ApiError(400, "InvalidArgument", str(e)) from None
 
 
@@ -241,7 +235,7 @@ class _Routes:
 
     # -- mounts ---------------------------------------------------------------------------
 
-    def _mount_args(self, req: _Request) -> tuple[str, str, Any, list[str] | None]:
+    def _mount_args(self, req: _Request) -> tuple[str, ImageSource]:
         path = req.arg("mountpoint", required=True)
         assert path is not None
         body = req.json()
@@ -278,7 +272,7 @@ class _Routes:
             files = list(pf)
         elif pf is not None:
             raise ApiError(400, "InvalidArgument", "'prefetch_files' must be a list of paths")
-        return path, source, config, files
+        return path, ImageSource(source, config, files, self._bootstrap_digest(req))
 
     @staticmethod
     def _bootstrap_digest(req: _Request) -> str | None:
@@ -299,15 +293,11 @@ class _Routes:
             raise ApiError(
                 400, "InvalidArgument", f"fs_driver {driver!r}: expected 'fusedev' or 'erofs'"
             ) from None
-        self.d.mount(
-            *self._mount_args(req),
-            fs_driver=fs_driver,
-            bootstrap_digest=self._bootstrap_digest(req),
-        )
+        self.d.mount(*self._mount_args(req), fs_driver=fs_driver)
         return 204, None
 
     def put_mount(self, req: _Request) -> _Reply:
-        self.d.remount(*self._mount_args(req), bootstrap_digest=self._bootstrap_digest(req))
+        self.d.remount(*self._mount_args(req))
         return 204, None
 
     def delete_mount(self, req: _Request) -> _Reply:
@@ -557,9 +547,9 @@ class ApiServer:
         handler = type("Handler", (_Handler,), {"routes": routes})
         if os.path.lexists(self.path):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise ConfigError(f"API socket path {self.path} exists and is not a socket")
+                raise errors.ConfigError(f"API socket path {self.path} exists and is not a socket")
             if not _stale_socket(self.path):
-                raise ConfigError(f"API socket {self.path} is in use by another process")
+                raise errors.ConfigError(f"API socket {self.path} is in use by another process")
             os.unlink(self.path)
         parent = os.path.dirname(self.path)
         if parent and not os.path.isdir(parent):

@@ -70,24 +70,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import deathwatch
+from .. import deathwatch, fuse
 from ..errors import NydusError
 from ..fs.metrics import StatsFop
-from ..fuse import (
-    ROOT_ID,
-    AttrFields,
-    AttrReply,
-    DirEntry,
-    Entry,
-    FuseError,
-    FuseSession,
-    OpenReply,
-    Operations,
-    RequestContext,
-    SessionOptions,
-    StatFs,
-    kernel,
-)
+from ..fuse import ROOT_ID, FuseError, FuseSession, RequestContext, SessionOptions, kernel
 
 __all__ = ["BlobDevFs", "BlobFsServer", "BLOCK"]
 
@@ -168,7 +154,7 @@ class _BlobFile:
     stats: Any = None  # the first registrant's FsIoStats (or None)
 
 
-class BlobDevFs(Operations):
+class BlobDevFs(fuse.Operations):
     """See the module docstring."""
 
     def __init__(self) -> None:
@@ -322,45 +308,14 @@ class BlobDevFs(Operations):
                     }
         return True
 
-    def _attr(self, nodeid: int) -> AttrFields:
-        s, ns = divmod(self._ns, 1_000_000_000)
+    def _attr(self, nodeid: int) -> fuse.AttrFields:
+        t = divmod(self._ns, 1_000_000_000)
         if nodeid == ROOT_ID:
             with self._lock:
                 n = len(self._by_name)
-            return AttrFields(
-                ino=ROOT_ID,
-                size=4096,
-                blocks=8,
-                atime=s,
-                mtime=s,
-                ctime=s,
-                atime_ns=ns,
-                mtime_ns=ns,
-                ctime_ns=ns,
-                mode=stat.S_IFDIR | 0o555,
-                nlink=2 + n,
-                uid=0,
-                gid=0,
-                rdev=0,
-            )
+            return fuse.AttrFields.read_only(ROOT_ID, stat.S_IFDIR | 0o555, 4096, 2 + n, t)
         f = self._file(nodeid)
-        return AttrFields(
-            ino=nodeid,
-            size=f.size,
-            blocks=f.size // 512,
-            atime=s,
-            mtime=s,
-            ctime=s,
-            atime_ns=ns,
-            mtime_ns=ns,
-            ctime_ns=ns,
-            mode=stat.S_IFREG | 0o444,
-            nlink=1,
-            uid=0,
-            gid=0,
-            rdev=0,
-            blksize=BLOCK,
-        )
+        return fuse.AttrFields.read_only(nodeid, stat.S_IFREG | 0o444, f.size, 1, t, blksize=BLOCK)
 
     def _file(self, nodeid: int) -> _BlobFile:
         with self._lock:
@@ -371,14 +326,14 @@ class BlobDevFs(Operations):
 
     # ------------------------------------------------------------------ Operations
 
-    def lookup(self, ctx: RequestContext, parent: int, name: bytes) -> Entry:
+    def lookup(self, ctx: RequestContext, parent: int, name: bytes) -> fuse.Entry:
         if parent != ROOT_ID:
             raise FuseError(errno.ENOTDIR)
         with self._lock:
             f = self._by_name.get(name)
         if f is None:
-            return Entry(0, None, 1.0, 0.0)  # short negative entry: blobs come and go
-        return Entry(f.nodeid, self._attr(f.nodeid), _TIMEOUT, _TIMEOUT)
+            return fuse.Entry(0, None, 1.0, 0.0)  # short negative entry: blobs come and go
+        return fuse.Entry(f.nodeid, self._attr(f.nodeid), _TIMEOUT, _TIMEOUT)
 
     def forget(self, items: Any) -> None:
         with self._lock:
@@ -387,26 +342,26 @@ class BlobDevFs(Operations):
                 if f is not None and f.device is None:
                     del self._by_node[nodeid]
 
-    def getattr(self, ctx: RequestContext, nodeid: int, fh: int | None) -> AttrReply:
-        return AttrReply(self._attr(nodeid), _TIMEOUT)
+    def getattr(self, ctx: RequestContext, nodeid: int, fh: int | None) -> fuse.AttrReply:
+        return fuse.AttrReply(self._attr(nodeid), _TIMEOUT)
 
     def access(self, ctx: RequestContext, nodeid: int, mask: int) -> None:
         if mask & os.W_OK:
             raise FuseError(errno.EROFS)
 
-    def statfs(self, ctx: RequestContext, nodeid: int) -> StatFs:
+    def statfs(self, ctx: RequestContext, nodeid: int) -> fuse.StatFs:
         with self._lock:
             blocks = sum(f.size for f in self._by_name.values()) // BLOCK
             files = len(self._by_name) + 1
-        return StatFs(blocks=blocks, files=files)
+        return fuse.StatFs(blocks=blocks, files=files)
 
-    def open(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
+    def open(self, ctx: RequestContext, nodeid: int, flags: int) -> fuse.OpenReply:
         if nodeid == ROOT_ID:
             raise FuseError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise FuseError(errno.EROFS)
         self._file(nodeid)
-        return OpenReply(keep_cache=True, noflush=True)
+        return fuse.OpenReply(keep_cache=True, noflush=True)
 
     def read(self, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         f = self._file(nodeid)
@@ -461,14 +416,14 @@ class BlobDevFs(Operations):
             prefill(f.nodeid, ranges, hi if whole and not recording else -1)
         return bytes(data[offset - lo : end - lo])
 
-    def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> OpenReply:
+    def opendir(self, ctx: RequestContext, nodeid: int, flags: int) -> fuse.OpenReply:
         if nodeid != ROOT_ID:
             raise FuseError(errno.ENOTDIR)
-        return OpenReply()
+        return fuse.OpenReply()
 
     def readdir(
         self, ctx: RequestContext, nodeid: int, fh: int, offset: int, plus: bool
-    ) -> Iterator[DirEntry]:
+    ) -> Iterator[fuse.DirEntry]:
         if nodeid != ROOT_ID:
             raise FuseError(errno.ENOTDIR)
         with self._lock:
@@ -484,8 +439,8 @@ class BlobDevFs(Operations):
             name, node, dtype = rows[i]
             entry = None
             if plus and name not in (b".", b".."):
-                entry = Entry(node, self._attr(node), _TIMEOUT, _TIMEOUT)
-            yield DirEntry(name, node, dtype, i + 1, entry)
+                entry = fuse.Entry(node, self._attr(node), _TIMEOUT, _TIMEOUT)
+            yield fuse.DirEntry(name, node, dtype, i + 1, entry)
 
     def getxattr(self, ctx: RequestContext, nodeid: int, name: bytes) -> bytes:
         raise FuseError(errno.ENODATA)

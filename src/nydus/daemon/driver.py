@@ -38,7 +38,7 @@ from ..credentials import redact_config
 from ..errors import UnsupportedError
 from ..fs.rafs import RafsFs
 from ..storage import BlobDevice
-from .erofs_mode import ErofsManager
+from .erofs_mode import ErofsManager, ErofsSource
 from .vfs import RafsVfs
 
 __all__ = ["Driver", "ErofsDriver", "FuseDriver", "ImageMount", "resolve_driver"]
@@ -167,6 +167,11 @@ def _is_bootstrap(im: ImageMount) -> bool:
         return True  # let the mount report it
 
 
+def _source(im: ImageMount) -> ErofsSource:
+    blob_ids = [b.blob_id for b in im.fs.meta.blobs]
+    return ErofsSource(im.bootstrap, im.device, blob_ids, im.fs.stats, im.verified)
+
+
 class ErofsDriver:
     """Kernel EROFS mode (:mod:`.erofs_mode`), with ``fuse`` underneath and as the fallback.
     ``fuse_mounted``: whether the daemon's FUSE mount exists (the kernel mount stacks on it);
@@ -203,14 +208,7 @@ class ErofsDriver:
 
     def _kernel_mount(self, im: ImageMount) -> Driver:
         try:
-            self.manager.mount(
-                im.path,
-                im.bootstrap,
-                im.device,
-                [b.blob_id for b in im.fs.meta.blobs],
-                stats=im.fs.stats,
-                verified=im.verified,
-            )
+            self.manager.mount(im.path, _source(im))
         except OSError as e:
             self.vfs.detach(im.path)  # attached again by the fallback, or closed by the caller
             if e.errno not in _KERNEL_CANNOT:
@@ -242,14 +240,7 @@ class ErofsDriver:
             self.vfs.replace(im.path, im.fs, on_close=_not_owned)
             old.close()
             return
-        self.manager.replace(
-            im.path,
-            im.bootstrap,
-            im.device,
-            [b.blob_id for b in im.fs.meta.blobs],
-            stats=im.fs.stats,
-            verified=im.verified,
-        )
+        self.manager.replace(im.path, _source(im))
         # the FUSE view underneath keeps the old image (kept open below): replacing it would
         # invalidate the dentry the new kernel mount sits on, and the kernel detaches mounts on
         # an invalidated dentry

@@ -65,7 +65,7 @@ from ..fs.metrics import FsIoStats
 from ..storage import BlobDevice
 from .blobdev import BlobFsServer
 
-__all__ = ["ErofsImage", "ErofsManager"]
+__all__ = ["ErofsImage", "ErofsManager", "ErofsSource"]
 
 log = logging.getLogger("nydus.daemon.erofs")
 
@@ -151,6 +151,19 @@ def _read_all(fd: int) -> str | None:
         log.debug("reading the mount table: %s", e)
         return None
     return b"".join(parts).decode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class ErofsSource:
+    """What an image is mounted from. ``stats``: the image's FsIoStats (blob fs READs are
+    accounted there). ``verified``: the bootstrap's digest-checked bytes; the kernel then
+    mounts a private copy of them (:meth:`ErofsManager._private_copy`), not ``bootstrap``."""
+
+    bootstrap: str
+    device: BlobDevice
+    blob_ids: list[str]
+    stats: FsIoStats | None = None
+    verified: bytes | None = None
 
 
 @dataclass
@@ -243,31 +256,22 @@ class ErofsManager:
         return name
 
     def _new_image(
-        self,
-        path: str,
-        target: str,
-        bootstrap: str,
-        device: BlobDevice,
-        blob_ids: list[str],
-        stats: FsIoStats | None,
-        verified: bytes | None,
-        mount: Callable[[ErofsImage], None],
+        self, path: str, target: str, src: ErofsSource, mount: Callable[[ErofsImage], None]
     ) -> ErofsImage:
         """An image with its devices registered, mounted by ``mount`` (undone if it fails)."""
-        if verified is None:
-            im = ErofsImage(
-                path, target, os.path.abspath(bootstrap), device, list(blob_ids), stats=stats
-            )
+        if src.verified is None:
+            bootstrap = os.path.abspath(src.bootstrap)
         else:
-            im = ErofsImage(
-                path,
-                target,
-                self._private_copy(verified),
-                device,
-                list(blob_ids),
-                stats=stats,
-                private_bootstrap=True,
-            )
+            bootstrap = self._private_copy(src.verified)
+        im = ErofsImage(
+            path,
+            target,
+            bootstrap,
+            src.device,
+            list(src.blob_ids),
+            stats=src.stats,
+            private_bootstrap=src.verified is not None,
+        )
         try:
             self._devices(im)
             mount(im)
@@ -277,30 +281,14 @@ class ErofsManager:
             raise
         return im
 
-    def mount(
-        self,
-        path: str,
-        bootstrap: str,
-        device: BlobDevice,
-        blob_ids: list[str],
-        *,
-        stats: FsIoStats | None = None,
-        verified: bytes | None = None,
-    ) -> ErofsImage:
+    def mount(self, path: str, src: ErofsSource) -> ErofsImage:
         """mount(2) the bootstrap at the target of ``path``. Raises OSError; ``errno`` in
-        (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back).
-        ``stats``: the image's FsIoStats (blob fs READs are accounted there). ``verified``:
-        the bootstrap's digest-checked bytes; the kernel then mounts a private copy of them
-        (:meth:`_private_copy`), not ``bootstrap``."""
+        (ENODEV, ENOTBLK) means the kernel cannot do it at all (caller falls back)."""
         with self._lock:
             im = self._new_image(
                 path,
                 self.target_of(path),
-                bootstrap,
-                device,
-                blob_ids,
-                stats,
-                verified,
+                src,
                 lambda im: kernel_mount.mount_erofs(im.bootstrap, im.target, im.devices),
             )
             im.mounted = True
@@ -315,16 +303,7 @@ class ErofsManager:
             self._ensure_watcher()
             return im
 
-    def replace(
-        self,
-        path: str,
-        bootstrap: str,
-        device: BlobDevice,
-        blob_ids: list[str],
-        *,
-        stats: FsIoStats | None = None,
-        verified: bytes | None = None,
-    ) -> ErofsImage:
+    def replace(self, path: str, src: ErofsSource) -> ErofsImage:
         """Remount: the new bootstrap takes the place of the image at ``path`` without a moment
         of an empty directory; files open on the old instance keep reading it (its blob files
         stay registered until the new image is unmounted)."""
@@ -335,11 +314,7 @@ class ErofsManager:
             im = self._new_image(
                 path,
                 old.target,
-                bootstrap,
-                device,
-                blob_ids,
-                stats,
-                verified,
+                src,
                 lambda im: self._mount_beneath(im.bootstrap, im.devices, old.target),
             )
             kernel_mount.umount(old.target, lazy=True)

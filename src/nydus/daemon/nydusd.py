@@ -37,11 +37,23 @@ from .erofs_mode import ErofsManager
 from .state import DaemonEvent, DaemonState, StateError, StateMachine
 from .vfs import RafsVfs
 
-__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ErrorHolder"]
+__all__ = ["Nydusd", "DaemonOptions", "ImageMount", "ImageSource", "ErrorHolder"]
 
 ConfigSource: TypeAlias = DaemonConfig | str | bytes | dict[str, Any]
 
 log = logging.getLogger("nydus.daemon")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """What an image is opened from. With ``bootstrap_digest`` (``sha256:HEX``) the bootstrap's
+    bytes are read once, checked, and parsed from memory: a mismatch is an IntegrityError and
+    nothing is mounted."""
+
+    bootstrap: str
+    config: ConfigSource
+    prefetch_files: Sequence[str] | None = None
+    bootstrap_digest: str | None = None
 
 
 @dataclass
@@ -119,26 +131,20 @@ class Nydusd:
 
     # ------------------------------------------------------------------ images
 
-    def open_image(
-        self,
-        path: str,
-        bootstrap: str,
-        config: ConfigSource,
-        prefetch_files: Sequence[str] | None = None,
-        bootstrap_digest: str | None = None,
-    ) -> ImageMount:
-        """Validate and open an image without attaching it. With ``bootstrap_digest``
-        (``sha256:HEX``) the bootstrap's bytes are read once, checked, and parsed from memory:
-        a mismatch is an IntegrityError and nothing is mounted."""
-        cfg = config if isinstance(config, DaemonConfig) else DaemonConfig.from_json(config)
+    def open_image(self, path: str, src: ImageSource) -> ImageMount:
+        """Validate and open an image without attaching it."""
+        cfg = src.config
+        if not isinstance(cfg, DaemonConfig):
+            cfg = DaemonConfig.from_json(cfg)
         if cfg.overlay is not None and (cfg.overlay.upper_dir or cfg.overlay.work_dir):
             raise UnsupportedError("writable overlay (config 'overlay') is not supported")
         verified: bytes | None = None
-        if bootstrap_digest:
-            verified = read_verified_bootstrap(bootstrap, bootstrap_digest)
+        digest = src.bootstrap_digest
+        if digest:
+            verified = read_verified_bootstrap(src.bootstrap, digest)
             meta = open_bootstrap(verified)
         else:
-            meta = open_bootstrap(bootstrap)
+            meta = open_bootstrap(src.bootstrap)
         with contextlib.ExitStack() as undo:  # closes what was opened if a step fails
             undo.callback(meta.close)
             fs_id = self.vfs.normalize(path)
@@ -158,13 +164,13 @@ class Nydusd:
             undo.pop_all()
         return ImageMount(
             fs_id,
-            os.path.abspath(bootstrap),
+            os.path.abspath(src.bootstrap),
             cfg,
             fs,
             device,
-            list(prefetch_files) if prefetch_files else None,
+            list(src.prefetch_files) if src.prefetch_files else None,
             self.fuse,
-            bootstrap_digest=bootstrap_digest.strip().lower() if bootstrap_digest else "",
+            bootstrap_digest=digest.strip().lower() if digest else "",
             verified=verified,
         )
 
@@ -202,22 +208,14 @@ class Nydusd:
         return path
 
     @contextlib.contextmanager
-    def _loaded(
-        self,
-        path: str,
-        want_mounted: bool,
-        bootstrap: str,
-        config: ConfigSource,
-        prefetch_files: Sequence[str] | None,
-        bootstrap_digest: str | None,
-    ) -> Iterator[ImageMount]:
+    def _loaded(self, path: str, want_mounted: bool, src: ImageSource) -> Iterator[ImageMount]:
         """Claim ``path`` and open the image without the lock, then hold the lock while the
         caller attaches it (an error closes it); then the image is recorded and prefetches."""
         with self._lock:
             path = self._settled(path, want_mounted)
             self._loading.add(path)
         try:
-            im = self.open_image(path, bootstrap, config, prefetch_files, bootstrap_digest)
+            im = self.open_image(path, src)
             with self._lock:
                 try:
                     if self._exit.is_set():
@@ -234,22 +232,13 @@ class Nydusd:
             with self._lock:
                 self._loading.discard(path)
 
-    def mount(
-        self,
-        path: str,
-        bootstrap: str,
-        config: ConfigSource,
-        prefetch_files: Sequence[str] | None = None,
-        fs_driver: FsDriver | None = None,
-        bootstrap_digest: str | None = None,
-    ) -> ImageMount:
-        """Attach an image at ``path`` (``POST /api/v1/mount``); ``bootstrap_digest``: see
-        :meth:`open_image`.
+    def mount(self, path: str, src: ImageSource, fs_driver: FsDriver | None = None) -> ImageMount:
+        """Attach an image at ``path`` (``POST /api/v1/mount``).
 
         The bootstrap is read and the storage opened without the daemon lock (``path`` is
         reserved meanwhile), so a slow or large image never stalls other API requests.
         """
-        with self._loaded(path, False, bootstrap, config, prefetch_files, bootstrap_digest) as im:
+        with self._loaded(path, False, src) as im:
             kind, why = resolve_driver(
                 fs_driver or im.config.fs_driver,
                 self.opts.fs_driver,
@@ -262,29 +251,22 @@ class Nydusd:
             im.driver = (self.erofs if kind == FsDriver.EROFS else self.fuse).attach(im)
         log.info(
             "mounted %s at %s (RAFS v%d, %d blobs)",
-            bootstrap,
+            src.bootstrap,
             im.path,
             im.fs.version,
             len(im.fs.meta.blobs),
         )
         return im
 
-    def remount(
-        self,
-        path: str,
-        bootstrap: str,
-        config: ConfigSource,
-        prefetch_files: Sequence[str] | None = None,
-        bootstrap_digest: str | None = None,
-    ) -> ImageMount:
+    def remount(self, path: str, src: ImageSource) -> ImageMount:
         """Replace the image at ``path`` (``PUT /api/v1/mount``); loads outside the lock."""
-        with self._loaded(path, True, bootstrap, config, prefetch_files, bootstrap_digest) as im:
+        with self._loaded(path, True, src) as im:
             old = self.images.get(im.path)
             if old is None:
                 raise NotFoundError(f"nothing is mounted at {im.path}")
             im.driver = old.driver
             old.driver.replace(old, im)
-        log.info("remounted %s at %s", bootstrap, im.path)
+        log.info("remounted %s at %s", src.bootstrap, im.path)
         return im
 
     def _needs_fuse(self, im: ImageMount) -> str:
@@ -363,10 +345,12 @@ class Nydusd:
                     opened.append(
                         self.open_image(
                             img["path"],
-                            img["bootstrap"],
-                            img["config"],
-                            img.get("prefetch_files"),
-                            img.get("bootstrap_digest") or None,
+                            ImageSource(
+                                img["bootstrap"],
+                                img["config"],
+                                img.get("prefetch_files"),
+                                img.get("bootstrap_digest") or None,
+                            ),
                         )
                     )
                 by_path = {im.path: im for im in opened}

@@ -25,6 +25,21 @@ log = logging.getLogger("nydus.api")
 _SIZE_BUCKETS = ["lt1k", "lt4k", "lt16k", "lt64k", "lt128k", "lt512k", "lt1m", "ge1m"]
 _LAT_BUCKETS = ["le1ms", "le20ms", "le50ms", "le100ms", "le500ms", "le1s", "le2s", "gt2s"]
 _FOPS = [f.name.lower() for f in StatsFop]
+#: (metric, help, JSON field) of the per-fop arrays
+_PER_FOP = [
+    ("nydusd_fop_hits_total", "successful operations", "fop_hits"),
+    ("nydusd_fop_errors_total", "failed operations", "fop_errors"),
+    (
+        "nydusd_fop_cumulative_latency_micros_total",
+        "time spent per operation type",
+        "fop_cumulative_latency_total",
+    ),
+]
+#: (metric, help, JSON field, bucket labels) of the distributions
+_PER_BUCKET = [
+    ("nydusd_block_count_read_total", "reads by request size", "block_count_read", _SIZE_BUCKETS),
+    ("nydusd_read_latency_dist_total", "reads by latency", "read_latency_dist", _LAT_BUCKETS),
+]
 
 
 def _esc(v: str) -> str:
@@ -80,44 +95,11 @@ def render_prometheus(d: Nydusd) -> str:
             o.add("nydusd_nr_opens", "gauge", "files open now", lab, g["nr_opens"])
             o.add("nydusd_nr_max_opens", "gauge", "most files open at once", lab, g["nr_max_opens"])
             for i, fop in enumerate(_FOPS):
-                fl = {**lab, "fop": fop}
-                o.add(
-                    "nydusd_fop_hits_total",
-                    "counter",
-                    "successful operations",
-                    fl,
-                    g["fop_hits"][i],
-                )
-                o.add(
-                    "nydusd_fop_errors_total",
-                    "counter",
-                    "failed operations",
-                    fl,
-                    g["fop_errors"][i],
-                )
-                o.add(
-                    "nydusd_fop_cumulative_latency_micros_total",
-                    "counter",
-                    "time spent per operation type",
-                    fl,
-                    g["fop_cumulative_latency_total"][i],
-                )
-            for i, b in enumerate(_SIZE_BUCKETS):
-                o.add(
-                    "nydusd_block_count_read_total",
-                    "counter",
-                    "reads by request size",
-                    {**lab, "bucket": b},
-                    g["block_count_read"][i],
-                )
-            for i, b in enumerate(_LAT_BUCKETS):
-                o.add(
-                    "nydusd_read_latency_dist_total",
-                    "counter",
-                    "reads by latency",
-                    {**lab, "bucket": b},
-                    g["read_latency_dist"][i],
-                )
+                for name, help_, key in _PER_FOP:
+                    o.add(name, "counter", help_, {**lab, "fop": fop}, g[key][i])
+            for name, help_, key, buckets in _PER_BUCKET:
+                for i, b in enumerate(buckets):
+                    o.add(name, "counter", help_, {**lab, "bucket": b}, g[key][i])
         except Exception as e:
             log.debug("prometheus: fs metrics of %s: %s", fs_id, e)
         try:

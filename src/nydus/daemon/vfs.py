@@ -30,23 +30,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import fuse
 from ..errors import NotFoundError
 from ..fs.metrics import StatsFop
 from ..fs.rafs import DEFAULT_TIMEOUT, ROOT_INO, Attr, Ino, RafsFs
-from ..fuse import (
-    ROOT_ID,
-    AttrFields,
-    AttrReply,
-    DirEntry,
-    Entry,
-    FuseError,
-    NodeId,
-    OpenReply,
-    Operations,
-    RequestContext,
-    StatFs,
-)
-from ..fuse.protocol import ATTR, ENTRY_OUT_HEAD, pack_attr, pack_attr_out
+from ..fuse import ROOT_ID, FuseError, NodeId, RequestContext
+from ..fuse.protocol import ATTR, ENTRY_OUT_HEAD, AttrFields, pack_attr, pack_attr_out
 
 __all__ = ["RafsVfs", "MountSlot", "SLOT_SHIFT", "PSEUDO_SLOT"]
 
@@ -74,8 +63,8 @@ class MountSlot:
     detached: bool = False
     closed: bool = False
     # packed replies per inode: the image is immutable, so they never go stale
-    entries: dict[int, Entry] = field(default_factory=dict, repr=False)
-    attrs: dict[int, AttrReply] = field(default_factory=dict, repr=False)
+    entries: dict[int, fuse.Entry] = field(default_factory=dict, repr=False)
+    attrs: dict[int, fuse.AttrReply] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -95,7 +84,7 @@ def _rdev32(dev: int) -> int:
     return ((mi & 0xFF) | ((ma & 0xFFF) << 8) | ((mi & ~0xFF) << 12)) & 0xFFFFFFFF
 
 
-class RafsVfs(Operations):
+class RafsVfs(fuse.Operations):
     """See the module docstring."""
 
     def __init__(
@@ -330,19 +319,13 @@ class RafsVfs(Operations):
         return m.fs, local
 
     def _fields(self, m: MountSlot, a: Attr) -> AttrFields:
-        nodeid = (m.slot << SLOT_SHIFT) | a.ino
-        return AttrFields(
-            ino=nodeid,
-            size=a.size,
+        return AttrFields.read_only(
+            (m.slot << SLOT_SHIFT) | a.ino,
+            a.mode,
+            a.size,
+            a.nlink,
+            (a.mtime, a.mtime_nsec),
             blocks=a.blocks,
-            atime=a.mtime,
-            mtime=a.mtime,
-            ctime=a.mtime,
-            atime_ns=a.mtime_nsec,
-            mtime_ns=a.mtime_nsec,
-            ctime_ns=a.mtime_nsec,
-            mode=a.mode,
-            nlink=a.nlink,
             uid=a.uid,
             gid=a.gid,
             rdev=_rdev32(a.rdev),
@@ -350,30 +333,15 @@ class RafsVfs(Operations):
         )
 
     def _pseudo_fields(self, d: _PseudoDir) -> AttrFields:
-        s, ns = divmod(d.mtime, 1_000_000_000)
-        return AttrFields(
-            ino=d.nodeid,
-            size=4096,
-            blocks=8,
-            atime=s,
-            mtime=s,
-            ctime=s,
-            atime_ns=ns,
-            mtime_ns=ns,
-            ctime_ns=ns,
-            mode=stat.S_IFDIR | 0o755,
-            nlink=2 + len(d.children),
-            uid=0,
-            gid=0,
-            rdev=0,
-        )
+        t = divmod(d.mtime, 1_000_000_000)
+        return AttrFields.read_only(d.nodeid, stat.S_IFDIR | 0o755, 4096, 2 + len(d.children), t)
 
     def _count(self, m: MountSlot | None, n: int = 1) -> None:
         if m is not None and m.slot:
             with self._lock:
                 m.nlookup += n
 
-    def _entry(self, m: MountSlot, a: Attr) -> Entry:
+    def _entry(self, m: MountSlot, a: Attr) -> fuse.Entry:
         e = m.entries.get(a.ino)
         if e is None:
             f = self._fields(m, a)
@@ -401,17 +369,17 @@ class RafsVfs(Operations):
                 f.blksize,
                 0,
             )
-            e = Entry(f.ino, f, self.timeout, self.timeout, raw=raw)
+            e = fuse.Entry(f.ino, f, self.timeout, self.timeout, raw=raw)
             if len(m.entries) >= _CACHE_LIMIT:
                 m.entries.clear()
             m.entries[a.ino] = e
         return e
 
-    def _attr_reply(self, m: MountSlot, local: Ino) -> AttrReply:
+    def _attr_reply(self, m: MountSlot, local: Ino) -> fuse.AttrReply:
         r = m.attrs.get(local)
         if r is None:
             f = self._fields(m, m.fs.getattr(local))
-            r = AttrReply(f, self.timeout, raw=pack_attr_out(self.timeout, pack_attr(f)))
+            r = fuse.AttrReply(f, self.timeout, raw=pack_attr_out(self.timeout, pack_attr(f)))
             if len(m.attrs) >= _CACHE_LIMIT:
                 m.attrs.clear()
             m.attrs[local] = r
@@ -421,7 +389,7 @@ class RafsVfs(Operations):
 
     # ------------------------------------------------------------------ Operations
 
-    def lookup(self, ctx: RequestContext, parent: NodeId, name: bytes) -> Entry:
+    def lookup(self, ctx: RequestContext, parent: NodeId, name: bytes) -> fuse.Entry:
         m, local = self._resolve(parent)
         if m is None:
             with self._lock:
@@ -431,7 +399,7 @@ class RafsVfs(Operations):
                     raise FuseError(errno.ENOENT)
                 if child in self._pseudo:
                     f = self._pseudo_fields(self._pseudo[child])
-                    return Entry(child, f, self.timeout, self.timeout)
+                    return fuse.Entry(child, f, self.timeout, self.timeout)
                 cm = self._slots[child >> SLOT_SHIFT]
             a = cm.fs.getattr(ROOT_INO)
             self._count(cm)
@@ -439,7 +407,7 @@ class RafsVfs(Operations):
         try:
             a = m.fs.lookup(local, name)
         except NotFoundError:
-            return Entry(0, None, self.timeout, 0.0)
+            return fuse.Entry(0, None, self.timeout, 0.0)
         self._count(m)
         return self._entry(m, a)
 
@@ -459,11 +427,11 @@ class RafsVfs(Operations):
         for m in to_close:
             self._close_slot(m)
 
-    def getattr(self, ctx: RequestContext, nodeid: NodeId, fh: int | None) -> AttrReply:
+    def getattr(self, ctx: RequestContext, nodeid: NodeId, fh: int | None) -> fuse.AttrReply:
         m, local = self._resolve(nodeid)
         if m is None:
             with self._lock:
-                return AttrReply(self._pseudo_fields(self._pseudo[local]), 1.0)
+                return fuse.AttrReply(self._pseudo_fields(self._pseudo[local]), 1.0)
         return self._attr_reply(m, local)
 
     def readlink(self, ctx: RequestContext, nodeid: NodeId) -> bytes:
@@ -478,16 +446,16 @@ class RafsVfs(Operations):
             return
         m.fs.access(local, mask, ctx.uid, ctx.gid)
 
-    def statfs(self, ctx: RequestContext, nodeid: NodeId) -> StatFs:
+    def statfs(self, ctx: RequestContext, nodeid: NodeId) -> fuse.StatFs:
         m, _local = self._resolve(nodeid)
         if m is None:
-            return StatFs(files=len(self._pseudo))
+            return fuse.StatFs(files=len(self._pseudo))
         s = m.fs.statfs()
-        return StatFs(
+        return fuse.StatFs(
             blocks=s.blocks, files=s.files, bsize=s.bsize, namelen=s.namelen, frsize=s.bsize
         )
 
-    def open(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
+    def open(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> fuse.OpenReply:
         fs, local = self._file(nodeid, errno.EISDIR)
         if self.zero_message_open:
             # With FUSE_NO_OPEN_SUPPORT negotiated, ENOSYS makes the kernel stop sending
@@ -495,7 +463,7 @@ class RafsVfs(Operations):
             # less per file. Per-file open counts are then not available.
             raise FuseError(errno.ENOSYS)
         fh = fs.open(local, flags)
-        return OpenReply(fh=fh, keep_cache=True, noflush=True)
+        return fuse.OpenReply(fh=fh, keep_cache=True, noflush=True)
 
     def read(
         self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, size: int
@@ -512,7 +480,7 @@ class RafsVfs(Operations):
         fs, local = self._file(nodeid, errno.EINVAL)
         return fs.lseek(local, offset, whence)
 
-    def opendir(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> OpenReply:
+    def opendir(self, ctx: RequestContext, nodeid: NodeId, flags: int) -> fuse.OpenReply:
         m, local = self._resolve(nodeid)
         if self.zero_message_open:
             # FUSE_NO_OPENDIR_SUPPORT: from now on the kernel opens directories itself with
@@ -520,19 +488,21 @@ class RafsVfs(Operations):
             # sends an entry invalidation, which also drops the parent's readdir cache.
             raise FuseError(errno.ENOSYS)
         if m is None:
-            return OpenReply()
+            return fuse.OpenReply()
         m.fs.opendir(local)
-        return OpenReply(keep_cache=True, cache_dir=True)
+        return fuse.OpenReply(keep_cache=True, cache_dir=True)
 
     def readdir(
         self, ctx: RequestContext, nodeid: NodeId, fh: int, offset: int, plus: bool
-    ) -> Iterator[DirEntry]:
+    ) -> Iterator[fuse.DirEntry]:
         m, local = self._resolve(nodeid)
         if m is None:
             return self._pseudo_readdir(local, offset, plus)
         return self._fs_readdir(m, local, offset, plus)
 
-    def _fs_readdir(self, m: MountSlot, ino: Ino, offset: int, plus: bool) -> Iterator[DirEntry]:
+    def _fs_readdir(
+        self, m: MountSlot, ino: Ino, offset: int, plus: bool
+    ) -> Iterator[fuse.DirEntry]:
         base = m.slot << SLOT_SHIFT
         parent_override: int | None = None
         if ino == ROOT_INO and m.slot:
@@ -546,7 +516,7 @@ class RafsVfs(Operations):
                 entry = self._entry(m, e.attr)
                 if e.name not in (b".", b".."):
                     self._count(m)
-            yield DirEntry(e.name, nodeid, e.dtype, e.offset, entry)
+            yield fuse.DirEntry(e.name, nodeid, e.dtype, e.offset, entry)
 
     def _mount_parent(self, m: MountSlot) -> int:
         with self._lock:
@@ -555,7 +525,7 @@ class RafsVfs(Operations):
                     return d.nodeid
         return ROOT_INO
 
-    def _pseudo_readdir(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirEntry]:
+    def _pseudo_readdir(self, nodeid: int, offset: int, plus: bool) -> Iterator[fuse.DirEntry]:
         with self._lock:
             d = self._pseudo[nodeid]
             rows: list[tuple[bytes, int]] = [(b".", nodeid), (b"..", d.parent)]
@@ -565,13 +535,13 @@ class RafsVfs(Operations):
             entry = None
             if plus:
                 entry = self._pseudo_entry(name, child)
-            yield DirEntry(name, child, _DT_DIR, i + 1, entry)
+            yield fuse.DirEntry(name, child, _DT_DIR, i + 1, entry)
 
-    def _pseudo_entry(self, name: bytes, child: int) -> Entry | None:
+    def _pseudo_entry(self, name: bytes, child: int) -> fuse.Entry | None:
         with self._lock:
             pd = self._pseudo.get(child)
             if pd is not None:
-                return Entry(child, self._pseudo_fields(pd), self.timeout, self.timeout)
+                return fuse.Entry(child, self._pseudo_fields(pd), self.timeout, self.timeout)
             cm = self._slots.get(child >> SLOT_SHIFT)
         if cm is None:
             return None

@@ -290,18 +290,24 @@ class RafsFs:
 
     # ------------------------------------------------------------------ directories
 
-    def _dir_list(self, nid: Nid, ino: Ino) -> list[tuple[bytes, Nid, int]]:
+    def _recent(self, cache: OrderedDict[int, _T], ino: Ino, make: Callable[[], _T]) -> _T:
+        """``cache[ino]``, else ``make()`` remembered there (the 4096 most recently used)."""
         with self._lock:
-            hit = self._dirs.get(ino)
+            hit = cache.get(ino)
             if hit is not None:
-                self._dirs.move_to_end(ino)
+                cache.move_to_end(ino)
                 return hit
-        ents = [(e.name, e.nid, e.file_type) for e in self.meta.readdir(nid)]
+        value = make()
         with self._lock:
-            self._dirs[ino] = ents
-            if len(self._dirs) > 4096:
-                self._dirs.popitem(last=False)
-        return ents
+            cache[ino] = value
+            if len(cache) > 4096:
+                cache.popitem(last=False)
+        return value
+
+    def _dir_list(self, nid: Nid, ino: Ino) -> list[tuple[bytes, Nid, int]]:
+        return self._recent(
+            self._dirs, ino, lambda: [(e.name, e.nid, e.file_type) for e in self.meta.readdir(nid)]
+        )
 
     def opendir(self, ino: Ino) -> None:
         def go() -> None:
@@ -374,22 +380,15 @@ class RafsFs:
         self.stats.record(StatsFop.RELEASE, ino, True)
 
     def _file(self, ino: Ino) -> _File:
-        with self._lock:
-            f = self._files.get(ino)
-            if f is not None:
-                self._files.move_to_end(ino)
-                return f
-        nid = self.nid_of(ino)
-        a = self._attr_of(nid, ino)
-        if not stat.S_ISREG(a.mode):
-            raise OSError(errno.EISDIR if a.is_dir else errno.EINVAL, "not a regular file")
-        chunks = sorted(self.meta.chunks(nid), key=lambda c: c.file_offset)
-        f = _File(a.size, [c.file_offset for c in chunks], chunks)
-        with self._lock:
-            self._files[ino] = f
-            if len(self._files) > 4096:
-                self._files.popitem(last=False)
-        return f
+        def load() -> _File:
+            nid = self.nid_of(ino)
+            a = self._attr_of(nid, ino)
+            if not stat.S_ISREG(a.mode):
+                raise OSError(errno.EISDIR if a.is_dir else errno.EINVAL, "not a regular file")
+            chunks = sorted(self.meta.chunks(nid), key=lambda c: c.file_offset)
+            return _File(a.size, [c.file_offset for c in chunks], chunks)
+
+        return self._recent(self._files, ino, load)
 
     def blob_range_files(
         self, blob_index: int, offset: int, size: int

@@ -5,36 +5,10 @@ of worker threads (``handlers`` decodes and encodes each request, ``protocol`` h
 structs, ``kernel`` the system calls); ``fdpass`` moves the device fd between processes.
 """
 
-from .operations import (
-    ROOT_ID,
-    AttrReply,
-    ConnInfo,
-    DirEntry,
-    Entry,
-    FuseError,
-    NodeId,
-    OpenReply,
-    Operations,
-    RequestContext,
-    StatFs,
-)
+from . import operations
+from .operations import *  # noqa: F403  (the names of operations.__all__)
 from .protocol import AttrFields
 from .session import FuseSession, SessionOptions, SessionState
 
-__all__ = [
-    "ROOT_ID",
-    "NodeId",
-    "AttrFields",
-    "AttrReply",
-    "ConnInfo",
-    "DirEntry",
-    "Entry",
-    "FuseError",
-    "FuseSession",
-    "OpenReply",
-    "Operations",
-    "RequestContext",
-    "SessionOptions",
-    "SessionState",
-    "StatFs",
-]
+__all__ = ["AttrFields", "FuseSession", "SessionOptions", "SessionState"]
+__all__ += operations.__all__

@@ -20,16 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import kernel
-from .operations import (
-    AttrReply,
-    DirEntry,
-    Entry,
-    FuseError,
-    NodeId,
-    OpenReply,
-    Operations,
-    RequestContext,
-)
+from .operations import DirEntry, Entry, FuseError, NodeId, OpenReply, Operations, RequestContext
 from .protocol import (
     ACCESS_IN,
     FLUSH_IN,
@@ -107,7 +98,7 @@ class RequestHandlers:
 
     def _do_getattr(self, ctx: _Ctx, body: memoryview) -> bytes:
         flags, _d, fh = GETATTR_IN.unpack_from(body, 0) if len(body) >= 16 else (0, 0, 0)
-        r: AttrReply = self.ops.getattr(ctx, ctx.nodeid, fh if flags & FUSE_GETATTR_FH else None)
+        r = self.ops.getattr(ctx, ctx.nodeid, fh if flags & FUSE_GETATTR_FH else None)
         if r.raw is not None:
             return r.raw
         return pack_attr_out(r.timeout, pack_attr(r.attr))

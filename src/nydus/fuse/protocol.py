@@ -348,6 +348,42 @@ class AttrFields:
     blksize: int = 4096
     flags: int = 0
 
+    @classmethod
+    def read_only(
+        cls,
+        ino: int,
+        mode: int,
+        size: int,
+        nlink: int,
+        stamp: tuple[int, int],
+        *,
+        blocks: int | None = None,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        blksize: int = 4096,
+    ) -> AttrFields:
+        """A node that never changes: ``stamp`` (seconds, nanoseconds) is its atime, mtime and
+        ctime; ``blocks`` defaults to ``size // 512``."""
+        s, ns = stamp
+        return cls(
+            ino,
+            size,
+            size // 512 if blocks is None else blocks,
+            s,
+            s,
+            s,
+            ns,
+            ns,
+            ns,
+            mode,
+            nlink,
+            uid,
+            gid,
+            rdev,
+            blksize,
+        )
+
 
 def pack_attr(a: AttrFields) -> bytes:
     return ATTR.pack(

@@ -42,34 +42,10 @@ from typing import Any
 
 from ..errors import NydusError
 from . import kernel
+from . import protocol as proto
 from .handlers import RequestHandlers, _Ctx
-from .operations import (
-    ConnInfo,
-    FuseError,
-    NodeId,
-    Operations,
-)
-from .protocol import (
-    BATCH_FORGET_IN,
-    FORGET_IN,
-    FORGET_ONE,
-    IN_HEADER,
-    INIT_OUT,
-    INTERRUPT_IN,
-    KERNEL_MINOR_VERSION,
-    KERNEL_VERSION,
-    MIN_MINOR_VERSION,
-    NOTIFY_INVAL_ENTRY,
-    NOTIFY_INVAL_ENTRY_OUT,
-    NOTIFY_INVAL_INODE,
-    NOTIFY_INVAL_INODE_OUT,
-    NOTIFY_RESEND,
-    OUT_HEADER,
-    InitFlags,
-    InitIn,
-    Opcode,
-    opcode_name,
-)
+from .operations import ConnInfo, FuseError, NodeId, Operations
+from .protocol import InitFlags, InitIn, Opcode, opcode_name
 
 __all__ = ["FuseSession", "SessionOptions", "SessionState"]
 
@@ -282,7 +258,7 @@ class FuseSession(RequestHandlers):
         s.proto_minor, s.flags, s.max_pages = state.proto_minor, state.flags, state.max_pages
         ops.init(
             ConnInfo(
-                KERNEL_VERSION,
+                proto.KERNEL_VERSION,
                 state.proto_minor,
                 state.flags,
                 0,
@@ -464,24 +440,26 @@ class FuseSession(RequestHandlers):
 
     def notify_inval_entry(self, parent: int, name: bytes) -> bool:
         """Ask the kernel to drop its cached dentry ``name`` in ``parent``."""
-        body = NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
-        return self._notify(NOTIFY_INVAL_ENTRY, body)
+        body = proto.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
+        return self._notify(proto.NOTIFY_INVAL_ENTRY, body)
 
     def notify_inval_inode(self, nodeid: int, offset: int = 0, length: int = 0) -> bool:
         """Drop cached attributes and (``length`` 0: all) cached data of ``nodeid``."""
-        return self._notify(NOTIFY_INVAL_INODE, NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length))
+        return self._notify(
+            proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, length)
+        )
 
     def notify_resend(self) -> bool:
         """Ask the kernel (7.40+) to queue again every request a previous server read but
         never answered: after a takeover, nothing the old daemon dropped is lost."""
         if self.proto_minor < 40:
             return False
-        return self._notify(NOTIFY_RESEND, b"")
+        return self._notify(proto.NOTIFY_RESEND, b"")
 
     def _notify(self, code: int, body: bytes) -> bool:
         if self._fd < 0 or not self._initialized.is_set():
             return False
-        hdr = OUT_HEADER.pack(OUT_HEADER.size + len(body), code, 0)
+        hdr = proto.OUT_HEADER.pack(proto.OUT_HEADER.size + len(body), code, 0)
         try:
             os.writev(self._fd, [hdr, body])
             return True
@@ -510,7 +488,7 @@ class FuseSession(RequestHandlers):
                     if e.errno != errno.ENODEV:
                         log.error("reading /dev/fuse: %s", e)
                     break
-                if n < IN_HEADER.size:
+                if n < proto.IN_HEADER.size:
                     if n == 0:
                         break
                     log.error("short FUSE request (%d bytes)", n)
@@ -526,18 +504,18 @@ class FuseSession(RequestHandlers):
                 self._ended.set()
 
     def _dispatch(self, fd: int, msg: memoryview) -> None:
-        ln, op, unique, nodeid, uid, gid, pid, _ext, _pad = IN_HEADER.unpack_from(msg, 0)
-        body = msg[IN_HEADER.size : ln]
+        ln, op, unique, nodeid, uid, gid, pid, _ext, _pad = proto.IN_HEADER.unpack_from(msg, 0)
+        body = msg[proto.IN_HEADER.size : ln]
         st = self.stats
         st.requests += 1
         if op == Opcode.FORGET:
-            self._forget([(nodeid, FORGET_IN.unpack_from(body, 0)[0])])
+            self._forget([(nodeid, proto.FORGET_IN.unpack_from(body, 0)[0])])
             return
         if op == Opcode.BATCH_FORGET:
             self._batch_forget(body)
             return
         if op == Opcode.INTERRUPT:
-            self._interrupt(INTERRUPT_IN.unpack_from(body, 0)[0])
+            self._interrupt(proto.INTERRUPT_IN.unpack_from(body, 0)[0])
             return
         ctx = _Ctx(fd, unique, op, NodeId(nodeid), uid, gid, pid)
         with self._lock:
@@ -565,13 +543,13 @@ class FuseSession(RequestHandlers):
         bufs: list[Any] = (
             [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
         )
-        total = OUT_HEADER.size + sum(len(b) for b in bufs)
+        total = proto.OUT_HEADER.size + sum(len(b) for b in bufs)
         with ctx.lock:
             if ctx.replied:
                 return False
             ctx.replied = True
         try:
-            os.writev(ctx.fd, [OUT_HEADER.pack(total, 0, ctx.unique), *bufs])
+            os.writev(ctx.fd, [proto.OUT_HEADER.pack(total, 0, ctx.unique), *bufs])
             return True
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EPIPE):
@@ -584,7 +562,7 @@ class FuseSession(RequestHandlers):
                 return
             ctx.replied = True
         try:
-            os.write(ctx.fd, OUT_HEADER.pack(OUT_HEADER.size, -err, ctx.unique))
+            os.write(ctx.fd, proto.OUT_HEADER.pack(proto.OUT_HEADER.size, -err, ctx.unique))
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EPIPE):
                 log.error("error reply to #%d failed: %s", ctx.unique, e)
@@ -612,10 +590,12 @@ class FuseSession(RequestHandlers):
             log.exception("forget failed")
 
     def _batch_forget(self, body: memoryview) -> None:
-        count, _ = BATCH_FORGET_IN.unpack_from(body, 0)
-        count = min(count, (len(body) - BATCH_FORGET_IN.size) // FORGET_ONE.size)
+        count, _ = proto.BATCH_FORGET_IN.unpack_from(body, 0)
+        count = min(count, (len(body) - proto.BATCH_FORGET_IN.size) // proto.FORGET_ONE.size)
         items = [
-            FORGET_ONE.unpack_from(body, BATCH_FORGET_IN.size + i * FORGET_ONE.size)
+            proto.FORGET_ONE.unpack_from(
+                body, proto.BATCH_FORGET_IN.size + i * proto.FORGET_ONE.size
+            )
             for i in range(count)
         ]
         self._forget(items)
@@ -624,15 +604,15 @@ class FuseSession(RequestHandlers):
 
     def _do_init(self, ctx: _Ctx, body: memoryview) -> bytes:
         ii = InitIn.unpack(body)
-        if ii.major < KERNEL_VERSION:
+        if ii.major < proto.KERNEL_VERSION:
             raise FuseError(errno.EPROTO, f"kernel FUSE {ii.major}.{ii.minor} is too old")
-        if ii.major > KERNEL_VERSION:
+        if ii.major > proto.KERNEL_VERSION:
             # Reply with our major only; the kernel sends INIT again with it.
-            return INIT_OUT.pack(
-                KERNEL_VERSION, KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            return proto.INIT_OUT.pack(
+                proto.KERNEL_VERSION, proto.KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
             )
-        minor = min(ii.minor, KERNEL_MINOR_VERSION)
-        if minor < MIN_MINOR_VERSION:
+        minor = min(ii.minor, proto.KERNEL_MINOR_VERSION)
+        if minor < proto.MIN_MINOR_VERSION:
             raise FuseError(errno.EPROTO, f"kernel FUSE 7.{ii.minor} is older than 7.31")
         o = self.opts
         want = (
@@ -662,8 +642,8 @@ class FuseSession(RequestHandlers):
         self.proto_minor, self.flags = minor, want
         self.max_pages = max(1, min(conn.max_pages, 65535))
         stack = 1 if want & InitFlags.PASSTHROUGH else 0
-        reply = INIT_OUT.pack(
-            KERNEL_VERSION,
+        reply = proto.INIT_OUT.pack(
+            proto.KERNEL_VERSION,
             minor,
             ii.max_readahead,
             want & 0xFFFFFFFF,
@@ -679,7 +659,7 @@ class FuseSession(RequestHandlers):
         )
         log.info(
             "FUSE %d.%d negotiated (kernel 7.%d), flags %#x, max_pages %d, readahead %d",
-            KERNEL_VERSION,
+            proto.KERNEL_VERSION,
             minor,
             ii.minor,
             want,
