@@ -411,58 +411,25 @@ class BlobWriter:
                 self._spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed in close()
                     prefix="nydus-spool-", dir=self._spool_dir
                 )
-            ref = ChunkInfo(
-                digest=digest,
-                blob_index=_DEFERRED,
-                index=len(self._dci),
-                file_offset=foff,
-                compressed_offset=self._dpos,
-                compressed_size=len(payload),
-                uncompressed_offset=self._dupos,
-                uncompressed_size=size,
-                compressed=compressed,
-            )
+            blob_index, cis, digests = _DEFERRED, self._dci, self._ddigests
+            coff, uoff = self._dpos, self._dupos
             self._spool.write(payload)
             self._spool.write(pad)
             self._dpos += len(payload) + len(pad)
-            self._dci.append(
-                bm.CiEntry(
-                    ref.compressed_offset,
-                    ref.compressed_size,
-                    ref.uncompressed_offset,
-                    size,
-                    compressed,
-                )
-            )
-            self._ddigests.append(digest)
             self._dupos += size + (-size % BLOCK)
             self._dnodes[id(node)] = node
         else:
-            ref = ChunkInfo(
-                digest=digest,
-                blob_index=self.blob_index,
-                index=len(self._ci),
-                file_offset=foff,
-                compressed_offset=self._pos,
-                compressed_size=len(payload),
-                uncompressed_offset=self._upos,
-                uncompressed_size=size,
-                compressed=compressed,
-            )
+            blob_index, cis, digests = self.blob_index, self._ci, self._digests
+            coff, uoff = self._pos, self._upos
             self._write(payload)
             if pad:
                 self._write(pad)
-            self._ci.append(
-                bm.CiEntry(
-                    ref.compressed_offset,
-                    ref.compressed_size,
-                    ref.uncompressed_offset,
-                    size,
-                    compressed,
-                )
-            )
-            self._digests.append(digest)
             self._upos += size + (-size % BLOCK)
+        ref = ChunkInfo(
+            digest, blob_index, len(cis), foff, coff, len(payload), uoff, size, compressed
+        )
+        cis.append(bm.CiEntry(coff, len(payload), uoff, size, compressed))
+        digests.append(digest)
         self.dict.add(ref)
         node.chunks.append(ref)
 

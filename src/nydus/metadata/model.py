@@ -18,7 +18,7 @@ import re
 import stat as _stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NewType
 
 from ..errors import FormatError
@@ -95,6 +95,10 @@ class ChunkInfo:
     uncompressed_size: int
     compressed: bool
     crc32: int = 0
+
+    def in_blob(self, blob_index: int) -> ChunkInfo:
+        """This chunk as referenced from blob-table slot ``blob_index``."""
+        return self if blob_index == self.blob_index else replace(self, blob_index=blob_index)
 
 
 class FileKind:
