@@ -19,9 +19,12 @@ import stat as _stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import NewType
+from typing import TYPE_CHECKING, NewType
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:
+    from ..format.rafs_v5 import RafsV5ChunkInfo
 
 __all__ = [
     "BlobInfo",
@@ -99,6 +102,22 @@ class ChunkInfo:
     def in_blob(self, blob_index: int) -> ChunkInfo:
         """This chunk as referenced from blob-table slot ``blob_index``."""
         return self if blob_index == self.blob_index else replace(self, blob_index=blob_index)
+
+    @classmethod
+    def of_record(cls, rec: RafsV5ChunkInfo, file_offset: int, crc32: int = 0) -> ChunkInfo:
+        """The chunk an 80-byte chunk record (v5 inode or v6 chunk table) describes."""
+        return cls(
+            digest=rec.digest,
+            blob_index=rec.blob_index,
+            index=rec.index,
+            file_offset=file_offset,
+            compressed_offset=rec.compressed_offset,
+            compressed_size=rec.compressed_size,
+            uncompressed_offset=rec.uncompressed_offset,
+            uncompressed_size=rec.uncompressed_size,
+            compressed=rec.compressed,
+            crc32=crc32,
+        )
 
 
 class FileKind:
