@@ -104,20 +104,10 @@ class ChunkInfo:
         return self if blob_index == self.blob_index else replace(self, blob_index=blob_index)
 
     @classmethod
-    def of_record(cls, rec: RafsV5ChunkInfo, file_offset: int, crc32: int = 0) -> ChunkInfo:
+    def of_record(cls, r: RafsV5ChunkInfo, file_offset: int, crc32: int = 0) -> ChunkInfo:
         """The chunk an 80-byte chunk record (v5 inode or v6 chunk table) describes."""
-        return cls(
-            digest=rec.digest,
-            blob_index=rec.blob_index,
-            index=rec.index,
-            file_offset=file_offset,
-            compressed_offset=rec.compressed_offset,
-            compressed_size=rec.compressed_size,
-            uncompressed_offset=rec.uncompressed_offset,
-            uncompressed_size=rec.uncompressed_size,
-            compressed=rec.compressed,
-            crc32=crc32,
-        )
+        place = (r.compressed_offset, r.compressed_size, r.uncompressed_offset, r.uncompressed_size)
+        return cls(r.digest, r.blob_index, r.index, file_offset, *place, r.compressed, crc32)
 
 
 class FileKind:
