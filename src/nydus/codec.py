@@ -17,6 +17,7 @@ import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import blake3
 import lz4.block
@@ -93,6 +94,8 @@ class Digester:
         return h.digest()
 
 
+_Algo = TypeVar("_Algo", Compressor, Digester)
+
 COMPRESSORS: dict[str, Compressor] = {
     "none": Compressor("none", 0, None, None),
     "lz4_block": Compressor(
@@ -111,36 +114,36 @@ DIGESTERS: dict[str, Digester] = {
 }
 
 
-def compressor_by_name(name: str) -> Compressor:
+def _by_name(table: dict[str, _Algo], kind: str, name: str) -> _Algo:
     try:
-        return COMPRESSORS[name]
+        return table[name]
     except KeyError:
         raise ConfigError(
-            f"unknown compressor {name!r} (expected one of: {', '.join(COMPRESSORS)})"
+            f"unknown {kind} {name!r} (expected one of: {', '.join(table)})"
         ) from None
+
+
+def _by_id(table: dict[str, _Algo], kind: str, algo_id: int) -> _Algo:
+    for algo in table.values():
+        if algo.id == algo_id:
+            return algo
+    raise IntegrityError(f"unknown {kind} algorithm id {algo_id}")
+
+
+def compressor_by_name(name: str) -> Compressor:
+    return _by_name(COMPRESSORS, "compressor", name)
 
 
 def compressor_by_id(cid: int) -> Compressor:
-    for c in COMPRESSORS.values():
-        if c.id == cid:
-            return c
-    raise IntegrityError(f"unknown compression algorithm id {cid}")
+    return _by_id(COMPRESSORS, "compression", cid)
 
 
 def digester_by_name(name: str) -> Digester:
-    try:
-        return DIGESTERS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown digester {name!r} (expected one of: {', '.join(DIGESTERS)})"
-        ) from None
+    return _by_name(DIGESTERS, "digester", name)
 
 
 def digester_by_id(did: int) -> Digester:
-    for d in DIGESTERS.values():
-        if d.id == did:
-            return d
-    raise IntegrityError(f"unknown digest algorithm id {did}")
+    return _by_id(DIGESTERS, "digest", did)
 
 
 def compress(c: Compressor, data: bytes) -> tuple[bytes, bool]:

@@ -411,58 +411,25 @@ class BlobWriter:
                 self._spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed in close()
                     prefix="nydus-spool-", dir=self._spool_dir
                 )
-            ref = ChunkInfo(
-                digest=digest,
-                blob_index=_DEFERRED,
-                index=len(self._dci),
-                file_offset=foff,
-                compressed_offset=self._dpos,
-                compressed_size=len(payload),
-                uncompressed_offset=self._dupos,
-                uncompressed_size=size,
-                compressed=compressed,
-            )
+            blob_index, cis, digests = _DEFERRED, self._dci, self._ddigests
+            coff, uoff = self._dpos, self._dupos
             self._spool.write(payload)
             self._spool.write(pad)
             self._dpos += len(payload) + len(pad)
-            self._dci.append(
-                bm.CiEntry(
-                    ref.compressed_offset,
-                    ref.compressed_size,
-                    ref.uncompressed_offset,
-                    size,
-                    compressed,
-                )
-            )
-            self._ddigests.append(digest)
             self._dupos += size + (-size % BLOCK)
             self._dnodes[id(node)] = node
         else:
-            ref = ChunkInfo(
-                digest=digest,
-                blob_index=self.blob_index,
-                index=len(self._ci),
-                file_offset=foff,
-                compressed_offset=self._pos,
-                compressed_size=len(payload),
-                uncompressed_offset=self._upos,
-                uncompressed_size=size,
-                compressed=compressed,
-            )
+            blob_index, cis, digests = self.blob_index, self._ci, self._digests
+            coff, uoff = self._pos, self._upos
             self._write(payload)
             if pad:
                 self._write(pad)
-            self._ci.append(
-                bm.CiEntry(
-                    ref.compressed_offset,
-                    ref.compressed_size,
-                    ref.uncompressed_offset,
-                    size,
-                    compressed,
-                )
-            )
-            self._digests.append(digest)
             self._upos += size + (-size % BLOCK)
+        ref = ChunkInfo(
+            digest, blob_index, len(cis), foff, coff, len(payload), uoff, size, compressed
+        )
+        cis.append(bm.CiEntry(coff, len(payload), uoff, size, compressed))
+        digests.append(digest)
         self.dict.add(ref)
         node.chunks.append(ref)
 
@@ -582,20 +549,8 @@ class BlobWriter:
             )
         )
 
-        digests = b"".join(self._digests)
-        dig_off = self._pos
-        self._write(digests, hashed=False)  # upstream leaves it out of the blob id
-        self._write(bm.tar_header(bm.TOC_ENTRY_BLOB_DIGEST, len(digests)))
-        toc.append(
-            bm.TocEntry(
-                bm.TOC_FLAG_COMPRESSION_NONE,
-                bm.TOC_ENTRY_BLOB_DIGEST,
-                hashlib.sha256(digests).digest(),
-                dig_off,
-                len(digests),
-                len(digests),
-            )
-        )
+        # upstream leaves the digest array out of the blob id
+        self._raw_section(toc, bm.TOC_ENTRY_BLOB_DIGEST, b"".join(self._digests), hashed=False)
 
         entry = v6.BlobEntry(
             blob_id=self._blob_hash().hexdigest(),
@@ -621,19 +576,7 @@ class BlobWriter:
             entry.compressed_size = self._pos + boot_len + bm.TAR_BLOCK + toc_len
             boot = inline_bootstrap(entry)
             assert len(boot) == boot_len
-            boot_off = self._pos
-            self._write(boot)
-            self._write(bm.tar_header(bm.TOC_ENTRY_BOOTSTRAP, len(boot)))
-            toc.append(
-                bm.TocEntry(
-                    bm.TOC_FLAG_COMPRESSION_NONE,
-                    bm.TOC_ENTRY_BOOTSTRAP,
-                    hashlib.sha256(boot).digest(),
-                    boot_off,
-                    len(boot),
-                    len(boot),
-                )
-            )
+            self._raw_section(toc, bm.TOC_ENTRY_BOOTSTRAP, boot)
         toc_bytes = b"".join(e.pack() for e in toc)
         toc_hdr = bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))
         self._write(toc_bytes)
@@ -647,6 +590,18 @@ class BlobWriter:
         if self._writer is not None:
             self._writer.sync()  # every byte is in ``out`` before the caller closes it
         return BlobResult(entry, len(self._ci), self.deduped, data_size)
+
+    def _raw_section(
+        self, toc: list[bm.TocEntry], name: str, data: bytes, hashed: bool = True
+    ) -> None:
+        """Append ``data`` uncompressed with its tar header and list it in ``toc``."""
+        off = self._pos
+        self._write(data, hashed)
+        self._write(bm.tar_header(name, len(data)))
+        digest = hashlib.sha256(data).digest()
+        toc.append(
+            bm.TocEntry(bm.TOC_FLAG_COMPRESSION_NONE, name, digest, off, len(data), len(data))
+        )
 
 
 def _read_exact(f: object, n: int, node: Node) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from .. import codec
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
-from ..metadata import ChunkInfo, Nid, RafsMetadata, open_bootstrap
+from ..metadata import Nid, RafsMetadata, open_bootstrap
 from ..metadata.v6 import RafsV6Metadata
 from .blob import BlobResult, BlobWriter, ChunkDict, _Sink
 from .bootstrap import BootstrapOptions, write_bootstrap
@@ -77,6 +77,7 @@ def _open_v6(path: str, what: str) -> RafsV6Metadata:
 def tree_from_metadata(md: RafsMetadata, blob_map: dict[int, int] | None = None) -> Node:
     """Rebuild a Node tree (with chunk references, no data) from a bootstrap."""
     nodes: dict[Nid, Node] = {}
+    remap = blob_map or {}
 
     def make(nid: Nid) -> Node:
         hit = nodes.get(nid)
@@ -98,21 +99,7 @@ def tree_from_metadata(md: RafsMetadata, blob_map: dict[int, int] | None = None)
         elif a.is_symlink:
             n.symlink = md.readlink(nid)
         elif a.is_reg:
-            n.chunks = [
-                ChunkInfo(
-                    c.digest,
-                    (blob_map or {}).get(c.blob_index, c.blob_index),
-                    c.index,
-                    c.file_offset,
-                    c.compressed_offset,
-                    c.compressed_size,
-                    c.uncompressed_offset,
-                    c.uncompressed_size,
-                    c.compressed,
-                    c.crc32,
-                )
-                for c in md.chunks(nid)
-            ]
+            n.chunks = [c.in_blob(remap.get(c.blob_index, c.blob_index)) for c in md.chunks(nid)]
         nodes[nid] = n
         return n
 
@@ -382,19 +369,5 @@ def _prune_blobs(
     for _p, n in iter_tree(root):
         if n.chunks and id(n) not in done:
             done.add(id(n))
-            n.chunks = [
-                ChunkInfo(
-                    c.digest,
-                    remap[c.blob_index],
-                    c.index,
-                    c.file_offset,
-                    c.compressed_offset,
-                    c.compressed_size,
-                    c.uncompressed_offset,
-                    c.uncompressed_size,
-                    c.compressed,
-                    c.crc32,
-                )
-                for c in n.chunks
-            ]
+            n.chunks = [c.in_blob(remap[c.blob_index]) for c in n.chunks]
     return kept, root

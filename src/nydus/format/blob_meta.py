@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .record import field_values
 
 BLOB_META_MAGIC = 0xB10BB10B
 CI_HEADER_SIZE = 4096
@@ -69,18 +70,7 @@ class CiHeader:
     zran_count: int = 0
 
     def pack(self) -> bytes:
-        head = _HDR.pack(
-            BLOB_META_MAGIC,
-            self.features,
-            self.ci_compressor,
-            self.ci_entries,
-            self.ci_offset,
-            self.ci_compressed_size,
-            self.ci_uncompressed_size,
-            self.zran_offset,
-            self.zran_size,
-            self.zran_count,
-        )
+        head = _HDR.pack(BLOB_META_MAGIC, *field_values(self))
         return head.ljust(CI_HEADER_SIZE - 4, b"\0") + struct.pack("<I", BLOB_META_MAGIC)
 
     @classmethod

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .record import field_values
 
 __all__ = [
     "SUPERBLOCK_SIZE",
@@ -432,18 +433,7 @@ class RafsV5ChunkInfo:
     crc32: int = 0
 
     def pack(self) -> bytes:
-        return _CHUNK.pack(
-            self.digest,
-            self.blob_index,
-            self.flags,
-            self.compressed_size,
-            self.uncompressed_size,
-            self.compressed_offset,
-            self.uncompressed_offset,
-            self.file_offset,
-            self.index,
-            self.crc32,
-        )
+        return _CHUNK.pack(*field_values(self))
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, off: int) -> RafsV5ChunkInfo:

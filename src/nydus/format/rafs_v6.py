@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import FormatError
 from .rafs_v5 import CHUNK_INFO_SIZE as CHUNK_INFO_SIZE  # re-exported: the chunk record size
 from .rafs_v5 import RafsV5ChunkInfo
+from .record import field_values
 
 EXT_SB_OFFSET = 1152
 EXT_SB_SIZE = 256
@@ -115,17 +116,7 @@ class ExtSuperBlock:
     prefetch_table_size: int
 
     def pack(self) -> bytes:
-        return _EXT.pack(
-            self.flags,
-            self.blob_table_offset,
-            self.blob_table_size,
-            self.chunk_size,
-            self.chunk_table_offset,
-            self.chunk_table_size,
-            self.prefetch_table_offset,
-            self.prefetch_table_size,
-            0,
-        )
+        return _EXT.pack(*field_values(self), 0)
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview) -> ExtSuperBlock:
@@ -161,27 +152,8 @@ class BlobEntry:
     cipher_algo: int = 0
 
     def pack(self) -> bytes:
-        return _BLOB.pack(
-            self.blob_id.encode().ljust(64, b"\0"),
-            self.blob_index,
-            self.chunk_size,
-            self.chunk_count,
-            self.compression_algo,
-            self.digest_algo,
-            self.features,
-            self.compressed_size,
-            self.uncompressed_size,
-            self.blob_toc_size,
-            self.ci_compressor,
-            self.ci_offset,
-            self.ci_compressed_size,
-            self.ci_uncompressed_size,
-            self.blob_toc_digest,
-            self.blob_meta_digest,
-            self.blob_meta_size,
-            self.cipher_iv,
-            self.cipher_algo,
-        )
+        blob_id, *rest = field_values(self)
+        return _BLOB.pack(blob_id.encode().ljust(64, b"\0"), *rest)
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, off: int) -> BlobEntry:

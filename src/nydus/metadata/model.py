@@ -18,10 +18,13 @@ import re
 import stat as _stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import NewType
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, NewType
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:
+    from ..format.rafs_v5 import RafsV5ChunkInfo
 
 __all__ = [
     "BlobInfo",
@@ -95,6 +98,16 @@ class ChunkInfo:
     uncompressed_size: int
     compressed: bool
     crc32: int = 0
+
+    def in_blob(self, blob_index: int) -> ChunkInfo:
+        """This chunk as referenced from blob-table slot ``blob_index``."""
+        return self if blob_index == self.blob_index else replace(self, blob_index=blob_index)
+
+    @classmethod
+    def of_record(cls, r: RafsV5ChunkInfo, file_offset: int, crc32: int = 0) -> ChunkInfo:
+        """The chunk an 80-byte chunk record (v5 inode or v6 chunk table) describes."""
+        place = (r.compressed_offset, r.compressed_size, r.uncompressed_offset, r.uncompressed_size)
+        return cls(r.digest, r.blob_index, r.index, file_offset, *place, r.compressed, crc32)
 
 
 class FileKind:

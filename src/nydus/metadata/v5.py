@@ -210,19 +210,7 @@ class RafsV5Metadata(RafsMetadata):
             end = c.file_offset + c.uncompressed_size
             if c.is_hole:
                 continue
-            out.append(
-                ChunkInfo(
-                    digest=c.digest,
-                    blob_index=c.blob_index,
-                    index=c.index,
-                    file_offset=c.file_offset,
-                    compressed_offset=c.compressed_offset,
-                    compressed_size=c.compressed_size,
-                    uncompressed_offset=c.uncompressed_offset,
-                    uncompressed_size=c.uncompressed_size,
-                    compressed=c.compressed,
-                )
-            )
+            out.append(ChunkInfo.of_record(c, c.file_offset))  # v5: the crc32 field is reserved
         return out
 
     def prefetch_nids(self) -> list[Nid]:

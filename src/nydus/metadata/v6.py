@@ -332,20 +332,7 @@ class RafsV6Metadata(RafsMetadata):
 
     def chunk_record(self, blob_index: int, index: int) -> ChunkInfo | None:
         rec = self._chunk_records.get((blob_index, index))
-        if rec is None:
-            return None
-        return ChunkInfo(
-            digest=rec.digest,
-            blob_index=blob_index,
-            index=index,
-            file_offset=0,
-            compressed_offset=rec.compressed_offset,
-            compressed_size=rec.compressed_size,
-            uncompressed_offset=rec.uncompressed_offset,
-            uncompressed_size=rec.uncompressed_size,
-            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED),
-            crc32=rec.crc32,
-        )
+        return None if rec is None else ChunkInfo.of_record(rec, 0, rec.crc32)
 
     def _chunk(self, nid: int, blob: int, ci: int, foff: int, uoff: int) -> ChunkInfo:
         binfo = self.blobs[blob]
@@ -364,15 +351,4 @@ class RafsV6Metadata(RafsMetadata):
             )
         if not 0 < rec.uncompressed_size <= v6.MAX_CHUNK_SIZE:
             raise FormatError(f"file {nid}: chunk {ci} has size {rec.uncompressed_size}")
-        return ChunkInfo(
-            digest=rec.digest,
-            blob_index=blob,
-            index=ci,
-            file_offset=foff,
-            compressed_offset=rec.compressed_offset,
-            compressed_size=rec.compressed_size,
-            uncompressed_offset=rec.uncompressed_offset,
-            uncompressed_size=rec.uncompressed_size,
-            compressed=bool(rec.flags & v6.CHUNK_FLAG_COMPRESSED),
-            crc32=rec.crc32,
-        )
+        return ChunkInfo.of_record(rec, foff, rec.crc32)
