@@ -46,6 +46,7 @@ __all__ = [
     "BlobPrefetchConfig",
     "ProxyConfig",
     "MirrorConfig",
+    "ConnectionConfig",
     "LocalFsConfig",
     "LocalDiskConfig",
     "RegistryConfig",
@@ -105,7 +106,7 @@ class MirrorConfig:
 
 
 @dataclass
-class _ConnectionConfig:
+class ConnectionConfig:
     """Keys shared by every network backend."""
 
     skip_verify: bool = False
@@ -118,7 +119,7 @@ class _ConnectionConfig:
 
 
 @dataclass
-class RegistryConfig(_ConnectionConfig):
+class RegistryConfig(ConnectionConfig):
     scheme: str = "https"
     host: str = ""
     repo: str = ""
@@ -131,7 +132,7 @@ class RegistryConfig(_ConnectionConfig):
 
 
 @dataclass
-class OssConfig(_ConnectionConfig):
+class OssConfig(ConnectionConfig):
     scheme: str = "https"
     endpoint: str = ""
     bucket_name: str = ""
@@ -150,7 +151,7 @@ class S3Config(OssConfig):
 
 
 @dataclass
-class HttpProxyConfig(_ConnectionConfig):
+class HttpProxyConfig(ConnectionConfig):
     addr: str = ""
     path: str = ""
 

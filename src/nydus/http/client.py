@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urljoin
 
-from ..config import ProxyConfig, _ConnectionConfig
+from ..config import ConnectionConfig, ProxyConfig
 from ..credentials import redact_url
 from ..errors import BackendError
 from .proxy import ProxyTransport
@@ -65,7 +65,7 @@ class HttpConfig:
     resolve: dict[str, str] = field(default_factory=dict)  # host -> address (a test seam)
 
     @classmethod
-    def of(cls, cfg: _ConnectionConfig, resolve: Mapping[str, str] | None = None) -> HttpConfig:
+    def of(cls, cfg: ConnectionConfig, resolve: Mapping[str, str] | None = None) -> HttpConfig:
         """The settings of a backend config's connection keys (0 retries: the default)."""
         return cls(
             timeout=cfg.timeout,
