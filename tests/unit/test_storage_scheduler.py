@@ -207,6 +207,14 @@ def pf_device(img: Image, tmp: Path, link: Link, **kw: Any) -> BlobDevice:
     return dev
 
 
+def wait_queued(dev: BlobDevice, n: int) -> None:
+    """Until ``n`` prefetch batches wait in the queue (prefetch_files queues them on a thread)."""
+    deadline = time.monotonic() + 10
+    while dev.scheduler.prefetch_queued < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     out: list[object] = []
     t = threading.Thread(target=lambda: out.append(fn()))
@@ -223,6 +231,7 @@ def test_user_read_goes_out_before_queued_prefetch(img: Image, tmp_path: Path) -
     try:
         dev.prefetch_files([big])  # 41 batches, one in flight (held), 40 queued
         link.wait_started(big[0].index)
+        wait_queued(dev, 40)
         data = b"".join(dev.read_chunks(text))
         assert data == img.files["/text"]
         link.release_all()
@@ -249,6 +258,7 @@ def test_user_read_promotes_the_queued_prefetch_of_its_chunk(img: Image, tmp_pat
         target = work[2][-1]
         dev.prefetch_files([big])
         link.wait_started(big[0].index)
+        wait_queued(dev, len(work) - 1)
         want = next(c for c in big if c.index == target.index)
         (data,) = dev.read_chunks([want])  # while prefetch is stuck on its first batch
         assert data == img.files["/big"][want.file_offset : want.file_offset + len(data)]

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 ChunkLookup = Callable[[int, int], ChunkInfo | None]
 
+PREFETCH_INFLIGHT_BATCHES = 2  # prefetch bytes in flight: at most this many merged batches
+PREFETCH_USER_IDLE = 0.1  # seconds without a user read waiting before prefetch resumes
+
 
 def create_backend(bcfg: BackendConfig, id: str = "") -> BlobBackend:
     """The backend named by ``device.backend``."""
@@ -142,7 +145,11 @@ class BlobDevice:
             threads, merging or (1 << 20), rate, self.cache_metrics, min_rate=max_chunk
         )
         self._own_scheduler = scheduler is None
-        self.scheduler = scheduler or FetchScheduler(prefetch_cap=threads)
+        self.scheduler = scheduler or FetchScheduler(
+            prefetch_cap=threads,
+            prefetch_bytes=PREFETCH_INFLIGHT_BATCHES * (merging or (1 << 20)),
+            user_idle=PREFETCH_USER_IDLE,
+        )
         self._state: dict[int, _Blob] = {}
         self._lock = threading.Lock()
         self._closed = False

@@ -146,7 +146,7 @@ class Prefetcher:
                 self._jobs.discard(key)
             self._done_one()
 
-        job = PrefetchJob(run, dropped)
+        job = PrefetchJob(run, dropped, batch[-1].end - batch[0].compressed_offset)
         key = (fetcher, job)
         with self._cond:
             self._jobs.add(key)

@@ -7,10 +7,12 @@ first). Jobs come in two classes, each queued in FIFO order:
 * **user**: a range request of an on-demand read (:meth:`FetchScheduler.run_user`). A free
   slot always takes a queued user job before any prefetch job.
 * **prefetch**: a batch of chunks (:meth:`FetchScheduler.submit_prefetch`). A slot admits one
-  only when no user job is queued, no user read is waiting for the backend
-  (:meth:`FetchScheduler.user_demand`), and fewer than ``prefetch_cap`` prefetch jobs run. The
-  cap is below the slot count, so a user request always finds a slot free at once and never
-  queues behind a list of prefetch requests; prefetch uses the link only while users do not.
+  only when no user job is queued, no user read has waited for the backend
+  (:meth:`FetchScheduler.user_demand`) in the last ``user_idle`` seconds, fewer than
+  ``prefetch_cap`` prefetch jobs run and their bytes stay within ``prefetch_bytes`` (one job
+  always may run). The caps keep the slot count above them, so a user request always finds a
+  slot free at once, and bound the prefetch bytes a user request shares the link with; the
+  hold-off keeps prefetch off the link between the closely spaced reads of a busy workload.
 
 A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`): the blob
 fetcher does so when a user read wants one of its chunks, and fetches the batch itself at user
@@ -65,20 +67,33 @@ class _UserJob(Generic[T]):
 class PrefetchJob:
     """A queued prefetch batch: ``run`` on a slot, or ``on_drop`` if it never runs here."""
 
-    __slots__ = ("on_drop", "queued", "run")
+    __slots__ = ("nbytes", "on_drop", "queued", "run")
 
-    def __init__(self, run: Callable[[], object], on_drop: Callable[[], object]) -> None:
+    def __init__(
+        self, run: Callable[[], object], on_drop: Callable[[], object], nbytes: int = 0
+    ) -> None:
         self.run = run
         self.on_drop = on_drop
+        self.nbytes = nbytes  # what its request will fetch (at most)
         self.queued = False
 
 
 class FetchScheduler:
     """Fetch slots shared by user reads and prefetch (module docstring)."""
 
-    def __init__(self, slots: int = 8, prefetch_cap: int = 8) -> None:
+    def __init__(
+        self,
+        slots: int = 8,
+        prefetch_cap: int = 8,
+        prefetch_bytes: int = 0,
+        user_idle: float = 0.0,
+    ) -> None:
         self.prefetch_cap = max(prefetch_cap, 1)
+        self.prefetch_bytes = prefetch_bytes  # 0: no byte cap
+        self.user_idle = user_idle
         self.slots = max(slots, self.prefetch_cap + 1)
+        self._prefetch_bytes_running = 0
+        self._user_seen = float("-inf")  # when user demand last ended
         self._cond = threading.Condition()
         self._user: collections.deque[_UserJob[object]] = collections.deque()
         self._prefetch: collections.deque[PrefetchJob] = collections.deque()
@@ -147,6 +162,7 @@ class FetchScheduler:
             with self._cond:
                 self._user_demand -= 1
                 if self._user_demand == 0:
+                    self._user_seen = time.monotonic()
                     self._cond.notify_all()
 
     @property
@@ -162,16 +178,26 @@ class FetchScheduler:
                 return None
             if self._user:
                 return self._user.popleft()
-            if (
-                self._prefetch
-                and self._user_demand == 0
-                and self._prefetch_running < self.prefetch_cap
-            ):
-                job = self._prefetch.popleft()
-                job.queued = False
-                self._prefetch_running += 1
-                return job
-            self._cond.wait()
+            wait: float | None = None
+            if self._prefetch and self._user_demand == 0 and self._prefetch_admissible_locked():
+                wait = self._user_seen + self.user_idle - time.monotonic()
+                if wait <= 0:
+                    job = self._prefetch.popleft()
+                    job.queued = False
+                    self._prefetch_running += 1
+                    self._prefetch_bytes_running += job.nbytes
+                    return job
+            self._cond.wait(wait)
+
+    def _prefetch_admissible_locked(self) -> bool:
+        if self._prefetch_running == 0:
+            return True
+        if self._prefetch_running >= self.prefetch_cap:
+            return False
+        nbytes = self._prefetch[0].nbytes
+        return not self.prefetch_bytes or (
+            self._prefetch_bytes_running + nbytes <= self.prefetch_bytes
+        )
 
     def _slot(self) -> None:
         while True:
@@ -189,6 +215,7 @@ class FetchScheduler:
             finally:
                 with self._cond:
                     self._prefetch_running -= 1
+                    self._prefetch_bytes_running -= job.nbytes
                     self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
