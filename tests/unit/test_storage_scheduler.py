@@ -108,6 +108,51 @@ def test_prefetch_in_flight_is_capped_and_waits_for_user_demand() -> None:
         sched.close()
 
 
+def test_prefetch_bytes_in_flight_are_capped() -> None:
+    for nbytes, expect in ((60, 1), (40, 2)):  # cap 100 bytes: one job always may run
+        sched = FetchScheduler(slots=4, prefetch_cap=3, prefetch_bytes=100)
+        running = peak = done = 0
+        lock = threading.Lock()
+
+        def run() -> None:
+            nonlocal running, peak, done
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            time.sleep(0.02)
+            with lock:
+                running -= 1
+                done += 1
+
+        try:
+            with sched.user_demand():  # queue them all before any starts
+                for _ in range(8):
+                    sched.submit_prefetch(PrefetchJob(run, lambda: None, nbytes))
+            deadline = time.monotonic() + 10
+            while done < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (done, peak) == (8, expect)
+        finally:
+            sched.close()
+
+
+def test_prefetch_resumes_only_after_users_were_idle_a_while() -> None:
+    sched = FetchScheduler(slots=2, prefetch_cap=1, user_idle=0.3)
+    started: list[float] = []
+    try:
+        with sched.user_demand():
+            sched.submit_prefetch(
+                PrefetchJob(lambda: started.append(time.monotonic()), lambda: None)
+            )
+        ended = time.monotonic()
+        deadline = ended + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started and started[0] - ended >= 0.25
+    finally:
+        sched.close()
+
+
 def test_take_and_close() -> None:
     sched = FetchScheduler(slots=2, prefetch_cap=1)
     hold = threading.Event()
