@@ -78,32 +78,40 @@ def test_user_jobs_take_free_slots_before_queued_prefetch() -> None:
         sched.close()
 
 
+class Jobs:
+    """Prefetch jobs that take 20 ms each; counts how many ran at once at most."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = self.done = 0
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.02)
+        with self.lock:
+            self.running -= 1
+            self.done += 1
+
+    def wait_done(self, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.done < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.done == n
+
+
 def test_prefetch_in_flight_is_capped_and_waits_for_user_demand() -> None:
     sched = FetchScheduler(slots=4, prefetch_cap=2)
-    running = peak = done = 0
-    lock = threading.Lock()
-
-    def run() -> None:
-        nonlocal running, peak, done
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.02)
-        with lock:
-            running -= 1
-            done += 1
-
+    jobs = Jobs()
     try:
         with sched.user_demand():
             for _ in range(10):
-                sched.submit_prefetch(PrefetchJob(run, lambda: None))
+                sched.submit_prefetch(PrefetchJob(jobs.run, lambda: None))
             time.sleep(0.2)
-            assert done == 0 and sched.prefetch_queued == 10  # nothing started
-        deadline = time.monotonic() + 10
-        while done < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert done == 10
-        assert peak == 2
+            assert jobs.done == 0 and sched.prefetch_queued == 10  # nothing started
+        jobs.wait_done(10)
+        assert jobs.peak == 2
     finally:
         sched.close()
 
@@ -111,27 +119,13 @@ def test_prefetch_in_flight_is_capped_and_waits_for_user_demand() -> None:
 def test_prefetch_bytes_in_flight_are_capped() -> None:
     for nbytes, expect in ((60, 1), (40, 2)):  # cap 100 bytes: one job always may run
         sched = FetchScheduler(slots=4, prefetch_cap=3, prefetch_bytes=100)
-        running = peak = done = 0
-        lock = threading.Lock()
-
-        def run() -> None:
-            nonlocal running, peak, done
-            with lock:
-                running += 1
-                peak = max(peak, running)
-            time.sleep(0.02)
-            with lock:
-                running -= 1
-                done += 1
-
+        jobs = Jobs()
         try:
             with sched.user_demand():  # queue them all before any starts
                 for _ in range(8):
-                    sched.submit_prefetch(PrefetchJob(run, lambda: None, nbytes))
-            deadline = time.monotonic() + 10
-            while done < 8 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert (done, peak) == (8, expect)
+                    sched.submit_prefetch(PrefetchJob(jobs.run, lambda: None, nbytes))
+            jobs.wait_done(8)
+            assert jobs.peak == expect
         finally:
             sched.close()
 
