@@ -30,11 +30,11 @@ from nydus.storage.scheduler import FetchScheduler, PrefetchJob
 # ------------------------------------------------------------------ the scheduler alone
 
 
-def test_user_jobs_take_free_slots_before_queued_prefetch() -> None:
+def test_user_jobs_go_out_at_once_and_ahead_of_queued_prefetch() -> None:
     order: list[str] = []
     lock = threading.Lock()
-    release = threading.Event()
-    sched = FetchScheduler(slots=2, prefetch_cap=1)
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    p_hold, u_hold = threading.Event(), threading.Event()
 
     def job(name: str, hold: threading.Event | None = None) -> Callable[[], str]:
         def run() -> str:
@@ -46,35 +46,34 @@ def test_user_jobs_take_free_slots_before_queued_prefetch() -> None:
 
         return run
 
-    dropped: list[str] = []
-    try:
-        first = PrefetchJob(job("P0", release), lambda: dropped.append("P0"))
-        assert sched.submit_prefetch(first)
-        while order != ["P0"]:
+    def wait_len(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(order) < n:
+            assert time.monotonic() < deadline
             time.sleep(0.01)
+
+    try:
+        sched.submit_prefetch(PrefetchJob(job("P0", p_hold), lambda: None))
+        wait_len(1)
         for i in range(1, 6):
             sched.submit_prefetch(PrefetchJob(job(f"P{i}"), lambda: None))
-        user_hold = threading.Event()
         out: list[list[str]] = []
         t = threading.Thread(
-            target=lambda: out.append(sched.run_user([job("U0", user_hold), job("U1"), job("U2")]))
+            target=lambda: out.append(sched.run_user([job("U0", u_hold), job("U1"), job("U2")]))
         )
         t.start()
-        while "U0" not in order:
-            time.sleep(0.01)
-        release.set()  # P0's slot is free now: it must take U1, U2, not P1
-        while len(order) < 3:
-            time.sleep(0.01)
-        user_hold.set()
+        wait_len(2)  # U0 went out while P0 is in flight
+        p_hold.set()
+        time.sleep(0.2)
+        assert order == ["P0", "U0"]  # no prefetch starts while user jobs run or wait
+        u_hold.set()
         t.join(10)
         assert out == [["U0", "U1", "U2"]]
-        while len(order) < 9:
-            time.sleep(0.01)
-        assert order[:4] == ["P0", "U0", "U1", "U2"]
-        assert order[4:] == ["P1", "P2", "P3", "P4", "P5"]
-        assert dropped == []
+        wait_len(9)
+        assert order == ["P0", "U0", "U1", "U2", "P1", "P2", "P3", "P4", "P5"]
     finally:
-        release.set()
+        p_hold.set()
+        u_hold.set()
         sched.close()
 
 

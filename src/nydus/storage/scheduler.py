@@ -1,18 +1,20 @@
 """The fetch scheduler: every backend request of a blob device goes through it, user reads first.
 
-:class:`FetchScheduler` owns a fixed number of fetch *slots* (threads); each slot runs one job
-at a time, and a job is one backend request (a prefetch job may sleep in the bandwidth limiter
-first). Jobs come in two classes, each queued in FIFO order:
+:class:`FetchScheduler` runs jobs on a fixed number of fetch *slots* (threads), one job at a
+time each; a job is one backend request (a prefetch job may sleep in the bandwidth limiter
+first, and verifies and caches what it fetched). Jobs come in two classes, each queued FIFO:
 
-* **user**: a range request of an on-demand read (:meth:`FetchScheduler.run_user`). A free
-  slot always takes a queued user job before any prefetch job.
-* **prefetch**: a batch of chunks (:meth:`FetchScheduler.submit_prefetch`). A slot admits one
-  only when no user job is queued, no user read has waited for the backend
-  (:meth:`FetchScheduler.user_demand`) in the last ``user_idle`` seconds, fewer than
-  ``prefetch_cap`` prefetch jobs run and their bytes stay within ``prefetch_bytes`` (one job
-  always may run). The caps keep the slot count above them, so a user request always finds a
-  slot free at once, and bound the prefetch bytes a user request shares the link with; the
-  hold-off keeps prefetch off the link between the closely spaced reads of a busy workload.
+* **user**: a range request of an on-demand read (:meth:`FetchScheduler.run_user`), run on one
+  of ``slots`` user slots, which prefetch never occupies: a user request goes out at once.
+* **prefetch**: a batch of chunks (:meth:`FetchScheduler.submit_prefetch`), run on one of
+  ``prefetch_cap`` prefetch slots (at the lowest CPU priority where the OS allows, so prefetch
+  decompression and hashing yield the CPU to the reader). One is admitted only when no user
+  job is queued or running, no user read is waiting for the backend
+  (:meth:`FetchScheduler.user_demand`) or has in the last ``user_idle`` seconds, and the
+  prefetch jobs running stay within ``prefetch_bytes`` (one always may run). So prefetch uses
+  the link only while users do not, a user request shares it with at most ``prefetch_bytes``
+  of prefetch already in flight, and the hold-off keeps prefetch off it between the closely
+  spaced reads of a busy workload.
 
 A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`): the blob
 fetcher does so when a user read wants one of its chunks, and fetches the batch itself at user
@@ -22,19 +24,19 @@ its in-flight table makes sure no chunk is fetched twice).
 Threading contract: thread-safe. One lock (a condition) guards the queues and counters; jobs
 run outside it. Callers may hold their own locks when they call :meth:`take` (it never blocks
 and calls no job), never when they call :meth:`run_user`. A prefetch job must not call
-:meth:`run_user` (it runs on a slot and would wait for slots). :meth:`close` fails queued user
-jobs, drops queued prefetch jobs (calling their ``on_drop``), lets running jobs finish and
-joins the slots.
+:meth:`run_user`. :meth:`close` fails queued user jobs, drops queued prefetch jobs (calling
+their ``on_drop``), lets running jobs finish and joins the slots.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from ..errors import NydusError
@@ -44,6 +46,8 @@ __all__ = ["FetchScheduler", "PrefetchJob"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PREFETCH_NICE = 19
 
 
 class _UserJob(Generic[T]):
@@ -88,17 +92,18 @@ class FetchScheduler:
         prefetch_bytes: int = 0,
         user_idle: float = 0.0,
     ) -> None:
+        self.slots = max(slots, 1)
         self.prefetch_cap = max(prefetch_cap, 1)
         self.prefetch_bytes = prefetch_bytes  # 0: no byte cap
         self.user_idle = user_idle
-        self.slots = max(slots, self.prefetch_cap + 1)
-        self._prefetch_bytes_running = 0
-        self._user_seen = float("-inf")  # when user demand last ended
         self._cond = threading.Condition()
         self._user: collections.deque[_UserJob[object]] = collections.deque()
         self._prefetch: collections.deque[PrefetchJob] = collections.deque()
+        self._user_running = 0
         self._user_demand = 0
+        self._user_seen = float("-inf")  # when a user job or user demand last ended
         self._prefetch_running = 0
+        self._prefetch_bytes_running = 0
         self._closed = False
         self._threads: list[threading.Thread] = []
 
@@ -108,9 +113,15 @@ class FetchScheduler:
         if self._threads:
             return
         for i in range(self.slots):
-            t = threading.Thread(target=self._slot, name=f"nydus-fetch-{i}", daemon=True)
-            t.start()
+            t = threading.Thread(target=self._user_slot, name=f"nydus-fetch-{i}", daemon=True)
             self._threads.append(t)
+        for i in range(self.prefetch_cap):
+            t = threading.Thread(
+                target=self._prefetch_slot, name=f"nydus-prefetch-{i}", daemon=True
+            )
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
 
     def run_user(self, fns: Sequence[Callable[[], T]]) -> list[T]:
         """Run ``fns`` (backend requests of a user read) as user jobs; their results in order,
@@ -121,7 +132,7 @@ class FetchScheduler:
                 raise NydusError("fetch scheduler is closed")
             self._start_locked()
             self._user.extend(jobs)  # type: ignore[arg-type]
-            self._cond.notify(len(jobs))
+            self._cond.notify_all()
         for j in jobs:
             j.done.wait()
         for j in jobs:
@@ -136,7 +147,7 @@ class FetchScheduler:
                 self._start_locked()
                 job.queued = True
                 self._prefetch.append(job)
-                self._cond.notify()
+                self._cond.notify_all()
                 return True
         job.on_drop()
         return False
@@ -151,7 +162,7 @@ class FetchScheduler:
             self._prefetch.remove(job)
             return True
 
-    @contextmanager
+    @contextlib.contextmanager
     def user_demand(self) -> Iterator[None]:
         """Around a user read that waits for the backend: no prefetch job starts meanwhile."""
         with self._cond:
@@ -172,14 +183,28 @@ class FetchScheduler:
 
     # ------------------------------------------------------------------ the slots
 
-    def _next_locked(self) -> _UserJob[object] | PrefetchJob | None:
+    def _user_slot(self) -> None:
         while True:
-            if self._closed:
-                return None
-            if self._user:
-                return self._user.popleft()
+            with self._cond:
+                while not self._user and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._user.popleft()
+                self._user_running += 1
+            try:
+                job.run()
+            finally:
+                with self._cond:
+                    self._user_running -= 1
+                    if not self._user_running:
+                        self._user_seen = time.monotonic()
+                    self._cond.notify_all()
+
+    def _next_prefetch_locked(self) -> PrefetchJob | None:
+        while not self._closed:
             wait: float | None = None
-            if self._prefetch and self._user_demand == 0 and self._prefetch_admissible_locked():
+            if self._prefetch_admissible_locked():
                 wait = self._user_seen + self.user_idle - time.monotonic()
                 if wait <= 0:
                     job = self._prefetch.popleft()
@@ -188,26 +213,27 @@ class FetchScheduler:
                     self._prefetch_bytes_running += job.nbytes
                     return job
             self._cond.wait(wait)
+        return None
 
     def _prefetch_admissible_locked(self) -> bool:
+        if not self._prefetch or self._user or self._user_running or self._user_demand:
+            return False
         if self._prefetch_running == 0:
             return True
-        if self._prefetch_running >= self.prefetch_cap:
-            return False
         nbytes = self._prefetch[0].nbytes
         return not self.prefetch_bytes or (
             self._prefetch_bytes_running + nbytes <= self.prefetch_bytes
         )
 
-    def _slot(self) -> None:
+    def _prefetch_slot(self) -> None:
+        # this thread only (Linux): prefetch's CPU work yields to the reader's
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFETCH_NICE)
         while True:
             with self._cond:
-                job = self._next_locked()
+                job = self._next_prefetch_locked()
             if job is None:
                 return
-            if isinstance(job, _UserJob):
-                job.run()
-                continue
             try:
                 job.run()
             except Exception as e:  # prefetch is best effort; the slot lives on
