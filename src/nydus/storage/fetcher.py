@@ -35,6 +35,7 @@ Thread-safe; many readers and the fetch slots share one fetcher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -289,13 +290,7 @@ class BlobFetcher:
         prefetch request starts meanwhile. Promoted batches are done after it."""
         sched = self.scheduler
         try:
-            if sched is None:
-                if claims:
-                    self._run(claims)
-                for _, p in waits:
-                    p.wait()
-                return
-            with sched.user_demand():
+            with sched.user_demand() if sched is not None else contextlib.nullcontext():
                 if claims:
                     self._run(claims)
                 for _, p in waits:
