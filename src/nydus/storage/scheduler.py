@@ -109,19 +109,14 @@ class FetchScheduler:
 
     # ------------------------------------------------------------------ submitting
 
-    def _start_locked(self) -> None:
-        if self._threads:
+    def _start_locked(self, target: Callable[[], None], name: str, n: int) -> None:
+        """Start the ``n`` slots of one class (on its first job)."""
+        if any(t.name.startswith(name) for t in self._threads):
             return
-        for i in range(self.slots):
-            t = threading.Thread(target=self._user_slot, name=f"nydus-fetch-{i}", daemon=True)
-            self._threads.append(t)
-        for i in range(self.prefetch_cap):
-            t = threading.Thread(
-                target=self._prefetch_slot, name=f"nydus-prefetch-{i}", daemon=True
-            )
-            self._threads.append(t)
-        for t in self._threads:
+        for i in range(n):
+            t = threading.Thread(target=target, name=f"{name}-{i}", daemon=True)
             t.start()
+            self._threads.append(t)
 
     def run_user(self, fns: Sequence[Callable[[], T]]) -> list[T]:
         """Run ``fns`` (backend requests of a user read) as user jobs; their results in order,
@@ -130,7 +125,7 @@ class FetchScheduler:
         with self._cond:
             if self._closed:
                 raise NydusError("fetch scheduler is closed")
-            self._start_locked()
+            self._start_locked(self._user_slot, "nydus-fetch", self.slots)
             self._user.extend(jobs)  # type: ignore[arg-type]
             self._cond.notify_all()
         for j in jobs:
@@ -144,7 +139,7 @@ class FetchScheduler:
         """Queue ``job``; False (and ``on_drop`` called) when the scheduler is closed."""
         with self._cond:
             if not self._closed:
-                self._start_locked()
+                self._start_locked(self._prefetch_slot, "nydus-prefetch", self.prefetch_cap)
                 job.queued = True
                 self._prefetch.append(job)
                 self._cond.notify_all()
