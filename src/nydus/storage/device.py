@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 ChunkLookup = Callable[[int, int], ChunkInfo | None]
 
 PREFETCH_INFLIGHT_BATCHES = 2  # prefetch bytes in flight: at most this many merged batches
-PREFETCH_USER_IDLE = 0.1  # seconds without a user read waiting before prefetch resumes
+PREFETCH_USER_IDLE = 0.3  # seconds without a user read waiting before prefetch resumes
 
 
 def create_backend(bcfg: BackendConfig, id: str = "") -> BlobBackend:
