@@ -240,9 +240,13 @@ def one_round(
     os.sync()
     load = os.getloadavg()[0]
     cfg = tmp / "nydusd.json"
-    cfg.write_text(json.dumps(NYDUSD_TEMPLATE))
+    nydusd_cfg = dict(NYDUSD_TEMPLATE)
+    if method == "nydus-pf":  # the same with background prefetch of the whole image
+        nydusd_cfg["fs_prefetch"] = {"enable": True, "prefetch_all": True}
+    cfg.write_text(json.dumps(nydusd_cfg))
     port = fetch_free_port()
-    stock = method == "nydus" and pull == "ctr"
+    nydus = method in ("nydus", "nydus-pf")
+    stock = nydus and pull == "ctr"
     stack = NydusStack(tmp, ["--config-path", str(cfg), "--metrics-address",
                              f"127.0.0.1:{port}", "--log-level", "info"],
                        content_store=stock)  # fmt: skip
@@ -250,7 +254,7 @@ def one_round(
     try:
         wire0 = veth_bytes() if limited else 0
         cid = f"cold-{idx}"
-        if method == "nydus":
+        if nydus:
             ref = f"{host}/{img.nydus}"
             t0 = time.monotonic()
             if stock:
@@ -323,7 +327,8 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
         f"Rounds: {args.rounds} per method and link, each from a fresh containerd and "
         f"snapshotter (empty content store, snapshots and blob cache); medians.",
         f"Nydus: {NYDUS_PULLS[args.pull]} + stock `ctr run --snapshotter nydus` (dedicated nydusd, "
-        "fs_prefetch off, amplify_io 1 MiB). OCI: stock `ctr image pull` + `ctr run` "
+        "fs_prefetch off (nydus-pf: on, prefetch_all), amplify_io 1 MiB). "
+        "OCI: stock `ctr image pull` + `ctr run` "
         "(containerd 1.6.20's default overlayfs snapshotter).",
         f"Machine: python {platform.python_version()}, kernel {platform.release()}, "
         f"cpus {os.cpu_count()}, shared with other sessions' test runs.",
@@ -335,7 +340,7 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
     summary: dict[str, Any] = {}
     for link in links:
         per: dict[str, dict[str, float | None]] = {}
-        for method in ("nydus", "oci"):
+        for method in ("nydus", "nydus-pf", "oci"):
             rs = [r for r in rounds if r.link == link and r.method == method]
             if not rs:
                 continue
@@ -355,7 +360,7 @@ def report(args: argparse.Namespace, img: Image, rounds: list[Round]) -> str:
             assert first is not None and done is not None and fetched is not None
             read, wire, load = v["read"], v["wire"], v["load"]
             speedup = ""
-            if method == "nydus" and "oci" in per:
+            if method.startswith("nydus") and "oci" in per:
                 oci_first = per["oci"]["first"]
                 assert oci_first is not None
                 speedup = f"{oci_first / first:.1f}x"
@@ -419,7 +424,11 @@ def main() -> int:
         help="ml: round-trip time the delay proxy adds on the limited links",
     )
     ap.add_argument("--no-loopback", action="store_true")
-    ap.add_argument("--methods", default="nydus,oci")
+    ap.add_argument(
+        "--methods",
+        default="nydus,oci",
+        help="nydus, nydus-pf (fs_prefetch on, prefetch_all), oci (comma list)",
+    )
     ap.add_argument(
         "--pull",
         choices=["ctr", "nydus-pull"],

@@ -2,8 +2,10 @@
 
 :func:`open_device` builds, from a bootstrap's blob table and a :class:`DaemonConfig`, one
 backend, one blob cache per blob in ``work_dir`` (or none for ``dummycache``), one
-:class:`BlobFetcher` per blob and a :class:`Prefetcher`. Per-blob state is created lazily on
-first use, so opening a device does no I/O.
+:class:`BlobFetcher` per blob and a :class:`Prefetcher`, and a :class:`FetchScheduler` through
+which every backend data request goes, user reads ahead of prefetch (or uses the scheduler it is
+given: one per daemon). Per-blob state is created lazily on first use, so opening a device does
+no I/O.
 
 Every chunk that comes from the backend is verified against its digest before it is returned
 or cached (see :mod:`.verified` for what is verified when); ``chunk_lookup`` (the bootstrap's
@@ -20,7 +22,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import BackendConfig, DaemonConfig
@@ -38,13 +39,17 @@ from .blobcache import BlobCacheFile
 from .fetcher import BlobFetcher
 from .metacache import BlobMeta, has_ci, load_blob_meta, load_digests
 from .metrics import BlobcacheMetrics
-from .prefetch import Prefetcher, UserIoGate
+from .prefetch import Prefetcher
+from .scheduler import FetchScheduler
 
 __all__ = ["BlobDevice", "open_device", "create_backend"]
 
 log = logging.getLogger(__name__)
 
 ChunkLookup = Callable[[int, int], ChunkInfo | None]
+
+PREFETCH_INFLIGHT_BATCHES = 2  # prefetch bytes in flight: at most this many merged batches
+PREFETCH_USER_IDLE = 0.3  # seconds without a user read waiting before prefetch resumes
 
 
 def create_backend(bcfg: BackendConfig, id: str = "") -> BlobBackend:
@@ -99,6 +104,7 @@ class BlobDevice:
         backend: BlobBackend,
         id: str = "",
         chunk_lookup: ChunkLookup | None = None,
+        scheduler: FetchScheduler | None = None,
     ) -> None:
         self.blobs = list(blobs)
         self.chunk_lookup = chunk_lookup
@@ -127,9 +133,7 @@ class BlobDevice:
                 )
         self.compressed_cache = cache.compressed
         self.validate = cfg.validation_enabled
-        self.gate = UserIoGate()
         self.cache_metrics = BlobcacheMetrics(id, self.work_dir or "")
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="nydus-fetch")
         pf = cfg.fs_prefetch
         bpf = cache.prefetch_config
         self.prefetch_enabled = self.work_dir is not None and (pf.enable or bpf.enable)
@@ -138,7 +142,13 @@ class BlobDevice:
         rate = pf.bandwidth_rate if pf.enable else bpf.bandwidth_rate
         max_chunk = max((b.chunk_size for b in self.blobs), default=0)
         self.prefetcher = Prefetcher(
-            threads, merging or (1 << 20), rate, self.cache_metrics, self.gate, min_rate=max_chunk
+            threads, merging or (1 << 20), rate, self.cache_metrics, min_rate=max_chunk
+        )
+        self._own_scheduler = scheduler is None
+        self.scheduler = scheduler or FetchScheduler(
+            prefetch_cap=threads,
+            prefetch_bytes=PREFETCH_INFLIGHT_BATCHES * (merging or (1 << 20)),
+            user_idle=PREFETCH_USER_IDLE,
         )
         self._state: dict[int, _Blob] = {}
         self._lock = threading.Lock()
@@ -207,7 +217,7 @@ class BlobDevice:
             validate=self.validate,
             amplify_io=self.cfg.amplify_io,
             metrics=self.cache_metrics,
-            executor=self._executor,
+            scheduler=self.scheduler,
             fetch_ranges=fetch_ranges,
             chunk_lookup=chunk_record if lookup is not None else None,
         )
@@ -217,16 +227,15 @@ class BlobDevice:
 
     def read_chunks(self, chunks: Sequence[ChunkInfo]) -> list[bytes]:
         """Decompressed, verified bytes of ``chunks``, in order."""
-        with self.gate:
-            out: list[bytes | None] = [None] * len(chunks)
-            by_blob: dict[int, list[int]] = {}
-            for pos, c in enumerate(chunks):
-                by_blob.setdefault(c.blob_index, []).append(pos)
-            for bi, positions in by_blob.items():
-                f = self._blob(bi).fetcher
-                resolved = [f.resolve(chunks[p]) for p in positions]
-                for p, data in zip(positions, f.read(resolved), strict=True):
-                    out[p] = data
+        out: list[bytes | None] = [None] * len(chunks)
+        by_blob: dict[int, list[int]] = {}
+        for pos, c in enumerate(chunks):
+            by_blob.setdefault(c.blob_index, []).append(pos)
+        for bi, positions in by_blob.items():
+            f = self._blob(bi).fetcher
+            resolved = [f.resolve(chunks[p]) for p in positions]
+            for p, data in zip(positions, f.read(resolved), strict=True):
+                out[p] = data
         return out  # type: ignore[return-value]
 
     def read_range(self, blob_index: int, offset: int, size: int) -> bytes:
@@ -237,25 +246,24 @@ class BlobDevice:
             return b""
         st = self._blob(blob_index)
         f = st.fetcher
-        with self.gate:
-            meta = f.meta()
-            if meta is None:
-                raise UnsupportedError(
-                    f"blob {self.blobs[blob_index].blob_id} has no chunk info array; "
-                    f"read_range needs a RAFS v6 blob"
-                )
-            idxs = meta.chunks_in(offset, size)
-            cache = st.cache
-            if (
-                cache is not None
-                and not cache.compressed
-                and not self.validate
-                and cache.all_trusted(idxs)
-            ):
-                f._count_hits(1, 1)
-                return cache.read_range(offset, size)
-            chunks = [f.chunk_from_ci(i) for i in idxs]
-            datas = f.read(chunks)
+        meta = f.meta()
+        if meta is None:
+            raise UnsupportedError(
+                f"blob {self.blobs[blob_index].blob_id} has no chunk info array; "
+                f"read_range needs a RAFS v6 blob"
+            )
+        idxs = meta.chunks_in(offset, size)
+        cache = st.cache
+        if (
+            cache is not None
+            and not cache.compressed
+            and not self.validate
+            and cache.all_trusted(idxs)
+        ):
+            f._count_hits(1, 1)
+            return cache.read_range(offset, size)
+        chunks = [f.chunk_from_ci(i) for i in idxs]
+        datas = f.read(chunks)
         buf = bytearray(size)
         end = offset + size
         for c, data in zip(chunks, datas, strict=True):
@@ -442,7 +450,8 @@ class BlobDevice:
             self._closed = True
             states = list(self._state.values())
         self.prefetcher.close()
-        self._executor.shutdown(wait=True)
+        if self._own_scheduler:
+            self.scheduler.close()
         for st in states:
             if st.cache is not None:
                 st.cache.close()
@@ -462,10 +471,12 @@ def open_device(
     id: str = "",
     backend: BlobBackend | None = None,
     chunk_lookup: ChunkLookup | None = None,
+    scheduler: FetchScheduler | None = None,
 ) -> BlobDevice:
     """A :class:`BlobDevice` over ``blobs``; ``backend`` overrides the configured one.
     ``chunk_lookup(blob_index, chunk_index)``: the bootstrap's record of a chunk (its digest),
-    usually ``RafsMetadata.chunk_record``."""
+    usually ``RafsMetadata.chunk_record``. ``scheduler``: a daemon's shared fetch scheduler
+    (the device makes its own without one)."""
     if backend is None:
         backend = create_backend(cfg.device.backend, id)
-    return BlobDevice(blobs, cfg, backend, id, chunk_lookup)
+    return BlobDevice(blobs, cfg, backend, id, chunk_lookup, scheduler)

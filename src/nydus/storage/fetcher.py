@@ -24,17 +24,23 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    served. A mismatch is an IntegrityError: the chunk alone is fetched once more, and if it is
    still bad the read fails. Bad bytes are never returned or written to the cache.
 
-Thread-safe; many readers and prefetch workers share one fetcher.
+Backend requests go through the device's :class:`.scheduler.FetchScheduler`: a read's requests
+as user jobs; a prefetch batch is queued there (:meth:`BlobFetcher.queue_prefetch`) and fetched
+on a fetch slot when users leave the link free. A read that wants a chunk of a batch still
+queued takes the batch out of the queue and fetches it with its own chunks, at user priority
+(promotion); a chunk whose prefetch is in flight is waited for like any other.
+
+Thread-safe; many readers and the fetch slots share one fetcher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from .. import codec
@@ -46,6 +52,7 @@ from .backend import Fetch
 from .blobcache import BlobCacheFile
 from .metacache import BlobMeta
 from .metrics import BlobcacheMetrics
+from .scheduler import FetchScheduler, PrefetchJob
 
 __all__ = ["BlobFetcher", "Chunk", "MIN_AMPLIFY"]
 
@@ -86,6 +93,14 @@ def _same_place(rec: ChunkInfo, e: bm.CiEntry) -> bool:
     ) == (e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size)
 
 
+@dataclass(eq=False)
+class _Queued:
+    """A prefetch batch waiting in the scheduler's queue."""
+
+    job: PrefetchJob
+    chunks: list[Chunk]
+
+
 @dataclass
 class _Group:
     start: int
@@ -107,7 +122,7 @@ class BlobFetcher:
         validate: bool = False,
         amplify_io: int = 1 << 20,
         metrics: BlobcacheMetrics | None = None,
-        executor: Executor | None = None,
+        scheduler: FetchScheduler | None = None,
         fetch_ranges: FetchRanges | None = None,
         chunk_lookup: Callable[[int], ChunkInfo | None] | None = None,
     ) -> None:
@@ -123,11 +138,12 @@ class BlobFetcher:
         self.merge_gap = self.amplify >> 7
         self.max_request = max(self.amplify, 1 << 20)
         self.metrics = metrics or BlobcacheMetrics("", "")
-        self.executor = executor
+        self.scheduler = scheduler
         self.compressor = codec.compressor_by_name(info.compressor)
         self.digester = codec.digester_by_name(info.digester)
         self._lock = threading.Lock()
         self._inflight: FlightTable[int, bytes] = FlightTable()
+        self._queued: dict[int, _Queued] = {}  # chunk index -> its queued prefetch batch
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
         self._order_pos: dict[int, int] = {}
@@ -234,15 +250,15 @@ class BlobFetcher:
             need = [c for i, c in want.items() if i not in got]
             if not need:
                 break
-            hits, waits, claims = self._plan(need, amplify and attempt == 0)
+            hits, waits, claims, promoted = self._plan(need, amplify and attempt == 0)
             for c in hits:
                 data = self._read_cached(c)
                 if data is not None:
                     got[c.index] = data
             if attempt == 0:
                 hits_first = len(got)
-            if claims:
-                self._run(claims)
+            if claims or waits:
+                self._fetch_for_user(claims, waits, promoted)
             for c, p in claims:
                 if c.index not in want:
                     continue
@@ -252,7 +268,6 @@ class BlobFetcher:
                     assert p.error is not None
                     raise p.error  # our own fetch already retried integrity errors once
             for c, p in waits:
-                p.wait()
                 if p.value is not None:
                     got[c.index] = p.value
                 elif p.error is not None:
@@ -265,6 +280,25 @@ class BlobFetcher:
             )
         return [got[c.index] for c in chunks]
 
+    def _fetch_for_user(
+        self,
+        claims: list[tuple[Chunk, Flight[bytes]]],
+        waits: list[tuple[Chunk, Flight[bytes]]],
+        promoted: list[_Queued],
+    ) -> None:
+        """Fetch a read's claims at user priority and wait for the flights it shares; no
+        prefetch request starts meanwhile. Promoted batches are done after it."""
+        sched = self.scheduler
+        try:
+            with sched.user_demand() if sched is not None else contextlib.nullcontext():
+                if claims:
+                    self._run(claims)
+                for _, p in waits:
+                    p.wait()
+        finally:
+            for q in promoted:
+                q.job.on_drop()
+
     def _count_hits(self, total: int, hits: int) -> None:
         m = self.metrics
         m.add("total")
@@ -275,25 +309,61 @@ class BlobFetcher:
 
     def _plan(
         self, need: list[Chunk], amplify: bool
-    ) -> tuple[list[Chunk], list[tuple[Chunk, Flight[bytes]]], list[tuple[Chunk, Flight[bytes]]]]:
+    ) -> tuple[
+        list[Chunk],
+        list[tuple[Chunk, Flight[bytes]]],
+        list[tuple[Chunk, Flight[bytes]]],
+        list[_Queued],
+    ]:
+        """Split a read into cache hits, flights to wait for and chunks to claim; queued
+        prefetch batches holding a claimed chunk are taken out of the queue (promoted) and
+        their chunks claimed too."""
         hits: list[Chunk] = []
         waits: list[tuple[Chunk, Flight[bytes]]] = []
         claims: list[tuple[Chunk, Flight[bytes]]] = []
+        promoted: list[_Queued] = []
+        mine: set[int] = set()
         cache = self.cache
         if amplify and cache is not None and self.amplify:
             self.meta()  # load outside the lock
         with self._lock:
             for c in need:
+                if c.index in mine:
+                    continue
                 if cache is not None and cache.is_ready(c.index):
                     hits.append(c)
                 elif (p := self._inflight.get(c.index)) is not None:
                     waits.append((c, p))
                 else:
-                    p = self._inflight.claim(c.index)
-                    claims.append((c, p))
+                    claims.append((c, self._inflight.claim(c.index)))
+                    mine.add(c.index)
+                    q = self._queued.get(c.index)
+                    if q is not None and self.scheduler is not None and self.scheduler.take(q.job):
+                        promoted.append(q)
+                        claims.extend(self._claim_batch_locked(q, mine))
             if claims and amplify and cache is not None and self.amplify:
                 claims.extend(self._amplify_locked([c for c, _ in claims]))
-        return hits, waits, claims
+        return hits, waits, claims, promoted
+
+    def _claim_batch_locked(self, q: _Queued, mine: set[int]) -> list[tuple[Chunk, Flight[bytes]]]:
+        """Forget a batch that left the queue; claim its chunks not ready, in flight or
+        already in ``mine`` (which grows)."""
+        cache = self.cache
+        out: list[tuple[Chunk, Flight[bytes]]] = []
+        for c in q.chunks:
+            if self._queued.get(c.index) is q:
+                del self._queued[c.index]
+            if (
+                c.index in mine
+                or c.index in self._inflight
+                or cache is None
+                or cache.is_ready(c.index)
+                or not cache.fits(c)
+            ):
+                continue
+            out.append((c, self._inflight.claim(c.index)))
+            mine.add(c.index)
+        return out
 
     def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Claim the not-ready chunks that follow the claimed ones, up to ``amplify_io``."""
@@ -390,23 +460,39 @@ class BlobFetcher:
                 groups.append(_Group(c.compressed_offset, c.end, [(c, p)]))
         return groups
 
-    def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """``[start, end)`` ranges of the blob, in parallel when there are several."""
+    def _fetch_now(self, start: int, end: int) -> bytes:
+        """One backend request, on the calling thread."""
         if self._fetch_ranges_fn is not None:
-            return self._fetch_ranges_fn(ranges)
-        if len(ranges) == 1 or self.executor is None:
-            return [self._fetch(s, e) for s, e in ranges]
-        return list(self.executor.map(lambda r: self._fetch(r[0], r[1]), ranges))
+            return self._fetch_ranges_fn([(start, end)])[0]
+        return self._fetch(start, end)
+
+    def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """``[start, end)`` ranges of the blob for a user read: user jobs of the scheduler
+        (in parallel), or on this thread without one."""
+        if self.scheduler is None:
+            return [self._fetch_now(s, e) for s, e in ranges]
+        return self.scheduler.run_user(
+            [lambda s=s, e=e: self._fetch_now(s, e) for s, e in ranges]  # type: ignore[misc]
+        )
+
+    def _fetch_in_slot(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Ranges one after the other on this thread (a prefetch job on its fetch slot)."""
+        return [self._fetch_now(s, e) for s, e in ranges]
 
     def _run(
-        self, claims: list[tuple[Chunk, Flight[bytes]]], groups: list[_Group] | None = None
+        self,
+        claims: list[tuple[Chunk, Flight[bytes]]],
+        groups: list[_Group] | None = None,
+        fetch: FetchRanges | None = None,
     ) -> None:
-        """Fetch, verify and cache claimed chunks; always resolves every claim."""
+        """Fetch (with ``fetch``, default :meth:`fetch_ranges`), verify and cache claimed
+        chunks; always resolves every claim."""
+        fetch = fetch or self.fetch_ranges
         try:
             if groups is None:
                 groups = self._merge(claims)
             try:
-                raws = self.fetch_ranges([(g.start, g.end) for g in groups])
+                raws = fetch([(g.start, g.end) for g in groups])
             except NydusError as e:
                 for _, p in claims:
                     p.error = e
@@ -427,7 +513,7 @@ class BlobFetcher:
                             "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
                         )
                         try:
-                            payload = self.fetch_ranges([(c.compressed_offset, c.end)])[0]
+                            payload = fetch([(c.compressed_offset, c.end)])[0]
                             data = self._checked(c, payload)
                         except NydusError as e2:
                             p.error = e2
@@ -513,14 +599,29 @@ class BlobFetcher:
 
     # ------------------------------------------------------------------ prefetch
 
+    def queue_prefetch(self, chunks: list[Chunk], job: PrefetchJob) -> bool:
+        """Queue ``job`` (whose ``run`` calls :meth:`prefetch` with ``chunks``) on the
+        scheduler, remembering its chunks so that a read can promote it. False if the job was
+        not queued (no scheduler, or closed: its ``on_drop`` was called)."""
+        if self.scheduler is None:
+            job.on_drop()
+            return False
+        q = _Queued(job, chunks)
+        with self._lock:
+            for c in chunks:
+                self._queued[c.index] = q
+        return self.scheduler.submit_prefetch(job)
+
     def prefetch(
         self,
         chunks: Sequence[Chunk],
         *,
+        job: PrefetchJob | None = None,
         max_request: int = 1 << 20,
         before_fetch: Callable[[int], object] | None = None,
     ) -> tuple[int, int]:
-        """Fetch and cache those of ``chunks`` that are neither ready nor in flight.
+        """Fetch and cache those of ``chunks`` that are neither ready nor in flight, on this
+        thread (``job``: the queued batch now running, see :meth:`queue_prefetch`).
 
         Requests are merged up to ``max_request`` bytes; ``before_fetch(nbytes)`` runs first
         (the bandwidth limiter). Returns (chunks cached, compressed bytes requested). Errors
@@ -531,6 +632,11 @@ class BlobFetcher:
             return 0, 0
         claims: list[tuple[Chunk, Flight[bytes]]] = []
         with self._lock:
+            if job is not None:
+                for c in chunks:
+                    q = self._queued.get(c.index)
+                    if q is not None and q.job is job:
+                        del self._queued[c.index]
             for c in chunks:
                 if cache.is_ready(c.index) or c.index in self._inflight or not cache.fits(c):
                     continue
@@ -543,7 +649,7 @@ class BlobFetcher:
         try:
             if before_fetch is not None:
                 before_fetch(nbytes)
-            self._run(claims, groups)
+            self._run(claims, groups, self._fetch_in_slot)
         except Exception as e:  # never let a prefetch worker die
             log.warning("prefetch of blob %s failed: %s", self.info.blob_id, e)
         finally:

@@ -1,32 +1,29 @@
-"""Background prefetch: worker threads, request merging, a bandwidth limit, and priority for
-user reads (nydus-reference.md §3.3).
+"""Background prefetch: batches, request merging and a bandwidth limit (nydus-reference.md §3.3).
 
-:class:`Prefetcher` owns ``threads_count`` daemon threads that take batches of chunks from a
-FIFO queue. A batch is a run of chunks of one blob, in blob order, spanning at most
-``merging_size`` bytes, so each batch is (at most) one backend request. Before a request a
-worker takes tokens from a :class:`TokenBucket` (``bandwidth_rate`` bytes/s, 0 = unlimited,
-raised to at least one chunk as upstream does).
+:class:`Prefetcher` cuts the chunks to prefetch into batches: runs of chunks of one blob, in
+blob order, spanning at most ``merging_size`` bytes, so each batch is (at most) one backend
+request. Each batch is a prefetch job of the device's :class:`.scheduler.FetchScheduler`, which
+runs at most ``threads_count`` of them at once, and none while a user read waits for the
+backend; a read that wants a chunk of a queued batch takes the batch over (see
+:mod:`.fetcher`). Before its request a batch takes tokens from a :class:`TokenBucket`
+(``bandwidth_rate`` bytes/s, 0 = unlimited, raised to at least one chunk as upstream does).
+Chunks ready or in flight when a batch runs are skipped.
 
-User reads jump the queue: they never wait for prefetch. They fetch their chunks directly on
-the caller's thread, and while any user read is in progress (:class:`UserIoGate`) workers hold
-back before starting their next request, so the link is free for the reader. Chunks a user
-read already fetched are skipped by the worker (they are ready or in flight).
-
-Thread-safe. :meth:`Prefetcher.close` stops the workers (queued work is dropped).
+Thread-safe. :meth:`Prefetcher.close` drops the batches still queued.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from .fetcher import BlobFetcher, Chunk
 from .metrics import BlobcacheMetrics
+from .scheduler import PrefetchJob
 
-__all__ = ["Prefetcher", "TokenBucket", "UserIoGate", "batches"]
+__all__ = ["Prefetcher", "TokenBucket", "batches"]
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +55,6 @@ class TokenBucket:
             return wait
 
 
-class UserIoGate:
-    """Counts user reads in progress; prefetch workers wait for it to drain."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-
-    def __enter__(self) -> UserIoGate:
-        with self._cond:
-            self._active += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._active -= 1
-            if self._active == 0:
-                self._cond.notify_all()
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._active == 0, timeout)
-
-
 def batches(chunks: Sequence[Chunk], merging_size: int) -> list[list[Chunk]]:
     """Sort by blob position, drop duplicates, and cut into runs of at most ``merging_size``
     bytes (a single larger chunk is its own batch)."""
@@ -110,59 +80,77 @@ def batches(chunks: Sequence[Chunk], merging_size: int) -> list[list[Chunk]]:
 
 
 class Prefetcher:
+    """Cuts prefetch work into batches and queues them on the fetch scheduler."""
+
     def __init__(
         self,
         threads: int,
         merging_size: int,
         bandwidth_rate: int,
         metrics: BlobcacheMetrics,
-        gate: UserIoGate,
         *,
         min_rate: int = 0,
-        user_wait: float = 1.0,
     ) -> None:
         self.threads = max(threads, 1)
         self.merging_size = max(merging_size, 1)
         rate = max(bandwidth_rate, min_rate) if bandwidth_rate > 0 else 0
         self.bucket = TokenBucket(rate)
         self.metrics = metrics
-        self.gate = gate
-        self.user_wait = user_wait
-        self._q: queue.Queue[tuple[BlobFetcher, list[Chunk], float] | None] = queue.Queue()
         self._pending = 0
+        self._started = False
+        self._jobs: set[tuple[BlobFetcher, PrefetchJob]] = set()
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
-        self._started = False
-        self._start_lock = threading.Lock()
-
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._started:
-                return
-            self._started = True
-            for i in range(self.threads):
-                t = threading.Thread(target=self._work, name=f"nydus-prefetch-{i}", daemon=True)
-                t.start()
-                self._workers.append(t)
-            self.metrics.prefetch_workers = self.threads
-            self.metrics.prefetch_begin()
 
     def submit(self, fetcher: BlobFetcher, chunks: Sequence[Chunk]) -> int:
         """Queue chunks of one blob; returns the number of batches queued."""
-        if self._stop.is_set() or fetcher.cache is None:
+        if self._stop.is_set() or fetcher.cache is None or fetcher.scheduler is None:
             return 0
         work = batches(chunks, self.merging_size)
         if not work:
             return 0
-        self._start()
         now = time.monotonic()
         with self._cond:
+            if not self._started:
+                self._started = True
+                self.metrics.prefetch_workers = self.threads
+                self.metrics.prefetch_begin()
             self._pending += len(work)
-        for b in work:
-            self._q.put((fetcher, b, now))
         self.metrics.add("prefetch_unmerged_chunks", sum(len(b) for b in work))
+        for b in work:
+            self._queue(fetcher, b, now)
         return len(work)
+
+    def _queue(self, fetcher: BlobFetcher, batch: list[Chunk], queued_at: float) -> None:
+        def run() -> None:
+            with self._cond:
+                self._jobs.discard(key)
+            try:
+                if self._stop.is_set():
+                    return
+                _n, nbytes = fetcher.prefetch(
+                    batch, job=job, max_request=self.merging_size, before_fetch=self.bucket.acquire
+                )
+                if nbytes:
+                    self.metrics.add("prefetch_requests_count")
+                    self.metrics.add("prefetch_data_amount", nbytes)
+                    self.metrics.add(
+                        "prefetch_cumulative_time_millis",
+                        int((time.monotonic() - queued_at) * 1000),
+                    )
+            finally:
+                self._done_one()
+
+        def dropped() -> None:  # closed, or a user read took the batch and fetched it
+            with self._cond:
+                self._jobs.discard(key)
+            self._done_one()
+
+        job = PrefetchJob(run, dropped, batch[-1].end - batch[0].compressed_offset)
+        key = (fetcher, job)
+        with self._cond:
+            self._jobs.add(key)
+        fetcher.queue_prefetch(batch, job)
 
     def run_async(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` (which usually calls :meth:`submit`) on its own thread; :meth:`wait`
@@ -191,51 +179,17 @@ class Prefetcher:
                     self.metrics.prefetch_end()
                 self._cond.notify_all()
 
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            item = self._q.get()
-            if item is None:
-                return
-            fetcher, batch, queued_at = item
-            try:
-                if self.gate.active:
-                    self.gate.wait_idle(self.user_wait)
-                if self._stop.is_set():
-                    continue
-                _n, nbytes = fetcher.prefetch(
-                    batch, max_request=self.merging_size, before_fetch=self.bucket.acquire
-                )
-                if nbytes:
-                    self.metrics.add("prefetch_requests_count")
-                    self.metrics.add("prefetch_data_amount", nbytes)
-                    self.metrics.add(
-                        "prefetch_cumulative_time_millis",
-                        int((time.monotonic() - queued_at) * 1000),
-                    )
-            except Exception as e:  # pragma: no cover - prefetch() already catches
-                log.warning("prefetch worker: %s", e)
-            finally:
-                self._done_one()
-
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued batch is done; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
+        """Drop the batches still queued (a batch being fetched finishes)."""
         self._stop.set()
-        # drop queued work, then wake every worker
-        try:
-            while True:
-                item = self._q.get_nowait()
-                if item is not None:
-                    with self._cond:
-                        self._pending -= 1
-        except queue.Empty:
-            pass
         with self._cond:
-            self._cond.notify_all()
-        for _ in self._workers:
-            self._q.put(None)
-        for t in self._workers:
-            t.join(timeout=5)
+            jobs = list(self._jobs)
+        for fetcher, job in jobs:
+            sched = fetcher.scheduler
+            if sched is not None and sched.take(job):
+                job.on_drop()

@@ -1,0 +1,263 @@
+"""The fetch scheduler: every backend request of a blob device goes through it, user reads first.
+
+:class:`FetchScheduler` runs jobs on a fixed number of fetch *slots* (threads), one job at a
+time each; a job is one backend request (a prefetch job may sleep in the bandwidth limiter
+first, and verifies and caches what it fetched). Jobs come in two classes, each queued FIFO:
+
+* **user**: a range request of an on-demand read (:meth:`FetchScheduler.run_user`), run on one
+  of ``slots`` user slots, which prefetch never occupies: a user request goes out at once.
+* **prefetch**: a batch of chunks (:meth:`FetchScheduler.submit_prefetch`), run on one of
+  ``prefetch_cap`` prefetch slots (at the lowest CPU priority where the OS allows, so prefetch
+  decompression and hashing yield the CPU to the reader). One is admitted only when no user
+  job is queued or running, no user read is waiting for the backend
+  (:meth:`FetchScheduler.user_demand`) or has in the last ``user_idle`` seconds, and the
+  prefetch jobs running stay within ``prefetch_bytes`` (one always may run). So prefetch uses
+  the link only while users do not, a user request shares it with at most ``prefetch_bytes``
+  of prefetch already in flight, and the hold-off keeps prefetch off it between the closely
+  spaced reads of a busy workload.
+
+A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`): the blob
+fetcher does so when a user read wants one of its chunks, and fetches the batch itself at user
+priority (:class:`nydus.storage.fetcher.BlobFetcher` keeps which queued job holds which chunk;
+its in-flight table makes sure no chunk is fetched twice).
+
+Threading contract: thread-safe. One lock (a condition) guards the queues and counters; jobs
+run outside it. Callers may hold their own locks when they call :meth:`take` (it never blocks
+and calls no job), never when they call :meth:`run_user`. A prefetch job must not call
+:meth:`run_user`. :meth:`close` fails queued user jobs, drops queued prefetch jobs (calling
+their ``on_drop``), lets running jobs finish and joins the slots.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
+
+from ..errors import NydusError
+
+__all__ = ["FetchScheduler", "PrefetchJob"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PREFETCH_NICE = 19
+
+
+class _UserJob(Generic[T]):
+    __slots__ = ("done", "error", "fn", "value")
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # handed to the waiting reader
+            self.error = e
+        finally:
+            self.done.set()
+
+
+class PrefetchJob:
+    """A queued prefetch batch: ``run`` on a slot, or ``on_drop`` if it never runs here."""
+
+    __slots__ = ("nbytes", "on_drop", "queued", "run")
+
+    def __init__(
+        self, run: Callable[[], object], on_drop: Callable[[], object], nbytes: int = 0
+    ) -> None:
+        self.run = run
+        self.on_drop = on_drop
+        self.nbytes = nbytes  # what its request will fetch (at most)
+        self.queued = False
+
+
+class FetchScheduler:
+    """Fetch slots shared by user reads and prefetch (module docstring)."""
+
+    def __init__(
+        self,
+        slots: int = 8,
+        prefetch_cap: int = 8,
+        prefetch_bytes: int = 0,
+        user_idle: float = 0.0,
+    ) -> None:
+        self.slots = max(slots, 1)
+        self.prefetch_cap = max(prefetch_cap, 1)
+        self.prefetch_bytes = prefetch_bytes  # 0: no byte cap
+        self.user_idle = user_idle
+        self._cond = threading.Condition()
+        self._user: collections.deque[_UserJob[object]] = collections.deque()
+        self._prefetch: collections.deque[PrefetchJob] = collections.deque()
+        self._user_running = 0
+        self._user_demand = 0
+        self._user_seen = float("-inf")  # when a user job or user demand last ended
+        self._prefetch_running = 0
+        self._prefetch_bytes_running = 0
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ submitting
+
+    def _start_locked(self, target: Callable[[], None], name: str, n: int) -> None:
+        """Start the ``n`` slots of one class (on its first job)."""
+        if any(t.name.startswith(name) for t in self._threads):
+            return
+        for i in range(n):
+            t = threading.Thread(target=target, name=f"{name}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def run_user(self, fns: Sequence[Callable[[], T]]) -> list[T]:
+        """Run ``fns`` (backend requests of a user read) as user jobs; their results in order,
+        or the first error raised. Blocks until all are done."""
+        jobs = [_UserJob(fn) for fn in fns]
+        with self._cond:
+            if self._closed:
+                raise NydusError("fetch scheduler is closed")
+            self._start_locked(self._user_slot, "nydus-fetch", self.slots)
+            self._user.extend(jobs)  # type: ignore[arg-type]
+            self._cond.notify_all()
+        for j in jobs:
+            j.done.wait()
+        for j in jobs:
+            if j.error is not None:
+                raise j.error
+        return [j.value for j in jobs]  # type: ignore[misc]
+
+    def submit_prefetch(self, job: PrefetchJob) -> bool:
+        """Queue ``job``; False (and ``on_drop`` called) when the scheduler is closed."""
+        with self._cond:
+            if not self._closed:
+                self._start_locked(self._prefetch_slot, "nydus-prefetch", self.prefetch_cap)
+                job.queued = True
+                self._prefetch.append(job)
+                self._cond.notify_all()
+                return True
+        job.on_drop()
+        return False
+
+    def take(self, job: PrefetchJob) -> bool:
+        """Take ``job`` out of the prefetch queue if it is still there (the caller then does
+        its work); False if a slot started it or it was dropped. Never blocks."""
+        with self._cond:
+            if not job.queued:
+                return False
+            job.queued = False
+            self._prefetch.remove(job)
+            return True
+
+    @contextlib.contextmanager
+    def user_demand(self) -> Iterator[None]:
+        """Around a user read that waits for the backend: no prefetch job starts meanwhile."""
+        with self._cond:
+            self._user_demand += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._user_demand -= 1
+                if self._user_demand == 0:
+                    self._user_seen = time.monotonic()
+                    self._cond.notify_all()
+
+    @property
+    def prefetch_queued(self) -> int:
+        with self._cond:
+            return len(self._prefetch)
+
+    # ------------------------------------------------------------------ the slots
+
+    def _user_slot(self) -> None:
+        while True:
+            with self._cond:
+                while not self._user and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._user.popleft()
+                self._user_running += 1
+            try:
+                job.run()
+            finally:
+                with self._cond:
+                    self._user_running -= 1
+                    if not self._user_running:
+                        self._user_seen = time.monotonic()
+                    self._cond.notify_all()
+
+    def _next_prefetch_locked(self) -> PrefetchJob | None:
+        while not self._closed:
+            wait: float | None = None
+            if self._prefetch_admissible_locked():
+                wait = self._user_seen + self.user_idle - time.monotonic()
+                if wait <= 0:
+                    job = self._prefetch.popleft()
+                    job.queued = False
+                    self._prefetch_running += 1
+                    self._prefetch_bytes_running += job.nbytes
+                    return job
+            self._cond.wait(wait)
+        return None
+
+    def _prefetch_admissible_locked(self) -> bool:
+        if not self._prefetch or self._user or self._user_running or self._user_demand:
+            return False
+        if self._prefetch_running == 0:
+            return True
+        nbytes = self._prefetch[0].nbytes
+        return not self.prefetch_bytes or (
+            self._prefetch_bytes_running + nbytes <= self.prefetch_bytes
+        )
+
+    def _prefetch_slot(self) -> None:
+        # this thread only (Linux): prefetch's CPU work yields to the reader's
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFETCH_NICE)
+        while True:
+            with self._cond:
+                job = self._next_prefetch_locked()
+            if job is None:
+                return
+            try:
+                job.run()
+            except Exception as e:  # prefetch is best effort; the slot lives on
+                log.warning("prefetch job failed: %s", e)
+            finally:
+                with self._cond:
+                    self._prefetch_running -= 1
+                    self._prefetch_bytes_running -= job.nbytes
+                    self._cond.notify_all()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Fail queued user jobs, drop queued prefetch jobs, join the slots."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            dropped = list(self._prefetch)
+            self._prefetch.clear()
+            for job in dropped:
+                job.queued = False
+            failed = list(self._user)
+            self._user.clear()
+            self._cond.notify_all()
+            threads = list(self._threads)
+        for u in failed:
+            u.error = NydusError("fetch scheduler is closed")
+            u.done.set()
+        for job in dropped:
+            job.on_drop()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(deadline - time.monotonic(), 0.0))

@@ -1,0 +1,395 @@
+"""User reads first: the fetch scheduler on its own (slot order, the prefetch cap, close) and
+through a blob device over an in-process fake link that records the order in which requests
+start and can hold any of them (promotion of queued prefetch, waiting on in-flight prefetch,
+no new prefetch while a user read waits, prefetch completing when users are idle)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_storage_device import (  # type: ignore
+    Image,
+    _ci,
+    build,
+    chunks_of,
+    data_requests,
+    device,
+    fetched_chunk_indexes,
+)
+
+from nydus.errors import NydusError
+from nydus.storage import BlobDevice, MemoryBackend
+from nydus.storage.prefetch import batches
+from nydus.storage.scheduler import FetchScheduler, PrefetchJob
+
+# ------------------------------------------------------------------ the scheduler alone
+
+
+def test_user_jobs_go_out_at_once_and_ahead_of_queued_prefetch() -> None:
+    order: list[str] = []
+    lock = threading.Lock()
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    p_hold, u_hold = threading.Event(), threading.Event()
+
+    def job(name: str, hold: threading.Event | None = None) -> Callable[[], str]:
+        def run() -> str:
+            with lock:
+                order.append(name)
+            if hold is not None:
+                assert hold.wait(10)
+            return name
+
+        return run
+
+    def wait_len(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(order) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    try:
+        sched.submit_prefetch(PrefetchJob(job("P0", p_hold), lambda: None))
+        wait_len(1)
+        for i in range(1, 6):
+            sched.submit_prefetch(PrefetchJob(job(f"P{i}"), lambda: None))
+        out: list[list[str]] = []
+        t = threading.Thread(
+            target=lambda: out.append(sched.run_user([job("U0", u_hold), job("U1"), job("U2")]))
+        )
+        t.start()
+        wait_len(2)  # U0 went out while P0 is in flight
+        p_hold.set()
+        time.sleep(0.2)
+        assert order == ["P0", "U0"]  # no prefetch starts while user jobs run or wait
+        u_hold.set()
+        t.join(10)
+        assert out == [["U0", "U1", "U2"]]
+        wait_len(9)
+        assert order == ["P0", "U0", "U1", "U2", "P1", "P2", "P3", "P4", "P5"]
+    finally:
+        p_hold.set()
+        u_hold.set()
+        sched.close()
+
+
+class Jobs:
+    """Prefetch jobs that take 20 ms each; counts how many ran at once at most."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = self.done = 0
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.02)
+        with self.lock:
+            self.running -= 1
+            self.done += 1
+
+    def wait_done(self, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.done < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.done == n
+
+
+def test_prefetch_in_flight_is_capped_and_waits_for_user_demand() -> None:
+    sched = FetchScheduler(slots=4, prefetch_cap=2)
+    jobs = Jobs()
+    try:
+        with sched.user_demand():
+            for _ in range(10):
+                sched.submit_prefetch(PrefetchJob(jobs.run, lambda: None))
+            time.sleep(0.2)
+            assert jobs.done == 0 and sched.prefetch_queued == 10  # nothing started
+        jobs.wait_done(10)
+        assert jobs.peak == 2
+    finally:
+        sched.close()
+
+
+def test_prefetch_bytes_in_flight_are_capped() -> None:
+    for nbytes, expect in ((60, 1), (40, 2)):  # cap 100 bytes: one job always may run
+        sched = FetchScheduler(slots=4, prefetch_cap=3, prefetch_bytes=100)
+        jobs = Jobs()
+        try:
+            with sched.user_demand():  # queue them all before any starts
+                for _ in range(8):
+                    sched.submit_prefetch(PrefetchJob(jobs.run, lambda: None, nbytes))
+            jobs.wait_done(8)
+            assert jobs.peak == expect
+        finally:
+            sched.close()
+
+
+def test_prefetch_resumes_only_after_users_were_idle_a_while() -> None:
+    sched = FetchScheduler(slots=2, prefetch_cap=1, user_idle=0.3)
+    started: list[float] = []
+    try:
+        with sched.user_demand():
+            sched.submit_prefetch(
+                PrefetchJob(lambda: started.append(time.monotonic()), lambda: None)
+            )
+        ended = time.monotonic()
+        deadline = ended + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started and started[0] - ended >= 0.25
+    finally:
+        sched.close()
+
+
+def test_take_and_close() -> None:
+    sched = FetchScheduler(slots=2, prefetch_cap=1)
+    hold = threading.Event()
+    dropped: list[int] = []
+    ran: list[int] = []
+    started = threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        hold.wait(10)
+
+    sched.submit_prefetch(PrefetchJob(blocker, lambda: dropped.append(0)))
+    assert started.wait(10)
+    jobs = [
+        PrefetchJob(lambda i=i: ran.append(i), lambda i=i: dropped.append(i))  # type: ignore[misc]
+        for i in range(1, 5)
+    ]
+    for j in jobs:
+        sched.submit_prefetch(j)
+    assert sched.take(jobs[1]) and not sched.take(jobs[1])
+    t0 = time.monotonic()
+    threading.Timer(0.2, hold.set).start()
+    sched.close()
+    assert time.monotonic() - t0 < 3
+    assert sorted(dropped) == [1, 3, 4]  # queued ones; the taken one is the taker's
+    assert ran == []
+    assert not sched.take(jobs[0])
+    with pytest.raises(NydusError, match="closed"):
+        sched.run_user([lambda: 1])
+    late = PrefetchJob(lambda: ran.append(9), lambda: dropped.append(9))
+    assert not sched.submit_prefetch(late) and dropped[-1] == 9
+
+
+# ------------------------------------------------------------------ through a blob device
+
+
+@pytest.fixture(scope="module")
+def img(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    return build(tmp_path_factory.mktemp("img"), "zstd")
+
+
+class Link:
+    """The fake backend's link: records when each data request starts (in order) and holds
+    requests whose offset is in ``held`` until that offset is released."""
+
+    def __init__(self, image: Image) -> None:
+        self.ci = _ci(image)
+        self.ci_off = image.md.blobs[0].ci_offset
+        self.started: list[tuple[int, int]] = []
+        self.cond = threading.Condition()
+        self.held: dict[int, threading.Event] = {}
+        self.backend = MemoryBackend({image.blob_id: image.blob})
+        self.backend.hook = self.hook
+
+    def hold(self, chunk_index: int) -> None:
+        self.held[self.ci[chunk_index][0]] = threading.Event()
+
+    def release(self, chunk_index: int) -> None:
+        self.held[self.ci[chunk_index][0]].set()
+
+    def release_all(self) -> None:
+        for ev in self.held.values():
+            ev.set()
+
+    def hook(self, _blob: str, off: int, size: int) -> None:
+        if off >= self.ci_off:
+            return
+        with self.cond:
+            self.started.append((off, size))
+            self.cond.notify_all()
+        ev = self.held.get(off)
+        if ev is not None:
+            assert ev.wait(20)
+
+    def chunks(self, off: int, size: int) -> list[int]:
+        return [i for i, (co, cs) in enumerate(self.ci) if co >= off and co + cs <= off + size]
+
+    def started_chunks(self) -> list[list[int]]:
+        with self.cond:
+            return [self.chunks(o, s) for o, s in self.started]
+
+    def wait_started(self, chunk_index: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(
+                lambda: any(chunk_index in self.chunks(o, s) for o, s in self.started), 10
+            )
+
+
+def pf_device(img: Image, tmp: Path, link: Link, **kw: Any) -> BlobDevice:
+    dev, _ = device(
+        img,
+        tmp / "c",
+        backend=link.backend,
+        amplify_io=0,
+        fs_prefetch={"enable": True, "threads_count": 1, "merging_size": 0x10000, **kw},
+    )
+    return dev
+
+
+def wait_queued(dev: BlobDevice, n: int) -> None:
+    """Until ``n`` prefetch batches wait in the queue (prefetch_files queues them on a thread)."""
+    deadline = time.monotonic() + 10
+    while dev.scheduler.prefetch_queued < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    return t, out
+
+
+def test_user_read_goes_out_before_queued_prefetch(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    text = chunks_of(img, "/text")
+    link.hold(big[0].index)
+    dev = pf_device(img, tmp_path, link)
+    try:
+        dev.prefetch_files([big])  # 41 batches, one in flight (held), 40 queued
+        link.wait_started(big[0].index)
+        wait_queued(dev, 40)
+        data = b"".join(dev.read_chunks(text))
+        assert data == img.files["/text"]
+        link.release_all()
+        assert dev.wait_prefetch(20)
+        order = link.started_chunks()
+        text_idx = {c.index for c in text}
+        user = [n for n, cs in enumerate(order) if set(cs) & text_idx]
+        prefetch = [n for n, cs in enumerate(order) if big[0].index not in cs and n not in user]
+        assert user and prefetch and max(user) < min(prefetch)
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_user_read_promotes_the_queued_prefetch_of_its_chunk(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    link.hold(big[0].index)
+    dev = pf_device(img, tmp_path, link, merging_size=0x30000)
+    try:
+        f = dev._blob(0).fetcher
+        work = batches([f.resolve(c) for c in big], 0x30000)
+        assert len(work) > 3 and len(work[2]) > 1
+        target = work[2][-1]
+        dev.prefetch_files([big])
+        link.wait_started(big[0].index)
+        wait_queued(dev, len(work) - 1)
+        want = next(c for c in big if c.index == target.index)
+        (data,) = dev.read_chunks([want])  # while prefetch is stuck on its first batch
+        assert data == img.files["/big"][want.file_offset : want.file_offset + len(data)]
+        # the batch left the queue and went out at user priority, as one request
+        assert link.started_chunks()[1] == [c.index for c in work[2]]
+        link.release_all()
+        assert dev.wait_prefetch(20)
+        fetched = fetched_chunk_indexes(link.backend, img)
+        assert sorted(fetched) == sorted(c.index for b in work for c in b)  # each once
+        assert len(data_requests(link.backend, img)) == len(work)  # no batch split up
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_user_read_waits_for_prefetch_in_flight(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    link.hold(big[0].index)
+    dev = pf_device(img, tmp_path, link)
+    try:
+        dev.prefetch_files([big])
+        link.wait_started(big[0].index)
+        t, out = in_thread(lambda: dev.read_chunks([big[0]]))
+        time.sleep(0.2)
+        assert t.is_alive()  # waiting for the prefetch request, not making its own
+        link.release(big[0].index)
+        t.join(10)
+        assert out and out[0] == [img.files["/big"][: len(out[0][0])]]  # type: ignore[index]
+        assert dev.wait_prefetch(20)
+        assert fetched_chunk_indexes(link.backend, img).count(big[0].index) == 1
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_no_new_prefetch_request_while_a_user_read_waits(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    text = chunks_of(img, "/text")
+    link.hold(big[0].index)
+    link.hold(text[0].index)
+    dev = pf_device(img, tmp_path, link)
+    try:
+        dev.prefetch_files([big])
+        link.wait_started(big[0].index)
+        t, _ = in_thread(lambda: dev.read_chunks([text[0]]))
+        link.wait_started(text[0].index)
+        link.release(big[0].index)  # the prefetch request in flight finishes ...
+        time.sleep(1.5)  # ... and no other starts while the user's read waits
+        assert len(link.started) == 2
+        link.release(text[0].index)
+        t.join(10)
+        assert dev.wait_prefetch(20)  # prefetch completes once the user is idle
+        assert dev.cache_file(0) is not None
+        big_idx = sorted(c.index for c in big)
+        assert sorted(i for i in fetched_chunk_indexes(link.backend, img) if i in big_idx) == (
+            big_idx
+        )
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_prefetch_all_completes_around_user_reads(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    dev = pf_device(img, tmp_path, link, threads_count=2, merging_size=0x20000)
+    try:
+        dev.prefetch_all()
+        readers = [
+            in_thread(lambda p=p: b"".join(dev.read_chunks(chunks_of(img, p))))  # type: ignore[misc]
+            for p in ("/text", "/dir/mid", "/big")
+        ]
+        for (t, out), p in zip(readers, ("/text", "/dir/mid", "/big"), strict=True):
+            t.join(20)
+            assert out == [img.files[p]]
+        assert dev.wait_prefetch(20)
+        assert dev.is_blob_ready(0)
+        fetched = fetched_chunk_indexes(link.backend, img)
+        assert len(fetched) == len(set(fetched))  # no chunk fetched twice
+    finally:
+        dev.close()
+
+
+def test_close_with_queued_prefetch_returns_promptly(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    link.backend.hook = lambda *a: time.sleep(0.1)
+    dev = pf_device(img, tmp_path, link)
+    big = chunks_of(img, "/big")
+    dev.prefetch_files([big])
+    assert b"".join(dev.read_chunks(chunks_of(img, "/small"))) == img.files["/small"]
+    t0 = time.monotonic()
+    dev.close()
+    assert time.monotonic() - t0 < 1.0
+    assert len(data_requests(link.backend, img)) < len(big) // 2
+    assert dev.wait_prefetch(1)  # the dropped batches count as done
