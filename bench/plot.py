@@ -221,6 +221,8 @@ def _build(rows: Table, plt: object, title: str) -> object:
 
 def _fetch(rows: Table, plt: object, title: str) -> object:
     rows = [r for r in rows if "ranged GETs" not in r["method"]]
+    if rows and "time s" not in rows[0]:
+        return _fetch_ab(rows, plt, title)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     links = list(dict.fromkeys(r["link"] for r in rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))  # type: ignore[attr-defined]
@@ -242,6 +244,21 @@ def _fetch(rows: Table, plt: object, title: str) -> object:
             "MiB" if col == "bytes" else col,
             label,
         )
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _fetch_ab(rows: Table, plt: object, title: str) -> object:
+    """An A/B fetch report: columns ``time s <tree>`` and ``client CPU s <tree>``."""
+    trees = [c.removeprefix("time s ") for c in rows[0] if c.startswith("time s ")]
+    groups = [f"{r['link']}\n{r['method'].replace(', ', chr(10))}" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 5))  # type: ignore[attr-defined]
+    for ax, what, label in (
+        (a, "time s", "seconds (lower is better)"),
+        (b, "client CPU s", "CPU s"),
+    ):
+        series = {t: [number(r[f"{what} {t}"]) for r in rows] for t in trees}
+        _bars(ax, groups, series, label, what)
     fig.suptitle(title, fontsize=10)
     return fig
 
