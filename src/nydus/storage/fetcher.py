@@ -93,6 +93,22 @@ def _same_place(rec: ChunkInfo, e: bm.CiEntry) -> bool:
     ) == (e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size)
 
 
+def _ci_chunk(index: int, e: bm.CiEntry, digest: bytes) -> Chunk:
+    """Chunk ``index`` of the blob's ci array, with the digest to check it against."""
+    crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
+    return Chunk(
+        index,
+        e.compressed_offset,
+        e.compressed_size,
+        e.uncompressed_offset,
+        e.uncompressed_size,
+        e.compressed,
+        digest,
+        e.flags,
+        crc,
+    )
+
+
 @dataclass(eq=False)
 class _Queued:
     """A prefetch batch waiting in the scheduler's queue."""
@@ -192,17 +208,7 @@ class BlobFetcher:
                     f"info array disagrees with the bootstrap"
                 )
             digest = rec.digest
-        return Chunk(
-            index,
-            e.compressed_offset,
-            e.compressed_size,
-            e.uncompressed_offset,
-            e.uncompressed_size,
-            e.compressed,
-            digest,
-            e.flags,
-            e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0,
-        )
+        return _ci_chunk(index, e, digest)
 
     def resolve(self, c: ChunkInfo) -> Chunk:
         """A bootstrap chunk as a fetchable :class:`Chunk`."""
@@ -405,18 +411,7 @@ class BlobFetcher:
             digest = rec.digest  # otherwise the digest array, or the chunk is not cached
         elif self._digests_loaded and self._digests is not None:
             digest = self._digests[idx]
-        crc = e.data & 0xFFFFFFFF if e.flags & bm.CI_V2_FLAG_HAS_CRC32 else 0
-        return Chunk(
-            idx,
-            e.compressed_offset,
-            e.compressed_size,
-            e.uncompressed_offset,
-            e.uncompressed_size,
-            e.compressed,
-            digest,
-            e.flags,
-            crc,
-        )
+        return _ci_chunk(idx, e, digest)
 
     # ------------------------------------------------------------------ cache side
 
