@@ -285,12 +285,16 @@ def test_article_config_and_flags(
     )  # fmt: skip
     ref = f"{proxy.host}/{bb.nydus}"
     nydus_pull(s.ctd, ref)
-    r = s.run(ref, "a1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f11")
+    # The container idles for 3 s after its reads: prefetch waits while a user read waits on
+    # the backend and uses the link when users do not, and the image is detached (its
+    # prefetch stopped) when the container is gone.
+    cmd = "cat /etc/os-release; md5sum /data/f11; sleep 3"
+    r = s.run(ref, "a1", "/bin/sh", "-c", cmd)
     assert r.returncode == 0, r.stderr
     assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f11'])}  /data/f11\n"
     assert list(s.daemon_pids()) == ["shared"]
-    # fs_prefetch is on in the article's config: the daemon fetches the rest in the
-    # background, so (all but the blobs' trailers) the whole image ends up fetched
+    # fs_prefetch is on in the article's config: the daemon fetched the rest in the
+    # background while the container idled, so (all but the blobs' trailers) the whole image
     wait_for(lambda: _fetched(proxy, bb) > 0.9 * bb.blob_total, 60, "background prefetch")
 
 
