@@ -673,15 +673,15 @@ class FaultProxy:
         headers: list[tuple[str, str]],
         body: bytes,
     ) -> None:
+        # Record before anything goes out: a client may look at the records as soon as it
+        # has the answer, and an answer with an empty body is complete with its headers.
+        self._record(h, status, 0 if h.command == "HEAD" else len(body))
         h.send_response(status)
         for k, v in headers:
             h.send_header(k, v)
         if not any(k.lower() == "content-length" for k, _ in headers):
             h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        # Record before the body goes out: a client may look at the records as soon as it
-        # has the last byte.
-        self._record(h, status, 0 if h.command == "HEAD" else len(body))
         if h.command != "HEAD":
             h.wfile.write(body)
 
@@ -832,11 +832,6 @@ class FaultProxy:
         headers: list[tuple[str, str]],
         length: int,
     ) -> None:
-        h.send_response(up.status)
-        for k, v in headers:
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(length))
-        h.end_headers()
         with self._lock:  # recorded up front (see _send), corrected to what was really sent
             rec = ProxyRecord(
                 h.command,
@@ -847,6 +842,11 @@ class FaultProxy:
                 h.headers.get("Authorization"),
             )
             self.records.append(rec)
+        h.send_response(up.status)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
         sent = 0
         try:
             while piece := up.read(1 << 20):
