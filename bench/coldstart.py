@@ -413,9 +413,10 @@ def main() -> int:
     )
     ap.add_argument(
         "--scenarios",
-        default="lazy,prefetch_all,optimized,oci",
-        help="ml: scenarios to run (comma list)",
+        default="lazy,prefetch_all,lazy+hog,prefetch_all+hog,optimized,oci",
+        help="ml: scenarios to run (comma list; modifiers +hog, +amp=N: bench/coldstart_ml.py)",
     )
+    ap.add_argument("--tag", default="", help="ml: the report is coldstart-DATE-ml-TAG.md")
     ap.add_argument("--workloads", default="W1,W2", help="ml: workloads (comma list)")
     ap.add_argument(
         "--rtt-ms",

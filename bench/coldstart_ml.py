@@ -18,6 +18,14 @@ print(torch.ones(2).sum())"``. Scenarios, each from a fresh containerd and snaps
 * ``oci``: containerd's overlayfs pull of the OCI image, then ``ctr run``; a second ``ctr run``
   on the unpacked image gives the warm run time.
 
+A scenario name may carry modifiers after ``+``: ``+hog`` runs a CPU hog (a busy loop pinned to
+the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's ``amplify_io``
+to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
+read amplification of the default config with another in the same run. A ``prefetch_all`` round
+(without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
+prefetch is done, and runs the workload again in a second container (``second_run_s``): compared
+with ``oci``'s warm run. Report, plots and the issue's targets: bench/mlreport.py.
+
 Links: ``tc tbf`` at each ``--rates`` Mbit/s into a network namespace (bench/fetch.py), and a
 2 ms RTT (``--rtt-ms``) added by :class:`DelayProxy`, a userspace TCP proxy in the host
 namespace (this kernel has no netem): every byte is held ``rtt/2`` in each direction.
@@ -31,9 +39,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,15 +61,48 @@ WORKLOADS = {
     "W1": ("python3 -c 'import numpy, pandas; print(\"ok\")'", "ok"),
     "W2": ("python3 -c 'import torch; print(torch.ones(2).sum())'", "tensor(2.)"),
 }
-SCENARIOS = ("lazy", "prefetch_all", "optimized", "oci")
+BASES = ("lazy", "prefetch_all", "optimized", "oci")
 PREFETCH = {"enable": True, "threads_count": 4, "merging_size": 1 << 20}
 BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
+PREFETCH_WAIT_S = 600.0  # at most this long for prefetch_all to finish before the 2nd run
 
 
-def nydusd_config(scenario: str) -> dict[str, Any]:
-    """The snapshotter's nydusd config template for a scenario (the Debian bench's);
-    ``record``: lazy, with the access pattern recorded (the blob fs then pushes no chunks
-    ahead, so it is not a timed scenario)."""
+@dataclass(frozen=True)
+class Scenario:
+    """A scenario name parsed: its base (one of BASES) and modifiers."""
+
+    name: str
+    base: str
+    hog: bool = False
+    amplify_io: int | None = None
+
+    @property
+    def second_run(self) -> bool:
+        """Whether the round runs the workload in a second container after prefetch."""
+        return self.base == "prefetch_all" and not self.hog
+
+
+def parse_scenario(name: str) -> Scenario:
+    base, *mods = name.split("+")
+    if base not in BASES:
+        raise SystemExit(f"coldstart: unknown scenario {name!r} (bases: {', '.join(BASES)})")
+    hog, amp = False, None
+    for m in mods:
+        if m == "hog":
+            hog = True
+        elif m.startswith("amp="):
+            v = m[4:].lower()
+            mult = {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
+            amp = int(v.rstrip("km")) * mult
+        else:
+            raise SystemExit(f"coldstart: unknown scenario modifier {m!r} in {name!r}")
+    return Scenario(name, base, hog, amp)
+
+
+def nydusd_config(scenario: Scenario | None) -> dict[str, Any]:
+    """The snapshotter's nydusd config template for a scenario (the Debian bench's); None:
+    lazy, with the access pattern recorded (the blob fs then pushes no chunks ahead, so it is
+    not a timed scenario)."""
     cfg: dict[str, Any] = {
         "device": {
             "backend": {
@@ -71,14 +114,33 @@ def nydusd_config(scenario: str) -> dict[str, Any]:
         "mode": "direct",
         "digest_validate": False,
         "enable_xattr": True,
-        "access_pattern": scenario == "record",
+        "access_pattern": scenario is None,
         "fs_prefetch": {"enable": False},
     }
-    if scenario == "prefetch_all":
+    base = scenario.base if scenario else "record"
+    if base == "prefetch_all":
         cfg["fs_prefetch"] = {**PREFETCH, "prefetch_all": True}
-    elif scenario == "optimized":
+    elif base == "optimized":
         cfg["fs_prefetch"] = {**PREFETCH, "prefetch_all": False}
+    if scenario is not None and scenario.amplify_io is not None:
+        cfg["amplify_io"] = scenario.amplify_io
     return cfg
+
+
+@contextlib.contextmanager
+def cpu_hog(on: bool) -> Iterator[None]:
+    """A busy loop pinned to the last CPU while the block runs (nothing when not ``on``)."""
+    if not on:
+        yield
+        return
+    cpu = max(os.sched_getaffinity(0))
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+    try:
+        os.sched_setaffinity(p.pid, {cpu})
+        yield
+    finally:
+        p.kill()
+        p.wait()
 
 
 # --------------------------------------------------------------------------- 2 ms RTT
@@ -357,6 +419,22 @@ def daemon_counters(stack: NydusStack) -> dict[str, int]:
     return out
 
 
+def wait_prefetch_done(stack: NydusStack, timeout: float) -> bool:
+    """Poll nydusd's blobcache metrics until every daemon's prefetch has ended (an end time
+    is set once no batch is pending) and its blobs are all in the cache; False on timeout."""
+    from nydus.daemon.client import NydusdClient
+
+    state = json.loads((stack.sn_root / "daemons" / "state.json").read_text())
+    clients = [NydusdClient(d["apisock"], timeout=10) for d in state.get("daemons", [])]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ms = [c.metrics("blobcache") for c in clients]
+        if all(int(m.get("prefetch_end_time_secs", 0)) > 0 and m.get("data_all_ready") for m in ms):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def export_pattern(stack: NydusStack, out: Path) -> Path:
     """``nydusify access-pattern --snapshotter-root``: the list, and its JSON beside it."""
     _run(
@@ -431,6 +509,9 @@ class MlRound:
     warm_run_s: float | None = None  # oci: a second run on the unpacked image
     load: float = 0.0
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (s, registry bytes)
+    prefetch_bytes: int | None = None  # nydusd's prefetch_data_amount when the workload ended
+    prefetch_wait_s: float | None = None  # prefetch_all: from the workload's end to prefetch done
+    second_run_s: float | None = None  # prefetch_all: a 2nd container once prefetch is done
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -444,7 +525,7 @@ def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
         )
 
 
-def start_stack(tmp: Path, scenario: str, port: int) -> NydusStack:
+def start_stack(tmp: Path, scenario: Scenario | None, port: int) -> NydusStack:
     cfg = tmp / "nydusd.json"
     cfg.write_text(json.dumps(nydusd_config(scenario)))
     stack = NydusStack(
@@ -471,7 +552,7 @@ def record(host: str, work: Path, workload: str) -> Path:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    stack = start_stack(tmp, "record", port)
+    stack = start_stack(tmp, None, port)
     try:
         ref = f"{host}/ml:1-nydus"
         stack.ctr(
@@ -488,352 +569,70 @@ def record(host: str, work: Path, workload: str) -> Path:
 
 
 def ml_round(
-    scenario: str,
+    scenario: Scenario,
     workload: str,
     link: str,
     host: str,
     img: MlImage,
     work: Path,
-    limited: bool,
     idx: int,
     veth_bytes: Any,
     free_port: Any,
 ) -> MlRound:
-    tmp = work / "rounds" / f"{link.replace(' ', '')}-{scenario}-{workload}-{idx}"
+    tmp = work / "rounds" / f"{link.replace(' ', '')}-{scenario.name}-{workload}-{idx}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     os.sync()
     load = os.getloadavg()[0]
     stack = start_stack(tmp, scenario, free_port())
     cmd, expect = WORKLOADS[workload]
+    oci = scenario.base == "oci"
+    tag = img.oci if oci else img.opt if scenario.base == "optimized" else img.nydus
+    ref = f"{host}/{tag}"
+    snap = [] if oci else ["--snapshotter", "nydus"]
     try:
-        wire0 = veth_bytes() if limited else 0
-        sampler = LinkSampler() if limited else None
-        if scenario == "oci":
-            ref = f"{host}/{img.oci}"
+        wire0 = veth_bytes()
+        sampler = LinkSampler()
+        with cpu_hog(scenario.hog):
             t0 = time.monotonic()
-            stack.ctr("image", "pull", "--plain-http", ref, timeout=1800).check()
+            stack.ctr("image", "pull", "--plain-http", *snap, ref, timeout=1800).check()
             t1 = time.monotonic()
-            _ctr_run(stack, ["run", "--rm", ref, "c1", "/bin/sh", "-c", cmd], expect)
-            t2 = time.monotonic()
-            wire = veth_bytes() - wire0 if limited else None
-            tl = sampler.stop() if sampler else []
-            _ctr_run(stack, ["run", "--rm", ref, "c2", "/bin/sh", "-c", cmd], expect)
-            warm = time.monotonic() - t2
-            return MlRound(
-                link,
-                scenario,
-                workload,
-                t1 - t0,
-                t2 - t1,
-                t2 - t0,
-                img.oci_bytes,
-                wire,
-                warm_run_s=warm,
-                load=load,
-                timeline=tl,
+            # no --rm for Nydus: the daemon's counters and pattern are read after
+            _ctr_run(
+                stack,
+                ["run", *(["--rm"] if oci else snap), ref, "c1", "/bin/sh", "-c", cmd],
+                expect,
             )
-        tag = img.opt if scenario == "optimized" else img.nydus
-        ref = f"{host}/{tag}"
-        t0 = time.monotonic()
-        stack.ctr(
-            "image", "pull", "--plain-http", "--snapshotter", "nydus", ref, timeout=1800
-        ).check()
-        t1 = time.monotonic()
-        _ctr_run(
-            stack, ["run", "--snapshotter", "nydus", ref, "c1", "/bin/sh", "-c", cmd], expect
-        )  # no --rm: the daemon's counters and pattern are read after
-        t2 = time.monotonic()
-        wire = veth_bytes() - wire0 if limited else None
-        tl = sampler.stop() if sampler else []
+            t2 = time.monotonic()
+        wire = veth_bytes() - wire0
+        tl = sampler.stop()
+        r = MlRound(link, scenario.name, workload, t1 - t0, t2 - t1, t2 - t0, img.oci_bytes, wire)
+        r.load, r.timeline = load, tl
+        if oci:
+            _ctr_run(stack, ["run", "--rm", ref, "c2", "/bin/sh", "-c", cmd], expect)
+            r.warm_run_s = time.monotonic() - t2
+            return r
         ctr = daemon_counters(stack)
-        r = MlRound(
-            link,
-            scenario,
-            workload,
-            t1 - t0,
-            t2 - t1,
-            t2 - t0,
-            img.meta[tag] + ctr["backend_bytes"],
-            wire,
-            ctr["reads"],
-            ctr["backend_requests"],
-            ctr["backend_bytes"],
-            load=load,
-            timeline=tl,
-        )
+        r.registry_bytes = img.meta[tag] + ctr["backend_bytes"]
+        r.reads, r.backend_requests = ctr["reads"], ctr["backend_requests"]
+        r.backend_bytes, r.prefetch_bytes = ctr["backend_bytes"], ctr["prefetch_bytes"]
+        if scenario.second_run:
+            t3 = time.monotonic()
+            if not wait_prefetch_done(stack, PREFETCH_WAIT_S):
+                raise RuntimeError(f"prefetch not done {PREFETCH_WAIT_S:.0f}s after the workload")
+            t4 = time.monotonic()
+            _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
+            r.prefetch_wait_s, r.second_run_s = t4 - t3, time.monotonic() - t4
         return r
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _med(xs: list[float]) -> float:
-    import statistics
-
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def summarize(
-    rounds: list[MlRound], img: MlImage, rates: dict[str, int]
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """link -> workload -> scenario (and ``limit``) -> medians."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for link in dict.fromkeys(r.link for r in rounds):
-        for wl in dict.fromkeys(r.workload for r in rounds if r.link == link):
-            per: dict[str, Any] = {}
-            for sc in SCENARIOS:
-                rs = [r for r in rounds if (r.link, r.workload, r.scenario) == (link, wl, sc)]
-                if not rs:
-                    continue
-                v: dict[str, Any] = {"n": len(rs)}
-                for k in (
-                    "pull_s",
-                    "run_s",
-                    "total_s",
-                    "registry_bytes",
-                    "wire",
-                    "reads",
-                    "backend_requests",
-                    "needed",
-                    "warm_run_s",
-                    "load",
-                ):
-                    xs = [getattr(r, k) for r in rs if getattr(r, k) is not None]
-                    v[k] = _med(xs) if xs else None
-                per[sc] = v
-            warm = (per.get("oci") or {}).get("warm_run_s")
-            needed = (per.get("lazy") or {}).get("needed")
-            if warm is not None and needed is not None:
-                bytes_ = needed + img.meta[img.nydus]
-                per["limit"] = {
-                    "bytes": bytes_,
-                    "transfer_s": bytes_ * 8 / (rates[link] * 1e6),
-                    "warm_run_s": warm,
-                }
-                per["limit"]["total_s"] = per["limit"]["transfer_s"] + warm
-            out.setdefault(link, {})[wl] = per
-    return out
-
-
-COLORS = {"lazy": "#1b9e77", "prefetch_all": "#d95f02", "optimized": "#7570b3", "oci": "#666666"}
-
-
-def plot(
-    summary: dict[str, dict[str, dict[str, Any]]], rounds: list[MlRound], stem: Path
-) -> list[Path]:
-    """Per link: for each workload, the pull/run bars of every scenario (medians) and the
-    physical limit; beside them the timeline of bytes the registry sent (first round)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for link, per_wl in summary.items():
-        wls = list(per_wl)
-        fig, axes = plt.subplots(
-            len(wls),
-            2,
-            figsize=(13, 0.6 + 2.6 * len(wls)),
-            squeeze=False,
-            gridspec_kw={"width_ratios": [1, 1]},
-        )
-        for row, wl in enumerate(wls):
-            ax, tax = axes[row, 0], axes[row, 1]
-            per = per_wl[wl]
-            scs = [s for s in SCENARIOS if s in per]
-            top = max(per[s]["total_s"] for s in scs)
-            for y, sc in enumerate(scs):
-                v = per[sc]
-                ax.barh(y, v["pull_s"], color="#8da0cb", label="pull" if y == 0 else None)
-                ax.barh(
-                    y,
-                    v["run_s"],
-                    left=v["pull_s"],
-                    color="#fc8d62",
-                    label="run" if y == 0 else None,
-                )
-                ax.text(v["total_s"], y, f" {v['total_s']:.1f}s", va="center", fontsize=8)
-            lim = per.get("limit")
-            if lim:
-                ax.axvline(
-                    lim["total_s"],
-                    color="k",
-                    ls="--",
-                    lw=1,
-                    label=f"physical limit {lim['total_s']:.2f}s",
-                )
-            ax.set_xlim(0, top * 1.15)
-            ax.set_yticks(range(len(scs)), scs)
-            ax.invert_yaxis()
-            ax.set_title(f"{wl} ({link}): {WORKLOADS[wl][0]}", fontsize=9)
-            ax.set_xlabel("seconds from pull start (median)")
-            ax.legend(fontsize=7, loc="upper right")
-            for sc in scs:
-                r = next(
-                    (
-                        r
-                        for r in rounds
-                        if (r.link, r.workload, r.scenario) == (link, wl, sc) and r.timeline
-                    ),
-                    None,
-                )
-                if r is None:
-                    continue
-                ts = [t for t, _b in r.timeline]
-                bs = [b / 2**20 for _t, b in r.timeline]
-                tax.plot(ts, bs, color=COLORS[sc], label=sc, lw=1.4)
-                tax.axvline(r.pull_s, color=COLORS[sc], ls=":", lw=0.8)
-            nyd = [per[s]["total_s"] for s in scs if s != "oci"]
-            right = min(top * 1.05, 2.5 * max(nyd)) if nyd else top * 1.05
-            tax.set_xlim(0, right)
-            if right < top:
-                tax.text(
-                    0.99,
-                    0.02,
-                    f"(oci goes on to {per['oci']['total_s']:.0f}s)",
-                    transform=tax.transAxes,
-                    ha="right",
-                    fontsize=7,
-                )
-            tax.set_ylabel("MiB sent by the registry")
-            tax.set_xlabel("seconds from pull start (round 0; dotted: pull done)")
-            tax.set_title(f"{wl} ({link}): registry bytes over time", fontsize=9)
-            tax.legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
-        p = stem.parent / f"{stem.name}-{link.replace(' ', '')}.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
-def report(
-    args: Any,
-    img: MlImage,
-    rounds: list[MlRound],
-    summary: dict[str, dict[str, dict[str, Any]]],
-    pngs: list[Path],
-    loads: tuple[float, float],
-) -> str:
-    import datetime as dt
-    import platform
-
-    o = img.optimize_report
-    lines = [
-        f"# Cold start benchmark, ml image, {dt.datetime.now():%Y-%m-%d %H:%M} (preliminary)",
-        "",
-        "**Preliminary figures**: one shared machine (2 cores) on which other sessions ran "
-        f"tests during the runs: 1-minute load average {loads[0]:.1f} at the start and "
-        f"{loads[1]:.1f} at the end; {args.rounds} round(s) per scenario (medians when more). "
-        "CPU-bound steps (OCI unpack, nydusd's decompression, python imports) slow down under "
-        "that load, so absolute times are pessimistic and noisy.",
-        "",
-        f"Image (bench/mlimage.py): Debian 12 minbase; python3 + python3-pip (apt); pip "
-        f"{' '.join(mlimage.PIP_PACKAGES)} + the CPU torch wheel from /opt/wheels. "
-        f"{img.entries} tar entries, {_mib(img.rootfs_bytes)} of file data; OCI image "
-        f"{_mib(img.oci_bytes)} (3 gzip layers). Nydus (our nydusify, zstd, 1 MiB chunks, "
-        f"converted in {img.convert_s:.0f}s): blobs {_mib(img.blobs[img.nydus])}, pull "
-        f"metadata (manifest, config, bootstrap layer) {_mib(img.meta[img.nydus])}. Optimized "
-        f"(our `nydusify optimize` in {img.optimize_s:.0f}s from W1's access pattern recorded by "
-        f"our snapshotter, {img.prefetch_files} files): + prefetch blob "
-        f"{_mib(o.get('prefetch_blob_size', 0))} ({o.get('files', 0)} files, "
-        f"{_mib(o.get('bytes', 0))} uncompressed), pull metadata {_mib(img.meta[img.opt])}.",
-        "",
-        "Workloads: " + "; ".join(f"{k} `{v[0]}`" for k, v in WORKLOADS.items()) + ".",
-        "",
-        "Scenarios, each round from a fresh containerd 1.6 + runc and a fresh "
-        "`containerd-nydus-grpc` (kernel EROFS mode, empty blob cache): `lazy` (no prefetch), "
-        "`prefetch_all` (`fs_prefetch` with `prefetch_all`), `optimized` (the optimized image, "
-        "`fs_prefetch` on: the prefetch table's files, fetched from the front of the prefetch "
-        "blob), `oci` (stock `ctr image pull`: containerd's overlayfs, every layer downloaded "
-        "and unpacked). Nydus pulls are stock `ctr image pull --snapshotter nydus` with the "
-        "content store proxied to the snapshotter. The optimized image is made from W1's pattern; "
-        "W2 runs on it too (a workload it was not made for).",
-        "",
-        f"Links: Debian's docker-registry in a network namespace behind `tc tbf` at the rate "
-        f"given (both veth ends), plus a {args.rtt_ms:g} ms RTT added by a userspace TCP proxy "
-        "(bench/coldstart_ml.py DelayProxy: this kernel has no netem; the proxy costs CPU).",
-        "",
-        "Columns: `pull` = `ctr image pull` (s), `run` = `ctr run` to the workload's exit (s), "
-        "`total` = both; `registry` = bytes the registry served for the image (OCI: manifest, "
-        "config, layers; Nydus: pull metadata + nydusd's backend `read_amount_total` when the "
-        "workload ended: `prefetch_all` keeps fetching after that); `wire` = bytes the "
-        "namespace side of the veth sent (TCP/HTTP included); `reads` = READ requests nydusd "
-        "served (blob-device reads in EROFS mode); `backend req` = nydusd's backend requests.",
-        "",
-        "**Physical limit** (per link and workload, computed in the same run): (the Nydus "
-        "pull metadata + the compressed bytes of every chunk holding a byte the workload read, "
-        "from the workload's access pattern recorded by a separate lazy run with "
-        "`access_pattern` on (blob-device reads mapped to files and file ranges), each chunk "
-        "once) * 8 / link rate + "
-        "the warm run time (the workload run again in a container on the already unpacked "
-        "OCI image, files in the page cache). It ignores the RTT, request overheads and "
-        "decompression: no lazy scheme can start the workload faster over that link.",
-        "",
-    ]
-    for link, per_wl in summary.items():
-        for wl, per in per_wl.items():
-            lines += [
-                f"## {link}, {wl}",
-                "",
-                "| scenario | pull s | run s | total s | registry | wire | reads | "
-                "backend req | vs OCI | vs limit | load |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            oci_total = (per.get("oci") or {}).get("total_s")
-            lim = per.get("limit")
-            for sc in SCENARIOS:
-                v = per.get(sc)
-                if not v:
-                    continue
-                vs_oci = f"{oci_total / v['total_s']:.1f}x" if oci_total and sc != "oci" else ""
-                vs_lim = f"{v['total_s'] / lim['total_s']:.1f}x" if lim else ""
-                reads = "-" if v["reads"] is None else f"{v['reads']:.0f}"
-                breq = "-" if v["backend_requests"] is None else f"{v['backend_requests']:.0f}"
-                lines.append(
-                    f"| {sc} | {v['pull_s']:.2f} | {v['run_s']:.2f} | {v['total_s']:.2f} | "
-                    f"{_mib(v['registry_bytes'])} | {_mib(v['wire'])} | {reads} | {breq} | "
-                    f"{vs_oci} | {vs_lim} | {v['load']:.1f} |"
-                )
-            if lim:
-                lines.append(
-                    f"| physical limit | | | {lim['total_s']:.2f} | {_mib(lim['bytes'])} | | | | "
-                    f"| 1.0x | |"
-                )
-                lines += [
-                    "",
-                    f"Limit: {_mib(lim['bytes'])} at the link rate = "
-                    f"{lim['transfer_s']:.2f}s + warm run {lim['warm_run_s']:.2f}s.",
-                ]
-            lines.append("")
-    for p in pngs:
-        lines += [f"![timeline {p.stem}]({p.name})", ""]
-    lines += ["Per round:", ""]
-    for r in rounds:
-        lines.append(
-            f"- {r.link} {r.workload} {r.scenario}: pull {r.pull_s:.2f}s, run "
-            f"{r.run_s:.2f}s, registry {_mib(r.registry_bytes)}, reads {r.reads}, "
-            f"backend requests {r.backend_requests}, load {r.load:.1f}"
-        )
-    lines += [
-        "",
-        f"Machine: python {platform.python_version()}, kernel {platform.release()}, "
-        f"{os.cpu_count()} cpus.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     import datetime as dt
+
+    import mlreport  # it imports this module
 
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -843,7 +642,7 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
         wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
         for wl in WORKLOADS
     }
-    scenarios = [s for s in args.scenarios.split(",") if s]
+    scenarios = [parse_scenario(s) for s in args.scenarios.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     rates = {f"{int(x)} mbit": int(x) for x in args.rates.split(",") if x}
     rounds: list[MlRound] = []
@@ -855,28 +654,22 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
             for i in range(args.rounds):
                 for wl in workloads:
                     for sc in scenarios:
-                        r = ml_round(
-                            sc, wl, link, proxy.addr, img, work, True, i, veth_bytes, free_port
-                        )
-                        if sc == "lazy":
+                        r = ml_round(sc, wl, link, proxy.addr, img, work, i, veth_bytes, free_port)
+                        if sc.base != "oci":
                             r.needed = needed[wl]
                         rounds.append(r)
-                        print(
-                            f"  {link} {wl} {sc:12} round {i}: pull {r.pull_s:6.2f}s run "
-                            f"{r.run_s:6.2f}s registry {_mib(r.registry_bytes)} reads "
-                            f"{r.reads} backend req {r.backend_requests} load {r.load:.1f}",
-                            flush=True,
-                        )
+                        print("  " + mlreport.round_line(r), flush=True)
         finally:
             proxy.stop()
             reg.stop()
             fetch.teardown_link()
-    summary = summarize(rounds, img, rates)
+    names = [s.name for s in scenarios]
+    summary = mlreport.summarize(rounds, img, rates, names)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"coldstart-{dt.date.today():%Y-%m-%d}-ml"
-    pngs = plot(summary, rounds, stem)
-    text = report(args, img, rounds, summary, pngs, (loads0, os.getloadavg()[0]))
+    stem = out / f"coldstart-{dt.date.today():%Y-%m-%d}-ml{args.tag and '-' + args.tag}"
+    pngs = mlreport.plot(summary, rounds, stem, names)
+    text = mlreport.report(args, img, rounds, summary, pngs, (loads0, os.getloadavg()[0]), names)
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(
         json.dumps(
