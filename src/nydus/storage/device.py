@@ -238,8 +238,9 @@ class BlobDevice:
                 out[p] = data
         return out  # type: ignore[return-value]
 
-    def read_range(self, blob_index: int, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` of the blob's uncompressed address space."""
+    def read_range(self, blob_index: int, offset: int, size: int, *, amplify: bool = True) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the blob's uncompressed address space; a miss
+        is amplified (``amplify_io``) unless ``amplify`` is False."""
         if offset < 0 or size < 0:
             raise NydusError(f"bad range [{offset}, +{size})")
         if size == 0:
@@ -263,7 +264,7 @@ class BlobDevice:
             f._count_hits(1, 1)
             return cache.read_range(offset, size)
         chunks = [f.chunk_from_ci(i) for i in idxs]
-        datas = f.read(chunks)
+        datas = f.read(chunks, amplify=amplify)
         buf = bytearray(size)
         end = offset + size
         for c, data in zip(chunks, datas, strict=True):
