@@ -312,7 +312,7 @@ class BlobDevFs(fuse.Operations):
         try:
             if dev.ready_extent(f.index, hi, BLOCK) > hi:
                 return hi
-            clo, chi = dev.chunk_span(f.index, hi + budget - 1, 1)
+            clo, chi = (int(x) for x in dev.chunk_span(f.index, hi + budget - 1, 1))
         except NydusError:
             return hi
         stop = chi if chi <= hi + budget else clo  # whole chunks only
