@@ -27,11 +27,11 @@ an over-fetch FUSE RAFS mode does not have. So the blob fs has no readahead (the
 exactly what EROFS reads), and instead a page-aligned READ is widened to the whole chunks it
 touches (:meth:`StorageDevice.chunk_span`, at most ``PUSH_SPAN_MAX``), which the fetch
 decompresses anyway, and, when the chunk after them is not in the cache, to the whole chunks
-that follow within ``READ_AHEAD`` bytes of blob space (at most ``amplify_io``; none while the
+that follow within ``READ_AHEAD`` (256 KiB) of blob space (at most ``amplify_io``; none while the
 access pattern is recorded): that is this mode's read amplification, in place of the fetcher's
 (``read_range(amplify=False)``), which takes up to ``amplify_io`` (1 MiB) of *compressed* data
 after every miss: on the ml image of bench/coldstart_ml.py that fetched 2.2x the chunks W1 reads
-(1.25x with this), in no less time (the kernel's readahead of the EROFS files already reads
+(1.2x with 256 KiB), in no less time (the kernel's readahead of the EROFS files already reads
 ahead within a file). The widened bytes are kept for a moment in a small memo, and the daemon
 asks the kernel to read the rest of those chunks into the blob file's page cache
 (``posix_fadvise(POSIX_FADV_WILLNEED)`` on its own fd of the blob file, from a thread of its
@@ -88,7 +88,7 @@ log = logging.getLogger("nydus.daemon.blobdev")
 BLOCK = 4096
 PUSH_SPAN_MAX = 4 << 20  # a read is widened to whole chunks up to this span
 # a miss also reads the whole chunks that follow it in this much blob space (at most amplify_io)
-READ_AHEAD = 512 << 10
+READ_AHEAD = 256 << 10
 _SPAN_AGAIN_AFTER = 1.0  # s: a span prefilled this recently is not read whole again
 _MEMO_BYTES = 64 << 20  # widened spans kept for the prefill READs, at most this much
 _MEMO_AGE = 5.0  # s: a span older than this is dropped (its READs came, or never will)
