@@ -190,7 +190,7 @@ def test_blobdev_read_records_the_blob_range(image: Any) -> None:
         def ready_extent(self, i: int, offset: int, limit: int) -> int:
             return offset
 
-        def read_range(self, i: int, offset: int, size: int) -> bytes:
+        def read_range(self, i: int, offset: int, size: int, *, amplify: bool = True) -> bytes:
             return bytes(size)
 
     ctx = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
@@ -471,7 +471,7 @@ def test_blobdev_does_not_push_ahead_while_recording() -> None:
         def ready_extent(self, i: int, offset: int, limit: int) -> int:
             return min(len(self.data), offset + limit)  # everything is in the cache
 
-        def read_range(self, i: int, offset: int, size: int) -> bytes:
+        def read_range(self, i: int, offset: int, size: int, *, amplify: bool = True) -> bytes:
             return self.data[offset : offset + size]
 
     ctx = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
