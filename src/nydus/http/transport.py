@@ -520,9 +520,14 @@ class HTTPTransport:
         resolve: Mapping[str, str] | None = None,
         max_idle_per_host: int = 16,
     ) -> None:
-        self._ctx = ssl_context or make_ssl_context(
-            skip_verify=skip_verify, ca_cert_files=ca_cert_files
+        # the default context (the system's CAs: ~40 ms) is made on the first TLS connection
+        self._ctx: ssl.SSLContext | None = ssl_context or (
+            make_ssl_context(skip_verify=skip_verify, ca_cert_files=ca_cert_files)
+            if ca_cert_files
+            else None
         )
+        self._skip_verify = skip_verify
+        self._ctx_lock = threading.Lock()
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._proxy: tuple[str, int, bool] | None = None
@@ -546,10 +551,16 @@ class HTTPTransport:
     def close(self) -> None:
         self._pool.close()
 
+    def _tls(self) -> ssl.SSLContext:
+        with self._ctx_lock:
+            if self._ctx is None:
+                self._ctx = make_ssl_context(skip_verify=self._skip_verify)
+            return self._ctx
+
     def _new_conn(self, scheme: str, host: str, port: int) -> _HTTPConnection:
         self._pool.count_open()
         t, c = self._timeout, self._connect_timeout
-        ctx = self._ctx if scheme == "https" else None
+        ctx = self._tls() if scheme == "https" else None
         if self._unix is not None:
             return _HTTPConnection("localhost", 80, c, t, unix=self._unix)
         if self._proxy is not None:
@@ -558,7 +569,7 @@ class HTTPTransport:
                 conn = _HTTPConnection(phost, pport, c, t, context=ctx)
                 conn.set_tunnel(host, port)
                 return conn
-            return _HTTPConnection(phost, pport, c, t, context=self._ctx if tls_proxy else None)
+            return _HTTPConnection(phost, pport, c, t, context=self._tls() if tls_proxy else None)
         return _HTTPConnection(host, port, c, t, context=ctx, address=self._resolve.get(host))
 
     def handle(self, request: Request) -> Response:
