@@ -629,6 +629,17 @@ def ml_round(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def compile_bytecode() -> None:
+    """Byte-compile the nydus package, as an installed one is: with PYTHONDONTWRITEBYTECODE set
+    (as on this project's machines) every snapshotter and nydusd start would compile the
+    modules it imports from source (~0.1 s of each nydusd start, in the run time)."""
+    import compileall
+
+    import nydus
+
+    compileall.compile_dir(os.path.dirname(nydus.__file__), quiet=1)
+
+
 def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     import datetime as dt
 
@@ -637,6 +648,7 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     loads0 = os.getloadavg()[0]
+    compile_bytecode()
     storage, img = prepare(work, record)
     needed = {
         wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
