@@ -24,7 +24,9 @@ to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to
 read amplification of the default config with another in the same run. A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
 prefetch is done, and runs the workload again in a second container (``second_run_s``): compared
-with ``oci``'s warm run. Report, plots and the issue's targets: bench/mlreport.py.
+with ``oci``'s warm run. ``+base`` runs the scenario with the snapshotter and nydusd of
+``--base-src`` (another source tree, e.g. ``git archive main src``): the old-code anchor of an
+A/B in the same run. Report, plots and the issue's targets: bench/mlreport.py.
 
 Links: ``tc tbf`` at each ``--rates`` Mbit/s into a network namespace (bench/fetch.py), and a
 2 ms RTT (``--rtt-ms``) added by :class:`DelayProxy`, a userspace TCP proxy in the host
@@ -75,6 +77,7 @@ class Scenario:
     base: str
     hog: bool = False
     amplify_io: int | None = None
+    base_src: bool = False  # +base: the snapshotter and nydusd from --base-src (A/B anchor)
 
     @property
     def second_run(self) -> bool:
@@ -86,17 +89,19 @@ def parse_scenario(name: str) -> Scenario:
     base, *mods = name.split("+")
     if base not in BASES:
         raise SystemExit(f"coldstart: unknown scenario {name!r} (bases: {', '.join(BASES)})")
-    hog, amp = False, None
+    hog, amp, base_src = False, None, False
     for m in mods:
         if m == "hog":
             hog = True
+        elif m == "base":
+            base_src = True
         elif m.startswith("amp="):
             v = m[4:].lower()
             mult = {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
             amp = int(v.rstrip("km")) * mult
         else:
             raise SystemExit(f"coldstart: unknown scenario modifier {m!r} in {name!r}")
-    return Scenario(name, base, hog, amp)
+    return Scenario(name, base, hog, amp, base_src)
 
 
 def nydusd_config(scenario: Scenario | None) -> dict[str, Any]:
@@ -525,7 +530,11 @@ def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
         )
 
 
-def start_stack(tmp: Path, scenario: Scenario | None, port: int) -> NydusStack:
+def start_stack(
+    tmp: Path, scenario: Scenario | None, port: int, base_src: Path | None = None
+) -> NydusStack:
+    """A fresh containerd + snapshotter; with ``+base``, the snapshotter (and the nydusd it
+    starts, which inherits its environment) imports the nydus package from ``base_src``."""
     cfg = tmp / "nydusd.json"
     cfg.write_text(json.dumps(nydusd_config(scenario)))
     stack = NydusStack(
@@ -540,7 +549,19 @@ def start_stack(tmp: Path, scenario: Scenario | None, port: int) -> NydusStack:
         ],
         content_store=True,
     )
-    return stack.start()
+    if scenario is None or not scenario.base_src:
+        return stack.start()
+    if base_src is None:
+        raise SystemExit("coldstart: scenario modifier +base needs --base-src")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(base_src)
+    try:
+        return stack.start()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def record(host: str, work: Path, workload: str) -> Path:
@@ -578,13 +599,14 @@ def ml_round(
     idx: int,
     veth_bytes: Any,
     free_port: Any,
+    base_src: Path | None = None,
 ) -> MlRound:
     tmp = work / "rounds" / f"{link.replace(' ', '')}-{scenario.name}-{workload}-{idx}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     os.sync()
     load = os.getloadavg()[0]
-    stack = start_stack(tmp, scenario, free_port())
+    stack = start_stack(tmp, scenario, free_port(), base_src)
     cmd, expect = WORKLOADS[workload]
     oci = scenario.base == "oci"
     tag = img.oci if oci else img.opt if scenario.base == "optimized" else img.nydus
@@ -629,7 +651,7 @@ def ml_round(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def compile_bytecode() -> None:
+def compile_bytecode(package: Path | None = None) -> None:
     """Byte-compile the nydus package, as an installed one is: with PYTHONDONTWRITEBYTECODE set
     (as on this project's machines) every snapshotter and nydusd start would compile the
     modules it imports from source (~0.1 s of each nydusd start, in the run time)."""
@@ -637,7 +659,7 @@ def compile_bytecode() -> None:
 
     import nydus
 
-    compileall.compile_dir(os.path.dirname(nydus.__file__), quiet=1)
+    compileall.compile_dir(package or os.path.dirname(nydus.__file__), quiet=1)
 
 
 def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
@@ -649,6 +671,9 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     work.mkdir(parents=True, exist_ok=True)
     loads0 = os.getloadavg()[0]
     compile_bytecode()
+    base: Path | None = args.base_src
+    if base is not None:
+        compile_bytecode(base / "nydus")
     storage, img = prepare(work, record)
     needed = {
         wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
@@ -666,7 +691,9 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
             for i in range(args.rounds):
                 for wl in workloads:
                     for sc in scenarios:
-                        r = ml_round(sc, wl, link, proxy.addr, img, work, i, veth_bytes, free_port)
+                        r = ml_round(
+                            sc, wl, link, proxy.addr, img, work, i, veth_bytes, free_port, base
+                        )
                         if sc.base != "oci":
                             r.needed = needed[wl]
                         rounds.append(r)

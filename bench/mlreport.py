@@ -288,7 +288,9 @@ def report(
         "content store proxied to the snapshotter. The optimized image is made from W1's pattern; "
         "W2 runs on it too (a workload it was not made for). `+hog`: the same with a CPU hog "
         "(a busy loop pinned to one of the two cores) from the pull to the workload's exit. "
-        "`+amp=N`: the daemon's `amplify_io` set to N bytes (the default config's otherwise).",
+        "`+amp=N`: the daemon's `amplify_io` set to N bytes (the default config's otherwise). "
+        "`+base`: the snapshotter and nydusd of the base source tree "
+        f"(`{getattr(args, 'base_src', None)}`), the A/B anchor.",
         "",
         f"Links: Debian's docker-registry in a network namespace behind `tc tbf` at the rate "
         f"given (both veth ends), plus a {args.rtt_ms:g} ms RTT added by a userspace TCP proxy "
