@@ -417,12 +417,8 @@ def main() -> int:
         help="ml: scenarios to run (comma list; modifiers +hog, +amp=N: bench/coldstart_ml.py)",
     )
     ap.add_argument("--tag", default="", help="ml: the report is coldstart-DATE-ml-TAG.md")
-    ap.add_argument(
-        "--base-src",
-        type=Path,
-        default=None,
-        help="ml: the src/ directory the +base scenarios run the snapshotter and nydusd from",
-    )
+    base_help = "ml: the src/ directory the +base scenarios run the snapshotter and nydusd from"
+    ap.add_argument("--base-src", type=Path, help=base_help)
     ap.add_argument("--workloads", default="W1,W2", help="ml: workloads (comma list)")
     ap.add_argument(
         "--rtt-ms",
