@@ -23,8 +23,9 @@ the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's
 to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
 read amplification of the default config with another in the same run. A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
-prefetch is done, and runs the workload again in a second container (``second_run_s``): compared
-with ``oci``'s warm run. ``+base`` runs the scenario with the snapshotter and nydusd of
+prefetch is done, and runs the workload again in a second container (``second_run_s``), then,
+once nydusd's log says the image switched to native (its blobs verified and mounted from the
+local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run. ``+base`` runs the scenario with the snapshotter and nydusd of
 ``--base-src`` (another source tree, e.g. ``git archive main src``): the old-code anchor of an
 A/B in the same run. Report, plots and the issue's targets: bench/mlreport.py.
 
@@ -67,6 +68,7 @@ BASES = ("lazy", "prefetch_all", "optimized", "oci")
 PREFETCH = {"enable": True, "threads_count": 4, "merging_size": 1 << 20}
 BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
 PREFETCH_WAIT_S = 600.0  # at most this long for prefetch_all to finish before the 2nd run
+NATIVE_WAIT_S = 300.0  # and for the switch to native after it
 
 
 @dataclass(frozen=True)
@@ -424,6 +426,17 @@ def daemon_counters(stack: NydusStack) -> dict[str, int]:
     return out
 
 
+def wait_native(stack: NydusStack, timeout: float) -> bool:
+    """Wait until every daemon's log says its image switched to native; False on timeout."""
+    logs = list((stack.sn_root / "daemons").glob("*.log"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if logs and all("switched to native" in p.read_text(errors="replace") for p in logs):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def wait_prefetch_done(stack: NydusStack, timeout: float) -> bool:
     """Poll nydusd's blobcache metrics until every daemon's prefetch has ended (an end time
     is set once no batch is pending) and its blobs are all in the cache; False on timeout."""
@@ -517,6 +530,8 @@ class MlRound:
     prefetch_bytes: int | None = None  # nydusd's prefetch_data_amount when the workload ended
     prefetch_wait_s: float | None = None  # prefetch_all: from the workload's end to prefetch done
     second_run_s: float | None = None  # prefetch_all: a 2nd container once prefetch is done
+    native_wait_s: float | None = None  # prefetch_all: from the 2nd run's end to the native switch
+    native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -644,7 +659,12 @@ def ml_round(
                 raise RuntimeError(f"prefetch not done {PREFETCH_WAIT_S:.0f}s after the workload")
             t4 = time.monotonic()
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
-            r.prefetch_wait_s, r.second_run_s = t4 - t3, time.monotonic() - t4
+            t5 = time.monotonic()
+            r.prefetch_wait_s, r.second_run_s = t4 - t3, t5 - t4
+            if wait_native(stack, NATIVE_WAIT_S):
+                t6 = time.monotonic()
+                _ctr_run(stack, ["run", "--rm", *snap, ref, "c3", "/bin/sh", "-c", cmd], expect)
+                r.native_wait_s, r.native_run_s = t6 - t5, time.monotonic() - t6
         return r
     finally:
         stack.stop()
