@@ -25,9 +25,10 @@ read amplification of the default config with another in the same run. A ``prefe
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
 prefetch is done, and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
-local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run. ``+base`` runs the scenario with the snapshotter and nydusd of
-``--base-src`` (another source tree, e.g. ``git archive main src``): the old-code anchor of an
-A/B in the same run. Report, plots and the issue's targets: bench/mlreport.py.
+local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
+``+base`` runs the scenario with the snapshotter and nydusd of ``--base-src`` (another source
+tree, e.g. ``git archive main src``): the old-code anchor of an A/B in the same run. Report,
+plots and the issue's targets: bench/mlreport.py.
 
 Links: ``tc tbf`` at each ``--rates`` Mbit/s into a network namespace (bench/fetch.py), and a
 2 ms RTT (``--rtt-ms``) added by :class:`DelayProxy`, a userspace TCP proxy in the host
