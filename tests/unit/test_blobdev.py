@@ -229,18 +229,25 @@ def test_chunks_already_cached_after_a_read_are_prefilled_up_to_amplify_io() -> 
     assert stats.export_global()["data_read"] == 8192 + 8192
 
 
+def _chunked_blob(
+    nchunks: int, chunk: int, stats: FsIoStats
+) -> tuple[BlobDevFs, FakeDevice, int, bytes]:
+    """A blob fs serving one blob of ``nchunks`` random chunks (none cached), amplify_io 1 MiB."""
+    data = os.urandom(nchunks * chunk)
+    fs = BlobDevFs()
+    fs.prefill = lambda node, ranges, after: None
+    dev = FakeDevice(data, chunk=chunk)
+    dev.amplify_io = 1 << 20
+    fs.register("r", dev, 0, stats)
+    return fs, dev, fs.lookup(CTX, ROOT_ID, b"r").nodeid, data
+
+
 def test_a_miss_reads_the_following_chunks_within_read_ahead_not_amplify_io() -> None:
     """The blob fs's read amplification (issue 17: the fetcher's amplify_io of 1 MiB after
     every miss fetched 2.2x what W1 reads): whole chunks after a miss, within READ_AHEAD of
     blob space and amplify_io, fetched with the read (the fetcher's own amplification off)."""
     chunk = 65536
-    data = os.urandom(16 * chunk)
-    fs = BlobDevFs()
-    fs.prefill = lambda node, ranges, after: None
-    dev = FakeDevice(data, chunk=chunk)
-    dev.amplify_io = 1 << 20
-    fs.register("r", dev, 0, FsIoStats("/"))
-    node = fs.lookup(CTX, ROOT_ID, b"r").nodeid
+    fs, dev, node, data = _chunked_blob(16, chunk, FsIoStats("/"))
     assert fs.read(CTX, node, 0, 4096, 4096) == data[4096:8192]
     assert dev.calls == [(0, 0, chunk + READ_AHEAD)] and dev.amplified is False
     # amplify_io smaller than READ_AHEAD bounds it, to whole chunks (the cut one left out)
@@ -254,11 +261,6 @@ def test_a_miss_reads_the_following_chunks_within_read_ahead_not_amplify_io() ->
     assert fs.read(CTX, node, 0, 10 * chunk, 4096) == data[10 * chunk : 10 * chunk + 4096]
     assert dev.calls == [(0, 10 * chunk, chunk)]
     # while the access pattern is recorded, each file's first read must reach the daemon
-    rec = BlobDevFs()
-    rec.prefill = lambda node, ranges, after: None
-    dev2 = FakeDevice(data, chunk=chunk)
-    dev2.amplify_io = 1 << 20
-    rec.register("r", dev2, 0, FsIoStats("/", access_pattern=True))
-    node2 = rec.lookup(CTX, ROOT_ID, b"r").nodeid
+    rec, dev2, node2, data = _chunked_blob(16, chunk, FsIoStats("/", access_pattern=True))
     assert rec.read(CTX, node2, 0, 0, 4096) == data[:4096]
     assert dev2.calls == [(0, 0, chunk)]
