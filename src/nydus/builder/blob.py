@@ -19,6 +19,7 @@ is used from one thread; the pool only runs :meth:`BlobWriter._process`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -27,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from .. import codec
@@ -70,30 +71,26 @@ class BlobResult:
     data_size: int
 
 
-def _data_extents(f: BinaryIO, size: int) -> list[tuple[int, int]] | None:
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
     """Data ranges of a sparse regular file, or None when not sparse/unknown."""
     try:
-        fd = f.fileno()
         st = os.fstat(fd)
-    except (OSError, AttributeError, ValueError):
+    except OSError:
         return None
     if st.st_blocks * 512 >= size:
         return None
     out: list[tuple[int, int]] = []
     pos = 0
-    try:
-        while pos < size:
-            if len(out) >= 100_000:
-                return None  # too fragmented to be worth it: read it all
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break  # ENXIO: no more data
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.lseek(fd, 0, os.SEEK_SET)
+    while pos < size:
+        if len(out) >= 100_000:
+            return None  # too fragmented to be worth it: read it all
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: no more data
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
     return out
 
 
@@ -104,58 +101,33 @@ def _in_hole(extents: list[tuple[int, int]] | None, off: int, end: int) -> bool:
 
 
 _DEFERRED = -2  # blob index of a chunk reference in the deferred region until finish()
-_INLINE = 16 << 10  # chunks this small are digested here: a pool round trip costs more
+_BATCH_BYTES = 1 << 20  # one pool task: chunks of this many bytes in all, or
+_BATCH_FILES = 32  # this many files (each may hold an open descriptor until placed)
+_WRITE_BYTES = 1 << 20  # blob bytes handed to the writer thread at once
+_tls = threading.local()  # a worker's read buffer
+
+_Result = tuple[bytes, bytes | None, bool]  # (digest, payload or None when known, compressed)
 
 
-@dataclass(eq=False)
-class _Pending:
+@dataclass(eq=False, slots=True)
+class _Piece:
+    """One chunk of a file: its bytes, or the open file a worker reads them from."""
+
     node: Node
     offset: int
     size: int
-    future: Future[tuple[bytes, bytes | None, bool]]
+    data: bytes | None
+    src: BinaryIO | None  # read on the pool when ``data`` is None
+    last: bool  # the last piece read from ``src``: close it once placed
     deferred: bool
 
 
-class _ReadAhead:
-    """Asks the kernel to read the next files of a directory build ahead of us.
-
-    Cold builds are bound by read latency one file at a time; ``WILLNEED`` hints for
-    the files just ahead keep several reads in flight. Only absolute source paths of
-    a directory walk are hinted; a failure to open one is ignored (it is only a hint).
-    """
-
-    WINDOW = 64
-
-    def __init__(self, paths: list[bytes]) -> None:
-        self._paths = paths
-        self.progress = 0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for i, path in enumerate(self._paths):
-            while i > self.progress + self.WINDOW:
-                if self._stopped.wait(0.002):
-                    return
-            if self._stopped.is_set():
-                return
-            if not path.startswith(b"/"):
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
+@dataclass(eq=False)
+class _Batch:
+    pieces: list[_Piece] = field(default_factory=list)
+    files: int = 0
+    size: int = 0
+    future: Future[list[_Result]] | None = None
 
 
 class _SinkThread:
@@ -163,15 +135,13 @@ class _SinkThread:
 
     The output write and the sha256 of the blob id are the serial part of a build;
     done here they overlap with reading, hashing and compressing chunks. The queue is
-    bounded, so memory stays a few chunks. An error surfaces at the next put or sync.
+    bounded, so memory stays a few writes. An error surfaces at the next put or sync.
     """
-
-    _STOP = b""
 
     def __init__(self, out: _Sink, hasher: hashlib._Hash) -> None:
         self._out = out
         self._hasher = hasher
-        self._q: queue.Queue[tuple[bytes, bool] | None] = queue.Queue(maxsize=32)
+        self._q: queue.Queue[tuple[bytes, bool] | None] = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
         self._thread.start()
@@ -213,9 +183,9 @@ class BlobWriter:
     """Streams chunks into one blob; use as a context manager (it owns a thread pool).
 
     :meth:`add_file` takes a node and its data as ``(file offset, bytes)`` pieces, one per
-    non-hole chunk in file order; digesting and compression run on the pool while the caller
-    reads on, and chunks are placed strictly in submission order through a bounded window
-    shared by all files (so memory stays at a few chunks whatever the file sizes).
+    non-hole chunk in file order; :meth:`add_files` opens directory files itself and lets the
+    pool read them. Chunks are placed strictly in submission order through a bounded window of
+    batches shared by all files (so memory stays at a few MiB whatever the file sizes).
 
     ``deferred=True`` puts a file's new chunks behind every non-deferred chunk of the blob
     (``--prefetch-policy fs`` for a stream, whose prefetch files may come last): their payloads
@@ -244,6 +214,8 @@ class BlobWriter:
         self.dict = chunk_dict
         self._hash = hashlib.sha256()
         self._writer: _SinkThread | None = None
+        self._wbuf: list[bytes] = []  # hashed bytes not yet handed to the writer
+        self._wlen = 0
         self._pos = 0  # compressed offset (bytes written so far)
         self._upos = 0  # next uncompressed offset (4 KiB aligned)
         self._ci: list[bm.CiEntry] = []
@@ -253,8 +225,10 @@ class BlobWriter:
         self._workers = workers or min(4, os.cpu_count() or 1)
         self._aligned = compressor.is_none
         self._pool: ThreadPoolExecutor | None = None
-        self._window: deque[_Pending] = deque()
+        self._batch = _Batch()  # being filled
+        self._window: deque[_Batch] = deque()  # submitted, placed in this order
         self._limit = self._workers * 3
+        self._open: set[BinaryIO] = set()  # files of pieces not yet placed
         # the deferred region (see the class docstring)
         self._spool_dir = spool_dir
         self._spool: BinaryIO | None = None
@@ -271,9 +245,11 @@ class BlobWriter:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
-            for p in self._window:
-                p.future.cancel()
+            for b in self._window:
+                if b.future is not None:
+                    b.future.cancel()
             self._window.clear()
+            self._batch = _Batch()
         self.close()
 
     def close_pool(self) -> None:
@@ -284,13 +260,15 @@ class BlobWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
+            for f in self._open:  # only left open when a build failed
+                f.close()
+            self._open.clear()
 
     def close(self) -> None:
         """Stop the pool (pending chunks are placed first) and drop the spool."""
         try:
             self.close_pool()
-            if self._writer is not None:
-                self._writer.sync()
+            self._sync()
         finally:
             if self._writer is not None:
                 self._writer.stop()
@@ -301,93 +279,155 @@ class BlobWriter:
 
     def flush(self) -> None:
         """Place every chunk still in flight."""
+        self._submit()
         while self._window:
-            self._place(self._window.popleft())
+            self._place_batch(self._window.popleft())
 
     # ------------------------------------------------------------------ writing
 
     def _write(self, b: bytes, hashed: bool = True) -> None:
+        self._pos += len(b)
+        if not hashed:
+            self._send()
+            self._sink().put(b, False)
+            return
+        self._wbuf.append(b)
+        self._wlen += len(b)
+        if self._wlen >= _WRITE_BYTES:
+            self._send()
+
+    def _sink(self) -> _SinkThread:
         if self._writer is None:
             self._writer = _SinkThread(self.out, self._hash)
-        self._writer.put(b, hashed)
-        self._pos += len(b)
+        return self._writer
+
+    def _send(self) -> None:
+        """Hand the buffered bytes to the writer thread in one piece."""
+        if self._wbuf:
+            data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+            self._wbuf, self._wlen = [], 0
+            self._sink().put(data, True)
+
+    def _sync(self) -> None:
+        """Every byte so far written to ``out`` and hashed."""
+        self._send()
+        if self._writer is not None:
+            self._writer.sync()
 
     def _blob_hash(self) -> hashlib._Hash:
         """The blob-id hash so far (waits for queued writes)."""
-        if self._writer is not None:
-            self._writer.sync()
+        self._sync()
         return self._hash
 
-    def _process(self, data: bytes) -> tuple[bytes, bytes | None, bool]:
-        digest = self.digester.digest(data)
-        if self.dict.get(digest) is not None:
-            return digest, None, False  # a known chunk: no need to compress it
-        payload, compressed = codec.compress(self.compressor, data)
-        return digest, payload, compressed
+    def _process(self, pieces: list[_Piece]) -> list[_Result]:
+        """On the pool: read (when needed), digest, and compress the chunks not yet known."""
+        buf: bytearray | None = getattr(_tls, "buf", None)
+        if buf is None or len(buf) <= self.chunk_size:
+            buf = _tls.buf = bytearray(self.chunk_size + 1)
+        out: list[_Result] = []
+        for p in pieces:
+            data = p.data if p.data is not None else _pread(p, buf)
+            digest = self.digester.digest(data)
+            if self.dict.get(digest) is not None:
+                out.append((digest, None, False))  # a known chunk: no need to compress it
+                continue
+            payload, compressed = codec.compress(self.compressor, data)
+            out.append((digest, payload, compressed))
+        return out
 
-    def _chunks_of(self, node: Node) -> Iterator[tuple[int, bytes]]:
-        """(file offset, data) per non-hole chunk of a file read through ``open_data``."""
-        if node.open_data is None:
-            raise FormatError(f"no data source for {node.path!r}")
-        f = node.open_data()
-        try:
-            extents = _data_extents(f, node.size)  # type: ignore[arg-type]
-            off = 0
-            while off < node.size:
-                n = min(self.chunk_size, node.size - off)
-                if _in_hole(extents, off, off + n):
-                    f.seek(off + n)  # type: ignore[attr-defined]
-                else:
-                    yield off, _read_exact(f, n, node)
-                off += n
-            if f.read(1):  # type: ignore[attr-defined]
-                raise FormatError(f"{node.path!r} grew while it was being read")
-        finally:
-            f.close()  # type: ignore[attr-defined]
+    def _queue(self, p: _Piece) -> None:
+        b = self._batch
+        if not b.pieces or b.pieces[-1].node is not p.node:
+            b.files += 1
+        b.pieces.append(p)
+        b.size += p.size
+        if b.size >= _BATCH_BYTES or b.files >= _BATCH_FILES:
+            self._submit()
+
+    def _submit(self) -> None:
+        b = self._batch
+        if not b.pieces:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="chunk")
+        b.future = self._pool.submit(self._process, b.pieces)
+        self._window.append(b)
+        self._batch = _Batch()
+        while len(self._window) > self._limit:
+            self._place_batch(self._window.popleft())
 
     def add_files(self, nodes: Iterable[Node]) -> int:
-        """Chunk every node's data (read through ``open_data``), in order; sets
+        """Chunk every node's data (opened through ``open_data``), in order; sets
         ``node.chunks`` once placed. Returns the bytes read."""
-        nodes = list(nodes)
-        ahead = _ReadAhead([n.path for n in nodes])
         total = 0
+        for node in nodes:
+            total += self._add_source(node)
+        self.flush()
+        return total
+
+    def _add_source(self, node: Node) -> int:
+        """Queue a file whose data a worker reads by offset (plain reads without a fd)."""
+        if node.open_data is None:
+            raise FormatError(f"no data source for {node.path!r}")
+        f: BinaryIO = node.open_data()  # type: ignore[assignment]
         try:
-            for i, node in enumerate(nodes):
-                ahead.progress = i
-                total += self.add_file(node, self._chunks_of(node))
-            self.flush()
-        finally:
-            ahead.stop()
+            fd = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            try:
+                return self.add_file(node, _read_pieces(f, node, self.chunk_size))
+            finally:
+                f.close()
+        self._open.add(f)
+        with contextlib.suppress(OSError):  # read ahead while earlier batches compress
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        size, cs = node.size, self.chunk_size
+        extents = _data_extents(fd, size)
+        offsets = [o for o in range(0, size, cs) if not _in_hole(extents, o, min(o + cs, size))]
+        if (not offsets or offsets[-1] + cs < size) and os.pread(fd, 1, size):
+            raise FormatError(f"{node.path!r} grew while it was being read")
+        node.chunks = []
+        if not offsets:
+            self._open.discard(f)
+            f.close()
+        total = 0
+        for o in offsets:
+            n = min(cs, size - o)
+            total += n
+            self._queue(_Piece(node, o, n, None, f, o == offsets[-1], False))
+        self.bytes_in += total
         return total
 
     def add_file(
-        self, node: Node, pieces: Iterable[tuple[int, bytes]], *, deferred: bool = False
+        self,
+        node: Node,
+        pieces: Iterable[tuple[int, bytes]],
+        *,
+        deferred: bool = False,
     ) -> int:
         """Queue a file's chunks; ``node.chunks`` is complete after :meth:`flush`.
 
         ``pieces`` are (file offset, data) for every chunk that is not a hole, in file order,
-        each ``chunk_size`` bytes at a multiple of it (the last may be shorter). Returns the
-        bytes read.
+        each ``chunk_size`` bytes at a multiple of it (the last may be shorter). The data is
+        digested later on the pool: it must not change once yielded. Returns the bytes read.
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="chunk")
         node.chunks = []
         total = 0
         for off, data in pieces:
             total += len(data)
-            if len(data) <= _INLINE:
-                fut: Future[tuple[bytes, bytes | None, bool]] = Future()
-                fut.set_result(self._process(data))
-            else:
-                fut = self._pool.submit(self._process, data)
-            self._window.append(_Pending(node, off, len(data), fut, deferred))
-            while len(self._window) > self._limit:
-                self._place(self._window.popleft())
+            self._queue(_Piece(node, off, len(data), data, None, False, deferred))
         self.bytes_in += total
         return total
 
-    def _place(self, p: _Pending) -> None:
-        digest, payload, compressed = p.future.result()
+    def _place_batch(self, b: _Batch) -> None:
+        assert b.future is not None
+        for p, r in zip(b.pieces, b.future.result(), strict=True):
+            self._place(p, r)
+            if p.last and p.src is not None:
+                self._open.discard(p.src)
+                p.src.close()
+
+    def _place(self, p: _Piece, r: _Result) -> None:
+        digest, payload, compressed = r
         node, foff, size = p.node, p.offset, p.size
         assert node.chunks is not None
         hit = self.dict.get(digest)
@@ -587,8 +627,7 @@ class BlobWriter:
             entry.blob_toc_size = len(toc_bytes) + len(toc_hdr)
             entry.blob_toc_digest = hashlib.sha256(toc_bytes + toc_hdr).digest()
         assert entry.compressed_size == self._pos
-        if self._writer is not None:
-            self._writer.sync()  # every byte is in ``out`` before the caller closes it
+        self._sync()  # every byte is in ``out`` before the caller closes it
         return BlobResult(entry, len(self._ci), self.deduped, data_size)
 
     def _raw_section(
@@ -604,13 +643,38 @@ class BlobWriter:
         )
 
 
-def _read_exact(f: object, n: int, node: Node) -> bytes:
-    data = f.read(n)  # type: ignore[attr-defined]
-    if len(data) != n:
-        raise FormatError(
-            f"{node.path!r} shrank while it was being read ({len(data)} of {n} bytes)"
-        )
-    return bytes(data)
+def _pread(p: _Piece, buf: bytearray) -> memoryview:
+    """A piece's bytes read from its file into ``buf`` (the file's last chunk one byte more:
+    the file must end there)."""
+    assert p.src is not None
+    fd, node = p.src.fileno(), p.node
+    want = p.size + (p.offset + p.size == node.size)
+    mv = memoryview(buf)
+    got = 0
+    while got < want:
+        k = os.preadv(fd, [mv[got:want]], p.offset + got)
+        if not k:
+            break
+        got += k
+    if got < p.size:
+        raise FormatError(f"{node.path!r} shrank while it was being read ({got} of {p.size} bytes)")
+    if got > p.size:
+        raise FormatError(f"{node.path!r} grew while it was being read")
+    return mv[: p.size]
+
+
+def _read_pieces(f: BinaryIO, node: Node, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    """(file offset, data) per chunk of a file object without a descriptor."""
+    for off in range(0, node.size, chunk_size):
+        n = min(chunk_size, node.size - off)
+        data = f.read(n)
+        if len(data) != n:
+            raise FormatError(
+                f"{node.path!r} shrank while it was being read ({len(data)} of {n} bytes)"
+            )
+        yield off, data
+    if f.read(1):
+        raise FormatError(f"{node.path!r} grew while it was being read")
 
 
 def _at(ref: ChunkInfo, foff: int) -> ChunkInfo:
