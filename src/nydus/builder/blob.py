@@ -26,7 +26,7 @@ import queue
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
@@ -71,8 +71,8 @@ class BlobResult:
     data_size: int
 
 
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """Data ranges of a sparse regular file, or None when not sparse/unknown."""
+def _data_extents(fd: int, size: int, start: int, end: int) -> list[tuple[int, int]] | None:
+    """Data ranges in [start, end) of a sparse regular file, or None when not sparse/unknown."""
     try:
         st = os.fstat(fd)
     except OSError:
@@ -80,17 +80,17 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
     if st.st_blocks * 512 >= size:
         return None
     out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
+    pos = start
+    while pos < end:
         if len(out) >= 100_000:
             return None  # too fragmented to be worth it: read it all
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError:
             break  # ENXIO: no more data
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end))
-        pos = end
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        out.append((pos, hole))
+        pos = hole
     return out
 
 
@@ -102,23 +102,22 @@ def _in_hole(extents: list[tuple[int, int]] | None, off: int, end: int) -> bool:
 
 _DEFERRED = -2  # blob index of a chunk reference in the deferred region until finish()
 _BATCH_BYTES = 1 << 20  # one pool task: chunks of this many bytes in all, or
-_BATCH_FILES = 32  # this many files (each may hold an open descriptor until placed)
+_BATCH_FILES = 32  # this many files (a worker opens them together)
 _WRITE_BYTES = 1 << 20  # blob bytes handed to the writer thread at once
 _tls = threading.local()  # a worker's read buffer
 
-_Result = tuple[bytes, bytes | None, bool]  # (digest, payload or None when known, compressed)
+# a chunk done on the pool: (file offset, size, digest, payload or None when known, compressed)
+_Chunk = tuple[int, int, bytes, bytes | None, bool]
 
 
 @dataclass(eq=False, slots=True)
 class _Piece:
-    """One chunk of a file: its bytes, or the open file a worker reads them from."""
+    """A chunk's bytes, or (``data`` None) a range of a file that a worker reads itself."""
 
     node: Node
     offset: int
     size: int
     data: bytes | None
-    src: BinaryIO | None  # read on the pool when ``data`` is None
-    last: bool  # the last piece read from ``src``: close it once placed
     deferred: bool
 
 
@@ -127,7 +126,7 @@ class _Batch:
     pieces: list[_Piece] = field(default_factory=list)
     files: int = 0
     size: int = 0
-    future: Future[list[_Result]] | None = None
+    future: Future[list[list[_Chunk]]] | None = None
 
 
 class _SinkThread:
@@ -228,7 +227,6 @@ class BlobWriter:
         self._batch = _Batch()  # being filled
         self._window: deque[_Batch] = deque()  # submitted, placed in this order
         self._limit = self._workers * 3
-        self._open: set[BinaryIO] = set()  # files of pieces not yet placed
         # the deferred region (see the class docstring)
         self._spool_dir = spool_dir
         self._spool: BinaryIO | None = None
@@ -260,9 +258,6 @@ class BlobWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
-            for f in self._open:  # only left open when a build failed
-                f.close()
-            self._open.clear()
 
     def close(self) -> None:
         """Stop the pool (pending chunks are placed first) and drop the spool."""
@@ -319,20 +314,62 @@ class BlobWriter:
         self._sync()
         return self._hash
 
-    def _process(self, pieces: list[_Piece]) -> list[_Result]:
-        """On the pool: read (when needed), digest, and compress the chunks not yet known."""
+    def _process(self, pieces: list[_Piece]) -> list[list[_Chunk]]:
+        """On the pool: read (file ranges), digest, and compress the chunks not yet known."""
         buf: bytearray | None = getattr(_tls, "buf", None)
         if buf is None or len(buf) <= self.chunk_size:
             buf = _tls.buf = bytearray(self.chunk_size + 1)
-        out: list[_Result] = []
-        for p in pieces:
-            data = p.data if p.data is not None else _pread(p, buf)
-            digest = self.digester.digest(data)
-            if self.dict.get(digest) is not None:
-                out.append((digest, None, False))  # a known chunk: no need to compress it
+        files: list[BinaryIO | None] = []
+        try:
+            for p in pieces:  # open them all first: the kernel reads ahead meanwhile
+                files.append(None if p.data is not None else _open_range(p))
+            return [
+                self._read_range(p, f, buf)
+                if f is not None
+                else [self._chunk(p.offset, p.data or b"")]
+                for p, f in zip(pieces, files, strict=True)
+            ]
+        finally:
+            for f in files:
+                if f is not None:
+                    f.close()
+
+    def _chunk(self, offset: int, data: bytes | memoryview) -> _Chunk:
+        digest = self.digester.digest(data)
+        if self.dict.get(digest) is not None:
+            return offset, len(data), digest, None, False  # known: no need to compress it
+        payload, compressed = codec.compress(self.compressor, data)
+        return offset, len(data), digest, payload, compressed
+
+    def _read_range(self, p: _Piece, f: BinaryIO, buf: bytearray) -> list[_Chunk]:
+        """The chunks of a file range, holes skipped; the file must end where its node says."""
+        node, cs, end = p.node, self.chunk_size, p.offset + p.size
+        try:
+            fd = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = -1
+        extents = _data_extents(fd, node.size, p.offset, end) if fd >= 0 else None
+        mv = memoryview(buf)
+        out: list[_Chunk] = []
+        last = -1
+        for off in range(p.offset, end, cs):
+            n = min(cs, end - off)
+            if _in_hole(extents, off, off + n):
                 continue
-            payload, compressed = codec.compress(self.compressor, data)
-            out.append((digest, payload, compressed))
+            want = n + (off + n == node.size)  # one byte more at the end: did it grow?
+            got = 0
+            while got < want and (k := _read_at(f, fd, off + got, mv[got:want])):
+                got += k
+            if got < n:
+                raise FormatError(
+                    f"{node.path!r} shrank while it was being read ({got} of {n} bytes)"
+                )
+            if got > n:
+                raise FormatError(f"{node.path!r} grew while it was being read")
+            out.append(self._chunk(off, mv[:n]))
+            last = off + n
+        if end == node.size and last != end and _read_at(f, fd, end, mv[:1]):
+            raise FormatError(f"{node.path!r} grew while it was being read")
         return out
 
     def _queue(self, p: _Piece) -> None:
@@ -357,45 +394,23 @@ class BlobWriter:
             self._place_batch(self._window.popleft())
 
     def add_files(self, nodes: Iterable[Node]) -> int:
-        """Chunk every node's data (opened through ``open_data``), in order; sets
-        ``node.chunks`` once placed. Returns the bytes read."""
-        total = 0
+        """Chunk every node's data (opened through ``open_data`` on the pool), in order; sets
+        ``node.chunks`` once placed. Returns the bytes read (holes are not read)."""
+        before = self.bytes_in
         for node in nodes:
-            total += self._add_source(node)
+            self._add_source(node)
         self.flush()
-        return total
+        return self.bytes_in - before
 
     def _add_source(self, node: Node) -> int:
-        """Queue a file whose data a worker reads by offset (plain reads without a fd)."""
+        """Queue a file in ranges of about a batch; the pool opens and reads them."""
         if node.open_data is None:
             raise FormatError(f"no data source for {node.path!r}")
-        f: BinaryIO = node.open_data()  # type: ignore[assignment]
-        try:
-            fd = f.fileno()
-        except (AttributeError, OSError, ValueError):
-            try:
-                return self.add_file(node, _read_pieces(f, node, self.chunk_size))
-            finally:
-                f.close()
-        self._open.add(f)
-        with contextlib.suppress(OSError):  # read ahead while earlier batches compress
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        size, cs = node.size, self.chunk_size
-        extents = _data_extents(fd, size)
-        offsets = [o for o in range(0, size, cs) if not _in_hole(extents, o, min(o + cs, size))]
-        if (not offsets or offsets[-1] + cs < size) and os.pread(fd, 1, size):
-            raise FormatError(f"{node.path!r} grew while it was being read")
         node.chunks = []
-        if not offsets:
-            self._open.discard(f)
-            f.close()
-        total = 0
-        for o in offsets:
-            n = min(cs, size - o)
-            total += n
-            self._queue(_Piece(node, o, n, None, f, o == offsets[-1], False))
-        self.bytes_in += total
-        return total
+        step = max(self.chunk_size, _BATCH_BYTES)
+        for off in range(0, node.size or 1, step):  # an empty file: checked it is still empty
+            self._queue(_Piece(node, off, min(step, node.size - off), None, False))
+        return node.size
 
     def add_file(
         self,
@@ -414,22 +429,19 @@ class BlobWriter:
         total = 0
         for off, data in pieces:
             total += len(data)
-            self._queue(_Piece(node, off, len(data), data, None, False, deferred))
-        self.bytes_in += total
+            self._queue(_Piece(node, off, len(data), data, deferred))
         return total
 
     def _place_batch(self, b: _Batch) -> None:
         assert b.future is not None
-        for p, r in zip(b.pieces, b.future.result(), strict=True):
-            self._place(p, r)
-            if p.last and p.src is not None:
-                self._open.discard(p.src)
-                p.src.close()
+        for p, chunks in zip(b.pieces, b.future.result(), strict=True):
+            for c in chunks:
+                self._place(p.node, p.deferred, c)
 
-    def _place(self, p: _Piece, r: _Result) -> None:
-        digest, payload, compressed = r
-        node, foff, size = p.node, p.offset, p.size
+    def _place(self, node: Node, deferred: bool, c: _Chunk) -> None:
+        foff, size, digest, payload, compressed = c
         assert node.chunks is not None
+        self.bytes_in += size
         hit = self.dict.get(digest)
         if self._on_chunk is not None:
             self._on_chunk(size, hit is not None and hit.uncompressed_size == size)
@@ -446,7 +458,7 @@ class BlobWriter:
         pad = b"\0" * (-len(payload) % BLOCK) if self._aligned else b""
         # Uncompressed blobs keep chunks at their uncompressed offsets (the padding above),
         # so the blob file itself is a valid EROFS blob device.
-        if p.deferred:
+        if deferred:
             if self._spool is None:
                 self._spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed in close()
                     prefix="nydus-spool-", dir=self._spool_dir
@@ -643,38 +655,21 @@ class BlobWriter:
         )
 
 
-def _pread(p: _Piece, buf: bytearray) -> memoryview:
-    """A piece's bytes read from its file into ``buf`` (the file's last chunk one byte more:
-    the file must end there)."""
-    assert p.src is not None
-    fd, node = p.src.fileno(), p.node
-    want = p.size + (p.offset + p.size == node.size)
-    mv = memoryview(buf)
-    got = 0
-    while got < want:
-        k = os.preadv(fd, [mv[got:want]], p.offset + got)
-        if not k:
-            break
-        got += k
-    if got < p.size:
-        raise FormatError(f"{node.path!r} shrank while it was being read ({got} of {p.size} bytes)")
-    if got > p.size:
-        raise FormatError(f"{node.path!r} grew while it was being read")
-    return mv[: p.size]
+def _open_range(p: _Piece) -> BinaryIO:
+    """Open a piece's file with a hint to read its range ahead."""
+    if p.node.open_data is None:
+        raise FormatError(f"no data source for {p.node.path!r}")
+    f: BinaryIO = p.node.open_data()  # type: ignore[assignment]
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.posix_fadvise(f.fileno(), p.offset, p.size, os.POSIX_FADV_WILLNEED)
+    return f
 
 
-def _read_pieces(f: BinaryIO, node: Node, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-    """(file offset, data) per chunk of a file object without a descriptor."""
-    for off in range(0, node.size, chunk_size):
-        n = min(chunk_size, node.size - off)
-        data = f.read(n)
-        if len(data) != n:
-            raise FormatError(
-                f"{node.path!r} shrank while it was being read ({len(data)} of {n} bytes)"
-            )
-        yield off, data
-    if f.read(1):
-        raise FormatError(f"{node.path!r} grew while it was being read")
+def _read_at(f: BinaryIO, fd: int, off: int, mv: memoryview) -> int:
+    if fd >= 0:
+        return os.preadv(fd, [mv], off)
+    f.seek(off)
+    return f.readinto(mv) or 0  # type: ignore[attr-defined]
 
 
 def _at(ref: ChunkInfo, foff: int) -> ChunkInfo:
