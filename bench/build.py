@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-src", type=Path, help="also run nydus-image from this src dir")
     ap.add_argument("--repeat", type=int, default=1, help="runs per target and mode (median)")
     ap.add_argument("--only", help="comma-separated target name prefixes to run")
+    ap.add_argument("--modes", default="cold,warm", help="cold,warm (cold drops caches: root)")
     ap.add_argument("--profile", action="store_true", help="where one warm build's time goes")
     ap.add_argument("--stem", help="report file name stem (default: build-<date>[-<what>])")
     args = ap.parse_args(argv)
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: set[str] = set()
     for i in range(args.repeat):
         for t in results:
-            for mode in ("cold", "warm"):
+            for mode in args.modes.split(","):
                 if t.name in failed:
                     continue
                 print(f"  [{i + 1}] {t.name:<28} {mode} ...", end=" ", flush=True)
