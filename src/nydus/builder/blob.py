@@ -11,10 +11,15 @@ array and the ToC, each framed by a trailing tar header, exactly as upstream.
 The blob id is computed the upstream way: sha256 over every byte written
 except the chunk digest array's payload (its tar header is included).
 
-Hashing and compression run on a thread pool (both libraries release the
-GIL); a chunk whose digest is already known is not compressed at all. Chunk
-order, and so the output bytes, do not depend on scheduling. The writer itself
-is used from one thread; the pool only runs :meth:`BlobWriter._process`.
+Chunks go to a thread pool in batches of about 1 MiB (at most 32 files), so one
+round trip covers many small files. For a directory (:meth:`BlobWriter.add_files`)
+the workers also open and read the files (``pread`` into a per-thread buffer, a
+``WILLNEED`` hint per batch); they digest each chunk and compress the ones not yet
+known (the codecs release the GIL). The caller's thread places results in
+submission order and hands the blob bytes, in ~1 MiB writes, to a writer thread
+that writes them and hashes the blob id. Chunk order, and so the output bytes, do
+not depend on scheduling. The writer object is used from one thread; the pool
+only runs :meth:`BlobWriter._process`.
 """
 
 from __future__ import annotations
