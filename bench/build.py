@@ -85,11 +85,11 @@ class Target:
     env: dict[str, str] = field(default_factory=dict)  # added to the environment
 
     def median(self, mode: str) -> Run | None:
-        """The run of the median time among this mode's runs (a failure if any failed)."""
+        """The run of the (lower) median time among this mode's runs (a failure if any failed)."""
         runs = [r for r in self.runs if r.mode == mode]
         if not runs or not all(r.ok for r in runs):
             return next((r for r in runs if not r.ok), None)
-        return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+        return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
 
 
 def parse_size(text: str) -> int:
@@ -399,6 +399,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def describe_stats(stats: dict[str, int]) -> str:
+    if not stats:
+        return "an existing tree"
     pct = 100 * stats.get("compressible_bytes", 0) / max(1, stats.get("bytes", 1))
     return (
         f"{stats.get('files')} files in {stats.get('dirs')} dirs, "
@@ -452,7 +454,7 @@ def render(
         *([f"Layers: {meta['layers']}."] if meta.get("layers") else []),
         f"Cold runs: {meta['cold']}. Machine: {meta['machine']}.",
         f"Load average (1 min) before / after: {meta['load']}. Runs per target and mode: "
-        f"{meta['repeat']} (the median is shown; targets take turns).",
+        f"{meta['repeat']} (the median is shown, the faster of two; targets take turns).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

@@ -45,7 +45,20 @@ cli.load_directory = timed("walk (scandir, lstat, xattrs)", cli.load_directory)
 BlobWriter.add_files = timed("blob loop (read, digest, compress, write)", BlobWriter.add_files)
 BlobWriter.finish = timed("blob trailer (ci table, digests, ToC)", BlobWriter.finish)
 build.write_bootstrap = timed("bootstrap writer", build.write_bootstrap)
-cli.open_bootstrap = timed("bootstrap check (parse + walk)", cli.open_bootstrap)
+class Checked:
+    def __init__(self, md):
+        self.md = md
+    def __enter__(self):
+        self.md.__enter__()
+        return self
+    def __exit__(self, *exc):
+        return self.md.__exit__(*exc)
+    def walk(self):
+        return iter(timed(CHECK, lambda: list(self.md.walk()))())
+
+CHECK = "bootstrap check (parse + walk)"
+open_bootstrap = timed(CHECK, cli.open_bootstrap)
+cli.open_bootstrap = lambda *a, **k: Checked(open_bootstrap(*a, **k))
 t0, c0 = time.monotonic(), time.process_time()
 rc = cli.main(sys.argv[1:])
 stages["total (after imports)"] = (time.monotonic() - t0, time.process_time() - c0)
