@@ -3,6 +3,8 @@
     .venv/bin/python bench/build.py                        # 1 GiB, 20,000 files (the real run)
     .venv/bin/python bench/build.py --size 64M --files 2000  # a quick check
     .venv/bin/python bench/build.py --mode tar             # from a tar.gz layer through a pipe
+    .venv/bin/python bench/build.py --tree DIR --baseline-src /tmp/main/src --repeat 3 --profile
+                                                           # a real tree, old code vs new (A/B)
 
 ``--mode tar`` turns the tree into a layer once (``tar | gzip -6``, and ``| zstd`` for the zstd
 target; both cached beside the tree) and times ``nydus-image create -t targz-rafs -`` reading it
@@ -15,6 +17,15 @@ The tree is made by ``tests/corpus.make_large_tree`` and cached under ``--work``
 cache). Times are wall-clock for the command alone; outputs are left in the page cache (no
 final sync), the same for every target. Throughput is MB/s (10^6 bytes) of *input* file data.
 A target that fails (e.g. a CLI still being written) is reported with its error; the others run.
+
+``--tree`` builds an existing tree instead (e.g. an unpacked image rootfs). ``--baseline-src``
+adds ``nydus-image zstd (baseline)``: the same CLI with ``PYTHONPATH`` on another checkout's
+``src`` (e.g. main's), in the same run; every nydus-image output's bootstrap and blob digests
+must then agree with the baseline's (the run fails loudly if not). ``--repeat N`` runs every
+target N times (in turn) and reports the median. ``--profile`` adds where the time of one warm
+build goes: per stage (walk, blob loop, bootstrap, check) and per CPU consumer from ``perf``
+(zstd, blake3, sha256, kernel, interpreter). nydus-image runs with bytecode caching on (as an
+installed tool has), after one untimed start to write the cache.
 
 Writes ``bench/results/build-<date>[-<size>x<files>].md`` and ``.json`` and prints the table.
 Single-threaded driver; targets run one at a time.
@@ -58,6 +69,7 @@ class Run:
     output_bytes: int
     ok: bool
     error: str = ""
+    digests: dict[str, str] = field(default_factory=dict)  # output file -> sha256 (nydus-image)
 
     def mbps(self, input_bytes: int) -> float:
         return input_bytes / 1e6 / self.seconds if self.ok and self.seconds > 0 else 0.0
@@ -70,6 +82,14 @@ class Target:
     name: str
     pipeline: list[list[str]]  # one argv, or several piped stdout -> stdin
     runs: list[Run] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
+
+    def median(self, mode: str) -> Run | None:
+        """The run of the (lower) median time among this mode's runs (a failure if any failed)."""
+        runs = [r for r in self.runs if r.mode == mode]
+        if not runs or not all(r.ok for r in runs):
+            return next((r for r in runs if not r.ok), None)
+        return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
 
 
 def parse_size(text: str) -> int:
@@ -140,7 +160,9 @@ def du_bytes(path: Path) -> int:
 GNU_TIME = "/usr/bin/time"
 
 
-def run_pipeline(argvs: list[list[str]], log: Path) -> tuple[float, float, float, int]:
+def run_pipeline(
+    argvs: list[list[str]], log: Path, env: dict[str, str] | None = None
+) -> tuple[float, float, float, int]:
     """Run argv[0] | argv[1] | ...; returns (wall s, cpu s, max rss MiB, worst exit code).
 
     Peak RSS comes from GNU time wrapped around each command: a child's ru_maxrss from wait4
@@ -161,6 +183,7 @@ def run_pipeline(argvs: list[list[str]], log: Path) -> tuple[float, float, float
                 stdin=prev.stdout if prev else subprocess.DEVNULL,
                 stdout=err if last else subprocess.PIPE,
                 stderr=err,
+                env=env,
             )
             if prev and prev.stdout:
                 prev.stdout.close()  # so the writer sees SIGPIPE if the reader dies
@@ -197,12 +220,66 @@ def measure(
     else:
         os.sync()
     log = out_root / f"{out.name}.{mode}.log"
-    secs, cpu, rss, rc = run_pipeline(argvs, log)
+    secs, cpu, rss, rc = run_pipeline(argvs, log, child_env(target))
     error = ""
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         error = f"exit {rc}: " + " | ".join(tail)
-    return Run(mode, round(secs, 3), round(cpu, 2), round(rss, 1), du_bytes(out), rc == 0, error)
+    digests = output_digests(out) if target.name.startswith("nydus-image") else {}
+    run = Run(mode, round(secs, 3), round(cpu, 2), round(rss, 1), du_bytes(out), rc == 0, error)
+    run.digests = digests
+    return run
+
+
+def child_env(target: Target) -> dict[str, str]:
+    env = {**os.environ, **target.env}
+    if target.env:  # nydus-image: cached bytecode, as an installed tool has
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def output_digests(out: Path) -> dict[str, str]:
+    """sha256 of the bootstrap and of every blob a nydus-image run wrote (by blob id)."""
+    import hashlib
+
+    files = [out / "image.boot", *sorted((out / "blobs").glob("*"))]
+    found = {}
+    for f in files:
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while b := fh.read(1 << 20):
+                    h.update(b)
+            found[f.name if f.parent.name == "blobs" else "bootstrap"] = h.hexdigest()
+    return found
+
+
+def check_digests(results: list[Target]) -> list[str]:
+    """Lines saying whether every nydus-image output of one compressor is byte-identical."""
+    lines = []
+    for comp in ("zstd", "none"):
+        runs = [
+            (t.name, r)
+            for t in results
+            if t.name.startswith(f"nydus-image {comp}")
+            for r in t.runs
+            if r.ok
+        ]
+        if len(runs) < 2:
+            continue
+        ref_name, ref = runs[0]
+        bad = [f"{n} ({r.mode})" for n, r in runs if r.digests != ref.digests]
+        boot = ref.digests.get("bootstrap", "?")[:16]
+        if bad:
+            lines.append(f"- {comp}: DIFFERENT outputs: {', '.join(bad)} vs {ref_name}")
+        else:
+            names = sorted({n for n, _r in runs})
+            lines.append(
+                f"- {comp}: {len(runs)} builds ({', '.join(names)}) byte-identical: "
+                f"bootstrap sha256 {boot}..., {len(ref.digests) - 1} blob(s) "
+                + ", ".join(k[:16] + "..." for k in ref.digests if k != "bootstrap")
+            )
+    return lines
 
 
 def nydus_image_argv() -> list[str]:
@@ -213,13 +290,18 @@ def nydus_image_argv() -> list[str]:
     return [sys.executable, "-c", boot]
 
 
-def targets(skip_nydus: bool) -> list[Target]:
+def targets(skip_nydus: bool, baseline: Path | None = None) -> list[Target]:
     nyd = nydus_image_argv()
     out: list[Target] = []
     if not skip_nydus:
+        here = {"PYTHONPATH": str(REPO / "src")}
+        argv = [*nyd, "create", "--bootstrap", "{out}/image.boot", "--blob-dir", "{out}/blobs"]
         for comp in ("zstd", "none"):
-            argv = [*nyd, "create", "--bootstrap", "{out}/image.boot", "--blob-dir", "{out}/blobs"]
-            out.append(Target(f"nydus-image {comp}", [[*argv, "--compressor", comp, "{tree}"]]))
+            cmd = [[*argv, "--compressor", comp, "{tree}"]]
+            out.append(Target(f"nydus-image {comp}", cmd, env=here))
+            if baseline is not None and comp == "zstd":
+                base_env = {"PYTHONPATH": str(baseline)}
+                out.append(Target(f"nydus-image {comp} (baseline)", cmd, env=base_env))
     out.append(
         Target(
             "mkfs.erofs 1m chunks",
@@ -317,6 +399,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def describe_stats(stats: dict[str, int]) -> str:
+    if not stats:
+        return "an existing tree"
     pct = 100 * stats.get("compressible_bytes", 0) / max(1, stats.get("bytes", 1))
     return (
         f"{stats.get('files')} files in {stats.get('dirs')} dirs, "
@@ -331,20 +415,28 @@ def render(
     stats: dict[str, int],
     meta: dict[str, object],
 ) -> tuple[str, str]:
-    """(plain table for the terminal, Markdown report)."""
-    header = ["target", "mode", "time s", "MB/s in", "cpu s", "max RSS MiB", "output", "out/in"]
+    """(plain table for the terminal, Markdown report); medians when runs were repeated."""
+    header = ["target", "mode", "time s", "MB/s in", "vs tar|zstd", "cpu s", "max RSS MiB"]
+    header += ["output", "out/in"]
+    ref = next((t for t in results if t.name == "tar | zstd -T0"), None)
     rows: list[list[str]] = []
     for t in results:
-        for r in t.runs:
-            if not r.ok:
-                rows.append([t.name, r.mode, "-", "FAILED", "-", "-", "-", r.error[:60]])
+        for mode in ("cold", "warm"):
+            r = t.median(mode)
+            if r is None:
                 continue
+            if not r.ok:
+                rows.append([t.name, r.mode, "-", "FAILED", "-", "-", "-", "-", r.error[:60]])
+                continue
+            base = ref.median(mode) if ref is not None else None
+            vs = f"{base.seconds / r.seconds:.2f}x" if base is not None and base.ok else "-"
             rows.append(
                 [
                     t.name,
                     r.mode,
                     f"{r.seconds:.2f}",
                     f"{r.mbps(input_bytes):.0f}",
+                    vs,
                     f"{r.cpu_seconds:.1f}",
                     f"{r.max_rss_mib:.0f}",
                     human(r.output_bytes),
@@ -361,14 +453,21 @@ def render(
         f"tree `{meta['tree']}` ({describe_stats(stats)}).",
         *([f"Layers: {meta['layers']}."] if meta.get("layers") else []),
         f"Cold runs: {meta['cold']}. Machine: {meta['machine']}.",
+        f"Load average (1 min) before / after: {meta['load']}. Runs per target and mode: "
+        f"{meta['repeat']} (the median is shown, the faster of two; targets take turns).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows),
         "",
         "MB/s is 10^6 bytes of input file data per wall-clock second; output is the total size "
-        "written (bootstrap + blobs, meta + blob, or the archive); page cache not flushed after.",
+        "written (bootstrap + blobs, meta + blob, or the archive); page cache not flushed after. "
+        "vs tar|zstd is tar | zstd -T0's time over this target's (above 1 is faster).",
     ]
+    if meta.get("digests"):
+        md += ["", "Output digests:", "", *meta["digests"]]  # type: ignore[misc]
+    if meta.get("profile"):
+        md += ["", str(meta["profile"])]
     errors = [f"- {t.name} ({r.mode}): {r.error}" for t in results for r in t.runs if not r.ok]
     if errors:
         md += ["", "Failures:", "", *errors]
@@ -390,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         default="dir",
         help="build from the tree (dir) or from its tar.gz layer through a pipe",
     )
+    ap.add_argument("--tree", type=Path, help="an existing tree to build (instead of generating)")
+    ap.add_argument("--baseline-src", type=Path, help="also run nydus-image from this src dir")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per target and mode (median)")
+    ap.add_argument("--only", help="comma-separated target name prefixes to run")
+    ap.add_argument("--modes", default="cold,warm", help="cold,warm (cold drops caches: root)")
+    ap.add_argument("--profile", action="store_true", help="where one warm build's time goes")
+    ap.add_argument("--stem", help="report file name stem (default: build-<date>[-<what>])")
     args = ap.parse_args(argv)
 
     for tool in ("mkfs.erofs", "zstd", "tar"):
@@ -397,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} not found: run scripts/setup.sh first", file=sys.stderr)
             return 2
     args.work.mkdir(parents=True, exist_ok=True)
-    tree, stats = ensure_tree(args.work, args.size, args.files, args.seed)
+    if args.tree:
+        tree, stats = args.tree.resolve(), dict[str, int]()
+    else:
+        tree, stats = ensure_tree(args.work, args.size, args.files, args.seed)
     input_bytes, nfiles = tree_bytes(tree)
     out_root = args.work / "out"
     cold = "yes (root: drop_caches before each)" if is_root() else "no (not root: all warm)"
@@ -408,16 +517,34 @@ def main(argv: list[str] | None = None) -> int:
         layers = ensure_layers(tree)
         results = tar_targets(args.skip_nydus)
     else:
-        results = targets(args.skip_nydus)
+        results = targets(args.skip_nydus, args.baseline_src)
+    if args.only:
+        prefixes = [p.strip() for p in args.only.split(",")]
+        results = [t for t in results if any(t.name.startswith(p) for p in prefixes)]
     for t in results:
-        for mode in ("cold", "warm"):
-            print(f"  {t.name:<22} {mode} ...", end=" ", flush=True)
-            r = measure(t, tree, out_root, mode, layers)
-            t.runs.append(r)
-            msg = f"{r.seconds:.2f} s, {r.mbps(input_bytes):.0f} MB/s" if r.ok else r.error
-            print(msg, flush=True)
-            if not r.ok:
-                break  # no warm run after a failure
+        if t.env:  # one untimed start: the bytecode cache
+            subprocess.run([*nydus_image_argv(), "--version"], env=child_env(t), check=False)
+    load0 = os.getloadavg()[0]
+    failed: set[str] = set()
+    for i in range(args.repeat):
+        for t in results:
+            for mode in args.modes.split(","):
+                if t.name in failed:
+                    continue
+                print(f"  [{i + 1}] {t.name:<28} {mode} ...", end=" ", flush=True)
+                r = measure(t, tree, out_root, mode, layers)
+                t.runs.append(r)
+                msg = f"{r.seconds:.2f} s, {r.mbps(input_bytes):.0f} MB/s" if r.ok else r.error
+                print(msg, flush=True)
+                if not r.ok:
+                    failed.add(t.name)  # no more runs after a failure
+    load1 = os.getloadavg()[0]
+    digest_lines = check_digests(results)
+    profile = ""
+    if args.profile and args.mode == "dir":
+        from build_profile import profile_build
+
+        profile = profile_build(tree, out_root / "profile", REPO / "src", nydus_image_argv())
     if not args.keep_outputs and out_root.exists():
         shutil.rmtree(out_root)
 
@@ -429,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         "cold": cold,
         "mode": args.mode,
         "layers": ", ".join(f"`{p.name}` {human(p.stat().st_size)}" for p in layers.values()),
+        "load": f"{load0:.2f} / {load1:.2f}"
+        + (" (above 1.5: preliminary, the machine was shared)" if max(load0, load1) > 1.5 else ""),
+        "repeat": args.repeat,
+        "digests": digest_lines,
+        "profile": profile,
     }
     versions = tool_versions()
     meta["versions"] = versions
@@ -441,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         stem += f"-{human(args.size).replace(' ', '').replace('.0', '')}x{args.files}"
     if args.mode == "tar":
         stem += "-tar"
+    if args.tree:
+        stem = f"build-{now:%Y-%m-%d}-{args.tree.resolve().parent.name}"
+    stem = args.stem or stem
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{stem}.md").write_text(md)
     payload = {
@@ -455,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nreport: {args.results / (stem + '.md')}")
     plot_after_run(args.results / f"{stem}.md")
+    if any("DIFFERENT" in ln for ln in digest_lines):
+        print("outputs differ between nydus-image runs:", *digest_lines, sep="\n", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,7 +59,7 @@ def _zstd_decompress(data: bytes, size: int) -> bytes:
     return _zstd_d().decompress(data, max_output_size=size)
 
 
-def _gzip_compress(data: bytes) -> bytes:
+def _gzip_compress(data: bytes | memoryview) -> bytes:
     co = zlib.compressobj(6, zlib.DEFLATED, 31)
     return co.compress(data) + co.flush()
 
@@ -74,7 +74,7 @@ def _gzip_decompress(data: bytes, size: int) -> bytes:
 class Compressor:
     name: str
     id: int
-    compress_fn: Callable[[bytes], bytes] | None
+    compress_fn: Callable[[bytes | memoryview], bytes] | None
     decompress_fn: Callable[[bytes, int], bytes] | None
 
     @property
@@ -146,14 +146,13 @@ def digester_by_id(did: int) -> Digester:
     return _by_id(DIGESTERS, "digest", did)
 
 
-def compress(c: Compressor, data: bytes) -> tuple[bytes, bool]:
-    """Compress ``data``; return (bytes, compressed). Raw when not smaller."""
-    if c.compress_fn is None or not data:
-        return data, False
-    out = c.compress_fn(data)
-    if len(out) >= len(data):
-        return data, False
-    return out, True
+def compress(c: Compressor, data: bytes | memoryview) -> tuple[bytes, bool]:
+    """Compress ``data``; return (bytes, compressed). Raw (as bytes) when not smaller."""
+    if c.compress_fn is not None and len(data):
+        out = c.compress_fn(data)
+        if len(out) < len(data):
+            return out, True
+    return bytes(data), False
 
 
 def decompress(c: Compressor, data: bytes, size: int) -> bytes:

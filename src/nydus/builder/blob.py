@@ -11,23 +11,29 @@ array and the ToC, each framed by a trailing tar header, exactly as upstream.
 The blob id is computed the upstream way: sha256 over every byte written
 except the chunk digest array's payload (its tar header is included).
 
-Hashing and compression run on a thread pool (both libraries release the
-GIL); a chunk whose digest is already known is not compressed at all. Chunk
-order, and so the output bytes, do not depend on scheduling. The writer itself
-is used from one thread; the pool only runs :meth:`BlobWriter._process`.
+Chunks go to a thread pool in batches of about 1 MiB (at most 32 files), so one
+round trip covers many small files. For a directory (:meth:`BlobWriter.add_files`)
+the workers also open and read the files (``pread`` into a per-thread buffer, a
+``WILLNEED`` hint per batch); they digest each chunk and compress the ones not yet
+known (the codecs release the GIL). The caller's thread places results in
+submission order and hands the blob bytes, in ~1 MiB writes, to a writer thread
+that writes them and hashes the blob id. Chunk order, and so the output bytes, do
+not depend on scheduling. The writer object is used from one thread; the pool
+only runs :meth:`BlobWriter._process`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from .. import codec
@@ -70,30 +76,26 @@ class BlobResult:
     data_size: int
 
 
-def _data_extents(f: BinaryIO, size: int) -> list[tuple[int, int]] | None:
-    """Data ranges of a sparse regular file, or None when not sparse/unknown."""
+def _data_extents(fd: int, size: int, start: int, end: int) -> list[tuple[int, int]] | None:
+    """Data ranges in [start, end) of a sparse regular file, or None when not sparse/unknown."""
     try:
-        fd = f.fileno()
         st = os.fstat(fd)
-    except (OSError, AttributeError, ValueError):
+    except OSError:
         return None
     if st.st_blocks * 512 >= size:
         return None
     out: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            if len(out) >= 100_000:
-                return None  # too fragmented to be worth it: read it all
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break  # ENXIO: no more data
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.lseek(fd, 0, os.SEEK_SET)
+    pos = start
+    while pos < end:
+        if len(out) >= 100_000:
+            return None  # too fragmented to be worth it: read it all
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: no more data
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        out.append((pos, hole))
+        pos = hole
     return out
 
 
@@ -104,58 +106,32 @@ def _in_hole(extents: list[tuple[int, int]] | None, off: int, end: int) -> bool:
 
 
 _DEFERRED = -2  # blob index of a chunk reference in the deferred region until finish()
-_INLINE = 16 << 10  # chunks this small are digested here: a pool round trip costs more
+_BATCH_BYTES = 1 << 20  # one pool task: chunks of this many bytes in all, or
+_BATCH_FILES = 32  # this many files (a worker opens them together)
+_WRITE_BYTES = 1 << 20  # blob bytes handed to the writer thread at once
+_tls = threading.local()  # a worker's read buffer
+
+# a chunk done on the pool: (file offset, size, digest, payload or None when known, compressed)
+_Chunk = tuple[int, int, bytes, bytes | None, bool]
 
 
-@dataclass(eq=False)
-class _Pending:
+@dataclass(eq=False, slots=True)
+class _Piece:
+    """A chunk's bytes, or (``data`` None) a range of a file that a worker reads itself."""
+
     node: Node
     offset: int
     size: int
-    future: Future[tuple[bytes, bytes | None, bool]]
+    data: bytes | None
     deferred: bool
 
 
-class _ReadAhead:
-    """Asks the kernel to read the next files of a directory build ahead of us.
-
-    Cold builds are bound by read latency one file at a time; ``WILLNEED`` hints for
-    the files just ahead keep several reads in flight. Only absolute source paths of
-    a directory walk are hinted; a failure to open one is ignored (it is only a hint).
-    """
-
-    WINDOW = 64
-
-    def __init__(self, paths: list[bytes]) -> None:
-        self._paths = paths
-        self.progress = 0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="readahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for i, path in enumerate(self._paths):
-            while i > self.progress + self.WINDOW:
-                if self._stopped.wait(0.002):
-                    return
-            if self._stopped.is_set():
-                return
-            if not path.startswith(b"/"):
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
+@dataclass(eq=False)
+class _Batch:
+    pieces: list[_Piece] = field(default_factory=list)
+    files: int = 0
+    size: int = 0
+    future: Future[list[list[_Chunk]]] | None = None
 
 
 class _SinkThread:
@@ -163,15 +139,13 @@ class _SinkThread:
 
     The output write and the sha256 of the blob id are the serial part of a build;
     done here they overlap with reading, hashing and compressing chunks. The queue is
-    bounded, so memory stays a few chunks. An error surfaces at the next put or sync.
+    bounded, so memory stays a few writes. An error surfaces at the next put or sync.
     """
-
-    _STOP = b""
 
     def __init__(self, out: _Sink, hasher: hashlib._Hash) -> None:
         self._out = out
         self._hasher = hasher
-        self._q: queue.Queue[tuple[bytes, bool] | None] = queue.Queue(maxsize=32)
+        self._q: queue.Queue[tuple[bytes, bool] | None] = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
         self._thread.start()
@@ -213,9 +187,9 @@ class BlobWriter:
     """Streams chunks into one blob; use as a context manager (it owns a thread pool).
 
     :meth:`add_file` takes a node and its data as ``(file offset, bytes)`` pieces, one per
-    non-hole chunk in file order; digesting and compression run on the pool while the caller
-    reads on, and chunks are placed strictly in submission order through a bounded window
-    shared by all files (so memory stays at a few chunks whatever the file sizes).
+    non-hole chunk in file order; :meth:`add_files` opens directory files itself and lets the
+    pool read them. Chunks are placed strictly in submission order through a bounded window of
+    batches shared by all files (so memory stays at a few MiB whatever the file sizes).
 
     ``deferred=True`` puts a file's new chunks behind every non-deferred chunk of the blob
     (``--prefetch-policy fs`` for a stream, whose prefetch files may come last): their payloads
@@ -244,6 +218,8 @@ class BlobWriter:
         self.dict = chunk_dict
         self._hash = hashlib.sha256()
         self._writer: _SinkThread | None = None
+        self._wbuf: list[bytes] = []  # hashed bytes not yet handed to the writer
+        self._wlen = 0
         self._pos = 0  # compressed offset (bytes written so far)
         self._upos = 0  # next uncompressed offset (4 KiB aligned)
         self._ci: list[bm.CiEntry] = []
@@ -253,7 +229,8 @@ class BlobWriter:
         self._workers = workers or min(4, os.cpu_count() or 1)
         self._aligned = compressor.is_none
         self._pool: ThreadPoolExecutor | None = None
-        self._window: deque[_Pending] = deque()
+        self._batch = _Batch()  # being filled
+        self._window: deque[_Batch] = deque()  # submitted, placed in this order
         self._limit = self._workers * 3
         # the deferred region (see the class docstring)
         self._spool_dir = spool_dir
@@ -271,9 +248,11 @@ class BlobWriter:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
-            for p in self._window:
-                p.future.cancel()
+            for b in self._window:
+                if b.future is not None:
+                    b.future.cancel()
             self._window.clear()
+            self._batch = _Batch()
         self.close()
 
     def close_pool(self) -> None:
@@ -289,8 +268,7 @@ class BlobWriter:
         """Stop the pool (pending chunks are placed first) and drop the spool."""
         try:
             self.close_pool()
-            if self._writer is not None:
-                self._writer.sync()
+            self._sync()
         finally:
             if self._writer is not None:
                 self._writer.stop()
@@ -301,95 +279,174 @@ class BlobWriter:
 
     def flush(self) -> None:
         """Place every chunk still in flight."""
+        self._submit()
         while self._window:
-            self._place(self._window.popleft())
+            self._place_batch(self._window.popleft())
 
     # ------------------------------------------------------------------ writing
 
     def _write(self, b: bytes, hashed: bool = True) -> None:
+        self._pos += len(b)
+        if not hashed:
+            self._send()
+            self._sink().put(b, False)
+            return
+        self._wbuf.append(b)
+        self._wlen += len(b)
+        if self._wlen >= _WRITE_BYTES:
+            self._send()
+
+    def _sink(self) -> _SinkThread:
         if self._writer is None:
             self._writer = _SinkThread(self.out, self._hash)
-        self._writer.put(b, hashed)
-        self._pos += len(b)
+        return self._writer
+
+    def _send(self) -> None:
+        """Hand the buffered bytes to the writer thread in one piece."""
+        if self._wbuf:
+            data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+            self._wbuf, self._wlen = [], 0
+            self._sink().put(data, True)
+
+    def _sync(self) -> None:
+        """Every byte so far written to ``out`` and hashed."""
+        self._send()
+        if self._writer is not None:
+            self._writer.sync()
 
     def _blob_hash(self) -> hashlib._Hash:
         """The blob-id hash so far (waits for queued writes)."""
-        if self._writer is not None:
-            self._writer.sync()
+        self._sync()
         return self._hash
 
-    def _process(self, data: bytes) -> tuple[bytes, bytes | None, bool]:
+    def _process(self, pieces: list[_Piece]) -> list[list[_Chunk]]:
+        """On the pool: read (file ranges), digest, and compress the chunks not yet known."""
+        buf: bytearray | None = getattr(_tls, "buf", None)
+        if buf is None or len(buf) <= self.chunk_size:
+            buf = _tls.buf = bytearray(self.chunk_size + 1)
+        files: list[BinaryIO | None] = []
+        try:
+            for p in pieces:  # open them all first: the kernel reads ahead meanwhile
+                files.append(None if p.data is not None else _open_range(p))
+            return [
+                self._read_range(p, f, buf)
+                if f is not None
+                else [self._chunk(p.offset, p.data or b"")]
+                for p, f in zip(pieces, files, strict=True)
+            ]
+        finally:
+            for f in files:
+                if f is not None:
+                    f.close()
+
+    def _chunk(self, offset: int, data: bytes | memoryview) -> _Chunk:
         digest = self.digester.digest(data)
         if self.dict.get(digest) is not None:
-            return digest, None, False  # a known chunk: no need to compress it
+            return offset, len(data), digest, None, False  # known: no need to compress it
         payload, compressed = codec.compress(self.compressor, data)
-        return digest, payload, compressed
+        return offset, len(data), digest, payload, compressed
 
-    def _chunks_of(self, node: Node) -> Iterator[tuple[int, bytes]]:
-        """(file offset, data) per non-hole chunk of a file read through ``open_data``."""
-        if node.open_data is None:
-            raise FormatError(f"no data source for {node.path!r}")
-        f = node.open_data()
+    def _read_range(self, p: _Piece, f: BinaryIO, buf: bytearray) -> list[_Chunk]:
+        """The chunks of a file range, holes skipped; the file must end where its node says."""
+        node, cs, end = p.node, self.chunk_size, p.offset + p.size
         try:
-            extents = _data_extents(f, node.size)  # type: ignore[arg-type]
-            off = 0
-            while off < node.size:
-                n = min(self.chunk_size, node.size - off)
-                if _in_hole(extents, off, off + n):
-                    f.seek(off + n)  # type: ignore[attr-defined]
-                else:
-                    yield off, _read_exact(f, n, node)
-                off += n
-            if f.read(1):  # type: ignore[attr-defined]
+            fd = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = -1
+        extents = _data_extents(fd, node.size, p.offset, end) if fd >= 0 else None
+        mv = memoryview(buf)
+        out: list[_Chunk] = []
+        last = -1
+        for off in range(p.offset, end, cs):
+            n = min(cs, end - off)
+            if _in_hole(extents, off, off + n):
+                continue
+            want = n + (off + n == node.size)  # one byte more at the end: did it grow?
+            got = 0
+            while got < want and (k := _read_at(f, fd, off + got, mv[got:want])):
+                got += k
+            if got < n:
+                raise FormatError(
+                    f"{node.path!r} shrank while it was being read ({got} of {n} bytes)"
+                )
+            if got > n:
                 raise FormatError(f"{node.path!r} grew while it was being read")
-        finally:
-            f.close()  # type: ignore[attr-defined]
+            out.append(self._chunk(off, mv[:n]))
+            last = off + n
+        if end == node.size and last != end and _read_at(f, fd, end, mv[:1]):
+            raise FormatError(f"{node.path!r} grew while it was being read")
+        return out
+
+    def _queue(self, p: _Piece) -> None:
+        b = self._batch
+        if not b.pieces or b.pieces[-1].node is not p.node:
+            b.files += 1
+        b.pieces.append(p)
+        b.size += p.size
+        if b.size >= _BATCH_BYTES or b.files >= _BATCH_FILES:
+            self._submit()
+
+    def _submit(self) -> None:
+        b = self._batch
+        if not b.pieces:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="chunk")
+        b.future = self._pool.submit(self._process, b.pieces)
+        self._window.append(b)
+        self._batch = _Batch()
+        while len(self._window) > self._limit:
+            self._place_batch(self._window.popleft())
 
     def add_files(self, nodes: Iterable[Node]) -> int:
-        """Chunk every node's data (read through ``open_data``), in order; sets
-        ``node.chunks`` once placed. Returns the bytes read."""
-        nodes = list(nodes)
-        ahead = _ReadAhead([n.path for n in nodes])
-        total = 0
-        try:
-            for i, node in enumerate(nodes):
-                ahead.progress = i
-                total += self.add_file(node, self._chunks_of(node))
-            self.flush()
-        finally:
-            ahead.stop()
-        return total
+        """Chunk every node's data (opened through ``open_data`` on the pool), in order; sets
+        ``node.chunks`` once placed. Returns the bytes read (holes are not read)."""
+        before = self.bytes_in
+        for node in nodes:
+            self._add_source(node)
+        self.flush()
+        return self.bytes_in - before
+
+    def _add_source(self, node: Node) -> int:
+        """Queue a file in ranges of about a batch; the pool opens and reads them."""
+        if node.open_data is None:
+            raise FormatError(f"no data source for {node.path!r}")
+        node.chunks = []
+        step = max(self.chunk_size, _BATCH_BYTES)
+        for off in range(0, node.size or 1, step):  # an empty file: checked it is still empty
+            self._queue(_Piece(node, off, min(step, node.size - off), None, False))
+        return node.size
 
     def add_file(
-        self, node: Node, pieces: Iterable[tuple[int, bytes]], *, deferred: bool = False
+        self,
+        node: Node,
+        pieces: Iterable[tuple[int, bytes]],
+        *,
+        deferred: bool = False,
     ) -> int:
         """Queue a file's chunks; ``node.chunks`` is complete after :meth:`flush`.
 
         ``pieces`` are (file offset, data) for every chunk that is not a hole, in file order,
-        each ``chunk_size`` bytes at a multiple of it (the last may be shorter). Returns the
-        bytes read.
+        each ``chunk_size`` bytes at a multiple of it (the last may be shorter). The data is
+        digested later on the pool: it must not change once yielded. Returns the bytes read.
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="chunk")
         node.chunks = []
         total = 0
         for off, data in pieces:
             total += len(data)
-            if len(data) <= _INLINE:
-                fut: Future[tuple[bytes, bytes | None, bool]] = Future()
-                fut.set_result(self._process(data))
-            else:
-                fut = self._pool.submit(self._process, data)
-            self._window.append(_Pending(node, off, len(data), fut, deferred))
-            while len(self._window) > self._limit:
-                self._place(self._window.popleft())
-        self.bytes_in += total
+            self._queue(_Piece(node, off, len(data), data, deferred))
         return total
 
-    def _place(self, p: _Pending) -> None:
-        digest, payload, compressed = p.future.result()
-        node, foff, size = p.node, p.offset, p.size
+    def _place_batch(self, b: _Batch) -> None:
+        assert b.future is not None
+        for p, chunks in zip(b.pieces, b.future.result(), strict=True):
+            for c in chunks:
+                self._place(p.node, p.deferred, c)
+
+    def _place(self, node: Node, deferred: bool, c: _Chunk) -> None:
+        foff, size, digest, payload, compressed = c
         assert node.chunks is not None
+        self.bytes_in += size
         hit = self.dict.get(digest)
         if self._on_chunk is not None:
             self._on_chunk(size, hit is not None and hit.uncompressed_size == size)
@@ -406,7 +463,7 @@ class BlobWriter:
         pad = b"\0" * (-len(payload) % BLOCK) if self._aligned else b""
         # Uncompressed blobs keep chunks at their uncompressed offsets (the padding above),
         # so the blob file itself is a valid EROFS blob device.
-        if p.deferred:
+        if deferred:
             if self._spool is None:
                 self._spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed in close()
                     prefix="nydus-spool-", dir=self._spool_dir
@@ -587,8 +644,7 @@ class BlobWriter:
             entry.blob_toc_size = len(toc_bytes) + len(toc_hdr)
             entry.blob_toc_digest = hashlib.sha256(toc_bytes + toc_hdr).digest()
         assert entry.compressed_size == self._pos
-        if self._writer is not None:
-            self._writer.sync()  # every byte is in ``out`` before the caller closes it
+        self._sync()  # every byte is in ``out`` before the caller closes it
         return BlobResult(entry, len(self._ci), self.deduped, data_size)
 
     def _raw_section(
@@ -604,13 +660,21 @@ class BlobWriter:
         )
 
 
-def _read_exact(f: object, n: int, node: Node) -> bytes:
-    data = f.read(n)  # type: ignore[attr-defined]
-    if len(data) != n:
-        raise FormatError(
-            f"{node.path!r} shrank while it was being read ({len(data)} of {n} bytes)"
-        )
-    return bytes(data)
+def _open_range(p: _Piece) -> BinaryIO:
+    """Open a piece's file with a hint to read its range ahead."""
+    if p.node.open_data is None:
+        raise FormatError(f"no data source for {p.node.path!r}")
+    f: BinaryIO = p.node.open_data()  # type: ignore[assignment]
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.posix_fadvise(f.fileno(), p.offset, p.size, os.POSIX_FADV_WILLNEED)
+    return f
+
+
+def _read_at(f: BinaryIO, fd: int, off: int, mv: memoryview) -> int:
+    if fd >= 0:
+        return os.preadv(fd, [mv], off)
+    f.seek(off)
+    return f.readinto(mv) or 0  # type: ignore[attr-defined]
 
 
 def _at(ref: ChunkInfo, foff: int) -> ChunkInfo:

@@ -24,7 +24,7 @@ from .blob import BlobResult, BlobWriter, ChunkDict, _Sink
 from .bootstrap import BootstrapOptions, write_bootstrap
 from .overlay import apply_layer
 from .tarsource import TarLimits, load_tar
-from .tree import Node, iter_tree
+from .tree import Node, iter_tree, paused_gc
 
 __all__ = ["BuildOptions", "BuildResult", "build_image", "build_from_tar", "tree_from_metadata"]
 
@@ -203,6 +203,7 @@ def _writer(
     )
 
 
+@paused_gc()
 def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> BuildResult:
     """Build from a tree whose regular files have ``open_data`` (a directory walk)."""
     opts.validate()
@@ -235,6 +236,7 @@ def build_image(source: Node, blob_out: _Sink | None, opts: BuildOptions) -> Bui
     return _complete(root, base, result, opts, table, read, files)
 
 
+@paused_gc()
 def build_from_tar(
     stream: BinaryIO,
     blob_out: _Sink | None,

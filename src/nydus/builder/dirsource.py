@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, FormatError
 from ..format.erofs import split_xattr_name
-from .tree import Node, check_name
+from .tree import Node, check_name, paused_gc
 
 __all__ = ["load_directory"]
 
@@ -58,7 +58,7 @@ def _node_from_stat(path: bytes, st: os.stat_result, with_xattrs: bool) -> Node:
     fmt = stat.S_IFMT(st.st_mode)
     if fmt == stat.S_IFREG:
         n.size = st.st_size
-        n.open_data = lambda p=path: open(p, "rb")  # noqa: SIM115
+        n.open_data = lambda p=path: open(p, "rb", buffering=0)  # noqa: SIM115
     elif fmt == stat.S_IFLNK:
         n.symlink = os.readlink(path)
         n.size = len(n.symlink)
@@ -80,28 +80,34 @@ def load_directory(src: str | Path, *, with_xattrs: bool = True) -> Node:
         raise ConfigError(f"cannot read source directory {os.fsdecode(root_path)}: {e}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"source {os.fsdecode(root_path)} is not a directory")
-    root = _node_from_stat(root_path, st, with_xattrs)
-    links: dict[tuple[int, int], Node] = {}
-    stack = [(root_path, root)]
-    while stack:
-        dpath, dnode = stack.pop()
-        assert dnode.children is not None
-        with os.scandir(dpath) as it:
-            names = sorted(os.fsencode(e.name) for e in it)
-        for name in names:
-            check_name(name)
-            p = dpath + b"/" + name
-            cst = os.lstat(p)
-            if not stat.S_ISDIR(cst.st_mode) and cst.st_nlink > 1:
-                key = (cst.st_dev, cst.st_ino)
-                hit = links.get(key)
-                if hit is not None:
-                    dnode.children[name] = hit
-                    continue
-                child = links[key] = _node_from_stat(p, cst, with_xattrs)
-            else:
-                child = _node_from_stat(p, cst, with_xattrs)
-            dnode.children[name] = child
-            if child.children is not None:
-                stack.append((p, child))
+    with paused_gc():
+        root = _node_from_stat(root_path, st, with_xattrs)
+        links: dict[tuple[int, int], Node] = {}
+        stack = [(root_path, root)]
+        while stack:
+            dpath, dnode = stack.pop()
+            assert dnode.children is not None
+            with os.scandir(dpath) as it:
+                entries = sorted(it, key=_name)
+            for ent in entries:
+                name = ent.name
+                check_name(name)
+                p = ent.path
+                cst = ent.stat(follow_symlinks=False)
+                if cst.st_nlink > 1 and not stat.S_ISDIR(cst.st_mode):
+                    key = (cst.st_dev, cst.st_ino)
+                    hit = links.get(key)
+                    if hit is not None:
+                        dnode.children[name] = hit
+                        continue
+                    child = links[key] = _node_from_stat(p, cst, with_xattrs)
+                else:
+                    child = _node_from_stat(p, cst, with_xattrs)
+                dnode.children[name] = child
+                if child.children is not None:
+                    stack.append((p, child))
     return root
+
+
+def _name(e: os.DirEntry[bytes]) -> bytes:
+    return e.name

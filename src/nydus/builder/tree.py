@@ -11,6 +11,8 @@ Not thread-safe: a tree belongs to one build.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from ..errors import FormatError
 from ..metadata.model import ChunkInfo, FileKind
 
-__all__ = ["Node", "new_dir", "iter_tree", "check_name"]
+__all__ = ["Node", "new_dir", "iter_tree", "check_name", "paused_gc"]
 
 
 @dataclass(eq=False, slots=True)
@@ -84,3 +86,16 @@ def iter_tree(root: _N) -> Iterator[tuple[bytes, _N]]:
             prefix = b"" if path == b"/" else path
             for name in sorted(kids, reverse=True):
                 stack.append((prefix + b"/" + name, kids[name]))
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside: a walk or build makes many long-lived objects and
+    no reference cycles, so each collection only re-scans the growing tree."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
