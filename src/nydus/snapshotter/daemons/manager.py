@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...atomicwrite import write_atomic
 from ...credentials import private_dir
 from ...daemon.client import ApiClientError
 from ...errors import ConfigError, NydusError
@@ -259,14 +260,7 @@ class DaemonManager(NydusMounter):
                 },
                 "restarts": self.restarts,
             }
-            tmp = self.state_path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            write_atomic(self.state_path, json.dumps(doc, indent=1).encode(), 0o600)
 
     # -- starting and restoring daemons ----------------------------------------------------------
 
