@@ -1167,65 +1167,23 @@ def test_s3_backend(
 ) -> None:
     host = sample["host"]
     cfg = json.dumps(moto_s3["config"])
-    w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/s3img:n",
-            "--backend-type",
-            "s3",
-            "--backend-config",
-            cfg,
-            "--work-dir",
-            w,
-        ],
-        capsys,
-    )
+
+    def s3_run(cmd: str, source: str, target: str, config: str, *extra: str) -> tuple[int, str]:
+        args = ["--source", f"{host}/{source}", "--target", f"{host}/{target}"]
+        args += ["--backend-type", "s3", "--backend-config", config]
+        return run([cmd, *args, "--work-dir", str(tmp_path / "w"), *extra], capsys)
+
+    rc, out = s3_run("convert", "sample:v1", "s3img:n", cfg)
     assert rc == 0, out
     m = manifest(host, "s3img:n")
     assert len(m["layers"]) == 1
     ids = json.loads(m["layers"][0]["annotations"][oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS])
     keys = [o["Key"] for o in moto_s3["s3"].list_objects_v2(Bucket="nydus")["Contents"]]
     assert sorted(keys) == sorted(f"blobs/{i}" for i in ids)
-    rc, out = run(
-        [
-            "check",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/s3img:n",
-            "--backend-type",
-            "s3",
-            "--backend-config",
-            cfg,
-            "--work-dir",
-            w,
-        ],
-        capsys,
-    )
+    rc, out = s3_run("check", "sample:v1", "s3img:n", cfg)
     assert rc == 0, out
     bad = json.dumps({**moto_s3["config"], "access_key_secret": "wrong"})
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/s3img:bad",
-            "--backend-type",
-            "s3",
-            "--backend-config",
-            bad,
-            "--work-dir",
-            w,
-            "--push-retry-count",
-            "0",
-        ],
-        capsys,
-    )
+    rc, out = s3_run("convert", "sample:v2", "s3img:bad", bad, "--push-retry-count", "0")
     assert rc == 5 and "403" in out, out
 
 
