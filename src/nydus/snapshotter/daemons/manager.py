@@ -651,9 +651,7 @@ class DaemonManager(NydusMounter):
         while not self._stop.wait(self.cfg.daemon_check_interval):
             if not self._recovered.is_set():
                 continue
-            with self._lock:
-                daemons = list(self.daemons.values())
-            for d in daemons:
+            for d in self._daemon_list():
                 if self._stop.is_set():
                     return
                 if d.alive():
@@ -668,9 +666,7 @@ class DaemonManager(NydusMounter):
                 if time.monotonic() < when:
                     continue
                 try:
-                    with self._locked(f"daemon:{d.id}"):
-                        if self.daemons.get(d.id) is d and not d.alive():
-                            self._restore(d, "died")
+                    self._restore_if_dead(d)
                     backoff.pop(d.id, None)
                 except Exception:
                     delay = min(60.0, 2.0**failures)
@@ -679,12 +675,17 @@ class DaemonManager(NydusMounter):
 
     def check_now(self) -> None:
         """Restore dead daemons now (tests; the watcher does it periodically)."""
+        for d in self._daemon_list():
+            self._restore_if_dead(d)
+
+    def _restore_if_dead(self, d: DaemonProcess) -> None:
+        with self._locked(f"daemon:{d.id}"):
+            if self.daemons.get(d.id) is d and not d.alive():
+                self._restore(d, "died")
+
+    def _daemon_list(self) -> list[DaemonProcess]:
         with self._lock:
-            daemons = list(self.daemons.values())
-        for d in daemons:
-            with self._locked(f"daemon:{d.id}"):
-                if self.daemons.get(d.id) is d and not d.alive():
-                    self._restore(d, "died")
+            return list(self.daemons.values())
 
     # -- GC, metrics, shutdown -------------------------------------------------------------------
 
@@ -715,10 +716,8 @@ class DaemonManager(NydusMounter):
 
     def daemon_counts(self) -> dict[str, int]:
         """Live daemons per mode."""
-        with self._lock:
-            daemons = list(self.daemons.values())
         counts = {"dedicated": 0, "shared": 0}
-        for d in daemons:
+        for d in self._daemon_list():
             if d.alive():
                 counts[d.mode] = counts.get(d.mode, 0) + 1
         return counts
@@ -737,9 +736,7 @@ class DaemonManager(NydusMounter):
 
     def shutdown_all(self) -> None:
         """Stop every daemon (tests and tools; the snapshotter itself never does this)."""
-        with self._lock:
-            daemons = list(self.daemons.values())
-        for d in daemons:
+        for d in self._daemon_list():
             with self._locked(f"daemon:{d.id}"):
                 d.stop()
                 self.supervisor.forget(d.id)
