@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .kernel_mount import mount_entries
 from .libc import libc
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 FUSECTL_DIR = "/sys/fs/fuse/connections"
-_MOUNTINFO = "/proc/self/mountinfo"
 
 
 @dataclass(frozen=True)
@@ -61,42 +61,17 @@ def conn_id(major: int, minor: int) -> int:
     return (major << 20) | minor
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def _is_fuse(fstype: str) -> bool:
     return fstype in ("fuse", "fuseblk") or fstype.startswith("fuse.")
 
 
 def fuse_mounts(text: str | None = None) -> list[FuseMount]:
     """Every FUSE mount in ``/proc/self/mountinfo`` (or ``text``), in table order."""
-    if text is None:
-        with open(_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
     out: list[FuseMount] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        fstype = right.split()[0]
-        major, colon, minor = fields[2].partition(":")
-        if not _is_fuse(fstype) or not colon or not major.isdigit() or not minor.isdigit():
-            continue
-        out.append(FuseMount(_unescape(fields[4]), fstype, conn_id(int(major), int(minor))))
+    for m in mount_entries(text):
+        major, colon, minor = m.dev.partition(":")
+        if _is_fuse(m.fstype) and colon and major.isdigit() and minor.isdigit():
+            out.append(FuseMount(m.mountpoint, m.fstype, conn_id(int(major), int(minor))))
     return out
 
 
@@ -120,15 +95,9 @@ def ensure_fusectl() -> bool:
 
 def _fusectl_mounted() -> bool:
     try:
-        with open(_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) > 4 and fields[4] == FUSECTL_DIR and right.startswith("fusectl"):
-                    return True
+        return any(m.mountpoint == FUSECTL_DIR and m.fstype == "fusectl" for m in mount_entries())
     except OSError:
-        pass
-    return False
+        return False
 
 
 def abort_connection(conn: int) -> bool:

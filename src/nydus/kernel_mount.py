@@ -25,20 +25,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from .libc import libc
+from .libc import MNT_DETACH, MS_BIND, MS_PRIVATE, MS_RDONLY, libc
 
 __all__ = [
-    "MNT_DETACH",
-    "MS_NODEV",
-    "MS_NOSUID",
-    "MS_RDONLY",
+    "MountEntry",
     "bind_private",
     "build_mount_data",
     "erofs_supported",
     "mount_erofs",
+    "mount_entries",
     "mounted_fstypes",
     "mounts_at",
     "move_beneath",
@@ -46,11 +46,6 @@ __all__ = [
     "umount",
 ]
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MNT_DETACH = 0x2
-MS_BIND, MS_PRIVATE = 0x1000, 1 << 18
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
 _AT_FDCWD, _OPEN_TREE_CLOEXEC = -100, 0o2000000
 _MOVE_MOUNT_F_EMPTY_PATH, _MOVE_MOUNT_BENEATH = 0x4, 0x200
@@ -214,36 +209,39 @@ def move_beneath(source: str, target: str) -> None:
         os.close(fd)
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo (octal)
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        c = field[i]
-        code = field[i + 1 : i + 4]
-        if c == "\\" and len(code) == 3 and all(d in "01234567" for d in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of the mount table: the superblock's ``major:minor``, the mount point (absolute,
+    octal escapes decoded) and the file system type."""
+
+    dev: str
+    mountpoint: str
+    fstype: str
 
 
-def mounted_fstypes(text: str | None = None) -> dict[str, list[str]]:
-    """Mount point -> file system types mounted there, bottom first, from
-    /proc/self/mountinfo (or ``text``). Mount points are absolute, unescaped."""
+_OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes space, tab, newline, backslash
+
+
+def mount_entries(text: str | None = None) -> list[MountEntry]:
+    """Every mount of this namespace, in table order, from /proc/self/mountinfo (or ``text``)."""
     if text is None:
         with open(PROC_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
-    out: dict[str, list[str]] = {}
+    out: list[MountEntry] = []
     for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        out.setdefault(_unescape(fields[4]), []).append(right.split()[0])
+        left, _, right = line.partition(" - ")
+        fields, fstype = left.split(), right.split()[:1]
+        if len(fields) >= 5 and fstype:
+            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            out.append(MountEntry(fields[2], point, fstype[0]))
+    return out
+
+
+def mounted_fstypes(text: str | None = None) -> dict[str, list[str]]:
+    """Mount point -> file system types mounted there, bottom first (see :func:`mount_entries`)."""
+    out: dict[str, list[str]] = {}
+    for m in mount_entries(text):
+        out.setdefault(m.mountpoint, []).append(m.fstype)
     return out
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import ctypes
 import functools
 
-__all__ = ["libc"]
+__all__ = ["libc", "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_BIND", "MS_PRIVATE", "MNT_DETACH"]
+
+# mount(2) flags and umount2(2)'s lazy flag (<sys/mount.h>)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_PRIVATE = 0x1, 0x2, 0x4, 0x1000, 1 << 18
+MNT_DETACH = 0x2
 
 
 @functools.cache

@@ -161,6 +161,17 @@ def nydus_image(cwd: Path, *args: str | os.PathLike[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def create_image(tmp_path: Path, src: Path, *extra: str) -> Path:
+    """``nydus-image create`` of ``src`` (zstd, the default) into ``tmp_path/boot`` and the
+    directory ``tmp_path/blobs``, which is returned."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir(exist_ok=True)
+    nydus_image(
+        tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs, *extra, src
+    )
+    return blobs
+
+
 @pytest.fixture
 def mnt(tmp_path: Path) -> Iterator[Path]:
     m = tmp_path / "mnt"
@@ -669,21 +680,7 @@ def test_concurrent_random_reads(tmp_path: Path, mnt: Path, driver: str) -> None
         p = d / f"f{i}"
         p.write_bytes(rng.randbytes(size) if i % 3 else (b"compressible %d " % i) * (size // 16))
         files.append(p)
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    nydus_image(
-        tmp_path,
-        "create",
-        "--bootstrap",
-        tmp_path / "boot",
-        "--blob-dir",
-        blobs,
-        "--compressor",
-        "zstd",
-        "--chunk-size",
-        "0x40000",
-        src,
-    )
+    blobs = create_image(tmp_path, src, "--chunk-size", "0x40000")
     cfg = tmp_path / "c.json"
     cfg.write_text(
         json.dumps(

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nydusd import Nydusd, localfs_config, md5_tree, nydus_image
+from test_nydusd import Nydusd, create_image, localfs_config, md5_tree
 
 import registry as harness
 from nydus.fuse.fdpass import recv_fds, send_fds
@@ -45,12 +46,12 @@ class Supervisor:
         self.fds: list[int] = []
         self.errors: list[BaseException] = []
 
-    def receive(self) -> threading.Thread:
+    def _serve_one(self, exchange: Callable[[socket.socket], None]) -> threading.Thread:
         def run() -> None:
             try:
                 conn, _ = self.sock.accept()
                 with conn:
-                    self.payload, self.fds = recv_fds(conn, 30)
+                    exchange(conn)
             except BaseException as e:
                 self.errors.append(e)
 
@@ -58,19 +59,25 @@ class Supervisor:
         t.start()
         return t
 
-    def give_back(self) -> threading.Thread:
-        def run() -> None:
-            try:
-                conn, _ = self.sock.accept()
-                with conn:
-                    assert self.payload is not None
-                    send_fds(conn, self.payload, self.fds)
-            except BaseException as e:
-                self.errors.append(e)
+    def _receive(self, conn: socket.socket) -> None:
+        self.payload, self.fds = recv_fds(conn, 30)
 
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+    def _give_back(self, conn: socket.socket) -> None:
+        assert self.payload is not None
+        send_fds(conn, self.payload, self.fds)
+
+    def take_state_of(self, d: Nydusd) -> None:
+        """Ask ``d`` to send its state and FUSE fd here (the sendfd API), and keep them."""
+        t = self._serve_one(self._receive)
+        d.client.put("/api/v1/daemon/fuse/sendfd")
+        t.join(30)
+
+    def hand_over_to(self, d: Nydusd) -> None:
+        """Start ``d`` (an ``--upgrade`` daemon) and give it what was kept (the takeover API)."""
+        d.start(expect_state="INIT")
+        t = self._serve_one(self._give_back)
+        d.client.put("/api/v1/daemon/fuse/takeover")
+        t.join(30)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -79,38 +86,28 @@ class Supervisor:
         self.sock.close()
 
 
+def _daemon(
+    tmp_path: Path, name: str, mnt: Path, sup: Supervisor, *args: str | os.PathLike[str]
+) -> Nydusd:
+    """A nydusd (not started) on ``mnt`` with API socket ``<name>.sock``, supervised by ``sup``."""
+    sock = tmp_path / f"{name}.sock"
+    argv = ["--mountpoint", mnt, "--apisock", sock, "--supervisor", sup.path, *args]
+    return Nydusd(argv, mnt, cwd=tmp_path, apisock=sock)
+
+
 def test_sendfd_crash_takeover(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     for i in range(20):
         (src / "d" / f"f{i}").write_bytes(os.urandom(1000 * (i + 1)))
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs, src)
+    blobs = create_image(tmp_path, src)
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(localfs_config(blobs)))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sup = Supervisor(tmp_path / "supervisor.sock")
-    a_sock, b_sock = tmp_path / "a.sock", tmp_path / "b.sock"
-    a = Nydusd(
-        [
-            "--config",
-            cfg,
-            "--mountpoint",
-            mnt,
-            "--bootstrap",
-            tmp_path / "boot",
-            "--apisock",
-            a_sock,
-            "--supervisor",
-            sup.path,
-            "--id",
-            "first",
-        ],
-        mnt,
-        cwd=tmp_path,
-        apisock=a_sock,
+    a = _daemon(
+        tmp_path, "a", mnt, sup, "--config", cfg, "--bootstrap", tmp_path / "boot", "--id", "first"
     )
     b: Nydusd | None = None
     try:
@@ -125,9 +122,7 @@ def test_sendfd_crash_takeover(tmp_path: Path) -> None:
         assert {p.name: p.stat().st_size for p in (mnt / "d").iterdir()} == {
             p.name: p.stat().st_size for p in (src / "d").iterdir()
         }
-        t = sup.receive()
-        a.client.put("/api/v1/daemon/fuse/sendfd")
-        t.join(30)
+        sup.take_state_of(a)
         assert not sup.errors and len(sup.fds) == 1
         state: dict[str, Any] = json.loads(sup.payload or b"{}")
         assert state["images"][0]["bootstrap"] == str(tmp_path / "boot")
@@ -144,26 +139,8 @@ def test_sendfd_crash_takeover(tmp_path: Path) -> None:
             minor = os.minor(os.stat(mnt).st_dev)
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
             pytest.fail("close() blocked on a FLUSH nobody answers")
-        b = Nydusd(
-            [
-                "--mountpoint",
-                mnt,
-                "--apisock",
-                b_sock,
-                "--supervisor",
-                sup.path,
-                "--upgrade",
-                "--id",
-                "second",
-            ],
-            mnt,
-            cwd=tmp_path,
-            apisock=b_sock,
-        )
-        b.start(expect_state="INIT")
-        t = sup.give_back()
-        b.client.put("/api/v1/daemon/fuse/takeover")
-        t.join(30)
+        b = _daemon(tmp_path, "b", mnt, sup, "--upgrade", "--id", "second")
+        sup.hand_over_to(b)
         assert not sup.errors
         assert b.client.state() == "READY"
         b.client.put("/api/v1/daemon/start")
@@ -202,9 +179,7 @@ def test_a_read_in_flight_at_the_crash_is_resent(
     src.mkdir()
     payload = os.urandom(3 << 20)
     (src / "big").write_bytes(payload)
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    nydus_image(tmp_path, "create", "--bootstrap", tmp_path / "boot", "--blob-dir", blobs, src)
+    blobs = create_image(tmp_path, src)
     with open_bootstrap(tmp_path / "boot") as md:
         blob_id = md.blobs[0].blob_id
     _publish_under_blob_id(registry_plain, blobs / blob_id, blob_id)
@@ -225,34 +200,24 @@ def test_a_read_in_flight_at_the_crash_is_resent(
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sup = Supervisor(tmp_path / "supervisor.sock")
-    a_sock, b_sock = tmp_path / "a.sock", tmp_path / "b.sock"
-    a = Nydusd(
-        [
-            "--config",
-            cfg,
-            "--mountpoint",
-            mnt,
-            "--bootstrap",
-            tmp_path / "boot",
-            "--apisock",
-            a_sock,
-            "--supervisor",
-            sup.path,
-            "--fuse-threads",
-            "1",
-        ],
+    a = _daemon(
+        tmp_path,
+        "a",
         mnt,
-        cwd=tmp_path,
-        apisock=a_sock,
+        sup,
+        "--config",
+        cfg,
+        "--bootstrap",
+        tmp_path / "boot",
+        "--fuse-threads",
+        "1",
     )
     b: Nydusd | None = None
     reader: subprocess.Popen[bytes] | None = None
     try:
         a.start()
         assert os.listdir(mnt) == ["big"]
-        t = sup.receive()
-        a.client.put("/api/v1/daemon/fuse/sendfd")
-        t.join(30)
+        sup.take_state_of(a)
         fault_proxy.add(Fault("delay", path="/blobs/", seconds=30, times=1))
         # The reader is a process of its own: this process must hold no open file of the
         # mount while the daemon is down, or the fork+exec that starts the new daemon would
@@ -275,26 +240,8 @@ def test_a_read_in_flight_at_the_crash_is_resent(
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(20)
         fault_proxy.clear()
-        b = Nydusd(
-            [
-                "--mountpoint",
-                mnt,
-                "--apisock",
-                b_sock,
-                "--supervisor",
-                sup.path,
-                "--upgrade",
-                "--failover-policy",
-                "resend",
-            ],
-            mnt,
-            cwd=tmp_path,
-            apisock=b_sock,
-        )
-        b.start(expect_state="INIT")
-        t = sup.give_back()
-        b.client.put("/api/v1/daemon/fuse/takeover")
-        t.join(30)
+        b = _daemon(tmp_path, "b", mnt, sup, "--upgrade", "--failover-policy", "resend")
+        sup.hand_over_to(b)
         b.client.put("/api/v1/daemon/start")
         out, _ = reader.communicate(timeout=60)
         assert reader.returncode == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nydusd import Nydusd, nydus_image
+from test_nydusd import Nydusd, create_image
 
 import registry as harness
 from nydus.format import oci
@@ -65,6 +65,32 @@ def _publish_under_blob_id(reg: RegistryServer, blob_file: Path, blob_id: str) -
     return want
 
 
+def _nydusd_over_proxy(
+    tmp_path: Path, proxy: FaultProxy, driver: str, config: dict[str, Any], *args: str
+) -> Nydusd:
+    """A nydusd (not started yet) mounting ``tmp_path/boot`` on ``tmp_path/mnt``, its blobs read
+    from the registry through ``proxy`` into a blob cache; ``config`` adds top-level keys."""
+    backend = {"scheme": "http", "host": proxy.host, "repo": REPO}
+    cfg_path = tmp_path / "registry.json"
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "device": {
+                    "backend": {"type": "registry", "config": backend},
+                    "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}},
+                },
+                "mode": "direct",
+                **config,
+            }
+        )
+    )
+    mnt, sock = tmp_path / "mnt", tmp_path / "api.sock"
+    mnt.mkdir()
+    argv: list[str | os.PathLike[str]] = ["--config", cfg_path, "--mountpoint", mnt]
+    argv += ["--bootstrap", tmp_path / "boot", "--apisock", sock, "--fs-driver", driver, *args]
+    return Nydusd(argv, mnt, cwd=tmp_path, apisock=sock)
+
+
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
 def test_cat_fetches_only_that_files_chunks(
     registry_plain: RegistryServer, fault_proxy: FaultProxy, tmp_path: Path, driver: str
@@ -75,19 +101,7 @@ def test_cat_fetches_only_that_files_chunks(
     for i in range(8):  # 8 x 3 MiB of incompressible data, 1 MiB chunks
         (src / f"big{i}").write_bytes(rng.randbytes(3 * MiB))
     (src / "small").write_bytes(b"hello registry\n")
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    nydus_image(
-        tmp_path,
-        "create",
-        "--bootstrap",
-        tmp_path / "boot",
-        "--blob-dir",
-        blobs,
-        "--compressor",
-        "zstd",
-        src,
-    )
+    blobs = create_image(tmp_path, src)
     with open_bootstrap(tmp_path / "boot") as md:
         [blob] = md.blobs
         target = md.resolve("/big5")
@@ -95,41 +109,11 @@ def test_cat_fetches_only_that_files_chunks(
         file_bytes = sum(c.compressed_size for c in chunks)
     digest = _publish_under_blob_id(registry_plain, blobs / blob.blob_id, blob.blob_id)
     fault_proxy.clear()
-    work = tmp_path / "cache"
-    cfg: dict[str, Any] = {
-        "device": {
-            "backend": {
-                "type": "registry",
-                "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO},
-            },
-            "cache": {"type": "blobcache", "config": {"work_dir": str(work)}},
-        },
-        "mode": "direct",
-        "digest_validate": True,
-        "amplify_io": 0,
-    }
-    cfg_path = tmp_path / "registry.json"
-    cfg_path.write_text(json.dumps(cfg))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    sock = tmp_path / "api.sock"
-    with Nydusd(
-        [
-            "--config",
-            cfg_path,
-            "--mountpoint",
-            mnt,
-            "--bootstrap",
-            tmp_path / "boot",
-            "--apisock",
-            sock,
-            "--fs-driver",
-            driver,
-        ],
-        mnt,
-        cwd=tmp_path,
-        apisock=sock,
-    ).start() as d:
+    nydusd = _nydusd_over_proxy(
+        tmp_path, fault_proxy, driver, {"digest_validate": True, "amplify_io": 0}
+    )
+    mnt = nydusd.mountpoint
+    with nydusd.start() as d:
         assert d.client.info()["backend_collection"]["/"]["fs_driver"] == driver
         assert sorted(os.listdir(mnt)) == [*(f"big{i}" for i in range(8)), "small"]
         assert fault_proxy.blob_bytes(digest) == 0  # mounted and listed: no data fetched
@@ -168,59 +152,18 @@ def test_prefetch_files_fetch_in_background(
     rng = random.Random(9)
     for i in range(4):
         (src / f"big{i}").write_bytes(rng.randbytes(3 * MiB))
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    nydus_image(
-        tmp_path,
-        "create",
-        "--bootstrap",
-        tmp_path / "boot",
-        "--blob-dir",
-        blobs,
-        "--compressor",
-        "zstd",
-        src,
-    )
+    blobs = create_image(tmp_path, src)
     with open_bootstrap(tmp_path / "boot") as md:
         [blob] = md.blobs
         want = sum(c.compressed_size for c in md.chunks(md.resolve("/big2")))
     digest = _publish_under_blob_id(registry_plain, blobs / blob.blob_id, blob.blob_id)
     fault_proxy.clear()
-    cfg = {
-        "device": {
-            "backend": {
-                "type": "registry",
-                "config": {"scheme": "http", "host": fault_proxy.host, "repo": REPO},
-            },
-            "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}},
-        },
-        "mode": "direct",
-        "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 2},
-    }
-    cfg_path = tmp_path / "registry.json"
-    cfg_path.write_text(json.dumps(cfg))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    sock = tmp_path / "api.sock"
-    with Nydusd(
-        [
-            "--config",
-            cfg_path,
-            "--mountpoint",
-            mnt,
-            "--bootstrap",
-            tmp_path / "boot",
-            "--apisock",
-            sock,
-            "--prefetch-files",
-            "/big2",
-            "--fs-driver",
-            driver,
-        ],
-        mnt,
-        cwd=tmp_path,
-        apisock=sock,
-    ) as d:
+    prefetch = {"fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 2}}
+    nydusd = _nydusd_over_proxy(
+        tmp_path, fault_proxy, driver, prefetch, "--prefetch-files", "/big2"
+    )
+    mnt = nydusd.mountpoint
+    with nydusd as d:
         d.start()
         import time
 

@@ -35,6 +35,13 @@ Fault = registry.Fault
 VENV_BIN = Path(sys.executable).parent
 
 
+def convert(
+    capsys: pytest.CaptureFixture[str], source: str, target: str, *extra: str
+) -> tuple[int, str]:
+    """``nydusify convert --source SOURCE --target TARGET EXTRA...``: exit code and output."""
+    return run(["convert", "--source", source, "--target", target, *extra], capsys)
+
+
 def run(args: list[str], capsys: pytest.CaptureFixture[str] | None = None) -> tuple[int, str]:
     rc = main(args)
     out = ""
@@ -83,19 +90,14 @@ def test_convert_check_and_skopeo(
     host = sample["host"]
     work = tmp_path / "work"
     report = tmp_path / "out.json"
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/sample:v1-nydus",
-            "--work-dir",
-            str(work),
-            "--output-json",
-            str(report),
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v1",
+        f"{host}/sample:v1-nydus",
+        "--work-dir",
+        str(work),
+        "--output-json",
+        str(report),
     )
     assert rc == 0, out
     assert "chunks" in out and "target digest" in out
@@ -169,17 +171,8 @@ def test_check_reports_differences(
     sample: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     host = sample["host"]
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/sample:v2-plain",
-            "--work-dir",
-            str(tmp_path / "w"),
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/sample:v2", f"{host}/sample:v2-plain", "--work-dir", str(tmp_path / "w")
     )
     assert rc == 0, out
     rc, out = run(
@@ -304,19 +297,14 @@ def test_reproducible(
     digests = []
     for i, tag in enumerate(("repro-a", "repro-b")):
         rep = tmp_path / f"{tag}.json"
-        rc, out = run(
-            [
-                "convert",
-                "--source",
-                f"{host}/sample:v1",
-                "--target",
-                f"{host}/repro{i}:{tag}",
-                "--work-dir",
-                str(tmp_path / tag),
-                "--output-json",
-                str(rep),
-            ],
+        rc, out = convert(
             capsys,
+            f"{host}/sample:v1",
+            f"{host}/repro{i}:{tag}",
+            "--work-dir",
+            str(tmp_path / tag),
+            "--output-json",
+            str(rep),
         )
         assert rc == 0, out
         digests.append(json.loads(rep.read_text())["digest"])
@@ -328,35 +316,19 @@ def test_chunk_dict_pushes_only_the_change(
 ) -> None:
     host = sample["host"]
     w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/dict:v1",
-            "--work-dir",
-            w,
-        ],
-        capsys,
-    )
+    rc, out = convert(capsys, f"{host}/sample:v1", f"{host}/dict:v1", "--work-dir", w)
     assert rc == 0, out
     rep = tmp_path / "v2.json"
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/dict:v2",
-            "--work-dir",
-            w,
-            "--chunk-dict",
-            f"{host}/dict:v1",
-            "--output-json",
-            str(rep),
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v2",
+        f"{host}/dict:v2",
+        "--work-dir",
+        w,
+        "--chunk-dict",
+        f"{host}/dict:v1",
+        "--output-json",
+        str(rep),
     )
     assert rc == 0, out
     m1, m2 = manifest(host, "dict:v1"), manifest(host, "dict:v2")
@@ -386,35 +358,25 @@ def test_chunk_dict_pushes_only_the_change(
     # the same with the dictionary given as a local bootstrap (its blobs are in the repo)
     boot = tmp_path / "v1.boot"
     boot.write_bytes(next((tmp_path / "w" / "chunk-dict").iterdir()).read_bytes())
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/dict:v2-local",
-            "--work-dir",
-            str(tmp_path / "w2"),
-            "--chunk-dict",
-            f"bootstrap:local:{boot}",
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v2",
+        f"{host}/dict:v2-local",
+        "--work-dir",
+        str(tmp_path / "w2"),
+        "--chunk-dict",
+        f"bootstrap:local:{boot}",
     )
     assert rc == 0, out
     assert manifest(host, "dict:v2-local") == m2
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/elsewhere:v2",
-            "--work-dir",
-            str(tmp_path / "w2"),
-            "--chunk-dict",
-            f"bootstrap:local:{boot}",
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v2",
+        f"{host}/elsewhere:v2",
+        "--work-dir",
+        str(tmp_path / "w2"),
+        "--chunk-dict",
+        f"bootstrap:local:{boot}",
     )
     assert rc == 2 and "chunk-dict blob" in out, out
 
@@ -424,18 +386,8 @@ def test_platforms(
 ) -> None:
     host = sample["host"]
     w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/multi:m",
-            "--target",
-            f"{host}/multi:all-nydus",
-            "--all-platforms",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/multi:m", f"{host}/multi:all-nydus", "--all-platforms", "--work-dir", w
     )
     assert rc == 0, out
     idx = manifest(host, "multi:all-nydus")
@@ -456,36 +408,26 @@ def test_platforms(
     )
     assert rc == 0, out
     assert out.count("OK:") == 2
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/multi:m",
-            "--target",
-            f"{host}/multi:arm-nydus",
-            "--platform",
-            "linux/arm64",
-            "--work-dir",
-            w,
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/multi:m",
+        f"{host}/multi:arm-nydus",
+        "--platform",
+        "linux/arm64",
+        "--work-dir",
+        w,
     )
     assert rc == 0, out
     idx = manifest(host, "multi:arm-nydus")
     assert [e["platform"]["architecture"] for e in idx["manifests"]] == ["arm64"]
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/multi:m",
-            "--target",
-            f"{host}/merged:m",
-            "--all-platforms",
-            "--merge-platform",
-            "--work-dir",
-            w,
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/multi:m",
+        f"{host}/merged:m",
+        "--all-platforms",
+        "--merge-platform",
+        "--work-dir",
+        w,
     )
     assert rc == 0, out
     idx = manifest(host, "merged:m")
@@ -516,19 +458,8 @@ def test_platforms(
         capsys,
     )
     assert rc == 0, out
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/multi:m",
-            "--target",
-            f"{host}/multi:x",
-            "--platform",
-            "linux/s390x",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/multi:m", f"{host}/multi:x", "--platform", "linux/s390x", "--work-dir", w
     )
     assert rc == 2 and "no linux/s390x image" in out
 
@@ -538,36 +469,22 @@ def test_formats_and_referrer(
 ) -> None:
     host = sample["host"]
     w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample-docker:v1",
-            "--target",
-            f"{host}/sample-docker:nydus",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/sample-docker:v1", f"{host}/sample-docker:nydus", "--work-dir", w
     )
     assert rc == 0, out
     m = manifest(host, "sample-docker:nydus")
     assert m["mediaType"] == oci.MEDIA_TYPE_OCI_MANIFEST  # upstream's default
     assert m["layers"][0]["mediaType"] == oci.MEDIA_TYPE_NYDUS_BLOB
     oi.skopeo_inspect(f"{host}/sample-docker:nydus")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample-docker:v1",
-            "--target",
-            f"{host}/sample-docker:nydus-oci",
-            "--oci",
-            "--with-referrer",
-            "--work-dir",
-            w,
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample-docker:v1",
+        f"{host}/sample-docker:nydus-oci",
+        "--oci",
+        "--with-referrer",
+        "--work-dir",
+        w,
     )
     assert rc == 0, out
     m = manifest(host, "sample-docker:nydus-oci")
@@ -575,18 +492,8 @@ def test_formats_and_referrer(
     src = oi.skopeo_inspect(f"{host}/sample-docker:v1")
     assert m["subject"]["digest"] == src["Digest"]
     oi.skopeo_inspect(f"{host}/sample-docker:nydus-oci")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/sample:dv2",
-            "--docker-v2-format",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/sample:v1", f"{host}/sample:dv2", "--docker-v2-format", "--work-dir", w
     )
     assert rc == 0, out
     m = manifest(host, "sample:dv2")
@@ -617,22 +524,10 @@ def test_localfs_backend(
     blobs = tmp_path / "blobs"
     cfgfile = tmp_path / "backend.json"
     cfgfile.write_text(json.dumps({"dir": str(blobs)}))
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/sample:localfs",
-            "--backend-type",
-            "localfs",
-            "--backend-config-file",
-            str(cfgfile),
-            "--work-dir",
-            str(tmp_path / "w"),
-        ],
-        capsys,
-    )
+    source, target = f"{host}/sample:v1", f"{host}/sample:localfs"
+    args = ["--backend-type", "localfs", "--backend-config-file", str(cfgfile)]
+    args += ["--work-dir", str(tmp_path / "w")]
+    rc, out = convert(capsys, source, target, *args)
     assert rc == 0, out
     m = manifest(host, "sample:localfs")
     assert len(m["layers"]) == 1
@@ -654,22 +549,9 @@ def test_localfs_backend(
     rc, out = run(check, capsys)
     assert rc == 0, out
     inodes = {p.name: p.stat().st_ino for p in blobs.iterdir()}
-    again = [
-        "convert",
-        "--source",
-        f"{host}/sample:v1",
-        "--target",
-        f"{host}/sample:localfs",
-        "--backend-type",
-        "localfs",
-        "--backend-config-file",
-        str(cfgfile),
-        "--work-dir",
-        str(tmp_path / "w"),
-    ]
-    assert run(again, capsys)[0] == 0
+    assert convert(capsys, source, target, *args)[0] == 0
     assert {p.name: p.stat().st_ino for p in blobs.iterdir()} == inodes  # skipped
-    assert run([*again, "--backend-force-push"], capsys)[0] == 0
+    assert convert(capsys, source, target, *args, "--backend-force-push")[0] == 0
     assert all(p.stat().st_ino != inodes[p.name] for p in blobs.iterdir())  # rewritten
     # a damaged chunk in the backend: found by the chunk digests while reading the files
     big = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
@@ -779,17 +661,12 @@ def test_copy(sample: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixt
 def test_missing_source(
     sample: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{sample['host']}/nope:missing",
-            "--target",
-            f"{sample['host']}/nope:n",
-            "--work-dir",
-            str(tmp_path),
-        ],
+    rc, out = convert(
         capsys,
+        f"{sample['host']}/nope:missing",
+        f"{sample['host']}/nope:n",
+        "--work-dir",
+        str(tmp_path),
     )
     assert rc == 5
     assert "not found" in out
@@ -823,31 +700,21 @@ def test_unsupported_media_type(
         ],
     }
     client.put_manifest("weird", "v1", json.dumps(doc).encode(), oci.MEDIA_TYPE_OCI_MANIFEST)
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{sample['host']}/weird:v1",
-            "--target",
-            f"{sample['host']}/weird:n",
-            "--work-dir",
-            str(tmp_path),
-        ],
+    rc, out = convert(
         capsys,
+        f"{sample['host']}/weird:v1",
+        f"{sample['host']}/weird:n",
+        "--work-dir",
+        str(tmp_path),
     )
     assert rc == 3
     assert "unsupported media type 'application/vnd.example.squashfs'" in out
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{sample['host']}/sample:v1-nydus",
-            "--target",
-            f"{sample['host']}/weird:n2",
-            "--work-dir",
-            str(tmp_path),
-        ],
+    rc, out = convert(
         capsys,
+        f"{sample['host']}/sample:v1-nydus",
+        f"{sample['host']}/weird:n2",
+        "--work-dir",
+        str(tmp_path),
     )
     assert rc == 3 or "not found" in out
 
@@ -875,17 +742,8 @@ def test_layer_digest_mismatch(
     data.write_bytes(bytes(raw))
     client = registry_plain.client()
     before = client.get_manifest("corrupt", "t")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/corrupt:t",
-            "--target",
-            f"{host}/corrupt:n",
-            "--work-dir",
-            str(tmp_path / "w"),
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/corrupt:t", f"{host}/corrupt:n", "--work-dir", str(tmp_path / "w")
     )
     assert rc in (3, 4), out
     assert "digest" in out or "CRC" in out or "corrupt" in out.lower()
@@ -906,19 +764,14 @@ def test_registry_fails_mid_push(
     fault_proxy.add(
         Fault("status", path=r"/failing1/blobs/uploads/", method="PUT", status=500, times=2)
     )
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{proxy}/sample:v1",
-            "--target",
-            f"{proxy}/failing1:ok",
-            "--work-dir",
-            str(tmp_path / "a"),
-            "--push-retry-delay",
-            "0s",
-        ],
+    rc, out = convert(
         capsys,
+        f"{proxy}/sample:v1",
+        f"{proxy}/failing1:ok",
+        "--work-dir",
+        str(tmp_path / "a"),
+        "--push-retry-delay",
+        "0s",
     )
     assert rc == 0, out
     # a registry that keeps failing after some blobs went in: no manifest, source untouched
@@ -926,21 +779,16 @@ def test_registry_fails_mid_push(
     fault_proxy.add(
         Fault("status", path=r"/failing2/blobs/uploads/.*", method="PUT", status=503, times=None)
     )
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{proxy}/sample:v1",
-            "--target",
-            f"{proxy}/failing2:bad",
-            "--work-dir",
-            str(tmp_path / "b"),
-            "--push-retry-count",
-            "1",
-            "--push-retry-delay",
-            "0s",
-        ],
+    rc, out = convert(
         capsys,
+        f"{proxy}/sample:v1",
+        f"{proxy}/failing2:bad",
+        "--work-dir",
+        str(tmp_path / "b"),
+        "--push-retry-count",
+        "1",
+        "--push-retry-delay",
+        "0s",
     )
     assert rc == 5, out
     assert "503" in out
@@ -952,21 +800,16 @@ def test_registry_fails_mid_push(
     fault_proxy.add(
         Fault("status", path=r"/failing3/manifests/", method="PUT", status=500, times=None)
     )
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{proxy}/sample:v1",
-            "--target",
-            f"{proxy}/failing3:bad",
-            "--work-dir",
-            str(tmp_path / "c"),
-            "--push-retry-count",
-            "0",
-            "--push-retry-delay",
-            "0s",
-        ],
+    rc, out = convert(
         capsys,
+        f"{proxy}/sample:v1",
+        f"{proxy}/failing3:bad",
+        "--work-dir",
+        str(tmp_path / "c"),
+        "--push-retry-count",
+        "0",
+        "--push-retry-delay",
+        "0s",
     )
     assert rc == 5, out
     assert _tags(client, "failing3") == []
@@ -1053,17 +896,8 @@ def test_docker_config_credentials_and_tls(
     )
     monkeypatch.setenv("DOCKER_CONFIG", str(cfgdir))
     w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{registry_basic.host}/authed:n",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/sample:v1", f"{registry_basic.host}/authed:n", "--work-dir", w
     )
     assert rc == 0, out
     rc, out = run(
@@ -1080,31 +914,17 @@ def test_docker_config_credentials_and_tls(
     )
     assert rc == 0, out
     (cfgdir / "config.json").write_text("{}")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{registry_basic.host}/authed:m",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/sample:v1", f"{registry_basic.host}/authed:m", "--work-dir", w
     )
     assert rc == 5 and ("401" in out or "auth" in out.lower()), out
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{registry_tls.host}/secure:n",
-            "--target-insecure",
-            "--work-dir",
-            w,
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v1",
+        f"{registry_tls.host}/secure:n",
+        "--target-insecure",
+        "--work-dir",
+        w,
     )
     assert rc == 0, out
     assert registry_tls.client().get_manifest("secure", "n")[1] == oci.MEDIA_TYPE_OCI_MANIFEST
@@ -1119,18 +939,13 @@ def test_prefetch_patterns_from_stdin(
     host = sample["host"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("/data/blob3.bin\n/etc\n"))
     w = tmp_path / "w"
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/prefetch:n",
-            "--prefetch-patterns",
-            "--work-dir",
-            str(w),
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v1",
+        f"{host}/prefetch:n",
+        "--prefetch-patterns",
+        "--work-dir",
+        str(w),
     )
     assert rc == 0, out
     last = sorted(os.listdir(w / "bootstraps"))[-1]
@@ -1167,65 +982,23 @@ def test_s3_backend(
 ) -> None:
     host = sample["host"]
     cfg = json.dumps(moto_s3["config"])
-    w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/s3img:n",
-            "--backend-type",
-            "s3",
-            "--backend-config",
-            cfg,
-            "--work-dir",
-            w,
-        ],
-        capsys,
-    )
+
+    def s3_run(cmd: str, source: str, target: str, config: str, *extra: str) -> tuple[int, str]:
+        args = ["--source", f"{host}/{source}", "--target", f"{host}/{target}"]
+        args += ["--backend-type", "s3", "--backend-config", config]
+        return run([cmd, *args, "--work-dir", str(tmp_path / "w"), *extra], capsys)
+
+    rc, out = s3_run("convert", "sample:v1", "s3img:n", cfg)
     assert rc == 0, out
     m = manifest(host, "s3img:n")
     assert len(m["layers"]) == 1
     ids = json.loads(m["layers"][0]["annotations"][oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS])
     keys = [o["Key"] for o in moto_s3["s3"].list_objects_v2(Bucket="nydus")["Contents"]]
     assert sorted(keys) == sorted(f"blobs/{i}" for i in ids)
-    rc, out = run(
-        [
-            "check",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/s3img:n",
-            "--backend-type",
-            "s3",
-            "--backend-config",
-            cfg,
-            "--work-dir",
-            w,
-        ],
-        capsys,
-    )
+    rc, out = s3_run("check", "sample:v1", "s3img:n", cfg)
     assert rc == 0, out
     bad = json.dumps({**moto_s3["config"], "access_key_secret": "wrong"})
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/s3img:bad",
-            "--backend-type",
-            "s3",
-            "--backend-config",
-            bad,
-            "--work-dir",
-            w,
-            "--push-retry-count",
-            "0",
-        ],
-        capsys,
-    )
+    rc, out = s3_run("convert", "sample:v2", "s3img:bad", bad, "--push-retry-count", "0")
     assert rc == 5 and "403" in out, out
 
 
@@ -1295,19 +1068,14 @@ def test_chunk_dict_from_another_repository(
         )[0]
         == 0
     )
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v2",
-            "--target",
-            f"{host}/dictuser:v2",
-            "--chunk-dict",
-            f"bootstrap:registry:{host}/dictsrc:v1",
-            "--work-dir",
-            w,
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v2",
+        f"{host}/dictuser:v2",
+        "--chunk-dict",
+        f"bootstrap:registry:{host}/dictsrc:v1",
+        "--work-dir",
+        w,
     )
     assert rc == 0, out
     m = manifest(host, "dictuser:v2")
@@ -1333,18 +1101,8 @@ def test_merge_platform_of_a_single_manifest(
 ) -> None:
     host = sample["host"]
     w = str(tmp_path / "w")
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/single-merged:n",
-            "--merge-platform",
-            "--work-dir",
-            w,
-        ],
-        capsys,
+    rc, out = convert(
+        capsys, f"{host}/sample:v1", f"{host}/single-merged:n", "--merge-platform", "--work-dir", w
     )
     assert rc == 0, out
     idx = manifest(host, "single-merged:n")
@@ -1458,21 +1216,16 @@ def test_compressor_and_chunk_size(
     host = sample["host"]
     for comp, cs in (("lz4_block", "0x40000"), ("none", "0x100000")):
         w = tmp_path / comp
-        rc, out = run(
-            [
-                "convert",
-                "--source",
-                f"{host}/sample:v1",
-                "--target",
-                f"{host}/fmt:{comp}",
-                "--compressor",
-                comp,
-                "--fs-chunk-size",
-                cs,
-                "--work-dir",
-                str(w),
-            ],
+        rc, out = convert(
             capsys,
+            f"{host}/sample:v1",
+            f"{host}/fmt:{comp}",
+            "--compressor",
+            comp,
+            "--fs-chunk-size",
+            cs,
+            "--work-dir",
+            str(w),
         )
         assert rc == 0, out
         last = sorted(os.listdir(w / "bootstraps"))[-1]
@@ -1492,34 +1245,24 @@ def test_compressor_and_chunk_size(
             capsys,
         )
         assert rc == 0, out
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/fmt:v5",
-            "--fs-version",
-            "5",
-            "--work-dir",
-            str(tmp_path),
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v1",
+        f"{host}/fmt:v5",
+        "--fs-version",
+        "5",
+        "--work-dir",
+        str(tmp_path),
     )
     assert rc == 3 and "only RAFS v6" in out
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/fmt:bad",
-            "--fs-chunk-size",
-            "0x1001",
-            "--work-dir",
-            str(tmp_path),
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v1",
+        f"{host}/fmt:bad",
+        "--fs-chunk-size",
+        "0x1001",
+        "--work-dir",
+        str(tmp_path),
     )
     assert rc == 2 and "chunk-size" in out
 
@@ -1596,19 +1339,14 @@ def test_newcomer_errors_name_the_cause(
     host = sample["host"]
     rc, out = run(["check", "--target", f"{host}/sample:v1", "--work-dir", str(tmp_path)], capsys)
     assert rc == 3 and "is not a Nydus image" in out and "holds no" not in out
-    rc, out = run(
-        [
-            "convert",
-            "--source",
-            f"{host}/sample:v1",
-            "--target",
-            f"{host}/sample:s390x",
-            "--platform",
-            "linux/s390x",
-            "--work-dir",
-            str(tmp_path / "w"),
-        ],
+    rc, out = convert(
         capsys,
+        f"{host}/sample:v1",
+        f"{host}/sample:s390x",
+        "--platform",
+        "linux/s390x",
+        "--work-dir",
+        str(tmp_path / "w"),
     )
     assert rc == 2 and "single-platform linux/amd64 image" in out
     with pytest.raises(RuntimeError, match="skopeo inspect failed"):

@@ -142,27 +142,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["5", "6"],
         help="RAFS version (this builder writes v6 only)",
     )
-    c.add_argument(
-        "--parent-bootstrap",
-        metavar="FILE",
-        help="the lower layers' bootstrap: build a layer on top of it",
-    )
-    c.add_argument(
-        "--chunk-dict",
-        metavar="bootstrap=FILE",
-        help="deduplicate against the chunks of this image",
-    )
-    c.add_argument(
-        "--whiteout-spec",
-        default="oci",
-        choices=WHITEOUTS,
-        help="how deleted files of a layer are marked in SOURCE",
-    )
-    c.add_argument(
-        "--prefetch-policy",
-        default="none",
-        choices=PREFETCH,
-        help="fs: read the paths to prefetch from stdin, one a line",
+    _layer_args(
+        c,
+        parent="the lower layers' bootstrap: build a layer on top of it",
+        chunk_dict="deduplicate against the chunks of this image",
+        whiteouts="how deleted files of a layer are marked in SOURCE",
     )
     flag(
         c,
@@ -188,29 +172,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("sources", nargs="+", metavar="SOURCE", help="per-layer bootstraps")
     m.add_argument("-B", "--bootstrap", help="output bootstrap")
     m.add_argument("-D", "--blob-dir", help="write the bootstrap here, named by its sha256")
-    m.add_argument("--parent-bootstrap", metavar="FILE", help="merge on top of this bootstrap")
-    m.add_argument(
-        "--chunk-dict",
-        metavar="bootstrap=FILE",
-        help="a chunk dictionary image whose blobs join the table",
+    _layer_args(
+        m,
+        parent="merge on top of this bootstrap",
+        chunk_dict="a chunk dictionary image whose blobs join the table",
+        whiteouts="whiteouts of the layers (not an upstream flag; upstream uses oci)",
     )
-    m.add_argument(
-        "--prefetch-policy",
-        default="none",
-        choices=PREFETCH,
-        help="fs: read the paths to prefetch from stdin, one a line",
-    )
-    m.add_argument("--blob-digests", help="comma-separated sha256 hex, one per source")
-    m.add_argument("--original-blob-ids", help="comma-separated blob ids, one per source")
-    m.add_argument("--blob-sizes", help="comma-separated sizes, one per source")
-    m.add_argument("--blob-toc-digests", help="comma-separated sha256 hex, one per source")
-    m.add_argument("--blob-toc-sizes", help="comma-separated sizes, one per source")
-    m.add_argument(
-        "--whiteout-spec",
-        default="oci",
-        choices=WHITEOUTS,
-        help="whiteouts of the layers (not an upstream flag; upstream uses oci)",
-    )
+    for opt, what in (
+        ("--blob-digests", "sha256 hex"),
+        ("--original-blob-ids", "blob ids"),
+        ("--blob-sizes", "sizes"),
+        ("--blob-toc-digests", "sha256 hex"),
+        ("--blob-toc-sizes", "sizes"),
+    ):
+        m.add_argument(opt, help=f"comma-separated {what}, one per source")
     m.add_argument("-J", "--output-json", metavar="FILE", help="write a JSON summary here")
 
     k = cmd(
@@ -218,8 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         "validate a bootstrap and, with -D or --blob, every chunk of its blobs",
         bootstrap=True,
     )
-    k.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
-    k.add_argument("--blob", help="the data blob (images with one blob)")
+    _blob_args(k)
     flag(k, "-v", "--verbose", help="accepted (upstream's)")
     k.add_argument("-J", "--output-json", metavar="FILE", help="write the report here")
 
@@ -254,11 +228,29 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     u = cmd("unpack", "write the image's tree as a tar", bootstrap=True)
-    u.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
-    u.add_argument("--blob", help="the data blob (images with one blob)")
+    _blob_args(u)
     u.add_argument("--output", required=True, help="the tar file to write")
     _optimize_parser(sub, common)
     return p
+
+
+def _layer_args(p: argparse.ArgumentParser, parent: str, chunk_dict: str, whiteouts: str) -> None:
+    """The options create and merge share: what the new layer sits on and dedups against."""
+    p.add_argument("--parent-bootstrap", metavar="FILE", help=parent)
+    p.add_argument("--chunk-dict", metavar="bootstrap=FILE", help=chunk_dict)
+    p.add_argument("--whiteout-spec", default="oci", choices=WHITEOUTS, help=whiteouts)
+    p.add_argument(
+        "--prefetch-policy",
+        default="none",
+        choices=PREFETCH,
+        help="fs: read the paths to prefetch from stdin, one a line",
+    )
+
+
+def _blob_args(p: argparse.ArgumentParser) -> None:
+    """Where check and unpack find the image's data."""
+    p.add_argument("-D", "--blob-dir", help="directory of the blobs, named by blob id")
+    p.add_argument("--blob", help="the data blob (images with one blob)")
 
 
 def _optimize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -311,7 +303,7 @@ def cmd_create(a: argparse.Namespace) -> int:
                 "--prefetch-policy fs reads its file list from stdin: the tar cannot come "
                 "from stdin too"
             )
-        prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
+        prefetch = _stdin_paths()
     opts = BuildOptions(
         chunk_size=a.chunk_size,
         compressor=a.compressor,
@@ -535,9 +527,6 @@ def cmd_merge(a: argparse.Namespace) -> int:
     if not a.bootstrap and not a.blob_dir:
         raise ConfigError("both --bootstrap and --blob-dir are missing")
     _check_output_dirs(("-B/--bootstrap", a.bootstrap), ("-J/--output-json", a.output_json))
-    prefetch = None
-    if a.prefetch_policy == "fs":
-        prefetch = [ln.strip().encode() for ln in sys.stdin if ln.strip()]
     opts = MergeOptions(
         parent_bootstrap=a.parent_bootstrap,
         chunk_dict_bootstrap=_chunk_dict_path(a.chunk_dict),
@@ -546,7 +535,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
         blob_sizes=_int_list(a.blob_sizes, "--blob-sizes"),
         blob_toc_digests=_split_list(a.blob_toc_digests),
         blob_toc_sizes=_int_list(a.blob_toc_sizes, "--blob-toc-sizes"),
-        prefetch_paths=prefetch,
+        prefetch_paths=_stdin_paths() if a.prefetch_policy == "fs" else None,
         whiteout_spec=a.whiteout_spec,
     )
     res = merge_bootstraps(a.sources, opts)
@@ -567,6 +556,11 @@ def cmd_merge(a: argparse.Namespace) -> int:
     )
     print(f"bootstrap: {target}")
     return 0
+
+
+def _stdin_paths() -> list[bytes]:
+    """``--prefetch-policy fs``: the paths to prefetch, one a line on stdin."""
+    return [ln.strip().encode() for ln in sys.stdin if ln.strip()]
 
 
 def _chunk_dict_path(v: str | None) -> str | None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..config import FsDriver, docker_config_path
+from ..daemon.logsetup import LEVELS, setup_logging
 from ..errors import ConfigError
 from . import flag, run_guarded
 
@@ -35,15 +36,6 @@ if TYPE_CHECKING:
     from ..snapshotter.snapshots.mounter import NydusMounter
 
 log = logging.getLogger("containerd-nydus-grpc")
-
-_LEVELS = {
-    "trace": logging.DEBUG,
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="blob cache directory (<root>/cache)")
     p.add_argument("--nydusd-path", "--nydusd", dest="nydusd_path", default="nydusd")
     p.add_argument("--nydusimg-path", "--nydus-image", dest="nydusimg_path", default="nydus-image")
-    p.add_argument("--log-level", choices=sorted(_LEVELS), default="info")
+    p.add_argument("--log-level", choices=sorted(LEVELS), default="info")
     flag(p, "--log-to-stdout", help="log to stdout instead of <root>/logs")
     flag(p, "--shared-daemon", help="one nydusd for all images (same as --daemon-mode shared)")
     p.add_argument(
@@ -139,20 +131,14 @@ def _daemon_mode(a: argparse.Namespace) -> str:
 
 def _setup_logging(level: str, to_stdout: bool, log_dir: Path) -> None:
     """Log to stdout or ``<root>/logs`` (0700, file 0600); credentials are always redacted."""
-    from ..credentials import PrivateFileHandler, RedactingFilter, private_dir
-    from ..daemon.logsetup import UpstreamFormatter
+    from ..credentials import private_dir
 
-    if to_stdout:
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
-    else:
+    log_file = None
+    if not to_stdout:
         private_dir(log_dir)
-        handler = PrivateFileHandler(log_dir / "containerd-nydus-grpc.log")
-    handler.setFormatter(UpstreamFormatter())
-    handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(_LEVELS[level])
-    if _LEVELS[level] > logging.DEBUG:
+        log_file = str(log_dir / "containerd-nydus-grpc.log")
+    setup_logging(level, log_file, stream=sys.stdout)
+    if level not in ("trace", "debug"):
         logging.getLogger("grpc").setLevel(logging.WARNING)
 
 

@@ -29,7 +29,7 @@ import socket
 import socketserver
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -124,7 +124,8 @@ class _Request:
             return None
         return v[0]
 
-    def json(self) -> dict[str, Any]:
+    def json(self, allowed: Collection[str] | None = None) -> dict[str, Any]:
+        """The body as a JSON object; with ``allowed``, a key outside it is a 400."""
         if not self.body:
             if not self.has_length:
                 raise ApiError(
@@ -132,12 +133,19 @@ class _Request:
                 )
             raise ApiError(400, "InvalidArgument", "a JSON body is required")
         try:
-            return parse_json_object(self.body, "the request body")
+            body = parse_json_object(self.body, "the request body")
         except errors.FormatError as e:
             raise ApiError(400, "InvalidArgument", str(e)) from None
+        unknown = set(body) - set(allowed) if allowed is not None else set()
+        if unknown:
+            raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
+        return body
 
 
 _Reply = tuple[int, Any]  # (status, JSON-able object | str for text/plain | None)
+
+
+_MOUNT_KEYS = {"source", "fs_type", "config", "prefetch_files", "fs_driver", "bootstrap_digest"}
 
 
 class _Routes:
@@ -198,10 +206,7 @@ class _Routes:
         return 200, self.d.info()
 
     def put_daemon(self, req: _Request) -> _Reply:
-        body = req.json()
-        unknown = set(body) - {"log_level"}
-        if unknown:
-            raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
+        body = req.json(allowed={"log_level"})
         if "log_level" in body:
             set_log_level(body["log_level"])
             log.info("log level set to %s", body["log_level"])
@@ -238,17 +243,7 @@ class _Routes:
     def _mount_args(self, req: _Request) -> tuple[str, ImageSource]:
         path = req.arg("mountpoint", required=True)
         assert path is not None
-        body = req.json()
-        unknown = set(body) - {
-            "source",
-            "fs_type",
-            "config",
-            "prefetch_files",
-            "fs_driver",
-            "bootstrap_digest",
-        }
-        if unknown:
-            raise ApiError(400, "InvalidArgument", f"unknown keys: {', '.join(sorted(unknown))}")
+        body = req.json(allowed=_MOUNT_KEYS)
         fs_type = body.get("fs_type", "rafs")
         if fs_type != "rafs":
             raise ApiError(

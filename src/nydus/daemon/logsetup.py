@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+from typing import TextIO
 
 from ..credentials import PrivateFileHandler, PrivateRotatingFileHandler, RedactingFilter
 
@@ -46,9 +47,13 @@ class UpstreamFormatter(logging.Formatter):
 
 
 def setup_logging(
-    level: str = "info", log_file: str | None = None, rotation_size_mb: int = 0
+    level: str = "info",
+    log_file: str | None = None,
+    rotation_size_mb: int = 0,
+    stream: TextIO | None = None,
 ) -> logging.Handler:
-    """Configure the root logger; returns the installed handler."""
+    """Configure the root logger (``log_file``, else ``stream``, else stderr); returns the
+    installed handler."""
     logging.addLevelName(TRACE, "TRACE")
     lv = LEVELS.get(level.lower())
     if lv is None:
@@ -62,7 +67,7 @@ def setup_logging(
         else:
             handler = PrivateFileHandler(log_file)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(UpstreamFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()

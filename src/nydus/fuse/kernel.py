@@ -17,7 +17,7 @@ import os
 import stat
 import struct
 
-from ..libc import libc
+from ..libc import MNT_DETACH, MS_NODEV, MS_NOSUID, MS_RDONLY, libc
 from .protocol import (
     BACKING_MAP,
     FUSE_DEV_IOC_BACKING_CLOSE,
@@ -27,10 +27,6 @@ from .protocol import (
 
 __all__ = [
     "DEV_FUSE",
-    "MS_RDONLY",
-    "MS_NOSUID",
-    "MS_NODEV",
-    "MNT_DETACH",
     "open_device",
     "clone_device",
     "mount_fuse",
@@ -43,10 +39,6 @@ __all__ = [
 ]
 
 DEV_FUSE = "/dev/fuse"
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MNT_DETACH = 0x2
 
 
 def open_device() -> int:

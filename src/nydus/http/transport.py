@@ -345,6 +345,17 @@ def _socket_readable(sock: socket.socket | None) -> bool:
     return bool(r)
 
 
+# A reused keep-alive connection the server closed meanwhile fails with one of these.
+_DROPPED = (ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
+# OpenSSL's reasons when a TLS handshake meets a server speaking plain HTTP.
+_PLAIN_HTTP_REASONS = (
+    "WRONG_VERSION_NUMBER",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+    "HTTP_REQUEST",
+)
+
+
 class _Pool:
     def __init__(self, max_idle: int) -> None:
         self._lock = threading.Lock()
@@ -434,18 +445,13 @@ class _HTTPBody:
             return data
         except TransportError:
             raise
-        except http.client.IncompleteRead as e:
-            self._abort()
-            raise TransportError(f"body of {self._url} cut short: {e}") from e
-        except TimeoutError as e:
-            self._abort()
-            raise TransportError(
-                f"timed out reading the body of {self._url} after {self._got} bytes"
-            ) from e
         except (OSError, http.client.HTTPException, ValueError) as e:
             self._abort()
+            if isinstance(e, http.client.IncompleteRead):
+                raise TransportError(f"body of {self._url} cut short: {e}") from e
+            what = "timed out" if isinstance(e, TimeoutError) else f"connection lost ({e!r})"
             raise TransportError(
-                f"connection lost reading the body of {self._url} after {self._got} bytes: {e!r}"
+                f"{what} reading the body of {self._url} after {self._got} bytes"
             ) from e
 
     def _finish(self) -> None:
@@ -595,27 +601,18 @@ class HTTPTransport:
                     headers.setdefault("Host", "localhost")
                 conn.request(request.method, target, body=request.body, headers=headers)
                 resp = conn.getresponse()
-            except (
-                http.client.RemoteDisconnected,
-                ConnectionResetError,
-                BrokenPipeError,
-                http.client.BadStatusLine,
-            ) as e:
-                conn.close()
-                if reused and replayable:
-                    continue  # the server dropped an idle keep-alive connection: try a fresh one
-                raise TransportError(f"{request.method} {url}: connection lost: {e!r}") from e
-            except TimeoutError as e:
-                conn.close()
-                raise TransportError(
-                    f"{request.method} {url}: timed out waiting for the answer ({self._timeout}s)"
-                ) from e
-            except ssl.SSLError as e:
-                conn.close()
-                raise TransportError(f"{request.method} {url}: TLS error: {e}") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
-                raise TransportError(f"{request.method} {url}: {e!r}") from e
+                dropped = isinstance(e, _DROPPED)
+                if dropped and reused and replayable:
+                    continue  # the server dropped an idle keep-alive connection: try a fresh one
+                if isinstance(e, TimeoutError):
+                    what = f"timed out waiting for the answer ({self._timeout}s)"
+                elif isinstance(e, ssl.SSLError):
+                    what = f"TLS error: {e}"
+                else:
+                    what = f"connection lost: {e!r}" if dropped else repr(e)
+                raise TransportError(f"{request.method} {url}: {what}") from e
             no_body = (
                 request.method == "HEAD" or resp.status in (204, 304) or (100 <= resp.status < 200)
             )
@@ -627,37 +624,27 @@ class HTTPTransport:
         where = f"unix:{self._unix}" if self._unix is not None else f"{scheme}://{host}:{port}"
         try:
             conn.connect()
-        except ssl.SSLCertVerificationError as e:
-            conn.close()
-            raise TLSError(
-                f"TLS certificate verification failed for {where}: {e.verify_message or e}"
-                " (set ca_cert_files or skip_verify)"
-            ) from None
-        except ssl.SSLError as e:
-            conn.close()
-            plain = e.reason in (
-                "WRONG_VERSION_NUMBER",
-                "RECORD_LAYER_FAILURE",
-                "PACKET_LENGTH_TOO_LONG",
-                "HTTP_REQUEST",
-            )
-            hint = " (the server seems to speak plain HTTP)" if plain else ""
-            raise TLSError(
-                f"TLS handshake with {where} failed: {e}{hint}", plain_http=plain
-            ) from None
-        except socket.gaierror as e:
-            conn.close()
-            raise TransportError(f"cannot resolve {host}: {e}", retryable=False) from None
-        except TimeoutError as e:
-            conn.close()
-            raise TransportError(
-                f"timed out connecting to {where} ({self._connect_timeout}s)"
-            ) from e
         except OSError as e:
             conn.close()
-            if self._proxy is not None and "Tunnel connection failed" in str(e):
-                raise TransportError(f"proxy refused CONNECT to {where}: {e}") from None
-            raise TransportError(f"cannot connect to {where}: {e}") from e
+            raise self._connect_error(e, where, host) from e
+
+    def _connect_error(self, e: OSError, where: str, host: str) -> TransportError:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return TLSError(
+                f"TLS certificate verification failed for {where}: {e.verify_message or e}"
+                " (set ca_cert_files or skip_verify)"
+            )
+        if isinstance(e, ssl.SSLError):
+            plain = e.reason in _PLAIN_HTTP_REASONS
+            hint = " (the server seems to speak plain HTTP)" if plain else ""
+            return TLSError(f"TLS handshake with {where} failed: {e}{hint}", plain_http=plain)
+        if isinstance(e, socket.gaierror):
+            return TransportError(f"cannot resolve {host}: {e}", retryable=False)
+        if isinstance(e, TimeoutError):
+            return TransportError(f"timed out connecting to {where} ({self._connect_timeout}s)")
+        if self._proxy is not None and "Tunnel connection failed" in str(e):
+            return TransportError(f"proxy refused CONNECT to {where}: {e}")
+        return TransportError(f"cannot connect to {where}: {e}")
 
 
 # --- mock ---------------------------------------------------------------------------------

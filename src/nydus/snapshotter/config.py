@@ -81,10 +81,6 @@ class SnapshotterConfig:
         return self.root / "snapshots"
 
     @property
-    def metadata_path(self) -> Path:
-        return self.root / "metadata.db"
-
-    @property
     def effective_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else self.root / "cache"
 

@@ -31,7 +31,7 @@ class BlobBackend(ABC):
     """A store of blobs addressed by blob id (the hex sha256 of the blob)."""
 
     type: str = "?"
-    max_parallel = 8  # concurrent range requests of one read_ranges call
+    max_parallel = 1  # concurrent range requests of one read_ranges call (network backends: 8)
 
     def __init__(self, id: str = "") -> None:
         self.metrics = BackendMetrics(id, self.type)
@@ -49,12 +49,8 @@ class BlobBackend(ABC):
         """``size`` bytes at ``offset``; may return fewer only at the end of the blob."""
 
     def _read_ranges(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Several ``(offset, size)`` ranges; backends with parallel transports override."""
-        return [self._read(blob_id, off, size) for off, size in ranges]
-
-    def _parallel(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """``_read`` of several ranges on a small thread pool (for network backends)."""
-        if len(ranges) <= 1:
+        """Several ``(offset, size)`` ranges, ``max_parallel`` at once on a small thread pool."""
+        if len(ranges) <= 1 or self.max_parallel <= 1:
             return [self._read(blob_id, off, size) for off, size in ranges]
         with self._sizes_lock:
             if self._pool is None:

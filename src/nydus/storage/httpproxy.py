@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import posixpath
 import urllib.parse
-from collections.abc import Sequence
 
 from ..config import HttpProxyConfig
 from ..http import HttpClient, HttpConfig
@@ -23,6 +22,7 @@ __all__ = ["HttpProxyBackend"]
 
 class HttpProxyBackend(BlobBackend):
     type = "http-proxy"
+    max_parallel = 8
 
     def __init__(self, cfg: HttpProxyConfig, id: str = "") -> None:
         super().__init__(id)
@@ -42,9 +42,6 @@ class HttpProxyBackend(BlobBackend):
         return self.http.get_range(
             self.url(blob_id), offset, offset + size, what=f"read blob {blob_id}"
         )
-
-    def _read_ranges(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        return self._parallel(blob_id, ranges)
 
     def close(self) -> None:
         super().close()

@@ -18,14 +18,13 @@ Functions are stateless; the returned objects are immutable and thread-safe.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 
 from .. import codec
+from ..atomicwrite import write_atomic
 from ..errors import FormatError, IntegrityError, NydusError, UnsupportedError
 from ..format import blob_meta as bm
 from ..format import rafs_v6 as v6
@@ -83,22 +82,10 @@ class BlobMeta:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError as e:
+        write_atomic(path, data)
+    except OSError as e:  # a cache: the next open rebuilds it
         log.warning("cannot write %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 def _read_file(path: str) -> bytes | None:

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import os
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 from ..config import OssConfig, S3Config
 from ..http import HttpClient, HttpConfig
@@ -126,6 +126,7 @@ def _file_chunks(path: str) -> Iterator[bytes]:
 
 
 class _ObjectBackend(BlobBackend):
+    max_parallel = 8
     #: The endpoint when the config names none.
     default_endpoint = ""
 
@@ -196,9 +197,6 @@ class _ObjectBackend(BlobBackend):
             headers=self._signer(),
             what=f"read {self.key(blob_id)}",
         )
-
-    def _read_ranges(self, blob_id: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        return self._parallel(blob_id, ranges)
 
     def close(self) -> None:
         super().close()

@@ -55,6 +55,8 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..atomicwrite import write_atomic
+
 __all__ = ["CacheTrust", "FileIdentity", "load_record", "save_record", "RECORD_SUFFIX"]
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def _bits_size(count: int) -> int:
 
 
 def save_record(path: str, blob_id: str, ident: FileIdentity, bitmap: bytes) -> None:
-    """Write the record atomically (temporary name, fsync, rename)."""
+    """Write the record atomically."""
     name = blob_id.encode()
     body = (
         _HEAD.pack(
@@ -99,20 +101,7 @@ def save_record(path: str, blob_id: str, ident: FileIdentity, bitmap: bytes) -> 
         + name
         + bitmap
     )
-    body += hashlib.sha256(body).digest()
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, body + hashlib.sha256(body).digest(), 0o600)
 
 
 def load_record(path: str, blob_id: str, count: int) -> tuple[FileIdentity, bytes] | None:

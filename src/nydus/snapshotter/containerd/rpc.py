@@ -135,6 +135,11 @@ def timestamp(ns: int) -> Timestamp:
     return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
+def update_paths(req: Message) -> list[str]:
+    """The fields an ``Update`` request's ``update_mask`` names (none: replace them all)."""
+    return list(req.update_mask.paths) if req.HasField("update_mask") else []  # type: ignore[attr-defined]
+
+
 def batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
     """``items`` in slices of the size a streamed List answer sends per message."""
     for i in range(0, len(items), _LIST_BATCH):

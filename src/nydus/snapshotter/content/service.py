@@ -51,6 +51,7 @@ from ..containerd.rpc import (
     batches,
     handled,
     timestamp,
+    update_paths,
 )
 from ..snapshots.filters import Filter, parse_all
 from .store import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
@@ -144,8 +145,7 @@ class ContentService(Servicer):
 
     @handled
     def Update(self, req: pb.UpdateRequest, ctx: Ctx) -> pb.UpdateResponse:
-        paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
-        info = self.store.update(req.info.digest, dict(req.info.labels), paths)
+        info = self.store.update(req.info.digest, dict(req.info.labels), update_paths(req))
         return pb.UpdateResponse(info=info_to_pb(info))
 
     @handled

@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...atomicwrite import write_atomic
 from ...credentials import private_dir
 from ...daemon.client import ApiClientError
 from ...errors import ConfigError, NydusError
@@ -259,14 +260,7 @@ class DaemonManager(NydusMounter):
                 },
                 "restarts": self.restarts,
             }
-            tmp = self.state_path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            write_atomic(self.state_path, json.dumps(doc, indent=1).encode(), 0o600)
 
     # -- starting and restoring daemons ----------------------------------------------------------
 
@@ -657,9 +651,7 @@ class DaemonManager(NydusMounter):
         while not self._stop.wait(self.cfg.daemon_check_interval):
             if not self._recovered.is_set():
                 continue
-            with self._lock:
-                daemons = list(self.daemons.values())
-            for d in daemons:
+            for d in self._daemon_list():
                 if self._stop.is_set():
                     return
                 if d.alive():
@@ -674,9 +666,7 @@ class DaemonManager(NydusMounter):
                 if time.monotonic() < when:
                     continue
                 try:
-                    with self._locked(f"daemon:{d.id}"):
-                        if self.daemons.get(d.id) is d and not d.alive():
-                            self._restore(d, "died")
+                    self._restore_if_dead(d)
                     backoff.pop(d.id, None)
                 except Exception:
                     delay = min(60.0, 2.0**failures)
@@ -685,12 +675,17 @@ class DaemonManager(NydusMounter):
 
     def check_now(self) -> None:
         """Restore dead daemons now (tests; the watcher does it periodically)."""
+        for d in self._daemon_list():
+            self._restore_if_dead(d)
+
+    def _restore_if_dead(self, d: DaemonProcess) -> None:
+        with self._locked(f"daemon:{d.id}"):
+            if self.daemons.get(d.id) is d and not d.alive():
+                self._restore(d, "died")
+
+    def _daemon_list(self) -> list[DaemonProcess]:
         with self._lock:
-            daemons = list(self.daemons.values())
-        for d in daemons:
-            with self._locked(f"daemon:{d.id}"):
-                if self.daemons.get(d.id) is d and not d.alive():
-                    self._restore(d, "died")
+            return list(self.daemons.values())
 
     # -- GC, metrics, shutdown -------------------------------------------------------------------
 
@@ -721,10 +716,8 @@ class DaemonManager(NydusMounter):
 
     def daemon_counts(self) -> dict[str, int]:
         """Live daemons per mode."""
-        with self._lock:
-            daemons = list(self.daemons.values())
         counts = {"dedicated": 0, "shared": 0}
-        for d in daemons:
+        for d in self._daemon_list():
             if d.alive():
                 counts[d.mode] = counts.get(d.mode, 0) + 1
         return counts
@@ -743,9 +736,7 @@ class DaemonManager(NydusMounter):
 
     def shutdown_all(self) -> None:
         """Stop every daemon (tests and tools; the snapshotter itself never does this)."""
-        with self._lock:
-            daemons = list(self.daemons.values())
-        for d in daemons:
+        for d in self._daemon_list():
             with self._locked(f"daemon:{d.id}"):
                 d.stop()
                 self.supervisor.forget(d.id)

@@ -39,6 +39,7 @@ from ...credentials import private_file
 from ...daemon.client import NydusdClient
 from ...daemon.erofs_mode import BLOBFS_BASE
 from ...errors import NydusError
+from ...fusectl import host_path
 from ...kernel_mount import umount
 from ..containerd.errdefs import DaemonError
 from ..snapshots.fsutil import mount_table
@@ -64,9 +65,7 @@ def log_tail(path: str | os.PathLike[str], lines: int = 25) -> str:
 def _is_mounted(path: str) -> bool:
     """Whether ``path`` is a mount point, without touching it: a dead FUSE daemon's mount
     answers ENOTCONN, and one whose connection a supervisor holds would not answer at all."""
-    parent, name = os.path.split(os.path.abspath(path))
-    real = os.path.join(os.path.realpath(parent), name)
-    return real in mount_table()
+    return host_path(path) in mount_table()
 
 
 def _proc_state(pid: int) -> str | None:

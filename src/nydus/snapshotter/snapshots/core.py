@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from ...atomicwrite import write_atomic
 from ...credentials import private_dir
 from ...errors import FormatError, NydusError
 from ...metadata import parse_bootstrap_digest, read_bootstrap_file
@@ -333,18 +334,7 @@ class Snapshotter:
             log.warning("snapshot %d: no bootstrap digest recorded: %s", bootstrap_id, e)
             return
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        path = self._digest_path(bootstrap_id)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, digest.encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(self._digest_path(bootstrap_id), digest.encode() + b"\n", 0o600)
         log.info("snapshot %d: bootstrap %s is %s (recorded)", bootstrap_id, boot, digest)
 
     def recorded_bootstrap_digest(self, bootstrap_id: int) -> str | None:

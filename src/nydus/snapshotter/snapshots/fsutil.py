@@ -2,8 +2,7 @@
 
 - :func:`disk_usage` counts like containerd's ``fs.DiskUsage`` (and ``du``): 512-byte blocks
   allocated, each inode once (hard links), the root included, without leaving the file system.
-- :func:`mount_table` and :func:`mounts_under` read ``/proc/self/mountinfo`` (octal escapes
-  decoded).
+- :func:`mount_table` and :func:`mounts_under` read the mount table.
 - :func:`remove_tree` deletes a snapshot directory after detaching anything still mounted under
   it (a leftover container rootfs or Nydus mount), so ``rmtree`` never walks into a mount.
 
@@ -15,20 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import stat
 from pathlib import Path
 
-from ...kernel_mount import umount
+from ...kernel_mount import mount_entries, umount
 from .store import Usage
 
-__all__ = ["disk_usage", "is_mountpoint", "mount_table", "mounts_under", "remove_tree"]
+__all__ = ["disk_usage", "mount_table", "mounts_under", "remove_tree"]
 
 log = logging.getLogger(__name__)
-
-_MOUNTINFO = "/proc/self/mountinfo"
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 def disk_usage(path: str | os.PathLike[str]) -> Usage:
@@ -63,22 +58,12 @@ def disk_usage(path: str | os.PathLike[str]) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _unescape(field: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mount_table() -> list[str]:
     """Every mount point of this mount namespace, from ``/proc/self/mountinfo``."""
-    found: list[str] = []
     try:
-        with open(_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                parts = line.split(" ")
-                if len(parts) >= 5:
-                    found.append(_unescape(parts[4]))
+        return [m.mountpoint for m in mount_entries()]
     except FileNotFoundError:
         return []
-    return found
 
 
 def mounts_under(path: str | os.PathLike[str]) -> list[str]:
@@ -87,11 +72,6 @@ def mounts_under(path: str | os.PathLike[str]) -> list[str]:
     found = [mp for mp in mount_table() if mp == base or mp.startswith(base + "/")]
     found.sort(key=lambda m: m.count("/"), reverse=True)
     return found
-
-
-def is_mountpoint(path: str | os.PathLike[str]) -> bool:
-    real = os.path.realpath(path)
-    return real in mounts_under(real)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

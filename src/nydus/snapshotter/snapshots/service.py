@@ -28,7 +28,7 @@ from grpc import ServicerContext as Ctx
 from ...credentials import redact_labels
 from ..containerd.proto import NAMESPACE_HEADER, SNAPSHOTS_SERVICE, mount_pb2
 from ..containerd.proto import snapshots_pb2 as pb
-from ..containerd.rpc import Servicer, batches, handled, timestamp
+from ..containerd.rpc import Servicer, batches, handled, timestamp, update_paths
 from .core import Mount, Snapshotter
 from .store import Info
 
@@ -122,8 +122,7 @@ class SnapshotsService(Servicer):
 
     @handled
     def Update(self, req: pb.UpdateSnapshotRequest, ctx: Ctx) -> pb.UpdateSnapshotResponse:
-        paths = list(req.update_mask.paths) if req.HasField("update_mask") else []
-        info = self.sn.update(req.info.name, dict(req.info.labels), paths)
+        info = self.sn.update(req.info.name, dict(req.info.labels), update_paths(req))
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
     @handled
