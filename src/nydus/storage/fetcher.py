@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -295,6 +296,7 @@ class BlobFetcher:
         """Fetch a read's claims at user priority and wait for the flights it shares; no
         prefetch request starts meanwhile. Promoted batches are done after it."""
         sched = self.scheduler
+        t0 = time.perf_counter_ns()
         try:
             with sched.user_demand() if sched is not None else contextlib.nullcontext():
                 if claims:
@@ -304,6 +306,8 @@ class BlobFetcher:
         finally:
             for q in promoted:
                 q.job.on_drop()
+            self.metrics.add("readpath_user_fetches")
+            self.metrics.add("readpath_user_fetch_micros", (time.perf_counter_ns() - t0) // 1000)
 
     def _count_hits(self, total: int, hits: int) -> None:
         m = self.metrics
@@ -464,10 +468,22 @@ class BlobFetcher:
     def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """``[start, end)`` ranges of the blob for a user read: user jobs of the scheduler
         (in parallel), or on this thread without one."""
+        queued = time.perf_counter_ns()
+        m = self.metrics
+
+        def timed(start: int, end: int) -> bytes:
+            t0 = time.perf_counter_ns()
+            try:
+                return self._fetch_now(start, end)
+            finally:
+                m.add("readpath_requests")
+                m.add("readpath_queue_micros", (t0 - queued) // 1000)
+                m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
+
         if self.scheduler is None:
-            return [self._fetch_now(s, e) for s, e in ranges]
+            return [timed(s, e) for s, e in ranges]
         return self.scheduler.run_user(
-            [lambda s=s, e=e: self._fetch_now(s, e) for s, e in ranges]  # type: ignore[misc]
+            [lambda s=s, e=e: timed(s, e) for s, e in ranges]  # type: ignore[misc]
         )
 
     def _fetch_in_slot(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -517,10 +533,12 @@ class BlobFetcher:
                         p.error = e
                         continue
                     p.value = data
+                    t0 = time.perf_counter_ns()
                     if self.cache is not None and self.cache.write(
                         c, payload if self.cache.compressed else data
                     ):
                         ready.append(c.index)
+                    self.metrics.add("readpath_cache_micros", (time.perf_counter_ns() - t0) // 1000)
             if self.cache is not None and ready:
                 try:
                     self.cache.mark_ready(ready)
@@ -551,8 +569,13 @@ class BlobFetcher:
 
     def _checked(self, c: Chunk, payload: bytes) -> bytes:
         """Decoded and verified bytes of a chunk from the backend (always verified)."""
+        t0 = time.perf_counter_ns()
         data = self._decode(c, payload)
+        t1 = time.perf_counter_ns()
         self.verify(c, data)
+        m = self.metrics
+        m.add("readpath_decode_micros", (t1 - t0) // 1000)
+        m.add("readpath_verify_micros", (time.perf_counter_ns() - t1) // 1000)
         return data
 
     def _decode(self, c: Chunk, payload: bytes) -> bytes:
