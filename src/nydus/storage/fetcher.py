@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -465,107 +466,102 @@ class BlobFetcher:
             return self._fetch_ranges_fn([(start, end)])[0]
         return self._fetch(start, end)
 
-    def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """``[start, end)`` ranges of the blob for a user read: user jobs of the scheduler
-        (in parallel), or on this thread without one."""
-        queued = time.perf_counter_ns()
-        m = self.metrics
-
-        def timed(start: int, end: int) -> bytes:
-            t0 = time.perf_counter_ns()
-            try:
-                return self._fetch_now(start, end)
-            finally:
-                m.add("readpath_requests")
-                m.add("readpath_queue_micros", (t0 - queued) // 1000)
-                m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
-
-        if self.scheduler is None:
-            return [timed(s, e) for s, e in ranges]
-        return self.scheduler.run_user(
-            [lambda s=s, e=e: timed(s, e) for s, e in ranges]  # type: ignore[misc]
-        )
-
-    def _fetch_in_slot(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Ranges one after the other on this thread (a prefetch job on its fetch slot)."""
-        return [self._fetch_now(s, e) for s, e in ranges]
-
     def _run(
         self,
         claims: list[tuple[Chunk, Flight[bytes]]],
         groups: list[_Group] | None = None,
-        fetch: FetchRanges | None = None,
+        *,
+        user: bool = True,
     ) -> None:
-        """Fetch (with ``fetch``, default :meth:`fetch_ranges`), verify and cache claimed
-        chunks; always resolves every claim."""
-        fetch = fetch or self.fetch_ranges
+        """Fetch, verify and cache claimed chunks, one job per merged request: user jobs of
+        the scheduler (in parallel, the first on this thread), or one after the other on this
+        thread (``user=False``: a prefetch job on its slot). Always resolves every claim."""
         try:
             if groups is None:
                 groups = self._merge(claims)
+            queued = time.perf_counter_ns() if user else None
+            jobs = [functools.partial(self._fetch_group, g, queued) for g in groups]
+            if user and self.scheduler is not None:
+                self.scheduler.run_user(jobs)
+            else:
+                for job in jobs:
+                    job()
+        except BaseException as e:  # no job ran (a closed scheduler), or interrupted
+            err = e if isinstance(e, NydusError) else BackendError(f"fetch failed: {e!r}")
+            self._resolve(claims, err)
+            if not isinstance(e, Exception):
+                raise
+
+    def _resolve(self, claims: list[tuple[Chunk, Flight[bytes]]], err: NydusError) -> None:
+        """Fail the claims not resolved yet with ``err``, release every claim and settle."""
+        with self._lock:
+            for c, p in claims:
+                if p.value is None and p.error is None:
+                    p.error = err
+                self._inflight.release(c.index, p)
+        for _, p in claims:
+            p.settle()
+
+    def _fetch_group(self, g: _Group, queued: int | None) -> None:
+        """One merged request: fetch it, decode, verify and cache its chunks, then release
+        and settle their claims (waiters wake as soon as their request is done). Errors go
+        to the claims, never up."""
+        m = self.metrics
+        err: NydusError | None = None
+        try:
+            t0 = time.perf_counter_ns()
             try:
-                raws = fetch([(g.start, g.end) for g in groups])
-            except NydusError as e:
-                for _, p in claims:
-                    p.error = e
-                return
+                raw = self._fetch_now(g.start, g.end)
             except OSError as e:
-                for _, p in claims:
-                    p.error = BackendError(f"blob {self.info.blob_id}: {e}")
-                return
+                raise BackendError(f"blob {self.info.blob_id}: {e}") from e
+            finally:
+                if queued is not None:
+                    m.add("readpath_requests")
+                    m.add("readpath_queue_micros", (t0 - queued) // 1000)
+                    m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
             ready: list[int] = []
-            for g, raw in zip(groups, raws, strict=True):
-                for c, p in g.chunks:
-                    lo = c.compressed_offset - g.start
-                    payload = raw[lo : lo + c.compressed_size]
+            for c, p in g.chunks:
+                lo = c.compressed_offset - g.start
+                payload = raw[lo : lo + c.compressed_size]
+                try:
+                    data = self._checked(c, payload)
+                except IntegrityError as e:
+                    log.warning(
+                        "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
+                    )
                     try:
+                        payload = self._fetch_now(c.compressed_offset, c.end)
                         data = self._checked(c, payload)
-                    except IntegrityError as e:
-                        log.warning(
-                            "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
-                        )
-                        try:
-                            payload = fetch([(c.compressed_offset, c.end)])[0]
-                            data = self._checked(c, payload)
-                        except NydusError as e2:
-                            p.error = e2
-                            continue
-                    except NydusError as e:
-                        p.error = e
+                    except NydusError as e2:
+                        p.error = e2
                         continue
-                    p.value = data
-                    t0 = time.perf_counter_ns()
-                    if self.cache is not None and self.cache.write(
-                        c, payload if self.cache.compressed else data
-                    ):
-                        ready.append(c.index)
-                    self.metrics.add("readpath_cache_micros", (time.perf_counter_ns() - t0) // 1000)
+                except NydusError as e:
+                    p.error = e
+                    continue
+                p.value = data
+                t1 = time.perf_counter_ns()
+                if self.cache is not None and self.cache.write(
+                    c, payload if self.cache.compressed else data
+                ):
+                    ready.append(c.index)
+                m.add("readpath_cache_micros", (time.perf_counter_ns() - t1) // 1000)
             if self.cache is not None and ready:
                 try:
                     self.cache.mark_ready(ready)
-                    self.metrics.add("entries_count", len(ready))
+                    m.add("entries_count", len(ready))
                 except (OSError, NydusError) as e:
                     log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
+        except NydusError as e:
+            err = e
         except Exception as e:  # a bug or an untranslated error below us: report, do not leak
             log.exception("blob %s: fetch failed", self.info.blob_id)
-            err = (
-                e
-                if isinstance(e, NydusError)
-                else BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
-            )
-            for _, p in claims:
-                if p.value is None and p.error is None:
-                    p.error = err
+            err = BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
         except BaseException as e:
-            for _, p in claims:
-                if p.value is None and p.error is None:
-                    p.error = BackendError(f"blob {self.info.blob_id}: fetch interrupted: {e!r}")
+            self._resolve(
+                g.chunks, BackendError(f"blob {self.info.blob_id}: fetch interrupted: {e!r}")
+            )
             raise
-        finally:
-            with self._lock:
-                for c, p in claims:
-                    self._inflight.release(c.index, p)
-            for _, p in claims:
-                p.settle()
+        self._resolve(g.chunks, err or BackendError(f"blob {self.info.blob_id}: not fetched"))
 
     def _checked(self, c: Chunk, payload: bytes) -> bytes:
         """Decoded and verified bytes of a chunk from the backend (always verified)."""
@@ -667,7 +663,7 @@ class BlobFetcher:
         try:
             if before_fetch is not None:
                 before_fetch(nbytes)
-            self._run(claims, groups, self._fetch_in_slot)
+            self._run(claims, groups, user=False)
         except Exception as e:  # never let a prefetch worker die
             log.warning("prefetch of blob %s failed: %s", self.info.blob_id, e)
         finally:

@@ -5,7 +5,9 @@ time each; a job is one backend request (a prefetch job may sleep in the bandwid
 first, and verifies and caches what it fetched). Jobs come in two classes, each queued FIFO:
 
 * **user**: a range request of an on-demand read (:meth:`FetchScheduler.run_user`), run on one
-  of ``slots`` user slots, which prefetch never occupies: a user request goes out at once.
+  of ``slots`` user slots, which prefetch never occupies: a user request goes out at once. A
+  slot is a thread, or the reader's own thread: while a slot is free, a read's first request
+  runs on the reader's thread (no hand-off to another thread and back).
 * **prefetch**: a batch of chunks (:meth:`FetchScheduler.submit_prefetch`), run on one of
   ``prefetch_cap`` prefetch slots (at the lowest CPU priority where the OS allows, so prefetch
   decompression and hashing yield the CPU to the reader). One is admitted only when no user
@@ -120,14 +122,23 @@ class FetchScheduler:
 
     def run_user(self, fns: Sequence[Callable[[], T]]) -> list[T]:
         """Run ``fns`` (backend requests of a user read) as user jobs; their results in order,
-        or the first error raised. Blocks until all are done."""
+        or the first error raised. Blocks until all are done. While a user slot is free the
+        first job runs on the calling thread (no hand-off), the others on the slots."""
         jobs = [_UserJob(fn) for fn in fns]
         with self._cond:
             if self._closed:
                 raise NydusError("fetch scheduler is closed")
-            self._start_locked(self._user_slot, "nydus-fetch", self.slots)
-            self._user.extend(jobs)  # type: ignore[arg-type]
-            self._cond.notify_all()
+            inline = jobs[:1] if self._user_running + len(self._user) < self.slots else []
+            self._user_running += len(inline)
+            if len(jobs) > len(inline):
+                self._start_locked(self._user_slot, "nydus-fetch", self.slots)
+                self._user.extend(jobs[len(inline) :])  # type: ignore[arg-type]
+                self._cond.notify_all()
+        for j in inline:
+            try:
+                j.run()
+            finally:
+                self._user_job_ended()
         for j in jobs:
             j.done.wait()
         for j in jobs:
@@ -178,10 +189,18 @@ class FetchScheduler:
 
     # ------------------------------------------------------------------ the slots
 
+    def _user_job_ended(self) -> None:
+        with self._cond:
+            self._user_running -= 1
+            if not self._user_running:
+                self._user_seen = time.monotonic()
+            self._cond.notify_all()
+
     def _user_slot(self) -> None:
         while True:
             with self._cond:
-                while not self._user and not self._closed:
+                # jobs run on callers' threads hold slots too
+                while not self._closed and (not self._user or self._user_running >= self.slots):
                     self._cond.wait()
                 if self._closed:
                     return
@@ -190,11 +209,7 @@ class FetchScheduler:
             try:
                 job.run()
             finally:
-                with self._cond:
-                    self._user_running -= 1
-                    if not self._user_running:
-                        self._user_seen = time.monotonic()
-                    self._cond.notify_all()
+                self._user_job_ended()
 
     def _next_prefetch_locked(self) -> PrefetchJob | None:
         while not self._closed:
