@@ -77,6 +77,70 @@ def test_user_jobs_go_out_at_once_and_ahead_of_queued_prefetch() -> None:
         sched.close()
 
 
+def test_a_users_request_runs_on_its_own_thread_while_a_slot_is_free() -> None:
+    """No hand-off to a fetch thread and back for a read's (first) request; the others of
+    the read go to the slots, in parallel with it."""
+    sched = FetchScheduler(slots=2, prefetch_cap=1)
+    me = threading.current_thread()
+    try:
+        assert sched.run_user([threading.current_thread]) == [me]
+        first, second = sched.run_user([threading.current_thread, threading.current_thread])
+        assert first is me and second is not me
+    finally:
+        sched.close()
+
+
+def test_requests_on_readers_threads_count_against_the_user_slots() -> None:
+    """With every slot taken by readers' own requests, a queued request waits for one (the
+    cap holds) and prefetch does not start while any of them runs."""
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    hold = threading.Event()
+    running = threading.Event()
+    order: list[str] = []
+
+    def held() -> str:
+        running.set()
+        assert hold.wait(10)
+        order.append("A")
+        return "A"
+
+    try:
+        t1, out1 = in_thread(lambda: sched.run_user([held]))
+        assert running.wait(10)
+        sched.submit_prefetch(PrefetchJob(lambda: order.append("P"), lambda: None))
+        t2, out2 = in_thread(lambda: sched.run_user([lambda: order.append("B") or "B"]))
+        time.sleep(0.2)
+        assert order == []  # B waits for the slot A holds on its reader's thread; P for both
+        hold.set()
+        t1.join(10)
+        t2.join(10)
+        assert out1 == [["A"]] and out2 == [["B"]]
+        deadline = time.monotonic() + 10
+        while len(order) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert order == ["A", "B", "P"]
+    finally:
+        hold.set()
+        sched.close()
+
+
+def test_a_started_user_job_runs_even_when_the_scheduler_closes() -> None:
+    """A read's amplification goes out as a job the read does not wait for: closing the
+    scheduler (a device closing) lets it finish; once closed, none is accepted."""
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    hold = threading.Event()
+    ran: list[str] = []
+    t, _ = in_thread(lambda: sched.run_user([lambda: hold.wait(10)]))
+    time.sleep(0.1)
+    assert sched.start_user(lambda: ran.append("ran"), lambda: ran.append("dropped"))
+    threading.Timer(0.2, hold.set).start()
+    sched.close()
+    t.join(10)
+    assert ran == ["ran"]
+    assert not sched.start_user(lambda: ran.append("late"), lambda: ran.append("dropped"))
+    assert ran == ["ran", "dropped"]
+
+
 class Jobs:
     """Prefetch jobs that take 20 ms each; counts how many ran at once at most."""
 
@@ -393,3 +457,65 @@ def test_close_with_queued_prefetch_returns_promptly(img: Image, tmp_path: Path)
     assert time.monotonic() - t0 < 1.0
     assert len(data_requests(link.backend, img)) < len(big) // 2
     assert dev.wait_prefetch(1)  # the dropped batches count as done
+
+
+# ------------------------------------------------------------------ the read path
+
+
+def amp_device(img: Image, tmp: Path, link: Link, amplify: int) -> BlobDevice:
+    dev, _ = device(img, tmp / "c", backend=link.backend, amplify_io=amplify)
+    return dev
+
+
+def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
+    img: Image, tmp_path: Path
+) -> None:
+    """A read of chunk 1 while chunk 0's fetch (amplified over chunk 1) is in flight waits for
+    it: one backend request for both, each chunk fetched once."""
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    link.hold(big[0].index)
+    dev = amp_device(img, tmp_path, link, 0x20000)  # chunk 0 and its neighbour
+    try:
+        ta, a = in_thread(lambda: dev.read_chunks([big[0]]))
+        link.wait_started(big[0].index)
+        tb, b = in_thread(lambda: dev.read_chunks([big[1]]))
+        time.sleep(0.2)
+        assert tb.is_alive()  # waiting for the request in flight, not making its own
+        link.release_all()
+        ta.join(10)
+        tb.join(10)
+        f = img.files["/big"]
+        assert a == [[f[: big[0].uncompressed_size]]]
+        assert b == [[f[big[1].file_offset : big[1].file_offset + big[1].uncompressed_size]]]
+        assert link.started_chunks() == [[big[0].index, big[1].index]]
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_a_read_does_not_wait_for_a_large_amplification(img: Image, tmp_path: Path) -> None:
+    """The chunks a read wants go out alone; the amplification after them (here 3 chunks)
+    is a request of its own, started when they are in, that the read does not wait for. A
+    read of one of those chunks waits for that request (no second fetch)."""
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    link.hold(big[1].index)  # the amplification's request starts at chunk 1
+    dev = amp_device(img, tmp_path, link, 0x40000)
+    try:
+        f = img.files["/big"]
+        t, out = in_thread(lambda: dev.read_chunks([big[0]]))
+        t.join(10)
+        assert out == [[f[: big[0].uncompressed_size]]]  # back while chunks 1-3 are held
+        link.wait_started(big[1].index)
+        assert link.started_chunks() == [[big[0].index], [c.index for c in big[1:4]]]
+        t, out = in_thread(lambda: dev.read_chunks([big[2]]))
+        time.sleep(0.2)
+        assert t.is_alive()
+        link.release_all()
+        t.join(10)
+        assert out == [[f[big[2].file_offset : big[2].file_offset + big[2].uncompressed_size]]]
+        assert len(link.started) == 2
+    finally:
+        link.release_all()
+        dev.close()

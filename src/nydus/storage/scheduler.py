@@ -26,8 +26,9 @@ its in-flight table makes sure no chunk is fetched twice).
 Threading contract: thread-safe. One lock (a condition) guards the queues and counters; jobs
 run outside it. Callers may hold their own locks when they call :meth:`take` (it never blocks
 and calls no job), never when they call :meth:`run_user`. A prefetch job must not call
-:meth:`run_user`. :meth:`close` fails queued user jobs, drops queued prefetch jobs (calling
-their ``on_drop``), lets running jobs finish and joins the slots.
+:meth:`run_user`. :meth:`close` fails the queued jobs of :meth:`run_user`, drops queued
+prefetch jobs (calling their ``on_drop``), lets running jobs and those of :meth:`start_user`
+finish and joins the slots.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ PREFETCH_NICE = 19
 
 
 class _UserJob(Generic[T]):
-    __slots__ = ("done", "error", "fn", "value")
+    __slots__ = ("done", "error", "fn", "on_drop", "value")
 
-    def __init__(self, fn: Callable[[], T]) -> None:
+    def __init__(self, fn: Callable[[], T], on_drop: Callable[[], object] | None = None) -> None:
         self.fn = fn
+        self.on_drop = on_drop
         self.done = threading.Event()
         self.value: T | None = None
         self.error: BaseException | None = None
@@ -146,6 +148,19 @@ class FetchScheduler:
                 raise j.error
         return [j.value for j in jobs]  # type: ignore[misc]
 
+    def start_user(self, fn: Callable[[], object], on_drop: Callable[[], object]) -> bool:
+        """Queue ``fn`` as a user job on a slot thread and return at once (a request a read
+        does not wait for; :meth:`close` still runs it). False if the scheduler is closed:
+        ``on_drop`` is called instead."""
+        with self._cond:
+            if not self._closed:
+                self._start_locked(self._user_slot, "nydus-fetch", self.slots)
+                self._user.append(_UserJob(fn, on_drop))
+                self._cond.notify_all()
+                return True
+        on_drop()
+        return False
+
     def submit_prefetch(self, job: PrefetchJob) -> bool:
         """Queue ``job``; False (and ``on_drop`` called) when the scheduler is closed."""
         with self._cond:
@@ -199,10 +214,12 @@ class FetchScheduler:
     def _user_slot(self) -> None:
         while True:
             with self._cond:
-                # jobs run on callers' threads hold slots too
-                while not self._closed and (not self._user or self._user_running >= self.slots):
+                # jobs run on callers' threads hold slots too; started jobs outlive close
+                while (not self._closed or self._user) and (
+                    not self._user or self._user_running >= self.slots
+                ):
                     self._cond.wait()
-                if self._closed:
+                if not self._user:
                     return
                 job = self._user.popleft()
                 self._user_running += 1
@@ -264,8 +281,9 @@ class FetchScheduler:
             self._prefetch.clear()
             for job in dropped:
                 job.queued = False
-            failed = list(self._user)
-            self._user.clear()
+            failed = [u for u in self._user if u.on_drop is None]
+            started = [u for u in self._user if u.on_drop is not None]
+            self._user = collections.deque(started)
             self._cond.notify_all()
             threads = list(self._threads)
         for u in failed:
