@@ -30,9 +30,10 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
 Backend requests go through the device's :class:`.scheduler.FetchScheduler`: a read's requests
 as user jobs, each fetching, verifying and caching its chunks (the first on the reader's
 thread, the others in parallel on fetch slots); a prefetch batch is queued there
-(:meth:`BlobFetcher.queue_prefetch`) and fetched on a fetch slot when users leave the link free. A read that wants a chunk of a batch still
-queued takes the batch out of the queue and fetches it with its own chunks, at user priority
-(promotion); a chunk whose prefetch is in flight is waited for like any other.
+(:meth:`BlobFetcher.queue_prefetch`) and fetched on a fetch slot when users leave the link
+free. A read that wants a chunk of a batch still queued takes the batch out of the queue and
+fetches it with its own chunks, at user priority (promotion); a chunk whose prefetch is in
+flight is waited for like any other.
 
 Thread-safe; many readers and the fetch slots share one fetcher.
 """
