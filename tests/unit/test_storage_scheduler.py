@@ -492,30 +492,3 @@ def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
     finally:
         link.release_all()
         dev.close()
-
-
-def test_a_read_does_not_wait_for_a_large_amplification(img: Image, tmp_path: Path) -> None:
-    """The chunks a read wants go out alone; the amplification after them (here 3 chunks)
-    is a request of its own, started when they are in, that the read does not wait for. A
-    read of one of those chunks waits for that request (no second fetch)."""
-    link = Link(img)
-    big = chunks_of(img, "/big")
-    link.hold(big[1].index)  # the amplification's request starts at chunk 1
-    dev = amp_device(img, tmp_path, link, 0x40000)
-    try:
-        f = img.files["/big"]
-        t, out = in_thread(lambda: dev.read_chunks([big[0]]))
-        t.join(10)
-        assert out == [[f[: big[0].uncompressed_size]]]  # back while chunks 1-3 are held
-        link.wait_started(big[1].index)
-        assert link.started_chunks() == [[big[0].index], [c.index for c in big[1:4]]]
-        t, out = in_thread(lambda: dev.read_chunks([big[2]]))
-        time.sleep(0.2)
-        assert t.is_alive()
-        link.release_all()
-        t.join(10)
-        assert out == [[f[big[2].file_offset : big[2].file_offset + big[2].uncompressed_size]]]
-        assert len(link.started) == 2
-    finally:
-        link.release_all()
-        dev.close()

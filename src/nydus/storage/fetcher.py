@@ -13,10 +13,7 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    set, so a reader always finds a chunk either ready or in flight.
 3. A miss is widened to the following not-ready, unclaimed chunks of the blob (in blob order,
    from the ci array) while the fetched span stays within ``amplify_io`` (at least 128 KiB,
-   as upstream v6). The extra chunks are cached but not returned; when they span at least
-   ``TAIL_SPLIT`` they are a request of their own, started once the read's chunks are in,
-   that the read does not wait for (a reader waits on the transfer and decoding of its own
-   chunks only; a later read of an amplified chunk waits for that request).
+   as upstream v6). The extra chunks are cached but not returned.
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
    between them is at most ``amplify_io >> 7``; several requests run in parallel.
 5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and
@@ -66,7 +63,6 @@ __all__ = ["BlobFetcher", "Chunk", "MIN_AMPLIFY"]
 log = logging.getLogger(__name__)
 
 MIN_AMPLIFY = 0x20000
-TAIL_SPLIT = 0x20000  # an amplification tail this large is fetched apart from the read's chunks
 _UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
 _ATTEMPTS = 3
 
@@ -90,11 +86,6 @@ class Chunk:
     @property
     def end(self) -> int:
         return self.compressed_offset + self.compressed_size
-
-
-def _span(claims: list[tuple[Chunk, Flight[bytes]]]) -> int:
-    """Compressed bytes from the first claimed chunk to the end of the last one."""
-    return max(c.end for c, _ in claims) - min(c.compressed_offset for c, _ in claims)
 
 
 def _same_place(rec: ChunkInfo, e: bm.CiEntry) -> bool:
@@ -269,7 +260,7 @@ class BlobFetcher:
             need = [c for i, c in want.items() if i not in got]
             if not need:
                 break
-            hits, waits, claims, tail, promoted = self._plan(need, amplify and attempt == 0)
+            hits, waits, claims, promoted = self._plan(need, amplify and attempt == 0)
             for c in hits:
                 data = self._read_cached(c)
                 if data is not None:
@@ -277,7 +268,7 @@ class BlobFetcher:
             if attempt == 0:
                 hits_first = len(got)
             if claims or waits:
-                self._fetch_for_user(claims, waits, promoted, tail)
+                self._fetch_for_user(claims, waits, promoted)
             for c, p in claims:
                 if c.index not in want:
                     continue
@@ -304,46 +295,22 @@ class BlobFetcher:
         claims: list[tuple[Chunk, Flight[bytes]]],
         waits: list[tuple[Chunk, Flight[bytes]]],
         promoted: list[_Queued],
-        tail: list[tuple[Chunk, Flight[bytes]]],
     ) -> None:
         """Fetch a read's claims at user priority and wait for the flights it shares; no
-        prefetch request starts meanwhile. Promoted batches are done after it. The ``tail``
-        (amplification) is fetched with the claims when small, else by a user job of its own
-        that starts when the claims are in and that the read does not wait for."""
-        if tail and (self.scheduler is None or _span(tail) < TAIL_SPLIT):
-            claims, tail = claims + tail, []
+        prefetch request starts meanwhile. Promoted batches are done after it."""
         sched = self.scheduler
         t0 = time.perf_counter_ns()
         try:
             with sched.user_demand() if sched is not None else contextlib.nullcontext():
                 if claims:
                     self._run(claims)
-                if tail:
-                    tail, started = [], tail
-                    self._start_tail(claims, started)
                 for _, p in waits:
                     p.wait()
         finally:
-            if tail:  # interrupted before it started
-                self._resolve(tail, BackendError(f"blob {self.info.blob_id}: not fetched"))
             for q in promoted:
                 q.job.on_drop()
             self.metrics.add("readpath_user_fetches")
             self.metrics.add("readpath_user_fetch_micros", (time.perf_counter_ns() - t0) // 1000)
-
-    def _start_tail(
-        self, claims: list[tuple[Chunk, Flight[bytes]]], tail: list[tuple[Chunk, Flight[bytes]]]
-    ) -> None:
-        """Fetch ``tail`` on a fetch slot, unless the read's own fetch failed."""
-        assert self.scheduler is not None
-        failed = next((p.error for _, p in claims if p.error is not None), None)
-        if failed is not None:
-            self._resolve(tail, BackendError(f"blob {self.info.blob_id}: not fetched: {failed}"))
-            return
-        self.scheduler.start_user(
-            functools.partial(self._run, tail, parallel=False),
-            functools.partial(self._resolve, tail, NydusError("fetch scheduler is closed")),
-        )
 
     def _count_hits(self, total: int, hits: int) -> None:
         m = self.metrics
@@ -359,16 +326,14 @@ class BlobFetcher:
         list[Chunk],
         list[tuple[Chunk, Flight[bytes]]],
         list[tuple[Chunk, Flight[bytes]]],
-        list[tuple[Chunk, Flight[bytes]]],
         list[_Queued],
     ]:
-        """Split a read into cache hits, flights to wait for, chunks to claim and the claimed
-        amplification tail; queued prefetch batches holding a claimed chunk are taken out of
-        the queue (promoted) and their chunks claimed too."""
+        """Split a read into cache hits, flights to wait for and chunks to claim; queued
+        prefetch batches holding a claimed chunk are taken out of the queue (promoted) and
+        their chunks claimed too."""
         hits: list[Chunk] = []
         waits: list[tuple[Chunk, Flight[bytes]]] = []
         claims: list[tuple[Chunk, Flight[bytes]]] = []
-        tail: list[tuple[Chunk, Flight[bytes]]] = []
         promoted: list[_Queued] = []
         mine: set[int] = set()
         cache = self.cache
@@ -390,8 +355,8 @@ class BlobFetcher:
                         promoted.append(q)
                         claims.extend(self._claim_batch_locked(q, mine))
             if claims and amplify and cache is not None and self.amplify:
-                tail = self._amplify_locked([c for c, _ in claims])
-        return hits, waits, claims, tail, promoted
+                claims.extend(self._amplify_locked([c for c, _ in claims]))
+        return hits, waits, claims, promoted
 
     def _claim_batch_locked(self, q: _Queued, mine: set[int]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Forget a batch that left the queue; claim its chunks not ready, in flight or
@@ -508,19 +473,17 @@ class BlobFetcher:
         claims: list[tuple[Chunk, Flight[bytes]]],
         groups: list[_Group] | None = None,
         *,
-        parallel: bool = True,
-        timed: bool = True,
+        user: bool = True,
     ) -> None:
         """Fetch, verify and cache claimed chunks, one job per merged request: user jobs of
         the scheduler (in parallel, the first on this thread), or one after the other on this
-        thread (not ``parallel``: already on a fetch slot). ``timed``: a user read's requests,
-        counted in the read-path timings. Always resolves every claim."""
+        thread (``user=False``: a prefetch job on its slot). Always resolves every claim."""
         try:
             if groups is None:
                 groups = self._merge(claims)
-            queued = time.perf_counter_ns() if timed else None
+            queued = time.perf_counter_ns() if user else None
             jobs = [functools.partial(self._fetch_group, g, queued) for g in groups]
-            if parallel and self.scheduler is not None:
+            if user and self.scheduler is not None:
                 self.scheduler.run_user(jobs)
             else:
                 for job in jobs:
@@ -702,7 +665,7 @@ class BlobFetcher:
         try:
             if before_fetch is not None:
                 before_fetch(nbytes)
-            self._run(claims, groups, parallel=False, timed=False)
+            self._run(claims, groups, user=False)
         except Exception as e:  # never let a prefetch worker die
             log.warning("prefetch of blob %s failed: %s", self.info.blob_id, e)
         finally:
