@@ -492,3 +492,47 @@ def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
     finally:
         link.release_all()
         dev.close()
+
+
+def test_a_sequential_reader_gets_the_next_window_fetched_ahead(img: Image, tmp_path: Path) -> None:
+    """A read that misses right where an earlier fetch ended reads the blob sequentially: the
+    window after its own goes out once its chunks are in, and the read does not wait for it;
+    a later read there waits for that request instead of making one."""
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    link.hold(big[4].index)  # the read-ahead window starts at chunk 4
+    dev = amp_device(img, tmp_path, link, 0x20000)  # windows of two chunks
+    f = img.files["/big"]
+
+    def data(c: Any) -> bytes:
+        return f[c.file_offset : c.file_offset + c.uncompressed_size]
+
+    try:
+        assert dev.read_chunks([big[0]]) == [data(big[0])]
+        assert dev.read_chunks([big[2]]) == [data(big[2])]  # back while chunks 4-5 are held
+        link.wait_started(big[4].index)
+        pairs = [[c.index for c in big[i : i + 2]] for i in (0, 2, 4)]
+        assert link.started_chunks() == pairs
+        t, out = in_thread(lambda: dev.read_chunks([big[5]]))
+        time.sleep(0.2)
+        assert t.is_alive()  # waiting for the read-ahead request
+        link.release_all()
+        t.join(10)
+        assert out == [[data(big[5])]]
+        assert link.started_chunks() == pairs
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_scattered_reads_fetch_nothing_ahead(img: Image, tmp_path: Path) -> None:
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    dev = amp_device(img, tmp_path, link, 0x20000)
+    try:
+        for i in (0, 10, 3, 20):
+            dev.read_chunks([big[i]])
+        time.sleep(0.2)
+        assert link.started_chunks() == [[big[i].index, big[i + 1].index] for i in (0, 10, 3, 20)]
+    finally:
+        dev.close()

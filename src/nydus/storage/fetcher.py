@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 MIN_AMPLIFY = 0x20000
 _UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
 _ATTEMPTS = 3
+_STREAMS = 64  # window ends remembered to tell sequential reads (see _plan)
 
 FetchRanges = Callable[[Sequence[tuple[int, int]]], list[bytes]]
 
@@ -164,6 +165,8 @@ class BlobFetcher:
         self._lock = threading.Lock()
         self._inflight: FlightTable[int, bytes] = FlightTable()
         self._queued: dict[int, _Queued] = {}  # chunk index -> its queued prefetch batch
+        # blob-order positions right after recently fetched windows (insertion ordered)
+        self._stream_ends: dict[int, int] = {}
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
         self._order_pos: dict[int, int] = {}
@@ -260,7 +263,7 @@ class BlobFetcher:
             need = [c for i, c in want.items() if i not in got]
             if not need:
                 break
-            hits, waits, claims, promoted = self._plan(need, amplify and attempt == 0)
+            hits, waits, claims, ahead, promoted = self._plan(need, amplify and attempt == 0)
             for c in hits:
                 data = self._read_cached(c)
                 if data is not None:
@@ -268,7 +271,7 @@ class BlobFetcher:
             if attempt == 0:
                 hits_first = len(got)
             if claims or waits:
-                self._fetch_for_user(claims, waits, promoted)
+                self._fetch_for_user(claims, waits, promoted, ahead)
             for c, p in claims:
                 if c.index not in want:
                     continue
@@ -295,22 +298,43 @@ class BlobFetcher:
         claims: list[tuple[Chunk, Flight[bytes]]],
         waits: list[tuple[Chunk, Flight[bytes]]],
         promoted: list[_Queued],
+        ahead: list[tuple[Chunk, Flight[bytes]]],
     ) -> None:
         """Fetch a read's claims at user priority and wait for the flights it shares; no
-        prefetch request starts meanwhile. Promoted batches are done after it."""
+        prefetch request starts meanwhile. Promoted batches are done after it; the read-ahead
+        window goes out when the claims are in, as a user job the read does not wait for."""
         sched = self.scheduler
         t0 = time.perf_counter_ns()
         try:
             with sched.user_demand() if sched is not None else contextlib.nullcontext():
                 if claims:
                     self._run(claims)
+                if ahead:
+                    ahead, started = [], ahead
+                    self._start_ahead(claims, started)
                 for _, p in waits:
                     p.wait()
         finally:
+            if ahead:  # interrupted before it went out
+                self._resolve(ahead, BackendError(f"blob {self.info.blob_id}: not fetched"))
             for q in promoted:
                 q.job.on_drop()
             self.metrics.add("readpath_user_fetches")
             self.metrics.add("readpath_user_fetch_micros", (time.perf_counter_ns() - t0) // 1000)
+
+    def _start_ahead(
+        self, claims: list[tuple[Chunk, Flight[bytes]]], ahead: list[tuple[Chunk, Flight[bytes]]]
+    ) -> None:
+        """Fetch ``ahead`` on a fetch slot, unless the read's own fetch failed."""
+        failed = next((p.error for _, p in claims if p.error is not None), None)
+        if failed is not None or self.scheduler is None:
+            self._resolve(ahead, BackendError(f"blob {self.info.blob_id}: read-ahead dropped"))
+            return
+        self.metrics.add("readpath_ahead_requests")
+        self.scheduler.start_user(
+            functools.partial(self._run, ahead, user=False),
+            functools.partial(self._resolve, ahead, NydusError("fetch scheduler is closed")),
+        )
 
     def _count_hits(self, total: int, hits: int) -> None:
         m = self.metrics
@@ -326,14 +350,16 @@ class BlobFetcher:
         list[Chunk],
         list[tuple[Chunk, Flight[bytes]]],
         list[tuple[Chunk, Flight[bytes]]],
+        list[tuple[Chunk, Flight[bytes]]],
         list[_Queued],
     ]:
-        """Split a read into cache hits, flights to wait for and chunks to claim; queued
-        prefetch batches holding a claimed chunk are taken out of the queue (promoted) and
-        their chunks claimed too."""
+        """Split a read into cache hits, flights to wait for, chunks to claim and the claimed
+        read-ahead window; queued prefetch batches holding a claimed chunk are taken out of
+        the queue (promoted) and their chunks claimed too."""
         hits: list[Chunk] = []
         waits: list[tuple[Chunk, Flight[bytes]]] = []
         claims: list[tuple[Chunk, Flight[bytes]]] = []
+        ahead: list[tuple[Chunk, Flight[bytes]]] = []
         promoted: list[_Queued] = []
         mine: set[int] = set()
         cache = self.cache
@@ -355,8 +381,27 @@ class BlobFetcher:
                         promoted.append(q)
                         claims.extend(self._claim_batch_locked(q, mine))
             if claims and amplify and cache is not None and self.amplify:
+                first = min((c for c, _ in claims), key=lambda c: c.compressed_offset)
+                sequential = self._stream_ends.pop(self._order_pos.get(first.index, -1), 0)
                 claims.extend(self._amplify_locked([c for c, _ in claims]))
-        return hits, waits, claims, promoted
+                last = self._note_end_locked([c for c, _ in claims])
+                if sequential and last is not None:
+                    ahead = self._claim_after_locked(last, last.end, set())
+                    if ahead:
+                        self._note_end_locked([c for c, _ in ahead])
+        return hits, waits, claims, ahead, promoted
+
+    def _note_end_locked(self, window: list[Chunk]) -> Chunk | None:
+        """Remember where a fetched window ends (a read that misses right there next reads
+        the blob sequentially); its last chunk."""
+        last = max(window, key=lambda c: c.end)
+        pos = self._order_pos.get(last.index)
+        if pos is None:
+            return None
+        self._stream_ends[pos + 1] = 1
+        if len(self._stream_ends) > _STREAMS:
+            del self._stream_ends[next(iter(self._stream_ends))]
+        return last
 
     def _claim_batch_locked(self, q: _Queued, mine: set[int]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Forget a batch that left the queue; claim its chunks not ready, in flight or
@@ -380,15 +425,19 @@ class BlobFetcher:
 
     def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Claim the not-ready chunks that follow the claimed ones, up to ``amplify_io``."""
+        last = max(claimed, key=lambda c: c.end)
+        start = min(c.compressed_offset for c in claimed)
+        return self._claim_after_locked(last, start, {c.index for c in claimed})
+
+    def _claim_after_locked(
+        self, last: Chunk, start: int, taken: set[int]
+    ) -> list[tuple[Chunk, Flight[bytes]]]:
+        """Claim the not-ready, unclaimed chunks after ``last`` in blob order while the span
+        from ``start`` stays within ``amplify_io``."""
         meta = self._meta
         cache = self.cache
-        if meta is None or cache is None or not self._order:
-            return []
-        taken = {c.index for c in claimed}
-        start = min(c.compressed_offset for c in claimed)
-        last = max(claimed, key=lambda c: c.end)
         pos = self._order_pos.get(last.index)
-        if pos is None:
+        if meta is None or cache is None or pos is None:
             return []
         end = last.end
         out: list[tuple[Chunk, Flight[bytes]]] = []

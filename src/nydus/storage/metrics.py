@@ -110,6 +110,7 @@ class BlobcacheMetrics:
         "readpath_decode_micros",  # decompressing fetched chunks (user and prefetch)
         "readpath_verify_micros",  # hashing them
         "readpath_cache_micros",  # writing them to the blob cache
+        "readpath_ahead_requests",  # read-ahead windows of sequential reads
     )
 
     def __init__(self, id: str, store_path: str) -> None:
