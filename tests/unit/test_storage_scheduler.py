@@ -536,3 +536,40 @@ def test_scattered_reads_fetch_nothing_ahead(img: Image, tmp_path: Path) -> None
         assert link.started_chunks() == [[big[i].index, big[i + 1].index] for i in (0, 10, 3, 20)]
     finally:
         dev.close()
+
+
+def test_a_read_returns_before_its_amplified_chunks_are_verified(
+    img: Image, tmp_path: Path
+) -> None:
+    """The chunks a read wants are decoded, verified and handed back first; the amplified
+    chunks of the same request are done after, on a fetch slot (a read of one of them waits
+    for that, it is not fetched again)."""
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    dev = amp_device(img, tmp_path, link, 0x20000)  # chunk 0 and its neighbour
+    f = dev._blob(0).fetcher
+    gate = threading.Event()
+    verify = f.verify
+
+    def slow_verify(c: Any, data: bytes) -> None:
+        if c.index == big[1].index:
+            assert gate.wait(10)
+        verify(c, data)
+
+    f.verify = slow_verify  # type: ignore[method-assign]
+    data = img.files["/big"]
+    try:
+        t, out = in_thread(lambda: dev.read_chunks([big[0]]))
+        t.join(5)
+        assert not t.is_alive() and out == [[data[: big[0].uncompressed_size]]]
+        t, out = in_thread(lambda: dev.read_chunks([big[1]]))
+        time.sleep(0.2)
+        assert t.is_alive()  # waiting for the amplified chunk's verification
+        gate.set()
+        t.join(10)
+        c1 = big[1]
+        assert out == [[data[c1.file_offset : c1.file_offset + c1.uncompressed_size]]]
+        assert link.started_chunks() == [[big[0].index, big[1].index]]
+    finally:
+        gate.set()
+        dev.close()

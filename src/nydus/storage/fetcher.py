@@ -13,7 +13,11 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    set, so a reader always finds a chunk either ready or in flight.
 3. A miss is widened to the following not-ready, unclaimed chunks of the blob (in blob order,
    from the ci array) while the fetched span stays within ``amplify_io`` (at least 128 KiB,
-   as upstream v6). The extra chunks are cached but not returned.
+   as upstream v6). The extra chunks are cached but not returned: the read's own chunks are
+   decoded, verified and handed back first, the extra ones after, on a fetch slot (a read of
+   one of them waits for that). A read that misses right where an earlier window ended
+   (a sequential reader) also claims the next window, fetched on a slot once its own
+   chunks are in (read-ahead).
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
    between them is at most ``amplify_io >> 7``; several requests run in parallel.
 5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and
@@ -44,7 +48,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from .. import codec
@@ -271,7 +275,7 @@ class BlobFetcher:
             if attempt == 0:
                 hits_first = len(got)
             if claims or waits:
-                self._fetch_for_user(claims, waits, promoted, ahead)
+                self._fetch_for_user(claims, waits, promoted, ahead, want.keys())
             for c, p in claims:
                 if c.index not in want:
                     continue
@@ -299,6 +303,7 @@ class BlobFetcher:
         waits: list[tuple[Chunk, Flight[bytes]]],
         promoted: list[_Queued],
         ahead: list[tuple[Chunk, Flight[bytes]]],
+        wanted: Collection[int],
     ) -> None:
         """Fetch a read's claims at user priority and wait for the flights it shares; no
         prefetch request starts meanwhile. Promoted batches are done after it; the read-ahead
@@ -308,7 +313,7 @@ class BlobFetcher:
         try:
             with sched.user_demand() if sched is not None else contextlib.nullcontext():
                 if claims:
-                    self._run(claims)
+                    self._run(claims, wanted=wanted)
                 if ahead:
                     ahead, started = [], ahead
                     self._start_ahead(claims, started)
@@ -523,6 +528,7 @@ class BlobFetcher:
         groups: list[_Group] | None = None,
         *,
         user: bool = True,
+        wanted: Collection[int] | None = None,
     ) -> None:
         """Fetch, verify and cache claimed chunks, one job per merged request: user jobs of
         the scheduler (in parallel, the first on this thread), or one after the other on this
@@ -531,7 +537,7 @@ class BlobFetcher:
             if groups is None:
                 groups = self._merge(claims)
             queued = time.perf_counter_ns() if user else None
-            jobs = [functools.partial(self._fetch_group, g, queued) for g in groups]
+            jobs = [functools.partial(self._fetch_group, g, queued, wanted) for g in groups]
             if user and self.scheduler is not None:
                 self.scheduler.run_user(jobs)
             else:
@@ -553,10 +559,14 @@ class BlobFetcher:
         for _, p in claims:
             p.settle()
 
-    def _fetch_group(self, g: _Group, queued: int | None) -> None:
+    def _fetch_group(
+        self, g: _Group, queued: int | None, wanted: Collection[int] | None = None
+    ) -> None:
         """One merged request: fetch it, decode, verify and cache its chunks, then release
-        and settle their claims (waiters wake as soon as their request is done). Errors go
-        to the claims, never up."""
+        and settle their claims (waiters wake as soon as their request is done). With
+        ``wanted`` (a reader's chunks), the group's other chunks (amplification) are decoded,
+        verified and cached after the reader's are settled, by a user job on a fetch slot.
+        Errors go to the claims, never up."""
         m = self.metrics
         err: NydusError | None = None
         try:
@@ -570,38 +580,20 @@ class BlobFetcher:
                     m.add("readpath_requests")
                     m.add("readpath_queue_micros", (t0 - queued) // 1000)
                     m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
-            ready: list[int] = []
-            for c, p in g.chunks:
-                lo = c.compressed_offset - g.start
-                payload = raw[lo : lo + c.compressed_size]
-                try:
-                    data = self._checked(c, payload)
-                except IntegrityError as e:
-                    log.warning(
-                        "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
-                    )
-                    try:
-                        payload = self._fetch_now(c.compressed_offset, c.end)
-                        data = self._checked(c, payload)
-                    except NydusError as e2:
-                        p.error = e2
-                        continue
-                except NydusError as e:
-                    p.error = e
-                    continue
-                p.value = data
-                t1 = time.perf_counter_ns()
-                if self.cache is not None and self.cache.write(
-                    c, payload if self.cache.compressed else data
-                ):
-                    ready.append(c.index)
-                m.add("readpath_cache_micros", (time.perf_counter_ns() - t1) // 1000)
-            if self.cache is not None and ready:
-                try:
-                    self.cache.mark_ready(ready)
-                    m.add("entries_count", len(ready))
-                except (OSError, NydusError) as e:
-                    log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
+            now, later = g.chunks, []
+            if wanted is not None and self.scheduler is not None:
+                now = [t for t in g.chunks if t[0].index in wanted]
+                later = [t for t in g.chunks if t[0].index not in wanted]
+            if now and later:
+                assert self.scheduler is not None
+                self._store(g.start, raw, now)
+                self._resolve(now, BackendError(f"blob {self.info.blob_id}: not fetched"))
+                self.scheduler.start_user(
+                    functools.partial(self._store_later, g.start, raw, later),
+                    functools.partial(self._resolve, later, NydusError("fetch scheduler closed")),
+                )
+                return
+            self._store(g.start, raw, g.chunks)
         except NydusError as e:
             err = e
         except Exception as e:  # a bug or an untranslated error below us: report, do not leak
@@ -613,6 +605,56 @@ class BlobFetcher:
             )
             raise
         self._resolve(g.chunks, err or BackendError(f"blob {self.info.blob_id}: not fetched"))
+
+    def _store_later(
+        self, start: int, raw: bytes, chunks: list[tuple[Chunk, Flight[bytes]]]
+    ) -> None:
+        """:meth:`_store` then resolve (a fetched request's amplified chunks, on a slot)."""
+        err: NydusError | None = None
+        try:
+            self._store(start, raw, chunks)
+        except Exception as e:  # a bug below us: report, do not leak
+            log.exception("blob %s: caching fetched chunks failed", self.info.blob_id)
+            err = BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
+        finally:
+            self._resolve(chunks, err or BackendError(f"blob {self.info.blob_id}: not fetched"))
+
+    def _store(self, start: int, raw: bytes, chunks: list[tuple[Chunk, Flight[bytes]]]) -> None:
+        """Decode and verify each chunk of ``raw`` (the blob from ``start``), set its flight's
+        value (or error) and write it to the cache (marked ready)."""
+        m = self.metrics
+        ready: list[int] = []
+        for c, p in chunks:
+            lo = c.compressed_offset - start
+            payload = raw[lo : lo + c.compressed_size]
+            try:
+                data = self._checked(c, payload)
+            except IntegrityError as e:
+                log.warning(
+                    "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
+                )
+                try:
+                    payload = self._fetch_now(c.compressed_offset, c.end)
+                    data = self._checked(c, payload)
+                except NydusError as e2:
+                    p.error = e2
+                    continue
+            except NydusError as e:
+                p.error = e
+                continue
+            p.value = data
+            t1 = time.perf_counter_ns()
+            if self.cache is not None and self.cache.write(
+                c, payload if self.cache.compressed else data
+            ):
+                ready.append(c.index)
+            m.add("readpath_cache_micros", (time.perf_counter_ns() - t1) // 1000)
+        if self.cache is not None and ready:
+            try:
+                self.cache.mark_ready(ready)
+                m.add("entries_count", len(ready))
+            except (OSError, NydusError) as e:
+                log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
 
     def _checked(self, c: Chunk, payload: bytes) -> bytes:
         """Decoded and verified bytes of a chunk from the backend (always verified)."""
