@@ -13,9 +13,9 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    set, so a reader always finds a chunk either ready or in flight.
 3. A miss is widened to the following not-ready, unclaimed chunks of the blob (in blob order,
    from the ci array) while the fetched span stays within ``amplify_io`` (at least 128 KiB,
-   as upstream v6). The extra chunks are cached but not returned: the read's own chunks are
-   decoded, verified and handed back first, the extra ones after, on a fetch slot (a read of
-   one of them waits for that). A read that misses right where an earlier window ended
+   as upstream v6). The extra chunks are cached but not returned: while a fetch slot is
+   free, the read's own chunks are decoded, verified and handed back first, the extra ones
+   after, on that slot (a read of one of them waits for that). A read that misses right where an earlier window ended
    (a sequential reader) also claims the next window, fetched on a slot once its own
    chunks are in (read-ahead).
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
@@ -564,8 +564,10 @@ class BlobFetcher:
     ) -> None:
         """One merged request: fetch it, decode, verify and cache its chunks, then release
         and settle their claims (waiters wake as soon as their request is done). With
-        ``wanted`` (a reader's chunks), the group's other chunks (amplification) are decoded,
-        verified and cached after the reader's are settled, by a user job on a fetch slot.
+        ``wanted`` (a reader's chunks) and a fetch slot free, the group's other chunks
+        (amplification) are decoded, verified and cached after the reader's are settled, by
+        a user job on that slot (with every slot busy, handing work over only adds
+        thread switches).
         Errors go to the claims, never up."""
         m = self.metrics
         err: NydusError | None = None
@@ -581,7 +583,11 @@ class BlobFetcher:
                     m.add("readpath_queue_micros", (t0 - queued) // 1000)
                     m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
             now, later = g.chunks, []
-            if wanted is not None and self.scheduler is not None:
+            if (
+                wanted is not None
+                and self.scheduler is not None
+                and self.scheduler.user_slot_free()
+            ):
                 now = [t for t in g.chunks if t[0].index in wanted]
                 later = [t for t in g.chunks if t[0].index not in wanted]
             if now and later:

@@ -183,6 +183,11 @@ class FetchScheduler:
             self._prefetch.remove(job)
             return True
 
+    def user_slot_free(self) -> bool:
+        """Whether a user job queued now would start at once."""
+        with self._cond:
+            return self._user_running + len(self._user) < self.slots
+
     @contextlib.contextmanager
     def user_demand(self) -> Iterator[None]:
         """Around a user read that waits for the backend: no prefetch job starts meanwhile."""
