@@ -15,9 +15,9 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    from the ci array) while the fetched span stays within ``amplify_io`` (at least 128 KiB,
    as upstream v6). The extra chunks are cached but not returned: while a fetch slot is
    free, the read's own chunks are decoded, verified and handed back first, the extra ones
-   after, on that slot (a read of one of them waits for that). A read that misses right where an earlier window ended
-   (a sequential reader) also claims the next window, fetched on a slot once its own
-   chunks are in (read-ahead).
+   after, on that slot (a read of one of them waits for that). A read that misses right
+   where an earlier window ended (a sequential reader) also claims the next window, fetched
+   on a slot once its own chunks are in (read-ahead).
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
    between them is at most ``amplify_io >> 7``; several requests run in parallel.
 5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and
