@@ -5,9 +5,10 @@ no new prefetch while a user read waits, prefetch completing when users are idle
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -462,9 +463,24 @@ def test_close_with_queued_prefetch_returns_promptly(img: Image, tmp_path: Path)
 # ------------------------------------------------------------------ the read path
 
 
-def amp_device(img: Image, tmp: Path, link: Link, amplify: int) -> BlobDevice:
-    dev, _ = device(img, tmp / "c", backend=link.backend, amplify_io=amplify)
-    return dev
+@contextlib.contextmanager
+def amplifying(img: Image, tmp: Path, hold: int = -1) -> Iterator[tuple[Link, Any, BlobDevice]]:
+    """(link, the chunks of /big, a device amplifying each miss over two chunks); the link
+    holds the request starting at chunk ``hold`` of /big."""
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    if hold >= 0:
+        link.hold(big[hold].index)
+    dev, _ = device(img, tmp / "c", backend=link.backend, amplify_io=0x20000)
+    try:
+        yield link, big, dev
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def data_of(img: Image, c: Any) -> bytes:
+    return img.files["/big"][c.file_offset : c.file_offset + c.uncompressed_size]
 
 
 def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
@@ -472,11 +488,7 @@ def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
 ) -> None:
     """A read of chunk 1 while chunk 0's fetch (amplified over chunk 1) is in flight waits for
     it: one backend request for both, each chunk fetched once."""
-    link = Link(img)
-    big = chunks_of(img, "/big")
-    link.hold(big[0].index)
-    dev = amp_device(img, tmp_path, link, 0x20000)  # chunk 0 and its neighbour
-    try:
+    with amplifying(img, tmp_path, hold=0) as (link, big, dev):
         ta, a = in_thread(lambda: dev.read_chunks([big[0]]))
         link.wait_started(big[0].index)
         tb, b = in_thread(lambda: dev.read_chunks([big[1]]))
@@ -485,31 +497,17 @@ def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
         link.release_all()
         ta.join(10)
         tb.join(10)
-        f = img.files["/big"]
-        assert a == [[f[: big[0].uncompressed_size]]]
-        assert b == [[f[big[1].file_offset : big[1].file_offset + big[1].uncompressed_size]]]
+        assert a == [[data_of(img, big[0])]] and b == [[data_of(img, big[1])]]
         assert link.started_chunks() == [[big[0].index, big[1].index]]
-    finally:
-        link.release_all()
-        dev.close()
 
 
 def test_a_sequential_reader_gets_the_next_window_fetched_ahead(img: Image, tmp_path: Path) -> None:
     """A read that misses right where an earlier fetch ended reads the blob sequentially: the
     window after its own goes out once its chunks are in, and the read does not wait for it;
     a later read there waits for that request instead of making one."""
-    link = Link(img)
-    big = chunks_of(img, "/big")
-    link.hold(big[4].index)  # the read-ahead window starts at chunk 4
-    dev = amp_device(img, tmp_path, link, 0x20000)  # windows of two chunks
-    f = img.files["/big"]
-
-    def data(c: Any) -> bytes:
-        return f[c.file_offset : c.file_offset + c.uncompressed_size]
-
-    try:
-        assert dev.read_chunks([big[0]]) == [data(big[0])]
-        assert dev.read_chunks([big[2]]) == [data(big[2])]  # back while chunks 4-5 are held
+    with amplifying(img, tmp_path, hold=4) as (link, big, dev):  # read-ahead starts at 4
+        assert dev.read_chunks([big[0]]) == [data_of(img, big[0])]
+        assert dev.read_chunks([big[2]]) == [data_of(img, big[2])]  # back while 4-5 are held
         link.wait_started(big[4].index)
         pairs = [[c.index for c in big[i : i + 2]] for i in (0, 2, 4)]
         assert link.started_chunks() == pairs
@@ -518,24 +516,16 @@ def test_a_sequential_reader_gets_the_next_window_fetched_ahead(img: Image, tmp_
         assert t.is_alive()  # waiting for the read-ahead request
         link.release_all()
         t.join(10)
-        assert out == [[data(big[5])]]
+        assert out == [[data_of(img, big[5])]]
         assert link.started_chunks() == pairs
-    finally:
-        link.release_all()
-        dev.close()
 
 
 def test_scattered_reads_fetch_nothing_ahead(img: Image, tmp_path: Path) -> None:
-    link = Link(img)
-    big = chunks_of(img, "/big")
-    dev = amp_device(img, tmp_path, link, 0x20000)
-    try:
+    with amplifying(img, tmp_path) as (link, big, dev):
         for i in (0, 10, 3, 20):
             dev.read_chunks([big[i]])
         time.sleep(0.2)
         assert link.started_chunks() == [[big[i].index, big[i + 1].index] for i in (0, 10, 3, 20)]
-    finally:
-        dev.close()
 
 
 def test_a_read_returns_before_its_amplified_chunks_are_verified(
@@ -544,32 +534,27 @@ def test_a_read_returns_before_its_amplified_chunks_are_verified(
     """The chunks a read wants are decoded, verified and handed back first; the amplified
     chunks of the same request are done after, on a fetch slot (a read of one of them waits
     for that, it is not fetched again)."""
-    link = Link(img)
-    big = chunks_of(img, "/big")
-    dev = amp_device(img, tmp_path, link, 0x20000)  # chunk 0 and its neighbour
-    f = dev._blob(0).fetcher
     gate = threading.Event()
-    verify = f.verify
+    with amplifying(img, tmp_path) as (link, big, dev):
+        f = dev._blob(0).fetcher
+        verify = f.verify
 
-    def slow_verify(c: Any, data: bytes) -> None:
-        if c.index == big[1].index:
-            assert gate.wait(10)
-        verify(c, data)
+        def slow_verify(c: Any, data: bytes) -> None:
+            if c.index == big[1].index:
+                assert gate.wait(10)
+            verify(c, data)
 
-    f.verify = slow_verify  # type: ignore[method-assign]
-    data = img.files["/big"]
-    try:
-        t, out = in_thread(lambda: dev.read_chunks([big[0]]))
-        t.join(5)
-        assert not t.is_alive() and out == [[data[: big[0].uncompressed_size]]]
-        t, out = in_thread(lambda: dev.read_chunks([big[1]]))
-        time.sleep(0.2)
-        assert t.is_alive()  # waiting for the amplified chunk's verification
-        gate.set()
-        t.join(10)
-        c1 = big[1]
-        assert out == [[data[c1.file_offset : c1.file_offset + c1.uncompressed_size]]]
-        assert link.started_chunks() == [[big[0].index, big[1].index]]
-    finally:
-        gate.set()
-        dev.close()
+        f.verify = slow_verify  # type: ignore[method-assign]
+        try:
+            t, out = in_thread(lambda: dev.read_chunks([big[0]]))
+            t.join(5)
+            assert not t.is_alive() and out == [[data_of(img, big[0])]]
+            t, out = in_thread(lambda: dev.read_chunks([big[1]]))
+            time.sleep(0.2)
+            assert t.is_alive()  # waiting for the amplified chunk's verification
+            gate.set()
+            t.join(10)
+            assert out == [[data_of(img, big[1])]]
+            assert link.started_chunks() == [[big[0].index, big[1].index]]
+        finally:
+            gate.set()
