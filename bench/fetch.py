@@ -81,6 +81,8 @@ class Result:
     requests: int
     note: str = ""
     cpu: float = 0.0  # CPU seconds of this process (the client side; the registry runs apart)
+    read_ms: tuple[float, float] = (0.0, 0.0)  # lazy: median and 90th percentile of a file read
+    where: dict[str, float] = dataclasses.field(default_factory=dict)  # lazy: see _where
 
     @property
     def mbps(self) -> float:
@@ -294,18 +296,23 @@ def measure_lazy(
         dev = open_device(blobs, cfg, id=f"bench-{link}", chunk_lookup=md.chunk_record)
         chunk_lists = [md.chunks(md.resolve(p)) for p in paths]
         got: dict[str, str] = {}
+        lat: list[float] = []
         lock = threading.Lock()
 
         def read(i: int) -> None:
+            t = time.perf_counter()
             data = b"".join(dev.read_chunks(chunk_lists[i]))
+            dt_ms = (time.perf_counter() - t) * 1000
             with lock:
                 got[paths[i]] = hashlib.md5(data).hexdigest()
+                lat.append(dt_ms)
 
         t0, c0 = time.monotonic(), time.process_time()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(read, range(len(paths))))
         secs, cpu = time.monotonic() - t0, time.process_time() - c0
         m = dev.metrics_backend()
+        where = _where(dev.metrics_blobcache())
         dev.close()
     bad = [
         p for p in paths if hashlib.md5((tree / p.lstrip("/")).read_bytes()).hexdigest() != got[p]
@@ -313,7 +320,20 @@ def measure_lazy(
     if bad:
         sys.exit(f"lazy read returned wrong bytes for {len(bad)} files, e.g. {bad[0]}")
     name = f"lazy, {threads} thread{'s' if threads > 1 else ''}, amplify {human(amplify)}"
-    return Result(link, name, secs, m["read_amount_total"], m["read_count"], cpu=cpu)
+    lat.sort()
+    pct = (lat[len(lat) // 2], lat[len(lat) * 9 // 10]) if lat else (0.0, 0.0)
+    return Result(
+        link, name, secs, m["read_amount_total"], m["read_count"], cpu=cpu, read_ms=pct, where=where
+    )
+
+
+def _where(bc: dict[str, Any]) -> dict[str, float]:
+    """Seconds (summed over threads) of the read path's stages, from the blob-cache metrics'
+    ``readpath_*`` counters (absent on code without them): the wall time of user reads that
+    went to the backend, and within them and their amplification requests the wait for a
+    fetch slot, the backend request, decompression, hashing and the cache write."""
+    keys = ("user_fetch", "queue", "backend", "decode", "verify", "cache")
+    return {k: bc[f"readpath_{k}_micros"] / 1e6 for k in keys if f"readpath_{k}_micros" in bc}
 
 
 def run_link(
@@ -331,7 +351,8 @@ def run_link(
         r = measure_lazy(link, host, md, blobs, paths, tree, threads, amplify)
         print(
             f"  {link:9} {r.method:34} {r.seconds:8.2f}s {human(r.bytes):>10} "
-            f"{r.requests:6d} requests",
+            f"{r.requests:6d} requests, read p50/p90 {r.read_ms[0]:.1f}/{r.read_ms[1]:.1f} ms, "
+            + " ".join(f"{k} {v:.2f}s" for k, v in r.where.items()),
             flush=True,
         )
         out.append(r)
@@ -362,20 +383,30 @@ def report(args: argparse.Namespace, results: list[Result], info: dict[str, Any]
         f"Machine: python {platform.python_version()}, kernel {platform.release()}, "
         f"cpus {os.cpu_count()}.",
         "",
-        "| link | method | time s | client CPU s | bytes | of blob | requests | MB/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| link | method | time s | client CPU s | bytes | of blob | requests | MB/s "
+        "| file read p50/p90 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.note:
             lines.append(
                 f"| {r.link} | {r.method} | {r.seconds:.2f} | {r.cpu:.2f} | {r.note} | "
-                f"| {r.requests} | |"
+                f"| {r.requests} | | |"
             )
             continue
         lines.append(
             f"| {r.link} | {r.method} | {r.seconds:.2f} | {r.cpu:.2f} | {human(r.bytes)} | "
-            f"{r.bytes / info['blob_bytes']:.1%} | {r.requests} | {r.mbps:.0f} |"
+            f"{r.bytes / info['blob_bytes']:.1%} | {r.requests} | {r.mbps:.0f} | "
+            + (f"{r.read_ms[0]:.1f} / {r.read_ms[1]:.1f} |" if r.where or r.read_ms[0] else "|")
         )
+    where = [r for r in results if r.where]
+    if where:
+        lines += ["", "Where the lazy runs' time went (s, summed over threads; `_where`):", ""]
+        keys = list(where[0].where)
+        lines += ["| link | method | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for r in where:
+            vals = " | ".join(f"{r.where.get(k, 0):.2f}" for k in keys)
+            lines.append(f"| {r.link} | {r.method} | {vals} |")
     lines += [
         "",
         "MB/s is 10^6 bytes transferred per second of wall-clock time. Client CPU is the "

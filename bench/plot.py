@@ -8,7 +8,8 @@ Each ``bench/*.py`` calls :func:`plot_report` on the report it has just written,
 gets its pictures beside its Markdown (``<stem>.png``); this script draws them for reports
 written before that. The numbers come from the report's first Markdown table (the one each
 bench prints), so a plot shows exactly what its report says. The kind of plot follows the
-report's name: ``coldstart-*``, ``read-*``, ``build-*``, ``fetch-*``, ``convert-*``.
+report's name: ``coldstart-*``, ``read-*``, ``build-*``, ``fetch-*``, ``convert-*``,
+``readpath-*``.
 
 Needs matplotlib (``pip install -e '.[bench]'``; scripts/setup.sh installs it). Single-threaded.
 """
@@ -278,7 +279,24 @@ def _convert(rows: Table, plt: object, title: str) -> object:
     return fig
 
 
+def _readpath(rows: Table, plt: object, title: str) -> object:
+    """The read-path report's first table: per variant, the workload's run and where the
+    daemon's time went."""
+    variants = [r["variant"] for r in rows]
+    cols = ["median run s", "daemon READ s", "user fetch s", "backend s"]
+    fig, ax = plt.subplots(figsize=(9, 4))  # type: ignore[attr-defined]
+    _bars(
+        ax,
+        cols,
+        {v: [number(r[c]) for c in cols] for v, r in zip(variants, rows, strict=True)},
+        "seconds",
+        title,
+    )
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
+    "readpath": _readpath,
     "coldstart": _coldstart,
     "read": _read,
     "build": _build,

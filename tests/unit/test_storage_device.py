@@ -187,6 +187,12 @@ def test_a_miss_is_amplified_within_amplify_io(img: Image, tmp_path: Path) -> No
         assert len(reqs) == 1
         assert reqs[0][1] <= amplify + big[0].compressed_size
         assert reqs[0][1] > big[0].compressed_size  # it did amplify
+        # the amplified chunks are decoded, verified and cached after the read returned
+        cache = dev._blob(0).cache
+        assert cache is not None
+        deadline = time.monotonic() + 10
+        while not cache.is_ready(big[1].index) and time.monotonic() < deadline:
+            time.sleep(0.01)
         before = len(be.requests)
         n_extra = reqs[0][1] // big[0].compressed_size
         dev.read_chunks(big[1:n_extra])  # already fetched by amplification

@@ -5,9 +5,10 @@ no new prefetch while a user read waits, prefetch completing when users are idle
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,70 @@ def test_user_jobs_go_out_at_once_and_ahead_of_queued_prefetch() -> None:
         p_hold.set()
         u_hold.set()
         sched.close()
+
+
+def test_a_users_request_runs_on_its_own_thread_while_a_slot_is_free() -> None:
+    """No hand-off to a fetch thread and back for a read's (first) request; the others of
+    the read go to the slots, in parallel with it."""
+    sched = FetchScheduler(slots=2, prefetch_cap=1)
+    me = threading.current_thread()
+    try:
+        assert sched.run_user([threading.current_thread]) == [me]
+        first, second = sched.run_user([threading.current_thread, threading.current_thread])
+        assert first is me and second is not me
+    finally:
+        sched.close()
+
+
+def test_requests_on_readers_threads_count_against_the_user_slots() -> None:
+    """With every slot taken by readers' own requests, a queued request waits for one (the
+    cap holds) and prefetch does not start while any of them runs."""
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    hold = threading.Event()
+    running = threading.Event()
+    order: list[str] = []
+
+    def held() -> str:
+        running.set()
+        assert hold.wait(10)
+        order.append("A")
+        return "A"
+
+    try:
+        t1, out1 = in_thread(lambda: sched.run_user([held]))
+        assert running.wait(10)
+        sched.submit_prefetch(PrefetchJob(lambda: order.append("P"), lambda: None))
+        t2, out2 = in_thread(lambda: sched.run_user([lambda: order.append("B") or "B"]))
+        time.sleep(0.2)
+        assert order == []  # B waits for the slot A holds on its reader's thread; P for both
+        hold.set()
+        t1.join(10)
+        t2.join(10)
+        assert out1 == [["A"]] and out2 == [["B"]]
+        deadline = time.monotonic() + 10
+        while len(order) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert order == ["A", "B", "P"]
+    finally:
+        hold.set()
+        sched.close()
+
+
+def test_a_started_user_job_runs_even_when_the_scheduler_closes() -> None:
+    """A read's amplification goes out as a job the read does not wait for: closing the
+    scheduler (a device closing) lets it finish; once closed, none is accepted."""
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    hold = threading.Event()
+    ran: list[str] = []
+    t, _ = in_thread(lambda: sched.run_user([lambda: hold.wait(10)]))
+    time.sleep(0.1)
+    assert sched.start_user(lambda: ran.append("ran"), lambda: ran.append("dropped"))
+    threading.Timer(0.2, hold.set).start()
+    sched.close()
+    t.join(10)
+    assert ran == ["ran"]
+    assert not sched.start_user(lambda: ran.append("late"), lambda: ran.append("dropped"))
+    assert ran == ["ran", "dropped"]
 
 
 class Jobs:
@@ -393,3 +458,103 @@ def test_close_with_queued_prefetch_returns_promptly(img: Image, tmp_path: Path)
     assert time.monotonic() - t0 < 1.0
     assert len(data_requests(link.backend, img)) < len(big) // 2
     assert dev.wait_prefetch(1)  # the dropped batches count as done
+
+
+# ------------------------------------------------------------------ the read path
+
+
+@contextlib.contextmanager
+def amplifying(img: Image, tmp: Path, hold: int = -1) -> Iterator[tuple[Link, Any, BlobDevice]]:
+    """(link, the chunks of /big, a device amplifying each miss over two chunks); the link
+    holds the request starting at chunk ``hold`` of /big."""
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    if hold >= 0:
+        link.hold(big[hold].index)
+    dev, _ = device(img, tmp / "c", backend=link.backend, amplify_io=0x20000)
+    try:
+        yield link, big, dev
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def data_of(img: Image, c: Any) -> bytes:
+    return img.files["/big"][c.file_offset : c.file_offset + c.uncompressed_size]
+
+
+def test_concurrent_reads_of_neighbouring_chunks_make_one_request(
+    img: Image, tmp_path: Path
+) -> None:
+    """A read of chunk 1 while chunk 0's fetch (amplified over chunk 1) is in flight waits for
+    it: one backend request for both, each chunk fetched once."""
+    with amplifying(img, tmp_path, hold=0) as (link, big, dev):
+        ta, a = in_thread(lambda: dev.read_chunks([big[0]]))
+        link.wait_started(big[0].index)
+        tb, b = in_thread(lambda: dev.read_chunks([big[1]]))
+        time.sleep(0.2)
+        assert tb.is_alive()  # waiting for the request in flight, not making its own
+        link.release_all()
+        ta.join(10)
+        tb.join(10)
+        assert a == [[data_of(img, big[0])]] and b == [[data_of(img, big[1])]]
+        assert link.started_chunks() == [[big[0].index, big[1].index]]
+
+
+def test_a_sequential_reader_gets_the_next_window_fetched_ahead(img: Image, tmp_path: Path) -> None:
+    """A read that misses right where an earlier fetch ended reads the blob sequentially: the
+    window after its own goes out once its chunks are in, and the read does not wait for it;
+    a later read there waits for that request instead of making one."""
+    with amplifying(img, tmp_path, hold=4) as (link, big, dev):  # read-ahead starts at 4
+        assert dev.read_chunks([big[0]]) == [data_of(img, big[0])]
+        assert dev.read_chunks([big[2]]) == [data_of(img, big[2])]  # back while 4-5 are held
+        link.wait_started(big[4].index)
+        pairs = [[c.index for c in big[i : i + 2]] for i in (0, 2, 4)]
+        assert link.started_chunks() == pairs
+        t, out = in_thread(lambda: dev.read_chunks([big[5]]))
+        time.sleep(0.2)
+        assert t.is_alive()  # waiting for the read-ahead request
+        link.release_all()
+        t.join(10)
+        assert out == [[data_of(img, big[5])]]
+        assert link.started_chunks() == pairs
+
+
+def test_scattered_reads_fetch_nothing_ahead(img: Image, tmp_path: Path) -> None:
+    with amplifying(img, tmp_path) as (link, big, dev):
+        for i in (0, 10, 3, 20):
+            dev.read_chunks([big[i]])
+        time.sleep(0.2)
+        assert link.started_chunks() == [[big[i].index, big[i + 1].index] for i in (0, 10, 3, 20)]
+
+
+def test_a_read_returns_before_its_amplified_chunks_are_verified(
+    img: Image, tmp_path: Path
+) -> None:
+    """The chunks a read wants are decoded, verified and handed back first; the amplified
+    chunks of the same request are done after, on a fetch slot (a read of one of them waits
+    for that, it is not fetched again)."""
+    gate = threading.Event()
+    with amplifying(img, tmp_path) as (link, big, dev):
+        f = dev._blob(0).fetcher
+        verify = f.verify
+
+        def slow_verify(c: Any, data: bytes) -> None:
+            if c.index == big[1].index:
+                assert gate.wait(10)
+            verify(c, data)
+
+        f.verify = slow_verify  # type: ignore[method-assign]
+        try:
+            t, out = in_thread(lambda: dev.read_chunks([big[0]]))
+            t.join(5)
+            assert not t.is_alive() and out == [[data_of(img, big[0])]]
+            t, out = in_thread(lambda: dev.read_chunks([big[1]]))
+            time.sleep(0.2)
+            assert t.is_alive()  # waiting for the amplified chunk's verification
+            gate.set()
+            t.join(10)
+            assert out == [[data_of(img, big[1])]]
+            assert link.started_chunks() == [[big[0].index, big[1].index]]
+        finally:
+            gate.set()

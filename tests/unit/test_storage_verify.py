@@ -117,6 +117,7 @@ def test_prefetch_and_amplification_never_cache_bad_chunks(raw_img: Image, tmp_p
     dev, _ = device(raw_img, wd2, backend=be, amplify_io=1 << 20)
     with dev:
         dev.read_chunks([big[0]])  # amplified over big[1..] in one request
+        dev.read_chunks([big[2]])  # waits for the amplified chunks (cached after the read)
         cache = dev._blob(0).cache
         assert cache is not None and cache.is_ready(big[2].index)
         assert not cache.is_ready(big[3].index)

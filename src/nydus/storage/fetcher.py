@@ -13,7 +13,11 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    set, so a reader always finds a chunk either ready or in flight.
 3. A miss is widened to the following not-ready, unclaimed chunks of the blob (in blob order,
    from the ci array) while the fetched span stays within ``amplify_io`` (at least 128 KiB,
-   as upstream v6). The extra chunks are cached but not returned.
+   as upstream v6). The extra chunks are cached but not returned: while a fetch slot is
+   free, the read's own chunks are decoded, verified and handed back first, the extra ones
+   after, on that slot (a read of one of them waits for that). A read that misses right
+   where an earlier window ended (a sequential reader) also claims the next window, fetched
+   on a slot once its own chunks are in (read-ahead).
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
    between them is at most ``amplify_io >> 7``; several requests run in parallel.
 5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and
@@ -25,10 +29,12 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    still bad the read fails. Bad bytes are never returned or written to the cache.
 
 Backend requests go through the device's :class:`.scheduler.FetchScheduler`: a read's requests
-as user jobs; a prefetch batch is queued there (:meth:`BlobFetcher.queue_prefetch`) and fetched
-on a fetch slot when users leave the link free. A read that wants a chunk of a batch still
-queued takes the batch out of the queue and fetches it with its own chunks, at user priority
-(promotion); a chunk whose prefetch is in flight is waited for like any other.
+as user jobs, each fetching, verifying and caching its chunks (the first on the reader's
+thread, the others in parallel on fetch slots); a prefetch batch is queued there
+(:meth:`BlobFetcher.queue_prefetch`) and fetched on a fetch slot when users leave the link
+free. A read that wants a chunk of a batch still queued takes the batch out of the queue and
+fetches it with its own chunks, at user priority (promotion); a chunk whose prefetch is in
+flight is waited for like any other.
 
 Thread-safe; many readers and the fetch slots share one fetcher.
 """
@@ -37,10 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
+import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from .. import codec
@@ -61,6 +69,7 @@ log = logging.getLogger(__name__)
 MIN_AMPLIFY = 0x20000
 _UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
 _ATTEMPTS = 3
+_STREAMS = 64  # window ends remembered to tell sequential reads (see _plan)
 
 FetchRanges = Callable[[Sequence[tuple[int, int]]], list[bytes]]
 
@@ -160,6 +169,8 @@ class BlobFetcher:
         self._lock = threading.Lock()
         self._inflight: FlightTable[int, bytes] = FlightTable()
         self._queued: dict[int, _Queued] = {}  # chunk index -> its queued prefetch batch
+        # blob-order positions right after recently fetched windows (insertion ordered)
+        self._stream_ends: dict[int, int] = {}
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
         self._order_pos: dict[int, int] = {}
@@ -256,7 +267,7 @@ class BlobFetcher:
             need = [c for i, c in want.items() if i not in got]
             if not need:
                 break
-            hits, waits, claims, promoted = self._plan(need, amplify and attempt == 0)
+            hits, waits, claims, ahead, promoted = self._plan(need, amplify and attempt == 0)
             for c in hits:
                 data = self._read_cached(c)
                 if data is not None:
@@ -264,7 +275,7 @@ class BlobFetcher:
             if attempt == 0:
                 hits_first = len(got)
             if claims or waits:
-                self._fetch_for_user(claims, waits, promoted)
+                self._fetch_for_user(claims, waits, promoted, ahead, want.keys())
             for c, p in claims:
                 if c.index not in want:
                     continue
@@ -291,19 +302,44 @@ class BlobFetcher:
         claims: list[tuple[Chunk, Flight[bytes]]],
         waits: list[tuple[Chunk, Flight[bytes]]],
         promoted: list[_Queued],
+        ahead: list[tuple[Chunk, Flight[bytes]]],
+        wanted: Collection[int],
     ) -> None:
         """Fetch a read's claims at user priority and wait for the flights it shares; no
-        prefetch request starts meanwhile. Promoted batches are done after it."""
+        prefetch request starts meanwhile. Promoted batches are done after it; the read-ahead
+        window goes out when the claims are in, as a user job the read does not wait for."""
         sched = self.scheduler
+        t0 = time.perf_counter_ns()
         try:
             with sched.user_demand() if sched is not None else contextlib.nullcontext():
                 if claims:
-                    self._run(claims)
+                    self._run(claims, wanted=wanted)
+                if ahead:
+                    ahead, started = [], ahead
+                    self._start_ahead(claims, started)
                 for _, p in waits:
                     p.wait()
         finally:
+            if ahead:  # interrupted before it went out
+                self._resolve(ahead, BackendError(f"blob {self.info.blob_id}: not fetched"))
             for q in promoted:
                 q.job.on_drop()
+            self.metrics.add("readpath_user_fetches")
+            self.metrics.add("readpath_user_fetch_micros", (time.perf_counter_ns() - t0) // 1000)
+
+    def _start_ahead(
+        self, claims: list[tuple[Chunk, Flight[bytes]]], ahead: list[tuple[Chunk, Flight[bytes]]]
+    ) -> None:
+        """Fetch ``ahead`` on a fetch slot, unless the read's own fetch failed."""
+        failed = next((p.error for _, p in claims if p.error is not None), None)
+        if failed is not None or self.scheduler is None:
+            self._resolve(ahead, BackendError(f"blob {self.info.blob_id}: read-ahead dropped"))
+            return
+        self.metrics.add("readpath_ahead_requests")
+        self.scheduler.start_user(
+            functools.partial(self._run, ahead, user=False),
+            functools.partial(self._resolve, ahead, NydusError("fetch scheduler is closed")),
+        )
 
     def _count_hits(self, total: int, hits: int) -> None:
         m = self.metrics
@@ -319,14 +355,16 @@ class BlobFetcher:
         list[Chunk],
         list[tuple[Chunk, Flight[bytes]]],
         list[tuple[Chunk, Flight[bytes]]],
+        list[tuple[Chunk, Flight[bytes]]],
         list[_Queued],
     ]:
-        """Split a read into cache hits, flights to wait for and chunks to claim; queued
-        prefetch batches holding a claimed chunk are taken out of the queue (promoted) and
-        their chunks claimed too."""
+        """Split a read into cache hits, flights to wait for, chunks to claim and the claimed
+        read-ahead window; queued prefetch batches holding a claimed chunk are taken out of
+        the queue (promoted) and their chunks claimed too."""
         hits: list[Chunk] = []
         waits: list[tuple[Chunk, Flight[bytes]]] = []
         claims: list[tuple[Chunk, Flight[bytes]]] = []
+        ahead: list[tuple[Chunk, Flight[bytes]]] = []
         promoted: list[_Queued] = []
         mine: set[int] = set()
         cache = self.cache
@@ -348,8 +386,27 @@ class BlobFetcher:
                         promoted.append(q)
                         claims.extend(self._claim_batch_locked(q, mine))
             if claims and amplify and cache is not None and self.amplify:
+                first = min((c for c, _ in claims), key=lambda c: c.compressed_offset)
+                sequential = self._stream_ends.pop(self._order_pos.get(first.index, -1), 0)
                 claims.extend(self._amplify_locked([c for c, _ in claims]))
-        return hits, waits, claims, promoted
+                last = self._note_end_locked([c for c, _ in claims])
+                if sequential and last is not None:
+                    ahead = self._claim_after_locked(last, last.end, set())
+                    if ahead:
+                        self._note_end_locked([c for c, _ in ahead])
+        return hits, waits, claims, ahead, promoted
+
+    def _note_end_locked(self, window: list[Chunk]) -> Chunk | None:
+        """Remember where a fetched window ends (a read that misses right there next reads
+        the blob sequentially); its last chunk."""
+        last = max(window, key=lambda c: c.end)
+        pos = self._order_pos.get(last.index)
+        if pos is None:
+            return None
+        self._stream_ends[pos + 1] = 1
+        if len(self._stream_ends) > _STREAMS:
+            del self._stream_ends[next(iter(self._stream_ends))]
+        return last
 
     def _claim_batch_locked(self, q: _Queued, mine: set[int]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Forget a batch that left the queue; claim its chunks not ready, in flight or
@@ -373,15 +430,19 @@ class BlobFetcher:
 
     def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, Flight[bytes]]]:
         """Claim the not-ready chunks that follow the claimed ones, up to ``amplify_io``."""
+        last = max(claimed, key=lambda c: c.end)
+        start = min(c.compressed_offset for c in claimed)
+        return self._claim_after_locked(last, start, {c.index for c in claimed})
+
+    def _claim_after_locked(
+        self, last: Chunk, start: int, taken: set[int]
+    ) -> list[tuple[Chunk, Flight[bytes]]]:
+        """Claim the not-ready, unclaimed chunks after ``last`` in blob order while the span
+        from ``start`` stays within ``amplify_io``."""
         meta = self._meta
         cache = self.cache
-        if meta is None or cache is None or not self._order:
-            return []
-        taken = {c.index for c in claimed}
-        start = min(c.compressed_offset for c in claimed)
-        last = max(claimed, key=lambda c: c.end)
         pos = self._order_pos.get(last.index)
-        if pos is None:
+        if meta is None or cache is None or pos is None:
             return []
         end = last.end
         out: list[tuple[Chunk, Flight[bytes]]] = []
@@ -461,98 +522,155 @@ class BlobFetcher:
             return self._fetch_ranges_fn([(start, end)])[0]
         return self._fetch(start, end)
 
-    def fetch_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """``[start, end)`` ranges of the blob for a user read: user jobs of the scheduler
-        (in parallel), or on this thread without one."""
-        if self.scheduler is None:
-            return [self._fetch_now(s, e) for s, e in ranges]
-        return self.scheduler.run_user(
-            [lambda s=s, e=e: self._fetch_now(s, e) for s, e in ranges]  # type: ignore[misc]
-        )
-
-    def _fetch_in_slot(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Ranges one after the other on this thread (a prefetch job on its fetch slot)."""
-        return [self._fetch_now(s, e) for s, e in ranges]
-
     def _run(
         self,
         claims: list[tuple[Chunk, Flight[bytes]]],
         groups: list[_Group] | None = None,
-        fetch: FetchRanges | None = None,
+        *,
+        user: bool = True,
+        wanted: Collection[int] | None = None,
     ) -> None:
-        """Fetch (with ``fetch``, default :meth:`fetch_ranges`), verify and cache claimed
-        chunks; always resolves every claim."""
-        fetch = fetch or self.fetch_ranges
+        """Fetch, verify and cache claimed chunks, one job per merged request: user jobs of
+        the scheduler (in parallel, the first on this thread), or one after the other on this
+        thread (``user=False``: a prefetch job on its slot). Always resolves every claim."""
         try:
             if groups is None:
                 groups = self._merge(claims)
-            try:
-                raws = fetch([(g.start, g.end) for g in groups])
-            except NydusError as e:
-                for _, p in claims:
-                    p.error = e
-                return
-            except OSError as e:
-                for _, p in claims:
-                    p.error = BackendError(f"blob {self.info.blob_id}: {e}")
-                return
-            ready: list[int] = []
-            for g, raw in zip(groups, raws, strict=True):
-                for c, p in g.chunks:
-                    lo = c.compressed_offset - g.start
-                    payload = raw[lo : lo + c.compressed_size]
-                    try:
-                        data = self._checked(c, payload)
-                    except IntegrityError as e:
-                        log.warning(
-                            "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
-                        )
-                        try:
-                            payload = fetch([(c.compressed_offset, c.end)])[0]
-                            data = self._checked(c, payload)
-                        except NydusError as e2:
-                            p.error = e2
-                            continue
-                    except NydusError as e:
-                        p.error = e
-                        continue
-                    p.value = data
-                    if self.cache is not None and self.cache.write(
-                        c, payload if self.cache.compressed else data
-                    ):
-                        ready.append(c.index)
-            if self.cache is not None and ready:
-                try:
-                    self.cache.mark_ready(ready)
-                    self.metrics.add("entries_count", len(ready))
-                except (OSError, NydusError) as e:
-                    log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
-        except Exception as e:  # a bug or an untranslated error below us: report, do not leak
-            log.exception("blob %s: fetch failed", self.info.blob_id)
-            err = (
-                e
-                if isinstance(e, NydusError)
-                else BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
-            )
-            for _, p in claims:
+            queued = time.perf_counter_ns() if user else None
+            jobs = [functools.partial(self._fetch_group, g, queued, wanted) for g in groups]
+            if user and self.scheduler is not None:
+                self.scheduler.run_user(jobs)
+            else:
+                for job in jobs:
+                    job()
+        except BaseException as e:  # no job ran (a closed scheduler), or interrupted
+            err = e if isinstance(e, NydusError) else BackendError(f"fetch failed: {e!r}")
+            self._resolve(claims, err)
+            if not isinstance(e, Exception):
+                raise
+
+    def _resolve(self, claims: list[tuple[Chunk, Flight[bytes]]], err: NydusError) -> None:
+        """Fail the claims not resolved yet with ``err``, release every claim and settle."""
+        with self._lock:
+            for c, p in claims:
                 if p.value is None and p.error is None:
                     p.error = err
+                self._inflight.release(c.index, p)
+        for _, p in claims:
+            p.settle()
+
+    def _fetch_group(
+        self, g: _Group, queued: int | None, wanted: Collection[int] | None = None
+    ) -> None:
+        """One merged request: fetch it, decode, verify and cache its chunks, then release
+        and settle their claims (waiters wake as soon as their request is done). With
+        ``wanted`` (a reader's chunks) and a fetch slot free, the group's other chunks
+        (amplification) are decoded, verified and cached after the reader's are settled, by
+        a user job on that slot (with every slot busy, handing work over only adds
+        thread switches).
+        Errors go to the claims, never up."""
+        m = self.metrics
+        err: NydusError | None = None
+        try:
+            t0 = time.perf_counter_ns()
+            try:
+                raw = self._fetch_now(g.start, g.end)
+            except OSError as e:
+                raise BackendError(f"blob {self.info.blob_id}: {e}") from e
+            finally:
+                if queued is not None:
+                    m.add("readpath_requests")
+                    m.add("readpath_queue_micros", (t0 - queued) // 1000)
+                    m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
+            now, later = g.chunks, []
+            if (
+                wanted is not None
+                and self.scheduler is not None
+                and self.scheduler.user_slot_free()
+            ):
+                now = [t for t in g.chunks if t[0].index in wanted]
+                later = [t for t in g.chunks if t[0].index not in wanted]
+            if now and later:
+                assert self.scheduler is not None
+                self._store(g.start, raw, now)
+                self._resolve(now, BackendError(f"blob {self.info.blob_id}: not fetched"))
+                self.scheduler.start_user(
+                    functools.partial(self._store_later, g.start, raw, later),
+                    functools.partial(self._resolve, later, NydusError("fetch scheduler closed")),
+                )
+                return
+            self._store(g.start, raw, g.chunks)
+        except NydusError as e:
+            err = e
+        except Exception as e:  # a bug or an untranslated error below us: report, do not leak
+            log.exception("blob %s: fetch failed", self.info.blob_id)
+            err = BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
         except BaseException as e:
-            for _, p in claims:
-                if p.value is None and p.error is None:
-                    p.error = BackendError(f"blob {self.info.blob_id}: fetch interrupted: {e!r}")
+            self._resolve(
+                g.chunks, BackendError(f"blob {self.info.blob_id}: fetch interrupted: {e!r}")
+            )
             raise
+        self._resolve(g.chunks, err or BackendError(f"blob {self.info.blob_id}: not fetched"))
+
+    def _store_later(
+        self, start: int, raw: bytes, chunks: list[tuple[Chunk, Flight[bytes]]]
+    ) -> None:
+        """:meth:`_store` then resolve (a fetched request's amplified chunks, on a slot)."""
+        err: NydusError | None = None
+        try:
+            self._store(start, raw, chunks)
+        except Exception as e:  # a bug below us: report, do not leak
+            log.exception("blob %s: caching fetched chunks failed", self.info.blob_id)
+            err = BackendError(f"blob {self.info.blob_id}: fetch failed: {e!r}")
         finally:
-            with self._lock:
-                for c, p in claims:
-                    self._inflight.release(c.index, p)
-            for _, p in claims:
-                p.settle()
+            self._resolve(chunks, err or BackendError(f"blob {self.info.blob_id}: not fetched"))
+
+    def _store(self, start: int, raw: bytes, chunks: list[tuple[Chunk, Flight[bytes]]]) -> None:
+        """Decode and verify each chunk of ``raw`` (the blob from ``start``), set its flight's
+        value (or error) and write it to the cache (marked ready)."""
+        m = self.metrics
+        ready: list[int] = []
+        for c, p in chunks:
+            lo = c.compressed_offset - start
+            payload = raw[lo : lo + c.compressed_size]
+            try:
+                data = self._checked(c, payload)
+            except IntegrityError as e:
+                log.warning(
+                    "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
+                )
+                try:
+                    payload = self._fetch_now(c.compressed_offset, c.end)
+                    data = self._checked(c, payload)
+                except NydusError as e2:
+                    p.error = e2
+                    continue
+            except NydusError as e:
+                p.error = e
+                continue
+            p.value = data
+            t1 = time.perf_counter_ns()
+            if self.cache is not None and self.cache.write(
+                c, payload if self.cache.compressed else data
+            ):
+                ready.append(c.index)
+            m.add("readpath_cache_micros", (time.perf_counter_ns() - t1) // 1000)
+        if self.cache is not None and ready:
+            try:
+                self.cache.mark_ready(ready)
+                m.add("entries_count", len(ready))
+            except (OSError, NydusError) as e:
+                log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
 
     def _checked(self, c: Chunk, payload: bytes) -> bytes:
         """Decoded and verified bytes of a chunk from the backend (always verified)."""
+        t0 = time.perf_counter_ns()
         data = self._decode(c, payload)
+        t1 = time.perf_counter_ns()
         self.verify(c, data)
+        m = self.metrics
+        m.add("readpath_decode_micros", (t1 - t0) // 1000)
+        m.add("readpath_verify_micros", (time.perf_counter_ns() - t1) // 1000)
         return data
 
     def _decode(self, c: Chunk, payload: bytes) -> bytes:
@@ -644,7 +762,7 @@ class BlobFetcher:
         try:
             if before_fetch is not None:
                 before_fetch(nbytes)
-            self._run(claims, groups, self._fetch_in_slot)
+            self._run(claims, groups, user=False)
         except Exception as e:  # never let a prefetch worker die
             log.warning("prefetch of blob %s failed: %s", self.info.blob_id, e)
         finally:

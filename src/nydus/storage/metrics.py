@@ -101,6 +101,16 @@ class BlobcacheMetrics:
         "prefetch_end_time_secs",
         "prefetch_end_time_millis",
         "buffered_backend_size",
+        # an extension: where the time of fetching goes (microseconds, summed over threads)
+        "readpath_user_fetches",  # user reads that went to the backend
+        "readpath_user_fetch_micros",  # their wall time, from the plan to the last chunk
+        "readpath_requests",  # backend requests of user reads
+        "readpath_queue_micros",  # a request waiting for a fetch slot
+        "readpath_backend_micros",  # a request on the wire (send to last byte)
+        "readpath_decode_micros",  # decompressing fetched chunks (user and prefetch)
+        "readpath_verify_micros",  # hashing them
+        "readpath_cache_micros",  # writing them to the blob cache
+        "readpath_ahead_requests",  # read-ahead windows of sequential reads
     )
 
     def __init__(self, id: str, store_path: str) -> None:

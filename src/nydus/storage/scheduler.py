@@ -5,7 +5,9 @@ time each; a job is one backend request (a prefetch job may sleep in the bandwid
 first, and verifies and caches what it fetched). Jobs come in two classes, each queued FIFO:
 
 * **user**: a range request of an on-demand read (:meth:`FetchScheduler.run_user`), run on one
-  of ``slots`` user slots, which prefetch never occupies: a user request goes out at once.
+  of ``slots`` user slots, which prefetch never occupies: a user request goes out at once. A
+  slot is a thread, or the reader's own thread: while a slot is free, a read's first request
+  runs on the reader's thread (no hand-off to another thread and back).
 * **prefetch**: a batch of chunks (:meth:`FetchScheduler.submit_prefetch`), run on one of
   ``prefetch_cap`` prefetch slots (at the lowest CPU priority where the OS allows, so prefetch
   decompression and hashing yield the CPU to the reader). One is admitted only when no user
@@ -24,8 +26,9 @@ its in-flight table makes sure no chunk is fetched twice).
 Threading contract: thread-safe. One lock (a condition) guards the queues and counters; jobs
 run outside it. Callers may hold their own locks when they call :meth:`take` (it never blocks
 and calls no job), never when they call :meth:`run_user`. A prefetch job must not call
-:meth:`run_user`. :meth:`close` fails queued user jobs, drops queued prefetch jobs (calling
-their ``on_drop``), lets running jobs finish and joins the slots.
+:meth:`run_user`. :meth:`close` fails the queued jobs of :meth:`run_user`, drops queued
+prefetch jobs (calling their ``on_drop``), lets running jobs and those of :meth:`start_user`
+finish and joins the slots.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ PREFETCH_NICE = 19
 
 
 class _UserJob(Generic[T]):
-    __slots__ = ("done", "error", "fn", "value")
+    __slots__ = ("done", "error", "fn", "on_drop", "value")
 
-    def __init__(self, fn: Callable[[], T]) -> None:
+    def __init__(self, fn: Callable[[], T], on_drop: Callable[[], object] | None = None) -> None:
         self.fn = fn
+        self.on_drop = on_drop
         self.done = threading.Event()
         self.value: T | None = None
         self.error: BaseException | None = None
@@ -120,20 +124,42 @@ class FetchScheduler:
 
     def run_user(self, fns: Sequence[Callable[[], T]]) -> list[T]:
         """Run ``fns`` (backend requests of a user read) as user jobs; their results in order,
-        or the first error raised. Blocks until all are done."""
+        or the first error raised. Blocks until all are done. While a user slot is free the
+        first job runs on the calling thread (no hand-off), the others on the slots."""
         jobs = [_UserJob(fn) for fn in fns]
         with self._cond:
             if self._closed:
                 raise NydusError("fetch scheduler is closed")
-            self._start_locked(self._user_slot, "nydus-fetch", self.slots)
-            self._user.extend(jobs)  # type: ignore[arg-type]
-            self._cond.notify_all()
+            inline = jobs[:1] if self._user_running + len(self._user) < self.slots else []
+            self._user_running += len(inline)
+            if len(jobs) > len(inline):
+                self._start_locked(self._user_slot, "nydus-fetch", self.slots)
+                self._user.extend(jobs[len(inline) :])  # type: ignore[arg-type]
+                self._cond.notify_all()
+        for j in inline:
+            try:
+                j.run()
+            finally:
+                self._user_job_ended()
         for j in jobs:
             j.done.wait()
         for j in jobs:
             if j.error is not None:
                 raise j.error
         return [j.value for j in jobs]  # type: ignore[misc]
+
+    def start_user(self, fn: Callable[[], object], on_drop: Callable[[], object]) -> bool:
+        """Queue ``fn`` as a user job on a slot thread and return at once (a request a read
+        does not wait for; :meth:`close` still runs it). False if the scheduler is closed:
+        ``on_drop`` is called instead."""
+        with self._cond:
+            if not self._closed:
+                self._start_locked(self._user_slot, "nydus-fetch", self.slots)
+                self._user.append(_UserJob(fn, on_drop))
+                self._cond.notify_all()
+                return True
+        on_drop()
+        return False
 
     def submit_prefetch(self, job: PrefetchJob) -> bool:
         """Queue ``job``; False (and ``on_drop`` called) when the scheduler is closed."""
@@ -157,6 +183,11 @@ class FetchScheduler:
             self._prefetch.remove(job)
             return True
 
+    def user_slot_free(self) -> bool:
+        """Whether a user job queued now would start at once."""
+        with self._cond:
+            return self._user_running + len(self._user) < self.slots
+
     @contextlib.contextmanager
     def user_demand(self) -> Iterator[None]:
         """Around a user read that waits for the backend: no prefetch job starts meanwhile."""
@@ -178,23 +209,29 @@ class FetchScheduler:
 
     # ------------------------------------------------------------------ the slots
 
+    def _user_job_ended(self) -> None:
+        with self._cond:
+            self._user_running -= 1
+            if not self._user_running:
+                self._user_seen = time.monotonic()
+            self._cond.notify_all()
+
     def _user_slot(self) -> None:
         while True:
             with self._cond:
-                while not self._user and not self._closed:
+                # jobs run on callers' threads hold slots too; started jobs outlive close
+                while (not self._closed or self._user) and (
+                    not self._user or self._user_running >= self.slots
+                ):
                     self._cond.wait()
-                if self._closed:
+                if not self._user:
                     return
                 job = self._user.popleft()
                 self._user_running += 1
             try:
                 job.run()
             finally:
-                with self._cond:
-                    self._user_running -= 1
-                    if not self._user_running:
-                        self._user_seen = time.monotonic()
-                    self._cond.notify_all()
+                self._user_job_ended()
 
     def _next_prefetch_locked(self) -> PrefetchJob | None:
         while not self._closed:
@@ -249,8 +286,9 @@ class FetchScheduler:
             self._prefetch.clear()
             for job in dropped:
                 job.queued = False
-            failed = list(self._user)
-            self._user.clear()
+            failed = [u for u in self._user if u.on_drop is None]
+            started = [u for u in self._user if u.on_drop is not None]
+            self._user = collections.deque(started)
             self._cond.notify_all()
             threads = list(self._threads)
         for u in failed:
