@@ -33,7 +33,7 @@ from ..metadata import ChunkInfo
 from .blob import BlobResult, BlobWriter
 from .build import BuildOptions, BuildResult, _bootstrap, _complete, _prepare
 from .tarsource import TarLimits, _load
-from .tarstream import GZIP_MAGIC, PIECE, LayerStream
+from .tarstream import PIECE, LayerStream
 from .tree import Node, iter_tree
 
 __all__ = ["DEFAULT_SPACING", "build_targz_ref"]
@@ -90,13 +90,8 @@ class _ZranStream(LayerStream):
                 self.pos_in.append(at)
                 self.pos_out.append(out_pos)
             if ret == zran.Z_STREAM_END:
-                rest, base = inf.unused(), at
-                if len(rest) < 2:
-                    rest += self._more()
+                rest, base = self._after_member(inf.unused()), at
                 if not rest:
-                    return
-                if not rest.startswith(GZIP_MAGIC):
-                    self._zero_padding(rest)
                     return
                 inf.reset(31)
                 data, tail, member_start = rest, 0, True
