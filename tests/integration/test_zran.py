@@ -150,3 +150,27 @@ def test_corrupted_gzip_range_gives_eio(
             d.check_alive()
     finally:
         _cleanup(mnt)
+
+
+def test_merged_zran_layers(zran_image: dict[str, Path | str], tmp_path: Path) -> None:
+    """``merge`` carries each layer's zran blob meta into the image bootstrap."""
+    upper = tmp_path / "upper.tar.gz"
+    with tarfile.open(upper, "w:gz") as tf:
+        for name, data in (("etc/text", b"replaced\n"), ("new", os.urandom(300_000))):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
+            tf.addfile(ti, io.BytesIO(data))
+    blobs = tmp_path / "blobs"
+    shutil.copytree(zran_image["blobs"], blobs)
+    shutil.copy(upper, blobs / hashlib.sha256(upper.read_bytes()).hexdigest())
+    nydus_image(tmp_path, "create", "-t", "targz-ref", "-B", tmp_path / "upper.boot", upper)
+    merged = tmp_path / "merged.boot"
+    nydus_image(tmp_path, "merge", "-B", merged, zran_image["boot"], tmp_path / "upper.boot")
+    nydus_image(tmp_path, "check", "-B", merged, "-D", blobs)
+    out = tmp_path / "out.tar"
+    nydus_image(tmp_path, "unpack", "-B", merged, "-D", blobs, "--output", out)
+    with tarfile.open(out) as tf:
+        assert tf.extractfile("etc/text").read() == b"replaced\n"  # type: ignore[union-attr]
+        want = (Path(zran_image["want"]) / "bin/random").read_bytes()
+        assert tf.extractfile("bin/random").read() == want  # type: ignore[union-attr]
+        assert len(tf.extractfile("new").read()) == 300_000  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO, cast
 
@@ -31,7 +31,7 @@ from ..format import rafs_v6 as v6
 from ..format import zran
 from ..metadata import ChunkInfo
 from .blob import BlobResult, BlobWriter
-from .build import BuildOptions, BuildResult, _bootstrap, _complete, _prepare
+from .build import BuildOptions, BuildResult, _bootstrap, _prepare
 from .tarsource import TarLimits, _load
 from .tarstream import PIECE, LayerStream
 from .tree import Node, iter_tree
@@ -257,6 +257,8 @@ def build_targz_ref(
         writer = _ZranChunks(ls, opts, len(base.blobs))
         layer = _load(ls, cast(BlobWriter, writer), opts.chunk_size, None, limits or TarLimits())
     made = writer.finish()
+    blobs: list[v6.BlobEntry] = []
+    metas: dict[int, bytes] = {}
     result = None
     if made is not None:
         entry, meta = made
@@ -266,17 +268,35 @@ def build_targz_ref(
         if not ok:
             ci_comp, ci_data = codec.compressor_by_name("none"), meta
         entry.ci_compressor, entry.ci_compressed_size = ci_comp.id, len(ci_data)
-        boot_len = len(_bootstrap(layer.root, [entry], opts, []))
-        entry.ci_offset = -boot_len % 4096 + boot_len
         header = bm.CiHeader(
-            _FEATURES, ci_comp.id, entry.chunk_count, entry.ci_offset, len(ci_data), len(meta),
+            _FEATURES, ci_comp.id, entry.chunk_count, 0, len(ci_data), len(meta),
             writer.zran_offset, len(meta) - writer.zran_offset, writer.zran_count,
         )  # fmt: skip
         result = BlobResult(entry, entry.chunk_count, 0, 0)
-        tail = ci_data + header.pack()
+        blobs, metas = [entry], {entry.blob_index: ci_data + header.pack()}
+    boot = with_separate_metas(lambda b: _bootstrap(layer.root, b, opts, []), blobs, metas)
     files = sum(1 for _p, n in iter_tree(layer.root) if n.is_reg)
-    res = _complete(layer.root, base, result, opts, [], layer.bytes_read, files)
-    if result is not None:
-        res.bootstrap = res.bootstrap.ljust(result.entry.ci_offset, b"\0") + tail
-    res.stats.update(layer.stats())
+    stats = {"new_chunks": len(writer.chunks), "contexts": getattr(writer, "zran_count", 0)}
+    res = BuildResult(boot, result, blobs, layer.bytes_read, files, {**stats, **layer.stats()})
     return res
+
+
+def with_separate_metas(
+    make: Callable[[list[v6.BlobEntry]], bytes], blobs: list[v6.BlobEntry], metas: dict[int, bytes]
+) -> bytes:
+    """``make(blobs)`` followed by the blob metas (ci data + header) of zran blobs (by table
+    index), each 4 KiB aligned, with the blobs' and headers' ``ci_offset`` pointing there."""
+    pos = len(make(blobs))
+    tail = bytearray()
+    for e in blobs:
+        m = metas.get(e.blob_index)
+        if not m:
+            continue
+        pad = -pos % 4096
+        e.ci_offset = pos + pad
+        h = bm.CiHeader.unpack(m[-bm.CI_HEADER_SIZE :])
+        h.ci_offset = e.ci_offset
+        tail += bytes(pad) + m[: -bm.CI_HEADER_SIZE] + h.pack()
+        pos += pad + len(m)
+    boot = make(blobs)
+    return boot + bytes(tail)
