@@ -201,7 +201,7 @@ class _ZranChunks:
         for a, k in sorted(used.items(), key=lambda t: t[1]):
             ap = s.points[a]
             in_len, out_len = spans[k]
-            if in_len >> 32 or out_len >> 32:
+            if in_len >> 32 or out_len > zran.MAX_CONTEXT_OUT:
                 raise FormatError("a zran context spans 4 GiB; lower --zran-spacing")
             contexts.append(
                 zran.ZranContext(

@@ -41,6 +41,7 @@ __all__ = [
 CONTEXT_SIZE = 40
 WINDOW_SIZE = 1 << 15
 MAX_CONTEXTS = 1 << 24  # upstream's ZRAN_MAX_CI_ENTRIES
+MAX_CONTEXT_OUT = 1 << 30  # inflating further to reach one chunk is not a sane layout
 
 _CTX = struct.Struct("<QQQIIIBBxx")
 
@@ -85,8 +86,8 @@ def unpack_zran_table(buf: bytes | memoryview, count: int) -> ZranTable:
         c = ZranContext(*_CTX.unpack_from(buf, i * CONTEXT_SIZE))
         if c.dict_size > WINDOW_SIZE or c.dict_offset + c.dict_size > len(windows):
             raise FormatError(f"zran context {i}: window outside the window table")
-        if c.ctx_bits > 7:
-            raise FormatError(f"zran context {i}: {c.ctx_bits} pending bits")
+        if c.ctx_bits > 7 or c.out_len > MAX_CONTEXT_OUT:
+            raise FormatError(f"zran context {i}: {c.ctx_bits} pending bits, {c.out_len} bytes")
         contexts.append(c)
     return ZranTable(contexts, windows)
 
@@ -213,8 +214,10 @@ class Inflater:
         return ret, out.raw[: max_out - self._s.avail_out]
 
 
-def inflate_context(ctx: ZranContext, window: bytes, data: bytes, size: int) -> bytes:
-    """The first ``size`` uncompressed bytes from access point ``ctx``; ``data`` is the gzip
+def inflate_context(
+    ctx: ZranContext, window: bytes, data: bytes, size: int, skip: int = 0
+) -> bytes:
+    """Uncompressed bytes ``[skip, size)`` from access point ``ctx``; ``data`` is the gzip
     stream from ``ctx.in_offset`` on. A stream may cross gzip member boundaries (bgzip).
     Corrupt or short input is an IntegrityError."""
     inf = Inflater(-15)
@@ -227,9 +230,10 @@ def inflate_context(ctx: ZranContext, window: bytes, data: bytes, size: int) -> 
         got = 0
         raw = True  # until the first member ends; gzip mode then reads trailers and headers
         while got < size:
-            ret, out = inf.inflate(size - got)
-            parts.append(out)
+            ret, out = inf.inflate(min(size - got, 1 << 22))
             got += len(out)
+            if got > skip:
+                parts.append(out[max(0, len(out) - (got - skip)) :])
             if ret == Z_STREAM_END and got < size:
                 rest = inf.unused()
                 if raw:

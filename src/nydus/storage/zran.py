@@ -85,13 +85,14 @@ class ZranChunks:
             ctx = self.table.contexts[k]
             lo = ctx.in_offset - raw_start
             need = max(off + size for _i, off, size in items)
+            skip = min(off for _i, off, _s in items)  # output before the first chunk is dropped
             try:
                 if lo < 0 or lo > len(raw):
                     raise IntegrityError("fetched range does not hold the access point")
-                plain = zran.inflate_context(ctx, self.table.window(k), raw[lo:], need)
+                plain = zran.inflate_context(ctx, self.table.window(k), raw[lo:], need, skip)
             except NydusError as e:
                 err = IntegrityError(f"blob {self.blob_id} zran context {k}: {e}")
                 out.update((i, err) for i, _o, _s in items)
                 continue
-            out.update((i, plain[off : off + size]) for i, off, size in items)
+            out.update((i, plain[off - skip : off - skip + size]) for i, off, size in items)
         return out
