@@ -137,8 +137,10 @@ class _ZranChunks:
     def __init__(self, stream: _ZranStream, opts: BuildOptions, blob_index: int) -> None:
         self.stream = stream
         self.digester = codec.digester_by_name(opts.digester)
+        self.chunk_size = opts.chunk_size
         self.blob_index = blob_index
         self.chunks: list[_Chunk] = []
+        self.zran_count = self.zran_offset = 0
 
     def add_file(
         self, node: Node, pieces: Iterable[tuple[int, bytes]], *, deferred: bool = False
@@ -222,7 +224,7 @@ class _ZranChunks:
         entry = v6.BlobEntry(
             blob_id=s.sha.hexdigest(),
             blob_index=self.blob_index,
-            chunk_size=0,
+            chunk_size=self.chunk_size,
             chunk_count=len(cis),
             compression_algo=codec.compressor_by_name("gzip").id,
             digest_algo=self.digester.id,
@@ -262,7 +264,6 @@ def build_targz_ref(
     result = None
     if made is not None:
         entry, meta = made
-        entry.chunk_size = opts.chunk_size
         ci_comp = codec.compressor_by_name("zstd")
         ci_data, ok = codec.compress(ci_comp, meta)
         if not ok:
@@ -276,7 +277,7 @@ def build_targz_ref(
         blobs, metas = [entry], {entry.blob_index: ci_data + header.pack()}
     boot = with_separate_metas(lambda b: _bootstrap(layer.root, b, opts, []), blobs, metas)
     files = sum(1 for _p, n in iter_tree(layer.root) if n.is_reg)
-    stats = {"new_chunks": len(writer.chunks), "contexts": getattr(writer, "zran_count", 0)}
+    stats = {"new_chunks": len(writer.chunks), "contexts": writer.zran_count}
     res = BuildResult(boot, result, blobs, layer.bytes_read, files, {**stats, **layer.stats()})
     return res
 
