@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
@@ -34,6 +35,7 @@ from ..metadata.v6 import RafsV6Metadata
 from .bootstrap import BootstrapOptions, write_bootstrap
 from .build import _entry_of, _prefetch_order, tree_from_metadata
 from .overlay import apply_layer
+from .targz_ref import with_separate_metas
 from .tree import Node, iter_tree, new_dir
 
 __all__ = ["MergeOptions", "MergeResult", "merge_bootstraps", "blob_id_from_meta_path"]
@@ -105,6 +107,7 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
         raise ConfigError(f"unknown whiteout spec {opts.whiteout_spec!r}")
     _check_lists(len(sources), opts)
     blobs: list[v6.BlobEntry] = []
+    metas: dict[int, bytes] = {}  # table index -> a zran blob's meta carried by its bootstrap
     index_of: dict[str, int] = {}  # blob id as the layer bootstraps name it -> table index
     tree: Node | None = None
     chunk_size: int | None = None
@@ -147,6 +150,8 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
                 index_of[original] = len(blobs)
                 e.blob_index = len(blobs)
                 blobs.append(e)
+                if md.blobs[i].separate_meta:
+                    metas[e.blob_index] = md.blobs[i].separate_meta
             remap[i] = index_of[original]
         upper = tree_from_metadata(md, remap)
         if tree is None:
@@ -156,15 +161,11 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
     if len(blobs) > v6.MAX_BLOBS:
         raise FormatError(f"merged image would reference {len(blobs)} blobs (max {v6.MAX_BLOBS})")
     table, _first = _prefetch_order(tree, opts.prefetch_paths or [])
-    boot = write_bootstrap(
-        tree,
-        BootstrapOptions(
-            chunk_size=chunk_size,
-            compressor=compressor,
-            digester=digester,
-            blobs=blobs,
-            prefetch=table,
-        ),
+    opts_of = partial(
+        BootstrapOptions, chunk_size=chunk_size, compressor=compressor, digester=digester
+    )
+    boot = with_separate_metas(
+        lambda b: write_bootstrap(tree, opts_of(blobs=b, prefetch=table)), blobs, metas
     )
     refs = {(c.blob_index, c.index) for _p, n in iter_tree(tree) for c in _chunks(n)}
     return MergeResult(boot, blobs, {"layers": len(sources), "chunks": len(refs)})
@@ -178,7 +179,7 @@ def _rename_own_blob(e: v6.BlobEntry, layer: int, path: str, opts: MergeOptions)
     separate = bool(e.features & v6.BLOB_FEATURE_SEPARATE)
     if opts.original_blob_ids is not None:
         e.blob_id = opts.original_blob_ids[layer]
-    else:
+    elif not e.features & v6.BLOB_FEATURE_ZRAN:  # a zran blob is named by its layer digest
         e.blob_id = blob_id_from_meta_path(path)
     if opts.blob_digests is not None:
         digest = _digest(opts.blob_digests[layer], "--blob-digests entry")

@@ -129,13 +129,8 @@ class LayerStream:
             if out:
                 yield out
             if d.eof:
-                rest = d.unused_data or self._more()
-                if len(rest) == 1:
-                    rest += self._more()
+                rest = self._after_member(d.unused_data)
                 if not rest:
-                    return
-                if not rest.startswith(GZIP_MAGIC):
-                    self._zero_padding(rest)
                     return
                 d = zlib.decompressobj(31)  # another member follows
                 data = rest
@@ -143,6 +138,16 @@ class LayerStream:
                 data = self._more()
                 if not data:
                     raise FormatError("gzip stream truncated (the last member is incomplete)")
+
+    def _after_member(self, rest: bytes) -> bytes:
+        """The input after a gzip member: the next member's first bytes, or b"" at the end
+        of the stream (zero padding only)."""
+        if len(rest) < 2:
+            rest += self._more()
+        if rest and not rest.startswith(GZIP_MAGIC):
+            self._zero_padding(rest)
+            return b""
+        return rest
 
     def _zero_padding(self, rest: bytes) -> None:
         seen = 0

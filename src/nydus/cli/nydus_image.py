@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "--source-type",
         dest="type",
         default="dir-rafs",
-        choices=sorted(DIR_TYPES | TAR_TYPES),
+        choices=sorted(DIR_TYPES | TAR_TYPES | {"targz-ref"}),
         help="what SOURCE is: a directory, or an OCI layer tar (any compression)",
     )
     c.add_argument("-B", "--bootstrap", help="write the bootstrap (metadata) to this file")
@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
         "-D", "--blob-dir", help="write the data blob into this directory, named by its sha256"
     )
     c.add_argument("--blob-id", help="ignored: blob ids are the blob's sha256 here")
+    c.add_argument(
+        "--zran-spacing",
+        type=_int,
+        default=0x80000,
+        metavar="SIZE",
+        help="targz-ref: compressed bytes between gzip access points (a read inflates up to "
+        "that much more)",
+    )
     c.add_argument(
         "--compressor",
         default="zstd",
@@ -294,6 +302,8 @@ def cmd_create(a: argparse.Namespace) -> int:
     if a.batch_size:
         raise UnsupportedError("--batch-size: batched chunks are not supported (use 0)")
     from_tar = a.type in TAR_TYPES
+    if a.type == "targz-ref" and a.bootstrap:
+        return _create_targz_ref(a)
     if from_tar and not (a.blob or a.blob_dir):
         raise ConfigError("both --blob and --blob-dir are missing")
     prefetch = None
@@ -397,6 +407,28 @@ def cmd_create(a: argparse.Namespace) -> int:
         print(f"bootstrap: {a.bootstrap}")
     if "diff_id" in res.stats:
         print(f"diff_id: {res.stats['diff_id']}")
+    return 0
+
+
+def _create_targz_ref(a: argparse.Namespace) -> int:
+    """The bootstrap of a zran image; its blob is the source tar.gz itself."""
+    from ..builder.targz_ref import build_targz_ref
+
+    opts = BuildOptions(chunk_size=a.chunk_size, digester=a.digester)
+    _check_output_dirs(("-B/--bootstrap", a.bootstrap), ("-J/--output-json", a.output_json))
+    t0 = time.monotonic()
+    src = _open_tar(a.source)
+    try:
+        res = build_targz_ref(src, opts, spacing=a.zran_spacing)
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+    _write_file(a.bootstrap, res.bootstrap)
+    blob_id = res.blobs[0].blob_id if res.blobs else None
+    _emit_json(a.output_json, _create_json(a, res, blob_id, time.monotonic() - t0))
+    if blob_id:
+        print(f"blob: {blob_id}")
+    print(f"bootstrap: {a.bootstrap}")
     return 0
 
 

@@ -123,6 +123,17 @@ def unpack_ci_v1(buf: bytes | memoryview, off: int) -> CiEntry:
     return CiEntry(coff, csize, uoff, usize, csize != usize)
 
 
+def pack_ci_v2(e: CiEntry) -> bytes:
+    us = e.uncompressed_size - 1
+    if e.uncompressed_offset & 0xFFF or not 0 <= us < MAX_CHUNK_FIELD:
+        raise FormatError("ci v2 needs 4 KiB aligned offsets and sizes of at most 16 MiB")
+    if not 0 <= e.compressed_size < MAX_CHUNK_FIELD or e.compressed_offset >> 40:
+        raise FormatError("chunk does not fit ci v2 (compressed size or offset too large)")
+    flags = e.flags | (CI_V2_FLAG_COMPRESSED if e.compressed else 0)
+    uncomp = (e.uncompressed_offset >> 12) | us << 32 | flags << 56
+    return struct.pack("<QQQ", uncomp, e.compressed_offset | e.compressed_size << 40, e.data)
+
+
 def unpack_ci_v2(buf: bytes | memoryview, off: int) -> CiEntry:
     uncomp, comp, data = struct.unpack_from("<QQQ", buf, off)
     flags = uncomp >> 56

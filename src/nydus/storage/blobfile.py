@@ -29,6 +29,8 @@ from ..format import blob_meta as bm
 from ..format import rafs_v6 as v6
 from ..metadata import BlobInfo, ChunkInfo
 from ..metadata.model import check_blob_id
+from .metacache import load_blob_meta
+from .zran import ZranChunks
 
 __all__ = ["BlobReader", "BlobTrailer", "LocalBlobChunks", "open_local_blob"]
 
@@ -50,6 +52,7 @@ class BlobReader:
         self.size = info.compressed_size if size is None else size
         self.compressor = codec.compressor_by_name(info.compressor)
         self.digester = codec.digester_by_name(info.digester)
+        self._zran: ZranChunks | None = None
 
     def _read(self, off: int, n: int, what: str) -> bytes:
         if off < 0 or n < 0 or off + n > self.size:
@@ -62,10 +65,13 @@ class BlobReader:
     def read_chunk(self, c: ChunkInfo, verify: bool = True) -> bytes:
         if c.compressed_size < 0:
             raise FormatError("chunk has no compression info (bootstrap without chunk table)")
-        raw = self._read(c.compressed_offset, c.compressed_size, f"chunk {c.index}")
-        if c.compressed:
+        if self.info.features & v6.BLOB_FEATURE_ZRAN:
+            data = self._zran_chunks().read(c.index, lambda s, e: self._read(s, e - s, "zran"))
+        elif c.compressed:
+            raw = self._read(c.compressed_offset, c.compressed_size, f"chunk {c.index}")
             data = codec.decompress(self.compressor, raw, c.uncompressed_size)
         else:
+            raw = self._read(c.compressed_offset, c.compressed_size, f"chunk {c.index}")
             if len(raw) != c.uncompressed_size:
                 raise IntegrityError(f"chunk {c.index}: stored size != uncompressed size")
             data = raw
@@ -78,6 +84,17 @@ class BlobReader:
                 f"blob {self.info.blob_id} chunk {c.index}: {self.info.digester} digest mismatch"
             )
         return data
+
+    def _zran_chunks(self) -> ZranChunks:
+        if self._zran is None:
+            meta = load_blob_meta(self.info, lambda s, e: self._read(s, e - s, "blob meta"), None)
+            self._zran = ZranChunks(self.info.blob_id, meta.ci, meta.zran_table)
+        return self._zran
+
+    def _meta_bytes(self, off: int, n: int, what: str) -> bytes:
+        sep = self.info.separate_meta  # a zran blob's meta lives in the bootstrap
+        rel = off - self.info.ci_offset
+        return sep[rel : rel + n] if sep else self._read(off, n, what)
 
     def trailer(self) -> BlobTrailer:
         """Parse ToC, ci header, ci array and digest array, checking their digests."""
@@ -100,12 +117,12 @@ class BlobReader:
             info.ci_uncompressed_size,
         )
         ci_comp = codec.compressor_by_name(info.ci_compressor)
-        ci_raw = self._read(ci_off, ci_csize, "chunk info array")
+        ci_raw = self._meta_bytes(ci_off, ci_csize, "chunk info array")
         ci_data = codec.decompress(ci_comp, ci_raw, ci_usize) if ci_comp.id else ci_raw
         meta = by_name.get(bm.TOC_ENTRY_BLOB_META)
         if meta and hashlib.sha256(ci_data).digest() != meta.digest:
             raise IntegrityError(f"blob {info.blob_id}: chunk info array digest mismatch")
-        raw_header = self._read(ci_off + ci_csize, bm.CI_HEADER_SIZE, "ci header")
+        raw_header = self._meta_bytes(ci_off + ci_csize, bm.CI_HEADER_SIZE, "ci header")
         hent = by_name.get(bm.TOC_ENTRY_BLOB_META_HEADER)
         if hent and hashlib.sha256(raw_header).digest() != hent.digest:
             raise IntegrityError(f"blob {info.blob_id}: ci header digest mismatch")

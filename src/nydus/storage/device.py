@@ -33,6 +33,7 @@ from ..errors import (
     NydusError,
     UnsupportedError,
 )
+from ..format.rafs_v6 import BLOB_FEATURE_ZRAN
 from ..metadata import BlobInfo, ChunkInfo
 from .backend import BlobBackend
 from .blobcache import BlobCacheFile
@@ -198,7 +199,9 @@ class BlobDevice:
         cache = None
         if work_dir is not None:
             try:
-                cache = BlobCacheFile(work_dir, info, compressed=self.compressed_cache)
+                # zran chunks are cached inflated: the layer's gzip bytes are no chunk's own
+                raw = self.compressed_cache and not info.features & BLOB_FEATURE_ZRAN
+                cache = BlobCacheFile(work_dir, info, compressed=raw)
             except NydusError as e:  # e.g. a blob table without sizes or chunk counts
                 log.warning("blob %s is read without a cache: %s", blob_id, e)
             except OSError as e:

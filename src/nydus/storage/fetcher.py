@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from .. import codec
 from ..errors import BackendError, FormatError, IntegrityError, NydusError, UnsupportedError
 from ..format import blob_meta as bm
+from ..format.rafs_v6 import BLOB_FEATURE_ZRAN
 from ..metadata import BlobInfo, ChunkInfo
 from ..singleflight import Flight, FlightTable
 from .backend import Fetch
@@ -61,13 +62,14 @@ from .blobcache import BlobCacheFile
 from .metacache import BlobMeta
 from .metrics import BlobcacheMetrics
 from .scheduler import FetchScheduler, PrefetchJob
+from .zran import ZranChunks, is_zran
 
 __all__ = ["BlobFetcher", "Chunk", "MIN_AMPLIFY"]
 
 log = logging.getLogger(__name__)
 
 MIN_AMPLIFY = 0x20000
-_UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
+_UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
 _ATTEMPTS = 3
 _STREAMS = 64  # window ends remembered to tell sequential reads (see _plan)
 
@@ -178,6 +180,7 @@ class BlobFetcher:
         self._digests: list[bytes] | None = None
         self._digests_loaded = False
         self._load_lock = threading.Lock()
+        self._zran: ZranChunks | None = None
 
     # ------------------------------------------------------------------ lazy metadata
 
@@ -231,7 +234,8 @@ class BlobFetcher:
         if c.index < 0 or (self.info.chunk_count and c.index >= self.info.chunk_count):
             raise FormatError(f"blob {self.info.blob_id}: chunk index {c.index} out of range")
         flags = crc = 0
-        meta = self._meta if self._meta_loaded else None
+        zran = self.info.features & BLOB_FEATURE_ZRAN  # its chunk flags are in the ci array
+        meta = self.meta() if zran else self._meta if self._meta_loaded else None
         if meta is not None and c.index < len(meta.ci):
             e = meta.ci[c.index]
             if (e.compressed_offset, e.compressed_size) != (c.compressed_offset, c.compressed_size):
@@ -503,17 +507,18 @@ class BlobFetcher:
     ) -> list[_Group]:
         limit = max_request or self.max_request
         groups: list[_Group] = []
-        for c, p in sorted(claims, key=lambda t: t[0].compressed_offset):
+        for c, p in sorted(claims, key=lambda t: self._span(t[0])):
+            start, end = self._span(c)
             g = groups[-1] if groups else None
             if (
                 g is not None
-                and c.compressed_offset - g.end <= self.merge_gap
-                and max(g.end, c.end) - g.start <= limit
+                and start - g.end <= self.merge_gap
+                and max(g.end, end) - g.start <= limit
             ):
-                g.end = max(g.end, c.end)
+                g.end = max(g.end, end)
                 g.chunks.append((c, p))
             else:
-                groups.append(_Group(c.compressed_offset, c.end, [(c, p)]))
+                groups.append(_Group(start, end, [(c, p)]))
         return groups
 
     def _fetch_now(self, start: int, end: int) -> bytes:
@@ -630,18 +635,20 @@ class BlobFetcher:
         value (or error) and write it to the cache (marked ready)."""
         m = self.metrics
         ready: list[int] = []
+        plain = self._zran_decode([c for c, _ in chunks], raw, start)
         for c, p in chunks:
             lo = c.compressed_offset - start
             payload = raw[lo : lo + c.compressed_size]
             try:
-                data = self._checked(c, payload)
+                data = self._checked(c, payload, plain)
             except IntegrityError as e:
                 log.warning(
                     "blob %s chunk %d: %s; fetching it again", self.info.blob_id, c.index, e
                 )
                 try:
-                    payload = self._fetch_now(c.compressed_offset, c.end)
-                    data = self._checked(c, payload)
+                    span_start, span_end = self._span(c)
+                    payload = self._fetch_now(span_start, span_end)
+                    data = self._checked(c, payload, self._zran_decode([c], payload, span_start))
                 except NydusError as e2:
                     p.error = e2
                     continue
@@ -662,16 +669,46 @@ class BlobFetcher:
             except (OSError, NydusError) as e:
                 log.warning("blob %s: cannot mark chunks ready: %s", self.info.blob_id, e)
 
-    def _checked(self, c: Chunk, payload: bytes) -> bytes:
-        """Decoded and verified bytes of a chunk from the backend (always verified)."""
+    def _checked(
+        self, c: Chunk, payload: bytes, plain: dict[int, bytes | NydusError] | None = None
+    ) -> bytes:
+        """Decoded and verified bytes of a chunk from the backend (always verified); a zran
+        chunk's bytes come decoded in ``plain``."""
         t0 = time.perf_counter_ns()
-        data = self._decode(c, payload)
+        if is_zran(c):
+            got = (plain or {}).get(c.index) or IntegrityError(f"zran chunk {c.index} not decoded")
+            if isinstance(got, NydusError):
+                raise got
+            data = got
+        else:
+            data = self._decode(c, payload)
         t1 = time.perf_counter_ns()
         self.verify(c, data)
         m = self.metrics
         m.add("readpath_decode_micros", (t1 - t0) // 1000)
         m.add("readpath_verify_micros", (time.perf_counter_ns() - t1) // 1000)
         return data
+
+    # ------------------------------------------------------------------ zran (storage/zran.py)
+
+    def _span(self, c: Chunk) -> tuple[int, int]:
+        """The blob range to fetch for ``c``: from its access point for a zran chunk."""
+        return self._zran_chunks().span(c.index) if is_zran(c) else (c.compressed_offset, c.end)
+
+    def _zran_chunks(self) -> ZranChunks:
+        if self._zran is None:
+            meta = self.meta()
+            if meta is None:
+                raise FormatError(f"blob {self.info.blob_id}: zran chunks without chunk info")
+            self._zran = ZranChunks(self.info.blob_id, meta.ci, meta.zran_table)
+        return self._zran
+
+    def _zran_decode(
+        self, chunks: list[Chunk], raw: bytes, start: int
+    ) -> dict[int, bytes | NydusError]:
+        if not any(is_zran(c) for c in chunks):
+            return {}
+        return self._zran_chunks().decode(chunks, raw, start)
 
     def _decode(self, c: Chunk, payload: bytes) -> bytes:
         if c.flags & _UNSUPPORTED_FLAGS:

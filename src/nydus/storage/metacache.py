@@ -28,6 +28,7 @@ from ..atomicwrite import write_atomic
 from ..errors import FormatError, IntegrityError, NydusError, UnsupportedError
 from ..format import blob_meta as bm
 from ..format import rafs_v6 as v6
+from ..format import zran
 from ..metadata import BlobInfo
 from ..metadata.model import check_blob_id
 from .backend import Fetch
@@ -60,11 +61,14 @@ class BlobMeta:
     ci: list[bm.CiEntry]
     by_uoff: list[int] = field(default_factory=list)  # chunk indexes sorted by uncompressed off
     uoffs: list[int] = field(default_factory=list)  # their uncompressed offsets (for bisect)
+    zran_table: zran.ZranTable | None = None  # the access points of a zran blob
 
     @classmethod
-    def build(cls, header: bm.CiHeader, ci: list[bm.CiEntry]) -> BlobMeta:
+    def build(
+        cls, header: bm.CiHeader, ci: list[bm.CiEntry], table: zran.ZranTable | None = None
+    ) -> BlobMeta:
         order = sorted(range(len(ci)), key=lambda i: ci[i].uncompressed_offset)
-        return cls(header, ci, order, [ci[i].uncompressed_offset for i in order])
+        return cls(header, ci, order, [ci[i].uncompressed_offset for i in order], table)
 
     def chunks_in(self, offset: int, size: int) -> list[int]:
         """Indexes of chunks overlapping uncompressed ``[offset, offset + size)``, in order."""
@@ -120,7 +124,8 @@ def _parse_ci(info: BlobInfo, h: bm.CiHeader, data: bytes) -> BlobMeta:
             and (e.compressed_offset + e.compressed_size > csize)
         ):
             raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the blob end")
-    return BlobMeta.build(h, ci)
+    table = zran.unpack_zran_meta(h, data, ci) if h.features & v6.BLOB_FEATURE_ZRAN else None
+    return BlobMeta.build(h, ci, table)
 
 
 def load_blob_meta(
@@ -150,7 +155,7 @@ def load_blob_meta(
             except NydusError as e:
                 log.warning("blob meta %s is invalid (%s); fetching it again", path, e)
     start = info.ci_offset
-    raw = fetch(start, start + info.ci_compressed_size + bm.CI_HEADER_SIZE)
+    raw = info.separate_meta or fetch(start, start + info.ci_compressed_size + bm.CI_HEADER_SIZE)
     h = bm.CiHeader.unpack(raw[info.ci_compressed_size :])
     _check_header(info, h)
     comp = codec.compressor_by_name(info.ci_compressor)
