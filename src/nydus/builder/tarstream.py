@@ -7,7 +7,8 @@ layer's ``diff_id``) and hands out exact-length reads to the tar parser.
 
 Strictness: a truncated gzip member or zstd frame is a :class:`~nydus.errors.FormatError`
 (python-zstandard's stream reader stops silently mid-frame, so the zstd frame and block
-headers are followed on the compressed side, see :class:`_ZstdFrames`); concatenated gzip
+headers are followed on the compressed side, see :class:`_ZstdFrames`); gzip is inflated by
+ISA-L (``isal``: twice zlib's speed, same strictness); concatenated gzip
 members and zstd frames are read as one stream (as ``gzip -d`` and ``zstd -d`` do); zero
 padding after the last gzip member is accepted, anything else after it is an error.
 
@@ -22,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import zstandard
+from isal import isal_zlib
 
 from ..errors import FormatError
 
@@ -118,12 +119,12 @@ class LayerStream:
             data = self._more()
 
     def _gunzip(self, first: bytes) -> Iterator[bytes]:
-        d = zlib.decompressobj(31)
+        d = isal_zlib.decompressobj(31)
         data = first
         while True:
             try:
                 out = d.decompress(data, PIECE)
-            except zlib.error as e:
+            except isal_zlib.error as e:
                 raise FormatError(f"gzip stream corrupt: {e}") from None
             data = d.unconsumed_tail
             if out:
@@ -137,7 +138,7 @@ class LayerStream:
                 if not rest.startswith(GZIP_MAGIC):
                     self._zero_padding(rest)
                     return
-                d = zlib.decompressobj(31)  # another member follows
+                d = isal_zlib.decompressobj(31)  # another member follows
                 data = rest
             elif not data and not out:  # inflate wants more input
                 data = self._more()
