@@ -24,7 +24,7 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 from isal import isal_zlib
@@ -39,6 +39,7 @@ READ_SIZE = 1 << 20  # compressed bytes read at a time
 PIECE = 1 << 20  # most uncompressed bytes produced at a time
 ZSTD_MAX_WINDOW = 1 << 27  # zstd's own default limit (128 MiB) made explicit
 MAX_GZIP_PADDING = 1 << 20  # zero bytes tolerated after the last gzip member
+_INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stub declares an instance
 QUEUE_DEPTH = 4  # pieces in flight between the producer thread and the reader
 
 
@@ -124,7 +125,7 @@ class LayerStream:
         while True:
             try:
                 out = d.decompress(data, PIECE)
-            except isal_zlib.error as e:
+            except _INFLATE_ERROR as e:
                 raise FormatError(f"gzip stream corrupt: {e}") from None
             data = d.unconsumed_tail
             if out:
