@@ -451,10 +451,10 @@ class _ManifestJob:
     def layers(self, sm: im.SourceManifest, diff_ids: list[str]) -> tuple[list[LayerResult], str]:
         """Convert every layer; returns them and the whole image's bootstrap.
 
-        ``parallel`` layers build at a time; each blob is pushed as soon as its layer is
-        built, and the prefix merges run (here, in layer order) as soon as their layers are
-        built, all while later layers still build: the upload of the last blob overlaps the
-        last merge. The first failure stops the rest; the lowest layer's error is raised.
+        ``parallel`` layers build at a time, largest first; each blob is pushed as soon as
+        its layer is built, and the prefix merges run (here, in layer order) as soon as their
+        layers are built, while later layers still build: the upload of the last blob overlaps
+        the last merge. The first failure stops the rest; the lowest layer's error is raised.
         """
         n = len(sm.layers)
         par = self.opts.parallel or min(4, max(1, n))
@@ -465,9 +465,10 @@ class _ManifestJob:
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as builders,
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-push") as pushers,
         ):
+            # largest first: the biggest layer is the critical path, the small ones fill in
+            order = sorted(range(n), key=lambda i: -sm.layers[i].size)
             futs: dict[Future[Any], int] = {
-                builders.submit(self.layer, i, n, d, diff_ids[i]): i
-                for i, d in enumerate(sm.layers)
+                builders.submit(self.layer, i, n, sm.layers[i], diff_ids[i]): i for i in order
             }
             pending: set[Future[Any]] = set(futs)
             try:
