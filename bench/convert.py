@@ -1,23 +1,27 @@
-"""Convert benchmark: ``nydusify convert`` of a 1 GB+ multi-layer image, registry to registry,
-beside ``skopeo copy`` of the same image between the same two registries (the time just to
-move the bytes), in one run.
+"""Convert benchmark: ``nydusify convert`` registry to registry, beside ``skopeo copy`` of the
+same image between the same two registries (the time just to move the bytes), in one run.
 
-    .venv/bin/python bench/convert.py                  # ~1.2 GB uncompressed, 6 layers
-    .venv/bin/python bench/convert.py --size 128M      # a quick check
-    .venv/bin/python bench/convert.py --check          # also time nydusify check
+    .venv/bin/python bench/convert.py                      # the cold-start ml image (issue 15)
+    .venv/bin/python bench/convert.py --before /work/main/src --rounds 2 --perf
+    .venv/bin/python bench/convert.py --image synthetic --size 128M   # generated, a quick check
+    .venv/bin/python bench/convert.py --check              # also time nydusify check
 
 Two Debian ``docker-registry`` processes on 127.0.0.1 (source and target, so that neither
-tool can cross-repository mount its way out of moving the bytes). The image is generated
-here (tests/oci_images-style PAX tars, gzip level 1): per layer a mix of incompressible
-random files, hex text (compresses ~2:1) and many small files; it is cached as an OCI layout
-under ``--work`` (default /var/tmp/nydus-bench/convert) and pushed to the source registry with
-``skopeo copy --preserve-digests``.
+tool can cross-repository mount its way out of moving the bytes). ``--image ml`` (default) is
+the cold-start benchmark's image: bench/mlimage.py's cached gzip layers (built when missing)
+hard-linked into an OCI layout. ``--image synthetic`` generates one (tests/oci_images-style PAX
+tars, gzip level 1: random files, hex text, many small files). Layouts are cached under
+``--work`` (default /var/tmp/nydus-bench/convert), and so is the source registry's storage
+(pushed once with ``skopeo copy --preserve-digests``).
 
-Measured per tool: wall time of the command and its peak RSS (its own ``VmHWM``, polled from
-/proc; for nydusify that is the whole converter: streaming, building, pushing). Throughput is MB/s
-(10^6 bytes) of the source image's compressed layer bytes.
+Measured per tool: wall time, CPU time (user + system, children included) and peak RSS (the
+process's own ``VmHWM``, polled from /proc; for nydusify that is the whole converter).
+``--before SRC`` also converts with the nydus package under SRC (old code, same run);
+``--perf`` runs one more convert under ``perf record`` and attributes its CPU samples to the
+stages by library and symbol (inflate, zstd, blake3, sha256, kernel, Python). Throughput is
+MB/s (10^6 bytes) of the source image's compressed layer bytes.
 
-Writes ``bench/results/convert-<date>[-<size>].md`` and ``.json`` and prints the table.
+Writes ``bench/results/convert-<date>[-ml|-<size>].md`` and ``.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -266,41 +270,23 @@ class Result:
 
 
 def timed(name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> Result:
-    """Wall time, CPU time (user + system of the child and its children, from wait4) and peak
-    RSS (the child's own VmHWM, polled: rusage maxrss would include this driver's memory at
-    fork time)."""
-    import threading
+    """Wall time, CPU time (user + system of the child and its children: the growth of this
+    process's RUSAGE_CHILDREN, which only this child adds to meanwhile) and peak RSS (the
+    child's own VmHWM, polled: rusage maxrss would include this driver's memory at fork)."""
+    import resource
+
+    from oci_images import run_measured  # type: ignore[import-not-found]
 
     log_path = cwd / f"{name.replace(' ', '-')}.log"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "wb") as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
-        peak = [0]
-        done = threading.Event()
-
-        def poll() -> None:
-            while not done.is_set():
-                try:
-                    with open(f"/proc/{proc.pid}/status") as f:
-                        for line in f:
-                            if line.startswith("VmHWM:"):
-                                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-                except OSError:
-                    return
-                done.wait(0.02)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        _pid, status, ru = os.wait4(proc.pid, 0)
+        rc, peak = run_measured(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
         dt_s = time.monotonic() - t0
-        done.set()
-        poller.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    rc = proc.returncode
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     note = "" if rc == 0 else log_path.read_text(errors="replace")[-500:]
-    return Result(
-        name, " ".join(cmd), dt_s, ru.ru_utime + ru.ru_stime, peak[0] / 2**20, rc == 0, note
-    )
+    return Result(name, " ".join(cmd), dt_s, cpu, peak / 2**20, rc == 0, note)
 
 
 # perf symbol -> stage; first match wins (dso substring, symbol substring)
@@ -424,7 +410,16 @@ def main() -> int:
     # the source registry's storage is kept between runs (pushing 0.5 GB costs time)
     src_dir = work / f"src-registry-{layout.name}"
     src = RegistryServer("plain", src_dir).start()
-    dst = RegistryServer("plain", run_dir / "dst-registry").start()
+    dsts: list[Any] = []
+
+    def fresh_dst() -> str:
+        """A new empty target registry (the last one goes): no run finds blobs already there."""
+        if dsts:
+            dsts[-1].stop()
+            shutil.rmtree(dsts[-1].dir, ignore_errors=True)
+        dsts.append(RegistryServer("plain", run_dir / f"dst-{len(dsts)}").start())
+        return str(dsts[-1].host)
+
     env = {**os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     after_env = {**env, "PYTHONPATH": str(REPO / "src")}
     before_env = {**env, "PYTHONPATH": a.before} if a.before else None
@@ -475,7 +470,7 @@ def main() -> int:
                         "--src-tls-verify=false",
                         "--dest-tls-verify=false",
                         f"docker://{src.host}/bench:v1",
-                        f"docker://{dst.host}/skopeo{rnd}:v1",
+                        f"docker://{fresh_dst()}/skopeo:v1",
                     ],
                     run_dir,
                     env,
@@ -486,7 +481,7 @@ def main() -> int:
             results.append(
                 timed(
                     "nydusify convert",
-                    nydusify_cmd(src.host, dst.host, run_dir, tag),
+                    nydusify_cmd(src.host, fresh_dst(), run_dir, tag),
                     run_dir,
                     after_env,
                 )
@@ -498,16 +493,20 @@ def main() -> int:
                 results.append(
                     timed(
                         "nydusify convert (before)",
-                        nydusify_cmd(src.host, dst.host, run_dir, f"before{rnd}"),
+                        nydusify_cmd(src.host, fresh_dst(), run_dir, f"before{rnd}"),
                         run_dir,
                         before_env,
                     )
                 )
         if a.perf:
             stages = perf_breakdown(
-                nydusify_cmd(src.host, dst.host, run_dir, "perf"), run_dir, after_env
+                nydusify_cmd(src.host, fresh_dst(), run_dir, "perf"), run_dir, after_env
             )
         if a.check:
+            dst = fresh_dst()
+            subprocess.run(
+                nydusify_cmd(src.host, dst, run_dir, "after0"), env=after_env, check=True
+            )
             results.append(
                 timed(
                     "nydusify check",
@@ -517,7 +516,7 @@ def main() -> int:
                         "--source",
                         f"{src.host}/bench:v1",
                         "--target",
-                        f"{dst.host}/bench:after0",
+                        f"{dst}/bench:after0",
                         "--work-dir",
                         str(run_dir / "tmp-check"),
                     ],
@@ -527,7 +526,8 @@ def main() -> int:
             )
     finally:
         src.stop()
-        dst.stop()
+        if dsts:
+            dsts[-1].stop()
     a.load = (load_before, os.getloadavg()[0])
     report(results, total, compressed, a, conv, stages)
     shutil.rmtree(run_dir, ignore_errors=True)
