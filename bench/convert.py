@@ -1,23 +1,27 @@
-"""Convert benchmark: ``nydusify convert`` of a 1 GB+ multi-layer image, registry to registry,
-beside ``skopeo copy`` of the same image between the same two registries (the time just to
-move the bytes), in one run.
+"""Convert benchmark: ``nydusify convert`` registry to registry, beside ``skopeo copy`` of the
+same image between the same two registries (the time just to move the bytes), in one run.
 
-    .venv/bin/python bench/convert.py                  # ~1.2 GB uncompressed, 6 layers
-    .venv/bin/python bench/convert.py --size 128M      # a quick check
-    .venv/bin/python bench/convert.py --check          # also time nydusify check
+    .venv/bin/python bench/convert.py                      # the cold-start ml image (issue 15)
+    .venv/bin/python bench/convert.py --before /work/main/src --rounds 2 --perf
+    .venv/bin/python bench/convert.py --image synthetic --size 128M   # generated, a quick check
+    .venv/bin/python bench/convert.py --check              # also time nydusify check
 
 Two Debian ``docker-registry`` processes on 127.0.0.1 (source and target, so that neither
-tool can cross-repository mount its way out of moving the bytes). The image is generated
-here (tests/oci_images-style PAX tars, gzip level 1): per layer a mix of incompressible
-random files, hex text (compresses ~2:1) and many small files; it is cached as an OCI layout
-under ``--work`` (default /var/tmp/nydus-bench/convert) and pushed to the source registry with
-``skopeo copy --preserve-digests``.
+tool can cross-repository mount its way out of moving the bytes). ``--image ml`` (default) is
+the cold-start benchmark's image: bench/mlimage.py's cached gzip layers (built when missing)
+hard-linked into an OCI layout. ``--image synthetic`` generates one (tests/oci_images-style PAX
+tars, gzip level 1: random files, hex text, many small files). Layouts are cached under
+``--work`` (default /var/tmp/nydus-bench/convert), and so is the source registry's storage
+(pushed once with ``skopeo copy --preserve-digests``).
 
-Measured per tool: wall time of the command and its peak RSS (its own ``VmHWM``, polled from
-/proc; for nydusify that is the whole converter: streaming, building, pushing). Throughput is MB/s
-(10^6 bytes) of the source image's compressed layer bytes.
+Measured per tool: wall time, CPU time (user + system, children included) and peak RSS (the
+process's own ``VmHWM``, polled from /proc; for nydusify that is the whole converter).
+``--before SRC`` also converts with the nydus package under SRC (old code, same run);
+``--perf`` runs one more convert under ``perf record`` and attributes its CPU samples to the
+stages by library and symbol (inflate, zstd, blake3, sha256, kernel, Python). Throughput is
+MB/s (10^6 bytes) of the source image's compressed layer bytes.
 
-Writes ``bench/results/convert-<date>[-<size>].md`` and ``.json`` and prints the table.
+Writes ``bench/results/convert-<date>[-ml|-<size>].md`` and ``.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -150,6 +154,17 @@ def make_image(work: Path, total: int, layers: int) -> Path:
             f"in {time.monotonic() - t0:.0f}s",
             flush=True,
         )
+    _finish_layout(tmp, descs, diff_ids)
+    os.replace(tmp, layout)
+    return layout
+
+
+def _finish_layout(tmp: Path, descs: list[dict[str, Any]], diff_ids: list[str]) -> None:
+    """Config, manifest and index of a one-image OCI layout (tag ``v1``) in ``tmp``."""
+    from nydus.format import oci
+
+    blobs = tmp / "blobs" / "sha256"
+    layers = len(descs)
     cfg = json.dumps(
         {
             "architecture": "amd64",
@@ -188,8 +203,6 @@ def make_image(work: Path, total: int, layers: int) -> Path:
             }
         )
     )
-    os.replace(tmp, layout)
-    return layout
 
 
 def _sha256_file(p: Path) -> str:
@@ -206,68 +219,230 @@ def _sha256_stream(f: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def ml_layout(work: Path) -> tuple[Path, int]:
+    """An OCI layout of the cold-start benchmark's ml image (bench/mlimage.py's cached gzip
+    layers, hard-linked in); returns it and its uncompressed size."""
+    from mlimage import ml_layers
+
+    from nydus.format import oci
+
+    layout = work / "layout-ml"
+    layers = ml_layers()
+    total = sum(_gunzipped_size(p) for p, _ in layers)
+    if (layout / "index.json").exists():
+        return layout, total
+    tmp = work / "layout-ml.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    blobs = tmp / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    descs = []
+    for p, _ in layers:
+        digest = _sha256_file(p)
+        try:
+            os.link(p, blobs / digest[7:])
+        except OSError:
+            shutil.copyfile(p, blobs / digest[7:])
+        descs.append(
+            {"mediaType": oci.MEDIA_TYPE_OCI_LAYER_GZIP, "digest": digest, "size": p.stat().st_size}
+        )
+    _finish_layout(tmp, descs, [d for _, d in layers])
+    os.replace(tmp, layout)
+    return layout, total
+
+
+def _gunzipped_size(p: Path) -> int:
+    tar = p.with_suffix("")  # mlimage keeps layerN.tar beside layerN.tar.gz
+    if tar.is_file():
+        return tar.stat().st_size
+    with gzip.open(p, "rb") as f:
+        return sum(len(b) for b in iter(lambda: f.read(1 << 20), b""))
+
+
 @dataclass
 class Result:
     name: str
     command: str
     seconds: float
+    cpu_seconds: float
     max_rss_mb: float
     ok: bool
     note: str = ""
 
 
 def timed(name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> Result:
-    """Wall time and peak RSS (the child's own VmHWM, polled: rusage maxrss would include
-    this driver's memory at fork time)."""
+    """Wall time, CPU time (user + system of the child and its children: the growth of this
+    process's RUSAGE_CHILDREN, which only this child adds to meanwhile) and peak RSS (the
+    child's own VmHWM, polled: rusage maxrss would include this driver's memory at fork)."""
+    import resource
+
     from oci_images import run_measured  # type: ignore[import-not-found]
 
-    t0 = time.monotonic()
-    log = open(cwd / f"{name}.log", "wb")  # noqa: SIM115
-    rc, peak = run_measured(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
-    dt_s = time.monotonic() - t0
-    log.close()
-    note = ""
-    if rc != 0:
-        note = (cwd / f"{name}.log").read_text(errors="replace")[-500:]
-    return Result(name, " ".join(cmd), dt_s, peak / (1 << 20), rc == 0, note)
+    log_path = cwd / f"{name.replace(' ', '-')}.log"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log_path, "wb") as log:
+        t0 = time.monotonic()
+        rc, peak = run_measured(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
+        dt_s = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    note = "" if rc == 0 else log_path.read_text(errors="replace")[-500:]
+    return Result(name, " ".join(cmd), dt_s, cpu, peak / 2**20, rc == 0, note)
+
+
+# perf symbol -> stage; first match wins (dso substring, symbol substring)
+STAGES: list[tuple[str, str, str]] = [
+    ("isal", "", "gunzip"),
+    ("zlib_ng", "", "gunzip"),
+    ("libz.so", "", "gunzip"),
+    ("", "inflate", "gunzip"),
+    ("blake3", "", "chunk hash (blake3)"),
+    ("zstandard", "", "compress (zstd)"),
+    ("backend_c", "", "compress (zstd)"),
+    ("libzstd", "", "compress (zstd)"),
+    ("libcrypto", "", "sha256 (diff_id, blob digest)"),
+    ("_hashlib", "", "sha256 (diff_id, blob digest)"),
+    ("", "sha256", "sha256 (diff_id, blob digest)"),
+    ("kernel", "copy_", "kernel: copies (socket, file, pipe)"),
+    ("kernel", "", "kernel: other (syscalls, page faults, TCP)"),
+    ("libc", "mem", "libc memcpy/memset (Python-level copies)"),
+    ("python", "", "Python interpreter (tar parse, tree, bootstrap, HTTP, glue)"),
+    ("libc", "", "libc other (malloc, locks)"),
+]
+
+
+def perf_breakdown(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
+    """Share of CPU samples per stage of one more run of ``cmd`` under ``perf record``."""
+    data = cwd / "perf.data"
+    subprocess.run(
+        ["perf", "record", "-q", "-F", "499", "-o", str(data), "--", *cmd],
+        cwd=cwd,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    out = subprocess.run(
+        [
+            "perf",
+            "report",
+            "-i",
+            str(data),
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,sym",
+            "--percent-limit",
+            "0",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shares: dict[str, float] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[0].endswith("%"):
+            continue
+        pct, dso, sym = float(parts[0][:-1]), parts[1], " ".join(parts[3:])
+        stage = next(
+            (st for d, sy, st in STAGES if d in dso.lower() and sy in sym.lower()), "other"
+        )
+        shares[stage] = shares.get(stage, 0.0) + pct
+    data.unlink(missing_ok=True)
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+def nydusify_cmd(src: str, dst: str, run_dir: Path, tag: str) -> list[str]:
+    return [
+        str(VENV_BIN / "nydusify"),
+        "convert",
+        "--source",
+        f"{src}/bench:v1",
+        "--target",
+        f"{dst}/bench:{tag}",
+        "--work-dir",
+        str(run_dir / f"tmp-{tag}"),
+        "--output-json",
+        str(run_dir / f"{tag}.json"),
+    ]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="1200M", help="uncompressed image size (default 1200M)")
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument(
+        "--image",
+        choices=["ml", "synthetic"],
+        default="ml",
+        help="ml: the cold-start benchmark's image (bench/mlimage.py, default); "
+        "synthetic: generated, see --size/--layers",
+    )
+    ap.add_argument("--size", default="1200M", help="synthetic: uncompressed size")
+    ap.add_argument("--layers", type=int, default=6, help="synthetic: layer count")
     ap.add_argument("--work", default="/var/tmp/nydus-bench/convert")
+    ap.add_argument(
+        "--before",
+        metavar="SRC",
+        help="also convert with the nydus package under SRC (e.g. /work/main/src), same run",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each tool (best is reported)")
+    ap.add_argument(
+        "--perf",
+        action="store_true",
+        help="one more convert under perf record: CPU share per stage",
+    )
     ap.add_argument("--check", action="store_true", help="also time nydusify check")
     a = ap.parse_args()
-    total = parse_size(a.size)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     from registry import RegistryServer, os_env_without_proxy  # type: ignore[import-not-found]
 
-    print(f"image: {total / 1e6:.0f} MB in {a.layers} layers", flush=True)
-    layout = make_image(work, total, a.layers)
+    if a.image == "ml":
+        layout, total = ml_layout(work)
+        a.layers = 3
+    else:
+        total = parse_size(a.size)
+        layout = make_image(work, total, a.layers)
+    print(f"image {a.image}: {total / 1e6:.0f} MB uncompressed", flush=True)
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
-    src = RegistryServer("plain", run_dir / "src-registry").start()
-    dst = RegistryServer("plain", run_dir / "dst-registry").start()
+    # the source registry's storage is kept between runs (pushing 0.5 GB costs time)
+    src_dir = work / f"src-registry-{layout.name}"
+    src = RegistryServer("plain", src_dir).start()
+    dsts: list[Any] = []
+
+    def fresh_dst() -> str:
+        """A new empty target registry (the last one goes): no run finds blobs already there."""
+        if dsts:
+            dsts[-1].stop()
+            shutil.rmtree(dsts[-1].dir, ignore_errors=True)
+        dsts.append(RegistryServer("plain", run_dir / f"dst-{len(dsts)}").start())
+        return str(dsts[-1].host)
+
     env = {**os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    after_env = {**env, "PYTHONPATH": str(REPO / "src")}
+    before_env = {**env, "PYTHONPATH": a.before} if a.before else None
     results: list[Result] = []
+    conv: dict[str, Any] = {}
+    stages: dict[str, float] = {}
     load_before = os.getloadavg()[0]
     try:
-        subprocess.run(
-            [
-                "skopeo",
-                "copy",
-                "--quiet",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-                f"oci:{layout}:v1",
-                f"docker://{src.host}/bench:v1",
-            ],
-            check=True,
-            env=env,
-        )
+        if not (src_dir / "pushed").exists():
+            subprocess.run(
+                [
+                    "skopeo",
+                    "copy",
+                    "--quiet",
+                    "--preserve-digests",
+                    "--dest-tls-verify=false",
+                    f"oci:{layout}:v1",
+                    f"docker://{src.host}/bench:v1",
+                ],
+                check=True,
+                env=env,
+            )
+            (src_dir / "pushed").touch()
         man = json.loads(
             subprocess.run(
                 [
@@ -283,47 +458,55 @@ def main() -> int:
             ).stdout
         )
         compressed = sum(x["size"] for x in man["layers"])
-        subprocess.run(["sync"], check=False)
-        results.append(
-            timed(
-                "skopeo copy",
-                [
-                    "skopeo",
-                    "copy",
-                    "--quiet",
-                    "--src-tls-verify=false",
-                    "--dest-tls-verify=false",
-                    f"docker://{src.host}/bench:v1",
-                    f"docker://{dst.host}/skopeo:v1",
-                ],
-                run_dir,
-                env,
+        for rnd in range(a.rounds):
+            subprocess.run(["sync"], check=False)
+            results.append(
+                timed(
+                    "skopeo copy",
+                    [
+                        "skopeo",
+                        "copy",
+                        "--quiet",
+                        "--src-tls-verify=false",
+                        "--dest-tls-verify=false",
+                        f"docker://{src.host}/bench:v1",
+                        f"docker://{fresh_dst()}/skopeo:v1",
+                    ],
+                    run_dir,
+                    env,
+                )
             )
-        )
-        subprocess.run(["sync"], check=False)
-        results.append(
-            timed(
-                "nydusify convert",
-                [
-                    str(VENV_BIN / "nydusify"),
-                    "convert",
-                    "--source",
-                    f"{src.host}/bench:v1",
-                    "--target",
-                    f"{dst.host}/bench:v1-nydus",
-                    "--work-dir",
-                    str(run_dir / "tmp"),
-                    "--output-json",
-                    str(run_dir / "convert.json"),
-                ],
-                run_dir,
-                env,
+            subprocess.run(["sync"], check=False)
+            tag = f"after{rnd}"
+            results.append(
+                timed(
+                    "nydusify convert",
+                    nydusify_cmd(src.host, fresh_dst(), run_dir, tag),
+                    run_dir,
+                    after_env,
+                )
             )
-        )
-        conv: dict[str, Any] = {}
-        if (run_dir / "convert.json").exists():
-            conv = json.loads((run_dir / "convert.json").read_text())
+            if (run_dir / f"{tag}.json").exists():
+                conv = json.loads((run_dir / f"{tag}.json").read_text())
+            if before_env is not None:
+                subprocess.run(["sync"], check=False)
+                results.append(
+                    timed(
+                        "nydusify convert (before)",
+                        nydusify_cmd(src.host, fresh_dst(), run_dir, f"before{rnd}"),
+                        run_dir,
+                        before_env,
+                    )
+                )
+        if a.perf:
+            stages = perf_breakdown(
+                nydusify_cmd(src.host, fresh_dst(), run_dir, "perf"), run_dir, after_env
+            )
         if a.check:
+            dst = fresh_dst()
+            subprocess.run(
+                nydusify_cmd(src.host, dst, run_dir, "after0"), env=after_env, check=True
+            )
             results.append(
                 timed(
                     "nydusify check",
@@ -333,52 +516,73 @@ def main() -> int:
                         "--source",
                         f"{src.host}/bench:v1",
                         "--target",
-                        f"{dst.host}/bench:v1-nydus",
+                        f"{dst}/bench:after0",
                         "--work-dir",
-                        str(run_dir / "tmp"),
+                        str(run_dir / "tmp-check"),
                     ],
                     run_dir,
-                    env,
+                    after_env,
                 )
             )
     finally:
         src.stop()
-        dst.stop()
+        if dsts:
+            dsts[-1].stop()
     a.load = (load_before, os.getloadavg()[0])
-    report(results, total, compressed, a, conv)
+    report(results, total, compressed, a, conv, stages)
     shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if all(r.ok for r in results) else 1
 
 
 def report(
-    results: list[Result], total: int, compressed: int, a: argparse.Namespace, conv: dict[str, Any]
+    results: list[Result],
+    total: int,
+    compressed: int,
+    a: argparse.Namespace,
+    conv: dict[str, Any],
+    stages: dict[str, float],
 ) -> None:
     date = dt.date.today().isoformat()
-    suffix = "" if a.size == "1200M" else f"-{a.size}"
+    suffix = "-ml" if a.image == "ml" else ("" if a.size == "1200M" else f"-{a.size}")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     mans = conv.get("manifests") or [{}]
     target = mans[0].get("target_size", 0)
+    best: dict[str, Result] = {}
+    for r in results:
+        if r.name not in best or (r.ok and r.seconds < best[r.name].seconds):
+            best[r.name] = r
+    ref = best.get("skopeo copy")
+    what = (
+        "the cold-start benchmark's ml image (bench/mlimage.py)"
+        if a.image == "ml"
+        else "a synthetic image"
+    )
     lines = [
         f"# Convert benchmark ({date})",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}. Image: {total / 1e6:.0f} MB uncompressed in "
-        f"{a.layers} layers, {compressed / 1e6:.0f} MB as tar.gz (gzip -1); Nydus target "
+        f"{platform.python_version()}. Image: {what}, {total / 1e6:.0f} MB uncompressed in "
+        f"{a.layers} layers, {compressed / 1e6:.0f} MB as tar.gz; Nydus target "
         f"{target / 1e6:.0f} MB (zstd chunks). Two docker-registry processes on 127.0.0.1, "
-        "source and target, so no cross-repository mounts. One run each. Load average "
-        f"(1 min) {a.load[0]:.1f} before, {a.load[1]:.1f} after: other work on the machine "
+        "source and target, so no cross-repository mounts. "
+        f"{a.rounds} round(s), best of each tool shown. Load average (1 min) "
+        f"{a.load[0]:.1f} before, {a.load[1]:.1f} after: other work on the machine "
         "shares its 2 CPUs.",
         "",
-        "| tool | wall time (s) | MB/s of compressed layers | peak RSS (MB) | ok |",
-        "|---|---:|---:|---:|---|",
+        "| tool | wall time (s) | x skopeo | CPU (s) | MB/s of compressed layers | "
+        "peak RSS (MB) | ok |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for r in results:
+    for r in best.values():
         mbps = compressed / 1e6 / r.seconds if r.seconds else 0
+        ratio = r.seconds / ref.seconds if ref and ref.seconds else 0
         lines.append(
-            f"| {r.name} | {r.seconds:.1f} | {mbps:.1f} | {r.max_rss_mb:.0f} | "
-            f"{'yes' if r.ok else 'NO'} |"
+            f"| {r.name} | {r.seconds:.1f} | {ratio:.2f} | {r.cpu_seconds:.1f} | {mbps:.1f} | "
+            f"{r.max_rss_mb:.0f} | {'yes' if r.ok else 'NO'} |"
         )
+    if a.rounds > 1:
+        lines += ["", "Every run: " + "; ".join(f"{r.name} {r.seconds:.1f} s" for r in results)]
     if conv:
         lines += [
             "",
@@ -386,6 +590,18 @@ def report(
             f"{conv.get('deduped_chunks')} deduplicated; its own timer "
             f"{conv.get('seconds')} s.",
         ]
+    if stages:
+        cpu = best["nydusify convert"].cpu_seconds
+        lines += [
+            "",
+            "CPU by stage of one more convert under `perf record -F 499` (samples of every "
+            "thread, attributed by library and symbol), "
+            f"in CPU seconds of the best run's {cpu:.1f}:",
+            "",
+            "| stage | share of CPU | CPU s |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {k} | {v:.1f}% | {v * cpu / 100:.1f} |" for k, v in stages.items()]
     for r in results:
         if not r.ok:
             lines += ["", f"{r.name} failed: ```{r.note}```"]
@@ -395,12 +611,14 @@ def report(
         json.dumps(
             {
                 "date": date,
+                "image": a.image,
                 "size": total,
                 "layers": a.layers,
                 "compressed": compressed,
                 "target_size": target,
                 "load": list(a.load),
                 "results": [asdict(r) for r in results],
+                "cpu_stages_percent": stages,
             },
             indent=2,
         )

@@ -24,8 +24,9 @@ and copied (or mounted) into the target repository if it lacks them. With a back
 (``localfs``/``s3``/``oss``) data blobs go there and only the bootstrap layer is in the
 manifest.
 
-Threading: one thread per layer in flight (plus each builder's chunk pool); registry clients
-are shared; the first failure stops the other layers at their next read.
+Threading: one thread per layer in flight (plus each builder's chunk pool) and one per blob
+push; the prefix merges run on the calling thread while later layers build and blobs upload.
+Registry clients are shared; the first failure stops the other layers at their next read.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -57,7 +58,7 @@ from ..format import oci
 from ..metadata import open_bootstrap
 from ..registry import parse_reference
 from . import image as im
-from .progress import Progress, human
+from .progress import LayerProgress, Progress, human
 from .remote import Remote
 from .store import BlobStore, RegistryStore, make_store
 
@@ -80,6 +81,10 @@ T = TypeVar("T")
 
 class Cancelled(NydusError):
     """Another layer failed; this one stopped early."""
+
+
+class _LayerFailed(Exception):
+    """A layer's build or push failed (its future holds the error)."""
 
 
 @dataclass
@@ -338,7 +343,10 @@ class _ManifestJob:
     def _push(self, fn: Callable[[], T], what: str) -> T:
         return retry(fn, what, self.opts.push_retry_count, self.opts.push_retry_delay)
 
-    def layer(self, i: int, n: int, desc: oci.Descriptor, want_diff_id: str) -> LayerResult:
+    def layer(
+        self, i: int, n: int, desc: oci.Descriptor, want_diff_id: str
+    ) -> tuple[LayerResult, str, LayerProgress]:
+        """Build layer ``i``: its blob is left in a temporary file (see :meth:`push`)."""
         t0 = time.monotonic()
         short = desc.digest[7:19]
         lp = self.progress.layer(f"layer {i + 1}/{n} {short}", desc.size)
@@ -386,26 +394,9 @@ class _ManifestJob:
                 f"layer {desc.digest}: uncompressed digest {diff_id}, the config's diff_id is "
                 f"{want_diff_id}"
             )
-        blob_digest: str | None = None
-        pushed = False
-        if res.blob is not None:
-            # pushed from the layer's own file: identical layers give identical blobs, and
-            # their conversions may run at the same time
-            blob_digest = sink.digest
-            digest = blob_digest
-            force = opts.backend_force_push and opts.backend is not None
-            self.progress.set_state(lp, "pushing")
-            try:
-                pushed = self._push(
-                    lambda: self.store.push_file(digest, tmp, force), f"push of blob {blob_digest}"
-                )
-            finally:
-                if opts.keep_blobs:
-                    os.replace(tmp, os.path.join(blobs_dir, blob_digest[7:]))
-                else:
-                    os.unlink(tmp)
-        else:
+        if res.blob is None:
             os.unlink(tmp)
+            tmp = ""
         # one name per layer: two layers may share a blob (same data) but not their trees
         boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
         _write(boot_path, res.bootstrap)
@@ -414,74 +405,119 @@ class _ManifestJob:
             source_digest=desc.digest,
             source_size=desc.size,
             diff_id=diff_id,
-            blob_digest=blob_digest,
-            blob_size=sink.size if blob_digest else 0,
+            blob_digest=sink.digest if tmp else None,
+            blob_size=sink.size if tmp else 0,
             new_chunks=int(res.stats.get("new_chunks", 0)),
             deduped_chunks=int(res.stats.get("deduped_chunks", 0)),
             files=res.files,
-            pushed=pushed,
+            pushed=False,
             seconds=time.monotonic() - t0,
             bootstrap=boot_path,
         )
+        return lr, tmp, lp
+
+    def push(self, lr: LayerResult, tmp: str, lp: LayerProgress) -> None:
+        """Push the blob a :meth:`layer` left in ``tmp`` (none when ``tmp`` is empty), from
+        that file: identical layers give identical blobs, and may be built at the same time."""
+        t0 = time.monotonic()
+        if lr.blob_digest is not None:
+            digest = lr.blob_digest
+            force = self.opts.backend_force_push and self.opts.backend is not None
+            self.progress.set_state(lp, "pushing")
+            try:
+                lr.pushed = self._push(
+                    lambda: self.store.push_file(digest, tmp, force), f"push of blob {digest}"
+                )
+            finally:
+                if self.opts.keep_blobs:
+                    os.replace(tmp, os.path.join(self.work, "blobs", digest[7:]))
+                else:
+                    os.unlink(tmp)
+        lr.seconds += time.monotonic() - t0
         blob_txt = (
             (
-                f"blob {blob_digest[:19]} {human(lr.blob_size)} "
-                f"{'pushed' if pushed else 'already there'}"
+                f"blob {lr.blob_digest[:19]} {human(lr.blob_size)} "
+                f"{'pushed' if lr.pushed else 'already there'}"
             )
-            if blob_digest
+            if lr.blob_digest
             else "no new data"
         )
         self.progress.finish_layer(
             lp,
-            f"{lp.label}: {human(desc.size)} read, {lr.new_chunks + lr.deduped_chunks} "
+            f"{lp.label}: {human(lr.source_size)} read, {lr.new_chunks + lr.deduped_chunks} "
             f"chunks ({lr.deduped_chunks} deduplicated), {blob_txt}",
         )
-        return lr
 
-    def layers(self, sm: im.SourceManifest, diff_ids: list[str]) -> list[LayerResult]:
+    def layers(self, sm: im.SourceManifest, diff_ids: list[str]) -> tuple[list[LayerResult], str]:
+        """Convert every layer; returns them and the whole image's bootstrap.
+
+        ``parallel`` layers build at a time, largest first; each blob is pushed as soon as
+        its layer is built, and the prefix merges run (here, in layer order) as soon as their
+        layers are built, while later layers still build: the upload of the last blob overlaps
+        the last merge. The first failure stops the rest; the lowest layer's error is raised.
+        """
         n = len(sm.layers)
         par = self.opts.parallel or min(4, max(1, n))
-        results: list[LayerResult | None] = [None] * n
-        with ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as pool:
-            futs: dict[Future[LayerResult], int] = {
-                pool.submit(self.layer, i, n, d, diff_ids[i]): i for i, d in enumerate(sm.layers)
+        built: list[tuple[LayerResult, str, LayerProgress] | None] = [None] * n
+        parent: str | None = None
+        merged = 0
+        with (
+            ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as builders,
+            ThreadPoolExecutor(par, thread_name_prefix="nydusify-push") as pushers,
+        ):
+            # largest first: the biggest layer is the critical path, the small ones fill in
+            order = sorted(range(n), key=lambda i: -sm.layers[i].size)
+            futs: dict[Future[Any], int] = {
+                builders.submit(self.layer, i, n, sm.layers[i], diff_ids[i]): i for i in order
             }
-            done, _pending = wait(futs, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
+            pending: set[Future[Any]] = set(futs)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        if f.exception() is not None:
+                            raise _LayerFailed
+                        if built[futs[f]] is None:  # a build, not a push
+                            b = built[futs[f]] = f.result()
+                            pushed = pushers.submit(self.push, *b)
+                            futs[pushed] = futs[f]
+                            pending.add(pushed)
+                    while merged < n and (b := built[merged]) is not None:
+                        parent = self.merge_one(b[0], parent)
+                        merged += 1
+            except BaseException as e:
                 self.stop.set()
                 for f in futs:
                     f.cancel()
                 wait(futs)
+                for b in built:  # blobs whose push never started
+                    if b is not None and b[1] and os.path.exists(b[1]):
+                        os.unlink(b[1])
+                if not isinstance(e, _LayerFailed):
+                    raise
                 failed = [f for f in futs if not f.cancelled() and f.exception() is not None]
                 real = [f for f in failed if not isinstance(f.exception(), Cancelled)]
-                first = min(real or failed, key=lambda f: futs[f])
-                exc = first.exception()
+                exc = min(real or failed, key=lambda f: futs[f]).exception()
                 assert exc is not None
-                raise exc
-            for f, i in futs.items():
-                results[i] = f.result()
-        return [r for r in results if r is not None]
-
-    def merge(self, layers: list[LayerResult]) -> str:
-        """Prefix merges into ``bootstraps/<n>-<digest>``; returns the last (whole image)."""
-        parent: str | None = None
-        cd = self.cdict.path if self.cdict else None
-        for lr in layers:
-            mo = MergeOptions(
-                parent_bootstrap=parent,
-                chunk_dict_bootstrap=cd,
-                blob_digests=[lr.blob_digest[7:]] if lr.blob_digest else None,
-                blob_sizes=[lr.blob_size] if lr.blob_digest else None,
-                prefetch_paths=self.opts.prefetch_patterns,
-            )
-            res = merge_bootstraps([lr.bootstrap], mo)
-            path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
-            _write(path, res.bootstrap)
-            parent = path
+                raise exc from None
         if parent is None:
             raise FormatError("the image has no layers")
-        return parent
+        return [b[0] for b in built if b is not None], parent
+
+    def merge_one(self, lr: LayerResult, parent: str | None) -> str:
+        """The image up to layer ``lr`` (``parent``: up to the one below) as
+        ``bootstraps/<n>-<digest>``; returns its path."""
+        mo = MergeOptions(
+            parent_bootstrap=parent,
+            chunk_dict_bootstrap=self.cdict.path if self.cdict else None,
+            blob_digests=[lr.blob_digest[7:]] if lr.blob_digest else None,
+            blob_sizes=[lr.blob_size] if lr.blob_digest else None,
+            prefetch_paths=self.opts.prefetch_patterns,
+        )
+        res = merge_bootstraps([lr.bootstrap], mo)
+        path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
+        _write(path, res.bootstrap)
+        return path
 
 
 def _docker_format(opts: ConvertOptions, source_is_docker: bool) -> bool:
@@ -511,8 +547,7 @@ def _convert_manifest(
             for k in ("architecture", "os", "variant")
             if isinstance(cfg.get(k), str) and cfg[k]
         } or None
-    layers = job.layers(sm, [str(d) for d in diff_ids])
-    final = job.merge(layers)
+    layers, final = job.layers(sm, [str(d) for d in diff_ids])
     with open(final, "rb") as f:
         boot = f.read()
     own = {lr.blob_digest: lr.blob_size for lr in layers if lr.blob_digest}

@@ -116,6 +116,10 @@ class UploadSource:
         self._sent = 0
         buf = bytearray()
         for piece in self._raw_pieces():
+            if not buf and len(piece) == self._chunk:  # a file's reads: no copy
+                self._account(piece)
+                yield piece
+                continue
             buf += piece
             while len(buf) >= self._chunk:
                 out = bytes(buf[: self._chunk])
