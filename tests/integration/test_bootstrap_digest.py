@@ -265,9 +265,7 @@ def test_failover_carries_the_digest_and_checks_again(
         for fd in sup.fds:  # the previous hand-over's copy (the daemon has its own)
             os.close(fd)
         sup.fds = []
-        t = sup.receive()
-        d.client.put("/api/v1/daemon/fuse/sendfd")
-        t.join(30)
+        sup.take_state_of(d)
         assert not sup.errors and sup.payload
         assert d.proc is not None
         d.proc.send_signal(signal.SIGKILL)

@@ -72,10 +72,14 @@ class Supervisor:
         d.client.put("/api/v1/daemon/fuse/sendfd")
         t.join(30)
 
+    def give_back(self) -> threading.Thread:
+        """Give what was kept to the next daemon that connects (its takeover API call)."""
+        return self._serve_one(self._give_back)
+
     def hand_over_to(self, d: Nydusd) -> None:
         """Start ``d`` (an ``--upgrade`` daemon) and give it what was kept (the takeover API)."""
         d.start(expect_state="INIT")
-        t = self._serve_one(self._give_back)
+        t = self.give_back()
         d.client.put("/api/v1/daemon/fuse/takeover")
         t.join(30)
 
