@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_nydusd import Nydusd, cli, nydus_image, run
 
+from nydus.kernel_mount import mounts_at
 from upstream_style import upstream_inline_blob
 
 pytestmark = [
@@ -95,6 +96,8 @@ def test_restart_after_kill_explains_the_left_mounts(tmp_path: Path, mnt: Path) 
             assert (mnt / "d" / "b").read_bytes() == b"other\n"
     finally:
         d.stop()
+        for _ in mounts_at(mnt):  # what a failed run left (a dead mount fails stat)
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_nydusctl_mount_needs_a_shared_daemon_and_says_so(tmp_path: Path, mnt: Path) -> None:

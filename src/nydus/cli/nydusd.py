@@ -220,10 +220,10 @@ def _run(a: argparse.Namespace) -> int:
         raise ConfigError("--writable (userspace overlay) is not supported")
     if not a.mountpoint:
         raise ConfigError("--mountpoint is required")
+    if not a.upgrade:  # first: a killed daemon's FUSE mount fails stat (ENOTCONN)
+        _refuse_busy_mountpoint(os.path.abspath(a.mountpoint))
     if not os.path.isdir(a.mountpoint):
         raise ConfigError(f"--mountpoint {a.mountpoint}: not a directory")
-    if not a.upgrade:
-        _refuse_busy_mountpoint(os.path.abspath(a.mountpoint))
     if a.fuse_threads < 1 or a.fuse_threads > 1024:
         raise ConfigError("--fuse-threads must be in 1..1024")
     if a.upgrade and not a.supervisor:
