@@ -259,17 +259,24 @@ class _Blobs:
                     def read_at(off: int, n: int, bid: str = b.blob_id) -> bytes:
                         return be.read(bid, off, n)
 
-                    self.readers[b.index] = BlobReader(read_at, b, be.blob_size(b.blob_id))
+                    def meta_at(off: int, n: int, bid: str = b.meta_blob_id) -> bytes:
+                        return be.read(bid, off, n)
+
+                    m = b.meta_blob_id
+                    meta = BlobReader(meta_at, b, be.blob_size(m)) if m else None
+                    self.readers[b.index] = BlobReader(read_at, b, be.blob_size(b.blob_id), meta)
                     continue
-                path = os.path.join(scratch, check_blob_id(b.blob_id))
-                if not os.path.exists(path):
-                    tmp = path + ".part"
-                    with open(tmp, "wb") as f:
-                        for piece in target.client.get_blob_stream(
-                            target.repo, f"sha256:{b.blob_id}"
-                        ):
-                            f.write(piece)
-                    os.replace(tmp, path)
+                for bid in filter(None, (b.blob_id, b.meta_blob_id)):  # zran: its meta blob too
+                    path = os.path.join(scratch, check_blob_id(bid))
+                    if not os.path.exists(path):
+                        tmp = path + ".part"
+                        with open(tmp, "wb") as f:
+                            for piece in target.client.get_blob_stream(
+                                target.repo, f"sha256:{bid}"
+                            ):
+                                f.write(piece)
+                        os.replace(tmp, path)
+                path = os.path.join(scratch, b.blob_id)
                 reader, close = open_local_blob(path, b)
                 self.readers[b.index] = reader
                 self._closers.append(close)
