@@ -208,8 +208,13 @@ def _validate(
     want = [ld.digest for ld in blobs] + [tar_digest]
     if not isinstance(diff_ids, list) or diff_ids != want:
         problems.append(f"config rootfs.diff_ids {diff_ids!r} should be {want!r}")
-    table = {f"sha256:{b.blob_id}": b for b in md.blobs}
+    # a zran blob is listed by its meta blob (the layer it references: annotation nydus-ref)
+    table = {f"sha256:{b.meta_blob_id or b.blob_id}": b for b in md.blobs}
     listed = {ld.digest: ld for ld in blobs}
+    for d, b in table.items():
+        ref = listed[d].annotations.get(oci.ANNOTATION_NYDUS_REF) if d in listed else None
+        if b.meta_blob_id and ref != f"sha256:{b.blob_id}":
+            problems.append(f"meta blob {d}: {oci.ANNOTATION_NYDUS_REF} is {ref!r}")
     if backend or not blobs:
         ids = ann.get(oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS)
         if blobs:
@@ -230,7 +235,7 @@ def _validate(
         for d, b in table.items():
             if d not in listed:
                 problems.append(f"bootstrap blob {b.blob_id} is not a manifest layer")
-            elif listed[d].size != b.compressed_size:
+            elif listed[d].size != (b.meta_blob_size if b.meta_blob_id else b.compressed_size):
                 problems.append(
                     f"blob {b.blob_id}: manifest size {listed[d].size}, bootstrap "
                     f"{b.compressed_size}"
