@@ -5,6 +5,8 @@ the registry) shows every file of the source's overlay with the same bytes."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -12,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +77,8 @@ def test_oci_ref_convert_check_mount(
     want = OciRootfs()
     for ly in layers:
         want.apply(io.BytesIO(ly.blob))
-    mnt = tmp_path / "mnt"
-    env = {**registry.os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    log = open(tmp_path / "mount.log", "wb")  # noqa: SIM115
-    proxy.clear()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "nydusify"), "mount", "--target", f"{host}/zdst:ref",
-         "--mount-path", str(mnt), "--work-dir", str(tmp_path / "m"),
-         "--nydusd", shutil.which("nydusd", path=env["PATH"]) or "nydusd"],
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
-    try:
-        _wait_mount(mnt, proc, tmp_path / "mount.log")
+    big = max((n for _p, n in iter_tree(want.root) if n.kind == "file"), key=lambda n: n.size)
+    with _mount(tmp_path / "m", f"{host}/zdst:ref") as mnt:
         files = 0
         for path, node in iter_tree(want.root):
             if node.kind == "file":
@@ -95,6 +88,32 @@ def test_oci_ref_convert_check_mount(
         assert files > 10
         served = {ly.digest: proxy.blob_bytes(ly.digest) for ly in layers}
         assert sum(served.values()) > 0  # the data came from the original gzip layers
+    # a corrupted layer in the registry (the first byte of every ranged answer inverted)
+    # gives EIO, never wrong bytes; a fresh cache
+    proxy.add(*[registry.Fault("flip", path=ly.digest, times=None) for ly in layers])
+    with _mount(tmp_path / "m2", f"{host}/zdst:ref") as mnt:
+        big_path = next(p for p, n in iter_tree(want.root) if n is big)
+        with pytest.raises(OSError) as ei:
+            (mnt / os.fsdecode(big_path).lstrip("/")).read_bytes()
+        assert ei.value.errno == errno.EIO
+
+
+@contextlib.contextmanager
+def _mount(work: Path, ref: str) -> Iterator[Path]:
+    """``nydusify mount`` of ``ref`` (nydusd reading from the registry) while in the block."""
+    mnt = work / "mnt"
+    env = {**registry.os_env_without_proxy(), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    work.mkdir()
+    log = open(work / "mount.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "nydusify"), "mount", "--target", ref, "--mount-path", str(mnt),
+         "--work-dir", str(work / "w"),
+         "--nydusd", shutil.which("nydusd", path=env["PATH"]) or "nydusd"],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        _wait_mount(mnt, proc, work / "mount.log")
+        yield mnt
     finally:
         proc.terminate()
         rc = proc.wait(20)
