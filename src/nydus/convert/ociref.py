@@ -56,8 +56,11 @@ def convert_oci_ref(
         raise ConfigError(
             "--oci-ref takes no --backend-type, --chunk-dict, --merge-platform or --all-platforms"
         )
+    if opts.docker_v2_format:
+        raise ConfigError("--oci-ref writes an OCI manifest (the meta blobs' media type)")
     if target.ref.digest:
         raise ConfigError(f"--target {target.ref}: give a tag, not a digest")
+    opts.validate()
     t0 = time.monotonic()
     progress = progress or Progress(enabled=False)
     push = opts.push_retry_count, opts.push_retry_delay
