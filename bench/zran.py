@@ -29,11 +29,11 @@ from nydus.storage.zran import ZranChunks
 def _row(layer: str, spacing: int, sample: int) -> dict[str, float]:
     t0 = time.perf_counter()
     with open(layer, "rb") as f:
-        res = build_targz_ref(f, BuildOptions(), spacing=spacing)
+        res, meta_blob = build_targz_ref(f, BuildOptions(), spacing=spacing)
     build_s = time.perf_counter() - t0
     md = open_bootstrap(res.bootstrap)
     info = md.blobs[0]
-    meta = load_blob_meta(info, lambda s, e: b"", None)
+    meta = load_blob_meta(info, lambda s, e: meta_blob[s:e], None)
     assert meta.zran_table is not None
     zc = ZranChunks(info.blob_id, meta.ci, meta.zran_table)
     size = os.path.getsize(layer)

@@ -567,6 +567,7 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self._rng = random.Random(seed)
         self.records: list[ProxyRecord] = []
+        self.received = 0  # request body bytes forwarded (uploads the registry receives)
         self._lock = threading.Lock()
         owner = self
 
@@ -614,6 +615,7 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
             self.records.clear()
+            self.received = 0
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -692,6 +694,8 @@ class FaultProxy:
         method, path = h.command, h.path
         length = int(h.headers.get("Content-Length") or 0)
         req_body = h.rfile.read(length) if length else b""
+        with self._lock:
+            self.received += len(req_body)
         fault = self._take_fault(method, path)
         action = fault.action if fault else ""
         if fault is not None and action == "status":

@@ -544,3 +544,28 @@ def test_stock_ctr_pull_without_the_content_store_fails_clearly(
     assert len(res["skipped"]) == 3 and len(res["applied"]) == 1, res
     r = s.run(ref, "n1", "/bin/cat", "/etc/hello.txt")
     assert r.returncode == 0 and r.stdout == HELLO, r.stderr
+
+
+def test_oci_ref_image_with_stock_ctr(
+    bb: Image,
+    proxy: FaultProxy,
+    stack: StartStack,
+    registry_plain: RegistryServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A zran reference image (``nydusify convert --oci-ref``) runs with stock ``ctr`` like a
+    Nydus image: its data is read lazily from the original gzip layers of the OCI image."""
+    host = registry_plain.host
+    nydusify_convert(f"{host}/{bb.oci}", f"{host}/bbdata:1-ref", tmp_path / "conv", "--oci-ref")
+    body, _, _ = registry_plain.client().get_manifest("bbdata", "1")
+    layers = {ly["digest"]: ly["size"] for ly in json.loads(body)["layers"]}
+    s = stack(content_store=True)
+    ref = f"{proxy.host}/bbdata:1-ref"
+    _ctr_pull(s, ref)
+    assert sum(proxy.blob_bytes(d) for d in layers) == 0, "the pull downloaded layers"
+    r = s.run(ref, "z1", "/bin/sh", "-c", "cat /etc/os-release; md5sum /data/f03")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
+    fetched = sum(proxy.blob_bytes(d) for d in layers)
+    assert 0 < fetched < sum(layers.values()), (fetched, layers)
+    _remove_image(s, ref)

@@ -67,7 +67,12 @@ def zran_image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str
     blobs.mkdir()
     shutil.copy(tgz, blobs / blob_id)  # the registry's blob: the layer, unchanged
     boot = d / "boot"
-    nydus_image(d, "create", "-t", "targz-ref", "--zran-spacing", "0x20000", "-B", boot, tgz)
+    nydus_image(
+        d, "create", "-t", "targz-ref", "--zran-spacing", "0x20000", "-B", boot, "-D", blobs, tgz
+    )
+    # as upstream: the zran blob meta is a small blob of its own, named in the bootstrap
+    info = open_bootstrap(str(boot)).blobs[0]
+    assert info.meta_blob_id and (blobs / info.meta_blob_id).stat().st_size == info.meta_blob_size
     want = d / "want"
     want.mkdir()
     with tarfile.open(tgz) as tf:
@@ -130,6 +135,8 @@ def test_corrupted_gzip_range_gives_eio(
     raw = bytearray((Path(zran_image["blobs"]) / blob_id).read_bytes())
     with open_bootstrap(zran_image["boot"]) as md:
         c = md.chunks(md.resolve("/bin/random"))[1]
+        meta_id = md.blobs[0].meta_blob_id
+    shutil.copy(Path(zran_image["blobs"]) / meta_id, blobs / meta_id)
     mid = c.compressed_offset + c.compressed_size // 2  # bytes this chunk surely needs
     for i in range(mid, mid + 64):
         raw[i] ^= 0x5A
@@ -153,7 +160,7 @@ def test_corrupted_gzip_range_gives_eio(
 
 
 def test_merged_zran_layers(zran_image: dict[str, Path | str], tmp_path: Path) -> None:
-    """``merge`` carries each layer's zran blob meta into the image bootstrap."""
+    """``merge`` keeps each zran blob's layer digest and meta blob reference."""
     upper = tmp_path / "upper.tar.gz"
     with tarfile.open(upper, "w:gz") as tf:
         for name, data in (("etc/text", b"replaced\n"), ("new", os.urandom(300_000))):
@@ -163,7 +170,9 @@ def test_merged_zran_layers(zran_image: dict[str, Path | str], tmp_path: Path) -
     blobs = tmp_path / "blobs"
     shutil.copytree(zran_image["blobs"], blobs)
     shutil.copy(upper, blobs / hashlib.sha256(upper.read_bytes()).hexdigest())
-    nydus_image(tmp_path, "create", "-t", "targz-ref", "-B", tmp_path / "upper.boot", upper)
+    nydus_image(
+        tmp_path, "create", "-t", "targz-ref", "-B", tmp_path / "upper.boot", "-D", blobs, upper
+    )
     merged = tmp_path / "merged.boot"
     nydus_image(tmp_path, "merge", "-B", merged, zran_image["boot"], tmp_path / "upper.boot")
     nydus_image(tmp_path, "check", "-B", merged, "-D", blobs)

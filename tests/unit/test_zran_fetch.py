@@ -22,7 +22,9 @@ LAYER = Path("/work/shared/fixtures/nydus/zran/bgzip.tar.gz")
 
 
 def _fetcher(gz: bytes, requests: list[tuple[int, int]]) -> tuple[BlobFetcher, list, bytes]:
-    res = build_targz_ref(io.BytesIO(LAYER.read_bytes()), BuildOptions(chunk_size=0x10000))
+    res, meta_blob = build_targz_ref(
+        io.BytesIO(LAYER.read_bytes()), BuildOptions(chunk_size=0x10000)
+    )
     md = open_bootstrap(res.bootstrap)
     info = md.blobs[0]
 
@@ -33,7 +35,7 @@ def _fetcher(gz: bytes, requests: list[tuple[int, int]]) -> tuple[BlobFetcher, l
         requests.extend(rs)
         return [gz[s:e] for s, e in rs]
 
-    meta = load_blob_meta(info, fetch, None)
+    meta = load_blob_meta(info, lambda s, e: meta_blob[s:e], None)
     f = BlobFetcher(info, fetch, meta=lambda: meta, fetch_ranges=ranges, amplify_io=0)
     chunks = md.chunks(md.resolve("/bin/busybox"))
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(LAYER.read_bytes()))) as tf:

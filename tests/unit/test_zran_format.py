@@ -4,6 +4,7 @@ write for upstream's zran test layers inflate to exactly the bytes of ``gzip -dc
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from nydus.builder.build import BuildOptions
 from nydus.builder.targz_ref import build_targz_ref
 from nydus.errors import FormatError, IntegrityError
 from nydus.format import blob_meta as bm
+from nydus.format import rafs_v6 as v6
 from nydus.format import zran
 from nydus.metadata import open_bootstrap
 
@@ -69,10 +71,10 @@ def test_malformed_tables_are_format_errors() -> None:
 
 def _our_meta(layer: Path, spacing: int) -> tuple[list[bm.CiEntry], zran.ZranTable, bytes]:
     with layer.open("rb") as f:
-        res = build_targz_ref(f, BuildOptions(), spacing=spacing)
+        res, meta_blob = build_targz_ref(f, BuildOptions(), spacing=spacing)
     md = open_bootstrap(res.bootstrap)
     info = md.blobs[0]
-    tail = res.bootstrap[info.ci_offset :]
+    tail = meta_blob[info.ci_offset :]
     h = bm.CiHeader.unpack(tail[info.ci_compressed_size :])
     comp = codec.compressor_by_id(h.ci_compressor)
     data = codec.decompress(comp, tail[: h.ci_compressed_size], h.ci_uncompressed_size)
@@ -126,3 +128,36 @@ def test_corrupt_input_is_an_integrity_error() -> None:
             continue
         # deflate has no checksum of its own: wrong bytes are caught by the chunk digest
         assert out[off:] != want or bytes(bad) == bytes(raw)
+
+
+def test_the_meta_blob_is_laid_out_as_upstreams() -> None:
+    """``--blob`` of targz-ref: blob.meta at 0 (ci + zran table, zstd, then the 4 KiB header),
+    blob.digest, image.boot, the ToC; the bootstrap names it and vouches for its ToC."""
+    layer = FIX / "zran-two-streams.tar.gz"
+    with layer.open("rb") as f:
+        res, meta_blob = build_targz_ref(f, BuildOptions(), inline_bootstrap=True)
+    info = open_bootstrap(res.bootstrap).blobs[0]
+    assert info.blob_id == hashlib.sha256(layer.read_bytes()).hexdigest()
+    assert info.meta_blob_id == hashlib.sha256(meta_blob).hexdigest()
+    assert info.meta_blob_size == len(meta_blob) and info.ci_offset == 0
+    assert info.toc_digest == hashlib.sha256(meta_blob[-info.toc_size :]).digest()
+    toc = bm.unpack_toc(meta_blob[-info.toc_size : -bm.TAR_BLOCK])
+    names = [e.name for e in toc]
+    assert names == ["blob.meta", "blob.meta.header", "blob.digest", "image.boot"]
+    h = bm.CiHeader.unpack(meta_blob[info.ci_compressed_size : info.ci_compressed_size + 4096])
+    fixture = bm.CiHeader.unpack(META.read_bytes()[-4096:])
+    same = v6.BLOB_FEATURE_ALIGNED | v6.BLOB_FEATURE_CHUNK_INFO_V2 | v6.BLOB_FEATURE_ZRAN
+    assert h.features & same == fixture.features & same == same
+    assert h.features & v6.BLOB_FEATURE_SEPARATE and h.zran_count and h.zran_offset
+    name, size = bm.parse_tar_header(
+        meta_blob[toc[0].compressed_size + 4096 : toc[0].compressed_size + 4096 + 512]
+    )
+    assert (name, size) == ("blob.meta", toc[0].compressed_size + 4096)
+    digests = meta_blob[
+        toc[2].compressed_offset : toc[2].compressed_offset + toc[2].compressed_size
+    ]
+    assert len(digests) == 32 * info.chunk_count
+    boot = open_bootstrap(
+        meta_blob[toc[3].compressed_offset : toc[3].compressed_offset + toc[3].compressed_size]
+    )
+    assert boot.blobs[0].blob_id == info.blob_id  # the inner copy cannot name its own blob

@@ -35,7 +35,6 @@ from ..metadata.v6 import RafsV6Metadata
 from .bootstrap import BootstrapOptions, write_bootstrap
 from .build import _entry_of, _prefetch_order, tree_from_metadata
 from .overlay import apply_layer
-from .targz_ref import with_separate_metas
 from .tree import Node, iter_tree, new_dir
 
 __all__ = ["MergeOptions", "MergeResult", "merge_bootstraps", "blob_id_from_meta_path"]
@@ -107,7 +106,6 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
         raise ConfigError(f"unknown whiteout spec {opts.whiteout_spec!r}")
     _check_lists(len(sources), opts)
     blobs: list[v6.BlobEntry] = []
-    metas: dict[int, bytes] = {}  # table index -> a zran blob's meta carried by its bootstrap
     index_of: dict[str, int] = {}  # blob id as the layer bootstraps name it -> table index
     tree: Node | None = None
     chunk_size: int | None = None
@@ -150,8 +148,6 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
                 index_of[original] = len(blobs)
                 e.blob_index = len(blobs)
                 blobs.append(e)
-                if md.blobs[i].separate_meta:
-                    metas[e.blob_index] = md.blobs[i].separate_meta
             remap[i] = index_of[original]
         upper = tree_from_metadata(md, remap)
         if tree is None:
@@ -164,9 +160,7 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
     opts_of = partial(
         BootstrapOptions, chunk_size=chunk_size, compressor=compressor, digester=digester
     )
-    boot = with_separate_metas(
-        lambda b: write_bootstrap(tree, opts_of(blobs=b, prefetch=table)), blobs, metas
-    )
+    boot = write_bootstrap(tree, opts_of(blobs=blobs, prefetch=table))
     refs = {(c.blob_index, c.index) for _p, n in iter_tree(tree) for c in _chunks(n)}
     return MergeResult(boot, blobs, {"layers": len(sources), "chunks": len(refs)})
 

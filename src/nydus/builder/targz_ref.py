@@ -9,8 +9,11 @@ BlobWriter and remembers where each lies in the uncompressed stream. At the end 
 gets the last access point before it; the used access points become the zran contexts.
 
 The bootstrap's blob is the layer itself (blob id: sha256 of the .tar.gz) with features
-zran | separate: its blob meta (ci array v2, contexts, windows; zstd) follows the RAFS
-metadata in the bootstrap file, at the blob table's ``ci_offset``.
+zran | separate | has_toc: as upstream, its blob meta (ci array v2, contexts, windows; zstd)
+is a small blob of its own, the "meta blob" (``--blob``): ``blob.meta`` (at offset 0, the
+table's ``ci_offset``), ``blob.digest``, optionally ``image.boot``, and the ToC, each with
+its tar header. The bootstrap names it by ``blob_meta_digest`` / ``blob_meta_size`` and
+vouches for its ToC (``blob_toc_digest``); the bootstrap inside it cannot, and has zeros.
 
 Single-threaded apart from the layer reader's producer thread (whose records are read only
 after it ended).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO, cast
 
@@ -44,6 +47,9 @@ _FEATURES = (
     | v6.BLOB_FEATURE_CHUNK_INFO_V2
     | v6.BLOB_FEATURE_ZRAN
     | v6.BLOB_FEATURE_SEPARATE
+    | v6.BLOB_FEATURE_INLINED_CHUNK_DIGEST
+    | v6.BLOB_FEATURE_HAS_TAR_HEADER
+    | v6.BLOB_FEATURE_HAS_TOC
 )
 
 
@@ -140,6 +146,7 @@ class _ZranChunks:
         self.chunk_size = opts.chunk_size
         self.blob_index = blob_index
         self.chunks: list[_Chunk] = []
+        self.digests: list[bytes] = []  # per ci entry (upstream's blob.digest)
         self.zran_count = self.zran_offset = 0
 
     def add_file(
@@ -196,6 +203,7 @@ class _ZranChunks:
                 size, True,
             )  # fmt: skip
             cis.append(e)
+            self.digests.append(c.digest)
             seen[c.digest] = ref
             cast(list[ChunkInfo], c.node.chunks).append(ref)
             upos += size + (-size % 4096)
@@ -243,16 +251,16 @@ def build_targz_ref(
     *,
     spacing: int = DEFAULT_SPACING,
     limits: TarLimits | None = None,
-) -> BuildResult:
-    """A zran image of the tar.gz read from ``stream``: the bootstrap carries the blob meta."""
+    inline_bootstrap: bool = False,
+) -> tuple[BuildResult, bytes]:
+    """A zran image of the tar.gz read from ``stream``: the bootstrap and upstream's meta blob
+    (``--blob``: blob meta, digest array, with ``inline_bootstrap`` the bootstrap, ToC)."""
     if opts.parent_bootstrap or opts.chunk_dict_bootstrap or opts.prefetch_paths:
         raise ConfigError("targz-ref builds take no parent, chunk dict or prefetch list")
-    if opts.inline_bootstrap:
-        raise ConfigError("targz-ref cannot inline the bootstrap: the blob is the tar.gz")
     if spacing < 0x8000:
         raise ConfigError("--zran-spacing must be at least 32 KiB")
     opts.validate()
-    opts = replace(opts, compressor="gzip")  # as upstream: the chunks are gzip (zran)
+    opts = replace(opts, compressor="gzip", inline_bootstrap=False)  # upstream: gzip (zran)
     base = _prepare(opts)
     ls = _ZranStream(stream, spacing)
     with ls:
@@ -260,44 +268,71 @@ def build_targz_ref(
         layer = _load(ls, cast(BlobWriter, writer), opts.chunk_size, None, limits or TarLimits())
     made = writer.finish()
     blobs: list[v6.BlobEntry] = []
-    metas: dict[int, bytes] = {}
-    result = None
+    meta_blob, result = b"", None
     if made is not None:
         entry, meta = made
-        ci_comp = codec.compressor_by_name("zstd")
-        ci_data, ok = codec.compress(ci_comp, meta)
-        if not ok:
-            ci_comp, ci_data = codec.compressor_by_name("none"), meta
-        entry.ci_compressor, entry.ci_compressed_size = ci_comp.id, len(ci_data)
-        header = bm.CiHeader(
-            _FEATURES, ci_comp.id, entry.chunk_count, 0, len(ci_data), len(meta),
-            writer.zran_offset, len(meta) - writer.zran_offset, writer.zran_count,
-        )  # fmt: skip
+        entry.features |= v6.BLOB_FEATURE_INLINED_FS_META if inline_bootstrap else 0
+        blobs = [entry]
         result = BlobResult(entry, entry.chunk_count, 0, 0)
-        blobs, metas = [entry], {entry.blob_index: ci_data + header.pack()}
-    boot = with_separate_metas(lambda b: _bootstrap(layer.root, b, opts, []), blobs, metas)
+        sections = _meta_sections(entry, meta, writer)
+
+        def boot_of(e: v6.BlobEntry) -> bytes:
+            return _bootstrap(layer.root, [e], opts, [])
+
+        entry.blob_toc_size = (len(sections) + inline_bootstrap) * bm.TOC_ENTRY_SIZE + bm.TAR_BLOCK
+        inner = boot_of(entry) if inline_bootstrap else None  # ToC and meta digests unknown
+        meta_blob = _pack_sections(sections, inner)
+        entry.blob_meta_digest = hashlib.sha256(meta_blob).digest()
+        entry.blob_meta_size = len(meta_blob)
+        entry.blob_toc_digest = hashlib.sha256(meta_blob[-entry.blob_toc_size :]).digest()
+    boot = _bootstrap(layer.root, blobs, opts, [])
     files = sum(1 for _p, n in iter_tree(layer.root) if n.is_reg)
     stats = {"new_chunks": len(writer.chunks), "contexts": writer.zran_count}
     res = BuildResult(boot, result, blobs, layer.bytes_read, files, {**stats, **layer.stats()})
-    return res
+    return res, meta_blob
 
 
-def with_separate_metas(
-    make: Callable[[list[v6.BlobEntry]], bytes], blobs: list[v6.BlobEntry], metas: dict[int, bytes]
-) -> bytes:
-    """``make(blobs)`` followed by the blob metas (ci data + header) of zran blobs (by table
-    index), each 4 KiB aligned, with the blobs' and headers' ``ci_offset`` pointing there."""
-    pos = len(make(blobs))
-    tail = bytearray()
-    for e in blobs:
-        m = metas.get(e.blob_index)
-        if not m:
-            continue
-        pad = -pos % 4096
-        e.ci_offset = pos + pad
-        h = bm.CiHeader.unpack(m[-bm.CI_HEADER_SIZE :])
-        h.ci_offset = e.ci_offset
-        tail += bytes(pad) + m[: -bm.CI_HEADER_SIZE] + h.pack()
-        pos += pad + len(m)
-    boot = make(blobs)
-    return boot + bytes(tail)
+def _meta_sections(
+    entry: v6.BlobEntry, meta: bytes, writer: _ZranChunks
+) -> list[tuple[str, bytes, bm.TocEntry]]:
+    """The meta blob's sections before the bootstrap: (name, bytes, ToC entry at offset 0)."""
+    ci_comp = codec.compressor_by_name("zstd")
+    ci_data, ok = codec.compress(ci_comp, meta)
+    if not ok:
+        ci_comp, ci_data = codec.compressor_by_name("none"), meta
+    entry.ci_compressor, entry.ci_compressed_size = ci_comp.id, len(ci_data)
+    header = bm.CiHeader(
+        entry.features, ci_comp.id, entry.chunk_count, 0, len(ci_data), len(meta),
+        writer.zran_offset, len(meta) - writer.zran_offset, writer.zran_count,
+    ).pack()  # fmt: skip
+    raw = bm.TOC_FLAG_COMPRESSION_NONE
+    digests = b"".join(writer.digests)
+    return [
+        (bm.TOC_ENTRY_BLOB_META, ci_data + header,
+         bm.TocEntry(bm.TOC_COMPRESSION.get(ci_comp.name, 1), bm.TOC_ENTRY_BLOB_META,
+                     hashlib.sha256(meta).digest(), 0, len(ci_data), len(meta))),
+        ("", b"", bm.TocEntry(raw, bm.TOC_ENTRY_BLOB_META_HEADER, hashlib.sha256(header).digest(),
+                              len(ci_data), len(header), len(header))),
+        (bm.TOC_ENTRY_BLOB_DIGEST, digests,
+         bm.TocEntry(raw, bm.TOC_ENTRY_BLOB_DIGEST, hashlib.sha256(digests).digest(), 0,
+                     len(digests), len(digests))),
+    ]  # fmt: skip
+
+
+def _pack_sections(sections: list[tuple[str, bytes, bm.TocEntry]], boot: bytes | None) -> bytes:
+    """``data | tar header`` per section, then the ToC (offsets filled in here)."""
+    if boot is not None:
+        d = hashlib.sha256(boot).digest()
+        e = bm.TocEntry(
+            bm.TOC_FLAG_COMPRESSION_NONE, bm.TOC_ENTRY_BOOTSTRAP, d, 0, *[len(boot)] * 2
+        )
+        sections = [*sections, (bm.TOC_ENTRY_BOOTSTRAP, boot, e)]
+    out = bytearray()
+    toc: list[bm.TocEntry] = []
+    for name, data, e in sections:
+        if name:  # the header entry lies inside blob.meta: its offset is already right
+            e = replace(e, compressed_offset=len(out))
+            out += data + bm.tar_header(name, len(data))
+        toc.append(e)
+    toc_bytes = b"".join(e.pack() for e in toc)
+    return bytes(out) + toc_bytes + bm.tar_header(bm.TOC_ENTRY_BLOB_TOC, len(toc_bytes))

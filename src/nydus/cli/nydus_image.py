@@ -302,10 +302,10 @@ def cmd_create(a: argparse.Namespace) -> int:
     if a.batch_size:
         raise UnsupportedError("--batch-size: batched chunks are not supported (use 0)")
     from_tar = a.type in TAR_TYPES
-    if a.type == "targz-ref" and a.bootstrap:
-        return _create_targz_ref(a)
     if from_tar and not (a.blob or a.blob_dir):
         raise ConfigError("both --blob and --blob-dir are missing")
+    if a.type == "targz-ref":
+        return _create_targz_ref(a)
     prefetch = None
     if a.prefetch_policy == "fs":
         if from_tar and a.source == "-":
@@ -411,24 +411,36 @@ def cmd_create(a: argparse.Namespace) -> int:
 
 
 def _create_targz_ref(a: argparse.Namespace) -> int:
-    """The bootstrap of a zran image; its blob is the source tar.gz itself."""
+    """A zran image: the bootstrap and the meta blob; the data blob is the source tar.gz."""
     from ..builder.targz_ref import build_targz_ref
 
     opts = BuildOptions(chunk_size=a.chunk_size, digester=a.digester)
-    _check_output_dirs(("-B/--bootstrap", a.bootstrap), ("-J/--output-json", a.output_json))
+    _check_output_dirs(
+        ("-B/--bootstrap", a.bootstrap), ("-b/--blob", a.blob), ("-J/--output-json", a.output_json)
+    )
     t0 = time.monotonic()
     src = _open_tar(a.source)
     try:
-        res = build_targz_ref(src, opts, spacing=a.zran_spacing)
+        res, meta_blob = build_targz_ref(
+            src, opts, spacing=a.zran_spacing, inline_bootstrap=a.blob_inline_meta
+        )
     finally:
         if src is not sys.stdin.buffer:
             src.close()
-    _write_file(a.bootstrap, res.bootstrap)
+    if a.bootstrap:
+        _write_file(a.bootstrap, res.bootstrap)
     blob_id = res.blobs[0].blob_id if res.blobs else None
+    if meta_blob:
+        meta_id = hashlib.sha256(meta_blob).hexdigest()
+        if a.blob_dir:
+            os.makedirs(a.blob_dir, exist_ok=True)
+        _write_file(a.blob or os.path.join(a.blob_dir, meta_id), meta_blob)
+        print(f"meta blob: {meta_id}")
     _emit_json(a.output_json, _create_json(a, res, blob_id, time.monotonic() - t0))
     if blob_id:
         print(f"blob: {blob_id}")
-    print(f"bootstrap: {a.bootstrap}")
+    if a.bootstrap:
+        print(f"bootstrap: {a.bootstrap}")
     return 0
 
 

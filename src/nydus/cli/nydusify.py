@@ -141,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     flag(c, "--fs-align-chunk", help="always on for v6")
     c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
+    c.add_argument("--oci-ref", action="store_true", help="a zran image of the gzip layers")
     c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
     flag(c, "--prefetch-patterns", help="read prefetch paths from stdin, one per line")
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
@@ -362,6 +363,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         parallel=a.parallel,
         backend_force_push=a.backend_force_push,
     )
+    if a.oci_ref:
+        from ..convert.ociref import convert_oci_ref as convert  # type: ignore[assignment]
     return _source_to_target(a, target, lambda src, dst: convert(src, dst, opts, Progress()))
 
 

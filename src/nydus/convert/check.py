@@ -208,8 +208,13 @@ def _validate(
     want = [ld.digest for ld in blobs] + [tar_digest]
     if not isinstance(diff_ids, list) or diff_ids != want:
         problems.append(f"config rootfs.diff_ids {diff_ids!r} should be {want!r}")
-    table = {f"sha256:{b.blob_id}": b for b in md.blobs}
+    # a zran blob is listed by its meta blob (the layer it references: annotation nydus-ref)
+    table = {f"sha256:{b.meta_blob_id or b.blob_id}": b for b in md.blobs}
     listed = {ld.digest: ld for ld in blobs}
+    for d, b in table.items():
+        ref = listed[d].annotations.get(oci.ANNOTATION_NYDUS_REF) if d in listed else None
+        if b.meta_blob_id and ref != f"sha256:{b.blob_id}":
+            problems.append(f"meta blob {d}: {oci.ANNOTATION_NYDUS_REF} is {ref!r}")
     if backend or not blobs:
         ids = ann.get(oci.ANNOTATION_NYDUS_REFERENCE_BLOB_IDS)
         if blobs:
@@ -230,7 +235,7 @@ def _validate(
         for d, b in table.items():
             if d not in listed:
                 problems.append(f"bootstrap blob {b.blob_id} is not a manifest layer")
-            elif listed[d].size != b.compressed_size:
+            elif listed[d].size != (b.meta_blob_size if b.meta_blob_id else b.compressed_size):
                 problems.append(
                     f"blob {b.blob_id}: manifest size {listed[d].size}, bootstrap "
                     f"{b.compressed_size}"
@@ -259,17 +264,24 @@ class _Blobs:
                     def read_at(off: int, n: int, bid: str = b.blob_id) -> bytes:
                         return be.read(bid, off, n)
 
-                    self.readers[b.index] = BlobReader(read_at, b, be.blob_size(b.blob_id))
+                    def meta_at(off: int, n: int, bid: str = b.meta_blob_id) -> bytes:
+                        return be.read(bid, off, n)
+
+                    m = b.meta_blob_id
+                    meta = BlobReader(meta_at, b, be.blob_size(m)) if m else None
+                    self.readers[b.index] = BlobReader(read_at, b, be.blob_size(b.blob_id), meta)
                     continue
-                path = os.path.join(scratch, check_blob_id(b.blob_id))
-                if not os.path.exists(path):
-                    tmp = path + ".part"
-                    with open(tmp, "wb") as f:
-                        for piece in target.client.get_blob_stream(
-                            target.repo, f"sha256:{b.blob_id}"
-                        ):
-                            f.write(piece)
-                    os.replace(tmp, path)
+                for bid in filter(None, (b.blob_id, b.meta_blob_id)):  # zran: its meta blob too
+                    path = os.path.join(scratch, check_blob_id(bid))
+                    if not os.path.exists(path):
+                        tmp = path + ".part"
+                        with open(tmp, "wb") as f:
+                            for piece in target.client.get_blob_stream(
+                                target.repo, f"sha256:{bid}"
+                            ):
+                                f.write(piece)
+                        os.replace(tmp, path)
+                path = os.path.join(scratch, b.blob_id)
                 reader, close = open_local_blob(path, b)
                 self.readers[b.index] = reader
                 self._closers.append(close)

@@ -79,8 +79,9 @@ class BlobInfo:
     toc_size: int = 0
     toc_digest: bytes = b""
     meta_features: int = 0
-    # a zran blob's meta (ci data + header) carried by the bootstrap (features: separate)
-    separate_meta: bytes = field(default=b"", repr=False, compare=False)
+    # features separate (zran): the blob meta (ci data, header, ToC) lives in its own blob
+    meta_blob_id: str = ""
+    meta_blob_size: int = 0
 
     def __post_init__(self) -> None:
         check_blob_id(self.blob_id)

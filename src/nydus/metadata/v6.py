@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 from .. import codec
 from ..errors import FormatError, NotFoundError, NydusError
-from ..format import blob_meta as bm
 from ..format import erofs
 from ..format import rafs_v6 as v6
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, Nid, RafsMetadata
@@ -97,13 +96,6 @@ class RafsV6Metadata(RafsMetadata):
             raise FormatError(f"{what} [{off}, +{size}) lies outside the bootstrap")
         return self._mv[off : off + size]
 
-    def _separate_meta(self, e: v6.BlobEntry) -> bytes:
-        """A zran blob's meta (ci data + header) stored after the RAFS metadata, if here."""
-        end = e.ci_offset + e.ci_compressed_size + bm.CI_HEADER_SIZE
-        if not e.features & v6.BLOB_FEATURE_SEPARATE or not e.ci_offset or end > len(self.data):
-            return b""
-        return bytes(self._mv[e.ci_offset : end])
-
     def _read_blob_table(self) -> list[BlobInfo]:
         ext, sb = self.ext, self.sb
         if ext.blob_table_size % v6.BLOB_ENTRY_SIZE:
@@ -149,7 +141,8 @@ class RafsV6Metadata(RafsMetadata):
                     toc_size=e.blob_toc_size,
                     toc_digest=e.blob_toc_digest,
                     meta_features=e.features,
-                    separate_meta=self._separate_meta(e),
+                    meta_blob_id=_meta_blob_id(e),
+                    meta_blob_size=e.blob_meta_size,
                 )
             )
         return out
@@ -379,3 +372,10 @@ class RafsV6Metadata(RafsMetadata):
         if not 0 < rec.uncompressed_size <= v6.MAX_CHUNK_SIZE:
             raise FormatError(f"file {nid}: chunk {ci} has size {rec.uncompressed_size}")
         return ChunkInfo.of_record(rec, foff, rec.crc32)
+
+
+def _meta_blob_id(e: v6.BlobEntry) -> str:
+    """The id of a ``SEPARATE`` blob's meta blob (sha256 in ``blob_meta_digest``), else ""."""
+    if not e.features & v6.BLOB_FEATURE_SEPARATE or not any(e.blob_meta_digest):
+        return ""
+    return e.blob_meta_digest.hex()

@@ -46,10 +46,19 @@ class BlobTrailer:
 
 
 class BlobReader:
-    def __init__(self, read_at: ReadAt, info: BlobInfo, size: int | None = None) -> None:
+    """Chunks and trailer of one blob; ``meta`` reads a zran blob's separate meta blob."""
+
+    def __init__(
+        self,
+        read_at: ReadAt,
+        info: BlobInfo,
+        size: int | None = None,
+        meta: BlobReader | None = None,
+    ) -> None:
         self.read_at = read_at
         self.info = info
         self.size = info.compressed_size if size is None else size
+        self.meta = meta or self
         self.compressor = codec.compressor_by_name(info.compressor)
         self.digester = codec.digester_by_name(info.digester)
         self._zran: ZranChunks | None = None
@@ -87,23 +96,19 @@ class BlobReader:
 
     def _zran_chunks(self) -> ZranChunks:
         if self._zran is None:
-            meta = load_blob_meta(self.info, lambda s, e: self._read(s, e - s, "blob meta"), None)
+            m = self.meta
+            meta = load_blob_meta(self.info, lambda s, e: m._read(s, e - s, "blob meta"), None)
             self._zran = ZranChunks(self.info.blob_id, meta.ci, meta.zran_table)
         return self._zran
 
-    def _meta_bytes(self, off: int, n: int, what: str) -> bytes:
-        sep = self.info.separate_meta  # a zran blob's meta lives in the bootstrap
-        rel = off - self.info.ci_offset
-        return sep[rel : rel + n] if sep else self._read(off, n, what)
-
     def trailer(self) -> BlobTrailer:
         """Parse ToC, ci header, ci array and digest array, checking their digests."""
-        info = self.info
+        info, m = self.info, self.meta
         toc: list[bm.TocEntry] = []
         if info.features & v6.BLOB_FEATURE_HAS_TOC and info.toc_size:
-            if info.toc_size < bm.TAR_BLOCK or info.toc_size > self.size:
+            if info.toc_size < bm.TAR_BLOCK or info.toc_size > m.size:
                 raise FormatError(f"blob {info.blob_id}: bad ToC size {info.toc_size}")
-            tail = self._read(self.size - info.toc_size, info.toc_size, "ToC")
+            tail = m._read(m.size - info.toc_size, info.toc_size, "ToC")
             if any(info.toc_digest) and hashlib.sha256(tail).digest() != info.toc_digest:
                 raise IntegrityError(f"blob {info.blob_id}: ToC digest mismatch")
             name, size = bm.parse_tar_header(tail[-bm.TAR_BLOCK :])
@@ -117,12 +122,12 @@ class BlobReader:
             info.ci_uncompressed_size,
         )
         ci_comp = codec.compressor_by_name(info.ci_compressor)
-        ci_raw = self._meta_bytes(ci_off, ci_csize, "chunk info array")
+        ci_raw = m._read(ci_off, ci_csize, "chunk info array")
         ci_data = codec.decompress(ci_comp, ci_raw, ci_usize) if ci_comp.id else ci_raw
         meta = by_name.get(bm.TOC_ENTRY_BLOB_META)
         if meta and hashlib.sha256(ci_data).digest() != meta.digest:
             raise IntegrityError(f"blob {info.blob_id}: chunk info array digest mismatch")
-        raw_header = self._meta_bytes(ci_off + ci_csize, bm.CI_HEADER_SIZE, "ci header")
+        raw_header = m._read(ci_off + ci_csize, bm.CI_HEADER_SIZE, "ci header")
         hent = by_name.get(bm.TOC_ENTRY_BLOB_META_HEADER)
         if hent and hashlib.sha256(raw_header).digest() != hent.digest:
             raise IntegrityError(f"blob {info.blob_id}: ci header digest mismatch")
@@ -146,7 +151,7 @@ class BlobReader:
         if dent is not None:
             if dent.compressed_size != 32 * info.chunk_count:
                 raise FormatError(f"blob {info.blob_id}: digest array has the wrong size")
-            raw = self._read(dent.compressed_offset, dent.compressed_size, "digest array")
+            raw = m._read(dent.compressed_offset, dent.compressed_size, "digest array")
             if hashlib.sha256(raw).digest() != dent.digest:
                 raise IntegrityError(f"blob {info.blob_id}: digest array digest mismatch")
             digests = [raw[i : i + 32] for i in range(0, len(raw), 32)]
@@ -154,14 +159,27 @@ class BlobReader:
 
 
 def open_local_blob(path: str, info: BlobInfo) -> tuple[BlobReader, Callable[[], None]]:
-    """A reader over a local blob file and a function that closes it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    size = os.fstat(fd).st_size
+    """A reader over a local blob file and a function that closes it; a zran blob's meta
+    blob is the file named by its id beside it."""
+    fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC)]
 
-    def read_at(off: int, n: int) -> bytes:
-        return os.pread(fd, n, off)
+    def close() -> None:
+        for fd in fds:
+            os.close(fd)
 
-    return BlobReader(read_at, info, size), lambda: os.close(fd)
+    def reader(fd: int, meta: BlobReader | None = None) -> BlobReader:
+        return BlobReader(lambda off, n: os.pread(fd, n, off), info, os.fstat(fd).st_size, meta)
+
+    meta = None
+    if info.meta_blob_id:
+        try:
+            mpath = os.path.join(os.path.dirname(path), check_blob_id(info.meta_blob_id))
+            fds.append(os.open(mpath, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            close()
+            raise
+        meta = reader(fds[1])
+    return reader(fds[0], meta), close
 
 
 class LocalBlobChunks:

@@ -178,18 +178,26 @@ class BlobDevice:
         def fetch_ranges(ranges: Sequence[tuple[int, int]]) -> list[bytes]:
             return backend.read_ranges(blob_id, [(s, e - s) for s, e in ranges])
 
+        # a zran blob's meta (ci, ToC, digests) is a blob of its own (upstream's meta blob)
+        meta_id = info.meta_blob_id or blob_id
+        meta_fetch = backend.fetcher(meta_id) if info.meta_blob_id else fetch
+
         def blob_size() -> int:
+            if info.meta_blob_id:
+                return info.meta_blob_size or backend.blob_size(meta_id)
             return info.compressed_size or backend.blob_size(blob_id)
 
         def meta() -> BlobMeta | None:
             if not has_ci(info):
                 return None
-            return load_blob_meta(info, fetch, work_dir, verify_toc=True, blob_size=blob_size())
+            return load_blob_meta(
+                info, meta_fetch, work_dir, verify_toc=True, blob_size=blob_size()
+            )
 
         def digests() -> list[bytes] | None:
             if not any(info.toc_digest):
                 return None  # a ToC the bootstrap does not vouch for cannot vouch for digests
-            return load_digests(info, fetch, work_dir, blob_size())
+            return load_digests(info, meta_fetch, work_dir, blob_size())
 
         lookup = self.chunk_lookup
 

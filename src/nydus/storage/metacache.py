@@ -155,7 +155,7 @@ def load_blob_meta(
             except NydusError as e:
                 log.warning("blob meta %s is invalid (%s); fetching it again", path, e)
     start = info.ci_offset
-    raw = info.separate_meta or fetch(start, start + info.ci_compressed_size + bm.CI_HEADER_SIZE)
+    raw = fetch(start, start + info.ci_compressed_size + bm.CI_HEADER_SIZE)
     h = bm.CiHeader.unpack(raw[info.ci_compressed_size :])
     _check_header(info, h)
     comp = codec.compressor_by_name(info.ci_compressor)
