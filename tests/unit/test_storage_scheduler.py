@@ -79,6 +79,22 @@ def test_user_jobs_go_out_at_once_and_ahead_of_queued_prefetch() -> None:
         sched.close()
 
 
+def test_user_jobs_started_behind_prefetch_in_flight_are_counted() -> None:
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    hold, running = threading.Event(), threading.Event()
+    try:
+        assert sched.run_user([lambda: 1]) == [1]
+        sched.submit_prefetch(
+            PrefetchJob(lambda: running.set() or hold.wait(10), lambda: None, 4096)
+        )
+        assert running.wait(10)
+        assert sched.run_user([lambda: 2]) == [2]  # shares the link with 4096 prefetch bytes
+        assert sched.behind_prefetch == [1, 4096]
+    finally:
+        hold.set()
+        sched.close()
+
+
 def test_a_users_request_runs_on_its_own_thread_while_a_slot_is_free() -> None:
     """No hand-off to a fetch thread and back for a read's (first) request; the others of
     the read go to the slots, in parallel with it."""
