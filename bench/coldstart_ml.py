@@ -413,7 +413,10 @@ def daemon_counters(stack: NydusStack) -> dict[str, int]:
     """READs the daemon served (FUSE or blob device), backend requests and bytes."""
     from nydus.daemon.client import NydusdClient
 
-    out = {"reads": 0, "backend_requests": 0, "backend_bytes": 0, "prefetch_bytes": 0}
+    out = dict.fromkeys(
+        ("reads", "backend_requests", "backend_bytes", "prefetch_bytes", "behind", "behind_bytes"),
+        0,
+    )
     state = json.loads((stack.sn_root / "daemons" / "state.json").read_text())
     for d in state.get("daemons", []):
         c = NydusdClient(d["apisock"], timeout=10)
@@ -424,6 +427,8 @@ def daemon_counters(stack: NydusStack) -> dict[str, int]:
         out["backend_bytes"] += int(b.get("read_amount_total", 0))
         bc = c.metrics("blobcache")
         out["prefetch_bytes"] += int(bc.get("prefetch_data_amount", 0))
+        out["behind"] += int(bc.get("readpath_behind_prefetch", 0))  # newer daemons only
+        out["behind_bytes"] += int(bc.get("readpath_behind_prefetch_bytes", 0))
     return out
 
 
@@ -533,6 +538,8 @@ class MlRound:
     second_run_s: float | None = None  # prefetch_all: a 2nd container once prefetch is done
     native_wait_s: float | None = None  # prefetch_all: from the 2nd run's end to the native switch
     native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
+    behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
+    second_run_at: tuple[float, float] | None = None  # the 2nd run's wall-clock start and end
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -654,6 +661,7 @@ def ml_round(
         r.registry_bytes = img.meta[tag] + ctr["backend_bytes"]
         r.reads, r.backend_requests = ctr["reads"], ctr["backend_requests"]
         r.backend_bytes, r.prefetch_bytes = ctr["backend_bytes"], ctr["prefetch_bytes"]
+        r.behind_prefetch = (ctr["behind"], ctr["behind_bytes"])
         if scenario.second_run:
             t3 = time.monotonic()
             if not wait_prefetch_done(stack, PREFETCH_WAIT_S):
@@ -662,12 +670,17 @@ def ml_round(
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
             t5 = time.monotonic()
             r.prefetch_wait_s, r.second_run_s = t4 - t3, t5 - t4
+            r.second_run_at = (time.time() - (time.monotonic() - t4), time.time())
             if wait_native(stack, NATIVE_WAIT_S):
                 t6 = time.monotonic()
                 _ctr_run(stack, ["run", "--rm", *snap, ref, "c3", "/bin/sh", "-c", cmd], expect)
                 r.native_wait_s, r.native_run_s = t6 - t5, time.monotonic() - t6
         return r
     finally:
+        if keep := os.environ.get("NYDUS_BENCH_KEEP_LOGS"):  # nydusd's logs, for timelines
+            for log_file in (stack.sn_root / "daemons").glob("*.log"):
+                (Path(keep) / tmp.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(log_file, Path(keep) / tmp.name / log_file.name)
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -34,6 +34,9 @@ def round_line(r: MlRound) -> str:
     )
     if r.prefetch_bytes:
         line += f", prefetch {_mib(r.prefetch_bytes)}"
+    if r.behind_prefetch[0]:
+        n, b = r.behind_prefetch
+        line += f", {n} user requests behind prefetch ({_mib(b)} then in flight)"
     if r.second_run_s is not None:
         line += f", prefetch done {r.prefetch_wait_s:.1f}s later, 2nd run {r.second_run_s:.2f}s"
     if r.native_run_s is not None:

@@ -1,7 +1,8 @@
 """User reads first: the fetch scheduler on its own (slot order, the prefetch cap, close) and
 through a blob device over an in-process fake link that records the order in which requests
-start and can hold any of them (promotion of queued prefetch, waiting on in-flight prefetch,
-no new prefetch while a user read waits, prefetch completing when users are idle)."""
+start and can hold any of them (a read of a queued prefetch batch's chunk, waiting on
+in-flight prefetch, no new prefetch while a user read waits, prefetch completing when users
+are idle)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,22 @@ def test_user_jobs_go_out_at_once_and_ahead_of_queued_prefetch() -> None:
     finally:
         p_hold.set()
         u_hold.set()
+        sched.close()
+
+
+def test_user_jobs_started_behind_prefetch_in_flight_are_counted() -> None:
+    sched = FetchScheduler(slots=1, prefetch_cap=1)
+    hold, running = threading.Event(), threading.Event()
+    try:
+        assert sched.run_user([lambda: 1]) == [1]
+        sched.submit_prefetch(
+            PrefetchJob(lambda: running.set() or hold.wait(10), lambda: None, 4096)
+        )
+        assert running.wait(10)
+        assert sched.run_user([lambda: 2]) == [2]  # shares the link with 4096 prefetch bytes
+        assert sched.behind_prefetch == [1, 4096]
+    finally:
+        hold.set()
         sched.close()
 
 
@@ -349,7 +366,10 @@ def test_user_read_goes_out_before_queued_prefetch(img: Image, tmp_path: Path) -
         dev.close()
 
 
-def test_user_read_promotes_the_queued_prefetch_of_its_chunk(img: Image, tmp_path: Path) -> None:
+def test_user_read_of_a_queued_batch_fetches_only_its_chunk(img: Image, tmp_path: Path) -> None:
+    """A read wanting a chunk of a queued prefetch batch fetches that chunk alone at user
+    priority (not the whole batch: on a slow link the rest is the reader's wait); the batch
+    stays queued and later fetches the rest, each chunk once."""
     link = Link(img)
     big = chunks_of(img, "/big")
     link.hold(big[0].index)
@@ -365,13 +385,12 @@ def test_user_read_promotes_the_queued_prefetch_of_its_chunk(img: Image, tmp_pat
         want = next(c for c in big if c.index == target.index)
         (data,) = dev.read_chunks([want])  # while prefetch is stuck on its first batch
         assert data == img.files["/big"][want.file_offset : want.file_offset + len(data)]
-        # the batch left the queue and went out at user priority, as one request
-        assert link.started_chunks()[1] == [c.index for c in work[2]]
+        assert link.started_chunks()[1] == [target.index]  # the user's request: its chunk
+        assert dev._blob(0).fetcher.scheduler.prefetch_queued == len(work) - 1  # batch kept
         link.release_all()
         assert dev.wait_prefetch(20)
         fetched = fetched_chunk_indexes(link.backend, img)
         assert sorted(fetched) == sorted(c.index for b in work for c in b)  # each once
-        assert len(data_requests(link.backend, img)) == len(work)  # no batch split up
     finally:
         link.release_all()
         dev.close()

@@ -448,6 +448,8 @@ class BlobDevice:
         with self._lock:
             states = list(self._state.values())
         m = self.cache_metrics
+        m.set("readpath_behind_prefetch", self.scheduler.behind_prefetch[0])
+        m.set("readpath_behind_prefetch_bytes", self.scheduler.behind_prefetch[1])
         m.data_all_ready = (
             bool(self.work_dir)
             and len(states) == len(self.blobs)

@@ -111,6 +111,8 @@ class BlobcacheMetrics:
         "readpath_verify_micros",  # hashing them
         "readpath_cache_micros",  # writing them to the blob cache
         "readpath_ahead_requests",  # read-ahead windows of sequential reads
+        "readpath_behind_prefetch",  # user requests started with prefetch requests in flight
+        "readpath_behind_prefetch_bytes",  # the prefetch bytes then in flight (summed)
     )
 
     def __init__(self, id: str, store_path: str) -> None:

@@ -129,7 +129,7 @@ class Prefetcher:
                 if self._stop.is_set():
                     return
                 _n, nbytes = fetcher.prefetch(
-                    batch, job=job, max_request=self.merging_size, before_fetch=self.bucket.acquire
+                    batch, max_request=self.merging_size, before_fetch=self.bucket.acquire
                 )
                 if nbytes:
                     self.metrics.add("prefetch_requests_count")
@@ -141,7 +141,7 @@ class Prefetcher:
             finally:
                 self._done_one()
 
-        def dropped() -> None:  # closed, or a user read took the batch and fetched it
+        def dropped() -> None:  # closed before it ran
             with self._cond:
                 self._jobs.discard(key)
             self._done_one()
@@ -150,7 +150,7 @@ class Prefetcher:
         key = (fetcher, job)
         with self._cond:
             self._jobs.add(key)
-        fetcher.queue_prefetch(batch, job)
+        fetcher.queue_prefetch(job)
 
     def run_async(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` (which usually calls :meth:`submit`) on its own thread; :meth:`wait`

@@ -18,10 +18,10 @@ first, and verifies and caches what it fetched). Jobs come in two classes, each 
   of prefetch already in flight, and the hold-off keeps prefetch off it between the closely
   spaced reads of a busy workload.
 
-A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`): the blob
-fetcher does so when a user read wants one of its chunks, and fetches the batch itself at user
-priority (:class:`nydus.storage.fetcher.BlobFetcher` keeps which queued job holds which chunk;
-its in-flight table makes sure no chunk is fetched twice).
+A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`: the
+prefetcher drops its queued batches so at close). :attr:`FetchScheduler.behind_prefetch` counts
+the user jobs that started while prefetch requests were in flight (they share the link with
+them), and the prefetch bytes then in flight.
 
 Threading contract: thread-safe. One lock (a condition) guards the queues and counters; jobs
 run outside it. Callers may hold their own locks when they call :meth:`take` (it never blocks
@@ -108,6 +108,7 @@ class FetchScheduler:
         self._user_seen = float("-inf")  # when a user job or user demand last ended
         self._prefetch_running = 0
         self._prefetch_bytes_running = 0
+        self.behind_prefetch = [0, 0]  # user jobs started with prefetch in flight, its bytes
         self._closed = False
         self._threads: list[threading.Thread] = []
 
@@ -132,6 +133,8 @@ class FetchScheduler:
                 raise NydusError("fetch scheduler is closed")
             inline = jobs[:1] if self._user_running + len(self._user) < self.slots else []
             self._user_running += len(inline)
+            if inline:
+                self._note_user_start_locked()
             if len(jobs) > len(inline):
                 self._start_locked(self._user_slot, "nydus-fetch", self.slots)
                 self._user.extend(jobs[len(inline) :])  # type: ignore[arg-type]
@@ -209,6 +212,11 @@ class FetchScheduler:
 
     # ------------------------------------------------------------------ the slots
 
+    def _note_user_start_locked(self) -> None:
+        if self._prefetch_running:
+            self.behind_prefetch[0] += 1
+            self.behind_prefetch[1] += self._prefetch_bytes_running
+
     def _user_job_ended(self) -> None:
         with self._cond:
             self._user_running -= 1
@@ -228,6 +236,7 @@ class FetchScheduler:
                     return
                 job = self._user.popleft()
                 self._user_running += 1
+                self._note_user_start_locked()
             try:
                 job.run()
             finally:
