@@ -15,6 +15,8 @@ print(torch.ones(2).sum())"``. Scenarios, each from a fresh containerd and snaps
   background while the workload runs);
 * ``optimized``: the optimized image (prefetch blob + prefetch table from W1's pattern),
   ``fs_prefetch`` on (the table's files, no ``prefetch_all``);
+* ``ociref``: the zran reference image (``nydusify convert --oci-ref``: a bootstrap and meta
+  blobs; nydusd reads the original gzip layers with range requests), no prefetch;
 * ``oci``: containerd's overlayfs pull of the OCI image, then ``ctr run``; a second ``ctr run``
   on the unpacked image gives the warm run time.
 
@@ -65,7 +67,7 @@ WORKLOADS = {
     "W1": ("python3 -c 'import numpy, pandas; print(\"ok\")'", "ok"),
     "W2": ("python3 -c 'import torch; print(torch.ones(2).sum())'", "tensor(2.)"),
 }
-BASES = ("lazy", "prefetch_all", "optimized", "oci")
+BASES = ("lazy", "prefetch_all", "optimized", "ociref", "oci")
 PREFETCH = {"enable": True, "threads_count": 4, "merging_size": 1 << 20}
 BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
 PREFETCH_WAIT_S = 600.0  # at most this long for prefetch_all to finish before the 2nd run
@@ -238,12 +240,15 @@ class MlImage:
     oci: str = "ml:1"
     nydus: str = "ml:1-nydus"
     opt: str = "ml:1-opt"
+    ref: str = "ml:1-ref"  # nydusify convert --oci-ref
     oci_bytes: int = 0  # manifest + config + layers
     meta: dict[str, int] = field(default_factory=dict)  # tag -> manifest+config+bootstrap
     blobs: dict[str, int] = field(default_factory=dict)  # tag -> data blob bytes
     rootfs_bytes: int = 0
     entries: int = 0
     convert_s: float = 0.0
+    ref_convert_s: float = 0.0
+    ref_convert_load: float = 0.0  # 1-minute load average when the --oci-ref conversion ended
     optimize_s: float = 0.0
     prefetch_files: int = 0
     optimize_report: dict[str, Any] = field(default_factory=dict)
@@ -382,6 +387,30 @@ def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
         reg.stop()
     info_path.write_text(json.dumps(asdict(img), indent=1))
     return storage, img
+
+
+def prepare_ociref(work: Path, storage: Path, img: MlImage) -> None:
+    """``ml:1-ref`` converted from ``ml:1`` with ``nydusify convert --oci-ref`` (timed; once,
+    cached in ``work/ml-image.json`` with the image's other figures)."""
+    if img.ref in img.meta:
+        return
+    reg = fetch.Registry(storage, "127.0.0.1:5057")
+    try:
+        print("ml: nydusify convert --oci-ref ...", flush=True)
+        t0 = time.monotonic()
+        _run(
+            [venv_tool("nydusify"), "convert", "--oci-ref", "--plain-http",
+             "--source", f"{reg.addr}/{img.oci}", "--target", f"{reg.addr}/{img.ref}",
+             "--work-dir", str(work / "convert-ref")],
+            "nydusify convert --oci-ref",
+        )  # fmt: skip
+        img.ref_convert_s = time.monotonic() - t0
+        img.ref_convert_load = os.getloadavg()[0]
+        shutil.rmtree(work / "convert-ref", ignore_errors=True)
+        img.meta[img.ref], img.blobs[img.ref] = _sizes(reg.addr, img.ref)
+    finally:
+        reg.stop()
+    (work / "ml-image.json").write_text(json.dumps(asdict(img), indent=1))
 
 
 def needed_bytes(boot: Path, pattern: list[dict[str, Any]]) -> tuple[int, int]:
@@ -625,7 +654,7 @@ def ml_round(
     stack = start_stack(tmp, scenario, free_port(), base_src)
     cmd, expect = WORKLOADS[workload]
     oci = scenario.base == "oci"
-    tag = img.oci if oci else img.opt if scenario.base == "optimized" else img.nydus
+    tag = {"oci": img.oci, "optimized": img.opt, "ociref": img.ref}.get(scenario.base, img.nydus)
     ref = f"{host}/{tag}"
     snap = [] if oci else ["--snapshotter", "nydus"]
     try:
@@ -696,11 +725,13 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     if base is not None:
         compile_bytecode(base / "nydus")
     storage, img = prepare(work, record)
+    scenarios = [parse_scenario(s) for s in args.scenarios.split(",") if s]
+    if any(s.base == "ociref" for s in scenarios):
+        prepare_ociref(work, storage, img)
     needed = {
         wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
         for wl in WORKLOADS
     }
-    scenarios = [parse_scenario(s) for s in args.scenarios.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     rates = {f"{int(x)} mbit": int(x) for x in args.rates.split(",") if x}
     rounds: list[MlRound] = []
@@ -715,7 +746,7 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
                         r = ml_round(
                             sc, wl, link, proxy.addr, img, work, i, veth_bytes, free_port, base
                         )
-                        if sc.base != "oci":
+                        if sc.base not in ("oci", "ociref"):  # ociref: other chunks
                             r.needed = needed[wl]
                         rounds.append(r)
                         print("  " + mlreport.round_line(r), flush=True)
