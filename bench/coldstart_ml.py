@@ -28,6 +28,8 @@ read amplification of the default config with another in the same run. A ``prefe
 prefetch is done, and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
 local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
+``ociref+zran=N`` converts and runs the reference image with access points every N compressed
+bytes (``256k``, ``1m``; 512 KiB otherwise), tagged ``ml:1-ref-<N>k``.
 ``+base`` runs the scenario with the snapshotter and nydusd of ``--base-src`` (another source
 tree, e.g. ``git archive main src``): the old-code anchor of an A/B in the same run. Report,
 plots and the issue's targets: bench/mlreport.py.
@@ -83,6 +85,12 @@ class Scenario:
     hog: bool = False
     amplify_io: int | None = None
     base_src: bool = False  # +base: the snapshotter and nydusd from --base-src (A/B anchor)
+    zran_spacing: int | None = None  # ociref+zran=N: the reference image converted with N
+
+    def tag(self, img: MlImage) -> str:
+        if self.base == "ociref" and self.zran_spacing is not None:
+            return f"{img.ref}-{self.zran_spacing >> 10}k"
+        return {"oci": img.oci, "optimized": img.opt, "ociref": img.ref}.get(self.base, img.nydus)
 
     @property
     def second_run(self) -> bool:
@@ -94,19 +102,19 @@ def parse_scenario(name: str) -> Scenario:
     base, *mods = name.split("+")
     if base not in BASES:
         raise SystemExit(f"coldstart: unknown scenario {name!r} (bases: {', '.join(BASES)})")
-    hog, amp, base_src = False, None, False
+    hog, amp, base_src, zran = False, None, False, None
     for m in mods:
         if m == "hog":
             hog = True
         elif m == "base":
             base_src = True
-        elif m.startswith("amp="):
-            v = m[4:].lower()
-            mult = {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
-            amp = int(v.rstrip("km")) * mult
+        elif m.startswith(("amp=", "zran=")):
+            v = m.split("=", 1)[1].lower()
+            n = int(v.rstrip("km")) * {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
+            amp, zran = (n, zran) if m.startswith("amp=") else (amp, n)
         else:
             raise SystemExit(f"coldstart: unknown scenario modifier {m!r} in {name!r}")
-    return Scenario(name, base, hog, amp, base_src)
+    return Scenario(name, base, hog, amp, base_src, zran)
 
 
 def nydusd_config(scenario: Scenario | None) -> dict[str, Any]:
@@ -247,8 +255,8 @@ class MlImage:
     rootfs_bytes: int = 0
     entries: int = 0
     convert_s: float = 0.0
-    ref_convert_s: float = 0.0
-    ref_convert_load: float = 0.0  # 1-minute load average when the --oci-ref conversion ended
+    # --oci-ref tag -> [conversion seconds, 1-minute load average at its end, zran spacing]
+    ref_convert: dict[str, list[float]] = field(default_factory=dict)
     optimize_s: float = 0.0
     prefetch_files: int = 0
     optimize_report: dict[str, Any] = field(default_factory=dict)
@@ -389,10 +397,11 @@ def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
     return storage, img
 
 
-def prepare_ociref(work: Path, storage: Path, img: MlImage) -> None:
-    """``ml:1-ref`` converted from ``ml:1`` with ``nydusify convert --oci-ref`` (timed; once,
-    cached in ``work/ml-image.json`` with the image's other figures)."""
-    if img.ref in img.meta:
+def prepare_ociref(work: Path, storage: Path, img: MlImage, sc: Scenario) -> None:
+    """The scenario's reference image (``ml:1-ref[-Nk]``) converted from ``ml:1`` with
+    ``nydusify convert --oci-ref`` (timed; once, cached in ``work/ml-image.json``)."""
+    tag, spacing = sc.tag(img), sc.zran_spacing or 0x80000
+    if tag in img.meta:
         return
     reg = fetch.Registry(storage, "127.0.0.1:5057")
     try:
@@ -400,14 +409,13 @@ def prepare_ociref(work: Path, storage: Path, img: MlImage) -> None:
         t0 = time.monotonic()
         _run(
             [venv_tool("nydusify"), "convert", "--oci-ref", "--plain-http",
-             "--source", f"{reg.addr}/{img.oci}", "--target", f"{reg.addr}/{img.ref}",
-             "--work-dir", str(work / "convert-ref")],
+             "--source", f"{reg.addr}/{img.oci}", "--target", f"{reg.addr}/{tag}",
+             "--zran-spacing", str(spacing), "--work-dir", str(work / "convert-ref")],
             "nydusify convert --oci-ref",
         )  # fmt: skip
-        img.ref_convert_s = time.monotonic() - t0
-        img.ref_convert_load = os.getloadavg()[0]
+        img.ref_convert[tag] = [time.monotonic() - t0, os.getloadavg()[0], spacing]
         shutil.rmtree(work / "convert-ref", ignore_errors=True)
-        img.meta[img.ref], img.blobs[img.ref] = _sizes(reg.addr, img.ref)
+        img.meta[tag], img.blobs[tag] = _sizes(reg.addr, tag)
     finally:
         reg.stop()
     (work / "ml-image.json").write_text(json.dumps(asdict(img), indent=1))
@@ -654,7 +662,7 @@ def ml_round(
     stack = start_stack(tmp, scenario, free_port(), base_src)
     cmd, expect = WORKLOADS[workload]
     oci = scenario.base == "oci"
-    tag = {"oci": img.oci, "optimized": img.opt, "ociref": img.ref}.get(scenario.base, img.nydus)
+    tag = scenario.tag(img)
     ref = f"{host}/{tag}"
     snap = [] if oci else ["--snapshotter", "nydus"]
     try:
@@ -726,8 +734,9 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
         compile_bytecode(base / "nydus")
     storage, img = prepare(work, record)
     scenarios = [parse_scenario(s) for s in args.scenarios.split(",") if s]
-    if any(s.base == "ociref" for s in scenarios):
-        prepare_ociref(work, storage, img)
+    for sc in scenarios:
+        if sc.base == "ociref":
+            prepare_ociref(work, storage, img, sc)
     needed = {
         wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
         for wl in WORKLOADS

@@ -140,17 +140,20 @@ def summarize(
 
 
 def _ociref_line(img: MlImage) -> str:
-    """The reference image's conversion beside the full one (empty when not converted)."""
-    if img.ref not in img.meta:
-        return ""
+    """The reference images' conversions beside the full one (empty when none was made)."""
     full = img.meta[img.nydus] + img.blobs[img.nydus]
-    ref = img.meta[img.ref] + img.blobs[img.ref]
+    parts = [
+        f"`{tag}` (spacing {int(spacing) >> 10} KiB): converted in {secs:.0f}s at load "
+        f"{load:.1f}, artifact {_mib(img.meta[tag] + img.blobs[tag])} (meta blobs "
+        f"{_mib(img.blobs[tag])}, pull metadata {_mib(img.meta[tag])})"
+        for tag, (secs, load, spacing) in img.ref_convert.items()
+    ]
+    if not parts:
+        return ""
     return (
-        f" Reference image (`nydusify convert --oci-ref`, zran, converted in "
-        f"{img.ref_convert_s:.0f}s at load {img.ref_convert_load:.1f}, vs {img.convert_s:.0f}s "
-        f"for the full conversion in an earlier run): artifact {_mib(ref)} (meta blobs "
-        f"{_mib(img.blobs[img.ref])}, pull metadata {_mib(img.meta[img.ref])}) vs "
-        f"{_mib(full)} for the full Nydus image; the data stays in the OCI image's gzip layers."
+        " Reference images (`nydusify convert --oci-ref`, zran; the data stays in the OCI "
+        f"image's gzip layers): {'; '.join(parts)}; vs {_mib(full)} for the full Nydus image, "
+        f"converted in {img.convert_s:.0f}s in an earlier run."
     )
 
 
