@@ -15,6 +15,8 @@ print(torch.ones(2).sum())"``. Scenarios, each from a fresh containerd and snaps
   background while the workload runs);
 * ``optimized``: the optimized image (prefetch blob + prefetch table from W1's pattern),
   ``fs_prefetch`` on (the table's files, no ``prefetch_all``);
+* ``ociref``: the zran reference image (``nydusify convert --oci-ref``: a bootstrap and meta
+  blobs; nydusd reads the original gzip layers with range requests), no prefetch;
 * ``oci``: containerd's overlayfs pull of the OCI image, then ``ctr run``; a second ``ctr run``
   on the unpacked image gives the warm run time.
 
@@ -26,6 +28,8 @@ read amplification of the default config with another in the same run. A ``prefe
 prefetch is done, and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
 local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
+``ociref+zran=N`` converts and runs the reference image with access points every N compressed
+bytes (``256k``, ``1m``; 512 KiB otherwise), tagged ``ml:1-ref-<N>k``.
 ``+base`` runs the scenario with the snapshotter and nydusd of ``--base-src`` (another source
 tree, e.g. ``git archive main src``): the old-code anchor of an A/B in the same run. Report,
 plots and the issue's targets: bench/mlreport.py.
@@ -65,7 +69,7 @@ WORKLOADS = {
     "W1": ("python3 -c 'import numpy, pandas; print(\"ok\")'", "ok"),
     "W2": ("python3 -c 'import torch; print(torch.ones(2).sum())'", "tensor(2.)"),
 }
-BASES = ("lazy", "prefetch_all", "optimized", "oci")
+BASES = ("lazy", "prefetch_all", "optimized", "ociref", "oci")
 PREFETCH = {"enable": True, "threads_count": 4, "merging_size": 1 << 20}
 BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
 PREFETCH_WAIT_S = 600.0  # at most this long for prefetch_all to finish before the 2nd run
@@ -81,6 +85,12 @@ class Scenario:
     hog: bool = False
     amplify_io: int | None = None
     base_src: bool = False  # +base: the snapshotter and nydusd from --base-src (A/B anchor)
+    zran_spacing: int | None = None  # ociref+zran=N: the reference image converted with N
+
+    def tag(self, img: MlImage) -> str:
+        if self.base == "ociref" and self.zran_spacing is not None:
+            return f"{img.ref}-{self.zran_spacing >> 10}k"
+        return {"oci": img.oci, "optimized": img.opt, "ociref": img.ref}.get(self.base, img.nydus)
 
     @property
     def second_run(self) -> bool:
@@ -92,19 +102,19 @@ def parse_scenario(name: str) -> Scenario:
     base, *mods = name.split("+")
     if base not in BASES:
         raise SystemExit(f"coldstart: unknown scenario {name!r} (bases: {', '.join(BASES)})")
-    hog, amp, base_src = False, None, False
+    hog, amp, base_src, zran = False, None, False, None
     for m in mods:
         if m == "hog":
             hog = True
         elif m == "base":
             base_src = True
-        elif m.startswith("amp="):
-            v = m[4:].lower()
-            mult = {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
-            amp = int(v.rstrip("km")) * mult
+        elif m.startswith(("amp=", "zran=")):
+            v = m.split("=", 1)[1].lower()
+            n = int(v.rstrip("km")) * {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
+            amp, zran = (n, zran) if m.startswith("amp=") else (amp, n)
         else:
             raise SystemExit(f"coldstart: unknown scenario modifier {m!r} in {name!r}")
-    return Scenario(name, base, hog, amp, base_src)
+    return Scenario(name, base, hog, amp, base_src, zran)
 
 
 def nydusd_config(scenario: Scenario | None) -> dict[str, Any]:
@@ -238,12 +248,15 @@ class MlImage:
     oci: str = "ml:1"
     nydus: str = "ml:1-nydus"
     opt: str = "ml:1-opt"
+    ref: str = "ml:1-ref"  # nydusify convert --oci-ref
     oci_bytes: int = 0  # manifest + config + layers
     meta: dict[str, int] = field(default_factory=dict)  # tag -> manifest+config+bootstrap
     blobs: dict[str, int] = field(default_factory=dict)  # tag -> data blob bytes
     rootfs_bytes: int = 0
     entries: int = 0
     convert_s: float = 0.0
+    # --oci-ref tag -> [conversion seconds, 1-minute load average at its end, zran spacing]
+    ref_convert: dict[str, list[float]] = field(default_factory=dict)
     optimize_s: float = 0.0
     prefetch_files: int = 0
     optimize_report: dict[str, Any] = field(default_factory=dict)
@@ -382,6 +395,30 @@ def prepare(work: Path, record: Any) -> tuple[Path, MlImage]:
         reg.stop()
     info_path.write_text(json.dumps(asdict(img), indent=1))
     return storage, img
+
+
+def prepare_ociref(work: Path, storage: Path, img: MlImage, sc: Scenario) -> None:
+    """The scenario's reference image (``ml:1-ref[-Nk]``) converted from ``ml:1`` with
+    ``nydusify convert --oci-ref`` (timed; once, cached in ``work/ml-image.json``)."""
+    tag, spacing = sc.tag(img), sc.zran_spacing or 0x80000
+    if tag in img.meta:
+        return
+    reg = fetch.Registry(storage, "127.0.0.1:5057")
+    try:
+        print("ml: nydusify convert --oci-ref ...", flush=True)
+        t0 = time.monotonic()
+        _run(
+            [venv_tool("nydusify"), "convert", "--oci-ref", "--plain-http",
+             "--source", f"{reg.addr}/{img.oci}", "--target", f"{reg.addr}/{tag}",
+             "--zran-spacing", str(spacing), "--work-dir", str(work / "convert-ref")],
+            "nydusify convert --oci-ref",
+        )  # fmt: skip
+        img.ref_convert[tag] = [time.monotonic() - t0, os.getloadavg()[0], spacing]
+        shutil.rmtree(work / "convert-ref", ignore_errors=True)
+        img.meta[tag], img.blobs[tag] = _sizes(reg.addr, tag)
+    finally:
+        reg.stop()
+    (work / "ml-image.json").write_text(json.dumps(asdict(img), indent=1))
 
 
 def needed_bytes(boot: Path, pattern: list[dict[str, Any]]) -> tuple[int, int]:
@@ -632,7 +669,7 @@ def ml_round(
     stack = start_stack(tmp, scenario, free_port(), base_src)
     cmd, expect = WORKLOADS[workload]
     oci = scenario.base == "oci"
-    tag = img.oci if oci else img.opt if scenario.base == "optimized" else img.nydus
+    tag = scenario.tag(img)
     ref = f"{host}/{tag}"
     snap = [] if oci else ["--snapshotter", "nydus"]
     try:
@@ -709,11 +746,14 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
     if base is not None:
         compile_bytecode(base / "nydus")
     storage, img = prepare(work, record)
+    scenarios = [parse_scenario(s) for s in args.scenarios.split(",") if s]
+    for sc in scenarios:
+        if sc.base == "ociref":
+            prepare_ociref(work, storage, img, sc)
     needed = {
         wl: needed_bytes(work / "nydus.boot", json.loads((work / f"{wl}.json").read_text()))[0]
         for wl in WORKLOADS
     }
-    scenarios = [parse_scenario(s) for s in args.scenarios.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     rates = {f"{int(x)} mbit": int(x) for x in args.rates.split(",") if x}
     rounds: list[MlRound] = []
@@ -728,7 +768,7 @@ def main_ml(args: Any, veth_bytes: Any, free_port: Any) -> int:
                         r = ml_round(
                             sc, wl, link, proxy.addr, img, work, i, veth_bytes, free_port, base
                         )
-                        if sc.base != "oci":
+                        if sc.base not in ("oci", "ociref"):  # ociref: other chunks
                             r.needed = needed[wl]
                         rounds.append(r)
                         print("  " + mlreport.round_line(r), flush=True)

@@ -142,7 +142,31 @@ def summarize(
     return out
 
 
-COLORS = {"lazy": "#1b9e77", "prefetch_all": "#d95f02", "optimized": "#7570b3", "oci": "#666666"}
+def _ociref_line(img: MlImage) -> str:
+    """The reference images' conversions beside the full one (empty when none was made)."""
+    full = img.meta[img.nydus] + img.blobs[img.nydus]
+    parts = [
+        f"`{tag}` (spacing {int(spacing) >> 10} KiB): converted in {secs:.0f}s at load "
+        f"{load:.1f}, artifact {_mib(img.meta[tag] + img.blobs[tag])} (meta blobs "
+        f"{_mib(img.blobs[tag])}, pull metadata {_mib(img.meta[tag])})"
+        for tag, (secs, load, spacing) in img.ref_convert.items()
+    ]
+    if not parts:
+        return ""
+    return (
+        " Reference images (`nydusify convert --oci-ref`, zran; the data stays in the OCI "
+        f"image's gzip layers): {'; '.join(parts)}; vs {_mib(full)} for the full Nydus image, "
+        f"converted in {img.convert_s:.0f}s in an earlier run."
+    )
+
+
+COLORS = {
+    "lazy": "#1b9e77",
+    "ociref": "#e7298a",
+    "prefetch_all": "#d95f02",
+    "optimized": "#7570b3",
+    "oci": "#666666",
+}
 EXTRA_COLORS = ("#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4", "#b15928")
 
 
@@ -284,7 +308,8 @@ def report(
         f"(our `nydusify optimize` in {img.optimize_s:.0f}s from W1's access pattern recorded by "
         f"our snapshotter, {img.prefetch_files} files): + prefetch blob "
         f"{_mib(o.get('prefetch_blob_size', 0))} ({o.get('files', 0)} files, "
-        f"{_mib(o.get('bytes', 0))} uncompressed), pull metadata {_mib(img.meta[img.opt])}.",
+        f"{_mib(o.get('bytes', 0))} uncompressed), pull metadata {_mib(img.meta[img.opt])}."
+        + _ociref_line(img),
         "",
         "Workloads: " + "; ".join(f"{k} `{v[0]}`" for k, v in WORKLOADS.items()) + ".",
         "",
@@ -292,8 +317,10 @@ def report(
         "`containerd-nydus-grpc` (kernel EROFS mode, empty blob cache): `lazy` (no prefetch), "
         "`prefetch_all` (`fs_prefetch` with `prefetch_all`), `optimized` (the optimized image, "
         "`fs_prefetch` on: the prefetch table's files, fetched from the front of the prefetch "
-        "blob), `oci` (stock `ctr image pull`: containerd's overlayfs, every layer downloaded "
-        "and unpacked). Nydus pulls are stock `ctr image pull --snapshotter nydus` with the "
+        "blob), `ociref` (the zran reference image of `nydusify convert --oci-ref`, no prefetch: "
+        "nydusd reads the original gzip layers with range requests), `oci` (stock "
+        "`ctr image pull`: containerd's overlayfs, every layer downloaded and unpacked). "
+        "Nydus pulls are stock `ctr image pull --snapshotter nydus` with the "
         "content store proxied to the snapshotter. The optimized image is made from W1's pattern; "
         "W2 runs on it too (a workload it was not made for). `+hog`: the same with a CPU hog "
         "(a busy loop pinned to one of the two cores) from the pull to the workload's exit. "

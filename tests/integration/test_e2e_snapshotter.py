@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
+import tarfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from test_merge import unpack_for_overlay
 
 from containerd import ARTICLE_NYDUSD_CONFIG as ARTICLE_CONFIG
 from containerd import (
@@ -45,6 +48,7 @@ from containerd import (
 from nydus.snapshotter.containerd.proto import CONTENT_SERVICE, NAMESPACE_HEADER, content_pb2
 from nydus.snapshotter.containerd.rpc import ServiceClient
 from registry import FaultProxy, RegistryServer, free_port, registry_plain  # noqa: F401
+from treecmp import compare_trees
 
 pytestmark = [
     pytest.mark.skipif(containerd_skip_reason() is not None, reason=str(containerd_skip_reason())),
@@ -546,6 +550,16 @@ def test_stock_ctr_pull_without_the_content_store_fails_clearly(
     assert r.returncode == 0 and r.stdout == HELLO, r.stderr
 
 
+def _directory_times_from(tar: Path, dest: Path) -> None:
+    """The directories' mtimes of ``tar`` set again in its extraction ``dest``: GNU tar replaces
+    its placeholders of symlinks (busybox's applet links) after it set the directory times."""
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            if m.isdir():
+                ns = int(m.mtime * 1_000_000_000)
+                os.utime(dest / m.name, ns=(ns, ns), follow_symlinks=False)
+
+
 def test_oci_ref_image_with_stock_ctr(
     bb: Image,
     proxy: FaultProxy,
@@ -554,11 +568,18 @@ def test_oci_ref_image_with_stock_ctr(
     tmp_path: Path,
 ) -> None:
     """A zran reference image (``nydusify convert --oci-ref``) runs with stock ``ctr`` like a
-    Nydus image: its data is read lazily from the original gzip layers of the OCI image."""
-    host = registry_plain.host
-    nydusify_convert(f"{host}/{bb.oci}", f"{host}/bbdata:1-ref", tmp_path / "conv", "--oci-ref")
-    body, _, _ = registry_plain.client().get_manifest("bbdata", "1")
+    Nydus image: the registry receives only the small artifact; the container's rootfs equals a
+    kernel overlayfs of the source's unpacked gzip layers, read lazily from those layers."""
+    nydusify_convert(f"{proxy.host}/{bb.oci}", f"{proxy.host}/bbdata:1-ref", tmp_path / "conv",
+                     "--oci-ref")  # fmt: skip
+    client = registry_plain.client()
+    body, _, _ = client.get_manifest("bbdata", "1-ref")
+    doc = json.loads(body)
+    artifact = sum(d["size"] for d in doc["layers"]) + doc["config"]["size"] + len(body)
+    assert proxy.received == artifact, "the registry received more than the artifact"
+    body, _, _ = client.get_manifest("bbdata", "1")
     layers = {ly["digest"]: ly["size"] for ly in json.loads(body)["layers"]}
+    proxy.clear()
     s = stack(content_store=True)
     ref = f"{proxy.host}/bbdata:1-ref"
     _ctr_pull(s, ref)
@@ -568,4 +589,48 @@ def test_oci_ref_image_with_stock_ctr(
     assert r.stdout == OS_RELEASE + f"{md5(bb.data['data/f03'])}  /data/f03\n"
     fetched = sum(proxy.blob_bytes(d) for d in layers)
     assert 0 < fetched < sum(layers.values()), (fetched, layers)
+    print(f"oci-ref: artifact {artifact} B pushed; run fetched {fetched} of "
+          f"{sum(layers.values())} B of gzip layers")  # fmt: skip
+    # the whole rootfs of a running container against kernel overlayfs of the source layers
+    layer_dirs = []
+    for i, digest in enumerate(layers):
+        tar = tmp_path / f"layer{i}.tar.gz"
+        tar.write_bytes(client.get_blob("bbdata", digest))
+        layer_dirs.append(tmp_path / f"lower{i}")
+        unpack_for_overlay(tar, layer_dirs[-1])
+        _directory_times_from(tar, layer_dirs[-1])
+    ovl = tmp_path / "ovl"
+    ovl.mkdir()
+    lowerdir = ":".join(str(p) for p in reversed(layer_dirs))
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdir}", str(ovl)],
+                   check=True, capture_output=True)  # fmt: skip
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    try:
+        # the running container's rootfs: its snapshot's lower directories (the image, as the
+        # snapshotter mounts it), read-only, without the container's own upper directory
+        s.ctr("run", "-d", "--snapshotter", "nydus", ref, "z2", "/bin/sleep", "600").check()
+        try:
+            out = s.ctr("snapshots", "--snapshotter", "nydus", "mounts", "/x", "z2").check().stdout
+            found = re.search(r"lowerdir=([^,\s]+)", out)
+            assert found, out
+            lowers = found.group(1).split(":")
+            if len(lowers) == 1:  # the image in one directory (overlayfs wants two lowers)
+                diffs = compare_trees(ovl, Path(lowers[0]))
+            else:
+                subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                                f"ro,lowerdir={found.group(1)}", str(rootfs)],
+                               check=True, capture_output=True)  # fmt: skip
+                try:
+                    diffs = compare_trees(ovl, rootfs)
+                finally:
+                    subprocess.run(["umount", str(rootfs)], check=True)
+            # the root directory's attributes are its top lower directory's (the reference's
+            # is a directory tar created), not an entry of the image
+            assert [d for d in diffs if not d.startswith(".: ")] == []
+        finally:
+            _remove_container(s, "z2")
+    finally:
+        subprocess.run(["umount", str(ovl)], check=True)
+    print(f"oci-ref: whole rootfs read, fetched {sum(proxy.blob_bytes(d) for d in layers)} B")
     _remove_image(s, ref)

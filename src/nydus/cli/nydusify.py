@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     flag(c, "--fs-align-chunk", help="always on for v6")
     c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
     c.add_argument("--oci-ref", action="store_true", help="a zran image of the gzip layers")
+    c.add_argument("--zran-spacing", type=_int, default=0x80000, help="--oci-ref: access points")
     c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
     flag(c, "--prefetch-patterns", help="read prefetch paths from stdin, one per line")
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
@@ -349,6 +350,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         fs_version=str(a.fs_version),
         compressor=a.compressor,
         chunk_size=a.fs_chunk_size,
+        zran_spacing=a.zran_spacing,
         prefetch_patterns=prefetch,
         chunk_dict=a.chunk_dict,
         platforms=_platforms(a.platform),

@@ -109,6 +109,7 @@ class ConvertOptions:
     builder_threads: int | None = None
     keep_blobs: bool = False
     backend_force_push: bool = False
+    zran_spacing: int = 0x80000  # --oci-ref: compressed bytes between gzip access points
 
     def validate(self) -> None:
         if self.fs_version != "6":

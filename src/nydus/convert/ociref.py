@@ -143,7 +143,9 @@ def _layer(
     lp = progress.layer(f"layer {i + 1} {desc.digest[7:19]}", desc.size)
     bopts = BuildOptions(chunk_size=opts.chunk_size, digester=opts.digester)
     with source.open_blob(desc, lambda k: progress.advance(lp, k)) as stream:
-        res, meta_blob = build_targz_ref(cast(BinaryIO, stream), bopts, inline_bootstrap=True)
+        res, meta_blob = build_targz_ref(
+            cast(BinaryIO, stream), bopts, spacing=opts.zran_spacing, inline_bootstrap=True
+        )
         stream.drain()
     diff_id = str(res.stats.get("diff_id", ""))
     if diff_id != want_diff_id:
