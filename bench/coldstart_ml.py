@@ -29,7 +29,8 @@ prefetch is done, and runs the workload again in a second container (``second_ru
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
 local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
 ``ociref+zran=N`` converts and runs the reference image with access points every N compressed
-bytes (``256k``, ``1m``; 512 KiB otherwise), tagged ``ml:1-ref-<N>k``.
+bytes (``256k``, ``1m``; 512 KiB otherwise, as in the first reports: the tools' default is 256 KiB
+since), tagged ``ml:1-ref-<N>k``.
 ``+base`` runs the scenario with the snapshotter and nydusd of ``--base-src`` (another source
 tree, e.g. ``git archive main src``): the old-code anchor of an A/B in the same run. Report,
 plots and the issue's targets: bench/mlreport.py.

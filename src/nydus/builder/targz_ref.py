@@ -41,7 +41,8 @@ from .tree import Node, iter_tree
 
 __all__ = ["DEFAULT_SPACING", "build_targz_ref"]
 
-DEFAULT_SPACING = 0x80000  # upstream starts a context after half its 1 MiB max compressed span
+DEFAULT_SPACING = zran.DEFAULT_SPACING
+
 _FEATURES = (
     v6.BLOB_FEATURE_ALIGNED
     | v6.BLOB_FEATURE_CHUNK_INFO_V2

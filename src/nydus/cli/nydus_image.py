@@ -27,6 +27,7 @@ from ..builder.tree import iter_tree
 from ..convert.progress import Progress, human
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
+from ..format import zran
 from ..imagetool.check import check_image
 from ..imagetool.inspect import dedup_report, image_stats, inspect_request
 from ..imagetool.unpack import unpack_image
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--zran-spacing",
         type=_int,
-        default=0x80000,
+        default=zran.DEFAULT_SPACING,
         metavar="SIZE",
         help="targz-ref: compressed bytes between gzip access points (a read inflates up to "
         "that much more)",

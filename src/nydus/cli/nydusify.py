@@ -27,6 +27,7 @@ from ..config import docker_config_path, read_input_file
 from ..daemon.logsetup import setup_logging
 from ..errors import ConfigError
 from ..format.safejson import parse_json_object
+from ..format.zran import DEFAULT_SPACING
 from . import LOG_LEVELS, HelpFormatter, flag, run_guarded
 
 if TYPE_CHECKING:
@@ -142,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     flag(c, "--fs-align-chunk", help="always on for v6")
     c.add_argument("--batch-size", type=_int, default=0, help="only 0 is supported")
     c.add_argument("--oci-ref", action="store_true", help="a zran image of the gzip layers")
-    c.add_argument("--zran-spacing", type=_int, default=0x80000, help="--oci-ref: access points")
+    c.add_argument(
+        "--zran-spacing", type=_int, default=DEFAULT_SPACING, help="--oci-ref: access points"
+    )
     c.add_argument("--chunk-dict", help="REF, bootstrap:registry:REF or bootstrap:local:PATH")
     flag(c, "--prefetch-patterns", help="read prefetch paths from stdin, one per line")
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")

@@ -55,6 +55,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..format import oci
+from ..format.zran import DEFAULT_SPACING
 from ..metadata import open_bootstrap
 from ..registry import parse_reference
 from . import image as im
@@ -109,7 +110,7 @@ class ConvertOptions:
     builder_threads: int | None = None
     keep_blobs: bool = False
     backend_force_push: bool = False
-    zran_spacing: int = 0x80000  # --oci-ref: compressed bytes between gzip access points
+    zran_spacing: int = DEFAULT_SPACING  # --oci-ref: compressed bytes between access points
 
     def validate(self) -> None:
         if self.fs_version != "6":
