@@ -160,6 +160,40 @@ class ManifestResult:
     body: bytes = field(default=b"", repr=False)
     platform_doc: dict[str, Any] | None = field(default=None, repr=False)
 
+    @classmethod
+    def pushed(
+        cls,
+        sm: im.SourceManifest,
+        platform: str,
+        pushed: tuple[bytes, str, bytes, int],
+        bootstrap: tuple[str, oci.Descriptor, bytes],
+        blobs: list[oci.Descriptor],
+        layers: list[LayerResult],
+        platform_doc: dict[str, Any] | None = None,
+    ) -> ManifestResult:
+        """The result of a pushed Nydus manifest: ``pushed`` = (manifest body, its media type,
+        config, bytes pushed), ``bootstrap`` = (local path, layer descriptor, gzipped layer);
+        ``blobs`` = the data (or meta) blob layers."""
+        body, mt, config, pushed_bytes = pushed
+        path, boot_desc, gz = bootstrap
+        return cls(
+            platform=platform,
+            source_digest=sm.digest,
+            digest=oci.sha256_digest(body),
+            media_type=mt,
+            size=len(body),
+            config_digest=oci.sha256_digest(config),
+            bootstrap=path,
+            bootstrap_digest=boot_desc.digest,
+            blobs=[d.digest for d in blobs],
+            layers=layers,
+            source_size=sum(ld.size for ld in sm.layers) + sm.config.size,
+            target_size=sum(d.size for d in blobs) + len(gz) + len(config),
+            pushed_bytes=pushed_bytes,
+            body=body,
+            platform_doc=platform_doc,
+        )
+
 
 @dataclass
 class ConvertResult:
@@ -608,22 +642,15 @@ def _convert_manifest(
         nydus_config_type=opts.merge_platform,
         subject=subject,
     )
-    return ManifestResult(
-        platform=str(im.Platform.from_dict(platform_doc) or ""),
-        source_digest=sm.digest,
-        digest=oci.sha256_digest(body),
-        media_type=mt,
-        size=len(body),
-        config_digest=cfg_digest,
-        bootstrap=final,
-        bootstrap_digest=boot_desc.digest,
-        blobs=[d.digest for d in blob_descs],
-        layers=layers,
-        source_size=sum(ld.size for ld in sm.layers) + sm.config.size,
-        target_size=sum(d.size for d in blob_descs) + len(gz) + len(config),
-        pushed_bytes=pushed_bytes,
-        body=body,
-        platform_doc=platform_doc,
+    platform = str(im.Platform.from_dict(platform_doc) or "")
+    return ManifestResult.pushed(
+        sm,
+        platform,
+        (body, mt, config, pushed_bytes),
+        (final, boot_desc, gz),
+        blob_descs,
+        layers,
+        platform_doc,
     )
 
 

@@ -104,21 +104,9 @@ def convert_oci_ref(
     put = target.client.put_manifest
     retry(lambda: put(target.repo, tag, body, mt), "push of the manifest", *push)
     pushed += len(body)
-    mr = ManifestResult(
-        platform=str(im.Platform.from_dict(cfg) or ""),
-        source_digest=sm.digest,
-        digest=oci.sha256_digest(body),
-        media_type=mt,
-        size=len(body),
-        config_digest=cfg_digest,
-        bootstrap=final,
-        bootstrap_digest=boot_desc.digest,
-        blobs=[d.digest for d in metas],
-        layers=layers,
-        source_size=sum(ld.size for ld in sm.layers) + sm.config.size,
-        target_size=sum(d.size for d in metas) + len(gz) + len(config),
-        pushed_bytes=pushed,
-        body=body,
+    platform = str(im.Platform.from_dict(cfg) or "")
+    mr = ManifestResult.pushed(
+        sm, platform, (body, mt, config, pushed), (final, boot_desc, gz), metas, layers
     )
     return ConvertResult(
         str(source.ref), str(target.ref.with_tag(tag)), mr.digest, mt, [mr],
