@@ -43,7 +43,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -593,16 +592,6 @@ def skopeo_push(layout: Path, tag: str, dest: str) -> None:
     )
     if p.returncode != 0:
         raise RuntimeError(f"skopeo copy failed: {p.stderr[-3000:]}")
-
-
-def free_unix_path(directory: Path, name: str) -> Path:
-    p = directory / name
-    if p.exists():
-        p.unlink()
-    with socket.socket(socket.AF_UNIX) as s:  # fail early if the path is too long
-        s.bind(str(p))
-    p.unlink()
-    return p
 
 
 # --- the daemon manager's processes and the whole Nydus flow ----------------------------------

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import random
@@ -359,10 +358,6 @@ def sample_layers(version: int = 1, big: int = 24 << 20) -> list[Layer]:
     l4 = layer([T("dir", "data"), *files], "gzip")
     l5 = layer([T("file", "etc/version", b"version 1\n")], "none")
     return [l1, l2, l3, l4, l5]
-
-
-def digest_of_file(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def push_with_client(

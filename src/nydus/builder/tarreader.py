@@ -274,8 +274,6 @@ class TarReader:
         self._pad = 0
         self._global: list[tuple[bytes, bytes]] = []
         self.entries = 0
-        self.ended_with_marker = False
-        self.trailing_bytes = 0
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, msg: str) -> None:
@@ -348,7 +346,6 @@ class TarReader:
             if len(block) < BLOCK:
                 raise FormatError(f"tar stream truncated in a header (at {at})")
             if block == ZERO_BLOCK:
-                self.ended_with_marker = True
                 break
             h = self._header(block, at)
             tf = h.typeflag
@@ -379,7 +376,7 @@ class TarReader:
             local, longname, longlink = [], None, None
             yield entry
         self._finish_entry()
-        self.trailing_bytes = self.s.drain(self.limits.max_trailing)
+        self.s.drain(self.limits.max_trailing)
         if self.s.trailing_nonzero:
             self._warn_once("trailing", "data after the tar end-of-archive marker is ignored")
 

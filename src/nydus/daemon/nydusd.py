@@ -119,7 +119,6 @@ class Nydusd:
         self._lock = threading.RLock()
         self._loading: set[str] = set()  # paths whose image loads outside the lock
         self._exit = threading.Event()
-        self.exit_reason = ""
         self.started = time.time()
         self.fuse = FuseDriver(self.vfs)
         self.erofs = ErofsDriver(
@@ -386,7 +385,6 @@ class Nydusd:
 
     def request_exit(self, reason: str = "") -> None:
         if not self._exit.is_set():
-            self.exit_reason = reason
             log.info("exit requested%s", f" ({reason})" if reason else "")
         self._exit.set()
 

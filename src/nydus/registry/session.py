@@ -258,10 +258,6 @@ class RegistrySession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def authenticator(self) -> Authenticator:
-        return self._auth
-
     # --- URLs and scheme ------------------------------------------------------------------
 
     @property
