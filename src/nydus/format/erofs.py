@@ -53,17 +53,20 @@ XATTR_PREFIXES: dict[int, bytes] = {
 }
 
 
+# the dirent file type of each file kind (``S_IFMT`` bits); the kinds a RAFS inode may have
+FILE_TYPES: dict[int, int] = {
+    stat.S_IFREG: FT_REG,
+    stat.S_IFDIR: FT_DIR,
+    stat.S_IFCHR: FT_CHR,
+    stat.S_IFBLK: FT_BLK,
+    stat.S_IFIFO: FT_FIFO,
+    stat.S_IFSOCK: FT_SOCK,
+    stat.S_IFLNK: FT_SYMLINK,
+}
+
+
 def file_type_of(mode: int) -> int:
-    fmt = stat.S_IFMT(mode)
-    return {
-        stat.S_IFREG: FT_REG,
-        stat.S_IFDIR: FT_DIR,
-        stat.S_IFCHR: FT_CHR,
-        stat.S_IFBLK: FT_BLK,
-        stat.S_IFIFO: FT_FIFO,
-        stat.S_IFSOCK: FT_SOCK,
-        stat.S_IFLNK: FT_SYMLINK,
-    }.get(fmt, FT_UNKNOWN)
+    return FILE_TYPES.get(stat.S_IFMT(mode), FT_UNKNOWN)
 
 
 # --------------------------------------------------------------------------- superblock

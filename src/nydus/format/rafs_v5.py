@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .erofs import FILE_TYPES
 from .record import field_values
 
 __all__ = [
@@ -89,18 +90,6 @@ _EXT_BLOB = struct.Struct("<IIQQ40x")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _BLOB_HEAD = struct.Struct("<II")
-
-_FILE_TYPES = frozenset(
-    {
-        stat.S_IFREG,
-        stat.S_IFDIR,
-        stat.S_IFLNK,
-        stat.S_IFCHR,
-        stat.S_IFBLK,
-        stat.S_IFIFO,
-        stat.S_IFSOCK,
-    }
-)
 
 
 def align8(n: int) -> int:
@@ -320,7 +309,7 @@ class RafsV5Inode:
         inode = cls(offset, *_INODE.unpack_from(data, offset))
         if inode.flags & ~_KNOWN_INODE_FLAGS:
             raise FormatError(f"RAFS v5 inode at {offset:#x} has unknown flags {inode.flags:#x}")
-        if stat.S_IFMT(inode.mode) not in _FILE_TYPES or inode.mode > 0xFFFF:
+        if stat.S_IFMT(inode.mode) not in FILE_TYPES or inode.mode > 0xFFFF:
             raise FormatError(f"RAFS v5 inode at {offset:#x} has invalid mode {inode.mode:#o}")
         if inode.ino == 0 or inode.nlink == 0:
             raise FormatError(f"RAFS v5 inode at {offset:#x} has ino or nlink 0")

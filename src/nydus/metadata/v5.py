@@ -23,20 +23,10 @@ from collections.abc import Iterator
 
 from ..errors import FormatError, NotFoundError
 from ..format import rafs_v5 as fmt
+from ..format.erofs import file_type_of
 from .model import BlobInfo, ChunkInfo, DirEntry, Inode, Nid, RafsMetadata
 
 __all__ = ["RafsV5Metadata"]
-
-# DirEntry.file_type uses the EROFS numbering, shared with the v6 reader.
-_FILE_TYPE = {
-    stat.S_IFREG: 1,
-    stat.S_IFDIR: 2,
-    stat.S_IFCHR: 3,
-    stat.S_IFBLK: 4,
-    stat.S_IFIFO: 5,
-    stat.S_IFSOCK: 6,
-    stat.S_IFLNK: 7,
-}
 
 
 class RafsV5Metadata(RafsMetadata):
@@ -165,7 +155,7 @@ class RafsV5Metadata(RafsMetadata):
             if stat.S_ISDIR(c.mode) and c.ino != cnid:
                 raise FormatError(f"RAFS v5 directory at child index {cnid} has ino {c.ino}")
             prev = name
-            entries.append(DirEntry(name, Nid(cnid), _FILE_TYPE[stat.S_IFMT(c.mode)]))
+            entries.append(DirEntry(name, Nid(cnid), file_type_of(c.mode)))
         return iter(entries)
 
     def lookup(self, parent: Nid, name: bytes) -> Nid:
