@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,10 @@ __all__ = [
     "move_beneath",
     "nydusd_serving",
     "umount",
+    "umount_or_detach",
 ]
+
+log = logging.getLogger(__name__)
 
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
 _AT_FDCWD, _OPEN_TREE_CLOEXEC = -100, 0o2000000
@@ -169,6 +173,23 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise _os_error(err, "umount2", os.fsdecode(target), _UMOUNT_HINTS)
+
+
+def umount_or_detach(
+    mountpoint: str | os.PathLike[str], before_detach: Callable[[], None] | None = None
+) -> None:
+    """Unmount ``mountpoint``; if it is busy, call ``before_detach`` (if any) and detach it
+    lazily. Not being mounted (EINVAL) is fine; any other failure raises OSError."""
+    try:
+        umount(mountpoint)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            log.warning("%s busy; detaching lazily", os.fspath(mountpoint))
+            if before_detach is not None:
+                before_detach()
+            umount(mountpoint, lazy=True)
+        elif e.errno != errno.EINVAL:
+            raise
 
 
 def _errno_error(what: str, path: str) -> OSError:

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from corpus import make_tree
-from nydus.kernel_mount import build_mount_data, erofs_supported, mount_erofs, umount
+from nydus.kernel_mount import (
+    build_mount_data,
+    erofs_supported,
+    mount_erofs,
+    umount,
+    umount_or_detach,
+)
 from treecmp import compare_trees
 
 MKFS = shutil.which("mkfs.erofs")
@@ -119,3 +125,30 @@ def test_umount_of_a_plain_directory_is_einval(tmp_path: Path) -> None:
         umount(tmp_path)
     assert exc.value.errno == errno.EINVAL
     assert "not a mount point" in str(exc.value)
+
+
+@pytest.mark.kernel
+def test_umount_or_detach_detaches_a_busy_mount_and_ignores_no_mount(
+    erofs_image: tuple[Path, Path, Path], mountpoint: Path, tmp_path: Path
+) -> None:
+    src, meta, blob = erofs_image
+    name = min(
+        str(p.relative_to(src))
+        for p in src.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.stat().st_size
+    )
+    mount_erofs(meta, mountpoint, [blob])
+    held = os.open(mountpoint / name, os.O_RDONLY)  # makes a plain umount fail with EBUSY
+    try:
+        calls: list[bool] = []
+        umount_or_detach(mountpoint, lambda: calls.append(os.path.ismount(mountpoint)))
+        assert calls == [True]  # called once, before the detach
+        assert not os.path.ismount(mountpoint)
+        assert os.pread(held, 1 << 20, 0) == (src / name).read_bytes()  # still served
+    finally:
+        os.close(held)
+    umount_or_detach(mountpoint, lambda: calls.append(False))  # EINVAL: not mounted, no call
+    assert calls == [True]
+    with pytest.raises(OSError) as exc:
+        umount_or_detach(tmp_path / "missing")
+    assert exc.value.errno == errno.ENOENT

@@ -30,9 +30,9 @@ from nydus.fuse import (
     Operations,
     RequestContext,
     SessionOptions,
-    kernel,
 )
 from nydus.fuse.fdpass import send_fds
+from nydus.kernel_mount import umount
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"
@@ -239,7 +239,7 @@ def test_another_process_serves_the_handed_over_fd(mnt: Path, tmp_path: Path) ->
         assert (mnt / "data").read_bytes() == DATA  # served by the child
         assert sorted(os.listdir(mnt)) == ["data", "link", "sub"]
     finally:
-        kernel.umount(str(mnt), lazy=True)
+        umount(mnt, lazy=True)
         if child is not None:
             try:
                 assert child.wait(20) == 0

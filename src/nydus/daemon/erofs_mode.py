@@ -379,14 +379,7 @@ class ErofsManager:
 
     def _umount(self, im: ErofsImage) -> None:
         if im.mounted:
-            try:
-                kernel_mount.umount(im.target)
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    log.warning("%s busy; detaching lazily", im.target)
-                    kernel_mount.umount(im.target, lazy=True)
-                elif e.errno != errno.EINVAL:
-                    raise
+            kernel_mount.umount_or_detach(im.target)
             im.mounted = False
             log.info("%s: kernel EROFS mount at %s removed", im.path, im.target)
         self._drop_private(im)  # before _unregister, which empties ``retired``

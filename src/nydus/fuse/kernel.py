@@ -1,5 +1,6 @@
-"""System calls for FUSE: open ``/dev/fuse``, mount(2) a FUSE file system on it, unmount,
-clone a device fd, register passthrough backing files, tune the mount's readahead.
+"""System calls for FUSE: open ``/dev/fuse``, mount(2) a FUSE file system on it (unmounting
+is :mod:`nydus.kernel_mount`'s), clone a device fd, register passthrough backing files, tune the
+mount's readahead.
 
 No libfuse and no fusermount: we are root, so mount(2) is called directly through ctypes with
 the options the kernel's FUSE parser understands (``fd=N,rootmode=40000,user_id=0,group_id=0,
@@ -17,7 +18,7 @@ import os
 import stat
 import struct
 
-from ..libc import MNT_DETACH, MS_NODEV, MS_NOSUID, MS_RDONLY, libc
+from ..libc import MS_NODEV, MS_NOSUID, MS_RDONLY, libc
 from .protocol import (
     BACKING_MAP,
     FUSE_DEV_IOC_BACKING_CLOSE,
@@ -30,7 +31,6 @@ __all__ = [
     "open_device",
     "clone_device",
     "mount_fuse",
-    "umount",
     "is_mountpoint",
     "mount_options",
     "backing_open",
@@ -124,14 +124,6 @@ def mount_fuse(
             errno.EINVAL: " (bad mount options or fd)",
         }.get(err, "")
         raise OSError(err, f"mount(2) {fstype} on {mountpoint} failed: {os.strerror(err)}{hint}")
-
-
-def umount(mountpoint: str, lazy: bool = False) -> None:
-    """umount2(2); ``lazy`` detaches now (MNT_DETACH)."""
-    rc = libc().umount2(os.fsencode(os.path.abspath(mountpoint)), MNT_DETACH if lazy else 0)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {mountpoint}: {os.strerror(err)}")
 
 
 def backing_open(devfd: int, backing_fd: int) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import NydusError
+from ..kernel_mount import umount_or_detach
 from . import kernel
 from . import protocol as proto
 from .handlers import RequestHandlers, _Ctx
@@ -383,22 +384,15 @@ class FuseSession(RequestHandlers):
 
         threading.Thread(target=statfs, name="fuse-nudge", daemon=True).start()
 
+    def _hold_root(self) -> None:
+        """Keep a handle on the tree about to be detached: the only way left to wake workers."""
+        with contextlib.suppress(OSError):
+            self._root_fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def unmount(self, timeout: float = 5.0) -> None:
         """Unmount (lazily if busy), let the workers drain and end, close the device."""
         if self._mounted:
-            try:
-                kernel.umount(self.mountpoint)
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    log.warning("%s busy; detaching lazily", self.mountpoint)
-                    # keep a handle on the detached tree: the only way left to wake workers
-                    with contextlib.suppress(OSError):
-                        self._root_fd = os.open(
-                            self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-                        )
-                    kernel.umount(self.mountpoint, lazy=True)
-                elif e.errno != errno.EINVAL:  # EINVAL: no longer mounted
-                    raise
+            umount_or_detach(self.mountpoint, self._hold_root)
             self._mounted = False
             log.info("unmounted %s", self.mountpoint)
         if self._threads:
