@@ -207,7 +207,7 @@ def test_blob_stream_checks_digest_and_size() -> None:
     assert sum(seen) == len(data)
     with pytest.raises(IntegrityError, match="content has digest"):
         BlobStream(iter([data[:-1] + b"X"]), digest, len(data)).read()
-    with pytest.raises(IntegrityError, match="manifest says"):
+    with pytest.raises(IntegrityError, match="descriptor says"):
         BlobStream(iter([data[:-1]]), digest, len(data)).read()
     with pytest.raises(IntegrityError, match="longer"):
         BlobStream(iter([data, b"x"]), digest, len(data)).read()

@@ -14,7 +14,6 @@ Threading: a :class:`Remote` (its client) is shared by the converter's worker th
 
 from __future__ import annotations
 
-import hashlib
 import io
 import ipaddress
 from collections.abc import Callable, Iterator
@@ -157,14 +156,10 @@ class BlobStream(io.RawIOBase):
     ) -> None:
         super().__init__()
         self._pieces = pieces
-        self._digest = digest
-        self._size = size
         self._on_bytes = on_bytes
-        algo = oci.parse_digest(digest)[0]
-        self._hash = hashlib.new(algo)
+        self._check = oci.BlobCheck(digest, size)
         self._buf = b""
         self._off = 0
-        self.count = 0
         self.done = False
 
     def readable(self) -> bool:
@@ -176,22 +171,13 @@ class BlobStream(io.RawIOBase):
         for piece in self._pieces:
             if not piece:
                 continue
-            self._hash.update(piece)
-            self.count += len(piece)
-            if self._size is not None and self.count > self._size:
-                raise IntegrityError(f"blob {self._digest} is longer than {self._size} bytes")
+            self._check.update(piece)
             if self._on_bytes is not None:
                 self._on_bytes(len(piece))
             self._buf, self._off = piece, 0
             return True
         self.done = True
-        if self._size is not None and self.count != self._size:
-            raise IntegrityError(
-                f"blob {self._digest}: got {self.count} bytes, the manifest says {self._size}"
-            )
-        got = f"{self._hash.name}:{self._hash.hexdigest()}"
-        if got != self._digest:
-            raise IntegrityError(f"blob {self._digest}: content has digest {got}")
+        self._check.finish()
         return False
 
     def readinto(self, b: Any) -> int:

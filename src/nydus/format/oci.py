@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nydus.errors import FormatError, NydusError
+from nydus.errors import FormatError, IntegrityError, NydusError
 
 __all__ = [
     "MEDIA_TYPE_OCI_MANIFEST",
@@ -55,6 +55,7 @@ __all__ = [
     "parse_digest",
     "DIGEST_HEX_LENGTHS",
     "compute_digest",
+    "BlobCheck",
     "manifest_media_type",
     "Descriptor",
 ]
@@ -155,6 +156,33 @@ def compute_digest(data: bytes | bytearray | memoryview, algorithm: str = "sha25
     if algorithm not in DIGEST_HEX_LENGTHS:
         raise FormatError(f"unsupported digest algorithm {algorithm!r}")
     return f"{algorithm}:" + hashlib.new(algorithm, data).hexdigest()
+
+
+class BlobCheck:
+    """The check of a blob's bytes, fed piece by piece, against the digest and size of its
+    descriptor: longer is an IntegrityError at once, shorter or another digest at :meth:`finish`.
+    A size of None is not checked. One per pass over the bytes, in one thread."""
+
+    def __init__(self, digest: str, size: int | None) -> None:
+        self.digest = digest
+        self.size = size
+        self.count = 0
+        self._hash = hashlib.new(parse_digest(digest)[0])
+
+    def update(self, piece: bytes) -> None:
+        self._hash.update(piece)
+        self.count += len(piece)
+        if self.size is not None and self.count > self.size:
+            raise IntegrityError(f"blob {self.digest}: data is longer than {self.size} bytes")
+
+    def finish(self) -> None:
+        if self.size is not None and self.count != self.size:
+            raise IntegrityError(
+                f"blob {self.digest}: got {self.count} bytes, the descriptor says {self.size}"
+            )
+        got = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if got != self.digest:
+            raise IntegrityError(f"blob {self.digest}: content has digest {got}")
 
 
 def manifest_media_type(body: bytes, header: str | None = None) -> str:

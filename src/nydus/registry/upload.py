@@ -9,13 +9,12 @@ Threading: an :class:`UploadSource` belongs to one upload (one thread).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from nydus.errors import ConfigError, IntegrityError
-from nydus.format.oci import parse_digest
+from nydus.format.oci import BlobCheck, parse_digest
 
 __all__ = ["BlobData", "UploadSource"]
 
@@ -36,7 +35,7 @@ class UploadSource:
 
     def __init__(self, data: BlobData, size: int | None, digest: str, chunk_size: int) -> None:
         self.digest = digest
-        self._algo = parse_digest(digest)[0]
+        parse_digest(digest)  # malformed: refused before any byte is read
         self._chunk = chunk_size
         self._bytes: memoryview | None = None
         self._path: str | None = None
@@ -45,8 +44,7 @@ class UploadSource:
         self._factory: Callable[[], Iterable[bytes]] | None = None
         self._iterable: Iterable[bytes] | None = None
         self._used = False
-        self._sent = 0
-        self._hasher: hashlib._Hash | None = None
+        self._check: BlobCheck | None = None
         if isinstance(data, bytes | bytearray | memoryview):
             self._bytes = memoryview(data).cast("B")
             self.size: int | None = len(self._bytes)
@@ -112,31 +110,23 @@ class UploadSource:
 
     def chunks(self) -> Iterator[bytes]:
         """Pieces of exactly ``chunk_size`` bytes (the last may be shorter), hashed."""
-        self._hasher = hashlib.new(self._algo)
-        self._sent = 0
+        self._check = check = BlobCheck(self.digest, self.size)
         buf = bytearray()
         for piece in self._raw_pieces():
             if not buf and len(piece) == self._chunk:  # a file's reads: no copy
-                self._account(piece)
+                check.update(piece)
                 yield piece
                 continue
             buf += piece
             while len(buf) >= self._chunk:
                 out = bytes(buf[: self._chunk])
                 del buf[: self._chunk]
-                self._account(out)
+                check.update(out)
                 yield out
         if buf:
             out = bytes(buf)
-            self._account(out)
+            check.update(out)
             yield out
-
-    def _account(self, piece: bytes) -> None:
-        assert self._hasher is not None
-        self._hasher.update(piece)
-        self._sent += len(piece)
-        if self.size is not None and self._sent > self.size:
-            raise IntegrityError(f"blob {self.digest}: data is longer than {self.size} bytes")
 
     def read_all(self) -> bytes:
         """All the data (for a monolithic upload), checked like :meth:`check_complete`."""
@@ -146,11 +136,5 @@ class UploadSource:
 
     def check_complete(self) -> None:
         """After :meth:`chunks` is exhausted: size and digest must be the announced ones."""
-        assert self._hasher is not None
-        if self.size is not None and self._sent != self.size:
-            raise IntegrityError(
-                f"blob {self.digest}: data has {self._sent} bytes, not {self.size}"
-            )
-        got = f"{self._algo}:{self._hasher.hexdigest()}"
-        if got != self.digest:
-            raise IntegrityError(f"blob data has digest {got}, not {self.digest}")
+        assert self._check is not None
+        self._check.finish()
