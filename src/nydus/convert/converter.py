@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
-from ..builder.build import BuildOptions, build_from_tar
+from ..builder.build import BuildOptions, BuildResult, build_from_tar
 from ..builder.merge import MergeOptions, merge_bootstraps
 from ..config import BackendConfig
 from ..errors import (
@@ -140,6 +140,34 @@ class LayerResult:
     pushed: bool
     seconds: float
     bootstrap: str = ""
+
+    @classmethod
+    def of_build(
+        cls,
+        i: int,
+        desc: oci.Descriptor,
+        res: BuildResult,
+        blob: tuple[str | None, int],
+        pushed: bool,
+        t0: float,
+        bootstrap: str,
+    ) -> LayerResult:
+        """Layer ``i`` (``desc``) built as ``res`` into ``blob`` (digest or None, size), begun
+        at monotonic time ``t0``, its bootstrap written to ``bootstrap``."""
+        return cls(
+            index=i,
+            source_digest=desc.digest,
+            source_size=desc.size,
+            diff_id=str(res.stats.get("diff_id", "")),
+            blob_digest=blob[0],
+            blob_size=blob[1],
+            new_chunks=int(res.stats.get("new_chunks", 0)),
+            deduped_chunks=int(res.stats.get("deduped_chunks", 0)),
+            files=res.files,
+            pushed=pushed,
+            seconds=time.monotonic() - t0,
+            bootstrap=bootstrap,
+        )
 
 
 @dataclass
@@ -436,21 +464,8 @@ class _ManifestJob:
         # one name per layer: two layers may share a blob (same data) but not their trees
         boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
         _write(boot_path, res.bootstrap)
-        lr = LayerResult(
-            index=i,
-            source_digest=desc.digest,
-            source_size=desc.size,
-            diff_id=diff_id,
-            blob_digest=sink.digest if tmp else None,
-            blob_size=sink.size if tmp else 0,
-            new_chunks=int(res.stats.get("new_chunks", 0)),
-            deduped_chunks=int(res.stats.get("deduped_chunks", 0)),
-            files=res.files,
-            pushed=False,
-            seconds=time.monotonic() - t0,
-            bootstrap=boot_path,
-        )
-        return lr, tmp, lp
+        blob = (sink.digest, sink.size) if tmp else (None, 0)
+        return LayerResult.of_build(i, desc, res, blob, False, t0, boot_path), tmp, lp
 
     def push(self, lr: LayerResult, tmp: str, lp: LayerProgress) -> None:
         """Push the blob a :meth:`layer` left in ``tmp`` (none when ``tmp`` is empty), from

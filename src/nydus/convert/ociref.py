@@ -154,18 +154,6 @@ def _layer(
     progress.finish_layer(
         lp, f"{lp.label}: {human(desc.size)} indexed, meta blob {human(len(meta_blob))}"
     )
-    lr = LayerResult(
-        index=i,
-        source_digest=desc.digest,
-        source_size=desc.size,
-        diff_id=diff_id,
-        blob_digest=meta_desc.digest if meta_desc else None,
-        blob_size=len(meta_blob),
-        new_chunks=int(res.stats.get("new_chunks", 0)),
-        deduped_chunks=0,
-        files=res.files,
-        pushed=bool(meta_blob),
-        seconds=time.monotonic() - t0,
-        bootstrap=boot_path,
-    )
+    blob = (meta_desc.digest if meta_desc else None, len(meta_blob))
+    lr = LayerResult.of_build(i, desc, res, blob, bool(meta_blob), t0, boot_path)
     return lr, meta_desc, pushed
