@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 from urllib.parse import urlencode, urljoin
 
 from nydus.errors import (
@@ -55,6 +56,8 @@ from nydus.registry.upload import BlobData, UploadSource
 from ..format.safejson import parse_json
 
 __all__ = ["RegistryClient", "RegistryHTTPError", "RegistryOptions", "ClientStats"]
+
+T = TypeVar("T")
 
 
 class RegistryClient(RegistrySession):
@@ -118,8 +121,6 @@ class RegistryClient(RegistrySession):
         algo = self._ref_algorithm(ref)
 
         def handle(resp: Response) -> tuple[bytes, str, str]:
-            if resp.status != 200:
-                raise self._status_error(resp, f"manifest {repo}:{ref}")
             body = resp.read_all(limit=MAX_MANIFEST_SIZE)
             try:
                 mt = manifest_media_type(body, resp.headers.get("content-type"))
@@ -131,14 +132,7 @@ class RegistryClient(RegistrySession):
             )
             return body, mt, digest
 
-        headers = {"Accept": ", ".join(accept)}
-        return self._execute(
-            "GET",
-            self._repo_path(repo, "manifests", ref),
-            self.pull_scope(repo),
-            handle,
-            headers=headers,
-        )
+        return self._manifest_request("GET", repo, ref, accept, handle)
 
     def head_manifest(
         self, repo: str, ref: str, accept: Sequence[str] = ALL_MANIFEST_MEDIA_TYPES
@@ -147,8 +141,6 @@ class RegistryClient(RegistrySession):
         gives no ``Docker-Content-Digest``)."""
 
         def handle(resp: Response) -> Descriptor | None:
-            if resp.status != 200:
-                raise self._status_error(resp, f"manifest {repo}:{ref}")
             dg = resp.headers.get("docker-content-digest")
             size = resp.content_length
             ct = (resp.headers.get("content-type") or "").split(";")[0].strip()
@@ -157,14 +149,7 @@ class RegistryClient(RegistrySession):
             self._check_digest(f"manifest {repo}:{ref}", ref, dg, None)
             return Descriptor(ct, dg, size)
 
-        headers = {"Accept": ", ".join(accept)}
-        desc = self._execute(
-            "HEAD",
-            self._repo_path(repo, "manifests", ref),
-            self.pull_scope(repo),
-            handle,
-            headers=headers,
-        )
+        desc = self._manifest_request("HEAD", repo, ref, accept, handle)
         if desc is not None:
             return desc
         body, mt, dg = self.get_manifest(repo, ref, accept)
@@ -192,6 +177,29 @@ class RegistryClient(RegistrySession):
             handle,
             headers=headers,
             body=bytes(data),
+        )
+
+    def _manifest_request(
+        self,
+        method: str,
+        repo: str,
+        ref: str,
+        accept: Sequence[str],
+        handle: Callable[[Response], T],
+    ) -> T:
+        """GET or HEAD of manifest ``repo:ref`` accepting ``accept``; ``handle`` gets a 200."""
+
+        def handle_ok(resp: Response) -> T:
+            if resp.status != 200:
+                raise self._status_error(resp, f"manifest {repo}:{ref}")
+            return handle(resp)
+
+        return self._execute(
+            method,
+            self._repo_path(repo, "manifests", ref),
+            self.pull_scope(repo),
+            handle_ok,
+            headers={"Accept": ", ".join(accept)},
         )
 
     @staticmethod
