@@ -30,7 +30,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from .errdefs import SnapshotExists, SnapshotNotFound, grpc_code_of
+from .errdefs import SnapshotExists, SnapshotInvalidArgument, SnapshotNotFound, grpc_code_of
 
 __all__ = [
     "InFlight",
@@ -45,6 +45,7 @@ __all__ = [
     "rpc_error_text",
     "timestamp",
     "unix_target",
+    "updated_labels",
 ]
 
 M = TypeVar("M", bound=Message)
@@ -138,6 +139,30 @@ def timestamp(ns: int) -> Timestamp:
 def update_paths(req: Message) -> list[str]:
     """The fields an ``Update`` request's ``update_mask`` names (none: replace them all)."""
     return list(req.update_mask.paths) if req.HasField("update_mask") else []  # type: ignore[attr-defined]
+
+
+def updated_labels(
+    current: Mapping[str, str], labels: Mapping[str, str], fieldpaths: Sequence[str], what: str
+) -> dict[str, str]:
+    """The labels after containerd's ``Update`` of an object (``what``, for the error) that has
+    ``current``: no field paths, or ``labels``, replace them all with ``labels``;
+    ``labels.<key>`` sets that key from ``labels``, or removes it if ``labels`` has none. Only
+    labels are mutable: any other path is a SnapshotInvalidArgument."""
+    if not fieldpaths:
+        return dict(labels)
+    updated = dict(current)
+    for path in fieldpaths:
+        if path == "labels":
+            updated = dict(labels)
+        elif path.startswith("labels."):
+            key = path[len("labels.") :]
+            if key in labels:
+                updated[key] = labels[key]
+            else:
+                updated.pop(key, None)
+        else:
+            raise SnapshotInvalidArgument(f"cannot update {path!r} field on {what}")
+    return updated
 
 
 def batches(items: Sequence[T]) -> Iterator[Sequence[T]]:

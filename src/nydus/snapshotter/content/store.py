@@ -63,6 +63,7 @@ from ..containerd.errdefs import (
     SnapshotNotFound,
     SnapshotPreconditionFailed,
 )
+from ..containerd.rpc import updated_labels
 
 __all__ = [
     "ContentInfo",
@@ -467,25 +468,8 @@ class ContentStore:
     ) -> ContentInfo:
         """containerd's ``Update``: ``labels`` (all) or ``labels.<key>`` paths; none = all."""
         self.info(digest)  # NOT_FOUND first
-        current = self._labels(digest)
-        if not fieldpaths:
-            new = dict(labels)
-        else:
-            new = dict(current)
-            for path in fieldpaths:
-                if path == "labels":
-                    new = dict(labels)
-                elif path.startswith("labels."):
-                    key = path[len("labels.") :]
-                    if labels.get(key):
-                        new[key] = labels[key]
-                    else:
-                        new.pop(key, None)
-                else:
-                    raise SnapshotInvalidArgument(
-                        f"cannot update {path!r} field on content info {digest}"
-                    )
-        new = {k: v for k, v in new.items() if v}
+        new = updated_labels(self._labels(digest), labels, fieldpaths, f"content info {digest}")
+        new = {k: v for k, v in new.items() if v}  # an empty value removes the label
         lp = self._labels_path(digest)
         if new:
             _write_atomic(lp, json.dumps(new, sort_keys=True).encode())

@@ -43,6 +43,7 @@ from ..containerd.errdefs import (
     SnapshotNotFound,
     SnapshotPreconditionFailed,
 )
+from ..containerd.rpc import updated_labels
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -342,23 +343,7 @@ class Transaction:
         row = self._row(name)
         if row is None:
             raise SnapshotNotFound(f"snapshot {name!r} does not exist")
-        updated = self._labels(row["id"])
-        if fieldpaths:
-            for path in fieldpaths:
-                if path.startswith("labels."):
-                    k = path[len("labels.") :]
-                    if k in labels:
-                        updated[k] = labels[k]
-                    else:
-                        updated.pop(k, None)
-                elif path == "labels":
-                    updated = dict(labels)
-                else:
-                    raise SnapshotInvalidArgument(
-                        f"cannot update {path!r} field on snapshot {name!r}"
-                    )
-        else:
-            updated = dict(labels)
+        updated = updated_labels(self._labels(row["id"]), labels, fieldpaths, f"snapshot {name!r}")
         self._c.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (_now_ns(), row["id"]))
         self._put_labels(row["id"], updated)
         _, info, _ = self.get_info(name)
