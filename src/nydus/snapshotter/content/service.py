@@ -53,7 +53,7 @@ from ..containerd.rpc import (
     timestamp,
     update_paths,
 )
-from ..snapshots.filters import Filter, parse_all
+from ..snapshots.filters import Filter, label_field, parse_all
 from .store import ContentInfo, ContentStore, IngestStatus, IngestWriter, LazyEntry
 
 __all__ = ["ContentHooks", "ContentService"]
@@ -108,9 +108,7 @@ def _content_field(info: ContentInfo, path: Sequence[str]) -> tuple[str, bool]:
     if path[0] == "size":
         return str(info.size), True
     if path[0] == "labels":
-        key = ".".join(path[1:])
-        if key in info.labels:
-            return info.labels[key], True
+        return label_field(info.labels, path)
     return "", False
 
 

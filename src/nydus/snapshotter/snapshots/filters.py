@@ -24,13 +24,13 @@ Stateless; compiled filters are immutable and thread-safe.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..containerd.errdefs import SnapshotInvalidArgument
 from .store import Info
 
-__all__ = ["Filter", "parse", "parse_all", "snapshot_field"]
+__all__ = ["Filter", "parse", "parse_all", "label_field", "snapshot_field"]
 
 _FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VALUE_RE = re.compile(r"[^\s,]+")
@@ -208,6 +208,15 @@ def parse_all(texts: Sequence[str]) -> Filter:
     return Filter(tuple(alts))
 
 
+def label_field(labels: Mapping[str, str], path: Sequence[str]) -> tuple[str, bool]:
+    """(value, present) of the label a ``labels.<key>`` field path names (the rest of the path
+    joined with dots is the key)."""
+    key = ".".join(path[1:])
+    if key in labels:
+        return labels[key], True
+    return "", False
+
+
 def snapshot_field(info: Info, path: Sequence[str]) -> tuple[str, bool]:
     """(value, present) of a field path of a snapshot, as containerd's snapshot adaptor."""
     if not path:
@@ -220,7 +229,5 @@ def snapshot_field(info: Info, path: Sequence[str]) -> tuple[str, bool]:
     if head == "parent":
         return info.parent, True
     if head == "labels":
-        key = ".".join(path[1:])
-        if key in info.labels:
-            return info.labels[key], True
+        return label_field(info.labels, path)
     return "", False
