@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import urljoin
 
 from ..config import ConnectionConfig, ProxyConfig
@@ -31,7 +31,7 @@ from .ranges import range_header, read_range
 from .retry import RetryPolicy, effective_retries, parse_retry_after
 from .transport import HTTPTransport, Request, Response, Transport, TransportError
 
-__all__ = ["HttpClient", "HttpConfig", "HttpError", "make_transport"]
+__all__ = ["HttpClient", "HttpConfig", "HttpError", "TransportSettings", "make_transport"]
 
 T = TypeVar("T")
 HeadersFn = Callable[[str, str], Mapping[str, str]]
@@ -78,24 +78,36 @@ class HttpConfig:
         )
 
 
+class TransportSettings(Protocol):
+    """The connection settings a transport is made of (:class:`HttpConfig` and the registry's
+    options have them)."""
+
+    @property
+    def skip_verify(self) -> bool: ...
+    @property
+    def ca_cert_files(self) -> Sequence[str]: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def connect_timeout(self) -> float: ...
+
+
 def make_transport(
-    *,
-    skip_verify: bool = False,
-    ca_cert_files: Sequence[str] = (),
-    timeout: float = 5.0,
-    connect_timeout: float = 5.0,
+    settings: TransportSettings,
     proxy: ProxyConfig | None = None,
+    *,
     unix_socket: str | None = None,
     resolve: Mapping[str, str] | None = None,
 ) -> Transport:
-    """The transport for one client: direct, or through ``proxy`` with fallback."""
+    """The transport for one client with ``settings``: direct, or through ``proxy`` with
+    fallback."""
 
     def make(proxy_url: str | None = None, use_http: bool = False) -> HTTPTransport:
         return HTTPTransport(
-            skip_verify=skip_verify,
-            ca_cert_files=ca_cert_files,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
+            skip_verify=settings.skip_verify,
+            ca_cert_files=settings.ca_cert_files,
+            timeout=float(settings.timeout),
+            connect_timeout=float(settings.connect_timeout),
             proxy=proxy_url,
             proxy_use_http=use_http,
             unix_socket=unix_socket,
@@ -129,13 +141,7 @@ class HttpClient:
         self.unix_socket = unix_socket
         self.retry = RetryPolicy(limit=cfg.retry_limit, statuses=_RETRY_STATUS)
         self.transport = transport or make_transport(
-            skip_verify=cfg.skip_verify,
-            ca_cert_files=cfg.ca_cert_files,
-            timeout=float(cfg.timeout),
-            connect_timeout=float(cfg.connect_timeout),
-            proxy=cfg.proxy,
-            unix_socket=unix_socket,
-            resolve=cfg.resolve,
+            cfg, cfg.proxy, unix_socket=unix_socket, resolve=cfg.resolve
         )
         self.proxy = self.transport if isinstance(self.transport, ProxyTransport) else None
 

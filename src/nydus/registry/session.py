@@ -130,13 +130,7 @@ class RegistryOptions:
         if self.transport is not None:
             return self.transport
         proxy = ProxyConfig(self.proxy) if isinstance(self.proxy, str) else self.proxy
-        return make_transport(
-            skip_verify=self.skip_verify,
-            ca_cert_files=self.ca_cert_files,
-            timeout=self.timeout,
-            connect_timeout=self.connect_timeout,
-            proxy=proxy,
-        )
+        return make_transport(self, proxy)
 
 
 class ClientStats:
