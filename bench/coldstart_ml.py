@@ -25,7 +25,9 @@ the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's
 to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
 read amplification of the default config with another in the same run. A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
-prefetch is done, and runs the workload again in a second container (``second_run_s``), then,
+prefetch is done, notes the system's dirty page cache (``dirty_mib``: what the first
+container's overlayfs unmount may have to write, the blob cache being on the same file system),
+and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
 local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
 ``ociref+zran=N`` converts and runs the reference image with access points every N compressed
@@ -578,6 +580,19 @@ class MlRound:
     native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
     behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
     second_run_at: tuple[float, float] | None = None  # the 2nd run's wall-clock start and end
+    dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
+
+
+def dirty_mib() -> float | None:
+    """The system's dirty page cache (``/proc/meminfo`` ``Dirty``), MiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Dirty:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -704,6 +719,7 @@ def ml_round(
             t3 = time.monotonic()
             if not wait_prefetch_done(stack, PREFETCH_WAIT_S):
                 raise RuntimeError(f"prefetch not done {PREFETCH_WAIT_S:.0f}s after the workload")
+            r.dirty_mib = dirty_mib()
             t4 = time.monotonic()
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
             t5 = time.monotonic()
@@ -721,6 +737,9 @@ def ml_round(
                 shutil.copy(log_file, Path(keep) / tmp.name / log_file.name)
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        # the round's deletions (cache, snapshots) on disk now, not in the next round's
+        # containerd (whose first sync, a journal commit, would wait for them)
+        os.sync()
 
 
 def compile_bytecode(package: Path | None = None) -> None:
