@@ -283,13 +283,13 @@ def _sizes(host: str, repo_tag: str) -> tuple[int, int]:
 
 def _has(host: str, repo_tag: str) -> bool:
     repo, tag = repo_tag.split(":")
-    from nydus.errors import NotFoundError
+    from nydus.errors import RegistryNotFound
 
     c = fetch.client(host)
     try:
         c.head_manifest(repo, tag)
         return True
-    except NotFoundError:
+    except RegistryNotFound:  # a 404 (a BackendError, not a NotFoundError)
         return False
     finally:
         c.close()
