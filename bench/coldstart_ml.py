@@ -621,7 +621,7 @@ def start_stack(
             "--metrics-address",
             f"127.0.0.1:{port}",
             "--log-level",
-            "info",
+            "debug" if os.environ.get("NYDUS_BENCH_KEEP_LOGS") else "info",  # gRPC call times
         ],
         content_store=True,
     )
@@ -731,11 +731,17 @@ def ml_round(
                 r.native_wait_s, r.native_run_s = t6 - t5, time.monotonic() - t6
         return r
     finally:
-        if keep := os.environ.get("NYDUS_BENCH_KEEP_LOGS"):  # nydusd's logs, for timelines
+        keep = os.environ.get("NYDUS_BENCH_KEEP_LOGS")
+        if keep:  # nydusd's logs, for timelines
             for log_file in (stack.sn_root / "daemons").glob("*.log"):
                 (Path(keep) / tmp.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(log_file, Path(keep) / tmp.name / log_file.name)
         stack.stop()
+        if keep:  # and the snapshotter's (debug: each gRPC call timed) and containerd's
+            (Path(keep) / tmp.name).mkdir(parents=True, exist_ok=True)
+            for log_file in (stack.sn.log_path, stack.ctd.log_path):
+                with contextlib.suppress(OSError):
+                    shutil.copy(log_file, Path(keep) / tmp.name / log_file.name)
         shutil.rmtree(tmp, ignore_errors=True)
         # the round's deletions (cache, snapshots) on disk now, not in the next round's
         # containerd (whose first sync, a journal commit, would wait for them)
