@@ -25,7 +25,8 @@ the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's
 to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
 read amplification of the default config with another in the same run. A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
-prefetch is done, notes the system's dirty page cache (``dirty_mib``: what the first
+prefetch is done, notes the system's dirty page cache (``dirty_mib``, and ``writeback_mib``
+being written: what the first
 container's overlayfs unmount may have to write, the blob cache being on the same file system),
 and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
@@ -581,18 +582,22 @@ class MlRound:
     behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
     second_run_at: tuple[float, float] | None = None  # the 2nd run's wall-clock start and end
     dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
+    writeback_mib: float | None = None  # and Writeback (pages being written, not yet on disk)
 
 
-def dirty_mib() -> float | None:
-    """The system's dirty page cache (``/proc/meminfo`` ``Dirty``), MiB."""
+def dirty_mib() -> tuple[float | None, float | None]:
+    """The system's page cache not yet on disk (``/proc/meminfo``), MiB: ``Dirty`` (not
+    written yet) and ``Writeback`` (being written)."""
+    got: dict[str, float] = {}
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("Dirty:"):
-                    return int(line.split()[1]) / 1024
+                key, _, rest = line.partition(":")
+                if key in ("Dirty", "Writeback"):
+                    got[key] = int(rest.split()[0]) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return got.get("Dirty"), got.get("Writeback")
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -719,7 +724,7 @@ def ml_round(
             t3 = time.monotonic()
             if not wait_prefetch_done(stack, PREFETCH_WAIT_S):
                 raise RuntimeError(f"prefetch not done {PREFETCH_WAIT_S:.0f}s after the workload")
-            r.dirty_mib = dirty_mib()
+            r.dirty_mib, r.writeback_mib = dirty_mib()
             t4 = time.monotonic()
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
             t5 = time.monotonic()
