@@ -139,6 +139,37 @@ def test_batches_merge_adjacent_ranges_only() -> None:
         os.close(w)
 
 
+def test_a_slow_disk_drops_nothing() -> None:
+    """Batches written while the worker is busy join the waiting file's ranges: one more call
+    over all of them once the worker is free, none dropped however small the queue."""
+    from nydus.storage.writeback import Writeback
+
+    gate = threading.Event()
+    calls: list[tuple[int, int]] = []
+
+    def slow(fd: int, off: int, n: int) -> None:
+        gate.wait(5)
+        calls.append((off, n))
+
+    wb = Writeback(slow, batch=MIB, queue_limit=1)
+    r, w = os.pipe()
+    try:
+        f = wb.file(r)
+        f.wrote(0, MIB)  # the worker is held at the gate on this one
+        assert wait_for(lambda: wb._current >= 0)
+        for k in (3, 1, 2, 5, 6, 7, 8, 9):
+            f.wrote(k * MIB, MIB)
+        other = wb.file(w)
+        other.wrote(0, MIB)  # a second file: over the queue limit of 1, dropped
+        gate.set()
+        assert wb.idle(5)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert calls == [(0, MIB), (MIB, 3 * MIB), (5 * MIB, 5 * MIB)]
+    assert wb.dropped == 1
+
+
 def test_a_closed_descriptor_drops_the_batch_quietly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -160,6 +191,7 @@ def test_a_closed_descriptor_drops_the_batch_quietly(
     fd = os.open(p, os.O_RDWR)
     f = wb.file(fd)
     f.wrote(0, MIB)  # the worker is held at the gate on this one
+    assert wait_for(lambda: wb._current >= 0)
     f.wrote(MIB, MIB)  # queued behind it, with its own dup
     os.close(fd)
     gate.set()
@@ -225,7 +257,7 @@ def test_fork_child_gets_a_fresh_writeback() -> None:
         f.wrote(0, MIB)  # the worker waits at the gate with this batch's dup
         assert wait_for(lambda: wb._current >= 0)
         f.wrote(MIB, MIB)  # queued
-        inherited = [fd for fd, _ in wb._queue] + [wb._current]
+        inherited = [q._dup for q in wb._queue] + [wb._current]
         assert len(inherited) == 2
         holder = threading.Thread(target=hold_lock)
         holder.start()

@@ -12,9 +12,10 @@ back, never to be changed), so they are handed to the disk as soon as there are 
 :class:`Writeback` does that with ``sync_file_range(fd, off, len, SYNC_FILE_RANGE_WRITE)``:
 *start* writeback of a range, do not wait for it. A :class:`WritebackFile` per cache file counts
 the bytes written through it; every :data:`BATCH` bytes (and when its blob is complete, or the
-file is closed) it passes the ranges written since the last time, merged, to the process's one
-worker thread, with a ``dup`` of the file's descriptor (the cache file may be closed before the
-worker gets there; a descriptor closed even before the ``dup`` just drops the batch). The
+file is closed) it passes the ranges written since the last time to the process's one worker
+thread (which merges touching ranges) with a ``dup`` of the file's descriptor (the cache file
+may be closed before the worker gets there; a descriptor closed even before the ``dup`` just
+drops the batch). The
 kernel's own flusher writes whatever is dropped, so nothing here is needed for correctness:
 errors are logged (once per errno, then at debug level) and never reach a reader or a writer.
 
@@ -24,8 +25,9 @@ pages being written back stay in the page cache, readable as before. Chunks are 
 each, so no write waits for a page under writeback.
 
 Threading: :meth:`WritebackFile.wrote` and :meth:`WritebackFile.flush` are called on fetch and
-prefetch threads and only append to a list, ``dup`` a descriptor and queue it (the queue is
-bounded: a full queue drops the batch); every ``sync_file_range`` runs on one daemon thread per
+prefetch threads and only append to a list, ``dup`` a descriptor and queue the file (a file
+already waiting gets the batch's ranges added; more than :data:`QUEUE_LIMIT` files waiting
+drops the batch); every ``sync_file_range`` runs on one daemon thread per
 :class:`Writeback` (:func:`shared` is the process's), started on first use. Fork-safe: the child
 of a ``fork`` gets fresh locks, an empty queue (the descriptors queued in the parent are closed
 in the child) and starts its own thread when it needs one.
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages, do not wait
 BATCH = 8 << 20  # bytes written to one cache file between two writeback requests
-QUEUE_LIMIT = 64  # batches waiting for the worker (each holds a descriptor) before drops
+QUEUE_LIMIT = 64  # files waiting for the worker (each holds a descriptor) before drops
 
 SyncRange = Callable[[int, int, int], None]
 
@@ -87,13 +89,17 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 class WritebackFile:
     """Bytes written to one cache file, handed to the :class:`Writeback` in batches.
 
-    ``fd`` stays the caller's; it is ``dup``'ed for each batch."""
+    ``fd`` stays the caller's; it is ``dup``'ed when the file joins the worker's queue. While
+    it waits there, later batches join its ranges (nothing is dropped when the disk is slower
+    than the writes)."""
 
     def __init__(self, writeback: Writeback, fd: int) -> None:
         self._wb = writeback
         self._fd = fd
-        self._ranges: list[tuple[int, int]] = []
+        self._ranges: list[tuple[int, int]] = []  # written, not handed over yet
         self._pending = 0
+        self._queued: list[tuple[int, int]] = []  # handed over, the worker has not begun
+        self._dup = -1  # the descriptor the queued ranges are written back through
 
     def wrote(self, offset: int, nbytes: int) -> None:
         """``nbytes`` were written at ``offset``; a full batch is queued for writeback."""
@@ -105,14 +111,14 @@ class WritebackFile:
             if self._pending < self._wb.batch:
                 return
             ranges = self._take_locked()
-        self._wb.submit(self._fd, ranges)
+        self._wb.submit(self, ranges)
 
     def flush(self) -> None:
         """Queue whatever was written since the last batch (blob complete, file closing)."""
         with self._wb._lock:
             ranges = self._take_locked()
         if ranges:
-            self._wb.submit(self._fd, ranges)
+            self._wb.submit(self, ranges)
 
     def _take_locked(self) -> list[tuple[int, int]]:
         ranges, self._ranges, self._pending = self._ranges, [], 0
@@ -123,7 +129,7 @@ _instances: weakref.WeakSet[Writeback] = weakref.WeakSet()
 
 
 class Writeback:
-    """One worker thread starting writeback of queued ``(fd, ranges)`` batches.
+    r"""One worker thread starting writeback of the ranges of queued :class:`WritebackFile`\ s.
 
     ``sync`` is the seam (:func:`start_writeback` otherwise): called on the worker thread as
     ``sync(fd, offset, nbytes)``, it may raise OSError."""
@@ -137,7 +143,7 @@ class Writeback:
     ) -> None:
         self.sync = sync
         self.batch = batch
-        self.queue_limit = queue_limit
+        self.queue_limit = queue_limit  # files waiting for the worker
         self.ranges_started = 0  # sync calls that succeeded
         self.bytes_started = 0
         self.dropped = 0  # batches not queued (closed descriptor, full queue)
@@ -149,14 +155,15 @@ class Writeback:
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._queue: deque[tuple[int, list[tuple[int, int]]]] = deque()
+        self._queue: deque[WritebackFile] = deque()
         self._current = -1  # the descriptor the worker is on
         self._thread: threading.Thread | None = None
 
     def _after_fork_in_child(self) -> None:
-        fds = [fd for fd, _ in self._queue]
-        if self._current >= 0:
-            fds.append(self._current)
+        fds = [self._current] if self._current >= 0 else []
+        for f in self._queue:
+            fds.append(f._dup)
+            f._dup, f._queued = -1, []
         self._reset()
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -166,20 +173,27 @@ class Writeback:
         """The accounting of one cache file's writes (``fd`` stays the caller's)."""
         return WritebackFile(self, fd)
 
-    def submit(self, fd: int, ranges: list[tuple[int, int]]) -> None:
-        """Queue writeback of ``ranges`` of ``fd`` (``dup``'ed here); never raises OSError."""
+    def submit(self, f: WritebackFile, ranges: list[tuple[int, int]]) -> None:
+        """Queue writeback of ``ranges`` of ``f``'s file; never raises OSError."""
         if not ranges:
             return
+        with self._lock:
+            if f._dup >= 0:  # already waiting for the worker: one more batch for it
+                f._queued += ranges
+                return
         try:
-            dup = os.dup(fd)
+            dup = os.dup(f._fd)
         except OSError as e:  # closed before we got here: the kernel's flusher has it
-            log.debug("writeback of fd %d dropped: %s", fd, e)
+            log.debug("writeback of fd %d dropped: %s", f._fd, e)
             with self._lock:
                 self.dropped += 1
             return
         with self._lock:
-            if len(self._queue) < self.queue_limit:
-                self._queue.append((dup, ranges))
+            if f._dup >= 0:  # queued by another thread meanwhile
+                f._queued += ranges
+            elif len(self._queue) < self.queue_limit:
+                f._dup, f._queued = dup, ranges
+                self._queue.append(f)
                 self._cond.notify()
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -187,7 +201,8 @@ class Writeback:
                     )
                     self._thread.start()
                 return
-            self.dropped += 1
+            else:
+                self.dropped += 1
         os.close(dup)
 
     def idle(self, timeout: float | None = None) -> bool:
@@ -199,7 +214,9 @@ class Writeback:
         while True:
             with self._lock:
                 self._cond.wait_for(lambda: bool(self._queue))
-                fd, ranges = self._queue.popleft()
+                f = self._queue.popleft()
+                fd, ranges = f._dup, merge_ranges(f._queued)
+                f._dup, f._queued = -1, []
                 self._current = fd
             try:
                 self._start(fd, ranges)
