@@ -25,7 +25,10 @@ the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's
 to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
 read amplification of the default config with another in the same run. A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
-prefetch is done, and runs the workload again in a second container (``second_run_s``), then,
+prefetch is done, notes the system's dirty page cache (``dirty_mib``, and ``writeback_mib``
+being written: what the first
+container's overlayfs unmount may have to write, the blob cache being on the same file system),
+and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
 local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
 ``ociref+zran=N`` converts and runs the reference image with access points every N compressed
@@ -281,13 +284,13 @@ def _sizes(host: str, repo_tag: str) -> tuple[int, int]:
 
 def _has(host: str, repo_tag: str) -> bool:
     repo, tag = repo_tag.split(":")
-    from nydus.errors import NotFoundError
+    from nydus.errors import RegistryNotFound
 
     c = fetch.client(host)
     try:
         c.head_manifest(repo, tag)
         return True
-    except NotFoundError:
+    except RegistryNotFound:  # a 404 (a BackendError, not a NotFoundError)
         return False
     finally:
         c.close()
@@ -578,6 +581,23 @@ class MlRound:
     native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
     behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
     second_run_at: tuple[float, float] | None = None  # the 2nd run's wall-clock start and end
+    dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
+    writeback_mib: float | None = None  # and Writeback (pages being written, not yet on disk)
+
+
+def dirty_mib() -> tuple[float | None, float | None]:
+    """The system's page cache not yet on disk (``/proc/meminfo``), MiB: ``Dirty`` (not
+    written yet) and ``Writeback`` (being written)."""
+    got: dict[str, float] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Dirty", "Writeback"):
+                    got[key] = int(rest.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return got.get("Dirty"), got.get("Writeback")
 
 
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
@@ -606,7 +626,7 @@ def start_stack(
             "--metrics-address",
             f"127.0.0.1:{port}",
             "--log-level",
-            "info",
+            "debug" if os.environ.get("NYDUS_BENCH_KEEP_LOGS") else "info",  # gRPC call times
         ],
         content_store=True,
     )
@@ -704,6 +724,7 @@ def ml_round(
             t3 = time.monotonic()
             if not wait_prefetch_done(stack, PREFETCH_WAIT_S):
                 raise RuntimeError(f"prefetch not done {PREFETCH_WAIT_S:.0f}s after the workload")
+            r.dirty_mib, r.writeback_mib = dirty_mib()
             t4 = time.monotonic()
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
             t5 = time.monotonic()
@@ -715,12 +736,21 @@ def ml_round(
                 r.native_wait_s, r.native_run_s = t6 - t5, time.monotonic() - t6
         return r
     finally:
-        if keep := os.environ.get("NYDUS_BENCH_KEEP_LOGS"):  # nydusd's logs, for timelines
+        keep = os.environ.get("NYDUS_BENCH_KEEP_LOGS")
+        if keep:  # nydusd's logs, for timelines
             for log_file in (stack.sn_root / "daemons").glob("*.log"):
                 (Path(keep) / tmp.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(log_file, Path(keep) / tmp.name / log_file.name)
         stack.stop()
+        if keep:  # and the snapshotter's (debug: each gRPC call timed) and containerd's
+            (Path(keep) / tmp.name).mkdir(parents=True, exist_ok=True)
+            for log_file in (stack.sn.log_path, stack.ctd.log_path):
+                with contextlib.suppress(OSError):
+                    shutil.copy(log_file, Path(keep) / tmp.name / log_file.name)
         shutil.rmtree(tmp, ignore_errors=True)
+        # the round's deletions (cache, snapshots) on disk now, not in the next round's
+        # containerd (whose first sync, a journal commit, would wait for them)
+        os.sync()
 
 
 def compile_bytecode(package: Path | None = None) -> None:

@@ -38,7 +38,12 @@ def round_line(r: MlRound) -> str:
         n, b = r.behind_prefetch
         line += f", {n} user requests behind prefetch ({_mib(b)} then in flight)"
     if r.second_run_s is not None:
-        line += f", prefetch done {r.prefetch_wait_s:.1f}s later, 2nd run {r.second_run_s:.2f}s"
+        line += f", prefetch done {r.prefetch_wait_s:.1f}s later"
+        if r.dirty_mib is not None:
+            line += f", dirty {r.dirty_mib:.0f} MiB"
+        if r.writeback_mib is not None:
+            line += f" (+{r.writeback_mib:.0f} MiB under writeback)"
+        line += f", 2nd run {r.second_run_s:.2f}s"
     if r.native_run_s is not None:
         line += f", native {r.native_wait_s:.1f}s later, 3rd run {r.native_run_s:.2f}s"
     if r.warm_run_s is not None:
@@ -124,6 +129,8 @@ def summarize(
                     "prefetch_wait_s",
                     "second_run_s",
                     "native_run_s",
+                    "dirty_mib",
+                    "writeback_mib",
                 ):
                     xs = [getattr(r, k) for r in rs if getattr(r, k) is not None]
                     v[k] = _med(xs) if xs else None
@@ -343,7 +350,11 @@ def report(
         "the prefetch is done (and every blob is in the cache), the workload run again in a "
         "second container of the same image, then (after the slash) in a third once nydusd "
         "switched the image to native (blobs hashed, EROFS remounted on the local cache "
-        "files); `oci`: the warm run on the unpacked image.",
+        "files); `oci`: the warm run on the unpacked image; `dirty + wb MiB` (`prefetch_all`): "
+        "the system's dirty page cache (`/proc/meminfo` `Dirty`, then `Writeback`: pages "
+        "being written) just before the second container starts (the blob cache shares a "
+        "file system with containerd's state: the first container's overlayfs unmount syncs "
+        "it). Each round ends with an `os.sync()`.",
         "",
         "**Physical limit** (per link and workload, computed in the same run): (the Nydus "
         "pull metadata + the compressed bytes of every chunk holding a byte the workload read, "
@@ -361,8 +372,8 @@ def report(
                 f"## {link}, {wl}",
                 "",
                 "| scenario | pull s | run s | total s | registry | wire | reads | "
-                "backend req | prefetch | 2nd run s | vs OCI | vs limit | load |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "backend req | prefetch | 2nd run s | dirty + wb MiB | vs OCI | vs limit | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             oci_total = (per.get("oci") or {}).get("total_s")
             lim = per.get("limit")
@@ -377,16 +388,19 @@ def report(
                 vs_lim = f"{v['total_s'] / lim['total_s']:.1f}x" if lim else ""
                 reads = "-" if v["reads"] is None else f"{v['reads']:.0f}"
                 breq = "-" if v["backend_requests"] is None else f"{v['backend_requests']:.0f}"
+                dirty = "-" if v.get("dirty_mib") is None else f"{v['dirty_mib']:.0f}"
+                if v.get("writeback_mib") is not None:
+                    dirty += f" + {v['writeback_mib']:.0f}"
                 lines.append(
                     f"| {sc} | {v['pull_s']:.2f} | {v['run_s']:.2f} | {v['total_s']:.2f} | "
                     f"{_mib(v['registry_bytes'])} | {_mib(v['wire'])} | {reads} | {breq} | "
-                    f"{_mib(v['prefetch_bytes'])} | {second} | "
+                    f"{_mib(v['prefetch_bytes'])} | {second} | {dirty} | "
                     f"{vs_oci} | {vs_lim} | {v['load']:.1f} |"
                 )
             if lim:
                 lines.append(
                     f"| physical limit | | | {lim['total_s']:.2f} | {_mib(lim['bytes'])} | | | | "
-                    f"| | | 1.0x | |"
+                    f"| | | | 1.0x | |"
                 )
                 lines += [
                     "",

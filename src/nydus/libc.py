@@ -1,8 +1,8 @@
 """The process's C library, loaded once, with the prototypes of the calls nydus makes.
 
-mount(2), umount2(2) and syscall(2) are called through :func:`libc` (errno is kept, so read it
-with ``ctypes.get_errno()`` right after a failed call). Loading is idempotent and the returned
-handle is shared; calling through it is safe from any thread.
+mount(2), umount2(2), sync_file_range(2) and syscall(2) are called through :func:`libc` (errno
+is kept, so read it with ``ctypes.get_errno()`` right after a failed call). Loading is idempotent
+and the returned handle is shared; calling through it is safe from any thread.
 """
 
 from __future__ import annotations
@@ -25,5 +25,7 @@ def libc() -> ctypes.CDLL:
     lib.mount.restype = ctypes.c_int
     lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.umount2.restype = ctypes.c_int
+    lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    lib.sync_file_range.restype = ctypes.c_int
     lib.syscall.restype = ctypes.c_long
     return lib

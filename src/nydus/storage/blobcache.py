@@ -14,6 +14,15 @@ could reach the disk before the data pages. Pass ``sync_data=True`` to ``fdatasy
 file before each batch of bits is set (one sync per backend request, not per chunk) when that
 matters more than latency. Off by default, like upstream.
 
+Dirty pages (see :mod:`.writeback`): every 8 MiB written to a cache file, when its blob is
+complete and when it is closed, writeback of the ranges written since is *started* (never
+waited for, on the process's writeback thread), so a prefetched image does not leave a GiB of
+dirty pages for the next sync of the file system (a container's overlayfs unmount) to write.
+It changes nothing in the ordering above: data is still ``pwrite``n before its bit is set, and
+only the kernel decides when either reaches the disk. Always on (``writeback=None`` turns it
+off, for tests): the cache's bytes are never changed once written, so keeping them dirty buys
+nothing.
+
 A data file of the wrong size (truncated or replaced behind our back) is resized and its chunk
 map discarded, so every chunk is fetched again rather than trusted.
 
@@ -32,13 +41,14 @@ import contextlib
 import fcntl
 import logging
 import os
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..errors import NydusError
 from ..metadata import BlobInfo
 from ..metadata.model import check_blob_id
 from .chunkmap import ChunkMap
 from .verified import RECORD_SUFFIX, CacheTrust
+from .writeback import Writeback, WritebackFile, shared
 
 __all__ = ["BlobCacheFile", "CachedChunk"]
 
@@ -70,6 +80,7 @@ class BlobCacheFile:
         *,
         compressed: bool = False,
         sync_data: bool = False,
+        writeback: Writeback | Literal["shared"] | None = "shared",
     ) -> None:
         if info.chunk_count <= 0:
             raise NydusError(f"blob {info.blob_id}: no chunks to cache")
@@ -95,6 +106,8 @@ class BlobCacheFile:
         except BaseException:
             os.close(self._fd)
             raise
+        wb = shared() if isinstance(writeback, str) else writeback
+        self._writeback: WritebackFile | None = None if wb is None else wb.file(self._fd)
         ready = self.map.count_ready()
         if ready and vouched < ready:
             log.info(
@@ -171,7 +184,11 @@ class BlobCacheFile:
                 return False
             return True
 
-        return self.trust.write(pwrite_all)
+        if not self.trust.write(pwrite_all):
+            return False
+        if self._writeback is not None:
+            self._writeback.wrote(off, size)
+        return True
 
     # ------------------------------------------------------------------ readiness
 
@@ -186,6 +203,8 @@ class BlobCacheFile:
             os.fdatasync(self._fd)
         self.trust.mark(indices)
         self.map.set_ready(indices)
+        if self._writeback is not None and self.map.all_ready:
+            self._writeback.flush()  # the blob is complete: its last partial batch too
 
     def clear(self, index: int) -> None:
         self.trust.unmark(index)
@@ -245,6 +264,8 @@ class BlobCacheFile:
 
     def close(self) -> None:
         if self._fd >= 0:
+            if self._writeback is not None:
+                self._writeback.flush()
             self.save_record()
             self.map.close()
             os.close(self._fd)

@@ -1,0 +1,274 @@
+"""Early writeback of the blob cache's dirty pages (issue 17: a second container's 2.6 s).
+
+Chunks written to a cache file (:meth:`~nydus.storage.blobcache.BlobCacheFile.write`) sit in
+the page cache as dirty pages until the kernel's flusher gets to them (``dirty_expire``, 30 s)
+or until someone syncs the file system. With ``prefetch_all`` that is the whole image: well over
+a GiB dirty when the prefetch ends. The blob cache usually lives on the file system that holds
+containerd's state, and a container's exit unmounts its overlayfs rootfs, which syncs that file
+system: the shim's ``umount2`` then writes our gigabyte while the next container of the image
+waits for it. A cache's dirty pages are pure liability (the bytes are in the cache to be read
+back, never to be changed), so they are handed to the disk as soon as there are enough of them.
+
+:class:`Writeback` does that with ``sync_file_range(fd, off, len, SYNC_FILE_RANGE_WRITE)``:
+*start* writeback of a range, do not wait for it. A :class:`WritebackFile` per cache file counts
+the bytes written through it; every :data:`BATCH` bytes (and when its blob is complete, or the
+file is closed) it passes the ranges written since the last time to the process's one worker
+thread (which merges touching ranges) with a ``dup`` of the file's descriptor (the cache file
+may be closed before the worker gets there; a descriptor closed even before the ``dup`` just
+drops the batch). The
+kernel's own flusher writes whatever is dropped, so nothing here is needed for correctness:
+errors are logged (once per errno, then at debug level) and never reach a reader or a writer.
+
+What it does not change: the order in which data and readiness bits reach the disk is still
+not guaranteed (blobcache.py's crash-safety contract is about processes, not power loss), and
+pages being written back stay in the page cache, readable as before. Chunks are written once
+each, so no write waits for a page under writeback.
+
+Threading: :meth:`WritebackFile.wrote` and :meth:`WritebackFile.flush` are called on fetch and
+prefetch threads and only append to a list, ``dup`` a descriptor and queue the file (a file
+already waiting gets the batch's ranges added; more than :data:`QUEUE_LIMIT` files waiting
+drops the batch); every ``sync_file_range`` runs on one daemon thread per
+:class:`Writeback` (:func:`shared` is the process's), started on first use. Fork-safe: the child
+of a ``fork`` gets fresh locks, an empty queue (the descriptors queued in the parent are closed
+in the child) and starts its own thread when it needs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+
+from .. import libc as clib
+
+__all__ = [
+    "BATCH",
+    "QUEUE_LIMIT",
+    "SYNC_FILE_RANGE_WRITE",
+    "Writeback",
+    "WritebackFile",
+    "merge_ranges",
+    "shared",
+    "start_writeback",
+]
+
+log = logging.getLogger(__name__)
+
+SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages, do not wait
+BATCH = 8 << 20  # bytes written to one cache file between two writeback requests
+QUEUE_LIMIT = 64  # files waiting for the worker (each holds a descriptor) before drops
+
+SyncRange = Callable[[int, int, int], None]
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``; OSError on failure."""
+    if clib.libc().sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges sorted, touching or overlapping ones merged."""
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            last_off, last_n = out[-1]
+            out[-1] = (last_off, max(last_n, off + n - last_off))
+        else:
+            out.append((off, n))
+    return out
+
+
+class WritebackFile:
+    """Bytes written to one cache file, handed to the :class:`Writeback` in batches.
+
+    ``fd`` stays the caller's; it is ``dup``'ed when the file joins the worker's queue. While
+    it waits there, later batches join its ranges (nothing is dropped when the disk is slower
+    than the writes)."""
+
+    def __init__(self, writeback: Writeback, fd: int) -> None:
+        self._wb = writeback
+        self._fd = fd
+        self._ranges: list[tuple[int, int]] = []  # written, not handed over yet
+        self._pending = 0
+        self._queued: list[tuple[int, int]] = []  # handed over, the worker has not begun
+        self._dup = -1  # the descriptor the queued ranges are written back through
+
+    def wrote(self, offset: int, nbytes: int) -> None:
+        """``nbytes`` were written at ``offset``; a full batch is queued for writeback."""
+        if nbytes <= 0:
+            return
+        with self._wb._lock:
+            self._ranges.append((offset, nbytes))
+            self._pending += nbytes
+            if self._pending < self._wb.batch:
+                return
+            ranges = self._take_locked()
+        self._wb.submit(self, ranges)
+
+    def flush(self) -> None:
+        """Queue whatever was written since the last batch (blob complete, file closing)."""
+        with self._wb._lock:
+            ranges = self._take_locked()
+        if ranges:
+            self._wb.submit(self, ranges)
+
+    def _take_locked(self) -> list[tuple[int, int]]:
+        ranges, self._ranges, self._pending = self._ranges, [], 0
+        return merge_ranges(ranges)
+
+
+_instances: weakref.WeakSet[Writeback] = weakref.WeakSet()
+
+
+class Writeback:
+    r"""One worker thread starting writeback of the ranges of queued :class:`WritebackFile`\ s.
+
+    ``sync`` is the seam (:func:`start_writeback` otherwise): called on the worker thread as
+    ``sync(fd, offset, nbytes)``, it may raise OSError."""
+
+    def __init__(
+        self,
+        sync: SyncRange = start_writeback,
+        *,
+        batch: int = BATCH,
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> None:
+        self.sync = sync
+        self.batch = batch
+        self.queue_limit = queue_limit  # files waiting for the worker
+        self.ranges_started = 0  # sync calls that succeeded
+        self.bytes_started = 0
+        self.dropped = 0  # batches not queued (closed descriptor, full queue)
+        self.errors = 0  # sync calls that failed
+        self._logged: set[int] = set()
+        self._reset()
+        _instances.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: deque[WritebackFile] = deque()
+        self._current = -1  # the descriptor the worker is on
+        self._thread: threading.Thread | None = None
+
+    def _after_fork_in_child(self) -> None:
+        fds = [self._current] if self._current >= 0 else []
+        for f in self._queue:
+            fds.append(f._dup)
+            f._dup, f._queued = -1, []
+        self._reset()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def file(self, fd: int) -> WritebackFile:
+        """The accounting of one cache file's writes (``fd`` stays the caller's)."""
+        return WritebackFile(self, fd)
+
+    def submit(self, f: WritebackFile, ranges: list[tuple[int, int]]) -> None:
+        """Queue writeback of ``ranges`` of ``f``'s file; never raises OSError."""
+        if not ranges:
+            return
+        with self._lock:
+            if f._dup >= 0:  # already waiting for the worker: one more batch for it
+                f._queued += ranges
+                return
+        try:
+            dup = os.dup(f._fd)
+        except OSError as e:  # closed before we got here: the kernel's flusher has it
+            log.debug("writeback of fd %d dropped: %s", f._fd, e)
+            with self._lock:
+                self.dropped += 1
+            return
+        with self._lock:
+            if f._dup >= 0:  # queued by another thread meanwhile
+                f._queued += ranges
+            elif len(self._queue) < self.queue_limit:
+                f._dup, f._queued = dup, ranges
+                self._queue.append(f)
+                self._cond.notify()
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="nydus-writeback", daemon=True
+                    )
+                    self._thread.start()
+                return
+            else:
+                self.dropped += 1
+        os.close(dup)
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued batch was handled (tests); False on timeout."""
+        with self._lock:
+            return self._cond.wait_for(lambda: not self._queue and self._current < 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._cond.wait_for(lambda: bool(self._queue))
+                f = self._queue.popleft()
+                fd, ranges = f._dup, merge_ranges(f._queued)
+                f._dup, f._queued = -1, []
+                self._current = fd
+            try:
+                self._start(fd, ranges)
+            except Exception:  # a bug, not an I/O error: say so, keep the thread alive
+                log.exception("writeback of cache file ranges failed")
+            finally:
+                with self._lock:
+                    self._current = -1  # before the close: a fork child must not close a reuse
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    self._cond.notify_all()
+
+    def _start(self, fd: int, ranges: list[tuple[int, int]]) -> None:
+        for off, n in ranges:
+            try:
+                self.sync(fd, off, n)
+            except OSError as e:
+                self.errors += 1
+                self._log_error(e)
+                if e.errno in (errno.EBADF, errno.ENOSYS, errno.ESPIPE):
+                    return
+                continue
+            self.ranges_started += 1
+            self.bytes_started += n
+
+    def _log_error(self, e: OSError) -> None:
+        code = e.errno or 0
+        if code in self._logged or code == errno.EBADF:
+            log.debug("writeback of a cache file: %s", e)
+            return
+        self._logged.add(code)
+        log.warning("cannot start writeback of a cache file (left to the kernel): %s", e)
+
+
+_shared: Writeback | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> Writeback:
+    """The process's :class:`Writeback` (created on first use)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Writeback()
+        return _shared
+
+
+def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for wb in list(_instances):
+        wb._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
