@@ -44,6 +44,7 @@ import threading
 import time
 
 from . import fusectl
+from .singleflight import Once
 
 __all__ = ["DeathWatch", "enabled", "guard", "release"]
 
@@ -171,27 +172,19 @@ class DeathWatch:
         return p
 
 
-_shared: DeathWatch | None = None
-_shared_lock = threading.Lock()
-
-
-def _watch() -> DeathWatch:
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = DeathWatch()
-        return _shared
+_shared: Once[DeathWatch] = Once(DeathWatch)
 
 
 def guard(mountpoint: str) -> int | None:
     """:meth:`DeathWatch.guard` on this process's watcher."""
-    return _watch().guard(mountpoint)
+    return _shared.get().guard(mountpoint)
 
 
 def release(mountpoint: str) -> None:
     """:meth:`DeathWatch.release` on this process's watcher."""
-    if _shared is not None:
-        _shared.release(mountpoint)
+    watch = _shared.peek()
+    if watch is not None:
+        watch.release(mountpoint)
 
 
 # ---------------------------------------------------------------------- the watcher process

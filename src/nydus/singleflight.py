@@ -5,6 +5,8 @@ that finds a claim waits on its :class:`Flight` instead of fetching again. The c
 ``value`` or ``error``, releases the claim and then settles the flight, which wakes every
 waiter. Used by :class:`nydus.storage.fetcher.BlobFetcher` (chunks of one blob, before they
 are cached) and :class:`nydus.fs.RafsFs` (decompressed chunks, before its in-memory LRU).
+:class:`Once` is the same idea for one value: a process's shared worker or watcher, made by the
+first caller while concurrent callers wait.
 
 Threading contract: a :class:`FlightTable` is not locked; its owner calls it under the lock
 that also guards its cache, so "ready or in flight" is one atomic check. :class:`Flight` is
@@ -15,10 +17,10 @@ thread-safe: set the result first, then :meth:`Flight.settle`; waiters read it a
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["Flight", "FlightTable"]
+__all__ = ["Flight", "FlightTable", "Once"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -69,3 +71,29 @@ class FlightTable(Generic[K, T]):
         """Drop ``flight``'s claim of ``key`` (no-op if another flight holds it now)."""
         if self._flights.get(key) is flight:
             del self._flights[key]
+
+
+class Once(Generic[T]):
+    """A value made on first :meth:`get`, once, however many threads ask at the same time."""
+
+    __slots__ = ("_factory", "_lock", "_value")
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._value: T | None = None
+
+    def get(self) -> T:
+        """The value, made now if nobody made it yet."""
+        with self._lock:
+            if self._value is None:
+                self._value = self._factory()
+            return self._value
+
+    def peek(self) -> T | None:
+        """The value if it was made, without making it."""
+        return self._value
+
+    def after_fork_in_child(self) -> None:
+        """A fresh lock in a fork child (a parent's thread that held it does not exist here)."""
+        self._lock = threading.Lock()

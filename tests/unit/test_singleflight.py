@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from nydus.singleflight import Flight, FlightTable
+from nydus.singleflight import Flight, FlightTable, Once
 
 
 def test_waiters_get_the_claimants_value_and_the_claim_is_gone() -> None:
@@ -54,3 +54,26 @@ def test_an_error_is_published_like_a_value() -> None:
     f.settle()
     f.wait()
     assert f.settled and f.value is None and isinstance(f.error, OSError)
+
+
+def test_once_makes_the_value_once_for_concurrent_callers() -> None:
+    made: list[int] = []
+    gate = threading.Event()
+
+    def make() -> object:
+        gate.wait(5)
+        made.append(1)
+        return object()
+
+    once = Once(make)
+    assert once.peek() is None  # not made by looking
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(once.get())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(made) == 1
+    assert len(got) == 8 and all(v is got[0] for v in got)
+    assert once.peek() is got[0]

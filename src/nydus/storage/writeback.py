@@ -46,6 +46,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .. import libc as clib
+from ..singleflight import Once
 
 __all__ = [
     "BATCH",
@@ -251,22 +252,16 @@ class Writeback:
         log.warning("cannot start writeback of a cache file (left to the kernel): %s", e)
 
 
-_shared: Writeback | None = None
-_shared_lock = threading.Lock()
+_shared: Once[Writeback] = Once(Writeback)
 
 
 def shared() -> Writeback:
     """The process's :class:`Writeback` (created on first use)."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = Writeback()
-        return _shared
+    return _shared.get()
 
 
 def _after_fork_in_child() -> None:
-    global _shared_lock
-    _shared_lock = threading.Lock()
+    _shared.after_fork_in_child()
     for wb in list(_instances):
         wb._after_fork_in_child()
 
