@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .libc import MNT_DETACH, MS_BIND, MS_PRIVATE, MS_RDONLY, libc
+from .libc import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_RDONLY, libc
 
 __all__ = [
     "MountEntry",
@@ -44,6 +44,7 @@ __all__ = [
     "mounts_at",
     "move_beneath",
     "nydusd_serving",
+    "tmpfs_private",
     "umount",
     "umount_or_detach",
 ]
@@ -204,6 +205,19 @@ def bind_private(path: str) -> None:
     for src, flags in ((path, MS_BIND), (None, MS_PRIVATE)):
         if lc.mount(src and target, target, None, flags, None) != 0:
             raise _errno_error(f"mount({src!r}, {path!r}, flags {flags:#x})", path)
+
+
+def tmpfs_private(path: str, options: str = "mode=700") -> None:
+    """Mount a new tmpfs at ``path`` (nosuid, nodev, with ``options``), then make it private:
+    a mount below it can be moved, and nothing mounted there propagates anywhere. Creating and
+    removing directories in it never touches a disk."""
+    lc, target = libc(), os.fsencode(path)
+    if lc.mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, os.fsencode(options)) != 0:
+        raise _errno_error(f"mount tmpfs on {path!r} ({options})", path)
+    if lc.mount(None, target, None, MS_PRIVATE, None) != 0:
+        err = _errno_error(f"mount({path!r}, MS_PRIVATE)", path)
+        lc.umount2(target, MNT_DETACH)
+        raise err
 
 
 def move_beneath(source: str, target: str) -> None:

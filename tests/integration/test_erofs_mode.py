@@ -232,6 +232,12 @@ def test_switch_to_native(tmp_path: Path, mnt: Path) -> None:
             assert be["erofs"]["devices"] == [str(cache / f"{blob_id}.blob.data")]
             assert _mounts(mnt) == ["fuse.rafs", "erofs"]  # the lazy one is detached
             assert "switched to native" in d.log_text()
+            # the switch made (and removed) its staging directory on a tmpfs of the daemon's
+            # own, not on the disk holding /run: removing a directory there can wait for the
+            # disk (a synchronous discard on ext4 without a journal) while the switch holds
+            # its lock
+            assert d.proc is not None
+            assert _mounts(Path("/run/nydusd-blobfs") / str(d.proc.pid) / "stage") == ["tmpfs"]
             # the file opened before the switch keeps working
             old.seek(0)
             assert old.read() == (src / "f0").read_bytes()
