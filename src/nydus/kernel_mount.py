@@ -31,11 +31,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .libc import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_RDONLY, libc
+from .libc import MNT_DETACH, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_RDONLY, libc
 
 __all__ = [
     "MountEntry",
-    "bind_private",
     "build_mount_data",
     "erofs_supported",
     "mount_erofs",
@@ -196,15 +195,6 @@ def umount_or_detach(
 def _errno_error(what: str, path: str) -> OSError:
     err = ctypes.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}", path)
-
-
-def bind_private(path: str) -> None:
-    """Bind-mount ``path`` on itself, private: a mount below it can be moved (not when its
-    parent is shared), and nothing mounted there propagates anywhere."""
-    lc, target = libc(), os.fsencode(path)
-    for src, flags in ((path, MS_BIND), (None, MS_PRIVATE)):
-        if lc.mount(src and target, target, None, flags, None) != 0:
-            raise _errno_error(f"mount({src!r}, {path!r}, flags {flags:#x})", path)
 
 
 def tmpfs_private(path: str, options: str = "mode=700") -> None:
