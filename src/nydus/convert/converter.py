@@ -461,8 +461,10 @@ class _ManifestJob:
             force = self.opts.backend_force_push and self.opts.backend is not None
             self.progress.set_state(lp, "pushing")
             try:
+                # the sink hashed the blob as it was written: not read twice to hash it again
                 lr.pushed = self._push(
-                    lambda: self.store.push_file(digest, tmp, force), f"push of blob {digest}"
+                    lambda: self.store.push_file(digest, tmp, force, written=lr.blob_size),
+                    f"push of blob {digest}",
                 )
             finally:
                 if self.opts.keep_blobs:

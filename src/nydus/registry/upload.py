@@ -34,8 +34,18 @@ BlobData = (
 class UploadSource:
     """One blob's data for upload, read in ``chunk_size`` pieces, hashed on the way."""
 
-    def __init__(self, data: BlobData, size: int | None, digest: str, chunk_size: int) -> None:
+    def __init__(
+        self,
+        data: BlobData,
+        size: int | None,
+        digest: str,
+        chunk_size: int,
+        digest_known: bool = False,
+    ) -> None:
         self.digest = digest
+        # the caller computed the digest while writing the data: it is not hashed again
+        # (the size is still checked, and the registry checks the digest on the final PUT)
+        self.digest_known = digest_known
         self._algo = parse_digest(digest)[0]
         self._chunk = chunk_size
         self._bytes: memoryview | None = None
@@ -112,7 +122,7 @@ class UploadSource:
 
     def chunks(self) -> Iterator[bytes]:
         """Pieces of exactly ``chunk_size`` bytes (the last may be shorter), hashed."""
-        self._hasher = hashlib.new(self._algo)
+        self._hasher = None if self.digest_known else hashlib.new(self._algo)
         self._sent = 0
         buf = bytearray()
         for piece in self._raw_pieces():
@@ -132,8 +142,8 @@ class UploadSource:
             yield out
 
     def _account(self, piece: bytes) -> None:
-        assert self._hasher is not None
-        self._hasher.update(piece)
+        if self._hasher is not None:
+            self._hasher.update(piece)
         self._sent += len(piece)
         if self.size is not None and self._sent > self.size:
             raise IntegrityError(f"blob {self.digest}: data is longer than {self.size} bytes")
@@ -146,11 +156,12 @@ class UploadSource:
 
     def check_complete(self) -> None:
         """After :meth:`chunks` is exhausted: size and digest must be the announced ones."""
-        assert self._hasher is not None
         if self.size is not None and self._sent != self.size:
             raise IntegrityError(
                 f"blob {self.digest}: data has {self._sent} bytes, not {self.size}"
             )
+        if self._hasher is None:
+            return  # digest_known
         got = f"{self._algo}:{self._hasher.hexdigest()}"
         if got != self.digest:
             raise IntegrityError(f"blob data has digest {got}, not {self.digest}")
