@@ -167,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
         help="wait between push retries: seconds or Go-style (5s, 500ms, 1m)",
     )
     c.add_argument(
-        "--parallel", type=int, default=0, help="layers converted at once (default min(4, layers))"
+        "--parallel",
+        type=int,
+        default=0,
+        help="layers converted at once (default max(1, min(4, layers, CPUs // 2)))",
     )
 
     k = cmd("check", "check a Nydus image against its source")

@@ -65,6 +65,7 @@ from .store import BlobStore, RegistryStore, make_store
 
 __all__ = [
     "ConvertOptions",
+    "default_parallel",
     "ConvertResult",
     "ManifestResult",
     "LayerResult",
@@ -106,7 +107,7 @@ class ConvertOptions:
     backend: BackendConfig | None = None
     push_retry_count: int = 3
     push_retry_delay: float = 5.0
-    parallel: int = 0  # layers converted at once (0: min(4, layers))
+    parallel: int = 0  # layers converted at once (0: default_parallel(layers))
     builder_threads: int | None = None
     keep_blobs: bool = False
     backend_force_push: bool = False
@@ -495,7 +496,7 @@ class _ManifestJob:
         the last merge. The first failure stops the rest; the lowest layer's error is raised.
         """
         n = len(sm.layers)
-        par = self.opts.parallel or min(4, max(1, n))
+        par = self.opts.parallel or default_parallel(n)
         built: list[tuple[LayerResult, str, LayerProgress] | None] = [None] * n
         parent: str | None = None
         merged = 0
@@ -556,6 +557,14 @@ class _ManifestJob:
         path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
         _write(path, res.bootstrap)
         return path
+
+
+def default_parallel(layers: int, cpus: int | None = None) -> int:
+    """Layers built at once by default: max(1, min(4, layers, CPUs // 2)). Each builder
+    already compresses on a pool of its own, and every layer in flight holds its tree and
+    buffers: on a small machine one layer at a time is as fast and needs far less memory."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(1, min(4, layers, cpus // 2))
 
 
 def _docker_format(opts: ConvertOptions, source_is_docker: bool) -> bool:
