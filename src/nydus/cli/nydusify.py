@@ -333,24 +333,17 @@ def _source_to_target(
     return 0
 
 
-# glibc malloc for convert (see cmd_convert)
-MALLOC_MMAP_THRESHOLD = 128 << 10
-MALLOC_TRIM_THRESHOLD = 1 << 20
-
-
 def cmd_convert(a: argparse.Namespace) -> int:
     from ..convert.converter import ConvertOptions, convert
     from ..convert.progress import Progress
     from ..libc import set_malloc
 
-    # Peak memory: by default glibc serves the builder's ~1 MiB chunk buffers from its heaps
-    # once a few are freed (its mmap threshold rises) and gives every thread an arena, so
-    # freed buffers stay resident; fixed small thresholds and two arenas return them. ML image
-    # (bench/results/convert-2026-12-04-ml-convspeed.md): peak RSS 217 -> 140 MB for about
-    # +12% CPU (the page faults of buffers mapped afresh).
-    set_malloc(
-        mmap_threshold=MALLOC_MMAP_THRESHOLD, trim_threshold=MALLOC_TRIM_THRESHOLD, arena_max=2
-    )
+    # Peak memory: glibc gives each thread that allocates (layer builder, chunk pool, pushers)
+    # an arena of its own, and the ~1 MiB chunk buffers freed there stay resident. Two arenas:
+    # ML image peak RSS 217 -> 172 MB at no CPU cost. A fixed 128 KiB mmap threshold on top
+    # reaches 148 MB, but costs ~3 CPU s of page faults (+13% wall): not taken
+    # (bench/results/convert-2026-12-04-ml-convspeed.md).
+    set_malloc(arena_max=2)
 
     target = a.target
     if not target:
