@@ -427,6 +427,7 @@ def main() -> int:
     conv: dict[str, Any] = {}
     stages: dict[str, float] = {}
     load_before = os.getloadavg()[0]
+    digests: dict[str, set[str]] = {}  # the target manifest digest of every run, by side
     try:
         if not (src_dir / "pushed").exists():
             subprocess.run(
@@ -488,6 +489,7 @@ def main() -> int:
             )
             if (run_dir / f"{tag}.json").exists():
                 conv = json.loads((run_dir / f"{tag}.json").read_text())
+                digests.setdefault("after", set()).add(conv.get("digest", "?"))
             if before_env is not None:
                 subprocess.run(["sync"], check=False)
                 results.append(
@@ -498,6 +500,10 @@ def main() -> int:
                         before_env,
                     )
                 )
+                bj = run_dir / f"before{rnd}.json"
+                if bj.exists():
+                    bd = json.loads(bj.read_text()).get("digest", "?")
+                    digests.setdefault("before", set()).add(bd)
         if a.perf:
             stages = perf_breakdown(
                 nydusify_cmd(src.host, fresh_dst(), run_dir, "perf"), run_dir, after_env
@@ -529,6 +535,7 @@ def main() -> int:
         if dsts:
             dsts[-1].stop()
     a.load = (load_before, os.getloadavg()[0])
+    a.digests = digests
     report(results, total, compressed, a, conv, stages)
     shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if all(r.ok for r in results) else 1
@@ -583,6 +590,16 @@ def report(
         )
     if a.rounds > 1:
         lines += ["", "Every run: " + "; ".join(f"{r.name} {r.seconds:.1f} s" for r in results)]
+    digests = getattr(a, "digests", {})
+    if digests:
+        every = sorted(d for ds in digests.values() for d in ds)
+        same = "the same in every run" if len(set(every)) == 1 else "NOT the same in every run"
+        lines += [
+            "",
+            "Target manifest digest: "
+            + "; ".join(f"{side} {', '.join(sorted(ds))}" for side, ds in sorted(digests.items()))
+            + f" ({same}).",
+        ]
     if conv:
         lines += [
             "",

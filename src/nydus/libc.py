@@ -1,8 +1,9 @@
 """The process's C library, loaded once, with the prototypes of the calls nydus makes.
 
 mount(2), umount2(2), sync_file_range(2) and syscall(2) are called through :func:`libc` (errno
-is kept, so read it with ``ctypes.get_errno()`` right after a failed call). Loading is idempotent
-and the returned handle is shared; calling through it is safe from any thread.
+is kept, so read it with ``ctypes.get_errno()`` right after a failed call); glibc's malloc is
+tuned with :func:`set_malloc`. Loading is idempotent and the returned handle is shared; calling
+through it is safe from any thread.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ from __future__ import annotations
 import ctypes
 import functools
 
-__all__ = ["libc", "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_BIND", "MS_PRIVATE", "MNT_DETACH"]
+__all__ = [
+    "libc",
+    "set_malloc",
+    "MS_RDONLY",
+    "MS_NOSUID",
+    "MS_NODEV",
+    "MS_BIND",
+    "MS_PRIVATE",
+    "MNT_DETACH",
+]
 
 # mount(2) flags and umount2(2)'s lazy flag (<sys/mount.h>)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_PRIVATE = 0x1, 0x2, 0x4, 0x1000, 1 << 18
@@ -29,3 +39,31 @@ def libc() -> ctypes.CDLL:
     lib.sync_file_range.restype = ctypes.c_int
     lib.syscall.restype = ctypes.c_long
     return lib
+
+
+# mallopt(3) parameters (<malloc.h>)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+
+
+def set_malloc(
+    mmap_threshold: int | None = None,
+    trim_threshold: int | None = None,
+    arena_max: int | None = None,
+) -> bool:
+    """Set glibc malloc parameters for this process (mallopt(3)); None leaves one as it is.
+    A fixed ``mmap_threshold`` also stops glibc raising it as large blocks are freed.
+    False when the C library has no mallopt (not glibc) or refused a value."""
+    try:
+        fn = libc().mallopt
+    except AttributeError:
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = True
+    for param, value in (
+        (M_MMAP_THRESHOLD, mmap_threshold),
+        (M_TRIM_THRESHOLD, trim_threshold),
+        (M_ARENA_MAX, arena_max),
+    ):
+        if value is not None:
+            ok = fn(param, value) == 1 and ok
+    return ok

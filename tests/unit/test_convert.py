@@ -15,7 +15,7 @@ import pytest
 import oci_images as oi
 from nydus.cli.nydusify import _duration
 from nydus.convert import image as im
-from nydus.convert.converter import retry
+from nydus.convert.converter import default_parallel, retry
 from nydus.convert.progress import Progress, human
 from nydus.convert.remote import BlobStream, is_loopback_host
 from nydus.convert.rootfs import FileNode, OciRootfs, compare
@@ -422,3 +422,14 @@ def test_oci_rootfs_survives_hostile_layers() -> None:
     rootfs.apply(io.BytesIO(cases["deep-path-ok"].make()))  # overlay onto a deep lower tree
     with pytest.raises(FormatError, match="sparse file"):
         OciRootfs().apply(io.BytesIO(cases["sparse-huge"].make()))
+
+
+def test_default_parallel_is_one_layer_per_two_cpus() -> None:
+    """Layers in flight by default: max(1, min(4, layers, CPUs // 2)) (memory: each layer
+    in flight holds its tree; each builder already compresses on a pool of its own)."""
+    assert default_parallel(5, cpus=2) == 1
+    assert default_parallel(5, cpus=1) == 1
+    assert default_parallel(5, cpus=4) == 2
+    assert default_parallel(2, cpus=64) == 2
+    assert default_parallel(9, cpus=64) == 4
+    assert default_parallel(0, cpus=8) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -371,3 +372,47 @@ def test_bad_arguments() -> None:
     assert RegistryClient("docker.io", docker_config=None).host == "registry-1.docker.io"
     with pytest.raises(ConfigError):
         c.get_manifest("../etc", "v1")
+
+
+def test_upload_with_known_digest_is_not_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nydusify hashes a blob as it writes it: ``digest_known`` sends the file without reading
+    it through sha256 again; the size is still checked, and a wrong digest is refused by the
+    registry's check on the final PUT."""
+    fake = FakeUploads()
+    c, _t, _ = client(fake, chunk_size=1000, monolithic_max=5000)
+    hashed: list[int] = []
+    real_new = oci.hashlib.new  # the upload's check (oci.BlobCheck) hashes
+
+    class Counting:
+        def __init__(self, algo: str) -> None:
+            self.h = real_new(algo)
+            self.name = self.h.name
+
+        def update(self, b: bytes) -> None:
+            hashed.append(len(b))
+            self.h.update(b)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(oci.hashlib, "new", Counting)
+    path = tmp_path / "blob"
+    path.write_bytes(BLOB)
+    assert c.push_blob("r", DIGEST, str(path), len(BLOB), digest_known=True)  # chunked
+    assert fake.blobs[DIGEST] == BLOB and hashed == []
+    small = tmp_path / "small"
+    small.write_bytes(BLOB[:4000])
+    sd = oci.sha256_digest(BLOB[:4000])
+    assert c.push_blob("r", sd, str(small), 4000, digest_known=True)  # monolithic
+    assert fake.blobs[sd] == BLOB[:4000] and hashed == []
+    # the default still hashes (the fake registry is one store: no check that it exists)
+    assert c.push_blob("r", DIGEST, str(path), len(BLOB), check_exists=False)
+    assert sum(hashed) == len(BLOB)
+    with pytest.raises(IntegrityError, match="size given"):
+        c.push_blob("r", DIGEST, str(path), 3, digest_known=True, check_exists=False)
+    wrong = "sha256:" + hashlib.sha256(b"x").hexdigest()
+    with pytest.raises(RegistryHTTPError):
+        c.push_blob("r", wrong, str(small), 4000, digest_known=True)
+    assert wrong not in fake.blobs

@@ -65,6 +65,8 @@ class BuildResult:
     bytes_read: int = 0
     files: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    # the built tree (chunk references, no data): what :class:`.merge.LayerMeta` takes over
+    tree: Node | None = field(default=None, repr=False)
 
 
 def _open_v6(path: str, what: str) -> RafsV6Metadata:
@@ -309,7 +311,7 @@ def _complete(
         "new_chunks": result.new_chunks if result else 0,
         "deduped_chunks": result.deduped_chunks if result else 0,
     }
-    return BuildResult(boot, result, blobs, read, files, stats)
+    return BuildResult(boot, result, blobs, read, files, stats, root)
 
 
 def _prefetch_patterns(paths: list[bytes]) -> set[bytes]:

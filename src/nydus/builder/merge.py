@@ -19,13 +19,15 @@ Differences from upstream, both deliberate: the lowest layer's own whiteout mark
 removed too (upstream keeps the first layer's tree as it is; overlayfs hides them), and an
 empty chunk-dictionary blob set is allowed with any number of layers.
 
-Single-threaded, pure computation over bootstraps read into memory.
+Single-threaded, pure computation over bootstraps read into memory, or (:class:`BootstrapMerger`,
+nydusify's prefix merges) over the layers' trees as the builder left them.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ..errors import ConfigError, FormatError
@@ -37,7 +39,14 @@ from .build import _entry_of, _prefetch_order, tree_from_metadata
 from .overlay import apply_layer
 from .tree import Node, iter_tree, new_dir
 
-__all__ = ["MergeOptions", "MergeResult", "merge_bootstraps", "blob_id_from_meta_path"]
+__all__ = [
+    "MergeOptions",
+    "MergeResult",
+    "merge_bootstraps",
+    "blob_id_from_meta_path",
+    "LayerMeta",
+    "BootstrapMerger",
+]
 
 
 @dataclass
@@ -105,38 +114,130 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
     if opts.whiteout_spec not in ("oci", "overlayfs", "none"):
         raise ConfigError(f"unknown whiteout spec {opts.whiteout_spec!r}")
     _check_lists(len(sources), opts)
-    blobs: list[v6.BlobEntry] = []
-    index_of: dict[str, int] = {}  # blob id as the layer bootstraps name it -> table index
-    tree: Node | None = None
-    chunk_size: int | None = None
-    compressor = digester = ""
+    m = _Merge(opts)
     if opts.parent_bootstrap:
-        parent = _open(opts.parent_bootstrap, "parent bootstrap")
-        for i in range(len(parent.blobs)):
-            e = _entry_of(parent, i)
-            index_of.setdefault(e.blob_id, len(blobs))
-            blobs.append(e)
-        tree = tree_from_metadata(parent)
-        chunk_size, compressor, digester = parent.chunk_size, parent.compressor, parent.digester
-    dict_ids: set[str] = set()
-    if opts.chunk_dict_bootstrap:
-        cd = _open(opts.chunk_dict_bootstrap, "chunk dict")
-        dict_ids = {b.blob_id for b in cd.blobs}
-
+        m.start_from(_open(opts.parent_bootstrap, "parent bootstrap"))
     for layer, path in enumerate(sources):
         md = _open(path, "bootstrap")
-        if chunk_size is not None and md.chunk_size != chunk_size:
+        blobs = [_entry_of(md, i) for i in range(len(md.blobs))]
+        geometry = (md.chunk_size, md.compressor, md.digester)
+        m.add(layer, path, blobs, geometry, partial(tree_from_metadata, md), opts)
+    return m.result(len(sources))
+
+
+@dataclass
+class LayerMeta:
+    """What merging needs of one built layer (not its build state): its tree (chunk references
+    only; :class:`BootstrapMerger` takes it over), its blob table as its bootstrap lists it,
+    its chunk geometry, and the path its bootstrap was written to (it names the own blob)."""
+
+    tree: Node
+    blobs: list[v6.BlobEntry]
+    chunk_size: int
+    compressor: str
+    digester: str
+    path: str
+
+
+class BootstrapMerger:
+    """The prefix merges of nydusify, over trees held in memory.
+
+    After the ``k``-th :meth:`add`, :meth:`bootstrap` is byte for byte what
+    ``merge_bootstraps([layer k's bootstrap], MergeOptions(parent_bootstrap=<prefix k-1>,
+    blob_digests=[digest], blob_sizes=[size], ...))`` gives, without writing a prefix or a
+    layer bootstrap and reading it back into a tree. A layer's tree is normalised as that
+    round trip would leave it (a bootstrap does not record that a directory was only implied
+    by its tar, so such a directory's attributes replace the lower one's, as in
+    :func:`merge_bootstraps`). Single-threaded; the trees it is given become its own.
+    """
+
+    def __init__(self, opts: MergeOptions) -> None:
+        if opts.whiteout_spec not in ("oci", "overlayfs", "none"):
+            raise ConfigError(f"unknown whiteout spec {opts.whiteout_spec!r}")
+        self.opts = opts
+        self._m = _Merge(opts)
+        self._layers = 0
+
+    def add(self, layer: LayerMeta, blob_digest: str | None, blob_size: int | None) -> None:
+        """Put ``layer`` on top; its own blob (if any) becomes ``blob_digest`` (hex) of
+        ``blob_size`` bytes."""
+        m = self._m
+        # as a parent bootstrap read back: blobs known by their final ids, first one wins
+        m.index_of = {}
+        for k, e in enumerate(m.blobs):
+            m.index_of.setdefault(e.blob_id, k)
+        one = MergeOptions(
+            blob_digests=[blob_digest] if blob_digest is not None else None,
+            blob_sizes=[blob_size] if blob_size is not None else None,
+        )
+        geometry = (layer.chunk_size, layer.compressor, layer.digester)
+        tree = layer.tree
+
+        def normalised(remap: dict[int, int]) -> Node:
+            done: set[int] = set()
+            for _p, n in iter_tree(tree):
+                n.implicit = False
+                if n.chunks and id(n) not in done:
+                    done.add(id(n))
+                    n.chunks = [c.in_blob(remap.get(c.blob_index, c.blob_index)) for c in n.chunks]
+            return tree
+
+        m.add(0, layer.path, [replace(e) for e in layer.blobs], geometry, normalised, one)
+        self._layers += 1
+
+    def bootstrap(self) -> MergeResult:
+        """The image up to the last layer added."""
+        if self._layers == 0:
+            raise ConfigError("merge needs at least one layer")
+        return self._m.result(self._layers)
+
+
+class _Merge:
+    """The state of a merge: the blob table so far and the merged tree."""
+
+    def __init__(self, opts: MergeOptions) -> None:
+        self.opts = opts
+        self.blobs: list[v6.BlobEntry] = []
+        self.index_of: dict[str, int] = {}  # blob id as the layer bootstraps name it -> index
+        self.tree: Node | None = None
+        self.chunk_size: int | None = None
+        self.compressor = self.digester = ""
+        self.dict_ids: set[str] = set()
+        if opts.chunk_dict_bootstrap:
+            cd = _open(opts.chunk_dict_bootstrap, "chunk dict")
+            self.dict_ids = {b.blob_id for b in cd.blobs}
+
+    def start_from(self, parent: RafsV6Metadata) -> None:
+        for i in range(len(parent.blobs)):
+            e = _entry_of(parent, i)
+            self.index_of.setdefault(e.blob_id, len(self.blobs))
+            self.blobs.append(e)
+        self.tree = tree_from_metadata(parent)
+        self.chunk_size = parent.chunk_size
+        self.compressor, self.digester = parent.compressor, parent.digester
+
+    def add(
+        self,
+        layer: int,
+        path: str,
+        layer_blobs: list[v6.BlobEntry],
+        geometry: tuple[int, str, str],
+        upper_tree: Callable[[dict[int, int]], Node],
+        opts: MergeOptions,
+    ) -> None:
+        """Layer ``layer`` (of ``opts``' lists) with blob table ``layer_blobs`` on top."""
+        chunk_size = geometry[0]
+        if self.chunk_size is not None and chunk_size != self.chunk_size:
             raise ConfigError(
                 f"cannot merge bootstraps with different chunk sizes: {path} uses "
-                f"{md.chunk_size:#x}, the others {chunk_size:#x}"
+                f"{chunk_size:#x}, the others {self.chunk_size:#x}"
             )
-        chunk_size, compressor, digester = md.chunk_size, md.compressor, md.digester
+        self.chunk_size, self.compressor, self.digester = geometry
         remap: dict[int, int] = {}
         own_added = False
-        for i in range(len(md.blobs)):
-            e = _entry_of(md, i)
+        for i, e in enumerate(layer_blobs):
             original = e.blob_id
-            if original not in dict_ids:
+            if original not in self.dict_ids:
                 if own_added:
                     raise FormatError(
                         f"invalid per layer bootstrap {path}: it has more than one data blob "
@@ -144,25 +245,33 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
                     )
                 own_added = True
                 _rename_own_blob(e, layer, path, opts)
-            if original not in index_of:
-                index_of[original] = len(blobs)
-                e.blob_index = len(blobs)
-                blobs.append(e)
-            remap[i] = index_of[original]
-        upper = tree_from_metadata(md, remap)
-        if tree is None:
-            tree = new_dir(0o755, implicit=True)
-        tree = apply_layer(tree, upper, opts.whiteout_spec)
-    assert tree is not None and chunk_size is not None
-    if len(blobs) > v6.MAX_BLOBS:
-        raise FormatError(f"merged image would reference {len(blobs)} blobs (max {v6.MAX_BLOBS})")
-    table, _first = _prefetch_order(tree, opts.prefetch_paths or [])
-    opts_of = partial(
-        BootstrapOptions, chunk_size=chunk_size, compressor=compressor, digester=digester
-    )
-    boot = write_bootstrap(tree, opts_of(blobs=blobs, prefetch=table))
-    refs = {(c.blob_index, c.index) for _p, n in iter_tree(tree) for c in _chunks(n)}
-    return MergeResult(boot, blobs, {"layers": len(sources), "chunks": len(refs)})
+            if original not in self.index_of:
+                self.index_of[original] = len(self.blobs)
+                e.blob_index = len(self.blobs)
+                self.blobs.append(e)
+            remap[i] = self.index_of[original]
+        upper = upper_tree(remap)
+        if self.tree is None:
+            self.tree = new_dir(0o755, implicit=True)
+        self.tree = apply_layer(self.tree, upper, self.opts.whiteout_spec)
+
+    def result(self, layers: int) -> MergeResult:
+        tree, chunk_size, blobs = self.tree, self.chunk_size, self.blobs
+        assert tree is not None and chunk_size is not None
+        if len(blobs) > v6.MAX_BLOBS:
+            raise FormatError(
+                f"merged image would reference {len(blobs)} blobs (max {v6.MAX_BLOBS})"
+            )
+        table, _first = _prefetch_order(tree, self.opts.prefetch_paths or [])
+        opts_of = partial(
+            BootstrapOptions,
+            chunk_size=chunk_size,
+            compressor=self.compressor,
+            digester=self.digester,
+        )
+        boot = write_bootstrap(tree, opts_of(blobs=list(blobs), prefetch=table))
+        refs = {(c.blob_index, c.index) for _p, n in iter_tree(tree) for c in _chunks(n)}
+        return MergeResult(boot, list(blobs), {"layers": layers, "chunks": len(refs)})
 
 
 def _chunks(n: Node) -> list[ChunkInfo]:

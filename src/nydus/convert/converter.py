@@ -10,8 +10,10 @@ For each selected platform manifest:
    The layer's digest and size are checked when its stream ends, its ``diff_id`` against the
    config. The blob is pushed at once (skipped when the target already has it), with
    ``push_retry_count`` retries;
-3. the layer bootstraps are merged lowest first with :func:`nydus.builder.merge.merge_bootstraps`
-   (blob ids become the pushed blobs' sha256). Every prefix is kept as
+3. the layers are merged lowest first, as :func:`nydus.builder.merge.merge_bootstraps` merges
+   their bootstraps, but over the trees the builder left in memory
+   (:class:`nydus.builder.merge.BootstrapMerger`: same bytes, nothing read back); blob ids
+   become the pushed blobs' sha256. Every prefix is kept as
    ``<work>/bootstraps/<n>-<source layer digest>``, the image up to layer ``n`` (the last one is
    the whole image, as in the article: ``nydusd --bootstrap ./tmp/bootstraps/4-sha256:...``);
 4. the bootstrap layer (tar.gz with ``image/image.boot``), the config (diff_ids rewritten, a
@@ -42,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
 from ..builder.build import BuildOptions, BuildResult, build_from_tar
-from ..builder.merge import MergeOptions, merge_bootstraps
+from ..builder.merge import BootstrapMerger, LayerMeta, MergeOptions
 from ..config import BackendConfig
 from ..errors import (
     BackendError,
@@ -65,6 +67,7 @@ from .store import BlobStore, RegistryStore, make_store
 
 __all__ = [
     "ConvertOptions",
+    "default_parallel",
     "ConvertResult",
     "ManifestResult",
     "LayerResult",
@@ -106,7 +109,7 @@ class ConvertOptions:
     backend: BackendConfig | None = None
     push_retry_count: int = 3
     push_retry_delay: float = 5.0
-    parallel: int = 0  # layers converted at once (0: min(4, layers))
+    parallel: int = 0  # layers converted at once (0: default_parallel(layers))
     builder_threads: int | None = None
     keep_blobs: bool = False
     backend_force_push: bool = False
@@ -409,8 +412,9 @@ class _ManifestJob:
 
     def layer(
         self, i: int, n: int, desc: oci.Descriptor, want_diff_id: str
-    ) -> tuple[LayerResult, str, LayerProgress]:
-        """Build layer ``i``: its blob is left in a temporary file (see :meth:`push`)."""
+    ) -> tuple[LayerResult, str, LayerProgress, LayerMeta]:
+        """Build layer ``i``: its blob is left in a temporary file (see :meth:`push`); the
+        merge takes its tree (:class:`LayerMeta`), the rest of the build state is dropped."""
         t0 = time.monotonic()
         short = desc.digest[7:19]
         lp = self.progress.layer(f"layer {i + 1}/{n} {short}", desc.size)
@@ -465,7 +469,12 @@ class _ManifestJob:
         boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
         _write(boot_path, res.bootstrap)
         blob = (sink.digest, sink.size) if tmp else (None, 0)
-        return LayerResult.of_build(i, desc, res, blob, False, t0, boot_path), tmp, lp
+        lr = LayerResult.of_build(i, desc, res, blob, False, t0, boot_path)
+        assert res.tree is not None
+        meta = LayerMeta(
+            res.tree, res.blobs, opts.chunk_size, opts.compressor, opts.digester, boot_path
+        )
+        return lr, tmp, lp, meta
 
     def push(self, lr: LayerResult, tmp: str, lp: LayerProgress) -> None:
         """Push the blob a :meth:`layer` left in ``tmp`` (none when ``tmp`` is empty), from
@@ -476,8 +485,10 @@ class _ManifestJob:
             force = self.opts.backend_force_push and self.opts.backend is not None
             self.progress.set_state(lp, "pushing")
             try:
+                # the sink hashed the blob as it was written: not read twice to hash it again
                 lr.pushed = self._push(
-                    lambda: self.store.push_file(digest, tmp, force), f"push of blob {digest}"
+                    lambda: self.store.push_file(digest, tmp, force, written=lr.blob_size),
+                    f"push of blob {digest}",
                 )
             finally:
                 if self.opts.keep_blobs:
@@ -508,10 +519,17 @@ class _ManifestJob:
         the last merge. The first failure stops the rest; the lowest layer's error is raised.
         """
         n = len(sm.layers)
-        par = self.opts.parallel or min(4, max(1, n))
+        par = self.opts.parallel or default_parallel(n)
         built: list[tuple[LayerResult, str, LayerProgress] | None] = [None] * n
+        metas: list[LayerMeta | None] = [None] * n  # built, not merged yet
         parent: str | None = None
         merged = 0
+        merger = BootstrapMerger(
+            MergeOptions(
+                chunk_dict_bootstrap=self.cdict.path if self.cdict else None,
+                prefetch_paths=self.opts.prefetch_patterns,
+            )
+        )
         with (
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as builders,
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-push") as pushers,
@@ -528,13 +546,18 @@ class _ManifestJob:
                     for f in done:
                         if f.exception() is not None:
                             raise _LayerFailed
-                        if built[futs[f]] is None:  # a build, not a push
-                            b = built[futs[f]] = f.result()
-                            pushed = pushers.submit(self.push, *b)
-                            futs[pushed] = futs[f]
+                        i = futs[f]
+                        if built[i] is None:  # a build, not a push
+                            lr, tmp, lp, metas[i] = f.result()
+                            built[i] = (lr, tmp, lp)
+                            pushed = pushers.submit(self.push, lr, tmp, lp)
+                            futs[pushed] = i
                             pending.add(pushed)
-                    while merged < n and (b := built[merged]) is not None:
-                        parent = self.merge_one(b[0], parent)
+                    while merged < n and (meta := metas[merged]) is not None:
+                        metas[merged] = None  # the merger owns its tree now
+                        done_lr = built[merged]
+                        assert done_lr is not None
+                        parent = self.merge_one(merger, done_lr[0], meta)
                         merged += 1
             except BaseException as e:
                 self.stop.set()
@@ -555,20 +578,23 @@ class _ManifestJob:
             raise FormatError("the image has no layers")
         return [b[0] for b in built if b is not None], parent
 
-    def merge_one(self, lr: LayerResult, parent: str | None) -> str:
-        """The image up to layer ``lr`` (``parent``: up to the one below) as
-        ``bootstraps/<n>-<digest>``; returns its path."""
-        mo = MergeOptions(
-            parent_bootstrap=parent,
-            chunk_dict_bootstrap=self.cdict.path if self.cdict else None,
-            blob_digests=[lr.blob_digest[7:]] if lr.blob_digest else None,
-            blob_sizes=[lr.blob_size] if lr.blob_digest else None,
-            prefetch_paths=self.opts.prefetch_patterns,
-        )
-        res = merge_bootstraps([lr.bootstrap], mo)
+    def merge_one(self, merger: BootstrapMerger, lr: LayerResult, meta: LayerMeta) -> str:
+        """The image up to layer ``lr`` (``merger`` holds the image up to the one below, in
+        memory) as ``bootstraps/<n>-<digest>``; returns its path. The bytes are those of
+        ``merge_bootstraps([lr.bootstrap], parent_bootstrap=<the prefix below>)``."""
+        digest = lr.blob_digest[7:] if lr.blob_digest else None
+        merger.add(meta, digest, lr.blob_size if lr.blob_digest else None)
         path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
-        _write(path, res.bootstrap)
+        _write(path, merger.bootstrap().bootstrap)
         return path
+
+
+def default_parallel(layers: int, cpus: int | None = None) -> int:
+    """Layers built at once by default: max(1, min(4, layers, CPUs // 2)). Each builder
+    already compresses on a pool of its own, and every layer in flight holds its tree and
+    buffers: on a small machine one layer at a time is as fast and needs far less memory."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(1, min(4, layers, cpus // 2))
 
 
 def _docker_format(opts: ConvertOptions, source_is_docker: bool) -> bool:

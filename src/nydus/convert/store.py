@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import BackendConfig, DaemonConfig, LocalFsConfig, OssConfig
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, IntegrityError
 from ..format import oci
 from ..storage.objectstore import make_object_backend
 from .remote import Remote
@@ -64,9 +64,13 @@ class BlobStore(ABC):
     def has(self, digest: str) -> bool: ...
 
     @abstractmethod
-    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
+    def push_file(
+        self, digest: str, path: str, force: bool = False, *, written: int | None = None
+    ) -> bool:
         """Store the file as ``digest``; False when it was already there (``force``: store
-        it anyway, upstream's ``--backend-force-push``)."""
+        it anyway, upstream's ``--backend-force-push``). ``written``: the file's size when
+        ``digest`` was computed as it was written; the data is then not hashed again (its
+        size is checked; a registry checks the digest when the upload ends)."""
 
     def ensure_from(self, digest: str, size: int, source: Remote) -> bool:
         """Make sure ``digest`` is here, copying it from ``source``'s repository if it is
@@ -99,8 +103,17 @@ class RegistryStore(BlobStore):
     def has(self, digest: str) -> bool:
         return self.target.client.has_blob(self.target.repo, digest)
 
-    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
-        return self.target.client.push_blob(self.target.repo, digest, path, check_exists=not force)
+    def push_file(
+        self, digest: str, path: str, force: bool = False, *, written: int | None = None
+    ) -> bool:
+        return self.target.client.push_blob(
+            self.target.repo,
+            digest,
+            path,
+            written,
+            check_exists=not force,
+            digest_known=written is not None,
+        )
 
     def push_bytes(self, digest: str, data: bytes) -> bool:
         return self.target.client.push_blob(self.target.repo, digest, data)
@@ -145,7 +158,10 @@ class LocalFsStore(BlobStore):
     def has(self, digest: str) -> bool:
         return os.path.isfile(self.path(digest))
 
-    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
+    def push_file(
+        self, digest: str, path: str, force: bool = False, *, written: int | None = None
+    ) -> bool:
+        _check_written(digest, path, written)
         dst = self.path(digest)
         if not force and os.path.isfile(dst) and os.path.getsize(dst) == os.path.getsize(path):
             return False
@@ -188,7 +204,10 @@ class ObjectStore(BlobStore):
     def has(self, digest: str) -> bool:
         return self.backend.has_blob(oci.parse_digest(digest)[1])
 
-    def push_file(self, digest: str, path: str, force: bool = False) -> bool:
+    def push_file(
+        self, digest: str, path: str, force: bool = False, *, written: int | None = None
+    ) -> bool:
+        _check_written(digest, path, written)
         if os.path.getsize(path) > MAX_SINGLE_PUT:
             raise BackendError(f"{self.kind}: blob {digest} is larger than 5 GiB")
         if not force and self.has(digest):
@@ -201,6 +220,11 @@ class ObjectStore(BlobStore):
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _check_written(digest: str, path: str, written: int | None) -> None:
+    if written is not None and (have := os.path.getsize(path)) != written:
+        raise IntegrityError(f"blob {digest}: {path} has {have} bytes, {written} were written")
 
 
 def make_store(target: Remote, backend: BackendConfig | None) -> BlobStore:

@@ -391,17 +391,20 @@ class RegistryClient(RegistrySession):
         size: int | None = None,
         *,
         check_exists: bool = True,
+        digest_known: bool = False,
     ) -> bool:
         """Upload a blob unless ``repo`` already has it; True if uploaded.
 
         ``data``: bytes, a path, a binary file object, or an iterable of bytes. Up to
         ``monolithic_max`` bytes of known size go as POST + one PUT; larger or unknown-size
         data as POST + PATCH chunks of ``chunk_size`` + PUT. The digest and size of what was
-        sent are checked before the final PUT (:class:`IntegrityError`). An upload that fails
-        transiently is started again if the source can be re-read.
+        sent are checked before the final PUT (:class:`IntegrityError`); with ``digest_known``
+        (the caller hashed the data as it wrote it) only the size is, and the digest is left to
+        the registry's check on that PUT. An upload that fails transiently is started again if
+        the source can be re-read.
         """
         self._blob(repo, digest)
-        src = UploadSource(data, size, digest, self.chunk_size)
+        src = UploadSource(data, size, digest, self.chunk_size, digest_known)
         if check_exists and self.has_blob(repo, digest):
             return False
         self._upload_with_retries(repo, src, None)

@@ -33,9 +33,19 @@ BlobData = (
 class UploadSource:
     """One blob's data for upload, read in ``chunk_size`` pieces, hashed on the way."""
 
-    def __init__(self, data: BlobData, size: int | None, digest: str, chunk_size: int) -> None:
+    def __init__(
+        self,
+        data: BlobData,
+        size: int | None,
+        digest: str,
+        chunk_size: int,
+        digest_known: bool = False,
+    ) -> None:
         self.digest = digest
         parse_digest(digest)  # malformed: refused before any byte is read
+        # the caller computed the digest while writing the data: it is not hashed again
+        # (the size is still checked, and the registry checks the digest on the final PUT)
+        self.digest_known = digest_known
         self._chunk = chunk_size
         self._bytes: memoryview | None = None
         self._path: str | None = None
@@ -110,7 +120,7 @@ class UploadSource:
 
     def chunks(self) -> Iterator[bytes]:
         """Pieces of exactly ``chunk_size`` bytes (the last may be shorter), hashed."""
-        self._check = check = BlobCheck(self.digest, self.size)
+        self._check = check = BlobCheck(self.digest, self.size, digest_known=self.digest_known)
         buf = bytearray()
         for piece in self._raw_pieces():
             if not buf and len(piece) == self._chunk:  # a file's reads: no copy
