@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coldstart_ml import WORKLOADS, MlImage, MlRound
+from mlrecords import WORKLOADS, MlImage, MlRound
 
 
 def _med(xs: list[float]) -> float:

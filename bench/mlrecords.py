@@ -1,0 +1,59 @@
+"""What the ml cold start benchmark records (issue 17): its workloads, the image it measured and
+one round's figures. bench/coldstart_ml.py fills them in; bench/mlreport.py reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+WORKLOADS = {
+    "W1": ("python3 -c 'import numpy, pandas; print(\"ok\")'", "ok"),
+    "W2": ("python3 -c 'import torch; print(torch.ones(2).sum())'", "tensor(2.)"),
+}
+
+
+@dataclass
+class MlImage:
+    oci: str = "ml:1"
+    nydus: str = "ml:1-nydus"
+    opt: str = "ml:1-opt"
+    ref: str = "ml:1-ref"  # nydusify convert --oci-ref
+    oci_bytes: int = 0  # manifest + config + layers
+    meta: dict[str, int] = field(default_factory=dict)  # tag -> manifest+config+bootstrap
+    blobs: dict[str, int] = field(default_factory=dict)  # tag -> data blob bytes
+    rootfs_bytes: int = 0
+    entries: int = 0
+    convert_s: float = 0.0
+    # --oci-ref tag -> [conversion seconds, 1-minute load average at its end, zran spacing]
+    ref_convert: dict[str, list[float]] = field(default_factory=dict)
+    optimize_s: float = 0.0
+    prefetch_files: int = 0
+    optimize_report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MlRound:
+    link: str
+    scenario: str
+    workload: str
+    pull_s: float
+    run_s: float
+    total_s: float
+    registry_bytes: int
+    wire: int | None = None
+    reads: int | None = None  # READs the daemon served (FUSE or blob device)
+    backend_requests: int | None = None
+    backend_bytes: int | None = None
+    needed: int | None = None  # lazy: compressed bytes of the chunks the workload read
+    warm_run_s: float | None = None  # oci: a second run on the unpacked image
+    load: float = 0.0
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s, registry bytes)
+    prefetch_bytes: int | None = None  # nydusd's prefetch_data_amount when the workload ended
+    prefetch_wait_s: float | None = None  # prefetch_all: from the workload's end to prefetch done
+    second_run_s: float | None = None  # prefetch_all: a 2nd container once prefetch is done
+    native_wait_s: float | None = None  # prefetch_all: from the 2nd run's end to the native switch
+    native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
+    behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
+    second_run_at: tuple[float, float] | None = None  # the 2nd run's wall-clock start and end
+    dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
+    writeback_mib: float | None = None  # and Writeback (pages being written, not yet on disk)
