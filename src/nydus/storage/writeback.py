@@ -15,9 +15,9 @@ the bytes written through it; every :data:`BATCH` bytes (and when its blob is co
 file is closed) it passes the ranges written since the last time to the process's one worker
 thread (which merges touching ranges) with a ``dup`` of the file's descriptor (the cache file
 may be closed before the worker gets there; a descriptor closed even before the ``dup`` just
-drops the batch). The
-kernel's own flusher writes whatever is dropped, so nothing here is needed for correctness:
-errors are logged (once per errno, then at debug level) and never reach a reader or a writer.
+drops the batch). The kernel's own flusher writes whatever is dropped, so nothing here is
+needed for correctness: errors are logged (once per errno, then at debug level) and never
+reach a reader or a writer.
 
 What it does not change: the order in which data and readiness bits reach the disk is still
 not guaranteed (blobcache.py's crash-safety contract is about processes, not power loss), and
