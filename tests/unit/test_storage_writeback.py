@@ -57,11 +57,28 @@ def wait_for(pred: Any, timeout: float = 5.0) -> bool:
     return bool(pred())
 
 
+def covered(calls: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """The byte ranges the calls started, merged; asserts that no byte was started twice and
+    that every call asked for SYNC_FILE_RANGE_WRITE."""
+    spans = sorted((off, off + n) for off, n, _ in calls)
+    assert all(flags == SYNC_FILE_RANGE_WRITE for *_, flags in calls), calls
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start < merged[-1][1]:
+            raise AssertionError(f"range started twice: {spans}")
+        if merged and start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def test_cache_starts_writeback_of_exactly_what_it_wrote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """3 x 8 MiB written (the first batch in reverse order): three sync_file_range calls, one
-    per batch, over exactly those bytes, SYNC_FILE_RANGE_WRITE, not on the writer's thread; 2
+    """3 x 8 MiB written (the first batch in reverse order): sync_file_range over exactly those
+    bytes, each once, SYNC_FILE_RANGE_WRITE, not on the writer's thread (one call per batch, or
+    fewer when the worker was behind and a waiting file took the later batch into its own); 2
     MiB more start nothing; the blob's last chunk (blob complete) starts the remaining 3 MiB."""
     from nydus.storage.blobcache import BlobCacheFile
 
@@ -76,20 +93,20 @@ def test_cache_starts_writeback_of_exactly_what_it_wrote(
         for i in [*range(7, -1, -1), *range(8, 24)]:
             assert cache.write(chunk(i), payload)
             cache.mark_ready([i])
-        want = [(k * BATCH, BATCH, SYNC_FILE_RANGE_WRITE) for k in range(3)]
-        assert wait_for(lambda: len(fake.of(ino)) >= 3), fake.calls
-        assert sorted(fake.of(ino)) == want
+        want = [(0, 3 * BATCH)]
+        assert wait_for(lambda: covered(fake.of(ino)) == want), fake.calls
+        assert 1 <= len(fake.of(ino)) <= 3, fake.calls
+        started = len(fake.of(ino))
         for i in (24, 25):
             assert cache.write(chunk(i), payload)
             cache.mark_ready([i])
         time.sleep(0.2)
-        assert sorted(fake.of(ino)) == want  # 2 MiB: below a batch, nothing started yet
+        assert len(fake.of(ino)) == started  # 2 MiB: below a batch, nothing started yet
         assert cache.write(chunk(26), payload)
         cache.mark_ready([26])
         assert cache.all_ready
-        want.append((24 * MIB, 3 * MIB, SYNC_FILE_RANGE_WRITE))
-        assert wait_for(lambda: len(fake.of(ino)) >= 4), fake.calls
-        assert sorted(fake.of(ino)) == want
+        assert wait_for(lambda: covered(fake.of(ino)) == [(0, count * MIB)]), fake.calls
+        assert (24 * MIB, 3 * MIB, SYNC_FILE_RANGE_WRITE) in fake.of(ino)
         threads = {t for i, *_, t in fake.calls if i == ino}
         assert threading.current_thread().name not in threads
         assert len(threads) == 1
