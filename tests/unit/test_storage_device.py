@@ -571,6 +571,35 @@ def test_metrics_use_upstream_names(img: Image, tmp_path: Path) -> None:
     assert c["id"] == "mnt" and c["whole_hits"] >= 1
 
 
+def test_data_all_durable_follows_the_cache_files_sync(img: Image, tmp_path: Path) -> None:
+    """``data_all_durable`` (an extension): false while a chunk is missing, true once every
+    cache file is complete and fdatasync'ed; a device opened later on the complete cache
+    (another process's work) syncs it itself before saying so."""
+    dev, _ = device(img, tmp_path / "c")
+    space = uncompressed_space(img)
+    with dev:
+        c = dev.metrics_blobcache()
+        assert c["data_all_durable"] is False and c["data_all_ready"] is False
+        read_file(dev, img, "/text")
+        assert dev.metrics_blobcache()["data_all_durable"] is False
+        assert dev.read_range(0, 0, len(space)) == space
+        assert dev.metrics_blobcache()["data_all_ready"]
+        assert _eventually(lambda: dev.metrics_blobcache()["data_all_durable"])
+    dev, _ = device(img, tmp_path / "c")
+    with dev:
+        assert dev.is_blob_ready(0)
+        assert _eventually(lambda: dev.metrics_blobcache()["data_all_durable"])
+
+
+def _eventually(pred: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_unexpected_backend_exceptions_become_backend_errors(img: Image, tmp_path: Path) -> None:
     from nydus.errors import BackendError
 

@@ -114,6 +114,43 @@ def test_cache_starts_writeback_of_exactly_what_it_wrote(
         cache.close()
 
 
+def test_the_cache_syncs_a_complete_blob_off_the_writers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default cache (the process's writeback): no fdatasync of the data file while a
+    chunk is missing; once the blob is complete, one, after its writeback was started, on
+    another thread than the writer's (main's code starts writeback and never syncs)."""
+    from nydus.storage.blobcache import BlobCacheFile
+
+    fake = FakeLibc()
+    monkeypatch.setattr(nydus.libc, "libc", lambda: fake)
+    synced: list[tuple[int, str, int]] = []  # inode, thread, sync_file_range calls before
+
+    def fdatasync(fd: int) -> None:
+        synced.append((os.fstat(fd).st_ino, threading.current_thread().name, len(fake.calls)))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    info = BlobInfo(0, "a" * 64, MIB, 3, "none", "sha256", 0, 3 * MIB, 3 * MIB)
+    cache = BlobCacheFile(str(tmp_path), info)
+    try:
+        ino = os.stat(cache.path).st_ino
+        for i in (0, 1):
+            assert cache.write(chunk(i), b"w" * MIB)
+            cache.mark_ready([i])
+        time.sleep(0.2)
+        assert [s for s in synced if s[0] == ino] == []
+        assert cache.write(chunk(2), b"w" * MIB)
+        cache.mark_ready([2])
+        assert wait_for(lambda: [s for s in synced if s[0] == ino])
+        time.sleep(0.2)
+        mine = [s for s in synced if s[0] == ino]
+        assert len(mine) == 1
+        assert mine[0][1] != threading.current_thread().name
+        assert mine[0][2] >= 1 and covered(fake.of(ino)) == [(0, 3 * MIB)]
+    finally:
+        cache.close()
+
+
 def test_close_starts_writeback_of_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -312,3 +349,182 @@ def test_fork_child_gets_a_fresh_writeback() -> None:
         release.set()
         os.close(r)
         os.close(w)
+
+
+class SyncLog:
+    """One ordered record of sync_file_range ("range") and fdatasync ("data"/"map") calls:
+    (kind, inode, thread name); ``hold`` makes the fdatasync of one inode wait for ``gate``."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, str]] = []
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.hold = -1
+        self.fail: list[int] = []  # errnos the next fdatasync calls raise, in turn
+
+    def _add(self, kind: str, fd: int) -> None:
+        ino = os.fstat(fd).st_ino
+        if ino == self.hold:
+            self.gate.wait(10)
+        with self.lock:
+            if kind != "range" and self.fail:
+                raise OSError(self.fail.pop(0), os.strerror(errno.EIO))
+            self.events.append((kind, ino, threading.current_thread().name))
+
+    def sync(self, fd: int, off: int, n: int) -> None:
+        self._add("range", fd)
+
+    def datasync(self, fd: int) -> None:
+        self._add("sync", fd)
+
+    def kinds(self) -> list[tuple[str, int]]:
+        with self.lock:
+            return [(k, i) for k, i, _ in self.events]
+
+
+def small_cache(tmp_path: Path, wb: Any, count: int = 4) -> Any:
+    from nydus.storage.blobcache import BlobCacheFile
+
+    info = BlobInfo(0, "e" * 64, MIB, count, "none", "sha256", 0, count * MIB, count * MIB)
+    return BlobCacheFile(str(tmp_path), info, writeback=wb)
+
+
+def test_a_complete_blob_is_made_durable_data_then_map_on_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fdatasync while chunks are missing; the last chunk: the rest's writeback started,
+    then fdatasync of the data file, then of the chunk map, on the worker thread, and
+    ``durable``. Asking again syncs nothing more; a chunk cleared and written again makes the
+    blob not durable until it was synced again."""
+    from nydus.storage.writeback import Writeback
+
+    sl = SyncLog()
+    monkeypatch.setattr(os, "fdatasync", sl.datasync)  # the chunk map's sync
+    wb = Writeback(sl.sync, datasync=sl.datasync, batch=64 * MIB)
+    cache = small_cache(tmp_path, wb)
+    try:
+        data, cmap = os.stat(cache.path).st_ino, os.stat(cache.map_path).st_ino
+        for i in (2, 0, 1):
+            assert cache.write(chunk(i), b"d" * MIB)
+            cache.mark_ready([i])
+        assert wb.idle(5) and not cache.durable and wb.idle(5)
+        assert sl.kinds() == []  # incomplete: nothing asked, not even by ``durable``
+        assert cache.write(chunk(3), b"d" * MIB)
+        cache.mark_ready([3])
+        assert wait_for(lambda: cache.durable)
+        assert sl.kinds() == [("range", data), ("sync", data), ("sync", cmap)]
+        assert {t for *_, t in sl.events} == {"nydus-writeback"}
+        assert wb.synced == 1
+        cache.mark_ready([3])  # complete again: the same state, no second sync
+        assert cache.durable and wb.idle(5) and len(sl.events) == 3
+        cache.clear(1)
+        assert not cache.durable
+        assert cache.write(chunk(1), b"d" * MIB)
+        assert not cache.durable  # written, not yet synced
+        cache.mark_ready([1])
+        assert wait_for(lambda: cache.durable)
+        assert sl.kinds()[3:] == [("range", data), ("sync", data), ("sync", cmap)]
+    finally:
+        cache.close()
+
+
+def test_a_blob_found_complete_is_synced_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache file completed by someone else (another process, an earlier run): not durable
+    for this object until it synced the file itself, which ``durable`` asks for once."""
+    from nydus.storage.writeback import Writeback
+
+    writer = small_cache(tmp_path, None)
+    for i in range(4):
+        assert writer.write(chunk(i), b"o" * MIB)
+        writer.mark_ready([i])
+    sl = SyncLog()
+    monkeypatch.setattr(os, "fdatasync", sl.datasync)
+    wb = Writeback(sl.sync, datasync=sl.datasync)
+    cache = small_cache(tmp_path, wb)
+    try:
+        data, cmap = os.stat(cache.path).st_ino, os.stat(cache.map_path).st_ino
+        assert cache.all_ready and not cache.durable
+        assert wait_for(lambda: cache.durable)
+        assert sl.kinds() == [("sync", data), ("sync", cmap)]  # no range: nothing written here
+        assert cache.durable and wb.idle(5) and len(sl.events) == 2
+    finally:
+        cache.close()
+        writer.close()
+
+
+def test_a_failed_sync_is_not_durable_and_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fdatasync fails (EIO): not durable, one warning, counted, no exception anywhere; the
+    next ``durable`` asks again and the retry succeeds."""
+    from nydus.storage.writeback import Writeback
+
+    caplog.set_level(logging.DEBUG, logger="nydus.storage.writeback")
+    sl = SyncLog()
+    sl.fail = [errno.EIO]
+    monkeypatch.setattr(os, "fdatasync", sl.datasync)
+    wb = Writeback(sl.sync, datasync=sl.datasync)
+    cache = small_cache(tmp_path, wb, count=1)
+    try:
+        data = os.stat(cache.path).st_ino
+        assert cache.write(chunk(0), b"f" * MIB)
+        cache.mark_ready([0])
+        assert wb.idle(5)
+        assert wb.errors == 1 and wb.synced == 0
+        assert not cache.durable  # and that asked again
+        assert wait_for(lambda: cache.durable)
+        assert sl.kinds()[0] == ("range", data)
+        assert [k for k, _ in sl.kinds()[1:]] == ["sync", "sync"]  # data, then the map
+        assert wb.synced == 1
+    finally:
+        cache.close()
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "durable" in warned[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_slow_sync_blocks_no_reader_or_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the chunk map's fdatasync hangs on the worker: the blob reads, its bits change,
+    and another cache file is written and queued, each on the caller's thread without
+    waiting for the sync (a lock held across it would hang them: joined with a deadline)."""
+    from nydus.storage.writeback import Writeback
+
+    sl = SyncLog()
+    monkeypatch.setattr(os, "fdatasync", sl.datasync)
+    wb = Writeback(sl.sync, datasync=sl.datasync, batch=MIB)
+    cache = small_cache(tmp_path / "a", wb, count=1)
+    other = small_cache(tmp_path / "b", wb, count=2)
+    sl.hold, done = os.stat(cache.map_path).st_ino, threading.Event()
+    sl.gate.clear()
+    try:
+        assert cache.write(chunk(0), b"s" * MIB)
+        cache.mark_ready([0])
+        assert wait_for(lambda: ("sync", os.stat(cache.path).st_ino) in sl.kinds())
+
+        def use() -> None:
+            assert cache.read(chunk(0)) == b"s" * MIB
+            cache.clear(0)
+            assert not cache.is_ready(0) and not cache.durable
+            assert other.write(chunk(1), b"t" * MIB)
+            other.mark_ready([1])
+            done.set()
+
+        t = threading.Thread(target=use)
+        t.start()
+        t.join(10)
+        held = not sl.gate.is_set()
+        sl.gate.set()
+        t.join()
+        assert held and done.is_set()
+        assert wb.idle(5)
+        assert ("range", os.stat(other.path).st_ino) in sl.kinds()
+        assert not cache.durable  # synced, but a chunk is missing since
+    finally:
+        sl.gate.set()
+        cache.close()
+        other.close()

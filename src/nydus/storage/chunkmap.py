@@ -239,6 +239,19 @@ class ChunkMap:
     def flush(self) -> None:
         self._mm.flush()
 
+    def sync(self) -> bool:
+        """``fdatasync`` the map file (its mmapped bits included); False once closed. The lock
+        is held only to ``dup`` the descriptor, never across the sync."""
+        with self._lock:
+            if self._fd < 0:
+                return False
+            fd = os.dup(self._fd)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return True
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:

@@ -455,6 +455,11 @@ class BlobDevice:
             and len(states) == len(self.blobs)
             and all(st.cache is None or st.cache.all_ready for st in states)
         )
+        # every cache file's data and chunk map on disk since it was complete (a list, not a
+        # generator: asking is what requests the sync of a blob found complete)
+        m.data_all_durable = m.data_all_ready and all(
+            [st.cache is None or st.cache.durable for st in states]
+        )
         return m.export()
 
     def close(self) -> None:

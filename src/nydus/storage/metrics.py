@@ -122,6 +122,7 @@ class BlobcacheMetrics:
         self.underlying_files: set[str] = set()
         self.prefetch_workers = 0
         self.data_all_ready = False
+        self.data_all_durable = False  # an extension: ready, and synced to disk since
         self._c: dict[str, int] = dict.fromkeys(self._COUNTERS, 0)
 
     def add(self, name: str, value: int = 1) -> None:
@@ -161,6 +162,7 @@ class BlobcacheMetrics:
                 "store_path": self.store_path,
                 "prefetch_workers": self.prefetch_workers,
                 "data_all_ready": self.data_all_ready,
+                "data_all_durable": self.data_all_durable,
             }
             out.update(self._c)
             return out
