@@ -25,9 +25,10 @@ the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's
 to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
 read amplification of the default config with another in the same run. A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
-prefetch is done, notes the system's dirty page cache (``dirty_mib``, and ``writeback_mib``
-being written: what the first
-container's overlayfs unmount may have to write, the blob cache being on the same file system),
+prefetch is done (and, where nydusd reports it, its cache files are on disk:
+``durable_wait_s`` after all was in the cache), notes the system's dirty page cache
+(``dirty_mib``, and ``writeback_mib`` being written: what the first container's overlayfs
+unmount may have to write, the blob cache being on the same file system),
 and runs the workload again in a second container (``second_run_s``), then,
 once nydusd's log says the image switched to native (its blobs verified and mounted from the
 local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
@@ -463,20 +464,28 @@ def wait_native(stack: NydusStack, timeout: float) -> bool:
     return False
 
 
-def wait_prefetch_done(stack: NydusStack, timeout: float) -> bool:
+def wait_prefetch_done(stack: NydusStack, timeout: float) -> float | None:
     """Poll nydusd's blobcache metrics until every daemon's prefetch has ended (an end time
-    is set once no batch is pending) and its blobs are all in the cache; False on timeout."""
+    is set once no batch is pending), its blobs are all in the cache and, where the daemon
+    reports it (``data_all_durable``, an extension of newer daemons), their cache files are
+    on disk (fdatasync'ed); raises on timeout. Returns the seconds from "all in the cache" to
+    "on disk" (None when a daemon does not report durability: older code)."""
     from nydus.daemon.client import NydusdClient
 
     state = json.loads((stack.sn_root / "daemons" / "state.json").read_text())
     clients = [NydusdClient(d["apisock"], timeout=10) for d in state.get("daemons", [])]
     deadline = time.monotonic() + timeout
+    ready_at: float | None = None
     while time.monotonic() < deadline:
         ms = [c.metrics("blobcache") for c in clients]
         if all(int(m.get("prefetch_end_time_secs", 0)) > 0 and m.get("data_all_ready") for m in ms):
-            return True
-        time.sleep(0.2)
-    return False
+            ready_at = ready_at if ready_at is not None else time.monotonic()
+            if not all("data_all_durable" in m for m in ms):
+                return None
+            if all(m["data_all_durable"] for m in ms):
+                return time.monotonic() - ready_at
+        time.sleep(0.05 if ready_at is not None else 0.2)
+    raise RuntimeError(f"prefetch not done (and on disk) {timeout:.0f}s after the workload")
 
 
 def export_pattern(stack: NydusStack, out: Path) -> Path:
@@ -673,8 +682,7 @@ def ml_round(
         r.behind_prefetch = (ctr["behind"], ctr["behind_bytes"])
         if scenario.second_run:
             t3 = time.monotonic()
-            if not wait_prefetch_done(stack, PREFETCH_WAIT_S):
-                raise RuntimeError(f"prefetch not done {PREFETCH_WAIT_S:.0f}s after the workload")
+            r.durable_wait_s = wait_prefetch_done(stack, PREFETCH_WAIT_S)
             r.dirty_mib, r.writeback_mib = dirty_mib()
             t4 = time.monotonic()
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)

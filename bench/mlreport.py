@@ -39,6 +39,8 @@ def round_line(r: MlRound) -> str:
         line += f", {n} user requests behind prefetch ({_mib(b)} then in flight)"
     if r.second_run_s is not None:
         line += f", prefetch done {r.prefetch_wait_s:.1f}s later"
+        if r.durable_wait_s is not None:
+            line += f" (on disk {r.durable_wait_s:.2f}s after all was cached)"
         if r.dirty_mib is not None:
             line += f", dirty {r.dirty_mib:.0f} MiB"
         if r.writeback_mib is not None:
