@@ -545,6 +545,70 @@ class LinkSampler:
         return [(round(t, 3), b) for t, b in self.samples]
 
 
+class StackSampler:
+    """Kernel stacks of the container runtime while a container starts (``NYDUS_BENCH_STACKS``,
+    a diagnostic: the sampling costs CPU). Every ``period`` s, each thread of the processes
+    whose ``comm`` is in :attr:`COMMS` (containerd, ctr, the shim, runc, the journal thread)
+    is looked at (``/proc/<pid>/task/<tid>/stat``); one in uninterruptible sleep (``D``) has
+    its ``/proc/.../stack`` recorded: ``[(s since start, comm, tid, stack)]``."""
+
+    COMMS = ("containerd", "ctr", "containerd-shim", "runc", "runc:[2:INIT]", "jbd2/vda-8")
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.period = period
+        self.samples: list[tuple[float, str, int, str]] = []
+        self.ticks = 0
+        self._comm: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stack-sampler")
+        self._thread.start()
+
+    def _pids(self) -> list[tuple[int, str]]:
+        out = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            comm = self._comm.get(pid)
+            if comm is None:
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    continue
+                self._comm[pid] = comm
+            if comm.startswith(self.COMMS):
+                out.append((pid, comm))
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.ticks += 1
+            t = round(time.monotonic() - self._t0, 3)
+            for pid, comm in self._pids():
+                try:
+                    tids = os.listdir(f"/proc/{pid}/task")
+                except OSError:
+                    continue
+                for tid in tids:
+                    base = f"/proc/{pid}/task/{tid}"
+                    try:
+                        stat = Path(f"{base}/stat").read_text()
+                        if stat[stat.rindex(")") + 2] != "D":
+                            continue
+                        stack = Path(f"{base}/stack").read_text()
+                    except (OSError, ValueError, IndexError):
+                        continue
+                    frames = [ln.split()[-1].split("+")[0] for ln in stack.splitlines() if ln]
+                    self.samples.append((t, comm, int(tid), " < ".join(frames[:12])))
+            self._stop.wait(self.period)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        return {"period": self.period, "ticks": self.ticks, "samples": self.samples}
+
+
 def dirty_mib() -> tuple[float | None, float | None]:
     """The system's page cache not yet on disk (``/proc/meminfo``), MiB: ``Dirty`` (not
     written yet) and ``Writeback`` (being written)."""
@@ -684,9 +748,14 @@ def ml_round(
             t3 = time.monotonic()
             r.durable_wait_s = wait_prefetch_done(stack, PREFETCH_WAIT_S)
             r.dirty_mib, r.writeback_mib = dirty_mib()
+            reads0 = daemon_counters(stack)["reads"]
+            stacks = StackSampler() if os.environ.get("NYDUS_BENCH_STACKS") else None
             t4 = time.monotonic()
             _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
             t5 = time.monotonic()
+            if stacks is not None:
+                r.second_run_stacks = stacks.stop()
+            r.second_run_reads = daemon_counters(stack)["reads"] - reads0
             r.prefetch_wait_s, r.second_run_s = t4 - t3, t5 - t4
             r.second_run_at = (time.time() - (time.monotonic() - t4), time.time())
             if wait_native(stack, NATIVE_WAIT_S):

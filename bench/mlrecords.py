@@ -51,6 +51,9 @@ class MlRound:
     prefetch_bytes: int | None = None  # nydusd's prefetch_data_amount when the workload ended
     prefetch_wait_s: float | None = None  # prefetch_all: from the workload's end to prefetch done
     durable_wait_s: float | None = None  # and of that, from all cached to all on disk (fdatasync)
+    second_run_reads: int | None = None  # READs nydusd served during the 2nd container
+    # NYDUS_BENCH_STACKS: the runtime's threads in D state during the 2nd container
+    second_run_stacks: dict[str, Any] | None = None
     second_run_s: float | None = None  # prefetch_all: a 2nd container once prefetch is done
     native_wait_s: float | None = None  # prefetch_all: from the 2nd run's end to the native switch
     native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch

@@ -46,6 +46,8 @@ def round_line(r: MlRound) -> str:
         if r.writeback_mib is not None:
             line += f" (+{r.writeback_mib:.0f} MiB under writeback)"
         line += f", 2nd run {r.second_run_s:.2f}s"
+        if r.second_run_reads is not None:
+            line += f" ({r.second_run_reads} reads served)"
     if r.native_run_s is not None:
         line += f", native {r.native_wait_s:.1f}s later, 3rd run {r.native_run_s:.2f}s"
     if r.warm_run_s is not None:
