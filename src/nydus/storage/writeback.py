@@ -255,7 +255,12 @@ class Writeback:
     def _drop(self, f: WritebackFile, sync: int) -> None:
         with self._lock:
             self.dropped += 1
-            if sync >= 0 and f._sync_asked == sync:  # not done: a later request may ask again
+        self._forget(f, sync)
+
+    def _forget(self, f: WritebackFile, sync: int) -> None:
+        """A durability request not carried out: a later one may ask again."""
+        with self._lock:
+            if sync >= 0 and f._sync_asked == sync:
                 f._sync_asked = -1
 
     def idle(self, timeout: float | None = None) -> bool:
@@ -272,8 +277,11 @@ class Writeback:
                 f._dup, f._queued, f._sync_queued = -1, [], -1
                 self._current = fd
             try:
-                if self._start(fd, ranges) and sync >= 0:
-                    self._make_durable(f, fd, sync)
+                if self._start(fd, ranges):
+                    if sync >= 0:
+                        self._make_durable(f, fd, sync)
+                elif sync >= 0:
+                    self._forget(f, sync)
             except Exception:  # a bug, not an I/O error: say so, keep the thread alive
                 log.exception("writeback of cache file ranges failed")
             finally:
@@ -307,9 +315,7 @@ class Writeback:
         except OSError as e:
             self.errors += 1
             self._log_error(e, "cannot make a complete cache file durable (left to the kernel)")
-            with self._lock:
-                if f._sync_asked == sync:  # a later request may try again
-                    f._sync_asked = -1
+            self._forget(f, sync)
             return
         with self._lock:
             f._durable = max(f._durable, sync)
