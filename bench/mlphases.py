@@ -5,7 +5,7 @@
 LOGDIR is the run's ``NYDUS_BENCH_KEEP_LOGS`` directory (one sub-directory per round, named as
 the round's work directory: ``1000mbit-prefetch_all-W1-0``, with containerd's, the
 snapshotter's and nydusd's logs). For every round that ran a second container (``prefetch_all``)
-or a warm run (``oci``: its window is the round's last seconds, not recorded: skipped), the
+or a warm run (``oci``, in runs that recorded its window), the
 containerd events of that container, as seconds from ``ctr run``'s start (the bench's clock):
 ``/containers/create``, the snapshot's prepare, ``/tasks/create``, ``/tasks/start``,
 ``/tasks/exit``, ``/tasks/delete``, and ``ctr`` done; then nydusd's lines about durability and
@@ -61,7 +61,8 @@ def nydusd_time(line: str) -> float | None:
 
 def phases(r: dict[str, Any], logs: Path) -> str:
     t0, t1 = r["second_run_at"]
-    out = [f"### {logs.name}: 2nd run {r['second_run_s']:.2f} s", ""]
+    secs = r["second_run_s"] if r.get("second_run_s") is not None else r["warm_run_s"]
+    out = [f"### {logs.name}: 2nd run {secs:.2f} s", ""]
     seen: dict[str, float] = {}
     ctd = logs / "containerd.log"
     lines = ctd.read_text(errors="replace").splitlines() if ctd.exists() else []

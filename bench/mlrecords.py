@@ -58,6 +58,7 @@ class MlRound:
     native_wait_s: float | None = None  # prefetch_all: from the 2nd run's end to the native switch
     native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
     behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
-    second_run_at: tuple[float, float] | None = None  # the 2nd run's wall-clock start and end
+    # the 2nd run's wall-clock start and end (oci: the warm run's)
+    second_run_at: tuple[float, float] | None = None
     dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
     writeback_mib: float | None = None  # and Writeback (pages being written, not yet on disk)
