@@ -1,6 +1,6 @@
 """Where the second container's time goes, per round of an ml cold start run (issue 17).
 
-    python bench/mlphases.py bench/results/coldstart-DATE-ml-TAG.json LOGDIR
+    python bench/mlphases.py [--table] bench/results/coldstart-DATE-ml-TAG.json LOGDIR
 
 LOGDIR is the run's ``NYDUS_BENCH_KEEP_LOGS`` directory (one sub-directory per round, named as
 the round's work directory: ``1000mbit-prefetch_all-W1-0``, with containerd's, the
@@ -11,6 +11,7 @@ containerd events of that container, as seconds from ``ctr run``'s start (the be
 ``/tasks/exit``, ``/tasks/delete``, and ``ctr`` done; then nydusd's lines about durability and
 the native switch near that window, and, with ``NYDUS_BENCH_STACKS``, the kernel stacks of the
 runtime's threads in D state summed (samples x period, per process name and stack).
+``--table``: one markdown row of phases per round instead.
 """
 
 from __future__ import annotations
@@ -56,6 +57,36 @@ def nydusd_time(line: str) -> float | None:
         return None
     return (
         dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.UTC).timestamp()
+    )
+
+
+def events(r: dict[str, Any], logs: Path) -> dict[str, float]:
+    """The first time of each of :data:`EVENTS` in the 2nd run's window, s from its start."""
+    t0, t1 = r["second_run_at"]
+    seen: dict[str, float] = {}
+    ctd = logs / "containerd.log"
+    for line in ctd.read_text(errors="replace").splitlines() if ctd.exists() else []:
+        t = ctd_time(line)
+        if t is None or not t0 - 0.05 <= t <= t1 + 0.05:
+            continue
+        for name, key in EVENTS:
+            if key in line and name not in seen:
+                seen[name] = t - t0
+    seen["ctr done"] = t1 - t0
+    return seen
+
+
+def table_row(r: dict[str, Any], logs: Path) -> str:
+    """| round | scenario | total | ctr -> prepare | -> task start | workload | exit -> done |"""
+    e = events(r, logs)
+
+    def d(a: str, b: str) -> str:
+        return f"{e[b] - e.get(a, 0.0):.2f}" if b in e and (a == "" or a in e) else "-"
+
+    return (
+        f"| {logs.name.rsplit('-', 1)[1]} | {r['scenario']} | {e['ctr done']:.2f} | "
+        f"{d('', 'snapshot prepare')} | {d('snapshot prepare', 'tasks/start')} | "
+        f"{d('tasks/start', 'tasks/exit')} | {d('tasks/exit', 'ctr done')} |"
     )
 
 
@@ -115,8 +146,16 @@ def _msg(line: str) -> str:
 
 
 def main() -> int:
-    data = json.loads(Path(sys.argv[1]).read_text())
-    logdir = Path(sys.argv[2])
+    table = "--table" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--table"]
+    data = json.loads(Path(args[0]).read_text())
+    logdir = Path(args[1])
+    if table:
+        print(
+            "| round | scenario | total | ctr run -> snapshot prepare | -> task start | "
+            "workload (task start -> exit) | exit -> ctr done |"
+        )
+        print("|---|---|---|---|---|---|---|")
     for r in data["rounds"]:
         if not r.get("second_run_at"):
             continue
@@ -127,7 +166,7 @@ def main() -> int:
             == (r["link"], r["scenario"], r["workload"])
         )
         name = f"{r['link'].replace(' ', '')}-{r['scenario']}-{r['workload']}-{idx}"
-        print(phases(r, logdir / name))
+        print(table_row(r, logdir / name) if table else phases(r, logdir / name))
     return 0
 
 
