@@ -25,9 +25,9 @@ nothing.
 
 Durable (:attr:`durable`): once a blob is complete, the same thread ``fdatasync``s the data file
 and then the chunk map (data before bits: from then on a power loss leaves a set bit only with
-its data on disk). That sync is the file system's first after a prefetch's GiB of writes and
-the dearest one (the journal commit of their block allocations); paid here, it is not paid by
-the next process that syncs (a container runtime starting a container of the image).
+its data on disk). That sync is the first after a prefetch's GiB of writes and the dearest
+one (its disk cache flush waits for all of them to be stable); paid here, it is not paid by the
+next process that syncs (a container runtime starting a container of the image).
 
 A data file of the wrong size (truncated or replaced behind our back) is resized and its chunk
 map discarded, so every chunk is fetched again rather than trusted.

@@ -24,11 +24,11 @@ Durability (:meth:`WritebackFile.flush` with ``durable=True``, asked when a blob
 after its last ranges the worker ``fdatasync``s the file, then calls the file's ``after_sync``
 (the blob cache syncs its chunk map there: data before bits), and :attr:`WritebackFile.durable`
 says so until the next write. Starting writeback is not enough for every later sync to be
-cheap: the first flush of the file system after a prefetch's GiB of writes (the journal commit
-of their block allocations, waiting for their data) took 0.3-0.6 s in a direct test on the
-bench machine (up to 1.3 s in its stalls), paid by whoever synced first: a container runtime's
-own ``fdatasync`` (containerd's metadata commits in ``ctr run``) if that is when a container
-starts. The worker pays it when the blob
+cheap: on a disk with a volatile write cache, ``fdatasync`` ends with a cache flush, and the
+first one after a prefetch's GiB of writes waits until all of them are stable (0.3-0.9 s on
+the bench machine's virtio disk, up to 1.05 s in its stalls). Whoever syncs first pays it: a
+container runtime's own ``fdatasync`` (containerd's metadata commits in ``ctr run``) if that is
+when a container starts. The worker pays it when the blob
 completes, on its own thread: never on a reader's or the prefetch's.
 
 What it does not change: until a blob is durable, the order in which data and readiness bits
