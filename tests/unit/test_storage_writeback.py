@@ -1,9 +1,11 @@
 """Early writeback of the blob cache's dirty pages (issue 17; nydus/storage/writeback.py): the
 cache starts writeback of what it wrote every 8 MiB per file and when a blob is complete, on one
-worker thread, never failing or blocking a writer; closed descriptors and fork are handled.
+worker thread, never failing or blocking a writer; closed descriptors and fork are handled. A
+complete blob is made durable (fdatasync of the data file, then of its chunk map) on that
+thread, never a reader's or a writer's.
 
-The first test runs against older code too (it sees sync_file_range through nydus.libc only);
-the others import the module inside the test."""
+The first two tests run against older code too (they see sync_file_range through nydus.libc
+and fdatasync through os only); the others import the module inside the test."""
 
 from __future__ import annotations
 
