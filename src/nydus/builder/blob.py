@@ -41,7 +41,7 @@ from ..errors import FormatError
 from ..format import blob_meta as bm
 from ..format import rafs_v6 as v6
 from ..metadata.model import ChunkInfo
-from .tree import Node
+from .tree import Node, PathData
 
 __all__ = ["BlobWriter", "ChunkDict", "BlobResult"]
 
@@ -324,20 +324,26 @@ class BlobWriter:
         buf: bytearray | None = getattr(_tls, "buf", None)
         if buf is None or len(buf) <= self.chunk_size:
             buf = _tls.buf = bytearray(self.chunk_size + 1)
-        files: list[BinaryIO | None] = []
+        mv = memoryview(buf)
+        handles: list[int | BinaryIO | None] = []
         try:
             for p in pieces:  # open them all first: the kernel reads ahead meanwhile
-                files.append(None if p.data is not None else _open_range(p))
-            return [
-                self._read_range(p, f, buf)
-                if f is not None
-                else [self._chunk(p.offset, p.data or b"")]
-                for p, f in zip(pieces, files, strict=True)
-            ]
+                handles.append(None if p.data is not None else _open_range(p))
+            out: list[list[_Chunk]] = []
+            for p, h in zip(pieces, handles, strict=True):
+                if h is None:
+                    out.append([self._chunk(p.offset, p.data or b"")])
+                elif isinstance(h, int):
+                    out.append(self._read_range(p, None, h, mv))
+                else:
+                    out.append(self._read_range(p, h, _fileno(h), mv))
+            return out
         finally:
-            for f in files:
-                if f is not None:
-                    f.close()
+            for h in handles:
+                if isinstance(h, int):
+                    os.close(h)
+                elif h is not None:
+                    h.close()
 
     def _chunk(self, offset: int, data: bytes | memoryview) -> _Chunk:
         digest = self.digester.digest(data)
@@ -346,24 +352,26 @@ class BlobWriter:
         payload, compressed = codec.compress(self.compressor, data)
         return offset, len(data), digest, payload, compressed
 
-    def _read_range(self, p: _Piece, f: BinaryIO, buf: bytearray) -> list[_Chunk]:
-        """The chunks of a file range, holes skipped; the file must end where its node says."""
+    def _read_range(self, p: _Piece, f: BinaryIO | None, fd: int, mv: memoryview) -> list[_Chunk]:
+        """The chunks of a file range, holes skipped; the file must end where its node says.
+
+        ``fd`` is -1 for a file object without one (then ``f`` is read), ``f`` None for a
+        file the worker opened itself. One ``pread`` per chunk: the last chunk of the file
+        asks for one byte more, and a short read is the end of the file.
+        """
         node, cs, end = p.node, self.chunk_size, p.offset + p.size
-        try:
-            fd = f.fileno()
-        except (AttributeError, OSError, ValueError):
-            fd = -1
-        extents = _data_extents(fd, node.size, p.offset, end) if fd >= 0 else None
-        mv = memoryview(buf)
+        src = node.open_data
+        sparse = not isinstance(src, PathData) or src.maybe_sparse
+        extents = _data_extents(fd, node.size, p.offset, end) if fd >= 0 and sparse else None
         out: list[_Chunk] = []
         last = -1
         for off in range(p.offset, end, cs):
             n = min(cs, end - off)
-            if _in_hole(extents, off, off + n):
+            if extents is not None and _in_hole(extents, off, off + n):
                 continue
             want = n + (off + n == node.size)  # one byte more at the end: did it grow?
-            got = 0
-            while got < want and (k := _read_at(f, fd, off + got, mv[got:want])):
+            got = _read_at(f, fd, off, mv[:want])
+            while 0 < got < n and (k := _read_at(f, fd, off + got, mv[got:want])):
                 got += k
             if got < n:
                 raise FormatError(
@@ -660,19 +668,45 @@ class BlobWriter:
         )
 
 
-def _open_range(p: _Piece) -> BinaryIO:
-    """Open a piece's file with a hint to read its range ahead."""
-    if p.node.open_data is None:
+_O_READ = os.O_RDONLY | os.O_CLOEXEC
+_o_noatime = getattr(os, "O_NOATIME", 0)  # dropped after the first EPERM (not the owner)
+
+
+def _open_range(p: _Piece) -> int | BinaryIO:
+    """Open a piece's file (a bare fd for a :class:`PathData` file) with a hint to read its
+    range ahead."""
+    global _o_noatime
+    src = p.node.open_data
+    if src is None:
         raise FormatError(f"no data source for {p.node.path!r}")
-    f: BinaryIO = p.node.open_data()  # type: ignore[assignment]
+    if isinstance(src, PathData):
+        try:
+            fd = os.open(src.path, _O_READ | _o_noatime)
+        except PermissionError:
+            if not _o_noatime:
+                raise
+            _o_noatime = 0
+            fd = os.open(src.path, _O_READ)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, p.offset, p.size, os.POSIX_FADV_WILLNEED)
+        return fd
+    f: BinaryIO = src()  # type: ignore[assignment]
     with contextlib.suppress(AttributeError, OSError, ValueError):
         os.posix_fadvise(f.fileno(), p.offset, p.size, os.POSIX_FADV_WILLNEED)
     return f
 
 
-def _read_at(f: BinaryIO, fd: int, off: int, mv: memoryview) -> int:
+def _fileno(f: BinaryIO) -> int:
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def _read_at(f: BinaryIO | None, fd: int, off: int, mv: memoryview) -> int:
     if fd >= 0:
         return os.preadv(fd, [mv], off)
+    assert f is not None
     f.seek(off)
     return f.readinto(mv) or 0  # type: ignore[attr-defined]
 

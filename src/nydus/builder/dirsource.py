@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, FormatError
 from ..format.erofs import split_xattr_name
-from .tree import Node, check_name, paused_gc
+from .tree import Node, PathData, check_name, paused_gc
 
 __all__ = ["load_directory"]
 
@@ -58,7 +58,7 @@ def _node_from_stat(path: bytes, st: os.stat_result, with_xattrs: bool) -> Node:
     fmt = stat.S_IFMT(st.st_mode)
     if fmt == stat.S_IFREG:
         n.size = st.st_size
-        n.open_data = lambda p=path: open(p, "rb", buffering=0)  # noqa: SIM115
+        n.open_data = PathData(path, st.st_blocks * 512 < st.st_size)
     elif fmt == stat.S_IFLNK:
         n.symlink = os.readlink(path)
         n.size = len(n.symlink)

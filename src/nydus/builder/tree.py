@@ -16,12 +16,29 @@ import gc
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from ..errors import FormatError
 from ..metadata.model import ChunkInfo, FileKind
 
-__all__ = ["Node", "new_dir", "iter_tree", "check_name", "paused_gc"]
+__all__ = ["Node", "PathData", "new_dir", "iter_tree", "check_name", "paused_gc"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathData:
+    """``Node.open_data`` of a regular file on disk (a directory walk's).
+
+    Called, it opens the file like any data source; the blob writer instead opens
+    ``path`` itself with ``os.open`` and reads it with ``pread`` (no file object per
+    file), and looks for holes only when ``maybe_sparse`` (the walk's ``st_blocks``
+    covered less than ``st_size``).
+    """
+
+    path: bytes
+    maybe_sparse: bool = True
+
+    def __call__(self) -> BinaryIO:
+        return open(self.path, "rb", buffering=0)
 
 
 @dataclass(eq=False, slots=True)
