@@ -12,8 +12,9 @@ The blob id is computed the upstream way: sha256 over every byte written
 except the chunk digest array's payload (its tar header is included).
 
 Chunks go to a thread pool in batches of about 1 MiB (at most 32 files), so one
-round trip covers many small files. For a directory (:meth:`BlobWriter.add_files`)
-the workers also open and read the files (``pread`` into a per-thread buffer, a
+round trip covers many small files. For a directory (:meth:`BlobWriter.add_files`,
+:meth:`BlobWriter.add_source`) the workers also open and read the files (a bare fd,
+one ``pread`` per chunk into a new bytes object that is also a raw chunk's payload, a
 ``WILLNEED`` hint per batch); they digest each chunk and compress the ones not yet
 known (the codecs release the GIL). The caller's thread places results in
 submission order and hands the blob bytes, in ~1 MiB writes, to a writer thread
@@ -109,7 +110,6 @@ _DEFERRED = -2  # blob index of a chunk reference in the deferred region until f
 _BATCH_BYTES = 1 << 20  # one pool task: chunks of this many bytes in all, or
 _BATCH_FILES = 32  # this many files (a worker opens them together)
 _WRITE_BYTES = 1 << 20  # blob bytes handed to the writer thread at once
-_tls = threading.local()  # a worker's read buffer
 
 # a chunk done on the pool: (file offset, size, digest, payload or None when known, compressed)
 _Chunk = tuple[int, int, bytes, bytes | None, bool]
@@ -321,10 +321,6 @@ class BlobWriter:
 
     def _process(self, pieces: list[_Piece]) -> list[list[_Chunk]]:
         """On the pool: read (file ranges), digest, and compress the chunks not yet known."""
-        buf: bytearray | None = getattr(_tls, "buf", None)
-        if buf is None or len(buf) <= self.chunk_size:
-            buf = _tls.buf = bytearray(self.chunk_size + 1)
-        mv = memoryview(buf)
         handles: list[int | BinaryIO | None] = []
         try:
             for p in pieces:  # open them all first: the kernel reads ahead meanwhile
@@ -334,9 +330,9 @@ class BlobWriter:
                 if h is None:
                     out.append([self._chunk(p.offset, p.data or b"")])
                 elif isinstance(h, int):
-                    out.append(self._read_range(p, None, h, mv))
+                    out.append(self._read_range(p, None, h))
                 else:
-                    out.append(self._read_range(p, h, _fileno(h), mv))
+                    out.append(self._read_range(p, h, _fileno(h)))
             return out
         finally:
             for h in handles:
@@ -352,12 +348,13 @@ class BlobWriter:
         payload, compressed = codec.compress(self.compressor, data)
         return offset, len(data), digest, payload, compressed
 
-    def _read_range(self, p: _Piece, f: BinaryIO | None, fd: int, mv: memoryview) -> list[_Chunk]:
+    def _read_range(self, p: _Piece, f: BinaryIO | None, fd: int) -> list[_Chunk]:
         """The chunks of a file range, holes skipped; the file must end where its node says.
 
         ``fd`` is -1 for a file object without one (then ``f`` is read), ``f`` None for a
-        file the worker opened itself. One ``pread`` per chunk: the last chunk of the file
-        asks for one byte more, and a short read is the end of the file.
+        file the worker opened itself. One ``pread`` per chunk into a new bytes object,
+        which is also the payload of a chunk stored raw (no copy); the last chunk of the
+        file asks for one byte more, and a short read is the end of the file.
         """
         node, cs, end = p.node, self.chunk_size, p.offset + p.size
         src = node.open_data
@@ -370,18 +367,23 @@ class BlobWriter:
             if extents is not None and _in_hole(extents, off, off + n):
                 continue
             want = n + (off + n == node.size)  # one byte more at the end: did it grow?
-            got = _read_at(f, fd, off, mv[:want])
-            while 0 < got < n and (k := _read_at(f, fd, off + got, mv[got:want])):
-                got += k
-            if got < n:
+            data = _read_at(f, fd, off, want)
+            if 0 < len(data) < n:  # a short read before the end: read on
+                parts = [data]
+                got = len(data)
+                while got < n and (more := _read_at(f, fd, off + got, want - got)):
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            if len(data) < n:
                 raise FormatError(
-                    f"{node.path!r} shrank while it was being read ({got} of {n} bytes)"
+                    f"{node.path!r} shrank while it was being read ({len(data)} of {n} bytes)"
                 )
-            if got > n:
+            if len(data) > n:
                 raise FormatError(f"{node.path!r} grew while it was being read")
-            out.append(self._chunk(off, mv[:n]))
+            out.append(self._chunk(off, data))
             last = off + n
-        if end == node.size and last != end and _read_at(f, fd, end, mv[:1]):
+        if end == node.size and last != end and _read_at(f, fd, end, 1):
             raise FormatError(f"{node.path!r} grew while it was being read")
         return out
 
@@ -703,12 +705,12 @@ def _fileno(f: BinaryIO) -> int:
         return -1
 
 
-def _read_at(f: BinaryIO | None, fd: int, off: int, mv: memoryview) -> int:
+def _read_at(f: BinaryIO | None, fd: int, off: int, n: int) -> bytes:
     if fd >= 0:
-        return os.preadv(fd, [mv], off)
+        return os.pread(fd, n, off)
     assert f is not None
     f.seek(off)
-    return f.readinto(mv) or 0  # type: ignore[attr-defined]
+    return f.read(n) or b""
 
 
 def _at(ref: ChunkInfo, foff: int) -> ChunkInfo:
