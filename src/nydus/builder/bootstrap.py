@@ -89,6 +89,9 @@ def _order(root: Node) -> list[_Slot]:
     return slots
 
 
+_HOLE = b"\0\0\0\0" + erofs.NULL_ADDR.to_bytes(4, "little")  # the index of a hole
+
+
 def _chunk_index(node: Node, chunk_size: int) -> tuple[int, bytes]:
     """(chunk format, index array) of a regular file."""
     cbits = chunk_size.bit_length() - 1
@@ -113,8 +116,16 @@ def _chunk_index(node: Node, chunk_size: int) -> tuple[int, bytes]:
                 return fmt, v6.pack_chunk_index(
                     c0.blob_index, c0.index, c0.uncompressed_offset // BS
                 )
-    hole = b"\0\0\0\0" + erofs.NULL_ADDR.to_bytes(4, "little")
-    entries = [hole] * count
+    if count == 1 and len(chunks) == 1:  # most files: one chunk, the index is its own
+        c = chunks[0]
+        if c.file_offset:
+            raise FormatError(f"chunk at file offset {c.file_offset} of {node.path!r} misplaced")
+        if c.uncompressed_offset % BS:
+            raise FormatError("chunk uncompressed offset is not 4 KiB aligned")
+        return erofs.CHUNK_FORMAT_INDEXES | (cbits - BLKBITS), v6.pack_chunk_index(
+            c.blob_index, c.index, c.uncompressed_offset // BS
+        )
+    entries = [_HOLE] * count
     for c in chunks:
         k = c.file_offset // chunk_size
         if c.file_offset % chunk_size or k >= count:
@@ -146,10 +157,14 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
     # Per-node payloads (sizes do not depend on nids).
     for s in slots:
         n = s.node
-        xs = sorted(n.xattrs.items())
-        has_xattr |= bool(xs)
-        s.icount, s.xattr_body = erofs.encode_xattrs(xs)
-        if n.is_dir:
+        if n.xattrs:
+            has_xattr = True
+            s.icount, s.xattr_body = erofs.encode_xattrs(sorted(n.xattrs.items()))
+        if n.is_reg:
+            s.layout = erofs.LAYOUT_CHUNK_BASED
+            s.i_u, s.index = _chunk_index(n, opts.chunk_size)
+            s.size = n.size
+        elif n.is_dir:
             assert n.children is not None
             names = [b".", b"..", *n.children]
             # placeholder nids: block packing depends only on names
@@ -158,10 +173,6 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
         elif n.is_symlink:
             s.data = n.symlink
             s.size = len(n.symlink)
-        elif n.is_reg:
-            s.layout = erofs.LAYOUT_CHUNK_BASED
-            s.i_u, s.index = _chunk_index(n, opts.chunk_size)
-            s.size = n.size
         elif stat.S_ISCHR(n.mode) or stat.S_ISBLK(n.mode):
             s.i_u = erofs.encode_rdev(n.rdev)
         elif not (stat.S_ISFIFO(n.mode) or stat.S_ISSOCK(n.mode)):
