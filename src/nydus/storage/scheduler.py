@@ -18,9 +18,11 @@ first, and verifies and caches what it fetched). Jobs come in two classes, each 
   of prefetch already in flight, and the hold-off keeps prefetch off it between the closely
   spaced reads of a busy workload. A *hinted* job (:attr:`PrefetchJob.hinted`: the files of
   an image's prefetch table, which the workload is known to read) at the head of the queue
-  is admitted at once on any free prefetch slot: holding it back while the workload waits
-  for a chunk would only turn a prefetch the workload needs into its serial misses (the
-  optimized image's W1 finished with half its prefetch blob not yet fetched).
+  does not wait for the users (only for ``prefetch_bytes``): holding it back while the
+  workload waits for a chunk would only turn a prefetch the workload needs into its serial
+  misses (the optimized image's W1 finished with half its prefetch blob not yet fetched).
+  The byte cap still holds, so hinted batches arrive in queue order (the workload's order)
+  rather than all at once at a fraction of the link each.
 
 A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`: the
 prefetcher drops its queued batches so at close). :attr:`FetchScheduler.behind_prefetch` counts
@@ -269,9 +271,10 @@ class FetchScheduler:
         return None
 
     def _prefetch_admissible_locked(self) -> bool:
-        if self._prefetch and self._prefetch[0].hinted:
-            return True  # wanted by the workload: on every prefetch slot, at once
-        if not self._prefetch or self._user or self._user_running or self._user_demand:
+        if not self._prefetch:
+            return False
+        # a hinted job is wanted by the workload: it does not wait for the users
+        if not self._prefetch[0].hinted and (self._user or self._user_running or self._user_demand):
             return False
         if self._prefetch_running == 0:
             return True
