@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nydus.config import FsDriver
-from nydus.daemon.blobdev import _CACHED, BLOCK, READ_AHEAD, BlobDevFs, _SpanMemo
+from nydus.daemon.blobdev import BLOCK, READ_AHEAD, BlobDevFs, _SpanMemo
 from nydus.daemon.driver import resolve_driver
 from nydus.daemon.erofs_mode import sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
@@ -276,7 +276,7 @@ def test_warm_prefills_a_prefetched_range_of_the_registrants_file_only() -> None
     node = fs.lookup(CTX, ROOT_ID, b"c").nodeid
     # page aligned outwards, clamped to the file; no reads of ours: the kernel's READs come
     assert fs.warm("c", dev, 0, [(100, 5000), (3 * 65536, 3 * 65536 + 100)])
-    assert asked == [(node, [(0, 8192), (3 * 65536, 3 * 65536 + BLOCK)], _CACHED)]
+    assert asked == [(node, [(0, 8192), (3 * 65536, 3 * 65536 + BLOCK)], -1)]
     assert dev.calls == []
     # another device's blob of the same name, another index, an unknown name: nothing
     assert not fs.warm("c", other, 0, [(0, 4096)])
@@ -287,21 +287,3 @@ def test_warm_prefills_a_prefetched_range_of_the_registrants_file_only() -> None
     fs.register("e", dev, 0, rec)
     assert not fs.warm("e", dev, 0, [(0, 4096)])
     assert len(asked) == 1
-
-
-def test_warmed_ranges_are_read_from_the_cache_into_the_memo_and_never_fetched() -> None:
-    data = bytes(range(256)) * (4 * 65536 // 256)  # four 64 KiB chunks
-    fs = BlobDevFs()
-    fs.prefill = lambda node, ranges, after: None
-    dev = FakeDevice(data, chunk=65536)
-    dev.amplify_io = 1 << 20
-    fs.register("c", dev, 0, FsIoStats("/"))
-    node = fs.lookup(CTX, ROOT_ID, b"c").nodeid
-    dev.ready_upto = 3 * 65536 - 1000  # the third chunk not wholly cached
-    got = fs.fill_cached(node, [(0, 4 * 65536)])
-    # only the cached part, page aligned down; read without amplification, no fetch past it
-    assert got == [(0, (3 * 65536 - 1000) // BLOCK * BLOCK)]
-    assert dev.calls == [(0, 0, got[0][1])] and dev.amplified is False
-    # the kernel's READs of those pages come from the memo: not widened, nothing read ahead
-    assert fs.read(CTX, node, 0, 65536, 8192) == data[65536 : 65536 + 8192]
-    assert len(dev.calls) == 1

@@ -96,9 +96,6 @@ _PREFILL_JOBS = 4096  # prefill requests waiting beyond this are dropped (they a
 # one WILLNEED asks the kernel for at most max(bdi io_pages, file ra_pages) pages: 128 KiB
 # by default (and the blob fs readahead is 0); a larger range is asked in steps of this
 _PREFILL_STEP = 128 << 10
-# a prefill job's ``ready_from`` for ranges whose chunks are all in the blob cache (warm):
-# read into the memo first, so their READs are answered at once, never widened or read ahead
-_CACHED = -2
 _TIMEOUT = 86400.0 * 365
 _DT_REG = stat.S_IFREG >> 12
 _DT_DIR = stat.S_IFDIR >> 12
@@ -269,42 +266,8 @@ class BlobDevFs(fuse.Operations):
         ]
         aligned = [(lo, hi) for lo, hi in aligned if lo < hi]
         if aligned:
-            prefill(f.nodeid, aligned, _CACHED)
+            prefill(f.nodeid, aligned, -1)
         return bool(aligned)
-
-    def fill_cached(self, nodeid: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The parts of ``ranges`` (page aligned) whose chunks are in the blob cache, read
-        into the memo (pieces of at most ``PUSH_SPAN_MAX``): what to prefill for :meth:`warm`.
-        Nothing is fetched. Called by the server's prefill thread (it reads the cache)."""
-        try:
-            f = self._file(nodeid)
-        except FuseError:
-            return []
-        dev = f.device
-        out: list[tuple[int, int]] = []
-        if dev is None:
-            return out
-        for lo, hi in ranges:
-            for start in range(lo, hi, PUSH_SPAN_MAX):
-                end = min(hi, start + PUSH_SPAN_MAX, f.size)
-                try:
-                    stop = min(end, dev.ready_extent(f.index, start, end - start))
-                    if stop < end and stop < f.blob_size:
-                        stop = stop // BLOCK * BLOCK  # whole pages of cached chunks only
-                    real = max(0, min(stop, f.blob_size) - start)
-                    data = dev.read_range(f.index, start, real, amplify=False) if real else b""
-                except NydusError as e:
-                    log.debug("blob %s: not warmed at %d: %s", f.name.decode(), start, e)
-                    break
-                if stop <= start:
-                    break
-                if len(data) < stop - start:
-                    data = bytes(data) + bytes(stop - start - len(data))
-                self.memo.put(nodeid, start, data)
-                out.append((start, stop))
-                if stop < end:
-                    break
-        return out
 
     def fill_ready_after(self, nodeid: int, start: int) -> tuple[int, int] | None:
         """The chunks after ``start`` that are already in the blob cache (fetched by the
@@ -612,9 +575,7 @@ class BlobFsServer:
                     return
                 nodeid, ranges, ready_from = self._jobs.popleft()
             try:
-                if ready_from == _CACHED:
-                    ranges = self.fs.fill_cached(nodeid, ranges)
-                elif ready_from >= 0:
+                if ready_from >= 0:
                     more = self.fs.fill_ready_after(nodeid, ready_from)
                     if more is not None:
                         ranges = [*ranges, more]
