@@ -264,26 +264,3 @@ def test_a_miss_reads_the_following_chunks_within_read_ahead_not_amplify_io() ->
     rec, dev2, node2, data = _chunked_blob(16, chunk, FsIoStats("/", access_pattern=True))
     assert rec.read(CTX, node2, 0, 0, 4096) == data[:4096]
     assert dev2.calls == [(0, 0, chunk)]
-
-
-def test_warm_prefills_a_prefetched_range_of_the_registrants_file_only() -> None:
-    data = bytes(3 * 65536 + 100)
-    fs = BlobDevFs()
-    asked: list[tuple[int, list[tuple[int, int]], int]] = []
-    fs.prefill = lambda node, ranges, after: asked.append((node, ranges, after))
-    dev, other = FakeDevice(data), FakeDevice(data)
-    fs.register("c", dev, 0, FsIoStats("/"))
-    node = fs.lookup(CTX, ROOT_ID, b"c").nodeid
-    # page aligned outwards, clamped to the file; no reads of ours: the kernel's READs come
-    assert fs.warm("c", dev, 0, [(100, 5000), (3 * 65536, 3 * 65536 + 100)])
-    assert asked == [(node, [(0, 8192), (3 * 65536, 3 * 65536 + BLOCK)], -1)]
-    assert dev.calls == []
-    # another device's blob of the same name, another index, an unknown name: nothing
-    assert not fs.warm("c", other, 0, [(0, 4096)])
-    assert not fs.warm("c", dev, 1, [(0, 4096)])
-    assert not fs.warm("d", dev, 0, [(0, 4096)])
-    # while the access pattern is recorded, nothing is read ahead of the workload
-    rec = FsIoStats("/", access_pattern=True)
-    fs.register("e", dev, 0, rec)
-    assert not fs.warm("e", dev, 0, [(0, 4096)])
-    assert len(asked) == 1

@@ -471,36 +471,6 @@ def test_hinted_prefetch_keeps_the_link_while_a_user_read_waits(img: Image, tmp_
         dev.close()
 
 
-def test_a_hinted_batch_in_the_cache_is_told_with_its_uncompressed_ranges(
-    img: Image, tmp_path: Path
-) -> None:
-    link = Link(img)
-    big = chunks_of(img, "/big")
-    text = chunks_of(img, "/text")
-    dev = pf_device(img, tmp_path, link, merging_size=0x20000)
-    told: list[tuple[int, list[tuple[int, int]]]] = []
-    dev.on_prefetched = lambda bi, ranges: told.append((bi, ranges))
-    try:
-        dev.prefetch_files([big])
-        assert dev.wait_prefetch(20)
-        spans = sorted((c.uncompressed_offset, c.uncompressed_offset + c.uncompressed_size)
-                       for c in big)  # fmt: skip
-        got = sorted(r for bi, ranges in told for r in ranges if bi == 0)
-        # every chunk of the file covered, nothing else (merged where they touch)
-        covered = [(lo, hi) for lo, hi in spans if any(a <= lo and hi <= b for a, b in got)]
-        assert covered == spans
-        assert sum(b - a for a, b in got) == sum(hi - lo for lo, hi in spans)
-        assert len(told) > 1  # batch by batch, as each lands
-        told.clear()
-        dev.prefetch_all()  # speculative prefetch: nothing told
-        assert dev.wait_prefetch(20)
-        dev.prefetch_files([text], hinted=False)
-        assert dev.wait_prefetch(20)
-        assert told == []
-    finally:
-        dev.close()
-
-
 def test_hinted_prefetch_job_is_admitted_during_user_demand() -> None:
     sched = FetchScheduler(slots=2, prefetch_cap=3, prefetch_bytes=100, user_idle=60.0)
     jobs = Jobs()

@@ -246,29 +246,6 @@ class BlobDevFs(fuse.Operations):
 
     # ------------------------------------------------------------------ helpers
 
-    def warm(self, blob_id: str, device: Any, index: int, ranges: list[tuple[int, int]]) -> bool:
-        """Read ``ranges`` (uncompressed) of blob ``index`` of ``device``, chunks already in
-        its blob cache (a hinted prefetch batch), into the blob file's page cache ahead of
-        the workload: WILLNEED, as a prefill (the READs come from the kernel's readahead,
-        answered from the cache with no fetch). False if the file is not served by
-        ``device`` (another image registered it first: its own prefetch warms it)."""
-        with self._lock:
-            f = self._by_name.get(blob_id.encode())
-        prefill = self.prefill
-        if f is None or f.device is not device or f.index != index or prefill is None:
-            return False
-        if f.stats is not None and f.stats.access_pattern_enabled:
-            return False  # every first read of a file must reach the recorded pattern
-        aligned = [
-            (lo // BLOCK * BLOCK, min(f.size, -(-hi // BLOCK) * BLOCK))
-            for lo, hi in ranges
-            if 0 <= lo < hi
-        ]
-        aligned = [(lo, hi) for lo, hi in aligned if lo < hi]
-        if aligned:
-            prefill(f.nodeid, aligned, -1)
-        return bool(aligned)
-
     def fill_ready_after(self, nodeid: int, start: int) -> tuple[int, int] | None:
         """The chunks after ``start`` that are already in the blob cache (fetched by the
         amplification of the read that ended there, or before), up to ``amplify_io``: read

@@ -341,16 +341,6 @@ class ErofsManager:
             im.registered.append(self.blobfs.fs.register(bid, im.device, i, im.stats))
             im.devices.append(self.blobfs.path(bid))
             im.native.append(False)
-        names = list(im.blob_ids)
-        fs = self.blobfs.fs
-        dev = im.device
-
-        def warm(index: int, ranges: list[tuple[int, int]]) -> None:
-            if 0 <= index < len(names) and not im.native[index]:
-                fs.warm(names[index], dev, index, ranges)
-
-        # hinted prefetch (the image's prefetch table) lands in the workload's page cache
-        im.device.on_prefetched = warm
 
     @staticmethod
     def _local(device: BlobDevice, i: int) -> str | None:

@@ -18,7 +18,6 @@ Thread-safe: every public method may be called from many threads at once.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -38,7 +37,7 @@ from ..format.rafs_v6 import BLOB_FEATURE_ZRAN
 from ..metadata import BlobInfo, ChunkInfo
 from .backend import BlobBackend
 from .blobcache import BlobCacheFile
-from .fetcher import BlobFetcher, Chunk
+from .fetcher import BlobFetcher
 from .metacache import BlobMeta, has_ci, load_blob_meta, load_digests
 from .metrics import BlobcacheMetrics
 from .prefetch import Prefetcher
@@ -155,10 +154,6 @@ class BlobDevice:
         self._state: dict[int, _Blob] = {}
         self._lock = threading.Lock()
         self._closed = False
-        # told (blob index, uncompressed [start, end) ranges) when a hinted prefetch batch
-        # is in the cache; kernel EROFS mode reads those pages ahead into the blob file's
-        # page cache (daemon/blobdev.py), so the workload's reads of them need no READ
-        self.on_prefetched: Callable[[int, list[tuple[int, int]]], object] | None = None
 
     # ------------------------------------------------------------------ per blob
 
@@ -349,34 +344,11 @@ class BlobDevice:
             for bi, cs in by_blob.items():
                 try:
                     f = self._blob(bi).fetcher
-                    self.prefetcher.submit(
-                        f,
-                        [f.resolve(c) for c in cs],
-                        hinted=hinted,
-                        on_batch=functools.partial(self._prefetched, bi) if hinted else None,
-                    )
+                    self.prefetcher.submit(f, [f.resolve(c) for c in cs], hinted=hinted)
                 except NydusError as e:
                     log.warning("prefetch of blob %d not started: %s", bi, e)
 
         self.prefetcher.run_async(submit)
-
-    def _prefetched(self, blob_index: int, batch: Sequence[Chunk]) -> None:
-        """Tell ``on_prefetched`` the uncompressed ranges of a batch's chunks now cached."""
-        hook = self.on_prefetched
-        cache = self._blob(blob_index).cache
-        if hook is None or cache is None:
-            return
-        ranges: list[tuple[int, int]] = []
-        for c in sorted(batch, key=lambda c: c.uncompressed_offset):
-            if not cache.is_ready(c.index):
-                continue
-            lo, hi = c.uncompressed_offset, c.uncompressed_offset + c.uncompressed_size
-            if ranges and lo <= ranges[-1][1]:
-                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], hi))
-            else:
-                ranges.append((lo, hi))
-        if ranges:
-            hook(blob_index, ranges)
 
     def prefetch_all(self) -> None:
         """Queue every chunk of every blob (blobs with a ci array) for background fetching."""

@@ -102,18 +102,9 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._stop = threading.Event()
 
-    def submit(
-        self,
-        fetcher: BlobFetcher,
-        chunks: Sequence[Chunk],
-        *,
-        hinted: bool = False,
-        on_batch: Callable[[list[Chunk]], object] | None = None,
-    ) -> int:
+    def submit(self, fetcher: BlobFetcher, chunks: Sequence[Chunk], *, hinted: bool = False) -> int:
         """Queue chunks of one blob; returns the number of batches queued. ``hinted``: the
-        chunks of files the workload is known to read (see :class:`.scheduler.PrefetchJob`).
-        ``on_batch(batch)`` is called after each batch ran (its chunks cached, unless they
-        failed: the callee checks what it needs; errors it raises are logged)."""
+        chunks of files the workload is known to read (see :class:`.scheduler.PrefetchJob`)."""
         if self._stop.is_set() or fetcher.cache is None or fetcher.scheduler is None:
             return 0
         work = batches(chunks, self.merging_size)
@@ -128,16 +119,11 @@ class Prefetcher:
             self._pending += len(work)
         self.metrics.add("prefetch_unmerged_chunks", sum(len(b) for b in work))
         for b in work:
-            self._queue(fetcher, b, now, hinted, on_batch)
+            self._queue(fetcher, b, now, hinted)
         return len(work)
 
     def _queue(
-        self,
-        fetcher: BlobFetcher,
-        batch: list[Chunk],
-        queued_at: float,
-        hinted: bool,
-        on_batch: Callable[[list[Chunk]], object] | None,
+        self, fetcher: BlobFetcher, batch: list[Chunk], queued_at: float, hinted: bool
     ) -> None:
         def run() -> None:
             with self._cond:
@@ -155,11 +141,6 @@ class Prefetcher:
                         "prefetch_cumulative_time_millis",
                         int((time.monotonic() - queued_at) * 1000),
                     )
-                if on_batch is not None:
-                    try:
-                        on_batch(batch)
-                    except Exception as e:  # a hint to someone else: never fail the batch
-                        log.warning("after a prefetch batch: %s", e)
             finally:
                 self._done_one()
 
