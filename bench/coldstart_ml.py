@@ -453,6 +453,61 @@ def daemon_counters(stack: NydusStack) -> dict[str, int]:
     return out
 
 
+_LOG_MARKS = {  # phase name -> a line of nydusd's log that marks it (first occurrence)
+    "up": "(python) starting",
+    "prefetch": ": prefetching ",
+    "running": "daemon state RUNNING",
+}
+
+
+def _log_time(line: str) -> float | None:
+    """The wall-clock time of a nydusd log line (``[YYYY-mm-dd HH:MM:SS.ffffff +00:00] ...``)."""
+    import datetime as dt
+
+    if not line.startswith("[") or len(line) < 28:
+        return None
+    try:
+        t = dt.datetime.strptime(line[1:27], "%Y-%m-%d %H:%M:%S.%f")
+    except ValueError:
+        return None
+    return t.replace(tzinfo=dt.UTC).timestamp()
+
+
+def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
+    """When the (first) daemon started, came up, submitted its prefetch and was RUNNING, and
+    its prefetch began and ended, in seconds from ``wall0`` (the pull's start); plus the read
+    path's summed times (seconds). Best effort: what cannot be read is left out."""
+    from nydus.daemon.client import NydusdClient
+
+    out: dict[str, float] = {}
+    state = json.loads((stack.sn_root / "daemons" / "state.json").read_text())
+    for d in state.get("daemons", [])[:1]:
+        if d.get("started_at"):
+            out["nydusd"] = float(d["started_at"]) - wall0
+        with contextlib.suppress(OSError):
+            for line in Path(d["log_file"]).read_text(errors="replace").splitlines():
+                for name, mark in _LOG_MARKS.items():
+                    if name not in out and mark in line:
+                        t = _log_time(line)
+                        if t is not None:
+                            out[name] = t - wall0
+        c = NydusdClient(d["apisock"], timeout=10)
+        bc = c.metrics("blobcache")
+        for name in ("begin", "end"):
+            secs = int(bc.get(f"prefetch_{name}_time_secs", 0))
+            if secs:
+                ms = int(bc.get(f"prefetch_{name}_time_millis", 0))
+                out[f"pf_{name}"] = secs + ms / 1000 - wall0
+        for name in ("user_fetch", "backend", "decode", "verify", "cache"):
+            out[name] = int(bc.get(f"readpath_{name}_micros", 0)) / 1e6
+        out["user_fetches"] = float(bc.get("readpath_user_fetches", 0))
+        g = c.metrics("")
+        lat = g.get("fop_cumulative_latency_total") or []
+        if len(lat) > 4:
+            out["read"] = int(lat[4]) / 1e6
+    return out
+
+
 def wait_native(stack: NydusStack, timeout: float) -> bool:
     """Wait until every daemon's log says its image switched to native; False on timeout."""
     logs = list((stack.sn_root / "daemons").glob("*.log"))
@@ -721,7 +776,7 @@ def ml_round(
         wire0 = veth_bytes()
         sampler = LinkSampler()
         with cpu_hog(scenario.hog):
-            t0 = time.monotonic()
+            wall0, t0 = time.time(), time.monotonic()
             stack.ctr("image", "pull", "--plain-http", *snap, ref, timeout=1800).check()
             t1 = time.monotonic()
             # no --rm for Nydus: the daemon's counters and pattern are read after
@@ -742,6 +797,10 @@ def ml_round(
             r.second_run_at = (time.time() - (time.monotonic() - t4), time.time())
             return r
         ctr = daemon_counters(stack)
+        try:
+            r.phases = {"pull": t1 - t0, **daemon_phases(stack, wall0), "exit": t2 - t0}
+        except (OSError, ValueError, KeyError) as e:  # older daemons: fewer counters
+            print(f"  (phases not read: {e})", flush=True)
         r.registry_bytes = img.meta[tag] + ctr["backend_bytes"]
         r.reads, r.backend_requests = ctr["reads"], ctr["backend_requests"]
         r.backend_bytes, r.prefetch_bytes = ctr["backend_bytes"], ctr["prefetch_bytes"]

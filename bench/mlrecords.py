@@ -62,3 +62,10 @@ class MlRound:
     second_run_at: tuple[float, float] | None = None
     dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
     writeback_mib: float | None = None  # and Writeback (pages being written, not yet on disk)
+    # Nydus: when things happened, seconds from the pull's start (nydusd's log and metrics):
+    # pull (end), nydusd (process started), up (its first log line: imports done), prefetch
+    # (the table's files submitted), running (mounted, RUNNING), pf_begin / pf_end (prefetch
+    # metrics; pf_end absent while it runs), exit (the workload's end); and the read path's
+    # sums in seconds: read (blob-device READs), user_fetch (reads waiting for the backend),
+    # backend (user requests on the wire), decode, verify, cache; user_fetches (count)
+    phases: dict[str, float] = field(default_factory=dict)

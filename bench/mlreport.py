@@ -52,6 +52,10 @@ def round_line(r: MlRound) -> str:
         line += f", native {r.native_wait_s:.1f}s later, 3rd run {r.native_run_s:.2f}s"
     if r.warm_run_s is not None:
         line += f", warm run {r.warm_run_s:.2f}s"
+    if r.phases:
+        line += ", phases " + " ".join(
+            f"{k} {v:.0f}" if k == "user_fetches" else f"{k} {v:.2f}" for k, v in r.phases.items()
+        )
     return line + f", load {r.load:.1f}"
 
 

@@ -425,7 +425,7 @@ def test_no_new_prefetch_request_while_a_user_read_waits(img: Image, tmp_path: P
     link.hold(text[0].index)
     dev = pf_device(img, tmp_path, link)
     try:
-        dev.prefetch_files([big])
+        dev.prefetch_files([big], hinted=False)
         link.wait_started(big[0].index)
         t, _ = in_thread(lambda: dev.read_chunks([text[0]]))
         link.wait_started(text[0].index)
@@ -443,6 +443,45 @@ def test_no_new_prefetch_request_while_a_user_read_waits(img: Image, tmp_path: P
     finally:
         link.release_all()
         dev.close()
+
+
+def test_hinted_prefetch_keeps_the_link_while_a_user_read_waits(img: Image, tmp_path: Path) -> None:
+    # the image's prefetch table (files the workload reads): holding it back while the
+    # workload waits for a chunk would turn it into the workload's serial misses
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    text = chunks_of(img, "/text")
+    link.hold(text[0].index)
+    dev = pf_device(img, tmp_path, link, threads_count=2)
+    try:
+        t, _ = in_thread(lambda: dev.read_chunks([text[0]]))
+        link.wait_started(text[0].index)
+        dev.prefetch_files([big])  # hinted: queued while the user's read waits
+        assert dev.wait_prefetch(20)  # and all fetched before that read is answered
+        assert t.is_alive()
+        big_idx = sorted(c.index for c in big)
+        assert sorted(i for i in fetched_chunk_indexes(link.backend, img) if i in big_idx) == (
+            big_idx
+        )
+        link.release(text[0].index)
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        link.release_all()
+        dev.close()
+
+
+def test_hinted_prefetch_job_is_admitted_during_user_demand() -> None:
+    sched = FetchScheduler(slots=2, prefetch_cap=3, prefetch_bytes=100, user_idle=60.0)
+    jobs = Jobs()
+    try:
+        with sched.user_demand():  # a user read waits, and users were never idle 60 s
+            for _ in range(6):
+                sched.submit_prefetch(PrefetchJob(jobs.run, lambda: None, 50, hinted=True))
+            jobs.wait_done(6)
+        assert jobs.peak == 2  # within the byte cap
+    finally:
+        sched.close()
 
 
 def test_prefetch_all_completes_around_user_reads(img: Image, tmp_path: Path) -> None:

@@ -323,8 +323,12 @@ class BlobDevice:
     def amplify_io(self) -> int:
         return int(self.cfg.amplify_io)
 
-    def prefetch_files(self, chunk_lists: Sequence[Sequence[ChunkInfo]]) -> None:
-        """Queue the chunks of these files for background fetching (in the given order).
+    def prefetch_files(
+        self, chunk_lists: Sequence[Sequence[ChunkInfo]], *, hinted: bool = True
+    ) -> None:
+        """Queue the chunks of these files for background fetching (in the given order). By
+        default as hinted prefetch: the workload is known to read them (the image's prefetch
+        table), so it does not yield the link to user reads (:class:`.scheduler.PrefetchJob`).
 
         A no-op without a blob cache or when neither ``fs_prefetch.enable`` nor
         ``device.cache.prefetch_config.enable`` is set.
@@ -340,7 +344,7 @@ class BlobDevice:
             for bi, cs in by_blob.items():
                 try:
                     f = self._blob(bi).fetcher
-                    self.prefetcher.submit(f, [f.resolve(c) for c in cs])
+                    self.prefetcher.submit(f, [f.resolve(c) for c in cs], hinted=hinted)
                 except NydusError as e:
                     log.warning("prefetch of blob %d not started: %s", bi, e)
 

@@ -102,8 +102,9 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._stop = threading.Event()
 
-    def submit(self, fetcher: BlobFetcher, chunks: Sequence[Chunk]) -> int:
-        """Queue chunks of one blob; returns the number of batches queued."""
+    def submit(self, fetcher: BlobFetcher, chunks: Sequence[Chunk], *, hinted: bool = False) -> int:
+        """Queue chunks of one blob; returns the number of batches queued. ``hinted``: the
+        chunks of files the workload is known to read (see :class:`.scheduler.PrefetchJob`)."""
         if self._stop.is_set() or fetcher.cache is None or fetcher.scheduler is None:
             return 0
         work = batches(chunks, self.merging_size)
@@ -118,10 +119,12 @@ class Prefetcher:
             self._pending += len(work)
         self.metrics.add("prefetch_unmerged_chunks", sum(len(b) for b in work))
         for b in work:
-            self._queue(fetcher, b, now)
+            self._queue(fetcher, b, now, hinted)
         return len(work)
 
-    def _queue(self, fetcher: BlobFetcher, batch: list[Chunk], queued_at: float) -> None:
+    def _queue(
+        self, fetcher: BlobFetcher, batch: list[Chunk], queued_at: float, hinted: bool
+    ) -> None:
         def run() -> None:
             with self._cond:
                 self._jobs.discard(key)
@@ -146,7 +149,7 @@ class Prefetcher:
                 self._jobs.discard(key)
             self._done_one()
 
-        job = PrefetchJob(run, dropped, batch[-1].end - batch[0].compressed_offset)
+        job = PrefetchJob(run, dropped, batch[-1].end - batch[0].compressed_offset, hinted=hinted)
         key = (fetcher, job)
         with self._cond:
             self._jobs.add(key)

@@ -16,7 +16,13 @@ first, and verifies and caches what it fetched). Jobs come in two classes, each 
   prefetch jobs running stay within ``prefetch_bytes`` (one always may run). So prefetch uses
   the link only while users do not, a user request shares it with at most ``prefetch_bytes``
   of prefetch already in flight, and the hold-off keeps prefetch off it between the closely
-  spaced reads of a busy workload.
+  spaced reads of a busy workload. A *hinted* job (:attr:`PrefetchJob.hinted`: the files of
+  an image's prefetch table, which the workload is known to read) at the head of the queue
+  does not wait for the users (only for ``prefetch_bytes``): holding it back while the
+  workload waits for a chunk would only turn a prefetch the workload needs into its serial
+  misses (the optimized image's W1 finished with half its prefetch blob not yet fetched).
+  The byte cap still holds, so hinted batches arrive in queue order (the workload's order)
+  rather than all at once at a fraction of the link each.
 
 A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`: the
 prefetcher drops its queued batches so at close). :attr:`FetchScheduler.behind_prefetch` counts
@@ -73,16 +79,24 @@ class _UserJob(Generic[T]):
 
 
 class PrefetchJob:
-    """A queued prefetch batch: ``run`` on a slot, or ``on_drop`` if it never runs here."""
+    """A queued prefetch batch: ``run`` on a slot, or ``on_drop`` if it never runs here.
+    ``hinted``: chunks of files the image says the workload reads (its prefetch table, or
+    ``--prefetch-files``), not a guess: such a job does not yield the link to user reads."""
 
-    __slots__ = ("nbytes", "on_drop", "queued", "run")
+    __slots__ = ("hinted", "nbytes", "on_drop", "queued", "run")
 
     def __init__(
-        self, run: Callable[[], object], on_drop: Callable[[], object], nbytes: int = 0
+        self,
+        run: Callable[[], object],
+        on_drop: Callable[[], object],
+        nbytes: int = 0,
+        *,
+        hinted: bool = False,
     ) -> None:
         self.run = run
         self.on_drop = on_drop
         self.nbytes = nbytes  # what its request will fetch (at most)
+        self.hinted = hinted
         self.queued = False
 
 
@@ -247,7 +261,7 @@ class FetchScheduler:
             wait: float | None = None
             if self._prefetch_admissible_locked():
                 wait = self._user_seen + self.user_idle - time.monotonic()
-                if wait <= 0:
+                if wait <= 0 or self._prefetch[0].hinted:
                     job = self._prefetch.popleft()
                     job.queued = False
                     self._prefetch_running += 1
@@ -257,7 +271,10 @@ class FetchScheduler:
         return None
 
     def _prefetch_admissible_locked(self) -> bool:
-        if not self._prefetch or self._user or self._user_running or self._user_demand:
+        if not self._prefetch:
+            return False
+        # a hinted job is wanted by the workload: it does not wait for the users
+        if not self._prefetch[0].hinted and (self._user or self._user_running or self._user_demand):
             return False
         if self._prefetch_running == 0:
             return True
