@@ -54,8 +54,8 @@ def _cells(line: str) -> list[str]:
 
 def number(cell: str) -> float | None:
     """The leading number of a cell: ``3,133 (0.97x)`` -> 3133, ``25.9 MiB`` -> 25.9 (MiB),
-    ``1.0 GiB`` -> 1024 (MiB); None for ``-`` or text."""
-    m = re.match(r"^\s*([-+]?[\d,]*\.?\d+)\s*(B|KiB|MiB|GiB)?", cell)
+    ``1.0 GiB`` -> 1024 (MiB), ``**1.83**`` (bold) -> 1.83; None for ``-`` or text."""
+    m = re.match(r"^\s*\**\s*([-+]?[\d,]*\.?\d+)\s*(B|KiB|MiB|GiB)?", cell)
     if not m:
         return None
     v = float(m.group(1).replace(",", ""))
@@ -295,8 +295,30 @@ def _readpath(rows: Table, plt: object, title: str) -> object:
     return fig
 
 
+def _phases(rows: Table, plt: object, title: str) -> object:
+    """A phase report's first table: one row per phase (its first column names it), one
+    numeric column per variant (seconds from the pull's start); the rows after the one that
+    names the total (counts, CPU sums) are left out."""
+    label = next(iter(rows[0]))
+    end = next((i for i, r in enumerate(rows) if "total" in r[label]), len(rows) - 1)
+    rows = rows[: end + 1]
+    variants = [c for c in rows[0] if c != label]
+    phases = [r[label].split("(")[0].strip()[:28] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4))  # type: ignore[attr-defined]
+    _bars(
+        ax,
+        phases,
+        {v: [number(r[v]) for r in rows] for v in variants},
+        "seconds",
+        title,
+    )
+    ax.tick_params(axis="x", labelrotation=30)  # type: ignore[attr-defined]
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
     "readpath": _readpath,
+    "phases": _phases,
     "coldstart": _coldstart,
     "read": _read,
     "build": _build,

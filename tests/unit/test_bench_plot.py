@@ -23,6 +23,7 @@ def test_table_and_numbers() -> None:
     assert plot.number(rows[0]["time s"]) == 3133
     assert plot.number(rows[0]["out"]) == 1024
     assert plot.number(rows[1]["out"]) == 0.5
+    assert plot.number("**1.83** (2.2x)") == 1.83
     assert plot.number(rows[1]["time s"]) is None
     with pytest.raises(ValueError):
         plot.parse_table("no table")
