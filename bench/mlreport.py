@@ -39,15 +39,14 @@ def round_line(r: MlRound) -> str:
         line += f", {n} user requests behind prefetch ({_mib(b)} then in flight)"
     if r.second_run_s is not None:
         line += f", prefetch done {r.prefetch_wait_s:.1f}s later"
-        if r.durable_wait_s is not None:
-            line += f" (on disk {r.durable_wait_s:.2f}s after all was cached)"
-        if r.dirty_mib is not None:
-            line += f", dirty {r.dirty_mib:.0f} MiB"
-        if r.writeback_mib is not None:
-            line += f" (+{r.writeback_mib:.0f} MiB under writeback)"
-        line += f", 2nd run {r.second_run_s:.2f}s"
-        if r.second_run_reads is not None:
-            line += f" ({r.second_run_reads} reads served)"
+        optional: list[tuple[object, str]] = [  # each piece only when measured
+            (r.durable_wait_s, " (on disk {:.2f}s after all was cached)"),
+            (r.dirty_mib, ", dirty {:.0f} MiB"),
+            (r.writeback_mib, " (+{:.0f} MiB under writeback)"),
+            (r.second_run_s, ", 2nd run {:.2f}s"),
+            (r.second_run_reads, " ({} reads served)"),
+        ]
+        line += "".join(fmt.format(v) for v, fmt in optional if v is not None)
     if r.native_run_s is not None:
         line += f", native {r.native_wait_s:.1f}s later, 3rd run {r.native_run_s:.2f}s"
     if r.warm_run_s is not None:
