@@ -64,6 +64,7 @@ from typing import Any
 import fetch
 import mlimage
 import mlreport
+from mlphases import nydusd_time
 from mlrecords import WORKLOADS, MlImage, MlRound
 
 from containerd import (  # type: ignore[import-not-found]
@@ -460,19 +461,6 @@ _LOG_MARKS = {  # phase name -> a line of nydusd's log that marks it (first occu
 }
 
 
-def _log_time(line: str) -> float | None:
-    """The wall-clock time of a nydusd log line (``[YYYY-mm-dd HH:MM:SS.ffffff +00:00] ...``)."""
-    import datetime as dt
-
-    if not line.startswith("[") or len(line) < 28:
-        return None
-    try:
-        t = dt.datetime.strptime(line[1:27], "%Y-%m-%d %H:%M:%S.%f")
-    except ValueError:
-        return None
-    return t.replace(tzinfo=dt.UTC).timestamp()
-
-
 def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
     """When the (first) daemon started, came up, submitted its prefetch and was RUNNING, and
     its prefetch began and ended, in seconds from ``wall0`` (the pull's start); plus the read
@@ -488,7 +476,7 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
             for line in Path(d["log_file"]).read_text(errors="replace").splitlines():
                 for name, mark in _LOG_MARKS.items():
                     if name not in out and mark in line:
-                        t = _log_time(line)
+                        t = nydusd_time(line)
                         if t is not None:
                             out[name] = t - wall0
         c = NydusdClient(d["apisock"], timeout=10)
