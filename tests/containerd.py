@@ -242,8 +242,9 @@ class InProcessSnapshotter:
 
         content = None
         local_blob = None
+        layer_blobs = None
         if self.content_store:
-            content = nydus_content_service(
+            content, layer_blobs = nydus_content_service(
                 self.root / "content",
                 self.containerd_address,
                 lambda: self.server.service.plugin_name if self.server else SNAPSHOTTER_NAME,
@@ -252,7 +253,9 @@ class InProcessSnapshotter:
             store = content.store
             local_blob = lambda d: store.read_small(d, 8 << 20)  # noqa: E731
         resolver = ContainerdImageResolver(self.containerd_address, local_blob=local_blob)
-        self.snapshotter = Snapshotter(self.root, self.mounter, resolver, layers=resolver)
+        self.snapshotter = Snapshotter(
+            self.root, self.mounter, resolver, layers=resolver, layer_blobs=layer_blobs
+        )
         self.server = SnapshotterServer(self.snapshotter, self.address, content=content)
         self.server.start()
         return self

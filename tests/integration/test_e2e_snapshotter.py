@@ -465,6 +465,46 @@ def test_stock_ctr_pull_and_run_through_the_content_store(
     wait_for(lambda: _cache_files(s) == [], what="cache files of unused blobs deleted")
 
 
+def test_stock_ctr_pull_applies_the_bootstrap_layer_from_the_content_store(
+    bb: Image, proxy: FaultProxy, stack: StartStack
+) -> None:
+    """Our extension: the bootstrap layer, downloaded once into the snapshotter's content
+    store, is applied by the snapshotter (checked: digest, safe extractor, chain ID) and
+    committed before containerd's unpack looks for it, so containerd neither reads it back
+    through the proxy nor applies it; the container runs on it."""
+    s = stack(content_store=True)
+    ref = f"{proxy.host}/{bb.nydus}"
+    _ctr_pull(s, ref)
+    boot_digest, boot_size = bb.bootstrap
+    assert proxy.blob_bytes(boot_digest) == boot_size  # downloaded once, by containerd's fetch
+    assert _fetched(proxy, bb) == 0
+    log = s.sn.log_text()
+    m = re.search(
+        r"Nydus bootstrap layer (sha256:[0-9a-f]{64}) \(blob " + re.escape(boot_digest)
+        + r", \d+ entries\) applied from the content store in \d+ ms",
+        log,
+    )  # fmt: skip
+    assert m is not None, log[-4000:]
+    assert "not applied from the content store" not in log
+    chain = m.group(1)
+    # containerd counts the layer unpacked without having applied it: its unpack labels the
+    # blob "containerd.io/uncompressed" only after it applied (and diff-ID checked) a layer
+    with grpc.insecure_channel(f"unix:{s.ctd.address}") as ch:
+        c = ServiceClient(ch, CONTENT_SERVICE, [(NAMESPACE_HEADER, s.ctd.namespace)], 10)
+        info = c.unary(
+            "Info", content_pb2.InfoRequest(digest=boot_digest), content_pb2.InfoResponse
+        ).info
+    assert "containerd.io/uncompressed" not in info.labels, dict(info.labels)
+    snaps = s.ctr("snapshots", "--snapshotter", "nydus", "ls").check().stdout
+    assert re.search(rf"^{re.escape(chain)}\s+sha256:\S+\s+Committed", snaps, re.M), snaps
+    r = s.run(ref, "ml1", "/bin/sh", "-c", "cat /etc/hello.txt; md5sum /data/f04")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == HELLO + f"{md5(bb.data['data/f04'])}  /data/f04\n"
+    # pulling again: the layer is there; nothing applied twice
+    _ctr_pull(s, ref)
+    assert s.sn.log_text().count("applied from the content store in") == 1
+
+
 def test_plain_oci_image_through_the_content_store(
     bb: Image, proxy: FaultProxy, stack: StartStack
 ) -> None:

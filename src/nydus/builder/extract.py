@@ -116,10 +116,13 @@ def extract_layer(
     diff_id: str | None = None,
     limits: TarLimits | None = None,
     use_openat2: bool | None = None,
+    kinds: frozenset[str] | None = None,
 ) -> ExtractResult:
     """Apply the layer read from ``stream`` onto the directory ``root`` (see the module
-    docstring); check its ``diff_id`` if given. ``use_openat2=False`` forces the
-    component-walk fallback (tests)."""
+    docstring); check its ``diff_id`` if given. ``kinds`` (entry kinds of
+    :mod:`.tarreader`: ``"reg"``, ``"dir"``, ...) narrows what the layer may hold: an entry
+    of another kind is a FormatError (whiteout markers are regular files to the tar).
+    ``use_openat2=False`` forces the component-walk fallback (tests)."""
     try:
         rd = RootDir(root, use_openat2=use_openat2)
     except OSError as err:
@@ -131,6 +134,11 @@ def extract_layer(
         ap = _Applier(rd, reader)
         try:
             for e in reader:
+                if kinds is not None and e.kind not in kinds:
+                    raise FormatError(
+                        f"tar entry at {e.offset} {e.name[:200]!r}: a {e.kind} entry, and this "
+                        f"layer may only hold {', '.join(sorted(kinds))} entries"
+                    )
                 ap.apply(e)
             ap.finish()
         finally:

@@ -33,6 +33,7 @@ from . import flag, run_guarded
 if TYPE_CHECKING:
     from ..snapshotter.config import SnapshotterConfig
     from ..snapshotter.content.service import ContentService
+    from ..snapshotter.snapshots.localapply import LayerBlobs
     from ..snapshotter.snapshots.mounter import NydusMounter
 
 log = logging.getLogger("containerd-nydus-grpc")
@@ -199,7 +200,7 @@ def _run(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    content = _content_service(cfg, lambda: server.service.plugin_name)
+    content, layer_blobs = _content_service(cfg, lambda: server.service.plugin_name)
     local_blob = None
     if content is not None:
         store = content.store
@@ -211,7 +212,9 @@ def _run(a: argparse.Namespace) -> int:
         if cfg.metrics_address and isinstance(mounter, DaemonManager):
             metrics = MetricsServer(mounter, cfg.metrics_address)
             metrics.start()
-        snapshotter = Snapshotter(cfg.root, mounter, resolver, layers=resolver)
+        snapshotter = Snapshotter(
+            cfg.root, mounter, resolver, layers=resolver, layer_blobs=layer_blobs
+        )
     except BaseException:
         if metrics is not None:
             metrics.stop()
@@ -243,10 +246,11 @@ def _mounter(cfg: SnapshotterConfig) -> NydusMounter:
 
 def _content_service(
     cfg: SnapshotterConfig, plugin_name: Callable[[], str]
-) -> ContentService | None:
-    """The Content service over ``<root>/content`` with the Nydus hooks (``--content-store``)."""
+) -> tuple[ContentService | None, LayerBlobs | None]:
+    """The Content service over ``<root>/content`` with the Nydus hooks (``--content-store``),
+    and the layers it stores for the snapshotter to apply itself."""
     if not cfg.content_store:
-        return None
+        return None, None
     from ..snapshotter.content.nydusblobs import nydus_content_service
 
     log.info("content store at %s (containerd's content proxy)", cfg.content_dir)

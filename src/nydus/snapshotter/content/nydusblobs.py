@@ -9,9 +9,10 @@ With ``--content-store``, containerd keeps its content in this snapshotter
    manifest (``<content>/nydus-manifests/<alg>/<hex>``, an empty file). containerd's fetch then
    asks ``Info`` of each layer before downloading it; the lazy entry answers with its size, so
    containerd's metadata layer commits the layer as shared content and **downloads nothing**.
-2. **Read of a Nydus manifest**: before the bytes are served, the image's blob layers are
-   registered with containerd (:class:`~.remotelayers.RemoteLayerRegistrar`), so that the
-   unpack that is about to start finds them and skips them (blocking until done).
+2. **Read of a Nydus manifest**: before the bytes are served, the image's blob layers, and
+   its bootstrap layer when its blob is stored here (applied by the snapshotter from this
+   store), are registered with containerd (:class:`~.remotelayers.RemoteLayerRegistrar`), so
+   that the unpack that is about to start finds them and skips them (blocking until done).
 3. **Read of a lazy entry** (``ctr content get``, an export, a push): the real bytes are
    fetched from the registry of an image that lists the blob and stored as a blob (checked
    against the digest first) by :class:`LazyBlobFetcher`; without a source, the read fails
@@ -31,6 +32,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
@@ -43,7 +45,7 @@ from ..containerd.errdefs import SnapshotInvalidArgument, SnapshotPreconditionFa
 from ..containerd.proto import CONTENT_SERVICE, content_pb2
 from ..containerd.rpc import rpc_code, rpc_error_text
 from ..snapshots.labels import is_nydus_blob
-from .remotelayers import RemoteLayerRegistrar, image_uses
+from .remotelayers import LocalLayers, RemoteLayerRegistrar, image_uses
 from .service import ContentService
 from .store import ContentStore, LazyEntry, parse_digest
 
@@ -222,8 +224,9 @@ def nydus_content_service(
     *,
     scheme: str = "",
     docker_config: Path | None = None,
-) -> ContentService:
-    """The Content service over ``content_dir`` with the Nydus hooks (``--content-store``).
+) -> tuple[ContentService, LocalLayers]:
+    """The Content service over ``content_dir`` with the Nydus hooks (``--content-store``),
+    and the stored layers it learns of (the snapshotter's ``layer_blobs``).
 
     ``plugin_name`` says under which name containerd knows this snapshotter (for the remote
     layers it registers); ``scheme`` and ``docker_config`` are for fetching lazy blobs.
@@ -234,6 +237,13 @@ def nydus_content_service(
     def read_blob(digest: str) -> bytes | None:
         return store.read_small(digest, _MAX_MANIFEST)
 
-    registrar = RemoteLayerRegistrar(address, read_blob, plugin_name)
+    def open_blob(digest: str) -> BinaryIO | None:
+        try:
+            return open(store.blob_path(digest), "rb")  # the caller closes it
+        except FileNotFoundError:
+            return None
+
+    local = LocalLayers(open_blob)
+    registrar = RemoteLayerRegistrar(address, read_blob, plugin_name, local=local)
     fetcher = LazyBlobFetcher(address, read_blob, scheme, docker_config)
-    return ContentService(store, NydusContentHooks(store, registrar, fetcher))
+    return ContentService(store, NydusContentHooks(store, registrar, fetcher)), local

@@ -22,6 +22,16 @@ answer: so the registration is done, synchronously, just before the unpack's fir
 The request carries no namespace, so every namespace is checked for images whose target is this
 manifest (or an index listing it); for the layers already known there, one ``Stat`` each.
 
+The image's bootstrap layer (``nydus-bootstrap``, directly above that run), when its blob is
+already in this content store (``ctr image pull`` fetched it before unpacking), is registered
+the same way and in the same lease: :class:`LocalLayers` records which blob its chain ID is,
+and the snapshotter's ``Prepare`` applies it from the store, commits it and answers
+ALREADY_EXISTS (:mod:`~..snapshots.localapply`); containerd's unpack then finds the chain ID
+and neither reads the blob back (about a hundred 32 KiB ``Read`` calls for a 3 MiB layer) nor
+applies it. If the snapshotter refused it (it logs why), the active snapshot it made is
+removed and containerd applies the layer itself, as before; the registration is not failed
+for that.
+
 Manifests, indexes and configs are read with ``read_blob`` (the snapshotter's content store:
 containerd uses it as its own, so no call goes back into containerd for them). Only the bottom
 run of ``nydus-blob`` layers is registered (their parents are blob layers too); Nydus images put
@@ -39,6 +49,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import grpc
 from google.protobuf import empty_pb2
@@ -50,9 +61,9 @@ from ..containerd.client import ContainerdClient, snapshot_exists
 from ..containerd.proto import SNAPSHOTS_SERVICE, descriptor_pb2, snapshots_pb2
 from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text
 from ..snapshots.imageref import chain_ids
-from ..snapshots.labels import is_nydus_blob, unpack_labels
+from ..snapshots.labels import is_nydus_blob, is_nydus_bootstrap, unpack_labels
 
-__all__ = ["RemoteLayerRegistrar", "image_uses"]
+__all__ = ["LocalLayers", "RemoteLayerRegistrar", "image_uses"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +100,42 @@ class _Layer:
 class _Plan:
     config: str
     layers: tuple[_Layer, ...]  # the bottom run of Nydus blob layers
+    bootstrap: _Layer | None = None  # the bootstrap layer right above them
+    bootstrap_digest: str = ""  # its descriptor digest
+
+
+class LocalLayers:
+    """Which stored blob a layer is, by chain ID (the snapshotter's
+    :class:`~..snapshots.localapply.LayerBlobs`): recorded from the manifests of Nydus images
+    as the registrar reads them; bounded, oldest forgotten first. Thread-safe."""
+
+    def __init__(self, open_blob: Callable[[str], BinaryIO | None], size: int = _CACHE_SIZE):
+        self._open = open_blob
+        self._size = size
+        self._layers: OrderedDict[str, tuple[str, str]] = OrderedDict()  # chain -> parent, blob
+        self._lock = threading.Lock()
+
+    def record(self, chain_id: str, parent: str, digest: str) -> None:
+        with self._lock:
+            self._layers[chain_id] = (parent, digest)
+            self._layers.move_to_end(chain_id)
+            while len(self._layers) > self._size:
+                self._layers.popitem(last=False)
+
+    def layer_digest(self, chain_id: str, parent: str) -> str | None:
+        with self._lock:
+            hit = self._layers.get(chain_id)
+        return hit[1] if hit is not None and hit[0] == parent else None
+
+    def open_blob(self, digest: str) -> BinaryIO | None:
+        return self._open(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        f = self._open(digest)
+        if f is None:
+            return False
+        f.close()
+        return True
 
 
 class RemoteLayerRegistrar:
@@ -100,11 +147,13 @@ class RemoteLayerRegistrar:
         read_blob: Callable[[str], bytes | None],
         plugin_name: Callable[[], str],
         timeout: float = 30.0,
+        local: LocalLayers | None = None,
     ) -> None:
         self.address = containerd_address
         self.read_blob = read_blob
         self.plugin_name = plugin_name
         self.timeout = timeout
+        self.local = local
         self._plans: OrderedDict[str, _Plan] = OrderedDict()
         self._done: OrderedDict[tuple[str, str, int, str], None] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
@@ -116,8 +165,13 @@ class RemoteLayerRegistrar:
         """The Nydus blob layers of ``manifest`` (None if it has none, or its config is absent)."""
         with self._lock:
             hit = self._plans.get(manifest)
-        if hit is not None:
-            return hit
+        if hit is None:
+            hit = self._make_plan(manifest)
+        if hit is not None and hit.bootstrap is not None and self.local is not None:
+            self.local.record(hit.bootstrap.chain_id, hit.bootstrap.parent, hit.bootstrap_digest)
+        return hit
+
+    def _make_plan(self, manifest: str) -> _Plan | None:
         doc = parse_json_object_or_none(self.read_blob(manifest), _MAX_JSON)
         if doc is None:
             return None
@@ -133,13 +187,19 @@ class RemoteLayerRegistrar:
             return None
         chains = chain_ids([str(d) for d in diff_ids])
         out: list[_Layer] = []
+        boot, boot_digest = None, ""
         for i, layer in enumerate(layers):
             ann = layer.get("annotations") if isinstance(layer, dict) else None
             labels = unpack_labels(ann if isinstance(ann, dict) else {}, chains[i])
-            if not is_nydus_blob(labels):
-                break
-            out.append(_Layer(chains[i], chains[i - 1] if i else "", labels))
-        plan = _Plan(cfg_digest, tuple(out))
+            this = _Layer(chains[i], chains[i - 1] if i else "", labels)
+            if is_nydus_blob(labels):
+                out.append(this)
+                continue
+            digest = layer.get("digest") if isinstance(layer, dict) else None
+            if is_nydus_bootstrap(labels) and isinstance(digest, str):
+                boot, boot_digest = this, digest
+            break
+        plan = _Plan(cfg_digest, tuple(out), boot, boot_digest)
         with self._lock:
             self._plans[manifest] = plan
             while len(self._plans) > _CACHE_SIZE:
@@ -158,7 +218,7 @@ class RemoteLayerRegistrar:
         """Register ``manifest``'s Nydus blob layers in every namespace with an image that uses
         it; returns the (namespace, chain ID) pairs registered now."""
         plan = self.plan(manifest)
-        if plan is None or not plan.layers:
+        if plan is None or not (plan.layers or self._local_bootstrap(plan)):
             return []
         with self._manifest_lock(manifest):
             try:
@@ -200,9 +260,13 @@ class RemoteLayerRegistrar:
         sn = self.plugin_name()
         snaps = ctd.service(SNAPSHOTS_SERVICE, ns)
         missing = [ly for ly in plan.layers if not snapshot_exists(snaps, sn, ly.chain_id)]
-        if not missing:
+        boot = self._local_bootstrap(plan)
+        if boot is not None and snapshot_exists(snaps, sn, boot.chain_id):
+            boot = None
+        if not missing and boot is None:
             return []
         done: list[tuple[str, str]] = []
+        top = plan.layers[-1].chain_id if plan.layers else ""
         # on failure the lease stays (it expires): until the image's config references the
         # snapshots, it is what keeps them
         with ctd.lease(ns, "nydus-register-", keep_on_error=True) as lease_id:
@@ -212,10 +276,14 @@ class RemoteLayerRegistrar:
                     continue
                 self._prepare_remote(leased, sn, ly)
                 done.append((ns, ly.chain_id))
-            label = f"containerd.io/gc.ref.snapshot.{sn}/nydus-blobs"
-            ctd.set_labels(ns, plan.config, {label: plan.layers[-1].chain_id})
+            if boot is not None and self._prepare_bootstrap(leased, sn, boot):
+                done.append((ns, boot.chain_id))
+                top = boot.chain_id
+            if top:
+                label = f"containerd.io/gc.ref.snapshot.{sn}/nydus-blobs"
+                ctd.set_labels(ns, plan.config, {label: top})
         log.info(
-            "registered %d Nydus blob layer(s) of %s (%s) with containerd's %r snapshotter in "
+            "registered %d Nydus layer(s) of %s (%s) with containerd's %r snapshotter in "
             "namespace %s",
             len(done),
             ", ".join(image_names),
@@ -224,6 +292,34 @@ class RemoteLayerRegistrar:
             ns,
         )
         return done
+
+    def _local_bootstrap(self, plan: _Plan) -> _Layer | None:
+        """The plan's bootstrap layer if its blob is stored here (else containerd applies it)."""
+        if plan.bootstrap is None or self.local is None:
+            return None
+        try:
+            stored = self.local.has_blob(plan.bootstrap_digest)
+        except (NydusError, OSError) as e:
+            log.debug("bootstrap layer blob %s: %s", plan.bootstrap_digest, e)
+            return None
+        return plan.bootstrap if stored else None
+
+    def _prepare_bootstrap(self, snaps: ServiceClient, sn: str, layer: _Layer) -> bool:
+        """Let the snapshotter apply the bootstrap layer from the content store (True), or
+        leave it to containerd's unpack (False: the snapshotter logged why)."""
+        try:
+            self._prepare_remote(snaps, sn, layer)
+        except BackendError:
+            log.info("bootstrap layer %s left to containerd's unpack", layer.chain_id)
+            return False
+        except grpc.RpcError as e:
+            log.warning(
+                "bootstrap layer %s left to containerd's unpack: %s",
+                layer.chain_id,
+                rpc_error_text(e),
+            )
+            return False
+        return True
 
     def _prepare_remote(self, snaps: ServiceClient, sn: str, layer: _Layer) -> None:
         key = f"nydus-register-{secrets.token_hex(6)} {layer.chain_id}"

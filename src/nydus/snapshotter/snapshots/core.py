@@ -37,6 +37,15 @@ Remote-snapshot rules (nydus-reference.md §1.5):
   store does (:mod:`~..content.remotelayers`); if it is not, ``Prepare`` fails with
   FAILED_PRECONDITION and a message that says so, instead of containerd's "no processor for
   media-type".
+- ``Prepare`` of a ``nydus-bootstrap`` layer whose caller named the target
+  (``containerd.io/snapshot.ref`` among the labels it passed: the content store's registration,
+  the CRI plugin), with a ``layer_blobs`` source (``--content-store``): the layer is applied
+  from the snapshotter's own content store (:mod:`.localapply`: digest, safe extractor, chain
+  ID checked), committed as ``<chainID>`` and answered ALREADY_EXISTS, so containerd neither
+  reads the blob back nor applies it. When the blob is not stored or anything is refused, the
+  reason is logged and ``Prepare`` goes on as for any layer: containerd applies it. (A
+  label-less ``Prepare`` never takes this path: containerd's metadata layer turns
+  ALREADY_EXISTS without a target into an error.)
 - ``Prepare`` of an active snapshot (no ``snapshot.ref``: a container's rootfs) or ``View``
   whose parents include a bootstrap snapshot asks the :class:`~.mounter.NydusMounter` to serve
   ``<bootstrap fs>/image/image.boot`` and returns an overlay whose lowest ``lowerdir`` is that
@@ -63,6 +72,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +93,7 @@ from .labels import (
     is_nydus_blob,
     is_nydus_bootstrap,
 )
+from .localapply import LayerBlobs, apply_bootstrap_blob, layer_digest_for
 from .mounter import MountRequest, NydusMounter, RecoveredMount
 from .store import Info, Kind, MetaStore, NydusMount, Snapshot, Transaction, Usage
 
@@ -128,6 +139,7 @@ class Snapshotter:
         *,
         index_off: bool | None = None,
         layers: LayerResolver | None = None,
+        layer_blobs: LayerBlobs | None = None,
     ) -> None:
         self.root = Path(root).absolute()
         self.snapshots_dir = self.root / "snapshots"
@@ -138,6 +150,10 @@ class Snapshotter:
         self.mounter = mounter
         self.resolver = resolver
         self.layers = layers
+        self.layer_blobs = layer_blobs
+        #: bootstrap layers applied from the content store / handed back to containerd
+        self.local_applies = 0
+        self.local_fallbacks = 0
         self.index_off = overlay_index_supported() if index_off is None else index_off
         self.store = MetaStore(self.root / "metadata.db")
         for leftover in self.snapshots_dir.glob("new-*"):  # creations cut short by a crash
@@ -213,6 +229,8 @@ class Snapshotter:
         """containerd ``Prepare``: a new active snapshot (see module docstring for Nydus)."""
         labels = dict(labels or {})
         target = labels.get(SNAPSHOT_REF, "")
+        if target and is_nydus_bootstrap(labels) and self.layer_blobs is not None:
+            self._apply_local(self.layer_blobs, target, parent, labels)  # ALREADY_EXISTS
         if not target:
             derived = self._unpack_labels(key)
             if derived:
@@ -294,6 +312,76 @@ class Snapshotter:
                     raise
                 log.info("remote Nydus layer %s committed as snapshot %d (skipped)", target, sid)
         raise SnapshotExists(f"target snapshot {target!r}: Nydus blob layer, nothing to unpack")
+
+    def _apply_local(
+        self, blobs: LayerBlobs, target: str, parent: str, labels: dict[str, str]
+    ) -> None:
+        """Apply bootstrap layer ``target`` from the content store, commit it and answer
+        ALREADY_EXISTS; return (after logging why) when containerd should apply it itself."""
+        with self.store.transaction() as tx:
+            try:
+                tx.get_info(target)
+            except SnapshotNotFound:
+                pass
+            else:
+                raise SnapshotExists(f"target snapshot {target!r}: Nydus bootstrap layer exists")
+            try:
+                parent_info = tx.get_info(parent)[1] if parent else None
+            except SnapshotNotFound:
+                return  # the normal path reports it
+        parent_chain = ""
+        if parent_info is not None:
+            parent_chain = parent_info.labels.get(SNAPSHOT_REF) or parent.rsplit("/", 1)[-1]
+        digest = layer_digest_for(blobs, target, parent_chain, labels)
+        if not digest:
+            return self._fall_back(target, "which blob it is is unknown (no manifest lists it)")
+        try:
+            blob = blobs.open_blob(digest)
+        except (NydusError, OSError) as e:
+            return self._fall_back(target, f"blob {digest} cannot be opened: {e}")
+        if blob is None:
+            return self._fall_back(target, f"blob {digest} is not in the content store")
+        start = time.monotonic()
+        td = self._new_dir(Kind.COMMITTED)
+        try:
+            try:
+                with blob:
+                    res = apply_bootstrap_blob(blob, digest, td / "fs", parent_chain, target)
+            except (NydusError, OSError) as e:
+                return self._fall_back(target, f"blob {digest} refused: {e}")
+            if parent_info is not None:
+                with self.store.transaction() as tx:
+                    pid = tx.get_info(parent)[0]
+                st = os.stat(self.upper_path(pid))
+                os.lchown(td / "fs", st.st_uid, st.st_gid)
+            usage = disk_usage(td / "fs")
+            with self.store.transaction(writable=True) as tx:
+                sid = tx.create_committed(target, parent, labels, usage)
+                td.rename(self.snapshots_dir / str(sid))
+        finally:
+            if td.exists():
+                remove_tree(td)
+        self._record_bootstrap_digest(sid)
+        self.local_applies += 1
+        log.info(
+            "Nydus bootstrap layer %s (blob %s, %d entries) applied from the content store in "
+            "%.0f ms: committed as snapshot %d, containerd skips it",
+            target,
+            digest,
+            res.entries,
+            (time.monotonic() - start) * 1000,
+            sid,
+        )
+        raise SnapshotExists(f"target snapshot {target!r}: Nydus bootstrap layer applied")
+
+    def _fall_back(self, target: str, why: str) -> None:
+        self.local_fallbacks += 1
+        log.warning(
+            "Nydus bootstrap layer %s not applied from the content store (containerd applies "
+            "it): %s",
+            target,
+            why,
+        )
 
     def _find_bootstrap(self, tx: Transaction, snap: Snapshot) -> Info | None:
         for pid in snap.parent_ids:
