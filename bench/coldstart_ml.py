@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -667,6 +668,17 @@ def dirty_mib() -> tuple[float | None, float | None]:
     return got.get("Dirty"), got.get("Writeback")
 
 
+def _bootstrap_apply_s(stack: NydusStack) -> float | None:
+    """Seconds the snapshotter took to apply the bootstrap layer from its content store (its
+    log line), or None when it did not (containerd applied it: main's code, or a fallback)."""
+    try:
+        text = stack.sn.log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"applied from the content store in (\d+) ms", text)
+    return int(m.group(1)) / 1000 if m else None
+
+
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
     cmd = ["ctr", "-a", str(stack.ctd.address), "-n", stack.ctd.namespace, *argv]
     p = subprocess.run(
@@ -789,6 +801,9 @@ def ml_round(
             r.phases = {"pull": t1 - t0, **daemon_phases(stack, wall0), "exit": t2 - t0}
         except (OSError, ValueError, KeyError) as e:  # older daemons: fewer counters
             print(f"  (phases not read: {e})", flush=True)
+        applied = _bootstrap_apply_s(stack)
+        if applied is not None:  # the snapshotter applied the bootstrap layer itself
+            r.phases["boot_apply"] = applied
         r.registry_bytes = img.meta[tag] + ctr["backend_bytes"]
         r.reads, r.backend_requests = ctr["reads"], ctr["backend_requests"]
         r.backend_bytes, r.prefetch_bytes = ctr["backend_bytes"], ctr["prefetch_bytes"]

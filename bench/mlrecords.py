@@ -68,4 +68,6 @@ class MlRound:
     # metrics; pf_end absent while it runs), exit (the workload's end); and the read path's
     # sums in seconds: read (blob-device READs), user_fetch (reads waiting for the backend),
     # backend (user requests on the wire), decode, verify, cache; user_fetches (count)
+    # boot_apply: seconds the snapshotter spent applying the bootstrap layer itself (absent
+    # when containerd applied it)
     phases: dict[str, float] = field(default_factory=dict)
