@@ -23,7 +23,9 @@ print(torch.ones(2).sum())"``. Scenarios, each from a fresh containerd and snaps
 A scenario name may carry modifiers after ``+``: ``+hog`` runs a CPU hog (a busy loop pinned to
 the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's ``amplify_io``
 to N bytes (``128k``, ``1m`` also read), e.g. ``lazy+amp=1m`` beside ``lazy`` to compare the
-read amplification of the default config with another in the same run. A ``prefetch_all`` round
+read amplification of the default config with another in the same run; ``+ra=N`` sets
+``fs_prefetch.readahead_size`` (the largest locality readahead window after a miss; 0: off; not
+with ``+base`` if the base code predates the key). A ``prefetch_all`` round
 (without ``+hog``) also waits, after the workload, until nydusd's prefetch metrics say the
 prefetch is done (and, where nydusd reports it, its cache files are on disk:
 ``durable_wait_s`` after all was in the cache), notes the system's dirty page cache
@@ -91,6 +93,7 @@ class Scenario:
     amplify_io: int | None = None
     base_src: bool = False  # +base: the snapshotter and nydusd from --base-src (A/B anchor)
     zran_spacing: int | None = None  # ociref+zran=N: the reference image converted with N
+    readahead_size: int | None = None  # +ra=N: fs_prefetch.readahead_size
 
     def tag(self, img: MlImage) -> str:
         if self.base == "ociref" and self.zran_spacing is not None:
@@ -107,19 +110,24 @@ def parse_scenario(name: str) -> Scenario:
     base, *mods = name.split("+")
     if base not in BASES:
         raise SystemExit(f"coldstart: unknown scenario {name!r} (bases: {', '.join(BASES)})")
-    hog, amp, base_src, zran = False, None, False, None
+    hog, amp, base_src, zran, ra = False, None, False, None, None
     for m in mods:
         if m == "hog":
             hog = True
         elif m == "base":
             base_src = True
-        elif m.startswith(("amp=", "zran=")):
-            v = m.split("=", 1)[1].lower()
+        elif m.startswith(("amp=", "zran=", "ra=")):
+            key, v = m.split("=", 1)
+            v = v.lower()
             n = int(v.rstrip("km")) * {"k": 1 << 10, "m": 1 << 20}.get(v[-1:], 1)
-            amp, zran = (n, zran) if m.startswith("amp=") else (amp, n)
+            amp, zran, ra = (
+                n if key == "amp" else amp,
+                n if key == "zran" else zran,
+                n if key == "ra" else ra,
+            )
         else:
             raise SystemExit(f"coldstart: unknown scenario modifier {m!r} in {name!r}")
-    return Scenario(name, base, hog, amp, base_src, zran)
+    return Scenario(name, base, hog, amp, base_src, zran, ra)
 
 
 def nydusd_config(scenario: Scenario | None) -> dict[str, Any]:
@@ -147,6 +155,8 @@ def nydusd_config(scenario: Scenario | None) -> dict[str, Any]:
         cfg["fs_prefetch"] = {**PREFETCH, "prefetch_all": False}
     if scenario is not None and scenario.amplify_io is not None:
         cfg["amplify_io"] = scenario.amplify_io
+    if scenario is not None and scenario.readahead_size is not None:
+        cfg["fs_prefetch"] = {**cfg["fs_prefetch"], "readahead_size": scenario.readahead_size}
     return cfg
 
 
@@ -490,6 +500,9 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
         for name in ("user_fetch", "backend", "decode", "verify", "cache"):
             out[name] = int(bc.get(f"readpath_{name}_micros", 0)) / 1e6
         out["user_fetches"] = float(bc.get("readpath_user_fetches", 0))
+        for name in ("windows", "requests", "bytes", "hits"):  # newer daemons only
+            if f"readahead_{name}" in bc:
+                out[f"ra_{name}"] = float(bc[f"readahead_{name}"])
         g = c.metrics("")
         lat = g.get("fop_cumulative_latency_total") or []
         if len(lat) > 4:

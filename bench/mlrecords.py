@@ -67,7 +67,7 @@ class MlRound:
     # (the table's files submitted), running (mounted, RUNNING), pf_begin / pf_end (prefetch
     # metrics; pf_end absent while it runs), exit (the workload's end); and the read path's
     # sums in seconds: read (blob-device READs), user_fetch (reads waiting for the backend),
-    # backend (user requests on the wire), decode, verify, cache; user_fetches (count)
-    # boot_apply: seconds the snapshotter spent applying the bootstrap layer itself (absent
-    # when containerd applied it)
+    # backend (user requests on the wire), decode, verify, cache; user_fetches (count); ra_windows,
+    # ra_requests, ra_bytes, ra_hits (locality readahead, newer daemons); boot_apply: seconds the
+    # snapshotter spent applying the bootstrap layer itself (absent when containerd applied it)
     phases: dict[str, float] = field(default_factory=dict)

@@ -53,7 +53,8 @@ def round_line(r: MlRound) -> str:
         line += f", warm run {r.warm_run_s:.2f}s"
     if r.phases:
         line += ", phases " + " ".join(
-            f"{k} {v:.0f}" if k == "user_fetches" else f"{k} {v:.2f}" for k, v in r.phases.items()
+            f"{k} {v:.0f}" if k == "user_fetches" or k.startswith("ra_") else f"{k} {v:.2f}"
+            for k, v in r.phases.items()
         )
     return line + f", load {r.load:.1f}"
 

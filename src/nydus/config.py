@@ -258,6 +258,9 @@ class PrefetchConfig:
     bandwidth_rate: int = _num(U32, 0)
     prefetch_all: bool = True
     stream_prefetch: bool = False
+    # an extension: the largest locality readahead window after a user read's cache miss
+    # (storage/readahead.py), on whenever prefetch is enabled; 0 turns it off
+    readahead_size: int = _num((0, 0x1000_0000), 1 << 20)
 
 
 @dataclass
@@ -569,6 +572,8 @@ _V2_PREFETCH = {
     "prefetch_all": "prefetch_all",
     "stream_prefetch": "stream_prefetch",
 }
+# rafs.prefetch (fs_prefetch) only: blob-level cache.prefetch has no readahead of its own
+_V2_RAFS_PREFETCH = {**_V2_PREFETCH, "readahead_size": "readahead_size"}
 
 
 def _v2_path(msg: str, v1: dict[str, Any]) -> str:
@@ -682,7 +687,7 @@ def _v2_to_v1(obj: dict[str, Any]) -> dict[str, Any]:
             },
         )
         if "fs_prefetch" in r:
-            r["fs_prefetch"] = _take(r["fs_prefetch"], "rafs.prefetch", _V2_PREFETCH)
+            r["fs_prefetch"] = _take(r["fs_prefetch"], "rafs.prefetch", _V2_RAFS_PREFETCH)
         out.update(r)
     if "overlay" in top:
         out["overlay"] = top["overlay"]

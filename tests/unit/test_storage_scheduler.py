@@ -373,7 +373,7 @@ def test_user_read_of_a_queued_batch_fetches_only_its_chunk(img: Image, tmp_path
     link = Link(img)
     big = chunks_of(img, "/big")
     link.hold(big[0].index)
-    dev = pf_device(img, tmp_path, link, merging_size=0x30000)
+    dev = pf_device(img, tmp_path, link, merging_size=0x30000, readahead_size=0)  # no window
     try:
         f = dev._blob(0).fetcher
         work = batches([f.resolve(c) for c in big], 0x30000)

@@ -5,7 +5,8 @@ backend, one blob cache per blob in ``work_dir`` (or none for ``dummycache``), o
 :class:`BlobFetcher` per blob and a :class:`Prefetcher`, and a :class:`FetchScheduler` through
 which every backend data request goes, user reads ahead of prefetch (or uses the scheduler it is
 given: one per daemon). Per-blob state is created lazily on first use, so opening a device does
-no I/O.
+no I/O. With prefetch on (and ``fs_prefetch.readahead_size`` not 0), a user read that misses the
+cache queues the chunks after it at the head of the prefetch queue (:mod:`.readahead`).
 
 Every chunk that comes from the backend is verified against its digest before it is returned
 or cached (see :mod:`.verified` for what is verified when); ``chunk_lookup`` (the bootstrap's
@@ -41,6 +42,7 @@ from .fetcher import BlobFetcher
 from .metacache import BlobMeta, has_ci, load_blob_meta, load_digests
 from .metrics import BlobcacheMetrics
 from .prefetch import Prefetcher
+from .readahead import Readahead
 from .scheduler import FetchScheduler
 
 __all__ = ["BlobDevice", "open_device", "create_backend"]
@@ -145,6 +147,12 @@ class BlobDevice:
         self.prefetcher = Prefetcher(
             threads, merging or (1 << 20), rate, self.cache_metrics, min_rate=max_chunk
         )
+        # locality readahead after user misses: with any prefetch, unless readahead_size is 0
+        self.readahead = (
+            Readahead(self.prefetcher, pf.readahead_size, self.cache_metrics)
+            if self.prefetch_enabled and pf.readahead_size > 0
+            else None
+        )
         self._own_scheduler = scheduler is None
         self.scheduler = scheduler or FetchScheduler(
             prefetch_cap=threads,
@@ -231,6 +239,7 @@ class BlobDevice:
             scheduler=self.scheduler,
             fetch_ranges=fetch_ranges,
             chunk_lookup=chunk_record if lookup is not None else None,
+            on_read=self.readahead.on_read if self.readahead is not None else None,
         )
         return _Blob(fetcher, cache)
 
@@ -273,6 +282,7 @@ class BlobDevice:
             and cache.all_trusted(idxs)
         ):
             f._count_hits(1, 1)
+            f.notify_read(idxs, ())
             return cache.read_range(offset, size)
         chunks = [f.chunk_from_ci(i) for i in idxs]
         datas = f.read(chunks, amplify=amplify)

@@ -76,6 +76,8 @@ _ATTEMPTS = 3
 _STREAMS = 64  # window ends remembered to tell sequential reads (see _plan)
 
 FetchRanges = Callable[[Sequence[tuple[int, int]]], list[bytes]]
+# after a read: (the fetcher, chunks read from the cache or another's flight, chunks it missed)
+OnRead = Callable[["BlobFetcher", Sequence[int], Sequence["Chunk"]], None]
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,11 @@ class BlobFetcher:
         scheduler: FetchScheduler | None = None,
         fetch_ranges: FetchRanges | None = None,
         chunk_lookup: Callable[[int], ChunkInfo | None] | None = None,
+        on_read: OnRead | None = None,
     ) -> None:
         self.info = info
+        # told of each read's hits and misses once it is done (locality readahead)
+        self.on_read = on_read
         self._lookup = chunk_lookup
         self._fetch = fetch
         self._fetch_ranges_fn = fetch_ranges
@@ -260,11 +265,16 @@ class BlobFetcher:
         got: dict[int, bytes] = {}
         last_error: BaseException | None = None
         hits_first = 0
+        seen: list[int] = []
+        missed: list[Chunk] = []
         for attempt in range(_ATTEMPTS):
             need = [c for i, c in want.items() if i not in got]
             if not need:
                 break
             hits, waits, claims, ahead = self._plan(need, amplify and attempt == 0)
+            if attempt == 0 and self.on_read is not None:
+                seen = [c.index for c in hits] + [c.index for c, _ in waits]
+                missed = [c for c, _ in claims] + [c for c, _ in ahead]
             for c in hits:
                 data = self._read_cached(c)
                 if data is not None:
@@ -292,7 +302,51 @@ class BlobFetcher:
             raise last_error or BackendError(
                 f"blob {self.info.blob_id}: chunks {missing[:8]} could not be read"
             )
+        if seen or missed:
+            self.notify_read(seen, missed)
         return [got[c.index] for c in chunks]
+
+    def notify_read(self, seen: Sequence[int], missed: Sequence[Chunk]) -> None:
+        """Tell :attr:`on_read` of a read done (never fails the read)."""
+        if self.on_read is None:
+            return
+        try:
+            self.on_read(self, seen, missed)
+        except Exception:  # a bug in the listener must not fail a read that succeeded
+            log.exception("blob %s: read listener failed", self.info.blob_id)
+
+    def window_after(self, pos: int, span: int) -> tuple[list[Chunk], int, int]:
+        """The chunks from blob-order position ``pos`` on while their compressed span from the
+        first stays within ``span`` bytes (at least one chunk is looked at), less those ready,
+        in flight, unsupported or too large for the cache: what a readahead window fetches.
+        Also the position after the last chunk looked at and the compressed end of the span
+        (-1 when nothing was looked at). Nothing without a ci array or a cache."""
+        meta, cache = self._meta, self.cache
+        if meta is None or cache is None or not 0 <= pos < len(self._order):
+            return [], pos, -1
+        out: list[Chunk] = []
+        start = meta.ci[self._order[pos]].compressed_offset
+        end = start
+        first = pos
+        with self._lock:
+            while pos < len(self._order):
+                idx = self._order[pos]
+                e = meta.ci[idx]
+                new_end = e.compressed_offset + e.compressed_size
+                if pos > first and new_end - start > span:
+                    break
+                pos += 1
+                end = max(end, new_end)
+                if e.flags & _UNSUPPORTED_FLAGS or cache.is_ready(idx) or idx in self._inflight:
+                    continue
+                ch = self._ci_chunk_unlocked(idx)
+                if cache.fits(ch):
+                    out.append(ch)
+        return out, pos, end
+
+    def order_position(self, index: int) -> int | None:
+        """Chunk ``index``'s position in blob (compressed offset) order; None if unknown."""
+        return self._order_pos.get(index)
 
     def _fetch_for_user(
         self,
@@ -712,12 +766,15 @@ class BlobFetcher:
 
     # ------------------------------------------------------------------ prefetch
 
-    def queue_prefetch(self, job: PrefetchJob) -> bool:
-        """Queue ``job`` (whose ``run`` calls :meth:`prefetch`) on the scheduler. False if the
-        job was not queued (no scheduler, or closed: its ``on_drop`` was called)."""
+    def queue_prefetch(self, job: PrefetchJob, *, front: bool = False) -> bool:
+        """Queue ``job`` (whose ``run`` calls :meth:`prefetch`) on the scheduler, at the head
+        of the prefetch queue with ``front``. False if the job was not queued (no scheduler,
+        or closed: its ``on_drop`` was called)."""
         if self.scheduler is None:
             job.on_drop()
             return False
+        if front:
+            return self.scheduler.submit_front(job)
         return self.scheduler.submit_prefetch(job)
 
     def prefetch(

@@ -113,6 +113,12 @@ class BlobcacheMetrics:
         "readpath_ahead_requests",  # read-ahead windows of sequential reads
         "readpath_behind_prefetch",  # user requests started with prefetch requests in flight
         "readpath_behind_prefetch_bytes",  # the prefetch bytes then in flight (summed)
+        # an extension: locality readahead after user misses (storage/readahead.py); its
+        # requests and bytes are counted in prefetch_requests_count / prefetch_data_amount too
+        "readahead_windows",  # windows queued (at the head of the prefetch queue)
+        "readahead_requests",  # windows that sent a backend request
+        "readahead_bytes",  # the compressed bytes they requested
+        "readahead_hits",  # chunks of windows later read by a user (cache or its flight)
     )
 
     def __init__(self, id: str, store_path: str) -> None:

@@ -7,7 +7,9 @@ runs at most ``threads_count`` of them at once, and none while a user read waits
 backend; a read that wants a chunk of a queued batch takes the batch over (see
 :mod:`.fetcher`). Before its request a batch takes tokens from a :class:`TokenBucket`
 (``bandwidth_rate`` bytes/s, 0 = unlimited, raised to at least one chunk as upstream does).
-Chunks ready or in flight when a batch runs are skipped.
+Chunks ready or in flight when a batch runs are skipped. :meth:`Prefetcher.submit_readahead`
+queues a readahead window (:mod:`.readahead`) the same way, at the head of the queue; its bytes
+count as prefetch traffic and in the ``readahead_*`` metrics.
 
 Thread-safe. :meth:`Prefetcher.close` drops the batches still queued.
 """
@@ -122,9 +124,25 @@ class Prefetcher:
             self._queue(fetcher, b, now, hinted)
         return len(work)
 
+    def submit_readahead(self, fetcher: BlobFetcher, chunks: Sequence[Chunk]) -> PrefetchJob | None:
+        """Queue a readahead window (chunks of one blob in blob order) at the head of the
+        prefetch queue as one job; the job, or None if nothing was queued."""
+        if not chunks or self._stop.is_set() or fetcher.cache is None or fetcher.scheduler is None:
+            return None
+        with self._cond:
+            self._pending += 1
+        self.metrics.add("readahead_windows")
+        return self._queue(fetcher, list(chunks), time.monotonic(), False, readahead=True)
+
     def _queue(
-        self, fetcher: BlobFetcher, batch: list[Chunk], queued_at: float, hinted: bool
-    ) -> None:
+        self,
+        fetcher: BlobFetcher,
+        batch: list[Chunk],
+        queued_at: float,
+        hinted: bool,
+        *,
+        readahead: bool = False,
+    ) -> PrefetchJob:
         def run() -> None:
             with self._cond:
                 self._jobs.discard(key)
@@ -137,6 +155,9 @@ class Prefetcher:
                 if nbytes:
                     self.metrics.add("prefetch_requests_count")
                     self.metrics.add("prefetch_data_amount", nbytes)
+                    if readahead:
+                        self.metrics.add("readahead_requests")
+                        self.metrics.add("readahead_bytes", nbytes)
                     self.metrics.add(
                         "prefetch_cumulative_time_millis",
                         int((time.monotonic() - queued_at) * 1000),
@@ -149,11 +170,13 @@ class Prefetcher:
                 self._jobs.discard(key)
             self._done_one()
 
-        job = PrefetchJob(run, dropped, batch[-1].end - batch[0].compressed_offset, hinted=hinted)
+        nbytes = batch[-1].end - batch[0].compressed_offset
+        job = PrefetchJob(run, dropped, nbytes, hinted=hinted, readahead=readahead)
         key = (fetcher, job)
         with self._cond:
             self._jobs.add(key)
-        fetcher.queue_prefetch(job)
+        fetcher.queue_prefetch(job, front=readahead)
+        return job
 
     def run_async(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` (which usually calls :meth:`submit`) on its own thread; :meth:`wait`

@@ -22,7 +22,13 @@ first, and verifies and caches what it fetched). Jobs come in two classes, each 
   workload waits for a chunk would only turn a prefetch the workload needs into its serial
   misses (the optimized image's W1 finished with half its prefetch blob not yet fetched).
   The byte cap still holds, so hinted batches arrive in queue order (the workload's order)
-  rather than all at once at a fraction of the link each.
+  rather than all at once at a fraction of the link each. A *readahead* job
+  (:attr:`PrefetchJob.readahead`, :mod:`.readahead`: the chunks after a user read's miss, put
+  at the head of the queue by :meth:`FetchScheduler.submit_front`) waits like any prefetch
+  job while a user job runs or a user read waits for the backend, but not for the
+  ``user_idle`` hold-off: it follows the reads that asked for it, and holding it back between
+  a workload's closely spaced reads would make it arrive after the read that needs it (that
+  hold-off is what made ``prefetch_all`` slower than no prefetch on the ml image).
 
 A queued prefetch job can be *taken* out of the queue (:meth:`FetchScheduler.take`: the
 prefetcher drops its queued batches so at close). :attr:`FetchScheduler.behind_prefetch` counts
@@ -81,9 +87,11 @@ class _UserJob(Generic[T]):
 class PrefetchJob:
     """A queued prefetch batch: ``run`` on a slot, or ``on_drop`` if it never runs here.
     ``hinted``: chunks of files the image says the workload reads (its prefetch table, or
-    ``--prefetch-files``), not a guess: such a job does not yield the link to user reads."""
+    ``--prefetch-files``), not a guess: such a job does not yield the link to user reads.
+    ``readahead``: the chunks after a user read's miss (:mod:`.readahead`): such a job yields
+    the link to user reads but skips the ``user_idle`` hold-off."""
 
-    __slots__ = ("hinted", "nbytes", "on_drop", "queued", "run")
+    __slots__ = ("hinted", "nbytes", "on_drop", "queued", "readahead", "run")
 
     def __init__(
         self,
@@ -92,11 +100,13 @@ class PrefetchJob:
         nbytes: int = 0,
         *,
         hinted: bool = False,
+        readahead: bool = False,
     ) -> None:
         self.run = run
         self.on_drop = on_drop
         self.nbytes = nbytes  # what its request will fetch (at most)
         self.hinted = hinted
+        self.readahead = readahead
         self.queued = False
 
 
@@ -180,11 +190,22 @@ class FetchScheduler:
 
     def submit_prefetch(self, job: PrefetchJob) -> bool:
         """Queue ``job``; False (and ``on_drop`` called) when the scheduler is closed."""
+        return self._submit(job, front=False)
+
+    def submit_front(self, job: PrefetchJob) -> bool:
+        """Queue ``job`` at the head of the prefetch queue (the next prefetch job admitted; a
+        readahead window); False (and ``on_drop`` called) when the scheduler is closed."""
+        return self._submit(job, front=True)
+
+    def _submit(self, job: PrefetchJob, *, front: bool) -> bool:
         with self._cond:
             if not self._closed:
                 self._start_locked(self._prefetch_slot, "nydus-prefetch", self.prefetch_cap)
                 job.queued = True
-                self._prefetch.append(job)
+                if front:
+                    self._prefetch.appendleft(job)
+                else:
+                    self._prefetch.append(job)
                 self._cond.notify_all()
                 return True
         job.on_drop()
@@ -260,8 +281,9 @@ class FetchScheduler:
         while not self._closed:
             wait: float | None = None
             if self._prefetch_admissible_locked():
+                head = self._prefetch[0]
                 wait = self._user_seen + self.user_idle - time.monotonic()
-                if wait <= 0 or self._prefetch[0].hinted:
+                if wait <= 0 or head.hinted or head.readahead:
                     job = self._prefetch.popleft()
                     job.queued = False
                     self._prefetch_running += 1
