@@ -181,6 +181,14 @@ def test_device_node_or_symlink_falls_back(env: Env, caplog: pytest.LogCaptureFi
     _fall_back(env, chain, caplog, "may only hold dir, reg entries")
 
 
+def test_bootstrap_layer_declaring_more_than_1_gib_falls_back(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    # refused at the header (a gzip of a few KiB could otherwise fill the disk with 2 GiB)
+    _, chain = env.layer(boot_tar(entry(b"image/huge", size=2 << 30)))
+    _fall_back(env, chain, caplog, "more than 1073741824 bytes of data")
+
+
 def test_chain_id_mismatch_falls_back(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     # the blob is intact and matches its digest, but it is not the layer of the chain ID asked
     digest, _ = env.layer(boot_tar())

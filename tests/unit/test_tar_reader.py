@@ -234,6 +234,19 @@ def test_limits() -> None:
         read_all(entry(b"x") + end() + bytes(5000), TarLimits(max_trailing=4096))
 
 
+def test_max_file_bytes_is_checked_at_the_header_before_any_data() -> None:
+    two = entry(b"a", b"x" * 600) + entry(b"b", b"y" * 600) + end()
+    assert len(read_all(two, TarLimits(max_file_bytes=1200))) == 2
+    with pytest.raises(FormatError, match="more than 1000 bytes of data"):
+        read_all(two, TarLimits(max_file_bytes=1000))
+    # a header that declares 2 GiB and carries none of it is refused for its size, not read
+    bomb = entry(b"ok", b"z" * 10) + header(b"huge", size=2 << 30)
+    with pytest.raises(FormatError, match="more than 1073741824 bytes of data"):
+        read_all(bomb, TarLimits(max_file_bytes=1 << 30))
+    with pytest.raises(FormatError, match="truncated"):
+        read_all(bomb)  # unbounded by default: it fails only when the data is missing
+
+
 def test_diff_id_covers_the_whole_uncompressed_stream() -> None:
     raw = entry(b"a", b"x" * 1000) + end() + bytes(9 * 512)  # padded to a 10 KiB record
     for blob in (raw, gzip.compress(raw), zstandard.ZstdCompressor().compress(raw)):

@@ -75,6 +75,9 @@ class TarLimits:
     max_sparse_segments: int = 1 << 20  # data segments of one sparse file
     max_sparse_chunks: int = 1 << 22  # chunk slots a sparse file's apparent size may need
     max_xattr_bytes: int = 64 << 10  # xattr names + values of one entry
+    # bytes of file data the entries of one layer carry (checked at each header, before any of
+    # them is read); None: no bound (an image layer's files are as large as they are)
+    max_file_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -274,6 +277,7 @@ class TarReader:
         self._pad = 0
         self._global: list[tuple[bytes, bytes]] = []
         self.entries = 0
+        self.file_bytes = 0  # file data bytes declared by the headers so far
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, msg: str) -> None:
@@ -374,6 +378,12 @@ class TarReader:
                 raise FormatError(f"tar layer has more than {self.limits.max_entries} entries")
             entry = self._entry(h, self._global + local, longname, longlink)
             local, longname, longlink = [], None, None
+            self.file_bytes += self._left
+            cap = self.limits.max_file_bytes
+            if cap is not None and self.file_bytes > cap:
+                raise FormatError(
+                    f"tar entry at {at}: the layer's files hold more than {cap} bytes of data"
+                )
             yield entry
         self._finish_entry()
         self.s.drain(self.limits.max_trailing)

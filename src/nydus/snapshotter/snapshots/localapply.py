@@ -47,7 +47,7 @@ __all__ = ["BOOTSTRAP_KINDS", "LayerBlobs", "apply_bootstrap_blob", "layer_diges
 #: What a Nydus bootstrap layer may hold (``image/`` and ``image/image.boot``; nothing else is
 #: read from it).
 BOOTSTRAP_KINDS = frozenset({DIR, REG})
-_BOOTSTRAP_LIMITS = TarLimits(max_entries=4096, max_trailing=1 << 20)
+_BOOTSTRAP_LIMITS = TarLimits(max_entries=4096, max_trailing=1 << 20, max_file_bytes=1 << 30)
 _PIECE = 1 << 20
 
 
