@@ -86,6 +86,10 @@ class Readahead:
     def on_read(self, fetcher: BlobFetcher, seen: Sequence[int], missed: Sequence[Chunk]) -> None:
         """A read of ``fetcher``'s blob is done: ``seen`` (chunk indices) came from the cache
         or another's flight, ``missed`` went to the backend. Queues the next window."""
+        if not missed:  # a read served without the backend: only a hit may need counting
+            st0 = self._blobs.get(fetcher)  # (no lock: a stale look only misses a metric)
+            if st0 is None or not st0.queued:
+                return
         hits = 0
         chunks: list[Chunk] = []
         if missed and fetcher.meta() is None:  # (loaded on first use, outside the lock)
