@@ -16,8 +16,8 @@ decompression and validation (nydus-reference.md §3.1, §3.4, §3.5).
    as upstream v6). The extra chunks are cached but not returned: while a fetch slot is
    free, the read's own chunks are decoded, verified and handed back first, the extra ones
    after, on that slot (a read of one of them waits for that). A read that misses right
-   where an earlier window ended (a sequential reader) also claims the next window, fetched
-   on a slot once its own chunks are in (read-ahead).
+   where an earlier window ended (a sequential reader, :mod:`.streams`) also claims the next
+   window, fetched on a slot once its own chunks are in (read-ahead).
 4. Claimed chunks are sorted by compressed offset and merged into one request when the gap
    between them is at most ``amplify_io >> 7``; several requests run in parallel.
 5. Each chunk is decompressed, checked for size (and CRC32 when its ci entry carries one) and
@@ -64,6 +64,7 @@ from .blobcache import BlobCacheFile
 from .metacache import BlobMeta
 from .metrics import BlobcacheMetrics
 from .scheduler import FetchScheduler, PrefetchJob
+from .streams import Streams
 from .zran import ZranChunks, is_zran
 
 __all__ = ["BlobFetcher", "Chunk", "MIN_AMPLIFY"]
@@ -73,7 +74,7 @@ log = logging.getLogger(__name__)
 MIN_AMPLIFY = 0x20000
 _UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
 _ATTEMPTS = 3
-_STREAMS = 64  # window ends remembered to tell sequential reads (see _plan)
+_STREAMS = 64  # streams remembered to tell sequential reads (see _plan)
 
 FetchRanges = Callable[[Sequence[tuple[int, int]]], list[bytes]]
 # after a read: (the fetcher, chunks read from the cache or another's flight, chunks it missed)
@@ -169,8 +170,7 @@ class BlobFetcher:
         self.digester = codec.digester_by_name(info.digester)
         self._lock = threading.Lock()
         self._inflight: FlightTable[int, bytes] = FlightTable()
-        # blob-order positions right after recently fetched windows (insertion ordered)
-        self._stream_ends: dict[int, int] = {}
+        self._streams = Streams(_STREAMS)  # where recent user fetches ended (see _plan)
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
         self._order_pos: dict[int, int] = {}
@@ -426,40 +426,24 @@ class BlobFetcher:
                 else:
                     claims.append((c, self._inflight.claim(c.index)))
                     mine.add(c.index)
-            if claims and amplify and cache is not None and self.amplify:
+            if claims and amplify and cache is not None and (amp := self.amplify):
                 first = min((c for c, _ in claims), key=lambda c: c.compressed_offset)
-                sequential = self._stream_ends.pop(self._order_pos.get(first.index, -1), 0)
-                claims.extend(self._amplify_locked([c for c, _ in claims]))
-                last = self._note_end_locked([c for c, _ in claims])
-                if sequential and last is not None:
+                last = max((c for c, _ in claims), key=lambda c: c.end)
+                stream = self._streams.follow(first.compressed_offset, self.merge_gap)
+                claims.extend(self._claim_after_locked(last, first.compressed_offset, mine))
+                last = max((c for c, _ in claims), key=lambda c: c.end)
+                if stream is not None:  # a sequential reader: claim the window after it too
                     ahead = self._claim_after_locked(last, last.end, set())
-                    if ahead:
-                        self._note_end_locked([c for c, _ in ahead])
+                last = ahead[-1][0] if ahead else last
+                if (pos := self._order_pos.get(last.index)) is not None:  # remember its end
+                    self._streams.note(stream, last.compressed_offset, last.end, pos + 1, amp)
         return hits, waits, claims, ahead
-
-    def _note_end_locked(self, window: list[Chunk]) -> Chunk | None:
-        """Remember where a fetched window ends (a read that misses right there next reads
-        the blob sequentially); its last chunk."""
-        last = max(window, key=lambda c: c.end)
-        pos = self._order_pos.get(last.index)
-        if pos is None:
-            return None
-        self._stream_ends[pos + 1] = 1
-        if len(self._stream_ends) > _STREAMS:
-            del self._stream_ends[next(iter(self._stream_ends))]
-        return last
-
-    def _amplify_locked(self, claimed: list[Chunk]) -> list[tuple[Chunk, Flight[bytes]]]:
-        """Claim the not-ready chunks that follow the claimed ones, up to ``amplify_io``."""
-        last = max(claimed, key=lambda c: c.end)
-        start = min(c.compressed_offset for c in claimed)
-        return self._claim_after_locked(last, start, {c.index for c in claimed})
 
     def _claim_after_locked(
         self, last: Chunk, start: int, taken: set[int]
     ) -> list[tuple[Chunk, Flight[bytes]]]:
-        """Claim the not-ready, unclaimed chunks after ``last`` in blob order while the span
-        from ``start`` stays within ``amplify_io``."""
+        """Claim the not-ready, unclaimed chunks after ``last`` in blob order (not in ``taken``)
+        while the span from ``start`` stays within ``amplify_io`` (amplification of a miss)."""
         meta = self._meta
         cache = self.cache
         pos = self._order_pos.get(last.index)

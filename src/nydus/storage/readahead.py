@@ -43,6 +43,7 @@ from .fetcher import BlobFetcher, Chunk
 from .metrics import BlobcacheMetrics
 from .prefetch import Prefetcher
 from .scheduler import PrefetchJob
+from .streams import Streams
 
 __all__ = ["MIN_WINDOW", "QUEUED_MAX", "Readahead", "STREAMS"]
 
@@ -53,16 +54,8 @@ _WINDOW_CHUNKS_MAX = 1 << 16  # chunk indices of windows remembered per blob (fo
 
 
 @dataclass
-class _Stream:
-    lo: int  # compressed offset of the stream's latest miss
-    hi: int  # compressed end of its last window
-    next_pos: int  # blob-order position after its last window
-    window: int  # the size of its last window
-
-
-@dataclass
 class _BlobState:
-    streams: list[_Stream] = field(default_factory=list)  # most recently used last
+    streams: Streams = field(default_factory=lambda: Streams(STREAMS))
     queued: set[int] = field(default_factory=set)  # chunk indices of windows not read yet
 
 
@@ -81,7 +74,7 @@ class Readahead:
         """The window sizes of the blob's streams, least recently used first (for tests)."""
         with self._lock:
             st = self._blobs.get(fetcher)
-            return [s.window for s in st.streams] if st is not None else []
+            return st.streams.windows() if st is not None else []
 
     def on_read(self, fetcher: BlobFetcher, seen: Sequence[int], missed: Sequence[Chunk]) -> None:
         """A read of ``fetcher``'s blob is done: ``seen`` (chunk indices) came from the cache
@@ -124,21 +117,11 @@ class Readahead:
         pos = fetcher.order_position(last.index)
         if pos is None:
             return []
-        after = pos + 1
-        stream = next((s for s in st.streams if s.lo <= first <= s.hi + MIN_WINDOW), None)
-        if stream is not None:  # sequential: grow, and go on from the last window's end
-            st.streams.remove(stream)
-            stream.window = min(stream.window * 2, self.size)
-            after = max(after, stream.next_pos)
-        else:  # a jump: a new stream (the least recently used one goes)
-            stream = _Stream(first, last.end, after, min(MIN_WINDOW, self.size))
-            if len(st.streams) >= STREAMS:
-                del st.streams[0]
-        st.streams.append(stream)
-        chunks, next_pos, end = fetcher.window_after(after, stream.window)
-        stream.lo = first
-        stream.hi = max(end, last.end, stream.hi)
-        stream.next_pos = max(next_pos, after)
+        stream = st.streams.follow(first, MIN_WINDOW)  # sequential: grow, go on after it
+        window = min(stream.window * 2 if stream else MIN_WINDOW, self.size)
+        after = max(pos + 1, stream.next_pos if stream else 0)
+        chunks, next_pos, end = fetcher.window_after(after, window)
+        st.streams.note(stream, first, max(end, last.end), max(next_pos, after), window)
         if len(st.queued) + len(chunks) > _WINDOW_CHUNKS_MAX:
             st.queued.clear()
         st.queued.update(c.index for c in chunks)
