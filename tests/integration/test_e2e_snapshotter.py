@@ -471,8 +471,10 @@ def test_stock_ctr_pull_applies_the_bootstrap_layer_from_the_content_store(
     """Our extension: the bootstrap layer, downloaded once into the snapshotter's content
     store, is applied by the snapshotter (checked: digest, safe extractor, chain ID) and
     committed before containerd's unpack looks for it, so containerd neither reads it back
-    through the proxy nor applies it; the container runs on it."""
-    s = stack(content_store=True)
+    through the proxy nor applies it; the container runs on it. The snapshotter's metrics
+    count it."""
+    port = free_port()
+    s = stack("--metrics-address", f"127.0.0.1:{port}", content_store=True)
     ref = f"{proxy.host}/{bb.nydus}"
     _ctr_pull(s, ref)
     boot_digest, boot_size = bb.bootstrap
@@ -503,6 +505,9 @@ def test_stock_ctr_pull_applies_the_bootstrap_layer_from_the_content_store(
     # pulling again: the layer is there; nothing applied twice
     _ctr_pull(s, ref)
     assert s.sn.log_text().count("applied from the content store in") == 1
+    m = _scrape(port)
+    assert m["nydus_snapshotter_bootstrap_applies_total"] == 1
+    assert m["nydus_snapshotter_bootstrap_fallbacks_total"] == 0
 
 
 def test_plain_oci_image_through_the_content_store(

@@ -25,6 +25,7 @@ from hostile_tars import end, entry
 from nydus.format.erofs import EROFS_MAGIC
 from nydus.snapshotter.containerd.errdefs import SnapshotExists, SnapshotNotFound
 from nydus.snapshotter.content.remotelayers import LocalLayers, RemoteLayerRegistrar
+from nydus.snapshotter.content.store import ContentStore
 from nydus.snapshotter.snapshots.core import Snapshotter
 from nydus.snapshotter.snapshots.imageref import chain_ids
 from nydus.snapshotter.snapshots.labels import (
@@ -44,6 +45,13 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def store_blob(store: ContentStore, digest: str, data: bytes) -> None:
+    """``data`` as blob ``digest`` of ``store`` (whatever it hashes to)."""
+    path = store.blob_path(digest)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+
+
 def boot_tar(*extra: bytes) -> bytes:
     return (
         entry(b"image/", typeflag=b"5", mode=0o755)
@@ -58,9 +66,8 @@ class Env:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.blobs = tmp / "content"
-        self.blobs.mkdir()
-        self.local = LocalLayers(self._open)
+        self.content = ContentStore(tmp / "content")
+        self.local = LocalLayers(self.content)
         self.mounter = RecordingMounter(tmp / "mnt")
         self.sn = Snapshotter(tmp / "root", self.mounter, index_off=True, layer_blobs=self.local)
         # the data-blob layer below, committed as a remote layer the way the registrar does
@@ -69,14 +76,8 @@ class Env:
                 "nydus-register-1 " + BLOB_DIFF, "", {SNAPSHOT_REF: BLOB_DIFF, NYDUS_BLOB: "true"}
             )
 
-    def _open(self, digest: str):  # type: ignore[no-untyped-def]
-        try:
-            return open(self.blobs / digest.split(":")[1], "rb")
-        except FileNotFoundError:
-            return None
-
     def store(self, digest: str, data: bytes) -> None:
-        (self.blobs / digest.split(":")[1]).write_bytes(data)
+        store_blob(self.content, digest, data)
 
     def layer(self, tar: bytes, *, stored: bytes | None = None) -> tuple[str, str]:
         """Record a bootstrap layer made of ``tar`` (gzip) above the blob layer; store
@@ -199,7 +200,7 @@ def test_chain_id_mismatch_falls_back(env: Env, caplog: pytest.LogCaptureFixture
 
 def test_missing_blob_falls_back(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     digest, chain = env.layer(boot_tar())
-    (env.blobs / digest.split(":")[1]).unlink()
+    env.content.blob_path(digest).unlink()
     _fall_back(env, chain, caplog, "not in the content store")
 
 
@@ -258,10 +259,8 @@ def test_registrar_records_the_bootstrap_layer(tmp_path: Path) -> None:
             ],
         }
     )
-    (tmp_path / "b").write_bytes(gz)
-    local = LocalLayers(
-        lambda d: open(tmp_path / "b", "rb") if d == sha(gz) else None  # noqa: SIM115
-    )
+    local = LocalLayers(ContentStore(tmp_path / "content"))
+    store_blob(local.store, sha(gz), gz)
     r = RemoteLayerRegistrar("/nonexistent.sock", docs.get, lambda: "nydus", local=local)
     plan = r.plan(manifest)
     assert plan is not None and plan.bootstrap is not None

@@ -160,6 +160,12 @@ def test_render(tmp_path: Path) -> None:
     assert "nydus_snapshotter_daemon_restarts_total 2" in text
     assert "nydus_snapshotter_cache_bytes 8192" in text
     assert "# TYPE nydus_snapshotter_gc_freed_bytes_total counter" in text
+    assert "bootstrap" not in text  # no snapshotter given: no bootstrap layer counters
+    text = render(fake, SimpleNamespace(local_applies=3, local_fallbacks=1))  # type: ignore[arg-type]
+    assert "# TYPE nydus_snapshotter_bootstrap_applies_total counter" in text
+    assert "nydus_snapshotter_bootstrap_applies_total 3" in text
+    assert "# TYPE nydus_snapshotter_bootstrap_fallbacks_total counter" in text
+    assert "nydus_snapshotter_bootstrap_fallbacks_total 1" in text
 
 
 # -- daemon records ------------------------------------------------------------------------------

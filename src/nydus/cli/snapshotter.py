@@ -209,16 +209,18 @@ def _run(a: argparse.Namespace) -> int:
     mounter = _mounter(cfg)
     metrics: MetricsServer | None = None
     try:
-        if cfg.metrics_address and isinstance(mounter, DaemonManager):
-            metrics = MetricsServer(mounter, cfg.metrics_address)
-            metrics.start()
         snapshotter = Snapshotter(
             cfg.root, mounter, resolver, layers=resolver, layer_blobs=layer_blobs
         )
     except BaseException:
-        if metrics is not None:
-            metrics.stop()
         mounter.close()
+        raise
+    try:
+        if cfg.metrics_address and isinstance(mounter, DaemonManager):
+            metrics = MetricsServer(mounter, cfg.metrics_address, snapshotter)
+            metrics.start()
+    except BaseException:
+        snapshotter.close()
         raise
     server = SnapshotterServer(snapshotter, cfg.address, content=content)
     try:

@@ -32,7 +32,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import grpc
 
@@ -237,13 +236,7 @@ def nydus_content_service(
     def read_blob(digest: str) -> bytes | None:
         return store.read_small(digest, _MAX_MANIFEST)
 
-    def open_blob(digest: str) -> BinaryIO | None:
-        try:
-            return open(store.blob_path(digest), "rb")  # the caller closes it
-        except FileNotFoundError:
-            return None
-
-    local = LocalLayers(open_blob)
+    local = LocalLayers(store)
     registrar = RemoteLayerRegistrar(address, read_blob, plugin_name, local=local)
     fetcher = LazyBlobFetcher(address, read_blob, scheme, docker_config)
     return ContentService(store, NydusContentHooks(store, registrar, fetcher)), local

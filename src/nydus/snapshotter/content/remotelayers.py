@@ -62,6 +62,7 @@ from ..containerd.proto import SNAPSHOTS_SERVICE, descriptor_pb2, snapshots_pb2
 from ..containerd.rpc import ServiceClient, rpc_code, rpc_error_text
 from ..snapshots.imageref import chain_ids
 from ..snapshots.labels import is_nydus_blob, is_nydus_bootstrap, unpack_labels
+from .store import ContentStore
 
 __all__ = ["LocalLayers", "RemoteLayerRegistrar", "image_uses"]
 
@@ -105,12 +106,12 @@ class _Plan:
 
 
 class LocalLayers:
-    """Which stored blob a layer is, by chain ID (the snapshotter's
+    """Which blob of ``store`` a layer is, by chain ID (the snapshotter's
     :class:`~..snapshots.localapply.LayerBlobs`): recorded from the manifests of Nydus images
     as the registrar reads them; bounded, oldest forgotten first. Thread-safe."""
 
-    def __init__(self, open_blob: Callable[[str], BinaryIO | None], size: int = _CACHE_SIZE):
-        self._open = open_blob
+    def __init__(self, store: ContentStore, size: int = _CACHE_SIZE):
+        self.store = store
         self._size = size
         self._layers: OrderedDict[str, tuple[str, str]] = OrderedDict()  # chain -> parent, blob
         self._lock = threading.Lock()
@@ -128,14 +129,13 @@ class LocalLayers:
         return hit[1] if hit is not None and hit[0] == parent else None
 
     def open_blob(self, digest: str) -> BinaryIO | None:
-        return self._open(digest)
+        try:
+            return open(self.store.blob_path(digest), "rb")  # the caller closes it
+        except FileNotFoundError:
+            return None
 
     def has_blob(self, digest: str) -> bool:
-        f = self._open(digest)
-        if f is None:
-            return False
-        f.close()
-        return True
+        return self.store.has_blob(digest)
 
 
 class RemoteLayerRegistrar:

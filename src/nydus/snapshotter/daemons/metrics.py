@@ -11,7 +11,10 @@ Each scrape asks every daemon for its image's counters (``/api/v1/metrics/backen
   ``nydus_snapshotter_daemon_restarts_total``;
 - ``nydus_snapshotter_cache_bytes`` (allocated bytes of blob cache files),
   ``nydus_snapshotter_cache_blobs``, ``nydus_snapshotter_gc_freed_bytes_total``,
-  ``nydus_snapshotter_gc_deleted_blobs_total``.
+  ``nydus_snapshotter_gc_deleted_blobs_total``;
+- ``nydus_snapshotter_bootstrap_applies_total`` (Nydus bootstrap layers the snapshotter applied
+  from its own content store, :mod:`..snapshots.localapply`) and
+  ``nydus_snapshotter_bootstrap_fallbacks_total`` (those left to containerd's apply).
 
 Threading: a small threaded HTTP server; scrapes read the manager through its thread-safe
 methods.
@@ -28,6 +31,7 @@ from ...errors import ConfigError
 from .cachegc import cache_usage
 
 if TYPE_CHECKING:
+    from ..snapshots.core import Snapshotter
     from .manager import DaemonManager
 
 __all__ = ["MetricsServer", "parse_address", "render"]
@@ -51,8 +55,8 @@ def _labels(**kv: str) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in kv.items()) + "}"
 
 
-def render(manager: DaemonManager) -> str:
-    """The exposition text for one scrape."""
+def render(manager: DaemonManager, snapshotter: Snapshotter | None = None) -> str:
+    """The exposition text for one scrape (the bootstrap counters with ``snapshotter``)."""
     out: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, int]]) -> None:
@@ -112,6 +116,19 @@ def render(manager: DaemonManager) -> str:
         "Blobs whose cache files were deleted.",
         [("", manager.gc_deleted_blobs)],
     )
+    if snapshotter is not None:
+        metric(
+            "nydus_snapshotter_bootstrap_applies_total",
+            "counter",
+            "Nydus bootstrap layers applied from the snapshotter's content store.",
+            [("", snapshotter.local_applies)],
+        )
+        metric(
+            "nydus_snapshotter_bootstrap_fallbacks_total",
+            "counter",
+            "Nydus bootstrap layers not applied from the content store (containerd applies them).",
+            [("", snapshotter.local_fallbacks)],
+        )
     return "\n".join(out) + "\n"
 
 
@@ -121,8 +138,11 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class MetricsServer:
-    def __init__(self, manager: DaemonManager, address: str) -> None:
+    def __init__(
+        self, manager: DaemonManager, address: str, snapshotter: Snapshotter | None = None
+    ) -> None:
         self.manager = manager
+        self.snapshotter = snapshotter
         self.bind = parse_address(address)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -144,7 +164,7 @@ class MetricsServer:
                     self.send_error(404, "try /metrics")
                     return
                 try:
-                    body = render(owner.manager).encode()
+                    body = render(owner.manager, owner.snapshotter).encode()
                     status = 200
                 except Exception as e:  # a scrape must never take the snapshotter down
                     log.exception("metrics scrape failed")
