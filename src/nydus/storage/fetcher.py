@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 MIN_AMPLIFY = 0x20000
 _UNSUPPORTED_FLAGS = bm.CI_V2_FLAG_BATCH | bm.CI_V2_FLAG_ENCRYPTED
 _ATTEMPTS = 3
-_STREAMS = 64  # streams remembered to tell sequential reads (see _plan)
 
 FetchRanges = Callable[[Sequence[tuple[int, int]]], list[bytes]]
 # after a read: (the fetcher, chunks read from the cache or another's flight, chunks it missed)
@@ -170,7 +169,7 @@ class BlobFetcher:
         self.digester = codec.digester_by_name(info.digester)
         self._lock = threading.Lock()
         self._inflight: FlightTable[int, bytes] = FlightTable()
-        self._streams = Streams(_STREAMS)  # where recent user fetches ended (see _plan)
+        self._streams = Streams(64)  # where recent user fetches ended (see _plan)
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
         self._order_pos: dict[int, int] = {}
@@ -337,10 +336,7 @@ class BlobFetcher:
                     break
                 pos += 1
                 end = max(end, new_end)
-                if e.flags & _UNSUPPORTED_FLAGS or cache.is_ready(idx) or idx in self._inflight:
-                    continue
-                ch = self._ci_chunk_unlocked(idx)
-                if cache.fits(ch):
+                if (ch := self._fetchable_locked(idx)) is not None:
                     out.append(ch)
         return out, pos, end
 
@@ -444,40 +440,36 @@ class BlobFetcher:
     ) -> list[tuple[Chunk, Flight[bytes]]]:
         """Claim the not-ready, unclaimed chunks after ``last`` in blob order (not in ``taken``)
         while the span from ``start`` stays within ``amplify_io`` (amplification of a miss)."""
-        meta = self._meta
-        cache = self.cache
         pos = self._order_pos.get(last.index)
-        if meta is None or cache is None or pos is None:
+        if self._meta is None or self.cache is None or pos is None:
             return []
-        end = last.end
+        end, amp, gap = last.end, self.amplify, self.merge_gap
         out: list[tuple[Chunk, Flight[bytes]]] = []
         for idx in self._order[pos + 1 :]:
             if idx in taken:
                 continue
-            e = meta.ci[idx]
-            if e.flags & _UNSUPPORTED_FLAGS or cache.is_ready(idx) or idx in self._inflight:
+            ch = self._fetchable_locked(idx)
+            if ch is None or ch.end - start > amp or ch.compressed_offset - end > gap:
                 break
-            new_end = e.compressed_offset + e.compressed_size
-            if new_end - start > self.amplify or e.compressed_offset - end > self.merge_gap:
-                break
-            ch = self._ci_chunk_unlocked(idx)
-            if not cache.fits(ch):
-                break
-            p = self._inflight.claim(idx)
-            out.append((ch, p))
-            end = max(end, new_end)
+            out.append((ch, self._inflight.claim(idx)))
+            end = max(end, ch.end)
         return out
 
-    def _ci_chunk_unlocked(self, idx: int) -> Chunk:
-        assert self._meta is not None
+    def _fetchable_locked(self, idx: int) -> Chunk | None:
+        """Chunk ``idx`` of the ci array for a window: None if it is unsupported, ready, in
+        flight or too large for the cache."""
+        assert self._meta is not None and self.cache is not None
         e = self._meta.ci[idx]
+        if e.flags & _UNSUPPORTED_FLAGS or self.cache.is_ready(idx) or idx in self._inflight:
+            return None
         digest = b""
         rec = self._lookup(idx) if self._lookup is not None else None
         if rec is not None and _same_place(rec, e):
             digest = rec.digest  # otherwise the digest array, or the chunk is not cached
         elif self._digests_loaded and self._digests is not None:
             digest = self._digests[idx]
-        return _ci_chunk(idx, e, digest)
+        ch = _ci_chunk(idx, e, digest)
+        return ch if self.cache.fits(ch) else None
 
     # ------------------------------------------------------------------ cache side
 

@@ -1,7 +1,5 @@
-"""Sequential streams of a blob, for the fetcher's read-ahead of a user read (:mod:`.fetcher`)
-and locality readahead (:mod:`.readahead`): each keeps its own :class:`Streams` per blob and
-sizes the windows; a read that starts within (or just after) a stream's last window goes on
-from it, any other is a jump. Not thread-safe: its owner's lock guards it."""
+"""Sequential streams of a blob: the fetcher's read-ahead of user reads and locality readahead
+each keep a :class:`Streams` per blob, under their own lock, and size its windows."""
 
 from __future__ import annotations
 
