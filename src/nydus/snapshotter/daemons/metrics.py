@@ -117,18 +117,13 @@ def render(manager: DaemonManager, snapshotter: Snapshotter | None = None) -> st
         [("", manager.gc_deleted_blobs)],
     )
     if snapshotter is not None:
-        metric(
-            "nydus_snapshotter_bootstrap_applies_total",
-            "counter",
-            "Nydus bootstrap layers applied from the snapshotter's content store.",
-            [("", snapshotter.local_applies)],
-        )
-        metric(
-            "nydus_snapshotter_bootstrap_fallbacks_total",
-            "counter",
-            "Nydus bootstrap layers not applied from the content store (containerd applies them).",
-            [("", snapshotter.local_fallbacks)],
-        )
+        applies = "Nydus bootstrap layers applied from the snapshotter's content store."
+        fallbacks = "Nydus bootstrap layers not applied from the content store (containerd did)."
+        for name, help_, n in (
+            ("nydus_snapshotter_bootstrap_applies_total", applies, snapshotter.local_applies),
+            ("nydus_snapshotter_bootstrap_fallbacks_total", fallbacks, snapshotter.local_fallbacks),
+        ):
+            metric(name, "counter", help_, [("", n)])
     return "\n".join(out) + "\n"
 
 
