@@ -316,7 +316,24 @@ def _phases(rows: Table, plt: object, title: str) -> object:
     return fig
 
 
+def _reglat(rows: Table, plt: object, title: str) -> object:
+    """The registry-latency report's first table: median ms per request size (groups), one bar
+    per server / client pair."""
+    label = next(iter(rows[0]))
+    parts = [[p.strip() for p in r[label].split("/")] for r in rows]
+    sizes = list(dict.fromkeys(p[-1] for p in parts))
+    pairs = list(dict.fromkeys(" / ".join(p[:-1]) for p in parts))
+    med = {
+        (" / ".join(p[:-1]), p[-1]): number(r["median ms"])
+        for p, r in zip(parts, rows, strict=True)
+    }
+    fig, ax = plt.subplots(figsize=(9, 4))  # type: ignore[attr-defined]
+    _bars(ax, sizes, {k: [med.get((k, s)) for s in sizes] for k in pairs}, "ms per GET", title)
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
+    "reglat": _reglat,
     "readpath": _readpath,
     "phases": _phases,
     "coldstart": _coldstart,
