@@ -475,7 +475,8 @@ _LOG_MARKS = {  # phase name -> a line of nydusd's log that marks it (first occu
 def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
     """When the (first) daemon started, came up, submitted its prefetch and was RUNNING, and
     its prefetch began and ended, in seconds from ``wall0`` (the pull's start); plus the read
-    path's summed times (seconds). Best effort: what cannot be read is left out."""
+    path's summed times and the CPU seconds the daemon used so far (``nydusd_cpu``). Best
+    effort: what cannot be read is left out."""
     from nydus.daemon.client import NydusdClient
 
     out: dict[str, float] = {}
@@ -483,6 +484,10 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
     for d in state.get("daemons", [])[:1]:
         if d.get("started_at"):
             out["nydusd"] = float(d["started_at"]) - wall0
+        with contextlib.suppress(OSError, ValueError, IndexError):  # CPU it used (user + sys)
+            stat = Path(f"/proc/{int(d['pid'])}/stat").read_text()
+            ticks = stat[stat.rindex(")") + 2 :].split()[11:13]  # utime, stime
+            out["nydusd_cpu"] = sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
         with contextlib.suppress(OSError):
             for line in Path(d["log_file"]).read_text(errors="replace").splitlines():
                 for name, mark in _LOG_MARKS.items():

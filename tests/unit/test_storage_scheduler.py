@@ -26,6 +26,7 @@ from test_storage_device import (  # type: ignore
 
 from nydus.errors import NydusError
 from nydus.storage import BlobDevice, MemoryBackend
+from nydus.storage.fetcher import BlobFetcher
 from nydus.storage.prefetch import batches
 from nydus.storage.scheduler import FetchScheduler, PrefetchJob
 
@@ -209,6 +210,58 @@ def test_prefetch_bytes_in_flight_are_capped() -> None:
             assert jobs.peak == expect
         finally:
             sched.close()
+
+
+def test_a_prefetch_jobs_fetched_bytes_leave_the_byte_cap_before_it_ends() -> None:
+    # the cap is for bytes on the wire: a job whose request is in (decoding, verifying and
+    # caching it) lets the next request go out; one that has not said so still counts
+    sched = FetchScheduler(slots=2, prefetch_cap=3, prefetch_bytes=100)
+    cpu_work = threading.Event()
+    started: list[int] = []
+    in_cpu_work: list[int] = []
+    lock = threading.Lock()
+
+    def run(i: int, job: list[PrefetchJob], announce: bool) -> None:
+        with lock:
+            started.append(i)
+        if announce:
+            job[0].fetched(60)
+        with lock:
+            in_cpu_work.append(i)
+        assert cpu_work.wait(10)
+
+    def make(i: int, announce: bool) -> PrefetchJob:
+        ref: list[PrefetchJob] = []
+        ref.append(PrefetchJob(lambda: run(i, ref, announce), lambda: None, 60))
+        return ref[0]
+
+    try:
+        with sched.user_demand():  # queue them before any starts
+            for i, announce in enumerate((True, True, False, False)):
+                sched.submit_prefetch(make(i, announce))
+        deadline = time.monotonic() + 10
+        while len(started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert started == [0, 1, 2]  # 0 and 1 gave their bytes back; 2 holds the cap
+        assert in_cpu_work == [0, 1, 2]  # all three still running
+        cpu_work.set()
+        deadline = time.monotonic() + 10
+        while len(started) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started == [0, 1, 2, 3]
+        with sched._cond:
+            deadline = time.monotonic() + 10
+            assert sched._cond.wait_for(lambda: sched._prefetch_running == 0, 10)
+            assert sched._prefetch_bytes_running == 0  # given back exactly once
+    finally:
+        cpu_work.set()
+        sched.close()
+
+
+def test_fetched_outside_a_slot_is_a_no_op() -> None:
+    job = PrefetchJob(lambda: None, lambda: None, 10)
+    job.fetched(10)  # not running on a slot: nothing to give back, nothing raised
 
 
 def test_prefetch_resumes_only_after_users_were_idle_a_while() -> None:
@@ -467,6 +520,46 @@ def test_hinted_prefetch_keeps_the_link_while_a_user_read_waits(img: Image, tmp_
         t.join(10)
         assert not t.is_alive()
     finally:
+        link.release_all()
+        dev.close()
+
+
+def test_prefetch_requests_go_out_while_earlier_batches_are_decoded(
+    img: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the byte cap (2 batches) counts requests on the wire, not batches being decoded,
+    # verified and cached: with 3 slots, a third request goes out while two batches are in
+    # that CPU work; and still nothing is cached before it is verified
+    link = Link(img)
+    big = chunks_of(img, "/big")
+    cpu_work = threading.Event()
+    in_store: list[int] = []
+    store = BlobFetcher._store
+
+    def held_store(self: BlobFetcher, start: int, raw: bytes, chunks: Any) -> None:
+        in_store.append(start)
+        assert cpu_work.wait(20)
+        store(self, start, raw, chunks)
+
+    monkeypatch.setattr(BlobFetcher, "_store", held_store)
+    dev = pf_device(img, tmp_path, link, threads_count=3)
+    try:
+        dev.prefetch_files([big])
+        deadline = time.monotonic() + 10
+        while len(link.started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert len(link.started) == 3 and len(in_store) == 3
+        cache = dev._blob(0).cache
+        assert cache is not None and not any(cache.is_ready(c.index) for c in big)
+        cpu_work.set()
+        assert dev.wait_prefetch(20)
+        t, out = in_thread(lambda: dev.read_chunks(big))
+        t.join(10)
+        assert out and b"".join(out[0]) == img.files["/big"]  # type: ignore[arg-type]
+        assert sorted(fetched_chunk_indexes(link.backend, img)) == sorted(c.index for c in big)
+    finally:
+        cpu_work.set()
         link.release_all()
         dev.close()
 

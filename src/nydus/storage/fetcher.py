@@ -527,15 +527,20 @@ class BlobFetcher:
         *,
         user: bool = True,
         wanted: Collection[int] | None = None,
+        fetched: Callable[[int], object] | None = None,
     ) -> None:
         """Fetch, verify and cache claimed chunks, one job per merged request: user jobs of
         the scheduler (in parallel, the first on this thread), or one after the other on this
-        thread (``user=False``: a prefetch job on its slot). Always resolves every claim."""
+        thread (``user=False``: a prefetch job on its slot). ``fetched(nbytes)`` is told of
+        each request's bytes as they arrive, before their CPU work. Always resolves every
+        claim."""
         try:
             if groups is None:
                 groups = self._merge(claims)
             queued = time.perf_counter_ns() if user else None
-            jobs = [functools.partial(self._fetch_group, g, queued, wanted) for g in groups]
+            jobs = [
+                functools.partial(self._fetch_group, g, queued, wanted, fetched) for g in groups
+            ]
             if user and self.scheduler is not None:
                 self.scheduler.run_user(jobs)
             else:
@@ -558,10 +563,16 @@ class BlobFetcher:
             p.settle()
 
     def _fetch_group(
-        self, g: _Group, queued: int | None, wanted: Collection[int] | None = None
+        self,
+        g: _Group,
+        queued: int | None,
+        wanted: Collection[int] | None = None,
+        fetched: Callable[[int], object] | None = None,
     ) -> None:
         """One merged request: fetch it, decode, verify and cache its chunks, then release
-        and settle their claims (waiters wake as soon as their request is done). With
+        and settle their claims (waiters wake as soon as their request is done).
+        ``fetched(nbytes)`` runs once the request's bytes have arrived,
+        before the CPU work (a prefetch job gives its share of the link back). With
         ``wanted`` (a reader's chunks) and a fetch slot free, the group's other chunks
         (amplification) are decoded, verified and cached after the reader's are settled, by
         a user job on that slot (with every slot busy, handing work over only adds
@@ -580,6 +591,8 @@ class BlobFetcher:
                     m.add("readpath_requests")
                     m.add("readpath_queue_micros", (t0 - queued) // 1000)
                     m.add("readpath_backend_micros", (time.perf_counter_ns() - t0) // 1000)
+                if fetched is not None:
+                    fetched(g.end - g.start)
             now, later = g.chunks, []
             if (
                 wanted is not None
@@ -759,13 +772,16 @@ class BlobFetcher:
         *,
         max_request: int = 1 << 20,
         before_fetch: Callable[[int], object] | None = None,
+        fetched: Callable[[int], object] | None = None,
     ) -> tuple[int, int]:
         """Fetch and cache those of ``chunks`` that are neither ready nor in flight, on this
         thread (the queued batch now running, see :meth:`queue_prefetch`).
 
         Requests are merged up to ``max_request`` bytes; ``before_fetch(nbytes)`` runs first
-        (the bandwidth limiter). Returns (chunks cached, compressed bytes requested). Errors
-        are logged, never raised: prefetch is best effort.
+        (the bandwidth limiter), ``fetched(nbytes)`` as each request's bytes arrive, before
+        they are decoded, verified and cached (:meth:`.scheduler.PrefetchJob.fetched`).
+        Returns (chunks cached, compressed bytes requested). Errors are logged, never raised:
+        prefetch is best effort.
         """
         cache = self.cache
         if cache is None:
@@ -784,7 +800,7 @@ class BlobFetcher:
         try:
             if before_fetch is not None:
                 before_fetch(nbytes)
-            self._run(claims, groups, user=False)
+            self._run(claims, groups, user=False, fetched=fetched)
         except Exception as e:  # never let a prefetch worker die
             log.warning("prefetch of blob %s failed: %s", self.info.blob_id, e)
         finally:

@@ -150,7 +150,10 @@ class Prefetcher:
                 if self._stop.is_set():
                     return
                 _n, nbytes = fetcher.prefetch(
-                    batch, max_request=self.merging_size, before_fetch=self.bucket.acquire
+                    batch,
+                    max_request=self.merging_size,
+                    before_fetch=self.bucket.acquire,
+                    fetched=job.fetched,
                 )
                 if nbytes:
                     self.metrics.add("prefetch_requests_count")
