@@ -820,11 +820,11 @@ def test_blob_streamed_while_built_survives_a_failed_patch(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The large layer's blob (over the client's one-PUT size) is PATCHed to the target while
-    it is built. A PATCH that fails ends the streaming: the blob is pushed again from its file
-    and the image is whole; the registry keeps nothing of the dropped session. Converted
-    again into the same repository, each streamed upload is dropped (DELETE) once the blob
-    turns out to be there already, and no blob counts as pushed."""
+    """With --stream-push the large layer's blob (over the client's one-PUT size) is PATCHed
+    to the target while it is built. A PATCH that fails ends the streaming: the blob is
+    pushed again from its file and the image is whole; the registry keeps nothing of the
+    dropped session. Converted again into the same repository, each streamed upload is
+    dropped (DELETE) once the blob turns out to be there already; no blob counts as pushed."""
     proxy = fault_proxy.host
     client = fault_proxy.upstream.client()
     layers = [
@@ -847,6 +847,7 @@ def test_blob_streamed_while_built_survives_a_failed_patch(
         str(rep),
         "--push-retry-delay",
         "0s",
+        "--stream-push",
     )
     assert rc == 0, out
     assert "streamed upload" in out and "pushed from the file" in out
@@ -872,6 +873,7 @@ def test_blob_streamed_while_built_survives_a_failed_patch(
         str(tmp_path / "b"),
         "--output-json",
         str(rep),
+        "--stream-push",
     )
     assert rc == 0, out
     doc = json.loads(rep.read_text())

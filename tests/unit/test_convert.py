@@ -435,9 +435,10 @@ def test_default_parallel_is_one_layer_per_two_cpus() -> None:
     assert default_parallel(0, cpus=8) == 1
 
 
-def test_build_order_lowest_first_one_at_a_time_else_largest_first() -> None:
-    """One layer at a time: layer order, so that the lower prefixes merge while the upper
-    layers build; several at once: the largest starts first."""
-    assert build_order([5, 1, 90, 3], 1) == [0, 1, 2, 3]
-    assert build_order([5, 1, 90, 3], 2) == [2, 0, 3, 1]
-    assert build_order([], 1) == []
+def test_build_order_largest_first_unless_streamed_one_at_a_time() -> None:
+    """Largest first; one layer at a time with streamed pushes: layer order, so that the lower
+    prefixes merge while the upper layers build."""
+    assert build_order([5, 1, 90, 3], 1) == [2, 0, 3, 1]
+    assert build_order([5, 1, 90, 3], 2, streamed=True) == [2, 0, 3, 1]
+    assert build_order([5, 1, 90, 3], 1, streamed=True) == [0, 1, 2, 3]
+    assert build_order([], 1, streamed=True) == []

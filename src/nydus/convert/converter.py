@@ -117,8 +117,11 @@ class ConvertOptions:
     keep_blobs: bool = False
     backend_force_push: bool = False
     zran_spacing: int = DEFAULT_SPACING  # --oci-ref: compressed bytes between access points
-    # a registry target gets each blob while it is built (see _StreamedUpload)
-    stream_push: bool = True
+    # --stream-push: a registry target gets each blob while it is built (_StreamedUpload).
+    # Off by default: on a 2-CPU machine the build is CPU-bound, and the upload's CPU (ours
+    # and a local registry's) then slows it, where a push after the build uses the core the
+    # single-threaded merges leave idle (bench/results/convert-2026-12-05-ml-stream.md)
+    stream_push: bool = False
 
     def validate(self) -> None:
         if self.fs_version != "6":
@@ -513,6 +516,7 @@ class _ManifestJob:
         self.source, self.target, self.store = source, target, store
         self.opts, self.progress, self.work, self.cdict = opts, progress, work, cdict
         self.stop = threading.Event()
+        self.streams = opts.stream_push and isinstance(store, RegistryStore)
         for sub in ("blobs", "layers", "bootstraps"):
             os.makedirs(os.path.join(work, sub), exist_ok=True)
 
@@ -546,7 +550,7 @@ class _ManifestJob:
         blobs_dir = os.path.join(self.work, "blobs")
         tmp = os.path.join(blobs_dir, f".layer-{i}-{os.getpid()}")
         up = None  # the blob's upload while it is written (a registry target)
-        if isinstance(self.store, RegistryStore) and opts.stream_push:
+        if self.streams and isinstance(self.store, RegistryStore):
             open(tmp, "wb").close()
             up = _StreamedUpload(
                 self.store, tmp, self.store.upload_piece, self.store.upload_whole_max
@@ -682,7 +686,7 @@ class _ManifestJob:
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as builders,
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-push") as pushers,
         ):
-            order = build_order([d.size for d in sm.layers], par)
+            order = build_order([d.size for d in sm.layers], par, self.streams)
             futs: dict[Future[Any], int] = {
                 builders.submit(self.layer, i, n, sm.layers[i], diff_ids[i]): i for i in order
             }
@@ -748,15 +752,15 @@ class _Built:
     stream: _StreamedUpload | None
 
 
-def build_order(sizes: list[int], parallel: int) -> list[int]:
+def build_order(sizes: list[int], parallel: int, streamed: bool = False) -> list[int]:
     """The order layers (of these compressed ``sizes``, lowest first) start building.
 
-    One at a time: lowest first. The prefix merges (Python, one thread) of the lower layers
-    then run while the layers above them build, the upper blobs stream out while they are
-    written, and only the top layer's merge is left after the last build. Several at a time:
-    largest first, so that the biggest layer (the critical path) starts at once and the
-    small ones fill in beside it."""
-    if parallel <= 1:
+    Largest first: the biggest layer (the critical path) starts at once, the small ones fill
+    in beside it or after it, while its blob is pushed. One at a time with streamed pushes
+    (``--stream-push``): lowest first, since no push waits for a build to end: the prefix
+    merges (Python, one thread) of the lower layers run while the layers above them build,
+    and only the top layer's merge is left after the last build."""
+    if parallel <= 1 and streamed:
         return list(range(len(sizes)))
     return sorted(range(len(sizes)), key=lambda i: -sizes[i])
 
