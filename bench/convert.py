@@ -17,6 +17,7 @@ tars, gzip level 1: random files, hex text, many small files). Layouts are cache
 Measured per tool: wall time, CPU time (user + system, children included) and peak RSS (the
 process's own ``VmHWM``, polled from /proc; for nydusify that is the whole converter).
 ``--before SRC`` also converts with the nydus package under SRC (old code, same run);
+``--variant ARGS`` also converts with the code under test and extra convert arguments;
 ``--perf`` runs one more convert under ``perf record`` and attributes its CPU samples to the
 stages by library and symbol (inflate, zstd, blake3, sha256, kernel, Python). Throughput is
 MB/s (10^6 bytes) of the source image's compressed layer bytes.
@@ -353,7 +354,9 @@ def perf_breakdown(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, 
     return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
-def nydusify_cmd(src: str, dst: str, run_dir: Path, tag: str) -> list[str]:
+def nydusify_cmd(
+    src: str, dst: str, run_dir: Path, tag: str, extra: list[str] | None = None
+) -> list[str]:
     return [
         str(VENV_BIN / "nydusify"),
         "convert",
@@ -365,6 +368,7 @@ def nydusify_cmd(src: str, dst: str, run_dir: Path, tag: str) -> list[str]:
         str(run_dir / f"tmp-{tag}"),
         "--output-json",
         str(run_dir / f"{tag}.json"),
+        *(extra or []),
     ]
 
 
@@ -392,6 +396,12 @@ def main() -> int:
         help="one more convert under perf record: CPU share per stage",
     )
     ap.add_argument("--check", action="store_true", help="also time nydusify check")
+    ap.add_argument(
+        "--variant",
+        metavar="ARGS",
+        help="also convert with the code under test and these extra convert arguments "
+        "(e.g. --variant=--stream-push), same run",
+    )
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -490,6 +500,21 @@ def main() -> int:
             if (run_dir / f"{tag}.json").exists():
                 conv = json.loads((run_dir / f"{tag}.json").read_text())
                 digests.setdefault("after", set()).add(conv.get("digest", "?"))
+            if a.variant:
+                subprocess.run(["sync"], check=False)
+                vtag = f"variant{rnd}"
+                results.append(
+                    timed(
+                        f"nydusify convert {a.variant}",
+                        nydusify_cmd(src.host, fresh_dst(), run_dir, vtag, a.variant.split()),
+                        run_dir,
+                        after_env,
+                    )
+                )
+                vj = run_dir / f"{vtag}.json"
+                if vj.exists():
+                    vd = json.loads(vj.read_text()).get("digest", "?")
+                    digests.setdefault("variant", set()).add(vd)
             if before_env is not None:
                 subprocess.run(["sync"], check=False)
                 results.append(

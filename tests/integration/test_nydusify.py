@@ -815,6 +815,75 @@ def test_registry_fails_mid_push(
     assert _tags(client, "failing3") == []
 
 
+def test_blob_streamed_while_built_survives_a_failed_patch(
+    fault_proxy: registry.FaultProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With --stream-push the large layer's blob (over the client's one-PUT size) is PATCHed
+    to the target while it is built. A PATCH that fails ends the streaming: the blob is
+    pushed again from its file and the image is whole; the registry keeps nothing of the
+    dropped session. Converted again into the same repository, each streamed upload is
+    dropped (DELETE) once the blob turns out to be there already; no blob counts as pushed."""
+    proxy = fault_proxy.host
+    client = fault_proxy.upstream.client()
+    layers = [
+        oi.layer([oi.T("file", "small", b"x\n")]),
+        oi.layer([oi.T("file", "big", oi.rand(40 << 20, 91))]),  # incompressible: 40 MiB blob
+    ]
+    oi.write_layout(tmp_path / "l", "t", layers)
+    oi.skopeo_push(tmp_path / "l", "t", f"{fault_proxy.upstream.host}/streamsrc:t")
+    fault_proxy.add(
+        Fault("status", path=r"/streamed/blobs/uploads/.+", method="PATCH", status=500, times=1)
+    )
+    rep = tmp_path / "a.json"
+    rc, out = convert(
+        capsys,
+        f"{proxy}/streamsrc:t",
+        f"{proxy}/streamed:a",
+        "--work-dir",
+        str(tmp_path / "a"),
+        "--output-json",
+        str(rep),
+        "--push-retry-delay",
+        "0s",
+        "--stream-push",
+    )
+    assert rc == 0, out
+    assert "streamed upload" in out and "pushed from the file" in out
+    doc = json.loads(rep.read_text())
+    m = client.get_manifest("streamed", "a")
+    for ly in json.loads(m[0])["layers"]:
+        data = client.get_blob("streamed", ly["digest"], max_size=1 << 30)  # digest-checked
+        assert len(data) == ly["size"]
+    want = {lr["blob_digest"] for lr in doc["manifests"][0]["layers"] if lr["blob_digest"]}
+    assert {lr["pushed"] for lr in doc["manifests"][0]["layers"] if lr["blob_digest"]} == {True}
+    # one upload per data blob (the big one's streamed session was dropped), the bootstrap
+    # layer and the config
+    assert fault_proxy.count("PUT", r"/streamed/blobs/uploads/") == len(want) + 2
+    assert fault_proxy.count("PATCH", r"/streamed/blobs/uploads/") >= 6  # failed + 5 x 8 MiB
+
+    fault_proxy.clear()
+    rep = tmp_path / "b.json"
+    rc, out = convert(
+        capsys,
+        f"{proxy}/streamsrc:t",
+        f"{proxy}/streamed:b",
+        "--work-dir",
+        str(tmp_path / "b"),
+        "--output-json",
+        str(rep),
+        "--stream-push",
+    )
+    assert rc == 0, out
+    doc = json.loads(rep.read_text())
+    assert {lr["pushed"] for lr in doc["manifests"][0]["layers"]} == {False}
+    assert doc["digest"] == json.loads((tmp_path / "a.json").read_text())["digest"]
+    assert fault_proxy.count("PATCH", r"/streamed/blobs/uploads/") >= 5
+    assert fault_proxy.count("DELETE", r"/streamed/blobs/uploads/") >= 1
+    assert fault_proxy.count("PUT", r"/streamed/blobs/uploads/") == 0
+
+
 @pytest.mark.kernel
 @pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse and root"

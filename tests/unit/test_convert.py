@@ -15,7 +15,7 @@ import pytest
 import oci_images as oi
 from nydus.cli.nydusify import _duration
 from nydus.convert import image as im
-from nydus.convert.converter import default_parallel, retry
+from nydus.convert.converter import build_order, default_parallel, retry
 from nydus.convert.progress import Progress, human
 from nydus.convert.remote import BlobStream, is_loopback_host
 from nydus.convert.rootfs import FileNode, OciRootfs, compare
@@ -433,3 +433,12 @@ def test_default_parallel_is_one_layer_per_two_cpus() -> None:
     assert default_parallel(2, cpus=64) == 2
     assert default_parallel(9, cpus=64) == 4
     assert default_parallel(0, cpus=8) == 1
+
+
+def test_build_order_largest_first_unless_streamed_one_at_a_time() -> None:
+    """Largest first; one layer at a time with streamed pushes: layer order, so that the lower
+    prefixes merge while the upper layers build."""
+    assert build_order([5, 1, 90, 3], 1) == [2, 0, 3, 1]
+    assert build_order([5, 1, 90, 3], 2, streamed=True) == [2, 0, 3, 1]
+    assert build_order([5, 1, 90, 3], 1, streamed=True) == [0, 1, 2, 3]
+    assert build_order([], 1, streamed=True) == []

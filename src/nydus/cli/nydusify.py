@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prefetch-dir", help="prefetch everything under this directory")
     _backend_flags(c)
     flag(c, "--backend-force-push", help="push blobs to the backend even if it has them")
+    flag(
+        c,
+        "--stream-push",
+        help="send each blob to the target registry while it is built (not upstream's; "
+        "uploads blobs the registry may already have)",
+    )
     flag(c, "--oci", help="OCI media types for the target (the default)")
     flag(c, "--docker-v2-format", help="Docker v2 schema 2 manifest and config for the target")
     flag(c, "--with-referrer", help="set the Nydus manifest's subject to the source manifest")
@@ -378,6 +384,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         push_retry_delay=a.push_retry_delay,
         parallel=a.parallel,
         backend_force_push=a.backend_force_push,
+        stream_push=a.stream_push,
     )
     if a.oci_ref:
         from ..convert.ociref import convert_oci_ref as convert  # type: ignore[assignment]

@@ -33,6 +33,7 @@ Registry clients are shared; the first failure stops the other layers at their n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -60,6 +61,7 @@ from ..format import oci
 from ..format.zran import DEFAULT_SPACING
 from ..metadata import open_bootstrap
 from ..registry import parse_reference
+from ..registry.client import BlobUpload
 from . import image as im
 from .progress import LayerProgress, Progress, human
 from .remote import Remote
@@ -68,6 +70,7 @@ from .store import BlobStore, RegistryStore, make_store
 __all__ = [
     "ConvertOptions",
     "default_parallel",
+    "build_order",
     "ConvertResult",
     "ManifestResult",
     "LayerResult",
@@ -114,6 +117,11 @@ class ConvertOptions:
     keep_blobs: bool = False
     backend_force_push: bool = False
     zran_spacing: int = DEFAULT_SPACING  # --oci-ref: compressed bytes between access points
+    # --stream-push: a registry target gets each blob while it is built (_StreamedUpload).
+    # Off by default: on a 2-CPU machine the build is CPU-bound, and the upload's CPU (ours
+    # and a local registry's) then slows it, where a push after the build uses the core the
+    # single-threaded merges leave idle (bench/results/convert-2026-12-05-ml-stream.md)
+    stream_push: bool = False
 
     def validate(self) -> None:
         if self.fs_version != "6":
@@ -364,18 +372,28 @@ def _write(path: str, data: bytes) -> None:
 
 
 class _HashingFile:
-    """The blob sink: writes to a file and hashes what passes (the blob's sha256)."""
+    """The blob sink: writes to a file and hashes what passes (the blob's sha256); with a
+    ``stream``, each write is flushed to the file and announced to it."""
 
-    def __init__(self, path: str, on_write: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        on_write: Callable[[int], None] | None = None,
+        stream: _StreamedUpload | None = None,
+    ) -> None:
         self.f = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.h = hashlib.sha256()
         self.size = 0
         self.on_write = on_write
+        self.stream = stream
 
     def write(self, b: bytes, /) -> int:
         self.f.write(b)
         self.h.update(b)
         self.size += len(b)
+        if self.stream is not None:
+            self.f.flush()
+            self.stream.wrote(len(b))
         if self.on_write is not None:
             self.on_write(len(b))
         return len(b)
@@ -386,6 +404,100 @@ class _HashingFile:
     @property
     def digest(self) -> str:
         return "sha256:" + self.h.hexdigest()
+
+
+class _StreamedUpload:
+    """Sends a layer blob to the target registry while the builder writes it.
+
+    A thread of its own reads the blob file behind the sink (:class:`_HashingFile` announces
+    every write) and PATCHes it in ``piece`` pieces into an upload session opened once the
+    blob is larger than ``whole_max`` (a smaller blob is pushed whole, as before). The digest
+    is only known at the end: :meth:`finish` waits for the last bytes and hands the session
+    to :meth:`_ManifestJob.push`, which names the digest in the final PUT (or drops the
+    session when the registry already has the blob). Any failure only ends the streaming:
+    the blob is then pushed from its file as before, with retries; the registry keeps nothing
+    of an upload that was never committed with its digest.
+    """
+
+    def __init__(self, store: RegistryStore, path: str, piece: int, whole_max: int) -> None:
+        self.store, self.path = store, path
+        self.piece, self.whole_max = max(1, piece), whole_max
+        self._cond = threading.Condition()
+        self._written = 0
+        self._ended = False
+        self._stopped = False
+        self.upload: BlobUpload | None = None  # the open session, until finish() hands it over
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nydusify-stream", daemon=True)
+        self._thread.start()
+
+    def wrote(self, n: int) -> None:
+        """``n`` more bytes are in the file (the sink's thread)."""
+        with self._cond:
+            self._written += n
+            self._cond.notify()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def _ready(self, sent: int) -> bool:
+        w = self._written
+        return self._stopped or self._ended or (w > self.whole_max and w - sent >= self.piece)
+
+    def _run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                sent = 0
+                while True:
+                    with self._cond:
+                        self._cond.wait_for(functools.partial(self._ready, sent))
+                        if self._stopped:
+                            return
+                        avail, ended = self._written - sent, self._ended
+                    if self.upload is None:
+                        if ended and self._written <= self.whole_max:
+                            return  # small: pushed whole from the file
+                        self.upload = self.store.start_upload()
+                    while avail >= self.piece or (ended and avail > 0):
+                        data = f.read(min(self.piece, avail))
+                        if not data:
+                            raise IntegrityError(f"{self.path} ended before its announced size")
+                        self.upload.write(data)
+                        sent += len(data)
+                        avail -= len(data)
+                        if self.stopped:
+                            return
+                    if ended:
+                        return
+        except BaseException as e:  # the blob is pushed from its file instead
+            self.error = e
+
+    def finish(self) -> BlobUpload | None:
+        """After the last write: wait until every byte is sent; the session (the caller
+        commits or aborts it), or None when nothing was streamed or the streaming failed."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify()
+        self._thread.join()
+        upload, self.upload = self.upload, None
+        if upload is not None and self.error is not None:
+            log.warning(
+                "streamed upload of %s failed (%s): pushed from the file", self.path, self.error
+            )
+            upload.abort()
+            return None
+        return upload
+
+    def cancel(self) -> None:
+        """Stop streaming and drop the session (a failed or unneeded layer)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+        upload, self.upload = self.upload, None
+        if upload is not None:
+            upload.abort()
 
 
 class _ManifestJob:
@@ -404,6 +516,7 @@ class _ManifestJob:
         self.source, self.target, self.store = source, target, store
         self.opts, self.progress, self.work, self.cdict = opts, progress, work, cdict
         self.stop = threading.Event()
+        self.streams = opts.stream_push and isinstance(store, RegistryStore)
         for sub in ("blobs", "layers", "bootstraps"):
             os.makedirs(os.path.join(work, sub), exist_ok=True)
 
@@ -412,7 +525,7 @@ class _ManifestJob:
 
     def layer(
         self, i: int, n: int, desc: oci.Descriptor, want_diff_id: str
-    ) -> tuple[LayerResult, str, LayerProgress, LayerMeta]:
+    ) -> tuple[LayerResult, _Built, LayerMeta]:
         """Build layer ``i``: its blob is left in a temporary file (see :meth:`push`); the
         merge takes its tree (:class:`LayerMeta`), the rest of the build state is dropped."""
         t0 = time.monotonic()
@@ -436,60 +549,99 @@ class _ManifestJob:
         )
         blobs_dir = os.path.join(self.work, "blobs")
         tmp = os.path.join(blobs_dir, f".layer-{i}-{os.getpid()}")
-        sink = _HashingFile(tmp, lambda k: self.progress.advance(lp, written=k))
-        try:
-            with self.source.open_blob(desc, on_bytes) as stream:
-                try:
-                    res = build_from_tar(cast(BinaryIO, stream), sink, bopts, spool_dir=blobs_dir)
-                except FormatError as e:
-                    # A corrupt stream can look like a bad tar before its digest is checked:
-                    # read on, so that a digest mismatch is reported as what it is.
-                    try:
-                        stream.drain()
-                    except IntegrityError as ie:
-                        raise ie from e
-                    raise FormatError(f"layer {desc.digest}: {e}") from None
-                stream.drain()
-        except BaseException:
-            sink.close()
-            os.unlink(tmp)
-            raise
-        sink.close()
-        diff_id = str(res.stats.get("diff_id", ""))
-        if diff_id != want_diff_id:
-            os.unlink(tmp)
-            raise IntegrityError(
-                f"layer {desc.digest}: uncompressed digest {diff_id}, the config's diff_id is "
-                f"{want_diff_id}"
+        up = None  # the blob's upload while it is written (a registry target)
+        if self.streams and isinstance(self.store, RegistryStore):
+            open(tmp, "wb").close()
+            up = _StreamedUpload(
+                self.store, tmp, self.store.upload_piece, self.store.upload_whole_max
             )
-        if res.blob is None:
-            os.unlink(tmp)
-            tmp = ""
-        # one name per layer: two layers may share a blob (same data) but not their trees
-        boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
-        _write(boot_path, res.bootstrap)
+        try:
+            sink = _HashingFile(tmp, lambda k: self.progress.advance(lp, written=k), up)
+            try:
+                with self.source.open_blob(desc, on_bytes) as stream:
+                    try:
+                        res = build_from_tar(
+                            cast(BinaryIO, stream), sink, bopts, spool_dir=blobs_dir
+                        )
+                    except FormatError as e:
+                        # A corrupt stream can look like a bad tar before its digest is
+                        # checked: read on, so that a digest mismatch is reported as what it is.
+                        try:
+                            stream.drain()
+                        except IntegrityError as ie:
+                            raise ie from e
+                        raise FormatError(f"layer {desc.digest}: {e}") from None
+                    stream.drain()
+            finally:
+                sink.close()
+            diff_id = str(res.stats.get("diff_id", ""))
+            if diff_id != want_diff_id:
+                raise IntegrityError(
+                    f"layer {desc.digest}: uncompressed digest {diff_id}, the config's diff_id "
+                    f"is {want_diff_id}"
+                )
+            if res.blob is None:
+                if up is not None:
+                    up.cancel()
+                    up = None
+                os.unlink(tmp)
+                tmp = ""
+            # one name per layer: two layers may share a blob (same data) but not their trees
+            boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
+            _write(boot_path, res.bootstrap)
+        except BaseException:
+            if up is not None:
+                up.cancel()
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         blob = (sink.digest, sink.size) if tmp else (None, 0)
         lr = LayerResult.of_build(i, desc, res, blob, False, t0, boot_path)
         assert res.tree is not None
         meta = LayerMeta(
             res.tree, res.blobs, opts.chunk_size, opts.compressor, opts.digester, boot_path
         )
-        return lr, tmp, lp, meta
+        return lr, _Built(tmp, lp, up), meta
 
-    def push(self, lr: LayerResult, tmp: str, lp: LayerProgress) -> None:
-        """Push the blob a :meth:`layer` left in ``tmp`` (none when ``tmp`` is empty), from
-        that file: identical layers give identical blobs, and may be built at the same time."""
+    def _commit_streamed(self, lr: LayerResult, stream: _StreamedUpload) -> bool:
+        """Finish a streamed upload of ``lr``'s blob; False when it must be pushed from its
+        file (nothing streamed, or the streaming or its final PUT failed)."""
+        upload = stream.finish()
+        if upload is None:
+            return False
+        digest = lr.blob_digest
+        assert digest is not None
+        try:
+            if self.store.has(digest):  # streamed for nothing: the registry has it
+                upload.abort()
+                lr.pushed = False
+            else:
+                upload.commit(digest, lr.blob_size)
+                lr.pushed = True
+            return True
+        except (BackendError, IntegrityError) as e:
+            log.warning("streamed upload of blob %s failed (%s): pushed from the file", digest, e)
+            upload.abort()
+            return False
+
+    def push(self, lr: LayerResult, b: _Built) -> None:
+        """Push the blob a :meth:`layer` left in ``b.tmp`` (none when it is empty): commit
+        the upload streamed while it was built, else from that file (identical layers give
+        identical blobs, and may be built at the same time)."""
         t0 = time.monotonic()
+        tmp, lp = b.tmp, b.progress
         if lr.blob_digest is not None:
             digest = lr.blob_digest
             force = self.opts.backend_force_push and self.opts.backend is not None
             self.progress.set_state(lp, "pushing")
             try:
-                # the sink hashed the blob as it was written: not read twice to hash it again
-                lr.pushed = self._push(
-                    lambda: self.store.push_file(digest, tmp, force, written=lr.blob_size),
-                    f"push of blob {digest}",
-                )
+                streamed = b.stream is not None and self._commit_streamed(lr, b.stream)
+                if not streamed:
+                    # the sink hashed the blob as it was written: not read twice to hash it
+                    lr.pushed = self._push(
+                        lambda: self.store.push_file(digest, tmp, force, written=lr.blob_size),
+                        f"push of blob {digest}",
+                    )
             finally:
                 if self.opts.keep_blobs:
                     os.replace(tmp, os.path.join(self.work, "blobs", digest[7:]))
@@ -513,14 +665,14 @@ class _ManifestJob:
     def layers(self, sm: im.SourceManifest, diff_ids: list[str]) -> tuple[list[LayerResult], str]:
         """Convert every layer; returns them and the whole image's bootstrap.
 
-        ``parallel`` layers build at a time, largest first; each blob is pushed as soon as
-        its layer is built, and the prefix merges run (here, in layer order) as soon as their
-        layers are built, while later layers still build: the upload of the last blob overlaps
-        the last merge. The first failure stops the rest; the lowest layer's error is raised.
+        ``parallel`` layers build at a time (in :func:`build_order`); each blob is pushed as
+        its layer is built (streamed while it is written, to a registry), and the prefix
+        merges run (here, in layer order) as soon as their layers are built, while later layers
+        still build. The first failure stops the rest; the lowest layer's error is raised.
         """
         n = len(sm.layers)
         par = self.opts.parallel or default_parallel(n)
-        built: list[tuple[LayerResult, str, LayerProgress] | None] = [None] * n
+        built: list[tuple[LayerResult, _Built] | None] = [None] * n
         metas: list[LayerMeta | None] = [None] * n  # built, not merged yet
         parent: str | None = None
         merged = 0
@@ -534,8 +686,7 @@ class _ManifestJob:
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-layer") as builders,
             ThreadPoolExecutor(par, thread_name_prefix="nydusify-push") as pushers,
         ):
-            # largest first: the biggest layer is the critical path, the small ones fill in
-            order = sorted(range(n), key=lambda i: -sm.layers[i].size)
+            order = build_order([d.size for d in sm.layers], par, self.streams)
             futs: dict[Future[Any], int] = {
                 builders.submit(self.layer, i, n, sm.layers[i], diff_ids[i]): i for i in order
             }
@@ -548,9 +699,9 @@ class _ManifestJob:
                             raise _LayerFailed
                         i = futs[f]
                         if built[i] is None:  # a build, not a push
-                            lr, tmp, lp, metas[i] = f.result()
-                            built[i] = (lr, tmp, lp)
-                            pushed = pushers.submit(self.push, lr, tmp, lp)
+                            lr, bl, metas[i] = f.result()
+                            built[i] = (lr, bl)
+                            pushed = pushers.submit(self.push, lr, bl)
                             futs[pushed] = i
                             pending.add(pushed)
                     while merged < n and (meta := metas[merged]) is not None:
@@ -565,8 +716,10 @@ class _ManifestJob:
                     f.cancel()
                 wait(futs)
                 for b in built:  # blobs whose push never started
-                    if b is not None and b[1] and os.path.exists(b[1]):
-                        os.unlink(b[1])
+                    if b is not None and b[1].stream is not None:
+                        b[1].stream.cancel()
+                    if b is not None and b[1].tmp and os.path.exists(b[1].tmp):
+                        os.unlink(b[1].tmp)
                 if not isinstance(e, _LayerFailed):
                     raise
                 failed = [f for f in futs if not f.cancelled() and f.exception() is not None]
@@ -587,6 +740,29 @@ class _ManifestJob:
         path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
         _write(path, merger.bootstrap().bootstrap)
         return path
+
+
+@dataclass
+class _Built:
+    """What a built layer leaves for its push: the blob file ("" when the layer made no
+    blob), its progress line and its upload streamed while it was built (or None)."""
+
+    tmp: str
+    progress: LayerProgress
+    stream: _StreamedUpload | None
+
+
+def build_order(sizes: list[int], parallel: int, streamed: bool = False) -> list[int]:
+    """The order layers (of these compressed ``sizes``, lowest first) start building.
+
+    Largest first: the biggest layer (the critical path) starts at once, the small ones fill
+    in beside it or after it, while its blob is pushed. One at a time with streamed pushes
+    (``--stream-push``): lowest first, since no push waits for a build to end: the prefix
+    merges (Python, one thread) of the lower layers run while the layers above them build,
+    and only the top layer's merge is left after the last build."""
+    if parallel <= 1 and streamed:
+        return list(range(len(sizes)))
+    return sorted(range(len(sizes)), key=lambda i: -sizes[i])
 
 
 def default_parallel(layers: int, cpus: int | None = None) -> int:

@@ -4,7 +4,9 @@ Every store answers ``has(digest)`` (so blobs already there are skipped) and
 ``push_file(digest, path)``; the registry store also copies blobs in from another repository
 (``ensure_from``: a cross-repository mount on the same registry, else a streamed copy).
 
-- :class:`RegistryStore`: ``/v2/<repo>/blobs/sha256:<hex>`` of the target repository.
+- :class:`RegistryStore`: ``/v2/<repo>/blobs/sha256:<hex>`` of the target repository; it can
+  also open an upload whose digest is named at its end (``start_upload``), so that the
+  converter sends a blob while the builder still writes it.
 - :class:`LocalFsStore` (``localfs``, config ``{"dir": ...}``): ``<dir>/<hex>``, written to a
   temporary name and renamed, so a reader never sees half a blob.
 - :class:`ObjectStore` (``s3``/``oss``, upstream's config keys): object
@@ -29,6 +31,7 @@ from typing import Any
 from ..config import BackendConfig, DaemonConfig, LocalFsConfig, OssConfig
 from ..errors import BackendError, ConfigError, IntegrityError
 from ..format import oci
+from ..registry.client import BlobUpload
 from ..storage.objectstore import make_object_backend
 from .remote import Remote
 
@@ -117,6 +120,20 @@ class RegistryStore(BlobStore):
 
     def push_bytes(self, digest: str, data: bytes) -> bool:
         return self.target.client.push_blob(self.target.repo, digest, data)
+
+    def start_upload(self) -> BlobUpload:
+        """An upload whose digest is named at its end (data sent while it is written)."""
+        return self.target.client.start_blob_upload(self.target.repo)
+
+    @property
+    def upload_piece(self) -> int:
+        """Bytes per PATCH of a chunked upload."""
+        return self.target.client.chunk_size
+
+    @property
+    def upload_whole_max(self) -> int:
+        """Blobs up to this size go in one PUT (no upload worth streaming)."""
+        return self.target.client.monolithic_max
 
     def ensure_from(self, digest: str, size: int, source: Remote) -> bool:
         if self.has(digest):

@@ -20,6 +20,7 @@ cache are locked; :meth:`get_blob_ranges` runs ranges concurrently on a small th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -55,7 +56,7 @@ from nydus.registry.upload import BlobData, UploadSource
 
 from ..format.safejson import parse_json
 
-__all__ = ["RegistryClient", "RegistryHTTPError", "RegistryOptions", "ClientStats"]
+__all__ = ["BlobUpload", "RegistryClient", "RegistryHTTPError", "RegistryOptions", "ClientStats"]
 
 T = TypeVar("T")
 
@@ -489,28 +490,38 @@ class RegistryClient(RegistrySession):
             return
         offset = 0
         for piece in src.chunks():
-            end = offset + len(piece) - 1
-
-            def handle(resp: Response, end: int = end) -> str:
-                if resp.status != 202:
-                    raise self._status_error(resp, what)
-                rng = resp.headers.get("range")
-                if rng and not rng.endswith(f"-{end}"):
-                    raise RegistryHTTPError(
-                        f"{what}: registry has {rng}, expected 0-{end}", resp.status
-                    )
-                return self._location(resp, what)
-
-            headers = {
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(len(piece)),
-                "Content-Range": f"{offset}-{end}",
-            }
-            location = self._execute("PATCH", location, scopes, handle, headers=headers, body=piece)
+            location = self._patch(location, scopes, what, offset, piece)
             offset += len(piece)
-            self.stats.add("uploaded_bytes", len(piece))
         src.check_complete()
         self._finish_upload(location, scopes, what, src.digest, b"")
+
+    def _patch(self, location: str, scopes: Scopes, what: str, offset: int, piece: bytes) -> str:
+        """Send ``piece`` at ``offset`` of an upload; returns the next Location."""
+        end = offset + len(piece) - 1
+
+        def handle(resp: Response) -> str:
+            if resp.status != 202:
+                raise self._status_error(resp, what)
+            rng = resp.headers.get("range")
+            if rng and not rng.endswith(f"-{end}"):
+                raise RegistryHTTPError(
+                    f"{what}: registry has {rng}, expected 0-{end}", resp.status
+                )
+            return self._location(resp, what)
+
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(len(piece)),
+            "Content-Range": f"{offset}-{end}",
+        }
+        location = self._execute("PATCH", location, scopes, handle, headers=headers, body=piece)
+        self.stats.add("uploaded_bytes", len(piece))
+        return location
+
+    def start_blob_upload(self, repo: str) -> BlobUpload:
+        """An upload session whose digest is given only at the end (:class:`BlobUpload`):
+        for data that is sent while it is still being produced."""
+        return BlobUpload(self, repo, self._start_upload(repo))
 
     def _finish_upload(
         self, location: str, scopes: Scopes, what: str, digest: str, data: bytes
@@ -527,3 +538,46 @@ class RegistryClient(RegistrySession):
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
         self._execute("PUT", url, scopes, handle, headers=headers, body=data)
         self.stats.add("uploaded_bytes", len(data))
+
+
+class BlobUpload:
+    """One chunked upload session (POST done, then PATCHes in order, then the final PUT).
+
+    The digest is named only by :meth:`commit`, so the data can be sent while it is produced;
+    the registry checks it on that PUT and stores nothing under it otherwise. No retries: a
+    failed request leaves the session unusable (the caller uploads again from the start, with
+    :meth:`RegistryClient.push_blob`); :meth:`abort` releases it. Used from one thread.
+    """
+
+    def __init__(self, client: RegistryClient, repo: str, location: str) -> None:
+        self.client = client
+        self.repo = repo
+        self.location = location
+        self.offset = 0  # bytes sent
+
+    def write(self, piece: bytes) -> None:
+        """Send the next ``piece`` (one PATCH)."""
+        if not piece:
+            return
+        c = self.client
+        what = f"upload to {self.repo}"
+        self.location = c._patch(self.location, c.push_scope(self.repo), what, self.offset, piece)
+        self.offset += len(piece)
+
+    def commit(self, digest: str, size: int) -> None:
+        """Finish the upload as ``digest`` (the final PUT); ``size`` must be what was sent."""
+        parse_digest(digest)
+        if size != self.offset:
+            raise IntegrityError(f"blob {digest}: {self.offset} bytes sent, the blob has {size}")
+        c = self.client
+        what = f"upload of {digest} to {self.repo}"
+        c._finish_upload(self.location, c.push_scope(self.repo), what, digest, b"")
+
+    def abort(self) -> None:
+        """Cancel the session (best effort: a registry also expires abandoned uploads)."""
+
+        def handle(resp: Response) -> None:
+            return None
+
+        with contextlib.suppress(BackendError):
+            self.client._execute("DELETE", self.location, self.client.push_scope(self.repo), handle)
