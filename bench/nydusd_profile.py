@@ -171,6 +171,9 @@ def main() -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
+        from plot import plot_after_run  # bench/plot.py: the PNG beside the report
+
+        plot_after_run(args.out)
     return rc
 
 

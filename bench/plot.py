@@ -332,7 +332,17 @@ def _reglat(rows: Table, plt: object, title: str) -> object:
     return fig
 
 
+def _nydusd(rows: Table, plt: object, title: str) -> object:
+    """A nydusd profile's first table: each phase's share of the GIL-held samples (%)."""
+    label = next(iter(rows[0]))
+    fig, ax = plt.subplots(figsize=(11, 4))  # type: ignore[attr-defined]
+    shares = [number(r["share"]) for r in rows]
+    _bars(ax, [r[label][:28] for r in rows], {"share": shares}, "% of samples", title)
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
+    "nydusd": _nydusd,
     "reglat": _reglat,
     "readpath": _readpath,
     "phases": _phases,
