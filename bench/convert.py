@@ -438,6 +438,23 @@ def main() -> int:
     stages: dict[str, float] = {}
     load_before = os.getloadavg()[0]
     digests: dict[str, set[str]] = {}  # the target manifest digest of every run, by side
+
+    def convert_once(
+        label: str, side: str, tag: str, run_env: dict[str, str], extra: list[str] | None = None
+    ) -> None:
+        """One timed nydusify convert into a fresh target; its manifest digest is kept by
+        side (and the "after" side's result JSON in ``conv``, for the report)."""
+        subprocess.run(["sync"], check=False)
+        cmd = nydusify_cmd(src.host, fresh_dst(), run_dir, tag, extra)
+        results.append(timed(label, cmd, run_dir, run_env))
+        out = run_dir / f"{tag}.json"
+        if out.exists():
+            got = json.loads(out.read_text())
+            digests.setdefault(side, set()).add(got.get("digest", "?"))
+            if side == "after":
+                conv.clear()
+                conv.update(got)
+
     try:
         if not (src_dir / "pushed").exists():
             subprocess.run(
@@ -487,48 +504,12 @@ def main() -> int:
                     env,
                 )
             )
-            subprocess.run(["sync"], check=False)
-            tag = f"after{rnd}"
-            results.append(
-                timed(
-                    "nydusify convert",
-                    nydusify_cmd(src.host, fresh_dst(), run_dir, tag),
-                    run_dir,
-                    after_env,
-                )
-            )
-            if (run_dir / f"{tag}.json").exists():
-                conv = json.loads((run_dir / f"{tag}.json").read_text())
-                digests.setdefault("after", set()).add(conv.get("digest", "?"))
+            convert_once("nydusify convert", "after", f"after{rnd}", after_env)
             if a.variant:
-                subprocess.run(["sync"], check=False)
-                vtag = f"variant{rnd}"
-                results.append(
-                    timed(
-                        f"nydusify convert {a.variant}",
-                        nydusify_cmd(src.host, fresh_dst(), run_dir, vtag, a.variant.split()),
-                        run_dir,
-                        after_env,
-                    )
-                )
-                vj = run_dir / f"{vtag}.json"
-                if vj.exists():
-                    vd = json.loads(vj.read_text()).get("digest", "?")
-                    digests.setdefault("variant", set()).add(vd)
+                label = f"nydusify convert {a.variant}"
+                convert_once(label, "variant", f"variant{rnd}", after_env, a.variant.split())
             if before_env is not None:
-                subprocess.run(["sync"], check=False)
-                results.append(
-                    timed(
-                        "nydusify convert (before)",
-                        nydusify_cmd(src.host, fresh_dst(), run_dir, f"before{rnd}"),
-                        run_dir,
-                        before_env,
-                    )
-                )
-                bj = run_dir / f"before{rnd}.json"
-                if bj.exists():
-                    bd = json.loads(bj.read_text()).get("digest", "?")
-                    digests.setdefault("before", set()).add(bd)
+                convert_once("nydusify convert (before)", "before", f"before{rnd}", before_env)
         if a.perf:
             stages = perf_breakdown(
                 nydusify_cmd(src.host, fresh_dst(), run_dir, "perf"), run_dir, after_env
