@@ -51,28 +51,40 @@ def is_nydusd(cmdline: list[str]) -> bool:
     if not cmdline or "python" not in Path(cmdline[0]).name:
         return False
     rest = cmdline[1:]
-    return any(Path(a).name == "nydusd" for a in rest[:1]) or "nydus.cli.nydusd" in rest[:2]
+    return (bool(rest) and Path(rest[0]).name == "nydusd") or "nydus.cli.nydusd" in rest[:2]
+
+
+# a process first seen less than this long ago may still exec nydusd (the snapshotter forks,
+# then execs): its command line is read again until then
+EXEC_GRACE = 0.5
 
 
 def watch(spy: str, out: Path, stop: threading.Event, procs: list[subprocess.Popen[bytes]]) -> None:
-    seen: set[int] = set()
+    done: set[int] = set()  # attached, or older than EXEC_GRACE and not a nydusd
+    young: dict[int, float] = {}  # pid -> when first seen
     while not stop.is_set():
+        now = time.monotonic()
         for d in os.listdir("/proc"):
-            if not d.isdigit() or int(d) in seen:
+            if not d.isdigit() or int(d) in done:
                 continue
             pid = int(d)
             try:
                 raw = Path(f"/proc/{d}/cmdline").read_bytes()
             except OSError:
+                young.pop(pid, None)
                 continue
-            seen.add(pid)
-            if is_nydusd(raw.decode(errors="replace").split("\0")[:-1]):
-                cmd = [spy, "record", "--pid", d, "--rate", str(RATE), "--gil", "--nonblocking"]
-                cmd += ["--threads"]  # each stack starts with its thread: dropped below
-                cmd += ["--format", "raw", "-o", str(out / f"{d}.txt")]
-                log = open(out / f"{d}.log", "wb")  # noqa: SIM115 (closed with the process)
+            if not is_nydusd(raw.decode(errors="replace").split("\0")[:-1]):
+                if now - young.setdefault(pid, now) > EXEC_GRACE:
+                    done.add(pid)
+                    del young[pid]
+                continue
+            done.add(pid)
+            young.pop(pid, None)
+            cmd = [spy, "record", "--pid", d, "--rate", str(RATE), "--gil", "--nonblocking"]
+            cmd += ["--threads"]  # each stack starts with its thread: dropped below
+            cmd += ["--format", "raw", "-o", str(out / f"{d}.txt")]
+            with open(out / f"{d}.log", "wb") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-                log.close()
         stop.wait(0.003)
 
 
@@ -80,9 +92,9 @@ Counts = collections.Counter[str]
 
 
 def aggregate(files: list[Path]) -> tuple[int, Counts, Counts, Counts]:
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    phase: collections.Counter[str] = collections.Counter()
+    own: Counts = collections.Counter()
+    incl: Counts = collections.Counter()
+    phase: Counts = collections.Counter()
     total = 0
     for f in files:
         for line in f.read_text().splitlines():
@@ -108,7 +120,17 @@ def aggregate(files: list[Path]) -> tuple[int, Counts, Counts, Counts]:
 
 
 def report(files: list[Path], top: int) -> str:
-    total, own, incl, phase = aggregate(files)
+    own: Counts = collections.Counter()
+    incl: Counts = collections.Counter()
+    phase: Counts = collections.Counter()
+    per_file = []  # samples per daemon; each file read once
+    for f in files:
+        n, f_own, f_incl, f_phase = aggregate([f])
+        per_file.append(n)
+        own.update(f_own)
+        incl.update(f_incl)
+        phase.update(f_phase)
+    total = sum(per_file)
     if not total:
         return "no samples (was a nydusd started, and py-spy allowed to attach?)\n"
     per = total / RATE / len(files)
@@ -121,7 +143,7 @@ def report(files: list[Path], top: int) -> str:
         f"{per:.3f} s of Python CPU per daemon (mean).",
         "",
         "Per daemon (s): "
-        + ", ".join(f"{aggregate([f])[0] / RATE:.3f}" for f in files)
+        + ", ".join(f"{n / RATE:.3f}" for n in per_file)
         + " (a short-lived nydusd, e.g. a version probe, counts too).",
         "",
         "| phase | share | s per daemon |",
