@@ -823,6 +823,15 @@ class NydusStack:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
         return rc
 
+    def wait_spare(self, timeout: float = 30.0) -> float:
+        """Seconds until the snapshotter's log says its warm spare nydusd is ready."""
+        t0 = time.monotonic()
+        while "spare nydusd " not in self.sn.log_text() or " ready in " not in self.sn.log_text():
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"no spare nydusd ready after {timeout}s\n{self.diagnostics()}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
     def restart_snapshotter(self) -> float:
         """Restart the snapshotter; seconds until containerd reaches the new one."""
         rc = self.sn.stop()

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from containerd import stop_recorded_daemons
+from nydus.kernel_mount import nydusd_serving
 from nydus.snapshotter.config import SnapshotterConfig
 from nydus.snapshotter.containerd.errdefs import DaemonError
-from nydus.snapshotter.daemons.manager import DaemonManager
+from nydus.snapshotter.daemons.manager import DaemonManager, resolve_nydusd
 from nydus.snapshotter.snapshots.mounter import MountRequest, RecoveredMount
 
 pytestmark = [
@@ -64,7 +65,11 @@ def images(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def make(
-    tmp: Path, mode: str = "dedicated", policy: str = "restart", fs_driver: str | None = None
+    tmp: Path,
+    mode: str = "dedicated",
+    policy: str = "restart",
+    fs_driver: str | None = None,
+    nydusd_path: str = "nydusd",
 ) -> DaemonManager:
     tpl: dict[str, object] = {
         "device": {
@@ -82,6 +87,7 @@ def make(
         daemon_mode=mode,
         recover_policy=policy,
         daemon_check_interval=0,  # the tests call check_now()
+        nydusd_path=nydusd_path,
     )
     return DaemonManager(cfg)
 
@@ -462,3 +468,63 @@ def test_recorded_bootstrap_digest_is_passed_and_enforced(
         m2.mount(MountRequest("3", a, None, {}, bootstrap_digest=good_a))
     assert f"is {_sha256(a)}, expected {good_a}: refusing to mount" in str(ei.value)
     assert "4" not in m2.images
+
+
+def _until(cond: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_daemons_start_in_warm_spares(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, _ = images
+    m = make(tmp_path)
+    managers.append(m)
+    _until(m.spares.ready)
+    spare = m.spares._spare
+    assert spare is not None
+    assert os.sched_getscheduler(spare.proc.pid) == os.SCHED_IDLE  # imports on idle CPU only
+    la = m.mount(MountRequest("1", a, None, {}))
+    d = m.daemons["4"]
+    assert d.pid == spare.proc.pid and m.spares.handed == 1
+    assert (la / "data" / "big").read_bytes() == FILES_A["data/big"]
+    # it shows the daemon's command line, runs at normal priority, logs to the daemon's log
+    cmd = _cmdline(d.pid)
+    assert "--standby" not in cmd and cmd[cmd.index("--apisock") + 1] == d.apisock
+    assert nydusd_serving(d.mountpoint) == [d.pid]
+    assert os.sched_getscheduler(d.pid) == os.SCHED_OTHER
+    assert "INFO [nydusd] nydusd" in Path(d.log_file).read_text()
+    # the next spare is started at once; a second image's daemon takes it
+    _until(m.spares.ready)
+    nxt = m.spares._spare
+    assert nxt is not None and nxt.proc.pid != d.pid
+    m.umount("1")
+    assert not d.alive() and not os.path.ismount(la)
+    m.close()  # the spare exits with the snapshotter
+    assert nxt.proc.wait(5) == 0
+
+
+def test_nydusd_without_standby_starts_afresh(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, _ = images
+    wrapper = tmp_path / "nydusd"  # a nydusd that does not know --standby (upstream's, say)
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --standby ]; then\n'
+        '  echo "error: unexpected argument --standby" >&2; exit 2\n'
+        "fi\n"
+        f'exec {resolve_nydusd("nydusd")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    m = make(tmp_path, nydusd_path=str(wrapper))
+    managers.append(m)
+    _until(lambda: not m.spares.enabled)
+    assert m.spares._spare is None and not m.spares.ready()
+    la = m.mount(MountRequest("1", a, None, {}))
+    assert (la / "etc" / "hello").read_bytes() == b"image a\n" and m.spares.handed == 0
+    log = (tmp_path / "root" / "daemons" / "standby.log").read_text()
+    assert log.count("unexpected argument --standby") == 2

@@ -9,6 +9,8 @@ Without ``--bootstrap`` the daemon is a shared daemon: the mount point starts em
 are attached with ``POST /api/v1/mount?mountpoint=/sub``. Runs in the foreground; SIGTERM or
 SIGINT unmount and exit 0. Exit codes follow nydus.errors (2 config, 3 format, ...).
 Parses, sets up logging, calls :class:`nydus.daemon.Nydusd`; no logic of its own.
+``nydusd --standby`` (an extension, used by the containerd snapshotter) imports the daemon and
+waits for its command line on stdin (:mod:`nydus.daemon.standby`).
 """
 
 from __future__ import annotations
@@ -192,6 +194,13 @@ class StateBusyError(ConfigError):
 
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["--standby"]:  # a warm spare of the snapshotter's (daemon/standby.py)
+        from ..daemon.standby import serve
+
+        got = serve()
+        if got is None:
+            return 0
+        args_in = got
     sub, rest = _split_subcommand(args_in)
     if sub != "fuse":
         print(f"nydusd: error: subcommand {sub!r} is not supported (only 'fuse')", file=sys.stderr)

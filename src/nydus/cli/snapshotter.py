@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cache-dir", type=Path, help="blob cache directory (<root>/cache)")
     p.add_argument("--nydusd-path", "--nydusd", dest="nydusd_path", default="nydusd")
+    flag(
+        p,
+        "--no-nydusd-standby",
+        help="start every nydusd afresh instead of in a warm spare started ahead, which has "
+        "done its imports (this implementation's nydusd only; turned off by itself when "
+        "--nydusd-path does not know --standby)",
+    )
     p.add_argument("--nydusimg-path", "--nydus-image", dest="nydusimg_path", default="nydus-image")
     p.add_argument("--log-level", choices=sorted(LEVELS), default="info")
     flag(p, "--log-to-stdout", help="log to stdout instead of <root>/logs")
@@ -166,6 +173,7 @@ def _run(a: argparse.Namespace) -> int:
         nydusd_config=load_nydusd_config(a.config_path) if a.config_path else {},
         cache_dir=a.cache_dir.absolute() if a.cache_dir else None,
         nydusd_path=a.nydusd_path,
+        nydusd_standby=not a.no_nydusd_standby,
         nydus_image_path=a.nydusimg_path,
         daemon_mode=_daemon_mode(a),
         log_level=a.log_level,

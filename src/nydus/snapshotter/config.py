@@ -53,6 +53,7 @@ class SnapshotterConfig:
     nydusd_config: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None  # default: <root>/cache
     nydusd_path: str = "nydusd"
+    nydusd_standby: bool = True  # keep a warm spare nydusd started ahead (daemons/spare.py)
     nydus_image_path: str = "nydus-image"
     daemon_mode: str = "dedicated"
     fs_driver: str | None = None  # None: nydusd's default (erofs; fusedev when supervised)

@@ -15,7 +15,8 @@ Each image gets a nydusd config from the template (:mod:`.imageconfig`: registry
 from the image reference, credentials, the shared cache ``work_dir``), written 0600 to
 ``<root>/daemons/<N>.config.json``. Daemons log to ``<root>/daemons/<id>.log`` and answer on an
 API socket in ``<root>/sockets`` (or a short directory under ``/run`` when that path would be too
-long for a unix socket).
+long for a unix socket). A daemon starts in the warm spare nydusd kept ahead (:mod:`.spare`,
+unless ``nydusd_standby`` is off), which has done its imports already.
 
 State that must survive a snapshotter restart -- daemons (pid, API socket, mount point) and
 images (bootstrap, reference, the snapshot ids using it) -- is written atomically to
@@ -73,6 +74,7 @@ from ..snapshots.mounter import MountRequest, NydusMounter, RecoveredMount
 from . import cachegc
 from .imageconfig import DEFAULT_TEMPLATE, check_template, image_config
 from .process import DaemonProcess, log_tail
+from .spare import Spares
 from .supervisor import FdSupervisor
 
 __all__ = ["DaemonManager", "ImageMetrics", "ImageRecord", "resolve_nydusd"]
@@ -161,6 +163,8 @@ class DaemonManager(NydusMounter):
             d.mkdir(parents=True, exist_ok=True)
         self.sock_dir = self._socket_dir()
         self.nydusd = resolve_nydusd(config.nydusd_path)
+        self.spares = Spares(self.nydusd, self.state_dir / "standby.log")
+        self.spares.enabled = config.nydusd_standby
         self.log_level = "debug" if config.log_level in ("trace", "debug") else "info"
         self.supervisor = FdSupervisor()
         self.daemons: dict[str, DaemonProcess] = {}
@@ -175,6 +179,7 @@ class DaemonManager(NydusMounter):
         self._stop = threading.Event()
         self._load_state()
         self._watcher: threading.Thread | None = None
+        self.spares.start()
         if start_watcher and config.daemon_check_interval > 0:
             self._watcher = threading.Thread(target=self._watch, name="nydusd-watcher", daemon=True)
             self._watcher.start()
@@ -272,7 +277,7 @@ class DaemonManager(NydusMounter):
         else:
             d.supervisor = ""
         d.release_mount()
-        d.spawn(self.nydusd, self.log_level)
+        d.spawn(self.nydusd, self.log_level, spares=self.spares)
         try:
             d.wait_state("RUNNING", self.cfg.daemon_start_timeout)
         except DaemonError:
@@ -304,7 +309,7 @@ class DaemonManager(NydusMounter):
 
     def _takeover(self, d: DaemonProcess) -> None:
         """failover: a new ``nydusd --upgrade`` takes the held FUSE connection over."""
-        d.spawn(self.nydusd, self.log_level, upgrade=True)
+        d.spawn(self.nydusd, self.log_level, upgrade=True, spares=self.spares)
         try:
             d.wait_state("INIT", self.cfg.daemon_start_timeout)
             self.supervisor.give_back(d.id, lambda: d.client.put("/api/v1/daemon/fuse/takeover"))
@@ -729,6 +734,7 @@ class DaemonManager(NydusMounter):
             self._watcher.join(10)
         self._save()
         self.supervisor.close()
+        self.spares.close()
         if self.sock_dir.parent == _RUN_SOCK_DIR:  # ours alone: remove it when nothing is left
             with contextlib.suppress(OSError):
                 self.sock_dir.rmdir()

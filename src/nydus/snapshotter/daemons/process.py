@@ -43,6 +43,7 @@ from ...fusectl import host_path
 from ...kernel_mount import umount
 from ..containerd.errdefs import DaemonError
 from ..snapshots.fsutil import mount_table
+from .spare import Spares
 
 __all__ = ["DaemonProcess", "log_tail"]
 
@@ -148,8 +149,11 @@ class DaemonProcess:
                     cmd += ["--bootstrap-digest", self.bootstrap_digest]
         return cmd
 
-    def spawn(self, nydusd: str, log_level: str, *, upgrade: bool = False) -> None:
-        """Start the process (returns at once; see :meth:`wait_state`)."""
+    def spawn(
+        self, nydusd: str, log_level: str, *, upgrade: bool = False, spares: Spares | None = None
+    ) -> None:
+        """Start the process (returns at once; see :meth:`wait_state`), in a ready spare of
+        ``spares`` when there is one."""
         Path(self.mountpoint).parent.mkdir(parents=True, exist_ok=True)
         # Not Path.mkdir(exist_ok=True): on EEXIST it stats the path, and a mount point whose
         # FUSE connection a supervisor holds for a takeover would not answer until after it.
@@ -162,21 +166,24 @@ class DaemonProcess:
         with open(self.log_file, "ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {cmd}\n".encode())
             out.flush()
+            self.proc = spares.take(cmd, out.fileno()) if spares is not None else None
+            how = "in a warm spare, " if self.proc is not None else ""
             try:
-                self.proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+                if self.proc is None:
+                    self.proc = subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
             except OSError as e:
                 raise DaemonError(f"cannot start nydusd ({nydusd}): {e}") from e
         self.pid = self.proc.pid
         self.starts += 1
         self.started_at = time.time()
-        log.info("nydusd %s started: pid %d, %s", self.id, self.pid, " ".join(cmd))
+        log.info("nydusd %s started %spid %d: %s", self.id, how, self.pid, " ".join(cmd))
 
     def wait_state(self, want: str, timeout: float) -> None:
         """Until ``GET /api/v1/daemon`` says ``want``; :class:`DaemonError` otherwise."""
