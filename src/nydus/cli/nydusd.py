@@ -196,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["--standby"]:  # a warm spare of the snapshotter's (daemon/standby.py)
         from ..daemon.standby import serve
+        from ..errors import NydusError
 
-        got = serve()
+        try:
+            got = serve()
+        except (OSError, NydusError) as e:
+            print(f"nydusd: error: standby: {e}", file=sys.stderr)
+            return 2
         if got is None:
             return 0
         args_in = got

@@ -33,6 +33,9 @@ import json
 import os
 import socket
 
+from ..errors import FormatError
+from ..format.safejson import parse_json_object
+
 __all__ = ["PRELOAD", "STANDBY_FLAG", "TITLE_ROOM", "command_bytes", "serve", "standby_command"]
 
 STANDBY_FLAG = "--standby"
@@ -117,7 +120,7 @@ def serve(sock_fd: int = 0) -> list[str] | None:
     """Be a spare: import, say ready on ``sock_fd``, wait for the daemon's arguments.
 
     Returns the daemon's argv with the process set up to run it, or None when the parent went
-    away first."""
+    away first; :class:`~nydus.errors.FormatError` for a malformed hand-over."""
     _set_idle(True)
     for name in PRELOAD:
         importlib.import_module(name)
@@ -132,11 +135,11 @@ def serve(sock_fd: int = 0) -> list[str] | None:
         for fd in fds:
             os.close(fd)
         return None
-    if len(fds) != 1:
-        raise OSError(f"standby: expected the log file descriptor, got {len(fds)}")
-    argv = json.loads(data)["argv"]
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise ValueError("standby: argv must be a list of strings")
+    argv = parse_json_object(data, "standby hand-over").get("argv")
+    if len(fds) != 1 or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise FormatError(
+            f"standby hand-over: want an argv list of strings and one fd, got {len(fds)} fds"
+        )
     log_fd = fds[0]
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
