@@ -512,7 +512,7 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
         for name in ("user_fetch", "backend", "decode", "verify", "cache"):
             out[name] = int(bc.get(f"readpath_{name}_micros", 0)) / 1e6
         out["user_fetches"] = float(bc.get("readpath_user_fetches", 0))
-        for name in ("windows", "requests", "bytes", "hits"):  # newer daemons only
+        for name in ("windows", "requests", "bytes", "hits", "hit_bytes"):  # newer daemons
             if f"readahead_{name}" in bc:
                 out[f"ra_{name}"] = float(bc[f"readahead_{name}"])
         g = c.metrics("")

@@ -190,6 +190,8 @@ def test_readahead_bytes_count_as_prefetch_and_hits_are_counted(img: Image, tmp_
         assert dev.read_range(0, 2 * 64 * K, 1000) == img.files["/big"][2 * 64 * K :][:1000]
         m = dev.metrics_blobcache()
         assert m["readahead_hits"] == 2  # chunks 1 and 2, each once
+        big = chunks_of(img, "/big")
+        assert m["readahead_hit_bytes"] == big[1].compressed_size + big[2].compressed_size
         assert m["readahead_requests"] == 1  # hits queue no window
 
 

@@ -119,6 +119,7 @@ class BlobcacheMetrics:
         "readahead_requests",  # windows that sent a backend request
         "readahead_bytes",  # the compressed bytes they requested
         "readahead_hits",  # chunks of windows later read by a user (cache or its flight)
+        "readahead_hit_bytes",  # their compressed bytes
     )
 
     def __init__(self, id: str, store_path: str) -> None:

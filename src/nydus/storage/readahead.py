@@ -11,7 +11,8 @@ submit_readahead`). So:
 * the window is fetched on a prefetch slot, through the same verified path as any prefetch
   (every chunk hashed before it enters the cache), and counted as prefetch traffic, plus the
   ``readahead_*`` metrics (windows, requests, bytes, and hits: chunks of a window a user later
-  read);
+  read, and their compressed bytes: ``readahead_bytes`` less those is what readahead fetched
+  that no user read, so far);
 * it never delays a user read: the scheduler admits it only while no user job runs or waits
   and no user read waits for the backend, like any prefetch job; but it does not wait for the
   ``user_idle`` hold-off of speculative prefetch (it follows the reads that asked for it; held
@@ -56,7 +57,7 @@ _WINDOW_CHUNKS_MAX = 1 << 16  # chunk indices of windows remembered per blob (fo
 @dataclass
 class _BlobState:
     streams: Streams = field(default_factory=lambda: Streams(STREAMS))
-    queued: set[int] = field(default_factory=set)  # chunk indices of windows not read yet
+    queued: dict[int, int] = field(default_factory=dict)  # window chunks not read yet: size
 
 
 class Readahead:
@@ -83,7 +84,7 @@ class Readahead:
             st0 = self._blobs.get(fetcher)  # (no lock: a stale look only misses a metric)
             if st0 is None or not st0.queued:
                 return
-        hits = 0
+        hits = hit_bytes = 0
         chunks: list[Chunk] = []
         if missed and fetcher.meta() is None:  # (loaded on first use, outside the lock)
             missed = ()  # no ci array (RAFS v5): no blob order to read ahead in
@@ -95,13 +96,15 @@ class Readahead:
                 st = self._blobs[fetcher] = _BlobState()
             if st.queued:
                 for i in seen:
-                    if i in st.queued:
-                        st.queued.discard(i)
+                    size = st.queued.pop(i, None)
+                    if size is not None:
                         hits += 1
+                        hit_bytes += size
             if missed:
                 chunks = self._next_window_locked(fetcher, st, missed)
         if hits:
             self.metrics.add("readahead_hits", hits)
+            self.metrics.add("readahead_hit_bytes", hit_bytes)
         if chunks:
             job = self.prefetcher.submit_readahead(fetcher, chunks)
             if job is not None:
@@ -111,7 +114,7 @@ class Readahead:
         self, fetcher: BlobFetcher, st: _BlobState, missed: Sequence[Chunk]
     ) -> list[Chunk]:
         for c in missed:
-            st.queued.discard(c.index)  # fetched by the user, not by readahead
+            st.queued.pop(c.index, None)  # fetched by the user, not by readahead
         first = min(c.compressed_offset for c in missed)
         last = max(missed, key=lambda c: c.end)
         pos = fetcher.order_position(last.index)
@@ -124,7 +127,7 @@ class Readahead:
         st.streams.note(stream, first, max(end, last.end), max(next_pos, after), window)
         if len(st.queued) + len(chunks) > _WINDOW_CHUNKS_MAX:
             st.queued.clear()
-        st.queued.update(c.index for c in chunks)
+        st.queued.update((c.index, c.compressed_size) for c in chunks)
         return chunks
 
     def _track(self, fetcher: BlobFetcher, job: PrefetchJob) -> None:
