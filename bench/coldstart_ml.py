@@ -524,7 +524,7 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
 
 def wait_native(stack: NydusStack, timeout: float) -> bool:
     """Wait until every daemon's log says its image switched to native; False on timeout."""
-    logs = list((stack.sn_root / "daemons").glob("*.log"))
+    logs = [p for p in (stack.sn_root / "daemons").glob("*.log") if p.name != "standby.log"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if logs and all("switched to native" in p.read_text(errors="replace") for p in logs):
