@@ -69,10 +69,12 @@ class BuildResult:
     tree: Node | None = field(default=None, repr=False)
 
 
-def _open_v6(path: str, what: str) -> RafsV6Metadata:
+def _open_v6(path: str, what: str, why: str = "only v6 can be extended") -> RafsV6Metadata:
+    """The RAFS v6 bootstrap at ``path`` (the ``what`` of a build or merge); another version
+    is a ConfigError that says ``why``."""
     md = open_bootstrap(path)
     if not isinstance(md, RafsV6Metadata):
-        raise ConfigError(f"{what} {path} is RAFS v{md.version}; only v6 can be extended")
+        raise ConfigError(f"{what} {path} is RAFS v{md.version}; {why}")
     return md
 
 

@@ -32,10 +32,10 @@ from functools import partial
 
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
-from ..metadata import ChunkInfo, open_bootstrap
+from ..metadata import ChunkInfo
 from ..metadata.v6 import RafsV6Metadata
 from .bootstrap import BootstrapOptions, write_bootstrap
-from .build import _prefetch_order, tree_from_metadata
+from .build import _open_v6, _prefetch_order, tree_from_metadata
 from .overlay import apply_layer
 from .tree import Node, iter_tree, new_dir
 
@@ -90,10 +90,7 @@ def _digest(hexstr: str, what: str) -> bytes:
 
 
 def _open(path: str, what: str) -> RafsV6Metadata:
-    md = open_bootstrap(path)
-    if not isinstance(md, RafsV6Metadata):
-        raise ConfigError(f"{what} {path} is RAFS v{md.version}; merge writes RAFS v6 only")
-    return md
+    return _open_v6(path, what, "merge writes RAFS v6 only")
 
 
 def _check_lists(n: int, opts: MergeOptions) -> None:
