@@ -69,10 +69,12 @@ class BuildResult:
     tree: Node | None = field(default=None, repr=False)
 
 
-def _open_v6(path: str, what: str) -> RafsV6Metadata:
+def _open_v6(path: str, what: str, why: str = "only v6 can be extended") -> RafsV6Metadata:
+    """The RAFS v6 bootstrap at ``path`` (the ``what`` of a build or merge); another version
+    is a ConfigError that says ``why``."""
     md = open_bootstrap(path)
     if not isinstance(md, RafsV6Metadata):
-        raise ConfigError(f"{what} {path} is RAFS v{md.version}; only v6 can be extended")
+        raise ConfigError(f"{what} {path} is RAFS v{md.version}; {why}")
     return md
 
 
@@ -163,7 +165,7 @@ def _prepare(opts: BuildOptions) -> _Base:
     if opts.parent_bootstrap:
         parent = _open_v6(opts.parent_bootstrap, "parent bootstrap")
         _check_compatible(parent, opts, "parent bootstrap")
-        blobs = [_entry_of(parent, i) for i in range(len(parent.blobs))]
+        blobs = parent.blob_entries()
         lower = tree_from_metadata(parent)
         for _p, n in iter_tree(lower):
             for c in n.chunks or ():
@@ -172,8 +174,7 @@ def _prepare(opts: BuildOptions) -> _Base:
         cd = _open_v6(opts.chunk_dict_bootstrap, "chunk dict")
         _check_compatible(cd, opts, "chunk dict")
         remap: dict[int, int] = {}
-        for i in range(len(cd.blobs)):
-            e = _entry_of(cd, i)
+        for i, e in enumerate(cd.blob_entries()):
             known = next((b for b in blobs if b.blob_id == e.blob_id), None)
             if known is None:
                 e.blob_index = len(blobs)
@@ -335,10 +336,6 @@ def _bootstrap(
             prefetch=table,
         ),
     )
-
-
-def _entry_of(md: RafsV6Metadata, i: int) -> v6.BlobEntry:
-    return v6.BlobEntry.unpack(md._mv, md.ext.blob_table_offset + i * v6.BLOB_ENTRY_SIZE)
 
 
 def _check_compatible(md: RafsV6Metadata, opts: BuildOptions, what: str) -> None:

@@ -32,10 +32,10 @@ from functools import partial
 
 from ..errors import ConfigError, FormatError
 from ..format import rafs_v6 as v6
-from ..metadata import ChunkInfo, open_bootstrap
+from ..metadata import ChunkInfo
 from ..metadata.v6 import RafsV6Metadata
 from .bootstrap import BootstrapOptions, write_bootstrap
-from .build import _entry_of, _prefetch_order, tree_from_metadata
+from .build import _open_v6, _prefetch_order, tree_from_metadata
 from .overlay import apply_layer
 from .tree import Node, iter_tree, new_dir
 
@@ -90,10 +90,7 @@ def _digest(hexstr: str, what: str) -> bytes:
 
 
 def _open(path: str, what: str) -> RafsV6Metadata:
-    md = open_bootstrap(path)
-    if not isinstance(md, RafsV6Metadata):
-        raise ConfigError(f"{what} {path} is RAFS v{md.version}; merge writes RAFS v6 only")
-    return md
+    return _open_v6(path, what, "merge writes RAFS v6 only")
 
 
 def _check_lists(n: int, opts: MergeOptions) -> None:
@@ -119,7 +116,7 @@ def merge_bootstraps(sources: list[str], opts: MergeOptions) -> MergeResult:
         m.start_from(_open(opts.parent_bootstrap, "parent bootstrap"))
     for layer, path in enumerate(sources):
         md = _open(path, "bootstrap")
-        blobs = [_entry_of(md, i) for i in range(len(md.blobs))]
+        blobs = md.blob_entries()
         geometry = (md.chunk_size, md.compressor, md.digester)
         m.add(layer, path, blobs, geometry, partial(tree_from_metadata, md), opts)
     return m.result(len(sources))
@@ -208,8 +205,7 @@ class _Merge:
             self.dict_ids = {b.blob_id for b in cd.blobs}
 
     def start_from(self, parent: RafsV6Metadata) -> None:
-        for i in range(len(parent.blobs)):
-            e = _entry_of(parent, i)
+        for e in parent.blob_entries():
             self.index_of.setdefault(e.blob_id, len(self.blobs))
             self.blobs.append(e)
         self.tree = tree_from_metadata(parent)

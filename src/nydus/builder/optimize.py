@@ -30,7 +30,7 @@ from ..format import rafs_v6 as v6
 from ..metadata import ChunkInfo, RafsMetadata
 from ..metadata.v6 import RafsV6Metadata
 from .blob import BlobResult, ChunkDict, _Sink
-from .build import BuildOptions, _bootstrap, _entry_of, _prefetch_order, tree_from_metadata
+from .build import BuildOptions, _bootstrap, _prefetch_order, tree_from_metadata
 from .tree import Node
 
 __all__ = [
@@ -146,7 +146,7 @@ def optimize_image(
     opts = BuildOptions(
         chunk_size=md.chunk_size, compressor=md.compressor, digester=md.digester, workers=workers
     )
-    blobs = [_entry_of(md, i) for i in range(len(md.blobs))]
+    blobs = md.blob_entries()
     root = tree_from_metadata(md)
     table, files, missing = _listed_files(root, paths)
     hot = [(n, list(n.chunks or ())) for n in files if n.chunks]

@@ -105,11 +105,9 @@ class RafsV6Metadata(RafsMetadata):
             raise FormatError(f"blob table lists {n} blobs (max {v6.MAX_BLOBS})")
         if n != sb.extra_devices:
             raise FormatError(f"blob table has {n} blobs, device table {sb.extra_devices}")
-        table = self._range(ext.blob_table_offset, ext.blob_table_size, "blob table")
         slot_base = sb.devt_slotoff * erofs.DEVICE_SLOT_SIZE
         out = []
-        for i in range(n):
-            e = v6.BlobEntry.unpack(table, i * v6.BLOB_ENTRY_SIZE)
+        for i, e in enumerate(self.blob_entries()):
             tag, _blocks, _mapped = erofs.unpack_device_slot(
                 self._mv, slot_base + i * erofs.DEVICE_SLOT_SIZE
             )
@@ -146,6 +144,16 @@ class RafsV6Metadata(RafsMetadata):
                 )
             )
         return out
+
+    def blob_entries(self) -> list[v6.BlobEntry]:
+        """The blob table's entries as stored, unpacked afresh on each call: the builder edits
+        the ones it carries into a new bootstrap."""
+        ext = self.ext
+        table = self._range(ext.blob_table_offset, ext.blob_table_size, "blob table")
+        return [
+            v6.BlobEntry.unpack(table, off)
+            for off in range(0, ext.blob_table_size, v6.BLOB_ENTRY_SIZE)
+        ]
 
     def _read_chunk_table(self) -> _ChunkTable:
         ext = self.ext

@@ -73,8 +73,6 @@ class NydusUnavailable(UnsupportedError):
 class DaemonError(NydusError):
     """A nydusd could not be started, did not reach RUNNING, or refused a mount request."""
 
-    errno = _errno.EIO
-
 
 class ContentLocked(NydusError):
     """Another writer holds the ingest ``ref`` (containerd retries on UNAVAILABLE)."""
