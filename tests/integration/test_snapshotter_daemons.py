@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -470,9 +470,9 @@ def test_recorded_bootstrap_digest_is_passed_and_enforced(
     assert "4" not in m2.images
 
 
-def _until(cond: object, timeout: float = 30.0) -> None:
+def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+    while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 
