@@ -489,7 +489,7 @@ class RegistryClient(RegistrySession):
             self._finish_upload(location, scopes, what, src.digest, data)
             return
         offset = 0
-        for piece in src.chunks():
+        for piece in src.chunks(reuse=True):  # each piece is sent before the next is read
             location = self._patch(location, scopes, what, offset, piece)
             offset += len(piece)
         src.check_complete()
