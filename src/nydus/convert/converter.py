@@ -808,13 +808,11 @@ def _convert_manifest(
             if isinstance(cfg.get(k), str) and cfg[k]
         } or None
     layers, final = job.layers(sm, [str(d) for d in diff_ids])
-    with open(final, "rb") as f:
-        boot = f.read()
     own = {lr.blob_digest: lr.blob_size for lr in layers if lr.blob_digest}
     pushed_bytes = sum(lr.blob_size for lr in layers if lr.pushed)
     blob_descs: list[oci.Descriptor] = []
     seen: set[str] = set()
-    with open_bootstrap(boot) as md:
+    with open_bootstrap(final) as md:
         table = list(md.blobs)
     for b in table:
         digest = "sha256:" + b.blob_id
@@ -840,7 +838,7 @@ def _convert_manifest(
     docker = _docker_format(opts, sm.is_docker)
     if docker:
         blob_descs = [im.blob_descriptor(d.digest, d.size, docker=True) for d in blob_descs]
-    gz, boot_diff = im.bootstrap_layer(boot)
+    gz, boot_diff = im.bootstrap_layer(final)  # read from the file in pieces
     in_manifest = job.store.in_manifest
     boot_desc = im.bootstrap_descriptor(
         gz,
