@@ -2,8 +2,8 @@
 
 mount(2), umount2(2), sync_file_range(2) and syscall(2) are called through :func:`libc` (errno
 is kept, so read it with ``ctypes.get_errno()`` right after a failed call); glibc's malloc is
-tuned with :func:`set_malloc`, and its freed memory handed back with :func:`trim_heap`. Loading is idempotent and the returned handle is shared; calling
-through it is safe from any thread.
+tuned with :func:`set_malloc`, and its free memory handed back with :func:`trim_heap`. Loading
+is idempotent and the returned handle is shared; calling through it is safe from any thread.
 """
 
 from __future__ import annotations

@@ -495,7 +495,9 @@ class RegistryClient(RegistrySession):
         src.check_complete()
         self._finish_upload(location, scopes, what, src.digest, b"")
 
-    def _patch(self, location: str, scopes: Scopes, what: str, offset: int, piece: bytes) -> str:
+    def _patch(
+        self, location: str, scopes: Scopes, what: str, offset: int, piece: bytes | bytearray
+    ) -> str:
         """Send ``piece`` at ``offset`` of an upload; returns the next Location."""
         end = offset + len(piece) - 1
 

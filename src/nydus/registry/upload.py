@@ -9,6 +9,7 @@ Threading: an :class:`UploadSource` belongs to one upload (one thread).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
@@ -158,7 +159,7 @@ class UploadSource:
         self._check.finish()
 
 
-def _file_pieces(f: BinaryIO, size: int) -> Iterator[bytes | bytearray]:
+def _file_pieces(f: io.FileIO, size: int) -> Iterator[bytes | bytearray]:
     """A file in ``size`` pieces read into one buffer (yielded again for every full piece;
     the last, shorter piece is a copy)."""
     buf = bytearray(size)
