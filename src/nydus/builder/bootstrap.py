@@ -143,7 +143,6 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
     if nblobs > v6.MAX_BLOBS:
         raise FormatError(f"{nblobs} blobs exceed the RAFS v6 limit of {v6.MAX_BLOBS}")
     slots = _order(root)
-    by_node = {id(s.node): s for s in slots}
 
     # Fixed tables before the metadata area.
     devt_end = v6.DEVTABLE_OFFSET + nblobs * erofs.DEVICE_SLOT_SIZE
@@ -220,28 +219,15 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
             s.i_u = erofs.NULL_ADDR
     data_end = blk * BS
 
-    # Legacy chunk table: one record per distinct chunk referenced.
-    records: dict[tuple[int, int], ChunkInfo] = {}
+    # Legacy chunk table: one record per distinct chunk referenced, by (blob, index) (one
+    # int key: blob indexes are < 256 and chunk indexes < 2^24). Packed into the image below.
+    records: dict[int, ChunkInfo] = {}
     for s in slots:
         for c in s.node.chunks or ():
-            records.setdefault((c.blob_index, c.index), c)
+            records.setdefault(c.blob_index << 32 | c.index, c)
     chunk_table_off = data_end
-    chunk_table = b"".join(
-        v6.ChunkRecord(
-            digest=c.digest,
-            blob_index=c.blob_index,
-            flags=v6.CHUNK_FLAG_COMPRESSED if c.compressed else 0,
-            compressed_size=c.compressed_size,
-            uncompressed_size=c.uncompressed_size,
-            compressed_offset=c.compressed_offset,
-            uncompressed_offset=c.uncompressed_offset,
-            file_offset=c.file_offset,
-            index=c.index,
-            crc32=c.crc32,
-        ).pack()
-        for _k, c in sorted(records.items())
-    )
-    total = _align(chunk_table_off + len(chunk_table), BS)
+    chunk_table_size = len(records) * v6.CHUNK_INFO_SIZE
+    total = _align(chunk_table_off + chunk_table_size, BS)
     img = bytearray(total)
 
     # Inodes, xattrs, inline data, chunk indexes.
@@ -284,7 +270,25 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
             o = s.head_blk * BS
             img[o : o + s.head_len] = s.data[: s.head_len]
 
-    img[chunk_table_off : chunk_table_off + len(chunk_table)] = chunk_table
+    inos = len(slots)
+    del slots  # the per-inode records (the largest transient here) before the chunk table
+
+    p = chunk_table_off
+    for _k, c in sorted(records.items()):
+        img[p : p + v6.CHUNK_INFO_SIZE] = v6.ChunkRecord(
+            digest=c.digest,
+            blob_index=c.blob_index,
+            flags=v6.CHUNK_FLAG_COMPRESSED if c.compressed else 0,
+            compressed_size=c.compressed_size,
+            uncompressed_size=c.uncompressed_size,
+            compressed_offset=c.compressed_offset,
+            uncompressed_offset=c.uncompressed_offset,
+            file_offset=c.file_offset,
+            index=c.index,
+            crc32=c.crc32,
+        ).pack()
+        p += v6.CHUNK_INFO_SIZE
+    del records
 
     # Blob table, device table, prefetch table.
     blob_blocks = 0
@@ -300,7 +304,7 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
             b.blob_id.encode(), blocks, 0
         )
     for i, pn in enumerate(prefetch):
-        nid = by_node[id(pn)].node.nid
+        nid = pn.nid  # placed above: the prefetch nodes are nodes of this tree
         img[prefetch_off + 4 * i : prefetch_off + 4 * i + 4] = nid.to_bytes(4, "little")
 
     flags = (
@@ -316,7 +320,7 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
         blob_table_size=blob_table_size,
         chunk_size=opts.chunk_size,
         chunk_table_offset=chunk_table_off,
-        chunk_table_size=len(chunk_table),
+        chunk_table_size=chunk_table_size,
         prefetch_table_offset=prefetch_off if prefetch else 0,
         prefetch_table_size=4 * len(prefetch),
     )
@@ -328,7 +332,7 @@ def write_bootstrap(root: Node, opts: BootstrapOptions) -> bytes:
         feature_compat=erofs.FEATURE_COMPAT_RAFS_V6,
         blkszbits=BLKBITS,
         root_nid=root_nid,
-        inos=len(slots),
+        inos=inos,
         build_time=0,
         build_time_nsec=0,
         blocks=blob_blocks,

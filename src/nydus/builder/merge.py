@@ -266,7 +266,7 @@ class _Merge:
             digester=self.digester,
         )
         boot = write_bootstrap(tree, opts_of(blobs=list(blobs), prefetch=table))
-        refs = {(c.blob_index, c.index) for _p, n in iter_tree(tree) for c in _chunks(n)}
+        refs = {c.blob_index << 32 | c.index for _p, n in iter_tree(tree) for c in _chunks(n)}
         return MergeResult(boot, list(blobs), {"layers": layers, "chunks": len(refs)})
 
 

@@ -59,6 +59,7 @@ from ..errors import (
 )
 from ..format import oci
 from ..format.zran import DEFAULT_SPACING
+from ..libc import trim_heap
 from ..metadata import open_bootstrap
 from ..registry import parse_reference
 from ..registry.client import BlobUpload
@@ -589,6 +590,7 @@ class _ManifestJob:
             # one name per layer: two layers may share a blob (same data) but not their trees
             boot_path = os.path.join(self.work, "layers", f"{i + 1}-{desc.digest[7:]}.boot")
             _write(boot_path, res.bootstrap)
+            res.bootstrap = b""  # on disk now; the merge works on the tree
         except BaseException:
             if up is not None:
                 up.cancel()
@@ -601,6 +603,10 @@ class _ManifestJob:
         meta = LayerMeta(
             res.tree, res.blobs, opts.chunk_size, opts.compressor, opts.digester, boot_path
         )
+        # The build's buffers (decompressed pieces, chunks, compressed output: ~1 MiB each,
+        # freed by several threads) stay resident in glibc's heaps otherwise: 25-50 MB here
+        # that the next layer's build or the merges would add to.
+        trim_heap()
         return lr, _Built(tmp, lp, up), meta
 
     def _commit_streamed(self, lr: LayerResult, stream: _StreamedUpload) -> bool:
@@ -739,6 +745,7 @@ class _ManifestJob:
         merger.add(meta, digest, lr.blob_size if lr.blob_digest else None)
         path = os.path.join(self.work, "bootstraps", f"{lr.index + 1}-{lr.source_digest}")
         _write(path, merger.bootstrap().bootstrap)
+        trim_heap()  # the bootstrap writer's per-inode records and image, freed
         return path
 
 
@@ -801,13 +808,11 @@ def _convert_manifest(
             if isinstance(cfg.get(k), str) and cfg[k]
         } or None
     layers, final = job.layers(sm, [str(d) for d in diff_ids])
-    with open(final, "rb") as f:
-        boot = f.read()
     own = {lr.blob_digest: lr.blob_size for lr in layers if lr.blob_digest}
     pushed_bytes = sum(lr.blob_size for lr in layers if lr.pushed)
     blob_descs: list[oci.Descriptor] = []
     seen: set[str] = set()
-    with open_bootstrap(boot) as md:
+    with open_bootstrap(final) as md:
         table = list(md.blobs)
     for b in table:
         digest = "sha256:" + b.blob_id
@@ -833,7 +838,7 @@ def _convert_manifest(
     docker = _docker_format(opts, sm.is_docker)
     if docker:
         blob_descs = [im.blob_descriptor(d.digest, d.size, docker=True) for d in blob_descs]
-    gz, boot_diff = im.bootstrap_layer(boot)
+    gz, boot_diff = im.bootstrap_layer(final)  # read from the file in pieces
     in_manifest = job.store.in_manifest
     boot_desc = im.bootstrap_descriptor(
         gz,

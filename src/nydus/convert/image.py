@@ -18,12 +18,14 @@ Pure functions, no I/O; safe from any thread.
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import io
 import json
+import os
 import platform as _platform
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,19 +250,53 @@ def select_platforms(
 # --- writing ------------------------------------------------------------------------------
 
 
-def bootstrap_layer(bootstrap: bytes) -> tuple[bytes, str]:
-    """The bootstrap layer: ``(tar.gz bytes, diff_id)``; reproducible (mtime 0, root-owned)."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+def bootstrap_layer(bootstrap: bytes | str) -> tuple[bytes, str]:
+    """The bootstrap layer: ``(tar.gz bytes, diff_id)``; reproducible (mtime 0, root-owned).
+
+    ``bootstrap`` is the bootstrap's bytes or the path of its file. The tar is hashed and
+    compressed as it is written (never held whole): the same bytes as ``gzip.compress(tar,
+    6, mtime=0)``, i.e. zlib's one-shot gzip at level 6, which does not depend on how its
+    input is split."""
+    out = _GzipSink()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tf:  # type: ignore[call-overload]
         d = tarfile.TarInfo("image")
         d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 0
         tf.addfile(d)
         f = tarfile.TarInfo(oci.BOOTSTRAP_FILE_IN_LAYER)
-        f.size, f.mode, f.mtime = len(bootstrap), 0o644, 0
-        tf.addfile(f, io.BytesIO(bootstrap))
-    tar = raw.getvalue()
-    diff_id = oci.sha256_digest(tar)
-    return gzip.compress(tar, compresslevel=6, mtime=0), diff_id
+        f.mode, f.mtime = 0o644, 0
+        if isinstance(bootstrap, str):
+            with open(bootstrap, "rb") as src:
+                f.size = os.fstat(src.fileno()).st_size
+                tf.addfile(f, src)
+        else:
+            f.size = len(bootstrap)
+            tf.addfile(f, io.BytesIO(bootstrap))
+    return out.finish(), "sha256:" + out.sha.hexdigest()
+
+
+class _GzipSink:
+    """A write-only file for :mod:`tarfile`: sha256 of what passes (the diff_id) and its
+    gzip (level 6, zlib's header: mtime 0), kept compressed."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._parts: list[bytes] = []
+        self._pos = 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self._pos += len(b)
+        if piece := self._z.compress(b):
+            self._parts.append(piece)
+        return len(b)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def finish(self) -> bytes:
+        self._parts.append(self._z.flush())
+        return b"".join(self._parts)
 
 
 #: A bootstrap layer holds one file (and maybe its directory); stop looking after this many.

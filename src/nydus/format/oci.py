@@ -171,7 +171,7 @@ class BlobCheck:
         algo = parse_digest(digest)[0]
         self._hash = None if digest_known else hashlib.new(algo)
 
-    def update(self, piece: bytes) -> None:
+    def update(self, piece: bytes | bytearray) -> None:
         if self._hash is not None:
             self._hash.update(piece)
         self.count += len(piece)

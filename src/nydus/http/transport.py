@@ -51,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger("nydus.http")
 
-RequestBody = bytes | Iterable[bytes] | None
+RequestBody = bytes | bytearray | Iterable[bytes] | None
 
 
 class TransportError(BackendError):

@@ -489,13 +489,15 @@ class RegistryClient(RegistrySession):
             self._finish_upload(location, scopes, what, src.digest, data)
             return
         offset = 0
-        for piece in src.chunks():
+        for piece in src.chunks(reuse=True):  # each piece is sent before the next is read
             location = self._patch(location, scopes, what, offset, piece)
             offset += len(piece)
         src.check_complete()
         self._finish_upload(location, scopes, what, src.digest, b"")
 
-    def _patch(self, location: str, scopes: Scopes, what: str, offset: int, piece: bytes) -> str:
+    def _patch(
+        self, location: str, scopes: Scopes, what: str, offset: int, piece: bytes | bytearray
+    ) -> str:
         """Send ``piece`` at ``offset`` of an upload; returns the next Location."""
         end = offset + len(piece) - 1
 

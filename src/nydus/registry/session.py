@@ -359,7 +359,7 @@ class RegistrySession:
         url: str,
         scopes: Scopes,
         headers: dict[str, str],
-        body: bytes | None,
+        body: bytes | bytearray | None,
         redirect_key: tuple[str, str] | None,
     ) -> tuple[Response, str | None]:
         """Send, following redirects for GET/HEAD; returns (response, Authorization sent)."""
@@ -419,7 +419,7 @@ class RegistrySession:
         scopes: Scopes,
         *,
         headers: dict[str, str] | None = None,
-        body: bytes | None = None,
+        body: bytes | bytearray | None = None,
         redirect_key: tuple[str, str] | None = None,
         budget: Attempts,
     ) -> Response:
@@ -493,7 +493,7 @@ class RegistrySession:
         handle: Callable[[Response], T],
         *,
         headers: dict[str, str] | None = None,
-        body: bytes | None = None,
+        body: bytes | bytearray | None = None,
         redirect_key: tuple[str, str] | None = None,
     ) -> T:
         """:meth:`_open`, then ``handle(response)``; body-read failures are retried too."""

@@ -9,6 +9,7 @@ Threading: an :class:`UploadSource` belongs to one upload (one thread).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
@@ -93,12 +94,15 @@ class UploadSource:
         if size is not None and self.size is not None and size != self.size:
             raise IntegrityError(f"blob {digest}: size given as {size}, data has {self.size}")
 
-    def _raw_pieces(self) -> Iterator[bytes]:
+    def _raw_pieces(self, reuse: bool = False) -> Iterator[bytes | bytearray]:
         if self._bytes is not None:
             for off in range(0, len(self._bytes), self._chunk):
                 yield bytes(self._bytes[off : off + self._chunk])
         elif self._path is not None:
-            with open(self._path, "rb") as f:
+            with open(self._path, "rb", buffering=0) as f:
+                if reuse:
+                    yield from _file_pieces(f, self._chunk)
+                    return
                 while piece := f.read(self._chunk):
                     yield piece
         elif self._file is not None:
@@ -118,11 +122,16 @@ class UploadSource:
             assert self._iterable is not None
             yield from self._iterable
 
-    def chunks(self) -> Iterator[bytes]:
-        """Pieces of exactly ``chunk_size`` bytes (the last may be shorter), hashed."""
+    def chunks(self, reuse: bool = False) -> Iterator[bytes | bytearray]:
+        """Pieces of exactly ``chunk_size`` bytes (the last may be shorter), hashed.
+
+        ``reuse``: a path's full pieces are one buffer, read again for the next piece: each
+        must be used up (sent) before the next is asked for. A ``chunk_size`` buffer per
+        upload instead of a new one per piece: freed pieces of several MiB stay resident in
+        the heap of a long-running process (a converter pushing while it builds)."""
         self._check = check = BlobCheck(self.digest, self.size, digest_known=self.digest_known)
         buf = bytearray()
-        for piece in self._raw_pieces():
+        for piece in self._raw_pieces(reuse):
             if not buf and len(piece) == self._chunk:  # a file's reads: no copy
                 check.update(piece)
                 yield piece
@@ -148,3 +157,20 @@ class UploadSource:
         """After :meth:`chunks` is exhausted: size and digest must be the announced ones."""
         assert self._check is not None
         self._check.finish()
+
+
+def _file_pieces(f: io.FileIO, size: int) -> Iterator[bytes | bytearray]:
+    """A file in ``size`` pieces read into one buffer (yielded again for every full piece;
+    the last, shorter piece is a copy)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    while True:
+        got = 0
+        while got < size and (n := f.readinto(view[got:])):
+            got += n
+        if got == size:
+            yield buf
+        else:
+            if got:
+                yield bytes(view[:got])
+            return
