@@ -528,3 +528,22 @@ def test_nydusd_without_standby_starts_afresh(
     assert (la / "etc" / "hello").read_bytes() == b"image a\n" and m.spares.handed == 0
     log = (tmp_path / "root" / "daemons" / "standby.log").read_text()
     assert log.count("unexpected argument --standby") == 2
+
+
+def test_a_dead_spare_is_replaced(
+    images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
+) -> None:
+    a, b = images
+    m = make(tmp_path)
+    managers.append(m)
+    _until(m.spares.ready)
+    dead = m.spares._spare
+    assert dead is not None
+    dead.proc.kill()
+    dead.proc.wait(10)
+    la = m.mount(MountRequest("1", a, None, {}))  # started afresh, a new spare behind it
+    assert (la / "etc" / "hello").read_bytes() == b"image a\n"
+    assert m.spares.handed == 0 and m.daemons["4"].pid != dead.proc.pid
+    _until(m.spares.ready)
+    lb = m.mount(MountRequest("2", b, None, {}))
+    assert (lb / "etc" / "hello").read_bytes() == b"image b\n" and m.spares.handed == 1

@@ -140,24 +140,35 @@ class Spares:
     def ready(self) -> bool:
         """Whether a spare is waiting for a daemon's command line."""
         with self._lock:
-            return self._spare is not None and self._spare.room > 0
+            sp = self._spare
+            return sp is not None and sp.room > 0 and sp.proc.poll() is None
 
     def take(self, cmd: list[str], log_fd: int) -> subprocess.Popen[bytes] | None:
         """Run ``cmd`` (``[nydusd, args...]``) in the spare with ``log_fd`` as its stdout and
         stderr; None when no ready spare of this nydusd can show that command line (start it
         afresh then). A spare is started for the next daemon either way."""
+        dead: _Spare | None = None
         with self._lock:
             spare = self._spare
+            if spare is not None and spare.room > 0 and spare.proc.poll() is not None:
+                dead, spare = spare, None  # it was ready, then died (killed, say)
+                self._spare = None
             if (
                 spare is None
                 or cmd[0] != self.nydusd
                 or spare.room <= 0
                 or spare.prefix + command_bytes(cmd[1:]) > spare.room
-                or spare.proc.poll() is not None
             ):
                 spare = None
             else:
                 self._spare = None
+        if dead is not None:
+            log.warning(
+                "spare nydusd %d died (status %s); starting another",
+                dead.proc.pid,
+                dead.proc.returncode,
+            )
+            dead.close(0.5)
         if spare is None:
             self.start()
             return None
