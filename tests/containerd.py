@@ -40,6 +40,7 @@ import io
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -826,7 +827,7 @@ class NydusStack:
     def wait_spare(self, timeout: float = 30.0) -> float:
         """Seconds until the snapshotter's log says its warm spare nydusd is ready."""
         t0 = time.monotonic()
-        while "spare nydusd " not in self.sn.log_text() or " ready in " not in self.sn.log_text():
+        while not re.search(r"spare nydusd \d+ ready in ", self.sn.log_text()):
             if time.monotonic() - t0 > timeout:
                 raise RuntimeError(f"no spare nydusd ready after {timeout}s\n{self.diagnostics()}")
             time.sleep(0.05)

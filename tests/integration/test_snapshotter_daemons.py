@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -477,15 +478,21 @@ def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def _ready_spare(m: DaemonManager) -> Any:
+    """The manager's spare, once it said it is ready."""
+    _until(m.spares.ready)
+    spare = m.spares._spare
+    assert spare is not None
+    return spare
+
+
 def test_daemons_start_in_warm_spares(
     images: tuple[Path, Path], tmp_path: Path, managers: list[DaemonManager]
 ) -> None:
     a, _ = images
     m = make(tmp_path)
     managers.append(m)
-    _until(m.spares.ready)
-    spare = m.spares._spare
-    assert spare is not None
+    spare = _ready_spare(m)
     assert os.sched_getscheduler(spare.proc.pid) == os.SCHED_IDLE  # imports on idle CPU only
     la = m.mount(MountRequest("1", a, None, {}))
     d = m.daemons["4"]
@@ -498,9 +505,8 @@ def test_daemons_start_in_warm_spares(
     assert os.sched_getscheduler(d.pid) == os.SCHED_OTHER
     assert "INFO [nydusd] nydusd" in Path(d.log_file).read_text()
     # the next spare is started at once; a second image's daemon takes it
-    _until(m.spares.ready)
-    nxt = m.spares._spare
-    assert nxt is not None and nxt.proc.pid != d.pid
+    nxt = _ready_spare(m)
+    assert nxt.proc.pid != d.pid
     m.umount("1")
     assert not d.alive() and not os.path.ismount(la)
     m.close()  # the spare exits with the snapshotter
@@ -536,9 +542,7 @@ def test_a_dead_spare_is_replaced(
     a, b = images
     m = make(tmp_path)
     managers.append(m)
-    _until(m.spares.ready)
-    dead = m.spares._spare
-    assert dead is not None
+    dead = _ready_spare(m)
     dead.proc.kill()
     dead.proc.wait(10)
     la = m.mount(MountRequest("1", a, None, {}))  # started afresh, a new spare behind it

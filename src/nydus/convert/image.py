@@ -13,7 +13,8 @@ with ``artifactType`` and ``platform.os.features``; ``--with-referrer`` as ``sub
 Everything here is deterministic (no clocks): the same input gives the same bytes, so a
 conversion is reproducible.
 
-Pure functions, no I/O; safe from any thread.
+Pure functions, no I/O but :func:`bootstrap_layer` reading the bootstrap file it is given;
+safe from any thread.
 """
 
 from __future__ import annotations

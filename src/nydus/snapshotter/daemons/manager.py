@@ -163,8 +163,9 @@ class DaemonManager(NydusMounter):
             d.mkdir(parents=True, exist_ok=True)
         self.sock_dir = self._socket_dir()
         self.nydusd = resolve_nydusd(config.nydusd_path)
-        self.spares = Spares(self.nydusd, self.state_dir / "standby.log")
-        self.spares.enabled = config.nydusd_standby
+        self.spares = Spares(
+            self.nydusd, self.state_dir / "standby.log", enabled=config.nydusd_standby
+        )
         self.log_level = "debug" if config.log_level in ("trace", "debug") else "info"
         self.supervisor = FdSupervisor()
         self.daemons: dict[str, DaemonProcess] = {}

@@ -166,11 +166,11 @@ class DaemonProcess:
         with open(self.log_file, "ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {cmd}\n".encode())
             out.flush()
-            self.proc = spares.take(cmd, out.fileno()) if spares is not None else None
-            how = "in a warm spare, " if self.proc is not None else ""
-            try:
-                if self.proc is None:
-                    self.proc = subprocess.Popen(
+            proc = spares.take(cmd, out.fileno()) if spares is not None else None
+            how = "in a warm spare, " if proc is not None else ""
+            if proc is None:
+                try:
+                    proc = subprocess.Popen(
                         cmd,
                         stdin=subprocess.DEVNULL,
                         stdout=out,
@@ -178,9 +178,10 @@ class DaemonProcess:
                         start_new_session=True,
                         close_fds=True,
                     )
-            except OSError as e:
-                raise DaemonError(f"cannot start nydusd ({nydusd}): {e}") from e
-        self.pid = self.proc.pid
+                except OSError as e:
+                    raise DaemonError(f"cannot start nydusd ({nydusd}): {e}") from e
+        self.proc = proc
+        self.pid = proc.pid
         self.starts += 1
         self.started_at = time.time()
         log.info("nydusd %s started %spid %d: %s", self.id, how, self.pid, " ".join(cmd))

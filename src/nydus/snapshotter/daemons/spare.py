@@ -29,6 +29,7 @@ from typing import Any
 
 from ...credentials import private_file
 from ...daemon.standby import command_bytes, standby_command
+from ...errors import NydusError
 from ...format.safejson import parse_json_object
 
 __all__ = ["Spares"]
@@ -62,10 +63,10 @@ class _Spare:
 class Spares:
     """One warm spare of ``nydusd`` (see the module docstring)."""
 
-    def __init__(self, nydusd: str, log_file: Path) -> None:
+    def __init__(self, nydusd: str, log_file: Path, *, enabled: bool = True) -> None:
         self.nydusd = nydusd
         self.log_file = log_file
-        self.enabled = True
+        self.enabled = enabled
         self.handed = 0  # daemons started by a spare
         self._failed = 0
         self._spare: _Spare | None = None
@@ -106,7 +107,7 @@ class Spares:
             data = spare.sock.recv(4096)
             if data:
                 info = parse_json_object(data, "spare nydusd")
-        except (OSError, ValueError) as e:
+        except (OSError, NydusError) as e:  # not ready: handled below like an exit
             log.debug("spare nydusd %d: %s", spare.proc.pid, e)
         room, prefix = info.get("room"), info.get("prefix")
         with self._lock:
