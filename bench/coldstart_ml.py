@@ -17,8 +17,8 @@ print(torch.ones(2).sum())"``. Scenarios, each from a fresh containerd and snaps
   ``fs_prefetch`` on (the table's files, no ``prefetch_all``);
 * ``ociref``: the zran reference image (``nydusify convert --oci-ref``: a bootstrap and meta
   blobs; nydusd reads the original gzip layers with range requests), no prefetch;
-* ``oci``: containerd's overlayfs pull of the OCI image, then ``ctr run``; a second ``ctr run``
-  on the unpacked image gives the warm run time.
+* ``oci``: containerd's overlayfs pull of the OCI image, then ``ctr run``; more ``ctr run``s
+  on the unpacked image (``WARM_RUNS``, median) give the warm run time.
 
 A scenario name may carry modifiers after ``+``: ``+hog`` runs a CPU hog (a busy loop pinned to
 the last CPU) from the pull to the workload's exit; ``+amp=N`` sets the daemon's ``amplify_io``
@@ -31,9 +31,10 @@ prefetch is done (and, where nydusd reports it, its cache files are on disk:
 ``durable_wait_s`` after all was in the cache), notes the system's dirty page cache
 (``dirty_mib``, and ``writeback_mib`` being written: what the first container's overlayfs
 unmount may have to write, the blob cache being on the same file system),
-and runs the workload again in a second container (``second_run_s``), then,
-once nydusd's log says the image switched to native (its blobs verified and mounted from the
-local cache files), in a third (``native_run_s``): compared with ``oci``'s warm run.
+and runs the workload again in second containers (``second_run_s``: the median of
+``WARM_RUNS`` containers run one after another), then, once nydusd's log says the image
+switched to native (its blobs verified and mounted from the local cache files), in third ones
+(``native_run_s``, the same): compared with ``oci``'s warm run (the median of as many).
 ``ociref+zran=N`` converts and runs the reference image with access points every N compressed
 bytes (``256k``, ``1m``; 512 KiB otherwise, as in the first reports: the tools' default is 256 KiB
 since), tagged ``ml:1-ref-<N>k``.
@@ -54,6 +55,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -81,6 +83,7 @@ PREFETCH = {"enable": True, "threads_count": 4, "merging_size": 1 << 20}
 BLOB_TYPE = "application/vnd.oci.image.layer.nydus.blob.v1"
 PREFETCH_WAIT_S = 600.0  # at most this long for prefetch_all to finish before the 2nd run
 NATIVE_WAIT_S = 300.0  # and for the switch to native after it
+WARM_RUNS = 5  # warm containers per measurement (2nd, 3rd, oci warm): their median counts
 
 
 @dataclass(frozen=True)
@@ -704,6 +707,24 @@ def _bootstrap_apply_s(stack: NydusStack) -> float | None:
     return int(m.group(1)) / 1000 if m else None
 
 
+def _warm_runs(
+    stack: NydusStack, snap: list[str], ref: str, name: str, cmd: str, expect: str
+) -> tuple[list[float], tuple[float, float]]:
+    """The workload in WARM_RUNS containers one after another (``name``-0, -1, ...): each
+    one's seconds, and the first one's wall-clock start and end (for the phase breakdown).
+    One warm run alone varied 0.44-0.67 s between rounds of one run; the median of several is
+    what the 1.1x target is judged on."""
+    secs: list[float] = []
+    first = (0.0, 0.0)
+    for i in range(WARM_RUNS):
+        w0, t0 = time.time(), time.monotonic()
+        _ctr_run(stack, ["run", "--rm", *snap, ref, f"{name}-{i}", "/bin/sh", "-c", cmd], expect)
+        secs.append(time.monotonic() - t0)
+        if i == 0:
+            first = (w0, time.time())
+    return secs, first
+
+
 def _ctr_run(stack: NydusStack, argv: list[str], expect: str) -> None:
     cmd = ["ctr", "-a", str(stack.ctd.address), "-n", stack.ctd.namespace, *argv]
     p = subprocess.run(
@@ -818,10 +839,8 @@ def ml_round(
         r = MlRound(link, scenario.name, workload, t1 - t0, t2 - t1, t2 - t0, img.oci_bytes, wire)
         r.load, r.timeline = load, tl
         if oci:
-            t4 = time.monotonic()
-            _ctr_run(stack, ["run", "--rm", ref, "c2", "/bin/sh", "-c", cmd], expect)
-            r.warm_run_s = time.monotonic() - t2
-            r.second_run_at = (time.time() - (time.monotonic() - t4), time.time())
+            r.warm_runs, r.second_run_at = _warm_runs(stack, [], ref, "c2", cmd, expect)
+            r.warm_run_s = statistics.median(r.warm_runs)
             return r
         ctr = daemon_counters(stack)
         try:
@@ -842,17 +861,16 @@ def ml_round(
             reads0 = daemon_counters(stack)["reads"]
             stacks = StackSampler() if os.environ.get("NYDUS_BENCH_STACKS") else None
             t4 = time.monotonic()
-            _ctr_run(stack, ["run", "--rm", *snap, ref, "c2", "/bin/sh", "-c", cmd], expect)
+            r.second_runs, r.second_run_at = _warm_runs(stack, snap, ref, "c2", cmd, expect)
             t5 = time.monotonic()
             if stacks is not None:
                 r.second_run_stacks = stacks.stop()
             r.second_run_reads = daemon_counters(stack)["reads"] - reads0
-            r.prefetch_wait_s, r.second_run_s = t4 - t3, t5 - t4
-            r.second_run_at = (time.time() - (time.monotonic() - t4), time.time())
+            r.prefetch_wait_s, r.second_run_s = t4 - t3, statistics.median(r.second_runs)
             if wait_native(stack, NATIVE_WAIT_S):
                 t6 = time.monotonic()
-                _ctr_run(stack, ["run", "--rm", *snap, ref, "c3", "/bin/sh", "-c", cmd], expect)
-                r.native_wait_s, r.native_run_s = t6 - t5, time.monotonic() - t6
+                r.native_runs, _ = _warm_runs(stack, snap, ref, "c3", cmd, expect)
+                r.native_wait_s, r.native_run_s = t6 - t5, statistics.median(r.native_runs)
         return r
     finally:
         keep = os.environ.get("NYDUS_BENCH_KEEP_LOGS")

@@ -45,7 +45,8 @@ class MlRound:
     backend_requests: int | None = None
     backend_bytes: int | None = None
     needed: int | None = None  # lazy: compressed bytes of the chunks the workload read
-    warm_run_s: float | None = None  # oci: a second run on the unpacked image
+    warm_run_s: float | None = None  # oci: runs on the unpacked image (median of warm_runs)
+    warm_runs: list[float] = field(default_factory=list)  # each warm container's seconds
     load: float = 0.0
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (s, registry bytes)
     prefetch_bytes: int | None = None  # nydusd's prefetch_data_amount when the workload ended
@@ -54,11 +55,13 @@ class MlRound:
     second_run_reads: int | None = None  # READs nydusd served during the 2nd container
     # NYDUS_BENCH_STACKS: the runtime's threads in D state during the 2nd container
     second_run_stacks: dict[str, Any] | None = None
-    second_run_s: float | None = None  # prefetch_all: a 2nd container once prefetch is done
+    second_run_s: float | None = None  # prefetch_all: 2nd containers once prefetch is done
+    second_runs: list[float] = field(default_factory=list)  # each one's seconds (median above)
     native_wait_s: float | None = None  # prefetch_all: from the 2nd run's end to the native switch
-    native_run_s: float | None = None  # prefetch_all: a 3rd container after the native switch
+    native_run_s: float | None = None  # prefetch_all: 3rd containers after the native switch
+    native_runs: list[float] = field(default_factory=list)  # each one's seconds (median above)
     behind_prefetch: tuple[int, int] = (0, 0)  # user requests behind prefetch, its bytes
-    # the 2nd run's wall-clock start and end (oci: the warm run's)
+    # the first 2nd run's wall-clock start and end (oci: the first warm run's)
     second_run_at: tuple[float, float] | None = None
     dirty_mib: float | None = None  # prefetch_all: /proc/meminfo Dirty just before the 2nd run
     writeback_mib: float | None = None  # and Writeback (pages being written, not yet on disk)

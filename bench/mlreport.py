@@ -25,6 +25,11 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _each(secs: list[float]) -> str | None:
+    """A container run's seconds, each of several (the median is the figure)."""
+    return " ".join(f"{x:.2f}" for x in secs) + " s each" if secs else None
+
+
 def round_line(r: MlRound) -> str:
     """One round in a line (the report's per-round list and the progress output)."""
     line = (
@@ -44,13 +49,16 @@ def round_line(r: MlRound) -> str:
             (r.dirty_mib, ", dirty {:.0f} MiB"),
             (r.writeback_mib, " (+{:.0f} MiB under writeback)"),
             (r.second_run_s, ", 2nd run {:.2f}s"),
+            (_each(r.second_runs), " ({})"),
             (r.second_run_reads, " ({} reads served)"),
         ]
         line += "".join(fmt.format(v) for v, fmt in optional if v is not None)
     if r.native_run_s is not None:
         line += f", native {r.native_wait_s:.1f}s later, 3rd run {r.native_run_s:.2f}s"
+        line += f" ({_each(r.native_runs)})" if r.native_runs else ""
     if r.warm_run_s is not None:
         line += f", warm run {r.warm_run_s:.2f}s"
+        line += f" ({_each(r.warm_runs)})" if r.warm_runs else ""
     if r.phases:
         line += ", phases " + " ".join(
             f"{k} {v:.0f}" if k == "user_fetches" or k.startswith("ra_") else f"{k} {v:.2f}"
