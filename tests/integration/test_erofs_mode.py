@@ -9,8 +9,10 @@ hanging; sub-mounts of a shared daemon through the API with ``fs_driver`` in the
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nydusd import Nydusd, localfs_config, md5_tree, nydus_image
+from test_nydusd import Nydusd, cli, localfs_config, md5_tree, nydus_image
 from test_nydusd_registry import REPO, _publish_under_blob_id
 
 import registry as harness
@@ -266,6 +268,64 @@ def test_switch_to_native(tmp_path: Path, mnt: Path) -> None:
         assert be["erofs"]["mode"] == "native", d.log_text()
         assert "every cached chunk verified" in d.log_text()
         assert (mnt / "f2").read_bytes() == (src / "f2").read_bytes()
+
+
+def _resident(path: Path) -> float:
+    """The part of ``path``'s pages in the page cache of the file system it is on (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = ctypes.create_string_buffer(pages)
+    # a private mapping (ctypes needs a writable buffer); untouched, it shows the file's pages
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        head = ctypes.c_char.from_buffer(m)
+        try:
+            rc = libc.mincore(ctypes.addressof(head), size, vec)
+        finally:
+            del head  # the mapping cannot close while ctypes holds it
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(b & 1 for b in vec.raw) / pages
+
+
+def test_switch_to_native_keeps_what_was_read_in_the_page_cache(tmp_path: Path, mnt: Path) -> None:
+    """The native instance is mounted with the page cache the lazy one had: the file ranges
+    the kernel read through the blob fs are read into it before it replaces the lazy one, so
+    the first container after the switch does not copy them from the blob files again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("read", "prefetched"):
+        (src / name).write_bytes(os.urandom(8 * MiB))
+    blobs, boot = tmp_path / "blobs", tmp_path / "boot"
+    # "prefetched" is the image's prefetch table: the blob is complete (and the switch can
+    # happen) only once this test has read "read" too
+    subprocess.run(
+        [*cli("nydus-image"), "create", "-B", boot, "-D", blobs, "--prefetch-policy", "fs", src],
+        input="/prefetched\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    cfg = localfs_config(blobs, fs_driver="erofs")
+    cfg["device"]["cache"] = {"type": "blobcache", "config": {"work_dir": str(tmp_path / "c")}}
+    cfg["fs_prefetch"] = {"enable": True, "prefetch_all": False}
+    with _start(tmp_path, mnt, cfg, boot) as d:
+        # read one file through the lazy instance; prefetch fetched the other one
+        assert (mnt / "read").read_bytes() == (src / "read").read_bytes()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if _daemon_info(d)["backend_collection"]["/"]["erofs"]["mode"] == "native":
+                break
+            time.sleep(0.1)
+        assert "switched to native" in d.log_text(), d.log_text()
+        assert "including warming 8.0 MiB of 1 files" in d.log_text(), d.log_text()
+        # the mount point is the native instance now: its page cache holds the file read
+        # before, and not the one only prefetch fetched (nothing read it through EROFS)
+        assert _resident(mnt / "read") == 1.0
+        assert _resident(mnt / "prefetched") < 0.5
+        assert (mnt / "read").read_bytes() == (src / "read").read_bytes()
+        assert (mnt / "prefetched").read_bytes() == (src / "prefetched").read_bytes()
 
 
 def test_sigkill_leaves_reads_failing_not_hanging(tmp_path: Path, mnt: Path) -> None:

@@ -73,7 +73,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import deathwatch, fuse
@@ -92,6 +92,7 @@ READ_AHEAD = 256 << 10
 _SPAN_AGAIN_AFTER = 1.0  # s: a span prefilled this recently is not read whole again
 _MEMO_BYTES = 64 << 20  # widened spans kept for the prefill READs, at most this much
 _MEMO_AGE = 5.0  # s: a span older than this is dropped (its READs came, or never will)
+SEEN_GRAIN = 64 << 10  # READs are remembered per this much of blob space (see read_ranges)
 _PREFILL_JOBS = 4096  # prefill requests waiting beyond this are dropped (they are only a hint)
 # one WILLNEED asks the kernel for at most max(bdi io_pages, file ra_pages) pages: 128 KiB
 # by default (and the blob fs readahead is 0); a larger range is asked in steps of this
@@ -160,6 +161,14 @@ class _BlobFile:
     bytes_read: int = 0
     errors: int = 0
     stats: Any = None  # the first registrant's FsIoStats (or None)
+    seen: bytearray = field(default_factory=bytearray)  # a bit per SEEN_GRAIN READ
+
+
+def _mark(bits: bytearray, offset: int, end: int) -> None:
+    # without a lock: two READs racing may lose a bit, which only makes a hint smaller
+    for g in range(offset // SEEN_GRAIN, (end + SEEN_GRAIN - 1) // SEEN_GRAIN):
+        if g >> 3 < len(bits):
+            bits[g >> 3] |= 1 << (g & 7)
 
 
 class BlobDevFs(fuse.Operations):
@@ -202,6 +211,7 @@ class BlobDevFs(fuse.Operations):
                 size,
                 (size + BLOCK - 1) // BLOCK * BLOCK,
                 stats=stats,
+                seen=bytearray((size + SEEN_GRAIN * 8 - 1) // (SEEN_GRAIN * 8)),
             )
             self._next += 1
             self._by_name[name] = f
@@ -231,6 +241,31 @@ class BlobDevFs(fuse.Operations):
         with self._lock:
             f = self._by_node.get(nodeid)
             return f.name.decode() if f is not None and f.device is not None else None
+
+    def read_ranges(self, blob_id: str) -> list[tuple[int, int]]:
+        """The ranges ``[lo, hi)`` of blob ``blob_id`` the kernel has READ (prefill READs
+        included), at ``SEEN_GRAIN`` granularity, merged, in order: the blob bytes whose file
+        pages the EROFS instance reading this file holds in its page cache. The switch to
+        native reads the same file ranges through the new instance before it replaces the old
+        one (:meth:`.erofs_mode.ErofsManager.switch_native`)."""
+        with self._lock:
+            f = self._by_name.get(blob_id.encode())
+            if f is None:
+                return []
+            bits, limit = bytes(f.seen), f.blob_size
+        out: list[tuple[int, int]] = []
+        for i, byte in enumerate(bits):
+            if not byte:
+                continue
+            for b in range(8):
+                if byte >> b & 1:
+                    lo = (i * 8 + b) * SEEN_GRAIN
+                    hi = min(lo + SEEN_GRAIN, limit)
+                    if out and out[-1][1] == lo:
+                        out[-1] = (out[-1][0], hi)
+                    elif lo < hi:
+                        out.append((lo, hi))
+        return out
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -399,6 +434,9 @@ class BlobDevFs(fuse.Operations):
         size = min(size, f.size - offset)
         end = offset + size
         stats = f.stats
+        # before the fetch: the chunk it caches may complete the blob, and the native switch
+        # then warms what this mark says the kernel read (read_ranges)
+        _mark(f.seen, offset, end)
         t0 = time.monotonic_ns()
         data = self.memo.get(nodeid, offset, end)  # a prefill READ, or one just as lucky
         if data is None:

@@ -169,7 +169,9 @@ def _is_bootstrap(im: ImageMount) -> bool:
 
 def _source(im: ImageMount) -> ErofsSource:
     blob_ids = [b.blob_id for b in im.fs.meta.blobs]
-    return ErofsSource(im.bootstrap, im.device, blob_ids, im.fs.stats, im.verified)
+    return ErofsSource(
+        im.bootstrap, im.device, blob_ids, im.fs.stats, im.verified, im.fs.blob_range_files
+    )
 
 
 class ErofsDriver:
