@@ -319,7 +319,7 @@ def test_switch_to_native_keeps_what_was_read_in_the_page_cache(tmp_path: Path, 
                 break
             time.sleep(0.1)
         assert "switched to native" in d.log_text(), d.log_text()
-        assert "including warming 8.0 MiB of 1 files" in d.log_text(), d.log_text()
+        assert "8.0 MiB of 1 files, move and detach" in d.log_text(), d.log_text()
         # the mount point is the native instance now: its page cache holds the file read
         # before, and not the one only prefetch fetched (nothing read it through EROFS)
         assert _resident(mnt / "read") == 1.0

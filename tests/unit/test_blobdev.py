@@ -8,14 +8,23 @@ import errno
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from nydus.config import FsDriver
-from nydus.daemon.blobdev import BLOCK, READ_AHEAD, BlobDevFs, _SpanMemo
+from nydus.daemon.blobdev import (
+    BLOCK,
+    READ_AHEAD,
+    SEEN_GRAIN,
+    BlobDevFs,
+    _BlobFile,
+    _mark,
+    _SpanMemo,
+)
 from nydus.daemon.driver import resolve_driver
-from nydus.daemon.erofs_mode import sweep_stale_blobfs_dirs
+from nydus.daemon.erofs_mode import _idle_priority, sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
 from nydus.fs.metrics import FsIoStats, StatsFop
 from nydus.fuse import ROOT_ID, FuseError, RequestContext
@@ -264,3 +273,36 @@ def test_a_miss_reads_the_following_chunks_within_read_ahead_not_amplify_io() ->
     rec, dev2, node2, data = _chunked_blob(16, chunk, FsIoStats("/", access_pattern=True))
     assert rec.read(CTX, node2, 0, 0, 4096) == data[:4096]
     assert dev2.calls == [(0, 0, chunk)]
+
+
+def test_read_ranges_are_the_grains_the_kernel_read() -> None:
+    f = _BlobFile(2, b"b", None, 0, 10 * SEEN_GRAIN + 100, 11 * SEEN_GRAIN)
+    f.seen = bytearray(2)
+    _mark(f.seen, 0, 1)  # one byte marks its grain
+    _mark(f.seen, 3 * SEEN_GRAIN - 1, 3 * SEEN_GRAIN + 1)  # across a boundary: two grains
+    _mark(f.seen, 10 * SEEN_GRAIN, 10 * SEEN_GRAIN + 4096)  # the last, short grain
+    _mark(f.seen, 20 * SEEN_GRAIN, 21 * SEEN_GRAIN)  # past the bitmap: ignored
+    fs = BlobDevFs()
+    fs._by_name[b"b"] = f
+    assert fs.read_ranges("b") == [
+        (0, SEEN_GRAIN),
+        (2 * SEEN_GRAIN, 4 * SEEN_GRAIN),
+        (10 * SEEN_GRAIN, 10 * SEEN_GRAIN + 100),  # clamped to the blob
+    ]
+    assert fs.read_ranges("unknown") == []
+
+
+def test_idle_priority_is_for_the_block_only() -> None:
+    before = os.sched_getscheduler(0)
+    seen: list[int] = []
+
+    def work() -> None:  # in a thread of its own: the policy is per thread
+        with _idle_priority():
+            seen.append(os.sched_getscheduler(0))
+        seen.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [os.SCHED_IDLE, before]
+    assert os.sched_getscheduler(0) == before

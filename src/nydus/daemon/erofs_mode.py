@@ -60,7 +60,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,24 @@ WARM_STEP = 128 << 10
 
 # (blob index, offset, size) -> [(ino, path, file offset, length)]: fs.rafs.Rafs.blob_range_files
 Resolver = Callable[[int, int, int], list[tuple[int, str, int, int]]]
+
+
+@contextlib.contextmanager
+def _idle_priority() -> Iterator[None]:
+    """Run the calling thread at ``SCHED_IDLE`` inside the block (Linux: per thread), back to
+    its policy after; where that is refused, at the priority it has."""
+    try:
+        before = os.sched_getscheduler(0)
+        param = os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, before, param)
 
 
 def _warm(
@@ -560,24 +578,25 @@ class ErofsManager:
         kernel_mount.tmpfs_private(self.stage, "mode=700,size=64k,nr_inodes=1024")
         self._stage_ready = True
 
-    def _mount_beneath(
-        self,
-        bootstrap: str,
-        devices: list[str],
-        target: str,
-        warm: Callable[[str], None] | None = None,
-    ) -> None:
-        """A new EROFS instance *beneath* the one at ``target`` (the caller then detaches the
-        top one): lookups see one instance or the other, never an empty directory. ``warm``
-        is given the new instance's staging root before the move."""
+    def _mount_staging(self, bootstrap: str, devices: list[str]) -> str:
+        """A new EROFS instance on a new private staging directory (returned)."""
         self._ensure_stage()
         self._seq += 1
         staging = os.path.join(self.stage, str(self._seq))
         os.makedirs(staging, exist_ok=True)
-        kernel_mount.mount_erofs(bootstrap, staging, devices)
         try:
-            if warm is not None:
-                warm(staging)
+            kernel_mount.mount_erofs(bootstrap, staging, devices)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
+            raise
+        return staging
+
+    def _mount_beneath(self, bootstrap: str, devices: list[str], target: str) -> None:
+        """A new EROFS instance *beneath* the one at ``target`` (the caller then detaches the
+        top one): lookups see one instance or the other, never an empty directory."""
+        staging = self._mount_staging(bootstrap, devices)
+        try:
             kernel_mount.move_beneath(staging, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -609,7 +628,11 @@ class ErofsManager:
     def switch_native(self, path: str, wait: Callable[[], None] | None = None) -> bool:
         """Move the image at ``path`` to local blob files if every blob is complete.
 
-        Returns True if the mount is (now) native. See the module docstring.
+        Returns True if the mount is (now) native. See the module docstring. The hashing,
+        the warm-up plan and the warm-up run at ``SCHED_IDLE`` priority (background work: a
+        container starting meanwhile reads through the lazy instance at full speed) and
+        outside the manager's lock; the lock is held to mount the new instance on its staging
+        directory and to move it beneath the lazy one.
         """
         with self._lock:
             im = self.images.get(path)
@@ -619,16 +642,12 @@ class ErofsManager:
                 return True
             device, count = im.device, len(im.blob_ids)
         t0 = time.monotonic()
-        # nothing unverified goes to the kernel: hash first, outside the lock
-        if not all(self._verify_local(device, i) for i in range(count)):
-            return False
-        plan = self._warm_plan(im)  # outside the lock: the first call maps the whole image
+        with _idle_priority():
+            # nothing unverified goes to the kernel: hash first, outside the lock
+            if not all(self._verify_local(device, i) for i in range(count)):
+                return False
+            plan = self._warm_plan(im)  # the first call maps the whole image
         t1 = time.monotonic()
-        warmed = [0, 0]
-
-        def warm(root: str) -> None:
-            warmed[:] = _warm(root, plan, WARM_MAX_BYTES, t1 + WARM_MAX_S)
-
         with self._lock:
             if self.images.get(path) is not im or not im.mounted:
                 return False
@@ -637,29 +656,42 @@ class ErofsManager:
             locals_ = [self._local(im.device, i) for i in range(len(im.blob_ids))]
             if any(p is None for p in locals_):
                 return False
-            self._ensure_stage()
             devices = [str(p) for p in locals_]
+            staging = self._mount_staging(im.bootstrap, devices)
+        moved = False
+        try:
             t2 = time.monotonic()
-            self._mount_beneath(im.bootstrap, devices, im.target, warm if plan else None)
+            with _idle_priority():
+                warmed = _warm(staging, plan, WARM_MAX_BYTES, t2 + WARM_MAX_S)
             t3 = time.monotonic()
-            kernel_mount.umount(im.target, lazy=True)
-            t4 = time.monotonic()
-            im.old_detached += 1
-            # the blob files stay registered until umount: the old instance may still
-            # read through them for files opened before the switch
-            im.devices, im.native = devices, [True] * len(devices)
-            im.switched_at = time.time()
-            log.info(
-                "%s: switched to native (local blob files %s, every chunk hashed by "
-                "this daemon); no reads go through the daemon any more (verify %.3fs, "
-                "lock %.3fs, mount %.3fs including warming %.1f MiB of %d files, detach %.3fs)",
-                path,
-                ", ".join(devices),
-                t1 - t0,
-                t2 - t1,
-                t3 - t2,
-                warmed[0] / 2**20,
-                warmed[1],
-                t4 - t3,
-            )
-            return True
+            with self._lock:
+                if self.images.get(path) is not im or not im.mounted or all(im.native):
+                    return bool(self.images.get(path) is im and im.mounted and all(im.native))
+                kernel_mount.move_beneath(staging, im.target)
+                moved = True
+                kernel_mount.umount(im.target, lazy=True)
+                t4 = time.monotonic()
+                im.old_detached += 1
+                # the blob files stay registered until umount: the old instance may still
+                # read through them for files opened before the switch
+                im.devices, im.native = devices, [True] * len(devices)
+                im.switched_at = time.time()
+        finally:
+            if not moved:
+                with contextlib.suppress(OSError):
+                    kernel_mount.umount(staging, lazy=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
+        log.info(
+            "%s: switched to native (local blob files %s, every chunk hashed by this daemon); "
+            "no reads go through the daemon any more (verify and plan %.3fs, warm-up %.3fs: "
+            "%.1f MiB of %d files, move and detach %.3fs)",
+            path,
+            ", ".join(devices),
+            t1 - t0,
+            t3 - t2,
+            warmed[0] / 2**20,
+            warmed[1],
+            t4 - t3,
+        )
+        return True
