@@ -102,15 +102,19 @@ def _idle_priority() -> Iterator[None]:
 
 
 def _warm(
-    root: str, plan: list[tuple[str, list[tuple[int, int]]]], max_bytes: int, deadline: float
+    root: str,
+    plan: list[tuple[str, list[tuple[int, int]]]],
+    max_bytes: int,
+    deadline: float,
+    stop: threading.Event,
 ) -> tuple[int, int]:
     """Ask the EROFS instance mounted at ``root`` to read ``plan``'s file ranges into its page
     cache (``POSIX_FADV_WILLNEED``: the kernel reads them from the local blob files, no copy to
-    user space); returns (bytes asked, files). Stops at ``max_bytes`` or ``deadline``; a file
-    that cannot be opened is skipped."""
+    user space); returns (bytes asked, files). Stops at ``max_bytes``, at ``deadline`` or when
+    ``stop`` is set (the daemon shuts down); a file that cannot be opened is skipped."""
     asked = files = 0
     for fpath, ranges in plan:
-        if asked >= max_bytes or time.monotonic() > deadline:
+        if asked >= max_bytes or time.monotonic() > deadline or stop.is_set():
             break
         try:
             fd = os.open(
@@ -662,7 +666,7 @@ class ErofsManager:
         try:
             t2 = time.monotonic()
             with _idle_priority():
-                warmed = _warm(staging, plan, WARM_MAX_BYTES, t2 + WARM_MAX_S)
+                warmed = _warm(staging, plan, WARM_MAX_BYTES, t2 + WARM_MAX_S, self._stop)
             t3 = time.monotonic()
             with self._lock:
                 if self.images.get(path) is not im or not im.mounted or all(im.native):
