@@ -341,7 +341,19 @@ def _nydusd(rows: Table, plt: object, title: str) -> object:
     return fig
 
 
+def _native(rows: Table, plt: object, title: str) -> object:
+    """The native-switch warm-up A/B's first table: seconds of each container (c1 lazy, c2
+    first after the switch, c3), one group per sequence."""
+    label = next(iter(rows[0]))
+    cols = [c for c in rows[0] if c != label and c.endswith(" s")]
+    groups = [f"{i}: {r[label]}" for i, r in enumerate(rows, 1)]
+    fig, ax = plt.subplots(figsize=(9, 4))  # type: ignore[attr-defined]
+    _bars(ax, groups, {c: [number(r[c]) for r in rows] for c in cols}, "seconds", title)
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[Table, object, str], object]] = {
+    "native": _native,
     "nydusd": _nydusd,
     "reglat": _reglat,
     "readpath": _readpath,
