@@ -4,15 +4,22 @@ mount(2), umount2(2), sync_file_range(2) and syscall(2) are called through :func
 is kept, so read it with ``ctypes.get_errno()`` right after a failed call); glibc's malloc is
 tuned with :func:`set_malloc`, and its free memory handed back with :func:`trim_heap`. Loading
 is idempotent and the returned handle is shared; calling through it is safe from any thread.
+Background work runs at ``SCHED_IDLE`` with :func:`set_idle` or :func:`idle_priority` (the
+calling thread only: Linux schedules threads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
+from collections.abc import Iterator
 
 __all__ = [
+    "idle_priority",
     "libc",
+    "set_idle",
     "set_malloc",
     "trim_heap",
     "MS_RDONLY",
@@ -84,3 +91,27 @@ def trim_heap() -> bool:
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     fn(0)
     return True
+
+
+def set_idle(idle: bool) -> None:
+    """The calling thread at ``SCHED_IDLE`` (only when no other thread wants the CPU) or back
+    at ``SCHED_OTHER``; where that is refused, at the priority it has."""
+    with contextlib.suppress(OSError, AttributeError):
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
+@contextlib.contextmanager
+def idle_priority() -> Iterator[None]:
+    """The calling thread at ``SCHED_IDLE`` inside the block, back to its policy after."""
+    try:
+        before, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    except OSError:
+        yield
+        return
+    set_idle(True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, before, param)

@@ -24,11 +24,12 @@ from nydus.daemon.blobdev import (
     _SpanMemo,
 )
 from nydus.daemon.driver import resolve_driver
-from nydus.daemon.erofs_mode import _idle_priority, sweep_stale_blobfs_dirs
+from nydus.daemon.erofs_mode import sweep_stale_blobfs_dirs
 from nydus.errors import IntegrityError
 from nydus.fs.metrics import FsIoStats, StatsFop
 from nydus.fuse import ROOT_ID, FuseError, RequestContext
 from nydus.kernel_mount import mounted_fstypes
+from nydus.libc import idle_priority
 
 EROFS, FUSEDEV = FsDriver.EROFS, FsDriver.FUSEDEV
 CTX = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
@@ -297,7 +298,7 @@ def test_idle_priority_is_for_the_block_only() -> None:
     seen: list[int] = []
 
     def work() -> None:  # in a thread of its own: the policy is per thread
-        with _idle_priority():
+        with idle_priority():
             seen.append(os.sched_getscheduler(0))
         seen.append(os.sched_getscheduler(0))
 

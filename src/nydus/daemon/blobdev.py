@@ -166,9 +166,8 @@ class _BlobFile:
 
 def _mark(bits: bytearray, offset: int, end: int) -> None:
     # without a lock: two READs racing may lose a bit, which only makes a hint smaller
-    for g in range(offset // SEEN_GRAIN, (end + SEEN_GRAIN - 1) // SEEN_GRAIN):
-        if g >> 3 < len(bits):
-            bits[g >> 3] |= 1 << (g & 7)
+    for g in range(offset // SEEN_GRAIN, min(-(-end // SEEN_GRAIN), len(bits) * 8)):
+        bits[g >> 3] |= 1 << (g & 7)
 
 
 class BlobDevFs(fuse.Operations):

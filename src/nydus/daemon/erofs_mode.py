@@ -60,12 +60,13 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import fusectl, kernel_mount
 from ..fs.metrics import FsIoStats
+from ..libc import idle_priority
 from ..storage import BlobDevice
 from .blobdev import BlobFsServer
 
@@ -81,24 +82,6 @@ WARM_STEP = 128 << 10
 
 # (blob index, offset, size) -> [(ino, path, file offset, length)]: fs.rafs.Rafs.blob_range_files
 Resolver = Callable[[int, int, int], list[tuple[int, str, int, int]]]
-
-
-@contextlib.contextmanager
-def _idle_priority() -> Iterator[None]:
-    """Run the calling thread at ``SCHED_IDLE`` inside the block (Linux: per thread), back to
-    its policy after; where that is refused, at the priority it has."""
-    try:
-        before = os.sched_getscheduler(0)
-        param = os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, before, param)
 
 
 def _warm(
@@ -646,7 +629,7 @@ class ErofsManager:
                 return True
             device, count = im.device, len(im.blob_ids)
         t0 = time.monotonic()
-        with _idle_priority():
+        with idle_priority():
             # nothing unverified goes to the kernel: hash first, outside the lock
             if not all(self._verify_local(device, i) for i in range(count)):
                 return False
@@ -665,12 +648,14 @@ class ErofsManager:
         moved = False
         try:
             t2 = time.monotonic()
-            with _idle_priority():
+            with idle_priority():
                 warmed = _warm(staging, plan, WARM_MAX_BYTES, t2 + WARM_MAX_S, self._stop)
             t3 = time.monotonic()
             with self._lock:
-                if self.images.get(path) is not im or not im.mounted or all(im.native):
-                    return bool(self.images.get(path) is im and im.mounted and all(im.native))
+                if self.images.get(path) is not im or not im.mounted:
+                    return False  # unmounted or remounted while warming
+                if all(im.native):
+                    return True
                 kernel_mount.move_beneath(staging, im.target)
                 moved = True
                 kernel_mount.umount(im.target, lazy=True)

@@ -26,7 +26,6 @@ command line; otherwise it starts nydusd afresh.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib
 import json
@@ -35,6 +34,7 @@ import socket
 
 from ..errors import FormatError
 from ..format.safejson import parse_json_object
+from ..libc import set_idle
 
 __all__ = ["PRELOAD", "STANDBY_FLAG", "TITLE_ROOM", "command_bytes", "serve", "standby_command"]
 
@@ -96,14 +96,6 @@ def _retitle(argv: list[str]) -> None:
     ctypes.memmove(start, new + b"\0" * (end - start - len(new)), end - start)
 
 
-def _set_idle(idle: bool) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        if idle:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-
-
 def _title_room() -> tuple[int, int]:
     """Bytes of command line this process can rewrite, and how many its interpreter and script
     take; (0, 0) when the area is not where /proc says."""
@@ -121,7 +113,7 @@ def serve(sock_fd: int = 0) -> list[str] | None:
 
     Returns the daemon's argv with the process set up to run it, or None when the parent went
     away first; :class:`~nydus.errors.FormatError` for a malformed hand-over."""
-    _set_idle(True)
+    set_idle(True)
     for name in PRELOAD:
         importlib.import_module(name)
     room, prefix = _title_room()
@@ -147,7 +139,7 @@ def serve(sock_fd: int = 0) -> list[str] | None:
     os.dup2(log_fd, 2)
     os.close(devnull)
     os.close(log_fd)
-    _set_idle(False)
+    set_idle(False)
     _retitle(argv)
     t = os.times()
     os.write(
