@@ -426,3 +426,23 @@ def _post_mount(d: Nydusd, path: str, boot: Path, cfg: str, driver: str | None) 
         body["fs_driver"] = driver
     status, out = _request(d, "POST", f"/api/v1/mount?mountpoint={path}", body)
     assert status == 204, out
+
+
+def test_image_mounted_again_after_release_reads_its_blobs(tmp_path: Path, mnt: Path) -> None:
+    # the kernel keeps the blob fs entry of a released blob (and its node, which a detached
+    # mount may still read); the same blob registered again must be served through it
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"f{i}").write_bytes(os.urandom(MiB + 4096 * i))
+    boot, blobs, _blob_id = _image(tmp_path, src)
+    sock = tmp_path / "api.sock"
+    with Nydusd(
+        ["--mountpoint", mnt, "--apisock", sock], mnt, cwd=tmp_path, apisock=sock
+    ).start() as d:
+        cfg = json.dumps(localfs_config(blobs))
+        _post_mount(d, "/a", boot, cfg, "erofs")
+        (mnt / "a" / "f0").read_bytes()  # the rest of the blob is not in the page cache
+        _request(d, "DELETE", "/api/v1/mount?mountpoint=/a", None)
+        _post_mount(d, "/b", boot, cfg, "erofs")
+        assert md5_tree(mnt / "b") == md5_tree(src)

@@ -30,6 +30,7 @@ from nydus.fs.metrics import FsIoStats, StatsFop
 from nydus.fuse import ROOT_ID, FuseError, RequestContext
 from nydus.kernel_mount import mounted_fstypes
 from nydus.libc import idle_priority
+from nydus.metadata import BlobInfo
 
 EROFS, FUSEDEV = FsDriver.EROFS, FsDriver.FUSEDEV
 CTX = RequestContext(unique=1, opcode=0, nodeid=1, uid=0, gid=0, pid=1)
@@ -103,6 +104,45 @@ def test_refcounted_names_and_writes_refused() -> None:
     with pytest.raises(FuseError) as ei:
         fs.read(CTX, node, 0, 0, 10)  # a lazily detached mount still reading
     assert ei.value.errno == errno.EIO
+
+
+def _info(index: int, compressor: str = "zstd") -> BlobInfo:
+    return BlobInfo(index, "b" * 64, 4096, 1, compressor, "blake3", 0, 100, 4096)
+
+
+def test_a_blob_registered_again_takes_back_its_node_if_its_layout_is_the_same() -> None:
+    fs = BlobDevFs()
+    dropped: list[bytes] = []
+    fs.invalidate = dropped.append
+    name = "b" * 64
+
+    def again(info: BlobInfo) -> int:
+        dev = FakeDevice(b"z" * 4096)
+        dev.blobs = [_info(0), info]  # type: ignore[attr-defined]
+        fs.register(name, dev, 1)
+        return fs.lookup(CTX, ROOT_ID, name.encode()).nodeid
+
+    node = again(_info(1))
+    fs.unregister(name)
+    # the kernel resolves the name to its node (its entry is cached): the node is served
+    # again, at another index in another bootstrap
+    assert again(_info(3)) == node and dropped == []
+    assert fs.read(CTX, node, 0, 0, 4096) == b"z" * 4096
+    fs.unregister(name)
+    # another layout: a new node, and the kernel told to look the name up again
+    other = again(_info(1, compressor="lz4_block"))
+    assert other != node and dropped == [name.encode()]
+    with pytest.raises(FuseError) as ei:
+        fs.read(CTX, node, 0, 0, 4096)
+    assert ei.value.errno == errno.EIO
+    fs.unregister(name)
+    fs.forget([(other, 1)])  # forgotten: no node to take back
+    dropped.clear()
+    assert again(_info(1, compressor="lz4_block")) not in (node, other) and dropped == []
+    # a device that does not say its blob table: never the same
+    fs.unregister(name)
+    fs.register(name, FakeDevice(b"z" * 4096), 1)
+    assert dropped == [name.encode()]
 
 
 def test_resolve_driver() -> None:

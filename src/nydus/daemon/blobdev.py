@@ -15,11 +15,16 @@ once stays in the page cache of the blob file.
 
 Files are registered per image (:meth:`BlobDevFs.register`) and reference counted by name: two
 images with the same blob share the file (same id, same bytes), served by the first device that
-registered it until that image goes away. Each READ is also accounted (bytes served, prefill
-READs included; latency; errors) in the file-system statistics of the image that registered the
-file first, so an image's ``GET /api/v1/metrics`` counts ``data_read`` and READ ``fop_errors`` in
-this mode too (bytes the daemon gave the kernel for the blob device: page and chunk granular, not
-per file).
+registered it until that image goes away. A file no image serves any more keeps its node until
+the kernel forgets it (a lazily detached mount may still read it: EIO), and the kernel keeps the
+name's entry: the same blob registered again (same blob table entry, so the same layout) takes
+that node back, page cache and all; a blob whose entry differs gets a new node, and the kernel
+is told to drop the old name (FUSE_NOTIFY_INVAL_ENTRY) so that opens look it up again.
+
+Each READ is also accounted (bytes served, prefill READs included; latency; errors) in the
+file-system statistics of the image that registered the file first, so an image's ``GET
+/api/v1/metrics`` counts ``data_read`` and READ ``fop_errors`` in this mode too (bytes the daemon
+gave the kernel for the blob device: page and chunk granular, not per file).
 
 Readahead and prefill: kernel readahead on a blob file would read past the end of the file
 being read, into chunks of other files, and the daemon would have to fetch those whole chunks:
@@ -65,6 +70,7 @@ Threading contract: Operations methods run on the session's workers; ``register`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -162,6 +168,16 @@ class _BlobFile:
     errors: int = 0
     stats: Any = None  # the first registrant's FsIoStats (or None)
     seen: bytearray = field(default_factory=bytearray)  # a bit per SEEN_GRAIN READ
+    layout: Any = None  # the blob table entry (index aside) it was registered with
+
+
+def _layout(device: Any, index: int) -> Any:
+    """What fixes the bytes of blob ``index``'s file: its blob table entry (the blob's index
+    in its bootstrap aside); None (never taken for the same) if the device does not say."""
+    blobs = getattr(device, "blobs", None)
+    if not blobs or not 0 <= index < len(blobs):
+        return None
+    return dataclasses.replace(blobs[index], index=0)
 
 
 def _mark(bits: bytearray, offset: int, end: int) -> None:
@@ -177,6 +193,8 @@ class BlobDevFs(fuse.Operations):
         self._lock = threading.Lock()
         self._by_name: dict[bytes, _BlobFile] = {}
         self._by_node: dict[int, _BlobFile] = {}
+        # files no image serves, by name, until FORGET: the kernel may still resolve the name
+        self._released: dict[bytes, _BlobFile] = {}
         self._next = 2
         self._ns = time.time_ns()
         # asks for pages of a blob file to be read into its page cache: (nodeid, ranges,
@@ -187,6 +205,8 @@ class BlobDevFs(fuse.Operations):
         self._spans: dict[tuple[int, int], float] = {}  # (nodeid, span start) -> when
         # told the node id of a file no image serves any more (the server closes its fd)
         self.on_release: Callable[[int], None] | None = None
+        # asks the kernel to drop its entry of a root name (set by the server)
+        self.invalidate: Callable[[bytes], object] | None = None
 
     # ------------------------------------------------------------------ registry
 
@@ -197,10 +217,17 @@ class BlobDevFs(fuse.Operations):
         if not name or b"/" in name or name in (b".", b".."):
             raise FuseError(errno.EINVAL, f"bad blob id {blob_id!r}")
         size = int(device.blob_uncompressed_size(index))
+        layout = _layout(device, index)
         with self._lock:
             f = self._by_name.get(name)
             if f is not None:
                 f.refs += 1
+                return blob_id
+            old = self._released.pop(name, None)
+            if old is not None and layout is not None and old.layout == layout:
+                # the same bytes: the kernel's node and its pages serve the new image
+                old.device, old.index, old.stats, old.refs = device, index, stats, 1
+                self._by_name[name] = old
                 return blob_id
             f = _BlobFile(
                 self._next,
@@ -211,10 +238,14 @@ class BlobDevFs(fuse.Operations):
                 (size + BLOCK - 1) // BLOCK * BLOCK,
                 stats=stats,
                 seen=bytearray((size + SEEN_GRAIN * 8 - 1) // (SEEN_GRAIN * 8)),
+                layout=layout,
             )
             self._next += 1
             self._by_name[name] = f
             self._by_node[f.nodeid] = f
+        inval = self.invalidate
+        if old is not None and inval is not None:
+            inval(name)  # the kernel may hold the old node under this name: look it up again
         return blob_id
 
     def unregister(self, blob_id: str) -> None:
@@ -227,9 +258,11 @@ class BlobDevFs(fuse.Operations):
                 return
             del self._by_name[f.name]
             # the node stays resolvable for files the kernel still has open (EROFS
-            # mounts detached lazily); it is dropped on FORGET
+            # mounts detached lazily) and for the kernel's entry of the name (see register);
+            # it is dropped on FORGET
             f.device = None
             f.stats = None
+            self._released[f.name] = f
         self.memo.drop(f.nodeid)
         cb = self.on_release
         if cb is not None:
@@ -401,6 +434,8 @@ class BlobDevFs(fuse.Operations):
                 f = self._by_node.get(nodeid)
                 if f is not None and f.device is None:
                     del self._by_node[nodeid]
+                    if self._released.get(f.name) is f:
+                        del self._released[f.name]
 
     def getattr(self, ctx: RequestContext, nodeid: int, fh: int | None) -> fuse.AttrReply:
         return fuse.AttrReply(self._attr(nodeid), _TIMEOUT)
@@ -566,6 +601,7 @@ class BlobFsServer:
         )
         self._prefiller.start()
         self.fs.on_release = self._close_fd
+        self.fs.invalidate = lambda name: s.notify_inval_entry(ROOT_ID, name)
         self.fs.prefill = self._queue_prefill
         log.info("blob device fs mounted at %s", self.directory)
 
@@ -652,6 +688,7 @@ class BlobFsServer:
     def stop(self) -> None:
         self.fs.prefill = None
         self.fs.on_release = None
+        self.fs.invalidate = None
         with self._jobs_cond:
             s, self.session = self.session, None
             self._jobs_cond.notify_all()
