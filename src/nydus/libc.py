@@ -2,7 +2,8 @@
 
 mount(2), umount2(2), sync_file_range(2) and syscall(2) are called through :func:`libc` (errno
 is kept, so read it with ``ctypes.get_errno()`` right after a failed call); glibc's malloc is
-tuned with :func:`set_malloc`, and its free memory handed back with :func:`trim_heap`. Loading
+tuned with :func:`set_malloc`, its free memory measured with :func:`heap_free` and handed back
+with :func:`trim_heap` (or by a :class:`HeapTrimmer` once it has stayed free). Loading
 is idempotent and the returned handle is shared; calling through it is safe from any thread.
 Background work runs at ``SCHED_IDLE`` with :func:`set_idle` or :func:`idle_priority` (the
 calling thread only: Linux schedules threads).
@@ -14,10 +15,13 @@ import contextlib
 import ctypes
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = [
+    "HeapTrimmer",
+    "heap_free",
     "idle_priority",
+    "resident",
     "libc",
     "set_idle",
     "set_malloc",
@@ -91,6 +95,88 @@ def trim_heap() -> bool:
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     fn(0)
     return True
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def heap_free() -> int | None:
+    """Bytes free in malloc's arenas: resident unless trimmed (glibc's ``mallinfo2()``
+    ``fordblks``, fast bins included). None when the C library has no ``mallinfo2`` (glibc
+    before 2.33, or not glibc)."""
+    try:
+        fn = libc().mallinfo2
+    except AttributeError:
+        return None
+    fn.argtypes, fn.restype = [], _MallInfo2
+    return int(fn().fordblks)
+
+
+def resident() -> int:
+    """This process's resident set size in bytes (``/proc/self/statm``)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class HeapTrimmer:
+    """Hands the heap's free memory back once it has stayed free: call :meth:`tick` now and
+    then (nydusd's main loop does, every half second). Every ``period`` seconds it looks at
+    :func:`heap_free` and :func:`resident`; when at this look and the one before at least
+    ``min_free`` of the heap was free and the process had grown by ``min_free`` since the
+    last trim, the free memory was not the working set of what runs (a burst of chunk
+    buffers, a prefetch that is over), and :func:`trim_heap` returns it. A daemon's heap
+    otherwise keeps its peak: glibc returns memory only from the top of a heap, above
+    ``M_TRIM_THRESHOLD``, which nydusd sets high so that chunk buffers are reused instead of
+    faulted in again. (A trimmed heap still counts its pages as free: hence the growth.)"""
+
+    def __init__(
+        self,
+        period: float = 10.0,
+        min_free: int = 32 << 20,
+        free: Callable[[], int | None] = heap_free,
+        rss: Callable[[], int] = resident,
+        trim: Callable[[], bool] = trim_heap,
+    ) -> None:
+        self.period, self.min_free = period, min_free
+        self._free, self._rss, self._trim = free, rss, trim
+        self._next = 0.0
+        self._was_free = False
+        self._floor = 0  # resident bytes after the last trim
+        self.trimmed = 0  # bytes handed back in all
+
+    def tick(self, now: float) -> int:
+        """Resident bytes handed back by this call (0 mostly)."""
+        if now < self._next:
+            return 0
+        self._next = now + self.period
+        free, rss = self._free(), self._rss()
+        if free is None or free < self.min_free or rss < self._floor + self.min_free:
+            self._was_free = False
+            return 0
+        if not self._was_free:
+            self._was_free = True
+            return 0
+        self._was_free = False
+        self._trim()
+        self._floor = self._rss()
+        gone = max(0, rss - self._floor)
+        self.trimmed += gone
+        return gone
 
 
 def set_idle(idle: bool) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nydus.libc import libc
+from nydus.libc import HeapTrimmer, libc
 
 # In a fresh process: free a 16 MiB block (glibc then raises its mmap threshold to 16 MiB),
 # then count the mmaps an 8 MiB block takes (mallinfo2's hblks).
@@ -54,3 +54,55 @@ def test_fixed_mmap_threshold_keeps_large_blocks_mapped() -> None:
     assert ctypes.sizeof(ctypes.c_size_t) == 8
     assert _mmaps("default") == 0
     assert _mmaps("set") == 1
+
+
+def test_heap_trimmer_trims_free_memory_that_stays_free() -> None:
+    free: list[int | None] = [0]
+    rss, trims = [0], []
+
+    def trim() -> bool:
+        trims.append(rss[0])
+        rss[0] -= free[0] or 0
+        return True
+
+    t = HeapTrimmer(period=10, min_free=32, free=lambda: free[0], rss=lambda: rss[0], trim=trim)
+    free[0], rss[0] = 100, 200
+    assert t.tick(0) == 0  # free once: maybe a burst between two reads
+    assert t.tick(5) == 0  # not a look (within the period)
+    free[0] = 10
+    assert t.tick(10) == 0 and trims == []  # reused: the working set
+    free[0] = 100
+    assert t.tick(20) == 0
+    assert t.tick(30) == 100 and trims == [200] and t.trimmed == 100
+    # a trimmed heap still counts its pages as free: no trim until the process grows again
+    assert t.tick(40) == t.tick(50) == t.tick(60) == 0 and len(trims) == 1
+    rss[0] = 150
+    assert t.tick(70) == 0 and t.tick(80) == 100 and len(trims) == 2
+    free[0] = None  # not glibc
+    assert t.tick(90) == t.tick(100) == 0
+
+
+# A freed half of 192 MiB of 1 MiB buffers under nydusd's malloc settings stays resident
+# until a HeapTrimmer's second look.
+TRIM_PROBE = """
+from nydus.libc import HeapTrimmer, resident, set_malloc
+assert set_malloc(mmap_threshold=64 << 20, trim_threshold=256 << 20)
+bufs = [bytearray(b"x" * (1 << 20)) for _ in range(192)]
+del bufs[::2]
+before = resident()
+t = HeapTrimmer()
+print(before, t.tick(0), t.tick(10), resident())
+"""
+
+
+def test_heap_trimmer_hands_back_what_a_daemon_freed() -> None:
+    if not hasattr(libc(), "mallinfo2"):
+        pytest.skip("not glibc 2.33+")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    before, first, second, after = (int(x) for x in out.stdout.split())
+    assert first == 0
+    assert second >= 80 << 20, out.stdout
+    assert after <= before - (80 << 20)

@@ -30,6 +30,7 @@ from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
+from ..libc import HeapTrimmer, resident
 from ..metadata import open_bootstrap, read_verified_bootstrap
 from ..storage import open_device
 from .driver import ErofsDriver, FuseDriver, ImageMount, resolve_driver
@@ -389,8 +390,17 @@ class Nydusd:
         self._exit.set()
 
     def wait(self, poll: float = 0.5) -> None:
-        """Until an exit is requested or the FUSE session ends (unmounted from outside)."""
+        """Until an exit is requested or the FUSE session ends (unmounted from outside). The
+        heap's free memory is handed back on the way once it has stayed free (HeapTrimmer)."""
+        trimmer = HeapTrimmer()
         while not self._exit.wait(poll):
+            gone = trimmer.tick(time.monotonic())
+            if gone:
+                log.info(
+                    "heap: %.0f MiB of free memory handed back (resident now %.0f MiB)",
+                    gone / 2**20,
+                    resident() / 2**20,
+                )
             s = self.session
             if s is not None and s.ended:
                 log.info("FUSE session ended (unmounted?)")
