@@ -14,8 +14,12 @@ and parsed from the end. Pure bytes in and out; stateless and thread-safe.
 
 from __future__ import annotations
 
+import operator
 import struct
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from ..errors import FormatError
 from .record import field_values
@@ -148,12 +152,137 @@ def unpack_ci_v2(buf: bytes | memoryview, off: int) -> CiEntry:
     )
 
 
-def unpack_ci_array(buf: bytes | memoryview, count: int, v2: bool) -> list[CiEntry]:
+class CiArray(Sequence[CiEntry]):
+    """A blob's ci array as columns, 8 bytes a field per chunk (``array('Q')``; 49 bytes a
+    chunk in all), instead of an object per chunk: a 1.3 GB image has 40k chunks, which as
+    :class:`CiEntry` objects took 10 MB of nydusd and 0.13 s to unpack on a blob's first
+    read. Indexing gives a :class:`CiEntry` made on the spot; the columns serve loops over
+    every chunk."""
+
+    __slots__ = ("coff", "compressed", "csize", "data", "flags", "uoff", "usize")
+
+    def __init__(
+        self,
+        coff: array[int],
+        csize: array[int],
+        uoff: array[int],
+        usize: array[int],
+        flags: array[int],
+        data: array[int],
+        compressed: bytes,
+    ) -> None:
+        n = len(coff)
+        if not all(len(c) == n for c in (csize, uoff, usize, flags, data, compressed)):
+            raise ValueError("ci columns of different lengths")
+        self.coff, self.csize, self.uoff, self.usize = coff, csize, uoff, usize
+        self.flags, self.data, self.compressed = flags, data, compressed
+
+    @classmethod
+    def of(cls, entries: Iterable[CiEntry]) -> CiArray:
+        es = list(entries)
+        return cls(
+            array("Q", [e.compressed_offset for e in es]),
+            array("Q", [e.compressed_size for e in es]),
+            array("Q", [e.uncompressed_offset for e in es]),
+            array("Q", [e.uncompressed_size for e in es]),
+            array("Q", [e.flags for e in es]),
+            array("Q", [e.data for e in es]),
+            bytes(bool(e.compressed) for e in es),
+        )
+
+    def __len__(self) -> int:
+        return len(self.coff)
+
+    @overload
+    def __getitem__(self, i: int) -> CiEntry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[CiEntry]: ...
+
+    def __getitem__(self, i: int | slice) -> CiEntry | list[CiEntry]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return CiEntry(
+            self.coff[i],
+            self.csize[i],
+            self.uoff[i],
+            self.usize[i],
+            bool(self.compressed[i]),
+            self.flags[i],
+            self.data[i],
+        )
+
+    def __iter__(self) -> Iterator[CiEntry]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CiArray):
+            return all(getattr(self, k) == getattr(other, k) for k in CiArray.__slots__)
+        if isinstance(other, Sequence):
+            return len(other) == len(self) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class DigestArray(Sequence[bytes]):
+    """A blob's chunk digest array (``blob.digest``, 32 bytes a chunk) kept as the one
+    ``bytes`` it came in; indexing slices a digest out (a list of 40k took 2.6 MB)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) % 32:
+            raise FormatError(f"digest array of {len(raw)} bytes: not 32 a chunk")
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw) // 32
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = range(len(self))[i]  # IndexError as a list's
+        return self.raw[32 * j : 32 * j + 32]
+
+
+def unpack_ci_array(buf: bytes | memoryview, count: int, v2: bool) -> CiArray:
     size = CI_V2_SIZE if v2 else CI_V1_SIZE
     if count * size > len(buf):
         raise FormatError(f"ci array holds {len(buf) // size} entries, header says {count}")
-    fn = unpack_ci_v2 if v2 else unpack_ci_v1
-    return [fn(buf, i * size) for i in range(count)]
+    words = array("Q", bytes(buf[: count * size]))
+    if struct.pack("=I", 1) != struct.pack("<I", 1):
+        words.byteswap()  # the format is little endian
+    if v2:  # see unpack_ci_v2
+        uncomp, comp, data = words[0::3], words[1::3], words[2::3]
+        flags = array("Q", [u >> 56 for u in uncomp])
+        return CiArray(
+            array("Q", [c & 0xFF_FFFF_FFFF for c in comp]),
+            array("Q", [c >> 40 for c in comp]),
+            array("Q", [(u & 0xFFFFFFFF) << 12 for u in uncomp]),
+            array("Q", [((u >> 32) & 0xFFFFFF) + 1 for u in uncomp]),
+            flags,
+            data,
+            bytes(f & CI_V2_FLAG_COMPRESSED for f in flags),
+        )
+    uncomp, comp = words[0::2], words[1::2]  # see unpack_ci_v1
+    csize = array("Q", [((c >> 44) | (((c >> 40) & 0xF) << 20)) + 1 for c in comp])
+    usize = array("Q", [((u >> 44) | (((u >> 8) & 0xF) << 20)) + 1 for u in uncomp])
+    return CiArray(
+        array("Q", [c & 0xFF_FFFF_FFFF for c in comp]),
+        csize,
+        array("Q", [u & 0xFFF_FFFF_F000 for u in uncomp]),
+        usize,
+        array("Q", bytes(8 * count)),
+        array("Q", bytes(8 * count)),
+        bytes(map(operator.ne, csize, usize)),
+    )
 
 
 # --------------------------------------------------------------------------- ToC

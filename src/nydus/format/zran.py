@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import FormatError, IntegrityError, UnsupportedError
@@ -95,7 +96,7 @@ def unpack_zran_table(buf: bytes | memoryview, count: int) -> ZranTable:
     return ZranTable(contexts, windows)
 
 
-def unpack_zran_meta(h: CiHeader, data: bytes | memoryview, ci: list[CiEntry]) -> ZranTable:
+def unpack_zran_meta(h: CiHeader, data: bytes | memoryview, ci: Sequence[CiEntry]) -> ZranTable:
     """The zran tables of an uncompressed blob meta ``data`` whose ci array is ``ci``;
     every zran chunk must lie inside its context's output."""
     end = h.zran_offset + h.zran_size

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .. import codec
@@ -41,7 +41,7 @@ ReadAt = Callable[[int, int], bytes]
 class BlobTrailer:
     toc: list[bm.TocEntry]
     header: bm.CiHeader
-    ci: list[bm.CiEntry]
+    ci: Sequence[bm.CiEntry]
     digests: list[bytes]
 
 
@@ -199,7 +199,7 @@ class LocalBlobChunks:
         self.paths = paths or {}
         self._lock = threading.Lock()
         self._readers: dict[int, tuple[BlobReader, Callable[[], None]]] = {}
-        self._ci: dict[int, tuple[list[bm.CiEntry], list[bytes]]] = {}
+        self._ci: dict[int, tuple[Sequence[bm.CiEntry], list[bytes]]] = {}
         self.read_count = 0
         self.read_amount = 0
 

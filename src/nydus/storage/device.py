@@ -202,7 +202,7 @@ class BlobDevice:
                 info, meta_fetch, work_dir, verify_toc=True, blob_size=blob_size()
             )
 
-        def digests() -> list[bytes] | None:
+        def digests() -> Sequence[bytes] | None:
             if not any(info.toc_digest):
                 return None  # a ToC the bootstrap does not vouch for cannot vouch for digests
             return load_digests(info, meta_fetch, work_dir, blob_size())

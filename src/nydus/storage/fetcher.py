@@ -46,10 +46,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import threading
 import time
 import zlib
+from array import array
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -141,7 +143,7 @@ class BlobFetcher:
         *,
         cache: BlobCacheFile | None = None,
         meta: Callable[[], BlobMeta | None] | None = None,
-        digests: Callable[[], list[bytes] | None] | None = None,
+        digests: Callable[[], Sequence[bytes] | None] | None = None,
         validate: bool = False,
         amplify_io: int = 1 << 20,
         metrics: BlobcacheMetrics | None = None,
@@ -172,9 +174,10 @@ class BlobFetcher:
         self._streams = Streams(64)  # where recent user fetches ended (see _plan)
         self._meta: BlobMeta | None = None
         self._meta_loaded = False
-        self._order_pos: dict[int, int] = {}
-        self._order: list[int] = []
-        self._digests: list[bytes] | None = None
+        # chunk indexes in blob (compressed offset) order, and each chunk's position in it
+        self._order: array[int] = array("I")
+        self._order_pos: array[int] = array("I")
+        self._digests: Sequence[bytes] | None = None
         self._digests_loaded = False
         self._load_lock = threading.Lock()
         self._zran: ZranChunks | None = None
@@ -189,14 +192,16 @@ class BlobFetcher:
             if not self._meta_loaded:
                 meta = self._meta_fn() if self._meta_fn else None
                 if meta is not None:
-                    order = sorted(range(len(meta.ci)), key=lambda i: meta.ci[i].compressed_offset)
-                    self._order = order
-                    self._order_pos = {idx: pos for pos, idx in enumerate(order)}
+                    order = array("I", sorted(range(len(meta.ci)), key=meta.ci.coff.__getitem__))
+                    pos = array("I", bytes(4 * len(order)))
+                    for p, idx in enumerate(order):
+                        pos[idx] = p
+                    self._order, self._order_pos = order, pos
                 self._meta = meta
                 self._meta_loaded = True
         return self._meta
 
-    def _digest_array(self) -> list[bytes] | None:
+    def _digest_array(self) -> Sequence[bytes] | None:
         if self._digests_loaded:
             return self._digests
         with self._load_lock:
@@ -324,14 +329,14 @@ class BlobFetcher:
         if meta is None or cache is None or not 0 <= pos < len(self._order):
             return [], pos, -1
         out: list[Chunk] = []
-        start = meta.ci[self._order[pos]].compressed_offset
+        coff, csize = meta.ci.coff, meta.ci.csize
+        start = coff[self._order[pos]]
         end = start
         first = pos
         with self._lock:
             while pos < len(self._order):
                 idx = self._order[pos]
-                e = meta.ci[idx]
-                new_end = e.compressed_offset + e.compressed_size
+                new_end = coff[idx] + csize[idx]
                 if pos > first and new_end - start > span:
                     break
                 pos += 1
@@ -342,7 +347,8 @@ class BlobFetcher:
 
     def order_position(self, index: int) -> int | None:
         """Chunk ``index``'s position in blob (compressed offset) order; None if unknown."""
-        return self._order_pos.get(index)
+        pos = self._order_pos
+        return pos[index] if 0 <= index < len(pos) else None
 
     def _fetch_for_user(
         self,
@@ -431,7 +437,7 @@ class BlobFetcher:
                 if stream is not None:  # a sequential reader: claim the window after it too
                     ahead = self._claim_after_locked(last, last.end, set())
                 last = ahead[-1][0] if ahead else last
-                if (pos := self._order_pos.get(last.index)) is not None:  # remember its end
+                if (pos := self.order_position(last.index)) is not None:  # remember its end
                     self._streams.note(stream, last.compressed_offset, last.end, pos + 1, amp)
         return hits, waits, claims, ahead
 
@@ -440,12 +446,12 @@ class BlobFetcher:
     ) -> list[tuple[Chunk, Flight[bytes]]]:
         """Claim the not-ready, unclaimed chunks after ``last`` in blob order (not in ``taken``)
         while the span from ``start`` stays within ``amplify_io`` (amplification of a miss)."""
-        pos = self._order_pos.get(last.index)
+        pos = self.order_position(last.index)
         if self._meta is None or self.cache is None or pos is None:
             return []
-        end, amp, gap = last.end, self.amplify, self.merge_gap
+        end, amp, gap, order = last.end, self.amplify, self.merge_gap, self._order
         out: list[tuple[Chunk, Flight[bytes]]] = []
-        for idx in self._order[pos + 1 :]:
+        for idx in itertools.islice(order, pos + 1, None):
             if idx in taken:
                 continue
             ch = self._fetchable_locked(idx)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import operator
 import os
+from array import array
 from dataclasses import dataclass, field
 
 from .. import codec
@@ -58,17 +60,19 @@ class BlobMeta:
     """The parsed ci array of one blob, with lookups by index and by uncompressed offset."""
 
     header: bm.CiHeader
-    ci: list[bm.CiEntry]
-    by_uoff: list[int] = field(default_factory=list)  # chunk indexes sorted by uncompressed off
-    uoffs: list[int] = field(default_factory=list)  # their uncompressed offsets (for bisect)
+    ci: bm.CiArray
+    # chunk indexes sorted by uncompressed offset, and their offsets (for bisect)
+    by_uoff: array[int] = field(default_factory=lambda: array("I"))
+    uoffs: array[int] = field(default_factory=lambda: array("Q"))
     zran_table: zran.ZranTable | None = None  # the access points of a zran blob
 
     @classmethod
     def build(
-        cls, header: bm.CiHeader, ci: list[bm.CiEntry], table: zran.ZranTable | None = None
+        cls, header: bm.CiHeader, ci: bm.CiArray, table: zran.ZranTable | None = None
     ) -> BlobMeta:
-        order = sorted(range(len(ci)), key=lambda i: ci[i].uncompressed_offset)
-        return cls(header, ci, order, [ci[i].uncompressed_offset for i in order], table)
+        uoff = ci.uoff
+        order = array("I", sorted(range(len(ci)), key=uoff.__getitem__))
+        return cls(header, ci, order, array("Q", [uoff[i] for i in order]), table)
 
     def chunks_in(self, offset: int, size: int) -> list[int]:
         """Indexes of chunks overlapping uncompressed ``[offset, offset + size)``, in order."""
@@ -76,10 +80,10 @@ class BlobMeta:
         pos = bisect.bisect_right(self.uoffs, offset) - 1
         pos = max(pos, 0)
         out: list[int] = []
+        uoff, usize = self.ci.uoff, self.ci.usize
         while pos < len(self.by_uoff) and self.uoffs[pos] < end:
             i = self.by_uoff[pos]
-            e = self.ci[i]
-            if e.uncompressed_offset + e.uncompressed_size > offset:
+            if uoff[i] + usize[i] > offset:
                 out.append(i)
             pos += 1
         return out
@@ -115,15 +119,16 @@ def _parse_ci(info: BlobInfo, h: bm.CiHeader, data: bytes) -> BlobMeta:
     ci = bm.unpack_ci_array(data, h.ci_entries, v2)
     usize = info.uncompressed_size
     csize = info.compressed_size
-    for i, e in enumerate(ci):
-        if usize and e.uncompressed_offset + e.uncompressed_size > _align(usize):
-            raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the uncompressed size")
-        if (
-            csize
-            and not e.flags & (bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH)
-            and (e.compressed_offset + e.compressed_size > csize)
-        ):
-            raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the blob end")
+    if usize:
+        limit = _align(usize)
+        for i, end in enumerate(map(operator.add, ci.uoff, ci.usize)):
+            if end > limit:
+                raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the uncompressed size")
+    if csize:
+        inside = bm.CI_V2_FLAG_ZRAN | bm.CI_V2_FLAG_BATCH  # offsets in another space
+        for i, end in enumerate(map(operator.add, ci.coff, ci.csize)):
+            if end > csize and not ci.flags[i] & inside:
+                raise FormatError(f"blob {info.blob_id}: chunk {i} lies past the blob end")
     table = zran.unpack_zran_meta(h, data, ci) if h.features & v6.BLOB_FEATURE_ZRAN else None
     return BlobMeta.build(h, ci, table)
 
@@ -206,7 +211,7 @@ def load_toc(
 
 def load_digests(
     info: BlobInfo, fetch: Fetch, work_dir: str | None, blob_size: int | None
-) -> list[bytes] | None:
+) -> bm.DigestArray | None:
     """The per-chunk digest array (``blob.digest``), verified; None if the blob has none."""
     toc = load_toc(info, fetch, work_dir, blob_size)
     ent = next((e for e in toc if e.name == bm.TOC_ENTRY_BLOB_DIGEST), None)
@@ -225,4 +230,4 @@ def load_digests(
             raise IntegrityError(f"blob {info.blob_id}: digest array digest mismatch")
         if path:
             _atomic_write(path, raw)
-    return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+    return bm.DigestArray(bytes(raw))

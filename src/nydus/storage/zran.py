@@ -12,7 +12,7 @@ Stateless apart from the immutable tables; thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,7 +43,9 @@ def is_zran(c: _Chunk) -> bool:
 class ZranChunks:
     """The zran chunks of one blob (its ci array and zran table)."""
 
-    def __init__(self, blob_id: str, ci: list[bm.CiEntry], table: zran.ZranTable | None) -> None:
+    def __init__(
+        self, blob_id: str, ci: Sequence[bm.CiEntry], table: zran.ZranTable | None
+    ) -> None:
         if table is None:
             raise FormatError(f"blob {blob_id} has zran chunks but no zran table")
         self.blob_id = blob_id
