@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import struct
+import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -257,7 +258,7 @@ def unpack_ci_array(buf: bytes | memoryview, count: int, v2: bool) -> CiArray:
     if count * size > len(buf):
         raise FormatError(f"ci array holds {len(buf) // size} entries, header says {count}")
     words = array("Q", bytes(buf[: count * size]))
-    if struct.pack("=I", 1) != struct.pack("<I", 1):
+    if sys.byteorder == "big":
         words.byteswap()  # the format is little endian
     if v2:  # see unpack_ci_v2
         uncomp, comp, data = words[0::3], words[1::3], words[2::3]

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import threading
 import time
@@ -451,7 +450,8 @@ class BlobFetcher:
             return []
         end, amp, gap, order = last.end, self.amplify, self.merge_gap, self._order
         out: list[tuple[Chunk, Flight[bytes]]] = []
-        for idx in itertools.islice(order, pos + 1, None):
+        for p in range(pos + 1, len(order)):
+            idx = order[p]
             if idx in taken:
                 continue
             ch = self._fetchable_locked(idx)
