@@ -481,8 +481,8 @@ _SPARE_CPU = re.compile(r"standby: pid \d+ takes over, ([0-9.]+) CPU s spent bef
 def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
     """When the (first) daemon started, came up, submitted its prefetch and was RUNNING, and
     its prefetch began and ended, in seconds from ``wall0`` (the pull's start); plus the read
-    path's summed times and the CPU seconds the daemon used so far (``nydusd_cpu``). Best
-    effort: what cannot be read is left out."""
+    path's summed times, the CPU seconds the daemon used so far (``nydusd_cpu``) and its
+    resident memory now (``rss``, MiB). Best effort: what cannot be read is left out."""
     from nydus.daemon.client import NydusdClient
 
     out: dict[str, float] = {}
@@ -494,6 +494,9 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
             stat = Path(f"/proc/{int(d['pid'])}/stat").read_text()
             ticks = stat[stat.rindex(")") + 2 :].split()[11:13]  # utime, stime
             out["nydusd_cpu"] = sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+        rss = daemon_rss_mib(stack)
+        if rss is not None:
+            out["rss"] = rss
         with contextlib.suppress(OSError):
             for line in Path(d["log_file"]).read_text(errors="replace").splitlines():
                 m = _SPARE_CPU.match(line)
@@ -523,6 +526,17 @@ def daemon_phases(stack: NydusStack, wall0: float) -> dict[str, float]:
         if len(lat) > 4:
             out["read"] = int(lat[4]) / 1e6
     return out
+
+
+def daemon_rss_mib(stack: NydusStack) -> float | None:
+    """The (first) daemon's resident memory (VmRSS), MiB; None if it cannot be read."""
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        state = json.loads((stack.sn_root / "daemons" / "state.json").read_text())
+        pid = int(state["daemons"][0]["pid"])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def wait_native(stack: NydusStack, timeout: float) -> bool:
@@ -871,6 +885,9 @@ def ml_round(
                 t6 = time.monotonic()
                 r.native_runs, _ = _warm_runs(stack, snap, ref, "c3", cmd, expect)
                 r.native_wait_s, r.native_run_s = t6 - t5, statistics.median(r.native_runs)
+            rss = daemon_rss_mib(stack)  # after the warm runs: idle since the last (or prefetch)
+            if rss is not None:
+                r.phases["rss_end"] = rss
         return r
     finally:
         keep = os.environ.get("NYDUS_BENCH_KEEP_LOGS")

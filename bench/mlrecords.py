@@ -73,5 +73,6 @@ class MlRound:
     # backend (user requests on the wire), decode, verify, cache; user_fetches (count); ra_windows,
     # ra_requests, ra_bytes, ra_hits (locality readahead, newer daemons); boot_apply: seconds the
     # snapshotter spent applying the bootstrap layer itself (absent when containerd applied it)
-    # nydusd_cpu: CPU seconds (user + sys) the first nydusd used by the workload's exit
+    # nydusd_cpu: CPU seconds (user + sys) the first nydusd used by the workload's exit; rss: its
+    # resident memory then (MiB), rss_end: after the second (and third) containers
     phases: dict[str, float] = field(default_factory=dict)

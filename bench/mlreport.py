@@ -61,7 +61,9 @@ def round_line(r: MlRound) -> str:
         line += f" ({_each(r.warm_runs)})" if r.warm_runs else ""
     if r.phases:
         line += ", phases " + " ".join(
-            f"{k} {v:.0f}" if k == "user_fetches" or k.startswith("ra_") else f"{k} {v:.2f}"
+            f"{k} {v:.0f}"
+            if k == "user_fetches" or k.startswith(("ra_", "rss"))
+            else f"{k} {v:.2f}"
             for k, v in r.phases.items()
         )
     return line + f", load {r.load:.1f}"
