@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 __all__ = [
     "HeapTrimmer",
     "heap_free",
+    "heap_trimmer",
     "idle_priority",
     "resident",
     "libc",
@@ -135,14 +136,17 @@ def resident() -> int:
 
 class HeapTrimmer:
     """Hands the heap's free memory back once it has stayed free: call :meth:`tick` now and
-    then (nydusd's main loop does, every half second). Every ``period`` seconds it looks at
-    :func:`heap_free` and :func:`resident`; when at this look and the one before at least
-    ``min_free`` of the heap was free and the process had grown by ``min_free`` since the
-    last trim, the free memory was not the working set of what runs (a burst of chunk
-    buffers, a prefetch that is over), and :func:`trim_heap` returns it. A daemon's heap
-    otherwise keeps its peak: glibc returns memory only from the top of a heap, above
-    ``M_TRIM_THRESHOLD``, which nydusd sets high so that chunk buffers are reused instead of
-    faulted in again. (A trimmed heap still counts its pages as free: hence the growth.)"""
+    then (nydusd's main loop does, every half second, with the process's :func:`heap_trimmer`).
+    Every ``period`` seconds it looks at :func:`heap_free` and :func:`resident`; when at this
+    look and the one before at least ``min_free`` of the heap was free and the process had
+    grown by ``min_free`` since the last trim, the free memory was not the working set of what
+    runs (a burst of chunk buffers, a prefetch that is over), and :func:`trim_heap` returns
+    it. Work that knows it has just freed a lot (a prefetch done, an image switched or
+    unmounted) calls :meth:`nudge` from any thread: the next tick then looks at once and
+    needs no second look. A daemon's heap otherwise keeps its peak: glibc returns memory
+    only from the top of a heap, above ``M_TRIM_THRESHOLD``, which nydusd sets high so that
+    chunk buffers are reused instead of faulted in again. (A trimmed heap still counts its
+    pages as free: hence the growth.)"""
 
     def __init__(
         self,
@@ -156,19 +160,25 @@ class HeapTrimmer:
         self._free, self._rss, self._trim = free, rss, trim
         self._next = 0.0
         self._was_free = False
+        self._nudged = False  # set from any thread; a bool store is atomic
         self._floor = 0  # resident bytes after the last trim
         self.trimmed = 0  # bytes handed back in all
 
+    def nudge(self) -> None:
+        """Much was just freed: look at the next tick, and trim if it is still free."""
+        self._nudged = True
+
     def tick(self, now: float) -> int:
         """Resident bytes handed back by this call (0 mostly)."""
-        if now < self._next:
+        nudged, self._nudged = self._nudged, False
+        if now < self._next and not nudged:
             return 0
         self._next = now + self.period
         free, rss = self._free(), self._rss()
         if free is None or free < self.min_free or rss < self._floor + self.min_free:
             self._was_free = False
             return 0
-        if not self._was_free:
+        if not (self._was_free or nudged):
             self._was_free = True
             return 0
         self._was_free = False
@@ -177,6 +187,12 @@ class HeapTrimmer:
         gone = max(0, rss - self._floor)
         self.trimmed += gone
         return gone
+
+
+@functools.cache
+def heap_trimmer() -> HeapTrimmer:
+    """The process's :class:`HeapTrimmer` (its heap is one)."""
+    return HeapTrimmer()
 
 
 def set_idle(idle: bool) -> None:

@@ -80,6 +80,12 @@ def test_heap_trimmer_trims_free_memory_that_stays_free() -> None:
     assert t.tick(70) == 0 and t.tick(80) == 100 and len(trims) == 2
     free[0] = None  # not glibc
     assert t.tick(90) == t.tick(100) == 0
+    # a nudge: the next tick looks at once, and one look is enough
+    free[0], rss[0] = 100, 300
+    t.nudge()
+    assert t.tick(101) == 100 and len(trims) == 3
+    t.nudge()  # nothing grew since: no trim
+    assert t.tick(102) == 0 and len(trims) == 3
 
 
 # A freed half of 192 MiB of 1 MiB buffers under nydusd's malloc settings stays resident

@@ -66,7 +66,7 @@ from typing import Any
 
 from .. import fusectl, kernel_mount
 from ..fs.metrics import FsIoStats
-from ..libc import idle_priority
+from ..libc import heap_trimmer, idle_priority
 from ..storage import BlobDevice
 from .blobdev import BlobFsServer
 
@@ -683,4 +683,5 @@ class ErofsManager:
             warmed[1],
             t4 - t3,
         )
+        heap_trimmer().nudge()  # the plan, and the blob fs memo of its blobs, are freed
         return True

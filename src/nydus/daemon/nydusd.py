@@ -30,7 +30,7 @@ from ..credentials import RedactingFilter, redact_config
 from ..errors import ConfigError, NotFoundError, NydusError, UnsupportedError
 from ..fs.rafs import FsOptions, RafsFs
 from ..fuse import FuseSession, SessionOptions
-from ..libc import HeapTrimmer, resident
+from ..libc import heap_trimmer, resident
 from ..metadata import open_bootstrap, read_verified_bootstrap
 from ..storage import open_device
 from .driver import ErofsDriver, FuseDriver, ImageMount, resolve_driver
@@ -285,6 +285,7 @@ class Nydusd:
             self.images[path].driver.detach(self.images[path])
             del self.images[path]
             log.info("unmounted %s", path)
+        heap_trimmer().nudge()
 
     def image(self, fs_id: str | None) -> ImageMount:
         """The image with metrics id ``fs_id`` (its mount path); the default is ``/`` or the
@@ -392,7 +393,7 @@ class Nydusd:
     def wait(self, poll: float = 0.5) -> None:
         """Until an exit is requested or the FUSE session ends (unmounted from outside). The
         heap's free memory is handed back on the way once it has stayed free (HeapTrimmer)."""
-        trimmer = HeapTrimmer()
+        trimmer = heap_trimmer()
         while not self._exit.wait(poll):
             gone = trimmer.tick(time.monotonic())
             if gone:

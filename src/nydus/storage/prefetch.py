@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from ..libc import heap_trimmer
 from .fetcher import BlobFetcher, Chunk
 from .metrics import BlobcacheMetrics
 from .scheduler import PrefetchJob
@@ -206,6 +207,7 @@ class Prefetcher:
             if self._pending == 0:
                 if self._started:
                     self.metrics.prefetch_end()
+                    heap_trimmer().nudge()  # its chunk buffers are free now
                 self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
