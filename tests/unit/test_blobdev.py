@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,16 @@ def test_the_memo_is_bounded_and_forgets_released_files() -> None:
     assert dev.calls == [(0, 2 * 65536 - 4096, 8192)]
     fs.unregister("m")
     assert released == [node] and fs.memo.nbytes == 0
+
+
+def test_the_memo_lets_old_spans_go_without_a_read() -> None:
+    memo = _SpanMemo(max_bytes=1 << 20, max_age=5.0)
+    memo.put(2, 0, b"a" * 4096)
+    memo.put(2, 8192, b"b" * 4096)
+    now = time.monotonic()
+    assert memo.expire(now) == 0 and memo.nbytes == 8192
+    assert memo.expire(now + 6) == 8192 and memo.nbytes == 0
+    assert memo.get(2, 0, 10) is None
 
 
 def test_read_errors_counted_in_the_image_stats() -> None:

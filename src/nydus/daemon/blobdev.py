@@ -86,6 +86,7 @@ from .. import deathwatch, fuse
 from ..errors import NydusError
 from ..fs.metrics import StatsFop
 from ..fuse import ROOT_ID, FuseError, FuseSession, RequestContext, SessionOptions, kernel
+from ..libc import heap_trimmer
 
 __all__ = ["BlobDevFs", "BlobFsServer", "BLOCK"]
 
@@ -99,6 +100,7 @@ _SPAN_AGAIN_AFTER = 1.0  # s: a span prefilled this recently is not read whole a
 _MEMO_BYTES = 64 << 20  # widened spans kept for the prefill READs, at most this much
 _MEMO_AGE = 5.0  # s: a span older than this is dropped (its READs came, or never will)
 SEEN_GRAIN = 64 << 10  # READs are remembered per this much of blob space (see read_ranges)
+_TRIM_AFTER = 8 << 20  # expired memo bytes that make the heap worth trimming
 _PREFILL_JOBS = 4096  # prefill requests waiting beyond this are dropped (they are only a hint)
 # one WILLNEED asks the kernel for at most max(bdi io_pages, file ra_pages) pages: 128 KiB
 # by default (and the blob fs readahead is 0); a larger range is asked in steps of this
@@ -148,6 +150,18 @@ class _SpanMemo:
         with self._lock:
             for key in [k for k in self._spans if k[0] == nodeid]:
                 self._bytes -= len(self._spans.pop(key)[1])
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop the spans older than ``max_age`` (put drops them too, but only when a READ
+        comes: after the last one the memo would keep its bytes); the bytes dropped."""
+        now = time.monotonic() if now is None else now
+        gone = 0
+        with self._lock:
+            while self._spans and now - next(iter(self._spans.values()))[2] > self.max_age:
+                _, (_, data, _) = self._spans.popitem(last=False)
+                gone += len(data)
+            self._bytes -= gone
+        return gone
 
     @property
     def nbytes(self) -> int:
@@ -619,7 +633,10 @@ class BlobFsServer:
         while True:
             with self._jobs_cond:
                 while not self._jobs and self.session is s:
-                    self._jobs_cond.wait()
+                    # quiet for a while: the memo's old spans go
+                    quiet = not self._jobs_cond.wait(_MEMO_AGE)
+                    if quiet and self.fs.memo.expire() >= _TRIM_AFTER:
+                        heap_trimmer().nudge()
                 if self.session is not s:
                     self._jobs.clear()
                     return
