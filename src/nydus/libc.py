@@ -143,10 +143,10 @@ class HeapTrimmer:
     runs (a burst of chunk buffers, a prefetch that is over), and :func:`trim_heap` returns
     it. Work that knows it has just freed a lot (a prefetch done, an image switched or
     unmounted) calls :meth:`nudge` from any thread: the next tick then looks at once and
-    needs no second look. A daemon's heap otherwise keeps its peak: glibc returns memory
-    only from the top of a heap, above ``M_TRIM_THRESHOLD``, which nydusd sets high so that
-    chunk buffers are reused instead of faulted in again. (A trimmed heap still counts its
-    pages as free: hence the growth.)"""
+    trims if ``min_free`` is free, with no second look and no growth asked. A daemon's heap
+    otherwise keeps its peak: glibc returns memory only from the top of a heap, above
+    ``M_TRIM_THRESHOLD``, which nydusd sets high so that chunk buffers are reused instead of
+    faulted in again. (A trimmed heap still counts its pages as free: hence the growth.)"""
 
     def __init__(
         self,
@@ -175,7 +175,8 @@ class HeapTrimmer:
             return 0
         self._next = now + self.period
         free, rss = self._free(), self._rss()
-        if free is None or free < self.min_free or rss < self._floor + self.min_free:
+        grown = nudged or rss >= self._floor + self.min_free  # a nudge vouches for itself
+        if free is None or free < self.min_free or not grown:
             self._was_free = False
             return 0
         if not (self._was_free or nudged):

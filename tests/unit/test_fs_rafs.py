@@ -407,3 +407,20 @@ def test_sequential_reads_fetch_ahead(image: tuple[Path, Path], sample_tree: Tre
     time.sleep(0.3)
     assert len(src.asked) == before + 1
     fs.close()
+
+
+def test_blob_range_files_map_is_built_once_and_can_be_dropped(
+    image: tuple[Path, Path],
+) -> None:
+    fs = _open(*image)
+    c = next(
+        c for _p, nid in fs.meta.walk() if fs.meta.getattr(nid).is_reg for c in fs.meta.chunks(nid)
+    )
+    first = fs.blob_range_files(c.blob_index, c.uncompressed_offset, 1)
+    assert first and fs._chunk_map is not None
+    kept = fs._chunk_map
+    assert fs.blob_range_files(c.blob_index, c.uncompressed_offset, 1) == first
+    assert fs._chunk_map is kept
+    fs.drop_chunk_map()  # after the native switch: no blob device reads any more
+    assert fs._chunk_map is None
+    assert fs.blob_range_files(c.blob_index, c.uncompressed_offset, 1) == first  # rebuilt

@@ -84,8 +84,11 @@ def test_heap_trimmer_trims_free_memory_that_stays_free() -> None:
     free[0], rss[0] = 100, 300
     t.nudge()
     assert t.tick(101) == 100 and len(trims) == 3
-    t.nudge()  # nothing grew since: no trim
-    assert t.tick(102) == 0 and len(trims) == 3
+    t.nudge()  # nothing grew since, but a nudge says memory was freed: trimmed
+    assert t.tick(102) == 100 and len(trims) == 4
+    free[0] = 10
+    t.nudge()  # too little free: no trim
+    assert t.tick(103) == 0 and len(trims) == 4
 
 
 # A freed half of 192 MiB of 1 MiB buffers under nydusd's malloc settings stays resident

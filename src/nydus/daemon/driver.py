@@ -170,7 +170,13 @@ def _is_bootstrap(im: ImageMount) -> bool:
 def _source(im: ImageMount) -> ErofsSource:
     blob_ids = [b.blob_id for b in im.fs.meta.blobs]
     return ErofsSource(
-        im.bootstrap, im.device, blob_ids, im.fs.stats, im.verified, im.fs.blob_range_files
+        im.bootstrap,
+        im.device,
+        blob_ids,
+        im.fs.stats,
+        im.verified,
+        im.fs.blob_range_files,
+        im.fs.drop_chunk_map,
     )
 
 

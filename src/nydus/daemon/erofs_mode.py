@@ -214,6 +214,7 @@ class ErofsSource:
     stats: FsIoStats | None = None
     verified: bytes | None = None
     resolve: Resolver | None = None  # blob range -> file ranges (the native switch's warm-up)
+    release: Callable[[], None] | None = None  # drops what resolve built (after the switch)
 
 
 @dataclass
@@ -235,6 +236,7 @@ class ErofsImage:
     old_detached: int = 0
     private_bootstrap: bool = False  # ``bootstrap`` is the daemon's own verified copy
     resolve: Resolver | None = None  # see ErofsSource
+    release: Callable[[], None] | None = None  # see ErofsSource
 
     @property
     def mode(self) -> str:
@@ -323,6 +325,7 @@ class ErofsManager:
             stats=src.stats,
             private_bootstrap=src.verified is not None,
             resolve=src.resolve,
+            release=src.release,
         )
         try:
             self._devices(im)
@@ -683,5 +686,7 @@ class ErofsManager:
             warmed[1],
             t4 - t3,
         )
-        heap_trimmer().nudge()  # the plan, and the blob fs memo of its blobs, are freed
+        if im.release is not None:  # the file map: no reads come through the blob fs now
+            im.release()
+        heap_trimmer().nudge()
         return True
