@@ -396,7 +396,7 @@ class Nydusd:
         trimmer = heap_trimmer()
         while not self._exit.wait(poll):
             gone = trimmer.tick(time.monotonic())
-            if gone:
+            if gone >= 1 << 20:
                 log.info(
                     "heap: %.0f MiB of free memory handed back (resident now %.0f MiB)",
                     gone / 2**20,

@@ -20,7 +20,7 @@ import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import TypeVar, overload
 
 from ..errors import FormatError
 from .record import field_values
@@ -153,7 +153,34 @@ def unpack_ci_v2(buf: bytes | memoryview, off: int) -> CiEntry:
     )
 
 
-class CiArray(Sequence[CiEntry]):
+T = TypeVar("T")
+
+
+class _Table(Sequence[T]):
+    """A read-only sequence of records made on the spot from compact storage: a subclass
+    gives ``__len__`` and ``_at`` (a valid, non-negative index)."""
+
+    __slots__ = ()
+
+    def _at(self, i: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._at(j) for j in range(*i.indices(len(self)))]
+        return self._at(range(len(self))[i])  # negative indexes and IndexError as a list's
+
+    def __iter__(self) -> Iterator[T]:
+        return (self._at(i) for i in range(len(self)))
+
+
+class CiArray(_Table[CiEntry]):
     """A blob's ci array as columns, 8 bytes a field per chunk (``array('Q')``; 49 bytes a
     chunk in all), instead of an object per chunk: a 1.3 GB image has 40k chunks, which as
     :class:`CiEntry` objects took 10 MB of nydusd and 0.13 s to unpack on a blob's first
@@ -194,15 +221,7 @@ class CiArray(Sequence[CiEntry]):
     def __len__(self) -> int:
         return len(self.coff)
 
-    @overload
-    def __getitem__(self, i: int) -> CiEntry: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[CiEntry]: ...
-
-    def __getitem__(self, i: int | slice) -> CiEntry | list[CiEntry]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _at(self, i: int) -> CiEntry:
         return CiEntry(
             self.coff[i],
             self.csize[i],
@@ -212,9 +231,6 @@ class CiArray(Sequence[CiEntry]):
             self.flags[i],
             self.data[i],
         )
-
-    def __iter__(self) -> Iterator[CiEntry]:
-        return (self[i] for i in range(len(self)))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, CiArray):
@@ -226,7 +242,7 @@ class CiArray(Sequence[CiEntry]):
     __hash__ = None  # type: ignore[assignment]
 
 
-class DigestArray(Sequence[bytes]):
+class DigestArray(_Table[bytes]):
     """A blob's chunk digest array (``blob.digest``, 32 bytes a chunk) kept as the one
     ``bytes`` it came in; indexing slices a digest out (a list of 40k took 2.6 MB)."""
 
@@ -240,17 +256,8 @@ class DigestArray(Sequence[bytes]):
     def __len__(self) -> int:
         return len(self.raw) // 32
 
-    @overload
-    def __getitem__(self, i: int) -> bytes: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[bytes]: ...
-
-    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        j = range(len(self))[i]  # IndexError as a list's
-        return self.raw[32 * j : 32 * j + 32]
+    def _at(self, i: int) -> bytes:
+        return self.raw[32 * i : 32 * i + 32]
 
 
 def unpack_ci_array(buf: bytes | memoryview, count: int, v2: bool) -> CiArray:
