@@ -239,8 +239,10 @@ class BlobDevFs(fuse.Operations):
                 return blob_id
             old = self._released.pop(name, None)
             if old is not None and layout is not None and old.layout == layout:
-                # the same bytes: the kernel's node and its pages serve the new image
+                # the same bytes: the kernel's node and its pages serve the new image (whose
+                # EROFS instance has read nothing yet: see read_ranges)
                 old.device, old.index, old.stats, old.refs = device, index, stats, 1
+                old.seen = bytearray(len(old.seen))
                 self._by_name[name] = old
                 return blob_id
             f = _BlobFile(

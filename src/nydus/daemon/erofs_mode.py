@@ -121,6 +121,15 @@ def _warm(
     return asked, files
 
 
+def _drop_staging(staging: str, *, mounted: bool) -> None:
+    """A staging directory gone, with the instance on it if it was not moved away."""
+    if mounted:
+        with contextlib.suppress(OSError):
+            kernel_mount.umount(staging, lazy=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(staging)
+
+
 def _unlink_quiet(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -586,15 +595,12 @@ class ErofsManager:
         """A new EROFS instance *beneath* the one at ``target`` (the caller then detaches the
         top one): lookups see one instance or the other, never an empty directory."""
         staging = self._mount_staging(bootstrap, devices)
+        moved = False
         try:
             kernel_mount.move_beneath(staging, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                kernel_mount.umount(staging, lazy=True)
-            raise
+            moved = True
         finally:
-            with contextlib.suppress(OSError):
-                os.rmdir(staging)
+            _drop_staging(staging, mounted=not moved)
 
     def _warm_plan(self, im: ErofsImage) -> list[tuple[str, list[tuple[int, int]]]]:
         """The file ranges (path in the image, ``[(offset, length)]``) whose blob bytes the
@@ -669,11 +675,7 @@ class ErofsManager:
                 im.devices, im.native = devices, [True] * len(devices)
                 im.switched_at = time.time()
         finally:
-            if not moved:
-                with contextlib.suppress(OSError):
-                    kernel_mount.umount(staging, lazy=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(staging)
+            _drop_staging(staging, mounted=not moved)
         log.info(
             "%s: switched to native (local blob files %s, every chunk hashed by this daemon); "
             "no reads go through the daemon any more (verify and plan %.3fs, warm-up %.3fs: "
