@@ -7,6 +7,7 @@ are idle)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from nydus.errors import NydusError
 from nydus.storage import BlobDevice, MemoryBackend
 from nydus.storage.fetcher import BlobFetcher
 from nydus.storage.prefetch import batches
-from nydus.storage.scheduler import FetchScheduler, PrefetchJob
+from nydus.storage.scheduler import PREFETCH_NICE, FetchScheduler, PrefetchJob
 
 # ------------------------------------------------------------------ the scheduler alone
 
@@ -575,6 +576,43 @@ def test_hinted_prefetch_job_is_admitted_during_user_demand() -> None:
         assert jobs.peak == 2  # within the byte cap
     finally:
         sched.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread nice value")
+def test_speculative_prefetch_yields_the_cpu_but_hinted_batches_do_not() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base == PREFETCH_NICE:
+        pytest.skip("this process already runs at the prefetch priority")
+    sched = FetchScheduler(slots=1, prefetch_cap=1)  # one slot: every job on the same thread
+    seen: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def job(kind: str, last: bool = False) -> PrefetchJob:
+        def run() -> None:
+            seen.append((kind, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+            if last:
+                done.set()
+
+        return PrefetchJob(
+            run, lambda: None, 1, hinted=kind == "hinted", readahead=kind == "readahead"
+        )
+
+    try:
+        with sched.user_demand():  # queue them all before the slot starts
+            for kind in ("hinted", "guess", "readahead", "guess"):
+                sched.submit_prefetch(job(kind))
+            sched.submit_prefetch(job("hinted", last=True))
+        assert done.wait(10)
+    finally:
+        sched.close()
+    # hinted jobs run first (a guess waits while a user read does), then in queue order
+    can_lower = os.geteuid() == 0  # going back down from 19 needs CAP_SYS_NICE
+    for kind, nice in seen:
+        if kind != "hinted":  # a guess, and a readahead window (the chunks after a miss)
+            assert nice == PREFETCH_NICE, (kind, seen)
+        elif can_lower:
+            assert nice == base, (kind, seen)
+    assert sorted(k for k, _ in seen) == ["guess", "guess", "hinted", "hinted", "readahead"]
 
 
 def test_prefetch_all_completes_around_user_reads(img: Image, tmp_path: Path) -> None:
